@@ -1,0 +1,17 @@
+//! Sluice: a Kafka-wire-compatible streaming broker, thread-per-core on io_uring (glommio).
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`config`] | the typed broker configuration (file + flags + env) |
+//! | [`shard`] | executor pool, pinning, cross-shard calls, partition→shard map |
+//! | [`server`] | listener, connection loop, framing, limits, dispatch |
+//! | [`protocol`] | RecordBatch v2 view; request/response codecs come from `kafka-protocol` |
+//! | [`kafka`] | one handler per Kafka API |
+//! | [`storage`] | the partition log: segments, DMA appender, index, recovery, retention, cache |
+//! | [`group`] | consumer group coordinator and committed offsets |
+//! | [`metadata`] | topics, configs and partition assignment, persisted in the data dir |
+//! | [`cli`] | the `sluice` admin and console commands (Kafka protocol clients) |
+
+pub mod protocol;
+pub mod storage;
+pub mod types;

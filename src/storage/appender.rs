@@ -152,6 +152,8 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
             Work::Write => log.flush_pending().await,
             Work::Sync => log.sync_written().await,
         }
+        drop(log);
+        glommio::yield_if_needed().await;
     }
 }
 
@@ -292,6 +294,10 @@ impl PartitionLog {
                 tracing::error!(dir = %self.dir.display(), error = %e, "fdatasync failed");
                 s.sync_failures += 1;
                 s.set_error(&e);
+                // The waiting Synced appends fail now; the next one asks for a sync again. Retrying
+                // at once would spin on a failing device.
+                s.sync_wanted = s.synced;
+                s.last_sync = Instant::now();
             }
         }
         s.wake_all();

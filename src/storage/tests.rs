@@ -729,3 +729,182 @@ fn segments_roll_by_size_and_age() {
         assert_eq!(read_all(&log, Offset(0), 1).await.len(), 2);
     });
 }
+
+mod model {
+    //! Model-based test: random append / read / roll / DeleteRecords / retention / restart
+    //! sequences against a plain in-memory list of batches.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append {
+            batches: Vec<(usize, usize)>,
+            synced: bool,
+        },
+        Read {
+            at: f64,
+            bytes_max: u32,
+        },
+        Roll,
+        DeleteRecords {
+            at: f64,
+        },
+        RetainBytes {
+            bytes: u64,
+        },
+        Restart {
+            clean: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (prop::collection::vec((1usize..4, 0usize..3000), 1..4), any::<bool>())
+                .prop_map(|(batches, synced)| Op::Append { batches, synced }),
+            4 => (0.0f64..1.0, 1u32..20_000).prop_map(|(at, bytes_max)| Op::Read { at, bytes_max }),
+            1 => Just(Op::Roll),
+            1 => (0.0f64..1.0).prop_map(|at| Op::DeleteRecords { at }),
+            1 => (0u64..60_000).prop_map(|bytes| Op::RetainBytes { bytes }),
+            1 => any::<bool>().prop_map(|clean| Op::Restart { clean }),
+        ]
+    }
+
+    struct Model {
+        batches: Vec<(Offset, Offset, Vec<u8>)>,
+        start: Offset,
+    }
+
+    impl Model {
+        fn end(&self) -> Offset {
+            self.batches.last().map_or(Offset(0), |b| b.1.next())
+        }
+        fn pick(&self, at: f64) -> Offset {
+            let (s, e) = (self.start.0, self.end().0);
+            Offset(s + ((e - s) as f64 * at) as i64)
+        }
+        /// Index of the batch containing `o`.
+        fn find(&self, o: Offset) -> Option<usize> {
+            let i = self.batches.partition_point(|b| b.1 < o);
+            (i < self.batches.len()).then_some(i)
+        }
+    }
+
+    async fn check(ops: Vec<Op>, cache_bytes: usize, dir: std::path::PathBuf) {
+        let cfg = LogConfig {
+            segment_bytes: 16 << 10,
+            index_interval_bytes: 2048,
+            ..small_config()
+        };
+        let open_log = |cfg: LogConfig| {
+            let dir = dir.clone();
+            async move {
+                PartitionLog::open(&dir, cfg, BatchCache::new(cache_bytes))
+                    .await
+                    .expect("open")
+            }
+        };
+        let mut log = open_log(cfg.clone()).await;
+        let mut m = Model {
+            batches: vec![],
+            start: Offset(0),
+        };
+        let mut tag = 0u8;
+        for op in ops {
+            match op {
+                Op::Append { batches, synced } => {
+                    let mut all = vec![];
+                    let mut parts = vec![];
+                    for (n, v) in batches {
+                        tag = tag.wrapping_add(1);
+                        let b = batch(n, v, tag as i64, tag);
+                        parts.push((n, b.clone()));
+                        all.extend(b);
+                    }
+                    let d = if synced {
+                        Durability::Synced
+                    } else {
+                        Durability::Written
+                    };
+                    let r = append(&log, &all, d).await;
+                    assert_eq!(r.base_offset, m.end());
+                    let mut at = r.base_offset;
+                    for (n, b) in parts {
+                        let last = Offset(at.0 + n as i64 - 1);
+                        m.batches.push((at, last, at_offset(&b, at)));
+                        at = last.next();
+                    }
+                    assert_eq!(r.last_offset.next(), m.end());
+                }
+                Op::Read { at, bytes_max } => {
+                    let start = m.pick(at);
+                    let r = log
+                        .read(ReadOptions { start, bytes_max })
+                        .await
+                        .expect("read");
+                    match m.find(start) {
+                        None => assert!(r.batches.is_empty()),
+                        Some(i) => {
+                            assert!(!r.batches.is_empty());
+                            if r.batches.len() > 1 {
+                                assert!(r.bytes() <= bytes_max as usize);
+                            }
+                            for (k, b) in r.batches.iter().enumerate() {
+                                assert_eq!(&b[..], &m.batches[i + k].2[..]);
+                            }
+                        }
+                    }
+                }
+                Op::Roll => log.roll().await.expect("roll"),
+                Op::DeleteRecords { at } => {
+                    let o = m.pick(at);
+                    assert_eq!(
+                        log.delete_records_before(o).await.expect("delete"),
+                        o.max(m.start)
+                    );
+                    m.start = m.start.max(o);
+                }
+                Op::RetainBytes { bytes } => {
+                    let mut c = cfg.clone();
+                    c.retention_bytes = Some(bytes);
+                    log.set_config(c);
+                    log.enforce_retention(0).await.expect("retention");
+                    log.set_config(cfg.clone());
+                    let s = log.log_start_offset();
+                    assert!(s >= m.start);
+                    assert!(s == m.end() || m.batches.iter().any(|b| b.0 == s) || s == m.start);
+                    m.start = s;
+                }
+                Op::Restart { clean } => {
+                    if clean {
+                        log.close().await.expect("close");
+                    }
+                    drop(log);
+                    log = open_log(cfg.clone()).await;
+                }
+            }
+            assert_eq!(log.log_end_offset(), m.end());
+            assert_eq!(log.high_watermark(), m.end());
+            assert_eq!(log.log_start_offset(), m.start);
+        }
+        let all = read_all(&log, m.start, 7000).await;
+        let i = m.find(m.start).unwrap_or(m.batches.len());
+        assert_eq!(all.len(), m.batches.len() - i);
+        for (a, b) in all.iter().zip(&m.batches[i..]) {
+            assert_eq!(&a[..], &b.2[..]);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn log_matches_model(
+            ops in prop::collection::vec(op(), 1..40),
+            cache_bytes in prop_oneof![Just(0usize), Just(16 << 10), Just(1 << 20)],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().to_path_buf();
+            run(check(ops, cache_bytes, d));
+        }
+    }
+}

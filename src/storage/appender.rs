@@ -165,6 +165,15 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
                 return Poll::Ready(Some(Work::Exit));
             };
             let mut s = log.state.borrow_mut();
+            // Written data that a Synced append waits for is synced before the next write, so
+            // a steady stream of appends cannot postpone the fdatasync forever.
+            let sync_due = matches!(s.config.flush, FlushPolicy::Always)
+                && !s.rolling
+                && s.sync_wanted > s.synced
+                && s.hw > s.synced;
+            if sync_due {
+                return Poll::Ready(Some(Work::Sync));
+            }
             if !s.pending.is_empty() {
                 return Poll::Ready(Some(Work::Write));
             }

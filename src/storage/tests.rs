@@ -23,7 +23,6 @@ pub(crate) fn idempotent_batch(pid: i64, epoch: i16, seq: i32, n: usize) -> Vec<
     b
 }
 
-use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 

@@ -152,6 +152,8 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
             Work::Write => log.flush_pending().await,
             Work::Sync => log.sync_written().await,
         }
+        drop(log);
+        glommio::yield_if_needed().await;
     }
 }
 
@@ -163,6 +165,15 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
                 return Poll::Ready(Some(Work::Exit));
             };
             let mut s = log.state.borrow_mut();
+            // Written data that a Synced append waits for is synced before the next write, so
+            // a steady stream of appends cannot postpone the fdatasync forever.
+            let sync_due = matches!(s.config.flush, FlushPolicy::Always)
+                && !s.rolling
+                && s.sync_wanted > s.synced
+                && s.hw > s.synced;
+            if sync_due {
+                return Poll::Ready(Some(Work::Sync));
+            }
             if !s.pending.is_empty() {
                 return Poll::Ready(Some(Work::Write));
             }
@@ -292,6 +303,10 @@ impl PartitionLog {
                 tracing::error!(dir = %self.dir.display(), error = %e, "fdatasync failed");
                 s.sync_failures += 1;
                 s.set_error(&e);
+                // The waiting Synced appends fail now; the next one asks for a sync again. Retrying
+                // at once would spin on a failing device.
+                s.sync_wanted = s.synced;
+                s.last_sync = Instant::now();
             }
         }
         s.wake_all();

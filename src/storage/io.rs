@@ -124,10 +124,40 @@ impl SegmentFile for DmaSegment {
     }
 }
 
+thread_local! {
+    /// Devices (st_dev) whose io_uring poll-ring support glommio has already probed here.
+    static PROBED_DEVICES: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// glommio decides once per device and thread whether reads may use the io_uring poll ring, by
+/// reading the first block of the first file it opens there. When that file is empty the read
+/// succeeds without reaching the device, the poll ring is wrongly enabled, and every later read
+/// fails with EOPNOTSUPP on devices without poll queues (virtio disks, for one). So before the
+/// first segment of a device is opened on this thread, let the probe run on a small file that
+/// holds real data.
+async fn probe_device_once(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = std::fs::metadata(dir).map(|m| m.dev()) else {
+        return;
+    };
+    if PROBED_DEVICES.with(|p| p.borrow().contains(&dev)) {
+        return;
+    }
+    PROBED_DEVICES.with(|p| p.borrow_mut().push(dev));
+    let probe = dir.join(".dma-probe");
+    if std::fs::write(&probe, vec![0x5a; ALIGN_BYTES as usize]).is_ok() {
+        if let Ok(f) = DmaFile::open(&probe).await {
+            let _ = f.close().await;
+        }
+    }
+    let _ = std::fs::remove_file(&probe);
+}
+
 impl StorageIo for DmaIo {
     fn open(&self, path: &Path, create: bool) -> IoFuture<'_, Rc<dyn SegmentFile>> {
         let path = path.to_path_buf();
         Box::pin(async move {
+            probe_device_once(path.parent().unwrap_or(Path::new("."))).await;
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -643,6 +643,7 @@ impl PartitionLog {
                 return Ok(vec![]);
             }
             let len = align_up((pos - apos) + want as u64).min(align_up(limit) - apos) as usize;
+            let before = (pos, want);
             let buf = file.read_at(apos, len).await?;
             let avail = (buf.len() as u64).min(limit - apos) as usize;
             let data = &buf[..avail];
@@ -652,13 +653,19 @@ impl PartitionLog {
             let mut count = 0usize;
             while i < data.len() {
                 let rest = &data[i..];
-                let Some(size) = batch::batch_size(rest) else {
+                if rest.len() < batch::LOG_OVERHEAD_BYTES {
                     break;
+                }
+                let Some(size) = batch::batch_size(rest) else {
+                    return Err(StorageError::Corrupt(BatchError::BadLength));
                 };
                 if size > rest.len() {
                     if first.is_none() {
+                        if apos + (i + size) as u64 > limit {
+                            return Err(StorageError::Corrupt(BatchError::Truncated));
+                        }
                         // The batch holding `start` does not fit: read it whole.
-                        want = size;
+                        want = want.max(size);
                     }
                     break;
                 }
@@ -680,8 +687,9 @@ impl PartitionLog {
                 count += 1;
             }
             let Some(first) = first else {
-                if i >= data.len() || batch::batch_size(&data[i..]).is_none() {
-                    // Nothing readable at `start` (it lies past this segment's data).
+                // Nothing complete at `pos` in this buffer: read again from there if the position
+                // advanced or `want` now covers the whole batch; otherwise the data ends here.
+                if (pos, want) == before {
                     return Ok(vec![]);
                 }
                 continue;

@@ -543,9 +543,6 @@ async fn run_shard(
     });
     shard::install(shard.clone());
     glommio::spawn_local(shard::serve_inbox(inbox)).detach();
-    if let Err(e) = probe_dma_reads(&broker.config.data_dir).await {
-        tracing::warn!(error = %e, "direct-I/O probe failed");
-    }
 
     // Open the partitions this shard owns.
     let image = broker.image();
@@ -585,24 +582,6 @@ async fn run_shard(
     crate::server::accept_loop(listener).await;
     drop(retention);
     close_partitions(&shard).await;
-}
-
-/// glommio decides per device and per thread whether reads may use the io_uring poll ring by
-/// reading from the first DMA file it opens. When that file is new and empty the read never
-/// reaches the device and "succeeds", the poll ring is enabled, and every later read on a device
-/// without poll support fails with EOPNOTSUPP. Opening a file with a real, synced block first
-/// makes the probe reach the device and decide correctly.
-async fn probe_dma_reads(data_dir: &Path) -> std::io::Result<()> {
-    let path = data_dir.join(format!(".dma-probe-{}", shard::local().id.0));
-    {
-        let mut f = File::create(&path)?;
-        f.write_all(&[0u8; 4096])?;
-        f.sync_all()?;
-    }
-    let file = glommio::io::DmaFile::open(&path).await?;
-    let _ = file.read_at_aligned(0, 4096).await;
-    let _ = file.close().await;
-    std::fs::remove_file(&path)
 }
 
 async fn retention_loop() {

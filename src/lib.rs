@@ -15,6 +15,7 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod group;
 pub mod kafka;
 pub mod metadata;
 pub mod protocol;

@@ -3,3 +3,4 @@
 //! RecordBatch v2 headers.
 
 pub mod batch;
+pub mod records;

@@ -722,13 +722,8 @@ impl Coordinator {
             .values()
             .filter(|g| g.state != GroupState::Dead)
             .filter(|g| states.is_empty() || states.contains(&g.state))
-            .filter(|g| {
-                types.is_empty()
-                    || types.iter().any(|t| {
-                        t.eq_ignore_ascii_case(g.protocol_type.as_deref().unwrap_or("classic"))
-                            || t.eq_ignore_ascii_case("classic")
-                    })
-            })
+            // Every group here is a classic group (KIP-848 group types).
+            .filter(|_| types.is_empty() || types.iter().any(|t| t.eq_ignore_ascii_case("classic")))
             .map(|g| GroupListing {
                 group_id: g.id.clone(),
                 protocol_type: g.protocol_type.clone().unwrap_or_default(),

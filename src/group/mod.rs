@@ -374,3 +374,104 @@ fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool
 
 #[cfg(test)]
 mod tests;
+
+// -------------------------------------------------------------------- broker integration
+
+/// Runs `f` with the coordinator of `group_id` on the shard that owns the group's
+/// `__consumer_offsets` partition. This is the cross-core hop: a group's state lives on exactly
+/// one shard. Errors are COORDINATOR_NOT_AVAILABLE / COORDINATOR_LOAD_IN_PROGRESS.
+pub async fn on_coordinator<F, Fut, R>(group_id: &str, f: F) -> Result<R, i16>
+where
+    F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    let broker = crate::shard::local().broker.clone();
+    let image = broker.image();
+    let not_available = Unavailable::NotAvailable.code();
+    let meta = image.topic(OFFSETS_TOPIC).ok_or(not_available)?;
+    let p = partition_for(group_id, meta.partition_count());
+    let owner = broker.owner(meta, p).ok_or(not_available)?;
+    let gid = group_id.to_string();
+    crate::shard::invoke_on(owner, move || async move {
+        let gs = local().ok_or(not_available)?;
+        gs.check(&gid).map_err(Unavailable::code)?;
+        Ok(f(gs).await)
+    })
+    .await
+}
+
+/// Shard start hook: installs this shard's coordinator, then (in the background, once the
+/// broker runs) creates `__consumer_offsets` if missing (shard 0), replays the partitions this
+/// shard owns and starts the timers.
+pub fn start_hook() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
+    Box::pin(async {
+        let shard = crate::shard::local();
+        let cfg = &shard.broker.config;
+        let gs = GroupShard::new(CoordinatorConfig {
+            initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
+            offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
+            ..Default::default()
+        });
+        install(gs.clone());
+        glommio::spawn_local(async move {
+            if let Err(e) = load_here(&gs).await {
+                tracing::error!(error = %e, "group coordinator failed to load");
+                return;
+            }
+            gs.run_timers().await;
+        })
+        .detach();
+    })
+}
+
+async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
+    let shard = crate::shard::local();
+    let broker = shard.broker.clone();
+    if shard.id.0 == 0 && broker.image().topic(OFFSETS_TOPIC).is_none() {
+        let mut overrides = BTreeMap::new();
+        // Commits must outlive any time-based retention; expiry is the coordinator's job.
+        overrides.insert("retention.ms".to_string(), "-1".to_string());
+        match crate::broker::create_topic(
+            OFFSETS_TOPIC.to_string(),
+            OFFSETS_PARTITIONS,
+            1,
+            overrides,
+            false,
+            true,
+        )
+        .await
+        {
+            Ok(_) | Err(crate::broker::AdminError::TopicExists) => {}
+            Err(e) => return Err(format!("cannot create {OFFSETS_TOPIC}: {}", e.message())),
+        }
+    }
+    // Other shards wait for shard 0 to publish the topic.
+    let meta = loop {
+        if let Some(m) = broker.image().topic(OFFSETS_TOPIC) {
+            break m.clone();
+        }
+        if broker.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("broker stopping".into());
+        }
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    };
+    gs.coordinator.borrow_mut().config.offsets_partitions = meta.partition_count();
+    for p in 0..meta.partition_count() {
+        if broker.owner(&meta, p) != Some(shard.id) {
+            continue;
+        }
+        let tp = crate::types::TopicPartition::new(OFFSETS_TOPIC, p);
+        let log = loop {
+            // Opened by topic creation on this shard, or at start.
+            if let Some(l) = shard.partition(&tp) {
+                break l;
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        };
+        gs.load_partition(p, log)
+            .await
+            .map_err(|e| format!("cannot replay {tp}: {e}"))?;
+    }
+    Ok(())
+}

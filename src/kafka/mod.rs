@@ -11,7 +11,7 @@ pub mod handlers;
 pub mod versions;
 
 /// Hooks run on every shard at start, after its partitions are open (e.g. group coordinators).
-pub static SHARD_START_HOOKS: &[crate::broker::ShardStartHook] = &[];
+pub static SHARD_START_HOOKS: &[crate::broker::ShardStartHook] = &[crate::group::start_hook];
 
 /// One decoded request header plus what handlers need to answer it.
 pub struct Request<'a> {
@@ -114,6 +114,17 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::DescribeConfigs => describe_configs::handle(&req, body).await,
         ApiKey::InitProducerId => init_producer_id::handle(&req, body).await,
         ApiKey::DeleteRecords => delete_records::handle(&req, body).await,
+        ApiKey::FindCoordinator => find_coordinator::handle(&req, body).await,
+        ApiKey::JoinGroup => join_group::handle(&req, body).await,
+        ApiKey::SyncGroup => sync_group::handle(&req, body).await,
+        ApiKey::Heartbeat => heartbeat::handle(&req, body).await,
+        ApiKey::LeaveGroup => leave_group::handle(&req, body).await,
+        ApiKey::OffsetCommit => offset_commit::handle(&req, body).await,
+        ApiKey::OffsetFetch => offset_fetch::handle(&req, body).await,
+        ApiKey::DescribeGroups => describe_groups::handle(&req, body).await,
+        ApiKey::ListGroups => list_groups::handle(&req, body).await,
+        ApiKey::DeleteGroups => delete_groups::handle(&req, body).await,
+        ApiKey::OffsetDelete => offset_delete::handle(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

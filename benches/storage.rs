@@ -112,7 +112,7 @@ async fn bench(root: PathBuf) {
     let big = root.join("big-0");
     {
         let log = open(&big, config(2 << 30), &no_cache).await;
-        let d = append_load(&[log.clone()], MIB, gib, 8, Durability::Written).await;
+        let d = append_load(std::slice::from_ref(&log), MIB, gib, 8, Durability::Written).await;
         report(
             "append 1 partition, 1 MiB batches, no fdatasync",
             gib as u64,
@@ -188,7 +188,7 @@ async fn bench(root: PathBuf) {
     ] {
         let dir = root.join("one");
         let log = open(&dir, config(1 << 30), &no_cache).await;
-        let d = append_load(&[log.clone()], batch, bytes, tasks, dur).await;
+        let d = append_load(std::slice::from_ref(&log), batch, bytes, tasks, dur).await;
         report(name, bytes as u64, d);
         log.close().await.expect("close");
         drop(log);
@@ -227,7 +227,14 @@ async fn bench(root: PathBuf) {
         let cache = BatchCache::new(512 * MIB);
         let dir = root.join("cached");
         let log = open(&dir, config(1 << 30), &cache).await;
-        append_load(&[log.clone()], MIB, 256 * MIB, 4, Durability::Written).await;
+        append_load(
+            std::slice::from_ref(&log),
+            MIB,
+            256 * MIB,
+            4,
+            Durability::Written,
+        )
+        .await;
         let end = log.high_watermark();
         // Hand-off rate: what a zero-copy (vectored) send receives. Measures the read path,
         // not memory bandwidth.

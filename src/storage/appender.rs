@@ -26,8 +26,8 @@ pub const PENDING_BYTES_MAX: usize = 64 << 20;
 /// so writes inside them change no file size and fdatasync has no size to persist.
 pub const EXTENT_BYTES: u64 = 64 << 20;
 
-const _: () = assert!(CHUNK_BYTES_MIN as u64 % ALIGN_BYTES == 0);
-const _: () = assert!(CHUNK_BYTES_MAX as u64 % ALIGN_BYTES == 0);
+const _: () = assert!((CHUNK_BYTES_MIN as u64).is_multiple_of(ALIGN_BYTES));
+const _: () = assert!((CHUNK_BYTES_MAX as u64).is_multiple_of(ALIGN_BYTES));
 const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
 
 /// Bytes of the active segment not yet handed to a write, starting at an aligned file position.

@@ -243,6 +243,13 @@ impl State {
     }
 }
 
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        // The shard's cache outlives its logs: release this log's share of the budget.
+        self.cache.drop_log(self.cache_id);
+    }
+}
+
 /// Outcome of the synchronous part of an append.
 enum Assigned {
     Duplicate(AppendResult),
@@ -590,6 +597,15 @@ impl PartitionLog {
             self.write_indexes(a)?;
         }
         let base = self.state.borrow().log_end;
+        {
+            // Before the new segment exists: recovery replays producer state from the batches
+            // of the last segment only, so the snapshot must cover everything before it.
+            let s = self.state.borrow();
+            meta::write_file(
+                &self.dir.join(meta::PRODUCER_FILE),
+                &meta::encode_producers(base, &s.producers),
+            )?;
+        }
         let path = meta::segment_path(&self.dir, base, "log");
         let new_file = self.io.open(&path, true).await?;
         let extent = appender::EXTENT_BYTES.min(self.state.borrow().config.segment_bytes.max(4096));
@@ -606,10 +622,6 @@ impl PartitionLog {
         s.written_tail.clear();
         s.allocated = align_up(extent);
         s.attempted_pos = 0;
-        meta::write_file(
-            &self.dir.join(meta::PRODUCER_FILE),
-            &meta::encode_producers(s.log_end, &s.producers),
-        )?;
         Ok(())
     }
 

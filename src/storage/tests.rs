@@ -907,3 +907,50 @@ mod model {
         }
     }
 }
+
+#[test]
+fn interval_flush_policy_syncs_on_its_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.flush = FlushPolicy::IntervalMs(20);
+        let (log, faults) = open_faulty(&d, cfg).await;
+        // Written appends alone get synced once the interval has passed.
+        append(&log, &batch(1, 10, 1, 1), Durability::Written).await;
+        glommio::timer::sleep(std::time::Duration::from_millis(60)).await;
+        assert_eq!(log.synced_offset(), Offset(1));
+        // A Synced append waits for the next timed sync; many of them share it.
+        let mut tasks = vec![];
+        for i in 0..10u8 {
+            let log = log.clone();
+            tasks.push(glommio::spawn_local(async move {
+                append(&log, &batch(1, 10, 2, i), Durability::Synced).await
+            }));
+        }
+        let before = faults.syncs.get();
+        for t in tasks {
+            t.await;
+        }
+        assert_eq!(log.synced_offset(), Offset(11));
+        assert!(faults.syncs.get() - before <= 2);
+    });
+}
+
+#[test]
+fn accepted_appends_are_written_by_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let log = open(&d, small_config()).await;
+        for i in 0..20u8 {
+            append(&log, &batch(2, 500, 1, i), Durability::Accepted).await;
+        }
+        assert_eq!(log.log_end_offset(), Offset(40));
+        log.close().await.unwrap();
+        drop(log);
+        let log = open(&d, small_config()).await;
+        assert_eq!(log.log_end_offset(), Offset(40));
+        assert_eq!(read_all(&log, Offset(0), 1 << 20).await.len(), 20);
+    });
+}

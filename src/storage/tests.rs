@@ -955,6 +955,9 @@ fn accepted_appends_are_written_by_close() {
     });
 }
 
+/// (base offset, stored bytes) of acknowledged appends.
+type Acked = Vec<(Offset, Vec<u8>)>;
+
 /// Concurrent producers with large batches (pipelined whole-page flushes), with the disk
 /// failing for a while: every acknowledged batch is on disk at its offset after a crash, and the
 /// file holds a gap-free run of offsets.
@@ -967,7 +970,7 @@ fn concurrent_large_appends_with_failures_keep_every_acknowledged_batch() {
             let mut cfg = small_config();
             cfg.segment_bytes = 4 << 20;
             let (log, faults) = open_faulty(&d, cfg.clone()).await;
-            let acked: Rc<std::cell::RefCell<Vec<(Offset, Vec<u8>)>>> = Default::default();
+            let acked: Rc<std::cell::RefCell<Acked>> = Default::default();
             let mut tasks = vec![];
             for t in 0..12u8 {
                 let log = log.clone();

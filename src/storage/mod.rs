@@ -186,21 +186,7 @@ pub(crate) struct State {
     pub allocated: u64,
     /// Furthest (aligned) position any write of the active segment may have reached.
     pub attempted_pos: u64,
-    /// Flushes (sets of writes) in flight, the current generation's in issue order.
-    pub inflight: std::collections::VecDeque<appender::InFlight>,
-    pub writes_inflight: usize,
-    pub flush_seq: u64,
-    /// After a failed write: the stale range is released and the partial page before the
-    /// written end is read back before anything is appended or written again.
-    pub repair: Repair,
-    /// File position where the batch ending at `hw` ends (`written_pos` may be further, inside
-    /// a batch, after a whole-pages flush).
-    pub hw_pos: u64,
-    pub sync_inflight: bool,
-    /// (end position, next offset) of every appended batch not yet known to be written.
-    pub batch_ends: std::collections::VecDeque<(u64, Offset)>,
-    /// Something changed that the flusher should look at.
-    pub kick: bool,
+    pub flushing: bool,
     pub rolling: bool,
     pub closed: bool,
     /// Incremented by every failed write; `gen_end[g]` is `hw` when generation `g` failed:
@@ -230,10 +216,6 @@ impl State {
         for w in self.waiters.drain(..) {
             w.wake();
         }
-        self.kick_flusher();
-    }
-    pub fn kick_flusher(&mut self) {
-        self.kick = true;
         if let Some(w) = self.flusher.take() {
             w.wake();
         }
@@ -266,16 +248,6 @@ impl Drop for PartitionLog {
         // The shard's cache outlives its logs: release this log's share of the budget.
         self.cache.drop_log(self.cache_id);
     }
-}
-
-/// Where the appender stands after a failed write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Repair {
-    None,
-    Needed,
-    InFlight,
-    /// The repair itself failed; the next append retries it (and fails meanwhile).
-    Failed,
 }
 
 /// Outcome of the synchronous part of an append.
@@ -384,8 +356,6 @@ impl PartitionLog {
             let h = BatchHeader::parse(&records[at..at + size]).expect("validated above");
             let pos = s.active().size;
             s.active_mut().on_batch(&h, pos, interval);
-            s.batch_ends
-                .push_back((pos + size as u64, h.last_offset().next()));
             if h.producer_id() >= 0 {
                 s.producers.apply(
                     h.producer_id(),
@@ -417,7 +387,9 @@ impl PartitionLog {
         if durability == Durability::Synced {
             s.sync_wanted = s.sync_wanted.max(next);
         }
-        s.kick_flusher();
+        if let Some(w) = s.flusher.take() {
+            w.wake();
+        }
         let result = AppendResult {
             base_offset: base,
             last_offset: last,
@@ -440,15 +412,7 @@ impl PartitionLog {
                 if s.closed {
                     return Err(StorageError::Io(std::io::Error::other("log is closed")));
                 }
-                if s.repair == Repair::Failed {
-                    drop(s);
-                    let mut s = self.state.borrow_mut();
-                    s.repair = Repair::Needed;
-                    s.kick_flusher();
-                    return Err(s.error());
-                }
                 if s.rolling
-                    || matches!(s.repair, Repair::Needed | Repair::InFlight)
                     || (!s.pending.is_empty() && s.pending.bytes + bytes > PENDING_BYTES_MAX)
                 {
                     None
@@ -460,9 +424,7 @@ impl PartitionLog {
                 None => {
                     self.wait_until(|s| {
                         s.closed
-                            || s.repair == Repair::Failed
                             || !(s.rolling
-                                || matches!(s.repair, Repair::Needed | Repair::InFlight)
                                 || (!s.pending.is_empty()
                                     && s.pending.bytes + bytes > PENDING_BYTES_MAX))
                     })
@@ -562,16 +524,8 @@ impl PartitionLog {
         s.gen += 1;
         s.log_end = hw;
         s.sync_wanted = s.sync_wanted.min(hw).max(s.synced);
-        // Everything past the last complete written batch is garbage now.
-        let pos = s.hw_pos;
-        s.written_pos = pos;
-        s.pending = Pending::new(align_down(pos), vec![]);
-        s.inflight.clear();
-        s.batch_ends.clear();
-        // Writes of the failed generation still in flight must land before the repair releases
-        // their range and reads back the partial page (see appender::repair_task).
-        s.repair = Repair::Needed;
-        s.allocated = s.allocated.min(align_up(pos));
+        let pos = s.written_pos;
+        s.pending = Pending::new(align_down(pos), s.written_tail.clone());
         s.active_mut().truncate(pos, hw);
         s.producers.truncate_from(hw);
         self.cache.truncate_from(self.cache_id, hw);
@@ -593,13 +547,8 @@ impl PartitionLog {
 
     /// Waits until nothing is pending or in flight in the appender.
     async fn drain(&self) {
-        self.wait_until(|s| {
-            s.pending.is_empty()
-                && s.writes_inflight == 0
-                && !s.sync_inflight
-                && matches!(s.repair, Repair::None | Repair::Failed)
-        })
-        .await
+        self.wait_until(|s| s.pending.is_empty() && !s.flushing)
+            .await
     }
 
     /// Seals the active segment and starts a new one at the log end. Public so the shard (and
@@ -669,9 +618,6 @@ impl PartitionLog {
         s.segments
             .push(Segment::new(base, new_file, crate::types::now_ms()));
         s.pending = Pending::new(0, vec![]);
-        debug_assert!(s.inflight.is_empty() && s.batch_ends.is_empty());
-        s.repair = Repair::None;
-        s.hw_pos = 0;
         s.written_pos = 0;
         s.written_tail.clear();
         s.allocated = align_up(extent);

@@ -403,6 +403,29 @@ mod raw {
         StrBytes::from_string(x.to_string())
     }
 
+    /// Like a client: ask for the coordinator until the broker has loaded the group state.
+    fn wait_coordinator(c: &mut Client, group: &str) {
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            let r: FindCoordinatorResponse = c
+                .call_at(
+                    ApiKey::FindCoordinator,
+                    2,
+                    &FindCoordinatorRequest::default().with_key(s(group)),
+                )
+                .expect("find coordinator");
+            if r.error_code == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no coordinator: error {}",
+                r.error_code
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn join(c: &mut Client, group: &str, member: &str) -> JoinGroupResponse {
         let req = JoinGroupRequest::default()
             .with_group_id(GroupId(s(group)))
@@ -422,6 +445,7 @@ mod raw {
         let topic = topic_name("errs");
         create_topic(&b, &topic, 1);
         let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        wait_coordinator(&mut c, "eg");
         // KIP-394: a first join without member id is told to come back with the one it is given.
         let first = join(&mut c, "eg", "");
         assert_eq!(first.error_code, ResponseError::MemberIdRequired.code());
@@ -535,5 +559,75 @@ mod raw {
                 .status
                 .success()
         );
+    }
+
+    // KIP-345: a static member that restarts takes over its identity without a rebalance, and
+    // its old member id is fenced.
+    #[test]
+    fn static_member_rejoins_without_rebalance_and_old_id_is_fenced() {
+        let b = Broker::options().cores(2).start();
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        wait_coordinator(&mut c, "sg");
+        let join_static = |c: &mut Client, member: &str| -> JoinGroupResponse {
+            let req = JoinGroupRequest::default()
+                .with_group_id(GroupId(s("sg")))
+                .with_session_timeout_ms(10_000)
+                .with_rebalance_timeout_ms(10_000)
+                .with_member_id(s(member))
+                .with_group_instance_id(Some(s("instance-1")))
+                .with_protocol_type(s("consumer"))
+                .with_protocols(vec![JoinGroupRequestProtocol::default()
+                    .with_name(s("range"))
+                    .with_metadata(sluice::cli::group::encode_subscription(&[]))]);
+            c.call_at(ApiKey::JoinGroup, 5, &req).expect("join")
+        };
+        let first = join_static(&mut c, "");
+        assert_eq!(
+            first.error_code, 0,
+            "static members need no MEMBER_ID_REQUIRED round"
+        );
+        let r: SyncGroupResponse = c
+            .call_at(
+                ApiKey::SyncGroup,
+                3,
+                &SyncGroupRequest::default()
+                    .with_group_id(GroupId(s("sg")))
+                    .with_generation_id(first.generation_id)
+                    .with_member_id(first.member_id.clone())
+                    .with_group_instance_id(Some(s("instance-1"))),
+            )
+            .expect("sync");
+        assert_eq!(r.error_code, 0);
+        let again = join_static(&mut c, "");
+        assert_eq!(again.error_code, 0);
+        assert_eq!(
+            again.generation_id, first.generation_id,
+            "no rebalance for a static rejoin"
+        );
+        assert_ne!(again.member_id, first.member_id);
+        let r: HeartbeatResponse = c
+            .call_at(
+                ApiKey::Heartbeat,
+                3,
+                &HeartbeatRequest::default()
+                    .with_group_id(GroupId(s("sg")))
+                    .with_generation_id(first.generation_id)
+                    .with_member_id(first.member_id.clone())
+                    .with_group_instance_id(Some(s("instance-1"))),
+            )
+            .expect("heartbeat");
+        assert_eq!(r.error_code, ResponseError::FencedInstanceId.code());
+        let r: HeartbeatResponse = c
+            .call_at(
+                ApiKey::Heartbeat,
+                3,
+                &HeartbeatRequest::default()
+                    .with_group_id(GroupId(s("sg")))
+                    .with_generation_id(again.generation_id)
+                    .with_member_id(again.member_id.clone())
+                    .with_group_instance_id(Some(s("instance-1"))),
+            )
+            .expect("heartbeat");
+        assert_eq!(r.error_code, 0);
     }
 }

@@ -479,8 +479,9 @@ impl Coordinator {
                         if was_leader {
                             g.leader = Some(new_id.clone());
                         }
-                        if g.state == State::Stable && unchanged && (!was_leader || a.version >= 9)
-                        {
+                        // Kafka answers a restarted static leader with the member list and no
+                        // rebalance; v9+ also tells it to skip the assignor (KIP-814).
+                        if g.state == State::Stable && unchanged {
                             let protocol = g.protocol.clone().unwrap_or_default();
                             let members = if was_leader {
                                 g.members

@@ -12,6 +12,13 @@
 //! | [`metadata`] | topics, configs and partition assignment, persisted in the data dir |
 //! | [`cli`] | the `sluice` admin and console commands (Kafka protocol clients) |
 
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod kafka;
+pub mod metadata;
 pub mod protocol;
+pub mod server;
+pub mod shard;
 pub mod storage;
 pub mod types;

@@ -1,1 +1,44 @@
-fn main() {}
+//! The `sluice` binary: broker (`sluice start`) and admin/console commands.
+
+use clap::Parser;
+use sluice::cli::{Cli, Command};
+use sluice::config::BrokerConfig;
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Start(args) => {
+            let config = match BrokerConfig::from_args(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    std::process::exit(2);
+                }
+            };
+            init_logging(&config.log_level);
+            match sluice::broker::run(config) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        Command::Topic { command, brokers } => sluice::cli::topic::run(command, &brokers),
+        Command::Produce(a) => sluice::cli::produce::run(a),
+        Command::Consume(a) => sluice::cli::consume::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("sluice: {e:#}");
+        std::process::exit(1);
+    }
+}

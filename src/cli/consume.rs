@@ -1,0 +1,250 @@
+//! `sluice consume TOPIC`: prints records with a `--format` template. Reads every partition (or
+//! one) from `--offset`, the beginning, or the end; stops after `-n` records or, with `--exit`,
+//! once every partition is read to its end.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::RecordBatchDecoder;
+
+use super::client::{check, Client};
+use super::topic;
+
+#[derive(Args, Debug)]
+pub struct ConsumeArgs {
+    pub topic: String,
+    #[arg(long, default_value = "127.0.0.1:9092", env = "SLUICE_BROKERS")]
+    pub brokers: String,
+    /// Start at the earliest offset (default: only new records).
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Start at this offset (with --partition, or in every partition).
+    #[arg(long)]
+    pub offset: Option<i64>,
+    /// Only this partition.
+    #[arg(short = 'p', long)]
+    pub partition: Option<i32>,
+    /// Stop after N records.
+    #[arg(short = 'n', long)]
+    pub num: Option<u64>,
+    /// Stop once every partition has been read to its end.
+    #[arg(short = 'e', long)]
+    pub exit: bool,
+    /// Output template: %t topic, %p partition, %o offset, %k key, %v value, %d timestamp (ms),
+    /// %h headers, \n newline, \t tab.
+    #[arg(short = 'f', long, default_value = "%v\\n")]
+    pub format: String,
+    /// Consumer group: join it, consume its assigned partitions and commit offsets.
+    #[arg(short = 'g', long)]
+    pub group: Option<String>,
+}
+
+pub struct Formatted<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: String,
+}
+
+pub fn format_record(template: &str, r: &Formatted<'_>, out: &mut Vec<u8>) {
+    let mut chars = template.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match (ch, chars.peek().copied()) {
+            ('%', Some(x)) => {
+                chars.next();
+                match x {
+                    't' => out.extend_from_slice(r.topic.as_bytes()),
+                    'p' => out.extend_from_slice(r.partition.to_string().as_bytes()),
+                    'o' => out.extend_from_slice(r.offset.to_string().as_bytes()),
+                    'd' => out.extend_from_slice(r.timestamp.to_string().as_bytes()),
+                    'k' => out.extend_from_slice(r.key.unwrap_or(b"")),
+                    'v' => out.extend_from_slice(r.value.unwrap_or(b"")),
+                    'h' => out.extend_from_slice(r.headers.as_bytes()),
+                    '%' => out.push(b'%'),
+                    other => {
+                        out.push(b'%');
+                        out.extend_from_slice(other.to_string().as_bytes());
+                    }
+                }
+            }
+            ('\\', Some('n')) => {
+                chars.next();
+                out.push(b'\n');
+            }
+            ('\\', Some('t')) => {
+                chars.next();
+                out.push(b'\t');
+            }
+            (c, _) => {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+            }
+        }
+    }
+}
+
+/// Fetches from `positions` (partition → next offset) once, printing records; returns the count
+/// printed and, per partition, the high watermark seen.
+pub fn fetch_once(
+    c: &mut Client,
+    topic: &str,
+    positions: &mut BTreeMap<i32, i64>,
+    format: &str,
+    remaining: Option<u64>,
+    max_wait_ms: i32,
+) -> Result<(u64, BTreeMap<i32, i64>)> {
+    let req = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(max_wait_ms)
+        .with_min_bytes(1)
+        .with_max_bytes(50 * 1024 * 1024)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(
+                positions
+                    .iter()
+                    .map(|(p, o)| {
+                        FetchPartition::default()
+                            .with_partition(*p)
+                            .with_fetch_offset(*o)
+                            .with_partition_max_bytes(1 << 20)
+                    })
+                    .collect(),
+            )]);
+    // Versions up to 12 address topics by name.
+    let resp: FetchResponse = c.call(ApiKey::Fetch, (4, 12), &req)?;
+    check(resp.error_code, "fetch", None)?;
+    let mut printed = 0u64;
+    let mut hws = BTreeMap::new();
+    let stdout = std::io::stdout();
+    let mut out = Vec::new();
+    for t in &resp.responses {
+        for p in &t.partitions {
+            check(
+                p.error_code,
+                &format!("fetch {topic}-{}", p.partition_index),
+                None,
+            )?;
+            hws.insert(p.partition_index, p.high_watermark);
+            let Some(mut records) = p.records.clone() else {
+                continue;
+            };
+            let start = positions[&p.partition_index];
+            while !records.is_empty() {
+                let set = match RecordBatchDecoder::decode(&mut records) {
+                    Ok(s) => s,
+                    Err(_) => break, // a partial batch at the end of the response
+                };
+                for r in set.records {
+                    if r.offset < start {
+                        continue;
+                    }
+                    if remaining.map(|n| printed >= n).unwrap_or(false) {
+                        break;
+                    }
+                    let headers = r
+                        .headers
+                        .iter()
+                        .map(|(k, v)| {
+                            format!(
+                                "{}={}",
+                                k.as_str(),
+                                v.as_ref()
+                                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    format_record(
+                        format,
+                        &Formatted {
+                            topic,
+                            partition: p.partition_index,
+                            offset: r.offset,
+                            timestamp: r.timestamp,
+                            key: r.key.as_deref(),
+                            value: r.value.as_deref(),
+                            headers,
+                        },
+                        &mut out,
+                    );
+                    positions.insert(p.partition_index, r.offset + 1);
+                    printed += 1;
+                }
+            }
+        }
+    }
+    stdout.lock().write_all(&out)?;
+    stdout.lock().flush()?;
+    Ok((printed, hws))
+}
+
+pub fn run(a: ConsumeArgs) -> Result<()> {
+    if a.group.is_some() {
+        bail!("--group is not supported by this build yet");
+    }
+    let mut c = Client::connect(&a.brokers)?;
+    let all: Vec<i32> = topic::partitions(&mut c, &a.topic)?
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    let parts: Vec<i32> = match a.partition {
+        Some(p) if all.contains(&p) => vec![p],
+        Some(p) => bail!(
+            "partition {p} does not exist (topic {} has {})",
+            a.topic,
+            all.len()
+        ),
+        None => all,
+    };
+    let mut positions = BTreeMap::new();
+    let start_ts = if a.from_beginning { -2 } else { -1 };
+    for (p, err, off) in topic::offsets(&mut c, &a.topic, &parts, start_ts)? {
+        check(err, &format!("offsets of {}-{p}", a.topic), None)?;
+        positions.insert(p, a.offset.unwrap_or(off));
+    }
+    consume_loop(&mut c, &a.topic, &mut positions, &a.format, a.num, a.exit)
+}
+
+pub fn consume_loop(
+    c: &mut Client,
+    topic: &str,
+    positions: &mut BTreeMap<i32, i64>,
+    format: &str,
+    num: Option<u64>,
+    exit_at_end: bool,
+) -> Result<()> {
+    let mut total = 0u64;
+    loop {
+        let remaining = num.map(|n| n - total);
+        let (n, hws) = fetch_once(
+            c,
+            topic,
+            positions,
+            format,
+            remaining,
+            if exit_at_end { 100 } else { 500 },
+        )?;
+        total += n;
+        if num.map(|x| total >= x).unwrap_or(false) {
+            return Ok(());
+        }
+        if exit_at_end
+            && positions
+                .iter()
+                .all(|(p, o)| hws.get(p).map(|hw| o >= hw).unwrap_or(true))
+        {
+            return Ok(());
+        }
+    }
+}

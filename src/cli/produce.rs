@@ -1,0 +1,232 @@
+//! `sluice produce TOPIC`: stdin lines become records (`--key-separator` splits key from value).
+//! Keyed records go to `murmur2(key) % partitions` as Kafka's default partitioner does; others
+//! round-robin over partitions batch by batch.
+
+use std::io::BufRead;
+
+use anyhow::{bail, Result};
+use bytes::{Bytes, BytesMut};
+use clap::Args;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+
+use super::client::{check, Client};
+
+#[derive(Args, Debug)]
+pub struct ProduceArgs {
+    pub topic: String,
+    #[arg(long, default_value = "127.0.0.1:9092", env = "SLUICE_BROKERS")]
+    pub brokers: String,
+    /// Split each line into key and value at the first occurrence of this string.
+    #[arg(long)]
+    pub key_separator: Option<String>,
+    /// Send everything to this partition.
+    #[arg(short = 'p', long)]
+    pub partition: Option<i32>,
+    /// 0, 1 or all.
+    #[arg(long, default_value = "all")]
+    pub acks: String,
+    /// none, gzip, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    pub compression: String,
+    /// Records per produce request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_records: usize,
+}
+
+/// Kafka's murmur2 (the Java client's default partitioner hash).
+pub fn murmur2(data: &[u8]) -> i32 {
+    let seed: u32 = 0x9747b28c;
+    let m: u32 = 0x5bd1e995;
+    let r = 24;
+    let len = data.len();
+    let mut h: u32 = seed ^ (len as u32);
+    let chunks = len / 4;
+    for i in 0..chunks {
+        let mut k = u32::from_le_bytes(data[i * 4..i * 4 + 4].try_into().unwrap());
+        k = k.wrapping_mul(m);
+        k ^= k >> r;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let tail = &data[chunks * 4..];
+    if tail.len() >= 3 {
+        h ^= (tail[2] as u32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as u32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as u32;
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+pub fn run(a: ProduceArgs) -> Result<()> {
+    let acks: i16 = match a.acks.as_str() {
+        "0" => 0,
+        "1" => 1,
+        "all" | "-1" => -1,
+        other => bail!("invalid --acks '{other}': expected 0, 1 or all"),
+    };
+    let compression = match a.compression.as_str() {
+        "none" => Compression::None,
+        "gzip" => Compression::Gzip,
+        "snappy" => Compression::Snappy,
+        "lz4" => Compression::Lz4,
+        "zstd" => Compression::Zstd,
+        other => bail!("invalid --compression '{other}': expected none, gzip, snappy, lz4 or zstd"),
+    };
+    let mut c = Client::connect(&a.brokers)?;
+    // Metadata with auto-creation allowed, as a producer does.
+    let parts = {
+        use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+        use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
+        let req = MetadataRequest::default()
+            .with_topics(Some(vec![MetadataRequestTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_string(a.topic.clone()))))]))
+            .with_allow_auto_topic_creation(true);
+        let resp: MetadataResponse = c.call(ApiKey::Metadata, (4, 12), &req)?;
+        let t = &resp.topics[0];
+        check(t.error_code, &format!("topic {}", a.topic), None)?;
+        t.partitions.len() as i32
+    };
+    if let Some(p) = a.partition {
+        if p < 0 || p >= parts {
+            bail!(
+                "partition {p} does not exist (topic {} has {parts})",
+                a.topic
+            );
+        }
+    }
+    let stdin = std::io::stdin();
+    let mut pending: Vec<Vec<Record>> = (0..parts).map(|_| Vec::new()).collect();
+    let mut count = 0usize;
+    let mut rr = 0i32;
+    let mut total = 0u64;
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let (key, value) = match &a.key_separator {
+            Some(sep) => match line.split_once(sep.as_str()) {
+                Some((k, v)) => (Some(Bytes::from(k.to_string())), Bytes::from(v.to_string())),
+                None => (None, Bytes::from(line)),
+            },
+            None => (None, Bytes::from(line)),
+        };
+        let p = match (a.partition, &key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => (murmur2(k) & 0x7fffffff) % parts,
+            (None, None) => rr,
+        };
+        pending[p as usize].push(Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: 0,
+            sequence: -1,
+            timestamp: crate::types::now_ms(),
+            key,
+            value: Some(value),
+            headers: Default::default(),
+        });
+        count += 1;
+        if count >= a.batch_records {
+            total += send(&mut c, &a.topic, acks, compression, &mut pending)?;
+            count = 0;
+            rr = (rr + 1) % parts;
+        }
+    }
+    total += send(&mut c, &a.topic, acks, compression, &mut pending)?;
+    eprintln!("produced {total} records to {}", a.topic);
+    Ok(())
+}
+
+fn send(
+    c: &mut Client,
+    topic: &str,
+    acks: i16,
+    compression: Compression,
+    pending: &mut [Vec<Record>],
+) -> Result<u64> {
+    let mut data = Vec::new();
+    let mut n = 0u64;
+    for (p, recs) in pending.iter_mut().enumerate() {
+        if recs.is_empty() {
+            continue;
+        }
+        for (i, r) in recs.iter_mut().enumerate() {
+            r.offset = i as i64;
+        }
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            recs.iter(),
+            &RecordEncodeOptions {
+                version: 2,
+                compression,
+            },
+        )?;
+        n += recs.len() as u64;
+        recs.clear();
+        data.push(
+            PartitionProduceData::default()
+                .with_index(p as i32)
+                .with_records(Some(buf.freeze())),
+        );
+    }
+    if data.is_empty() {
+        return Ok(0);
+    }
+    let req = ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partition_data(data)]);
+    if acks == 0 {
+        let v = c.version(ApiKey::Produce, 3, 11)?;
+        c.send_only(ApiKey::Produce, v, &req)?;
+        return Ok(n);
+    }
+    let resp: ProduceResponse = c.call(ApiKey::Produce, (3, 11), &req)?;
+    for t in &resp.responses {
+        for p in &t.partition_responses {
+            check(
+                p.error_code,
+                &format!("produce to {topic}-{}", p.index),
+                p.error_message.as_ref(),
+            )?;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    // Values from the Java client's Utils.murmur2 test vectors.
+    #[test]
+    fn murmur2_matches_kafka() {
+        assert_eq!(super::murmur2(b"21"), -973932308);
+        assert_eq!(super::murmur2(b"foobar"), -790332482);
+        assert_eq!(super::murmur2(b"a-little-bit-long-string"), -985981536);
+        assert_eq!(super::murmur2(b"a-little-bit-longer-string"), -1486304829);
+        assert_eq!(
+            super::murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58897971
+        );
+        assert_eq!(super::murmur2(b"abc"), 479470107);
+    }
+}

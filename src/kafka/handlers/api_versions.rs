@@ -1,0 +1,42 @@
+//! ApiVersions, versions 0-4 (flexible from 3). Lists exactly the APIs and ranges in
+//! [`crate::kafka::versions::SUPPORTED`].
+
+use bytes::Bytes;
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
+use kafka_protocol::ResponseError;
+
+use crate::kafka::{encode_frame, versions, Request};
+use crate::server::Response;
+
+fn body(error_code: i16) -> ApiVersionsResponse {
+    let api_keys = versions::SUPPORTED
+        .iter()
+        .map(|(k, lo, hi)| {
+            ApiVersion::default()
+                .with_api_key(*k as i16)
+                .with_min_version(*lo)
+                .with_max_version(*hi)
+        })
+        .collect();
+    // Tagged fields (features, zk_migration_ready) stay at their defaults so that they are not
+    // written at all: older librdkafka (2.0) fails to parse them otherwise.
+    ApiVersionsResponse::default()
+        .with_error_code(error_code)
+        .with_api_keys(api_keys)
+}
+
+pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
+    let _request: ApiVersionsRequest = crate::decode_or_close!(req, b);
+    req.respond(&body(0))
+}
+
+/// The v0 answer to an ApiVersions request with a version we do not support (KIP-511).
+pub fn unsupported(correlation_id: i32) -> Response {
+    Response::Frames(vec![encode_frame(
+        ApiKey::ApiVersions,
+        0,
+        correlation_id,
+        &body(ResponseError::UnsupportedVersion.code()),
+    )])
+}

@@ -1,0 +1,99 @@
+//! Small helpers shared by handlers: error codes, names, topic lookup with auto-creation, and
+//! the hop to a partition's owner shard.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use kafka_protocol::messages::TopicName;
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+
+use crate::broker::{self, AdminError};
+use crate::metadata::TopicMeta;
+use crate::shard::{self, invoke_on};
+use crate::storage::{PartitionLog, StorageError};
+use crate::types::TopicPartition;
+
+pub const NONE: i16 = 0;
+
+pub fn code(e: ResponseError) -> i16 {
+    e.code()
+}
+
+pub fn topic_name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_string()))
+}
+
+pub fn str_bytes(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+pub fn storage_code(e: &StorageError) -> i16 {
+    match e {
+        StorageError::Io(_) => code(ResponseError::KafkaStorageError),
+        StorageError::OffsetOutOfRange { .. } => code(ResponseError::OffsetOutOfRange),
+        StorageError::Corrupt(_) => code(ResponseError::CorruptMessage),
+        StorageError::OutOfOrderSequence => code(ResponseError::OutOfOrderSequenceNumber),
+        StorageError::InvalidProducerEpoch => code(ResponseError::InvalidProducerEpoch),
+    }
+}
+
+pub fn admin_code(e: &AdminError) -> i16 {
+    code(match e {
+        AdminError::TopicExists => ResponseError::TopicAlreadyExists,
+        AdminError::UnknownTopic => ResponseError::UnknownTopicOrPartition,
+        AdminError::InvalidTopic(_) => ResponseError::InvalidTopicException,
+        AdminError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
+        AdminError::InvalidConfig(_) => ResponseError::InvalidConfig,
+        AdminError::InvalidReplicationFactor => ResponseError::InvalidReplicationFactor,
+        AdminError::Storage(_) => ResponseError::KafkaStorageError,
+    })
+}
+
+/// Looks a topic up, creating it with the default partition count when auto-creation is on and
+/// `allow_auto_create` (the request's own flag) agrees. Errors are Kafka error codes.
+pub async fn topic_or_create(name: &str, allow_auto_create: bool) -> Result<Arc<TopicMeta>, i16> {
+    let broker = shard::local().broker.clone();
+    if let Some(t) = broker.image().topic(name) {
+        return Ok(t.clone());
+    }
+    if !crate::metadata::valid_topic_name(name) {
+        return Err(code(ResponseError::InvalidTopicException));
+    }
+    if !(broker.config.auto_create_topics && allow_auto_create) || name.starts_with("__") {
+        return Err(code(ResponseError::UnknownTopicOrPartition));
+    }
+    match broker::create_topic(name.to_string(), -1, -1, BTreeMap::new(), false, false).await {
+        Ok(t) => Ok(t),
+        // Another request created it first.
+        Err(AdminError::TopicExists) => broker
+            .image()
+            .topic(name)
+            .cloned()
+            .ok_or(code(ResponseError::UnknownTopicOrPartition)),
+        Err(e) => Err(admin_code(&e)),
+    }
+}
+
+/// Runs `f` with the partition log on its owner shard. This is the cross-core hop: partitions
+/// are owned by exactly one shard, so every access travels there.
+pub async fn with_partition<F, Fut, R>(topic: &TopicMeta, partition: i32, f: F) -> Result<R, i16>
+where
+    F: FnOnce(Rc<PartitionLog>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    let broker = shard::local().broker.clone();
+    let owner = broker
+        .owner(topic, partition)
+        .ok_or(code(ResponseError::UnknownTopicOrPartition))?;
+    let tp = TopicPartition::new(topic.name.clone(), partition);
+    invoke_on(owner, move || async move {
+        match shard::local().partition(&tp) {
+            Some(log) => Ok(f(log).await),
+            None => Err(code(ResponseError::UnknownTopicOrPartition)),
+        }
+    })
+    .await
+}

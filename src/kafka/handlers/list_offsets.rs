@@ -1,0 +1,73 @@
+//! ListOffsets, versions 1-7 (flexible from 6). Timestamps: -2 earliest (log start), -1 latest
+//! (high watermark), -3 the record with the largest timestamp (v7, KIP-734), otherwise the first
+//! offset whose timestamp is at or after the given one (through the time index).
+
+use bytes::Bytes;
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+use kafka_protocol::ResponseError;
+
+use super::common::{code, storage_code, with_partition, NONE};
+use crate::kafka::Request;
+use crate::server::Response;
+use crate::shard;
+
+pub const EARLIEST: i64 = -2;
+pub const LATEST: i64 = -1;
+pub const MAX_TIMESTAMP: i64 = -3;
+
+pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
+    let request: ListOffsetsRequest = crate::decode_or_close!(req, b);
+    let image = shard::local().broker.image();
+    let mut topics = Vec::new();
+    for t in request.topics {
+        let meta = image.topic(t.name.as_str()).cloned();
+        let mut parts = Vec::new();
+        for p in t.partitions {
+            let resp =
+                ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
+            let Some(meta) = &meta else {
+                parts.push(
+                    resp.with_error_code(code(ResponseError::UnknownTopicOrPartition))
+                        .with_offset(-1)
+                        .with_timestamp(-1),
+                );
+                continue;
+            };
+            let ts = p.timestamp;
+            let r = with_partition(meta, p.partition_index, move |log| async move {
+                match ts {
+                    EARLIEST => Ok((log.log_start_offset().0, -1)),
+                    LATEST => Ok((log.high_watermark().0, -1)),
+                    MAX_TIMESTAMP => Ok(log
+                        .max_timestamp()
+                        .map(|(o, t)| (o.0, t))
+                        .unwrap_or((-1, -1))),
+                    t if t < 0 => Err(code(ResponseError::InvalidRequest)),
+                    t => match log.offset_for_timestamp(t).await {
+                        Ok(Some((o, t))) => Ok((o.0, t)),
+                        Ok(None) => Ok((-1, -1)),
+                        Err(e) => Err(storage_code(&e)),
+                    },
+                }
+            })
+            .await;
+            parts.push(match r {
+                Ok(Ok((offset, timestamp))) => resp
+                    .with_error_code(NONE)
+                    .with_offset(offset)
+                    .with_timestamp(timestamp)
+                    .with_leader_epoch(0),
+                Ok(Err(c)) | Err(c) => resp.with_error_code(c).with_offset(-1).with_timestamp(-1),
+            });
+        }
+        topics.push(
+            ListOffsetsTopicResponse::default()
+                .with_name(t.name)
+                .with_partitions(parts),
+        );
+    }
+    req.respond(&ListOffsetsResponse::default().with_topics(topics))
+}

@@ -1,0 +1,103 @@
+//! Metadata, versions 0-12 (flexible from 9; topic ids from 10). One node leads every partition.
+//! Unknown topics are auto-created when the broker allows it and the request does (v4+).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
+use kafka_protocol::ResponseError;
+
+use super::common::{code, str_bytes, topic_name, topic_or_create};
+use crate::kafka::Request;
+use crate::metadata::TopicMeta;
+use crate::server::Response;
+use crate::shard;
+
+/// Kafka's "authorized operations not requested" sentinel.
+const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
+
+pub fn cluster_id() -> String {
+    "sluice-single-node".to_string()
+}
+
+fn topic_entry(t: &TopicMeta, node: i32) -> MetadataResponseTopic {
+    let partitions = (0..t.partition_count())
+        .map(|p| {
+            MetadataResponsePartition::default()
+                .with_partition_index(p)
+                .with_leader_id(BrokerId(node))
+                .with_leader_epoch(0)
+                .with_replica_nodes(vec![BrokerId(node)])
+                .with_isr_nodes(vec![BrokerId(node)])
+        })
+        .collect();
+    MetadataResponseTopic::default()
+        .with_name(Some(topic_name(&t.name)))
+        .with_topic_id(uuid::Uuid::from_bytes(t.id))
+        .with_is_internal(t.internal)
+        .with_partitions(partitions)
+        .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+}
+
+pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
+    let request: MetadataRequest = crate::decode_or_close!(req, b);
+    let broker = shard::local().broker.clone();
+    let node = broker.config.node_id;
+    let allow_auto = req.version < 4 || request.allow_auto_topic_creation;
+    // v0: an empty list means all topics; v1+: null means all, empty means none.
+    let all = match &request.topics {
+        None => true,
+        Some(t) => t.is_empty() && req.version == 0,
+    };
+    let mut topics = Vec::new();
+    if all {
+        let image = broker.image();
+        for t in image.topics.values() {
+            topics.push(topic_entry(t, node));
+        }
+    } else {
+        for rt in request.topics.unwrap_or_default() {
+            match (&rt.name, rt.topic_id.is_nil()) {
+                (Some(name), _) => match topic_or_create(name, allow_auto).await {
+                    Ok(t) => topics.push(topic_entry(&t, node)),
+                    Err(e) => topics.push(
+                        MetadataResponseTopic::default()
+                            .with_error_code(e)
+                            .with_name(Some(name.clone()))
+                            .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
+                    ),
+                },
+                (None, false) => {
+                    let image = broker.image();
+                    match image.topic_by_id(rt.topic_id.as_bytes()) {
+                        Some(t) => topics.push(topic_entry(&Arc::clone(t), node)),
+                        None => topics.push(
+                            MetadataResponseTopic::default()
+                                .with_error_code(code(ResponseError::UnknownTopicId))
+                                .with_topic_id(rt.topic_id)
+                                .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
+                        ),
+                    }
+                }
+                (None, true) => topics.push(
+                    MetadataResponseTopic::default()
+                        .with_error_code(code(ResponseError::InvalidRequest))
+                        .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
+                ),
+            }
+        }
+    }
+    let response = MetadataResponse::default()
+        .with_brokers(vec![MetadataResponseBroker::default()
+            .with_node_id(BrokerId(node))
+            .with_host(str_bytes(&broker.config.advertise_host))
+            .with_port(broker.config.advertise_port as i32)])
+        .with_cluster_id(Some(str_bytes(&cluster_id())))
+        .with_controller_id(BrokerId(node))
+        .with_topics(topics)
+        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
+    req.respond(&response)
+}

@@ -1,0 +1,230 @@
+//! Produce, versions 3-11 (flexible from 9). Validates every batch on the connection's shard
+//! (framing, magic v2, CRC-32C, max.message.bytes), then appends it on the partition's owner
+//! shard and waits for the durability the acks ask for: acks=0 none, acks=1 the write,
+//! acks=all the fdatasync. Partitions of one request are appended concurrently.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::ResponseError;
+
+use super::common::{code, storage_code, topic_or_create, with_partition, NONE};
+use crate::kafka::Request;
+use crate::metadata::configs;
+use crate::protocol::batch::{self, BatchError};
+use crate::server::Response;
+use crate::shard;
+use crate::storage::Durability;
+
+struct Outcome {
+    error_code: i16,
+    base_offset: i64,
+    log_append_time_ms: i64,
+    log_start_offset: i64,
+    message: Option<String>,
+}
+
+impl Outcome {
+    fn error(error_code: i16, message: Option<String>) -> Outcome {
+        Outcome {
+            error_code,
+            base_offset: -1,
+            log_append_time_ms: -1,
+            log_start_offset: -1,
+            message,
+        }
+    }
+}
+
+/// Checks each batch in `records`; the first failure decides the partition's error.
+fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (i16, String)> {
+    if records.is_empty() {
+        return Err((
+            code(ResponseError::CorruptMessage),
+            "empty record set".into(),
+        ));
+    }
+    let mut too_large = None;
+    let mut transactional = false;
+    let walked = batch::for_each_batch(records, true, |h| {
+        if h.size() as i64 > max_message_bytes {
+            too_large = Some(h.size());
+        }
+        transactional |= h.is_transactional() || h.is_control();
+    });
+    match walked {
+        Ok(_) => {}
+        Err(BatchError::BadMagic(m)) => {
+            return Err((
+                code(ResponseError::UnsupportedForMessageFormat),
+                format!("record batch magic {m} is not supported; produce v3+ requires magic 2"),
+            ))
+        }
+        Err(e) => return Err((code(ResponseError::CorruptMessage), e.to_string())),
+    }
+    if let Some(size) = too_large {
+        return Err((
+            code(ResponseError::MessageTooLarge),
+            format!("batch of {size} bytes exceeds max.message.bytes {max_message_bytes}"),
+        ));
+    }
+    if transactional {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            "transactional and control batches are not supported yet".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
+    let request: ProduceRequest = crate::decode_or_close!(req, b);
+    let acks = request.acks;
+    let durability = match acks {
+        0 => Some(Durability::Accepted),
+        1 => Some(Durability::Written),
+        -1 => Some(Durability::Synced),
+        _ => None,
+    };
+    let timeout = Duration::from_millis(request.timeout_ms.max(0) as u64);
+    let transactional = request.transactional_id.is_some();
+
+    // One task per partition, all started before any is awaited.
+    let mut topics = Vec::with_capacity(request.topic_data.len());
+    for td in request.topic_data {
+        let name = td.name.to_string();
+        let topic = if durability.is_none() || transactional {
+            None
+        } else {
+            Some(topic_or_create(&name, true).await)
+        };
+        let mut parts = Vec::with_capacity(td.partition_data.len());
+        for pd in td.partition_data {
+            let index = pd.index;
+            let task = match (&topic, durability) {
+                (_, None) => {
+                    let e = Outcome::error(code(ResponseError::InvalidRequiredAcks), None);
+                    glommio::spawn_local(async move { e }).detach()
+                }
+                (None, _) => {
+                    let e = Outcome::error(
+                        code(ResponseError::TransactionalIdAuthorizationFailed),
+                        Some("transactions are not supported yet".into()),
+                    );
+                    glommio::spawn_local(async move { e }).detach()
+                }
+                (Some(Err(e)), _) => {
+                    let e = Outcome::error(*e, None);
+                    glommio::spawn_local(async move { e }).detach()
+                }
+                (Some(Ok(t)), Some(d)) => {
+                    let t = t.clone();
+                    let records = pd.records.unwrap_or_default();
+                    glommio::spawn_local(append_partition(t, index, records, d, timeout)).detach()
+                }
+            };
+            parts.push((index, task));
+        }
+        topics.push((td.name, parts));
+    }
+
+    let mut responses = Vec::with_capacity(topics.len());
+    let mut any_error = false;
+    for (name, parts) in topics {
+        let mut prs = Vec::with_capacity(parts.len());
+        for (index, task) in parts {
+            let o = task
+                .await
+                .unwrap_or_else(|| Outcome::error(code(ResponseError::UnknownServerError), None));
+            any_error |= o.error_code != NONE;
+            prs.push(
+                PartitionProduceResponse::default()
+                    .with_index(index)
+                    .with_error_code(o.error_code)
+                    .with_base_offset(o.base_offset)
+                    .with_log_append_time_ms(o.log_append_time_ms)
+                    .with_log_start_offset(o.log_start_offset)
+                    .with_error_message(o.message.map(|m| super::common::str_bytes(&m))),
+            );
+        }
+        responses.push(
+            TopicProduceResponse::default()
+                .with_name(name)
+                .with_partition_responses(prs),
+        );
+    }
+    if acks == 0 {
+        // acks=0 gets no response; on error Kafka closes the connection so the client notices.
+        return if any_error {
+            Response::Close("acks=0 produce failed".into())
+        } else {
+            Response::None
+        };
+    }
+    req.respond(&ProduceResponse::default().with_responses(responses))
+}
+
+async fn append_partition(
+    topic: std::sync::Arc<crate::metadata::TopicMeta>,
+    index: i32,
+    records: Bytes,
+    durability: Durability,
+    timeout: Duration,
+) -> Outcome {
+    let broker = shard::local().broker.clone();
+    if topic.internal {
+        return Outcome::error(
+            code(ResponseError::InvalidTopicException),
+            Some(format!("cannot produce to internal topic {}", topic.name)),
+        );
+    }
+    if index < 0 || index >= topic.partition_count() {
+        return Outcome::error(code(ResponseError::UnknownTopicOrPartition), None);
+    }
+    let max_bytes = configs::max_message_bytes(&broker.config, &topic.configs);
+    if let Err((c, m)) = validate(&records, max_bytes) {
+        return Outcome::error(c, Some(m));
+    }
+    // The log patches offsets in place, so it gets its own copy of the batch bytes.
+    let mut owned = BytesMut::from(&records[..]);
+    let append_time = configs::log_append_time(&topic.configs).then(crate::types::now_ms);
+    if let Some(now) = append_time {
+        let mut at = 0;
+        while at < owned.len() {
+            let size = batch::batch_size(&owned[at..]).expect("validated above");
+            batch::set_log_append_time(&mut owned[at..at + size], now);
+            at += size;
+        }
+    }
+    // A detached task, so that a timed-out wait never cancels the append itself.
+    let append = glommio::spawn_local(async move {
+        with_partition(&topic, index, move |log| async move {
+            log.append(owned, durability).await
+        })
+        .await
+    })
+    .detach();
+    let result = if durability == Durability::Synced && !timeout.is_zero() {
+        futures_lite::future::or(async { append.await }, async {
+            glommio::timer::sleep(timeout).await;
+            None
+        })
+        .await
+    } else {
+        append.await
+    };
+    match result {
+        None => Outcome::error(code(ResponseError::RequestTimedOut), None),
+        Some(Err(c)) => Outcome::error(c, None),
+        Some(Ok(Err(e))) => Outcome::error(storage_code(&e), Some(e.to_string())),
+        Some(Ok(Ok(r))) => Outcome {
+            error_code: NONE,
+            base_offset: r.base_offset.0,
+            log_append_time_ms: append_time.unwrap_or(-1),
+            log_start_offset: r.log_start_offset.0,
+            message: None,
+        },
+    }
+}

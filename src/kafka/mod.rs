@@ -1,0 +1,128 @@
+//! Kafka API layer: the single `match` on the API key ([`dispatch`]), the version ranges we
+//! advertise ([`versions`]), and one handler file per API under [`handlers`].
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable};
+
+use crate::server::{Connection, Response};
+
+pub mod handlers;
+pub mod versions;
+
+/// Hooks run on every shard at start, after its partitions are open (e.g. group coordinators).
+pub static SHARD_START_HOOKS: &[crate::broker::ShardStartHook] = &[];
+
+/// One decoded request header plus what handlers need to answer it.
+pub struct Request<'a> {
+    pub conn: &'a Connection,
+    pub api_key: ApiKey,
+    pub version: i16,
+    pub header: RequestHeader,
+}
+
+impl Request<'_> {
+    /// Decodes the request body; a body that does not decode closes the connection, as Kafka does.
+    pub fn decode<T: Decodable>(&self, body: &mut Bytes) -> Result<T, Response> {
+        T::decode(body, self.version).map_err(|e| {
+            Response::Close(format!(
+                "malformed {:?} v{} request body: {e}",
+                self.api_key, self.version
+            ))
+        })
+    }
+
+    /// Encodes `body` as this request's response frame: length prefix, response header, body.
+    pub fn respond<T: Encodable>(&self, body: &T) -> Response {
+        Response::Frames(vec![encode_frame(
+            self.api_key,
+            self.version,
+            self.header.correlation_id,
+            body,
+        )])
+    }
+}
+
+/// `[length][response header][body]` for `api_key` at `version`.
+pub fn encode_frame<T: Encodable>(
+    api_key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &T,
+) -> Bytes {
+    let header_version = api_key.response_header_version(version);
+    let header = ResponseHeader::default().with_correlation_id(correlation_id);
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_i32(0);
+    header
+        .encode(&mut buf, header_version)
+        .expect("response header always encodes");
+    body.encode(&mut buf, version)
+        .expect("response bodies we build always encode at the negotiated version");
+    let len = (buf.len() - 4) as i32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+/// Routes one request frame (without its length prefix) to its handler.
+pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
+    let api_key_raw = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let Ok(api_key) = ApiKey::try_from(api_key_raw) else {
+        return Response::Close(format!("unknown API key {api_key_raw}"));
+    };
+    let supported = versions::supported(api_key);
+    let in_range = supported
+        .map(|(lo, hi)| version >= lo && version <= hi)
+        .unwrap_or(false);
+    if api_key == ApiKey::ApiVersions && !in_range {
+        // KIP-511: answer a too-new ApiVersions with UNSUPPORTED_VERSION in a v0 body so the
+        // client can retry with a version we know.
+        let correlation_id = if frame.len() >= 8 {
+            i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]])
+        } else {
+            0
+        };
+        return handlers::api_versions::unsupported(correlation_id);
+    }
+    if !in_range {
+        return Response::Close(format!("unsupported version {version} of {api_key:?}"));
+    }
+    let header = match RequestHeader::decode(&mut frame, api_key.request_header_version(version)) {
+        Ok(h) => h,
+        Err(e) => return Response::Close(format!("malformed request header: {e}")),
+    };
+    let req = Request {
+        conn,
+        api_key,
+        version,
+        header,
+    };
+    let body = frame;
+    use handlers::*;
+    match api_key {
+        ApiKey::ApiVersions => api_versions::handle(&req, body).await,
+        ApiKey::Metadata => metadata::handle(&req, body).await,
+        ApiKey::Produce => produce::handle(&req, body).await,
+        ApiKey::Fetch => fetch::handle(&req, body).await,
+        ApiKey::ListOffsets => list_offsets::handle(&req, body).await,
+        ApiKey::CreateTopics => create_topics::handle(&req, body).await,
+        ApiKey::DeleteTopics => delete_topics::handle(&req, body).await,
+        ApiKey::CreatePartitions => create_partitions::handle(&req, body).await,
+        ApiKey::DescribeConfigs => describe_configs::handle(&req, body).await,
+        ApiKey::InitProducerId => init_producer_id::handle(&req, body).await,
+        ApiKey::DeleteRecords => delete_records::handle(&req, body).await,
+        other => Response::Close(format!("API {other:?} is not implemented")),
+    }
+}
+
+/// Unwraps a decode result inside a handler.
+#[macro_export]
+macro_rules! decode_or_close {
+    ($req:expr, $body:expr) => {
+        match $req.decode(&mut $body) {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
+    };
+}

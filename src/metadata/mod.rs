@@ -1,0 +1,306 @@
+//! Topics, their configs and the partition → shard assignment. Persisted in the data dir as a
+//! checksummed record log (`__meta/metadata.log`), replayed at start and compacted into a single
+//! snapshot record when it grows. Shard 0 is the only writer; every shard reads the current
+//! immutable [`MetadataImage`] through an `ArcSwap`, so a reader always sees one consistent view.
+//!
+//! Record framing: `[len: u32 LE][crc32 (crc32fast) of payload: u32 LE][payload: JSON]`. A torn
+//! or corrupt tail record is dropped (it was never acknowledged: the writer fsyncs before
+//! answering).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub mod configs;
+
+/// Records past this in the log trigger a compaction into one snapshot record.
+const LOG_RECORDS_MAX: usize = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopicMeta {
+    pub name: String,
+    /// KIP-516 topic id.
+    pub id: [u8; 16],
+    /// Owner shard (before reduction modulo the running shard count) of each partition.
+    pub shards: Vec<u32>,
+    /// Topic-level overrides only; defaults come from the broker config.
+    pub configs: BTreeMap<String, String>,
+    pub internal: bool,
+}
+
+impl TopicMeta {
+    pub fn partition_count(&self) -> i32 {
+        self.shards.len() as i32
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Record {
+    Snapshot {
+        topics: Vec<TopicMeta>,
+    },
+    CreateTopic(TopicMeta),
+    DeleteTopic {
+        name: String,
+    },
+    AddPartitions {
+        name: String,
+        shards: Vec<u32>,
+    },
+    SetConfigs {
+        name: String,
+        configs: BTreeMap<String, String>,
+    },
+}
+
+/// One consistent view of all topics.
+#[derive(Debug, Clone, Default)]
+pub struct MetadataImage {
+    pub topics: BTreeMap<String, Arc<TopicMeta>>,
+}
+
+impl MetadataImage {
+    pub fn topic(&self, name: &str) -> Option<&Arc<TopicMeta>> {
+        self.topics.get(name)
+    }
+    pub fn topic_by_id(&self, id: &[u8; 16]) -> Option<&Arc<TopicMeta>> {
+        self.topics.values().find(|t| &t.id == id)
+    }
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Snapshot { topics } => {
+                self.topics = topics
+                    .into_iter()
+                    .map(|t| (t.name.clone(), Arc::new(t)))
+                    .collect();
+            }
+            Record::CreateTopic(t) => {
+                self.topics.insert(t.name.clone(), Arc::new(t));
+            }
+            Record::DeleteTopic { name } => {
+                self.topics.remove(&name);
+            }
+            Record::AddPartitions { name, shards } => {
+                if let Some(t) = self.topics.get_mut(&name) {
+                    Arc::make_mut(t).shards.extend(shards);
+                }
+            }
+            Record::SetConfigs { name, configs } => {
+                if let Some(t) = self.topics.get_mut(&name) {
+                    Arc::make_mut(t).configs = configs;
+                }
+            }
+        }
+    }
+}
+
+/// The writer side: owns the metadata log file. Lives on shard 0.
+pub struct MetadataStore {
+    dir: PathBuf,
+    file: File,
+    records: usize,
+    image: MetadataImage,
+}
+
+fn frame(r: &Record) -> Vec<u8> {
+    let payload = serde_json::to_vec(r).expect("metadata records always serialize");
+    let mut out = Vec::with_capacity(payload.len() + 8);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl MetadataStore {
+    /// Opens (or creates) the metadata log under `data_dir/__meta` and replays it.
+    pub fn open(data_dir: &Path) -> std::io::Result<MetadataStore> {
+        let dir = data_dir.join("__meta");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("metadata.log");
+        let mut buf = Vec::new();
+        if path.exists() {
+            File::open(&path)?.read_to_end(&mut buf)?;
+        }
+        let mut image = MetadataImage::default();
+        let mut at = 0usize;
+        let mut records = 0usize;
+        while at + 8 <= buf.len() {
+            let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+            let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().unwrap());
+            let Some(end) = (at + 8).checked_add(len).filter(|&e| e <= buf.len()) else {
+                break;
+            };
+            let payload = &buf[at + 8..end];
+            if crc32fast::hash(payload) != crc {
+                break;
+            }
+            match serde_json::from_slice::<Record>(payload) {
+                Ok(r) => image.apply(r),
+                Err(_) => break,
+            }
+            records += 1;
+            at = end;
+        }
+        if at < buf.len() {
+            tracing::warn!(
+                path = %path.display(),
+                kept_bytes = at,
+                dropped_bytes = buf.len() - at,
+                "metadata log had a torn or corrupt tail; truncated"
+            );
+            let f = OpenOptions::new().write(true).open(&path)?;
+            f.set_len(at as u64)?;
+            f.sync_all()?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        sync_dir(&dir)?;
+        Ok(MetadataStore {
+            dir,
+            file,
+            records,
+            image,
+        })
+    }
+
+    pub fn image(&self) -> &MetadataImage {
+        &self.image
+    }
+
+    fn append(&mut self, r: Record) -> std::io::Result<()> {
+        self.file.write_all(&frame(&r))?;
+        self.file.sync_data()?;
+        self.image.apply(r);
+        self.records += 1;
+        if self.records > LOG_RECORDS_MAX {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the log as one snapshot record: write a temp file, fsync, rename over the log,
+    /// fsync the directory so the rename itself is durable.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let snap = Record::Snapshot {
+            topics: self.image.topics.values().map(|t| (**t).clone()).collect(),
+        };
+        let tmp = self.dir.join("metadata.log.tmp");
+        let path = self.dir.join("metadata.log");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&frame(&snap))?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(&self.dir)?;
+        self.file = OpenOptions::new().append(true).open(&path)?;
+        self.records = 1;
+        Ok(())
+    }
+
+    pub fn create_topic(&mut self, t: TopicMeta) -> std::io::Result<()> {
+        self.append(Record::CreateTopic(t))
+    }
+    pub fn delete_topic(&mut self, name: &str) -> std::io::Result<()> {
+        self.append(Record::DeleteTopic {
+            name: name.to_string(),
+        })
+    }
+    pub fn add_partitions(&mut self, name: &str, shards: Vec<u32>) -> std::io::Result<()> {
+        self.append(Record::AddPartitions {
+            name: name.to_string(),
+            shards,
+        })
+    }
+    pub fn set_configs(
+        &mut self,
+        name: &str,
+        configs: BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        self.append(Record::SetConfigs {
+            name: name.to_string(),
+            configs,
+        })
+    }
+}
+
+/// Kafka's topic name rule: 1-249 chars of [a-zA-Z0-9._-], not "." or "..".
+pub fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(name: &str, n: u32) -> TopicMeta {
+        TopicMeta {
+            name: name.into(),
+            id: [7; 16],
+            shards: (0..n).collect(),
+            configs: BTreeMap::new(),
+            internal: false,
+        }
+    }
+
+    #[test]
+    fn replays_after_reopen_and_compacts() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut s = MetadataStore::open(d.path()).unwrap();
+            s.create_topic(topic("a", 2)).unwrap();
+            s.create_topic(topic("b", 1)).unwrap();
+            s.add_partitions("a", vec![5]).unwrap();
+            s.delete_topic("b").unwrap();
+        }
+        let mut s = MetadataStore::open(d.path()).unwrap();
+        assert_eq!(s.image().topics.len(), 1);
+        assert_eq!(s.image().topic("a").unwrap().shards, vec![0, 1, 5]);
+        s.compact().unwrap();
+        let s = MetadataStore::open(d.path()).unwrap();
+        assert_eq!(s.image().topic("a").unwrap().shards, vec![0, 1, 5]);
+    }
+
+    #[test]
+    fn torn_tail_is_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut s = MetadataStore::open(d.path()).unwrap();
+            s.create_topic(topic("a", 1)).unwrap();
+            s.create_topic(topic("b", 1)).unwrap();
+        }
+        let path = d.path().join("__meta/metadata.log");
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let s = MetadataStore::open(d.path()).unwrap();
+        assert!(s.image().topic("a").is_some());
+        assert!(s.image().topic("b").is_none());
+    }
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert!(valid_topic_name("orders.v1_x-2"));
+        assert!(!valid_topic_name(""));
+        assert!(!valid_topic_name(".."));
+        assert!(!valid_topic_name("a b"));
+        assert!(!valid_topic_name(&"x".repeat(250)));
+    }
+}

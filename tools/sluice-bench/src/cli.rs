@@ -308,11 +308,11 @@ impl Common {
             None => Ok(None),
             Some(s) => {
                 let cpus = parse_cpu_list(s)?;
-                let online = std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1);
+                // Configured CPUs, not this process's affinity (we may run under taskset).
+                // SAFETY: sysconf has no preconditions.
+                let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
                 if let Some(c) = cpus.iter().find(|&&c| c >= online) {
-                    bail!("--cpu-list names CPU {c} but only {online} are online");
+                    bail!("--cpu-list names CPU {c} but the machine has only {online}");
                 }
                 Ok(Some(cpus))
             }

@@ -25,6 +25,8 @@ pub struct FetchSpec {
     pub max_bytes: i32,
     pub partition_max_bytes: i32,
     pub check_crc: bool,
+    /// Record end-to-end latency (only meaningful while our producers run: e2e mode).
+    pub end_to_end: bool,
     /// Stop the run once this many records were consumed (after warm-up).
     pub count: Option<u64>,
 }
@@ -112,7 +114,7 @@ pub async fn fetch_loop(
                     if stats.measuring() {
                         stats.consume.add(n, b.bytes as u64);
                         let sent_us = b.stamp_us.unwrap_or(b.base_timestamp_ms * 1000);
-                        if sent_us > 0 {
+                        if spec.end_to_end && sent_us > 0 {
                             stats
                                 .end_to_end
                                 .latency((now_us - sent_us).max(0) as u64, n);

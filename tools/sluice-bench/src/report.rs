@@ -166,12 +166,16 @@ impl LiveLine {
             let (r, b) = (m.records.load(Relaxed), m.bytes.load(Relaxed));
             let (lr, lb) = self.last_counts[i];
             self.last_counts[i] = (r, b);
-            let p99 = m.snapshot().value_at_quantile(0.99);
+            let h = m.snapshot();
+            let p99 = if h.len() > 0 {
+                format!(" p99 {:>8.3} ms", ms(h.value_at_quantile(0.99)))
+            } else {
+                String::new()
+            };
             parts.push(format!(
-                "{name} {:>10.0} rec/s {:>8.1} MB/s p99 {:>8.3} ms err {}",
+                "{name} {:>10.0} rec/s {:>8.1} MB/s{p99} err {}",
                 r.saturating_sub(lr) as f64 / dt,
                 b.saturating_sub(lb) as f64 / dt / 1e6,
-                ms(p99),
                 m.errors.load(Relaxed)
             ));
         }
@@ -228,8 +232,13 @@ pub fn summarize(stats: &Stats, elapsed: Duration, config: Value) -> Summary {
         let err = m.errors.load(Relaxed);
         let rate = r as f64 / secs;
         let mbps = b as f64 / secs / 1e6;
+        let of = if key == "publish" {
+            "record keys+values"
+        } else {
+            "fetched record batches"
+        };
         text.push_str(&format!(
-            "{label}: {rate:.0} records/s, {mbps:.2} MB/s (MB = 10^6 bytes), {r} records, {b} bytes in {secs:.1} s, {err} errors\n"
+            "{label}: {rate:.0} records/s, {mbps:.2} MB/s (MB = 10^6 bytes of {of}), {r} records, {b} bytes in {secs:.1} s, {err} errors\n"
         ));
         j.insert(format!("{key}Rate"), json!(rate));
         j.insert(format!("{key}ThroughputMBps"), json!(mbps));

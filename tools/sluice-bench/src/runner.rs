@@ -320,6 +320,7 @@ async fn core_main(
             max_bytes: c.fetch_max_bytes as i32,
             partition_max_bytes: c.partition_max_bytes as i32,
             check_crc: c.check_crc,
+            end_to_end: is_e2e,
             count: if is_e2e { None } else { common.count },
         };
         for job in cw.consumers {

@@ -88,6 +88,8 @@ pub struct PooledBatch {
     pub payload_bytes: u64,
     /// Index of the key used by every record (for `Keys::Fixed`), else 0.
     pub key_index: u32,
+    /// Whether the batch was built with `Keys::Fixed` (it then belongs to one partition).
+    pub keyed: bool,
     /// Where the first record's value starts, if the batch is uncompressed and the value holds
     /// at least 8 bytes (the send timestamp in microseconds goes there).
     pub stamp_at: Option<usize>,
@@ -258,6 +260,7 @@ fn build_one(spec: &BatchSpec, key_index: u32, rng: &mut impl Rng) -> Result<Poo
         records: spec.records_per_batch as u32,
         payload_bytes,
         key_index,
+        keyed: matches!(spec.keys, Keys::Fixed(_)),
         stamp_at,
     })
 }

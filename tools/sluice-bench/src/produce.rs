@@ -63,7 +63,7 @@ pub fn schedule(pool: &BatchPool, spec: &LaneSpec) -> Vec<(usize, i32)> {
             spec.partitions.contains(&p).then_some((i, p))
         })
         .collect();
-    let fixed_keys = pool.batches.iter().any(|b| b.key_index != 0);
+    let fixed_keys = pool.batches.iter().any(|b| b.keyed);
     if fixed_keys && !keyed.is_empty() {
         return keyed;
     }
@@ -172,7 +172,12 @@ pub async fn run_lane(
         let id = next_id;
         next_id = next_id.wrapping_add(1).max(1);
         buf.clear();
-        encode_produce(&mut buf, id, version, flexible, &spec, partition, b, fields)?;
+        // The batch carries its scheduled send time, so end-to-end latency, like ack latency,
+        // includes any time the sender fell behind its schedule.
+        let behind = Instant::now().saturating_duration_since(scheduled);
+        let (now_ms, now_us) = unix_now();
+        let stamp = (now_ms - behind.as_millis() as i64, now_us - behind.as_micros() as i64);
+        encode_produce(&mut buf, id, version, flexible, &spec, partition, b, fields, stamp)?;
         if let Err(e) = client::write_all(&mut writer, &buf).await {
             result = Err(e);
             break;
@@ -213,7 +218,8 @@ pub async fn run_lane(
 }
 
 /// Encodes one Produce request carrying batch `b` for `partition`, then patches the batch's
-/// per-send fields in place inside the request buffer (one copy of the batch per send).
+/// per-send fields in place inside the request buffer (one copy of the batch per send):
+/// timestamps (`stamp` = unix ms and µs), producer fields, CRC-32C.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_produce(
     buf: &mut BytesMut,
@@ -224,6 +230,7 @@ pub fn encode_produce(
     partition: i32,
     b: &batch::PooledBatch,
     fields: Option<ProducerFields>,
+    (stamp_ms, stamp_us): (i64, i64),
 ) -> Result<()> {
     let mut topic =
         TopicProduceData::default().with_partition_data(vec![PartitionProduceData::default()
@@ -248,8 +255,7 @@ pub fn encode_produce(
     if buf[start + 8..start + 17] != b.bytes[8..17] {
         bail!("batch not found where expected in the encoded produce request");
     }
-    let (now_ms, now_us) = unix_now();
-    batch::patch(&mut buf[start..end], now_ms, now_us, b.stamp_at, fields);
+    batch::patch(&mut buf[start..end], stamp_ms, stamp_us, b.stamp_at, fields);
     Ok(())
 }
 
@@ -289,4 +295,88 @@ async fn read_acks<R: futures_lite::AsyncRead + Unpin>(
         window.signal(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchSpec, Compression, Keys, Payload};
+    use kafka_protocol::protocol::Decodable;
+
+    fn lane(topic_id: uuid::Uuid) -> LaneSpec {
+        LaneSpec {
+            leader: "127.0.0.1:9092".into(),
+            topic: "t".into(),
+            topic_id,
+            partitions: vec![1, 3],
+            all_partitions: vec![0, 1, 2, 3],
+            acks: -1,
+            timeout_ms: 1000,
+            max_in_flight: 5,
+            idempotent: true,
+            sends_per_sec: None,
+            connect_timeout: Duration::from_secs(1),
+            count: None,
+        }
+    }
+
+    #[test]
+    fn patched_batch_inside_request_decodes_with_valid_crc_at_every_layout() {
+        let spec = BatchSpec {
+            value_bytes: 64,
+            records_per_batch: 10,
+            compression: Compression::None,
+            payload: Payload::Random,
+            keys: Keys::None,
+            seed: 3,
+        };
+        let pool = BatchPool::build(&spec, 1).unwrap();
+        let id = uuid::Uuid::from_u128(0x1234);
+        // v8: not flexible; v9: flexible, names; v13: flexible, topic ids.
+        for version in [8i16, 9, 13] {
+            let mut buf = BytesMut::new();
+            let fields = ProducerFields { producer_id: 77, epoch: 2, base_sequence: 40 };
+            encode_produce(&mut buf, 5, version, version >= 9, &lane(id), 3, &pool.batches[0], Some(fields), unix_now())
+                .unwrap();
+            let mut body = buf.split_off(4).freeze();
+            kafka_protocol::protocol::decode_request_header_from_buffer(&mut body).unwrap();
+            let req = ProduceRequest::decode(&mut body, version).unwrap();
+            let t = &req.topic_data[0];
+            if version >= 13 {
+                assert_eq!(t.topic_id, id);
+            } else {
+                assert_eq!(t.name.as_str(), "t");
+            }
+            let p = &t.partition_data[0];
+            assert_eq!(p.index, 3);
+            let records = p.records.as_ref().unwrap();
+            let mut info = None;
+            batch::scan_batches(records, true, |i| info = Some(i)).unwrap();
+            let info = info.unwrap();
+            assert!(info.crc_ok, "v{version}");
+            assert!(info.base_timestamp_ms > 1_600_000_000_000);
+            assert!(info.stamp_us.unwrap() / 1000 >= info.base_timestamp_ms - 1);
+            // The pooled original is untouched (the patch applies to the request's copy).
+            assert_ne!(&records[..], &pool.batches[0].bytes[..]);
+        }
+    }
+
+    #[test]
+    fn lane_cycles_over_its_own_partitions() {
+        let spec = BatchSpec {
+            value_bytes: 8,
+            records_per_batch: 1,
+            compression: Compression::None,
+            payload: Payload::Random,
+            keys: Keys::Fixed(4),
+            seed: 1,
+        };
+        let pool = BatchPool::build(&spec, 8).unwrap();
+        let plan = schedule(&pool, &lane(uuid::Uuid::nil()));
+        // Keys 1 and 3 map to partitions 1 and 3, the lane's own.
+        assert!(!plan.is_empty());
+        for (bi, p) in plan {
+            assert_eq!(pool.batches[bi].key_index as i32, p);
+        }
+    }
 }

@@ -15,6 +15,11 @@ fn init_logging(level: &str) {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Start(_)) {
+        // Console commands behave like Unix tools: `sluice consume … | head` ends quietly.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Start(args) => {
             let config = match BrokerConfig::from_args(&args) {

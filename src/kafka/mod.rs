@@ -34,12 +34,17 @@ impl Request<'_> {
 
     /// Encodes `body` as this request's response frame: length prefix, response header, body.
     pub fn respond<T: Encodable>(&self, body: &T) -> Response {
-        Response::Frames(vec![encode_frame(
-            self.api_key,
-            self.version,
-            self.header.correlation_id,
-            body,
-        )])
+        match encode_frame(self.api_key, self.version, self.header.correlation_id, body) {
+            Ok(frame) => Response::Frames(vec![frame]),
+            Err(e) => {
+                // A field set that this version cannot carry: our bug, not the client's.
+                tracing::error!(api = ?self.api_key, version = self.version, error = %e, "cannot encode response");
+                Response::Close(format!(
+                    "internal error encoding {:?} v{}",
+                    self.api_key, self.version
+                ))
+            }
+        }
     }
 }
 
@@ -49,19 +54,16 @@ pub fn encode_frame<T: Encodable>(
     version: i16,
     correlation_id: i32,
     body: &T,
-) -> Bytes {
+) -> anyhow::Result<Bytes> {
     let header_version = api_key.response_header_version(version);
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
     let mut buf = BytesMut::with_capacity(256);
     buf.put_i32(0);
-    header
-        .encode(&mut buf, header_version)
-        .expect("response header always encodes");
-    body.encode(&mut buf, version)
-        .expect("response bodies we build always encode at the negotiated version");
+    header.encode(&mut buf, header_version)?;
+    body.encode(&mut buf, version)?;
     let len = (buf.len() - 4) as i32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
+    Ok(buf.freeze())
 }
 
 /// Routes one request frame (without its length prefix) to its handler.

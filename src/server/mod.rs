@@ -154,9 +154,15 @@ async fn read_requests(
             let permits = (len as u64).min(broker.config.inflight_bytes_max as u64);
             budget.acquire(permits).await.ok()?;
             let conn2 = conn.clone();
-            let task =
-                glommio::spawn_local(async move { crate::kafka::dispatch(&conn2, frame).await })
-                    .detach();
+            let task = glommio::spawn_local(async move {
+                // A handler bug must cost this connection, not the shard and every client on it.
+                let handled = std::panic::AssertUnwindSafe(crate::kafka::dispatch(&conn2, frame));
+                match futures_lite::FutureExt::catch_unwind(handled).await {
+                    Ok(r) => r,
+                    Err(_) => Response::Close("internal error while handling a request".into()),
+                }
+            })
+            .detach();
             if tx.send((permits as usize, task)).await.is_err() {
                 return None;
             }

@@ -33,10 +33,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
 
 /// The v0 answer to an ApiVersions request with a version we do not support (KIP-511).
 pub fn unsupported(correlation_id: i32) -> Response {
-    Response::Frames(vec![encode_frame(
-        ApiKey::ApiVersions,
-        0,
-        correlation_id,
-        &body(ResponseError::UnsupportedVersion.code()),
-    )])
+    let body = body(ResponseError::UnsupportedVersion.code());
+    match encode_frame(ApiKey::ApiVersions, 0, correlation_id, &body) {
+        Ok(f) => Response::Frames(vec![f]),
+        Err(e) => Response::Close(format!("cannot encode ApiVersions v0: {e}")),
+    }
 }

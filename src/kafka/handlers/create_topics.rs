@@ -94,21 +94,22 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                             .with_config_source(src as i8)
                     })
                     .collect();
-                results.push(
-                    result
-                        .with_error_code(NONE)
-                        .with_topic_id(uuid::Uuid::from_bytes(meta.id))
+                let mut ok = result.with_error_code(NONE);
+                if req.version >= 5 {
+                    ok = ok
                         .with_num_partitions(meta.partition_count())
                         .with_replication_factor(1)
-                        .with_configs(Some(cfgs)),
-                );
+                        .with_configs(Some(cfgs));
+                }
+                if req.version >= 7 {
+                    ok = ok.with_topic_id(uuid::Uuid::from_bytes(meta.id));
+                }
+                results.push(ok);
             }
             Err(e) => results.push(
                 result
                     .with_error_code(admin_code(&e))
-                    .with_error_message(Some(str_bytes(&e.message())))
-                    .with_num_partitions(-1)
-                    .with_replication_factor(-1),
+                    .with_error_message(Some(str_bytes(&e.message()))),
             ),
         }
     }

@@ -39,20 +39,24 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     for (name, id, err) in targets {
         let mut r = DeletableTopicResult::default()
             .with_name(name.as_deref().map(topic_name))
-            .with_topic_id(id);
+            .with_topic_id(if req.version >= 6 {
+                id
+            } else {
+                uuid::Uuid::nil()
+            });
         if err != NONE {
             responses.push(r.with_error_code(err));
             continue;
         }
         let name = name.expect("resolved above");
-        if let Some(m) = image.topic(&name) {
+        if let (Some(m), true) = (image.topic(&name), req.version >= 6) {
             r = r.with_topic_id(uuid::Uuid::from_bytes(m.id));
         }
         match broker::delete_topic(name).await {
             Ok(()) => responses.push(r.with_error_code(NONE)),
             Err(e) => responses.push(
                 r.with_error_code(admin_code(&e))
-                    .with_error_message(Some(str_bytes(&e.message()))),
+                    .with_error_message((req.version >= 5).then(|| str_bytes(&e.message()))),
             ),
         }
     }

@@ -143,7 +143,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             })
             .map(|(k, v, src, read_only)| {
                 DescribeConfigsResourceResult::default()
-                    .with_config_type(config_type(&k))
+                    .with_config_type(if req.version >= 3 { config_type(&k) } else { 0 })
                     .with_name(str_bytes(&k))
                     .with_value(Some(str_bytes(&v)))
                     .with_read_only(read_only)

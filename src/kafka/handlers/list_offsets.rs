@@ -59,7 +59,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_error_code(NONE)
                     .with_offset(offset)
                     .with_timestamp(timestamp)
-                    .with_leader_epoch(0),
+                    .with_leader_epoch(if req.version >= 4 { 0 } else { -1 }),
                 Ok(Err(c)) | Err(c) => resp.with_error_code(c).with_offset(-1).with_timestamp(-1),
             });
         }

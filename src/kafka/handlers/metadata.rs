@@ -23,21 +23,25 @@ pub fn cluster_id() -> String {
     "sluice-single-node".to_string()
 }
 
-fn topic_entry(t: &TopicMeta, node: i32) -> MetadataResponseTopic {
+fn topic_entry(t: &TopicMeta, node: i32, version: i16) -> MetadataResponseTopic {
     let partitions = (0..t.partition_count())
         .map(|p| {
             MetadataResponsePartition::default()
                 .with_partition_index(p)
                 .with_leader_id(BrokerId(node))
-                .with_leader_epoch(0)
+                .with_leader_epoch(if version >= 7 { 0 } else { -1 })
                 .with_replica_nodes(vec![BrokerId(node)])
                 .with_isr_nodes(vec![BrokerId(node)])
         })
         .collect();
     MetadataResponseTopic::default()
         .with_name(Some(topic_name(&t.name)))
-        .with_topic_id(uuid::Uuid::from_bytes(t.id))
-        .with_is_internal(t.internal)
+        .with_topic_id(if version >= 10 {
+            uuid::Uuid::from_bytes(t.id)
+        } else {
+            uuid::Uuid::nil()
+        })
+        .with_is_internal(t.internal && version >= 1)
         .with_partitions(partitions)
         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
 }
@@ -56,13 +60,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     if all {
         let image = broker.image();
         for t in image.topics.values() {
-            topics.push(topic_entry(t, node));
+            topics.push(topic_entry(t, node, req.version));
         }
     } else {
         for rt in request.topics.unwrap_or_default() {
             match (&rt.name, rt.topic_id.is_nil()) {
                 (Some(name), _) => match topic_or_create(name, allow_auto).await {
-                    Ok(t) => topics.push(topic_entry(&t, node)),
+                    Ok(t) => topics.push(topic_entry(&t, node, req.version)),
                     Err(e) => topics.push(
                         MetadataResponseTopic::default()
                             .with_error_code(e)
@@ -73,7 +77,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (None, false) => {
                     let image = broker.image();
                     match image.topic_by_id(rt.topic_id.as_bytes()) {
-                        Some(t) => topics.push(topic_entry(&Arc::clone(t), node)),
+                        Some(t) => topics.push(topic_entry(&Arc::clone(t), node, req.version)),
                         None => topics.push(
                             MetadataResponseTopic::default()
                                 .with_error_code(code(ResponseError::UnknownTopicId))
@@ -95,7 +99,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .with_node_id(BrokerId(node))
             .with_host(str_bytes(&broker.config.advertise_host))
             .with_port(broker.config.advertise_port as i32)])
-        .with_cluster_id(Some(str_bytes(&cluster_id())))
+        .with_cluster_id((req.version >= 2).then(|| str_bytes(&cluster_id())))
         .with_controller_id(BrokerId(node))
         .with_topics(topics)
         .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);

@@ -145,8 +145,16 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_error_code(o.error_code)
                     .with_base_offset(o.base_offset)
                     .with_log_append_time_ms(o.log_append_time_ms)
-                    .with_log_start_offset(o.log_start_offset)
-                    .with_error_message(o.message.map(|m| super::common::str_bytes(&m))),
+                    .with_log_start_offset(if req.version >= 5 {
+                        o.log_start_offset
+                    } else {
+                        -1
+                    })
+                    .with_error_message(
+                        o.message
+                            .filter(|_| req.version >= 8)
+                            .map(|m| super::common::str_bytes(&m)),
+                    ),
             );
         }
         responses.push(

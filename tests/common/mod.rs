@@ -20,8 +20,13 @@ pub const EXIT_WAIT_MAX: Duration = Duration::from_secs(20);
 /// How long one CLI invocation may run.
 pub const CLI_WAIT_MAX: Duration = Duration::from_secs(60);
 
+/// The broker binary: the one cargo built for this test run, or `SLUICE_BIN` when set (to test
+/// a binary built elsewhere, e.g. a copy taken right after the build).
 pub fn sluice_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
+    match std::env::var_os("SLUICE_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_sluice")),
+    }
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (the kernel picked it).

@@ -230,12 +230,23 @@ fn admin_describe_configs_shows_overrides_and_defaults() {
         rdkafka::admin::ConfigSource::DynamicTopic
     );
 
-    let r =
-        block_on(a.describe_configs([&ResourceSpecifier::Topic("no-such-topic")], &admin_opts()))
-            .expect("DescribeConfigs");
+    // rust-rdkafka 0.39 drops the per-resource error of DescribeConfigs (it always yields Ok),
+    // so check the unknown topic's error code on the wire.
+    use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+    use kafka_protocol::messages::{ApiKey, DescribeConfigsRequest, DescribeConfigsResponse};
+    let mut c = sluice::cli::client::Client::connect(&b.bootstrap()).expect("connect");
+    let req =
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(kafka_protocol::protocol::StrBytes::from_static_str(
+                "no-such-topic",
+            ))]);
+    let resp: DescribeConfigsResponse = c
+        .call_at(ApiKey::DescribeConfigs, 4, &req)
+        .expect("DescribeConfigs");
     assert_eq!(
-        r[0].as_ref().map(|_| ()),
-        Err(&RDKafkaErrorCode::UnknownTopicOrPartition)
+        resp.results[0].error_code,
+        RDKafkaErrorCode::UnknownTopicOrPartition as i16
     );
 }
 

@@ -7,9 +7,9 @@ use common::Broker;
 
 #[test]
 fn sigterm_exits_zero_and_restart_accepts() {
-    let mut b = Broker::start(1);
+    let mut b = Broker::start();
     let st = b.sigterm();
     assert_eq!(st.code(), Some(0), "stderr:\n{}", b.stderr());
     b.restart();
-    assert!(std::net::TcpStream::connect(b.addr()).is_ok());
+    assert!(std::net::TcpStream::connect(b.addr).is_ok());
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
 };
 use kafka_protocol::ResponseError;
 
@@ -1197,20 +1197,13 @@ async fn append_records(
     let records: Vec<Record> = recs
         .iter()
         .enumerate()
-        .map(|(i, (k, v))| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: -1,
-            timestamp: ts,
-            key: Some(records::encode_key(k)),
-            value: v.as_ref().map(records::encode_value),
-            headers: Default::default(),
+        .map(|(i, (k, v))| {
+            crate::protocol::plain_record(
+                i as i64,
+                ts,
+                Some(records::encode_key(k)),
+                v.as_ref().map(records::encode_value),
+            )
         })
         .collect();
     let mut buf = BytesMut::new();

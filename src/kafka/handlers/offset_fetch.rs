@@ -8,6 +8,8 @@ use kafka_protocol::messages::offset_fetch_response::{
 };
 use kafka_protocol::messages::{GroupId, OffsetFetchRequest, OffsetFetchResponse};
 
+use kafka_protocol::protocol::StrBytes;
+
 use super::common::{str_bytes, topic_name, with_coordinator};
 use crate::group::coordinator::Committed;
 use crate::kafka::Request;
@@ -23,41 +25,54 @@ async fn fetch(group: String, topics: Option<Vec<(String, Vec<i32>)>>) -> Fetche
     }
 }
 
+/// `(offset, leader epoch, metadata)` as OffsetFetch reports it; -1 when nothing is committed.
+fn reported(c: Option<Committed>) -> (i64, i32, StrBytes) {
+    match c {
+        Some(c) => (c.offset, c.leader_epoch, str_bytes(&c.metadata)),
+        None => (-1, -1, str_bytes("")),
+    }
+}
+
+/// Fetches one group's offsets: (group error, topics with their partitions).
+async fn fetch_group(
+    group: String,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+) -> (i16, Vec<(String, Vec<(i32, Option<Committed>)>)>) {
+    match fetch(group, topics).await {
+        Ok(ts) => (0, ts),
+        Err(e) => (e, vec![]),
+    }
+}
+
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let r: OffsetFetchRequest = crate::decode_or_close!(req, b);
     let v = req.version;
     if v >= 8 {
         let mut groups = Vec::new();
         for g in &r.groups {
-            let topics = g.topics.as_ref().map(|ts| {
+            let wanted = g.topics.as_ref().map(|ts| {
                 ts.iter()
                     .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
                     .collect()
             });
-            let res = fetch(g.group_id.to_string(), topics).await;
-            let (err, topics) = match res {
-                Ok(ts) => (0, ts),
-                Err(e) => (e, vec![]),
-            };
+            let (err, topics) = fetch_group(g.group_id.to_string(), wanted).await;
             let topics = topics
                 .into_iter()
                 .map(|(t, ps)| {
+                    let parts = ps
+                        .into_iter()
+                        .map(|(p, c)| {
+                            let (o, e, m) = reported(c);
+                            OffsetFetchResponsePartitions::default()
+                                .with_partition_index(p)
+                                .with_committed_offset(o)
+                                .with_committed_leader_epoch(e)
+                                .with_metadata(Some(m))
+                        })
+                        .collect();
                     OffsetFetchResponseTopics::default()
                         .with_name(topic_name(&t))
-                        .with_partitions(
-                            ps.into_iter()
-                                .map(|(p, c)| {
-                                    let (o, e, m) = c
-                                        .map(|c| (c.offset, c.leader_epoch, Some(c.metadata)))
-                                        .unwrap_or((-1, -1, Some(String::new())));
-                                    OffsetFetchResponsePartitions::default()
-                                        .with_partition_index(p)
-                                        .with_committed_offset(o)
-                                        .with_committed_leader_epoch(e)
-                                        .with_metadata(m.map(|m| str_bytes(&m)))
-                                })
-                                .collect(),
-                        )
+                        .with_partitions(parts)
                 })
                 .collect();
             groups.push(
@@ -69,34 +84,29 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         }
         return req.respond(&OffsetFetchResponse::default().with_groups(groups));
     }
-    let topics = r.topics.as_ref().map(|ts| {
+    let wanted = r.topics.as_ref().map(|ts| {
         ts.iter()
             .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
             .collect()
     });
-    let (err, topics) = match fetch(r.group_id.to_string(), topics).await {
-        Ok(ts) => (0, ts),
-        Err(e) => (e, vec![]),
-    };
+    let (err, topics) = fetch_group(r.group_id.to_string(), wanted).await;
     let topics = topics
         .into_iter()
         .map(|(t, ps)| {
+            let parts = ps
+                .into_iter()
+                .map(|(p, c)| {
+                    let (o, e, m) = reported(c);
+                    OffsetFetchResponsePartition::default()
+                        .with_partition_index(p)
+                        .with_committed_offset(o)
+                        .with_committed_leader_epoch(if v >= 5 { e } else { -1 })
+                        .with_metadata(Some(m))
+                })
+                .collect();
             OffsetFetchResponseTopic::default()
                 .with_name(topic_name(&t))
-                .with_partitions(
-                    ps.into_iter()
-                        .map(|(p, c)| {
-                            let (o, e, m) = c
-                                .map(|c| (c.offset, c.leader_epoch, Some(c.metadata)))
-                                .unwrap_or((-1, -1, Some(String::new())));
-                            OffsetFetchResponsePartition::default()
-                                .with_partition_index(p)
-                                .with_committed_offset(o)
-                                .with_committed_leader_epoch(if v >= 5 { e } else { -1 })
-                                .with_metadata(m.map(|m| str_bytes(&m)))
-                        })
-                        .collect(),
-                )
+                .with_partitions(parts)
         })
         .collect();
     let mut resp = OffsetFetchResponse::default().with_topics(topics);

@@ -9,6 +9,7 @@
 //! | [`kafka`] | one handler per Kafka API |
 //! | [`storage`] | the partition log: segments, DMA appender, index, recovery, retention, cache |
 //! | [`group`] | consumer group coordinator and committed offsets |
+//! | [`group`] | consumer group coordinators and committed offsets |
 //! | [`metadata`] | topics, configs and partition assignment, persisted in the data dir |
 //! | [`cli`] | the `sluice` admin and console commands (Kafka protocol clients) |
 

@@ -401,28 +401,26 @@ where
     .await
 }
 
-/// Shard start hook: installs this shard's coordinator, then (in the background, once the
-/// broker runs) creates `__consumer_offsets` if missing (shard 0), replays the partitions this
-/// shard owns and starts the timers.
-pub fn start_hook() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
-    Box::pin(async {
-        let shard = crate::shard::local();
-        let cfg = &shard.broker.config;
-        let gs = GroupShard::new(CoordinatorConfig {
-            initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
-            offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
-            ..Default::default()
-        });
-        install(gs.clone());
-        glommio::spawn_local(async move {
-            if let Err(e) = load_here(&gs).await {
-                tracing::error!(error = %e, "group coordinator failed to load");
-                return;
-            }
-            gs.run_timers().await;
-        })
-        .detach();
+/// Starts the group machinery of the calling shard once the broker serves: installs this
+/// shard's coordinator, then in the background creates `__consumer_offsets` if missing (shard
+/// 0), replays the partitions this shard owns and runs the timers.
+pub fn start_shard_tasks() {
+    let shard = crate::shard::local();
+    let cfg = &shard.broker.config;
+    let gs = GroupShard::new(CoordinatorConfig {
+        initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
+        offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
+        ..Default::default()
+    });
+    install(gs.clone());
+    glommio::spawn_local(async move {
+        if let Err(e) = load_here(&gs).await {
+            tracing::error!(error = %e, "group coordinator failed to load");
+            return;
+        }
+        gs.run_timers().await;
     })
+    .detach();
 }
 
 async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {

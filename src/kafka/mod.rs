@@ -10,9 +10,6 @@ use crate::server::{Connection, Response};
 pub mod handlers;
 pub mod versions;
 
-/// Hooks run on every shard at start, after its partitions are open (e.g. group coordinators).
-pub static SHARD_START_HOOKS: &[crate::broker::ShardStartHook] = &[crate::group::start_hook];
-
 /// One decoded request header plus what handlers need to answer it.
 pub struct Request<'a> {
     pub conn: &'a Connection,

@@ -97,3 +97,7 @@ where
     })
     .await
 }
+
+pub fn opt_str(s: &Option<StrBytes>) -> Option<String> {
+    s.as_ref().map(|x| x.to_string())
+}

@@ -41,6 +41,8 @@ pub const OFFSETS_RETENTION_CHECK_MS: i64 = 600_000;
 /// Upper bound on the timer loop's sleep: deadlines set while it sleeps are seen this late at
 /// worst (it is also woken on every state change).
 const TIMER_SLEEP_MS_MAX: i64 = 1000;
+/// How long a request waits for its coordinator partition to finish replaying.
+const LOAD_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Bytes read per step while replaying a `__consumer_offsets` partition.
 const REPLAY_READ_BYTES_MAX: u32 = 1 << 20;
 
@@ -395,7 +397,15 @@ where
     let gid = group_id.to_string();
     crate::shard::invoke_on(owner, move || async move {
         let gs = local().ok_or(not_available)?;
-        gs.check(&gid).map_err(Unavailable::code)?;
+        // Right after start the partition may still be replaying: wait a little before
+        // answering COORDINATOR_LOAD_IN_PROGRESS, so clients rarely need to retry.
+        let deadline = std::time::Instant::now() + LOAD_WAIT_MAX;
+        while let Err(u) = gs.check(&gid) {
+            if std::time::Instant::now() >= deadline {
+                return Err(u.code());
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
         Ok(f(gs).await)
     })
     .await

@@ -81,7 +81,8 @@ fn poll_until(
     cs: &[&BaseConsumer],
     mut done: impl FnMut(&[&BaseConsumer], &[Vec<String>]) -> bool,
 ) -> Vec<Vec<String>> {
-    let deadline = Instant::now() + WAIT_MAX;
+    let start = Instant::now();
+    let deadline = start + WAIT_MAX;
     let mut seen = vec![Vec::new(); cs.len()];
     loop {
         for (i, c) in cs.iter().enumerate() {
@@ -90,6 +91,12 @@ fn poll_until(
             }
         }
         if done(cs, &seen) {
+            // Rebalance times for the record (visible with --nocapture); not asserted.
+            eprintln!(
+                "condition reached after {:?}; assignments {:?}",
+                start.elapsed(),
+                cs.iter().map(|c| assigned(c)).collect::<Vec<_>>()
+            );
             return seen;
         }
         assert!(

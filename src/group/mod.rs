@@ -437,9 +437,16 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
     let shard = crate::shard::local();
     let broker = shard.broker.clone();
     if shard.id.0 == 0 && broker.image().topic(OFFSETS_TOPIC).is_none() {
-        let mut overrides = BTreeMap::new();
-        // Commits must outlive any time-based retention; expiry is the coordinator's job.
-        overrides.insert("retention.ms".to_string(), "-1".to_string());
+        // Commits must outlive any time-based retention: expiry is the coordinator's job
+        // (tombstones). Kafka compacts this topic; the policy is recorded for when we do.
+        let overrides: BTreeMap<String, String> = [
+            ("cleanup.policy", "compact"),
+            ("retention.ms", "-1"),
+            ("segment.bytes", "104857600"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         match crate::broker::create_topic(
             OFFSETS_TOPIC.to_string(),
             OFFSETS_PARTITIONS,

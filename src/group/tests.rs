@@ -710,3 +710,75 @@ fn join_waits_in_the_executor_until_the_rebalance_completes() {
         drop(timers);
     });
 }
+
+#[test]
+fn join_during_completing_rebalance_fails_waiting_syncs_and_restarts_the_join() {
+    let mut c = coordinator();
+    let a = single_member_stable(&mut c, 0);
+    let b_rx = waiting(c.join(join_req("g", "", None), 0));
+    ready(c.join(join_req("g", &a, None), 0)).unwrap();
+    let b = b_rx.try_recv().unwrap();
+    // B waits in SyncGroup for the leader; then C arrives.
+    let b_sync = waiting(c.sync(sync_req("g", &b.member_id, 2, vec![]), 1));
+    let _c_rx = waiting(c.join(join_req("g", "", None), 2));
+    assert_eq!(
+        b_sync.try_recv().unwrap().error,
+        E::RebalanceInProgress.code()
+    );
+    assert_eq!(c.group("g").unwrap().state, GroupState::PreparingRebalance);
+    // The leader's late SyncGroup for generation 2 is refused too.
+    assert_eq!(
+        ready(c.sync(sync_req("g", &a, 2, vec![]), 3))
+            .unwrap()
+            .error,
+        E::RebalanceInProgress.code()
+    );
+}
+
+#[test]
+fn leaving_member_that_waits_in_join_gets_unknown_member_and_the_rest_complete() {
+    let mut c = coordinator();
+    let a = single_member_stable(&mut c, 0);
+    let b_rx = waiting(c.join(join_req("g", "", None), 0));
+    let b_id = c
+        .group("g")
+        .unwrap()
+        .members
+        .keys()
+        .find(|k| **k != a)
+        .unwrap()
+        .clone();
+    // B gives up before A rejoins: its pending join is answered, and the rebalance that only
+    // waits for A now completes when A rejoins.
+    let (top, per) = c.leave("g", &[(b_id, None)], 5);
+    assert_eq!((top, per), (0, vec![0]));
+    assert_eq!(b_rx.try_recv().unwrap().error, E::UnknownMemberId.code());
+    let again = ready(c.join(join_req("g", &a, None), 6)).unwrap();
+    assert_eq!((again.error, again.generation), (0, 2));
+    assert_eq!(again.members.len(), 1);
+}
+
+#[test]
+fn queued_group_records_replay_into_the_same_state() {
+    // Whatever the state machine persists must rebuild an equivalent group.
+    let mut c = coordinator();
+    let a = single_member_stable(&mut c, 0);
+    let writes = c.take_writes();
+    assert!(!writes.is_empty());
+    let mut fresh = coordinator();
+    for w in writes {
+        let key = offsets::decode_key(&Bytes::from(w.key)).unwrap();
+        let offsets::RecordKey::Group { group } = key else {
+            panic!("only group records expected")
+        };
+        let v = w
+            .value
+            .map(|v| offsets::decode_group_value(&Bytes::from(v)).unwrap());
+        fresh.load_group(&group, v, 100);
+    }
+    let g = fresh.group("g").unwrap();
+    assert_eq!((g.state, g.generation), (GroupState::Stable, 1));
+    assert_eq!(g.leader.as_deref(), Some(a.as_str()));
+    assert_eq!(&g.members[&a].assignment[..], b"A");
+    assert_eq!(fresh.heartbeat("g", &a, None, 1, 200), 0);
+}

@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
 
-use super::group::{
+use super::offsets::{self, GroupValue, MemberValue, OffsetValue};
+use super::state::{
     Group, GroupState, JoinMember, JoinMode, JoinResult, Member, Protocol, Reply, SyncResult,
 };
-use super::offsets::{self, GroupValue, MemberValue, OffsetValue};
 
 const NONE: i16 = 0;
 

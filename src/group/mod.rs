@@ -4,7 +4,7 @@
 //! | file | owns |
 //! | --- | --- |
 //! | [`coordinator`] | the sans-IO state machine: JoinGroup/SyncGroup/Heartbeat/LeaveGroup, offsets, timers |
-//! | [`group`] | one group's data (members, generation, protocol, offsets) and protocol selection |
+//! | [`state`] | one group's data (members, generation, protocol, offsets) and protocol selection |
 //! | [`offsets`] | Kafka's `__consumer_offsets` key/value record formats |
 //!
 //! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
@@ -25,11 +25,11 @@ use crate::protocol::records;
 use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
 
 pub mod coordinator;
-pub mod group;
 pub mod offsets;
+pub mod state;
 
 pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, Write};
-pub use group::{GroupState, JoinResult, Reply, SyncResult};
+pub use state::{GroupState, JoinResult, Reply, SyncResult};
 
 /// The internal topic holding committed offsets and group metadata.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
 
 use super::coordinator::*;
-use super::group::*;
+use super::state::*;
 use super::*;
 
 const SESSION_MS: i32 = 10_000;

@@ -9,7 +9,7 @@ use kafka_protocol::messages::{JoinGroupRequest, JoinGroupResponse};
 
 use super::common::str_bytes;
 use crate::group::coordinator::JoinRequest;
-use crate::group::group::Protocol;
+use crate::group::state::Protocol;
 use crate::group::{on_coordinator, JoinResult};
 use crate::kafka::Request;
 use crate::server::Response;

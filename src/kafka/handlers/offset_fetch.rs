@@ -16,6 +16,8 @@ use crate::kafka::Request;
 use crate::server::Response;
 
 type Fetched = Vec<(String, i32, Option<OffsetValue>)>;
+/// Committed offsets of one topic: `(partition, offset)`.
+type TopicOffsets = (String, Vec<(i32, Option<OffsetValue>)>);
 
 /// The committed offsets of one group, or a coordinator error.
 async fn fetch(group_id: String, wanted: Option<Vec<(String, Vec<i32>)>>) -> Result<Fetched, i16> {
@@ -29,8 +31,8 @@ async fn fetch(group_id: String, wanted: Option<Vec<(String, Vec<i32>)>>) -> Res
 }
 
 /// Groups results by topic, keeping the first-seen topic order.
-fn by_topic(rows: Fetched) -> Vec<(String, Vec<(i32, Option<OffsetValue>)>)> {
-    let mut out: Vec<(String, Vec<(i32, Option<OffsetValue>)>)> = Vec::new();
+fn by_topic(rows: Fetched) -> Vec<TopicOffsets> {
+    let mut out: Vec<TopicOffsets> = Vec::new();
     for (t, p, v) in rows {
         match out.iter_mut().find(|(name, _)| *name == t) {
             Some((_, ps)) => ps.push((p, v)),

@@ -669,14 +669,22 @@ impl Coordinator {
         let mut dead = Vec::new();
         let mut writes = Vec::new();
         for g in self.groups.values_mut() {
-            if g.state != GroupState::Empty {
-                continue;
-            }
+            // Empty groups: everything, counted from when the group emptied (or from the commit
+            // for standalone consumers). Stable consumer groups: only topics no member
+            // subscribes to any more, counted from the commit.
+            let (base_state, subscribed) = match g.state {
+                GroupState::Empty => (g.protocol_type.as_ref().map(|_| g.state_timestamp_ms), None),
+                GroupState::Stable => match g.subscribed_topics() {
+                    Some(topics) => (None, Some(topics)),
+                    None => continue,
+                },
+                _ => continue,
+            };
             let partition = partition_for(&g.id, self.config.offsets_partitions);
-            let base_state = g.protocol_type.as_ref().map(|_| g.state_timestamp_ms);
             let expired: Vec<(String, i32)> = g
                 .offsets
                 .iter()
+                .filter(|((topic, _), _)| subscribed.as_ref().is_none_or(|s| !s.contains(topic)))
                 .filter(|(_, v)| {
                     if v.expire_timestamp_ms >= 0 {
                         now_ms >= v.expire_timestamp_ms
@@ -695,7 +703,11 @@ impl Coordinator {
                 });
                 expired_total += 1;
             }
-            if g.offsets.is_empty() && g.members.is_empty() && g.pending_members.is_empty() {
+            if g.state == GroupState::Empty
+                && g.offsets.is_empty()
+                && g.members.is_empty()
+                && g.pending_members.is_empty()
+            {
                 dead.push(g.id.clone());
             }
         }

@@ -782,3 +782,77 @@ fn queued_group_records_replay_into_the_same_state() {
     assert_eq!(&g.members[&a].assignment[..], b"A");
     assert_eq!(fresh.heartbeat("g", &a, None, 1, 200), 0);
 }
+
+/// A `consumer`-protocol subscription (ConsumerProtocolSubscription v0) to `topics`.
+fn subscription(topics: &[&str]) -> Bytes {
+    let mut b = vec![0u8, 0];
+    b.extend((topics.len() as i32).to_be_bytes());
+    for t in topics {
+        b.extend((t.len() as i16).to_be_bytes());
+        b.extend(t.as_bytes());
+    }
+    b.extend((-1i32).to_be_bytes());
+    Bytes::from(b)
+}
+
+#[test]
+fn stable_consumer_groups_expire_only_offsets_of_unsubscribed_topics_kip_211() {
+    let mut c = Coordinator::new(CoordinatorConfig {
+        offsets_retention_ms: 1000,
+        ..Default::default()
+    });
+    let mut req = join_req("g", "", None);
+    req.protocols = vec![Protocol {
+        name: "range".into(),
+        metadata: subscription(&["live"]),
+    }];
+    let j = ready(c.join(req, 0)).unwrap();
+    ready(c.sync(sync_req("g", &j.member_id, 1, vec![]), 0)).unwrap();
+    c.apply_commit("g", vec![entry("live", 0, 5, 0), entry("old", 0, 6, 0)], 0);
+    assert_eq!(c.expire_offsets(5000), 1);
+    let left = c.fetch_offsets("g", None);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, "live");
+    // OffsetDelete refuses a subscribed topic of a non-empty consumer group.
+    assert_eq!(
+        c.delete_offsets("g", &[("live".into(), 0)]),
+        Ok(vec![E::GroupSubscribedToTopic.code()])
+    );
+}
+
+#[test]
+fn timer_task_expires_a_silent_member_without_outside_ticks() {
+    run(async move {
+        let gs = GroupShard::new(CoordinatorConfig {
+            session_timeout_ms_min: 10,
+            ..Default::default()
+        });
+        let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
+        let mut req = join_req("g", "", None);
+        req.session_timeout_ms = 100;
+        let j = gs.join(req).await;
+        assert_eq!(j.error, 0);
+        let s = gs.sync(sync_req("g", &j.member_id, 1, vec![])).await;
+        assert_eq!(s.error, 0);
+        // No heartbeats: the timer loop alone must notice the expired session.
+        let start = std::time::Instant::now();
+        loop {
+            if gs.coordinator.borrow().group("g").map(|g| g.state) == Some(GroupState::Empty) {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "member never expired"
+            );
+            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(gs
+            .coordinator
+            .borrow()
+            .group("g")
+            .unwrap()
+            .members
+            .is_empty());
+        drop(timers);
+    });
+}

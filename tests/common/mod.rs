@@ -175,7 +175,7 @@ impl Broker {
                     self.stderr()
                 );
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            if answers_api_versions(self.addr) {
                 return;
             }
             if Instant::now() > deadline {
@@ -250,8 +250,55 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Show what the broker said, to explain the failure (after a moment to flush).
+            std::thread::sleep(Duration::from_millis(300));
+            let state = match self.child.as_mut().map(|c| c.try_wait()) {
+                None => "not running".to_string(),
+                Some(Ok(None)) => "still running".to_string(),
+                Some(Ok(Some(s))) => format!("exited with {s}"),
+                Some(Err(e)) => format!("unknown ({e})"),
+            };
+            eprintln!("--- sluice on {} is {state} ---", self.addr);
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- sluice stderr (last {} lines, start #{}) ---",
+                tail.len(),
+                self.generation
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         self.kill_now();
     }
+}
+
+/// Whether a broker on `addr` answers an ApiVersions v0 request. A bare TCP connect is not
+/// enough: during start-up the port may briefly accept connections that are then reset.
+pub fn answers_api_versions(addr: SocketAddr) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    // [len][api key 18][version 0][correlation id][client id: null]
+    let mut req = Vec::with_capacity(14);
+    req.extend(10i32.to_be_bytes());
+    req.extend(18i16.to_be_bytes());
+    req.extend(0i16.to_be_bytes());
+    req.extend(0x5eed_i32.to_be_bytes());
+    req.extend((-1i16).to_be_bytes());
+    if s.write_all(&req).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 8];
+    if s.read_exact(&mut head).is_err() {
+        return false;
+    }
+    i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == 0x5eed
 }
 
 /// Runs a command to completion with a deadline; kills it if it runs over.

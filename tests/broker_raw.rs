@@ -1,0 +1,699 @@
+//! The broker under hostile or unusual input, spoken to over raw TCP with our own framing and the
+//! `kafka-protocol` codecs; process-level behaviour (data-dir lock, port in use, invalid config,
+//! SIGTERM, kill -9 and restart).
+//!
+//! After each bad input the broker must still serve a fresh client. Every wait is bounded.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use common::{run_bounded, topic_name, Broker};
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+
+const IO_WAIT: Duration = Duration::from_secs(15);
+
+// Kafka error codes (Kafka protocol guide, "Error Codes").
+const NONE: i16 = 0;
+const CORRUPT_MESSAGE: i16 = 2;
+const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+const INVALID_TOPIC_EXCEPTION: i16 = 17;
+const UNSUPPORTED_VERSION: i16 = 35;
+
+/// One raw connection: our own length-prefixed framing, kafka-protocol for bodies.
+struct Raw {
+    s: TcpStream,
+    correlation: i32,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect_timeout(&addr, IO_WAIT).expect("connect to the broker");
+        s.set_read_timeout(Some(IO_WAIT)).expect("read timeout");
+        s.set_write_timeout(Some(IO_WAIT)).expect("write timeout");
+        s.set_nodelay(true).expect("nodelay");
+        Raw { s, correlation: 0 }
+    }
+
+    fn send_bytes(&mut self, b: &[u8]) {
+        // The broker may already have closed on an earlier bad byte; that is not our failure.
+        let _ = self.s.write_all(b);
+    }
+
+    /// `[len][header][body]` for `key` at `version`.
+    fn frame<T: Encodable>(&mut self, key: ApiKey, version: i16, body: &T) -> Vec<u8> {
+        self.correlation += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("sluice-raw-test")));
+        let mut buf = BytesMut::new();
+        buf.put_i32(0);
+        header
+            .encode(&mut buf, key.request_header_version(version))
+            .expect("encode header");
+        body.encode(&mut buf, version).expect("encode body");
+        let len = (buf.len() - 4) as i32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        buf.to_vec()
+    }
+
+    /// Reads one response frame; `None` if the broker closed the connection.
+    fn read_frame(&mut self) -> Option<Bytes> {
+        let mut len = [0u8; 4];
+        self.s.read_exact(&mut len).ok()?;
+        let n = i32::from_be_bytes(len);
+        assert!(n >= 4, "response frame length {n}");
+        let mut body = vec![0u8; n as usize];
+        self.s.read_exact(&mut body).ok()?;
+        Some(Bytes::from(body))
+    }
+
+    fn call<Req: Encodable, Resp: Decodable>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        req: &Req,
+    ) -> Resp {
+        let f = self.frame(key, version, req);
+        self.send_bytes(&f);
+        let mut resp = self.read_frame().unwrap_or_else(|| {
+            panic!("broker closed the connection instead of answering {key:?} v{version}")
+        });
+        let h = ResponseHeader::decode(&mut resp, key.response_header_version(version))
+            .expect("response header");
+        assert_eq!(h.correlation_id, self.correlation, "correlation id");
+        Resp::decode(&mut resp, version).expect("response body")
+    }
+
+    /// Asserts that the broker closes the connection without sending a response (bounded by
+    /// the socket read timeout).
+    fn assert_closed(&mut self, what: &str) {
+        let mut buf = [0u8; 1024];
+        match self.s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: broker answered {n} bytes instead of closing"),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("{what}: broker kept the connection open for {IO_WAIT:?}")
+            }
+            Err(_) => {} // reset: closed
+        }
+    }
+}
+
+/// A fresh client gets a normal ApiVersions and Metadata answer.
+fn assert_serves(b: &Broker) {
+    let mut r = Raw::connect(b.addr);
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    assert!(!v.api_keys.is_empty());
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(m.brokers.len(), 1);
+}
+
+fn tn(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_string()))
+}
+
+fn create_topic(r: &mut Raw, name: &str, partitions: i32) {
+    let resp: CreateTopicsResponse = r.call(
+        ApiKey::CreateTopics,
+        5,
+        &CreateTopicsRequest::default()
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(tn(name))
+                .with_num_partitions(partitions)
+                .with_replication_factor(1)])
+            .with_timeout_ms(10_000),
+    );
+    assert_eq!(resp.topics[0].error_code, NONE, "{:?}", resp.topics[0]);
+}
+
+/// One uncompressed v2 batch of `values` (keys `k<i>`).
+fn batch(values: &[&[u8]]) -> Bytes {
+    let records: Vec<Record> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: -1,
+            timestamp: 1_700_000_000_000 + i as i64,
+            key: Some(Bytes::from(format!("k{i}"))),
+            value: Some(Bytes::copy_from_slice(v)),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode batch");
+    buf.freeze()
+}
+
+fn produce(r: &mut Raw, topic: &str, partition: i32, acks: i16, records: Bytes) -> (i16, i64) {
+    let resp: ProduceResponse = r.call(
+        ApiKey::Produce,
+        9,
+        &ProduceRequest::default()
+            .with_acks(acks)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(tn(topic))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(partition)
+                    .with_records(Some(records))])]),
+    );
+    let p = &resp.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+/// Fetches from `offset` (no waiting); returns (error, high watermark, records as (offset, value)).
+fn fetch(r: &mut Raw, topic: &str, partition: i32, offset: i64) -> (i16, i64, Vec<(i64, Vec<u8>)>) {
+    let resp: FetchResponse = r.call(
+        ApiKey::Fetch,
+        12,
+        &FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(0)
+            .with_min_bytes(0)
+            .with_max_bytes(16 << 20)
+            .with_session_id(0)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(tn(topic))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(partition)
+                    .with_current_leader_epoch(-1)
+                    .with_fetch_offset(offset)
+                    .with_log_start_offset(-1)
+                    .with_last_fetched_epoch(-1)
+                    .with_partition_max_bytes(8 << 20)])]),
+    );
+    assert_eq!(resp.error_code, NONE);
+    let p = &resp.responses[0].partitions[0];
+    let mut out = Vec::new();
+    if let Some(mut recs) = p.records.clone() {
+        for set in RecordBatchDecoder::decode_all(&mut recs).expect("decode fetched batches") {
+            for rec in set.records {
+                out.push((
+                    rec.offset,
+                    rec.value.map(|v| v.to_vec()).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    (p.error_code, p.high_watermark, out)
+}
+
+/// Reads everything of a partition from offset 0, fetching until the high watermark.
+fn fetch_all(r: &mut Raw, topic: &str, partition: i32) -> (i64, Vec<(i64, Vec<u8>)>) {
+    let mut all = Vec::new();
+    let mut next = 0;
+    let deadline = Instant::now() + IO_WAIT;
+    loop {
+        let (err, hw, recs) = fetch(r, topic, partition, next);
+        assert_eq!(err, NONE, "fetch {topic}/{partition}@{next}");
+        for (o, v) in recs {
+            if o >= next {
+                next = o + 1;
+                all.push((o, v));
+            }
+        }
+        if next >= hw {
+            return (hw, all);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fetch did not reach the high watermark"
+        );
+    }
+}
+
+#[test]
+fn garbage_bytes_close_the_connection_only() {
+    let b = Broker::start();
+    // An HTTP request: "GET " read as a length is far beyond request_bytes_max.
+    let mut r = Raw::connect(b.addr);
+    r.send_bytes(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    r.assert_closed("HTTP request");
+    assert_serves(&b);
+    // A plausible length followed by noise (api key 0x7f7f does not exist).
+    let mut r = Raw::connect(b.addr);
+    let mut f = 40i32.to_be_bytes().to_vec();
+    f.extend((0..40u32).map(|i| (i * 37 % 256) as u8 | 0x7f));
+    r.send_bytes(&f);
+    r.assert_closed("noise frame");
+    assert_serves(&b);
+}
+
+#[test]
+fn negative_and_tiny_length_prefixes_close_the_connection() {
+    let b = Broker::start();
+    for len in [-1i32, i32::MIN, 0, 3] {
+        let mut r = Raw::connect(b.addr);
+        r.send_bytes(&len.to_be_bytes());
+        r.send_bytes(&[0u8; 16]);
+        r.assert_closed(&format!("length prefix {len}"));
+        assert_serves(&b);
+    }
+}
+
+#[test]
+fn length_prefix_over_request_bytes_max_closes_without_reading_it() {
+    let b = Broker::options()
+        .args(["--request-bytes-max", "65536"])
+        .start();
+    let mut r = Raw::connect(b.addr);
+    // Announce 1 MB but send only a header's worth: the broker must not wait for the rest.
+    r.send_bytes(&(1_000_000i32).to_be_bytes());
+    r.send_bytes(&[0, 3, 0, 9, 0, 0, 0, 1, 0xff, 0xff]);
+    r.assert_closed("oversized frame");
+    assert_serves(&b);
+}
+
+#[test]
+fn truncated_frame_then_close_leaves_broker_serving() {
+    let b = Broker::start();
+    for _ in 0..3 {
+        let mut r = Raw::connect(b.addr);
+        let f = r.frame(
+            ApiKey::Metadata,
+            9,
+            &MetadataRequest::default().with_topics(None),
+        );
+        r.send_bytes(&f[..f.len() / 2]);
+        let _ = r.s.shutdown(Shutdown::Write);
+        r.assert_closed("truncated frame");
+    }
+    assert_serves(&b);
+}
+
+#[test]
+fn unknown_api_key_closes_the_connection() {
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    // [api key 9999][version 0][correlation 1][client id null]
+    let mut body = Vec::new();
+    body.extend(9999i16.to_be_bytes());
+    body.extend(0i16.to_be_bytes());
+    body.extend(1i32.to_be_bytes());
+    body.extend((-1i16).to_be_bytes());
+    let mut f = (body.len() as i32).to_be_bytes().to_vec();
+    f.extend(body);
+    r.send_bytes(&f);
+    r.assert_closed("unknown api key");
+    assert_serves(&b);
+}
+
+#[test]
+fn unsupported_metadata_version_closes_the_connection() {
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    let md = v
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == ApiKey::Metadata as i16)
+        .expect("Metadata advertised");
+    // One past the advertised maximum, hand-framed (no codec knows this version).
+    let version = md.max_version + 1;
+    let mut body = Vec::new();
+    body.extend((ApiKey::Metadata as i16).to_be_bytes());
+    body.extend(version.to_be_bytes());
+    body.extend(7i32.to_be_bytes());
+    body.extend((-1i16).to_be_bytes()); // client id null
+    body.push(0); // header tagged fields
+    body.push(1); // topics: compact array, null
+    body.push(0); // allow_auto_topic_creation
+    body.push(0); // include_topic_authorized_operations
+    body.push(0); // tagged fields
+    let mut f = (body.len() as i32).to_be_bytes().to_vec();
+    f.extend(body);
+    r.send_bytes(&f);
+    // Kafka answers an unsupported version of any API but ApiVersions by closing.
+    r.assert_closed("Metadata one past the max version");
+    assert_serves(&b);
+}
+
+#[test]
+fn too_new_api_versions_gets_unsupported_version_and_a_v0_list() {
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    // KIP-511: a client may send a newer ApiVersions than the broker knows; the broker answers
+    // UNSUPPORTED_VERSION with a v0 body listing its APIs.
+    let mut body = Vec::new();
+    body.extend((ApiKey::ApiVersions as i16).to_be_bytes());
+    body.extend(127i16.to_be_bytes());
+    body.extend(4242i32.to_be_bytes());
+    body.extend(4i16.to_be_bytes());
+    body.extend(b"test");
+    body.push(0);
+    body.extend([1, 1, 0, 0, 0, 0]); // some future body
+    let mut f = (body.len() as i32).to_be_bytes().to_vec();
+    f.extend(body);
+    r.send_bytes(&f);
+    let mut resp = r
+        .read_frame()
+        .expect("broker answered the too-new ApiVersions");
+    let h = ResponseHeader::decode(&mut resp, 0).expect("v0 response header");
+    assert_eq!(h.correlation_id, 4242);
+    let v = ApiVersionsResponse::decode(&mut resp, 0).expect("v0 ApiVersions body");
+    assert_eq!(v.error_code, UNSUPPORTED_VERSION);
+    let keys: Vec<i16> = v.api_keys.iter().map(|k| k.api_key).collect();
+    for must in [
+        ApiKey::Produce,
+        ApiKey::Fetch,
+        ApiKey::ListOffsets,
+        ApiKey::Metadata,
+        ApiKey::ApiVersions,
+    ] {
+        assert!(
+            keys.contains(&(must as i16)),
+            "{must:?} missing from {keys:?}"
+        );
+    }
+    let av = v
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == ApiKey::ApiVersions as i16)
+        .expect("ApiVersions listed");
+    assert_eq!(av.min_version, 0);
+    assert!(av.max_version >= 3);
+    assert!(resp.is_empty(), "trailing bytes after the v0 body");
+    // The same connection keeps working with a supported version.
+    let ok: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(ok.error_code, NONE);
+}
+
+#[test]
+fn produce_with_corrupt_crc_is_rejected_and_writes_nothing() {
+    let b = Broker::start();
+    let t = topic_name("crc");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let good = batch(&[b"one", b"two"]);
+    let mut bad = BytesMut::from(&good[..]);
+    // RecordBatch v2: baseOffset(8) batchLength(4) partitionLeaderEpoch(4) magic(1) crc(4).
+    bad[18] ^= 0x5a;
+    let (err, _) = produce(&mut r, &t, 0, -1, bad.freeze());
+    assert_eq!(err, CORRUPT_MESSAGE);
+    let (err, hw, recs) = fetch(&mut r, &t, 0, 0);
+    assert_eq!((err, hw), (NONE, 0));
+    assert!(recs.is_empty());
+    // A payload byte flipped under an intact CRC field is caught as well.
+    let mut bad = BytesMut::from(&good[..]);
+    let last = bad.len() - 2;
+    bad[last] ^= 0x01;
+    let (err, _) = produce(&mut r, &t, 0, 1, bad.freeze());
+    assert_eq!(err, CORRUPT_MESSAGE);
+    // The good batch lands at offset 0.
+    assert_eq!(produce(&mut r, &t, 0, -1, good), (NONE, 0));
+    let (hw, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(hw, 2);
+    assert_eq!(recs, vec![(0, b"one".to_vec()), (1, b"two".to_vec())]);
+    assert_serves(&b);
+}
+
+#[test]
+fn produce_to_internal_topic_name_is_rejected() {
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    for name in ["__consumer_offsets", "__transaction_state", "__sluice_test"] {
+        let (err, _) = produce(&mut r, name, 0, -1, batch(&[b"sneaky"]));
+        assert!(
+            err == INVALID_TOPIC_EXCEPTION || err == UNKNOWN_TOPIC_OR_PARTITION,
+            "produce to {name}: error {err}"
+        );
+    }
+    // Nothing was auto-created under a reserved name.
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    for t in &m.topics {
+        let name = t.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
+        assert_ne!(name, "__sluice_test");
+        assert_ne!(name, "__transaction_state");
+    }
+    assert_serves(&b);
+}
+
+#[test]
+fn unknown_topic_with_auto_create_off() {
+    let b = Broker::options()
+        .args(["--auto-create-topics", "false"])
+        .start();
+    let mut r = Raw::connect(b.addr);
+    let t = topic_name("nope");
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default()
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(tn(&t)))
+            ]))
+            .with_allow_auto_topic_creation(true),
+    );
+    assert_eq!(m.topics.len(), 1);
+    assert_eq!(m.topics[0].error_code, UNKNOWN_TOPIC_OR_PARTITION);
+    let (err, _) = produce(&mut r, &t, 0, -1, batch(&[b"x"]));
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    let (err, _, _) = fetch(&mut r, &t, 0, 0);
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert!(m
+        .topics
+        .iter()
+        .all(|x| x.name.as_ref().map(|n| n.as_str()) != Some(t.as_str())));
+    assert_serves(&b);
+}
+
+#[test]
+fn describe_configs_of_unknown_topic_is_unknown_topic() {
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let resp: DescribeConfigsResponse = r.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_static_str("no-such-topic"))
+            .with_configuration_keys(None)]),
+    );
+    assert_eq!(resp.results.len(), 1);
+    assert_eq!(resp.results[0].error_code, UNKNOWN_TOPIC_OR_PARTITION);
+}
+
+fn one_line(stderr: &[u8]) -> String {
+    let s = String::from_utf8_lossy(stderr).trim_end().to_string();
+    assert!(!s.is_empty(), "nothing on stderr");
+    assert_eq!(
+        s.lines().count(),
+        1,
+        "expected one line on stderr, got:\n{s}"
+    );
+    s
+}
+
+#[test]
+fn second_broker_on_same_data_dir_exits_with_lock_message() {
+    let b = Broker::start();
+    let mut cmd = Command::new(common::sluice_bin());
+    cmd.args(["start", "--data-dir"])
+        .arg(b.data_dir())
+        .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+        .args(["--cores", "1"]);
+    let out = run_bounded(cmd, None, common::CLI_WAIT_MAX);
+    assert!(!out.status.success(), "second broker started");
+    let line = one_line(&out.stderr);
+    assert!(line.to_lowercase().contains("lock"), "{line}");
+    assert_serves(&b);
+}
+
+#[test]
+fn port_in_use_is_one_line_and_exit_2() {
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(common::sluice_bin());
+    cmd.args(["start", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--cores", "1"]);
+    let out = run_bounded(cmd, None, common::CLI_WAIT_MAX);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let line = one_line(&out.stderr);
+    assert!(line.contains(&port.to_string()), "{line}");
+    drop(holder);
+}
+
+#[test]
+fn invalid_config_is_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = dir.path().join("sluice.toml");
+    std::fs::write(&toml, "listen = \"127.0.0.1:1\"\nno_such_key = 3\n").expect("write toml");
+    let data = dir.path().join("d");
+    let port = common::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--cores".into(),
+                "0".into(),
+                "--listen".into(),
+                listen.clone(),
+            ],
+            "cores",
+        ),
+        (
+            vec![
+                "--cores".into(),
+                "1".into(),
+                "--listen".into(),
+                "not-an-address".into(),
+            ],
+            "listen",
+        ),
+        (
+            vec![
+                "--cores".into(),
+                "1".into(),
+                "--listen".into(),
+                "127.0.0.1:99999".into(),
+            ],
+            "listen",
+        ),
+        (
+            vec![
+                "--cores".into(),
+                "1".into(),
+                "--config".into(),
+                toml.display().to_string(),
+            ],
+            "no_such_key",
+        ),
+    ];
+    for (args, mention) in cases {
+        let mut cmd = Command::new(common::sluice_bin());
+        cmd.args(["start", "--data-dir"]).arg(&data).args(&args);
+        let out = run_bounded(cmd, None, common::CLI_WAIT_MAX);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let line = one_line(&out.stderr);
+        assert!(line.contains(mention), "{args:?}: {line}");
+    }
+}
+
+#[test]
+fn sigterm_exits_0_and_data_survives_restart() {
+    let mut b = Broker::options().cores(2).start();
+    let t = topic_name("term");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 2);
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let v = format!("term-{i}");
+        let p = i % 2;
+        let (err, off) = produce(&mut r, &t, p, 1, batch(&[v.as_bytes()]));
+        assert_eq!(err, NONE);
+        acked.push((p, off, v.into_bytes()));
+    }
+    drop(r);
+    let status = b.sigterm();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    for p in 0..2 {
+        let (hw, recs) = fetch_all(&mut r, &t, p);
+        let want: Vec<(i64, Vec<u8>)> = acked
+            .iter()
+            .filter(|(pp, _, _)| *pp == p)
+            .map(|(_, o, v)| (*o, v.clone()))
+            .collect();
+        assert_eq!(hw, want.len() as i64, "partition {p} high watermark");
+        assert_eq!(recs, want, "partition {p} after restart");
+    }
+}
+
+#[test]
+fn acks_all_records_survive_kill_9_with_unchanged_offsets() {
+    let mut b = Broker::options().cores(2).start();
+    let t = topic_name("crash");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 3);
+    let mut acked: Vec<(i32, i64, Vec<u8>)> = Vec::new();
+    for i in 0..60 {
+        let p = i % 3;
+        let vals: Vec<Vec<u8>> = (0..5)
+            .map(|j| format!("crash-{i}-{j}").into_bytes())
+            .collect();
+        let refs: Vec<&[u8]> = vals.iter().map(|v| v.as_slice()).collect();
+        let (err, base) = produce(&mut r, &t, p, -1, batch(&refs));
+        assert_eq!(err, NONE);
+        for (j, v) in vals.into_iter().enumerate() {
+            acked.push((p, base + j as i64, v));
+        }
+    }
+    drop(r);
+    b.sigkill();
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    for p in 0..3 {
+        let want: Vec<(i64, Vec<u8>)> = acked
+            .iter()
+            .filter(|(pp, _, _)| *pp == p)
+            .map(|(_, o, v)| (*o, v.clone()))
+            .collect();
+        let (hw, recs) = fetch_all(&mut r, &t, p);
+        assert_eq!(
+            hw,
+            want.len() as i64,
+            "partition {p} high watermark after kill -9"
+        );
+        assert_eq!(recs, want, "partition {p} after kill -9");
+    }
+    // The restarted broker keeps appending after the recovered end.
+    let (err, off) = produce(&mut r, &t, 0, -1, batch(&[b"after restart"]));
+    assert_eq!((err, off), (NONE, 100));
+}

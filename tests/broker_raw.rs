@@ -150,7 +150,7 @@ fn create_topic(r: &mut Raw, name: &str, partitions: i32) {
     assert_eq!(resp.topics[0].error_code, NONE, "{:?}", resp.topics[0]);
 }
 
-/// One uncompressed v2 batch of `values` (keys `k<i>`).
+/// One uncompressed v2 batch of `values` (keys `k<i>`, timestamps 1_700_000_000_000 + i).
 fn batch(values: &[&[u8]]) -> Bytes {
     let records: Vec<Record> = values
         .iter()
@@ -164,7 +164,9 @@ fn batch(values: &[&[u8]]) -> Bytes {
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            // The encoder starts a new batch whenever `offset - sequence` changes; this keeps all
+            // records in one batch while the batch's base sequence stays -1 (no producer id).
+            sequence: i as i32 - 1,
             timestamp: 1_700_000_000_000 + i as i64,
             key: Some(Bytes::from(format!("k{i}"))),
             value: Some(Bytes::copy_from_slice(v)),
@@ -426,6 +428,13 @@ fn produce_with_corrupt_crc_is_rejected_and_writes_nothing() {
     let mut r = Raw::connect(b.addr);
     create_topic(&mut r, &t, 1);
     let good = batch(&[b"one", b"two"]);
+    assert_eq!(
+        RecordBatchDecoder::decode_batch_info(&mut good.clone())
+            .expect("batch info")
+            .len(),
+        1,
+        "test batches must be single batches"
+    );
     let mut bad = BytesMut::from(&good[..]);
     // RecordBatch v2: baseOffset(8) batchLength(4) partitionLeaderEpoch(4) magic(1) crc(4).
     bad[18] ^= 0x5a;
@@ -696,4 +705,57 @@ fn acks_all_records_survive_kill_9_with_unchanged_offsets() {
     // The restarted broker keeps appending after the recovered end.
     let (err, off) = produce(&mut r, &t, 0, -1, batch(&[b"after restart"]));
     assert_eq!((err, off), (NONE, 100));
+}
+
+fn list_offset(r: &mut Raw, topic: &str, partition: i32, timestamp: i64) -> (i16, i64, i64) {
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    let resp: ListOffsetsResponse = r.call(
+        ApiKey::ListOffsets,
+        7,
+        &ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(vec![ListOffsetsTopic::default()
+                .with_name(tn(topic))
+                .with_partitions(vec![ListOffsetsPartition::default()
+                    .with_partition_index(partition)
+                    .with_current_leader_epoch(-1)
+                    .with_timestamp(timestamp)])]),
+    );
+    let p = &resp.topics[0].partitions[0];
+    (p.error_code, p.offset, p.timestamp)
+}
+
+#[test]
+fn list_offsets_by_time_finds_the_record_inside_a_batch() {
+    let b = Broker::start();
+    let t = topic_name("lotime");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    // One batch, five records, timestamps t0, t0+1, … t0+4 (see `batch`).
+    let t0 = 1_700_000_000_000i64;
+    assert_eq!(
+        produce(&mut r, &t, 0, -1, batch(&[b"a", b"b", b"c", b"d", b"e"])),
+        (NONE, 0)
+    );
+    assert_eq!(list_offset(&mut r, &t, 0, -2), (NONE, 0, -1));
+    assert_eq!(list_offset(&mut r, &t, 0, -1).1, 5);
+    // Kafka: ListOffsets by timestamp answers the first *record* (not batch) whose timestamp is
+    // >= the target, with that record's timestamp.
+    for (target, offset, ts) in [
+        (t0 - 10, 0, t0),
+        (t0, 0, t0),
+        (t0 + 1, 1, t0 + 1),
+        (t0 + 3, 3, t0 + 3),
+        (t0 + 4, 4, t0 + 4),
+    ] {
+        assert_eq!(
+            list_offset(&mut r, &t, 0, target),
+            (NONE, offset, ts),
+            "ListOffsets timestamp {target}"
+        );
+    }
+    // Past the last record: offset -1, timestamp -1.
+    assert_eq!(list_offset(&mut r, &t, 0, t0 + 5), (NONE, -1, -1));
+    // -3 (KIP-734): the record with the largest timestamp.
+    assert_eq!(list_offset(&mut r, &t, 0, -3), (NONE, 4, t0 + 4));
 }

@@ -759,3 +759,136 @@ fn list_offsets_by_time_finds_the_record_inside_a_batch() {
     // -3 (KIP-734): the record with the largest timestamp.
     assert_eq!(list_offset(&mut r, &t, 0, -3), (NONE, 4, t0 + 4));
 }
+
+const OFFSET_OUT_OF_RANGE: i16 = 1;
+const INVALID_REQUIRED_ACKS: i16 = 21;
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    // Two shards, so that partitions of one topic live on different cores and answers complete
+    // out of order inside the broker.
+    let b = Broker::options().cores(2).start();
+    let t = topic_name("pipe");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 4);
+    let n = 60;
+    let first_correlation = r.correlation + 1;
+    let mut wire = Vec::new();
+    let mut kinds = Vec::new();
+    for i in 0..n {
+        if i % 7 == 3 {
+            wire.extend(r.frame(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default()));
+            kinds.push((ApiKey::ApiVersions, 3i16, -1i32));
+        } else {
+            let p = (i % 4) as i32;
+            let req = ProduceRequest::default()
+                .with_acks(if i % 2 == 0 { -1 } else { 1 })
+                .with_timeout_ms(10_000)
+                .with_topic_data(vec![TopicProduceData::default()
+                    .with_name(tn(&t))
+                    .with_partition_data(vec![PartitionProduceData::default()
+                        .with_index(p)
+                        .with_records(Some(batch(&[format!("pipe-{i}").as_bytes()])))])]);
+            wire.extend(r.frame(ApiKey::Produce, 9, &req));
+            kinds.push((ApiKey::Produce, 9, p));
+        }
+    }
+    // All requests leave in one write before any answer is read.
+    r.send_bytes(&wire);
+    let mut next_offset = [0i64; 4];
+    for (i, (key, version, p)) in kinds.into_iter().enumerate() {
+        let mut resp = r.read_frame().expect("response frame");
+        let h = ResponseHeader::decode(&mut resp, key.response_header_version(version))
+            .expect("header");
+        assert_eq!(
+            h.correlation_id,
+            first_correlation + i as i32,
+            "responses out of request order"
+        );
+        if key == ApiKey::Produce {
+            let pr = ProduceResponse::decode(&mut resp, version).expect("produce response");
+            let part = &pr.responses[0].partition_responses[0];
+            assert_eq!(part.index, p);
+            assert_eq!(part.error_code, NONE);
+            assert_eq!(part.base_offset, next_offset[p as usize], "partition {p}");
+            next_offset[p as usize] += 1;
+        } else {
+            let v = ApiVersionsResponse::decode(&mut resp, version).expect("api versions");
+            assert_eq!(v.error_code, NONE);
+        }
+    }
+}
+
+#[test]
+fn fetch_past_the_log_end_is_offset_out_of_range() {
+    let b = Broker::start();
+    let t = topic_name("oor");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    assert_eq!(produce(&mut r, &t, 0, 1, batch(&[b"a", b"b"])), (NONE, 0));
+    // At the log end is fine (nothing yet); past it is OFFSET_OUT_OF_RANGE.
+    let (err, hw, recs) = fetch(&mut r, &t, 0, 2);
+    assert_eq!((err, hw, recs.len()), (NONE, 2, 0));
+    let (err, _, recs) = fetch(&mut r, &t, 0, 100);
+    assert_eq!(err, OFFSET_OUT_OF_RANGE);
+    assert!(recs.is_empty());
+    let (err, _, _) = fetch(&mut r, &t, 0, -5);
+    assert_eq!(err, OFFSET_OUT_OF_RANGE);
+    // A fetch from the middle of a batch returns the batch; the client skips the earlier record.
+    let (err, _, recs) = fetch(&mut r, &t, 0, 1);
+    assert_eq!(err, NONE);
+    assert!(recs.contains(&(1, b"b".to_vec())), "{recs:?}");
+}
+
+#[test]
+fn produce_with_invalid_acks_or_partition_is_refused() {
+    let b = Broker::start();
+    let t = topic_name("badprod");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let (err, _) = produce(&mut r, &t, 0, 2, batch(&[b"x"]));
+    assert_eq!(err, INVALID_REQUIRED_ACKS);
+    let (err, _) = produce(&mut r, &t, 5, -1, batch(&[b"x"]));
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    let (err, _) = produce(&mut r, &t, -1, -1, batch(&[b"x"]));
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    // Nothing was written by the refused requests.
+    let (err, hw, _) = fetch(&mut r, &t, 0, 0);
+    assert_eq!((err, hw), (NONE, 0));
+    assert_serves(&b);
+}
+
+#[test]
+fn connections_past_connections_max_are_closed() {
+    let b = Broker::options().args(["--connections-max", "2"]).start();
+    let mut held: Vec<Raw> = (0..2)
+        .map(|_| {
+            let mut r = Raw::connect(b.addr);
+            let v: ApiVersionsResponse =
+                r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+            assert_eq!(v.error_code, NONE);
+            r
+        })
+        .collect();
+    let mut extra = Raw::connect(b.addr);
+    let f = extra.frame(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    extra.send_bytes(&f);
+    extra.assert_closed("third connection with connections_max 2");
+    // The held connections still work; once one closes, a new client gets in.
+    for r in held.iter_mut() {
+        let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+        assert_eq!(v.error_code, NONE);
+    }
+    drop(held.pop());
+    let deadline = Instant::now() + IO_WAIT;
+    loop {
+        if common::answers_api_versions(b.addr) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new connection accepted after one of the two closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

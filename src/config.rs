@@ -304,3 +304,83 @@ impl BrokerConfig {
         self.cpus.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> StartArgs {
+        StartArgs {
+            cores: Some(1),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_a_local_single_node() {
+        let c = BrokerConfig::from_args(&args()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9092");
+        assert_eq!(
+            (c.advertise_host.as_str(), c.advertise_port),
+            ("127.0.0.1", 9092)
+        );
+        assert_eq!(c.data_dir, PathBuf::from("./sluice-data"));
+        assert_eq!(c.flush, FlushPolicy::Always);
+        assert_eq!(c.cpus.len(), 1);
+    }
+
+    #[test]
+    fn wildcard_listen_needs_an_advertised_host() {
+        let mut a = args();
+        a.listen = Some("0.0.0.0:9092".into());
+        let e = BrokerConfig::from_args(&a).unwrap_err();
+        assert!(e.contains("--advertise"), "{e}");
+        a.advertise = Some("broker1.example:19092".into());
+        let c = BrokerConfig::from_args(&a).unwrap();
+        assert_eq!(
+            (c.advertise_host.as_str(), c.advertise_port),
+            ("broker1.example", 19092)
+        );
+    }
+
+    #[test]
+    fn invalid_values_are_one_line_errors() {
+        for (f, bad) in [
+            (|a: &mut StartArgs| a.cores = Some(0)) as fn(&mut StartArgs),
+            |a| a.listen = Some("nonsense".into()),
+            |a| a.listen = Some("127.0.0.1:99999".into()),
+            |a| a.flush = Some("sometimes".into()),
+            |a| a.default_partitions = Some(0),
+            |a| a.cores = Some(100_000),
+        ]
+        .into_iter()
+        .map(|f| (f, ()))
+        {
+            let mut a = args();
+            f(&mut a);
+            let e = BrokerConfig::from_args(&a).unwrap_err();
+            assert!(!e.contains('\n') && !e.is_empty(), "{e:?} {bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9999\"\nflush = \"50\"\ndefault_partitions = 4\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        a.default_partitions = Some(2);
+        let c = BrokerConfig::from_args(&a).unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.flush, FlushPolicy::IntervalMs(50));
+        assert_eq!(c.default_partitions, 2);
+        std::fs::write(&path, "no_such_key = 1\n").unwrap();
+        let e = BrokerConfig::from_args(&a).unwrap_err();
+        assert!(e.contains("no_such_key"), "{e}");
+    }
+}

@@ -15,6 +15,11 @@ fn init_logging(level: &str) {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Start(_)) {
+        // Console commands behave like Unix tools: `sluice consume … | head` ends quietly.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Start(args) => {
             let config = match BrokerConfig::from_args(&args) {
@@ -34,6 +39,7 @@ fn main() {
             }
         }
         Command::Topic { command, brokers } => sluice::cli::topic::run(command, &brokers),
+        Command::Group { command, brokers } => sluice::cli::group::run(command, &brokers),
         Command::Produce(a) => sluice::cli::produce::run(a),
         Command::Consume(a) => sluice::cli::consume::run(a),
     };

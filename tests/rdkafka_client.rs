@@ -230,18 +230,24 @@ fn admin_describe_configs_shows_overrides_and_defaults() {
         rdkafka::admin::ConfigSource::DynamicTopic
     );
 
-    // rust-rdkafka 0.39 does not surface per-resource errors (broker_raw checks the error code);
-    // an unknown topic must at least show no configs.
-    let r =
-        block_on(a.describe_configs([&ResourceSpecifier::Topic("no-such-topic")], &admin_opts()))
-            .expect("DescribeConfigs");
-    if let Ok(res) = &r[0] {
-        assert!(
-            res.entries.is_empty(),
-            "configs of an unknown topic: {:?}",
-            res.entries
-        );
-    }
+    // rust-rdkafka 0.39 drops the per-resource error of DescribeConfigs (it always yields Ok),
+    // so check the unknown topic's error code on the wire.
+    use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+    use kafka_protocol::messages::{ApiKey, DescribeConfigsRequest, DescribeConfigsResponse};
+    let mut c = sluice::cli::client::Client::connect(&b.bootstrap()).expect("connect");
+    let req =
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(kafka_protocol::protocol::StrBytes::from_static_str(
+                "no-such-topic",
+            ))]);
+    let resp: DescribeConfigsResponse = c
+        .call_at(ApiKey::DescribeConfigs, 4, &req)
+        .expect("DescribeConfigs");
+    assert_eq!(
+        resp.results[0].error_code,
+        RDKafkaErrorCode::UnknownTopicOrPartition as i16
+    );
 }
 
 #[test]

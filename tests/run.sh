@@ -22,10 +22,10 @@ fi
 py_missing=()
 "$PYTHON" -c 'import kafka, sys; sys.exit(0 if kafka.__version__ == "3.0.12" else 1)' 2>/dev/null \
     || py_missing+=("kafka-python==3.0.12")
-"$PYTHON" -c 'import pytest' 2>/dev/null || py_missing+=("pytest")
-"$PYTHON" -c 'import snappy' 2>/dev/null || py_missing+=("python-snappy")
-"$PYTHON" -c 'import lz4' 2>/dev/null || py_missing+=("lz4")
-"$PYTHON" -c 'import zstandard' 2>/dev/null || py_missing+=("zstandard")
+"$PYTHON" -c 'import pytest' 2>/dev/null || py_missing+=("pytest==9.2.0")
+"$PYTHON" -c 'import snappy' 2>/dev/null || py_missing+=("python-snappy==0.7.3" "cramjam==2.14.0")
+"$PYTHON" -c 'import lz4' 2>/dev/null || py_missing+=("lz4==4.4.5")
+"$PYTHON" -c 'import zstandard' 2>/dev/null || py_missing+=("zstandard==0.25.0")
 if [ "${#py_missing[@]}" -gt 0 ]; then
     echo "run.sh: pip install ${py_missing[*]}"
     "$PYTHON" -m pip install -q "${py_missing[@]}" \

@@ -35,10 +35,17 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Segment size of test brokers. Segment files are preallocated in extents of
+/// min(64 MiB, segment size); small segments keep a test's disk use to a few MiB per partition
+/// (several brokers run at once) and make segment rolls part of every test.
+pub const TEST_SEGMENT_BYTES: u64 = 8 << 20;
+
 /// How to start a broker.
 #[derive(Clone, Debug)]
 pub struct BrokerOptions {
     pub cores: usize,
+    /// `--segment-bytes`; `None` leaves the broker default.
+    pub segment_bytes: Option<u64>,
     pub extra_args: Vec<String>,
 }
 
@@ -46,6 +53,7 @@ impl Default for BrokerOptions {
     fn default() -> Self {
         BrokerOptions {
             cores: 1,
+            segment_bytes: Some(TEST_SEGMENT_BYTES),
             extra_args: Vec::new(),
         }
     }
@@ -54,6 +62,11 @@ impl Default for BrokerOptions {
 impl BrokerOptions {
     pub fn cores(mut self, n: usize) -> Self {
         self.cores = n;
+        self
+    }
+
+    pub fn segment_bytes(mut self, n: Option<u64>) -> Self {
+        self.segment_bytes = n;
         self
     }
 
@@ -144,6 +157,12 @@ impl Broker {
             .arg(self.addr.to_string())
             .arg("--cores")
             .arg(self.options.cores.to_string())
+            .args(
+                self.options
+                    .segment_bytes
+                    .map(|n| vec!["--segment-bytes".to_string(), n.to_string()])
+                    .unwrap_or_default(),
+            )
             .args(&self.options.extra_args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());

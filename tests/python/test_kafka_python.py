@@ -108,9 +108,9 @@ def test_admin_describe_configs(broker, topic):
         a.close()
 
 
-def test_admin_create_partitions(broker2, topic):
-    create(broker2, topic, partitions=2)
-    a = admin(broker2)
+def test_admin_create_partitions(broker, topic):
+    create(broker, topic, partitions=2)
+    a = admin(broker)
     try:
         a.create_partitions({topic: NewPartitions(5)})
         (desc,) = a.describe_topics([topic])
@@ -119,7 +119,7 @@ def test_admin_create_partitions(broker2, topic):
             a.create_partitions({topic: NewPartitions(3)})
     finally:
         a.close()
-    p = producer(broker2)
+    p = producer(broker)
     for part in range(5):
         md = p.send(topic, b"x", partition=part).get(WAIT_S)
         assert (md.partition, md.offset) == (part, 0)

@@ -140,6 +140,9 @@ async fn read_all(topics: &[TopicReq]) -> Vec<Vec<PartResult>> {
                                 })
                                 .await
                                 .map_err(|e| {
+                                    if let crate::storage::StorageError::Io(err) = &e {
+                                        tracing::warn!(dir = %log.dir().display(), offset, error = %err, "fetch read failed");
+                                    }
                                     (
                                         storage_code(&e),
                                         log.high_watermark().0,

@@ -1,0 +1,361 @@
+//! The appender of the active segment: batches are copied into aligned DMA chunks ([`Pending`])
+//! as they are appended; one flusher task per partition, spawned on the shard's executor, writes
+//! everything pending with one set of concurrent aligned writes and, when the flush policy asks,
+//! one fdatasync — the group commit. Batches appended while a write or sync is in flight join the
+//! next one. The partial last page is kept in memory and written again, completed, by the next
+//! flush. Owned by the partition log; the flusher holds only a weak reference to it.
+
+use std::rc::{Rc, Weak};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use glommio::io::DmaBuffer;
+
+use crate::storage::io::{align_down, align_up, join_all, IoFuture, ALIGN_BYTES};
+use crate::storage::{FlushPolicy, PartitionLog};
+
+/// Capacity of the first chunk of a flush: small, so a thousand idle-ish partitions on a shard
+/// hold little memory.
+pub const CHUNK_BYTES_MIN: usize = 64 << 10;
+/// Capacity of the following chunks; each is one write request (several run concurrently).
+pub const CHUNK_BYTES_MAX: usize = 1 << 20;
+/// Appends wait while this many bytes are pending (written by no flush yet): bounds memory when
+/// the disk is slower than the producers.
+pub const PENDING_BYTES_MAX: usize = 64 << 20;
+/// Segment files grow by pre-allocated extents of this size (or the segment size if smaller),
+/// so writes inside them change no file size and fdatasync has no size to persist.
+pub const EXTENT_BYTES: u64 = 64 << 20;
+
+const _: () = assert!((CHUNK_BYTES_MIN as u64).is_multiple_of(ALIGN_BYTES));
+const _: () = assert!((CHUNK_BYTES_MAX as u64).is_multiple_of(ALIGN_BYTES));
+const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
+
+/// Bytes of the active segment not yet handed to a write, starting at an aligned file position.
+pub(crate) struct Pending {
+    /// File position of the first byte of `chunks[0]` (aligned).
+    pub start: u64,
+    /// The already-written bytes of the page at `start`, rewritten by the next flush.
+    pub head: Vec<u8>,
+    /// (buffer, bytes filled), filled in order.
+    pub chunks: Vec<(DmaBuffer, usize)>,
+    /// Bytes of new batches (not counting `head`).
+    pub bytes: usize,
+}
+
+/// A flush taken out of [`Pending`]: what to write where.
+pub(crate) struct Flush {
+    pub writes: Vec<(Rc<DmaBuffer>, u64)>,
+    /// File position after the last byte of data.
+    pub end_pos: u64,
+    /// File position after the last byte written (aligned).
+    pub write_end: u64,
+    /// Bytes of the partial last page, for the next flush.
+    pub tail: Vec<u8>,
+}
+
+impl Pending {
+    pub fn new(start: u64, head: Vec<u8>) -> Self {
+        debug_assert_eq!(start % ALIGN_BYTES, 0);
+        debug_assert!((head.len() as u64) < ALIGN_BYTES);
+        Pending {
+            start,
+            head,
+            chunks: vec![],
+            bytes: 0,
+        }
+    }
+
+    /// File position after the last pending byte.
+    pub fn end_pos(&self) -> u64 {
+        self.start + self.head.len() as u64 + self.bytes as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Copies `data` in (one memcpy per chunk it lands in).
+    pub fn push(&mut self, mut data: &[u8]) {
+        self.bytes += data.len();
+        if self.chunks.is_empty() {
+            let need = self.head.len() + data.len();
+            let mut buf = new_chunk(need);
+            buf.as_bytes_mut()[..self.head.len()].copy_from_slice(&self.head);
+            self.chunks.push((buf, self.head.len()));
+        }
+        while !data.is_empty() {
+            let (buf, fill) = self.chunks.last_mut().expect("a chunk was just ensured");
+            let room = buf.len() - *fill;
+            if room == 0 {
+                self.chunks.push((new_chunk(data.len()), 0));
+                continue;
+            }
+            let n = room.min(data.len());
+            buf.as_bytes_mut()[*fill..*fill + n].copy_from_slice(&data[..n]);
+            *fill += n;
+            data = &data[n..];
+        }
+    }
+
+    /// Takes everything for one flush and leaves `self` ready for the appends that arrive while
+    /// it is in flight (starting with the partial last page).
+    pub fn take(&mut self) -> Flush {
+        let end_pos = self.end_pos();
+        let mut pos = self.start;
+        let mut writes = Vec::with_capacity(self.chunks.len());
+        let mut tail = Vec::new();
+        let n = self.chunks.len();
+        for (i, (mut buf, fill)) in std::mem::take(&mut self.chunks).into_iter().enumerate() {
+            let len = align_up(fill as u64) as usize;
+            if i + 1 == n {
+                let page = align_down(fill as u64) as usize;
+                tail.extend_from_slice(&buf.as_bytes()[page..fill]);
+                // Zero the padding: nothing stale may follow the last batch on disk.
+                buf.as_bytes_mut()[fill..len].fill(0);
+            }
+            if len < buf.len() {
+                buf.trim_to_size(len);
+            }
+            writes.push((Rc::new(buf), pos));
+            pos += len as u64;
+        }
+        let write_end = pos;
+        *self = Pending::new(align_down(end_pos), tail.clone());
+        Flush {
+            writes,
+            end_pos,
+            write_end,
+            tail,
+        }
+    }
+}
+
+fn new_chunk(need: usize) -> DmaBuffer {
+    let cap = (align_up(need as u64) as usize).clamp(CHUNK_BYTES_MIN, CHUNK_BYTES_MAX);
+    glommio::allocate_dma_buffer_global(cap)
+}
+
+/// What the flusher does next.
+enum Work {
+    Write,
+    Sync,
+    Exit,
+}
+
+/// The per-partition flusher task: runs until the log is closed or dropped.
+pub(crate) async fn flusher(log: Weak<PartitionLog>) {
+    loop {
+        let work = next_work(&log).await;
+        let Some(log) = log.upgrade() else { return };
+        match work {
+            Work::Exit => return,
+            Work::Write => log.flush_pending().await,
+            Work::Sync => log.sync_written().await,
+        }
+        drop(log);
+        glommio::yield_if_needed().await;
+    }
+}
+
+async fn next_work(log: &Weak<PartitionLog>) -> Work {
+    loop {
+        let mut timer: Option<Duration> = None;
+        let ready = std::future::poll_fn(|cx| {
+            let Some(log) = log.upgrade() else {
+                return Poll::Ready(Some(Work::Exit));
+            };
+            let mut s = log.state.borrow_mut();
+            // Written data that a Synced append waits for is synced before the next write, so
+            // a steady stream of appends cannot postpone the fdatasync forever.
+            let sync_due = matches!(s.config.flush, FlushPolicy::Always)
+                && !s.rolling
+                && s.sync_wanted > s.synced
+                && s.hw > s.synced;
+            if sync_due {
+                return Poll::Ready(Some(Work::Sync));
+            }
+            if !s.pending.is_empty() {
+                return Poll::Ready(Some(Work::Write));
+            }
+            if s.closed {
+                return Poll::Ready(Some(Work::Exit));
+            }
+            if !s.rolling && s.hw > s.synced {
+                match s.config.flush {
+                    FlushPolicy::Always => {
+                        if s.sync_wanted > s.synced {
+                            return Poll::Ready(Some(Work::Sync));
+                        }
+                    }
+                    FlushPolicy::IntervalMs(ms) => {
+                        let due = s.last_sync + Duration::from_millis(ms);
+                        let now = Instant::now();
+                        if now >= due {
+                            return Poll::Ready(Some(Work::Sync));
+                        }
+                        timer = Some(due - now);
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+            s.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        if let Some(w) = ready.await {
+            return w;
+        }
+        let Some(d) = timer else { continue };
+        // Interval policy with unsynced data: sleep until the sync is due, or until new data.
+        let woken = std::future::poll_fn(|cx| {
+            let Some(log) = log.upgrade() else {
+                return Poll::Ready(());
+            };
+            let mut s = log.state.borrow_mut();
+            if !s.pending.is_empty() || s.closed {
+                return Poll::Ready(());
+            }
+            s.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        futures_lite::future::or(woken, glommio::timer::sleep(d)).await;
+    }
+}
+
+impl PartitionLog {
+    /// One group commit's write: everything pending, as concurrent aligned writes.
+    pub(crate) async fn flush_pending(&self) {
+        let (file, flush, end_offset, alloc, punch) = {
+            let mut s = self.state.borrow_mut();
+            if s.pending.is_empty() {
+                return;
+            }
+            s.flushing = true;
+            let flush = s.pending.take();
+            let seg_bytes = s.config.segment_bytes.max(ALIGN_BYTES);
+            let alloc = (flush.write_end > s.allocated).then(|| {
+                align_up(
+                    flush
+                        .write_end
+                        .max(s.allocated + EXTENT_BYTES.min(seg_bytes)),
+                )
+            });
+            // After a failed write, bytes of the failed batches may lie past the written data;
+            // release them before writing so no stale batch can follow the log end on disk.
+            let clean_from = align_up(s.written_pos);
+            let punch =
+                (s.attempted_pos > clean_from).then(|| (clean_from, s.attempted_pos - clean_from));
+            s.attempted_pos = s.attempted_pos.max(flush.write_end);
+            let file = s.active().file.clone();
+            (file, flush, s.log_end, alloc, punch)
+        };
+        let result = async {
+            if let Some((pos, len)) = punch {
+                file.punch(pos, len).await?;
+            }
+            if let Some(len) = alloc {
+                file.allocate(len).await?;
+            }
+            let writes: Vec<IoFuture<'_, ()>> = flush
+                .writes
+                .iter()
+                .map(|(buf, pos)| file.write_at(buf.clone(), *pos))
+                .collect();
+            join_all(writes).await
+        }
+        .await;
+        let mut s = self.state.borrow_mut();
+        s.flushing = false;
+        match result {
+            Ok(()) => {
+                if let Some(len) = alloc {
+                    s.allocated = len;
+                }
+                if punch.is_some() {
+                    s.attempted_pos = flush.write_end;
+                }
+                s.written_pos = flush.end_pos;
+                s.written_tail = flush.tail;
+                s.hw = end_offset;
+            }
+            // The allocation may have succeeded before a write failed; it is asked for again
+            // next time, which is harmless.
+            Err(e) => self.fail_unwritten(&mut s, e),
+        }
+        s.wake_all();
+    }
+
+    /// fdatasync of what is written.
+    pub(crate) async fn sync_written(&self) {
+        let (file, target) = {
+            let mut s = self.state.borrow_mut();
+            s.flushing = true;
+            (s.active().file.clone(), s.hw)
+        };
+        let r = file.sync().await;
+        let mut s = self.state.borrow_mut();
+        s.flushing = false;
+        match r {
+            Ok(()) => {
+                s.synced = s.synced.max(target);
+                s.last_sync = Instant::now();
+            }
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "fdatasync failed");
+                s.sync_failures += 1;
+                s.set_error(&e);
+                // The waiting Synced appends fail now; the next one asks for a sync again. Retrying
+                // at once would spin on a failing device.
+                s.sync_wanted = s.synced;
+                s.last_sync = Instant::now();
+            }
+        }
+        s.wake_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_pads_the_last_page_and_keeps_it_for_the_next_flush() {
+        crate::storage::tests::run(async {
+            let mut p = Pending::new(0, vec![]);
+            let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8 + 1).collect();
+            p.push(&data);
+            assert_eq!(p.end_pos(), 5000);
+            let f = p.take();
+            assert_eq!((f.end_pos, f.write_end), (5000, 8192));
+            let w = &f.writes[0].0;
+            assert_eq!(&w.as_bytes()[..5000], &data[..]);
+            assert!(w.as_bytes()[5000..8192].iter().all(|b| *b == 0));
+            // The next flush starts at the partial page and rewrites it, completed.
+            assert_eq!(f.tail, data[4096..].to_vec());
+            assert_eq!((p.start, p.head.len()), (4096, 904));
+            p.push(b"more");
+            let g = p.take();
+            assert_eq!(g.writes[0].1, 4096);
+            assert_eq!(&g.writes[0].0.as_bytes()[..904], &data[4096..]);
+            assert_eq!(&g.writes[0].0.as_bytes()[904..908], b"more");
+            assert_eq!(g.end_pos, 5004);
+        });
+    }
+
+    #[test]
+    fn large_appends_span_chunks_written_at_consecutive_positions() {
+        crate::storage::tests::run(async {
+            let mut p = Pending::new(0, vec![]);
+            let data = vec![7u8; 3 * CHUNK_BYTES_MAX + 10];
+            p.push(&data);
+            let f = p.take();
+            let mut pos = 0;
+            for (buf, at) in &f.writes {
+                assert_eq!(*at, pos);
+                assert_eq!(buf.len() as u64 % ALIGN_BYTES, 0);
+                pos += buf.len() as u64;
+            }
+            assert_eq!(f.write_end, pos);
+            assert_eq!(f.end_pos, data.len() as u64);
+        });
+    }
+}

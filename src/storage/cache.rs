@@ -1,0 +1,221 @@
+//! The per-shard batch cache: recently appended batches of every partition on the shard, kept as
+//! the `Bytes` they arrived in (no copy), so tail-reading consumers never touch the disk. Owned by
+//! the shard and shared by its partition logs through `Rc`; one memory budget for all of them,
+//! evicted oldest-first (insertion order, which is append order).
+//!
+//! Per log the cached batches are a contiguous run of offsets ending at the newest appended
+//! batch: a read is either answered entirely from the cache (its start is inside the run) or
+//! entirely from disk.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::types::Offset;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub bytes: usize,
+    pub batches: usize,
+}
+
+pub(crate) struct Cached {
+    pub base: Offset,
+    pub last: Offset,
+    pub bytes: Bytes,
+}
+
+#[derive(Default)]
+struct Inner {
+    logs: HashMap<u64, VecDeque<Cached>>,
+    /// Insertion order across logs: (log id, base offset, size). Entries whose batch was already
+    /// dropped (truncation, log removal) are skipped when they reach the front.
+    order: VecDeque<(u64, Offset, usize)>,
+    bytes: usize,
+}
+
+/// Per-shard cache of recently appended batches, shared by the shard's partitions.
+pub struct BatchCache {
+    pub bytes_max: usize,
+    inner: RefCell<Inner>,
+    next_id: Cell<u64>,
+    hits: Cell<u64>,
+    misses: Cell<u64>,
+    evictions: Cell<u64>,
+}
+
+impl BatchCache {
+    pub fn new(bytes_max: usize) -> Rc<Self> {
+        Rc::new(BatchCache {
+            bytes_max,
+            inner: RefCell::new(Inner::default()),
+            next_id: Cell::new(0),
+            hits: Cell::new(0),
+            misses: Cell::new(0),
+            evictions: Cell::new(0),
+        })
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let inner = self.inner.borrow();
+        CacheStats {
+            hits: self.hits.get(),
+            misses: self.misses.get(),
+            evictions: self.evictions.get(),
+            bytes: inner.bytes,
+            batches: inner.logs.values().map(|d| d.len()).sum(),
+        }
+    }
+
+    pub(crate) fn register(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+
+    /// Adds the newest batch of `log`. Batches bigger than the whole budget are not cached.
+    pub(crate) fn insert(&self, log: u64, base: Offset, last: Offset, bytes: Bytes) {
+        let size = bytes.len();
+        if size > self.bytes_max {
+            // Keep the run contiguous: an uncached batch ends it.
+            self.drop_log(log);
+            return;
+        }
+        let mut inner = self.inner.borrow_mut();
+        {
+            let run = inner.logs.entry(log).or_default();
+            if let Some(prev) = run.back() {
+                if prev.last.next() != base {
+                    run.clear();
+                }
+            }
+            run.push_back(Cached { base, last, bytes });
+        }
+        inner.order.push_back((log, base, size));
+        inner.bytes += size;
+        while inner.bytes > self.bytes_max {
+            let Some((id, base, size)) = inner.order.pop_front() else {
+                break;
+            };
+            let Some(run) = inner.logs.get_mut(&id) else {
+                continue;
+            };
+            if run.front().map(|c| c.base) == Some(base) {
+                run.pop_front();
+                inner.bytes -= size;
+                self.evictions.set(self.evictions.get() + 1);
+            }
+        }
+    }
+
+    /// Collects cached batches of `log` from the one containing `start`, stopping before
+    /// `end` (the high watermark) or once `bytes_max` is reached (at least one batch).
+    /// Returns false (a miss) when `start` is not inside the cached run.
+    pub(crate) fn read(
+        &self,
+        log: u64,
+        start: Offset,
+        end: Offset,
+        bytes_max: usize,
+        out: &mut Vec<Bytes>,
+    ) -> bool {
+        let inner = self.inner.borrow();
+        let hit = match inner.logs.get(&log) {
+            Some(run) if run.front().is_some_and(|c| c.base <= start) => {
+                let i = run.partition_point(|c| c.last < start);
+                let mut bytes = 0usize;
+                for c in run.range(i..) {
+                    if c.last >= end {
+                        break;
+                    }
+                    if !out.is_empty() && bytes + c.bytes.len() > bytes_max {
+                        break;
+                    }
+                    bytes += c.bytes.len();
+                    out.push(c.bytes.clone());
+                }
+                true
+            }
+            _ => false,
+        };
+        if hit {
+            self.hits.set(self.hits.get() + 1);
+        } else {
+            self.misses.set(self.misses.get() + 1);
+        }
+        hit
+    }
+
+    /// Drops cached batches of `log` with offsets at or past `from` (failed writes, truncation).
+    pub(crate) fn truncate_from(&self, log: u64, from: Offset) {
+        let mut inner = self.inner.borrow_mut();
+        let mut freed = 0;
+        if let Some(run) = inner.logs.get_mut(&log) {
+            while run.back().is_some_and(|c| c.last >= from) {
+                if let Some(c) = run.pop_back() {
+                    freed += c.bytes.len();
+                }
+            }
+        }
+        inner.bytes -= freed;
+    }
+
+    pub(crate) fn drop_log(&self, log: u64) {
+        let mut inner = self.inner.borrow_mut();
+        if let Some(run) = inner.logs.remove(&log) {
+            let freed: usize = run.iter().map(|c| c.bytes.len()).sum();
+            inner.bytes -= freed;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(n: usize) -> Bytes {
+        Bytes::from(vec![7u8; n])
+    }
+
+    #[test]
+    fn evicts_oldest_first_across_logs_within_budget() {
+        let c = BatchCache::new(300);
+        let (a, z) = (c.register(), c.register());
+        c.insert(a, Offset(0), Offset(0), b(100));
+        c.insert(z, Offset(0), Offset(4), b(100));
+        c.insert(a, Offset(1), Offset(1), b(100));
+        c.insert(z, Offset(5), Offset(5), b(100));
+        let s = c.stats();
+        assert_eq!((s.bytes, s.batches, s.evictions), (300, 3, 1));
+        let mut out = vec![];
+        // Log `a` lost offset 0: a read there is a miss, offset 1 a hit.
+        assert!(!c.read(a, Offset(0), Offset(10), 1000, &mut out));
+        assert!(c.read(a, Offset(1), Offset(10), 1000, &mut out));
+        assert_eq!(out.len(), 1);
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses), (1, 1));
+    }
+
+    #[test]
+    fn read_returns_one_batch_beyond_bytes_max_and_stops_at_high_watermark() {
+        let c = BatchCache::new(10_000);
+        let l = c.register();
+        for i in 0..5 {
+            c.insert(l, Offset(i * 2), Offset(i * 2 + 1), b(100));
+        }
+        let mut out = vec![];
+        assert!(c.read(l, Offset(3), Offset(100), 1, &mut out));
+        assert_eq!(out.len(), 1);
+        out.clear();
+        assert!(c.read(l, Offset(3), Offset(6), 10_000, &mut out));
+        assert_eq!(out.len(), 2); // batches [2,3] and [4,5]; [6,7] is past the watermark
+        c.truncate_from(l, Offset(4));
+        assert_eq!(c.stats().batches, 2);
+        assert_eq!(c.stats().bytes, 200);
+    }
+}

@@ -1,0 +1,267 @@
+//! Opening a partition log: loads the segments of `<data-dir>/<topic>-<partition>/`, trusts the
+//! indexes of sealed segments (rebuilding missing or corrupt ones by a scan), and — unless the
+//! previous run left a clean-shutdown marker — scans the active segment, validating every batch
+//! (length, magic, CRC-32C, offset continuity) and cutting the log at the first torn or invalid
+//! one. Producer state is the last snapshot plus the batches found after it. Runs once per open,
+//! on the partition's shard.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use crate::storage::appender::{self, Pending};
+use crate::storage::io::{align_down, align_up, StorageIo};
+use crate::storage::meta;
+use crate::storage::producer_state::ProducerState;
+use crate::storage::segment::{self, ScanStop, Segment};
+use crate::storage::{BatchCache, LogConfig, PartitionLog, State, StorageError};
+use crate::types::{now_ms, Offset};
+
+impl PartitionLog {
+    /// [`PartitionLog::open`] over any [`StorageIo`] (tests inject faults through it).
+    pub async fn open_with_io(
+        dir: &std::path::Path,
+        config: LogConfig,
+        cache: Rc<BatchCache>,
+        io: Rc<dyn StorageIo>,
+    ) -> Result<Rc<Self>, StorageError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(dir)?;
+        // glommio opens files and directories relative to no directory fd: paths must be absolute.
+        let dir = &std::path::absolute(dir)?;
+        let clean_path = dir.join(meta::CLEAN_FILE);
+        let clean = meta::read_file(&clean_path).and_then(|b| meta::decode_clean(&b));
+        let had_marker = clean_path.exists();
+        let checkpoint = meta::read_file(&dir.join(meta::LOG_START_FILE)).and_then(|b| {
+            b.try_into()
+                .ok()
+                .map(|a: [u8; 8]| Offset(i64::from_be_bytes(a)))
+        });
+        let snapshot = meta::read_file(&dir.join(meta::PRODUCER_FILE))
+            .and_then(|b| meta::decode_producers(&b));
+        let (snap_upto, mut producers) = match snapshot {
+            Some((upto, s)) => (Some(upto), s),
+            None => (None, ProducerState::default()),
+        };
+
+        let mut bases = meta::list_segments(dir)?;
+        // Segments wholly below the persisted log start: left by a crash between the
+        // checkpoint and the unlink.
+        if let Some(ls) = checkpoint {
+            while bases.len() > 1 && bases[1] <= ls {
+                for ext in ["log", "index", "timeindex"] {
+                    meta::remove_if_exists(&meta::segment_path(dir, bases[0], ext))?;
+                }
+                bases.remove(0);
+            }
+        }
+        let interval = config.index_interval_bytes;
+        let mut segments: Vec<Segment> = Vec::with_capacity(bases.len() + 1);
+        let mut scan_report: Option<(Offset, u64, u64, ScanStop, u64)> = None;
+        let mut file_size_active = 0u64;
+        let n = bases.len();
+        for (k, &base) in bases.iter().enumerate() {
+            let file = io
+                .open(&meta::segment_path(dir, base, "log"), false)
+                .await?;
+            let file_size = file.size().await?;
+            let mut seg = Segment::new(base, file.clone(), now_ms());
+            let last = k + 1 == n;
+            if !last {
+                seg.size = file_size;
+                seg.next = bases[k + 1];
+                if !load_indexes(dir, &mut seg) {
+                    let mut fresh = Segment::new(base, file.clone(), seg.created_ms);
+                    let out = segment::scan(&*file, 0, base, file_size, |h, pos| {
+                        fresh.on_batch(h, pos, interval)
+                    })
+                    .await?;
+                    if out.end_pos != file_size || out.next != seg.next {
+                        tracing::warn!(
+                            dir = %dir.display(), segment = base.0, valid_bytes = out.end_pos,
+                            file_bytes = file_size, stop = ?out.stop,
+                            "sealed segment damaged; reads past the damage return nothing"
+                        );
+                    }
+                    fresh.size = file_size;
+                    fresh.next = seg.next;
+                    fresh.push_time_entry();
+                    seg = fresh;
+                    write_indexes(dir, &seg)?;
+                }
+                segments.push(seg);
+                continue;
+            }
+            file_size_active = file_size;
+            if let Some((end, size)) =
+                clean.filter(|(end, size)| *size <= file_size && *end >= base)
+            {
+                seg.size = size;
+                seg.next = end;
+                if load_indexes(dir, &mut seg) {
+                    segments.push(seg);
+                    continue;
+                }
+            }
+            // No clean shutdown: validate the whole active segment (it was written since the
+            // last roll; producer state needs its headers anyway).
+            let mut fresh = Segment::new(base, file.clone(), seg.created_ms);
+            let out = segment::scan(&*file, 0, base, file_size, |h, pos| {
+                fresh.on_batch(h, pos, interval);
+                if snap_upto.is_none_or(|u| h.base_offset() >= u) {
+                    producers.replay(h);
+                }
+            })
+            .await?;
+            if !matches!(out.stop, ScanStop::End | ScanStop::Zeros) {
+                // Garbage follows the valid data: cut it off so a later short append can never
+                // be followed by a stale batch on disk.
+                file.truncate(out.end_pos).await?;
+                file.sync().await?;
+                file_size_active = out.end_pos;
+            }
+            scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches));
+            segments.push(fresh);
+        }
+        if segments.is_empty() {
+            let base = checkpoint.unwrap_or(Offset(0));
+            let file = io.open(&meta::segment_path(dir, base, "log"), true).await?;
+            // A new segment's directory entry must be durable before data in it is
+            // acknowledged (fdatasync of the file does not cover the entry).
+            io.sync_dir(dir).await?;
+            segments.push(Segment::new(base, file, now_ms()));
+        }
+        if had_marker {
+            // The marker vouches for the files as they are now; the first write makes it a lie,
+            // so it must be gone (durably) before any append.
+            meta::remove_if_exists(&clean_path)?;
+            meta::sync_dir(dir)?;
+        }
+
+        let active = segments.last().expect("at least one segment");
+        let log_end = active.next;
+        let written = active.size;
+        let head_pos = align_down(written);
+        let written_tail = if written > head_pos {
+            active
+                .file
+                .read_at(head_pos, (written - head_pos) as usize)
+                .await?
+                .to_vec()
+        } else {
+            vec![]
+        };
+        if written_tail.len() as u64 != written - head_pos {
+            return Err(StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "active segment shorter than its recorded size",
+            )));
+        }
+        if snap_upto.is_some_and(|u| u > log_end) {
+            producers.truncate_from(log_end);
+        }
+        let first_base = segments[0].base;
+        let log_start = checkpoint
+            .unwrap_or(first_base)
+            .max(first_base)
+            .min(log_end);
+
+        match scan_report {
+            Some((seg, valid, file_bytes, stop, batches)) => {
+                let discarded = !matches!(stop, ScanStop::End | ScanStop::Zeros);
+                let msg = "partition log recovered without clean shutdown";
+                if discarded {
+                    tracing::warn!(
+                        dir = %dir.display(), segment = seg.0, batches, valid_bytes = valid,
+                        file_bytes, stop = ?stop, truncated = true, log_start = log_start.0,
+                        log_end = log_end.0, ms = started.elapsed().as_millis() as u64, "{msg}"
+                    );
+                } else {
+                    tracing::info!(
+                        dir = %dir.display(), segment = seg.0, batches, valid_bytes = valid,
+                        file_bytes, stop = ?stop, truncated = false, log_start = log_start.0,
+                        log_end = log_end.0, ms = started.elapsed().as_millis() as u64, "{msg}"
+                    );
+                }
+            }
+            None => tracing::debug!(
+                dir = %dir.display(), segments = segments.len(), log_end = log_end.0,
+                "partition log opened after clean shutdown"
+            ),
+        }
+
+        let cache_id = cache.register();
+        let log = Rc::new(PartitionLog {
+            dir: dir.to_path_buf(),
+            io,
+            cache,
+            cache_id,
+            state: std::cell::RefCell::new(State {
+                config,
+                segments,
+                log_start,
+                log_end,
+                hw: log_end,
+                synced: log_end,
+                sync_wanted: log_end,
+                pending: Pending::new(head_pos, written_tail.clone()),
+                written_pos: written,
+                written_tail,
+                allocated: file_size_active.max(written),
+                attempted_pos: align_up(written),
+                flushing: false,
+                rolling: false,
+                closed: false,
+                gen: 0,
+                gen_end: vec![],
+                last_error: None,
+                sync_failures: 0,
+                last_sync: Instant::now(),
+                waiters: vec![],
+                flusher: None,
+                producers,
+            }),
+        });
+        glommio::spawn_local(appender::flusher(Rc::downgrade(&log))).detach();
+        Ok(log)
+    }
+}
+
+/// Loads `.index`/`.timeindex` of `seg` (whose `size` and `next` are set) if both are intact and
+/// consistent with it.
+fn load_indexes(dir: &std::path::Path, seg: &mut Segment) -> bool {
+    let idx = meta::read_file(&meta::segment_path(dir, seg.base, "index"))
+        .and_then(|b| meta::decode_index(&b));
+    let tidx = meta::read_file(&meta::segment_path(dir, seg.base, "timeindex"))
+        .and_then(|b| meta::decode_time_index(&b));
+    let (Some(idx), Some(tidx)) = (idx, tidx) else {
+        return false;
+    };
+    let span = seg.next.0 - seg.base.0;
+    let ok = idx
+        .iter()
+        .all(|e| (e.1 as u64) < seg.size && (e.0 as i64) < span)
+        && tidx.iter().all(|e| (e.1 as i64) < span);
+    if !ok {
+        return false;
+    }
+    seg.bytes_since_index = seg.size - idx.last().map_or(0, |e| e.1 as u64);
+    if let Some(&(ts, rel)) = tidx.last() {
+        seg.max_ts = ts;
+        seg.max_ts_offset = Offset(seg.base.0 + rel as i64);
+    }
+    seg.index = idx;
+    seg.time_index = tidx;
+    true
+}
+
+pub(crate) fn write_indexes(dir: &std::path::Path, seg: &Segment) -> Result<(), StorageError> {
+    meta::write_file(
+        &meta::segment_path(dir, seg.base, "index"),
+        &meta::encode_index(&seg.index),
+    )?;
+    meta::write_file(
+        &meta::segment_path(dir, seg.base, "timeindex"),
+        &meta::encode_time_index(&seg.time_index),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,346 @@
+//! One segment of a partition log: the `.log` file (batches verbatim, base offsets patched) and
+//! its sparse offset and time indexes, kept in memory and written to `.index`/`.timeindex` when
+//! the segment is sealed (roll) or the log is closed. Also the batch scanner that validates a
+//! segment's bytes (recovery, index rebuild, timestamp lookups). Owned by the partition log.
+
+use std::io;
+use std::rc::Rc;
+
+use crate::protocol::batch::{self, BatchError, BatchHeader, HEADER_BYTES};
+use crate::storage::io::{align_down, SegmentFile};
+use crate::types::Offset;
+
+/// Bytes read per request while scanning a segment; two requests are kept in flight.
+pub const SCAN_CHUNK_BYTES: usize = 4 << 20;
+
+pub(crate) struct Segment {
+    pub base: Offset,
+    pub file: Rc<dyn SegmentFile>,
+    /// Logical size: bytes of batches appended (for the active segment this includes batches
+    /// still waiting in the appender).
+    pub size: u64,
+    /// The offset after the last batch.
+    pub next: Offset,
+    /// Sparse offset index: (offset - base, file position of the batch starting there).
+    pub index: Vec<(u32, u32)>,
+    /// Sparse time index: (largest timestamp so far, offset - base of the batch carrying it,
+    /// its last offset).
+    pub time_index: Vec<(i64, u32)>,
+    pub bytes_since_index: u64,
+    /// Largest batch max-timestamp in the segment and the last offset of that batch.
+    pub max_ts: i64,
+    pub max_ts_offset: Offset,
+    pub created_ms: i64,
+}
+
+impl Segment {
+    pub fn new(base: Offset, file: Rc<dyn SegmentFile>, created_ms: i64) -> Self {
+        Segment {
+            base,
+            file,
+            size: 0,
+            next: base,
+            index: vec![],
+            time_index: vec![],
+            bytes_since_index: 0,
+            max_ts: -1,
+            max_ts_offset: base,
+            created_ms,
+        }
+    }
+
+    /// Accounts for one batch appended at `pos` (index entries every `interval` bytes).
+    #[inline]
+    pub fn on_batch(&mut self, h: &BatchHeader<'_>, pos: u64, interval: u32) {
+        let size = h.size() as u64;
+        if self.bytes_since_index >= interval as u64 {
+            self.index
+                .push(((h.base_offset().0 - self.base.0) as u32, pos as u32));
+            self.bytes_since_index = 0;
+            self.push_time_entry();
+        }
+        self.bytes_since_index += size;
+        if h.max_timestamp() > self.max_ts {
+            self.max_ts = h.max_timestamp();
+            self.max_ts_offset = h.last_offset();
+        }
+        self.size = pos + size;
+        self.next = h.last_offset().next();
+    }
+
+    /// Records the current max timestamp in the time index if it grew since the last entry.
+    pub fn push_time_entry(&mut self) {
+        if self.max_ts >= 0 && self.time_index.last().is_none_or(|e| e.0 < self.max_ts) {
+            let rel = (self.max_ts_offset.0 - self.base.0) as u32;
+            if self.time_index.last().is_none_or(|e| e.1 < rel) {
+                self.time_index.push((self.max_ts, rel));
+            }
+        }
+    }
+
+    /// File position of the indexed batch at or before `offset`.
+    pub fn lookup(&self, offset: Offset) -> u64 {
+        let rel = (offset.0 - self.base.0).max(0) as u64;
+        let i = self.index.partition_point(|e| e.0 as u64 <= rel);
+        if i == 0 {
+            0
+        } else {
+            self.index[i - 1].1 as u64
+        }
+    }
+
+    /// Offset from which to scan for the first batch with max timestamp >= `ts`.
+    pub fn time_lookup(&self, ts: i64) -> Offset {
+        let i = self.time_index.partition_point(|e| e.0 < ts);
+        if i == 0 {
+            self.base
+        } else {
+            Offset(self.base.0 + self.time_index[i - 1].1 as i64)
+        }
+    }
+
+    /// Drops index entries for data at or past `pos` (a failed write was rolled back).
+    pub fn truncate(&mut self, pos: u64, next: Offset) {
+        self.index.retain(|e| (e.1 as u64) < pos);
+        let rel_next = (next.0 - self.base.0) as u32;
+        self.time_index.retain(|e| e.1 < rel_next);
+        self.size = pos;
+        self.next = next;
+        if self.max_ts_offset >= next {
+            // The exact maximum of what remains is not known without a scan; the time index
+            // bounds it from below, which only makes retention keep the segment longer.
+            match self.time_index.last() {
+                Some(&(ts, rel)) => {
+                    self.max_ts = ts;
+                    self.max_ts_offset = Offset(self.base.0 + rel as i64);
+                }
+                None => {
+                    self.max_ts = -1;
+                    self.max_ts_offset = self.base;
+                }
+            }
+        }
+        self.bytes_since_index = match self.index.last() {
+            Some(e) => pos - e.1 as u64,
+            None => pos,
+        };
+    }
+}
+
+/// Why a scan stopped before the end of the data it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanStop {
+    /// Reached the end of the file (or the limit) exactly at a batch boundary.
+    End,
+    /// Found zeros where the next batch would start: unwritten pre-allocated space.
+    Zeros,
+    /// A batch that is cut off by the end of the file.
+    Torn,
+    /// A batch that fails validation.
+    Invalid(BatchError),
+    /// A valid batch whose base offset does not follow its predecessor's.
+    OffsetGap,
+}
+
+pub struct ScanOutcome {
+    /// Position after the last valid batch.
+    pub end_pos: u64,
+    /// The offset after the last valid batch.
+    pub next: Offset,
+    pub stop: ScanStop,
+    pub batches: u64,
+}
+
+/// Validates the batches of `file` from `pos` (a batch boundary whose batch starts at `next`) up
+/// to `limit` bytes: length, magic, CRC-32C and offset continuity. Calls `f(header, position)`
+/// for every valid batch. Stops at the first invalid one.
+pub async fn scan(
+    file: &dyn SegmentFile,
+    mut pos: u64,
+    mut next: Offset,
+    limit: u64,
+    mut f: impl FnMut(&BatchHeader<'_>, u64),
+) -> io::Result<ScanOutcome> {
+    let mut batches = 0u64;
+    let mut carry: Vec<u8> = vec![];
+    let mut read_pos = align_down(pos);
+    let mut skip = (pos - read_pos) as usize;
+    let mut inflight = (read_pos < limit).then(|| file.read_at(read_pos, SCAN_CHUNK_BYTES));
+    let mut stop = ScanStop::End;
+
+    // Checks one complete batch; returns false to stop.
+    let mut check = |b: &[u8], pos: &mut u64, next: &mut Offset, stop: &mut ScanStop| -> bool {
+        match BatchHeader::parse_checked(b) {
+            Ok(h) if h.base_offset() == *next => {
+                f(&h, *pos);
+                *pos += h.size() as u64;
+                *next = h.last_offset().next();
+                batches += 1;
+                true
+            }
+            Ok(_) => {
+                *stop = ScanStop::OffsetGap;
+                false
+            }
+            Err(e) => {
+                *stop = ScanStop::Invalid(e);
+                false
+            }
+        }
+    };
+
+    'outer: while let Some(fut) = inflight.take() {
+        let buf = fut.await?;
+        let got = buf.len();
+        let buf_end = read_pos + got as u64;
+        read_pos = buf_end;
+        if got == SCAN_CHUNK_BYTES && read_pos < limit {
+            // Read ahead while this chunk is being checked.
+            inflight = Some(file.read_at(read_pos, SCAN_CHUNK_BYTES));
+        }
+        let usable = (got as u64).min(limit.saturating_sub(buf_end - got as u64)) as usize;
+        let data = &buf[skip.min(usable)..usable];
+        skip = 0;
+        let mut i = 0usize;
+        // First finish a batch that straddled the previous chunk.
+        if !carry.is_empty() {
+            if carry.len() < HEADER_BYTES {
+                let take = (HEADER_BYTES - carry.len()).min(data.len());
+                carry.extend_from_slice(&data[..take]);
+                i = take;
+                if carry.len() < HEADER_BYTES {
+                    continue;
+                }
+            }
+            let Some(size) = batch::batch_size(&carry) else {
+                stop = classify_bad_start(&carry);
+                break 'outer;
+            };
+            if size as u64 > limit - pos {
+                stop = ScanStop::Torn;
+                break 'outer;
+            }
+            let take = (size - carry.len()).min(data.len() - i);
+            carry.extend_from_slice(&data[i..i + take]);
+            i += take;
+            if carry.len() < size {
+                continue;
+            }
+            let b = std::mem::take(&mut carry);
+            if !check(&b, &mut pos, &mut next, &mut stop) {
+                break 'outer;
+            }
+        }
+        while i < data.len() {
+            let rest = &data[i..];
+            if rest.len() >= batch::LOG_OVERHEAD_BYTES {
+                match batch::batch_size(rest) {
+                    None => {
+                        stop = classify_bad_start(rest);
+                        break 'outer;
+                    }
+                    Some(size) if size <= rest.len() => {
+                        if !check(&rest[..size], &mut pos, &mut next, &mut stop) {
+                            break 'outer;
+                        }
+                        i += size;
+                        continue;
+                    }
+                    Some(size) if size as u64 > limit - pos => {
+                        stop = ScanStop::Torn;
+                        break 'outer;
+                    }
+                    Some(_) => {}
+                }
+            }
+            carry.extend_from_slice(rest);
+            break;
+        }
+    }
+    if stop == ScanStop::End && !carry.is_empty() {
+        stop = if carry.iter().all(|b| *b == 0) {
+            ScanStop::Zeros
+        } else {
+            ScanStop::Torn
+        };
+    }
+    Ok(ScanOutcome {
+        end_pos: pos,
+        next,
+        stop,
+        batches,
+    })
+}
+
+fn classify_bad_start(b: &[u8]) -> ScanStop {
+    if b.iter().take(HEADER_BYTES).all(|x| *x == 0) {
+        ScanStop::Zeros
+    } else {
+        ScanStop::Invalid(BatchError::BadLength)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::batch::{build, set_base_offset};
+    use crate::storage::io::{DmaIo, StorageIo};
+
+    /// Writes `bytes` to a fresh segment file through the DMA seam (padded with zeros).
+    async fn segment_with(dir: &std::path::Path, bytes: &[u8]) -> Rc<dyn SegmentFile> {
+        let f = DmaIo.open(&dir.join("s.log"), true).await.unwrap();
+        let len = crate::storage::io::align_up(bytes.len() as u64) as usize;
+        let mut buf = glommio::allocate_dma_buffer_global(len.max(4096));
+        buf.as_bytes_mut().fill(0);
+        buf.as_bytes_mut()[..bytes.len()].copy_from_slice(bytes);
+        f.write_at(Rc::new(buf), 0).await.unwrap();
+        f
+    }
+
+    fn three_batches() -> (Vec<u8>, Vec<usize>) {
+        let mut all = vec![];
+        let mut ends = vec![];
+        for i in 0..3 {
+            let mut b = build::single(None, Some(&vec![i as u8; 700]), i);
+            set_base_offset(&mut b, Offset(i));
+            all.extend(b);
+            ends.push(all.len());
+        }
+        (all, ends)
+    }
+
+    #[test]
+    fn scan_stops_at_zeros_torn_and_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        crate::storage::tests::run(async move {
+            let (all, ends) = three_batches();
+            // Clean data followed by pre-allocated zeros.
+            let f = segment_with(&d, &all).await;
+            let out = scan(&*f, 0, Offset(0), 8192, |_, _| {}).await.unwrap();
+            assert_eq!(
+                (out.end_pos, out.next, out.stop, out.batches),
+                (ends[2] as u64, Offset(3), ScanStop::Zeros, 3)
+            );
+            // From an index position in the middle.
+            let out = scan(&*f, ends[0] as u64, Offset(1), 8192, |_, _| {})
+                .await
+                .unwrap();
+            assert_eq!((out.next, out.batches), (Offset(3), 2));
+            // A file cut inside the last batch: torn.
+            let out = scan(&*f, 0, Offset(0), ends[2] as u64 - 5, |_, _| {})
+                .await
+                .unwrap();
+            assert_eq!((out.end_pos, out.stop), (ends[1] as u64, ScanStop::Torn));
+            // A batch whose offset does not follow: gap.
+            let mut gap = all.clone();
+            set_base_offset(&mut gap[ends[1]..], Offset(9));
+            let f = segment_with(&d, &gap).await;
+            let out = scan(&*f, 0, Offset(0), 8192, |_, _| {}).await.unwrap();
+            assert_eq!(
+                (out.end_pos, out.stop),
+                (ends[1] as u64, ScanStop::OffsetGap)
+            );
+        });
+    }
+}

@@ -265,6 +265,15 @@ impl Broker {
     pub fn restart(&mut self) {
         self.spawn_and_wait();
     }
+
+    /// Starts the broker again on the same data dir but a fresh port (for tests whose subject is
+    /// the data, not the port).
+    pub fn restart_on_new_port(&mut self) {
+        self.addr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("socket addr");
+        self.spawn_and_wait();
+    }
 }
 
 impl Drop for Broker {

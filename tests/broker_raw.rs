@@ -66,7 +66,8 @@ impl Raw {
         header
             .encode(&mut buf, key.request_header_version(version))
             .expect("encode header");
-        body.encode(&mut buf, version).expect("encode body");
+        body.encode(&mut buf, version)
+            .unwrap_or_else(|e| panic!("encode {key:?} v{version} request: {e}"));
         let len = (buf.len() - 4) as i32;
         buf[..4].copy_from_slice(&len.to_be_bytes());
         buf.to_vec()
@@ -1109,4 +1110,295 @@ fn restart_on_the_same_port_right_after_sigterm_with_open_connections() {
     drop(clients);
     b.restart();
     assert_serves(&b);
+}
+
+/// Versions the broker advertises for `key`.
+fn advertised(r: &mut Raw, key: ApiKey) -> std::ops::RangeInclusive<i16> {
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    let k = v
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == key as i16)
+        .unwrap_or_else(|| panic!("{key:?} not advertised"));
+    k.min_version..=k.max_version
+}
+
+#[test]
+fn every_advertised_version_of_the_core_apis_round_trips() {
+    // A client may pick any advertised version: each must decode with the reference codecs.
+    let b = Broker::options().cores(2).start();
+    let t = topic_name("versions");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 2);
+
+    for v in advertised(&mut r, ApiKey::ApiVersions) {
+        let resp: ApiVersionsResponse =
+            r.call(ApiKey::ApiVersions, v, &ApiVersionsRequest::default());
+        assert_eq!(resp.error_code, NONE, "ApiVersions v{v}");
+    }
+
+    let mut topic_id = None;
+    for v in advertised(&mut r, ApiKey::Metadata) {
+        let topics = if v == 0 {
+            Some(vec![MetadataRequestTopic::default().with_name(Some(tn(&t)))])
+        } else {
+            None
+        };
+        let resp: MetadataResponse = r.call(
+            ApiKey::Metadata,
+            v,
+            // allow_auto_topic_creation exists from v4 (always true before).
+            &MetadataRequest::default()
+                .with_topics(topics)
+                .with_allow_auto_topic_creation(v < 4),
+        );
+        let mt = resp
+            .topics
+            .iter()
+            .find(|x| x.name.as_ref().map(|n| n.as_str()) == Some(t.as_str()))
+            .unwrap_or_else(|| panic!("Metadata v{v} lacks the topic"));
+        assert_eq!(mt.error_code, NONE, "Metadata v{v}");
+        assert_eq!(mt.partitions.len(), 2, "Metadata v{v}");
+        if v >= 10 {
+            assert!(!mt.topic_id.is_nil(), "Metadata v{v}: topic id");
+            topic_id = Some(mt.topic_id);
+        }
+    }
+
+    let mut expected = 0i64;
+    for v in advertised(&mut r, ApiKey::Produce) {
+        let resp: ProduceResponse = r.call(
+            ApiKey::Produce,
+            v,
+            &ProduceRequest::default()
+                .with_acks(-1)
+                .with_timeout_ms(10_000)
+                .with_topic_data(vec![TopicProduceData::default()
+                    .with_name(tn(&t))
+                    .with_partition_data(vec![PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(batch(&[format!("v{v}").as_bytes()])))])]),
+        );
+        let p = &resp.responses[0].partition_responses[0];
+        assert_eq!(
+            (p.error_code, p.base_offset),
+            (NONE, expected),
+            "Produce v{v}"
+        );
+        expected += 1;
+    }
+
+    for v in advertised(&mut r, ApiKey::ListOffsets) {
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsTopic,
+        };
+        let resp: ListOffsetsResponse = r.call(
+            ApiKey::ListOffsets,
+            v,
+            &ListOffsetsRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_topics(vec![ListOffsetsTopic::default()
+                    .with_name(tn(&t))
+                    .with_partitions(vec![ListOffsetsPartition::default()
+                        .with_partition_index(0)
+                        .with_current_leader_epoch(-1)
+                        .with_timestamp(-1)])]),
+        );
+        let p = &resp.topics[0].partitions[0];
+        assert_eq!(
+            (p.error_code, p.offset),
+            (NONE, expected),
+            "ListOffsets v{v}"
+        );
+    }
+
+    for v in advertised(&mut r, ApiKey::Fetch) {
+        let mut ft = FetchTopic::default().with_partitions(vec![FetchPartition::default()
+            .with_partition(0)
+            .with_current_leader_epoch(-1)
+            .with_fetch_offset(0)
+            .with_log_start_offset(-1)
+            .with_last_fetched_epoch(-1)
+            .with_partition_max_bytes(1 << 20)]);
+        ft = if v >= 13 {
+            ft.with_topic_id(topic_id.expect("topic id from Metadata v10+"))
+        } else {
+            ft.with_topic(tn(&t))
+        };
+        let resp: FetchResponse = r.call(
+            ApiKey::Fetch,
+            v,
+            &FetchRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_max_wait_ms(0)
+                .with_min_bytes(0)
+                .with_max_bytes(16 << 20)
+                .with_session_id(0)
+                .with_session_epoch(-1)
+                .with_topics(vec![ft]),
+        );
+        assert_eq!(resp.error_code, NONE, "Fetch v{v}");
+        let p = &resp.responses[0].partitions[0];
+        assert_eq!(
+            (p.error_code, p.high_watermark),
+            (NONE, expected),
+            "Fetch v{v}"
+        );
+        let mut recs = p.records.clone().unwrap_or_default();
+        let sets = RecordBatchDecoder::decode_all(&mut recs).expect("records");
+        let n: usize = sets.iter().map(|s| s.records.len()).sum();
+        assert_eq!(n as i64, expected, "Fetch v{v} record count");
+    }
+}
+
+#[test]
+fn parked_fetch_returns_records_that_arrive_while_it_waits() {
+    let b = Broker::options().cores(2).start();
+    let t = topic_name("park");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 2);
+    // A fetch at the log end of both partitions that may wait up to 5 s for one byte.
+    let req = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(5_000)
+        .with_min_bytes(1)
+        .with_max_bytes(1 << 20)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(tn(&t))
+            .with_partitions(
+                (0..2)
+                    .map(|p| {
+                        FetchPartition::default()
+                            .with_partition(p)
+                            .with_current_leader_epoch(-1)
+                            .with_fetch_offset(0)
+                            .with_log_start_offset(-1)
+                            .with_last_fetched_epoch(-1)
+                            .with_partition_max_bytes(1 << 20)
+                    })
+                    .collect(),
+            )]);
+    let f = r.frame(ApiKey::Fetch, 12, &req);
+    r.send_bytes(&f);
+    // Meanwhile another client writes to partition 1.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut w = Raw::connect(b.addr);
+    assert_eq!(produce(&mut w, &t, 1, 1, batch(&[b"arrived"])), (NONE, 0));
+    let mut resp = r.read_frame().expect("fetch response");
+    let _ = ResponseHeader::decode(&mut resp, ApiKey::Fetch.response_header_version(12))
+        .expect("header");
+    let resp = FetchResponse::decode(&mut resp, 12).expect("fetch body");
+    let p1 = resp.responses[0]
+        .partitions
+        .iter()
+        .find(|p| p.partition_index == 1)
+        .expect("partition 1 in the answer");
+    assert_eq!(p1.error_code, NONE);
+    let mut recs = p1.records.clone().unwrap_or_default();
+    let sets = RecordBatchDecoder::decode_all(&mut recs).expect("records");
+    let values: Vec<Vec<u8>> = sets
+        .iter()
+        .flat_map(|s| s.records.iter())
+        .map(|rec| rec.value.clone().unwrap_or_default().to_vec())
+        .collect();
+    assert_eq!(values, vec![b"arrived".to_vec()]);
+}
+
+#[test]
+fn metadata_auto_creates_only_when_asked() {
+    let b = Broker::options()
+        .args(["--default-partitions", "3"])
+        .start();
+    let mut r = Raw::connect(b.addr);
+    let md = |r: &mut Raw, name: &str, allow: bool| -> MetadataResponse {
+        r.call(
+            ApiKey::Metadata,
+            9,
+            &MetadataRequest::default()
+                .with_topics(Some(vec![
+                    MetadataRequestTopic::default().with_name(Some(tn(name)))
+                ]))
+                .with_allow_auto_topic_creation(allow),
+        )
+    };
+    let t = topic_name("noauto");
+    assert_eq!(
+        md(&mut r, &t, false).topics[0].error_code,
+        UNKNOWN_TOPIC_OR_PARTITION
+    );
+    // Still unknown: the refused lookup created nothing.
+    assert_eq!(
+        md(&mut r, &t, false).topics[0].error_code,
+        UNKNOWN_TOPIC_OR_PARTITION
+    );
+    // Allowed: created with --default-partitions (Kafka may answer LEADER_NOT_AVAILABLE first).
+    let deadline = Instant::now() + IO_WAIT;
+    loop {
+        let m = md(&mut r, &t, true);
+        if m.topics[0].error_code == NONE {
+            assert_eq!(m.topics[0].partitions.len(), 3);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "auto-created topic never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn create_topics_validates_names_configs_and_validate_only() {
+    const INVALID_CONFIG: i16 = 40;
+    const TOPIC_ALREADY_EXISTS: i16 = 36;
+    const INVALID_PARTITIONS: i16 = 37;
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let create = |r: &mut Raw, name: &str, parts: i32, cfg: Option<(&str, &str)>, only: bool| {
+        use kafka_protocol::messages::create_topics_request::CreatableTopicConfig;
+        let configs = cfg
+            .map(|(k, v)| {
+                vec![CreatableTopicConfig::default()
+                    .with_name(StrBytes::from_string(k.to_string()))
+                    .with_value(Some(StrBytes::from_string(v.to_string())))]
+            })
+            .unwrap_or_default();
+        let resp: CreateTopicsResponse = r.call(
+            ApiKey::CreateTopics,
+            5,
+            &CreateTopicsRequest::default()
+                .with_topics(vec![CreatableTopic::default()
+                    .with_name(tn(name))
+                    .with_num_partitions(parts)
+                    .with_replication_factor(1)
+                    .with_configs(configs)])
+                .with_timeout_ms(10_000)
+                .with_validate_only(only),
+        );
+        resp.topics[0].error_code
+    };
+    let long = "x".repeat(250);
+    for bad in ["", ".", "..", "has space", "slash/name", long.as_str()] {
+        assert_eq!(
+            create(&mut r, bad, 1, None, false),
+            INVALID_TOPIC_EXCEPTION,
+            "topic name {bad:?}"
+        );
+    }
+    let t = topic_name("valid");
+    assert_eq!(
+        create(&mut r, &t, 1, Some(("no.such.config", "1")), false),
+        INVALID_CONFIG
+    );
+    assert_eq!(
+        create(&mut r, &t, 1, Some(("retention.ms", "soon")), false),
+        INVALID_CONFIG
+    );
+    assert_eq!(create(&mut r, &t, 0, None, false), INVALID_PARTITIONS);
+    // validate_only answers as if created, but creates nothing.
+    assert_eq!(create(&mut r, &t, 2, None, true), NONE);
+    assert_eq!(create(&mut r, &t, 2, None, false), NONE);
+    assert_eq!(create(&mut r, &t, 2, None, false), TOPIC_ALREADY_EXISTS);
 }

@@ -846,3 +846,37 @@ fn delete_records_moves_the_log_start() {
         Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OffsetOutOfRange))
     );
 }
+
+#[test]
+fn log_append_time_topic_stamps_broker_time() {
+    let b = Broker::start();
+    let t = topic_name("lat");
+    create_topic(&b, &t, 1, &[("message.timestamp.type", "LogAppendTime")]);
+    let p = producer(&b.bootstrap(), &[]);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    // The client's own timestamp is replaced by the broker's append time.
+    send(
+        &p,
+        FutureRecord::to(&t)
+            .partition(0)
+            .payload(&b"stamped"[..])
+            .timestamp(1_000),
+    )
+    .expect("send");
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let c = consumer(&b.bootstrap(), &[]);
+    let m = read_n(&c, &t, 0, 0, 1);
+    match m[0].timestamp() {
+        Timestamp::LogAppendTime(ts) => assert!(
+            (before - 1000..=after + 1000).contains(&ts),
+            "append time {ts} outside [{before}, {after}]"
+        ),
+        other => panic!("expected LogAppendTime, got {other:?}"),
+    }
+}

@@ -182,8 +182,24 @@ fn describe_unknown_topic_is_one_line_error() {
 
 #[test]
 fn unreachable_broker_is_one_line_error() {
-    // A port nobody listens on.
-    let port = common::free_port();
+    // A port bound but not listening: connections are refused, and no other test can start a
+    // broker on it while we hold it.
+    let holder =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    holder
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+                .into(),
+        )
+        .expect("bind");
+    let port = holder
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("inet")
+        .port();
     let bs = format!("127.0.0.1:{port}");
     let e = one_line_error(&sluice(&["topic", "list", "--brokers", &bs], None));
     assert!(e.contains(&bs), "{e}");

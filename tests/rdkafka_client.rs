@@ -801,3 +801,82 @@ fn idempotent_producer_retries_leave_no_duplicates() {
         (0, n as i64)
     );
 }
+
+#[test]
+fn delete_records_moves_the_log_start() {
+    let b = Broker::options().cores(2).start();
+    let t = topic_name("delrec");
+    create_topic(&b, &t, 2, &[]);
+    let p = producer(&b.bootstrap(), &[]);
+    for i in 0..10 {
+        send_value(&p, &t, 0, format!("d{i}").as_bytes());
+    }
+    send_value(&p, &t, 1, b"untouched");
+    let a = admin(&b.bootstrap());
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&t, 0, Offset::Offset(4))
+        .expect("tpl");
+    let r = block_on(a.delete_records(&tpl, &admin_opts())).expect("DeleteRecords");
+    let e = r.find_partition(&t, 0).expect("partition in result");
+    assert!(e.error().is_ok(), "{:?}", e.error());
+    // Kafka: the result carries the new low watermark.
+    assert_eq!(e.offset(), Offset::Offset(4));
+
+    let c = consumer(&b.bootstrap(), &[]);
+    assert_eq!(
+        c.fetch_watermarks(&t, 0, WAIT).expect("watermarks"),
+        (4, 10)
+    );
+    assert_eq!(c.fetch_watermarks(&t, 1, WAIT).expect("watermarks"), (0, 1));
+    let m = read_n(&c, &t, 0, 4, 6);
+    let got: Vec<(i64, Vec<u8>)> = m
+        .iter()
+        .map(|r| (r.offset(), r.payload().unwrap_or_default().to_vec()))
+        .collect();
+    let want: Vec<(i64, Vec<u8>)> = (4..10).map(|i| (i, format!("d{i}").into_bytes())).collect();
+    assert_eq!(got, want);
+    // Past the high watermark is OFFSET_OUT_OF_RANGE.
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&t, 0, Offset::Offset(11))
+        .expect("tpl");
+    let r = block_on(a.delete_records(&tpl, &admin_opts())).expect("DeleteRecords");
+    let e = r.find_partition(&t, 0).expect("partition in result");
+    assert_eq!(
+        e.error(),
+        Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OffsetOutOfRange))
+    );
+}
+
+#[test]
+fn log_append_time_topic_stamps_broker_time() {
+    let b = Broker::start();
+    let t = topic_name("lat");
+    create_topic(&b, &t, 1, &[("message.timestamp.type", "LogAppendTime")]);
+    let p = producer(&b.bootstrap(), &[]);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    // The client's own timestamp is replaced by the broker's append time.
+    send(
+        &p,
+        FutureRecord::to(&t)
+            .partition(0)
+            .payload(&b"stamped"[..])
+            .timestamp(1_000),
+    )
+    .expect("send");
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let c = consumer(&b.bootstrap(), &[]);
+    let m = read_n(&c, &t, 0, 0, 1);
+    match m[0].timestamp() {
+        Timestamp::LogAppendTime(ts) => assert!(
+            (before - 1000..=after + 1000).contains(&ts),
+            "append time {ts} outside [{before}, {after}]"
+        ),
+        other => panic!("expected LogAppendTime, got {other:?}"),
+    }
+}

@@ -35,10 +35,17 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Segment size of test brokers. Segment files are preallocated in extents of
+/// min(64 MiB, segment size); small segments keep a test's disk use to a few MiB per partition
+/// (several brokers run at once) and make segment rolls part of every test.
+pub const TEST_SEGMENT_BYTES: u64 = 8 << 20;
+
 /// How to start a broker.
 #[derive(Clone, Debug)]
 pub struct BrokerOptions {
     pub cores: usize,
+    /// `--segment-bytes`; `None` leaves the broker default.
+    pub segment_bytes: Option<u64>,
     pub extra_args: Vec<String>,
 }
 
@@ -46,6 +53,7 @@ impl Default for BrokerOptions {
     fn default() -> Self {
         BrokerOptions {
             cores: 1,
+            segment_bytes: Some(TEST_SEGMENT_BYTES),
             extra_args: Vec::new(),
         }
     }
@@ -54,6 +62,11 @@ impl Default for BrokerOptions {
 impl BrokerOptions {
     pub fn cores(mut self, n: usize) -> Self {
         self.cores = n;
+        self
+    }
+
+    pub fn segment_bytes(mut self, n: Option<u64>) -> Self {
+        self.segment_bytes = n;
         self
     }
 
@@ -144,6 +157,12 @@ impl Broker {
             .arg(self.addr.to_string())
             .arg("--cores")
             .arg(self.options.cores.to_string())
+            .args(
+                self.options
+                    .segment_bytes
+                    .map(|n| vec!["--segment-bytes".to_string(), n.to_string()])
+                    .unwrap_or_default(),
+            )
             .args(&self.options.extra_args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
@@ -175,7 +194,7 @@ impl Broker {
                     self.stderr()
                 );
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            if answers_api_versions(self.addr) {
                 return;
             }
             if Instant::now() > deadline {
@@ -246,12 +265,68 @@ impl Broker {
     pub fn restart(&mut self) {
         self.spawn_and_wait();
     }
+
+    /// Starts the broker again on the same data dir but a fresh port (for tests whose subject is
+    /// the data, not the port).
+    pub fn restart_on_new_port(&mut self) {
+        self.addr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("socket addr");
+        self.spawn_and_wait();
+    }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Show what the broker said, to explain the failure (after a moment to flush).
+            std::thread::sleep(Duration::from_millis(300));
+            let state = match self.child.as_mut().map(|c| c.try_wait()) {
+                None => "not running".to_string(),
+                Some(Ok(None)) => "still running".to_string(),
+                Some(Ok(Some(s))) => format!("exited with {s}"),
+                Some(Err(e)) => format!("unknown ({e})"),
+            };
+            eprintln!("--- sluice on {} is {state} ---", self.addr);
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- sluice stderr (last {} lines, start #{}) ---",
+                tail.len(),
+                self.generation
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         self.kill_now();
     }
+}
+
+/// Whether a broker on `addr` answers an ApiVersions v0 request. A bare TCP connect is not
+/// enough: during start-up the port may briefly accept connections that are then reset.
+pub fn answers_api_versions(addr: SocketAddr) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    // [len][api key 18][version 0][correlation id][client id: null]
+    let mut req = Vec::with_capacity(14);
+    req.extend(10i32.to_be_bytes());
+    req.extend(18i16.to_be_bytes());
+    req.extend(0i16.to_be_bytes());
+    req.extend(0x5eed_i32.to_be_bytes());
+    req.extend((-1i16).to_be_bytes());
+    if s.write_all(&req).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 8];
+    if s.read_exact(&mut head).is_err() {
+        return false;
+    }
+    i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == 0x5eed
 }
 
 /// Runs a command to completion with a deadline; kills it if it runs over.

@@ -1,0 +1,213 @@
+//! The `sluice` command line against a running broker: topic administration, produce from stdin
+//! and consume with a format string; errors are one line on stderr and a non-zero exit code.
+
+mod common;
+
+use std::process::Output;
+
+use common::{sluice, topic_name, Broker};
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed with {}: stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn one_line_error(out: &Output) -> String {
+    assert!(!out.status.success(), "command unexpectedly succeeded");
+    let e = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    assert!(!e.is_empty(), "no error message");
+    assert_eq!(e.lines().count(), 1, "error is not one line:\n{e}");
+    e
+}
+
+#[test]
+fn topic_create_list_describe_add_partitions_delete() {
+    let b = Broker::options().cores(2).start();
+    let bs = b.bootstrap();
+    let t = topic_name("cli");
+    let out = ok(&sluice(
+        &[
+            "topic",
+            "create",
+            &t,
+            "-p",
+            "3",
+            "-c",
+            "retention.ms=60000",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert!(out.contains(&t) && out.contains('3'), "{out}");
+
+    // Creating it again fails with one line naming the problem.
+    let e = one_line_error(&sluice(&["topic", "create", &t, "--brokers", &bs], None));
+    assert!(e.to_lowercase().contains("exist"), "{e}");
+
+    let out = ok(&sluice(&["topic", "list", "--brokers", &bs], None));
+    let line = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(t.as_str()))
+        .unwrap_or_else(|| panic!("{t} not listed:\n{out}"));
+    assert_eq!(line.split_whitespace().nth(1), Some("3"), "{line}");
+
+    let out = ok(&sluice(&["topic", "describe", &t, "--brokers", &bs], None));
+    assert!(out.contains("PARTITIONS  3"), "{out}");
+    let cfg = out
+        .lines()
+        .find(|l| l.starts_with("retention.ms"))
+        .unwrap_or_else(|| panic!("retention.ms missing:\n{out}"));
+    assert!(cfg.contains("60000") && cfg.contains("topic"), "{cfg}");
+
+    ok(&sluice(
+        &["topic", "add-partitions", &t, "-p", "5", "--brokers", &bs],
+        None,
+    ));
+    let out = ok(&sluice(&["topic", "describe", &t, "--brokers", &bs], None));
+    assert!(out.contains("PARTITIONS  5"), "{out}");
+
+    ok(&sluice(&["topic", "delete", &t, "--brokers", &bs], None));
+    let out = ok(&sluice(&["topic", "list", "--brokers", &bs], None));
+    assert!(
+        !out.lines()
+            .any(|l| l.split_whitespace().next() == Some(t.as_str())),
+        "{out}"
+    );
+}
+
+#[test]
+fn produce_stdin_with_key_separator_then_consume_with_format() {
+    let b = Broker::start();
+    let bs = b.bootstrap();
+    let t = topic_name("clirt");
+    ok(&sluice(
+        &["topic", "create", &t, "-p", "1", "--brokers", &bs],
+        None,
+    ));
+    let input = "a:1\nb:2\nc:three:with:colons\nnokey\n";
+    ok(&sluice(
+        &["produce", &t, "--key-separator", ":", "--brokers", &bs],
+        Some(input.as_bytes()),
+    ));
+    let out = ok(&sluice(
+        &[
+            "consume",
+            &t,
+            "--from-beginning",
+            "-n",
+            "4",
+            "--format",
+            "%k:%v\\n",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert_eq!(out, "a:1\nb:2\nc:three:with:colons\n:nokey\n");
+    // Offsets and partitions in the format.
+    let out = ok(&sluice(
+        &[
+            "consume",
+            &t,
+            "--from-beginning",
+            "-n",
+            "2",
+            "--format",
+            "%p/%o %v\\n",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert_eq!(out, "0/0 1\n0/1 2\n");
+}
+
+#[test]
+fn produce_to_many_partitions_by_key_then_consume_all() {
+    let b = Broker::options().cores(2).start();
+    let bs = b.bootstrap();
+    let t = topic_name("clikeys");
+    ok(&sluice(
+        &["topic", "create", &t, "-p", "4", "--brokers", &bs],
+        None,
+    ));
+    let input: String = (0..100).map(|i| format!("key{i}\tvalue{i}\n")).collect();
+    ok(&sluice(
+        &["produce", &t, "--key-separator", "\t", "--brokers", &bs],
+        Some(input.as_bytes()),
+    ));
+    let out = ok(&sluice(
+        &[
+            "consume",
+            &t,
+            "--from-beginning",
+            "-n",
+            "100",
+            "--format",
+            "%k=%v\\n",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    let mut got: Vec<&str> = out.lines().collect();
+    got.sort();
+    let mut want: Vec<String> = (0..100).map(|i| format!("key{i}=value{i}")).collect();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn describe_unknown_topic_is_one_line_error() {
+    let b = Broker::start();
+    let out = sluice(
+        &[
+            "topic",
+            "describe",
+            "no-such-topic",
+            "--brokers",
+            &b.bootstrap(),
+        ],
+        None,
+    );
+    let e = one_line_error(&out);
+    assert!(e.contains("no-such-topic"), "{e}");
+}
+
+#[test]
+fn unreachable_broker_is_one_line_error() {
+    // A port bound but not listening: connections are refused, and no other test can start a
+    // broker on it while we hold it.
+    let holder =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    holder
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+                .into(),
+        )
+        .expect("bind");
+    let port = holder
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("inet")
+        .port();
+    let bs = format!("127.0.0.1:{port}");
+    let e = one_line_error(&sluice(&["topic", "list", "--brokers", &bs], None));
+    assert!(e.contains(&bs), "{e}");
+    let e = one_line_error(&sluice(&["produce", "t", "--brokers", &bs], Some(b"x\n")));
+    assert!(e.contains(&bs), "{e}");
+    let e = one_line_error(&sluice(
+        &["consume", "t", "-n", "1", "--brokers", &bs],
+        None,
+    ));
+    assert!(e.contains(&bs), "{e}");
+}

@@ -176,8 +176,13 @@ pub async fn run_lane(
         // includes any time the sender fell behind its schedule.
         let behind = Instant::now().saturating_duration_since(scheduled);
         let (now_ms, now_us) = unix_now();
-        let stamp = (now_ms - behind.as_millis() as i64, now_us - behind.as_micros() as i64);
-        encode_produce(&mut buf, id, version, flexible, &spec, partition, b, fields, stamp)?;
+        let stamp = (
+            now_ms - behind.as_millis() as i64,
+            now_us - behind.as_micros() as i64,
+        );
+        encode_produce(
+            &mut buf, id, version, flexible, &spec, partition, b, fields, stamp,
+        )?;
         if let Err(e) = client::write_all(&mut writer, &buf).await {
             result = Err(e);
             break;
@@ -335,9 +340,23 @@ mod tests {
         // v8: not flexible; v9: flexible, names; v13: flexible, topic ids.
         for version in [8i16, 9, 13] {
             let mut buf = BytesMut::new();
-            let fields = ProducerFields { producer_id: 77, epoch: 2, base_sequence: 40 };
-            encode_produce(&mut buf, 5, version, version >= 9, &lane(id), 3, &pool.batches[0], Some(fields), unix_now())
-                .unwrap();
+            let fields = ProducerFields {
+                producer_id: 77,
+                epoch: 2,
+                base_sequence: 40,
+            };
+            encode_produce(
+                &mut buf,
+                5,
+                version,
+                version >= 9,
+                &lane(id),
+                3,
+                &pool.batches[0],
+                Some(fields),
+                unix_now(),
+            )
+            .unwrap();
             let mut body = buf.split_off(4).freeze();
             kafka_protocol::protocol::decode_request_header_from_buffer(&mut body).unwrap();
             let req = ProduceRequest::decode(&mut body, version).unwrap();

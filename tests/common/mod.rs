@@ -1,0 +1,327 @@
+//! Test harness shared by the integration tests: runs the real `sluice` binary on a free
+//! 127.0.0.1 port with a temporary data dir, waits (bounded) until it accepts connections, and
+//! can stop it with SIGTERM or SIGKILL and start it again on the same data dir. The process is
+//! killed when the handle is dropped, so a failing test never leaves a broker behind.
+//!
+//! Every wait here has a deadline; nothing asserts on how long anything took.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to start accepting connections.
+pub const START_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How long a broker may take to exit after a signal.
+pub const EXIT_WAIT_MAX: Duration = Duration::from_secs(20);
+/// How long one CLI invocation may run.
+pub const CLI_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// The broker binary: the one cargo built for this test run, or `SLUICE_BIN` when set (to test
+/// a binary built elsewhere, e.g. a copy taken right after the build).
+pub fn sluice_bin() -> PathBuf {
+    match std::env::var_os("SLUICE_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_sluice")),
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (the kernel picked it).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1");
+    l.local_addr().expect("local addr").port()
+}
+
+/// How to start a broker.
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
+    pub cores: usize,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            cores: 1,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl BrokerOptions {
+    pub fn cores(mut self, n: usize) -> Self {
+        self.cores = n;
+        self
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.extra_args.push(a.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.extra_args.extend(a.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn start(self) -> Broker {
+        Broker::start_with(self)
+    }
+}
+
+/// A running (or stopped) `sluice start` process.
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub options: BrokerOptions,
+    /// Data dir and log files; removed when the handle is dropped.
+    dir: tempfile::TempDir,
+    /// Starts so far; each writes its own stderr file.
+    generation: u32,
+}
+
+impl Broker {
+    /// One shard, default settings.
+    pub fn start() -> Broker {
+        BrokerOptions::default().start()
+    }
+
+    pub fn options() -> BrokerOptions {
+        BrokerOptions::default()
+    }
+
+    pub fn start_with(options: BrokerOptions) -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-test-")
+            .tempdir()
+            .expect("create a temp dir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("socket addr");
+        let mut b = Broker {
+            child: None,
+            addr,
+            options,
+            dir,
+            generation: 0,
+        };
+        b.spawn_and_wait();
+        b
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `host:port` for clients.
+    pub fn bootstrap(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn stderr_path(&self, generation: u32) -> PathBuf {
+        self.dir.path().join(format!("stderr-{generation}.log"))
+    }
+
+    /// Stderr of the latest start (the broker logs there).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_path(self.generation)).unwrap_or_default()
+    }
+
+    /// The command line of `sluice start` for this broker.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.arg("start")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--cores")
+            .arg(self.options.cores.to_string())
+            .args(&self.options.extra_args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn spawn_and_wait(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        self.generation += 1;
+        let log = std::fs::File::create(self.stderr_path(self.generation)).expect("stderr file");
+        let log2 = log.try_clone().expect("clone stderr file");
+        let child = self
+            .command()
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .spawn()
+            .expect("spawn the sluice binary");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_WAIT_MAX;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "sluice exited during start-up with {status}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "sluice did not accept connections on {} within {:?}; stderr:\n{}",
+                    self.addr,
+                    START_WAIT_MAX,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `sig` to the broker process (by PID).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("broker is running");
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// Waits (bounded) for the process to exit and reaps it.
+    pub fn wait_exit(&mut self, max: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + max;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status (panics if it does not exit in time).
+    pub fn sigterm(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(EXIT_WAIT_MAX) {
+            Some(s) => s,
+            None => {
+                self.kill_now();
+                panic!("sluice did not exit within {EXIT_WAIT_MAX:?} of SIGTERM");
+            }
+        }
+    }
+
+    /// SIGKILL and reap: a crash, nothing gets flushed.
+    pub fn sigkill(&mut self) {
+        self.signal(libc::SIGKILL);
+        assert!(
+            self.wait_exit(EXIT_WAIT_MAX).is_some(),
+            "sluice survived SIGKILL"
+        );
+    }
+
+    fn kill_now(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same data dir and port.
+    pub fn restart(&mut self) {
+        self.spawn_and_wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
+/// Runs a command to completion with a deadline; kills it if it runs over.
+pub fn run_bounded(mut cmd: Command, stdin: Option<&[u8]>, max: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd.spawn().expect("spawn command");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let mut si = child.stdin.take().expect("stdin piped");
+        si.write_all(input).expect("write stdin");
+        drop(si);
+    }
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + max;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command {cmd:?} did not finish within {max:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `sluice <args>` (a client command) with a deadline.
+pub fn sluice(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(args).env_remove("SLUICE_BROKERS");
+    run_bounded(cmd, stdin, CLI_WAIT_MAX)
+}
+
+/// A fresh, unique topic name.
+pub fn topic_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether a file exists and is non-empty (used to sanity-check the data dir).
+pub fn non_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}

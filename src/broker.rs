@@ -391,11 +391,36 @@ fn lock_data_dir(dir: &Path) -> Result<DirLock, String> {
 }
 
 /// SO_REUSEPORT would let us bind a port another process holds and silently share its traffic:
-/// refuse to start unless a plain bind succeeds first.
+/// refuse to start unless a plain bind (without SO_REUSEPORT) succeeds first. The socket is bound
+/// but never listens, so no client can connect to it in the meantime.
 fn check_port_free(addr: std::net::SocketAddr) -> Result<(), String> {
-    std::net::TcpListener::bind(addr)
-        .map(drop)
+    let sock = new_tcp_socket(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    sock.bind(&addr.into())
         .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+fn new_tcp_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Connections of a previous run lingering in TIME_WAIT must not keep a restarted broker
+    // from binding its port (Kafka restarts at once, so do we).
+    sock.set_reuse_address(true)?;
+    Ok(sock)
+}
+
+/// The shard's listener: SO_REUSEPORT so every shard listens on the same port and the kernel
+/// spreads connections, SO_REUSEADDR so a restart binds at once.
+fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sock = new_tcp_socket(addr)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    // SAFETY: a bound, listening TCP socket whose descriptor we hand over.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(sock.into_raw_fd()) })
 }
 
 /// Producer ids are handed out from blocks persisted in `__meta/producer_ids` so that ids are
@@ -425,9 +450,12 @@ pub fn write_producer_id_limit(data_dir: &Path, limit: u64) -> std::io::Result<(
 }
 
 /// Starts the broker and blocks until it has shut down. Returns the process exit code.
-pub fn run(config: BrokerConfig) -> Result<(), String> {
+pub fn run(mut config: BrokerConfig) -> Result<(), String> {
     tune_allocator();
     let _lock = lock_data_dir(&config.data_dir)?;
+    // Absolute from here on: direct-I/O files are opened by absolute path, and logs name it.
+    config.data_dir = std::fs::canonicalize(&config.data_dir)
+        .map_err(|e| format!("cannot resolve data dir {}: {e}", config.data_dir.display()))?;
     check_port_free(config.listen)?;
     let store = MetadataStore::open(&config.data_dir)
         .map_err(|e| format!("cannot open metadata in {}: {e}", config.data_dir.display()))?;
@@ -557,7 +585,7 @@ async fn run_shard(
     }
     let listener = match err {
         Some(e) => Err(e),
-        None => glommio::net::TcpListener::bind(broker.config.listen)
+        None => bind_listener(broker.config.listen)
             .map_err(|e| format!("cannot listen on {}: {e}", broker.config.listen)),
     };
     let listener = match listener {

@@ -22,9 +22,21 @@ pub const CHUNK_BYTES_MAX: usize = 1 << 20;
 /// Appends wait while this many bytes are pending (written by no flush yet): bounds memory when
 /// the disk is slower than the producers.
 pub const PENDING_BYTES_MAX: usize = 64 << 20;
-/// Segment files grow by pre-allocated extents of this size (or the segment size if smaller),
-/// so writes inside them change no file size and fdatasync has no size to persist.
+/// Segment files grow by pre-allocated extents, so writes inside them change no file size and
+/// fdatasync has no size to persist. Extents start at `EXTENT_BYTES_MIN` and double with the file
+/// up to `EXTENT_BYTES` (never past the segment size): a busy partition soon allocates in large
+/// extents, while an idle one (or the 50 partitions of `__consumer_offsets`) costs 1 MiB of disk,
+/// not 64 MiB.
 pub const EXTENT_BYTES: u64 = 64 << 20;
+pub const EXTENT_BYTES_MIN: u64 = 1 << 20;
+const _: () = assert!(EXTENT_BYTES_MIN <= EXTENT_BYTES);
+
+/// How far a file of `allocated` bytes grows next.
+pub fn next_extent(allocated: u64, segment_bytes: u64) -> u64 {
+    allocated
+        .clamp(EXTENT_BYTES_MIN, EXTENT_BYTES)
+        .min(segment_bytes)
+}
 
 const _: () = assert!((CHUNK_BYTES_MIN as u64).is_multiple_of(ALIGN_BYTES));
 const _: () = assert!((CHUNK_BYTES_MAX as u64).is_multiple_of(ALIGN_BYTES));
@@ -236,7 +248,7 @@ impl PartitionLog {
                 align_up(
                     flush
                         .write_end
-                        .max(s.allocated + EXTENT_BYTES.min(seg_bytes)),
+                        .max(s.allocated + next_extent(s.allocated, seg_bytes)),
                 )
             });
             // After a failed write, bytes of the failed batches may lie past the written data;

@@ -608,7 +608,7 @@ impl PartitionLog {
         }
         let path = meta::segment_path(&self.dir, base, "log");
         let new_file = self.io.open(&path, true).await?;
-        let extent = appender::EXTENT_BYTES.min(self.state.borrow().config.segment_bytes.max(4096));
+        let extent = appender::next_extent(0, self.state.borrow().config.segment_bytes.max(4096));
         new_file.allocate(align_up(extent)).await?;
         // The new file's directory entry must be durable before any append is acknowledged in
         // it: fdatasync of the file does not persist the entry, and after a crash a missing

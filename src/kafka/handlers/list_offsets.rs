@@ -41,13 +41,21 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 match ts {
                     EARLIEST => Ok((log.log_start_offset().0, -1)),
                     LATEST => Ok((log.high_watermark().0, -1)),
-                    MAX_TIMESTAMP => Ok(log
-                        .max_timestamp()
-                        .map(|(o, t)| (o.0, t))
-                        .unwrap_or((-1, -1))),
+                    MAX_TIMESTAMP => match log.max_timestamp() {
+                        // The batch's last offset is a bound; the record is the first with
+                        // the batch's max timestamp (KIP-734).
+                        Some((o, t)) => record_in_batch(&log, o, |ts| ts == t)
+                            .await
+                            .map(|r| r.unwrap_or((o.0, t))),
+                        None => Ok((-1, -1)),
+                    },
                     t if t < 0 => Err(code(ResponseError::InvalidRequest)),
                     t => match log.offset_for_timestamp(t).await {
-                        Ok(Some((o, t))) => Ok((o.0, t)),
+                        // The batch holding the answer; the answer is the first record in it at
+                        // or after `t` (Kafka looks inside the batch too).
+                        Ok(Some((o, bt))) => record_in_batch(&log, o, |ts| ts >= t)
+                            .await
+                            .map(|r| r.unwrap_or((o.0, bt))),
                         Ok(None) => Ok((-1, -1)),
                         Err(e) => Err(storage_code(&e)),
                     },
@@ -70,4 +78,40 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         );
     }
     req.respond(&ListOffsetsResponse::default().with_topics(topics))
+}
+
+/// The first record (offset, timestamp) satisfying `wanted` in the batch holding `offset`. Rare
+/// admin path: the batch is decoded (and decompressed) here; produce and fetch never do this.
+async fn record_in_batch(
+    log: &crate::storage::PartitionLog,
+    offset: crate::types::Offset,
+    wanted: impl Fn(i64) -> bool,
+) -> Result<Option<(i64, i64)>, i16> {
+    let read = log
+        .read(crate::storage::ReadOptions {
+            start: offset.max(log.log_start_offset()),
+            bytes_max: 1,
+        })
+        .await
+        .map_err(|e| storage_code(&e))?;
+    let Some(batch) = read.batches.first() else {
+        return Ok(None);
+    };
+    let log_append = crate::protocol::batch::BatchHeader::parse(batch)
+        .map(|h| (h.is_log_append_time(), h.max_timestamp()));
+    let mut buf = batch.clone();
+    let Ok(set) = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf) else {
+        return Ok(None);
+    };
+    let start = log.log_start_offset().0;
+    Ok(set
+        .records
+        .iter()
+        .filter(|r| r.offset >= start)
+        .map(|r| match log_append {
+            // LogAppendTime: every record carries the batch's time.
+            Ok((true, max_ts)) => (r.offset, max_ts),
+            _ => (r.offset, r.timestamp),
+        })
+        .find(|(_, ts)| wanted(*ts)))
 }

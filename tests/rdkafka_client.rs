@@ -1,0 +1,223 @@
+//! librdkafka (through the `rdkafka` crate) against the real broker: admin, produce/fetch round
+//! trips, codecs, acks, offsets, idempotent retries. Consumers use explicit assignment.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Broker;
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(b: &Broker) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", b.bootstrap())
+        .set("socket.timeout.ms", "10000")
+        .set("log_level", "3");
+    c
+}
+
+fn admin(b: &Broker) -> AdminClient<DefaultClientContext> {
+    config(b).create().expect("admin client")
+}
+
+fn opts() -> AdminOptions {
+    AdminOptions::new()
+        .operation_timeout(Some(WAIT))
+        .request_timeout(Some(WAIT))
+}
+
+fn producer(b: &Broker, extra: &[(&str, &str)]) -> FutureProducer {
+    let mut c = config(b);
+    c.set("message.timeout.ms", "10000").set("linger.ms", "0");
+    for (k, v) in extra {
+        c.set(*k, *v);
+    }
+    c.create().expect("producer")
+}
+
+fn consumer(b: &Broker, extra: &[(&str, &str)]) -> BaseConsumer {
+    let mut c = config(b);
+    c.set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100");
+    for (k, v) in extra {
+        c.set(*k, *v);
+    }
+    c.create().expect("consumer")
+}
+
+async fn create_topic(b: &Broker, name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        t = t.set(k, v);
+    }
+    let res = admin(b)
+        .create_topics([&t], &opts())
+        .await
+        .expect("create_topics request");
+    assert_eq!(res.len(), 1);
+    assert!(res[0].is_ok(), "create {name}: {:?}", res[0]);
+}
+
+/// Reads `n` records of one partition starting at `from` (bounded by WAIT).
+fn read_n(
+    c: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: Offset,
+    n: usize,
+) -> Vec<OwnedMessage> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, from)
+        .expect("add partition");
+    c.assign(&tpl).expect("assign");
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {} of {n} records of {topic}/{partition} before the deadline",
+            out.len()
+        );
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(e)) => panic!("consume error: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+async fn send(
+    p: &FutureProducer,
+    rec: FutureRecord<'_, [u8], [u8]>,
+) -> Result<(i32, i64), KafkaError> {
+    p.send(rec, Timeout::After(WAIT))
+        .await
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_lists_broker_and_topic() {
+    let b = Broker::start(2);
+    create_topic(&b, "meta", 4, &[]).await;
+    let c = consumer(&b, &[]);
+    let md = c.fetch_metadata(Some("meta"), WAIT).expect("metadata");
+    assert_eq!(md.brokers().len(), 1);
+    assert_eq!(md.brokers()[0].host(), "127.0.0.1");
+    assert_eq!(md.brokers()[0].port() as u16, b.port);
+    assert_eq!(md.topics().len(), 1);
+    let t = &md.topics()[0];
+    assert_eq!(t.name(), "meta");
+    assert!(t.error().is_none(), "{:?}", t.error());
+    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    ids.sort();
+    assert_eq!(ids, vec![0, 1, 2, 3]);
+    for p in t.partitions() {
+        assert_eq!(p.leader(), md.brokers()[0].id());
+        assert_eq!(p.replicas(), &[md.brokers()[0].id()]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_create_duplicate_delete_recreate() {
+    let b = Broker::start(2);
+    let a = admin(&b);
+    create_topic(&b, "adm", 3, &[]).await;
+    let dup = NewTopic::new("adm", 3, TopicReplication::Fixed(1));
+    let res = a.create_topics([&dup], &opts()).await.expect("request");
+    assert_eq!(
+        res[0],
+        Err(("adm".to_string(), RDKafkaErrorCode::TopicAlreadyExists))
+    );
+    let res = a.delete_topics(&["adm"], &opts()).await.expect("request");
+    assert_eq!(res[0], Ok("adm".to_string()));
+    let c = consumer(&b, &[]);
+    let md = c.fetch_metadata(None, WAIT).expect("metadata");
+    assert!(md.topics().iter().all(|t| t.name() != "adm"));
+    // Recreate with a different partition count: the old data must be gone.
+    create_topic(&b, "adm", 2, &[]).await;
+    let md = c.fetch_metadata(Some("adm"), WAIT).expect("metadata");
+    assert_eq!(md.topics()[0].partitions().len(), 2);
+    let (lo, hi) = c.fetch_watermarks("adm", 0, WAIT).expect("watermarks");
+    assert_eq!((lo, hi), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_replication_factor_three_is_refused() {
+    let b = Broker::start(1);
+    let t = NewTopic::new("rf3", 1, TopicReplication::Fixed(3));
+    let res = admin(&b)
+        .create_topics([&t], &opts())
+        .await
+        .expect("request");
+    assert_eq!(
+        res[0],
+        Err((
+            "rf3".to_string(),
+            RDKafkaErrorCode::InvalidReplicationFactor
+        ))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_describe_configs_and_create_partitions() {
+    let b = Broker::start(2);
+    create_topic(
+        &b,
+        "cfg",
+        2,
+        &[
+            ("retention.ms", "3600000"),
+            ("max.message.bytes", "2000000"),
+        ],
+    )
+    .await;
+    let a = admin(&b);
+    let res = a
+        .describe_configs([&ResourceSpecifier::Topic("cfg")], &opts())
+        .await
+        .expect("request");
+    let r = res[0].as_ref().expect("describe cfg");
+    let get = |k: &str| r.get(k).and_then(|e| e.value.clone());
+    assert_eq!(get("retention.ms").as_deref(), Some("3600000"));
+    assert_eq!(get("max.message.bytes").as_deref(), Some("2000000"));
+    assert!(r.get("cleanup.policy").is_some(), "defaults are listed too");
+
+    let res = a
+        .create_partitions([&NewPartitions::new("cfg", 5)], &opts())
+        .await
+        .expect("request");
+    assert_eq!(res[0], Ok("cfg".to_string()));
+    let c = consumer(&b, &[]);
+    let md = c.fetch_metadata(Some("cfg"), WAIT).expect("metadata");
+    assert_eq!(md.topics()[0].partitions().len(), 5);
+    // Shrinking is refused.
+    let res = a
+        .create_partitions([&NewPartitions::new("cfg", 3)], &opts())
+        .await
+        .expect("request");
+    assert_eq!(
+        res[0],
+        Err(("cfg".to_string(), RDKafkaErrorCode::InvalidPartitions))
+    );
+    // The new partitions take records.
+    let p = producer(&b, &[]);
+    let (part, off) = send(&p, FutureRecord::to("cfg").partition(4).payload(&b"x"[..]))
+        .await
+        .expect("produce to new partition");
+    assert_eq!((part, off), (4, 0));
+}

@@ -49,7 +49,11 @@ fn producer(b: &Broker, extra: &[(&str, &str)]) -> FutureProducer {
 
 fn consumer(b: &Broker, extra: &[(&str, &str)]) -> BaseConsumer {
     let mut c = config(b);
-    c.set("enable.auto.commit", "false")
+    // librdkafka wants a group id even for assign(); no group API is used: offsets are explicit
+    // and nothing is committed.
+    c.set("group.id", "sluice-tests-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "100");
     for (k, v) in extra {
@@ -220,4 +224,183 @@ async fn admin_describe_configs_and_create_partitions() {
         .await
         .expect("produce to new partition");
     assert_eq!((part, off), (4, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_keys_headers_timestamps_nulls() {
+    let b = Broker::start(2);
+    create_topic(&b, "rt", 1, &[]).await;
+    let p = producer(&b, &[]);
+    let ts = 1_700_000_000_123i64;
+    let h = OwnedHeaders::new()
+        .insert(Header {
+            key: "h1",
+            value: Some(&b"v1"[..]),
+        })
+        .insert(Header {
+            key: "h2",
+            value: None::<&[u8]>,
+        });
+    let o0 = send(
+        &p,
+        FutureRecord::to("rt")
+            .key(&b"k0"[..])
+            .payload(&b"v0"[..])
+            .headers(h)
+            .timestamp(ts),
+    )
+    .await
+    .expect("record 0");
+    let o1 = send(&p, FutureRecord::to("rt").payload(&b"no key"[..]))
+        .await
+        .expect("record 1");
+    let o2 = send(&p, FutureRecord::to("rt").key(&b"tombstone"[..]))
+        .await
+        .expect("record 2");
+    let o3 = send(&p, FutureRecord::to("rt").key(&b"k3"[..]).payload(&b""[..]))
+        .await
+        .expect("record 3");
+    assert_eq!(
+        [o0.1, o1.1, o2.1, o3.1],
+        [0, 1, 2, 3],
+        "offsets are dense from 0"
+    );
+
+    let c = consumer(&b, &[]);
+    let msgs = read_n(&c, "rt", 0, Offset::Beginning, 4);
+    assert_eq!(msgs[0].key(), Some(&b"k0"[..]));
+    assert_eq!(msgs[0].payload(), Some(&b"v0"[..]));
+    assert_eq!(msgs[0].timestamp().to_millis(), Some(ts));
+    let hs = msgs[0].headers().expect("headers");
+    assert_eq!(hs.count(), 2);
+    assert_eq!(hs.get(0).key, "h1");
+    assert_eq!(hs.get(0).value, Some(&b"v1"[..]));
+    assert_eq!(hs.get(1).key, "h2");
+    assert_eq!(hs.get(1).value, None);
+    assert_eq!(msgs[1].key(), None);
+    assert_eq!(msgs[1].payload(), Some(&b"no key"[..]));
+    assert!(msgs[1].timestamp().to_millis().unwrap_or(-1) > 0);
+    assert_eq!(msgs[2].key(), Some(&b"tombstone"[..]));
+    assert_eq!(msgs[2].payload(), None, "null value stays null");
+    assert_eq!(msgs[3].payload(), Some(&b""[..]), "empty value stays empty");
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.offset(), i as i64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_record_round_trip() {
+    let b = Broker::start(1);
+    create_topic(&b, "big", 1, &[("max.message.bytes", "2097152")]).await;
+    let p = producer(&b, &[("message.max.bytes", "2097152")]);
+    let value: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let (_, off) = send(
+        &p,
+        FutureRecord::to("big").key(&b"big"[..]).payload(&value[..]),
+    )
+    .await
+    .expect("1 MiB record");
+    assert_eq!(off, 0);
+    let c = consumer(&b, &[("fetch.message.max.bytes", "4194304")]);
+    let msgs = read_n(&c, "big", 0, Offset::Beginning, 1);
+    assert_eq!(msgs[0].payload().map(|v| v.len()), Some(value.len()));
+    assert!(
+        msgs[0].payload() == Some(&value[..]),
+        "payload bytes differ"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_record_is_message_size_too_large() {
+    let b = Broker::start(1);
+    create_topic(&b, "small", 1, &[("max.message.bytes", "10000")]).await;
+    // The producer's own limit is higher, so the broker is the one that refuses.
+    let p = producer(&b, &[("message.max.bytes", "2097152")]);
+    let value = vec![7u8; 50_000];
+    let err = send(&p, FutureRecord::to("small").payload(&value[..]))
+        .await
+        .expect_err("a 50 kB record must be refused by a 10 kB topic limit");
+    assert_eq!(
+        err.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge),
+        "{err}"
+    );
+    // A small one still goes through, and the refused one left nothing behind.
+    let (_, off) = send(&p, FutureRecord::to("small").payload(&b"ok"[..]))
+        .await
+        .expect("small record");
+    assert_eq!(off, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_codec_round_trips() {
+    let b = Broker::start(2);
+    for codec in ["gzip", "snappy", "lz4", "zstd"] {
+        let topic = format!("codec-{codec}");
+        create_topic(&b, &topic, 1, &[]).await;
+        let p = producer(&b, &[("compression.codec", codec), ("linger.ms", "50")]);
+        let n = 200usize;
+        let values: Vec<String> = (0..n)
+            .map(|i| format!("{codec} record {i} {}", "abc".repeat(i % 20)))
+            .collect();
+        let futs: Vec<_> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let key = format!("k{i}");
+                let p = &p;
+                let topic = &topic;
+                async move {
+                    send(
+                        p,
+                        FutureRecord::to(topic)
+                            .key(key.as_bytes())
+                            .payload(v.as_bytes()),
+                    )
+                    .await
+                }
+            })
+            .collect();
+        let mut offsets = Vec::new();
+        for f in futs {
+            offsets.push(f.await.unwrap_or_else(|e| panic!("{codec}: {e}")).1);
+        }
+        offsets.sort();
+        assert_eq!(offsets, (0..n as i64).collect::<Vec<_>>(), "{codec}");
+        let c = consumer(&b, &[]);
+        let msgs = read_n(&c, &topic, 0, Offset::Beginning, n);
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m.offset(), i as i64, "{codec}");
+            assert_eq!(m.key(), Some(format!("k{i}").as_bytes()), "{codec}");
+            assert_eq!(m.payload(), Some(values[i].as_bytes()), "{codec}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_zero_one_all() {
+    let b = Broker::start(2);
+    create_topic(&b, "acks", 1, &[]).await;
+    let mut expected = Vec::new();
+    for acks in ["0", "1", "all"] {
+        let p = producer(&b, &[("acks", acks)]);
+        for i in 0..10 {
+            let v = format!("acks={acks} {i}");
+            let (_, off) = send(&p, FutureRecord::to("acks").payload(v.as_bytes()))
+                .await
+                .unwrap_or_else(|e| panic!("acks={acks}: {e}"));
+            if acks != "0" {
+                assert_eq!(off, expected.len() as i64, "acks={acks}");
+            }
+            expected.push(v);
+        }
+    }
+    let c = consumer(&b, &[]);
+    let msgs = read_n(&c, "acks", 0, Offset::Beginning, expected.len());
+    let got: Vec<&[u8]> = msgs
+        .iter()
+        .map(|m| m.payload().unwrap_or_default())
+        .collect();
+    let want: Vec<&[u8]> = expected.iter().map(|s| s.as_bytes()).collect();
+    assert_eq!(got, want);
 }

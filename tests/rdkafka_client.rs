@@ -343,27 +343,28 @@ async fn every_codec_round_trips() {
         let values: Vec<String> = (0..n)
             .map(|i| format!("{codec} record {i} {}", "abc".repeat(i % 20)))
             .collect();
+        // Enqueue everything first so that the records share batches.
         let futs: Vec<_> = values
             .iter()
             .enumerate()
             .map(|(i, v)| {
                 let key = format!("k{i}");
-                let p = &p;
-                let topic = &topic;
-                async move {
-                    send(
-                        p,
-                        FutureRecord::to(topic)
-                            .key(key.as_bytes())
-                            .payload(v.as_bytes()),
-                    )
-                    .await
-                }
+                p.send_result(
+                    FutureRecord::to(&topic)
+                        .key(key.as_bytes())
+                        .payload(v.as_bytes()),
+                )
+                .unwrap_or_else(|(e, _)| panic!("{codec}: enqueue: {e}"))
             })
             .collect();
         let mut offsets = Vec::new();
         for f in futs {
-            offsets.push(f.await.unwrap_or_else(|e| panic!("{codec}: {e}")).1);
+            let d = tokio::time::timeout(WAIT, f)
+                .await
+                .unwrap_or_else(|_| panic!("{codec}: no delivery report in {WAIT:?}"))
+                .expect("delivery future canceled")
+                .unwrap_or_else(|(e, _)| panic!("{codec}: {e}"));
+            offsets.push(d.offset);
         }
         offsets.sort();
         assert_eq!(offsets, (0..n as i64).collect::<Vec<_>>(), "{codec}");

@@ -405,3 +405,93 @@ async fn acks_zero_one_all() {
     let want: Vec<&[u8]> = expected.iter().map(|s| s.as_bytes()).collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_for_times_and_watermarks() {
+    let b = Broker::start(2);
+    create_topic(&b, "times", 2, &[]).await;
+    let p = producer(&b, &[]);
+    let base = 1_700_000_000_000i64;
+    for i in 0..5i64 {
+        let v = format!("t{i}");
+        let (part, off) = send(
+            &p,
+            FutureRecord::to("times")
+                .partition(1)
+                .payload(v.as_bytes())
+                .timestamp(base + i * 1000),
+        )
+        .await
+        .expect("produce");
+        assert_eq!((part, off), (1, i));
+    }
+    let c = consumer(&b, &[]);
+    assert_eq!(
+        c.fetch_watermarks("times", 1, WAIT).expect("watermarks"),
+        (0, 5)
+    );
+    assert_eq!(
+        c.fetch_watermarks("times", 0, WAIT).expect("watermarks"),
+        (0, 0)
+    );
+    let query = |ts: i64| {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("times", 1, Offset::Offset(ts))
+            .expect("add");
+        let r = c.offsets_for_times(tpl, WAIT).expect("offsets_for_times");
+        let e = r.find_partition("times", 1).expect("partition in answer");
+        assert!(e.error().is_ok(), "{:?}", e.error());
+        e.offset()
+    };
+    assert_eq!(
+        query(base - 1),
+        Offset::Offset(0),
+        "before the first record"
+    );
+    assert_eq!(query(base), Offset::Offset(0), "exactly the first");
+    assert_eq!(query(base + 2000), Offset::Offset(2), "exact match");
+    assert_eq!(query(base + 2500), Offset::Offset(3), "first at or after");
+    assert_eq!(query(base + 4000), Offset::Offset(4), "the last");
+    assert_eq!(query(base + 4001), Offset::End, "after the last: -1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_at_end_receives_later_record() {
+    let b = Broker::start(2);
+    create_topic(&b, "tail", 1, &[]).await;
+    let p = producer(&b, &[]);
+    send(&p, FutureRecord::to("tail").payload(&b"before"[..]))
+        .await
+        .expect("produce");
+    let c = consumer(&b, &[("fetch.wait.max.ms", "500")]);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("tail", 0, Offset::End)
+        .expect("add");
+    c.assign(&tpl).expect("assign");
+    // Let the consumer reach the end and park in a long-poll Fetch.
+    for _ in 0..10 {
+        if let Some(r) = c.poll(Duration::from_millis(100)) {
+            panic!("nothing new should arrive yet: {:?}", r.map(|m| m.offset()));
+        }
+    }
+    let producer_task = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        send(&p, FutureRecord::to("tail").payload(&b"after"[..])).await
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    let msg = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting consumer never got the later record"
+        );
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => break m.detach(),
+            Some(Err(e)) => panic!("consume error: {e}"),
+            None => {}
+        }
+    };
+    assert_eq!(msg.payload(), Some(&b"after"[..]));
+    assert_eq!(msg.offset(), 1);
+    let sent = producer_task.await.expect("join").expect("produce");
+    assert_eq!(sent, (0, 1));
+}

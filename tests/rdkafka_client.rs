@@ -495,3 +495,167 @@ async fn consumer_at_end_receives_later_record() {
     let sent = producer_task.await.expect("join").expect("produce");
     assert_eq!(sent, (0, 1));
 }
+
+/// A 127.0.0.1 TCP proxy in front of the broker that cuts a client connection right after
+/// forwarding the produce requests whose global sequence number is in `cut_after`, before their
+/// responses can come back: the producer must retry a request the broker already appended.
+struct CuttingProxy {
+    port: u16,
+    produce_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    async fn bind() -> (tokio::net::TcpListener, u16) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = l.local_addr().expect("proxy addr").port();
+        (l, port)
+    }
+
+    fn run(
+        listener: tokio::net::TcpListener,
+        upstream: std::net::SocketAddr,
+        cut_after: Vec<usize>,
+    ) -> CuttingProxy {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = listener.local_addr().expect("proxy addr").port();
+        let produce_requests = Arc::new(AtomicUsize::new(0));
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let (pr, cu) = (produce_requests.clone(), cuts.clone());
+        let cut_after = Arc::new(cut_after);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (pr, cu, cut_after) = (pr.clone(), cu.clone(), cut_after.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let mut down = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    });
+                    loop {
+                        let mut len = [0u8; 4];
+                        if cr.read_exact(&mut len).await.is_err() {
+                            break;
+                        }
+                        let n = i32::from_be_bytes(len);
+                        assert!(n >= 2 && n < 64 << 20, "client sent frame length {n}");
+                        let mut frame = vec![0u8; n as usize];
+                        if cr.read_exact(&mut frame).await.is_err() {
+                            break;
+                        }
+                        let api_key = i16::from_be_bytes([frame[0], frame[1]]);
+                        let cut = api_key == 0
+                            && cut_after.contains(&(pr.fetch_add(1, Ordering::SeqCst) + 1));
+                        if cut {
+                            // Stop forwarding responses first so that the answer to this
+                            // request never reaches the client.
+                            down.abort();
+                            let _ = (&mut down).await;
+                        }
+                        if sw.write_all(&len).await.is_err() || sw.write_all(&frame).await.is_err()
+                        {
+                            break;
+                        }
+                        if cut {
+                            // Give the broker time to append, then drop the connection.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            cu.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                    let _ = down.await;
+                });
+            }
+        });
+        CuttingProxy {
+            port,
+            produce_requests,
+            cuts,
+            task,
+        }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_producer_survives_cut_connections_exactly_once() {
+    use std::sync::atomic::Ordering;
+    let (listener, proxy_port) = CuttingProxy::bind().await;
+    // Clients learn the broker's address from Metadata: advertise the proxy so every
+    // connection goes through it.
+    let advertise = format!("127.0.0.1:{proxy_port}");
+    let b = Broker::start_with(2, &["--advertise", &advertise]);
+    let proxy = CuttingProxy::run(listener, b.addr(), vec![3, 8]);
+    create_topic(&b, "idem", 1, &[]).await;
+    assert_eq!(proxy.port, proxy_port);
+
+    let mut c = config(&b);
+    c.set("bootstrap.servers", &advertise)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "20")
+        .set("retry.backoff.ms", "50")
+        .set("message.timeout.ms", "30000");
+    let p: FutureProducer = c.create().expect("idempotent producer");
+    let n = 400usize;
+    let mut futs = Vec::with_capacity(n);
+    for i in 0..n {
+        let v = format!("{i:05}");
+        futs.push(
+            p.send_result(FutureRecord::<[u8], [u8]>::to("idem").payload(v.as_bytes()))
+                .unwrap_or_else(|(e, _)| panic!("enqueue {i}: {e}")),
+        );
+        if i % 25 == 24 {
+            // Spread the records over many produce requests.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut offsets = Vec::with_capacity(n);
+    for (i, f) in futs.into_iter().enumerate() {
+        let d = tokio::time::timeout(Duration::from_secs(40), f)
+            .await
+            .unwrap_or_else(|_| panic!("record {i}: no delivery report"))
+            .expect("delivery future canceled")
+            .unwrap_or_else(|(e, _)| panic!("record {i}: {e}"));
+        offsets.push(d.offset);
+    }
+    eprintln!(
+        "proxy: {} produce requests, {} cut",
+        proxy.produce_requests.load(Ordering::SeqCst),
+        proxy.cuts.load(Ordering::SeqCst)
+    );
+    assert!(
+        proxy.cuts.load(Ordering::SeqCst) >= 1,
+        "the proxy must have cut at least one connection (saw {} produce requests)",
+        proxy.produce_requests.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        offsets,
+        (0..n as i64).collect::<Vec<_>>(),
+        "each record acked once, in order"
+    );
+    let cons = consumer(&b, &[("bootstrap.servers", advertise.as_str())]);
+    let (lo, hi) = cons.fetch_watermarks("idem", 0, WAIT).expect("watermarks");
+    assert_eq!((lo, hi), (0, n as i64), "no duplicate was appended");
+    let msgs = read_n(&cons, "idem", 0, Offset::Beginning, n);
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.payload(), Some(format!("{i:05}").as_bytes()));
+    }
+}

@@ -11,10 +11,17 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use common::Broker;
 use kafka_protocol::messages::{
+    fetch_request, list_offsets_request, produce_request, FetchRequest, FetchResponse,
+    ListOffsetsRequest, ListOffsetsResponse, ProduceRequest, ProduceResponse,
+};
+use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, CreateTopicsResponse,
     MetadataRequest, MetadataResponse, RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 
 const IO_WAIT: Duration = Duration::from_secs(10);
 
@@ -282,12 +289,220 @@ fn api_versions_v99_answers_unsupported_version_with_v0_body() {
     assert_eq!(md.brokers.len(), 1);
 }
 
+fn topic_name(t: &str) -> TopicName {
+    TopicName(StrBytes::from_string(t.to_string()))
+}
+
+/// A v2 record batch holding `values` (key `k{i}`), uncompressed.
+fn batch(values: &[String]) -> Vec<u8> {
+    let now = 1_700_000_000_000i64;
+    let records: Vec<Record> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: -1,
+            timestamp: now + i as i64,
+            key: Some(Bytes::from(format!("k{i}"))),
+            value: Some(Bytes::from(v.clone())),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode batch");
+    buf.to_vec()
+}
+
+/// Produces one batch; returns (error_code, base_offset).
+fn produce(c: &mut Conn, topic: &str, partition: i32, acks: i16, batch: Vec<u8>) -> (i16, i64) {
+    let req = ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![produce_request::TopicProduceData::default()
+            .with_name(topic_name(topic))
+            .with_partition_data(vec![
+                produce_request::PartitionProduceData::default()
+                    .with_index(partition)
+                    .with_records(Some(Bytes::from(batch))),
+            ])]);
+    let r: ProduceResponse = c.call(ApiKey::Produce, 9, &req);
+    let p = &r.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+/// ListOffsets with `timestamp` (-1 latest, -2 earliest); returns (error_code, offset).
+fn list_offset(c: &mut Conn, topic: &str, partition: i32, timestamp: i64) -> (i16, i64) {
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+        .with_topics(vec![list_offsets_request::ListOffsetsTopic::default()
+            .with_name(topic_name(topic))
+            .with_partitions(vec![
+                list_offsets_request::ListOffsetsPartition::default()
+                    .with_partition_index(partition)
+                    .with_timestamp(timestamp),
+            ])]);
+    let r: ListOffsetsResponse = c.call(ApiKey::ListOffsets, 7, &req);
+    let p = &r.topics[0].partitions[0];
+    (p.error_code, p.offset)
+}
+
+/// Every record of a partition as (offset, key, value), fetched until the high watermark.
+fn fetch_all(c: &mut Conn, topic: &str, partition: i32) -> Vec<(i64, String, String)> {
+    let mut out = Vec::new();
+    let mut next = 0i64;
+    for _ in 0..1000 {
+        let req = FetchRequest::default()
+            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+            .with_max_wait_ms(100)
+            .with_min_bytes(1)
+            .with_max_bytes(16 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![fetch_request::FetchTopic::default()
+                .with_topic(topic_name(topic))
+                .with_partitions(vec![fetch_request::FetchPartition::default()
+                    .with_partition(partition)
+                    .with_fetch_offset(next)
+                    .with_partition_max_bytes(4 << 20)])]);
+        let r: FetchResponse = c.call(ApiKey::Fetch, 11, &req);
+        assert_eq!(r.error_code, 0);
+        let p = &r.responses[0].partitions[0];
+        assert_eq!(p.error_code, 0, "fetch {topic}/{partition} at {next}");
+        if let Some(mut bytes) = p.records.clone() {
+            for set in RecordBatchDecoder::decode_all(&mut bytes).expect("decode fetched batches") {
+                for rec in set.records {
+                    if rec.offset < next {
+                        continue;
+                    }
+                    let key =
+                        String::from_utf8_lossy(rec.key.as_deref().unwrap_or(b"")).into_owned();
+                    let val =
+                        String::from_utf8_lossy(rec.value.as_deref().unwrap_or(b"")).into_owned();
+                    out.push((rec.offset, key, val));
+                    next = rec.offset + 1;
+                }
+            }
+        }
+        if next >= p.high_watermark {
+            return out;
+        }
+    }
+    panic!("fetch of {topic}/{partition} made no progress");
+}
+
 #[test]
-fn sigterm_exits_zero_and_restart_accepts() {
-    let mut b = Broker::start(1);
+fn produce_with_flipped_crc_is_corrupt_message() {
+    let b = raw_broker();
+    create_topic(&b, "crc", 1);
+    let mut c = Conn::open(&b);
+    let good = batch(&["a".to_string(), "b".to_string()]);
+    // Byte 17 is the first byte of the CRC field (base offset 8, length 4, leader epoch 4,
+    // magic 1).
+    let mut bad = good.clone();
+    bad[17] ^= 0xff;
+    assert_eq!(
+        produce(&mut c, "crc", 0, -1, bad),
+        (2, -1),
+        "CORRUPT_MESSAGE"
+    );
+    // A flipped byte inside the CRC-covered part is caught as well.
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    assert_eq!(produce(&mut c, "crc", 0, 1, bad).0, 2, "CORRUPT_MESSAGE");
+    assert_eq!(
+        list_offset(&mut c, "crc", 0, -1),
+        (0, 0),
+        "nothing was appended"
+    );
+    assert_eq!(fetch_all(&mut c, "crc", 0), vec![]);
+    // The same connection still works, and the good batch goes in at offset 0.
+    assert_eq!(produce(&mut c, "crc", 0, -1, good), (0, 0));
+    assert_eq!(list_offset(&mut c, "crc", 0, -1), (0, 2));
+    assert_serves(&b);
+}
+
+#[test]
+fn sigterm_exits_zero_and_data_survives_restart() {
+    let mut b = Broker::start(2);
+    create_topic(&b, "clean", 2);
+    let mut c = Conn::open(&b);
+    let values: Vec<String> = (0..50).map(|i| format!("value-{i}")).collect();
+    assert_eq!(produce(&mut c, "clean", 0, 1, batch(&values[..30])), (0, 0));
+    assert_eq!(
+        produce(&mut c, "clean", 0, 1, batch(&values[30..])),
+        (0, 30)
+    );
+    assert_eq!(produce(&mut c, "clean", 1, 1, batch(&values[..5])), (0, 0));
+    drop(c);
     let st = b.sigterm();
     assert_eq!(st.code(), Some(0), "stderr:\n{}", b.stderr());
     b.restart();
-    assert_serves(&b);
-    let _ = create_topic;
+    let mut c = Conn::open(&b);
+    let got = fetch_all(&mut c, "clean", 0);
+    let want: Vec<(i64, String, String)> = (0..50)
+        .map(|i| {
+            (
+                i as i64,
+                format!("k{}", if i < 30 { i } else { i - 30 }),
+                values[i].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(fetch_all(&mut c, "clean", 1).len(), 5);
+    assert_eq!(list_offset(&mut c, "clean", 0, -1), (0, 50));
+    // Appends continue after the recovered end.
+    assert_eq!(
+        produce(&mut c, "clean", 0, -1, batch(&values[..1])),
+        (0, 50)
+    );
+}
+
+#[test]
+fn acks_all_records_survive_sigkill_with_identical_offsets() {
+    let mut b = Broker::start(2);
+    create_topic(&b, "durable", 3);
+    let mut c = Conn::open(&b);
+    let mut acked: Vec<(i32, i64, Vec<String>)> = Vec::new();
+    for n in 0..60usize {
+        let partition = (n % 3) as i32;
+        let values: Vec<String> = (0..(1 + n % 7))
+            .map(|i| format!("b{n}-r{i}-{}", "x".repeat(n * 10)))
+            .collect();
+        let (err, base) = produce(&mut c, "durable", partition, -1, batch(&values));
+        assert_eq!(err, 0, "batch {n}");
+        acked.push((partition, base, values));
+    }
+    drop(c);
+    b.sigkill();
+    b.restart();
+    let mut c = Conn::open(&b);
+    for partition in 0..3 {
+        let got = fetch_all(&mut c, "durable", partition);
+        let mut want = Vec::new();
+        for (p, base, values) in &acked {
+            if *p != partition {
+                continue;
+            }
+            for (i, v) in values.iter().enumerate() {
+                want.push((base + i as i64, format!("k{i}"), v.clone()));
+            }
+        }
+        assert_eq!(got, want, "partition {partition} after kill -9");
+    }
 }

@@ -44,6 +44,34 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// True if a Kafka ApiVersions v0 request on a fresh connection gets a response. A bare TCP
+/// connect is not enough: right after a SIGKILL the dead broker's listening socket can live on
+/// for a moment (its io_uring is torn down asynchronously) and accept connections that are then
+/// reset.
+pub fn answers_api_versions(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    // length 10 | api_key 18 | version 0 | correlation id 1 | client id null
+    let frame = [0u8, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
+    if s.write_all(&frame).is_err() {
+        return false;
+    }
+    let mut len = [0u8; 4];
+    if s.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let n = i32::from_be_bytes(len);
+    if !(4..=1 << 20).contains(&n) {
+        return false;
+    }
+    let mut body = vec![0u8; n as usize];
+    s.read_exact(&mut body).is_ok() && body[..4] == [0, 0, 0, 1]
+}
+
 /// A running broker process.
 pub struct Broker {
     pub dir: tempfile::TempDir,
@@ -156,7 +184,7 @@ impl Broker {
                     return false;
                 }
             }
-            if TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok() {
+            if answers_api_versions(self.addr()) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -200,6 +228,13 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.sigkill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- broker stderr ({}) ---\n{}",
+                self.stderr_path.display(),
+                self.stderr()
+            );
+        }
     }
 }
 

@@ -506,3 +506,107 @@ fn acks_all_records_survive_sigkill_with_identical_offsets() {
         assert_eq!(got, want, "partition {partition} after kill -9");
     }
 }
+
+/// Runs `sluice start` with `args` and returns (exit code, stderr lines).
+fn start_fails(args: &[&str]) -> (Option<i32>, Vec<String>) {
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.arg("start").args(args).env_remove("RUST_LOG");
+    let (st, _out, err) = common::run_bounded(cmd, Duration::from_secs(10));
+    let lines = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    (st.code(), lines)
+}
+
+#[test]
+fn second_broker_on_same_data_dir_is_refused() {
+    let b = Broker::start(1);
+    let port = common::free_port();
+    let dir = b.data_dir();
+    let listen = format!("127.0.0.1:{port}");
+    let (code, lines) = start_fails(&[
+        "--data-dir",
+        dir.to_str().expect("utf-8 path"),
+        "--listen",
+        &listen,
+        "--cores",
+        "1",
+    ]);
+    assert!(code.is_some() && code != Some(0), "exit {code:?}");
+    assert_eq!(lines.len(), 1, "one stderr line: {lines:?}");
+    assert!(lines[0].to_lowercase().contains("lock"), "{lines:?}");
+    assert_serves(&b);
+}
+
+#[test]
+fn port_in_use_exits_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, lines) = start_fails(&[
+        "--data-dir",
+        dir.path().to_str().expect("utf-8 path"),
+        "--listen",
+        &listen,
+        "--cores",
+        "1",
+    ]);
+    assert_eq!(code, Some(2), "{lines:?}");
+    assert_eq!(lines.len(), 1, "one stderr line: {lines:?}");
+    assert!(lines[0].contains(&listen), "{lines:?}");
+}
+
+#[test]
+fn invalid_settings_exit_2_with_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("data");
+    let d = d.to_str().expect("utf-8 path");
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(&cfg, "cores = 1\nno_such_setting = 5\n").expect("write config");
+    let cfg = cfg.to_str().expect("utf-8 path");
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "--cores 0",
+            vec!["--data-dir", d, "--listen", &listen, "--cores", "0"],
+            "cores",
+        ),
+        (
+            "bad --listen",
+            vec![
+                "--data-dir",
+                d,
+                "--listen",
+                "not-an-address",
+                "--cores",
+                "1",
+            ],
+            "listen",
+        ),
+        (
+            "bad --listen port",
+            vec![
+                "--data-dir",
+                d,
+                "--listen",
+                "127.0.0.1:99999",
+                "--cores",
+                "1",
+            ],
+            "listen",
+        ),
+        (
+            "unknown config key",
+            vec!["--data-dir", d, "--listen", &listen, "--config", cfg],
+            "no_such_setting",
+        ),
+    ];
+    for (what, args, mention) in cases {
+        let (code, lines) = start_fails(&args);
+        assert_eq!(code, Some(2), "{what}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{what}: one stderr line: {lines:?}");
+        assert!(lines[0].contains(mention), "{what}: {lines:?}");
+    }
+}

@@ -27,6 +27,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def answers_api_versions(port):
+    """A Kafka ApiVersions v0 request gets an answer (a bare TCP connect is not enough)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.settimeout(1.0)
+            # length 10 | api_key 18 | version 0 | correlation id 1 | client id null
+            s.sendall(bytes([0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xFF, 0xFF]))
+            head = s.recv(8)
+            return len(head) >= 8 and head[4:8] == bytes([0, 0, 0, 1])
+    except OSError:
+        return False
+
+
 class Broker:
     def __init__(self, cores=1, extra=()):
         self.tmp = tempfile.TemporaryDirectory(prefix="sluice-py-")
@@ -70,11 +83,9 @@ class Broker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return True
-            except OSError:
-                time.sleep(0.05)
+            if answers_api_versions(self.port):
+                return True
+            time.sleep(0.05)
         return False
 
     def _kill(self):

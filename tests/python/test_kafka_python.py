@@ -128,3 +128,39 @@ def test_beginning_end_offsets_and_offsets_for_times(broker, admin):
         assert c.offsets_for_times({tp1: base + 10_000})[tp1] is None
     finally:
         c.close()
+
+
+def kcat(args, stdin=None):
+    r = subprocess.run(["kcat", *args], input=stdin, capture_output=True, timeout=30)
+    assert r.returncode == 0, f"kcat {args}: {r.stderr.decode(errors='replace')}"
+    return r.stdout.decode()
+
+
+CODECS = ["gzip", "snappy", "lz4", "zstd"]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_codec_kafka_python_to_kcat(broker, admin, codec):
+    t = name(f"py2kc-{codec}")
+    admin.create_topics([NewTopic(t, 1, 1)])
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, compression_type=codec, linger_ms=20)
+    values = [f"{codec} value {i} " + "xyz" * (i % 13) for i in range(100)]
+    futures = [p.send(t, key=f"k{i}".encode(), value=v.encode(), partition=0)
+               for i, v in enumerate(values)]
+    assert sorted(f.get(timeout=10).offset for f in futures) == list(range(100))
+    p.close()
+    out = kcat(["-C", "-b", broker.bootstrap, "-t", t, "-p", "0", "-o", "beginning", "-e",
+                "-f", "%o|%k|%s\\n"])
+    assert out.splitlines() == [f"{i}|k{i}|{v}" for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_codec_kcat_to_kafka_python(broker, admin, codec):
+    t = name(f"kc2py-{codec}")
+    admin.create_topics([NewTopic(t, 1, 1)])
+    lines = [f"k{i}:{codec} line {i} " + "abc" * (i % 11) for i in range(100)]
+    kcat(["-P", "-b", broker.bootstrap, "-t", t, "-p", "0", "-z", codec, "-K", ":"],
+         stdin=("\n".join(lines) + "\n").encode())
+    msgs = consume_all(broker, t, 0, 100)
+    assert [(m.offset, m.key.decode(), m.value.decode()) for m in msgs] == [
+        (i, l.split(":", 1)[0], l.split(":", 1)[1]) for i, l in enumerate(lines)]

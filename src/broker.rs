@@ -424,9 +424,6 @@ pub fn write_producer_id_limit(data_dir: &Path, limit: u64) -> std::io::Result<(
     File::open(data_dir.join("__meta"))?.sync_all()
 }
 
-/// Hook run on each shard once its partitions are open (consumer groups register here).
-pub type ShardStartHook = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
-
 /// Starts the broker and blocks until it has shut down. Returns the process exit code.
 pub fn run(config: BrokerConfig) -> Result<(), String> {
     tune_allocator();
@@ -570,15 +567,13 @@ async fn run_shard(
             None
         }
     };
-    for hook in crate::kafka::SHARD_START_HOOKS {
-        hook().await;
-    }
     ready.wait();
     let Some(listener) = listener else {
         close_partitions(&shard).await;
         return;
     };
     let retention = glommio::spawn_local(retention_loop()).detach();
+    crate::group::start_shard_tasks();
     crate::server::accept_loop(listener).await;
     drop(retention);
     close_partitions(&shard).await;

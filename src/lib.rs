@@ -9,12 +9,14 @@
 //! | [`kafka`] | one handler per Kafka API |
 //! | [`storage`] | the partition log: segments, DMA appender, index, recovery, retention, cache |
 //! | [`group`] | consumer group coordinator and committed offsets |
+//! | [`group`] | consumer group coordinators and committed offsets |
 //! | [`metadata`] | topics, configs and partition assignment, persisted in the data dir |
 //! | [`cli`] | the `sluice` admin and console commands (Kafka protocol clients) |
 
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod group;
 pub mod kafka;
 pub mod metadata;
 pub mod protocol;

@@ -1,34 +1,73 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust suites (unit, property, integration against the real binary) and the
-# Python suite (kafka-python and kcat against a running broker). Installs kcat and the Python
-# clients if they are missing. Exits non-zero if any suite failed.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# The whole test suite: Rust unit and integration tests (librdkafka, raw protocol, CLI, kcat)
+# and the kafka-python tests. Installs what it needs on a fresh Debian-like machine (as root).
+# Exits non-zero if anything fails and ends with one summary line.
+set -uo pipefail
 
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+PYTHON="${PYTHON:-python3}"
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi
+}
+
+# --- tools ---------------------------------------------------------------------------------
 if ! command -v kcat >/dev/null 2>&1; then
-    apt-get update
-    apt-get install -y kcat
+    echo "run.sh: installing kcat"
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat \
+        || { echo "run.sh: cannot install kcat"; exit 1; }
 fi
-if ! python3 -c 'import kafka, pytest, lz4, zstandard, snappy' >/dev/null 2>&1; then
-    python3 -m pip install kafka-python==3.0.12 pytest==9.2.0 lz4==4.4.5 zstandard==0.25.0 \
-        python-snappy==0.7.3 cramjam==2.14.0
+py_missing=()
+"$PYTHON" -c 'import kafka, sys; sys.exit(0 if kafka.__version__ == "3.0.12" else 1)' 2>/dev/null \
+    || py_missing+=("kafka-python==3.0.12")
+"$PYTHON" -c 'import pytest' 2>/dev/null || py_missing+=("pytest==9.2.0")
+"$PYTHON" -c 'import snappy' 2>/dev/null || py_missing+=("python-snappy==0.7.3" "cramjam==2.14.0")
+"$PYTHON" -c 'import lz4' 2>/dev/null || py_missing+=("lz4==4.4.5")
+"$PYTHON" -c 'import zstandard' 2>/dev/null || py_missing+=("zstandard==0.25.0")
+if [ "${#py_missing[@]}" -gt 0 ]; then
+    echo "run.sh: pip install ${py_missing[*]}"
+    "$PYTHON" -m pip install -q "${py_missing[@]}" \
+        || "$PYTHON" -m pip install -q --break-system-packages "${py_missing[@]}" \
+        || { echo "run.sh: cannot install Python packages"; exit 1; }
 fi
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --workspace --bins
+# --- build ---------------------------------------------------------------------------------
+echo "run.sh: cargo build --workspace --bins"
+build_json="$(mktemp)"
+trap 'rm -f "$build_json"' EXIT
+cargo build --workspace --bins --message-format=json-render-diagnostics >"$build_json" \
+    || { echo "SUMMARY: FAILED (build)"; exit 1; }
+# The Python tests run the binary cargo just built (ask cargo where it put it).
+built_bin="$("$PYTHON" -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "sluice" and m.get("executable"):
+        print(m["executable"])
+' "$build_json" | tail -n1)"
+PY_SLUICE_BIN="${SLUICE_BIN:-${built_bin:-$CARGO_TARGET_DIR/debug/sluice}}"
 
-rust_status=0
+# --- Rust tests ----------------------------------------------------------------------------
+rust_rc=0
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast || rust_status=$?
+    echo "run.sh: cargo nextest run --workspace"
+    cargo nextest run --workspace --no-fail-fast || rust_rc=$?
 else
-    cargo test --workspace --no-fail-fast || rust_status=$?
+    echo "run.sh: cargo test --workspace"
+    cargo test --workspace --no-fail-fast || rust_rc=$?
 fi
 
-python_status=0
-SLUICE_BIN="$CARGO_TARGET_DIR/debug/sluice" python3 -m pytest tests/python -q || python_status=$?
+# --- Python tests --------------------------------------------------------------------------
+echo "run.sh: $PYTHON -m pytest tests/python -q"
+py_rc=0
+SLUICE_BIN="$PY_SLUICE_BIN" "$PYTHON" -m pytest tests/python -q -p no:cacheprovider \
+    -W ignore::DeprecationWarning || py_rc=$?
 
-if [ "$rust_status" -ne 0 ] || [ "$python_status" -ne 0 ]; then
-    echo "tests failed: rust exit $rust_status, python exit $python_status" >&2
-    exit 1
+if [ "$rust_rc" -eq 0 ] && [ "$py_rc" -eq 0 ]; then
+    echo "SUMMARY: PASSED (rust tests ok, python tests ok)"
+    exit 0
 fi
-echo "all tests passed"
+echo "SUMMARY: FAILED (rust tests exit $rust_rc, python tests exit $py_rc)"
+exit 1

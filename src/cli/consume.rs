@@ -190,10 +190,10 @@ pub fn fetch_once(
 }
 
 pub fn run(a: ConsumeArgs) -> Result<()> {
-    if a.group.is_some() {
-        bail!("--group is not supported by this build yet");
-    }
     let mut c = Client::connect(&a.brokers)?;
+    if let Some(group) = a.group.clone() {
+        return consume_group(&mut c, &a, &group);
+    }
     let all: Vec<i32> = topic::partitions(&mut c, &a.topic)?
         .into_iter()
         .map(|p| p.0)
@@ -247,4 +247,79 @@ pub fn consume_loop(
             return Ok(());
         }
     }
+}
+
+/// `--group`: consume the partitions the group assigns to us, resuming from committed offsets
+/// (or the beginning/end when none), committing after every fetch that printed records.
+fn consume_group(c: &mut Client, a: &ConsumeArgs, group: &str) -> Result<()> {
+    use super::group::{committed, Member};
+    topic::partitions(c, &a.topic)?;
+    let mut member = Member::join(c, group, &a.topic)?;
+    let mut total = 0u64;
+    let result = (|| -> Result<()> {
+        'generation: loop {
+            let mut positions = BTreeMap::new();
+            if !member.assigned.is_empty() {
+                let tps = vec![(a.topic.clone(), member.assigned.clone())];
+                let done = committed(c, group, Some(tps))?;
+                let fallback = topic::offsets(
+                    c,
+                    &a.topic,
+                    &member.assigned,
+                    if a.from_beginning { -2 } else { -1 },
+                )?;
+                for p in &member.assigned {
+                    let o = done
+                        .get(&(a.topic.clone(), *p))
+                        .copied()
+                        .filter(|o| *o >= 0);
+                    let f = fallback
+                        .iter()
+                        .find(|x| x.0 == *p)
+                        .map(|x| x.2)
+                        .unwrap_or(0);
+                    positions.insert(*p, o.unwrap_or(f));
+                }
+            }
+            loop {
+                if member.heartbeat_due(c)? {
+                    member.rejoin(c)?;
+                    continue 'generation;
+                }
+                if positions.is_empty() {
+                    if a.exit {
+                        return Ok(());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    continue;
+                }
+                let remaining = a.num.map(|n| n - total);
+                let (n, hws) = fetch_once(
+                    c,
+                    &a.topic,
+                    &mut positions,
+                    &a.format,
+                    remaining,
+                    if a.exit { 100 } else { 500 },
+                )?;
+                total += n;
+                if n > 0 && member.commit(c, &positions)? {
+                    member.rejoin(c)?;
+                    continue 'generation;
+                }
+                if a.num.map(|x| total >= x).unwrap_or(false) {
+                    return Ok(());
+                }
+                if a.exit
+                    && positions
+                        .iter()
+                        .all(|(p, o)| hws.get(p).map(|hw| o >= hw).unwrap_or(true))
+                {
+                    return Ok(());
+                }
+            }
+        }
+    })();
+    member.leave(c);
+    result
 }

@@ -8,6 +8,7 @@ use crate::config::StartArgs;
 
 pub mod client;
 pub mod consume;
+pub mod group;
 pub mod produce;
 pub mod topic;
 
@@ -30,6 +31,19 @@ pub enum Command {
     Topic {
         #[command(subcommand)]
         command: topic::TopicCommand,
+        /// Comma-separated bootstrap brokers.
+        #[arg(
+            long,
+            global = true,
+            default_value = "127.0.0.1:9092",
+            env = "SLUICE_BROKERS"
+        )]
+        brokers: String,
+    },
+    /// List, describe, delete consumer groups and reset their offsets.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
         /// Comma-separated bootstrap brokers.
         #[arg(
             long,

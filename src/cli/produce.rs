@@ -10,9 +10,7 @@ use clap::Args;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
 use super::client::{check, Client};
 
@@ -127,21 +125,12 @@ pub fn run(a: ProduceArgs) -> Result<()> {
             (None, Some(k)) => (murmur2(k) & 0x7fffffff) % parts,
             (None, None) => rr,
         };
-        pending[p as usize].push(Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: 0,
-            sequence: -1,
-            timestamp: crate::types::now_ms(),
+        pending[p as usize].push(crate::protocol::plain_record(
+            0,
+            crate::types::now_ms(),
             key,
-            value: Some(value),
-            headers: Default::default(),
-        });
+            Some(value),
+        ));
         count += 1;
         if count >= a.batch_records {
             total += send(&mut c, &a.topic, acks, compression, &mut pending)?;

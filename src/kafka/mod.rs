@@ -10,9 +10,6 @@ use crate::server::{Connection, Response};
 pub mod handlers;
 pub mod versions;
 
-/// Hooks run on every shard at start, after its partitions are open (e.g. group coordinators).
-pub static SHARD_START_HOOKS: &[crate::broker::ShardStartHook] = &[];
-
 /// One decoded request header plus what handlers need to answer it.
 pub struct Request<'a> {
     pub conn: &'a Connection,
@@ -114,6 +111,17 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::DescribeConfigs => describe_configs::handle(&req, body).await,
         ApiKey::InitProducerId => init_producer_id::handle(&req, body).await,
         ApiKey::DeleteRecords => delete_records::handle(&req, body).await,
+        ApiKey::FindCoordinator => find_coordinator::handle(&req, body).await,
+        ApiKey::JoinGroup => join_group::handle(&req, body).await,
+        ApiKey::SyncGroup => sync_group::handle(&req, body).await,
+        ApiKey::Heartbeat => heartbeat::handle(&req, body).await,
+        ApiKey::LeaveGroup => leave_group::handle(&req, body).await,
+        ApiKey::OffsetCommit => offset_commit::handle(&req, body).await,
+        ApiKey::OffsetFetch => offset_fetch::handle(&req, body).await,
+        ApiKey::DescribeGroups => describe_groups::handle(&req, body).await,
+        ApiKey::ListGroups => list_groups::handle(&req, body).await,
+        ApiKey::DeleteGroups => delete_groups::handle(&req, body).await,
+        ApiKey::OffsetDelete => offset_delete::handle(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

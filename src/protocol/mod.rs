@@ -3,3 +3,31 @@
 //! RecordBatch v2 headers.
 
 pub mod batch;
+
+use bytes::Bytes;
+use kafka_protocol::records::{Record, TimestampType};
+
+/// A plain (non-idempotent, non-transactional) record for `kafka-protocol`'s batch encoder, as
+/// the CLI and the internal offsets topic write them; `offset` is its delta within the batch.
+pub fn plain_record(
+    offset: i64,
+    timestamp_ms: i64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset,
+        sequence: -1,
+        timestamp: timestamp_ms,
+        key,
+        value,
+        headers: Default::default(),
+    }
+}

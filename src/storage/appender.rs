@@ -26,8 +26,8 @@ pub const PENDING_BYTES_MAX: usize = 64 << 20;
 /// so writes inside them change no file size and fdatasync has no size to persist.
 pub const EXTENT_BYTES: u64 = 64 << 20;
 
-const _: () = assert!(CHUNK_BYTES_MIN as u64 % ALIGN_BYTES == 0);
-const _: () = assert!(CHUNK_BYTES_MAX as u64 % ALIGN_BYTES == 0);
+const _: () = assert!((CHUNK_BYTES_MIN as u64).is_multiple_of(ALIGN_BYTES));
+const _: () = assert!((CHUNK_BYTES_MAX as u64).is_multiple_of(ALIGN_BYTES));
 const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
 
 /// Bytes of the active segment not yet handed to a write, starting at an aligned file position.
@@ -310,5 +310,52 @@ impl PartitionLog {
             }
         }
         s.wake_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_pads_the_last_page_and_keeps_it_for_the_next_flush() {
+        crate::storage::tests::run(async {
+            let mut p = Pending::new(0, vec![]);
+            let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8 + 1).collect();
+            p.push(&data);
+            assert_eq!(p.end_pos(), 5000);
+            let f = p.take();
+            assert_eq!((f.end_pos, f.write_end), (5000, 8192));
+            let w = &f.writes[0].0;
+            assert_eq!(&w.as_bytes()[..5000], &data[..]);
+            assert!(w.as_bytes()[5000..8192].iter().all(|b| *b == 0));
+            // The next flush starts at the partial page and rewrites it, completed.
+            assert_eq!(f.tail, data[4096..].to_vec());
+            assert_eq!((p.start, p.head.len()), (4096, 904));
+            p.push(b"more");
+            let g = p.take();
+            assert_eq!(g.writes[0].1, 4096);
+            assert_eq!(&g.writes[0].0.as_bytes()[..904], &data[4096..]);
+            assert_eq!(&g.writes[0].0.as_bytes()[904..908], b"more");
+            assert_eq!(g.end_pos, 5004);
+        });
+    }
+
+    #[test]
+    fn large_appends_span_chunks_written_at_consecutive_positions() {
+        crate::storage::tests::run(async {
+            let mut p = Pending::new(0, vec![]);
+            let data = vec![7u8; 3 * CHUNK_BYTES_MAX + 10];
+            p.push(&data);
+            let f = p.take();
+            let mut pos = 0;
+            for (buf, at) in &f.writes {
+                assert_eq!(*at, pos);
+                assert_eq!(buf.len() as u64 % ALIGN_BYTES, 0);
+                pos += buf.len() as u64;
+            }
+            assert_eq!(f.write_end, pos);
+            assert_eq!(f.end_pos, data.len() as u64);
+        });
     }
 }

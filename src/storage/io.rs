@@ -99,7 +99,7 @@ impl SegmentFile for DmaSegment {
     }
     fn read_at(&self, pos: u64, len: usize) -> IoFuture<'_, ReadBuf> {
         Box::pin(async move {
-            let r = if pos % ALIGN_BYTES == 0 && len as u64 % ALIGN_BYTES == 0 {
+            let r = if pos.is_multiple_of(ALIGN_BYTES) && (len as u64).is_multiple_of(ALIGN_BYTES) {
                 self.file.read_at_aligned(pos, len).await?
             } else {
                 self.file.read_at(pos, len).await?

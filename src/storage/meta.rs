@@ -92,7 +92,7 @@ pub fn encode_index(entries: &[(u32, u32)]) -> Vec<u8> {
 }
 
 pub fn decode_index(b: &[u8]) -> Option<Vec<(u32, u32)>> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         return None;
     }
     let v: Vec<(u32, u32)> = b
@@ -119,7 +119,7 @@ pub fn encode_time_index(entries: &[(i64, u32)]) -> Vec<u8> {
 }
 
 pub fn decode_time_index(b: &[u8]) -> Option<Vec<(i64, u32)>> {
-    if b.len() % 12 != 0 {
+    if !b.len().is_multiple_of(12) {
         return None;
     }
     let v: Vec<(i64, u32)> = b

@@ -243,6 +243,23 @@ impl State {
     }
 }
 
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        // The shard's cache outlives its logs: release this log's share of the budget.
+        self.cache.drop_log(self.cache_id);
+    }
+}
+
+/// Outcome of the synchronous part of an append.
+enum Assigned {
+    Duplicate(AppendResult),
+    New {
+        result: AppendResult,
+        gen: usize,
+        sync_failures: u64,
+    },
+}
+
 pub struct PartitionLog {
     dir: PathBuf,
     io: Rc<dyn StorageIo>,
@@ -276,7 +293,7 @@ impl PartitionLog {
     /// and waits for `durability`.
     pub async fn append(
         &self,
-        mut records: BytesMut,
+        records: BytesMut,
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
         if records.is_empty() {
@@ -284,13 +301,50 @@ impl PartitionLog {
         }
         batch::for_each_batch(&records, true, |_| {}).map_err(StorageError::Corrupt)?;
         self.admit(records.len()).await?;
+        let (result, gen, sync_failures) = match self.assign(records, durability)? {
+            Assigned::Duplicate(r) => return Ok(r),
+            Assigned::New {
+                result,
+                gen,
+                sync_failures,
+            } => (result, gen, sync_failures),
+        };
+        if durability == Durability::Accepted {
+            return Ok(result);
+        }
+        let last = result.last_offset;
+        std::future::poll_fn(|cx| {
+            let mut s = self.state.borrow_mut();
+            if gen < s.gen && last >= s.gen_end[gen] {
+                return Poll::Ready(Err(s.error()));
+            }
+            let done = match durability {
+                Durability::Synced => s.synced > last,
+                _ => s.hw > last,
+            };
+            if done {
+                return Poll::Ready(Ok(result));
+            }
+            if durability == Durability::Synced && s.sync_failures > sync_failures {
+                return Poll::Ready(Err(s.error()));
+            }
+            s.waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
 
-        // From here to the end of the assignment nothing awaits: offsets, file positions,
-        // producer state and cache change together.
+    /// The synchronous part of an append: offsets, file positions, index, producer state,
+    /// pending bytes and cache change together, with no await in between.
+    fn assign(
+        &self,
+        mut records: BytesMut,
+        durability: Durability,
+    ) -> Result<Assigned, StorageError> {
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
         if let Some(dup) = self.check_producers(s, &records)? {
-            return Ok(dup);
+            return Ok(Assigned::Duplicate(dup));
         }
         let base = s.log_end;
         let interval = s.config.index_interval_bytes;
@@ -342,31 +396,11 @@ impl PartitionLog {
             log_start_offset: s.log_start,
             duplicate: false,
         };
-        let gen = s.gen;
-        let sync_failures = s.sync_failures;
-        drop(guard);
-        if durability == Durability::Accepted {
-            return Ok(result);
-        }
-        std::future::poll_fn(|cx| {
-            let mut s = self.state.borrow_mut();
-            if gen < s.gen && last >= s.gen_end[gen] {
-                return Poll::Ready(Err(s.error()));
-            }
-            let done = match durability {
-                Durability::Synced => s.synced > last,
-                _ => s.hw > last,
-            };
-            if done {
-                return Poll::Ready(Ok(result));
-            }
-            if durability == Durability::Synced && s.sync_failures > sync_failures {
-                return Poll::Ready(Err(s.error()));
-            }
-            s.waiters.push(cx.waker().clone());
-            Poll::Pending
+        Ok(Assigned::New {
+            result,
+            gen: s.gen,
+            sync_failures: s.sync_failures,
         })
-        .await
     }
 
     /// Waits until an append of `bytes` may assign offsets: no roll in progress, pending
@@ -563,6 +597,15 @@ impl PartitionLog {
             self.write_indexes(a)?;
         }
         let base = self.state.borrow().log_end;
+        {
+            // Before the new segment exists: recovery replays producer state from the batches
+            // of the last segment only, so the snapshot must cover everything before it.
+            let s = self.state.borrow();
+            meta::write_file(
+                &self.dir.join(meta::PRODUCER_FILE),
+                &meta::encode_producers(base, &s.producers),
+            )?;
+        }
         let path = meta::segment_path(&self.dir, base, "log");
         let new_file = self.io.open(&path, true).await?;
         let extent = appender::EXTENT_BYTES.min(self.state.borrow().config.segment_bytes.max(4096));
@@ -579,10 +622,6 @@ impl PartitionLog {
         s.written_tail.clear();
         s.allocated = align_up(extent);
         s.attempted_pos = 0;
-        meta::write_file(
-            &self.dir.join(meta::PRODUCER_FILE),
-            &meta::encode_producers(s.log_end, &s.producers),
-        )?;
         Ok(())
     }
 

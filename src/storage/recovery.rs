@@ -26,6 +26,8 @@ impl PartitionLog {
     ) -> Result<Rc<Self>, StorageError> {
         let started = Instant::now();
         std::fs::create_dir_all(dir)?;
+        // glommio opens files and directories relative to no directory fd: paths must be absolute.
+        let dir = &std::path::absolute(dir)?;
         let clean_path = dir.join(meta::CLEAN_FILE);
         let clean = meta::read_file(&clean_path).and_then(|b| meta::decode_clean(&b));
         let had_marker = clean_path.exists();

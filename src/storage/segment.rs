@@ -279,3 +279,68 @@ fn classify_bad_start(b: &[u8]) -> ScanStop {
         ScanStop::Invalid(BatchError::BadLength)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::batch::{build, set_base_offset};
+    use crate::storage::io::{DmaIo, StorageIo};
+
+    /// Writes `bytes` to a fresh segment file through the DMA seam (padded with zeros).
+    async fn segment_with(dir: &std::path::Path, bytes: &[u8]) -> Rc<dyn SegmentFile> {
+        let f = DmaIo.open(&dir.join("s.log"), true).await.unwrap();
+        let len = crate::storage::io::align_up(bytes.len() as u64) as usize;
+        let mut buf = glommio::allocate_dma_buffer_global(len.max(4096));
+        buf.as_bytes_mut().fill(0);
+        buf.as_bytes_mut()[..bytes.len()].copy_from_slice(bytes);
+        f.write_at(Rc::new(buf), 0).await.unwrap();
+        f
+    }
+
+    fn three_batches() -> (Vec<u8>, Vec<usize>) {
+        let mut all = vec![];
+        let mut ends = vec![];
+        for i in 0..3 {
+            let mut b = build::single(None, Some(&vec![i as u8; 700]), i);
+            set_base_offset(&mut b, Offset(i));
+            all.extend(b);
+            ends.push(all.len());
+        }
+        (all, ends)
+    }
+
+    #[test]
+    fn scan_stops_at_zeros_torn_and_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        crate::storage::tests::run(async move {
+            let (all, ends) = three_batches();
+            // Clean data followed by pre-allocated zeros.
+            let f = segment_with(&d, &all).await;
+            let out = scan(&*f, 0, Offset(0), 8192, |_, _| {}).await.unwrap();
+            assert_eq!(
+                (out.end_pos, out.next, out.stop, out.batches),
+                (ends[2] as u64, Offset(3), ScanStop::Zeros, 3)
+            );
+            // From an index position in the middle.
+            let out = scan(&*f, ends[0] as u64, Offset(1), 8192, |_, _| {})
+                .await
+                .unwrap();
+            assert_eq!((out.next, out.batches), (Offset(3), 2));
+            // A file cut inside the last batch: torn.
+            let out = scan(&*f, 0, Offset(0), ends[2] as u64 - 5, |_, _| {})
+                .await
+                .unwrap();
+            assert_eq!((out.end_pos, out.stop), (ends[1] as u64, ScanStop::Torn));
+            // A batch whose offset does not follow: gap.
+            let mut gap = all.clone();
+            set_base_offset(&mut gap[ends[1]..], Offset(9));
+            let f = segment_with(&d, &gap).await;
+            let out = scan(&*f, 0, Offset(0), 8192, |_, _| {}).await.unwrap();
+            assert_eq!(
+                (out.end_pos, out.stop),
+                (ends[1] as u64, ScanStop::OffsetGap)
+            );
+        });
+    }
+}

@@ -1,284 +1,402 @@
-//! Shared harness for the integration tests: runs the real `sluice` binary on a free 127.0.0.1
-//! port with a temporary data directory, and stops it by PID.
+//! Test harness shared by the integration tests: runs the real `sluice` binary on a free
+//! 127.0.0.1 port with a temporary data dir, waits (bounded) until it accepts connections, and
+//! can stop it with SIGTERM or SIGKILL and start it again on the same data dir. The process is
+//! killed when the handle is dropped, so a failing test never leaves a broker behind.
+//!
+//! Every wait here has a deadline; nothing asserts on how long anything took.
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Path of the broker binary built by cargo for this test run.
-pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+/// How long a broker may take to start accepting connections.
+pub const START_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How long a broker may take to exit after a signal.
+pub const EXIT_WAIT_MAX: Duration = Duration::from_secs(20);
+/// How long one CLI invocation may run.
+pub const CLI_WAIT_MAX: Duration = Duration::from_secs(60);
 
-/// How long a broker may take to accept connections or to exit.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The broker binary: the one cargo built for this test run, or `SLUICE_BIN` when set (to test
+/// a binary built elsewhere, e.g. a copy taken right after the build).
+pub fn sluice_bin() -> PathBuf {
+    match std::env::var_os("SLUICE_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_sluice")),
+    }
+}
 
-/// A port that was free a moment ago (bound to port 0, read, released).
+/// A port on 127.0.0.1 that was free a moment ago (the kernel picked it).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1");
+    l.local_addr().expect("local addr").port()
 }
 
-/// Waits (bounded) for a child to exit; `None` if it is still running at the deadline.
-pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return Some(st),
-            Ok(None) => {}
-            Err(e) => panic!("try_wait failed: {e}"),
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// Segment size of test brokers. Segment files are preallocated in extents of
+/// min(64 MiB, segment size); small segments keep a test's disk use to a few MiB per partition
+/// (several brokers run at once) and make segment rolls part of every test.
+pub const TEST_SEGMENT_BYTES: u64 = 8 << 20;
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on the PID of a child this harness spawned and has not yet reaped.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
-/// True if a Kafka ApiVersions v0 request on a fresh connection gets a response. A bare TCP
-/// connect is not enough: right after a SIGKILL the dead broker's listening socket can live on
-/// for a moment (its io_uring is torn down asynchronously) and accept connections that are then
-/// reset.
-pub fn answers_api_versions(addr: SocketAddr) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-    // length 10 | api_key 18 | version 0 | correlation id 1 | client id null
-    let frame = [0u8, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
-    if s.write_all(&frame).is_err() {
-        return false;
-    }
-    let mut len = [0u8; 4];
-    if s.read_exact(&mut len).is_err() {
-        return false;
-    }
-    let n = i32::from_be_bytes(len);
-    if !(4..=1 << 20).contains(&n) {
-        return false;
-    }
-    let mut body = vec![0u8; n as usize];
-    s.read_exact(&mut body).is_ok() && body[..4] == [0, 0, 0, 1]
-}
-
-/// A running broker process.
-pub struct Broker {
-    pub dir: tempfile::TempDir,
-    pub port: u16,
+/// How to start a broker.
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
     pub cores: usize,
-    pub extra: Vec<String>,
+    /// `--segment-bytes`; `None` leaves the broker default.
+    pub segment_bytes: Option<u64>,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            cores: 1,
+            segment_bytes: Some(TEST_SEGMENT_BYTES),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl BrokerOptions {
+    pub fn cores(mut self, n: usize) -> Self {
+        self.cores = n;
+        self
+    }
+
+    pub fn segment_bytes(mut self, n: Option<u64>) -> Self {
+        self.segment_bytes = n;
+        self
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.extra_args.push(a.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.extra_args.extend(a.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn start(self) -> Broker {
+        Broker::start_with(self)
+    }
+}
+
+/// A running (or stopped) `sluice start` process.
+pub struct Broker {
     child: Option<Child>,
-    stderr_path: PathBuf,
+    pub addr: SocketAddr,
+    pub options: BrokerOptions,
+    /// Data dir and log files; removed when the handle is dropped.
+    dir: tempfile::TempDir,
+    /// Starts so far; each writes its own stderr file.
+    generation: u32,
 }
 
 impl Broker {
-    /// Starts a broker with `cores` shards and default settings.
-    pub fn start(cores: usize) -> Broker {
-        Broker::start_with(cores, &[])
+    /// One shard, default settings.
+    pub fn start() -> Broker {
+        BrokerOptions::default().start()
     }
 
-    /// Starts a broker with `cores` shards and extra `sluice start` flags.
-    pub fn start_with(cores: usize, extra: &[&str]) -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
+    pub fn options() -> BrokerOptions {
+        BrokerOptions::default()
+    }
+
+    pub fn start_with(options: BrokerOptions) -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-test-")
+            .tempdir()
+            .expect("create a temp dir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("socket addr");
         let mut b = Broker {
-            stderr_path: dir.path().join("broker.stderr"),
-            dir,
-            port: 0,
-            cores,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
+            addr,
+            options,
+            dir,
+            generation: 0,
         };
         b.spawn_and_wait();
         b
     }
 
-    /// The data directory (a subdirectory of the temp dir, so the log file stays outside).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// `127.0.0.1:PORT`, as clients want it.
+    /// `host:port` for clients.
     pub fn bootstrap(&self) -> String {
-        self.addr().to_string()
+        self.addr.to_string()
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
     }
 
-    /// The broker's stderr so far (for failure messages).
+    fn stderr_path(&self, generation: u32) -> PathBuf {
+        self.dir.path().join(format!("stderr-{generation}.log"))
+    }
+
+    /// Stderr of the latest start (the broker logs there).
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        std::fs::read_to_string(self.stderr_path(self.generation)).unwrap_or_default()
     }
 
-    /// The command line used to start this broker (for tests that start a second one).
-    pub fn command(&self, port: u16) -> Command {
-        start_command(&self.data_dir(), port, self.cores, &self.extra)
+    /// The command line of `sluice start` for this broker.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.arg("start")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--cores")
+            .arg(self.options.cores.to_string())
+            .args(
+                self.options
+                    .segment_bytes
+                    .map(|n| vec!["--segment-bytes".to_string(), n.to_string()])
+                    .unwrap_or_default(),
+            )
+            .args(&self.options.extra_args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        cmd
     }
 
     fn spawn_and_wait(&mut self) {
-        // A port picked by bind(0) can be taken by someone else before the broker binds it;
-        // retry with a fresh port a few times.
-        for attempt in 0..5 {
-            if self.port == 0 || attempt > 0 {
-                self.port = free_port();
-            }
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.stderr_path)
-                .expect("open broker log");
-            let mut cmd = self.command(self.port);
-            cmd.stdout(Stdio::null()).stderr(Stdio::from(log));
-            let child = cmd.spawn().expect("spawn sluice");
-            self.child = Some(child);
-            if self.wait_accepting() {
-                return;
-            }
-            // It exited (port taken?) or never accepted: kill and retry on a new port.
-            self.sigkill();
-        }
-        panic!(
-            "broker did not start accepting within {START_TIMEOUT:?}; stderr:\n{}",
-            self.stderr()
-        );
-    }
-
-    /// Restart on the same port if possible (a new port if not) after a stop.
-    fn respawn_same_port(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.stderr_path)
-            .expect("open broker log");
-        let mut cmd = self.command(self.port);
-        cmd.stdout(Stdio::null()).stderr(Stdio::from(log));
-        self.child = Some(cmd.spawn().expect("spawn sluice"));
-        if !self.wait_accepting() {
-            self.sigkill();
-            self.spawn_and_wait();
-        }
-    }
-
-    fn wait_accepting(&mut self) -> bool {
-        let deadline = Instant::now() + START_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(_)) = child.try_wait() {
-                    self.child = None;
-                    return false;
-                }
-            }
-            if answers_api_versions(self.addr()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    pub fn sigterm(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("broker is not running");
-        signal(child.id(), libc::SIGTERM);
-        match wait_timeout(&mut child, STOP_TIMEOUT) {
-            Some(st) => st,
-            None => {
-                signal(child.id(), libc::SIGKILL);
-                let _ = child.wait();
+        assert!(self.child.is_none(), "broker already running");
+        self.generation += 1;
+        let log = std::fs::File::create(self.stderr_path(self.generation)).expect("stderr file");
+        let log2 = log.try_clone().expect("clone stderr file");
+        let child = self
+            .command()
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .spawn()
+            .expect("spawn the sluice binary");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_WAIT_MAX;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
                 panic!(
-                    "broker did not exit within {STOP_TIMEOUT:?} of SIGTERM; stderr:\n{}",
+                    "sluice exited during start-up with {status}; stderr:\n{}",
                     self.stderr()
                 );
             }
+            if answers_api_versions(self.addr) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "sluice did not accept connections on {} within {:?}; stderr:\n{}",
+                    self.addr,
+                    START_WAIT_MAX,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Kills the broker with SIGKILL (no shutdown work at all) and reaps it.
+    /// Sends `sig` to the broker process (by PID).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("broker is running");
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// Waits (bounded) for the process to exit and reaps it.
+    pub fn wait_exit(&mut self, max: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + max;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status (panics if it does not exit in time).
+    pub fn sigterm(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(EXIT_WAIT_MAX) {
+            Some(s) => s,
+            None => {
+                self.kill_now();
+                panic!("sluice did not exit within {EXIT_WAIT_MAX:?} of SIGTERM");
+            }
+        }
+    }
+
+    /// SIGKILL and reap: a crash, nothing gets flushed.
     pub fn sigkill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
+        self.signal(libc::SIGKILL);
+        assert!(
+            self.wait_exit(EXIT_WAIT_MAX).is_some(),
+            "sluice survived SIGKILL"
+        );
+    }
+
+    fn kill_now(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
-    /// Starts the broker again on the same data directory (stopping it first with SIGKILL if
-    /// it is still running).
+    /// Starts the broker again on the same data dir and port.
     pub fn restart(&mut self) {
-        self.sigkill();
-        self.respawn_same_port();
+        self.spawn_and_wait();
+    }
+
+    /// Starts the broker again on the same data dir but a fresh port (for tests whose subject is
+    /// the data, not the port).
+    pub fn restart_on_new_port(&mut self) {
+        self.addr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("socket addr");
+        self.spawn_and_wait();
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.sigkill();
         if std::thread::panicking() {
+            // Show what the broker said, to explain the failure (after a moment to flush).
+            std::thread::sleep(Duration::from_millis(300));
+            let state = match self.child.as_mut().map(|c| c.try_wait()) {
+                None => "not running".to_string(),
+                Some(Ok(None)) => "still running".to_string(),
+                Some(Ok(Some(s))) => format!("exited with {s}"),
+                Some(Err(e)) => format!("unknown ({e})"),
+            };
+            eprintln!("--- sluice on {} is {state} ---", self.addr);
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             eprintln!(
-                "--- broker stderr ({}) ---\n{}",
-                self.stderr_path.display(),
-                self.stderr()
+                "--- sluice stderr (last {} lines, start #{}) ---",
+                tail.len(),
+                self.generation
             );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
         }
+        self.kill_now();
     }
 }
 
-/// `sluice start` on `data_dir`, 127.0.0.1:`port`, `cores` shards, plus `extra` flags.
-pub fn start_command(data_dir: &Path, port: u16, cores: usize, extra: &[String]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("start")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--cores")
-        .arg(cores.to_string())
-        .args(extra)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    cmd
+/// Whether a broker on `addr` answers an ApiVersions v0 request. A bare TCP connect is not
+/// enough: during start-up the port may briefly accept connections that are then reset.
+pub fn answers_api_versions(addr: SocketAddr) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    // [len][api key 18][version 0][correlation id][client id: null]
+    let mut req = Vec::with_capacity(14);
+    req.extend(10i32.to_be_bytes());
+    req.extend(18i16.to_be_bytes());
+    req.extend(0i16.to_be_bytes());
+    req.extend(0x5eed_i32.to_be_bytes());
+    req.extend((-1i16).to_be_bytes());
+    if s.write_all(&req).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 8];
+    if s.read_exact(&mut head).is_err() {
+        return false;
+    }
+    i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == 0x5eed
 }
 
-/// Runs `cmd` to completion with a bounded wait; returns (status, stdout, stderr).
-pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+/// Runs a command to completion with a deadline; kills it if it runs over.
+pub fn run_bounded(mut cmd: Command, stdin: Option<&[u8]>, max: Duration) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.spawn().expect("spawn command");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let mut si = child.stdin.take().expect("stdin piped");
+        si.write_all(input).expect("write stdin");
+        drop(si);
+    }
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
     let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
     });
     let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
     });
-    let st = match wait_timeout(&mut child, timeout) {
-        Some(st) => st,
-        None => {
-            signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
-            panic!("command did not finish within {timeout:?}: {cmd:?}");
+    let deadline = Instant::now() + max;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command {cmd:?} did not finish within {max:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     };
-    let out = t_out.join().unwrap_or_default();
-    let err = t_err.join().unwrap_or_default();
-    (st, out, err)
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `sluice <args>` (a client command) with a deadline.
+pub fn sluice(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(args).env_remove("SLUICE_BROKERS");
+    run_bounded(cmd, stdin, CLI_WAIT_MAX)
+}
+
+/// A fresh, unique topic name.
+pub fn topic_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether a file exists and is non-empty (used to sanity-check the data dir).
+pub fn non_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
 }

@@ -1,24 +1,37 @@
-"""Fixtures: a real sluice broker on a free 127.0.0.1 port with a temporary data directory."""
+"""Fixtures for the kafka-python tests: a real `sluice` broker on a free 127.0.0.1 port with a
+temporary data dir, stopped (SIGTERM, then SIGKILL) when the test ends.
+
+The binary is $SLUICE_BIN, else $CARGO_TARGET_DIR/debug/sluice, else target/debug/sluice
+relative to the repository root.
+"""
 
 import os
+import shutil
+import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
-from pathlib import Path
+import uuid
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 10.0
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+START_WAIT_S = 30
+# Segment files are preallocated in extents of min(64 MiB, segment size): small segments keep
+# each test's disk use low.
+SEGMENT_BYTES = 8 << 20
+STOP_WAIT_S = 20
 
 
 def sluice_bin():
     if os.environ.get("SLUICE_BIN"):
         return os.environ["SLUICE_BIN"]
-    target = os.environ.get("CARGO_TARGET_DIR") or str(REPO / "target")
-    return str(Path(target) / "debug" / "sluice")
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO_ROOT, "target")
+    if not os.path.isabs(target):
+        target = os.path.join(REPO_ROOT, target)
+    return os.path.join(target, "debug", "sluice")
 
 
 def free_port():
@@ -28,83 +41,72 @@ def free_port():
 
 
 def answers_api_versions(port):
-    """A Kafka ApiVersions v0 request gets an answer (a bare TCP connect is not enough)."""
+    """True once the broker answers ApiVersions v0 (a bare connect can hit a start-up window)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.settimeout(1.0)
-            # length 10 | api_key 18 | version 0 | correlation id 1 | client id null
-            s.sendall(bytes([0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xFF, 0xFF]))
-            head = s.recv(8)
-            return len(head) >= 8 and head[4:8] == bytes([0, 0, 0, 1])
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.settimeout(2)
+            s.sendall(struct.pack(">ihhih", 10, 18, 0, 0x5EED, -1))
+            head = b""
+            while len(head) < 8:
+                chunk = s.recv(8 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+            return struct.unpack(">ii", head)[1] == 0x5EED
     except OSError:
         return False
 
 
 class Broker:
-    def __init__(self, cores=1, extra=()):
-        self.tmp = tempfile.TemporaryDirectory(prefix="sluice-py-")
-        self.data_dir = os.path.join(self.tmp.name, "data")
-        self.log_path = os.path.join(self.tmp.name, "broker.stderr")
-        self.cores = cores
-        self.extra = list(extra)
-        self.proc = None
-        self.port = None
-        for _ in range(5):
-            self.port = free_port()
-            if self._spawn():
-                return
-            self._kill()
-        raise RuntimeError("broker did not start:\n" + self.stderr())
-
-    @property
-    def bootstrap(self):
-        return f"127.0.0.1:{self.port}"
-
-    def stderr(self):
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def _spawn(self):
+    def __init__(self, cores=1, extra_args=()):
         binary = sluice_bin()
         if not os.path.exists(binary):
-            raise RuntimeError(f"sluice binary not found at {binary}: build it with cargo build --bins")
-        log = open(self.log_path, "ab")
-        env = dict(os.environ)
-        env.pop("RUST_LOG", None)
+            raise RuntimeError(f"sluice binary not found at {binary}: build it first (cargo build)")
+        self.dir = tempfile.mkdtemp(prefix="sluice-pytest-")
+        self.port = free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.dir, "stderr.log")
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [binary, "start", "--data-dir", self.data_dir, "--listen", self.bootstrap,
-             "--cores", str(self.cores), *self.extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env)
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
+            [binary, "start", "--data-dir", os.path.join(self.dir, "data"),
+             "--listen", self.bootstrap, "--cores", str(cores),
+             "--segment-bytes", str(SEGMENT_BYTES), *extra_args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+        )
+        deadline = time.monotonic() + START_WAIT_S
+        while not answers_api_versions(self.port):
             if self.proc.poll() is not None:
-                return False
-            if answers_api_versions(self.port):
-                return True
-            time.sleep(0.05)
-        return False
+                raise RuntimeError(f"sluice exited during start-up: {self.stderr()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"sluice did not start within {START_WAIT_S}s: {self.stderr()}")
+            time.sleep(0.02)
 
-    def _kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT)
+    def stderr(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
+                self.proc.wait(STOP_WAIT_S)
             except subprocess.TimeoutExpired:
-                self._kill()
-        self.tmp.cleanup()
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def broker():
+    """A fresh broker per test; two shards when the machine has two CPUs, so that partitions of
+    one topic live on different cores."""
     b = Broker(cores=2 if (os.cpu_count() or 1) >= 2 else 1)
     yield b
     b.stop()
+
+
+@pytest.fixture
+def topic():
+    return f"py-{uuid.uuid4().hex[:12]}"

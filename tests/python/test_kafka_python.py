@@ -1,166 +1,272 @@
-"""kafka-python (and kcat) against a real sluice broker. Consumers use explicit assignment."""
+"""kafka-python (pure-Python client, its own protocol code) against the broker: admin,
+round trips with keys/headers/null values, every codec, acks, ListOffsets, an invalid request,
+and cross-client checks with kcat. Consumers use assign() with explicit positions (no groups)."""
 
+import shutil
 import subprocess
-import uuid
+import time
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import ConfigResource, ConfigResourceType, NewPartitions, NewTopic
-from kafka.errors import InvalidReplicationFactorError, TopicAlreadyExistsError
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewPartitions
+from kafka.errors import (
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 
-TIMEOUT_MS = 10000
-
-
-def name(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def admin(broker):
-    a = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=TIMEOUT_MS)
-    yield a
-    a.close()
+WAIT_S = 30
 
 
-def consume_all(broker, topic, partition, expected, **kw):
-    """Reads `expected` records from the start of one partition (bounded)."""
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
-                      group_id=None, consumer_timeout_ms=TIMEOUT_MS, **kw)
+def admin(b):
+    return KafkaAdminClient(bootstrap_servers=b.bootstrap, request_timeout_ms=WAIT_S * 1000)
+
+
+def create(b, name, partitions=1, configs=None):
+    a = admin(b)
+    try:
+        spec = {"num_partitions": partitions, "replication_factor": 1}
+        if configs:
+            spec["configs"] = configs
+        a.create_topics({name: spec})
+    finally:
+        a.close()
+
+
+def producer(b, **kw):
+    return KafkaProducer(bootstrap_servers=b.bootstrap, request_timeout_ms=WAIT_S * 1000, **kw)
+
+
+def consumer(b):
+    return KafkaConsumer(bootstrap_servers=b.bootstrap, enable_auto_commit=False,
+                         request_timeout_ms=WAIT_S * 1000 + 1000,
+                         consumer_timeout_ms=WAIT_S * 1000)
+
+
+def read(b, topic, partition, n, offset=0):
+    """Reads exactly n records of topic/partition from offset (bounded)."""
+    c = consumer(b)
     try:
         tp = TopicPartition(topic, partition)
         c.assign([tp])
-        c.seek_to_beginning(tp)
+        c.seek(tp, offset)
         out = []
-        for msg in c:
-            out.append(msg)
-            if len(out) >= expected:
-                break
-        return out
+        deadline = time.monotonic() + WAIT_S
+        while len(out) < n:
+            assert time.monotonic() < deadline, f"read {len(out)} of {n} records"
+            for recs in c.poll(timeout_ms=500).values():
+                out.extend(recs)
+        return out[:n] if len(out) == n else out
     finally:
         c.close()
 
 
-def test_admin_create_describe_delete(broker, admin):
-    t = name("adm")
-    admin.create_topics([NewTopic(t, 3, 1, topic_configs={"retention.ms": "3600000"})])
-    with pytest.raises(TopicAlreadyExistsError):
-        admin.create_topics([NewTopic(t, 3, 1)])
-    assert t in admin.list_topics()
-    desc = admin.describe_topics([t])
-    assert len(desc[0]["partitions"]) == 3
-    admin.delete_topics([t])
-    assert t not in admin.list_topics()
+def kcat_bin():
+    path = shutil.which("kcat")
+    assert path, "kcat is not installed: run tests/run.sh (it installs kcat) or apt-get install -y kcat"
+    return path
 
 
-def test_admin_describe_configs_and_create_partitions(broker, admin):
-    t = name("cfg")
-    admin.create_topics([NewTopic(t, 2, 1, topic_configs={"retention.ms": "3600000"})])
-    res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t)])
-    assert res == {"topic": {t: {"retention.ms": res["topic"][t]["retention.ms"]}}}, res
-    assert res["topic"][t]["retention.ms"]["value"] == "3600000"
-    res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t)], config_filter="all")
-    entries = {k: v["value"] for k, v in res["topic"][t].items()}
-    assert entries["retention.ms"] == "3600000", entries
-    assert entries["cleanup.policy"] == "delete", entries
-    admin.create_partitions({t: NewPartitions(total_count=4)})
-    desc = admin.describe_topics([t])
-    assert len(desc[0]["partitions"]) == 4
+# --- admin -------------------------------------------------------------------------------------
+
+def test_admin_create_duplicate_delete_recreate(broker, topic):
+    a = admin(broker)
+    try:
+        a.create_topics({topic: {"num_partitions": 3, "replication_factor": 1}})
+        assert topic in a.list_topics()
+        (desc,) = a.describe_topics([topic])
+        assert desc["error_code"] == 0
+        assert len(desc["partitions"]) == 3
+        with pytest.raises(TopicAlreadyExistsError):
+            a.create_topics({topic: {"num_partitions": 1, "replication_factor": 1}})
+        a.delete_topics([topic])
+        assert topic not in a.list_topics()
+        with pytest.raises(UnknownTopicOrPartitionError):
+            a.delete_topics([topic])
+        # The name is reusable at once.
+        a.create_topics({topic: {"num_partitions": 2, "replication_factor": 1}})
+        (desc,) = a.describe_topics([topic])
+        assert len(desc["partitions"]) == 2
+    finally:
+        a.close()
 
 
-def test_admin_replication_factor_three_is_refused(admin):
-    with pytest.raises(InvalidReplicationFactorError):
-        admin.create_topics([NewTopic(name("rf3"), 1, 3)])
+def test_admin_describe_configs(broker, topic):
+    create(broker, topic, configs={"retention.ms": "3600000"})
+    a = admin(broker)
+    try:
+        res = ConfigResource(ConfigResourceType.TOPIC, topic)
+        modified = a.describe_configs([res])["topic"][topic]
+        assert modified["retention.ms"]["value"] == "3600000"
+        assert modified["retention.ms"]["config_source"] == "DYNAMIC_TOPIC_CONFIG"
+        everything = a.describe_configs([res], config_filter="all")["topic"][topic]
+        assert everything["cleanup.policy"]["value"] == "delete"
+        assert "max.message.bytes" in everything
+        assert "cleanup.policy" not in modified
+    finally:
+        a.close()
 
 
-def test_round_trip_keys_headers_null_value(broker, admin):
-    t = name("rt")
-    admin.create_topics([NewTopic(t, 1, 1)])
-    p = KafkaProducer(bootstrap_servers=broker.bootstrap, request_timeout_ms=TIMEOUT_MS)
-    ts = 1_700_000_000_000
-    futures = [
-        p.send(t, key=b"k0", value=b"v0", headers=[("h", b"1"), ("empty", b"")], partition=0,
-               timestamp_ms=ts),
-        p.send(t, key=b"tomb", value=None, partition=0),
-        p.send(t, key=None, value=b"no key", partition=0),
-        p.send(t, key=b"k3", value=b"", partition=0),
-    ]
-    offsets = [f.get(timeout=10).offset for f in futures]
+def test_admin_create_partitions(broker, topic):
+    create(broker, topic, partitions=2)
+    a = admin(broker)
+    try:
+        a.create_partitions({topic: NewPartitions(5)})
+        (desc,) = a.describe_topics([topic])
+        assert sorted(p["partition_index"] for p in desc["partitions"]) == [0, 1, 2, 3, 4]
+        with pytest.raises(InvalidPartitionsError):
+            a.create_partitions({topic: NewPartitions(3)})
+    finally:
+        a.close()
+    p = producer(broker)
+    for part in range(5):
+        md = p.send(topic, b"x", partition=part).get(WAIT_S)
+        assert (md.partition, md.offset) == (part, 0)
     p.close()
-    assert offsets == [0, 1, 2, 3]
-    msgs = consume_all(broker, t, 0, 4)
-    assert [(m.offset, m.key, m.value) for m in msgs] == [
-        (0, b"k0", b"v0"), (1, b"tomb", None), (2, None, b"no key"), (3, b"k3", b"")]
-    assert msgs[0].timestamp == ts
-    assert list(msgs[0].headers) == [("h", b"1"), ("empty", b"")]
+
+
+def test_invalid_replication_factor(broker, topic):
+    a = admin(broker)
+    try:
+        with pytest.raises(InvalidReplicationFactorError):
+            a.create_topics({topic: {"num_partitions": 1, "replication_factor": 3}})
+        assert topic not in a.list_topics()
+    finally:
+        a.close()
+
+
+# --- produce / consume -------------------------------------------------------------------------
+
+def test_round_trip_keys_headers_nulls(broker, topic):
+    create(broker, topic)
+    p = producer(broker)
+    ts = 1_700_000_000_456
+    p.send(topic, key=b"k0", value=b"v0", headers=[("h1", b"a"), ("h2", b"")], partition=0,
+           timestamp_ms=ts)
+    p.send(topic, key=None, value=b"v1", partition=0)
+    p.send(topic, key=b"k2", value=None, partition=0)
+    p.send(topic, key=b"", value=b"", partition=0)
+    p.flush(WAIT_S)
+    p.close()
+    recs = read(broker, topic, 0, 4)
+    assert [r.offset for r in recs] == [0, 1, 2, 3]
+    assert (recs[0].key, recs[0].value, recs[0].timestamp) == (b"k0", b"v0", ts)
+    assert list(recs[0].headers) == [("h1", b"a"), ("h2", b"")]
+    assert (recs[1].key, recs[1].value) == (None, b"v1")
+    assert (recs[2].key, recs[2].value) == (b"k2", None)
+    assert (recs[3].key, recs[3].value) == (b"", b"")
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_codecs_round_trip(broker, topic, codec):
+    create(broker, topic)
+    p = producer(broker, compression_type=codec, linger_ms=20, batch_size=64 * 1024)
+    futures = [p.send(topic, key=f"k{i}".encode(), value=f"{codec}-{i}-{'x' * (i % 50)}".encode(),
+                      partition=0) for i in range(300)]
+    p.flush(WAIT_S)
+    offsets = [f.get(WAIT_S).offset for f in futures]
+    p.close()
+    assert offsets == list(range(300))
+    recs = read(broker, topic, 0, 300)
+    assert [(r.offset, r.key, r.value) for r in recs] == [
+        (i, f"k{i}".encode(), f"{codec}-{i}-{'x' * (i % 50)}".encode()) for i in range(300)]
 
 
 @pytest.mark.parametrize("acks", [0, 1, "all"])
-def test_acks(broker, admin, acks):
-    t = name(f"acks{acks}")
-    admin.create_topics([NewTopic(t, 1, 1)])
-    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=acks, request_timeout_ms=TIMEOUT_MS)
-    futures = [p.send(t, value=f"r{i}".encode(), partition=0) for i in range(20)]
-    metas = [f.get(timeout=10) for f in futures]
-    p.flush(timeout=10)
+def test_acks(broker, topic, acks):
+    create(broker, topic)
+    p = producer(broker, acks=acks)
+    futures = [p.send(topic, value=f"acks-{acks}-{i}".encode(), partition=0) for i in range(25)]
+    p.flush(WAIT_S)
+    for i, f in enumerate(futures):
+        md = f.get(WAIT_S)
+        if acks != 0:
+            assert md.offset == i
     p.close()
-    if acks != 0:
-        assert [m.offset for m in metas] == list(range(20))
-    msgs = consume_all(broker, t, 0, 20)
-    assert [m.value for m in msgs] == [f"r{i}".encode() for i in range(20)]
+    recs = read(broker, topic, 0, 25)
+    assert [r.value for r in recs] == [f"acks-{acks}-{i}".encode() for i in range(25)]
 
 
-def test_beginning_end_offsets_and_offsets_for_times(broker, admin):
-    t = name("offs")
-    admin.create_topics([NewTopic(t, 2, 1)])
-    p = KafkaProducer(bootstrap_servers=broker.bootstrap)
-    base = 1_700_000_000_000
-    for i in range(5):
-        p.send(t, value=f"t{i}".encode(), partition=1, timestamp_ms=base + i * 1000).get(timeout=10)
-    p.close()
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None, enable_auto_commit=False)
+def test_list_offsets(broker, topic):
+    create(broker, topic)
+    tp = TopicPartition(topic, 0)
+    c = consumer(broker)
     try:
-        tp0, tp1 = TopicPartition(t, 0), TopicPartition(t, 1)
-        assert c.beginning_offsets([tp0, tp1]) == {tp0: 0, tp1: 0}
-        assert c.end_offsets([tp0, tp1]) == {tp0: 0, tp1: 5}
-        r = c.offsets_for_times({tp1: base + 2500})
-        assert r[tp1].offset == 3 and r[tp1].timestamp == base + 3000
-        assert c.offsets_for_times({tp1: base})[tp1].offset == 0
-        assert c.offsets_for_times({tp1: base + 10_000})[tp1] is None
+        assert c.beginning_offsets([tp]) == {tp: 0}
+        assert c.end_offsets([tp]) == {tp: 0}
+        p = producer(broker)
+        t0 = 1_700_000_000_000
+        for i in range(5):
+            p.send(topic, value=f"t{i}".encode(), partition=0, timestamp_ms=t0 + 1000 * i)
+        p.flush(WAIT_S)
+        p.close()
+        assert c.beginning_offsets([tp]) == {tp: 0}
+        assert c.end_offsets([tp]) == {tp: 5}
+        # Kafka protocol: the first offset whose timestamp is >= the one asked for.
+        for ts, want in [(t0 - 5, 0), (t0, 0), (t0 + 1, 1), (t0 + 2500, 3), (t0 + 4000, 4)]:
+            r = c.offsets_for_times({tp: ts})[tp]
+            assert r is not None and r.offset == want, (ts, r)
+            assert r.timestamp == t0 + 1000 * want
+        assert c.offsets_for_times({tp: t0 + 4001})[tp] is None
     finally:
         c.close()
 
 
-def kcat(args, stdin=None):
-    r = subprocess.run(["kcat", *args], input=stdin, capture_output=True, timeout=30)
-    assert r.returncode == 0, f"kcat {args}: {r.stderr.decode(errors='replace')}"
-    return r.stdout.decode()
+# --- cross-client ------------------------------------------------------------------------------
+
+def test_kafka_python_produces_kcat_consumes(broker, topic):
+    kcat = kcat_bin()
+    create(broker, topic)
+    p = producer(broker, compression_type="gzip")
+    for i in range(40):
+        p.send(topic, key=f"k{i}".encode(), value=f"py-{i}".encode(), partition=0)
+    p.flush(WAIT_S)
+    p.close()
+    out = subprocess.run([kcat, "-b", broker.bootstrap, "-C", "-t", topic, "-p", "0", "-o",
+                          "beginning", "-e", "-f", "%o %k %s\n"],
+                         capture_output=True, timeout=60, check=True)
+    assert out.stdout.decode() == "".join(f"{i} k{i} py-{i}\n" for i in range(40))
+
+
+def test_kcat_produces_kafka_python_consumes(broker, topic):
+    kcat = kcat_bin()
+    create(broker, topic)
+    data = "".join(f"k{i}:kcat-{i}\n" for i in range(40)).encode()
+    subprocess.run([kcat, "-b", broker.bootstrap, "-P", "-t", topic, "-p", "0", "-K", ":",
+                    "-z", "snappy"], input=data, capture_output=True, timeout=60, check=True)
+    recs = read(broker, topic, 0, 40)
+    assert [(r.key, r.value) for r in recs] == [
+        (f"k{i}".encode(), f"kcat-{i}".encode()) for i in range(40)]
 
 
 CODECS = ["gzip", "snappy", "lz4", "zstd"]
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_codec_kafka_python_to_kcat(broker, admin, codec):
-    t = name(f"py2kc-{codec}")
-    admin.create_topics([NewTopic(t, 1, 1)])
-    p = KafkaProducer(bootstrap_servers=broker.bootstrap, compression_type=codec, linger_ms=20)
+def test_every_codec_kafka_python_to_kcat(broker, topic, codec):
+    kcat = kcat_bin()
+    create(broker, topic)
+    p = producer(broker, compression_type=codec, linger_ms=20)
     values = [f"{codec} value {i} " + "xyz" * (i % 13) for i in range(100)]
-    futures = [p.send(t, key=f"k{i}".encode(), value=v.encode(), partition=0)
+    futures = [p.send(topic, key=f"k{i}".encode(), value=v.encode(), partition=0)
                for i, v in enumerate(values)]
-    assert sorted(f.get(timeout=10).offset for f in futures) == list(range(100))
+    assert sorted(f.get(timeout=WAIT_S).offset for f in futures) == list(range(100))
     p.close()
-    out = kcat(["-C", "-b", broker.bootstrap, "-t", t, "-p", "0", "-o", "beginning", "-e",
-                "-f", "%o|%k|%s\\n"])
-    assert out.splitlines() == [f"{i}|k{i}|{v}" for i, v in enumerate(values)]
+    out = subprocess.run([kcat, "-b", broker.bootstrap, "-C", "-t", topic, "-p", "0", "-o",
+                          "beginning", "-e", "-f", "%o|%k|%s\n"],
+                         capture_output=True, timeout=60, check=True)
+    assert out.stdout.decode().splitlines() == [f"{i}|k{i}|{v}" for i, v in enumerate(values)]
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_codec_kcat_to_kafka_python(broker, admin, codec):
-    t = name(f"kc2py-{codec}")
-    admin.create_topics([NewTopic(t, 1, 1)])
+def test_every_codec_kcat_to_kafka_python(broker, topic, codec):
+    kcat = kcat_bin()
+    create(broker, topic)
     lines = [f"k{i}:{codec} line {i} " + "abc" * (i % 11) for i in range(100)]
-    kcat(["-P", "-b", broker.bootstrap, "-t", t, "-p", "0", "-z", codec, "-K", ":"],
-         stdin=("\n".join(lines) + "\n").encode())
-    msgs = consume_all(broker, t, 0, 100)
-    assert [(m.offset, m.key.decode(), m.value.decode()) for m in msgs] == [
-        (i, l.split(":", 1)[0], l.split(":", 1)[1]) for i, l in enumerate(lines)]
+    subprocess.run([kcat, "-b", broker.bootstrap, "-P", "-t", topic, "-p", "0", "-K", ":",
+                    "-z", codec], input=("\n".join(lines) + "\n").encode(),
+                   capture_output=True, timeout=60, check=True)
+    recs = read(broker, topic, 0, 100)
+    assert [(r.offset, r.key.decode(), r.value.decode()) for r in recs] == [
+        (i, line.split(":", 1)[0], line.split(":", 1)[1]) for i, line in enumerate(lines)]

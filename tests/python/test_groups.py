@@ -1,0 +1,122 @@
+"""Consumer groups with kafka-python (its own protocol code): group membership and rebalance,
+committed offsets across consumer restarts, the admin API for groups, and independent groups."""
+
+import time
+import uuid
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+WAIT = 60.0
+
+
+def new_topic(broker, partitions):
+    name = f"pyg-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(name, partitions, 1)])
+    admin.close()
+    return name
+
+
+def produce(broker, topic, partitions, per_partition):
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    for part in range(partitions):
+        for i in range(per_partition):
+            p.send(topic, value=f"p{part}-{i}".encode(), partition=part)
+    p.flush(timeout=30)
+    p.close()
+
+
+def consumer(broker, group, **kw):
+    return KafkaConsumer(
+        bootstrap_servers=broker.bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+        **kw,
+    )
+
+
+def poll_until(consumers, cond):
+    seen = [[] for _ in consumers]
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for i, c in enumerate(consumers):
+            for records in c.poll(timeout_ms=50).values():
+                seen[i].extend(r.value.decode() for r in records)
+        if cond(consumers, seen):
+            return seen
+    raise AssertionError(f"condition not met; assignments {[sorted(tp.partition for tp in c.assignment()) for c in consumers]}")
+
+
+def test_two_members_split_four_partitions_then_one_takes_all(broker):
+    topic = new_topic(broker, 4)
+    group = f"split-{uuid.uuid4().hex[:6]}"
+    a = consumer(broker, group)
+    b = consumer(broker, group)
+    a.subscribe([topic])
+    b.subscribe([topic])
+    poll_until([a, b], lambda cs, _: len(cs[0].assignment()) == 2 and len(cs[1].assignment()) == 2)
+    assert {tp.partition for tp in a.assignment()} | {tp.partition for tp in b.assignment()} == {0, 1, 2, 3}
+    b.close()  # LeaveGroup
+    poll_until([a], lambda cs, _: len(cs[0].assignment()) == 4)
+    a.close()
+
+
+def test_restarted_consumer_resumes_from_commit_and_groups_are_independent(broker):
+    topic = new_topic(broker, 2)
+    produce(broker, topic, 2, 10)
+    group = f"resume-{uuid.uuid4().hex[:6]}"
+    c = consumer(broker, group)
+    c.subscribe([topic])
+    seen = poll_until([c], lambda _, s: len(s[0]) >= 20)
+    assert len(seen[0]) == 20
+    c.commit()
+    committed = {tp.partition: c.committed(tp) for tp in c.assignment()}
+    assert committed == {0: 10, 1: 10}
+    c.close()
+    produce(broker, topic, 2, 3)
+    c = consumer(broker, group)
+    c.subscribe([topic])
+    seen = poll_until([c], lambda _, s: len(s[0]) >= 6)
+    assert sorted(seen[0]) == sorted([f"p{p}-{i}" for p in range(2) for i in range(3)])
+    c.close()
+    other = consumer(broker, f"other-{uuid.uuid4().hex[:6]}")
+    other.subscribe([topic])
+    seen = poll_until([other], lambda _, s: len(s[0]) >= 26)
+    assert len(seen[0]) == 26
+    other.close()
+
+
+def test_admin_lists_describes_and_deletes_groups(broker):
+    topic = new_topic(broker, 1)
+    produce(broker, topic, 1, 3)
+    group = f"admin-{uuid.uuid4().hex[:6]}"
+    c = consumer(broker, group, client_id="py-member")
+    c.subscribe([topic])
+    poll_until([c], lambda _, s: len(s[0]) >= 3)
+    c.commit()
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    listed = {g["group_id"]: g for g in admin.list_groups()}
+    assert listed[group]["group_state"] == "Stable"
+    desc = admin.describe_groups([group])[group]
+    assert desc["group_state"] == "Stable"
+    assert desc["protocol_type"] == "consumer"
+    assert [m["client_id"] for m in desc["members"]] == ["py-member"]
+    assert desc["members"][0]["member_assignment"]["assigned_partitions"] == [{"topic": topic, "partitions": [0]}]
+    offsets = admin.list_group_offsets(group)[group]
+    assert offsets[TopicPartition(topic, 0)].offset == 3
+    # A group with a member cannot be deleted.
+    assert admin.delete_groups([group])[group] == "NonEmptyGroupError"
+    c.close()
+    deadline = time.monotonic() + WAIT
+    while admin.describe_groups([group])[group]["group_state"] != "Empty":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert admin.delete_groups([group])[group] == "OK"
+    assert group not in {g["group_id"] for g in admin.list_groups()}
+    assert admin.delete_groups([group])[group] == "GroupIdNotFoundError"
+    admin.close()

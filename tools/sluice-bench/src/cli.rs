@@ -1,0 +1,461 @@
+//! Command-line interface. Every flag is checked here, before any connection is made, so a bad
+//! flag is one clear line and a non-zero exit.
+
+use crate::batch::{Compression, Keys, Payload};
+use crate::units::{parse_bytes, parse_duration, parse_rate, Rate};
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "sluice-bench",
+    args_override_self = true,
+    version,
+    about = "Kafka-protocol load generator for Sluice or any Kafka-compatible broker",
+    long_about = "Kafka-protocol load generator for Sluice or any Kafka-compatible broker.\n\
+                  Throughput is reported in records/s and MB/s (MB = 10^6 bytes); latencies in ms."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Produce records as fast as possible (or at --rate) and report ack latency.
+    Produce(ProduceCmd),
+    /// Consume records (assigned partitions or a consumer group) and report throughput.
+    Consume(ConsumeCmd),
+    /// Produce and consume at once; report end-to-end latency.
+    E2e(E2eCmd),
+    /// Run a named scenario from perf/scenarios (e.g. produce-max, e2e-latency).
+    Scenario(ScenarioCmd),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Bootstrap broker(s), host:port, comma-separated.
+    #[arg(long, default_value = "127.0.0.1:9092", env = "SLUICE_BENCH_BROKERS")]
+    pub brokers: String,
+    /// Topic to use (created with --partitions if missing).
+    #[arg(long, default_value = "sluice-bench")]
+    pub topic: String,
+    /// Executor threads (one glommio executor per core).
+    #[arg(long, default_value_t = 1)]
+    pub cores: usize,
+    /// CPUs to pin the executors to, e.g. "1" or "2,3" or "2-5" (default: not pinned).
+    #[arg(long)]
+    pub cpu_list: Option<String>,
+    /// Measured run time, e.g. 30s, 2m. Default 30s unless --count is given.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Stop after this many records (produced, or consumed for `consume`).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Warm-up time whose figures are discarded.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub warmup: Duration,
+    /// Write the summary as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Connection timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+    /// Print no live lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProduceOpts {
+    /// Partitions of the topic when it has to be created.
+    #[arg(long, default_value_t = 8)]
+    pub partitions: i32,
+    /// Replication factor when the topic has to be created.
+    #[arg(long, default_value_t = 1)]
+    pub replication_factor: i16,
+    /// Producer connections in total (spread over the cores).
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Value bytes per record, e.g. 1KiB or 100.
+    #[arg(long, value_parser = parse_bytes, default_value = "1KiB")]
+    pub size: u64,
+    /// Target uncompressed bytes per batch (records per batch = batch-bytes / size).
+    #[arg(long, value_parser = parse_bytes, default_value = "64KiB")]
+    pub batch_bytes: u64,
+    /// At a fixed --rate, a batch is sent when full or when its first record is this old.
+    #[arg(long, default_value_t = 5)]
+    pub linger_ms: u64,
+    /// 0, 1 or all.
+    #[arg(long, default_value = "all")]
+    pub acks: Acks,
+    #[arg(long, value_enum, default_value = "none")]
+    pub compression: CompressionArg,
+    #[arg(long, value_enum, default_value = "random")]
+    pub payload: PayloadArg,
+    /// none, random, or a number N of distinct keys.
+    #[arg(long, default_value = "none")]
+    pub keys: KeysArg,
+    /// Records/s (e.g. 50000, 50k) or bytes/s (e.g. 200MB/s); absent = as fast as possible.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<Rate>,
+    /// Use an idempotent producer (InitProducerId, sequence numbers).
+    #[arg(long)]
+    pub idempotent: bool,
+    /// Max in-flight produce requests per connection.
+    #[arg(long, default_value_t = 5)]
+    pub max_in_flight: usize,
+    /// Produce request timeout (the broker's wait for acks).
+    #[arg(long, default_value_t = 30_000)]
+    pub request_timeout_ms: i32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConsumeOpts {
+    /// Consumer group (classic protocol, range assignor). Without it, partitions are assigned
+    /// directly and nothing is committed.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Consumer connections in total (spread over the cores).
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// Where to start when there is no committed offset.
+    #[arg(long, value_enum, default_value = "earliest")]
+    pub from: StartFrom,
+    #[arg(long, value_parser = parse_bytes, default_value = "50MB")]
+    pub fetch_max_bytes: u64,
+    #[arg(long, value_parser = parse_bytes, default_value = "1MiB")]
+    pub partition_max_bytes: u64,
+    #[arg(long, default_value_t = 500)]
+    pub fetch_max_wait_ms: i32,
+    /// Verify the CRC-32C of every fetched batch.
+    #[arg(long)]
+    pub check_crc: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProduceCmd {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub produce: ProduceOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConsumeCmd {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub consume: ConsumeOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct E2eCmd {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub produce: ProduceOpts,
+    #[command(flatten)]
+    pub consume: ConsumeOpts,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScenarioCmd {
+    /// Scenario name (file stem without the sN- prefix, e.g. produce-max) or a path to a file.
+    pub name: String,
+    /// Directory holding the scenario files.
+    #[arg(long, default_value = "perf/scenarios", env = "SLUICE_BENCH_SCENARIOS")]
+    pub dir: PathBuf,
+    /// Run only this step (1-based) of a multi-step scenario.
+    #[arg(long)]
+    pub step: Option<usize>,
+    /// Print the commands instead of running them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Everything else (e.g. --duration 5s --brokers host:port --json f) is appended to each
+    /// step's arguments and overrides the scenario's values.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    None,
+    Leader,
+    All,
+}
+
+impl Acks {
+    pub fn wire(self) -> i16 {
+        match self {
+            Acks::None => 0,
+            Acks::Leader => 1,
+            Acks::All => -1,
+        }
+    }
+}
+
+impl std::str::FromStr for Acks {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "0" => Ok(Acks::None),
+            "1" => Ok(Acks::Leader),
+            "all" | "-1" => Ok(Acks::All),
+            _ => Err(format!("invalid acks {s:?} (use 0, 1 or all)")),
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionArg {
+    None,
+    Lz4,
+    Zstd,
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Compression {
+        match c {
+            CompressionArg::None => Compression::None,
+            CompressionArg::Lz4 => Compression::Lz4,
+            CompressionArg::Zstd => Compression::Zstd,
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadArg {
+    Random,
+    Text,
+}
+
+impl From<PayloadArg> for Payload {
+    fn from(p: PayloadArg) -> Payload {
+        match p {
+            PayloadArg::Random => Payload::Random,
+            PayloadArg::Text => Payload::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeysArg(pub Keys);
+
+impl std::str::FromStr for KeysArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(KeysArg(Keys::None)),
+            "random" => Ok(KeysArg(Keys::Random)),
+            n => match n.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(KeysArg(Keys::Fixed(n))),
+                _ => Err(format!(
+                    "invalid keys {s:?} (use none, random or a positive number)"
+                )),
+            },
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+/// Parses a CPU list: "1", "0,2", "2-5", "0,4-6".
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>> {
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) = (a.trim().parse()?, b.trim().parse()?);
+            if a > b {
+                bail!("invalid CPU range {part:?}");
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(
+                part.parse()
+                    .map_err(|_| anyhow::anyhow!("invalid CPU {part:?} in --cpu-list"))?,
+            );
+        }
+    }
+    if out.is_empty() {
+        bail!("--cpu-list {s:?} names no CPU");
+    }
+    Ok(out)
+}
+
+impl Common {
+    /// Checks cross-flag constraints; returns the CPUs to pin to (one per core), if any.
+    pub fn validate(&self) -> Result<Option<Vec<usize>>> {
+        if self.cores == 0 || self.cores > 1024 {
+            bail!("--cores must be between 1 and 1024");
+        }
+        if self.brokers.split(',').all(|b| b.trim().is_empty()) {
+            bail!("--brokers is empty");
+        }
+        if self.topic.is_empty() || self.topic.len() > 249 {
+            bail!("--topic must be 1 to 249 characters");
+        }
+        if self.count == Some(0) {
+            bail!("--count must be positive");
+        }
+        match &self.cpu_list {
+            None => Ok(None),
+            Some(s) => {
+                let cpus = parse_cpu_list(s)?;
+                // Configured CPUs, not this process's affinity (we may run under taskset).
+                // SAFETY: sysconf has no preconditions.
+                let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+                if let Some(c) = cpus.iter().find(|&&c| c >= online) {
+                    bail!("--cpu-list names CPU {c} but the machine has only {online}");
+                }
+                Ok(Some(cpus))
+            }
+        }
+    }
+
+    /// The measured run time: --duration, or 30 s without --count, or unbounded with --count.
+    pub fn run_time(&self) -> Option<Duration> {
+        match (self.duration, self.count) {
+            (Some(d), _) => Some(d),
+            (None, Some(_)) => None,
+            (None, None) => Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl ProduceOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.partitions < 1 {
+            bail!("--partitions must be at least 1");
+        }
+        if self.producers == 0 {
+            bail!("--producers must be at least 1");
+        }
+        if self.size == 0 || self.size > 8 << 20 {
+            bail!("--size must be between 1 byte and 8 MiB");
+        }
+        if self.batch_bytes > crate::batch::BATCH_BYTES_MAX as u64 {
+            bail!(
+                "--batch-bytes must be at most {} bytes",
+                crate::batch::BATCH_BYTES_MAX
+            );
+        }
+        if self.max_in_flight == 0 {
+            bail!("--max-in-flight must be at least 1");
+        }
+        if self.idempotent && self.acks != Acks::All {
+            bail!("--idempotent requires --acks all");
+        }
+        if self.idempotent && self.max_in_flight > 5 {
+            bail!("--idempotent allows at most 5 in-flight requests per connection");
+        }
+        Ok(())
+    }
+
+    /// Records per full batch.
+    pub fn records_per_batch(&self) -> usize {
+        ((self.batch_bytes / self.size.max(1)) as usize).max(1)
+    }
+}
+
+impl ConsumeOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.consumers == 0 {
+            bail!("--consumers must be at least 1");
+        }
+        if self.fetch_max_bytes == 0 || self.fetch_max_bytes > i32::MAX as u64 {
+            bail!("--fetch-max-bytes out of range");
+        }
+        if self.partition_max_bytes == 0 || self.partition_max_bytes > i32::MAX as u64 {
+            bail!("--partition-max-bytes out of range");
+        }
+        if self.fetch_max_wait_ms < 0 {
+            bail!("--fetch-max-wait-ms must not be negative");
+        }
+        if let Some(g) = &self.group {
+            if g.is_empty() {
+                bail!("--group must not be empty");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sluice-bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn produce_flags_parse_with_units() {
+        let c = parse(&[
+            "produce",
+            "--size",
+            "1KiB",
+            "--acks",
+            "1",
+            "--rate",
+            "200MB/s",
+            "--compression",
+            "lz4",
+            "--keys",
+            "16",
+            "--duration",
+            "10s",
+            "--cpu-list",
+            "0",
+        ])
+        .unwrap();
+        let Command::Produce(p) = c.command else {
+            panic!()
+        };
+        assert_eq!(p.produce.size, 1024);
+        assert_eq!(p.produce.acks, Acks::Leader);
+        assert_eq!(p.produce.rate, Some(Rate::BytesPerSec(200e6)));
+        assert_eq!(p.produce.keys, KeysArg(Keys::Fixed(16)));
+        assert_eq!(p.common.run_time(), Some(Duration::from_secs(10)));
+        assert_eq!(p.produce.records_per_batch(), 64);
+        assert_eq!(p.common.validate().unwrap(), Some(vec![0]));
+    }
+
+    #[test]
+    fn later_flag_overrides_earlier_one() {
+        let c = parse(&["produce", "--duration", "30s", "--duration", "2s"]).unwrap();
+        let Command::Produce(p) = c.command else {
+            panic!()
+        };
+        assert_eq!(p.common.duration, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse(&["produce", "--acks", "2"]).is_err());
+        assert!(parse(&["produce", "--size", "big"]).is_err());
+        assert!(parse(&["produce", "--no-such-flag"]).is_err());
+        let c = parse(&["produce", "--idempotent", "--acks", "1"]).unwrap();
+        let Command::Produce(p) = c.command else {
+            panic!()
+        };
+        assert!(p.produce.validate().is_err());
+        assert!(parse_cpu_list("3-1").is_err());
+        assert_eq!(parse_cpu_list("0,2-3").unwrap(), vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn count_without_duration_runs_unbounded() {
+        let c = parse(&["consume", "--count", "100"]).unwrap();
+        let Command::Consume(k) = c.command else {
+            panic!()
+        };
+        assert_eq!(k.common.run_time(), None);
+    }
+}

@@ -1,0 +1,333 @@
+//! Counters and latency histograms shared by all cores, the live line printed every second, and
+//! the final summary (text first, optional JSON with OpenMessaging-Benchmark-style names).
+//!
+//! Throughput leads: records/s and MB/s where MB = 10^6 bytes. Latencies are recorded in
+//! microseconds in an HdrHistogram (3 significant digits) and printed in milliseconds.
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Highest latency the histograms track; larger values are clamped (saturating record).
+pub const LATENCY_US_MAX: u64 = 3_600_000_000;
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("static histogram bounds are valid")
+}
+
+/// One measured stream of events: a count, a byte total, errors and a latency distribution.
+pub struct Meter {
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+    hist: Mutex<Histogram<u64>>,
+    /// Whether anything was ever counted (decides which streams the reports show).
+    seen: AtomicBool,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Meter {
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            hist: Mutex::new(new_hist()),
+            seen: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Meter {
+    pub fn add(&self, records: u64, bytes: u64) {
+        self.records.fetch_add(records, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+        self.seen.store(true, Relaxed);
+    }
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Relaxed);
+        self.seen.store(true, Relaxed);
+    }
+    /// Records `count` events that each took `latency_us`.
+    pub fn latency(&self, latency_us: u64, count: u64) {
+        if let Ok(mut h) = self.hist.lock() {
+            h.saturating_record_n(latency_us.max(1), count.max(1));
+        }
+    }
+    pub fn used(&self) -> bool {
+        self.seen.load(Relaxed)
+    }
+    pub fn snapshot(&self) -> Histogram<u64> {
+        match self.hist.lock() {
+            Ok(h) => h.clone(),
+            Err(_) => new_hist(),
+        }
+    }
+    fn reset(&self) {
+        self.records.store(0, Relaxed);
+        self.bytes.store(0, Relaxed);
+        self.errors.store(0, Relaxed);
+        if let Ok(mut h) = self.hist.lock() {
+            h.reset();
+        }
+    }
+}
+
+/// Everything measured in one run.
+pub struct Stats {
+    pub publish: Meter,
+    pub consume: Meter,
+    pub end_to_end: Meter,
+    /// False during warm-up: workers keep running but their figures are discarded.
+    measuring: AtomicBool,
+    /// Set when the run should end (duration elapsed, count reached, or fatal error).
+    pub stop: AtomicBool,
+    /// The first fatal error, reported as the run's one-line failure.
+    pub fatal: Mutex<Option<String>>,
+}
+
+impl Stats {
+    pub fn new(warm: bool) -> Stats {
+        Stats {
+            publish: Meter::default(),
+            consume: Meter::default(),
+            end_to_end: Meter::default(),
+            measuring: AtomicBool::new(!warm),
+            stop: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+        }
+    }
+    pub fn measuring(&self) -> bool {
+        self.measuring.load(Relaxed)
+    }
+    /// Ends warm-up: everything counted so far is dropped.
+    pub fn start_measuring(&self) {
+        self.publish.reset();
+        self.consume.reset();
+        self.end_to_end.reset();
+        self.measuring.store(true, Relaxed);
+    }
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Relaxed)
+    }
+    pub fn fail(&self, msg: String) {
+        if let Ok(mut f) = self.fatal.lock() {
+            if f.is_none() {
+                *f = Some(msg);
+            }
+        }
+        self.stop.store(true, Relaxed);
+    }
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// Prints one live line per call from the counters' change since the previous call.
+pub struct LiveLine {
+    last: Instant,
+    started: Instant,
+    last_counts: [(u64, u64); 2],
+}
+
+impl LiveLine {
+    pub fn new() -> LiveLine {
+        let now = Instant::now();
+        LiveLine {
+            last: now,
+            started: now,
+            last_counts: [(0, 0); 2],
+        }
+    }
+
+    pub fn line(&mut self, stats: &Stats) -> String {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64().max(1e-9);
+        self.last = now;
+        let mut parts = vec![format!(
+            "[{:>5.0}s]",
+            now.duration_since(self.started).as_secs_f64()
+        )];
+        if !stats.measuring() {
+            parts.push("warm-up".into());
+        }
+        for (i, (name, m)) in [("produce", &stats.publish), ("consume", &stats.consume)]
+            .into_iter()
+            .enumerate()
+        {
+            if !m.used() {
+                continue;
+            }
+            let (r, b) = (m.records.load(Relaxed), m.bytes.load(Relaxed));
+            let (lr, lb) = self.last_counts[i];
+            self.last_counts[i] = (r, b);
+            let h = m.snapshot();
+            let p99 = if h.len() > 0 {
+                format!(" p99 {:>8.3} ms", ms(h.value_at_quantile(0.99)))
+            } else {
+                String::new()
+            };
+            parts.push(format!(
+                "{name} {:>10.0} rec/s {:>8.1} MB/s{p99} err {}",
+                r.saturating_sub(lr) as f64 / dt,
+                b.saturating_sub(lb) as f64 / dt / 1e6,
+                m.errors.load(Relaxed)
+            ));
+        }
+        let e = stats.end_to_end.snapshot();
+        if e.len() > 0 {
+            parts.push(format!("e2e p99 {:.3} ms", ms(e.value_at_quantile(0.99))));
+        }
+        parts.join(" | ")
+    }
+}
+
+impl Default for LiveLine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const QUANTILES: [(&str, f64); 6] = [
+    ("50pct", 0.5),
+    ("75pct", 0.75),
+    ("90pct", 0.9),
+    ("99pct", 0.99),
+    ("999pct", 0.999),
+    ("9999pct", 0.9999),
+];
+
+/// The final figures of one run.
+pub struct Summary {
+    pub text: String,
+    pub json: Value,
+}
+
+/// Builds the summary. `elapsed` is the measured time (after warm-up).
+pub fn summarize(stats: &Stats, elapsed: Duration, config: Value) -> Summary {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let mut text = String::new();
+    let mut j = Map::new();
+    j.insert("durationSeconds".into(), json!(secs));
+    let streams = [
+        (
+            "produce",
+            "publish",
+            &stats.publish,
+            "ack latency (from scheduled send)",
+        ),
+        ("consume", "consume", &stats.consume, "fetch latency"),
+    ];
+    for (label, key, m, what) in streams {
+        if !m.used() {
+            continue;
+        }
+        let r = m.records.load(Relaxed);
+        let b = m.bytes.load(Relaxed);
+        let err = m.errors.load(Relaxed);
+        let rate = r as f64 / secs;
+        let mbps = b as f64 / secs / 1e6;
+        let of = if key == "publish" {
+            "record keys+values"
+        } else {
+            "fetched record batches"
+        };
+        text.push_str(&format!(
+            "{label}: {rate:.0} records/s, {mbps:.2} MB/s (MB = 10^6 bytes of {of}), {r} records, {b} bytes in {secs:.1} s, {err} errors\n"
+        ));
+        j.insert(format!("{key}Rate"), json!(rate));
+        j.insert(format!("{key}ThroughputMBps"), json!(mbps));
+        j.insert(format!("{key}Records"), json!(r));
+        j.insert(format!("{key}Bytes"), json!(b));
+        j.insert(format!("{key}Errors"), json!(err));
+        if key == "publish" {
+            let h = m.snapshot();
+            if h.len() > 0 {
+                text.push_str(&latency_line(&format!("{label} {what}"), &h));
+                latency_json(&mut j, "publishLatency", &h);
+            }
+        }
+    }
+    let e = stats.end_to_end.snapshot();
+    if e.len() > 0 {
+        text.push_str(&latency_line("end-to-end latency", &e));
+        latency_json(&mut j, "endToEndLatency", &e);
+    }
+    if text.is_empty() {
+        text.push_str("no records were sent or received\n");
+    }
+    j.insert("config".into(), config);
+    Summary {
+        text,
+        json: Value::Object(j),
+    }
+}
+
+fn latency_line(label: &str, h: &Histogram<u64>) -> String {
+    format!(
+        "{label} (ms): p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} p99.99 {:.3} max {:.3} (mean {:.3}, n={})\n",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.9)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.value_at_quantile(0.9999)),
+        ms(h.max()),
+        h.mean() / 1000.0,
+        h.len()
+    )
+}
+
+fn latency_json(j: &mut Map<String, Value>, prefix: &str, h: &Histogram<u64>) {
+    j.insert(format!("{prefix}Avg"), json!(h.mean() / 1000.0));
+    for (name, q) in QUANTILES {
+        j.insert(format!("{prefix}{name}"), json!(ms(h.value_at_quantile(q))));
+    }
+    j.insert(format!("{prefix}Max"), json!(ms(h.max())));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_leads_with_throughput_and_names_fields_like_omb() {
+        let s = Stats::new(false);
+        s.publish.add(2000, 2_000_000);
+        for us in 1..=1000u64 {
+            s.publish.latency(us * 10, 2);
+        }
+        s.end_to_end.latency(5000, 2000);
+        let sum = summarize(&s, Duration::from_secs(2), json!({}));
+        let first = sum.text.lines().next().unwrap();
+        assert!(
+            first.starts_with("produce: 1000 records/s, 1.00 MB/s"),
+            "{first}"
+        );
+        assert_eq!(sum.json["publishRate"], json!(1000.0));
+        assert_eq!(sum.json["publishThroughputMBps"], json!(1.0));
+        let p50 = sum.json["publishLatency50pct"].as_f64().unwrap();
+        assert!((4.9..=5.1).contains(&p50), "{p50}");
+        assert!(sum.json["publishLatency9999pct"].as_f64().unwrap() <= 10.01);
+        assert_eq!(
+            sum.json["endToEndLatency99pct"].as_f64().unwrap().round(),
+            5.0
+        );
+        assert!(sum.json.get("consumeRate").is_none());
+    }
+
+    #[test]
+    fn warm_up_figures_are_discarded() {
+        let s = Stats::new(true);
+        s.publish.add(10, 10);
+        s.publish.latency(100, 10);
+        assert!(!s.measuring());
+        s.start_measuring();
+        assert_eq!(s.publish.records.load(Relaxed), 0);
+        assert_eq!(s.publish.snapshot().len(), 0);
+    }
+}

@@ -81,7 +81,8 @@ fn poll_until(
     cs: &[&BaseConsumer],
     mut done: impl FnMut(&[&BaseConsumer], &[Vec<String>]) -> bool,
 ) -> Vec<Vec<String>> {
-    let deadline = Instant::now() + WAIT_MAX;
+    let start = Instant::now();
+    let deadline = start + WAIT_MAX;
     let mut seen = vec![Vec::new(); cs.len()];
     loop {
         for (i, c) in cs.iter().enumerate() {
@@ -90,6 +91,12 @@ fn poll_until(
             }
         }
         if done(cs, &seen) {
+            // Rebalance times for the record (visible with --nocapture); not asserted.
+            eprintln!(
+                "condition reached after {:?}; assignments {:?}",
+                start.elapsed(),
+                cs.iter().map(|c| assigned(c)).collect::<Vec<_>>()
+            );
             return seen;
         }
         assert!(
@@ -629,5 +636,85 @@ mod raw {
             )
             .expect("heartbeat");
         assert_eq!(r.error_code, 0);
+    }
+
+    /// Commits are checked like Kafka's `doCommitOffsets`; DescribeGroups v6 reports unknown
+    /// groups (KIP-1043) where v5 answers Dead; transaction coordinators do not exist yet.
+    #[test]
+    fn commit_checks_describe_versions_and_coordinator_key_types() {
+        let b = Broker::options().cores(2).start();
+        let topic = topic_name("known");
+        create_topic(&b, &topic, 1);
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        wait_coordinator(&mut c, "cg");
+        let first = join(&mut c, "cg", "");
+        let member = first.member_id.to_string();
+        let joined = join(&mut c, "cg", &member);
+        assert_eq!((joined.error_code, joined.generation_id), (0, 1));
+        let commit = |c: &mut Client, group: &str, member: &str, generation: i32| -> i16 {
+            let req = OffsetCommitRequest::default()
+                .with_group_id(GroupId(s(group)))
+                .with_generation_id_or_member_epoch(generation)
+                .with_member_id(s(member))
+                .with_topics(vec![OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(s(&topic)))
+                    .with_partitions(vec![OffsetCommitRequestPartition::default()
+                        .with_partition_index(0)
+                        .with_committed_offset(1)])]);
+            let r: OffsetCommitResponse = c.call_at(ApiKey::OffsetCommit, 9, &req).expect("commit");
+            r.topics[0].partitions[0].error_code
+        };
+        // Joined but not synced: CompletingRebalance.
+        assert_eq!(
+            commit(&mut c, "cg", &member, 1),
+            ResponseError::RebalanceInProgress.code()
+        );
+        // A simple commit (generation -1) to a group with members.
+        assert_eq!(
+            commit(&mut c, "cg", "", -1),
+            ResponseError::UnknownMemberId.code()
+        );
+        // A simple commit to an unknown group creates it, empty.
+        assert_eq!(commit(&mut c, "standalone", "", -1), 0);
+        // A generation >= 0 for a group that does not exist.
+        assert_eq!(
+            commit(&mut c, "ghost-group", "m", 4),
+            ResponseError::IllegalGeneration.code()
+        );
+
+        let d = DescribeGroupsRequest::default().with_groups(vec![GroupId(s("never-existed"))]);
+        let r: DescribeGroupsResponse = c.call_at(ApiKey::DescribeGroups, 5, &d).expect("describe");
+        assert_eq!(
+            (r.groups[0].error_code, r.groups[0].group_state.as_str()),
+            (0, "Dead")
+        );
+        let r: DescribeGroupsResponse = c.call_at(ApiKey::DescribeGroups, 6, &d).expect("describe");
+        assert_eq!(
+            r.groups[0].error_code,
+            ResponseError::GroupIdNotFound.code()
+        );
+
+        let keys = FindCoordinatorRequest::default()
+            .with_key_type(1)
+            .with_coordinator_keys(vec![s("txn-id")]);
+        let r: FindCoordinatorResponse =
+            c.call_at(ApiKey::FindCoordinator, 4, &keys).expect("find");
+        assert_eq!(
+            r.coordinators[0].error_code,
+            ResponseError::CoordinatorNotAvailable.code()
+        );
+        let keys = FindCoordinatorRequest::default().with_coordinator_keys(vec![s("a"), s("b")]);
+        let r: FindCoordinatorResponse =
+            c.call_at(ApiKey::FindCoordinator, 4, &keys).expect("find");
+        assert_eq!(r.coordinators.len(), 2);
+        assert!(r
+            .coordinators
+            .iter()
+            .all(|k| k.error_code == 0 && k.port > 0));
+
+        let states = ListGroupsRequest::default().with_states_filter(vec![s("Empty")]);
+        let r: ListGroupsResponse = c.call_at(ApiKey::ListGroups, 4, &states).expect("list");
+        let names: Vec<&str> = r.groups.iter().map(|g| g.group_id.as_str()).collect();
+        assert_eq!(names, ["standalone"]);
     }
 }

@@ -1,1223 +1,1254 @@
-//! The group coordinator of one shard: the classic-protocol state machine of every group placed
-//! on this shard, and their committed offsets. Lives on its shard (Rc/RefCell); handlers reach it
-//! through `shard::invoke_on`. Join and sync responses that must wait for the rest of the group
-//! park a one-shot channel that the state machine completes.
+//! The group coordinator state machine (Kafka's classic rebalance protocol, KIP-394 member-id
+//! handshake, KIP-345 static membership, KIP-814 skip-assignment). Sans-IO: every call takes
+//! `now_ms`, JoinGroup/SyncGroup answers that must wait come back as [`Reply::Wait`] channels the
+//! state machine completes later, timeouts fire from [`Coordinator::tick`], and records to
+//! persist are queued for the caller ([`Coordinator::take_writes`]). One instance per shard owns
+//! the groups whose `__consumer_offsets` partition lives on that shard.
 
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
 
-use bytes::{Buf, Bytes, BytesMut};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
+use bytes::Bytes;
+use kafka_protocol::ResponseError as E;
+
+use super::offsets::{self, GroupValue, MemberValue, OffsetValue};
+use super::state::{
+    Group, GroupState, JoinMember, JoinMode, JoinResult, Member, Protocol, Reply, SyncResult,
 };
-use kafka_protocol::ResponseError;
 
-use super::records::{self, OffsetKey, OffsetValue};
-use super::{offsets_partition, OFFSETS_TOPIC};
-use crate::shard;
-use crate::storage::{Durability, ReadOptions};
-use crate::types::{now_ms, Offset, TopicPartition};
+const NONE: i16 = 0;
 
-/// Kafka's `group.min.session.timeout.ms` is 6 s; Sluice allows 1 s so tests and latency-sensitive
-/// consumers can detect dead members faster.
-pub const SESSION_TIMEOUT_MS_MIN: i32 = 1_000;
-/// Kafka's `group.max.session.timeout.ms`.
-pub const SESSION_TIMEOUT_MS_MAX: i32 = 1_800_000;
-/// Kafka's `offset.metadata.max.bytes`.
-pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
-/// How often timers (session expiry, rebalance deadlines, join delays) are checked.
-pub const TICK_MS: u64 = 50;
-
-fn code(e: ResponseError) -> i16 {
-    e.code()
+/// Coordinator settings (Kafka's `group.*` and `offsets.*` broker configs).
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// `group.initial.rebalance.delay.ms`.
+    pub initial_rebalance_delay_ms: i64,
+    /// `group.min.session.timeout.ms` / `group.max.session.timeout.ms`.
+    pub session_timeout_ms_min: i32,
+    pub session_timeout_ms_max: i32,
+    /// `offsets.retention.minutes`, in ms.
+    pub offsets_retention_ms: i64,
+    /// `offset.metadata.max.bytes`.
+    pub offset_metadata_bytes_max: usize,
+    /// `offsets.topic.num.partitions`.
+    pub offsets_partitions: i32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Empty,
-    PreparingRebalance,
-    CompletingRebalance,
-    Stable,
-}
-
-impl State {
-    pub fn name(self) -> &'static str {
-        match self {
-            State::Empty => "Empty",
-            State::PreparingRebalance => "PreparingRebalance",
-            State::CompletingRebalance => "CompletingRebalance",
-            State::Stable => "Stable",
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            initial_rebalance_delay_ms: 0,
+            session_timeout_ms_min: 6000,
+            session_timeout_ms_max: 1_800_000,
+            offsets_retention_ms: 7 * 24 * 3600 * 1000,
+            offset_metadata_bytes_max: 4096,
+            offsets_partitions: 50,
         }
     }
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct JoinOutcome {
-    pub error: i16,
-    pub generation: i32,
-    pub protocol_type: Option<String>,
-    pub protocol: Option<String>,
-    pub leader: String,
-    pub member_id: String,
-    /// Filled for the leader only: (member id, instance id, metadata of the chosen protocol).
-    pub members: Vec<(String, Option<String>, Bytes)>,
-    pub skip_assignment: bool,
+/// Java's `String.hashCode` over UTF-16 code units.
+pub fn java_string_hash(s: &str) -> i32 {
+    s.encode_utf16()
+        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32))
 }
 
-impl JoinOutcome {
-    fn error(error: i16, member_id: &str) -> JoinOutcome {
-        JoinOutcome {
-            error,
-            generation: -1,
-            member_id: member_id.to_string(),
-            ..Default::default()
-        }
-    }
+/// Kafka's `Utils.abs(groupId.hashCode) % groupMetadataTopicPartitionCount` (`Utils.abs` maps
+/// `i32::MIN` to 0 rather than overflowing).
+pub fn partition_for(group_id: &str, partitions: i32) -> i32 {
+    let h = java_string_hash(group_id);
+    let abs = if h == i32::MIN { 0 } else { h.abs() };
+    abs % partitions
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct SyncOutcome {
-    pub error: i16,
-    pub protocol_type: Option<String>,
-    pub protocol: Option<String>,
-    pub assignment: Bytes,
+/// A record to append to a `__consumer_offsets` partition; `value: None` is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
 }
 
-pub struct JoinArgs {
+pub struct JoinRequest {
     pub group_id: String,
     pub member_id: String,
-    pub instance_id: Option<String>,
+    pub group_instance_id: Option<String>,
     pub client_id: String,
     pub client_host: String,
     pub session_timeout_ms: i32,
     pub rebalance_timeout_ms: i32,
     pub protocol_type: String,
-    pub protocols: Vec<(String, Bytes)>,
-    /// JoinGroup request version (MEMBER_ID_REQUIRED from v4, skip_assignment from v9).
-    pub version: i16,
+    pub protocols: Vec<Protocol>,
+    /// JoinGroup v4+: a member without an id first gets MEMBER_ID_REQUIRED (KIP-394).
+    pub require_known_member_id: bool,
 }
 
-struct Member {
-    id: String,
-    instance_id: Option<String>,
-    client_id: String,
-    client_host: String,
-    session_timeout: Duration,
-    rebalance_timeout: Duration,
-    protocols: Vec<(String, Bytes)>,
-    assignment: Bytes,
-    last_heartbeat: Instant,
-    joined_this_round: bool,
-    join_waiter: Option<async_channel::Sender<JoinOutcome>>,
-    sync_waiter: Option<async_channel::Sender<SyncOutcome>>,
+pub struct SyncRequest {
+    pub group_id: String,
+    pub generation: i32,
+    pub member_id: String,
+    pub group_instance_id: Option<String>,
+    pub protocol_type: Option<String>,
+    pub protocol_name: Option<String>,
+    pub assignments: Vec<(String, Bytes)>,
 }
 
-impl Member {
-    fn metadata_for(&self, protocol: &str) -> Bytes {
-        self.protocols
-            .iter()
-            .find(|(n, _)| n == protocol)
-            .map(|(_, m)| m.clone())
-            .unwrap_or_default()
-    }
+/// One member of DescribeGroups.
+#[derive(Debug, Clone)]
+pub struct MemberDescription {
+    pub member_id: String,
+    pub group_instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub metadata: Bytes,
+    pub assignment: Bytes,
 }
 
 #[derive(Debug, Clone)]
-pub struct Committed {
-    pub offset: i64,
-    pub leader_epoch: i32,
-    pub metadata: String,
-    pub commit_timestamp_ms: i64,
+pub struct GroupDescription {
+    pub error: i16,
+    pub group_id: String,
+    pub state: &'static str,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub members: Vec<MemberDescription>,
 }
 
-struct Group {
-    state: State,
-    generation: i32,
-    protocol_type: Option<String>,
-    protocol: Option<String>,
-    leader: Option<String>,
-    /// In join order: the first member to join leads.
-    members: Vec<Member>,
-    /// Member ids handed out with MEMBER_ID_REQUIRED and not yet used.
-    pending: HashSet<String>,
-    rebalance_deadline: Option<Instant>,
-    /// A new group waits this long for more members before its first rebalance completes.
-    initial_delay_until: Option<Instant>,
-    offsets: BTreeMap<(String, i32), Committed>,
+/// One group in ListGroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupListing {
+    pub group_id: String,
+    pub protocol_type: String,
+    pub state: &'static str,
 }
 
-impl Group {
-    fn new() -> Group {
-        Group {
-            state: State::Empty,
-            generation: 0,
-            protocol_type: None,
-            protocol: None,
-            leader: None,
-            members: Vec::new(),
-            pending: HashSet::new(),
-            rebalance_deadline: None,
-            initial_delay_until: None,
-            offsets: BTreeMap::new(),
-        }
-    }
-    fn member(&self, id: &str) -> Option<&Member> {
-        self.members.iter().find(|m| m.id == id)
-    }
-    fn member_mut(&mut self, id: &str) -> Option<&mut Member> {
-        self.members.iter_mut().find(|m| m.id == id)
-    }
-    fn by_instance(&self, instance: &str) -> Option<&Member> {
-        self.members
-            .iter()
-            .find(|m| m.instance_id.as_deref() == Some(instance))
-    }
-
-    /// Topics the members subscribe to (consumer protocol only).
-    fn subscribed_topics(&self) -> HashSet<String> {
-        let mut out = HashSet::new();
-        if self.protocol_type.as_deref() != Some("consumer") {
-            return out;
-        }
-        for m in &self.members {
-            for (_, meta) in &m.protocols {
-                out.extend(consumer_subscription(meta.clone()));
-            }
-        }
-        out
-    }
-
-    /// Checks a request's (member, instance, generation) against the group.
-    fn check_member(
-        &self,
-        member_id: &str,
-        instance_id: Option<&str>,
-        generation: Option<i32>,
-    ) -> Result<(), i16> {
-        if let Some(inst) = instance_id {
-            if let Some(m) = self.by_instance(inst) {
-                if m.id != member_id {
-                    return Err(code(ResponseError::FencedInstanceId));
-                }
-            }
-        }
-        if self.member(member_id).is_none() {
-            return Err(code(ResponseError::UnknownMemberId));
-        }
-        if let Some(g) = generation {
-            if g != self.generation {
-                return Err(code(ResponseError::IllegalGeneration));
-            }
-        }
-        Ok(())
-    }
-
-    fn select_protocol(&self) -> Option<String> {
-        let first = self.members.first()?;
-        let candidates: Vec<&String> = first
-            .protocols
-            .iter()
-            .map(|(n, _)| n)
-            .filter(|n| {
-                self.members
-                    .iter()
-                    .all(|m| m.protocols.iter().any(|(x, _)| x == *n))
-            })
-            .collect();
-        let mut votes: HashMap<&String, usize> = HashMap::new();
-        for m in &self.members {
-            if let Some((n, _)) = m.protocols.iter().find(|(n, _)| candidates.contains(&n)) {
-                *votes.entry(n).or_default() += 1;
-            }
-        }
-        candidates
-            .into_iter()
-            .max_by_key(|n| (votes.get(n).copied().unwrap_or(0), std::cmp::Reverse(0)))
-            .cloned()
-    }
-
-    fn supports(&self, protocol_type: &str, protocols: &[(String, Bytes)]) -> bool {
-        if self.members.is_empty() {
-            return !protocols.is_empty();
-        }
-        if self.protocol_type.as_deref() != Some(protocol_type) {
-            return false;
-        }
-        protocols.iter().any(|(n, _)| {
-            self.members
-                .iter()
-                .all(|m| m.protocols.iter().any(|(x, _)| x == n))
-        })
-    }
-
-    fn prepare_rebalance(&mut self, initial_delay: Duration) {
-        let was_empty = self.state == State::Empty;
-        if self.state == State::CompletingRebalance {
-            for m in &mut self.members {
-                if let Some(w) = m.sync_waiter.take() {
-                    let _ = w.try_send(SyncOutcome {
-                        error: code(ResponseError::RebalanceInProgress),
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-        self.state = State::PreparingRebalance;
-        let timeout = self
-            .members
-            .iter()
-            .map(|m| m.rebalance_timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(1));
-        self.rebalance_deadline = Some(Instant::now() + timeout);
-        self.initial_delay_until =
-            (was_empty && !initial_delay.is_zero()).then(|| Instant::now() + initial_delay);
-        for m in &mut self.members {
-            m.joined_this_round = m.join_waiter.is_some();
-        }
-    }
-
-    /// Completes the join phase once every member has rejoined (after any initial delay), or
-    /// once the rebalance timeout passes, dropping members that did not rejoin.
-    fn maybe_complete_join(&mut self, now: Instant) {
-        if self.state != State::PreparingRebalance {
-            return;
-        }
-        let all_joined = self.members.iter().all(|m| m.joined_this_round);
-        let delayed = self.initial_delay_until.map(|t| now < t).unwrap_or(false);
-        let expired = self.rebalance_deadline.map(|t| now >= t).unwrap_or(false);
-        if !(expired || (all_joined && !delayed)) {
-            return;
-        }
-        self.members.retain(|m| m.joined_this_round);
-        self.generation += 1;
-        self.initial_delay_until = None;
-        self.rebalance_deadline = None;
-        if self.members.is_empty() {
-            self.state = State::Empty;
-            self.protocol = None;
-            self.leader = None;
-            return;
-        }
-        self.protocol = self.select_protocol();
-        if self
-            .leader
-            .as_ref()
-            .map(|l| self.member(l).is_none())
-            .unwrap_or(true)
-        {
-            self.leader = Some(self.members[0].id.clone());
-        }
-        self.state = State::CompletingRebalance;
-        let protocol = self.protocol.clone().unwrap_or_default();
-        let leader = self.leader.clone().unwrap_or_default();
-        let all: Vec<(String, Option<String>, Bytes)> = self
-            .members
-            .iter()
-            .map(|m| {
-                (
-                    m.id.clone(),
-                    m.instance_id.clone(),
-                    m.metadata_for(&protocol),
-                )
-            })
-            .collect();
-        let (generation, protocol_type) = (self.generation, self.protocol_type.clone());
-        for m in &mut self.members {
-            m.joined_this_round = false;
-            m.assignment = Bytes::new();
-            m.last_heartbeat = now;
-            if let Some(w) = m.join_waiter.take() {
-                let _ = w.try_send(JoinOutcome {
-                    error: 0,
-                    generation,
-                    protocol_type: protocol_type.clone(),
-                    protocol: Some(protocol.clone()),
-                    leader: leader.clone(),
-                    member_id: m.id.clone(),
-                    members: if m.id == leader { all.clone() } else { vec![] },
-                    skip_assignment: false,
-                });
-            }
-        }
-    }
-
-    fn remove_member(&mut self, id: &str, now: Instant) {
-        self.members.retain(|m| m.id != id);
-        match self.state {
-            State::Stable | State::CompletingRebalance => {
-                if self.members.is_empty() {
-                    self.state = State::Empty;
-                    self.generation += 1;
-                    self.protocol = None;
-                    self.leader = None;
-                } else {
-                    self.prepare_rebalance(Duration::ZERO);
-                }
-            }
-            State::PreparingRebalance => self.maybe_complete_join(now),
-            State::Empty => {}
-        }
-    }
+/// One partition of an OffsetCommit after validation.
+#[derive(Debug, Clone)]
+pub struct CommitEntry {
+    pub topic: String,
+    pub partition: i32,
+    pub value: OffsetValue,
 }
 
-/// Topics of a consumer-protocol subscription (`ConsumerProtocolSubscription`: version i16,
-/// topics as an array of strings, …).
-pub fn consumer_subscription(mut meta: Bytes) -> Vec<String> {
-    let mut out = Vec::new();
-    if meta.remaining() < 6 {
-        return out;
-    }
-    let _version = meta.get_i16();
-    let n = meta.get_i32();
-    for _ in 0..n.max(0) {
-        if meta.remaining() < 2 {
-            break;
-        }
-        let len = meta.get_i16();
-        if len < 0 || meta.remaining() < len as usize {
-            break;
-        }
-        let s = meta.split_to(len as usize);
-        out.push(String::from_utf8_lossy(&s).into_owned());
-    }
-    out
-}
-
-/// The coordinator of this shard.
 pub struct Coordinator {
-    groups: RefCell<HashMap<String, Group>>,
-    loaded: Cell<bool>,
+    pub config: CoordinatorConfig,
+    groups: HashMap<String, Group>,
+    writes: Vec<Write>,
+    next_member_seq: u64,
 }
 
-thread_local! {
-    static LOCAL: Rc<Coordinator> = Rc::new(Coordinator { groups: RefCell::new(HashMap::new()), loaded: Cell::new(false) });
-}
-
-pub fn local() -> Rc<Coordinator> {
-    LOCAL.with(|c| c.clone())
-}
-
-fn initial_delay() -> Duration {
-    Duration::from_millis(
-        shard::local()
-            .broker
-            .config
-            .group_initial_rebalance_delay_ms,
-    )
-}
-
-fn new_member_id(client_id: &str) -> String {
-    format!(
-        "{}-{}",
-        if client_id.is_empty() {
-            "member"
-        } else {
-            client_id
-        },
-        uuid::Uuid::new_v4()
-    )
+fn new_member_id(client_id: &str, seq: u64) -> String {
+    format!("{client_id}-{}-{seq}", uuid::Uuid::new_v4())
 }
 
 impl Coordinator {
-    pub fn is_loaded(&self) -> bool {
-        self.loaded.get()
+    pub fn new(config: CoordinatorConfig) -> Coordinator {
+        Coordinator {
+            config,
+            groups: HashMap::new(),
+            writes: Vec::new(),
+            next_member_seq: 0,
+        }
     }
 
-    pub async fn join(&self, a: JoinArgs) -> JoinOutcome {
-        if !self.loaded.get() {
-            return JoinOutcome::error(
-                code(ResponseError::CoordinatorLoadInProgress),
-                &a.member_id,
-            );
+    pub fn group(&self, id: &str) -> Option<&Group> {
+        self.groups.get(id)
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Records queued for persistence, in the order they must be appended.
+    pub fn take_writes(&mut self) -> Vec<Write> {
+        std::mem::take(&mut self.writes)
+    }
+
+    fn partition_of(&self, group_id: &str) -> i32 {
+        partition_for(group_id, self.config.offsets_partitions)
+    }
+
+    // ---------------------------------------------------------------- JoinGroup
+
+    pub fn join(&mut self, req: JoinRequest, now_ms: i64) -> Reply<JoinResult> {
+        let err = |code: E| Reply::Now(JoinResult::error(code.code(), &req.member_id));
+        if req.group_id.is_empty() {
+            return err(E::InvalidGroupId);
         }
-        if a.group_id.is_empty() {
-            return JoinOutcome::error(code(ResponseError::InvalidGroupId), &a.member_id);
-        }
-        if a.session_timeout_ms < SESSION_TIMEOUT_MS_MIN
-            || a.session_timeout_ms > SESSION_TIMEOUT_MS_MAX
+        if req.session_timeout_ms < self.config.session_timeout_ms_min
+            || req.session_timeout_ms > self.config.session_timeout_ms_max
         {
-            return JoinOutcome::error(code(ResponseError::InvalidSessionTimeout), &a.member_id);
+            return err(E::InvalidSessionTimeout);
         }
-        let now = Instant::now();
-        let rx = {
-            let mut groups = self.groups.borrow_mut();
-            let g = groups.entry(a.group_id.clone()).or_insert_with(Group::new);
-            if !g.supports(&a.protocol_type, &a.protocols) {
-                return JoinOutcome::error(
-                    code(ResponseError::InconsistentGroupProtocol),
-                    &a.member_id,
-                );
+        let exists = self.groups.contains_key(&req.group_id);
+        if !exists && !req.member_id.is_empty() {
+            return err(E::UnknownMemberId);
+        }
+        let group = self
+            .groups
+            .entry(req.group_id.clone())
+            .or_insert_with(|| Group::new(&req.group_id, now_ms));
+        if group.state == GroupState::Dead {
+            return err(E::CoordinatorNotAvailable);
+        }
+        if !group.supports(&req.protocol_type, &req.protocols) {
+            if !exists {
+                self.groups.remove(&req.group_id);
             }
-            let mut member_id = a.member_id.clone();
-            if member_id.is_empty() {
-                match &a.instance_id {
-                    Some(inst) if g.by_instance(inst).is_some() => {
-                        // KIP-345: a static member restarting takes over its old identity.
-                        let old = g
-                            .by_instance(inst)
-                            .map(|m| m.id.clone())
-                            .unwrap_or_default();
-                        let new_id = format!("{inst}-{}", uuid::Uuid::new_v4());
-                        let unchanged = g
-                            .member(&old)
-                            .map(|m| m.protocols == a.protocols)
-                            .unwrap_or(false);
-                        if let Some(m) = g.member_mut(&old) {
-                            m.id = new_id.clone();
-                            m.last_heartbeat = now;
-                            if let Some(w) = m.join_waiter.take() {
-                                let _ = w.try_send(JoinOutcome::error(
-                                    code(ResponseError::FencedInstanceId),
-                                    &old,
-                                ));
-                            }
-                        }
-                        let was_leader = g.leader.as_deref() == Some(old.as_str());
-                        if was_leader {
-                            g.leader = Some(new_id.clone());
-                        }
-                        // Kafka answers a restarted static leader with the member list and no
-                        // rebalance; v9+ also tells it to skip the assignor (KIP-814).
-                        if g.state == State::Stable && unchanged {
-                            let protocol = g.protocol.clone().unwrap_or_default();
-                            let members = if was_leader {
-                                g.members
-                                    .iter()
-                                    .map(|m| {
-                                        (
-                                            m.id.clone(),
-                                            m.instance_id.clone(),
-                                            m.metadata_for(&protocol),
-                                        )
-                                    })
-                                    .collect()
-                            } else {
-                                vec![]
-                            };
-                            return JoinOutcome {
-                                error: 0,
-                                generation: g.generation,
-                                protocol_type: g.protocol_type.clone(),
-                                protocol: g.protocol.clone(),
-                                leader: g.leader.clone().unwrap_or_default(),
-                                member_id: new_id,
-                                members,
-                                skip_assignment: was_leader,
-                            };
-                        }
-                        member_id = new_id;
-                    }
-                    Some(_) => member_id = new_member_id(&a.client_id),
-                    None if a.version >= 4 => {
-                        // KIP-394: hand out an id first so a retried join is not a second member.
-                        let id = new_member_id(&a.client_id);
-                        g.pending.insert(id.clone());
-                        return JoinOutcome::error(code(ResponseError::MemberIdRequired), &id);
-                    }
-                    None => member_id = new_member_id(&a.client_id),
-                }
-            } else if g.member(&member_id).is_none() && !g.pending.remove(&member_id) {
-                return JoinOutcome::error(code(ResponseError::UnknownMemberId), &member_id);
-            } else if let Some(inst) = &a.instance_id {
-                if g.by_instance(inst)
-                    .map(|m| m.id != member_id)
-                    .unwrap_or(false)
-                {
-                    return JoinOutcome::error(code(ResponseError::FencedInstanceId), &member_id);
-                }
-            }
-
-            let (tx, rx) = async_channel::bounded(1);
-            let existing = g.member(&member_id).is_some();
-            let metadata_changed = g
-                .member(&member_id)
-                .map(|m| m.protocols != a.protocols)
-                .unwrap_or(true);
-            if g.members.is_empty() {
-                g.protocol_type = Some(a.protocol_type.clone());
-            }
-            if existing {
-                let m = g.member_mut(&member_id).expect("exists");
-                m.protocols = a.protocols.clone();
-                m.session_timeout = Duration::from_millis(a.session_timeout_ms as u64);
-                m.rebalance_timeout =
-                    Duration::from_millis(a.rebalance_timeout_ms.max(a.session_timeout_ms) as u64);
-                m.last_heartbeat = now;
-                if let Some(old) = m.join_waiter.replace(tx) {
-                    let _ = old.try_send(JoinOutcome::error(
-                        code(ResponseError::UnknownMemberId),
-                        &member_id,
-                    ));
-                }
-                m.joined_this_round = true;
-            } else {
-                g.members.push(Member {
-                    id: member_id.clone(),
-                    instance_id: a.instance_id.clone(),
-                    client_id: a.client_id.clone(),
-                    client_host: a.client_host.clone(),
-                    session_timeout: Duration::from_millis(a.session_timeout_ms as u64),
-                    rebalance_timeout: Duration::from_millis(
-                        a.rebalance_timeout_ms.max(a.session_timeout_ms) as u64,
+            return err(E::InconsistentGroupProtocol);
+        }
+        let seq = self.next_member_seq;
+        self.next_member_seq += 1;
+        let group_id = req.group_id.clone();
+        let partition = self.partition_of(&req.group_id);
+        let cfg = self.config.clone();
+        let group = self.groups.get_mut(&req.group_id).expect("inserted above");
+        let reply = if req.member_id.is_empty() {
+            let new_id = new_member_id(&req.client_id, seq);
+            match req.group_instance_id.clone() {
+                Some(instance) => match group.static_members.get(&instance).cloned() {
+                    Some(old_id) => rejoin_static(
+                        group,
+                        &cfg,
+                        partition,
+                        &mut self.writes,
+                        old_id,
+                        new_id,
+                        req,
+                        now_ms,
                     ),
-                    protocols: a.protocols.clone(),
-                    assignment: Bytes::new(),
-                    last_heartbeat: now,
-                    joined_this_round: true,
-                    join_waiter: Some(tx),
-                    sync_waiter: None,
-                });
-            }
-            let is_leader = g.leader.as_deref() == Some(member_id.as_str());
-            match g.state {
-                State::Empty => g.prepare_rebalance(initial_delay()),
-                State::PreparingRebalance => {}
-                State::CompletingRebalance | State::Stable => {
-                    if !existing || metadata_changed || is_leader {
-                        g.prepare_rebalance(Duration::ZERO);
-                    } else {
-                        // A follower rejoining with the same metadata gets the current generation.
-                        let m = g.member_mut(&member_id).expect("exists");
-                        m.join_waiter = None;
-                        m.joined_this_round = false;
-                        return JoinOutcome {
-                            error: 0,
-                            generation: g.generation,
-                            protocol_type: g.protocol_type.clone(),
-                            protocol: g.protocol.clone(),
-                            leader: g.leader.clone().unwrap_or_default(),
-                            member_id,
-                            members: vec![],
-                            skip_assignment: false,
-                        };
-                    }
+                    None => add_member_and_rebalance(group, &cfg, new_id, req, now_ms),
+                },
+                None if req.require_known_member_id => {
+                    group
+                        .pending_members
+                        .insert(new_id.clone(), now_ms + req.session_timeout_ms as i64);
+                    Reply::Now(JoinResult::error(E::MemberIdRequired.code(), &new_id))
                 }
+                None => add_member_and_rebalance(group, &cfg, new_id, req, now_ms),
             }
-            g.maybe_complete_join(now);
-            rx
+        } else if group.pending_members.contains_key(&req.member_id) {
+            group.pending_members.remove(&req.member_id);
+            let id = req.member_id.clone();
+            add_member_and_rebalance(group, &cfg, id, req, now_ms)
+        } else if let Err(code) =
+            validate_member(group, &req.member_id, req.group_instance_id.as_deref())
+        {
+            Reply::Now(JoinResult::error(code, &req.member_id))
+        } else {
+            rejoin_known(group, &cfg, req, now_ms)
         };
-        rx.recv().await.unwrap_or_else(|_| {
-            JoinOutcome::error(code(ResponseError::UnknownServerError), &a.member_id)
-        })
+        self.after_change(&group_id, now_ms);
+        reply
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub async fn sync(
-        &self,
-        group_id: &str,
-        generation: i32,
-        member_id: &str,
-        instance_id: Option<&str>,
-        protocol_type: Option<&str>,
-        protocol_name: Option<&str>,
-        assignments: Vec<(String, Bytes)>,
-    ) -> SyncOutcome {
-        let err = |e: ResponseError| SyncOutcome {
-            error: code(e),
-            ..Default::default()
+    // ---------------------------------------------------------------- SyncGroup
+
+    pub fn sync(&mut self, req: SyncRequest, now_ms: i64) -> Reply<SyncResult> {
+        let err = |code: E| Reply::Now(SyncResult::error(code.code()));
+        let partition = self.partition_of(&req.group_id);
+        let Some(group) = self.groups.get_mut(&req.group_id) else {
+            return err(E::UnknownMemberId);
         };
-        if !self.loaded.get() {
-            return err(ResponseError::CoordinatorLoadInProgress);
+        if group.state == GroupState::Dead {
+            return err(E::CoordinatorNotAvailable);
         }
-        let rx = {
-            let mut groups = self.groups.borrow_mut();
-            let Some(g) = groups.get_mut(group_id) else {
-                return err(ResponseError::UnknownMemberId);
-            };
-            if let Err(c) = g.check_member(member_id, instance_id, Some(generation)) {
-                return SyncOutcome {
-                    error: c,
-                    ..Default::default()
+        if let Err(code) = validate_member(group, &req.member_id, req.group_instance_id.as_deref())
+        {
+            return Reply::Now(SyncResult::error(code));
+        }
+        if req.generation != group.generation {
+            return err(E::IllegalGeneration);
+        }
+        if req
+            .protocol_type
+            .as_ref()
+            .is_some_and(|t| Some(t) != group.protocol_type.as_ref())
+            || req
+                .protocol_name
+                .as_ref()
+                .is_some_and(|p| Some(p) != group.protocol.as_ref())
+        {
+            return err(E::InconsistentGroupProtocol);
+        }
+        match group.state {
+            GroupState::Empty => err(E::UnknownMemberId),
+            GroupState::PreparingRebalance => err(E::RebalanceInProgress),
+            GroupState::Dead => err(E::CoordinatorNotAvailable),
+            GroupState::Stable => {
+                let m = group.members.get_mut(&req.member_id).expect("validated");
+                m.synced = true;
+                m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
+                let r = SyncResult {
+                    error: NONE,
+                    protocol_type: group.protocol_type.clone(),
+                    protocol_name: group.protocol.clone(),
+                    assignment: m.assignment.clone(),
                 };
+                clear_sync_deadline_if_done(group);
+                Reply::Now(r)
             }
-            if protocol_type
-                .map(|p| Some(p) != g.protocol_type.as_deref())
-                .unwrap_or(false)
-                || protocol_name
-                    .map(|p| Some(p) != g.protocol.as_deref())
-                    .unwrap_or(false)
-            {
-                return err(ResponseError::InconsistentGroupProtocol);
-            }
-            let ok = |g: &Group, id: &str| SyncOutcome {
-                error: 0,
-                protocol_type: g.protocol_type.clone(),
-                protocol: g.protocol.clone(),
-                assignment: g
-                    .member(id)
-                    .map(|m| m.assignment.clone())
-                    .unwrap_or_default(),
-            };
-            match g.state {
-                State::Empty => return err(ResponseError::UnknownMemberId),
-                State::PreparingRebalance => return err(ResponseError::RebalanceInProgress),
-                State::Stable => return ok(g, member_id),
-                State::CompletingRebalance => {}
-            }
-            if g.leader.as_deref() == Some(member_id) {
-                let given: HashMap<String, Bytes> = assignments.into_iter().collect();
-                for m in &mut g.members {
-                    m.assignment = given.get(&m.id).cloned().unwrap_or_default();
+            GroupState::CompletingRebalance => {
+                let (tx, rx) = async_channel::bounded(1);
+                {
+                    let m = group.members.get_mut(&req.member_id).expect("validated");
+                    m.complete_sync(SyncResult::error(E::RebalanceInProgress.code()));
+                    m.sync_waiter = Some(tx);
+                    m.synced = true;
+                    m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
                 }
-                g.state = State::Stable;
-                let waiting: Vec<(String, async_channel::Sender<SyncOutcome>)> = g
-                    .members
-                    .iter_mut()
-                    .filter_map(|m| m.sync_waiter.take().map(|w| (m.id.clone(), w)))
-                    .collect();
-                for (id, w) in waiting {
-                    let _ = w.try_send(ok(g, &id));
+                if group.is_leader(&req.member_id) {
+                    let mut given: HashMap<String, Bytes> = req.assignments.into_iter().collect();
+                    let protocol_type = group.protocol_type.clone();
+                    let protocol_name = group.protocol.clone();
+                    for m in group.members.values_mut() {
+                        m.assignment = given.remove(&m.id).unwrap_or_default();
+                        let r = SyncResult {
+                            error: NONE,
+                            protocol_type: protocol_type.clone(),
+                            protocol_name: protocol_name.clone(),
+                            assignment: m.assignment.clone(),
+                        };
+                        m.complete_sync(r);
+                    }
+                    group.transition(GroupState::Stable, now_ms);
+                    clear_sync_deadline_if_done(group);
+                    group.persisted_generation = group.generation;
+                    self.writes.push(group_record(group, partition));
                 }
-                return ok(g, member_id);
+                Reply::Wait(rx)
             }
-            let (tx, rx) = async_channel::bounded(1);
-            if let Some(m) = g.member_mut(member_id) {
-                m.sync_waiter = Some(tx);
-            }
-            rx
-        };
-        rx.recv()
-            .await
-            .unwrap_or_else(|_| err(ResponseError::RebalanceInProgress))
+        }
     }
+
+    // ---------------------------------------------------------------- Heartbeat
 
     pub fn heartbeat(
-        &self,
+        &mut self,
         group_id: &str,
-        generation: i32,
         member_id: &str,
         instance_id: Option<&str>,
+        generation: i32,
+        now_ms: i64,
     ) -> i16 {
-        if !self.loaded.get() {
-            return code(ResponseError::CoordinatorLoadInProgress);
-        }
-        let mut groups = self.groups.borrow_mut();
-        let Some(g) = groups.get_mut(group_id) else {
-            return code(ResponseError::UnknownMemberId);
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return E::UnknownMemberId.code();
         };
-        if let Err(c) = g.check_member(member_id, instance_id, None) {
-            return c;
+        match group.state {
+            GroupState::Dead => return E::CoordinatorNotAvailable.code(),
+            GroupState::Empty => return E::UnknownMemberId.code(),
+            _ => {}
         }
-        if let Some(m) = g.member_mut(member_id) {
-            m.last_heartbeat = Instant::now();
+        if let Err(code) = validate_member(group, member_id, instance_id) {
+            return code;
         }
-        if generation != g.generation {
-            return code(ResponseError::IllegalGeneration);
+        if generation != group.generation {
+            return E::IllegalGeneration.code();
         }
-        match g.state {
-            State::Stable => 0,
-            State::PreparingRebalance | State::CompletingRebalance => {
-                code(ResponseError::RebalanceInProgress)
-            }
-            State::Empty => code(ResponseError::UnknownMemberId),
+        let m = group.members.get_mut(member_id).expect("validated");
+        m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
+        if group.state == GroupState::PreparingRebalance {
+            E::RebalanceInProgress.code()
+        } else {
+            NONE
         }
     }
 
-    /// LeaveGroup for `(member id, instance id)` pairs; returns (top-level error, per-member errors).
-    pub fn leave(&self, group_id: &str, members: &[(String, Option<String>)]) -> (i16, Vec<i16>) {
-        if !self.loaded.get() {
-            return (code(ResponseError::CoordinatorLoadInProgress), vec![]);
-        }
-        let mut groups = self.groups.borrow_mut();
-        let Some(g) = groups.get_mut(group_id) else {
-            return (
-                code(ResponseError::UnknownMemberId),
-                vec![code(ResponseError::UnknownMemberId); members.len()],
-            );
+    // ---------------------------------------------------------------- LeaveGroup
+
+    /// Removes each `(member_id, group_instance_id)`; returns the top-level error and one error
+    /// per member (LeaveGroup v3+ batches members, KIP-345).
+    pub fn leave(
+        &mut self,
+        group_id: &str,
+        leaving: &[(String, Option<String>)],
+        now_ms: i64,
+    ) -> (i16, Vec<i16>) {
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return (NONE, vec![E::UnknownMemberId.code(); leaving.len()]);
         };
-        let now = Instant::now();
-        let mut errors = Vec::with_capacity(members.len());
-        for (member_id, instance) in members {
-            let target = match instance {
-                Some(inst) => match g.by_instance(inst) {
-                    Some(m) if member_id.is_empty() || m.id == *member_id => Ok(m.id.clone()),
-                    Some(_) => Err(code(ResponseError::FencedInstanceId)),
-                    None => Err(code(ResponseError::UnknownMemberId)),
-                },
-                None => match g.member(member_id) {
-                    Some(m) => Ok(m.id.clone()),
-                    None => Err(code(ResponseError::UnknownMemberId)),
-                },
+        if group.state == GroupState::Dead {
+            return (E::CoordinatorNotAvailable.code(), vec![]);
+        }
+        let mut errors = Vec::with_capacity(leaving.len());
+        for (member_id, instance) in leaving {
+            let target = if member_id.is_empty() {
+                match instance.as_ref().and_then(|i| group.static_members.get(i)) {
+                    Some(id) => Ok(id.clone()),
+                    None => Err(E::UnknownMemberId.code()),
+                }
+            } else if group.pending_members.remove(member_id).is_some() {
+                errors.push(NONE);
+                try_complete_join(group, self.config.initial_rebalance_delay_ms, now_ms);
+                continue;
+            } else {
+                validate_member(group, member_id, instance.as_deref()).map(|_| member_id.clone())
             };
             match target {
                 Ok(id) => {
-                    g.remove_member(&id, now);
-                    errors.push(0);
+                    remove_member_and_update(group, &self.config, &id, now_ms);
+                    errors.push(NONE);
                 }
-                Err(e) => errors.push(e),
+                Err(code) => errors.push(code),
             }
         }
-        (0, errors)
+        self.after_change(group_id, now_ms);
+        (NONE, errors)
     }
 
-    /// Expires members whose session ran out and completes overdue join phases.
-    pub fn tick(&self) {
-        let now = Instant::now();
-        let mut groups = self.groups.borrow_mut();
-        for g in groups.values_mut() {
-            let expired: Vec<String> = g
+    // ---------------------------------------------------------------- timers
+
+    /// Fires every timeout due at `now_ms`: expired sessions and member-id handshakes, rebalance
+    /// and initial-delay deadlines, members that never sent SyncGroup.
+    pub fn tick(&mut self, now_ms: i64) {
+        let ids: Vec<String> = self.groups.keys().cloned().collect();
+        for id in ids {
+            let cfg = self.config.clone();
+            let Some(group) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            if group.state == GroupState::Dead {
+                continue;
+            }
+            let before = group.pending_members.len();
+            group
+                .pending_members
+                .retain(|_, deadline| *deadline > now_ms);
+            if group.pending_members.len() != before {
+                try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+            }
+            let expired: Vec<String> = group
                 .members
-                .iter()
+                .values()
                 .filter(|m| {
                     m.join_waiter.is_none()
                         && m.sync_waiter.is_none()
-                        && now.duration_since(m.last_heartbeat) > m.session_timeout
+                        && m.heartbeat_deadline_ms <= now_ms
                 })
                 .map(|m| m.id.clone())
                 .collect();
-            for id in expired {
-                tracing::info!(member = %id, "group member session expired");
-                g.remove_member(&id, now);
+            for m in expired {
+                tracing::info!(group = %id, member = %m, "session timeout: removing member");
+                remove_member_and_update(group, &cfg, &m, now_ms);
             }
-            g.maybe_complete_join(now);
+            if group.state == GroupState::PreparingRebalance {
+                try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+            }
+            if matches!(
+                group.state,
+                GroupState::CompletingRebalance | GroupState::Stable
+            ) && group.sync_deadline_ms.is_some_and(|d| d <= now_ms)
+            {
+                group.sync_deadline_ms = None;
+                let unsynced: Vec<String> = group
+                    .members
+                    .values()
+                    .filter(|m| !m.synced)
+                    .map(|m| m.id.clone())
+                    .collect();
+                for m in unsynced {
+                    tracing::info!(group = %id, member = %m, "no SyncGroup within the rebalance timeout: removing member");
+                    remove_member_and_update(group, &cfg, &m, now_ms);
+                }
+            }
+            self.after_change(&id, now_ms);
         }
     }
 
-    /// OffsetCommit: validates the member, appends the commits to `__consumer_offsets` (synced),
-    /// then applies them. Per-partition errors, or one error for the whole request.
-    pub async fn commit(
-        &self,
+    /// The earliest deadline of any group, for the caller's timer.
+    pub fn next_deadline_ms(&self) -> Option<i64> {
+        let mut best: Option<i64> = None;
+        let mut consider = |d: i64| best = Some(best.map_or(d, |b| b.min(d)));
+        for g in self.groups.values() {
+            if g.state == GroupState::Dead {
+                continue;
+            }
+            g.pending_members.values().for_each(|d| consider(*d));
+            for m in g.members.values() {
+                if m.join_waiter.is_none() && m.sync_waiter.is_none() {
+                    consider(m.heartbeat_deadline_ms);
+                }
+            }
+            if let Some(d) = g.join_deadline_ms {
+                consider(d);
+            }
+            if let Some(d) = g.sync_deadline_ms {
+                consider(d);
+            }
+        }
+        best
+    }
+
+    /// Persists the generation of a group that just became Empty (Kafka stores the empty group
+    /// when a rebalance ends without members) so that replay does not resurrect old members.
+    fn after_change(&mut self, group_id: &str, _now_ms: i64) {
+        let partition = self.partition_of(group_id);
+        if let Some(g) = self.groups.get_mut(group_id) {
+            if g.state == GroupState::Empty && g.persisted_generation != g.generation {
+                g.persisted_generation = g.generation;
+                self.writes.push(group_record(g, partition));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- offsets
+
+    /// Checks that `member_id`/`generation` may commit for `group_id` (Kafka's
+    /// `doCommitOffsets`): simple commits (generation < 0) are allowed when the group is empty
+    /// or unknown; group members must be current.
+    pub fn check_commit(
+        &mut self,
         group_id: &str,
-        generation: i32,
         member_id: &str,
         instance_id: Option<&str>,
-        offsets: Vec<(String, i32, i64, i32, Option<String>)>,
-    ) -> Result<Vec<i16>, i16> {
-        if !self.loaded.get() {
-            return Err(code(ResponseError::CoordinatorLoadInProgress));
+        generation: i32,
+        now_ms: i64,
+    ) -> Result<(), i16> {
+        if group_id.is_empty() {
+            return Err(E::InvalidGroupId.code());
         }
-        {
-            let mut groups = self.groups.borrow_mut();
-            match groups.get(group_id) {
-                None if generation < 0 && member_id.is_empty() => {
-                    groups.insert(group_id.to_string(), Group::new());
-                }
-                None => return Err(code(ResponseError::IllegalGeneration)),
-                Some(g) if generation < 0 && member_id.is_empty() => {
-                    if g.state != State::Empty {
-                        return Err(code(ResponseError::UnknownMemberId));
-                    }
-                }
-                Some(g) => {
-                    g.check_member(member_id, instance_id, Some(generation))?;
-                    match g.state {
-                        State::PreparingRebalance | State::CompletingRebalance => {
-                            return Err(code(ResponseError::RebalanceInProgress))
-                        }
-                        State::Empty => return Err(code(ResponseError::UnknownMemberId)),
-                        State::Stable => {}
-                    }
-                }
-            }
-        }
-        let image = shard::local().broker.image();
-        let now = now_ms();
-        let mut errors = Vec::with_capacity(offsets.len());
-        let mut accepted = Vec::new();
-        for (topic, partition, offset, epoch, metadata) in offsets {
-            let exists = image
-                .topic(&topic)
-                .map(|t| partition >= 0 && partition < t.partition_count())
-                .unwrap_or(false);
-            let metadata = metadata.unwrap_or_default();
-            let e = if !exists {
-                code(ResponseError::UnknownTopicOrPartition)
-            } else if metadata.len() > OFFSET_METADATA_BYTES_MAX {
-                code(ResponseError::OffsetMetadataTooLarge)
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return if generation < 0 {
+                Ok(())
             } else {
-                accepted.push((
-                    topic,
-                    partition,
-                    Committed {
-                        offset,
-                        leader_epoch: epoch,
-                        metadata,
-                        commit_timestamp_ms: now,
-                    },
-                ));
-                0
+                Err(E::IllegalGeneration.code())
             };
-            errors.push(e);
+        };
+        if group.state == GroupState::Dead {
+            return Err(E::CoordinatorNotAvailable.code());
         }
-        if accepted.is_empty() {
-            return Ok(errors);
+        if generation < 0 && group.state == GroupState::Empty {
+            return Ok(());
         }
-        let recs: Vec<(OffsetKey, Option<OffsetValue>)> = accepted
-            .iter()
-            .map(|(t, p, c)| {
-                (
-                    OffsetKey {
-                        group: group_id.to_string(),
-                        topic: t.clone(),
-                        partition: *p,
-                    },
-                    Some(OffsetValue {
-                        offset: c.offset,
-                        leader_epoch: c.leader_epoch,
-                        metadata: c.metadata.clone(),
-                        commit_timestamp_ms: c.commit_timestamp_ms,
-                    }),
-                )
-            })
-            .collect();
-        if let Err(e) = append_records(group_id, &recs).await {
-            tracing::warn!(group = group_id, error = %e, "offset commit not persisted");
-            let c = code(ResponseError::KafkaStorageError);
-            return Ok(errors
-                .into_iter()
-                .map(|x| if x == 0 { c } else { x })
-                .collect());
+        validate_member(group, member_id, instance_id)?;
+        if generation != group.generation {
+            return Err(E::IllegalGeneration.code());
         }
-        let mut groups = self.groups.borrow_mut();
-        if let Some(g) = groups.get_mut(group_id) {
-            for (t, p, c) in accepted {
-                g.offsets.insert((t, p), c);
-            }
+        if group.state == GroupState::CompletingRebalance {
+            return Err(E::RebalanceInProgress.code());
         }
-        Ok(errors)
+        let m = group.members.get_mut(member_id).expect("validated");
+        m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
+        Ok(())
     }
 
-    /// Committed offsets of a group: all of them when `topics` is `None`.
-    pub fn fetch_offsets(
-        &self,
-        group_id: &str,
-        topics: Option<Vec<(String, Vec<i32>)>>,
-    ) -> Result<Vec<(String, Vec<(i32, Option<Committed>)>)>, i16> {
-        if !self.loaded.get() {
-            return Err(code(ResponseError::CoordinatorLoadInProgress));
-        }
-        let groups = self.groups.borrow();
-        let g = groups.get(group_id);
-        Ok(match topics {
-            Some(ts) => ts
-                .into_iter()
-                .map(|(t, ps)| {
-                    let v = ps
-                        .into_iter()
-                        .map(|p| (p, g.and_then(|g| g.offsets.get(&(t.clone(), p)).cloned())))
-                        .collect();
-                    (t, v)
-                })
-                .collect(),
-            None => {
-                let mut by_topic: BTreeMap<String, Vec<(i32, Option<Committed>)>> = BTreeMap::new();
-                if let Some(g) = g {
-                    for ((t, p), c) in &g.offsets {
-                        by_topic
-                            .entry(t.clone())
-                            .or_default()
-                            .push((*p, Some(c.clone())));
-                    }
-                }
-                by_topic.into_iter().collect()
-            }
-        })
-    }
-
-    /// DescribeGroups: (state, protocol type, protocol, members as
-    /// (id, instance, client id, host, metadata, assignment)); `None` if unknown.
-    #[allow(clippy::type_complexity)]
-    pub fn describe(
-        &self,
-        group_id: &str,
-    ) -> Option<(
-        State,
-        String,
-        String,
-        Vec<(String, Option<String>, String, String, Bytes, Bytes)>,
-    )> {
-        let groups = self.groups.borrow();
-        let g = groups.get(group_id)?;
-        let protocol = g.protocol.clone().unwrap_or_default();
-        let members = g
-            .members
+    /// The records for a validated commit, in one batch's worth.
+    pub fn commit_writes(&self, group_id: &str, entries: &[CommitEntry]) -> Vec<Write> {
+        let partition = self.partition_of(group_id);
+        entries
             .iter()
-            .map(|m| {
-                (
-                    m.id.clone(),
-                    m.instance_id.clone(),
-                    m.client_id.clone(),
-                    m.client_host.clone(),
-                    m.metadata_for(&protocol),
-                    m.assignment.clone(),
-                )
-            })
-            .collect();
-        Some((
-            g.state,
-            g.protocol_type.clone().unwrap_or_default(),
-            protocol,
-            members,
-        ))
-    }
-
-    /// ListGroups: (group id, protocol type, state).
-    pub fn list(&self) -> Vec<(String, String, State)> {
-        self.groups
-            .borrow()
-            .iter()
-            .map(|(id, g)| {
-                (
-                    id.clone(),
-                    g.protocol_type.clone().unwrap_or_default(),
-                    g.state,
-                )
+            .map(|e| Write {
+                partition,
+                key: offsets::offset_key(group_id, &e.topic, e.partition),
+                value: Some(offsets::offset_value(&e.value)),
             })
             .collect()
     }
 
-    /// DeleteGroups for one group: only an empty group can go; its offsets are tombstoned.
-    pub async fn delete(&self, group_id: &str) -> i16 {
-        if !self.loaded.get() {
-            return code(ResponseError::CoordinatorLoadInProgress);
+    /// Applies a commit once its records are durable.
+    pub fn apply_commit(&mut self, group_id: &str, entries: Vec<CommitEntry>, now_ms: i64) {
+        let group = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id, now_ms));
+        if group.state == GroupState::Dead {
+            return;
         }
-        let keys: Vec<(String, i32)> = {
-            let groups = self.groups.borrow();
-            match groups.get(group_id) {
-                None => return code(ResponseError::GroupIdNotFound),
-                Some(g) if g.state != State::Empty => return code(ResponseError::NonEmptyGroup),
-                Some(g) => g.offsets.keys().cloned().collect(),
-            }
-        };
-        if let Err(e) = self.tombstone(group_id, &keys).await {
-            tracing::warn!(group = group_id, error = %e, "group delete not persisted");
-            return code(ResponseError::KafkaStorageError);
+        for e in entries {
+            group.offsets.insert((e.topic, e.partition), e.value);
         }
-        let mut groups = self.groups.borrow_mut();
-        if groups
-            .get(group_id)
-            .map(|g| g.state == State::Empty)
-            .unwrap_or(false)
-        {
-            groups.remove(group_id);
-        }
-        0
     }
 
-    /// OffsetDelete: drops committed offsets of topics the group does not subscribe to.
-    pub async fn delete_offsets(
+    /// Committed offsets: of the given partitions (unknown ones as `None`), or all of them.
+    pub fn fetch_offsets(
         &self,
         group_id: &str,
-        topics: Vec<(String, Vec<i32>)>,
-    ) -> Result<Vec<(String, Vec<(i32, i16)>)>, i16> {
-        if !self.loaded.get() {
-            return Err(code(ResponseError::CoordinatorLoadInProgress));
-        }
-        let (subscribed, empty) = {
-            let groups = self.groups.borrow();
-            let g = groups
-                .get(group_id)
-                .ok_or(code(ResponseError::GroupIdNotFound))?;
-            (g.subscribed_topics(), g.state == State::Empty)
-        };
-        let mut out = Vec::new();
-        let mut keys = Vec::new();
-        for (t, ps) in topics {
-            let busy = !empty && subscribed.contains(&t);
-            let errs = ps
-                .into_iter()
-                .map(|p| {
-                    if busy {
-                        (p, code(ResponseError::GroupSubscribedToTopic))
-                    } else {
-                        keys.push((t.clone(), p));
-                        (p, 0)
-                    }
+        partitions: Option<&[(String, Vec<i32>)]>,
+    ) -> Vec<(String, i32, Option<OffsetValue>)> {
+        let group = self
+            .groups
+            .get(group_id)
+            .filter(|g| g.state != GroupState::Dead);
+        match partitions {
+            Some(wanted) => wanted
+                .iter()
+                .flat_map(|(t, ps)| ps.iter().map(move |p| (t, *p)))
+                .map(|(t, p)| {
+                    let v = group.and_then(|g| g.offsets.get(&(t.clone(), p)).cloned());
+                    (t.clone(), p, v)
                 })
-                .collect();
-            out.push((t, errs));
+                .collect(),
+            None => group
+                .map(|g| {
+                    g.offsets
+                        .iter()
+                        .map(|((t, p), v)| (t.clone(), *p, Some(v.clone())))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
-        self.tombstone(group_id, &keys)
-            .await
-            .map_err(|_| code(ResponseError::KafkaStorageError))?;
+    }
+
+    /// OffsetDelete: removes committed offsets of partitions the group does not consume.
+    /// Returns the top-level error, or one error per partition.
+    pub fn delete_offsets(
+        &mut self,
+        group_id: &str,
+        partitions: &[(String, i32)],
+    ) -> Result<Vec<i16>, i16> {
+        let partition = self.partition_of(group_id);
+        let Some(group) = self.groups.get_mut(group_id) else {
+            return Err(E::GroupIdNotFound.code());
+        };
+        if group.state == GroupState::Dead {
+            return Err(E::GroupIdNotFound.code());
+        }
+        let subscribed = if group.state == GroupState::Empty {
+            Default::default()
+        } else {
+            match group.subscribed_topics() {
+                Some(s) => s,
+                None => return Err(E::NonEmptyGroup.code()),
+            }
+        };
+        let mut out = Vec::with_capacity(partitions.len());
+        for (topic, p) in partitions {
+            if subscribed.contains(topic) {
+                out.push(E::GroupSubscribedToTopic.code());
+                continue;
+            }
+            if group.offsets.remove(&(topic.clone(), *p)).is_some() {
+                self.writes.push(Write {
+                    partition,
+                    key: offsets::offset_key(group_id, topic, *p),
+                    value: None,
+                });
+            }
+            out.push(NONE);
+        }
         Ok(out)
     }
 
-    async fn tombstone(&self, group_id: &str, keys: &[(String, i32)]) -> Result<(), String> {
-        if keys.is_empty() {
-            return Ok(());
+    /// DeleteGroups: only empty groups; their offsets and metadata get tombstones.
+    pub fn delete_group(&mut self, group_id: &str) -> i16 {
+        let Some(group) = self.groups.get(group_id) else {
+            return E::GroupIdNotFound.code();
+        };
+        match group.state {
+            GroupState::Dead => return E::GroupIdNotFound.code(),
+            GroupState::Empty => {}
+            _ => return E::NonEmptyGroup.code(),
         }
-        let recs: Vec<(OffsetKey, Option<OffsetValue>)> = keys
-            .iter()
-            .map(|(t, p)| {
-                (
-                    OffsetKey {
-                        group: group_id.to_string(),
-                        topic: t.clone(),
-                        partition: *p,
-                    },
-                    None,
-                )
-            })
-            .collect();
-        append_records(group_id, &recs).await?;
-        if let Some(g) = self.groups.borrow_mut().get_mut(group_id) {
-            for k in keys {
-                g.offsets.remove(k);
-            }
-        }
-        Ok(())
+        let mut group = self.groups.remove(group_id).expect("present");
+        group.state = GroupState::Dead;
+        self.write_group_tombstones(&group);
+        NONE
     }
 
-    /// Drops committed offsets of empty groups older than the retention (tombstones first).
-    pub async fn expire_offsets(&self, retention: Duration) {
-        let cutoff = now_ms() - retention.as_millis() as i64;
-        let victims: Vec<(String, Vec<(String, i32)>)> = self
-            .groups
-            .borrow()
-            .iter()
-            .filter(|(_, g)| g.state == State::Empty)
-            .map(|(id, g)| {
-                (
-                    id.clone(),
-                    g.offsets
-                        .iter()
-                        .filter(|(_, c)| c.commit_timestamp_ms < cutoff)
-                        .map(|(k, _)| k.clone())
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .filter(|(_, ks)| !ks.is_empty())
-            .collect();
-        for (group, keys) in victims {
-            match self.tombstone(&group, &keys).await {
-                Ok(()) => {
-                    tracing::info!(group = %group, expired = keys.len(), "expired committed offsets")
-                }
-                Err(e) => tracing::warn!(group = %group, error = %e, "offset expiry not persisted"),
-            }
-            let mut groups = self.groups.borrow_mut();
-            if groups
-                .get(&group)
-                .map(|g| g.state == State::Empty && g.offsets.is_empty())
-                .unwrap_or(false)
-            {
-                groups.remove(&group);
-            }
+    fn write_group_tombstones(&mut self, group: &Group) {
+        let partition = self.partition_of(&group.id);
+        for (t, p) in group.offsets.keys() {
+            self.writes.push(Write {
+                partition,
+                key: offsets::offset_key(&group.id, t, *p),
+                value: None,
+            });
         }
+        self.writes.push(Write {
+            partition,
+            key: offsets::group_key(&group.id),
+            value: None,
+        });
     }
 
-    /// Rebuilds committed offsets from this shard's `__consumer_offsets` partitions.
-    pub async fn load(&self, partitions: Vec<i32>) {
-        let shard = shard::local();
-        let mut loaded = 0usize;
-        for p in partitions {
-            let Some(log) = shard.partition(&TopicPartition::new(OFFSETS_TOPIC, p)) else {
+    /// Expires committed offsets of empty groups after `offsets.retention.minutes` (KIP-211:
+    /// counted from when the group became empty, or from the commit for standalone consumers),
+    /// and forgets empty groups left without offsets. Returns how many offsets expired.
+    pub fn expire_offsets(&mut self, now_ms: i64) -> usize {
+        let retention = self.config.offsets_retention_ms;
+        let mut expired_total = 0;
+        let mut dead = Vec::new();
+        let mut writes = Vec::new();
+        for g in self.groups.values_mut() {
+            if g.state != GroupState::Empty {
                 continue;
+            }
+            let partition = partition_for(&g.id, self.config.offsets_partitions);
+            let base_state = g.protocol_type.as_ref().map(|_| g.state_timestamp_ms);
+            let expired: Vec<(String, i32)> = g
+                .offsets
+                .iter()
+                .filter(|(_, v)| {
+                    if v.expire_timestamp_ms >= 0 {
+                        now_ms >= v.expire_timestamp_ms
+                    } else {
+                        now_ms - base_state.unwrap_or(v.commit_timestamp_ms) >= retention
+                    }
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for (t, p) in expired {
+                g.offsets.remove(&(t.clone(), p));
+                writes.push(Write {
+                    partition,
+                    key: offsets::offset_key(&g.id, &t, p),
+                    value: None,
+                });
+                expired_total += 1;
+            }
+            if g.offsets.is_empty() && g.members.is_empty() && g.pending_members.is_empty() {
+                dead.push(g.id.clone());
+            }
+        }
+        self.writes.extend(writes);
+        for id in dead {
+            if let Some(mut g) = self.groups.remove(&id) {
+                g.state = GroupState::Dead;
+                let partition = self.partition_of(&id);
+                self.writes.push(Write {
+                    partition,
+                    key: offsets::group_key(&id),
+                    value: None,
+                });
+            }
+        }
+        expired_total
+    }
+
+    // ---------------------------------------------------------------- admin
+
+    pub fn list_groups(&self, states: &[GroupState], types: &[String]) -> Vec<GroupListing> {
+        let mut out: Vec<GroupListing> = self
+            .groups
+            .values()
+            .filter(|g| g.state != GroupState::Dead)
+            .filter(|g| states.is_empty() || states.contains(&g.state))
+            // Every group here is a classic group (KIP-848 group types).
+            .filter(|_| types.is_empty() || types.iter().any(|t| t.eq_ignore_ascii_case("classic")))
+            .map(|g| GroupListing {
+                group_id: g.id.clone(),
+                protocol_type: g.protocol_type.clone().unwrap_or_default(),
+                state: g.state.name(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.group_id.cmp(&b.group_id));
+        out
+    }
+
+    /// DescribeGroups for one group: Kafka's summary (member metadata and assignments only
+    /// when Stable). An unknown group is reported as Dead (`GROUP_ID_NOT_FOUND` when
+    /// `not_found_error`, DescribeGroups v6+).
+    pub fn describe(&self, group_id: &str, not_found_error: bool) -> GroupDescription {
+        let Some(g) = self
+            .groups
+            .get(group_id)
+            .filter(|g| g.state != GroupState::Dead)
+        else {
+            return GroupDescription {
+                error: if not_found_error {
+                    E::GroupIdNotFound.code()
+                } else {
+                    NONE
+                },
+                group_id: group_id.to_string(),
+                state: GroupState::Dead.name(),
+                protocol_type: String::new(),
+                protocol: String::new(),
+                members: vec![],
             };
-            let mut next = log.log_start_offset();
-            let hw = log.high_watermark();
-            while next < hw {
-                let r = match log
-                    .read(ReadOptions {
-                        start: next,
-                        bytes_max: 4 << 20,
-                    })
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(partition = p, error = %e, "cannot replay committed offsets");
-                        break;
-                    }
-                };
-                if r.batches.is_empty() {
-                    break;
-                }
-                for b in r.batches {
-                    let mut buf = b.clone();
-                    let Ok(sets) = RecordBatchDecoder::decode_all(&mut buf) else {
-                        continue;
-                    };
-                    for set in sets {
-                        for rec in set.records {
-                            next = Offset(rec.offset + 1).max(next);
-                            let Some(k) = rec.key.and_then(records::decode_key) else {
-                                continue;
-                            };
-                            let mut groups = self.groups.borrow_mut();
-                            match rec.value.and_then(records::decode_value) {
-                                Some(v) => {
-                                    let g = groups.entry(k.group).or_insert_with(Group::new);
-                                    g.offsets.insert(
-                                        (k.topic, k.partition),
-                                        Committed {
-                                            offset: v.offset,
-                                            leader_epoch: v.leader_epoch,
-                                            metadata: v.metadata,
-                                            commit_timestamp_ms: v.commit_timestamp_ms,
-                                        },
-                                    );
-                                    loaded += 1;
-                                }
-                                None => {
-                                    if let Some(g) = groups.get_mut(&k.group) {
-                                        g.offsets.remove(&(k.topic, k.partition));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    let h = crate::protocol::batch::BatchHeader::parse(&b)
-                        .map(|h| h.last_offset().next());
-                    if let Ok(n) = h {
-                        next = next.max(n);
-                    }
+        };
+        let stable = g.state == GroupState::Stable;
+        let protocol = g.protocol.clone().unwrap_or_default();
+        GroupDescription {
+            error: NONE,
+            group_id: g.id.clone(),
+            state: g.state.name(),
+            protocol_type: g.protocol_type.clone().unwrap_or_default(),
+            protocol: if stable {
+                protocol.clone()
+            } else {
+                String::new()
+            },
+            members: g
+                .members
+                .values()
+                .map(|m| MemberDescription {
+                    member_id: m.id.clone(),
+                    group_instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    metadata: if stable {
+                        m.metadata_for(&protocol)
+                    } else {
+                        Bytes::new()
+                    },
+                    assignment: if stable {
+                        m.assignment.clone()
+                    } else {
+                        Bytes::new()
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    // ---------------------------------------------------------------- replay
+
+    /// Applies one offset record read back from the log (`None` = tombstone).
+    pub fn load_offset(
+        &mut self,
+        group_id: &str,
+        topic: &str,
+        partition: i32,
+        v: Option<OffsetValue>,
+        now_ms: i64,
+    ) {
+        match v {
+            Some(v) => {
+                let g = self
+                    .groups
+                    .entry(group_id.to_string())
+                    .or_insert_with(|| Group::new(group_id, now_ms));
+                g.offsets.insert((topic.to_string(), partition), v);
+            }
+            None => {
+                if let Some(g) = self.groups.get_mut(group_id) {
+                    g.offsets.remove(&(topic.to_string(), partition));
                 }
             }
         }
-        self.groups
-            .borrow_mut()
-            .retain(|_, g| !g.offsets.is_empty());
-        self.loaded.set(true);
-        if loaded > 0 {
-            tracing::info!(
-                shard = shard.id.0,
-                commits = loaded,
-                "group coordinator loaded committed offsets"
+    }
+
+    /// Applies one group metadata record read back from the log (`None` = tombstone). Loaded
+    /// members get a fresh session: they keep their generation if they heartbeat in time.
+    pub fn load_group(&mut self, group_id: &str, v: Option<GroupValue>, now_ms: i64) {
+        let Some(v) = v else {
+            if let Some(g) = self.groups.get_mut(group_id) {
+                if g.offsets.is_empty() {
+                    self.groups.remove(group_id);
+                } else {
+                    let offsets = std::mem::take(&mut g.offsets);
+                    *g = Group::new(group_id, now_ms);
+                    g.offsets = offsets;
+                }
+            }
+            return;
+        };
+        let g = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id, now_ms));
+        g.protocol_type = Some(v.protocol_type).filter(|t| !t.is_empty());
+        g.generation = v.generation;
+        g.persisted_generation = v.generation;
+        g.protocol = v.protocol;
+        g.leader = v.leader;
+        g.members.clear();
+        g.static_members.clear();
+        g.pending_members.clear();
+        g.join_deadline_ms = None;
+        g.sync_deadline_ms = None;
+        for m in v.members {
+            if let Some(i) = &m.group_instance_id {
+                g.static_members.insert(i.clone(), m.member_id.clone());
+            }
+            let protocols = match &g.protocol {
+                Some(p) => vec![Protocol {
+                    name: p.clone(),
+                    metadata: m.subscription.clone(),
+                }],
+                None => vec![],
+            };
+            g.members.insert(
+                m.member_id.clone(),
+                Member {
+                    id: m.member_id,
+                    instance_id: m.group_instance_id,
+                    client_id: m.client_id,
+                    client_host: m.client_host,
+                    rebalance_timeout_ms: m.rebalance_timeout_ms,
+                    session_timeout_ms: m.session_timeout_ms,
+                    protocol_type: g.protocol_type.clone().unwrap_or_default(),
+                    protocols,
+                    assignment: m.assignment,
+                    join_waiter: None,
+                    sync_waiter: None,
+                    synced: true,
+                    heartbeat_deadline_ms: now_ms + m.session_timeout_ms as i64,
+                },
             );
+        }
+        let state = if g.members.is_empty() {
+            GroupState::Empty
+        } else {
+            GroupState::Stable
+        };
+        g.state = state;
+        g.state_timestamp_ms = if v.current_state_timestamp_ms > 0 {
+            v.current_state_timestamp_ms
+        } else {
+            now_ms
+        };
+    }
+}
+
+// -------------------------------------------------------------------- state machine helpers
+
+/// The group metadata record of the current generation.
+fn group_record(group: &Group, partition: i32) -> Write {
+    let protocol = group.protocol.clone().unwrap_or_default();
+    let value = GroupValue {
+        protocol_type: group.protocol_type.clone().unwrap_or_default(),
+        generation: group.generation,
+        protocol: group.protocol.clone(),
+        leader: group.leader.clone(),
+        current_state_timestamp_ms: group.state_timestamp_ms,
+        members: group
+            .members
+            .values()
+            .map(|m| MemberValue {
+                member_id: m.id.clone(),
+                group_instance_id: m.instance_id.clone(),
+                client_id: m.client_id.clone(),
+                client_host: m.client_host.clone(),
+                rebalance_timeout_ms: m.rebalance_timeout_ms,
+                session_timeout_ms: m.session_timeout_ms,
+                subscription: m.metadata_for(&protocol),
+                assignment: m.assignment.clone(),
+            })
+            .collect(),
+    };
+    Write {
+        partition,
+        key: offsets::group_key(&group.id),
+        value: Some(offsets::group_value(&value)),
+    }
+}
+
+/// FENCED_INSTANCE_ID when a static member's instance id now belongs to another member id;
+/// UNKNOWN_MEMBER_ID when the member is not in the group.
+fn validate_member(group: &Group, member_id: &str, instance_id: Option<&str>) -> Result<(), i16> {
+    if let Some(instance) = instance_id {
+        match group.static_members.get(instance) {
+            Some(id) if id != member_id => return Err(E::FencedInstanceId.code()),
+            Some(_) => {}
+            None => return Err(E::UnknownMemberId.code()),
+        }
+    }
+    if !group.members.contains_key(member_id) {
+        return Err(E::UnknownMemberId.code());
+    }
+    Ok(())
+}
+
+fn clear_sync_deadline_if_done(group: &mut Group) {
+    if group.members.values().all(|m| m.synced) {
+        group.sync_deadline_ms = None;
+    }
+}
+
+/// The JoinGroup answer for `member_id` in the current generation (leaders get the members).
+fn current_generation_result(group: &Group, member_id: &str, skip_assignment: bool) -> JoinResult {
+    let protocol = group.protocol.clone().unwrap_or_default();
+    let leader = group.leader.clone().unwrap_or_default();
+    let members = if leader == member_id {
+        group
+            .members
+            .values()
+            .map(|m| JoinMember {
+                member_id: m.id.clone(),
+                group_instance_id: m.instance_id.clone(),
+                metadata: m.metadata_for(&protocol),
+            })
+            .collect()
+    } else {
+        vec![]
+    };
+    JoinResult {
+        error: NONE,
+        generation: group.generation,
+        protocol_type: group.protocol_type.clone(),
+        protocol_name: group.protocol.clone(),
+        leader,
+        member_id: member_id.to_string(),
+        skip_assignment,
+        members,
+    }
+}
+
+fn waiting_join(member: &mut Member) -> Reply<JoinResult> {
+    let (tx, rx) = async_channel::bounded(1);
+    member.complete_join(JoinResult::error(E::RebalanceInProgress.code(), &member.id));
+    member.join_waiter = Some(tx);
+    Reply::Wait(rx)
+}
+
+fn add_member_and_rebalance(
+    group: &mut Group,
+    cfg: &CoordinatorConfig,
+    id: String,
+    req: JoinRequest,
+    now_ms: i64,
+) -> Reply<JoinResult> {
+    if group.state == GroupState::Empty {
+        group.protocol_type = Some(req.protocol_type.clone());
+    }
+    if let Some(i) = &req.group_instance_id {
+        group.static_members.insert(i.clone(), id.clone());
+    }
+    let mut member = Member {
+        id: id.clone(),
+        instance_id: req.group_instance_id,
+        client_id: req.client_id,
+        client_host: req.client_host,
+        rebalance_timeout_ms: req.rebalance_timeout_ms,
+        session_timeout_ms: req.session_timeout_ms,
+        protocol_type: req.protocol_type,
+        protocols: req.protocols,
+        assignment: Bytes::new(),
+        join_waiter: None,
+        sync_waiter: None,
+        synced: false,
+        heartbeat_deadline_ms: now_ms + req.session_timeout_ms as i64,
+    };
+    let reply = waiting_join(&mut member);
+    group.members.insert(id, member);
+    if group.state == GroupState::PreparingRebalance && group.generation == 0 {
+        group.new_member_added = true;
+    }
+    maybe_prepare_rebalance(group, cfg, now_ms);
+    try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+    reply
+}
+
+/// A known static member rejoined with a new member id (KIP-345): the old id is fenced, and a
+/// stable group whose selected protocol does not change skips the rebalance.
+#[allow(clippy::too_many_arguments)]
+fn rejoin_static(
+    group: &mut Group,
+    cfg: &CoordinatorConfig,
+    partition: i32,
+    writes: &mut Vec<Write>,
+    old_id: String,
+    new_id: String,
+    req: JoinRequest,
+    now_ms: i64,
+) -> Reply<JoinResult> {
+    let Some(mut member) = group.members.shift_remove(&old_id) else {
+        // The mapping outlived its member (should not happen): treat as a new static member.
+        return add_member_and_rebalance(group, cfg, new_id, req, now_ms);
+    };
+    member.complete_join(JoinResult::error(E::FencedInstanceId.code(), &old_id));
+    member.complete_sync(SyncResult::error(E::FencedInstanceId.code()));
+    let instance = req.group_instance_id.clone().expect("static join");
+    group.static_members.insert(instance, new_id.clone());
+    let was_leader = group.is_leader(&old_id);
+    if was_leader {
+        group.leader = Some(new_id.clone());
+    }
+    member.id = new_id.clone();
+    member.client_id = req.client_id;
+    member.client_host = req.client_host;
+    member.rebalance_timeout_ms = req.rebalance_timeout_ms;
+    member.session_timeout_ms = req.session_timeout_ms;
+    member.heartbeat_deadline_ms = now_ms + req.session_timeout_ms as i64;
+    member.protocols = req.protocols;
+    let reply = waiting_join(&mut member);
+    group.members.insert(new_id.clone(), member);
+    match group.state {
+        GroupState::Stable => {
+            if group.select_protocol() == group.protocol {
+                // Same generation: hand back the current one; the leader keeps its assignment.
+                let r = current_generation_result(group, &new_id, was_leader);
+                let m = group.members.get_mut(&new_id).expect("inserted");
+                m.synced = true;
+                m.complete_join(r);
+                writes.push(group_record(group, partition));
+            } else {
+                // The new protocols change the group's choice: everyone must rejoin.
+                prepare_rebalance(group, cfg, now_ms);
+            }
+        }
+        GroupState::CompletingRebalance => prepare_rebalance(group, cfg, now_ms),
+        GroupState::PreparingRebalance => {}
+        GroupState::Empty | GroupState::Dead => {
+            unreachable!("a group with members is neither empty nor dead")
+        }
+    }
+    try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+    reply
+}
+
+/// A current member sent JoinGroup again.
+fn rejoin_known(
+    group: &mut Group,
+    cfg: &CoordinatorConfig,
+    req: JoinRequest,
+    now_ms: i64,
+) -> Reply<JoinResult> {
+    let id = req.member_id.clone();
+    let is_leader = group.is_leader(&id);
+    let state = group.state;
+    let m = group.members.get_mut(&id).expect("validated");
+    let same = m.matches(&req.protocols);
+    match state {
+        GroupState::CompletingRebalance if same => {
+            return Reply::Now(current_generation_result(group, &id, false));
+        }
+        GroupState::Stable if same && !is_leader => {
+            return Reply::Now(current_generation_result(group, &id, false));
+        }
+        GroupState::Empty | GroupState::Dead => {
+            return Reply::Now(JoinResult::error(E::UnknownMemberId.code(), &id));
+        }
+        _ => {}
+    }
+    m.protocols = req.protocols;
+    m.rebalance_timeout_ms = req.rebalance_timeout_ms;
+    m.session_timeout_ms = req.session_timeout_ms;
+    m.heartbeat_deadline_ms = now_ms + req.session_timeout_ms as i64;
+    let reply = waiting_join(m);
+    maybe_prepare_rebalance(group, cfg, now_ms);
+    try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+    reply
+}
+
+fn maybe_prepare_rebalance(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i64) {
+    if matches!(
+        group.state,
+        GroupState::Empty | GroupState::Stable | GroupState::CompletingRebalance
+    ) {
+        prepare_rebalance(group, cfg, now_ms);
+    }
+}
+
+fn prepare_rebalance(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i64) {
+    if group.state == GroupState::CompletingRebalance {
+        for m in group.members.values_mut() {
+            m.assignment = Bytes::new();
+            m.complete_sync(SyncResult::error(E::RebalanceInProgress.code()));
+        }
+    }
+    let rebalance_timeout = group.max_rebalance_timeout_ms();
+    if group.state == GroupState::Empty {
+        group.join_mode = JoinMode::Initial {
+            max_deadline_ms: now_ms + rebalance_timeout.max(cfg.initial_rebalance_delay_ms),
+        };
+        group.join_deadline_ms = Some(now_ms + cfg.initial_rebalance_delay_ms);
+        group.new_member_added = false;
+    } else {
+        group.join_mode = JoinMode::Normal;
+        group.join_deadline_ms = Some(now_ms + rebalance_timeout);
+    }
+    group.sync_deadline_ms = None;
+    group.transition(GroupState::PreparingRebalance, now_ms);
+}
+
+fn try_complete_join(group: &mut Group, initial_delay_ms: i64, now_ms: i64) {
+    if group.state != GroupState::PreparingRebalance {
+        return;
+    }
+    let deadline = group.join_deadline_ms.unwrap_or(now_ms);
+    match group.join_mode {
+        JoinMode::Initial { max_deadline_ms } => {
+            if initial_delay_ms == 0 {
+                // No initial delay: behave like a normal rebalance.
+                if group.all_members_joined() || now_ms >= deadline {
+                    complete_join(group, now_ms);
+                }
+                return;
+            }
+            if now_ms < deadline {
+                return;
+            }
+            if group.new_member_added && now_ms < max_deadline_ms {
+                // Members keep arriving: wait another delay, never past the rebalance timeout.
+                group.new_member_added = false;
+                group.join_deadline_ms = Some((now_ms + initial_delay_ms).min(max_deadline_ms));
+            } else {
+                complete_join(group, now_ms);
+            }
+        }
+        JoinMode::Normal => {
+            if group.all_members_joined() || now_ms >= deadline {
+                complete_join(group, now_ms);
+            }
         }
     }
 }
 
-/// Appends offset records (tombstones when the value is `None`) for `group_id` to its
-/// `__consumer_offsets` partition and waits for fdatasync.
-async fn append_records(
-    group_id: &str,
-    recs: &[(OffsetKey, Option<OffsetValue>)],
-) -> Result<(), String> {
-    let tp = TopicPartition::new(OFFSETS_TOPIC, offsets_partition(group_id));
-    let log = shard::local()
-        .partition(&tp)
-        .ok_or_else(|| format!("{tp} is not on this shard"))?;
-    let ts = now_ms();
-    let records: Vec<Record> = recs
-        .iter()
-        .enumerate()
-        .map(|(i, (k, v))| {
-            crate::protocol::plain_record(
-                i as i64,
-                ts,
-                Some(records::encode_key(k)),
-                v.as_ref().map(records::encode_value),
-            )
-        })
+/// Ends the join phase: members that did not rejoin are dropped, the next generation starts and
+/// every waiting member gets its answer (the leader with everyone's metadata).
+fn complete_join(group: &mut Group, now_ms: i64) {
+    debug_assert_eq!(group.state, GroupState::PreparingRebalance);
+    let gone: Vec<String> = group
+        .members
+        .values()
+        .filter(|m| m.join_waiter.is_none())
+        .map(|m| m.id.clone())
         .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        records.iter(),
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    log.append(buf, Durability::Synced)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    for id in &gone {
+        tracing::info!(group = %group.id, member = %id, "member did not rejoin in time: removed");
+        remove_member(group, id);
+    }
+    group.join_deadline_ms = None;
+    group.new_member_added = false;
+    group.generation += 1;
+    if group.members.is_empty() {
+        group.protocol = None;
+        group.leader = None;
+        group.transition(GroupState::Empty, now_ms);
+        return;
+    }
+    group.protocol = group.select_protocol();
+    if !group
+        .leader
+        .as_ref()
+        .is_some_and(|l| group.members.contains_key(l))
+    {
+        group.leader = group.members.keys().next().cloned();
+    }
+    group.transition(GroupState::CompletingRebalance, now_ms);
+    let ids: Vec<String> = group.members.keys().cloned().collect();
+    let mut sync_deadline = 0i64;
+    for id in ids {
+        let r = current_generation_result(group, &id, false);
+        let m = group.members.get_mut(&id).expect("listed");
+        m.synced = false;
+        m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
+        sync_deadline = sync_deadline.max(now_ms + m.rebalance_timeout_ms as i64);
+        m.complete_join(r);
+    }
+    group.sync_deadline_ms = Some(sync_deadline);
+    tracing::info!(group = %group.id, generation = group.generation, members = group.members.len(), protocol = ?group.protocol, "rebalance: join phase complete");
+}
+
+/// Drops a member without touching the group state.
+fn remove_member(group: &mut Group, id: &str) {
+    if let Some(mut m) = group.members.shift_remove(id) {
+        m.complete_join(JoinResult::error(E::UnknownMemberId.code(), id));
+        m.complete_sync(SyncResult::error(E::UnknownMemberId.code()));
+        if let Some(i) = &m.instance_id {
+            if group.static_members.get(i).map(String::as_str) == Some(id) {
+                group.static_members.remove(i);
+            }
+        }
+    }
+    if group.is_leader(id) {
+        group.leader = group.members.keys().next().cloned();
+    }
+}
+
+/// Kafka's `removeMemberAndUpdateGroup`: leave, session expiry, missed sync.
+fn remove_member_and_update(group: &mut Group, cfg: &CoordinatorConfig, id: &str, now_ms: i64) {
+    remove_member(group, id);
+    match group.state {
+        GroupState::Dead | GroupState::Empty => {}
+        GroupState::Stable | GroupState::CompletingRebalance => {
+            prepare_rebalance(group, cfg, now_ms);
+            try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+        }
+        GroupState::PreparingRebalance => {
+            try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms)
+        }
+    }
 }

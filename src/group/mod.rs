@@ -1,118 +1,492 @@
-//! Consumer groups (classic rebalance protocol) and committed offsets. Owned by shards: a group
-//! lives on the shard that owns its partition of `__consumer_offsets`
-//! (`abs(javaHash(group_id)) % 50`, as Kafka places it), so groups spread over cores with no
-//! shared state. Commits are appended to that partition through the storage engine (fdatasync
-//! before the commit is acknowledged) and replayed into memory at start.
+//! Consumer groups and committed offsets. Owns the group coordinator of each shard and the
+//! `__consumer_offsets` partitions that persist it. Knows Kafka group semantics, never sockets.
 //!
-//! The state machine follows Kafka's GroupCoordinator: Empty → PreparingRebalance →
-//! CompletingRebalance → Stable, with member ids (MEMBER_ID_REQUIRED for JoinGroup v4+),
-//! generations, leader election, protocol selection, session and rebalance timeouts, and static
-//! membership (KIP-345).
+//! | file | owns |
+//! | --- | --- |
+//! | [`coordinator`] | the sans-IO state machine: JoinGroup/SyncGroup/Heartbeat/LeaveGroup, offsets, timers |
+//! | [`state`] | one group's data (members, generation, protocol, offsets) and protocol selection |
+//! | [`offsets`] | Kafka's `__consumer_offsets` key/value record formats |
+//!
+//! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
+//! runs the coordinator's timers, appends the records it queues to the `__consumer_offsets`
+//! partitions this shard owns (`Durability::Synced`), and rebuilds state by replaying those
+//! partitions at start. A group lives on the shard that owns partition
+//! `abs(java hashCode(group id)) % 50` of `__consumer_offsets`; handlers hop there first.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use crate::protocol::batch;
+use crate::protocol::records;
+use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
 
 pub mod coordinator;
-pub mod records;
+pub mod offsets;
+pub mod state;
 
-use std::sync::Arc;
+pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, Write};
+pub use state::{GroupState, JoinResult, Reply, SyncResult};
 
-use crate::metadata::TopicMeta;
-use crate::shard;
-use crate::types::ShardId;
-
-/// The internal topic holding committed offsets.
+/// The internal topic holding committed offsets and group metadata.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Kafka's default `offsets.topic.num.partitions`.
 pub const OFFSETS_PARTITIONS: i32 = 50;
+/// How often committed offsets of empty groups are checked for expiry
+/// (`offsets.retention.check.interval.ms`, Kafka's default).
+pub const OFFSETS_RETENTION_CHECK_MS: i64 = 600_000;
+/// Upper bound on the timer loop's sleep: deadlines set while it sleeps are seen this late at
+/// worst (it is also woken on every state change).
+const TIMER_SLEEP_MS_MAX: i64 = 1000;
+/// How long a request waits for its coordinator partition to finish replaying.
+const LOAD_WAIT_MAX: Duration = Duration::from_secs(5);
+/// Bytes read per step while replaying a `__consumer_offsets` partition.
+const REPLAY_READ_BYTES_MAX: u32 = 1 << 20;
 
-/// Java's `String.hashCode` over UTF-16 code units, as Kafka uses to place groups.
-pub fn java_string_hash(s: &str) -> i32 {
-    let mut h: i32 = 0;
-    for u in s.encode_utf16() {
-        h = h.wrapping_mul(31).wrapping_add(u as i32);
+/// The group coordinator of one shard with the `__consumer_offsets` partitions it owns.
+pub struct GroupShard {
+    pub coordinator: RefCell<Coordinator>,
+    /// Loaded (replayed) partitions of `__consumer_offsets` owned by this shard.
+    logs: RefCell<HashMap<i32, Rc<PartitionLog>>>,
+    wake_tx: async_channel::Sender<()>,
+    wake_rx: async_channel::Receiver<()>,
+    last_expiry_ms: Cell<i64>,
+    pub retention_check_ms: Cell<i64>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Rc<GroupShard>>> = const { RefCell::new(None) };
+}
+
+/// The coordinator of the calling shard, if groups are enabled on it.
+pub fn local() -> Option<Rc<GroupShard>> {
+    LOCAL.with(|l| l.borrow().clone())
+}
+
+/// Installs the calling shard's coordinator.
+pub fn install(g: Rc<GroupShard>) {
+    LOCAL.with(|l| *l.borrow_mut() = Some(g));
+}
+
+/// Why a group request could not be served on this shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The coordinator's partition is still replaying: COORDINATOR_LOAD_IN_PROGRESS.
+    Loading,
+    /// No coordinator here: COORDINATOR_NOT_AVAILABLE.
+    NotAvailable,
+}
+
+impl Unavailable {
+    pub fn code(self) -> i16 {
+        match self {
+            Unavailable::Loading => kafka_protocol::ResponseError::CoordinatorLoadInProgress.code(),
+            Unavailable::NotAvailable => {
+                kafka_protocol::ResponseError::CoordinatorNotAvailable.code()
+            }
+        }
     }
-    h
 }
 
-/// The `__consumer_offsets` partition of a group (Kafka's `Utils.abs(hash) % partitions`).
-pub fn offsets_partition(group_id: &str) -> i32 {
-    let h = java_string_hash(group_id);
-    let abs = if h == i32::MIN { 0 } else { h.abs() };
-    abs % OFFSETS_PARTITIONS
+impl GroupShard {
+    pub fn new(config: CoordinatorConfig) -> Rc<GroupShard> {
+        let (wake_tx, wake_rx) = async_channel::bounded(1);
+        Rc::new(GroupShard {
+            coordinator: RefCell::new(Coordinator::new(config)),
+            logs: RefCell::new(HashMap::new()),
+            wake_tx,
+            wake_rx,
+            last_expiry_ms: Cell::new(crate::types::now_ms()),
+            retention_check_ms: Cell::new(OFFSETS_RETENTION_CHECK_MS),
+        })
+    }
+
+    /// Whether `group_id`'s partition is loaded here.
+    pub fn check(&self, group_id: &str) -> Result<(), Unavailable> {
+        let p = self.partition_of(group_id);
+        if self.logs.borrow().contains_key(&p) {
+            Ok(())
+        } else {
+            Err(Unavailable::Loading)
+        }
+    }
+
+    pub fn partition_of(&self, group_id: &str) -> i32 {
+        partition_for(
+            group_id,
+            self.coordinator.borrow().config.offsets_partitions,
+        )
+    }
+
+    /// Tells the timer loop that deadlines may have moved.
+    pub fn wake(&self) {
+        let _ = self.wake_tx.try_send(());
+    }
+
+    /// Replays partition `p` of `__consumer_offsets` into the coordinator and starts serving
+    /// its groups. Records that do not decode are skipped with a warning (a damaged record
+    /// loses one commit, not the coordinator).
+    pub async fn load_partition(
+        &self,
+        p: i32,
+        log: Rc<PartitionLog>,
+    ) -> Result<usize, StorageError> {
+        let mut next = log.log_start_offset();
+        let end = log.high_watermark();
+        let mut applied = 0usize;
+        let now = crate::types::now_ms();
+        while next < end {
+            let r = log
+                .read(ReadOptions {
+                    start: next,
+                    bytes_max: REPLAY_READ_BYTES_MAX,
+                })
+                .await?;
+            if r.batches.is_empty() {
+                break;
+            }
+            for b in &r.batches {
+                let h = match batch::BatchHeader::parse(b) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "skipping bad batch in {OFFSETS_TOPIC}");
+                        continue;
+                    }
+                };
+                let last = h.last_offset();
+                if last < next {
+                    continue;
+                }
+                if h.is_control() {
+                    next = last.next();
+                    continue;
+                }
+                match records::decode_batch(b) {
+                    Ok(recs) => {
+                        let mut c = self.coordinator.borrow_mut();
+                        for rec in recs.into_iter().filter(|r| r.offset >= next.0) {
+                            if apply_record(&mut c, &rec, now) {
+                                applied += 1;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "skipping undecodable batch in {OFFSETS_TOPIC}")
+                    }
+                }
+                next = last.next();
+            }
+        }
+        self.logs.borrow_mut().insert(p, log);
+        tracing::debug!(
+            partition = p,
+            records = applied,
+            "group coordinator partition loaded"
+        );
+        Ok(applied)
+    }
+
+    /// Appends `writes` (one batch per partition, in order) and waits until they are synced.
+    pub async fn persist(&self, writes: Vec<Write>) -> Result<(), StorageError> {
+        let mut by_partition: BTreeMap<i32, Vec<Write>> = BTreeMap::new();
+        for w in writes {
+            by_partition.entry(w.partition).or_default().push(w);
+        }
+        let now = crate::types::now_ms();
+        for (p, ws) in by_partition {
+            let log = self.logs.borrow().get(&p).cloned();
+            let Some(log) = log else {
+                return Err(StorageError::Io(std::io::Error::other(format!(
+                    "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
+                ))));
+            };
+            let recs: Vec<batch::build::Record<'_>> = ws
+                .iter()
+                .map(|w| batch::build::Record {
+                    key: Some(&w.key),
+                    value: w.value.as_deref(),
+                    headers: &[],
+                    timestamp_ms: now,
+                })
+                .collect();
+            let bytes = batch::build::batch(&recs);
+            log.append(BytesMut::from(&bytes[..]), Durability::Synced)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Persists whatever the state machine queued (group metadata, tombstones). Failures are
+    /// logged: the in-memory state stays authoritative until restart.
+    pub async fn flush(&self) {
+        let writes = self.coordinator.borrow_mut().take_writes();
+        if writes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.persist(writes).await {
+            tracing::warn!(error = %e, "cannot persist group metadata to {OFFSETS_TOPIC}");
+        }
+    }
+
+    /// Runs a state-machine call, then persists what it queued and re-arms the timers.
+    pub async fn with<R>(&self, f: impl FnOnce(&mut Coordinator, i64) -> R) -> R {
+        let r = {
+            let mut c = self.coordinator.borrow_mut();
+            f(&mut c, crate::types::now_ms())
+        };
+        self.wake();
+        self.flush().await;
+        r
+    }
+
+    /// JoinGroup: waits for the rebalance when the state machine says so.
+    pub async fn join(&self, req: coordinator::JoinRequest) -> JoinResult {
+        let member_id = req.member_id.clone();
+        match self.with(|c, now| c.join(req, now)).await {
+            Reply::Now(r) => r,
+            Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
+                JoinResult::error(
+                    kafka_protocol::ResponseError::UnknownMemberId.code(),
+                    &member_id,
+                )
+            }),
+        }
+    }
+
+    /// SyncGroup: followers wait for the leader's assignment.
+    pub async fn sync(&self, req: coordinator::SyncRequest) -> SyncResult {
+        let reply = self.with(|c, now| c.sync(req, now)).await;
+        match reply {
+            Reply::Now(r) => r,
+            Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
+                SyncResult::error(kafka_protocol::ResponseError::UnknownMemberId.code())
+            }),
+        }
+    }
+
+    /// OffsetCommit of validated entries: durable before the state changes and before the
+    /// answer. Returns the error for every entry (NONE on success).
+    pub async fn commit(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        instance_id: Option<&str>,
+        generation: i32,
+        entries: Vec<coordinator::CommitEntry>,
+    ) -> i16 {
+        let now = crate::types::now_ms();
+        let writes = {
+            let mut c = self.coordinator.borrow_mut();
+            if let Err(code) = c.check_commit(group_id, member_id, instance_id, generation, now) {
+                return code;
+            }
+            c.commit_writes(group_id, &entries)
+        };
+        if writes.is_empty() {
+            return 0;
+        }
+        match self.persist(writes).await {
+            Ok(()) => {
+                self.coordinator
+                    .borrow_mut()
+                    .apply_commit(group_id, entries, now);
+                0
+            }
+            Err(e) => {
+                tracing::warn!(group = group_id, error = %e, "offset commit not persisted");
+                kafka_protocol::ResponseError::CoordinatorNotAvailable.code()
+            }
+        }
+    }
+
+    /// The timer loop: fires the state machine's deadlines and the periodic offset expiry.
+    pub async fn run_timers(self: Rc<Self>) {
+        loop {
+            let now = crate::types::now_ms();
+            let next = self.coordinator.borrow().next_deadline_ms();
+            let sleep_ms = next
+                .map(|d| (d - now).clamp(0, TIMER_SLEEP_MS_MAX))
+                .unwrap_or(TIMER_SLEEP_MS_MAX);
+            if sleep_ms > 0 {
+                let sleep = glommio::timer::sleep(Duration::from_millis(sleep_ms as u64));
+                let woken = async {
+                    let _ = self.wake_rx.recv().await;
+                };
+                futures_lite::future::or(sleep, woken).await;
+            }
+            let now = crate::types::now_ms();
+            self.coordinator.borrow_mut().tick(now);
+            if now - self.last_expiry_ms.get() >= self.retention_check_ms.get() {
+                self.last_expiry_ms.set(now);
+                let n = self.coordinator.borrow_mut().expire_offsets(now);
+                if n > 0 {
+                    tracing::info!(offsets = n, "expired committed offsets of empty groups");
+                }
+            }
+            self.flush().await;
+        }
+    }
 }
 
-/// The offsets topic and the shard coordinating `group_id`, or `None` before the topic exists.
-pub fn coordinator_shard(group_id: &str) -> Option<(Arc<TopicMeta>, ShardId)> {
-    let broker = shard::local().broker.clone();
-    let image = broker.image();
-    let topic = image.topic(OFFSETS_TOPIC)?.clone();
-    let shard = broker.owner(&topic, offsets_partition(group_id))?;
-    Some((topic, shard))
+/// Applies one `__consumer_offsets` record; false if it did not decode.
+fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool {
+    let Some(key) = rec.key.as_ref() else {
+        return false;
+    };
+    let key = match offsets::decode_key(key) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+            return false;
+        }
+    };
+    match key {
+        offsets::RecordKey::Offset {
+            group,
+            topic,
+            partition,
+        } => {
+            let value = match rec.value.as_ref().map(offsets::decode_offset_value) {
+                None => None,
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            };
+            c.load_offset(&group, &topic, partition, value, now_ms);
+        }
+        offsets::RecordKey::Group { group } => {
+            let value = match rec.value.as_ref().map(offsets::decode_group_value) {
+                None => None,
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            };
+            c.load_group(&group, value, now_ms);
+        }
+    }
+    true
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    // Values of java.lang.String#hashCode.
-    #[test]
-    fn group_placement_matches_kafka() {
-        assert_eq!(java_string_hash(""), 0);
-        assert_eq!(java_string_hash("a"), 97);
-        assert_eq!(java_string_hash("Aa"), 2112);
-        assert_eq!(java_string_hash("BB"), 2112);
-        assert_eq!(java_string_hash("hello"), 99_162_322);
-        assert_eq!(offsets_partition("hello"), 99_162_322 % 50);
-        assert!((0..50).contains(&offsets_partition("some-long-group-name-xyz")));
-    }
+// -------------------------------------------------------------------- broker integration
+
+/// Runs `f` with the coordinator of `group_id` on the shard that owns the group's
+/// `__consumer_offsets` partition. This is the cross-core hop: a group's state lives on exactly
+/// one shard. Errors are COORDINATOR_NOT_AVAILABLE / COORDINATOR_LOAD_IN_PROGRESS.
+pub async fn on_coordinator<F, Fut, R>(group_id: &str, f: F) -> Result<R, i16>
+where
+    F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    let broker = crate::shard::local().broker.clone();
+    let image = broker.image();
+    let not_available = Unavailable::NotAvailable.code();
+    let meta = image.topic(OFFSETS_TOPIC).ok_or(not_available)?;
+    let p = partition_for(group_id, meta.partition_count());
+    let owner = broker.owner(meta, p).ok_or(not_available)?;
+    let gid = group_id.to_string();
+    crate::shard::invoke_on(owner, move || async move {
+        let gs = local().ok_or(not_available)?;
+        // Right after start the partition may still be replaying: wait a little before
+        // answering COORDINATOR_LOAD_IN_PROGRESS, so clients rarely need to retry.
+        let deadline = std::time::Instant::now() + LOAD_WAIT_MAX;
+        while let Err(u) = gs.check(&gid) {
+            if std::time::Instant::now() >= deadline {
+                return Err(u.code());
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(f(gs).await)
+    })
+    .await
 }
 
-/// Starts the group machinery of the calling shard once every shard is serving: shard 0 creates
-/// `__consumer_offsets` if missing and then has every shard replay its partitions of it; each
-/// shard runs its timers (session expiry, rebalance deadlines, offset expiry).
+/// Starts the group machinery of the calling shard once the broker serves: installs this
+/// shard's coordinator, then in the background creates `__consumer_offsets` if missing (shard
+/// 0), replays the partitions this shard owns and runs the timers.
 pub fn start_shard_tasks() {
-    let shard = shard::local();
-    let retention =
-        std::time::Duration::from_secs(shard.broker.config.offsets_retention_minutes * 60);
+    let shard = crate::shard::local();
+    let cfg = &shard.broker.config;
+    let gs = GroupShard::new(CoordinatorConfig {
+        initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
+        offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
+        ..Default::default()
+    });
+    install(gs.clone());
     glommio::spawn_local(async move {
-        let c = coordinator::local();
-        let mut last_expiry = std::time::Instant::now();
-        loop {
-            glommio::timer::sleep(std::time::Duration::from_millis(coordinator::TICK_MS)).await;
-            c.tick();
-            if last_expiry.elapsed() > std::time::Duration::from_secs(60) && c.is_loaded() {
-                last_expiry = std::time::Instant::now();
-                c.expire_offsets(retention).await;
-            }
+        if let Err(e) = load_here(&gs).await {
+            tracing::error!(error = %e, "group coordinator failed to load");
+            return;
         }
+        gs.run_timers().await;
     })
     .detach();
-    if shard.id.0 != 0 {
-        return;
+}
+
+async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
+    let shard = crate::shard::local();
+    let broker = shard.broker.clone();
+    if shard.id.0 == 0 && broker.image().topic(OFFSETS_TOPIC).is_none() {
+        // Commits must outlive any time-based retention: expiry is the coordinator's job
+        // (tombstones). Kafka compacts this topic; the policy is recorded for when we do.
+        let overrides: BTreeMap<String, String> = [
+            ("cleanup.policy", "compact"),
+            ("retention.ms", "-1"),
+            ("segment.bytes", "104857600"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        match crate::broker::create_topic(
+            OFFSETS_TOPIC.to_string(),
+            OFFSETS_PARTITIONS,
+            1,
+            overrides,
+            false,
+            true,
+        )
+        .await
+        {
+            Ok(_) | Err(crate::broker::AdminError::TopicExists) => {}
+            Err(e) => return Err(format!("cannot create {OFFSETS_TOPIC}: {}", e.message())),
+        }
     }
-    glommio::spawn_local(async move {
-        let broker = shard::local().broker.clone();
-        if broker.image().topic(OFFSETS_TOPIC).is_none() {
-            let configs = [
-                ("cleanup.policy", "compact"),
-                ("retention.ms", "-1"),
-                ("segment.bytes", "104857600"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-            if let Err(e) = crate::broker::create_topic(OFFSETS_TOPIC.into(), OFFSETS_PARTITIONS, 1, configs, false, true).await {
-                tracing::error!(error = %e.message(), "cannot create {OFFSETS_TOPIC}; consumer groups are unavailable");
-                return;
-            }
+    // Other shards wait for shard 0 to publish the topic.
+    let meta = loop {
+        if let Some(m) = broker.image().topic(OFFSETS_TOPIC) {
+            break m.clone();
         }
-        shard::invoke_on_all(|| async {
-            let broker = shard::local().broker.clone();
-            let here = shard::local().id;
-            let image = broker.image();
-            let Some(topic) = image.topic(OFFSETS_TOPIC).cloned() else { return };
-            let mine: Vec<i32> = (0..topic.partition_count()).filter(|p| broker.owner(&topic, *p) == Some(here)).collect();
-            coordinator::local().load(mine).await;
-        })
-        .await;
-    })
-    .detach();
+        if broker.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("broker stopping".into());
+        }
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    };
+    gs.coordinator.borrow_mut().config.offsets_partitions = meta.partition_count();
+    for p in 0..meta.partition_count() {
+        if broker.owner(&meta, p) != Some(shard.id) {
+            continue;
+        }
+        let tp = crate::types::TopicPartition::new(OFFSETS_TOPIC, p);
+        let log = loop {
+            // Opened by topic creation on this shard, or at start.
+            if let Some(l) = shard.partition(&tp) {
+                break l;
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        };
+        gs.load_partition(p, log)
+            .await
+            .map_err(|e| format!("cannot replay {tp}: {e}"))?;
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! RecordBatch v2 headers.
 
 pub mod batch;
+pub mod records;
 
 use bytes::Bytes;
 use kafka_protocol::records::{Record, TimestampType};

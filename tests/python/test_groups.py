@@ -1,12 +1,17 @@
 """Consumer groups with kafka-python (its own protocol code): group membership and rebalance,
 committed offsets across consumer restarts, the admin API for groups, and independent groups."""
 
+import subprocess
 import time
 import uuid
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.errors import CommitFailedError
+from kafka.structs import OffsetAndMetadata
+
+from conftest import sluice_bin
 
 WAIT = 60.0
 
@@ -120,3 +125,53 @@ def test_admin_lists_describes_and_deletes_groups(broker):
     assert group not in {g["group_id"] for g in admin.list_groups()}
     assert admin.delete_groups([group])[group] == "GroupIdNotFoundError"
     admin.close()
+
+
+def sluice_group(broker, *args):
+    out = subprocess.run([sluice_bin(), "group", "--brokers", broker.bootstrap, *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_reset_offsets_then_consume_from_the_new_position(broker):
+    topic = new_topic(broker, 1)
+    produce(broker, topic, 1, 5)
+    group = f"reset-{uuid.uuid4().hex[:6]}"
+    c = consumer(broker, group)
+    c.subscribe([topic])
+    poll_until([c], lambda _, s: len(s[0]) >= 5)
+    c.commit()
+    c.close()  # the only member leaves: the group is Empty and its offsets can move
+    sluice_group(broker, "reset-offsets", group, "--topic", topic, "--to-offset", "3")
+    c = consumer(broker, group)
+    c.subscribe([topic])
+    seen = poll_until([c], lambda _, s: len(s[0]) >= 2)
+    assert seen[0][:2] == ["p0-3", "p0-4"]
+    c.close()
+    sluice_group(broker, "reset-offsets", group, "--topic", topic, "--to-earliest")
+    c = consumer(broker, group)
+    c.subscribe([topic])
+    seen = poll_until([c], lambda _, s: len(s[0]) >= 5)
+    assert seen[0][:5] == [f"p0-{i}" for i in range(5)]
+    c.close()
+
+
+def test_commit_from_outside_an_active_group_fails(broker):
+    topic = new_topic(broker, 1)
+    group = f"errs-{uuid.uuid4().hex[:6]}"
+    member = consumer(broker, group)
+    member.subscribe([topic])
+    poll_until([member], lambda cs, _: len(cs[0].assignment()) == 1)
+    # A consumer of the same group id outside the group commits with generation -1: the group
+    # has members, so the coordinator answers UNKNOWN_MEMBER_ID (CommitFailedError in the client).
+    outsider = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False)
+    outsider.assign([TopicPartition(topic, 0)])
+    with pytest.raises(CommitFailedError):
+        outsider.commit({TopicPartition(topic, 0): OffsetAndMetadata(1, "", -1)})
+    outsider.close(autocommit=False)
+    # The member itself commits fine. (UNKNOWN_TOPIC_OR_PARTITION is retried by kafka-python until
+    # its timeout; the Rust raw tests check that code.)
+    member.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1)})
+    assert member.committed(TopicPartition(topic, 0)) == 0
+    member.close()

@@ -98,22 +98,6 @@ where
     .await
 }
 
-/// Runs `f` with the group coordinator of `group_id` on its shard (the owner of the group's
-/// `__consumer_offsets` partition). COORDINATOR_NOT_AVAILABLE until that topic exists.
-pub async fn with_coordinator<F, Fut, R>(group_id: &str, f: F) -> Result<R, i16>
-where
-    F: FnOnce(Rc<crate::group::coordinator::Coordinator>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = R> + 'static,
-    R: Send + 'static,
-{
-    let (_, owner) = crate::group::coordinator_shard(group_id)
-        .ok_or(code(ResponseError::CoordinatorNotAvailable))?;
-    Ok(invoke_on(owner, move || async move {
-        f(crate::group::coordinator::local()).await
-    })
-    .await)
-}
-
 pub fn opt_str(s: &Option<StrBytes>) -> Option<String> {
     s.as_ref().map(|x| x.to_string())
 }

@@ -1,52 +1,67 @@
-//! DescribeGroups, versions 0-5 (flexible from 5; group instance ids from 4). An unknown group is
-//! described as `Dead` with no members, as Kafka does.
+//! DescribeGroups, versions 0-6 (flexible from 5; v3+ authorized operations; v4+ instance ids;
+//! v6 error messages and GROUP_ID_NOT_FOUND for unknown groups, KIP-1043). Member metadata and
+//! assignments are filled in only for Stable groups, as Kafka does.
 
 use bytes::Bytes;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
-use kafka_protocol::messages::{DescribeGroupsRequest, DescribeGroupsResponse};
+use kafka_protocol::messages::{DescribeGroupsRequest, DescribeGroupsResponse, GroupId};
 
-use super::common::{str_bytes, with_coordinator};
+use super::common::{str_bytes, NONE};
+use crate::group::on_coordinator;
 use crate::kafka::Request;
 use crate::server::Response;
 
+/// Kafka's "authorized operations not requested" sentinel.
+const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
+
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
-    let r: DescribeGroupsRequest = crate::decode_or_close!(req, b);
-    let mut out = Vec::new();
-    for gid in r.groups {
-        let id = gid.to_string();
-        let res = with_coordinator(&id.clone(), move |c| async move {
-            c.describe(&id).map(|(s, pt, p, m)| (s.name(), pt, p, m))
+    let request: DescribeGroupsRequest = crate::decode_or_close!(req, b);
+    let version = req.version;
+    let mut groups = Vec::with_capacity(request.groups.len());
+    for g in request.groups {
+        let id = g.to_string();
+        let gid = id.clone();
+        let d = on_coordinator(&id, move |gs| async move {
+            gs.coordinator.borrow().describe(&gid, version >= 6)
         })
         .await;
-        let d = DescribedGroup::default()
-            .with_group_id(gid)
-            .with_authorized_operations(i32::MIN);
-        out.push(match res {
-            Err(e) => d.with_error_code(e).with_group_state(str_bytes("")),
-            Ok(None) => d.with_group_state(str_bytes("Dead")),
-            Ok(Some((state, ptype, proto, members))) => d
-                .with_group_state(str_bytes(state))
-                .with_protocol_type(str_bytes(&ptype))
-                .with_protocol_data(str_bytes(&proto))
-                .with_members(
-                    members
-                        .into_iter()
-                        .map(|(id, inst, client, host, meta, assign)| {
-                            DescribedGroupMember::default()
-                                .with_member_id(str_bytes(&id))
-                                .with_group_instance_id(if req.version >= 4 {
-                                    inst.map(|i| str_bytes(&i))
-                                } else {
-                                    None
-                                })
-                                .with_client_id(str_bytes(&client))
-                                .with_client_host(str_bytes(&host))
-                                .with_member_metadata(meta)
-                                .with_member_assignment(assign)
-                        })
-                        .collect(),
-                ),
-        });
+        let out = match d {
+            Err(code) => DescribedGroup::default()
+                .with_group_id(GroupId(g.0))
+                .with_error_code(code)
+                .with_group_state(str_bytes("")),
+            Ok(d) => {
+                let members = d
+                    .members
+                    .into_iter()
+                    .map(|m| {
+                        DescribedGroupMember::default()
+                            .with_member_id(str_bytes(&m.member_id))
+                            .with_group_instance_id(if version >= 4 {
+                                m.group_instance_id.as_deref().map(str_bytes)
+                            } else {
+                                None
+                            })
+                            .with_client_id(str_bytes(&m.client_id))
+                            .with_client_host(str_bytes(&m.client_host))
+                            .with_member_metadata(m.metadata)
+                            .with_member_assignment(m.assignment)
+                    })
+                    .collect();
+                let mut out = DescribedGroup::default()
+                    .with_group_id(GroupId(g.0))
+                    .with_error_code(d.error)
+                    .with_group_state(str_bytes(d.state))
+                    .with_protocol_type(str_bytes(&d.protocol_type))
+                    .with_protocol_data(str_bytes(&d.protocol))
+                    .with_members(members);
+                if version >= 6 && d.error != NONE {
+                    out.error_message = Some(str_bytes("group not found"));
+                }
+                out
+            }
+        };
+        groups.push(out.with_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED));
     }
-    req.respond(&DescribeGroupsResponse::default().with_groups(out))
+    req.respond(&DescribeGroupsResponse::default().with_groups(groups))
 }

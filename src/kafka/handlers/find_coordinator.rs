@@ -1,76 +1,90 @@
-//! FindCoordinator, versions 0-4 (flexible from 3; batched keys from 4). Every group and
-//! transactional id is coordinated by this node; which shard handles it is decided inside.
+//! FindCoordinator, versions 0-6 (flexible from 3; batched `coordinator_keys` from 4). Every
+//! shard runs in this one node, so the answer for a group is always this node; the hop to the
+//! group's shard happens inside the broker. Transaction (and share) coordinators do not exist
+//! yet: COORDINATOR_NOT_AVAILABLE.
 
 use bytes::Bytes;
 use kafka_protocol::messages::find_coordinator_response::Coordinator;
 use kafka_protocol::messages::{BrokerId, FindCoordinatorRequest, FindCoordinatorResponse};
+use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, NONE};
+use crate::group::OFFSETS_TOPIC;
 use crate::kafka::Request;
 use crate::server::Response;
 use crate::shard;
 
 const KEY_TYPE_GROUP: i8 = 0;
 const KEY_TYPE_TRANSACTION: i8 = 1;
+const KEY_TYPE_SHARE: i8 = 2;
+
+/// `(error, node, host, port)` for one key.
+fn lookup(key: &str, key_type: i8) -> (i16, i32, String, i32) {
+    let broker = shard::local().broker.clone();
+    let cfg = &broker.config;
+    let err = |e: ResponseError| (code(e), -1, String::new(), -1);
+    match key_type {
+        KEY_TYPE_GROUP => {
+            if key.is_empty() {
+                return err(ResponseError::InvalidGroupId);
+            }
+            if broker.image().topic(OFFSETS_TOPIC).is_none() {
+                // Still being created at start: clients retry.
+                return err(ResponseError::CoordinatorNotAvailable);
+            }
+            (
+                NONE,
+                cfg.node_id,
+                cfg.advertise_host.clone(),
+                cfg.advertise_port as i32,
+            )
+        }
+        KEY_TYPE_TRANSACTION | KEY_TYPE_SHARE => err(ResponseError::CoordinatorNotAvailable),
+        _ => err(ResponseError::InvalidRequest),
+    }
+}
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: FindCoordinatorRequest = crate::decode_or_close!(req, b);
-    let broker = shard::local().broker.clone();
-    let ready = broker.image().topic(crate::group::OFFSETS_TOPIC).is_some();
-    let node = broker.config.node_id;
-    let host = str_bytes(&broker.config.advertise_host);
-    let port = broker.config.advertise_port as i32;
-    let answer = |key: &str| -> (i16, Option<String>) {
-        if request.key_type != KEY_TYPE_GROUP && request.key_type != KEY_TYPE_TRANSACTION {
-            return (
-                code(ResponseError::InvalidRequest),
-                Some(format!("unknown key type {}", request.key_type)),
-            );
-        }
-        if key.is_empty() {
-            return (
-                code(ResponseError::InvalidRequest),
-                Some("empty coordinator key".into()),
-            );
-        }
-        if !ready {
-            return (code(ResponseError::CoordinatorNotAvailable), None);
-        }
-        (NONE, None)
-    };
+    let mut resp = FindCoordinatorResponse::default();
     if req.version >= 4 {
-        let coordinators = request
+        resp.coordinators = request
             .coordinator_keys
             .iter()
             .map(|k| {
-                let (e, m) = answer(k.as_str());
-                let c = Coordinator::default()
+                let (error, node, host, port) = lookup(k.as_str(), request.key_type);
+                Coordinator::default()
                     .with_key(k.clone())
-                    .with_error_code(e)
-                    .with_error_message(m.map(|m| str_bytes(&m)));
-                if e == NONE {
-                    c.with_node_id(BrokerId(node))
-                        .with_host(host.clone())
-                        .with_port(port)
-                } else {
-                    c.with_node_id(BrokerId(-1)).with_port(-1)
-                }
+                    .with_node_id(BrokerId(node))
+                    .with_host(str_bytes(&host))
+                    .with_port(port)
+                    .with_error_code(error)
+                    .with_error_message(error_message(error))
             })
             .collect();
-        return req.respond(&FindCoordinatorResponse::default().with_coordinators(coordinators));
-    }
-    let (e, m) = answer(request.key.as_str());
-    let mut r = FindCoordinatorResponse::default().with_error_code(e);
-    if req.version >= 1 {
-        r = r.with_error_message(m.map(|m| str_bytes(&m)));
-    }
-    r = if e == NONE {
-        r.with_node_id(BrokerId(node))
-            .with_host(host)
-            .with_port(port)
     } else {
-        r.with_node_id(BrokerId(-1)).with_port(-1)
-    };
-    req.respond(&r)
+        let (error, node, host, port) = lookup(request.key.as_str(), request.key_type);
+        resp = resp
+            .with_error_code(error)
+            .with_node_id(BrokerId(node))
+            .with_host(str_bytes(&host))
+            .with_port(port);
+        if req.version >= 1 {
+            resp.error_message = error_message(error);
+        }
+    }
+    req.respond(&resp)
+}
+
+fn error_message(error: i16) -> Option<StrBytes> {
+    (error != NONE).then(|| {
+        use kafka_protocol::error::ParseResponseErrorCode;
+        str_bytes(
+            &error
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| format!("error {error}")),
+        )
+    })
 }

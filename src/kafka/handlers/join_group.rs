@@ -1,78 +1,93 @@
-//! JoinGroup, versions 0-9 (flexible from 6; MEMBER_ID_REQUIRED from 4; static membership from
-//! 5; skip_assignment from 9). Waits until the rebalance completes.
+//! JoinGroup, versions 0-9 (flexible from 6). v4+: a member without an id gets
+//! MEMBER_ID_REQUIRED first (KIP-394); v5+: static members (KIP-345); v7+: protocol type and
+//! name in the answer; v9: `skip_assignment` for a static leader rejoining (KIP-814). The
+//! answer waits on the group's shard until the rebalance completes.
 
 use bytes::Bytes;
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::{JoinGroupRequest, JoinGroupResponse};
 
-use super::common::{opt_str, str_bytes, with_coordinator};
-use crate::group::coordinator::{JoinArgs, JoinOutcome};
+use super::common::str_bytes;
+use crate::group::coordinator::JoinRequest;
+use crate::group::state::Protocol;
+use crate::group::{on_coordinator, JoinResult};
 use crate::kafka::Request;
 use crate::server::Response;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
-    let r: JoinGroupRequest = crate::decode_or_close!(req, b);
-    let args = JoinArgs {
-        group_id: r.group_id.to_string(),
-        member_id: r.member_id.to_string(),
-        instance_id: opt_str(&r.group_instance_id),
-        client_id: opt_str(&req.header.client_id).unwrap_or_default(),
+    let request: JoinGroupRequest = crate::decode_or_close!(req, b);
+    let version = req.version;
+    let join = JoinRequest {
+        group_id: request.group_id.to_string(),
+        member_id: request.member_id.to_string(),
+        group_instance_id: request.group_instance_id.as_ref().map(|s| s.to_string()),
+        client_id: req
+            .header
+            .client_id
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
         client_host: format!("/{}", req.conn.peer.ip()),
-        session_timeout_ms: r.session_timeout_ms,
-        rebalance_timeout_ms: if req.version >= 1 {
-            r.rebalance_timeout_ms
+        session_timeout_ms: request.session_timeout_ms,
+        // v0 has no rebalance timeout: Kafka uses the session timeout.
+        rebalance_timeout_ms: if version >= 1 {
+            request.rebalance_timeout_ms
         } else {
-            r.session_timeout_ms
+            request.session_timeout_ms
         },
-        protocol_type: r.protocol_type.to_string(),
-        protocols: r
+        protocol_type: request.protocol_type.to_string(),
+        protocols: request
             .protocols
             .iter()
-            .map(|p| (p.name.to_string(), p.metadata.clone()))
+            .map(|p| Protocol {
+                name: p.name.to_string(),
+                metadata: p.metadata.clone(),
+            })
             .collect(),
-        version: req.version,
+        require_known_member_id: version >= 4,
     };
-    let member_id = args.member_id.clone();
-    let out = with_coordinator(&args.group_id.clone(), move |c| async move {
-        c.join(args).await
+    let member_id = join.member_id.clone();
+    let r = match on_coordinator(&join.group_id.clone(), move |gs| async move {
+        gs.join(join).await
     })
     .await
-    .unwrap_or_else(|e| JoinOutcome {
-        error: e,
-        generation: -1,
-        member_id,
-        ..Default::default()
-    });
-    let members = out
+    {
+        Ok(r) => r,
+        Err(code) => JoinResult::error(code, &member_id),
+    };
+    req.respond(&response(r, version))
+}
+
+fn response(r: JoinResult, version: i16) -> JoinGroupResponse {
+    let members = r
         .members
         .into_iter()
-        .map(|(id, inst, meta)| {
+        .map(|m| {
             JoinGroupResponseMember::default()
-                .with_member_id(str_bytes(&id))
-                .with_group_instance_id(if req.version >= 5 {
-                    inst.map(|i| str_bytes(&i))
+                .with_member_id(str_bytes(&m.member_id))
+                .with_group_instance_id(if version >= 5 {
+                    m.group_instance_id.as_deref().map(str_bytes)
                 } else {
                     None
                 })
-                .with_metadata(meta)
+                .with_metadata(m.metadata)
         })
         .collect();
     let mut resp = JoinGroupResponse::default()
-        .with_error_code(out.error)
-        .with_generation_id(out.generation)
-        .with_protocol_name(out.protocol.map(|p| str_bytes(&p)).or(if req.version >= 7 {
-            None
-        } else {
-            Some(str_bytes(""))
-        }))
-        .with_leader(str_bytes(&out.leader))
-        .with_member_id(str_bytes(&out.member_id))
+        .with_error_code(r.error)
+        .with_generation_id(r.generation)
+        .with_leader(str_bytes(&r.leader))
+        .with_member_id(str_bytes(&r.member_id))
         .with_members(members);
-    if req.version >= 7 {
-        resp = resp.with_protocol_type(out.protocol_type.map(|p| str_bytes(&p)));
+    if version >= 7 {
+        resp.protocol_type = r.protocol_type.as_deref().map(str_bytes);
+        resp.protocol_name = r.protocol_name.as_deref().map(str_bytes);
+    } else {
+        // Not nullable before v7.
+        resp.protocol_name = Some(str_bytes(r.protocol_name.as_deref().unwrap_or("")));
     }
-    if req.version >= 9 {
-        resp = resp.with_skip_assignment(out.skip_assignment);
+    if version >= 9 {
+        resp.skip_assignment = r.skip_assignment;
     }
-    req.respond(&resp)
+    resp
 }

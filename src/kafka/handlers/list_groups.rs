@@ -1,48 +1,66 @@
-//! ListGroups, versions 0-4 (flexible from 3; state filter and states from 4). Gathers the
-//! groups of every shard's coordinator.
+//! ListGroups, versions 0-5 (flexible from 3; v4 state filter; v5 type filter and group type).
+//! Asks every shard's coordinator.
 
 use bytes::Bytes;
 use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::{GroupId, ListGroupsRequest, ListGroupsResponse};
 
 use super::common::str_bytes;
+use crate::group::{self, GroupState};
 use crate::kafka::Request;
 use crate::server::Response;
 use crate::shard;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
-    let r: ListGroupsRequest = crate::decode_or_close!(req, b);
-    let filter: Vec<String> = r
-        .states_filter
-        .iter()
-        .map(|s| s.to_ascii_lowercase())
-        .collect();
-    let per_shard = shard::invoke_on_all(|| async {
-        crate::group::coordinator::local()
-            .list()
-            .into_iter()
-            .map(|(id, pt, s)| (id, pt, s.name()))
-            .collect::<Vec<_>>()
+    let request: ListGroupsRequest = crate::decode_or_close!(req, b);
+    let version = req.version;
+    let names: Vec<String> = if version >= 4 {
+        request
+            .states_filter
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        vec![]
+    };
+    // An unknown state name matches nothing (Kafka ignores it rather than failing).
+    let states: Vec<GroupState> = names.iter().filter_map(|s| GroupState::parse(s)).collect();
+    let unknown_only = !names.is_empty() && states.is_empty();
+    let types: Vec<String> = if version >= 5 {
+        request.types_filter.iter().map(|s| s.to_string()).collect()
+    } else {
+        vec![]
+    };
+    let per_shard = shard::invoke_on_all(move || {
+        let states = states.clone();
+        let types = types.clone();
+        async move {
+            match group::local() {
+                Some(gs) => gs.coordinator.borrow().list_groups(&states, &types),
+                None => vec![],
+            }
+        }
     })
     .await;
-    let mut groups: Vec<_> = per_shard
-        .into_iter()
-        .flatten()
-        .filter(|(_, _, s)| filter.is_empty() || filter.contains(&s.to_ascii_lowercase()))
-        .collect();
-    groups.sort();
-    let listed = groups
-        .into_iter()
-        .map(|(id, pt, s)| {
-            let g = ListedGroup::default()
-                .with_group_id(GroupId(str_bytes(&id)))
-                .with_protocol_type(str_bytes(&pt));
-            if req.version >= 4 {
-                g.with_group_state(str_bytes(s))
-            } else {
-                g
-            }
-        })
-        .collect();
-    req.respond(&ListGroupsResponse::default().with_groups(listed))
+    let groups = if unknown_only {
+        vec![]
+    } else {
+        per_shard
+            .into_iter()
+            .flatten()
+            .map(|g| {
+                let mut l = ListedGroup::default()
+                    .with_group_id(GroupId(str_bytes(&g.group_id)))
+                    .with_protocol_type(str_bytes(&g.protocol_type));
+                if version >= 4 {
+                    l.group_state = str_bytes(g.state);
+                }
+                if version >= 5 {
+                    l.group_type = str_bytes("classic");
+                }
+                l
+            })
+            .collect()
+    };
+    req.respond(&ListGroupsResponse::default().with_groups(groups))
 }

@@ -1,68 +1,113 @@
-//! OffsetCommit, versions 2-8 (flexible from 8; group instance id from 7). Commits are appended
-//! to `__consumer_offsets` and fsynced before the response.
+//! OffsetCommit, versions 2-9 (flexible from 8). Commits are checked against the group's
+//! generation (simple consumers commit with generation -1 to an empty or unknown group),
+//! appended to `__consumer_offsets` and synced before the answer. v2-4 carry an explicit
+//! retention time.
 
 use bytes::Bytes;
 use kafka_protocol::messages::offset_commit_response::{
     OffsetCommitResponsePartition, OffsetCommitResponseTopic,
 };
 use kafka_protocol::messages::{OffsetCommitRequest, OffsetCommitResponse};
+use kafka_protocol::ResponseError;
 
-use super::common::{opt_str, with_coordinator};
+use super::common::{code, NONE};
+use crate::group::coordinator::CommitEntry;
+use crate::group::offsets::OffsetValue;
+use crate::group::on_coordinator;
 use crate::kafka::Request;
 use crate::server::Response;
+use crate::shard;
+
+/// Kafka's `offset.metadata.max.bytes`.
+pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
-    let r: OffsetCommitRequest = crate::decode_or_close!(req, b);
-    let group = r.group_id.to_string();
-    let member = r.member_id.to_string();
-    let instance = opt_str(&r.group_instance_id);
-    let generation = r.generation_id_or_member_epoch;
-    let mut flat = Vec::new();
-    for t in &r.topics {
-        for p in &t.partitions {
-            let epoch = if req.version >= 6 {
-                p.committed_leader_epoch
-            } else {
-                -1
-            };
-            flat.push((
-                t.name.to_string(),
-                p.partition_index,
-                p.committed_offset,
-                epoch,
-                opt_str(&p.committed_metadata),
-            ));
-        }
-    }
-    let n = flat.len();
-    let result = with_coordinator(&group.clone(), move |c| async move {
-        c.commit(&group, generation, &member, instance.as_deref(), flat)
-            .await
-    })
-    .await;
-    let errors: Vec<i16> = match result {
-        Ok(Ok(errs)) => errs,
-        Ok(Err(e)) | Err(e) => vec![e; n],
+    let request: OffsetCommitRequest = crate::decode_or_close!(req, b);
+    let image = shard::local().broker.image();
+    let now = crate::types::now_ms();
+    let expire = if req.version <= 4 && request.retention_time_ms >= 0 {
+        now.saturating_add(request.retention_time_ms)
+    } else {
+        -1
     };
-    let mut i = 0;
-    let topics = r
+    // Per (topic index, partition index): the error, or the entry to commit.
+    let mut errors: Vec<Vec<i16>> = Vec::with_capacity(request.topics.len());
+    let mut entries = Vec::new();
+    for t in &request.topics {
+        let meta = image.topic(t.name.as_str());
+        let mut errs = Vec::with_capacity(t.partitions.len());
+        for p in &t.partitions {
+            let metadata = p
+                .committed_metadata
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            let e = match meta {
+                None => code(ResponseError::UnknownTopicOrPartition),
+                Some(m) if p.partition_index < 0 || p.partition_index >= m.partition_count() => {
+                    code(ResponseError::UnknownTopicOrPartition)
+                }
+                _ if metadata.len() > OFFSET_METADATA_BYTES_MAX => {
+                    code(ResponseError::OffsetMetadataTooLarge)
+                }
+                _ => {
+                    entries.push(CommitEntry {
+                        topic: t.name.to_string(),
+                        partition: p.partition_index,
+                        value: OffsetValue {
+                            offset: p.committed_offset,
+                            leader_epoch: if req.version >= 6 {
+                                p.committed_leader_epoch
+                            } else {
+                                -1
+                            },
+                            metadata,
+                            commit_timestamp_ms: now,
+                            expire_timestamp_ms: expire,
+                        },
+                    });
+                    NONE
+                }
+            };
+            errs.push(e);
+        }
+        errors.push(errs);
+    }
+    let group_id = request.group_id.to_string();
+    let commit_code = if group_id.is_empty() {
+        code(ResponseError::InvalidGroupId)
+    } else if entries.is_empty() {
+        NONE
+    } else {
+        let member = request.member_id.to_string();
+        let instance = request.group_instance_id.as_ref().map(|s| s.to_string());
+        let generation = request.generation_id_or_member_epoch;
+        let gid = group_id.clone();
+        on_coordinator(&group_id, move |gs| async move {
+            gs.commit(&gid, &member, instance.as_deref(), generation, entries)
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| e)
+    };
+    let topics = request
         .topics
         .iter()
-        .map(|t| {
-            let parts = t
+        .zip(errors)
+        .map(|(t, errs)| {
+            let partitions = t
                 .partitions
                 .iter()
-                .map(|p| {
-                    let e = errors[i];
-                    i += 1;
+                .zip(errs)
+                .map(|(p, e)| {
                     OffsetCommitResponsePartition::default()
                         .with_partition_index(p.partition_index)
-                        .with_error_code(e)
+                        .with_error_code(if e == NONE { commit_code } else { e })
                 })
                 .collect();
             OffsetCommitResponseTopic::default()
                 .with_name(t.name.clone())
-                .with_partitions(parts)
+                .with_partitions(partitions)
         })
         .collect();
     req.respond(&OffsetCommitResponse::default().with_topics(topics))

@@ -1,5 +1,6 @@
-//! OffsetFetch, versions 1-8 (flexible from 6; all topics with a null list from 2; leader epoch
-//! from 5; several groups per request from 8). A partition without a commit answers -1.
+//! OffsetFetch, versions 1-9 (flexible from 6; v2+ all partitions when topics is null and a
+//! top-level error; v5+ leader epochs; v8+ several groups per request). Unknown partitions
+//! answer offset -1 with no error, as Kafka does.
 
 use bytes::Bytes;
 use kafka_protocol::messages::offset_fetch_response::{
@@ -8,110 +9,135 @@ use kafka_protocol::messages::offset_fetch_response::{
 };
 use kafka_protocol::messages::{GroupId, OffsetFetchRequest, OffsetFetchResponse};
 
-use kafka_protocol::protocol::StrBytes;
-
-use super::common::{str_bytes, topic_name, with_coordinator};
-use crate::group::coordinator::Committed;
+use super::common::{str_bytes, topic_name, NONE};
+use crate::group::offsets::OffsetValue;
+use crate::group::on_coordinator;
 use crate::kafka::Request;
 use crate::server::Response;
 
-type Fetched = Result<Vec<(String, Vec<(i32, Option<Committed>)>)>, i16>;
+type Fetched = Vec<(String, i32, Option<OffsetValue>)>;
+/// Committed offsets of one topic: `(partition, offset)`.
+type TopicOffsets = (String, Vec<(i32, Option<OffsetValue>)>);
 
-async fn fetch(group: String, topics: Option<Vec<(String, Vec<i32>)>>) -> Fetched {
-    let g = group.clone();
-    match with_coordinator(&g, move |c| async move { c.fetch_offsets(&group, topics) }).await {
-        Ok(r) => r,
-        Err(e) => Err(e),
-    }
+/// The committed offsets of one group, or a coordinator error.
+async fn fetch(group_id: String, wanted: Option<Vec<(String, Vec<i32>)>>) -> Result<Fetched, i16> {
+    let gid = group_id.clone();
+    on_coordinator(&group_id, move |gs| async move {
+        gs.coordinator
+            .borrow()
+            .fetch_offsets(&gid, wanted.as_deref())
+    })
+    .await
 }
 
-/// `(offset, leader epoch, metadata)` as OffsetFetch reports it; -1 when nothing is committed.
-fn reported(c: Option<Committed>) -> (i64, i32, StrBytes) {
-    match c {
-        Some(c) => (c.offset, c.leader_epoch, str_bytes(&c.metadata)),
-        None => (-1, -1, str_bytes("")),
+/// Groups results by topic, keeping the first-seen topic order.
+fn by_topic(rows: Fetched) -> Vec<TopicOffsets> {
+    let mut out: Vec<TopicOffsets> = Vec::new();
+    for (t, p, v) in rows {
+        match out.iter_mut().find(|(name, _)| *name == t) {
+            Some((_, ps)) => ps.push((p, v)),
+            None => out.push((t, vec![(p, v)])),
+        }
     }
-}
-
-/// Fetches one group's offsets: (group error, topics with their partitions).
-async fn fetch_group(
-    group: String,
-    topics: Option<Vec<(String, Vec<i32>)>>,
-) -> (i16, Vec<(String, Vec<(i32, Option<Committed>)>)>) {
-    match fetch(group, topics).await {
-        Ok(ts) => (0, ts),
-        Err(e) => (e, vec![]),
-    }
+    out
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
-    let r: OffsetFetchRequest = crate::decode_or_close!(req, b);
-    let v = req.version;
-    if v >= 8 {
-        let mut groups = Vec::new();
-        for g in &r.groups {
-            let wanted = g.topics.as_ref().map(|ts| {
-                ts.iter()
-                    .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
-                    .collect()
+    let request: OffsetFetchRequest = crate::decode_or_close!(req, b);
+    let version = req.version;
+    let epoch = |v: &Option<OffsetValue>| {
+        if version >= 5 {
+            v.as_ref().map(|v| v.leader_epoch).unwrap_or(-1)
+        } else {
+            -1
+        }
+    };
+    if version >= 8 {
+        let mut groups = Vec::with_capacity(request.groups.len());
+        for g in request.groups {
+            let wanted = g.topics.map(|ts| {
+                ts.into_iter()
+                    .map(|t| (t.name.to_string(), t.partition_indexes))
+                    .collect::<Vec<_>>()
             });
-            let (err, topics) = fetch_group(g.group_id.to_string(), wanted).await;
-            let topics = topics
+            let (error, rows) = match fetch(g.group_id.to_string(), wanted).await {
+                Ok(rows) => (NONE, rows),
+                Err(e) => (e, vec![]),
+            };
+            let topics = by_topic(rows)
                 .into_iter()
                 .map(|(t, ps)| {
-                    let parts = ps
-                        .into_iter()
-                        .map(|(p, c)| {
-                            let (o, e, m) = reported(c);
-                            OffsetFetchResponsePartitions::default()
-                                .with_partition_index(p)
-                                .with_committed_offset(o)
-                                .with_committed_leader_epoch(e)
-                                .with_metadata(Some(m))
-                        })
-                        .collect();
                     OffsetFetchResponseTopics::default()
                         .with_name(topic_name(&t))
-                        .with_partitions(parts)
+                        .with_partitions(
+                            ps.into_iter()
+                                .map(|(p, v)| {
+                                    OffsetFetchResponsePartitions::default()
+                                        .with_partition_index(p)
+                                        .with_committed_offset(
+                                            v.as_ref().map(|v| v.offset).unwrap_or(-1),
+                                        )
+                                        .with_committed_leader_epoch(epoch(&v))
+                                        .with_metadata(Some(str_bytes(
+                                            v.as_ref().map(|v| v.metadata.as_str()).unwrap_or(""),
+                                        )))
+                                })
+                                .collect(),
+                        )
                 })
                 .collect();
             groups.push(
                 OffsetFetchResponseGroup::default()
-                    .with_group_id(GroupId(g.group_id.0.clone()))
-                    .with_error_code(err)
+                    .with_group_id(GroupId(g.group_id.0))
+                    .with_error_code(error)
                     .with_topics(topics),
             );
         }
         return req.respond(&OffsetFetchResponse::default().with_groups(groups));
     }
-    let wanted = r.topics.as_ref().map(|ts| {
-        ts.iter()
-            .map(|t| (t.name.to_string(), t.partition_indexes.clone()))
-            .collect()
+    let wanted = request.topics.map(|ts| {
+        ts.into_iter()
+            .map(|t| (t.name.to_string(), t.partition_indexes))
+            .collect::<Vec<_>>()
     });
-    let (err, topics) = fetch_group(r.group_id.to_string(), wanted).await;
-    let topics = topics
+    let requested = wanted.clone();
+    let (error, rows) = match fetch(request.group_id.to_string(), wanted).await {
+        Ok(rows) => (NONE, rows),
+        Err(e) => {
+            // v1 has no top-level error: report it on every requested partition.
+            let rows = requested
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p, None)))
+                .collect();
+            (e, rows)
+        }
+    };
+    let per_partition_error = if version < 2 { error } else { NONE };
+    let topics = by_topic(rows)
         .into_iter()
         .map(|(t, ps)| {
-            let parts = ps
-                .into_iter()
-                .map(|(p, c)| {
-                    let (o, e, m) = reported(c);
-                    OffsetFetchResponsePartition::default()
-                        .with_partition_index(p)
-                        .with_committed_offset(o)
-                        .with_committed_leader_epoch(if v >= 5 { e } else { -1 })
-                        .with_metadata(Some(m))
-                })
-                .collect();
             OffsetFetchResponseTopic::default()
                 .with_name(topic_name(&t))
-                .with_partitions(parts)
+                .with_partitions(
+                    ps.into_iter()
+                        .map(|(p, v)| {
+                            OffsetFetchResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_committed_offset(v.as_ref().map(|v| v.offset).unwrap_or(-1))
+                                .with_committed_leader_epoch(epoch(&v))
+                                .with_metadata(Some(str_bytes(
+                                    v.as_ref().map(|v| v.metadata.as_str()).unwrap_or(""),
+                                )))
+                                .with_error_code(per_partition_error)
+                        })
+                        .collect(),
+                )
         })
         .collect();
     let mut resp = OffsetFetchResponse::default().with_topics(topics);
-    if v >= 2 {
-        resp = resp.with_error_code(err);
+    if version >= 2 {
+        resp.error_code = error;
     }
     req.respond(&resp)
 }

@@ -1,51 +1,42 @@
-//! SyncGroup, versions 0-5 (flexible from 4; protocol type and name from 5). The leader's
-//! assignments are handed to every member; followers wait for them.
+//! SyncGroup, versions 0-5 (flexible from 4; v3+ static members; v5 protocol type and name).
+//! The leader's request carries every member's assignment; followers wait on the group's shard
+//! until it arrives.
 
 use bytes::Bytes;
 use kafka_protocol::messages::{SyncGroupRequest, SyncGroupResponse};
 
-use super::common::{opt_str, str_bytes, with_coordinator};
-use crate::group::coordinator::SyncOutcome;
+use super::common::str_bytes;
+use crate::group::coordinator::SyncRequest;
+use crate::group::{on_coordinator, SyncResult};
 use crate::kafka::Request;
 use crate::server::Response;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
-    let r: SyncGroupRequest = crate::decode_or_close!(req, b);
-    let group = r.group_id.to_string();
-    let member = r.member_id.to_string();
-    let instance = opt_str(&r.group_instance_id);
-    let ptype = opt_str(&r.protocol_type);
-    let pname = opt_str(&r.protocol_name);
-    let generation = r.generation_id;
-    let assignments: Vec<(String, Bytes)> = r
-        .assignments
-        .iter()
-        .map(|a| (a.member_id.to_string(), a.assignment.clone()))
-        .collect();
-    let out = with_coordinator(&group.clone(), move |c| async move {
-        c.sync(
-            &group,
-            generation,
-            &member,
-            instance.as_deref(),
-            ptype.as_deref(),
-            pname.as_deref(),
-            assignments,
-        )
-        .await
-    })
-    .await
-    .unwrap_or_else(|e| SyncOutcome {
-        error: e,
-        ..Default::default()
-    });
+    let request: SyncGroupRequest = crate::decode_or_close!(req, b);
+    let sync = SyncRequest {
+        group_id: request.group_id.to_string(),
+        generation: request.generation_id,
+        member_id: request.member_id.to_string(),
+        group_instance_id: request.group_instance_id.as_ref().map(|s| s.to_string()),
+        protocol_type: request.protocol_type.as_ref().map(|s| s.to_string()),
+        protocol_name: request.protocol_name.as_ref().map(|s| s.to_string()),
+        assignments: request
+            .assignments
+            .into_iter()
+            .map(|a| (a.member_id.to_string(), a.assignment))
+            .collect(),
+    };
+    let group_id = sync.group_id.clone();
+    let r = match on_coordinator(&group_id, move |gs| async move { gs.sync(sync).await }).await {
+        Ok(r) => r,
+        Err(code) => SyncResult::error(code),
+    };
     let mut resp = SyncGroupResponse::default()
-        .with_error_code(out.error)
-        .with_assignment(out.assignment);
+        .with_error_code(r.error)
+        .with_assignment(r.assignment);
     if req.version >= 5 {
-        resp = resp
-            .with_protocol_type(out.protocol_type.map(|p| str_bytes(&p)))
-            .with_protocol_name(out.protocol.map(|p| str_bytes(&p)));
+        resp.protocol_type = r.protocol_type.as_deref().map(str_bytes);
+        resp.protocol_name = r.protocol_name.as_deref().map(str_bytes);
     }
     req.respond(&resp)
 }

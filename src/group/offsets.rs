@@ -1,0 +1,441 @@
+//! The `__consumer_offsets` record formats, byte-compatible with Kafka's so that the log can be
+//! read by Kafka tools and replayed by us. Pure functions over bytes.
+//!
+//! ```text
+//! key   := version:i16 ( v0|v1: group:str topic:str partition:i32     offset commit
+//!                      | v2:    group:str )                           group metadata
+//! offset value v3 := version:i16 offset:i64 leaderEpoch:i32 metadata:str commitTimestamp:i64
+//!   (v0: offset metadata commitTs; v1: offset metadata commitTs expireTs; v2: as v0)
+//! group value v3  := version:i16 protocolType:str generation:i32 protocol:str? leader:str?
+//!                    currentStateTimestamp:i64 members:[memberId:str instanceId:str? clientId:str
+//!                    clientHost:str rebalanceTimeout:i32 sessionTimeout:i32 subscription:bytes
+//!                    assignment:bytes]
+//!   (v0: no rebalanceTimeout/currentStateTimestamp/instanceId; v1: +rebalanceTimeout;
+//!    v2: +currentStateTimestamp)
+//! ```
+//! `str` is an i16 length (-1 = null) then UTF-8; `bytes` an i32 length; arrays an i32 count.
+//! A null record value is a tombstone for its key.
+
+use bytes::Bytes;
+
+/// Why a record did not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatError(pub String);
+
+impl std::fmt::Display for FormatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "__consumer_offsets record: {}", self.0)
+    }
+}
+impl std::error::Error for FormatError {}
+
+/// The key of one `__consumer_offsets` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordKey {
+    Offset {
+        group: String,
+        topic: String,
+        partition: i32,
+    },
+    Group {
+        group: String,
+    },
+}
+
+/// A committed offset as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetValue {
+    pub offset: i64,
+    /// -1 when unknown.
+    pub leader_epoch: i32,
+    pub metadata: String,
+    pub commit_timestamp_ms: i64,
+    /// Only in value v1 (explicit retention from OffsetCommit v2-v4); -1 otherwise.
+    pub expire_timestamp_ms: i64,
+}
+
+/// One member as stored in a group metadata record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberValue {
+    pub member_id: String,
+    pub group_instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub rebalance_timeout_ms: i32,
+    pub session_timeout_ms: i32,
+    pub subscription: Bytes,
+    pub assignment: Bytes,
+}
+
+/// A group's generation as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupValue {
+    pub protocol_type: String,
+    pub generation: i32,
+    pub protocol: Option<String>,
+    pub leader: Option<String>,
+    pub current_state_timestamp_ms: i64,
+    pub members: Vec<MemberValue>,
+}
+
+// ---- writing ----
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = s.as_bytes();
+    assert!(
+        b.len() <= i16::MAX as usize,
+        "string too long for the record format"
+    );
+    out.extend_from_slice(&(b.len() as i16).to_be_bytes());
+    out.extend_from_slice(b);
+}
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.extend_from_slice(&(-1i16).to_be_bytes()),
+        Some(s) => put_str(out, s),
+    }
+}
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as i32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Key v1 of an offset commit (v0 and v1 share the layout; Kafka writes v1).
+pub fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + group.len() + topic.len());
+    out.extend_from_slice(&1i16.to_be_bytes());
+    put_str(&mut out, group);
+    put_str(&mut out, topic);
+    out.extend_from_slice(&partition.to_be_bytes());
+    out
+}
+
+/// Key v2 of a group metadata record.
+pub fn group_key(group: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + group.len());
+    out.extend_from_slice(&2i16.to_be_bytes());
+    put_str(&mut out, group);
+    out
+}
+
+/// Offset value: v1 when an explicit expiry is set, v3 otherwise (Kafka's choice).
+pub fn offset_value(v: &OffsetValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + v.metadata.len());
+    if v.expire_timestamp_ms >= 0 {
+        out.extend_from_slice(&1i16.to_be_bytes());
+        out.extend_from_slice(&v.offset.to_be_bytes());
+        put_str(&mut out, &v.metadata);
+        out.extend_from_slice(&v.commit_timestamp_ms.to_be_bytes());
+        out.extend_from_slice(&v.expire_timestamp_ms.to_be_bytes());
+    } else {
+        out.extend_from_slice(&3i16.to_be_bytes());
+        out.extend_from_slice(&v.offset.to_be_bytes());
+        out.extend_from_slice(&v.leader_epoch.to_be_bytes());
+        put_str(&mut out, &v.metadata);
+        out.extend_from_slice(&v.commit_timestamp_ms.to_be_bytes());
+    }
+    out
+}
+
+/// Group metadata value v3.
+pub fn group_value(v: &GroupValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&3i16.to_be_bytes());
+    put_str(&mut out, &v.protocol_type);
+    out.extend_from_slice(&v.generation.to_be_bytes());
+    put_opt_str(&mut out, v.protocol.as_deref());
+    put_opt_str(&mut out, v.leader.as_deref());
+    out.extend_from_slice(&v.current_state_timestamp_ms.to_be_bytes());
+    out.extend_from_slice(&(v.members.len() as i32).to_be_bytes());
+    for m in &v.members {
+        put_str(&mut out, &m.member_id);
+        put_opt_str(&mut out, m.group_instance_id.as_deref());
+        put_str(&mut out, &m.client_id);
+        put_str(&mut out, &m.client_host);
+        out.extend_from_slice(&m.rebalance_timeout_ms.to_be_bytes());
+        out.extend_from_slice(&m.session_timeout_ms.to_be_bytes());
+        put_bytes(&mut out, &m.subscription);
+        put_bytes(&mut out, &m.assignment);
+    }
+    out
+}
+
+// ---- reading ----
+
+struct Reader<'a> {
+    buf: &'a Bytes,
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| FormatError("truncated".into()))?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn i16(&mut self) -> Result<i16, FormatError> {
+        Ok(i16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn i32(&mut self) -> Result<i32, FormatError> {
+        Ok(i32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn i64(&mut self) -> Result<i64, FormatError> {
+        Ok(i64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn opt_str(&mut self) -> Result<Option<String>, FormatError> {
+        let n = self.i16()?;
+        if n < 0 {
+            return Ok(None);
+        }
+        let b = self.take(n as usize)?;
+        String::from_utf8(b.to_vec())
+            .map(Some)
+            .map_err(|_| FormatError("string is not UTF-8".into()))
+    }
+    fn str(&mut self) -> Result<String, FormatError> {
+        self.opt_str()?
+            .ok_or_else(|| FormatError("null where a string is required".into()))
+    }
+    fn bytes(&mut self) -> Result<Bytes, FormatError> {
+        let n = self.i32()?;
+        if n < 0 {
+            return Ok(Bytes::new());
+        }
+        let start = self.at;
+        self.take(n as usize)?;
+        Ok(self.buf.slice(start..self.at))
+    }
+}
+
+pub fn decode_key(buf: &Bytes) -> Result<RecordKey, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    match r.i16()? {
+        0 | 1 => Ok(RecordKey::Offset {
+            group: r.str()?,
+            topic: r.str()?,
+            partition: r.i32()?,
+        }),
+        2 => Ok(RecordKey::Group { group: r.str()? }),
+        v => Err(FormatError(format!("unknown key version {v}"))),
+    }
+}
+
+pub fn decode_offset_value(buf: &Bytes) -> Result<OffsetValue, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    let version = r.i16()?;
+    let offset = r.i64()?;
+    let mut v = OffsetValue {
+        offset,
+        leader_epoch: -1,
+        metadata: String::new(),
+        commit_timestamp_ms: 0,
+        expire_timestamp_ms: -1,
+    };
+    match version {
+        0 | 2 => {
+            v.metadata = r.str()?;
+            v.commit_timestamp_ms = r.i64()?;
+        }
+        1 => {
+            v.metadata = r.str()?;
+            v.commit_timestamp_ms = r.i64()?;
+            v.expire_timestamp_ms = r.i64()?;
+        }
+        3 => {
+            v.leader_epoch = r.i32()?;
+            v.metadata = r.str()?;
+            v.commit_timestamp_ms = r.i64()?;
+        }
+        other => return Err(FormatError(format!("unknown offset value version {other}"))),
+    }
+    Ok(v)
+}
+
+pub fn decode_group_value(buf: &Bytes) -> Result<GroupValue, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    let version = r.i16()?;
+    if !(0..=3).contains(&version) {
+        return Err(FormatError(format!(
+            "unknown group value version {version}"
+        )));
+    }
+    let protocol_type = r.str()?;
+    let generation = r.i32()?;
+    let protocol = r.opt_str()?;
+    let leader = r.opt_str()?;
+    let current_state_timestamp_ms = if version >= 2 { r.i64()? } else { -1 };
+    let n = r.i32()?;
+    if n < 0 || n as usize > buf.len() {
+        return Err(FormatError(format!("member count {n} invalid")));
+    }
+    let mut members = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let member_id = r.str()?;
+        let group_instance_id = if version >= 3 { r.opt_str()? } else { None };
+        let client_id = r.str()?;
+        let client_host = r.str()?;
+        let rebalance_timeout_ms = if version >= 1 { r.i32()? } else { -1 };
+        let session_timeout_ms = r.i32()?;
+        let rebalance_timeout_ms = if rebalance_timeout_ms < 0 {
+            session_timeout_ms
+        } else {
+            rebalance_timeout_ms
+        };
+        members.push(MemberValue {
+            member_id,
+            group_instance_id,
+            client_id,
+            client_host,
+            rebalance_timeout_ms,
+            session_timeout_ms,
+            subscription: r.bytes()?,
+            assignment: r.bytes()?,
+        });
+    }
+    Ok(GroupValue {
+        protocol_type,
+        generation,
+        protocol,
+        leader,
+        current_state_timestamp_ms,
+        members,
+    })
+}
+
+/// The topics a `consumer`-protocol subscription names (ConsumerProtocolSubscription, any
+/// version: `version:i16 topics:[str] …`). `None` if it does not parse.
+pub fn subscription_topics(subscription: &[u8]) -> Option<Vec<String>> {
+    let buf = Bytes::copy_from_slice(subscription);
+    let mut r = Reader { buf: &buf, at: 0 };
+    let _version = r.i16().ok()?;
+    let n = r.i32().ok()?;
+    if n < 0 || n as usize > buf.len() {
+        return None;
+    }
+    (0..n).map(|_| r.str().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_key_and_values_round_trip() {
+        let k = Bytes::from(offset_key("g", "orders", 7));
+        assert_eq!(
+            decode_key(&k).unwrap(),
+            RecordKey::Offset {
+                group: "g".into(),
+                topic: "orders".into(),
+                partition: 7
+            }
+        );
+        for expire in [-1, 99] {
+            let v = OffsetValue {
+                offset: 1234,
+                leader_epoch: if expire < 0 { 5 } else { -1 },
+                metadata: "meta".into(),
+                commit_timestamp_ms: 42,
+                expire_timestamp_ms: expire,
+            };
+            assert_eq!(
+                decode_offset_value(&Bytes::from(offset_value(&v))).unwrap(),
+                v
+            );
+        }
+    }
+
+    #[test]
+    fn offset_value_v3_matches_kafka_layout() {
+        // Kafka OffsetCommitValue v3: version, offset, leaderEpoch, metadata, commitTimestamp.
+        let v = OffsetValue {
+            offset: 1,
+            leader_epoch: 2,
+            metadata: "m".into(),
+            commit_timestamp_ms: 3,
+            expire_timestamp_ms: -1,
+        };
+        let b = offset_value(&v);
+        let mut want = vec![0, 3];
+        want.extend(1i64.to_be_bytes());
+        want.extend(2i32.to_be_bytes());
+        want.extend([0, 1, b'm']);
+        want.extend(3i64.to_be_bytes());
+        assert_eq!(b, want);
+    }
+
+    #[test]
+    fn group_value_round_trips_and_v0_decodes() {
+        let v = GroupValue {
+            protocol_type: "consumer".into(),
+            generation: 3,
+            protocol: Some("range".into()),
+            leader: Some("m1".into()),
+            current_state_timestamp_ms: 77,
+            members: vec![MemberValue {
+                member_id: "m1".into(),
+                group_instance_id: Some("i1".into()),
+                client_id: "c".into(),
+                client_host: "/127.0.0.1".into(),
+                rebalance_timeout_ms: 300000,
+                session_timeout_ms: 10000,
+                subscription: Bytes::from_static(b"sub"),
+                assignment: Bytes::from_static(b"asg"),
+            }],
+        };
+        let k = Bytes::from(group_key("grp"));
+        assert_eq!(
+            decode_key(&k).unwrap(),
+            RecordKey::Group {
+                group: "grp".into()
+            }
+        );
+        assert_eq!(
+            decode_group_value(&Bytes::from(group_value(&v))).unwrap(),
+            v
+        );
+        // v0: no instance id, rebalance timeout or state timestamp.
+        let mut b = vec![0, 0];
+        put_str(&mut b, "consumer");
+        b.extend(1i32.to_be_bytes());
+        put_opt_str(&mut b, None);
+        put_opt_str(&mut b, None);
+        b.extend(0i32.to_be_bytes());
+        let g = decode_group_value(&Bytes::from(b)).unwrap();
+        assert_eq!(g.generation, 1);
+        assert!(g.members.is_empty());
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(decode_key(&Bytes::from_static(&[0, 9])).is_err());
+        assert!(decode_key(&Bytes::from_static(&[0, 1, 0, 5, b'a'])).is_err());
+        assert!(decode_group_value(&Bytes::from_static(&[0, 3, 0])).is_err());
+        assert!(decode_offset_value(&Bytes::from_static(&[0, 3, 0, 0])).is_err());
+    }
+
+    #[test]
+    fn consumer_subscription_topics_parse() {
+        let mut s = vec![0, 1];
+        s.extend(2i32.to_be_bytes());
+        put_str(&mut s, "a");
+        put_str(&mut s, "bb");
+        s.extend((-1i32).to_be_bytes()); // user data
+        assert_eq!(
+            subscription_topics(&s),
+            Some(vec!["a".to_string(), "bb".to_string()])
+        );
+        assert_eq!(subscription_topics(&[0]), None);
+    }
+}

@@ -238,3 +238,35 @@ def test_kcat_produces_kafka_python_consumes(broker, topic):
     recs = read(broker, topic, 0, 40)
     assert [(r.key, r.value) for r in recs] == [
         (f"k{i}".encode(), f"kcat-{i}".encode()) for i in range(40)]
+
+
+CODECS = ["gzip", "snappy", "lz4", "zstd"]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_codec_kafka_python_to_kcat(broker, topic, codec):
+    kcat = kcat_bin()
+    create(broker, topic)
+    p = producer(broker, compression_type=codec, linger_ms=20)
+    values = [f"{codec} value {i} " + "xyz" * (i % 13) for i in range(100)]
+    futures = [p.send(topic, key=f"k{i}".encode(), value=v.encode(), partition=0)
+               for i, v in enumerate(values)]
+    assert sorted(f.get(timeout=WAIT_S).offset for f in futures) == list(range(100))
+    p.close()
+    out = subprocess.run([kcat, "-b", broker.bootstrap, "-C", "-t", topic, "-p", "0", "-o",
+                          "beginning", "-e", "-f", "%o|%k|%s\n"],
+                         capture_output=True, timeout=60, check=True)
+    assert out.stdout.decode().splitlines() == [f"{i}|k{i}|{v}" for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_codec_kcat_to_kafka_python(broker, topic, codec):
+    kcat = kcat_bin()
+    create(broker, topic)
+    lines = [f"k{i}:{codec} line {i} " + "abc" * (i % 11) for i in range(100)]
+    subprocess.run([kcat, "-b", broker.bootstrap, "-P", "-t", topic, "-p", "0", "-K", ":",
+                    "-z", codec], input=("\n".join(lines) + "\n").encode(),
+                   capture_output=True, timeout=60, check=True)
+    recs = read(broker, topic, 0, 100)
+    assert [(r.offset, r.key.decode(), r.value.decode()) for r in recs] == [
+        (i, line.split(":", 1)[0], line.split(":", 1)[1]) for i, line in enumerate(lines)]

@@ -116,7 +116,8 @@ impl Broker {
 
     /// Assigns shards to `count` new partitions, spreading them over the shards with the fewest
     /// partitions, starting after the topic's id hash so small topics don't pile onto shard 0.
-    fn assign_shards(&self, image: &MetadataImage, seed: u32, first: i32, count: i32) -> Vec<u32> {
+    /// Partitions each running shard owns in `image`.
+    fn shard_loads(&self, image: &MetadataImage) -> Vec<usize> {
         let n = self.shard_count() as u32;
         let mut load = vec![0usize; n as usize];
         for t in image.topics.values() {
@@ -124,6 +125,12 @@ impl Broker {
                 load[(*s % n) as usize] += 1;
             }
         }
+        load
+    }
+
+    fn assign_shards(&self, image: &MetadataImage, seed: u32, first: i32, count: i32) -> Vec<u32> {
+        let n = self.shard_count() as u32;
+        let mut load = self.shard_loads(image);
         (0..count)
             .map(|i| {
                 let start = (seed.wrapping_add((first + i) as u32)) % n;
@@ -139,12 +146,7 @@ impl Broker {
 
     fn check_shard_capacity(&self, image: &MetadataImage, new: &[u32]) -> Result<(), AdminError> {
         let n = self.shard_count() as u32;
-        let mut load = vec![0usize; n as usize];
-        for t in image.topics.values() {
-            for s in &t.shards {
-                load[(*s % n) as usize] += 1;
-            }
-        }
+        let mut load = self.shard_loads(image);
         for s in new {
             load[(*s % n) as usize] += 1;
         }

@@ -209,29 +209,21 @@ fn describe(c: &mut Client, name: &str) -> Result<()> {
         "{:>9} {:>7} {:>15} {:>15}",
         "PARTITION", "LEADER", "LOG-START", "HIGH-WATERMARK"
     );
+    // An offset, or the error the broker gave for that partition.
+    let shown = |list: &[(i32, i16, i64)], p: i32| {
+        list.iter()
+            .find(|x| x.0 == p)
+            .map(|x| {
+                if x.1 == 0 {
+                    x.2.to_string()
+                } else {
+                    error_name(x.1)
+                }
+            })
+            .unwrap_or_default()
+    };
     for (p, leader) in &ps {
-        let s = starts
-            .iter()
-            .find(|x| x.0 == *p)
-            .map(|x| {
-                if x.1 == 0 {
-                    x.2.to_string()
-                } else {
-                    error_name(x.1)
-                }
-            })
-            .unwrap_or_default();
-        let e = ends
-            .iter()
-            .find(|x| x.0 == *p)
-            .map(|x| {
-                if x.1 == 0 {
-                    x.2.to_string()
-                } else {
-                    error_name(x.1)
-                }
-            })
-            .unwrap_or_default();
+        let (s, e) = (shown(&starts, *p), shown(&ends, *p));
         println!("{p:>9} {leader:>7} {s:>15} {e:>15}");
     }
     let req =

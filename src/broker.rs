@@ -116,6 +116,20 @@ impl Broker {
 
     /// Assigns shards to `count` new partitions, spreading them over the shards with the fewest
     /// partitions, starting after the topic's id hash so small topics don't pile onto shard 0.
+    /// Applies one change to the metadata log (fsynced) and publishes the new image to every
+    /// shard. Shard 0 only: it owns the store.
+    fn write_metadata(
+        &self,
+        change: impl FnOnce(&mut MetadataStore) -> std::io::Result<()>,
+    ) -> Result<Arc<MetadataImage>, AdminError> {
+        let mut store = self.store.lock().unwrap();
+        let store = store.as_mut().expect("metadata store lives on shard 0");
+        change(store).map_err(|e| AdminError::Storage(e.to_string()))?;
+        let image = Arc::new(store.image().clone());
+        self.metadata.store(image.clone());
+        Ok(image)
+    }
+
     /// Partitions each running shard owns in `image`.
     fn shard_loads(&self, image: &MetadataImage) -> Vec<usize> {
         let n = self.shard_count() as u32;
@@ -223,15 +237,8 @@ pub async fn create_topic(
         }
         // Open the logs first: a topic is published only once every partition can take writes.
         open_partitions(&broker, &meta, 0).await?;
-        let published = {
-            let mut store = broker.store.lock().unwrap();
-            let store = store.as_mut().expect("metadata store lives on shard 0");
-            store
-                .create_topic(meta)
-                .map_err(|e| AdminError::Storage(e.to_string()))?;
-            broker.metadata.store(Arc::new(store.image().clone()));
-            store.image().topic(&name).cloned().expect("just created")
-        };
+        let image = broker.write_metadata(|store| store.create_topic(meta))?;
+        let published = image.topic(&name).cloned().expect("just created");
         tracing::info!(topic = %name, partitions, "topic created");
         Ok(published)
     })
@@ -290,14 +297,7 @@ pub async fn delete_topic(name: String) -> Result<(), AdminError> {
                 "internal topic '{name}' cannot be deleted"
             )));
         }
-        {
-            let mut store = broker.store.lock().unwrap();
-            let store = store.as_mut().expect("metadata store lives on shard 0");
-            store
-                .delete_topic(&name)
-                .map_err(|e| AdminError::Storage(e.to_string()))?;
-            broker.metadata.store(Arc::new(store.image().clone()));
-        }
+        broker.write_metadata(|store| store.delete_topic(&name))?;
         for p in 0..meta.partition_count() {
             let owner = broker.owner(&meta, p).expect("in range");
             let tp = TopicPartition::new(name.clone(), p);
@@ -350,12 +350,7 @@ pub async fn add_partitions(
         let mut grown = (*meta).clone();
         grown.shards.extend(new.iter().copied());
         open_partitions(&broker, &grown, current).await?;
-        let mut store = broker.store.lock().unwrap();
-        let store = store.as_mut().expect("metadata store lives on shard 0");
-        store
-            .add_partitions(&name, new)
-            .map_err(|e| AdminError::Storage(e.to_string()))?;
-        broker.metadata.store(Arc::new(store.image().clone()));
+        broker.write_metadata(|store| store.add_partitions(&name, new))?;
         Ok(())
     })
     .await

@@ -306,22 +306,7 @@ pub fn run(cmd: GroupCommand, brokers: &str) -> Result<()> {
                 }
                 v
             };
-            let req = OffsetCommitRequest::default()
-                .with_group_id(GroupId(s(&group)))
-                .with_generation_id_or_member_epoch(-1)
-                .with_member_id(s(""))
-                .with_topics(vec![OffsetCommitRequestTopic::default()
-                    .with_name(TopicName(s(&t)))
-                    .with_partitions(
-                        targets
-                            .iter()
-                            .map(|(p, o)| {
-                                OffsetCommitRequestPartition::default()
-                                    .with_partition_index(*p)
-                                    .with_committed_offset(*o)
-                            })
-                            .collect(),
-                    )]);
+            let req = commit_request(&group, -1, "", &t, targets.iter().copied());
             let resp: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, (2, 8), &req)?;
             for tr in &resp.topics {
                 for p in &tr.partitions {
@@ -463,22 +448,13 @@ impl Member {
     }
 
     pub fn commit(&self, c: &mut Client, positions: &BTreeMap<i32, i64>) -> Result<bool> {
-        let req = OffsetCommitRequest::default()
-            .with_group_id(GroupId(s(&self.group)))
-            .with_generation_id_or_member_epoch(self.generation)
-            .with_member_id(s(&self.member_id))
-            .with_topics(vec![OffsetCommitRequestTopic::default()
-                .with_name(TopicName(s(&self.topic)))
-                .with_partitions(
-                    positions
-                        .iter()
-                        .map(|(p, o)| {
-                            OffsetCommitRequestPartition::default()
-                                .with_partition_index(*p)
-                                .with_committed_offset(*o)
-                        })
-                        .collect(),
-                )]);
+        let req = commit_request(
+            &self.group,
+            self.generation,
+            &self.member_id,
+            &self.topic,
+            positions.iter().map(|(p, o)| (*p, *o)),
+        );
         let resp: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, (2, 8), &req)?;
         for t in &resp.topics {
             for p in &t.partitions {
@@ -503,6 +479,32 @@ impl Member {
             .with_member_id(s(&self.member_id));
         let _: Result<LeaveGroupResponse> = c.call(ApiKey::LeaveGroup, (0, 2), &req);
     }
+}
+
+/// OffsetCommit of `(partition, offset)` pairs of one topic; generation -1 and an empty member id
+/// commit for an empty group (reset-offsets).
+fn commit_request(
+    group: &str,
+    generation: i32,
+    member_id: &str,
+    topic: &str,
+    offsets: impl Iterator<Item = (i32, i64)>,
+) -> OffsetCommitRequest {
+    OffsetCommitRequest::default()
+        .with_group_id(GroupId(s(group)))
+        .with_generation_id_or_member_epoch(generation)
+        .with_member_id(s(member_id))
+        .with_topics(vec![OffsetCommitRequestTopic::default()
+            .with_name(TopicName(s(topic)))
+            .with_partitions(
+                offsets
+                    .map(|(p, o)| {
+                        OffsetCommitRequestPartition::default()
+                            .with_partition_index(p)
+                            .with_committed_offset(o)
+                    })
+                    .collect(),
+            )])
 }
 
 /// Kafka's range assignor for one topic: contiguous ranges, the first members take one extra.

@@ -30,6 +30,14 @@ pub const PENDING_BYTES_MAX: usize = 64 << 20;
 pub const EXTENT_BYTES: u64 = 64 << 20;
 pub const EXTENT_BYTES_MIN: u64 = 1 << 20;
 const _: () = assert!(EXTENT_BYTES_MIN <= EXTENT_BYTES);
+/// A producer snapshot is written (in the background) once this many bytes were synced after
+/// the last one; with the index entries appended after every fdatasync it bounds how much of the
+/// active segment a crash recovery scans.
+pub const PRODUCER_SNAPSHOT_BYTES: u64 = 64 << 20;
+/// With the `Always` policy and no `Synced` append waiting, written data is still fdatasynced
+/// this often, so a power loss loses at most this much of acks=1 traffic and the recovery scan
+/// after a crash stays short.
+pub const BACKGROUND_SYNC_MS: u64 = 1000;
 
 /// How far a file of `allocated` bytes grows next.
 pub fn next_extent(allocated: u64, segment_bytes: u64) -> u64 {
@@ -162,7 +170,26 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
         match work {
             Work::Exit => return,
             Work::Write => log.flush_pending().await,
-            Work::Sync => log.sync_written().await,
+            Work::Sync => {
+                log.sync_written().await;
+                if let Some((path, body)) = log.snapshot_due() {
+                    let weak = Rc::downgrade(&log);
+                    glommio::spawn_local(async move {
+                        // Off the reactor: the write ends with fsyncs of the file and directory.
+                        let r = glommio::executor()
+                            .spawn_blocking(move || crate::storage::meta::write_file(&path, &body))
+                            .await;
+                        let Some(log) = weak.upgrade() else { return };
+                        if let Err(e) = r {
+                            tracing::warn!(dir = %log.dir().display(), error = %e, "producer snapshot failed");
+                        }
+                        let mut s = log.state.borrow_mut();
+                        s.snapshotting = false;
+                        s.wake_all();
+                    })
+                    .detach();
+                }
+            }
         }
         drop(log);
         glommio::yield_if_needed().await;
@@ -193,22 +220,22 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
                 return Poll::Ready(Some(Work::Exit));
             }
             if !s.rolling && s.hw > s.synced {
-                match s.config.flush {
+                let every = match s.config.flush {
                     FlushPolicy::Always => {
                         if s.sync_wanted > s.synced {
                             return Poll::Ready(Some(Work::Sync));
                         }
+                        BACKGROUND_SYNC_MS
                     }
-                    FlushPolicy::IntervalMs(ms) => {
-                        let due = s.last_sync + Duration::from_millis(ms);
-                        let now = Instant::now();
-                        if now >= due {
-                            return Poll::Ready(Some(Work::Sync));
-                        }
-                        timer = Some(due - now);
-                        return Poll::Ready(None);
-                    }
+                    FlushPolicy::IntervalMs(ms) => ms,
+                };
+                let due = s.last_sync + Duration::from_millis(every);
+                let now = Instant::now();
+                if now >= due {
+                    return Poll::Ready(Some(Work::Sync));
                 }
+                timer = Some(due - now);
+                return Poll::Ready(None);
             }
             s.flusher = Some(cx.waker().clone());
             Poll::Pending
@@ -217,13 +244,14 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
             return w;
         }
         let Some(d) = timer else { continue };
-        // Interval policy with unsynced data: sleep until the sync is due, or until new data.
+        // Unsynced data and no sync wanted yet: sleep until the periodic sync is due, or until
+        // new data or a Synced append arrives.
         let woken = std::future::poll_fn(|cx| {
             let Some(log) = log.upgrade() else {
                 return Poll::Ready(());
             };
             let mut s = log.state.borrow_mut();
-            if !s.pending.is_empty() || s.closed {
+            if !s.pending.is_empty() || s.closed || s.rolling || s.sync_wanted > s.synced {
                 return Poll::Ready(());
             }
             s.flusher = Some(cx.waker().clone());
@@ -296,12 +324,13 @@ impl PartitionLog {
         s.wake_all();
     }
 
-    /// fdatasync of what is written.
+    /// fdatasync of what is written; then the index entries of the now durable batches are
+    /// appended to the index files.
     pub(crate) async fn sync_written(&self) {
-        let (file, target) = {
+        let (file, target, pos) = {
             let mut s = self.state.borrow_mut();
             s.flushing = true;
-            (s.active().file.clone(), s.hw)
+            (s.active().file.clone(), s.hw, s.written_pos)
         };
         let r = file.sync().await;
         let mut s = self.state.borrow_mut();
@@ -309,7 +338,9 @@ impl PartitionLog {
         match r {
             Ok(()) => {
                 s.synced = s.synced.max(target);
+                s.synced_pos = s.synced_pos.max(pos);
                 s.last_sync = Instant::now();
+                s.active_mut().persist_index(&self.dir, pos);
             }
             Err(e) => {
                 tracing::error!(dir = %self.dir.display(), error = %e, "fdatasync failed");
@@ -322,6 +353,27 @@ impl PartitionLog {
             }
         }
         s.wake_all();
+    }
+}
+
+impl PartitionLog {
+    /// The producer snapshot to write now, if enough was synced since the last one: the state of
+    /// every batch below the synced offset (batches past it may still be rolled back by a failed
+    /// write, so they are left to the recovery replay).
+    fn snapshot_due(&self) -> Option<(std::path::PathBuf, Vec<u8>)> {
+        let mut s = self.state.borrow_mut();
+        if s.snapshotting || s.rolling || s.synced_pos < s.snapshot_pos + s.snapshot_every {
+            return None;
+        }
+        let upto = s.synced;
+        let mut p = s.producers.clone();
+        p.truncate_from(upto);
+        s.snapshotting = true;
+        s.snapshot_pos = s.synced_pos;
+        Some((
+            self.dir.join(crate::storage::meta::PRODUCER_FILE),
+            crate::storage::meta::encode_producers(upto, &p),
+        ))
     }
 }
 

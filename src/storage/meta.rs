@@ -1,17 +1,21 @@
-//! The small files next to the segments, each ending in a CRC-32 (crc32fast) of its body so a
-//! torn or stale file is detected and ignored (then rebuilt) instead of trusted:
+//! The small files next to the segments. Index files carry a CRC-32 (crc32fast) per entry, the
+//! others one CRC-32 of their body at the end, so a torn or stale file is detected and ignored
+//! (then rebuilt) instead of trusted:
 //!
 //! | file | body |
 //! | --- | --- |
-//! | `<base>.index` | entries `(relative offset u32, position u32)`, big-endian, sorted |
-//! | `<base>.timeindex` | entries `(max timestamp so far i64, relative offset u32)` |
+//! | `<base>.index` | entries `(relative offset u32, position u32, crc u32)`, big-endian, sorted |
+//! | `<base>.timeindex` | entries `(max timestamp so far i64, relative offset u32, crc u32)` |
 //! | `log-start-offset.checkpoint` | log start offset i64 |
 //! | `producer-state.snapshot` | covers-offsets-below i64, count u32, per producer: id i64, epoch i16, n u8, n × (first seq i32, last seq i32, base i64, last i64) |
 //! | `.clean-shutdown` | log end offset i64, active segment size u64 |
 //!
-//! All are written whole, atomically (temp file, fsync, rename, directory fsync), and only on
-//! open, roll, close and DeleteRecords — never per append. Blocking `std::fs` is acceptable
-//! there. Owned by the partition log.
+//! Index files of sealed segments, checkpoints, the clean marker and the snapshots written at
+//! roll and close are written whole, atomically (temp file, fsync, rename, directory fsync) —
+//! never per append; blocking `std::fs` is acceptable there. Two writes happen while the log is
+//! busy: the active segment's index entries are appended (no fsync) after each fdatasync that
+//! made their batches durable, and a producer snapshot is written every
+//! `PRODUCER_SNAPSHOT_BYTES` on the blocking thread pool. Owned by the partition log.
 
 use std::fs;
 use std::io::{self, Write};
@@ -48,11 +52,19 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<Offset>> {
 
 /// Writes `body` + CRC to `path` atomically and durably.
 pub fn write_file(path: &Path, body: &[u8]) -> io::Result<()> {
+    let mut all = Vec::with_capacity(body.len() + 4);
+    all.extend_from_slice(body);
+    all.extend_from_slice(&crc32fast::hash(body).to_be_bytes());
+    write_atomic(path, &all)
+}
+
+/// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, directory
+/// fsync).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(body)?;
-        f.write_all(&crc32fast::hash(body).to_be_bytes())?;
+        f.write_all(bytes)?;
         f.sync_data()?;
     }
     fs::rename(&tmp, path)?;
@@ -82,58 +94,102 @@ pub fn remove_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Bytes of one `.index` entry: relative offset u32, position u32, CRC-32 of those 8 bytes.
+pub const INDEX_ENTRY_BYTES: usize = 12;
+/// Bytes of one `.timeindex` entry: timestamp i64, relative offset u32, CRC-32 of those 12 bytes.
+pub const TIME_ENTRY_BYTES: usize = 16;
+
+/// One checksummed record per entry, so entries can be appended to the file of the active segment
+/// as they become durable and a torn or stale tail is recognised entry by entry.
 pub fn encode_index(entries: &[(u32, u32)]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(entries.len() * 8);
+    let mut v = Vec::with_capacity(entries.len() * INDEX_ENTRY_BYTES);
     for (rel, pos) in entries {
+        let at = v.len();
         v.extend_from_slice(&rel.to_be_bytes());
         v.extend_from_slice(&pos.to_be_bytes());
+        let crc = crc32fast::hash(&v[at..]);
+        v.extend_from_slice(&crc.to_be_bytes());
     }
     v
 }
 
-pub fn decode_index(b: &[u8]) -> Option<Vec<(u32, u32)>> {
-    if !b.len().is_multiple_of(8) {
-        return None;
+pub fn encode_time_index(entries: &[(i64, u32)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.len() * TIME_ENTRY_BYTES);
+    for (ts, rel) in entries {
+        let at = v.len();
+        v.extend_from_slice(&ts.to_be_bytes());
+        v.extend_from_slice(&rel.to_be_bytes());
+        let crc = crc32fast::hash(&v[at..]);
+        v.extend_from_slice(&crc.to_be_bytes());
     }
-    let v: Vec<(u32, u32)> = b
-        .chunks_exact(8)
-        .map(|c| {
+    v
+}
+
+/// The entries of an index file, in order: the longest prefix of whole entries whose checksums
+/// match and whose keys strictly increase, and whether that prefix is the whole file.
+pub struct Decoded<T> {
+    pub entries: Vec<T>,
+    pub complete: bool,
+}
+
+fn decode_entries<T: Copy>(
+    b: &[u8],
+    size: usize,
+    parse: impl Fn(&[u8]) -> T,
+    increasing: impl Fn(&T, &T) -> bool,
+) -> Decoded<T> {
+    let mut entries: Vec<T> = Vec::with_capacity(b.len() / size);
+    let mut complete = b.len().is_multiple_of(size);
+    for c in b.chunks_exact(size) {
+        let (body, crc) = c.split_at(size - 4);
+        let ok = crc32fast::hash(body).to_be_bytes() == crc;
+        let e = parse(body);
+        if !ok || entries.last().is_some_and(|l| !increasing(l, &e)) {
+            complete = false;
+            break;
+        }
+        entries.push(e);
+    }
+    Decoded { entries, complete }
+}
+
+pub fn decode_index(b: &[u8]) -> Decoded<(u32, u32)> {
+    decode_entries(
+        b,
+        INDEX_ENTRY_BYTES,
+        |c| {
             (
                 u32::from_be_bytes([c[0], c[1], c[2], c[3]]),
                 u32::from_be_bytes([c[4], c[5], c[6], c[7]]),
             )
-        })
-        .collect();
-    v.windows(2)
-        .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
-        .then_some(v)
+        },
+        |a, b| a.0 < b.0 && a.1 < b.1,
+    )
 }
 
-pub fn encode_time_index(entries: &[(i64, u32)]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(entries.len() * 12);
-    for (ts, rel) in entries {
-        v.extend_from_slice(&ts.to_be_bytes());
-        v.extend_from_slice(&rel.to_be_bytes());
-    }
-    v
-}
-
-pub fn decode_time_index(b: &[u8]) -> Option<Vec<(i64, u32)>> {
-    if !b.len().is_multiple_of(12) {
-        return None;
-    }
-    let v: Vec<(i64, u32)> = b
-        .chunks_exact(12)
-        .map(|c| {
+pub fn decode_time_index(b: &[u8]) -> Decoded<(i64, u32)> {
+    decode_entries(
+        b,
+        TIME_ENTRY_BYTES,
+        |c| {
             (
                 i64::from_be_bytes(c[0..8].try_into().unwrap_or([0; 8])),
                 u32::from_be_bytes([c[8], c[9], c[10], c[11]]),
             )
-        })
-        .collect();
-    v.windows(2)
-        .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
-        .then_some(v)
+        },
+        |a, b| a.0 < b.0 && a.1 < b.1,
+    )
+}
+
+/// Reads an index file; a missing file decodes as empty and incomplete.
+pub fn read_index_file<T: Copy>(path: &Path, decode: fn(&[u8]) -> Decoded<T>) -> Decoded<T> {
+    match fs::read(path) {
+        Ok(b) => decode(&b),
+        Err(_) => Decoded {
+            entries: vec![],
+            complete: false,
+        },
+    }
 }
 
 pub fn encode_clean(log_end: Offset, active_size: u64) -> Vec<u8> {
@@ -231,12 +287,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.index");
         let idx = vec![(0u32, 0u32), (10, 4096), (25, 9000)];
-        write_file(&p, &encode_index(&idx)).unwrap();
-        assert_eq!(decode_index(&read_file(&p).unwrap()), Some(idx));
+        write_atomic(&p, &encode_index(&idx)).unwrap();
+        let d = read_index_file(&p, decode_index);
+        assert_eq!((d.entries, d.complete), (idx.clone(), true));
+        // A flipped byte in the second entry: only the first is kept.
         let mut raw = fs::read(&p).unwrap();
-        raw[3] ^= 1;
+        raw[INDEX_ENTRY_BYTES + 3] ^= 1;
         fs::write(&p, &raw).unwrap();
-        assert!(read_file(&p).is_none());
+        let d = read_index_file(&p, decode_index);
+        assert_eq!((d.entries, d.complete), (idx[..1].to_vec(), false));
+        // A torn last entry: the whole ones before it are kept.
+        let good = encode_index(&idx);
+        let d = decode_index(&good[..good.len() - 5]);
+        assert_eq!((d.entries, d.complete), (idx[..2].to_vec(), false));
+        // Entries out of order are not trusted.
+        let d = decode_index(&encode_index(&[(5, 100), (4, 200)]));
+        assert_eq!((d.entries.len(), d.complete), (1, false));
+        let t = vec![(10i64, 0u32), (20, 7)];
+        let d = decode_time_index(&encode_time_index(&t));
+        assert_eq!((d.entries, d.complete), (t, true));
+        assert!(!read_index_file(&dir.path().join("missing"), decode_index).complete);
+
+        let q = dir.path().join("x.snapshot");
+        write_file(&q, b"body").unwrap();
+        assert_eq!(read_file(&q).as_deref(), Some(&b"body"[..]));
+        let mut raw = fs::read(&q).unwrap();
+        raw[1] ^= 1;
+        fs::write(&q, &raw).unwrap();
+        assert!(read_file(&q).is_none());
         assert!(read_file(&dir.path().join("missing")).is_none());
 
         let mut s = ProducerState::default();

@@ -140,6 +140,21 @@ pub struct AppendResult {
     pub duplicate: bool,
 }
 
+/// What the last open found in the active segment when there was no clean-shutdown marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segment: Offset,
+    /// File position the validating scan started at (its last usable index entry, or 0).
+    pub scan_from: u64,
+    /// Batches validated by the scan.
+    pub batches: u64,
+    /// Position after the last valid batch, and the file size found.
+    pub valid_bytes: u64,
+    pub file_bytes: u64,
+    /// Bytes after the last valid batch were cut off (torn or invalid data, not zeros).
+    pub truncated: bool,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ReadOptions {
     pub start: Offset,
@@ -180,6 +195,8 @@ pub(crate) struct State {
     pub pending: Pending,
     /// Bytes of the active segment that are written to its file.
     pub written_pos: u64,
+    /// Bytes of the active segment covered by a completed fdatasync.
+    pub synced_pos: u64,
     /// The written bytes of the partial last page (`[align_down(written_pos), written_pos)`).
     pub written_tail: Vec<u8>,
     /// File size reserved (pre-allocated) for the active segment.
@@ -199,6 +216,12 @@ pub(crate) struct State {
     pub waiters: Vec<Waker>,
     pub flusher: Option<Waker>,
     pub producers: ProducerState,
+    /// A producer snapshot is being written in the background.
+    pub snapshotting: bool,
+    /// Active-segment position covered by the last producer snapshot, and how many synced bytes
+    /// may follow it before the next one (bounds the crash-recovery scan).
+    pub snapshot_pos: u64,
+    pub snapshot_every: u64,
 }
 
 impl State {
@@ -265,6 +288,7 @@ pub struct PartitionLog {
     io: Rc<dyn StorageIo>,
     cache: Rc<BatchCache>,
     cache_id: u64,
+    recovery: Option<RecoveryReport>,
     pub(crate) state: RefCell<State>,
 }
 
@@ -280,6 +304,11 @@ impl PartitionLog {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What crash recovery did when this log was opened; `None` after a clean shutdown.
+    pub fn recovery_report(&self) -> Option<RecoveryReport> {
+        self.recovery
     }
 
     pub fn set_config(&self, config: LogConfig) {
@@ -596,6 +625,7 @@ impl PartitionLog {
             a.push_time_entry();
             self.write_indexes(a)?;
         }
+        self.no_snapshot_in_flight().await;
         let base = self.state.borrow().log_end;
         {
             // Before the new segment exists: recovery replays producer state from the batches
@@ -618,6 +648,8 @@ impl PartitionLog {
         s.segments
             .push(Segment::new(base, new_file, crate::types::now_ms()));
         s.pending = Pending::new(0, vec![]);
+        s.snapshot_pos = 0;
+        s.synced_pos = 0;
         s.written_pos = 0;
         s.written_tail.clear();
         s.allocated = align_up(extent);
@@ -625,8 +657,14 @@ impl PartitionLog {
         Ok(())
     }
 
-    fn write_indexes(&self, seg: &Segment) -> Result<(), StorageError> {
+    fn write_indexes(&self, seg: &mut Segment) -> Result<(), StorageError> {
         recovery::write_indexes(&self.dir, seg)
+    }
+
+    /// Waits for a background producer snapshot to finish (roll and close write their own, which
+    /// an older one finishing later must not replace).
+    async fn no_snapshot_in_flight(&self) {
+        self.wait_until(|s| !s.snapshotting).await
     }
 
     /// Whole batches from `opts.start`: from the batch cache when it holds `start`, else by
@@ -931,6 +969,7 @@ impl PartitionLog {
         }
         self.state.borrow_mut().rolling = true; // holds new appends back
         self.drain().await;
+        self.no_snapshot_in_flight().await;
         let file = self.state.borrow().active().file.clone();
         let r = file.sync().await;
         let mut s = self.state.borrow_mut();

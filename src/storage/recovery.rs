@@ -1,9 +1,9 @@
 //! Opening a partition log: loads the segments of `<data-dir>/<topic>-<partition>/`, trusts the
 //! indexes of sealed segments (rebuilding missing or corrupt ones by a scan), and — unless the
-//! previous run left a clean-shutdown marker — scans the active segment, validating every batch
-//! (length, magic, CRC-32C, offset continuity) and cutting the log at the first torn or invalid
-//! one. Producer state is the last snapshot plus the batches found after it. Runs once per open,
-//! on the partition's shard.
+//! previous run left a clean-shutdown marker — scans the active segment from its last durable
+//! index entry covered by the producer snapshot, validating every batch (length, magic, CRC-32C,
+//! offset continuity) and cutting the log at the first torn or invalid one. Producer state is the
+//! last snapshot plus the batches found after it. Runs once per open, on the partition's shard.
 
 use std::rc::Rc;
 use std::time::Instant;
@@ -13,7 +13,7 @@ use crate::storage::io::{align_down, align_up, StorageIo};
 use crate::storage::meta;
 use crate::storage::producer_state::ProducerState;
 use crate::storage::segment::{self, ScanStop, Segment};
-use crate::storage::{BatchCache, LogConfig, PartitionLog, State, StorageError};
+use crate::storage::{BatchCache, LogConfig, PartitionLog, RecoveryReport, State, StorageError};
 use crate::types::{now_ms, Offset};
 
 impl PartitionLog {
@@ -57,6 +57,7 @@ impl PartitionLog {
         let interval = config.index_interval_bytes;
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len() + 1);
         let mut scan_report: Option<(Offset, u64, u64, ScanStop, u64)> = None;
+        let mut scan_from = 0u64;
         let mut file_size_active = 0u64;
         let n = bases.len();
         for (k, &base) in bases.iter().enumerate() {
@@ -86,7 +87,7 @@ impl PartitionLog {
                     fresh.next = seg.next;
                     fresh.push_time_entry();
                     seg = fresh;
-                    write_indexes(dir, &seg)?;
+                    write_indexes(dir, &mut seg)?;
                 }
                 segments.push(seg);
                 continue;
@@ -102,10 +103,45 @@ impl PartitionLog {
                     continue;
                 }
             }
-            // No clean shutdown: validate the whole active segment (it was written since the
-            // last roll; producer state needs its headers anyway).
+            // No clean shutdown: validate the active segment from its last durable index entry
+            // that the producer snapshot covers (the snapshot holds the producer state of every
+            // batch before its offset; the batches after it are replayed from their headers).
             let mut fresh = Segment::new(base, file.clone(), seg.created_ms);
-            let out = segment::scan(&*file, 0, base, file_size, |h, pos| {
+            let covered = snap_upto.filter(|u| *u >= base);
+            let idx =
+                meta::read_index_file(&meta::segment_path(dir, base, "index"), meta::decode_index)
+                    .entries;
+            let keep = match covered {
+                Some(u) => idx
+                    .iter()
+                    .take_while(|e| (e.1 as u64) < file_size && base.0 + e.0 as i64 <= u.0)
+                    .count(),
+                None => 0,
+            };
+            if let Some(&(rel, pos)) = idx[..keep].last() {
+                let tidx = meta::read_index_file(
+                    &meta::segment_path(dir, base, "timeindex"),
+                    meta::decode_time_index,
+                )
+                .entries;
+                fresh.time_index = tidx.into_iter().take_while(|e| e.1 < rel).collect();
+                if let Some(&(ts, trel)) = fresh.time_index.last() {
+                    fresh.max_ts = ts;
+                    fresh.max_ts_offset = Offset(base.0 + trel as i64);
+                }
+                fresh.index = idx[..keep].to_vec();
+                fresh.size = pos as u64;
+                fresh.next = Offset(base.0 + rel as i64);
+            }
+            fresh.index_durable = fresh.index.len();
+            fresh.time_durable = fresh.time_index.len();
+            // Cut the files to the kept entries: the scan re-creates the ones after them.
+            if let Err(e) = fresh.open_index_files(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot open index files");
+                fresh.index_files_failed = true;
+            }
+            let (start_pos, start_next) = (fresh.size, fresh.next);
+            let out = segment::scan(&*file, start_pos, start_next, file_size, |h, pos| {
                 fresh.on_batch(h, pos, interval);
                 if snap_upto.is_none_or(|u| h.base_offset() >= u) {
                     producers.replay(h);
@@ -116,9 +152,13 @@ impl PartitionLog {
                 // Garbage follows the valid data: cut it off so a later short append can never
                 // be followed by a stale batch on disk.
                 file.truncate(out.end_pos).await?;
-                file.sync().await?;
                 file_size_active = out.end_pos;
             }
+            // What survived may have been written but never synced before the crash: make it
+            // durable before it counts as the log, then record its index entries.
+            file.sync().await?;
+            fresh.persist_index(dir, out.end_pos);
+            scan_from = start_pos;
             scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches));
             segments.push(fresh);
         }
@@ -171,14 +211,14 @@ impl PartitionLog {
                 let msg = "partition log recovered without clean shutdown";
                 if discarded {
                     tracing::warn!(
-                        dir = %dir.display(), segment = seg.0, batches, valid_bytes = valid,
-                        file_bytes, stop = ?stop, truncated = true, log_start = log_start.0,
+                        dir = %dir.display(), segment = seg.0, scan_from, batches,
+                        valid_bytes = valid, file_bytes, stop = ?stop, truncated = true, log_start = log_start.0,
                         log_end = log_end.0, ms = started.elapsed().as_millis() as u64, "{msg}"
                     );
                 } else {
                     tracing::info!(
-                        dir = %dir.display(), segment = seg.0, batches, valid_bytes = valid,
-                        file_bytes, stop = ?stop, truncated = false, log_start = log_start.0,
+                        dir = %dir.display(), segment = seg.0, scan_from, batches,
+                        valid_bytes = valid, file_bytes, stop = ?stop, truncated = false, log_start = log_start.0,
                         log_end = log_end.0, ms = started.elapsed().as_millis() as u64, "{msg}"
                     );
                 }
@@ -195,6 +235,16 @@ impl PartitionLog {
             io,
             cache,
             cache_id,
+            recovery: scan_report.map(|(segment, valid_bytes, file_bytes, stop, batches)| {
+                RecoveryReport {
+                    segment,
+                    scan_from,
+                    batches,
+                    valid_bytes,
+                    file_bytes,
+                    truncated: !matches!(stop, ScanStop::End | ScanStop::Zeros),
+                }
+            }),
             state: std::cell::RefCell::new(State {
                 config,
                 segments,
@@ -205,6 +255,7 @@ impl PartitionLog {
                 sync_wanted: log_end,
                 pending: Pending::new(head_pos, written_tail.clone()),
                 written_pos: written,
+                synced_pos: written,
                 written_tail,
                 allocated: file_size_active.max(written),
                 attempted_pos: align_up(written),
@@ -219,6 +270,9 @@ impl PartitionLog {
                 waiters: vec![],
                 flusher: None,
                 producers,
+                snapshotting: false,
+                snapshot_pos: scan_from,
+                snapshot_every: appender::PRODUCER_SNAPSHOT_BYTES,
             }),
         });
         glommio::spawn_local(appender::flusher(Rc::downgrade(&log))).detach();
@@ -226,16 +280,21 @@ impl PartitionLog {
     }
 }
 
-/// Loads `.index`/`.timeindex` of `seg` (whose `size` and `next` are set) if both are intact and
-/// consistent with it.
+/// Loads `.index`/`.timeindex` of `seg` (whose `size` and `next` are set) if both are complete,
+/// intact and consistent with it.
 fn load_indexes(dir: &std::path::Path, seg: &mut Segment) -> bool {
-    let idx = meta::read_file(&meta::segment_path(dir, seg.base, "index"))
-        .and_then(|b| meta::decode_index(&b));
-    let tidx = meta::read_file(&meta::segment_path(dir, seg.base, "timeindex"))
-        .and_then(|b| meta::decode_time_index(&b));
-    let (Some(idx), Some(tidx)) = (idx, tidx) else {
+    let idx = meta::read_index_file(
+        &meta::segment_path(dir, seg.base, "index"),
+        meta::decode_index,
+    );
+    let tidx = meta::read_index_file(
+        &meta::segment_path(dir, seg.base, "timeindex"),
+        meta::decode_time_index,
+    );
+    if !(idx.complete && tidx.complete) {
         return false;
-    };
+    }
+    let (idx, tidx) = (idx.entries, tidx.entries);
     let span = seg.next.0 - seg.base.0;
     let ok = idx
         .iter()
@@ -249,19 +308,25 @@ fn load_indexes(dir: &std::path::Path, seg: &mut Segment) -> bool {
         seg.max_ts = ts;
         seg.max_ts_offset = Offset(seg.base.0 + rel as i64);
     }
+    seg.index_durable = idx.len();
+    seg.time_durable = tidx.len();
     seg.index = idx;
     seg.time_index = tidx;
     true
 }
 
-pub(crate) fn write_indexes(dir: &std::path::Path, seg: &Segment) -> Result<(), StorageError> {
-    meta::write_file(
+/// Rewrites both index files of `seg` whole (sealed segments, clean shutdown).
+pub(crate) fn write_indexes(dir: &std::path::Path, seg: &mut Segment) -> Result<(), StorageError> {
+    seg.index_files = None;
+    meta::write_atomic(
         &meta::segment_path(dir, seg.base, "index"),
         &meta::encode_index(&seg.index),
     )?;
-    meta::write_file(
+    meta::write_atomic(
         &meta::segment_path(dir, seg.base, "timeindex"),
         &meta::encode_time_index(&seg.time_index),
     )?;
+    seg.index_durable = seg.index.len();
+    seg.time_durable = seg.time_index.len();
     Ok(())
 }

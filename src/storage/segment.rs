@@ -1,13 +1,17 @@
 //! One segment of a partition log: the `.log` file (batches verbatim, base offsets patched) and
-//! its sparse offset and time indexes, kept in memory and written to `.index`/`.timeindex` when
-//! the segment is sealed (roll) or the log is closed. Also the batch scanner that validates a
-//! segment's bytes (recovery, index rebuild, timestamp lookups). Owned by the partition log.
+//! its sparse offset and time indexes, kept in memory. The active segment appends its index
+//! entries to `.index`/`.timeindex` once the batches they point at are fdatasynced, so crash
+//! recovery can start scanning at the last of them; a sealed segment's index files are rewritten
+//! whole at roll and close. Also the batch scanner that validates a segment's bytes (recovery,
+//! index rebuild, timestamp lookups). Owned by the partition log.
 
-use std::io;
+use std::io::{self, Write};
+use std::path::Path;
 use std::rc::Rc;
 
 use crate::protocol::batch::{self, BatchError, BatchHeader, HEADER_BYTES};
 use crate::storage::io::{align_down, SegmentFile};
+use crate::storage::meta;
 use crate::types::Offset;
 
 /// Bytes read per request while scanning a segment; two requests are kept in flight.
@@ -31,6 +35,14 @@ pub(crate) struct Segment {
     pub max_ts: i64,
     pub max_ts_offset: Offset,
     pub created_ms: i64,
+    /// Entries of `index` / `time_index` already appended to the segment's index files.
+    pub index_durable: usize,
+    pub time_durable: usize,
+    /// Append handles of the index files (active segment only, opened on first use). After a
+    /// failed append no more entries are appended for this segment: recovery then scans from
+    /// the last entry that made it (entries are checksummed one by one).
+    pub index_files: Option<(std::fs::File, std::fs::File)>,
+    pub index_files_failed: bool,
 }
 
 impl Segment {
@@ -46,6 +58,75 @@ impl Segment {
             max_ts: -1,
             max_ts_offset: base,
             created_ms,
+            index_durable: 0,
+            time_durable: 0,
+            index_files: None,
+            index_files_failed: false,
+        }
+    }
+
+    /// Opens the index files of this (active) segment for appending, cut to the entries already
+    /// counted as durable (stale entries past them would hide the ones appended next).
+    pub fn open_index_files(&mut self, dir: &Path) -> io::Result<()> {
+        let open = |ext: &str, keep: usize| -> io::Result<std::fs::File> {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(meta::segment_path(dir, self.base, ext))?;
+            f.set_len(keep as u64)?;
+            Ok(f)
+        };
+        let fi = open("index", self.index_durable * meta::INDEX_ENTRY_BYTES)?;
+        let ft = open("timeindex", self.time_durable * meta::TIME_ENTRY_BYTES)?;
+        self.index_files = Some((fi, ft));
+        Ok(())
+    }
+
+    /// Appends the index entries of batches that start before `durable_pos` (their bytes are on
+    /// stable storage) to the index files, and the time entries recorded before the last of
+    /// them. No fsync: recovery validates every entry and the data it points at is durable.
+    /// Failures are logged and only make a later recovery scan more.
+    pub fn persist_index(&mut self, dir: &Path, durable_pos: u64) {
+        if self.index_files_failed {
+            return;
+        }
+        let n = self.index[self.index_durable..]
+            .iter()
+            .take_while(|e| (e.1 as u64) < durable_pos)
+            .count();
+        if n == 0 {
+            return;
+        }
+        let upto = self.index_durable + n;
+        let last_rel = self.index[upto - 1].0;
+        let tn = self.time_index[self.time_durable..]
+            .iter()
+            .take_while(|e| e.1 < last_rel)
+            .count();
+        let r = (|| -> io::Result<()> {
+            if self.index_files.is_none() {
+                self.open_index_files(dir)?;
+            }
+            let (fi, ft) = self.index_files.as_mut().expect("opened above");
+            fi.write_all(&meta::encode_index(&self.index[self.index_durable..upto]))?;
+            ft.write_all(&meta::encode_time_index(
+                &self.time_index[self.time_durable..self.time_durable + tn],
+            ))?;
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                self.index_durable = upto;
+                self.time_durable += tn;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    dir = %dir.display(), segment = self.base.0, error = %e,
+                    "index append failed; recovery will scan from the last entry written"
+                );
+                self.index_files = None;
+                self.index_files_failed = true;
+            }
         }
     }
 
@@ -104,6 +185,11 @@ impl Segment {
         self.index.retain(|e| (e.1 as u64) < pos);
         let rel_next = (next.0 - self.base.0) as u32;
         self.time_index.retain(|e| e.1 < rel_next);
+        // Durable entries point below the synced position, which a failed write never undoes.
+        debug_assert!(self.index_durable <= self.index.len());
+        debug_assert!(self.time_durable <= self.time_index.len());
+        self.index_durable = self.index_durable.min(self.index.len());
+        self.time_durable = self.time_durable.min(self.time_index.len());
         self.size = pos;
         self.next = next;
         if self.max_ts_offset >= next {

@@ -1030,3 +1030,151 @@ fn concurrent_large_appends_with_failures_keep_every_acknowledged_batch() {
         });
     }
 }
+
+#[test]
+fn crash_recovery_scans_from_the_last_durable_index_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 8 << 20;
+        let log = open(&d, cfg.clone()).await;
+        log.state.borrow_mut().snapshot_every = 16 << 10;
+        let mut stored = vec![];
+        let mut seq = 0;
+        let mut idem = vec![];
+        for i in 0..200u32 {
+            let b = if i % 4 == 0 {
+                let b = idempotent_batch(7, 0, seq, 2);
+                seq += 2;
+                b
+            } else {
+                batch(2, 500, 1000 + i as i64, i as u8)
+            };
+            let r = append(&log, &b, Durability::Synced).await;
+            if i % 4 == 0 {
+                idem.push((b.clone(), r.base_offset));
+            }
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        log.wait_until(|s| !s.snapshotting).await;
+        // Written but never synced: no index entry points at these.
+        for i in 0..5u8 {
+            let b = batch(1, 300, 5000 + i as i64, i);
+            let r = append(&log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        let (index, time_index) = {
+            let s = log.state.borrow();
+            (s.active().index.clone(), s.active().time_index.clone())
+        };
+        assert!(index.len() > 150);
+        let end = log.log_end_offset();
+        let total_bytes: u64 = stored.iter().map(|b| b.len() as u64).sum();
+        drop(log); // crash: no close
+
+        let log = PartitionLog::open(&d, cfg.clone(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let rep = log.recovery_report().expect("a crash recovery");
+        // The scan covered only the tail after the last snapshot-covered index entry.
+        assert!(rep.scan_from > total_bytes / 2, "{rep:?}");
+        assert!(rep.batches > 5 && rep.batches < 40, "{rep:?}");
+        assert_eq!((rep.valid_bytes, rep.truncated), (total_bytes, false));
+        assert_eq!(log.log_end_offset(), end);
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+        {
+            let s = log.state.borrow();
+            assert_eq!(s.active().index, index);
+            assert_eq!(s.active().time_index, time_index);
+        }
+        // Batch i holds offsets 2i, 2i+1 with timestamps 1000+i, 1001+i (every 4th is an
+        // idempotent batch stamped 1000).
+        assert_eq!(
+            log.offset_for_timestamp(1000 + 101).await.unwrap(),
+            Some((Offset(2 * 101), 1000 + 102))
+        );
+        assert_eq!(log.max_timestamp(), Some((Offset(end.0 - 1), 5004)));
+        // Producer state: the snapshot plus the replayed tail. The oldest remembered batch (in
+        // the snapshot) and the newest (replayed) are duplicates; the next sequence appends.
+        let (oldest, at) = &idem[idem.len() - 5];
+        let dup = append(&log, oldest, Durability::Written).await;
+        assert!(dup.duplicate);
+        assert_eq!(dup.base_offset, *at);
+        let (newest, at) = idem.last().unwrap();
+        let dup = append(&log, newest, Durability::Written).await;
+        assert_eq!((dup.duplicate, dup.base_offset), (true, *at));
+        assert!(matches!(
+            log.append(
+                BytesMut::from(&idempotent_batch(7, 0, seq + 1, 1)[..]),
+                Durability::Written
+            )
+            .await,
+            Err(StorageError::OutOfOrderSequence)
+        ));
+        let b = idempotent_batch(7, 0, seq, 1);
+        let r = append(&log, &b, Durability::Synced).await;
+        assert!(!r.duplicate);
+        stored.push(at_offset(&b, r.base_offset));
+        drop(log);
+
+        // A damaged entry in the middle of the active index: recovery starts before it.
+        let ip = meta::segment_path(&d, Offset(0), "index");
+        let mut raw = std::fs::read(&ip).unwrap();
+        let n = raw.len() / meta::INDEX_ENTRY_BYTES;
+        raw[(n / 2) * meta::INDEX_ENTRY_BYTES + 5] ^= 0x40;
+        std::fs::write(&ip, raw).unwrap();
+        let log = PartitionLog::open(&d, cfg.clone(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let rep = log.recovery_report().expect("a crash recovery");
+        assert!(
+            rep.scan_from < total_bytes / 2 && rep.scan_from > 0,
+            "{rep:?}"
+        );
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+        assert_eq!(log.state.borrow().active().index[..index.len()], index[..]);
+        // The rewritten index file holds every entry again.
+        log.close().await.unwrap();
+        let d2 = meta::read_index_file(&ip, meta::decode_index);
+        assert!(d2.complete && d2.entries.len() >= index.len());
+    });
+}
+
+#[test]
+fn written_data_is_synced_in_the_background_and_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let log = open(&d, small_config()).await;
+        for i in 0..20u8 {
+            append(&log, &batch(2, 700, 10, i), Durability::Written).await;
+        }
+        let end = log.log_end_offset();
+        assert!(log.synced_offset() < end);
+        // Acks=1 traffic alone is fdatasynced within BACKGROUND_SYNC_MS.
+        let synced = futures_lite::future::or(
+            async {
+                log.wait_until(|s| s.synced >= end).await;
+                true
+            },
+            async {
+                glommio::timer::sleep(std::time::Duration::from_secs(10)).await;
+                false
+            },
+        )
+        .await;
+        assert!(synced, "no background fdatasync");
+        let on_disk = meta::read_index_file(
+            &meta::segment_path(&d, log.state.borrow().active().base, "index"),
+            meta::decode_index,
+        );
+        assert!(!on_disk.entries.is_empty());
+        assert_eq!(
+            on_disk.entries[..],
+            log.state.borrow().active().index[..on_disk.entries.len()]
+        );
+    });
+}

@@ -4,7 +4,9 @@
 //! Data lives in `$SLUICE_BENCH_DIR` (default `./target/bench-data`; keep it off tmpfs so direct
 //! I/O reaches a disk) and is removed at the end.
 //!
-//! `cargo bench --bench storage`
+//! `cargo bench --bench storage [-- PHASE...]` with phases `big` (1 MiB appends, recovery, cold
+//! reads), `one` (single partition, 16 KiB and synced variants), `many` (100 and 1,000
+//! partitions) and `cached`; all of them when none is named.
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -103,14 +105,33 @@ async fn read_range(log: &PartitionLog, from: Offset, to: Offset, bytes_max: u32
     bytes
 }
 
-async fn bench(root: PathBuf) {
+async fn bench(root: PathBuf, phases: Vec<String>) {
     let gib = 1usize << 30;
     let no_cache = BatchCache::new(0);
+    let run = |p: &str| phases.is_empty() || phases.iter().any(|x| x == p);
+
+    // Warm-up, not reported: the first few hundred MiB a process appends run at about half speed
+    // (heap growth, first-touch page faults of chunk buffers); a broker lives in the steady state.
+    {
+        let dir = root.join("warmup");
+        let log = open(&dir, config(1 << 30), &no_cache).await;
+        append_load(
+            std::slice::from_ref(&log),
+            MIB,
+            256 * MIB,
+            8,
+            Durability::Written,
+        )
+        .await;
+        log.close().await.expect("close");
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     // Single partition, large batches, no fdatasync; the 1 GiB segment is reused below for
     // recovery and cold reads.
     let big = root.join("big-0");
-    {
+    if run("big") {
         let log = open(&big, config(2 << 30), &no_cache).await;
         let d = append_load(std::slice::from_ref(&log), MIB, gib, 8, Durability::Written).await;
         report(
@@ -118,15 +139,23 @@ async fn bench(root: PathBuf) {
             gib as u64,
             d,
         );
-        // Crash: no close, so the next open must scan the whole segment (no index, no marker).
+        // Crash: no close. Without the index files and the producer snapshot the next open must
+        // scan the whole segment.
     }
-    {
+    if run("big") {
+        for f in [
+            "00000000000000000000.index",
+            "00000000000000000000.timeindex",
+        ] {
+            let _ = std::fs::remove_file(big.join(f));
+        }
+        let _ = std::fs::remove_file(big.join("producer-state.snapshot"));
         let start = Instant::now();
         let log = open(&big, config(2 << 30), &no_cache).await;
         let d = start.elapsed();
         println!(
             "{:<52} {:>9.3} s     ({} MiB unindexed segment, {:.0} MB/s)",
-            "recovery scan of the 1 GiB active segment",
+            "recovery of the 1 GiB active segment, no index",
             d.as_secs_f64(),
             log.size_bytes() / MIB as u64,
             mb_s(log.size_bytes(), d)
@@ -163,7 +192,7 @@ async fn bench(root: PathBuf) {
     }
     let _ = std::fs::remove_dir_all(&big);
 
-    for (name, bytes, batch, tasks, dur) in [
+    let singles = [
         (
             "append 1 partition, 1 MiB batches, fdatasync per group commit",
             gib,
@@ -185,31 +214,68 @@ async fn bench(root: PathBuf) {
             64,
             Durability::Synced,
         ),
-    ] {
+        (
+            "append 1 partition, 16 KiB, fdatasync, 256 in flight",
+            gib / 2,
+            16 << 10,
+            256,
+            Durability::Synced,
+        ),
+    ];
+    for (k, (name, bytes, batch, tasks, dur)) in singles.into_iter().enumerate() {
+        if !run("one") {
+            break;
+        }
         let dir = root.join("one");
         let log = open(&dir, config(1 << 30), &no_cache).await;
         let d = append_load(std::slice::from_ref(&log), batch, bytes, tasks, dur).await;
         report(name, bytes as u64, d);
-        log.close().await.expect("close");
-        drop(log);
+        if k == 0 {
+            // Crash after synced appends: the index entries and the producer snapshot written
+            // along the way bound the recovery scan.
+            drop(log);
+            let start = Instant::now();
+            let log = open(&dir, config(1 << 30), &no_cache).await;
+            let d = start.elapsed();
+            let rep = log.recovery_report().expect("crash recovery");
+            println!(
+                "{:<52} {:>9.3} s     ({} MiB segment, scan from {} MiB, {} batches)",
+                "recovery of the 1 GiB active segment, indexed",
+                d.as_secs_f64(),
+                log.size_bytes() / MIB as u64,
+                rep.scan_from / MIB as u64,
+                rep.batches
+            );
+            log.close().await.expect("close");
+        } else {
+            log.close().await.expect("close");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    for (parts, segment) in [(100usize, 64u64 << 20), (1000, 8 << 20)] {
+    for (parts, segment, per_part) in [
+        (100usize, 64u64 << 20, 1usize),
+        (1000, 8 << 20, 1),
+        (1000, 8 << 20, 4),
+    ] {
+        if !run("many") {
+            break;
+        }
         let mut logs = vec![];
         for p in 0..parts {
             logs.push(open(&root.join(format!("many-{p}")), config(segment), &no_cache).await);
         }
         let total = gib / 2;
-        let d = append_load(&logs, 16 << 10, total, parts, Durability::Written).await;
+        let tasks = parts * per_part;
+        let d = append_load(&logs, 16 << 10, total, tasks, Durability::Written).await;
         report(
-            &format!("append {parts} partitions, 16 KiB batches, no fdatasync"),
+            &format!("append {parts} partitions, 16 KiB, no fdatasync, {per_part}/partition"),
             total as u64,
             d,
         );
-        let d = append_load(&logs, 16 << 10, total / 2, parts, Durability::Synced).await;
+        let d = append_load(&logs, 16 << 10, total / 2, tasks, Durability::Synced).await;
         report(
-            &format!("append {parts} partitions, 16 KiB, fdatasync per commit"),
+            &format!("append {parts} partitions, 16 KiB, fdatasync, {per_part}/partition"),
             (total / 2) as u64,
             d,
         );
@@ -223,7 +289,7 @@ async fn bench(root: PathBuf) {
     }
 
     // Cached reads: the batch cache hands out the stored `Bytes` (no copy, no syscall).
-    {
+    if run("cached") {
         let cache = BatchCache::new(512 * MIB);
         let dir = root.join("cached");
         let log = open(&dir, config(1 << 30), &cache).await;
@@ -288,6 +354,24 @@ async fn bench(root: PathBuf) {
             s.misses
         );
         log.close().await.expect("close");
+        // The memory-bandwidth limit of the copy above: the same bytes copied the same way,
+        // without the engine.
+        let src: Vec<Vec<u8>> = (0..256).map(|i| vec![i as u8; MIB]).collect();
+        let start = Instant::now();
+        let mut bytes = 0u64;
+        for _ in 0..8 {
+            for b in &src {
+                sink[..b.len()].copy_from_slice(b);
+                bytes += b.len() as u64;
+            }
+        }
+        let d = start.elapsed();
+        std::hint::black_box(&sink);
+        println!(
+            "{:<52} {:>9.2} GB/s  (limit: 256 MiB of 1 MiB buffers copied 8 times)",
+            "memcpy of the same volume, no engine",
+            bytes as f64 / d.as_secs_f64() / 1e9,
+        );
     }
 }
 
@@ -300,10 +384,17 @@ fn main() {
     let root = std::path::absolute(&root).expect("absolute bench dir");
     std::fs::create_dir_all(&root).expect("bench dir");
     println!("storage bench in {}", root.display());
+    let phases: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    // The broker's process-wide allocator settings, so chunk and batch buffers come from the
+    // heap as they do in the broker.
+    sluice::broker::tune_allocator();
     let r = root.clone();
     glommio::LocalExecutorBuilder::default()
         .make()
         .expect("executor")
-        .run(bench(r));
+        .run(bench(r, phases));
     std::fs::remove_dir_all(&root).expect("cleanup");
 }

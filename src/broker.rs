@@ -536,7 +536,7 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
 /// Request frames and batch copies are often 64 KiB-1 MiB. glibc serves blocks that large with
 /// fresh mmaps and returns them on free, so every produce request paid for page faults and the
 /// kernel zeroing new pages (a third of the broker's CPU under load). Keep them in the heap.
-fn tune_allocator() {
+pub fn tune_allocator() {
     // SAFETY: mallopt only adjusts glibc allocator thresholds; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use glommio::io::DmaBuffer;
 
-use crate::storage::io::{align_down, align_up, join_all, IoFuture, ALIGN_BYTES};
+use crate::storage::io::{align_down, align_up, IoFuture, ALIGN_BYTES};
 use crate::storage::{FlushPolicy, PartitionLog};
 
 /// Capacity of the first chunk of a flush: small, so a thousand idle-ish partitions on a shard
@@ -50,14 +50,17 @@ const _: () = assert!((CHUNK_BYTES_MIN as u64).is_multiple_of(ALIGN_BYTES));
 const _: () = assert!((CHUNK_BYTES_MAX as u64).is_multiple_of(ALIGN_BYTES));
 const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
 
-/// Bytes of the active segment not yet handed to a write, starting at an aligned file position.
+/// Bytes of the active segment not yet covered by a completed flush, starting at an aligned
+/// file position.
 pub(crate) struct Pending {
     /// File position of the first byte of `chunks[0]` (aligned).
     pub start: u64,
     /// The already-written bytes of the page at `start`, rewritten by the next flush.
     pub head: Vec<u8>,
-    /// (buffer, bytes filled), filled in order.
+    /// (buffer, bytes filled), filled in order; every chunk but the last is full.
     pub chunks: Vec<(DmaBuffer, usize)>,
+    /// Per append: the file position after its last byte and the offset after its last batch.
+    pub marks: Vec<(u64, crate::types::Offset)>,
     /// Bytes of new batches (not counting `head`).
     pub bytes: usize,
 }
@@ -65,6 +68,8 @@ pub(crate) struct Pending {
 /// A flush taken out of [`Pending`]: what to write where.
 pub(crate) struct Flush {
     pub writes: Vec<(Rc<DmaBuffer>, u64)>,
+    /// The appends it carries (see [`Pending::marks`]).
+    pub marks: Vec<(u64, crate::types::Offset)>,
     /// File position after the last byte of data.
     pub end_pos: u64,
     /// File position after the last byte written (aligned).
@@ -81,6 +86,7 @@ impl Pending {
             start,
             head,
             chunks: vec![],
+            marks: vec![],
             bytes: 0,
         }
     }
@@ -140,9 +146,11 @@ impl Pending {
             pos += len as u64;
         }
         let write_end = pos;
+        let marks = std::mem::take(&mut self.marks);
         *self = Pending::new(align_down(end_pos), tail.clone());
         Flush {
             writes,
+            marks,
             end_pos,
             write_end,
             tail,
@@ -281,9 +289,7 @@ impl PartitionLog {
             });
             // After a failed write, bytes of the failed batches may lie past the written data;
             // release them before writing so no stale batch can follow the log end on disk.
-            let clean_from = align_up(s.written_pos);
-            let punch =
-                (s.attempted_pos > clean_from).then(|| (clean_from, s.attempted_pos - clean_from));
+            let punch = s.punch;
             s.attempted_pos = s.attempted_pos.max(flush.write_end);
             let file = s.active().file.clone();
             (file, flush, s.log_end, alloc, punch)
@@ -295,12 +301,43 @@ impl PartitionLog {
             if let Some(len) = alloc {
                 file.allocate(len).await?;
             }
-            let writes: Vec<IoFuture<'_, ()>> = flush
+            // Every write of the flush, in file order. As a prefix of them completes, the
+            // appends wholly inside it are acknowledged, so producers refill while the rest of
+            // the flush is still on its way to the disk.
+            let mut writes: Vec<(Rc<DmaBuffer>, u64, IoFuture<'_, ()>)> = flush
                 .writes
                 .iter()
-                .map(|(buf, pos)| file.write_at(buf.clone(), *pos))
+                .map(|(buf, pos)| (buf.clone(), *pos, file.write_at(buf.clone(), *pos)))
                 .collect();
-            join_all(writes).await
+            let mut done: Vec<Option<std::io::Result<()>>> = writes.iter().map(|_| None).collect();
+            let mut next = 0usize;
+            let mut mark = 0usize;
+            std::future::poll_fn(|cx| {
+                for (i, w) in writes.iter_mut().enumerate() {
+                    if done[i].is_none() {
+                        if let Poll::Ready(r) = w.2.as_mut().poll(cx) {
+                            done[i] = Some(r);
+                        }
+                    }
+                }
+                let before = next;
+                while next < writes.len() && matches!(done[next], Some(Ok(()))) {
+                    next += 1;
+                }
+                if next > before && next < writes.len() {
+                    let prefix_end = writes[next - 1].1 + writes[next - 1].0.len() as u64;
+                    self.written_prefix(prefix_end, &flush.marks, &mut mark, &writes[..next]);
+                }
+                if done.iter().all(|d| d.is_some()) {
+                    let err = done.iter_mut().find_map(|d| match d.take() {
+                        Some(Err(e)) => Some(e),
+                        _ => None,
+                    });
+                    return Poll::Ready(err.map_or(Ok(()), Err));
+                }
+                Poll::Pending
+            })
+            .await
         }
         .await;
         let mut s = self.state.borrow_mut();
@@ -311,6 +348,7 @@ impl PartitionLog {
                     s.allocated = len;
                 }
                 if punch.is_some() {
+                    s.punch = None;
                     s.attempted_pos = flush.write_end;
                 }
                 s.written_pos = flush.end_pos;
@@ -321,6 +359,38 @@ impl PartitionLog {
             // next time, which is harmless.
             Err(e) => self.fail_unwritten(&mut s, e),
         }
+        s.wake_all();
+    }
+
+    /// A prefix of the flush's writes, up to file position `prefix_end`, has completed: the
+    /// appends that end inside it are written. Advances the high watermark over them.
+    fn written_prefix(
+        &self,
+        prefix_end: u64,
+        marks: &[(u64, crate::types::Offset)],
+        mark: &mut usize,
+        written: &[(Rc<DmaBuffer>, u64, IoFuture<'_, ()>)],
+    ) {
+        let start = *mark;
+        while *mark < marks.len() && marks[*mark].0 <= prefix_end {
+            *mark += 1;
+        }
+        if *mark == start {
+            return;
+        }
+        let (end_pos, end_offset) = marks[*mark - 1];
+        let page = align_down(end_pos);
+        let Some((buf, pos, _)) = written
+            .iter()
+            .find(|w| w.1 <= page && page < w.1 + w.0.len() as u64)
+        else {
+            return;
+        };
+        let from = (page - pos) as usize;
+        let mut s = self.state.borrow_mut();
+        s.written_tail = buf.as_bytes()[from..from + (end_pos - page) as usize].to_vec();
+        s.written_pos = end_pos;
+        s.hw = end_offset;
         s.wake_all();
     }
 

@@ -33,9 +33,9 @@ pub(crate) struct Cached {
 #[derive(Default)]
 struct Inner {
     logs: HashMap<u64, VecDeque<Cached>>,
-    /// Insertion order across logs: (log id, base offset, size). Entries whose batch was already
+    /// Insertion order across logs: (log id, base offset). Entries whose batch was already
     /// dropped (truncation, log removal) are skipped when they reach the front.
-    order: VecDeque<(u64, Offset, usize)>,
+    order: VecDeque<(u64, Offset)>,
     bytes: usize,
 }
 
@@ -87,27 +87,30 @@ impl BatchCache {
             return;
         }
         let mut inner = self.inner.borrow_mut();
+        let mut freed = 0;
         {
             let run = inner.logs.entry(log).or_default();
             if let Some(prev) = run.back() {
                 if prev.last.next() != base {
-                    run.clear();
+                    freed = run.drain(..).map(|c| c.bytes.len()).sum();
                 }
             }
             run.push_back(Cached { base, last, bytes });
         }
-        inner.order.push_back((log, base, size));
-        inner.bytes += size;
+        inner.order.push_back((log, base));
+        inner.bytes = inner.bytes - freed + size;
         while inner.bytes > self.bytes_max {
-            let Some((id, base, size)) = inner.order.pop_front() else {
+            let Some((id, base)) = inner.order.pop_front() else {
                 break;
             };
             let Some(run) = inner.logs.get_mut(&id) else {
                 continue;
             };
+            // The order entry may be stale: a failed write gives its offsets out again, so the
+            // batch now cached at `base` can differ in size. Account for what is dropped.
             if run.front().map(|c| c.base) == Some(base) {
-                run.pop_front();
-                inner.bytes -= size;
+                let dropped = run.pop_front().map_or(0, |c| c.bytes.len());
+                inner.bytes -= dropped;
                 self.evictions.set(self.evictions.get() + 1);
             }
         }
@@ -217,5 +220,25 @@ mod tests {
         c.truncate_from(l, Offset(4));
         assert_eq!(c.stats().batches, 2);
         assert_eq!(c.stats().bytes, 200);
+    }
+
+    #[test]
+    fn accounting_stays_exact_when_offsets_are_given_out_again() {
+        // A failed write truncates the cache and the same offsets come back with other sizes.
+        let c = BatchCache::new(150);
+        let id = c.register();
+        c.insert(id, Offset(0), Offset(0), b(100));
+        c.truncate_from(id, Offset(0));
+        assert_eq!(c.stats().bytes, 0);
+        c.insert(id, Offset(0), Offset(0), b(60));
+        c.insert(id, Offset(1), Offset(1), b(80));
+        c.insert(id, Offset(2), Offset(2), b(50));
+        let s = c.stats();
+        assert_eq!((s.bytes, s.batches), (130, 2));
+        // A non-contiguous insert drops the run and its bytes.
+        c.insert(id, Offset(9), Offset(9), b(10));
+        assert_eq!((c.stats().bytes, c.stats().batches), (10, 1));
+        c.drop_log(id);
+        assert_eq!(c.stats().bytes, 0);
     }
 }

@@ -193,6 +193,8 @@ pub struct Faults {
     pub torn_writes: Cell<u32>,
     /// Reads fail with EIO while set.
     pub read_fails: Cell<bool>,
+    /// Writes at or past this file position wait while it is set (a slow disk region).
+    pub hold_writes_from: Cell<Option<u64>>,
     /// Counts of operations seen, for assertions on group commit.
     pub writes: Cell<u64>,
     pub syncs: Cell<u64>,
@@ -221,6 +223,9 @@ impl SegmentFile for FaultySegment {
         Box::pin(async move {
             let f = &self.faults;
             f.writes.set(f.writes.get() + 1);
+            while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
             if f.disk_full.get() {
                 return Err(enospc());
             }

@@ -203,6 +203,9 @@ pub(crate) struct State {
     pub allocated: u64,
     /// Furthest (aligned) position any write of the active segment may have reached.
     pub attempted_pos: u64,
+    /// A range past the written data that a failed write may have touched: punched out before
+    /// the next write.
+    pub punch: Option<(u64, u64)>,
     pub flushing: bool,
     pub rolling: bool,
     pub closed: bool,
@@ -401,6 +404,8 @@ impl PartitionLog {
             at += size;
         }
         s.pending.push(&records);
+        let end_pos = s.pending.end_pos();
+        s.pending.marks.push((end_pos, next));
         let frozen = records.freeze();
         let mut at = 0usize;
         while at < frozen.len() {
@@ -554,6 +559,13 @@ impl PartitionLog {
         s.log_end = hw;
         s.sync_wanted = s.sync_wanted.min(hw).max(s.synced);
         let pos = s.written_pos;
+        let clean_from = align_up(pos);
+        if s.attempted_pos > clean_from {
+            let to = s
+                .punch
+                .map_or(s.attempted_pos, |(p, l)| (p + l).max(s.attempted_pos));
+            s.punch = Some((clean_from, to - clean_from));
+        }
         s.pending = Pending::new(align_down(pos), s.written_tail.clone());
         s.active_mut().truncate(pos, hw);
         s.producers.truncate_from(hw);
@@ -621,6 +633,7 @@ impl PartitionLog {
             s.synced = s.synced.max(hw);
             s.allocated = written;
             s.attempted_pos = align_up(written);
+            s.punch = None; // the truncation removed everything past the data
             let a = s.active_mut();
             a.push_time_entry();
             self.write_indexes(a)?;
@@ -971,7 +984,14 @@ impl PartitionLog {
         self.drain().await;
         self.no_snapshot_in_flight().await;
         let file = self.state.borrow().active().file.clone();
-        let r = file.sync().await;
+        let punch = self.state.borrow_mut().punch.take();
+        let r = match punch {
+            Some((pos, len)) => match file.punch(pos, len).await {
+                Ok(()) => file.sync().await,
+                Err(e) => Err(e),
+            },
+            None => file.sync().await,
+        };
         let mut s = self.state.borrow_mut();
         s.rolling = false;
         s.closed = true;

@@ -259,6 +259,7 @@ impl PartitionLog {
                 written_tail,
                 allocated: file_size_active.max(written),
                 attempted_pos: align_up(written),
+                punch: None,
                 flushing: false,
                 rolling: false,
                 closed: false,

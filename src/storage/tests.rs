@@ -963,12 +963,19 @@ type Acked = Vec<(Offset, Vec<u8>)>;
 /// file holds a gap-free run of offsets.
 #[test]
 fn concurrent_large_appends_with_failures_keep_every_acknowledged_batch() {
-    for fail in [false, true] {
+    // Small values keep every flush in its first chunk; large ones make flushes of several
+    // writes, whose completed prefix is acknowledged before the rest, while other writes fail.
+    for (fail, value) in [
+        (false, 9000),
+        (true, 9000),
+        (false, 150_000),
+        (true, 150_000),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
         run(async move {
             let mut cfg = small_config();
-            cfg.segment_bytes = 4 << 20;
+            cfg.segment_bytes = if value > 100_000 { 32 << 20 } else { 4 << 20 };
             let (log, faults) = open_faulty(&d, cfg.clone()).await;
             let acked: Rc<std::cell::RefCell<Acked>> = Default::default();
             let mut tasks = vec![];
@@ -979,7 +986,7 @@ fn concurrent_large_appends_with_failures_keep_every_acknowledged_batch() {
                     for i in 0..25u8 {
                         let b = batch(
                             1 + (i % 3) as usize,
-                            9000 + t as usize * 700,
+                            value + t as usize * 700,
                             i as i64,
                             t ^ i,
                         );
@@ -1176,5 +1183,59 @@ fn written_data_is_synced_in_the_background_and_indexed() {
             on_disk.entries[..],
             log.state.borrow().active().index[..on_disk.entries.len()]
         );
+    });
+}
+
+#[test]
+fn appends_in_a_completed_prefix_of_a_flush_are_acknowledged_before_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 64 << 20;
+        let (log, faults) = open_faulty(&d, cfg).await;
+        // The flush will be three writes: [0, ~600 KB), [~600 KB, ~1.6 MB), [~1.6 MB, ~2.1 MB);
+        // the last one is held back.
+        faults.hold_writes_from.set(Some(1 << 20));
+        let small = batch(1, 600_000, 1, 1);
+        let big = batch(1, 1_500_000, 2, 2);
+        let l1 = log.clone();
+        let s1 = small.clone();
+        let t1 = glommio::spawn_local(async move {
+            l1.append(BytesMut::from(&s1[..]), Durability::Written)
+                .await
+                .unwrap()
+        });
+        let l2 = log.clone();
+        let b2 = big.clone();
+        let t2 = glommio::spawn_local(async move {
+            l2.append(BytesMut::from(&b2[..]), Durability::Written)
+                .await
+                .unwrap()
+        });
+        let r1 = t1.await;
+        assert_eq!(r1.base_offset, Offset(0));
+        // The first append is written and readable; the second still waits for its last write.
+        assert_eq!(log.high_watermark(), Offset(1));
+        assert_eq!(log.log_end_offset(), Offset(2));
+        let got = log
+            .read(ReadOptions {
+                start: Offset(0),
+                bytes_max: 1 << 20,
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.batches.len(), 1);
+        faults.hold_writes_from.set(None);
+        let r2 = t2.await;
+        assert_eq!(r2.base_offset, Offset(1));
+        assert_eq!(log.high_watermark(), Offset(2));
+        drop(log);
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let all = read_all(&log, Offset(0), 4 << 20).await;
+        assert_eq!(all[0].to_vec(), at_offset(&small, Offset(0)));
+        assert_eq!(all[1].to_vec(), at_offset(&big, Offset(1)));
     });
 }

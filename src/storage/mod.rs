@@ -179,6 +179,48 @@ impl ReadResult {
 
 /// Bytes read from disk at least per cold read (one aligned request).
 pub const READ_BYTES_MIN: usize = 64 << 10;
+/// Cold reads asking for at least this much are treated as a sequential reader catching up: the
+/// bytes after what they return are read ahead, for the next read.
+pub const READAHEAD_MIN_BYTES: usize = 256 << 10;
+/// Read-aheads kept per log (one per reader position), and bytes per shard in them.
+pub const READAHEAD_SLOTS: usize = 4;
+pub const READAHEAD_SHARD_BYTES: usize = 64 << 20;
+
+thread_local! {
+    /// Bytes held by the read-aheads of this shard's logs.
+    static READAHEAD_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A read started for the next read of a sequential reader: the bytes of segment `seg_base`
+/// from `apos`, for a read that starts at offset `next` (its batch at file position `next_pos`).
+pub(crate) struct ReadAhead {
+    seg_base: Offset,
+    next: Offset,
+    next_pos: u64,
+    apos: u64,
+    len: usize,
+    /// The data limit when it was issued: bytes past it are not data.
+    limit: u64,
+    task: Option<glommio::Task<std::io::Result<io::ReadBuf>>>,
+}
+
+impl ReadAhead {
+    async fn take(&mut self) -> std::io::Result<io::ReadBuf> {
+        let task = self.task.take().expect("a read-ahead is taken once");
+        READAHEAD_BYTES.with(|b| b.set(b.get() - self.len));
+        task.await
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            READAHEAD_BYTES.with(|b| b.set(b.get() - self.len));
+            // Let the read finish on its own (its buffer belongs to the ring until then).
+            task.detach();
+        }
+    }
+}
 
 /// The mutable state of one log. Every field is changed only by the log's own methods and its
 /// flusher task, all on one executor.
@@ -219,6 +261,9 @@ pub(crate) struct State {
     pub waiters: Vec<Waker>,
     pub flusher: Option<Waker>,
     pub producers: ProducerState,
+    /// Reads started ahead of sequential readers (oldest first), and how many were used.
+    pub readahead: Vec<ReadAhead>,
+    pub readahead_used: u64,
     /// A producer snapshot is being written in the background.
     pub snapshotting: bool,
     /// Active-segment position covered by the last producer snapshot, and how many synced bytes
@@ -709,23 +754,63 @@ impl PartitionLog {
         Ok(out)
     }
 
+    fn start_readahead(
+        &self,
+        file: &Rc<dyn io::SegmentFile>,
+        seg_base: Offset,
+        next: Offset,
+        next_pos: u64,
+        len: usize,
+        limit: u64,
+    ) {
+        if len == 0 || READAHEAD_BYTES.with(|b| b.get()) + len > READAHEAD_SHARD_BYTES {
+            return;
+        }
+        let apos = align_down(next_pos);
+        let f = file.clone();
+        READAHEAD_BYTES.with(|b| b.set(b.get() + len));
+        let ahead = ReadAhead {
+            seg_base,
+            next,
+            next_pos,
+            apos,
+            len,
+            limit,
+            task: Some(glommio::spawn_local(
+                async move { f.read_at(apos, len).await },
+            )),
+        };
+        let mut s = self.state.borrow_mut();
+        if s.readahead.len() >= READAHEAD_SLOTS {
+            s.readahead.remove(0);
+        }
+        s.readahead.push(ahead);
+    }
+
     async fn read_disk(
         &self,
         start: Offset,
         hw: Offset,
         bytes_max: usize,
     ) -> Result<Vec<Bytes>, StorageError> {
-        let (file, pos, limit) = {
-            let s = self.state.borrow();
+        let (file, pos, limit, seg_base, mut ahead) = {
+            let mut s = self.state.borrow_mut();
             let i = s.segments.partition_point(|g| g.base <= start);
             let Some(seg) = i.checked_sub(1).map(|i| &s.segments[i]) else {
                 return Err(s.out_of_range(start));
             };
             let active = i == s.segments.len();
             let limit = if active { s.written_pos } else { seg.size };
-            (seg.file.clone(), seg.lookup(start), limit)
+            let (file, pos, base) = (seg.file.clone(), seg.lookup(start), seg.base);
+            let ahead = s
+                .readahead
+                .iter()
+                .position(|a| a.seg_base == base && a.next == start)
+                .map(|k| s.readahead.remove(k));
+            s.readahead_used += ahead.is_some() as u64;
+            (file, pos, limit, base, ahead)
         };
-        let mut pos = pos;
+        let mut pos = ahead.as_ref().map_or(pos, |a| a.next_pos);
         let mut want = bytes_max.max(READ_BYTES_MIN);
         loop {
             let apos = align_down(pos);
@@ -734,13 +819,20 @@ impl PartitionLog {
             }
             let len = align_up((pos - apos) + want as u64).min(align_up(limit) - apos) as usize;
             let before = (pos, want);
-            let buf = file.read_at(apos, len).await?;
-            let avail = (buf.len() as u64).min(limit - apos) as usize;
+            let (buf, buf_limit, from_ahead) = match ahead.take() {
+                Some(mut a) if a.apos == apos => {
+                    let limit = a.limit.min(limit);
+                    (a.take().await?, limit, true)
+                }
+                _ => (file.read_at(apos, len).await?, limit, false),
+            };
+            let avail = (buf.len() as u64).min(buf_limit - apos) as usize;
             let data = &buf[..avail];
             let mut i = (pos - apos) as usize;
             let mut first: Option<usize> = None;
             let mut end = i;
             let mut count = 0usize;
+            let mut next_offset = start;
             while i < data.len() {
                 let rest = &data[i..];
                 if rest.len() < batch::LOG_OVERHEAD_BYTES {
@@ -775,15 +867,31 @@ impl PartitionLog {
                 i += size;
                 end = i;
                 count += 1;
+                next_offset = h.last_offset().next();
             }
             let Some(first) = first else {
                 // Nothing complete at `pos` in this buffer: read again from there if the position
-                // advanced or `want` now covers the whole batch; otherwise the data ends here.
-                if (pos, want) == before {
+                // advanced or `want` now covers the whole batch (or the buffer was a read-ahead
+                // of another size); otherwise the data ends here.
+                if (pos, want) == before && !from_ahead {
                     return Ok(vec![]);
                 }
                 continue;
             };
+            // A sequential reader (large reads) comes back for what follows: start reading it
+            // now, so the disk works while this buffer is checked, copied and sent.
+            let end_pos = apos + end as u64;
+            if bytes_max >= READAHEAD_MIN_BYTES && end_pos < limit {
+                let next_len = (len as u64).min(align_up(limit) - align_down(end_pos));
+                self.start_readahead(
+                    &file,
+                    seg_base,
+                    next_offset,
+                    end_pos,
+                    next_len as usize,
+                    limit,
+                );
+            }
             // One copy out of the DMA buffer into memory that can cross shards.
             let all = Bytes::copy_from_slice(&data[first..end]);
             let mut batches = Vec::with_capacity(count);

@@ -271,6 +271,8 @@ impl PartitionLog {
                 waiters: vec![],
                 flusher: None,
                 producers,
+                readahead: vec![],
+                readahead_used: 0,
                 snapshotting: false,
                 snapshot_pos: scan_from,
                 snapshot_every: appender::PRODUCER_SNAPSHOT_BYTES,

@@ -1239,3 +1239,63 @@ fn appends_in_a_completed_prefix_of_a_flush_are_acknowledged_before_the_rest() {
         assert_eq!(all[1].to_vec(), at_offset(&big, Offset(1)));
     });
 }
+
+#[test]
+fn sequential_cold_readers_are_served_from_read_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 64 << 20;
+        let log = open(&d, cfg.clone()).await;
+        let mut stored = vec![];
+        for i in 0..40u8 {
+            let b = batch(1, 90_000 + i as usize * 100, i as i64, i);
+            let r = append(&log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        log.close().await.unwrap();
+        drop(log);
+        let log = PartitionLog::open(&d, cfg, BatchCache::new(0))
+            .await
+            .unwrap();
+        // Two sequential readers interleaved, and one random read in between.
+        let mut at = [Offset(0), Offset(7)];
+        let mut got: [Vec<Bytes>; 2] = [vec![], vec![]];
+        while at.iter().any(|a| *a < Offset(40)) {
+            for k in 0..2 {
+                if at[k] >= Offset(40) {
+                    continue;
+                }
+                let r = log
+                    .read(ReadOptions {
+                        start: at[k],
+                        bytes_max: 300 << 10,
+                    })
+                    .await
+                    .unwrap();
+                assert!(!r.batches.is_empty());
+                at[k] = BatchHeader::parse(r.batches.last().unwrap())
+                    .unwrap()
+                    .last_offset()
+                    .next();
+                got[k].extend(r.batches);
+            }
+            let r = log
+                .read(ReadOptions {
+                    start: Offset(19),
+                    bytes_max: 1,
+                })
+                .await
+                .unwrap();
+            assert_eq!(r.batches[0].to_vec(), stored[19]);
+        }
+        for (k, from) in [(0usize, 0usize), (1, 7)] {
+            let g: Vec<Vec<u8>> = got[k].iter().map(|b| b.to_vec()).collect();
+            assert_eq!(g, stored[from..].to_vec(), "reader {k}");
+        }
+        assert!(log.state.borrow().readahead_used >= 10);
+        drop(log);
+        assert_eq!(READAHEAD_BYTES.with(|b| b.get()), 0);
+    });
+}

@@ -188,6 +188,7 @@ async fn bench(root: PathBuf, phases: Vec<String>) {
             bytes,
             start.elapsed(),
         );
+        println!("  (read-aheads used: {})", log.readahead_used());
         log.close().await.expect("close");
     }
     let _ = std::fs::remove_dir_all(&big);

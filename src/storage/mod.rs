@@ -354,6 +354,11 @@ impl PartitionLog {
         &self.dir
     }
 
+    /// Cold reads that found their bytes already read ahead.
+    pub fn readahead_used(&self) -> u64 {
+        self.state.borrow().readahead_used
+    }
+
     /// What crash recovery did when this log was opened; `None` after a clean shutdown.
     pub fn recovery_report(&self) -> Option<RecoveryReport> {
         self.recovery

@@ -254,10 +254,12 @@ async fn bench(root: PathBuf, phases: Vec<String>) {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    for (parts, segment, per_part) in [
-        (100usize, 64u64 << 20, 1usize),
-        (1000, 8 << 20, 1),
-        (1000, 8 << 20, 4),
+    // (partitions, segment size, batches in flight per partition, batch size, total bytes)
+    for (parts, segment, per_part, batch, total) in [
+        (100usize, 64u64 << 20, 1usize, 16usize << 10, gib / 2),
+        (1000, 8 << 20, 1, 16 << 10, gib / 2),
+        (1000, 8 << 20, 4, 16 << 10, gib / 2),
+        (1000, 16 << 20, 1, 256 << 10, gib),
     ] {
         if !run("many") {
             break;
@@ -266,17 +268,20 @@ async fn bench(root: PathBuf, phases: Vec<String>) {
         for p in 0..parts {
             logs.push(open(&root.join(format!("many-{p}")), config(segment), &no_cache).await);
         }
-        let total = gib / 2;
         let tasks = parts * per_part;
-        let d = append_load(&logs, 16 << 10, total, tasks, Durability::Written).await;
+        let kib = batch >> 10;
+        // Unreported warm-up: every partition's first extent is allocated here, as it would be
+        // long before in a broker that has been running.
+        append_load(&logs, batch, total / 4, tasks, Durability::Written).await;
+        let d = append_load(&logs, batch, total, tasks, Durability::Written).await;
         report(
-            &format!("append {parts} partitions, 16 KiB, no fdatasync, {per_part}/partition"),
+            &format!("append {parts} partitions, {kib} KiB, no fdatasync, {per_part}/partition"),
             total as u64,
             d,
         );
-        let d = append_load(&logs, 16 << 10, total / 2, tasks, Durability::Synced).await;
+        let d = append_load(&logs, batch, total / 2, tasks, Durability::Synced).await;
         report(
-            &format!("append {parts} partitions, 16 KiB, fdatasync, {per_part}/partition"),
+            &format!("append {parts} partitions, {kib} KiB, fdatasync, {per_part}/partition"),
             (total / 2) as u64,
             d,
         );

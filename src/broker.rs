@@ -390,10 +390,27 @@ fn lock_data_dir(dir: &Path) -> Result<DirLock, String> {
 /// SO_REUSEPORT would let us bind a port another process holds and silently share its traffic:
 /// refuse to start unless a plain bind (without SO_REUSEPORT) succeeds first. The socket is bound
 /// but never listens, so no client can connect to it in the meantime.
+///
+/// A broker killed with SIGKILL releases its listening socket only when the kernel has torn down
+/// its io_uring instances (an accept in flight holds the socket), which can take a moment after
+/// the process is gone; a restart in that window waits for the port instead of failing.
 fn check_port_free(addr: std::net::SocketAddr) -> Result<(), String> {
-    let sock = new_tcp_socket(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    sock.bind(&addr.into())
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    const PORT_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + PORT_WAIT_MAX;
+    loop {
+        let sock = new_tcp_socket(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        match sock.bind(&addr.into()) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                drop(sock);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        }
+    }
 }
 
 fn new_tcp_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {

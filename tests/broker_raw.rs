@@ -1404,3 +1404,152 @@ fn create_topics_validates_names_configs_and_validate_only() {
     assert_eq!(create(&mut r, &t, 2, None, false), NONE);
     assert_eq!(create(&mut r, &t, 2, None, false), TOPIC_ALREADY_EXISTS);
 }
+
+const KAFKA_STORAGE_ERROR: i16 = 56;
+
+/// A small ext4 file system on a loop device, for running out of disk space. Needs root (or
+/// CAP_SYS_ADMIN) and loop devices; unmounted when dropped.
+struct LoopFs {
+    _dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+impl LoopFs {
+    fn new(mib: u64) -> LoopFs {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-loopfs-")
+            .tempdir()
+            .expect("temp dir");
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("image file");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        let run = |cmd: &mut Command| {
+            let out = run_bounded(std::mem::replace(cmd, Command::new("true")), None, IO_WAIT);
+            assert!(
+                out.status.success(),
+                "{cmd:?} failed: {} (this test needs root and loop devices)",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&img));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt));
+        LoopFs { _dir: dir, mnt }
+    }
+
+    fn avail_bytes(&self) -> u64 {
+        let out = run_bounded(
+            {
+                let mut c = Command::new("df");
+                c.args(["--output=avail", "-B1"]).arg(&self.mnt);
+                c
+            },
+            None,
+            IO_WAIT,
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let mut c = Command::new("umount");
+        c.arg("-l").arg(&self.mnt);
+        let _ = run_bounded(c, None, IO_WAIT);
+    }
+}
+
+#[test]
+fn full_disk_fails_produce_with_storage_error_keeps_reads_and_resumes() {
+    let fs = LoopFs::new(192);
+    let mut b = Broker::options()
+        .segment_bytes(Some(16 << 20))
+        .data_dir(fs.mnt.join("data"))
+        .start();
+    let t = topic_name("full");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    // Leave about 40 MiB free: the partition's pre-allocated extents (1, 2, 4, 8, 16 MiB, then a
+    // new segment) soon need more.
+    let filler = fs.mnt.join("filler");
+    let keep = 40u64 << 20;
+    let fill = fs.avail_bytes().saturating_sub(keep);
+    let mut c = Command::new("fallocate");
+    c.args(["-l", &fill.to_string()]).arg(&filler);
+    assert!(run_bounded(c, None, IO_WAIT).status.success());
+
+    let value = |i: usize| -> Vec<u8> {
+        let mut v = vec![(i % 251) as u8; 256 << 10];
+        v[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        v
+    };
+    let mut acked: Vec<(i64, Vec<u8>)> = Vec::new();
+    let mut last_err = NONE;
+    for i in 0..400 {
+        let v = value(i);
+        let (err, base) = produce(&mut r, &t, 0, -1, batch(&[&v]));
+        if err != NONE {
+            last_err = err;
+            break;
+        }
+        assert_eq!(base, acked.len() as i64, "offsets stay dense");
+        acked.push((base, v));
+    }
+    assert_eq!(
+        last_err, KAFKA_STORAGE_ERROR,
+        "a full disk is KAFKA_STORAGE_ERROR"
+    );
+    assert!(acked.len() >= 40, "{} batches acknowledged", acked.len());
+    // Still full: the next produce fails the same way, on the same connection.
+    let (err, _) = produce(&mut r, &t, 0, 1, batch(&[&value(999)]));
+    assert_eq!(err, KAFKA_STORAGE_ERROR);
+    // The partition stays readable, with exactly what was acknowledged.
+    let (hw, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(hw, acked.len() as i64);
+    assert!(
+        recs == acked,
+        "reads after the full disk differ from what was acknowledged"
+    );
+    assert_serves(&b);
+
+    // Space returns: appends resume right after the last acknowledged record.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let v = value(1000);
+    let deadline = Instant::now() + IO_WAIT;
+    let base = loop {
+        let (err, base) = produce(&mut r, &t, 0, -1, batch(&[&v]));
+        if err == NONE {
+            break base;
+        }
+        assert_eq!(err, KAFKA_STORAGE_ERROR);
+        assert!(Instant::now() < deadline, "appends did not resume");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(base, acked.len() as i64, "no hole and no reused offset");
+    acked.push((base, v));
+
+    // And everything acknowledged survives kill -9.
+    drop(r);
+    b.sigkill();
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    let (hw, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(hw, acked.len() as i64);
+    assert!(
+        recs == acked,
+        "records after restart differ from what was acknowledged"
+    );
+    drop(r);
+    b.sigterm();
+}

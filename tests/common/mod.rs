@@ -47,6 +47,8 @@ pub struct BrokerOptions {
     /// `--segment-bytes`; `None` leaves the broker default.
     pub segment_bytes: Option<u64>,
     pub extra_args: Vec<String>,
+    /// `--data-dir`; `None` puts it in the broker's temp dir.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for BrokerOptions {
@@ -55,6 +57,7 @@ impl Default for BrokerOptions {
             cores: 1,
             segment_bytes: Some(TEST_SEGMENT_BYTES),
             extra_args: Vec::new(),
+            data_dir: None,
         }
     }
 }
@@ -67,6 +70,11 @@ impl BrokerOptions {
 
     pub fn segment_bytes(mut self, n: Option<u64>) -> Self {
         self.segment_bytes = n;
+        self
+    }
+
+    pub fn data_dir(mut self, dir: PathBuf) -> Self {
+        self.data_dir = Some(dir);
         self
     }
 
@@ -126,7 +134,10 @@ impl Broker {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// `host:port` for clients.

@@ -1472,6 +1472,12 @@ impl Drop for LoopFs {
 
 #[test]
 fn full_disk_fails_produce_with_storage_error_keeps_reads_and_resumes() {
+    // tests/run.sh sets SLUICE_LOOP_TESTS where root and loop devices are available (and says in
+    // its summary whether this test ran); there a failure to mount fails the test.
+    if std::env::var_os("SLUICE_LOOP_TESTS").is_none() {
+        eprintln!("not run: set SLUICE_LOOP_TESTS=1 (needs root and loop devices)");
+        return;
+    }
     let fs = LoopFs::new(192);
     let mut b = Broker::options()
         .segment_bytes(Some(16 << 20))

@@ -6,7 +6,8 @@
 //!
 //! `cargo bench --bench storage [-- PHASE...]` with phases `big` (1 MiB appends, recovery, cold
 //! reads), `one` (single partition, 16 KiB and synced variants), `many` (100 and 1,000
-//! partitions) and `cached`; all of them when none is named.
+//! partitions; `many-1000-16k` and the like pick one set) and `cached`; all of them when none is
+//! named.
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -261,8 +262,8 @@ async fn bench(root: PathBuf, phases: Vec<String>) {
         (1000, 8 << 20, 4, 16 << 10, gib / 2),
         (1000, 16 << 20, 1, 256 << 10, gib),
     ] {
-        if !run("many") {
-            break;
+        if !run("many") && !run(&format!("many-{parts}-{}k", batch >> 10)) {
+            continue;
         }
         let mut logs = vec![];
         for p in 0..parts {

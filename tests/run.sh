@@ -53,7 +53,17 @@ PY_SLUICE_BIN="${SLUICE_BIN:-${built_bin:-$CARGO_TARGET_DIR/debug/sluice}}"
 # The full-disk test mounts a small ext4 image on a loop device: it needs root and loop devices.
 # Where both are available it must run (and pass); elsewhere it reports that it did not run.
 loop_note="full-disk test: not run (needs root and loop devices)"
-if [ "$(id -u)" -eq 0 ] && command -v mkfs.ext4 >/dev/null && losetup -f >/dev/null 2>&1; then
+loop_probe() { # mounts and unmounts a tiny ext4 image: the test's own steps
+    local d rc=1
+    d="$(mktemp -d)" || return 1
+    if truncate -s 8M "$d/img" && mkfs.ext4 -q -F "$d/img" >/dev/null 2>&1 && mkdir "$d/m" \
+        && mount -o loop "$d/img" "$d/m" >/dev/null 2>&1; then
+        umount "$d/m" && rc=0
+    fi
+    rm -rf "$d"
+    return $rc
+}
+if [ "$(id -u)" -eq 0 ] && command -v mkfs.ext4 >/dev/null && loop_probe; then
     export SLUICE_LOOP_TESTS=1
     loop_note="full-disk test: ran"
 fi

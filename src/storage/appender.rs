@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use glommio::io::DmaBuffer;
 
-use crate::storage::io::{align_down, align_up, IoFuture, ALIGN_BYTES};
+use crate::storage::io::{align_down, align_up, join_in_order, IoFuture, ALIGN_BYTES};
 use crate::storage::{FlushPolicy, PartitionLog};
 
 /// Capacity of the first chunk of a flush: small, so a thousand idle-ish partitions on a shard
@@ -182,23 +182,7 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
             Work::Write => log.flush_pending().await,
             Work::Sync => {
                 log.sync_written().await;
-                if let Some((path, body)) = log.snapshot_due() {
-                    let weak = Rc::downgrade(&log);
-                    glommio::spawn_local(async move {
-                        // Off the reactor: the write ends with fsyncs of the file and directory.
-                        let r = glommio::executor()
-                            .spawn_blocking(move || crate::storage::meta::write_file(&path, &body))
-                            .await;
-                        let Some(log) = weak.upgrade() else { return };
-                        if let Err(e) = r {
-                            tracing::warn!(dir = %log.dir().display(), error = %e, "producer snapshot failed");
-                        }
-                        let mut s = log.state.borrow_mut();
-                        s.snapshotting = false;
-                        s.wake_all();
-                    })
-                    .detach();
-                }
+                log.snapshot_if_due();
             }
         }
         drop(log);
@@ -303,41 +287,19 @@ impl PartitionLog {
             if let Some(len) = alloc {
                 file.allocate(len).await?;
             }
-            // Every write of the flush, in file order. As a prefix of them completes, the
-            // appends wholly inside it are acknowledged, so producers refill while the rest of
-            // the flush is still on its way to the disk.
-            let mut writes: Vec<(Rc<DmaBuffer>, u64, IoFuture<'_, ()>)> = flush
+            // The flush's writes are in file order. As a prefix of them completes, the appends
+            // wholly inside it are acknowledged, so producers refill while the rest of the flush
+            // is still on its way to the disk.
+            let writes: Vec<IoFuture<'_, ()>> = flush
                 .writes
                 .iter()
-                .map(|(buf, pos)| (buf.clone(), *pos, file.write_at(buf.clone(), *pos)))
+                .map(|(buf, pos)| file.write_at(buf.clone(), *pos))
                 .collect();
-            let mut done: Vec<Option<std::io::Result<()>>> = writes.iter().map(|_| None).collect();
-            let mut next = 0usize;
             let mut mark = 0usize;
-            std::future::poll_fn(|cx| {
-                for (i, w) in writes.iter_mut().enumerate() {
-                    if done[i].is_none() {
-                        if let Poll::Ready(r) = w.2.as_mut().poll(cx) {
-                            done[i] = Some(r);
-                        }
-                    }
+            join_in_order(writes, |n| {
+                if n < flush.writes.len() {
+                    self.written_prefix(&flush.writes[..n], &flush.marks, &mut mark);
                 }
-                let before = next;
-                while next < writes.len() && matches!(done[next], Some(Ok(()))) {
-                    next += 1;
-                }
-                if next > before && next < writes.len() {
-                    let prefix_end = writes[next - 1].1 + writes[next - 1].0.len() as u64;
-                    self.written_prefix(prefix_end, &flush.marks, &mut mark, &writes[..next]);
-                }
-                if done.iter().all(|d| d.is_some()) {
-                    let err = done.iter_mut().find_map(|d| match d.take() {
-                        Some(Err(e)) => Some(e),
-                        _ => None,
-                    });
-                    return Poll::Ready(err.map_or(Ok(()), Err));
-                }
-                Poll::Pending
             })
             .await
         }
@@ -364,15 +326,18 @@ impl PartitionLog {
         s.wake_all();
     }
 
-    /// A prefix of the flush's writes, up to file position `prefix_end`, has completed: the
-    /// appends that end inside it are written. Advances the high watermark over them.
+    /// The leading writes `written` of a flush have completed: the appends that end inside them
+    /// (`marks[*mark..]` onwards) are written. Advances the high watermark over them.
     fn written_prefix(
         &self,
-        prefix_end: u64,
+        written: &[(Rc<DmaBuffer>, u64)],
         marks: &[(u64, crate::types::Offset)],
         mark: &mut usize,
-        written: &[(Rc<DmaBuffer>, u64, IoFuture<'_, ()>)],
     ) {
+        let Some((last, last_pos)) = written.last() else {
+            return;
+        };
+        let prefix_end = last_pos + last.len() as u64;
         let start = *mark;
         while *mark < marks.len() && marks[*mark].0 <= prefix_end {
             *mark += 1;
@@ -382,7 +347,7 @@ impl PartitionLog {
         }
         let (end_pos, end_offset) = marks[*mark - 1];
         let page = align_down(end_pos);
-        let Some((buf, pos, _)) = written
+        let Some((buf, pos)) = written
             .iter()
             .find(|w| w.1 <= page && page < w.1 + w.0.len() as u64)
         else {
@@ -426,26 +391,41 @@ impl PartitionLog {
         }
         s.wake_all();
     }
-}
 
-impl PartitionLog {
-    /// The producer snapshot to write now, if enough was synced since the last one: the state of
-    /// every batch below the synced offset (batches past it may still be rolled back by a failed
-    /// write, so they are left to the recovery replay).
-    fn snapshot_due(&self) -> Option<(std::path::PathBuf, Vec<u8>)> {
-        let mut s = self.state.borrow_mut();
-        if s.snapshotting || s.rolling || s.synced_pos < s.snapshot_pos + s.snapshot_every {
-            return None;
-        }
-        let upto = s.synced;
-        let mut p = s.producers.clone();
-        p.truncate_from(upto);
-        s.snapshotting = true;
-        s.snapshot_pos = s.synced_pos;
-        Some((
-            self.dir.join(crate::storage::meta::PRODUCER_FILE),
-            crate::storage::meta::encode_producers(upto, &p),
-        ))
+    /// Starts a producer snapshot if enough was synced since the last one: the state of every
+    /// batch below the synced offset (batches past it may still be rolled back by a failed
+    /// write, so they are left to the recovery replay). Written off the reactor, since it ends
+    /// with fsyncs of the file and the directory.
+    fn snapshot_if_due(self: &Rc<Self>) {
+        let (path, body) = {
+            let mut s = self.state.borrow_mut();
+            if s.snapshotting || s.rolling || s.synced_pos < s.snapshot_pos + s.snapshot_every {
+                return;
+            }
+            let upto = s.synced;
+            let mut p = s.producers.clone();
+            p.truncate_from(upto);
+            s.snapshotting = true;
+            s.snapshot_pos = s.synced_pos;
+            (
+                self.dir.join(crate::storage::meta::PRODUCER_FILE),
+                crate::storage::meta::encode_producers(upto, &p),
+            )
+        };
+        let weak = Rc::downgrade(self);
+        glommio::spawn_local(async move {
+            let r = glommio::executor()
+                .spawn_blocking(move || crate::storage::meta::write_file(&path, &body))
+                .await;
+            let Some(log) = weak.upgrade() else { return };
+            if let Err(e) = r {
+                tracing::warn!(dir = %log.dir().display(), error = %e, "producer snapshot failed");
+            }
+            let mut s = log.state.borrow_mut();
+            s.snapshotting = false;
+            s.wake_all();
+        })
+        .detach();
     }
 }
 

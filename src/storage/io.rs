@@ -302,36 +302,39 @@ impl StorageIo for FaultyIo {
     }
 }
 
-/// Polls every future to completion concurrently; returns the first error (after all finished,
-/// so no write is still in flight when the caller reacts to the failure).
-pub async fn join_all(mut futs: Vec<IoFuture<'_, ()>>) -> io::Result<()> {
-    let mut done = vec![false; futs.len()];
-    let mut first_err: Option<io::Error> = None;
+/// Runs `futs` concurrently until all are done and returns the first error in order (only after
+/// all finished, so no write is still in flight when the caller reacts to a failure). Whenever
+/// the run of leading futures that completed successfully grows, `on_prefix` gets its new length
+/// (writes issued in file order: the bytes up to the end of that run are on the file).
+pub async fn join_in_order(
+    mut futs: Vec<IoFuture<'_, ()>>,
+    mut on_prefix: impl FnMut(usize),
+) -> io::Result<()> {
+    let mut done: Vec<Option<io::Result<()>>> = futs.iter().map(|_| None).collect();
+    let mut prefix = 0usize;
     std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            match f.as_mut().poll(cx) {
-                std::task::Poll::Ready(r) => {
-                    done[i] = true;
-                    if let Err(e) = r {
-                        first_err.get_or_insert(e);
-                    }
+        for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
+            if d.is_none() {
+                if let std::task::Poll::Ready(r) = f.as_mut().poll(cx) {
+                    *d = Some(r);
                 }
-                std::task::Poll::Pending => pending = true,
             }
         }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
+        let before = prefix;
+        while prefix < done.len() && matches!(done[prefix], Some(Ok(()))) {
+            prefix += 1;
         }
+        if prefix > before {
+            on_prefix(prefix);
+        }
+        if done.iter().any(|d| d.is_none()) {
+            return std::task::Poll::Pending;
+        }
+        let first_err = done.iter_mut().find_map(|d| match d.take() {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        });
+        std::task::Poll::Ready(first_err.map_or(Ok(()), Err))
     })
-    .await;
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    .await
 }

@@ -1098,13 +1098,13 @@ impl PartitionLog {
         self.no_snapshot_in_flight().await;
         let file = self.state.borrow().active().file.clone();
         let punch = self.state.borrow_mut().punch.take();
-        let r = match punch {
-            Some((pos, len)) => match file.punch(pos, len).await {
-                Ok(()) => file.sync().await,
-                Err(e) => Err(e),
-            },
-            None => file.sync().await,
-        };
+        let r = async {
+            if let Some((pos, len)) = punch {
+                file.punch(pos, len).await?;
+            }
+            file.sync().await
+        }
+        .await;
         let mut s = self.state.borrow_mut();
         s.rolling = false;
         s.closed = true;

@@ -1299,3 +1299,50 @@ fn sequential_cold_readers_are_served_from_read_ahead() {
         assert_eq!(READAHEAD_BYTES.with(|b| b.get()), 0);
     });
 }
+
+#[test]
+fn failed_index_and_snapshot_writes_only_lengthen_the_recovery_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 8 << 20;
+        let log = open(&d, cfg.clone()).await;
+        log.state.borrow_mut().snapshot_every = 8 << 10;
+        // Directories where the index file and the snapshot's temp file go: every write fails.
+        std::fs::create_dir(meta::segment_path(&d, Offset(0), "index")).unwrap();
+        std::fs::create_dir(d.join(meta::PRODUCER_FILE).with_extension("tmp")).unwrap();
+        let mut stored = vec![];
+        let mut idem = vec![];
+        for i in 0..60u32 {
+            let b = if i % 3 == 0 {
+                idempotent_batch(5, 0, (i / 3) as i32, 1)
+            } else {
+                batch(1, 700, i as i64, i as u8)
+            };
+            let r = append(&log, &b, Durability::Synced).await;
+            if i % 3 == 0 {
+                idem.push((b.clone(), r.base_offset));
+            }
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        log.wait_until(|s| !s.snapshotting).await;
+        assert!(log.state.borrow().active().index_files_failed);
+        assert!(!d.join(meta::PRODUCER_FILE).exists());
+        drop(log); // crash
+
+        let log = PartitionLog::open(&d, cfg, BatchCache::new(0))
+            .await
+            .unwrap();
+        let rep = log.recovery_report().expect("a crash recovery");
+        assert_eq!((rep.scan_from, rep.batches), (0, 60));
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+        // Producer state comes from replaying the whole segment.
+        let (last, at) = idem.last().unwrap();
+        let dup = append(&log, last, Durability::Written).await;
+        assert_eq!((dup.duplicate, dup.base_offset), (true, *at));
+        let r = append(&log, &idempotent_batch(5, 0, 20, 1), Durability::Written).await;
+        assert!(!r.duplicate);
+    });
+}

@@ -86,6 +86,25 @@ async fn open(dir: &Path, cfg: LogConfig, cache: &Rc<BatchCache>) -> Rc<Partitio
         .expect("open")
 }
 
+/// A fresh log in `dir` holding `bytes` of 1 MiB batches appended by `tasks` producers.
+async fn filled_log(
+    dir: &Path,
+    cache: &Rc<BatchCache>,
+    bytes: usize,
+    tasks: usize,
+) -> Rc<PartitionLog> {
+    let log = open(dir, config(1 << 30), cache).await;
+    append_load(
+        std::slice::from_ref(&log),
+        MIB,
+        bytes,
+        tasks,
+        Durability::Written,
+    )
+    .await;
+    log
+}
+
 /// Reads `[from, to)` sequentially with `bytes_max` per read; returns bytes read.
 async fn read_range(log: &PartitionLog, from: Offset, to: Offset, bytes_max: u32) -> u64 {
     let mut at = from;
@@ -115,15 +134,7 @@ async fn bench(root: PathBuf, phases: Vec<String>) {
     // (heap growth, first-touch page faults of chunk buffers); a broker lives in the steady state.
     {
         let dir = root.join("warmup");
-        let log = open(&dir, config(1 << 30), &no_cache).await;
-        append_load(
-            std::slice::from_ref(&log),
-            MIB,
-            256 * MIB,
-            8,
-            Durability::Written,
-        )
-        .await;
+        let log = filled_log(&dir, &no_cache, 256 * MIB, 8).await;
         log.close().await.expect("close");
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
@@ -299,15 +310,7 @@ async fn bench(root: PathBuf, phases: Vec<String>) {
     if run("cached") {
         let cache = BatchCache::new(512 * MIB);
         let dir = root.join("cached");
-        let log = open(&dir, config(1 << 30), &cache).await;
-        append_load(
-            std::slice::from_ref(&log),
-            MIB,
-            256 * MIB,
-            4,
-            Durability::Written,
-        )
-        .await;
+        let log = filled_log(&dir, &cache, 256 * MIB, 4).await;
         let end = log.high_watermark();
         // Hand-off rate: what a zero-copy (vectored) send receives. Measures the read path,
         // not memory bandwidth.

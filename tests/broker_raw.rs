@@ -972,25 +972,37 @@ fn assert_acked_present(b: &Broker, topic: &str, partitions: i32, acked: &[(i32,
     }
 }
 
-#[test]
-fn sigterm_under_load_keeps_every_acknowledged_record() {
+/// A two-shard broker with a 4-partition topic, two acks=all writers for half a second, then
+/// `stop` (SIGTERM or SIGKILL) while they write; returns what was acknowledged.
+fn stop_under_load(
+    prefix: &str,
+    stop: impl FnOnce(&mut Broker),
+) -> (Broker, String, Vec<(i32, i64, Vec<u8>)>) {
     let mut b = Broker::options().cores(2).start();
-    let t = topic_name("termload");
+    let t = topic_name(prefix);
     create_topic(&mut Raw::connect(b.addr), &t, 4);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..2)
         .map(|_| {
-            let (addr, t, stop) = (b.addr, t.clone(), stop.clone());
-            std::thread::spawn(move || produce_until_stopped(addr, t, 4, stop))
+            let (addr, t, stopped) = (b.addr, t.clone(), stopped.clone());
+            std::thread::spawn(move || produce_until_stopped(addr, t, 4, stopped))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let status = b.sigterm();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let acked: Vec<_> = writers
+    stop(&mut b);
+    stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writers
         .into_iter()
         .flat_map(|w| w.join().expect("writer thread"))
         .collect();
+    (b, t, acked)
+}
+
+#[test]
+fn sigterm_under_load_keeps_every_acknowledged_record() {
+    let mut status = None;
+    let (mut b, t, acked) = stop_under_load("termload", |b| status = Some(b.sigterm()));
+    let status = status.expect("stopped");
     assert_eq!(
         status.code(),
         Some(0),
@@ -1005,23 +1017,7 @@ fn sigterm_under_load_keeps_every_acknowledged_record() {
 
 #[test]
 fn kill_9_under_load_keeps_every_acknowledged_record() {
-    let mut b = Broker::options().cores(2).start();
-    let t = topic_name("killload");
-    create_topic(&mut Raw::connect(b.addr), &t, 4);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..2)
-        .map(|_| {
-            let (addr, t, stop) = (b.addr, t.clone(), stop.clone());
-            std::thread::spawn(move || produce_until_stopped(addr, t, 4, stop))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
-    b.sigkill();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let acked: Vec<_> = writers
-        .into_iter()
-        .flat_map(|w| w.join().expect("writer thread"))
-        .collect();
+    let (mut b, t, acked) = stop_under_load("killload", |b| b.sigkill());
     assert!(!acked.is_empty(), "nothing was acknowledged before kill -9");
     // Connections were open at the crash; restarting on the same port right away is the subject
     // of `restart_on_the_same_port_right_after_kill_9_with_open_connections`, not of this test.

@@ -466,6 +466,7 @@ pub fn write_producer_id_limit(data_dir: &Path, limit: u64) -> std::io::Result<(
 /// Starts the broker and blocks until it has shut down. Returns the process exit code.
 pub fn run(mut config: BrokerConfig) -> Result<(), String> {
     tune_allocator();
+    raise_fd_limit();
     let _lock = lock_data_dir(&config.data_dir)?;
     // Absolute from here on: direct-I/O files are opened by absolute path, and logs name it.
     config.data_dir = std::fs::canonicalize(&config.data_dir)
@@ -548,6 +549,28 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
     }
     tracing::info!("sluice stopped");
     Ok(())
+}
+
+/// Every partition holds its segment file open, and its active segment's two index files once
+/// they are written; with sockets on top, a thousand partitions pass the usual soft limit of
+/// 1,024 descriptors. Raise the soft limit to the hard one, as Kafka's and Redpanda's
+/// deployment guides ask operators to.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let from = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::info!(from, to = lim.rlim_max, "raised the open-file limit");
+        }
+    }
 }
 
 /// Request frames and batch copies are often 64 KiB-1 MiB. glibc serves blocks that large with

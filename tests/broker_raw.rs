@@ -1555,3 +1555,32 @@ fn full_disk_fails_produce_with_storage_error_keeps_reads_and_resumes() {
     drop(r);
     b.sigterm();
 }
+
+#[test]
+fn many_partitions_work_when_started_with_a_low_soft_open_file_limit() {
+    // 300 partitions, each with its segment file and, once an acks=all produce is synced, its two
+    // index files open: about 900 descriptors, far past a soft limit of 256. The broker raises
+    // its soft limit to the hard one at start-up.
+    let b = Broker::options().fd_soft_limit(256).start();
+    assert!(
+        b.stderr().contains("raised the open-file limit"),
+        "{}",
+        b.stderr()
+    );
+    let t = topic_name("fds");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 300);
+    for p in 0..300 {
+        let v = format!("fd-{p}");
+        assert_eq!(
+            produce(&mut r, &t, p, -1, batch(&[v.as_bytes()])),
+            (NONE, 0),
+            "partition {p}"
+        );
+    }
+    for p in [0, 150, 299] {
+        let (hw, recs) = fetch_all(&mut r, &t, p);
+        assert_eq!((hw, recs), (1, vec![(0, format!("fd-{p}").into_bytes())]));
+    }
+    assert_serves(&b);
+}

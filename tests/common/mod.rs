@@ -49,6 +49,8 @@ pub struct BrokerOptions {
     pub extra_args: Vec<String>,
     /// `--data-dir`; `None` puts it in the broker's temp dir.
     pub data_dir: Option<PathBuf>,
+    /// Soft open-file limit the broker process starts with (the hard limit is left alone).
+    pub fd_soft_limit: Option<u64>,
 }
 
 impl Default for BrokerOptions {
@@ -58,6 +60,7 @@ impl Default for BrokerOptions {
             segment_bytes: Some(TEST_SEGMENT_BYTES),
             extra_args: Vec::new(),
             data_dir: None,
+            fd_soft_limit: None,
         }
     }
 }
@@ -75,6 +78,11 @@ impl BrokerOptions {
 
     pub fn data_dir(mut self, dir: PathBuf) -> Self {
         self.data_dir = Some(dir);
+        self
+    }
+
+    pub fn fd_soft_limit(mut self, n: u64) -> Self {
+        self.fd_soft_limit = Some(n);
         self
     }
 
@@ -177,6 +185,26 @@ impl Broker {
             .args(&self.options.extra_args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
+        if let Some(soft) = self.options.fd_soft_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd
     }
 

@@ -45,6 +45,18 @@ def consumer(broker, group, **kw):
     )
 
 
+def subscribe(c, topic):
+    """Subscribes once the consumer's own metadata has the topic's partitions. Otherwise a member
+    that leads the group can assign before its first metadata response arrives ("No partition
+    metadata"), hand out nothing, and kafka-python 3.0.12 does not always rejoin when the metadata
+    then arrives."""
+    deadline = time.monotonic() + WAIT
+    while not c.partitions_for_topic(topic):
+        assert time.monotonic() < deadline, f"no metadata for {topic}"
+        time.sleep(0.05)
+    c.subscribe([topic])
+
+
 def poll_until(consumers, cond):
     seen = [[] for _ in consumers]
     deadline = time.monotonic() + WAIT
@@ -62,8 +74,8 @@ def test_two_members_split_four_partitions_then_one_takes_all(broker):
     group = f"split-{uuid.uuid4().hex[:6]}"
     a = consumer(broker, group)
     b = consumer(broker, group)
-    a.subscribe([topic])
-    b.subscribe([topic])
+    subscribe(a, topic)
+    subscribe(b, topic)
     poll_until([a, b], lambda cs, _: len(cs[0].assignment()) == 2 and len(cs[1].assignment()) == 2)
     assert {tp.partition for tp in a.assignment()} | {tp.partition for tp in b.assignment()} == {0, 1, 2, 3}
     b.close()  # LeaveGroup
@@ -76,7 +88,7 @@ def test_restarted_consumer_resumes_from_commit_and_groups_are_independent(broke
     produce(broker, topic, 2, 10)
     group = f"resume-{uuid.uuid4().hex[:6]}"
     c = consumer(broker, group)
-    c.subscribe([topic])
+    subscribe(c, topic)
     seen = poll_until([c], lambda _, s: len(s[0]) >= 20)
     assert len(seen[0]) == 20
     c.commit()
@@ -85,12 +97,12 @@ def test_restarted_consumer_resumes_from_commit_and_groups_are_independent(broke
     c.close()
     produce(broker, topic, 2, 3)
     c = consumer(broker, group)
-    c.subscribe([topic])
+    subscribe(c, topic)
     seen = poll_until([c], lambda _, s: len(s[0]) >= 6)
     assert sorted(seen[0]) == sorted([f"p{p}-{i}" for p in range(2) for i in range(3)])
     c.close()
     other = consumer(broker, f"other-{uuid.uuid4().hex[:6]}")
-    other.subscribe([topic])
+    subscribe(other, topic)
     seen = poll_until([other], lambda _, s: len(s[0]) >= 26)
     assert len(seen[0]) == 26
     other.close()
@@ -101,7 +113,7 @@ def test_admin_lists_describes_and_deletes_groups(broker):
     produce(broker, topic, 1, 3)
     group = f"admin-{uuid.uuid4().hex[:6]}"
     c = consumer(broker, group, client_id="py-member")
-    c.subscribe([topic])
+    subscribe(c, topic)
     poll_until([c], lambda _, s: len(s[0]) >= 3)
     c.commit()
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
@@ -139,19 +151,19 @@ def test_reset_offsets_then_consume_from_the_new_position(broker):
     produce(broker, topic, 1, 5)
     group = f"reset-{uuid.uuid4().hex[:6]}"
     c = consumer(broker, group)
-    c.subscribe([topic])
+    subscribe(c, topic)
     poll_until([c], lambda _, s: len(s[0]) >= 5)
     c.commit()
     c.close()  # the only member leaves: the group is Empty and its offsets can move
     sluice_group(broker, "reset-offsets", group, "--topic", topic, "--to-offset", "3")
     c = consumer(broker, group)
-    c.subscribe([topic])
+    subscribe(c, topic)
     seen = poll_until([c], lambda _, s: len(s[0]) >= 2)
     assert seen[0][:2] == ["p0-3", "p0-4"]
     c.close()
     sluice_group(broker, "reset-offsets", group, "--topic", topic, "--to-earliest")
     c = consumer(broker, group)
-    c.subscribe([topic])
+    subscribe(c, topic)
     seen = poll_until([c], lambda _, s: len(s[0]) >= 5)
     assert seen[0][:5] == [f"p0-{i}" for i in range(5)]
     c.close()
@@ -161,7 +173,7 @@ def test_commit_from_outside_an_active_group_fails(broker):
     topic = new_topic(broker, 1)
     group = f"errs-{uuid.uuid4().hex[:6]}"
     member = consumer(broker, group)
-    member.subscribe([topic])
+    subscribe(member, topic)
     poll_until([member], lambda cs, _: len(cs[0].assignment()) == 1)
     # A consumer of the same group id outside the group commits with generation -1: the group
     # has members, so the coordinator answers UNKNOWN_MEMBER_ID (CommitFailedError in the client).

@@ -56,6 +56,22 @@ pub struct StartArgs {
     /// from it [default: 67108864].
     #[arg(long, env = "SLUICE_INFLIGHT_BYTES_MAX")]
     pub inflight_bytes_max: Option<usize>,
+    /// Requests one connection may have unanswered before the broker stops reading from it
+    /// [default: 128].
+    #[arg(long, env = "SLUICE_INFLIGHT_REQUESTS_MAX")]
+    pub inflight_requests_max: Option<usize>,
+    /// Request bytes one shard holds at once over all its connections (frames being read and
+    /// requests not yet answered); readers wait when it is spent [default: 536870912].
+    #[arg(long, env = "SLUICE_SHARD_REQUEST_BYTES_MAX")]
+    pub shard_request_bytes_max: Option<usize>,
+    /// A request frame must arrive whole, and a response must be taken by the client, within
+    /// this many ms, else the connection is closed [default: 30000].
+    #[arg(long, env = "SLUICE_STALL_TIMEOUT_MS")]
+    pub stall_timeout_ms: Option<u64>,
+    /// A connection with nothing in flight that sends nothing for this many ms is closed
+    /// (Kafka's connections.max.idle.ms) [default: 600000].
+    #[arg(long, env = "SLUICE_CONNECTION_IDLE_MS")]
+    pub connection_idle_ms: Option<u64>,
     /// Largest record batch accepted, in bytes [default: 1048588].
     #[arg(long, env = "SLUICE_MESSAGE_BYTES_MAX")]
     pub message_bytes_max: Option<i32>,
@@ -92,6 +108,10 @@ struct FileConfig {
     request_bytes_max: Option<usize>,
     connections_max: Option<usize>,
     inflight_bytes_max: Option<usize>,
+    inflight_requests_max: Option<usize>,
+    shard_request_bytes_max: Option<usize>,
+    stall_timeout_ms: Option<u64>,
+    connection_idle_ms: Option<u64>,
     message_bytes_max: Option<i32>,
     cache_bytes: Option<usize>,
     partitions_per_shard_max: Option<usize>,
@@ -121,6 +141,17 @@ pub struct BrokerConfig {
     pub connections_max: usize,
     /// Back-pressure: a connection's unanswered request bytes past this stop its reads.
     pub inflight_bytes_max: usize,
+    /// Protects memory: each unanswered request may hold a response (a fetch response is up to
+    /// `fetch_bytes_max`); past this many a connection's reads pause.
+    pub inflight_requests_max: usize,
+    /// Protects a shard's memory from many connections at once: request bytes held by the shard
+    /// (partial frames reserved at their declared size, unanswered requests) stay below it.
+    pub shard_request_bytes_max: usize,
+    /// Protects memory held for a stalled peer (slow-loris frames, a client that never reads):
+    /// a frame must arrive whole, and each response write must progress, within it.
+    pub stall_timeout_ms: u64,
+    /// Protects connection slots and read buffers from idle clients.
+    pub connection_idle_ms: u64,
     /// Default `max.message.bytes`: a larger batch gets MESSAGE_TOO_LARGE.
     pub message_bytes_max: i32,
     /// Batch cache budget of each shard.
@@ -272,6 +303,28 @@ impl BrokerConfig {
                 "invalid --inflight-bytes-max {inflight_bytes_max}: must be >= 1 MiB"
             ));
         }
+        let inflight_requests_max = pick!(inflight_requests_max, 128);
+        if inflight_requests_max == 0 {
+            return Err("invalid --inflight-requests-max 0: must be >= 1".into());
+        }
+        let shard_request_bytes_max = pick!(shard_request_bytes_max, 512 * 1024 * 1024);
+        if shard_request_bytes_max < request_bytes_max {
+            return Err(format!(
+                "invalid --shard-request-bytes-max {shard_request_bytes_max}: must be >= --request-bytes-max ({request_bytes_max})"
+            ));
+        }
+        let stall_timeout_ms = pick!(stall_timeout_ms, 30_000);
+        if stall_timeout_ms < 100 {
+            return Err(format!(
+                "invalid --stall-timeout-ms {stall_timeout_ms}: must be >= 100"
+            ));
+        }
+        let connection_idle_ms = pick!(connection_idle_ms, 600_000);
+        if connection_idle_ms < 100 {
+            return Err(format!(
+                "invalid --connection-idle-ms {connection_idle_ms}: must be >= 100"
+            ));
+        }
         Ok(BrokerConfig {
             data_dir,
             listen,
@@ -291,6 +344,10 @@ impl BrokerConfig {
             request_bytes_max,
             connections_max,
             inflight_bytes_max,
+            inflight_requests_max,
+            shard_request_bytes_max,
+            stall_timeout_ms,
+            connection_idle_ms,
             message_bytes_max,
             cache_bytes: pick!(cache_bytes, 256 * 1024 * 1024),
             partitions_per_shard_max: pick!(partitions_per_shard_max, 100_000),
@@ -352,6 +409,10 @@ mod tests {
             |a| a.flush = Some("sometimes".into()),
             |a| a.default_partitions = Some(0),
             |a| a.cores = Some(100_000),
+            |a| a.inflight_requests_max = Some(0),
+            |a| a.shard_request_bytes_max = Some(1 << 20),
+            |a| a.stall_timeout_ms = Some(0),
+            |a| a.connection_idle_ms = Some(5),
         ]
         .into_iter()
         .map(|f| (f, ()))

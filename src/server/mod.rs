@@ -13,12 +13,12 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::sync::Semaphore;
+use glommio::sync::{Semaphore, StaticPermit};
 use glommio::task::JoinHandle;
 
 use crate::shard;
@@ -27,8 +27,11 @@ use crate::shard;
 const LENGTH_PREFIX_BYTES: usize = 4;
 /// Smallest possible request: api key, version, correlation id, client id length.
 const REQUEST_HEADER_BYTES_MIN: usize = 10;
-/// How many bytes the reader asks the socket for at a time.
+/// How many bytes the reader asks the socket for at a time when no large frame is pending:
+/// also what one idle connection's read buffer costs.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Most bytes one read call asks for: the buffer is zero-filled up to it before each read.
+const READ_CALL_BYTES_MAX: usize = 1024 * 1024;
 
 /// What a handler gives back.
 pub enum Response {
@@ -50,6 +53,8 @@ pub async fn accept_loop(listener: TcpListener) {
     let shard = shard::local();
     let broker = shard.broker.clone();
     let active = Rc::new(Cell::new(0usize));
+    // One budget for the request bytes every connection of this shard holds at once.
+    let request_memory = Rc::new(Semaphore::new(broker.config.shard_request_bytes_max as u64));
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             let _ = broker.shutdown_rx.recv().await;
@@ -83,8 +88,9 @@ pub async fn accept_loop(listener: TcpListener) {
         });
         active.set(active.get() + 1);
         let active2 = active.clone();
+        let request_memory = request_memory.clone();
         glommio::spawn_local(async move {
-            serve_connection(stream, conn).await;
+            serve_connection(stream, conn, request_memory).await;
             active2.set(active2.get() - 1);
         })
         .detach();
@@ -96,7 +102,89 @@ pub async fn accept_loop(listener: TcpListener) {
     }
 }
 
-async fn serve_connection(stream: TcpStream, conn: Rc<Connection>) {
+/// The budgets one connection draws on; every permit taken from them is held until the response
+/// it was taken for is written (or dropped with the connection), so nothing leaks on close.
+///
+/// The connection's own budgets are taken at a frame's declared size when its length prefix is
+/// read: a client that declares big frames only slows itself. The shard's budget is taken only
+/// for bytes as they are received, so declaring large frames and stalling costs other clients
+/// nothing; to spend it a client must really send the bytes, and a frame that stalls is dropped
+/// after `stall_timeout_ms`.
+#[derive(Clone)]
+struct Budgets {
+    /// This connection's unanswered request bytes (`inflight_bytes_max`).
+    bytes: Rc<Semaphore>,
+    /// This connection's unanswered requests (`inflight_requests_max`).
+    requests: Rc<Semaphore>,
+    /// The shard's request bytes over all its connections (`shard_request_bytes_max`).
+    shard_bytes: Rc<Semaphore>,
+}
+
+/// Bytes of the shard's request budget held by one frame; returned when dropped.
+struct ShardBytes {
+    pool: Rc<Semaphore>,
+    held: u64,
+}
+
+impl ShardBytes {
+    /// Takes `n` more bytes, waiting until the shard has them.
+    async fn grow(&mut self, n: u64) -> Option<()> {
+        self.pool.acquire(n).await.ok()?;
+        self.held += n;
+        Some(())
+    }
+}
+
+impl Drop for ShardBytes {
+    fn drop(&mut self) {
+        self.pool.signal(self.held);
+    }
+}
+
+/// Permits held for one request, from the moment its length prefix is read until its response
+/// has been written.
+struct Held {
+    _request: StaticPermit,
+    _bytes: StaticPermit,
+    shard_bytes: ShardBytes,
+}
+
+/// A request handed from the reader to the writer, in request order.
+struct InFlight {
+    task: JoinHandle<Response>,
+    _held: Held,
+}
+
+impl Budgets {
+    /// Takes a request slot and `frame_bytes` from the connection's budget, plus `received`
+    /// bytes (what of the frame is already buffered) from the shard's, waiting (back-pressure:
+    /// the socket is not read meanwhile) until they are free.
+    async fn reserve(&self, frame_bytes: usize, received: usize) -> Option<Held> {
+        let limits = &shard::local().broker.config;
+        let request = self.requests.acquire_static_permit(1).await.ok()?;
+        // A frame larger than the budget takes all of it: it waits for the rest to be answered.
+        let bytes = (frame_bytes as u64).min(limits.inflight_bytes_max as u64);
+        let bytes = self.bytes.acquire_static_permit(bytes).await.ok()?;
+        let mut shard_bytes = ShardBytes {
+            pool: self.shard_bytes.clone(),
+            held: 0,
+        };
+        shard_bytes.grow(received.min(frame_bytes) as u64).await?;
+        Some(Held {
+            _request: request,
+            _bytes: bytes,
+            shard_bytes,
+        })
+    }
+
+    /// Requests whose responses are not written yet.
+    fn unanswered(&self) -> u64 {
+        let max = shard::local().broker.config.inflight_requests_max as u64;
+        max - self.requests.available()
+    }
+}
+
+async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: Rc<Semaphore>) {
     let broker = shard::local().broker.clone();
     // Reads and writes proceed independently: the writer gets its own descriptor of the socket.
     // SAFETY: dup of a descriptor we own; the new one is owned by `writer_stream` alone.
@@ -107,12 +195,20 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>) {
     }
     // SAFETY: `wfd` is a fresh descriptor of a connected TCP socket.
     let writer_stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(wfd) };
+    // A client that stops reading its responses holds them (and their requests' budgets) only
+    // until a write has made no progress for the stall timeout.
+    let stall = Duration::from_millis(broker.config.stall_timeout_ms);
+    let _ = writer_stream.set_write_timeout(Some(stall));
     let stream = Rc::new(std::cell::RefCell::new(stream));
     let wstream = Rc::new(std::cell::RefCell::new(writer_stream));
-    let (tx, rx) = async_channel::unbounded::<(usize, JoinHandle<Response>)>();
-    let budget = Rc::new(Semaphore::new(broker.config.inflight_bytes_max as u64));
-    let reader = read_requests(stream.clone(), conn.clone(), tx, budget.clone());
-    let writer = write_responses(wstream.clone(), rx, budget);
+    let (tx, rx) = async_channel::unbounded::<InFlight>();
+    let budgets = Budgets {
+        bytes: Rc::new(Semaphore::new(broker.config.inflight_bytes_max as u64)),
+        requests: Rc::new(Semaphore::new(broker.config.inflight_requests_max as u64)),
+        shard_bytes,
+    };
+    let reader = read_requests(stream.clone(), conn.clone(), tx, budgets);
+    let writer = write_responses(wstream.clone(), rx);
     let (why, _) = futures_lite::future::zip(reader, writer).await;
     if let Some(why) = why {
         tracing::info!(peer = %conn.peer, conn = conn.id, "closing connection: {why}");
@@ -121,38 +217,97 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>) {
     let _ = stream.borrow_mut().close().await;
 }
 
-/// Reads frames until EOF, shutdown or a protocol violation (returned as the reason).
+/// Runs `fut` unless the broker starts shutting down first.
+async fn until_shutdown<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
+    let broker = shard::local().broker.clone();
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        let _ = broker.shutdown_rx.recv().await;
+        None
+    })
+    .await
+}
+
+/// Runs `fut` until `deadline` (if any); `None` if the deadline passed first.
+async fn within<T>(
+    deadline: Option<Instant>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let Some(deadline) = deadline else {
+        return Some(fut.await);
+    };
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+        None
+    })
+    .await
+}
+
+/// The frame being received: its length (without the prefix), the budgets reserved for it, and
+/// when it must be complete.
+struct Pending {
+    len: usize,
+    held: Held,
+    deadline: Instant,
+}
+
+/// Reads frames until EOF, shutdown, a timeout or a protocol violation (returned as the reason).
+///
+/// Memory: the read buffer grows only with bytes received (at most doubling what has arrived),
+/// never by a declared length; a frame's bytes are reserved in the connection's and the shard's
+/// budgets as soon as its length prefix is read, before its body is read.
 async fn read_requests(
     stream: Rc<std::cell::RefCell<TcpStream>>,
     conn: Rc<Connection>,
-    tx: async_channel::Sender<(usize, JoinHandle<Response>)>,
-    budget: Rc<Semaphore>,
+    tx: async_channel::Sender<InFlight>,
+    budgets: Budgets,
 ) -> Option<String> {
     let broker = shard::local().broker.clone();
     let max = broker.config.request_bytes_max;
+    let stall = Duration::from_millis(broker.config.stall_timeout_ms);
+    let idle = Duration::from_millis(broker.config.connection_idle_ms);
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut pending: Option<Pending> = None;
+    // When the first bytes of a frame whose length prefix is still incomplete arrived.
+    let mut prefix_started: Option<Instant> = None;
     loop {
         // Is a whole frame here? Check before any parsing or allocation.
-        while buf.len() >= LENGTH_PREFIX_BYTES {
-            let len = i32::from_be_bytes(buf[..4].try_into().unwrap());
-            if len < REQUEST_HEADER_BYTES_MIN as i32 {
-                return Some(format!("invalid frame length {len}"));
+        loop {
+            if pending.is_none() {
+                if buf.len() < LENGTH_PREFIX_BYTES {
+                    break;
+                }
+                let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                if len < REQUEST_HEADER_BYTES_MIN as i32 {
+                    return Some(format!("invalid frame length {len}"));
+                }
+                let len = len as usize;
+                if len > max {
+                    return Some(format!(
+                        "frame of {len} bytes exceeds request_bytes_max {max}"
+                    ));
+                }
+                // Back-pressure: wait until earlier requests' bytes are answered. The body is
+                // not read meanwhile, so it waits in the socket, not in our memory.
+                let frame_bytes = LENGTH_PREFIX_BYTES + len;
+                let held = until_shutdown(budgets.reserve(frame_bytes, buf.len()))
+                    .await
+                    .flatten()?;
+                prefix_started = None;
+                pending = Some(Pending {
+                    len,
+                    held,
+                    deadline: Instant::now() + stall,
+                });
             }
-            let len = len as usize;
-            if len > max {
-                return Some(format!(
-                    "frame of {len} bytes exceeds request_bytes_max {max}"
-                ));
-            }
+            let len = pending.as_ref().map_or(0, |p| p.len);
             if buf.len() < LENGTH_PREFIX_BYTES + len {
-                buf.reserve(LENGTH_PREFIX_BYTES + len - buf.len());
                 break;
             }
+            let Some(Pending { held, .. }) = pending.take() else {
+                unreachable!("a pending frame was just checked");
+            };
             let _ = buf.split_to(LENGTH_PREFIX_BYTES);
             let frame = buf.split_to(len).freeze();
-            // Back-pressure: wait until earlier requests' bytes are answered.
-            let permits = (len as u64).min(broker.config.inflight_bytes_max as u64);
-            budget.acquire(permits).await.ok()?;
             let conn2 = conn.clone();
             let task = glommio::spawn_local(async move {
                 // A handler bug must cost this connection, not the shard and every client on it.
@@ -163,58 +318,108 @@ async fn read_requests(
                 }
             })
             .detach();
-            if tx.send((permits as usize, task)).await.is_err() {
+            if tx.send(InFlight { task, _held: held }).await.is_err() {
                 return None;
             }
         }
         if broker.stopping.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
+        // How long this read may wait: a started frame must arrive whole within the stall
+        // timeout; a connection with nothing started and nothing in flight may idle for
+        // `connection_idle_ms`.
+        let now = Instant::now();
+        let deadline = match (&pending, buf.is_empty()) {
+            (Some(p), _) => Some(p.deadline),
+            (None, false) => Some(*prefix_started.get_or_insert(now) + stall),
+            (None, true) if budgets.unanswered() == 0 => Some(now + idle),
+            (None, true) => None,
+        };
+        // Grow the buffer with what has arrived: a chunk at a time, or for a large frame at most
+        // doubling what is here — never by the declared length alone.
         let old = buf.len();
-        let want = READ_CHUNK_BYTES.max(buf.capacity() - old);
+        let want = match &pending {
+            Some(p) if LENGTH_PREFIX_BYTES + p.len > old + READ_CHUNK_BYTES => {
+                (LENGTH_PREFIX_BYTES + p.len - old).min(old.max(READ_CHUNK_BYTES))
+            }
+            _ => READ_CHUNK_BYTES,
+        }
+        .min(READ_CALL_BYTES_MAX);
         buf.resize(old + want, 0);
         let read = {
             let mut s = stream.borrow_mut();
-            futures_lite::future::or(async { Some(s.read(&mut buf[old..]).await) }, async {
-                let _ = broker.shutdown_rx.recv().await;
-                None
-            })
-            .await
+            within(deadline, until_shutdown(s.read(&mut buf[old..]))).await
+        };
+        // `None`: shutting down; `Some(None)`: the deadline passed.
+        let read = match read {
+            Some(None) => None,
+            Some(Some(r)) => Some(Some(r)),
+            None => Some(None),
         };
         match read {
             None => {
                 buf.truncate(old);
                 return None;
             }
-            Some(Ok(0)) => {
+            Some(None) => {
+                buf.truncate(old);
+                if old == 0 && pending.is_none() {
+                    if budgets.unanswered() > 0 {
+                        continue; // a long-poll answer is still coming: not idle
+                    }
+                    return Some(format!("idle for {} ms", idle.as_millis()));
+                }
+                return Some(format!(
+                    "frame not complete within stall_timeout_ms {} ({old} bytes received)",
+                    stall.as_millis()
+                ));
+            }
+            Some(Some(Ok(0))) => {
                 buf.truncate(old);
                 if old > 0 {
                     return Some(format!("peer closed mid-frame ({old} bytes pending)"));
                 }
                 return None;
             }
-            Some(Ok(n)) => buf.truncate(old + n),
-            Some(Err(e)) => return Some(format!("read error: {e}")),
+            Some(Some(Ok(n))) => {
+                buf.truncate(old + n);
+                // The bytes of the pending frame just received are taken from the shard's
+                // budget; while it is spent this connection is not read further (its bytes
+                // wait in the socket). Unaccounted at any moment: one read per connection.
+                if let Some(p) = pending.as_mut() {
+                    let frame_part = (LENGTH_PREFIX_BYTES + p.len - old).min(n) as u64;
+                    let grow = until_shutdown(p.held.shard_bytes.grow(frame_part));
+                    match within(Some(p.deadline), grow).await {
+                        Some(Some(Some(()))) => {}
+                        Some(_) => return None, // shutting down
+                        None => {
+                            return Some(format!(
+                                "frame not complete within stall_timeout_ms {} (shard request budget spent)",
+                                stall.as_millis()
+                            ))
+                        }
+                    }
+                }
+            }
+            Some(Some(Err(e))) => return Some(format!("read error: {e}")),
         }
     }
 }
 
 async fn write_responses(
     stream: Rc<std::cell::RefCell<TcpStream>>,
-    rx: async_channel::Receiver<(usize, JoinHandle<Response>)>,
-    budget: Rc<Semaphore>,
+    rx: async_channel::Receiver<InFlight>,
 ) {
     let mut failed = false;
-    while let Ok((permits, task)) = rx.recv().await {
+    while let Ok(InFlight { task, _held }) = rx.recv().await {
         let resp = task.await;
-        budget.signal(permits as u64);
         if failed {
             continue;
         }
         match resp {
             Some(Response::Frames(parts)) => {
                 if let Err(e) = write_vectored_all(&stream, parts).await {
-                    tracing::debug!(error = %e, "write failed");
+                    tracing::info!(error = %e, "closing connection: response write failed");
                     failed = true;
                     let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
                 }
@@ -230,6 +435,7 @@ async fn write_responses(
                 let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
             }
         }
+        // `_held` drops here: the request's budgets return once its response is written.
     }
 }
 

@@ -51,6 +51,9 @@ pub struct BrokerOptions {
     pub data_dir: Option<PathBuf>,
     /// Soft open-file limit the broker process starts with (the hard limit is left alone).
     pub fd_soft_limit: Option<u64>,
+    /// Address-space limit (RLIMIT_AS) the broker process starts with: an allocation past it
+    /// fails, which aborts the process.
+    pub address_space_bytes_max: Option<u64>,
 }
 
 impl Default for BrokerOptions {
@@ -61,6 +64,7 @@ impl Default for BrokerOptions {
             extra_args: Vec::new(),
             data_dir: None,
             fd_soft_limit: None,
+            address_space_bytes_max: None,
         }
     }
 }
@@ -83,6 +87,11 @@ impl BrokerOptions {
 
     pub fn fd_soft_limit(mut self, n: u64) -> Self {
         self.fd_soft_limit = Some(n);
+        self
+    }
+
+    pub fn address_space_bytes_max(mut self, n: u64) -> Self {
+        self.address_space_bytes_max = Some(n);
         self
     }
 
@@ -185,21 +194,38 @@ impl Broker {
             .args(&self.options.extra_args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
-        if let Some(soft) = self.options.fd_soft_limit {
+        let (nofile, address_space) = (
+            self.options.fd_soft_limit,
+            self.options.address_space_bytes_max,
+        );
+        if nofile.is_some() || address_space.is_some() {
             use std::os::unix::process::CommandExt;
-            // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let mut lim = libc::rlimit {
-                        rlim_cur: 0,
-                        rlim_max: 0,
-                    };
-                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            // Lowers one soft limit (the hard limit is left alone).
+            fn lower(resource: libc::__rlimit_resource_t, soft: u64) -> std::io::Result<()> {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: getrlimit/setrlimit on a local struct; async-signal-safe.
+                unsafe {
+                    if libc::getrlimit(resource, &mut lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     lim.rlim_cur = soft.min(lim.rlim_max);
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    if libc::setrlimit(resource, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            }
+            // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(soft) = nofile {
+                        lower(libc::RLIMIT_NOFILE, soft)?;
+                    }
+                    if let Some(soft) = address_space {
+                        lower(libc::RLIMIT_AS, soft)?;
                     }
                     Ok(())
                 });

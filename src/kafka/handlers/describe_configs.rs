@@ -109,6 +109,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         true,
                     ),
                     (
+                        "connections.max.idle.ms".into(),
+                        c.connection_idle_ms.to_string(),
+                        s,
+                        true,
+                    ),
+                    (
                         "offsets.retention.minutes".into(),
                         c.offsets_retention_minutes.to_string(),
                         s,

@@ -170,7 +170,7 @@ impl Client {
                 self.correlation
             );
         }
-        Ok(Resp::decode(&mut body, version)?)
+        Resp::decode(&mut body, version)
     }
 }
 

@@ -286,14 +286,16 @@ mod tests {
         use crate::protocol::batch::{for_each_batch, BatchHeader};
         use proptest::prelude::*;
 
-        fn record() -> impl Strategy<
-            Value = (
-                Option<Vec<u8>>,
-                Option<Vec<u8>>,
-                Vec<(String, Option<Vec<u8>>)>,
-                i64,
-            ),
-        > {
+        /// Key, value, headers, timestamp of one generated record.
+        type Input = (
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Vec<(String, Option<Vec<u8>>)>,
+            i64,
+        );
+        type Headers<'a> = Vec<(&'a str, Option<&'a [u8]>)>;
+
+        fn record() -> impl Strategy<Value = Input> {
             (
                 prop::option::of(prop::collection::vec(any::<u8>(), 0..40)),
                 prop::option::of(prop::collection::vec(any::<u8>(), 0..200)),
@@ -368,7 +370,7 @@ mod tests {
                 fix_crc in any::<bool>(),
                 fix_length in any::<bool>(),
             ) {
-                let headers: Vec<Vec<(&str, Option<&[u8]>)>> = recs
+                let headers: Vec<Headers<'_>> = recs
                     .iter()
                     .map(|r| r.2.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect())
                     .collect();

@@ -1664,3 +1664,60 @@ fn list_offsets_on_a_decompression_bomb_stays_bounded_and_answers_the_batch() {
     );
     assert_serves(&b);
 }
+
+#[test]
+fn hostile_lengths_in_data_files_at_start_up_are_cut_or_ignored_and_the_broker_serves() {
+    let mut b = Broker::start();
+    let t = topic_name("files");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let mut acked = vec![];
+    let mut end = 0usize;
+    for i in 0..5 {
+        let v = format!("files-{i}");
+        let records = batch(&[v.as_bytes()]);
+        end += records.len();
+        assert_eq!(produce(&mut r, &t, 0, -1, records), (NONE, i));
+        acked.push((i, v.into_bytes()));
+    }
+    drop(r);
+    b.sigkill(); // no clean-shutdown marker: the active segment is scanned at start-up
+    let data = b.data_dir();
+    let part = data.join(format!("{t}-0"));
+    let huge_batch = |at: u64| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(part.join(format!("{:020}.log", 0)))
+            .unwrap();
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(at)).unwrap();
+        let mut h = 5i64.to_be_bytes().to_vec();
+        h.extend_from_slice(&i32::MAX.to_be_bytes());
+        h.extend_from_slice(&[0xab; 49]);
+        f.write_all(&h).unwrap();
+    };
+    // A batch after the acknowledged ones declaring 2^31-1 bytes; index files and a producer
+    // snapshot full of 0xff (counts of 2^32-1); a metadata log record declaring 4 GiB.
+    huge_batch(end as u64);
+    for name in [
+        format!("{:020}.index", 0),
+        format!("{:020}.timeindex", 0),
+        "producer-state.snapshot".to_string(),
+    ] {
+        std::fs::write(part.join(name), [0xff; 64]).unwrap();
+    }
+    let mut meta = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("__meta/metadata.log"))
+        .unwrap();
+    meta.write_all(&[0xff; 40]).unwrap();
+    drop(meta);
+
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    let (hw, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(hw, 5);
+    assert_eq!(recs, acked);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"after"])), (NONE, 5));
+    assert_serves(&b);
+}

@@ -8,8 +8,10 @@ use std::fmt;
 pub struct Offset(pub i64);
 
 impl Offset {
+    /// The offset after this one; saturates at `i64::MAX` (offsets read from a hostile file or
+    /// batch can be anything).
     pub fn next(self) -> Offset {
-        Offset(self.0 + 1)
+        Offset(self.0.saturating_add(1))
     }
 }
 impl fmt::Display for Offset {

@@ -1584,3 +1584,140 @@ fn many_partitions_work_when_started_with_a_low_soft_open_file_limit() {
     }
     assert_serves(&b);
 }
+
+/// A RecordBatch v2 of one record (offset delta 0) whose records section is `records` as given,
+/// with codec `attributes` and timestamp `ts`; the CRC-32C is valid.
+fn raw_batch(attributes: i16, ts: i64, records: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(61 + records.len());
+    b.extend_from_slice(&0i64.to_be_bytes());
+    b.extend_from_slice(&((49 + records.len()) as i32).to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.push(2);
+    b.extend_from_slice(&[0; 4]); // CRC, below
+    b.extend_from_slice(&attributes.to_be_bytes());
+    b.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
+    b.extend_from_slice(&ts.to_be_bytes());
+    b.extend_from_slice(&ts.to_be_bytes());
+    b.extend_from_slice(&(-1i64).to_be_bytes());
+    b.extend_from_slice(&(-1i16).to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.extend_from_slice(&1i32.to_be_bytes()); // record count
+    b.extend_from_slice(records);
+    let crc = crc32c::crc32c(&b[21..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    Bytes::from(b)
+}
+
+/// A zstd frame of `blocks` RLE blocks of 128 KiB each: 4 bytes per block on the wire, so 32 KiB
+/// expand to 1 GiB. (RFC 8878: frame header with a 128 KiB window; block header = last flag,
+/// type 1 = RLE, size; then the repeated byte.)
+fn zstd_rle_bomb(blocks: usize) -> Vec<u8> {
+    let mut f = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, (17 - 10) << 3];
+    for i in 0..blocks {
+        let last = (i + 1 == blocks) as u32;
+        let h = last | (1 << 1) | ((128 << 10) << 3);
+        f.extend_from_slice(&h.to_le_bytes()[..3]);
+        f.push(0);
+    }
+    f
+}
+
+fn peak_rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn list_offsets_on_a_decompression_bomb_stays_bounded_and_answers_the_batch() {
+    let b = Broker::start();
+    let t = topic_name("bomb");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let ts = 1_700_000_000_000i64;
+    // 1 GiB of zstd output and a raw snappy block declaring 4 GiB, each in a small batch. The
+    // broker stores them verbatim (it never decompresses on produce).
+    let bomb = zstd_rle_bomb(8192);
+    assert!(bomb.len() < 64 << 10);
+    assert_eq!(
+        produce(&mut r, &t, 0, -1, raw_batch(4, ts, &bomb)),
+        (NONE, 0)
+    );
+    let snappy = [0xff, 0xff, 0xff, 0xff, 0x0f, 0x00];
+    assert_eq!(
+        produce(&mut r, &t, 0, -1, raw_batch(2, ts + 10, &snappy)),
+        (NONE, 1)
+    );
+    let pid = b.pid().expect("broker pid");
+    let before = peak_rss_kib(pid);
+    // ListOffsets by timestamp looks inside the batch the time index finds. It cannot decode
+    // these, so it answers with the batch itself (offset and max timestamp).
+    assert_eq!(list_offset(&mut r, &t, 0, ts), (NONE, 0, ts));
+    assert_eq!(list_offset(&mut r, &t, 0, ts + 5), (NONE, 1, ts + 10));
+    assert_eq!(list_offset(&mut r, &t, 0, -3), (NONE, 1, ts + 10));
+    let grown_mib = (peak_rss_kib(pid) - before) / 1024;
+    assert!(
+        grown_mib < 256,
+        "peak RSS grew by {grown_mib} MiB decoding a 1 GiB bomb"
+    );
+    assert_serves(&b);
+}
+
+#[test]
+fn hostile_lengths_in_data_files_at_start_up_are_cut_or_ignored_and_the_broker_serves() {
+    let mut b = Broker::start();
+    let t = topic_name("files");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let mut acked = vec![];
+    let mut end = 0usize;
+    for i in 0..5 {
+        let v = format!("files-{i}");
+        let records = batch(&[v.as_bytes()]);
+        end += records.len();
+        assert_eq!(produce(&mut r, &t, 0, -1, records), (NONE, i));
+        acked.push((i, v.into_bytes()));
+    }
+    drop(r);
+    b.sigkill(); // no clean-shutdown marker: the active segment is scanned at start-up
+    let data = b.data_dir();
+    let part = data.join(format!("{t}-0"));
+    let huge_batch = |at: u64| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(part.join(format!("{:020}.log", 0)))
+            .unwrap();
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(at)).unwrap();
+        let mut h = 5i64.to_be_bytes().to_vec();
+        h.extend_from_slice(&i32::MAX.to_be_bytes());
+        h.extend_from_slice(&[0xab; 49]);
+        f.write_all(&h).unwrap();
+    };
+    // A batch after the acknowledged ones declaring 2^31-1 bytes; index files and a producer
+    // snapshot full of 0xff (counts of 2^32-1); a metadata log record declaring 4 GiB.
+    huge_batch(end as u64);
+    for name in [
+        format!("{:020}.index", 0),
+        format!("{:020}.timeindex", 0),
+        "producer-state.snapshot".to_string(),
+    ] {
+        std::fs::write(part.join(name), [0xff; 64]).unwrap();
+    }
+    let mut meta = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("__meta/metadata.log"))
+        .unwrap();
+    meta.write_all(&[0xff; 40]).unwrap();
+    drop(meta);
+
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    let (hw, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(hw, 5);
+    assert_eq!(recs, acked);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"after"])), (NONE, 5));
+    assert_serves(&b);
+}

@@ -21,6 +21,31 @@ pub struct Client {
 
 const CLIENT_ID: &str = "sluice-cli";
 
+/// Largest response frame the CLI accepts: protects it from a garbage or hostile length prefix.
+/// Fetches ask for at most 50 MiB, so a real response is far smaller.
+pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
+
+/// Reads one length-prefixed response frame. The buffer grows with the bytes that arrive, never
+/// by the declared length, which must lie in `4..=RESPONSE_BYTES_MAX`.
+pub fn read_frame(r: &mut impl Read) -> Result<Bytes> {
+    let mut lenb = [0u8; 4];
+    r.read_exact(&mut lenb)
+        .map_err(|e| anyhow!("closed the connection ({e})"))?;
+    let n = i32::from_be_bytes(lenb);
+    let len = usize::try_from(n)
+        .ok()
+        .filter(|n| (4..=RESPONSE_BYTES_MAX).contains(n))
+        .ok_or_else(|| anyhow!("sent a frame of invalid length {n}"))?;
+    let mut body = Vec::new();
+    r.take(len as u64)
+        .read_to_end(&mut body)
+        .context("reading a response")?;
+    if body.len() != len {
+        bail!("closed the connection mid-response");
+    }
+    Ok(Bytes::from(body))
+}
+
 impl Client {
     /// Connects to the first reachable broker of a comma-separated list.
     pub fn connect(brokers: &str) -> Result<Client> {
@@ -135,17 +160,8 @@ impl Client {
         self.stream
             .write_all(&buf)
             .with_context(|| format!("send to {}", self.addr))?;
-        let mut lenb = [0u8; 4];
-        self.stream
-            .read_exact(&mut lenb)
-            .map_err(|e| anyhow!("broker {} closed the connection ({e})", self.addr))?;
-        let n = i32::from_be_bytes(lenb);
-        if n < 4 {
-            bail!("broker sent a frame of invalid length {n}");
-        }
-        let mut body = vec![0u8; n as usize];
-        self.stream.read_exact(&mut body)?;
-        let mut body = Bytes::from(body);
+        let mut body =
+            read_frame(&mut self.stream).map_err(|e| anyhow!("broker {}: {e:#}", self.addr))?;
         let h = ResponseHeader::decode(&mut body, key.response_header_version(version))?;
         if h.correlation_id != self.correlation {
             bail!(
@@ -154,7 +170,7 @@ impl Client {
                 self.correlation
             );
         }
-        Ok(Resp::decode(&mut body, version)?)
+        Resp::decode(&mut body, version)
     }
 }
 
@@ -175,5 +191,41 @@ pub fn check(code: i16, what: &str, message: Option<&StrBytes>) -> Result<()> {
     match message {
         Some(m) if !m.is_empty() => bail!("{what}: {}: {}", error_name(code), m.as_str()),
         _ => bail!("{what}: {}", error_name(code)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn huge_or_negative_frame_lengths_are_refused_without_allocating() {
+        for n in [i32::MAX, i32::MIN, -1, 3, (RESPONSE_BYTES_MAX + 1) as i32] {
+            let mut r = &n.to_be_bytes()[..];
+            assert!(read_frame(&mut r).is_err(), "{n}");
+        }
+        // A length within the limit but more than arrives: an error, with memory only for what
+        // arrived.
+        let mut short = (RESPONSE_BYTES_MAX as i32).to_be_bytes().to_vec();
+        short.extend_from_slice(&[1, 2, 3]);
+        assert!(read_frame(&mut &short[..]).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        #[test]
+        fn frames_round_trip_and_garbage_never_panics(
+            body in prop::collection::vec(any::<u8>(), 4..300),
+            garbage in prop::collection::vec(any::<u8>(), 0..64),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut f = (body.len() as i32).to_be_bytes().to_vec();
+            f.extend_from_slice(&body);
+            prop_assert_eq!(&read_frame(&mut &f[..]).unwrap()[..], &body[..]);
+            let cut = cut.index(f.len());
+            prop_assert!(read_frame(&mut &f[..cut]).is_err());
+            let _ = read_frame(&mut &garbage[..]);
+        }
     }
 }

@@ -5,15 +5,16 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::RecordBatchDecoder;
 
 use super::client::{check, Client};
 use super::topic;
+use crate::protocol::batch;
+use crate::protocol::compression::{self, DECOMPRESSED_BATCH_BYTES_MAX};
 
 #[derive(Args, Debug)]
 pub struct ConsumeArgs {
@@ -140,10 +141,19 @@ pub fn fetch_once(
             };
             let start = positions[&p.partition_index];
             while !records.is_empty() {
-                let set = match RecordBatchDecoder::decode(&mut records) {
-                    Ok(s) => s,
-                    Err(_) => break, // a partial batch at the end of the response
-                };
+                match batch::batch_size(&records) {
+                    // A partial batch at the end of the response (the broker cuts at the limit).
+                    Some(size) if size > records.len() => break,
+                    None if records.len() < batch::LOG_OVERHEAD_BYTES => break,
+                    _ => {}
+                }
+                let set = compression::decode_batch(&mut records, DECOMPRESSED_BATCH_BYTES_MAX)
+                    .with_context(|| {
+                        format!(
+                            "fetched batch of {topic}-{} does not decode",
+                            p.partition_index
+                        )
+                    })?;
                 for r in set.records {
                     if r.offset < start {
                         continue;

@@ -544,4 +544,54 @@ mod tests {
         let a = vec![("t".to_string(), vec![0, 3])];
         assert_eq!(decode_assignment(encode_assignment(&a)), a);
     }
+
+    #[test]
+    fn huge_counts_in_an_assignment_stop_at_the_bytes_present() {
+        let mut b = vec![0u8, 0];
+        b.extend_from_slice(&i32::MAX.to_be_bytes());
+        b.extend_from_slice(&[0, 1, b't']);
+        b.extend_from_slice(&i32::MAX.to_be_bytes());
+        b.extend_from_slice(&7i32.to_be_bytes());
+        assert_eq!(
+            decode_assignment(Bytes::from(b)),
+            vec![("t".to_string(), vec![7])]
+        );
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+            #[test]
+            fn assignments_round_trip_and_mutations_never_panic(
+                a in prop::collection::vec(("[a-z]{0,8}", prop::collection::vec(any::<i32>(), 0..6)), 0..5),
+                flip in prop::option::of((any::<prop::sample::Index>(), 1u8..)),
+                huge in prop::option::of(any::<prop::sample::Index>()),
+                cut in prop::option::of(any::<prop::sample::Index>()),
+                garbage in prop::collection::vec(any::<u8>(), 0..100),
+            ) {
+                let enc = encode_assignment(&a);
+                prop_assert_eq!(decode_assignment(enc.clone()), a);
+                let mut m = enc.to_vec();
+                if let Some((i, x)) = flip {
+                    let i = i.index(m.len());
+                    m[i] ^= x;
+                }
+                if let Some(i) = huge {
+                    let i = i.index(m.len() - 3);
+                    m[i..i + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+                }
+                if let Some(c) = cut {
+                    m.truncate(c.index(m.len()));
+                }
+                let len = m.len();
+                let out = decode_assignment(Bytes::from(m));
+                let parts: usize = out.iter().map(|(_, p)| p.len()).sum();
+                prop_assert!(parts <= len / 4);
+                let _ = decode_assignment(Bytes::from(garbage));
+            }
+        }
+    }
 }

@@ -148,6 +148,7 @@ impl GroupShard {
             if r.batches.is_empty() {
                 break;
             }
+            let before = next;
             for b in &r.batches {
                 let h = match batch::BatchHeader::parse(b) {
                     Ok(h) => h,
@@ -178,6 +179,16 @@ impl GroupShard {
                     }
                 }
                 next = last.next();
+            }
+            if next == before {
+                // Nothing here moved the position (every batch was damaged or behind it):
+                // stop rather than read the same bytes forever.
+                tracing::warn!(
+                    partition = p,
+                    offset = next.0,
+                    "{OFFSETS_TOPIC} replay stopped at undecodable data"
+                );
+                break;
             }
         }
         self.logs.borrow_mut().insert(p, log);

@@ -162,12 +162,19 @@ pub fn group_value(v: &GroupValue) -> Vec<u8> {
 
 // ---- reading ----
 
+/// The smallest encoded member (value v0): member id, client id and client host as empty strings
+/// (2 bytes each), session timeout (4), subscription and assignment as empty bytes (4 each).
+const MEMBER_BYTES_MIN: usize = 2 + 2 + 2 + 4 + 4 + 4;
+
 struct Reader<'a> {
     buf: &'a Bytes,
     at: usize,
 }
 
 impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.at)
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
         let end = self
             .at
@@ -276,10 +283,12 @@ pub fn decode_group_value(buf: &Bytes) -> Result<GroupValue, FormatError> {
     let leader = r.opt_str()?;
     let current_state_timestamp_ms = if version >= 2 { r.i64()? } else { -1 };
     let n = r.i32()?;
-    if n < 0 || n as usize > buf.len() {
-        return Err(FormatError(format!("member count {n} invalid")));
-    }
-    let mut members = Vec::with_capacity(n as usize);
+    // Refuse a count the remaining bytes cannot hold before allocating for it.
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|n| *n <= r.remaining() / MEMBER_BYTES_MIN)
+        .ok_or_else(|| FormatError(format!("member count {n} invalid")))?;
+    let mut members = Vec::with_capacity(n);
     for _ in 0..n {
         let member_id = r.str()?;
         let group_instance_id = if version >= 3 { r.opt_str()? } else { None };
@@ -319,8 +328,9 @@ pub fn subscription_topics(subscription: &[u8]) -> Option<Vec<String>> {
     let buf = Bytes::copy_from_slice(subscription);
     let mut r = Reader { buf: &buf, at: 0 };
     let _version = r.i16().ok()?;
-    let n = r.i32().ok()?;
-    if n < 0 || n as usize > buf.len() {
+    let n = usize::try_from(r.i32().ok()?).ok()?;
+    // Each topic name takes at least its 2-byte length.
+    if n > r.remaining() / 2 {
         return None;
     }
     (0..n).map(|_| r.str().ok()).collect()
@@ -437,5 +447,180 @@ mod tests {
             Some(vec!["a".to_string(), "bb".to_string()])
         );
         assert_eq!(subscription_topics(&[0]), None);
+    }
+
+    #[test]
+    fn huge_member_count_and_lengths_are_refused_before_allocating() {
+        // Group value v3 with no members, then its member count set to i32::MAX: without the
+        // check this reserves 2^31 members (hundreds of GB) and aborts.
+        let v = GroupValue {
+            protocol_type: "consumer".into(),
+            generation: 1,
+            protocol: None,
+            leader: None,
+            current_state_timestamp_ms: 0,
+            members: vec![],
+        };
+        let mut b = group_value(&v);
+        let at = b.len() - 4;
+        b[at..].copy_from_slice(&i32::MAX.to_be_bytes());
+        assert!(decode_group_value(&Bytes::from(b.clone())).is_err());
+        // A count that the bytes could hold only at one byte per member is refused too.
+        b[at..].copy_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(&[0u8; 20]);
+        assert!(decode_group_value(&Bytes::from(b)).is_err());
+        // A member whose subscription declares i32::MAX bytes.
+        let mut m = group_value(&GroupValue {
+            members: vec![MemberValue {
+                member_id: "m".into(),
+                group_instance_id: None,
+                client_id: "c".into(),
+                client_host: "h".into(),
+                rebalance_timeout_ms: 1,
+                session_timeout_ms: 1,
+                subscription: Bytes::new(),
+                assignment: Bytes::new(),
+            }],
+            ..v
+        });
+        let at = m.len() - 8;
+        m[at..at + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+        assert!(decode_group_value(&Bytes::from(m)).is_err());
+        // Subscriptions naming 2^31-1 topics.
+        let mut s = vec![0, 1];
+        s.extend_from_slice(&i32::MAX.to_be_bytes());
+        s.extend_from_slice(&[0, 1, b'a']);
+        assert_eq!(subscription_topics(&s), None);
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9._-]{0,20}"
+        }
+
+        fn member() -> impl Strategy<Value = MemberValue> {
+            (
+                name(),
+                prop::option::of(name()),
+                name(),
+                name(),
+                0i32..100_000,
+                prop::collection::vec(any::<u8>(), 0..30),
+                prop::collection::vec(any::<u8>(), 0..30),
+            )
+                .prop_map(
+                    |(member_id, group_instance_id, client_id, client_host, t, s, a)| MemberValue {
+                        member_id,
+                        group_instance_id,
+                        client_id,
+                        client_host,
+                        rebalance_timeout_ms: t,
+                        session_timeout_ms: t,
+                        subscription: s.into(),
+                        assignment: a.into(),
+                    },
+                )
+        }
+
+        fn mutate(
+            b: &mut Vec<u8>,
+            flips: &[(prop::sample::Index, u8)],
+            huge: Option<prop::sample::Index>,
+            cut: Option<prop::sample::Index>,
+        ) {
+            for (i, x) in flips {
+                if !b.is_empty() {
+                    let i = i.index(b.len());
+                    b[i] ^= x;
+                }
+            }
+            if let Some(i) = huge {
+                if b.len() >= 4 {
+                    let i = i.index(b.len() - 3);
+                    b[i..i + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+                }
+            }
+            if let Some(c) = cut {
+                if !b.is_empty() {
+                    b.truncate(c.index(b.len()));
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..200)) {
+                let b = Bytes::from(data);
+                let _ = decode_key(&b);
+                let _ = decode_offset_value(&b);
+                let _ = decode_group_value(&b);
+                let _ = subscription_topics(&b);
+            }
+
+            #[test]
+            fn records_round_trip_and_mutations_never_panic(
+                group in name(),
+                topic in name(),
+                partition in any::<i32>(),
+                offset in any::<i64>(),
+                expire in prop::option::of(0i64..i64::MAX),
+                metadata in name(),
+                members in prop::collection::vec(member(), 0..4),
+                topics in prop::collection::vec(name(), 0..5),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..), 0..3),
+                huge in prop::option::of(any::<prop::sample::Index>()),
+                cut in prop::option::of(any::<prop::sample::Index>()),
+            ) {
+                let key = offset_key(&group, &topic, partition);
+                prop_assert_eq!(
+                    decode_key(&Bytes::from(key.clone())).unwrap(),
+                    RecordKey::Offset { group: group.clone(), topic: topic.clone(), partition }
+                );
+                let ov = OffsetValue {
+                    offset,
+                    leader_epoch: if expire.is_some() { -1 } else { 3 },
+                    metadata,
+                    commit_timestamp_ms: 5,
+                    expire_timestamp_ms: expire.unwrap_or(-1),
+                };
+                let ob = offset_value(&ov);
+                prop_assert_eq!(decode_offset_value(&Bytes::from(ob.clone())).unwrap(), ov);
+                let gv = GroupValue {
+                    protocol_type: "consumer".into(),
+                    generation: 7,
+                    protocol: Some("range".into()),
+                    leader: members.first().map(|m| m.member_id.clone()),
+                    current_state_timestamp_ms: 9,
+                    members,
+                };
+                let gb = group_value(&gv);
+                prop_assert_eq!(decode_group_value(&Bytes::from(gb.clone())).unwrap(), gv);
+                let mut sub = vec![0u8, 1];
+                sub.extend_from_slice(&(topics.len() as i32).to_be_bytes());
+                for t in &topics {
+                    sub.extend_from_slice(&(t.len() as i16).to_be_bytes());
+                    sub.extend_from_slice(t.as_bytes());
+                }
+                prop_assert_eq!(subscription_topics(&sub), Some(topics));
+
+                for mut b in [key, ob, gb, sub] {
+                    mutate(&mut b, &flips, huge, cut);
+                    let b = Bytes::from(b);
+                    let _ = decode_key(&b);
+                    let _ = decode_offset_value(&b);
+                    if let Ok(g) = decode_group_value(&b) {
+                        prop_assert!(g.members.len() <= b.len() / MEMBER_BYTES_MIN);
+                    }
+                    if let Some(t) = subscription_topics(&b) {
+                        prop_assert!(t.len() <= b.len() / 2);
+                    }
+                }
+            }
+        }
     }
 }

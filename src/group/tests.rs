@@ -856,3 +856,79 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
         drop(timers);
     });
 }
+
+/// Rewrites a built batch's record count (and its CRC, so only the records are hostile).
+fn with_record_count(mut b: Vec<u8>, count: i32) -> bytes::BytesMut {
+    b[57..61].copy_from_slice(&count.to_be_bytes());
+    let crc = crc32c::crc32c(&b[21..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    bytes::BytesMut::from(&b[..])
+}
+
+#[test]
+fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(async move {
+        let p = partition_for("g", OFFSETS_PARTITIONS);
+        let log = open_log(&path, p).await;
+        let append = |b: bytes::BytesMut| {
+            let log = log.clone();
+            async move {
+                log.append(b, crate::storage::Durability::Synced)
+                    .await
+                    .expect("append");
+            }
+        };
+        // A group record whose member count is 2^31-1.
+        let mut gv = offsets::group_value(&offsets::GroupValue {
+            protocol_type: "consumer".into(),
+            generation: 1,
+            protocol: None,
+            leader: None,
+            current_state_timestamp_ms: 0,
+            members: vec![],
+        });
+        let at = gv.len() - 4;
+        gv[at..].copy_from_slice(&i32::MAX.to_be_bytes());
+        let gk = offsets::group_key("g");
+        append(batch::build::single(Some(&gk), Some(&gv), 1)[..].into()).await;
+        // A key whose string length runs past the record, and an offset value cut short.
+        append(batch::build::single(Some(&[0, 1, 0x7f, 0xff, b'g']), Some(&[0, 3]), 1)[..].into())
+            .await;
+        let ok = offsets::offset_value(&offsets::OffsetValue {
+            offset: 5,
+            leader_epoch: -1,
+            metadata: String::new(),
+            commit_timestamp_ms: crate::types::now_ms(),
+            expire_timestamp_ms: -1,
+        });
+        let ok_key = offsets::offset_key("g", "t", 0);
+        append(batch::build::single(Some(&ok_key), Some(&ok[..3]), 1)[..].into()).await;
+        // A batch declaring 2^31-1 records.
+        append(with_record_count(
+            batch::build::single(Some(&ok_key), Some(&ok), 1),
+            i32::MAX,
+        ))
+        .await;
+        // Then a valid commit, which replay must still apply.
+        let good = offsets::offset_value(&offsets::OffsetValue {
+            offset: 7,
+            ..offsets::decode_offset_value(&Bytes::from(ok.clone())).unwrap()
+        });
+        append(batch::build::single(Some(&ok_key), Some(&good), 1)[..].into()).await;
+        log.close().await.expect("close");
+
+        let gs = GroupShard::new(CoordinatorConfig::default());
+        let log = open_log(&path, p).await;
+        let applied = gs.load_partition(p, log.clone()).await.expect("replay");
+        assert_eq!(applied, 1);
+        {
+            let c = gs.coordinator.borrow();
+            let got = c.fetch_offsets("g", None);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].2.as_ref().unwrap().offset, 7);
+        }
+        log.close().await.expect("close");
+    });
+}

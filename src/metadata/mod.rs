@@ -115,6 +115,38 @@ fn frame(r: &Record) -> Vec<u8> {
     out
 }
 
+/// Replays the records of a metadata log: the image, the record count, and the length of the
+/// valid prefix. Stops at the first torn, corrupt or undecodable record; a declared length is
+/// only trusted once the bytes it covers are there (nothing is allocated by it).
+fn replay(buf: &[u8]) -> (MetadataImage, usize, usize) {
+    let mut image = MetadataImage::default();
+    let mut at = 0usize;
+    let mut records = 0usize;
+    while let Some((head, rest)) = buf
+        .get(at..)
+        .and_then(|b| b.split_first_chunk::<RECORD_HEADER_BYTES>())
+    {
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let Some(payload) = rest.get(..len) else {
+            break;
+        };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        match serde_json::from_slice::<Record>(payload) {
+            Ok(r) => image.apply(r),
+            Err(_) => break,
+        }
+        records += 1;
+        at += RECORD_HEADER_BYTES + len;
+    }
+    (image, records, at)
+}
+
+/// Bytes before each record's payload: length and CRC, u32 LE each.
+const RECORD_HEADER_BYTES: usize = 8;
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -129,26 +161,7 @@ impl MetadataStore {
         if path.exists() {
             File::open(&path)?.read_to_end(&mut buf)?;
         }
-        let mut image = MetadataImage::default();
-        let mut at = 0usize;
-        let mut records = 0usize;
-        while at + 8 <= buf.len() {
-            let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-            let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().unwrap());
-            let Some(end) = (at + 8).checked_add(len).filter(|&e| e <= buf.len()) else {
-                break;
-            };
-            let payload = &buf[at + 8..end];
-            if crc32fast::hash(payload) != crc {
-                break;
-            }
-            match serde_json::from_slice::<Record>(payload) {
-                Ok(r) => image.apply(r),
-                Err(_) => break,
-            }
-            records += 1;
-            at = end;
-        }
+        let (image, records, at) = replay(&buf);
         if at < buf.len() {
             tracing::warn!(
                 path = %path.display(),
@@ -302,5 +315,85 @@ mod tests {
         assert!(!valid_topic_name(".."));
         assert!(!valid_topic_name("a b"));
         assert!(!valid_topic_name(&"x".repeat(250)));
+    }
+
+    #[test]
+    fn huge_declared_record_length_truncates_the_log_and_it_stays_usable() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut s = MetadataStore::open(d.path()).unwrap();
+            s.create_topic(topic("a", 1)).unwrap();
+        }
+        let path = d.path().join("__meta/metadata.log");
+        for len in [u32::MAX, i32::MAX as u32, 1 << 20] {
+            let good = std::fs::metadata(&path).unwrap().len();
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            f.write_all(&len.to_le_bytes()).unwrap();
+            f.write_all(&[0xab; 4]).unwrap();
+            f.write_all(b"{\"DeleteTopic\"").unwrap();
+            drop(f);
+            let mut s = MetadataStore::open(d.path()).unwrap();
+            assert!(s.image().topic("a").is_some());
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), good, "{len}");
+            // Appends after the cut replay.
+            s.create_topic(topic("b", 1)).unwrap();
+            drop(s);
+            let s = MetadataStore::open(d.path()).unwrap();
+            assert!(s.image().topic("b").is_some());
+            let mut s = s;
+            s.delete_topic("b").unwrap();
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_logs_never_panic(data in prop::collection::vec(any::<u8>(), 0..400)) {
+                let (_, _, at) = replay(&data);
+                prop_assert!(at <= data.len());
+            }
+
+            #[test]
+            fn valid_logs_round_trip_and_mutations_keep_a_valid_prefix(
+                names in prop::collection::vec("[a-z]{1,8}", 1..6),
+                flip in (any::<prop::sample::Index>(), 1u8..),
+                huge in prop::option::of((any::<prop::sample::Index>(), any::<bool>())),
+                cut in prop::option::of(any::<prop::sample::Index>()),
+            ) {
+                let mut log = vec![];
+                let mut want = MetadataImage::default();
+                for (i, n) in names.iter().enumerate() {
+                    let r = Record::CreateTopic(topic(n, i as u32 + 1));
+                    log.extend(frame(&r));
+                    want.apply(r);
+                }
+                let (image, records, at) = replay(&log);
+                prop_assert_eq!(records, names.len());
+                prop_assert_eq!(at, log.len());
+                prop_assert_eq!(image.topics, want.topics);
+
+                let mut m = log.clone();
+                let i = flip.0.index(m.len());
+                m[i] ^= flip.1;
+                if let Some((i, max)) = huge {
+                    let i = i.index(m.len() - 3);
+                    let v = if max { u32::MAX } else { i32::MAX as u32 };
+                    m[i..i + 4].copy_from_slice(&v.to_le_bytes());
+                }
+                if let Some(c) = cut {
+                    m.truncate(c.index(m.len()));
+                }
+                let (_, _, at) = replay(&m);
+                prop_assert!(at <= m.len());
+                // What survives is a prefix of whole, valid records.
+                let (_, _, again) = replay(&m[..at]);
+                prop_assert_eq!(again, at);
+            }
+        }
     }
 }

@@ -71,17 +71,23 @@ impl std::fmt::Display for BatchError {
 }
 impl std::error::Error for BatchError {}
 
+// Field readers for a buffer known to hold at least the field: a [`BatchHeader`] always holds
+// [`HEADER_BYTES`]; the in-place edits below assert it.
 #[inline]
 fn be_i64(b: &[u8], at: usize) -> i64 {
-    i64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_be_bytes(a)
 }
 #[inline]
 fn be_i32(b: &[u8], at: usize) -> i32 {
-    i32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    i32::from_be_bytes(a)
 }
 #[inline]
 fn be_i16(b: &[u8], at: usize) -> i16 {
-    i16::from_be_bytes(b[at..at + 2].try_into().unwrap())
+    i16::from_be_bytes([b[at], b[at + 1]])
 }
 
 /// Total size in bytes of the batch starting at `buf[0]`, read from its `batchLength` field,
@@ -145,8 +151,13 @@ impl<'a> BatchHeader<'a> {
     pub fn base_offset(&self) -> Offset {
         Offset(be_i64(self.buf, OFF_BASE_OFFSET))
     }
+    /// `baseOffset + lastOffsetDelta`, saturating: a stored or fetched header can hold any value.
     pub fn last_offset(&self) -> Offset {
-        Offset(self.base_offset().0 + self.last_offset_delta() as i64)
+        Offset(
+            self.base_offset()
+                .0
+                .saturating_add(self.last_offset_delta() as i64),
+        )
     }
     pub fn partition_leader_epoch(&self) -> i32 {
         be_i32(self.buf, OFF_LEADER_EPOCH)
@@ -209,18 +220,21 @@ impl<'a> BatchHeader<'a> {
 /// Rewrites `baseOffset` in place. The CRC does not cover it, so nothing else changes.
 #[inline]
 pub fn set_base_offset(batch: &mut [u8], base: Offset) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
     batch[OFF_BASE_OFFSET..OFF_BASE_OFFSET + 8].copy_from_slice(&base.0.to_be_bytes());
 }
 
 /// Rewrites `partitionLeaderEpoch` in place (not covered by the CRC).
 #[inline]
 pub fn set_partition_leader_epoch(batch: &mut [u8], epoch: i32) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
     batch[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&epoch.to_be_bytes());
 }
 
 /// Marks the batch as LogAppendTime with `now_ms` as its max timestamp and recomputes the CRC
 /// (both fields are covered by it). Kafka leaves the per-record deltas alone.
 pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
     let attrs = be_i16(batch, OFF_ATTRIBUTES) | ATTR_TIMESTAMP_LOG_APPEND;
     batch[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attrs.to_be_bytes());
     batch[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());

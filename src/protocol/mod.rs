@@ -1,8 +1,11 @@
 //! Wire formats. Pure functions over bytes: the codec never sees a socket.
 //! Request/response bodies come from the `kafka-protocol` crate; `batch` is our zero-copy view of
-//! RecordBatch v2 headers.
+//! RecordBatch v2 headers, `records` decodes uncompressed records, `compression` expands
+//! compressed ones within a bound. Every decoder here refuses a declared count or length larger
+//! than the bytes that remain before allocating for it.
 
 pub mod batch;
+pub mod compression;
 pub mod records;
 
 use bytes::Bytes;

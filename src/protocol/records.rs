@@ -13,6 +13,10 @@ use bytes::Bytes;
 
 use crate::protocol::batch::{BatchHeader, HEADER_BYTES};
 
+/// The smallest encoded record: length, attributes, timestamp delta, offset delta, key length,
+/// value length and header count, one byte each.
+const RECORD_BYTES_MIN: usize = 7;
+
 /// Why records did not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordError {
@@ -85,8 +89,12 @@ pub fn decode_batch(batch: &Bytes) -> Result<Vec<Record>, RecordError> {
     let count = h.record_count() as usize;
     let body = batch.slice(HEADER_BYTES..h.size());
     let mut at = 0usize;
-    // Each record needs at least 7 bytes: never pre-allocate more than the buffer can hold.
-    let mut out = Vec::with_capacity(count.min(body.len() / 7 + 1));
+    // Each record needs at least 7 bytes (length, attributes, two deltas, key and value lengths,
+    // header count): a count the body cannot hold is refused before any allocation.
+    if count > body.len() / RECORD_BYTES_MIN {
+        return Err(RecordError::BadLength);
+    }
+    let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let len = read_varint(&body, &mut at)?;
         let len = usize::try_from(len).map_err(|_| RecordError::BadLength)?;
@@ -106,7 +114,9 @@ pub fn decode_batch(batch: &Bytes) -> Result<Vec<Record>, RecordError> {
         let value = read_bytes(&rec, &mut r)?;
         let n_headers = read_varint(&rec, &mut r)?;
         let n_headers = usize::try_from(n_headers).map_err(|_| RecordError::BadLength)?;
-        if n_headers > rec.len() {
+        // A header is at least two varints (key length, value length): a count the record's
+        // remaining bytes cannot hold never sizes an allocation.
+        if n_headers > rec.len().saturating_sub(r) / 2 {
             return Err(RecordError::BadLength);
         }
         let mut headers = Vec::with_capacity(n_headers);
@@ -205,6 +215,209 @@ mod tests {
             let mut at = 0;
             assert_eq!(read_varint(&out, &mut at), Ok(v));
             assert_eq!(at, out.len());
+        }
+    }
+
+    /// A valid batch whose header (and CRC) is rewritten after `edit`, so only the records are bad.
+    fn with_records(edit: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        let mut b = build::single(Some(b"k"), Some(b"v"), 1);
+        edit(&mut b);
+        let len = (b.len() - 12) as i32;
+        b[8..12].copy_from_slice(&len.to_be_bytes());
+        let crc = crc32c::crc32c(&b[21..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(b)
+    }
+
+    #[test]
+    fn record_count_of_i32_max_is_refused_before_allocating() {
+        // Without the check this asks for 2^31 records (~250 GB) and aborts.
+        let b = with_records(|b| b[57..61].copy_from_slice(&i32::MAX.to_be_bytes()));
+        assert_eq!(decode_batch(&b), Err(RecordError::BadLength));
+    }
+
+    #[test]
+    fn huge_header_count_and_lengths_are_errors() {
+        // Record body: len, attrs, ts delta, offset delta, key len, value len, header count.
+        // u32::MAX as a zigzag varint in each length position.
+        let huge = [0xfe, 0xff, 0xff, 0xff, 0x1f];
+        for field in 4..7 {
+            let b = with_records(|b| {
+                b.truncate(HEADER_BYTES);
+                let mut rec = vec![0u8, 0, 0, 0, 1, 1, 0];
+                rec.splice(field..field + 1, huge);
+                rec.extend_from_slice(&[0u8; 8]);
+                b.push((rec.len() as u8) << 1);
+                b.extend_from_slice(&rec);
+            });
+            assert!(decode_batch(&b).is_err(), "field {field}");
+        }
+        // A record length of u32::MAX.
+        let b = with_records(|b| {
+            b.truncate(HEADER_BYTES);
+            b.extend_from_slice(&huge);
+            b.extend_from_slice(&[0u8; 8]);
+        });
+        assert!(decode_batch(&b).is_err());
+    }
+
+    #[test]
+    fn varints_longer_than_ten_bytes_or_truncated_are_errors() {
+        let mut at = 0;
+        assert_eq!(
+            read_varint(&[0xff; 11], &mut at),
+            Err(RecordError::BadLength)
+        );
+        assert_eq!(at, 10);
+        let mut at = 0;
+        assert_eq!(
+            read_varint(&[0x80; 3], &mut at),
+            Err(RecordError::Truncated)
+        );
+        let mut at = 0;
+        // Ten bytes with every bit set decodes (the top bits drop) without overflow.
+        let mut ten = [0xffu8; 10];
+        ten[9] = 0x7f;
+        assert!(read_varint(&ten, &mut at).is_ok());
+    }
+
+    mod fuzz {
+        use super::*;
+        use crate::protocol::batch::{for_each_batch, BatchHeader};
+        use proptest::prelude::*;
+
+        /// Key, value, headers, timestamp of one generated record.
+        type Input = (
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Vec<(String, Option<Vec<u8>>)>,
+            i64,
+        );
+        type Headers<'a> = Vec<(&'a str, Option<&'a [u8]>)>;
+
+        fn record() -> impl Strategy<Value = Input> {
+            (
+                prop::option::of(prop::collection::vec(any::<u8>(), 0..40)),
+                prop::option::of(prop::collection::vec(any::<u8>(), 0..200)),
+                prop::collection::vec(
+                    (
+                        "[a-z]{0,6}",
+                        prop::option::of(prop::collection::vec(any::<u8>(), 0..10)),
+                    ),
+                    0..3,
+                ),
+                0i64..1_000_000,
+            )
+        }
+
+        #[derive(Debug, Clone)]
+        enum Mutation {
+            Flip(prop::sample::Index, u8),
+            Truncate(prop::sample::Index),
+            /// Overwrite 4 bytes with i32::MAX / u32::MAX, or 5 with a u32::MAX varint.
+            Huge(prop::sample::Index, u8),
+        }
+
+        fn mutation() -> impl Strategy<Value = Mutation> {
+            prop_oneof![
+                (any::<prop::sample::Index>(), 1u8..).prop_map(|(i, x)| Mutation::Flip(i, x)),
+                any::<prop::sample::Index>().prop_map(Mutation::Truncate),
+                (any::<prop::sample::Index>(), 0u8..3).prop_map(|(i, k)| Mutation::Huge(i, k)),
+            ]
+        }
+
+        fn mutate(b: &mut Vec<u8>, m: &Mutation) {
+            if b.is_empty() {
+                return;
+            }
+            match m {
+                Mutation::Flip(i, x) => {
+                    let i = i.index(b.len());
+                    b[i] ^= x;
+                }
+                Mutation::Truncate(i) => b.truncate(i.index(b.len())),
+                Mutation::Huge(i, k) => {
+                    let v: &[u8] = match k {
+                        0 => &[0x7f, 0xff, 0xff, 0xff],
+                        1 => &[0xff, 0xff, 0xff, 0xff],
+                        _ => &[0xfe, 0xff, 0xff, 0xff, 0x1f],
+                    };
+                    if b.len() >= v.len() {
+                        let i = i.index(b.len() - v.len() + 1);
+                        b[i..i + v.len()].copy_from_slice(v);
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..300)) {
+                let b = Bytes::from(data);
+                let _ = BatchHeader::parse_checked(&b);
+                let _ = for_each_batch(&b, false, |h| { let _ = (h.last_offset(), h.last_sequence()); });
+                let _ = decode_batch(&b);
+                let mut at = 0;
+                while read_varint(&b, &mut at).is_ok() {}
+            }
+
+            #[test]
+            fn valid_batches_round_trip_and_mutations_never_panic(
+                recs in prop::collection::vec(record(), 1..8),
+                mutations in prop::collection::vec(mutation(), 1..4),
+                fix_crc in any::<bool>(),
+                fix_length in any::<bool>(),
+            ) {
+                let headers: Vec<Headers<'_>> = recs
+                    .iter()
+                    .map(|r| r.2.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect())
+                    .collect();
+                let input: Vec<build::Record<'_>> = recs
+                    .iter()
+                    .zip(&headers)
+                    .map(|(r, h)| build::Record {
+                        key: r.0.as_deref(),
+                        value: r.1.as_deref(),
+                        headers: h,
+                        timestamp_ms: r.3,
+                    })
+                    .collect();
+                let b = build::batch(&input);
+                // Round trip.
+                let out = decode_batch(&Bytes::from(b.clone())).unwrap();
+                prop_assert_eq!(out.len(), recs.len());
+                for (i, (o, r)) in out.iter().zip(&recs).enumerate() {
+                    prop_assert_eq!(o.offset, i as i64);
+                    prop_assert_eq!(o.timestamp_ms, r.3);
+                    prop_assert_eq!(o.key.as_deref(), r.0.as_deref());
+                    prop_assert_eq!(o.value.as_deref(), r.1.as_deref());
+                    prop_assert_eq!(o.headers.len(), r.2.len());
+                }
+                prop_assert!(BatchHeader::parse_checked(&b).is_ok());
+                // Mutations: errors, never panics.
+                let mut m = b;
+                for x in &mutations {
+                    mutate(&mut m, x);
+                }
+                if m.len() >= HEADER_BYTES {
+                    if fix_length {
+                        let len = (m.len() - 12) as i32;
+                        m[8..12].copy_from_slice(&len.to_be_bytes());
+                    }
+                    if fix_crc {
+                        let crc = crc32c::crc32c(&m[21..]);
+                        m[17..21].copy_from_slice(&crc.to_be_bytes());
+                    }
+                }
+                let m = Bytes::from(m);
+                let _ = BatchHeader::parse_checked(&m);
+                let _ = for_each_batch(&m, true, |_| {});
+                if let Ok(out) = decode_batch(&m) {
+                    prop_assert!(out.len() <= m.len() / RECORD_BYTES_MIN);
+                }
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::storage::producer_state::{BatchMeta, ProducerEntry, ProducerState};
+use crate::storage::producer_state::{BatchMeta, ProducerEntry, ProducerState, BATCHES_MAX};
 use crate::types::Offset;
 
 pub const LOG_START_FILE: &str = "log-start-offset.checkpoint";
@@ -252,15 +252,29 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Bytes of one producer in a snapshot with no batches: id i64, epoch i16, batch count u8.
+const PRODUCER_BYTES_MIN: usize = 8 + 2 + 1;
+/// Bytes of one remembered batch: first/last sequence i32, base/last offset i64.
+const PRODUCER_BATCH_BYTES: usize = 4 + 4 + 8 + 8;
+
+/// A producer snapshot's body; `None` (the snapshot is then ignored and the producer state
+/// rebuilt by the recovery scan) if it does not decode exactly. Counts are checked against the
+/// bytes that remain before any entry is built.
 pub fn decode_producers(b: &[u8]) -> Option<(Offset, ProducerState)> {
     let mut r = Reader { b };
     let upto = Offset(r.i64()?);
-    let n = r.i32()? as u32;
+    let n = r.i32()? as u32 as usize;
+    if n > r.b.len() / PRODUCER_BYTES_MIN {
+        return None;
+    }
     let mut s = ProducerState::default();
     for _ in 0..n {
         let id = r.i64()?;
         let epoch = r.i16()?;
-        let k = r.take::<1>()?[0];
+        let k = r.take::<1>()?[0] as usize;
+        if k > BATCHES_MAX || k * PRODUCER_BATCH_BYTES > r.b.len() {
+            return None;
+        }
         let mut e = ProducerEntry {
             epoch,
             batches: Default::default(),
@@ -331,5 +345,130 @@ mod tests {
         let body = encode_producers(Offset(12), &s);
         assert_eq!(decode_producers(&body), Some((Offset(12), s)));
         assert_eq!(decode_producers(&body[..body.len() - 1]), None);
+    }
+
+    #[test]
+    fn huge_counts_in_a_producer_snapshot_are_refused_before_building_entries() {
+        for n in [u32::MAX, i32::MAX as u32, 2] {
+            let mut body = 5i64.to_be_bytes().to_vec();
+            body.extend_from_slice(&n.to_be_bytes());
+            body.extend_from_slice(&[0u8; 11]);
+            assert_eq!(decode_producers(&body), None, "{n}");
+        }
+        // More batches per producer than Kafka remembers, or than the bytes hold.
+        for k in [BATCHES_MAX as u8 + 1, 255, 2] {
+            let mut body = 5i64.to_be_bytes().to_vec();
+            body.extend_from_slice(&1u32.to_be_bytes());
+            body.extend_from_slice(&[0u8; 10]);
+            body.push(k);
+            body.extend_from_slice(&[0u8; PRODUCER_BATCH_BYTES]);
+            assert_eq!(decode_producers(&body), None, "{k}");
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn producers() -> impl Strategy<Value = ProducerState> {
+            prop::collection::hash_map(
+                any::<i64>(),
+                (
+                    any::<i16>(),
+                    prop::collection::vec(
+                        (any::<i32>(), any::<i32>(), any::<i64>(), any::<i64>()),
+                        1..=BATCHES_MAX,
+                    ),
+                ),
+                0..5,
+            )
+            .prop_map(|m| ProducerState {
+                producers: m
+                    .into_iter()
+                    .map(|(id, (epoch, bs))| {
+                        let batches = bs
+                            .into_iter()
+                            .map(|(f, l, b, e)| BatchMeta {
+                                first_seq: f,
+                                last_seq: l,
+                                base: Offset(b),
+                                last: Offset(e),
+                            })
+                            .collect();
+                        (id, ProducerEntry { epoch, batches })
+                    })
+                    .collect(),
+            })
+        }
+
+        fn mutate(
+            b: &mut Vec<u8>,
+            flip: Option<(prop::sample::Index, u8)>,
+            huge: Option<prop::sample::Index>,
+            cut: Option<prop::sample::Index>,
+        ) {
+            if b.is_empty() {
+                return;
+            }
+            if let Some((i, x)) = flip {
+                let i = i.index(b.len());
+                b[i] ^= x;
+            }
+            if let Some(i) = huge {
+                if b.len() >= 4 {
+                    let i = i.index(b.len() - 3);
+                    b[i..i + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+                }
+            }
+            if let Some(c) = cut {
+                b.truncate(c.index(b.len()));
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..300)) {
+                let _ = decode_producers(&data);
+                let _ = decode_clean(&data);
+                let d = decode_index(&data);
+                prop_assert!(d.entries.len() <= data.len() / INDEX_ENTRY_BYTES);
+                let d = decode_time_index(&data);
+                prop_assert!(d.entries.len() <= data.len() / TIME_ENTRY_BYTES);
+            }
+
+            #[test]
+            fn files_round_trip_and_mutations_never_panic(
+                upto in any::<i64>(),
+                s in producers(),
+                rels in prop::collection::btree_set(any::<u32>(), 0..20),
+                flip in prop::option::of((any::<prop::sample::Index>(), 1u8..)),
+                huge in prop::option::of(any::<prop::sample::Index>()),
+                cut in prop::option::of(any::<prop::sample::Index>()),
+            ) {
+                let p = encode_producers(Offset(upto), &s);
+                prop_assert_eq!(decode_producers(&p), Some((Offset(upto), s)));
+                let idx: Vec<(u32, u32)> = rels.iter().map(|r| (*r, *r)).collect();
+                let ib = encode_index(&idx);
+                let d = decode_index(&ib);
+                prop_assert_eq!((d.entries, d.complete), (idx, true));
+                let t: Vec<(i64, u32)> = rels.iter().map(|r| (*r as i64 - 7, *r)).collect();
+                let tb = encode_time_index(&t);
+                let d = decode_time_index(&tb);
+                prop_assert_eq!((d.entries, d.complete), (t, true));
+                let cb = encode_clean(Offset(upto), upto as u64);
+                prop_assert_eq!(decode_clean(&cb), Some((Offset(upto), upto as u64)));
+                for mut b in [p, ib, tb, cb] {
+                    mutate(&mut b, flip, huge, cut);
+                    if let Some((_, st)) = decode_producers(&b) {
+                        prop_assert!(st.producers.values().all(|e| e.batches.len() <= BATCHES_MAX));
+                    }
+                    let _ = decode_clean(&b);
+                    let _ = decode_index(&b);
+                    let _ = decode_time_index(&b);
+                }
+            }
+        }
     }
 }

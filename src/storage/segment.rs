@@ -239,7 +239,9 @@ pub struct ScanOutcome {
 
 /// Validates the batches of `file` from `pos` (a batch boundary whose batch starts at `next`) up
 /// to `limit` bytes: length, magic, CRC-32C and offset continuity. Calls `f(header, position)`
-/// for every valid batch. Stops at the first invalid one.
+/// for every valid batch. Stops at the first invalid one. A declared batch length reaching past
+/// `limit` stops the scan as torn; memory (the carry of a batch straddling two reads) only ever
+/// holds bytes actually read, never the declared length.
 pub async fn scan(
     file: &dyn SegmentFile,
     mut pos: u64,
@@ -302,7 +304,7 @@ pub async fn scan(
                 stop = classify_bad_start(&carry);
                 break 'outer;
             };
-            if size as u64 > limit - pos {
+            if size as u64 > limit.saturating_sub(pos) {
                 stop = ScanStop::Torn;
                 break 'outer;
             }
@@ -332,7 +334,7 @@ pub async fn scan(
                         i += size;
                         continue;
                     }
-                    Some(size) if size as u64 > limit - pos => {
+                    Some(size) if size as u64 > limit.saturating_sub(pos) => {
                         stop = ScanStop::Torn;
                         break 'outer;
                     }

@@ -1346,3 +1346,56 @@ fn failed_index_and_snapshot_writes_only_lengthen_the_recovery_scan() {
         assert!(!r.duplicate);
     });
 }
+
+#[test]
+fn hostile_lengths_and_counts_in_files_at_start_up_are_ignored_or_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 1 << 20;
+        let log = open(&d, cfg.clone()).await;
+        let mut stored = vec![];
+        for i in 0..10u8 {
+            let b = idempotent_batch(5, 0, 3 * i as i32, 3);
+            let r = append(&log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        drop(log); // a crash: no clean-shutdown marker
+                   // The last batch declares 2^31-1 bytes.
+        let path = meta::segment_path(&d, Offset(0), "log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last_pos: usize = stored[..9].iter().map(|b| b.len()).sum();
+        bytes[last_pos + 8..last_pos + 12].copy_from_slice(&i32::MAX.to_be_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        // A checksummed producer snapshot claiming 2^32-1 producers.
+        let mut snap = 0i64.to_be_bytes().to_vec();
+        snap.extend_from_slice(&u32::MAX.to_be_bytes());
+        meta::write_file(&d.join(meta::PRODUCER_FILE), &snap).unwrap();
+        // Index entries with valid checksums pointing far past the file; a garbage time index.
+        std::fs::write(
+            meta::segment_path(&d, Offset(0), "index"),
+            meta::encode_index(&[(0, 0), (3, u32::MAX - 1)]),
+        )
+        .unwrap();
+        std::fs::write(meta::segment_path(&d, Offset(0), "timeindex"), [0xff; 100]).unwrap();
+
+        let log = PartitionLog::open(&d, cfg.clone(), BatchCache::new(0))
+            .await
+            .unwrap();
+        assert_eq!(log.log_end_offset(), Offset(27));
+        assert!(log.recovery_report().is_some_and(|r| r.truncated));
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(
+            all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+            stored[..9]
+        );
+        // The producer state came from the scan: a retry of the last surviving batch (sequences
+        // 24-26) is answered with its offsets, and the next sequence is accepted.
+        let r = append(&log, &idempotent_batch(5, 0, 24, 3), Durability::Written).await;
+        assert_eq!(r.base_offset, Offset(24));
+        let r = append(&log, &idempotent_batch(5, 0, 27, 3), Durability::Written).await;
+        assert_eq!(r.base_offset, Offset(27));
+        log.close().await.unwrap();
+    });
+}

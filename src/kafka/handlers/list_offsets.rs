@@ -11,6 +11,7 @@ use kafka_protocol::ResponseError;
 
 use super::common::{code, storage_code, with_partition, NONE};
 use crate::kafka::Request;
+use crate::protocol::compression;
 use crate::server::Response;
 use crate::shard;
 
@@ -81,7 +82,10 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
 }
 
 /// The first record (offset, timestamp) satisfying `wanted` in the batch holding `offset`. Rare
-/// admin path: the batch is decoded (and decompressed) here; produce and fetch never do this.
+/// admin path: the batch is decoded (and decompressed, at most
+/// [`DECOMPRESSED_BATCH_BYTES_MAX`](crate::protocol::compression::DECOMPRESSED_BATCH_BYTES_MAX)
+/// bytes of it) here; produce and fetch never do this. A batch that does not decode answers with
+/// the batch itself, as the index found it.
 async fn record_in_batch(
     log: &crate::storage::PartitionLog,
     offset: crate::types::Offset,
@@ -100,8 +104,12 @@ async fn record_in_batch(
     let log_append = crate::protocol::batch::BatchHeader::parse(batch)
         .map(|h| (h.is_log_append_time(), h.max_timestamp()));
     let mut buf = batch.clone();
-    let Ok(set) = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf) else {
-        return Ok(None);
+    let set = match compression::decode_batch(&mut buf, compression::DECOMPRESSED_BATCH_BYTES_MAX) {
+        Ok(set) => set,
+        Err(e) => {
+            tracing::warn!(offset = offset.0, error = %e, "ListOffsets: stored batch does not decode");
+            return Ok(None);
+        }
     };
     let start = log.log_start_offset().0;
     Ok(set

@@ -283,18 +283,29 @@ pub fn compress(c: Compression, records: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
-/// Decompresses a records section (used by tests and the consumer's optional checks).
+/// Decompresses a records section of a batch this tool built (tests check the encoding with it),
+/// refusing output past [`BATCH_BYTES_MAX`]: fetched data is never expanded on the load path.
 pub fn decompress(c: Compression, body: &[u8]) -> Result<Vec<u8>> {
     use std::io::Read;
-    Ok(match c {
-        Compression::None => body.to_vec(),
+    let mut out = Vec::new();
+    let limit = BATCH_BYTES_MAX as u64 + 1;
+    match c {
+        Compression::None => out.extend_from_slice(body),
         Compression::Lz4 => {
-            let mut out = Vec::new();
-            lz4_flex::frame::FrameDecoder::new(body).read_to_end(&mut out)?;
-            out
+            lz4_flex::frame::FrameDecoder::new(body)
+                .take(limit)
+                .read_to_end(&mut out)?;
         }
-        Compression::Zstd => zstd::stream::decode_all(body)?,
-    })
+        Compression::Zstd => {
+            zstd::stream::read::Decoder::new(body)?
+                .take(limit)
+                .read_to_end(&mut out)?;
+        }
+    }
+    if out.len() > BATCH_BYTES_MAX {
+        bail!("records section decompresses past {BATCH_BYTES_MAX} bytes");
+    }
+    Ok(out)
 }
 
 /// Idempotent-producer fields of a batch (KIP-98).
@@ -409,13 +420,17 @@ fn first_value_stamp(records: &[u8]) -> Option<i64> {
     let (_, n) = get_varint(records.get(at..)?)?; // offset delta
     at += n;
     let (klen, n) = get_varint(records.get(at..)?)?;
-    at += n + klen.max(0) as usize;
+    // A fetched key length can be anything: checked arithmetic, then bounds-checked access.
+    at = at
+        .checked_add(n)?
+        .checked_add(usize::try_from(klen.max(0)).ok()?)?;
     let (vlen, n) = get_varint(records.get(at..)?)?;
-    at += n;
-    if vlen < 8 || records.len() < at + 8 {
+    at = at.checked_add(n)?;
+    if vlen < 8 {
         return None;
     }
-    Some(be_i64(records, at))
+    let stamp: [u8; 8] = records.get(at..at.checked_add(8)?)?.try_into().ok()?;
+    Some(i64::from_be_bytes(stamp))
 }
 
 #[cfg(test)]
@@ -541,6 +556,74 @@ mod tests {
             let mut out = vec![];
             put_varint(&mut out, v);
             assert_eq!(get_varint(&out), Some((v, out.len())));
+        }
+    }
+
+    #[test]
+    fn huge_key_length_in_a_fetched_record_is_not_a_panic() {
+        // Record: length, attributes, ts delta, offset delta, key length u32::MAX (zigzag varint).
+        let rec = [0x20, 0, 0, 0, 0xfe, 0xff, 0xff, 0xff, 0x1f, 0x10, 1, 2, 3];
+        assert_eq!(first_value_stamp(&rec), None);
+        // i64::MAX as the key length.
+        let mut rec = vec![0x20, 0, 0, 0];
+        rec.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert_eq!(first_value_stamp(&rec), None);
+    }
+
+    #[test]
+    fn decompression_past_the_batch_limit_is_an_error() {
+        let zeros = vec![0u8; BATCH_BYTES_MAX + 1];
+        for c in [Compression::Lz4, Compression::Zstd] {
+            let z = compress(c, &zeros).unwrap();
+            assert!(decompress(c, &z).is_err(), "{c:?}");
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..300)) {
+                let _ = scan_batches(&data, true, |_| {});
+                let _ = first_value_stamp(&data);
+                let _ = decompress(Compression::Lz4, &data);
+                let _ = decompress(Compression::Zstd, &data);
+            }
+
+            #[test]
+            fn pooled_batches_scan_and_mutations_never_panic(
+                c in prop_oneof![Just(Compression::None), Just(Compression::Lz4), Just(Compression::Zstd)],
+                flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..), 0..4),
+                huge in prop::option::of(any::<prop::sample::Index>()),
+                cut in prop::option::of(any::<prop::sample::Index>()),
+            ) {
+                let pool = BatchPool::build(&spec(c, Payload::Text, Keys::Random), 1).unwrap();
+                let b = pool.batches[0].bytes.to_vec();
+                let mut n = 0;
+                prop_assert_eq!(scan_batches(&b, true, |i| { n += 1; assert!(i.crc_ok) }).unwrap(), 1);
+                prop_assert_eq!(decompress(c, &b[HEADER_BYTES..]).unwrap().is_empty(), false);
+                let mut m = b;
+                for (i, x) in &flips {
+                    let i = i.index(m.len());
+                    m[i] ^= x;
+                }
+                if let Some(i) = huge {
+                    let i = i.index(m.len() - 3);
+                    m[i..i + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+                }
+                if let Some(k) = cut {
+                    m.truncate(k.index(m.len()));
+                }
+                let _ = scan_batches(&m, true, |_| {});
+                if m.len() > HEADER_BYTES {
+                    let _ = first_value_stamp(&m[HEADER_BYTES..]);
+                    let _ = decompress(c, &m[HEADER_BYTES..]);
+                }
+            }
         }
     }
 }

@@ -20,6 +20,9 @@ use std::time::Duration;
 
 /// Largest response frame we accept; protects against a garbage length prefix.
 pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
+/// Bytes reserved for a response before they arrive (one allocation for most responses); the
+/// rest of a larger frame is allocated as it is read.
+const FRAME_PREALLOC_BYTES_MAX: usize = 1 << 20;
 pub const CLIENT_ID: &str = "sluice-bench";
 
 /// API version ranges the broker advertised.
@@ -111,15 +114,23 @@ pub async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<Bytes> {
     s.read_exact(&mut len)
         .await
         .context("connection closed by broker")?;
-    let len = i32::from_be_bytes(len);
-    if len < 4 || len as usize > RESPONSE_BYTES_MAX {
-        bail!("broker sent a frame of impossible length {len}");
-    }
-    let mut buf = BytesMut::zeroed(len as usize);
-    s.read_exact(&mut buf)
+    let declared = i32::from_be_bytes(len);
+    let len = usize::try_from(declared)
+        .ok()
+        .filter(|n| (4..=RESPONSE_BYTES_MAX).contains(n))
+        .ok_or_else(|| anyhow!("broker sent a frame of impossible length {declared}"))?;
+    // Memory follows the bytes that arrive: only the first FRAME_PREALLOC_BYTES_MAX are
+    // reserved on the declared length's word.
+    let mut buf = Vec::with_capacity(len.min(FRAME_PREALLOC_BYTES_MAX));
+    (&mut *s)
+        .take(len as u64)
+        .read_to_end(&mut buf)
         .await
-        .context("connection closed mid-response")?;
-    Ok(buf.freeze())
+        .context("reading a response")?;
+    if buf.len() != len {
+        bail!("connection closed mid-response");
+    }
+    Ok(Bytes::from(buf))
 }
 
 pub async fn write_all<S: AsyncWrite + Unpin>(s: &mut S, buf: &[u8]) -> Result<()> {
@@ -275,5 +286,37 @@ mod tests {
         ProduceResponse::default().encode(&mut rb, 9).unwrap();
         assert!(decode_response::<ProduceRequest>(rb.clone().freeze(), 8, 9).is_err());
         assert!(decode_response::<ProduceRequest>(rb.freeze(), 7, 9).is_ok());
+    }
+
+    fn read(bytes: &[u8]) -> Result<Bytes> {
+        let mut r = bytes;
+        futures_lite::future::block_on(read_frame(&mut r))
+    }
+
+    #[test]
+    fn huge_or_negative_frame_lengths_are_refused_without_allocating() {
+        for n in [i32::MAX, i32::MIN, -1, 3, RESPONSE_BYTES_MAX as i32 + 1] {
+            assert!(read(&n.to_be_bytes()).is_err(), "{n}");
+        }
+        // Within the limit but never arriving: an error after reserving at most the prealloc.
+        let mut short = (RESPONSE_BYTES_MAX as i32).to_be_bytes().to_vec();
+        short.extend_from_slice(&[1, 2, 3]);
+        assert!(read(&short).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+        #[test]
+        fn frames_round_trip_and_garbage_never_panics(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 4..300),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let mut f = (body.len() as i32).to_be_bytes().to_vec();
+            f.extend_from_slice(&body);
+            proptest::prop_assert_eq!(&read(&f).unwrap()[..], &body[..]);
+            proptest::prop_assert!(read(&f[..cut.index(f.len())]).is_err());
+            let _ = read(&garbage);
+        }
     }
 }

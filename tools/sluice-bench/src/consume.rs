@@ -101,16 +101,16 @@ pub async fn fetch_loop(
                 let fetch_offset = *next;
                 let mut bad_crc = 0;
                 batch::scan_batches(records, spec.check_crc, |b| {
-                    let last = b.base_offset + b.last_offset_delta as i64;
+                    let last = b.base_offset.saturating_add(b.last_offset_delta as i64);
                     if last < fetch_offset {
                         return; // an earlier batch the broker included whole
                     }
                     if !b.crc_ok {
                         bad_crc += 1;
                     }
-                    let skipped = (fetch_offset - b.base_offset).max(0);
-                    let n = (b.records as i64 - skipped).max(0) as u64;
-                    *next = (*next).max(last + 1);
+                    let skipped = fetch_offset.saturating_sub(b.base_offset).max(0);
+                    let n = (b.records as i64).saturating_sub(skipped).max(0) as u64;
+                    *next = (*next).max(last.saturating_add(1));
                     if stats.measuring() {
                         stats.consume.add(n, b.bytes as u64);
                         let sent_us = b.stamp_us.unwrap_or(b.base_timestamp_ms * 1000);

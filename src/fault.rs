@@ -8,7 +8,8 @@
 //! Points (see their call sites): `produce_request` (the Produce request task, before it spawns
 //! per-partition work), `produce_partition` (a per-partition produce task), `fetch_wait` (a fetch
 //! long-poll waiter task), `cross_shard` (a closure run on a partition's owner shard when that is
-//! not the caller's shard), `group` (a group-coordinator call on the group's shard).
+//! not the caller's shard), `group` (a group-coordinator call on the group's shard), `flusher` (a
+//! partition's flusher task, keyed by the partition's directory name, `<topic>-<partition>`).
 
 /// The environment variable that arms a panic point.
 pub const PANIC_ENV: &str = "SLUICE_FAULT_PANIC";
@@ -33,6 +34,7 @@ mod armed {
         });
     }
 
+    #[track_caller]
     pub fn panic_point(point: &str, key: &str) {
         if let Some(Some((p, k))) = PANIC_AT.get() {
             if p == point && k == key {

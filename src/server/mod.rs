@@ -226,12 +226,14 @@ fn handler_panicked(
     let api = kafka_protocol::messages::ApiKey::try_from(api_key)
         .map(|k| format!("{k:?}"))
         .unwrap_or_else(|_| "unknown".into());
+    let here = std::thread::current();
+    let here = here.name().unwrap_or("unnamed");
     tracing::error!(
         conn = conn.id,
         peer = %conn.peer,
         api_key,
         api_version,
-        "request {api} v{api_version} (api key {api_key}) {p}; closing the connection"
+        "request {api} v{api_version} (api key {api_key}) on {here} {p}; closing the connection"
     );
     Response::Close("internal error while handling a request".into())
 }

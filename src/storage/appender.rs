@@ -197,7 +197,13 @@ async fn flush_loop(log: Weak<PartitionLog>) {
         let Some(log) = log.upgrade() else { return };
         match work {
             Work::Exit => return,
-            Work::Write => log.flush_pending().await,
+            Work::Write => {
+                if cfg!(any(debug_assertions, feature = "fault-injection")) {
+                    let name = log.dir().file_name().and_then(|n| n.to_str());
+                    crate::fault::panic_point("flusher", name.unwrap_or(""));
+                }
+                log.flush_pending().await
+            }
             Work::Sync => {
                 log.sync_written().await;
                 log.snapshot_if_due();

@@ -1126,6 +1126,15 @@ impl PartitionLog {
         self.state.borrow_mut().rolling = true; // holds new appends back
         self.drain().await;
         self.no_snapshot_in_flight().await;
+        if self.state.borrow().flusher_dead {
+            // Offsets, index entries and producer state cover batches that were never written:
+            // write no clean-shutdown marker, so the next start recovers from the files.
+            let mut s = self.state.borrow_mut();
+            s.rolling = false;
+            s.closed = true;
+            s.wake_all();
+            return Err(s.error());
+        }
         let file = self.state.borrow().active().file.clone();
         let punch = self.state.borrow_mut().punch.take();
         let r = async {

@@ -51,6 +51,8 @@ pub struct BrokerOptions {
     pub data_dir: Option<PathBuf>,
     /// Soft open-file limit the broker process starts with (the hard limit is left alone).
     pub fd_soft_limit: Option<u64>,
+    /// Extra environment variables of the broker process.
+    pub envs: Vec<(String, String)>,
 }
 
 impl Default for BrokerOptions {
@@ -61,6 +63,7 @@ impl Default for BrokerOptions {
             extra_args: Vec::new(),
             data_dir: None,
             fd_soft_limit: None,
+            envs: Vec::new(),
         }
     }
 }
@@ -83,6 +86,11 @@ impl BrokerOptions {
 
     pub fn fd_soft_limit(mut self, n: u64) -> Self {
         self.fd_soft_limit = Some(n);
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -184,6 +192,7 @@ impl Broker {
             )
             .args(&self.options.extra_args)
             .env_remove("RUST_LOG")
+            .envs(self.options.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Some(soft) = self.options.fd_soft_limit {
             use std::os::unix::process::CommandExt;

@@ -465,6 +465,9 @@ pub fn write_producer_id_limit(data_dir: &Path, limit: u64) -> std::io::Result<(
 
 /// Starts the broker and blocks until it has shut down. Returns the process exit code.
 pub fn run(mut config: BrokerConfig) -> Result<(), String> {
+    // Contained panics are logged once by their catcher; others by the default hook.
+    crate::contain::install_hook();
+    crate::fault::init();
     tune_allocator();
     raise_fd_limit();
     let _lock = lock_data_dir(&config.data_dir)?;
@@ -637,10 +640,9 @@ async fn run_shard(
         close_partitions(&shard).await;
         return;
     };
-    let retention = glommio::spawn_local(retention_loop()).detach();
+    crate::contain::spawn_background("retention", retention_loop());
     crate::group::start_shard_tasks();
     crate::server::accept_loop(listener).await;
-    drop(retention);
     close_partitions(&shard).await;
 }
 
@@ -655,8 +657,16 @@ async fn retention_loop() {
             .collect();
         let now = crate::types::now_ms();
         for log in logs {
-            if let Err(e) = log.enforce_retention(now).await {
-                tracing::warn!(dir = %log.dir().display(), error = %e, "retention failed");
+            // Contained per log: a panic skips that log this round (logged) and the loop goes on.
+            match crate::contain::contain(log.enforce_retention(now)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(dir = %log.dir().display(), error = %e, "retention failed")
+                }
+                Err(mut p) => {
+                    p.mark_reported();
+                    tracing::error!(dir = %log.dir().display(), "retention {p}; skipped this round");
+                }
             }
         }
     }

@@ -3,6 +3,8 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`config`] | the typed broker configuration (file + flags + env) |
+//! | [`contain`] | panic containment: contained futures, the panic hook, the caught [`contain::Panic`] |
+//! | [`fault`] | test-only panic points armed by `SLUICE_FAULT_PANIC` (no-ops in release builds) |
 //! | [`shard`] | executor pool, pinning, cross-shard calls, partition→shard map |
 //! | [`server`] | listener, connection loop, framing, limits, dispatch |
 //! | [`protocol`] | RecordBatch v2 view; request/response codecs come from `kafka-protocol` |
@@ -16,6 +18,8 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod contain;
+pub mod fault;
 pub mod group;
 pub mod kafka;
 pub mod metadata;

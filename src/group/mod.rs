@@ -407,6 +407,7 @@ where
     let owner = broker.owner(meta, p).ok_or(not_available)?;
     let gid = group_id.to_string();
     crate::shard::invoke_on(owner, move || async move {
+        crate::fault::panic_point("group", &gid);
         let gs = local().ok_or(not_available)?;
         // Right after start the partition may still be replaying: wait a little before
         // answering COORDINATOR_LOAD_IN_PROGRESS, so clients rarely need to retry.
@@ -434,15 +435,31 @@ pub fn start_shard_tasks() {
         ..Default::default()
     });
     install(gs.clone());
-    glommio::spawn_local(async move {
+    // Contained: a panic while loading leaves this shard's groups unloaded (their requests get
+    // COORDINATOR_LOAD_IN_PROGRESS) and is logged; the shard keeps serving everything else.
+    crate::contain::spawn_background("group coordinator", async move {
         if let Err(e) = load_here(&gs).await {
             tracing::error!(error = %e, "group coordinator failed to load");
             return;
         }
-        gs.run_timers().await;
-    })
-    .detach();
+        // The timer loop keeps no state of its own (it is all in the coordinator), so after a
+        // panic it is logged and restarted, after a pause so that a panic on every tick cannot
+        // spin; without timers, sessions would never expire and rebalances never time out.
+        loop {
+            match crate::contain::contain(gs.clone().run_timers()).await {
+                Ok(()) => return,
+                Err(mut p) => {
+                    p.mark_reported();
+                    tracing::error!("group timers {p}; restarting them in {TIMER_RESTART_MS} ms");
+                    glommio::timer::sleep(Duration::from_millis(TIMER_RESTART_MS)).await;
+                }
+            }
+        }
+    });
 }
+
+/// Pause before the group timer loop restarts after a panic.
+const TIMER_RESTART_MS: u64 = 1_000;
 
 async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
     let shard = crate::shard::local();

@@ -90,7 +90,14 @@ pub async fn accept_loop(listener: TcpListener) {
         let active2 = active.clone();
         let request_memory = request_memory.clone();
         glommio::spawn_local(async move {
-            serve_connection(stream, conn, request_memory).await;
+            // Requests are contained one by one (below); this catches a panic of the connection's
+            // own reader or writer, which costs that connection only.
+            let (id, peer) = (conn.id, conn.peer);
+            if let Err(mut p) = shard::contain(serve_connection(stream, conn, request_memory)).await
+            {
+                p.mark_reported();
+                tracing::error!(conn = id, peer = %peer, "connection task {p}; connection closed");
+            }
             active2.set(active2.get() - 1);
         })
         .detach();
@@ -311,10 +318,10 @@ async fn read_requests(
             let conn2 = conn.clone();
             let task = glommio::spawn_local(async move {
                 // A handler bug must cost this connection, not the shard and every client on it.
-                let handled = std::panic::AssertUnwindSafe(crate::kafka::dispatch(&conn2, frame));
-                match futures_lite::FutureExt::catch_unwind(handled).await {
+                let (api_key, api_version) = api_of(&frame);
+                match shard::contain(crate::kafka::dispatch(&conn2, frame)).await {
                     Ok(r) => r,
-                    Err(_) => Response::Close("internal error while handling a request".into()),
+                    Err(p) => handler_panicked(&conn2, api_key, api_version, p),
                 }
             })
             .detach();
@@ -404,6 +411,39 @@ async fn read_requests(
             Some(Some(Err(e))) => return Some(format!("read error: {e}")),
         }
     }
+}
+
+/// API key and version of a request frame (at least `REQUEST_HEADER_BYTES_MIN` long).
+fn api_of(frame: &[u8]) -> (i16, i16) {
+    (
+        i16::from_be_bytes([frame[0], frame[1]]),
+        i16::from_be_bytes([frame[2], frame[3]]),
+    )
+}
+
+/// A request's handler (or work it waited for, on any shard) panicked: one error line with the
+/// API and the panic, and the connection is closed. Kafka has no error code for a crashed
+/// handler, and the client's view of this connection is unknown after it.
+fn handler_panicked(
+    conn: &Connection,
+    api_key: i16,
+    api_version: i16,
+    mut p: shard::Panic,
+) -> Response {
+    p.mark_reported();
+    let api = kafka_protocol::messages::ApiKey::try_from(api_key)
+        .map(|k| format!("{k:?}"))
+        .unwrap_or_else(|_| "unknown".into());
+    let here = std::thread::current();
+    let here = here.name().unwrap_or("unnamed");
+    tracing::error!(
+        conn = conn.id,
+        peer = %conn.peer,
+        api_key,
+        api_version,
+        "request {api} v{api_version} (api key {api_key}) on {here} {p}; closing the connection"
+    );
+    Response::Close("internal error while handling a request".into())
 }
 
 async fn write_responses(

@@ -4,6 +4,10 @@
 //!
 //! A cross-shard call ships a `Send` closure to the owner shard, which runs it there and sends
 //! the result back; `Bytes` travel by reference count, never by copy.
+//!
+//! Panics: work a request starts on this shard ([`spawn_contained`]) or on another shard
+//! ([`invoke_on`]) is contained, and its panic is re-raised in whoever awaits it, so it unwinds
+//! into the request that caused it; the shard and its other connections keep running.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,7 +16,10 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use glommio::task::JoinHandle;
+
 use crate::broker::Broker;
+pub use crate::contain::{contain, Panic};
 use crate::storage::{BatchCache, PartitionLog};
 use crate::types::{ShardId, TopicPartition};
 
@@ -55,8 +62,31 @@ impl Shard {
     }
 }
 
+/// Spawns `fut` on this shard as a contained task: a panic ends that task only, with
+/// `Err(Panic)` as its output. Await it with [`join`], which re-raises the panic in the awaiting
+/// task, so a panic of work a request spawned unwinds into that request (itself contained by
+/// the server) instead of taking the shard down.
+pub fn spawn_contained<F, T>(fut: F) -> JoinHandle<Result<T, Panic>>
+where
+    F: Future<Output = T> + 'static,
+    T: 'static,
+{
+    glommio::spawn_local(contain(fut)).detach()
+}
+
+/// Awaits a task from [`spawn_contained`]: its output, `None` if it was cancelled, and its panic
+/// re-raised here.
+pub async fn join<T>(task: JoinHandle<Result<T, Panic>>) -> Option<T> {
+    match task.await? {
+        Ok(v) => Some(v),
+        Err(p) => p.resume(),
+    }
+}
+
 /// Runs `f` on shard `target` and returns its result. When `target` is the calling shard the
-/// closure runs inline, with no hop.
+/// closure runs inline, with no hop. A panic of `f` on the target shard is caught there, carried
+/// back over the reply channel and re-raised in the caller, exactly as if `f` had run inline: the
+/// target shard keeps running and the caller's own containment decides what the panic costs.
 pub async fn invoke_on<F, Fut, R>(target: ShardId, f: F) -> R
 where
     F: FnOnce() -> Fut + Send + 'static,
@@ -67,23 +97,33 @@ where
     if here.id == target {
         return f().await;
     }
-    let (tx, rx) = async_channel::bounded::<R>(1);
+    let (tx, rx) = async_channel::bounded::<Result<R, Panic>>(1);
     let job: Job = Box::new(move || {
         Box::pin(async move {
-            let r = f().await;
-            let _ = tx.send(r).await;
+            let r = contain(async move { f().await }).await;
+            if let Err(Err(mut p)) = tx.send(r).await.map_err(|e| e.into_inner()) {
+                // The caller is gone (its request was dropped): nobody will re-raise it.
+                p.mark_reported();
+                tracing::error!("cross-shard call {p}; its caller is gone");
+            }
         })
     });
     let inbox = &here.broker.inboxes[target.0];
     if inbox.send(job).await.is_err() {
         panic!("shard {} inbox closed while the broker runs", target.0);
     }
-    rx.recv()
+    match rx
+        .recv()
         .await
         .expect("shard dropped a cross-shard call without answering")
+    {
+        Ok(r) => r,
+        Err(p) => p.resume(),
+    }
 }
 
-/// Runs `f` on every shard concurrently and collects the results in shard order.
+/// Runs `f` on every shard concurrently and collects the results in shard order. A panic of `f`
+/// on any shard is re-raised in the caller once every shard has answered.
 pub async fn invoke_on_all<F, Fut, R>(f: F) -> Vec<R>
 where
     F: Fn() -> Fut + Send + Sync + Clone + 'static,
@@ -94,18 +134,32 @@ where
     let mut tasks = Vec::with_capacity(n);
     for s in 0..n {
         let f = f.clone();
-        tasks.push(glommio::spawn_local(invoke_on(ShardId(s), move || f())));
+        // Contained: the call to this very shard runs inline inside the spawned task.
+        tasks.push(spawn_contained(invoke_on(ShardId(s), move || f())));
     }
     let mut out = Vec::with_capacity(n);
+    let mut panicked = None;
     for t in tasks {
-        out.push(t.await);
+        match t.await {
+            Some(Ok(r)) => out.push(r),
+            Some(Err(p)) => {
+                // Keep the first; a later one logs itself when dropped.
+                panicked.get_or_insert(p);
+            }
+            None => panic!("a cross-shard call task was cancelled"),
+        }
+    }
+    if let Some(p) = panicked {
+        p.resume();
     }
     out
 }
 
-/// The message pump of one shard: runs each job sent to it as its own task.
+/// The message pump of one shard: runs each job sent to it as its own task. Jobs are contained
+/// ([`invoke_on`] also catches inside the job to carry the panic back); a job that panics anyway
+/// is logged and the pump goes on.
 pub async fn serve_inbox(rx: async_channel::Receiver<Job>) {
     while let Ok(job) = rx.recv().await {
-        glommio::spawn_local(job()).detach();
+        crate::contain::spawn_background("cross-shard job", async move { job().await });
     }
 }

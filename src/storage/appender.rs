@@ -172,14 +172,38 @@ enum Work {
     Exit,
 }
 
-/// The per-partition flusher task: runs until the log is closed or dropped.
+/// The per-partition flusher task: runs until the log is closed or dropped. It is contained: a
+/// panic is logged once and marks the log dead ([`PartitionLog::flusher_died`]), so its waiting
+/// and later appends fail with an I/O error instead of hanging. It is not restarted: the state it
+/// panicked in (a write half done, `flushing` set) is not one to resume from; a broker restart
+/// recovers the partition from its files.
 pub(crate) async fn flusher(log: Weak<PartitionLog>) {
+    let Err(mut p) = crate::contain::contain(flush_loop(log.clone())).await else {
+        return;
+    };
+    p.mark_reported();
+    match log.upgrade() {
+        Some(log) => {
+            tracing::error!(dir = %log.dir().display(), "partition flusher {p}; appends to this partition fail from now on");
+            log.flusher_died();
+        }
+        None => tracing::error!("partition flusher {p}; its log was already dropped"),
+    }
+}
+
+async fn flush_loop(log: Weak<PartitionLog>) {
     loop {
         let work = next_work(&log).await;
         let Some(log) = log.upgrade() else { return };
         match work {
             Work::Exit => return,
-            Work::Write => log.flush_pending().await,
+            Work::Write => {
+                if cfg!(any(debug_assertions, feature = "fault-injection")) {
+                    let name = log.dir().file_name().and_then(|n| n.to_str());
+                    crate::fault::panic_point("flusher", name.unwrap_or(""));
+                }
+                log.flush_pending().await
+            }
             Work::Sync => {
                 log.sync_written().await;
                 log.snapshot_if_due();
@@ -413,13 +437,24 @@ impl PartitionLog {
             )
         };
         let weak = Rc::downgrade(self);
+        // Contained, and `snapshotting` is cleared whatever happens: a roll or close waits for it.
         glommio::spawn_local(async move {
-            let r = glommio::executor()
-                .spawn_blocking(move || crate::storage::meta::write_file(&path, &body))
-                .await;
+            let r = crate::contain::contain(async move {
+                glommio::executor()
+                    .spawn_blocking(move || crate::storage::meta::write_file(&path, &body))
+                    .await
+            })
+            .await;
             let Some(log) = weak.upgrade() else { return };
-            if let Err(e) = r {
-                tracing::warn!(dir = %log.dir().display(), error = %e, "producer snapshot failed");
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(dir = %log.dir().display(), error = %e, "producer snapshot failed")
+                }
+                Err(mut p) => {
+                    p.mark_reported();
+                    tracing::error!(dir = %log.dir().display(), "producer snapshot {p}; the next one retries");
+                }
             }
             let mut s = log.state.borrow_mut();
             s.snapshotting = false;

@@ -201,14 +201,18 @@ pub(crate) struct ReadAhead {
     len: usize,
     /// The data limit when it was issued: bytes past it are not data.
     limit: u64,
-    task: Option<glommio::Task<std::io::Result<io::ReadBuf>>>,
+    /// Contained: a panic of the read is re-raised in the reader that takes it.
+    task: Option<glommio::Task<Result<std::io::Result<io::ReadBuf>, crate::contain::Panic>>>,
 }
 
 impl ReadAhead {
     async fn take(&mut self) -> std::io::Result<io::ReadBuf> {
         let task = self.task.take().expect("a read-ahead is taken once");
         READAHEAD_BYTES.with(|b| b.set(b.get() - self.len));
-        task.await
+        match task.await {
+            Ok(r) => r,
+            Err(p) => p.resume(),
+        }
     }
 }
 
@@ -249,6 +253,9 @@ pub(crate) struct State {
     /// the next write.
     pub punch: Option<(u64, u64)>,
     pub flushing: bool,
+    /// The flusher task panicked: nothing pending will be written any more, so every append
+    /// (and roll) fails from now on instead of waiting forever.
+    pub flusher_dead: bool,
     pub rolling: bool,
     pub closed: bool,
     /// Incremented by every failed write; `gen_end[g]` is `hw` when generation `g` failed:
@@ -400,6 +407,9 @@ impl PartitionLog {
             if gen < s.gen && last >= s.gen_end[gen] {
                 return Poll::Ready(Err(s.error()));
             }
+            if s.flusher_dead {
+                return Poll::Ready(Err(s.error()));
+            }
             let done = match durability {
                 Durability::Synced => s.synced > last,
                 _ => s.hw > last,
@@ -496,6 +506,9 @@ impl PartitionLog {
                 if s.closed {
                     return Err(StorageError::Io(std::io::Error::other("log is closed")));
                 }
+                if s.flusher_dead {
+                    return Err(s.error());
+                }
                 if s.rolling
                     || (!s.pending.is_empty() && s.pending.bytes + bytes > PENDING_BYTES_MAX)
                 {
@@ -508,6 +521,7 @@ impl PartitionLog {
                 None => {
                     self.wait_until(|s| {
                         s.closed
+                            || s.flusher_dead
                             || !(s.rolling
                                 || (!s.pending.is_empty()
                                     && s.pending.bytes + bytes > PENDING_BYTES_MAX))
@@ -638,13 +652,28 @@ impl PartitionLog {
 
     /// Waits until nothing is pending or in flight in the appender.
     async fn drain(&self) {
-        self.wait_until(|s| s.pending.is_empty() && !s.flushing)
+        self.wait_until(|s| (s.pending.is_empty() && !s.flushing) || s.flusher_dead)
             .await
+    }
+
+    /// The flusher task panicked (it caught the panic itself): what is pending will never be
+    /// written, so fail the appends waiting for it and every later one. Reads keep working up to
+    /// the high watermark; a restart recovers the partition from its files.
+    pub(crate) fn flusher_died(&self) {
+        let mut s = self.state.borrow_mut();
+        s.flusher_dead = true;
+        s.set_error(&std::io::Error::other(
+            "the partition's flusher stopped after a panic",
+        ));
+        s.wake_all();
     }
 
     /// Seals the active segment and starts a new one at the log end. Public so the shard (and
     /// tests) can force a roll.
     pub async fn roll(&self) -> Result<(), StorageError> {
+        if self.state.borrow().flusher_dead {
+            return Err(self.state.borrow().error());
+        }
         loop {
             let busy = self.state.borrow().rolling;
             if !busy {
@@ -781,9 +810,9 @@ impl PartitionLog {
             apos,
             len,
             limit,
-            task: Some(glommio::spawn_local(
-                async move { f.read_at(apos, len).await },
-            )),
+            task: Some(glommio::spawn_local(crate::contain::contain(async move {
+                f.read_at(apos, len).await
+            }))),
         };
         let mut s = self.state.borrow_mut();
         if s.readahead.len() >= READAHEAD_SLOTS {
@@ -1062,7 +1091,9 @@ impl PartitionLog {
         if !gone.is_empty() {
             let io = self.io.clone();
             let dir = self.dir.clone();
-            glommio::spawn_local(async move {
+            // Contained: a panic leaves files behind (removed by the next start's cleanup or by
+            // hand) and is logged; the shard keeps running.
+            crate::contain::spawn_background("segment unlink", async move {
                 for g in gone {
                     let base = g.base;
                     drop(g);
@@ -1075,8 +1106,7 @@ impl PartitionLog {
                         }
                     }
                 }
-            })
-            .detach();
+            });
         }
         Ok(())
     }
@@ -1096,6 +1126,15 @@ impl PartitionLog {
         self.state.borrow_mut().rolling = true; // holds new appends back
         self.drain().await;
         self.no_snapshot_in_flight().await;
+        if self.state.borrow().flusher_dead {
+            // Offsets, index entries and producer state cover batches that were never written:
+            // write no clean-shutdown marker, so the next start recovers from the files.
+            let mut s = self.state.borrow_mut();
+            s.rolling = false;
+            s.closed = true;
+            s.wake_all();
+            return Err(s.error());
+        }
         let file = self.state.borrow().active().file.clone();
         let punch = self.state.borrow_mut().punch.take();
         let r = async {

@@ -261,6 +261,7 @@ impl PartitionLog {
                 attempted_pos: align_up(written),
                 punch: None,
                 flushing: false,
+                flusher_dead: false,
                 rolling: false,
                 closed: false,
                 gen: 0,

@@ -54,6 +54,8 @@ pub struct BrokerOptions {
     /// Address-space limit (RLIMIT_AS) the broker process starts with: an allocation past it
     /// fails, which aborts the process.
     pub address_space_bytes_max: Option<u64>,
+    /// Extra environment variables of the broker process.
+    pub envs: Vec<(String, String)>,
 }
 
 impl Default for BrokerOptions {
@@ -65,6 +67,7 @@ impl Default for BrokerOptions {
             data_dir: None,
             fd_soft_limit: None,
             address_space_bytes_max: None,
+            envs: Vec::new(),
         }
     }
 }
@@ -92,6 +95,11 @@ impl BrokerOptions {
 
     pub fn address_space_bytes_max(mut self, n: u64) -> Self {
         self.address_space_bytes_max = Some(n);
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -193,6 +201,7 @@ impl Broker {
             )
             .args(&self.options.extra_args)
             .env_remove("RUST_LOG")
+            .envs(self.options.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         let (nofile, address_space) = (
             self.options.fd_soft_limit,

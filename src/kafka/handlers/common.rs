@@ -89,8 +89,13 @@ where
         .owner(topic, partition)
         .ok_or(code(ResponseError::UnknownTopicOrPartition))?;
     let tp = TopicPartition::new(topic.name.clone(), partition);
+    let caller = shard::local().id;
     invoke_on(owner, move || async move {
-        match shard::local().partition(&tp) {
+        let here = shard::local();
+        if here.id != caller {
+            crate::fault::panic_point("cross_shard", &tp.topic);
+        }
+        match here.partition(&tp) {
             Some(log) => Ok(f(log).await),
             None => Err(code(ResponseError::UnknownTopicOrPartition)),
         }

@@ -132,7 +132,8 @@ async fn read_all(topics: &[TopicReq]) -> Vec<Vec<PartResult>> {
                     let (index, offset, bytes_max) =
                         (p.index, p.fetch_offset, p.partition_max_bytes.max(0) as u32);
                     Some(
-                        glommio::spawn_local(async move {
+                        // Contained: a panic is re-raised below and fails this request only.
+                        shard::spawn_contained(async move {
                             with_partition(&meta, index, move |log| async move {
                                 log.read(ReadOptions {
                                     start: Offset(offset),
@@ -151,8 +152,7 @@ async fn read_all(topics: &[TopicReq]) -> Vec<Vec<PartResult>> {
                                 })
                             })
                             .await
-                        })
-                        .detach(),
+                        }),
                     )
                 }
             };
@@ -171,7 +171,7 @@ async fn read_all(topics: &[TopicReq]) -> Vec<Vec<PartResult>> {
                     log_start_offset: -1,
                     batches: vec![],
                 },
-                Some(task) => match task.await {
+                Some(task) => match shard::join(task).await {
                     None => PartResult {
                         error: code(ResponseError::UnknownServerError),
                         ..Default::default()
@@ -208,8 +208,12 @@ async fn read_all(topics: &[TopicReq]) -> Vec<Vec<PartResult>> {
 }
 
 /// Waits until any requested partition receives an append, or `remaining` passes.
+///
+/// One waiter task per partition, each contained: the first to finish reports on the channel,
+/// and a panic it reports is re-raised here (failing this request only). Waiters that finish
+/// later find the channel gone; a panic of theirs logs itself.
 async fn wait_for_any_append(topics: &[TopicReq], remaining: Duration) {
-    let (tx, rx) = async_channel::bounded::<()>(1);
+    let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
     for t in topics {
         let Some(meta) = &t.meta else { continue };
         for p in &t.parts {
@@ -217,27 +221,32 @@ async fn wait_for_any_append(topics: &[TopicReq], remaining: Duration) {
             let (index, offset) = (p.index, p.fetch_offset);
             let tx = tx.clone();
             glommio::spawn_local(async move {
-                let _ = with_partition(&meta, index, move |log| async move {
-                    futures_lite::future::or(
-                        log.wait_for_append(Offset(offset)),
-                        glommio::timer::sleep(remaining),
-                    )
-                    .await
+                let waited = shard::contain(async move {
+                    crate::fault::panic_point("fetch_wait", &meta.name);
+                    let _ = with_partition(&meta, index, move |log| async move {
+                        futures_lite::future::or(
+                            log.wait_for_append(Offset(offset)),
+                            glommio::timer::sleep(remaining),
+                        )
+                        .await
+                    })
+                    .await;
                 })
                 .await;
-                let _ = tx.try_send(());
+                let _ = tx.try_send(waited);
             })
             .detach();
         }
     }
     drop(tx);
-    futures_lite::future::or(
-        async {
-            let _ = rx.recv().await;
-        },
-        glommio::timer::sleep(remaining),
-    )
+    let first = futures_lite::future::or(async { rx.recv().await.ok() }, async {
+        glommio::timer::sleep(remaining).await;
+        None
+    })
     .await;
+    if let Some(Err(p)) = first {
+        p.resume();
+    }
 }
 
 /// Applies the response-wide `max_bytes`, keeping at least the first batch (KIP-74).

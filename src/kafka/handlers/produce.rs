@@ -91,10 +91,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let timeout = Duration::from_millis(request.timeout_ms.max(0) as u64);
     let transactional = request.transactional_id.is_some();
 
-    // One task per partition, all started before any is awaited.
+    // One task per partition, all started before any is awaited. The tasks are contained: a
+    // panic in one is re-raised here when it is awaited, and fails this request only.
     let mut topics = Vec::with_capacity(request.topic_data.len());
     for td in request.topic_data {
         let name = td.name.to_string();
+        crate::fault::panic_point("produce_request", &name);
         let topic = if durability.is_none() || transactional {
             None
         } else {
@@ -106,23 +108,23 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             let task = match (&topic, durability) {
                 (_, None) => {
                     let e = Outcome::error(code(ResponseError::InvalidRequiredAcks), None);
-                    glommio::spawn_local(async move { e }).detach()
+                    shard::spawn_contained(async move { e })
                 }
                 (None, _) => {
                     let e = Outcome::error(
                         code(ResponseError::TransactionalIdAuthorizationFailed),
                         Some("transactions are not supported yet".into()),
                     );
-                    glommio::spawn_local(async move { e }).detach()
+                    shard::spawn_contained(async move { e })
                 }
                 (Some(Err(e)), _) => {
                     let e = Outcome::error(*e, None);
-                    glommio::spawn_local(async move { e }).detach()
+                    shard::spawn_contained(async move { e })
                 }
                 (Some(Ok(t)), Some(d)) => {
                     let t = t.clone();
                     let records = pd.records.unwrap_or_default();
-                    glommio::spawn_local(append_partition(t, index, records, d, timeout)).detach()
+                    shard::spawn_contained(append_partition(t, index, records, d, timeout))
                 }
             };
             parts.push((index, task));
@@ -135,7 +137,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     for (name, parts) in topics {
         let mut prs = Vec::with_capacity(parts.len());
         for (index, task) in parts {
-            let o = task
+            let o = shard::join(task)
                 .await
                 .unwrap_or_else(|| Outcome::error(code(ResponseError::UnknownServerError), None));
             any_error |= o.error_code != NONE;
@@ -181,6 +183,7 @@ async fn append_partition(
     durability: Durability,
     timeout: Duration,
 ) -> Outcome {
+    crate::fault::panic_point("produce_partition", &topic.name);
     let broker = shard::local().broker.clone();
     if topic.internal {
         return Outcome::error(
@@ -206,16 +209,17 @@ async fn append_partition(
             at += size;
         }
     }
-    // A detached task, so that a timed-out wait never cancels the append itself.
-    let append = glommio::spawn_local(async move {
+    // A detached task, so that a timed-out wait never cancels the append itself. Contained: its
+    // panic is re-raised here, or logged by itself if the wait timed out first.
+    let append = shard::spawn_contained(async move {
         with_partition(&topic, index, move |log| async move {
             log.append(owned, durability).await
         })
         .await
-    })
-    .detach();
+    });
+    let append = shard::join(append);
     let result = if durability == Durability::Synced && !timeout.is_zero() {
-        futures_lite::future::or(async { append.await }, async {
+        futures_lite::future::or(append, async {
             glommio::timer::sleep(timeout).await;
             None
         })

@@ -1,0 +1,59 @@
+//! Fault injection for tests: named panic points the broker passes through, armed for one key
+//! (a topic or group name) by `SLUICE_FAULT_PANIC=<point>:<key>` in the broker's environment,
+//! read once at start-up ([`init`]). Knows nothing of Kafka: callers name the point and the key.
+//!
+//! Compiled in only for debug builds or with the `fault-injection` feature; otherwise every
+//! function here is an empty inline function and release builds carry no cost.
+//!
+//! Points (see their call sites): `produce_request` (the Produce request task, before it spawns
+//! per-partition work), `produce_partition` (a per-partition produce task), `fetch_wait` (a fetch
+//! long-poll waiter task), `cross_shard` (a closure run on a partition's owner shard when that is
+//! not the caller's shard), `group` (a group-coordinator call on the group's shard), `flusher` (a
+//! partition's flusher task, keyed by the partition's directory name, `<topic>-<partition>`).
+
+/// The environment variable that arms a panic point.
+pub const PANIC_ENV: &str = "SLUICE_FAULT_PANIC";
+
+#[cfg(any(debug_assertions, feature = "fault-injection"))]
+mod armed {
+    use std::sync::OnceLock;
+
+    /// `(point, key)` when armed.
+    static PANIC_AT: OnceLock<Option<(String, String)>> = OnceLock::new();
+
+    pub fn init() {
+        PANIC_AT.get_or_init(|| {
+            let v = std::env::var(super::PANIC_ENV).ok()?;
+            let (point, key) = v.split_once(':')?;
+            tracing::warn!(
+                point,
+                key,
+                "fault injection armed: this broker will panic on purpose"
+            );
+            Some((point.to_string(), key.to_string()))
+        });
+    }
+
+    #[track_caller]
+    pub fn panic_point(point: &str, key: &str) {
+        if let Some(Some((p, k))) = PANIC_AT.get() {
+            if p == point && k == key {
+                panic!("fault injection: panic point {point} for {key}");
+            }
+        }
+    }
+}
+
+#[cfg(any(debug_assertions, feature = "fault-injection"))]
+pub use armed::{init, panic_point};
+
+/// Reads [`PANIC_ENV`] (release build without `fault-injection`: nothing to read).
+#[cfg(not(any(debug_assertions, feature = "fault-injection")))]
+#[inline(always)]
+pub fn init() {}
+
+/// Panics when the broker was started with this point armed for `key` (release build without
+/// `fault-injection`: never).
+#[cfg(not(any(debug_assertions, feature = "fault-injection")))]
+#[inline(always)]
+pub fn panic_point(_point: &str, _key: &str) {}

@@ -1,20 +1,25 @@
 //! Sluice: a Kafka-wire-compatible streaming broker, thread-per-core on io_uring (glommio).
 //!
+//! Modules, top to bottom; each uses only modules below it (kept so by `tests/layering.rs`):
+//!
 //! | module | owns |
 //! | --- | --- |
+//! | [`broker`] | composition root: process guards and tuning, launch of the shards, signals |
+//! | [`cli`] | the `sluice` admin and console commands (Kafka protocol clients) |
+//! | [`server`] | listener, connection loop, framing, limits |
+//! | [`kafka`] | dispatch and one handler per Kafka API; `Request`, `Response`, `Connection` |
+//! | [`group`] | consumer group coordinators and committed offsets |
+//! | [`admin`] | the metadata owner on shard 0: topic administration, producer-id blocks |
+//! | [`shard`] | per-shard state, the shared [`shard::BrokerContext`], routing, cross-shard calls |
+//! | [`metadata`] | the topic catalogue: image, metadata log, topic configs |
 //! | [`config`] | the typed broker configuration (file + flags + env) |
+//! | [`storage`] | the partition log: segments, DMA appender, index, recovery, retention, cache |
+//! | [`protocol`] | RecordBatch v2 view; request/response codecs come from `kafka-protocol` |
 //! | [`contain`] | panic containment: contained futures, the panic hook, the caught [`contain::Panic`] |
 //! | [`fault`] | test-only panic points armed by `SLUICE_FAULT_PANIC` (no-ops in release builds) |
-//! | [`shard`] | executor pool, pinning, cross-shard calls, partition→shard map |
-//! | [`server`] | listener, connection loop, framing, limits, dispatch |
-//! | [`protocol`] | RecordBatch v2 view; request/response codecs come from `kafka-protocol` |
-//! | [`kafka`] | one handler per Kafka API |
-//! | [`storage`] | the partition log: segments, DMA appender, index, recovery, retention, cache |
-//! | [`group`] | consumer group coordinator and committed offsets |
-//! | [`group`] | consumer group coordinators and committed offsets |
-//! | [`metadata`] | topics, configs and partition assignment, persisted in the data dir |
-//! | [`cli`] | the `sluice` admin and console commands (Kafka protocol clients) |
+//! | [`types`] | ids, offsets, topic-partition names, the clock |
 
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;

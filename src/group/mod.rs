@@ -475,7 +475,7 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        match crate::broker::create_topic(
+        match crate::admin::create_topic(
             OFFSETS_TOPIC.to_string(),
             OFFSETS_PARTITIONS,
             1,
@@ -485,7 +485,7 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
         )
         .await
         {
-            Ok(_) | Err(crate::broker::AdminError::TopicExists) => {}
+            Ok(_) | Err(crate::admin::AdminError::TopicExists) => {}
             Err(e) => return Err(format!("cannot create {OFFSETS_TOPIC}: {}", e.message())),
         }
     }

@@ -1,14 +1,31 @@
 //! Kafka API layer: the single `match` on the API key ([`dispatch`]), the version ranges we
-//! advertise ([`versions`]), and one handler file per API under [`handlers`].
+//! advertise ([`versions`]), and one handler file per API under [`handlers`]. Owns what a
+//! handler sees and gives back: [`Request`], [`Connection`] and [`Response`]. Runs on the shard
+//! that accepted the connection; reaches partitions, groups and topic administration by calling
+//! down into `group`, `admin` and `shard`, never up into `server`.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
 
-use crate::server::{Connection, Response};
-
 pub mod handlers;
 pub mod versions;
+
+/// What a handler gives back.
+pub enum Response {
+    /// Encoded frame pieces (length prefix included), written with one vectored write.
+    Frames(Vec<Bytes>),
+    /// Nothing is sent (acks=0 produce).
+    None,
+    /// The request was bad enough that Kafka closes the connection.
+    Close(String),
+}
+
+/// Per-connection context visible to handlers.
+pub struct Connection {
+    pub id: u64,
+    pub peer: std::net::SocketAddr,
+}
 
 /// One decoded request header plus what handlers need to answer it.
 pub struct Request<'a> {

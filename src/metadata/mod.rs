@@ -1,7 +1,9 @@
 //! Topics, their configs and the partition → shard assignment. Persisted in the data dir as a
 //! checksummed record log (`__meta/metadata.log`), replayed at start and compacted into a single
-//! snapshot record when it grows. Shard 0 is the only writer; every shard reads the current
-//! immutable [`MetadataImage`] through an `ArcSwap`, so a reader always sees one consistent view.
+//! snapshot record when it grows. Data and files only: the metadata owner on shard 0 (the
+//! `admin` module, above this one) is the only writer; every shard reads the current immutable
+//! [`MetadataImage`] through an `ArcSwap` in the shared context, so a reader always sees one
+//! consistent view.
 //!
 //! Record framing: `[len: u32 LE][crc32 (crc32fast) of payload: u32 LE][payload: JSON]`. A torn
 //! or corrupt tail record is dropped (it was never acknowledged: the writer fsyncs before

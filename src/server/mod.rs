@@ -13,6 +13,7 @@ use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -21,6 +22,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Semaphore, StaticPermit};
 use glommio::task::JoinHandle;
 
+use crate::kafka::{Connection, Response};
 use crate::shard;
 
 /// Frame length prefix.
@@ -33,22 +35,40 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Most bytes one read call asks for: the buffer is zero-filled up to it before each read.
 const READ_CALL_BYTES_MAX: usize = 1024 * 1024;
 
-/// What a handler gives back.
-pub enum Response {
-    /// Encoded frame pieces (length prefix included), written with one vectored write.
-    Frames(Vec<Bytes>),
-    /// Nothing is sent (acks=0 produce).
-    None,
-    /// The request was bad enough that Kafka closes the connection.
-    Close(String),
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// A process-wide unique id for a new connection (log lines name connections by it).
+fn next_connection_id() -> u64 {
+    NEXT_CONN.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Per-connection context visible to handlers.
-pub struct Connection {
-    pub id: u64,
-    pub peer: SocketAddr,
+/// A TCP socket for `addr` with SO_REUSEADDR set, not yet bound.
+pub fn new_tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    // Connections of a previous run lingering in TIME_WAIT must not keep a restarted broker
+    // from binding its port (Kafka restarts at once, so do we).
+    sock.set_reuse_address(true)?;
+    Ok(sock)
 }
 
+/// The shard's listener: SO_REUSEPORT so every shard listens on the same port and the kernel
+/// spreads connections, SO_REUSEADDR so a restart binds at once.
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sock = new_tcp_socket(addr)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    // SAFETY: a bound, listening TCP socket whose descriptor we hand over.
+    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
+}
+
+/// Accepts connections on this shard's listener until shutdown, then waits (bounded) for the
+/// open connections to finish what they have in flight.
 pub async fn accept_loop(listener: TcpListener) {
     let shard = shard::local();
     let broker = shard.broker.clone();
@@ -83,7 +103,7 @@ pub async fn accept_loop(listener: TcpListener) {
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let conn = Rc::new(Connection {
-            id: crate::broker::next_connection_id(),
+            id: next_connection_id(),
             peer,
         });
         active.set(active.get() + 1);

@@ -1,6 +1,8 @@
-//! The executor pool: one glommio executor per core, each pinned, each owning a set of
-//! partitions. Other shards reach a shard's state only by message ([`invoke_on`]). Knows nothing
-//! of Kafka APIs.
+//! The shards: one glommio executor per core (started and pinned by the broker), each owning a
+//! set of partitions. Other shards reach a shard's state only by message ([`invoke_on`]). Owns
+//! the per-shard state ([`Shard`]), the context every shard shares ([`BrokerContext`]: config,
+//! metadata image, inboxes, stop signal) and the partition → shard routing
+//! ([`BrokerContext::owner`]). Knows nothing of Kafka APIs.
 //!
 //! A cross-shard call ships a `Send` closure to the owner shard, which runs it there and sends
 //! the result back; `Bytes` travel by reference count, never by copy.
@@ -18,10 +20,13 @@ use std::sync::Arc;
 
 use glommio::task::JoinHandle;
 
-use crate::broker::Broker;
 pub use crate::contain::{contain, Panic};
-use crate::storage::{BatchCache, PartitionLog};
+use crate::storage::{BatchCache, LogConfig, PartitionLog, StorageError};
 use crate::types::{ShardId, TopicPartition};
+
+mod context;
+
+pub use context::BrokerContext;
 
 /// A unit of work sent to another shard: builds a local future there.
 pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
@@ -32,7 +37,8 @@ pub const INBOX_DEPTH_MAX: usize = 4096;
 /// The state one shard owns. Lives on its executor's thread only.
 pub struct Shard {
     pub id: ShardId,
-    pub broker: Arc<Broker>,
+    /// The state shared with every other shard.
+    pub broker: Arc<BrokerContext>,
     pub partitions: RefCell<HashMap<TopicPartition, Rc<PartitionLog>>>,
     pub cache: Rc<BatchCache>,
 }
@@ -57,8 +63,40 @@ pub fn try_local() -> Option<Rc<Shard>> {
 }
 
 impl Shard {
+    pub fn new(id: ShardId, broker: Arc<BrokerContext>) -> Shard {
+        let cache = BatchCache::new(broker.config.cache_bytes);
+        Shard {
+            id,
+            broker,
+            partitions: RefCell::new(HashMap::new()),
+            cache,
+        }
+    }
+
     pub fn partition(&self, tp: &TopicPartition) -> Option<Rc<PartitionLog>> {
         self.partitions.borrow().get(tp).cloned()
+    }
+}
+
+/// Opens one partition log on the calling shard (idempotent).
+pub async fn open_partition_here(tp: TopicPartition, lc: LogConfig) -> Result<(), StorageError> {
+    let shard = local();
+    if shard.partition(&tp).is_some() {
+        return Ok(());
+    }
+    let dir = shard.broker.partition_dir(&tp);
+    let log = PartitionLog::open(&dir, lc, shard.cache.clone()).await?;
+    shard.partitions.borrow_mut().insert(tp, log);
+    Ok(())
+}
+
+/// Closes every partition log of the calling shard (at shutdown).
+pub async fn close_partitions() {
+    let logs: Vec<_> = local().partitions.borrow_mut().drain().collect();
+    for (tp, log) in logs {
+        if let Err(e) = log.close().await {
+            tracing::error!(partition = %tp, error = %e, "close failed");
+        }
     }
 }
 

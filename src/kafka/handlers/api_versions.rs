@@ -6,8 +6,8 @@ use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
 use kafka_protocol::ResponseError;
 
+use crate::kafka::Response;
 use crate::kafka::{encode_frame, versions, Request};
-use crate::server::Response;
 
 fn body(error_code: i16) -> ApiVersionsResponse {
     let api_keys = versions::SUPPORTED

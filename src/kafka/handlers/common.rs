@@ -9,7 +9,7 @@ use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 
-use crate::broker::{self, AdminError};
+use crate::admin::{self, AdminError};
 use crate::metadata::TopicMeta;
 use crate::shard::{self, invoke_on};
 use crate::storage::{PartitionLog, StorageError};
@@ -64,7 +64,7 @@ pub async fn topic_or_create(name: &str, allow_auto_create: bool) -> Result<Arc<
     if !(broker.config.auto_create_topics && allow_auto_create) || name.starts_with("__") {
         return Err(code(ResponseError::UnknownTopicOrPartition));
     }
-    match broker::create_topic(name.to_string(), -1, -1, BTreeMap::new(), false, false).await {
+    match admin::create_topic(name.to_string(), -1, -1, BTreeMap::new(), false, false).await {
         Ok(t) => Ok(t),
         // Another request created it first.
         Err(AdminError::TopicExists) => broker

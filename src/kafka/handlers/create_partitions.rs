@@ -6,9 +6,8 @@ use kafka_protocol::messages::{CreatePartitionsRequest, CreatePartitionsResponse
 use kafka_protocol::ResponseError;
 
 use super::common::{admin_code, code, str_bytes, NONE};
-use crate::broker;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::admin;
+use crate::kafka::{Request, Response};
 use crate::shard;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -30,7 +29,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 continue;
             }
         }
-        match broker::add_partitions(t.name.to_string(), t.count, request.validate_only).await {
+        match admin::add_partitions(t.name.to_string(), t.count, request.validate_only).await {
             Ok(()) => results.push(r.with_error_code(NONE)),
             Err(e) => results.push(
                 r.with_error_code(admin_code(&e))

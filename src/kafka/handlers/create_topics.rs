@@ -11,10 +11,9 @@ use kafka_protocol::messages::{CreateTopicsRequest, CreateTopicsResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{admin_code, code, str_bytes, NONE};
-use crate::broker;
-use crate::kafka::Request;
+use crate::admin;
+use crate::kafka::{Request, Response};
 use crate::metadata::configs;
-use crate::server::Response;
 use crate::shard;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -74,7 +73,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         } else {
             1
         };
-        match broker::create_topic(
+        match admin::create_topic(
             name,
             partitions,
             rf,

@@ -6,8 +6,7 @@ use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
 use kafka_protocol::messages::{DeleteGroupsRequest, DeleteGroupsResponse, GroupId};
 
 use crate::group::on_coordinator;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: DeleteGroupsRequest = crate::decode_or_close!(req, b);

@@ -9,8 +9,7 @@ use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{code, storage_code, with_partition, NONE};
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 use crate::shard;
 use crate::types::Offset;
 

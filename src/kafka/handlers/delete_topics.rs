@@ -7,9 +7,8 @@ use kafka_protocol::messages::{DeleteTopicsRequest, DeleteTopicsResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{admin_code, code, str_bytes, topic_name, NONE};
-use crate::broker;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::admin;
+use crate::kafka::{Request, Response};
 use crate::shard;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -52,7 +51,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         if let (Some(m), true) = (image.topic(&name), req.version >= 6) {
             r = r.with_topic_id(uuid::Uuid::from_bytes(m.id));
         }
-        match broker::delete_topic(name).await {
+        match admin::delete_topic(name).await {
             Ok(()) => responses.push(r.with_error_code(NONE)),
             Err(e) => responses.push(
                 r.with_error_code(admin_code(&e))

@@ -9,9 +9,8 @@ use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, NONE};
-use crate::kafka::Request;
+use crate::kafka::{Request, Response};
 use crate::metadata::configs::{self, Source};
-use crate::server::Response;
 use crate::shard;
 
 const RESOURCE_TOPIC: i8 = 2;

@@ -8,8 +8,7 @@ use kafka_protocol::messages::{DescribeGroupsRequest, DescribeGroupsResponse, Gr
 
 use super::common::{str_bytes, NONE};
 use crate::group::on_coordinator;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 
 /// Kafka's "authorized operations not requested" sentinel.
 const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;

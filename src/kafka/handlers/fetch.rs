@@ -15,9 +15,8 @@ use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::ResponseError;
 
 use super::common::{code, storage_code, with_partition, NONE};
-use crate::kafka::Request;
+use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
-use crate::server::Response;
 use crate::shard;
 use crate::storage::{ReadOptions, ReadResult};
 use crate::types::Offset;

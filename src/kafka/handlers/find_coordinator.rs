@@ -11,8 +11,7 @@ use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, NONE};
 use crate::group::OFFSETS_TOPIC;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 use crate::shard;
 
 const KEY_TYPE_GROUP: i8 = 0;

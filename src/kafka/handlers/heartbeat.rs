@@ -5,8 +5,7 @@ use bytes::Bytes;
 use kafka_protocol::messages::{HeartbeatRequest, HeartbeatResponse};
 
 use crate::group::on_coordinator;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: HeartbeatRequest = crate::decode_or_close!(req, b);

@@ -11,8 +11,7 @@ use super::common::str_bytes;
 use crate::group::coordinator::JoinRequest;
 use crate::group::state::Protocol;
 use crate::group::{on_coordinator, JoinResult};
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: JoinGroupRequest = crate::decode_or_close!(req, b);

@@ -7,8 +7,7 @@ use kafka_protocol::messages::{LeaveGroupRequest, LeaveGroupResponse};
 
 use super::common::str_bytes;
 use crate::group::on_coordinator;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: LeaveGroupRequest = crate::decode_or_close!(req, b);

@@ -7,8 +7,7 @@ use kafka_protocol::messages::{GroupId, ListGroupsRequest, ListGroupsResponse};
 
 use super::common::str_bytes;
 use crate::group::{self, GroupState};
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 use crate::shard;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {

@@ -10,9 +10,8 @@ use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{code, storage_code, with_partition, NONE};
-use crate::kafka::Request;
+use crate::kafka::{Request, Response};
 use crate::protocol::compression;
-use crate::server::Response;
 use crate::shard;
 
 pub const EARLIEST: i64 = -2;

@@ -11,9 +11,8 @@ use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, topic_name, topic_or_create};
-use crate::kafka::Request;
+use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
-use crate::server::Response;
 use crate::shard;
 
 /// Kafka's "authorized operations not requested" sentinel.

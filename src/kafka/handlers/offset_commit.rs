@@ -14,8 +14,7 @@ use super::common::{code, NONE};
 use crate::group::coordinator::CommitEntry;
 use crate::group::offsets::OffsetValue;
 use crate::group::on_coordinator;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 use crate::shard;
 
 /// Kafka's `offset.metadata.max.bytes`.

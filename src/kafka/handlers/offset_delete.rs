@@ -11,8 +11,7 @@ use kafka_protocol::ResponseError;
 
 use super::common::{code, NONE};
 use crate::group::on_coordinator;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 use crate::shard;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {

@@ -12,8 +12,7 @@ use kafka_protocol::messages::{GroupId, OffsetFetchRequest, OffsetFetchResponse}
 use super::common::{str_bytes, topic_name, NONE};
 use crate::group::offsets::OffsetValue;
 use crate::group::on_coordinator;
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 
 type Fetched = Vec<(String, i32, Option<OffsetValue>)>;
 /// Committed offsets of one topic: `(partition, offset)`.

@@ -11,10 +11,9 @@ use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{code, storage_code, topic_or_create, with_partition, NONE};
-use crate::kafka::Request;
+use crate::kafka::{Request, Response};
 use crate::metadata::configs;
 use crate::protocol::batch::{self, BatchError};
-use crate::server::Response;
 use crate::shard;
 use crate::storage::Durability;
 

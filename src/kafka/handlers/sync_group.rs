@@ -8,8 +8,7 @@ use kafka_protocol::messages::{SyncGroupRequest, SyncGroupResponse};
 use super::common::str_bytes;
 use crate::group::coordinator::SyncRequest;
 use crate::group::{on_coordinator, SyncResult};
-use crate::kafka::Request;
-use crate::server::Response;
+use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: SyncGroupRequest = crate::decode_or_close!(req, b);

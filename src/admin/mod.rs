@@ -1,0 +1,346 @@
+//! Topic administration and producer-id blocks: the metadata owner. Lives on shard 0, the only
+//! writer of the metadata log; every operation here runs there (forwarded with
+//! [`invoke_on`] from whichever shard took the request), validates, writes the change to the
+//! metadata log (fsynced), publishes the new image to every shard through the shared
+//! [`BrokerContext`](crate::shard::BrokerContext), and has partition logs opened or removed on
+//! their owner shards. Knows Kafka's topic rules, never sockets or requests.
+//!
+//! | file | owns |
+//! | --- | --- |
+//! | this file | [`MetadataOwner`] (shard 0's state), create/delete topics, add partitions, shard assignment |
+//! | [`producer_ids`] | the producer-id allocator and its persisted blocks |
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::sync::Semaphore;
+
+use crate::metadata::{configs, MetadataImage, MetadataStore, TopicMeta};
+use crate::shard::{self, invoke_on, BrokerContext};
+use crate::types::{ShardId, TopicPartition};
+
+pub mod producer_ids;
+
+pub use producer_ids::{ProducerIds, PRODUCER_ID_BLOCK};
+
+/// The shard that owns the metadata log and runs every operation of this module.
+pub const METADATA_OWNER: ShardId = ShardId(0);
+
+/// Why an admin operation failed, mapped to a Kafka error code by the handler.
+#[derive(Debug)]
+pub enum AdminError {
+    TopicExists,
+    UnknownTopic,
+    InvalidTopic(String),
+    InvalidPartitions(String),
+    InvalidConfig(String),
+    InvalidReplicationFactor,
+    Storage(String),
+}
+
+impl AdminError {
+    pub fn message(&self) -> String {
+        match self {
+            AdminError::TopicExists => "topic already exists".into(),
+            AdminError::UnknownTopic => "unknown topic".into(),
+            AdminError::InvalidTopic(m)
+            | AdminError::InvalidPartitions(m)
+            | AdminError::InvalidConfig(m)
+            | AdminError::Storage(m) => m.clone(),
+            AdminError::InvalidReplicationFactor => {
+                "replication factor must be 1 (or -1) on a single node".into()
+            }
+        }
+    }
+}
+
+/// The state of the metadata owner. Lives on shard 0 only, installed there at start-up.
+pub struct MetadataOwner {
+    store: RefCell<MetadataStore>,
+    /// Serialises topic administration: an operation awaits other shards (opening or removing
+    /// partition logs) between its checks and its write, and no other may run in between.
+    admin: Semaphore,
+    producer_ids: RefCell<ProducerIds>,
+}
+
+thread_local! {
+    static OWNER: RefCell<Option<Rc<MetadataOwner>>> = const { RefCell::new(None) };
+}
+
+/// Makes the calling shard (shard 0, at start-up) the metadata owner, with the metadata log
+/// and the producer-id allocator the broker opened before the shards started.
+pub fn install(store: MetadataStore, producer_ids: ProducerIds) {
+    assert_eq!(
+        shard::local().id,
+        METADATA_OWNER,
+        "the metadata owner lives on shard 0"
+    );
+    let owner = MetadataOwner {
+        store: RefCell::new(store),
+        admin: Semaphore::new(1),
+        producer_ids: RefCell::new(producer_ids),
+    };
+    OWNER.with(|o| *o.borrow_mut() = Some(Rc::new(owner)));
+}
+
+/// The metadata owner. Panics outside shard 0 (a bug: callers hop there first).
+fn owner() -> Rc<MetadataOwner> {
+    OWNER.with(|o| {
+        o.borrow()
+            .clone()
+            .expect("the metadata owner is installed on shard 0")
+    })
+}
+
+/// Runs one topic operation on shard 0, after any other has finished.
+async fn administer<F, Fut, R>(f: F) -> Result<R, AdminError>
+where
+    F: FnOnce(Arc<BrokerContext>, Rc<MetadataOwner>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<R, AdminError>> + 'static,
+    R: Send + 'static,
+{
+    invoke_on(METADATA_OWNER, move || async move {
+        let owner = owner();
+        let _turn = owner
+            .admin
+            .acquire_permit(1)
+            .await
+            .expect("the admin semaphore is never closed");
+        f(shard::local().broker.clone(), owner.clone()).await
+    })
+    .await
+}
+
+/// Applies one change to the metadata log (fsynced) and publishes the new image to every shard.
+fn write_metadata(
+    broker: &BrokerContext,
+    owner: &MetadataOwner,
+    change: impl FnOnce(&mut MetadataStore) -> std::io::Result<()>,
+) -> Result<Arc<MetadataImage>, AdminError> {
+    let mut store = owner.store.borrow_mut();
+    change(&mut store).map_err(|e| AdminError::Storage(e.to_string()))?;
+    let image = Arc::new(store.image().clone());
+    broker.publish(image.clone());
+    Ok(image)
+}
+
+/// Partitions each running shard owns in `image`.
+fn shard_loads(broker: &BrokerContext, image: &MetadataImage) -> Vec<usize> {
+    let n = broker.shard_count() as u32;
+    let mut load = vec![0usize; n as usize];
+    for t in image.topics.values() {
+        for s in &t.shards {
+            load[(*s % n) as usize] += 1;
+        }
+    }
+    load
+}
+
+/// Assigns shards to `count` new partitions, spreading them over the shards with the fewest
+/// partitions, starting after the topic's id hash so small topics don't pile onto shard 0.
+fn assign_shards(
+    broker: &BrokerContext,
+    image: &MetadataImage,
+    seed: u32,
+    first: i32,
+    count: i32,
+) -> Vec<u32> {
+    let n = broker.shard_count() as u32;
+    let mut load = shard_loads(broker, image);
+    (0..count)
+        .map(|i| {
+            let start = (seed.wrapping_add((first + i) as u32)) % n;
+            let best = (0..n)
+                .map(|k| (start + k) % n)
+                .min_by_key(|s| load[*s as usize])
+                .unwrap_or(0);
+            load[best as usize] += 1;
+            best
+        })
+        .collect()
+}
+
+fn check_shard_capacity(
+    broker: &BrokerContext,
+    image: &MetadataImage,
+    new: &[u32],
+) -> Result<(), AdminError> {
+    let n = broker.shard_count() as u32;
+    let mut load = shard_loads(broker, image);
+    for s in new {
+        load[(*s % n) as usize] += 1;
+    }
+    let max = broker.config.partitions_per_shard_max;
+    if load.iter().any(|l| *l > max) {
+        return Err(AdminError::InvalidPartitions(format!(
+            "a shard would own more than {max} partitions (partitions_per_shard_max)"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a topic: validated, its partition logs opened on their owner shards, then written to
+/// the metadata log (fsynced) and published.
+pub async fn create_topic(
+    name: String,
+    partitions: i32,
+    replication_factor: i16,
+    overrides: BTreeMap<String, String>,
+    validate_only: bool,
+    internal: bool,
+) -> Result<Arc<TopicMeta>, AdminError> {
+    administer(move |broker, owner| async move {
+        if !crate::metadata::valid_topic_name(&name) {
+            return Err(AdminError::InvalidTopic(format!(
+                "invalid topic name '{name}'"
+            )));
+        }
+        if name.starts_with("__") && !internal {
+            return Err(AdminError::InvalidTopic(format!(
+                "topic name '{name}' is reserved"
+            )));
+        }
+        let partitions = if partitions == -1 {
+            broker.config.default_partitions
+        } else {
+            partitions
+        };
+        if partitions < 1 {
+            return Err(AdminError::InvalidPartitions(format!(
+                "partition count {partitions} must be >= 1"
+            )));
+        }
+        if replication_factor != 1 && replication_factor != -1 {
+            return Err(AdminError::InvalidReplicationFactor);
+        }
+        for (k, v) in &overrides {
+            configs::validate(k, v, internal).map_err(AdminError::InvalidConfig)?;
+        }
+        let image = broker.image();
+        if image.topic(&name).is_some() {
+            return Err(AdminError::TopicExists);
+        }
+        let id = *uuid::Uuid::new_v4().as_bytes();
+        let seed = crc32fast::hash(&id);
+        let shards = assign_shards(&broker, &image, seed, 0, partitions);
+        check_shard_capacity(&broker, &image, &shards)?;
+        let meta = TopicMeta {
+            name: name.clone(),
+            id,
+            shards,
+            configs: overrides,
+            internal,
+        };
+        if validate_only {
+            return Ok(Arc::new(meta));
+        }
+        // Open the logs first: a topic is published only once every partition can take writes.
+        open_partitions(&broker, &meta, 0).await?;
+        let image = write_metadata(&broker, &owner, |store| store.create_topic(meta))?;
+        let published = image.topic(&name).cloned().expect("just created");
+        tracing::info!(topic = %name, partitions, "topic created");
+        Ok(published)
+    })
+    .await
+}
+
+/// Opens partitions `first..` of `meta` on their owner shards.
+async fn open_partitions(
+    broker: &BrokerContext,
+    meta: &TopicMeta,
+    first: i32,
+) -> Result<(), AdminError> {
+    let log_config = configs::log_config(&broker.config, &meta.configs);
+    for p in first..meta.partition_count() {
+        let owner = broker.owner(meta, p).expect("partition in range");
+        let tp = TopicPartition::new(meta.name.clone(), p);
+        let lc = log_config.clone();
+        invoke_on(owner, move || shard::open_partition_here(tp, lc))
+            .await
+            .map_err(|e| AdminError::Storage(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Deletes a topic: unpublished and logged first, then the partition logs closed and their
+/// directories removed on the owner shards, so the name can be reused at once.
+pub async fn delete_topic(name: String) -> Result<(), AdminError> {
+    administer(move |broker, owner| async move {
+        let image = broker.image();
+        let meta = image
+            .topic(&name)
+            .cloned()
+            .ok_or(AdminError::UnknownTopic)?;
+        if meta.internal {
+            return Err(AdminError::InvalidTopic(format!(
+                "internal topic '{name}' cannot be deleted"
+            )));
+        }
+        write_metadata(&broker, &owner, |store| store.delete_topic(&name))?;
+        for p in 0..meta.partition_count() {
+            let owner = broker.owner(&meta, p).expect("in range");
+            let tp = TopicPartition::new(name.clone(), p);
+            invoke_on(owner, move || async move {
+                let shard = shard::local();
+                let log = shard.partitions.borrow_mut().remove(&tp);
+                match log {
+                    Some(log) => log.remove().await,
+                    None => {
+                        let _ = std::fs::remove_dir_all(shard.broker.partition_dir(&tp));
+                        Ok(())
+                    }
+                }
+            })
+            .await
+            .map_err(|e| AdminError::Storage(e.to_string()))?;
+        }
+        tracing::info!(topic = %name, "topic deleted");
+        Ok(())
+    })
+    .await
+}
+
+/// Raises a topic's partition count to `total` (CreatePartitions).
+pub async fn add_partitions(
+    name: String,
+    total: i32,
+    validate_only: bool,
+) -> Result<(), AdminError> {
+    administer(move |broker, owner| async move {
+        let image = broker.image();
+        let meta = image
+            .topic(&name)
+            .cloned()
+            .ok_or(AdminError::UnknownTopic)?;
+        let current = meta.partition_count();
+        if total <= current {
+            return Err(AdminError::InvalidPartitions(format!(
+                "topic has {current} partitions; the new count {total} must be larger"
+            )));
+        }
+        let seed = crc32fast::hash(&meta.id);
+        let new = assign_shards(&broker, &image, seed, current, total - current);
+        check_shard_capacity(&broker, &image, &new)?;
+        if validate_only {
+            return Ok(());
+        }
+        let mut grown = (*meta).clone();
+        grown.shards.extend(new.iter().copied());
+        open_partitions(&broker, &grown, current).await?;
+        write_metadata(&broker, &owner, |store| store.add_partitions(&name, new))?;
+        Ok(())
+    })
+    .await
+}
+
+/// Hands out a new producer id (InitProducerId). Every id comes from shard 0's allocator, which
+/// persists the block holding an id before handing it out; no await separates the check of the
+/// block from the increment, so concurrent callers are served one after another.
+pub async fn next_producer_id() -> std::io::Result<u64> {
+    invoke_on(METADATA_OWNER, || async {
+        owner().producer_ids.borrow_mut().allocate()
+    })
+    .await
+}

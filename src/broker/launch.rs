@@ -1,0 +1,128 @@
+//! Launch of the shards: one glommio executor per configured CPU, pinned to it, each installing
+//! its [`Shard`] state, opening the partitions it owns, binding its listener and then serving
+//! until shutdown. Shard 0 also becomes the metadata owner ([`crate::admin`]).
+
+use std::rc::Rc;
+use std::sync::{Arc, Barrier, Mutex};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::admin::ProducerIds;
+use crate::metadata::{configs, MetadataStore};
+use crate::shard::{self, BrokerContext, Job, Shard};
+use crate::types::{ShardId, TopicPartition};
+
+/// Starts every shard and waits until each has opened its partitions and bound its listener;
+/// shard 0 takes the metadata log and the producer-id allocator. Returns the executors' handles, or the first start-up error once every shard has stopped.
+pub fn start_shards(
+    broker: &Arc<BrokerContext>,
+    receivers: Vec<async_channel::Receiver<Job>>,
+    metadata_owner: (MetadataStore, ProducerIds),
+) -> Result<Vec<glommio::ExecutorJoinHandle<()>>, String> {
+    let n = receivers.len();
+    let ready = Arc::new(Barrier::new(n + 1));
+    let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let mut metadata_owner = Some(metadata_owner);
+    let mut handles = Vec::with_capacity(n);
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let broker = broker.clone();
+        let ready = ready.clone();
+        let failed = failed.clone();
+        let owner = if i == 0 { metadata_owner.take() } else { None };
+        let cpu = broker.config.cpus[i];
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{i}"))
+            .spawn(move || async move {
+                run_shard(ShardId(i), broker, rx, owner, ready, failed).await;
+            })
+            .map_err(|e| format!("cannot start shard {i} on cpu {cpu}: {e}"))?;
+        handles.push(h);
+    }
+    ready.wait();
+    let failed = failed.lock().expect("start-up error slot").clone();
+    if let Some(e) = failed {
+        broker.begin_shutdown();
+        for h in handles {
+            let _ = h.join();
+        }
+        return Err(e);
+    }
+    Ok(handles)
+}
+
+async fn run_shard(
+    id: ShardId,
+    broker: Arc<BrokerContext>,
+    inbox: async_channel::Receiver<Job>,
+    metadata_owner: Option<(MetadataStore, ProducerIds)>,
+    ready: Arc<Barrier>,
+    failed: Arc<Mutex<Option<String>>>,
+) {
+    shard::install(Rc::new(Shard::new(id, broker.clone())));
+    if let Some((store, producer_ids)) = metadata_owner {
+        crate::admin::install(store, producer_ids);
+    }
+    glommio::spawn_local(shard::serve_inbox(inbox)).detach();
+
+    // Open the partitions this shard owns.
+    let image = broker.image();
+    let mut err = None;
+    for t in image.topics.values() {
+        let lc = configs::log_config(&broker.config, &t.configs);
+        for p in 0..t.partition_count() {
+            if broker.owner(t, p) == Some(id) {
+                let tp = TopicPartition::new(t.name.clone(), p);
+                if let Err(e) = shard::open_partition_here(tp.clone(), lc.clone()).await {
+                    err = Some(format!("cannot open partition {tp}: {e}"));
+                }
+            }
+        }
+    }
+    let listener = match err {
+        Some(e) => Err(e),
+        None => crate::server::bind_listener(broker.config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", broker.config.listen)),
+    };
+    let listener = match listener {
+        Ok(l) => Some(l),
+        Err(e) => {
+            failed.lock().expect("start-up error slot").get_or_insert(e);
+            None
+        }
+    };
+    ready.wait();
+    let Some(listener) = listener else {
+        shard::close_partitions().await;
+        return;
+    };
+    crate::contain::spawn_background("retention", retention_loop());
+    crate::group::start_shard_tasks();
+    crate::server::accept_loop(listener).await;
+    shard::close_partitions().await;
+}
+
+async fn retention_loop() {
+    loop {
+        glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
+        let logs: Vec<_> = shard::local()
+            .partitions
+            .borrow()
+            .values()
+            .cloned()
+            .collect();
+        let now = crate::types::now_ms();
+        for log in logs {
+            // Contained per log: a panic skips that log this round (logged) and the loop goes on.
+            match crate::contain::contain(log.enforce_retention(now)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(dir = %log.dir().display(), error = %e, "retention failed")
+                }
+                Err(mut p) => {
+                    p.mark_reported();
+                    tracing::error!(dir = %log.dir().display(), "retention {p}; skipped this round");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The state every shard shares with the whole broker process: the configuration, the published
+//! metadata image, the shard inboxes and the stop signal. Built once by the broker's start-up
+//! before any shard runs and installed in every shard ([`super::Shard::broker`]); read-mostly and
+//! `Sync`. The metadata image is replaced (never edited) by the metadata owner on shard 0.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::Job;
+use crate::config::BrokerConfig;
+use crate::metadata::{MetadataImage, TopicMeta};
+use crate::types::{ShardId, TopicPartition};
+
+pub struct BrokerContext {
+    pub config: BrokerConfig,
+    /// The current metadata image; swapped whole by [`BrokerContext::publish`].
+    pub metadata: ArcSwap<MetadataImage>,
+    /// One inbox per shard, indexed by shard id (see [`super::invoke_on`]).
+    pub inboxes: Vec<async_channel::Sender<Job>>,
+    /// Closed (never sent on) to tell every shard to stop.
+    shutdown_tx: async_channel::Sender<()>,
+    pub shutdown_rx: async_channel::Receiver<()>,
+    pub stopping: AtomicBool,
+}
+
+impl BrokerContext {
+    pub fn new(
+        config: BrokerConfig,
+        image: MetadataImage,
+        inboxes: Vec<async_channel::Sender<Job>>,
+    ) -> BrokerContext {
+        let (shutdown_tx, shutdown_rx) = async_channel::bounded(1);
+        BrokerContext {
+            config,
+            metadata: ArcSwap::from_pointee(image),
+            inboxes,
+            shutdown_tx,
+            shutdown_rx,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// The shard that owns `partition` of `topic` in this process.
+    pub fn owner(&self, topic: &TopicMeta, partition: i32) -> Option<ShardId> {
+        topic
+            .shards
+            .get(usize::try_from(partition).ok()?)
+            .map(|s| ShardId(*s as usize % self.shard_count()))
+    }
+
+    pub fn image(&self) -> Arc<MetadataImage> {
+        self.metadata.load_full()
+    }
+
+    /// Makes `image` the one every shard reads from now on.
+    pub fn publish(&self, image: Arc<MetadataImage>) {
+        self.metadata.store(image);
+    }
+
+    /// Tells every shard to stop: sets the flag and closes the shutdown channel, which wakes
+    /// whoever waits on [`BrokerContext::shutdown_rx`].
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.shutdown_tx.close();
+    }
+
+    pub fn partition_dir(&self, tp: &TopicPartition) -> PathBuf {
+        self.config.data_dir.join(tp.dir_name())
+    }
+}

@@ -10,9 +10,15 @@
 //! long-poll waiter task), `cross_shard` (a closure run on a partition's owner shard when that is
 //! not the caller's shard), `group` (a group-coordinator call on the group's shard), `flusher` (a
 //! partition's flusher task, keyed by the partition's directory name, `<topic>-<partition>`).
+//!
+//! Delay points, armed by `SLUICE_FAULT_DELAY_MS=<point>:<ms>`, block the calling thread for
+//! that long to widen a window a test wants to hit: `producer_id_block` (a producer-id block is
+//! written but not yet renamed into place).
 
 /// The environment variable that arms a panic point.
 pub const PANIC_ENV: &str = "SLUICE_FAULT_PANIC";
+/// The environment variable that arms a delay point.
+pub const DELAY_ENV: &str = "SLUICE_FAULT_DELAY_MS";
 
 #[cfg(any(debug_assertions, feature = "fault-injection"))]
 mod armed {
@@ -20,8 +26,21 @@ mod armed {
 
     /// `(point, key)` when armed.
     static PANIC_AT: OnceLock<Option<(String, String)>> = OnceLock::new();
+    /// `(point, ms)` when armed.
+    static DELAY_AT: OnceLock<Option<(String, u64)>> = OnceLock::new();
 
     pub fn init() {
+        DELAY_AT.get_or_init(|| {
+            let v = std::env::var(super::DELAY_ENV).ok()?;
+            let (point, ms) = v.split_once(':')?;
+            let ms = ms.parse().ok()?;
+            tracing::warn!(
+                point,
+                ms,
+                "fault injection armed: this broker will stall on purpose"
+            );
+            Some((point.to_string(), ms))
+        });
         PANIC_AT.get_or_init(|| {
             let v = std::env::var(super::PANIC_ENV).ok()?;
             let (point, key) = v.split_once(':')?;
@@ -42,10 +61,19 @@ mod armed {
             }
         }
     }
+
+    /// Blocks the calling thread when this delay point is armed.
+    pub fn delay_point(point: &str) {
+        if let Some(Some((p, ms))) = DELAY_AT.get() {
+            if p == point {
+                std::thread::sleep(std::time::Duration::from_millis(*ms));
+            }
+        }
+    }
 }
 
 #[cfg(any(debug_assertions, feature = "fault-injection"))]
-pub use armed::{init, panic_point};
+pub use armed::{delay_point, init, panic_point};
 
 /// Reads [`PANIC_ENV`] (release build without `fault-injection`: nothing to read).
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
@@ -57,3 +85,9 @@ pub fn init() {}
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
 #[inline(always)]
 pub fn panic_point(_point: &str, _key: &str) {}
+
+/// Blocks the calling thread when the broker was started with this delay point armed (release
+/// build without `fault-injection`: never).
+#[cfg(not(any(debug_assertions, feature = "fault-injection")))]
+#[inline(always)]
+pub fn delay_point(_point: &str) {}

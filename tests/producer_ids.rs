@@ -1,8 +1,11 @@
 //! Producer ids are never handed out twice (KIP-98: a producer id identifies one idempotent
-//! producer session; a reused id would let the broker treat a new producer's batches as
+//! producer session; a reused id would let the broker take a new producer's batches for
 //! duplicates or out-of-sequence writes of an old one). Many connections spread over two shards
-//! ask for ids at once, the broker is killed with SIGKILL while they do, restarted on the same
-//! data dir, and this is repeated: every id any client was ever given must be distinct.
+//! ask for ids at once; the moment a client is given the first id of a new block, it kills the
+//! broker with SIGKILL. The broker is restarted on the same data dir and this is repeated: every
+//! id any client was ever given must be distinct. Persisting a block is slowed down on purpose
+//! (`SLUICE_FAULT_DELAY_MS=producer_id_block:…`) so that an id handed out before its block is
+//! durable is caught, not just possible.
 //!
 //! Raw requests with our own framing and the `kafka-protocol` codecs. Every wait is bounded.
 
@@ -11,7 +14,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,15 +28,15 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 const IO_WAIT: Duration = Duration::from_secs(15);
-/// How long one round may take to collect its ids.
+/// How long one round may take to reach the next block.
 const ROUND_WAIT_MAX: Duration = Duration::from_secs(60);
+/// How long persisting a block stalls: the window in which an id of a block that is not yet
+/// durable could be handed out.
+const BLOCK_DELAY_MS: u64 = 200;
 /// InitProducerId v4 (flexible; KIP-360).
 const VERSION: i16 = 4;
 /// Concurrent clients: enough that SO_REUSEPORT puts some on each of the two shards.
 const CLIENTS: usize = 16;
-/// Ids each round collects before the kill: more than one persisted block (1000 ids), so the
-/// clients race across block boundaries while the broker dies.
-const IDS_PER_ROUND_MIN: usize = 2500;
 const ROUNDS: usize = 3;
 
 /// Asks for a new producer id; `None` once the broker has gone away.
@@ -79,13 +83,30 @@ fn init_producer_id(s: &mut TcpStream, correlation: i32) -> Option<i64> {
     Some(r.producer_id.0)
 }
 
-/// Runs `CLIENTS` connections asking for ids until `stop` is set or the broker goes away;
-/// returns every id a client received.
-fn hammer(addr: SocketAddr, stop: Arc<AtomicBool>, got: Arc<AtomicUsize>) -> Vec<i64> {
+/// The persisted producer-id limit: ids below it may have been handed out.
+fn persisted_limit(data_dir: &Path) -> i64 {
+    let path = data_dir.join("__meta/producer_ids");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+/// Runs `CLIENTS` connections asking for ids until the broker goes away or `stop` is set. The
+/// first client given an id at or above `kill_at` kills the broker (`pid`) with SIGKILL at once
+/// and sets `killed`. Returns every id a client received.
+fn hammer(
+    addr: SocketAddr,
+    pid: i32,
+    kill_at: i64,
+    killed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Vec<i64> {
     let ids = Arc::new(Mutex::new(Vec::new()));
     let threads: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (stop, got, ids) = (stop.clone(), got.clone(), ids.clone());
+            let (killed, stop, ids) = (killed.clone(), stop.clone(), ids.clone());
             std::thread::spawn(move || {
                 let mut s = TcpStream::connect_timeout(&addr, IO_WAIT).expect("connect");
                 s.set_read_timeout(Some(IO_WAIT)).expect("read timeout");
@@ -95,12 +116,15 @@ fn hammer(addr: SocketAddr, stop: Arc<AtomicBool>, got: Arc<AtomicUsize>) -> Vec
                 let mut correlation = 0;
                 while !stop.load(Ordering::Relaxed) {
                     correlation += 1;
-                    match init_producer_id(&mut s, correlation) {
-                        Some(id) => {
-                            mine.push(id);
-                            got.fetch_add(1, Ordering::Relaxed);
-                        }
-                        None => break,
+                    let Some(id) = init_producer_id(&mut s, correlation) else {
+                        break;
+                    };
+                    mine.push(id);
+                    if id >= kill_at && !killed.swap(true, Ordering::SeqCst) {
+                        // SAFETY: kill(2) on the PID of the broker this test spawned and has
+                        // not reaped yet.
+                        let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+                        assert_eq!(rc, 0, "kill -9 {pid}");
                     }
                 }
                 ids.lock().expect("ids").extend(mine);
@@ -116,27 +140,35 @@ fn hammer(addr: SocketAddr, stop: Arc<AtomicBool>, got: Arc<AtomicUsize>) -> Vec
 
 #[test]
 fn producer_ids_never_repeat_across_kill_9() {
-    let mut broker = Broker::options().cores(2).start();
+    let mut broker = Broker::options()
+        .cores(2)
+        .env(
+            "SLUICE_FAULT_DELAY_MS",
+            format!("producer_id_block:{BLOCK_DELAY_MS}"),
+        )
+        .start();
     let mut seen = BTreeSet::new();
     for round in 0..ROUNDS {
+        // Start-up persisted the block the broker hands out first; the next block starts here.
+        let next_block = persisted_limit(&broker.data_dir());
+        let pid = broker.pid().expect("broker running");
+        let killed = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let got = Arc::new(AtomicUsize::new(0));
         let addr = broker.addr;
         let clients = {
-            let (stop, got) = (stop.clone(), got.clone());
-            std::thread::spawn(move || hammer(addr, stop, got))
+            let (killed, stop) = (killed.clone(), stop.clone());
+            std::thread::spawn(move || hammer(addr, pid, next_block, killed, stop))
         };
         let deadline = Instant::now() + ROUND_WAIT_MAX;
-        while got.load(Ordering::Relaxed) < IDS_PER_ROUND_MIN && Instant::now() < deadline {
+        while !killed.load(Ordering::SeqCst) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        // Killed while the clients are still asking: some blocks are being persisted right now.
-        broker.sigkill();
         stop.store(true, Ordering::Relaxed);
+        broker.sigkill();
         let ids = clients.join().expect("clients");
         assert!(
-            ids.len() >= IDS_PER_ROUND_MIN,
-            "round {round}: only {} ids within {ROUND_WAIT_MAX:?}",
+            killed.load(Ordering::SeqCst),
+            "round {round}: no client reached id {next_block} within {ROUND_WAIT_MAX:?} ({} ids)",
             ids.len()
         );
         for id in ids {

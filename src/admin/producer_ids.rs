@@ -75,6 +75,7 @@ fn write_limit(data_dir: &Path, limit: u64) -> std::io::Result<()> {
         writeln!(f, "{limit}")?;
         f.sync_all()?;
     }
+    crate::fault::delay_point("producer_id_block");
     std::fs::rename(&tmp, &path)?;
     File::open(data_dir.join("__meta"))?.sync_all()
 }

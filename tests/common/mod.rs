@@ -415,7 +415,12 @@ pub fn run_bounded(mut cmd: Command, stdin: Option<&[u8]>, max: Duration) -> Out
     if let Some(input) = stdin {
         use std::io::Write;
         let mut si = child.stdin.take().expect("stdin piped");
-        si.write_all(input).expect("write stdin");
+        // A command that fails early (e.g. an unreachable broker) exits without reading its
+        // input: the broken pipe is its answer, not the harness's failure.
+        match si.write_all(input) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("write stdin: {e}"),
+            _ => {}
+        }
         drop(si);
     }
     // Drain the pipes on threads so a chatty child cannot block on a full pipe.

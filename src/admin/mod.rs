@@ -2,13 +2,13 @@
 //! writer of the metadata log; every operation here runs there (forwarded with
 //! [`invoke_on`] from whichever shard took the request), validates, writes the change to the
 //! metadata log (fsynced), publishes the new image to every shard through the shared
-//! [`BrokerContext`](crate::shard::BrokerContext), and has partition logs opened or removed on
+//! [`BrokerContext`], and has partition logs opened or removed on
 //! their owner shards. Knows Kafka's topic rules, never sockets or requests.
 //!
 //! | file | owns |
 //! | --- | --- |
-//! | this file | [`MetadataOwner`] (shard 0's state), create/delete topics, add partitions, shard assignment |
-//! | [`producer_ids`] | the producer-id allocator and its persisted blocks |
+//! | `mod.rs` | [`MetadataOwner`] (shard 0's state), create/delete topics, add partitions, shard assignment |
+//! | `producer_ids.rs` | the producer-id allocator and its persisted blocks |
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;

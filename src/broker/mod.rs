@@ -5,9 +5,9 @@
 //!
 //! | file | owns |
 //! | --- | --- |
-//! | this file | [`run`]: start-up order, signals, shutdown |
-//! | [`process`] | process guards and tuning: data-dir lock, port check, fd limit, allocator |
-//! | [`launch`] | the pinned executors and what each shard does from start to stop |
+//! | `mod.rs` | [`run`]: start-up order, signals, shutdown |
+//! | `process.rs` | process guards and tuning: data-dir lock, port check, fd limit, allocator |
+//! | `launch.rs` | the pinned executors and what each shard does from start to stop |
 
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use crate::metadata::MetadataStore;
 use crate::shard::{self, BrokerContext, Job};
 
 mod launch;
-pub mod process;
+mod process;
 
 pub use process::tune_allocator;
 

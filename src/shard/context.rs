@@ -17,9 +17,9 @@ use crate::types::{ShardId, TopicPartition};
 pub struct BrokerContext {
     pub config: BrokerConfig,
     /// The current metadata image; swapped whole by [`BrokerContext::publish`].
-    pub metadata: ArcSwap<MetadataImage>,
+    metadata: ArcSwap<MetadataImage>,
     /// One inbox per shard, indexed by shard id (see [`super::invoke_on`]).
-    pub inboxes: Vec<async_channel::Sender<Job>>,
+    pub(super) inboxes: Vec<async_channel::Sender<Job>>,
     /// Closed (never sent on) to tell every shard to stop.
     shutdown_tx: async_channel::Sender<()>,
     pub shutdown_rx: async_channel::Receiver<()>,

@@ -168,7 +168,7 @@ where
     Fut: Future<Output = R> + 'static,
     R: Send + 'static,
 {
-    let n = local().broker.inboxes.len();
+    let n = local().broker.shard_count();
     let mut tasks = Vec::with_capacity(n);
     for s in 0..n {
         let f = f.clone();

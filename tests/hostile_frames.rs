@@ -161,3 +161,80 @@ fn declared_lengths_in_every_advertised_request_are_refused_without_allocating_t
         broker.stderr()
     );
 }
+
+/// Sends one request and returns the response body (after the response header), or `None` if
+/// the broker closed the connection.
+fn round_trip(
+    addr: std::net::SocketAddr,
+    key: kafka_protocol::messages::ApiKey,
+    version: i16,
+    body: &[u8],
+) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut p = header(key, version, 99, native_flexible(key, version));
+    p.extend_from_slice(body);
+    s.write_all(&frame(&p)).ok()?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut resp = vec![0u8; i32::from_be_bytes(len) as usize];
+    s.read_exact(&mut resp).ok()?;
+    let header_bytes = if key.response_header_version(version) >= 1 {
+        5
+    } else {
+        4
+    };
+    Some(resp.split_off(header_bytes))
+}
+
+// Kafka protocol guide, CreateTopics / CreatePartitions: INVALID_PARTITIONS (37).
+const INVALID_PARTITIONS: i16 = 37;
+
+#[test]
+fn partition_counts_of_two_billion_are_refused_without_sizing_anything_by_them() {
+    use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+
+    let broker = Broker::options().cores(2).start();
+    let pid = broker.pid().expect("broker running");
+    let topic = topic_name("hostile-counts");
+    assert_serves_real_client(&broker.bootstrap(), &topic);
+    let peak_before = vm_hwm_kib(pid);
+
+    for validate_only in [true, false] {
+        let req = CreateTopicsRequest::default()
+            .with_timeout_ms(5000)
+            .with_validate_only(validate_only)
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic_name("two-billion"))))
+                .with_num_partitions(i32::MAX)
+                .with_replication_factor(1)]);
+        let body = encode_body(&req, 5).expect("encode");
+        let resp = round_trip(broker.addr, ApiKey::CreateTopics, 5, &body)
+            .expect("CreateTopics with 2^31-1 partitions is answered");
+        let resp = CreateTopicsResponse::decode(&mut bytes::Bytes::from(resp), 5).expect("decode");
+        assert_eq!(resp.topics[0].error_code, INVALID_PARTITIONS);
+    }
+    let req = CreatePartitionsRequest::default()
+        .with_timeout_ms(5000)
+        .with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(TopicName(StrBytes::from_string(topic.clone())))
+            .with_count(i32::MAX)]);
+    let body = encode_body(&req, 1).expect("encode");
+    let resp = round_trip(broker.addr, ApiKey::CreatePartitions, 1, &body)
+        .expect("CreatePartitions to 2^31-1 partitions is answered");
+    let resp = CreatePartitionsResponse::decode(&mut bytes::Bytes::from(resp), 1).expect("decode");
+    assert_eq!(resp.results[0].error_code, INVALID_PARTITIONS);
+
+    assert_alive(pid);
+    assert_serves_real_client(&broker.bootstrap(), &topic);
+    let peak_after = vm_hwm_kib(pid);
+    assert!(
+        peak_after.saturating_sub(peak_before) < PEAK_GROWTH_KIB_MAX,
+        "broker peak memory grew from {peak_before} KiB to {peak_after} KiB"
+    );
+}

@@ -368,7 +368,12 @@ fn mutated_requests_leave_the_broker_serving() {
         })
         .collect();
 
-    let broker = Broker::options().cores(2).start();
+    // A mutated CreateTopics may ask for many partitions; a low per-shard limit keeps what it
+    // can create (and the test's disk use) small.
+    let broker = Broker::options()
+        .cores(2)
+        .args(["--partitions-per-shard-max", "500"])
+        .start();
     let pid = broker.pid().expect("broker running");
     let topic = topic_name("fuzz-requests");
     assert_serves_real_client(&broker.bootstrap(), &topic);
@@ -379,6 +384,12 @@ fn mutated_requests_leave_the_broker_serving() {
          {} stalled; {} connections",
         outcomes.sent, outcomes.answered, outcomes.closed, outcomes.stalled, outcomes.connections
     );
+    if !outcomes.stalled_requests.is_empty() {
+        eprintln!(
+            "stalled (api key, version): {:?}",
+            outcomes.stalled_requests
+        );
+    }
     assert_eq!(outcomes.sent, frames.len());
     assert_alive(pid);
     assert_serves_real_client(&broker.bootstrap(), &topic);

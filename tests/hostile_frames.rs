@@ -138,6 +138,12 @@ fn declared_lengths_in_every_advertised_request_are_refused_without_allocating_t
          {} answered, {} closed the connection, {} stalled; {} connections",
         outcomes.sent, outcomes.answered, outcomes.closed, outcomes.stalled, outcomes.connections
     );
+    if !outcomes.stalled_requests.is_empty() {
+        eprintln!(
+            "stalled (api key, version): {:?}",
+            outcomes.stalled_requests
+        );
+    }
     assert_eq!(outcomes.sent, frames.len());
     assert_eq!(
         outcomes.answered + outcomes.closed + outcomes.stalled,

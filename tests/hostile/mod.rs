@@ -366,7 +366,7 @@ fn sentinel(c: i32) -> Vec<u8> {
 }
 
 /// What became of the frames a [`Prober`] sent.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Outcomes {
     pub sent: usize,
     /// The connection survived the frame (the sentinel after it was answered).
@@ -376,6 +376,8 @@ pub struct Outcomes {
     /// Neither within the wait: the frame is still being served (e.g. a long poll it asked for).
     pub stalled: usize,
     pub connections: usize,
+    /// `(api key, version)` of each stalled frame.
+    pub stalled_requests: Vec<(i16, i16)>,
 }
 
 impl Outcomes {
@@ -385,11 +387,12 @@ impl Outcomes {
         self.closed += o.closed;
         self.stalled += o.stalled;
         self.connections += o.connections;
+        self.stalled_requests.extend(o.stalled_requests);
     }
 }
 
 /// How long one probe may wait for the sentinel after it.
-pub const PROBE_WAIT: Duration = Duration::from_secs(5);
+pub const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// Largest response frame a probe accepts (the broker's responses to these requests are small).
 const RESPONSE_BYTES_MAX: usize = 16 << 20;
 
@@ -449,7 +452,7 @@ impl Prober {
                 // The probe's own response (or a late one): keep reading.
                 Ok(_) if Instant::now() < deadline => {}
                 Ok(_) => {
-                    self.outcomes.stalled += 1;
+                    self.stalled(frame);
                     return;
                 }
                 Err(e)
@@ -458,7 +461,7 @@ impl Prober {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    self.outcomes.stalled += 1;
+                    self.stalled(frame);
                     return;
                 }
                 Err(_) => {
@@ -466,6 +469,17 @@ impl Prober {
                     return;
                 }
             }
+        }
+    }
+}
+
+impl Prober {
+    fn stalled(&mut self, frame: &[u8]) {
+        self.outcomes.stalled += 1;
+        if frame.len() >= 8 {
+            let key = i16::from_be_bytes([frame[4], frame[5]]);
+            let version = i16::from_be_bytes([frame[6], frame[7]]);
+            self.outcomes.stalled_requests.push((key, version));
         }
     }
 }

@@ -399,4 +399,9 @@ fn mutated_requests_leave_the_broker_serving() {
         peak_after.saturating_sub(peak_before) < PEAK_GROWTH_KIB_MAX,
         "seed {seed:#x}: broker peak memory grew from {peak_before} KiB to {peak_after} KiB"
     );
+    assert!(
+        !broker.stderr().contains("panicked"),
+        "seed {seed:#x}: broker panicked on a mutated request:\n{}",
+        broker.stderr()
+    );
 }

@@ -142,6 +142,23 @@ impl Broker {
         load
     }
 
+    /// Refuses `count` more partitions when the shards have no room for them, before anything is
+    /// sized by `count`: it comes off the wire, and 2^31-1 would build an 8 GiB assignment.
+    fn check_partition_room(&self, image: &MetadataImage, count: i32) -> Result<(), AdminError> {
+        let room = self
+            .shard_count()
+            .saturating_mul(self.config.partitions_per_shard_max);
+        let owned: usize = self.shard_loads(image).iter().sum();
+        let wanted = usize::try_from(count).unwrap_or(usize::MAX);
+        if owned.saturating_add(wanted) > room {
+            return Err(AdminError::InvalidPartitions(format!(
+                "{count} more partitions do not fit: the shards own {owned} of at most {room} \
+                 (partitions_per_shard_max)"
+            )));
+        }
+        Ok(())
+    }
+
     fn assign_shards(&self, image: &MetadataImage, seed: u32, first: i32, count: i32) -> Vec<u32> {
         let n = self.shard_count() as u32;
         let mut load = self.shard_loads(image);
@@ -223,6 +240,7 @@ pub async fn create_topic(
         }
         let id = *uuid::Uuid::new_v4().as_bytes();
         let seed = crc32fast::hash(&id);
+        broker.check_partition_room(&image, partitions)?;
         let shards = broker.assign_shards(&image, seed, 0, partitions);
         broker.check_shard_capacity(&image, &shards)?;
         let meta = TopicMeta {
@@ -342,6 +360,7 @@ pub async fn add_partitions(
             )));
         }
         let seed = crc32fast::hash(&meta.id);
+        broker.check_partition_room(&image, total - current)?;
         let new = broker.assign_shards(&image, seed, current, total - current);
         broker.check_shard_capacity(&image, &new)?;
         if validate_only {

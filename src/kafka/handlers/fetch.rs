@@ -116,7 +116,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         {
             break;
         }
-        wait_for_any_append(&topics, max_wait - elapsed).await;
+        wait_for_any_append(&topics, &results, max_wait - elapsed).await;
         results = read_all(&topics, max_bytes).await;
     }
     Response::Frames(encode(
@@ -269,25 +269,28 @@ async fn finish_read(topic_error: i16, task: ReadTask) -> PartResult {
     }
 }
 
-/// Waits until any requested partition receives an append, or `remaining` passes.
+/// Waits until any requested partition receives an append past what the last read saw (its
+/// high watermark there, or the fetch offset if that is further), or `remaining` passes.
+/// Waiting only for the fetch offset would return at once when data below `min_bytes` is already
+/// there, and the fetch would spin re-reading it until `max_wait_ms`.
 ///
 /// One waiter task per distinct partition, each contained: the first to finish reports on the
 /// channel, and a panic it reports is re-raised here (failing this request only). When this
 /// returns, `done` closes and every other waiter ends at once on its shard, so waiters never
 /// outlive the fetch that started them. Waiters that finish later find the channel gone; a
 /// panic of theirs logs itself.
-async fn wait_for_any_append(topics: &[TopicReq], remaining: Duration) {
+async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], remaining: Duration) {
     let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
     let (done_tx, done_rx) = async_channel::bounded::<()>(1);
-    let mut seen = std::collections::HashSet::new();
-    for t in topics {
+    let mut waiting = std::collections::HashSet::new();
+    for (t, seen) in topics.iter().zip(seen) {
         let Some(meta) = &t.meta else { continue };
-        for p in &t.parts {
-            if !seen.insert((t.name.as_str(), p.index)) {
+        for (p, seen) in t.parts.iter().zip(seen) {
+            if !waiting.insert((t.name.as_str(), p.index)) {
                 continue; // the same partition listed again: one waiter is enough
             }
             let meta = meta.clone();
-            let (index, offset) = (p.index, p.fetch_offset);
+            let (index, offset) = (p.index, p.fetch_offset.max(seen.high_watermark));
             let (tx, done_rx) = (tx.clone(), done_rx.clone());
             glommio::spawn_local(async move {
                 let waited = shard::contain(async move {

@@ -289,3 +289,122 @@ fn idle_connections_are_closed_after_connection_idle_ms() {
     assert!(b.stderr().contains("idle for"));
     assert!(answers_api_versions(b.addr));
 }
+
+/// Reads one response frame (bounded by `WAIT_MAX` and a sanity limit on its length).
+fn read_response(s: &mut TcpStream) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("response length");
+    let len = i32::from_be_bytes(len);
+    assert!(
+        (4..=256 << 20).contains(&len),
+        "response frame length {len}"
+    );
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).expect("response body");
+    body
+}
+
+#[test]
+fn a_fetch_listing_one_cold_partition_many_times_reads_only_its_byte_budget() {
+    use bytes::{BufMut, BytesMut};
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{FetchRequest, FetchResponse, RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+
+    let mut b = abused_broker();
+    let topic = topic_name("cold");
+    let create = sluice(
+        &[
+            "topic",
+            "create",
+            &topic,
+            "-p",
+            "1",
+            "--brokers",
+            &b.bootstrap(),
+        ],
+        None,
+    );
+    assert!(create.status.success(), "create topic: {create:?}");
+    // About 2 MB of records, then a restart so that every read of them is a cold disk read
+    // into its own buffer (cache hits would share memory and prove nothing).
+    let lines: String = (0..4000).map(|i| format!("{i:0>500}\n")).collect();
+    let produce = sluice(
+        &[
+            "produce",
+            &topic,
+            "--acks",
+            "all",
+            "--brokers",
+            &b.bootstrap(),
+        ],
+        Some(lines.as_bytes()),
+    );
+    assert!(produce.status.success(), "produce: {produce:?}");
+    assert_eq!(b.sigterm().code(), Some(0));
+    b.restart();
+    let peak_before = peak_rss(&b);
+
+    // One Fetch v4 naming partition 0 50,000 times, each with a 1 MiB partition limit, and an
+    // 8 MiB response limit. Reading every listed copy at once would take ~50 GiB of buffers.
+    const COPIES: usize = 50_000;
+    const RESPONSE_BYTES_MAX: i32 = 8 << 20;
+    let request = FetchRequest::default()
+        .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(1)
+        .with_max_bytes(RESPONSE_BYTES_MAX)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(kafka_protocol::messages::TopicName(StrBytes::from_string(
+                topic.clone(),
+            )))
+            .with_partitions(vec![
+                FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20);
+                COPIES
+            ])]);
+    let mut frame = BytesMut::new();
+    frame.put_i32(0);
+    RequestHeader::default()
+        .with_request_api_key(1)
+        .with_request_api_version(4)
+        .with_correlation_id(42)
+        .encode(&mut frame, 1)
+        .expect("encode header");
+    request.encode(&mut frame, 4).expect("encode fetch");
+    let len = (frame.len() - 4) as i32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    let mut s = connect(b.addr);
+    s.write_all(&frame).expect("send fetch");
+    let mut body = bytes::Bytes::from(read_response(&mut s));
+    let header = ResponseHeader::decode(&mut body, 0).expect("response header");
+    assert_eq!(header.correlation_id, 42);
+    let response = FetchResponse::decode(&mut body, 4).expect("fetch response");
+    let parts = &response.responses[0].partitions;
+    assert_eq!(parts.len(), COPIES, "every listed partition is answered");
+    let record_bytes: usize = parts
+        .iter()
+        .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+        .sum();
+    assert!(record_bytes > 0, "the first copies carry records");
+    // The response limit, plus at most the one batch that crosses it is not kept (KIP-74).
+    assert!(
+        record_bytes <= RESPONSE_BYTES_MAX as usize,
+        "{record_bytes} record bytes in a response limited to {RESPONSE_BYTES_MAX}"
+    );
+    let hw = parts[0].high_watermark;
+    assert!(hw > 0);
+    assert!(
+        parts
+            .iter()
+            .all(|p| p.error_code == 0 && p.high_watermark == hw),
+        "copies past the budget still report the partition's offsets"
+    );
+    assert_healthy(
+        &b,
+        peak_before,
+        "a fetch listing one partition 50,000 times",
+    );
+}

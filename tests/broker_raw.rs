@@ -1721,3 +1721,91 @@ fn hostile_lengths_in_data_files_at_start_up_are_cut_or_ignored_and_the_broker_s
     assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"after"])), (NONE, 5));
     assert_serves(&b);
 }
+
+// Kafka's LogValidator: "Inconsistent batch offset range ... and count of records".
+const INVALID_RECORD: i16 = 87;
+
+#[test]
+fn produced_batch_whose_offset_span_disagrees_with_its_record_count_is_invalid_record() {
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let topic = topic_name("span");
+    create_topic(&mut r, &topic, 1);
+    assert_eq!(
+        produce(&mut r, &topic, 0, -1, batch(&[b"first"])),
+        (NONE, 0)
+    );
+    // One record whose lastOffsetDelta claims 2^31 - 1 more: accepted, it would move the log end
+    // by two billion offsets.
+    let mut bad = BytesMut::from(&batch(&[b"liar"])[..]);
+    bad[23..27].copy_from_slice(&i32::MAX.to_be_bytes());
+    let crc = crc32c::crc32c(&bad[21..]);
+    bad[17..21].copy_from_slice(&crc.to_be_bytes());
+    let (error, _) = produce(&mut r, &topic, 0, -1, bad.freeze());
+    assert_eq!(error, INVALID_RECORD);
+    assert_eq!(produce(&mut r, &topic, 0, -1, batch(&[b"next"])), (NONE, 1));
+    let (error, hw, records) = fetch(&mut r, &topic, 0, 0);
+    assert_eq!((error, hw), (NONE, 2));
+    assert_eq!(records, vec![(0, b"first".to_vec()), (1, b"next".to_vec())]);
+}
+
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[test]
+fn fetch_waiting_for_more_than_min_bytes_sleeps_instead_of_spinning() {
+    // Kafka protocol guide, Fetch min_bytes: with less data than min_bytes the broker waits up
+    // to max_wait_ms for more. Data already present below min_bytes must not wake the waiter.
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let topic = topic_name("minbytes");
+    create_topic(&mut r, &topic, 1);
+    assert_eq!(produce(&mut r, &topic, 0, -1, batch(&[b"only"])), (NONE, 0));
+    let pid = b.pid().expect("broker running");
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let max_wait = Duration::from_millis(3000);
+    let resp: FetchResponse = r.call(
+        ApiKey::Fetch,
+        12,
+        &FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(max_wait.as_millis() as i32)
+            .with_min_bytes(1 << 20)
+            .with_max_bytes(16 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(tn(&topic))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_current_leader_epoch(-1)
+                    .with_fetch_offset(0)
+                    .with_log_start_offset(-1)
+                    .with_last_fetched_epoch(-1)
+                    .with_partition_max_bytes(8 << 20)])]),
+    );
+    let waited = started.elapsed();
+    let cpu = cpu_time(pid) - cpu_before;
+    let p = &resp.responses[0].partitions[0];
+    assert_eq!(p.error_code, NONE);
+    assert!(p.records.as_ref().is_some_and(|r| !r.is_empty()));
+    assert!(
+        waited >= max_wait - Duration::from_millis(100),
+        "answered after {waited:?}, before max_wait_ms"
+    );
+    // Spinning re-reads for the whole wait, costing about one core for max_wait; sleeping costs
+    // next to nothing.
+    assert!(
+        cpu < max_wait / 3,
+        "the broker used {cpu:?} of CPU while one fetch waited {waited:?}"
+    );
+}

@@ -138,6 +138,27 @@ fn shard_loads(broker: &BrokerContext, image: &MetadataImage) -> Vec<usize> {
     load
 }
 
+/// Refuses `count` more partitions when the shards have no room for them, before anything is
+/// sized by `count`: it comes off the wire, and 2^31-1 would build an 8 GiB assignment.
+fn check_partition_room(
+    broker: &BrokerContext,
+    image: &MetadataImage,
+    count: i32,
+) -> Result<(), AdminError> {
+    let room = broker
+        .shard_count()
+        .saturating_mul(broker.config.partitions_per_shard_max);
+    let owned: usize = shard_loads(broker, image).iter().sum();
+    let wanted = usize::try_from(count).unwrap_or(usize::MAX);
+    if owned.saturating_add(wanted) > room {
+        return Err(AdminError::InvalidPartitions(format!(
+            "{count} more partitions do not fit: the shards own {owned} of at most {room} \
+             (partitions_per_shard_max)"
+        )));
+    }
+    Ok(())
+}
+
 /// Assigns shards to `count` new partitions, spreading them over the shards with the fewest
 /// partitions, starting after the topic's id hash so small topics don't pile onto shard 0.
 fn assign_shards(
@@ -224,6 +245,7 @@ pub async fn create_topic(
         }
         let id = *uuid::Uuid::new_v4().as_bytes();
         let seed = crc32fast::hash(&id);
+        check_partition_room(&broker, &image, partitions)?;
         let shards = assign_shards(&broker, &image, seed, 0, partitions);
         check_shard_capacity(&broker, &image, &shards)?;
         let meta = TopicMeta {
@@ -321,6 +343,7 @@ pub async fn add_partitions(
             )));
         }
         let seed = crc32fast::hash(&meta.id);
+        check_partition_room(&broker, &image, total - current)?;
         let new = assign_shards(&broker, &image, seed, current, total - current);
         check_shard_capacity(&broker, &image, &new)?;
         if validate_only {

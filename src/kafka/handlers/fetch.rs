@@ -23,6 +23,14 @@ use crate::types::Offset;
 
 /// Upper bound on how long one fetch may wait, whatever the client asks.
 const FETCH_WAIT_MS_MAX: u64 = 30_000;
+/// Most record bytes one fetch response carries, whatever `max_bytes` the client asks: Kafka's
+/// broker default `fetch.max.bytes`. Protects memory: with the windowed reads below, one fetch
+/// holds about this much read data (plus one batch per concurrent read) however many
+/// partitions it lists and whatever `partition_max_bytes` it declares.
+const FETCH_RESPONSE_BYTES_MAX: usize = 57_671_680;
+/// Most partition reads one fetch runs at once: bounds the tasks and cross-shard calls one
+/// request can have outstanding, however many partitions (or copies of one) it lists.
+const FETCH_READS_CONCURRENT_MAX: usize = 256;
 
 struct PartReq {
     index: i32,
@@ -87,11 +95,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         Duration::from_millis((request.max_wait_ms.max(0) as u64).min(FETCH_WAIT_MS_MAX));
     let min_bytes = request.min_bytes.max(0) as usize;
     let max_bytes = if request.max_bytes <= 0 {
-        i32::MAX as usize
+        FETCH_RESPONSE_BYTES_MAX
     } else {
-        request.max_bytes as usize
+        (request.max_bytes as usize).min(FETCH_RESPONSE_BYTES_MAX)
     };
-    let mut results = read_all(&topics).await;
+    let mut results = read_all(&topics, max_bytes).await;
     loop {
         let ready: usize = results
             .iter()
@@ -107,10 +115,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         {
             break;
         }
-        wait_for_any_append(&topics, max_wait - elapsed).await;
-        results = read_all(&topics).await;
+        wait_for_any_append(&topics, &results, max_wait - elapsed).await;
+        results = read_all(&topics, max_bytes).await;
     }
-    trim_to_max_bytes(&mut results, max_bytes);
     Response::Frames(encode(
         req.version,
         req.header.correlation_id,
@@ -119,113 +126,183 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     ))
 }
 
-async fn read_all(topics: &[TopicReq]) -> Vec<Vec<PartResult>> {
-    let mut tasks = Vec::new();
-    for t in topics {
-        let mut ts = Vec::new();
-        for p in &t.parts {
-            let task = match &t.meta {
-                None => None,
-                Some(meta) => {
-                    let meta = meta.clone();
-                    let (index, offset, bytes_max) =
-                        (p.index, p.fetch_offset, p.partition_max_bytes.max(0) as u32);
-                    Some(
-                        // Contained: a panic is re-raised below and fails this request only.
-                        shard::spawn_contained(async move {
-                            with_partition(&meta, index, move |log| async move {
-                                log.read(ReadOptions {
-                                    start: Offset(offset),
-                                    bytes_max,
-                                })
-                                .await
-                                .map_err(|e| {
-                                    if let crate::storage::StorageError::Io(err) = &e {
-                                        tracing::warn!(dir = %log.dir().display(), offset, error = %err, "fetch read failed");
-                                    }
-                                    (
-                                        storage_code(&e),
-                                        log.high_watermark().0,
-                                        log.log_start_offset().0,
-                                    )
-                                })
-                            })
-                            .await
-                        }),
-                    )
+/// Reads every requested partition, at most `max_bytes` of batches in all (KIP-74: the first
+/// batch even if larger), in request order.
+///
+/// Reads run concurrently in windows: a window takes partitions in order while their limits
+/// (`partition_max_bytes`, cut to what is left of `max_bytes`) fit in what is left, up to
+/// `FETCH_READS_CONCURRENT_MAX`; its results are trimmed to the budget before the next window
+/// starts. Once the budget is spent, the remaining partitions are not read at all: they report
+/// their offsets (and OFFSET_OUT_OF_RANGE) only.
+async fn read_all(topics: &[TopicReq], max_bytes: usize) -> Vec<Vec<PartResult>> {
+    let order: Vec<(usize, usize)> = topics
+        .iter()
+        .enumerate()
+        .flat_map(|(t, topic)| (0..topic.parts.len()).map(move |p| (t, p)))
+        .collect();
+    let mut out: Vec<Vec<PartResult>> = topics
+        .iter()
+        .map(|t| Vec::with_capacity(t.parts.len()))
+        .collect();
+    let mut taken = 0usize;
+    let mut next = 0;
+    while next < order.len() {
+        let left = max_bytes.saturating_sub(taken);
+        let mut window = Vec::new();
+        let mut window_bytes = 0usize;
+        while next < order.len() && window.len() < FETCH_READS_CONCURRENT_MAX {
+            let (t, p) = order[next];
+            let want = if taken > 0 && left == 0 {
+                0
+            } else {
+                (topics[t].parts[p].partition_max_bytes.max(0) as usize).min(left.max(1))
+            };
+            if !window.is_empty() && want > 0 && window_bytes + want > left {
+                break;
+            }
+            window_bytes += want;
+            window.push((t, read_one(&topics[t], &topics[t].parts[p], want)));
+            next += 1;
+        }
+        for (t, task) in window {
+            let mut r = finish_read(topics[t].error, task).await;
+            // The budget, applied as results arrive (KIP-74: the response's first batch is kept
+            // even if larger than `max_bytes`).
+            let mut keep = 0;
+            for b in &r.batches {
+                if taken > 0 && taken + b.len() > max_bytes {
+                    break;
                 }
-            };
-            ts.push(task);
+                taken += b.len();
+                keep += 1;
+            }
+            r.batches.truncate(keep);
+            out[t].push(r);
         }
-        tasks.push((t.error, ts));
-    }
-    let mut out = Vec::with_capacity(tasks.len());
-    for (topic_error, ts) in tasks {
-        let mut rs = Vec::with_capacity(ts.len());
-        for task in ts {
-            let r = match task {
-                None => PartResult {
-                    error: topic_error,
-                    high_watermark: -1,
-                    log_start_offset: -1,
-                    batches: vec![],
-                },
-                Some(task) => match shard::join(task).await {
-                    None => PartResult {
-                        error: code(ResponseError::UnknownServerError),
-                        ..Default::default()
-                    },
-                    Some(Err(c)) => PartResult {
-                        error: c,
-                        high_watermark: -1,
-                        log_start_offset: -1,
-                        batches: vec![],
-                    },
-                    Some(Ok(Err((c, hw, ls)))) => PartResult {
-                        error: c,
-                        high_watermark: hw,
-                        log_start_offset: ls,
-                        batches: vec![],
-                    },
-                    Some(Ok(Ok(ReadResult {
-                        batches,
-                        high_watermark,
-                        log_start_offset,
-                    }))) => PartResult {
-                        error: NONE,
-                        high_watermark: high_watermark.0,
-                        log_start_offset: log_start_offset.0,
-                        batches,
-                    },
-                },
-            };
-            rs.push(r);
-        }
-        out.push(rs);
     }
     out
 }
 
-/// Waits until any requested partition receives an append, or `remaining` passes.
+type ReadTask = Option<
+    glommio::task::JoinHandle<
+        Result<Result<Result<ReadResult, (i16, i64, i64)>, i16>, shard::Panic>,
+    >,
+>;
+
+/// Starts the read of one partition on its owner shard: up to `bytes_max` of batches, or with
+/// `bytes_max == 0` its offsets only (no batch is read).
+fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
+    let meta = topic.meta.clone()?;
+    let (index, offset, bytes_max) = (p.index, p.fetch_offset, bytes_max as u32);
+    // Contained: a panic is re-raised in `finish_read` and fails this request only.
+    Some(shard::spawn_contained(async move {
+        with_partition(&meta, index, move |log| async move {
+            if bytes_max == 0 {
+                let (start, end) = (log.log_start_offset(), log.log_end_offset());
+                let (hw, ls) = (log.high_watermark().0, start.0);
+                if offset < start.0 || offset > end.0 {
+                    return Err((code(ResponseError::OffsetOutOfRange), hw, ls));
+                }
+                return Ok(ReadResult {
+                    batches: vec![],
+                    high_watermark: Offset(hw),
+                    log_start_offset: start,
+                });
+            }
+            log.read(ReadOptions {
+                start: Offset(offset),
+                bytes_max,
+            })
+            .await
+            .map_err(|e| {
+                if let crate::storage::StorageError::Io(err) = &e {
+                    tracing::warn!(dir = %log.dir().display(), offset, error = %err, "fetch read failed");
+                }
+                (
+                    storage_code(&e),
+                    log.high_watermark().0,
+                    log.log_start_offset().0,
+                )
+            })
+        })
+        .await
+    }))
+}
+
+async fn finish_read(topic_error: i16, task: ReadTask) -> PartResult {
+    match task {
+        None => PartResult {
+            error: topic_error,
+            high_watermark: -1,
+            log_start_offset: -1,
+            batches: vec![],
+        },
+        Some(task) => match shard::join(task).await {
+            None => PartResult {
+                error: code(ResponseError::UnknownServerError),
+                ..Default::default()
+            },
+            Some(Err(c)) => PartResult {
+                error: c,
+                high_watermark: -1,
+                log_start_offset: -1,
+                batches: vec![],
+            },
+            Some(Ok(Err((c, hw, ls)))) => PartResult {
+                error: c,
+                high_watermark: hw,
+                log_start_offset: ls,
+                batches: vec![],
+            },
+            Some(Ok(Ok(ReadResult {
+                batches,
+                high_watermark,
+                log_start_offset,
+            }))) => PartResult {
+                error: NONE,
+                high_watermark: high_watermark.0,
+                log_start_offset: log_start_offset.0,
+                batches,
+            },
+        },
+    }
+}
+
+/// Waits until any requested partition receives an append past what the last read saw (its
+/// high watermark there, or the fetch offset if that is further), or `remaining` passes.
+/// Waiting only for the fetch offset would return at once when data below `min_bytes` is already
+/// there, and the fetch would spin re-reading it until `max_wait_ms`.
 ///
-/// One waiter task per partition, each contained: the first to finish reports on the channel,
-/// and a panic it reports is re-raised here (failing this request only). Waiters that finish
-/// later find the channel gone; a panic of theirs logs itself.
-async fn wait_for_any_append(topics: &[TopicReq], remaining: Duration) {
+/// One waiter task per distinct partition, each contained: the first to finish reports on the
+/// channel, and a panic it reports is re-raised here (failing this request only). When this
+/// returns, `done` closes and every other waiter ends at once on its shard, so waiters never
+/// outlive the fetch that started them. Waiters that finish later find the channel gone; a
+/// panic of theirs logs itself.
+async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], remaining: Duration) {
     let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
-    for t in topics {
+    let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+    let mut waiting = std::collections::HashSet::new();
+    for (t, seen) in topics.iter().zip(seen) {
         let Some(meta) = &t.meta else { continue };
-        for p in &t.parts {
+        for (p, seen) in t.parts.iter().zip(seen) {
+            if !waiting.insert((t.name.as_str(), p.index)) {
+                continue; // the same partition listed again: one waiter is enough
+            }
             let meta = meta.clone();
-            let (index, offset) = (p.index, p.fetch_offset);
-            let tx = tx.clone();
+            let (index, offset) = (p.index, p.fetch_offset.max(seen.high_watermark));
+            let (tx, done_rx) = (tx.clone(), done_rx.clone());
             glommio::spawn_local(async move {
                 let waited = shard::contain(async move {
                     crate::fault::panic_point("fetch_wait", &meta.name);
                     let _ = with_partition(&meta, index, move |log| async move {
                         futures_lite::future::or(
-                            log.wait_for_append(Offset(offset)),
-                            glommio::timer::sleep(remaining),
+                            futures_lite::future::or(
+                                log.wait_for_append(Offset(offset)),
+                                glommio::timer::sleep(remaining),
+                            ),
+                            async {
+                                let _ = done_rx.recv().await;
+                            },
                         )
                         .await
                     })
@@ -237,30 +314,15 @@ async fn wait_for_any_append(topics: &[TopicReq], remaining: Duration) {
             .detach();
         }
     }
-    drop(tx);
+    drop((tx, done_rx));
     let first = futures_lite::future::or(async { rx.recv().await.ok() }, async {
         glommio::timer::sleep(remaining).await;
         None
     })
     .await;
+    drop(done_tx);
     if let Some(Err(p)) = first {
         p.resume();
-    }
-}
-
-/// Applies the response-wide `max_bytes`, keeping at least the first batch (KIP-74).
-fn trim_to_max_bytes(results: &mut [Vec<PartResult>], max_bytes: usize) {
-    let mut total = 0usize;
-    for r in results.iter_mut().flatten() {
-        let mut keep = 0;
-        for b in &r.batches {
-            if total > 0 && total + b.len() > max_bytes {
-                break;
-            }
-            total += b.len();
-            keep += 1;
-        }
-        r.batches.truncate(keep);
     }
 }
 

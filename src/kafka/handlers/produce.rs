@@ -47,11 +47,19 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (i16, String)>
     }
     let mut too_large = None;
     let mut transactional = false;
+    let mut inconsistent = None;
     let walked = batch::for_each_batch(records, true, |h| {
         if h.size() as i64 > max_message_bytes {
             too_large = Some(h.size());
         }
         transactional |= h.is_transactional() || h.is_control();
+        // Kafka's LogValidator: a produced batch spans exactly its record count of offsets.
+        // Unchecked, one small batch claiming 2^31 records would move the log end by 2^31.
+        if h.record_count() <= 0
+            || i64::from(h.last_offset_delta()) != i64::from(h.record_count()) - 1
+        {
+            inconsistent.get_or_insert((h.record_count(), h.last_offset_delta()));
+        }
     });
     match walked {
         Ok(_) => {}
@@ -62,6 +70,12 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (i16, String)>
             ))
         }
         Err(e) => return Err((code(ResponseError::CorruptMessage), e.to_string())),
+    }
+    if let Some((count, delta)) = inconsistent {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            format!("inconsistent batch: {count} records but lastOffsetDelta {delta}"),
+        ));
     }
     if let Some(size) = too_large {
         return Err((

@@ -326,9 +326,9 @@ fn a_fetch_listing_one_cold_partition_many_times_reads_only_its_byte_budget() {
         None,
     );
     assert!(create.status.success(), "create topic: {create:?}");
-    // About 2 MB of records, then a restart so that every read of them is a cold disk read
+    // About 8 MB of records, then a restart so that every read of them is a cold disk read
     // into its own buffer (cache hits would share memory and prove nothing).
-    let lines: String = (0..4000).map(|i| format!("{i:0>500}\n")).collect();
+    let lines: String = (0..16_000).map(|i| format!("{i:0>500}\n")).collect();
     let produce = sluice(
         &[
             "produce",
@@ -407,4 +407,54 @@ fn a_fetch_listing_one_cold_partition_many_times_reads_only_its_byte_budget() {
         peak_before,
         "a fetch listing one partition 50,000 times",
     );
+
+    // Pipelined fetches of the whole cold partition that are never read: a connection has one
+    // fetch in flight, so it holds one response's read data (~8 MB), not one per request
+    // (16 × 8 MB with `inflight_requests_max` 16).
+    let single = request.clone().with_topics(vec![FetchTopic::default()
+        .with_topic(kafka_protocol::messages::TopicName(StrBytes::from_string(
+            topic.clone(),
+        )))
+        .with_partitions(vec![FetchPartition::default()
+            .with_partition(0)
+            .with_fetch_offset(0)
+            .with_partition_max_bytes(RESPONSE_BYTES_MAX)])]);
+    let mut one = BytesMut::new();
+    one.put_i32(0);
+    RequestHeader::default()
+        .with_request_api_key(1)
+        .with_request_api_version(4)
+        .with_correlation_id(43)
+        .encode(&mut one, 1)
+        .expect("encode header");
+    single.encode(&mut one, 4).expect("encode fetch");
+    let len = (one.len() - 4) as i32;
+    one[..4].copy_from_slice(&len.to_be_bytes());
+    let mut greedy = connect(b.addr);
+    greedy
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .expect("write timeout");
+    let mut closed = false;
+    let deadline = Instant::now() + WAIT_MAX;
+    while Instant::now() < deadline {
+        match greedy.write(&one) {
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        closed,
+        "a connection that never reads its fetches stayed open; broker log:\n{}",
+        b.stderr()
+    );
+    assert_healthy(&b, peak_before, "pipelined cold fetches never read");
 }

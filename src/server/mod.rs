@@ -145,6 +145,10 @@ struct Budgets {
     requests: Rc<Semaphore>,
     /// The shard's request bytes over all its connections (`shard_request_bytes_max`).
     shard_bytes: Rc<Semaphore>,
+    /// This connection's one Fetch slot: a fetch response holds up to the fetch budget (55 MiB)
+    /// of read data until it is written, so a connection has one fetch in flight at a time, as
+    /// a Kafka consumer sends them. Produce and other requests still pipeline.
+    fetches: Rc<Semaphore>,
 }
 
 /// Bytes of the shard's request budget held by one frame; returned when dropped.
@@ -180,6 +184,7 @@ struct Held {
 struct InFlight {
     task: JoinHandle<Response>,
     _held: Held,
+    _fetch: Option<StaticPermit>,
 }
 
 impl Budgets {
@@ -233,9 +238,13 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: 
         bytes: Rc::new(Semaphore::new(broker.config.inflight_bytes_max as u64)),
         requests: Rc::new(Semaphore::new(broker.config.inflight_requests_max as u64)),
         shard_bytes,
+        fetches: Rc::new(Semaphore::new(1)),
     };
-    let reader = read_requests(stream.clone(), conn.clone(), tx, budgets);
-    let writer = write_responses(wstream.clone(), rx);
+    // Set by the writer when it gives the connection up (a Close response, a failed write):
+    // the reader then stops, so requests already buffered behind it are not run for nobody.
+    let closing = Rc::new(Cell::new(false));
+    let reader = read_requests(stream.clone(), conn.clone(), tx, budgets, closing.clone());
+    let writer = write_responses(wstream.clone(), rx, closing);
     let (why, _) = futures_lite::future::zip(reader, writer).await;
     if let Some(why) = why {
         tracing::info!(peer = %conn.peer, conn = conn.id, "closing connection: {why}");
@@ -287,6 +296,7 @@ async fn read_requests(
     conn: Rc<Connection>,
     tx: async_channel::Sender<InFlight>,
     budgets: Budgets,
+    closing: Rc<Cell<bool>>,
 ) -> Option<String> {
     let broker = shard::local().broker.clone();
     let max = broker.config.request_bytes_max;
@@ -299,6 +309,9 @@ async fn read_requests(
     loop {
         // Is a whole frame here? Check before any parsing or allocation.
         loop {
+            if closing.get() {
+                return None; // the writer closed the connection and logged why
+            }
             if pending.is_none() {
                 if buf.len() < LENGTH_PREFIX_BYTES {
                     break;
@@ -335,6 +348,12 @@ async fn read_requests(
             };
             let _ = buf.split_to(LENGTH_PREFIX_BYTES);
             let frame = buf.split_to(len).freeze();
+            let fetch = if api_of(&frame).0 == kafka_protocol::messages::ApiKey::Fetch as i16 {
+                let slot = budgets.fetches.acquire_static_permit(1);
+                Some(until_shutdown(slot).await?.ok()?)
+            } else {
+                None
+            };
             let conn2 = conn.clone();
             let task = glommio::spawn_local(async move {
                 // A handler bug must cost this connection, not the shard and every client on it.
@@ -345,7 +364,12 @@ async fn read_requests(
                 }
             })
             .detach();
-            if tx.send(InFlight { task, _held: held }).await.is_err() {
+            let in_flight = InFlight {
+                task,
+                _held: held,
+                _fetch: fetch,
+            };
+            if tx.send(in_flight).await.is_err() {
                 return None;
             }
         }
@@ -469,9 +493,15 @@ fn handler_panicked(
 async fn write_responses(
     stream: Rc<std::cell::RefCell<TcpStream>>,
     rx: async_channel::Receiver<InFlight>,
+    closing: Rc<Cell<bool>>,
 ) {
     let mut failed = false;
-    while let Ok(InFlight { task, _held }) = rx.recv().await {
+    while let Ok(InFlight {
+        task,
+        _held,
+        _fetch,
+    }) = rx.recv().await
+    {
         let resp = task.await;
         if failed {
             continue;
@@ -481,6 +511,7 @@ async fn write_responses(
                 if let Err(e) = write_vectored_all(&stream, parts).await {
                     tracing::info!(error = %e, "closing connection: response write failed");
                     failed = true;
+                    closing.set(true);
                     let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
                 }
             }
@@ -488,10 +519,12 @@ async fn write_responses(
             Some(Response::Close(why)) => {
                 tracing::info!("closing connection: {why}");
                 failed = true;
+                closing.set(true);
                 let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
             }
             None => {
                 failed = true;
+                closing.set(true);
                 let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
             }
         }

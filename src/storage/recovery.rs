@@ -3,15 +3,19 @@
 //! previous run left a clean-shutdown marker — scans the active segment from its last durable
 //! index entry covered by the producer snapshot, validating every batch (length, magic, CRC-32C,
 //! offset continuity) and cutting the log at the first torn or invalid one. Producer state is the
-//! last snapshot plus the batches found after it. Runs once per open, on the partition's shard.
+//! last snapshot plus the batches found after it. Builds the log's `State` (its parts through
+//! their `recovered` constructors) and checks its invariants before the log is used. Runs once
+//! per open, on the partition's shard.
 
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::storage::appender::{self, Pending};
-use crate::storage::io::{align_down, align_up, StorageIo};
+use crate::storage::appender::{self, Appender};
+use crate::storage::io::{align_down, StorageIo};
 use crate::storage::meta;
+use crate::storage::offsets::Offsets;
 use crate::storage::producer_state::ProducerState;
+use crate::storage::read::ReadAheads;
 use crate::storage::segment::{self, ScanStop, Segment};
 use crate::storage::{BatchCache, LogConfig, PartitionLog, RecoveryReport, State, StorageError};
 use crate::types::{now_ms, Offset};
@@ -200,6 +204,15 @@ impl PartitionLog {
             producers.truncate_from(log_end);
         }
         let first_base = segments[0].base;
+        if let Some(ls) = checkpoint.filter(|ls| *ls > log_end) {
+            // Check after the read, paired with the assertion before the checkpoint is written
+            // (the log start never passes the synced offset): only a file from elsewhere or a
+            // damaged disk gets here. The log start is clamped to the log end.
+            tracing::warn!(
+                dir = %dir.display(), checkpoint = ls.0, log_end = log_end.0,
+                "log start checkpoint past the log end; using the log end"
+            );
+        }
         let log_start = checkpoint
             .unwrap_or(first_base)
             .max(first_base)
@@ -248,37 +261,26 @@ impl PartitionLog {
             state: std::cell::RefCell::new(State {
                 config,
                 segments,
-                log_start,
-                log_end,
-                hw: log_end,
-                synced: log_end,
-                sync_wanted: log_end,
-                pending: Pending::new(head_pos, written_tail.clone()),
-                written_pos: written,
-                synced_pos: written,
-                written_tail,
-                allocated: file_size_active.max(written),
-                attempted_pos: align_up(written),
-                punch: None,
-                flushing: false,
-                flusher_dead: false,
+                offsets: Offsets::recovered(log_start, log_end),
+                appender: Appender::recovered(
+                    written,
+                    written_tail,
+                    file_size_active,
+                    log_end,
+                    scan_from,
+                ),
+                producers,
+                reads: ReadAheads::new(),
                 rolling: false,
                 closed: false,
-                gen: 0,
-                gen_end: vec![],
-                last_error: None,
-                sync_failures: 0,
-                last_sync: Instant::now(),
                 waiters: vec![],
-                flusher: None,
-                producers,
-                readahead: vec![],
-                readahead_used: 0,
-                snapshotting: false,
-                snapshot_pos: scan_from,
-                snapshot_every: appender::PRODUCER_SNAPSHOT_BYTES,
             }),
         });
+        {
+            let s = log.state.borrow();
+            s.check_invariants();
+            s.check_segments();
+        }
         glommio::spawn_local(appender::flusher(Rc::downgrade(&log))).detach();
         Ok(log)
     }

@@ -495,8 +495,11 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
             let mut guard = log.state.borrow_mut();
             let s = &mut *guard;
             let a = &mut s.appender;
-            if !a.pending.is_empty() || s.closed || s.rolling || a.sync_wanted > s.offsets.synced()
-            {
+            // Why: under `IntervalMs` a wanted sync still waits for the timer; waking for it
+            // would spin here until the interval ends, holding the executor.
+            let sync_now =
+                matches!(s.config.flush, FlushPolicy::Always) && a.sync_wanted > s.offsets.synced();
+            if !a.pending.is_empty() || s.closed || s.rolling || sync_now {
                 return Poll::Ready(());
             }
             a.flusher = Some(cx.waker().clone());

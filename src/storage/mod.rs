@@ -5,15 +5,13 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | module | owns |
-//! | --- | --- |
 //! | `mod.rs` (here) | `PartitionLog` and its `State`: segments, config, producer state, waiters; close |
-//! | [`offsets`] | `Offsets`: log start, synced, high watermark, log end, and every move of them |
-//! | [`append`] | the append path: validation, admission, offset assignment, the durability wait |
+//! | `offsets` | `Offsets`: log start, synced, high watermark, log end, and every move of them |
+//! | `append` | the append path: validation, admission, offset assignment, the durability wait |
 //! | [`appender`] | `Appender`: pending aligned chunks, written/synced positions, the flusher task |
-//! | [`read`] | the read path: cache, cold reads, `ReadAheads`, timestamp lookups |
-//! | [`roll`] | sealing the active segment and starting the next |
-//! | [`retention`] | moving the log start: retention and DeleteRecords |
+//! | `read` | the read path: cache, cold reads, `ReadAheads`, timestamp lookups |
+//! | `roll` | sealing the active segment and starting the next |
+//! | `retention` | moving the log start: retention and DeleteRecords |
 //! | [`recovery`] | `open`: loading segments, validating the tail, rebuilding what is missing |
 //! | [`segment`] | one segment: its file, sparse offset/time index, and the validating scanner |
 //! | [`cache`] | the per-shard cache of recent batches (`Rc`-shared by the shard's logs) |
@@ -21,9 +19,9 @@
 //! | [`meta`] | small checksummed files: index files, checkpoints, snapshot, clean marker |
 //! | [`io`] | the I/O seam: glommio DMA files, and a fault-injecting wrapper for tests |
 //!
-//! Offsets, in order: `log_start <= synced <= hw <= log_end` (see [`offsets`]). The state of
+//! Offsets, in order: `log_start <= synced <= hw <= log_end` (see `offsets`). The state of
 //! each concern lives in a struct of the module that owns it, with private fields changed
-//! through methods that keep its invariants; [`State::check_invariants`] ties them together and
+//! through methods that keep its invariants; `State::check_invariants` ties them together and
 //! runs after every transition (accepted append, completed write or sync, failed write, roll,
 //! retention, DeleteRecords, the end of recovery, close). See docs/storage.md for the file
 //! formats and the append/flush/recovery design.
@@ -294,7 +292,7 @@ pub struct PartitionLog {
     cache: Rc<BatchCache>,
     cache_id: u64,
     recovery: Option<RecoveryReport>,
-    pub(crate) state: RefCell<State>,
+    state: RefCell<State>,
 }
 
 impl PartitionLog {

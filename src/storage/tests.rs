@@ -1031,6 +1031,13 @@ fn interval_flush_policy_syncs_on_its_timer() {
         }
         assert_eq!(log.synced_offset(), Offset(11));
         assert!(faults.syncs.get() - before <= 2);
+        // DeleteRecords over written, unsynced batches waits for the next timed sync too.
+        append(&log, &batch(1, 10, 3, 1), Durability::Written).await;
+        assert_eq!(
+            log.delete_records_before(Offset(12)).await.unwrap(),
+            Offset(12)
+        );
+        assert_eq!(log.synced_offset(), Offset(12));
     });
 }
 

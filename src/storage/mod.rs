@@ -8,15 +8,15 @@
 //! | `mod.rs` (here) | `PartitionLog` and its `State`: segments, config, producer state, waiters; close |
 //! | `offsets` | `Offsets`: log start, synced, high watermark, log end, and every move of them |
 //! | `append` | the append path: validation, admission, offset assignment, the durability wait |
-//! | [`appender`] | `Appender`: pending aligned chunks, written/synced positions, the flusher task |
+//! | `appender` | `Appender`: pending aligned chunks, written/synced positions, the flusher task |
 //! | `read` | the read path: cache, cold reads, `ReadAheads`, timestamp lookups |
 //! | `roll` | sealing the active segment and starting the next |
 //! | `retention` | moving the log start: retention and DeleteRecords |
-//! | [`recovery`] | `open`: loading segments, validating the tail, rebuilding what is missing |
-//! | [`segment`] | one segment: its file, sparse offset/time index, and the validating scanner |
+//! | `recovery` | `open`: loading segments, validating the tail, rebuilding what is missing |
+//! | `segment` | one segment: its file, sparse offset/time index, and the validating scanner |
 //! | [`cache`] | the per-shard cache of recent batches (`Rc`-shared by the shard's logs) |
-//! | [`producer_state`] | idempotent producer sequences and epochs (KIP-98) |
-//! | [`meta`] | small checksummed files: index files, checkpoints, snapshot, clean marker |
+//! | `producer_state` | idempotent producer sequences and epochs (KIP-98) |
+//! | `meta` | small checksummed files: index files, checkpoints, snapshot, clean marker |
 //! | [`io`] | the I/O seam: glommio DMA files, and a fault-injecting wrapper for tests |
 //!
 //! Offsets, in order: `log_start <= synced <= hw <= log_end` (see `offsets`). The state of
@@ -27,17 +27,17 @@
 //! formats and the append/flush/recovery design.
 
 mod append;
-pub mod appender;
+mod appender;
 pub mod cache;
 pub mod io;
-pub mod meta;
+mod meta;
 mod offsets;
-pub mod producer_state;
+mod producer_state;
 mod read;
-pub mod recovery;
+mod recovery;
 mod retention;
 mod roll;
-pub mod segment;
+mod segment;
 #[cfg(test)]
 pub(crate) mod tests;
 

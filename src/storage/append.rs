@@ -86,7 +86,7 @@ impl PartitionLog {
             let size = batch::batch_size(&records[at..]).expect("validated above");
             batch::set_base_offset(&mut records[at..at + size], next);
             let h = BatchHeader::parse(&records[at..at + size]).expect("validated above");
-            let pos = s.active().size;
+            let pos = s.active().size();
             s.active_mut().on_batch(&h, pos, interval);
             if h.producer_id() >= 0 {
                 s.producers.apply(
@@ -162,17 +162,17 @@ impl PartitionLog {
 
     fn needs_roll(&self, s: &State, bytes: usize) -> bool {
         let a = s.active();
-        if a.size == 0 {
+        if a.size() == 0 {
             return false;
         }
         let limit = s.config.segment_bytes.min(u32::MAX as u64);
-        let too_big = a.size + bytes as u64 > limit;
+        let too_big = a.size() + bytes as u64 > limit;
         // Index entries hold offsets relative to the base as u32.
-        let too_many = s.offsets.log_end().0 - a.base.0 + bytes as i64 > u32::MAX as i64;
+        let too_many = s.offsets.log_end().0 - a.base().0 + bytes as i64 > u32::MAX as i64;
         let too_old = s
             .config
             .segment_ms
-            .is_some_and(|ms| crate::types::now_ms() - a.created_ms >= ms as i64);
+            .is_some_and(|ms| crate::types::now_ms() - a.created_ms() >= ms as i64);
         too_big || too_many || too_old
     }
 

@@ -540,7 +540,7 @@ impl PartitionLog {
             // release them before writing so no stale batch can follow the log end on disk.
             let punch = a.punch;
             a.attempted_pos = a.attempted_pos.max(flush.write_end);
-            let file = s.active().file.clone();
+            let file = s.active().file().clone();
             (file, flush, s.offsets.log_end(), alloc, punch)
         };
         let result = async {
@@ -636,7 +636,7 @@ impl PartitionLog {
             let mut s = self.state.borrow_mut();
             s.appender.flushing = true;
             (
-                s.active().file.clone(),
+                s.active().file().clone(),
                 s.offsets.hw(),
                 s.appender.written_pos,
             )

@@ -235,7 +235,7 @@ impl State {
         }
     }
     fn total_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.size).sum()
+        self.segments.iter().map(|s| s.size()).sum()
     }
 
     /// The invariants that tie the parts together, O(1): the offsets in order; the active
@@ -246,16 +246,16 @@ impl State {
         self.offsets.check();
         let (first, active) = (&self.segments[0], self.active());
         assert!(
-            active.next == self.offsets.log_end()
-                && active.base <= self.offsets.synced()
-                && first.base <= self.offsets.log_start(),
+            active.next() == self.offsets.log_end()
+                && active.base() <= self.offsets.synced()
+                && first.base() <= self.offsets.log_start(),
             "segments [{}, {}) active from {} disagree with {:?}",
-            first.base,
-            active.next,
-            active.base,
+            first.base(),
+            active.next(),
+            active.base(),
             self.offsets
         );
-        self.appender.check(active.size);
+        self.appender.check(active.size());
     }
 
     /// [`State::check_invariants`] in debug builds.
@@ -269,11 +269,11 @@ impl State {
     pub fn check_segments(&self) {
         for w in self.segments.windows(2) {
             assert!(
-                w[0].base <= w[0].next && w[0].next == w[1].base,
+                w[0].base() <= w[0].next() && w[0].next() == w[1].base(),
                 "segments not contiguous: [{}, {}) then {}",
-                w[0].base,
-                w[0].next,
-                w[1].base
+                w[0].base(),
+                w[0].next(),
+                w[1].base()
             );
         }
     }
@@ -399,7 +399,7 @@ impl PartitionLog {
             s.wake_all();
             return Err(s.appender.error());
         }
-        let file = self.state.borrow().active().file.clone();
+        let file = self.state.borrow().active().file().clone();
         let punch = self.state.borrow_mut().appender.take_punch();
         let r = async {
             if let Some((pos, len)) = punch {
@@ -426,7 +426,7 @@ impl PartitionLog {
         s.check_invariants();
         let a = s.active_mut();
         a.push_time_entry();
-        recovery::write_indexes(&self.dir, a)?;
+        a.write_index_files(&self.dir)?;
         meta::write_file(
             &self.dir.join(meta::PRODUCER_FILE),
             &meta::encode_producers(log_end, &s.producers),

@@ -164,7 +164,7 @@ impl PartitionLog {
     ) -> Result<Vec<Bytes>, StorageError> {
         let (file, pos, limit, seg_base, mut ahead) = {
             let mut s = self.state.borrow_mut();
-            let i = s.segments.partition_point(|g| g.base <= start);
+            let i = s.segments.partition_point(|g| g.base() <= start);
             let Some(seg) = i.checked_sub(1).map(|i| &s.segments[i]) else {
                 return Err(s.out_of_range(start));
             };
@@ -172,9 +172,9 @@ impl PartitionLog {
             let limit = if active {
                 s.appender.written_pos()
             } else {
-                seg.size
+                seg.size()
             };
-            let (file, pos, base) = (seg.file.clone(), seg.lookup(start), seg.base);
+            let (file, pos, base) = (seg.file().clone(), seg.lookup(start), seg.base());
             let ahead = s.reads.take(base, start);
             (file, pos, limit, base, ahead)
         };
@@ -288,7 +288,7 @@ impl PartitionLog {
     ) -> Result<Option<(Offset, i64)>, StorageError> {
         let (mut from, hw, log_start) = {
             let s = self.state.borrow();
-            let Some(seg) = s.segments.iter().find(|g| g.max_ts >= timestamp_ms) else {
+            let Some(seg) = s.segments.iter().find(|g| g.max_ts().0 >= timestamp_ms) else {
                 return Ok(None);
             };
             (
@@ -324,8 +324,8 @@ impl PartitionLog {
         let s = self.state.borrow();
         let mut best: Option<(Offset, i64)> = None;
         for g in &s.segments {
-            if g.max_ts >= 0 && best.is_none_or(|b| g.max_ts > b.1) {
-                best = Some((g.max_ts_offset, g.max_ts));
+            if g.max_ts().0 >= 0 && best.is_none_or(|b| g.max_ts().0 > b.1) {
+                best = Some((g.max_ts().1, g.max_ts().0));
             }
         }
         best

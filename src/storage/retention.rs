@@ -46,18 +46,18 @@ impl PartitionLog {
                 let old = s
                     .config
                     .retention_ms
-                    .is_some_and(|ms| g.max_ts < now_ms.saturating_sub(ms as i64));
+                    .is_some_and(|ms| g.max_ts().0 < now_ms.saturating_sub(ms as i64));
                 let big = s
                     .config
                     .retention_bytes
-                    .is_some_and(|b| total.saturating_sub(g.size) >= b);
+                    .is_some_and(|b| total.saturating_sub(g.size()) >= b);
                 if !(old || big) {
                     break;
                 }
-                total -= g.size;
+                total -= g.size();
                 k += 1;
             }
-            (k > 0).then(|| s.segments[k].base)
+            (k > 0).then(|| s.segments[k].base())
         };
         if let Some(start) = new_start {
             if start > self.state.borrow().offsets.log_start() {
@@ -93,7 +93,7 @@ impl PartitionLog {
         let sealed = s.segments.len() - 1;
         let k = s.segments[..sealed]
             .iter()
-            .take_while(|g| g.next <= offset)
+            .take_while(|g| g.next() <= offset)
             .count();
         let gone: Vec<Segment> = s.segments.drain(..k).collect();
         s.check_invariants();
@@ -106,7 +106,7 @@ impl PartitionLog {
             // hand) and is logged; the shard keeps running.
             crate::contain::spawn_background("segment unlink", async move {
                 for g in gone {
-                    let base = g.base;
+                    let base = g.base();
                     drop(g);
                     for ext in ["log", "index", "timeindex"] {
                         let p = meta::segment_path(&dir, base, ext);

@@ -5,7 +5,7 @@
 
 use crate::storage::io::align_up;
 use crate::storage::segment::Segment;
-use crate::storage::{appender, meta, recovery, PartitionLog, StorageError};
+use crate::storage::{appender, meta, PartitionLog, StorageError};
 
 impl PartitionLog {
     /// Seals the active segment and starts a new one at the log end. Public so the shard (and
@@ -21,7 +21,7 @@ impl PartitionLog {
             }
             self.wait_until(|s| !s.rolling).await;
         }
-        if self.state.borrow().active().size == 0 {
+        if self.state.borrow().active().size() == 0 {
             return Ok(());
         }
         self.roll_active().await
@@ -51,7 +51,7 @@ impl PartitionLog {
                 "a drained log is written"
             );
             (
-                s.active().file.clone(),
+                s.active().file().clone(),
                 s.appender.written_pos(),
                 s.offsets.hw(),
             )
@@ -68,7 +68,7 @@ impl PartitionLog {
             s.appender.sealed(written);
             let a = s.active_mut();
             a.push_time_entry();
-            recovery::write_indexes(&self.dir, a)?;
+            a.write_index_files(&self.dir)?;
             s.check_invariants();
         }
         self.no_snapshot_in_flight().await;

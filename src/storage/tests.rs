@@ -1177,7 +1177,10 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         }
         let (index, time_index) = {
             let s = log.state.borrow();
-            (s.active().index.clone(), s.active().time_index.clone())
+            (
+                s.active().index().to_vec(),
+                s.active().time_index().to_vec(),
+            )
         };
         assert!(index.len() > 150);
         let end = log.log_end_offset();
@@ -1197,8 +1200,8 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
         {
             let s = log.state.borrow();
-            assert_eq!(s.active().index, index);
-            assert_eq!(s.active().time_index, time_index);
+            assert_eq!(s.active().index(), index);
+            assert_eq!(s.active().time_index(), time_index);
         }
         // Batch i holds offsets 2i, 2i+1 with timestamps 1000+i, 1001+i (every 4th is an
         // idempotent batch stamped 1000).
@@ -1246,7 +1249,10 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         );
         let all = read_all(&log, Offset(0), 1 << 20).await;
         assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
-        assert_eq!(log.state.borrow().active().index[..index.len()], index[..]);
+        assert_eq!(
+            log.state.borrow().active().index()[..index.len()],
+            index[..]
+        );
         // The rewritten index file holds every entry again.
         log.close().await.unwrap();
         let d2 = meta::read_index_file(&ip, meta::decode_index);
@@ -1279,13 +1285,13 @@ fn written_data_is_synced_in_the_background_and_indexed() {
         .await;
         assert!(synced, "no background fdatasync");
         let on_disk = meta::read_index_file(
-            &meta::segment_path(&d, log.state.borrow().active().base, "index"),
+            &meta::segment_path(&d, log.state.borrow().active().base(), "index"),
             meta::decode_index,
         );
         assert!(!on_disk.entries.is_empty());
         assert_eq!(
             on_disk.entries[..],
-            log.state.borrow().active().index[..on_disk.entries.len()]
+            log.state.borrow().active().index()[..on_disk.entries.len()]
         );
     });
 }
@@ -1431,7 +1437,7 @@ fn failed_index_and_snapshot_writes_only_lengthen_the_recovery_scan() {
             stored.push(at_offset(&b, r.base_offset));
         }
         log.no_snapshot_in_flight().await;
-        assert!(log.state.borrow().active().index_files_failed);
+        assert!(log.state.borrow().active().index_files_failed());
         assert!(!d.join(meta::PRODUCER_FILE).exists());
         drop(log); // crash
 

@@ -56,28 +56,28 @@ const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
 /// file position.
 pub(crate) struct Pending {
     /// File position of the first byte of `chunks[0]` (aligned).
-    pub start: u64,
+    start: u64,
     /// The already-written bytes of the page at `start`, rewritten by the next flush.
-    pub head: Vec<u8>,
+    head: Vec<u8>,
     /// (buffer, bytes filled), filled in order; every chunk but the last is full.
-    pub chunks: Vec<(DmaBuffer, usize)>,
+    chunks: Vec<(DmaBuffer, usize)>,
     /// Per append: the file position after its last byte and the offset after its last batch.
-    pub marks: Vec<(u64, crate::types::Offset)>,
+    marks: Vec<(u64, crate::types::Offset)>,
     /// Bytes of new batches (not counting `head`).
-    pub bytes: usize,
+    bytes: usize,
 }
 
 /// A flush taken out of [`Pending`]: what to write where.
 pub(crate) struct Flush {
-    pub writes: Vec<(Rc<DmaBuffer>, u64)>,
+    writes: Vec<(Rc<DmaBuffer>, u64)>,
     /// The appends it carries (see [`Pending::marks`]).
-    pub marks: Vec<(u64, crate::types::Offset)>,
+    marks: Vec<(u64, crate::types::Offset)>,
     /// File position after the last byte of data.
-    pub end_pos: u64,
+    end_pos: u64,
     /// File position after the last byte written (aligned).
-    pub write_end: u64,
+    write_end: u64,
     /// Bytes of the partial last page, for the next flush.
-    pub tail: Vec<u8>,
+    tail: Vec<u8>,
 }
 
 impl Pending {

@@ -780,6 +780,80 @@ fn list_offsets_by_time_finds_the_record_inside_a_batch() {
 const OFFSET_OUT_OF_RANGE: i16 = 1;
 const INVALID_REQUIRED_ACKS: i16 = 21;
 
+fn delete_records(r: &mut Raw, topic: &str, partition: i32, offset: i64) -> (i16, i64) {
+    use kafka_protocol::messages::delete_records_request::{
+        DeleteRecordsPartition, DeleteRecordsTopic,
+    };
+    let resp: DeleteRecordsResponse = r.call(
+        ApiKey::DeleteRecords,
+        2,
+        &DeleteRecordsRequest::default()
+            .with_topics(vec![DeleteRecordsTopic::default()
+                .with_name(tn(topic))
+                .with_partitions(vec![DeleteRecordsPartition::default()
+                    .with_partition_index(partition)
+                    .with_offset(offset)])])
+            .with_timeout_ms(10_000),
+    );
+    let p = &resp.topics[0].partitions[0];
+    (p.error_code, p.low_watermark)
+}
+
+// Kafka protocol guide, DeleteRecords (KIP-107): the log start offset moves up to the requested
+// offset, never past the high watermark (OFFSET_OUT_OF_RANGE); -1 means the high watermark.
+#[test]
+fn delete_records_stops_at_the_high_watermark_and_survives_kill_9() {
+    let mut b = Broker::start();
+    let t = topic_name("delrec");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    // acks=1: written, perhaps not yet synced; the log start must be durable all the same.
+    for i in 0..10 {
+        let (a, c) = (format!("v{}", 2 * i), format!("v{}", 2 * i + 1));
+        let (err, base) = produce(&mut r, &t, 0, 1, batch(&[a.as_bytes(), c.as_bytes()]));
+        assert_eq!((err, base), (NONE, 2 * i));
+    }
+    // Past the high watermark: out of range, nothing moves.
+    assert_eq!(delete_records(&mut r, &t, 0, 21), (OFFSET_OUT_OF_RANGE, -1));
+    assert_eq!(list_offset(&mut r, &t, 0, -2), (NONE, 0, -1));
+    // Inside: the log start moves there; fetches below it are out of range.
+    assert_eq!(delete_records(&mut r, &t, 0, 5), (NONE, 5));
+    assert_eq!(list_offset(&mut r, &t, 0, -2), (NONE, 5, -1));
+    assert_eq!(fetch(&mut r, &t, 0, 4).0, OFFSET_OUT_OF_RANGE);
+    let (err, hw, recs) = fetch(&mut r, &t, 0, 5);
+    assert_eq!((err, hw), (NONE, 20));
+    // The batch holding offset 5 starts at 4 (clients skip what precedes their position).
+    let from5: Vec<i64> = recs.iter().map(|x| x.0).filter(|o| *o >= 5).collect();
+    assert_eq!(from5, (5..20).collect::<Vec<_>>());
+    // At the high watermark: nothing is left to read.
+    assert_eq!(delete_records(&mut r, &t, 0, 20), (NONE, 20));
+    assert_eq!(fetch(&mut r, &t, 0, 19).0, OFFSET_OUT_OF_RANGE);
+    assert_eq!(fetch(&mut r, &t, 0, 20), (NONE, 20, vec![]));
+    // -1: the high watermark, which three more acks=1 records moved to 23.
+    let (err, base) = produce(&mut r, &t, 0, 1, batch(&[b"x", b"y", b"z"]));
+    assert_eq!((err, base), (NONE, 20));
+    assert_eq!(delete_records(&mut r, &t, 0, -1), (NONE, 23));
+    assert_eq!(list_offset(&mut r, &t, 0, -2), (NONE, 23, -1));
+    assert_eq!(list_offset(&mut r, &t, 0, -1).1, 23);
+    // kill -9 right after: the log start and the log end survive, and appends continue there.
+    drop(r);
+    b.sigkill();
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    assert_eq!(list_offset(&mut r, &t, 0, -2), (NONE, 23, -1));
+    assert_eq!(list_offset(&mut r, &t, 0, -1).1, 23);
+    assert_eq!(fetch(&mut r, &t, 0, 22).0, OFFSET_OUT_OF_RANGE);
+    assert_eq!(fetch(&mut r, &t, 0, 23), (NONE, 23, vec![]));
+    assert_eq!(
+        produce(&mut r, &t, 0, -1, batch(&[b"after restart"])),
+        (NONE, 23)
+    );
+    assert_eq!(
+        fetch(&mut r, &t, 0, 23),
+        (NONE, 24, vec![(23, b"after restart".to_vec())])
+    );
+}
+
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     // Two shards, so that partitions of one topic live on different cores and answers complete

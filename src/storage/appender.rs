@@ -3,16 +3,18 @@
 //! everything pending with one set of concurrent aligned writes and, when the flush policy asks,
 //! one fdatasync — the group commit. Batches appended while a write or sync is in flight join the
 //! next one. The partial last page is kept in memory and written again, completed, by the next
-//! flush. Owned by the partition log; the flusher holds only a weak reference to it.
+//! flush. Owns [`Appender`], the write-side state of the partition log (its fields are private
+//! here); the flusher holds only a weak reference to the log. Lives on the partition's shard.
 
 use std::rc::{Rc, Weak};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use glommio::io::DmaBuffer;
 
 use crate::storage::io::{align_down, align_up, join_in_order, IoFuture, ALIGN_BYTES};
-use crate::storage::{FlushPolicy, PartitionLog};
+use crate::storage::{FlushPolicy, PartitionLog, State, StorageError};
+use crate::types::Offset;
 
 /// Capacity of the first chunk of a flush: small, so a thousand idle-ish partitions on a shard
 /// hold little memory.
@@ -54,28 +56,28 @@ const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
 /// file position.
 pub(crate) struct Pending {
     /// File position of the first byte of `chunks[0]` (aligned).
-    pub start: u64,
+    start: u64,
     /// The already-written bytes of the page at `start`, rewritten by the next flush.
-    pub head: Vec<u8>,
+    head: Vec<u8>,
     /// (buffer, bytes filled), filled in order; every chunk but the last is full.
-    pub chunks: Vec<(DmaBuffer, usize)>,
+    chunks: Vec<(DmaBuffer, usize)>,
     /// Per append: the file position after its last byte and the offset after its last batch.
-    pub marks: Vec<(u64, crate::types::Offset)>,
+    marks: Vec<(u64, crate::types::Offset)>,
     /// Bytes of new batches (not counting `head`).
-    pub bytes: usize,
+    bytes: usize,
 }
 
 /// A flush taken out of [`Pending`]: what to write where.
 pub(crate) struct Flush {
-    pub writes: Vec<(Rc<DmaBuffer>, u64)>,
+    writes: Vec<(Rc<DmaBuffer>, u64)>,
     /// The appends it carries (see [`Pending::marks`]).
-    pub marks: Vec<(u64, crate::types::Offset)>,
+    marks: Vec<(u64, crate::types::Offset)>,
     /// File position after the last byte of data.
-    pub end_pos: u64,
+    end_pos: u64,
     /// File position after the last byte written (aligned).
-    pub write_end: u64,
+    write_end: u64,
     /// Bytes of the partial last page, for the next flush.
-    pub tail: Vec<u8>,
+    tail: Vec<u8>,
 }
 
 impl Pending {
@@ -165,6 +167,226 @@ fn new_chunk(need: usize) -> DmaBuffer {
     glommio::allocate_dma_buffer(cap)
 }
 
+/// The write side of one partition log: what is pending, written and synced in the active
+/// segment, and the flusher's bookkeeping. Part of the log's `State`; changed only through the
+/// methods below, by the append path, the flusher, roll, close and recovery.
+pub(crate) struct Appender {
+    pending: Pending,
+    /// The largest end offset some `Durability::Synced` append waits for.
+    sync_wanted: Offset,
+    /// Bytes of the active segment that are written to its file.
+    written_pos: u64,
+    /// Bytes of the active segment covered by a completed fdatasync.
+    synced_pos: u64,
+    /// The written bytes of the partial last page (`[align_down(written_pos), written_pos)`).
+    written_tail: Vec<u8>,
+    /// File size reserved (pre-allocated) for the active segment.
+    allocated: u64,
+    /// Furthest (aligned) position any write of the active segment may have reached.
+    attempted_pos: u64,
+    /// A range past the written data that a failed write may have touched: punched out before
+    /// the next write.
+    punch: Option<(u64, u64)>,
+    /// A write or fdatasync is in flight.
+    flushing: bool,
+    /// The flusher task panicked: nothing pending will be written any more, so every append
+    /// (and roll) fails from now on instead of waiting forever.
+    dead: bool,
+    /// Incremented by every failed write; `gen_end[g]` is `hw` when generation `g` failed:
+    /// appends of generation `g` at or past it failed (their offsets were given out again).
+    gen: usize,
+    gen_end: Vec<Offset>,
+    last_error: Option<(Option<i32>, std::io::ErrorKind, String)>,
+    sync_failures: u64,
+    last_sync: Instant,
+    flusher: Option<Waker>,
+    /// A producer snapshot is being written in the background.
+    snapshotting: bool,
+    /// Active-segment position covered by the last producer snapshot, and how many synced bytes
+    /// may follow it before the next one (bounds the crash-recovery scan).
+    snapshot_pos: u64,
+    snapshot_every: u64,
+}
+
+/// What an accepted append needs to tell later whether it failed: the write generation and
+/// the fdatasync failure count when it was accepted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    gen: usize,
+    sync_failures: u64,
+}
+
+impl Appender {
+    /// The state of an active segment opened with `written` bytes of data (all of them synced,
+    /// the last partial page in `written_tail`) in a file of `allocated` bytes.
+    pub fn recovered(
+        written: u64,
+        written_tail: Vec<u8>,
+        allocated: u64,
+        log_end: Offset,
+        snapshot_pos: u64,
+    ) -> Self {
+        let head_pos = align_down(written);
+        assert_eq!(written_tail.len() as u64, written - head_pos);
+        Appender {
+            pending: Pending::new(head_pos, written_tail.clone()),
+            sync_wanted: log_end,
+            written_pos: written,
+            synced_pos: written,
+            written_tail,
+            allocated: allocated.max(written),
+            attempted_pos: align_up(written),
+            punch: None,
+            flushing: false,
+            dead: false,
+            gen: 0,
+            gen_end: vec![],
+            last_error: None,
+            sync_failures: 0,
+            last_sync: Instant::now(),
+            flusher: None,
+            snapshotting: false,
+            snapshot_pos,
+            snapshot_every: PRODUCER_SNAPSHOT_BYTES,
+        }
+    }
+
+    /// Bytes of the active segment written to its file (readers see no further).
+    pub fn written_pos(&self) -> u64 {
+        self.written_pos
+    }
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+    /// Nothing pending and no write or sync in flight (or never again: the flusher is dead).
+    pub fn is_drained(&self) -> bool {
+        (self.pending.is_empty() && !self.flushing) || self.dead
+    }
+    /// An append of `bytes` must wait: the pending bytes would pass their limit.
+    pub fn is_full(&self, bytes: usize) -> bool {
+        !self.pending.is_empty() && self.pending.bytes + bytes > PENDING_BYTES_MAX
+    }
+    pub fn is_snapshotting(&self) -> bool {
+        self.snapshotting
+    }
+    #[cfg(test)]
+    pub fn set_snapshot_every(&mut self, bytes: u64) {
+        self.snapshot_every = bytes;
+    }
+
+    /// Takes the bytes of an accepted append (offsets up to `next`) for the next flush and
+    /// wakes the flusher.
+    pub fn push(&mut self, records: &[u8], next: Offset, sync: bool) -> Ticket {
+        self.pending.push(records);
+        let end_pos = self.pending.end_pos();
+        self.pending.marks.push((end_pos, next));
+        if sync {
+            self.sync_wanted = self.sync_wanted.max(next);
+        }
+        self.wake_flusher();
+        Ticket {
+            gen: self.gen,
+            sync_failures: self.sync_failures,
+        }
+    }
+
+    /// The append of `ticket` ending at `last` failed: a write failed before it was written, or
+    /// the flusher died.
+    pub fn failed(&self, ticket: Ticket, last: Offset) -> bool {
+        (ticket.gen < self.gen && last >= self.gen_end[ticket.gen]) || self.dead
+    }
+    /// An fdatasync failed after the append of `ticket` was accepted.
+    pub fn sync_failed_since(&self, ticket: Ticket) -> bool {
+        self.sync_failures > ticket.sync_failures
+    }
+
+    pub fn wake_flusher(&mut self) {
+        if let Some(w) = self.flusher.take() {
+            w.wake();
+        }
+    }
+
+    pub fn set_error(&mut self, e: &std::io::Error) {
+        self.last_error = Some((e.raw_os_error(), e.kind(), e.to_string()));
+    }
+    /// The error of the last failed write or sync.
+    pub fn error(&self) -> StorageError {
+        let e = match &self.last_error {
+            Some((Some(code), _, _)) => std::io::Error::from_raw_os_error(*code),
+            Some((None, kind, msg)) => std::io::Error::new(*kind, msg.clone()),
+            None => std::io::Error::other("write failed"),
+        };
+        StorageError::Io(e)
+    }
+
+    /// A range a failed write may have touched, to punch out before the segment is trusted.
+    pub fn take_punch(&mut self) -> Option<(u64, u64)> {
+        self.punch.take()
+    }
+
+    /// The active segment was synced and truncated to its `written` bytes (roll).
+    pub fn sealed(&mut self, written: u64) {
+        assert_eq!(written, self.written_pos);
+        assert!(self.is_drained());
+        self.synced_pos = written;
+        self.allocated = written;
+        self.attempted_pos = align_up(written);
+        self.punch = None; // the truncation removed everything past the data
+    }
+
+    /// A new, empty active segment of `allocated` pre-allocated bytes (roll).
+    pub fn started_segment(&mut self, allocated: u64) {
+        assert!(self.is_drained());
+        self.pending = Pending::new(0, vec![]);
+        self.snapshot_pos = 0;
+        self.synced_pos = 0;
+        self.written_pos = 0;
+        self.written_tail.clear();
+        self.allocated = allocated;
+        self.attempted_pos = 0;
+    }
+
+    /// The positions in the active segment (of `size` bytes) are in order:
+    /// `synced_pos <= written_pos <= attempted_pos`, the pending bytes end at `size`, and the
+    /// kept tail is the partial page before `written_pos`.
+    pub fn check(&self, size: u64) {
+        assert!(
+            self.synced_pos <= self.written_pos,
+            "{}",
+            self.describe(size)
+        );
+        assert!(
+            self.written_pos <= size && self.pending.end_pos() == size,
+            "{}",
+            self.describe(size)
+        );
+        assert!(
+            self.written_pos <= self.attempted_pos,
+            "{}",
+            self.describe(size)
+        );
+        assert_eq!(
+            self.written_tail.len() as u64,
+            self.written_pos - align_down(self.written_pos),
+            "{}",
+            self.describe(size)
+        );
+        assert_eq!(self.pending.start % ALIGN_BYTES, 0);
+        assert_eq!(self.gen_end.len(), self.gen);
+    }
+    fn describe(&self, size: u64) -> String {
+        format!(
+            "appender positions out of order: synced {} written {} attempted {} pending [{}, {}) segment size {}",
+            self.synced_pos,
+            self.written_pos,
+            self.attempted_pos,
+            self.pending.start,
+            self.pending.end_pos(),
+            size
+        )
+    }
+}
+
 /// What the flusher does next.
 enum Work {
     Write,
@@ -221,33 +443,35 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
             let Some(log) = log.upgrade() else {
                 return Poll::Ready(Some(Work::Exit));
             };
-            let mut s = log.state.borrow_mut();
+            let mut guard = log.state.borrow_mut();
+            let s = &mut *guard;
+            let (a, synced, hw) = (&mut s.appender, s.offsets.synced(), s.offsets.hw());
             // Written data that a Synced append waits for is synced before the next write, so
             // a steady stream of appends cannot postpone the fdatasync forever.
             let sync_due = matches!(s.config.flush, FlushPolicy::Always)
                 && !s.rolling
-                && s.sync_wanted > s.synced
-                && s.hw > s.synced;
+                && a.sync_wanted > synced
+                && hw > synced;
             if sync_due {
                 return Poll::Ready(Some(Work::Sync));
             }
-            if !s.pending.is_empty() {
+            if !a.pending.is_empty() {
                 return Poll::Ready(Some(Work::Write));
             }
             if s.closed {
                 return Poll::Ready(Some(Work::Exit));
             }
-            if !s.rolling && s.hw > s.synced {
+            if !s.rolling && hw > synced {
                 let every = match s.config.flush {
                     FlushPolicy::Always => {
-                        if s.sync_wanted > s.synced {
+                        if a.sync_wanted > synced {
                             return Poll::Ready(Some(Work::Sync));
                         }
                         BACKGROUND_SYNC_MS
                     }
                     FlushPolicy::IntervalMs(ms) => ms,
                 };
-                let due = s.last_sync + Duration::from_millis(every);
+                let due = a.last_sync + Duration::from_millis(every);
                 let now = Instant::now();
                 if now >= due {
                     return Poll::Ready(Some(Work::Sync));
@@ -255,7 +479,7 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
                 timer = Some(due - now);
                 return Poll::Ready(None);
             }
-            s.flusher = Some(cx.waker().clone());
+            a.flusher = Some(cx.waker().clone());
             Poll::Pending
         });
         if let Some(w) = ready.await {
@@ -268,11 +492,17 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
             let Some(log) = log.upgrade() else {
                 return Poll::Ready(());
             };
-            let mut s = log.state.borrow_mut();
-            if !s.pending.is_empty() || s.closed || s.rolling || s.sync_wanted > s.synced {
+            let mut guard = log.state.borrow_mut();
+            let s = &mut *guard;
+            let a = &mut s.appender;
+            // Why: under `IntervalMs` a wanted sync still waits for the timer; waking for it
+            // would spin here until the interval ends, holding the executor.
+            let sync_now =
+                matches!(s.config.flush, FlushPolicy::Always) && a.sync_wanted > s.offsets.synced();
+            if !a.pending.is_empty() || s.closed || s.rolling || sync_now {
                 return Poll::Ready(());
             }
-            s.flusher = Some(cx.waker().clone());
+            a.flusher = Some(cx.waker().clone());
             Poll::Pending
         });
         futures_lite::future::or(woken, glommio::timer::sleep(d)).await;
@@ -283,26 +513,35 @@ impl PartitionLog {
     /// One group commit's write: everything pending, as concurrent aligned writes.
     pub(crate) async fn flush_pending(&self) {
         let (file, flush, end_offset, alloc, punch) = {
-            let mut s = self.state.borrow_mut();
-            if s.pending.is_empty() {
+            let mut guard = self.state.borrow_mut();
+            let s = &mut *guard;
+            let a = &mut s.appender;
+            if a.pending.is_empty() {
                 return;
             }
-            s.flushing = true;
-            let flush = s.pending.take();
+            a.flushing = true;
+            // Check before the write: the flush starts at the page holding the end of the
+            // written data and its writes follow each other in file order.
+            debug_assert_eq!(a.pending.start, align_down(a.written_pos));
+            let flush = a.pending.take();
+            debug_assert!(flush
+                .writes
+                .windows(2)
+                .all(|w| w[0].1 + w[0].0.len() as u64 == w[1].1));
             let seg_bytes = s.config.segment_bytes.max(ALIGN_BYTES);
-            let alloc = (flush.write_end > s.allocated).then(|| {
+            let alloc = (flush.write_end > a.allocated).then(|| {
                 align_up(
                     flush
                         .write_end
-                        .max(s.allocated + next_extent(s.allocated, seg_bytes)),
+                        .max(a.allocated + next_extent(a.allocated, seg_bytes)),
                 )
             });
             // After a failed write, bytes of the failed batches may lie past the written data;
             // release them before writing so no stale batch can follow the log end on disk.
-            let punch = s.punch;
-            s.attempted_pos = s.attempted_pos.max(flush.write_end);
-            let file = s.active().file.clone();
-            (file, flush, s.log_end, alloc, punch)
+            let punch = a.punch;
+            a.attempted_pos = a.attempted_pos.max(flush.write_end);
+            let file = s.active().file().clone();
+            (file, flush, s.offsets.log_end(), alloc, punch)
         };
         let result = async {
             if let Some((pos, len)) = punch {
@@ -328,25 +567,28 @@ impl PartitionLog {
             .await
         }
         .await;
-        let mut s = self.state.borrow_mut();
-        s.flushing = false;
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        s.appender.flushing = false;
         match result {
             Ok(()) => {
+                let a = &mut s.appender;
                 if let Some(len) = alloc {
-                    s.allocated = len;
+                    a.allocated = len;
                 }
                 if punch.is_some() {
-                    s.punch = None;
-                    s.attempted_pos = flush.write_end;
+                    a.punch = None;
+                    a.attempted_pos = flush.write_end;
                 }
-                s.written_pos = flush.end_pos;
-                s.written_tail = flush.tail;
-                s.hw = end_offset;
+                a.written_pos = flush.end_pos;
+                a.written_tail = flush.tail;
+                s.offsets.written(end_offset);
             }
             // The allocation may have succeeded before a write failed; it is asked for again
             // next time, which is harmless.
-            Err(e) => self.fail_unwritten(&mut s, e),
+            Err(e) => self.fail_unwritten(s, e),
         }
+        s.debug_check_invariants();
         s.wake_all();
     }
 
@@ -355,7 +597,7 @@ impl PartitionLog {
     fn written_prefix(
         &self,
         written: &[(Rc<DmaBuffer>, u64)],
-        marks: &[(u64, crate::types::Offset)],
+        marks: &[(u64, Offset)],
         mark: &mut usize,
     ) {
         let Some((last, last_pos)) = written.last() else {
@@ -378,10 +620,12 @@ impl PartitionLog {
             return;
         };
         let from = (page - pos) as usize;
-        let mut s = self.state.borrow_mut();
-        s.written_tail = buf.as_bytes()[from..from + (end_pos - page) as usize].to_vec();
-        s.written_pos = end_pos;
-        s.hw = end_offset;
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        s.appender.written_tail = buf.as_bytes()[from..from + (end_pos - page) as usize].to_vec();
+        s.appender.written_pos = end_pos;
+        s.offsets.written(end_offset);
+        s.debug_check_invariants();
         s.wake_all();
     }
 
@@ -390,30 +634,72 @@ impl PartitionLog {
     pub(crate) async fn sync_written(&self) {
         let (file, target, pos) = {
             let mut s = self.state.borrow_mut();
-            s.flushing = true;
-            (s.active().file.clone(), s.hw, s.written_pos)
+            s.appender.flushing = true;
+            (
+                s.active().file().clone(),
+                s.offsets.hw(),
+                s.appender.written_pos,
+            )
         };
         let r = file.sync().await;
-        let mut s = self.state.borrow_mut();
-        s.flushing = false;
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        s.appender.flushing = false;
         match r {
             Ok(()) => {
-                s.synced = s.synced.max(target);
-                s.synced_pos = s.synced_pos.max(pos);
-                s.last_sync = Instant::now();
+                s.offsets.synced_to(target);
+                let a = &mut s.appender;
+                a.synced_pos = a.synced_pos.max(pos);
+                a.last_sync = Instant::now();
                 s.active_mut().persist_index(&self.dir, pos);
             }
             Err(e) => {
                 tracing::error!(dir = %self.dir.display(), error = %e, "fdatasync failed");
-                s.sync_failures += 1;
-                s.set_error(&e);
+                let a = &mut s.appender;
+                a.sync_failures += 1;
+                a.set_error(&e);
                 // The waiting Synced appends fail now; the next one asks for a sync again. Retrying
                 // at once would spin on a failing device.
-                s.sync_wanted = s.synced;
-                s.last_sync = Instant::now();
+                a.sync_wanted = s.offsets.synced();
+                a.last_sync = Instant::now();
             }
         }
+        s.debug_check_invariants();
         s.wake_all();
+    }
+
+    /// Asks the flusher for an fdatasync covering every offset below `upto` (at most the high
+    /// watermark) and waits for it. Fails when a sync fails meanwhile or the flusher is dead.
+    pub(crate) async fn sync_to(&self, upto: Offset) -> Result<(), StorageError> {
+        let failures = {
+            let mut guard = self.state.borrow_mut();
+            let s = &mut *guard;
+            debug_assert!(upto <= s.offsets.hw());
+            if s.offsets.synced() >= upto {
+                return Ok(());
+            }
+            let a = &mut s.appender;
+            a.sync_wanted = a.sync_wanted.max(upto);
+            a.wake_flusher();
+            a.sync_failures
+        };
+        std::future::poll_fn(|cx| {
+            let mut s = self.state.borrow_mut();
+            if s.offsets.synced() >= upto {
+                return Poll::Ready(Ok(()));
+            }
+            if s.appender.dead || s.appender.sync_failures > failures {
+                return Poll::Ready(Err(s.appender.error()));
+            }
+            if s.closed {
+                return Poll::Ready(Err(StorageError::Io(std::io::Error::other(
+                    "log is closed",
+                ))));
+            }
+            s.waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Starts a producer snapshot if enough was synced since the last one: the state of every
@@ -422,15 +708,17 @@ impl PartitionLog {
     /// with fsyncs of the file and the directory.
     fn snapshot_if_due(self: &Rc<Self>) {
         let (path, body) = {
-            let mut s = self.state.borrow_mut();
-            if s.snapshotting || s.rolling || s.synced_pos < s.snapshot_pos + s.snapshot_every {
+            let mut guard = self.state.borrow_mut();
+            let s = &mut *guard;
+            let a = &mut s.appender;
+            if a.snapshotting || s.rolling || a.synced_pos < a.snapshot_pos + a.snapshot_every {
                 return;
             }
-            let upto = s.synced;
+            let upto = s.offsets.synced();
             let mut p = s.producers.clone();
             p.truncate_from(upto);
-            s.snapshotting = true;
-            s.snapshot_pos = s.synced_pos;
+            a.snapshotting = true;
+            a.snapshot_pos = a.synced_pos;
             (
                 self.dir.join(crate::storage::meta::PRODUCER_FILE),
                 crate::storage::meta::encode_producers(upto, &p),
@@ -457,10 +745,54 @@ impl PartitionLog {
                 }
             }
             let mut s = log.state.borrow_mut();
-            s.snapshotting = false;
+            s.appender.snapshotting = false;
             s.wake_all();
         })
         .detach();
+    }
+
+    /// A write failed: every batch not yet on disk fails with it. The log end goes back to the
+    /// high watermark so the next append continues exactly after the last written batch — no
+    /// hole and no duplicate offset in the file.
+    pub(crate) fn fail_unwritten(&self, s: &mut State, e: std::io::Error) {
+        tracing::error!(
+            dir = %self.dir.display(),
+            error = %e,
+            failed_from = s.offsets.hw().0,
+            failed_to = s.offsets.log_end().0,
+            "segment write failed; unwritten appends fail"
+        );
+        let hw = s.offsets.rewind_to_hw();
+        let a = &mut s.appender;
+        a.set_error(&e);
+        a.gen_end.push(hw);
+        a.gen += 1;
+        a.sync_wanted = a.sync_wanted.min(hw).max(s.offsets.synced());
+        let pos = a.written_pos;
+        let clean_from = align_up(pos);
+        if a.attempted_pos > clean_from {
+            let to = a
+                .punch
+                .map_or(a.attempted_pos, |(p, l)| (p + l).max(a.attempted_pos));
+            a.punch = Some((clean_from, to - clean_from));
+        }
+        a.pending = Pending::new(align_down(pos), a.written_tail.clone());
+        s.active_mut().truncate(pos, hw);
+        s.producers.truncate_from(hw);
+        self.cache.truncate_from(self.cache_id, hw);
+        s.check_invariants();
+    }
+
+    /// The flusher task panicked (it caught the panic itself): what is pending will never be
+    /// written, so fail the appends waiting for it and every later one. Reads keep working up to
+    /// the high watermark; a restart recovers the partition from its files.
+    pub(crate) fn flusher_died(&self) {
+        let mut s = self.state.borrow_mut();
+        s.appender.dead = true;
+        s.appender.set_error(&std::io::Error::other(
+            "the partition's flusher stopped after a panic",
+        ));
+        s.wake_all();
     }
 }
 

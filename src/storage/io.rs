@@ -4,7 +4,7 @@
 //! writes in tests. Lives on one shard (`Rc`, futures are `!Send`).
 //!
 //! Small metadata files (indexes, checkpoints, the producer snapshot, the clean-shutdown marker)
-//! are read and written with `std::fs` by [`super::meta`]; they are touched only on open, roll,
+//! are read and written with `std::fs` by `meta`; they are touched only on open, roll,
 //! close and DeleteRecords, never per append.
 
 use std::cell::{Cell, RefCell};

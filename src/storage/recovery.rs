@@ -3,15 +3,19 @@
 //! previous run left a clean-shutdown marker — scans the active segment from its last durable
 //! index entry covered by the producer snapshot, validating every batch (length, magic, CRC-32C,
 //! offset continuity) and cutting the log at the first torn or invalid one. Producer state is the
-//! last snapshot plus the batches found after it. Runs once per open, on the partition's shard.
+//! last snapshot plus the batches found after it. Builds the log's `State` (its parts through
+//! their `recovered` constructors) and checks its invariants before the log is used. Runs once
+//! per open, on the partition's shard.
 
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::storage::appender::{self, Pending};
-use crate::storage::io::{align_down, align_up, StorageIo};
+use crate::storage::appender::{self, Appender};
+use crate::storage::io::{align_down, StorageIo};
 use crate::storage::meta;
+use crate::storage::offsets::Offsets;
 use crate::storage::producer_state::ProducerState;
+use crate::storage::read::ReadAheads;
 use crate::storage::segment::{self, ScanStop, Segment};
 use crate::storage::{BatchCache, LogConfig, PartitionLog, RecoveryReport, State, StorageError};
 use crate::types::{now_ms, Offset};
@@ -68,26 +72,24 @@ impl PartitionLog {
             let mut seg = Segment::new(base, file.clone(), now_ms());
             let last = k + 1 == n;
             if !last {
-                seg.size = file_size;
-                seg.next = bases[k + 1];
-                if !load_indexes(dir, &mut seg) {
-                    let mut fresh = Segment::new(base, file.clone(), seg.created_ms);
+                seg.set_extent(file_size, bases[k + 1]);
+                if !seg.load_index_files(dir) {
+                    let mut fresh = Segment::new(base, file.clone(), seg.created_ms());
                     let out = segment::scan(&*file, 0, base, file_size, |h, pos| {
                         fresh.on_batch(h, pos, interval)
                     })
                     .await?;
-                    if out.end_pos != file_size || out.next != seg.next {
+                    if out.end_pos != file_size || out.next != seg.next() {
                         tracing::warn!(
                             dir = %dir.display(), segment = base.0, valid_bytes = out.end_pos,
                             file_bytes = file_size, stop = ?out.stop,
                             "sealed segment damaged; reads past the damage return nothing"
                         );
                     }
-                    fresh.size = file_size;
-                    fresh.next = seg.next;
+                    fresh.set_extent(file_size, seg.next());
                     fresh.push_time_entry();
                     seg = fresh;
-                    write_indexes(dir, &mut seg)?;
+                    seg.write_index_files(dir)?;
                 }
                 segments.push(seg);
                 continue;
@@ -96,9 +98,8 @@ impl PartitionLog {
             if let Some((end, size)) =
                 clean.filter(|(end, size)| *size <= file_size && *end >= base)
             {
-                seg.size = size;
-                seg.next = end;
-                if load_indexes(dir, &mut seg) {
+                seg.set_extent(size, end);
+                if seg.load_index_files(dir) {
                     segments.push(seg);
                     continue;
                 }
@@ -106,7 +107,7 @@ impl PartitionLog {
             // No clean shutdown: validate the active segment from its last durable index entry
             // that the producer snapshot covers (the snapshot holds the producer state of every
             // batch before its offset; the batches after it are replayed from their headers).
-            let mut fresh = Segment::new(base, file.clone(), seg.created_ms);
+            let mut fresh = Segment::new(base, file.clone(), seg.created_ms());
             let covered = snap_upto.filter(|u| *u >= base);
             let idx =
                 meta::read_index_file(&meta::segment_path(dir, base, "index"), meta::decode_index)
@@ -118,29 +119,21 @@ impl PartitionLog {
                     .count(),
                 None => 0,
             };
-            if let Some(&(rel, pos)) = idx[..keep].last() {
-                let tidx = meta::read_index_file(
+            let tidx = if keep > 0 {
+                meta::read_index_file(
                     &meta::segment_path(dir, base, "timeindex"),
                     meta::decode_time_index,
                 )
-                .entries;
-                fresh.time_index = tidx.into_iter().take_while(|e| e.1 < rel).collect();
-                if let Some(&(ts, trel)) = fresh.time_index.last() {
-                    fresh.max_ts = ts;
-                    fresh.max_ts_offset = Offset(base.0 + trel as i64);
-                }
-                fresh.index = idx[..keep].to_vec();
-                fresh.size = pos as u64;
-                fresh.next = Offset(base.0 + rel as i64);
-            }
-            fresh.index_durable = fresh.index.len();
-            fresh.time_durable = fresh.time_index.len();
+                .entries
+            } else {
+                vec![]
+            };
+            fresh.resume_at(idx[..keep].to_vec(), tidx);
             // Cut the files to the kept entries: the scan re-creates the ones after them.
             if let Err(e) = fresh.open_index_files(dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot open index files");
-                fresh.index_files_failed = true;
             }
-            let (start_pos, start_next) = (fresh.size, fresh.next);
+            let (start_pos, start_next) = (fresh.size(), fresh.next());
             let out = segment::scan(&*file, start_pos, start_next, file_size, |h, pos| {
                 fresh.on_batch(h, pos, interval);
                 if snap_upto.is_none_or(|u| h.base_offset() >= u) {
@@ -178,12 +171,12 @@ impl PartitionLog {
         }
 
         let active = segments.last().expect("at least one segment");
-        let log_end = active.next;
-        let written = active.size;
+        let log_end = active.next();
+        let written = active.size();
         let head_pos = align_down(written);
         let written_tail = if written > head_pos {
             active
-                .file
+                .file()
                 .read_at(head_pos, (written - head_pos) as usize)
                 .await?
                 .to_vec()
@@ -199,7 +192,16 @@ impl PartitionLog {
         if snap_upto.is_some_and(|u| u > log_end) {
             producers.truncate_from(log_end);
         }
-        let first_base = segments[0].base;
+        let first_base = segments[0].base();
+        if let Some(ls) = checkpoint.filter(|ls| *ls > log_end) {
+            // Check after the read, paired with the assertion before the checkpoint is written
+            // (the log start never passes the synced offset): only a file from elsewhere or a
+            // damaged disk gets here. The log start is clamped to the log end.
+            tracing::warn!(
+                dir = %dir.display(), checkpoint = ls.0, log_end = log_end.0,
+                "log start checkpoint past the log end; using the log end"
+            );
+        }
         let log_start = checkpoint
             .unwrap_or(first_base)
             .max(first_base)
@@ -248,89 +250,27 @@ impl PartitionLog {
             state: std::cell::RefCell::new(State {
                 config,
                 segments,
-                log_start,
-                log_end,
-                hw: log_end,
-                synced: log_end,
-                sync_wanted: log_end,
-                pending: Pending::new(head_pos, written_tail.clone()),
-                written_pos: written,
-                synced_pos: written,
-                written_tail,
-                allocated: file_size_active.max(written),
-                attempted_pos: align_up(written),
-                punch: None,
-                flushing: false,
-                flusher_dead: false,
+                offsets: Offsets::recovered(log_start, log_end),
+                appender: Appender::recovered(
+                    written,
+                    written_tail,
+                    file_size_active,
+                    log_end,
+                    scan_from,
+                ),
+                producers,
+                reads: ReadAheads::new(),
                 rolling: false,
                 closed: false,
-                gen: 0,
-                gen_end: vec![],
-                last_error: None,
-                sync_failures: 0,
-                last_sync: Instant::now(),
                 waiters: vec![],
-                flusher: None,
-                producers,
-                readahead: vec![],
-                readahead_used: 0,
-                snapshotting: false,
-                snapshot_pos: scan_from,
-                snapshot_every: appender::PRODUCER_SNAPSHOT_BYTES,
             }),
         });
+        {
+            let s = log.state.borrow();
+            s.check_invariants();
+            s.check_segments();
+        }
         glommio::spawn_local(appender::flusher(Rc::downgrade(&log))).detach();
         Ok(log)
     }
-}
-
-/// Loads `.index`/`.timeindex` of `seg` (whose `size` and `next` are set) if both are complete,
-/// intact and consistent with it.
-fn load_indexes(dir: &std::path::Path, seg: &mut Segment) -> bool {
-    let idx = meta::read_index_file(
-        &meta::segment_path(dir, seg.base, "index"),
-        meta::decode_index,
-    );
-    let tidx = meta::read_index_file(
-        &meta::segment_path(dir, seg.base, "timeindex"),
-        meta::decode_time_index,
-    );
-    if !(idx.complete && tidx.complete) {
-        return false;
-    }
-    let (idx, tidx) = (idx.entries, tidx.entries);
-    let span = seg.next.0 - seg.base.0;
-    let ok = idx
-        .iter()
-        .all(|e| (e.1 as u64) < seg.size && (e.0 as i64) < span)
-        && tidx.iter().all(|e| (e.1 as i64) < span);
-    if !ok {
-        return false;
-    }
-    seg.bytes_since_index = seg.size - idx.last().map_or(0, |e| e.1 as u64);
-    if let Some(&(ts, rel)) = tidx.last() {
-        seg.max_ts = ts;
-        seg.max_ts_offset = Offset(seg.base.0 + rel as i64);
-    }
-    seg.index_durable = idx.len();
-    seg.time_durable = tidx.len();
-    seg.index = idx;
-    seg.time_index = tidx;
-    true
-}
-
-/// Rewrites both index files of `seg` whole (sealed segments, clean shutdown).
-pub(crate) fn write_indexes(dir: &std::path::Path, seg: &mut Segment) -> Result<(), StorageError> {
-    seg.index_files = None;
-    meta::write_atomic(
-        &meta::segment_path(dir, seg.base, "index"),
-        &meta::encode_index(&seg.index),
-    )?;
-    meta::write_atomic(
-        &meta::segment_path(dir, seg.base, "timeindex"),
-        &meta::encode_time_index(&seg.time_index),
-    )?;
-    seg.index_durable = seg.index.len();
-    seg.time_durable = seg.time_index.len();
-    Ok(())
 }

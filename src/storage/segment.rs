@@ -17,35 +17,148 @@ use crate::types::Offset;
 /// Bytes read per request while scanning a segment; two requests are kept in flight.
 pub const SCAN_CHUNK_BYTES: usize = 4 << 20;
 
+/// Its fields are private: the log reads them through the getters below and changes them only
+/// through the methods that keep offsets, positions and index entries consistent.
 pub(crate) struct Segment {
-    pub base: Offset,
-    pub file: Rc<dyn SegmentFile>,
+    base: Offset,
+    file: Rc<dyn SegmentFile>,
     /// Logical size: bytes of batches appended (for the active segment this includes batches
     /// still waiting in the appender).
-    pub size: u64,
+    size: u64,
     /// The offset after the last batch.
-    pub next: Offset,
+    next: Offset,
     /// Sparse offset index: (offset - base, file position of the batch starting there).
-    pub index: Vec<(u32, u32)>,
+    index: Vec<(u32, u32)>,
     /// Sparse time index: (largest timestamp so far, offset - base of the batch carrying it,
     /// its last offset).
-    pub time_index: Vec<(i64, u32)>,
-    pub bytes_since_index: u64,
+    time_index: Vec<(i64, u32)>,
+    bytes_since_index: u64,
     /// Largest batch max-timestamp in the segment and the last offset of that batch.
-    pub max_ts: i64,
-    pub max_ts_offset: Offset,
-    pub created_ms: i64,
+    max_ts: i64,
+    max_ts_offset: Offset,
+    created_ms: i64,
     /// Entries of `index` / `time_index` already appended to the segment's index files.
-    pub index_durable: usize,
-    pub time_durable: usize,
+    index_durable: usize,
+    time_durable: usize,
     /// Append handles of the index files (active segment only, opened on first use). After a
     /// failed append no more entries are appended for this segment: recovery then scans from
     /// the last entry that made it (entries are checksummed one by one).
-    pub index_files: Option<(std::fs::File, std::fs::File)>,
-    pub index_files_failed: bool,
+    index_files: Option<(std::fs::File, std::fs::File)>,
+    index_files_failed: bool,
 }
 
 impl Segment {
+    pub fn base(&self) -> Offset {
+        self.base
+    }
+    pub fn file(&self) -> &Rc<dyn SegmentFile> {
+        &self.file
+    }
+    /// Logical size: bytes of batches appended.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// The offset after the last batch.
+    pub fn next(&self) -> Offset {
+        self.next
+    }
+    /// Largest batch max-timestamp in the segment (-1 when empty) and that batch's last offset.
+    pub fn max_ts(&self) -> (i64, Offset) {
+        (self.max_ts, self.max_ts_offset)
+    }
+    pub fn created_ms(&self) -> i64 {
+        self.created_ms
+    }
+    #[cfg(test)]
+    pub fn index(&self) -> &[(u32, u32)] {
+        &self.index
+    }
+    #[cfg(test)]
+    pub fn time_index(&self) -> &[(i64, u32)] {
+        &self.time_index
+    }
+    #[cfg(test)]
+    pub fn index_files_failed(&self) -> bool {
+        self.index_files_failed
+    }
+
+    /// On open: the segment holds `size` bytes of batches up to `next` (a sealed segment, or
+    /// the active one after a clean shutdown), its indexes not loaded yet.
+    pub fn set_extent(&mut self, size: u64, next: Offset) {
+        assert!(next >= self.base, "segment {} ends at {next}", self.base);
+        self.size = size;
+        self.next = next;
+    }
+
+    /// On open after a crash: the active segment resumes at its last durable `index` entry
+    /// (the entries before it are kept, with the time entries before it, and count as
+    /// durable); the scan from there re-creates the rest. Empty `index`: from the start.
+    pub fn resume_at(&mut self, index: Vec<(u32, u32)>, time_index: Vec<(i64, u32)>) {
+        if let Some(&(rel, pos)) = index.last() {
+            self.time_index = time_index.into_iter().take_while(|e| e.1 < rel).collect();
+            if let Some(&(ts, trel)) = self.time_index.last() {
+                self.max_ts = ts;
+                self.max_ts_offset = Offset(self.base.0 + trel as i64);
+            }
+            self.index = index;
+            self.size = pos as u64;
+            self.next = Offset(self.base.0 + rel as i64);
+        }
+        self.index_durable = self.index.len();
+        self.time_durable = self.time_index.len();
+    }
+
+    /// Loads `.index`/`.timeindex` (after [`Segment::set_extent`]) if both are complete,
+    /// intact and consistent with the segment; `false` leaves it unchanged.
+    pub fn load_index_files(&mut self, dir: &Path) -> bool {
+        let idx = meta::read_index_file(
+            &meta::segment_path(dir, self.base, "index"),
+            meta::decode_index,
+        );
+        let tidx = meta::read_index_file(
+            &meta::segment_path(dir, self.base, "timeindex"),
+            meta::decode_time_index,
+        );
+        if !(idx.complete && tidx.complete) {
+            return false;
+        }
+        let (idx, tidx) = (idx.entries, tidx.entries);
+        let span = self.next.0 - self.base.0;
+        let ok = idx
+            .iter()
+            .all(|e| (e.1 as u64) < self.size && (e.0 as i64) < span)
+            && tidx.iter().all(|e| (e.1 as i64) < span);
+        if !ok {
+            return false;
+        }
+        self.bytes_since_index = self.size - idx.last().map_or(0, |e| e.1 as u64);
+        if let Some(&(ts, rel)) = tidx.last() {
+            self.max_ts = ts;
+            self.max_ts_offset = Offset(self.base.0 + rel as i64);
+        }
+        self.index_durable = idx.len();
+        self.time_durable = tidx.len();
+        self.index = idx;
+        self.time_index = tidx;
+        true
+    }
+
+    /// Rewrites both index files whole (sealed segments, clean shutdown).
+    pub fn write_index_files(&mut self, dir: &Path) -> io::Result<()> {
+        self.index_files = None;
+        meta::write_atomic(
+            &meta::segment_path(dir, self.base, "index"),
+            &meta::encode_index(&self.index),
+        )?;
+        meta::write_atomic(
+            &meta::segment_path(dir, self.base, "timeindex"),
+            &meta::encode_time_index(&self.time_index),
+        )?;
+        self.index_durable = self.index.len();
+        self.time_durable = self.time_index.len();
+        Ok(())
+    }
+
     pub fn new(base: Offset, file: Rc<dyn SegmentFile>, created_ms: i64) -> Self {
         Segment {
             base,
@@ -76,10 +189,22 @@ impl Segment {
             f.set_len(keep as u64)?;
             Ok(f)
         };
-        let fi = open("index", self.index_durable * meta::INDEX_ENTRY_BYTES)?;
-        let ft = open("timeindex", self.time_durable * meta::TIME_ENTRY_BYTES)?;
-        self.index_files = Some((fi, ft));
-        Ok(())
+        let r = (|| {
+            let fi = open("index", self.index_durable * meta::INDEX_ENTRY_BYTES)?;
+            let ft = open("timeindex", self.time_durable * meta::TIME_ENTRY_BYTES)?;
+            Ok((fi, ft))
+        })();
+        match r {
+            Ok(files) => {
+                self.index_files = Some(files);
+                Ok(())
+            }
+            Err(e) => {
+                // No more entries are appended for this segment (see `index_files`).
+                self.index_files_failed = true;
+                Err(e)
+            }
+        }
     }
 
     /// Appends the index entries of batches that start before `durable_pos` (their bytes are on

@@ -28,8 +28,9 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::protocol::batch::BatchHeader;
+use crate::protocol::batch::{self, BatchHeader};
 use crate::storage::io::{Faults, FaultyIo};
+use crate::storage::read::READAHEAD_BYTES;
 use crate::storage::*;
 use crate::types::Offset;
 
@@ -455,6 +456,102 @@ fn missing_or_corrupt_index_files_are_rebuilt() {
         );
         assert_eq!(log.offset_for_timestamp(5000).await.unwrap(), None);
         assert_eq!(log.max_timestamp(), Some((Offset(79), 1079)));
+    });
+}
+
+// Kafka protocol guide, DeleteRecords (KIP-107): the log start moves up to the requested
+// offset, never past the high watermark (OFFSET_OUT_OF_RANGE). Here the log start also never
+// passes the synced offset: written but unsynced batches are synced first.
+#[test]
+fn delete_records_stops_at_the_high_watermark_and_never_passes_the_synced_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let cfg = small_config();
+        let (log, faults) = open_faulty(&d, cfg.clone()).await;
+        // Written, not synced: every fdatasync fails meanwhile.
+        faults.sync_fails.set(true);
+        for i in 0..10u8 {
+            append(
+                &log,
+                &batch(2, 100, 1000 + i as i64, i),
+                Durability::Written,
+            )
+            .await;
+        }
+        let hw = log.high_watermark();
+        assert_eq!((hw, log.synced_offset()), (Offset(20), Offset(0)));
+        // Past the high watermark: out of range, nothing moves.
+        assert!(matches!(
+            log.delete_records_before(Offset(21)).await,
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
+        // Inside it, but the sync it needs fails: the log start stays where it is.
+        assert!(matches!(
+            log.delete_records_before(Offset(5)).await,
+            Err(StorageError::Io(_))
+        ));
+        assert_eq!(log.log_start_offset(), Offset(0));
+        // Once syncs work, the batches below the new log start are synced first.
+        faults.sync_fails.set(false);
+        assert_eq!(
+            log.delete_records_before(Offset(5)).await.unwrap(),
+            Offset(5)
+        );
+        assert!(log.synced_offset() >= Offset(5));
+        assert!(matches!(
+            log.read(ReadOptions {
+                start: Offset(4),
+                bytes_max: 1 << 20
+            })
+            .await,
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
+        // Below the log start: nothing changes.
+        assert_eq!(
+            log.delete_records_before(Offset(3)).await.unwrap(),
+            Offset(5)
+        );
+        // More written, unsynced batches; DeleteRecords at the high watermark empties the log.
+        faults.sync_fails.set(true);
+        for i in 0..3u8 {
+            append(
+                &log,
+                &batch(1, 100, 2000 + i as i64, i),
+                Durability::Written,
+            )
+            .await;
+        }
+        let hw = log.high_watermark();
+        assert_eq!(hw, Offset(23));
+        assert!(log.synced_offset() < hw);
+        faults.sync_fails.set(false);
+        assert_eq!(log.delete_records_before(hw).await.unwrap(), hw);
+        assert_eq!(log.synced_offset(), hw);
+        let r = log
+            .read(ReadOptions {
+                start: hw,
+                bytes_max: 1 << 20,
+            })
+            .await
+            .unwrap();
+        assert!(r.batches.is_empty());
+        assert_eq!((r.log_start_offset, r.high_watermark), (hw, hw));
+        // Crash (no close): the log start and every offset below it survive, and appends
+        // continue at the old log end.
+        drop(log);
+        let log = open(&d, cfg.clone()).await;
+        assert_eq!(
+            (
+                log.log_start_offset(),
+                log.high_watermark(),
+                log.log_end_offset()
+            ),
+            (hw, hw, hw)
+        );
+        let r = append(&log, &batch(1, 10, 3000, 1), Durability::Synced).await;
+        assert_eq!(r.base_offset, hw);
+        assert_eq!(r.log_start_offset, hw);
     });
 }
 
@@ -934,6 +1031,13 @@ fn interval_flush_policy_syncs_on_its_timer() {
         }
         assert_eq!(log.synced_offset(), Offset(11));
         assert!(faults.syncs.get() - before <= 2);
+        // DeleteRecords over written, unsynced batches waits for the next timed sync too.
+        append(&log, &batch(1, 10, 3, 1), Durability::Written).await;
+        assert_eq!(
+            log.delete_records_before(Offset(12)).await.unwrap(),
+            Offset(12)
+        );
+        assert_eq!(log.synced_offset(), Offset(12));
     });
 }
 
@@ -1046,7 +1150,7 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         let mut cfg = small_config();
         cfg.segment_bytes = 8 << 20;
         let log = open(&d, cfg.clone()).await;
-        log.state.borrow_mut().snapshot_every = 16 << 10;
+        log.state.borrow_mut().appender.set_snapshot_every(16 << 10);
         let mut stored = vec![];
         let mut seq = 0;
         let mut idem = vec![];
@@ -1064,7 +1168,7 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
             }
             stored.push(at_offset(&b, r.base_offset));
         }
-        log.wait_until(|s| !s.snapshotting).await;
+        log.no_snapshot_in_flight().await;
         // Written but never synced: no index entry points at these.
         for i in 0..5u8 {
             let b = batch(1, 300, 5000 + i as i64, i);
@@ -1073,7 +1177,10 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         }
         let (index, time_index) = {
             let s = log.state.borrow();
-            (s.active().index.clone(), s.active().time_index.clone())
+            (
+                s.active().index().to_vec(),
+                s.active().time_index().to_vec(),
+            )
         };
         assert!(index.len() > 150);
         let end = log.log_end_offset();
@@ -1093,8 +1200,8 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
         {
             let s = log.state.borrow();
-            assert_eq!(s.active().index, index);
-            assert_eq!(s.active().time_index, time_index);
+            assert_eq!(s.active().index(), index);
+            assert_eq!(s.active().time_index(), time_index);
         }
         // Batch i holds offsets 2i, 2i+1 with timestamps 1000+i, 1001+i (every 4th is an
         // idempotent batch stamped 1000).
@@ -1142,7 +1249,10 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         );
         let all = read_all(&log, Offset(0), 1 << 20).await;
         assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
-        assert_eq!(log.state.borrow().active().index[..index.len()], index[..]);
+        assert_eq!(
+            log.state.borrow().active().index()[..index.len()],
+            index[..]
+        );
         // The rewritten index file holds every entry again.
         log.close().await.unwrap();
         let d2 = meta::read_index_file(&ip, meta::decode_index);
@@ -1164,7 +1274,7 @@ fn written_data_is_synced_in_the_background_and_indexed() {
         // Acks=1 traffic alone is fdatasynced within BACKGROUND_SYNC_MS.
         let synced = futures_lite::future::or(
             async {
-                log.wait_until(|s| s.synced >= end).await;
+                log.wait_until(|s| s.offsets.synced() >= end).await;
                 true
             },
             async {
@@ -1175,13 +1285,13 @@ fn written_data_is_synced_in_the_background_and_indexed() {
         .await;
         assert!(synced, "no background fdatasync");
         let on_disk = meta::read_index_file(
-            &meta::segment_path(&d, log.state.borrow().active().base, "index"),
+            &meta::segment_path(&d, log.state.borrow().active().base(), "index"),
             meta::decode_index,
         );
         assert!(!on_disk.entries.is_empty());
         assert_eq!(
             on_disk.entries[..],
-            log.state.borrow().active().index[..on_disk.entries.len()]
+            log.state.borrow().active().index()[..on_disk.entries.len()]
         );
     });
 }
@@ -1294,7 +1404,7 @@ fn sequential_cold_readers_are_served_from_read_ahead() {
             let g: Vec<Vec<u8>> = got[k].iter().map(|b| b.to_vec()).collect();
             assert_eq!(g, stored[from..].to_vec(), "reader {k}");
         }
-        assert!(log.state.borrow().readahead_used >= 10);
+        assert!(log.readahead_used() >= 10);
         drop(log);
         assert_eq!(READAHEAD_BYTES.with(|b| b.get()), 0);
     });
@@ -1308,7 +1418,7 @@ fn failed_index_and_snapshot_writes_only_lengthen_the_recovery_scan() {
         let mut cfg = small_config();
         cfg.segment_bytes = 8 << 20;
         let log = open(&d, cfg.clone()).await;
-        log.state.borrow_mut().snapshot_every = 8 << 10;
+        log.state.borrow_mut().appender.set_snapshot_every(8 << 10);
         // Directories where the index file and the snapshot's temp file go: every write fails.
         std::fs::create_dir(meta::segment_path(&d, Offset(0), "index")).unwrap();
         std::fs::create_dir(d.join(meta::PRODUCER_FILE).with_extension("tmp")).unwrap();
@@ -1326,8 +1436,8 @@ fn failed_index_and_snapshot_writes_only_lengthen_the_recovery_scan() {
             }
             stored.push(at_offset(&b, r.base_offset));
         }
-        log.wait_until(|s| !s.snapshotting).await;
-        assert!(log.state.borrow().active().index_files_failed);
+        log.no_snapshot_in_flight().await;
+        assert!(log.state.borrow().active().index_files_failed());
         assert!(!d.join(meta::PRODUCER_FILE).exists());
         drop(log); // crash
 

@@ -1,0 +1,233 @@
+//! The append path of a partition log: validation, admission (back-pressure, rolls), offset
+//! assignment and the wait for the durability asked for. Accepting an append is synchronous —
+//! offsets, index entries, producer state, pending bytes and the cache change together — and the
+//! flusher ([`appender`](super::appender)) writes and syncs it later. Runs on the partition's
+//! shard, in the appending task.
+
+use std::task::Poll;
+
+use bytes::BytesMut;
+
+use crate::protocol::batch::{self, BatchError, BatchHeader};
+use crate::storage::appender::Ticket;
+use crate::storage::producer_state::{BatchMeta, Check};
+use crate::storage::{AppendResult, Durability, PartitionLog, State, StorageError};
+use crate::types::Offset;
+
+/// Outcome of the synchronous part of an append.
+enum Assigned {
+    Duplicate(AppendResult),
+    New {
+        result: AppendResult,
+        ticket: Ticket,
+    },
+}
+
+impl PartitionLog {
+    /// Appends one or more concatenated RecordBatch v2 batches: validates each (length, magic,
+    /// CRC-32C), checks idempotent producer sequences, assigns offsets by patching `baseOffset`,
+    /// and waits for `durability`.
+    pub async fn append(
+        &self,
+        records: BytesMut,
+        durability: Durability,
+    ) -> Result<AppendResult, StorageError> {
+        if records.is_empty() {
+            return Err(StorageError::Corrupt(BatchError::Truncated));
+        }
+        batch::for_each_batch(&records, true, |_| {}).map_err(StorageError::Corrupt)?;
+        self.admit(records.len()).await?;
+        let (result, ticket) = match self.assign(records, durability)? {
+            Assigned::Duplicate(r) => return Ok(r),
+            Assigned::New { result, ticket } => (result, ticket),
+        };
+        if durability == Durability::Accepted {
+            return Ok(result);
+        }
+        let last = result.last_offset;
+        std::future::poll_fn(|cx| {
+            let mut s = self.state.borrow_mut();
+            if s.appender.failed(ticket, last) {
+                return Poll::Ready(Err(s.appender.error()));
+            }
+            let done = match durability {
+                Durability::Synced => s.offsets.synced() > last,
+                _ => s.offsets.hw() > last,
+            };
+            if done {
+                return Poll::Ready(Ok(result));
+            }
+            if durability == Durability::Synced && s.appender.sync_failed_since(ticket) {
+                return Poll::Ready(Err(s.appender.error()));
+            }
+            s.waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The synchronous part of an append: offsets, file positions, index, producer state,
+    /// pending bytes and cache change together, with no await in between.
+    fn assign(
+        &self,
+        mut records: BytesMut,
+        durability: Durability,
+    ) -> Result<Assigned, StorageError> {
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        if let Some(dup) = self.check_producers(s, &records)? {
+            return Ok(Assigned::Duplicate(dup));
+        }
+        let base = s.offsets.log_end();
+        let interval = s.config.index_interval_bytes;
+        let mut next = base;
+        let mut at = 0usize;
+        while at < records.len() {
+            let size = batch::batch_size(&records[at..]).expect("validated above");
+            batch::set_base_offset(&mut records[at..at + size], next);
+            let h = BatchHeader::parse(&records[at..at + size]).expect("validated above");
+            let pos = s.active().size();
+            s.active_mut().on_batch(&h, pos, interval);
+            if h.producer_id() >= 0 {
+                s.producers.apply(
+                    h.producer_id(),
+                    h.producer_epoch(),
+                    BatchMeta {
+                        first_seq: h.base_sequence(),
+                        last_seq: h.last_sequence(),
+                        base: h.base_offset(),
+                        last: h.last_offset(),
+                    },
+                );
+            }
+            next = h.last_offset().next();
+            at += size;
+        }
+        let ticket = s
+            .appender
+            .push(&records, next, durability == Durability::Synced);
+        let frozen = records.freeze();
+        let mut at = 0usize;
+        while at < frozen.len() {
+            let size = batch::batch_size(&frozen[at..]).expect("validated above");
+            let b = frozen.slice(at..at + size);
+            let h = BatchHeader::parse(&b).expect("validated above");
+            self.cache
+                .insert(self.cache_id, h.base_offset(), h.last_offset(), b.clone());
+            at += size;
+        }
+        s.offsets.accept(next);
+        s.debug_check_invariants();
+        let result = AppendResult {
+            base_offset: base,
+            last_offset: Offset(next.0 - 1),
+            log_start_offset: s.offsets.log_start(),
+            duplicate: false,
+        };
+        Ok(Assigned::New { result, ticket })
+    }
+
+    /// Waits until an append of `bytes` may assign offsets: no roll in progress, pending
+    /// bytes under their limit; rolls the active segment first when it is full or old.
+    async fn admit(&self, bytes: usize) -> Result<(), StorageError> {
+        loop {
+            let roll = {
+                let s = self.state.borrow();
+                if s.closed {
+                    return Err(StorageError::Io(std::io::Error::other("log is closed")));
+                }
+                if s.appender.is_dead() {
+                    return Err(s.appender.error());
+                }
+                if s.rolling || s.appender.is_full(bytes) {
+                    None
+                } else {
+                    Some(self.needs_roll(&s, bytes))
+                }
+            };
+            match roll {
+                None => {
+                    self.wait_until(|s| {
+                        s.closed
+                            || s.appender.is_dead()
+                            || !(s.rolling || s.appender.is_full(bytes))
+                    })
+                    .await
+                }
+                Some(true) => self.roll_active().await?,
+                Some(false) => return Ok(()),
+            }
+        }
+    }
+
+    fn needs_roll(&self, s: &State, bytes: usize) -> bool {
+        let a = s.active();
+        if a.size() == 0 {
+            return false;
+        }
+        let limit = s.config.segment_bytes.min(u32::MAX as u64);
+        let too_big = a.size() + bytes as u64 > limit;
+        // Index entries hold offsets relative to the base as u32.
+        let too_many = s.offsets.log_end().0 - a.base().0 + bytes as i64 > u32::MAX as i64;
+        let too_old = s
+            .config
+            .segment_ms
+            .is_some_and(|ms| crate::types::now_ms() - a.created_ms() >= ms as i64);
+        too_big || too_many || too_old
+    }
+
+    /// KIP-98 checks of every batch. `Ok(Some)` when the append is a retry of batches already
+    /// in the log (every batch of it must be).
+    fn check_producers(
+        &self,
+        s: &State,
+        records: &[u8],
+    ) -> Result<Option<AppendResult>, StorageError> {
+        let mut staged: Vec<(i64, i16, BatchMeta)> = vec![];
+        let mut dup: Option<(Offset, Offset)> = None;
+        let mut fresh = false;
+        let mut at = 0usize;
+        let mut next = s.offsets.log_end();
+        while at < records.len() {
+            let h = BatchHeader::parse(&records[at..]).map_err(StorageError::Corrupt)?;
+            at += h.size();
+            let delta = h.last_offset_delta() as i64;
+            match s.producers.check(&h, &staged)? {
+                Check::Duplicate(m) => {
+                    if fresh {
+                        return Err(StorageError::OutOfOrderSequence);
+                    }
+                    dup = Some(match dup {
+                        None => (m.base, m.last),
+                        Some((b, _)) => (b, m.last),
+                    });
+                }
+                Check::Append => {
+                    if dup.is_some() {
+                        return Err(StorageError::OutOfOrderSequence);
+                    }
+                    fresh = true;
+                    if h.producer_id() >= 0 {
+                        staged.push((
+                            h.producer_id(),
+                            h.producer_epoch(),
+                            BatchMeta {
+                                first_seq: h.base_sequence(),
+                                last_seq: h.last_sequence(),
+                                base: next,
+                                last: Offset(next.0 + delta),
+                            },
+                        ));
+                    }
+                }
+            }
+            next = Offset(next.0 + delta + 1);
+        }
+        Ok(dup.map(|(base, last)| AppendResult {
+            base_offset: base,
+            last_offset: last,
+            log_start_offset: s.offsets.log_start(),
+            duplicate: true,
+        }))
+    }
+}

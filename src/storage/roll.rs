@@ -1,0 +1,108 @@
+//! Rolling a partition log: sealing the active segment (synced, cut to its data, index files
+//! and producer snapshot written) and starting the next one at the log end. Appends wait while
+//! a roll runs (`State::rolling`). Runs on the partition's shard, in the task that asked for the
+//! roll (an append that found the segment full or old, or the shard).
+
+use crate::storage::io::align_up;
+use crate::storage::segment::Segment;
+use crate::storage::{appender, meta, PartitionLog, StorageError};
+
+impl PartitionLog {
+    /// Seals the active segment and starts a new one at the log end. Public so the shard (and
+    /// tests) can force a roll.
+    pub async fn roll(&self) -> Result<(), StorageError> {
+        if self.state.borrow().appender.is_dead() {
+            return Err(self.state.borrow().appender.error());
+        }
+        loop {
+            let busy = self.state.borrow().rolling;
+            if !busy {
+                break;
+            }
+            self.wait_until(|s| !s.rolling).await;
+        }
+        if self.state.borrow().active().size() == 0 {
+            return Ok(());
+        }
+        self.roll_active().await
+    }
+
+    pub(crate) async fn roll_active(&self) -> Result<(), StorageError> {
+        self.state.borrow_mut().rolling = true;
+        let r = self.roll_inner().await;
+        let mut s = self.state.borrow_mut();
+        s.rolling = false;
+        s.wake_all();
+        r
+    }
+
+    async fn roll_inner(&self) -> Result<(), StorageError> {
+        self.drain().await;
+        let (file, written, hw) = {
+            let s = self.state.borrow();
+            // Why: a dead flusher leaves appended batches unwritten; a segment started at the
+            // log end would begin past the data.
+            if s.appender.is_dead() {
+                return Err(s.appender.error());
+            }
+            assert_eq!(
+                s.offsets.hw(),
+                s.offsets.log_end(),
+                "a drained log is written"
+            );
+            (
+                s.active().file().clone(),
+                s.appender.written_pos(),
+                s.offsets.hw(),
+            )
+        };
+        // The sealed segment must be complete and exactly sized on disk before its successor
+        // exists: recovery scans only the last segment and trusts the size of the others.
+        file.sync().await?;
+        file.truncate(written).await?;
+        file.sync().await?;
+        {
+            let mut guard = self.state.borrow_mut();
+            let s = &mut *guard;
+            s.offsets.synced_to(hw);
+            s.appender.sealed(written);
+            let a = s.active_mut();
+            a.push_time_entry();
+            a.write_index_files(&self.dir)?;
+            s.check_invariants();
+        }
+        self.no_snapshot_in_flight().await;
+        let base = self.state.borrow().offsets.log_end();
+        {
+            // Before the new segment exists: recovery replays producer state from the batches
+            // of the last segment only, so the snapshot must cover everything before it.
+            let s = self.state.borrow();
+            meta::write_file(
+                &self.dir.join(meta::PRODUCER_FILE),
+                &meta::encode_producers(base, &s.producers),
+            )?;
+        }
+        let path = meta::segment_path(&self.dir, base, "log");
+        let new_file = self.io.open(&path, true).await?;
+        let extent = appender::next_extent(0, self.state.borrow().config.segment_bytes.max(4096));
+        new_file.allocate(align_up(extent)).await?;
+        // The new file's directory entry must be durable before any append is acknowledged in
+        // it: fdatasync of the file does not persist the entry, and after a crash a missing
+        // segment would silently lose acknowledged batches.
+        self.io.sync_dir(&self.dir).await?;
+        let mut s = self.state.borrow_mut();
+        assert_eq!(base, s.offsets.log_end(), "appends wait while a roll runs");
+        s.segments
+            .push(Segment::new(base, new_file, crate::types::now_ms()));
+        s.appender.started_segment(align_up(extent));
+        s.check_invariants();
+        s.check_segments();
+        Ok(())
+    }
+
+    /// Waits for a background producer snapshot to finish (roll and close write their own, which
+    /// an older one finishing later must not replace).
+    pub(crate) async fn no_snapshot_in_flight(&self) {
+        self.wait_until(|s| !s.appender.is_snapshotting()).await
+    }
+}

@@ -112,6 +112,26 @@ fn closed_by_broker(s: &mut TcpStream) -> bool {
     false
 }
 
+/// Writes `frame` again and again, never reading, until a write fails because the broker closed
+/// the connection (true) or `WAIT_MAX` passes (false). Writes that time out (the broker is not
+/// reading) are retried.
+fn writes_until_closed(s: &mut TcpStream, frame: &[u8]) -> bool {
+    let deadline = Instant::now() + WAIT_MAX;
+    while Instant::now() < deadline {
+        match s.write(frame) {
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
 /// A length prefix declaring `len` bytes, then `body_bytes` bytes of the body.
 fn partial_frame(len: usize, body_bytes: usize) -> Vec<u8> {
     let mut f = (len as i32).to_be_bytes().to_vec();
@@ -247,23 +267,7 @@ fn a_client_that_never_reads_its_responses_is_closed_with_bounded_memory() {
     }
     // The broker read only what it could answer, then closed the connection once its writes
     // stalled: a write from our side eventually fails.
-    let mut closed = false;
-    let deadline = Instant::now() + WAIT_MAX;
-    while Instant::now() < deadline {
-        match s.write(&one) {
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                continue
-            }
-            Err(_) => {
-                closed = true;
-                break;
-            }
-        }
-    }
+    let closed = writes_until_closed(&mut s, &one);
     assert!(
         closed,
         "the broker kept a connection that reads nothing open (sent {sent} bytes)"
@@ -434,23 +438,7 @@ fn a_fetch_listing_one_cold_partition_many_times_reads_only_its_byte_budget() {
     greedy
         .set_write_timeout(Some(Duration::from_millis(500)))
         .expect("write timeout");
-    let mut closed = false;
-    let deadline = Instant::now() + WAIT_MAX;
-    while Instant::now() < deadline {
-        match greedy.write(&one) {
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                continue
-            }
-            Err(_) => {
-                closed = true;
-                break;
-            }
-        }
-    }
+    let closed = writes_until_closed(&mut greedy, &one);
     assert!(
         closed,
         "a connection that never reads its fetches stayed open; broker log:\n{}",

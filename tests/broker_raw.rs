@@ -6,12 +6,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use common::raw::{Raw, IO_WAIT};
 use common::{run_bounded, topic_name, Broker};
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
@@ -19,12 +20,10 @@ use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
-
-const IO_WAIT: Duration = Duration::from_secs(15);
 
 // Kafka error codes (Kafka protocol guide, "Error Codes").
 const NONE: i16 = 0;
@@ -32,108 +31,6 @@ const CORRUPT_MESSAGE: i16 = 2;
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const INVALID_TOPIC_EXCEPTION: i16 = 17;
 const UNSUPPORTED_VERSION: i16 = 35;
-
-/// One raw connection: our own length-prefixed framing, kafka-protocol for bodies.
-struct Raw {
-    s: TcpStream,
-    correlation: i32,
-}
-
-impl Raw {
-    fn connect(addr: SocketAddr) -> Raw {
-        let s = TcpStream::connect_timeout(&addr, IO_WAIT).expect("connect to the broker");
-        s.set_read_timeout(Some(IO_WAIT)).expect("read timeout");
-        s.set_write_timeout(Some(IO_WAIT)).expect("write timeout");
-        s.set_nodelay(true).expect("nodelay");
-        Raw { s, correlation: 0 }
-    }
-
-    fn send_bytes(&mut self, b: &[u8]) {
-        // The broker may already have closed on an earlier bad byte; that is not our failure.
-        let _ = self.s.write_all(b);
-    }
-
-    /// `[len][header][body]` for `key` at `version`.
-    fn frame<T: Encodable>(&mut self, key: ApiKey, version: i16, body: &T) -> Vec<u8> {
-        self.correlation += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation)
-            .with_client_id(Some(StrBytes::from_static_str("sluice-raw-test")));
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        header
-            .encode(&mut buf, key.request_header_version(version))
-            .expect("encode header");
-        body.encode(&mut buf, version)
-            .unwrap_or_else(|e| panic!("encode {key:?} v{version} request: {e}"));
-        let len = (buf.len() - 4) as i32;
-        buf[..4].copy_from_slice(&len.to_be_bytes());
-        buf.to_vec()
-    }
-
-    /// Reads one response frame; `None` if the broker closed the connection.
-    fn read_frame(&mut self) -> Option<Bytes> {
-        let mut len = [0u8; 4];
-        self.s.read_exact(&mut len).ok()?;
-        let n = i32::from_be_bytes(len);
-        assert!(n >= 4, "response frame length {n}");
-        let mut body = vec![0u8; n as usize];
-        self.s.read_exact(&mut body).ok()?;
-        Some(Bytes::from(body))
-    }
-
-    /// Like `call`, but `None` when the broker closed the connection (it may be stopping).
-    fn try_call<Req: Encodable, Resp: Decodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> Option<Resp> {
-        let f = self.frame(key, version, req);
-        self.s.write_all(&f).ok()?;
-        let mut resp = self.read_frame()?;
-        let h = ResponseHeader::decode(&mut resp, key.response_header_version(version))
-            .expect("response header");
-        assert_eq!(h.correlation_id, self.correlation, "correlation id");
-        Some(Resp::decode(&mut resp, version).expect("response body"))
-    }
-
-    fn call<Req: Encodable, Resp: Decodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> Resp {
-        let f = self.frame(key, version, req);
-        self.send_bytes(&f);
-        let mut resp = self.read_frame().unwrap_or_else(|| {
-            panic!("broker closed the connection instead of answering {key:?} v{version}")
-        });
-        let h = ResponseHeader::decode(&mut resp, key.response_header_version(version))
-            .expect("response header");
-        assert_eq!(h.correlation_id, self.correlation, "correlation id");
-        Resp::decode(&mut resp, version).expect("response body")
-    }
-
-    /// Asserts that the broker closes the connection without sending a response (bounded by
-    /// the socket read timeout).
-    fn assert_closed(&mut self, what: &str) {
-        let mut buf = [0u8; 1024];
-        match self.s.read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => panic!("{what}: broker answered {n} bytes instead of closing"),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                panic!("{what}: broker kept the connection open for {IO_WAIT:?}")
-            }
-            Err(_) => {} // reset: closed
-        }
-    }
-}
 
 /// A fresh client gets a normal ApiVersions and Metadata answer.
 fn assert_serves(b: &Broker) {

@@ -9,23 +9,21 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use common::raw::{Raw, IO_WAIT};
 use common::Broker;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 
-const IO_WAIT: Duration = Duration::from_secs(15);
 /// How long the broker may take to log a panic after closing the connection.
 const LOG_WAIT: Duration = Duration::from_secs(10);
 /// Partitions of every test topic: spread over both shards (the broker assigns each new
@@ -39,84 +37,6 @@ const NONE: i16 = 0;
 const PRODUCE_VERSION: i16 = 9;
 const FETCH_VERSION: i16 = 12;
 const DESCRIBE_GROUPS_VERSION: i16 = 5;
-
-/// One raw connection: our own length-prefixed framing, kafka-protocol for bodies.
-struct Raw {
-    s: TcpStream,
-    correlation: i32,
-}
-
-impl Raw {
-    fn connect(addr: SocketAddr) -> Raw {
-        let s = TcpStream::connect_timeout(&addr, IO_WAIT).expect("connect to the broker");
-        s.set_read_timeout(Some(IO_WAIT)).expect("read timeout");
-        s.set_write_timeout(Some(IO_WAIT)).expect("write timeout");
-        s.set_nodelay(true).expect("nodelay");
-        Raw { s, correlation: 0 }
-    }
-
-    fn frame<T: Encodable>(&mut self, key: ApiKey, version: i16, body: &T) -> Vec<u8> {
-        self.correlation += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation)
-            .with_client_id(Some(StrBytes::from_static_str("sluice-panics-test")));
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        header
-            .encode(&mut buf, key.request_header_version(version))
-            .expect("encode header");
-        body.encode(&mut buf, version)
-            .unwrap_or_else(|e| panic!("encode {key:?} v{version} request: {e}"));
-        let len = (buf.len() - 4) as i32;
-        buf[..4].copy_from_slice(&len.to_be_bytes());
-        buf.to_vec()
-    }
-
-    /// One request and its response; `None` when the broker closed the connection instead of
-    /// answering (a read timeout is a failure: the broker must either answer or close).
-    fn try_call<Req: Encodable, Resp: Decodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> Option<Resp> {
-        let f = self.frame(key, version, req);
-        self.s.write_all(&f).ok()?;
-        let mut len = [0u8; 4];
-        match self.s.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                panic!("{key:?} v{version}: no answer and no close within {IO_WAIT:?}")
-            }
-            Err(_) => return None, // EOF or reset: closed
-        }
-        let n = i32::from_be_bytes(len);
-        assert!(n >= 4, "response frame length {n}");
-        let mut body = vec![0u8; n as usize];
-        self.s.read_exact(&mut body).ok()?;
-        let mut resp = Bytes::from(body);
-        let h = ResponseHeader::decode(&mut resp, key.response_header_version(version))
-            .expect("response header");
-        assert_eq!(h.correlation_id, self.correlation, "correlation id");
-        Some(Resp::decode(&mut resp, version).expect("response body"))
-    }
-
-    fn call<Req: Encodable, Resp: Decodable>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> Resp {
-        self.try_call(key, version, req).unwrap_or_else(|| {
-            panic!("broker closed the connection instead of answering {key:?} v{version}")
-        })
-    }
-}
 
 fn tn(s: &str) -> TopicName {
     TopicName(StrBytes::from_string(s.to_string()))

@@ -289,8 +289,9 @@ struct Pending {
 /// Reads frames until EOF, shutdown, a timeout or a protocol violation (returned as the reason).
 ///
 /// Memory: the read buffer grows only with bytes received (at most doubling what has arrived),
-/// never by a declared length; a frame's bytes are reserved in the connection's and the shard's
-/// budgets as soon as its length prefix is read, before its body is read.
+/// never by a declared length. A frame takes its declared size from the connection's budget as
+/// soon as its length prefix is read, before its body is read, and takes bytes from the shard's
+/// budget as they arrive (see [`Budgets`]).
 async fn read_requests(
     stream: Rc<std::cell::RefCell<TcpStream>>,
     conn: Rc<Connection>,
@@ -401,18 +402,13 @@ async fn read_requests(
             let mut s = stream.borrow_mut();
             within(deadline, until_shutdown(s.read(&mut buf[old..]))).await
         };
-        // `None`: shutting down; `Some(None)`: the deadline passed.
-        let read = match read {
-            Some(None) => None,
-            Some(Some(r)) => Some(Some(r)),
-            None => Some(None),
-        };
+        // Outer `None`: the deadline passed; inner `None`: the broker is shutting down.
         match read {
-            None => {
+            Some(None) => {
                 buf.truncate(old);
                 return None;
             }
-            Some(None) => {
+            None => {
                 buf.truncate(old);
                 if old == 0 && pending.is_none() {
                     if budgets.unanswered() > 0 {

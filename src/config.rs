@@ -1,20 +1,27 @@
 //! One typed broker configuration, merged from (highest first) command-line flags, `SLUICE_*`
 //! environment variables, a TOML file given with `--config`, and defaults. Validated once at start;
 //! an invalid value is one clear line and exit code 2.
+//!
+//! Each setting is declared once, in [`StartArgs`]: that struct is both the flags (and `SLUICE_*`
+//! variables) and the TOML file. Defaults are written once, in [`DEFAULTS`]; the "[default: …]"
+//! each flag's help shows is checked against it by a test. [`BrokerConfig`] is the validated result.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::storage::FlushPolicy;
+use crate::storage::{FlushPolicy, RETENTION_MS_DEFAULT, SEGMENT_BYTES_DEFAULT};
 
-/// Flags of `sluice start`. Every field is optional so that the file and defaults can fill gaps.
-#[derive(Args, Debug, Default, Clone)]
+/// Every setting of `sluice start`: a flag, a `SLUICE_*` variable and (but `config`) a key of the
+/// TOML file. Every field is optional so that the file and defaults can fill gaps.
+#[derive(Args, Deserialize, Serialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct StartArgs {
     /// TOML file with any of the settings below (keys use underscores: data_dir, listen, …).
     #[arg(long, env = "SLUICE_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Directory holding the partition logs and metadata [default: ./sluice-data].
     #[arg(long, env = "SLUICE_DATA_DIR")]
@@ -92,33 +99,58 @@ pub struct StartArgs {
     pub log_level: Option<String>,
 }
 
-#[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    listen: Option<String>,
-    advertise: Option<String>,
-    cores: Option<usize>,
-    node_id: Option<i32>,
-    auto_create_topics: Option<bool>,
-    default_partitions: Option<i32>,
-    flush: Option<String>,
-    segment_bytes: Option<u64>,
-    retention_ms: Option<i64>,
-    request_bytes_max: Option<usize>,
-    connections_max: Option<usize>,
-    inflight_bytes_max: Option<usize>,
-    inflight_requests_max: Option<usize>,
-    shard_request_bytes_max: Option<usize>,
-    stall_timeout_ms: Option<u64>,
-    connection_idle_ms: Option<u64>,
-    message_bytes_max: Option<i32>,
-    cache_bytes: Option<usize>,
-    partitions_per_shard_max: Option<usize>,
-    group_initial_rebalance_delay_ms: Option<u64>,
-    offsets_retention_minutes: Option<u64>,
-    log_level: Option<String>,
+/// The default of every setting that has a fixed one, written only here (`advertise` defaults to
+/// the listen address and `cores` to every usable CPU, both found at start).
+#[derive(Debug, Serialize)]
+pub struct Defaults {
+    pub data_dir: &'static str,
+    pub listen: &'static str,
+    pub node_id: i32,
+    pub auto_create_topics: bool,
+    pub default_partitions: i32,
+    pub flush: &'static str,
+    pub segment_bytes: u64,
+    /// -1: keep data forever.
+    pub retention_ms: i64,
+    pub request_bytes_max: usize,
+    pub connections_max: usize,
+    pub inflight_bytes_max: usize,
+    pub inflight_requests_max: usize,
+    pub shard_request_bytes_max: usize,
+    pub stall_timeout_ms: u64,
+    pub connection_idle_ms: u64,
+    pub message_bytes_max: i32,
+    pub cache_bytes: usize,
+    pub partitions_per_shard_max: usize,
+    pub group_initial_rebalance_delay_ms: u64,
+    pub offsets_retention_minutes: u64,
+    pub log_level: &'static str,
 }
+
+pub const DEFAULTS: Defaults = Defaults {
+    data_dir: "./sluice-data",
+    listen: "127.0.0.1:9092",
+    node_id: 0,
+    auto_create_topics: true,
+    default_partitions: 1,
+    flush: "always",
+    segment_bytes: SEGMENT_BYTES_DEFAULT,
+    retention_ms: RETENTION_MS_DEFAULT as i64,
+    request_bytes_max: 100 * 1024 * 1024,
+    connections_max: 10_000,
+    inflight_bytes_max: 64 * 1024 * 1024,
+    inflight_requests_max: 128,
+    shard_request_bytes_max: 512 * 1024 * 1024,
+    stall_timeout_ms: 30_000,
+    connection_idle_ms: 600_000,
+    // Kafka's message.max.bytes: 1 MiB plus the 12-byte log overhead (offset and length).
+    message_bytes_max: 1_048_588,
+    cache_bytes: 256 * 1024 * 1024,
+    partitions_per_shard_max: 100_000,
+    group_initial_rebalance_delay_ms: 0,
+    offsets_retention_minutes: 7 * 24 * 60,
+    log_level: "info",
+};
 
 /// The validated broker configuration.
 #[derive(Debug, Clone)]
@@ -199,7 +231,7 @@ fn split_host_port(s: &str, what: &str) -> Result<(String, u16), String> {
 
 impl BrokerConfig {
     pub fn from_args(args: &StartArgs) -> Result<BrokerConfig, String> {
-        let file: FileConfig = match &args.config {
+        let file: StartArgs = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
@@ -208,15 +240,19 @@ impl BrokerConfig {
                     format!("invalid config file {}: {msg}", path.display())
                 })?
             }
-            None => FileConfig::default(),
+            None => StartArgs::default(),
         };
+        // A flag (or its variable), else the file, else the default.
         macro_rules! pick {
             ($f:ident, $d:expr) => {
                 args.$f.clone().or(file.$f.clone()).unwrap_or_else(|| $d)
             };
+            ($f:ident) => {
+                pick!($f, DEFAULTS.$f.into())
+            };
         }
-        let data_dir = pick!(data_dir, PathBuf::from("./sluice-data"));
-        let listen_s = pick!(listen, "127.0.0.1:9092".to_string());
+        let data_dir = pick!(data_dir);
+        let listen_s = pick!(listen);
         let (lhost, lport) = split_host_port(&listen_s, "--listen")?;
         let listen = (lhost.as_str(), lport)
             .to_socket_addrs()
@@ -255,7 +291,7 @@ impl BrokerConfig {
             ));
         }
         let cpus = usable[..cores].to_vec();
-        let flush_s = pick!(flush, "always".to_string());
+        let flush_s = pick!(flush);
         let flush = if flush_s == "always" {
             FlushPolicy::Always
         } else {
@@ -268,58 +304,58 @@ impl BrokerConfig {
                 }
             }
         };
-        let default_partitions = pick!(default_partitions, 1);
+        let default_partitions = pick!(default_partitions);
         if default_partitions < 1 {
             return Err(format!(
                 "invalid --default-partitions {default_partitions}: must be >= 1"
             ));
         }
-        let segment_bytes = pick!(segment_bytes, 1 << 30);
+        let segment_bytes = pick!(segment_bytes);
         if segment_bytes < 64 * 1024 {
             return Err(format!(
                 "invalid --segment-bytes {segment_bytes}: must be >= 65536"
             ));
         }
-        let retention_ms = pick!(retention_ms, 7 * 24 * 3600 * 1000);
-        let request_bytes_max = pick!(request_bytes_max, 100 * 1024 * 1024);
+        let retention_ms = pick!(retention_ms);
+        let request_bytes_max = pick!(request_bytes_max);
         if request_bytes_max < 1024 {
             return Err(format!(
                 "invalid --request-bytes-max {request_bytes_max}: must be >= 1024"
             ));
         }
-        let message_bytes_max = pick!(message_bytes_max, 1_048_588);
+        let message_bytes_max = pick!(message_bytes_max);
         if message_bytes_max < 128 {
             return Err(format!(
                 "invalid --message-bytes-max {message_bytes_max}: must be >= 128"
             ));
         }
-        let connections_max = pick!(connections_max, 10_000);
+        let connections_max = pick!(connections_max);
         if connections_max == 0 {
             return Err("invalid --connections-max 0: must be >= 1".into());
         }
-        let inflight_bytes_max = pick!(inflight_bytes_max, 64 * 1024 * 1024);
+        let inflight_bytes_max = pick!(inflight_bytes_max);
         if inflight_bytes_max < request_bytes_max.min(1 << 20) {
             return Err(format!(
                 "invalid --inflight-bytes-max {inflight_bytes_max}: must be >= 1 MiB"
             ));
         }
-        let inflight_requests_max = pick!(inflight_requests_max, 128);
+        let inflight_requests_max = pick!(inflight_requests_max);
         if inflight_requests_max == 0 {
             return Err("invalid --inflight-requests-max 0: must be >= 1".into());
         }
-        let shard_request_bytes_max = pick!(shard_request_bytes_max, 512 * 1024 * 1024);
+        let shard_request_bytes_max = pick!(shard_request_bytes_max);
         if shard_request_bytes_max < request_bytes_max {
             return Err(format!(
                 "invalid --shard-request-bytes-max {shard_request_bytes_max}: must be >= --request-bytes-max ({request_bytes_max})"
             ));
         }
-        let stall_timeout_ms = pick!(stall_timeout_ms, 30_000);
+        let stall_timeout_ms = pick!(stall_timeout_ms);
         if stall_timeout_ms < 100 {
             return Err(format!(
                 "invalid --stall-timeout-ms {stall_timeout_ms}: must be >= 100"
             ));
         }
-        let connection_idle_ms = pick!(connection_idle_ms, 600_000);
+        let connection_idle_ms = pick!(connection_idle_ms);
         if connection_idle_ms < 100 {
             return Err(format!(
                 "invalid --connection-idle-ms {connection_idle_ms}: must be >= 100"
@@ -331,8 +367,8 @@ impl BrokerConfig {
             advertise_host,
             advertise_port,
             cpus,
-            node_id: pick!(node_id, 0),
-            auto_create_topics: pick!(auto_create_topics, true),
+            node_id: pick!(node_id),
+            auto_create_topics: pick!(auto_create_topics),
             default_partitions,
             flush,
             segment_bytes,
@@ -349,11 +385,11 @@ impl BrokerConfig {
             stall_timeout_ms,
             connection_idle_ms,
             message_bytes_max,
-            cache_bytes: pick!(cache_bytes, 256 * 1024 * 1024),
-            partitions_per_shard_max: pick!(partitions_per_shard_max, 100_000),
-            group_initial_rebalance_delay_ms: pick!(group_initial_rebalance_delay_ms, 0),
-            offsets_retention_minutes: pick!(offsets_retention_minutes, 7 * 24 * 60),
-            log_level: pick!(log_level, "info".to_string()),
+            cache_bytes: pick!(cache_bytes),
+            partitions_per_shard_max: pick!(partitions_per_shard_max),
+            group_initial_rebalance_delay_ms: pick!(group_initial_rebalance_delay_ms),
+            offsets_retention_minutes: pick!(offsets_retention_minutes),
+            log_level: pick!(log_level),
         })
     }
 
@@ -422,6 +458,83 @@ mod tests {
             let e = BrokerConfig::from_args(&a).unwrap_err();
             assert!(!e.contains('\n') && !e.is_empty(), "{e:?} {bad:?}");
         }
+    }
+
+    /// Every setting is a flag named after its field, a `SLUICE_*` variable, a TOML key (but
+    /// `config`), and has a default in [`DEFAULTS`] that its help shows (but the two found at
+    /// start); `--help` lists every setting.
+    #[test]
+    fn every_setting_has_a_flag_a_toml_key_and_a_default() {
+        use clap::CommandFactory;
+
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            start: StartArgs,
+        }
+        let mut cmd = Cli::command();
+        let help = cmd.render_long_help().to_string();
+        let defaults = serde_json::to_value(&DEFAULTS).unwrap();
+        let defaults = defaults.as_object().unwrap();
+        let shown_at_start = [
+            ("advertise", "the listen address"),
+            ("cores", "all usable CPUs"),
+        ];
+        let settings = serde_json::to_value(StartArgs::default()).unwrap();
+        let settings: Vec<&String> = settings.as_object().unwrap().keys().collect();
+        let mut seen = Vec::new();
+        for arg in cmd.get_arguments().filter(|a| a.get_id() != "help") {
+            let id = arg.get_id().as_str();
+            seen.push(id.to_string());
+            assert_eq!(arg.get_long(), Some(id.replace('_', "-").as_str()), "{id}");
+            assert!(
+                help.contains(&format!("--{} ", id.replace('_', "-"))),
+                "{id}"
+            );
+            let env = format!("SLUICE_{}", id.to_uppercase());
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
+            if id == "config" {
+                assert!(!settings.iter().any(|k| *k == "config"));
+                continue;
+            }
+            assert!(settings.iter().any(|k| *k == id), "{id} is no TOML key");
+            let arg_help = arg.get_help().unwrap().to_string();
+            let shown = match shown_at_start.iter().find(|(k, _)| *k == id) {
+                Some((_, shown)) => {
+                    assert!(!defaults.contains_key(id), "{id}");
+                    shown.to_string()
+                }
+                None => {
+                    let d = defaults
+                        .get(id)
+                        .unwrap_or_else(|| panic!("{id} has no default"));
+                    // The default, written in the file, reads back as the setting's value.
+                    let toml = toml::to_string(
+                        &[(id, d)]
+                            .into_iter()
+                            .collect::<std::collections::BTreeMap<_, _>>(),
+                    )
+                    .unwrap();
+                    let file: StartArgs = toml::from_str(&toml).unwrap();
+                    assert_eq!(&serde_json::to_value(file).unwrap()[id], d, "{id}");
+                    match d {
+                        serde_json::Value::String(s) => s.clone(),
+                        d => d.to_string(),
+                    }
+                }
+            };
+            assert!(
+                arg_help.ends_with(&format!("[default: {shown}]")),
+                "{id}: help '{arg_help}' should show [default: {shown}]"
+            );
+        }
+        seen.retain(|id| id != "config");
+        seen.sort(); // the JSON map is sorted
+        assert_eq!(
+            seen,
+            settings.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+        );
+        assert_eq!(defaults.len() + shown_at_start.len(), settings.len());
     }
 
     #[test]

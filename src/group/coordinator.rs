@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
 
+use crate::config::DEFAULTS;
+
 use super::offsets::{self, GroupValue, MemberValue, OffsetValue};
 use super::state::{
     Group, GroupState, JoinMember, JoinMode, JoinResult, Member, Protocol, Reply, SyncResult,
@@ -36,10 +38,10 @@ pub struct CoordinatorConfig {
 impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
-            initial_rebalance_delay_ms: 0,
+            initial_rebalance_delay_ms: DEFAULTS.group_initial_rebalance_delay_ms as i64,
             session_timeout_ms_min: 6000,
             session_timeout_ms_max: 1_800_000,
-            offsets_retention_ms: 7 * 24 * 3600 * 1000,
+            offsets_retention_ms: (DEFAULTS.offsets_retention_minutes * 60_000) as i64,
             offset_metadata_bytes_max: 4096,
             offsets_partitions: 50,
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::BrokerConfig;
-use crate::storage::{FlushPolicy, LogConfig};
+use crate::storage::{FlushPolicy, LogConfig, SEGMENT_MS_DEFAULT};
 
 /// Where a config value comes from (DescribeConfigs `config_source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +84,7 @@ fn broker_default(cfg: &BrokerConfig, key: &str) -> (String, Source) {
             Source::StaticBroker,
         ),
         "segment.bytes" => (cfg.segment_bytes.to_string(), Source::StaticBroker),
-        "segment.ms" => ((7u64 * 24 * 3600 * 1000).to_string(), Source::Default),
+        "segment.ms" => (SEGMENT_MS_DEFAULT.to_string(), Source::Default),
         "flush.ms" => match cfg.flush {
             FlushPolicy::Always => ("-1".into(), Source::StaticBroker),
             FlushPolicy::IntervalMs(ms) => (ms.to_string(), Source::StaticBroker),

@@ -80,6 +80,13 @@ pub enum Durability {
     Synced,
 }
 
+/// Default `segment.bytes`: the broker's `--segment-bytes` unless set.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 1 << 30;
+/// Default `segment.ms` (Kafka's: 7 days).
+pub const SEGMENT_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
+/// Default `retention.ms` (Kafka's: 7 days): the broker's `--retention-ms` unless set.
+pub const RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
+
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub segment_bytes: u64,
@@ -93,9 +100,9 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            segment_bytes: 1 << 30,
-            segment_ms: Some(7 * 24 * 3600 * 1000),
-            retention_ms: Some(7 * 24 * 3600 * 1000),
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            segment_ms: Some(SEGMENT_MS_DEFAULT),
+            retention_ms: Some(RETENTION_MS_DEFAULT),
             retention_bytes: None,
             index_interval_bytes: 4096,
             flush: FlushPolicy::Always,

@@ -159,28 +159,27 @@ fn check_partition_room(
     Ok(())
 }
 
-/// Assigns shards to `count` new partitions, spreading them over the shards with the fewest
-/// partitions, starting after the topic's id hash so small topics don't pile onto shard 0.
+/// Assigns shards to the new partitions `new` (their indexes), spreading them over the shards
+/// with the fewest partitions, starting after the topic's id hash so small topics don't pile
+/// onto shard 0.
 fn assign_shards(
     broker: &BrokerContext,
     image: &MetadataImage,
     seed: u32,
-    first: i32,
-    count: i32,
+    new: std::ops::Range<i32>,
 ) -> Vec<u32> {
     let n = broker.shard_count() as u32;
     let mut load = shard_loads(broker, image);
-    (0..count)
-        .map(|i| {
-            let start = (seed.wrapping_add((first + i) as u32)) % n;
-            let best = (0..n)
-                .map(|k| (start + k) % n)
-                .min_by_key(|s| load[*s as usize])
-                .unwrap_or(0);
-            load[best as usize] += 1;
-            best
-        })
-        .collect()
+    new.map(|p| {
+        let start = (seed.wrapping_add(p as u32)) % n;
+        let best = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|s| load[*s as usize])
+            .unwrap_or(0);
+        load[best as usize] += 1;
+        best
+    })
+    .collect()
 }
 
 fn check_shard_capacity(
@@ -202,16 +201,71 @@ fn check_shard_capacity(
     Ok(())
 }
 
+/// A topic to create, as a CreateTopics request (or the broker itself) describes it.
+#[derive(Debug, Clone)]
+pub struct NewTopic {
+    pub name: String,
+    /// Partition count; -1 takes the broker's `default_partitions`.
+    pub partitions: i32,
+    /// Must be 1, or -1 for the default (a single node).
+    pub replication_factor: i16,
+    /// Topic-level config overrides.
+    pub overrides: BTreeMap<String, String>,
+}
+
+impl NewTopic {
+    /// A topic with the default partition count and replication factor and no overrides.
+    pub fn with_defaults(name: impl Into<String>) -> NewTopic {
+        NewTopic {
+            name: name.into(),
+            partitions: -1,
+            replication_factor: -1,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// Whether [`create_topic`] creates the topic or only checks that it could.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    Create,
+    /// CreateTopics' `validate_only`: every check runs, nothing is written.
+    ValidateOnly,
+}
+
+impl CreateMode {
+    /// The mode a request's `validate_only` flag asks for.
+    pub fn from_validate_only(validate_only: bool) -> CreateMode {
+        if validate_only {
+            CreateMode::ValidateOnly
+        } else {
+            CreateMode::Create
+        }
+    }
+}
+
+/// Who a topic belongs to. Internal topics (`__consumer_offsets`) may use the reserved `__`
+/// prefix and internal-only configs, and cannot be deleted by clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    User,
+    Internal,
+}
+
 /// Creates a topic: validated, its partition logs opened on their owner shards, then written to
 /// the metadata log (fsynced) and published.
 pub async fn create_topic(
-    name: String,
-    partitions: i32,
-    replication_factor: i16,
-    overrides: BTreeMap<String, String>,
-    validate_only: bool,
-    internal: bool,
+    topic: NewTopic,
+    mode: CreateMode,
+    kind: TopicKind,
 ) -> Result<Arc<TopicMeta>, AdminError> {
+    let NewTopic {
+        name,
+        partitions,
+        replication_factor,
+        overrides,
+    } = topic;
+    let internal = kind == TopicKind::Internal;
     administer(move |broker, owner| async move {
         if !crate::metadata::valid_topic_name(&name) {
             return Err(AdminError::InvalidTopic(format!(
@@ -246,7 +300,7 @@ pub async fn create_topic(
         let id = *uuid::Uuid::new_v4().as_bytes();
         let seed = crc32fast::hash(&id);
         check_partition_room(&broker, &image, partitions)?;
-        let shards = assign_shards(&broker, &image, seed, 0, partitions);
+        let shards = assign_shards(&broker, &image, seed, 0..partitions);
         check_shard_capacity(&broker, &image, &shards)?;
         let meta = TopicMeta {
             name: name.clone(),
@@ -255,7 +309,7 @@ pub async fn create_topic(
             configs: overrides,
             internal,
         };
-        if validate_only {
+        if mode == CreateMode::ValidateOnly {
             return Ok(Arc::new(meta));
         }
         // Open the logs first: a topic is published only once every partition can take writes.
@@ -325,11 +379,7 @@ pub async fn delete_topic(name: String) -> Result<(), AdminError> {
 }
 
 /// Raises a topic's partition count to `total` (CreatePartitions).
-pub async fn add_partitions(
-    name: String,
-    total: i32,
-    validate_only: bool,
-) -> Result<(), AdminError> {
+pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Result<(), AdminError> {
     administer(move |broker, owner| async move {
         let image = broker.image();
         let meta = image
@@ -344,9 +394,9 @@ pub async fn add_partitions(
         }
         let seed = crc32fast::hash(&meta.id);
         check_partition_room(&broker, &image, total - current)?;
-        let new = assign_shards(&broker, &image, seed, current, total - current);
+        let new = assign_shards(&broker, &image, seed, current..total);
         check_shard_capacity(&broker, &image, &new)?;
-        if validate_only {
+        if mode == CreateMode::ValidateOnly {
             return Ok(());
         }
         let mut grown = (*meta).clone();

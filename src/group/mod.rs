@@ -475,13 +475,16 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        match crate::admin::create_topic(
-            OFFSETS_TOPIC.to_string(),
-            OFFSETS_PARTITIONS,
-            1,
+        let topic = crate::admin::NewTopic {
+            name: OFFSETS_TOPIC.to_string(),
+            partitions: OFFSETS_PARTITIONS,
+            replication_factor: 1,
             overrides,
-            false,
-            true,
+        };
+        match crate::admin::create_topic(
+            topic,
+            crate::admin::CreateMode::Create,
+            crate::admin::TopicKind::Internal,
         )
         .await
         {

@@ -1,7 +1,6 @@
 //! Small helpers shared by handlers: error codes, names, topic lookup with auto-creation, and
 //! the hop to a partition's owner shard.
 
-use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -64,7 +63,13 @@ pub async fn topic_or_create(name: &str, allow_auto_create: bool) -> Result<Arc<
     if !(broker.config.auto_create_topics && allow_auto_create) || name.starts_with("__") {
         return Err(code(ResponseError::UnknownTopicOrPartition));
     }
-    match admin::create_topic(name.to_string(), -1, -1, BTreeMap::new(), false, false).await {
+    match admin::create_topic(
+        admin::NewTopic::with_defaults(name),
+        admin::CreateMode::Create,
+        admin::TopicKind::User,
+    )
+    .await
+    {
         Ok(t) => Ok(t),
         // Another request created it first.
         Err(AdminError::TopicExists) => broker

@@ -29,7 +29,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 continue;
             }
         }
-        match admin::add_partitions(t.name.to_string(), t.count, request.validate_only).await {
+        match admin::add_partitions(
+            t.name.to_string(),
+            t.count,
+            admin::CreateMode::from_validate_only(request.validate_only),
+        )
+        .await
+        {
             Ok(()) => results.push(r.with_error_code(NONE)),
             Err(e) => results.push(
                 r.with_error_code(admin_code(&e))

@@ -73,13 +73,16 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         } else {
             1
         };
-        match admin::create_topic(
+        let topic = admin::NewTopic {
             name,
             partitions,
-            rf,
+            replication_factor: rf,
             overrides,
-            request.validate_only,
-            false,
+        };
+        match admin::create_topic(
+            topic,
+            admin::CreateMode::from_validate_only(request.validate_only),
+            admin::TopicKind::User,
         )
         .await
         {

@@ -12,12 +12,12 @@ use crate::admin::{self, AdminError};
 use crate::metadata::TopicMeta;
 use crate::shard::{self, invoke_on};
 use crate::storage::{PartitionLog, StorageError};
-use crate::types::TopicPartition;
+use crate::types::{ErrorCode, TopicPartition};
 
-pub const NONE: i16 = 0;
+pub const NONE: ErrorCode = ErrorCode::NONE;
 
-pub fn code(e: ResponseError) -> i16 {
-    e.code()
+pub fn code(e: ResponseError) -> ErrorCode {
+    ErrorCode::new(e)
 }
 
 pub fn topic_name(s: &str) -> TopicName {
@@ -28,7 +28,7 @@ pub fn str_bytes(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
-pub fn storage_code(e: &StorageError) -> i16 {
+pub fn storage_code(e: &StorageError) -> ErrorCode {
     match e {
         StorageError::Io(_) => code(ResponseError::KafkaStorageError),
         StorageError::OffsetOutOfRange { .. } => code(ResponseError::OffsetOutOfRange),
@@ -38,7 +38,7 @@ pub fn storage_code(e: &StorageError) -> i16 {
     }
 }
 
-pub fn admin_code(e: &AdminError) -> i16 {
+pub fn admin_code(e: &AdminError) -> ErrorCode {
     code(match e {
         AdminError::TopicExists => ResponseError::TopicAlreadyExists,
         AdminError::UnknownTopic => ResponseError::UnknownTopicOrPartition,
@@ -52,7 +52,10 @@ pub fn admin_code(e: &AdminError) -> i16 {
 
 /// Looks a topic up, creating it with the default partition count when auto-creation is on and
 /// `allow_auto_create` (the request's own flag) agrees. Errors are Kafka error codes.
-pub async fn topic_or_create(name: &str, allow_auto_create: bool) -> Result<Arc<TopicMeta>, i16> {
+pub async fn topic_or_create(
+    name: &str,
+    allow_auto_create: bool,
+) -> Result<Arc<TopicMeta>, ErrorCode> {
     let broker = shard::local().broker.clone();
     if let Some(t) = broker.image().topic(name) {
         return Ok(t.clone());
@@ -83,7 +86,11 @@ pub async fn topic_or_create(name: &str, allow_auto_create: bool) -> Result<Arc<
 
 /// Runs `f` with the partition log on its owner shard. This is the cross-core hop: partitions
 /// are owned by exactly one shard, so every access travels there.
-pub async fn with_partition<F, Fut, R>(topic: &TopicMeta, partition: i32, f: F) -> Result<R, i16>
+pub async fn with_partition<F, Fut, R>(
+    topic: &TopicMeta,
+    partition: i32,
+    f: F,
+) -> Result<R, ErrorCode>
 where
     F: FnOnce(Rc<PartitionLog>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = R> + 'static,

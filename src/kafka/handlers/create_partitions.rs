@@ -21,7 +21,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .any(|x| x.broker_ids.len() != 1 || x.broker_ids[0].0 != node)
             {
                 results.push(
-                    r.with_error_code(code(ResponseError::InvalidReplicaAssignment))
+                    r.with_error_code(code(ResponseError::InvalidReplicaAssignment).get())
                         .with_error_message(Some(str_bytes(&format!(
                             "every new partition must be on broker {node}"
                         )))),
@@ -36,9 +36,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         )
         .await
         {
-            Ok(()) => results.push(r.with_error_code(NONE)),
+            Ok(()) => results.push(r.with_error_code(NONE.get())),
             Err(e) => results.push(
-                r.with_error_code(admin_code(&e))
+                r.with_error_code(admin_code(&e).get())
                     .with_error_message(Some(str_bytes(&e.message()))),
             ),
         }

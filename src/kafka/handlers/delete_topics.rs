@@ -10,12 +10,13 @@ use super::common::{admin_code, code, str_bytes, topic_name, NONE};
 use crate::admin;
 use crate::kafka::{Request, Response};
 use crate::shard;
+use crate::types::ErrorCode;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: DeleteTopicsRequest = crate::decode_or_close!(req, b);
     let image = shard::local().broker.image();
     // (name if known, id as given, error if the topic cannot be resolved)
-    let mut targets: Vec<(Option<String>, uuid::Uuid, i16)> = Vec::new();
+    let mut targets: Vec<(Option<String>, uuid::Uuid, ErrorCode)> = Vec::new();
     if req.version >= 6 {
         for t in request.topics {
             match (t.name, t.topic_id.is_nil()) {
@@ -43,8 +44,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             } else {
                 uuid::Uuid::nil()
             });
-        if err != NONE {
-            responses.push(r.with_error_code(err));
+        if err.is_error() {
+            responses.push(r.with_error_code(err.get()));
             continue;
         }
         let name = name.expect("resolved above");
@@ -52,9 +53,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             r = r.with_topic_id(uuid::Uuid::from_bytes(m.id));
         }
         match admin::delete_topic(name).await {
-            Ok(()) => responses.push(r.with_error_code(NONE)),
+            Ok(()) => responses.push(r.with_error_code(NONE.get())),
             Err(e) => responses.push(
-                r.with_error_code(admin_code(&e))
+                r.with_error_code(admin_code(&e).get())
                     .with_error_message((req.version >= 5).then(|| str_bytes(&e.message()))),
             ),
         }

@@ -54,7 +54,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_protocol_type(str_bytes(&d.protocol_type))
                     .with_protocol_data(str_bytes(&d.protocol))
                     .with_members(members);
-                if version >= 6 && d.error != NONE {
+                if version >= 6 && d.error != NONE.get() {
                     out.error_message = Some(str_bytes("group not found"));
                 }
                 out

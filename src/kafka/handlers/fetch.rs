@@ -19,7 +19,7 @@ use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
 use crate::shard;
 use crate::storage::{ReadOptions, ReadResult};
-use crate::types::Offset;
+use crate::types::{ErrorCode, Offset};
 
 /// Upper bound on how long one fetch may wait, whatever the client asks.
 const FETCH_WAIT_MS_MAX: u64 = 30_000;
@@ -42,13 +42,13 @@ struct TopicReq {
     name: String,
     id: [u8; 16],
     meta: Option<Arc<TopicMeta>>,
-    error: i16,
+    error: ErrorCode,
     parts: Vec<PartReq>,
 }
 
 #[derive(Default)]
 struct PartResult {
-    error: i16,
+    error: ErrorCode,
     high_watermark: i64,
     log_start_offset: i64,
     batches: Vec<Bytes>,
@@ -106,7 +106,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .flatten()
             .map(|r| r.batches.iter().map(|b| b.len()).sum::<usize>())
             .sum();
-        let errors = results.iter().flatten().any(|r| r.error != NONE);
+        let errors = results.iter().flatten().any(|r| r.error.is_error());
         let elapsed = start.elapsed();
         if ready >= min_bytes
             || errors
@@ -183,9 +183,16 @@ async fn read_all(topics: &[TopicReq], max_bytes: usize) -> Vec<Vec<PartResult>>
     out
 }
 
+/// A partition read that failed, with the offsets the response still reports.
+struct ReadFailed {
+    error: ErrorCode,
+    high_watermark: i64,
+    log_start_offset: i64,
+}
+
 type ReadTask = Option<
     glommio::task::JoinHandle<
-        Result<Result<Result<ReadResult, (i16, i64, i64)>, i16>, shard::Panic>,
+        Result<Result<Result<ReadResult, ReadFailed>, ErrorCode>, shard::Panic>,
     >,
 >;
 
@@ -201,7 +208,11 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
                 let (start, end) = (log.log_start_offset(), log.log_end_offset());
                 let (hw, ls) = (log.high_watermark().0, start.0);
                 if offset < start.0 || offset > end.0 {
-                    return Err((code(ResponseError::OffsetOutOfRange), hw, ls));
+                    return Err(ReadFailed {
+                        error: code(ResponseError::OffsetOutOfRange),
+                        high_watermark: hw,
+                        log_start_offset: ls,
+                    });
                 }
                 return Ok(ReadResult {
                     batches: vec![],
@@ -218,18 +229,18 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
                 if let crate::storage::StorageError::Io(err) = &e {
                     tracing::warn!(dir = %log.dir().display(), offset, error = %err, "fetch read failed");
                 }
-                (
-                    storage_code(&e),
-                    log.high_watermark().0,
-                    log.log_start_offset().0,
-                )
+                ReadFailed {
+                    error: storage_code(&e),
+                    high_watermark: log.high_watermark().0,
+                    log_start_offset: log.log_start_offset().0,
+                }
             })
         })
         .await
     }))
 }
 
-async fn finish_read(topic_error: i16, task: ReadTask) -> PartResult {
+async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
     match task {
         None => PartResult {
             error: topic_error,
@@ -248,10 +259,14 @@ async fn finish_read(topic_error: i16, task: ReadTask) -> PartResult {
                 log_start_offset: -1,
                 batches: vec![],
             },
-            Some(Ok(Err((c, hw, ls)))) => PartResult {
-                error: c,
-                high_watermark: hw,
-                log_start_offset: ls,
+            Some(Ok(Err(ReadFailed {
+                error,
+                high_watermark,
+                log_start_offset,
+            }))) => PartResult {
+                error,
+                high_watermark,
+                log_start_offset,
                 batches: vec![],
             },
             Some(Ok(Ok(ReadResult {
@@ -359,7 +374,7 @@ fn encode(
     }
     glue.put_i32(0); // throttle_time_ms
     if version >= 7 {
-        glue.put_i16(NONE); // error_code
+        glue.put_i16(NONE.get()); // error_code
         glue.put_i32(0); // session_id: sessionless
     }
     put_array_len(&mut glue, flexible, topics.len());
@@ -376,7 +391,7 @@ fn encode(
         put_array_len(&mut glue, flexible, t.parts.len());
         for (p, r) in t.parts.iter().zip(rs) {
             glue.put_i32(p.index);
-            glue.put_i16(r.error);
+            glue.put_i16(r.error.get());
             glue.put_i64(r.high_watermark);
             glue.put_i64(r.high_watermark); // last_stable_offset: no transactions yet
             if version >= 5 {
@@ -456,7 +471,7 @@ mod tests {
                     batches: vec![batch.clone()],
                 },
                 PartResult {
-                    error: 1,
+                    error: code(ResponseError::OffsetOutOfRange),
                     high_watermark: 0,
                     log_start_offset: 0,
                     batches: vec![],
@@ -481,7 +496,7 @@ mod tests {
             assert_eq!(r.responses.len(), 1);
             let p = &r.responses[0].partitions;
             assert_eq!(p[0].records.as_ref().unwrap(), &batch, "v{version}");
-            assert_eq!(p[1].error_code, 1);
+            assert_eq!(p[1].error_code, ResponseError::OffsetOutOfRange.code());
             if version >= 13 {
                 assert_eq!(r.responses[0].topic_id.as_bytes(), &[9; 16]);
             } else {

@@ -13,13 +13,14 @@ use super::common::{code, str_bytes, NONE};
 use crate::group::OFFSETS_TOPIC;
 use crate::kafka::{Request, Response};
 use crate::shard;
+use crate::types::ErrorCode;
 
 const KEY_TYPE_GROUP: i8 = 0;
 const KEY_TYPE_TRANSACTION: i8 = 1;
 const KEY_TYPE_SHARE: i8 = 2;
 
 /// `(error, node, host, port)` for one key.
-fn lookup(key: &str, key_type: i8) -> (i16, i32, String, i32) {
+fn lookup(key: &str, key_type: i8) -> (ErrorCode, i32, String, i32) {
     let broker = shard::local().broker.clone();
     let cfg = &broker.config;
     let err = |e: ResponseError| (code(e), -1, String::new(), -1);
@@ -58,14 +59,14 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_node_id(BrokerId(node))
                     .with_host(str_bytes(&host))
                     .with_port(port)
-                    .with_error_code(error)
+                    .with_error_code(error.get())
                     .with_error_message(error_message(error))
             })
             .collect();
     } else {
         let (error, node, host, port) = lookup(request.key.as_str(), request.key_type);
         resp = resp
-            .with_error_code(error)
+            .with_error_code(error.get())
             .with_node_id(BrokerId(node))
             .with_host(str_bytes(&host))
             .with_port(port);
@@ -76,14 +77,15 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     req.respond(&resp)
 }
 
-fn error_message(error: i16) -> Option<StrBytes> {
-    (error != NONE).then(|| {
+fn error_message(error: ErrorCode) -> Option<StrBytes> {
+    error.is_error().then(|| {
         use kafka_protocol::error::ParseResponseErrorCode;
         str_bytes(
             &error
+                .get()
                 .err()
                 .map(|e| e.to_string())
-                .unwrap_or_else(|| format!("error {error}")),
+                .unwrap_or_else(|| format!("error {}", error.get())),
         )
     })
 }

@@ -30,7 +30,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
             let Some(meta) = &meta else {
                 parts.push(
-                    resp.with_error_code(code(ResponseError::UnknownTopicOrPartition))
+                    resp.with_error_code(code(ResponseError::UnknownTopicOrPartition).get())
                         .with_offset(-1)
                         .with_timestamp(-1),
                 );
@@ -64,11 +64,14 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .await;
             parts.push(match r {
                 Ok(Ok((offset, timestamp))) => resp
-                    .with_error_code(NONE)
+                    .with_error_code(NONE.get())
                     .with_offset(offset)
                     .with_timestamp(timestamp)
                     .with_leader_epoch(if req.version >= 4 { 0 } else { -1 }),
-                Ok(Err(c)) | Err(c) => resp.with_error_code(c).with_offset(-1).with_timestamp(-1),
+                Ok(Err(c)) | Err(c) => resp
+                    .with_error_code(c.get())
+                    .with_offset(-1)
+                    .with_timestamp(-1),
             });
         }
         topics.push(
@@ -89,7 +92,7 @@ async fn record_in_batch(
     log: &crate::storage::PartitionLog,
     offset: crate::types::Offset,
     wanted: impl Fn(i64) -> bool,
-) -> Result<Option<(i64, i64)>, i16> {
+) -> Result<Option<(i64, i64)>, crate::types::ErrorCode> {
     let read = log
         .read(crate::storage::ReadOptions {
             start: offset.max(log.log_start_offset()),

@@ -68,7 +68,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     Ok(t) => topics.push(topic_entry(&t, node, req.version)),
                     Err(e) => topics.push(
                         MetadataResponseTopic::default()
-                            .with_error_code(e)
+                            .with_error_code(e.get())
                             .with_name(Some(name.clone()))
                             .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
                     ),
@@ -79,7 +79,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         Some(t) => topics.push(topic_entry(&Arc::clone(t), node, req.version)),
                         None => topics.push(
                             MetadataResponseTopic::default()
-                                .with_error_code(code(ResponseError::UnknownTopicId))
+                                .with_error_code(code(ResponseError::UnknownTopicId).get())
                                 .with_topic_id(rt.topic_id)
                                 .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
                         ),
@@ -87,7 +87,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 }
                 (None, true) => topics.push(
                     MetadataResponseTopic::default()
-                        .with_error_code(code(ResponseError::InvalidRequest))
+                        .with_error_code(code(ResponseError::InvalidRequest).get())
                         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
                 ),
             }

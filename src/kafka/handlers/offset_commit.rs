@@ -42,12 +42,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .map(|m| m.to_string())
                 .unwrap_or_default();
             let e = match meta {
-                None => code(ResponseError::UnknownTopicOrPartition),
+                None => code(ResponseError::UnknownTopicOrPartition).get(),
                 Some(m) if p.partition_index < 0 || p.partition_index >= m.partition_count() => {
-                    code(ResponseError::UnknownTopicOrPartition)
+                    code(ResponseError::UnknownTopicOrPartition).get()
                 }
                 _ if metadata.len() > OFFSET_METADATA_BYTES_MAX => {
-                    code(ResponseError::OffsetMetadataTooLarge)
+                    code(ResponseError::OffsetMetadataTooLarge).get()
                 }
                 _ => {
                     entries.push(CommitEntry {
@@ -65,7 +65,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                             expire_timestamp_ms: expire,
                         },
                     });
-                    NONE
+                    NONE.get()
                 }
             };
             errs.push(e);
@@ -74,9 +74,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     }
     let group_id = request.group_id.to_string();
     let commit_code = if group_id.is_empty() {
-        code(ResponseError::InvalidGroupId)
+        code(ResponseError::InvalidGroupId).get()
     } else if entries.is_empty() {
-        NONE
+        NONE.get()
     } else {
         let member = request.member_id.to_string();
         let instance = request.group_instance_id.as_ref().map(|s| s.to_string());
@@ -101,7 +101,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .map(|(p, e)| {
                     OffsetCommitResponsePartition::default()
                         .with_partition_index(p.partition_index)
-                        .with_error_code(if e == NONE { commit_code } else { e })
+                        .with_error_code(if e == NONE.get() { commit_code } else { e })
                 })
                 .collect();
             OffsetCommitResponseTopic::default()

@@ -34,7 +34,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     .await
     .unwrap_or_else(Err);
     let (top, per) = match result {
-        Ok(per) => (NONE, per),
+        Ok(per) => (NONE.get(), per),
         Err(e) => (e, vec![]),
     };
     let mut next = per.into_iter();
@@ -49,11 +49,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .map(|p| {
                     let ok = known.is_some_and(|n| p.partition_index >= 0 && p.partition_index < n);
                     let e = if !ok {
-                        code(ResponseError::UnknownTopicOrPartition)
-                    } else if top != NONE {
-                        NONE
+                        code(ResponseError::UnknownTopicOrPartition).get()
+                    } else if top != NONE.get() {
+                        NONE.get()
                     } else {
-                        next.next().unwrap_or(NONE)
+                        next.next().unwrap_or(NONE.get())
                     };
                     OffsetDeleteResponsePartition::default()
                         .with_partition_index(p.partition_index)
@@ -68,6 +68,6 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     req.respond(
         &OffsetDeleteResponse::default()
             .with_error_code(top)
-            .with_topics(if top != NONE { vec![] } else { topics }),
+            .with_topics(if top != NONE.get() { vec![] } else { topics }),
     )
 }

@@ -60,7 +60,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .collect::<Vec<_>>()
             });
             let (error, rows) = match fetch(g.group_id.to_string(), wanted).await {
-                Ok(rows) => (NONE, rows),
+                Ok(rows) => (NONE.get(), rows),
                 Err(e) => (e, vec![]),
             };
             let topics = by_topic(rows)
@@ -101,7 +101,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     });
     let requested = wanted.clone();
     let (error, rows) = match fetch(request.group_id.to_string(), wanted).await {
-        Ok(rows) => (NONE, rows),
+        Ok(rows) => (NONE.get(), rows),
         Err(e) => {
             // v1 has no top-level error: report it on every requested partition.
             let rows = requested
@@ -112,7 +112,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             (e, rows)
         }
     };
-    let per_partition_error = if version < 2 { error } else { NONE };
+    let per_partition_error = if version < 2 { error } else { NONE.get() };
     let topics = by_topic(rows)
         .into_iter()
         .map(|(t, ps)| {

@@ -16,9 +16,10 @@ use crate::metadata::configs;
 use crate::protocol::batch::{self, BatchError};
 use crate::shard;
 use crate::storage::Durability;
+use crate::types::ErrorCode;
 
 struct Outcome {
-    error_code: i16,
+    error_code: ErrorCode,
     base_offset: i64,
     log_append_time_ms: i64,
     log_start_offset: i64,
@@ -26,7 +27,7 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn error(error_code: i16, message: Option<String>) -> Outcome {
+    fn error(error_code: ErrorCode, message: Option<String>) -> Outcome {
         Outcome {
             error_code,
             base_offset: -1,
@@ -38,7 +39,7 @@ impl Outcome {
 }
 
 /// Checks each batch in `records`; the first failure decides the partition's error.
-fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (i16, String)> {
+fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, String)> {
     if records.is_empty() {
         return Err((
             code(ResponseError::CorruptMessage),
@@ -153,11 +154,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             let o = shard::join(task)
                 .await
                 .unwrap_or_else(|| Outcome::error(code(ResponseError::UnknownServerError), None));
-            any_error |= o.error_code != NONE;
+            any_error |= o.error_code.is_error();
             prs.push(
                 PartitionProduceResponse::default()
                     .with_index(index)
-                    .with_error_code(o.error_code)
+                    .with_error_code(o.error_code.get())
                     .with_base_offset(o.base_offset)
                     .with_log_append_time_ms(o.log_append_time_ms)
                     .with_log_start_offset(if req.version >= 5 {

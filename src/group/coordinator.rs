@@ -11,13 +11,14 @@ use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
 
 use crate::config::DEFAULTS;
+use crate::types::ErrorCode;
 
 use super::offsets::{self, GroupValue, MemberValue, OffsetValue};
 use super::state::{
     Group, GroupState, JoinMember, JoinMode, JoinResult, Member, Protocol, Reply, SyncResult,
 };
 
-const NONE: i16 = 0;
+const NONE: ErrorCode = ErrorCode::NONE;
 
 /// Coordinator settings (Kafka's `group.*` and `offsets.*` broker configs).
 #[derive(Debug, Clone)]
@@ -107,7 +108,7 @@ pub struct MemberDescription {
 
 #[derive(Debug, Clone)]
 pub struct GroupDescription {
-    pub error: i16,
+    pub error: ErrorCode,
     pub group_id: String,
     pub state: &'static str,
     pub protocol_type: String,
@@ -172,7 +173,7 @@ impl Coordinator {
     // ---------------------------------------------------------------- JoinGroup
 
     pub fn join(&mut self, req: JoinRequest, now_ms: i64) -> Reply<JoinResult> {
-        let err = |code: E| Reply::Now(JoinResult::error(code.code(), &req.member_id));
+        let err = |code: E| Reply::Now(JoinResult::error(ErrorCode::new(code), &req.member_id));
         if req.group_id.is_empty() {
             return err(E::InvalidGroupId);
         }
@@ -224,7 +225,10 @@ impl Coordinator {
                     group
                         .pending_members
                         .insert(new_id.clone(), now_ms + req.session_timeout_ms as i64);
-                    Reply::Now(JoinResult::error(E::MemberIdRequired.code(), &new_id))
+                    Reply::Now(JoinResult::error(
+                        ErrorCode::new(E::MemberIdRequired),
+                        &new_id,
+                    ))
                 }
                 None => add_member_and_rebalance(group, &cfg, new_id, req, now_ms),
             }
@@ -246,7 +250,7 @@ impl Coordinator {
     // ---------------------------------------------------------------- SyncGroup
 
     pub fn sync(&mut self, req: SyncRequest, now_ms: i64) -> Reply<SyncResult> {
-        let err = |code: E| Reply::Now(SyncResult::error(code.code()));
+        let err = |code: E| Reply::Now(SyncResult::error(ErrorCode::new(code)));
         let partition = self.partition_of(&req.group_id);
         let Some(group) = self.groups.get_mut(&req.group_id) else {
             return err(E::UnknownMemberId);
@@ -293,7 +297,7 @@ impl Coordinator {
                 let (tx, rx) = async_channel::bounded(1);
                 {
                     let m = group.members.get_mut(&req.member_id).expect("validated");
-                    m.complete_sync(SyncResult::error(E::RebalanceInProgress.code()));
+                    m.complete_sync(SyncResult::error(ErrorCode::new(E::RebalanceInProgress)));
                     m.sync_waiter = Some(tx);
                     m.synced = true;
                     m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
@@ -331,25 +335,25 @@ impl Coordinator {
         instance_id: Option<&str>,
         generation: i32,
         now_ms: i64,
-    ) -> i16 {
+    ) -> ErrorCode {
         let Some(group) = self.groups.get_mut(group_id) else {
-            return E::UnknownMemberId.code();
+            return ErrorCode::new(E::UnknownMemberId);
         };
         match group.state {
-            GroupState::Dead => return E::CoordinatorNotAvailable.code(),
-            GroupState::Empty => return E::UnknownMemberId.code(),
+            GroupState::Dead => return ErrorCode::new(E::CoordinatorNotAvailable),
+            GroupState::Empty => return ErrorCode::new(E::UnknownMemberId),
             _ => {}
         }
         if let Err(code) = validate_member(group, member_id, instance_id) {
             return code;
         }
         if generation != group.generation {
-            return E::IllegalGeneration.code();
+            return ErrorCode::new(E::IllegalGeneration);
         }
         let m = group.members.get_mut(member_id).expect("validated");
         m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
         if group.state == GroupState::PreparingRebalance {
-            E::RebalanceInProgress.code()
+            ErrorCode::new(E::RebalanceInProgress)
         } else {
             NONE
         }
@@ -364,19 +368,22 @@ impl Coordinator {
         group_id: &str,
         leaving: &[(String, Option<String>)],
         now_ms: i64,
-    ) -> (i16, Vec<i16>) {
+    ) -> (ErrorCode, Vec<ErrorCode>) {
         let Some(group) = self.groups.get_mut(group_id) else {
-            return (NONE, vec![E::UnknownMemberId.code(); leaving.len()]);
+            return (
+                NONE,
+                vec![ErrorCode::new(E::UnknownMemberId); leaving.len()],
+            );
         };
         if group.state == GroupState::Dead {
-            return (E::CoordinatorNotAvailable.code(), vec![]);
+            return (ErrorCode::new(E::CoordinatorNotAvailable), vec![]);
         }
         let mut errors = Vec::with_capacity(leaving.len());
         for (member_id, instance) in leaving {
             let target = if member_id.is_empty() {
                 match instance.as_ref().and_then(|i| group.static_members.get(i)) {
                     Some(id) => Ok(id.clone()),
-                    None => Err(E::UnknownMemberId.code()),
+                    None => Err(ErrorCode::new(E::UnknownMemberId)),
                 }
             } else if group.pending_members.remove(member_id).is_some() {
                 errors.push(NONE);
@@ -504,29 +511,29 @@ impl Coordinator {
         instance_id: Option<&str>,
         generation: i32,
         now_ms: i64,
-    ) -> Result<(), i16> {
+    ) -> Result<(), ErrorCode> {
         if group_id.is_empty() {
-            return Err(E::InvalidGroupId.code());
+            return Err(ErrorCode::new(E::InvalidGroupId));
         }
         let Some(group) = self.groups.get_mut(group_id) else {
             return if generation < 0 {
                 Ok(())
             } else {
-                Err(E::IllegalGeneration.code())
+                Err(ErrorCode::new(E::IllegalGeneration))
             };
         };
         if group.state == GroupState::Dead {
-            return Err(E::CoordinatorNotAvailable.code());
+            return Err(ErrorCode::new(E::CoordinatorNotAvailable));
         }
         if generation < 0 && group.state == GroupState::Empty {
             return Ok(());
         }
         validate_member(group, member_id, instance_id)?;
         if generation != group.generation {
-            return Err(E::IllegalGeneration.code());
+            return Err(ErrorCode::new(E::IllegalGeneration));
         }
         if group.state == GroupState::CompletingRebalance {
-            return Err(E::RebalanceInProgress.code());
+            return Err(ErrorCode::new(E::RebalanceInProgress));
         }
         let m = group.members.get_mut(member_id).expect("validated");
         m.heartbeat_deadline_ms = now_ms + m.session_timeout_ms as i64;
@@ -596,26 +603,26 @@ impl Coordinator {
         &mut self,
         group_id: &str,
         partitions: &[(String, i32)],
-    ) -> Result<Vec<i16>, i16> {
+    ) -> Result<Vec<ErrorCode>, ErrorCode> {
         let partition = self.partition_of(group_id);
         let Some(group) = self.groups.get_mut(group_id) else {
-            return Err(E::GroupIdNotFound.code());
+            return Err(ErrorCode::new(E::GroupIdNotFound));
         };
         if group.state == GroupState::Dead {
-            return Err(E::GroupIdNotFound.code());
+            return Err(ErrorCode::new(E::GroupIdNotFound));
         }
         let subscribed = if group.state == GroupState::Empty {
             Default::default()
         } else {
             match group.subscribed_topics() {
                 Some(s) => s,
-                None => return Err(E::NonEmptyGroup.code()),
+                None => return Err(ErrorCode::new(E::NonEmptyGroup)),
             }
         };
         let mut out = Vec::with_capacity(partitions.len());
         for (topic, p) in partitions {
             if subscribed.contains(topic) {
-                out.push(E::GroupSubscribedToTopic.code());
+                out.push(ErrorCode::new(E::GroupSubscribedToTopic));
                 continue;
             }
             if group.offsets.remove(&(topic.clone(), *p)).is_some() {
@@ -631,14 +638,14 @@ impl Coordinator {
     }
 
     /// DeleteGroups: only empty groups; their offsets and metadata get tombstones.
-    pub fn delete_group(&mut self, group_id: &str) -> i16 {
+    pub fn delete_group(&mut self, group_id: &str) -> ErrorCode {
         let Some(group) = self.groups.get(group_id) else {
-            return E::GroupIdNotFound.code();
+            return ErrorCode::new(E::GroupIdNotFound);
         };
         match group.state {
-            GroupState::Dead => return E::GroupIdNotFound.code(),
+            GroupState::Dead => return ErrorCode::new(E::GroupIdNotFound),
             GroupState::Empty => {}
-            _ => return E::NonEmptyGroup.code(),
+            _ => return ErrorCode::new(E::NonEmptyGroup),
         }
         let mut group = self.groups.remove(group_id).expect("present");
         group.state = GroupState::Dead;
@@ -759,7 +766,7 @@ impl Coordinator {
         else {
             return GroupDescription {
                 error: if not_found_error {
-                    E::GroupIdNotFound.code()
+                    ErrorCode::new(E::GroupIdNotFound)
                 } else {
                     NONE
                 },
@@ -940,16 +947,20 @@ fn group_record(group: &Group, partition: i32) -> Write {
 
 /// FENCED_INSTANCE_ID when a static member's instance id now belongs to another member id;
 /// UNKNOWN_MEMBER_ID when the member is not in the group.
-fn validate_member(group: &Group, member_id: &str, instance_id: Option<&str>) -> Result<(), i16> {
+fn validate_member(
+    group: &Group,
+    member_id: &str,
+    instance_id: Option<&str>,
+) -> Result<(), ErrorCode> {
     if let Some(instance) = instance_id {
         match group.static_members.get(instance) {
-            Some(id) if id != member_id => return Err(E::FencedInstanceId.code()),
+            Some(id) if id != member_id => return Err(ErrorCode::new(E::FencedInstanceId)),
             Some(_) => {}
-            None => return Err(E::UnknownMemberId.code()),
+            None => return Err(ErrorCode::new(E::UnknownMemberId)),
         }
     }
     if !group.members.contains_key(member_id) {
-        return Err(E::UnknownMemberId.code());
+        return Err(ErrorCode::new(E::UnknownMemberId));
     }
     Ok(())
 }
@@ -991,7 +1002,10 @@ fn current_generation_result(group: &Group, member_id: &str, skip_assignment: bo
 
 fn waiting_join(member: &mut Member) -> Reply<JoinResult> {
     let (tx, rx) = async_channel::bounded(1);
-    member.complete_join(JoinResult::error(E::RebalanceInProgress.code(), &member.id));
+    member.complete_join(JoinResult::error(
+        ErrorCode::new(E::RebalanceInProgress),
+        &member.id,
+    ));
     member.join_waiter = Some(tx);
     Reply::Wait(rx)
 }
@@ -1051,8 +1065,11 @@ fn rejoin_static(
         // The mapping outlived its member (should not happen): treat as a new static member.
         return add_member_and_rebalance(group, cfg, new_id, req, now_ms);
     };
-    member.complete_join(JoinResult::error(E::FencedInstanceId.code(), &old_id));
-    member.complete_sync(SyncResult::error(E::FencedInstanceId.code()));
+    member.complete_join(JoinResult::error(
+        ErrorCode::new(E::FencedInstanceId),
+        &old_id,
+    ));
+    member.complete_sync(SyncResult::error(ErrorCode::new(E::FencedInstanceId)));
     let instance = req.group_instance_id.clone().expect("static join");
     group.static_members.insert(instance, new_id.clone());
     let was_leader = group.is_leader(&old_id);
@@ -1112,7 +1129,7 @@ fn rejoin_known(
             return Reply::Now(current_generation_result(group, &id, false));
         }
         GroupState::Empty | GroupState::Dead => {
-            return Reply::Now(JoinResult::error(E::UnknownMemberId.code(), &id));
+            return Reply::Now(JoinResult::error(ErrorCode::new(E::UnknownMemberId), &id));
         }
         _ => {}
     }
@@ -1139,7 +1156,7 @@ fn prepare_rebalance(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i64) {
     if group.state == GroupState::CompletingRebalance {
         for m in group.members.values_mut() {
             m.assignment = Bytes::new();
-            m.complete_sync(SyncResult::error(E::RebalanceInProgress.code()));
+            m.complete_sync(SyncResult::error(ErrorCode::new(E::RebalanceInProgress)));
         }
     }
     let rebalance_timeout = group.max_rebalance_timeout_ms();
@@ -1239,8 +1256,8 @@ fn complete_join(group: &mut Group, now_ms: i64) {
 /// Drops a member without touching the group state.
 fn remove_member(group: &mut Group, id: &str) {
     if let Some(mut m) = group.members.shift_remove(id) {
-        m.complete_join(JoinResult::error(E::UnknownMemberId.code(), id));
-        m.complete_sync(SyncResult::error(E::UnknownMemberId.code()));
+        m.complete_join(JoinResult::error(ErrorCode::new(E::UnknownMemberId), id));
+        m.complete_sync(SyncResult::error(ErrorCode::new(E::UnknownMemberId)));
         if let Some(i) = &m.instance_id {
             if group.static_members.get(i).map(String::as_str) == Some(id) {
                 group.static_members.remove(i);

@@ -23,6 +23,7 @@ use bytes::BytesMut;
 use crate::protocol::batch;
 use crate::protocol::records;
 use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
+use crate::types::ErrorCode;
 
 pub mod coordinator;
 pub mod offsets;
@@ -81,11 +82,13 @@ pub enum Unavailable {
 }
 
 impl Unavailable {
-    pub fn code(self) -> i16 {
+    pub fn code(self) -> ErrorCode {
         match self {
-            Unavailable::Loading => kafka_protocol::ResponseError::CoordinatorLoadInProgress.code(),
+            Unavailable::Loading => {
+                ErrorCode::new(kafka_protocol::ResponseError::CoordinatorLoadInProgress)
+            }
             Unavailable::NotAvailable => {
-                kafka_protocol::ResponseError::CoordinatorNotAvailable.code()
+                ErrorCode::new(kafka_protocol::ResponseError::CoordinatorNotAvailable)
             }
         }
     }
@@ -260,7 +263,7 @@ impl GroupShard {
             Reply::Now(r) => r,
             Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
                 JoinResult::error(
-                    kafka_protocol::ResponseError::UnknownMemberId.code(),
+                    ErrorCode::new(kafka_protocol::ResponseError::UnknownMemberId),
                     &member_id,
                 )
             }),
@@ -273,7 +276,9 @@ impl GroupShard {
         match reply {
             Reply::Now(r) => r,
             Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
-                SyncResult::error(kafka_protocol::ResponseError::UnknownMemberId.code())
+                SyncResult::error(ErrorCode::new(
+                    kafka_protocol::ResponseError::UnknownMemberId,
+                ))
             }),
         }
     }
@@ -287,7 +292,7 @@ impl GroupShard {
         instance_id: Option<&str>,
         generation: i32,
         entries: Vec<coordinator::CommitEntry>,
-    ) -> i16 {
+    ) -> ErrorCode {
         let now = crate::types::now_ms();
         let writes = {
             let mut c = self.coordinator.borrow_mut();
@@ -297,18 +302,18 @@ impl GroupShard {
             c.commit_writes(group_id, &entries)
         };
         if writes.is_empty() {
-            return 0;
+            return ErrorCode::NONE;
         }
         match self.persist(writes).await {
             Ok(()) => {
                 self.coordinator
                     .borrow_mut()
                     .apply_commit(group_id, entries, now);
-                0
+                ErrorCode::NONE
             }
             Err(e) => {
                 tracing::warn!(group = group_id, error = %e, "offset commit not persisted");
-                kafka_protocol::ResponseError::CoordinatorNotAvailable.code()
+                ErrorCode::new(kafka_protocol::ResponseError::CoordinatorNotAvailable)
             }
         }
     }
@@ -393,7 +398,7 @@ mod tests;
 /// Runs `f` with the coordinator of `group_id` on the shard that owns the group's
 /// `__consumer_offsets` partition. This is the cross-core hop: a group's state lives on exactly
 /// one shard. Errors are COORDINATOR_NOT_AVAILABLE / COORDINATOR_LOAD_IN_PROGRESS.
-pub async fn on_coordinator<F, Fut, R>(group_id: &str, f: F) -> Result<R, i16>
+pub async fn on_coordinator<F, Fut, R>(group_id: &str, f: F) -> Result<R, ErrorCode>
 where
     F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = R> + 'static,

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 
 use super::offsets::OffsetValue;
+use crate::types::ErrorCode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GroupState {
@@ -64,7 +65,7 @@ pub struct Protocol {
 /// What a completed JoinGroup answers one member.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JoinResult {
-    pub error: i16,
+    pub error: ErrorCode,
     pub generation: i32,
     pub protocol_type: Option<String>,
     pub protocol_name: Option<String>,
@@ -84,7 +85,7 @@ pub struct JoinMember {
 }
 
 impl JoinResult {
-    pub fn error(error: i16, member_id: &str) -> JoinResult {
+    pub fn error(error: ErrorCode, member_id: &str) -> JoinResult {
         JoinResult {
             error,
             generation: -1,
@@ -97,14 +98,14 @@ impl JoinResult {
 /// What SyncGroup answers one member.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SyncResult {
-    pub error: i16,
+    pub error: ErrorCode,
     pub protocol_type: Option<String>,
     pub protocol_name: Option<String>,
     pub assignment: Bytes,
 }
 
 impl SyncResult {
-    pub fn error(error: i16) -> SyncResult {
+    pub fn error(error: ErrorCode) -> SyncResult {
         SyncResult {
             error,
             ..Default::default()

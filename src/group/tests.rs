@@ -1,6 +1,7 @@
 //! State-machine tests with a fake clock (Kafka classic rebalance protocol, KIP-345, KIP-394),
 //! and persistence + replay tests on a real partition log in a glommio executor.
 
+use crate::types::ErrorCode;
 use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
 
@@ -81,7 +82,7 @@ fn sync_req(
 /// One member joins an empty group and syncs: generation 1, Stable.
 fn single_member_stable(c: &mut Coordinator, now: i64) -> String {
     let j = ready(c.join(join_req("g", "", None), now)).unwrap();
-    assert_eq!(j.error, 0);
+    assert_eq!(j.error, ErrorCode::NONE);
     assert_eq!(j.generation, 1);
     assert_eq!(j.leader, j.member_id);
     assert_eq!(j.members.len(), 1);
@@ -95,7 +96,7 @@ fn single_member_stable(c: &mut Coordinator, now: i64) -> String {
         now,
     ))
     .unwrap();
-    assert_eq!(s.error, 0);
+    assert_eq!(s.error, ErrorCode::NONE);
     assert_eq!(&s.assignment[..], b"A");
     assert_eq!(c.group("g").unwrap().state, GroupState::Stable);
     j.member_id
@@ -120,12 +121,12 @@ fn first_join_without_member_id_requires_one_kip_394() {
     let mut req = join_req("g", "", None);
     req.require_known_member_id = true;
     let r = ready(c.join(req, 0)).unwrap();
-    assert_eq!(r.error, E::MemberIdRequired.code());
+    assert_eq!(r.error, ErrorCode::new(E::MemberIdRequired));
     assert!(!r.member_id.is_empty());
     let mut again = join_req("g", &r.member_id, None);
     again.require_known_member_id = true;
     let j = ready(c.join(again, 1)).unwrap();
-    assert_eq!(j.error, 0);
+    assert_eq!(j.error, ErrorCode::NONE);
     assert_eq!(j.member_id, r.member_id);
     assert_eq!(j.generation, 1);
 }
@@ -138,7 +139,7 @@ fn pending_member_id_expires_after_session_timeout() {
     let r = ready(c.join(req, 0)).unwrap();
     c.tick(SESSION_MS as i64 + 1);
     let j = ready(c.join(join_req("g", &r.member_id, None), SESSION_MS as i64 + 2)).unwrap();
-    assert_eq!(j.error, E::UnknownMemberId.code());
+    assert_eq!(j.error, ErrorCode::new(E::UnknownMemberId));
 }
 
 #[test]
@@ -150,7 +151,7 @@ fn second_member_triggers_rebalance_and_both_get_the_new_generation() {
     assert_eq!(c.group("g").unwrap().state, GroupState::PreparingRebalance);
     assert_eq!(
         c.heartbeat("g", &a, None, 1, 20),
-        E::RebalanceInProgress.code()
+        ErrorCode::new(E::RebalanceInProgress)
     );
     let a_join = ready(c.join(join_req("g", &a, None), 30)).unwrap();
     let b_join = b_rx.try_recv().unwrap();
@@ -169,11 +170,14 @@ fn second_member_triggers_rebalance_and_both_get_the_new_generation() {
     assert_eq!(&a_sync.assignment[..], b"p0,p1");
     assert_eq!(&b_sync.try_recv().unwrap().assignment[..], b"p2,p3");
     assert_eq!(c.group("g").unwrap().state, GroupState::Stable);
-    assert_eq!(c.heartbeat("g", &b_join.member_id, None, 2, 60), 0);
+    assert_eq!(
+        c.heartbeat("g", &b_join.member_id, None, 2, 60),
+        ErrorCode::NONE
+    );
     // A generation-1 heartbeat is refused.
     assert_eq!(
         c.heartbeat("g", &a, None, 1, 60),
-        E::IllegalGeneration.code()
+        ErrorCode::new(E::IllegalGeneration)
     );
 }
 
@@ -190,13 +194,13 @@ fn rebalance_timeout_removes_members_that_did_not_rejoin() {
     }
     c.tick(10 + REBALANCE_MS as i64);
     let b = b_rx.try_recv().unwrap();
-    assert_eq!(b.error, 0);
+    assert_eq!(b.error, ErrorCode::NONE);
     assert_eq!(b.generation, 2);
     assert_eq!(b.leader, b.member_id, "A was dropped, B leads");
     assert_eq!(c.group("g").unwrap().members.len(), 1);
     assert_eq!(
         c.heartbeat("g", &a, None, 1, 40_000),
-        E::UnknownMemberId.code()
+        ErrorCode::new(E::UnknownMemberId)
     );
 }
 
@@ -215,8 +219,8 @@ fn session_timeout_removes_dead_member_and_rebalances_the_rest() {
         t += 2000;
         let code = c.heartbeat("g", &b.member_id, None, 2, t);
         c.tick(t);
-        if code != 0 {
-            assert_eq!(code, E::RebalanceInProgress.code());
+        if code != ErrorCode::NONE {
+            assert_eq!(code, ErrorCode::new(E::RebalanceInProgress));
             break;
         }
     }
@@ -232,8 +236,11 @@ fn leave_group_batched_and_last_leave_empties_the_group() {
     let mut c = coordinator();
     let a = single_member_stable(&mut c, 0);
     let (top, per) = c.leave("g", &[(a.clone(), None), ("nobody".into(), None)], 10);
-    assert_eq!(top, 0);
-    assert_eq!(per, vec![0, E::UnknownMemberId.code()]);
+    assert_eq!(top, ErrorCode::NONE);
+    assert_eq!(
+        per,
+        vec![ErrorCode::NONE, ErrorCode::new(E::UnknownMemberId)]
+    );
     let g = c.group("g").unwrap();
     assert_eq!(g.state, GroupState::Empty);
     assert_eq!(
@@ -241,7 +248,10 @@ fn leave_group_batched_and_last_leave_empties_the_group() {
         "the empty rebalance bumps the generation as Kafka does"
     );
     let (top, per) = c.leave("missing", &[("x".into(), None)], 10);
-    assert_eq!((top, per), (0, vec![E::UnknownMemberId.code()]));
+    assert_eq!(
+        (top, per),
+        (ErrorCode::NONE, vec![ErrorCode::new(E::UnknownMemberId)])
+    );
 }
 
 #[test]
@@ -252,19 +262,19 @@ fn inconsistent_protocols_and_bad_session_timeouts_are_refused() {
     other.protocols = protocols(&["roundrobin"]);
     assert_eq!(
         ready(c.join(other, 1)).unwrap().error,
-        E::InconsistentGroupProtocol.code()
+        ErrorCode::new(E::InconsistentGroupProtocol)
     );
     let mut other_type = join_req("g", "", None);
     other_type.protocol_type = "connect".into();
     assert_eq!(
         ready(c.join(other_type, 1)).unwrap().error,
-        E::InconsistentGroupProtocol.code()
+        ErrorCode::new(E::InconsistentGroupProtocol)
     );
     let mut empty = join_req("h", "", None);
     empty.protocols.clear();
     assert_eq!(
         ready(c.join(empty, 1)).unwrap().error,
-        E::InconsistentGroupProtocol.code()
+        ErrorCode::new(E::InconsistentGroupProtocol)
     );
     assert!(
         c.group("h").is_none(),
@@ -274,17 +284,17 @@ fn inconsistent_protocols_and_bad_session_timeouts_are_refused() {
     short.session_timeout_ms = 10;
     assert_eq!(
         ready(c.join(short, 1)).unwrap().error,
-        E::InvalidSessionTimeout.code()
+        ErrorCode::new(E::InvalidSessionTimeout)
     );
     assert_eq!(
         ready(c.join(join_req("nope", "ghost", None), 1))
             .unwrap()
             .error,
-        E::UnknownMemberId.code()
+        ErrorCode::new(E::UnknownMemberId)
     );
     assert_eq!(
         ready(c.join(join_req("", "", None), 1)).unwrap().error,
-        E::InvalidGroupId.code()
+        ErrorCode::new(E::InvalidGroupId)
     );
 }
 
@@ -296,25 +306,25 @@ fn sync_checks_generation_member_and_state() {
         ready(c.sync(sync_req("g", &a, 7, vec![]), 1))
             .unwrap()
             .error,
-        E::IllegalGeneration.code()
+        ErrorCode::new(E::IllegalGeneration)
     );
     assert_eq!(
         ready(c.sync(sync_req("g", "ghost", 1, vec![]), 1))
             .unwrap()
             .error,
-        E::UnknownMemberId.code()
+        ErrorCode::new(E::UnknownMemberId)
     );
     assert_eq!(
         ready(c.sync(sync_req("nope", &a, 1, vec![]), 1))
             .unwrap()
             .error,
-        E::UnknownMemberId.code()
+        ErrorCode::new(E::UnknownMemberId)
     );
     let mut bad = sync_req("g", &a, 1, vec![]);
     bad.protocol_name = Some("roundrobin".into());
     assert_eq!(
         ready(c.sync(bad, 1)).unwrap().error,
-        E::InconsistentGroupProtocol.code()
+        ErrorCode::new(E::InconsistentGroupProtocol)
     );
     // In Stable, a repeated sync returns the stored assignment.
     assert_eq!(
@@ -329,7 +339,7 @@ fn sync_checks_generation_member_and_state() {
         ready(c.sync(sync_req("g", &a, 1, vec![]), 3))
             .unwrap()
             .error,
-        E::RebalanceInProgress.code()
+        ErrorCode::new(E::RebalanceInProgress)
     );
 }
 
@@ -372,7 +382,7 @@ fn static_member_rejoin_replaces_member_id_without_rebalance_kip_345() {
 
     // Follower i2 restarts: new member id, same generation, same assignment, no rebalance.
     let again = ready(c.join(join_req("g", "", Some("i2")), 100)).unwrap();
-    assert_eq!(again.error, 0);
+    assert_eq!(again.error, ErrorCode::NONE);
     assert_ne!(again.member_id, jb.member_id);
     assert_eq!(again.generation, 2);
     assert_eq!(c.group("g").unwrap().state, GroupState::Stable);
@@ -382,7 +392,7 @@ fn static_member_rejoin_replaces_member_id_without_rebalance_kip_345() {
     // The old member id is fenced.
     assert_eq!(
         c.heartbeat("g", &jb.member_id, Some("i2"), 2, 100),
-        E::FencedInstanceId.code()
+        ErrorCode::new(E::FencedInstanceId)
     );
     // The static leader restarting gets skip_assignment (KIP-814).
     let lead = ready(c.join(join_req("g", "", Some("i1")), 200)).unwrap();
@@ -391,7 +401,7 @@ fn static_member_rejoin_replaces_member_id_without_rebalance_kip_345() {
     assert_eq!(lead.generation, 2);
     // Leave by instance id alone (KIP-345 batch leave).
     let (top, per) = c.leave("g", &[(String::new(), Some("i2".into()))], 300);
-    assert_eq!((top, per), (0, vec![0]));
+    assert_eq!((top, per), (ErrorCode::NONE, vec![ErrorCode::NONE]));
     assert_eq!(c.group("g").unwrap().state, GroupState::PreparingRebalance);
 }
 
@@ -438,21 +448,21 @@ fn commit_rules_follow_kafka() {
     assert_eq!(c.check_commit("simple", "", None, -1, 0), Ok(()));
     assert_eq!(
         c.check_commit("simple", "", None, 3, 0),
-        Err(E::IllegalGeneration.code())
+        Err(ErrorCode::new(E::IllegalGeneration))
     );
     let a = single_member_stable(&mut c, 0);
     assert_eq!(c.check_commit("g", &a, None, 1, 0), Ok(()));
     assert_eq!(
         c.check_commit("g", &a, None, 0, 0),
-        Err(E::IllegalGeneration.code())
+        Err(ErrorCode::new(E::IllegalGeneration))
     );
     assert_eq!(
         c.check_commit("g", "ghost", None, 1, 0),
-        Err(E::UnknownMemberId.code())
+        Err(ErrorCode::new(E::UnknownMemberId))
     );
     assert_eq!(
         c.check_commit("g", "", None, -1, 0),
-        Err(E::UnknownMemberId.code())
+        Err(ErrorCode::new(E::UnknownMemberId))
     );
     // During CompletingRebalance: REBALANCE_IN_PROGRESS.
     let b = waiting(c.join(join_req("g", "", None), 1));
@@ -460,7 +470,7 @@ fn commit_rules_follow_kafka() {
     let _ = b.try_recv().unwrap();
     assert_eq!(
         c.check_commit("g", &a, None, 2, 1),
-        Err(E::RebalanceInProgress.code())
+        Err(ErrorCode::new(E::RebalanceInProgress))
     );
 }
 
@@ -483,18 +493,21 @@ fn delete_groups_only_when_empty_and_offsets_delete_respects_subscriptions() {
     let mut c = coordinator();
     let a = single_member_stable(&mut c, 0);
     c.apply_commit("g", vec![entry("t", 0, 5, 0)], 0);
-    assert_eq!(c.delete_group("g"), E::NonEmptyGroup.code());
-    assert_eq!(c.delete_group("nope"), E::GroupIdNotFound.code());
+    assert_eq!(c.delete_group("g"), ErrorCode::new(E::NonEmptyGroup));
+    assert_eq!(c.delete_group("nope"), ErrorCode::new(E::GroupIdNotFound));
     // The test subscription bytes are not a consumer subscription: non-empty → NON_EMPTY_GROUP.
     assert_eq!(
         c.delete_offsets("g", &[("t".into(), 0)]),
-        Err(E::NonEmptyGroup.code())
+        Err(ErrorCode::new(E::NonEmptyGroup))
     );
     c.leave("g", &[(a, None)], 1);
     c.take_writes();
-    assert_eq!(c.delete_offsets("g", &[("t".into(), 0)]), Ok(vec![0]));
+    assert_eq!(
+        c.delete_offsets("g", &[("t".into(), 0)]),
+        Ok(vec![ErrorCode::NONE])
+    );
     assert_eq!(c.fetch_offsets("g", None).len(), 0);
-    assert_eq!(c.delete_group("g"), 0);
+    assert_eq!(c.delete_group("g"), ErrorCode::NONE);
     assert!(c.group("g").is_none());
     let w = c.take_writes();
     assert!(w.iter().all(|w| w.value.is_none()), "tombstones only");
@@ -546,7 +559,10 @@ fn list_and_describe_groups() {
     assert_eq!(&d.members[0].assignment[..], b"A");
     assert_eq!(&d.members[0].metadata[..], b"meta-range");
     assert_eq!(c.describe("nope", false).state, "Dead");
-    assert_eq!(c.describe("nope", true).error, E::GroupIdNotFound.code());
+    assert_eq!(
+        c.describe("nope", true).error,
+        ErrorCode::new(E::GroupIdNotFound)
+    );
 }
 
 // ---------------------------------------------------------------- persistence and replay
@@ -599,7 +615,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         let (gs, logs) = open_shard(&path).await;
         // A consumer group with one member, committing through the generation checks.
         let j = gs.join(join_req("orders-app", "", Some("inst-1"))).await;
-        assert_eq!(j.error, 0);
+        assert_eq!(j.error, ErrorCode::NONE);
         let mut s = sync_req(
             "orders-app",
             &j.member_id,
@@ -607,7 +623,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
             vec![(j.member_id.clone(), Bytes::from_static(b"asg"))],
         );
         s.group_instance_id = Some("inst-1".into());
-        assert_eq!(gs.sync(s).await.error, 0);
+        assert_eq!(gs.sync(s).await.error, ErrorCode::NONE);
         let code = gs
             .commit(
                 "orders-app",
@@ -617,7 +633,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
                 vec![entry("orders", 0, 42, 1), entry("orders", 1, 7, 1)],
             )
             .await;
-        assert_eq!(code, 0);
+        assert_eq!(code, ErrorCode::NONE);
         // A simple consumer's commits, then one overwritten and one deleted.
         assert_eq!(
             gs.commit(
@@ -628,20 +644,23 @@ fn committed_offsets_and_group_metadata_survive_replay() {
                 vec![entry("t", 0, 1, 1), entry("t", 1, 2, 1)]
             )
             .await,
-            0
+            ErrorCode::NONE
         );
         assert_eq!(
             gs.commit("simple", "", None, -1, vec![entry("t", 0, 10, 2)])
                 .await,
-            0
+            ErrorCode::NONE
         );
         // A deleted group leaves nothing behind.
         assert_eq!(
             gs.commit("gone", "", None, -1, vec![entry("t", 0, 3, 1)])
                 .await,
-            0
+            ErrorCode::NONE
         );
-        assert_eq!(gs.with(|c, _| c.delete_group("gone")).await, 0);
+        assert_eq!(
+            gs.with(|c, _| c.delete_group("gone")).await,
+            ErrorCode::NONE
+        );
         gs.with(|c, _| c.delete_offsets("simple", &[("t".into(), 1)]))
             .await
             .unwrap();
@@ -668,7 +687,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         let hb = gs2
             .with(|c, now| c.heartbeat("orders-app", &j.member_id, Some("inst-1"), 1, now))
             .await;
-        assert_eq!(hb, 0);
+        assert_eq!(hb, ErrorCode::NONE);
         close(logs2).await;
     });
 }
@@ -682,7 +701,7 @@ fn expired_offsets_are_tombstoned_and_stay_gone_after_replay() {
         assert_eq!(
             gs.commit("old", "", None, -1, vec![entry("t", 0, 1, 0)])
                 .await,
-            0
+            ErrorCode::NONE
         );
         let n = gs.with(|c, now| c.expire_offsets(now)).await;
         assert_eq!(n, 1, "commit timestamp 0 is older than the 7-day retention");
@@ -723,7 +742,7 @@ fn join_during_completing_rebalance_fails_waiting_syncs_and_restarts_the_join() 
     let _c_rx = waiting(c.join(join_req("g", "", None), 2));
     assert_eq!(
         b_sync.try_recv().unwrap().error,
-        E::RebalanceInProgress.code()
+        ErrorCode::new(E::RebalanceInProgress)
     );
     assert_eq!(c.group("g").unwrap().state, GroupState::PreparingRebalance);
     // The leader's late SyncGroup for generation 2 is refused too.
@@ -731,7 +750,7 @@ fn join_during_completing_rebalance_fails_waiting_syncs_and_restarts_the_join() 
         ready(c.sync(sync_req("g", &a, 2, vec![]), 3))
             .unwrap()
             .error,
-        E::RebalanceInProgress.code()
+        ErrorCode::new(E::RebalanceInProgress)
     );
 }
 
@@ -751,10 +770,13 @@ fn leaving_member_that_waits_in_join_gets_unknown_member_and_the_rest_complete()
     // B gives up before A rejoins: its pending join is answered, and the rebalance that only
     // waits for A now completes when A rejoins.
     let (top, per) = c.leave("g", &[(b_id, None)], 5);
-    assert_eq!((top, per), (0, vec![0]));
-    assert_eq!(b_rx.try_recv().unwrap().error, E::UnknownMemberId.code());
+    assert_eq!((top, per), (ErrorCode::NONE, vec![ErrorCode::NONE]));
+    assert_eq!(
+        b_rx.try_recv().unwrap().error,
+        ErrorCode::new(E::UnknownMemberId)
+    );
     let again = ready(c.join(join_req("g", &a, None), 6)).unwrap();
-    assert_eq!((again.error, again.generation), (0, 2));
+    assert_eq!((again.error, again.generation), (ErrorCode::NONE, 2));
     assert_eq!(again.members.len(), 1);
 }
 
@@ -780,7 +802,7 @@ fn queued_group_records_replay_into_the_same_state() {
     assert_eq!((g.state, g.generation), (GroupState::Stable, 1));
     assert_eq!(g.leader.as_deref(), Some(a.as_str()));
     assert_eq!(&g.members[&a].assignment[..], b"A");
-    assert_eq!(fresh.heartbeat("g", &a, None, 1, 200), 0);
+    assert_eq!(fresh.heartbeat("g", &a, None, 1, 200), ErrorCode::NONE);
 }
 
 /// A `consumer`-protocol subscription (ConsumerProtocolSubscription v0) to `topics`.
@@ -816,7 +838,7 @@ fn stable_consumer_groups_expire_only_offsets_of_unsubscribed_topics_kip_211() {
     // OffsetDelete refuses a subscribed topic of a non-empty consumer group.
     assert_eq!(
         c.delete_offsets("g", &[("live".into(), 0)]),
-        Ok(vec![E::GroupSubscribedToTopic.code()])
+        Ok(vec![ErrorCode::new(E::GroupSubscribedToTopic)])
     );
 }
 
@@ -831,9 +853,9 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
         let mut req = join_req("g", "", None);
         req.session_timeout_ms = 100;
         let j = gs.join(req).await;
-        assert_eq!(j.error, 0);
+        assert_eq!(j.error, ErrorCode::NONE);
         let s = gs.sync(sync_req("g", &j.member_id, 1, vec![])).await;
-        assert_eq!(s.error, 0);
+        assert_eq!(s.error, ErrorCode::NONE);
         // No heartbeats: the timer loop alone must notice the expired session.
         let start = std::time::Instant::now();
         loop {

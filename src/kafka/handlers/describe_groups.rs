@@ -6,7 +6,7 @@ use bytes::Bytes;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::{DescribeGroupsRequest, DescribeGroupsResponse, GroupId};
 
-use super::common::{str_bytes, NONE};
+use super::common::str_bytes;
 use crate::group::on_coordinator;
 use crate::kafka::{Request, Response};
 
@@ -27,7 +27,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let out = match d {
             Err(code) => DescribedGroup::default()
                 .with_group_id(GroupId(g.0))
-                .with_error_code(code)
+                .with_error_code(code.get())
                 .with_group_state(str_bytes("")),
             Ok(d) => {
                 let members = d
@@ -49,12 +49,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .collect();
                 let mut out = DescribedGroup::default()
                     .with_group_id(GroupId(g.0))
-                    .with_error_code(d.error)
+                    .with_error_code(d.error.get())
                     .with_group_state(str_bytes(d.state))
                     .with_protocol_type(str_bytes(&d.protocol_type))
                     .with_protocol_data(str_bytes(&d.protocol))
                     .with_members(members);
-                if version >= 6 && d.error != NONE.get() {
+                if version >= 6 && d.error.is_error() {
                     out.error_message = Some(str_bytes("group not found"));
                 }
                 out

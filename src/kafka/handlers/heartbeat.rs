@@ -19,5 +19,5 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     })
     .await
     .unwrap_or_else(|e| e);
-    req.respond(&HeartbeatResponse::default().with_error_code(code))
+    req.respond(&HeartbeatResponse::default().with_error_code(code.get()))
 }

@@ -73,7 +73,7 @@ fn response(r: JoinResult, version: i16) -> JoinGroupResponse {
         })
         .collect();
     let mut resp = JoinGroupResponse::default()
-        .with_error_code(r.error)
+        .with_error_code(r.error.get())
         .with_generation_id(r.generation)
         .with_leader(str_bytes(&r.leader))
         .with_member_id(str_bytes(&r.member_id))

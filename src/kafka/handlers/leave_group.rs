@@ -8,6 +8,7 @@ use kafka_protocol::messages::{LeaveGroupRequest, LeaveGroupResponse};
 use super::common::str_bytes;
 use crate::group::on_coordinator;
 use crate::kafka::{Request, Response};
+use crate::types::ErrorCode;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: LeaveGroupRequest = crate::decode_or_close!(req, b);
@@ -40,19 +41,19 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 MemberResponse::default()
                     .with_member_id(str_bytes(m))
                     .with_group_instance_id(i.as_deref().map(str_bytes))
-                    .with_error_code(*e)
+                    .with_error_code(e.get())
             })
             .collect();
         LeaveGroupResponse::default()
-            .with_error_code(top)
+            .with_error_code(top.get())
             .with_members(members)
     } else {
-        let code = if top != 0 {
+        let code = if top.is_error() {
             top
         } else {
-            per.first().copied().unwrap_or(0)
+            per.first().copied().unwrap_or(ErrorCode::NONE)
         };
-        LeaveGroupResponse::default().with_error_code(code)
+        LeaveGroupResponse::default().with_error_code(code.get())
     };
     req.respond(&resp)
 }

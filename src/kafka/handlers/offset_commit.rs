@@ -16,6 +16,7 @@ use crate::group::offsets::OffsetValue;
 use crate::group::on_coordinator;
 use crate::kafka::{Request, Response};
 use crate::shard;
+use crate::types::ErrorCode;
 
 /// Kafka's `offset.metadata.max.bytes`.
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
@@ -30,7 +31,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         -1
     };
     // Per (topic index, partition index): the error, or the entry to commit.
-    let mut errors: Vec<Vec<i16>> = Vec::with_capacity(request.topics.len());
+    let mut errors: Vec<Vec<ErrorCode>> = Vec::with_capacity(request.topics.len());
     let mut entries = Vec::new();
     for t in &request.topics {
         let meta = image.topic(t.name.as_str());
@@ -42,12 +43,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .map(|m| m.to_string())
                 .unwrap_or_default();
             let e = match meta {
-                None => code(ResponseError::UnknownTopicOrPartition).get(),
+                None => code(ResponseError::UnknownTopicOrPartition),
                 Some(m) if p.partition_index < 0 || p.partition_index >= m.partition_count() => {
-                    code(ResponseError::UnknownTopicOrPartition).get()
+                    code(ResponseError::UnknownTopicOrPartition)
                 }
                 _ if metadata.len() > OFFSET_METADATA_BYTES_MAX => {
-                    code(ResponseError::OffsetMetadataTooLarge).get()
+                    code(ResponseError::OffsetMetadataTooLarge)
                 }
                 _ => {
                     entries.push(CommitEntry {
@@ -65,7 +66,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                             expire_timestamp_ms: expire,
                         },
                     });
-                    NONE.get()
+                    NONE
                 }
             };
             errs.push(e);
@@ -74,9 +75,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     }
     let group_id = request.group_id.to_string();
     let commit_code = if group_id.is_empty() {
-        code(ResponseError::InvalidGroupId).get()
+        code(ResponseError::InvalidGroupId)
     } else if entries.is_empty() {
-        NONE.get()
+        NONE
     } else {
         let member = request.member_id.to_string();
         let instance = request.group_instance_id.as_ref().map(|s| s.to_string());
@@ -101,7 +102,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .map(|(p, e)| {
                     OffsetCommitResponsePartition::default()
                         .with_partition_index(p.partition_index)
-                        .with_error_code(if e == NONE.get() { commit_code } else { e })
+                        .with_error_code(if e.is_error() { e } else { commit_code }.get())
                 })
                 .collect();
             OffsetCommitResponseTopic::default()

@@ -34,7 +34,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     .await
     .unwrap_or_else(Err);
     let (top, per) = match result {
-        Ok(per) => (NONE.get(), per),
+        Ok(per) => (NONE, per),
         Err(e) => (e, vec![]),
     };
     let mut next = per.into_iter();
@@ -49,15 +49,15 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .map(|p| {
                     let ok = known.is_some_and(|n| p.partition_index >= 0 && p.partition_index < n);
                     let e = if !ok {
-                        code(ResponseError::UnknownTopicOrPartition).get()
-                    } else if top != NONE.get() {
-                        NONE.get()
+                        code(ResponseError::UnknownTopicOrPartition)
+                    } else if top != NONE {
+                        NONE
                     } else {
-                        next.next().unwrap_or(NONE.get())
+                        next.next().unwrap_or(NONE)
                     };
                     OffsetDeleteResponsePartition::default()
                         .with_partition_index(p.partition_index)
-                        .with_error_code(e)
+                        .with_error_code(e.get())
                 })
                 .collect();
             OffsetDeleteResponseTopic::default()
@@ -67,7 +67,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .collect();
     req.respond(
         &OffsetDeleteResponse::default()
-            .with_error_code(top)
-            .with_topics(if top != NONE.get() { vec![] } else { topics }),
+            .with_error_code(top.get())
+            .with_topics(if top.is_error() { vec![] } else { topics }),
     )
 }

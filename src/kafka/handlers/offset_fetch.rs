@@ -19,7 +19,10 @@ type Fetched = Vec<(String, i32, Option<OffsetValue>)>;
 type TopicOffsets = (String, Vec<(i32, Option<OffsetValue>)>);
 
 /// The committed offsets of one group, or a coordinator error.
-async fn fetch(group_id: String, wanted: Option<Vec<(String, Vec<i32>)>>) -> Result<Fetched, i16> {
+async fn fetch(
+    group_id: String,
+    wanted: Option<Vec<(String, Vec<i32>)>>,
+) -> Result<Fetched, crate::types::ErrorCode> {
     let gid = group_id.clone();
     on_coordinator(&group_id, move |gs| async move {
         gs.coordinator
@@ -60,7 +63,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .collect::<Vec<_>>()
             });
             let (error, rows) = match fetch(g.group_id.to_string(), wanted).await {
-                Ok(rows) => (NONE.get(), rows),
+                Ok(rows) => (NONE, rows),
                 Err(e) => (e, vec![]),
             };
             let topics = by_topic(rows)
@@ -88,7 +91,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             groups.push(
                 OffsetFetchResponseGroup::default()
                     .with_group_id(GroupId(g.group_id.0))
-                    .with_error_code(error)
+                    .with_error_code(error.get())
                     .with_topics(topics),
             );
         }
@@ -101,7 +104,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     });
     let requested = wanted.clone();
     let (error, rows) = match fetch(request.group_id.to_string(), wanted).await {
-        Ok(rows) => (NONE.get(), rows),
+        Ok(rows) => (NONE, rows),
         Err(e) => {
             // v1 has no top-level error: report it on every requested partition.
             let rows = requested
@@ -112,7 +115,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             (e, rows)
         }
     };
-    let per_partition_error = if version < 2 { error } else { NONE.get() };
+    let per_partition_error = if version < 2 { error } else { NONE };
     let topics = by_topic(rows)
         .into_iter()
         .map(|(t, ps)| {
@@ -128,7 +131,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                                 .with_metadata(Some(str_bytes(
                                     v.as_ref().map(|v| v.metadata.as_str()).unwrap_or(""),
                                 )))
-                                .with_error_code(per_partition_error)
+                                .with_error_code(per_partition_error.get())
                         })
                         .collect(),
                 )
@@ -136,7 +139,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .collect();
     let mut resp = OffsetFetchResponse::default().with_topics(topics);
     if version >= 2 {
-        resp.error_code = error;
+        resp.error_code = error.get();
     }
     req.respond(&resp)
 }

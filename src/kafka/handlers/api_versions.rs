@@ -8,8 +8,9 @@ use kafka_protocol::ResponseError;
 
 use crate::kafka::Response;
 use crate::kafka::{encode_frame, versions, Request};
+use crate::types::ErrorCode;
 
-fn body(error_code: i16) -> ApiVersionsResponse {
+fn body(error: ErrorCode) -> ApiVersionsResponse {
     let api_keys = versions::SUPPORTED
         .iter()
         .map(|(k, lo, hi)| {
@@ -22,18 +23,18 @@ fn body(error_code: i16) -> ApiVersionsResponse {
     // Tagged fields (features, zk_migration_ready) stay at their defaults so that they are not
     // written at all: older librdkafka (2.0) fails to parse them otherwise.
     ApiVersionsResponse::default()
-        .with_error_code(error_code)
+        .with_error_code(error.get())
         .with_api_keys(api_keys)
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let _request: ApiVersionsRequest = crate::decode_or_close!(req, b);
-    req.respond(&body(0))
+    req.respond(&body(ErrorCode::NONE))
 }
 
 /// The v0 answer to an ApiVersions request with a version we do not support (KIP-511).
 pub fn unsupported(correlation_id: i32) -> Response {
-    let body = body(ResponseError::UnsupportedVersion.code());
+    let body = body(ErrorCode::new(ResponseError::UnsupportedVersion));
     match encode_frame(ApiKey::ApiVersions, 0, correlation_id, &body) {
         Ok(f) => Response::Frames(vec![f]),
         Err(e) => Response::Close(format!("cannot encode ApiVersions v0: {e}")),

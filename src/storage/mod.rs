@@ -39,6 +39,8 @@ mod retention;
 mod roll;
 mod segment;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::cell::RefCell;

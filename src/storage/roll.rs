@@ -45,6 +45,13 @@ impl PartitionLog {
             if s.appender.is_dead() {
                 return Err(s.appender.error());
             }
+            // Why: a segment without batches (its bytes were all rolled back by a failed
+            // write) is not sealed; its successor would start at the same offset, in the same
+            // file, and retention or DeleteRecords would unlink the active segment's file with
+            // the empty one.
+            if s.offsets.log_end() == s.active().base() {
+                return Ok(());
+            }
             assert_eq!(
                 s.offsets.hw(),
                 s.offsets.log_end(),
@@ -99,6 +106,10 @@ impl PartitionLog {
         }
         let mut s = self.state.borrow_mut();
         assert_eq!(base, s.offsets.log_end(), "appends wait while a roll runs");
+        assert!(
+            base > s.active().base(),
+            "a new segment shares no file with the sealed one"
+        );
         s.segments
             .push(Segment::new(base, new_file, crate::types::now_ms()));
         s.appender.started_segment(align_up(extent));

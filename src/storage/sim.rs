@@ -605,12 +605,18 @@ async fn simulate(seed: u64, dir: std::path::PathBuf, trace: Rc<Trace>) {
                 h.pop_front();
             }
             h.push_back(format!(
-                "step {step}: {}; then start {} synced {} hw {} end {}, segments {:?}, removed {:?}",
+                "step {step}: {}; then start {} synced {} hw {} end {}, in memory {:?}, files {:?}, removed {:?}",
                 trace.op.borrow(),
                 log.log_start_offset(),
                 log.synced_offset(),
                 log.high_watermark(),
                 log.log_end_offset(),
+                log.state
+                    .borrow()
+                    .segments
+                    .iter()
+                    .map(|g| (g.base().0, g.next().0))
+                    .collect::<Vec<_>>(),
                 meta::list_segments(log.dir()),
                 faults
                     .removed

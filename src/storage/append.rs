@@ -14,15 +14,6 @@ use crate::storage::producer_state::{BatchMeta, Check};
 use crate::storage::{AppendResult, Durability, PartitionLog, State, StorageError};
 use crate::types::Offset;
 
-/// Outcome of the synchronous part of an append.
-enum Assigned {
-    Duplicate(AppendResult),
-    New {
-        result: AppendResult,
-        ticket: Ticket,
-    },
-}
-
 impl PartitionLog {
     /// Appends one or more concatenated RecordBatch v2 batches: validates each (length, magic,
     /// CRC-32C), checks idempotent producer sequences, assigns offsets by patching `baseOffset`,
@@ -37,10 +28,7 @@ impl PartitionLog {
         }
         batch::for_each_batch(&records, true, |_| {}).map_err(StorageError::Corrupt)?;
         self.admit(records.len()).await?;
-        let (result, ticket) = match self.assign(records, durability)? {
-            Assigned::Duplicate(r) => return Ok(r),
-            Assigned::New { result, ticket } => (result, ticket),
-        };
+        let (result, ticket) = self.assign(records, durability)?;
         if durability == Durability::Accepted {
             return Ok(result);
         }
@@ -67,16 +55,23 @@ impl PartitionLog {
     }
 
     /// The synchronous part of an append: offsets, file positions, index, producer state,
-    /// pending bytes and cache change together, with no await in between.
+    /// pending bytes and cache change together, with no await in between. Returns what the
+    /// append answers and the ticket its wait for `durability` checks.
     fn assign(
         &self,
         mut records: BytesMut,
         durability: Durability,
-    ) -> Result<Assigned, StorageError> {
+    ) -> Result<(AppendResult, Ticket), StorageError> {
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
         if let Some(dup) = self.check_producers(s, &records)? {
-            return Ok(Assigned::Duplicate(dup));
+            // A retry is answered like its first attempt, once the original batches reach the
+            // durability asked for: the first attempt may still be unwritten (and its write may
+            // yet fail), or its fdatasync may have failed.
+            let ticket = s
+                .appender
+                .retry_ticket(dup.last_offset.next(), durability == Durability::Synced);
+            return Ok((dup, ticket));
         }
         let base = s.offsets.log_end();
         let interval = s.config.index_interval_bytes;
@@ -124,7 +119,7 @@ impl PartitionLog {
             log_start_offset: s.offsets.log_start(),
             duplicate: false,
         };
-        Ok(Assigned::New { result, ticket })
+        Ok((result, ticket))
     }
 
     /// Waits until an append of `bytes` may assign offsets: no roll in progress, pending

@@ -290,6 +290,19 @@ impl Appender {
         }
     }
 
+    /// A ticket for an idempotent retry whose batches (offsets up to `next`) are already
+    /// accepted: it asks for their fdatasync when `sync`, and fails with their write.
+    pub fn retry_ticket(&mut self, next: Offset, sync: bool) -> Ticket {
+        if sync {
+            self.sync_wanted = self.sync_wanted.max(next);
+            self.wake_flusher();
+        }
+        Ticket {
+            gen: self.gen,
+            sync_failures: self.sync_failures,
+        }
+    }
+
     /// The append of `ticket` ending at `last` failed: a write failed before it was written, or
     /// the flusher died.
     pub fn failed(&self, ticket: Ticket, last: Offset) -> bool {
@@ -304,6 +317,13 @@ impl Appender {
         if let Some(w) = self.flusher.take() {
             w.wake();
         }
+    }
+
+    /// Nothing more may be appended (the segment files are in a state only a restart
+    /// resolves): appends and rolls fail with `e` from now on.
+    pub fn stop(&mut self, e: &std::io::Error) {
+        self.dead = true;
+        self.set_error(e);
     }
 
     pub fn set_error(&mut self, e: &std::io::Error) {

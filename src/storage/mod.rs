@@ -18,6 +18,7 @@
 //! | `producer_state` | idempotent producer sequences and epochs (KIP-98) |
 //! | `meta` | small checksummed files: index files, checkpoints, snapshot, clean marker |
 //! | [`io`] | the I/O seam: glommio DMA files, and a fault-injecting wrapper for tests |
+//! | `sim` (tests) | a seeded simulation of one log under faults and crashes (`SLUICE_SIM_SEED` replays) |
 //!
 //! Offsets, in order: `log_start <= synced <= hw <= log_end` (see `offsets`). The state of
 //! each concern lives in a struct of the module that owns it, with private fields changed
@@ -38,6 +39,8 @@ mod recovery;
 mod retention;
 mod roll;
 mod segment;
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 pub(crate) mod tests;
 

@@ -45,6 +45,13 @@ impl PartitionLog {
             if s.appender.is_dead() {
                 return Err(s.appender.error());
             }
+            // Why: a segment without batches (its bytes were all rolled back by a failed
+            // write) is not sealed; its successor would start at the same offset, in the same
+            // file, and retention or DeleteRecords would unlink the active segment's file with
+            // the empty one.
+            if s.offsets.log_end() == s.active().base() {
+                return Ok(());
+            }
             assert_eq!(
                 s.offsets.hw(),
                 s.offsets.log_end(),
@@ -85,19 +92,52 @@ impl PartitionLog {
         let path = meta::segment_path(&self.dir, base, "log");
         let new_file = self.io.open(&path, true).await?;
         let extent = appender::next_extent(0, self.state.borrow().config.segment_bytes.max(4096));
-        new_file.allocate(align_up(extent)).await?;
-        // The new file's directory entry must be durable before any append is acknowledged in
-        // it: fdatasync of the file does not persist the entry, and after a crash a missing
-        // segment would silently lose acknowledged batches.
-        self.io.sync_dir(&self.dir).await?;
+        let started = async {
+            new_file.allocate(align_up(extent)).await?;
+            // The new file's directory entry must be durable before any append is acknowledged
+            // in it: fdatasync of the file does not persist the entry, and after a crash a
+            // missing segment would silently lose acknowledged batches.
+            self.io.sync_dir(&self.dir).await
+        }
+        .await;
+        if let Err(e) = started {
+            self.abandon_segment_file(&path, &e).await;
+            return Err(e.into());
+        }
         let mut s = self.state.borrow_mut();
         assert_eq!(base, s.offsets.log_end(), "appends wait while a roll runs");
+        assert!(
+            base > s.active().base(),
+            "a new segment shares no file with the sealed one"
+        );
         s.segments
             .push(Segment::new(base, new_file, crate::types::now_ms()));
         s.appender.started_segment(align_up(extent));
         s.check_invariants();
         s.check_segments();
         Ok(())
+    }
+
+    /// A roll failed after creating the new segment's file: removes the file, since appends
+    /// continue in the current segment and a file left behind would make the next start take
+    /// it as the active segment and cut the current one at its base, dropping every batch
+    /// appended meanwhile. When the removal fails too, appends stop (a restart then finds the
+    /// current segment exactly sized, and the new one empty and starting at the log end).
+    async fn abandon_segment_file(&self, path: &std::path::Path, cause: &std::io::Error) {
+        let removed = async {
+            self.io.remove(path).await?;
+            self.io.sync_dir(&self.dir).await
+        }
+        .await;
+        if let Err(e) = removed {
+            tracing::error!(
+                path = %path.display(), error = %e, roll_error = %cause,
+                "could not remove the segment file of a failed roll; appends to this partition fail until restart"
+            );
+            let mut s = self.state.borrow_mut();
+            s.appender.stop(cause);
+            s.wake_all();
+        }
     }
 
     /// Waits for a background producer snapshot to finish (roll and close write their own, which

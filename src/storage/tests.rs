@@ -110,6 +110,39 @@ pub(crate) async fn read_all(log: &PartitionLog, from: Offset, bytes_max: u32) -
     out
 }
 
+/// How long a test waits for a condition before it fails.
+const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until `cond` holds on the log's state (re-checked on every change of it); fails the
+/// test after [`WAIT_MAX`].
+pub(crate) async fn wait_state(log: &PartitionLog, what: &str, cond: impl Fn(&State) -> bool) {
+    let done = futures_lite::future::or(
+        async {
+            log.wait_until(cond).await;
+            true
+        },
+        async {
+            glommio::timer::sleep(WAIT_MAX).await;
+            false
+        },
+    )
+    .await;
+    assert!(done, "timed out waiting for {what}");
+}
+
+/// Polls `cond` (for conditions outside the log's state, such as files) until it holds; fails
+/// the test after [`WAIT_MAX`].
+pub(crate) async fn poll_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT_MAX;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 fn base_of(b: &[u8]) -> Offset {
     BatchHeader::parse(b).unwrap().base_offset()
 }
@@ -589,8 +622,10 @@ fn retention_and_delete_records_advance_log_start_and_survive_restart() {
             Err(StorageError::OffsetOutOfRange { .. })
         ));
         // Files are unlinked in the background.
-        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(meta::list_segments(&d).unwrap().len(), after);
+        poll_until("the unlink of the segments below the log start", || {
+            meta::list_segments(&d).unwrap().len() == after
+        })
+        .await;
 
         // DeleteRecords: past the high watermark is out of range; inside moves the log start.
         assert!(log.delete_records_before(Offset(201)).await.is_err());
@@ -806,6 +841,100 @@ fn idempotent_retries_are_answered_with_original_offsets_across_restarts() {
     });
 }
 
+// KIP-98: a retry is answered with the original offsets, and (like the first attempt) only
+// once those batches are as durable as the retry asks. Found by the storage simulation: the
+// retry of a Synced append whose fdatasync had failed was acknowledged at once, unsynced.
+#[test]
+fn idempotent_retry_waits_for_the_durability_of_the_original_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        let b = idempotent_batch(42, 0, 0, 2);
+        faults.sync_fails.set(true);
+        assert!(matches!(
+            log.append(BytesMut::from(&b[..]), Durability::Synced).await,
+            Err(StorageError::Io(_))
+        ));
+        // Written, not synced: the retry may not claim more than the first attempt got.
+        assert_eq!(
+            (log.high_watermark(), log.synced_offset()),
+            (Offset(2), Offset(0))
+        );
+        assert!(matches!(
+            log.append(BytesMut::from(&b[..]), Durability::Synced).await,
+            Err(StorageError::Io(_))
+        ));
+        let r = append(&log, &b, Durability::Written).await;
+        assert!(r.duplicate);
+        faults.sync_fails.set(false);
+        let r = append(&log, &b, Durability::Synced).await;
+        assert!(r.duplicate);
+        assert_eq!((r.base_offset, r.last_offset), (Offset(0), Offset(1)));
+        assert!(log.synced_offset() >= Offset(2));
+        // The first attempt's write fails (disk full): the retry waiting on it fails with it,
+        // and the next retry appends the batch anew.
+        let b = idempotent_batch(42, 0, 2, 1);
+        faults.disk_full.set(true);
+        let first = {
+            let log = log.clone();
+            let b = b.clone();
+            glommio::spawn_local(async move {
+                log.append(BytesMut::from(&b[..]), Durability::Written)
+                    .await
+            })
+        };
+        let retry = {
+            let log = log.clone();
+            let b = b.clone();
+            glommio::spawn_local(async move {
+                log.append(BytesMut::from(&b[..]), Durability::Written)
+                    .await
+            })
+        };
+        assert!(matches!(first.await, Err(StorageError::Io(_))));
+        assert!(matches!(retry.await, Err(StorageError::Io(_))));
+        faults.disk_full.set(false);
+        let r = append(&log, &b, Durability::Written).await;
+        assert!(!r.duplicate);
+        assert_eq!(r.base_offset, Offset(2));
+    });
+}
+
+// Found by the storage simulation: a roll that failed after creating the new segment's file
+// left it behind while appends went on in the current segment; the next start took the empty
+// file as the active segment and cut the current one at its base.
+#[test]
+fn a_failed_roll_leaves_no_segment_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        let mut stored = vec![];
+        for i in 0..3u8 {
+            let b = batch(1, 100, i as i64, i);
+            let r = append(&log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        faults.allocate_fails.set(true);
+        assert!(matches!(log.roll().await, Err(StorageError::Io(_))));
+        faults.allocate_fails.set(false);
+        assert_eq!(meta::list_segments(&d).unwrap(), vec![Offset(0)]);
+        for i in 3..6u8 {
+            let b = batch(1, 100, i as i64, i);
+            let r = append(&log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        log.close().await.unwrap();
+        drop(log);
+        let log = open(&d, small_config()).await;
+        assert!(log.recovery_report().is_none());
+        assert_eq!(log.log_end_offset(), Offset(6));
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+    });
+}
+
 #[test]
 fn segments_roll_by_size_and_age() {
     let dir = tempfile::tempdir().unwrap();
@@ -816,6 +945,8 @@ fn segments_roll_by_size_and_age() {
         cfg.segment_ms = Some(20);
         let log = open(&d, cfg).await;
         append(&log, &batch(1, 10, 1, 1), Durability::Written).await;
+        // The age of the segment is the subject: time has to pass (the log reads the wall
+        // clock).
         glommio::timer::sleep(std::time::Duration::from_millis(30)).await;
         append(&log, &batch(1, 10, 2, 2), Durability::Written).await;
         assert_eq!(log.segment_count(), 2);
@@ -1015,7 +1146,7 @@ fn interval_flush_policy_syncs_on_its_timer() {
         let (log, faults) = open_faulty(&d, cfg).await;
         // Written appends alone get synced once the interval has passed.
         append(&log, &batch(1, 10, 1, 1), Durability::Written).await;
-        glommio::timer::sleep(std::time::Duration::from_millis(60)).await;
+        wait_state(&log, "the timed sync", |s| s.offsets.synced() >= Offset(1)).await;
         assert_eq!(log.synced_offset(), Offset(1));
         // A Synced append waits for the next timed sync; many of them share it.
         let mut tasks = vec![];
@@ -1108,6 +1239,8 @@ fn concurrent_large_appends_with_failures_keep_every_acknowledged_batch() {
                 }));
             }
             if fail {
+                // A fault schedule in time while the producers run (these sleeps place the
+                // faults; no state is awaited).
                 glommio::timer::sleep(std::time::Duration::from_millis(3)).await;
                 faults.torn_writes.set(1);
                 glommio::timer::sleep(std::time::Duration::from_millis(3)).await;
@@ -1272,18 +1405,10 @@ fn written_data_is_synced_in_the_background_and_indexed() {
         let end = log.log_end_offset();
         assert!(log.synced_offset() < end);
         // Acks=1 traffic alone is fdatasynced within BACKGROUND_SYNC_MS.
-        let synced = futures_lite::future::or(
-            async {
-                log.wait_until(|s| s.offsets.synced() >= end).await;
-                true
-            },
-            async {
-                glommio::timer::sleep(std::time::Duration::from_secs(10)).await;
-                false
-            },
-        )
+        wait_state(&log, "a background fdatasync", |s| {
+            s.offsets.synced() >= end
+        })
         .await;
-        assert!(synced, "no background fdatasync");
         let on_disk = meta::read_index_file(
             &meta::segment_path(&d, log.state.borrow().active().base(), "index"),
             meta::decode_index,

@@ -17,14 +17,21 @@ use super::{align_down, DmaIo, IoFuture, ReadBuf, SegmentFile, StorageIo};
 pub struct Faults {
     /// Writes, allocations and punches fail with ENOSPC while set ("disk full").
     pub disk_full: Cell<bool>,
+    /// Pre-allocation fails with ENOSPC while set (files can still be created).
+    pub allocate_fails: Cell<bool>,
     /// fdatasync fails with EIO while set.
     pub sync_fails: Cell<bool>,
+    /// Every fdatasync takes at least this long while non-zero (a slow disk).
+    pub sync_delay_ms: Cell<u64>,
     /// The next N writes fail with EIO after writing only their first half (a torn write).
     pub torn_writes: Cell<u32>,
     /// Reads fail with EIO while set.
     pub read_fails: Cell<bool>,
     /// Writes at or past this file position wait while it is set (a slow disk region).
     pub hold_writes_from: Cell<Option<u64>>,
+    /// The process crashed: every later write, sync, allocation, punch, truncation, open for
+    /// create and removal fails with EIO and changes nothing (I/O already issued completes).
+    pub crashed: Cell<bool>,
     /// Counts of operations seen, for assertions on group commit.
     pub writes: Cell<u64>,
     pub syncs: Cell<u64>,
@@ -56,6 +63,9 @@ impl SegmentFile for FaultySegment {
             while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
                 glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
             }
+            if f.crashed.get() {
+                return Err(eio());
+            }
             if f.disk_full.get() {
                 return Err(enospc());
             }
@@ -84,7 +94,11 @@ impl SegmentFile for FaultySegment {
         Box::pin(async move {
             let f = &self.faults;
             f.syncs.set(f.syncs.get() + 1);
-            if f.sync_fails.get() {
+            let delay_ms = f.sync_delay_ms.get();
+            if delay_ms > 0 {
+                glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            }
+            if f.sync_fails.get() || f.crashed.get() {
                 return Err(eio());
             }
             self.inner.sync().await
@@ -92,17 +106,30 @@ impl SegmentFile for FaultySegment {
     }
     fn allocate(&self, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.faults.disk_full.get() {
+            if self.faults.crashed.get() {
+                return Err(eio());
+            }
+            if self.faults.disk_full.get() || self.faults.allocate_fails.get() {
                 return Err(enospc());
             }
             self.inner.allocate(len).await
         })
     }
     fn punch(&self, pos: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.inner.punch(pos, len).await })
+        Box::pin(async move {
+            if self.faults.crashed.get() {
+                return Err(eio());
+            }
+            self.inner.punch(pos, len).await
+        })
     }
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move { self.inner.truncate(len).await })
+        Box::pin(async move {
+            if self.faults.crashed.get() {
+                return Err(eio());
+            }
+            self.inner.truncate(len).await
+        })
     }
     fn size(&self) -> IoFuture<'_, u64> {
         Box::pin(async move { self.inner.size().await })
@@ -113,6 +140,9 @@ impl StorageIo for FaultyIo {
     fn open(&self, path: &Path, create: bool) -> IoFuture<'_, Rc<dyn SegmentFile>> {
         let path = path.to_path_buf();
         Box::pin(async move {
+            if create && self.faults.crashed.get() {
+                return Err(eio());
+            }
             if create && self.faults.disk_full.get() {
                 return Err(enospc());
             }
@@ -127,6 +157,9 @@ impl StorageIo for FaultyIo {
         DmaIo.sync_dir(dir)
     }
     fn remove(&self, path: &Path) -> IoFuture<'_, ()> {
+        if self.faults.crashed.get() {
+            return Box::pin(async { Err(eio()) });
+        }
         self.faults.removed.borrow_mut().push(path.to_path_buf());
         DmaIo.remove(path)
     }

@@ -28,10 +28,19 @@ impl ProducerIds {
     /// Resumes after every id a previous run may have handed out and persists the first block.
     pub fn open(data_dir: &Path) -> std::io::Result<ProducerIds> {
         let path = data_dir.join("__meta/producer_ids");
-        let start = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        // No file: a new data dir, ids start at 0. A file that does not hold a number is damage
+        // from outside (it is only ever replaced whole): starting again from 0 could hand out
+        // ids earlier runs used, so refuse to start instead.
+        let start = match std::fs::read_to_string(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+            Ok(text) => text.trim().parse::<u64>().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} does not hold a producer id", path.display()),
+                )
+            })?,
+        };
         let limit = start
             .checked_add(PRODUCER_ID_BLOCK)
             .ok_or_else(|| std::io::Error::other("producer id space exhausted"))?;
@@ -109,6 +118,17 @@ mod tests {
                 "id {id} handed out before its block is durable"
             );
         }
+    }
+
+    #[test]
+    fn a_damaged_block_file_refuses_to_start_rather_than_reuse_ids() {
+        let d = data_dir();
+        drop(ProducerIds::open(d.path()).expect("open"));
+        std::fs::write(d.path().join("__meta/producer_ids"), "12x\n").expect("damage");
+        let e = ProducerIds::open(d.path())
+            .err()
+            .expect("a damaged file is an error");
+        assert!(e.to_string().contains("does not hold a producer id"), "{e}");
     }
 
     #[test]

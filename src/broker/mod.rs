@@ -36,7 +36,7 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
     let store = MetadataStore::open(&config.data_dir)
         .map_err(|e| format!("cannot open metadata in {}: {e}", config.data_dir.display()))?;
     let producer_ids = ProducerIds::open(&config.data_dir)
-        .map_err(|e| format!("cannot write producer id block: {e}"))?;
+        .map_err(|e| format!("cannot open the producer id block: {e}"))?;
     let image = store.image().clone();
     let n = config.shard_count();
     let mut inboxes = Vec::with_capacity(n);

@@ -28,7 +28,13 @@ fn bench_bin() -> PathBuf {
 
 /// Runs the bench with `args`, killing it if it outlives `limit`.
 fn run_bench(args: &[&str], limit: Duration) -> Output {
+    run_bench_in(&std::env::current_dir().expect("current dir"), args, limit)
+}
+
+/// Runs the bench with `args` in directory `cwd`, killing it if it outlives `limit`.
+fn run_bench_in(cwd: &std::path::Path, args: &[&str], limit: Duration) -> Output {
     let mut child = Command::new(bench_bin())
+        .current_dir(cwd)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -82,6 +88,35 @@ fn invalid_values_exit_non_zero_with_one_line() {
         let lines = stderr_lines(&o);
         assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
     }
+}
+
+#[test]
+fn built_in_scenarios_run_from_any_directory() {
+    let elsewhere = std::env::temp_dir();
+    let o = run_bench_in(
+        &elsewhere,
+        &["scenario", "s1", "--dry-run", "--duration", "1s"],
+        Duration::from_secs(10),
+    );
+    assert!(o.status.success(), "{:?}", stderr_lines(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("scenario s1-produce-max (built in):"),
+        "{out}"
+    );
+    let steps: Vec<&str> = out.lines().filter(|l| l.starts_with("step ")).collect();
+    assert!(!steps.is_empty(), "{out}");
+    assert!(steps.iter().all(|l| l.contains("--duration 1s")), "{out}");
+
+    let o = run_bench_in(
+        &elsewhere,
+        &["scenario", "no-such-scenario"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let lines = stderr_lines(&o);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("s1-produce-max"), "{lines:?}");
 }
 
 #[test]

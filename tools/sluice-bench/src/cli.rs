@@ -165,9 +165,9 @@ pub struct E2eCmd {
 pub struct ScenarioCmd {
     /// Scenario name (file stem without the sN- prefix, e.g. produce-max) or a path to a file.
     pub name: String,
-    /// Directory holding the scenario files.
-    #[arg(long, default_value = "perf/scenarios", env = "SLUICE_BENCH_SCENARIOS")]
-    pub dir: PathBuf,
+    /// Read scenario files from this directory instead of the built-in copies of perf/scenarios.
+    #[arg(long, env = "SLUICE_BENCH_SCENARIOS")]
+    pub dir: Option<PathBuf>,
     /// Run only this step (1-based) of a multi-step scenario.
     #[arg(long)]
     pub step: Option<usize>,

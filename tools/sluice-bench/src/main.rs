@@ -134,9 +134,9 @@ fn emit(summary: &Summary, json: Option<&std::path::Path>) -> anyhow::Result<()>
 }
 
 fn run_scenario(s: sluice_bench::cli::ScenarioCmd) -> Result<(), Failure> {
-    let path =
-        scenario::find(&s.dir, &s.name).map_err(|e| Failure::Usage(format!("error: {e:#}")))?;
-    let sc = scenario::load(&path)?;
+    let source = scenario::find(s.dir.as_deref(), &s.name)
+        .map_err(|e| Failure::Usage(format!("error: {e:#}")))?;
+    let sc = scenario::load(&source)?;
     let steps: Vec<(usize, &scenario::Step)> = match s.step {
         Some(n) if n >= 1 && n <= sc.steps.len() => vec![(n, &sc.steps[n - 1])],
         Some(n) => {
@@ -152,7 +152,7 @@ fn run_scenario(s: sluice_bench::cli::ScenarioCmd) -> Result<(), Failure> {
             .map(|(i, st)| (i + 1, st))
             .collect(),
     };
-    println!("scenario {}: {}", path.display(), sc.description);
+    println!("scenario {source}: {}", sc.description);
     for (n, step) in steps {
         let argv = scenario::step_argv(step, &s.overrides);
         println!(

@@ -312,7 +312,7 @@ impl Member {
                 &self.group,
                 &self.member_id,
                 TIMEOUTS,
-                encode_subscription(&[self.topic.clone()]),
+                encode_subscription(std::slice::from_ref(&self.topic)),
             ))?;
             self.member_id = resp.member_id.to_string();
             match resp.error_code {

@@ -397,6 +397,7 @@ fn reset_offsets_then_consume_reads_from_the_new_position() {
 
 mod raw {
     use super::*;
+    use common::Client;
     use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
     use kafka_protocol::messages::offset_commit_request::{
         OffsetCommitRequestPartition, OffsetCommitRequestTopic,
@@ -404,7 +405,6 @@ mod raw {
     use kafka_protocol::messages::*;
     use kafka_protocol::protocol::StrBytes;
     use kafka_protocol::ResponseError;
-    use sluice::cli::client::Client;
 
     fn s(x: &str) -> StrBytes {
         StrBytes::from_string(x.to_string())

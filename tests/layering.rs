@@ -333,3 +333,28 @@ fn the_edge_reader_sees_groups_inline_paths_and_skips_comments() {
     let got = referenced(&code, "crate::");
     assert_eq!(got, ["a", "b", "e", "g"]);
 }
+
+/// The modules that may use the `sluice-client` crate: the command line's. The broker itself
+/// (server, kafka and everything below) never speaks to brokers as a client.
+const CLIENT_USERS: &[&str] = &["cli"];
+
+#[test]
+fn only_the_command_line_uses_the_client_crate() {
+    let mut files = Vec::new();
+    rust_files(&src_dir(), &mut files);
+    let mut bad = BTreeSet::new();
+    for f in files {
+        let from = module_of(&f);
+        if CLIENT_USERS.contains(&from.as_str()) {
+            continue;
+        }
+        let code = code_only(&std::fs::read_to_string(&f).expect("read source file"));
+        if code.contains("sluice_client") {
+            bad.insert(format!("{} ({from})", f.display()));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "only {CLIENT_USERS:?} may use sluice_client; used in: {bad:?}"
+    );
+}

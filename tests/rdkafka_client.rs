@@ -234,7 +234,7 @@ fn admin_describe_configs_shows_overrides_and_defaults() {
     // so check the unknown topic's error code on the wire.
     use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
     use kafka_protocol::messages::{ApiKey, DescribeConfigsRequest, DescribeConfigsResponse};
-    let mut c = sluice::cli::client::Client::connect(&b.bootstrap()).expect("connect");
+    let mut c = common::Client::connect(&b.bootstrap()).expect("connect");
     let req =
         DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
             .with_resource_type(2)

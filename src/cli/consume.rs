@@ -7,12 +7,13 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use futures_lite::future::block_on;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
+use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
+use sluice_client::check;
 
-use super::client::{check, Client};
-use super::topic;
+use super::{connect, topic, Client};
 use crate::protocol::batch;
 use crate::protocol::compression::{self, DECOMPRESSED_BATCH_BYTES_MAX};
 
@@ -122,7 +123,8 @@ pub fn fetch_once(
                     .collect(),
             )]);
     // Versions up to 12 address topics by name.
-    let resp: FetchResponse = c.call(ApiKey::Fetch, (4, 12), &req)?;
+    let v = c.versions().pick_in::<FetchRequest>(4, 12)?;
+    let resp = block_on(c.call_at(&req, v))?;
     check(resp.error_code, "fetch", None)?;
     let mut printed = 0u64;
     let mut hws = BTreeMap::new();
@@ -200,7 +202,7 @@ pub fn fetch_once(
 }
 
 pub fn run(a: ConsumeArgs) -> Result<()> {
-    let mut c = Client::connect(&a.brokers)?;
+    let mut c = connect(&a.brokers)?;
     if let Some(group) = a.group.clone() {
         return consume_group(&mut c, &a, &group);
     }

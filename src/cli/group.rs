@@ -7,18 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::Subcommand;
+use futures_lite::future::block_on;
 use kafka_protocol::messages::describe_groups_response::DescribedGroup;
-use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
-use kafka_protocol::messages::offset_commit_request::{
-    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
-};
-use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
-use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
-use kafka_protocol::messages::*;
-use kafka_protocol::protocol::StrBytes;
+use sluice_client::error::code;
+use sluice_client::group::{self as kgroup, range_assign, JoinTimeouts};
+use sluice_client::{admin, check, error_name};
 
-use super::client::{check, error_name, Client};
-use super::topic;
+use super::{connect, topic, Client};
 
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
@@ -45,24 +40,8 @@ pub enum GroupCommand {
     },
 }
 
-fn s(x: &str) -> StrBytes {
-    StrBytes::from_string(x.to_string())
-}
-
 pub fn describe_group(c: &mut Client, group: &str) -> Result<DescribedGroup> {
-    let req = DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]);
-    let resp: DescribeGroupsResponse = c.call(ApiKey::DescribeGroups, (0, 5), &req)?;
-    let g = resp
-        .groups
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("broker described no group"))?;
-    check(
-        g.error_code,
-        &format!("describe group {group}"),
-        g.error_message.as_ref(),
-    )?;
-    Ok(g)
+    block_on(admin::describe_group(c, group))
 }
 
 /// Committed offsets of a group for all topics: (topic, partition) → offset.
@@ -71,31 +50,7 @@ pub fn committed(
     group: &str,
     topics: Option<Vec<(String, Vec<i32>)>>,
 ) -> Result<BTreeMap<(String, i32), i64>> {
-    let req = OffsetFetchRequest::default()
-        .with_group_id(GroupId(s(group)))
-        .with_topics(topics.map(|ts| {
-            ts.into_iter()
-                .map(|(t, ps)| {
-                    OffsetFetchRequestTopic::default()
-                        .with_name(TopicName(s(&t)))
-                        .with_partition_indexes(ps)
-                })
-                .collect()
-        }));
-    let resp: OffsetFetchResponse = c.call(ApiKey::OffsetFetch, (2, 7), &req)?;
-    check(resp.error_code, &format!("offsets of group {group}"), None)?;
-    let mut out = BTreeMap::new();
-    for t in resp.topics {
-        for p in t.partitions {
-            check(
-                p.error_code,
-                &format!("offset of {}-{}", t.name.as_str(), p.partition_index),
-                None,
-            )?;
-            out.insert((t.name.to_string(), p.partition_index), p.committed_offset);
-        }
-    }
-    Ok(out)
+    block_on(admin::committed(c, group, topics))
 }
 
 /// Topic → partitions of a consumer-protocol assignment.
@@ -166,14 +121,12 @@ fn parse_datetime(v: &str) -> Result<i64> {
 }
 
 pub fn run(cmd: GroupCommand, brokers: &str) -> Result<()> {
-    let mut c = Client::connect(brokers)?;
+    let mut c = connect(brokers)?;
     match cmd {
         GroupCommand::List => {
-            let resp: ListGroupsResponse =
-                c.call(ApiKey::ListGroups, (0, 4), &ListGroupsRequest::default())?;
-            check(resp.error_code, "list groups", None)?;
+            let groups = block_on(admin::list_groups(&mut c))?;
             println!("{:<40} {:<20} STATE", "GROUP", "PROTOCOL-TYPE");
-            for g in resp.groups {
+            for g in groups {
                 println!(
                     "{:<40} {:<20} {}",
                     g.group_id.as_str(),
@@ -249,16 +202,7 @@ pub fn run(cmd: GroupCommand, brokers: &str) -> Result<()> {
             }
         }
         GroupCommand::Delete { group } => {
-            let resp: DeleteGroupsResponse = c.call(
-                ApiKey::DeleteGroups,
-                (0, 2),
-                &DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(&group))]),
-            )?;
-            let r = resp
-                .results
-                .first()
-                .ok_or_else(|| anyhow!("broker returned no result"))?;
-            check(r.error_code, &format!("cannot delete group {group}"), None)?;
+            block_on(admin::delete_group(&mut c, &group))?;
             println!("deleted group {group}");
         }
         GroupCommand::ResetOffsets {
@@ -306,16 +250,16 @@ pub fn run(cmd: GroupCommand, brokers: &str) -> Result<()> {
                 }
                 v
             };
-            let req = commit_request(&group, -1, "", &t, targets.iter().copied());
-            let resp: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, (2, 8), &req)?;
-            for tr in &resp.topics {
-                for p in &tr.partitions {
-                    check(
-                        p.error_code,
-                        &format!("reset {t}-{} for group {group}", p.partition_index),
-                        None,
-                    )?;
-                }
+            let codes = block_on(kgroup::commit(
+                &mut c,
+                &group,
+                -1,
+                "",
+                &t,
+                targets.iter().copied(),
+            ))?;
+            for (p, e) in codes {
+                check(e, &format!("reset {t}-{p} for group {group}"), None)?;
             }
             println!("{:<30} {:>9} {:>12}", "TOPIC", "PARTITION", "NEW-OFFSET");
             for (p, o) in targets {
@@ -337,7 +281,10 @@ pub struct Member {
     last_heartbeat: Instant,
 }
 
-const SESSION_TIMEOUT_MS: i32 = 10_000;
+const TIMEOUTS: JoinTimeouts = JoinTimeouts {
+    session_ms: 10_000,
+    rebalance_ms: 30_000,
+};
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(3);
 
 impl Member {
@@ -360,25 +307,23 @@ impl Member {
             if Instant::now() > deadline {
                 bail!("could not join group {} within 60 s", self.group);
             }
-            let req = JoinGroupRequest::default()
-                .with_group_id(GroupId(s(&self.group)))
-                .with_session_timeout_ms(SESSION_TIMEOUT_MS)
-                .with_rebalance_timeout_ms(30_000)
-                .with_member_id(s(&self.member_id))
-                .with_protocol_type(s("consumer"))
-                .with_protocols(vec![JoinGroupRequestProtocol::default()
-                    .with_name(s("range"))
-                    .with_metadata(encode_subscription(&[self.topic.clone()]))]);
-            let resp: JoinGroupResponse = c.call(ApiKey::JoinGroup, (4, 5), &req)?;
+            let resp = block_on(kgroup::join_group(
+                c,
+                &self.group,
+                &self.member_id,
+                TIMEOUTS,
+                encode_subscription(std::slice::from_ref(&self.topic)),
+            ))?;
             self.member_id = resp.member_id.to_string();
             match resp.error_code {
-                0 => {}
-                79 => continue, // MEMBER_ID_REQUIRED: join again with the id we were given
-                25 => {
+                code::NONE => {}
+                // Join again with the id we were given.
+                code::MEMBER_ID_REQUIRED => continue,
+                code::UNKNOWN_MEMBER_ID => {
                     self.member_id.clear();
                     continue;
                 }
-                27 => continue,
+                code::REBALANCE_IN_PROGRESS => continue,
                 e => bail!("join group {}: {}", self.group, error_name(e)),
             }
             self.generation = resp.generation_id;
@@ -387,32 +332,28 @@ impl Member {
                     .into_iter()
                     .map(|p| p.0)
                     .collect();
-                let mut members: Vec<String> = resp
+                let members: Vec<String> = resp
                     .members
                     .iter()
                     .map(|m| m.member_id.to_string())
                     .collect();
-                members.sort();
                 range_assign(&members, &parts)
                     .into_iter()
-                    .map(|(m, ps)| {
-                        SyncGroupRequestAssignment::default()
-                            .with_member_id(s(&m))
-                            .with_assignment(encode_assignment(&[(self.topic.clone(), ps)]))
-                    })
+                    .map(|(m, ps)| (m, encode_assignment(&[(self.topic.clone(), ps)])))
                     .collect()
             } else {
                 vec![]
             };
-            let req = SyncGroupRequest::default()
-                .with_group_id(GroupId(s(&self.group)))
-                .with_generation_id(self.generation)
-                .with_member_id(s(&self.member_id))
-                .with_assignments(assignments);
-            let resp: SyncGroupResponse = c.call(ApiKey::SyncGroup, (1, 3), &req)?;
+            let resp = block_on(kgroup::sync_group(
+                c,
+                &self.group,
+                self.generation,
+                &self.member_id,
+                assignments,
+            ))?;
             match resp.error_code {
-                0 => {}
-                27 => continue,
+                code::NONE => {}
+                code::REBALANCE_IN_PROGRESS => continue,
                 e => bail!("sync group {}: {}", self.group, error_name(e)),
             }
             self.assigned = decode_assignment(resp.assignment)
@@ -431,15 +372,16 @@ impl Member {
             return Ok(false);
         }
         self.last_heartbeat = Instant::now();
-        let req = HeartbeatRequest::default()
-            .with_group_id(GroupId(s(&self.group)))
-            .with_generation_id(self.generation)
-            .with_member_id(s(&self.member_id));
-        let resp: HeartbeatResponse = c.call(ApiKey::Heartbeat, (0, 4), &req)?;
-        match resp.error_code {
-            0 => Ok(false),
-            27 | 22 => Ok(true),
-            25 => {
+        let e = block_on(kgroup::heartbeat(
+            c,
+            &self.group,
+            self.generation,
+            &self.member_id,
+        ))?;
+        match e {
+            code::NONE => Ok(false),
+            code::REBALANCE_IN_PROGRESS | code::ILLEGAL_GENERATION => Ok(true),
+            code::UNKNOWN_MEMBER_ID => {
                 self.member_id.clear();
                 Ok(true)
             }
@@ -448,96 +390,34 @@ impl Member {
     }
 
     pub fn commit(&self, c: &mut Client, positions: &BTreeMap<i32, i64>) -> Result<bool> {
-        let req = commit_request(
+        let codes = block_on(kgroup::commit(
+            c,
             &self.group,
             self.generation,
             &self.member_id,
             &self.topic,
             positions.iter().map(|(p, o)| (*p, *o)),
-        );
-        let resp: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, (2, 8), &req)?;
-        for t in &resp.topics {
-            for p in &t.partitions {
-                match p.error_code {
-                    0 => {}
-                    27 | 22 | 25 => return Ok(true),
-                    e => bail!(
-                        "commit {}-{}: {}",
-                        self.topic,
-                        p.partition_index,
-                        error_name(e)
-                    ),
-                }
+        ))?;
+        for (p, e) in codes {
+            match e {
+                code::NONE => {}
+                code::REBALANCE_IN_PROGRESS
+                | code::ILLEGAL_GENERATION
+                | code::UNKNOWN_MEMBER_ID => return Ok(true),
+                e => bail!("commit {}-{p}: {}", self.topic, error_name(e)),
             }
         }
         Ok(false)
     }
 
     pub fn leave(&self, c: &mut Client) {
-        let req = LeaveGroupRequest::default()
-            .with_group_id(GroupId(s(&self.group)))
-            .with_member_id(s(&self.member_id));
-        let _: Result<LeaveGroupResponse> = c.call(ApiKey::LeaveGroup, (0, 2), &req);
+        let _ = block_on(kgroup::leave_group(c, &self.group, &self.member_id));
     }
-}
-
-/// OffsetCommit of `(partition, offset)` pairs of one topic; generation -1 and an empty member id
-/// commit for an empty group (reset-offsets).
-fn commit_request(
-    group: &str,
-    generation: i32,
-    member_id: &str,
-    topic: &str,
-    offsets: impl Iterator<Item = (i32, i64)>,
-) -> OffsetCommitRequest {
-    OffsetCommitRequest::default()
-        .with_group_id(GroupId(s(group)))
-        .with_generation_id_or_member_epoch(generation)
-        .with_member_id(s(member_id))
-        .with_topics(vec![OffsetCommitRequestTopic::default()
-            .with_name(TopicName(s(topic)))
-            .with_partitions(
-                offsets
-                    .map(|(p, o)| {
-                        OffsetCommitRequestPartition::default()
-                            .with_partition_index(p)
-                            .with_committed_offset(o)
-                    })
-                    .collect(),
-            )])
-}
-
-/// Kafka's range assignor for one topic: contiguous ranges, the first members take one extra.
-pub fn range_assign(members: &[String], partitions: &[i32]) -> Vec<(String, Vec<i32>)> {
-    let n = members.len().max(1);
-    let per = partitions.len() / n;
-    let extra = partitions.len() % n;
-    let mut out = Vec::new();
-    let mut at = 0;
-    for (i, m) in members.iter().enumerate() {
-        let take = per + usize::from(i < extra);
-        out.push((m.clone(), partitions[at..at + take].to_vec()));
-        at += take;
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn range_assignor_gives_leading_members_the_extra_partitions() {
-        let ms = vec!["a".to_string(), "b".to_string()];
-        assert_eq!(
-            range_assign(&ms, &[0, 1, 2]),
-            vec![("a".into(), vec![0, 1]), ("b".into(), vec![2])]
-        );
-        assert_eq!(
-            range_assign(&ms[..1], &[0, 1]),
-            vec![("a".into(), vec![0, 1])]
-        );
-    }
 
     #[test]
     fn assignment_round_trips() {

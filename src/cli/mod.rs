@@ -1,12 +1,15 @@
 //! The `sluice` command line: `start` runs the broker; `topic`, `produce` and `consume` are
 //! Kafka-protocol clients (like `rpk` and `kafka-topics.sh`). Errors are one line and a non-zero
-//! exit code. Holds no broker logic.
+//! exit code. Holds no broker logic: the commands speak to brokers through `sluice-client`, the
+//! one client the load generator uses too.
+
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use sluice_client::conn::{connect_blocking, BlockingConnection, Timeouts};
 
 use crate::config::StartArgs;
 
-pub mod client;
 pub mod consume;
 pub mod group;
 pub mod produce;
@@ -57,4 +60,27 @@ pub enum Command {
     Produce(produce::ProduceArgs),
     /// Print records of a topic.
     Consume(consume::ConsumeArgs),
+}
+
+/// A connection of the command line: a blocking socket, calls driven with `block_on`.
+pub type Client = BlockingConnection;
+
+/// The client id in every request header.
+const CLIENT_ID: &str = "sluice-cli";
+
+/// A broker that does not accept the connection within this long is unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A broker silent for this long fails the command (fetches wait at most 500 ms).
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connects to the first reachable broker of a comma-separated list.
+pub fn connect(brokers: &str) -> anyhow::Result<Client> {
+    connect_blocking(
+        brokers,
+        CLIENT_ID,
+        Timeouts {
+            connect: CONNECT_TIMEOUT,
+            io: IO_TIMEOUT,
+        },
+    )
 }

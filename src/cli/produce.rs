@@ -7,12 +7,15 @@ use std::io::BufRead;
 use anyhow::{bail, Result};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
+use futures_lite::future::block_on;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
+use kafka_protocol::messages::{ProduceRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
-use super::client::{check, Client};
+use sluice_client::{admin, check};
+
+use super::{connect, Client};
 
 #[derive(Args, Debug)]
 pub struct ProduceArgs {
@@ -84,17 +87,10 @@ pub fn run(a: ProduceArgs) -> Result<()> {
         "zstd" => Compression::Zstd,
         other => bail!("invalid --compression '{other}': expected none, gzip, snappy, lz4 or zstd"),
     };
-    let mut c = Client::connect(&a.brokers)?;
+    let mut c = connect(&a.brokers)?;
     // Metadata with auto-creation allowed, as a producer does.
     let parts = {
-        use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-        use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
-        let req = MetadataRequest::default()
-            .with_topics(Some(vec![MetadataRequestTopic::default()
-                .with_name(Some(TopicName(StrBytes::from_string(a.topic.clone()))))]))
-            .with_allow_auto_topic_creation(true);
-        let resp: MetadataResponse = c.call(ApiKey::Metadata, (4, 12), &req)?;
-        let t = &resp.topics[0];
+        let t = block_on(admin::topic_metadata(&mut c, &a.topic, true))?;
         check(t.error_code, &format!("topic {}", a.topic), None)?;
         t.partitions.len() as i32
     };
@@ -185,12 +181,12 @@ fn send(
         .with_topic_data(vec![TopicProduceData::default()
             .with_name(TopicName(StrBytes::from_string(topic.to_string())))
             .with_partition_data(data)]);
+    let v = c.versions().pick_in::<ProduceRequest>(3, 11)?;
     if acks == 0 {
-        let v = c.version(ApiKey::Produce, 3, 11)?;
-        c.send_only(ApiKey::Produce, v, &req)?;
+        block_on(c.send_only(&req, v))?;
         return Ok(n);
     }
-    let resp: ProduceResponse = c.call(ApiKey::Produce, (3, 11), &req)?;
+    let resp = block_on(c.call_at(&req, v))?;
     for t in &resp.responses {
         for p in &t.partition_responses {
             check(

@@ -481,3 +481,24 @@ pub fn non_empty_dir(p: &Path) -> bool {
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
 }
+
+/// The command line's Kafka client (`sluice-client` over a blocking socket), for tests that
+/// send hand-built requests at a chosen version.
+pub struct Client(sluice::cli::Client);
+
+impl Client {
+    pub fn connect(brokers: &str) -> anyhow::Result<Client> {
+        sluice::cli::connect(brokers).map(Client)
+    }
+
+    /// Sends `req` (an `api` request) at `version` and waits for its response.
+    pub fn call_at<R: kafka_protocol::protocol::Request>(
+        &mut self,
+        api: kafka_protocol::messages::ApiKey,
+        version: i16,
+        req: &R,
+    ) -> anyhow::Result<R::Response> {
+        assert_eq!(api as i16, R::KEY, "request type and API key disagree");
+        futures_lite::future::block_on(self.0.call_at(req, version))
+    }
+}

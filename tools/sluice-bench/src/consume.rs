@@ -3,15 +3,15 @@
 //! Counts records and fetched batch bytes; records end-to-end latency from the send time the
 //! producer stamped into each batch.
 
-use crate::admin::code;
 use crate::batch;
-use crate::client::Conn;
 use crate::produce::unix_now;
 use crate::report::Stats;
+use crate::setup::Conn;
 use anyhow::{bail, Context, Result};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
+use sluice_client::check;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -45,7 +45,7 @@ pub async fn fetch_loop(
     } else {
         None
     };
-    let version = conn.versions.pick::<FetchRequest>(cap)?;
+    let version = conn.versions().pick::<FetchRequest>(cap)?;
     while !stats.stopped() && !rejoin.map(|r| r.get()).unwrap_or(false) {
         let mut topic = FetchTopic::default().with_partitions(
             offsets
@@ -79,21 +79,16 @@ pub async fn fetch_loop(
             req = req.with_replica_id(BrokerId(-1));
         }
         let resp = conn.call_at(&req, version).await.context("Fetch")?;
-        if resp.error_code != code::NONE {
-            bail!("fetch failed with error code {}", resp.error_code);
-        }
+        check(resp.error_code, "fetch", None)?;
         let (_, now_us) = unix_now();
         let mut offsets = offsets.borrow_mut();
         for t in &resp.responses {
             for p in &t.partitions {
-                if p.error_code != code::NONE {
-                    bail!(
-                        "fetch of {}/{} failed with error code {}",
-                        spec.topic,
-                        p.partition_index,
-                        p.error_code
-                    );
-                }
+                check(
+                    p.error_code,
+                    &format!("fetch of {}/{}", spec.topic, p.partition_index),
+                    None,
+                )?;
                 let Some(next) = offsets.get_mut(&p.partition_index) else {
                     continue;
                 };

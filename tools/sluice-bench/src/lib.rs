@@ -1,6 +1,7 @@
 //! `sluice-bench`: a Kafka-protocol load generator for Sluice or any Kafka-compatible broker.
-//! A standalone client: it speaks the wire protocol through the `kafka-protocol` codecs and
-//! builds its own record batches; it knows nothing of the broker's internals.
+//! A standalone client: it speaks the wire protocol through `sluice-client` (the one client the
+//! `sluice` command line uses too) and builds its own record batches; it knows nothing of the
+//! broker's internals.
 //!
 //! | module | owns |
 //! | --- | --- |
@@ -8,8 +9,7 @@
 //! | [`units`] | sizes (`1KiB`), durations (`30s`), rates (`200MB/s`) |
 //! | [`batch`] | pre-built RecordBatch v2 pools, per-send patching, CRC-32C, lz4/zstd |
 //! | [`rate`] | open-loop pacing (latency from scheduled send time) |
-//! | [`client`] | framing, ApiVersions negotiation, typed calls over glommio TCP |
-//! | [`admin`] | metadata, topic creation, list offsets, producer ids |
+//! | [`setup`] | `sluice-client` connections on glommio TCP; the run's topic, created and led |
 //! | [`produce`] | pipelined producer lanes |
 //! | [`consume`] | fetch loops, end-to-end latency |
 //! | [`group`] | classic consumer-group membership, range assignor, commits |
@@ -17,10 +17,8 @@
 //! | [`report`] | counters, HdrHistograms, text and JSON summaries |
 //! | [`scenario`] | named scenarios from `perf/scenarios` |
 
-pub mod admin;
 pub mod batch;
 pub mod cli;
-pub mod client;
 pub mod consume;
 pub mod group;
 pub mod produce;
@@ -28,4 +26,5 @@ pub mod rate;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod setup;
 pub mod units;

@@ -3,17 +3,18 @@
 //! A writer task patches and sends; a reader task matches responses (they arrive in request
 //! order) and records ack latency from each request's scheduled send time.
 
-use crate::admin::{self, code};
 use crate::batch::{self, BatchPool, ProducerFields};
-use crate::client::{self, Conn};
 use crate::rate::Pacer;
 use crate::report::Stats;
+use crate::setup::{self, CLIENT_ID};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use glommio::sync::Semaphore;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{ProduceRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
+use sluice_client::error::{code, error_name};
+use sluice_client::{admin, Pending};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -79,7 +80,7 @@ pub fn schedule(pool: &BatchPool, spec: &LaneSpec) -> Vec<(usize, i32)> {
 }
 
 struct InFlight {
-    correlation_id: i32,
+    request: Pending<ProduceRequest>,
     scheduled: Instant,
     records: u64,
     payload_bytes: u64,
@@ -92,13 +93,13 @@ pub async fn run_lane(
     stats: Arc<Stats>,
     sent: SentCounter,
 ) -> Result<()> {
-    let mut conn = Conn::connect(&spec.leader, spec.connect_timeout).await?;
+    let mut conn = setup::connect(&spec.leader, spec.connect_timeout).await?;
     let cap = if spec.topic_id.is_nil() {
         Some(12)
     } else {
         None
     };
-    let version = conn.versions.pick::<ProduceRequest>(cap)?;
+    let version = conn.versions().pick::<ProduceRequest>(cap)?;
     let flexible = version >= 9;
     let mut producer = if spec.idempotent {
         let (id, epoch) = admin::init_producer_id(&mut conn).await?;
@@ -110,20 +111,13 @@ pub async fn run_lane(
     let plan = schedule(&pool, &spec);
     assert!(!plan.is_empty());
 
-    let client::ConnParts {
-        stream,
-        mut next_id,
-        ..
-    } = conn.into_parts();
-    let (reader, mut writer) = futures_lite::io::split(stream);
+    let (mut writer, reader) = conn.into_split();
     let window = Rc::new(Semaphore::new(spec.max_in_flight as u64));
     let (tx, rx) = async_channel::unbounded::<InFlight>();
     let reader_task = if spec.acks != 0 {
         let window = window.clone();
         let stats = stats.clone();
-        Some(glommio::spawn_local(read_acks(
-            reader, rx, window, stats, version,
-        )))
+        Some(glommio::spawn_local(read_acks(reader, rx, window, stats)))
     } else {
         None
     };
@@ -169,8 +163,7 @@ pub async fn run_lane(
             *seq = ((*seq as i64 + b.records as i64) % (i32::MAX as i64 + 1)) as i32;
             f
         });
-        let id = next_id;
-        next_id = next_id.wrapping_add(1).max(1);
+        let request = writer.next::<ProduceRequest>(version);
         buf.clear();
         // The batch carries its scheduled send time, so end-to-end latency, like ack latency,
         // includes any time the sender fell behind its schedule.
@@ -181,9 +174,17 @@ pub async fn run_lane(
             now_us - behind.as_micros() as i64,
         );
         encode_produce(
-            &mut buf, id, version, flexible, &spec, partition, b, fields, stamp,
+            &mut buf,
+            request.correlation_id(),
+            version,
+            flexible,
+            &spec,
+            partition,
+            b,
+            fields,
+            stamp,
         )?;
-        if let Err(e) = client::write_all(&mut writer, &buf).await {
+        if let Err(e) = writer.write_all(&buf).await {
             result = Err(e);
             break;
         }
@@ -194,7 +195,7 @@ pub async fn run_lane(
         } else {
             let _ = tx
                 .send(InFlight {
-                    correlation_id: id,
+                    request,
                     scheduled,
                     records: b.records as u64,
                     payload_bytes: b.payload_bytes,
@@ -250,7 +251,13 @@ pub fn encode_produce(
         .with_acks(spec.acks)
         .with_timeout_ms(spec.timeout_ms)
         .with_topic_data(vec![topic]);
-    client::encode_request(buf, correlation_id, version, &req)?;
+    sluice_client::encode_request(
+        buf,
+        &StrBytes::from_static_str(CLIENT_ID),
+        correlation_id,
+        version,
+        &req,
+    )?;
     // Flexible versions end with three empty tagged-field sections: partition, topic, request.
     let end = buf.len() - if flexible { 3 } else { 0 };
     let start = end
@@ -265,16 +272,14 @@ pub fn encode_produce(
 }
 
 async fn read_acks<R: futures_lite::AsyncRead + Unpin>(
-    mut reader: R,
+    mut reader: sluice_client::Receiver<R>,
     rx: async_channel::Receiver<InFlight>,
     window: Rc<Semaphore>,
     stats: Arc<Stats>,
-    version: i16,
 ) -> Result<()> {
     let mut logged = 0;
     while let Ok(f) = rx.recv().await {
-        let frame = client::read_frame(&mut reader).await?;
-        let resp = client::decode_response::<ProduceRequest>(frame, f.correlation_id, version)?;
+        let resp = reader.recv(f.request).await?;
         let done = Instant::now();
         let mut err = code::NONE;
         for t in &resp.responses {
@@ -295,7 +300,7 @@ async fn read_acks<R: futures_lite::AsyncRead + Unpin>(
         }
         if err != code::NONE && logged < 3 {
             logged += 1;
-            tracing::warn!("produce failed with error code {err}");
+            tracing::warn!("produce failed: {}", error_name(err));
         }
         window.signal(1);
     }

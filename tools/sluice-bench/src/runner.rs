@@ -2,13 +2,13 @@
 //! executor per core, each running its share of producer lanes and consumers, while the main
 //! thread prints a live line every second and decides warm-up end and stop.
 
-use crate::admin::{self, TopicInfo};
 use crate::batch::{BatchPool, BatchSpec};
 use crate::cli::{Common, ConsumeOpts, ProduceOpts, StartFrom};
 use crate::consume::{self, FetchSpec};
 use crate::group;
 use crate::produce::{self, LaneSpec, SentCounter};
 use crate::report::{self, LiveLine, Stats, Summary};
+use crate::setup::{self, TopicInfo};
 use anyhow::{anyhow, Context, Result};
 use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::json;
@@ -108,8 +108,8 @@ pub fn run(w: Workload) -> Result<Summary> {
         .as_ref()
         .map(|p| (p.partitions, p.replication_factor));
     let info: TopicInfo = run_on(cpu_of(0), move || async move {
-        let mut c = admin::bootstrap(&brokers, timeout).await?;
-        admin::topic_info(&mut c, &topic, create).await
+        let mut c = setup::bootstrap(&brokers, timeout).await?;
+        setup::topic_info(&mut c, &topic, create).await
     })?;
     let all: Vec<i32> = info.partitions.iter().map(|p| p.index).collect();
     let leader_of = |p: i32| {
@@ -335,10 +335,11 @@ async fn core_main(
             tasks.push(glommio::spawn_local(async move {
                 match job {
                     ConsumerJob::Assigned { leader, partitions } => {
-                        let mut conn = crate::client::Conn::connect(&leader, timeout).await?;
+                        let mut conn = setup::connect(&leader, timeout).await?;
                         let ts = if from == StartFrom::Earliest { -2 } else { -1 };
                         let start =
-                            admin::list_offsets(&mut conn, &spec.topic, &partitions, ts).await?;
+                            sluice_client::admin::offsets(&mut conn, &spec.topic, &partitions, ts)
+                                .await?;
                         ready.fetch_add(1, Relaxed);
                         let offsets = RefCell::new(start.into_iter().collect());
                         consume::fetch_loop(&mut conn, &spec, &offsets, &stats, None).await

@@ -1,0 +1,406 @@
+//! Administration calls: metadata, topics, partitions, offsets, configs, producer ids, and group
+//! administration. Each picks its version from the broker's ranges within the range named here,
+//! and turns error codes into one-line [`KafkaError`](crate::KafkaError)s.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{anyhow, Context, Result};
+use futures_lite::{AsyncRead, AsyncWrite};
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+use kafka_protocol::messages::describe_configs_response::DescribeConfigsResourceResult;
+use kafka_protocol::messages::describe_groups_response::DescribedGroup;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+use kafka_protocol::messages::{
+    BrokerId, CreatePartitionsRequest, CreateTopicsRequest, DeleteGroupsRequest,
+    DeleteTopicsRequest, DescribeConfigsRequest, DescribeGroupsRequest, GroupId,
+    InitProducerIdRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest,
+    MetadataResponse, OffsetFetchRequest, ProducerId, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::error::check;
+use crate::Connection;
+
+/// Time the broker may take over a topic operation before it answers REQUEST_TIMED_OUT.
+pub const TOPIC_OP_TIMEOUT_MS: i32 = 30_000;
+
+/// ListOffsets timestamps with special meaning.
+pub const EARLIEST: i64 = -2;
+pub const LATEST: i64 = -1;
+
+pub(crate) fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_string())
+}
+
+fn topic_name(v: &str) -> TopicName {
+    TopicName(s(v))
+}
+
+/// One partition of a topic's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionMetadata {
+    pub index: i32,
+    pub leader_id: i32,
+    /// The leader's `host:port`, when the broker listed it.
+    pub leader: Option<String>,
+    pub error_code: i16,
+}
+
+/// A topic's metadata.
+#[derive(Debug, Clone)]
+pub struct TopicMetadata {
+    pub name: String,
+    /// Nil when the broker does not report topic ids.
+    pub id: uuid::Uuid,
+    pub error_code: i16,
+    /// Sorted by index.
+    pub partitions: Vec<PartitionMetadata>,
+}
+
+/// Metadata of `topics` (None: every topic). Versions up to 12 name topics.
+pub async fn metadata<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    topics: Option<&[&str]>,
+    allow_auto_topic_creation: bool,
+) -> Result<MetadataResponse> {
+    let req = MetadataRequest::default()
+        .with_topics(topics.map(|ts| {
+            ts.iter()
+                .map(|t| MetadataRequestTopic::default().with_name(Some(topic_name(t))))
+                .collect()
+        }))
+        .with_allow_auto_topic_creation(allow_auto_topic_creation);
+    let v = c.versions().pick_in::<MetadataRequest>(1, 12)?;
+    c.call_at(&req, v).await.context("Metadata")
+}
+
+/// One topic's metadata, its error code included (the caller decides what an unknown topic
+/// means); leaders resolved to `host:port` from the response's broker list.
+pub async fn topic_metadata<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    topic: &str,
+    allow_auto_topic_creation: bool,
+) -> Result<TopicMetadata> {
+    let resp = metadata(c, Some(&[topic]), allow_auto_topic_creation).await?;
+    let brokers: HashMap<BrokerId, String> = resp
+        .brokers
+        .iter()
+        .map(|b| (b.node_id, format!("{}:{}", b.host.as_str(), b.port)))
+        .collect();
+    let t = resp
+        .topics
+        .iter()
+        .find(|t| t.name.as_ref().map(|n| n.as_str()) == Some(topic))
+        .ok_or_else(|| anyhow!("broker returned no metadata for topic {topic}"))?;
+    let mut partitions: Vec<PartitionMetadata> = t
+        .partitions
+        .iter()
+        .map(|p| PartitionMetadata {
+            index: p.partition_index,
+            leader_id: p.leader_id.0,
+            leader: brokers.get(&p.leader_id).cloned(),
+            error_code: p.error_code,
+        })
+        .collect();
+    partitions.sort_by_key(|p| p.index);
+    Ok(TopicMetadata {
+        name: topic.to_string(),
+        id: t.topic_id,
+        error_code: t.error_code,
+        partitions,
+    })
+}
+
+/// (partition, leader id) of an existing topic, sorted; fails naming the error if the topic is
+/// unknown.
+pub async fn partitions<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    topic: &str,
+) -> Result<Vec<(i32, i32)>> {
+    let t = topic_metadata(c, topic, false).await?;
+    check(t.error_code, &format!("topic {topic}"), None)?;
+    Ok(t.partitions
+        .iter()
+        .map(|p| (p.index, p.leader_id))
+        .collect())
+}
+
+/// A topic to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewTopic {
+    pub name: String,
+    /// -1: the broker's default.
+    pub partitions: i32,
+    /// -1: the broker's default.
+    pub replication_factor: i16,
+    pub configs: Vec<(String, String)>,
+    pub validate_only: bool,
+}
+
+/// Creates a topic; returns its partition count as the broker reports it. An existing topic is
+/// a [`KafkaError`](crate::KafkaError) with code TOPIC_ALREADY_EXISTS.
+pub async fn create_topic<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    t: &NewTopic,
+) -> Result<i32> {
+    let req = CreateTopicsRequest::default()
+        .with_topics(vec![CreatableTopic::default()
+            .with_name(topic_name(&t.name))
+            .with_num_partitions(t.partitions)
+            .with_replication_factor(t.replication_factor)
+            .with_configs(
+                t.configs
+                    .iter()
+                    .map(|(k, v)| {
+                        CreatableTopicConfig::default()
+                            .with_name(s(k))
+                            .with_value(Some(s(v)))
+                    })
+                    .collect(),
+            )])
+        .with_timeout_ms(TOPIC_OP_TIMEOUT_MS)
+        .with_validate_only(t.validate_only);
+    let v = c.versions().pick_in::<CreateTopicsRequest>(2, 7)?;
+    let resp = c.call_at(&req, v).await.context("CreateTopics")?;
+    let r = resp
+        .topics
+        .first()
+        .ok_or_else(|| anyhow!("broker returned no CreateTopics result"))?;
+    check(
+        r.error_code,
+        &format!("cannot create topic {}", t.name),
+        r.error_message.as_ref(),
+    )?;
+    Ok(r.num_partitions)
+}
+
+pub async fn delete_topic<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    name: &str,
+) -> Result<()> {
+    let req = DeleteTopicsRequest::default()
+        .with_topic_names(vec![topic_name(name)])
+        .with_topics(vec![
+            DeleteTopicState::default().with_name(Some(topic_name(name)))
+        ])
+        .with_timeout_ms(TOPIC_OP_TIMEOUT_MS);
+    let v = c.versions().pick_in::<DeleteTopicsRequest>(1, 6)?;
+    let resp = c.call_at(&req, v).await.context("DeleteTopics")?;
+    let r = resp
+        .responses
+        .first()
+        .ok_or_else(|| anyhow!("broker returned no DeleteTopics result"))?;
+    check(
+        r.error_code,
+        &format!("cannot delete topic {name}"),
+        r.error_message.as_ref(),
+    )
+}
+
+/// Raises a topic's partition count to `count`.
+pub async fn create_partitions<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    name: &str,
+    count: i32,
+) -> Result<()> {
+    let req = CreatePartitionsRequest::default()
+        .with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(topic_name(name))
+            .with_count(count)])
+        .with_timeout_ms(TOPIC_OP_TIMEOUT_MS);
+    let v = c.versions().pick_in::<CreatePartitionsRequest>(0, 3)?;
+    let resp = c.call_at(&req, v).await.context("CreatePartitions")?;
+    let r = resp
+        .results
+        .first()
+        .ok_or_else(|| anyhow!("broker returned no CreatePartitions result"))?;
+    check(
+        r.error_code,
+        &format!("cannot add partitions to {name}"),
+        r.error_message.as_ref(),
+    )
+}
+
+/// (partition, error code, offset) for `timestamp` ([`EARLIEST`], [`LATEST`] or a time in ms)
+/// of each of `partitions`, errors left to the caller.
+pub async fn list_offsets<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    topic: &str,
+    partitions: &[i32],
+    timestamp: i64,
+) -> Result<Vec<(i32, i16, i64)>> {
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(topic_name(topic))
+            .with_partitions(
+                partitions
+                    .iter()
+                    .map(|&p| {
+                        ListOffsetsPartition::default()
+                            .with_partition_index(p)
+                            .with_current_leader_epoch(-1)
+                            .with_timestamp(timestamp)
+                    })
+                    .collect(),
+            )]);
+    let v = c.versions().pick_in::<ListOffsetsRequest>(1, 7)?;
+    let resp = c.call_at(&req, v).await.context("ListOffsets")?;
+    Ok(resp
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(|p| (p.partition_index, p.error_code, p.offset))
+        })
+        .collect())
+}
+
+/// Offsets of every one of `partitions` for `timestamp`; fails naming the error of any
+/// partition, or one the response lacks.
+pub async fn offsets<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    topic: &str,
+    partitions: &[i32],
+    timestamp: i64,
+) -> Result<BTreeMap<i32, i64>> {
+    let mut out = BTreeMap::new();
+    for (p, err, o) in list_offsets(c, topic, partitions, timestamp).await? {
+        check(err, &format!("offsets of {topic}-{p}"), None)?;
+        out.insert(p, o);
+    }
+    if let Some(p) = partitions.iter().find(|p| !out.contains_key(p)) {
+        anyhow::bail!("broker returned no offset of {topic}-{p}");
+    }
+    Ok(out)
+}
+
+/// A topic's configs (name, value, source code as DescribeConfigs defines it).
+pub async fn topic_configs<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    name: &str,
+) -> Result<Vec<DescribeConfigsResourceResult>> {
+    /// DescribeConfigs resource type of a topic.
+    const RESOURCE_TOPIC: i8 = 2;
+    let req =
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(RESOURCE_TOPIC)
+            .with_resource_name(s(name))
+            .with_configuration_keys(None)]);
+    let v = c.versions().pick_in::<DescribeConfigsRequest>(1, 4)?;
+    let resp = c.call_at(&req, v).await.context("DescribeConfigs")?;
+    let r = resp
+        .results
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("broker returned no DescribeConfigs result"))?;
+    check(
+        r.error_code,
+        &format!("configs of {name}"),
+        r.error_message.as_ref(),
+    )?;
+    Ok(r.configs)
+}
+
+/// A producer id and epoch for an idempotent producer (KIP-98).
+pub async fn init_producer_id<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+) -> Result<(i64, i16)> {
+    let req = InitProducerIdRequest::default()
+        .with_transactional_id(None)
+        .with_transaction_timeout_ms(60_000)
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    let resp = c.call(&req, None).await.context("InitProducerId")?;
+    check(resp.error_code, "InitProducerId", None)?;
+    Ok((resp.producer_id.0, resp.producer_epoch))
+}
+
+pub async fn list_groups<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+) -> Result<Vec<ListedGroup>> {
+    let v = c.versions().pick_in::<ListGroupsRequest>(0, 4)?;
+    let resp = c
+        .call_at(&ListGroupsRequest::default(), v)
+        .await
+        .context("ListGroups")?;
+    check(resp.error_code, "list groups", None)?;
+    Ok(resp.groups)
+}
+
+pub async fn describe_group<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    group: &str,
+) -> Result<DescribedGroup> {
+    let req = DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]);
+    let v = c.versions().pick_in::<DescribeGroupsRequest>(0, 5)?;
+    let resp = c.call_at(&req, v).await.context("DescribeGroups")?;
+    let g = resp
+        .groups
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("broker described no group"))?;
+    check(
+        g.error_code,
+        &format!("describe group {group}"),
+        g.error_message.as_ref(),
+    )?;
+    Ok(g)
+}
+
+pub async fn delete_group<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    group: &str,
+) -> Result<()> {
+    let req = DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(group))]);
+    let v = c.versions().pick_in::<DeleteGroupsRequest>(0, 2)?;
+    let resp = c.call_at(&req, v).await.context("DeleteGroups")?;
+    let r = resp
+        .results
+        .first()
+        .ok_or_else(|| anyhow!("broker returned no DeleteGroups result"))?;
+    check(r.error_code, &format!("cannot delete group {group}"), None)
+}
+
+/// Committed offsets of a group: (topic, partition) → offset (-1: none). `topics` None asks for
+/// every topic the group committed. Fails naming the error of the group or of any partition.
+pub async fn committed<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    group: &str,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+) -> Result<BTreeMap<(String, i32), i64>> {
+    let req = OffsetFetchRequest::default()
+        .with_group_id(GroupId(s(group)))
+        .with_topics(topics.map(|ts| {
+            ts.into_iter()
+                .map(|(t, ps)| {
+                    OffsetFetchRequestTopic::default()
+                        .with_name(topic_name(&t))
+                        .with_partition_indexes(ps)
+                })
+                .collect()
+        }));
+    // v8 moves the group into a list of groups.
+    let v = c.versions().pick_in::<OffsetFetchRequest>(2, 7)?;
+    let resp = c.call_at(&req, v).await.context("OffsetFetch")?;
+    check(resp.error_code, &format!("offsets of group {group}"), None)?;
+    let mut out = BTreeMap::new();
+    for t in resp.topics {
+        for p in t.partitions {
+            check(
+                p.error_code,
+                &format!("offset of {}-{}", t.name.as_str(), p.partition_index),
+                None,
+            )?;
+            out.insert((t.name.to_string(), p.partition_index), p.committed_offset);
+        }
+    }
+    Ok(out)
+}

@@ -1,9 +1,10 @@
 //! State-machine tests with a fake clock (Kafka classic rebalance protocol, KIP-345, KIP-394),
 //! and persistence + replay tests on a real partition log in a glommio executor.
 
-use crate::types::ErrorCode;
+use crate::types::{Clock, ErrorCode, FakeClock};
 use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
+use std::time::Duration;
 
 use super::coordinator::*;
 use super::state::*;
@@ -591,7 +592,7 @@ async fn open_shard(
     std::rc::Rc<GroupShard>,
     Vec<std::rc::Rc<crate::storage::PartitionLog>>,
 ) {
-    let gs = GroupShard::new(CoordinatorConfig::default());
+    let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
     let mut logs = vec![];
     for p in 0..OFFSETS_PARTITIONS {
         let log = open_log(dir, p).await;
@@ -715,7 +716,7 @@ fn expired_offsets_are_tombstoned_and_stay_gone_after_replay() {
 #[test]
 fn join_waits_in_the_executor_until_the_rebalance_completes() {
     run(async move {
-        let gs = GroupShard::new(CoordinatorConfig::default());
+        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
         let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
         let first = gs.join(join_req("g", "", None)).await;
         assert_eq!(first.generation, 1);
@@ -845,10 +846,14 @@ fn stable_consumer_groups_expire_only_offsets_of_unsubscribed_topics_kip_211() {
 #[test]
 fn timer_task_expires_a_silent_member_without_outside_ticks() {
     run(async move {
-        let gs = GroupShard::new(CoordinatorConfig {
-            session_timeout_ms_min: 10,
-            ..Default::default()
-        });
+        let fake = FakeClock::new(1_700_000_000_000);
+        let gs = GroupShard::new(
+            CoordinatorConfig {
+                session_timeout_ms_min: 10,
+                ..Default::default()
+            },
+            Clock::fake(&fake),
+        );
         let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
         let mut req = join_req("g", "", None);
         req.session_timeout_ms = 100;
@@ -856,18 +861,13 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
         assert_eq!(j.error, ErrorCode::NONE);
         let s = gs.sync(sync_req("g", &j.member_id, 1, vec![])).await;
         assert_eq!(s.error, ErrorCode::NONE);
-        // No heartbeats: the timer loop alone must notice the expired session.
-        let start = std::time::Instant::now();
-        loop {
-            if gs.coordinator.borrow().group("g").map(|g| g.state) == Some(GroupState::Empty) {
-                break;
-            }
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(10),
-                "member never expired"
-            );
-            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let state = || gs.coordinator.borrow().group("g").map(|g| g.state);
+        // No heartbeats: the timer loop alone must notice the expired session, once it is.
+        fake.advance(Duration::from_millis(99));
+        settle(&fake).await;
+        assert_eq!(state(), Some(GroupState::Stable), "expired early");
+        fake.advance(Duration::from_millis(1));
+        until("the session expiry", || state() == Some(GroupState::Empty)).await;
         assert!(gs
             .coordinator
             .borrow()
@@ -876,6 +876,61 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
             .members
             .is_empty());
         drop(timers);
+    });
+}
+
+/// How many times [`until`] lets the executor run other tasks before it fails the test: the
+/// fake clock's wake-ups need a few turns of the timer loop, never thousands.
+const TURNS_MAX: usize = 10_000;
+
+/// Lets other tasks run until `cond` holds (time does not pass: the clocks here are fake).
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..TURNS_MAX {
+        if cond() {
+            return;
+        }
+        futures_lite::future::yield_now().await;
+    }
+    panic!("never saw {what}");
+}
+
+/// Lets the timer loop run until it sleeps on the fake clock again.
+async fn settle(fake: &FakeClock) {
+    futures_lite::future::yield_now().await;
+    until("the timer loop asleep", || fake.sleepers() > 0).await;
+}
+
+#[test]
+fn seven_days_later_the_timer_loop_expires_offsets_of_an_empty_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(async move {
+        let start = 1_700_000_000_000;
+        let fake = FakeClock::new(start);
+        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::fake(&fake));
+        let mut logs = vec![];
+        for p in 0..OFFSETS_PARTITIONS {
+            let log = open_log(&path, p).await;
+            gs.load_partition(p, log.clone()).await.expect("replay");
+            logs.push(log);
+        }
+        let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
+        assert_eq!(
+            gs.commit("old", "", None, -1, vec![entry("t", 0, 1, start)])
+                .await,
+            ErrorCode::NONE
+        );
+        let offsets = || gs.coordinator.borrow().fetch_offsets("old", None).len();
+        assert_eq!(offsets(), 1);
+        // Retention is 7 days from the commit; the loop checks every 10 minutes.
+        let day = Duration::from_secs(24 * 3600);
+        fake.advance(6 * day);
+        settle(&fake).await;
+        assert_eq!(offsets(), 1, "expired before the retention");
+        fake.advance(day + Duration::from_millis(OFFSETS_RETENTION_CHECK_MS as u64));
+        until("the offsets' expiry", || offsets() == 0).await;
+        drop(timers);
+        close(logs).await;
     });
 }
 
@@ -941,7 +996,7 @@ fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
         append(batch::build::single(Some(&ok_key), Some(&good), 1)[..].into()).await;
         log.close().await.expect("close");
 
-        let gs = GroupShard::new(CoordinatorConfig::default());
+        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
         let log = open_log(&path, p).await;
         let applied = gs.load_partition(p, log.clone()).await.expect("replay");
         assert_eq!(applied, 1);

@@ -73,6 +73,8 @@ pub async fn accept_loop(listener: TcpListener) {
     let shard = shard::local();
     let broker = shard.broker.clone();
     let active = Rc::new(Cell::new(0usize));
+    // Every connection task holds a sender; the channel closes when the last of them ends.
+    let (conn_alive, all_closed) = async_channel::bounded::<()>(1);
     // One budget for the request bytes every connection of this shard holds at once.
     let request_memory = Rc::new(Semaphore::new(broker.config.shard_request_bytes_max as u64));
     loop {
@@ -85,8 +87,9 @@ pub async fn accept_loop(listener: TcpListener) {
             None => break,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
+                // Out of descriptors or memory, usually: back off instead of spinning on it.
                 tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                shard.clock.sleep(ACCEPT_RETRY_PAUSE).await;
                 continue;
             }
         };
@@ -109,6 +112,7 @@ pub async fn accept_loop(listener: TcpListener) {
         active.set(active.get() + 1);
         let active2 = active.clone();
         let request_memory = request_memory.clone();
+        let alive = conn_alive.clone();
         glommio::spawn_local(async move {
             // Requests are contained one by one (below); this catches a panic of the connection's
             // own reader or writer, which costs that connection only.
@@ -119,15 +123,28 @@ pub async fn accept_loop(listener: TcpListener) {
                 tracing::error!(conn = id, peer = %peer, "connection task {p}; connection closed");
             }
             active2.set(active2.get() - 1);
+            drop(alive);
         })
         .detach();
     }
     // Shutdown: connections notice `shutdown_rx` and finish what they have in flight.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while active.get() > 0 && std::time::Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
+    drop(conn_alive);
+    let closed = async {
+        let _ = all_closed.recv().await;
+    };
+    futures_lite::future::or(closed, shard.clock.sleep(SHUTDOWN_DRAIN_MAX)).await;
+    if active.get() > 0 {
+        tracing::warn!(
+            connections = active.get(),
+            "connections still open after the shutdown drain"
+        );
     }
 }
+
+/// Pause after a failed accept before the next one.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+/// How long shutdown waits for open connections to finish what they have in flight.
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
 
 /// The budgets one connection draws on; every permit taken from them is held until the response
 /// it was taken for is written (or dropped with the connection), so nothing leaks on close.

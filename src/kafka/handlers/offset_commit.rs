@@ -24,7 +24,7 @@ pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: OffsetCommitRequest = crate::decode_or_close!(req, b);
     let image = shard::local().broker.image();
-    let now = crate::types::now_ms();
+    let now = shard::local().clock.now_ms();
     let expire = if req.version <= 4 && request.retention_time_ms >= 0 {
         now.saturating_add(request.retention_time_ms)
     } else {

@@ -30,7 +30,7 @@ pub mod coordinator;
 pub mod offsets;
 pub mod state;
 
-pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, Write};
+pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, MemberRef, Write};
 pub use state::{GroupState, JoinResult, Reply, SyncResult};
 
 /// The internal topic holding committed offsets and group metadata.
@@ -316,16 +316,14 @@ impl GroupShard {
     /// answer. Returns the error for every entry (NONE on success).
     pub async fn commit(
         &self,
-        group_id: &str,
-        member_id: &str,
-        instance_id: Option<&str>,
-        generation: i32,
+        who: MemberRef<'_>,
         entries: Vec<coordinator::CommitEntry>,
     ) -> ErrorCode {
+        let group_id = who.group_id;
         let now = self.clock.now_ms();
         let writes = {
             let mut c = self.coordinator.borrow_mut();
-            if let Err(code) = c.check_commit(group_id, member_id, instance_id, generation, now) {
+            if let Err(code) = c.check_commit(who, now) {
                 return code;
             }
             c.commit_writes(group_id, &entries)

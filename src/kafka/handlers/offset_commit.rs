@@ -13,7 +13,7 @@ use kafka_protocol::ResponseError;
 use super::common::{code, NONE};
 use crate::group::coordinator::CommitEntry;
 use crate::group::offsets::OffsetValue;
-use crate::group::on_coordinator;
+use crate::group::{on_coordinator, MemberRef};
 use crate::kafka::{Request, Response};
 use crate::shard;
 use crate::types::ErrorCode;
@@ -84,8 +84,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let generation = request.generation_id_or_member_epoch;
         let gid = group_id.clone();
         on_coordinator(&group_id, move |gs| async move {
-            gs.commit(&gid, &member, instance.as_deref(), generation, entries)
-                .await
+            let who = MemberRef::of_group(&gid)
+                .member(&member)
+                .instance(instance.as_deref())
+                .generation(generation);
+            gs.commit(who, entries).await
         })
         .await
         .unwrap_or_else(|e| e)

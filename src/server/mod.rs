@@ -248,8 +248,7 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: 
     // until a write has made no progress for the stall timeout.
     let stall = Duration::from_millis(broker.config.stall_timeout_ms);
     let _ = writer_stream.set_write_timeout(Some(stall));
-    let stream = Rc::new(std::cell::RefCell::new(stream));
-    let wstream = Rc::new(std::cell::RefCell::new(writer_stream));
+    let (mut stream, mut wstream) = (stream, writer_stream);
     let (tx, rx) = async_channel::unbounded::<InFlight>();
     let budgets = Budgets {
         bytes: Rc::new(Semaphore::new(broker.config.inflight_bytes_max as u64)),
@@ -260,14 +259,15 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: 
     // Set by the writer when it gives the connection up (a Close response, a failed write):
     // the reader then stops, so requests already buffered behind it are not run for nobody.
     let closing = Rc::new(Cell::new(false));
-    let reader = read_requests(stream.clone(), conn.clone(), tx, budgets, closing.clone());
-    let writer = write_responses(wstream.clone(), rx, closing);
+    // Each task has its own descriptor of the socket, borrowed until both are done.
+    let reader = read_requests(&mut stream, conn.clone(), tx, budgets, closing.clone());
+    let writer = write_responses(&mut wstream, rx, closing);
     let (why, _) = futures_lite::future::zip(reader, writer).await;
     if let Some(why) = why {
         tracing::info!(peer = %conn.peer, conn = conn.id, "closing connection: {why}");
     }
-    let _ = wstream.borrow_mut().close().await;
-    let _ = stream.borrow_mut().close().await;
+    let _ = wstream.close().await;
+    let _ = stream.close().await;
 }
 
 /// Runs `fut` unless the broker starts shutting down first.
@@ -310,7 +310,7 @@ struct Pending {
 /// soon as its length prefix is read, before its body is read, and takes bytes from the shard's
 /// budget as they arrive (see [`Budgets`]).
 async fn read_requests(
-    stream: Rc<std::cell::RefCell<TcpStream>>,
+    stream: &mut TcpStream,
     conn: Rc<Connection>,
     tx: async_channel::Sender<InFlight>,
     budgets: Budgets,
@@ -415,10 +415,7 @@ async fn read_requests(
         }
         .min(READ_CALL_BYTES_MAX);
         buf.resize(old + want, 0);
-        let read = {
-            let mut s = stream.borrow_mut();
-            within(deadline, until_shutdown(s.read(&mut buf[old..]))).await
-        };
+        let read = within(deadline, until_shutdown(stream.read(&mut buf[old..]))).await;
         // Outer `None`: the deadline passed; inner `None`: the broker is shutting down.
         match read {
             Some(None) => {
@@ -504,7 +501,7 @@ fn handler_panicked(
 }
 
 async fn write_responses(
-    stream: Rc<std::cell::RefCell<TcpStream>>,
+    stream: &mut TcpStream,
     rx: async_channel::Receiver<InFlight>,
     closing: Rc<Cell<bool>>,
 ) {
@@ -521,11 +518,11 @@ async fn write_responses(
         }
         match resp {
             Some(Response::Frames(parts)) => {
-                if let Err(e) = write_vectored_all(&stream, parts).await {
+                if let Err(e) = write_vectored_all(stream, parts).await {
                     tracing::info!(error = %e, "closing connection: response write failed");
                     failed = true;
                     closing.set(true);
-                    let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
+                    let _ = stream.shutdown(std::net::Shutdown::Both).await;
                 }
             }
             Some(Response::None) => {}
@@ -533,12 +530,12 @@ async fn write_responses(
                 tracing::info!("closing connection: {why}");
                 failed = true;
                 closing.set(true);
-                let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
+                let _ = stream.shutdown(std::net::Shutdown::Both).await;
             }
             None => {
                 failed = true;
                 closing.set(true);
-                let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
+                let _ = stream.shutdown(std::net::Shutdown::Both).await;
             }
         }
         // `_held` drops here: the request's budgets return once its response is written.
@@ -548,11 +545,8 @@ async fn write_responses(
 /// Writes `parts` in order. First tries one non-blocking `writev` of everything (the common case:
 /// the whole response fits the socket buffer, one syscall, no copy); whatever is left goes
 /// through the executor's async writes.
-pub async fn write_vectored_all(
-    stream: &Rc<std::cell::RefCell<TcpStream>>,
-    parts: Vec<Bytes>,
-) -> std::io::Result<()> {
-    let fd = stream.borrow().as_raw_fd();
+pub async fn write_vectored_all(stream: &mut TcpStream, parts: Vec<Bytes>) -> std::io::Result<()> {
+    let fd = stream.as_raw_fd();
     let mut queue: VecDeque<Bytes> = parts.into_iter().filter(|p| !p.is_empty()).collect();
     while !queue.is_empty() {
         let slices: Vec<IoSlice<'_>> = queue.iter().take(64).map(|b| IoSlice::new(b)).collect();
@@ -580,7 +574,7 @@ pub async fn write_vectored_all(
             }
             // The socket buffer is full: let the executor wait for room with the first piece.
             let first = queue.pop_front().expect("non-empty");
-            stream.borrow_mut().write_all(&first).await?;
+            stream.write_all(&first).await?;
             continue;
         }
         let mut n = n as usize;

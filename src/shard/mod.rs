@@ -183,7 +183,7 @@ where
     for s in 0..n {
         let f = f.clone();
         // Contained: the call to this very shard runs inline inside the spawned task.
-        tasks.push(spawn_contained(invoke_on(ShardId(s), move || f())));
+        tasks.push(spawn_contained(invoke_on(ShardId(s), f)));
     }
     let mut out = Vec::with_capacity(n);
     let mut panicked = None;

@@ -24,6 +24,7 @@ use glommio::task::JoinHandle;
 
 use crate::kafka::{Connection, Response};
 use crate::shard;
+use crate::types::Clock;
 
 /// Frame length prefix.
 const LENGTH_PREFIX_BYTES: usize = 4;
@@ -280,8 +281,9 @@ async fn until_shutdown<T>(fut: impl std::future::Future<Output = T>) -> Option<
     .await
 }
 
-/// Runs `fut` until `deadline` (if any); `None` if the deadline passed first.
+/// Runs `fut` until `deadline` (if any) on `clock`; `None` if the deadline passed first.
 async fn within<T>(
+    clock: &Clock,
     deadline: Option<Instant>,
     fut: impl std::future::Future<Output = T>,
 ) -> Option<T> {
@@ -289,7 +291,9 @@ async fn within<T>(
         return Some(fut.await);
     };
     futures_lite::future::or(async { Some(fut.await) }, async {
-        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+        clock
+            .sleep(deadline.saturating_duration_since(clock.now()))
+            .await;
         None
     })
     .await
@@ -320,6 +324,7 @@ async fn read_requests(
     let max = broker.config.request_bytes_max;
     let stall = Duration::from_millis(broker.config.stall_timeout_ms);
     let idle = Duration::from_millis(broker.config.connection_idle_ms);
+    let clock = shard::local().clock.clone();
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut pending: Option<Pending> = None;
     // When the first bytes of a frame whose length prefix is still incomplete arrived.
@@ -354,7 +359,7 @@ async fn read_requests(
                 pending = Some(Pending {
                     len,
                     held,
-                    deadline: Instant::now() + stall,
+                    deadline: clock.now() + stall,
                 });
             }
             let len = pending.as_ref().map_or(0, |p| p.len);
@@ -397,7 +402,7 @@ async fn read_requests(
         // How long this read may wait: a started frame must arrive whole within the stall
         // timeout; a connection with nothing started and nothing in flight may idle for
         // `connection_idle_ms`.
-        let now = Instant::now();
+        let now = clock.now();
         let deadline = match (&pending, buf.is_empty()) {
             (Some(p), _) => Some(p.deadline),
             (None, false) => Some(*prefix_started.get_or_insert(now) + stall),
@@ -415,7 +420,12 @@ async fn read_requests(
         }
         .min(READ_CALL_BYTES_MAX);
         buf.resize(old + want, 0);
-        let read = within(deadline, until_shutdown(stream.read(&mut buf[old..]))).await;
+        let read = within(
+            &clock,
+            deadline,
+            until_shutdown(stream.read(&mut buf[old..])),
+        )
+        .await;
         // Outer `None`: the deadline passed; inner `None`: the broker is shutting down.
         match read {
             Some(None) => {
@@ -450,7 +460,7 @@ async fn read_requests(
                 if let Some(p) = pending.as_mut() {
                     let frame_part = (LENGTH_PREFIX_BYTES + p.len - old).min(n) as u64;
                     let grow = until_shutdown(p.held.shard_bytes.grow(frame_part));
-                    match within(Some(p.deadline), grow).await {
+                    match within(&clock, Some(p.deadline), grow).await {
                         Some(Some(Some(()))) => {}
                         Some(_) => return None, // shutting down
                         None => {

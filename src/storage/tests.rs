@@ -1318,6 +1318,11 @@ fn concurrent_large_appends_with_failures_keep_every_acknowledged_batch() {
             for t in tasks {
                 t.await;
             }
+            assert_eq!(
+                faults.torn_writes.get(),
+                0,
+                "the torn write was never issued"
+            );
             let n_acked = acked.borrow().len();
             assert!(n_acked > 100, "{n_acked} acknowledged");
             drop(log); // crash

@@ -1,7 +1,13 @@
 //! Small typed ids and offsets used across modules, so that an offset and a partition index
-//! cannot be swapped silently.
+//! cannot be swapped silently, and the clock ([`Clock`]) everything time-driven reads.
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// A Kafka log offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -53,12 +59,183 @@ impl fmt::Display for TopicPartition {
     }
 }
 
-/// Milliseconds since the Unix epoch, as Kafka timestamps are.
+/// Milliseconds since the Unix epoch, as Kafka timestamps are (the wall clock; code that a test
+/// should be able to drive reads a [`Clock`] instead).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The time seam: what a log, a group coordinator or a timer loop reads the time from and sleeps
+/// on. [`Clock::system`] (the default, used by the broker) is the wall clock for timestamps
+/// ([`Clock::now_ms`]), the monotonic clock for intervals ([`Clock::now`]) and glommio's timers
+/// for sleeps: one predictable branch on top of the calls it replaces. [`Clock::fake`] reads a
+/// [`FakeClock`] that moves only when a test advances it, waking every sleeper whose deadline
+/// has passed, so a test can let seven days pass without waiting for them. Per shard (`Rc`).
+#[derive(Clone, Default)]
+pub struct Clock {
+    fake: Option<Rc<FakeClock>>,
+}
+
+impl Clock {
+    /// The real clocks.
+    pub fn system() -> Clock {
+        Clock { fake: None }
+    }
+
+    /// A clock that reads `fake`.
+    pub fn fake(fake: &Rc<FakeClock>) -> Clock {
+        Clock {
+            fake: Some(fake.clone()),
+        }
+    }
+
+    /// Milliseconds since the Unix epoch.
+    #[inline]
+    pub fn now_ms(&self) -> i64 {
+        match &self.fake {
+            None => now_ms(),
+            Some(f) => f
+                .start_ms
+                .saturating_add(f.elapsed.get().as_millis() as i64),
+        }
+    }
+
+    /// A monotonic instant, for intervals and deadlines.
+    #[inline]
+    pub fn now(&self) -> Instant {
+        match &self.fake {
+            None => Instant::now(),
+            Some(f) => f.start + f.elapsed.get(),
+        }
+    }
+
+    /// Resolves once `d` has passed on this clock. The deadline is fixed when this is called.
+    pub fn sleep(&self, d: Duration) -> Sleep {
+        match &self.fake {
+            None => Sleep::System(glommio::timer::Timer::new(d)),
+            Some(f) => {
+                let id = f.next_id.get();
+                f.next_id.set(id + 1);
+                Sleep::Fake(FakeSleep {
+                    deadline: f.elapsed.get().saturating_add(d),
+                    clock: f.clone(),
+                    id,
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.fake {
+            None => f.write_str("Clock::system"),
+            Some(c) => write!(f, "Clock::fake(+{:?})", c.elapsed.get()),
+        }
+    }
+}
+
+/// The future of [`Clock::sleep`].
+pub enum Sleep {
+    System(glommio::timer::Timer),
+    Fake(FakeSleep),
+}
+
+/// A sleep on a [`FakeClock`]; registered with the clock while pending, removed when dropped.
+pub struct FakeSleep {
+    clock: Rc<FakeClock>,
+    deadline: Duration,
+    id: u64,
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.get_mut() {
+            Sleep::System(t) => Pin::new(t).poll(cx).map(|_| ()),
+            Sleep::Fake(s) => {
+                if s.clock.elapsed.get() >= s.deadline {
+                    return Poll::Ready(());
+                }
+                let mut sleepers = s.clock.sleepers.borrow_mut();
+                match sleepers.iter_mut().find(|e| e.id == s.id) {
+                    Some(e) => e.waker.clone_from(cx.waker()),
+                    None => sleepers.push(Sleeper {
+                        id: s.id,
+                        deadline: s.deadline,
+                        waker: cx.waker().clone(),
+                    }),
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for FakeSleep {
+    fn drop(&mut self) {
+        self.clock.sleepers.borrow_mut().retain(|e| e.id != self.id);
+    }
+}
+
+struct Sleeper {
+    id: u64,
+    deadline: Duration,
+    waker: Waker,
+}
+
+/// Time that passes only when [`FakeClock::advance`] says so (tests). Starts at a given wall
+/// time and at the real monotonic instant it was made at.
+pub struct FakeClock {
+    start: Instant,
+    start_ms: i64,
+    elapsed: Cell<Duration>,
+    /// Every pending sleep: its deadline (as elapsed time) and waker.
+    sleepers: RefCell<Vec<Sleeper>>,
+    next_id: Cell<u64>,
+}
+
+impl FakeClock {
+    /// A clock that reads `start_ms` (ms since the epoch) until advanced.
+    pub fn new(start_ms: i64) -> Rc<FakeClock> {
+        Rc::new(FakeClock {
+            start: Instant::now(),
+            start_ms,
+            elapsed: Cell::new(Duration::ZERO),
+            sleepers: RefCell::new(Vec::new()),
+            next_id: Cell::new(0),
+        })
+    }
+
+    /// Moves time forward by `d` and wakes every sleep whose deadline is now past.
+    pub fn advance(&self, d: Duration) {
+        let now = self.elapsed.get().saturating_add(d);
+        self.elapsed.set(now);
+        let due: Vec<Waker> = {
+            let mut sleepers = self.sleepers.borrow_mut();
+            let (due, rest): (Vec<_>, Vec<_>) = sleepers.drain(..).partition(|e| e.deadline <= now);
+            *sleepers = rest;
+            due.into_iter().map(|e| e.waker).collect()
+        };
+        for w in due {
+            w.wake();
+        }
+    }
+
+    /// Time advanced so far.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed.get()
+    }
+
+    /// Pending sleeps that have been polled and are not yet due (a test can wait for a timer
+    /// loop to be asleep again).
+    pub fn sleepers(&self) -> usize {
+        self.sleepers.borrow().len()
+    }
 }
 
 /// A Kafka error code as it travels between functions. It becomes the wire's `i16` (with
@@ -103,7 +280,42 @@ impl fmt::Debug for ErrorCode {
 
 #[cfg(test)]
 mod tests {
-    use super::ErrorCode;
+    use super::{Clock, ErrorCode, FakeClock};
+    use std::time::Duration;
+
+    #[test]
+    fn a_fake_clock_moves_and_wakes_sleepers_only_when_advanced() {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor")
+            .run(async {
+                let fake = FakeClock::new(1_000);
+                let clock = Clock::fake(&fake);
+                let t0 = clock.now();
+                assert_eq!(clock.now_ms(), 1_000);
+                let woke = std::rc::Rc::new(std::cell::Cell::new(false));
+                let sleeper = {
+                    let (clock, woke) = (clock.clone(), woke.clone());
+                    glommio::spawn_local(async move {
+                        clock.sleep(Duration::from_secs(60)).await;
+                        woke.set(true);
+                    })
+                };
+                while fake.sleepers() == 0 {
+                    futures_lite::future::yield_now().await;
+                }
+                fake.advance(Duration::from_secs(59));
+                futures_lite::future::yield_now().await;
+                assert!(!woke.get(), "woke before its deadline");
+                fake.advance(Duration::from_secs(1));
+                sleeper.await;
+                assert!(woke.get());
+                assert_eq!(clock.now_ms(), 61_000);
+                assert_eq!(clock.now() - t0, Duration::from_secs(60));
+                // A sleep whose deadline has passed resolves at once.
+                clock.sleep(Duration::ZERO).await;
+            });
+    }
     use kafka_protocol::ResponseError;
 
     #[test]

@@ -250,7 +250,7 @@ fn build(apis: &[(ApiKey, i16)], c: &Case) -> Vec<u8> {
         encode_body(&*default_request(key), version).expect("default request encodes")
     };
     let flexible = native_flexible(key, version) != c.other_header_form;
-    let mut p = header(key, version, 1, flexible);
+    let mut p = request_header(key, version, 1, flexible);
     p.extend_from_slice(&body);
     if let Some(i) = &c.other_version {
         let versions: Vec<i16> = apis

@@ -79,7 +79,7 @@ fn hostile_frames() -> (Vec<Vec<u8>>, usize) {
             native_flexible(key, version),
             !native_flexible(key, version),
         ] {
-            let head = header(key, version, 7, flexible);
+            let head = request_header(key, version, 7, flexible);
             let positions = PLANT_POSITIONS_MAX.min(body.len());
             for at in 0..=positions {
                 for (_, plant) in PLANTS {
@@ -180,7 +180,7 @@ fn round_trip(
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
         .expect("read timeout");
-    let mut p = header(key, version, 99, native_flexible(key, version));
+    let mut p = request_header(key, version, 99, native_flexible(key, version));
     p.extend_from_slice(body);
     s.write_all(&frame(&p)).ok()?;
     let mut len = [0u8; 4];

@@ -7,27 +7,21 @@
 //! (`SLUICE_FAULT_DELAY_MS=producer_id_block:…`) so that an id handed out before its block is
 //! durable is caught, not just possible.
 //!
-//! Raw requests with our own framing and the `kafka-protocol` codecs. Every wait is bounded.
+//! Raw requests through the shared test client (`common::raw`). Every wait is bounded.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use common::raw::Raw;
 use common::Broker;
-use kafka_protocol::messages::{
-    ApiKey, InitProducerIdRequest, InitProducerIdResponse, ProducerId, RequestHeader,
-    ResponseHeader,
-};
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, InitProducerIdResponse, ProducerId};
 
-const IO_WAIT: Duration = Duration::from_secs(15);
 /// How long one round may take to reach the next block.
 const ROUND_WAIT_MAX: Duration = Duration::from_secs(60);
 /// How long persisting a block stalls: the window in which an id of a block that is not yet
@@ -40,43 +34,13 @@ const CLIENTS: usize = 16;
 const ROUNDS: usize = 3;
 
 /// Asks for a new producer id; `None` once the broker has gone away.
-fn init_producer_id(s: &mut TcpStream, correlation: i32) -> Option<i64> {
-    let header = RequestHeader::default()
-        .with_request_api_key(ApiKey::InitProducerId as i16)
-        .with_request_api_version(VERSION)
-        .with_correlation_id(correlation)
-        .with_client_id(Some(StrBytes::from_static_str("sluice-pid-test")));
+fn init_producer_id(raw: &mut Raw) -> Option<i64> {
     let body = InitProducerIdRequest::default()
         .with_transactional_id(None)
         .with_transaction_timeout_ms(60_000)
         .with_producer_id(ProducerId(-1))
         .with_producer_epoch(-1);
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    header
-        .encode(
-            &mut buf,
-            ApiKey::InitProducerId.request_header_version(VERSION),
-        )
-        .expect("encode header");
-    body.encode(&mut buf, VERSION).expect("encode request");
-    let len = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    s.write_all(&buf).ok()?;
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let n = i32::from_be_bytes(len);
-    assert!(n >= 4, "response frame length {n}");
-    let mut frame = vec![0u8; n as usize];
-    s.read_exact(&mut frame).ok()?;
-    let mut frame = Bytes::from(frame);
-    let h = ResponseHeader::decode(
-        &mut frame,
-        ApiKey::InitProducerId.response_header_version(VERSION),
-    )
-    .expect("response header");
-    assert_eq!(h.correlation_id, correlation, "correlation id");
-    let r = InitProducerIdResponse::decode(&mut frame, VERSION).expect("response body");
+    let r: InitProducerIdResponse = raw.try_call(ApiKey::InitProducerId, VERSION, &body)?;
     assert_eq!(r.error_code, 0, "InitProducerId error");
     assert_eq!(r.producer_epoch, 0, "a new producer id starts at epoch 0");
     assert!(r.producer_id.0 >= 0, "producer id {}", r.producer_id.0);
@@ -108,15 +72,10 @@ fn hammer(
         .map(|_| {
             let (killed, stop, ids) = (killed.clone(), stop.clone(), ids.clone());
             std::thread::spawn(move || {
-                let mut s = TcpStream::connect_timeout(&addr, IO_WAIT).expect("connect");
-                s.set_read_timeout(Some(IO_WAIT)).expect("read timeout");
-                s.set_write_timeout(Some(IO_WAIT)).expect("write timeout");
-                s.set_nodelay(true).expect("nodelay");
+                let mut raw = Raw::connect(addr);
                 let mut mine = Vec::new();
-                let mut correlation = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    correlation += 1;
-                    let Some(id) = init_producer_id(&mut s, correlation) else {
+                    let Some(id) = init_producer_id(&mut raw) else {
                         break;
                     };
                     mine.push(id);
@@ -180,10 +139,9 @@ fn producer_ids_never_repeat_across_kill_9() {
         broker.restart();
     }
     // And once more after the last restart, with a clean stop.
-    let mut s = TcpStream::connect_timeout(&broker.addr, IO_WAIT).expect("connect");
-    s.set_read_timeout(Some(IO_WAIT)).expect("read timeout");
-    for c in 1..=100 {
-        let id = init_producer_id(&mut s, c).expect("broker answers");
+    let mut raw = Raw::connect(broker.addr);
+    for _ in 0..100 {
+        let id = init_producer_id(&mut raw).expect("broker answers");
         assert!(
             seen.insert(id),
             "after restart: producer id {id} handed out twice"

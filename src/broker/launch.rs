@@ -101,16 +101,22 @@ async fn run_shard(
     shard::close_partitions().await;
 }
 
+/// How often each shard applies retention to its logs (Kafka's
+/// `log.retention.check.interval.ms` is 5 minutes; a shorter round costs one pass over the
+/// shard's segment lists).
+const RETENTION_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn retention_loop() {
+    let clock = shard::local().clock.clone();
     loop {
-        glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
+        clock.sleep(RETENTION_CHECK_INTERVAL).await;
         let logs: Vec<_> = shard::local()
             .partitions
             .borrow()
             .values()
             .cloned()
             .collect();
-        let now = crate::types::now_ms();
+        let now = clock.now_ms();
         for log in logs {
             // Contained per log: a panic skips that log this round (logged) and the loop goes on.
             match crate::contain::contain(log.enforce_retention(now)).await {

@@ -63,6 +63,50 @@ pub fn partition_for(group_id: &str, partitions: i32) -> i32 {
     abs % partitions
 }
 
+/// Whom a Heartbeat or OffsetCommit speaks for: one member of one group, at one generation.
+/// Borrowed from the request; built by name (`MemberRef::of_group(g).member(m)...`), so a group
+/// id, member id and instance id cannot trade places on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberRef<'a> {
+    pub group_id: &'a str,
+    /// The id the coordinator handed out; empty for a simple (non-member) commit.
+    pub member_id: &'a str,
+    /// `group.instance.id` of a static member (KIP-345).
+    pub instance_id: Option<&'a str>,
+    /// The generation the member believes current; negative for a simple commit.
+    pub generation: i32,
+}
+
+impl<'a> MemberRef<'a> {
+    /// No member of `group_id` (a simple commit): empty member id, generation -1.
+    pub fn of_group(group_id: &'a str) -> MemberRef<'a> {
+        MemberRef {
+            group_id,
+            member_id: "",
+            instance_id: None,
+            generation: -1,
+        }
+    }
+    pub fn member(self, member_id: &'a str) -> MemberRef<'a> {
+        MemberRef { member_id, ..self }
+    }
+    pub fn instance(self, instance_id: Option<&'a str>) -> MemberRef<'a> {
+        MemberRef {
+            instance_id,
+            ..self
+        }
+    }
+    pub fn generation(self, generation: i32) -> MemberRef<'a> {
+        MemberRef { generation, ..self }
+    }
+}
+
+/// A static member's rejoin with a fresh member id (KIP-345): the id it had and the one it gets.
+struct IdChange {
+    old_id: String,
+    new_id: String,
+}
+
 /// A record to append to a `__consumer_offsets` partition; `value: None` is a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
@@ -214,8 +258,7 @@ impl Coordinator {
                         &cfg,
                         partition,
                         &mut self.writes,
-                        old_id,
-                        new_id,
+                        IdChange { old_id, new_id },
                         req,
                         now_ms,
                     ),
@@ -328,14 +371,13 @@ impl Coordinator {
 
     // ---------------------------------------------------------------- Heartbeat
 
-    pub fn heartbeat(
-        &mut self,
-        group_id: &str,
-        member_id: &str,
-        instance_id: Option<&str>,
-        generation: i32,
-        now_ms: i64,
-    ) -> ErrorCode {
+    pub fn heartbeat(&mut self, who: MemberRef<'_>, now_ms: i64) -> ErrorCode {
+        let MemberRef {
+            group_id,
+            member_id,
+            instance_id,
+            generation,
+        } = who;
         let Some(group) = self.groups.get_mut(group_id) else {
             return ErrorCode::new(E::UnknownMemberId);
         };
@@ -387,7 +429,7 @@ impl Coordinator {
                 }
             } else if group.pending_members.remove(member_id).is_some() {
                 errors.push(NONE);
-                try_complete_join(group, self.config.initial_rebalance_delay_ms, now_ms);
+                try_complete_join(group, &self.config, now_ms);
                 continue;
             } else {
                 validate_member(group, member_id, instance.as_deref()).map(|_| member_id.clone())
@@ -423,7 +465,7 @@ impl Coordinator {
                 .pending_members
                 .retain(|_, deadline| *deadline > now_ms);
             if group.pending_members.len() != before {
-                try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+                try_complete_join(group, &cfg, now_ms);
             }
             let expired: Vec<String> = group
                 .members
@@ -440,7 +482,7 @@ impl Coordinator {
                 remove_member_and_update(group, &cfg, &m, now_ms);
             }
             if group.state == GroupState::PreparingRebalance {
-                try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+                try_complete_join(group, &cfg, now_ms);
             }
             if matches!(
                 group.state,
@@ -504,14 +546,13 @@ impl Coordinator {
     /// Checks that `member_id`/`generation` may commit for `group_id` (Kafka's
     /// `doCommitOffsets`): simple commits (generation < 0) are allowed when the group is empty
     /// or unknown; group members must be current.
-    pub fn check_commit(
-        &mut self,
-        group_id: &str,
-        member_id: &str,
-        instance_id: Option<&str>,
-        generation: i32,
-        now_ms: i64,
-    ) -> Result<(), ErrorCode> {
+    pub fn check_commit(&mut self, who: MemberRef<'_>, now_ms: i64) -> Result<(), ErrorCode> {
+        let MemberRef {
+            group_id,
+            member_id,
+            instance_id,
+            generation,
+        } = who;
         if group_id.is_empty() {
             return Err(ErrorCode::new(E::InvalidGroupId));
         }
@@ -1044,23 +1085,22 @@ fn add_member_and_rebalance(
         group.new_member_added = true;
     }
     maybe_prepare_rebalance(group, cfg, now_ms);
-    try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+    try_complete_join(group, cfg, now_ms);
     reply
 }
 
 /// A known static member rejoined with a new member id (KIP-345): the old id is fenced, and a
 /// stable group whose selected protocol does not change skips the rebalance.
-#[allow(clippy::too_many_arguments)]
 fn rejoin_static(
     group: &mut Group,
     cfg: &CoordinatorConfig,
     partition: i32,
     writes: &mut Vec<Write>,
-    old_id: String,
-    new_id: String,
+    ids: IdChange,
     req: JoinRequest,
     now_ms: i64,
 ) -> Reply<JoinResult> {
+    let IdChange { old_id, new_id } = ids;
     let Some(mut member) = group.members.shift_remove(&old_id) else {
         // The mapping outlived its member (should not happen): treat as a new static member.
         return add_member_and_rebalance(group, cfg, new_id, req, now_ms);
@@ -1105,7 +1145,7 @@ fn rejoin_static(
             unreachable!("a group with members is neither empty nor dead")
         }
     }
-    try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+    try_complete_join(group, cfg, now_ms);
     reply
 }
 
@@ -1139,7 +1179,7 @@ fn rejoin_known(
     m.heartbeat_deadline_ms = now_ms + req.session_timeout_ms as i64;
     let reply = waiting_join(m);
     maybe_prepare_rebalance(group, cfg, now_ms);
-    try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+    try_complete_join(group, cfg, now_ms);
     reply
 }
 
@@ -1174,7 +1214,8 @@ fn prepare_rebalance(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i64) {
     group.transition(GroupState::PreparingRebalance, now_ms);
 }
 
-fn try_complete_join(group: &mut Group, initial_delay_ms: i64, now_ms: i64) {
+fn try_complete_join(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i64) {
+    let initial_delay_ms = cfg.initial_rebalance_delay_ms;
     if group.state != GroupState::PreparingRebalance {
         return;
     }
@@ -1276,10 +1317,8 @@ fn remove_member_and_update(group: &mut Group, cfg: &CoordinatorConfig, id: &str
         GroupState::Dead | GroupState::Empty => {}
         GroupState::Stable | GroupState::CompletingRebalance => {
             prepare_rebalance(group, cfg, now_ms);
-            try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms);
+            try_complete_join(group, cfg, now_ms);
         }
-        GroupState::PreparingRebalance => {
-            try_complete_join(group, cfg.initial_rebalance_delay_ms, now_ms)
-        }
+        GroupState::PreparingRebalance => try_complete_join(group, cfg, now_ms),
     }
 }

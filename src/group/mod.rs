@@ -19,17 +19,18 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use event_listener::Event;
 
 use crate::protocol::batch;
 use crate::protocol::records;
 use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
-use crate::types::ErrorCode;
+use crate::types::{Clock, ErrorCode};
 
 pub mod coordinator;
 pub mod offsets;
 pub mod state;
 
-pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, Write};
+pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, MemberRef, Write};
 pub use state::{GroupState, JoinResult, Reply, SyncResult};
 
 /// The internal topic holding committed offsets and group metadata.
@@ -52,10 +53,13 @@ pub struct GroupShard {
     pub coordinator: RefCell<Coordinator>,
     /// Loaded (replayed) partitions of `__consumer_offsets` owned by this shard.
     logs: RefCell<HashMap<i32, Rc<PartitionLog>>>,
+    /// Notified whenever a partition finishes loading.
+    loaded: Event,
     wake_tx: async_channel::Sender<()>,
     wake_rx: async_channel::Receiver<()>,
     last_expiry_ms: Cell<i64>,
     pub retention_check_ms: Cell<i64>,
+    clock: Clock,
 }
 
 thread_local! {
@@ -95,16 +99,40 @@ impl Unavailable {
 }
 
 impl GroupShard {
-    pub fn new(config: CoordinatorConfig) -> Rc<GroupShard> {
+    /// A coordinator whose deadlines and timestamps read `clock`.
+    pub fn new(config: CoordinatorConfig, clock: Clock) -> Rc<GroupShard> {
         let (wake_tx, wake_rx) = async_channel::bounded(1);
         Rc::new(GroupShard {
             coordinator: RefCell::new(Coordinator::new(config)),
             logs: RefCell::new(HashMap::new()),
+            loaded: Event::new(),
             wake_tx,
             wake_rx,
-            last_expiry_ms: Cell::new(crate::types::now_ms()),
+            last_expiry_ms: Cell::new(clock.now_ms()),
             retention_check_ms: Cell::new(OFFSETS_RETENTION_CHECK_MS),
+            clock,
         })
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Waits until `group_id`'s partition is loaded here, at most `wait_max` on the clock.
+    pub async fn loaded(&self, group_id: &str, wait_max: Duration) -> Result<(), Unavailable> {
+        let loaded = async {
+            loop {
+                // Listen before checking, so a load finishing in between is not missed.
+                let done = self.loaded.listen();
+                if self.check(group_id).is_ok() {
+                    return;
+                }
+                done.await;
+            }
+        };
+        let timeout = self.clock.sleep(wait_max);
+        futures_lite::future::or(loaded, timeout).await;
+        self.check(group_id)
     }
 
     /// Whether `group_id`'s partition is loaded here.
@@ -140,7 +168,7 @@ impl GroupShard {
         let mut next = log.log_start_offset();
         let end = log.high_watermark();
         let mut applied = 0usize;
-        let now = crate::types::now_ms();
+        let now = self.clock.now_ms();
         while next < end {
             let r = log
                 .read(ReadOptions {
@@ -195,6 +223,7 @@ impl GroupShard {
             }
         }
         self.logs.borrow_mut().insert(p, log);
+        self.loaded.notify(usize::MAX);
         tracing::debug!(
             partition = p,
             records = applied,
@@ -209,7 +238,7 @@ impl GroupShard {
         for w in writes {
             by_partition.entry(w.partition).or_default().push(w);
         }
-        let now = crate::types::now_ms();
+        let now = self.clock.now_ms();
         for (p, ws) in by_partition {
             let log = self.logs.borrow().get(&p).cloned();
             let Some(log) = log else {
@@ -249,7 +278,7 @@ impl GroupShard {
     pub async fn with<R>(&self, f: impl FnOnce(&mut Coordinator, i64) -> R) -> R {
         let r = {
             let mut c = self.coordinator.borrow_mut();
-            f(&mut c, crate::types::now_ms())
+            f(&mut c, self.clock.now_ms())
         };
         self.wake();
         self.flush().await;
@@ -287,16 +316,14 @@ impl GroupShard {
     /// answer. Returns the error for every entry (NONE on success).
     pub async fn commit(
         &self,
-        group_id: &str,
-        member_id: &str,
-        instance_id: Option<&str>,
-        generation: i32,
+        who: MemberRef<'_>,
         entries: Vec<coordinator::CommitEntry>,
     ) -> ErrorCode {
-        let now = crate::types::now_ms();
+        let group_id = who.group_id;
+        let now = self.clock.now_ms();
         let writes = {
             let mut c = self.coordinator.borrow_mut();
-            if let Err(code) = c.check_commit(group_id, member_id, instance_id, generation, now) {
+            if let Err(code) = c.check_commit(who, now) {
                 return code;
             }
             c.commit_writes(group_id, &entries)
@@ -321,19 +348,19 @@ impl GroupShard {
     /// The timer loop: fires the state machine's deadlines and the periodic offset expiry.
     pub async fn run_timers(self: Rc<Self>) {
         loop {
-            let now = crate::types::now_ms();
+            let now = self.clock.now_ms();
             let next = self.coordinator.borrow().next_deadline_ms();
             let sleep_ms = next
                 .map(|d| (d - now).clamp(0, TIMER_SLEEP_MS_MAX))
                 .unwrap_or(TIMER_SLEEP_MS_MAX);
             if sleep_ms > 0 {
-                let sleep = glommio::timer::sleep(Duration::from_millis(sleep_ms as u64));
+                let sleep = self.clock.sleep(Duration::from_millis(sleep_ms as u64));
                 let woken = async {
                     let _ = self.wake_rx.recv().await;
                 };
                 futures_lite::future::or(sleep, woken).await;
             }
-            let now = crate::types::now_ms();
+            let now = self.clock.now_ms();
             self.coordinator.borrow_mut().tick(now);
             if now - self.last_expiry_ms.get() >= self.retention_check_ms.get() {
                 self.last_expiry_ms.set(now);
@@ -416,13 +443,7 @@ where
         let gs = local().ok_or(not_available)?;
         // Right after start the partition may still be replaying: wait a little before
         // answering COORDINATOR_LOAD_IN_PROGRESS, so clients rarely need to retry.
-        let deadline = std::time::Instant::now() + LOAD_WAIT_MAX;
-        while let Err(u) = gs.check(&gid) {
-            if std::time::Instant::now() >= deadline {
-                return Err(u.code());
-            }
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-        }
+        gs.loaded(&gid, LOAD_WAIT_MAX).await.map_err(|u| u.code())?;
         Ok(f(gs).await)
     })
     .await
@@ -434,11 +455,14 @@ where
 pub fn start_shard_tasks() {
     let shard = crate::shard::local();
     let cfg = &shard.broker.config;
-    let gs = GroupShard::new(CoordinatorConfig {
-        initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
-        offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
-        ..Default::default()
-    });
+    let gs = GroupShard::new(
+        CoordinatorConfig {
+            initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
+            offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
+            ..Default::default()
+        },
+        shard.clock.clone(),
+    );
     install(gs.clone());
     // Contained: a panic while loading leaves this shard's groups unloaded (their requests get
     // COORDINATOR_LOAD_IN_PROGRESS) and is logged; the shard keeps serving everything else.
@@ -456,7 +480,9 @@ pub fn start_shard_tasks() {
                 Err(mut p) => {
                     p.mark_reported();
                     tracing::error!("group timers {p}; restarting them in {TIMER_RESTART_MS} ms");
-                    glommio::timer::sleep(Duration::from_millis(TIMER_RESTART_MS)).await;
+                    gs.clock
+                        .sleep(Duration::from_millis(TIMER_RESTART_MS))
+                        .await;
                 }
             }
         }
@@ -498,28 +524,22 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
         }
     }
     // Other shards wait for shard 0 to publish the topic.
-    let meta = loop {
-        if let Some(m) = broker.image().topic(OFFSETS_TOPIC) {
-            break m.clone();
-        }
-        if broker.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err("broker stopping".into());
-        }
-        glommio::timer::sleep(Duration::from_millis(20)).await;
-    };
+    let image = broker
+        .image_where(|i| i.topic(OFFSETS_TOPIC).is_some())
+        .await
+        .ok_or("broker stopping")?;
+    let meta = image.topic(OFFSETS_TOPIC).expect("waited for it").clone();
     gs.coordinator.borrow_mut().config.offsets_partitions = meta.partition_count();
     for p in 0..meta.partition_count() {
         if broker.owner(&meta, p) != Some(shard.id) {
             continue;
         }
         let tp = crate::types::TopicPartition::new(OFFSETS_TOPIC, p);
-        let log = loop {
-            // Opened by topic creation on this shard, or at start.
-            if let Some(l) = shard.partition(&tp) {
-                break l;
-            }
-            glommio::timer::sleep(Duration::from_millis(20)).await;
-        };
+        // Opened at start, or by the topic's creation before it was published (a topic is
+        // published only once every partition is open on its shard).
+        let log = shard
+            .partition(&tp)
+            .ok_or_else(|| format!("{tp} is published but not open on this shard"))?;
         gs.load_partition(p, log)
             .await
             .map_err(|e| format!("cannot replay {tp}: {e}"))?;

@@ -1,9 +1,10 @@
 //! State-machine tests with a fake clock (Kafka classic rebalance protocol, KIP-345, KIP-394),
 //! and persistence + replay tests on a real partition log in a glommio executor.
 
-use crate::types::ErrorCode;
+use crate::types::{Clock, ErrorCode, FakeClock};
 use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
+use std::time::Duration;
 
 use super::coordinator::*;
 use super::state::*;
@@ -150,7 +151,7 @@ fn second_member_triggers_rebalance_and_both_get_the_new_generation() {
     let b_rx = waiting(c.join(join_req("g", "", None), 10));
     assert_eq!(c.group("g").unwrap().state, GroupState::PreparingRebalance);
     assert_eq!(
-        c.heartbeat("g", &a, None, 1, 20),
+        c.heartbeat(MemberRef::of_group("g").member(&a).generation(1), 20),
         ErrorCode::new(E::RebalanceInProgress)
     );
     let a_join = ready(c.join(join_req("g", &a, None), 30)).unwrap();
@@ -171,12 +172,17 @@ fn second_member_triggers_rebalance_and_both_get_the_new_generation() {
     assert_eq!(&b_sync.try_recv().unwrap().assignment[..], b"p2,p3");
     assert_eq!(c.group("g").unwrap().state, GroupState::Stable);
     assert_eq!(
-        c.heartbeat("g", &b_join.member_id, None, 2, 60),
+        c.heartbeat(
+            MemberRef::of_group("g")
+                .member(&b_join.member_id)
+                .generation(2),
+            60
+        ),
         ErrorCode::NONE
     );
     // A generation-1 heartbeat is refused.
     assert_eq!(
-        c.heartbeat("g", &a, None, 1, 60),
+        c.heartbeat(MemberRef::of_group("g").member(&a).generation(1), 60),
         ErrorCode::new(E::IllegalGeneration)
     );
 }
@@ -188,7 +194,7 @@ fn rebalance_timeout_removes_members_that_did_not_rejoin() {
     let b_rx = waiting(c.join(join_req("g", "", None), 10));
     // A keeps heartbeating but never rejoins.
     for t in (1000..REBALANCE_MS as i64).step_by(3000) {
-        c.heartbeat("g", &a, None, 1, t);
+        c.heartbeat(MemberRef::of_group("g").member(&a).generation(1), t);
         c.tick(t);
         assert!(b_rx.is_empty());
     }
@@ -199,7 +205,7 @@ fn rebalance_timeout_removes_members_that_did_not_rejoin() {
     assert_eq!(b.leader, b.member_id, "A was dropped, B leads");
     assert_eq!(c.group("g").unwrap().members.len(), 1);
     assert_eq!(
-        c.heartbeat("g", &a, None, 1, 40_000),
+        c.heartbeat(MemberRef::of_group("g").member(&a).generation(1), 40_000),
         ErrorCode::new(E::UnknownMemberId)
     );
 }
@@ -217,7 +223,10 @@ fn session_timeout_removes_dead_member_and_rebalances_the_rest() {
     let mut t = 0;
     while t < SESSION_MS as i64 + 1000 {
         t += 2000;
-        let code = c.heartbeat("g", &b.member_id, None, 2, t);
+        let code = c.heartbeat(
+            MemberRef::of_group("g").member(&b.member_id).generation(2),
+            t,
+        );
         c.tick(t);
         if code != ErrorCode::NONE {
             assert_eq!(code, ErrorCode::new(E::RebalanceInProgress));
@@ -355,8 +364,11 @@ fn member_that_never_syncs_is_removed_after_the_rebalance_timeout() {
     let mut t = 0;
     while t <= REBALANCE_MS as i64 {
         t += 2000;
-        c.heartbeat("g", &a, None, 2, t);
-        c.heartbeat("g", &b.member_id, None, 2, t);
+        c.heartbeat(MemberRef::of_group("g").member(&a).generation(2), t);
+        c.heartbeat(
+            MemberRef::of_group("g").member(&b.member_id).generation(2),
+            t,
+        );
         c.tick(t);
     }
     assert!(c.group("g").unwrap().members.get(&b.member_id).is_none());
@@ -391,7 +403,13 @@ fn static_member_rejoin_replaces_member_id_without_rebalance_kip_345() {
     assert_eq!(&ready(c.sync(s, 100)).unwrap().assignment[..], b"Y");
     // The old member id is fenced.
     assert_eq!(
-        c.heartbeat("g", &jb.member_id, Some("i2"), 2, 100),
+        c.heartbeat(
+            MemberRef::of_group("g")
+                .member(&jb.member_id)
+                .instance(Some("i2"))
+                .generation(2),
+            100
+        ),
         ErrorCode::new(E::FencedInstanceId)
     );
     // The static leader restarting gets skip_assignment (KIP-814).
@@ -445,23 +463,26 @@ fn initial_rebalance_delay_waits_and_extends_for_new_members() {
 fn commit_rules_follow_kafka() {
     let mut c = coordinator();
     // Simple consumers (generation -1) may commit to an unknown or empty group.
-    assert_eq!(c.check_commit("simple", "", None, -1, 0), Ok(()));
+    assert_eq!(c.check_commit(MemberRef::of_group("simple"), 0), Ok(()));
     assert_eq!(
-        c.check_commit("simple", "", None, 3, 0),
+        c.check_commit(MemberRef::of_group("simple").generation(3), 0),
         Err(ErrorCode::new(E::IllegalGeneration))
     );
     let a = single_member_stable(&mut c, 0);
-    assert_eq!(c.check_commit("g", &a, None, 1, 0), Ok(()));
     assert_eq!(
-        c.check_commit("g", &a, None, 0, 0),
+        c.check_commit(MemberRef::of_group("g").member(&a).generation(1), 0),
+        Ok(())
+    );
+    assert_eq!(
+        c.check_commit(MemberRef::of_group("g").member(&a).generation(0), 0),
         Err(ErrorCode::new(E::IllegalGeneration))
     );
     assert_eq!(
-        c.check_commit("g", "ghost", None, 1, 0),
+        c.check_commit(MemberRef::of_group("g").member("ghost").generation(1), 0),
         Err(ErrorCode::new(E::UnknownMemberId))
     );
     assert_eq!(
-        c.check_commit("g", "", None, -1, 0),
+        c.check_commit(MemberRef::of_group("g"), 0),
         Err(ErrorCode::new(E::UnknownMemberId))
     );
     // During CompletingRebalance: REBALANCE_IN_PROGRESS.
@@ -469,7 +490,7 @@ fn commit_rules_follow_kafka() {
     ready(c.join(join_req("g", &a, None), 1)).unwrap();
     let _ = b.try_recv().unwrap();
     assert_eq!(
-        c.check_commit("g", &a, None, 2, 1),
+        c.check_commit(MemberRef::of_group("g").member(&a).generation(2), 1),
         Err(ErrorCode::new(E::RebalanceInProgress))
     );
 }
@@ -591,7 +612,7 @@ async fn open_shard(
     std::rc::Rc<GroupShard>,
     Vec<std::rc::Rc<crate::storage::PartitionLog>>,
 ) {
-    let gs = GroupShard::new(CoordinatorConfig::default());
+    let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
     let mut logs = vec![];
     for p in 0..OFFSETS_PARTITIONS {
         let log = open_log(dir, p).await;
@@ -626,10 +647,10 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         assert_eq!(gs.sync(s).await.error, ErrorCode::NONE);
         let code = gs
             .commit(
-                "orders-app",
-                &j.member_id,
-                Some("inst-1"),
-                1,
+                MemberRef::of_group("orders-app")
+                    .member(&j.member_id)
+                    .instance(Some("inst-1"))
+                    .generation(1),
                 vec![entry("orders", 0, 42, 1), entry("orders", 1, 7, 1)],
             )
             .await;
@@ -637,23 +658,20 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         // A simple consumer's commits, then one overwritten and one deleted.
         assert_eq!(
             gs.commit(
-                "simple",
-                "",
-                None,
-                -1,
+                MemberRef::of_group("simple"),
                 vec![entry("t", 0, 1, 1), entry("t", 1, 2, 1)]
             )
             .await,
             ErrorCode::NONE
         );
         assert_eq!(
-            gs.commit("simple", "", None, -1, vec![entry("t", 0, 10, 2)])
+            gs.commit(MemberRef::of_group("simple"), vec![entry("t", 0, 10, 2)])
                 .await,
             ErrorCode::NONE
         );
         // A deleted group leaves nothing behind.
         assert_eq!(
-            gs.commit("gone", "", None, -1, vec![entry("t", 0, 3, 1)])
+            gs.commit(MemberRef::of_group("gone"), vec![entry("t", 0, 3, 1)])
                 .await,
             ErrorCode::NONE
         );
@@ -685,7 +703,15 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         }
         // The reloaded member can keep heartbeating in its generation.
         let hb = gs2
-            .with(|c, now| c.heartbeat("orders-app", &j.member_id, Some("inst-1"), 1, now))
+            .with(|c, now| {
+                c.heartbeat(
+                    MemberRef::of_group("orders-app")
+                        .member(&j.member_id)
+                        .instance(Some("inst-1"))
+                        .generation(1),
+                    now,
+                )
+            })
             .await;
         assert_eq!(hb, ErrorCode::NONE);
         close(logs2).await;
@@ -699,7 +725,7 @@ fn expired_offsets_are_tombstoned_and_stay_gone_after_replay() {
     run(async move {
         let (gs, logs) = open_shard(&path).await;
         assert_eq!(
-            gs.commit("old", "", None, -1, vec![entry("t", 0, 1, 0)])
+            gs.commit(MemberRef::of_group("old"), vec![entry("t", 0, 1, 0)])
                 .await,
             ErrorCode::NONE
         );
@@ -715,7 +741,7 @@ fn expired_offsets_are_tombstoned_and_stay_gone_after_replay() {
 #[test]
 fn join_waits_in_the_executor_until_the_rebalance_completes() {
     run(async move {
-        let gs = GroupShard::new(CoordinatorConfig::default());
+        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
         let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
         let first = gs.join(join_req("g", "", None)).await;
         assert_eq!(first.generation, 1);
@@ -802,7 +828,10 @@ fn queued_group_records_replay_into_the_same_state() {
     assert_eq!((g.state, g.generation), (GroupState::Stable, 1));
     assert_eq!(g.leader.as_deref(), Some(a.as_str()));
     assert_eq!(&g.members[&a].assignment[..], b"A");
-    assert_eq!(fresh.heartbeat("g", &a, None, 1, 200), ErrorCode::NONE);
+    assert_eq!(
+        fresh.heartbeat(MemberRef::of_group("g").member(&a).generation(1), 200),
+        ErrorCode::NONE
+    );
 }
 
 /// A `consumer`-protocol subscription (ConsumerProtocolSubscription v0) to `topics`.
@@ -845,10 +874,14 @@ fn stable_consumer_groups_expire_only_offsets_of_unsubscribed_topics_kip_211() {
 #[test]
 fn timer_task_expires_a_silent_member_without_outside_ticks() {
     run(async move {
-        let gs = GroupShard::new(CoordinatorConfig {
-            session_timeout_ms_min: 10,
-            ..Default::default()
-        });
+        let fake = FakeClock::new(1_700_000_000_000);
+        let gs = GroupShard::new(
+            CoordinatorConfig {
+                session_timeout_ms_min: 10,
+                ..Default::default()
+            },
+            Clock::fake(&fake),
+        );
         let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
         let mut req = join_req("g", "", None);
         req.session_timeout_ms = 100;
@@ -856,18 +889,13 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
         assert_eq!(j.error, ErrorCode::NONE);
         let s = gs.sync(sync_req("g", &j.member_id, 1, vec![])).await;
         assert_eq!(s.error, ErrorCode::NONE);
-        // No heartbeats: the timer loop alone must notice the expired session.
-        let start = std::time::Instant::now();
-        loop {
-            if gs.coordinator.borrow().group("g").map(|g| g.state) == Some(GroupState::Empty) {
-                break;
-            }
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(10),
-                "member never expired"
-            );
-            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let state = || gs.coordinator.borrow().group("g").map(|g| g.state);
+        // No heartbeats: the timer loop alone must notice the expired session, once it is.
+        fake.advance(Duration::from_millis(99));
+        settle(&fake).await;
+        assert_eq!(state(), Some(GroupState::Stable), "expired early");
+        fake.advance(Duration::from_millis(1));
+        until("the session expiry", || state() == Some(GroupState::Empty)).await;
         assert!(gs
             .coordinator
             .borrow()
@@ -876,6 +904,61 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
             .members
             .is_empty());
         drop(timers);
+    });
+}
+
+/// How many times [`until`] lets the executor run other tasks before it fails the test: the
+/// fake clock's wake-ups need a few turns of the timer loop, never thousands.
+const TURNS_MAX: usize = 10_000;
+
+/// Lets other tasks run until `cond` holds (time does not pass: the clocks here are fake).
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..TURNS_MAX {
+        if cond() {
+            return;
+        }
+        futures_lite::future::yield_now().await;
+    }
+    panic!("never saw {what}");
+}
+
+/// Lets the timer loop run until it sleeps on the fake clock again.
+async fn settle(fake: &FakeClock) {
+    futures_lite::future::yield_now().await;
+    until("the timer loop asleep", || fake.sleepers() > 0).await;
+}
+
+#[test]
+fn seven_days_later_the_timer_loop_expires_offsets_of_an_empty_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(async move {
+        let start = 1_700_000_000_000;
+        let fake = FakeClock::new(start);
+        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::fake(&fake));
+        let mut logs = vec![];
+        for p in 0..OFFSETS_PARTITIONS {
+            let log = open_log(&path, p).await;
+            gs.load_partition(p, log.clone()).await.expect("replay");
+            logs.push(log);
+        }
+        let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
+        assert_eq!(
+            gs.commit(MemberRef::of_group("old"), vec![entry("t", 0, 1, start)])
+                .await,
+            ErrorCode::NONE
+        );
+        let offsets = || gs.coordinator.borrow().fetch_offsets("old", None).len();
+        assert_eq!(offsets(), 1);
+        // Retention is 7 days from the commit; the loop checks every 10 minutes.
+        let day = Duration::from_secs(24 * 3600);
+        fake.advance(6 * day);
+        settle(&fake).await;
+        assert_eq!(offsets(), 1, "expired before the retention");
+        fake.advance(day + Duration::from_millis(OFFSETS_RETENTION_CHECK_MS as u64));
+        until("the offsets' expiry", || offsets() == 0).await;
+        drop(timers);
+        close(logs).await;
     });
 }
 
@@ -941,7 +1024,7 @@ fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
         append(batch::build::single(Some(&ok_key), Some(&good), 1)[..].into()).await;
         log.close().await.expect("close");
 
-        let gs = GroupShard::new(CoordinatorConfig::default());
+        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
         let log = open_log(&path, p).await;
         let applied = gs.load_partition(p, log.clone()).await.expect("replay");
         assert_eq!(applied, 1);

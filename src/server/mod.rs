@@ -24,6 +24,7 @@ use glommio::task::JoinHandle;
 
 use crate::kafka::{Connection, Response};
 use crate::shard;
+use crate::types::Clock;
 
 /// Frame length prefix.
 const LENGTH_PREFIX_BYTES: usize = 4;
@@ -73,6 +74,8 @@ pub async fn accept_loop(listener: TcpListener) {
     let shard = shard::local();
     let broker = shard.broker.clone();
     let active = Rc::new(Cell::new(0usize));
+    // Every connection task holds a sender; the channel closes when the last of them ends.
+    let (conn_alive, all_closed) = async_channel::bounded::<()>(1);
     // One budget for the request bytes every connection of this shard holds at once.
     let request_memory = Rc::new(Semaphore::new(broker.config.shard_request_bytes_max as u64));
     loop {
@@ -85,8 +88,9 @@ pub async fn accept_loop(listener: TcpListener) {
             None => break,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
+                // Out of descriptors or memory, usually: back off instead of spinning on it.
                 tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                shard.clock.sleep(ACCEPT_RETRY_PAUSE).await;
                 continue;
             }
         };
@@ -109,6 +113,7 @@ pub async fn accept_loop(listener: TcpListener) {
         active.set(active.get() + 1);
         let active2 = active.clone();
         let request_memory = request_memory.clone();
+        let alive = conn_alive.clone();
         glommio::spawn_local(async move {
             // Requests are contained one by one (below); this catches a panic of the connection's
             // own reader or writer, which costs that connection only.
@@ -119,15 +124,28 @@ pub async fn accept_loop(listener: TcpListener) {
                 tracing::error!(conn = id, peer = %peer, "connection task {p}; connection closed");
             }
             active2.set(active2.get() - 1);
+            drop(alive);
         })
         .detach();
     }
     // Shutdown: connections notice `shutdown_rx` and finish what they have in flight.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while active.get() > 0 && std::time::Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
+    drop(conn_alive);
+    let closed = async {
+        let _ = all_closed.recv().await;
+    };
+    futures_lite::future::or(closed, shard.clock.sleep(SHUTDOWN_DRAIN_MAX)).await;
+    if active.get() > 0 {
+        tracing::warn!(
+            connections = active.get(),
+            "connections still open after the shutdown drain"
+        );
     }
 }
+
+/// Pause after a failed accept before the next one.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+/// How long shutdown waits for open connections to finish what they have in flight.
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
 
 /// The budgets one connection draws on; every permit taken from them is held until the response
 /// it was taken for is written (or dropped with the connection), so nothing leaks on close.
@@ -231,8 +249,7 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: 
     // until a write has made no progress for the stall timeout.
     let stall = Duration::from_millis(broker.config.stall_timeout_ms);
     let _ = writer_stream.set_write_timeout(Some(stall));
-    let stream = Rc::new(std::cell::RefCell::new(stream));
-    let wstream = Rc::new(std::cell::RefCell::new(writer_stream));
+    let (mut stream, mut wstream) = (stream, writer_stream);
     let (tx, rx) = async_channel::unbounded::<InFlight>();
     let budgets = Budgets {
         bytes: Rc::new(Semaphore::new(broker.config.inflight_bytes_max as u64)),
@@ -243,14 +260,15 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: 
     // Set by the writer when it gives the connection up (a Close response, a failed write):
     // the reader then stops, so requests already buffered behind it are not run for nobody.
     let closing = Rc::new(Cell::new(false));
-    let reader = read_requests(stream.clone(), conn.clone(), tx, budgets, closing.clone());
-    let writer = write_responses(wstream.clone(), rx, closing);
+    // Each task has its own descriptor of the socket, borrowed until both are done.
+    let reader = read_requests(&mut stream, conn.clone(), tx, budgets, closing.clone());
+    let writer = write_responses(&mut wstream, rx, closing);
     let (why, _) = futures_lite::future::zip(reader, writer).await;
     if let Some(why) = why {
         tracing::info!(peer = %conn.peer, conn = conn.id, "closing connection: {why}");
     }
-    let _ = wstream.borrow_mut().close().await;
-    let _ = stream.borrow_mut().close().await;
+    let _ = wstream.close().await;
+    let _ = stream.close().await;
 }
 
 /// Runs `fut` unless the broker starts shutting down first.
@@ -263,8 +281,9 @@ async fn until_shutdown<T>(fut: impl std::future::Future<Output = T>) -> Option<
     .await
 }
 
-/// Runs `fut` until `deadline` (if any); `None` if the deadline passed first.
+/// Runs `fut` until `deadline` (if any) on `clock`; `None` if the deadline passed first.
 async fn within<T>(
+    clock: &Clock,
     deadline: Option<Instant>,
     fut: impl std::future::Future<Output = T>,
 ) -> Option<T> {
@@ -272,7 +291,9 @@ async fn within<T>(
         return Some(fut.await);
     };
     futures_lite::future::or(async { Some(fut.await) }, async {
-        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+        clock
+            .sleep(deadline.saturating_duration_since(clock.now()))
+            .await;
         None
     })
     .await
@@ -293,7 +314,7 @@ struct Pending {
 /// soon as its length prefix is read, before its body is read, and takes bytes from the shard's
 /// budget as they arrive (see [`Budgets`]).
 async fn read_requests(
-    stream: Rc<std::cell::RefCell<TcpStream>>,
+    stream: &mut TcpStream,
     conn: Rc<Connection>,
     tx: async_channel::Sender<InFlight>,
     budgets: Budgets,
@@ -303,6 +324,7 @@ async fn read_requests(
     let max = broker.config.request_bytes_max;
     let stall = Duration::from_millis(broker.config.stall_timeout_ms);
     let idle = Duration::from_millis(broker.config.connection_idle_ms);
+    let clock = shard::local().clock.clone();
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut pending: Option<Pending> = None;
     // When the first bytes of a frame whose length prefix is still incomplete arrived.
@@ -337,7 +359,7 @@ async fn read_requests(
                 pending = Some(Pending {
                     len,
                     held,
-                    deadline: Instant::now() + stall,
+                    deadline: clock.now() + stall,
                 });
             }
             let len = pending.as_ref().map_or(0, |p| p.len);
@@ -380,7 +402,7 @@ async fn read_requests(
         // How long this read may wait: a started frame must arrive whole within the stall
         // timeout; a connection with nothing started and nothing in flight may idle for
         // `connection_idle_ms`.
-        let now = Instant::now();
+        let now = clock.now();
         let deadline = match (&pending, buf.is_empty()) {
             (Some(p), _) => Some(p.deadline),
             (None, false) => Some(*prefix_started.get_or_insert(now) + stall),
@@ -398,10 +420,12 @@ async fn read_requests(
         }
         .min(READ_CALL_BYTES_MAX);
         buf.resize(old + want, 0);
-        let read = {
-            let mut s = stream.borrow_mut();
-            within(deadline, until_shutdown(s.read(&mut buf[old..]))).await
-        };
+        let read = within(
+            &clock,
+            deadline,
+            until_shutdown(stream.read(&mut buf[old..])),
+        )
+        .await;
         // Outer `None`: the deadline passed; inner `None`: the broker is shutting down.
         match read {
             Some(None) => {
@@ -436,7 +460,7 @@ async fn read_requests(
                 if let Some(p) = pending.as_mut() {
                     let frame_part = (LENGTH_PREFIX_BYTES + p.len - old).min(n) as u64;
                     let grow = until_shutdown(p.held.shard_bytes.grow(frame_part));
-                    match within(Some(p.deadline), grow).await {
+                    match within(&clock, Some(p.deadline), grow).await {
                         Some(Some(Some(()))) => {}
                         Some(_) => return None, // shutting down
                         None => {
@@ -487,7 +511,7 @@ fn handler_panicked(
 }
 
 async fn write_responses(
-    stream: Rc<std::cell::RefCell<TcpStream>>,
+    stream: &mut TcpStream,
     rx: async_channel::Receiver<InFlight>,
     closing: Rc<Cell<bool>>,
 ) {
@@ -504,11 +528,11 @@ async fn write_responses(
         }
         match resp {
             Some(Response::Frames(parts)) => {
-                if let Err(e) = write_vectored_all(&stream, parts).await {
+                if let Err(e) = write_vectored_all(stream, parts).await {
                     tracing::info!(error = %e, "closing connection: response write failed");
                     failed = true;
                     closing.set(true);
-                    let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
+                    let _ = stream.shutdown(std::net::Shutdown::Both).await;
                 }
             }
             Some(Response::None) => {}
@@ -516,12 +540,12 @@ async fn write_responses(
                 tracing::info!("closing connection: {why}");
                 failed = true;
                 closing.set(true);
-                let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
+                let _ = stream.shutdown(std::net::Shutdown::Both).await;
             }
             None => {
                 failed = true;
                 closing.set(true);
-                let _ = stream.borrow().shutdown(std::net::Shutdown::Both).await;
+                let _ = stream.shutdown(std::net::Shutdown::Both).await;
             }
         }
         // `_held` drops here: the request's budgets return once its response is written.
@@ -531,11 +555,8 @@ async fn write_responses(
 /// Writes `parts` in order. First tries one non-blocking `writev` of everything (the common case:
 /// the whole response fits the socket buffer, one syscall, no copy); whatever is left goes
 /// through the executor's async writes.
-pub async fn write_vectored_all(
-    stream: &Rc<std::cell::RefCell<TcpStream>>,
-    parts: Vec<Bytes>,
-) -> std::io::Result<()> {
-    let fd = stream.borrow().as_raw_fd();
+pub async fn write_vectored_all(stream: &mut TcpStream, parts: Vec<Bytes>) -> std::io::Result<()> {
+    let fd = stream.as_raw_fd();
     let mut queue: VecDeque<Bytes> = parts.into_iter().filter(|p| !p.is_empty()).collect();
     while !queue.is_empty() {
         let slices: Vec<IoSlice<'_>> = queue.iter().take(64).map(|b| IoSlice::new(b)).collect();
@@ -563,7 +584,7 @@ pub async fn write_vectored_all(
             }
             // The socket buffer is full: let the executor wait for room with the first piece.
             let first = queue.pop_front().expect("non-empty");
-            stream.borrow_mut().write_all(&first).await?;
+            stream.write_all(&first).await?;
             continue;
         }
         let mut n = n as usize;

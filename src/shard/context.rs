@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use event_listener::Event;
 
 use super::Job;
 use crate::config::BrokerConfig;
@@ -18,6 +19,8 @@ pub struct BrokerContext {
     pub config: BrokerConfig,
     /// The current metadata image; swapped whole by [`BrokerContext::publish`].
     metadata: ArcSwap<MetadataImage>,
+    /// Notified after every [`BrokerContext::publish`].
+    published: Event,
     /// One inbox per shard, indexed by shard id (see [`super::invoke_on`]).
     pub(super) inboxes: Vec<async_channel::Sender<Job>>,
     /// Closed (never sent on) to tell every shard to stop.
@@ -36,6 +39,7 @@ impl BrokerContext {
         BrokerContext {
             config,
             metadata: ArcSwap::from_pointee(image),
+            published: Event::new(),
             inboxes,
             shutdown_tx,
             shutdown_rx,
@@ -59,9 +63,34 @@ impl BrokerContext {
         self.metadata.load_full()
     }
 
-    /// Makes `image` the one every shard reads from now on.
+    /// Makes `image` the one every shard reads from now on, and wakes every
+    /// [`BrokerContext::image_where`] waiter.
     pub fn publish(&self, image: Arc<MetadataImage>) {
         self.metadata.store(image);
+        self.published.notify(usize::MAX);
+    }
+
+    /// Waits (on any shard) until the published image satisfies `cond`, and returns that image;
+    /// `None` once the broker is stopping.
+    pub async fn image_where(
+        &self,
+        cond: impl Fn(&MetadataImage) -> bool,
+    ) -> Option<Arc<MetadataImage>> {
+        loop {
+            // Listen before looking, so a publish between the look and the wait is not missed.
+            let published = self.published.listen();
+            let image = self.image();
+            if cond(&image) {
+                return Some(image);
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                return None;
+            }
+            let stopped = async {
+                let _ = self.shutdown_rx.recv().await;
+            };
+            futures_lite::future::or(published, stopped).await;
+        }
     }
 
     /// Tells every shard to stop: sets the flag and closes the shutdown channel, which wakes

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use glommio::task::JoinHandle;
 
 pub use crate::contain::{contain, Panic};
-use crate::storage::{BatchCache, LogConfig, PartitionLog, StorageError};
-use crate::types::{ShardId, TopicPartition};
+use crate::storage::{io::DmaIo, BatchCache, LogConfig, PartitionLog, StorageError};
+use crate::types::{Clock, ShardId, TopicPartition};
 
 mod context;
 
@@ -41,6 +41,8 @@ pub struct Shard {
     pub broker: Arc<BrokerContext>,
     pub partitions: RefCell<HashMap<TopicPartition, Rc<PartitionLog>>>,
     pub cache: Rc<BatchCache>,
+    /// What this shard's logs, coordinator and timer loops read the time from.
+    pub clock: Clock,
 }
 
 thread_local! {
@@ -70,6 +72,7 @@ impl Shard {
             broker,
             partitions: RefCell::new(HashMap::new()),
             cache,
+            clock: Clock::system(),
         }
     }
 
@@ -85,7 +88,14 @@ pub async fn open_partition_here(tp: TopicPartition, lc: LogConfig) -> Result<()
         return Ok(());
     }
     let dir = shard.broker.partition_dir(&tp);
-    let log = PartitionLog::open(&dir, lc, shard.cache.clone()).await?;
+    let log = PartitionLog::open_with_io(
+        &dir,
+        lc,
+        shard.cache.clone(),
+        Rc::new(DmaIo),
+        shard.clock.clone(),
+    )
+    .await?;
     shard.partitions.borrow_mut().insert(tp, log);
     Ok(())
 }
@@ -173,7 +183,7 @@ where
     for s in 0..n {
         let f = f.clone();
         // Contained: the call to this very shard runs inline inside the spawned task.
-        tasks.push(spawn_contained(invoke_on(ShardId(s), move || f())));
+        tasks.push(spawn_contained(invoke_on(ShardId(s), f)));
     }
     let mut out = Vec::with_capacity(n);
     let mut panicked = None;

@@ -167,7 +167,7 @@ impl PartitionLog {
         let too_old = s
             .config
             .segment_ms
-            .is_some_and(|ms| crate::types::now_ms() - a.created_ms() >= ms as i64);
+            .is_some_and(|ms| self.clock.now_ms() - a.created_ms() >= ms as i64);
         too_big || too_many || too_old
     }
 

@@ -14,7 +14,7 @@ use glommio::io::DmaBuffer;
 
 use crate::storage::io::{align_down, align_up, join_in_order, IoFuture, ALIGN_BYTES};
 use crate::storage::{FlushPolicy, PartitionLog, State, StorageError};
-use crate::types::Offset;
+use crate::types::{Offset, Sleep};
 
 /// Capacity of the first chunk of a flush: small, so a thousand idle-ish partitions on a shard
 /// hold little memory.
@@ -225,6 +225,7 @@ impl Appender {
         allocated: u64,
         log_end: Offset,
         snapshot_pos: u64,
+        now: Instant,
     ) -> Self {
         let head_pos = align_down(written);
         assert_eq!(written_tail.len() as u64, written - head_pos);
@@ -243,7 +244,7 @@ impl Appender {
             gen_end: vec![],
             last_error: None,
             sync_failures: 0,
-            last_sync: Instant::now(),
+            last_sync: now,
             flusher: None,
             snapshotting: false,
             snapshot_pos,
@@ -458,7 +459,7 @@ async fn flush_loop(log: Weak<PartitionLog>) {
 
 async fn next_work(log: &Weak<PartitionLog>) -> Work {
     loop {
-        let mut timer: Option<Duration> = None;
+        let mut timer: Option<Sleep> = None;
         let ready = std::future::poll_fn(|cx| {
             let Some(log) = log.upgrade() else {
                 return Poll::Ready(Some(Work::Exit));
@@ -492,11 +493,11 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
                     FlushPolicy::IntervalMs(ms) => ms,
                 };
                 let due = a.last_sync + Duration::from_millis(every);
-                let now = Instant::now();
+                let now = log.clock.now();
                 if now >= due {
                     return Poll::Ready(Some(Work::Sync));
                 }
-                timer = Some(due - now);
+                timer = Some(log.clock.sleep(due - now));
                 return Poll::Ready(None);
             }
             a.flusher = Some(cx.waker().clone());
@@ -505,7 +506,7 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
         if let Some(w) = ready.await {
             return w;
         }
-        let Some(d) = timer else { continue };
+        let Some(sleep) = timer else { continue };
         // Unsynced data and no sync wanted yet: sleep until the periodic sync is due, or until
         // new data or a Synced append arrives.
         let woken = std::future::poll_fn(|cx| {
@@ -525,7 +526,7 @@ async fn next_work(log: &Weak<PartitionLog>) -> Work {
             a.flusher = Some(cx.waker().clone());
             Poll::Pending
         });
-        futures_lite::future::or(woken, glommio::timer::sleep(d)).await;
+        futures_lite::future::or(woken, sleep).await;
     }
 }
 
@@ -670,7 +671,7 @@ impl PartitionLog {
                 s.offsets.synced_to(target);
                 let a = &mut s.appender;
                 a.synced_pos = a.synced_pos.max(pos);
-                a.last_sync = Instant::now();
+                a.last_sync = self.clock.now();
                 s.active_mut().persist_index(&self.dir, pos);
             }
             Err(e) => {
@@ -681,7 +682,7 @@ impl PartitionLog {
                 // The waiting Synced appends fail now; the next one asks for a sync again. Retrying
                 // at once would spin on a failing device.
                 a.sync_wanted = s.offsets.synced();
-                a.last_sync = Instant::now();
+                a.last_sync = self.clock.now();
             }
         }
         s.debug_check_invariants();

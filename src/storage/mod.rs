@@ -52,7 +52,7 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 
 use crate::protocol::batch::BatchError;
-use crate::types::Offset;
+use crate::types::{Clock, Offset};
 
 use appender::Appender;
 pub use cache::{BatchCache, CacheStats};
@@ -299,6 +299,8 @@ impl Drop for PartitionLog {
 pub struct PartitionLog {
     dir: PathBuf,
     io: Rc<dyn StorageIo>,
+    /// Segment ages and the flusher's timer read it (tests pass a fake one).
+    clock: Clock,
     cache: Rc<BatchCache>,
     cache_id: u64,
     recovery: Option<RecoveryReport>,
@@ -312,7 +314,7 @@ impl PartitionLog {
         config: LogConfig,
         cache: Rc<BatchCache>,
     ) -> Result<Rc<Self>, StorageError> {
-        Self::open_with_io(dir, config, cache, Rc::new(io::DmaIo)).await
+        Self::open_with_io(dir, config, cache, Rc::new(io::DmaIo), Clock::system()).await
     }
 
     pub fn dir(&self) -> &Path {

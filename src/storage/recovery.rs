@@ -18,15 +18,17 @@ use crate::storage::producer_state::ProducerState;
 use crate::storage::read::ReadAheads;
 use crate::storage::segment::{self, ScanStop, Segment};
 use crate::storage::{BatchCache, LogConfig, PartitionLog, RecoveryReport, State, StorageError};
-use crate::types::{now_ms, Offset};
+use crate::types::{Clock, Offset};
 
 impl PartitionLog {
-    /// [`PartitionLog::open`] over any [`StorageIo`] (tests inject faults through it).
+    /// [`PartitionLog::open`] over any [`StorageIo`] (tests inject faults through it) and any
+    /// [`Clock`] (tests drive time by hand).
     pub async fn open_with_io(
         dir: &std::path::Path,
         config: LogConfig,
         cache: Rc<BatchCache>,
         io: Rc<dyn StorageIo>,
+        clock: Clock,
     ) -> Result<Rc<Self>, StorageError> {
         let started = Instant::now();
         std::fs::create_dir_all(dir)?;
@@ -69,7 +71,7 @@ impl PartitionLog {
                 .open(&meta::segment_path(dir, base, "log"), false)
                 .await?;
             let file_size = file.size().await?;
-            let mut seg = Segment::new(base, file.clone(), now_ms());
+            let mut seg = Segment::new(base, file.clone(), clock.now_ms());
             let last = k + 1 == n;
             if !last {
                 seg.set_extent(file_size, bases[k + 1]);
@@ -161,7 +163,7 @@ impl PartitionLog {
             // A new segment's directory entry must be durable before data in it is
             // acknowledged (fdatasync of the file does not cover the entry).
             io.sync_dir(dir).await?;
-            segments.push(Segment::new(base, file, now_ms()));
+            segments.push(Segment::new(base, file, clock.now_ms()));
         }
         if had_marker {
             // The marker vouches for the files as they are now; the first write makes it a lie,
@@ -232,9 +234,11 @@ impl PartitionLog {
         }
 
         let cache_id = cache.register();
+        let now = clock.now();
         let log = Rc::new(PartitionLog {
             dir: dir.to_path_buf(),
             io,
+            clock,
             cache,
             cache_id,
             recovery: scan_report.map(|(segment, valid_bytes, file_bytes, stop, batches)| {
@@ -257,6 +261,7 @@ impl PartitionLog {
                     file_size_active,
                     log_end,
                     scan_from,
+                    now,
                 ),
                 producers,
                 reads: ReadAheads::new(),

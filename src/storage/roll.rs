@@ -111,7 +111,7 @@ impl PartitionLog {
             "a new segment shares no file with the sealed one"
         );
         s.segments
-            .push(Segment::new(base, new_file, crate::types::now_ms()));
+            .push(Segment::new(base, new_file, self.clock.now_ms()));
         s.appender.started_segment(align_up(extent));
         s.check_invariants();
         s.check_segments();

@@ -30,7 +30,7 @@ use crate::protocol::batch::{self, BatchHeader};
 use crate::storage::io::{Faults, FaultyIo};
 use crate::storage::tests::{batch, idempotent_batch, read_all, run};
 use crate::storage::*;
-use crate::types::Offset;
+use crate::types::{Clock, Offset};
 
 /// Set to replay one seed.
 const SEED_ENV: &str = "SLUICE_SIM_SEED";
@@ -309,9 +309,15 @@ async fn open(dir: &Path, cfg: &LogConfig, cache_bytes: usize) -> (Rc<PartitionL
     let io = Rc::new(FaultyIo {
         faults: faults.clone(),
     });
-    let log = PartitionLog::open_with_io(dir, cfg.clone(), BatchCache::new(cache_bytes), io)
-        .await
-        .expect("open");
+    let log = PartitionLog::open_with_io(
+        dir,
+        cfg.clone(),
+        BatchCache::new(cache_bytes),
+        io,
+        Clock::system(),
+    )
+    .await
+    .expect("open");
     (log, faults)
 }
 

@@ -32,7 +32,7 @@ use crate::protocol::batch::{self, BatchHeader};
 use crate::storage::io::{Faults, FaultyIo};
 use crate::storage::read::READAHEAD_BYTES;
 use crate::storage::*;
-use crate::types::Offset;
+use crate::types::{Clock, FakeClock, Offset};
 
 pub(crate) fn run<T>(f: impl std::future::Future<Output = T> + 'static) -> T {
     glommio::LocalExecutorBuilder::default()
@@ -73,11 +73,20 @@ pub(crate) async fn open(dir: &Path, cfg: LogConfig) -> Rc<PartitionLog> {
 }
 
 pub(crate) async fn open_faulty(dir: &Path, cfg: LogConfig) -> (Rc<PartitionLog>, Rc<Faults>) {
+    open_faulty_at(dir, cfg, Clock::system()).await
+}
+
+/// [`open_faulty`] with the log reading `clock`.
+pub(crate) async fn open_faulty_at(
+    dir: &Path,
+    cfg: LogConfig,
+    clock: Clock,
+) -> (Rc<PartitionLog>, Rc<Faults>) {
     let faults = Rc::new(Faults::default());
     let io = Rc::new(FaultyIo {
         faults: faults.clone(),
     });
-    let log = PartitionLog::open_with_io(dir, cfg, BatchCache::new(64 << 20), io)
+    let log = PartitionLog::open_with_io(dir, cfg, BatchCache::new(64 << 20), io, clock)
         .await
         .expect("open");
     (log, faults)
@@ -943,17 +952,19 @@ fn segments_roll_by_size_and_age() {
         let mut cfg = small_config();
         cfg.segment_bytes = 1 << 30;
         cfg.segment_ms = Some(20);
-        let log = open(&d, cfg).await;
+        let fake = FakeClock::new(1_000_000);
+        let (log, _) = open_faulty_at(&d, cfg, Clock::fake(&fake)).await;
         append(&log, &batch(1, 10, 1, 1), Durability::Written).await;
-        // The age of the segment is the subject: time has to pass (the log reads the wall
-        // clock).
-        glommio::timer::sleep(std::time::Duration::from_millis(30)).await;
+        fake.advance(std::time::Duration::from_millis(19));
         append(&log, &batch(1, 10, 2, 2), Durability::Written).await;
+        assert_eq!(log.segment_count(), 1, "younger than segment.ms");
+        fake.advance(std::time::Duration::from_millis(1));
+        append(&log, &batch(1, 10, 3, 3), Durability::Written).await;
         assert_eq!(log.segment_count(), 2);
-        assert_eq!(meta::list_segments(&d).unwrap(), vec![Offset(0), Offset(1)]);
+        assert_eq!(meta::list_segments(&d).unwrap(), vec![Offset(0), Offset(2)]);
         log.roll().await.unwrap();
         assert_eq!(log.segment_count(), 3);
-        assert_eq!(read_all(&log, Offset(0), 1).await.len(), 2);
+        assert_eq!(read_all(&log, Offset(0), 1).await.len(), 3);
     });
 }
 
@@ -1143,11 +1154,15 @@ fn interval_flush_policy_syncs_on_its_timer() {
     run(async move {
         let mut cfg = small_config();
         cfg.flush = FlushPolicy::IntervalMs(20);
-        let (log, faults) = open_faulty(&d, cfg).await;
-        // Written appends alone get synced once the interval has passed.
+        let fake = FakeClock::new(1_000_000);
+        let (log, faults) = open_faulty_at(&d, cfg, Clock::fake(&fake)).await;
+        let interval = std::time::Duration::from_millis(20);
+        // Written appends alone get synced once the interval has passed, not before.
         append(&log, &batch(1, 10, 1, 1), Durability::Written).await;
+        poll_until("the flusher's timer", || fake.sleepers() > 0).await;
+        assert_eq!(log.synced_offset(), Offset(0));
+        fake.advance(interval);
         wait_state(&log, "the timed sync", |s| s.offsets.synced() >= Offset(1)).await;
-        assert_eq!(log.synced_offset(), Offset(1));
         // A Synced append waits for the next timed sync; many of them share it.
         let mut tasks = vec![];
         for i in 0..10u8 {
@@ -1156,19 +1171,66 @@ fn interval_flush_policy_syncs_on_its_timer() {
                 append(&log, &batch(1, 10, 2, i), Durability::Synced).await
             }));
         }
+        wait_state(&log, "the appends written", |s| {
+            s.offsets.hw() >= Offset(11)
+        })
+        .await;
+        poll_until("the flusher's timer", || fake.sleepers() > 0).await;
+        assert_eq!(log.synced_offset(), Offset(1), "synced before the interval");
         let before = faults.syncs.get();
+        fake.advance(interval);
         for t in tasks {
             t.await;
         }
         assert_eq!(log.synced_offset(), Offset(11));
-        assert!(faults.syncs.get() - before <= 2);
+        assert_eq!(faults.syncs.get() - before, 1, "one sync for all of them");
         // DeleteRecords over written, unsynced batches waits for the next timed sync too.
         append(&log, &batch(1, 10, 3, 1), Durability::Written).await;
-        assert_eq!(
-            log.delete_records_before(Offset(12)).await.unwrap(),
-            Offset(12)
-        );
+        let delete = {
+            let log = log.clone();
+            glommio::spawn_local(async move { log.delete_records_before(Offset(12)).await })
+        };
+        poll_until("the flusher's timer", || fake.sleepers() > 0).await;
+        assert_eq!(log.synced_offset(), Offset(11));
+        fake.advance(interval);
+        assert_eq!(delete.await.unwrap(), Offset(12));
         assert_eq!(log.synced_offset(), Offset(12));
+    });
+}
+
+/// Seven days on a fake clock: the active segment reaches `segment.ms` and rolls on the next
+/// append, and once its newest record is older than `retention.ms`, retention removes it.
+#[test]
+fn seven_days_later_the_segment_rolls_and_retention_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_ms = Some(SEGMENT_MS_DEFAULT);
+        cfg.retention_ms = Some(RETENTION_MS_DEFAULT);
+        let start = 1_700_000_000_000;
+        let fake = FakeClock::new(start);
+        let clock = Clock::fake(&fake);
+        let (log, _) = open_faulty_at(&d, cfg, clock.clone()).await;
+        append(&log, &batch(3, 100, start, 1), Durability::Written).await;
+        let day = std::time::Duration::from_secs(24 * 3600);
+        fake.advance(6 * day);
+        append(&log, &batch(1, 100, clock.now_ms(), 2), Durability::Written).await;
+        assert_eq!(log.segment_count(), 1, "rolled before segment.ms");
+        fake.advance(day);
+        append(&log, &batch(1, 100, clock.now_ms(), 3), Durability::Written).await;
+        assert_eq!(log.segment_count(), 2, "segment.ms passed: rolled");
+        // The sealed segment's newest record is a day old, then exactly `retention.ms`: kept.
+        log.enforce_retention(clock.now_ms()).await.unwrap();
+        fake.advance(6 * day);
+        log.enforce_retention(clock.now_ms()).await.unwrap();
+        assert_eq!(log.log_start_offset(), Offset(0));
+        assert_eq!(log.segment_count(), 2);
+        fake.advance(std::time::Duration::from_millis(1));
+        log.enforce_retention(clock.now_ms()).await.unwrap();
+        assert_eq!(log.segment_count(), 1);
+        assert_eq!(log.log_start_offset(), Offset(4));
+        assert_eq!(read_all(&log, Offset(4), 1 << 20).await.len(), 1);
     });
 }
 
@@ -1239,18 +1301,28 @@ fn concurrent_large_appends_with_failures_keep_every_acknowledged_batch() {
                 }));
             }
             if fail {
-                // A fault schedule in time while the producers run (these sleeps place the
-                // faults; no state is awaited).
-                glommio::timer::sleep(std::time::Duration::from_millis(3)).await;
+                // A fault schedule while the producers run, placed by the writes issued so
+                // far (every producer's every append needs a write, so the run issues at
+                // least 25 of them): a torn write, then the disk full for a few writes.
+                let writes = |n: u64| {
+                    let faults = faults.clone();
+                    move |_: &State| faults.writes.get() >= n
+                };
+                wait_state(&log, "a few writes", writes(3)).await;
                 faults.torn_writes.set(1);
-                glommio::timer::sleep(std::time::Duration::from_millis(3)).await;
+                wait_state(&log, "a few more writes", writes(6)).await;
                 faults.disk_full.set(true);
-                glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+                wait_state(&log, "writes on a full disk", writes(10)).await;
                 faults.disk_full.set(false);
             }
             for t in tasks {
                 t.await;
             }
+            assert_eq!(
+                faults.torn_writes.get(),
+                0,
+                "the torn write was never issued"
+            );
             let n_acked = acked.borrow().len();
             assert!(n_acked > 100, "{n_acked} acknowledged");
             drop(log); // crash

@@ -12,6 +12,52 @@ use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 /// Longest wait for one read or write.
 pub const IO_WAIT: Duration = Duration::from_secs(15);
+/// Largest response frame [`Raw`] reads (the broker's largest response, a full fetch, stays well
+/// below it).
+pub const RESPONSE_BYTES_MAX: usize = 256 << 20;
+/// The client id every raw request carries.
+const CLIENT_ID: &str = "sluice-raw-test";
+
+/// `[i32 length][payload]`.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(4 + payload.len());
+    f.put_i32(payload.len() as i32);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A request header in the given form: v1 (`api_key i16, version i16, correlation_id i32,
+/// client_id nullable string`) or, when `flexible`, v2 (the same plus an empty tagged-field
+/// section), whatever `key` uses at `version` (hostile tests send the wrong one on purpose).
+pub fn request_header(key: ApiKey, version: i16, correlation_id: i32, flexible: bool) -> Vec<u8> {
+    let h = RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str(CLIENT_ID)));
+    let mut b = BytesMut::new();
+    h.encode(&mut b, if flexible { 2 } else { 1 })
+        .expect("encode request header");
+    b.to_vec()
+}
+
+/// Reads one response frame (without its length prefix) from `s`; a length below 4 (no room for
+/// a correlation id) or above `bytes_max` is `InvalidData`. The buffer is sized only after the
+/// length is checked.
+pub fn read_frame_from(s: &mut impl Read, bytes_max: usize) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let n = i32::from_be_bytes(len);
+    if n < 4 || n as usize > bytes_max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("response frame length {n}"),
+        ));
+    }
+    let mut body = vec![0u8; n as usize];
+    s.read_exact(&mut body)?;
+    Ok(body)
+}
 
 pub struct Raw {
     pub s: TcpStream,
@@ -35,33 +81,21 @@ impl Raw {
     /// `[len][header][body]` for `key` at `version`, with the next correlation id.
     pub fn frame<T: Encodable>(&mut self, key: ApiKey, version: i16, body: &T) -> Vec<u8> {
         self.correlation += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation)
-            .with_client_id(Some(StrBytes::from_static_str("sluice-raw-test")));
-        let mut buf = BytesMut::new();
-        buf.put_i32(0);
-        header
-            .encode(&mut buf, key.request_header_version(version))
-            .expect("encode header");
+        let flexible = key.request_header_version(version) >= 2;
+        let mut buf = BytesMut::from(&request_header(key, version, self.correlation, flexible)[..]);
         body.encode(&mut buf, version)
             .unwrap_or_else(|e| panic!("encode {key:?} v{version} request: {e}"));
-        let len = (buf.len() - 4) as i32;
-        buf[..4].copy_from_slice(&len.to_be_bytes());
-        buf.to_vec()
+        frame(&buf)
     }
 
     /// Reads one response frame; `None` if the broker closed the connection (or did not answer
     /// within `IO_WAIT`).
     pub fn read_frame(&mut self) -> Option<Bytes> {
-        let mut len = [0u8; 4];
-        self.s.read_exact(&mut len).ok()?;
-        let n = i32::from_be_bytes(len);
-        assert!(n >= 4, "response frame length {n}");
-        let mut body = vec![0u8; n as usize];
-        self.s.read_exact(&mut body).ok()?;
-        Some(Bytes::from(body))
+        match read_frame_from(&mut self.s, RESPONSE_BYTES_MAX) {
+            Ok(body) => Some(Bytes::from(body)),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => panic!("{e}"),
+            Err(_) => None,
+        }
     }
 
     /// One request and its response; `None` when the broker closed the connection instead of
@@ -74,22 +108,17 @@ impl Raw {
     ) -> Option<Resp> {
         let f = self.frame(key, version, req);
         self.s.write_all(&f).ok()?;
-        let mut len = [0u8; 4];
-        match self.s.read_exact(&mut len) {
-            Ok(()) => {}
+        let mut resp = match read_frame_from(&mut self.s, RESPONSE_BYTES_MAX) {
+            Ok(body) => Bytes::from(body),
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut =>
             {
                 panic!("{key:?} v{version}: no answer and no close within {IO_WAIT:?}")
             }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => panic!("{e}"),
             Err(_) => return None, // EOF or reset: closed
-        }
-        let n = i32::from_be_bytes(len);
-        assert!(n >= 4, "response frame length {n}");
-        let mut body = vec![0u8; n as usize];
-        self.s.read_exact(&mut body).ok()?;
-        let mut resp = Bytes::from(body);
+        };
         let h = ResponseHeader::decode(&mut resp, key.response_header_version(version))
             .expect("response header");
         assert_eq!(h.correlation_id, self.correlation, "correlation id");

@@ -1,16 +1,17 @@
 //! Hostile request frames, shared by `hostile_frames.rs` and `fuzz_requests.rs`: a valid request
-//! of every API and version the broker advertises (built with kafka-protocol), request headers
-//! in either form, a raw sender that learns after each frame whether the broker answered it or
+//! of every API and version the broker advertises (built with kafka-protocol), a raw sender that learns after each frame whether the broker answered it or
 //! closed the connection, the health check a real client makes afterwards, and the broker's peak
 //! memory.
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+pub use crate::common::raw::{frame, read_frame_from, request_header};
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::delete_records_request::{
@@ -324,32 +325,9 @@ pub fn populated_body(key: ApiKey, version: i16) -> Vec<u8> {
         .unwrap_or_else(|| panic!("default {key:?} v{version} request does not encode"))
 }
 
-/// A request header in the given form: v1 (`api_key i16, version i16, correlation_id i32,
-/// client_id nullable string`) or, when `flexible`, v2 (the same plus an empty tagged-field
-/// section).
-pub fn header(key: ApiKey, version: i16, correlation_id: i32, flexible: bool) -> Vec<u8> {
-    let h = RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(s("hostile")));
-    let mut b = BytesMut::new();
-    h.encode(&mut b, if flexible { 2 } else { 1 })
-        .expect("encode request header");
-    b.to_vec()
-}
-
 /// The header form `key` uses at `version`.
 pub fn native_flexible(key: ApiKey, version: i16) -> bool {
     key.request_header_version(version) >= 2
-}
-
-/// `[i32 length][payload]`.
-pub fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(4 + payload.len());
-    f.put_i32(payload.len() as i32);
-    f.extend_from_slice(payload);
-    f
 }
 
 /// Correlation id of the sentinel request that follows each probe frame.
@@ -394,7 +372,7 @@ impl Outcomes {
 /// How long one probe may wait for the sentinel after it.
 pub const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// Largest response frame a probe accepts (the broker's responses to these requests are small).
-const RESPONSE_BYTES_MAX: usize = 16 << 20;
+const PROBE_RESPONSE_BYTES_MAX: usize = 16 << 20;
 
 /// Sends frames one at a time on a raw connection, each followed by an ApiVersions sentinel,
 /// and reads until the sentinel's answer (the frame was survived) or EOF (the broker refused the
@@ -507,17 +485,7 @@ fn abort_on_close(s: &TcpStream) {
 
 /// Reads one response frame and returns its correlation id.
 fn read_correlation(s: &mut TcpStream) -> std::io::Result<i32> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let n = i32::from_be_bytes(len);
-    if n < 4 || n as usize > RESPONSE_BYTES_MAX {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("response frame length {n}"),
-        ));
-    }
-    let mut body = vec![0u8; n as usize];
-    s.read_exact(&mut body)?;
+    let body = read_frame_from(s, PROBE_RESPONSE_BYTES_MAX)?;
     Ok(i32::from_be_bytes([body[0], body[1], body[2], body[3]]))
 }
 

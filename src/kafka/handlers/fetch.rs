@@ -8,7 +8,7 @@
 //! shards until an append lands or `max_wait_ms` passes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::FetchRequest;
@@ -90,7 +90,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         })
         .collect();
 
-    let start = Instant::now();
+    let clock = shard::local().clock.clone();
+    let start = clock.now();
     let max_wait =
         Duration::from_millis((request.max_wait_ms.max(0) as u64).min(FETCH_WAIT_MS_MAX));
     let min_bytes = request.min_bytes.max(0) as usize;
@@ -107,7 +108,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .map(|r| r.batches.iter().map(|b| b.len()).sum::<usize>())
             .sum();
         let errors = results.iter().flatten().any(|r| r.error.is_error());
-        let elapsed = start.elapsed();
+        let elapsed = clock.now().saturating_duration_since(start);
         if ready >= min_bytes
             || errors
             || elapsed >= max_wait
@@ -313,7 +314,7 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
                         futures_lite::future::or(
                             futures_lite::future::or(
                                 log.wait_for_append(Offset(offset)),
-                                glommio::timer::sleep(remaining),
+                                shard::local().clock.sleep(remaining),
                             ),
                             async {
                                 let _ = done_rx.recv().await;
@@ -331,7 +332,7 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
     }
     drop((tx, done_rx));
     let first = futures_lite::future::or(async { rx.recv().await.ok() }, async {
-        glommio::timer::sleep(remaining).await;
+        shard::local().clock.sleep(remaining).await;
         None
     })
     .await;

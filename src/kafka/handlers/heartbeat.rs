@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use kafka_protocol::messages::{HeartbeatRequest, HeartbeatResponse};
 
-use crate::group::on_coordinator;
+use crate::group::{on_coordinator, MemberRef};
 use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -14,8 +14,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let generation = request.generation_id;
     let group_id = request.group_id.to_string();
     let code = on_coordinator(&group_id.clone(), move |gs| async move {
-        gs.with(|c, now| c.heartbeat(&group_id, &member, instance.as_deref(), generation, now))
-            .await
+        let who = MemberRef::of_group(&group_id)
+            .member(&member)
+            .instance(instance.as_deref())
+            .generation(generation);
+        gs.with(|c, now| c.heartbeat(who, now)).await
     })
     .await
     .unwrap_or_else(|e| e);

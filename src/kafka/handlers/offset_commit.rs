@@ -13,7 +13,7 @@ use kafka_protocol::ResponseError;
 use super::common::{code, NONE};
 use crate::group::coordinator::CommitEntry;
 use crate::group::offsets::OffsetValue;
-use crate::group::on_coordinator;
+use crate::group::{on_coordinator, MemberRef};
 use crate::kafka::{Request, Response};
 use crate::shard;
 use crate::types::ErrorCode;
@@ -24,7 +24,7 @@ pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: OffsetCommitRequest = crate::decode_or_close!(req, b);
     let image = shard::local().broker.image();
-    let now = crate::types::now_ms();
+    let now = shard::local().clock.now_ms();
     let expire = if req.version <= 4 && request.retention_time_ms >= 0 {
         now.saturating_add(request.retention_time_ms)
     } else {
@@ -84,8 +84,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let generation = request.generation_id_or_member_epoch;
         let gid = group_id.clone();
         on_coordinator(&group_id, move |gs| async move {
-            gs.commit(&gid, &member, instance.as_deref(), generation, entries)
-                .await
+            let who = MemberRef::of_group(&gid)
+                .member(&member)
+                .instance(instance.as_deref())
+                .generation(generation);
+            gs.commit(who, entries).await
         })
         .await
         .unwrap_or_else(|e| e)

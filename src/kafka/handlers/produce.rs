@@ -234,7 +234,7 @@ async fn append_partition(
     let append = shard::join(append);
     let result = if durability == Durability::Synced && !timeout.is_zero() {
         futures_lite::future::or(append, async {
-            glommio::timer::sleep(timeout).await;
+            shard::local().clock.sleep(timeout).await;
             None
         })
         .await

@@ -111,7 +111,7 @@ pub fn decode_records(
     }
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
-        let len = read_varint(&body, &mut at)?;
+        let len = read_varint(body, &mut at)?;
         let len = usize::try_from(len).map_err(|_| RecordError::BadLength)?;
         let end = at.checked_add(len).ok_or(RecordError::BadLength)?;
         if end > body.len() {

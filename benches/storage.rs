@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use sluice::protocol::batch::build;
+use sluice::protocol::builder as build;
 use sluice::storage::{BatchCache, Durability, FlushPolicy, LogConfig, PartitionLog, ReadOptions};
 use sluice::types::Offset;
 

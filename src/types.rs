@@ -9,22 +9,8 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// A Kafka log offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Offset(pub i64);
-
-impl Offset {
-    /// The offset after this one; saturates at `i64::MAX` (offsets read from a hostile file or
-    /// batch can be anything).
-    pub fn next(self) -> Offset {
-        Offset(self.0.saturating_add(1))
-    }
-}
-impl fmt::Display for Offset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+/// A Kafka log offset (defined with the batch codec, whose headers carry it).
+pub use sluice_protocol::Offset;
 
 /// Index of a shard (one glommio executor pinned to one core).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -149,14 +149,14 @@ pub fn fetch_once(
                     None if records.len() < batch::LOG_OVERHEAD_BYTES => break,
                     _ => {}
                 }
-                let set = compression::decode_batch(&mut records, DECOMPRESSED_BATCH_BYTES_MAX)
+                let recs = compression::decode_batch(&mut records, DECOMPRESSED_BATCH_BYTES_MAX)
                     .with_context(|| {
                         format!(
                             "fetched batch of {topic}-{} does not decode",
                             p.partition_index
                         )
                     })?;
-                for r in set.records {
+                for r in recs {
                     if r.offset < start {
                         continue;
                     }
@@ -169,7 +169,7 @@ pub fn fetch_once(
                         .map(|(k, v)| {
                             format!(
                                 "{}={}",
-                                k.as_str(),
+                                String::from_utf8_lossy(k),
                                 v.as_ref()
                                     .map(|v| String::from_utf8_lossy(v).into_owned())
                                     .unwrap_or_default()
@@ -183,7 +183,7 @@ pub fn fetch_once(
                             topic,
                             partition: p.partition_index,
                             offset: r.offset,
-                            timestamp: r.timestamp,
+                            timestamp: r.timestamp_ms,
                             key: r.key.as_deref(),
                             value: r.value.as_deref(),
                             headers,

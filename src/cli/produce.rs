@@ -5,17 +5,18 @@
 use std::io::BufRead;
 
 use anyhow::{bail, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use clap::Args;
 use futures_lite::future::block_on;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{ProduceRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
 use sluice_client::{admin, check};
 
 use super::{connect, Client};
+use crate::protocol::builder::{BatchBuilder, BatchOptions, Record};
+use crate::protocol::compression::Compression;
 
 #[derive(Args, Debug)]
 pub struct ProduceArgs {
@@ -79,13 +80,9 @@ pub fn run(a: ProduceArgs) -> Result<()> {
         "all" | "-1" => -1,
         other => bail!("invalid --acks '{other}': expected 0, 1 or all"),
     };
-    let compression = match a.compression.as_str() {
-        "none" => Compression::None,
-        "gzip" => Compression::Gzip,
-        "snappy" => Compression::Snappy,
-        "lz4" => Compression::Lz4,
-        "zstd" => Compression::Zstd,
-        other => bail!("invalid --compression '{other}': expected none, gzip, snappy, lz4 or zstd"),
+    let compression: Compression = match a.compression.parse() {
+        Ok(c) => c,
+        Err(e) => bail!("invalid --compression: {e}"),
     };
     let mut c = connect(&a.brokers)?;
     // Metadata with auto-creation allowed, as a producer does.
@@ -103,7 +100,7 @@ pub fn run(a: ProduceArgs) -> Result<()> {
         }
     }
     let stdin = std::io::stdin();
-    let mut pending: Vec<Vec<Record>> = (0..parts).map(|_| Vec::new()).collect();
+    let mut pending: Vec<Vec<Line>> = (0..parts).map(|_| Vec::new()).collect();
     let mut count = 0usize;
     let mut rr = 0i32;
     let mut total = 0u64;
@@ -121,12 +118,11 @@ pub fn run(a: ProduceArgs) -> Result<()> {
             (None, Some(k)) => (murmur2(k) & 0x7fffffff) % parts,
             (None, None) => rr,
         };
-        pending[p as usize].push(crate::protocol::plain_record(
-            0,
-            crate::types::now_ms(),
+        pending[p as usize].push(Line {
+            timestamp_ms: crate::types::now_ms(),
             key,
-            Some(value),
-        ));
+            value,
+        });
         count += 1;
         if count >= a.batch_records {
             total += send(&mut c, &a.topic, acks, compression, &mut pending)?;
@@ -139,37 +135,45 @@ pub fn run(a: ProduceArgs) -> Result<()> {
     Ok(())
 }
 
+/// One stdin line waiting for its partition's next batch.
+struct Line {
+    timestamp_ms: i64,
+    key: Option<Bytes>,
+    value: Bytes,
+}
+
 fn send(
     c: &mut Client,
     topic: &str,
     acks: i16,
     compression: Compression,
-    pending: &mut [Vec<Record>],
+    pending: &mut [Vec<Line>],
 ) -> Result<u64> {
     let mut data = Vec::new();
     let mut n = 0u64;
+    let mut b = BatchBuilder::new(BatchOptions {
+        compression,
+        ..BatchOptions::default()
+    });
     for (p, recs) in pending.iter_mut().enumerate() {
         if recs.is_empty() {
             continue;
         }
-        for (i, r) in recs.iter_mut().enumerate() {
-            r.offset = i as i64;
+        for r in recs.iter() {
+            b.push(&Record {
+                key: r.key.as_deref(),
+                value: Some(&r.value),
+                headers: &[],
+                timestamp_ms: r.timestamp_ms,
+            });
         }
-        let mut buf = BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut buf,
-            recs.iter(),
-            &RecordEncodeOptions {
-                version: 2,
-                compression,
-            },
-        )?;
+        let batch = b.finish()?;
         n += recs.len() as u64;
         recs.clear();
         data.push(
             PartitionProduceData::default()
                 .with_index(p as i32)
-                .with_records(Some(buf.freeze())),
+                .with_records(Some(Bytes::from(batch))),
         );
     }
     if data.is_empty() {

@@ -22,6 +22,7 @@ use bytes::BytesMut;
 use event_listener::Event;
 
 use crate::protocol::batch;
+use crate::protocol::builder::{self, BatchBuilder, BatchOptions};
 use crate::protocol::records;
 use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
 use crate::types::{Clock, ErrorCode};
@@ -246,16 +247,20 @@ impl GroupShard {
                     "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
                 ))));
             };
-            let recs: Vec<batch::build::Record<'_>> = ws
-                .iter()
-                .map(|w| batch::build::Record {
+            let mut b = BatchBuilder::new(BatchOptions::default());
+            for w in &ws {
+                b.push(&builder::Record {
                     key: Some(&w.key),
                     value: w.value.as_deref(),
                     headers: &[],
                     timestamp_ms: now,
-                })
-                .collect();
-            let bytes = batch::build::batch(&recs);
+                });
+            }
+            let bytes = b.finish().map_err(|e| {
+                StorageError::Io(std::io::Error::other(format!(
+                    "{OFFSETS_TOPIC} partition {p}: {e}"
+                )))
+            })?;
             log.append(BytesMut::from(&bytes[..]), Durability::Synced)
                 .await?;
         }

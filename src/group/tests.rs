@@ -997,10 +997,9 @@ fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
         let at = gv.len() - 4;
         gv[at..].copy_from_slice(&i32::MAX.to_be_bytes());
         let gk = offsets::group_key("g");
-        append(batch::build::single(Some(&gk), Some(&gv), 1)[..].into()).await;
+        append(builder::single(Some(&gk), Some(&gv), 1)[..].into()).await;
         // A key whose string length runs past the record, and an offset value cut short.
-        append(batch::build::single(Some(&[0, 1, 0x7f, 0xff, b'g']), Some(&[0, 3]), 1)[..].into())
-            .await;
+        append(builder::single(Some(&[0, 1, 0x7f, 0xff, b'g']), Some(&[0, 3]), 1)[..].into()).await;
         let ok = offsets::offset_value(&offsets::OffsetValue {
             offset: 5,
             leader_epoch: -1,
@@ -1009,10 +1008,10 @@ fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
             expire_timestamp_ms: -1,
         });
         let ok_key = offsets::offset_key("g", "t", 0);
-        append(batch::build::single(Some(&ok_key), Some(&ok[..3]), 1)[..].into()).await;
+        append(builder::single(Some(&ok_key), Some(&ok[..3]), 1)[..].into()).await;
         // A batch declaring 2^31-1 records.
         append(with_record_count(
-            batch::build::single(Some(&ok_key), Some(&ok), 1),
+            builder::single(Some(&ok_key), Some(&ok), 1),
             i32::MAX,
         ))
         .await;
@@ -1021,7 +1020,7 @@ fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
             offset: 7,
             ..offsets::decode_offset_value(&Bytes::from(ok.clone())).unwrap()
         });
-        append(batch::build::single(Some(&ok_key), Some(&good), 1)[..].into()).await;
+        append(builder::single(Some(&ok_key), Some(&good), 1)[..].into()).await;
         log.close().await.expect("close");
 
         let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());

@@ -152,7 +152,7 @@ impl ProducerState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::batch::build;
+    use crate::protocol::builder as build;
 
     /// A batch of `n` records from producer `pid`/`epoch` starting at sequence `seq`.
     pub(crate) fn idem(pid: i64, epoch: i16, seq: i32, n: usize) -> Vec<u8> {

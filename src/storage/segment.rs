@@ -496,7 +496,8 @@ fn classify_bad_start(b: &[u8]) -> ScanStop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::batch::{build, set_base_offset};
+    use crate::protocol::batch::set_base_offset;
+    use crate::protocol::builder as build;
     use crate::storage::io::{DmaIo, StorageIo};
 
     /// Writes `bytes` to a fresh segment file through the DMA seam (padded with zeros).

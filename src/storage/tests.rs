@@ -1,6 +1,7 @@
 //! Tests of the partition log as a whole, each run inside a glommio LocalExecutor on a temp dir.
 
-use crate::protocol::batch::{build, HEADER_BYTES};
+use crate::protocol::batch::HEADER_BYTES;
+use crate::protocol::builder as build;
 
 /// An uncompressed batch of `n` records from idempotent producer `pid`/`epoch` starting at
 /// sequence `seq` (KIP-98 fields set, CRC recomputed).

@@ -95,7 +95,7 @@ fn group() -> GroupId {
 /// record batch for Produce), in the fields `version` carries. Every count, length and string in
 /// it is then a target for mutation.
 pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
-    let batch = Bytes::from(sluice::protocol::batch::build::single(
+    let batch = Bytes::from(sluice::protocol::builder::single(
         Some(b"k"),
         Some(b"hostile value"),
         1_700_000_000_000,

@@ -17,6 +17,7 @@ use kafka_protocol::ResponseError;
 use super::common::{code, storage_code, with_partition, NONE};
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
+use crate::protocol::wire::{put_array_len, put_uvarint};
 use crate::shard;
 use crate::storage::{ReadOptions, ReadResult};
 use crate::types::{ErrorCode, Offset};
@@ -342,22 +343,6 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
     }
 }
 
-fn put_uvarint(buf: &mut BytesMut, mut v: u64) {
-    while v >= 0x80 {
-        buf.put_u8((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.put_u8(v as u8);
-}
-
-fn put_array_len(buf: &mut BytesMut, flexible: bool, n: usize) {
-    if flexible {
-        put_uvarint(buf, n as u64 + 1);
-    } else {
-        buf.put_i32(n as i32);
-    }
-}
-
 /// Encodes the whole response frame as glue buffers interleaved with the stored batches.
 fn encode(
     version: i16,
@@ -440,11 +425,7 @@ mod tests {
     // The hand encoder must produce exactly what the generated codec reads, at every version.
     #[test]
     fn hand_encoded_response_decodes_with_kafka_protocol_at_every_version() {
-        let batch = Bytes::from(crate::protocol::batch::build::single(
-            Some(b"k"),
-            Some(b"v"),
-            7,
-        ));
+        let batch = Bytes::from(crate::protocol::builder::single(Some(b"k"), Some(b"v"), 7));
         for version in 4..=16i16 {
             let topics = vec![TopicReq {
                 name: "orders".into(),

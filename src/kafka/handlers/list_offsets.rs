@@ -103,25 +103,20 @@ async fn record_in_batch(
     let Some(batch) = read.batches.first() else {
         return Ok(None);
     };
-    let log_append = crate::protocol::batch::BatchHeader::parse(batch)
-        .map(|h| (h.is_log_append_time(), h.max_timestamp()));
     let mut buf = batch.clone();
-    let set = match compression::decode_batch(&mut buf, compression::DECOMPRESSED_BATCH_BYTES_MAX) {
-        Ok(set) => set,
+    let recs = match compression::decode_batch(&mut buf, compression::DECOMPRESSED_BATCH_BYTES_MAX)
+    {
+        Ok(recs) => recs,
         Err(e) => {
             tracing::warn!(offset = offset.0, error = %e, "ListOffsets: stored batch does not decode");
             return Ok(None);
         }
     };
     let start = log.log_start_offset().0;
-    Ok(set
-        .records
+    // Under LogAppendTime every decoded record carries the batch's time.
+    Ok(recs
         .iter()
         .filter(|r| r.offset >= start)
-        .map(|r| match log_append {
-            // LogAppendTime: every record carries the batch's time.
-            Ok((true, max_ts)) => (r.offset, max_ts),
-            _ => (r.offset, r.timestamp),
-        })
+        .map(|r| (r.offset, r.timestamp_ms))
         .find(|(_, ts)| wanted(*ts)))
 }

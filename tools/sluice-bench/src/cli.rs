@@ -212,6 +212,8 @@ impl std::str::FromStr for Acks {
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompressionArg {
     None,
+    Gzip,
+    Snappy,
     Lz4,
     Zstd,
 }
@@ -220,6 +222,8 @@ impl From<CompressionArg> for Compression {
     fn from(c: CompressionArg) -> Compression {
         match c {
             CompressionArg::None => Compression::None,
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Snappy => Compression::Snappy,
             CompressionArg::Lz4 => Compression::Lz4,
             CompressionArg::Zstd => Compression::Zstd,
         }

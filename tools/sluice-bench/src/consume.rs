@@ -3,7 +3,6 @@
 //! Counts records and fetched batch bytes; records end-to-end latency from the send time the
 //! producer stamped into each batch.
 
-use crate::batch;
 use crate::produce::unix_now;
 use crate::report::Stats;
 use crate::setup::Conn;
@@ -12,6 +11,7 @@ use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use sluice_client::check;
+use sluice_protocol::batch;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -95,26 +95,33 @@ pub async fn fetch_loop(
                 let Some(records) = &p.records else { continue };
                 let fetch_offset = *next;
                 let mut bad_crc = 0;
-                batch::scan_batches(records, spec.check_crc, |b| {
-                    let last = b.base_offset.saturating_add(b.last_offset_delta as i64);
+                // Fetched batches are checked with the header view (length, magic, and the
+                // CRC-32C when asked); a trailing partial batch is the broker's size cut.
+                batch::for_each_fetched_batch(records, false, |h| {
+                    let base = h.base_offset().0;
+                    let last = h.last_offset().0;
                     if last < fetch_offset {
                         return; // an earlier batch the broker included whole
                     }
-                    if !b.crc_ok {
+                    if spec.check_crc && !h.crc_ok() {
                         bad_crc += 1;
                     }
-                    let skipped = fetch_offset.saturating_sub(b.base_offset).max(0);
-                    let n = (b.records as i64).saturating_sub(skipped).max(0) as u64;
+                    let skipped = fetch_offset.saturating_sub(base).max(0);
+                    let n = (h.record_count() as i64).saturating_sub(skipped).max(0) as u64;
                     *next = (*next).max(last.saturating_add(1));
                     if stats.measuring() {
-                        stats.consume.add(n, b.bytes as u64);
-                        let sent_us = b.stamp_us.unwrap_or(b.base_timestamp_ms * 1000);
+                        stats.consume.add(n, h.size() as u64);
+                        let sent_us = crate::batch::send_stamp_us(&h)
+                            .unwrap_or(h.base_timestamp().saturating_mul(1000));
                         if spec.end_to_end && sent_us > 0 {
                             stats
                                 .end_to_end
                                 .latency((now_us - sent_us).max(0) as u64, n);
                         }
                     }
+                })
+                .map_err(|e| {
+                    anyhow::anyhow!("fetched batch of {}/{}: {e}", spec.topic, p.partition_index)
                 })?;
                 if bad_crc > 0 {
                     bail!("{bad_crc} fetched batches failed the CRC-32C check");

@@ -1,13 +1,14 @@
 //! `sluice-bench`: a Kafka-protocol load generator for Sluice or any Kafka-compatible broker.
 //! A standalone client: it speaks the wire protocol through `sluice-client` (the one client the
-//! `sluice` command line uses too) and builds its own record batches; it knows nothing of the
-//! broker's internals.
+//! `sluice` command line uses too) and builds and checks record batches with `sluice-protocol`
+//! (the RecordBatch v2 codec crate it shares with the broker); it knows nothing of the broker's
+//! internals.
 //!
 //! | module | owns |
 //! | --- | --- |
 //! | [`cli`] | flags, their validation, and units |
 //! | [`units`] | sizes (`1KiB`), durations (`30s`), rates (`200MB/s`) |
-//! | [`batch`] | pre-built RecordBatch v2 pools, per-send patching, CRC-32C, lz4/zstd |
+//! | [`batch`] | pre-built RecordBatch v2 pools (payloads, keys), per-send patching, send stamps |
 //! | [`rate`] | open-loop pacing (latency from scheduled send time) |
 //! | [`setup`] | `sluice-client` connections on glommio TCP; the run's topic, created and led |
 //! | [`produce`] | pipelined producer lanes |

@@ -374,12 +374,12 @@ mod tests {
             let p = &t.partition_data[0];
             assert_eq!(p.index, 3);
             let records = p.records.as_ref().unwrap();
-            let mut info = None;
-            batch::scan_batches(records, true, |i| info = Some(i)).unwrap();
-            let info = info.unwrap();
-            assert!(info.crc_ok, "v{version}");
-            assert!(info.base_timestamp_ms > 1_600_000_000_000);
-            assert!(info.stamp_us.unwrap() / 1000 >= info.base_timestamp_ms - 1);
+            let h = sluice_protocol::batch::BatchHeader::parse_checked(records)
+                .unwrap_or_else(|e| panic!("v{version}: {e}"));
+            assert_eq!(h.size(), records.len());
+            assert_eq!(h.producer_id(), 77);
+            assert!(h.base_timestamp() > 1_600_000_000_000);
+            assert!(batch::send_stamp_us(&h).unwrap() / 1000 >= h.base_timestamp() - 1);
             // The pooled original is untouched (the patch applies to the request's copy).
             assert_ne!(&records[..], &pool.batches[0].bytes[..]);
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use bytes::BytesMut;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Encodable, StrBytes};
-use sluice::protocol::batch::build;
+use sluice::protocol::builder as build;
 
 fn body(key: ApiKey, version: i16) -> Vec<u8> {
     fn e<T: Encodable + Default>(version: i16) -> Vec<u8> {

@@ -1,7 +1,8 @@
-//! Bounded decompression of RecordBatch v2 record sections: the one place where the broker (the
-//! rare paths that look inside a stored batch, such as ListOffsets by timestamp) and the `sluice`
-//! CLI (printing fetched records) expand client-supplied compressed data. Pure functions over
-//! bytes; no I/O.
+//! The Kafka record codecs (gzip, snappy, lz4, zstd): compression for batches we build, and
+//! bounded decompression of RecordBatch v2 record sections — the one place where the broker (the
+//! rare paths that look inside a stored batch, such as ListOffsets by timestamp), the `sluice`
+//! CLI (printing fetched records) and the load generator's tests expand compressed data. Pure
+//! functions over bytes; no I/O.
 //!
 //! A compressed batch is small by the time it is checked (`message.max.bytes`), but what it
 //! expands to is not: a few KiB of gzip or zstd inflate to gigabytes, and raw snappy declares its
@@ -9,10 +10,12 @@
 //! bytes actually produced, and stops with [`DecompressError::TooLarge`] past `bytes_max`
 //! ([`DECOMPRESSED_BATCH_BYTES_MAX`] for callers without a better bound).
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 use bytes::Bytes;
-use kafka_protocol::records::{Compression, RecordBatchDecoder, RecordSet};
+
+use crate::batch::{BatchError, BatchHeader, HEADER_BYTES};
+use crate::records::{self, Record, RecordError};
 
 /// Largest records section one batch may decompress to. Protects the memory of whoever decodes a
 /// batch (broker admin paths, CLI) from decompression bombs; 64 MiB is 64× Kafka's default
@@ -25,6 +28,13 @@ pub const DECOMPRESSED_BATCH_BYTES_MAX: usize = 64 << 20;
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 26;
 const _: () = assert!(1usize << ZSTD_WINDOW_LOG_MAX <= DECOMPRESSED_BATCH_BYTES_MAX);
 
+/// zstd level we compress at: Kafka's default `compression.zstd.level`.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Bytes of input per snappy block in the xerial framing we write: snappy-java's default block
+/// size, which Kafka's own producer uses.
+const SNAPPY_BLOCK_BYTES: usize = 32 << 10;
+
 /// Bytes pulled from a streaming decoder per read.
 const READ_CHUNK_BYTES: usize = 16 << 10;
 
@@ -32,6 +42,74 @@ const READ_CHUNK_BYTES: usize = 16 << 10;
 /// version and a compatible version (i32 each), then blocks of `[length u32][raw snappy block]`.
 const SNAPPY_MAGIC: &[u8; 8] = b"\x82SNAPPY\x00";
 const SNAPPY_HEADER_BYTES: usize = 16;
+/// The version and compatible version snappy-java writes after the magic.
+const SNAPPY_VERSIONS: [u8; 8] = [0, 0, 0, 1, 0, 0, 0, 1];
+
+/// A batch's compression codec (`attributes & 0x07`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    pub const ALL: [Compression; 5] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ];
+
+    /// The codec id in the batch attributes (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd).
+    pub fn attribute(self) -> i16 {
+        match self {
+            Compression::None => 0,
+            Compression::Gzip => 1,
+            Compression::Snappy => 2,
+            Compression::Lz4 => 3,
+            Compression::Zstd => 4,
+        }
+    }
+
+    /// The codec of a batch's attributes (only the codec bits are looked at).
+    pub fn from_attributes(attributes: i16) -> Result<Compression, DecompressError> {
+        Ok(match attributes & crate::batch::ATTR_COMPRESSION_MASK {
+            0 => Compression::None,
+            1 => Compression::Gzip,
+            2 => Compression::Snappy,
+            3 => Compression::Lz4,
+            4 => Compression::Zstd,
+            other => return Err(DecompressError::UnknownCodec(other)),
+        })
+    }
+
+    /// Kafka's name for the codec (`compression.type`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Compression, String> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                format!("unknown compression '{s}': expected none, gzip, snappy, lz4 or zstd")
+            })
+    }
+}
 
 /// Why a records section did not decompress.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,16 +135,67 @@ impl std::fmt::Display for DecompressError {
 }
 impl std::error::Error for DecompressError {}
 
-/// The codec of a batch's attributes (`attributes & 0x07`).
-pub fn codec(attribute: i16) -> Result<Compression, DecompressError> {
-    Ok(match attribute {
-        0 => Compression::None,
-        1 => Compression::Gzip,
-        2 => Compression::Snappy,
-        3 => Compression::Lz4,
-        4 => Compression::Zstd,
-        other => return Err(DecompressError::UnknownCodec(other)),
-    })
+/// Why [`compress`] failed: an encoder error (writing into memory does not fail otherwise).
+#[derive(Debug)]
+pub struct CompressError(pub String);
+
+impl std::fmt::Display for CompressError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "compression failed: {}", self.0)
+    }
+}
+impl std::error::Error for CompressError {}
+
+fn compress_error(e: impl std::fmt::Display) -> CompressError {
+    CompressError(e.to_string())
+}
+
+/// Compresses a records section as Kafka expects it, appending to `out`: a gzip member, snappy
+/// in xerial framing, an LZ4 frame (independent 64 KiB blocks, no content checksum, as Kafka's
+/// producer writes them) or a zstd frame. `None` copies.
+pub fn compress(c: Compression, input: &[u8], out: &mut Vec<u8>) -> Result<(), CompressError> {
+    match c {
+        Compression::None => out.extend_from_slice(input),
+        Compression::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+            e.write_all(input).map_err(compress_error)?;
+            e.finish().map_err(compress_error)?;
+        }
+        Compression::Snappy => {
+            out.extend_from_slice(SNAPPY_MAGIC);
+            out.extend_from_slice(&SNAPPY_VERSIONS);
+            let mut enc = snap::raw::Encoder::new();
+            for block in input.chunks(SNAPPY_BLOCK_BYTES) {
+                let len_at = out.len();
+                out.extend_from_slice(&[0; 4]);
+                let at = out.len();
+                out.resize(at + snap::raw::max_compress_len(block.len()), 0);
+                let n = enc
+                    .compress(block, &mut out[at..])
+                    .map_err(compress_error)?;
+                out.truncate(at + n);
+                out[len_at..at].copy_from_slice(&(n as u32).to_be_bytes());
+            }
+        }
+        Compression::Lz4 => {
+            let info = lz4_flex::frame::FrameInfo::new()
+                .block_mode(lz4_flex::frame::BlockMode::Independent)
+                .block_size(lz4_flex::frame::BlockSize::Max64KB);
+            let mut e = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
+            e.write_all(input).map_err(compress_error)?;
+            e.finish().map_err(compress_error)?;
+        }
+        Compression::Zstd => {
+            let mut e =
+                zstd::stream::write::Encoder::new(out, ZSTD_LEVEL).map_err(compress_error)?;
+            e.include_contentsize(true).map_err(compress_error)?;
+            e.set_pledged_src_size(Some(input.len() as u64))
+                .map_err(compress_error)?;
+            e.write_all(input).map_err(compress_error)?;
+            e.finish().map_err(compress_error)?;
+        }
+    }
+    Ok(())
 }
 
 /// Decompresses one batch's records section, refusing output past `bytes_max` bytes.
@@ -93,17 +222,52 @@ pub fn decompress(
     }
 }
 
-/// Decodes the one batch at the front of `buf` (advancing it) with [`decompress`] bounded by
-/// `bytes_max`; the record decoder itself checks every count against the bytes that remain.
-pub fn decode_batch(buf: &mut Bytes, bytes_max: usize) -> anyhow::Result<RecordSet> {
-    RecordBatchDecoder::decode_with_custom_compression(
-        buf,
-        Some(
-            |records: &mut Bytes, c: Compression| -> anyhow::Result<Bytes> {
-                Ok(Bytes::from(decompress(c, records, bytes_max)?))
-            },
-        ),
-    )
+/// Why [`decode_batch`] did not decode a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The header is malformed or the CRC-32C does not match.
+    Batch(BatchError),
+    /// The records section did not decompress within the bound.
+    Decompress(DecompressError),
+    /// A record is malformed.
+    Record(RecordError),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Batch(e) => e.fmt(f),
+            DecodeError::Decompress(e) => e.fmt(f),
+            DecodeError::Record(e) => e.fmt(f),
+        }
+    }
+}
+impl std::error::Error for DecodeError {}
+
+/// Decodes the one batch at the front of `buf` (advancing past it on success): header and
+/// CRC-32C checked, the records section expanded with [`decompress`] bounded by `bytes_max`, and
+/// every record decoded (each count checked against the bytes that remain). Under LogAppendTime
+/// every record carries the batch's `maxTimestamp`, as Kafka consumers see it.
+pub fn decode_batch(buf: &mut Bytes, bytes_max: usize) -> Result<Vec<Record>, DecodeError> {
+    let h = BatchHeader::parse_checked(buf).map_err(DecodeError::Batch)?;
+    let size = h.size();
+    let codec = Compression::from_attributes(h.attributes()).map_err(DecodeError::Decompress)?;
+    let (base_offset, base_ts, count) = (h.base_offset().0, h.base_timestamp(), h.record_count());
+    let log_append = h.is_log_append_time().then(|| h.max_timestamp());
+    let body = buf.slice(HEADER_BYTES..size);
+    let body = match codec {
+        Compression::None => body,
+        c => Bytes::from(decompress(c, &body, bytes_max).map_err(DecodeError::Decompress)?),
+    };
+    let mut out =
+        records::decode_records(&body, base_offset, base_ts, count).map_err(DecodeError::Record)?;
+    if let Some(ts) = log_append {
+        for r in &mut out {
+            r.timestamp_ms = ts;
+        }
+    }
+    let _ = buf.split_to(size);
+    Ok(out)
 }
 
 fn corrupt(e: impl std::fmt::Display) -> DecompressError {
@@ -178,61 +342,33 @@ fn snappy_block(block: &[u8], out: &mut Vec<u8>, bytes_max: usize) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::plain_record;
-    use kafka_protocol::records::{RecordBatchEncoder, RecordEncodeOptions};
+    use crate::builder::{BatchBuilder, BatchOptions, Record as NewRecord};
     use proptest::prelude::*;
-    use std::io::Write;
 
-    const ALL: [Compression; 5] = [
-        Compression::None,
-        Compression::Gzip,
-        Compression::Snappy,
-        Compression::Lz4,
-        Compression::Zstd,
-    ];
+    const ALL: [Compression; 5] = Compression::ALL;
 
     fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
-        match c {
-            Compression::None => data.to_vec(),
-            Compression::Gzip => {
-                let mut e =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            Compression::Snappy => snap::raw::Encoder::new().compress_vec(data).unwrap(),
-            Compression::Lz4 => {
-                let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            Compression::Zstd => zstd::bulk::compress(data, 3).unwrap(),
-        }
+        let mut out = Vec::new();
+        super::compress(c, data, &mut out).unwrap();
+        out
     }
 
-    /// A batch of `n` records encoded by kafka-protocol with codec `c`.
+    /// A batch of `n` records built with codec `c`.
     fn encoded_batch(c: Compression, n: usize, value_bytes: usize) -> Bytes {
-        let recs: Vec<_> = (0..n)
-            .map(|i| {
-                plain_record(
-                    i as i64,
-                    1000 + i as i64,
-                    None,
-                    Some(vec![b'x'; value_bytes].into()),
-                )
-            })
-            .collect();
-        let mut buf = bytes::BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut buf,
-            &recs,
-            &RecordEncodeOptions {
-                version: 2,
-                compression: c,
-            },
-        )
-        .unwrap();
-        buf.freeze()
+        let value = vec![b'x'; value_bytes];
+        let mut b = BatchBuilder::new(BatchOptions {
+            compression: c,
+            ..BatchOptions::default()
+        });
+        for i in 0..n {
+            b.push(&NewRecord {
+                key: None,
+                value: Some(&value),
+                headers: &[],
+                timestamp_ms: 1000 + i as i64,
+            });
+        }
+        Bytes::from(b.finish().unwrap())
     }
 
     #[test]
@@ -307,21 +443,20 @@ mod tests {
     #[test]
     fn decode_batch_reads_every_codec_and_refuses_a_bomb() {
         for c in ALL {
-            // (kafka-protocol may split the records over several batches.)
             let mut b = encoded_batch(c, 20, 100);
-            let mut offsets = vec![];
-            while !b.is_empty() {
-                let set = decode_batch(&mut b, DECOMPRESSED_BATCH_BYTES_MAX).unwrap();
-                offsets.extend(set.records.iter().map(|r| r.offset));
-            }
+            let recs = decode_batch(&mut b, DECOMPRESSED_BATCH_BYTES_MAX).unwrap();
+            assert!(b.is_empty(), "{c:?}: decode_batch advances past the batch");
+            let offsets: Vec<i64> = recs.iter().map(|r| r.offset).collect();
             assert_eq!(offsets, (0..20).collect::<Vec<i64>>(), "{c:?}");
+            assert_eq!(recs[19].timestamp_ms, 1019);
+            assert_eq!(recs[3].value.as_deref(), Some(&[b'x'; 100][..]));
         }
         // One 4 MiB record of one repeated byte: a few KiB compressed.
         let mut bomb = encoded_batch(Compression::Zstd, 1, 4 << 20);
         assert!(bomb.len() < 64 << 10);
         match decode_batch(&mut bomb, 1 << 20) {
             Ok(_) => panic!("a 4 MiB batch decoded within a 1 MiB limit"),
-            Err(e) => assert!(e.downcast_ref::<DecompressError>().is_some(), "{e}"),
+            Err(e) => assert!(matches!(e, DecodeError::Decompress(_)), "{e}"),
         }
     }
 

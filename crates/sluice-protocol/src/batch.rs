@@ -16,7 +16,7 @@
 //! ```
 //! `batchLen` counts the bytes after itself; the CRC-32C covers everything from `attributes` on.
 
-use crate::types::Offset;
+use crate::Offset;
 
 /// Bytes before `batchLength` ends: the part of the header needed to find the batch's size.
 pub const LOG_OVERHEAD_BYTES: usize = 12;
@@ -24,19 +24,19 @@ pub const LOG_OVERHEAD_BYTES: usize = 12;
 pub const HEADER_BYTES: usize = 61;
 pub const MAGIC_V2: i8 = 2;
 
-const OFF_BASE_OFFSET: usize = 0;
-const OFF_BATCH_LENGTH: usize = 8;
-const OFF_LEADER_EPOCH: usize = 12;
-const OFF_MAGIC: usize = 16;
-const OFF_CRC: usize = 17;
-const OFF_ATTRIBUTES: usize = 21;
-const OFF_LAST_OFFSET_DELTA: usize = 23;
-const OFF_BASE_TIMESTAMP: usize = 27;
-const OFF_MAX_TIMESTAMP: usize = 35;
-const OFF_PRODUCER_ID: usize = 43;
-const OFF_PRODUCER_EPOCH: usize = 51;
-const OFF_BASE_SEQUENCE: usize = 53;
-const OFF_RECORD_COUNT: usize = 57;
+pub(crate) const OFF_BASE_OFFSET: usize = 0;
+pub(crate) const OFF_BATCH_LENGTH: usize = 8;
+pub(crate) const OFF_LEADER_EPOCH: usize = 12;
+pub(crate) const OFF_MAGIC: usize = 16;
+pub(crate) const OFF_CRC: usize = 17;
+pub(crate) const OFF_ATTRIBUTES: usize = 21;
+pub(crate) const OFF_LAST_OFFSET_DELTA: usize = 23;
+pub(crate) const OFF_BASE_TIMESTAMP: usize = 27;
+pub(crate) const OFF_MAX_TIMESTAMP: usize = 35;
+pub(crate) const OFF_PRODUCER_ID: usize = 43;
+pub(crate) const OFF_PRODUCER_EPOCH: usize = 51;
+pub(crate) const OFF_BASE_SEQUENCE: usize = 53;
+pub(crate) const OFF_RECORD_COUNT: usize = 57;
 
 pub const ATTR_COMPRESSION_MASK: i16 = 0x07;
 pub const ATTR_TIMESTAMP_LOG_APPEND: i16 = 0x08;
@@ -238,6 +238,33 @@ pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
     let attrs = be_i16(batch, OFF_ATTRIBUTES) | ATTR_TIMESTAMP_LOG_APPEND;
     batch[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attrs.to_be_bytes());
     batch[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());
+    write_crc(batch);
+}
+
+/// Rewrites `baseTimestamp` and `maxTimestamp` in place. Both are covered by the CRC: call
+/// [`write_crc`] after the last edit.
+#[inline]
+pub fn set_timestamps(batch: &mut [u8], base_ms: i64, max_ms: i64) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
+    batch[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&base_ms.to_be_bytes());
+    batch[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&max_ms.to_be_bytes());
+}
+
+/// Rewrites the idempotent-producer fields (KIP-98) in place. Covered by the CRC: call
+/// [`write_crc`] after the last edit.
+#[inline]
+pub fn set_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
+    batch[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&producer_id.to_be_bytes());
+    batch[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2]
+        .copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4].copy_from_slice(&base_sequence.to_be_bytes());
+}
+
+/// Recomputes and stores the CRC-32C of the batch that is exactly `batch`.
+#[inline]
+pub fn write_crc(batch: &mut [u8]) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
     let crc = crc32c::crc32c(&batch[OFF_ATTRIBUTES..]);
     batch[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
 }
@@ -265,101 +292,43 @@ pub fn for_each_batch<'a>(
     Ok(n)
 }
 
-/// Builds an uncompressed RecordBatch v2 from `(key, value, headers)` records. Used by the CLI,
-/// internal topics and tests; clients build their own batches on the produce path.
-pub mod build {
-    use super::*;
-
-    pub struct Record<'a> {
-        pub key: Option<&'a [u8]>,
-        pub value: Option<&'a [u8]>,
-        pub headers: &'a [(&'a str, Option<&'a [u8]>)],
-        pub timestamp_ms: i64,
-    }
-
-    fn put_varint(out: &mut Vec<u8>, v: i64) {
-        let mut z = ((v << 1) ^ (v >> 63)) as u64;
-        loop {
-            if z < 0x80 {
-                out.push(z as u8);
-                return;
-            }
-            out.push((z as u8 & 0x7f) | 0x80);
-            z >>= 7;
+/// [`for_each_batch`] over a fetched records section, which may end with a partial batch (a
+/// broker cuts the last one at the fetch size limit): a trailing batch whose declared size runs
+/// past the buffer, or fewer bytes than its length field, ends the walk without an error.
+pub fn for_each_fetched_batch<'a>(
+    buf: &'a [u8],
+    check_crc: bool,
+    mut f: impl FnMut(BatchHeader<'a>),
+) -> Result<usize, BatchError> {
+    let mut at = 0usize;
+    let mut n = 0usize;
+    while at < buf.len() {
+        let rest = &buf[at..];
+        match batch_size(rest) {
+            Some(size) if size > rest.len() => break,
+            None if rest.len() < LOG_OVERHEAD_BYTES => break,
+            _ => {}
         }
+        let h = if check_crc {
+            BatchHeader::parse_checked(rest)?
+        } else {
+            BatchHeader::parse(rest)?
+        };
+        at += h.size();
+        n += 1;
+        f(h);
     }
-
-    fn put_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
-        match b {
-            None => put_varint(out, -1),
-            Some(b) => {
-                put_varint(out, b.len() as i64);
-                out.extend_from_slice(b);
-            }
-        }
-    }
-
-    /// An uncompressed batch with producer id -1 (no idempotence), base offset 0.
-    pub fn batch(records: &[Record<'_>]) -> Vec<u8> {
-        assert!(!records.is_empty());
-        let base_ts = records[0].timestamp_ms;
-        let max_ts = records.iter().map(|r| r.timestamp_ms).max().unwrap();
-        let mut body = Vec::new();
-        for (i, r) in records.iter().enumerate() {
-            let mut rec = Vec::new();
-            rec.push(0u8); // attributes
-            put_varint(&mut rec, r.timestamp_ms - base_ts);
-            put_varint(&mut rec, i as i64);
-            put_bytes(&mut rec, r.key);
-            put_bytes(&mut rec, r.value);
-            put_varint(&mut rec, r.headers.len() as i64);
-            for (k, v) in r.headers {
-                put_bytes(&mut rec, Some(k.as_bytes()));
-                put_bytes(&mut rec, *v);
-            }
-            put_varint(&mut body, rec.len() as i64);
-            body.extend_from_slice(&rec);
-        }
-        let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
-        out.extend_from_slice(&0i64.to_be_bytes());
-        out.extend_from_slice(
-            &((HEADER_BYTES - LOG_OVERHEAD_BYTES + body.len()) as i32).to_be_bytes(),
-        );
-        out.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
-        out.push(MAGIC_V2 as u8);
-        out.extend_from_slice(&0u32.to_be_bytes()); // crc placeholder
-        out.extend_from_slice(&0i16.to_be_bytes()); // attributes
-        out.extend_from_slice(&((records.len() - 1) as i32).to_be_bytes());
-        out.extend_from_slice(&base_ts.to_be_bytes());
-        out.extend_from_slice(&max_ts.to_be_bytes());
-        out.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
-        out.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
-        out.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
-        out.extend_from_slice(&(records.len() as i32).to_be_bytes());
-        out.extend_from_slice(&body);
-        let crc = crc32c::crc32c(&out[OFF_ATTRIBUTES..]);
-        out[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
-        out
-    }
-
-    /// One record with the given key and value, timestamped `timestamp_ms`.
-    pub fn single(key: Option<&[u8]>, value: Option<&[u8]>, timestamp_ms: i64) -> Vec<u8> {
-        batch(&[Record {
-            key,
-            value,
-            headers: &[],
-            timestamp_ms,
-        }])
-    }
+    Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builder::{self, BatchBuilder, BatchOptions};
 
     #[test]
     fn built_batch_parses_and_checks() {
-        let b = build::single(Some(b"k"), Some(b"v"), 1000);
+        let b = builder::single(Some(b"k"), Some(b"v"), 1000);
         let h = BatchHeader::parse_checked(&b).unwrap();
         assert_eq!(h.size(), b.len());
         assert_eq!(h.record_count(), 1);
@@ -370,7 +339,7 @@ mod tests {
 
     #[test]
     fn patching_base_offset_keeps_crc_valid() {
-        let mut b = build::single(None, Some(b"v"), 5);
+        let mut b = builder::single(None, Some(b"v"), 5);
         set_base_offset(&mut b, Offset(42));
         let h = BatchHeader::parse_checked(&b).unwrap();
         assert_eq!(h.base_offset(), Offset(42));
@@ -379,7 +348,7 @@ mod tests {
 
     #[test]
     fn log_append_time_rewrites_crc() {
-        let mut b = build::single(None, Some(b"v"), 5);
+        let mut b = builder::single(None, Some(b"v"), 5);
         set_log_append_time(&mut b, 99);
         let h = BatchHeader::parse_checked(&b).unwrap();
         assert!(h.is_log_append_time());
@@ -387,8 +356,26 @@ mod tests {
     }
 
     #[test]
+    fn timestamp_and_producer_edits_need_and_get_a_new_crc() {
+        let mut b = builder::single(None, Some(b"v"), 5);
+        set_timestamps(&mut b, 7, 8);
+        set_producer(&mut b, 9, 1, 100);
+        assert_eq!(
+            BatchHeader::parse_checked(&b).err(),
+            Some(BatchError::BadCrc)
+        );
+        write_crc(&mut b);
+        let h = BatchHeader::parse_checked(&b).unwrap();
+        assert_eq!((h.base_timestamp(), h.max_timestamp()), (7, 8));
+        assert_eq!(
+            (h.producer_id(), h.producer_epoch(), h.base_sequence()),
+            (9, 1, 100)
+        );
+    }
+
+    #[test]
     fn flipped_byte_fails_crc_and_short_buffer_is_truncated() {
-        let mut b = build::single(Some(b"key"), Some(b"value"), 5);
+        let mut b = builder::single(Some(b"key"), Some(b"value"), 5);
         let last = b.len() - 1;
         b[last] ^= 0xff;
         assert_eq!(
@@ -399,19 +386,57 @@ mod tests {
             BatchHeader::parse(&b[..30]).err(),
             Some(BatchError::Truncated)
         );
-        let mut m = build::single(None, None, 0);
+        let mut m = builder::single(None, None, 0);
         m[16] = 1;
         assert_eq!(BatchHeader::parse(&m).err(), Some(BatchError::BadMagic(1)));
     }
 
     #[test]
     fn walks_concatenated_batches() {
-        let mut all = build::single(None, Some(b"a"), 1);
-        all.extend(build::single(None, Some(b"b"), 2));
+        let mut all = builder::single(None, Some(b"a"), 1);
+        all.extend(builder::single(None, Some(b"b"), 2));
         let mut n = 0;
         assert_eq!(for_each_batch(&all, true, |_| n += 1), Ok(2));
         assert_eq!(n, 2);
         all.push(0);
         assert!(for_each_batch(&all, true, |_| {}).is_err());
+    }
+
+    #[test]
+    fn fetched_walk_ignores_a_trailing_partial_batch_only() {
+        let mut b = BatchBuilder::new(BatchOptions::default());
+        for i in 0..10 {
+            b.push(&builder::Record {
+                key: None,
+                value: Some(&[i; 50]),
+                headers: &[],
+                timestamp_ms: 1,
+            });
+        }
+        let one = b.finish().unwrap();
+        let mut all = one.clone();
+        all.extend_from_slice(&one[..100]);
+        assert_eq!(for_each_fetched_batch(&all, true, |_| {}), Ok(1));
+        all.truncate(one.len() + 5);
+        assert_eq!(for_each_fetched_batch(&all, true, |_| {}), Ok(1));
+        let mut bad = one.clone();
+        bad[16] = 1;
+        assert_eq!(
+            for_each_fetched_batch(&bad, false, |_| {}),
+            Err(BatchError::BadMagic(1))
+        );
+        let mut flipped = one;
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(
+            for_each_fetched_batch(&flipped, true, |_| {}),
+            Err(BatchError::BadCrc)
+        );
+        let mut ok = true;
+        assert_eq!(
+            for_each_fetched_batch(&flipped, false, |h| ok = h.crc_ok()),
+            Ok(1)
+        );
+        assert!(!ok);
     }
 }

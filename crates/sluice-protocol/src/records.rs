@@ -11,11 +11,12 @@
 
 use bytes::Bytes;
 
-use crate::protocol::batch::{BatchHeader, HEADER_BYTES};
+use crate::batch::{BatchHeader, HEADER_BYTES};
+use crate::varint::{self, VarintError};
 
 /// The smallest encoded record: length, attributes, timestamp delta, offset delta, key length,
 /// value length and header count, one byte each.
-const RECORD_BYTES_MIN: usize = 7;
+pub const RECORD_BYTES_MIN: usize = 7;
 
 /// Why records did not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,18 +50,19 @@ pub struct Record {
     pub headers: Vec<(Bytes, Option<Bytes>)>,
 }
 
-/// Reads one zigzag varint (at most 64 bits) from `buf[*at..]`.
-pub fn read_varint(buf: &[u8], at: &mut usize) -> Result<i64, RecordError> {
-    let mut raw: u64 = 0;
-    for i in 0..10 {
-        let b = *buf.get(*at).ok_or(RecordError::Truncated)?;
-        *at += 1;
-        raw |= ((b & 0x7f) as u64) << (7 * i);
-        if b & 0x80 == 0 {
-            return Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64));
+impl From<VarintError> for RecordError {
+    fn from(e: VarintError) -> RecordError {
+        match e {
+            VarintError::Truncated => RecordError::Truncated,
+            VarintError::TooLong => RecordError::BadLength,
         }
     }
-    Err(RecordError::BadLength)
+}
+
+/// Reads one zigzag varint, as a record field.
+#[inline]
+fn read_varint(buf: &[u8], at: &mut usize) -> Result<i64, RecordError> {
+    Ok(varint::read_varint(buf, at)?)
 }
 
 fn read_bytes(buf: &Bytes, at: &mut usize) -> Result<Option<Bytes>, RecordError> {
@@ -84,10 +86,23 @@ pub fn decode_batch(batch: &Bytes) -> Result<Vec<Record>, RecordError> {
     if h.compression() != 0 {
         return Err(RecordError::Compressed(h.compression()));
     }
-    let base_offset = h.base_offset().0;
-    let base_ts = h.base_timestamp();
-    let count = h.record_count() as usize;
-    let body = batch.slice(HEADER_BYTES..h.size());
+    decode_records(
+        &batch.slice(HEADER_BYTES..h.size()),
+        h.base_offset().0,
+        h.base_timestamp(),
+        h.record_count(),
+    )
+}
+
+/// Decodes `count` records from an (uncompressed or already decompressed) records section,
+/// numbering them from `base_offset` and timing them from `base_ts`.
+pub fn decode_records(
+    body: &Bytes,
+    base_offset: i64,
+    base_ts: i64,
+    count: i32,
+) -> Result<Vec<Record>, RecordError> {
+    let count = usize::try_from(count).map_err(|_| RecordError::BadLength)?;
     let mut at = 0usize;
     // Each record needs at least 7 bytes (length, attributes, two deltas, key and value lengths,
     // header count): a count the body cannot hold is refused before any allocation.
@@ -96,7 +111,7 @@ pub fn decode_batch(batch: &Bytes) -> Result<Vec<Record>, RecordError> {
     }
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
-        let len = read_varint(&body, &mut at)?;
+        let len = read_varint(body, &mut at)?;
         let len = usize::try_from(len).map_err(|_| RecordError::BadLength)?;
         let end = at.checked_add(len).ok_or(RecordError::BadLength)?;
         if end > body.len() {
@@ -139,8 +154,9 @@ pub fn decode_batch(batch: &Bytes) -> Result<Vec<Record>, RecordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::batch::{build, set_base_offset};
-    use crate::types::Offset;
+    use crate::batch::set_base_offset;
+    use crate::builder as build;
+    use crate::Offset;
 
     #[test]
     fn built_records_decode_with_offsets_keys_values_and_headers() {
@@ -189,35 +205,6 @@ mod tests {
         assert!(decode_batch(&Bytes::from(g)).is_err());
     }
 
-    #[test]
-    fn varint_round_trips_extremes() {
-        for v in [
-            0i64,
-            -1,
-            1,
-            63,
-            -64,
-            64,
-            i32::MAX as i64,
-            i64::MIN,
-            i64::MAX,
-        ] {
-            let mut out = Vec::new();
-            let mut z = ((v << 1) ^ (v >> 63)) as u64;
-            loop {
-                if z < 0x80 {
-                    out.push(z as u8);
-                    break;
-                }
-                out.push((z as u8 & 0x7f) | 0x80);
-                z >>= 7;
-            }
-            let mut at = 0;
-            assert_eq!(read_varint(&out, &mut at), Ok(v));
-            assert_eq!(at, out.len());
-        }
-    }
-
     /// A valid batch whose header (and CRC) is rewritten after `edit`, so only the records are bad.
     fn with_records(edit: impl FnOnce(&mut Vec<u8>)) -> Bytes {
         let mut b = build::single(Some(b"k"), Some(b"v"), 1);
@@ -261,29 +248,9 @@ mod tests {
         assert!(decode_batch(&b).is_err());
     }
 
-    #[test]
-    fn varints_longer_than_ten_bytes_or_truncated_are_errors() {
-        let mut at = 0;
-        assert_eq!(
-            read_varint(&[0xff; 11], &mut at),
-            Err(RecordError::BadLength)
-        );
-        assert_eq!(at, 10);
-        let mut at = 0;
-        assert_eq!(
-            read_varint(&[0x80; 3], &mut at),
-            Err(RecordError::Truncated)
-        );
-        let mut at = 0;
-        // Ten bytes with every bit set decodes (the top bits drop) without overflow.
-        let mut ten = [0xffu8; 10];
-        ten[9] = 0x7f;
-        assert!(read_varint(&ten, &mut at).is_ok());
-    }
-
     mod fuzz {
         use super::*;
-        use crate::protocol::batch::{for_each_batch, BatchHeader};
+        use crate::batch::{for_each_batch, BatchHeader};
         use proptest::prelude::*;
 
         /// Key, value, headers, timestamp of one generated record.

@@ -121,6 +121,10 @@ struct Inner {
     /// Closed by `close`: every task of this transport ends.
     stop: RefCell<Option<async_channel::Sender<()>>>,
     stopped: async_channel::Receiver<()>,
+    /// The listening socket, shut down by `close`: an accept still in flight in io_uring keeps
+    /// the socket open after the listener is dropped (and so its port taken) until the ring is
+    /// torn down; shutting it down ends the accept and frees the port at once.
+    listener_control: socket2::Socket,
 }
 
 /// The node's end of the raft network on this executor. Cheap to clone.
@@ -129,7 +133,8 @@ pub struct Transport {
     inner: Rc<Inner>,
 }
 
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+/// The listener, and a second handle to the same socket with which `close` shuts it down.
+fn listen(addr: SocketAddr) -> io::Result<(TcpListener, socket2::Socket)> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
     } else {
@@ -141,15 +146,19 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
+    let control = sock.try_clone()?;
     // SAFETY: the descriptor is a listening TCP socket this function owns and hands over.
-    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
+    Ok((
+        unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) },
+        control,
+    ))
 }
 
 impl Transport {
     /// Binds the listener and spawns the accept loop and one writer per peer on the current
     /// glommio executor.
     pub fn start(config: TransportConfig) -> io::Result<Transport> {
-        let listener = listen(config.listen)?;
+        let (listener, listener_control) = listen(config.listen)?;
         let local_addr = listener.local_addr()?;
         let (stop_tx, stopped) = async_channel::bounded::<()>(1);
         let mut peers = HashMap::new();
@@ -179,6 +188,7 @@ impl Transport {
             stats: RefCell::new(TransportStats::default()),
             stop: RefCell::new(Some(stop_tx)),
             stopped,
+            listener_control,
         });
         for (id, kicked) in kicks {
             let inner = inner.clone();
@@ -293,6 +303,10 @@ impl Transport {
     /// Ends the accept loop, the writers and every connection of this transport.
     pub fn close(&self) {
         self.inner.stop.borrow_mut().take();
+        let _ = self
+            .inner
+            .listener_control
+            .shutdown(std::net::Shutdown::Both);
     }
 }
 

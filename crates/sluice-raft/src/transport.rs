@@ -61,6 +61,12 @@ pub const MAX_INBOUND_CONNECTIONS: usize = 1024;
 /// Messages waiting for one group's loop; more are dropped (raft retransmits).
 pub const GROUP_INBOX_MESSAGES: usize = 4096;
 
+/// Bytes all incoming connections of a transport may hold in partial frames together. A frame is
+/// read whole before it is decoded, so each connection may hold up to `MAX_FRAME_BYTES`; this caps
+/// the sum (a few peers sending snapshots at once fit) so that many connections each sending most
+/// of a large frame cannot exhaust memory. A read that would pass it closes that connection.
+pub const MAX_INBOUND_BUFFERED_BYTES: usize = 256 << 20;
+
 /// How long a new connection may take to send its preamble.
 const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -74,6 +80,9 @@ pub struct TransportConfig {
     /// Bytes queued for one peer before further messages to it are dropped.
     pub max_queued_bytes: usize,
     pub connect_timeout: Duration,
+    /// A write to a peer that makes no progress for this long drops the connection (a peer that
+    /// vanished without a reset would otherwise hold it until TCP gives up, minutes later).
+    pub write_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
 }
@@ -86,6 +95,7 @@ impl TransportConfig {
             peers,
             max_queued_bytes: 128 << 20,
             connect_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_secs(1),
         }
@@ -117,6 +127,8 @@ struct Inner {
     groups: RefCell<HashMap<u64, async_channel::Sender<Message>>>,
     isolated: Cell<bool>,
     inbound: Cell<usize>,
+    /// Bytes held in partial frames by all incoming connections (`MAX_INBOUND_BUFFERED_BYTES`).
+    inbound_buffered: Cell<usize>,
     stats: RefCell<TransportStats>,
     /// Closed by `close`: every task of this transport ends.
     stop: RefCell<Option<async_channel::Sender<()>>>,
@@ -185,6 +197,7 @@ impl Transport {
             groups: RefCell::new(HashMap::new()),
             isolated: Cell::new(false),
             inbound: Cell::new(0),
+            inbound_buffered: Cell::new(0),
             stats: RefCell::new(TransportStats::default()),
             stop: RefCell::new(Some(stop_tx)),
             stopped,
@@ -343,7 +356,13 @@ async fn writer(inner: Rc<Inner>, peer_id: u64, kicked: async_channel::Receiver<
             continue;
         }
         if let Some(c) = conn.as_mut() {
-            if let Err(e) = c.write_all(&batch).await {
+            let timeout = inner.config.write_timeout;
+            let written = future::or(c.write_all(&batch), async {
+                glommio::timer::sleep(timeout).await;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"))
+            })
+            .await;
+            if let Err(e) = written {
                 tracing::debug!("raft: connection to node {peer_id} lost: {e}");
                 conn = None;
             }
@@ -409,9 +428,13 @@ async fn read_connection(inner: &Inner, mut conn: TcpStream) -> io::Result<()> {
     if &preamble[..8] != PREAMBLE_MAGIC {
         return Err(bad("not a raft peer (bad preamble)"));
     }
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = Budgeted {
+        bytes: Vec::new(),
+        inner,
+    };
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     loop {
+        let buf = &mut buf.bytes;
         let mut consumed = 0;
         while buf.len() - consumed >= FRAME_HEADER_BYTES {
             let h = &buf[consumed..];
@@ -438,6 +461,9 @@ async fn read_connection(inner: &Inner, mut conn: TcpStream) -> io::Result<()> {
             consumed += FRAME_HEADER_BYTES + len;
         }
         buf.drain(..consumed);
+        inner
+            .inbound_buffered
+            .set(inner.inbound_buffered.get() - consumed);
         let n = conn.read(&mut chunk).await?;
         if n == 0 {
             return if buf.is_empty() {
@@ -446,7 +472,27 @@ async fn read_connection(inner: &Inner, mut conn: TcpStream) -> io::Result<()> {
                 Err(bad("connection closed mid-frame"))
             };
         }
+        if inner.inbound_buffered.get() + n > MAX_INBOUND_BUFFERED_BYTES {
+            return Err(bad("inbound buffer budget exhausted"));
+        }
+        inner.inbound_buffered.set(inner.inbound_buffered.get() + n);
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A connection's read buffer, whose bytes are charged to `Inner::inbound_buffered` until it is
+/// dropped.
+struct Budgeted<'a> {
+    bytes: Vec<u8>,
+    inner: &'a Inner,
+}
+
+impl Drop for Budgeted<'_> {
+    fn drop(&mut self) {
+        let held = self.inner.inbound_buffered.get();
+        self.inner
+            .inbound_buffered
+            .set(held.saturating_sub(self.bytes.len()));
     }
 }
 

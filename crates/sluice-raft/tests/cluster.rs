@@ -369,8 +369,8 @@ fn three_nodes_elect_one_leader_and_apply_the_same_entries_in_order() {
     let history = c.converged(&[1, 2, 3], 50);
     let p = payloads(&history);
     assert_eq!(p.len(), 50);
-    for i in 0..10 {
-        assert_eq!(p[i], format!("seq-{i}"));
+    for (i, x) in p.iter().take(10).enumerate() {
+        assert_eq!(*x, format!("seq-{i}"));
     }
     for i in 0..40 {
         assert_eq!(p.iter().filter(|x| **x == format!("burst-{i}")).count(), 1);

@@ -21,8 +21,10 @@ use crate::storage::{LogStore, RaftStorage};
 use crate::transport::Transport;
 use futures_lite::future;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
@@ -361,8 +363,8 @@ struct Driver<L: LogStore, M> {
     sm: M,
     config: GroupConfig,
     transport: Transport,
-    /// Proposals awaiting commit: index → (term proposed in, reply).
-    pending: BTreeMap<u64, (u64, Reply)>,
+    /// Proposals awaiting commit: index → (term proposed in, entry type proposed, reply).
+    pending: BTreeMap<u64, (u64, EntryType, Reply)>,
     shared: Rc<Shared>,
     applied: u64,
     was_leader: bool,
@@ -464,10 +466,14 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
     fn command(&mut self, c: Command) -> Result<(), StopReason> {
         match c {
             Command::Propose(data, reply) => {
-                self.propose(reply, |raw| raw.propose(vec![], data))?
+                self.propose(reply, EntryType::EntryNormal, |raw| {
+                    raw.propose(vec![], data)
+                })?
             }
             Command::ProposeConfChange(cc, reply) => {
-                self.propose(reply, |raw| raw.propose_conf_change(vec![], cc))?
+                self.propose(reply, EntryType::EntryConfChangeV2, |raw| {
+                    raw.propose_conf_change(vec![], cc)
+                })?
             }
             Command::TransferLeader(to) => guarded(|| self.raw.transfer_leader(to))?,
             Command::Campaign => {
@@ -481,6 +487,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
     fn propose(
         &mut self,
         reply: Reply,
+        kind: EntryType,
         f: impl FnOnce(&mut RawNode<RaftStorage<L>>) -> raft::Result<()>,
     ) -> Result<(), StopReason> {
         if self.raw.raft.state != StateRole::Leader {
@@ -499,7 +506,8 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 if index == before {
                     let _ = reply.try_send(Err(ProposeError::Dropped));
                 } else {
-                    self.pending.insert(index, (self.raw.raft.term, reply));
+                    self.pending
+                        .insert(index, (self.raw.raft.term, kind, reply));
                 }
             }
             Err(_) => {
@@ -509,10 +517,24 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         Ok(())
     }
 
-    fn send(&self, msgs: Vec<Message>) {
-        if !msgs.is_empty() {
-            self.transport.send(self.config.group_id, msgs);
+    fn send(&mut self, msgs: Vec<Message>) -> Result<(), StopReason> {
+        if msgs.is_empty() {
+            return Ok(());
         }
+        let snapshots_to: Vec<u64> = msgs
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        self.transport.send(self.config.group_id, msgs);
+        // A snapshot is reported sent as soon as it is queued: the follower's progress leaves the
+        // snapshot state and is probed. If the snapshot was lost (a dropped connection, a full
+        // queue), the probe is rejected and the leader sends a fresh snapshot, instead of
+        // waiting forever for an acknowledgement that will not come.
+        for to in snapshots_to {
+            guarded(|| self.raw.report_snapshot(to, SnapshotStatus::Finish))?;
+        }
+        Ok(())
     }
 
     fn handle_ready(&mut self) -> Result<(), StopReason> {
@@ -521,7 +543,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             return Ok(());
         }
         let mut ready = guarded(|| self.raw.ready())?;
-        self.send(ready.take_messages());
+        self.send(ready.take_messages())?;
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.install_received_snapshot(snap)?;
@@ -536,7 +558,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         }
         store.sync().map_err(storage_failed)?;
         // Durable now: votes and append responses may go out.
-        self.send(ready.take_persisted_messages());
+        self.send(ready.take_persisted_messages())?;
         let mut light = guarded(|| self.raw.advance(ready))?;
         if let Some(commit) = light.commit_index() {
             let store = self.raw.mut_store().log_mut();
@@ -544,7 +566,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             hs.commit = commit;
             store.set_hard_state(&hs).map_err(storage_failed)?;
         }
-        self.send(light.take_messages());
+        self.send(light.take_messages())?;
         self.apply_entries(light.take_committed_entries())?;
         guarded(|| self.raw.advance_apply())?;
         self.check_leadership();
@@ -600,7 +622,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 }
             }
             self.applied = e.index;
-            self.complete_up_to(e.index, Some(e.term));
+            self.complete_up_to(e.index, Some((e.term, e.get_entry_type())));
         }
         Ok(())
     }
@@ -613,12 +635,13 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         Ok(())
     }
 
-    /// Completes the proposals at or below `index`: the one at `index` succeeded if it was
-    /// proposed in `term`; any other was replaced.
-    fn complete_up_to(&mut self, index: u64, term: Option<u64>) {
+    /// Completes the proposals at or below `index`: the one at `index` succeeded if the entry
+    /// applied there is of the term and type proposed (raft-rs turns a conf change it refuses
+    /// into an empty normal entry); any other was replaced.
+    fn complete_up_to(&mut self, index: u64, applied: Option<(u64, EntryType)>) {
         let rest = self.pending.split_off(&(index + 1));
-        for (i, (t, reply)) in std::mem::replace(&mut self.pending, rest) {
-            let outcome = if i == index && Some(t) == term {
+        for (i, (t, kind, reply)) in std::mem::replace(&mut self.pending, rest) {
+            let outcome = if i == index && Some((t, kind)) == applied {
                 Ok(index)
             } else {
                 Err(ProposeError::Dropped)
@@ -630,7 +653,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
     fn check_leadership(&mut self) {
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
-            for (_, (_, reply)) in std::mem::take(&mut self.pending) {
+            for (_, (_, _, reply)) in std::mem::take(&mut self.pending) {
                 let _ = reply.try_send(Err(ProposeError::LeadershipLost));
             }
         }
@@ -708,7 +731,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             );
         }
         self.transport.unregister(self.config.group_id);
-        for (_, (_, reply)) in std::mem::take(&mut self.pending) {
+        for (_, (_, _, reply)) in std::mem::take(&mut self.pending) {
             let _ = reply.try_send(Err(ProposeError::Stopped));
         }
         *self.shared.stopped.borrow_mut() = Some(reason);

@@ -61,7 +61,8 @@ pub trait StateMachine {
 pub struct GroupConfig {
     pub group_id: u64,
     pub node_id: u64,
-    /// Voters of a brand-new group (ignored once the log holds state).
+    /// Voters of a brand-new group (ignored once the log holds state). Empty for a node that
+    /// joins an existing group: it waits for the leader, which adds it with a conf change.
     pub voters: Vec<u64>,
     pub tick_interval: Duration,
     pub heartbeat_ticks: usize,
@@ -226,13 +227,11 @@ impl RaftGroup {
     {
         let state = log.raft_state();
         let snapshot = log.snapshot();
-        if state.conf_state.voters.is_empty() && snapshot.get_metadata().index == 0 {
-            if log.last_index() != 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "raft log holds entries but no configuration",
-                ));
-            }
+        let fresh = state.hard_state == Default::default()
+            && state.conf_state.voters.is_empty()
+            && snapshot.get_metadata().index == 0
+            && log.last_index() == 0;
+        if fresh && !config.voters.is_empty() {
             let mut cs = ConfState::default();
             cs.voters = config.voters.clone();
             log.bootstrap(&cs)?;

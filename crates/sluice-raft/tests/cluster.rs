@@ -2,6 +2,7 @@
 //! thread with its own data directory. Every wait is bounded by a deadline and waits on a
 //! condition the nodes signal (role/leader/term changes, applied entries).
 
+use sluice_raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use sluice_raft::{
     FileLog, GroupConfig, GroupStatus, LogStore, ProposeError, RaftGroup, Role, StateMachine,
     Transport, TransportConfig,
@@ -83,6 +84,7 @@ impl StateMachine for TestSm {
 
 enum Cmd {
     Propose(Vec<u8>, mpsc::Sender<Result<u64, ProposeError>>),
+    ConfChange(ConfChangeV2, mpsc::Sender<Result<u64, ProposeError>>),
     Isolate(bool),
     Stop,
 }
@@ -93,7 +95,8 @@ struct Node {
 }
 
 struct Cluster {
-    ids: Vec<u64>,
+    /// Voters of the new group; nodes with other ids start empty and join.
+    voters: Vec<u64>,
     addrs: HashMap<u64, SocketAddr>,
     dirs: HashMap<u64, tempfile::TempDir>,
     nodes: HashMap<u64, Node>,
@@ -124,6 +127,12 @@ fn cluster_host() -> u8 {
 
 impl Cluster {
     fn new(n: u64, tweak: fn(&mut GroupConfig)) -> Cluster {
+        Cluster::with_spares(n, 0, tweak)
+    }
+
+    /// `voters` nodes started as the group, and `spares` more known to the transport but not
+    /// started.
+    fn with_spares(voters: u64, spares: u64, tweak: fn(&mut GroupConfig)) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -131,15 +140,16 @@ impl Cluster {
             )
             .with_test_writer()
             .try_init();
-        let ids: Vec<u64> = (1..=n).collect();
+        let all: Vec<u64> = (1..=voters + spares).collect();
         let host = cluster_host();
-        let addrs = ids.iter().map(|id| (*id, free_addr(host))).collect();
-        let dirs = ids
+        let addrs = all.iter().map(|id| (*id, free_addr(host))).collect();
+        let dirs = all
             .iter()
             .map(|id| (*id, tempfile::tempdir().unwrap()))
             .collect();
+        let ids: Vec<u64> = (1..=voters).collect();
         let mut c = Cluster {
-            ids: ids.clone(),
+            voters: ids.clone(),
             addrs,
             dirs,
             nodes: HashMap::new(),
@@ -158,7 +168,12 @@ impl Cluster {
 
     fn start(&mut self, id: u64) {
         assert!(!self.nodes.contains_key(&id));
-        let mut config = GroupConfig::new(GROUP, id, self.ids.clone());
+        let voters = if self.voters.contains(&id) {
+            self.voters.clone()
+        } else {
+            Vec::new()
+        };
+        let mut config = GroupConfig::new(GROUP, id, voters);
         (self.tweak)(&mut config);
         let tc = TransportConfig::new(id, self.addrs[&id], self.addrs.clone());
         let dir = self.dir(id);
@@ -193,6 +208,13 @@ impl Cluster {
                             let group = group.clone();
                             glommio::spawn_local(async move {
                                 let _ = reply.send(group.propose(data).await);
+                            })
+                            .detach();
+                        }
+                        Cmd::ConfChange(cc, reply) => {
+                            let group = group.clone();
+                            glommio::spawn_local(async move {
+                                let _ = reply.send(group.propose_conf_change(cc).await);
                             })
                             .detach();
                         }
@@ -638,4 +660,39 @@ fn a_group_restarts_from_its_own_snapshot_and_log() {
     c.propose(leader, b"after restart").unwrap();
     let after = c.converged(&[1, 2, 3], 21);
     assert_eq!(after[..20], before[..]);
+}
+
+#[test]
+fn a_new_node_joins_through_a_conf_change_and_receives_the_log() {
+    let mut c = Cluster::with_spares(3, 1, no_tweak);
+    let leader = c.leader(&[1, 2, 3], WAIT);
+    for i in 0..5 {
+        c.propose(leader, format!("e-{i}").as_bytes()).unwrap();
+    }
+    c.start(4);
+    let mut change = ConfChangeSingle::default();
+    change.set_change_type(ConfChangeType::AddNode);
+    change.node_id = 4;
+    let mut cc = ConfChangeV2::default();
+    cc.changes.push(change);
+    let (tx, rx) = mpsc::channel();
+    c.nodes[&leader]
+        .cmd
+        .try_send(Cmd::ConfChange(cc, tx))
+        .unwrap();
+    rx.recv_timeout(WAIT).unwrap().unwrap();
+    c.propose(leader, b"with four").unwrap();
+    let history = c.converged(&[1, 2, 3, 4], 6);
+    assert_eq!(payloads(&history)[5], "with four");
+    assert_eq!(c.leader(&[1, 2, 3, 4], WAIT), leader);
+
+    // The joined node restarts from its own log: its membership comes back from replaying the
+    // conf change, and it catches up with what it missed.
+    c.kill(4);
+    c.propose(leader, b"three of four").unwrap();
+    c.converged(&[1, 2, 3], 7);
+    c.start(4);
+    c.propose(leader, b"all back").unwrap();
+    let history = c.converged(&[1, 2, 3, 4], 8);
+    assert_eq!(payloads(&history)[6..], ["three of four", "all back"]);
 }

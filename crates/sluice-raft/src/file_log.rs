@@ -169,13 +169,24 @@ impl FileLog {
         fs::create_dir_all(&dir)?;
         let (hard_state, bootstrap_conf) = Self::read_hard_state(&dir)?;
         let log_path = dir.join(LOG_FILE);
-        let data = match fs::read(&log_path) {
+        let mut data = match fs::read(&log_path) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
+        if data.len() < LOG_MAGIC.len() {
+            // Absent, or torn while being created: nothing in it was ever synced.
+            if !LOG_MAGIC.starts_with(&data) && data.iter().any(|b| *b != 0) {
+                return Err(corrupt(&log_path, 0, "not a raft log"));
+            }
+            write_atomic(&dir, LOG_FILE, LOG_MAGIC)?;
+            data = LOG_MAGIC.to_vec();
+        }
+        if &data[..LOG_MAGIC.len()] != LOG_MAGIC {
+            return Err(corrupt(&log_path, 0, "not a raft log"));
+        }
         let mut log = FileLog {
-            file: File::open(&dir)?, // replaced below
+            file: OpenOptions::new().append(true).open(&log_path)?,
             dir: dir.clone(),
             snapshot: Snapshot::default(),
             entries: Vec::new(),
@@ -185,41 +196,28 @@ impl FileLog {
             hard_state_dirty: false,
             torn_bytes: 0,
         };
-        if data.len() < LOG_MAGIC.len() {
-            // Absent, or torn while being created: nothing in it was ever synced.
-            if !LOG_MAGIC.starts_with(&data) && data.iter().any(|b| *b != 0) {
-                return Err(corrupt(&log_path, 0, "not a raft log"));
-            }
-            write_atomic(&dir, LOG_FILE, LOG_MAGIC)?;
-        } else {
-            if &data[..LOG_MAGIC.len()] != LOG_MAGIC {
-                return Err(corrupt(&log_path, 0, "not a raft log"));
-            }
-            let mut pos = LOG_MAGIC.len();
-            while pos < data.len() {
-                match scan_one(&data, pos) {
-                    Scan::Record { body_at, end } => {
-                        log.replay(&data[body_at..end])
-                            .map_err(|e| corrupt(&log_path, pos, e))?;
-                        pos = end;
-                    }
-                    Scan::Torn => {
-                        tracing::warn!(
-                            "{}: cutting a torn last record ({} bytes at byte {pos})",
-                            log_path.display(),
-                            data.len() - pos
-                        );
-                        log.torn_bytes = (data.len() - pos) as u64;
-                        let f = OpenOptions::new().write(true).open(&log_path)?;
-                        f.set_len(pos as u64)?;
-                        f.sync_all()?;
-                        break;
-                    }
-                    Scan::Corrupt(what) => return Err(corrupt(&log_path, pos, what)),
+        let mut pos = LOG_MAGIC.len();
+        while pos < data.len() {
+            match scan_one(&data, pos) {
+                Scan::Record { body_at, end } => {
+                    log.replay(&data[body_at..end])
+                        .map_err(|e| corrupt(&log_path, pos, e))?;
+                    pos = end;
                 }
+                Scan::Torn => {
+                    tracing::warn!(
+                        "{}: cutting a torn last record ({} bytes at byte {pos})",
+                        log_path.display(),
+                        data.len() - pos
+                    );
+                    log.torn_bytes = (data.len() - pos) as u64;
+                    log.file.set_len(pos as u64)?;
+                    log.file.sync_all()?;
+                    break;
+                }
+                Scan::Corrupt(what) => return Err(corrupt(&log_path, pos, what)),
             }
         }
-        log.file = OpenOptions::new().append(true).open(&log_path)?;
         let snap_index = log.snapshot.get_metadata().index;
         if log.hard_state.commit < snap_index {
             log.hard_state.commit = snap_index;

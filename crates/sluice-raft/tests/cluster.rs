@@ -15,6 +15,10 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 const GROUP: u64 = 7;
+/// A second group on the same executors and transports, for multi-raft tests. Its nodes are
+/// observed under `SECOND + node id`.
+const GROUP2: u64 = 8;
+const SECOND: u64 = 100;
 /// The failover target of the defaults (see `GroupConfig`).
 const FAILOVER_TARGET: Duration = Duration::from_secs(2);
 /// Generous bound for waits that are not the subject of the test (slow CI machines).
@@ -85,6 +89,7 @@ impl StateMachine for TestSm {
 enum Cmd {
     Propose(Vec<u8>, mpsc::Sender<Result<u64, ProposeError>>),
     ConfChange(ConfChangeV2, mpsc::Sender<Result<u64, ProposeError>>),
+    ProposeSecond(Vec<u8>, mpsc::Sender<Result<u64, ProposeError>>),
     Isolate(bool),
     Stop,
 }
@@ -102,6 +107,8 @@ struct Cluster {
     nodes: HashMap<u64, Node>,
     obs: Obs,
     tweak: fn(&mut GroupConfig),
+    /// Every node also runs group `GROUP2`.
+    second_group: bool,
 }
 
 /// A free address for a node's listener. Each cluster listens on its own 127.0.0.x (x ≥ 2):
@@ -133,6 +140,10 @@ impl Cluster {
     /// `voters` nodes started as the group, and `spares` more known to the transport but not
     /// started.
     fn with_spares(voters: u64, spares: u64, tweak: fn(&mut GroupConfig)) -> Cluster {
+        Cluster::build(voters, spares, false, tweak)
+    }
+
+    fn build(voters: u64, spares: u64, second_group: bool, tweak: fn(&mut GroupConfig)) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -155,6 +166,7 @@ impl Cluster {
             nodes: HashMap::new(),
             obs: Arc::new((Mutex::new(HashMap::new()), Condvar::new())),
             tweak,
+            second_group,
         };
         for id in ids {
             c.start(id);
@@ -173,12 +185,16 @@ impl Cluster {
         } else {
             Vec::new()
         };
-        let mut config = GroupConfig::new(GROUP, id, voters);
+        let mut config = GroupConfig::new(GROUP, id, voters.clone());
         (self.tweak)(&mut config);
+        let second = self
+            .second_group
+            .then(|| GroupConfig::new(GROUP2, id, voters));
         let tc = TransportConfig::new(id, self.addrs[&id], self.addrs.clone());
         let dir = self.dir(id);
         let obs = self.obs.clone();
         update(&obs, id, |o| *o = Observed::default());
+        update(&obs, SECOND + id, |o| *o = Observed::default());
         let (cmd, cmds) = async_channel::unbounded::<Cmd>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
@@ -192,15 +208,27 @@ impl Cluster {
                     entries: Vec::new(),
                 };
                 let group = RaftGroup::start(config, log, sm, &transport).expect("group");
-                update(&obs, id, |o| o.running = true);
-                let watch = group.watch();
-                let relay_obs = obs.clone();
-                glommio::spawn_local(async move {
-                    while let Ok(s) = watch.recv().await {
-                        update(&relay_obs, id, |o| o.status = Some(s));
-                    }
-                })
-                .detach();
+                let group2 = second.map(|config| {
+                    let log = FileLog::open(dir.join("second")).expect("open log");
+                    let sm = TestSm {
+                        id: SECOND + id,
+                        obs: obs.clone(),
+                        entries: Vec::new(),
+                    };
+                    RaftGroup::start(config, log, sm, &transport).expect("group")
+                });
+                for (key, g) in [(id, Some(&group)), (SECOND + id, group2.as_ref())] {
+                    let Some(g) = g else { continue };
+                    update(&obs, key, |o| o.running = true);
+                    let watch = g.watch();
+                    let relay_obs = obs.clone();
+                    glommio::spawn_local(async move {
+                        while let Ok(s) = watch.recv().await {
+                            update(&relay_obs, key, |o| o.status = Some(s));
+                        }
+                    })
+                    .detach();
+                }
                 ready_tx.send(()).unwrap();
                 while let Ok(c) = cmds.recv().await {
                     match c {
@@ -218,11 +246,21 @@ impl Cluster {
                             })
                             .detach();
                         }
+                        Cmd::ProposeSecond(data, reply) => {
+                            let group = group2.clone().expect("second group");
+                            glommio::spawn_local(async move {
+                                let _ = reply.send(group.propose(data).await);
+                            })
+                            .detach();
+                        }
                         Cmd::Isolate(on) => transport.set_isolated(on),
                         Cmd::Stop => break,
                     }
                 }
                 group.stop().await;
+                if let Some(g) = &group2 {
+                    g.stop().await;
+                }
                 transport.close();
                 update(&obs, id, |o| o.running = false);
             })
@@ -695,4 +733,33 @@ fn a_new_node_joins_through_a_conf_change_and_receives_the_log() {
     c.propose(leader, b"all back").unwrap();
     let history = c.converged(&[1, 2, 3, 4], 8);
     assert_eq!(payloads(&history)[6..], ["three of four", "all back"]);
+}
+
+#[test]
+fn two_groups_share_each_connection_and_keep_separate_histories() {
+    let c = Cluster::build(3, 0, true, no_tweak);
+    let first = c.leader(&[1, 2, 3], WAIT);
+    let second = c.leader(&[SECOND + 1, SECOND + 2, SECOND + 3], WAIT);
+    let second_rx: Vec<_> = (0..10)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel();
+            c.nodes[&second]
+                .cmd
+                .try_send(Cmd::ProposeSecond(format!("two-{i}").into_bytes(), tx))
+                .unwrap();
+            rx
+        })
+        .collect();
+    for i in 0..10 {
+        c.propose(first, format!("one-{i}").as_bytes()).unwrap();
+    }
+    for rx in second_rx {
+        rx.recv_timeout(WAIT).unwrap().unwrap();
+    }
+    let one = c.converged(&[1, 2, 3], 10);
+    let two = c.converged(&[SECOND + 1, SECOND + 2, SECOND + 3], 10);
+    assert!(payloads(&one).iter().all(|p| p.starts_with("one-")));
+    assert!(payloads(&two).iter().all(|p| p.starts_with("two-")));
+    assert_eq!(one.len(), 10);
+    assert_eq!(two.len(), 10);
 }

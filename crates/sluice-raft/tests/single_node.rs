@@ -66,8 +66,10 @@ impl LogStore for FailingLog {
     }
 }
 
+type Entries = Vec<(u64, Vec<u8>)>;
+
 #[derive(Clone, Default)]
-struct Applied(Rc<RefCell<Vec<(u64, Vec<u8>)>>>);
+struct Applied(Rc<RefCell<Entries>>);
 
 impl StateMachine for Applied {
     fn apply(&mut self, index: u64, _term: u64, data: &[u8]) {

@@ -1,0 +1,129 @@
+//! The durable log of one raft group, behind a trait, and raft-rs's `Storage` over it.
+//!
+//! [`LogStore`] is what the driver needs from a log: reads (served from memory or a cache, as
+//! raft-rs asks for them synchronously) and buffered writes made durable by one [`LogStore::sync`]
+//! per loop pass. [`crate::FileLog`] implements it for small groups such as the controller; the
+//! partition groups will implement it over the segment log, where raft entries are the stored
+//! RecordBatches.
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use std::io;
+
+/// The durable state of one raft group: log entries after the latest snapshot, the snapshot, the
+/// hard state (term, vote, commit) and the configuration (conf state).
+///
+/// Reads reflect every write made so far, synced or not. Writes may be buffered: nothing is
+/// promised durable until [`LogStore::sync`] returns, except [`LogStore::install_snapshot`],
+/// which is durable when it returns.
+pub trait LogStore {
+    /// The state a restarted node resumes from: the hard state, and the conf state of the
+    /// snapshot (or the bootstrap conf state when there is no snapshot). The commit index is at
+    /// least the snapshot's index, and may lag the last one set: a lower commit index is safe
+    /// (the leader re-sends it), so stores need not write a commit-only change durably.
+    fn raft_state(&self) -> RaftState;
+
+    /// Index of the first entry held: the snapshot's index + 1.
+    fn first_index(&self) -> u64;
+
+    /// Index of the last entry held, or the snapshot's index when no entry follows it.
+    fn last_index(&self) -> u64;
+
+    /// Term of the entry at `index`: the snapshot's term at the snapshot's index,
+    /// `StorageError::Compacted` below it, `StorageError::Unavailable` past the last entry.
+    fn term(&self, index: u64) -> raft::Result<u64>;
+
+    /// Entries `[low, high)`, at most `max_size` bytes of them but always at least one.
+    /// `StorageError::Compacted` if `low` is at or below the snapshot's index.
+    fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> raft::Result<Vec<Entry>>;
+
+    /// The latest snapshot (empty, index 0, if there is none).
+    fn snapshot(&self) -> Snapshot;
+
+    /// Appends entries. The first may overlap held entries: those from its index on are replaced
+    /// (raft's conflict truncation). A gap after the last entry is an error.
+    fn append(&mut self, entries: &[Entry]) -> io::Result<()>;
+
+    /// Sets the hard state (term, vote, commit). A change of term or vote must be durable by the
+    /// next `sync`; a change of commit alone may be written later (see `raft_state`).
+    fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()>;
+
+    /// Sets the configuration the group starts from before any entry or snapshot (bootstrap),
+    /// durably before returning. Later configurations are not stored through this call: they
+    /// come back on restart from the snapshot's conf state and the conf-change entries after it,
+    /// which the driver re-applies as it replays the log.
+    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()>;
+
+    /// Makes every earlier write durable (fsync/fdatasync), before the driver sends the messages
+    /// that depend on them.
+    fn sync(&mut self) -> io::Result<()>;
+
+    /// Installs a snapshot, durably before returning: a snapshot received from the leader, or one
+    /// taken locally to compact the log. Entries up to its index are dropped; entries after it are
+    /// kept if the log holds the snapshot's (index, term), else the whole log is dropped. The
+    /// conf state becomes the snapshot's and the commit index at least its index.
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()>;
+}
+
+/// raft-rs's `Storage` over a [`LogStore`]: the form in which the `RawNode` owns the log.
+pub struct RaftStorage<L> {
+    log: L,
+}
+
+impl<L: LogStore> RaftStorage<L> {
+    pub fn new(log: L) -> Self {
+        RaftStorage { log }
+    }
+
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    pub fn log_mut(&mut self) -> &mut L {
+        &mut self.log
+    }
+
+    pub fn into_inner(self) -> L {
+        self.log
+    }
+}
+
+impl<L: LogStore> raft::Storage for RaftStorage<L> {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(self.log.raft_state())
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.log.entries(low, high, max_size.into())
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.log.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.log.first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.log.last_index())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snap = self.log.snapshot();
+        if snap.get_metadata().index < request_index || snap.get_metadata().index == 0 {
+            // The driver compacts only at applied indexes; a follower asking for a newer one
+            // waits for the next compaction.
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(snap)
+    }
+}

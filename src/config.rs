@@ -35,9 +35,13 @@ pub struct StartArgs {
     /// Number of shards (one pinned executor per core) [default: all usable CPUs].
     #[arg(long, env = "SLUICE_CORES")]
     pub cores: Option<usize>,
-    /// Node id reported in Metadata [default: 0].
+    /// Node id reported in Metadata; in a cluster, this node's id in --controllers [default: 0].
     #[arg(long, env = "SLUICE_NODE_ID")]
     pub node_id: Option<i32>,
+    /// The controller voters of a cluster, `id@host:port` of each one's internal listener,
+    /// comma-separated (this node listens on its own entry) [default: none: a single node].
+    #[arg(long, env = "SLUICE_CONTROLLERS")]
+    pub controllers: Option<String>,
     /// Create topics on first Metadata/Produce use [default: true].
     #[arg(long, env = "SLUICE_AUTO_CREATE_TOPICS")]
     pub auto_create_topics: Option<bool>,
@@ -152,6 +156,77 @@ pub const DEFAULTS: Defaults = Defaults {
     log_level: "info",
 };
 
+/// Highest node id in a cluster: producer ids carry the node id in their low bits
+/// (`admin::next_producer_id`), so ids must fit `NODE_ID_BITS`.
+pub const NODE_ID_MAX: i32 = (1 << NODE_ID_BITS) - 1;
+/// Bits of a producer id that name the node that handed it out, in a cluster.
+pub const NODE_ID_BITS: u32 = 10;
+
+/// A cluster's membership, from `--node-id` and `--controllers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Every controller voter: node id and the address of its internal listener, in the order
+    /// given.
+    pub controllers: Vec<(i32, SocketAddr)>,
+    /// This node's internal listener (its own entry of `controllers`).
+    pub internal_listen: SocketAddr,
+}
+
+/// Parses `--controllers` (`id@host:port,…`) for node `node_id`: ids 1..=`NODE_ID_MAX`, each
+/// once, addresses that resolve, and `node_id` among them (every node is a controller voter
+/// until brokers that are not voters exist).
+fn parse_controllers(s: &str, node_id: i32) -> Result<ClusterConfig, String> {
+    let mut controllers: Vec<(i32, SocketAddr)> = Vec::new();
+    for entry in s.split(',').map(str::trim) {
+        let (id, addr) = entry.split_once('@').ok_or_else(|| {
+            format!("invalid --controllers entry '{entry}': expected id@host:port")
+        })?;
+        let id: i32 = id
+            .parse()
+            .ok()
+            .filter(|id| (1..=NODE_ID_MAX).contains(id))
+            .ok_or_else(|| {
+                format!("invalid --controllers entry '{entry}': the id must be 1-{NODE_ID_MAX}")
+            })?;
+        let (host, port) = split_host_port(addr, "--controllers address")?;
+        if port == 0 {
+            return Err(format!(
+                "invalid --controllers entry '{entry}': the port must not be 0"
+            ));
+        }
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                format!("invalid --controllers entry '{entry}': host '{host}' does not resolve")
+            })?;
+        if controllers.iter().any(|(other, _)| *other == id) {
+            return Err(format!("invalid --controllers: node id {id} appears twice"));
+        }
+        if controllers.iter().any(|(_, other)| *other == addr) {
+            return Err(format!(
+                "invalid --controllers: address {addr} appears twice"
+            ));
+        }
+        controllers.push((id, addr));
+    }
+    let internal_listen = controllers
+        .iter()
+        .find(|(id, _)| *id == node_id)
+        .map(|(_, a)| *a)
+        .ok_or_else(|| {
+            format!(
+                "--node-id {node_id} is not in --controllers: every node of a cluster is a \
+                 controller voter (brokers that are not voters are not supported yet)"
+            )
+        })?;
+    Ok(ClusterConfig {
+        controllers,
+        internal_listen,
+    })
+}
+
 /// The validated broker configuration.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -162,6 +237,8 @@ pub struct BrokerConfig {
     /// CPUs the shards are pinned to; shard i runs on `cpus[i]`.
     pub cpus: Vec<usize>,
     pub node_id: i32,
+    /// `None`: a single node (no internal listener, no raft, the metadata log).
+    pub cluster: Option<ClusterConfig>,
     pub auto_create_topics: bool,
     pub default_partitions: i32,
     pub flush: FlushPolicy,
@@ -361,13 +438,31 @@ impl BrokerConfig {
                 "invalid --connection-idle-ms {connection_idle_ms}: must be >= 100"
             ));
         }
+        let node_id = pick!(node_id);
+        let cluster = match args.controllers.clone().or(file.controllers.clone()) {
+            Some(c) if !c.trim().is_empty() => {
+                let cluster = parse_controllers(&c, node_id)?;
+                if cluster.internal_listen.ip() == listen.ip()
+                    && cluster.internal_listen.port() == listen.port()
+                {
+                    return Err(format!(
+                        "invalid --controllers: node {node_id}'s internal address {} is the Kafka \
+                         listen address",
+                        cluster.internal_listen
+                    ));
+                }
+                Some(cluster)
+            }
+            _ => None,
+        };
         Ok(BrokerConfig {
             data_dir,
             listen,
             advertise_host,
             advertise_port,
             cpus,
-            node_id: pick!(node_id),
+            node_id,
+            cluster,
             auto_create_topics: pick!(auto_create_topics),
             default_partitions,
             flush,
@@ -479,6 +574,7 @@ mod tests {
         let shown_at_start = [
             ("advertise", "the listen address"),
             ("cores", "all usable CPUs"),
+            ("controllers", "none: a single node"),
         ];
         let settings = serde_json::to_value(StartArgs::default()).unwrap();
         let settings: Vec<&String> = settings.as_object().unwrap().keys().collect();
@@ -535,6 +631,42 @@ mod tests {
             settings.iter().map(|s| s.to_string()).collect::<Vec<_>>()
         );
         assert_eq!(defaults.len() + shown_at_start.len(), settings.len());
+    }
+
+    #[test]
+    fn controllers_parse_and_are_validated() {
+        let mut a = args();
+        assert_eq!(BrokerConfig::from_args(&a).unwrap().cluster, None);
+        a.node_id = Some(2);
+        a.controllers = Some("1@127.0.0.1:19093, 2@127.0.0.1:19094,3@localhost:19095".into());
+        let c = BrokerConfig::from_args(&a).unwrap().cluster.unwrap();
+        assert_eq!(c.controllers.len(), 3);
+        assert_eq!(c.internal_listen.to_string(), "127.0.0.1:19094");
+        for (node, list, says) in [
+            (
+                4,
+                "1@127.0.0.1:19093,2@127.0.0.1:19094",
+                "not in --controllers",
+            ),
+            (0, "1@127.0.0.1:19093", "not in --controllers"),
+            (1, "1@127.0.0.1:19093,1@127.0.0.1:19094", "appears twice"),
+            (1, "1@127.0.0.1:19093,2@127.0.0.1:19093", "appears twice"),
+            (1, "1@127.0.0.1", "host:port"),
+            (1, "127.0.0.1:19093", "id@host:port"),
+            (1, "0@127.0.0.1:19093", "1-1023"),
+            (1, "x@127.0.0.1:19093", "1-1023"),
+            (1, "1@127.0.0.1:0", "port"),
+            (1, "1@127.0.0.1:9092", "Kafka listen address"),
+            (1, "1@no-such-host.invalid:19093", "does not resolve"),
+        ] {
+            a.node_id = Some(node);
+            a.controllers = Some(list.into());
+            let e = BrokerConfig::from_args(&a).unwrap_err();
+            assert!(e.contains(says) && !e.contains('\n'), "{list}: {e}");
+        }
+        // An empty list is a single node, as is no list.
+        a.controllers = Some(String::new());
+        assert_eq!(BrokerConfig::from_args(&a).unwrap().cluster, None);
     }
 
     #[test]

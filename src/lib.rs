@@ -10,6 +10,7 @@
 //! | [`kafka`] | dispatch and one handler per Kafka API; `Request`, `Response`, `Connection` |
 //! | [`group`] | consumer group coordinators and committed offsets |
 //! | [`admin`] | the metadata owner on shard 0: topic administration, producer-id blocks |
+//! | [`controller`] | a cluster's controller: the raft group over the metadata records, on shard 0 |
 //! | [`shard`] | per-shard state, the shared [`shard::BrokerContext`], routing, cross-shard calls |
 //! | [`metadata`] | the topic catalogue: image, metadata log, topic configs |
 //! | [`config`] | the typed broker configuration (file + flags + env) |
@@ -24,6 +25,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod contain;
+pub mod controller;
 pub mod fault;
 pub mod group;
 pub mod kafka;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 /// - `kafka`: dispatch and one handler per API; owns `Request`, `Response`, `Connection`.
 /// - `group`: consumer group coordinators (creates `__consumer_offsets` through `admin`).
 /// - `admin`: topic administration and producer-id blocks, run by the metadata owner, shard 0.
+/// - `controller`: a cluster's controller raft group over the metadata records (shard 0).
 /// - `shard`: executors' shared context, inboxes, cross-shard calls, partition routing.
 /// - `metadata`: the topic catalogue (image, durable metadata log, topic configs); data only.
 /// - `config`: the typed broker configuration.
@@ -31,6 +32,7 @@ const LAYERS: &[&[&str]] = &[
     &["kafka"],
     &["group"],
     &["admin"],
+    &["controller"],
     &["shard"],
     &["metadata"],
     &["config"],

@@ -5,6 +5,12 @@
 //! [`BrokerContext`], and has partition logs opened or removed on
 //! their owner shards. Knows Kafka's topic rules, never sockets or requests.
 //!
+//! In a cluster (`--controllers`) the checks run on the controller leader only (others answer
+//! [`AdminError::NotController`]), which also places each new partition on a registered node;
+//! the change is proposed to the controller group instead of written to the metadata log, and
+//! answered once applied and published here. Every node's controller opens and removes its own
+//! partition logs as it applies the change (`controller`).
+//!
 //! | file | owns |
 //! | --- | --- |
 //! | `mod.rs` | [`MetadataOwner`] (shard 0's state), create/delete topics, add partitions, shard assignment |
@@ -17,7 +23,8 @@ use std::sync::Arc;
 
 use glommio::sync::Semaphore;
 
-use crate::metadata::{configs, MetadataImage, MetadataStore, TopicMeta};
+use crate::controller::{self, ControllerError};
+use crate::metadata::{configs, MetadataImage, MetadataStore, Record, TopicMeta};
 use crate::shard::{self, invoke_on, BrokerContext};
 use crate::types::{ShardId, TopicPartition};
 
@@ -36,8 +43,20 @@ pub enum AdminError {
     InvalidTopic(String),
     InvalidPartitions(String),
     InvalidConfig(String),
-    InvalidReplicationFactor,
+    InvalidReplicationFactor(String),
+    /// In a cluster: this node is not the controller leader (Kafka's NOT_CONTROLLER; clients
+    /// refresh metadata, which names the leader, and retry there).
+    NotController,
     Storage(String),
+}
+
+impl From<ControllerError> for AdminError {
+    fn from(e: ControllerError) -> AdminError {
+        match e {
+            ControllerError::NotController => AdminError::NotController,
+            ControllerError::Failed(m) => AdminError::Storage(m),
+        }
+    }
 }
 
 impl AdminError {
@@ -48,17 +67,18 @@ impl AdminError {
             AdminError::InvalidTopic(m)
             | AdminError::InvalidPartitions(m)
             | AdminError::InvalidConfig(m)
+            | AdminError::InvalidReplicationFactor(m)
             | AdminError::Storage(m) => m.clone(),
-            AdminError::InvalidReplicationFactor => {
-                "replication factor must be 1 (or -1) on a single node".into()
-            }
+            AdminError::NotController => "this node is not the controller".into(),
         }
     }
 }
 
 /// The state of the metadata owner. Lives on shard 0 only, installed there at start-up.
 pub struct MetadataOwner {
-    store: RefCell<MetadataStore>,
+    /// The metadata log of a single node; `None` in a cluster (the controller's raft log holds
+    /// the metadata there).
+    store: RefCell<Option<MetadataStore>>,
     /// Serialises topic administration: an operation awaits other shards (opening or removing
     /// partition logs) between its checks and its write, and no other may run in between.
     admin: Semaphore,
@@ -70,8 +90,9 @@ thread_local! {
 }
 
 /// Makes the calling shard (shard 0, at start-up) the metadata owner, with the metadata log
-/// and the producer-id allocator the broker opened before the shards started.
-pub fn install(store: MetadataStore, producer_ids: ProducerIds) {
+/// and the producer-id allocator the broker opened before the shards started (no metadata log in
+/// a cluster).
+pub fn install(store: Option<MetadataStore>, producer_ids: ProducerIds) {
     assert_eq!(
         shard::local().id,
         METADATA_OWNER,
@@ -120,7 +141,10 @@ fn write_metadata(
     change: impl FnOnce(&mut MetadataStore) -> std::io::Result<()>,
 ) -> Result<Arc<MetadataImage>, AdminError> {
     let mut store = owner.store.borrow_mut();
-    change(&mut store).map_err(|e| AdminError::Storage(e.to_string()))?;
+    let store = store
+        .as_mut()
+        .expect("a single node's metadata owner has the metadata log");
+    change(store).map_err(|e| AdminError::Storage(e.to_string()))?;
     let image = Arc::new(store.image().clone());
     broker.publish(image.clone());
     Ok(image)
@@ -199,6 +223,99 @@ fn check_shard_capacity(
         )));
     }
     Ok(())
+}
+
+/// In a cluster: a replication factor other than 1 (or -1, the default) is refused with
+/// Kafka's INVALID_REPLICATION_FACTOR: with Kafka's message when there are fewer registered
+/// brokers than asked for, else because partitions have one replica until partition
+/// replication exists.
+fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<(), AdminError> {
+    let brokers = image.brokers.len();
+    let wanted = if rf == -1 { 1 } else { rf };
+    if wanted < 1 {
+        return Err(AdminError::InvalidReplicationFactor(format!(
+            "replication factor {rf} must be >= 1"
+        )));
+    }
+    if wanted as usize > brokers {
+        return Err(AdminError::InvalidReplicationFactor(format!(
+            "Replication factor: {wanted} larger than available brokers: {brokers}."
+        )));
+    }
+    if wanted > 1 {
+        return Err(AdminError::InvalidReplicationFactor(format!(
+            "replication factor {rf}: partition replication is not built yet; partitions have \
+             one replica (use 1)"
+        )));
+    }
+    Ok(())
+}
+
+/// In a cluster: refuses `count` more partitions when the registered brokers' shards have no
+/// room for them, before anything is sized by `count` (it comes off the wire).
+fn check_cluster_room(
+    broker: &BrokerContext,
+    image: &MetadataImage,
+    count: i32,
+) -> Result<(), AdminError> {
+    let room = image
+        .brokers
+        .values()
+        .map(|b| (b.shards as usize).saturating_mul(broker.config.partitions_per_shard_max))
+        .fold(0usize, usize::saturating_add);
+    let owned = image
+        .topics
+        .values()
+        .map(|t| t.shards.len())
+        .fold(0usize, usize::saturating_add);
+    let wanted = usize::try_from(count).unwrap_or(usize::MAX);
+    if owned.saturating_add(wanted) > room {
+        return Err(AdminError::InvalidPartitions(format!(
+            "{count} more partitions do not fit: the cluster's shards hold {owned} of at most \
+             {room} (partitions_per_shard_max)"
+        )));
+    }
+    Ok(())
+}
+
+/// In a cluster: a node and a shard for each new partition `new`, round-robin over the
+/// registered brokers in id order (starting at one picked by the topic's id hash, so small
+/// topics do not all start on the same node) and, on its node, the shard with the fewest
+/// partitions.
+fn place(image: &MetadataImage, seed: u32, new: std::ops::Range<i32>) -> (Vec<i32>, Vec<u32>) {
+    let brokers: Vec<&crate::metadata::BrokerInfo> = image.brokers.values().collect();
+    let n = brokers.len();
+    if n == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    // Partitions held by each (broker, shard).
+    let mut load: Vec<Vec<usize>> = brokers
+        .iter()
+        .map(|b| vec![0; b.shards.max(1) as usize])
+        .collect();
+    for t in image.topics.values() {
+        for (node, shard) in t.nodes.iter().zip(&t.shards) {
+            if let Some(i) = brokers.iter().position(|b| b.id == *node) {
+                let slots = load[i].len();
+                load[i][*shard as usize % slots] += 1;
+            }
+        }
+    }
+    let mut nodes = Vec::new();
+    let mut shards = Vec::new();
+    for p in new {
+        let i = (seed as usize).wrapping_add(p as usize) % n;
+        let slots = load[i].len();
+        let sstart = (seed as usize).wrapping_add(p as usize / n) % slots;
+        let s = (0..slots)
+            .map(|k| (sstart + k) % slots)
+            .min_by_key(|s| load[i][*s])
+            .unwrap_or(0);
+        load[i][s] += 1;
+        nodes.push(brokers[i].id);
+        shards.push(s as u32);
+    }
+    (nodes, shards)
 }
 
 /// A topic to create, as a CreateTopics request (or the broker itself) describes it.
@@ -287,11 +404,18 @@ pub async fn create_topic(
                 "partition count {partitions} must be >= 1"
             )));
         }
-        if replication_factor != 1 && replication_factor != -1 {
-            return Err(AdminError::InvalidReplicationFactor);
+        let clustered = broker.config.cluster.is_some();
+        if !clustered && replication_factor != 1 && replication_factor != -1 {
+            return Err(AdminError::InvalidReplicationFactor(
+                "replication factor must be 1 (or -1) on a single node".into(),
+            ));
         }
         for (k, v) in &overrides {
             configs::validate(k, v, internal).map_err(AdminError::InvalidConfig)?;
+        }
+        if clustered {
+            controller::lead().await?;
+            check_cluster_replication_factor(&broker.image(), replication_factor)?;
         }
         let image = broker.image();
         if image.topic(&name).is_some() {
@@ -299,6 +423,29 @@ pub async fn create_topic(
         }
         let id = *uuid::Uuid::new_v4().as_bytes();
         let seed = crc32fast::hash(&id);
+        if clustered {
+            check_cluster_room(&broker, &image, partitions)?;
+            let (nodes, shards) = place(&image, seed, 0..partitions);
+            let meta = TopicMeta {
+                name: name.clone(),
+                id,
+                shards,
+                configs: overrides,
+                internal,
+                nodes,
+            };
+            if mode == CreateMode::ValidateOnly {
+                return Ok(Arc::new(meta));
+            }
+            let image = controller::propose(Record::CreateTopic(meta)).await?;
+            let published = image
+                .topic(&name)
+                .filter(|t| t.id == id)
+                .cloned()
+                .ok_or(AdminError::TopicExists)?;
+            tracing::info!(topic = %name, partitions, "topic created");
+            return Ok(published);
+        }
         check_partition_room(&broker, &image, partitions)?;
         let shards = assign_shards(&broker, &image, seed, 0..partitions);
         check_shard_capacity(&broker, &image, &shards)?;
@@ -308,6 +455,7 @@ pub async fn create_topic(
             shards,
             configs: overrides,
             internal,
+            nodes: Vec::new(),
         };
         if mode == CreateMode::ValidateOnly {
             return Ok(Arc::new(meta));
@@ -344,6 +492,10 @@ async fn open_partitions(
 /// directories removed on the owner shards, so the name can be reused at once.
 pub async fn delete_topic(name: String) -> Result<(), AdminError> {
     administer(move |broker, owner| async move {
+        let clustered = broker.config.cluster.is_some();
+        if clustered {
+            controller::lead().await?;
+        }
         let image = broker.image();
         let meta = image
             .topic(&name)
@@ -354,23 +506,19 @@ pub async fn delete_topic(name: String) -> Result<(), AdminError> {
                 "internal topic '{name}' cannot be deleted"
             )));
         }
+        if clustered {
+            // Every node removes its own logs of the topic as it applies the entry.
+            controller::propose(Record::DeleteTopic { name: name.clone() }).await?;
+            tracing::info!(topic = %name, "topic deleted");
+            return Ok(());
+        }
         write_metadata(&broker, &owner, |store| store.delete_topic(&name))?;
         for p in 0..meta.partition_count() {
             let owner = broker.owner(&meta, p).expect("in range");
             let tp = TopicPartition::new(name.clone(), p);
-            invoke_on(owner, move || async move {
-                let shard = shard::local();
-                let log = shard.partitions.borrow_mut().remove(&tp);
-                match log {
-                    Some(log) => log.remove().await,
-                    None => {
-                        let _ = std::fs::remove_dir_all(shard.broker.partition_dir(&tp));
-                        Ok(())
-                    }
-                }
-            })
-            .await
-            .map_err(|e| AdminError::Storage(e.to_string()))?;
+            invoke_on(owner, move || shard::remove_partition_here(tp))
+                .await
+                .map_err(|e| AdminError::Storage(e.to_string()))?;
         }
         tracing::info!(topic = %name, "topic deleted");
         Ok(())
@@ -381,6 +529,10 @@ pub async fn delete_topic(name: String) -> Result<(), AdminError> {
 /// Raises a topic's partition count to `total` (CreatePartitions).
 pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Result<(), AdminError> {
     administer(move |broker, owner| async move {
+        let clustered = broker.config.cluster.is_some();
+        if clustered {
+            controller::lead().await?;
+        }
         let image = broker.image();
         let meta = image
             .topic(&name)
@@ -393,6 +545,20 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
             )));
         }
         let seed = crc32fast::hash(&meta.id);
+        if clustered {
+            check_cluster_room(&broker, &image, total - current)?;
+            let (nodes, shards) = place(&image, seed, current..total);
+            if mode == CreateMode::ValidateOnly {
+                return Ok(());
+            }
+            controller::propose(Record::AddPartitions {
+                name: name.clone(),
+                shards,
+                nodes,
+            })
+            .await?;
+            return Ok(());
+        }
         check_partition_room(&broker, &image, total - current)?;
         let new = assign_shards(&broker, &image, seed, current..total);
         check_shard_capacity(&broker, &image, &new)?;
@@ -411,9 +577,21 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
 /// Hands out a new producer id (InitProducerId). Every id comes from shard 0's allocator, which
 /// persists the block holding an id before handing it out; no await separates the check of the
 /// block from the increment, so concurrent callers are served one after another.
+///
+/// In a cluster each node hands out ids from its own allocator, with its node id in the low
+/// `NODE_ID_BITS` bits, so no two nodes hand out the same id.
 pub async fn next_producer_id() -> std::io::Result<u64> {
     invoke_on(METADATA_OWNER, || async {
-        owner().producer_ids.borrow_mut().allocate()
+        let id = owner().producer_ids.borrow_mut().allocate()?;
+        let broker = shard::local().broker.clone();
+        if broker.config.cluster.is_none() {
+            return Ok(id);
+        }
+        use crate::config::NODE_ID_BITS;
+        id.checked_mul(1 << NODE_ID_BITS)
+            .filter(|id| *id < (1 << 62))
+            .map(|id| id | broker.config.node_id as u64)
+            .ok_or_else(|| std::io::Error::other("producer ids exhausted"))
     })
     .await
 }

@@ -1,6 +1,7 @@
 //! Launch of the shards: one glommio executor per configured CPU, pinned to it, each installing
 //! its [`Shard`] state, opening the partitions it owns, binding its listener and then serving
-//! until shutdown. Shard 0 also becomes the metadata owner ([`crate::admin`]).
+//! until shutdown. Shard 0 also becomes the metadata owner ([`crate::admin`]) and, in a cluster,
+//! runs the controller ([`crate::controller`]).
 
 use std::rc::Rc;
 use std::sync::{Arc, Barrier, Mutex};
@@ -13,11 +14,11 @@ use crate::shard::{self, BrokerContext, Job, Shard};
 use crate::types::{ShardId, TopicPartition};
 
 /// Starts every shard and waits until each has opened its partitions and bound its listener;
-/// shard 0 takes the metadata log and the producer-id allocator. Returns the executors' handles, or the first start-up error once every shard has stopped.
+/// shard 0 takes the metadata log (none in a cluster) and the producer-id allocator. Returns the executors' handles, or the first start-up error once every shard has stopped.
 pub fn start_shards(
     broker: &Arc<BrokerContext>,
     receivers: Vec<async_channel::Receiver<Job>>,
-    metadata_owner: (MetadataStore, ProducerIds),
+    metadata_owner: (Option<MetadataStore>, ProducerIds),
 ) -> Result<Vec<glommio::ExecutorJoinHandle<()>>, String> {
     let n = receivers.len();
     let ready = Arc::new(Barrier::new(n + 1));
@@ -54,19 +55,25 @@ async fn run_shard(
     id: ShardId,
     broker: Arc<BrokerContext>,
     inbox: async_channel::Receiver<Job>,
-    metadata_owner: Option<(MetadataStore, ProducerIds)>,
+    metadata_owner: Option<(Option<MetadataStore>, ProducerIds)>,
     ready: Arc<Barrier>,
     failed: Arc<Mutex<Option<String>>>,
 ) {
     shard::install(Rc::new(Shard::new(id, broker.clone())));
+    let mut err = None;
     if let Some((store, producer_ids)) = metadata_owner {
         crate::admin::install(store, producer_ids);
     }
     glommio::spawn_local(shard::serve_inbox(inbox)).detach();
+    if id == crate::controller::CONTROLLER_SHARD && broker.config.cluster.is_some() {
+        // The controller opens this node's partitions as it applies the metadata entries.
+        if let Err(e) = crate::controller::start() {
+            err = Some(e);
+        }
+    }
 
     // Open the partitions this shard owns.
     let image = broker.image();
-    let mut err = None;
     for t in image.topics.values() {
         let lc = configs::log_config(&broker.config, &t.configs);
         for p in 0..t.partition_count() {
@@ -92,12 +99,18 @@ async fn run_shard(
     };
     ready.wait();
     let Some(listener) = listener else {
+        if id == crate::controller::CONTROLLER_SHARD {
+            crate::controller::stop().await;
+        }
         shard::close_partitions().await;
         return;
     };
     crate::contain::spawn_background("retention", retention_loop());
     crate::group::start_shard_tasks();
     crate::server::accept_loop(listener).await;
+    if id == crate::controller::CONTROLLER_SHARD {
+        crate::controller::stop().await;
+    }
     shard::close_partitions().await;
 }
 

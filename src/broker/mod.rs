@@ -33,11 +33,27 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
     config.data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| format!("cannot resolve data dir {}: {e}", config.data_dir.display()))?;
     process::check_port_free(config.listen)?;
-    let store = MetadataStore::open(&config.data_dir)
-        .map_err(|e| format!("cannot open metadata in {}: {e}", config.data_dir.display()))?;
+    // A single node keeps its metadata in the metadata log; a cluster in the controller's raft
+    // log, whose entries the controller applies once the shards run.
+    let store =
+        match config.cluster {
+            None => Some(MetadataStore::open(&config.data_dir).map_err(|e| {
+                format!("cannot open metadata in {}: {e}", config.data_dir.display())
+            })?),
+            Some(_) => {
+                // The producer-id block lives there too.
+                let meta = config.data_dir.join("__meta");
+                std::fs::create_dir_all(&meta)
+                    .map_err(|e| format!("cannot create {}: {e}", meta.display()))?;
+                None
+            }
+        };
     let producer_ids = ProducerIds::open(&config.data_dir)
         .map_err(|e| format!("cannot open the producer id block: {e}"))?;
-    let image = store.image().clone();
+    let image = store
+        .as_ref()
+        .map(|s| s.image().clone())
+        .unwrap_or_default();
     let n = config.shard_count();
     let mut inboxes = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
@@ -66,6 +82,8 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
 
     let handles = launch::start_shards(&broker, receivers, (store, producer_ids))?;
     tracing::info!(
+        node = config.node_id,
+        cluster = config.cluster.is_some(),
         listen = %config.listen,
         shards = n,
         data_dir = %config.data_dir.display(),

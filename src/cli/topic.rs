@@ -41,6 +41,18 @@ pub enum TopicCommand {
     },
 }
 
+/// The connection for a topic change: in a cluster only the controller takes them (others
+/// answer NOT_CONTROLLER), so the CLI connects to the broker Metadata names as the controller;
+/// with one broker, or no controller known, it keeps `c`.
+fn to_controller(mut c: Client) -> Result<Client> {
+    let m = block_on(admin::metadata(&mut c, Some(&[]), false))?;
+    let id = m.controller_id.0;
+    match m.brokers.iter().find(|b| b.node_id.0 == id) {
+        Some(b) if m.brokers.len() > 1 => connect(&format!("{}:{}", b.host, b.port)),
+        _ => Ok(c),
+    }
+}
+
 pub fn run(cmd: TopicCommand, brokers: &str) -> Result<()> {
     let mut c = connect(brokers)?;
     match cmd {
@@ -65,6 +77,7 @@ pub fn run(cmd: TopicCommand, brokers: &str) -> Result<()> {
                 configs: cfgs,
                 validate_only: dry_run,
             };
+            let mut c = to_controller(c)?;
             let n = block_on(admin::create_topic(&mut c, &new))?;
             println!(
                 "{} topic {name} ({n} partitions)",
@@ -88,10 +101,12 @@ pub fn run(cmd: TopicCommand, brokers: &str) -> Result<()> {
         }
         TopicCommand::Describe { name } => describe(&mut c, &name)?,
         TopicCommand::Delete { name } => {
+            let mut c = to_controller(c)?;
             block_on(admin::delete_topic(&mut c, &name))?;
             println!("deleted topic {name}");
         }
         TopicCommand::AddPartitions { name, partitions } => {
+            let mut c = to_controller(c)?;
             block_on(admin::create_partitions(&mut c, &name, partitions))?;
             println!("topic {name} now has {partitions} partitions");
         }

@@ -497,6 +497,10 @@ pub fn start_shard_tasks() {
 /// Pause before the group timer loop restarts after a panic.
 const TIMER_RESTART_MS: u64 = 1_000;
 
+/// In a cluster, how long a node that could not create `__consumer_offsets` (not the
+/// controller, or no brokers registered yet) waits for another to before trying again.
+const OFFSETS_CREATE_RETRY: Duration = Duration::from_secs(1);
+
 async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
     let shard = crate::shard::local();
     let broker = shard.broker.clone();
@@ -517,15 +521,47 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
             replication_factor: 1,
             overrides,
         };
-        match crate::admin::create_topic(
-            topic,
-            crate::admin::CreateMode::Create,
-            crate::admin::TopicKind::Internal,
-        )
-        .await
-        {
-            Ok(_) | Err(crate::admin::AdminError::TopicExists) => {}
-            Err(e) => return Err(format!("cannot create {OFFSETS_TOPIC}: {}", e.message())),
+        // In a cluster only the controller leader creates it, once every node has registered
+        // (so its partitions spread over all): every node tries until one did.
+        let voters = broker
+            .config
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.controllers.len());
+        loop {
+            let image = broker.image();
+            if image.topic(OFFSETS_TOPIC).is_some() {
+                break;
+            }
+            if image.brokers.len() >= voters {
+                match crate::admin::create_topic(
+                    topic.clone(),
+                    crate::admin::CreateMode::Create,
+                    crate::admin::TopicKind::Internal,
+                )
+                .await
+                {
+                    Ok(_) | Err(crate::admin::AdminError::TopicExists) => break,
+                    Err(e) if voters > 0 => {
+                        tracing::debug!(error = %e.message(), "{OFFSETS_TOPIC} not created yet");
+                    }
+                    Err(e) => {
+                        return Err(format!("cannot create {OFFSETS_TOPIC}: {}", e.message()))
+                    }
+                }
+            }
+            futures_lite::future::or(
+                async {
+                    broker
+                        .image_where(|i| i.topic(OFFSETS_TOPIC).is_some())
+                        .await;
+                },
+                shard.clock.sleep(OFFSETS_CREATE_RETRY),
+            )
+            .await;
+            if broker.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("broker stopping".into());
+            }
         }
     }
     // Other shards wait for shard 0 to publish the topic.

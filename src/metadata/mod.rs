@@ -1,6 +1,8 @@
-//! Topics, their configs and the partition → shard assignment. Persisted in the data dir as a
-//! checksummed record log (`__meta/metadata.log`), replayed at start and compacted into a single
-//! snapshot record when it grows. Data and files only: the metadata owner on shard 0 (the
+//! Topics, their configs, the partition → shard (and, in a cluster, → node) assignment and the
+//! registered brokers. The same [`Record`]s and [`MetadataImage::apply`] serve both stores: on
+//! a single node a checksummed record log in the data dir (`__meta/metadata.log`), replayed at
+//! start and compacted into a single snapshot record when it grows; in a cluster the entries of
+//! the controller's raft log (`controller`), whose snapshot is [`MetadataImage::snapshot_record`]. Data and files only: the metadata owner on shard 0 (the
 //! `admin` module, above this one) is the only writer; every shard reads the current immutable
 //! [`MetadataImage`] through an `ArcSwap` in the shared context, so a reader always sees one
 //! consistent view.
@@ -32,6 +34,22 @@ pub struct TopicMeta {
     /// Topic-level overrides only; defaults come from the broker config.
     pub configs: BTreeMap<String, String>,
     pub internal: bool,
+    /// In a cluster, the node that holds each partition (one replica for now); empty on a single
+    /// node, where every partition is local. Not written when empty, so a single node's
+    /// metadata log is as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<i32>,
+}
+
+/// A broker of a cluster, as it registered with the controller.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerInfo {
+    pub id: i32,
+    /// Where Kafka clients reach it (its advertised address).
+    pub host: String,
+    pub port: u16,
+    /// Its shard count (partitions are given a shard below it).
+    pub shards: u32,
 }
 
 impl TopicMeta {
@@ -40,11 +58,16 @@ impl TopicMeta {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Record {
+/// One change of the metadata: a record of the single node's metadata log, or the data of one
+/// entry of the controller's raft log. JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Record {
     Snapshot {
         topics: Vec<TopicMeta>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        brokers: Vec<BrokerInfo>,
     },
+    /// Ignored when a topic of that name exists (the first creation wins).
     CreateTopic(TopicMeta),
     DeleteTopic {
         name: String,
@@ -52,17 +75,34 @@ enum Record {
     AddPartitions {
         name: String,
         shards: Vec<u32>,
+        /// In a cluster, the node of each new partition.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nodes: Vec<i32>,
     },
+    /// A broker joined the cluster, or came back with other addresses or shards.
+    RegisterBroker(BrokerInfo),
     SetConfigs {
         name: String,
         configs: BTreeMap<String, String>,
     },
 }
 
-/// One consistent view of all topics.
-#[derive(Debug, Clone, Default)]
+impl Record {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("metadata records always serialize")
+    }
+
+    /// `None` for bytes that are not a record.
+    pub fn decode(bytes: &[u8]) -> Option<Record> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// One consistent view of all topics (and, in a cluster, of the registered brokers).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MetadataImage {
     pub topics: BTreeMap<String, Arc<TopicMeta>>,
+    pub brokers: BTreeMap<i32, BrokerInfo>,
 }
 
 impl MetadataImage {
@@ -72,24 +112,44 @@ impl MetadataImage {
     pub fn topic_by_id(&self, id: &[u8; 16]) -> Option<&Arc<TopicMeta>> {
         self.topics.values().find(|t| &t.id == id)
     }
-    fn apply(&mut self, r: Record) {
+    /// The whole image as one record: applied to an empty image, it gives this one.
+    pub fn snapshot_record(&self) -> Record {
+        Record::Snapshot {
+            topics: self.topics.values().map(|t| (**t).clone()).collect(),
+            brokers: self.brokers.values().cloned().collect(),
+        }
+    }
+
+    pub fn apply(&mut self, r: Record) {
         match r {
-            Record::Snapshot { topics } => {
+            Record::Snapshot { topics, brokers } => {
                 self.topics = topics
                     .into_iter()
                     .map(|t| (t.name.clone(), Arc::new(t)))
                     .collect();
+                self.brokers = brokers.into_iter().map(|b| (b.id, b)).collect();
             }
             Record::CreateTopic(t) => {
-                self.topics.insert(t.name.clone(), Arc::new(t));
+                self.topics
+                    .entry(t.name.clone())
+                    .or_insert_with(|| Arc::new(t));
             }
             Record::DeleteTopic { name } => {
                 self.topics.remove(&name);
             }
-            Record::AddPartitions { name, shards } => {
+            Record::AddPartitions {
+                name,
+                shards,
+                nodes,
+            } => {
                 if let Some(t) = self.topics.get_mut(&name) {
-                    Arc::make_mut(t).shards.extend(shards);
+                    let t = Arc::make_mut(t);
+                    t.shards.extend(shards);
+                    t.nodes.extend(nodes);
                 }
+            }
+            Record::RegisterBroker(b) => {
+                self.brokers.insert(b.id, b);
             }
             Record::SetConfigs { name, configs } => {
                 if let Some(t) = self.topics.get_mut(&name) {
@@ -109,7 +169,7 @@ pub struct MetadataStore {
 }
 
 fn frame(r: &Record) -> Vec<u8> {
-    let payload = serde_json::to_vec(r).expect("metadata records always serialize");
+    let payload = r.encode();
     let mut out = Vec::with_capacity(payload.len() + 8);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -136,9 +196,9 @@ fn replay(buf: &[u8]) -> (MetadataImage, usize, usize) {
         if crc32fast::hash(payload) != crc {
             break;
         }
-        match serde_json::from_slice::<Record>(payload) {
-            Ok(r) => image.apply(r),
-            Err(_) => break,
+        match Record::decode(payload) {
+            Some(r) => image.apply(r),
+            None => break,
         }
         records += 1;
         at += RECORD_HEADER_BYTES + len;
@@ -203,9 +263,7 @@ impl MetadataStore {
     /// Rewrites the log as one snapshot record: write a temp file, fsync, rename over the log,
     /// fsync the directory so the rename itself is durable.
     fn compact(&mut self) -> std::io::Result<()> {
-        let snap = Record::Snapshot {
-            topics: self.image.topics.values().map(|t| (**t).clone()).collect(),
-        };
+        let snap = self.image.snapshot_record();
         let tmp = self.dir.join("metadata.log.tmp");
         let path = self.dir.join("metadata.log");
         {
@@ -232,6 +290,7 @@ impl MetadataStore {
         self.append(Record::AddPartitions {
             name: name.to_string(),
             shards,
+            nodes: Vec::new(),
         })
     }
     pub fn set_configs(
@@ -268,7 +327,46 @@ mod tests {
             shards: (0..n).collect(),
             configs: BTreeMap::new(),
             internal: false,
+            nodes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn single_node_records_are_written_as_before_and_cluster_records_round_trip() {
+        // No `nodes`, no `brokers`: a single node's log reads as it did before clusters.
+        let json = String::from_utf8(Record::CreateTopic(topic("a", 1)).encode()).unwrap();
+        assert!(!json.contains("nodes"), "{json}");
+        let json = String::from_utf8(MetadataImage::default().snapshot_record().encode()).unwrap();
+        assert_eq!(json, r#"{"Snapshot":{"topics":[]}}"#);
+        let old = br#"{"AddPartitions":{"name":"a","shards":[3]}}"#;
+        assert!(Record::decode(old).is_some());
+
+        let mut image = MetadataImage::default();
+        let mut t = topic("a", 2);
+        t.nodes = vec![1, 2];
+        for r in [
+            Record::RegisterBroker(BrokerInfo {
+                id: 1,
+                host: "h1".into(),
+                port: 9092,
+                shards: 2,
+            }),
+            Record::CreateTopic(t),
+            Record::AddPartitions {
+                name: "a".into(),
+                shards: vec![0],
+                nodes: vec![3],
+            },
+        ] {
+            image.apply(Record::decode(&r.encode()).unwrap());
+        }
+        // A second creation of the same name changes nothing.
+        image.apply(Record::CreateTopic(topic("a", 5)));
+        assert_eq!(image.topic("a").unwrap().nodes, vec![1, 2, 3]);
+        assert_eq!(image.topic("a").unwrap().shards, vec![0, 1, 0]);
+        let mut again = MetadataImage::default();
+        again.apply(Record::decode(&image.snapshot_record().encode()).unwrap());
+        assert_eq!(again, image);
     }
 
     #[test]

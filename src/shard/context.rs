@@ -4,7 +4,7 @@
 //! `Sync`. The metadata image is replaced (never edited) by the metadata owner on shard 0.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -27,6 +27,8 @@ pub struct BrokerContext {
     shutdown_tx: async_channel::Sender<()>,
     pub shutdown_rx: async_channel::Receiver<()>,
     pub stopping: AtomicBool,
+    /// The controller leader's node id, -1 while none is known; on a single node, this node.
+    controller_id: AtomicI32,
 }
 
 impl BrokerContext {
@@ -37,13 +39,18 @@ impl BrokerContext {
     ) -> BrokerContext {
         let (shutdown_tx, shutdown_rx) = async_channel::bounded(1);
         BrokerContext {
-            config,
             metadata: ArcSwap::from_pointee(image),
             published: Event::new(),
             inboxes,
             shutdown_tx,
             shutdown_rx,
             stopping: AtomicBool::new(false),
+            controller_id: AtomicI32::new(if config.cluster.is_some() {
+                -1
+            } else {
+                config.node_id
+            }),
+            config,
         }
     }
 
@@ -51,12 +58,40 @@ impl BrokerContext {
         self.inboxes.len()
     }
 
-    /// The shard that owns `partition` of `topic` in this process.
+    /// The shard that owns `partition` of `topic` in this process; `None` when the partition
+    /// does not exist or (in a cluster) lives on another node.
     pub fn owner(&self, topic: &TopicMeta, partition: i32) -> Option<ShardId> {
+        let p = usize::try_from(partition).ok()?;
+        if self.node_of(topic, partition)? != self.config.node_id {
+            return None;
+        }
         topic
             .shards
-            .get(usize::try_from(partition).ok()?)
+            .get(p)
             .map(|s| ShardId(*s as usize % self.shard_count()))
+    }
+
+    /// The node that holds `partition` of `topic` (on a single node, this one); `None` when the
+    /// partition does not exist.
+    pub fn node_of(&self, topic: &TopicMeta, partition: i32) -> Option<i32> {
+        let p = usize::try_from(partition).ok()?;
+        if p >= topic.shards.len() {
+            return None;
+        }
+        match topic.nodes.get(p) {
+            Some(n) => Some(*n),
+            None if topic.nodes.is_empty() => Some(self.config.node_id),
+            None => None,
+        }
+    }
+
+    /// The controller leader's node id, -1 while none is known.
+    pub fn controller_id(&self) -> i32 {
+        self.controller_id.load(Ordering::SeqCst)
+    }
+
+    pub fn set_controller_id(&self, id: i32) {
+        self.controller_id.store(id, Ordering::SeqCst);
     }
 
     pub fn image(&self) -> Arc<MetadataImage> {

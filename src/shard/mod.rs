@@ -100,6 +100,20 @@ pub async fn open_partition_here(tp: TopicPartition, lc: LogConfig) -> Result<()
     Ok(())
 }
 
+/// Closes and removes one partition log of the calling shard (its directory too, if the log was
+/// not open), so the name can be reused at once.
+pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageError> {
+    let shard = local();
+    let log = shard.partitions.borrow_mut().remove(&tp);
+    match log {
+        Some(log) => log.remove().await,
+        None => {
+            let _ = std::fs::remove_dir_all(shard.broker.partition_dir(&tp));
+            Ok(())
+        }
+    }
+}
+
 /// Closes every partition log of the calling shard (at shutdown).
 pub async fn close_partitions() {
     let logs: Vec<_> = local().partitions.borrow_mut().drain().collect();

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod raw;
 
 use std::io::Read;
@@ -58,6 +59,8 @@ pub struct BrokerOptions {
     pub address_space_bytes_max: Option<u64>,
     /// Extra environment variables of the broker process.
     pub envs: Vec<(String, String)>,
+    /// `--listen`; `None` picks a free port on 127.0.0.1.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for BrokerOptions {
@@ -70,6 +73,7 @@ impl Default for BrokerOptions {
             fd_soft_limit: None,
             address_space_bytes_max: None,
             envs: Vec::new(),
+            listen: None,
         }
     }
 }
@@ -102,6 +106,11 @@ impl BrokerOptions {
 
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
         self
     }
 
@@ -146,9 +155,11 @@ impl Broker {
             .prefix("sluice-test-")
             .tempdir()
             .expect("create a temp dir");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("socket addr");
+        let addr: SocketAddr = options.listen.unwrap_or_else(|| {
+            format!("127.0.0.1:{}", free_port())
+                .parse()
+                .expect("socket addr")
+        });
         let mut b = Broker {
             child: None,
             addr,

@@ -192,6 +192,7 @@ type Reply = async_channel::Sender<Result<u64, ProposeError>>;
 
 enum Command {
     Propose(Vec<u8>, Reply),
+    ProposeForwarded(Vec<u8>),
     ProposeConfChange(ConfChangeV2, Reply),
     TransferLeader(u64),
     Campaign,
@@ -296,6 +297,21 @@ impl RaftGroup {
             return Err(ProposeError::Invalid);
         }
         self.call(|reply| Command::Propose(data, reply)).await
+    }
+
+    /// Proposes `data` from any member: a follower hands it to the leader it knows of (raft-rs's
+    /// proposal forwarding), a leader appends it. Nothing reports whether it committed (a
+    /// proposal with no known leader, or one lost on the way, is dropped): the caller watches
+    /// its state machine for the effect and proposes again if it does not come. For idempotent
+    /// entries only.
+    pub fn propose_forwarded(&self, data: Vec<u8>) -> Result<(), ProposeError> {
+        if data.is_empty() || data.len() > MAX_PROPOSAL_BYTES {
+            return Err(ProposeError::Invalid);
+        }
+        self.shared
+            .commands
+            .try_send(Command::ProposeForwarded(data))
+            .map_err(|_| ProposeError::Stopped)
     }
 
     /// Proposes a configuration change; resolves like `propose` once it is applied.
@@ -469,6 +485,14 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 self.propose(reply, EntryType::EntryNormal, |raw| {
                     raw.propose(vec![], data)
                 })?
+            }
+            Command::ProposeForwarded(data) => {
+                if let Err(e) = guarded(|| self.raw.propose(vec![], data))? {
+                    tracing::debug!(
+                        group = self.config.group_id,
+                        "forwarded proposal dropped: {e}"
+                    );
+                }
             }
             Command::ProposeConfChange(cc, reply) => {
                 self.propose(reply, EntryType::EntryConfChangeV2, |raw| {

@@ -45,7 +45,8 @@ pub fn admin_code(e: &AdminError) -> ErrorCode {
         AdminError::InvalidTopic(_) => ResponseError::InvalidTopicException,
         AdminError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
         AdminError::InvalidConfig(_) => ResponseError::InvalidConfig,
-        AdminError::InvalidReplicationFactor => ResponseError::InvalidReplicationFactor,
+        AdminError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
+        AdminError::NotController => ResponseError::NotController,
         AdminError::Storage(_) => ResponseError::KafkaStorageError,
     })
 }
@@ -80,6 +81,9 @@ pub async fn topic_or_create(
             .topic(name)
             .cloned()
             .ok_or(code(ResponseError::UnknownTopicOrPartition)),
+        // Auto-creation asked of a node that is not the controller: Kafka's answer while an
+        // auto-created topic is not ready yet; clients ask again.
+        Err(AdminError::NotController) => Err(code(ResponseError::LeaderNotAvailable)),
         Err(e) => Err(admin_code(&e)),
     }
 }
@@ -97,6 +101,13 @@ where
     R: Send + 'static,
 {
     let broker = shard::local().broker.clone();
+    match broker.node_of(topic, partition) {
+        None => return Err(code(ResponseError::UnknownTopicOrPartition)),
+        Some(n) if n != broker.config.node_id => {
+            return Err(code(ResponseError::NotLeaderOrFollower))
+        }
+        Some(_) => {}
+    }
     let owner = broker
         .owner(topic, partition)
         .ok_or(code(ResponseError::UnknownTopicOrPartition))?;

@@ -1,5 +1,8 @@
-//! Metadata, versions 0-12 (flexible from 9; topic ids from 10). One node leads every partition.
-//! Unknown topics are auto-created when the broker allows it and the request does (v4+).
+//! Metadata, versions 0-12 (flexible from 9; topic ids from 10). On a single node, this node
+//! leads every partition and is the controller; in a cluster, the brokers are the registered
+//! ones, each partition's leader is the node that holds it (one replica) and the controller is
+//! the controller group's leader. Unknown topics are auto-created when the broker allows it and
+//! the request does (v4+).
 
 use std::sync::Arc;
 
@@ -13,7 +16,7 @@ use kafka_protocol::ResponseError;
 use super::common::{code, str_bytes, topic_name, topic_or_create};
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
-use crate::shard;
+use crate::shard::{self, BrokerContext};
 
 /// Kafka's "authorized operations not requested" sentinel.
 const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
@@ -22,9 +25,10 @@ pub fn cluster_id() -> String {
     "sluice-single-node".to_string()
 }
 
-fn topic_entry(t: &TopicMeta, node: i32, version: i16) -> MetadataResponseTopic {
+fn topic_entry(broker: &BrokerContext, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
     let partitions = (0..t.partition_count())
         .map(|p| {
+            let node = broker.node_of(t, p).unwrap_or(-1);
             MetadataResponsePartition::default()
                 .with_partition_index(p)
                 .with_leader_id(BrokerId(node))
@@ -45,10 +49,35 @@ fn topic_entry(t: &TopicMeta, node: i32, version: i16) -> MetadataResponseTopic 
         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
 }
 
+/// The brokers clients may connect to: this node, and in a cluster every registered node (this
+/// one included before its registration is applied).
+fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
+    let me = broker.config.node_id;
+    let entry = |id: i32, host: &str, port: u16| {
+        MetadataResponseBroker::default()
+            .with_node_id(BrokerId(id))
+            .with_host(str_bytes(host))
+            .with_port(port as i32)
+    };
+    let mut out = Vec::new();
+    if broker.config.cluster.is_some() {
+        for b in broker.image().brokers.values() {
+            out.push(entry(b.id, &b.host, b.port));
+        }
+    }
+    if !out.iter().any(|b| b.node_id.0 == me) {
+        out.push(entry(
+            me,
+            &broker.config.advertise_host,
+            broker.config.advertise_port,
+        ));
+    }
+    out
+}
+
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: MetadataRequest = crate::decode_or_close!(req, b);
     let broker = shard::local().broker.clone();
-    let node = broker.config.node_id;
     let allow_auto = req.version < 4 || request.allow_auto_topic_creation;
     // v0: an empty list means all topics; v1+: null means all, empty means none.
     let all = match &request.topics {
@@ -59,13 +88,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     if all {
         let image = broker.image();
         for t in image.topics.values() {
-            topics.push(topic_entry(t, node, req.version));
+            topics.push(topic_entry(&broker, t, req.version));
         }
     } else {
         for rt in request.topics.unwrap_or_default() {
             match (&rt.name, rt.topic_id.is_nil()) {
                 (Some(name), _) => match topic_or_create(name, allow_auto).await {
-                    Ok(t) => topics.push(topic_entry(&t, node, req.version)),
+                    Ok(t) => topics.push(topic_entry(&broker, &t, req.version)),
                     Err(e) => topics.push(
                         MetadataResponseTopic::default()
                             .with_error_code(e.get())
@@ -76,7 +105,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (None, false) => {
                     let image = broker.image();
                     match image.topic_by_id(rt.topic_id.as_bytes()) {
-                        Some(t) => topics.push(topic_entry(&Arc::clone(t), node, req.version)),
+                        Some(t) => topics.push(topic_entry(&broker, &Arc::clone(t), req.version)),
                         None => topics.push(
                             MetadataResponseTopic::default()
                                 .with_error_code(code(ResponseError::UnknownTopicId).get())
@@ -94,12 +123,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         }
     }
     let response = MetadataResponse::default()
-        .with_brokers(vec![MetadataResponseBroker::default()
-            .with_node_id(BrokerId(node))
-            .with_host(str_bytes(&broker.config.advertise_host))
-            .with_port(broker.config.advertise_port as i32)])
+        .with_brokers(brokers(&broker))
         .with_cluster_id((req.version >= 2).then(|| str_bytes(&cluster_id())))
-        .with_controller_id(BrokerId(node))
+        .with_controller_id(BrokerId(broker.controller_id()))
         .with_topics(topics)
         .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
     req.respond(&response)

@@ -1,0 +1,175 @@
+//! A cluster of real `sluice` processes: node i (1-based) listens for Kafka clients and for the
+//! controller's raft traffic on 127.0.0.i when that address can be bound (Linux routes all of
+//! 127/8 to loopback), else every node on 127.0.0.1 with its own ports. Each node has its own
+//! data dir, every node is a controller voter, and every wait is bounded and polls a condition
+//! the nodes report over the Kafka protocol (Metadata).
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
+
+use super::raw::Raw;
+use super::{Broker, BrokerOptions};
+
+/// How long a condition of a cluster test may take (elections take about a second; start-up
+/// of three processes on a loaded machine a few).
+pub const CLUSTER_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Metadata version the harness speaks (controller id, topic ids).
+const METADATA_VERSION: i16 = 12;
+
+/// The host of node `id`: 127.0.0.<id> if it binds here, else 127.0.0.1.
+fn host_of(id: i32) -> String {
+    let own = format!("127.0.0.{id}");
+    if TcpListener::bind((own.as_str(), 0)).is_ok() {
+        own
+    } else {
+        "127.0.0.1".to_string()
+    }
+}
+
+/// A port on `host` that was free a moment ago.
+fn free_addr(host: &str) -> SocketAddr {
+    TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("bind an ephemeral port on {host}: {e}"))
+}
+
+pub struct Cluster {
+    /// Node i is `nodes[i - 1]`.
+    pub nodes: Vec<Broker>,
+    /// The `--controllers` value every node runs with.
+    pub controllers: String,
+}
+
+impl Cluster {
+    /// Starts `n` nodes, each a controller voter, and waits until each accepts connections.
+    pub fn start(n: i32) -> Cluster {
+        Cluster::start_with(n, BrokerOptions::default())
+    }
+
+    pub fn start_with(n: i32, options: BrokerOptions) -> Cluster {
+        let hosts: Vec<String> = (1..=n).map(host_of).collect();
+        let kafka: Vec<SocketAddr> = hosts.iter().map(|h| free_addr(h)).collect();
+        let internal: Vec<SocketAddr> = hosts.iter().map(|h| free_addr(h)).collect();
+        let controllers = (1..=n)
+            .map(|id| format!("{id}@{}", internal[id as usize - 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (1..=n)
+            .map(|id| {
+                options
+                    .clone()
+                    .listen(kafka[id as usize - 1])
+                    .args([
+                        "--node-id".to_string(),
+                        id.to_string(),
+                        "--controllers".to_string(),
+                        controllers.clone(),
+                    ])
+                    .start()
+            })
+            .collect();
+        Cluster { nodes, controllers }
+    }
+
+    pub fn node(&self, id: i32) -> &Broker {
+        &self.nodes[id as usize - 1]
+    }
+
+    pub fn node_mut(&mut self, id: i32) -> &mut Broker {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    pub fn ids(&self) -> Vec<i32> {
+        (1..=self.nodes.len() as i32).collect()
+    }
+
+    /// Every node's Kafka address, comma-separated.
+    pub fn bootstrap(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|b| b.bootstrap())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Metadata (all topics) as node `id` answers it; `None` if it cannot be reached.
+    pub fn metadata(&self, id: i32) -> Option<MetadataResponse> {
+        let addr = self.node(id).addr;
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        let mut raw = Raw::connect(addr);
+        raw.try_call(
+            ApiKey::Metadata,
+            METADATA_VERSION,
+            &MetadataRequest::default().with_topics(None),
+        )
+    }
+
+    /// The controller every node of `among` names, once they all name the same one (a node of
+    /// `among`) and see every node of `among` registered.
+    pub fn agreed_controller(&self, among: &[i32]) -> Option<i32> {
+        let mut seen = None;
+        for id in among {
+            let m = self.metadata(*id)?;
+            let c = m.controller_id.0;
+            if !among.contains(&c) || seen.is_some_and(|s| s != c) {
+                return None;
+            }
+            let registered: Vec<i32> = m.brokers.iter().map(|b| b.node_id.0).collect();
+            if among.iter().any(|n| !registered.contains(n)) {
+                return None;
+            }
+            seen = Some(c);
+        }
+        seen
+    }
+
+    /// Waits (bounded by `CLUSTER_WAIT_MAX`) until `cond` gives a value; panics naming `what`.
+    pub fn wait_for<T>(&self, what: &str, mut cond: impl FnMut(&Cluster) -> Option<T>) -> T {
+        let deadline = Instant::now() + CLUSTER_WAIT_MAX;
+        loop {
+            if let Some(v) = cond(self) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| format!("--- node {} stderr:\n{}", i + 1, b.stderr()))
+                    .collect();
+                panic!(
+                    "{what}: not within {CLUSTER_WAIT_MAX:?}\n{}",
+                    logs.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until every node of `among` names the same controller and sees them all
+    /// registered; returns the controller.
+    pub fn wait_controller(&self, among: &[i32]) -> i32 {
+        self.wait_for("a controller agreed by every node", |c| {
+            c.agreed_controller(among)
+        })
+    }
+
+    /// The leader node of each partition of `topic` as node `id` reports it, once it reports
+    /// `partitions` partitions.
+    pub fn leaders(&self, id: i32, topic: &str, partitions: usize) -> Option<Vec<i32>> {
+        let m = self.metadata(id)?;
+        let t = m
+            .topics
+            .iter()
+            .find(|t| t.name.as_ref().map(|n| n.as_str()) == Some(topic))?;
+        if t.error_code != 0 || t.partitions.len() != partitions {
+            return None;
+        }
+        let mut ps: Vec<_> = t.partitions.iter().collect();
+        ps.sort_by_key(|p| p.partition_index);
+        Some(ps.iter().map(|p| p.leader_id.0).collect())
+    }
+}

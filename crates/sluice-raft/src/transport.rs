@@ -384,6 +384,10 @@ async fn accept_loop(inner: Rc<Inner>, listener: TcpListener) {
         let conn = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
+                if inner.stop.borrow().is_none() {
+                    // `close` shut the listener down: this is the end, not a failure.
+                    return;
+                }
                 tracing::warn!("raft: accept failed: {e}");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;

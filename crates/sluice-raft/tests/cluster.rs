@@ -90,6 +90,7 @@ enum Cmd {
     Propose(Vec<u8>, mpsc::Sender<Result<u64, ProposeError>>),
     ConfChange(ConfChangeV2, mpsc::Sender<Result<u64, ProposeError>>),
     ProposeSecond(Vec<u8>, mpsc::Sender<Result<u64, ProposeError>>),
+    Forward(Vec<u8>, mpsc::Sender<Result<(), ProposeError>>),
     Isolate(bool),
     Stop,
 }
@@ -253,6 +254,9 @@ impl Cluster {
                             })
                             .detach();
                         }
+                        Cmd::Forward(data, reply) => {
+                            let _ = reply.send(group.propose_forwarded(data));
+                        }
                         Cmd::Isolate(on) => transport.set_isolated(on),
                         Cmd::Stop => break,
                     }
@@ -388,6 +392,36 @@ fn payloads(entries: &[(u64, u64, Vec<u8>)]) -> Vec<String> {
 }
 
 fn no_tweak(_: &mut GroupConfig) {}
+
+#[test]
+fn a_forwarded_proposal_from_a_follower_commits_through_the_leader() {
+    let c = Cluster::new(3, no_tweak);
+    let leader = c.leader(&[1, 2, 3], WAIT);
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    // A plain proposal on a follower is refused and names the leader...
+    assert_eq!(
+        c.propose(follower, b"direct"),
+        Err(ProposeError::NotLeader {
+            leader: Some(leader)
+        })
+    );
+    // ...a forwarded one reaches the leader and is applied everywhere.
+    let (tx, rx) = mpsc::channel();
+    c.nodes[&follower]
+        .cmd
+        .try_send(Cmd::Forward(b"forwarded".to_vec(), tx))
+        .unwrap();
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), Ok(()));
+    let applied = c.converged(&[1, 2, 3], 1);
+    assert_eq!(payloads(&applied), ["forwarded"]);
+    // Empty data is refused at once, as for `propose`.
+    let (tx, rx) = mpsc::channel();
+    c.nodes[&follower]
+        .cmd
+        .try_send(Cmd::Forward(Vec::new(), tx))
+        .unwrap();
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), Err(ProposeError::Invalid));
+}
 
 #[test]
 fn three_nodes_elect_one_leader_and_apply_the_same_entries_in_order() {

@@ -13,12 +13,15 @@ use common::cluster::Cluster;
 use common::raw::Raw;
 use futures_lite::future::block_on;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
-use kafka_protocol::messages::{ApiKey, ListOffsetsRequest, ListOffsetsResponse, TopicName};
+use kafka_protocol::messages::{
+    ApiKey, FindCoordinatorRequest, FindCoordinatorResponse, ListOffsetsRequest,
+    ListOffsetsResponse, TopicName,
+};
 use kafka_protocol::protocol::StrBytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -54,15 +57,15 @@ fn create(bootstrap: &str, name: &str, partitions: i32, rf: i32) -> Result<(), R
     }
 }
 
-/// Produces `per_partition` records to every partition through `bootstrap` and reads them all
-/// back; asserts each partition holds exactly what was sent, in order.
-fn produce_and_consume_everything(bootstrap: &str, topic: &str, partitions: i32) {
+/// Produces `PER_PARTITION` records to every partition through `bootstrap`, waiting for every
+/// delivery; returns what went to each partition.
+fn produce_everything(bootstrap: &str, topic: &str, partitions: i32) -> BTreeMap<i32, Vec<String>> {
     let producer: FutureProducer = client_config(bootstrap)
         .set("message.timeout.ms", "30000")
         .set("linger.ms", "2")
         .create()
         .expect("producer");
-    let per_partition = 20;
+    let per_partition = PER_PARTITION;
     let mut sent: BTreeMap<i32, Vec<String>> = BTreeMap::new();
     let mut pending = Vec::new();
     for p in 0..partitions {
@@ -80,6 +83,16 @@ fn produce_and_consume_everything(bootstrap: &str, topic: &str, partitions: i32)
         let r = block_on(f).expect("delivery report");
         r.map_err(|(e, _)| e).expect("delivered");
     }
+    sent
+}
+
+const PER_PARTITION: i32 = 20;
+
+/// Produces to every partition through `bootstrap` and reads everything back; asserts each
+/// partition holds exactly what was sent, in order.
+fn produce_and_consume_everything(bootstrap: &str, topic: &str, partitions: i32) {
+    let sent = produce_everything(bootstrap, topic, partitions);
+    let per_partition = PER_PARTITION;
     let consumer: BaseConsumer = client_config(bootstrap)
         .set("group.id", "cluster-tests-assign-only")
         .set("enable.auto.commit", "false")
@@ -246,6 +259,85 @@ fn three_nodes_elect_a_controller_spread_partitions_and_serve_clients() {
         });
         gone.then_some(())
     });
+}
+
+/// FindCoordinator as node `id` answers it for `group`: the coordinator's node id.
+fn coordinator_of(c: &Cluster, id: i32, group: &str) -> i32 {
+    let mut raw = Raw::connect(c.node(id).addr);
+    let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.into()));
+    let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 1, &req);
+    assert_eq!(resp.error_code, 0, "FindCoordinator of node {id}");
+    resp.node_id.0
+}
+
+#[test]
+fn consumer_groups_are_coordinated_by_the_node_holding_their_offsets_partition() {
+    let c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    c.wait_for("every node shows __consumer_offsets", |c| {
+        ids.iter()
+            .all(|id| c.leaders(*id, "__consumer_offsets", 50).is_some())
+            .then_some(())
+    });
+    // Every node names the same coordinator for a group, and the groups' coordinators are
+    // spread over the nodes.
+    let mut coordinators = BTreeSet::new();
+    for g in 0..12 {
+        let group = format!("group-{g}");
+        let answers: BTreeSet<i32> = ids
+            .iter()
+            .map(|id| coordinator_of(&c, *id, &group))
+            .collect();
+        assert_eq!(answers.len(), 1, "{group}: {answers:?}");
+        coordinators.extend(answers);
+    }
+    assert!(coordinators.len() > 1, "coordinators: {coordinators:?}");
+
+    create(&c.bootstrap(), "grouped", 3, 1).expect("create topic");
+    c.wait_for("every node shows the topic", |c| {
+        ids.iter()
+            .all(|id| c.leaders(*id, "grouped", 3).is_some())
+            .then_some(())
+    });
+    let sent = produce_everything(&c.bootstrap(), "grouped", 3);
+    // A group member bootstrapped at node 1 only: it finds its coordinator wherever it is.
+    let consumer: BaseConsumer = client_config(&c.node(1).bootstrap())
+        .set("group.id", "group-7")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&["grouped"]).expect("subscribe");
+    let total = sent.values().map(Vec::len).sum::<usize>();
+    let mut got: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    let deadline = Instant::now() + WAIT;
+    let mut n = 0;
+    while n < total {
+        assert!(Instant::now() < deadline, "consumed {n} of {total} records");
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Ok(m)) => {
+                let v = String::from_utf8(m.payload().expect("payload").to_vec()).unwrap();
+                got.entry(m.partition()).or_default().push(v);
+                n += 1;
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+        }
+    }
+    assert_eq!(got, sent);
+    consumer
+        .commit_consumer_state(CommitMode::Sync)
+        .expect("commit");
+    let committed = consumer.committed(WAIT).expect("committed offsets");
+    for p in 0..3 {
+        let offset = committed.find_partition("grouped", p).map(|e| e.offset());
+        assert_eq!(
+            offset,
+            Some(Offset::Offset(PER_PARTITION as i64)),
+            "partition {p}"
+        );
+    }
 }
 
 #[test]

@@ -429,7 +429,8 @@ mod tests;
 
 /// Runs `f` with the coordinator of `group_id` on the shard that owns the group's
 /// `__consumer_offsets` partition. This is the cross-core hop: a group's state lives on exactly
-/// one shard. Errors are COORDINATOR_NOT_AVAILABLE / COORDINATOR_LOAD_IN_PROGRESS.
+/// one shard. Errors are COORDINATOR_NOT_AVAILABLE / COORDINATOR_LOAD_IN_PROGRESS, and in a
+/// cluster NOT_COORDINATOR when that partition is on another node.
 pub async fn on_coordinator<F, Fut, R>(group_id: &str, f: F) -> Result<R, ErrorCode>
 where
     F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
@@ -441,6 +442,16 @@ where
     let not_available = Unavailable::NotAvailable.code();
     let meta = image.topic(OFFSETS_TOPIC).ok_or(not_available)?;
     let p = partition_for(group_id, meta.partition_count());
+    if broker
+        .node_of(meta, p)
+        .is_some_and(|n| n != broker.config.node_id)
+    {
+        // In a cluster, the group's partition (and so its coordinator) is on another node:
+        // clients find it again with FindCoordinator.
+        return Err(ErrorCode::new(
+            kafka_protocol::ResponseError::NotCoordinator,
+        ));
+    }
     let owner = broker.owner(meta, p).ok_or(not_available)?;
     let gid = group_id.to_string();
     crate::shard::invoke_on(owner, move || async move {

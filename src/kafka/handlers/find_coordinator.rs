@@ -1,6 +1,7 @@
-//! FindCoordinator, versions 0-6 (flexible from 3; batched `coordinator_keys` from 4). Every
-//! shard runs in this one node, so the answer for a group is always this node; the hop to the
-//! group's shard happens inside the broker. Transaction (and share) coordinators do not exist
+//! FindCoordinator, versions 0-6 (flexible from 3; batched `coordinator_keys` from 4). A group's
+//! coordinator is the node that holds its `__consumer_offsets` partition: on a single node
+//! always this one (the hop to the group's shard happens inside the broker), in a cluster the
+//! node the controller placed that partition on. Transaction (and share) coordinators do not exist
 //! yet: COORDINATOR_NOT_AVAILABLE.
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, NONE};
-use crate::group::OFFSETS_TOPIC;
+use crate::group::{partition_for, OFFSETS_TOPIC};
 use crate::kafka::{Request, Response};
 use crate::shard;
 use crate::types::ErrorCode;
@@ -29,16 +30,24 @@ fn lookup(key: &str, key_type: i8) -> (ErrorCode, i32, String, i32) {
             if key.is_empty() {
                 return err(ResponseError::InvalidGroupId);
             }
-            if broker.image().topic(OFFSETS_TOPIC).is_none() {
+            let image = broker.image();
+            let Some(meta) = image.topic(OFFSETS_TOPIC) else {
                 // Still being created at start: clients retry.
                 return err(ResponseError::CoordinatorNotAvailable);
+            };
+            let p = partition_for(key, meta.partition_count());
+            match broker.node_of(meta, p) {
+                Some(n) if n != cfg.node_id => match image.brokers.get(&n) {
+                    Some(b) => (NONE, n, b.host.clone(), b.port as i32),
+                    None => err(ResponseError::CoordinatorNotAvailable),
+                },
+                _ => (
+                    NONE,
+                    cfg.node_id,
+                    cfg.advertise_host.clone(),
+                    cfg.advertise_port as i32,
+                ),
             }
-            (
-                NONE,
-                cfg.node_id,
-                cfg.advertise_host.clone(),
-                cfg.advertise_port as i32,
-            )
         }
         KEY_TYPE_TRANSACTION | KEY_TYPE_SHARE => err(ResponseError::CoordinatorNotAvailable),
         _ => err(ResponseError::InvalidRequest),

@@ -346,11 +346,14 @@ fn controller_failover_after_kill_and_the_killed_node_rejoins() {
     let ids = c.ids();
     let old = c.wait_controller(&ids);
     create(&c.bootstrap(), "before", 3, 1).expect("create before the failover");
-    c.wait_for("every node shows 'before'", |c| {
-        ids.iter()
-            .all(|id| c.leaders(*id, "before", 3).is_some())
-            .then_some(())
+    let before = c.wait_for("every node shows 'before'", |c| {
+        let all: Vec<Vec<i32>> = ids
+            .iter()
+            .map(|id| c.leaders(*id, "before", 3))
+            .collect::<Option<_>>()?;
+        all.windows(2).all(|w| w[0] == w[1]).then(|| all[0].clone())
     });
+    assert!(before.contains(&old), "{before:?}");
 
     c.node_mut(old).sigkill();
     let killed_at = Instant::now();
@@ -371,31 +374,59 @@ fn controller_failover_after_kill_and_the_killed_node_rejoins() {
         "failover took {failover:?} (at most {FAILOVER_MAX:?})"
     );
 
-    // CreateTopics works again, through the survivors.
+    // The new controller fences the silent node: Metadata drops it, and its partitions have no
+    // leader.
+    c.wait_for("the survivors fence the killed node", |c| {
+        survivors
+            .iter()
+            .all(|id| {
+                c.metadata(*id).is_some_and(|m| {
+                    !m.brokers.iter().any(|b| b.node_id.0 == old)
+                        && c.leaders(*id, "before", 3).is_some_and(|l| {
+                            l.iter().zip(&before).all(|(now, was)| {
+                                if *was == old {
+                                    *now == -1
+                                } else {
+                                    now == was
+                                }
+                            })
+                        })
+                })
+            })
+            .then_some(())
+    });
+
+    // CreateTopics works again, through the survivors, and places nothing on the fenced node.
     let survivors_bootstrap = survivors
         .iter()
         .map(|id| c.node(*id).bootstrap())
         .collect::<Vec<_>>()
         .join(",");
     create(&survivors_bootstrap, "after", 3, 1).expect("create after the failover");
-    c.wait_for("the survivors show 'after'", |c| {
-        survivors
+    let after = c.wait_for("the survivors show 'after'", |c| {
+        let all: Vec<Vec<i32>> = survivors
             .iter()
-            .all(|id| c.leaders(*id, "after", 3).is_some())
-            .then_some(())
-    });
-
-    // The killed node comes back, catches up and sees both topics, and serves its partitions
-    // of the topic created while it was down.
-    c.node_mut(old).restart();
-    c.wait_controller(&ids);
-    let leaders = c.wait_for("the restarted node shows both topics", |c| {
-        c.leaders(old, "before", 3)?;
-        c.leaders(old, "after", 3)
+            .map(|id| c.leaders(*id, "after", 3))
+            .collect::<Option<_>>()?;
+        all.windows(2).all(|w| w[0] == w[1]).then(|| all[0].clone())
     });
     assert!(
-        leaders.contains(&old),
-        "'after' has a partition on node {old}: {leaders:?}"
+        after.iter().all(|n| survivors.contains(n)),
+        "'after' placed on the fenced node: {after:?}"
     );
-    produce_and_consume_everything(&c.bootstrap(), "after", 3);
+    produce_and_consume_everything(&survivors_bootstrap, "after", 3);
+
+    // The killed node comes back, catches up, is unfenced, sees both topics, and serves its
+    // partition of the topic created before it was killed.
+    c.node_mut(old).restart();
+    c.wait_controller(&ids);
+    c.wait_for("every node shows both topics with their leaders", |c| {
+        ids.iter()
+            .all(|id| {
+                c.leaders(*id, "before", 3).as_ref() == Some(&before)
+                    && c.leaders(*id, "after", 3).as_ref() == Some(&after)
+            })
+            .then_some(())
+    });
+    produce_and_consume_everything(&c.bootstrap(), "before", 3);
 }

@@ -230,7 +230,7 @@ fn check_shard_capacity(
 /// brokers than asked for, else because partitions have one replica until partition
 /// replication exists.
 fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<(), AdminError> {
-    let brokers = image.brokers.len();
+    let brokers = image.live_brokers().count();
     let wanted = if rf == -1 { 1 } else { rf };
     if wanted < 1 {
         return Err(AdminError::InvalidReplicationFactor(format!(
@@ -251,7 +251,7 @@ fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<()
     Ok(())
 }
 
-/// In a cluster: refuses `count` more partitions when the registered brokers' shards have no
+/// In a cluster: refuses `count` more partitions when the live brokers' shards have no
 /// room for them, before anything is sized by `count` (it comes off the wire).
 fn check_cluster_room(
     broker: &BrokerContext,
@@ -259,8 +259,7 @@ fn check_cluster_room(
     count: i32,
 ) -> Result<(), AdminError> {
     let room = image
-        .brokers
-        .values()
+        .live_brokers()
         .map(|b| (b.shards as usize).saturating_mul(broker.config.partitions_per_shard_max))
         .fold(0usize, usize::saturating_add);
     let owned = image
@@ -279,11 +278,11 @@ fn check_cluster_room(
 }
 
 /// In a cluster: a node and a shard for each new partition `new`, round-robin over the
-/// registered brokers in id order (starting at one picked by the topic's id hash, so small
+/// registered brokers that are not fenced, in id order (starting at one picked by the topic's id hash, so small
 /// topics do not all start on the same node) and, on its node, the shard with the fewest
 /// partitions.
 fn place(image: &MetadataImage, seed: u32, new: std::ops::Range<i32>) -> (Vec<i32>, Vec<u32>) {
-    let brokers: Vec<&crate::metadata::BrokerInfo> = image.brokers.values().collect();
+    let brokers: Vec<&crate::metadata::BrokerInfo> = image.live_brokers().collect();
     let n = brokers.len();
     if n == 0 {
         return (Vec::new(), Vec::new());
@@ -594,4 +593,71 @@ pub async fn next_producer_id() -> std::io::Result<u64> {
             .ok_or_else(|| std::io::Error::other("producer ids exhausted"))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::BrokerInfo;
+
+    fn cluster(nodes: &[(i32, u32)]) -> MetadataImage {
+        let mut image = MetadataImage::default();
+        for (id, shards) in nodes {
+            image.apply(Record::RegisterBroker(BrokerInfo {
+                id: *id,
+                host: format!("h{id}"),
+                port: 9092,
+                shards: *shards,
+            }));
+        }
+        image
+    }
+
+    #[test]
+    fn placement_is_round_robin_over_live_nodes_and_spreads_shards() {
+        let mut image = cluster(&[(1, 2), (2, 1), (3, 2)]);
+        let (nodes, shards) = place(&image, 0, 0..6);
+        assert_eq!(nodes, [1, 2, 3, 1, 2, 3]);
+        // Node 1 and 3 have two shards each: their two partitions go to different shards.
+        assert_ne!(shards[0], shards[3]);
+        assert_ne!(shards[2], shards[5]);
+        assert_eq!((shards[1], shards[4]), (0, 0));
+        // Partitions added later continue the rotation from where the topic's seed puts them.
+        let (nodes, _) = place(&image, 0, 6..8);
+        assert_eq!(nodes, [1, 2]);
+        // Fenced nodes get nothing.
+        image.apply(Record::FenceBroker { id: 2 });
+        let (nodes, _) = place(&image, 1, 0..4);
+        assert!(nodes.iter().all(|n| *n != 2), "{nodes:?}");
+        assert_eq!(
+            place(&MetadataImage::default(), 0, 0..3).0,
+            Vec::<i32>::new()
+        );
+    }
+
+    #[test]
+    fn replication_factor_in_a_cluster() {
+        let mut image = cluster(&[(1, 1), (2, 1), (3, 1)]);
+        assert!(check_cluster_replication_factor(&image, 1).is_ok());
+        assert!(check_cluster_replication_factor(&image, -1).is_ok());
+        let msg = |image: &MetadataImage, rf| match check_cluster_replication_factor(image, rf) {
+            Err(AdminError::InvalidReplicationFactor(m)) => m,
+            other => panic!("rf {rf}: {other:?}"),
+        };
+        assert!(
+            msg(&image, 3).contains("not built yet"),
+            "{}",
+            msg(&image, 3)
+        );
+        assert_eq!(
+            msg(&image, 4),
+            "Replication factor: 4 larger than available brokers: 3."
+        );
+        assert!(msg(&image, 0).contains(">= 1"));
+        image.apply(Record::FenceBroker { id: 3 });
+        assert_eq!(
+            msg(&image, 3),
+            "Replication factor: 3 larger than available brokers: 2."
+        );
+    }
 }

@@ -9,7 +9,8 @@
 //! The leader is the controller: topic administration (`admin`) proposes records there and
 //! answers once its entry is applied and published here. Other nodes answer NOT_CONTROLLER
 //! and name the leader in Metadata. Each node registers itself (id, Kafka address, shard
-//! count) with a proposal forwarded to the leader.
+//! count) with a proposal forwarded to the leader. The leader fences a broker it has not heard
+//! from (no controller raft message) for `FENCE_AFTER`, and unfences it when it hears it again.
 //!
 //! Not used on a single node (no `--controllers`): no internal listener, no raft.
 
@@ -17,7 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use sluice_raft::{
@@ -37,6 +38,14 @@ pub const CONTROLLER_SHARD: ShardId = ShardId(0);
 /// How long a node waits for its registration to appear in the image before proposing it
 /// again (the forwarded proposal may have been lost, e.g. to a leader change).
 const REGISTER_RETRY: Duration = Duration::from_secs(1);
+
+/// A broker the controller leader has not heard from for this long is fenced: it leads
+/// nothing in Metadata and gets no new partitions. The design's 6 s: a few missed heartbeat
+/// ticks (100 ms) are not a failure, a crashed or cut-off node is noticed within seconds.
+const FENCE_AFTER: Duration = Duration::from_secs(6);
+
+/// How often the leader checks whom it has heard from.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 
 /// Why a proposal was not applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +180,8 @@ pub fn start() -> Result<(), String> {
     CONTROLLER.with(|slot| *slot.borrow_mut() = Some(c.clone()));
     crate::contain::spawn_background("controller publisher", publish_loop(c.clone(), rx));
     crate::contain::spawn_background("controller watcher", watch_leader(c.clone()));
-    crate::contain::spawn_background("broker registration", register(c));
+    crate::contain::spawn_background("broker registration", register(c.clone()));
+    crate::contain::spawn_background("broker liveness", liveness(c));
     tracing::info!(
         node = me,
         internal = %cluster.internal_listen,
@@ -237,6 +247,53 @@ async fn register(c: Rc<Controller>) {
         .await;
         if done {
             return; // stopping
+        }
+    }
+}
+
+/// On the leader, every `LIVENESS_CHECK`: fences each registered broker not heard from for
+/// `FENCE_AFTER` (counted from when this node became leader, at the earliest) and unfences each
+/// fenced one heard from within the last check.
+async fn liveness(c: Rc<Controller>) {
+    let shard = shard::local();
+    let broker = shard.broker.clone();
+    let me = broker.config.node_id;
+    let mut leading_since: Option<Instant> = None;
+    loop {
+        shard.clock.sleep(LIVENESS_CHECK).await;
+        if broker.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let status = c.group.status();
+        if status.role == Role::Stopped {
+            return;
+        }
+        if status.role != Role::Leader || status.applied < status.commit {
+            leading_since = None;
+            continue;
+        }
+        let since = *leading_since.get_or_insert_with(Instant::now);
+        let image = broker.image();
+        for b in image.brokers.values() {
+            let fenced = image.fenced.contains(&b.id);
+            let silent = if b.id == me {
+                Duration::ZERO
+            } else {
+                let heard = c.group.last_heard(b.id as u64).unwrap_or(since).max(since);
+                heard.elapsed()
+            };
+            let change = if !fenced && silent > FENCE_AFTER {
+                tracing::warn!(node = b.id, ?silent, "fencing a broker not heard from");
+                Record::FenceBroker { id: b.id }
+            } else if fenced && silent < 2 * LIVENESS_CHECK {
+                tracing::info!(node = b.id, "unfencing a broker heard from again");
+                Record::UnfenceBroker { id: b.id }
+            } else {
+                continue;
+            };
+            if let Err(e) = propose(change).await {
+                tracing::debug!(node = b.id, error = ?e, "liveness change not applied");
+            }
         }
     }
 }

@@ -11,7 +11,7 @@
 //! or corrupt tail record is dropped (it was never acknowledged: the writer fsyncs before
 //! answering).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +66,8 @@ pub enum Record {
         topics: Vec<TopicMeta>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         brokers: Vec<BrokerInfo>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        fenced: Vec<i32>,
     },
     /// Ignored when a topic of that name exists (the first creation wins).
     CreateTopic(TopicMeta),
@@ -81,6 +83,15 @@ pub enum Record {
     },
     /// A broker joined the cluster, or came back with other addresses or shards.
     RegisterBroker(BrokerInfo),
+    /// The controller leader has not heard from this broker for a while: it leads nothing
+    /// and gets no new partitions until it is unfenced.
+    FenceBroker {
+        id: i32,
+    },
+    /// A fenced broker is heard from again.
+    UnfenceBroker {
+        id: i32,
+    },
     SetConfigs {
         name: String,
         configs: BTreeMap<String, String>,
@@ -103,6 +114,8 @@ impl Record {
 pub struct MetadataImage {
     pub topics: BTreeMap<String, Arc<TopicMeta>>,
     pub brokers: BTreeMap<i32, BrokerInfo>,
+    /// Registered brokers the controller has fenced (not heard from).
+    pub fenced: BTreeSet<i32>,
 }
 
 impl MetadataImage {
@@ -117,17 +130,30 @@ impl MetadataImage {
         Record::Snapshot {
             topics: self.topics.values().map(|t| (**t).clone()).collect(),
             brokers: self.brokers.values().cloned().collect(),
+            fenced: self.fenced.iter().copied().collect(),
         }
+    }
+
+    /// The registered brokers that are not fenced, in id order.
+    pub fn live_brokers(&self) -> impl Iterator<Item = &BrokerInfo> {
+        self.brokers
+            .values()
+            .filter(|b| !self.fenced.contains(&b.id))
     }
 
     pub fn apply(&mut self, r: Record) {
         match r {
-            Record::Snapshot { topics, brokers } => {
+            Record::Snapshot {
+                topics,
+                brokers,
+                fenced,
+            } => {
                 self.topics = topics
                     .into_iter()
                     .map(|t| (t.name.clone(), Arc::new(t)))
                     .collect();
                 self.brokers = brokers.into_iter().map(|b| (b.id, b)).collect();
+                self.fenced = fenced.into_iter().collect();
             }
             Record::CreateTopic(t) => {
                 self.topics
@@ -150,6 +176,14 @@ impl MetadataImage {
             }
             Record::RegisterBroker(b) => {
                 self.brokers.insert(b.id, b);
+            }
+            Record::FenceBroker { id } => {
+                if self.brokers.contains_key(&id) {
+                    self.fenced.insert(id);
+                }
+            }
+            Record::UnfenceBroker { id } => {
+                self.fenced.remove(&id);
             }
             Record::SetConfigs { name, configs } => {
                 if let Some(t) = self.topics.get_mut(&name) {
@@ -357,6 +391,9 @@ mod tests {
                 shards: vec![0],
                 nodes: vec![3],
             },
+            Record::FenceBroker { id: 1 },
+            // Unknown brokers are not fenced.
+            Record::FenceBroker { id: 9 },
         ] {
             image.apply(Record::decode(&r.encode()).unwrap());
         }
@@ -364,6 +401,8 @@ mod tests {
         image.apply(Record::CreateTopic(topic("a", 5)));
         assert_eq!(image.topic("a").unwrap().nodes, vec![1, 2, 3]);
         assert_eq!(image.topic("a").unwrap().shards, vec![0, 1, 0]);
+        assert_eq!(image.fenced.iter().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(image.live_brokers().count(), 0);
         let mut again = MetadataImage::default();
         again.apply(Record::decode(&image.snapshot_record().encode()).unwrap());
         assert_eq!(again, image);

@@ -205,6 +205,8 @@ struct Shared {
     watchers: RefCell<Vec<async_channel::Sender<GroupStatus>>>,
     stopped: RefCell<Option<StopReason>>,
     done: async_channel::Receiver<()>,
+    /// When a message of this group last arrived from each peer.
+    heard: RefCell<std::collections::HashMap<u64, Instant>>,
 }
 
 /// A running raft group: a cheap handle (clone it freely) to the task that drives it.
@@ -269,6 +271,7 @@ impl RaftGroup {
             watchers: RefCell::new(Vec::new()),
             stopped: RefCell::new(None),
             done,
+            heard: RefCell::new(std::collections::HashMap::new()),
         });
         let mut driver = Driver {
             raw,
@@ -352,6 +355,12 @@ impl RaftGroup {
         let _ = tx.try_send(self.status());
         self.shared.watchers.borrow_mut().push(tx);
         rx
+    }
+
+    /// When a message of this group last arrived from `peer` (a leader hears from every live
+    /// follower each heartbeat tick); `None` if none has since the group started.
+    pub fn last_heard(&self, peer: u64) -> Option<Instant> {
+        self.shared.heard.borrow().get(&peer).copied()
     }
 
     /// Why the loop ended, once it has.
@@ -470,6 +479,10 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
     }
 
     fn step(&mut self, m: Message) -> Result<(), StopReason> {
+        self.shared
+            .heard
+            .borrow_mut()
+            .insert(m.from, Instant::now());
         if let Err(e) = guarded(|| self.raw.step(m))? {
             tracing::debug!(
                 group = self.config.group_id,

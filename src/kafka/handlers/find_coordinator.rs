@@ -38,6 +38,9 @@ fn lookup(key: &str, key_type: i8) -> (ErrorCode, i32, String, i32) {
             let p = partition_for(key, meta.partition_count());
             match broker.node_of(meta, p) {
                 Some(n) if n != cfg.node_id => match image.brokers.get(&n) {
+                    Some(_) if image.fenced.contains(&n) => {
+                        err(ResponseError::CoordinatorNotAvailable)
+                    }
                     Some(b) => (NONE, n, b.host.clone(), b.port as i32),
                     None => err(ResponseError::CoordinatorNotAvailable),
                 },

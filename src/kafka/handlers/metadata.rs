@@ -26,15 +26,24 @@ pub fn cluster_id() -> String {
 }
 
 fn topic_entry(broker: &BrokerContext, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
+    let image = broker.image();
     let partitions = (0..t.partition_count())
         .map(|p| {
             let node = broker.node_of(t, p).unwrap_or(-1);
-            MetadataResponsePartition::default()
+            let entry = MetadataResponsePartition::default()
                 .with_partition_index(p)
-                .with_leader_id(BrokerId(node))
                 .with_leader_epoch(if version >= 7 { 0 } else { -1 })
-                .with_replica_nodes(vec![BrokerId(node)])
-                .with_isr_nodes(vec![BrokerId(node)])
+                .with_replica_nodes(vec![BrokerId(node)]);
+            if image.fenced.contains(&node) {
+                // Its only replica is on a fenced node: no leader until that node is back.
+                entry
+                    .with_error_code(code(ResponseError::LeaderNotAvailable).get())
+                    .with_leader_id(BrokerId(-1))
+            } else {
+                entry
+                    .with_leader_id(BrokerId(node))
+                    .with_isr_nodes(vec![BrokerId(node)])
+            }
         })
         .collect();
     MetadataResponseTopic::default()
@@ -49,8 +58,8 @@ fn topic_entry(broker: &BrokerContext, t: &TopicMeta, version: i16) -> MetadataR
         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
 }
 
-/// The brokers clients may connect to: this node, and in a cluster every registered node (this
-/// one included before its registration is applied).
+/// The brokers clients may connect to: this node, and in a cluster every registered node that
+/// is not fenced (this one included before its registration is applied).
 fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
     let me = broker.config.node_id;
     let entry = |id: i32, host: &str, port: u16| {
@@ -61,7 +70,7 @@ fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
     };
     let mut out = Vec::new();
     if broker.config.cluster.is_some() {
-        for b in broker.image().brokers.values() {
+        for b in broker.image().live_brokers() {
             out.push(entry(b.id, &b.host, b.port));
         }
     }

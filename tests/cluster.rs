@@ -106,6 +106,13 @@ fn produce_and_consume_everything(bootstrap: &str, topic: &str, partitions: i32)
     }
     consumer.assign(&tpl).expect("assign");
     let total = (partitions * per_partition) as usize;
+    let got = read_all(&consumer, total);
+    assert_eq!(got, sent);
+}
+
+/// Polls `consumer` until it has `total` records (bounded by `WAIT`): each partition's values
+/// in the order read.
+fn read_all(consumer: &BaseConsumer, total: usize) -> BTreeMap<i32, Vec<String>> {
     let mut got: BTreeMap<i32, Vec<String>> = BTreeMap::new();
     let deadline = Instant::now() + WAIT;
     let mut n = 0;
@@ -121,7 +128,7 @@ fn produce_and_consume_everything(bootstrap: &str, topic: &str, partitions: i32)
             Some(Err(e)) => panic!("consumer error: {e}"),
         }
     }
-    assert_eq!(got, sent);
+    got
 }
 
 /// ListOffsets (latest) of one partition, asked of node `id`: the partition's error code.
@@ -310,21 +317,7 @@ fn consumer_groups_are_coordinated_by_the_node_holding_their_offsets_partition()
         .expect("consumer");
     consumer.subscribe(&["grouped"]).expect("subscribe");
     let total = sent.values().map(Vec::len).sum::<usize>();
-    let mut got: BTreeMap<i32, Vec<String>> = BTreeMap::new();
-    let deadline = Instant::now() + WAIT;
-    let mut n = 0;
-    while n < total {
-        assert!(Instant::now() < deadline, "consumed {n} of {total} records");
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Ok(m)) => {
-                let v = String::from_utf8(m.payload().expect("payload").to_vec()).unwrap();
-                got.entry(m.partition()).or_default().push(v);
-                n += 1;
-            }
-            Some(Err(e)) => panic!("consumer error: {e}"),
-        }
-    }
+    let got = read_all(&consumer, total);
     assert_eq!(got, sent);
     consumer
         .commit_consumer_state(CommitMode::Sync)
@@ -429,4 +422,48 @@ fn controller_failover_after_kill_and_the_killed_node_rejoins() {
             .then_some(())
     });
     produce_and_consume_everything(&c.bootstrap(), "before", 3);
+}
+
+#[test]
+fn the_whole_cluster_stops_with_sigterm_and_comes_back_with_its_topics_and_records() {
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "durable", 3, 1).expect("create topic");
+    let leaders = c.wait_for("every node shows the topic", |c| {
+        let all: Vec<Vec<i32>> = ids
+            .iter()
+            .map(|id| c.leaders(*id, "durable", 3))
+            .collect::<Option<_>>()?;
+        all.windows(2).all(|w| w[0] == w[1]).then(|| all[0].clone())
+    });
+    let sent = produce_everything(&c.bootstrap(), "durable", 3);
+    for id in &ids {
+        assert_eq!(c.node_mut(*id).sigterm().code(), Some(0), "node {id} exit");
+    }
+    for id in &ids {
+        c.node_mut(*id).restart();
+    }
+    c.wait_controller(&ids);
+    c.wait_for("every node shows the topic as before", |c| {
+        ids.iter()
+            .all(|id| c.leaders(*id, "durable", 3).as_ref() == Some(&leaders))
+            .then_some(())
+    });
+    // What was produced before the stop is all there, and the controller takes changes again.
+    let consumer: BaseConsumer = client_config(&c.bootstrap())
+        .set("group.id", "cluster-tests-assign-only")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset("durable", p, Offset::Beginning)
+            .expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let total = sent.values().map(Vec::len).sum::<usize>();
+    let got = read_all(&consumer, total);
+    assert_eq!(got, sent);
+    create(&c.bootstrap(), "durable-2", 2, 1).expect("create after the restart");
 }

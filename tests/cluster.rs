@@ -219,6 +219,22 @@ fn three_nodes_elect_a_controller_spread_partitions_and_serve_clients() {
             .then_some(())
     });
 
+    // `sluice topic describe` asks each partition's leader for its offsets.
+    let mut cmd = std::process::Command::new(common::sluice_bin());
+    cmd.args(["topic", "describe", "spread", "--brokers"])
+        .arg(c.node(other).bootstrap());
+    let out = common::run_bounded(cmd, None, common::CLI_WAIT_MAX);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (p, leader) in leaders.iter().enumerate() {
+        let row = format!("{p:>9} {leader:>7} {:>15} {:>15}", 0, PER_PARTITION);
+        assert!(text.contains(&row), "no row '{row}' in:\n{text}");
+    }
+
     // CreatePartitions and DeleteTopics go through the controller too, and every node applies
     // them: the new partitions are placed on the nodes, a deleted topic's logs are removed on
     // the node that held each partition.

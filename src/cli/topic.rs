@@ -1,5 +1,7 @@
 //! `sluice topic create|list|describe|delete|add-partitions`.
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use futures_lite::future::block_on;
@@ -114,14 +116,45 @@ pub fn run(cmd: TopicCommand, brokers: &str) -> Result<()> {
     Ok(())
 }
 
-/// (partition, error code, offset) for `timestamp` of `partitions` of `topic`.
+/// (partition, error code, offset) for `timestamp` of `partitions` of `topic`, in the order
+/// given. Each partition is asked of its leader (in a cluster, partitions live on different
+/// brokers); with one leader, or none known, everything is asked of `c`.
 pub fn offsets(
     c: &mut Client,
     topic: &str,
     partitions: &[i32],
     timestamp: i64,
 ) -> Result<Vec<(i32, i16, i64)>> {
-    block_on(admin::list_offsets(c, topic, partitions, timestamp))
+    let meta = block_on(admin::topic_metadata(c, topic, false)).ok();
+    let leader_of = |p: i32| {
+        meta.as_ref()
+            .and_then(|m| m.partitions.iter().find(|x| x.index == p))
+            .and_then(|x| x.leader.clone())
+    };
+    let mut by_leader: BTreeMap<Option<String>, Vec<i32>> = BTreeMap::new();
+    for p in partitions {
+        by_leader.entry(leader_of(*p)).or_default().push(*p);
+    }
+    if by_leader.len() <= 1 {
+        return block_on(admin::list_offsets(c, topic, partitions, timestamp));
+    }
+    let mut found = BTreeMap::new();
+    for (leader, ps) in by_leader {
+        let answers = match leader {
+            Some(addr) => {
+                let mut lc = connect(&addr)?;
+                block_on(admin::list_offsets(&mut lc, topic, &ps, timestamp))?
+            }
+            None => block_on(admin::list_offsets(c, topic, &ps, timestamp))?,
+        };
+        for a in answers {
+            found.insert(a.0, a);
+        }
+    }
+    Ok(partitions
+        .iter()
+        .filter_map(|p| found.get(p).copied())
+        .collect())
 }
 
 /// Partition indexes and the leader of each, from Metadata; fails if the topic is unknown.

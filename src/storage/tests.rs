@@ -1893,3 +1893,72 @@ fn power_cut_drops_the_writes_no_sync_covered() {
         log.close().await.unwrap();
     });
 }
+
+/// Durable flushes overlap: while one is held at the disk the next one starts (its first page
+/// waits for the first flush), and both are acknowledged in order once the disk moves; when the
+/// first fails, the second fails with it and the next append takes their offsets again.
+#[test]
+fn durable_flushes_overlap_and_fail_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        log.state.borrow_mut().appender.set_durable_writes(true);
+        append(&log, &batch(1, 100, 0, 0), Durability::Synced).await;
+        for fail in [false, true] {
+            faults.hold_writes_from.set(Some(0));
+            let spawn = |tag: u8| {
+                let log = log.clone();
+                glommio::spawn_local(async move {
+                    log.append(
+                        BytesMut::from(&batch(2, 3000, tag as i64, tag)[..]),
+                        Durability::Synced,
+                    )
+                    .await
+                })
+            };
+            let first = spawn(1);
+            // (Starting a flush wakes no waiter: poll.)
+            let l = log.clone();
+            poll_until("the first flush in flight", move || {
+                l.state.borrow().appender.flushes_in_flight() == 1
+            })
+            .await;
+            let second = spawn(2);
+            let l = log.clone();
+            poll_until("the second flush in flight", move || {
+                l.state.borrow().appender.flushes_in_flight() == 2
+            })
+            .await;
+            let end_before = log.high_watermark();
+            if fail {
+                faults.disk_full.set(true);
+            }
+            faults.hold_writes_from.set(None);
+            let (a, b) = (first.await, second.await);
+            if fail {
+                assert!(matches!(a, Err(StorageError::Io(_))));
+                assert!(matches!(b, Err(StorageError::Io(_))));
+                assert_eq!(log.log_end_offset(), end_before);
+                faults.disk_full.set(false);
+                let r = append(&log, &batch(1, 10, 9, 9), Durability::Synced).await;
+                assert_eq!(
+                    r.base_offset, end_before,
+                    "the failed offsets are given again"
+                );
+            } else {
+                let (a, b) = (a.unwrap(), b.unwrap());
+                assert_eq!(b.base_offset, a.last_offset.next());
+                assert!(log.synced_offset() > b.last_offset);
+            }
+        }
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        let mut next = Offset(0);
+        for b in &all {
+            assert_eq!(base_of(b), next);
+            next = BatchHeader::parse(b).unwrap().last_offset().next();
+        }
+        assert_eq!(next, log.log_end_offset());
+        log.close().await.unwrap();
+    });
+}

@@ -56,37 +56,6 @@ fn durable_writes_default() -> bool {
     })
 }
 
-/// Durable flushes one partition may have in flight at once: the next one starts while the
-/// previous ones are on their way to the disk (only its first page, which the previous flush
-/// also writes, waits for it), so one partition keeps several writes queued at the device.
-pub const FLUSHES_IN_FLIGHT_MAX: usize = 4;
-
-/// Completion of one flush: `Some(true)` written, `Some(false)` failed.
-#[derive(Default)]
-pub(crate) struct FlushDone {
-    done: std::cell::Cell<Option<bool>>,
-    waiters: std::cell::RefCell<Vec<Waker>>,
-}
-
-impl FlushDone {
-    fn set(&self, ok: bool) {
-        self.done.set(Some(ok));
-        for w in self.waiters.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-    async fn wait(&self) -> bool {
-        std::future::poll_fn(|cx| match self.done.get() {
-            Some(ok) => Poll::Ready(ok),
-            None => {
-                self.waiters.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
 /// How far a file of `allocated` bytes grows next.
 pub fn next_extent(allocated: u64, segment_bytes: u64) -> u64 {
     allocated
@@ -206,27 +175,6 @@ impl Pending {
     }
 }
 
-impl Flush {
-    /// Writes the first page on its own (it is the last page of the flush before, which may
-    /// still be in flight): the first chunk becomes a one-page write and a write of the rest.
-    fn split_first_page(&mut self) {
-        let Some((first, pos)) = self.writes.first().cloned() else {
-            return;
-        };
-        let page = ALIGN_BYTES as usize;
-        if first.len() <= page {
-            return;
-        }
-        let bytes = first.as_bytes();
-        let mut head = glommio::allocate_dma_buffer(page);
-        head.as_bytes_mut().copy_from_slice(&bytes[..page]);
-        let mut rest = glommio::allocate_dma_buffer(bytes.len() - page);
-        rest.as_bytes_mut().copy_from_slice(&bytes[page..]);
-        self.writes[0] = (Rc::new(head), pos);
-        self.writes.insert(1, (Rc::new(rest), pos + page as u64));
-    }
-}
-
 /// From the executor's registered I/O memory when it has room (written with io_uring's fixed-buffer
 /// writes: no page pinning per write, no fresh pages), else from the heap.
 fn new_chunk(need: usize) -> DmaBuffer {
@@ -254,15 +202,8 @@ pub(crate) struct Appender {
     /// A range past the written data that a failed write may have touched: punched out before
     /// the next write.
     punch: Option<(u64, u64)>,
-    /// Flushes in flight (more than one only when all of them are durable writes).
-    writing: usize,
-    /// Completion of the last flush taken, which the next one's first page waits for.
-    last_flush: Option<Rc<FlushDone>>,
-    /// The last flush taken was written with durable writes, and everything before it was
-    /// durable or written durably too.
-    tail_durable: bool,
-    /// The log end when the last flush was taken (its appends end there).
-    issued_end: Offset,
+    /// A write (one flush) is in flight.
+    writing: bool,
     /// An fdatasync is in flight.
     syncing: bool,
     /// Flushes that carry a `Synced` append, with everything before them already durable, are
@@ -317,10 +258,7 @@ impl Appender {
             allocated: allocated.max(written),
             attempted_pos: align_up(written),
             punch: None,
-            writing: 0,
-            last_flush: None,
-            tail_durable: false,
-            issued_end: log_end,
+            writing: false,
             syncing: false,
             durable_writes: durable_writes_default(),
             dead: false,
@@ -345,7 +283,7 @@ impl Appender {
     }
     /// Nothing pending and no write or sync in flight (or never again: the flusher is dead).
     pub fn is_drained(&self) -> bool {
-        (self.pending.is_empty() && self.writing == 0 && !self.syncing) || self.dead
+        (self.pending.is_empty() && !self.writing && !self.syncing) || self.dead
     }
     /// An append of `bytes` must wait: the pending bytes would pass their limit.
     pub fn is_full(&self, bytes: usize) -> bool {
@@ -355,29 +293,12 @@ impl Appender {
         self.snapshotting
     }
     #[cfg(test)]
-    pub fn flushes_in_flight(&self) -> usize {
-        self.writing
-    }
-    #[cfg(test)]
     pub fn set_durable_writes(&mut self, on: bool) {
         self.durable_writes = on;
     }
     #[cfg(test)]
     pub fn set_snapshot_every(&mut self, bytes: u64) {
         self.snapshot_every = bytes;
-    }
-
-    /// Another flush may start while `writing` are in flight: durable writes are on, every
-    /// flush in flight is durable, no punch is due (it must follow every write), there is room,
-    /// and a Synced append waits among the pending ones.
-    fn may_overlap(&self, always: bool) -> bool {
-        self.durable_writes
-            && always
-            && self.tail_durable
-            && self.punch.is_none()
-            && self.writing < FLUSHES_IN_FLIGHT_MAX
-            && self.sync_wanted > self.issued_end
-            && !self.pending.is_empty()
     }
 
     /// Takes the bytes of an accepted append (offsets up to `next`) for the next flush and
@@ -389,11 +310,7 @@ impl Appender {
         if sync {
             self.sync_wanted = self.sync_wanted.max(next);
         }
-        // A flush in flight wakes the flusher when it completes; a Synced append may let the
-        // next (durable) flush start at once.
-        if sync || self.writing == 0 {
-            self.wake_flusher();
-        }
+        self.wake_flusher();
         Ticket {
             gen: self.gen,
             sync_failures: self.sync_failures,
@@ -554,12 +471,17 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
 async fn flush_loop(weak: Weak<PartitionLog>) {
     // The write and the sync in flight hold the log (their I/O completes even if every other
     // handle is dropped); while neither is in flight the flusher holds only `weak`.
-    let mut writes: Vec<Work> = vec![];
+    let mut write: Option<Work> = None;
     let mut sync: Option<Work> = None;
     let mut timer: Option<(Instant, Sleep)> = None;
     loop {
         let start = std::future::poll_fn(|cx| {
-            writes.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+            if write
+                .as_mut()
+                .is_some_and(|f| f.as_mut().poll(cx).is_ready())
+            {
+                write = None;
+            }
             if sync
                 .as_mut()
                 .is_some_and(|f| f.as_mut().poll(cx).is_ready())
@@ -578,7 +500,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                     ..Start::default()
                 });
             };
-            let start = next_work(&log, writes.len(), sync.is_none());
+            let start = next_work(&log, write.is_none(), sync.is_none());
             let sleep_new = start
                 .sleep_until
                 .is_some_and(|at| timer.as_ref().is_none_or(|(t, _)| at < *t));
@@ -604,7 +526,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                 let name = log.dir().file_name().and_then(|n| n.to_str());
                 crate::fault::panic_point("flusher", name.unwrap_or(""));
             }
-            writes.push(Box::pin(async move {
+            write = Some(Box::pin(async move {
                 log.flush_pending().await;
                 log.snapshot_if_due(); // durable writes advance the synced offset too
             }));
@@ -620,9 +542,8 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
     }
 }
 
-/// What to start now, given the flushes in flight and whether the sync is idle.
-fn next_work(log: &PartitionLog, writing: usize, sync_idle: bool) -> Start {
-    let write_idle = writing == 0;
+/// What to start now, given which of the write and the sync are idle.
+fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
     let s = &*log.state.borrow();
     let a = &s.appender;
     let (synced, hw) = (s.offsets.synced(), s.offsets.hw());
@@ -635,7 +556,7 @@ fn next_work(log: &PartitionLog, writing: usize, sync_idle: bool) -> Start {
     // Written data that a Synced append waits for is synced as soon as the previous sync is
     // done, whatever the writes do, so a steady stream of appends cannot postpone it.
     start.sync = sync_idle && always && !s.rolling && a.sync_wanted > synced && hw > synced;
-    start.write = !a.pending.is_empty() && (write_idle || a.may_overlap(always));
+    start.write = write_idle && !a.pending.is_empty();
     if start.write || start.sync {
         return start;
     }
@@ -660,42 +581,28 @@ fn next_work(log: &PartitionLog, writing: usize, sync_idle: bool) -> Start {
 }
 
 impl PartitionLog {
-    /// One group commit's write: everything pending, as concurrent aligned writes. Durable
-    /// flushes may overlap (see [`FLUSHES_IN_FLIGHT_MAX`]): the first page of this one, which the
-    /// previous flush also writes (completed by this one), is written only once the previous
-    /// flush is done, and the appends of this one count as written only after it.
+    /// One group commit's write: everything pending, as concurrent aligned writes.
     pub(crate) async fn flush_pending(&self) {
-        let (file, flush, end_offset, alloc, punch, durable, prev, done, gen) = {
+        let (file, flush, end_offset, alloc, punch, durable) = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
             let hw = s.offsets.hw();
-            let log_end = s.offsets.log_end();
-            let always = matches!(s.config.flush, FlushPolicy::Always);
             let a = &mut s.appender;
             if a.pending.is_empty() {
                 return;
             }
-            let concurrent = a.writing > 0;
-            if concurrent && !a.may_overlap(always) {
-                return;
-            }
+            a.writing = true;
             // A durable write vouches only for its own bytes: use one when a Synced append
-            // waits for this flush and everything before it is durable (or, for an overlapping
-            // flush, written durably by the flushes before it).
-            let durable = concurrent
-                || (a.durable_writes
-                    && always
-                    && a.sync_wanted > hw
-                    && a.synced_pos == a.written_pos
-                    && !a.syncing);
-            a.writing += 1;
+            // waits for this flush and everything before it is already durable.
+            let durable = a.durable_writes
+                && matches!(s.config.flush, FlushPolicy::Always)
+                && a.sync_wanted > hw
+                && a.synced_pos == a.written_pos
+                && !a.syncing;
             // Check before the write: the flush starts at the page holding the end of the
             // written data and its writes follow each other in file order.
-            debug_assert!(concurrent || a.pending.start == align_down(a.written_pos));
-            let mut flush = a.pending.take();
-            if concurrent {
-                flush.split_first_page();
-            }
+            debug_assert_eq!(a.pending.start, align_down(a.written_pos));
+            let flush = a.pending.take();
             debug_assert!(flush
                 .writes
                 .windows(2)
@@ -712,13 +619,8 @@ impl PartitionLog {
             // release them before writing so no stale batch can follow the log end on disk.
             let punch = a.punch;
             a.attempted_pos = a.attempted_pos.max(flush.write_end);
-            a.tail_durable = durable;
-            a.issued_end = log_end;
-            let done = Rc::new(FlushDone::default());
-            let prev = a.last_flush.replace(done.clone());
-            let gen = a.gen;
             let file = s.active().file().clone();
-            (file, flush, log_end, alloc, punch, durable, prev, done, gen)
+            (file, flush, s.offsets.log_end(), alloc, punch, durable)
         };
         let result = async {
             if let Some((pos, len)) = punch {
@@ -730,7 +632,7 @@ impl PartitionLog {
             // The flush's writes are in file order. As a prefix of them completes, the appends
             // wholly inside it are acknowledged, so producers refill while the rest of the flush
             // is still on its way to the disk.
-            let mut writes: Vec<IoFuture<'_, ()>> = flush
+            let writes: Vec<IoFuture<'_, ()>> = flush
                 .writes
                 .iter()
                 .map(|(buf, pos)| {
@@ -741,18 +643,6 @@ impl PartitionLog {
                     }
                 })
                 .collect();
-            if let Some(prev) = prev.filter(|p| p.done.get().is_none()) {
-                let first = writes.remove(0);
-                writes.insert(
-                    0,
-                    Box::pin(async move {
-                        if !prev.wait().await {
-                            return Err(std::io::Error::other("an earlier flush failed"));
-                        }
-                        first.await
-                    }),
-                );
-            }
             let mut mark = 0usize;
             join_in_order(writes, |n| {
                 if n < flush.writes.len() {
@@ -764,19 +654,16 @@ impl PartitionLog {
         .await;
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        s.appender.writing -= 1;
-        // A failure before this flush (the one it waited for) already failed its appends.
-        let handled = s.appender.gen != gen;
-        let ok = result.is_ok() && !handled;
+        s.appender.writing = false;
         match result {
-            Ok(()) if !handled => {
+            Ok(()) => {
                 let a = &mut s.appender;
                 if let Some(len) = alloc {
-                    a.allocated = a.allocated.max(len);
+                    a.allocated = len;
                 }
                 if punch.is_some() {
                     a.punch = None;
-                    a.attempted_pos = a.attempted_pos.max(flush.write_end);
+                    a.attempted_pos = flush.write_end;
                 }
                 a.written_pos = flush.end_pos;
                 a.written_tail = flush.tail;
@@ -787,10 +674,8 @@ impl PartitionLog {
             }
             // The allocation may have succeeded before a write failed; it is asked for again
             // next time, which is harmless.
-            Err(e) if !handled => self.fail_unwritten(s, e),
-            _ => {}
+            Err(e) => self.fail_unwritten(s, e),
         }
-        done.set(ok);
         s.debug_check_invariants();
         s.wake_all();
     }
@@ -987,8 +872,6 @@ impl PartitionLog {
         a.set_error(&e);
         a.gen_end.push(hw);
         a.gen += 1;
-        a.tail_durable = false;
-        a.issued_end = hw;
         a.sync_wanted = a.sync_wanted.min(hw).max(s.offsets.synced());
         let pos = a.written_pos;
         let clean_from = align_up(pos);

@@ -1779,7 +1779,7 @@ fn power_cut_keeps_every_append_acknowledged_as_synced() {
                     .appender
                     .set_durable_writes(durable_writes);
                 // (base offset, stored bytes) of every append acknowledged as Synced.
-                let acked: Rc<RefCell<Vec<(Offset, Vec<u8>)>>> = Rc::default();
+                let acked: Rc<RefCell<Acked>> = Rc::default();
                 let mut tasks = vec![];
                 for i in 0..120usize {
                     let (log, acked) = (log.clone(), acked.clone());
@@ -1821,7 +1821,7 @@ fn power_cut_keeps_every_append_acknowledged_as_synced() {
                 let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
                     .await
                     .unwrap();
-                let acked = acked.borrow();
+                let acked = acked.take();
                 assert!(acked.len() >= cut_after.min(60));
                 for (base, bytes) in acked.iter() {
                     let r = log

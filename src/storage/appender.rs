@@ -6,6 +6,7 @@
 //! flush. Owns [`Appender`], the write-side state of the partition log (its fields are private
 //! here); the flusher holds only a weak reference to the log. Lives on the partition's shard.
 
+use std::future::Future;
 use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -40,6 +41,20 @@ pub const PRODUCER_SNAPSHOT_BYTES: u64 = 64 << 20;
 /// this often, so a power loss loses at most this much of acks=1 traffic and the recovery scan
 /// after a crash stays short.
 pub const BACKGROUND_SYNC_MS: u64 = 1000;
+
+/// Whether flushes that carry acks=all appends use durable (`O_DSYNC`) writes rather than a
+/// write and an fdatasync (see docs/storage.md, Append). `SLUICE_COMMIT=fdatasync` or `dsync`
+/// overrides it, for measuring one against the other.
+pub const DURABLE_WRITES: bool = true;
+
+fn durable_writes_default() -> bool {
+    static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("SLUICE_COMMIT").as_deref() {
+        Ok("fdatasync") => false,
+        Ok("dsync") => true,
+        _ => DURABLE_WRITES,
+    })
+}
 
 /// How far a file of `allocated` bytes grows next.
 pub fn next_extent(allocated: u64, segment_bytes: u64) -> u64 {
@@ -187,8 +202,13 @@ pub(crate) struct Appender {
     /// A range past the written data that a failed write may have touched: punched out before
     /// the next write.
     punch: Option<(u64, u64)>,
-    /// A write or fdatasync is in flight.
-    flushing: bool,
+    /// A write (one flush) is in flight.
+    writing: bool,
+    /// An fdatasync is in flight.
+    syncing: bool,
+    /// Flushes that carry a `Synced` append, with everything before them already durable, are
+    /// written with durable (`O_DSYNC`) writes instead of a write and an fdatasync.
+    durable_writes: bool,
     /// The flusher task panicked: nothing pending will be written any more, so every append
     /// (and roll) fails from now on instead of waiting forever.
     dead: bool,
@@ -238,7 +258,9 @@ impl Appender {
             allocated: allocated.max(written),
             attempted_pos: align_up(written),
             punch: None,
-            flushing: false,
+            writing: false,
+            syncing: false,
+            durable_writes: durable_writes_default(),
             dead: false,
             gen: 0,
             gen_end: vec![],
@@ -261,7 +283,7 @@ impl Appender {
     }
     /// Nothing pending and no write or sync in flight (or never again: the flusher is dead).
     pub fn is_drained(&self) -> bool {
-        (self.pending.is_empty() && !self.flushing) || self.dead
+        (self.pending.is_empty() && !self.writing && !self.syncing) || self.dead
     }
     /// An append of `bytes` must wait: the pending bytes would pass their limit.
     pub fn is_full(&self, bytes: usize) -> bool {
@@ -269,6 +291,10 @@ impl Appender {
     }
     pub fn is_snapshotting(&self) -> bool {
         self.snapshotting
+    }
+    #[cfg(test)]
+    pub fn set_durable_writes(&mut self, on: bool) {
+        self.durable_writes = on;
     }
     #[cfg(test)]
     pub fn set_snapshot_every(&mut self, bytes: u64) {
@@ -408,18 +434,26 @@ impl Appender {
     }
 }
 
-/// What the flusher does next.
-enum Work {
-    Write,
-    Sync,
-    Exit,
+/// What the flusher starts next.
+#[derive(Default)]
+struct Start {
+    write: bool,
+    sync: bool,
+    /// Nothing to start before this instant (the periodic or `IntervalMs` sync).
+    sleep_until: Option<Instant>,
+    exit: bool,
 }
 
-/// The per-partition flusher task: runs until the log is closed or dropped. It is contained: a
-/// panic is logged once and marks the log dead ([`PartitionLog::flusher_died`]), so its waiting
-/// and later appends fail with an I/O error instead of hanging. It is not restarted: the state it
-/// panicked in (a write half done, `flushing` set) is not one to resume from; a broker restart
-/// recovers the partition from its files.
+type Work = std::pin::Pin<Box<dyn Future<Output = ()>>>;
+
+/// The per-partition flusher task: runs until the log is closed or dropped. It keeps at most one
+/// write (a flush of everything pending) and one fdatasync in flight, independently: the next
+/// write starts while the previous write's fdatasync is still running, so a steady stream of
+/// acks=all appends keeps the device busy with data while the syncs complete. It is contained:
+/// a panic is logged once and marks the log dead ([`PartitionLog::flusher_died`]), so its
+/// waiting and later appends fail with an I/O error instead of hanging. It is not restarted: the
+/// state it panicked in (a write half done, `writing` set) is not one to resume from; a broker
+/// restart recovers the partition from its files.
 pub(crate) async fn flusher(log: Weak<PartitionLog>) {
     let Err(mut p) = crate::contain::contain(flush_loop(log.clone())).await else {
         return;
@@ -434,113 +468,137 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
     }
 }
 
-async fn flush_loop(log: Weak<PartitionLog>) {
+async fn flush_loop(weak: Weak<PartitionLog>) {
+    // The write and the sync in flight hold the log (their I/O completes even if every other
+    // handle is dropped); while neither is in flight the flusher holds only `weak`.
+    let mut write: Option<Work> = None;
+    let mut sync: Option<Work> = None;
+    let mut timer: Option<(Instant, Sleep)> = None;
     loop {
-        let work = next_work(&log).await;
-        let Some(log) = log.upgrade() else { return };
-        match work {
-            Work::Exit => return,
-            Work::Write => {
-                if cfg!(any(debug_assertions, feature = "fault-injection")) {
-                    let name = log.dir().file_name().and_then(|n| n.to_str());
-                    crate::fault::panic_point("flusher", name.unwrap_or(""));
-                }
-                log.flush_pending().await
+        let start = std::future::poll_fn(|cx| {
+            if write
+                .as_mut()
+                .is_some_and(|f| f.as_mut().poll(cx).is_ready())
+            {
+                write = None;
             }
-            Work::Sync => {
-                log.sync_written().await;
-                log.snapshot_if_due();
+            if sync
+                .as_mut()
+                .is_some_and(|f| f.as_mut().poll(cx).is_ready())
+            {
+                sync = None;
+            }
+            if timer
+                .as_mut()
+                .is_some_and(|(_, t)| std::pin::Pin::new(t).poll(cx).is_ready())
+            {
+                timer = None;
+            }
+            let Some(log) = weak.upgrade() else {
+                return Poll::Ready(Start {
+                    exit: true,
+                    ..Start::default()
+                });
+            };
+            let start = next_work(&log, write.is_none(), sync.is_none());
+            let sleep_new = start
+                .sleep_until
+                .is_some_and(|at| timer.as_ref().is_none_or(|(t, _)| at < *t));
+            if start.write || start.sync || start.exit || sleep_new {
+                return Poll::Ready(start);
+            }
+            log.state.borrow_mut().appender.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        if start.exit {
+            return;
+        }
+        if let Some(at) = start.sleep_until {
+            if let Some(log) = weak.upgrade() {
+                let now = log.clock.now();
+                timer = Some((at, log.clock.sleep(at.saturating_duration_since(now))));
             }
         }
-        drop(log);
+        if start.write {
+            let Some(log) = weak.upgrade() else { return };
+            if cfg!(any(debug_assertions, feature = "fault-injection")) {
+                let name = log.dir().file_name().and_then(|n| n.to_str());
+                crate::fault::panic_point("flusher", name.unwrap_or(""));
+            }
+            write = Some(Box::pin(async move {
+                log.flush_pending().await;
+                log.snapshot_if_due(); // durable writes advance the synced offset too
+            }));
+        }
+        if start.sync {
+            let Some(log) = weak.upgrade() else { return };
+            sync = Some(Box::pin(async move {
+                log.sync_written().await;
+                log.snapshot_if_due();
+            }));
+        }
         glommio::yield_if_needed().await;
     }
 }
 
-async fn next_work(log: &Weak<PartitionLog>) -> Work {
-    loop {
-        let mut timer: Option<Sleep> = None;
-        let ready = std::future::poll_fn(|cx| {
-            let Some(log) = log.upgrade() else {
-                return Poll::Ready(Some(Work::Exit));
-            };
-            let mut guard = log.state.borrow_mut();
-            let s = &mut *guard;
-            let (a, synced, hw) = (&mut s.appender, s.offsets.synced(), s.offsets.hw());
-            // Written data that a Synced append waits for is synced before the next write, so
-            // a steady stream of appends cannot postpone the fdatasync forever.
-            let sync_due = matches!(s.config.flush, FlushPolicy::Always)
-                && !s.rolling
-                && a.sync_wanted > synced
-                && hw > synced;
-            if sync_due {
-                return Poll::Ready(Some(Work::Sync));
-            }
-            if !a.pending.is_empty() {
-                return Poll::Ready(Some(Work::Write));
-            }
-            if s.closed {
-                return Poll::Ready(Some(Work::Exit));
-            }
-            if !s.rolling && hw > synced {
-                let every = match s.config.flush {
-                    FlushPolicy::Always => {
-                        if a.sync_wanted > synced {
-                            return Poll::Ready(Some(Work::Sync));
-                        }
-                        BACKGROUND_SYNC_MS
-                    }
-                    FlushPolicy::IntervalMs(ms) => ms,
-                };
-                let due = a.last_sync + Duration::from_millis(every);
-                let now = log.clock.now();
-                if now >= due {
-                    return Poll::Ready(Some(Work::Sync));
-                }
-                timer = Some(log.clock.sleep(due - now));
-                return Poll::Ready(None);
-            }
-            a.flusher = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        if let Some(w) = ready.await {
-            return w;
-        }
-        let Some(sleep) = timer else { continue };
-        // Unsynced data and no sync wanted yet: sleep until the periodic sync is due, or until
-        // new data or a Synced append arrives.
-        let woken = std::future::poll_fn(|cx| {
-            let Some(log) = log.upgrade() else {
-                return Poll::Ready(());
-            };
-            let mut guard = log.state.borrow_mut();
-            let s = &mut *guard;
-            let a = &mut s.appender;
-            // Why: under `IntervalMs` a wanted sync still waits for the timer; waking for it
-            // would spin here until the interval ends, holding the executor.
-            let sync_now =
-                matches!(s.config.flush, FlushPolicy::Always) && a.sync_wanted > s.offsets.synced();
-            if !a.pending.is_empty() || s.closed || s.rolling || sync_now {
-                return Poll::Ready(());
-            }
-            a.flusher = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        futures_lite::future::or(woken, sleep).await;
+/// What to start now, given which of the write and the sync are idle.
+fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
+    let s = &*log.state.borrow();
+    let a = &s.appender;
+    let (synced, hw) = (s.offsets.synced(), s.offsets.hw());
+    let mut start = Start::default();
+    if a.dead {
+        start.exit = write_idle && sync_idle;
+        return start;
     }
+    let always = matches!(s.config.flush, FlushPolicy::Always);
+    // Written data that a Synced append waits for is synced as soon as the previous sync is
+    // done, whatever the writes do, so a steady stream of appends cannot postpone it.
+    start.sync = sync_idle && always && !s.rolling && a.sync_wanted > synced && hw > synced;
+    start.write = write_idle && !a.pending.is_empty();
+    if start.write || start.sync {
+        return start;
+    }
+    if s.closed && write_idle && sync_idle && a.pending.is_empty() {
+        start.exit = true;
+        return start;
+    }
+    if sync_idle && !s.rolling && hw > synced {
+        // Unsynced data no append waits for (or `IntervalMs`): sync when the interval is up.
+        let every = match s.config.flush {
+            FlushPolicy::Always => BACKGROUND_SYNC_MS,
+            FlushPolicy::IntervalMs(ms) => ms,
+        };
+        let due = a.last_sync + Duration::from_millis(every);
+        if log.clock.now() >= due {
+            start.sync = true;
+        } else {
+            start.sleep_until = Some(due);
+        }
+    }
+    start
 }
 
 impl PartitionLog {
     /// One group commit's write: everything pending, as concurrent aligned writes.
     pub(crate) async fn flush_pending(&self) {
-        let (file, flush, end_offset, alloc, punch) = {
+        let (file, flush, end_offset, alloc, punch, durable) = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
+            let hw = s.offsets.hw();
             let a = &mut s.appender;
             if a.pending.is_empty() {
                 return;
             }
-            a.flushing = true;
+            a.writing = true;
+            // A durable write vouches only for its own bytes: use one when a Synced append
+            // waits for this flush and everything before it is already durable.
+            let durable = a.durable_writes
+                && matches!(s.config.flush, FlushPolicy::Always)
+                && a.sync_wanted > hw
+                && a.synced_pos == a.written_pos
+                && !a.syncing;
             // Check before the write: the flush starts at the page holding the end of the
             // written data and its writes follow each other in file order.
             debug_assert_eq!(a.pending.start, align_down(a.written_pos));
@@ -562,7 +620,7 @@ impl PartitionLog {
             let punch = a.punch;
             a.attempted_pos = a.attempted_pos.max(flush.write_end);
             let file = s.active().file().clone();
-            (file, flush, s.offsets.log_end(), alloc, punch)
+            (file, flush, s.offsets.log_end(), alloc, punch, durable)
         };
         let result = async {
             if let Some((pos, len)) = punch {
@@ -577,12 +635,18 @@ impl PartitionLog {
             let writes: Vec<IoFuture<'_, ()>> = flush
                 .writes
                 .iter()
-                .map(|(buf, pos)| file.write_at(buf.clone(), *pos))
+                .map(|(buf, pos)| {
+                    if durable {
+                        file.write_durable_at(buf.clone(), *pos)
+                    } else {
+                        file.write_at(buf.clone(), *pos)
+                    }
+                })
                 .collect();
             let mut mark = 0usize;
             join_in_order(writes, |n| {
                 if n < flush.writes.len() {
-                    self.written_prefix(&flush.writes[..n], &flush.marks, &mut mark);
+                    self.written_prefix(&flush.writes[..n], &flush.marks, &mut mark, durable);
                 }
             })
             .await
@@ -590,7 +654,7 @@ impl PartitionLog {
         .await;
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        s.appender.flushing = false;
+        s.appender.writing = false;
         match result {
             Ok(()) => {
                 let a = &mut s.appender;
@@ -604,6 +668,9 @@ impl PartitionLog {
                 a.written_pos = flush.end_pos;
                 a.written_tail = flush.tail;
                 s.offsets.written(end_offset);
+                if durable {
+                    self.durable_to(s, end_offset, flush.end_pos);
+                }
             }
             // The allocation may have succeeded before a write failed; it is asked for again
             // next time, which is harmless.
@@ -613,13 +680,26 @@ impl PartitionLog {
         s.wake_all();
     }
 
+    /// Everything below `offset` (file position `pos`) is on stable storage, by durable writes
+    /// that followed durable data: the synced offset moves there and the index entries of the
+    /// batches below it are appended to the index files.
+    fn durable_to(&self, s: &mut State, offset: Offset, pos: u64) {
+        s.offsets.synced_to(offset);
+        let a = &mut s.appender;
+        a.synced_pos = a.synced_pos.max(pos);
+        a.last_sync = self.clock.now();
+        s.active_mut().persist_index(&self.dir, pos);
+    }
+
     /// The leading writes `written` of a flush have completed: the appends that end inside them
-    /// (`marks[*mark..]` onwards) are written. Advances the high watermark over them.
+    /// (`marks[*mark..]` onwards) are written (and durable, when the writes were). Advances the
+    /// high watermark over them.
     fn written_prefix(
         &self,
         written: &[(Rc<DmaBuffer>, u64)],
         marks: &[(u64, Offset)],
         mark: &mut usize,
+        durable: bool,
     ) {
         let Some((last, last_pos)) = written.last() else {
             return;
@@ -646,6 +726,9 @@ impl PartitionLog {
         s.appender.written_tail = buf.as_bytes()[from..from + (end_pos - page) as usize].to_vec();
         s.appender.written_pos = end_pos;
         s.offsets.written(end_offset);
+        if durable {
+            self.durable_to(s, end_offset, end_pos);
+        }
         s.debug_check_invariants();
         s.wake_all();
     }
@@ -655,7 +738,8 @@ impl PartitionLog {
     pub(crate) async fn sync_written(&self) {
         let (file, target, pos) = {
             let mut s = self.state.borrow_mut();
-            s.appender.flushing = true;
+            debug_assert!(!s.appender.syncing);
+            s.appender.syncing = true;
             (
                 s.active().file().clone(),
                 s.offsets.hw(),
@@ -665,7 +749,7 @@ impl PartitionLog {
         let r = file.sync().await;
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        s.appender.flushing = false;
+        s.appender.syncing = false;
         match r {
             Ok(()) => {
                 s.offsets.synced_to(target);

@@ -58,6 +58,11 @@ impl Deref for ReadBuf {
 /// return fewer bytes than asked at the end of the file; `sync` is fdatasync.
 pub trait SegmentFile {
     fn write_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()>;
+    /// `write_at` that completes only once its bytes are on stable storage (an `O_DSYNC`
+    /// write: the kernel makes it durable on completion, with a FUA write where the device
+    /// has one, else a cache flush). It vouches for its own range only, not for earlier
+    /// writes to the file.
+    fn write_durable_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()>;
     fn read_at(&self, pos: u64, len: usize) -> IoFuture<'_, ReadBuf>;
     fn sync(&self) -> IoFuture<'_, ()>;
     /// Reserves blocks up to `len` bytes; the file size becomes `len` (reads past the written
@@ -82,24 +87,52 @@ pub struct DmaIo;
 
 struct DmaSegment {
     file: DmaFile,
+    path: std::path::PathBuf,
+    /// A second descriptor of the same file opened with `O_DSYNC`, for durable writes; opened
+    /// at the first one (only partitions with acks=all traffic hold it) and closed when the
+    /// file is truncated (the segment is sealed, or recovered).
+    dsync: RefCell<Option<Rc<DmaFile>>>,
+}
+
+async fn write_whole(file: &DmaFile, buf: Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
+    debug_assert_eq!(pos % ALIGN_BYTES, 0);
+    let len = buf.len();
+    debug_assert_eq!(len as u64 % ALIGN_BYTES, 0);
+    let n = file.write_rc_at(buf, pos).await?;
+    if n != len {
+        // O_DIRECT writes inside pre-allocated space are not expected to be short; treat
+        // one as a failed write so the appender retries the whole range.
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write {n} of {len} at {pos}"),
+        ));
+    }
+    Ok(())
 }
 
 impl SegmentFile for DmaSegment {
     fn write_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()> {
+        Box::pin(write_whole(&self.file, buf, pos))
+    }
+    fn write_durable_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            debug_assert_eq!(pos % ALIGN_BYTES, 0);
-            let len = buf.len();
-            debug_assert_eq!(len as u64 % ALIGN_BYTES, 0);
-            let n = self.file.write_rc_at(buf, pos).await?;
-            if n != len {
-                // O_DIRECT writes inside pre-allocated space are not expected to be short; treat
-                // one as a failed write so the appender retries the whole range.
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("short write {n} of {len} at {pos}"),
-                ));
-            }
-            Ok(())
+            let open = self.dsync.borrow().clone();
+            let file = match open {
+                Some(f) => f,
+                None => {
+                    let f = Rc::new(
+                        OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .custom_flags(libc::O_DSYNC)
+                            .dma_open(&self.path)
+                            .await?,
+                    );
+                    // Two first writes may race to open it; either descriptor will do.
+                    self.dsync.borrow_mut().get_or_insert(f).clone()
+                }
+            };
+            write_whole(&file, buf, pos).await
         })
     }
     fn read_at(&self, pos: u64, len: usize) -> IoFuture<'_, ReadBuf> {
@@ -122,6 +155,8 @@ impl SegmentFile for DmaSegment {
         Box::pin(async move { Ok(self.file.deallocate(pos, len).await?) })
     }
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
+        // A truncation seals the segment (or ends its recovery): no more durable writes soon.
+        self.dsync.borrow_mut().take();
         Box::pin(async move { Ok(self.file.truncate(len).await?) })
     }
     fn size(&self) -> IoFuture<'_, u64> {
@@ -169,7 +204,11 @@ impl StorageIo for DmaIo {
                 .create(create)
                 .dma_open(&path)
                 .await?;
-            Ok(Rc::new(DmaSegment { file }) as Rc<dyn SegmentFile>)
+            Ok(Rc::new(DmaSegment {
+                file,
+                path,
+                dsync: RefCell::new(None),
+            }) as Rc<dyn SegmentFile>)
         })
     }
     fn sync_dir(&self, dir: &Path) -> IoFuture<'_, ()> {

@@ -24,6 +24,7 @@ pub(crate) fn idempotent_batch(pid: i64, epoch: i16, seq: i32, n: usize) -> Vec<
     b
 }
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -760,6 +761,8 @@ fn failed_fdatasync_fails_synced_appends_but_keeps_written_data() {
     let d = dir.path().to_path_buf();
     run(async move {
         let (log, faults) = open_faulty(&d, small_config()).await;
+        // The write + fdatasync path: a failed fdatasync leaves the write in place.
+        log.state.borrow_mut().appender.set_durable_writes(false);
         faults.sync_fails.set(true);
         let r = log
             .append(BytesMut::from(&batch(1, 10, 1, 1)[..]), Durability::Synced)
@@ -770,6 +773,41 @@ fn failed_fdatasync_fails_synced_appends_but_keeps_written_data() {
         let r = append(&log, &batch(1, 10, 2, 2), Durability::Synced).await;
         assert_eq!(r.base_offset, Offset(1));
         assert!(log.synced_offset() >= Offset(2));
+    });
+}
+
+/// With durable writes, a write whose durability fails is a failed write: its appends fail,
+/// nothing of it counts as written, and the next append takes its offsets.
+#[test]
+fn failed_durable_write_fails_its_appends_and_gives_their_offsets_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        log.state.borrow_mut().appender.set_durable_writes(true);
+        append(&log, &batch(1, 10, 0, 0), Durability::Synced).await;
+        assert_eq!(faults.durable_writes.get(), 1);
+        assert_eq!(
+            faults.syncs.get(),
+            0,
+            "the durable write needs no fdatasync"
+        );
+        faults.sync_fails.set(true);
+        let r = log
+            .append(BytesMut::from(&batch(1, 10, 1, 1)[..]), Durability::Synced)
+            .await;
+        assert!(matches!(r, Err(StorageError::Io(_))));
+        assert_eq!(
+            (log.high_watermark(), log.synced_offset()),
+            (Offset(1), Offset(1))
+        );
+        faults.sync_fails.set(false);
+        let b = batch(1, 10, 2, 2);
+        let r = append(&log, &b, Durability::Synced).await;
+        assert_eq!(r.base_offset, Offset(1));
+        assert!(log.synced_offset() >= Offset(2));
+        let all = read_all(&log, Offset(1), 1 << 20).await;
+        assert_eq!(all[0].to_vec(), at_offset(&b, Offset(1)));
     });
 }
 
@@ -860,6 +898,8 @@ fn idempotent_retry_waits_for_the_durability_of_the_original_batch() {
     let d = dir.path().to_path_buf();
     run(async move {
         let (log, faults) = open_faulty(&d, small_config()).await;
+        // The write + fdatasync path, where a batch can be written but not synced.
+        log.state.borrow_mut().appender.set_durable_writes(false);
         let b = idempotent_batch(42, 0, 0, 2);
         faults.sync_fails.set(true);
         assert!(matches!(
@@ -1704,6 +1744,152 @@ fn hostile_lengths_and_counts_in_files_at_start_up_are_ignored_or_truncated() {
         assert_eq!(r.base_offset, Offset(24));
         let r = append(&log, &idempotent_batch(5, 0, 27, 3), Durability::Written).await;
         assert_eq!(r.base_offset, Offset(27));
+        log.close().await.unwrap();
+    });
+}
+
+/// A power cut loses every write that no completed fdatasync or durable write covered
+/// (`Faults::power_cut`): whatever the commit path (write + fdatasync, or durable writes), every
+/// append acknowledged as `Synced` is found after the restart, at its offsets, byte for byte —
+/// with acks=1 and acks=0 appends interleaved, segments rolling, and appends still in flight at
+/// the cut.
+#[test]
+fn power_cut_keeps_every_append_acknowledged_as_synced() {
+    for durable_writes in [false, true] {
+        for cut_after in [5usize, 40, 90] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().to_path_buf();
+            run(async move {
+                let faults = Rc::new(Faults::default());
+                faults.model_power.set(true);
+                let io = Rc::new(FaultyIo {
+                    faults: faults.clone(),
+                });
+                let log = PartitionLog::open_with_io(
+                    &d,
+                    small_config(),
+                    BatchCache::new(1 << 20),
+                    io,
+                    Clock::system(),
+                )
+                .await
+                .expect("open");
+                log.state
+                    .borrow_mut()
+                    .appender
+                    .set_durable_writes(durable_writes);
+                // (base offset, stored bytes) of every append acknowledged as Synced.
+                let acked: Rc<RefCell<Acked>> = Rc::default();
+                let mut tasks = vec![];
+                for i in 0..120usize {
+                    let (log, acked) = (log.clone(), acked.clone());
+                    let durability = match i % 4 {
+                        0 | 1 => Durability::Synced,
+                        2 => Durability::Written,
+                        _ => Durability::Accepted,
+                    };
+                    tasks.push(glommio::spawn_local(async move {
+                        let b = batch(1 + i % 3, 300 + 37 * (i % 50), i as i64, i as u8);
+                        if let Ok(r) = log.append(BytesMut::from(&b[..]), durability).await {
+                            if durability == Durability::Synced {
+                                acked
+                                    .borrow_mut()
+                                    .push((r.base_offset, at_offset(&b, r.base_offset)));
+                            }
+                        }
+                    }));
+                    if i % 7 == 0 {
+                        glommio::yield_if_needed().await;
+                    }
+                }
+                {
+                    let acked = acked.clone();
+                    poll_until("enough Synced acknowledgements", move || {
+                        acked.borrow().len() >= cut_after.min(60)
+                    })
+                    .await;
+                }
+                // The power fails: nothing more reaches the files; the appends still waiting are
+                // cancelled; the I/O already issued completes before the files are cut back.
+                faults.crashed.set(true);
+                drop(tasks);
+                let weak = Rc::downgrade(&log);
+                drop(log);
+                poll_until("the log to be gone", || weak.upgrade().is_none()).await;
+                faults.power_cut().unwrap();
+
+                let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+                    .await
+                    .unwrap();
+                let acked = acked.take();
+                assert!(acked.len() >= cut_after.min(60));
+                for (base, bytes) in acked.iter() {
+                    let r = log
+                        .read(ReadOptions {
+                            start: *base,
+                            bytes_max: 1,
+                        })
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!("acknowledged batch at {base} lost ({durable_writes}): {e}")
+                        });
+                    assert_eq!(
+                        r.batches.first().map(|b| b.to_vec()).as_ref(),
+                        Some(bytes),
+                        "acknowledged batch at {base} (durable writes {durable_writes})"
+                    );
+                }
+                log.close().await.unwrap();
+            });
+        }
+    }
+}
+
+/// The power-cut model itself: a write no fdatasync covered is gone after the cut, one that an
+/// fdatasync covered is not.
+#[test]
+fn power_cut_drops_the_writes_no_sync_covered() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let fake = FakeClock::new(1_000);
+        let faults = Rc::new(Faults::default());
+        faults.model_power.set(true);
+        let io = Rc::new(FaultyIo {
+            faults: faults.clone(),
+        });
+        let log = PartitionLog::open_with_io(
+            &d,
+            small_config(),
+            BatchCache::new(1 << 20),
+            io,
+            Clock::fake(&fake),
+        )
+        .await
+        .expect("open");
+        let synced = batch(2, 500, 1, 1);
+        append(&log, &synced, Durability::Synced).await;
+        // Written, never synced: the periodic sync does not come (the clock stands still).
+        append(&log, &batch(2, 500, 2, 2), Durability::Written).await;
+        assert_eq!(log.synced_offset(), Offset(2));
+        faults.crashed.set(true);
+        let weak = Rc::downgrade(&log);
+        drop(log);
+        poll_until("the log to be gone", || weak.upgrade().is_none()).await;
+        faults.power_cut().unwrap();
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        assert_eq!(
+            log.log_end_offset(),
+            Offset(2),
+            "the unsynced batch is lost"
+        );
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(
+            all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+            vec![synced]
+        );
         log.close().await.unwrap();
     });
 }

@@ -1,6 +1,9 @@
 //! Fault-injecting storage I/O for tests: [`FaultyIo`] wraps the real [`DmaIo`] and, as its
 //! shared [`Faults`] say, fails writes with ENOSPC or EIO, tears writes in half, fails syncs and
-//! reads, or holds writes. Owned by the storage tests; compiled only into test builds and with the
+//! reads, or holds writes, and, when asked to (`Faults::model_power`), keeps what a power cut would
+//! leave of every file: [`Faults::power_cut`] puts each file back to the bytes that a completed
+//! fdatasync or durable write covered, dropping every write not yet synced. Owned by the storage
+//! tests; compiled only into test builds and with the
 //! `fault-injection` feature, never into a release binary.
 
 use std::cell::{Cell, RefCell};
@@ -35,7 +38,46 @@ pub struct Faults {
     /// Counts of operations seen, for assertions on group commit.
     pub writes: Cell<u64>,
     pub syncs: Cell<u64>,
+    pub durable_writes: Cell<u64>,
     pub removed: RefCell<Vec<PathBuf>>,
+    /// Files opened while set keep a model of their durable bytes, for [`Faults::power_cut`].
+    pub model_power: Cell<bool>,
+    durable: RefCell<Vec<Rc<RefCell<Durable>>>>,
+}
+
+/// What a power cut leaves of one file: its bytes as of the last completed fdatasync or
+/// durable write, and the completed writes no fdatasync has covered yet.
+struct Durable {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    unsynced: Vec<(u64, Vec<u8>)>,
+}
+
+impl Durable {
+    fn apply(&mut self, pos: u64, data: &[u8]) {
+        let (from, to) = (pos as usize, pos as usize + data.len());
+        if self.bytes.len() < to {
+            self.bytes.resize(to, 0);
+        }
+        self.bytes[from..to].copy_from_slice(data);
+    }
+}
+
+impl Faults {
+    /// The power fails: every write that no completed fdatasync or durable write covered is
+    /// lost. Call once the log is gone (after `crashed` was set and its I/O drained): each file
+    /// opened under `model_power` is rewritten with its durable bytes. Metadata (sizes,
+    /// allocations, truncations, punched ranges) is modelled as durable at once.
+    pub fn power_cut(&self) -> io::Result<()> {
+        self.crashed.set(true);
+        for d in self.durable.borrow().iter() {
+            let d = d.borrow();
+            if d.path.exists() {
+                std::fs::write(&d.path, &d.bytes)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Real files with injected faults: the seam used by the ENOSPC / I/O-error tests.
@@ -46,6 +88,7 @@ pub struct FaultyIo {
 struct FaultySegment {
     inner: Rc<dyn SegmentFile>,
     faults: Rc<Faults>,
+    durable: Option<Rc<RefCell<Durable>>>,
 }
 
 fn enospc() -> io::Error {
@@ -79,7 +122,54 @@ impl SegmentFile for FaultySegment {
                 }
                 return Err(eio());
             }
-            self.inner.write_at(buf, pos).await
+            let data = self.durable.as_ref().map(|_| buf.as_bytes().to_vec());
+            self.inner.write_at(buf, pos).await?;
+            if let (Some(d), Some(data)) = (&self.durable, data) {
+                d.borrow_mut().unsynced.push((pos, data));
+            }
+            Ok(())
+        })
+    }
+    fn write_durable_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let f = &self.faults;
+            f.writes.set(f.writes.get() + 1);
+            f.durable_writes.set(f.durable_writes.get() + 1);
+            while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            if f.crashed.get() {
+                return Err(eio());
+            }
+            if f.disk_full.get() {
+                return Err(enospc());
+            }
+            if f.torn_writes.get() > 0 {
+                f.torn_writes.set(f.torn_writes.get() - 1);
+                let half = align_down(buf.len() as u64 / 2) as usize;
+                if half > 0 {
+                    let mut part = glommio::allocate_dma_buffer_global(half);
+                    part.as_bytes_mut().copy_from_slice(&buf.as_bytes()[..half]);
+                    self.inner.write_at(Rc::new(part), pos).await?;
+                }
+                return Err(eio());
+            }
+            let delay_ms = f.sync_delay_ms.get();
+            if delay_ms > 0 {
+                glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            }
+            if f.sync_fails.get() {
+                // The bytes may have reached the file, but are not known to be durable.
+                self.inner.write_at(buf, pos).await?;
+                return Err(eio());
+            }
+            let data = self.durable.as_ref().map(|_| buf.as_bytes().to_vec());
+            // Like every I/O issued before a crash, it completes (and is durable).
+            self.inner.write_durable_at(buf, pos).await?;
+            if let (Some(d), Some(data)) = (&self.durable, data) {
+                d.borrow_mut().apply(pos, &data);
+            }
+            Ok(())
         })
     }
     fn read_at(&self, pos: u64, len: usize) -> IoFuture<'_, ReadBuf> {
@@ -101,7 +191,25 @@ impl SegmentFile for FaultySegment {
             if f.sync_fails.get() || f.crashed.get() {
                 return Err(eio());
             }
-            self.inner.sync().await
+            // The sync covers the writes completed before it was issued.
+            let covered = self
+                .durable
+                .as_ref()
+                .map(|d| std::mem::take(&mut d.borrow_mut().unsynced));
+            let r = self.inner.sync().await;
+            let ok = r.is_ok();
+            if let (Some(d), Some(covered)) = (&self.durable, covered) {
+                let mut d = d.borrow_mut();
+                if ok {
+                    for (pos, data) in &covered {
+                        d.apply(*pos, data);
+                    }
+                } else {
+                    let later = std::mem::replace(&mut d.unsynced, covered);
+                    d.unsynced.extend(later);
+                }
+            }
+            r
         })
     }
     fn allocate(&self, len: u64) -> IoFuture<'_, ()> {
@@ -112,7 +220,14 @@ impl SegmentFile for FaultySegment {
             if self.faults.disk_full.get() || self.faults.allocate_fails.get() {
                 return Err(enospc());
             }
-            self.inner.allocate(len).await
+            self.inner.allocate(len).await?;
+            if let Some(d) = &self.durable {
+                let mut d = d.borrow_mut();
+                if (d.bytes.len() as u64) < len {
+                    d.bytes.resize(len as usize, 0);
+                }
+            }
+            Ok(())
         })
     }
     fn punch(&self, pos: u64, len: u64) -> IoFuture<'_, ()> {
@@ -120,7 +235,15 @@ impl SegmentFile for FaultySegment {
             if self.faults.crashed.get() {
                 return Err(eio());
             }
-            self.inner.punch(pos, len).await
+            self.inner.punch(pos, len).await?;
+            if let Some(d) = &self.durable {
+                let mut d = d.borrow_mut();
+                let end = ((pos + len) as usize).min(d.bytes.len());
+                if (pos as usize) < end {
+                    d.bytes[pos as usize..end].fill(0);
+                }
+            }
+            Ok(())
         })
     }
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
@@ -128,7 +251,16 @@ impl SegmentFile for FaultySegment {
             if self.faults.crashed.get() {
                 return Err(eio());
             }
-            self.inner.truncate(len).await
+            self.inner.truncate(len).await?;
+            if let Some(d) = &self.durable {
+                let mut d = d.borrow_mut();
+                d.bytes.truncate(len as usize);
+                d.unsynced.retain(|(pos, _)| *pos < len);
+                for (pos, data) in d.unsynced.iter_mut() {
+                    data.truncate((len - *pos) as usize);
+                }
+            }
+            Ok(())
         })
     }
     fn size(&self) -> IoFuture<'_, u64> {
@@ -147,9 +279,22 @@ impl StorageIo for FaultyIo {
                 return Err(enospc());
             }
             let inner = DmaIo.open(&path, create).await?;
+            let durable = if self.faults.model_power.get() {
+                // What is in the file when it is opened survives a power cut (recovery syncs it).
+                let d = Rc::new(RefCell::new(Durable {
+                    bytes: std::fs::read(&path)?,
+                    path: path.clone(),
+                    unsynced: vec![],
+                }));
+                self.faults.durable.borrow_mut().push(d.clone());
+                Some(d)
+            } else {
+                None
+            };
             Ok(Rc::new(FaultySegment {
                 inner,
                 faults: self.faults.clone(),
+                durable,
             }) as Rc<dyn SegmentFile>)
         })
     }

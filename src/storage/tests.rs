@@ -84,7 +84,25 @@ pub(crate) async fn open_faulty_at(
     cfg: LogConfig,
     clock: Clock,
 ) -> (Rc<PartitionLog>, Rc<Faults>) {
-    let faults = Rc::new(Faults::default());
+    open_with_faults(dir, cfg, clock, Faults::default()).await
+}
+
+/// Faults that model a power cut: only what a completed sync covered survives `power_cut()`.
+fn power_model() -> Faults {
+    let f = Faults::default();
+    f.model_power.set(true);
+    f
+}
+
+/// A log over [`FaultyIo`] with `faults` set from the start (e.g. `model_power`, which must
+/// see every file the log opens).
+pub(crate) async fn open_with_faults(
+    dir: &Path,
+    cfg: LogConfig,
+    clock: Clock,
+    faults: Faults,
+) -> (Rc<PartitionLog>, Rc<Faults>) {
+    let faults = Rc::new(faults);
     let io = Rc::new(FaultyIo {
         faults: faults.clone(),
     });
@@ -1760,20 +1778,8 @@ fn power_cut_keeps_every_append_acknowledged_as_synced() {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path().to_path_buf();
             run(async move {
-                let faults = Rc::new(Faults::default());
-                faults.model_power.set(true);
-                let io = Rc::new(FaultyIo {
-                    faults: faults.clone(),
-                });
-                let log = PartitionLog::open_with_io(
-                    &d,
-                    small_config(),
-                    BatchCache::new(1 << 20),
-                    io,
-                    Clock::system(),
-                )
-                .await
-                .expect("open");
+                let (log, faults) =
+                    open_with_faults(&d, small_config(), Clock::system(), power_model()).await;
                 log.state
                     .borrow_mut()
                     .appender
@@ -1853,20 +1859,8 @@ fn power_cut_drops_the_writes_no_sync_covered() {
     let d = dir.path().to_path_buf();
     run(async move {
         let fake = FakeClock::new(1_000);
-        let faults = Rc::new(Faults::default());
-        faults.model_power.set(true);
-        let io = Rc::new(FaultyIo {
-            faults: faults.clone(),
-        });
-        let log = PartitionLog::open_with_io(
-            &d,
-            small_config(),
-            BatchCache::new(1 << 20),
-            io,
-            Clock::fake(&fake),
-        )
-        .await
-        .expect("open");
+        let (log, faults) =
+            open_with_faults(&d, small_config(), Clock::fake(&fake), power_model()).await;
         let synced = batch(2, 500, 1, 1);
         append(&log, &synced, Durability::Synced).await;
         // Written, never synced: the periodic sync does not come (the clock stands still).

@@ -98,30 +98,40 @@ fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
 
+impl FaultySegment {
+    /// The faults every write may meet, plain or durable: counted, held while
+    /// `hold_writes_from` covers it, failed after a crash or on a full disk, or torn (its first
+    /// half written, then EIO).
+    async fn write_faults(&self, buf: &Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
+        let f = &self.faults;
+        f.writes.set(f.writes.get() + 1);
+        while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if f.crashed.get() {
+            return Err(eio());
+        }
+        if f.disk_full.get() {
+            return Err(enospc());
+        }
+        if f.torn_writes.get() > 0 {
+            f.torn_writes.set(f.torn_writes.get() - 1);
+            let half = align_down(buf.len() as u64 / 2) as usize;
+            if half > 0 {
+                let mut part = glommio::allocate_dma_buffer_global(half);
+                part.as_bytes_mut().copy_from_slice(&buf.as_bytes()[..half]);
+                self.inner.write_at(Rc::new(part), pos).await?;
+            }
+            return Err(eio());
+        }
+        Ok(())
+    }
+}
+
 impl SegmentFile for FaultySegment {
     fn write_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let f = &self.faults;
-            f.writes.set(f.writes.get() + 1);
-            while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
-                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            if f.crashed.get() {
-                return Err(eio());
-            }
-            if f.disk_full.get() {
-                return Err(enospc());
-            }
-            if f.torn_writes.get() > 0 {
-                f.torn_writes.set(f.torn_writes.get() - 1);
-                let half = align_down(buf.len() as u64 / 2) as usize;
-                if half > 0 {
-                    let mut part = glommio::allocate_dma_buffer_global(half);
-                    part.as_bytes_mut().copy_from_slice(&buf.as_bytes()[..half]);
-                    self.inner.write_at(Rc::new(part), pos).await?;
-                }
-                return Err(eio());
-            }
+            self.write_faults(&buf, pos).await?;
             let data = self.durable.as_ref().map(|_| buf.as_bytes().to_vec());
             self.inner.write_at(buf, pos).await?;
             if let (Some(d), Some(data)) = (&self.durable, data) {
@@ -133,27 +143,8 @@ impl SegmentFile for FaultySegment {
     fn write_durable_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let f = &self.faults;
-            f.writes.set(f.writes.get() + 1);
             f.durable_writes.set(f.durable_writes.get() + 1);
-            while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
-                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            if f.crashed.get() {
-                return Err(eio());
-            }
-            if f.disk_full.get() {
-                return Err(enospc());
-            }
-            if f.torn_writes.get() > 0 {
-                f.torn_writes.set(f.torn_writes.get() - 1);
-                let half = align_down(buf.len() as u64 / 2) as usize;
-                if half > 0 {
-                    let mut part = glommio::allocate_dma_buffer_global(half);
-                    part.as_bytes_mut().copy_from_slice(&buf.as_bytes()[..half]);
-                    self.inner.write_at(Rc::new(part), pos).await?;
-                }
-                return Err(eio());
-            }
+            self.write_faults(&buf, pos).await?;
             let delay_ms = f.sync_delay_ms.get();
             if delay_ms > 0 {
                 glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;

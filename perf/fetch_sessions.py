@@ -88,9 +88,10 @@ def broker_cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def run(mode, addr, pid, topic, partitions, fetches, produce_every, producer):
-    offsets = [0] * partitions
-    produced = [0] * partitions
+def run(mode, addr, pid, topic, partitions, fetches, produce_every, producer, produced):
+    """One run; `produced` (each partition's log end) carries over from run to run, and the
+    consumer starts at the log end, so every run sees only its own records."""
+    offsets = list(produced)
     changed = set()
     next_p = 0
     s = socket.create_connection(addr)
@@ -144,7 +145,13 @@ def main():
     ap.add_argument("--produce-every", type=int, default=10)
     ap.add_argument("--cores", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--broker-cpu", type=int, default=0,
+                    help="pin the broker to this CPU, and this client to the next (-1: no pinning)")
     a = ap.parse_args()
+    pin = []
+    if a.broker_cpu >= 0 and shutil.which("taskset"):
+        pin = ["taskset", "-c", str(a.broker_cpu)]
+        os.sched_setaffinity(0, {(a.broker_cpu + 1) % os.cpu_count()})
 
     d = tempfile.mkdtemp(prefix="sluice-perf-sessions-")
     with socket.socket() as probe:
@@ -153,7 +160,7 @@ def main():
     addr = ("127.0.0.1", port)
     log = open(os.path.join(d, "broker.log"), "wb")
     broker = subprocess.Popen(
-        [a.sluice, "start", "--data-dir", os.path.join(d, "data"), "--listen",
+        pin + [a.sluice, "start", "--data-dir", os.path.join(d, "data"), "--listen",
          f"127.0.0.1:{port}", "--cores", str(a.cores), "--segment-bytes", str(8 << 20)],
         stdout=log, stderr=log)
     try:
@@ -175,16 +182,21 @@ def main():
         print(f"{a.partitions} partitions, {a.fetches} fetches per run, one record every "
               f"{a.produce_every} fetches, broker --cores {a.cores}")
         print("mode        request B/fetch  response B/fetch  broker CPU ms/1k fetches  fetches/s")
+        produced = [0] * a.partitions
         for _ in range(a.rounds):
             for mode in ("sessionless", "session"):
                 r = run(mode, addr, broker.pid, topic, a.partitions, a.fetches,
-                        a.produce_every, producer)
+                        a.produce_every, producer, produced)
                 print(f"{r['mode']:<11} {r['req_b']:>15,.0f}  {r['resp_b']:>16,.0f}  "
                       f"{r['cpu_ms_per_1k']:>24,.0f}  {r['fetches_per_s']:>9,.0f}")
         producer.close()
     finally:
         broker.terminate()
-        broker.wait(30)
+        try:
+            broker.wait(120)  # closing 1,000 partition logs syncs each one
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
         log.close()
         shutil.rmtree(d, ignore_errors=True)
 

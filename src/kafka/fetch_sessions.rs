@@ -237,8 +237,8 @@ impl SessionCache {
         id: i32,
         epoch: i32,
         uses_topic_ids: bool,
-        fetch: &[PartUpdate],
-        forget: &[PartUpdate],
+        fetch: impl IntoIterator<Item = PartUpdate>,
+        forget: impl IntoIterator<Item = PartUpdate>,
         now_ms: u64,
     ) -> Result<(Vec<CachedPart>, i32), SessionError> {
         let s = self.sessions.get_mut(&id).ok_or(SessionError::NotFound)?;
@@ -281,8 +281,10 @@ impl SessionCache {
                 }
             }
         }
-        if !too_big && !forget.is_empty() {
-            let mut removed = false;
+        if !too_big {
+            // Marked here, dropped below in one pass: a long forgotten list costs one lookup per
+            // entry, and the mask is sized by the session, not by the request.
+            let mut gone: Option<Vec<bool>> = None;
             for u in forget {
                 let key = if uses_topic_ids {
                     PartKey::Id(u.topic_id, u.partition)
@@ -290,17 +292,15 @@ impl SessionCache {
                     PartKey::Name(u.topic_name.clone(), u.partition)
                 };
                 if let Some(i) = s.index.remove(&key) {
-                    // Marked here, dropped below in one pass: a long forgotten list costs one
-                    // lookup per entry.
-                    s.parts[i].partition = -1;
-                    s.parts[i].fetch_offset = i64::MIN;
-                    removed = true;
+                    gone.get_or_insert_with(|| vec![false; s.parts.len()])[i] = true;
                 }
             }
-            if removed {
+            if let Some(gone) = gone {
                 let mut freed = 0;
+                let mut i = 0;
                 s.parts.retain(|p| {
-                    let keep = !(p.partition == -1 && p.fetch_offset == i64::MIN);
+                    let keep = !gone[i];
+                    i += 1;
                     if !keep {
                         freed += p.cost();
                     }
@@ -374,6 +374,13 @@ impl SessionCache {
             s.reindex();
         }
         Ok(named)
+    }
+
+    /// Whether a session of `parts` partitions could fit at all: checked before a full fetch's
+    /// partitions are copied for [`SessionCache::create`], so a request naming millions of them
+    /// costs no copy.
+    pub fn could_hold(parts: usize) -> bool {
+        parts.saturating_mul(PART_COST) <= SESSION_BYTES_MAX
     }
 
     /// Creates a session for a full fetch of `parts` (with what its response told the client),
@@ -562,23 +569,28 @@ mod tests {
         let mut c = SessionCache::new(0, 1, 10, 1 << 20);
         let id = c.create(false, vec![part("t", 0)], 0, counter());
         assert_eq!(
-            c.begin_incremental(id + 1, 1, false, &[], &[], 0)
+            c.begin_incremental(id + 1, 1, false, vec![], vec![], 0)
                 .unwrap_err(),
             SessionError::NotFound
         );
         assert_eq!(
-            c.begin_incremental(id, 2, false, &[], &[], 0).unwrap_err(),
+            c.begin_incremental(id, 2, false, vec![], vec![], 0)
+                .unwrap_err(),
             SessionError::InvalidEpoch
         );
         assert_eq!(
-            c.begin_incremental(id, 1, true, &[], &[], 0).unwrap_err(),
+            c.begin_incremental(id, 1, true, vec![], vec![], 0)
+                .unwrap_err(),
             SessionError::TopicIdError
         );
-        let (parts, e) = c.begin_incremental(id, 1, false, &[], &[], 0).unwrap();
+        let (parts, e) = c
+            .begin_incremental(id, 1, false, vec![], vec![], 0)
+            .unwrap();
         assert_eq!((parts.len(), e), (1, 2));
         // The same epoch again is stale now.
         assert_eq!(
-            c.begin_incremental(id, 1, false, &[], &[], 0).unwrap_err(),
+            c.begin_incremental(id, 1, false, vec![], vec![], 0)
+                .unwrap_err(),
             SessionError::InvalidEpoch
         );
     }
@@ -593,8 +605,8 @@ mod tests {
                 id,
                 1,
                 false,
-                &[upd("t", 1, 50), upd("u", 0, 3)],
-                &[upd("t", 0, 0), upd("nope", 9, 0)],
+                vec![upd("t", 1, 50), upd("u", 0, 3)],
+                vec![upd("t", 0, 0), upd("nope", 9, 0)],
                 0,
             )
             .unwrap();
@@ -618,7 +630,9 @@ mod tests {
             0,
             counter(),
         );
-        let (_, e) = c.begin_incremental(id, 1, false, &[], &[], 0).unwrap();
+        let (_, e) = c
+            .begin_incremental(id, 1, false, vec![], vec![], 0)
+            .unwrap();
         let data = PartOutcome {
             has_records: true,
             ..quiet(5)
@@ -631,7 +645,9 @@ mod tests {
         assert_eq!(order, vec![0, 2, 1]);
         // Nothing new: nothing named; an error is always named, and once it clears the
         // partition is named again.
-        let (_, e) = c.begin_incremental(id, e, false, &[], &[], 0).unwrap();
+        let (_, e) = c
+            .begin_incremental(id, e, false, vec![], vec![], 0)
+            .unwrap();
         let err = PartOutcome {
             error: true,
             ..quiet(-1)
@@ -641,13 +657,17 @@ mod tests {
                 .unwrap(),
             vec![false, false, false]
         );
-        let (_, e) = c.begin_incremental(id, e, false, &[], &[], 0).unwrap();
+        let (_, e) = c
+            .begin_incremental(id, e, false, vec![], vec![], 0)
+            .unwrap();
         assert_eq!(
             c.finish_incremental(id, e, &[err, quiet(0), quiet(5)])
                 .unwrap(),
             vec![true, false, false]
         );
-        let (_, e) = c.begin_incremental(id, e, false, &[], &[], 0).unwrap();
+        let (_, e) = c
+            .begin_incremental(id, e, false, vec![], vec![], 0)
+            .unwrap();
         // order is now [2, 1, 0]
         assert_eq!(
             c.finish_incremental(id, e, &[quiet(0), quiet(5), quiet(0)])
@@ -655,7 +675,9 @@ mod tests {
             vec![false, false, true]
         );
         // A log start change is named too.
-        let (_, e) = c.begin_incremental(id, e, false, &[], &[], 0).unwrap();
+        let (_, e) = c
+            .begin_incremental(id, e, false, vec![], vec![], 0)
+            .unwrap();
         let moved = PartOutcome {
             log_start_offset: 3,
             ..quiet(0)
@@ -671,8 +693,12 @@ mod tests {
     fn a_concurrent_request_makes_the_older_one_invalid_epoch() {
         let mut c = SessionCache::new(0, 1, 10, 1 << 20);
         let id = c.create(false, vec![part("t", 0)], 0, counter());
-        let (_, e1) = c.begin_incremental(id, 1, false, &[], &[], 0).unwrap();
-        let (_, e2) = c.begin_incremental(id, e1, false, &[], &[], 0).unwrap();
+        let (_, e1) = c
+            .begin_incremental(id, 1, false, vec![], vec![], 0)
+            .unwrap();
+        let (_, e2) = c
+            .begin_incremental(id, e1, false, vec![], vec![], 0)
+            .unwrap();
         assert_eq!(
             c.finish_incremental(id, e1, &[quiet(0)]).unwrap_err(),
             SessionError::InvalidEpoch
@@ -686,10 +712,10 @@ mod tests {
         let id = c.create(false, vec![part("t", 0)], 0, counter());
         c.sessions.get_mut(&id).unwrap().epoch = i32::MAX;
         let (_, e) = c
-            .begin_incremental(id, i32::MAX, false, &[], &[], 0)
+            .begin_incremental(id, i32::MAX, false, vec![], vec![], 0)
             .unwrap();
         assert_eq!(e, 1);
-        assert!(c.begin_incremental(id, 1, false, &[], &[], 0).is_ok());
+        assert!(c.begin_incremental(id, 1, false, vec![], vec![], 0).is_ok());
     }
 
     #[test]
@@ -706,7 +732,7 @@ mod tests {
         assert!(mid > 0);
         assert!(c.parts(small).is_none() && c.parts(big).is_some());
         // Once `big` is stale, even a one-partition session evicts it.
-        c.begin_incremental(mid, 1, false, &[], &[], SESSION_EVICTION_MS)
+        c.begin_incremental(mid, 1, false, vec![], vec![], SESSION_EVICTION_MS)
             .unwrap();
         let tiny = c.create(false, vec![part("v", 0)], SESSION_EVICTION_MS, &mut r);
         assert!(tiny > 0);
@@ -729,7 +755,7 @@ mod tests {
         // Growing past the budget ends the session.
         let adds: Vec<_> = (100..110).map(|p| upd("t", p, 0)).collect();
         assert_eq!(
-            c.begin_incremental(id, 1, false, &adds, &[], 0)
+            c.begin_incremental(id, 1, false, adds, vec![], 0)
                 .unwrap_err(),
             SessionError::NotFound
         );

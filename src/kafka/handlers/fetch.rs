@@ -94,9 +94,15 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 Mode::Full
             }
         } else {
-            let (fetch, forget) = session_updates(&request, uses_ids);
             let begun = sessions::with_cache(shard_id, shards, |c| {
-                c.begin_incremental(id, epoch, uses_ids, &fetch, &forget, now_ms())
+                c.begin_incremental(
+                    id,
+                    epoch,
+                    uses_ids,
+                    session_adds(&request, uses_ids),
+                    session_forgets(&request, uses_ids),
+                    now_ms(),
+                )
             });
             match begun {
                 Ok((parts, epoch)) => {
@@ -172,7 +178,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .collect();
     let results = fetch_ready(&request, &topics, &clock, &broker).await;
     let session_id = match mode {
-        Mode::Full => {
+        Mode::Full
+            if sessions::SessionCache::could_hold(topics.iter().map(|t| t.parts.len()).sum()) =>
+        {
             let parts: Vec<sessions::CachedPart> = topics
                 .iter()
                 .zip(&results)
@@ -204,7 +212,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 c.create(uses_ids, parts, now_ms(), sessions::random_u32)
             })
         }
-        Mode::Sessionless => 0,
+        // Too many partitions for any session: served sessionless.
+        Mode::Full | Mode::Sessionless => 0,
     };
     Response::Frames(encode(
         req.version,
@@ -228,40 +237,41 @@ fn session_error(req: &Request<'_>, e: sessions::SessionError) -> Response {
     ))
 }
 
-/// The partitions an incremental request adds or changes, and those it forgets.
-fn session_updates(
+/// The partitions an incremental request adds or changes, one at a time (nothing is copied
+/// for the whole list).
+fn session_adds(
     request: &FetchRequest,
     uses_ids: bool,
-) -> (Vec<sessions::PartUpdate>, Vec<sessions::PartUpdate>) {
-    let mut fetch = Vec::new();
-    for t in &request.topics {
+) -> impl Iterator<Item = sessions::PartUpdate> + '_ {
+    request.topics.iter().flat_map(move |t| {
         let name: std::rc::Rc<str> =
             std::rc::Rc::from(if uses_ids { "" } else { t.topic.as_str() });
-        for p in &t.partitions {
-            fetch.push(sessions::PartUpdate {
-                topic_id: *t.topic_id.as_bytes(),
-                topic_name: name.clone(),
-                partition: p.partition,
-                fetch_offset: p.fetch_offset,
-                partition_max_bytes: p.partition_max_bytes,
-            });
-        }
-    }
-    let mut forget = Vec::new();
-    for t in &request.forgotten_topics_data {
+        t.partitions.iter().map(move |p| sessions::PartUpdate {
+            topic_id: *t.topic_id.as_bytes(),
+            topic_name: name.clone(),
+            partition: p.partition,
+            fetch_offset: p.fetch_offset,
+            partition_max_bytes: p.partition_max_bytes,
+        })
+    })
+}
+
+/// The partitions an incremental request forgets, one at a time.
+fn session_forgets(
+    request: &FetchRequest,
+    uses_ids: bool,
+) -> impl Iterator<Item = sessions::PartUpdate> + '_ {
+    request.forgotten_topics_data.iter().flat_map(move |t| {
         let name: std::rc::Rc<str> =
             std::rc::Rc::from(if uses_ids { "" } else { t.topic.as_str() });
-        for &p in &t.partitions {
-            forget.push(sessions::PartUpdate {
-                topic_id: *t.topic_id.as_bytes(),
-                topic_name: name.clone(),
-                partition: p,
-                fetch_offset: 0,
-                partition_max_bytes: 0,
-            });
-        }
-    }
-    (fetch, forget)
+        t.partitions.iter().map(move |&p| sessions::PartUpdate {
+            topic_id: *t.topic_id.as_bytes(),
+            topic_name: name.clone(),
+            partition: p,
+            fetch_offset: 0,
+            partition_max_bytes: 0,
+        })
+    })
 }
 
 /// A session's partitions as the topics a fetch reads, in the session's order: consecutive

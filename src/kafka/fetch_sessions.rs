@@ -253,11 +253,8 @@ impl SessionCache {
         for u in fetch {
             let part = CachedPart {
                 topic_id: u.topic_id,
-                topic_name: if uses_topic_ids {
-                    Rc::from("")
-                } else {
-                    u.topic_name.clone()
-                },
+                // Empty for a topic-id session (the request's names are empty from v13).
+                topic_name: u.topic_name,
                 partition: u.partition,
                 fetch_offset: u.fetch_offset,
                 partition_max_bytes: u.partition_max_bytes,
@@ -401,9 +398,10 @@ impl SessionCache {
             cost: 0,
             last_used_ms: now_ms,
         };
+        let no_name: Rc<str> = Rc::from("");
         for mut p in parts {
             if uses_topic_ids {
-                p.topic_name = Rc::from("");
+                p.topic_name = no_name.clone();
             }
             let key = p.key(uses_topic_ids);
             if let Some(&i) = s.index.get(&key) {

@@ -601,15 +601,15 @@ fn encode(
         glue.put_i32(session_id);
     }
     let kept = |t: usize, p: usize| keep.is_none_or(|k| k[t][p]);
-    let named_topics = (0..topics.len())
-        .filter(|&t| (0..topics[t].parts.len()).any(|p| kept(t, p)))
-        .count();
+    // A full response names every requested topic, even one listed without partitions.
+    let named = |t: usize| keep.is_none() || (0..topics[t].parts.len()).any(|p| kept(t, p));
+    let named_topics = (0..topics.len()).filter(|&t| named(t)).count();
     put_array_len(&mut glue, flexible, named_topics);
     for (ti, (t, rs)) in topics.iter().zip(results).enumerate() {
-        let named_parts = (0..t.parts.len()).filter(|&p| kept(ti, p)).count();
-        if named_parts == 0 {
+        if !named(ti) {
             continue;
         }
+        let named_parts = (0..t.parts.len()).filter(|&p| kept(ti, p)).count();
         if version >= 13 {
             glue.put_slice(&t.id);
         } else if flexible {
@@ -731,6 +731,37 @@ mod tests {
                 assert_eq!(r.responses[0].topic_id.as_bytes(), &[9; 16]);
             } else {
                 assert_eq!(r.responses[0].topic.as_str(), "orders");
+            }
+
+            // Incremental: only the kept partitions, topics without any left out.
+            if version >= 7 {
+                for (keep, named) in [
+                    (vec![vec![false, true]], vec![1]),
+                    (vec![vec![true, false]], vec![0]),
+                    (vec![vec![false, false]], vec![]),
+                ] {
+                    let parts = encode(version, 43, (NONE, 77), &topics, &results, Some(&keep));
+                    let mut all = BytesMut::new();
+                    for p in &parts {
+                        all.extend_from_slice(p);
+                    }
+                    let mut all = all.freeze();
+                    let len = i32::from_be_bytes(all[..4].try_into().unwrap()) as usize;
+                    assert_eq!(len, all.len() - 4, "v{version}");
+                    let _ = all.split_to(4);
+                    kafka_protocol::messages::ResponseHeader::decode(&mut all, header_version)
+                        .unwrap();
+                    let r = FetchResponse::decode(&mut all, version).unwrap();
+                    assert!(all.is_empty(), "v{version}: trailing bytes");
+                    assert_eq!(r.session_id, 77);
+                    let got: Vec<i32> = r
+                        .responses
+                        .iter()
+                        .flat_map(|t| t.partitions.iter().map(|p| p.partition_index))
+                        .collect();
+                    assert_eq!(got, named, "v{version}");
+                    assert_eq!(r.responses.len(), usize::from(!named.is_empty()));
+                }
             }
         }
     }

@@ -324,9 +324,9 @@ impl SessionCache {
 
     /// Ends an incremental fetch that read the partitions [`SessionCache::begin_incremental`]
     /// returned, in that order, with `outcomes`: returns which of them the response names, and
-    /// remembers what it tells the client. Partitions named move to the end of the session, so
-    /// that when the response budget runs out the others are read first next time (Kafka does
-    /// the same). Fails with INVALID_FETCH_SESSION_EPOCH if another request moved the session
+    /// remembers what it tells the client. Partitions that returned records move to the end of
+    /// the session, so that when the response budget runs out the others are read first next
+    /// time (Kafka does the same). Fails with INVALID_FETCH_SESSION_EPOCH if another request moved the session
     /// on meanwhile, and FETCH_SESSION_ID_NOT_FOUND if it was evicted.
     pub fn finish_incremental(
         &mut self,
@@ -339,7 +339,7 @@ impl SessionCache {
             return Err(SessionError::InvalidEpoch);
         }
         let mut named = Vec::with_capacity(outcomes.len());
-        let mut any = false;
+        let mut any_records = false;
         for (p, o) in s.parts.iter_mut().zip(outcomes) {
             let changed = o.has_records
                 || o.error
@@ -353,14 +353,14 @@ impl SessionCache {
                 p.high_watermark = o.high_watermark;
                 p.log_start_offset = o.log_start_offset;
             }
-            any |= changed;
+            any_records |= o.has_records;
             named.push(changed);
         }
-        if any && named.iter().any(|n| !n) {
+        if any_records && outcomes.iter().any(|o| !o.has_records) {
             let mut quiet = Vec::with_capacity(s.parts.len());
             let mut loud = Vec::new();
-            for (p, n) in s.parts.drain(..).zip(&named) {
-                if *n {
+            for (p, o) in s.parts.drain(..).zip(outcomes) {
+                if o.has_records {
                     loud.push(p);
                 } else {
                     quiet.push(p);
@@ -666,12 +666,15 @@ mod tests {
         let (_, e) = c
             .begin_incremental(id, e, false, vec![], vec![], 0)
             .unwrap();
-        // order is now [2, 1, 0]
+        // Only partitions that returned records move, so the order is still [0, 2, 1]; and
+        // partition 0 is named again now that its error has cleared.
         assert_eq!(
-            c.finish_incremental(id, e, &[quiet(0), quiet(5), quiet(0)])
+            c.finish_incremental(id, e, &[quiet(0), quiet(0), quiet(5)])
                 .unwrap(),
-            vec![false, false, true]
+            vec![true, false, false]
         );
+        let order: Vec<_> = c.parts(id).unwrap().iter().map(|p| p.partition).collect();
+        assert_eq!(order, vec![0, 2, 1]);
         // A log start change is named too.
         let (_, e) = c
             .begin_incremental(id, e, false, vec![], vec![], 0)
@@ -681,7 +684,7 @@ mod tests {
             ..quiet(0)
         };
         assert_eq!(
-            c.finish_incremental(id, e, &[moved, quiet(5), quiet(0)])
+            c.finish_incremental(id, e, &[moved, quiet(0), quiet(5)])
                 .unwrap(),
             vec![true, false, false]
         );

@@ -245,9 +245,8 @@ fn incremental_semantics(version: i16) {
     assert_eq!(full.parts.len(), 4);
     let id = full.session_id;
 
-    // Nothing new: an empty response (the client's offsets are still 0, but the records there
-    // were already returned: this consumer did not advance, so the broker must re-send them).
-    // Kafka re-sends records at the cached fetch offset: partitions 0 and 1 still have data.
+    // The client did not advance (its cached fetch offsets are still 0): the records there are
+    // read again and named again, partitions 2 and 3 (nothing new) are left out.
     let again = fetch(&mut r, version, &request(id, 1, vec![]));
     assert_eq!((again.error, again.session_id), (NONE, id));
     assert_eq!(
@@ -664,9 +663,8 @@ fn hostile_session_fields_keep_the_broker_serving() {
     assert_eq!(a.parts[0].4, vec![b"still here".to_vec()]);
 }
 
-/// Epochs wrap from i32::MAX to 1 (Kafka's `nextEpoch`): driven to the edge over the wire
-/// would take 2^31 requests, so this checks the wrap through the cache's own test and here only
-/// that a long run of epochs keeps working.
+/// A long run of incremental epochs keeps one session. (The wrap from i32::MAX to 1, Kafka's
+/// `nextEpoch`, would take 2^31 requests over the wire: the cache's unit tests cover it.)
 #[test]
 fn a_long_run_of_epochs_keeps_the_session() {
     let b = Broker::start();

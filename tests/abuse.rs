@@ -1,7 +1,7 @@
 //! Abuse of the network layer by clients that are not malformed, only hostile or broken: many
 //! connections holding partial frames, frames that declare the largest size and stall, clients
 //! that really send large frames at once, a client that never reads its responses, idle
-//! connections. In each case other clients keep being served, the broker's memory stays within
+//! connections, a client opening fetch sessions past the session cache's budget. In each case other clients keep being served, the broker's memory stays within
 //! its documented limits (`request_bytes_max`, `inflight_requests_max`,
 //! `shard_request_bytes_max`, `stall_timeout_ms`, `connection_idle_ms`), and the stalled peer is
 //! closed.
@@ -448,4 +448,74 @@ fn a_fetch_listing_one_cold_partition_many_times_reads_only_its_byte_budget() {
         b.stderr()
     );
     assert_healthy(&b, peak_before, "pipelined cold fetches never read");
+}
+
+/// Fetch sessions cannot hold more than the cache's budget: one client opens session after
+/// session, each naming 20,000 partitions of a 249-character topic name (about 7 MB of session
+/// state each, 50 of them ~360 MB if all were kept); the cache keeps what fits in its 64 MiB per
+/// shard, serves the rest sessionless, and the broker's peak memory stays bounded.
+#[test]
+fn fetch_sessions_are_held_within_the_cache_budget() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{
+        BrokerId, FetchRequest, FetchResponse, RequestHeader, ResponseHeader, TopicName,
+    };
+    use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+
+    const SESSIONS: i32 = 50;
+    const PARTITIONS: i32 = 20_000;
+    let b = abused_broker();
+    let peak_before = peak_rss(&b);
+    let name = TopicName(StrBytes::from_string("s".repeat(249)));
+    let request = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_session_id(0)
+        .with_session_epoch(0)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(name)
+            .with_partitions(
+                (0..PARTITIONS)
+                    .map(|p| {
+                        FetchPartition::default()
+                            .with_partition(p)
+                            .with_partition_max_bytes(1 << 20)
+                    })
+                    .collect(),
+            )]);
+    let mut frame = bytes::BytesMut::new();
+    frame.extend_from_slice(&[0; 4]);
+    RequestHeader::default()
+        .with_request_api_key(1)
+        .with_request_api_version(12)
+        .with_correlation_id(7)
+        .encode(&mut frame, 2)
+        .expect("encode header");
+    request.encode(&mut frame, 12).expect("encode fetch");
+    let len = (frame.len() - 4) as i32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    let mut s = connect(b.addr);
+    let mut opened = 0;
+    let mut sessionless = 0;
+    for _ in 0..SESSIONS {
+        s.write_all(&frame).expect("send fetch");
+        let mut body = bytes::Bytes::from(read_response(&mut s));
+        ResponseHeader::decode(&mut body, 1).expect("response header");
+        let r = FetchResponse::decode(&mut body, 12).expect("fetch response");
+        assert_eq!(r.error_code, 0);
+        assert_eq!(r.responses[0].partitions.len(), PARTITIONS as usize);
+        if r.session_id > 0 {
+            opened += 1;
+        } else {
+            sessionless += 1;
+        }
+    }
+    assert!(opened >= 1, "sessions are opened while they fit");
+    assert!(
+        sessionless > 0,
+        "{opened} sessions of 20,000 partitions: more than the cache budget holds"
+    );
+    // 64 MiB per shard, each session charged ~7 MB: about 8 fit.
+    assert!(opened <= 10, "{opened} sessions held");
+    assert_healthy(&b, peak_before, "50 fetch sessions of 20,000 partitions");
 }

@@ -880,3 +880,73 @@ fn log_append_time_topic_stamps_broker_time() {
         other => panic!("expected LogAppendTime, got {other:?}"),
     }
 }
+
+/// One librdkafka consumer assigned 300 partitions over two shards reads every record in order,
+/// stays quiet while they are idle, and receives new records on a few of them. (librdkafka 2.12
+/// does not use fetch sessions: it sends session id 0, epoch -1, so this covers the sessionless
+/// path with many partitions; kafka-python covers sessions, tests/python/test_fetch_sessions.py.)
+#[test]
+fn one_consumer_reads_many_partitions() {
+    const PARTITIONS: i32 = 300;
+    let b = Broker::options().cores(2).start();
+    let t = topic_name("many");
+    create_topic(&b, &t, PARTITIONS, &[]);
+    let p = producer(&b.bootstrap(), &[]);
+    let mut pending = Vec::new();
+    for i in 0..2 {
+        for part in 0..PARTITIONS {
+            let v = format!("{part}-{i}");
+            let fut = p
+                .send_result(
+                    FutureRecord::<[u8], [u8]>::to(&t)
+                        .partition(part)
+                        .payload(v.as_bytes()),
+                )
+                .map_err(|(e, _)| e)
+                .expect("enqueue");
+            pending.push(fut);
+        }
+    }
+    for fut in pending {
+        block_on(fut).expect("delivery").expect("delivered");
+    }
+    let c = consumer(&b.bootstrap(), &[("fetch.wait.max.ms", "200")]);
+    let mut tpl = TopicPartitionList::new();
+    for part in 0..PARTITIONS {
+        tpl.add_partition_offset(&t, part, Offset::Offset(0))
+            .expect("tpl");
+    }
+    c.assign(&tpl).expect("assign");
+    let read = |n: usize| {
+        let mut got: std::collections::BTreeMap<i32, Vec<String>> = Default::default();
+        let deadline = Instant::now() + WAIT;
+        let mut count = 0;
+        while count < n {
+            assert!(Instant::now() < deadline, "read {count} of {n} records");
+            match c.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Ok(m)) => {
+                    let v = String::from_utf8(m.payload().unwrap_or_default().to_vec()).unwrap();
+                    got.entry(m.partition()).or_default().push(v);
+                    count += 1;
+                }
+                Some(Err(e)) => panic!("consumer error: {e}"),
+            }
+        }
+        got
+    };
+    let got = read(2 * PARTITIONS as usize);
+    for part in 0..PARTITIONS {
+        assert_eq!(got[&part], vec![format!("{part}-0"), format!("{part}-1")]);
+    }
+    assert_no_more(&c);
+    for part in [3, 150, 299] {
+        send_value(&p, &t, part, format!("{part}-new").as_bytes());
+    }
+    let got = read(3);
+    assert_eq!(got.len(), 3);
+    for part in [3, 150, 299] {
+        assert_eq!(got[&part], vec![format!("{part}-new")]);
+    }
+    assert_no_more(&c);
+}

@@ -8,6 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
 
+pub mod fetch_sessions;
 pub mod handlers;
 pub mod versions;
 

@@ -1,5 +1,8 @@
-//! Fetch, versions 4-16 (flexible from 12, topic ids from 13). Sessionless: every request is a
-//! full fetch and the response carries session id 0, which Kafka clients accept.
+//! Fetch, versions 4-16 (flexible from 12, topic ids from 13), with incremental fetch sessions
+//! from v7 (KIP-227; the session cache is `kafka::fetch_sessions`): epoch 0 is a full fetch that
+//! opens a session, a later epoch an incremental one that names only what changed and is
+//! answered with only the partitions that have something new, epoch -1 (and every request
+//! before v7) is sessionless.
 //!
 //! The response is encoded by hand around the stored batches: the glue (headers, partition
 //! fields, lengths) goes into small buffers, the batches are the log's own `Bytes`, and the
@@ -15,6 +18,7 @@ use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::ResponseError;
 
 use super::common::{code, storage_code, with_partition, NONE};
+use crate::kafka::fetch_sessions as sessions;
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
 use crate::protocol::wire::{put_array_len, put_uvarint};
@@ -55,20 +59,102 @@ struct PartResult {
     batches: Vec<Bytes>,
 }
 
+/// How a request uses fetch sessions (KIP-227).
+enum Mode {
+    /// No session (before v7, epoch -1): a full response, session id 0.
+    Sessionless,
+    /// Epoch 0: a full response, and a new session if the cache has room. (Incremental
+    /// requests, epoch > 0, are served by their own path in `handle`.)
+    Full,
+}
+
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: FetchRequest = crate::decode_or_close!(req, b);
-    let broker = shard::local().broker.clone();
+    let local = shard::local();
+    let broker = local.broker.clone();
     let image = broker.image();
+    let clock = local.clock.clone();
+    let (shard_id, shards) = (local.id.0, broker.shard_count());
+    drop(local);
+    let uses_ids = req.version >= 13;
+    let now_ms = || clock.now_ms().max(0) as u64;
+
+    let mode = if req.version < 7 {
+        Mode::Sessionless
+    } else {
+        let (id, epoch) = (request.session_id, request.session_epoch);
+        if epoch == sessions::FINAL_EPOCH || epoch == sessions::INITIAL_EPOCH {
+            if id != 0 {
+                // Closes the session (epoch -1), or replaces it with a new one (epoch 0).
+                sessions::with_cache(shard_id, shards, |c| c.remove(id));
+            }
+            if epoch == sessions::FINAL_EPOCH {
+                Mode::Sessionless
+            } else {
+                Mode::Full
+            }
+        } else {
+            let begun = sessions::with_cache(shard_id, shards, |c| {
+                c.begin_incremental(
+                    id,
+                    epoch,
+                    uses_ids,
+                    session_adds(&request, uses_ids),
+                    session_forgets(&request, uses_ids),
+                    now_ms(),
+                )
+            });
+            match begun {
+                Ok((parts, epoch)) => {
+                    let topics = session_topics(&parts, uses_ids, &image);
+                    let results = fetch_ready(&request, &topics, &clock, &broker).await;
+                    let outcomes: Vec<sessions::PartOutcome> = results
+                        .iter()
+                        .flatten()
+                        .map(|r| sessions::PartOutcome {
+                            has_records: !r.batches.is_empty(),
+                            error: r.error.is_error(),
+                            high_watermark: r.high_watermark,
+                            log_start_offset: r.log_start_offset,
+                        })
+                        .collect();
+                    let named = sessions::with_cache(shard_id, shards, |c| {
+                        c.finish_incremental(id, epoch, &outcomes)
+                    });
+                    return match named {
+                        Ok(named) => {
+                            let mut named = named.into_iter();
+                            let keep: Vec<Vec<bool>> = topics
+                                .iter()
+                                .map(|t| named.by_ref().take(t.parts.len()).collect())
+                                .collect();
+                            Response::Frames(encode(
+                                req.version,
+                                req.header.correlation_id,
+                                (NONE, id),
+                                &topics,
+                                &results,
+                                Some(&keep),
+                            ))
+                        }
+                        Err(e) => session_error(req, e),
+                    };
+                }
+                Err(e) => return session_error(req, e),
+            }
+        }
+    };
+
     let topics: Vec<TopicReq> = request
         .topics
         .iter()
         .map(|t| {
-            let meta = if req.version >= 13 {
+            let meta = if uses_ids {
                 image.topic_by_id(t.topic_id.as_bytes()).cloned()
             } else {
                 image.topic(t.topic.as_str()).cloned()
             };
-            let error = match (&meta, req.version >= 13) {
+            let error = match (&meta, uses_ids) {
                 (Some(_), _) => NONE,
                 (None, true) => code(ResponseError::UnknownTopicId),
                 (None, false) => code(ResponseError::UnknownTopicOrPartition),
@@ -90,8 +176,159 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             }
         })
         .collect();
+    let results = fetch_ready(&request, &topics, &clock, &broker).await;
+    let session_id = match mode {
+        Mode::Full
+            if sessions::SessionCache::could_hold(topics.iter().map(|t| t.parts.len()).sum()) =>
+        {
+            let parts: Vec<sessions::CachedPart> = topics
+                .iter()
+                .zip(&results)
+                .flat_map(|(t, rs)| {
+                    let name: std::rc::Rc<str> = std::rc::Rc::from(t.name.as_str());
+                    t.parts
+                        .iter()
+                        .zip(rs)
+                        .map(move |(p, r)| sessions::CachedPart {
+                            topic_id: t.id,
+                            topic_name: name.clone(),
+                            partition: p.index,
+                            fetch_offset: p.fetch_offset,
+                            partition_max_bytes: p.partition_max_bytes,
+                            high_watermark: if r.error.is_error() {
+                                -1
+                            } else {
+                                r.high_watermark
+                            },
+                            log_start_offset: if r.error.is_error() {
+                                -1
+                            } else {
+                                r.log_start_offset
+                            },
+                        })
+                })
+                .collect();
+            sessions::with_cache(shard_id, shards, |c| {
+                c.create(uses_ids, parts, now_ms(), sessions::random_u32)
+            })
+        }
+        // Too many partitions for any session: served sessionless.
+        Mode::Full | Mode::Sessionless => 0,
+    };
+    Response::Frames(encode(
+        req.version,
+        req.header.correlation_id,
+        (NONE, session_id),
+        &topics,
+        &results,
+        None,
+    ))
+}
 
-    let clock = shard::local().clock.clone();
+/// The response to a request its session cannot serve: the error, session id 0, no partitions.
+fn session_error(req: &Request<'_>, e: sessions::SessionError) -> Response {
+    Response::Frames(encode(
+        req.version,
+        req.header.correlation_id,
+        (code(e.error()), 0),
+        &[],
+        &[],
+        None,
+    ))
+}
+
+/// The partitions an incremental request adds or changes, one at a time (nothing is copied
+/// for the whole list).
+fn session_adds(
+    request: &FetchRequest,
+    uses_ids: bool,
+) -> impl Iterator<Item = sessions::PartUpdate> + '_ {
+    request.topics.iter().flat_map(move |t| {
+        let name: std::rc::Rc<str> =
+            std::rc::Rc::from(if uses_ids { "" } else { t.topic.as_str() });
+        t.partitions.iter().map(move |p| sessions::PartUpdate {
+            topic_id: *t.topic_id.as_bytes(),
+            topic_name: name.clone(),
+            partition: p.partition,
+            fetch_offset: p.fetch_offset,
+            partition_max_bytes: p.partition_max_bytes,
+        })
+    })
+}
+
+/// The partitions an incremental request forgets, one at a time.
+fn session_forgets(
+    request: &FetchRequest,
+    uses_ids: bool,
+) -> impl Iterator<Item = sessions::PartUpdate> + '_ {
+    request.forgotten_topics_data.iter().flat_map(move |t| {
+        let name: std::rc::Rc<str> =
+            std::rc::Rc::from(if uses_ids { "" } else { t.topic.as_str() });
+        t.partitions.iter().map(move |&p| sessions::PartUpdate {
+            topic_id: *t.topic_id.as_bytes(),
+            topic_name: name.clone(),
+            partition: p,
+            fetch_offset: 0,
+            partition_max_bytes: 0,
+        })
+    })
+}
+
+/// A session's partitions as the topics a fetch reads, in the session's order: consecutive
+/// partitions of one topic form one entry (a topic may appear more than once, as in Kafka's
+/// incremental responses).
+fn session_topics(
+    parts: &[sessions::CachedPart],
+    uses_ids: bool,
+    image: &crate::metadata::MetadataImage,
+) -> Vec<TopicReq> {
+    let mut out: Vec<TopicReq> = Vec::new();
+    for p in parts {
+        let same = out.last().is_some_and(|t| {
+            if uses_ids {
+                t.id == p.topic_id
+            } else {
+                *t.name == *p.topic_name
+            }
+        });
+        if !same {
+            let meta = if uses_ids {
+                image.topic_by_id(&p.topic_id).cloned()
+            } else {
+                image.topic(&p.topic_name).cloned()
+            };
+            let error = match (&meta, uses_ids) {
+                (Some(_), _) => NONE,
+                (None, true) => code(ResponseError::UnknownTopicId),
+                (None, false) => code(ResponseError::UnknownTopicOrPartition),
+            };
+            out.push(TopicReq {
+                name: p.topic_name.to_string(),
+                id: p.topic_id,
+                meta,
+                error,
+                parts: Vec::new(),
+            });
+        }
+        if let Some(t) = out.last_mut() {
+            t.parts.push(PartReq {
+                index: p.partition,
+                fetch_offset: p.fetch_offset,
+                partition_max_bytes: p.partition_max_bytes,
+            });
+        }
+    }
+    out
+}
+
+/// Reads `topics`, and while fewer than `min_bytes` are ready (and no partition has an error),
+/// waits for an append to any of them, up to `max_wait_ms`, and reads again.
+async fn fetch_ready(
+    request: &FetchRequest,
+    topics: &[TopicReq],
+    clock: &crate::types::Clock,
+    broker: &shard::BrokerContext,
+) -> Vec<Vec<PartResult>> {
     let start = clock.now();
     let max_wait =
         Duration::from_millis((request.max_wait_ms.max(0) as u64).min(FETCH_WAIT_MS_MAX));
@@ -101,7 +338,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     } else {
         (request.max_bytes as usize).min(FETCH_RESPONSE_BYTES_MAX)
     };
-    let mut results = read_all(&topics, max_bytes).await;
+    let mut results = read_all(topics, max_bytes).await;
     loop {
         let ready: usize = results
             .iter()
@@ -117,15 +354,10 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         {
             break;
         }
-        wait_for_any_append(&topics, &results, max_wait - elapsed).await;
-        results = read_all(&topics, max_bytes).await;
+        wait_for_any_append(topics, &results, max_wait - elapsed).await;
+        results = read_all(topics, max_bytes).await;
     }
-    Response::Frames(encode(
-        req.version,
-        req.header.correlation_id,
-        &topics,
-        &results,
-    ))
+    results
 }
 
 /// Reads every requested partition, at most `max_bytes` of batches in all (KIP-74: the first
@@ -302,7 +534,7 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
     for (t, seen) in topics.iter().zip(seen) {
         let Some(meta) = &t.meta else { continue };
         for (p, seen) in t.parts.iter().zip(seen) {
-            if !waiting.insert((t.name.as_str(), p.index)) {
+            if !waiting.insert((meta.id, p.index)) {
                 continue; // the same partition listed again: one waiter is enough
             }
             let meta = meta.clone();
@@ -344,11 +576,16 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
 }
 
 /// Encodes the whole response frame as glue buffers interleaved with the stored batches.
+///
+/// `(error, session_id)` fill the response's top level; with `keep`, only the partitions it
+/// marks are named (an incremental response), and topics with none are left out.
 fn encode(
     version: i16,
     correlation_id: i32,
+    (error, session_id): (ErrorCode, i32),
     topics: &[TopicReq],
     results: &[Vec<PartResult>],
+    keep: Option<&[Vec<bool>]>,
 ) -> Vec<Bytes> {
     let flexible = version >= 12;
     let mut parts: Vec<Bytes> = Vec::new();
@@ -360,11 +597,19 @@ fn encode(
     }
     glue.put_i32(0); // throttle_time_ms
     if version >= 7 {
-        glue.put_i16(NONE.get()); // error_code
-        glue.put_i32(0); // session_id: sessionless
+        glue.put_i16(error.get());
+        glue.put_i32(session_id);
     }
-    put_array_len(&mut glue, flexible, topics.len());
-    for (t, rs) in topics.iter().zip(results) {
+    let kept = |t: usize, p: usize| keep.is_none_or(|k| k[t][p]);
+    // A full response names every requested topic, even one listed without partitions.
+    let named = |t: usize| keep.is_none() || (0..topics[t].parts.len()).any(|p| kept(t, p));
+    let named_topics = (0..topics.len()).filter(|&t| named(t)).count();
+    put_array_len(&mut glue, flexible, named_topics);
+    for (ti, (t, rs)) in topics.iter().zip(results).enumerate() {
+        if !named(ti) {
+            continue;
+        }
+        let named_parts = (0..t.parts.len()).filter(|&p| kept(ti, p)).count();
         if version >= 13 {
             glue.put_slice(&t.id);
         } else if flexible {
@@ -374,8 +619,11 @@ fn encode(
             glue.put_i16(t.name.len() as i16);
             glue.put_slice(t.name.as_bytes());
         }
-        put_array_len(&mut glue, flexible, t.parts.len());
-        for (p, r) in t.parts.iter().zip(rs) {
+        put_array_len(&mut glue, flexible, named_parts);
+        for (pi, (p, r)) in t.parts.iter().zip(rs).enumerate() {
+            if !kept(ti, pi) {
+                continue;
+            }
             glue.put_i32(p.index);
             glue.put_i16(r.error.get());
             glue.put_i64(r.high_watermark);
@@ -459,7 +707,7 @@ mod tests {
                     batches: vec![],
                 },
             ]];
-            let parts = encode(version, 42, &topics, &results);
+            let parts = encode(version, 42, (NONE, 0), &topics, &results, None);
             let mut all = BytesMut::new();
             for p in &parts {
                 all.extend_from_slice(p);
@@ -483,6 +731,37 @@ mod tests {
                 assert_eq!(r.responses[0].topic_id.as_bytes(), &[9; 16]);
             } else {
                 assert_eq!(r.responses[0].topic.as_str(), "orders");
+            }
+
+            // Incremental: only the kept partitions, topics without any left out.
+            if version >= 7 {
+                for (keep, named) in [
+                    (vec![vec![false, true]], vec![1]),
+                    (vec![vec![true, false]], vec![0]),
+                    (vec![vec![false, false]], vec![]),
+                ] {
+                    let parts = encode(version, 43, (NONE, 77), &topics, &results, Some(&keep));
+                    let mut all = BytesMut::new();
+                    for p in &parts {
+                        all.extend_from_slice(p);
+                    }
+                    let mut all = all.freeze();
+                    let len = i32::from_be_bytes(all[..4].try_into().unwrap()) as usize;
+                    assert_eq!(len, all.len() - 4, "v{version}");
+                    let _ = all.split_to(4);
+                    kafka_protocol::messages::ResponseHeader::decode(&mut all, header_version)
+                        .unwrap();
+                    let r = FetchResponse::decode(&mut all, version).unwrap();
+                    assert!(all.is_empty(), "v{version}: trailing bytes");
+                    assert_eq!(r.session_id, 77);
+                    let got: Vec<i32> = r
+                        .responses
+                        .iter()
+                        .flat_map(|t| t.partitions.iter().map(|p| p.partition_index))
+                        .collect();
+                    assert_eq!(got, named, "v{version}");
+                    assert_eq!(r.responses.len(), usize::from(!named.is_empty()));
+                }
             }
         }
     }

@@ -14,10 +14,16 @@ as_root() {
 }
 
 # --- tools ---------------------------------------------------------------------------------
-if ! command -v kcat >/dev/null 2>&1; then
-    echo "run.sh: installing kcat"
-    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat \
-        || { echo "run.sh: cannot install kcat"; exit 1; }
+# Debian packages, by the command each provides: kcat for tests/kcat.rs, systemd-analyze
+# (package systemd) for tests/deploy.rs.
+apt_missing=()
+command -v kcat >/dev/null 2>&1 || apt_missing+=(kcat)
+command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
+if [ "${#apt_missing[@]}" -gt 0 ]; then
+    echo "run.sh: installing ${apt_missing[*]}"
+    as_root apt-get update -qq \
+        && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" \
+        || { echo "run.sh: cannot install ${apt_missing[*]}"; exit 1; }
 fi
 py_missing=()
 "$PYTHON" -c 'import kafka, sys; sys.exit(0 if kafka.__version__ == "3.0.12" else 1)' 2>/dev/null \

@@ -7,7 +7,7 @@
 //! each flag's help shows is checked against it by a test. [`BrokerConfig`] is the validated result.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -688,5 +688,65 @@ mod tests {
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
         let e = BrokerConfig::from_args(&a).unwrap_err();
         assert!(e.contains("no_such_key"), "{e}");
+    }
+}
+
+/// File in the data dir describing the process that holds the data-dir lock. Written once the
+/// shards run (so the listener it names accepts), replaced atomically; `sluice status` reads it
+/// and checks that its pid is alive.
+pub const STATUS_FILE: &str = "status.json";
+
+/// The contents of [`STATUS_FILE`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusRecord {
+    pub version: String,
+    pub pid: u32,
+    /// Unix time in ms at which the broker started accepting connections.
+    pub started_at_ms: i64,
+    pub node_id: i32,
+    pub cluster: bool,
+    /// The Kafka listener.
+    pub listen: String,
+    /// host:port given to clients.
+    pub advertise: String,
+    pub shards: usize,
+    pub cpus: Vec<usize>,
+    pub data_dir: PathBuf,
+}
+
+impl StatusRecord {
+    pub fn new(config: &BrokerConfig) -> StatusRecord {
+        StatusRecord {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            started_at_ms: chrono::Utc::now().timestamp_millis(),
+            node_id: config.node_id,
+            cluster: config.cluster.is_some(),
+            listen: config.listen.to_string(),
+            advertise: format!("{}:{}", config.advertise_host, config.advertise_port),
+            shards: config.shard_count(),
+            cpus: config.cpus.clone(),
+            data_dir: config.data_dir.clone(),
+        }
+    }
+
+    /// Writes it atomically (temp file, rename): a reader sees the old or the new record.
+    pub fn write(&self, data_dir: &Path) -> std::io::Result<()> {
+        let tmp = data_dir.join(format!("{STATUS_FILE}.tmp"));
+        let body = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, data_dir.join(STATUS_FILE))
+    }
+
+    /// Reads the record of `data_dir`, `Ok(None)` if there is none.
+    pub fn read(data_dir: &Path) -> Result<Option<StatusRecord>, String> {
+        let path = data_dir.join(STATUS_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| format!("{} is not a status record: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
     }
 }

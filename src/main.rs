@@ -42,6 +42,7 @@ fn main() {
         Command::Group { command, brokers } => sluice::cli::group::run(command, &brokers),
         Command::Produce(a) => sluice::cli::produce::run(a),
         Command::Consume(a) => sluice::cli::consume::run(a),
+        Command::Status(a) => sluice::cli::status::run(a),
     };
     if let Err(e) = result {
         eprintln!("sluice: {e:#}");

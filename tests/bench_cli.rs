@@ -250,3 +250,64 @@ fn produces_then_consumes_exactly_the_requested_records() {
     );
     assert!(out.contains(" 3000 records, "), "{out}");
 }
+
+#[test]
+fn report_dir_collects_charts_of_each_run_and_an_index_of_all() {
+    let b = start_broker();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report = dir.path().to_str().expect("utf-8 path");
+    for name in ["first", "second"] {
+        let o = run_bench(
+            &[
+                "e2e",
+                "--brokers",
+                &b.addr,
+                "--topic",
+                "report-t",
+                "--partitions",
+                "2",
+                "--size",
+                "200",
+                "--duration",
+                "3s",
+                "--quiet",
+                "--report",
+                report,
+                "--report-name",
+                name,
+            ],
+            Duration::from_secs(60),
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{out} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains("report: "), "{out}");
+        let run = dir.path().join(name);
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).expect("run.json"))
+                .expect("parse");
+        // One sample per second of the run, each with this second's throughput and latencies.
+        let tl = j["timeline"].as_array().expect("timeline");
+        assert!(tl.len() >= 2, "{tl:?}");
+        assert!(
+            tl.iter()
+                .any(|s| s["produce"]["mb_per_sec"].as_f64().unwrap_or(0.0) > 0.0),
+            "{tl:?}"
+        );
+        assert!(
+            tl.iter()
+                .any(|s| s["end_to_end_latency"]["p99"].as_f64().unwrap_or(0.0) > 0.0),
+            "{tl:?}"
+        );
+        for chart in ["throughput.svg", "latency.svg"] {
+            let svg = std::fs::read_to_string(run.join(chart)).expect(chart);
+            assert!(svg.contains("<polyline"), "{chart} has no line");
+        }
+    }
+    let index = std::fs::read_to_string(dir.path().join("index.html")).expect("index");
+    assert!(index.contains("first/throughput.svg"), "{index}");
+    assert!(index.contains("second/latency.svg"), "{index}");
+}

@@ -14,10 +14,18 @@ as_root() {
 }
 
 # --- tools ---------------------------------------------------------------------------------
-if ! command -v kcat >/dev/null 2>&1; then
-    echo "run.sh: installing kcat"
-    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat \
-        || { echo "run.sh: cannot install kcat"; exit 1; }
+# Debian packages, by the command each provides: kcat for tests/kcat.rs, systemd-analyze
+# (package systemd) for tests/deploy.rs, node and npm for the JavaScript tests (tests/js).
+apt_missing=()
+command -v kcat >/dev/null 2>&1 || apt_missing+=(kcat)
+command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
+command -v node >/dev/null 2>&1 || apt_missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || apt_missing+=(npm)
+if [ "${#apt_missing[@]}" -gt 0 ]; then
+    echo "run.sh: installing ${apt_missing[*]}"
+    as_root apt-get update -qq \
+        && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" \
+        || { echo "run.sh: cannot install ${apt_missing[*]}"; exit 1; }
 fi
 py_missing=()
 "$PYTHON" -c 'import kafka, sys; sys.exit(0 if kafka.__version__ == "3.0.12" else 1)' 2>/dev/null \
@@ -26,6 +34,11 @@ py_missing=()
 "$PYTHON" -c 'import snappy' 2>/dev/null || py_missing+=("python-snappy==0.7.3" "cramjam==2.14.0")
 "$PYTHON" -c 'import lz4' 2>/dev/null || py_missing+=("lz4==4.4.5")
 "$PYTHON" -c 'import zstandard' 2>/dev/null || py_missing+=("zstandard==0.25.0")
+# The JavaScript client, pinned by tests/js/package-lock.json.
+if [ ! -d tests/js/node_modules/kafkajs ]; then
+    echo "run.sh: npm ci (tests/js)"
+    (cd tests/js && npm ci --no-audit --no-fund -q) || { echo "run.sh: cannot install the JavaScript client"; exit 1; }
+fi
 if [ "${#py_missing[@]}" -gt 0 ]; then
     echo "run.sh: pip install ${py_missing[*]}"
     "$PYTHON" -m pip install -q "${py_missing[@]}" \
@@ -83,9 +96,14 @@ py_rc=0
 SLUICE_BIN="$PY_SLUICE_BIN" "$PYTHON" -m pytest tests/python -q -p no:cacheprovider \
     -W ignore::DeprecationWarning || py_rc=$?
 
-if [ "$rust_rc" -eq 0 ] && [ "$py_rc" -eq 0 ]; then
-    echo "SUMMARY: PASSED (rust tests ok, python tests ok; $loop_note)"
+# --- JavaScript tests ----------------------------------------------------------------------
+echo "run.sh: node --test tests/js"
+js_rc=0
+SLUICE_BIN="$PY_SLUICE_BIN" node --test --test-concurrency=1 tests/js/*.test.mjs || js_rc=$?
+
+if [ "$rust_rc" -eq 0 ] && [ "$py_rc" -eq 0 ] && [ "$js_rc" -eq 0 ]; then
+    echo "SUMMARY: PASSED (rust tests ok, python tests ok, javascript tests ok; $loop_note)"
     exit 0
 fi
-echo "SUMMARY: FAILED (rust tests exit $rust_rc, python tests exit $py_rc; $loop_note)"
+echo "SUMMARY: FAILED (rust tests exit $rust_rc, python tests exit $py_rc, javascript tests exit $js_rc; $loop_note)"
 exit 1

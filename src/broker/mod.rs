@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | `mod.rs` | [`run`]: start-up order, signals, shutdown |
 //! | `process.rs` | process guards and tuning: data-dir lock, port check, fd limit, allocator |
+//! | `environment.rs` | the start-up environment report, systemd readiness notifications |
 //! | `launch.rs` | the pinned executors and what each shard does from start to stop |
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::config::BrokerConfig;
 use crate::metadata::MetadataStore;
 use crate::shard::{self, BrokerContext, Job};
 
+mod environment;
 mod launch;
 mod process;
 
@@ -33,6 +35,7 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
     config.data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| format!("cannot resolve data dir {}: {e}", config.data_dir.display()))?;
     process::check_port_free(config.listen)?;
+    environment::report(&config);
     // A single node keeps its metadata in the metadata log; a cluster in the controller's raft
     // log, whose entries the controller applies once the shards run.
     let store =
@@ -74,6 +77,7 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
                     tracing::info!(signal = sig, "shutting down");
+                    environment::notify_service_manager("STOPPING=1");
                     broker.begin_shutdown();
                 }
             })
@@ -89,6 +93,10 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
         data_dir = %config.data_dir.display(),
         "sluice started"
     );
+    if let Err(e) = crate::config::StatusRecord::new(&config).write(&config.data_dir) {
+        tracing::warn!(error = %e, "cannot write the status file");
+    }
+    environment::notify_service_manager("READY=1");
     for h in handles {
         let _ = h.join();
     }

@@ -13,6 +13,7 @@ use crate::config::StartArgs;
 pub mod consume;
 pub mod group;
 pub mod produce;
+pub mod status;
 pub mod topic;
 
 #[derive(Parser, Debug)]
@@ -60,6 +61,8 @@ pub enum Command {
     Produce(produce::ProduceArgs),
     /// Print records of a topic.
     Consume(consume::ConsumeArgs),
+    /// Show the broker running on a data dir: version, uptime, shards, topics, disk use.
+    Status(status::StatusArgs),
 }
 
 /// A connection of the command line: a blocking socket, calls driven with `block_on`.

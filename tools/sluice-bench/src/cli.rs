@@ -60,6 +60,13 @@ pub struct Common {
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write this run's charts (throughput, latency percentiles per second) and summary into
+    /// DIR/<run>/, and rebuild DIR/index.html showing every run in DIR side by side.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Name of this run in the report [default: UTC time, command and topic].
+    #[arg(long, value_name = "NAME")]
+    pub report_name: Option<String>,
     /// Connection timeout.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,

@@ -15,10 +15,12 @@
 //! | [`consume`] | fetch loops, end-to-end latency |
 //! | [`group`] | classic consumer-group membership, range assignor, commits |
 //! | [`runner`] | executors per core, live line, warm-up and stop |
-//! | [`report`] | counters, HdrHistograms, text and JSON summaries |
+//! | [`report`] | counters, HdrHistograms, the per-second timeline, text and JSON summaries |
+//! | [`chart`] | `--report DIR`: SVG charts of a run and an HTML page of all runs side by side |
 //! | [`scenario`] | named scenarios from `perf/scenarios` |
 
 pub mod batch;
+pub mod chart;
 pub mod cli;
 pub mod consume;
 pub mod group;

@@ -70,6 +70,12 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .try_init();
+    let kind = match &cli.command {
+        Command::Produce(_) => "produce",
+        Command::Consume(_) => "consume",
+        Command::E2e(_) => "e2e",
+        Command::Scenario(_) => "scenario",
+    };
     let (workload, json) = match cli.command {
         Command::Produce(p) => {
             let json = p.common.json.clone();
@@ -118,8 +124,26 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
         .common
         .validate()
         .map_err(|e| Failure::Usage(format!("error: {e}")))?;
+    let report = workload.common.report.clone().map(|dir| {
+        let name = workload.common.report_name.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{kind}-{}",
+                chrono::Utc::now().format("%Y%m%d-%H%M%S"),
+                workload.common.topic
+            )
+        });
+        (dir, name)
+    });
     let summary = runner::run(workload)?;
     emit(&summary, json.as_deref())?;
+    if let Some((dir, name)) = report {
+        let run = sluice_bench::chart::write_run(&dir, &name, &summary.json)?;
+        println!(
+            "report: {} (index {})",
+            run.display(),
+            dir.join("index.html").display()
+        );
+    }
     Ok(())
 }
 

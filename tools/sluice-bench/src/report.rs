@@ -5,6 +5,7 @@
 //! microseconds in an HdrHistogram (3 significant digits) and printed in milliseconds.
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -128,12 +129,63 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-/// Prints one live line per call from the counters' change since the previous call.
+/// Throughput of one stream over one interval.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Rates {
+    pub records_per_sec: f64,
+    pub mb_per_sec: f64,
+    pub errors: u64,
+}
+
+/// Latency percentiles of one interval, in ms.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Option<Percentiles> {
+        (h.len() > 0).then(|| Percentiles {
+            p50: ms(h.value_at_quantile(0.5)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            count: h.len(),
+        })
+    }
+}
+
+/// What happened in one second of a run: the live line's figures, kept for the report's charts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Sample {
+    /// Seconds since the run started (warm-up included).
+    pub t: f64,
+    pub warmup: bool,
+    pub produce: Option<Rates>,
+    pub consume: Option<Rates>,
+    /// Ack latency of the sends answered in this interval.
+    pub publish_latency: Option<Percentiles>,
+    /// End-to-end latency of the records consumed in this interval.
+    pub end_to_end_latency: Option<Percentiles>,
+}
+
+/// Samples the counters once per call: the change since the previous call becomes one
+/// [`Sample`] of the timeline and one live line.
 pub struct LiveLine {
     last: Instant,
     started: Instant,
-    last_counts: [(u64, u64); 2],
+    last_counts: [(u64, u64, u64); 2],
+    /// Histograms at the previous call: an interval's latencies are the difference.
+    last_hists: [Option<Histogram<u64>>; 2],
+    timeline: Vec<Sample>,
 }
+
+/// One sample per second: a day-long run keeps 86,400 of them (a few MiB).
+const TIMELINE_SAMPLES_MAX: usize = 86_400;
 
 impl LiveLine {
     pub fn new() -> LiveLine {
@@ -141,19 +193,40 @@ impl LiveLine {
         LiveLine {
             last: now,
             started: now,
-            last_counts: [(0, 0); 2],
+            last_counts: [(0, 0, 0); 2],
+            last_hists: [None, None],
+            timeline: Vec::new(),
         }
     }
 
+    /// The histogram of what was recorded since `prev` was taken. Meters are reset when
+    /// warm-up ends, so a histogram smaller than its predecessor is taken whole.
+    fn interval(now: Histogram<u64>, prev: &Option<Histogram<u64>>) -> Histogram<u64> {
+        match prev {
+            Some(p) if p.len() <= now.len() => {
+                let mut d = now.clone();
+                match d.subtract(p) {
+                    Ok(()) => d,
+                    Err(_) => now,
+                }
+            }
+            _ => now,
+        }
+    }
+
+    /// Takes one sample and returns its live line.
     pub fn line(&mut self, stats: &Stats) -> String {
         let now = Instant::now();
         let dt = now.duration_since(self.last).as_secs_f64().max(1e-9);
         self.last = now;
-        let mut parts = vec![format!(
-            "[{:>5.0}s]",
-            now.duration_since(self.started).as_secs_f64()
-        )];
-        if !stats.measuring() {
+        let t = now.duration_since(self.started).as_secs_f64();
+        let mut sample = Sample {
+            t,
+            warmup: !stats.measuring(),
+            ..Sample::default()
+        };
+        let mut parts = vec![format!("[{t:>5.0}s]")];
+        if sample.warmup {
             parts.push("warm-up".into());
         }
         for (i, (name, m)) in [("produce", &stats.publish), ("consume", &stats.consume)]
@@ -163,9 +236,24 @@ impl LiveLine {
             if !m.used() {
                 continue;
             }
-            let (r, b) = (m.records.load(Relaxed), m.bytes.load(Relaxed));
-            let (lr, lb) = self.last_counts[i];
-            self.last_counts[i] = (r, b);
+            let (r, b, e) = (
+                m.records.load(Relaxed),
+                m.bytes.load(Relaxed),
+                m.errors.load(Relaxed),
+            );
+            let (lr, lb, le) = self.last_counts[i];
+            self.last_counts[i] = (r, b, e);
+            // Counters restart at zero when warm-up ends.
+            let (dr, db, de) = if r < lr || b < lb || e < le {
+                (r, b, e)
+            } else {
+                (r - lr, b - lb, e - le)
+            };
+            let rates = Rates {
+                records_per_sec: dr as f64 / dt,
+                mb_per_sec: db as f64 / dt / 1e6,
+                errors: de,
+            };
             let h = m.snapshot();
             let p99 = if h.len() > 0 {
                 format!(" p99 {:>8.3} ms", ms(h.value_at_quantile(0.99)))
@@ -173,17 +261,32 @@ impl LiveLine {
                 String::new()
             };
             parts.push(format!(
-                "{name} {:>10.0} rec/s {:>8.1} MB/s{p99} err {}",
-                r.saturating_sub(lr) as f64 / dt,
-                b.saturating_sub(lb) as f64 / dt / 1e6,
-                m.errors.load(Relaxed)
+                "{name} {:>10.0} rec/s {:>8.1} MB/s{p99} err {e}",
+                rates.records_per_sec, rates.mb_per_sec,
             ));
+            if i == 0 {
+                let prev = self.last_hists[0].replace(h.clone());
+                sample.publish_latency = Percentiles::of(&Self::interval(h, &prev));
+                sample.produce = Some(rates);
+            } else {
+                sample.consume = Some(rates);
+            }
         }
         let e = stats.end_to_end.snapshot();
         if e.len() > 0 {
             parts.push(format!("e2e p99 {:.3} ms", ms(e.value_at_quantile(0.99))));
+            let prev = self.last_hists[1].replace(e.clone());
+            sample.end_to_end_latency = Percentiles::of(&Self::interval(e, &prev));
+        }
+        if self.timeline.len() < TIMELINE_SAMPLES_MAX {
+            self.timeline.push(sample);
         }
         parts.join(" | ")
+    }
+
+    /// The samples taken so far, one per call of [`LiveLine::line`].
+    pub fn timeline(&self) -> &[Sample] {
+        &self.timeline
     }
 }
 
@@ -209,7 +312,7 @@ pub struct Summary {
 }
 
 /// Builds the summary. `elapsed` is the measured time (after warm-up).
-pub fn summarize(stats: &Stats, elapsed: Duration, config: Value) -> Summary {
+pub fn summarize(stats: &Stats, elapsed: Duration, config: Value, timeline: &[Sample]) -> Summary {
     let secs = elapsed.as_secs_f64().max(1e-9);
     let mut text = String::new();
     let mut j = Map::new();
@@ -262,6 +365,7 @@ pub fn summarize(stats: &Stats, elapsed: Duration, config: Value) -> Summary {
         text.push_str("no records were sent or received\n");
     }
     j.insert("config".into(), config);
+    j.insert("timeline".into(), json!(timeline));
     Summary {
         text,
         json: Value::Object(j),
@@ -302,7 +406,7 @@ mod tests {
             s.publish.latency(us * 10, 2);
         }
         s.end_to_end.latency(5000, 2000);
-        let sum = summarize(&s, Duration::from_secs(2), json!({}));
+        let sum = summarize(&s, Duration::from_secs(2), json!({}), &[]);
         let first = sum.text.lines().next().unwrap();
         assert!(
             first.starts_with("produce: 1000 records/s, 1.00 MB/s"),
@@ -318,6 +422,44 @@ mod tests {
             5.0
         );
         assert!(sum.json.get("consumeRate").is_none());
+    }
+
+    #[test]
+    fn timeline_samples_hold_each_interval_not_the_running_total() {
+        let s = Stats::new(false);
+        let mut live = LiveLine::new();
+        s.publish.add(100, 1000);
+        for _ in 0..100 {
+            s.publish.latency(1000, 1);
+        }
+        live.line(&s);
+        s.publish.add(50, 500);
+        for _ in 0..50 {
+            s.publish.latency(9000, 1);
+        }
+        live.line(&s);
+        let tl = live.timeline();
+        assert_eq!(tl.len(), 2);
+        let (a, b) = (
+            tl[0].publish_latency.as_ref().unwrap(),
+            tl[1].publish_latency.as_ref().unwrap(),
+        );
+        assert_eq!((a.count, b.count), (100, 50));
+        assert!((0.99..=1.01).contains(&a.max), "{a:?}");
+        // The second interval saw only 9 ms sends: its median is 9 ms, not the total's 1 ms.
+        assert!((8.9..=9.1).contains(&b.p50), "{b:?}");
+        assert_eq!(tl[1].produce.as_ref().unwrap().errors, 0);
+        assert!(tl[0].end_to_end_latency.is_none() && tl[0].consume.is_none());
+
+        // Warm-up ends: counters restart; the next interval counts from zero again.
+        s.start_measuring();
+        s.publish.add(7, 70);
+        s.publish.latency(2000, 7);
+        live.line(&s);
+        assert_eq!(
+            live.timeline()[2].publish_latency.as_ref().unwrap().count,
+            7
+        );
     }
 
     #[test]

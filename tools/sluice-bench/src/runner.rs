@@ -259,8 +259,9 @@ pub fn run(w: Workload) -> Result<Summary> {
             }
         }
         if now >= next_line {
+            let line = live.line(&stats);
             if !w.common.quiet {
-                eprintln!("{}", live.line(&stats));
+                eprintln!("{line}");
             }
             next_line += Duration::from_secs(1);
         }
@@ -293,7 +294,7 @@ pub fn run(w: Workload) -> Result<Summary> {
         })),
         "startedSecondsAgo": started.elapsed().as_secs_f64(),
     });
-    Ok(report::summarize(&stats, elapsed, config))
+    Ok(report::summarize(&stats, elapsed, config, live.timeline()))
 }
 
 #[allow(clippy::too_many_arguments)]

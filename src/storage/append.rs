@@ -122,9 +122,34 @@ impl PartitionLog {
         Ok((result, ticket))
     }
 
-    /// Waits until an append of `bytes` may assign offsets: no roll in progress, pending
-    /// bytes under their limit; rolls the active segment first when it is full or old.
+    /// Waits until an append of `bytes` may assign offsets: its turn among the appends that
+    /// arrived before it, no roll in progress, pending bytes under their limit; rolls the active
+    /// segment first when it is full or old. The caller assigns offsets right after it returns,
+    /// with no await in between, so admission order is log order.
     async fn admit(&self, bytes: usize) -> Result<(), StorageError> {
+        // Fast path: nobody waits and there is room.
+        {
+            let s = self.state.borrow();
+            if s.admission.waiting.is_empty()
+                && !s.closed
+                && !s.appender.is_dead()
+                && !s.rolling
+                && !s.appender.is_full(bytes)
+                && !self.needs_roll(&s, bytes)
+            {
+                return Ok(());
+            }
+        }
+        let id = {
+            let mut s = self.state.borrow_mut();
+            let id = s.admission.next_id;
+            s.admission.next_id += 1;
+            s.admission.waiting.push_back(id);
+            id
+        };
+        // Leaves the queue however this call ends (admitted, failed, or its future dropped),
+        // and lets the next in line re-check.
+        let _turn = AdmissionTurn { log: self, id };
         loop {
             let roll = {
                 let s = self.state.borrow();
@@ -134,7 +159,10 @@ impl PartitionLog {
                 if s.appender.is_dead() {
                     return Err(s.appender.error());
                 }
-                if s.rolling || s.appender.is_full(bytes) {
+                if s.admission.waiting.front() != Some(&id)
+                    || s.rolling
+                    || s.appender.is_full(bytes)
+                {
                     None
                 } else {
                     Some(self.needs_roll(&s, bytes))
@@ -145,7 +173,8 @@ impl PartitionLog {
                     self.wait_until(|s| {
                         s.closed
                             || s.appender.is_dead()
-                            || !(s.rolling || s.appender.is_full(bytes))
+                            || (s.admission.waiting.front() == Some(&id)
+                                && !(s.rolling || s.appender.is_full(bytes)))
                     })
                     .await
                 }
@@ -224,5 +253,22 @@ impl PartitionLog {
             log_start_offset: s.offsets.log_start(),
             duplicate: true,
         }))
+    }
+}
+
+/// An append's place in [`AdmissionQueue`](super::AdmissionQueue): removed when dropped, waking
+/// the appends behind it.
+struct AdmissionTurn<'a> {
+    log: &'a PartitionLog,
+    id: u64,
+}
+
+impl Drop for AdmissionTurn<'_> {
+    fn drop(&mut self) {
+        let mut s = self.log.state.borrow_mut();
+        if let Some(i) = s.admission.waiting.iter().position(|&w| w == self.id) {
+            s.admission.waiting.remove(i);
+        }
+        s.wake_all();
     }
 }

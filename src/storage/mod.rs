@@ -218,6 +218,17 @@ pub(crate) struct State {
     rolling: bool,
     closed: bool,
     waiters: Vec<Waker>,
+    /// Appends waiting for admission, oldest first. Appends are admitted in the order they
+    /// arrived: a small batch never overtakes a larger one waiting for room, so the pipelined
+    /// produce requests of one connection land in the log in request order, as in Kafka.
+    admission: AdmissionQueue,
+}
+
+/// The appends of a partition waiting in [`PartitionLog::append`] for their turn.
+#[derive(Default)]
+pub(crate) struct AdmissionQueue {
+    next_id: u64,
+    waiting: std::collections::VecDeque<u64>,
 }
 
 impl State {

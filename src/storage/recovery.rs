@@ -268,6 +268,7 @@ impl PartitionLog {
                 rolling: false,
                 closed: false,
                 waiters: vec![],
+                admission: Default::default(),
             }),
         });
         {

@@ -1887,3 +1887,72 @@ fn power_cut_drops_the_writes_no_sync_covered() {
         log.close().await.unwrap();
     });
 }
+
+/// Kafka handles a connection's requests one at a time, so pipelined produce requests land in
+/// request order. Here appends run concurrently: a large append waiting for room in the pending
+/// buffer must not be overtaken by a small one that would fit.
+#[test]
+fn appends_are_admitted_in_arrival_order_when_the_buffer_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 1 << 30;
+        let (log, faults) = open_faulty(&d, cfg).await;
+        // Nothing reaches the disk: the first flush takes the first append and waits, later
+        // appends stay pending.
+        faults.hold_writes_from.set(Some(0));
+        let chunk = batch(1, 1 << 20, 0, 1);
+        log.append(BytesMut::from(&chunk[..]), Durability::Accepted)
+            .await
+            .unwrap();
+        poll_until("the first flush's write to be issued", || {
+            faults.writes.get() >= 1
+        })
+        .await;
+        // Fill the pending buffer to within 1.5 MiB of its limit.
+        let filler = (appender::PENDING_BYTES_MAX - (3 << 19)) / chunk.len();
+        for _ in 0..filler {
+            log.append(BytesMut::from(&chunk[..]), Durability::Accepted)
+                .await
+                .unwrap();
+        }
+        let big = batch(1, 2 << 20, 1, 2);
+        let small = batch(1, 1000, 2, 3);
+        assert!(log.state.borrow().appender.is_full(big.len()));
+        assert!(!log.state.borrow().appender.is_full(small.len()));
+        let l = log.clone();
+        let b = big.clone();
+        let big_task = glommio::spawn_local(async move {
+            l.append(BytesMut::from(&b[..]), Durability::Written)
+                .await
+                .unwrap()
+        });
+        // The big append is queued for room before the small one arrives.
+        wait_state(&log, "the big append to wait for room", |s| {
+            s.admission.waiting.len() == 1
+        })
+        .await;
+        let l = log.clone();
+        let s = small.clone();
+        let small_task = glommio::spawn_local(async move {
+            l.append(BytesMut::from(&s[..]), Durability::Written)
+                .await
+                .unwrap()
+        });
+        wait_state(&log, "the small append to queue behind it", |s| {
+            s.admission.waiting.len() == 2
+        })
+        .await;
+        assert_eq!(
+            log.log_end_offset(),
+            Offset(filler as i64 + 1),
+            "nothing admitted yet"
+        );
+        faults.hold_writes_from.set(None);
+        let (b, s) = (big_task.await, small_task.await);
+        assert_eq!(b.base_offset, Offset(filler as i64 + 1));
+        assert_eq!(s.base_offset, Offset(filler as i64 + 2));
+        assert!(log.state.borrow().admission.waiting.is_empty());
+    });
+}

@@ -108,75 +108,77 @@ impl PartitionLog {
             }
         };
 
-        meta::write_file(&self.dir.join(TRUNCATE_FILE), &offset.0.to_be_bytes())?;
-        let later: Vec<Offset> = self.state.borrow().segments[k + 1..]
-            .iter()
-            .map(|g| g.base())
-            .collect();
-        // From here on the files and the log's memory disagree until the cut completes: a
-        // failure stops appends (and further truncations) until a restart, whose recovery
-        // finishes the cut from the marker.
-        let cut_files = async {
-            for base in later.iter().rev() {
-                self.io
-                    .remove(&meta::segment_path(&self.dir, *base, "log"))
-                    .await?;
-                for ext in ["index", "timeindex"] {
-                    meta::remove_if_exists(&meta::segment_path(&self.dir, *base, ext))?;
-                }
-            }
-            self.io.sync_dir(&self.dir).await?;
-            file.truncate(pos).await?;
-            file.sync().await?;
-            let head = align_down(pos);
-            let tail = if pos > head {
-                file.read_at(head, (pos - head) as usize).await?.to_vec()
-            } else {
-                vec![]
-            };
-            if tail.len() as u64 != pos - head {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "segment shorter than its truncation point",
-                ));
-            }
-            Ok(tail)
-        }
-        .await;
-        let tail = match cut_files {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(
-                    dir = %self.dir.display(), offset = offset.0, error = %e,
-                    "truncation failed; appends to this partition fail until restart"
-                );
-                let mut s = self.state.borrow_mut();
-                s.appender.stop(&e);
-                s.wake_all();
-                return Err(e.into());
-            }
+        // The partial page before the cut, which the next flush rewrites.
+        let head = align_down(pos);
+        let tail = if pos > head {
+            file.read_at(head, (pos - head) as usize).await?.to_vec()
+        } else {
+            vec![]
         };
-        {
+        if tail.len() as u64 != pos - head {
+            return Err(StorageError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "segment shorter than its truncation point",
+            )));
+        }
+        // Everything below the cut becomes durable first: the cut log counts as synced.
+        file.sync().await?;
+        meta::write_file(&self.dir.join(TRUNCATE_FILE), &offset.0.to_be_bytes())?;
+        // Memory first, so that readers never see a batch past the cut once its file changes.
+        let later: Vec<Segment> = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
-            s.segments.truncate(k + 1);
+            let later = s.segments.drain(k + 1..).collect();
             s.active_mut().cut(pos, offset);
-            s.active_mut().write_index_files(&self.dir)?;
             s.offsets.truncate_to(offset);
             s.appender.truncated(pos, tail, offset);
             s.producers.truncate_from(offset);
             s.epochs.truncate_from(offset);
             self.cache.truncate_from(self.cache_id, offset);
+            s.check_invariants();
+            s.check_segments();
+            later
+        };
+        // From here on the files lag the log's memory until the cut completes: a failure stops
+        // appends (and further truncations) until a restart, whose recovery finishes the cut
+        // from the marker.
+        let cut_files = async {
+            for g in later.into_iter().rev() {
+                let base = g.base();
+                drop(g);
+                self.io
+                    .remove(&meta::segment_path(&self.dir, base, "log"))
+                    .await?;
+                for ext in ["index", "timeindex"] {
+                    meta::remove_if_exists(&meta::segment_path(&self.dir, base, ext))?;
+                }
+            }
+            self.io.sync_dir(&self.dir).await?;
+            file.truncate(pos).await?;
+            file.sync().await?;
+            let mut guard = self.state.borrow_mut();
+            let s = &mut *guard;
+            s.active_mut().write_index_files(&self.dir)?;
             meta::write_file(
                 &self.dir.join(meta::PRODUCER_FILE),
                 &meta::encode_producers(offset, &s.producers),
             )?;
             s.epochs.persist(&self.dir)?;
-            s.check_invariants();
-            s.check_segments();
+            drop(guard);
+            meta::remove_if_exists(&self.dir.join(TRUNCATE_FILE))?;
+            meta::sync_dir(&self.dir)
         }
-        meta::remove_if_exists(&self.dir.join(TRUNCATE_FILE))?;
-        meta::sync_dir(&self.dir)?;
+        .await;
+        if let Err(e) = cut_files {
+            tracing::error!(
+                dir = %self.dir.display(), offset = offset.0, error = %e,
+                "truncation failed; appends to this partition fail until restart"
+            );
+            let mut s = self.state.borrow_mut();
+            s.appender.stop(&e);
+            s.wake_all();
+            return Err(e.into());
+        }
         Ok(())
     }
 }
@@ -188,4 +190,92 @@ fn index_offset_at(g: &Segment, pos: u64) -> Offset {
         return g.base();
     }
     g.index_entry_at(pos)
+}
+
+impl PartitionLog {
+    /// Waits until every batch accepted so far is written and fdatasynced (the durability step
+    /// of a replicated partition's raft loop: one group commit for all its appends). Fails when
+    /// a write or the sync fails.
+    pub async fn sync_all(&self) -> Result<(), StorageError> {
+        let end = self.state.borrow().offsets.log_end();
+        std::future::poll_fn(|cx| {
+            let mut s = self.state.borrow_mut();
+            if s.offsets.hw() >= end {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            if s.appender.is_dead() || s.offsets.log_end() < end {
+                // The flusher stopped, or a failed write gave the offsets out again.
+                return std::task::Poll::Ready(Err(s.appender.error()));
+            }
+            if s.closed {
+                return std::task::Poll::Ready(Err(StorageError::Io(std::io::Error::other(
+                    "log is closed",
+                ))));
+            }
+            s.waiters.push(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await?;
+        self.sync_to(end).await
+    }
+
+    /// The written batch starting at `offset`, read without awaiting: from the batch cache, or
+    /// else with blocking reads of the segment file through the page cache, from the index
+    /// entry before it (at most `index_interval_bytes` of headers and the batch itself). For
+    /// callers that cannot await — raft-rs reads entries synchronously — and only for data
+    /// already written. `None` outside the written log.
+    pub fn read_batch_now(&self, offset: Offset) -> Result<Option<bytes::Bytes>, StorageError> {
+        use std::os::unix::fs::FileExt;
+        let s = self.state.borrow();
+        if offset < s.offsets.log_start() || offset >= s.offsets.hw() {
+            return Ok(None);
+        }
+        let mut out = vec![];
+        if self
+            .cache
+            .read(self.cache_id, offset, s.offsets.hw(), 1, &mut out)
+        {
+            if let Some(b) = out.pop().filter(|b| {
+                crate::protocol::batch::BatchHeader::parse(b)
+                    .is_ok_and(|h| h.base_offset() == offset)
+            }) {
+                return Ok(Some(b));
+            }
+        }
+        let k = s.segments.partition_point(|g| g.base() <= offset) - 1;
+        let g = &s.segments[k];
+        let end = if k + 1 == s.segments.len() {
+            s.appender.written_pos()
+        } else {
+            g.size()
+        };
+        let f = std::fs::File::open(meta::segment_path(&self.dir, g.base(), "log"))?;
+        let mut pos = g.lookup(offset);
+        let mut head = [0u8; crate::protocol::batch::HEADER_BYTES];
+        while pos < end {
+            f.read_exact_at(&mut head, pos)?;
+            let size = crate::protocol::batch::batch_size(&head).ok_or(StorageError::Corrupt(
+                crate::protocol::batch::BatchError::BadLength,
+            ))?;
+            let base = Offset(i64::from_be_bytes(head[..8].try_into().expect("8 bytes")));
+            if base == offset {
+                if pos + size as u64 > end {
+                    break;
+                }
+                let mut b = vec![0u8; size];
+                f.read_exact_at(&mut b, pos)?;
+                crate::protocol::batch::BatchHeader::parse_checked(&b)
+                    .map_err(StorageError::Corrupt)?;
+                return Ok(Some(bytes::Bytes::from(b)));
+            }
+            if base > offset {
+                return Err(StorageError::OffsetMismatch {
+                    expected: offset,
+                    found: base,
+                });
+            }
+            pos += size as u64;
+        }
+        Ok(None)
+    }
 }

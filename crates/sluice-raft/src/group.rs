@@ -469,8 +469,12 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                         next_tick = now + interval;
                     }
                 }
-                self.handle_ready()
+                Ok(())
             })();
+            let result = match result {
+                Ok(()) => self.handle_ready().await,
+                Err(e) => Err(e),
+            };
             self.publish();
             if let Err(reason) = result {
                 return reason;
@@ -574,7 +578,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         Ok(())
     }
 
-    fn handle_ready(&mut self) -> Result<(), StopReason> {
+    async fn handle_ready(&mut self) -> Result<(), StopReason> {
         if !self.raw.has_ready() {
             self.check_leadership();
             return Ok(());
@@ -593,7 +597,9 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         if let Some(hs) = ready.hs() {
             store.set_hard_state(hs).map_err(storage_failed)?;
         }
-        store.sync().map_err(storage_failed)?;
+        // The store's writes and their sync: awaited (the segment log's group commit), with
+        // the store inside raft-rs untouched meanwhile.
+        store.persist().await.map_err(storage_failed)?;
         // Durable now: votes and append responses may go out.
         self.send(ready.take_persisted_messages())?;
         let mut light = guarded(|| self.raw.advance(ready))?;

@@ -8,14 +8,20 @@
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+
+/// The durability wait [`LogStore::persist`] returns: it owns what it needs (no borrow of the
+/// store), so the driver can await it while the store stays inside raft-rs.
+pub type Persist = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
 /// The durable state of one raft group: log entries after the latest snapshot, the snapshot, the
 /// hard state (term, vote, commit) and the configuration (conf state).
 ///
 /// Reads reflect every write made so far, synced or not. Writes may be buffered: nothing is
-/// promised durable until [`LogStore::sync`] returns, except [`LogStore::install_snapshot`],
-/// which is durable when it returns.
+/// promised durable until the future [`LogStore::persist`] returns has resolved, except
+/// [`LogStore::install_snapshot`], which is durable when it returns.
 pub trait LogStore {
     /// The state a restarted node resumes from: the hard state, and the conf state of the
     /// snapshot (or the bootstrap conf state when there is no snapshot). The commit index is at
@@ -55,8 +61,10 @@ pub trait LogStore {
     fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()>;
 
     /// Makes every earlier write durable (fsync/fdatasync), before the driver sends the messages
-    /// that depend on them.
-    fn sync(&mut self) -> io::Result<()>;
+    /// that depend on them. The driver awaits the returned future before it touches the store
+    /// again, so a store may do its writes there (asynchronously: the segment log's group
+    /// commit) or before returning (the file log, whose future is ready at once).
+    fn persist(&mut self) -> Persist;
 
     /// Installs a snapshot, durably before returning: a snapshot received from the leader, or one
     /// taken locally to compact the log. Entries up to its index are dropped; entries after it are

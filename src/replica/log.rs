@@ -458,6 +458,99 @@ fn write_hard_state(dir: &Path, hs: &HardState, cs: &ConfState) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::tests::{batch as data_batch, run, small_config};
+    use crate::storage::BatchCache;
+
+    fn entry(index: u64, term: u64, kind: EntryType, data: &[u8]) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.set_entry_type(kind);
+        e.data = Bytes::copy_from_slice(data);
+        e
+    }
+
+    async fn open_store(dir: &Path) -> (Rc<PartitionLog>, RaftLog) {
+        // No cache: every read of an entry goes to the segment file.
+        let log = PartitionLog::open(dir, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let store = RaftLog::open(log.clone()).await.unwrap();
+        (log, store)
+    }
+
+    #[test]
+    fn entries_are_stamped_batches_truncated_on_conflict_and_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let (log, mut store) = open_store(&d).await;
+            let produced = data_batch(3, 50, 1000, 1);
+            store
+                .append(&[
+                    entry(1, 1, EntryType::EntryNormal, b""),
+                    entry(2, 1, EntryType::EntryNormal, &produced),
+                    entry(3, 2, EntryType::EntryConfChangeV2, b"cc"),
+                ])
+                .unwrap();
+            let mut hs = HardState::default();
+            hs.term = 2;
+            hs.vote = 1;
+            store.set_hard_state(&hs).unwrap();
+            store.persist().await.unwrap();
+            assert_eq!(log.log_end_offset(), Offset(5), "1 + 3 + 1 records");
+            assert_eq!((store.last_index(), store.term(2).unwrap()), (3, 1));
+            assert_eq!(store.term(3).unwrap(), 2);
+            assert!(store.term(4).is_err());
+            let es = store.entries(1, 4, None).unwrap();
+            assert_eq!(es.len(), 3);
+            assert!(es[0].data.is_empty());
+            let h = BatchHeader::parse_checked(&es[1].data).unwrap();
+            assert_eq!((h.base_offset(), h.last_offset()), (Offset(1), Offset(3)));
+            assert_eq!(h.partition_leader_epoch(), 1);
+            assert_eq!(
+                &es[1].data[batch::HEADER_BYTES..],
+                &produced[batch::HEADER_BYTES..]
+            );
+            assert_eq!(es[2].get_entry_type(), EntryType::EntryConfChangeV2);
+            assert_eq!(&es[2].data[..], b"cc");
+            // At least one entry, however small the limit.
+            assert_eq!(store.entries(1, 4, Some(1)).unwrap().len(), 1);
+
+            // A conflicting entry at index 3 replaces it, cutting the log at its batch.
+            let cut = Rc::new(std::cell::Cell::new(None));
+            let seen = cut.clone();
+            store
+                .truncate_hooks()
+                .borrow_mut()
+                .push(Box::new(move |o| seen.set(Some(o))));
+            let other = data_batch(2, 50, 2000, 2);
+            store
+                .append(&[entry(3, 3, EntryType::EntryNormal, &other)])
+                .unwrap();
+            store.persist().await.unwrap();
+            assert_eq!(cut.get(), Some(Offset(4)));
+            assert_eq!(log.log_end_offset(), Offset(6));
+            assert_eq!(store.term(3).unwrap(), 3);
+            assert_eq!(log.leader_epochs(), vec![(1, Offset(0)), (3, Offset(4))]);
+            // A gap is refused.
+            assert!(store
+                .append(&[entry(5, 3, EntryType::EntryNormal, &other)])
+                .is_err());
+
+            drop(store);
+            log.close().await.unwrap();
+            drop(log);
+            let (log, store) = open_store(&d).await;
+            assert_eq!((store.last_index(), store.term(3).unwrap()), (3, 3));
+            assert_eq!(store.raft_state().hard_state.term, 2);
+            assert_eq!(store.raft_state().hard_state.vote, 1);
+            let idx = store.index();
+            assert_eq!(idx.borrow().offset_after(2), Offset(4));
+            assert_eq!(idx.borrow().log_end(), Offset(6));
+            log.close().await.unwrap();
+        });
+    }
 
     #[test]
     fn hard_state_round_trips_and_refuses_damage() {

@@ -34,6 +34,7 @@ struct Report {
     hw: Offset,
     log_end: Offset,
     batches: Vec<Bytes>,
+    fetches: u64,
 }
 
 enum Cmd {
@@ -151,7 +152,8 @@ impl Cluster {
             .name(&format!("replica-{id}"))
             .spawn(move || async move {
                 let transport = Transport::start(tc).expect("transport");
-                let log = PartitionLog::open(&dir, small_log(), BatchCache::new(1 << 20))
+                // A small cache: a replica that restarts behind is served from disk.
+                let log = PartitionLog::open(&dir, small_log(), BatchCache::new(16 << 10))
                     .await
                     .expect("open log");
                 let p = Rc::new(
@@ -178,6 +180,7 @@ impl Cluster {
                                 hw: p.high_watermark(),
                                 log_end: log.log_end_offset(),
                                 batches: read_log(&log).await,
+                                fetches: p.entry_fetches(),
                             });
                         }
                         Cmd::Isolate(on) => transport.set_isolated(on),
@@ -420,8 +423,9 @@ fn replicas_hold_identical_logs_fail_over_and_truncate_the_old_leaders_tail() {
     let leader = c.leader(WAIT);
     let follower = *c.ids.iter().find(|id| **id != leader).unwrap();
     c.stop(follower);
-    for i in 0..10 {
-        let b = produced(&format!("c{i}"), 3);
+    let fetches = c.report(leader).fetches;
+    for i in 0..40 {
+        let b = produced(&format!("c{i}-{}", "x".repeat(400)), 3);
         let (base, last) = c
             .propose(leader, b.clone())
             .expect("committed by two of three");
@@ -430,4 +434,8 @@ fn replicas_hold_identical_logs_fail_over_and_truncate_the_old_leaders_tail() {
     c.start(follower);
     let log = c.converged();
     assert_eq!(data_batches(&log), acked);
+    assert!(
+        c.report(leader).fetches > fetches,
+        "the follower was behind the cache: its entries were fetched from disk"
+    );
 }

@@ -14,7 +14,10 @@
 //! Writes are staged by `append` (raft-rs calls it synchronously) and performed by the future
 //! `persist` returns: truncations (`truncate_to`), one verbatim append of the new batches, one
 //! group commit (`sync_all`) and, when term or vote changed, the hard-state file. Reads come
-//! from the batch cache, else from the segment file (`PartitionLog::read_batch_now`).
+//! from the batch cache; entries for a follower behind it are fetched asynchronously
+//! (`entries_for_send` answers `LogTemporarilyUnavailable`, `take_fetch` reads them with the
+//! log's DMA reads, the driver then has raft-rs send them); other reads of older entries fall
+//! back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
 //!
 //! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
 //! log's batch headers. No raft snapshots: compaction of a partition's raft log follows its
@@ -46,6 +49,9 @@ use crate::types::Offset;
 pub const HARD_STATE_FILE: &str = "raft-hard-state";
 /// Voters and learners a hard-state file may list (a partition has a handful of replicas).
 const MEMBERS_MAX: usize = 1024;
+/// Bytes of entries fetched from disk for followers and not sent yet: a fetch reads at most
+/// one append message (`max_size_per_msg`, 1 MiB by default); older fetched entries go first.
+const PREFETCH_BYTES_MAX: usize = 8 << 20;
 
 /// Term and offsets of one entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +106,12 @@ pub struct RaftLog {
     hard_dirty: bool,
     ops: Vec<Op>,
     on_truncate: TruncateHooks,
+    /// Entries read from disk by a fetch for a follower, by index (see `entries_for_send`).
+    prefetched: Rc<RefCell<std::collections::BTreeMap<u64, Bytes>>>,
+    /// The range the last `entries_for_send` could not serve from memory: (low, high, bytes).
+    fetch: RefCell<Option<(u64, u64, u64)>>,
+    /// Fetches started (a statistic: followers served from disk).
+    fetches: Rc<std::cell::Cell<u64>>,
 }
 
 impl RaftLog {
@@ -156,6 +168,9 @@ impl RaftLog {
             hard_dirty: false,
             ops: vec![],
             on_truncate: Rc::default(),
+            prefetched: Rc::default(),
+            fetch: RefCell::new(None),
+            fetches: Rc::default(),
         })
     }
 
@@ -163,12 +178,29 @@ impl RaftLog {
         self.index.clone()
     }
 
+    /// Fetches of entries from disk for followers started so far.
+    pub fn fetches(&self) -> Rc<std::cell::Cell<u64>> {
+        self.fetches.clone()
+    }
+
     pub(crate) fn truncate_hooks(&self) -> TruncateHooks {
         self.on_truncate.clone()
     }
 
-    /// The batch bytes of entry `index`, stamped.
-    fn batch_of(&self, m: EntryMeta) -> raft::Result<Bytes> {
+    /// The batch bytes of entry `index`, stamped, without a disk read: fetched for a follower,
+    /// or in the batch cache.
+    fn batch_in_memory(&self, index: u64, m: EntryMeta) -> Option<Bytes> {
+        if let Some(b) = self.prefetched.borrow().get(&index) {
+            return Some(b.clone());
+        }
+        self.log.read_batch_cached(m.base)
+    }
+
+    /// The batch bytes of entry `index`, stamped; from the file if it is not in memory.
+    fn batch_of(&self, index: u64, m: EntryMeta) -> raft::Result<Bytes> {
+        if let Some(b) = self.batch_in_memory(index, m) {
+            return Ok(b);
+        }
         match self.log.read_batch_now(m.base) {
             Ok(Some(b)) => Ok(b),
             Ok(None) => Err(raft::Error::Store(RaftStorageError::Unavailable)),
@@ -273,7 +305,7 @@ impl LogStore for RaftLog {
                 .borrow()
                 .get(i)
                 .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
-            let b = self.batch_of(m)?;
+            let b = self.batch_of(i, m)?;
             size += b.len() as u64;
             if !out.is_empty() && max_size.is_some_and(|max| size > max) {
                 break;
@@ -281,6 +313,103 @@ impl LogStore for RaftLog {
             out.push(Self::entry_of(i, m.term, b));
         }
         Ok(out)
+    }
+
+    /// From memory only; entries that would need a disk read are fetched asynchronously
+    /// (`take_fetch`) and the read is answered `LogTemporarilyUnavailable` until then.
+    fn entries_for_send(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> raft::Result<Vec<Entry>> {
+        if low == 0 {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        // The follower has everything below `low`: what was fetched for it there is done.
+        {
+            let mut p = self.prefetched.borrow_mut();
+            let keep = p.split_off(&low);
+            *p = keep;
+        }
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for i in low..high {
+            let m = self
+                .index
+                .borrow()
+                .get(i)
+                .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
+            let Some(b) = self.batch_in_memory(i, m) else {
+                if out.is_empty() {
+                    *self.fetch.borrow_mut() = Some((i, high, max_size.unwrap_or(u64::MAX).max(1)));
+                    return Err(raft::Error::Store(
+                        RaftStorageError::LogTemporarilyUnavailable,
+                    ));
+                }
+                break; // send what is in memory; the rest is asked for next
+            };
+            size += b.len() as u64;
+            if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                break;
+            }
+            out.push(Self::entry_of(i, m.term, b));
+        }
+        Ok(out)
+    }
+
+    fn take_fetch(&mut self) -> Option<sluice_raft::Fetch> {
+        let (low, high, max) = self.fetch.borrow_mut().take()?;
+        self.fetches.set(self.fetches.get() + 1);
+        let (log, index, prefetched) = (
+            self.log.clone(),
+            self.index.clone(),
+            self.prefetched.clone(),
+        );
+        Some(Box::pin(async move {
+            let Some(start) = index.borrow().get(low) else {
+                return;
+            };
+            let mut i = low;
+            let mut at = start.base;
+            let mut bytes = 0u64;
+            while i < high && bytes < max {
+                let r = match log
+                    .read(crate::storage::ReadOptions {
+                        start: at,
+                        bytes_max: (max - bytes).min(1 << 20) as u32,
+                    })
+                    .await
+                {
+                    Ok(r) if !r.batches.is_empty() => r,
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(dir = %log.dir().display(), error = %e, "entry fetch failed");
+                        return;
+                    }
+                };
+                for b in r.batches {
+                    let Ok(h) = BatchHeader::parse(&b) else {
+                        return;
+                    };
+                    // A truncation ran meanwhile: the indexes no longer match these batches.
+                    if index.borrow().get(i).map(|m| m.base) != Some(h.base_offset()) {
+                        return;
+                    }
+                    at = h.last_offset().next();
+                    bytes += b.len() as u64;
+                    let mut p = prefetched.borrow_mut();
+                    p.insert(i, b);
+                    while p.values().map(|v| v.len()).sum::<usize>() > PREFETCH_BYTES_MAX {
+                        p.pop_first();
+                    }
+                    i += 1;
+                    if i >= high || bytes >= max {
+                        break;
+                    }
+                }
+            }
+        }))
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -304,6 +433,7 @@ impl LogStore for RaftLog {
             // conflicting index.
             let cut = idx.get(first.index).expect("checked above").base;
             idx.entries.truncate(first.index as usize - 1);
+            let _ = self.prefetched.borrow_mut().split_off(&first.index);
             self.ops.push(Op::Truncate(cut));
         }
         let mut next = idx.log_end();

@@ -66,6 +66,7 @@ pub struct ReplicatedPartition {
     log: Rc<PartitionLog>,
     index: Rc<RefCell<EntryIndex>>,
     truncate_hooks: TruncateHooks,
+    fetches: Rc<std::cell::Cell<u64>>,
 }
 
 impl ReplicatedPartition {
@@ -80,6 +81,7 @@ impl ReplicatedPartition {
         let store = RaftLog::open(log.clone()).await?;
         let index = store.index();
         let truncate_hooks = store.truncate_hooks();
+        let fetches = store.fetches();
         config.snapshot_interval_entries = NO_SNAPSHOTS;
         let group = RaftGroup::start(config, store, LogIsTheState, transport)?;
         Ok(ReplicatedPartition {
@@ -87,6 +89,7 @@ impl ReplicatedPartition {
             log,
             index,
             truncate_hooks,
+            fetches,
         })
     }
 
@@ -137,6 +140,10 @@ impl ReplicatedPartition {
     /// Role, leader and term changes (see `RaftGroup::watch`).
     pub fn watch(&self) -> async_channel::Receiver<GroupStatus> {
         self.group.watch()
+    }
+    /// Entry fetches from disk for followers behind the batch cache, so far.
+    pub fn entry_fetches(&self) -> u64 {
+        self.fetches.get()
     }
     pub fn log(&self) -> &Rc<PartitionLog> {
         &self.log

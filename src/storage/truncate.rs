@@ -219,6 +219,23 @@ impl PartitionLog {
         self.sync_to(end).await
     }
 
+    /// The batch starting at `offset` if the batch cache holds it (no disk read).
+    pub fn read_batch_cached(&self, offset: Offset) -> Option<bytes::Bytes> {
+        let s = self.state.borrow();
+        if offset < s.offsets.log_start() || offset >= s.offsets.hw() {
+            return None;
+        }
+        let mut out = vec![];
+        self.cache
+            .read(self.cache_id, offset, s.offsets.hw(), 1, &mut out)
+            .then(|| out.pop())
+            .flatten()
+            .filter(|b| {
+                crate::protocol::batch::BatchHeader::parse(b)
+                    .is_ok_and(|h| h.base_offset() == offset)
+            })
+    }
+
     /// The written batch starting at `offset`, read without awaiting: from the batch cache, or
     /// else with blocking reads of the segment file through the page cache, from the index
     /// entry before it (at most `index_interval_bytes` of headers and the batch itself). For

@@ -108,8 +108,9 @@ pub struct RaftLog {
     on_truncate: TruncateHooks,
     /// Entries read from disk by a fetch for a follower, by index (see `entries_for_send`).
     prefetched: Rc<RefCell<std::collections::BTreeMap<u64, Bytes>>>,
-    /// The range the last `entries_for_send` could not serve from memory: (low, high, bytes).
-    fetch: RefCell<Option<(u64, u64, u64)>>,
+    /// Ranges `entries_for_send` could not serve from memory since the last `take_fetch`:
+    /// (low, high, bytes) — one per follower behind the cache.
+    fetch: RefCell<Vec<(u64, u64, u64)>>,
     /// Fetches started (a statistic: followers served from disk).
     fetches: Rc<std::cell::Cell<u64>>,
 }
@@ -169,7 +170,7 @@ impl RaftLog {
             ops: vec![],
             on_truncate: Rc::default(),
             prefetched: Rc::default(),
-            fetch: RefCell::new(None),
+            fetch: RefCell::default(),
             fetches: Rc::default(),
         })
     }
@@ -342,7 +343,9 @@ impl LogStore for RaftLog {
                 .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
             let Some(b) = self.batch_in_memory(i, m) else {
                 if out.is_empty() {
-                    *self.fetch.borrow_mut() = Some((i, high, max_size.unwrap_or(u64::MAX).max(1)));
+                    self.fetch
+                        .borrow_mut()
+                        .push((i, high, max_size.unwrap_or(u64::MAX).max(1)));
                     return Err(raft::Error::Store(
                         RaftStorageError::LogTemporarilyUnavailable,
                     ));
@@ -359,55 +362,19 @@ impl LogStore for RaftLog {
     }
 
     fn take_fetch(&mut self) -> Option<sluice_raft::Fetch> {
-        let (low, high, max) = self.fetch.borrow_mut().take()?;
-        self.fetches.set(self.fetches.get() + 1);
+        let ranges = std::mem::take(&mut *self.fetch.borrow_mut());
+        if ranges.is_empty() {
+            return None;
+        }
+        self.fetches.set(self.fetches.get() + ranges.len() as u64);
         let (log, index, prefetched) = (
             self.log.clone(),
             self.index.clone(),
             self.prefetched.clone(),
         );
         Some(Box::pin(async move {
-            let Some(start) = index.borrow().get(low) else {
-                return;
-            };
-            let mut i = low;
-            let mut at = start.base;
-            let mut bytes = 0u64;
-            while i < high && bytes < max {
-                let r = match log
-                    .read(crate::storage::ReadOptions {
-                        start: at,
-                        bytes_max: (max - bytes).min(1 << 20) as u32,
-                    })
-                    .await
-                {
-                    Ok(r) if !r.batches.is_empty() => r,
-                    Ok(_) => return,
-                    Err(e) => {
-                        tracing::warn!(dir = %log.dir().display(), error = %e, "entry fetch failed");
-                        return;
-                    }
-                };
-                for b in r.batches {
-                    let Ok(h) = BatchHeader::parse(&b) else {
-                        return;
-                    };
-                    // A truncation ran meanwhile: the indexes no longer match these batches.
-                    if index.borrow().get(i).map(|m| m.base) != Some(h.base_offset()) {
-                        return;
-                    }
-                    at = h.last_offset().next();
-                    bytes += b.len() as u64;
-                    let mut p = prefetched.borrow_mut();
-                    p.insert(i, b);
-                    while p.values().map(|v| v.len()).sum::<usize>() > PREFETCH_BYTES_MAX {
-                        p.pop_first();
-                    }
-                    i += 1;
-                    if i >= high || bytes >= max {
-                        break;
-                    }
-                }
+            for (low, high, max) in ranges {
+                fetch_range(&log, &index, &prefetched, low, high, max).await;
             }
         }))
     }
@@ -506,6 +473,62 @@ impl LogStore for RaftLog {
             io::ErrorKind::Unsupported,
             "partition snapshots (a follower behind the log start) are not built yet",
         ))
+    }
+}
+
+/// Reads entries `[low, high)`, at most `max` bytes of them, into `prefetched` (see
+/// `RaftLog::take_fetch`). Stops early on a read error (logged; the waiting read asks again) or
+/// when a truncation changed the log meanwhile.
+async fn fetch_range(
+    log: &PartitionLog,
+    index: &RefCell<EntryIndex>,
+    prefetched: &RefCell<std::collections::BTreeMap<u64, Bytes>>,
+    low: u64,
+    high: u64,
+    max: u64,
+) {
+    let Some(start) = index.borrow().get(low) else {
+        return;
+    };
+    let mut i = low;
+    let mut at = start.base;
+    let mut bytes = 0u64;
+    while i < high && bytes < max {
+        let r = match log
+            .read(crate::storage::ReadOptions {
+                start: at,
+                bytes_max: (max - bytes).min(1 << 20) as u32,
+            })
+            .await
+        {
+            Ok(r) if !r.batches.is_empty() => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(dir = %log.dir().display(), error = %e, "entry fetch failed");
+                return;
+            }
+        };
+        for b in r.batches {
+            let Ok(h) = BatchHeader::parse(&b) else {
+                return;
+            };
+            // A truncation ran meanwhile: the indexes no longer match these batches.
+            if index.borrow().get(i).map(|m| m.base) != Some(h.base_offset()) {
+                return;
+            }
+            at = h.last_offset().next();
+            bytes += b.len() as u64;
+            prefetched.borrow_mut().insert(i, b);
+            i += 1;
+            if i >= high || bytes >= max {
+                break;
+            }
+        }
+        let mut p = prefetched.borrow_mut();
+        let mut held: usize = p.values().map(|v| v.len()).sum();
+        while held > PREFETCH_BYTES_MAX {
+            held -= p.pop_first().map_or(0, |(_, v)| v.len());
+        }
     }
 }
 

@@ -31,6 +31,7 @@ pub mod group;
 pub mod kafka;
 pub mod metadata;
 pub mod protocol;
+pub mod replica;
 pub mod server;
 pub mod shard;
 pub mod storage;

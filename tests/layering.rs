@@ -36,6 +36,7 @@ const LAYERS: &[&[&str]] = &[
     &["shard"],
     &["metadata"],
     &["config"],
+    &["replica"],
     &["storage"],
     &["protocol"],
     &["contain", "fault"],

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 
 use crate::protocol::batch::{self, BatchError, BatchHeader};
 use crate::storage::appender::Ticket;
+use crate::storage::epochs::LeaderEpochs;
 use crate::storage::producer_state::{BatchMeta, Check};
 use crate::storage::{AppendResult, Durability, PartitionLog, State, StorageError};
 use crate::types::Offset;
@@ -23,12 +24,47 @@ impl PartitionLog {
         records: BytesMut,
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
+        self.append_as(records, durability, Mode::Assign).await
+    }
+
+    /// The leader's append of a replicated partition: [`PartitionLog::append`] with every batch
+    /// stamped with `epoch` (the raft term) in `partitionLeaderEpoch`, which lies before the
+    /// CRC-covered part of the header, so the checksum stays valid as sent.
+    pub async fn append_leader(
+        &self,
+        mut records: BytesMut,
+        epoch: i32,
+        durability: Durability,
+    ) -> Result<AppendResult, StorageError> {
+        stamp_epoch(&mut records, epoch).map_err(StorageError::Corrupt)?;
+        self.append_as(records, durability, Mode::Assign).await
+    }
+
+    /// A follower's append: stores the batches verbatim, with the offsets the leader assigned.
+    /// The first batch must start at the log end and each following one right after its
+    /// predecessor (`StorageError::OffsetMismatch` otherwise: a follower never renumbers), and
+    /// every CRC must hold. Producer state follows the batches without being checked (the
+    /// leader checked them).
+    pub async fn append_replicated(
+        &self,
+        records: BytesMut,
+        durability: Durability,
+    ) -> Result<AppendResult, StorageError> {
+        self.append_as(records, durability, Mode::Verbatim).await
+    }
+
+    async fn append_as(
+        &self,
+        records: BytesMut,
+        durability: Durability,
+        mode: Mode,
+    ) -> Result<AppendResult, StorageError> {
         if records.is_empty() {
             return Err(StorageError::Corrupt(BatchError::Truncated));
         }
         batch::for_each_batch(&records, true, |_| {}).map_err(StorageError::Corrupt)?;
         self.admit(records.len()).await?;
-        let (result, ticket) = self.assign(records, durability)?;
+        let (result, ticket) = self.assign(records, durability, mode)?;
         if durability == Durability::Accepted {
             return Ok(result);
         }
@@ -61,10 +97,16 @@ impl PartitionLog {
         &self,
         mut records: BytesMut,
         durability: Durability,
+        mode: Mode,
     ) -> Result<(AppendResult, Ticket), StorageError> {
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        if let Some(dup) = self.check_producers(s, &records)? {
+        if s.closed {
+            return Err(StorageError::Io(std::io::Error::other("log is closed")));
+        }
+        if mode == Mode::Verbatim {
+            check_contiguous(&records, s.offsets.log_end())?;
+        } else if let Some(dup) = self.check_producers(s, &records)? {
             // A retry is answered like its first attempt, once the original batches reach the
             // durability asked for: the first attempt may still be unwritten (and its write may
             // yet fail), or its fdatasync may have failed.
@@ -74,12 +116,15 @@ impl PartitionLog {
             return Ok((dup, ticket));
         }
         let base = s.offsets.log_end();
+        self.note_epochs(s, &records, base)?;
         let interval = s.config.index_interval_bytes;
         let mut next = base;
         let mut at = 0usize;
         while at < records.len() {
             let size = batch::batch_size(&records[at..]).expect("validated above");
-            batch::set_base_offset(&mut records[at..at + size], next);
+            if mode == Mode::Assign {
+                batch::set_base_offset(&mut records[at..at + size], next);
+            }
             let h = BatchHeader::parse(&records[at..at + size]).expect("validated above");
             let pos = s.active().size();
             s.active_mut().on_batch(&h, pos, interval);
@@ -120,6 +165,32 @@ impl PartitionLog {
             duplicate: false,
         };
         Ok((result, ticket))
+    }
+
+    /// Adds the epochs the batches starting at `base` begin to the leader-epoch cache, persisting
+    /// it before anything of the append is accepted (a failure leaves the log unchanged).
+    fn note_epochs(&self, s: &mut State, records: &[u8], base: Offset) -> Result<(), StorageError> {
+        let mut next = base;
+        let mut epochs: Option<LeaderEpochs> = None;
+        let mut at = 0usize;
+        while at < records.len() {
+            let h = BatchHeader::parse(&records[at..]).map_err(StorageError::Corrupt)?;
+            let latest = epochs.as_ref().unwrap_or(&s.epochs).latest();
+            if h.partition_leader_epoch() >= 0
+                && latest.is_none_or(|l| h.partition_leader_epoch() > l)
+            {
+                epochs
+                    .get_or_insert_with(|| s.epochs.clone())
+                    .observe(h.partition_leader_epoch(), next);
+            }
+            next = Offset(next.0 + h.last_offset_delta() as i64 + 1);
+            at += h.size();
+        }
+        if let Some(e) = epochs {
+            e.persist(&self.dir)?;
+            s.epochs = e;
+        }
+        Ok(())
     }
 
     /// Waits until an append of `bytes` may assign offsets: its turn among the appends that
@@ -271,4 +342,85 @@ impl Drop for AdmissionTurn<'_> {
         }
         s.wake_all();
     }
+}
+
+/// How an append treats the batches' offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The log assigns them (a single node, or a partition's leader); idempotent producers are
+    /// checked.
+    Assign,
+    /// They were assigned by the leader and must continue the log exactly (a follower).
+    Verbatim,
+}
+
+/// Sets `partitionLeaderEpoch` of every batch in `records` (validated: whole batches).
+pub fn stamp_epoch(records: &mut [u8], epoch: i32) -> Result<(), BatchError> {
+    let mut at = 0usize;
+    while at < records.len() {
+        let size = batch::batch_size(&records[at..]).ok_or(BatchError::Truncated)?;
+        if at + size > records.len() {
+            return Err(BatchError::Truncated);
+        }
+        batch::set_partition_leader_epoch(&mut records[at..at + size], epoch);
+        at += size;
+    }
+    Ok(())
+}
+
+/// The batches start at `log_end` and follow each other without a gap.
+fn check_contiguous(records: &[u8], log_end: Offset) -> Result<(), StorageError> {
+    let mut next = log_end;
+    let mut at = 0usize;
+    while at < records.len() {
+        let h = BatchHeader::parse(&records[at..]).map_err(StorageError::Corrupt)?;
+        if h.base_offset() != next {
+            return Err(StorageError::OffsetMismatch {
+                expected: next,
+                found: h.base_offset(),
+            });
+        }
+        next = h.last_offset().next();
+        at += h.size();
+    }
+    Ok(())
+}
+
+/// Control record types of the raft entries that carry no data, above the range Kafka uses
+/// (0 abort, 1 commit, 2–6 KRaft). Kafka clients skip control batches whatever their type.
+pub const CONTROL_RAFT_NOOP: i16 = 100;
+pub const CONTROL_RAFT_CONF_CHANGE: i16 = 101;
+pub const CONTROL_RAFT_CONF_CHANGE_V2: i16 = 102;
+
+/// A control batch of one record: key `[version 0: i16][kind: i16]` as Kafka's control
+/// records, `value` as given, leader epoch `epoch`, base offset 0 (the log assigns it).
+pub fn control_batch(kind: i16, value: &[u8], epoch: i32, timestamp_ms: i64) -> Vec<u8> {
+    let mut key = [0u8; 4];
+    key[2..].copy_from_slice(&kind.to_be_bytes());
+    let mut b = crate::protocol::builder::batch(&[crate::protocol::builder::Record {
+        key: Some(&key),
+        value: Some(value),
+        headers: &[],
+        timestamp_ms,
+    }]);
+    batch::set_control(&mut b);
+    batch::set_partition_leader_epoch(&mut b, epoch);
+    b
+}
+
+/// The kind and value of a control batch built by [`control_batch`]; `None` for a data batch
+/// or a control batch of another shape.
+pub fn control_of(b: &bytes::Bytes) -> Option<(i16, bytes::Bytes)> {
+    let h = BatchHeader::parse(b).ok()?;
+    if !h.is_control() || h.record_count() != 1 || h.compression() != 0 {
+        return None;
+    }
+    let recs = crate::protocol::records::decode_batch(&b.slice(..h.size())).ok()?;
+    let r = recs.first()?;
+    let key = r.key.as_ref()?;
+    if key.len() != 4 || key[..2] != [0, 0] {
+        return None;
+    }
+    let kind = i16::from_be_bytes([key[2], key[3]]);
+    Some((kind, r.value.clone().unwrap_or_default()))
 }

@@ -381,6 +381,25 @@ impl Appender {
         self.punch = None; // the truncation removed everything past the data
     }
 
+    /// The log was cut back to `written` bytes of the active segment (a file of exactly that
+    /// size now, synced), ending at offset `end`. A new write generation starts: appends of
+    /// the old one at or past `end` count as failed.
+    pub fn truncated(&mut self, written: u64, written_tail: Vec<u8>, end: Offset) {
+        assert!(self.is_drained());
+        assert_eq!(written_tail.len() as u64, written - align_down(written));
+        self.pending = Pending::new(align_down(written), written_tail.clone());
+        self.written_pos = written;
+        self.synced_pos = written;
+        self.written_tail = written_tail;
+        self.allocated = written;
+        self.attempted_pos = align_up(written);
+        self.punch = None;
+        self.gen_end.push(end);
+        self.gen += 1;
+        self.sync_wanted = self.sync_wanted.min(end);
+        self.snapshot_pos = written; // the truncation writes a producer snapshot at `end`
+    }
+
     /// A new, empty active segment of `allocated` pre-allocated bytes (roll).
     pub fn started_segment(&mut self, allocated: u64) {
         assert!(self.is_drained());

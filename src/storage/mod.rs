@@ -10,6 +10,8 @@
 //! | `append` | the append path: validation, admission, offset assignment, the durability wait |
 //! | `appender` | `Appender`: pending aligned chunks, written/synced positions, the flusher task |
 //! | `read` | the read path: cache, cold reads, `ReadAheads`, timestamp lookups |
+//! | `truncate` | cutting the tail of the log (a follower's conflict truncation), crash-safe |
+//! | [`epochs`] | the leader-epoch cache: epoch -> start offset, `end_offset_for` |
 //! | `roll` | sealing the active segment and starting the next |
 //! | `retention` | moving the log start: retention and DeleteRecords |
 //! | `recovery` | `open`: loading segments, validating the tail, rebuilding what is missing |
@@ -30,6 +32,7 @@
 mod append;
 mod appender;
 pub mod cache;
+pub mod epochs;
 pub mod io;
 mod meta;
 mod offsets;
@@ -43,6 +46,7 @@ mod segment;
 mod sim;
 #[cfg(test)]
 pub(crate) mod tests;
+mod truncate;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -54,8 +58,13 @@ use bytes::Bytes;
 use crate::protocol::batch::BatchError;
 use crate::types::{Clock, Offset};
 
+pub use append::{
+    control_batch, control_of, stamp_epoch, CONTROL_RAFT_CONF_CHANGE, CONTROL_RAFT_CONF_CHANGE_V2,
+    CONTROL_RAFT_NOOP,
+};
 use appender::Appender;
 pub use cache::{BatchCache, CacheStats};
+use epochs::LeaderEpochs;
 use io::StorageIo;
 use offsets::Offsets;
 use producer_state::ProducerState;
@@ -129,6 +138,9 @@ pub enum StorageError {
     OutOfOrderSequence,
     /// Idempotent producer with an older epoch than we know: INVALID_PRODUCER_EPOCH.
     InvalidProducerEpoch,
+    /// A replicated batch does not continue the log (its base offset is not the log end), or a
+    /// truncation point is not a batch boundary: the replicas disagree on offsets.
+    OffsetMismatch { expected: Offset, found: Offset },
 }
 
 impl std::fmt::Display for StorageError {
@@ -145,6 +157,12 @@ impl std::fmt::Display for StorageError {
             StorageError::Corrupt(e) => write!(f, "{e}"),
             StorageError::OutOfOrderSequence => write!(f, "out of order sequence number"),
             StorageError::InvalidProducerEpoch => write!(f, "invalid producer epoch"),
+            StorageError::OffsetMismatch { expected, found } => {
+                write!(
+                    f,
+                    "offset mismatch: expected a batch at {expected}, found {found}"
+                )
+            }
         }
     }
 }
@@ -213,6 +231,8 @@ pub(crate) struct State {
     offsets: Offsets,
     appender: Appender,
     producers: ProducerState,
+    /// Leader epoch -> first offset (see [`epochs`]).
+    epochs: LeaderEpochs,
     reads: ReadAheads,
     /// A roll (or close) is in progress: appends wait.
     rolling: bool,
@@ -356,6 +376,16 @@ impl PartitionLog {
     }
     pub fn high_watermark(&self) -> Offset {
         self.state.borrow().offsets.hw()
+    }
+    /// OffsetsForLeaderEpoch: the largest epoch at or below `epoch` and its end offset (see
+    /// [`LeaderEpochs::end_offset_for`]).
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> (i32, Offset) {
+        let s = self.state.borrow();
+        s.epochs.end_offset_for(epoch, s.offsets.log_end())
+    }
+    /// (epoch, start offset) of every leader epoch in the log, oldest first.
+    pub fn leader_epochs(&self) -> Vec<(i32, Offset)> {
+        self.state.borrow().epochs.entries().to_vec()
     }
     /// The offset up to which an fdatasync has completed.
     pub fn synced_offset(&self) -> Offset {

@@ -80,6 +80,20 @@ impl Offsets {
         self.hw
     }
 
+    /// The log is cut at `to` (a follower's conflict truncation, with nothing pending, the cut
+    /// file synced): the log end, the high watermark and the synced offset become `to`. The
+    /// only move back of these offsets; `to` is never below the log start.
+    pub fn truncate_to(&mut self, to: Offset) {
+        assert!(
+            self.log_start <= to && to <= self.log_end && self.hw == self.log_end,
+            "truncation to {to} of {self:?}"
+        );
+        self.log_end = to;
+        self.hw = to;
+        self.synced = to;
+        self.check();
+    }
+
     /// The log start moves up to `to`, which must be durable already (see the module doc).
     pub fn advance_start(&mut self, to: Offset) {
         assert!(

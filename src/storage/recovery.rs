@@ -11,12 +11,14 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use crate::storage::appender::{self, Appender};
+use crate::storage::epochs::LeaderEpochs;
 use crate::storage::io::{align_down, StorageIo};
 use crate::storage::meta;
 use crate::storage::offsets::Offsets;
 use crate::storage::producer_state::ProducerState;
 use crate::storage::read::ReadAheads;
 use crate::storage::segment::{self, ScanStop, Segment};
+use crate::storage::truncate;
 use crate::storage::{BatchCache, LogConfig, PartitionLog, RecoveryReport, State, StorageError};
 use crate::types::{Clock, Offset};
 
@@ -35,7 +37,11 @@ impl PartitionLog {
         // glommio opens files and directories relative to no directory fd: paths must be absolute.
         let dir = &std::path::absolute(dir)?;
         let clean_path = dir.join(meta::CLEAN_FILE);
-        let clean = meta::read_file(&clean_path).and_then(|b| meta::decode_clean(&b));
+        // A truncation that a crash interrupted: finish it (see `truncate`).
+        let trunc = truncate::pending(dir);
+        let clean = meta::read_file(&clean_path)
+            .and_then(|b| meta::decode_clean(&b))
+            .filter(|_| trunc.is_none());
         let had_marker = clean_path.exists();
         let checkpoint = meta::read_file(&dir.join(meta::LOG_START_FILE)).and_then(|b| {
             b.try_into()
@@ -59,6 +65,15 @@ impl PartitionLog {
                 }
                 bases.remove(0);
             }
+        }
+        if let Some(t) = trunc {
+            while bases.len() > 1 && bases.last().is_some_and(|b| *b >= t) {
+                let base = bases.pop().expect("checked above");
+                for ext in ["log", "index", "timeindex"] {
+                    meta::remove_if_exists(&meta::segment_path(dir, base, ext))?;
+                }
+            }
+            meta::sync_dir(dir)?;
         }
         let interval = config.index_interval_bytes;
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len() + 1);
@@ -117,7 +132,11 @@ impl PartitionLog {
             let keep = match covered {
                 Some(u) => idx
                     .iter()
-                    .take_while(|e| (e.1 as u64) < file_size && base.0 + e.0 as i64 <= u.0)
+                    .take_while(|e| {
+                        (e.1 as u64) < file_size
+                            && base.0 + e.0 as i64 <= u.0
+                            && trunc.is_none_or(|t| base.0 + (e.0 as i64) < t.0)
+                    })
                     .count(),
                 None => 0,
             };
@@ -136,14 +155,26 @@ impl PartitionLog {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot open index files");
             }
             let (start_pos, start_next) = (fresh.size(), fresh.next());
-            let out = segment::scan(&*file, start_pos, start_next, file_size, |h, pos| {
+            let mut cut: Option<u64> = None;
+            let mut out = segment::scan(&*file, start_pos, start_next, file_size, |h, pos| {
+                if cut.is_some() || trunc.is_some_and(|t| h.last_offset() >= t) {
+                    cut.get_or_insert(pos);
+                    return;
+                }
                 fresh.on_batch(h, pos, interval);
                 if snap_upto.is_none_or(|u| h.base_offset() >= u) {
                     producers.replay(h);
                 }
             })
             .await?;
-            if !matches!(out.stop, ScanStop::End | ScanStop::Zeros) {
+            if let Some(pos) = cut {
+                // The interrupted truncation's cut: everything from the first batch reaching
+                // its offset goes.
+                out.end_pos = pos;
+                out.next = fresh.next();
+                file.truncate(pos).await?;
+                file_size_active = pos;
+            } else if !matches!(out.stop, ScanStop::End | ScanStop::Zeros) {
                 // Garbage follows the valid data: cut it off so a later short append can never
                 // be followed by a stale batch on disk.
                 file.truncate(out.end_pos).await?;
@@ -208,6 +239,30 @@ impl PartitionLog {
             .unwrap_or(first_base)
             .max(first_base)
             .min(log_end);
+        let epochs = match LeaderEpochs::load(dir) {
+            Some(mut e) => {
+                // Entries of batches a crash lost (the file is written before the batch).
+                if e.truncate_from(log_end) {
+                    e.persist(dir)?;
+                }
+                e
+            }
+            None => {
+                // Missing (a log older than the cache) or damaged: rebuilt from the batch
+                // headers of every segment, once.
+                let mut e = LeaderEpochs::default();
+                for g in &segments {
+                    segment::scan(&**g.file(), 0, g.base(), g.size(), |h, _| {
+                        e.observe(h.partition_leader_epoch(), h.base_offset());
+                    })
+                    .await?;
+                }
+                if let Err(err) = e.persist(dir) {
+                    tracing::warn!(dir = %dir.display(), error = %err, "cannot write the leader-epoch checkpoint");
+                }
+                e
+            }
+        };
 
         match scan_report {
             Some((seg, valid, file_bytes, stop, batches)) => {
@@ -264,6 +319,7 @@ impl PartitionLog {
                     now,
                 ),
                 producers,
+                epochs,
                 reads: ReadAheads::new(),
                 rolling: false,
                 closed: false,
@@ -275,6 +331,17 @@ impl PartitionLog {
             let s = log.state.borrow();
             s.check_invariants();
             s.check_segments();
+        }
+        if trunc.is_some() {
+            if snap_upto.is_some_and(|u| u > log_end) {
+                let s = log.state.borrow();
+                meta::write_file(
+                    &dir.join(meta::PRODUCER_FILE),
+                    &meta::encode_producers(log_end, &s.producers),
+                )?;
+            }
+            meta::remove_if_exists(&dir.join(truncate::TRUNCATE_FILE))?;
+            meta::sync_dir(dir)?;
         }
         glommio::spawn_local(appender::flusher(Rc::downgrade(&log))).detach();
         Ok(log)

@@ -305,6 +305,24 @@ impl Segment {
         }
     }
 
+    /// The offset of the batch at file position `pos`, which is an index entry's position.
+    pub fn index_entry_at(&self, pos: u64) -> Offset {
+        let i = self.index.partition_point(|e| (e.1 as u64) < pos);
+        let e = self.index[i];
+        debug_assert_eq!(e.1 as u64, pos, "a position from lookup");
+        Offset(self.base.0 + e.0 as i64)
+    }
+
+    /// Cuts the segment at `pos` (the batch starting at `next`): a truncation of the log, which
+    /// may drop entries already appended to the index files; the caller rewrites them.
+    pub fn cut(&mut self, pos: u64, next: Offset) {
+        let rel_next = (next.0 - self.base.0) as u32;
+        self.index_durable = self.index.iter().filter(|e| (e.1 as u64) < pos).count();
+        self.time_durable = self.time_index.iter().filter(|e| e.1 < rel_next).count();
+        self.index_files = None;
+        self.truncate(pos, next);
+    }
+
     /// Drops index entries for data at or past `pos` (a failed write was rolled back).
     pub fn truncate(&mut self, pos: u64, next: Offset) {
         self.index.retain(|e| (e.1 as u64) < pos);

@@ -2,7 +2,7 @@
 //!
 //! From a seed, a run drives a [`PartitionLog`] over [`FaultyIo`] with a random mix of
 //! concurrent appends (every [`Durability`], plain and idempotent batches), reads, rolls,
-//! DeleteRecords, retention by bytes and by time, clean restarts and crashes, while torn writes,
+//! truncations of the tail, DeleteRecords, retention by bytes and by time, clean restarts and crashes, while torn writes,
 //! ENOSPC, failed and slow fdatasyncs come and go. After every step and every reopen it checks
 //! the log against a model of what was offered and acknowledged.
 //!
@@ -104,6 +104,7 @@ struct Stats {
     restarts: u64,
     faults: u64,
     dup_answers: u64,
+    truncations: u64,
 }
 
 #[derive(Default)]
@@ -121,6 +122,10 @@ struct Model {
     violations: Vec<String>,
     io_errors: u32,
     last_io_error: String,
+}
+
+fn base_of(b: &[u8]) -> Offset {
+    BatchHeader::parse(b).expect("our own batch").base_offset()
 }
 
 /// Bytes of a stored batch with its base offset zeroed (the CRC does not cover it).
@@ -459,7 +464,7 @@ async fn simulate(seed: u64, dir: std::path::PathBuf, trace: Rc<Trace>) {
         let op = if step == STEPS {
             99
         } else {
-            rng.gen_range(0..20)
+            rng.gen_range(0..21)
         };
         match op {
             // Concurrent appends, faults coming and going; a crash at a random point.
@@ -609,6 +614,58 @@ async fn simulate(seed: u64, dir: std::path::PathBuf, trace: Rc<Trace>) {
                 assert_eq!(log.log_end_offset(), end);
                 check_contents(&log, &model).await;
                 check_producer(&log, &model).await;
+            }
+            20 => {
+                // A follower's conflict truncation, at a batch boundary after the idempotent
+                // producer's last batch (its sequences stay as the model knows them).
+                let start = model.borrow().start;
+                let all = read_all(&log, start, 1 << 20).await;
+                let floor = all
+                    .iter()
+                    .filter_map(|b| BatchHeader::parse(b).ok())
+                    .filter(|h| h.producer_id() == PID)
+                    .map(|h| h.last_offset().next())
+                    .max()
+                    .unwrap_or(start)
+                    .max(start);
+                let bounds: Vec<Offset> = all
+                    .iter()
+                    .filter_map(|b| BatchHeader::parse(b).ok())
+                    .map(|h| h.base_offset())
+                    .chain(std::iter::once(log.log_end_offset()))
+                    .filter(|o| *o >= floor)
+                    .collect();
+                let to = bounds[rng.gen_range(0..bounds.len())];
+                *trace.op.borrow_mut() = format!("truncate to {to}");
+                {
+                    // Whatever the outcome, the batches from `to` on may be gone.
+                    let mut m = model.borrow_mut();
+                    for b in &all {
+                        if base_of(b) >= to {
+                            m.fates.insert(normalized(b), Fate::Maybe);
+                        }
+                    }
+                }
+                let faulty = inject(&mut rng, &faults);
+                let r = log.truncate_to(to).await;
+                match r {
+                    Ok(()) => {
+                        settle_and_clear(&log, &faults).await;
+                        model.borrow_mut().stats.truncations += 1;
+                        assert_eq!(log.log_end_offset(), to);
+                        check_contents(&log, &model).await;
+                    }
+                    Err(StorageError::Io(_)) if faulty => {
+                        // The log stops taking appends until a restart finishes the cut.
+                        faults.crashed.set(true);
+                        drop_log(log).await;
+                        model.borrow_mut().stats.crashes += 1;
+                        (log, faults) = open(&dir, &cfg, cache_bytes, durable_writes).await;
+                        check_contents(&log, &model).await;
+                        check_producer(&log, &model).await;
+                    }
+                    Err(e) => panic!("truncation failed: {e}"),
+                }
             }
             _ => {
                 *trace.op.borrow_mut() = "wait for the high watermark".into();

@@ -1956,3 +1956,352 @@ fn appends_are_admitted_in_arrival_order_when_the_buffer_is_full() {
         assert!(log.state.borrow().admission.waiting.is_empty());
     });
 }
+
+/// Tests of the replication primitives: follower and leader appends, control batches, the
+/// leader-epoch cache, truncation.
+mod replicated {
+    use super::*;
+    use crate::storage::epochs::{UNDEFINED_EPOCH, UNDEFINED_OFFSET};
+
+    /// `b` as the leader would send it: base offset and leader epoch set.
+    fn stamped(b: &[u8], base: i64, epoch: i32) -> Vec<u8> {
+        let mut v = at_offset(b, Offset(base));
+        batch::set_partition_leader_epoch(&mut v, epoch);
+        v
+    }
+
+    async fn replicate(log: &PartitionLog, b: &[u8]) -> Result<AppendResult, StorageError> {
+        log.append_replicated(BytesMut::from(b), Durability::Written)
+            .await
+    }
+
+    #[test]
+    fn follower_appends_store_batches_verbatim_and_refuse_what_does_not_continue_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, small_config()).await;
+            let first = stamped(&batch(3, 100, 1, 1), 0, 2);
+            let r = replicate(&log, &first).await.unwrap();
+            assert_eq!((r.base_offset, r.last_offset), (Offset(0), Offset(2)));
+            // The same batch again, one past the end, one before: refused, nothing changes.
+            for base in [0, 4, 2] {
+                let b = stamped(&batch(1, 100, 2, 2), base, 2);
+                match replicate(&log, &b).await {
+                    Err(StorageError::OffsetMismatch { expected, found }) => {
+                        assert_eq!((expected, found), (Offset(3), Offset(base)))
+                    }
+                    other => panic!("batch at {base} accepted: {other:?}"),
+                }
+            }
+            let mut bad = stamped(&batch(1, 100, 3, 3), 3, 2);
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(matches!(
+                replicate(&log, &bad).await,
+                Err(StorageError::Corrupt(batch::BatchError::BadCrc))
+            ));
+            // Two batches in one call must follow each other.
+            let second = stamped(&batch(2, 100, 4, 4), 3, 5);
+            let third = stamped(&batch(1, 100, 5, 5), 5, 5);
+            let both = [second.clone(), third.clone()].concat();
+            replicate(&log, &both).await.unwrap();
+            assert_eq!(log.log_end_offset(), Offset(6));
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            let stored: Vec<Vec<u8>> = all.iter().map(|b| b.to_vec()).collect();
+            assert_eq!(stored, vec![first, second, third], "stored verbatim");
+            assert_eq!(log.leader_epochs(), vec![(2, Offset(0)), (5, Offset(3))]);
+            log.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn leader_appends_stamp_the_epoch_outside_the_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, small_config()).await;
+            for (i, epoch) in [1, 1, 3, 3, 3, 4].into_iter().enumerate() {
+                log.append_leader(
+                    BytesMut::from(&batch(2, 50, i as i64, i as u8)[..]),
+                    epoch,
+                    Durability::Written,
+                )
+                .await
+                .unwrap();
+            }
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            let epochs: Vec<i32> = all
+                .iter()
+                .map(|b| {
+                    let h = BatchHeader::parse_checked(b).expect("the CRC still holds");
+                    h.partition_leader_epoch()
+                })
+                .collect();
+            assert_eq!(epochs, vec![1, 1, 3, 3, 3, 4]);
+            assert_eq!(
+                log.leader_epochs(),
+                vec![(1, Offset(0)), (3, Offset(4)), (4, Offset(10))]
+            );
+            assert_eq!(log.end_offset_for_epoch(1), (1, Offset(4)));
+            assert_eq!(log.end_offset_for_epoch(2), (1, Offset(4)));
+            assert_eq!(log.end_offset_for_epoch(4), (4, Offset(12)));
+            assert_eq!(
+                log.end_offset_for_epoch(5),
+                (UNDEFINED_EPOCH, UNDEFINED_OFFSET)
+            );
+            // The cache survives a clean restart, a crash, and the loss of its file.
+            log.close().await.unwrap();
+            drop(log);
+            let log = open(&d, small_config()).await;
+            assert_eq!(log.end_offset_for_epoch(3), (3, Offset(10)));
+            drop(log);
+            std::fs::remove_file(d.join(crate::storage::epochs::EPOCH_FILE)).unwrap();
+            let log = open(&d, small_config()).await;
+            assert_eq!(
+                log.leader_epochs(),
+                vec![(1, Offset(0)), (3, Offset(4)), (4, Offset(10))],
+                "rebuilt from the batch headers"
+            );
+            log.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn control_batches_carry_raft_entries_without_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, small_config()).await;
+            let noop = control_batch(CONTROL_RAFT_NOOP, b"", 7, 1000);
+            let h = BatchHeader::parse_checked(&noop).unwrap();
+            assert!(h.is_control());
+            assert_eq!((h.record_count(), h.partition_leader_epoch()), (1, 7));
+            let cc = control_batch(CONTROL_RAFT_CONF_CHANGE_V2, b"conf", 7, 1000);
+            replicate(&log, &noop).await.unwrap();
+            replicate(&log, &at_offset(&cc, Offset(1))).await.unwrap();
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(control_of(&all[0]), Some((CONTROL_RAFT_NOOP, Bytes::new())));
+            assert_eq!(
+                control_of(&all[1]),
+                Some((CONTROL_RAFT_CONF_CHANGE_V2, Bytes::from_static(b"conf")))
+            );
+            assert_eq!(control_of(&Bytes::from(batch(1, 10, 0, 0))), None);
+            assert_eq!(log.leader_epochs(), vec![(7, Offset(0))]);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// Appends `n` batches of 1–3 records through the leader path, the epoch growing every 7
+    /// batches; returns the stored batches.
+    async fn fill(log: &PartitionLog, n: usize) -> Vec<Vec<u8>> {
+        let mut out = vec![];
+        for i in 0..n {
+            let b = batch(1 + i % 3, 400, i as i64, i as u8);
+            let r = log
+                .append_leader(
+                    BytesMut::from(&b[..]),
+                    1 + (i / 7) as i32,
+                    Durability::Synced,
+                )
+                .await
+                .unwrap();
+            out.push(stamped(&b, r.base_offset.0, 1 + (i / 7) as i32));
+        }
+        out
+    }
+
+    fn base(b: &[u8]) -> Offset {
+        base_of(b)
+    }
+
+    #[test]
+    fn truncate_drops_the_tail_across_segments_and_the_log_continues_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let mut cfg = small_config();
+            cfg.segment_bytes = 8 << 10;
+            let log = open(&d, cfg.clone()).await;
+            let stored = fill(&log, 60).await;
+            assert!(log.segment_count() > 3);
+            let end = log.log_end_offset();
+            // Out of range, and inside a batch: refused.
+            assert!(matches!(
+                log.truncate_to(Offset(end.0 + 1)).await,
+                Err(StorageError::OffsetOutOfRange { .. })
+            ));
+            let inside = stored.iter().find(|b| batch_len(b) > 1).unwrap();
+            assert!(matches!(
+                log.truncate_to(Offset(base(inside).0 + 1)).await,
+                Err(StorageError::OffsetMismatch { .. })
+            ));
+            // At the log end: nothing happens.
+            log.truncate_to(end).await.unwrap();
+            assert_eq!(log.log_end_offset(), end);
+            // Into a sealed segment, at a batch that starts it and at one inside it.
+            let segments_before = log.segment_count();
+            let k = 25;
+            let to = base(&stored[k]);
+            log.truncate_to(to).await.unwrap();
+            assert!(log.segment_count() < segments_before);
+            assert_eq!((log.log_end_offset(), log.high_watermark()), (to, to));
+            assert!(log.synced_offset() <= to);
+            let kept: Vec<Vec<u8>> = read_all(&log, Offset(0), 1 << 20)
+                .await
+                .iter()
+                .map(|b| b.to_vec())
+                .collect();
+            assert_eq!(kept, stored[..k].to_vec());
+            // The epochs of the dropped batches went with them: batch 25 began no epoch, so
+            // epoch 4 (batches 21..) stays and ends at the new log end.
+            assert_eq!(log.end_offset_for_epoch(4), (4, to));
+            assert_eq!(log.leader_epochs().last().unwrap().0, 4);
+            // Reads past the cut find nothing; the log continues at `to` with a new epoch.
+            let b = batch(2, 100, 99, 99);
+            let r = log
+                .append_leader(BytesMut::from(&b[..]), 9, Durability::Synced)
+                .await
+                .unwrap();
+            assert_eq!(r.base_offset, to);
+            assert_eq!(log.end_offset_for_epoch(4), (4, to));
+            assert_eq!(log.end_offset_for_epoch(8), (4, to));
+            log.close().await.unwrap();
+            drop(log);
+            let log = open(&d, cfg.clone()).await;
+            let mut want = stored[..k].to_vec();
+            want.push(stamped(&b, to.0, 9));
+            let again: Vec<Vec<u8>> = read_all(&log, Offset(0), 1 << 20)
+                .await
+                .iter()
+                .map(|b| b.to_vec())
+                .collect();
+            assert_eq!(again, want);
+            // Truncation to the very start empties the log.
+            log.truncate_to(Offset(0)).await.unwrap();
+            assert_eq!((log.log_end_offset(), log.segment_count()), (Offset(0), 1));
+            assert!(log.leader_epochs().is_empty());
+            drop(log); // a crash: no close
+            let log = open(&d, cfg).await;
+            assert_eq!(log.log_end_offset(), Offset(0));
+            log.close().await.unwrap();
+        });
+    }
+
+    fn batch_len(b: &[u8]) -> i64 {
+        let h = BatchHeader::parse(b).unwrap();
+        h.last_offset().0 - h.base_offset().0 + 1
+    }
+
+    #[test]
+    fn truncate_rolls_producer_state_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, small_config()).await;
+            for seq in 0..4 {
+                append(
+                    &log,
+                    &idempotent_batch(5, 0, seq * 2, 2),
+                    Durability::Synced,
+                )
+                .await;
+            }
+            log.truncate_to(Offset(4)).await.unwrap();
+            // Sequence 4 is gone with offset 4: its retry is appended anew, not a duplicate.
+            let r = append(&log, &idempotent_batch(5, 0, 4, 2), Durability::Synced).await;
+            assert!(!r.duplicate);
+            assert_eq!(r.base_offset, Offset(4));
+            // Sequence 2 stayed: still a duplicate, at its offsets.
+            let r = append(&log, &idempotent_batch(5, 0, 2, 2), Durability::Synced).await;
+            assert!(r.duplicate);
+            assert_eq!(r.base_offset, Offset(2));
+            log.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn appends_waiting_for_a_truncated_batch_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let fake = FakeClock::new(1_000);
+            let mut cfg = small_config();
+            cfg.flush = FlushPolicy::IntervalMs(60_000);
+            let (log, _faults) = open_faulty_at(&d, cfg, Clock::fake(&fake)).await;
+            append(&log, &batch(1, 100, 0, 0), Durability::Written).await;
+            // Waits for an fdatasync the interval policy does not do for a minute.
+            let waiting = {
+                let log = log.clone();
+                glommio::spawn_local(async move {
+                    log.append(BytesMut::from(&batch(1, 100, 1, 1)[..]), Durability::Synced)
+                        .await
+                })
+            };
+            wait_state(&log, "the second batch written", |s| {
+                s.offsets.hw() == Offset(2)
+            })
+            .await;
+            log.truncate_to(Offset(1)).await.unwrap();
+            assert!(
+                waiting.await.is_err(),
+                "an acknowledgement of a dropped batch"
+            );
+            log.close().await.unwrap();
+        });
+    }
+
+    /// A kill at every step of a truncation (each file sync, cut, unlink and directory sync),
+    /// under the power-cut model: the reopened log is the log cut at the offset — or, when the
+    /// kill came before the truncation wrote its marker, the whole log — never a mix; it
+    /// accepts appends right after.
+    #[test]
+    fn a_crash_at_any_step_of_a_truncation_reopens_to_a_consistent_log() {
+        for crash_after in 0..8u32 {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().to_path_buf();
+            run(async move {
+                let mut cfg = small_config();
+                cfg.segment_bytes = 8 << 10;
+                let (log, faults) =
+                    open_with_faults(&d, cfg.clone(), Clock::system(), power_model()).await;
+                let stored = fill(&log, 40).await;
+                let k = 12;
+                let to = base(&stored[k]);
+                faults.crash_after_ops.set(Some(crash_after));
+                let r = log.truncate_to(to).await;
+                let crashed = faults.crashed.get();
+                assert!(r.is_ok() || crashed, "{r:?}");
+                faults.crashed.set(true);
+                let weak = Rc::downgrade(&log);
+                drop(log);
+                poll_until("the log to be gone", || weak.upgrade().is_none()).await;
+                faults.power_cut().unwrap();
+                let log = open(&d, cfg.clone()).await;
+                let kept: Vec<Vec<u8>> = read_all(&log, Offset(0), 1 << 20)
+                    .await
+                    .iter()
+                    .map(|b| b.to_vec())
+                    .collect();
+                let marker = d.join(crate::storage::truncate::TRUNCATE_FILE);
+                assert!(!marker.exists(), "the marker outlived the recovery");
+                // The first operation is the sync before the marker: a kill there leaves the
+                // log whole; after it, always cut.
+                let whole = crash_after == 0 && kept == stored;
+                assert!(
+                    whole || kept == stored[..k].to_vec(),
+                    "crash after {crash_after} operations (crashed: {crashed}): {} batches",
+                    kept.len()
+                );
+                let end = if whole { log.log_end_offset() } else { to };
+                assert_eq!(log.log_end_offset(), end);
+                if !whole {
+                    assert_eq!(log.end_offset_for_epoch(2), (2, to));
+                }
+                let r = append(&log, &batch(1, 10, 7, 7), Durability::Synced).await;
+                assert_eq!(r.base_offset, end);
+                log.close().await.unwrap();
+            });
+        }
+    }
+}

@@ -261,6 +261,15 @@ pub fn set_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, bas
     batch[OFF_BASE_SEQUENCE..OFF_BASE_SEQUENCE + 4].copy_from_slice(&base_sequence.to_be_bytes());
 }
 
+/// Marks the batch that is exactly `batch` as a control batch and recomputes the CRC (the
+/// attributes are covered by it).
+pub fn set_control(batch: &mut [u8]) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
+    let attrs = be_i16(batch, OFF_ATTRIBUTES) | ATTR_CONTROL;
+    batch[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attrs.to_be_bytes());
+    write_crc(batch);
+}
+
 /// Recomputes and stores the CRC-32C of the batch that is exactly `batch`.
 #[inline]
 pub fn write_crc(batch: &mut [u8]) {

@@ -355,6 +355,26 @@ impl FileLog {
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
     }
+
+    /// Writes the buffered records and the hard state, with their fsyncs, before returning
+    /// (the executor thread waits: fine for the controller's small writes).
+    pub fn sync(&mut self) -> io::Result<()> {
+        let n = self.pending.len();
+        for (i, rec) in std::mem::take(&mut self.pending).into_iter().enumerate() {
+            self.file.write_all(&rec)?;
+            if i + 1 < n {
+                // Only the last record of the file may be torn: see the module comment.
+                self.file.sync_data()?;
+            }
+        }
+        if n > 0 {
+            self.file.sync_data()?;
+        }
+        if self.hard_state_dirty {
+            self.write_hard_state()?;
+        }
+        Ok(())
+    }
 }
 
 impl LogStore for FileLog {
@@ -433,22 +453,9 @@ impl LogStore for FileLog {
         self.write_hard_state()
     }
 
-    fn sync(&mut self) -> io::Result<()> {
-        let n = self.pending.len();
-        for (i, rec) in std::mem::take(&mut self.pending).into_iter().enumerate() {
-            self.file.write_all(&rec)?;
-            if i + 1 < n {
-                // Only the last record of the file may be torn: see the module comment.
-                self.file.sync_data()?;
-            }
-        }
-        if n > 0 {
-            self.file.sync_data()?;
-        }
-        if self.hard_state_dirty {
-            self.write_hard_state()?;
-        }
-        Ok(())
+    fn persist(&mut self) -> crate::storage::Persist {
+        let r = self.sync();
+        Box::pin(std::future::ready(r))
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {

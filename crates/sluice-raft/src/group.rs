@@ -24,7 +24,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
 };
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
@@ -273,6 +273,7 @@ impl RaftGroup {
             done,
             heard: RefCell::new(std::collections::HashMap::new()),
         });
+        let (fetched_tx, fetched) = async_channel::unbounded();
         let mut driver = Driver {
             raw,
             sm: state_machine,
@@ -282,6 +283,8 @@ impl RaftGroup {
             shared: shared.clone(),
             applied,
             was_leader: false,
+            fetched_tx,
+            fetched,
         };
         driver.publish();
         glommio::spawn_local(async move {
@@ -379,6 +382,8 @@ impl RaftGroup {
 enum Wake {
     Message(Message),
     Command(Command),
+    /// Entries a read waited for were fetched: these reads can be retried.
+    Fetched(Vec<GetEntriesContext>),
     Tick,
     Closed,
 }
@@ -393,6 +398,9 @@ struct Driver<L: LogStore, M> {
     shared: Rc<Shared>,
     applied: u64,
     was_leader: bool,
+    /// Completed entry fetches (see `LogStore::take_fetch`), with the reads waiting for them.
+    fetched_tx: async_channel::Sender<Vec<GetEntriesContext>>,
+    fetched: async_channel::Receiver<Vec<GetEntriesContext>>,
 }
 
 /// Runs `f` on the raft node, turning a raft-rs panic (a broken invariant, possibly from a peer's
@@ -419,6 +427,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         commands: async_channel::Receiver<Command>,
     ) -> StopReason {
         let interval = self.config.tick_interval;
+        let fetched = self.fetched.clone();
         let mut next_tick = Instant::now() + interval;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -431,13 +440,22 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                             .map(Wake::Message)
                             .unwrap_or(Wake::Closed)
                     },
-                    async {
-                        commands
-                            .recv()
-                            .await
-                            .map(Wake::Command)
-                            .unwrap_or(Wake::Closed)
-                    },
+                    future::or(
+                        async {
+                            commands
+                                .recv()
+                                .await
+                                .map(Wake::Command)
+                                .unwrap_or(Wake::Closed)
+                        },
+                        async {
+                            fetched
+                                .recv()
+                                .await
+                                .map(Wake::Fetched)
+                                .unwrap_or(Wake::Closed)
+                        },
+                    ),
                 ),
                 async {
                     glommio::timer::sleep(wait).await;
@@ -449,6 +467,11 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 match wake {
                     Wake::Message(m) => self.step(m)?,
                     Wake::Command(c) => self.command(c)?,
+                    Wake::Fetched(contexts) => {
+                        for c in contexts {
+                            guarded(|| self.raw.on_entries_fetched(c))?;
+                        }
+                    }
                     Wake::Tick => {}
                     Wake::Closed => return Err(StopReason::Requested),
                 }
@@ -469,13 +492,36 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                         next_tick = now + interval;
                     }
                 }
-                self.handle_ready()
+                Ok(())
             })();
+            let result = match result {
+                Ok(()) => self.handle_ready().await,
+                Err(e) => Err(e),
+            };
+            self.start_fetches();
             self.publish();
             if let Err(reason) = result {
                 return reason;
             }
         }
+    }
+
+    /// Reads of this pass that wait for entries from disk: their fetch runs in its own task,
+    /// which hands the reads back to the loop when it is done (raft-rs then sends the append).
+    fn start_fetches(&mut self) {
+        let waiting = self.raw.store().take_waiting();
+        let fetch = self.raw.mut_store().log_mut().take_fetch();
+        if waiting.is_empty() && fetch.is_none() {
+            return;
+        }
+        let tx = self.fetched_tx.clone();
+        glommio::spawn_local(async move {
+            if let Some(f) = fetch {
+                f.await;
+            }
+            let _ = tx.send(waiting).await;
+        })
+        .detach();
     }
 
     fn step(&mut self, m: Message) -> Result<(), StopReason> {
@@ -574,7 +620,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         Ok(())
     }
 
-    fn handle_ready(&mut self) -> Result<(), StopReason> {
+    async fn handle_ready(&mut self) -> Result<(), StopReason> {
         if !self.raw.has_ready() {
             self.check_leadership();
             return Ok(());
@@ -593,7 +639,9 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         if let Some(hs) = ready.hs() {
             store.set_hard_state(hs).map_err(storage_failed)?;
         }
-        store.sync().map_err(storage_failed)?;
+        // The store's writes and their sync: awaited (the segment log's group commit), with
+        // the store inside raft-rs untouched meanwhile.
+        store.persist().await.map_err(storage_failed)?;
         // Durable now: votes and append responses may go out.
         self.send(ready.take_persisted_messages())?;
         let mut light = guarded(|| self.raw.advance(ready))?;

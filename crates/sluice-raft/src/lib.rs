@@ -31,5 +31,5 @@ pub use group::{
 };
 pub use raft;
 pub use raft::eraftpb;
-pub use storage::{LogStore, RaftStorage};
+pub use storage::{Fetch, LogStore, Persist, RaftStorage};
 pub use transport::{Transport, TransportConfig};

@@ -8,14 +8,20 @@
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+
+/// The durability wait [`LogStore::persist`] returns: it owns what it needs (no borrow of the
+/// store), so the driver can await it while the store stays inside raft-rs.
+pub type Persist = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
 /// The durable state of one raft group: log entries after the latest snapshot, the snapshot, the
 /// hard state (term, vote, commit) and the configuration (conf state).
 ///
 /// Reads reflect every write made so far, synced or not. Writes may be buffered: nothing is
-/// promised durable until [`LogStore::sync`] returns, except [`LogStore::install_snapshot`],
-/// which is durable when it returns.
+/// promised durable until the future [`LogStore::persist`] returns has resolved, except
+/// [`LogStore::install_snapshot`], which is durable when it returns.
 pub trait LogStore {
     /// The state a restarted node resumes from: the hard state, and the conf state of the
     /// snapshot (or the bootstrap conf state when there is no snapshot). The commit index is at
@@ -55,8 +61,30 @@ pub trait LogStore {
     fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()>;
 
     /// Makes every earlier write durable (fsync/fdatasync), before the driver sends the messages
-    /// that depend on them.
-    fn sync(&mut self) -> io::Result<()>;
+    /// that depend on them. The driver awaits the returned future before it touches the store
+    /// again, so a store may do its writes there (asynchronously: the segment log's group
+    /// commit) or before returning (the file log, whose future is ready at once).
+    fn persist(&mut self) -> Persist;
+
+    /// Entries `[low, high)` for a message to a follower, where raft-rs can wait for them: a
+    /// store that would have to read them from disk may instead start fetching them (see
+    /// [`LogStore::take_fetch`]) and answer `StorageError::LogTemporarilyUnavailable`; the driver
+    /// asks again once the fetch is done. The default reads synchronously.
+    fn entries_for_send(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> raft::Result<Vec<Entry>> {
+        self.entries(low, high, max_size)
+    }
+
+    /// The fetch started by the last `entries_for_send` that answered
+    /// `LogTemporarilyUnavailable`: once the future resolves, the entries are readable without
+    /// disk reads. The driver awaits it in a separate task.
+    fn take_fetch(&mut self) -> Option<Fetch> {
+        None
+    }
 
     /// Installs a snapshot, durably before returning: a snapshot received from the leader, or one
     /// taken locally to compact the log. Entries up to its index are dropped; entries after it are
@@ -65,14 +93,23 @@ pub trait LogStore {
     fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()>;
 }
 
+/// An asynchronous fetch of entries (see [`LogStore::take_fetch`]).
+pub type Fetch = Pin<Box<dyn Future<Output = ()>>>;
+
 /// raft-rs's `Storage` over a [`LogStore`]: the form in which the `RawNode` owns the log.
 pub struct RaftStorage<L> {
     log: L,
+    /// Contexts of reads answered `LogTemporarilyUnavailable`, handed back to raft-rs
+    /// (`RawNode::on_entries_fetched`) when their fetch is done.
+    waiting: std::cell::RefCell<Vec<GetEntriesContext>>,
 }
 
 impl<L: LogStore> RaftStorage<L> {
     pub fn new(log: L) -> Self {
-        RaftStorage { log }
+        RaftStorage {
+            log,
+            waiting: Default::default(),
+        }
     }
 
     pub fn log(&self) -> &L {
@@ -86,6 +123,11 @@ impl<L: LogStore> RaftStorage<L> {
     pub fn into_inner(self) -> L {
         self.log
     }
+
+    /// The contexts of reads waiting for a fetch (see [`LogStore::take_fetch`]).
+    pub fn take_waiting(&self) -> Vec<GetEntriesContext> {
+        std::mem::take(&mut self.waiting.borrow_mut())
+    }
 }
 
 impl<L: LogStore> raft::Storage for RaftStorage<L> {
@@ -98,9 +140,16 @@ impl<L: LogStore> raft::Storage for RaftStorage<L> {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
+        context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        self.log.entries(low, high, max_size.into())
+        if !context.can_async() {
+            return self.log.entries(low, high, max_size.into());
+        }
+        let r = self.log.entries_for_send(low, high, max_size.into());
+        if let Err(raft::Error::Store(StorageError::LogTemporarilyUnavailable)) = r {
+            self.waiting.borrow_mut().push(context);
+        }
+        r
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {

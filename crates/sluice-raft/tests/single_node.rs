@@ -55,11 +55,13 @@ impl LogStore for FailingLog {
     fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
         self.inner.bootstrap(cs)
     }
-    fn sync(&mut self) -> io::Result<()> {
+    fn persist(&mut self) -> sluice_raft::Persist {
         if self.fail.load(Ordering::SeqCst) {
-            return Err(io::Error::other("injected fdatasync failure"));
+            return Box::pin(std::future::ready(Err(io::Error::other(
+                "injected fdatasync failure",
+            ))));
         }
-        self.inner.sync()
+        self.inner.persist()
     }
     fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
         self.inner.install_snapshot(snapshot)

@@ -35,6 +35,7 @@ pub fn storage_code(e: &StorageError) -> ErrorCode {
         StorageError::Corrupt(_) => code(ResponseError::CorruptMessage),
         StorageError::OutOfOrderSequence => code(ResponseError::OutOfOrderSequenceNumber),
         StorageError::InvalidProducerEpoch => code(ResponseError::InvalidProducerEpoch),
+        StorageError::OffsetMismatch { .. } => code(ResponseError::KafkaStorageError),
     }
 }
 

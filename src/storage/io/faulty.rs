@@ -40,6 +40,9 @@ pub struct Faults {
     pub syncs: Cell<u64>,
     pub durable_writes: Cell<u64>,
     pub removed: RefCell<Vec<PathBuf>>,
+    /// The process crashes (`crashed` is set) at the N+1-th file sync, truncation, removal or
+    /// directory sync from now on, which fails: a kill at every step of a multi-step change.
+    pub crash_after_ops: Cell<Option<u32>>,
     /// Files opened while set keep a model of their durable bytes, for [`Faults::power_cut`].
     pub model_power: Cell<bool>,
     durable: RefCell<Vec<Rc<RefCell<Durable>>>>,
@@ -64,6 +67,19 @@ impl Durable {
 }
 
 impl Faults {
+    /// Counts one metadata-changing operation for `crash_after_ops`; true once crashed.
+    fn crash_point(&self) -> bool {
+        match self.crash_after_ops.get() {
+            Some(0) => {
+                self.crash_after_ops.set(None);
+                self.crashed.set(true);
+            }
+            Some(n) => self.crash_after_ops.set(Some(n - 1)),
+            None => {}
+        }
+        self.crashed.get()
+    }
+
     /// The power fails: every write that no completed fdatasync or durable write covered is
     /// lost. Call once the log is gone (after `crashed` was set and its I/O drained): each file
     /// opened under `model_power` is rewritten with its durable bytes. Metadata (sizes,
@@ -179,7 +195,7 @@ impl SegmentFile for FaultySegment {
             if delay_ms > 0 {
                 glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
             }
-            if f.sync_fails.get() || f.crashed.get() {
+            if f.crash_point() || f.sync_fails.get() {
                 return Err(eio());
             }
             // The sync covers the writes completed before it was issued.
@@ -239,7 +255,7 @@ impl SegmentFile for FaultySegment {
     }
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.faults.crashed.get() {
+            if self.faults.crash_point() {
                 return Err(eio());
             }
             self.inner.truncate(len).await?;
@@ -290,10 +306,13 @@ impl StorageIo for FaultyIo {
         })
     }
     fn sync_dir(&self, dir: &Path) -> IoFuture<'_, ()> {
+        if self.faults.crash_point() {
+            return Box::pin(async { Err(eio()) });
+        }
         DmaIo.sync_dir(dir)
     }
     fn remove(&self, path: &Path) -> IoFuture<'_, ()> {
-        if self.faults.crashed.get() {
+        if self.faults.crash_point() {
             return Box::pin(async { Err(eio()) });
         }
         self.faults.removed.borrow_mut().push(path.to_path_buf());

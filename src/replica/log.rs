@@ -1,0 +1,723 @@
+//! [`RaftLog`]: the raft log of a replicated partition is its segment log. Every raft entry is
+//! exactly one RecordBatch: data entries are the produced batch, and entries without data (the
+//! empty entry a new leader appends, configuration changes) are one-record control batches
+//! (`storage::control_batch`), which Kafka clients skip. An entry's term is its batch's
+//! `partitionLeaderEpoch`; its index is its ordinal in the log (index 1 = the first batch).
+//!
+//! Offsets are a function of the log prefix: the store stamps each entry's batch with base
+//! offset = the log end before it and leader epoch = the entry's term as it appends it, on the
+//! leader and on every follower alike. Raft's log matching (same index and term ⇒ same prefix)
+//! thus gives every replica byte-identical batches at identical offsets, and the segment log's
+//! follower append (`append_replicated`) checks the stamped base offset against its log end on
+//! every append — a disagreement stops the group instead of renumbering anything.
+//!
+//! Writes are staged by `append` (raft-rs calls it synchronously) and performed by the future
+//! `persist` returns: truncations (`truncate_to`), one verbatim append of the new batches, one
+//! group commit (`sync_all`) and, when term or vote changed, the hard-state file. Reads come
+//! from the batch cache; entries for a follower behind it are fetched asynchronously
+//! (`entries_for_send` answers `LogTemporarilyUnavailable`, `take_fetch` reads them with the
+//! log's DMA reads, the driver then has raft-rs send them); other reads of older entries fall
+//! back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
+//!
+//! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
+//! log's batch headers. No raft snapshots: compaction of a partition's raft log follows its
+//! retention, which is not wired yet (the log start must stay 0).
+
+// Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
+#![allow(clippy::field_reassign_with_default)]
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use sluice_raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
+use sluice_raft::raft::{self, RaftState, StorageError as RaftStorageError};
+use sluice_raft::{LogStore, Persist};
+
+use crate::protocol::batch::{self, BatchHeader};
+use crate::storage::{
+    control_batch, control_of, Durability, PartitionLog, CONTROL_RAFT_CONF_CHANGE,
+    CONTROL_RAFT_CONF_CHANGE_V2, CONTROL_RAFT_NOOP,
+};
+use crate::types::Offset;
+
+/// The hard state (term, vote, commit) and the bootstrap voters of a replica, replaced
+/// atomically when term or vote change.
+pub const HARD_STATE_FILE: &str = "raft-hard-state";
+/// Voters and learners a hard-state file may list (a partition has a handful of replicas).
+const MEMBERS_MAX: usize = 1024;
+/// Bytes of entries fetched from disk for followers and not sent yet: a fetch reads at most
+/// one append message (`max_size_per_msg`, 1 MiB by default); older fetched entries go first.
+const PREFETCH_BYTES_MAX: usize = 8 << 20;
+
+/// Term and offsets of one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub term: u64,
+    pub base: Offset,
+    pub last: Offset,
+}
+
+/// Raft index → batch of every entry of the log, shared by the store and the partition handle.
+#[derive(Debug, Default)]
+pub struct EntryIndex {
+    /// Entry `i` (1-based) is `entries[i - 1]`.
+    entries: VecDeque<EntryMeta>,
+}
+
+impl EntryIndex {
+    pub fn last_index(&self) -> u64 {
+        self.entries.len() as u64
+    }
+    pub fn get(&self, index: u64) -> Option<EntryMeta> {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.entries.get(i as usize).copied())
+    }
+    /// The offset after entry `index` (0 for index 0): the high watermark when it is the
+    /// commit index.
+    pub fn offset_after(&self, index: u64) -> Offset {
+        let index = index.min(self.last_index());
+        self.get(index).map_or(Offset(0), |m| m.last.next())
+    }
+    /// The log end offset the entries describe.
+    pub fn log_end(&self) -> Offset {
+        self.offset_after(self.last_index())
+    }
+}
+
+enum Op {
+    Truncate(Offset),
+    Append(BytesMut),
+}
+
+pub type TruncateHooks = Rc<RefCell<Vec<Box<dyn Fn(Offset)>>>>;
+
+/// The [`LogStore`] of a replicated partition over its [`PartitionLog`].
+pub struct RaftLog {
+    log: Rc<PartitionLog>,
+    dir: PathBuf,
+    index: Rc<RefCell<EntryIndex>>,
+    hard: HardState,
+    conf: ConfState,
+    hard_dirty: bool,
+    ops: Vec<Op>,
+    on_truncate: TruncateHooks,
+    /// Entries read from disk by a fetch for a follower, by index (see `entries_for_send`).
+    prefetched: Rc<RefCell<std::collections::BTreeMap<u64, Bytes>>>,
+    /// Ranges `entries_for_send` could not serve from memory since the last `take_fetch`:
+    /// (low, high, bytes) — one per follower behind the cache.
+    fetch: RefCell<Vec<(u64, u64, u64)>>,
+    /// Fetches started (a statistic: followers served from disk).
+    fetches: Rc<std::cell::Cell<u64>>,
+}
+
+impl RaftLog {
+    /// Opens the raft state of the partition whose segment log is `log` (in its directory).
+    pub async fn open(log: Rc<PartitionLog>) -> io::Result<RaftLog> {
+        let dir = log.dir().to_path_buf();
+        if log.log_start_offset() != Offset(0) {
+            return Err(io::Error::other(
+                "a replicated partition's log must start at offset 0 (retention is not wired to raft yet)",
+            ));
+        }
+        let (hard, conf) = read_hard_state(&dir)?;
+        let mut index = EntryIndex::default();
+        let mut at = Offset(0);
+        while at < log.log_end_offset() {
+            let r = log
+                .read(crate::storage::ReadOptions {
+                    start: at,
+                    bytes_max: 1 << 20,
+                })
+                .await
+                .map_err(io::Error::other)?;
+            if r.batches.is_empty() {
+                break;
+            }
+            for b in &r.batches {
+                let h = BatchHeader::parse(b).map_err(|e| io::Error::other(e.to_string()))?;
+                if h.base_offset() != at {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("batch at {} where {at} was expected", h.base_offset()),
+                    ));
+                }
+                let term = u64::try_from(h.partition_leader_epoch()).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("batch at {at} carries no leader epoch: not a raft log"),
+                    )
+                })?;
+                index.entries.push_back(EntryMeta {
+                    term,
+                    base: h.base_offset(),
+                    last: h.last_offset(),
+                });
+                at = h.last_offset().next();
+            }
+        }
+        Ok(RaftLog {
+            log,
+            dir,
+            index: Rc::new(RefCell::new(index)),
+            hard,
+            conf,
+            hard_dirty: false,
+            ops: vec![],
+            on_truncate: Rc::default(),
+            prefetched: Rc::default(),
+            fetch: RefCell::default(),
+            fetches: Rc::default(),
+        })
+    }
+
+    pub fn index(&self) -> Rc<RefCell<EntryIndex>> {
+        self.index.clone()
+    }
+
+    /// Fetches of entries from disk for followers started so far.
+    pub fn fetches(&self) -> Rc<std::cell::Cell<u64>> {
+        self.fetches.clone()
+    }
+
+    pub(crate) fn truncate_hooks(&self) -> TruncateHooks {
+        self.on_truncate.clone()
+    }
+
+    /// The batch bytes of entry `index`, stamped, without a disk read: fetched for a follower,
+    /// or in the batch cache.
+    fn batch_in_memory(&self, index: u64, m: EntryMeta) -> Option<Bytes> {
+        if let Some(b) = self.prefetched.borrow().get(&index) {
+            return Some(b.clone());
+        }
+        self.log.read_batch_cached(m.base)
+    }
+
+    /// The batch bytes of entry `index`, stamped; from the file if it is not in memory.
+    fn batch_of(&self, index: u64, m: EntryMeta) -> raft::Result<Bytes> {
+        if let Some(b) = self.batch_in_memory(index, m) {
+            return Ok(b);
+        }
+        match self.log.read_batch_now(m.base) {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(raft::Error::Store(RaftStorageError::Unavailable)),
+            Err(e) => Err(raft::Error::Store(RaftStorageError::Other(Box::new(
+                io::Error::other(e.to_string()),
+            )))),
+        }
+    }
+
+    /// The raft entry a stored batch is.
+    fn entry_of(index: u64, term: u64, b: Bytes) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        match control_of(&b) {
+            Some((CONTROL_RAFT_CONF_CHANGE, v)) => {
+                e.set_entry_type(EntryType::EntryConfChange);
+                e.data = v;
+            }
+            Some((CONTROL_RAFT_CONF_CHANGE_V2, v)) => {
+                e.set_entry_type(EntryType::EntryConfChangeV2);
+                e.data = v;
+            }
+            Some((CONTROL_RAFT_NOOP, _)) => {}
+            _ => e.data = b,
+        }
+        e
+    }
+
+    /// The batch an entry is stored as, stamped at `base` with its term.
+    fn batch_for(e: &Entry, base: Offset) -> io::Result<BytesMut> {
+        let epoch = i32::try_from(e.term)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "term beyond i32"))?;
+        let mut b = match e.get_entry_type() {
+            EntryType::EntryNormal if e.data.is_empty() => {
+                BytesMut::from(&control_batch(CONTROL_RAFT_NOOP, b"", epoch, -1)[..])
+            }
+            EntryType::EntryNormal => {
+                let h = BatchHeader::parse_checked(&e.data).map_err(|err| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("entry {} is not a record batch: {err}", e.index),
+                    )
+                })?;
+                if h.size() != e.data.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("entry {} holds more than one batch", e.index),
+                    ));
+                }
+                BytesMut::from(&e.data[..])
+            }
+            EntryType::EntryConfChange => {
+                BytesMut::from(&control_batch(CONTROL_RAFT_CONF_CHANGE, &e.data, epoch, -1)[..])
+            }
+            EntryType::EntryConfChangeV2 => {
+                BytesMut::from(&control_batch(CONTROL_RAFT_CONF_CHANGE_V2, &e.data, epoch, -1)[..])
+            }
+        };
+        batch::set_base_offset(&mut b, base);
+        batch::set_partition_leader_epoch(&mut b, epoch);
+        Ok(b)
+    }
+}
+
+impl LogStore for RaftLog {
+    fn raft_state(&self) -> RaftState {
+        RaftState {
+            hard_state: self.hard.clone(),
+            conf_state: self.conf.clone(),
+        }
+    }
+
+    fn first_index(&self) -> u64 {
+        1
+    }
+
+    fn last_index(&self) -> u64 {
+        self.index.borrow().last_index()
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        if index == 0 {
+            return Ok(0);
+        }
+        self.index
+            .borrow()
+            .get(index)
+            .map(|m| m.term)
+            .ok_or(raft::Error::Store(RaftStorageError::Unavailable))
+    }
+
+    fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> raft::Result<Vec<Entry>> {
+        if low == 0 {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for i in low..high {
+            let m = self
+                .index
+                .borrow()
+                .get(i)
+                .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
+            let b = self.batch_of(i, m)?;
+            size += b.len() as u64;
+            if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                break;
+            }
+            out.push(Self::entry_of(i, m.term, b));
+        }
+        Ok(out)
+    }
+
+    /// From memory only; entries that would need a disk read are fetched asynchronously
+    /// (`take_fetch`) and the read is answered `LogTemporarilyUnavailable` until then.
+    fn entries_for_send(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> raft::Result<Vec<Entry>> {
+        if low == 0 {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        // The follower has everything below `low`: what was fetched for it there is done.
+        {
+            let mut p = self.prefetched.borrow_mut();
+            let keep = p.split_off(&low);
+            *p = keep;
+        }
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for i in low..high {
+            let m = self
+                .index
+                .borrow()
+                .get(i)
+                .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
+            let Some(b) = self.batch_in_memory(i, m) else {
+                if out.is_empty() {
+                    self.fetch
+                        .borrow_mut()
+                        .push((i, high, max_size.unwrap_or(u64::MAX).max(1)));
+                    return Err(raft::Error::Store(
+                        RaftStorageError::LogTemporarilyUnavailable,
+                    ));
+                }
+                break; // send what is in memory; the rest is asked for next
+            };
+            size += b.len() as u64;
+            if !out.is_empty() && max_size.is_some_and(|max| size > max) {
+                break;
+            }
+            out.push(Self::entry_of(i, m.term, b));
+        }
+        Ok(out)
+    }
+
+    fn take_fetch(&mut self) -> Option<sluice_raft::Fetch> {
+        let ranges = std::mem::take(&mut *self.fetch.borrow_mut());
+        if ranges.is_empty() {
+            return None;
+        }
+        self.fetches.set(self.fetches.get() + ranges.len() as u64);
+        let (log, index, prefetched) = (
+            self.log.clone(),
+            self.index.clone(),
+            self.prefetched.clone(),
+        );
+        Some(Box::pin(async move {
+            for (low, high, max) in ranges {
+                fetch_range(&log, &index, &prefetched, low, high, max).await;
+            }
+        }))
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot::default()
+    }
+
+    fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let mut idx = self.index.borrow_mut();
+        let last = idx.last_index();
+        if first.index == 0 || first.index > last + 1 {
+            return Err(io::Error::other(format!(
+                "append at {} after last index {last}",
+                first.index
+            )));
+        }
+        if first.index <= last {
+            // Raft's conflict truncation is Kafka's: the log is cut at the first batch of the
+            // conflicting index.
+            let cut = idx.get(first.index).expect("checked above").base;
+            idx.entries.truncate(first.index as usize - 1);
+            let _ = self.prefetched.borrow_mut().split_off(&first.index);
+            self.ops.push(Op::Truncate(cut));
+        }
+        let mut next = idx.log_end();
+        let mut staged = BytesMut::new();
+        for e in entries {
+            let b = Self::batch_for(e, next)?;
+            let h = BatchHeader::parse(&b).map_err(|err| io::Error::other(err.to_string()))?;
+            idx.entries.push_back(EntryMeta {
+                term: e.term,
+                base: next,
+                last: h.last_offset(),
+            });
+            next = h.last_offset().next();
+            staged.extend_from_slice(&b);
+        }
+        self.ops.push(Op::Append(staged));
+        Ok(())
+    }
+
+    fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()> {
+        if hs.term != self.hard.term || hs.vote != self.hard.vote {
+            self.hard_dirty = true;
+        }
+        self.hard = hs.clone();
+        Ok(())
+    }
+
+    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
+        self.conf = cs.clone();
+        write_hard_state(&self.dir, &self.hard, &self.conf)
+    }
+
+    fn persist(&mut self) -> Persist {
+        let ops = std::mem::take(&mut self.ops);
+        let log = self.log.clone();
+        let hooks = self.on_truncate.clone();
+        let hard = std::mem::take(&mut self.hard_dirty)
+            .then(|| (self.dir.clone(), self.hard.clone(), self.conf.clone()));
+        Box::pin(async move {
+            let failed = |e: crate::storage::StorageError| io::Error::other(e.to_string());
+            let mut appended = false;
+            for op in ops {
+                match op {
+                    Op::Truncate(at) => {
+                        log.truncate_to(at).await.map_err(failed)?;
+                        for h in hooks.borrow().iter() {
+                            h(at);
+                        }
+                    }
+                    Op::Append(b) => {
+                        log.append_replicated(b, Durability::Accepted)
+                            .await
+                            .map_err(failed)?;
+                        appended = true;
+                    }
+                }
+            }
+            if appended {
+                log.sync_all().await.map_err(failed)?;
+            }
+            if let Some((dir, hs, cs)) = hard {
+                write_hard_state(&dir, &hs, &cs)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn install_snapshot(&mut self, _snapshot: Snapshot) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "partition snapshots (a follower behind the log start) are not built yet",
+        ))
+    }
+}
+
+/// Reads entries `[low, high)`, at most `max` bytes of them, into `prefetched` (see
+/// `RaftLog::take_fetch`). Stops early on a read error (logged; the waiting read asks again) or
+/// when a truncation changed the log meanwhile.
+async fn fetch_range(
+    log: &PartitionLog,
+    index: &RefCell<EntryIndex>,
+    prefetched: &RefCell<std::collections::BTreeMap<u64, Bytes>>,
+    low: u64,
+    high: u64,
+    max: u64,
+) {
+    let Some(start) = index.borrow().get(low) else {
+        return;
+    };
+    let mut i = low;
+    let mut at = start.base;
+    let mut bytes = 0u64;
+    while i < high && bytes < max {
+        let r = match log
+            .read(crate::storage::ReadOptions {
+                start: at,
+                bytes_max: (max - bytes).min(1 << 20) as u32,
+            })
+            .await
+        {
+            Ok(r) if !r.batches.is_empty() => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(dir = %log.dir().display(), error = %e, "entry fetch failed");
+                return;
+            }
+        };
+        for b in r.batches {
+            let Ok(h) = BatchHeader::parse(&b) else {
+                return;
+            };
+            // A truncation ran meanwhile: the indexes no longer match these batches.
+            if index.borrow().get(i).map(|m| m.base) != Some(h.base_offset()) {
+                return;
+            }
+            at = h.last_offset().next();
+            bytes += b.len() as u64;
+            prefetched.borrow_mut().insert(i, b);
+            i += 1;
+            if i >= high || bytes >= max {
+                break;
+            }
+        }
+        let mut p = prefetched.borrow_mut();
+        let mut held: usize = p.values().map(|v| v.len()).sum();
+        while held > PREFETCH_BYTES_MAX {
+            held -= p.pop_first().map_or(0, |(_, v)| v.len());
+        }
+    }
+}
+
+fn encode_hard_state(hs: &HardState, cs: &ConfState) -> Vec<u8> {
+    let mut v = Vec::new();
+    for x in [hs.term, hs.vote, hs.commit] {
+        v.extend_from_slice(&x.to_be_bytes());
+    }
+    for list in [&cs.voters, &cs.learners] {
+        v.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        for id in list {
+            v.extend_from_slice(&id.to_be_bytes());
+        }
+    }
+    let crc = crc32fast::hash(&v);
+    v.extend_from_slice(&crc.to_be_bytes());
+    v
+}
+
+fn decode_hard_state(b: &[u8]) -> Option<(HardState, ConfState)> {
+    let (body, crc) = b.split_at(b.len().checked_sub(4)?);
+    if crc32fast::hash(body).to_be_bytes() != crc {
+        return None;
+    }
+    let mut at = 0usize;
+    let u64_at = |at: &mut usize| -> Option<u64> {
+        let v = u64::from_be_bytes(body.get(*at..*at + 8)?.try_into().ok()?);
+        *at += 8;
+        Some(v)
+    };
+    let mut hs = HardState::default();
+    hs.term = u64_at(&mut at)?;
+    hs.vote = u64_at(&mut at)?;
+    hs.commit = u64_at(&mut at)?;
+    let mut cs = ConfState::default();
+    for which in 0..2 {
+        let n = u32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        if n > MEMBERS_MAX || n * 8 > body.len() - at {
+            return None;
+        }
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(u64_at(&mut at)?);
+        }
+        if which == 0 {
+            cs.voters = ids;
+        } else {
+            cs.learners = ids;
+        }
+    }
+    (at == body.len()).then_some((hs, cs))
+}
+
+fn read_hard_state(dir: &Path) -> io::Result<(HardState, ConfState)> {
+    match std::fs::read(dir.join(HARD_STATE_FILE)) {
+        Ok(b) => decode_hard_state(&b).ok_or_else(|| {
+            // Written atomically: damage is not a torn write, and a replica that forgot its
+            // vote could vote twice in one term.
+            io::Error::new(io::ErrorKind::InvalidData, "raft hard-state file damaged")
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Temp file, fsync, rename, directory fsync. Blocks the executor thread: it runs when term or
+/// vote change (elections), not per append.
+fn write_hard_state(dir: &Path, hs: &HardState, cs: &ConfState) -> io::Result<()> {
+    let tmp = dir.join(format!("{HARD_STATE_FILE}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encode_hard_state(hs, cs))?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, dir.join(HARD_STATE_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::tests::{batch as data_batch, run, small_config};
+    use crate::storage::BatchCache;
+
+    fn entry(index: u64, term: u64, kind: EntryType, data: &[u8]) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.set_entry_type(kind);
+        e.data = Bytes::copy_from_slice(data);
+        e
+    }
+
+    async fn open_store(dir: &Path) -> (Rc<PartitionLog>, RaftLog) {
+        // No cache: every read of an entry goes to the segment file.
+        let log = PartitionLog::open(dir, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let store = RaftLog::open(log.clone()).await.unwrap();
+        (log, store)
+    }
+
+    #[test]
+    fn entries_are_stamped_batches_truncated_on_conflict_and_rebuilt_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let (log, mut store) = open_store(&d).await;
+            let produced = data_batch(3, 50, 1000, 1);
+            store
+                .append(&[
+                    entry(1, 1, EntryType::EntryNormal, b""),
+                    entry(2, 1, EntryType::EntryNormal, &produced),
+                    entry(3, 2, EntryType::EntryConfChangeV2, b"cc"),
+                ])
+                .unwrap();
+            let mut hs = HardState::default();
+            hs.term = 2;
+            hs.vote = 1;
+            store.set_hard_state(&hs).unwrap();
+            store.persist().await.unwrap();
+            assert_eq!(log.log_end_offset(), Offset(5), "1 + 3 + 1 records");
+            assert_eq!((store.last_index(), store.term(2).unwrap()), (3, 1));
+            assert_eq!(store.term(3).unwrap(), 2);
+            assert!(store.term(4).is_err());
+            let es = store.entries(1, 4, None).unwrap();
+            assert_eq!(es.len(), 3);
+            assert!(es[0].data.is_empty());
+            let h = BatchHeader::parse_checked(&es[1].data).unwrap();
+            assert_eq!((h.base_offset(), h.last_offset()), (Offset(1), Offset(3)));
+            assert_eq!(h.partition_leader_epoch(), 1);
+            assert_eq!(
+                &es[1].data[batch::HEADER_BYTES..],
+                &produced[batch::HEADER_BYTES..]
+            );
+            assert_eq!(es[2].get_entry_type(), EntryType::EntryConfChangeV2);
+            assert_eq!(&es[2].data[..], b"cc");
+            // At least one entry, however small the limit.
+            assert_eq!(store.entries(1, 4, Some(1)).unwrap().len(), 1);
+
+            // A conflicting entry at index 3 replaces it, cutting the log at its batch.
+            let cut = Rc::new(std::cell::Cell::new(None));
+            let seen = cut.clone();
+            store
+                .truncate_hooks()
+                .borrow_mut()
+                .push(Box::new(move |o| seen.set(Some(o))));
+            let other = data_batch(2, 50, 2000, 2);
+            store
+                .append(&[entry(3, 3, EntryType::EntryNormal, &other)])
+                .unwrap();
+            store.persist().await.unwrap();
+            assert_eq!(cut.get(), Some(Offset(4)));
+            assert_eq!(log.log_end_offset(), Offset(6));
+            assert_eq!(store.term(3).unwrap(), 3);
+            assert_eq!(log.leader_epochs(), vec![(1, Offset(0)), (3, Offset(4))]);
+            // A gap is refused.
+            assert!(store
+                .append(&[entry(5, 3, EntryType::EntryNormal, &other)])
+                .is_err());
+
+            drop(store);
+            log.close().await.unwrap();
+            drop(log);
+            let (log, store) = open_store(&d).await;
+            assert_eq!((store.last_index(), store.term(3).unwrap()), (3, 3));
+            assert_eq!(store.raft_state().hard_state.term, 2);
+            assert_eq!(store.raft_state().hard_state.vote, 1);
+            let idx = store.index();
+            assert_eq!(idx.borrow().offset_after(2), Offset(4));
+            assert_eq!(idx.borrow().log_end(), Offset(6));
+            log.close().await.unwrap();
+        });
+    }
+
+    #[test]
+    fn hard_state_round_trips_and_refuses_damage() {
+        let mut hs = HardState::default();
+        hs.term = 7;
+        hs.vote = 2;
+        hs.commit = 40;
+        let mut cs = ConfState::default();
+        cs.voters = vec![1, 2, 3];
+        let b = encode_hard_state(&hs, &cs);
+        assert_eq!(decode_hard_state(&b), Some((hs.clone(), cs.clone())));
+        let mut bad = b.clone();
+        bad[3] ^= 1;
+        assert_eq!(decode_hard_state(&bad), None);
+        assert_eq!(decode_hard_state(&b[..5]), None);
+    }
+}

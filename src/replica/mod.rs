@@ -1,0 +1,166 @@
+//! Replicated partitions: a raft group (`sluice-raft`) per partition replica whose log is the
+//! partition's segment log ([`log::RaftLog`]). [`ReplicatedPartition`] is what the shard will
+//! hold for a partition with replicas: `propose` a produced batch and get its committed
+//! offsets, the high watermark (the commit index as an offset), role, leader and epoch, and
+//! truncation callbacks. The design is in docs/replication.md ("Partitions").
+//!
+//! Sits right above `storage`: it knows batches, offsets and raft, not Kafka requests, shards or
+//! metadata; whoever opens a partition hands it the log, the raft transport and the group's
+//! configuration.
+
+pub mod log;
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use sluice_raft::{
+    GroupConfig, GroupStatus, ProposeError, RaftGroup, Role, StateMachine, Transport,
+};
+
+use crate::protocol::batch::{self, BatchHeader};
+use crate::storage::PartitionLog;
+use crate::types::Offset;
+
+pub use log::{EntryIndex, EntryMeta, RaftLog, TruncateHooks};
+
+/// Why a proposal was not committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicateError {
+    /// Not exactly one valid RecordBatch (CRC checked), or a control batch.
+    InvalidBatch,
+    /// The raft group's answer: not the leader (and who is), leadership lost with the outcome
+    /// unknown, replaced by another leader's entry, too many pending, or stopped.
+    Raft(ProposeError),
+}
+
+impl std::fmt::Display for ReplicateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicateError::InvalidBatch => write!(f, "not exactly one valid record batch"),
+            ReplicateError::Raft(e) => write!(f, "{e:?}"),
+        }
+    }
+}
+
+/// Applied entries need no state machine: the log is the state. Kept so the group reports
+/// applied indexes; snapshots are never taken (see `RaftLog`).
+struct LogIsTheState;
+
+impl StateMachine for LogIsTheState {
+    fn apply(&mut self, _index: u64, _term: u64, _data: &[u8]) {}
+    fn snapshot(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(&mut self, _index: u64, _term: u64, _data: &[u8]) {}
+}
+
+/// Raft log compaction of partitions follows retention, not an entry count (see `RaftLog`):
+/// the driver's count-based snapshots are pushed out of reach.
+const NO_SNAPSHOTS: u64 = 1 << 62;
+
+/// One replica of a replicated partition, on the partition's shard.
+pub struct ReplicatedPartition {
+    group: RaftGroup,
+    log: Rc<PartitionLog>,
+    index: Rc<RefCell<EntryIndex>>,
+    truncate_hooks: TruncateHooks,
+    fetches: Rc<std::cell::Cell<u64>>,
+}
+
+impl ReplicatedPartition {
+    /// Starts the replica's raft group over `log` (opened by the caller), registered with
+    /// `transport` under `config.group_id`. A brand-new log with `config.voters` bootstraps the
+    /// group.
+    pub async fn start(
+        log: Rc<PartitionLog>,
+        mut config: GroupConfig,
+        transport: &Transport,
+    ) -> io::Result<ReplicatedPartition> {
+        let store = RaftLog::open(log.clone()).await?;
+        let index = store.index();
+        let truncate_hooks = store.truncate_hooks();
+        let fetches = store.fetches();
+        config.snapshot_interval_entries = NO_SNAPSHOTS;
+        let group = RaftGroup::start(config, store, LogIsTheState, transport)?;
+        Ok(ReplicatedPartition {
+            group,
+            log,
+            index,
+            truncate_hooks,
+            fetches,
+        })
+    }
+
+    /// Proposes one produced batch; resolves with its offsets (base, last) once it is committed
+    /// (a majority has it durably, this leader included) — acks=all. The batch is stored with
+    /// the offsets and leader epoch the log assigns at its raft index, identically on every
+    /// replica.
+    pub async fn propose(&self, records: BytesMut) -> Result<(Offset, Offset), ReplicateError> {
+        let h = BatchHeader::parse_checked(&records).map_err(|_| ReplicateError::InvalidBatch)?;
+        if h.size() != records.len() || h.is_control() {
+            return Err(ReplicateError::InvalidBatch);
+        }
+        let mut data = records.to_vec();
+        // The term is stamped at append; the proposal carries the leader's current one too, so
+        // entries in flight already read as they will be stored.
+        batch::set_partition_leader_epoch(&mut data, self.leader_epoch());
+        let index = self
+            .group
+            .propose(data)
+            .await
+            .map_err(ReplicateError::Raft)?;
+        let m = self
+            .index
+            .borrow()
+            .get(index)
+            .expect("a committed entry is in the log");
+        Ok((m.base, m.last))
+    }
+
+    /// The high watermark: the offset after the last committed entry this replica holds.
+    pub fn high_watermark(&self) -> Offset {
+        self.index.borrow().offset_after(self.group.status().commit)
+    }
+
+    pub fn status(&self) -> GroupStatus {
+        self.group.status()
+    }
+    pub fn role(&self) -> Role {
+        self.group.status().role
+    }
+    pub fn leader(&self) -> Option<u64> {
+        self.group.status().leader_id
+    }
+    /// The leader epoch Kafka sees: the raft term.
+    pub fn leader_epoch(&self) -> i32 {
+        i32::try_from(self.group.status().term).unwrap_or(i32::MAX)
+    }
+    /// Role, leader and term changes (see `RaftGroup::watch`).
+    pub fn watch(&self) -> async_channel::Receiver<GroupStatus> {
+        self.group.watch()
+    }
+    /// Entry fetches from disk for followers behind the batch cache, so far.
+    pub fn entry_fetches(&self) -> u64 {
+        self.fetches.get()
+    }
+    pub fn log(&self) -> &Rc<PartitionLog> {
+        &self.log
+    }
+    pub fn group(&self) -> &RaftGroup {
+        &self.group
+    }
+
+    /// Calls `f(offset)` after every conflict truncation of this replica's log (fetch sessions
+    /// and consumers positioned past it must be told; Kafka's OFFSET_OUT_OF_RANGE /
+    /// divergence).
+    pub fn on_truncate(&self, f: impl Fn(Offset) + 'static) {
+        self.truncate_hooks.borrow_mut().push(Box::new(f));
+    }
+
+    /// Stops the group (the log stays open: the caller closes it).
+    pub async fn stop(&self) {
+        self.group.stop().await;
+    }
+}

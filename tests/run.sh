@@ -26,6 +26,8 @@ py_missing=()
 "$PYTHON" -c 'import snappy' 2>/dev/null || py_missing+=("python-snappy==0.7.3" "cramjam==2.14.0")
 "$PYTHON" -c 'import lz4' 2>/dev/null || py_missing+=("lz4==4.4.5")
 "$PYTHON" -c 'import zstandard' 2>/dev/null || py_missing+=("zstandard==0.25.0")
+"$PYTHON" -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("prometheus-client") == "0.26.0" else 1)' \
+    2>/dev/null || py_missing+=("prometheus-client==0.26.0")
 if [ "${#py_missing[@]}" -gt 0 ]; then
     echo "run.sh: pip install ${py_missing[*]}"
     "$PYTHON" -m pip install -q "${py_missing[@]}" \

@@ -602,6 +602,9 @@ mod tests {
             |a| a.shard_request_bytes_max = Some(1 << 20),
             |a| a.stall_timeout_ms = Some(0),
             |a| a.connection_idle_ms = Some(5),
+            |a| a.log_format = Some("xml".into()),
+            |a| a.metrics_listen = Some("nonsense".into()),
+            |a| a.metrics_listen = Some("127.0.0.1:9092".into()),
         ]
         .into_iter()
         .map(|f| (f, ()))
@@ -633,6 +636,7 @@ mod tests {
             ("advertise", "the listen address"),
             ("cores", "all usable CPUs"),
             ("controllers", "none: a single node"),
+            ("metrics_listen", "none: no metrics listener"),
         ];
         let settings = serde_json::to_value(StartArgs::default()).unwrap();
         let settings: Vec<&String> = settings.as_object().unwrap().keys().collect();
@@ -689,6 +693,21 @@ mod tests {
             settings.iter().map(|s| s.to_string()).collect::<Vec<_>>()
         );
         assert_eq!(defaults.len() + shown_at_start.len(), settings.len());
+    }
+
+    #[test]
+    fn metrics_listener_and_log_format() {
+        let mut a = args();
+        let c = BrokerConfig::from_args(&a).unwrap();
+        assert_eq!((c.metrics_listen, c.log_format), (None, LogFormat::Text));
+        a.metrics_listen = Some("127.0.0.1:9644".into());
+        a.log_format = Some("json".into());
+        let c = BrokerConfig::from_args(&a).unwrap();
+        assert_eq!(c.metrics_listen.unwrap().to_string(), "127.0.0.1:9644");
+        assert_eq!(c.log_format, LogFormat::Json);
+        // An empty value (a blank variable) leaves the endpoint off.
+        a.metrics_listen = Some(" ".into());
+        assert_eq!(BrokerConfig::from_args(&a).unwrap().metrics_listen, None);
     }
 
     #[test]

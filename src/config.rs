@@ -101,6 +101,13 @@ pub struct StartArgs {
     /// Log level filter (also RUST_LOG) [default: info].
     #[arg(long, env = "SLUICE_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Log line format: `text` or `json` (one JSON object per line) [default: text].
+    #[arg(long, env = "SLUICE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// host:port of the Prometheus metrics endpoint (`GET /metrics`); keep it on loopback or a
+    /// private network, it is not authenticated [default: none: no metrics listener].
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// The default of every setting that has a fixed one, written only here (`advertise` defaults to
@@ -129,6 +136,7 @@ pub struct Defaults {
     pub group_initial_rebalance_delay_ms: u64,
     pub offsets_retention_minutes: u64,
     pub log_level: &'static str,
+    pub log_format: &'static str,
 }
 
 pub const DEFAULTS: Defaults = Defaults {
@@ -154,6 +162,7 @@ pub const DEFAULTS: Defaults = Defaults {
     group_initial_rebalance_delay_ms: 0,
     offsets_retention_minutes: 7 * 24 * 60,
     log_level: "info",
+    log_format: "text",
 };
 
 /// Highest node id in a cluster: producer ids carry the node id in their low bits
@@ -270,6 +279,28 @@ pub struct BrokerConfig {
     pub group_initial_rebalance_delay_ms: u64,
     pub offsets_retention_minutes: u64,
     pub log_level: String,
+    pub log_format: LogFormat,
+    /// Where the Prometheus endpoint listens; `None`: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (tracing's default format).
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (with `message`).
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("invalid --log-format '{s}': expected text or json")),
+        }
+    }
 }
 
 /// CPUs this process may run on (sched_getaffinity), in ascending order.
@@ -438,6 +469,31 @@ impl BrokerConfig {
                 "invalid --connection-idle-ms {connection_idle_ms}: must be >= 100"
             ));
         }
+        let log_format = LogFormat::parse(&pick!(log_format))?;
+        let metrics_listen = match args
+            .metrics_listen
+            .clone()
+            .or(file.metrics_listen.clone())
+            .filter(|m| !m.trim().is_empty())
+        {
+            None => None,
+            Some(m) => {
+                let (host, port) = split_host_port(&m, "--metrics-listen")?;
+                let addr = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| format!("invalid --metrics-listen '{m}': {e}"))?
+                    .next()
+                    .ok_or_else(|| {
+                        format!("invalid --metrics-listen '{m}': host does not resolve")
+                    })?;
+                if addr.ip() == listen.ip() && addr.port() == listen.port() && port != 0 {
+                    return Err(format!(
+                        "invalid --metrics-listen '{m}': it is the Kafka listen address"
+                    ));
+                }
+                Some(addr)
+            }
+        };
         let node_id = pick!(node_id);
         let cluster = match args.controllers.clone().or(file.controllers.clone()) {
             Some(c) if !c.trim().is_empty() => {
@@ -485,6 +541,8 @@ impl BrokerConfig {
             group_initial_rebalance_delay_ms: pick!(group_initial_rebalance_delay_ms),
             offsets_retention_minutes: pick!(offsets_retention_minutes),
             log_level: pick!(log_level),
+            log_format,
+            metrics_listen,
         })
     }
 
@@ -544,6 +602,9 @@ mod tests {
             |a| a.shard_request_bytes_max = Some(1 << 20),
             |a| a.stall_timeout_ms = Some(0),
             |a| a.connection_idle_ms = Some(5),
+            |a| a.log_format = Some("xml".into()),
+            |a| a.metrics_listen = Some("nonsense".into()),
+            |a| a.metrics_listen = Some("127.0.0.1:9092".into()),
         ]
         .into_iter()
         .map(|f| (f, ()))
@@ -575,6 +636,7 @@ mod tests {
             ("advertise", "the listen address"),
             ("cores", "all usable CPUs"),
             ("controllers", "none: a single node"),
+            ("metrics_listen", "none: no metrics listener"),
         ];
         let settings = serde_json::to_value(StartArgs::default()).unwrap();
         let settings: Vec<&String> = settings.as_object().unwrap().keys().collect();
@@ -631,6 +693,21 @@ mod tests {
             settings.iter().map(|s| s.to_string()).collect::<Vec<_>>()
         );
         assert_eq!(defaults.len() + shown_at_start.len(), settings.len());
+    }
+
+    #[test]
+    fn metrics_listener_and_log_format() {
+        let mut a = args();
+        let c = BrokerConfig::from_args(&a).unwrap();
+        assert_eq!((c.metrics_listen, c.log_format), (None, LogFormat::Text));
+        a.metrics_listen = Some("127.0.0.1:9644".into());
+        a.log_format = Some("json".into());
+        let c = BrokerConfig::from_args(&a).unwrap();
+        assert_eq!(c.metrics_listen.unwrap().to_string(), "127.0.0.1:9644");
+        assert_eq!(c.log_format, LogFormat::Json);
+        // An empty value (a blank variable) leaves the endpoint off.
+        a.metrics_listen = Some(" ".into());
+        assert_eq!(BrokerConfig::from_args(&a).unwrap().metrics_listen, None);
     }
 
     #[test]

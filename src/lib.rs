@@ -18,6 +18,7 @@
 //! | [`protocol`] | RecordBatch v2 view; request/response codecs come from `kafka-protocol` |
 //! | [`contain`] | panic containment: contained futures, the panic hook, the caught [`contain::Panic`] |
 //! | [`fault`] | test-only panic points armed by `SLUICE_FAULT_PANIC` (no-ops in release builds) |
+//! | [`stats`] | per-shard counters and latency histograms read by the metrics endpoint |
 //! | [`types`] | ids, offsets, topic-partition names, the clock |
 
 pub mod admin;
@@ -34,5 +35,6 @@ pub mod protocol;
 pub mod replica;
 pub mod server;
 pub mod shard;
+pub mod stats;
 pub mod storage;
 pub mod types;

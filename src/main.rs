@@ -2,15 +2,20 @@
 
 use clap::Parser;
 use sluice::cli::{Cli, Command};
-use sluice::config::BrokerConfig;
+use sluice::config::{BrokerConfig, LogFormat};
 
-fn init_logging(level: &str) {
+/// Log lines go to stderr: text by default, or one JSON object per line (`timestamp`, `level`,
+/// `target`, `fields` holding `message` and the event's fields, `span`/`spans` when inside one).
+fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn main() {
@@ -29,7 +34,7 @@ fn main() {
                     std::process::exit(2);
                 }
             };
-            init_logging(&config.log_level);
+            init_logging(&config.log_level, config.log_format);
             match sluice::broker::run(config) {
                 Ok(()) => Ok(()),
                 Err(e) => {

@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 /// - `config`: the typed broker configuration.
 /// - `storage`: the partition log.
 /// - `protocol`: RecordBatch v2 codecs.
-/// - `contain`, `fault`: leaf utilities (panic containment, test fault points).
+/// - `contain`, `fault`, `stats`: leaf utilities (panic containment, test fault points, per-shard
+///   metrics counters).
 /// - `types`: ids, offsets, the clock.
 const LAYERS: &[&[&str]] = &[
     &["main"],
@@ -39,7 +40,7 @@ const LAYERS: &[&[&str]] = &[
     &["replica"],
     &["storage"],
     &["protocol"],
-    &["contain", "fault"],
+    &["contain", "fault", "stats"],
     &["types"],
 ];
 

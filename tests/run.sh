@@ -39,6 +39,8 @@ if [ ! -d tests/js/node_modules/kafkajs ]; then
     echo "run.sh: npm ci (tests/js)"
     (cd tests/js && npm ci --no-audit --no-fund -q) || { echo "run.sh: cannot install the JavaScript client"; exit 1; }
 fi
+"$PYTHON" -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("prometheus-client") == "0.26.0" else 1)' \
+    2>/dev/null || py_missing+=("prometheus-client==0.26.0")
 if [ "${#py_missing[@]}" -gt 0 ]; then
     echo "run.sh: pip install ${py_missing[*]}"
     "$PYTHON" -m pip install -q "${py_missing[@]}" \

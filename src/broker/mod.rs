@@ -9,6 +9,7 @@
 //! | `process.rs` | process guards and tuning: data-dir lock, port check, fd limit, allocator |
 //! | `environment.rs` | the start-up environment report, systemd readiness notifications |
 //! | `launch.rs` | the pinned executors and what each shard does from start to stop |
+//! | `metrics.rs` | the Prometheus endpoint (`--metrics-listen`), served off the shards |
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use crate::shard::{self, BrokerContext, Job};
 
 mod environment;
 mod launch;
+mod metrics;
 mod process;
 
 pub use process::tune_allocator;
@@ -84,6 +86,12 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
 
+    // Bound before the shards start, so a taken port fails start-up with the others; a scrape
+    // before the shards run waits for their inboxes (or reports them missing).
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => Some(metrics::start(broker.clone(), addr)?),
+        None => None,
+    };
     let handles = launch::start_shards(&broker, receivers, (store, producer_ids))?;
     tracing::info!(
         node = config.node_id,
@@ -91,6 +99,7 @@ pub fn run(mut config: BrokerConfig) -> Result<(), String> {
         listen = %config.listen,
         shards = n,
         data_dir = %config.data_dir.display(),
+        metrics = %metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
         "sluice started"
     );
     if let Err(e) = crate::config::StatusRecord::new(&config).write(&config.data_dir) {

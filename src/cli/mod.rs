@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the broker.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Create, list, describe and delete topics.
     Topic {
         #[command(subcommand)]

@@ -201,6 +201,11 @@ impl Coordinator {
         self.groups.get(id)
     }
 
+    /// Every group this coordinator holds (Dead ones included), in no particular order.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values()
+    }
+
     pub fn group_count(&self) -> usize {
         self.groups.len()
     }

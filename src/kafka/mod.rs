@@ -47,6 +47,13 @@ impl Request<'_> {
         })
     }
 
+    /// `code` as it goes into this request's response, counted for the metrics endpoint when it
+    /// is an error.
+    pub fn error_code(&self, code: crate::types::ErrorCode) -> i16 {
+        crate::stats::request_error(self.api_key as i16, code.get());
+        code.get()
+    }
+
     /// Encodes `body` as this request's response frame: length prefix, response header, body.
     pub fn respond<T: Encodable>(&self, body: &T) -> Response {
         match encode_frame(self.api_key, self.version, self.header.correlation_id, body) {

@@ -99,6 +99,7 @@ pub async fn accept_loop(listener: TcpListener) {
                 connections_max = broker.config.connections_max,
                 "connection limit reached; closing new connection"
             );
+            crate::stats::connection_rejected();
             drop(stream);
             continue;
         }
@@ -111,6 +112,7 @@ pub async fn accept_loop(listener: TcpListener) {
             peer,
         });
         active.set(active.get() + 1);
+        crate::stats::connection_opened();
         let active2 = active.clone();
         let request_memory = request_memory.clone();
         let alive = conn_alive.clone();
@@ -124,6 +126,7 @@ pub async fn accept_loop(listener: TcpListener) {
                 tracing::error!(conn = id, peer = %peer, "connection task {p}; connection closed");
             }
             active2.set(active2.get() - 1);
+            crate::stats::connection_closed();
             drop(alive);
         })
         .detach();
@@ -381,10 +384,16 @@ async fn read_requests(
             let task = glommio::spawn_local(async move {
                 // A handler bug must cost this connection, not the shard and every client on it.
                 let (api_key, api_version) = api_of(&frame);
-                match shard::contain(crate::kafka::dispatch(&conn2, frame)).await {
+                let started = Instant::now();
+                let r = match shard::contain(crate::kafka::dispatch(&conn2, frame)).await {
                     Ok(r) => r,
                     Err(p) => handler_panicked(&conn2, api_key, api_version, p),
+                };
+                crate::stats::request_done(api_key, started.elapsed());
+                if matches!(r, Response::Close(_)) {
+                    crate::stats::request_closed();
                 }
+                r
             })
             .detach();
             let in_flight = InFlight {
@@ -454,6 +463,7 @@ async fn read_requests(
             }
             Some(Some(Ok(n))) => {
                 buf.truncate(old + n);
+                crate::stats::bytes_in(n);
                 // The bytes of the pending frame just received are taken from the shard's
                 // budget; while it is spent this connection is not read further (its bytes
                 // wait in the socket). Unaccounted at any moment: one read per connection.
@@ -585,9 +595,11 @@ pub async fn write_vectored_all(stream: &mut TcpStream, parts: Vec<Bytes>) -> st
             // The socket buffer is full: let the executor wait for room with the first piece.
             let first = queue.pop_front().expect("non-empty");
             stream.write_all(&first).await?;
+            crate::stats::bytes_out(first.len());
             continue;
         }
         let mut n = n as usize;
+        crate::stats::bytes_out(n);
         while n > 0 {
             let front = queue.front_mut().expect("sent more than queued");
             if n >= front.len() {

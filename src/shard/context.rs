@@ -85,6 +85,14 @@ impl BrokerContext {
         }
     }
 
+    /// Queues `job` on shard `target`'s inbox without waiting, from any thread (the metrics
+    /// exporter's scrape); `false` if the inbox is full or closed.
+    pub fn try_send_job(&self, target: ShardId, job: Job) -> bool {
+        self.inboxes
+            .get(target.0)
+            .is_some_and(|inbox| inbox.try_send(job).is_ok())
+    }
+
     /// The controller leader's node id, -1 while none is known.
     pub fn controller_id(&self) -> i32 {
         self.controller_id.load(Ordering::SeqCst)

@@ -171,6 +171,7 @@ where
         })
     });
     let inbox = &here.broker.inboxes[target.0];
+    crate::stats::hop_sent();
     if inbox.send(job).await.is_err() {
         panic!("shard {} inbox closed while the broker runs", target.0);
     }
@@ -222,6 +223,7 @@ where
 /// is logged and the pump goes on.
 pub async fn serve_inbox(rx: async_channel::Receiver<Job>) {
     while let Ok(job) = rx.recv().await {
+        crate::stats::hop_received();
         crate::contain::spawn_background("cross-shard job", async move { job().await });
     }
 }

@@ -641,6 +641,7 @@ impl PartitionLog {
             let file = s.active().file().clone();
             (file, flush, s.offsets.log_end(), alloc, punch, durable)
         };
+        let started = std::time::Instant::now();
         let result = async {
             if let Some((pos, len)) = punch {
                 file.punch(pos, len).await?;
@@ -676,6 +677,14 @@ impl PartitionLog {
         s.appender.writing = false;
         match result {
             Ok(()) => {
+                crate::stats::storage_written(
+                    flush
+                        .write_end
+                        .saturating_sub(flush.writes.first().map_or(0, |w| w.1)),
+                );
+                if durable {
+                    crate::stats::durable_write_done(started.elapsed());
+                }
                 let a = &mut s.appender;
                 if let Some(len) = alloc {
                     a.allocated = len;
@@ -693,7 +702,10 @@ impl PartitionLog {
             }
             // The allocation may have succeeded before a write failed; it is asked for again
             // next time, which is harmless.
-            Err(e) => self.fail_unwritten(s, e),
+            Err(e) => {
+                crate::stats::storage_write_failed();
+                self.fail_unwritten(s, e)
+            }
         }
         s.debug_check_invariants();
         s.wake_all();
@@ -765,7 +777,9 @@ impl PartitionLog {
                 s.appender.written_pos,
             )
         };
+        let started = std::time::Instant::now();
         let r = file.sync().await;
+        crate::stats::fsync_done(started.elapsed());
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
         s.appender.syncing = false;
@@ -778,6 +792,7 @@ impl PartitionLog {
                 s.active_mut().persist_index(&self.dir, pos);
             }
             Err(e) => {
+                crate::stats::storage_write_failed();
                 tracing::error!(dir = %self.dir.display(), error = %e, "fdatasync failed");
                 let a = &mut s.appender;
                 a.sync_failures += 1;

@@ -21,10 +21,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .any(|x| x.broker_ids.len() != 1 || x.broker_ids[0].0 != node)
             {
                 results.push(
-                    r.with_error_code(code(ResponseError::InvalidReplicaAssignment).get())
-                        .with_error_message(Some(str_bytes(&format!(
-                            "every new partition must be on broker {node}"
-                        )))),
+                    r.with_error_code(
+                        req.error_code(code(ResponseError::InvalidReplicaAssignment)),
+                    )
+                    .with_error_message(Some(str_bytes(&format!(
+                        "every new partition must be on broker {node}"
+                    )))),
                 );
                 continue;
             }
@@ -36,9 +38,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         )
         .await
         {
-            Ok(()) => results.push(r.with_error_code(NONE.get())),
+            Ok(()) => results.push(r.with_error_code(req.error_code(NONE))),
             Err(e) => results.push(
-                r.with_error_code(admin_code(&e).get())
+                r.with_error_code(req.error_code(admin_code(&e)))
                     .with_error_message(Some(str_bytes(&e.message()))),
             ),
         }

@@ -28,7 +28,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         if !seen.insert(name.clone()) {
             results.push(
                 result
-                    .with_error_code(code(ResponseError::InvalidRequest).get())
+                    .with_error_code(req.error_code(code(ResponseError::InvalidRequest)))
                     .with_error_message(Some(str_bytes("topic listed twice"))),
             );
             continue;
@@ -44,7 +44,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             if t.num_partitions != -1 || t.replication_factor != -1 {
                 results.push(
                     result
-                        .with_error_code(code(ResponseError::InvalidRequest).get())
+                        .with_error_code(req.error_code(code(ResponseError::InvalidRequest)))
                         .with_error_message(Some(str_bytes(
                             "give either assignments or partitions and replication factor",
                         ))),
@@ -59,7 +59,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             if bad {
                 results.push(
                     result
-                        .with_error_code(code(ResponseError::InvalidReplicaAssignment).get())
+                        .with_error_code(
+                            req.error_code(code(ResponseError::InvalidReplicaAssignment)),
+                        )
                         .with_error_message(Some(str_bytes(&format!(
                             "assignments must list partitions 0..n in order, each on broker {node}"
                         )))),
@@ -96,7 +98,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                             .with_config_source(src as i8)
                     })
                     .collect();
-                let mut ok = result.with_error_code(NONE.get());
+                let mut ok = result.with_error_code(req.error_code(NONE));
                 if req.version >= 5 {
                     ok = ok
                         .with_num_partitions(meta.partition_count())
@@ -110,7 +112,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             }
             Err(e) => results.push(
                 result
-                    .with_error_code(admin_code(&e).get())
+                    .with_error_code(req.error_code(admin_code(&e)))
                     .with_error_message(Some(str_bytes(&e.message()))),
             ),
         }

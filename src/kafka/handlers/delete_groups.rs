@@ -22,7 +22,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         results.push(
             DeletableGroupResult::default()
                 .with_group_id(GroupId(g.0))
-                .with_error_code(code.get()),
+                .with_error_code(req.error_code(code)),
         );
     }
     req.respond(&DeleteGroupsResponse::default().with_results(results))

@@ -25,7 +25,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .with_partition_index(p.partition_index)
                 .with_low_watermark(-1);
             let Some(meta) = &meta else {
-                parts.push(r.with_error_code(code(ResponseError::UnknownTopicOrPartition).get()));
+                parts.push(
+                    r.with_error_code(req.error_code(code(ResponseError::UnknownTopicOrPartition))),
+                );
                 continue;
             };
             let offset = p.offset;
@@ -39,9 +41,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             })
             .await;
             parts.push(match res {
-                Ok(Ok(low)) => r.with_error_code(NONE.get()).with_low_watermark(low.0),
-                Ok(Err(e)) => r.with_error_code(storage_code(&e).get()),
-                Err(c) => r.with_error_code(c.get()),
+                Ok(Ok(low)) => r
+                    .with_error_code(req.error_code(NONE))
+                    .with_low_watermark(low.0),
+                Ok(Err(e)) => r.with_error_code(req.error_code(storage_code(&e))),
+                Err(c) => r.with_error_code(req.error_code(c)),
             });
         }
         topics.push(

@@ -45,7 +45,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 uuid::Uuid::nil()
             });
         if err.is_error() {
-            responses.push(r.with_error_code(err.get()));
+            responses.push(r.with_error_code(req.error_code(err)));
             continue;
         }
         let name = name.expect("resolved above");
@@ -53,9 +53,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             r = r.with_topic_id(uuid::Uuid::from_bytes(m.id));
         }
         match admin::delete_topic(name).await {
-            Ok(()) => responses.push(r.with_error_code(NONE.get())),
+            Ok(()) => responses.push(r.with_error_code(req.error_code(NONE))),
             Err(e) => responses.push(
-                r.with_error_code(admin_code(&e).get())
+                r.with_error_code(req.error_code(admin_code(&e)))
                     .with_error_message((req.version >= 5).then(|| str_bytes(&e.message()))),
             ),
         }

@@ -44,7 +44,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 None => {
                     results.push(
                         result
-                            .with_error_code(code(ResponseError::UnknownTopicOrPartition).get())
+                            .with_error_code(
+                                req.error_code(code(ResponseError::UnknownTopicOrPartition)),
+                            )
                             .with_error_message(Some(str_bytes("unknown topic"))),
                     );
                     continue;
@@ -55,7 +57,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 if !r.resource_name.is_empty() && r.resource_name.as_str() != node {
                     results.push(
                         result
-                            .with_error_code(code(ResponseError::InvalidRequest).get())
+                            .with_error_code(req.error_code(code(ResponseError::InvalidRequest)))
                             .with_error_message(Some(str_bytes("unknown broker id"))),
                     );
                     continue;
@@ -130,7 +132,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             other => {
                 results.push(
                     result
-                        .with_error_code(code(ResponseError::InvalidRequest).get())
+                        .with_error_code(req.error_code(code(ResponseError::InvalidRequest)))
                         .with_error_message(Some(str_bytes(&format!(
                             "resource type {other} is not supported"
                         )))),
@@ -155,7 +157,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_config_source(src as i8)
             })
             .collect();
-        results.push(result.with_error_code(NONE.get()).with_configs(cfgs));
+        results.push(
+            result
+                .with_error_code(req.error_code(NONE))
+                .with_configs(cfgs),
+        );
     }
     req.respond(&DescribeConfigsResponse::default().with_results(results))
 }

@@ -27,7 +27,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let out = match d {
             Err(code) => DescribedGroup::default()
                 .with_group_id(GroupId(g.0))
-                .with_error_code(code.get())
+                .with_error_code(req.error_code(code))
                 .with_group_state(str_bytes("")),
             Ok(d) => {
                 let members = d
@@ -49,7 +49,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .collect();
                 let mut out = DescribedGroup::default()
                     .with_group_id(GroupId(g.0))
-                    .with_error_code(d.error.get())
+                    .with_error_code(req.error_code(d.error))
                     .with_group_state(str_bytes(d.state))
                     .with_protocol_type(str_bytes(&d.protocol_type))
                     .with_protocol_data(str_bytes(&d.protocol))

@@ -625,6 +625,10 @@ fn encode(
                 continue;
             }
             glue.put_i32(p.index);
+            crate::stats::request_error(
+                kafka_protocol::messages::ApiKey::Fetch as i16,
+                r.error.get(),
+            );
             glue.put_i16(r.error.get());
             glue.put_i64(r.high_watermark);
             glue.put_i64(r.high_watermark); // last_stable_offset: no transactions yet

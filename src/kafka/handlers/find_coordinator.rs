@@ -71,14 +71,14 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_node_id(BrokerId(node))
                     .with_host(str_bytes(&host))
                     .with_port(port)
-                    .with_error_code(error.get())
+                    .with_error_code(req.error_code(error))
                     .with_error_message(error_message(error))
             })
             .collect();
     } else {
         let (error, node, host, port) = lookup(request.key.as_str(), request.key_type);
         resp = resp
-            .with_error_code(error.get())
+            .with_error_code(req.error_code(error))
             .with_node_id(BrokerId(node))
             .with_host(str_bytes(&host))
             .with_port(port);

@@ -22,5 +22,5 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     })
     .await
     .unwrap_or_else(|e| e);
-    req.respond(&HeartbeatResponse::default().with_error_code(code.get()))
+    req.respond(&HeartbeatResponse::default().with_error_code(req.error_code(code)))
 }

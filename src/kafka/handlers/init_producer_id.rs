@@ -17,7 +17,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: InitProducerIdRequest = crate::decode_or_close!(req, b);
     let fail = |c: ErrorCode| {
         InitProducerIdResponse::default()
-            .with_error_code(c.get())
+            .with_error_code(req.error_code(c))
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
     };
@@ -32,7 +32,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     {
         return req.respond(
             &InitProducerIdResponse::default()
-                .with_error_code(NONE.get())
+                .with_error_code(req.error_code(NONE))
                 .with_producer_id(request.producer_id)
                 .with_producer_epoch(request.producer_epoch + 1),
         );
@@ -47,7 +47,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     };
     req.respond(
         &InitProducerIdResponse::default()
-            .with_error_code(NONE.get())
+            .with_error_code(req.error_code(NONE))
             .with_producer_id(ProducerId(id as i64))
             .with_producer_epoch(0),
     )

@@ -54,6 +54,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         Ok(r) => r,
         Err(code) => JoinResult::error(code, &member_id),
     };
+    req.error_code(r.error);
     req.respond(&response(r, version))
 }
 

@@ -41,11 +41,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 MemberResponse::default()
                     .with_member_id(str_bytes(m))
                     .with_group_instance_id(i.as_deref().map(str_bytes))
-                    .with_error_code(e.get())
+                    .with_error_code(req.error_code(*e))
             })
             .collect();
         LeaveGroupResponse::default()
-            .with_error_code(top.get())
+            .with_error_code(req.error_code(top))
             .with_members(members)
     } else {
         let code = if top.is_error() {
@@ -53,7 +53,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         } else {
             per.first().copied().unwrap_or(ErrorCode::NONE)
         };
-        LeaveGroupResponse::default().with_error_code(code.get())
+        LeaveGroupResponse::default().with_error_code(req.error_code(code))
     };
     req.respond(&resp)
 }

@@ -30,9 +30,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
             let Some(meta) = &meta else {
                 parts.push(
-                    resp.with_error_code(code(ResponseError::UnknownTopicOrPartition).get())
-                        .with_offset(-1)
-                        .with_timestamp(-1),
+                    resp.with_error_code(
+                        req.error_code(code(ResponseError::UnknownTopicOrPartition)),
+                    )
+                    .with_offset(-1)
+                    .with_timestamp(-1),
                 );
                 continue;
             };
@@ -64,12 +66,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .await;
             parts.push(match r {
                 Ok(Ok((offset, timestamp))) => resp
-                    .with_error_code(NONE.get())
+                    .with_error_code(req.error_code(NONE))
                     .with_offset(offset)
                     .with_timestamp(timestamp)
                     .with_leader_epoch(if req.version >= 4 { 0 } else { -1 }),
                 Ok(Err(c)) | Err(c) => resp
-                    .with_error_code(c.get())
+                    .with_error_code(req.error_code(c))
                     .with_offset(-1)
                     .with_timestamp(-1),
             });

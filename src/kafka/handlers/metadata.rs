@@ -106,7 +106,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     Ok(t) => topics.push(topic_entry(&broker, &t, req.version)),
                     Err(e) => topics.push(
                         MetadataResponseTopic::default()
-                            .with_error_code(e.get())
+                            .with_error_code(req.error_code(e))
                             .with_name(Some(name.clone()))
                             .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
                     ),
@@ -117,7 +117,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         Some(t) => topics.push(topic_entry(&broker, &Arc::clone(t), req.version)),
                         None => topics.push(
                             MetadataResponseTopic::default()
-                                .with_error_code(code(ResponseError::UnknownTopicId).get())
+                                .with_error_code(
+                                    req.error_code(code(ResponseError::UnknownTopicId)),
+                                )
                                 .with_topic_id(rt.topic_id)
                                 .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
                         ),
@@ -125,7 +127,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 }
                 (None, true) => topics.push(
                     MetadataResponseTopic::default()
-                        .with_error_code(code(ResponseError::InvalidRequest).get())
+                        .with_error_code(req.error_code(code(ResponseError::InvalidRequest)))
                         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED),
                 ),
             }

@@ -105,7 +105,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .map(|(p, e)| {
                     OffsetCommitResponsePartition::default()
                         .with_partition_index(p.partition_index)
-                        .with_error_code(if e.is_error() { e } else { commit_code }.get())
+                        .with_error_code(req.error_code(if e.is_error() { e } else { commit_code }))
                 })
                 .collect();
             OffsetCommitResponseTopic::default()

@@ -57,7 +57,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     };
                     OffsetDeleteResponsePartition::default()
                         .with_partition_index(p.partition_index)
-                        .with_error_code(e.get())
+                        .with_error_code(req.error_code(e))
                 })
                 .collect();
             OffsetDeleteResponseTopic::default()
@@ -67,7 +67,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .collect();
     req.respond(
         &OffsetDeleteResponse::default()
-            .with_error_code(top.get())
+            .with_error_code(req.error_code(top))
             .with_topics(if top.is_error() { vec![] } else { topics }),
     )
 }

@@ -91,7 +91,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             groups.push(
                 OffsetFetchResponseGroup::default()
                     .with_group_id(GroupId(g.group_id.0))
-                    .with_error_code(error.get())
+                    .with_error_code(req.error_code(error))
                     .with_topics(topics),
             );
         }
@@ -131,7 +131,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                                 .with_metadata(Some(str_bytes(
                                     v.as_ref().map(|v| v.metadata.as_str()).unwrap_or(""),
                                 )))
-                                .with_error_code(per_partition_error.get())
+                                .with_error_code(req.error_code(per_partition_error))
                         })
                         .collect(),
                 )
@@ -139,7 +139,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .collect();
     let mut resp = OffsetFetchResponse::default().with_topics(topics);
     if version >= 2 {
-        resp.error_code = error.get();
+        resp.error_code = req.error_code(error);
     }
     req.respond(&resp)
 }

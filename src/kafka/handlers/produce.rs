@@ -155,10 +155,14 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .await
                 .unwrap_or_else(|| Outcome::error(code(ResponseError::UnknownServerError), None));
             any_error |= o.error_code.is_error();
+            crate::stats::request_error(
+                kafka_protocol::messages::ApiKey::Produce as i16,
+                o.error_code.get(),
+            );
             prs.push(
                 PartitionProduceResponse::default()
                     .with_index(index)
-                    .with_error_code(o.error_code.get())
+                    .with_error_code(req.error_code(o.error_code))
                     .with_base_offset(o.base_offset)
                     .with_log_append_time_ms(o.log_append_time_ms)
                     .with_log_start_offset(if req.version >= 5 {

@@ -31,7 +31,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         Err(code) => SyncResult::error(code),
     };
     let mut resp = SyncGroupResponse::default()
-        .with_error_code(r.error.get())
+        .with_error_code(req.error_code(r.error))
         .with_assignment(r.assignment);
     if req.version >= 5 {
         resp.protocol_type = r.protocol_type.as_deref().map(str_bytes);

@@ -1,0 +1,314 @@
+//! Per-shard counters for the metrics endpoint: plain `Cell`s and hdrhistograms in a
+//! thread-local, written only by the shard's own thread (no atomics, no locks, no contention on
+//! the data path). The exporter never reads them from another thread: it sends each shard a job
+//! through the shard's inbox, and the job copies them into a [`Snapshot`] on the shard itself.
+//!
+//! A leaf module: `server`, `kafka`, `shard` and `storage` record into it; `broker` reads it.
+//! On a thread that is not a shard (tests, tools) the counters exist too and nobody reads them.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Request counters are kept for Kafka API keys below this (the highest key Kafka defines is
+/// below 100); a request with a larger key is closed by dispatch before it is counted.
+pub const API_KEY_SLOTS: usize = 128;
+/// Distinct (API, error code) pairs counted per shard. Codes come from the broker's own
+/// responses (about 120 exist), so this is never reached in practice; past it, new pairs are
+/// counted under `ERROR_OVERFLOW_CODE`, which keeps the series count bounded.
+pub const ERROR_SERIES_MAX: usize = 512;
+/// The error code label used once `ERROR_SERIES_MAX` pairs exist.
+pub const ERROR_OVERFLOW_CODE: i16 = i16::MIN;
+/// Latencies are recorded in microseconds from 1 µs up to this (longer ones saturate here): a
+/// long-polling fetch waits at most 30 s, so a minute covers every request.
+const LATENCY_US_MAX: u64 = 60_000_000;
+/// Two significant digits: about 1% error, a few KiB per histogram.
+const LATENCY_SIGFIGS: u8 = 2;
+
+/// Latency of one kind of operation: an hdrhistogram of microseconds plus the exact sum.
+pub struct Latency {
+    pub hist: Histogram<u64>,
+    pub sum_us: u64,
+}
+
+impl Latency {
+    fn new() -> Latency {
+        Latency {
+            hist: Histogram::new_with_bounds(1, LATENCY_US_MAX, LATENCY_SIGFIGS)
+                .expect("static histogram bounds are valid"),
+            sum_us: 0,
+        }
+    }
+
+    fn record(&mut self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, LATENCY_US_MAX);
+        self.hist.saturating_record(us);
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Prometheus histogram view: cumulative counts at each bound (in seconds), count, sum.
+    pub fn buckets(&self, bounds_s: &[f64]) -> HistogramSnapshot {
+        let cumulative = bounds_s
+            .iter()
+            .map(|b| {
+                let us = (b * 1e6) as u64;
+                if us == 0 {
+                    0
+                } else {
+                    self.hist.count_between(0, us)
+                }
+            })
+            .collect();
+        HistogramSnapshot {
+            cumulative,
+            count: self.hist.len(),
+            sum_s: self.sum_us as f64 / 1e6,
+        }
+    }
+}
+
+/// A histogram as exported: cumulative bucket counts (one per bound), total count, sum.
+#[derive(Debug, Clone, Default)]
+pub struct HistogramSnapshot {
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_s: f64,
+}
+
+/// Requests of one API on this shard.
+#[derive(Default)]
+struct ApiStats {
+    latency: Option<Box<Latency>>,
+}
+
+/// Every counter of one shard.
+#[derive(Default)]
+struct Counters {
+    connections_accepted: Cell<u64>,
+    connections_rejected: Cell<u64>,
+    connections_open: Cell<u64>,
+    bytes_in: Cell<u64>,
+    bytes_out: Cell<u64>,
+    hops_sent: Cell<u64>,
+    hops_received: Cell<u64>,
+    requests_closed: Cell<u64>,
+    apis: RefCell<Vec<ApiStats>>,
+    errors: RefCell<BTreeMap<(i16, i16), u64>>,
+    fsyncs: RefCell<Option<Box<Latency>>>,
+    durable_writes: RefCell<Option<Box<Latency>>>,
+    storage_bytes_written: Cell<u64>,
+    storage_write_errors: Cell<u64>,
+}
+
+thread_local! {
+    static COUNTERS: Counters = Counters::default();
+}
+
+fn add(c: &Cell<u64>, n: u64) {
+    c.set(c.get().wrapping_add(n));
+}
+
+/// A connection was accepted on this shard.
+pub fn connection_opened() {
+    COUNTERS.with(|c| {
+        add(&c.connections_accepted, 1);
+        add(&c.connections_open, 1);
+    });
+}
+
+/// A connection of this shard ended.
+pub fn connection_closed() {
+    COUNTERS.with(|c| {
+        c.connections_open
+            .set(c.connections_open.get().saturating_sub(1))
+    });
+}
+
+/// A connection was refused at `connections_max`.
+pub fn connection_rejected() {
+    COUNTERS.with(|c| add(&c.connections_rejected, 1));
+}
+
+pub fn bytes_in(n: usize) {
+    COUNTERS.with(|c| add(&c.bytes_in, n as u64));
+}
+
+pub fn bytes_out(n: usize) {
+    COUNTERS.with(|c| add(&c.bytes_out, n as u64));
+}
+
+/// A cross-shard call left this shard.
+pub fn hop_sent() {
+    COUNTERS.with(|c| add(&c.hops_sent, 1));
+}
+
+/// A cross-shard call arrived in this shard's inbox.
+pub fn hop_received() {
+    COUNTERS.with(|c| add(&c.hops_received, 1));
+}
+
+/// A request of `api_key` was handled in `took` (from its whole frame to its response).
+pub fn request_done(api_key: i16, took: Duration) {
+    let Ok(slot) = usize::try_from(api_key) else {
+        return;
+    };
+    if slot >= API_KEY_SLOTS {
+        return;
+    }
+    COUNTERS.with(|c| {
+        let mut apis = c.apis.borrow_mut();
+        if apis.len() <= slot {
+            apis.resize_with(slot + 1, ApiStats::default);
+        }
+        apis[slot]
+            .latency
+            .get_or_insert_with(|| Box::new(Latency::new()))
+            .record(took);
+    });
+}
+
+/// A response of `api_key` carried error `code` (per partition, or for the whole request).
+pub fn request_error(api_key: i16, code: i16) {
+    if code == 0 {
+        return;
+    }
+    COUNTERS.with(|c| {
+        let mut errors = c.errors.borrow_mut();
+        let key = if errors.len() >= ERROR_SERIES_MAX && !errors.contains_key(&(api_key, code)) {
+            (api_key, ERROR_OVERFLOW_CODE)
+        } else {
+            (api_key, code)
+        };
+        *errors.entry(key).or_insert(0) += 1;
+    });
+}
+
+/// A request was answered by closing its connection (malformed, unsupported, failed acks=0).
+pub fn request_closed() {
+    COUNTERS.with(|c| add(&c.requests_closed, 1));
+}
+
+/// One fdatasync of a segment completed in `took`.
+pub fn fsync_done(took: Duration) {
+    COUNTERS.with(|c| {
+        c.fsyncs
+            .borrow_mut()
+            .get_or_insert_with(|| Box::new(Latency::new()))
+            .record(took)
+    });
+}
+
+/// One group commit written with durable (`O_DSYNC`) writes completed in `took`.
+pub fn durable_write_done(took: Duration) {
+    COUNTERS.with(|c| {
+        c.durable_writes
+            .borrow_mut()
+            .get_or_insert_with(|| Box::new(Latency::new()))
+            .record(took)
+    });
+}
+
+/// `n` bytes of segment data were written.
+pub fn storage_written(n: u64) {
+    COUNTERS.with(|c| add(&c.storage_bytes_written, n));
+}
+
+/// A segment write or fdatasync failed.
+pub fn storage_write_failed() {
+    COUNTERS.with(|c| add(&c.storage_write_errors, 1));
+}
+
+/// The calling thread's counters, copied; histograms as Prometheus buckets at `bounds_s`.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub connections_accepted: u64,
+    pub connections_rejected: u64,
+    pub connections_open: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub hops_sent: u64,
+    pub hops_received: u64,
+    pub requests_closed: u64,
+    /// (API key, latency) for every API that saw a request.
+    pub requests: Vec<(i16, HistogramSnapshot)>,
+    /// ((API key, error code), count).
+    pub errors: Vec<((i16, i16), u64)>,
+    pub fsync: HistogramSnapshot,
+    pub durable_write: HistogramSnapshot,
+    pub storage_bytes_written: u64,
+    pub storage_write_errors: u64,
+}
+
+/// Copies the calling thread's counters.
+pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
+    COUNTERS.with(|c| {
+        let hist = |l: &RefCell<Option<Box<Latency>>>| {
+            l.borrow()
+                .as_ref()
+                .map(|l| l.buckets(bounds_s))
+                .unwrap_or_else(|| HistogramSnapshot {
+                    cumulative: vec![0; bounds_s.len()],
+                    ..Default::default()
+                })
+        };
+        Snapshot {
+            connections_accepted: c.connections_accepted.get(),
+            connections_rejected: c.connections_rejected.get(),
+            connections_open: c.connections_open.get(),
+            bytes_in: c.bytes_in.get(),
+            bytes_out: c.bytes_out.get(),
+            hops_sent: c.hops_sent.get(),
+            hops_received: c.hops_received.get(),
+            requests_closed: c.requests_closed.get(),
+            requests: c
+                .apis
+                .borrow()
+                .iter()
+                .enumerate()
+                .filter_map(|(k, a)| Some((k as i16, a.latency.as_ref()?.buckets(bounds_s))))
+                .collect(),
+            errors: c.errors.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
+            fsync: hist(&c.fsyncs),
+            durable_write: hist(&c.durable_writes),
+            storage_bytes_written: c.storage_bytes_written.get(),
+            storage_write_errors: c.storage_write_errors.get(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_errors_bounded() {
+        request_done(0, Duration::from_micros(50));
+        request_done(0, Duration::from_millis(3));
+        request_done(0, Duration::from_secs(2));
+        request_done(i16::MAX, Duration::from_secs(1)); // beyond the slots: ignored
+        request_done(-1, Duration::from_secs(1));
+        let s = snapshot(&[0.0001, 0.005, 1.0, 10.0]);
+        let (api, h) = &s.requests[0];
+        assert_eq!(*api, 0);
+        assert_eq!(h.cumulative, vec![1, 2, 2, 3]);
+        assert_eq!(h.count, 3);
+        assert!((h.sum_s - 2.00305).abs() < 1e-3, "{}", h.sum_s);
+        assert_eq!(s.requests.len(), 1);
+
+        for code in 1..=(ERROR_SERIES_MAX as i16 + 10) {
+            request_error(1, code);
+        }
+        request_error(1, 0); // NONE is not an error
+        let s = snapshot(&[]);
+        assert_eq!(s.errors.len(), ERROR_SERIES_MAX + 1);
+        let overflow: u64 = s
+            .errors
+            .iter()
+            .filter(|((_, c), _)| *c == ERROR_OVERFLOW_CODE)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(overflow, 10);
+    }
+}

@@ -21,6 +21,10 @@ command -v kcat >/dev/null 2>&1 || apt_missing+=(kcat)
 command -v systemd-analyze >/dev/null 2>&1 || apt_missing+=(systemd)
 command -v node >/dev/null 2>&1 || apt_missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || apt_missing+=(npm)
+# Headers and tools to build librdkafka's own test suite (tests/librdkafka).
+for pkg in make gcc g++ zlib1g-dev libzstd-dev rapidjson-dev libssl-dev; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || apt_missing+=("$pkg")
+done
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     echo "run.sh: installing ${apt_missing[*]}"
     as_root apt-get update -qq \
@@ -98,14 +102,19 @@ py_rc=0
 SLUICE_BIN="$PY_SLUICE_BIN" "$PYTHON" -m pytest tests/python -q -p no:cacheprovider \
     -W ignore::DeprecationWarning || py_rc=$?
 
+# --- librdkafka's own integration tests (the quick list) -----------------------------------
+echo "run.sh: tests/librdkafka/run.sh (quick list)"
+rdk_rc=0
+SLUICE_BIN="$PY_SLUICE_BIN" bash tests/librdkafka/run.sh || rdk_rc=$?
+
 # --- JavaScript tests ----------------------------------------------------------------------
 echo "run.sh: node --test tests/js"
 js_rc=0
 SLUICE_BIN="$PY_SLUICE_BIN" node --test --test-concurrency=1 tests/js/*.test.mjs || js_rc=$?
 
-if [ "$rust_rc" -eq 0 ] && [ "$py_rc" -eq 0 ] && [ "$js_rc" -eq 0 ]; then
-    echo "SUMMARY: PASSED (rust tests ok, python tests ok, javascript tests ok; $loop_note)"
+if [ "$rust_rc" -eq 0 ] && [ "$py_rc" -eq 0 ] && [ "$js_rc" -eq 0 ] && [ "$rdk_rc" -eq 0 ]; then
+    echo "SUMMARY: PASSED (rust tests ok, python tests ok, javascript tests ok, librdkafka suite ok; $loop_note)"
     exit 0
 fi
-echo "SUMMARY: FAILED (rust tests exit $rust_rc, python tests exit $py_rc, javascript tests exit $js_rc; $loop_note)"
+echo "SUMMARY: FAILED (rust tests exit $rust_rc, python tests exit $py_rc, javascript tests exit $js_rc, librdkafka suite exit $rdk_rc; $loop_note)"
 exit 1

@@ -3,14 +3,14 @@
 #
 #   tests/librdkafka/run.sh            the quick list (tests/librdkafka/quick.txt), as .ci/run does
 #   tests/librdkafka/run.sh --all      every test in tests/librdkafka/allowlist.txt
-#   tests/librdkafka/run.sh 0012 0030  these tests (to try one outside the lists)
+#   tests/librdkafka/run.sh 0012 0107:noautocreate   these tests (to try one outside the lists)
 #
 # The suite is librdkafka's `tests/` directory from the source the rdkafka-sys crate ships (the
 # same librdkafka version the Rust tests link). It is copied into $CARGO_TARGET_DIR and built
 # there once (`./configure`, `make libs`, `make -C tests build`: a few minutes). Each test runs
 # on its own with `test-runner -E` (no sockem: that intercepts sockets in-process) in full mode
-# (not -Q, which skips most sub-tests), against one broker started like Kafka's test cluster:
-# topic auto-creation on, 4 partitions per auto-created topic. A test passes when test-runner
+# (not -Q, which skips most sub-tests), against a broker started like librdkafka's test cluster
+# for the test's scenario (below). A test passes when test-runner
 # exits 0. Broker stderr and every test's output are kept in $OUT.
 #
 # Environment: SLUICE_BIN (default: the debug build), TEST_KAFKA_VERSION (default 3.9.0: the
@@ -30,11 +30,13 @@ TEST_TIMEOUT_S=300
 
 die() { echo "librdkafka suite: $*" >&2; exit 1; }
 
-list() { grep -v '^#' "$1" | awk '{print $1}' | grep -E '^[0-9]{4}$'; }
+# Entries are "NNNN SCENARIO": a list line is "NNNN name [scenario]", scenario "default" if
+# none; on the command line "NNNN" or "NNNN:scenario".
+list() { grep -v '^#' "$1" | awk '$1 ~ /^[0-9][0-9][0-9][0-9]$/ {print $1, ($3 == "" ? "default" : $3)}'; }
 case "${1:-}" in
     --all) mapfile -t TESTS < <(list "$HERE/allowlist.txt") ;;
     "") mapfile -t TESTS < <(list "$HERE/quick.txt") ;;
-    *) TESTS=("$@") ;;
+    *) TESTS=(); for a in "$@"; do t=${a%%:*}; s=${a#*:}; [ "$s" = "$a" ] && s=default; TESTS+=("$t $s"); done ;;
 esac
 [ "${#TESTS[@]}" -gt 0 ] || die "no tests selected"
 [ -x "$SLUICE_BIN" ] || die "$SLUICE_BIN missing: cargo build --bin sluice"
@@ -61,51 +63,65 @@ if [ ! -x "$SUITE/tests/test-runner" ] || [ "$(cat "$SUITE/.version" 2>/dev/null
     echo "$version" >"$SUITE/.version"
 fi
 
-# --- the broker -----------------------------------------------------------------------------
+# --- brokers, one per scenario -------------------------------------------------------------
+# librdkafka's scenarios are cluster set-ups: "default" is Kafka's test cluster (topics
+# auto-created, 4 partitions); "noautocreate" has topic auto-creation off. A test runs with
+# `-s <scenario>` against a broker started that way.
 rm -rf "$OUT" && mkdir -p "$OUT"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-"$SLUICE_BIN" start --data-dir "$OUT/data" --listen "127.0.0.1:$port" --cores 2 \
-    --default-partitions 4 --segment-bytes 8388608 2>"$OUT/broker.log" &
-broker=$!
-trap 'kill "$broker" 2>/dev/null; wait "$broker" 2>/dev/null' EXIT
-for _ in $(seq 1 600); do
-    kill -0 "$broker" 2>/dev/null || die "broker exited at start: $(tail -3 "$OUT/broker.log")"
-    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
-    sleep 0.05
-done
-# Tests that shell out to Kafka's kafka-topics.sh get a stand-in over the sluice CLI.
-export KAFKA_PATH="$HERE/kafka" BROKERS="127.0.0.1:$port" SLUICE_BIN
-cat >"$SUITE/tests/test.conf" <<CONF
-metadata.broker.list=127.0.0.1:$port
-test.topic.random=true
-CONF
+broker=""
+trap '[ -n "$broker" ] && kill "$broker" 2>/dev/null; wait 2>/dev/null' EXIT
+start_broker() { # scenario
+    if [ -n "$broker" ]; then kill "$broker" 2>/dev/null; wait "$broker" 2>/dev/null; fi
+    local extra=() log="$OUT/broker-$1.log"
+    [ "$1" = noautocreate ] && extra=(--auto-create-topics false)
+    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    "$SLUICE_BIN" start --data-dir "$OUT/data-$1" --listen "127.0.0.1:$port" --cores 2 \
+        --default-partitions 4 --segment-bytes 8388608 "${extra[@]}" 2>"$log" &
+    broker=$!
+    BROKER_LOG=$log
+    for _ in $(seq 1 600); do
+        kill -0 "$broker" 2>/dev/null || die "broker exited at start: $(tail -3 "$log")"
+        (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
+        sleep 0.05
+    done
+    # Tests that shell out to Kafka's kafka-topics.sh get a stand-in over the sluice CLI.
+    export KAFKA_PATH="$HERE/kafka" BROKERS="127.0.0.1:$port" SLUICE_BIN
+    printf 'metadata.broker.list=127.0.0.1:%s\ntest.topic.random=true\n' "$port" >"$SUITE/tests/test.conf"
+}
 
 # --- the tests ------------------------------------------------------------------------------
 # -L: only tests that need a broker; -E: no sockem tests. A listed test that skips itself (a
-# broker version or a build feature it needs) counts as failed: it was expected to run.
+# broker version or a build feature it needs, another scenario) counts as failed: it was
+# expected to run.
 export LD_LIBRARY_PATH="$SUITE/src:$SUITE/src-cpp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 passed=() failed=()
-for t in "${TESTS[@]}"; do
-    start=$(date +%s)
-    (cd "$SUITE/tests" && TESTS="$t" TEST_KAFKA_VERSION="${TEST_KAFKA_VERSION:-3.9.0}" \
-        timeout "$TEST_TIMEOUT_S" ./test-runner -L -E -S >"$OUT/$t.log" 2>&1)
-    rc=$?
-    # A file may hold a broker test and a local one (skipped under -L): it ran if one passed.
-    if [ $rc -eq 0 ] && ! grep -aqE "Test ${t}_[A-Za-z0-9_]+ PASSED" "$OUT/$t.log"; then
-        failed+=("$t"); echo "librdkafka $t: SKIPPED ($(grep -m1 -o 'SKIPPING TEST.*' "$OUT/$t.log" | cut -c1-160))"
-        continue
-    fi
-    secs=$(( $(date +%s) - start ))
-    if ! kill -0 "$broker" 2>/dev/null; then
-        failed+=("$t")
-        echo "librdkafka $t: FAILED — the broker exited (log: $OUT/broker.log)"
-        break
-    fi
-    if [ $rc -eq 0 ]; then
-        passed+=("$t"); echo "librdkafka $t: passed (${secs}s)"
-    else
-        failed+=("$t"); echo "librdkafka $t: FAILED (exit $rc, ${secs}s; $OUT/$t.log): $(grep -m1 -E 'FAIL|Test assert' "$OUT/$t.log" | cut -c1-200)"
-    fi
+for scenario in default noautocreate; do
+    mine=()
+    for entry in "${TESTS[@]}"; do
+        [ "${entry#* }" = "$scenario" ] && mine+=("${entry%% *}")
+    done
+    [ "${#mine[@]}" -gt 0 ] || continue
+    start_broker "$scenario"
+    for t in "${mine[@]}"; do
+        start=$(date +%s)
+        (cd "$SUITE/tests" && TESTS="$t" TEST_KAFKA_VERSION="${TEST_KAFKA_VERSION:-3.9.0}" \
+            timeout "$TEST_TIMEOUT_S" ./test-runner -L -E -S -s "$scenario" >"$OUT/$t.log" 2>&1)
+        rc=$?
+        secs=$(( $(date +%s) - start ))
+        if ! kill -0 "$broker" 2>/dev/null; then
+            failed+=("$t")
+            echo "librdkafka $t: FAILED — the broker exited (log: $BROKER_LOG)"
+            break 2
+        fi
+        # A file may hold a broker test and a local one (skipped under -L): it ran if one passed.
+        if [ $rc -eq 0 ] && ! grep -aqE "Test ${t}_[A-Za-z0-9_]+ PASSED" "$OUT/$t.log"; then
+            failed+=("$t"); echo "librdkafka $t: SKIPPED ($(grep -a -m1 -o 'SKIPPING TEST.*' "$OUT/$t.log" | cut -c1-160))"
+        elif [ $rc -eq 0 ]; then
+            passed+=("$t"); echo "librdkafka $t: passed (${secs}s)"
+        else
+            failed+=("$t"); echo "librdkafka $t: FAILED (exit $rc, ${secs}s; $OUT/$t.log): $(grep -a -m1 -E 'Test assert|failed at' "$OUT/$t.log" | cut -c1-200)"
+        fi
+    done
 done
 echo "librdkafka suite: ${#passed[@]} passed, ${#failed[@]} failed${failed[*]:+: ${failed[*]}}"
 [ "${#failed[@]}" -eq 0 ]

@@ -431,6 +431,40 @@ fn unknown_topic_with_auto_create_off() {
 }
 
 #[test]
+fn produce_never_creates_topics() {
+    // Auto-creation is on (the default): still, as in Kafka, only Metadata may create a topic.
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let t = topic_name("typo");
+    let (err, _) = produce(&mut r, &t, 0, -1, batch(&[b"x"]));
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    let (err, _) = produce(&mut r, &t, 0, 1, batch(&[b"x"]));
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    let all: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert!(all
+        .topics
+        .iter()
+        .all(|x| x.name.as_ref().map(|n| n.as_str()) != Some(t.as_str())));
+    // A Metadata request that allows auto-creation creates it; then Produce appends.
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default()
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(tn(&t)))
+            ]))
+            .with_allow_auto_topic_creation(true),
+    );
+    assert_eq!(m.topics[0].error_code, NONE);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"x"])), (NONE, 0));
+    assert_serves(&b);
+}
+
+#[test]
 fn describe_configs_of_unknown_topic_is_unknown_topic() {
     let b = Broker::start();
     let mut r = Raw::connect(b.addr);

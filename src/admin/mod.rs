@@ -410,7 +410,7 @@ pub async fn create_topic(
             ));
         }
         for (k, v) in &overrides {
-            configs::validate(k, v, internal).map_err(AdminError::InvalidConfig)?;
+            configs::validate(k, v).map_err(AdminError::InvalidConfig)?;
         }
         if clustered {
             controller::lead().await?;

@@ -10,6 +10,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewPartitions
 from kafka.errors import (
+    InvalidConfigurationError,
     InvalidPartitionsError,
     InvalidReplicationFactorError,
     TopicAlreadyExistsError,
@@ -104,6 +105,45 @@ def test_admin_describe_configs(broker, topic):
         assert everything["cleanup.policy"]["value"] == "delete"
         assert "max.message.bytes" in everything
         assert "cleanup.policy" not in modified
+    finally:
+        a.close()
+
+
+def test_every_documented_topic_config_is_accepted_validated_and_described(broker, topic):
+    configs = {
+        "compression.type": "zstd",
+        "delete.retention.ms": "1000",
+        "cleanup.policy": "compact,delete",
+        "min.cleanable.dirty.ratio": "0.2",
+        "preallocate": "true",
+        "segment.bytes": "1048576",
+    }
+    create(broker, topic, configs=configs)
+    a = admin(broker)
+    try:
+        res = ConfigResource(ConfigResourceType.TOPIC, topic)
+        everything = a.describe_configs([res], include_synonyms=True, config_filter="all")["topic"][topic]
+        for k, v in configs.items():
+            assert everything[k]["value"] == v, k
+            assert everything[k]["config_source"] == "DYNAMIC_TOPIC_CONFIG", k
+        # Kafka's defaults for keys not set, with their types.
+        assert everything["min.insync.replicas"]["value"] == "1"
+        assert everything["min.insync.replicas"]["config_source"] == "DEFAULT_CONFIG"
+        assert everything["compression.type"]["config_type"] == "STRING"
+        assert everything["delete.retention.ms"]["config_type"] == "LONG"
+        assert everything["cleanup.policy"]["config_type"] == "LIST"
+        # Synonyms: the override first, Kafka's default (under the broker's name) last.
+        syn = everything["delete.retention.ms"]["synonyms"]
+        assert syn[0]["source"] == "DYNAMIC_TOPIC_CONFIG" and syn[0]["value"] == "1000"
+        assert syn[-1] == {"name": "log.cleaner.delete.retention.ms", "value": "86400000",
+                           "source": "DEFAULT_CONFIG"}
+        # A bad value and an unknown key are INVALID_CONFIG, per topic.
+        bad = topic + "-bad"
+        for cfg in ({"compression.type": "brotli"}, {"min.cleanable.dirty.ratio": "2"},
+                    {"no.such.config": "1"}):
+            with pytest.raises(InvalidConfigurationError):
+                a.create_topics({bad: {"num_partitions": 1, "replication_factor": 1, "configs": cfg}})
+        assert bad not in a.list_topics()
     finally:
         a.close()
 

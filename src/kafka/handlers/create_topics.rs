@@ -89,11 +89,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             Ok(meta) => {
                 let cfgs = configs::resolve(&broker.config, &meta.configs)
                     .into_iter()
-                    .map(|(k, v, src)| {
+                    .map(|r| {
                         CreatableTopicConfigs::default()
-                            .with_name(str_bytes(&k))
-                            .with_value(Some(str_bytes(&v)))
-                            .with_config_source(src as i8)
+                            .with_name(str_bytes(r.name))
+                            .with_value(Some(str_bytes(&r.value)))
+                            .with_config_source(r.source as i8)
                     })
                     .collect();
                 let mut ok = result.with_error_code(NONE.get());

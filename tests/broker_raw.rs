@@ -464,6 +464,234 @@ fn produce_never_creates_topics() {
     assert_serves(&b);
 }
 
+/// The topic's overrides as DescribeConfigs (v4) reports them: (name, value) of every config
+/// whose source is DYNAMIC_TOPIC_CONFIG.
+fn topic_overrides(r: &mut Raw, topic: &str) -> Vec<(String, String)> {
+    let resp: DescribeConfigsResponse = r.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_string(topic.to_string()))]),
+    );
+    assert_eq!(resp.results[0].error_code, NONE, "{:?}", resp.results[0]);
+    resp.results[0]
+        .configs
+        .iter()
+        .filter(|c| c.config_source == 1)
+        .map(|c| {
+            (
+                c.name.to_string(),
+                c.value.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn alter_configs_replace_incremental_ops_errors_per_resource_and_survive_restart() {
+    use kafka_protocol::messages::alter_configs_request as legacy;
+    use kafka_protocol::messages::incremental_alter_configs_request as inc;
+    const INVALID_REQUEST: i16 = 42;
+    const INVALID_CONFIG: i16 = 40;
+    let s = |x: &str| StrBytes::from_string(x.to_string());
+    let mut b = Broker::start();
+    let t = topic_name("alter");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let op = |name: &str, op: i8, value: Option<&str>| {
+        inc::AlterableConfig::default()
+            .with_name(s(name))
+            .with_config_operation(op)
+            .with_value(value.map(s))
+    };
+    let incremental = |r: &mut Raw, resources: Vec<inc::AlterConfigsResource>, only: bool| {
+        let resp: IncrementalAlterConfigsResponse = r.call(
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            &IncrementalAlterConfigsRequest::default()
+                .with_resources(resources)
+                .with_validate_only(only),
+        );
+        resp.responses
+            .iter()
+            .map(|x| (x.resource_name.to_string(), x.error_code))
+            .collect::<Vec<_>>()
+    };
+    let topic_res = |name: &str, configs| {
+        inc::AlterConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(s(name))
+            .with_configs(configs)
+    };
+    // SET two keys, then DELETE one and SET another.
+    let out = incremental(
+        &mut r,
+        vec![topic_res(
+            &t,
+            vec![
+                op("retention.ms", 0, Some("5000")),
+                op("compression.type", 0, Some("gzip")),
+            ],
+        )],
+        false,
+    );
+    assert_eq!(out, vec![(t.clone(), NONE)]);
+    let out = incremental(
+        &mut r,
+        vec![topic_res(
+            &t,
+            vec![
+                op("compression.type", 1, None),
+                op("cleanup.policy", 0, Some("compact")),
+            ],
+        )],
+        false,
+    );
+    assert_eq!(out, vec![(t.clone(), NONE)]);
+    let expect = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("cleanup.policy", "compact"), ("retention.ms", "5000")])
+    );
+    // Errors, per resource: a key twice, no value to SET, an unknown operation, a resource
+    // listed twice, an unknown topic, a bad value; the good resource next to them still applies.
+    let other = topic_name("alter2");
+    create_topic(&mut r, &other, 1);
+    let out = incremental(
+        &mut r,
+        vec![
+            topic_res(
+                &t,
+                vec![
+                    op("retention.ms", 0, Some("1")),
+                    op("retention.ms", 0, Some("2")),
+                ],
+            ),
+            topic_res("no-such-topic", vec![op("retention.ms", 0, Some("1"))]),
+            topic_res(&other, vec![op("segment.ms", 0, Some("60000"))]),
+        ],
+        false,
+    );
+    assert_eq!(
+        out,
+        vec![
+            (t.clone(), INVALID_REQUEST),
+            ("no-such-topic".to_string(), UNKNOWN_TOPIC_OR_PARTITION),
+            (other.clone(), NONE)
+        ]
+    );
+    for bad in [
+        op("retention.ms", 0, None),
+        op("retention.ms", 9, Some("1")),
+        op("retention.ms", 0, Some("x")),
+    ] {
+        let out = incremental(&mut r, vec![topic_res(&t, vec![bad.clone()])], false);
+        assert!(
+            out[0].1 == INVALID_REQUEST || out[0].1 == INVALID_CONFIG,
+            "{bad:?}: {out:?}"
+        );
+    }
+    let out = incremental(
+        &mut r,
+        vec![
+            topic_res(&other, vec![op("retention.ms", 0, Some("1"))]),
+            topic_res(&other, vec![op("retention.ms", 0, Some("2"))]),
+        ],
+        false,
+    );
+    assert_eq!(
+        out,
+        vec![
+            (other.clone(), INVALID_REQUEST),
+            (other.clone(), INVALID_REQUEST)
+        ]
+    );
+    assert_eq!(
+        topic_overrides(&mut r, &other),
+        expect(&[("segment.ms", "60000")])
+    );
+    // validate_only checks and changes nothing.
+    let out = incremental(
+        &mut r,
+        vec![topic_res(&t, vec![op("retention.ms", 0, Some("7"))])],
+        true,
+    );
+    assert_eq!(out, vec![(t.clone(), NONE)]);
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("cleanup.policy", "compact"), ("retention.ms", "5000")])
+    );
+    // Legacy AlterConfigs: the given configs replace every override.
+    let resp: AlterConfigsResponse = r.call(
+        ApiKey::AlterConfigs,
+        2,
+        &AlterConfigsRequest::default().with_resources(vec![
+            legacy::AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s(&t))
+                .with_configs(vec![legacy::AlterableConfig::default()
+                    .with_name(s("max.message.bytes"))
+                    .with_value(Some(s("2000000")))]),
+        ]),
+    );
+    assert_eq!(
+        resp.responses[0].error_code, NONE,
+        "{:?}",
+        resp.responses[0]
+    );
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("max.message.bytes", "2000000")])
+    );
+    // Broker resources: an empty change is fine, a change is refused with the reason.
+    let broker_res = |configs| {
+        inc::AlterConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(s("0"))
+            .with_configs(configs)
+    };
+    let resp: IncrementalAlterConfigsResponse = r.call(
+        ApiKey::IncrementalAlterConfigs,
+        0,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![broker_res(vec![])]),
+    );
+    assert_eq!(resp.responses[0].error_code, NONE);
+    let resp: IncrementalAlterConfigsResponse = r.call(
+        ApiKey::IncrementalAlterConfigs,
+        0,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![broker_res(vec![op(
+            "log.retention.ms",
+            0,
+            Some("1"),
+        )])]),
+    );
+    assert_eq!(resp.responses[0].error_code, INVALID_REQUEST);
+    assert!(resp.responses[0]
+        .error_message
+        .as_ref()
+        .is_some_and(|m| m.contains("log.retention.ms")));
+    // The changes are in the metadata: they survive a restart.
+    drop(r);
+    assert_eq!(b.sigterm().code(), Some(0));
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("max.message.bytes", "2000000")])
+    );
+    assert_eq!(
+        topic_overrides(&mut r, &other),
+        expect(&[("segment.ms", "60000")])
+    );
+    assert_serves(&b);
+}
+
 #[test]
 fn describe_configs_of_unknown_topic_is_unknown_topic() {
     let b = Broker::start();

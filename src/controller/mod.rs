@@ -320,6 +320,15 @@ async fn publish_loop(c: Rc<Controller>, applied: async_channel::Receiver<Applie
             open_local(&broker, t, first).await;
         }
         broker.publish(image.clone());
+        // Config changes reach the open logs of the topic's partitions on this node.
+        for (name, t) in &image.topics {
+            if old
+                .topic(name)
+                .is_some_and(|o| o.id == t.id && o.configs != t.configs)
+            {
+                shard::reconfigure_partitions(&broker, t).await;
+            }
+        }
         for (name, t) in &old.topics {
             if image.topic(name).is_none() {
                 remove_local(&broker, t).await;

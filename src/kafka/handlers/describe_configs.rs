@@ -152,7 +152,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 continue;
             }
         };
-        let wanted = r.configuration_keys.as_ref();
+        // Null or empty: every config (as Kafka's ConfigHelper).
+        let wanted = r.configuration_keys.as_ref().filter(|w| !w.is_empty());
         let cfgs = entries
             .into_iter()
             .filter(|e| {

@@ -370,3 +370,55 @@ def test_every_codec_kcat_to_kafka_python(broker, topic, codec):
     recs = read(broker, topic, 0, 100)
     assert [(r.offset, r.key.decode(), r.value.decode()) for r in recs] == [
         (i, line.split(":", 1)[0], line.split(":", 1)[1]) for i, line in enumerate(lines)]
+
+
+# --- cluster and topic description (authorized operations, pagination) -----------------------
+
+TOPIC_OPERATIONS = {"READ", "WRITE", "CREATE", "DELETE", "ALTER", "DESCRIBE", "DESCRIBE_CONFIGS", "ALTER_CONFIGS"}
+CLUSTER_OPERATIONS = {"CREATE", "ALTER", "DESCRIBE", "CLUSTER_ACTION", "DESCRIBE_CONFIGS", "ALTER_CONFIGS",
+                      "IDEMPOTENT_WRITE"}
+
+
+def test_describe_cluster_and_topics_report_every_authorized_operation(broker, topic):
+    create(broker, topic, partitions=2)
+    a = admin(broker)
+    try:
+        cluster = a.describe_cluster()  # DescribeCluster, asking for the authorized operations
+        assert [b["broker_id"] for b in cluster["brokers"]] == [0]
+        assert cluster["brokers"][0]["port"] == broker.port
+        assert cluster["controller_id"] == 0
+        assert cluster["cluster_id"]
+        assert set(cluster["authorized_operations"]) == CLUSTER_OPERATIONS
+        (desc,) = a.describe_topics([topic])  # Metadata, asking for topic operations
+        assert set(desc["authorized_operations"]) == TOPIC_OPERATIONS
+    finally:
+        a.close()
+
+
+def test_describe_topic_partitions_pages_with_a_cursor(broker, topic):
+    names = [f"{topic}-a", f"{topic}-b", f"{topic}-c"]
+    for n, parts in zip(names, (3, 1, 4)):
+        create(broker, n, partitions=parts)
+    a = admin(broker)
+    try:
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = a.describe_topic_partitions(names + ["no-such-topic"], response_partition_limit=2,
+                                               cursor=cursor)
+            pages += 1
+            for t in page["topics"]:
+                assert t["error_code"] in (0, 3), t
+                if t["error_code"] == 0:
+                    # The raw bitfield here: one bit per operation code (READ=3 ... ALTER_CONFIGS=11).
+                    assert t["topic_authorized_operations"] == sum(1 << c for c in (3, 4, 5, 6, 7, 8, 10, 11))
+                    assert sum(1 for _ in t["partitions"]) <= 2
+                seen.extend((t["name"], p["partition_index"], p["leader_id"]) for p in t["partitions"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+            assert pages < 10
+        expected = [(n, p, 0) for n, parts in zip(names, (3, 1, 4)) for p in range(parts)]
+        assert seen == expected
+        assert pages == 4
+    finally:
+        a.close()

@@ -64,30 +64,55 @@ fn topic_entry(
         .with_topic_authorized_operations(operations)
 }
 
+/// A broker as Metadata and DescribeCluster list it.
+pub struct ListedBroker {
+    pub id: i32,
+    pub host: String,
+    pub port: u16,
+    pub fenced: bool,
+}
+
 /// The brokers clients may connect to: this node, and in a cluster every registered node that
-/// is not fenced (this one included before its registration is applied).
-fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
+/// is not fenced (this one included before its registration is applied); with
+/// `include_fenced`, the fenced ones too.
+pub fn listed_brokers(broker: &BrokerContext, include_fenced: bool) -> Vec<ListedBroker> {
     let me = broker.config.node_id;
-    let entry = |id: i32, host: &str, port: u16| {
-        MetadataResponseBroker::default()
-            .with_node_id(BrokerId(id))
-            .with_host(str_bytes(host))
-            .with_port(port as i32)
-    };
     let mut out = Vec::new();
     if broker.config.cluster.is_some() {
-        for b in broker.image().live_brokers() {
-            out.push(entry(b.id, &b.host, b.port));
+        let image = broker.image();
+        for b in image.brokers.values() {
+            let fenced = image.fenced.contains(&b.id);
+            if !fenced || include_fenced {
+                out.push(ListedBroker {
+                    id: b.id,
+                    host: b.host.clone(),
+                    port: b.port,
+                    fenced,
+                });
+            }
         }
     }
-    if !out.iter().any(|b| b.node_id.0 == me) {
-        out.push(entry(
-            me,
-            &broker.config.advertise_host,
-            broker.config.advertise_port,
-        ));
+    if !out.iter().any(|b| b.id == me) {
+        out.push(ListedBroker {
+            id: me,
+            host: broker.config.advertise_host.clone(),
+            port: broker.config.advertise_port,
+            fenced: false,
+        });
     }
     out
+}
+
+fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
+    listed_brokers(broker, false)
+        .into_iter()
+        .map(|b| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(b.id))
+                .with_host(str_bytes(&b.host))
+                .with_port(b.port as i32)
+        })
+        .collect()
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {

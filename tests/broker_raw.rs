@@ -693,6 +693,84 @@ fn alter_configs_replace_incremental_ops_errors_per_resource_and_survive_restart
 }
 
 #[test]
+fn authorized_operations_only_when_asked_and_describe_cluster_endpoints() {
+    // No authorizer: every operation of the resource type (Kafka's AclEntry), bit = code.
+    const TOPIC_OPS: i32 =
+        (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 11);
+    const CLUSTER_OPS: i32 =
+        (1 << 5) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12);
+    const GROUP_OPS: i32 = (1 << 3) | (1 << 6) | (1 << 8);
+    const OMITTED: i32 = i32::MIN;
+    const MISMATCHED_ENDPOINT_TYPE: i16 = 114;
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let t = topic_name("ops");
+    create_topic(&mut r, &t, 1);
+    let md = |r: &mut Raw, version: i16, topic_ops: bool, cluster_ops: bool| -> MetadataResponse {
+        r.call(
+            ApiKey::Metadata,
+            version,
+            &MetadataRequest::default()
+                .with_topics(Some(vec![
+                    MetadataRequestTopic::default().with_name(Some(tn(&t)))
+                ]))
+                .with_include_topic_authorized_operations(topic_ops)
+                .with_include_cluster_authorized_operations(cluster_ops && version <= 10),
+        )
+    };
+    for version in [8, 10] {
+        let m = md(&mut r, version, true, true);
+        assert_eq!(
+            m.topics[0].topic_authorized_operations, TOPIC_OPS,
+            "v{version}"
+        );
+        assert_eq!(m.cluster_authorized_operations, CLUSTER_OPS, "v{version}");
+        let m = md(&mut r, version, false, false);
+        assert_eq!(
+            m.topics[0].topic_authorized_operations, OMITTED,
+            "v{version}"
+        );
+        assert_eq!(m.cluster_authorized_operations, OMITTED, "v{version}");
+    }
+    let m = md(&mut r, 12, true, false);
+    assert_eq!(m.topics[0].topic_authorized_operations, TOPIC_OPS);
+    // DescribeGroups v3+: the group's operations when asked (an unknown group is Dead, v5).
+    for (asked, expect) in [(true, GROUP_OPS), (false, OMITTED)] {
+        let d: DescribeGroupsResponse = r.call(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default()
+                .with_groups(vec![GroupId(StrBytes::from_static_str("g"))])
+                .with_include_authorized_operations(asked),
+        );
+        assert_eq!(d.groups[0].authorized_operations, expect, "asked: {asked}");
+    }
+    // DescribeCluster: broker endpoints only; the cluster's operations when asked.
+    for version in 0..=2 {
+        let d: DescribeClusterResponse = r.call(
+            ApiKey::DescribeCluster,
+            version,
+            &DescribeClusterRequest::default()
+                .with_endpoint_type(1)
+                .with_include_cluster_authorized_operations(true),
+        );
+        assert_eq!(d.error_code, NONE, "v{version}");
+        assert_eq!(d.cluster_authorized_operations, CLUSTER_OPS);
+        assert_eq!(d.controller_id.0, 0);
+        assert_eq!(d.brokers.len(), 1);
+        assert_eq!(d.brokers[0].port, b.addr.port() as i32);
+    }
+    let d: DescribeClusterResponse = r.call(
+        ApiKey::DescribeCluster,
+        1,
+        &DescribeClusterRequest::default().with_endpoint_type(2),
+    );
+    assert_eq!(d.error_code, MISMATCHED_ENDPOINT_TYPE);
+    assert_eq!(d.cluster_authorized_operations, OMITTED);
+    assert_serves(&b);
+}
+
+#[test]
 fn describe_configs_of_unknown_topic_is_unknown_topic() {
     let b = Broker::start();
     let mut r = Raw::connect(b.addr);

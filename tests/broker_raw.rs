@@ -649,7 +649,9 @@ fn alter_configs_replace_incremental_ops_errors_per_resource_and_survive_restart
         topic_overrides(&mut r, &t),
         expect(&[("max.message.bytes", "2000000")])
     );
-    // Broker resources: an empty change is fine, a change is refused with the reason.
+    // Broker resources: an empty change is fine; settings fixed at start are refused with the
+    // reason; the broker defaults of applied topic configs change (this broker's and every
+    // broker's, ""), and topics without an override follow them.
     let broker_res = |configs| {
         inc::AlterConfigsResource::default()
             .with_resource_type(4)
@@ -666,16 +668,40 @@ fn alter_configs_replace_incremental_ops_errors_per_resource_and_survive_restart
         ApiKey::IncrementalAlterConfigs,
         0,
         &IncrementalAlterConfigsRequest::default().with_resources(vec![broker_res(vec![op(
-            "log.retention.ms",
+            "num.partitions",
             0,
-            Some("1"),
+            Some("3"),
         )])]),
     );
     assert_eq!(resp.responses[0].error_code, INVALID_REQUEST);
     assert!(resp.responses[0]
         .error_message
         .as_ref()
-        .is_some_and(|m| m.contains("log.retention.ms")));
+        .is_some_and(|m| m.contains("num.partitions")));
+    let resp: IncrementalAlterConfigsResponse = r.call(
+        ApiKey::IncrementalAlterConfigs,
+        0,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![
+            broker_res(vec![op("log.roll.ms", 0, Some("3600000"))]),
+            inc::AlterConfigsResource::default()
+                .with_resource_type(4)
+                .with_resource_name(s(""))
+                .with_configs(vec![
+                    op("log.roll.ms", 0, Some("7200000")),
+                    op("log.retention.bytes", 0, Some("1000000")),
+                ]),
+        ]),
+    );
+    assert_eq!(
+        resp.responses[0].error_code, NONE,
+        "{:?}",
+        resp.responses[0]
+    );
+    assert_eq!(
+        resp.responses[1].error_code, NONE,
+        "{:?}",
+        resp.responses[1]
+    );
     // The changes are in the metadata: they survive a restart.
     drop(r);
     assert_eq!(b.sigterm().code(), Some(0));
@@ -689,6 +715,27 @@ fn alter_configs_replace_incremental_ops_errors_per_resource_and_survive_restart
         topic_overrides(&mut r, &other),
         expect(&[("segment.ms", "60000")])
     );
+    // This broker's value before the cluster-wide one; a topic override before both.
+    let resp: DescribeConfigsResponse = r.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_string(t.clone()))]),
+    );
+    let cfg = |name: &str| {
+        let c = resp.results[0]
+            .configs
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        (
+            c.value.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+            c.config_source,
+        )
+    };
+    assert_eq!(cfg("segment.ms"), ("3600000".to_string(), 2));
+    assert_eq!(cfg("retention.bytes"), ("1000000".to_string(), 3));
     assert_serves(&b);
 }
 

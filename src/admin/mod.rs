@@ -47,6 +47,8 @@ pub enum AdminError {
     /// In a cluster: this node is not the controller leader (Kafka's NOT_CONTROLLER; clients
     /// refresh metadata, which names the leader, and retry there).
     NotController,
+    /// A broker config that cannot change while the broker runs.
+    NotDynamic(String),
     Storage(String),
 }
 
@@ -70,6 +72,13 @@ impl AdminError {
             | AdminError::InvalidReplicationFactor(m)
             | AdminError::Storage(m) => m.clone(),
             AdminError::NotController => "this node is not the controller".into(),
+            AdminError::NotDynamic(k) => format!(
+                "broker config '{k}' cannot change while the broker runs (set it with the \
+                 `sluice start` flags); dynamic: the broker defaults of the topic configs Sluice \
+                 applies (log.retention.ms, log.retention.bytes, log.segment.bytes, log.roll.ms, \
+                 log.cleanup.policy, log.flush.interval.ms, log.index.interval.bytes, \
+                 message.max.bytes, log.message.timestamp.type)"
+            ),
         }
     }
 }
@@ -475,7 +484,11 @@ async fn open_partitions(
     meta: &TopicMeta,
     first: i32,
 ) -> Result<(), AdminError> {
-    let log_config = configs::log_config(&broker.config, &meta.configs);
+    let image = broker.image();
+    let log_config = configs::log_config(
+        &configs::BrokerDefaults::of(&broker.config, &image),
+        &meta.configs,
+    );
     for p in first..meta.partition_count() {
         let owner = broker.owner(meta, p).expect("partition in range");
         let tp = TopicPartition::new(meta.name.clone(), p);
@@ -719,6 +732,77 @@ pub async fn alter_topic_configs(
             }
         }
         tracing::info!(topic = %name, "topic configs changed");
+        Ok(())
+    })
+    .await
+}
+
+/// Changes dynamic broker configs (AlterConfigs on a broker resource) of `scope`: a node id,
+/// or "" for every broker. `change` names broker configs (`log.retention.ms`); only the
+/// broker-wide defaults of the topic configs Sluice applies may change while running
+/// ([`configs::dynamic_broker_config`]), others are [`AdminError::NotDynamic`]. The new values
+/// are validated like the topic configs, written as a `SetBrokerConfigs` record (a proposal in a
+/// cluster), published, and applied to every open partition log.
+pub async fn alter_broker_configs(
+    scope: String,
+    change: ConfigChange,
+    mode: CreateMode,
+) -> Result<(), AdminError> {
+    // Broker names to topic names, refusing the ones that cannot change while running.
+    let to_topic = |k: &str| -> Result<String, AdminError> {
+        configs::dynamic_broker_config(k)
+            .map(|c| c.name.to_string())
+            .ok_or_else(|| AdminError::NotDynamic(k.to_string()))
+    };
+    let change = match change {
+        ConfigChange::Replace(all) => ConfigChange::Replace(
+            all.into_iter()
+                .map(|(k, v)| Ok((to_topic(&k)?, v)))
+                .collect::<Result<_, AdminError>>()?,
+        ),
+        ConfigChange::Incremental(ops) => ConfigChange::Incremental(
+            ops.into_iter()
+                .map(|op| {
+                    Ok(match op {
+                        ConfigOp::Set(k, v) => ConfigOp::Set(to_topic(&k)?, v),
+                        ConfigOp::Delete(k) => ConfigOp::Delete(to_topic(&k)?),
+                        ConfigOp::Append(k, v) => ConfigOp::Append(to_topic(&k)?, v),
+                        ConfigOp::Subtract(k, v) => ConfigOp::Subtract(to_topic(&k)?, v),
+                    })
+                })
+                .collect::<Result<_, AdminError>>()?,
+        ),
+    };
+    administer(move |broker, owner| async move {
+        let clustered = broker.config.cluster.is_some();
+        if clustered {
+            controller::lead().await?;
+        }
+        let image = broker.image();
+        let current = image
+            .broker_configs
+            .get(&scope)
+            .cloned()
+            .unwrap_or_default();
+        let next = changed_configs(&current, change)?;
+        if mode == CreateMode::ValidateOnly || next == current {
+            return Ok(());
+        }
+        if clustered {
+            controller::propose(Record::SetBrokerConfigs {
+                scope: scope.clone(),
+                configs: next,
+            })
+            .await?;
+        } else {
+            let image = write_metadata(&broker, &owner, |store| {
+                store.set_broker_configs(&scope, next)
+            })?;
+            for t in image.topics.values() {
+                shard::reconfigure_partitions(&broker, t).await;
+            }
+        }
+        tracing::info!(scope = %scope, "dynamic broker configs changed");
         Ok(())
     })
     .await

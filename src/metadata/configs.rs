@@ -19,6 +19,10 @@ use crate::storage::{FlushPolicy, LogConfig, SEGMENT_MS_DEFAULT};
 pub enum Source {
     /// DYNAMIC_TOPIC_CONFIG: a topic override.
     TopicOverride = 1,
+    /// DYNAMIC_BROKER_CONFIG: set with AlterConfigs for this broker.
+    DynamicBroker = 2,
+    /// DYNAMIC_DEFAULT_BROKER_CONFIG: set with AlterConfigs for every broker (resource "").
+    DynamicDefaultBroker = 3,
     /// STATIC_BROKER_CONFIG: the broker's own setting (a flag, variable or config file value
     /// that differs from Kafka's default).
     StaticBroker = 4,
@@ -424,6 +428,49 @@ pub fn validate(key: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// The topic config whose broker-wide default `broker_key` is, when brokers may change it
+/// while running (AlterConfigs on a broker resource): the broker synonyms of the topic configs
+/// Sluice applies.
+pub fn dynamic_broker_config(broker_key: &str) -> Option<&'static TopicConfig> {
+    TOPIC_CONFIGS
+        .iter()
+        .find(|c| c.applied && c.broker_key == Some(broker_key))
+}
+
+/// What a topic without an override falls back to: the dynamic broker configs of this node
+/// and of the cluster (from the metadata), then the broker's own settings.
+#[derive(Clone, Copy)]
+pub struct BrokerDefaults<'a> {
+    pub cfg: &'a BrokerConfig,
+    /// Dynamic configs of this node, keyed by topic config.
+    pub node: Option<&'a BTreeMap<String, String>>,
+    /// Dynamic cluster-wide defaults, keyed by topic config.
+    pub cluster: Option<&'a BTreeMap<String, String>>,
+}
+
+impl<'a> BrokerDefaults<'a> {
+    /// The defaults of node `cfg.node_id` in `image`.
+    pub fn of(cfg: &'a BrokerConfig, image: &'a crate::metadata::MetadataImage) -> Self {
+        if image.broker_configs.is_empty() {
+            return BrokerDefaults::fixed(cfg);
+        }
+        BrokerDefaults {
+            cfg,
+            node: image.broker_configs.get(&cfg.node_id.to_string()),
+            cluster: image.broker_configs.get(""),
+        }
+    }
+
+    /// The broker's own settings only (no dynamic configs).
+    pub fn fixed(cfg: &'a BrokerConfig) -> Self {
+        BrokerDefaults {
+            cfg,
+            node: None,
+            cluster: None,
+        }
+    }
+}
+
 /// One config of a topic as DescribeConfigs reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
@@ -443,41 +490,67 @@ impl PartialEq for Kind {
 
 /// The effective value, source and synonyms of every topic config for a topic with
 /// `overrides`.
-pub fn resolve(cfg: &BrokerConfig, overrides: &BTreeMap<String, String>) -> Vec<Resolved> {
+pub fn resolve(d: &BrokerDefaults, overrides: &BTreeMap<String, String>) -> Vec<Resolved> {
     TOPIC_CONFIGS
         .iter()
         .map(|def| {
-            let (broker_value, broker_source) = broker_default(cfg, def);
-            let mut synonyms = Vec::new();
-            if let Some(v) = overrides.get(def.name) {
-                synonyms.push((def.name.to_string(), v.clone(), Source::TopicOverride));
-            }
-            if let (Some(k), Source::StaticBroker) = (def.broker_key, broker_source) {
-                synonyms.push((k.to_string(), broker_value.clone(), Source::StaticBroker));
-            }
-            synonyms.push((
-                def.broker_key.unwrap_or(def.name).to_string(),
-                def.default.to_string(),
-                Source::Default,
-            ));
             let (value, source) = match overrides.get(def.name) {
                 Some(v) => (v.clone(), Source::TopicOverride),
-                None => (broker_value, broker_source),
+                None => broker_default(d, def),
             };
             Resolved {
                 name: def.name,
                 value,
                 source,
                 kind: def.kind,
-                synonyms,
+                synonyms: synonyms(d, def, overrides.get(def.name)),
             }
         })
         .collect()
 }
 
-/// What a topic without an override gets: the broker's setting where Sluice has one
-/// (STATIC_BROKER_CONFIG when it differs from Kafka's default), else Kafka's default.
-fn broker_default(cfg: &BrokerConfig, def: &TopicConfig) -> (String, Source) {
+/// Where a topic config's value could come from, most specific first (DescribeConfigs
+/// synonyms): the topic override, the dynamic configs of this broker and of the cluster, the
+/// broker's own setting, Kafka's default.
+pub fn synonyms(
+    d: &BrokerDefaults,
+    def: &TopicConfig,
+    topic_override: Option<&String>,
+) -> Vec<(String, String, Source)> {
+    let broker_name = def.broker_key.unwrap_or(def.name).to_string();
+    let mut out = Vec::new();
+    if let Some(v) = topic_override {
+        out.push((def.name.to_string(), v.clone(), Source::TopicOverride));
+    }
+    if let Some(v) = d.node.and_then(|m| m.get(def.name)) {
+        out.push((broker_name.clone(), v.clone(), Source::DynamicBroker));
+    }
+    if let Some(v) = d.cluster.and_then(|m| m.get(def.name)) {
+        out.push((broker_name.clone(), v.clone(), Source::DynamicDefaultBroker));
+    }
+    let (v, src) = static_default(d.cfg, def);
+    if src == Source::StaticBroker {
+        out.push((broker_name.clone(), v, Source::StaticBroker));
+    }
+    out.push((broker_name, def.default.to_string(), Source::Default));
+    out
+}
+
+/// What a topic without an override gets: a dynamic broker config of this node, else of the
+/// cluster, else the broker's own setting.
+pub fn broker_default(d: &BrokerDefaults, def: &TopicConfig) -> (String, Source) {
+    if let Some(v) = d.node.and_then(|m| m.get(def.name)) {
+        return (v.clone(), Source::DynamicBroker);
+    }
+    if let Some(v) = d.cluster.and_then(|m| m.get(def.name)) {
+        return (v.clone(), Source::DynamicDefaultBroker);
+    }
+    static_default(d.cfg, def)
+}
+
+/// The broker's own setting where Sluice has one (STATIC_BROKER_CONFIG when it differs from
+/// Kafka's default), else Kafka's default.
+fn static_default(cfg: &BrokerConfig, def: &TopicConfig) -> (String, Source) {
     let broker = match def.name {
         "max.message.bytes" => Some(cfg.message_bytes_max.to_string()),
         "retention.ms" => Some(cfg.retention_ms.map(|v| v as i64).unwrap_or(-1).to_string()),
@@ -495,36 +568,36 @@ fn broker_default(cfg: &BrokerConfig, def: &TopicConfig) -> (String, Source) {
     }
 }
 
-fn effective(cfg: &BrokerConfig, o: &BTreeMap<String, String>, key: &str) -> String {
+fn effective(d: &BrokerDefaults, o: &BTreeMap<String, String>, key: &str) -> String {
     match (o.get(key), topic_config(key)) {
         (Some(v), _) => v.clone(),
-        (None, Some(def)) => broker_default(cfg, def).0,
+        (None, Some(def)) => broker_default(d, def).0,
         (None, None) => String::new(),
     }
 }
 
-fn get_i64(cfg: &BrokerConfig, o: &BTreeMap<String, String>, key: &str) -> i64 {
-    effective(cfg, o, key).trim().parse().unwrap_or(-1)
+fn get_i64(d: &BrokerDefaults, o: &BTreeMap<String, String>, key: &str) -> i64 {
+    effective(d, o, key).trim().parse().unwrap_or(-1)
 }
 
-/// Whether the topic's `cleanup.policy` includes `delete` (time and size retention).
-pub fn deletes(o: &BTreeMap<String, String>) -> bool {
-    o.get("cleanup.policy")
-        .map(|p| p.split(',').any(|x| x.trim() == "delete"))
-        .unwrap_or(true)
+/// Whether the topic's effective `cleanup.policy` includes `delete` (time and size retention).
+pub fn deletes(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> bool {
+    effective(d, o, "cleanup.policy")
+        .split(',')
+        .any(|x| x.trim() == "delete")
 }
 
 /// The partition-log configuration of a topic.
-pub fn log_config(cfg: &BrokerConfig, o: &BTreeMap<String, String>) -> LogConfig {
+pub fn log_config(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> LogConfig {
     let opt = |v: i64| if v < 0 { None } else { Some(v as u64) };
-    let deletes = deletes(o);
+    let deletes = deletes(d, o);
     LogConfig {
-        segment_bytes: get_i64(cfg, o, "segment.bytes").max(4096) as u64,
-        segment_ms: opt(get_i64(cfg, o, "segment.ms")),
-        retention_ms: opt(get_i64(cfg, o, "retention.ms")).filter(|_| deletes),
-        retention_bytes: opt(get_i64(cfg, o, "retention.bytes")).filter(|_| deletes),
-        index_interval_bytes: get_i64(cfg, o, "index.interval.bytes").clamp(1, INT_MAX) as u32,
-        flush: match get_i64(cfg, o, "flush.ms") {
+        segment_bytes: get_i64(d, o, "segment.bytes").max(4096) as u64,
+        segment_ms: opt(get_i64(d, o, "segment.ms")),
+        retention_ms: opt(get_i64(d, o, "retention.ms")).filter(|_| deletes),
+        retention_bytes: opt(get_i64(d, o, "retention.bytes")).filter(|_| deletes),
+        index_interval_bytes: get_i64(d, o, "index.interval.bytes").clamp(1, INT_MAX) as u32,
+        flush: match get_i64(d, o, "flush.ms") {
             v if v <= 0 => FlushPolicy::Always,
             v => FlushPolicy::IntervalMs(v as u64),
         },
@@ -532,15 +605,13 @@ pub fn log_config(cfg: &BrokerConfig, o: &BTreeMap<String, String>) -> LogConfig
 }
 
 /// `max.message.bytes` of a topic.
-pub fn max_message_bytes(cfg: &BrokerConfig, o: &BTreeMap<String, String>) -> i64 {
-    get_i64(cfg, o, "max.message.bytes")
+pub fn max_message_bytes(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> i64 {
+    get_i64(d, o, "max.message.bytes")
 }
 
 /// Whether the topic stamps batches with the broker's time.
-pub fn log_append_time(o: &BTreeMap<String, String>) -> bool {
-    o.get("message.timestamp.type")
-        .map(|v| v == "LogAppendTime")
-        .unwrap_or(false)
+pub fn log_append_time(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> bool {
+    effective(d, o, "message.timestamp.type") == "LogAppendTime"
 }
 
 #[cfg(test)]
@@ -588,6 +659,7 @@ mod tests {
     #[test]
     fn compact_only_topics_keep_everything() {
         let cfg = broker_config();
+        let cfg = BrokerDefaults::fixed(&cfg);
         let mut o = BTreeMap::new();
         o.insert("retention.ms".to_string(), "1000".to_string());
         assert_eq!(log_config(&cfg, &o).retention_ms, Some(1000));
@@ -602,7 +674,7 @@ mod tests {
         let cfg = broker_config();
         let mut o = BTreeMap::new();
         o.insert("retention.ms".to_string(), "1000".to_string());
-        let all = resolve(&cfg, &o);
+        let all = resolve(&BrokerDefaults::fixed(&cfg), &o);
         assert_eq!(all.len(), TOPIC_CONFIGS.len());
         let get = |k: &str| all.iter().find(|r| r.name == k).unwrap().clone();
         let r = get("retention.ms");
@@ -614,5 +686,45 @@ mod tests {
         assert_eq!(r.synonyms.last().unwrap().0, "log.retention.ms");
         let d = get("delete.retention.ms");
         assert_eq!((d.value.as_str(), d.source), ("86400000", Source::Default));
+        // Dynamic broker configs come between the topic override and the broker's setting:
+        // this node's before the cluster's.
+        let node: BTreeMap<String, String> = [("segment.ms", "1000")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let cluster: BTreeMap<String, String> = [("segment.ms", "2000"), ("retention.ms", "5")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let d = BrokerDefaults {
+            cfg: &cfg,
+            node: Some(&node),
+            cluster: Some(&cluster),
+        };
+        let all = resolve(&d, &o);
+        let get = |k: &str| all.iter().find(|r| r.name == k).unwrap().clone();
+        let seg = get("segment.ms");
+        assert_eq!(
+            (seg.value.as_str(), seg.source),
+            ("1000", Source::DynamicBroker)
+        );
+        let sources: Vec<Source> = seg.synonyms.iter().map(|x| x.2).collect();
+        assert_eq!(
+            sources,
+            [
+                Source::DynamicBroker,
+                Source::DynamicDefaultBroker,
+                Source::Default
+            ]
+        );
+        assert_eq!(seg.synonyms[0].0, "log.roll.ms");
+        assert_eq!(get("retention.ms").value, "1000");
+        assert_eq!(log_config(&d, &BTreeMap::new()).retention_ms, Some(5));
+        assert_eq!(
+            dynamic_broker_config("log.retention.ms").map(|c| c.name),
+            Some("retention.ms")
+        );
+        assert!(dynamic_broker_config("log.cleaner.delete.retention.ms").is_none());
+        assert!(dynamic_broker_config("broker.id").is_none());
     }
 }

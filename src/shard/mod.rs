@@ -104,7 +104,11 @@ pub async fn open_partition_here(tp: TopicPartition, lc: LogConfig) -> Result<()
 /// now (after a config change), each on its shard: retention, segment size and age, flush
 /// policy apply from the next append, roll or retention round.
 pub async fn reconfigure_partitions(broker: &BrokerContext, t: &crate::metadata::TopicMeta) {
-    let lc = crate::metadata::configs::log_config(&broker.config, &t.configs);
+    let image = broker.image();
+    let lc = crate::metadata::configs::log_config(
+        &crate::metadata::configs::BrokerDefaults::of(&broker.config, &image),
+        &t.configs,
+    );
     for p in 0..t.partition_count() {
         let Some(owner) = broker.owner(t, p) else {
             continue;

@@ -187,10 +187,19 @@ def test_alter_configs_incremental_and_legacy_validate_and_apply_live(broker, to
         assert "InvalidConfigurationError" in out["topic"][topic], out
         out = a.alter_configs([res({"retention.ms": ("APPEND", "5")})], incremental=True)
         assert "InvalidConfigurationError" in out["topic"][topic], out
-        # Broker configs are fixed at start: refused per resource, with the reason.
-        out = a.alter_configs([ConfigResource(ConfigResourceType.BROKER, "0", {"log.retention.ms": "1"})],
+        # Broker settings fixed at start are refused per resource, with the reason; the broker
+        # defaults of the topic configs Sluice applies are dynamic.
+        out = a.alter_configs([ConfigResource(ConfigResourceType.BROKER, "0", {"num.partitions": "3"})],
                               incremental=True, raise_on_unknown=False)
         assert "InvalidRequestError" in out["broker"]["0"] and "sluice start" in out["broker"]["0"], out
+        out = a.alter_configs([ConfigResource(ConfigResourceType.BROKER, "0", {"log.retention.bytes": "1000000"})],
+                              incremental=True)
+        assert out == {"broker": {"0": "OK"}}, out
+        assert described()["retention.bytes"]["value"] == "1000000"
+        assert described()["retention.bytes"]["config_source"] == "DYNAMIC_BROKER_CONFIG"
+        broker_cfg = a.describe_configs([ConfigResource(ConfigResourceType.BROKER, "0")])["broker"]["0"]
+        assert broker_cfg["log.retention.bytes"]["value"] == "1000000"
+        assert broker_cfg["log.retention.bytes"]["config_source"] == "DYNAMIC_BROKER_CONFIG"
         # Legacy AlterConfigs replaces every override; kafka-python sends the other overrides
         # along (it describes them first), so retention.ms keeps its value.
         a.alter_configs([res({"segment.bytes": "16384"})], incremental=False, raise_on_unknown=False)
@@ -206,6 +215,21 @@ def test_alter_configs_incremental_and_legacy_validate_and_apply_live(broker, to
         p.send(topic, b"x" * 10000, partition=0).get(WAIT_S)
     p.close()
     assert len(segment_files(broker, topic, 0)) >= 3, segment_files(broker, topic, 0)
+    # A dynamic broker default applies at once to the open logs of topics without an override.
+    other = topic + "-other"
+    create(broker, other)
+    a = admin(broker)
+    try:
+        out = a.alter_configs([ConfigResource(ConfigResourceType.BROKER, "0", {"log.segment.bytes": "16384"})],
+                              incremental=True)
+        assert out == {"broker": {"0": "OK"}}, out
+    finally:
+        a.close()
+    p = producer(broker, acks="all")
+    for _ in range(6):
+        p.send(other, b"x" * 10000, partition=0).get(WAIT_S)
+    p.close()
+    assert len(segment_files(broker, other, 0)) >= 3, segment_files(broker, other, 0)
 
 
 def test_admin_create_partitions(broker, topic):

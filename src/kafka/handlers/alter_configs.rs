@@ -4,9 +4,11 @@
 //!
 //! Topic configs are validated like CreateTopics' (INVALID_CONFIG names the key), written as a
 //! metadata record (in a cluster through the controller: other nodes answer NOT_CONTROLLER) and
-//! applied to the topic's open partition logs. Broker resources are refused with
-//! INVALID_REQUEST: Sluice's broker settings are fixed at start (`sluice start` flags); an
-//! empty change of this broker succeeds, as in Kafka.
+//! applied to the topic's open partition logs. Broker resources (a broker id, or "" for every
+//! broker) may change the broker-wide defaults of the topic configs Sluice applies
+//! (`log.retention.ms`, `log.segment.bytes`, `message.max.bytes`, ...): persisted the same way
+//! and applied to every open partition log; other broker configs are fixed at start and
+//! refused per resource with INVALID_REQUEST naming the key.
 
 use std::collections::HashSet;
 
@@ -29,10 +31,8 @@ pub const RESOURCE_BROKER: i8 = 4;
 pub struct Resource {
     pub resource_type: i8,
     pub name: StrBytes,
-    /// The topic change, or the error found decoding it; for other resource types the keys.
+    /// The change, or the error found decoding it.
     pub change: Result<ConfigChange, (ErrorCode, String)>,
-    /// The config keys named (for a broker resource's refusal).
-    pub keys: Vec<String>,
 }
 
 fn invalid_request(msg: impl Into<String>) -> (ErrorCode, String) {
@@ -82,21 +82,20 @@ pub async fn alter(resources: Vec<Resource>, validate_only: bool) -> Vec<(ErrorC
                 }
             },
             RESOURCE_BROKER => {
-                if !r.name.is_empty() && r.name.as_str() != node {
-                    Err(invalid_request(format!(
-                        "broker '{}' is not this broker ({node})",
-                        r.name
-                    )))
-                } else if let Err(e) = r.change {
-                    Err(e)
-                } else if r.keys.is_empty() {
-                    Ok(())
-                } else {
-                    Err(invalid_request(format!(
-                        "cannot change broker configs while the broker runs: {} (set them \
-                         with the `sluice start` flags)",
-                        r.keys.join(", ")
-                    )))
+                let known = r.name.is_empty()
+                    || r.name.as_str() == node
+                    || r.name.parse::<i32>().is_ok_and(|id| {
+                        broker.config.cluster.is_some() && broker.image().brokers.contains_key(&id)
+                    });
+                match r.change {
+                    _ if !known => Err(invalid_request(format!("unknown broker '{}'", r.name))),
+                    Err(e) => Err(e),
+                    Ok(change) => {
+                        match admin::alter_broker_configs(r.name.to_string(), change, mode).await {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err((admin_code(&e), e.message())),
+                        }
+                    }
                 }
             }
             other => Err(invalid_request(format!(
@@ -137,7 +136,6 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 resource_type: r.resource_type,
                 name: r.resource_name,
                 change,
-                keys,
             }
         })
         .collect();

@@ -47,6 +47,7 @@ pub fn admin_code(e: &AdminError) -> ErrorCode {
         AdminError::InvalidConfig(_) => ResponseError::InvalidConfig,
         AdminError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
         AdminError::NotController => ResponseError::NotController,
+        AdminError::NotDynamic(_) => ResponseError::InvalidRequest,
         AdminError::Storage(_) => ResponseError::KafkaStorageError,
     })
 }

@@ -1,7 +1,8 @@
 //! DescribeConfigs, versions 1-4 (flexible from 4). Topic resources (type 2) show every topic
 //! config Kafka documents with its effective value, source and type, and with
 //! `include_synonyms` where the value could come from (the topic override, the broker
-//! setting, Kafka's default); broker resources (type 4) show the broker settings.
+//! setting, Kafka's default); broker resources (type 4) show the broker settings, with the
+//! dynamic values AlterConfigs gave them.
 
 use bytes::Bytes;
 use kafka_protocol::messages::describe_configs_response::{
@@ -34,9 +35,27 @@ const STRING: i8 = 2;
 const INT: i8 = 3;
 const LONG: i8 = 5;
 
-/// The broker settings DescribeConfigs shows for this node, under Kafka's names. None can be
-/// changed while the broker runs.
-fn broker_entries(c: &crate::config::BrokerConfig) -> Vec<Entry> {
+/// The broker settings DescribeConfigs shows for this node, under Kafka's names: the
+/// broker-wide defaults of the topic configs Sluice applies, which AlterConfigs may change
+/// (with their dynamic values and synonyms), then the settings fixed at start.
+fn broker_entries(d: &configs::BrokerDefaults) -> Vec<Entry> {
+    let c = d.cfg;
+    let mut out: Vec<Entry> = configs::TOPIC_CONFIGS
+        .iter()
+        .filter_map(|def| {
+            let name = def.broker_key?;
+            configs::dynamic_broker_config(name)?;
+            let (value, source) = configs::broker_default(d, def);
+            Some(Entry {
+                name: name.to_string(),
+                value,
+                source,
+                read_only: false,
+                kind: def.kind.code(),
+                synonyms: configs::synonyms(d, def, None),
+            })
+        })
+        .collect();
     let s = Source::StaticBroker;
     let entry = |name: &str, value: String, kind: i8, source: Source| Entry {
         synonyms: vec![(name.to_string(), value.clone(), source)],
@@ -46,7 +65,7 @@ fn broker_entries(c: &crate::config::BrokerConfig) -> Vec<Entry> {
         read_only: true,
         kind,
     };
-    vec![
+    out.extend([
         entry("broker.id", c.node_id.to_string(), INT, s),
         entry("log.dirs", c.data_dir.display().to_string(), STRING, s),
         entry("num.partitions", c.default_partitions.to_string(), INT, s),
@@ -56,14 +75,6 @@ fn broker_entries(c: &crate::config::BrokerConfig) -> Vec<Entry> {
             BOOLEAN,
             s,
         ),
-        entry("log.segment.bytes", c.segment_bytes.to_string(), INT, s),
-        entry(
-            "log.retention.ms",
-            c.retention_ms.map(|v| v as i64).unwrap_or(-1).to_string(),
-            LONG,
-            s,
-        ),
-        entry("message.max.bytes", c.message_bytes_max.to_string(), INT, s),
         entry(
             "socket.request.max.bytes",
             c.request_bytes_max.to_string(),
@@ -95,7 +106,8 @@ fn broker_entries(c: &crate::config::BrokerConfig) -> Vec<Entry> {
             INT,
             Source::Default,
         ),
-    ]
+    ]);
+    out
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -109,17 +121,20 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .with_resource_name(r.resource_name.clone());
         let entries: Vec<Entry> = match r.resource_type {
             RESOURCE_TOPIC => match image.topic(r.resource_name.as_str()) {
-                Some(t) => configs::resolve(&broker.config, &t.configs)
-                    .into_iter()
-                    .map(|r| Entry {
-                        name: r.name.to_string(),
-                        value: r.value,
-                        source: r.source,
-                        read_only: false,
-                        kind: r.kind.code(),
-                        synonyms: r.synonyms,
-                    })
-                    .collect(),
+                Some(t) => configs::resolve(
+                    &configs::BrokerDefaults::of(&broker.config, &image),
+                    &t.configs,
+                )
+                .into_iter()
+                .map(|r| Entry {
+                    name: r.name.to_string(),
+                    value: r.value,
+                    source: r.source,
+                    read_only: false,
+                    kind: r.kind.code(),
+                    synonyms: r.synonyms,
+                })
+                .collect(),
                 None => {
                     results.push(
                         result
@@ -139,7 +154,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     );
                     continue;
                 }
-                broker_entries(&broker.config)
+                broker_entries(&configs::BrokerDefaults::of(&broker.config, &image))
             }
             other => {
                 results.push(

@@ -57,7 +57,6 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 resource_type: r.resource_type,
                 name: r.resource_name,
                 change,
-                keys,
             }
         })
         .collect();

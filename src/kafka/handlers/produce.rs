@@ -212,13 +212,16 @@ async fn append_partition(
     if index < 0 || index >= topic.partition_count() {
         return Outcome::error(code(ResponseError::UnknownTopicOrPartition), None);
     }
-    let max_bytes = configs::max_message_bytes(&broker.config, &topic.configs);
+    let image = broker.image();
+    let defaults = configs::BrokerDefaults::of(&broker.config, &image);
+    let max_bytes = configs::max_message_bytes(&defaults, &topic.configs);
     if let Err((c, m)) = validate(&records, max_bytes) {
         return Outcome::error(c, Some(m));
     }
     // The log patches offsets in place, so it gets its own copy of the batch bytes.
     let mut owned = BytesMut::from(&records[..]);
-    let append_time = configs::log_append_time(&topic.configs).then(crate::types::now_ms);
+    let append_time =
+        configs::log_append_time(&defaults, &topic.configs).then(crate::types::now_ms);
     if let Some(now) = append_time {
         let mut at = 0;
         while at < owned.len() {

@@ -42,7 +42,8 @@ pub struct StartArgs {
     /// comma-separated (this node listens on its own entry) [default: none: a single node].
     #[arg(long, env = "SLUICE_CONTROLLERS")]
     pub controllers: Option<String>,
-    /// Create topics on first Metadata/Produce use [default: true].
+    /// Create unknown topics named in a Metadata request that allows it (Kafka's
+    /// `auto.create.topics.enable`); Produce never creates topics [default: true].
     #[arg(long, env = "SLUICE_AUTO_CREATE_TOPICS")]
     pub auto_create_topics: Option<bool>,
     /// Partitions of auto-created topics and of CreateTopics with -1 [default: 1].
@@ -92,7 +93,8 @@ pub struct StartArgs {
     /// Most partitions one shard may own [default: 100000].
     #[arg(long, env = "SLUICE_PARTITIONS_PER_SHARD_MAX")]
     pub partitions_per_shard_max: Option<usize>,
-    /// Delay before the first rebalance of a new group completes, in ms [default: 0].
+    /// Delay before the first rebalance of a new group completes, in ms (Kafka's
+    /// `group.initial.rebalance.delay.ms`) [default: 3000].
     #[arg(long, env = "SLUICE_GROUP_INITIAL_REBALANCE_DELAY_MS")]
     pub group_initial_rebalance_delay_ms: Option<u64>,
     /// Committed offsets of empty groups expire after this many minutes [default: 10080].
@@ -159,7 +161,9 @@ pub const DEFAULTS: Defaults = Defaults {
     message_bytes_max: 1_048_588,
     cache_bytes: 256 * 1024 * 1024,
     partitions_per_shard_max: 100_000,
-    group_initial_rebalance_delay_ms: 0,
+    // Kafka's group.initial.rebalance.delay.ms: members that start together form one
+    // generation instead of a lone first member's generation followed by a second rebalance.
+    group_initial_rebalance_delay_ms: 3_000,
     offsets_retention_minutes: 7 * 24 * 60,
     log_level: "info",
     log_format: "text",
@@ -573,6 +577,9 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./sluice-data"));
         assert_eq!(c.flush, FlushPolicy::Always);
         assert_eq!(c.cpus.len(), 1);
+        // Kafka's defaults.
+        assert_eq!(c.group_initial_rebalance_delay_ms, 3_000);
+        assert!(c.auto_create_topics);
     }
 
     #[test]

@@ -45,6 +45,7 @@ fn main() {
         }
         Command::Topic { command, brokers } => sluice::cli::topic::run(command, &brokers),
         Command::Group { command, brokers } => sluice::cli::group::run(command, &brokers),
+        Command::Cluster { command, brokers } => sluice::cli::cluster::run(command, &brokers),
         Command::Produce(a) => sluice::cli::produce::run(a),
         Command::Consume(a) => sluice::cli::consume::run(a),
         Command::Status(a) => sluice::cli::status::run(a),

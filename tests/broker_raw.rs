@@ -431,6 +431,393 @@ fn unknown_topic_with_auto_create_off() {
 }
 
 #[test]
+fn produce_never_creates_topics() {
+    // Auto-creation is on (the default): still, as in Kafka, only Metadata may create a topic.
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let t = topic_name("typo");
+    let (err, _) = produce(&mut r, &t, 0, -1, batch(&[b"x"]));
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    let (err, _) = produce(&mut r, &t, 0, 1, batch(&[b"x"]));
+    assert_eq!(err, UNKNOWN_TOPIC_OR_PARTITION);
+    let all: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert!(all
+        .topics
+        .iter()
+        .all(|x| x.name.as_ref().map(|n| n.as_str()) != Some(t.as_str())));
+    // A Metadata request that allows auto-creation creates it; then Produce appends.
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default()
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(tn(&t)))
+            ]))
+            .with_allow_auto_topic_creation(true),
+    );
+    assert_eq!(m.topics[0].error_code, NONE);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"x"])), (NONE, 0));
+    assert_serves(&b);
+}
+
+/// The topic's overrides as DescribeConfigs (v4) reports them: (name, value) of every config
+/// whose source is DYNAMIC_TOPIC_CONFIG.
+fn topic_overrides(r: &mut Raw, topic: &str) -> Vec<(String, String)> {
+    let resp: DescribeConfigsResponse = r.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_string(topic.to_string()))]),
+    );
+    assert_eq!(resp.results[0].error_code, NONE, "{:?}", resp.results[0]);
+    resp.results[0]
+        .configs
+        .iter()
+        .filter(|c| c.config_source == 1)
+        .map(|c| {
+            (
+                c.name.to_string(),
+                c.value.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn alter_configs_replace_incremental_ops_errors_per_resource_and_survive_restart() {
+    use kafka_protocol::messages::alter_configs_request as legacy;
+    use kafka_protocol::messages::incremental_alter_configs_request as inc;
+    const INVALID_REQUEST: i16 = 42;
+    const INVALID_CONFIG: i16 = 40;
+    let s = |x: &str| StrBytes::from_string(x.to_string());
+    let mut b = Broker::start();
+    let t = topic_name("alter");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let op = |name: &str, op: i8, value: Option<&str>| {
+        inc::AlterableConfig::default()
+            .with_name(s(name))
+            .with_config_operation(op)
+            .with_value(value.map(s))
+    };
+    let incremental = |r: &mut Raw, resources: Vec<inc::AlterConfigsResource>, only: bool| {
+        let resp: IncrementalAlterConfigsResponse = r.call(
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            &IncrementalAlterConfigsRequest::default()
+                .with_resources(resources)
+                .with_validate_only(only),
+        );
+        resp.responses
+            .iter()
+            .map(|x| (x.resource_name.to_string(), x.error_code))
+            .collect::<Vec<_>>()
+    };
+    let topic_res = |name: &str, configs| {
+        inc::AlterConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(s(name))
+            .with_configs(configs)
+    };
+    // SET two keys, then DELETE one and SET another.
+    let out = incremental(
+        &mut r,
+        vec![topic_res(
+            &t,
+            vec![
+                op("retention.ms", 0, Some("5000")),
+                op("compression.type", 0, Some("gzip")),
+            ],
+        )],
+        false,
+    );
+    assert_eq!(out, vec![(t.clone(), NONE)]);
+    let out = incremental(
+        &mut r,
+        vec![topic_res(
+            &t,
+            vec![
+                op("compression.type", 1, None),
+                op("cleanup.policy", 0, Some("compact")),
+            ],
+        )],
+        false,
+    );
+    assert_eq!(out, vec![(t.clone(), NONE)]);
+    let expect = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("cleanup.policy", "compact"), ("retention.ms", "5000")])
+    );
+    // Errors, per resource: a key twice, no value to SET, an unknown operation, a resource
+    // listed twice, an unknown topic, a bad value; the good resource next to them still applies.
+    let other = topic_name("alter2");
+    create_topic(&mut r, &other, 1);
+    let out = incremental(
+        &mut r,
+        vec![
+            topic_res(
+                &t,
+                vec![
+                    op("retention.ms", 0, Some("1")),
+                    op("retention.ms", 0, Some("2")),
+                ],
+            ),
+            topic_res("no-such-topic", vec![op("retention.ms", 0, Some("1"))]),
+            topic_res(&other, vec![op("segment.ms", 0, Some("60000"))]),
+        ],
+        false,
+    );
+    assert_eq!(
+        out,
+        vec![
+            (t.clone(), INVALID_REQUEST),
+            ("no-such-topic".to_string(), UNKNOWN_TOPIC_OR_PARTITION),
+            (other.clone(), NONE)
+        ]
+    );
+    for bad in [
+        op("retention.ms", 0, None),
+        op("retention.ms", 9, Some("1")),
+        op("retention.ms", 0, Some("x")),
+    ] {
+        let out = incremental(&mut r, vec![topic_res(&t, vec![bad.clone()])], false);
+        assert!(
+            out[0].1 == INVALID_REQUEST || out[0].1 == INVALID_CONFIG,
+            "{bad:?}: {out:?}"
+        );
+    }
+    let out = incremental(
+        &mut r,
+        vec![
+            topic_res(&other, vec![op("retention.ms", 0, Some("1"))]),
+            topic_res(&other, vec![op("retention.ms", 0, Some("2"))]),
+        ],
+        false,
+    );
+    assert_eq!(
+        out,
+        vec![
+            (other.clone(), INVALID_REQUEST),
+            (other.clone(), INVALID_REQUEST)
+        ]
+    );
+    assert_eq!(
+        topic_overrides(&mut r, &other),
+        expect(&[("segment.ms", "60000")])
+    );
+    // validate_only checks and changes nothing.
+    let out = incremental(
+        &mut r,
+        vec![topic_res(&t, vec![op("retention.ms", 0, Some("7"))])],
+        true,
+    );
+    assert_eq!(out, vec![(t.clone(), NONE)]);
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("cleanup.policy", "compact"), ("retention.ms", "5000")])
+    );
+    // Legacy AlterConfigs: the given configs replace every override.
+    let resp: AlterConfigsResponse = r.call(
+        ApiKey::AlterConfigs,
+        2,
+        &AlterConfigsRequest::default().with_resources(vec![
+            legacy::AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(s(&t))
+                .with_configs(vec![legacy::AlterableConfig::default()
+                    .with_name(s("max.message.bytes"))
+                    .with_value(Some(s("2000000")))]),
+        ]),
+    );
+    assert_eq!(
+        resp.responses[0].error_code, NONE,
+        "{:?}",
+        resp.responses[0]
+    );
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("max.message.bytes", "2000000")])
+    );
+    // Broker resources: an empty change is fine; settings fixed at start are refused with the
+    // reason; the broker defaults of applied topic configs change (this broker's and every
+    // broker's, ""), and topics without an override follow them.
+    let broker_res = |configs| {
+        inc::AlterConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(s("0"))
+            .with_configs(configs)
+    };
+    let resp: IncrementalAlterConfigsResponse = r.call(
+        ApiKey::IncrementalAlterConfigs,
+        0,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![broker_res(vec![])]),
+    );
+    assert_eq!(resp.responses[0].error_code, NONE);
+    let resp: IncrementalAlterConfigsResponse = r.call(
+        ApiKey::IncrementalAlterConfigs,
+        0,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![broker_res(vec![op(
+            "num.partitions",
+            0,
+            Some("3"),
+        )])]),
+    );
+    assert_eq!(resp.responses[0].error_code, INVALID_REQUEST);
+    assert!(resp.responses[0]
+        .error_message
+        .as_ref()
+        .is_some_and(|m| m.contains("num.partitions")));
+    let resp: IncrementalAlterConfigsResponse = r.call(
+        ApiKey::IncrementalAlterConfigs,
+        0,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![
+            broker_res(vec![op("log.roll.ms", 0, Some("3600000"))]),
+            inc::AlterConfigsResource::default()
+                .with_resource_type(4)
+                .with_resource_name(s(""))
+                .with_configs(vec![
+                    op("log.roll.ms", 0, Some("7200000")),
+                    op("log.retention.bytes", 0, Some("1000000")),
+                ]),
+        ]),
+    );
+    assert_eq!(
+        resp.responses[0].error_code, NONE,
+        "{:?}",
+        resp.responses[0]
+    );
+    assert_eq!(
+        resp.responses[1].error_code, NONE,
+        "{:?}",
+        resp.responses[1]
+    );
+    // The changes are in the metadata: they survive a restart.
+    drop(r);
+    assert_eq!(b.sigterm().code(), Some(0));
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    assert_eq!(
+        topic_overrides(&mut r, &t),
+        expect(&[("max.message.bytes", "2000000")])
+    );
+    assert_eq!(
+        topic_overrides(&mut r, &other),
+        expect(&[("segment.ms", "60000")])
+    );
+    // This broker's value before the cluster-wide one; a topic override before both.
+    let resp: DescribeConfigsResponse = r.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_string(t.clone()))]),
+    );
+    let cfg = |name: &str| {
+        let c = resp.results[0]
+            .configs
+            .iter()
+            .find(|c| c.name.as_str() == name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        (
+            c.value.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+            c.config_source,
+        )
+    };
+    assert_eq!(cfg("segment.ms"), ("3600000".to_string(), 2));
+    assert_eq!(cfg("retention.bytes"), ("1000000".to_string(), 3));
+    assert_serves(&b);
+}
+
+#[test]
+fn authorized_operations_only_when_asked_and_describe_cluster_endpoints() {
+    // No authorizer: every operation of the resource type (Kafka's AclEntry), bit = code.
+    const TOPIC_OPS: i32 =
+        (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 11);
+    const CLUSTER_OPS: i32 =
+        (1 << 5) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12);
+    const GROUP_OPS: i32 = (1 << 3) | (1 << 6) | (1 << 8);
+    const OMITTED: i32 = i32::MIN;
+    const MISMATCHED_ENDPOINT_TYPE: i16 = 114;
+    let b = Broker::start();
+    let mut r = Raw::connect(b.addr);
+    let t = topic_name("ops");
+    create_topic(&mut r, &t, 1);
+    let md = |r: &mut Raw, version: i16, topic_ops: bool, cluster_ops: bool| -> MetadataResponse {
+        r.call(
+            ApiKey::Metadata,
+            version,
+            &MetadataRequest::default()
+                .with_topics(Some(vec![
+                    MetadataRequestTopic::default().with_name(Some(tn(&t)))
+                ]))
+                .with_include_topic_authorized_operations(topic_ops)
+                .with_include_cluster_authorized_operations(cluster_ops && version <= 10),
+        )
+    };
+    for version in [8, 10] {
+        let m = md(&mut r, version, true, true);
+        assert_eq!(
+            m.topics[0].topic_authorized_operations, TOPIC_OPS,
+            "v{version}"
+        );
+        assert_eq!(m.cluster_authorized_operations, CLUSTER_OPS, "v{version}");
+        let m = md(&mut r, version, false, false);
+        assert_eq!(
+            m.topics[0].topic_authorized_operations, OMITTED,
+            "v{version}"
+        );
+        assert_eq!(m.cluster_authorized_operations, OMITTED, "v{version}");
+    }
+    let m = md(&mut r, 12, true, false);
+    assert_eq!(m.topics[0].topic_authorized_operations, TOPIC_OPS);
+    // DescribeGroups v3+: the group's operations when asked (an unknown group is Dead, v5).
+    for (asked, expect) in [(true, GROUP_OPS), (false, OMITTED)] {
+        let d: DescribeGroupsResponse = r.call(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default()
+                .with_groups(vec![GroupId(StrBytes::from_static_str("g"))])
+                .with_include_authorized_operations(asked),
+        );
+        assert_eq!(d.groups[0].authorized_operations, expect, "asked: {asked}");
+    }
+    // DescribeCluster: broker endpoints only; the cluster's operations when asked.
+    for version in 0..=2 {
+        let d: DescribeClusterResponse = r.call(
+            ApiKey::DescribeCluster,
+            version,
+            &DescribeClusterRequest::default()
+                .with_endpoint_type(1)
+                .with_include_cluster_authorized_operations(true),
+        );
+        assert_eq!(d.error_code, NONE, "v{version}");
+        assert_eq!(d.cluster_authorized_operations, CLUSTER_OPS);
+        assert_eq!(d.controller_id.0, 0);
+        assert_eq!(d.brokers.len(), 1);
+        assert_eq!(d.brokers[0].port, b.addr.port() as i32);
+    }
+    let d: DescribeClusterResponse = r.call(
+        ApiKey::DescribeCluster,
+        1,
+        &DescribeClusterRequest::default().with_endpoint_type(2),
+    );
+    assert_eq!(d.error_code, MISMATCHED_ENDPOINT_TYPE);
+    assert_eq!(d.cluster_authorized_operations, OMITTED);
+    assert_serves(&b);
+}
+
+#[test]
 fn describe_configs_of_unknown_topic_is_unknown_topic() {
     let b = Broker::start();
     let mut r = Raw::connect(b.addr);

@@ -82,6 +82,136 @@ fn topic_create_list_describe_add_partitions_delete() {
 }
 
 #[test]
+fn topic_alter_config_and_cluster_describe() {
+    let b = Broker::start();
+    let bs = b.bootstrap();
+    let t = topic_name("clialter");
+    ok(&sluice(&["topic", "create", &t, "--brokers", &bs], None));
+    let config_line = |name: &str| {
+        let out = ok(&sluice(&["topic", "describe", &t, "--brokers", &bs], None));
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} missing:\n{out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // rpk-style and kafka-configs-style flags.
+    let out = ok(&sluice(
+        &[
+            "topic",
+            "alter-config",
+            &t,
+            "--set",
+            "retention.ms=120000",
+            "--add-config",
+            "compression.type=zstd",
+            "--append",
+            "cleanup.policy=compact",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert!(out.contains("applied 3"), "{out}");
+    assert_eq!(
+        config_line("retention.ms"),
+        ["retention.ms", "120000", "topic"]
+    );
+    assert_eq!(
+        config_line("compression.type"),
+        ["compression.type", "zstd", "topic"]
+    );
+    assert_eq!(
+        config_line("cleanup.policy"),
+        ["cleanup.policy", "delete,compact", "topic"]
+    );
+    ok(&sluice(
+        &[
+            "topic",
+            "alter-config",
+            &t,
+            "--delete-config",
+            "compression.type",
+            "--subtract",
+            "cleanup.policy=delete",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert_eq!(
+        config_line("compression.type"),
+        ["compression.type", "producer", "default"]
+    );
+    assert_eq!(
+        config_line("cleanup.policy"),
+        ["cleanup.policy", "compact", "topic"]
+    );
+    // --dry-run validates only; a bad value is one line naming the error and the key.
+    ok(&sluice(
+        &[
+            "topic",
+            "alter-config",
+            &t,
+            "--set",
+            "retention.ms=1",
+            "--dry-run",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert_eq!(
+        config_line("retention.ms"),
+        ["retention.ms", "120000", "topic"]
+    );
+    let e = one_line_error(&sluice(
+        &[
+            "topic",
+            "alter-config",
+            &t,
+            "--set",
+            "retention.ms=soon",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert!(
+        e.contains("INVALID_CONFIG") && e.contains("retention.ms"),
+        "{e}"
+    );
+    let e = one_line_error(&sluice(
+        &[
+            "topic",
+            "alter-config",
+            "no-such-topic",
+            "--set",
+            "retention.ms=1",
+            "--brokers",
+            &bs,
+        ],
+        None,
+    ));
+    assert!(e.contains("UNKNOWN_TOPIC_OR_PARTITION"), "{e}");
+
+    let out = ok(&sluice(&["cluster", "describe", "--brokers", &bs], None));
+    assert!(out.contains("CONTROLLER  0"), "{out}");
+    let port = b.addr.port().to_string();
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("0"))
+        .unwrap_or_else(|| panic!("no broker row:\n{out}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row,
+        ["0", "127.0.0.1", port.as_str(), "live", "(controller)"]
+    );
+}
+
+#[test]
 fn produce_stdin_with_key_separator_then_consume_with_format() {
     let b = Broker::start();
     let bs = b.bootstrap();

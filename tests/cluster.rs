@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use common::cluster::Cluster;
 use common::raw::Raw;
 use futures_lite::future::block_on;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{
-    ApiKey, FindCoordinatorRequest, FindCoordinatorResponse, ListOffsetsRequest,
-    ListOffsetsResponse, TopicName,
+    ApiKey, DescribeConfigsRequest, DescribeConfigsResponse, FindCoordinatorRequest,
+    FindCoordinatorResponse, ListOffsetsRequest, ListOffsetsResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
@@ -218,6 +219,95 @@ fn three_nodes_elect_a_controller_spread_partitions_and_serve_clients() {
             .all(|id| c.leaders(*id, "via-cli", 3).is_some())
             .then_some(())
     });
+
+    // Config changes go through the controller too: another node answers NOT_CONTROLLER, the
+    // CLI pointed at another node finds the controller, and every node describes (and applies to
+    // its own partitions) the new value.
+    {
+        use kafka_protocol::messages::incremental_alter_configs_request::{
+            AlterConfigsResource, AlterableConfig,
+        };
+        use kafka_protocol::messages::{
+            IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
+        };
+        const NOT_CONTROLLER: i16 = 41;
+        let mut raw = Raw::connect(c.node(other).addr);
+        let resp: IncrementalAlterConfigsResponse = raw.call(
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            &IncrementalAlterConfigsRequest::default().with_resources(vec![
+                AlterConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(StrBytes::from_static_str("via-cli"))
+                    .with_configs(vec![AlterableConfig::default()
+                        .with_name(StrBytes::from_static_str("retention.ms"))
+                        .with_value(Some(StrBytes::from_static_str("1")))]),
+            ]),
+        );
+        assert_eq!(resp.responses[0].error_code, NOT_CONTROLLER);
+    }
+    let mut cmd = std::process::Command::new(common::sluice_bin());
+    cmd.args([
+        "topic",
+        "alter-config",
+        "via-cli",
+        "--set",
+        "retention.ms=120000",
+        "--brokers",
+    ])
+    .arg(c.node(other).bootstrap());
+    let out = common::run_bounded(cmd, None, common::CLI_WAIT_MAX);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_for("every node describes the new retention.ms", |c| {
+        ids.iter()
+            .all(|id| {
+                let mut raw = Raw::connect(c.node(*id).addr);
+                let resp: DescribeConfigsResponse = raw.call(
+                    ApiKey::DescribeConfigs,
+                    4,
+                    &DescribeConfigsRequest::default().with_resources(vec![
+                        DescribeConfigsResource::default()
+                            .with_resource_type(2)
+                            .with_resource_name(StrBytes::from_static_str("via-cli"))
+                            .with_configuration_keys(Some(vec![StrBytes::from_static_str(
+                                "retention.ms",
+                            )])),
+                    ]),
+                );
+                resp.results[0]
+                    .configs
+                    .first()
+                    .is_some_and(|x| x.value.as_deref() == Some("120000") && x.config_source == 1)
+            })
+            .then_some(())
+    });
+    // `sluice cluster describe` lists the three brokers and marks the controller.
+    let mut cmd = std::process::Command::new(common::sluice_bin());
+    cmd.args(["cluster", "describe", "--brokers"])
+        .arg(c.node(other).bootstrap());
+    let out = common::run_bounded(cmd, None, common::CLI_WAIT_MAX);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("CONTROLLER  {controller}")),
+        "{text}"
+    );
+    for id in &ids {
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id.to_string().as_str()))
+            .unwrap_or_else(|| panic!("no row for broker {id}:\n{text}"));
+        assert!(row.contains("live"), "{row}");
+        assert_eq!(row.contains("(controller)"), *id == controller, "{row}");
+    }
 
     // `sluice topic describe` asks each partition's leader for its offsets.
     let mut cmd = std::process::Command::new(common::sluice_bin());

@@ -251,6 +251,62 @@ fn admin_describe_configs_shows_overrides_and_defaults() {
 }
 
 #[test]
+fn admin_create_with_standard_configs_then_alter_configs() {
+    let b = Broker::start();
+    let t = topic_name("alter");
+    // Standard Kafka topic configs librdkafka's own tests create topics with.
+    create_topic(
+        &b,
+        &t,
+        1,
+        &[("compression.type", "lz4"), ("delete.retention.ms", "1000")],
+    );
+    let a = admin(&b.bootstrap());
+    // AlterConfigs (librdkafka's non-incremental call): the given configs replace the overrides.
+    let alter = rdkafka::admin::AlterConfig::new(ResourceSpecifier::Topic(&t))
+        .set("retention.ms", "120000")
+        .set("cleanup.policy", "compact,delete");
+    let r = block_on(a.alter_configs([&alter], &admin_opts())).expect("AlterConfigs");
+    assert!(r[0].is_ok(), "{r:?}");
+    let r = block_on(a.describe_configs([&ResourceSpecifier::Topic(&t)], &admin_opts()))
+        .expect("DescribeConfigs");
+    let res = r[0].as_ref().expect("topic resource");
+    let get = |k: &str| {
+        res.get(k)
+            .unwrap_or_else(|| panic!("config {k} missing: {:?}", res.entries))
+    };
+    assert_eq!(get("retention.ms").value.as_deref(), Some("120000"));
+    assert_eq!(
+        get("cleanup.policy").value.as_deref(),
+        Some("compact,delete")
+    );
+    assert_eq!(get("compression.type").value.as_deref(), Some("producer"));
+    assert_eq!(
+        get("compression.type").source,
+        rdkafka::admin::ConfigSource::Default
+    );
+    // A bad value fails that resource and changes nothing. (rust-rdkafka 0.39 reports every
+    // AlterConfigs resource as Ok, dropping its error: the raw-frame tests check the code.)
+    let bad = rdkafka::admin::AlterConfig::new(ResourceSpecifier::Topic(&t))
+        .set("min.cleanable.dirty.ratio", "7");
+    block_on(a.alter_configs([&bad], &admin_opts())).expect("AlterConfigs");
+    let r = block_on(a.describe_configs([&ResourceSpecifier::Topic(&t)], &admin_opts()))
+        .expect("DescribeConfigs");
+    let res = r[0].as_ref().expect("topic resource");
+    let ratio = res.get("min.cleanable.dirty.ratio").expect("ratio");
+    assert_eq!(ratio.value.as_deref(), Some("0.5"));
+    assert_eq!(
+        res.get("retention.ms").and_then(|e| e.value.as_deref()),
+        Some("120000")
+    );
+    // Produce to a topic nobody created: librdkafka's Metadata request allows auto-creation
+    // (a producer's does), so the topic appears, while Produce alone never creates one.
+    let p = producer(&b.bootstrap(), &[]);
+    let auto = topic_name("auto");
+    assert_eq!(send_value(&p, &auto, 0, b"x"), (0, 0));
+}
+
+#[test]
 fn admin_create_partitions_raises_count() {
     let b = Broker::options().cores(2).start();
     let t = topic_name("parts");

@@ -47,6 +47,8 @@ pub enum AdminError {
     /// In a cluster: this node is not the controller leader (Kafka's NOT_CONTROLLER; clients
     /// refresh metadata, which names the leader, and retry there).
     NotController,
+    /// A broker config that cannot change while the broker runs.
+    NotDynamic(String),
     Storage(String),
 }
 
@@ -70,6 +72,13 @@ impl AdminError {
             | AdminError::InvalidReplicationFactor(m)
             | AdminError::Storage(m) => m.clone(),
             AdminError::NotController => "this node is not the controller".into(),
+            AdminError::NotDynamic(k) => format!(
+                "broker config '{k}' cannot change while the broker runs (set it with the \
+                 `sluice start` flags); dynamic: the broker defaults of the topic configs Sluice \
+                 applies (log.retention.ms, log.retention.bytes, log.segment.bytes, log.roll.ms, \
+                 log.cleanup.policy, log.flush.interval.ms, log.index.interval.bytes, \
+                 message.max.bytes, log.message.timestamp.type)"
+            ),
         }
     }
 }
@@ -410,7 +419,7 @@ pub async fn create_topic(
             ));
         }
         for (k, v) in &overrides {
-            configs::validate(k, v, internal).map_err(AdminError::InvalidConfig)?;
+            configs::validate(k, v).map_err(AdminError::InvalidConfig)?;
         }
         if clustered {
             controller::lead().await?;
@@ -475,7 +484,11 @@ async fn open_partitions(
     meta: &TopicMeta,
     first: i32,
 ) -> Result<(), AdminError> {
-    let log_config = configs::log_config(&broker.config, &meta.configs);
+    let image = broker.image();
+    let log_config = configs::log_config(
+        &configs::BrokerDefaults::of(&broker.config, &image),
+        &meta.configs,
+    );
     for p in first..meta.partition_count() {
         let owner = broker.owner(meta, p).expect("partition in range");
         let tp = TopicPartition::new(meta.name.clone(), p);
@@ -573,6 +586,228 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
     .await
 }
 
+/// One change of a topic's configs (IncrementalAlterConfigs' operations; AlterConfigs is
+/// [`ConfigChange::Replace`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigOp {
+    Set(String, String),
+    /// Back to the default.
+    Delete(String),
+    /// Adds items to a list config (to its default when it has no override).
+    Append(String, String),
+    /// Removes items from a list config.
+    Subtract(String, String),
+}
+
+/// How a topic's configs change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// AlterConfigs: these overrides replace all the topic's overrides.
+    Replace(BTreeMap<String, String>),
+    /// IncrementalAlterConfigs: these operations, in order, on the current overrides.
+    Incremental(Vec<ConfigOp>),
+}
+
+fn list_items(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+/// The overrides `change` leaves a topic with `current` overrides, every key validated.
+pub fn changed_configs(
+    current: &BTreeMap<String, String>,
+    change: ConfigChange,
+) -> Result<BTreeMap<String, String>, AdminError> {
+    let known = |k: &str| {
+        configs::topic_config(k)
+            .ok_or_else(|| AdminError::InvalidConfig(format!("unknown topic config '{k}'")))
+    };
+    let list = |k: &str| -> Result<(), AdminError> {
+        match known(k)?.kind {
+            configs::Kind::List(_) => Ok(()),
+            _ => Err(AdminError::InvalidConfig(format!(
+                "{k} is not a list: APPEND and SUBTRACT apply to list configs only"
+            ))),
+        }
+    };
+    let mut next = match &change {
+        ConfigChange::Replace(_) => BTreeMap::new(),
+        ConfigChange::Incremental(_) => current.clone(),
+    };
+    match change {
+        ConfigChange::Replace(all) => {
+            for (k, v) in all {
+                known(&k)?;
+                next.insert(k, v);
+            }
+        }
+        ConfigChange::Incremental(ops) => {
+            for op in ops {
+                match op {
+                    ConfigOp::Set(k, v) => {
+                        known(&k)?;
+                        next.insert(k, v);
+                    }
+                    ConfigOp::Delete(k) => {
+                        known(&k)?;
+                        next.remove(&k);
+                    }
+                    ConfigOp::Append(k, v) => {
+                        list(&k)?;
+                        let base = next
+                            .get(&k)
+                            .cloned()
+                            .or_else(|| configs::topic_config(&k).map(|d| d.default.to_string()))
+                            .unwrap_or_default();
+                        let mut items = list_items(&base);
+                        for item in list_items(&v) {
+                            if !items.contains(&item) {
+                                items.push(item);
+                            }
+                        }
+                        next.insert(k, items.join(","));
+                    }
+                    ConfigOp::Subtract(k, v) => {
+                        list(&k)?;
+                        let remove = list_items(&v);
+                        let Some(base) = next
+                            .get(&k)
+                            .cloned()
+                            .or_else(|| configs::topic_config(&k).map(|d| d.default.to_string()))
+                        else {
+                            continue;
+                        };
+                        let items: Vec<String> = list_items(&base)
+                            .into_iter()
+                            .filter(|i| !remove.contains(i))
+                            .collect();
+                        next.insert(k, items.join(","));
+                    }
+                }
+            }
+        }
+    }
+    for (k, v) in &next {
+        configs::validate(k, v).map_err(AdminError::InvalidConfig)?;
+    }
+    Ok(next)
+}
+
+/// Changes a topic's configs (AlterConfigs, IncrementalAlterConfigs): validated, written to the
+/// metadata (a `SetConfigs` record: the metadata log, or in a cluster a proposal to the
+/// controller), published, and applied to the topic's open partition logs.
+pub async fn alter_topic_configs(
+    name: String,
+    change: ConfigChange,
+    mode: CreateMode,
+) -> Result<(), AdminError> {
+    administer(move |broker, owner| async move {
+        let clustered = broker.config.cluster.is_some();
+        if clustered {
+            controller::lead().await?;
+        }
+        let image = broker.image();
+        let meta = image
+            .topic(&name)
+            .cloned()
+            .ok_or(AdminError::UnknownTopic)?;
+        let next = changed_configs(&meta.configs, change)?;
+        if mode == CreateMode::ValidateOnly || next == meta.configs {
+            return Ok(());
+        }
+        if clustered {
+            // Every node applies the new configs to its own partitions as it publishes the
+            // entry (`controller`).
+            controller::propose(Record::SetConfigs {
+                name: name.clone(),
+                configs: next,
+            })
+            .await?;
+        } else {
+            let image = write_metadata(&broker, &owner, |store| store.set_configs(&name, next))?;
+            if let Some(t) = image.topic(&name) {
+                shard::reconfigure_partitions(&broker, t).await;
+            }
+        }
+        tracing::info!(topic = %name, "topic configs changed");
+        Ok(())
+    })
+    .await
+}
+
+/// Changes dynamic broker configs (AlterConfigs on a broker resource) of `scope`: a node id,
+/// or "" for every broker. `change` names broker configs (`log.retention.ms`); only the
+/// broker-wide defaults of the topic configs Sluice applies may change while running
+/// ([`configs::dynamic_broker_config`]), others are [`AdminError::NotDynamic`]. The new values
+/// are validated like the topic configs, written as a `SetBrokerConfigs` record (a proposal in a
+/// cluster), published, and applied to every open partition log.
+pub async fn alter_broker_configs(
+    scope: String,
+    change: ConfigChange,
+    mode: CreateMode,
+) -> Result<(), AdminError> {
+    // Broker names to topic names, refusing the ones that cannot change while running.
+    let to_topic = |k: &str| -> Result<String, AdminError> {
+        configs::dynamic_broker_config(k)
+            .map(|c| c.name.to_string())
+            .ok_or_else(|| AdminError::NotDynamic(k.to_string()))
+    };
+    let change = match change {
+        ConfigChange::Replace(all) => ConfigChange::Replace(
+            all.into_iter()
+                .map(|(k, v)| Ok((to_topic(&k)?, v)))
+                .collect::<Result<_, AdminError>>()?,
+        ),
+        ConfigChange::Incremental(ops) => ConfigChange::Incremental(
+            ops.into_iter()
+                .map(|op| {
+                    Ok(match op {
+                        ConfigOp::Set(k, v) => ConfigOp::Set(to_topic(&k)?, v),
+                        ConfigOp::Delete(k) => ConfigOp::Delete(to_topic(&k)?),
+                        ConfigOp::Append(k, v) => ConfigOp::Append(to_topic(&k)?, v),
+                        ConfigOp::Subtract(k, v) => ConfigOp::Subtract(to_topic(&k)?, v),
+                    })
+                })
+                .collect::<Result<_, AdminError>>()?,
+        ),
+    };
+    administer(move |broker, owner| async move {
+        let clustered = broker.config.cluster.is_some();
+        if clustered {
+            controller::lead().await?;
+        }
+        let image = broker.image();
+        let current = image
+            .broker_configs
+            .get(&scope)
+            .cloned()
+            .unwrap_or_default();
+        let next = changed_configs(&current, change)?;
+        if mode == CreateMode::ValidateOnly || next == current {
+            return Ok(());
+        }
+        if clustered {
+            controller::propose(Record::SetBrokerConfigs {
+                scope: scope.clone(),
+                configs: next,
+            })
+            .await?;
+        } else {
+            let image = write_metadata(&broker, &owner, |store| {
+                store.set_broker_configs(&scope, next)
+            })?;
+            for t in image.topics.values() {
+                shard::reconfigure_partitions(&broker, t).await;
+            }
+        }
+        tracing::info!(scope = %scope, "dynamic broker configs changed");
+        Ok(())
+    })
+    .await
+}
+
 /// Hands out a new producer id (InitProducerId). Every id comes from shard 0's allocator, which
 /// persists the block holding an id before handing it out; no await separates the check of the
 /// block from the increment, so concurrent callers are served one after another.
@@ -633,6 +868,64 @@ mod tests {
             place(&MetadataImage::default(), 0, 0..3).0,
             Vec::<i32>::new()
         );
+    }
+
+    #[test]
+    fn config_changes_replace_or_apply_operations_and_validate() {
+        let current: BTreeMap<String, String> =
+            [("retention.ms", "1000"), ("cleanup.policy", "compact")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        // AlterConfigs: what is not given returns to its default.
+        let next = changed_configs(
+            &current,
+            ConfigChange::Replace(map(&[("segment.bytes", "16384")])),
+        )
+        .unwrap();
+        assert_eq!(next, map(&[("segment.bytes", "16384")]));
+        // IncrementalAlterConfigs, in order.
+        let ops = vec![
+            ConfigOp::Set("compression.type".into(), "zstd".into()),
+            ConfigOp::Delete("retention.ms".into()),
+            ConfigOp::Append("cleanup.policy".into(), "delete,compact".into()),
+        ];
+        let next = changed_configs(&current, ConfigChange::Incremental(ops)).unwrap();
+        assert_eq!(
+            next,
+            map(&[
+                ("cleanup.policy", "compact,delete"),
+                ("compression.type", "zstd")
+            ])
+        );
+        let next = changed_configs(
+            &next,
+            ConfigChange::Incremental(vec![ConfigOp::Subtract(
+                "cleanup.policy".into(),
+                "compact".into(),
+            )]),
+        )
+        .unwrap();
+        assert_eq!(next["cleanup.policy"], "delete");
+        // Errors: unknown key, bad value, APPEND to a non-list.
+        for op in [
+            ConfigOp::Set("no.such".into(), "1".into()),
+            ConfigOp::Delete("no.such".into()),
+            ConfigOp::Set("retention.ms".into(), "soon".into()),
+            ConfigOp::Append("retention.ms".into(), "5".into()),
+        ] {
+            let r = changed_configs(&current, ConfigChange::Incremental(vec![op.clone()]));
+            assert!(
+                matches!(r, Err(AdminError::InvalidConfig(_))),
+                "{op:?}: {r:?}"
+            );
+        }
     }
 
     #[test]

@@ -75,7 +75,10 @@ async fn run_shard(
     // Open the partitions this shard owns.
     let image = broker.image();
     for t in image.topics.values() {
-        let lc = configs::log_config(&broker.config, &t.configs);
+        let lc = configs::log_config(
+            &configs::BrokerDefaults::of(&broker.config, &image),
+            &t.configs,
+        );
         for p in 0..t.partition_count() {
             if broker.owner(t, p) == Some(id) {
                 let tp = TopicPartition::new(t.name.clone(), p);

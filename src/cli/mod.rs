@@ -10,6 +10,7 @@ use sluice_client::conn::{connect_blocking, BlockingConnection, Timeouts};
 
 use crate::config::StartArgs;
 
+pub mod cluster;
 pub mod consume;
 pub mod group;
 pub mod produce;
@@ -48,6 +49,19 @@ pub enum Command {
     Group {
         #[command(subcommand)]
         command: group::GroupCommand,
+        /// Comma-separated bootstrap brokers.
+        #[arg(
+            long,
+            global = true,
+            default_value = "127.0.0.1:9092",
+            env = "SLUICE_BROKERS"
+        )]
+        brokers: String,
+    },
+    /// Describe the cluster: its id, controller and brokers.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
         /// Comma-separated bootstrap brokers.
         #[arg(
             long,

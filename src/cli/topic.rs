@@ -1,4 +1,4 @@
-//! `sluice topic create|list|describe|delete|add-partitions`.
+//! `sluice topic create|list|describe|delete|alter-config|add-partitions`.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +34,26 @@ pub enum TopicCommand {
     Describe { name: String },
     /// Delete a topic.
     Delete { name: String },
+    /// Change a topic's configs (IncrementalAlterConfigs), e.g.
+    /// `--set retention.ms=3600000 --delete segment.ms --append cleanup.policy=compact`.
+    AlterConfig {
+        name: String,
+        /// key=value to set; repeatable (also `--add-config`, as kafka-configs).
+        #[arg(long = "set", visible_alias = "add-config", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Key to return to its default; repeatable (also `--delete-config`).
+        #[arg(long = "delete", visible_alias = "delete-config", value_name = "KEY")]
+        delete: Vec<String>,
+        /// key=item[,item] to add to a list config; repeatable.
+        #[arg(long, value_name = "KEY=ITEMS")]
+        append: Vec<String>,
+        /// key=item[,item] to remove from a list config; repeatable.
+        #[arg(long, value_name = "KEY=ITEMS")]
+        subtract: Vec<String>,
+        /// Validate only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Raise a topic's partition count to N.
     AddPartitions {
         name: String,
@@ -106,6 +126,47 @@ pub fn run(cmd: TopicCommand, brokers: &str) -> Result<()> {
             let mut c = to_controller(c)?;
             block_on(admin::delete_topic(&mut c, &name))?;
             println!("deleted topic {name}");
+        }
+        TopicCommand::AlterConfig {
+            name,
+            set,
+            delete,
+            append,
+            subtract,
+            dry_run,
+        } => {
+            let pair = |kv: &str, flag: &str| -> Result<(String, String)> {
+                match kv.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                    _ => bail!("invalid --{flag} '{kv}': expected key=value"),
+                }
+            };
+            let mut ops = Vec::new();
+            for kv in &set {
+                let (k, v) = pair(kv, "set")?;
+                ops.push(admin::ConfigOp::Set(k, v));
+            }
+            for k in delete {
+                ops.push(admin::ConfigOp::Delete(k));
+            }
+            for kv in &append {
+                let (k, v) = pair(kv, "append")?;
+                ops.push(admin::ConfigOp::Append(k, v));
+            }
+            for kv in &subtract {
+                let (k, v) = pair(kv, "subtract")?;
+                ops.push(admin::ConfigOp::Subtract(k, v));
+            }
+            if ops.is_empty() {
+                bail!("nothing to change: give --set, --delete, --append or --subtract");
+            }
+            let mut c = to_controller(c)?;
+            block_on(admin::alter_topic_configs(&mut c, &name, &ops, dry_run))?;
+            println!(
+                "{} {} config change(s) of topic {name}",
+                if dry_run { "validated" } else { "applied" },
+                ops.len()
+            );
         }
         TopicCommand::AddPartitions { name, partitions } => {
             let mut c = to_controller(c)?;

@@ -317,9 +317,20 @@ async fn publish_loop(c: Rc<Controller>, applied: async_channel::Receiver<Applie
                 Some(o) if o.id == t.id => o.partition_count(),
                 _ => 0,
             };
-            open_local(&broker, t, first).await;
+            open_local(&broker, &image, t, first).await;
         }
         broker.publish(image.clone());
+        // Config changes reach the open logs of the topic's partitions on this node (all
+        // topics when the dynamic broker configs changed).
+        let defaults_changed = old.broker_configs != image.broker_configs;
+        for (name, t) in &image.topics {
+            if old
+                .topic(name)
+                .is_some_and(|o| o.id == t.id && (defaults_changed || o.configs != t.configs))
+            {
+                shard::reconfigure_partitions(&broker, t).await;
+            }
+        }
         for (name, t) in &old.topics {
             if image.topic(name).is_none() {
                 remove_local(&broker, t).await;
@@ -331,8 +342,11 @@ async fn publish_loop(c: Rc<Controller>, applied: async_channel::Receiver<Applie
 }
 
 /// Opens the partitions `first..` of `t` that live on this node, each on its shard.
-async fn open_local(broker: &BrokerContext, t: &TopicMeta, first: i32) {
-    let lc = configs::log_config(&broker.config, &t.configs);
+async fn open_local(broker: &BrokerContext, image: &MetadataImage, t: &TopicMeta, first: i32) {
+    let lc = configs::log_config(
+        &configs::BrokerDefaults::of(&broker.config, image),
+        &t.configs,
+    );
     for p in first..t.partition_count() {
         let Some(owner) = broker.owner(t, p) else {
             continue;

@@ -147,6 +147,10 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::ListGroups => list_groups::handle(&req, body).await,
         ApiKey::DeleteGroups => delete_groups::handle(&req, body).await,
         ApiKey::OffsetDelete => offset_delete::handle(&req, body).await,
+        ApiKey::DescribeCluster => describe_cluster::handle(&req, body).await,
+        ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(&req, body).await,
+        ApiKey::AlterConfigs => alter_configs::handle(&req, body).await,
+        ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

@@ -68,6 +68,8 @@ pub enum Record {
         brokers: Vec<BrokerInfo>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         fenced: Vec<i32>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        broker_configs: BTreeMap<String, BTreeMap<String, String>>,
     },
     /// Ignored when a topic of that name exists (the first creation wins).
     CreateTopic(TopicMeta),
@@ -96,6 +98,13 @@ pub enum Record {
         name: String,
         configs: BTreeMap<String, String>,
     },
+    /// Dynamic broker configs (AlterConfigs on a broker resource) of `scope`: a node id, or ""
+    /// for the cluster-wide default. Keyed by the topic config they are the default of
+    /// (`retention.ms` for `log.retention.ms`); they replace the scope's previous ones.
+    SetBrokerConfigs {
+        scope: String,
+        configs: BTreeMap<String, String>,
+    },
 }
 
 impl Record {
@@ -116,6 +125,9 @@ pub struct MetadataImage {
     pub brokers: BTreeMap<i32, BrokerInfo>,
     /// Registered brokers the controller has fenced (not heard from).
     pub fenced: BTreeSet<i32>,
+    /// Dynamic broker configs by scope (a node id, or "" for the cluster-wide default), keyed
+    /// by the topic config they are the default of.
+    pub broker_configs: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl MetadataImage {
@@ -131,6 +143,7 @@ impl MetadataImage {
             topics: self.topics.values().map(|t| (**t).clone()).collect(),
             brokers: self.brokers.values().cloned().collect(),
             fenced: self.fenced.iter().copied().collect(),
+            broker_configs: self.broker_configs.clone(),
         }
     }
 
@@ -147,6 +160,7 @@ impl MetadataImage {
                 topics,
                 brokers,
                 fenced,
+                broker_configs,
             } => {
                 self.topics = topics
                     .into_iter()
@@ -154,6 +168,7 @@ impl MetadataImage {
                     .collect();
                 self.brokers = brokers.into_iter().map(|b| (b.id, b)).collect();
                 self.fenced = fenced.into_iter().collect();
+                self.broker_configs = broker_configs;
             }
             Record::CreateTopic(t) => {
                 self.topics
@@ -188,6 +203,13 @@ impl MetadataImage {
             Record::SetConfigs { name, configs } => {
                 if let Some(t) = self.topics.get_mut(&name) {
                     Arc::make_mut(t).configs = configs;
+                }
+            }
+            Record::SetBrokerConfigs { scope, configs } => {
+                if configs.is_empty() {
+                    self.broker_configs.remove(&scope);
+                } else {
+                    self.broker_configs.insert(scope, configs);
                 }
             }
         }
@@ -325,6 +347,16 @@ impl MetadataStore {
             name: name.to_string(),
             shards,
             nodes: Vec::new(),
+        })
+    }
+    pub fn set_broker_configs(
+        &mut self,
+        scope: &str,
+        configs: BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        self.append(Record::SetBrokerConfigs {
+            scope: scope.to_string(),
+            configs,
         })
     }
     pub fn set_configs(

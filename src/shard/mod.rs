@@ -100,6 +100,30 @@ pub async fn open_partition_here(tp: TopicPartition, lc: LogConfig) -> Result<()
     Ok(())
 }
 
+/// Gives every partition of `t` open on this node its log configuration from `t`'s configs
+/// now (after a config change), each on its shard: retention, segment size and age, flush
+/// policy apply from the next append, roll or retention round.
+pub async fn reconfigure_partitions(broker: &BrokerContext, t: &crate::metadata::TopicMeta) {
+    let image = broker.image();
+    let lc = crate::metadata::configs::log_config(
+        &crate::metadata::configs::BrokerDefaults::of(&broker.config, &image),
+        &t.configs,
+    );
+    for p in 0..t.partition_count() {
+        let Some(owner) = broker.owner(t, p) else {
+            continue;
+        };
+        let tp = TopicPartition::new(t.name.clone(), p);
+        let lc = lc.clone();
+        invoke_on(owner, move || async move {
+            if let Some(log) = local().partition(&tp) {
+                log.set_config(lc);
+            }
+        })
+        .await;
+    }
+}
+
 /// Closes and removes one partition log of the calling shard (its directory too, if the log was
 /// not open), so the name can be reused at once.
 pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageError> {

@@ -42,6 +42,9 @@ pub fn free_port() -> u16 {
 /// min(64 MiB, segment size); small segments keep a test's disk use to a few MiB per partition
 /// (several brokers run at once) and make segment rolls part of every test.
 pub const TEST_SEGMENT_BYTES: u64 = 8 << 20;
+/// The broker flag for a new group's initial rebalance delay; the harness passes 0 unless a
+/// test sets it.
+pub const REBALANCE_DELAY_FLAG: &str = "--group-initial-rebalance-delay-ms";
 
 /// How to start a broker.
 #[derive(Clone, Debug)]
@@ -211,6 +214,18 @@ impl Broker {
                     .segment_bytes
                     .map(|n| vec!["--segment-bytes".to_string(), n.to_string()])
                     .unwrap_or_default(),
+            )
+            .args(
+                // Kafka's default initial rebalance delay is 3 s; tests form groups at once
+                // unless they set it themselves.
+                (!self
+                    .options
+                    .extra_args
+                    .iter()
+                    .any(|a| a == REBALANCE_DELAY_FLAG))
+                .then_some([REBALANCE_DELAY_FLAG, "0"])
+                .into_iter()
+                .flatten(),
             )
             .args(&self.options.extra_args)
             .env_remove("RUST_LOG")

@@ -71,6 +71,10 @@ pub fn default_request(key: ApiKey) -> Box<dyn EncodeAt> {
         ApiKey::ListGroups => Box::new(ListGroupsRequest::default()),
         ApiKey::DeleteGroups => Box::new(DeleteGroupsRequest::default()),
         ApiKey::OffsetDelete => Box::new(OffsetDeleteRequest::default()),
+        ApiKey::AlterConfigs => Box::new(AlterConfigsRequest::default()),
+        ApiKey::IncrementalAlterConfigs => Box::new(IncrementalAlterConfigsRequest::default()),
+        ApiKey::DescribeCluster => Box::new(DescribeClusterRequest::default()),
+        ApiKey::DescribeTopicPartitions => Box::new(DescribeTopicPartitionsRequest::default()),
         other => panic!("no request built for {other:?}: add it when the broker advertises it"),
     }
 }
@@ -294,6 +298,73 @@ pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
                         OffsetDeleteRequestPartition::default().with_partition_index(0)
                     ])]),
         ),
+        ApiKey::AlterConfigs => {
+            use kafka_protocol::messages::alter_configs_request::{
+                AlterConfigsResource, AlterableConfig,
+            };
+            Box::new(AlterConfigsRequest::default().with_resources(
+                vec![AlterConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(s(FUZZ_TOPIC))
+                    .with_configs(vec![
+                        AlterableConfig::default()
+                            .with_name(s("retention.ms"))
+                            .with_value(Some(s("3600000"))),
+                        AlterableConfig::default()
+                            .with_name(s("cleanup.policy"))
+                            .with_value(Some(s("delete"))),
+                    ])],
+            ))
+        }
+        ApiKey::IncrementalAlterConfigs => {
+            use kafka_protocol::messages::incremental_alter_configs_request::{
+                AlterConfigsResource, AlterableConfig,
+            };
+            Box::new(
+                IncrementalAlterConfigsRequest::default().with_resources(vec![
+                    AlterConfigsResource::default()
+                        .with_resource_type(2)
+                        .with_resource_name(s(FUZZ_TOPIC))
+                        .with_configs(vec![
+                            AlterableConfig::default()
+                                .with_name(s("retention.ms"))
+                                .with_config_operation(0)
+                                .with_value(Some(s("3600000"))),
+                            AlterableConfig::default()
+                                .with_name(s("cleanup.policy"))
+                                .with_config_operation(2)
+                                .with_value(Some(s("delete"))),
+                        ]),
+                    AlterConfigsResource::default()
+                        .with_resource_type(4)
+                        .with_resource_name(s("0")),
+                ]),
+            )
+        }
+        ApiKey::DescribeCluster => Box::new(
+            DescribeClusterRequest::default()
+                .with_include_cluster_authorized_operations(true)
+                .with_endpoint_type(1)
+                .with_include_fenced_brokers(version >= 2),
+        ),
+        ApiKey::DescribeTopicPartitions => {
+            use kafka_protocol::messages::describe_topic_partitions_request::{
+                Cursor, TopicRequest,
+            };
+            Box::new(
+                DescribeTopicPartitionsRequest::default()
+                    .with_topics(vec![
+                        TopicRequest::default().with_name(topic()),
+                        TopicRequest::default().with_name(TopicName(s("hostile-other"))),
+                    ])
+                    .with_response_partition_limit(1)
+                    .with_cursor(Some(
+                        Cursor::default()
+                            .with_topic_name(topic())
+                            .with_partition_index(1),
+                    )),
+            )
+        }
         other => default_request(other),
     }
 }

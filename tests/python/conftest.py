@@ -23,6 +23,7 @@ START_WAIT_S = 30
 # each test's disk use low.
 SEGMENT_BYTES = 8 << 20
 STOP_WAIT_S = 20
+REBALANCE_DELAY_FLAG = "--group-initial-rebalance-delay-ms"
 
 
 def sluice_bin():
@@ -66,11 +67,14 @@ class Broker:
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.dir, "stderr.log")
+        # Kafka's default initial rebalance delay is 3 s; tests form groups at once unless
+        # they set it themselves.
+        delay_args = [] if REBALANCE_DELAY_FLAG in extra_args else [REBALANCE_DELAY_FLAG, "0"]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [binary, "start", "--data-dir", os.path.join(self.dir, "data"),
              "--listen", self.bootstrap, "--cores", str(cores),
-             "--segment-bytes", str(SEGMENT_BYTES), *extra_args],
+             "--segment-bytes", str(SEGMENT_BYTES), *delay_args, *extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
         )
         deadline = time.monotonic() + START_WAIT_S

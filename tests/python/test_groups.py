@@ -119,8 +119,10 @@ def test_admin_lists_describes_and_deletes_groups(broker):
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
     listed = {g["group_id"]: g for g in admin.list_groups()}
     assert listed[group]["group_state"] == "Stable"
-    desc = admin.describe_groups([group])[group]
+    desc = admin.describe_groups([group], include_authorized_operations=True)[group]
     assert desc["group_state"] == "Stable"
+    # No authorizer: every operation Kafka defines for a group (DescribeGroups v3+).
+    assert set(desc["authorized_operations"]) == {"READ", "DESCRIBE", "DELETE"}
     assert desc["protocol_type"] == "consumer"
     assert [m["client_id"] for m in desc["members"]] == ["py-member"]
     assert desc["members"][0]["member_assignment"]["assigned_partitions"] == [{"topic": topic, "partitions": [0]}]

@@ -2,6 +2,7 @@
 round trips with keys/headers/null values, every codec, acks, ListOffsets, an invalid request,
 and cross-client checks with kcat. Consumers use assign() with explicit positions (no groups)."""
 
+import os
 import shutil
 import subprocess
 import time
@@ -10,6 +11,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewPartitions
 from kafka.errors import (
+    InvalidConfigurationError,
     InvalidPartitionsError,
     InvalidReplicationFactorError,
     TopicAlreadyExistsError,
@@ -106,6 +108,128 @@ def test_admin_describe_configs(broker, topic):
         assert "cleanup.policy" not in modified
     finally:
         a.close()
+
+
+def test_every_documented_topic_config_is_accepted_validated_and_described(broker, topic):
+    configs = {
+        "compression.type": "zstd",
+        "delete.retention.ms": "1000",
+        "cleanup.policy": "compact,delete",
+        "min.cleanable.dirty.ratio": "0.2",
+        "preallocate": "true",
+        "segment.bytes": "1048576",
+    }
+    create(broker, topic, configs=configs)
+    a = admin(broker)
+    try:
+        res = ConfigResource(ConfigResourceType.TOPIC, topic)
+        everything = a.describe_configs([res], include_synonyms=True, config_filter="all")["topic"][topic]
+        for k, v in configs.items():
+            assert everything[k]["value"] == v, k
+            assert everything[k]["config_source"] == "DYNAMIC_TOPIC_CONFIG", k
+        # Kafka's defaults for keys not set, with their types.
+        assert everything["min.insync.replicas"]["value"] == "1"
+        assert everything["min.insync.replicas"]["config_source"] == "DEFAULT_CONFIG"
+        assert everything["compression.type"]["config_type"] == "STRING"
+        assert everything["delete.retention.ms"]["config_type"] == "LONG"
+        assert everything["cleanup.policy"]["config_type"] == "LIST"
+        # Synonyms: the override first, Kafka's default (under the broker's name) last.
+        syn = everything["delete.retention.ms"]["synonyms"]
+        assert syn[0]["source"] == "DYNAMIC_TOPIC_CONFIG" and syn[0]["value"] == "1000"
+        assert syn[-1] == {"name": "log.cleaner.delete.retention.ms", "value": "86400000",
+                           "source": "DEFAULT_CONFIG"}
+        # A bad value and an unknown key are INVALID_CONFIG, per topic.
+        bad = topic + "-bad"
+        for cfg in ({"compression.type": "brotli"}, {"min.cleanable.dirty.ratio": "2"},
+                    {"no.such.config": "1"}):
+            with pytest.raises(InvalidConfigurationError):
+                a.create_topics({bad: {"num_partitions": 1, "replication_factor": 1, "configs": cfg}})
+        assert bad not in a.list_topics()
+    finally:
+        a.close()
+
+
+def segment_files(b, topic, partition):
+    d = os.path.join(b.dir, "data", f"{topic}-{partition}")
+    return sorted(f for f in os.listdir(d) if f.endswith(".log"))
+
+
+def test_alter_configs_incremental_and_legacy_validate_and_apply_live(broker, topic):
+    create(broker, topic)
+    a = admin(broker)
+    res = lambda configs=None: ConfigResource(ConfigResourceType.TOPIC, topic, configs)  # noqa: E731
+    described = lambda: a.describe_configs([res()], config_filter="all")["topic"][topic]  # noqa: E731
+    try:
+        # IncrementalAlterConfigs: SET, APPEND (a list config from its default), DELETE.
+        out = a.alter_configs([res({"retention.ms": "3600000", "compression.type": "lz4",
+                                    "cleanup.policy": ("APPEND", "compact")})], incremental=True)
+        assert out == {"topic": {topic: "OK"}}
+        d = described()
+        assert d["retention.ms"]["value"] == "3600000"
+        assert d["retention.ms"]["config_source"] == "DYNAMIC_TOPIC_CONFIG"
+        assert d["compression.type"]["value"] == "lz4"
+        assert d["cleanup.policy"]["value"] == "delete,compact"
+        a.alter_configs([res({"cleanup.policy": ("SUBTRACT", "compact"),
+                              "compression.type": ("DELETE", None)})], incremental=True)
+        d = described()
+        assert d["cleanup.policy"]["value"] == "delete"
+        assert d["compression.type"]["value"] == "producer"
+        assert d["compression.type"]["config_source"] == "DEFAULT_CONFIG"
+        # validate_only changes nothing; bad values and unknown keys fail that resource only.
+        a.alter_configs([res({"retention.ms": "1"})], validate_only=True, incremental=True)
+        assert described()["retention.ms"]["value"] == "3600000"
+        out = a.alter_configs([res({"retention.ms": "-7"}),
+                               ConfigResource(ConfigResourceType.TOPIC, "no-such-topic", {"retention.ms": "1"})],
+                              incremental=True, raise_on_unknown=False)
+        assert out["topic"][topic].startswith("[Error 40] InvalidConfigurationError"), out
+        assert out["topic"]["no-such-topic"].startswith("[Error 3] UnknownTopicOrPartitionError"), out
+        out = a.alter_configs([res({"no.such.config": "1"})], incremental=True, raise_on_unknown=False)
+        assert "InvalidConfigurationError" in out["topic"][topic], out
+        out = a.alter_configs([res({"retention.ms": ("APPEND", "5")})], incremental=True)
+        assert "InvalidConfigurationError" in out["topic"][topic], out
+        # Broker settings fixed at start are refused per resource, with the reason; the broker
+        # defaults of the topic configs Sluice applies are dynamic.
+        out = a.alter_configs([ConfigResource(ConfigResourceType.BROKER, "0", {"num.partitions": "3"})],
+                              incremental=True, raise_on_unknown=False)
+        assert "InvalidRequestError" in out["broker"]["0"] and "sluice start" in out["broker"]["0"], out
+        out = a.alter_configs([ConfigResource(ConfigResourceType.BROKER, "0", {"log.retention.bytes": "1000000"})],
+                              incremental=True)
+        assert out == {"broker": {"0": "OK"}}, out
+        assert described()["retention.bytes"]["value"] == "1000000"
+        assert described()["retention.bytes"]["config_source"] == "DYNAMIC_BROKER_CONFIG"
+        broker_cfg = a.describe_configs([ConfigResource(ConfigResourceType.BROKER, "0")])["broker"]["0"]
+        assert broker_cfg["log.retention.bytes"]["value"] == "1000000"
+        assert broker_cfg["log.retention.bytes"]["config_source"] == "DYNAMIC_BROKER_CONFIG"
+        # Legacy AlterConfigs replaces every override; kafka-python sends the other overrides
+        # along (it describes them first), so retention.ms keeps its value.
+        a.alter_configs([res({"segment.bytes": "16384"})], incremental=False, raise_on_unknown=False)
+        d = described()
+        assert d["segment.bytes"]["value"] == "16384"
+        assert d["retention.ms"]["value"] == "3600000"
+    finally:
+        a.close()
+    # The new segment.bytes applies to the open log at once: new batches roll segments.
+    assert segment_files(broker, topic, 0) == ["00000000000000000000.log"]
+    p = producer(broker, acks="all")
+    for _ in range(6):
+        p.send(topic, b"x" * 10000, partition=0).get(WAIT_S)
+    p.close()
+    assert len(segment_files(broker, topic, 0)) >= 3, segment_files(broker, topic, 0)
+    # A dynamic broker default applies at once to the open logs of topics without an override.
+    other = topic + "-other"
+    create(broker, other)
+    a = admin(broker)
+    try:
+        out = a.alter_configs([ConfigResource(ConfigResourceType.BROKER, "0", {"log.segment.bytes": "16384"})],
+                              incremental=True)
+        assert out == {"broker": {"0": "OK"}}, out
+    finally:
+        a.close()
+    p = producer(broker, acks="all")
+    for _ in range(6):
+        p.send(other, b"x" * 10000, partition=0).get(WAIT_S)
+    p.close()
+    assert len(segment_files(broker, other, 0)) >= 3, segment_files(broker, other, 0)
 
 
 def test_admin_create_partitions(broker, topic):
@@ -270,3 +394,55 @@ def test_every_codec_kcat_to_kafka_python(broker, topic, codec):
     recs = read(broker, topic, 0, 100)
     assert [(r.offset, r.key.decode(), r.value.decode()) for r in recs] == [
         (i, line.split(":", 1)[0], line.split(":", 1)[1]) for i, line in enumerate(lines)]
+
+
+# --- cluster and topic description (authorized operations, pagination) -----------------------
+
+TOPIC_OPERATIONS = {"READ", "WRITE", "CREATE", "DELETE", "ALTER", "DESCRIBE", "DESCRIBE_CONFIGS", "ALTER_CONFIGS"}
+CLUSTER_OPERATIONS = {"CREATE", "ALTER", "DESCRIBE", "CLUSTER_ACTION", "DESCRIBE_CONFIGS", "ALTER_CONFIGS",
+                      "IDEMPOTENT_WRITE"}
+
+
+def test_describe_cluster_and_topics_report_every_authorized_operation(broker, topic):
+    create(broker, topic, partitions=2)
+    a = admin(broker)
+    try:
+        cluster = a.describe_cluster()  # DescribeCluster, asking for the authorized operations
+        assert [b["broker_id"] for b in cluster["brokers"]] == [0]
+        assert cluster["brokers"][0]["port"] == broker.port
+        assert cluster["controller_id"] == 0
+        assert cluster["cluster_id"]
+        assert set(cluster["authorized_operations"]) == CLUSTER_OPERATIONS
+        (desc,) = a.describe_topics([topic])  # Metadata, asking for topic operations
+        assert set(desc["authorized_operations"]) == TOPIC_OPERATIONS
+    finally:
+        a.close()
+
+
+def test_describe_topic_partitions_pages_with_a_cursor(broker, topic):
+    names = [f"{topic}-a", f"{topic}-b", f"{topic}-c"]
+    for n, parts in zip(names, (3, 1, 4)):
+        create(broker, n, partitions=parts)
+    a = admin(broker)
+    try:
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = a.describe_topic_partitions(names + ["no-such-topic"], response_partition_limit=2,
+                                               cursor=cursor)
+            pages += 1
+            for t in page["topics"]:
+                assert t["error_code"] in (0, 3), t
+                if t["error_code"] == 0:
+                    # The raw bitfield here: one bit per operation code (READ=3 ... ALTER_CONFIGS=11).
+                    assert t["topic_authorized_operations"] == sum(1 << c for c in (3, 4, 5, 6, 7, 8, 10, 11))
+                    assert sum(1 for _ in t["partitions"]) <= 2
+                seen.extend((t["name"], p["partition_index"], p["leader_id"]) for p in t["partitions"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+            assert pages < 10
+        expected = [(n, p, 0) for n, parts in zip(names, (3, 1, 4)) for p in range(parts)]
+        assert seen == expected
+        assert pages == 4
+    finally:
+        a.close()

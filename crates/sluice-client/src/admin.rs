@@ -309,6 +309,142 @@ pub async fn topic_configs<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(r.configs)
 }
 
+/// One change of a topic config (IncrementalAlterConfigs' operations).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigOp {
+    Set(String, String),
+    /// Back to the default.
+    Delete(String),
+    /// Adds items to a list config.
+    Append(String, String),
+    /// Removes items from a list config.
+    Subtract(String, String),
+}
+
+/// Changes a topic's configs with IncrementalAlterConfigs (`validate_only`: checks only).
+pub async fn alter_topic_configs<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    name: &str,
+    ops: &[ConfigOp],
+    validate_only: bool,
+) -> Result<()> {
+    use kafka_protocol::messages::incremental_alter_configs_request::{
+        AlterConfigsResource, AlterableConfig,
+    };
+    use kafka_protocol::messages::IncrementalAlterConfigsRequest;
+    /// IncrementalAlterConfigs resource type of a topic.
+    const RESOURCE_TOPIC: i8 = 2;
+    let configs = ops
+        .iter()
+        .map(|op| {
+            let (k, code, v) = match op {
+                ConfigOp::Set(k, v) => (k, 0, Some(v)),
+                ConfigOp::Delete(k) => (k, 1, None),
+                ConfigOp::Append(k, v) => (k, 2, Some(v)),
+                ConfigOp::Subtract(k, v) => (k, 3, Some(v)),
+            };
+            AlterableConfig::default()
+                .with_name(s(k))
+                .with_config_operation(code)
+                .with_value(v.map(|v| s(v)))
+        })
+        .collect();
+    let req = IncrementalAlterConfigsRequest::default()
+        .with_resources(vec![AlterConfigsResource::default()
+            .with_resource_type(RESOURCE_TOPIC)
+            .with_resource_name(s(name))
+            .with_configs(configs)])
+        .with_validate_only(validate_only);
+    let v = c
+        .versions()
+        .pick_in::<IncrementalAlterConfigsRequest>(0, 1)?;
+    let resp = c
+        .call_at(&req, v)
+        .await
+        .context("IncrementalAlterConfigs")?;
+    let r = resp
+        .responses
+        .first()
+        .ok_or_else(|| anyhow!("broker returned no IncrementalAlterConfigs result"))?;
+    check(
+        r.error_code,
+        &format!("cannot change the configs of {name}"),
+        r.error_message.as_ref(),
+    )
+}
+
+/// A broker as DescribeCluster (or Metadata) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterBroker {
+    pub id: i32,
+    pub host: String,
+    pub port: i32,
+    pub rack: Option<String>,
+    pub fenced: bool,
+}
+
+/// The cluster as its brokers describe it.
+#[derive(Debug, Clone)]
+pub struct ClusterDescription {
+    pub cluster_id: String,
+    pub controller_id: i32,
+    pub brokers: Vec<ClusterBroker>,
+}
+
+/// The cluster id, controller and brokers (fenced ones included, marked): DescribeCluster, or
+/// Metadata from a broker without it.
+pub async fn describe_cluster<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+) -> Result<ClusterDescription> {
+    use kafka_protocol::messages::DescribeClusterRequest;
+    if let Ok(v) = c.versions().pick_in::<DescribeClusterRequest>(0, 2) {
+        let req = DescribeClusterRequest::default()
+            .with_endpoint_type(1)
+            .with_include_fenced_brokers(true);
+        let resp = c.call_at(&req, v).await.context("DescribeCluster")?;
+        check(
+            resp.error_code,
+            "cannot describe the cluster",
+            resp.error_message.as_ref(),
+        )?;
+        return Ok(ClusterDescription {
+            cluster_id: resp.cluster_id.to_string(),
+            controller_id: resp.controller_id.0,
+            brokers: resp
+                .brokers
+                .iter()
+                .map(|b| ClusterBroker {
+                    id: b.broker_id.0,
+                    host: b.host.to_string(),
+                    port: b.port,
+                    rack: b.rack.as_ref().map(|r| r.to_string()),
+                    fenced: b.is_fenced,
+                })
+                .collect(),
+        });
+    }
+    let m = metadata(c, Some(&[]), false).await?;
+    Ok(ClusterDescription {
+        cluster_id: m
+            .cluster_id
+            .as_ref()
+            .map(|x| x.to_string())
+            .unwrap_or_default(),
+        controller_id: m.controller_id.0,
+        brokers: m
+            .brokers
+            .iter()
+            .map(|b| ClusterBroker {
+                id: b.node_id.0,
+                host: b.host.to_string(),
+                port: b.port,
+                rack: b.rack.as_ref().map(|r| r.to_string()),
+                fenced: false,
+            })
+            .collect(),
+    })
+}
+
 /// A producer id and epoch for an idempotent producer (KIP-98).
 pub async fn init_producer_id<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Connection<S>,

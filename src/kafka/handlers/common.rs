@@ -48,6 +48,7 @@ pub fn admin_code(e: &AdminError) -> ErrorCode {
         AdminError::InvalidConfig(_) => ResponseError::InvalidConfig,
         AdminError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
         AdminError::NotController => ResponseError::NotController,
+        AdminError::NotDynamic(_) => ResponseError::InvalidRequest,
         AdminError::Storage(_) => ResponseError::KafkaStorageError,
     })
 }
@@ -125,6 +126,65 @@ where
         }
     })
     .await
+}
+
+/// Kafka's ACL operation codes (`AclOperation`), the bit positions of an authorized-operations
+/// bitfield.
+mod acl {
+    pub const READ: u32 = 3;
+    pub const WRITE: u32 = 4;
+    pub const CREATE: u32 = 5;
+    pub const DELETE: u32 = 6;
+    pub const ALTER: u32 = 7;
+    pub const DESCRIBE: u32 = 8;
+    pub const CLUSTER_ACTION: u32 = 9;
+    pub const DESCRIBE_CONFIGS: u32 = 10;
+    pub const ALTER_CONFIGS: u32 = 11;
+    pub const IDEMPOTENT_WRITE: u32 = 12;
+}
+
+/// The resource types that carry authorized operations in responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclResource {
+    Topic,
+    Group,
+    Cluster,
+}
+
+/// Kafka's "authorized operations not requested" sentinel.
+pub const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
+
+/// The authorized-operations bitfield of a resource: with no authorizer (Sluice has none), every
+/// operation Kafka supports for the resource type (`AclEntry.supportedOperations`), one bit per
+/// operation code; [`AUTHORIZED_OPERATIONS_OMITTED`] when the request did not ask.
+pub fn authorized_operations(resource: AclResource, requested: bool) -> i32 {
+    if !requested {
+        return AUTHORIZED_OPERATIONS_OMITTED;
+    }
+    use acl::*;
+    let ops: &[u32] = match resource {
+        AclResource::Topic => &[
+            READ,
+            WRITE,
+            CREATE,
+            DELETE,
+            ALTER,
+            DESCRIBE,
+            DESCRIBE_CONFIGS,
+            ALTER_CONFIGS,
+        ],
+        AclResource::Group => &[READ, DELETE, DESCRIBE],
+        AclResource::Cluster => &[
+            CREATE,
+            ALTER,
+            DESCRIBE,
+            CLUSTER_ACTION,
+            DESCRIBE_CONFIGS,
+            ALTER_CONFIGS,
+            IDEMPOTENT_WRITE,
+        ],
+    };
+    ops.iter().fold(0i32, |bits, op| bits | (1 << op))
 }
 
 pub fn opt_str(s: &Option<StrBytes>) -> Option<String> {

@@ -89,15 +89,19 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .await
         {
             Ok(meta) => {
-                let cfgs = configs::resolve(&broker.config, &meta.configs)
-                    .into_iter()
-                    .map(|(k, v, src)| {
-                        CreatableTopicConfigs::default()
-                            .with_name(str_bytes(&k))
-                            .with_value(Some(str_bytes(&v)))
-                            .with_config_source(src as i8)
-                    })
-                    .collect();
+                let image = broker.image();
+                let cfgs = configs::resolve(
+                    &configs::BrokerDefaults::of(&broker.config, &image),
+                    &meta.configs,
+                )
+                .into_iter()
+                .map(|r| {
+                    CreatableTopicConfigs::default()
+                        .with_name(str_bytes(r.name))
+                        .with_value(Some(str_bytes(&r.value)))
+                        .with_config_source(r.source as i8)
+                })
+                .collect();
                 let mut ok = result.with_error_code(req.error_code(NONE));
                 if req.version >= 5 {
                     ok = ok

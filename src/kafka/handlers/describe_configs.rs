@@ -1,9 +1,12 @@
 //! DescribeConfigs, versions 1-4 (flexible from 4). Topic resources (type 2) show every topic
-//! key with its effective value and source; broker resources (type 4) show the broker settings.
+//! config Kafka documents with its effective value, source and type, and with
+//! `include_synonyms` where the value could come from (the topic override, the broker
+//! setting, Kafka's default); broker resources (type 4) show the broker settings, with the
+//! dynamic values AlterConfigs gave them.
 
 use bytes::Bytes;
 use kafka_protocol::messages::describe_configs_response::{
-    DescribeConfigsResourceResult, DescribeConfigsResult,
+    DescribeConfigsResourceResult, DescribeConfigsResult, DescribeConfigsSynonym,
 };
 use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
 use kafka_protocol::ResponseError;
@@ -16,14 +19,95 @@ use crate::shard;
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 
-/// DescribeConfigs `config_type` values (KIP-569).
-fn config_type(key: &str) -> i8 {
-    match key {
-        "cleanup.policy" => 7,         // LIST
-        "message.timestamp.type" => 2, // STRING
-        "max.message.bytes" => 3,      // INT
-        _ => 5,                        // LONG
-    }
+/// One config as DescribeConfigs reports it.
+struct Entry {
+    name: String,
+    value: String,
+    source: Source,
+    read_only: bool,
+    /// KIP-569 `config_type`.
+    kind: i8,
+    synonyms: Vec<(String, String, Source)>,
+}
+
+const BOOLEAN: i8 = 1;
+const STRING: i8 = 2;
+const INT: i8 = 3;
+const LONG: i8 = 5;
+
+/// The broker settings DescribeConfigs shows for this node, under Kafka's names: the
+/// broker-wide defaults of the topic configs Sluice applies, which AlterConfigs may change
+/// (with their dynamic values and synonyms), then the settings fixed at start.
+fn broker_entries(d: &configs::BrokerDefaults) -> Vec<Entry> {
+    let c = d.cfg;
+    let mut out: Vec<Entry> = configs::TOPIC_CONFIGS
+        .iter()
+        .filter_map(|def| {
+            let name = def.broker_key?;
+            configs::dynamic_broker_config(name)?;
+            let (value, source) = configs::broker_default(d, def);
+            Some(Entry {
+                name: name.to_string(),
+                value,
+                source,
+                read_only: false,
+                kind: def.kind.code(),
+                synonyms: configs::synonyms(d, def, None),
+            })
+        })
+        .collect();
+    let s = Source::StaticBroker;
+    let entry = |name: &str, value: String, kind: i8, source: Source| Entry {
+        synonyms: vec![(name.to_string(), value.clone(), source)],
+        name: name.to_string(),
+        value,
+        source,
+        read_only: true,
+        kind,
+    };
+    out.extend([
+        entry("broker.id", c.node_id.to_string(), INT, s),
+        entry("log.dirs", c.data_dir.display().to_string(), STRING, s),
+        entry("num.partitions", c.default_partitions.to_string(), INT, s),
+        entry(
+            "auto.create.topics.enable",
+            c.auto_create_topics.to_string(),
+            BOOLEAN,
+            s,
+        ),
+        entry(
+            "socket.request.max.bytes",
+            c.request_bytes_max.to_string(),
+            INT,
+            s,
+        ),
+        entry("max.connections", c.connections_max.to_string(), INT, s),
+        entry(
+            "connections.max.idle.ms",
+            c.connection_idle_ms.to_string(),
+            LONG,
+            s,
+        ),
+        entry(
+            "group.initial.rebalance.delay.ms",
+            c.group_initial_rebalance_delay_ms.to_string(),
+            INT,
+            s,
+        ),
+        entry(
+            "offsets.retention.minutes",
+            c.offsets_retention_minutes.to_string(),
+            INT,
+            s,
+        ),
+        entry(
+            "default.replication.factor",
+            "1".into(),
+            INT,
+            Source::Default,
+        ),
+    ]);
+    out
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -35,12 +119,22 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let result = DescribeConfigsResult::default()
             .with_resource_type(r.resource_type)
             .with_resource_name(r.resource_name.clone());
-        let entries: Vec<(String, String, Source, bool)> = match r.resource_type {
+        let entries: Vec<Entry> = match r.resource_type {
             RESOURCE_TOPIC => match image.topic(r.resource_name.as_str()) {
-                Some(t) => configs::resolve(&broker.config, &t.configs)
-                    .into_iter()
-                    .map(|(k, v, s)| (k, v, s, false))
-                    .collect(),
+                Some(t) => configs::resolve(
+                    &configs::BrokerDefaults::of(&broker.config, &image),
+                    &t.configs,
+                )
+                .into_iter()
+                .map(|r| Entry {
+                    name: r.name.to_string(),
+                    value: r.value,
+                    source: r.source,
+                    read_only: false,
+                    kind: r.kind.code(),
+                    synonyms: r.synonyms,
+                })
+                .collect(),
                 None => {
                     results.push(
                         result
@@ -62,72 +156,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     );
                     continue;
                 }
-                let c = &broker.config;
-                let s = Source::StaticBroker;
-                vec![
-                    ("broker.id".into(), node, s, true),
-                    ("log.dirs".into(), c.data_dir.display().to_string(), s, true),
-                    (
-                        "num.partitions".into(),
-                        c.default_partitions.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "auto.create.topics.enable".into(),
-                        c.auto_create_topics.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "log.segment.bytes".into(),
-                        c.segment_bytes.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "log.retention.ms".into(),
-                        c.retention_ms.map(|v| v as i64).unwrap_or(-1).to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "message.max.bytes".into(),
-                        c.message_bytes_max.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "socket.request.max.bytes".into(),
-                        c.request_bytes_max.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "max.connections".into(),
-                        c.connections_max.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "connections.max.idle.ms".into(),
-                        c.connection_idle_ms.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "offsets.retention.minutes".into(),
-                        c.offsets_retention_minutes.to_string(),
-                        s,
-                        true,
-                    ),
-                    (
-                        "default.replication.factor".into(),
-                        "1".into(),
-                        Source::Default,
-                        true,
-                    ),
-                ]
+                broker_entries(&configs::BrokerDefaults::of(&broker.config, &image))
             }
             other => {
                 results.push(
@@ -140,21 +169,36 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 continue;
             }
         };
-        let wanted = r.configuration_keys.as_ref();
+        // Null or empty: every config (as Kafka's ConfigHelper).
+        let wanted = r.configuration_keys.as_ref().filter(|w| !w.is_empty());
         let cfgs = entries
             .into_iter()
-            .filter(|(k, _, _, _)| {
+            .filter(|e| {
                 wanted
-                    .map(|w| w.iter().any(|x| x.as_str() == k))
+                    .map(|w| w.iter().any(|x| x.as_str() == e.name))
                     .unwrap_or(true)
             })
-            .map(|(k, v, src, read_only)| {
+            .map(|e| {
+                let synonyms = if request.include_synonyms {
+                    e.synonyms
+                        .iter()
+                        .map(|(n, v, src)| {
+                            DescribeConfigsSynonym::default()
+                                .with_name(str_bytes(n))
+                                .with_value(Some(str_bytes(v)))
+                                .with_source(*src as i8)
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 DescribeConfigsResourceResult::default()
-                    .with_config_type(if req.version >= 3 { config_type(&k) } else { 0 })
-                    .with_name(str_bytes(&k))
-                    .with_value(Some(str_bytes(&v)))
-                    .with_read_only(read_only)
-                    .with_config_source(src as i8)
+                    .with_config_type(if req.version >= 3 { e.kind } else { 0 })
+                    .with_name(str_bytes(&e.name))
+                    .with_value(Some(str_bytes(&e.value)))
+                    .with_read_only(e.read_only)
+                    .with_config_source(e.source as i8)
+                    .with_synonyms(synonyms)
             })
             .collect();
         results.push(

@@ -1,4 +1,4 @@
-//! DescribeGroups, versions 0-6 (flexible from 5; v3+ authorized operations; v4+ instance ids;
+//! DescribeGroups, versions 0-6 (flexible from 5; v3+ authorized operations: every group operation when asked, as Kafka without an authorizer; v4+ instance ids;
 //! v6 error messages and GROUP_ID_NOT_FOUND for unknown groups, KIP-1043). Member metadata and
 //! assignments are filled in only for Stable groups, as Kafka does.
 
@@ -6,16 +6,17 @@ use bytes::Bytes;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::{DescribeGroupsRequest, DescribeGroupsResponse, GroupId};
 
-use super::common::str_bytes;
+use super::common::{authorized_operations, str_bytes, AclResource};
 use crate::group::on_coordinator;
 use crate::kafka::{Request, Response};
-
-/// Kafka's "authorized operations not requested" sentinel.
-const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: DescribeGroupsRequest = crate::decode_or_close!(req, b);
     let version = req.version;
+    let operations = authorized_operations(
+        AclResource::Group,
+        version >= 3 && request.include_authorized_operations,
+    );
     let mut groups = Vec::with_capacity(request.groups.len());
     for g in request.groups {
         let id = g.to_string();
@@ -60,7 +61,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 out
             }
         };
-        groups.push(out.with_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED));
+        groups.push(out.with_authorized_operations(operations));
     }
     req.respond(&DescribeGroupsResponse::default().with_groups(groups))
 }

@@ -2,7 +2,8 @@
 //! leads every partition and is the controller; in a cluster, the brokers are the registered
 //! ones, each partition's leader is the node that holds it (one replica) and the controller is
 //! the controller group's leader. Unknown topics are auto-created when the broker allows it and
-//! the request does (v4+).
+//! the request does (v4+; before v4 every request allows it). Topic (v8+) and cluster (v8-10)
+//! authorized operations are computed when asked (`common::authorized_operations`).
 
 use std::sync::Arc;
 
@@ -13,19 +14,24 @@ use kafka_protocol::messages::metadata_response::{
 use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
 use kafka_protocol::ResponseError;
 
-use super::common::{code, str_bytes, topic_name, topic_or_create};
+use super::common::{
+    authorized_operations, code, str_bytes, topic_name, topic_or_create, AclResource,
+    AUTHORIZED_OPERATIONS_OMITTED,
+};
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
 use crate::shard::{self, BrokerContext};
-
-/// Kafka's "authorized operations not requested" sentinel.
-const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
 
 pub fn cluster_id() -> String {
     "sluice-single-node".to_string()
 }
 
-fn topic_entry(broker: &BrokerContext, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
+fn topic_entry(
+    broker: &BrokerContext,
+    t: &TopicMeta,
+    version: i16,
+    operations: i32,
+) -> MetadataResponseTopic {
     let image = broker.image();
     let partitions = (0..t.partition_count())
         .map(|p| {
@@ -55,39 +61,73 @@ fn topic_entry(broker: &BrokerContext, t: &TopicMeta, version: i16) -> MetadataR
         })
         .with_is_internal(t.internal && version >= 1)
         .with_partitions(partitions)
-        .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_topic_authorized_operations(operations)
+}
+
+/// A broker as Metadata and DescribeCluster list it.
+pub struct ListedBroker {
+    pub id: i32,
+    pub host: String,
+    pub port: u16,
+    pub fenced: bool,
 }
 
 /// The brokers clients may connect to: this node, and in a cluster every registered node that
-/// is not fenced (this one included before its registration is applied).
-fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
+/// is not fenced (this one included before its registration is applied); with
+/// `include_fenced`, the fenced ones too.
+pub fn listed_brokers(broker: &BrokerContext, include_fenced: bool) -> Vec<ListedBroker> {
     let me = broker.config.node_id;
-    let entry = |id: i32, host: &str, port: u16| {
-        MetadataResponseBroker::default()
-            .with_node_id(BrokerId(id))
-            .with_host(str_bytes(host))
-            .with_port(port as i32)
-    };
     let mut out = Vec::new();
     if broker.config.cluster.is_some() {
-        for b in broker.image().live_brokers() {
-            out.push(entry(b.id, &b.host, b.port));
+        let image = broker.image();
+        for b in image.brokers.values() {
+            let fenced = image.fenced.contains(&b.id);
+            if !fenced || include_fenced {
+                out.push(ListedBroker {
+                    id: b.id,
+                    host: b.host.clone(),
+                    port: b.port,
+                    fenced,
+                });
+            }
         }
     }
-    if !out.iter().any(|b| b.node_id.0 == me) {
-        out.push(entry(
-            me,
-            &broker.config.advertise_host,
-            broker.config.advertise_port,
-        ));
+    if !out.iter().any(|b| b.id == me) {
+        out.push(ListedBroker {
+            id: me,
+            host: broker.config.advertise_host.clone(),
+            port: broker.config.advertise_port,
+            fenced: false,
+        });
     }
     out
+}
+
+fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
+    listed_brokers(broker, false)
+        .into_iter()
+        .map(|b| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(b.id))
+                .with_host(str_bytes(&b.host))
+                .with_port(b.port as i32)
+        })
+        .collect()
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: MetadataRequest = crate::decode_or_close!(req, b);
     let broker = shard::local().broker.clone();
     let allow_auto = req.version < 4 || request.allow_auto_topic_creation;
+    // v8+: the topic's authorized operations when asked; v8-10: the cluster's too.
+    let topic_ops = authorized_operations(
+        AclResource::Topic,
+        req.version >= 8 && request.include_topic_authorized_operations,
+    );
+    let cluster_ops = authorized_operations(
+        AclResource::Cluster,
+        (8..=10).contains(&req.version) && request.include_cluster_authorized_operations,
+    );
     // v0: an empty list means all topics; v1+: null means all, empty means none.
     let all = match &request.topics {
         None => true,
@@ -97,13 +137,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     if all {
         let image = broker.image();
         for t in image.topics.values() {
-            topics.push(topic_entry(&broker, t, req.version));
+            topics.push(topic_entry(&broker, t, req.version, topic_ops));
         }
     } else {
         for rt in request.topics.unwrap_or_default() {
             match (&rt.name, rt.topic_id.is_nil()) {
                 (Some(name), _) => match topic_or_create(name, allow_auto).await {
-                    Ok(t) => topics.push(topic_entry(&broker, &t, req.version)),
+                    Ok(t) => topics.push(topic_entry(&broker, &t, req.version, topic_ops)),
                     Err(e) => topics.push(
                         MetadataResponseTopic::default()
                             .with_error_code(req.error_code(e))
@@ -114,7 +154,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (None, false) => {
                     let image = broker.image();
                     match image.topic_by_id(rt.topic_id.as_bytes()) {
-                        Some(t) => topics.push(topic_entry(&broker, &Arc::clone(t), req.version)),
+                        Some(t) => topics.push(topic_entry(
+                            &broker,
+                            &Arc::clone(t),
+                            req.version,
+                            topic_ops,
+                        )),
                         None => topics.push(
                             MetadataResponseTopic::default()
                                 .with_error_code(
@@ -138,6 +183,6 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .with_cluster_id((req.version >= 2).then(|| str_bytes(&cluster_id())))
         .with_controller_id(BrokerId(broker.controller_id()))
         .with_topics(topics)
-        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
+        .with_cluster_authorized_operations(cluster_ops);
     req.respond(&response)
 }

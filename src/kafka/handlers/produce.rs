@@ -2,6 +2,8 @@
 //! (framing, magic v2, CRC-32C, max.message.bytes), then appends it on the partition's owner
 //! shard and waits for the durability the acks ask for: acks=0 none, acks=1 the write,
 //! acks=all the fdatasync. Partitions of one request are appended concurrently.
+//! A topic the broker does not know is UNKNOWN_TOPIC_OR_PARTITION: as in Kafka, Produce never
+//! creates topics (a producer's Metadata request may, see `metadata`).
 
 use std::time::Duration;
 
@@ -114,7 +116,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let topic = if durability.is_none() || transactional {
             None
         } else {
-            Some(topic_or_create(&name, true).await)
+            // Kafka never creates a topic from Produce: an unknown topic is
+            // UNKNOWN_TOPIC_OR_PARTITION (only Metadata may auto-create).
+            Some(topic_or_create(&name, false).await)
         };
         let mut parts = Vec::with_capacity(td.partition_data.len());
         for pd in td.partition_data {
@@ -212,13 +216,16 @@ async fn append_partition(
     if index < 0 || index >= topic.partition_count() {
         return Outcome::error(code(ResponseError::UnknownTopicOrPartition), None);
     }
-    let max_bytes = configs::max_message_bytes(&broker.config, &topic.configs);
+    let image = broker.image();
+    let defaults = configs::BrokerDefaults::of(&broker.config, &image);
+    let max_bytes = configs::max_message_bytes(&defaults, &topic.configs);
     if let Err((c, m)) = validate(&records, max_bytes) {
         return Outcome::error(c, Some(m));
     }
     // The log patches offsets in place, so it gets its own copy of the batch bytes.
     let mut owned = BytesMut::from(&records[..]);
-    let append_time = configs::log_append_time(&topic.configs).then(crate::types::now_ms);
+    let append_time =
+        configs::log_append_time(&defaults, &topic.configs).then(crate::types::now_ms);
     if let Some(now) = append_time {
         let mut at = 0;
         while at < owned.len() {

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use common::raw::{Raw, IO_WAIT};
+use common::raw::{batch, create_topic, tn, Raw, IO_WAIT};
 use common::{run_bounded, topic_name, Broker};
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
@@ -21,9 +21,7 @@ use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::RecordBatchDecoder;
 
 // Kafka error codes (Kafka protocol guide, "Error Codes").
 const NONE: i16 = 0;
@@ -44,60 +42,6 @@ fn assert_serves(b: &Broker) {
         &MetadataRequest::default().with_topics(None),
     );
     assert_eq!(m.brokers.len(), 1);
-}
-
-fn tn(s: &str) -> TopicName {
-    TopicName(StrBytes::from_string(s.to_string()))
-}
-
-fn create_topic(r: &mut Raw, name: &str, partitions: i32) {
-    let resp: CreateTopicsResponse = r.call(
-        ApiKey::CreateTopics,
-        5,
-        &CreateTopicsRequest::default()
-            .with_topics(vec![CreatableTopic::default()
-                .with_name(tn(name))
-                .with_num_partitions(partitions)
-                .with_replication_factor(1)])
-            .with_timeout_ms(10_000),
-    );
-    assert_eq!(resp.topics[0].error_code, NONE, "{:?}", resp.topics[0]);
-}
-
-/// One uncompressed v2 batch of `values` (keys `k<i>`, timestamps 1_700_000_000_000 + i).
-fn batch(values: &[&[u8]]) -> Bytes {
-    let records: Vec<Record> = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            // The encoder starts a new batch whenever `offset - sequence` changes; this keeps all
-            // records in one batch while the batch's base sequence stays -1 (no producer id).
-            sequence: i as i32 - 1,
-            timestamp: 1_700_000_000_000 + i as i64,
-            key: Some(Bytes::from(format!("k{i}"))),
-            value: Some(Bytes::copy_from_slice(v)),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode batch");
-    buf.freeze()
 }
 
 fn produce(r: &mut Raw, topic: &str, partition: i32, acks: i16, records: Bytes) -> (i16, i64) {

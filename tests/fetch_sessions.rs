@@ -7,18 +7,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use common::raw::Raw;
+use common::raw::{batch, create_topic, tn, topic_id, Raw};
 use common::{topic_name, Broker};
-use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
-use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::RecordBatchDecoder;
 use uuid::Uuid;
 
 // Kafka error codes (Kafka protocol guide, "Error Codes").
@@ -27,61 +21,6 @@ const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
 const INVALID_FETCH_SESSION_EPOCH: i16 = 71;
 const FETCH_SESSION_TOPIC_ID_ERROR: i16 = 106;
-
-fn tn(s: &str) -> TopicName {
-    TopicName(StrBytes::from_string(s.to_string()))
-}
-
-fn create_topic(r: &mut Raw, name: &str, partitions: i32) -> Uuid {
-    let resp: CreateTopicsResponse = r.call(
-        ApiKey::CreateTopics,
-        5,
-        &CreateTopicsRequest::default()
-            .with_topics(vec![CreatableTopic::default()
-                .with_name(tn(name))
-                .with_num_partitions(partitions)
-                .with_replication_factor(1)])
-            .with_timeout_ms(10_000),
-    );
-    assert_eq!(resp.topics[0].error_code, NONE, "{:?}", resp.topics[0]);
-    let m: MetadataResponse = r.call(
-        ApiKey::Metadata,
-        12,
-        &MetadataRequest::default().with_topics(Some(vec![
-            MetadataRequestTopic::default().with_name(Some(tn(name)))
-        ])),
-    );
-    m.topics[0].topic_id
-}
-
-fn batch(value: &[u8]) -> Bytes {
-    let records = vec![Record {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
-        timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: -1,
-        timestamp: 1_700_000_000_000,
-        key: None,
-        value: Some(Bytes::copy_from_slice(value)),
-        headers: Default::default(),
-    }];
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode batch");
-    buf.freeze()
-}
 
 fn produce(r: &mut Raw, topic: &str, partition: i32, value: &[u8]) -> i64 {
     let resp: ProduceResponse = r.call(
@@ -94,7 +33,7 @@ fn produce(r: &mut Raw, topic: &str, partition: i32, value: &[u8]) -> i64 {
                 .with_name(tn(topic))
                 .with_partition_data(vec![PartitionProduceData::default()
                     .with_index(partition)
-                    .with_records(Some(batch(value)))])]),
+                    .with_records(Some(batch(&[value])))])]),
     );
     let p = &resp.responses[0].partition_responses[0];
     assert_eq!(p.error_code, NONE);
@@ -220,7 +159,8 @@ fn key(version: i16, t: &T) -> String {
 
 fn new_topic(r: &mut Raw, prefix: &str, partitions: i32) -> T {
     let name = topic_name(prefix);
-    let id = create_topic(r, &name, partitions);
+    create_topic(r, &name, partitions);
+    let id = topic_id(r, &name);
     T { name, id }
 }
 

@@ -11,18 +11,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use common::raw::{Raw, IO_WAIT};
+use common::raw::{batch, create_topic, tn, Raw, IO_WAIT};
 use common::Broker;
-use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::RecordBatchDecoder;
 
 /// How long the broker may take to log a panic after closing the connection.
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -38,54 +34,6 @@ const PRODUCE_VERSION: i16 = 9;
 const FETCH_VERSION: i16 = 12;
 const DESCRIBE_GROUPS_VERSION: i16 = 5;
 
-fn tn(s: &str) -> TopicName {
-    TopicName(StrBytes::from_string(s.to_string()))
-}
-
-fn create_topic(r: &mut Raw, name: &str) {
-    let resp: CreateTopicsResponse = r.call(
-        ApiKey::CreateTopics,
-        5,
-        &CreateTopicsRequest::default()
-            .with_topics(vec![CreatableTopic::default()
-                .with_name(tn(name))
-                .with_num_partitions(PARTITIONS)
-                .with_replication_factor(1)])
-            .with_timeout_ms(10_000),
-    );
-    assert_eq!(resp.topics[0].error_code, NONE, "{:?}", resp.topics[0]);
-}
-
-/// One uncompressed v2 batch holding `value`.
-fn batch(value: &[u8]) -> Bytes {
-    let record = Record {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
-        timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: -1,
-        timestamp: 1_700_000_000_000,
-        key: None,
-        value: Some(Bytes::copy_from_slice(value)),
-        headers: Default::default(),
-    };
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &[record],
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode batch");
-    buf.freeze()
-}
-
 /// Produces `value` (acks=all) to one partition: `Some((error, base offset))`, or `None` when the
 /// broker closed the connection.
 fn try_produce(r: &mut Raw, topic: &str, partition: i32, value: &[u8]) -> Option<(i16, i64)> {
@@ -99,7 +47,7 @@ fn try_produce(r: &mut Raw, topic: &str, partition: i32, value: &[u8]) -> Option
                 .with_name(tn(topic))
                 .with_partition_data(vec![PartitionProduceData::default()
                     .with_index(partition)
-                    .with_records(Some(batch(value)))])]),
+                    .with_records(Some(batch(&[value])))])]),
     )?;
     let p = &resp.responses[0].partition_responses[0];
     Some((p.error_code, p.base_offset))
@@ -172,9 +120,9 @@ fn scene(point: &str, key: &str, boom_topic: Option<&str>) -> Scene {
         .start();
     let calm = format!("calm-{point}");
     let mut setup = Raw::connect(broker.addr);
-    create_topic(&mut setup, &calm);
+    create_topic(&mut setup, &calm, PARTITIONS);
     if let Some(boom) = boom_topic {
-        create_topic(&mut setup, boom);
+        create_topic(&mut setup, boom, PARTITIONS);
     }
     let mut bystanders = Vec::new();
     for i in 0..BYSTANDERS {

@@ -39,6 +39,12 @@ pub struct TopicMeta {
     /// metadata log is as before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<i32>,
+    /// In a cluster, every replica of each partition, preferred leader first (so `nodes[p]` is
+    /// `replicas[p][0]`); the partition's shard index `shards[p]` is the same on each of them.
+    /// Empty when every partition has the one replica `nodes[p]` (and then not written, so
+    /// records of topics with one replica are as before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Vec<i32>>,
 }
 
 /// A broker of a cluster, as it registered with the controller.
@@ -55,6 +61,24 @@ pub struct BrokerInfo {
 impl TopicMeta {
     pub fn partition_count(&self) -> i32 {
         self.shards.len() as i32
+    }
+
+    /// The nodes holding a replica of `partition`, preferred leader first; empty on a single
+    /// node (every partition is local there) and for a partition that does not exist.
+    pub fn replica_nodes(&self, partition: i32) -> &[i32] {
+        let Ok(p) = usize::try_from(partition) else {
+            return &[];
+        };
+        if self.replicas.is_empty() {
+            self.nodes.get(p..p + 1).unwrap_or(&[])
+        } else {
+            self.replicas.get(p).map(Vec::as_slice).unwrap_or(&[])
+        }
+    }
+
+    /// The number of replicas of each partition: 1 unless the topic was placed with more.
+    pub fn replication_factor(&self) -> usize {
+        self.replicas.first().map_or(1, Vec::len)
     }
 }
 
@@ -80,6 +104,10 @@ pub enum Record {
         /// In a cluster, the node of each new partition.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         nodes: Vec<i32>,
+        /// In a cluster, the replicas of each new partition when the topic has more than one
+        /// (as [`TopicMeta::replicas`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        replicas: Vec<Vec<i32>>,
     },
     /// A broker joined the cluster, or came back with other addresses or shards.
     RegisterBroker(BrokerInfo),
@@ -167,11 +195,13 @@ impl MetadataImage {
                 name,
                 shards,
                 nodes,
+                replicas,
             } => {
                 if let Some(t) = self.topics.get_mut(&name) {
                     let t = Arc::make_mut(t);
                     t.shards.extend(shards);
                     t.nodes.extend(nodes);
+                    t.replicas.extend(replicas);
                 }
             }
             Record::RegisterBroker(b) => {
@@ -324,6 +354,7 @@ impl MetadataStore {
         self.append(Record::AddPartitions {
             name: name.to_string(),
             shards,
+            replicas: Vec::new(),
             nodes: Vec::new(),
         })
     }
@@ -362,6 +393,7 @@ mod tests {
             configs: BTreeMap::new(),
             internal: false,
             nodes: Vec::new(),
+            replicas: Vec::new(),
         }
     }
 
@@ -390,6 +422,7 @@ mod tests {
                 name: "a".into(),
                 shards: vec![0],
                 nodes: vec![3],
+                replicas: Vec::new(),
             },
             Record::FenceBroker { id: 1 },
             // Unknown brokers are not fenced.
@@ -403,6 +436,35 @@ mod tests {
         assert_eq!(image.topic("a").unwrap().shards, vec![0, 1, 0]);
         assert_eq!(image.fenced.iter().copied().collect::<Vec<_>>(), vec![1]);
         assert_eq!(image.live_brokers().count(), 0);
+        let mut again = MetadataImage::default();
+        again.apply(Record::decode(&image.snapshot_record().encode()).unwrap());
+        assert_eq!(again, image);
+    }
+
+    #[test]
+    fn replica_lists_round_trip_and_default_to_the_node() {
+        let mut t = topic("r", 2);
+        t.nodes = vec![1, 2];
+        assert_eq!(t.replica_nodes(1), [2]);
+        assert_eq!(t.replication_factor(), 1);
+        t.replicas = vec![vec![1, 2, 3], vec![2, 3, 1]];
+        let mut image = MetadataImage::default();
+        for r in [
+            Record::CreateTopic(t),
+            Record::AddPartitions {
+                name: "r".into(),
+                shards: vec![1],
+                nodes: vec![3],
+                replicas: vec![vec![3, 1, 2]],
+            },
+        ] {
+            image.apply(Record::decode(&r.encode()).unwrap());
+        }
+        let t = image.topic("r").unwrap();
+        assert_eq!(t.replica_nodes(2), [3, 1, 2]);
+        assert_eq!(t.replica_nodes(3), [] as [i32; 0]);
+        assert_eq!(t.replica_nodes(-1), [] as [i32; 0]);
+        assert_eq!(t.replication_factor(), 3);
         let mut again = MetadataImage::default();
         again.apply(Record::decode(&image.snapshot_record().encode()).unwrap());
         assert_eq!(again, image);

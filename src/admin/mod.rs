@@ -230,11 +230,6 @@ fn check_shard_capacity(
 /// cluster that loses a node keeps accepting topic creation with defaults.
 pub const DEFAULT_REPLICATION_FACTOR: i16 = 1;
 
-/// Whether this build serves partitions with more than one replica. Placement and the image
-/// carry replica lists; the partition raft groups are not yet opened by the broker, so a
-/// replication factor above 1 is refused until they are.
-const MULTI_REPLICA_SERVED: bool = false;
-
 /// In a cluster: the replication factor asked for (-1 takes [`DEFAULT_REPLICATION_FACTOR`]),
 /// refused with Kafka's INVALID_REPLICATION_FACTOR when below 1 or, with Kafka's message, when
 /// there are fewer live registered brokers than asked for.
@@ -253,12 +248,6 @@ fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<us
     if wanted as usize > brokers {
         return Err(AdminError::InvalidReplicationFactor(format!(
             "Replication factor: {wanted} larger than available brokers: {brokers}."
-        )));
-    }
-    if wanted > 1 && !MULTI_REPLICA_SERVED {
-        return Err(AdminError::InvalidReplicationFactor(format!(
-            "replication factor {rf}: replicated partitions are not served yet; partitions \
-             have one replica (use 1)"
         )));
     }
     Ok(wanted as usize)
@@ -303,6 +292,9 @@ struct Placement {
     /// Every replica of each partition, preferred leader first; empty when `rf` is 1
     /// (`TopicMeta::replicas`).
     replicas: Vec<Vec<i32>>,
+    /// The raft group id of each partition, from the image's first free one; empty when `rf`
+    /// is 1.
+    groups: Vec<u64>,
 }
 
 /// In a cluster: the replicas and the shard index of each new partition `new`, `rf` replicas
@@ -352,6 +344,8 @@ fn place(image: &MetadataImage, seed: u32, new: std::ops::Range<i32>, rf: usize)
             placed
                 .replicas
                 .push(set.iter().map(|i| brokers[*i].id).collect());
+            let group = image.first_free_group() + placed.groups.len() as u64;
+            placed.groups.push(group);
         }
     }
     placed
@@ -470,6 +464,7 @@ pub async fn create_topic(
                 nodes,
                 shards,
                 replicas,
+                groups,
             } = place(&image, seed, 0..partitions, rf);
             let meta = TopicMeta {
                 name: name.clone(),
@@ -479,6 +474,7 @@ pub async fn create_topic(
                 internal,
                 nodes,
                 replicas,
+                groups,
             };
             if mode == CreateMode::ValidateOnly {
                 return Ok(Arc::new(meta));
@@ -503,6 +499,7 @@ pub async fn create_topic(
             internal,
             nodes: Vec::new(),
             replicas: Vec::new(),
+            groups: Vec::new(),
         };
         if mode == CreateMode::ValidateOnly {
             return Ok(Arc::new(meta));
@@ -600,6 +597,7 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
                 nodes,
                 shards,
                 replicas,
+                groups,
             } = place(&image, seed, current..total, rf);
             if nodes.len() != (total - current) as usize {
                 let live = image.live_brokers().count();
@@ -615,6 +613,7 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
                 shards,
                 nodes,
                 replicas,
+                groups,
             })
             .await?;
             return Ok(());
@@ -741,9 +740,12 @@ mod tests {
             internal: false,
             nodes: vec![1],
             replicas: vec![vec![1, 2]],
+            groups: vec![4],
         }));
-        let placed = place(&image, 0, 0..1, 2);
-        assert_eq!(placed.shards, [1]);
+        let placed = place(&image, 0, 0..2, 2);
+        assert_eq!(placed.shards[0], 1);
+        // Group ids continue after every one assigned.
+        assert_eq!(placed.groups, [5, 6]);
     }
 
     #[test]
@@ -758,11 +760,7 @@ mod tests {
             Err(AdminError::InvalidReplicationFactor(m)) => m,
             other => panic!("rf {rf}: {other:?}"),
         };
-        assert!(
-            msg(&image, 3).contains("not served yet"),
-            "{}",
-            msg(&image, 3)
-        );
+        assert_eq!(check_cluster_replication_factor(&image, 3).unwrap(), 3);
         assert_eq!(
             msg(&image, 4),
             "Replication factor: 4 larger than available brokers: 3."

@@ -23,6 +23,7 @@ pub const TOPIC_KEYS: &[&str] = &[
     "segment.bytes",
     "segment.ms",
     "flush.ms",
+    "min.insync.replicas",
 ];
 
 /// Checks one topic config; the error is the INVALID_CONFIG message.
@@ -52,6 +53,7 @@ pub fn validate(key: &str, value: &str, internal: bool) -> Result<(), String> {
         "segment.bytes" => int(14),
         "segment.ms" => int(1),
         "flush.ms" => int(-1),
+        "min.insync.replicas" => int(1),
         _ => Err(format!("unknown topic config '{key}'")),
     }
 }
@@ -89,6 +91,7 @@ fn broker_default(cfg: &BrokerConfig, key: &str) -> (String, Source) {
             FlushPolicy::Always => ("-1".into(), Source::StaticBroker),
             FlushPolicy::IntervalMs(ms) => (ms.to_string(), Source::StaticBroker),
         },
+        "min.insync.replicas" => ("1".into(), Source::Default),
         _ => (String::new(), Source::Default),
     }
 }
@@ -120,6 +123,12 @@ pub fn log_config(cfg: &BrokerConfig, o: &BTreeMap<String, String>) -> LogConfig
 /// `max.message.bytes` of a topic.
 pub fn max_message_bytes(cfg: &BrokerConfig, o: &BTreeMap<String, String>) -> i64 {
     get_i64(cfg, o, "max.message.bytes")
+}
+
+/// `min.insync.replicas` of a topic: acks=all produces are refused (NOT_ENOUGH_REPLICAS) while
+/// fewer replicas are in sync.
+pub fn min_insync_replicas(cfg: &BrokerConfig, o: &BTreeMap<String, String>) -> i64 {
+    get_i64(cfg, o, "min.insync.replicas")
 }
 
 /// Whether the topic stamps batches with the broker's time.

@@ -45,6 +45,10 @@ pub struct TopicMeta {
     /// records of topics with one replica are as before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<Vec<i32>>,
+    /// The raft group id of each partition with replicas (assigned by the controller from
+    /// [`MetadataImage::next_group`], never reused); empty like `replicas`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u64>,
 }
 
 /// A broker of a cluster, as it registered with the controller.
@@ -92,6 +96,8 @@ pub enum Record {
         brokers: Vec<BrokerInfo>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         fenced: Vec<i32>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        next_group: u64,
     },
     /// Ignored when a topic of that name exists (the first creation wins).
     CreateTopic(TopicMeta),
@@ -108,6 +114,9 @@ pub enum Record {
         /// (as [`TopicMeta::replicas`]).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         replicas: Vec<Vec<i32>>,
+        /// Their raft group ids (as [`TopicMeta::groups`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<u64>,
     },
     /// A broker joined the cluster, or came back with other addresses or shards.
     RegisterBroker(BrokerInfo),
@@ -124,6 +133,10 @@ pub enum Record {
         name: String,
         configs: BTreeMap<String, String>,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Record {
@@ -144,6 +157,9 @@ pub struct MetadataImage {
     pub brokers: BTreeMap<i32, BrokerInfo>,
     /// Registered brokers the controller has fenced (not heard from).
     pub fenced: BTreeSet<i32>,
+    /// Above every partition raft group id ever assigned (deleted topics included), so ids are
+    /// never reused; 0 until the first. Group 0 is the controller's.
+    pub next_group: u64,
 }
 
 impl MetadataImage {
@@ -159,6 +175,18 @@ impl MetadataImage {
             topics: self.topics.values().map(|t| (**t).clone()).collect(),
             brokers: self.brokers.values().cloned().collect(),
             fenced: self.fenced.iter().copied().collect(),
+            next_group: self.next_group,
+        }
+    }
+
+    /// The raft group id for the next replicated partition.
+    pub fn first_free_group(&self) -> u64 {
+        self.next_group.max(1)
+    }
+
+    fn note_groups(&mut self, groups: &[u64]) {
+        if let Some(max) = groups.iter().max() {
+            self.next_group = self.next_group.max(max.saturating_add(1));
         }
     }
 
@@ -175,6 +203,7 @@ impl MetadataImage {
                 topics,
                 brokers,
                 fenced,
+                next_group,
             } => {
                 self.topics = topics
                     .into_iter()
@@ -182,8 +211,18 @@ impl MetadataImage {
                     .collect();
                 self.brokers = brokers.into_iter().map(|b| (b.id, b)).collect();
                 self.fenced = fenced.into_iter().collect();
+                self.next_group = next_group;
+                let groups: Vec<u64> = self
+                    .topics
+                    .values()
+                    .flat_map(|t| t.groups.iter().copied())
+                    .collect();
+                self.note_groups(&groups);
             }
             Record::CreateTopic(t) => {
+                if !self.topics.contains_key(&t.name) {
+                    self.note_groups(&t.groups);
+                }
                 self.topics
                     .entry(t.name.clone())
                     .or_insert_with(|| Arc::new(t));
@@ -196,12 +235,15 @@ impl MetadataImage {
                 shards,
                 nodes,
                 replicas,
+                groups,
             } => {
                 if let Some(t) = self.topics.get_mut(&name) {
                     let t = Arc::make_mut(t);
                     t.shards.extend(shards);
                     t.nodes.extend(nodes);
                     t.replicas.extend(replicas);
+                    t.groups.extend(groups.iter().copied());
+                    self.note_groups(&groups);
                 }
             }
             Record::RegisterBroker(b) => {
@@ -355,6 +397,7 @@ impl MetadataStore {
             name: name.to_string(),
             shards,
             replicas: Vec::new(),
+            groups: Vec::new(),
             nodes: Vec::new(),
         })
     }
@@ -394,6 +437,7 @@ mod tests {
             internal: false,
             nodes: Vec::new(),
             replicas: Vec::new(),
+            groups: Vec::new(),
         }
     }
 
@@ -423,6 +467,7 @@ mod tests {
                 shards: vec![0],
                 nodes: vec![3],
                 replicas: Vec::new(),
+                groups: Vec::new(),
             },
             Record::FenceBroker { id: 1 },
             // Unknown brokers are not fenced.
@@ -448,6 +493,7 @@ mod tests {
         assert_eq!(t.replica_nodes(1), [2]);
         assert_eq!(t.replication_factor(), 1);
         t.replicas = vec![vec![1, 2, 3], vec![2, 3, 1]];
+        t.groups = vec![1, 2];
         let mut image = MetadataImage::default();
         for r in [
             Record::CreateTopic(t),
@@ -456,11 +502,28 @@ mod tests {
                 shards: vec![1],
                 nodes: vec![3],
                 replicas: vec![vec![3, 1, 2]],
+                groups: vec![7],
             },
+            Record::DeleteTopic { name: "r".into() },
         ] {
             image.apply(Record::decode(&r.encode()).unwrap());
         }
+        // Group ids are never reused, even after the topic is deleted.
+        assert!(image.topic("r").is_none());
+        assert_eq!(image.first_free_group(), 8);
+        let mut t = topic("r", 2);
+        t.replicas = vec![vec![1, 2, 3], vec![2, 3, 1]];
+        t.groups = vec![8, 9];
+        image.apply(Record::CreateTopic(t));
+        image.apply(Record::AddPartitions {
+            name: "r".into(),
+            shards: vec![1],
+            nodes: vec![3],
+            replicas: vec![vec![3, 1, 2]],
+            groups: vec![10],
+        });
         let t = image.topic("r").unwrap();
+        assert_eq!(t.groups, [8, 9, 10]);
         assert_eq!(t.replica_nodes(2), [3, 1, 2]);
         assert_eq!(t.replica_nodes(3), [] as [i32; 0]);
         assert_eq!(t.replica_nodes(-1), [] as [i32; 0]);
@@ -468,6 +531,7 @@ mod tests {
         let mut again = MetadataImage::default();
         again.apply(Record::decode(&image.snapshot_record().encode()).unwrap());
         assert_eq!(again, image);
+        assert_eq!(again.first_free_group(), 11);
     }
 
     #[test]

@@ -558,12 +558,19 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
             glommio::spawn_local(async move {
                 let waited = shard::contain(async move {
                     crate::fault::panic_point("fetch_wait", &meta.name);
+                    let tp = crate::types::TopicPartition::new(meta.name.clone(), index);
                     let _ = with_partition(&meta, index, move |log| async move {
+                        // A replicated partition's reads stop at its commit index: wait for it
+                        // to move, not for appends (which may stay uncommitted).
+                        let replica = shard::local().replica(&tp);
+                        let data = async {
+                            match &replica {
+                                Some(r) => r.wait_committed_past(Offset(offset)).await,
+                                None => log.wait_for_append(Offset(offset)).await,
+                            }
+                        };
                         futures_lite::future::or(
-                            futures_lite::future::or(
-                                log.wait_for_append(Offset(offset)),
-                                shard::local().clock.sleep(remaining),
-                            ),
+                            futures_lite::future::or(data, shard::local().clock.sleep(remaining)),
                             async {
                                 let _ = done_rx.recv().await;
                             },

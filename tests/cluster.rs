@@ -32,6 +32,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// the survivors take to report it in Metadata on a loaded test machine.
 const FAILOVER_MAX: Duration = Duration::from_secs(5);
 const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+const NOT_ENOUGH_REPLICAS: i16 = 19;
 
 fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -481,6 +482,55 @@ fn the_whole_cluster_stops_with_sigterm_and_comes_back_with_its_topics_and_recor
     create(&c.bootstrap(), "durable-2", 2, 1).expect("create after the restart");
 }
 
+/// Produces one record to partition 0 of `topic` on node `id` with `acks`: the partition's error
+/// code.
+fn produce_error(c: &Cluster, id: i32, topic: &str, acks: i16) -> i16 {
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    let record = Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: -1,
+        timestamp: 1_700_000_000_000,
+        key: None,
+        value: Some(bytes::Bytes::from_static(b"raw")),
+        headers: Default::default(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &[record],
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode batch");
+    let mut raw = Raw::connect(c.node(id).addr);
+    let resp: ProduceResponse = raw.call(
+        ApiKey::Produce,
+        9,
+        &ProduceRequest::default()
+            .with_acks(acks)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(buf.freeze()))])]),
+    );
+    resp.responses[0].partition_responses[0].error_code
+}
+
 /// Node `id`'s Metadata for partition 0 of `topic`: (leader, leader epoch, replicas, ISR).
 fn partition_state(c: &Cluster, id: i32, topic: &str) -> Option<(i32, i32, Vec<i32>, Vec<i32>)> {
     let m = c.metadata(id)?;
@@ -561,6 +611,14 @@ fn a_replicated_partition_fails_over_after_kill_and_keeps_every_acknowledged_rec
     let ids = c.ids();
     c.wait_controller(&ids);
     create(&c.bootstrap(), "replicated", 1, 3).expect("create a topic of three replicas");
+    let strict =
+        NewTopic::new("strict", 1, TopicReplication::Fixed(3)).set("min.insync.replicas", "3");
+    let r = block_on(
+        admin(&c.bootstrap())
+            .create_topics([&strict], &AdminOptions::new().request_timeout(Some(WAIT))),
+    )
+    .expect("CreateTopics request");
+    assert!(r[0].is_ok(), "{r:?}");
     let leader = c.wait_for("every node names the same partition leader", |c| {
         let states: Vec<_> = ids
             .iter()
@@ -598,6 +656,10 @@ fn a_replicated_partition_fails_over_after_kill_and_keeps_every_acknowledged_rec
     for id in ids.iter().filter(|id| **id != leader) {
         assert_eq!(
             list_offsets_error(&c, *id, "replicated", 0),
+            NOT_LEADER_OR_FOLLOWER
+        );
+        assert_eq!(
+            produce_error(&c, *id, "replicated", -1),
             NOT_LEADER_OR_FOLLOWER
         );
     }
@@ -698,6 +760,22 @@ fn a_replicated_partition_fails_over_after_kill_and_keeps_every_acknowledged_rec
         first_ack < FAILOVER_MAX,
         "first acknowledged produce after {first_ack:?}"
     );
+
+    // Once the killed node is fenced, two replicas are in sync: acks=all to a topic with
+    // min.insync.replicas=3 is refused, acks=1 is not.
+    let strict_leader = c.wait_for("the killed node leaves the ISR of 'strict'", |c| {
+        let states: Vec<_> = survivors
+            .iter()
+            .map(|id| partition_state(c, *id, "strict"))
+            .collect::<Option<_>>()?;
+        let (l, _, _, isr) = states[0].clone();
+        (l > 0 && l != leader && isr == survivors && states.iter().all(|s| s.0 == l)).then_some(l)
+    });
+    assert_eq!(
+        produce_error(&c, strict_leader, "strict", -1),
+        NOT_ENOUGH_REPLICAS
+    );
+    assert_eq!(produce_error(&c, strict_leader, "strict", 1), 0);
 
     // The killed node, restarted, reopens its replica from its files and catches up: its log
     // becomes byte-identical to the others', and it follows.

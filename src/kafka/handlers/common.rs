@@ -139,11 +139,20 @@ where
 /// The high watermark readers see on the partition's owner shard: the commit index (as an
 /// offset) of a partition with replicas, the log's own otherwise. Call on the owner shard.
 pub fn readable_end(topic: &str, partition: i32, log: &PartitionLog) -> crate::types::Offset {
+    committed_end(topic, partition, log).unwrap_or_else(|| log.high_watermark())
+}
+
+/// The commit index (as an offset) of a partition with replicas; `None` for a partition
+/// without, whose readers stop at the log's own high watermark. Call on the owner shard.
+pub fn committed_end(
+    topic: &str,
+    partition: i32,
+    log: &PartitionLog,
+) -> Option<crate::types::Offset> {
     let tp = TopicPartition::new(topic.to_string(), partition);
-    match shard::local().replica(&tp) {
-        Some(r) => r.high_watermark().min(log.high_watermark()),
-        None => log.high_watermark(),
-    }
+    shard::local()
+        .replica(&tp)
+        .map(|r| r.high_watermark().min(log.high_watermark()))
 }
 
 pub fn opt_str(s: &Option<StrBytes>) -> Option<String> {

@@ -17,7 +17,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::ResponseError;
 
-use super::common::{code, readable_end, storage_code, with_partition, NONE};
+use super::common::{code, committed_end, storage_code, with_partition, NONE};
 use crate::kafka::fetch_sessions as sessions;
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
@@ -439,9 +439,10 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
     // Contained: a panic is re-raised in `finish_read` and fails this request only.
     Some(shard::spawn_contained(async move {
         with_partition(&meta, index, move |log| async move {
-            let hw = readable_end(&name, index, &log);
+            let committed = committed_end(&name, index, &log);
             if bytes_max == 0 {
                 let (start, end) = (log.log_start_offset(), log.log_end_offset());
+                let hw = committed.unwrap_or_else(|| log.high_watermark());
                 let (hw, ls) = (hw.0, start.0);
                 if offset < start.0 || offset > end.0 {
                     return Err(ReadFailed {
@@ -464,7 +465,7 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
             .map(|mut r| {
                 // Only what is committed (a replicated partition's log also holds entries
                 // not committed yet): whole batches, each one raft entry.
-                if hw < r.high_watermark {
+                if let Some(hw) = committed.filter(|hw| *hw < r.high_watermark) {
                     r.batches.retain(|b| {
                         b.get(..8)
                             .and_then(|s| s.try_into().ok())

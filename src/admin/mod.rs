@@ -234,13 +234,21 @@ fn check_shard_capacity(
     Ok(())
 }
 
-/// In a cluster: a replication factor other than 1 (or -1, the default) is refused with
-/// Kafka's INVALID_REPLICATION_FACTOR: with Kafka's message when there are fewer registered
-/// brokers than asked for, else because partitions have one replica until partition
-/// replication exists.
-fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<(), AdminError> {
+/// The replication factor of a topic created without one (CreateTopics' -1, auto-created
+/// topics, `__consumer_offsets`): Kafka's `default.replication.factor`, 1 as in Kafka, so a
+/// cluster that loses a node keeps accepting topic creation with defaults.
+pub const DEFAULT_REPLICATION_FACTOR: i16 = 1;
+
+/// In a cluster: the replication factor asked for (-1 takes [`DEFAULT_REPLICATION_FACTOR`]),
+/// refused with Kafka's INVALID_REPLICATION_FACTOR when below 1 or, with Kafka's message, when
+/// there are fewer live registered brokers than asked for.
+fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<usize, AdminError> {
     let brokers = image.live_brokers().count();
-    let wanted = if rf == -1 { 1 } else { rf };
+    let wanted = if rf == -1 {
+        DEFAULT_REPLICATION_FACTOR
+    } else {
+        rf
+    };
     if wanted < 1 {
         return Err(AdminError::InvalidReplicationFactor(format!(
             "replication factor {rf} must be >= 1"
@@ -251,21 +259,16 @@ fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<()
             "Replication factor: {wanted} larger than available brokers: {brokers}."
         )));
     }
-    if wanted > 1 {
-        return Err(AdminError::InvalidReplicationFactor(format!(
-            "replication factor {rf}: partition replication is not built yet; partitions have \
-             one replica (use 1)"
-        )));
-    }
-    Ok(())
+    Ok(wanted as usize)
 }
 
-/// In a cluster: refuses `count` more partitions when the live brokers' shards have no
-/// room for them, before anything is sized by `count` (it comes off the wire).
+/// In a cluster: refuses `count` more partitions of `rf` replicas each when the live brokers'
+/// shards have no room for them, before anything is sized by `count` (it comes off the wire).
 fn check_cluster_room(
     broker: &BrokerContext,
     image: &MetadataImage,
     count: i32,
+    rf: usize,
 ) -> Result<(), AdminError> {
     let room = image
         .live_brokers()
@@ -274,56 +277,87 @@ fn check_cluster_room(
     let owned = image
         .topics
         .values()
-        .map(|t| t.shards.len())
+        .map(|t| t.shards.len().saturating_mul(t.replication_factor()))
         .fold(0usize, usize::saturating_add);
-    let wanted = usize::try_from(count).unwrap_or(usize::MAX);
+    let wanted = usize::try_from(count)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(rf);
     if owned.saturating_add(wanted) > room {
         return Err(AdminError::InvalidPartitions(format!(
-            "{count} more partitions do not fit: the cluster's shards hold {owned} of at most \
-             {room} (partitions_per_shard_max)"
+            "{count} more partitions of {rf} replicas do not fit: the cluster's shards hold \
+             {owned} replicas of at most {room} (partitions_per_shard_max)"
         )));
     }
     Ok(())
 }
 
-/// In a cluster: a node and a shard for each new partition `new`, round-robin over the
-/// registered brokers that are not fenced, in id order (starting at one picked by the topic's id hash, so small
-/// topics do not all start on the same node) and, on its node, the shard with the fewest
-/// partitions.
-fn place(image: &MetadataImage, seed: u32, new: std::ops::Range<i32>) -> (Vec<i32>, Vec<u32>) {
+/// Where new partitions go in a cluster: for each, its nodes (preferred leader first) and its
+/// shard index, the same on every one of them.
+#[derive(Debug, Default, PartialEq)]
+struct Placement {
+    /// The preferred leader of each partition (`TopicMeta::nodes`).
+    nodes: Vec<i32>,
+    shards: Vec<u32>,
+    /// Every replica of each partition, preferred leader first; empty when `rf` is 1
+    /// (`TopicMeta::replicas`).
+    replicas: Vec<Vec<i32>>,
+    /// The raft group id of each partition, from the image's first free one; empty when `rf`
+    /// is 1.
+    groups: Vec<u64>,
+}
+
+/// In a cluster: the replicas and the shard index of each new partition `new`, `rf` replicas
+/// each (at most the live brokers; fewer live brokers place nothing). The preferred leader goes
+/// round-robin over the registered brokers that are not fenced, in id order (starting at one
+/// picked by the topic's id hash, so small topics do not all start on the same node); the other
+/// replicas are the next `rf - 1` brokers in that order, so leaders and replicas both spread
+/// evenly. The shard index is below the smallest shard count of the replicas, the one whose
+/// shards hold the fewest partitions over the replicas.
+fn place(image: &MetadataImage, seed: u32, new: std::ops::Range<i32>, rf: usize) -> Placement {
     let brokers: Vec<&crate::metadata::BrokerInfo> = image.live_brokers().collect();
     let n = brokers.len();
-    if n == 0 {
-        return (Vec::new(), Vec::new());
+    if n == 0 || rf == 0 || rf > n {
+        return Placement::default();
     }
-    // Partitions held by each (broker, shard).
+    // Partition replicas held by each (broker, shard).
     let mut load: Vec<Vec<usize>> = brokers
         .iter()
         .map(|b| vec![0; b.shards.max(1) as usize])
         .collect();
     for t in image.topics.values() {
-        for (node, shard) in t.nodes.iter().zip(&t.shards) {
-            if let Some(i) = brokers.iter().position(|b| b.id == *node) {
-                let slots = load[i].len();
-                load[i][*shard as usize % slots] += 1;
+        for (p, shard) in t.shards.iter().enumerate() {
+            for node in t.replica_nodes(p as i32) {
+                if let Some(i) = brokers.iter().position(|b| b.id == *node) {
+                    let slots = load[i].len();
+                    load[i][*shard as usize % slots] += 1;
+                }
             }
         }
     }
-    let mut nodes = Vec::new();
-    let mut shards = Vec::new();
+    let mut placed = Placement::default();
     for p in new {
-        let i = (seed as usize).wrapping_add(p as usize) % n;
-        let slots = load[i].len();
+        let first = (seed as usize).wrapping_add(p as usize) % n;
+        let set: Vec<usize> = (0..rf).map(|r| (first + r) % n).collect();
+        let slots = set.iter().map(|i| load[*i].len()).min().unwrap_or(1);
         let sstart = (seed as usize).wrapping_add(p as usize / n) % slots;
         let s = (0..slots)
             .map(|k| (sstart + k) % slots)
-            .min_by_key(|s| load[i][*s])
+            .min_by_key(|s| set.iter().map(|i| load[*i][*s]).sum::<usize>())
             .unwrap_or(0);
-        load[i][s] += 1;
-        nodes.push(brokers[i].id);
-        shards.push(s as u32);
+        for i in &set {
+            load[*i][s] += 1;
+        }
+        placed.nodes.push(brokers[first].id);
+        placed.shards.push(s as u32);
+        if rf > 1 {
+            placed
+                .replicas
+                .push(set.iter().map(|i| brokers[*i].id).collect());
+            let group = image.first_free_group() + placed.groups.len() as u64;
+            placed.groups.push(group);
+        }
     }
-    (nodes, shards)
+    placed
 }
 
 /// A topic to create, as a CreateTopics request (or the broker itself) describes it.
@@ -332,7 +366,7 @@ pub struct NewTopic {
     pub name: String,
     /// Partition count; -1 takes the broker's `default_partitions`.
     pub partitions: i32,
-    /// Must be 1, or -1 for the default (a single node).
+    /// -1 for [`DEFAULT_REPLICATION_FACTOR`]; on a single node it must be 1 (or -1).
     pub replication_factor: i16,
     /// Topic-level config overrides.
     pub overrides: BTreeMap<String, String>,
@@ -421,10 +455,12 @@ pub async fn create_topic(
         for (k, v) in &overrides {
             configs::validate(k, v).map_err(AdminError::InvalidConfig)?;
         }
-        if clustered {
+        let rf = if clustered {
             controller::lead().await?;
-            check_cluster_replication_factor(&broker.image(), replication_factor)?;
-        }
+            check_cluster_replication_factor(&broker.image(), replication_factor)?
+        } else {
+            1
+        };
         let image = broker.image();
         if image.topic(&name).is_some() {
             return Err(AdminError::TopicExists);
@@ -432,8 +468,13 @@ pub async fn create_topic(
         let id = *uuid::Uuid::new_v4().as_bytes();
         let seed = crc32fast::hash(&id);
         if clustered {
-            check_cluster_room(&broker, &image, partitions)?;
-            let (nodes, shards) = place(&image, seed, 0..partitions);
+            check_cluster_room(&broker, &image, partitions, rf)?;
+            let Placement {
+                nodes,
+                shards,
+                replicas,
+                groups,
+            } = place(&image, seed, 0..partitions, rf);
             let meta = TopicMeta {
                 name: name.clone(),
                 id,
@@ -441,6 +482,8 @@ pub async fn create_topic(
                 configs: overrides,
                 internal,
                 nodes,
+                replicas,
+                groups,
             };
             if mode == CreateMode::ValidateOnly {
                 return Ok(Arc::new(meta));
@@ -464,6 +507,8 @@ pub async fn create_topic(
             configs: overrides,
             internal,
             nodes: Vec::new(),
+            replicas: Vec::new(),
+            groups: Vec::new(),
         };
         if mode == CreateMode::ValidateOnly {
             return Ok(Arc::new(meta));
@@ -558,8 +603,21 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
         }
         let seed = crc32fast::hash(&meta.id);
         if clustered {
-            check_cluster_room(&broker, &image, total - current)?;
-            let (nodes, shards) = place(&image, seed, current..total);
+            // New partitions get the topic's replication factor.
+            let rf = meta.replication_factor();
+            check_cluster_room(&broker, &image, total - current, rf)?;
+            let Placement {
+                nodes,
+                shards,
+                replicas,
+                groups,
+            } = place(&image, seed, current..total, rf);
+            if nodes.len() != (total - current) as usize {
+                let live = image.live_brokers().count();
+                return Err(AdminError::InvalidReplicationFactor(format!(
+                    "Replication factor: {rf} larger than available brokers: {live}."
+                )));
+            }
             if mode == CreateMode::ValidateOnly {
                 return Ok(());
             }
@@ -567,6 +625,8 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
                 name: name.clone(),
                 shards,
                 nodes,
+                replicas,
+                groups,
             })
             .await?;
             return Ok(());
@@ -851,23 +911,76 @@ mod tests {
     #[test]
     fn placement_is_round_robin_over_live_nodes_and_spreads_shards() {
         let mut image = cluster(&[(1, 2), (2, 1), (3, 2)]);
-        let (nodes, shards) = place(&image, 0, 0..6);
+        let placed = place(&image, 0, 0..6, 1);
+        let (nodes, shards) = (placed.nodes, placed.shards);
         assert_eq!(nodes, [1, 2, 3, 1, 2, 3]);
+        assert!(placed.replicas.is_empty());
         // Node 1 and 3 have two shards each: their two partitions go to different shards.
         assert_ne!(shards[0], shards[3]);
         assert_ne!(shards[2], shards[5]);
         assert_eq!((shards[1], shards[4]), (0, 0));
         // Partitions added later continue the rotation from where the topic's seed puts them.
-        let (nodes, _) = place(&image, 0, 6..8);
-        assert_eq!(nodes, [1, 2]);
+        assert_eq!(place(&image, 0, 6..8, 1).nodes, [1, 2]);
         // Fenced nodes get nothing.
         image.apply(Record::FenceBroker { id: 2 });
-        let (nodes, _) = place(&image, 1, 0..4);
+        let nodes = place(&image, 1, 0..4, 1).nodes;
         assert!(nodes.iter().all(|n| *n != 2), "{nodes:?}");
         assert_eq!(
-            place(&MetadataImage::default(), 0, 0..3).0,
-            Vec::<i32>::new()
+            place(&MetadataImage::default(), 0, 0..3, 1),
+            Placement::default()
         );
+        // More replicas than live nodes places nothing.
+        assert_eq!(place(&image, 0, 0..3, 3), Placement::default());
+    }
+
+    #[test]
+    fn replicas_spread_leaders_and_shards_and_share_a_shard_index() {
+        let image = cluster(&[(1, 4), (2, 2), (3, 4)]);
+        let placed = place(&image, 0, 0..6, 3);
+        assert_eq!(placed.nodes, [1, 2, 3, 1, 2, 3]);
+        assert_eq!(placed.replicas.len(), 6);
+        for (p, set) in placed.replicas.iter().enumerate() {
+            // The preferred leader first, then the next nodes in id order, each once.
+            assert_eq!(set[0], placed.nodes[p]);
+            let mut sorted = set.clone();
+            sorted.sort();
+            assert_eq!(sorted, [1, 2, 3], "{set:?}");
+            // Below the smallest shard count of the set (node 2 has two shards).
+            assert!(placed.shards[p] < 2, "{:?}", placed.shards);
+        }
+        // Six partitions of three replicas over node 2's two shards: three each.
+        let on_zero = placed.shards.iter().filter(|s| **s == 0).count();
+        assert_eq!(on_zero, 3, "{:?}", placed.shards);
+
+        // Six partitions of two replicas over three nodes: each node leads two and holds four.
+        let placed = place(&image, 5, 0..6, 2);
+        for id in 1..=3 {
+            let led = placed.nodes.iter().filter(|n| **n == id).count();
+            let held = placed
+                .replicas
+                .iter()
+                .flatten()
+                .filter(|n| **n == id)
+                .count();
+            assert_eq!((led, held), (2, 4), "node {id}: {placed:?}");
+        }
+
+        // Existing replicas count as load: a new topic avoids the shards they use.
+        let mut image = cluster(&[(1, 2), (2, 2)]);
+        image.apply(Record::CreateTopic(TopicMeta {
+            name: "a".into(),
+            id: [1; 16],
+            shards: vec![0],
+            configs: BTreeMap::new(),
+            internal: false,
+            nodes: vec![1],
+            replicas: vec![vec![1, 2]],
+            groups: vec![4],
+        }));
+        let placed = place(&image, 0, 0..2, 2);
+        assert_eq!(placed.shards[0], 1);
+        // Group ids continue after every one assigned.
+        assert_eq!(placed.groups, [5, 6]);
     }
 
     #[test]
@@ -931,17 +1044,16 @@ mod tests {
     #[test]
     fn replication_factor_in_a_cluster() {
         let mut image = cluster(&[(1, 1), (2, 1), (3, 1)]);
-        assert!(check_cluster_replication_factor(&image, 1).is_ok());
-        assert!(check_cluster_replication_factor(&image, -1).is_ok());
+        assert_eq!(check_cluster_replication_factor(&image, 1).unwrap(), 1);
+        assert_eq!(
+            check_cluster_replication_factor(&image, -1).unwrap(),
+            DEFAULT_REPLICATION_FACTOR as usize
+        );
         let msg = |image: &MetadataImage, rf| match check_cluster_replication_factor(image, rf) {
             Err(AdminError::InvalidReplicationFactor(m)) => m,
             other => panic!("rf {rf}: {other:?}"),
         };
-        assert!(
-            msg(&image, 3).contains("not built yet"),
-            "{}",
-            msg(&image, 3)
-        );
+        assert_eq!(check_cluster_replication_factor(&image, 3).unwrap(), 3);
         assert_eq!(
             msg(&image, 4),
             "Replication factor: 4 larger than available brokers: 3."

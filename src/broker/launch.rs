@@ -65,6 +65,9 @@ async fn run_shard(
         crate::admin::install(store, producer_ids);
     }
     glommio::spawn_local(shard::serve_inbox(inbox)).detach();
+    if let Err(e) = shard::start_partition_transport() {
+        err = Some(e);
+    }
     if id == crate::controller::CONTROLLER_SHARD && broker.config.cluster.is_some() {
         // The controller opens this node's partitions as it applies the metadata entries.
         if let Err(e) = crate::controller::start() {
@@ -126,11 +129,15 @@ async fn retention_loop() {
     let clock = shard::local().clock.clone();
     loop {
         clock.sleep(RETENTION_CHECK_INTERVAL).await;
-        let logs: Vec<_> = shard::local()
+        let here = shard::local();
+        // Not the logs of replicated partitions: their raft log must start at offset 0 until
+        // partition snapshots exist (retention there is a later step).
+        let logs: Vec<_> = here
             .partitions
             .borrow()
-            .values()
-            .cloned()
+            .iter()
+            .filter(|(tp, _)| here.replica(tp).is_none())
+            .map(|(_, log)| log.clone())
             .collect();
         let now = clock.now_ms();
         for log in logs {

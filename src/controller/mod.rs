@@ -354,7 +354,16 @@ async fn open_local(broker: &BrokerContext, image: &MetadataImage, t: &TopicMeta
         let tp = TopicPartition::new(t.name.clone(), p);
         let lc = lc.clone();
         let name = tp.clone();
-        if let Err(e) = invoke_on(owner, move || shard::open_partition_here(tp, lc)).await {
+        let group = t.groups.get(p as usize).copied();
+        let voters: Vec<u64> = t.replica_nodes(p).iter().map(|n| *n as u64).collect();
+        let opened = invoke_on(owner, move || async move {
+            match group {
+                Some(g) => shard::open_replica_here(tp, lc, g, voters).await,
+                None => shard::open_partition_here(tp, lc).await,
+            }
+        })
+        .await;
+        if let Err(e) = opened {
             tracing::error!(partition = %name, error = %e, "cannot open partition");
         }
     }

@@ -609,6 +609,12 @@ pub fn max_message_bytes(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> i6
     get_i64(d, o, "max.message.bytes")
 }
 
+/// `min.insync.replicas` of a topic: acks=all produces are refused (NOT_ENOUGH_REPLICAS) while
+/// fewer replicas are in sync.
+pub fn min_insync_replicas(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> i64 {
+    get_i64(d, o, "min.insync.replicas")
+}
+
 /// Whether the topic stamps batches with the broker's time.
 pub fn log_append_time(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> bool {
     effective(d, o, "message.timestamp.type") == "LogAppendTime"

@@ -39,6 +39,16 @@ pub struct TopicMeta {
     /// metadata log is as before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<i32>,
+    /// In a cluster, every replica of each partition, preferred leader first (so `nodes[p]` is
+    /// `replicas[p][0]`); the partition's shard index `shards[p]` is the same on each of them.
+    /// Empty when every partition has the one replica `nodes[p]` (and then not written, so
+    /// records of topics with one replica are as before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Vec<i32>>,
+    /// The raft group id of each partition with replicas (assigned by the controller from
+    /// [`MetadataImage::next_group`], never reused); empty like `replicas`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u64>,
 }
 
 /// A broker of a cluster, as it registered with the controller.
@@ -56,6 +66,24 @@ impl TopicMeta {
     pub fn partition_count(&self) -> i32 {
         self.shards.len() as i32
     }
+
+    /// The nodes holding a replica of `partition`, preferred leader first; empty on a single
+    /// node (every partition is local there) and for a partition that does not exist.
+    pub fn replica_nodes(&self, partition: i32) -> &[i32] {
+        let Ok(p) = usize::try_from(partition) else {
+            return &[];
+        };
+        if self.replicas.is_empty() {
+            self.nodes.get(p..p + 1).unwrap_or(&[])
+        } else {
+            self.replicas.get(p).map(Vec::as_slice).unwrap_or(&[])
+        }
+    }
+
+    /// The number of replicas of each partition: 1 unless the topic was placed with more.
+    pub fn replication_factor(&self) -> usize {
+        self.replicas.first().map_or(1, Vec::len)
+    }
 }
 
 /// One change of the metadata: a record of the single node's metadata log, or the data of one
@@ -70,6 +98,8 @@ pub enum Record {
         fenced: Vec<i32>,
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         broker_configs: BTreeMap<String, BTreeMap<String, String>>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        next_group: u64,
     },
     /// Ignored when a topic of that name exists (the first creation wins).
     CreateTopic(TopicMeta),
@@ -82,6 +112,13 @@ pub enum Record {
         /// In a cluster, the node of each new partition.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         nodes: Vec<i32>,
+        /// In a cluster, the replicas of each new partition when the topic has more than one
+        /// (as [`TopicMeta::replicas`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        replicas: Vec<Vec<i32>>,
+        /// Their raft group ids (as [`TopicMeta::groups`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<u64>,
     },
     /// A broker joined the cluster, or came back with other addresses or shards.
     RegisterBroker(BrokerInfo),
@@ -107,6 +144,10 @@ pub enum Record {
     },
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Record {
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("metadata records always serialize")
@@ -128,6 +169,9 @@ pub struct MetadataImage {
     /// Dynamic broker configs by scope (a node id, or "" for the cluster-wide default), keyed
     /// by the topic config they are the default of.
     pub broker_configs: BTreeMap<String, BTreeMap<String, String>>,
+    /// Above every partition raft group id ever assigned (deleted topics included), so ids are
+    /// never reused; 0 until the first. Group 0 is the controller's.
+    pub next_group: u64,
 }
 
 impl MetadataImage {
@@ -144,6 +188,18 @@ impl MetadataImage {
             brokers: self.brokers.values().cloned().collect(),
             fenced: self.fenced.iter().copied().collect(),
             broker_configs: self.broker_configs.clone(),
+            next_group: self.next_group,
+        }
+    }
+
+    /// The raft group id for the next replicated partition.
+    pub fn first_free_group(&self) -> u64 {
+        self.next_group.max(1)
+    }
+
+    fn note_groups(&mut self, groups: &[u64]) {
+        if let Some(max) = groups.iter().max() {
+            self.next_group = self.next_group.max(max.saturating_add(1));
         }
     }
 
@@ -161,6 +217,7 @@ impl MetadataImage {
                 brokers,
                 fenced,
                 broker_configs,
+                next_group,
             } => {
                 self.topics = topics
                     .into_iter()
@@ -169,8 +226,18 @@ impl MetadataImage {
                 self.brokers = brokers.into_iter().map(|b| (b.id, b)).collect();
                 self.fenced = fenced.into_iter().collect();
                 self.broker_configs = broker_configs;
+                self.next_group = next_group;
+                let groups: Vec<u64> = self
+                    .topics
+                    .values()
+                    .flat_map(|t| t.groups.iter().copied())
+                    .collect();
+                self.note_groups(&groups);
             }
             Record::CreateTopic(t) => {
+                if !self.topics.contains_key(&t.name) {
+                    self.note_groups(&t.groups);
+                }
                 self.topics
                     .entry(t.name.clone())
                     .or_insert_with(|| Arc::new(t));
@@ -182,11 +249,16 @@ impl MetadataImage {
                 name,
                 shards,
                 nodes,
+                replicas,
+                groups,
             } => {
                 if let Some(t) = self.topics.get_mut(&name) {
                     let t = Arc::make_mut(t);
                     t.shards.extend(shards);
                     t.nodes.extend(nodes);
+                    t.replicas.extend(replicas);
+                    t.groups.extend(groups.iter().copied());
+                    self.note_groups(&groups);
                 }
             }
             Record::RegisterBroker(b) => {
@@ -346,6 +418,8 @@ impl MetadataStore {
         self.append(Record::AddPartitions {
             name: name.to_string(),
             shards,
+            replicas: Vec::new(),
+            groups: Vec::new(),
             nodes: Vec::new(),
         })
     }
@@ -394,6 +468,8 @@ mod tests {
             configs: BTreeMap::new(),
             internal: false,
             nodes: Vec::new(),
+            replicas: Vec::new(),
+            groups: Vec::new(),
         }
     }
 
@@ -422,6 +498,8 @@ mod tests {
                 name: "a".into(),
                 shards: vec![0],
                 nodes: vec![3],
+                replicas: Vec::new(),
+                groups: Vec::new(),
             },
             Record::FenceBroker { id: 1 },
             // Unknown brokers are not fenced.
@@ -438,6 +516,54 @@ mod tests {
         let mut again = MetadataImage::default();
         again.apply(Record::decode(&image.snapshot_record().encode()).unwrap());
         assert_eq!(again, image);
+    }
+
+    #[test]
+    fn replica_lists_round_trip_and_default_to_the_node() {
+        let mut t = topic("r", 2);
+        t.nodes = vec![1, 2];
+        assert_eq!(t.replica_nodes(1), [2]);
+        assert_eq!(t.replication_factor(), 1);
+        t.replicas = vec![vec![1, 2, 3], vec![2, 3, 1]];
+        t.groups = vec![1, 2];
+        let mut image = MetadataImage::default();
+        for r in [
+            Record::CreateTopic(t),
+            Record::AddPartitions {
+                name: "r".into(),
+                shards: vec![1],
+                nodes: vec![3],
+                replicas: vec![vec![3, 1, 2]],
+                groups: vec![7],
+            },
+            Record::DeleteTopic { name: "r".into() },
+        ] {
+            image.apply(Record::decode(&r.encode()).unwrap());
+        }
+        // Group ids are never reused, even after the topic is deleted.
+        assert!(image.topic("r").is_none());
+        assert_eq!(image.first_free_group(), 8);
+        let mut t = topic("r", 2);
+        t.replicas = vec![vec![1, 2, 3], vec![2, 3, 1]];
+        t.groups = vec![8, 9];
+        image.apply(Record::CreateTopic(t));
+        image.apply(Record::AddPartitions {
+            name: "r".into(),
+            shards: vec![1],
+            nodes: vec![3],
+            replicas: vec![vec![3, 1, 2]],
+            groups: vec![10],
+        });
+        let t = image.topic("r").unwrap();
+        assert_eq!(t.groups, [8, 9, 10]);
+        assert_eq!(t.replica_nodes(2), [3, 1, 2]);
+        assert_eq!(t.replica_nodes(3), [] as [i32; 0]);
+        assert_eq!(t.replica_nodes(-1), [] as [i32; 0]);
+        assert_eq!(t.replication_factor(), 3);
+        let mut again = MetadataImage::default();
+        again.apply(Record::decode(&image.snapshot_record().encode()).unwrap());
+        assert_eq!(again, image);
+        assert_eq!(again.first_free_group(), 11);
     }
 
     #[test]

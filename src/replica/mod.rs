@@ -10,11 +10,12 @@
 
 pub mod log;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 
 use bytes::BytesMut;
+use event_listener::Event;
 use sluice_raft::{
     GroupConfig, GroupStatus, ProposeError, RaftGroup, Role, StateMachine, Transport,
 };
@@ -45,11 +46,18 @@ impl std::fmt::Display for ReplicateError {
 }
 
 /// Applied entries need no state machine: the log is the state. Kept so the group reports
-/// applied indexes; snapshots are never taken (see `RaftLog`).
-struct LogIsTheState;
+/// applied indexes and readers waiting for committed data are woken; snapshots are never taken
+/// (see `RaftLog`).
+struct LogIsTheState {
+    applied: Rc<Cell<u64>>,
+    event: Rc<Event>,
+}
 
 impl StateMachine for LogIsTheState {
-    fn apply(&mut self, _index: u64, _term: u64, _data: &[u8]) {}
+    fn apply(&mut self, index: u64, _term: u64, _data: &[u8]) {
+        self.applied.set(index);
+        self.event.notify(usize::MAX);
+    }
     fn snapshot(&mut self) -> Vec<u8> {
         Vec::new()
     }
@@ -67,6 +75,9 @@ pub struct ReplicatedPartition {
     index: Rc<RefCell<EntryIndex>>,
     truncate_hooks: TruncateHooks,
     fetches: Rc<std::cell::Cell<u64>>,
+    /// The last data entry applied (so committed), and its notification.
+    applied: Rc<Cell<u64>>,
+    applied_event: Rc<Event>,
 }
 
 impl ReplicatedPartition {
@@ -83,13 +94,21 @@ impl ReplicatedPartition {
         let truncate_hooks = store.truncate_hooks();
         let fetches = store.fetches();
         config.snapshot_interval_entries = NO_SNAPSHOTS;
-        let group = RaftGroup::start(config, store, LogIsTheState, transport)?;
+        let applied = Rc::new(Cell::new(0));
+        let applied_event = Rc::new(Event::new());
+        let sm = LogIsTheState {
+            applied: applied.clone(),
+            event: applied_event.clone(),
+        };
+        let group = RaftGroup::start(config, store, sm, transport)?;
         Ok(ReplicatedPartition {
             group,
             log,
             index,
             truncate_hooks,
             fetches,
+            applied,
+            applied_event,
         })
     }
 
@@ -121,7 +140,21 @@ impl ReplicatedPartition {
 
     /// The high watermark: the offset after the last committed entry this replica holds.
     pub fn high_watermark(&self) -> Offset {
-        self.index.borrow().offset_after(self.group.status().commit)
+        let committed = self.group.status().commit.max(self.applied.get());
+        self.index.borrow().offset_after(committed)
+    }
+
+    /// Waits until the high watermark passes `offset` (a data entry past it is committed and
+    /// applied here). A long poll waits on this, not on the log's appends, which include
+    /// entries not committed yet.
+    pub async fn wait_committed_past(&self, offset: Offset) {
+        loop {
+            let applied = self.applied_event.listen();
+            if self.high_watermark() > offset || self.role() == Role::Stopped {
+                return;
+            }
+            applied.await;
+        }
     }
 
     pub fn status(&self) -> GroupStatus {

@@ -3,9 +3,10 @@
 //! before any shard runs and installed in every shard ([`super::Shard::broker`]); read-mostly and
 //! `Sync`. The metadata image is replaced (never edited) by the metadata owner on shard 0.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use event_listener::Event;
@@ -29,6 +30,9 @@ pub struct BrokerContext {
     pub stopping: AtomicBool,
     /// The controller leader's node id, -1 while none is known; on a single node, this node.
     controller_id: AtomicI32,
+    /// The raft leader (-1 while none is known) and term of each partition with replicas held
+    /// on this node, as its shard last saw them; read by Metadata on any shard.
+    replica_leaders: Mutex<HashMap<TopicPartition, (i32, i32)>>,
 }
 
 impl BrokerContext {
@@ -50,8 +54,44 @@ impl BrokerContext {
             } else {
                 config.node_id
             }),
+            replica_leaders: Mutex::new(HashMap::new()),
             config,
         }
+    }
+
+    /// Records the raft leader and term of a partition replica held here.
+    pub fn set_replica_leader(&self, tp: &TopicPartition, leader: i32, epoch: i32) {
+        self.replica_leaders
+            .lock()
+            .expect("replica leaders")
+            .insert(tp.clone(), (leader, epoch));
+    }
+
+    pub fn forget_replica_leader(&self, tp: &TopicPartition) {
+        self.replica_leaders
+            .lock()
+            .expect("replica leaders")
+            .remove(tp);
+    }
+
+    /// The raft leader (-1 while none is known) and term of a partition replica held here.
+    pub fn replica_leader(&self, tp: &TopicPartition) -> Option<(i32, i32)> {
+        self.replica_leaders
+            .lock()
+            .expect("replica leaders")
+            .get(tp)
+            .copied()
+    }
+
+    /// Whether this node holds a replica of `partition` of `topic` (on a single node, every
+    /// existing partition).
+    pub fn holds(&self, topic: &TopicMeta, partition: i32) -> bool {
+        if topic.nodes.is_empty() {
+            return partition >= 0 && partition < topic.partition_count();
+        }
+        topic
+            .replica_nodes(partition)
+            .contains(&self.config.node_id)
     }
 
     pub fn shard_count(&self) -> usize {
@@ -62,7 +102,7 @@ impl BrokerContext {
     /// does not exist or (in a cluster) lives on another node.
     pub fn owner(&self, topic: &TopicMeta, partition: i32) -> Option<ShardId> {
         let p = usize::try_from(partition).ok()?;
-        if self.node_of(topic, partition)? != self.config.node_id {
+        if !self.holds(topic, partition) {
             return None;
         }
         topic

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use glommio::task::JoinHandle;
 
 pub use crate::contain::{contain, Panic};
+use crate::replica::ReplicatedPartition;
 use crate::storage::{io::DmaIo, BatchCache, LogConfig, PartitionLog, StorageError};
 use crate::types::{Clock, ShardId, TopicPartition};
 
@@ -40,6 +41,11 @@ pub struct Shard {
     /// The state shared with every other shard.
     pub broker: Arc<BrokerContext>,
     pub partitions: RefCell<HashMap<TopicPartition, Rc<PartitionLog>>>,
+    /// The raft group of each partition of `partitions` that has replicas (in a cluster).
+    pub replicas: RefCell<HashMap<TopicPartition, Rc<ReplicatedPartition>>>,
+    /// In a cluster: this shard's raft transport, which carries the groups of its partitions
+    /// to and from the same shard of every other node (see [`partition_transport_port`]).
+    pub transport: RefCell<Option<sluice_raft::Transport>>,
     pub cache: Rc<BatchCache>,
     /// What this shard's logs, coordinator and timer loops read the time from.
     pub clock: Clock,
@@ -71,6 +77,8 @@ impl Shard {
             id,
             broker,
             partitions: RefCell::new(HashMap::new()),
+            replicas: RefCell::new(HashMap::new()),
+            transport: RefCell::new(None),
             cache,
             clock: Clock::system(),
         }
@@ -79,6 +87,87 @@ impl Shard {
     pub fn partition(&self, tp: &TopicPartition) -> Option<Rc<PartitionLog>> {
         self.partitions.borrow().get(tp).cloned()
     }
+
+    /// The raft group of a partition with replicas held here.
+    pub fn replica(&self, tp: &TopicPartition) -> Option<Rc<ReplicatedPartition>> {
+        self.replicas.borrow().get(tp).cloned()
+    }
+}
+
+/// The port of shard `shard`'s partition transport on a node whose controller listens on
+/// `internal_port`: the ports right above it, one per shard, so that every node derives every
+/// peer's address from `--controllers` alone.
+pub fn partition_transport_port(internal_port: u16, shard: ShardId) -> Option<u16> {
+    u16::try_from(shard.0)
+        .ok()
+        .and_then(|s| internal_port.checked_add(1)?.checked_add(s))
+}
+
+/// In a cluster: starts the calling shard's partition transport (at start-up), listening on its
+/// [`partition_transport_port`], with the same shard of every controller node as peers.
+pub fn start_partition_transport() -> Result<(), String> {
+    let shard = local();
+    let Some(cluster) = shard.broker.config.cluster.clone() else {
+        return Ok(());
+    };
+    let at = |addr: std::net::SocketAddr| {
+        partition_transport_port(addr.port(), shard.id)
+            .map(|port| std::net::SocketAddr::new(addr.ip(), port))
+            .ok_or_else(|| format!("no partition transport port above {addr}"))
+    };
+    let listen = at(cluster.internal_listen)?;
+    let mut peers = HashMap::new();
+    for (id, addr) in &cluster.controllers {
+        peers.insert(*id as u64, at(*addr)?);
+    }
+    let me = shard.broker.config.node_id as u64;
+    let transport =
+        sluice_raft::Transport::start(sluice_raft::TransportConfig::new(me, listen, peers))
+            .map_err(|e| {
+                format!("cannot listen on the partition transport address {listen}: {e}")
+            })?;
+    *shard.transport.borrow_mut() = Some(transport);
+    Ok(())
+}
+
+/// Opens one partition replica on the calling shard (idempotent): its log, then its raft group
+/// `group_id` over the `voters`' same shard. Leadership changes are published to every shard
+/// through [`BrokerContext::set_replica_leader`].
+pub async fn open_replica_here(
+    tp: TopicPartition,
+    lc: LogConfig,
+    group_id: u64,
+    voters: Vec<u64>,
+) -> Result<(), StorageError> {
+    let shard = local();
+    if shard.replica(&tp).is_some() {
+        return Ok(());
+    }
+    open_partition_here(tp.clone(), lc).await?;
+    let log = shard.partition(&tp).expect("just opened");
+    let transport = shard.transport.borrow().clone().ok_or_else(|| {
+        StorageError::Io(std::io::Error::other(
+            "no partition transport on this shard (not in a cluster)",
+        ))
+    })?;
+    let me = shard.broker.config.node_id as u64;
+    let config = sluice_raft::GroupConfig::new(group_id, me, voters);
+    let replica = Rc::new(ReplicatedPartition::start(log, config, &transport).await?);
+    let statuses = replica.watch();
+    let broker = shard.broker.clone();
+    let watched = tp.clone();
+    crate::contain::spawn_background("partition leader watcher", async move {
+        while let Ok(s) = statuses.recv().await {
+            if s.role == sluice_raft::Role::Stopped {
+                break;
+            }
+            let leader = s.leader_id.map(|l| l as i32).unwrap_or(-1);
+            let epoch = i32::try_from(s.term).unwrap_or(i32::MAX);
+            broker.set_replica_leader(&watched, leader, epoch);
+        }
+    });
+    shard.replicas.borrow_mut().insert(tp, replica);
+    Ok(())
 }
 
 /// Opens one partition log on the calling shard (idempotent).
@@ -128,6 +217,11 @@ pub async fn reconfigure_partitions(broker: &BrokerContext, t: &crate::metadata:
 /// not open), so the name can be reused at once.
 pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageError> {
     let shard = local();
+    let replica = shard.replicas.borrow_mut().remove(&tp);
+    if let Some(r) = replica {
+        r.stop().await;
+        shard.broker.forget_replica_leader(&tp);
+    }
     let log = shard.partitions.borrow_mut().remove(&tp);
     match log {
         Some(log) => log.remove().await,
@@ -140,6 +234,13 @@ pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageErro
 
 /// Closes every partition log of the calling shard (at shutdown).
 pub async fn close_partitions() {
+    let replicas: Vec<_> = local().replicas.borrow_mut().drain().collect();
+    for (_, r) in replicas {
+        r.stop().await;
+    }
+    if let Some(t) = local().transport.borrow_mut().take() {
+        t.close();
+    }
     let logs: Vec<_> = local().partitions.borrow_mut().drain().collect();
     for (tp, log) in logs {
         if let Err(e) = log.close().await {

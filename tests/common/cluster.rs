@@ -36,6 +36,28 @@ fn free_addr(host: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("bind an ephemeral port on {host}: {e}"))
 }
 
+/// An internal listener address on `host` whose port and the next one (shard 0's partition
+/// transport, internal port + 1) were both free a moment ago, neither of them in `taken`.
+fn free_internal_addr(host: &str, taken: &[SocketAddr]) -> SocketAddr {
+    for _ in 0..100 {
+        let l = TcpListener::bind((host, 0))
+            .unwrap_or_else(|e| panic!("bind an ephemeral port on {host}: {e}"));
+        let addr = l.local_addr().expect("local addr");
+        let Some(next) = addr.port().checked_add(1) else {
+            continue;
+        };
+        let used = |port: u16| {
+            taken
+                .iter()
+                .any(|t| t.ip() == addr.ip() && t.port() == port)
+        };
+        if !used(addr.port()) && !used(next) && TcpListener::bind((host, next)).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no two consecutive free ports on {host}");
+}
+
 pub struct Cluster {
     /// Node i is `nodes[i - 1]`.
     pub nodes: Vec<Broker>,
@@ -52,7 +74,14 @@ impl Cluster {
     pub fn start_with(n: i32, options: BrokerOptions) -> Cluster {
         let hosts: Vec<String> = (1..=n).map(host_of).collect();
         let kafka: Vec<SocketAddr> = hosts.iter().map(|h| free_addr(h)).collect();
-        let internal: Vec<SocketAddr> = hosts.iter().map(|h| free_addr(h)).collect();
+        let mut taken = kafka.clone();
+        let mut internal = Vec::new();
+        for h in &hosts {
+            let a = free_internal_addr(h, &taken);
+            taken.push(a);
+            taken.push(SocketAddr::new(a.ip(), a.port() + 1));
+            internal.push(a);
+        }
         let controllers = (1..=n)
             .map(|id| format!("{id}@{}", internal[id as usize - 1]))
             .collect::<Vec<_>>()

@@ -91,7 +91,8 @@ pub async fn topic_or_create(
 }
 
 /// Runs `f` with the partition log on its owner shard. This is the cross-core hop: partitions
-/// are owned by exactly one shard, so every access travels there.
+/// are owned by exactly one shard, so every access travels there. A node that holds no replica
+/// of the partition, or a follower replica of a replicated one, answers NOT_LEADER_OR_FOLLOWER.
 pub async fn with_partition<F, Fut, R>(
     topic: &TopicMeta,
     partition: i32,
@@ -103,12 +104,11 @@ where
     R: Send + 'static,
 {
     let broker = shard::local().broker.clone();
-    match broker.node_of(topic, partition) {
-        None => return Err(code(ResponseError::UnknownTopicOrPartition)),
-        Some(n) if n != broker.config.node_id => {
-            return Err(code(ResponseError::NotLeaderOrFollower))
-        }
-        Some(_) => {}
+    if broker.node_of(topic, partition).is_none() {
+        return Err(code(ResponseError::UnknownTopicOrPartition));
+    }
+    if !broker.holds(topic, partition) {
+        return Err(code(ResponseError::NotLeaderOrFollower));
     }
     let owner = broker
         .owner(topic, partition)
@@ -121,6 +121,15 @@ where
             crate::fault::panic_point("cross_shard", &tp.topic);
         }
         match here.partition(&tp) {
+            // A replicated partition is served by its raft leader only, as Kafka serves
+            // clients from the partition leader.
+            Some(_)
+                if here
+                    .replica(&tp)
+                    .is_some_and(|r| r.role() != sluice_raft::Role::Leader) =>
+            {
+                Err(code(ResponseError::NotLeaderOrFollower))
+            }
             Some(log) => Ok(f(log).await),
             None => Err(code(ResponseError::UnknownTopicOrPartition)),
         }
@@ -185,6 +194,25 @@ pub fn authorized_operations(resource: AclResource, requested: bool) -> i32 {
         ],
     };
     ops.iter().fold(0i32, |bits, op| bits | (1 << op))
+}
+
+/// The high watermark readers see on the partition's owner shard: the commit index (as an
+/// offset) of a partition with replicas, the log's own otherwise. Call on the owner shard.
+pub fn readable_end(topic: &str, partition: i32, log: &PartitionLog) -> crate::types::Offset {
+    committed_end(topic, partition, log).unwrap_or_else(|| log.high_watermark())
+}
+
+/// The commit index (as an offset) of a partition with replicas; `None` for a partition
+/// without, whose readers stop at the log's own high watermark. Call on the owner shard.
+pub fn committed_end(
+    topic: &str,
+    partition: i32,
+    log: &PartitionLog,
+) -> Option<crate::types::Offset> {
+    let tp = TopicPartition::new(topic.to_string(), partition);
+    shard::local()
+        .replica(&tp)
+        .map(|r| r.high_watermark().min(log.high_watermark()))
 }
 
 pub fn opt_str(s: &Option<StrBytes>) -> Option<String> {

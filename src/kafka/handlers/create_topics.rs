@@ -106,7 +106,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 if req.version >= 5 {
                     ok = ok
                         .with_num_partitions(meta.partition_count())
-                        .with_replication_factor(1)
+                        .with_replication_factor(meta.replication_factor() as i16)
                         .with_configs(Some(cfgs));
                 }
                 if req.version >= 7 {

@@ -30,6 +30,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 );
                 continue;
             };
+            if meta.replication_factor() > 1 {
+                // The raft log of a replicated partition must start at offset 0 until partition
+                // snapshots exist.
+                parts.push(r.with_error_code(code(ResponseError::PolicyViolation).get()));
+                continue;
+            }
             let offset = p.offset;
             let res = with_partition(meta, p.partition_index, move |log| async move {
                 let target = if offset == -1 {

@@ -17,7 +17,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::ResponseError;
 
-use super::common::{code, storage_code, with_partition, NONE};
+use super::common::{code, committed_end, storage_code, with_partition, NONE};
 use crate::kafka::fetch_sessions as sessions;
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
@@ -435,12 +435,15 @@ type ReadTask = Option<
 fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
     let meta = topic.meta.clone()?;
     let (index, offset, bytes_max) = (p.index, p.fetch_offset, bytes_max as u32);
+    let name = meta.name.clone();
     // Contained: a panic is re-raised in `finish_read` and fails this request only.
     Some(shard::spawn_contained(async move {
         with_partition(&meta, index, move |log| async move {
+            let committed = committed_end(&name, index, &log);
             if bytes_max == 0 {
                 let (start, end) = (log.log_start_offset(), log.log_end_offset());
-                let (hw, ls) = (log.high_watermark().0, start.0);
+                let hw = committed.unwrap_or_else(|| log.high_watermark());
+                let (hw, ls) = (hw.0, start.0);
                 if offset < start.0 || offset > end.0 {
                     return Err(ReadFailed {
                         error: code(ResponseError::OffsetOutOfRange),
@@ -459,6 +462,19 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
                 bytes_max,
             })
             .await
+            .map(|mut r| {
+                // Only what is committed (a replicated partition's log also holds entries
+                // not committed yet): whole batches, each one raft entry.
+                if let Some(hw) = committed.filter(|hw| *hw < r.high_watermark) {
+                    r.batches.retain(|b| {
+                        b.get(..8)
+                            .and_then(|s| s.try_into().ok())
+                            .is_some_and(|s| i64::from_be_bytes(s) < hw.0)
+                    });
+                    r.high_watermark = hw;
+                }
+                r
+            })
             .map_err(|e| {
                 if let crate::storage::StorageError::Io(err) = &e {
                     tracing::warn!(dir = %log.dir().display(), offset, error = %err, "fetch read failed");
@@ -543,12 +559,19 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
             glommio::spawn_local(async move {
                 let waited = shard::contain(async move {
                     crate::fault::panic_point("fetch_wait", &meta.name);
+                    let tp = crate::types::TopicPartition::new(meta.name.clone(), index);
                     let _ = with_partition(&meta, index, move |log| async move {
+                        // A replicated partition's reads stop at its commit index: wait for it
+                        // to move, not for appends (which may stay uncommitted).
+                        let replica = shard::local().replica(&tp);
+                        let data = async {
+                            match &replica {
+                                Some(r) => r.wait_committed_past(Offset(offset)).await,
+                                None => log.wait_for_append(Offset(offset)).await,
+                            }
+                        };
                         futures_lite::future::or(
-                            futures_lite::future::or(
-                                log.wait_for_append(Offset(offset)),
-                                shard::local().clock.sleep(remaining),
-                            ),
+                            futures_lite::future::or(data, shard::local().clock.sleep(remaining)),
                             async {
                                 let _ = done_rx.recv().await;
                             },

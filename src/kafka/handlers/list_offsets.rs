@@ -9,7 +9,7 @@ use kafka_protocol::messages::list_offsets_response::{
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 use kafka_protocol::ResponseError;
 
-use super::common::{code, storage_code, with_partition, NONE};
+use super::common::{code, readable_end, storage_code, with_partition, NONE};
 use crate::kafka::{Request, Response};
 use crate::protocol::compression;
 use crate::shard;
@@ -39,10 +39,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 continue;
             };
             let ts = p.timestamp;
+            let (name, index) = (meta.name.clone(), p.partition_index);
             let r = with_partition(meta, p.partition_index, move |log| async move {
                 match ts {
                     EARLIEST => Ok((log.log_start_offset().0, -1)),
-                    LATEST => Ok((log.high_watermark().0, -1)),
+                    LATEST => Ok((readable_end(&name, index, &log).0, -1)),
                     MAX_TIMESTAMP => match log.max_timestamp() {
                         // The batch's last offset is a bound; the record is the first with
                         // the batch's max timestamp (KIP-734).

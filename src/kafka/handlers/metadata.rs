@@ -35,6 +35,9 @@ fn topic_entry(
     let image = broker.image();
     let partitions = (0..t.partition_count())
         .map(|p| {
+            if t.replication_factor() > 1 {
+                return replicated_partition(broker, &image, t, p, version);
+            }
             let node = broker.node_of(t, p).unwrap_or(-1);
             let entry = MetadataResponsePartition::default()
                 .with_partition_index(p)
@@ -70,6 +73,39 @@ pub struct ListedBroker {
     pub host: String,
     pub port: u16,
     pub fenced: bool,
+}
+
+/// A partition with replicas: its leader is the raft leader (as this node's replica knows it;
+/// the preferred leader when this node holds no replica), its leader epoch the raft term, its
+/// ISR the replicas on nodes that are not fenced.
+fn replicated_partition(
+    broker: &BrokerContext,
+    image: &crate::metadata::MetadataImage,
+    t: &TopicMeta,
+    p: i32,
+    version: i16,
+) -> MetadataResponsePartition {
+    let tp = crate::types::TopicPartition::new(t.name.clone(), p);
+    let (leader, epoch) = broker
+        .replica_leader(&tp)
+        .unwrap_or((broker.node_of(t, p).unwrap_or(-1), 0));
+    let replicas = t.replica_nodes(p).iter().map(|n| BrokerId(*n)).collect();
+    let isr = super::produce::in_sync_replicas(broker, t, p)
+        .into_iter()
+        .map(BrokerId)
+        .collect();
+    let entry = MetadataResponsePartition::default()
+        .with_partition_index(p)
+        .with_leader_epoch(if version >= 7 { epoch } else { -1 })
+        .with_replica_nodes(replicas)
+        .with_isr_nodes(isr);
+    if leader < 0 || image.fenced.contains(&leader) {
+        entry
+            .with_error_code(code(ResponseError::LeaderNotAvailable).get())
+            .with_leader_id(BrokerId(-1))
+    } else {
+        entry.with_leader_id(BrokerId(leader))
+    }
 }
 
 /// The brokers clients may connect to: this node, and in a cluster every registered node that

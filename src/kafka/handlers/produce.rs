@@ -222,6 +222,7 @@ async fn append_partition(
     if let Err((c, m)) = validate(&records, max_bytes) {
         return Outcome::error(c, Some(m));
     }
+    let replicated = topic.replication_factor() > 1;
     // The log patches offsets in place, so it gets its own copy of the batch bytes.
     let mut owned = BytesMut::from(&records[..]);
     let append_time =
@@ -234,16 +235,37 @@ async fn append_partition(
             at += size;
         }
     }
+    if durability == Durability::Synced && topic.replication_factor() > 1 {
+        let min = configs::min_insync_replicas(&defaults, &topic.configs);
+        let isr = in_sync_replicas(&broker, &topic, index).len() as i64;
+        if isr < min {
+            return Outcome::error(
+                code(ResponseError::NotEnoughReplicas),
+                Some(format!(
+                    "{isr} replicas in sync, min.insync.replicas is {min}"
+                )),
+            );
+        }
+    }
+    let tp = crate::types::TopicPartition::new(topic.name.clone(), index);
     // A detached task, so that a timed-out wait never cancels the append itself. Contained: its
     // panic is re-raised here, or logged by itself if the wait timed out first.
     let append = shard::spawn_contained(async move {
         with_partition(&topic, index, move |log| async move {
-            log.append(owned, durability).await
+            match shard::local().replica(&tp) {
+                Some(replica) => replicate(&replica, owned).await,
+                None => log
+                    .append(owned, durability)
+                    .await
+                    .map(|r| (r.base_offset.0, r.log_start_offset.0))
+                    .map_err(|e| (storage_code(&e), Some(e.to_string()))),
+            }
         })
         .await
     });
     let append = shard::join(append);
-    let result = if durability == Durability::Synced && !timeout.is_zero() {
+    let waits = durability == Durability::Synced || replicated;
+    let result = if waits && !timeout.is_zero() {
         futures_lite::future::or(append, async {
             shard::local().clock.sleep(timeout).await;
             None
@@ -255,13 +277,60 @@ async fn append_partition(
     match result {
         None => Outcome::error(code(ResponseError::RequestTimedOut), None),
         Some(Err(c)) => Outcome::error(c, None),
-        Some(Ok(Err(e))) => Outcome::error(storage_code(&e), Some(e.to_string())),
-        Some(Ok(Ok(r))) => Outcome {
+        Some(Ok(Err((c, m)))) => Outcome::error(c, m),
+        Some(Ok(Ok((base_offset, log_start_offset)))) => Outcome {
             error_code: NONE,
-            base_offset: r.base_offset.0,
+            base_offset,
             log_append_time_ms: append_time.unwrap_or(-1),
-            log_start_offset: r.log_start_offset.0,
+            log_start_offset,
             message: None,
         },
     }
+}
+
+/// The replicas of a partition Metadata reports in sync and `min.insync.replicas` counts: those
+/// on nodes that are not fenced. Raft progress is not exposed by the group yet, so a live
+/// follower that lags is still counted.
+pub fn in_sync_replicas(
+    broker: &shard::BrokerContext,
+    topic: &crate::metadata::TopicMeta,
+    index: i32,
+) -> Vec<i32> {
+    let image = broker.image();
+    topic
+        .replica_nodes(index)
+        .iter()
+        .copied()
+        .filter(|n| !image.fenced.contains(n))
+        .collect()
+}
+
+/// Produces a validated request's records to a replicated partition on its leader: each batch
+/// is proposed in turn and answered once committed (whatever the acks: a local append is not
+/// observable apart from the commit yet). The base offset is the first batch's.
+async fn replicate(
+    replica: &crate::replica::ReplicatedPartition,
+    records: BytesMut,
+) -> Result<(i64, i64), (ErrorCode, Option<String>)> {
+    use crate::replica::ReplicateError;
+    use sluice_raft::ProposeError;
+    let mut rest = records;
+    let mut first = None;
+    while !rest.is_empty() {
+        let size = batch::batch_size(&rest).expect("validated above");
+        let one = rest.split_to(size);
+        let (base, _) = replica.propose(one).await.map_err(|e| match e {
+            ReplicateError::InvalidBatch => (code(ResponseError::CorruptMessage), None),
+            ReplicateError::Raft(ProposeError::Busy) => (
+                code(ResponseError::RequestTimedOut),
+                Some("too many produces awaiting replication".into()),
+            ),
+            ReplicateError::Raft(e) => (
+                code(ResponseError::NotLeaderOrFollower),
+                Some(format!("not replicated from this node: {e}")),
+            ),
+        })?;
+        first.get_or_insert(base.0);
+    }
+    Ok((first.unwrap_or(-1), replica.log().log_start_offset().0))
 }

@@ -13,6 +13,15 @@ use super::*;
 const SESSION_MS: i32 = 10_000;
 const REBALANCE_MS: i32 = 30_000;
 
+/// Kafka's defaults but no initial rebalance delay (3 s by default): a lone member's join is
+/// answered at once.
+fn no_delay() -> CoordinatorConfig {
+    CoordinatorConfig {
+        initial_rebalance_delay_ms: 0,
+        ..Default::default()
+    }
+}
+
 fn coordinator() -> Coordinator {
     Coordinator::new(CoordinatorConfig {
         initial_rebalance_delay_ms: 0,
@@ -539,7 +548,7 @@ fn delete_groups_only_when_empty_and_offsets_delete_respects_subscriptions() {
 fn offsets_of_empty_groups_expire_after_retention() {
     let mut c = Coordinator::new(CoordinatorConfig {
         offsets_retention_ms: 1000,
-        ..Default::default()
+        ..no_delay()
     });
     c.apply_commit(
         "simple",
@@ -612,7 +621,7 @@ async fn open_shard(
     std::rc::Rc<GroupShard>,
     Vec<std::rc::Rc<crate::storage::PartitionLog>>,
 ) {
-    let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
+    let gs = GroupShard::new(no_delay(), Clock::system());
     let mut logs = vec![];
     for p in 0..OFFSETS_PARTITIONS {
         let log = open_log(dir, p).await;
@@ -741,7 +750,7 @@ fn expired_offsets_are_tombstoned_and_stay_gone_after_replay() {
 #[test]
 fn join_waits_in_the_executor_until_the_rebalance_completes() {
     run(async move {
-        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
+        let gs = GroupShard::new(no_delay(), Clock::system());
         let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
         let first = gs.join(join_req("g", "", None)).await;
         assert_eq!(first.generation, 1);
@@ -850,7 +859,7 @@ fn subscription(topics: &[&str]) -> Bytes {
 fn stable_consumer_groups_expire_only_offsets_of_unsubscribed_topics_kip_211() {
     let mut c = Coordinator::new(CoordinatorConfig {
         offsets_retention_ms: 1000,
-        ..Default::default()
+        ..no_delay()
     });
     let mut req = join_req("g", "", None);
     req.protocols = vec![Protocol {
@@ -878,7 +887,7 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
         let gs = GroupShard::new(
             CoordinatorConfig {
                 session_timeout_ms_min: 10,
-                ..Default::default()
+                ..no_delay()
             },
             Clock::fake(&fake),
         );
@@ -1023,7 +1032,7 @@ fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
         append(builder::single(Some(&ok_key), Some(&good), 1)[..].into()).await;
         log.close().await.expect("close");
 
-        let gs = GroupShard::new(CoordinatorConfig::default(), Clock::system());
+        let gs = GroupShard::new(no_delay(), Clock::system());
         let log = open_log(&path, p).await;
         let applied = gs.load_partition(p, log.clone()).await.expect("replay");
         assert_eq!(applied, 1);

@@ -54,12 +54,15 @@ for p in json.load(sys.stdin)["packages"]:
 version="$(basename "$(dirname "$src")")"
 if [ ! -x "$SUITE/tests/test-runner" ] || [ "$(cat "$SUITE/.version" 2>/dev/null)" != "$version" ]; then
     echo "librdkafka suite: building $version into $SUITE"
-    rm -rf "$SUITE" && mkdir -p "$SUITE" && cp -a "$src/." "$SUITE/" || die "cannot copy $src"
-    (cd "$SUITE" && ./configure --disable-gssapi --disable-curl >"$SUITE/configure.log" 2>&1) \
-        || die "configure failed: $SUITE/configure.log"
-    (cd "$SUITE" && make -j"$(nproc)" libs >"$SUITE/make.log" 2>&1) || die "make libs failed: $SUITE/make.log"
-    (cd "$SUITE/tests" && make -j"$(nproc)" build >"$SUITE/make-tests.log" 2>&1) \
-        || die "building the tests failed: $SUITE/make-tests.log"
+    # Build logs go beside the source: mklove's configure takes any ./configure.* file in the
+    # source dir for one of its modules.
+    logs="$SUITE-build-logs"
+    rm -rf "$SUITE" "$logs" && mkdir -p "$SUITE" "$logs" && cp -a "$src/." "$SUITE/" || die "cannot copy $src"
+    (cd "$SUITE" && ./configure --disable-gssapi --disable-curl >"$logs/configure.txt" 2>&1) \
+        || die "configure failed: $logs/configure.txt"
+    (cd "$SUITE" && make -j"$(nproc)" libs >"$logs/make.txt" 2>&1) || die "make libs failed: $logs/make.txt"
+    (cd "$SUITE/tests" && make -j"$(nproc)" build >"$logs/make-tests.txt" 2>&1) \
+        || die "building the tests failed: $logs/make-tests.txt"
     echo "$version" >"$SUITE/.version"
 fi
 

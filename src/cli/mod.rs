@@ -28,6 +28,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the admin commands (`topic`, `group`, `cluster`) connect.
+#[derive(clap::Args, Debug)]
+pub struct Brokers {
+    /// Comma-separated bootstrap brokers.
+    #[arg(
+        id = "brokers",
+        long = "brokers",
+        value_name = "BROKERS",
+        global = true,
+        default_value = "127.0.0.1:9092",
+        env = "SLUICE_BROKERS"
+    )]
+    pub list: String,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the broker.
@@ -36,40 +51,22 @@ pub enum Command {
     Topic {
         #[command(subcommand)]
         command: topic::TopicCommand,
-        /// Comma-separated bootstrap brokers.
-        #[arg(
-            long,
-            global = true,
-            default_value = "127.0.0.1:9092",
-            env = "SLUICE_BROKERS"
-        )]
-        brokers: String,
+        #[command(flatten)]
+        brokers: Brokers,
     },
     /// List, describe, delete consumer groups and reset their offsets.
     Group {
         #[command(subcommand)]
         command: group::GroupCommand,
-        /// Comma-separated bootstrap brokers.
-        #[arg(
-            long,
-            global = true,
-            default_value = "127.0.0.1:9092",
-            env = "SLUICE_BROKERS"
-        )]
-        brokers: String,
+        #[command(flatten)]
+        brokers: Brokers,
     },
     /// Describe the cluster: its id, controller and brokers.
     Cluster {
         #[command(subcommand)]
         command: cluster::ClusterCommand,
-        /// Comma-separated bootstrap brokers.
-        #[arg(
-            long,
-            global = true,
-            default_value = "127.0.0.1:9092",
-            env = "SLUICE_BROKERS"
-        )]
-        brokers: String,
+        #[command(flatten)]
+        brokers: Brokers,
     },
     /// Produce stdin lines as records.
     Produce(produce::ProduceArgs),

@@ -148,6 +148,7 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::DeleteGroups => delete_groups::handle(&req, body).await,
         ApiKey::OffsetDelete => offset_delete::handle(&req, body).await,
         ApiKey::DescribeCluster => describe_cluster::handle(&req, body).await,
+        ApiKey::DescribeLogDirs => describe_log_dirs::handle(&req, body).await,
         ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(&req, body).await,
         ApiKey::AlterConfigs => alter_configs::handle(&req, body).await,
         ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(&req, body).await,

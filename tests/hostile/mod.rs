@@ -75,6 +75,7 @@ pub fn default_request(key: ApiKey) -> Box<dyn EncodeAt> {
         ApiKey::IncrementalAlterConfigs => Box::new(IncrementalAlterConfigsRequest::default()),
         ApiKey::DescribeCluster => Box::new(DescribeClusterRequest::default()),
         ApiKey::DescribeTopicPartitions => Box::new(DescribeTopicPartitionsRequest::default()),
+        ApiKey::DescribeLogDirs => Box::new(DescribeLogDirsRequest::default()),
         other => panic!("no request built for {other:?}: add it when the broker advertises it"),
     }
 }
@@ -364,6 +365,17 @@ pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
                             .with_partition_index(1),
                     )),
             )
+        }
+        ApiKey::DescribeLogDirs => {
+            use kafka_protocol::messages::describe_log_dirs_request::DescribableLogDirTopic;
+            Box::new(DescribeLogDirsRequest::default().with_topics(Some(vec![
+                    DescribableLogDirTopic::default()
+                        .with_topic(topic())
+                        .with_partitions(vec![0, 1, -1, i32::MAX]),
+                    DescribableLogDirTopic::default()
+                        .with_topic(TopicName(s("hostile-other")))
+                        .with_partitions(vec![0]),
+                ])))
         }
         other => default_request(other),
     }

@@ -446,3 +446,46 @@ def test_describe_topic_partitions_pages_with_a_cursor(broker, topic):
         assert pages == 4
     finally:
         a.close()
+
+
+def test_describe_log_dirs_reports_each_partition_size(broker, topic):
+    create(broker, topic, partitions=2)
+    p = producer(broker, linger_ms=0)
+    try:
+        for i in range(50):
+            p.send(topic, value=b"x" * 1000, partition=0)
+        p.flush(timeout=WAIT_S)
+    finally:
+        p.close()
+    a = admin(broker)
+    try:
+        every = a.describe_log_dirs()
+        mine = a.describe_log_dirs(topic_partitions={topic: [0, 1, 7]})
+    finally:
+        a.close()
+
+    def sizes(answer):
+        """{(topic, partition): size} over every broker's and directory's answer."""
+        out = {}
+        for per_broker in answer:
+            results = per_broker["log_dirs"] if isinstance(per_broker, dict) and "log_dirs" in per_broker else per_broker
+            for d in results if isinstance(results, list) else [results]:
+                assert d["error_code"] == 0, d
+                assert os.path.isabs(d["log_dir"]), d["log_dir"]
+                if "total_bytes" in d:
+                    assert d["total_bytes"] >= d["usable_bytes"] > 0
+                for t in d["topics"]:
+                    for part in t["partitions"]:
+                        assert part["is_future_key"] is False
+                        assert part["offset_lag"] == 0
+                        out[(t["name"], part["partition_index"])] = part["partition_size"]
+        return out
+
+    listed = sizes(mine)
+    # Only the two partitions that exist: partition 7 is not held here, so it is left out.
+    assert set(listed) == {(topic, 0), (topic, 1)}, listed
+    assert listed[(topic, 0)] > 50 * 1000, listed
+    assert listed[(topic, 1)] == 0, listed
+    all_sizes = sizes(every)
+    assert all_sizes[(topic, 0)] == listed[(topic, 0)]
+    assert (topic, 1) in all_sizes

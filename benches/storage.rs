@@ -28,6 +28,7 @@ fn config(segment_bytes: u64) -> LogConfig {
         retention_bytes: None,
         index_interval_bytes: 4096,
         flush: FlushPolicy::Always,
+        compaction: None,
     }
 }
 

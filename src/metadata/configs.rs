@@ -4,15 +4,16 @@
 //!
 //! Every documented key is accepted, validated and stored; the partition log applies
 //! `retention.ms`, `retention.bytes`, `segment.bytes`, `segment.ms`, `flush.ms`,
-//! `index.interval.bytes` and `cleanup.policy` (a policy without `delete` turns time and size
-//! retention off; compaction itself is not performed), and Produce applies
+//! `index.interval.bytes`, `cleanup.policy` (a policy without `delete` turns time and size
+//! retention off; one with `compact` runs the log cleaner), `delete.retention.ms`,
+//! `min.cleanable.dirty.ratio`, `min.compaction.lag.ms` and `max.compaction.lag.ms`, and Produce applies
 //! `max.message.bytes` and `message.timestamp.type`. The others are stored and reported only
 //! ([`TopicConfig::applied`]).
 
 use std::collections::BTreeMap;
 
 use crate::config::BrokerConfig;
-use crate::storage::{FlushPolicy, LogConfig, SEGMENT_MS_DEFAULT};
+use crate::storage::{CompactionConfig, FlushPolicy, LogConfig, SEGMENT_MS_DEFAULT};
 
 /// Where a config value comes from (DescribeConfigs `config_source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +145,7 @@ pub const TOPIC_CONFIGS: &[TopicConfig] = &[
         Kind::Long { min: 0 },
         "86400000",
         Some("log.cleaner.delete.retention.ms"),
-        false,
+        true,
     ),
     c(
         "file.delete.delay.ms",
@@ -212,7 +213,7 @@ pub const TOPIC_CONFIGS: &[TopicConfig] = &[
         Kind::Long { min: 1 },
         LONG_MAX,
         Some("log.cleaner.max.compaction.lag.ms"),
-        false,
+        true,
     ),
     c(
         "max.message.bytes",
@@ -271,14 +272,14 @@ pub const TOPIC_CONFIGS: &[TopicConfig] = &[
         Kind::Double { min: 0.0, max: 1.0 },
         "0.5",
         Some("log.cleaner.min.cleanable.ratio"),
-        false,
+        true,
     ),
     c(
         "min.compaction.lag.ms",
         Kind::Long { min: 0 },
         "0",
         Some("log.cleaner.min.compaction.lag.ms"),
-        false,
+        true,
     ),
     c(
         "min.insync.replicas",
@@ -587,6 +588,13 @@ pub fn deletes(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> bool {
         .any(|x| x.trim() == "delete")
 }
 
+/// Whether the topic's effective `cleanup.policy` includes `compact` (the log cleaner runs).
+pub fn compacts(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> bool {
+    effective(d, o, "cleanup.policy")
+        .split(',')
+        .any(|x| x.trim() == "compact")
+}
+
 /// The partition-log configuration of a topic.
 pub fn log_config(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> LogConfig {
     let opt = |v: i64| if v < 0 { None } else { Some(v as u64) };
@@ -601,6 +609,20 @@ pub fn log_config(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> LogConfig
             v if v <= 0 => FlushPolicy::Always,
             v => FlushPolicy::IntervalMs(v as u64),
         },
+        compaction: compacts(d, o).then(|| CompactionConfig {
+            delete_retention_ms: get_i64(d, o, "delete.retention.ms").max(0) as u64,
+            min_cleanable_dirty_ratio: effective(d, o, "min.cleanable.dirty.ratio")
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .unwrap_or(0.5),
+            min_compaction_lag_ms: get_i64(d, o, "min.compaction.lag.ms").max(0) as u64,
+            max_compaction_lag_ms: match get_i64(d, o, "max.compaction.lag.ms") {
+                v if v <= 0 || v == i64::MAX => None,
+                v => Some(v as u64),
+            },
+        }),
     }
 }
 
@@ -671,7 +693,17 @@ mod tests {
         assert_eq!(log_config(&cfg, &o).retention_ms, Some(1000));
         o.insert("cleanup.policy".to_string(), "compact".to_string());
         assert_eq!(log_config(&cfg, &o).retention_ms, None);
+        let c = log_config(&cfg, &o).compaction.expect("compact");
+        assert_eq!(
+            (c.delete_retention_ms, c.min_compaction_lag_ms),
+            (86_400_000, 0)
+        );
+        assert_eq!(
+            (c.min_cleanable_dirty_ratio, c.max_compaction_lag_ms),
+            (0.5, None)
+        );
         o.insert("cleanup.policy".to_string(), "compact,delete".to_string());
+        assert!(log_config(&cfg, &o).compaction.is_some());
         assert_eq!(log_config(&cfg, &o).retention_ms, Some(1000));
     }
 
@@ -730,7 +762,11 @@ mod tests {
             dynamic_broker_config("log.retention.ms").map(|c| c.name),
             Some("retention.ms")
         );
-        assert!(dynamic_broker_config("log.cleaner.delete.retention.ms").is_none());
+        assert_eq!(
+            dynamic_broker_config("log.cleaner.delete.retention.ms").map(|c| c.name),
+            Some("delete.retention.ms")
+        );
+        assert!(dynamic_broker_config("log.message.downconversion.enable").is_none());
         assert!(dynamic_broker_config("broker.id").is_none());
     }
 }

@@ -168,6 +168,20 @@ impl BatchCache {
         inner.bytes -= freed;
     }
 
+    /// Drops cached batches of `log` that end before `before` (compaction rewrote them).
+    pub(crate) fn drop_below(&self, log: u64, before: Offset) {
+        let mut inner = self.inner.borrow_mut();
+        let mut freed = 0;
+        if let Some(run) = inner.logs.get_mut(&log) {
+            while run.front().is_some_and(|c| c.last < before) {
+                if let Some(c) = run.pop_front() {
+                    freed += c.bytes.len();
+                }
+            }
+        }
+        inner.bytes -= freed;
+    }
+
     pub(crate) fn drop_log(&self, log: u64) {
         let mut inner = self.inner.borrow_mut();
         if let Some(run) = inner.logs.remove(&log) {

@@ -14,6 +14,7 @@
 //! | [`epochs`] | the leader-epoch cache: epoch -> start offset, `end_offset_for` |
 //! | `roll` | sealing the active segment and starting the next |
 //! | `retention` | moving the log start: retention and DeleteRecords |
+//! | `compact` | log compaction: the cleaner pass, its bounded key map, the crash-safe swap |
 //! | `recovery` | `open`: loading segments, validating the tail, rebuilding what is missing |
 //! | `segment` | one segment: its file, sparse offset/time index, and the validating scanner |
 //! | [`cache`] | the per-shard cache of recent batches (`Rc`-shared by the shard's logs) |
@@ -32,6 +33,7 @@
 mod append;
 mod appender;
 pub mod cache;
+mod compact;
 pub mod epochs;
 pub mod io;
 mod meta;
@@ -64,6 +66,7 @@ pub use append::{
 };
 use appender::Appender;
 pub use cache::{BatchCache, CacheStats};
+pub use compact::{CleanReport, CompactionConfig, CLEANER_MAP_BYTES_MAX};
 use epochs::LeaderEpochs;
 use io::StorageIo;
 use offsets::Offsets;
@@ -107,6 +110,8 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     pub index_interval_bytes: u32,
     pub flush: FlushPolicy,
+    /// `cleanup.policy` includes `compact`: the cleaner's settings (see `compact`).
+    pub compaction: Option<CompactionConfig>,
 }
 
 impl Default for LogConfig {
@@ -118,6 +123,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             index_interval_bytes: 4096,
             flush: FlushPolicy::Always,
+            compaction: None,
         }
     }
 }
@@ -234,6 +240,8 @@ pub(crate) struct State {
     /// Leader epoch -> first offset (see [`epochs`]).
     epochs: LeaderEpochs,
     reads: ReadAheads,
+    /// The log cleaner's position (compacted logs).
+    cleaner: compact::CleanerState,
     /// A roll (or close) is in progress: appends wait.
     rolling: bool,
     closed: bool,

@@ -11,6 +11,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use crate::storage::appender::{self, Appender};
+use crate::storage::compact::{self, CleanerState};
 use crate::storage::epochs::LeaderEpochs;
 use crate::storage::io::{align_down, StorageIo};
 use crate::storage::meta;
@@ -55,6 +56,8 @@ impl PartitionLog {
             None => (None, ProducerState::default()),
         };
 
+        // A log-cleaner swap that a crash interrupted: finish it (or drop a pass's outputs).
+        compact::recover(dir)?;
         let mut bases = meta::list_segments(dir)?;
         // Segments wholly below the persisted log start: left by a crash between the
         // checkpoint and the unlink.
@@ -92,11 +95,12 @@ impl PartitionLog {
                 seg.set_extent(file_size, bases[k + 1]);
                 if !seg.load_index_files(dir) {
                     let mut fresh = Segment::new(base, file.clone(), seg.created_ms());
-                    let out = segment::scan(&*file, 0, base, file_size, |h, pos| {
+                    // Compacted segments have offset gaps between their batches.
+                    let out = segment::scan_with_gaps(&*file, 0, base, file_size, |h, pos| {
                         fresh.on_batch(h, pos, interval)
                     })
                     .await?;
-                    if out.end_pos != file_size || out.next != seg.next() {
+                    if out.end_pos != file_size || out.next > seg.next() {
                         tracing::warn!(
                             dir = %dir.display(), segment = base.0, valid_bytes = out.end_pos,
                             file_bytes = file_size, stop = ?out.stop,
@@ -252,7 +256,7 @@ impl PartitionLog {
                 // headers of every segment, once.
                 let mut e = LeaderEpochs::default();
                 for g in &segments {
-                    segment::scan(&**g.file(), 0, g.base(), g.size(), |h, _| {
+                    segment::scan_with_gaps(&**g.file(), 0, g.base(), g.size(), |h, _| {
                         e.observe(h.partition_leader_epoch(), h.base_offset());
                     })
                     .await?;
@@ -321,6 +325,7 @@ impl PartitionLog {
                 producers,
                 epochs,
                 reads: ReadAheads::new(),
+                cleaner: CleanerState::recovered(dir),
                 rolling: false,
                 closed: false,
                 waiters: vec![],

@@ -387,9 +387,32 @@ pub struct ScanOutcome {
 /// holds bytes actually read, never the declared length.
 pub async fn scan(
     file: &dyn SegmentFile,
+    pos: u64,
+    next: Offset,
+    limit: u64,
+    f: impl FnMut(&BatchHeader<'_>, u64),
+) -> io::Result<ScanOutcome> {
+    scan_inner(file, pos, next, limit, false, f).await
+}
+
+/// [`scan`] of a sealed segment that compaction may have rewritten: a batch may start past its
+/// predecessor's end (the offsets between were compacted away), never before it.
+pub async fn scan_with_gaps(
+    file: &dyn SegmentFile,
+    pos: u64,
+    next: Offset,
+    limit: u64,
+    f: impl FnMut(&BatchHeader<'_>, u64),
+) -> io::Result<ScanOutcome> {
+    scan_inner(file, pos, next, limit, true, f).await
+}
+
+async fn scan_inner(
+    file: &dyn SegmentFile,
     mut pos: u64,
     mut next: Offset,
     limit: u64,
+    gaps: bool,
     mut f: impl FnMut(&BatchHeader<'_>, u64),
 ) -> io::Result<ScanOutcome> {
     let mut batches = 0u64;
@@ -402,7 +425,7 @@ pub async fn scan(
     // Checks one complete batch; returns false to stop.
     let mut check = |b: &[u8], pos: &mut u64, next: &mut Offset, stop: &mut ScanStop| -> bool {
         match BatchHeader::parse_checked(b) {
-            Ok(h) if h.base_offset() == *next => {
+            Ok(h) if h.base_offset() == *next || (gaps && h.base_offset() > *next) => {
                 f(&h, *pos);
                 *pos += h.size() as u64;
                 *next = h.last_offset().next();

@@ -452,6 +452,7 @@ async fn simulate(seed: u64, dir: std::path::PathBuf, trace: Rc<Trace>) {
         } else {
             FlushPolicy::Always
         },
+        compaction: None,
     };
     let cache_bytes = [0, 16 << 10, 1 << 20][rng.gen_range(0..3)];
     // Both commit paths: durable (O_DSYNC) writes, or writes and fdatasyncs. Taken from the

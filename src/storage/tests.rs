@@ -51,6 +51,7 @@ pub(crate) fn small_config() -> LogConfig {
         retention_bytes: None,
         index_interval_bytes: 1024,
         flush: FlushPolicy::Always,
+        compaction: None,
     }
 }
 

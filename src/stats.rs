@@ -100,6 +100,9 @@ struct Counters {
     durable_writes: RefCell<Option<Box<Latency>>>,
     storage_bytes_written: Cell<u64>,
     storage_write_errors: Cell<u64>,
+    cleaner_passes: Cell<u64>,
+    cleaner_bytes_read: Cell<u64>,
+    cleaner_bytes_written: Cell<u64>,
 }
 
 thread_local! {
@@ -220,6 +223,15 @@ pub fn storage_write_failed() {
     COUNTERS.with(|c| add(&c.storage_write_errors, 1));
 }
 
+/// A log-cleaner pass read `read` bytes (mapped and rewritten) and wrote `written`.
+pub fn log_cleaned(read: u64, written: u64) {
+    COUNTERS.with(|c| {
+        add(&c.cleaner_passes, 1);
+        add(&c.cleaner_bytes_read, read);
+        add(&c.cleaner_bytes_written, written);
+    });
+}
+
 /// The calling thread's counters, copied; histograms as Prometheus buckets at `bounds_s`.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -239,6 +251,9 @@ pub struct Snapshot {
     pub durable_write: HistogramSnapshot,
     pub storage_bytes_written: u64,
     pub storage_write_errors: u64,
+    pub cleaner_passes: u64,
+    pub cleaner_bytes_read: u64,
+    pub cleaner_bytes_written: u64,
 }
 
 /// Copies the calling thread's counters.
@@ -274,6 +289,9 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
             durable_write: hist(&c.durable_writes),
             storage_bytes_written: c.storage_bytes_written.get(),
             storage_write_errors: c.storage_write_errors.get(),
+            cleaner_passes: c.cleaner_passes.get(),
+            cleaner_bytes_read: c.cleaner_bytes_read.get(),
+            cleaner_bytes_written: c.cleaner_bytes_written.get(),
         }
     })
 }

@@ -112,6 +112,7 @@ async fn run_shard(
         return;
     };
     crate::contain::spawn_background("retention", retention_loop());
+    crate::contain::spawn_background("log cleaner", cleaner_loop());
     crate::group::start_shard_tasks();
     crate::server::accept_loop(listener).await;
     if id == crate::controller::CONTROLLER_SHARD {
@@ -124,6 +125,68 @@ async fn run_shard(
 /// `log.retention.check.interval.ms` is 5 minutes; a shorter round costs one pass over the
 /// shard's segment lists).
 const RETENTION_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long each shard's log cleaner waits between rounds over its compacted logs (Kafka's
+/// `log.cleaner.backoff.ms`); `SLUICE_CLEANER_BACKOFF_MS` in the broker's environment overrides
+/// it (tests).
+const CLEANER_BACKOFF: std::time::Duration = std::time::Duration::from_secs(15);
+/// Passes over one log in a round: a dirty section larger than the cleaner's map takes several;
+/// the rest waits for the next round so the other logs get their turn.
+const CLEANER_PASSES_PER_LOG: usize = 8;
+
+/// The shard's log cleaner: one log and one pass at a time (so one key map per shard), never
+/// the logs of replicated partitions (their raft log is not compacted yet).
+async fn cleaner_loop() {
+    let clock = shard::local().clock.clone();
+    let backoff = std::env::var("SLUICE_CLEANER_BACKOFF_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(CLEANER_BACKOFF);
+    loop {
+        clock.sleep(backoff).await;
+        let here = shard::local();
+        let logs: Vec<_> = here
+            .partitions
+            .borrow()
+            .iter()
+            .filter(|(tp, _)| here.replica(tp).is_none())
+            .map(|(_, log)| log.clone())
+            .collect();
+        for log in logs {
+            for _ in 0..CLEANER_PASSES_PER_LOG {
+                let started = std::time::Instant::now();
+                match crate::contain::contain(log.compact(clock.now_ms())).await {
+                    Ok(Ok(Some(r))) => {
+                        let took = started.elapsed();
+                        crate::stats::log_cleaned(r.bytes_in + r.bytes_mapped, r.bytes_out);
+                        tracing::info!(
+                            dir = %log.dir().display(), segments_in = r.segments_in,
+                            segments_out = r.segments_out, bytes_in = r.bytes_in,
+                            bytes_out = r.bytes_out, records_removed = r.records_removed,
+                            tombstones_removed = r.tombstones_removed,
+                            cleaned_to = r.cleaned_to.0, ms = took.as_millis() as u64,
+                            "log cleaned"
+                        );
+                        if !r.more {
+                            break;
+                        }
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!(dir = %log.dir().display(), error = %e, "log cleaning failed");
+                        break;
+                    }
+                    Err(mut p) => {
+                        p.mark_reported();
+                        tracing::error!(dir = %log.dir().display(), "log cleaner {p}; skipped this round");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
 
 async fn retention_loop() {
     let clock = shard::local().clock.clone();

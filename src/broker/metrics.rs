@@ -692,6 +692,30 @@ fn render(broker: &BrokerContext, started: f64) -> String {
     per_shard(
         &mut t,
         &shards,
+        "sluice_log_cleaner_passes_total",
+        "counter",
+        "Log-cleaner passes that rewrote segments of a compacted log.",
+        |s| s.counters.cleaner_passes as f64,
+    );
+    per_shard(
+        &mut t,
+        &shards,
+        "sluice_log_cleaner_read_bytes_total",
+        "counter",
+        "Bytes the log cleaner read (mapped and rewritten).",
+        |s| s.counters.cleaner_bytes_read as f64,
+    );
+    per_shard(
+        &mut t,
+        &shards,
+        "sluice_log_cleaner_written_bytes_total",
+        "counter",
+        "Bytes the log cleaner wrote (cleaned segments).",
+        |s| s.counters.cleaner_bytes_written as f64,
+    );
+    per_shard(
+        &mut t,
+        &shards,
         "sluice_storage_segments",
         "gauge",
         "Segments of the shard's partitions.",

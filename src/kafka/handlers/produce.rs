@@ -95,6 +95,27 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, St
     Ok(())
 }
 
+/// A compacted topic keeps the latest record per key, so every record needs one (Kafka's
+/// LogValidator): the first keyless record refuses the whole batch with INVALID_RECORD. The
+/// only place Produce looks inside batches, and only for compacted topics.
+fn keyed(records: &[u8]) -> Result<(), String> {
+    let mut buf = Bytes::copy_from_slice(records);
+    while !buf.is_empty() {
+        let recs = crate::protocol::compression::decode_batch(
+            &mut buf,
+            crate::protocol::compression::DECOMPRESSED_BATCH_BYTES_MAX,
+        )
+        .map_err(|e| format!("undecodable batch for a compacted topic: {e}"))?;
+        if let Some(r) = recs.iter().find(|r| r.key.is_none()) {
+            return Err(format!(
+                "compacted topic cannot accept a record without a key (offset delta {})",
+                r.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: ProduceRequest = crate::decode_or_close!(req, b);
     let acks = request.acks;
@@ -221,6 +242,11 @@ async fn append_partition(
     let max_bytes = configs::max_message_bytes(&defaults, &topic.configs);
     if let Err((c, m)) = validate(&records, max_bytes) {
         return Outcome::error(c, Some(m));
+    }
+    if configs::compacts(&defaults, &topic.configs) {
+        if let Err(m) = keyed(&records) {
+            return Outcome::error(code(ResponseError::InvalidRecord), Some(m));
+        }
     }
     let replicated = topic.replication_factor() > 1;
     // The log patches offsets in place, so it gets its own copy of the batch bytes.

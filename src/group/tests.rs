@@ -1045,3 +1045,87 @@ fn hostile_records_in_the_offsets_log_are_skipped_at_replay() {
         log.close().await.expect("close");
     });
 }
+
+fn compacted_offsets_config() -> crate::storage::LogConfig {
+    crate::storage::LogConfig {
+        segment_bytes: 4 << 10,
+        compaction: Some(crate::storage::CompactionConfig {
+            min_cleanable_dirty_ratio: 0.0,
+            ..Default::default()
+        }),
+        ..crate::storage::LogConfig::default()
+    }
+}
+
+/// `__consumer_offsets` is compacted: after many commits of the same partitions the cleaner
+/// keeps one record per key, the replay at start reads only those, and the committed offsets
+/// (and the deletion of a group) survive compaction and a restart.
+#[test]
+fn committed_offsets_survive_compaction_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(async move {
+        let open_all = |path: std::path::PathBuf| async move {
+            let gs = GroupShard::new(no_delay(), Clock::system());
+            let mut logs = vec![];
+            let mut applied = 0;
+            for p in 0..OFFSETS_PARTITIONS {
+                let log = crate::storage::PartitionLog::open(
+                    &path.join(format!("{OFFSETS_TOPIC}-{p}")),
+                    compacted_offsets_config(),
+                    crate::storage::BatchCache::new(1 << 20),
+                )
+                .await
+                .expect("open log");
+                applied += gs.load_partition(p, log.clone()).await.expect("replay");
+                logs.push(log);
+            }
+            (gs, logs, applied)
+        };
+        let (gs, logs, _) = open_all(path.clone()).await;
+        for i in 0..300i64 {
+            let code = gs
+                .commit(
+                    MemberRef::of_group("app"),
+                    vec![entry("t", 0, i, 1), entry("t", 1, 2 * i, 1)],
+                )
+                .await;
+            assert_eq!(code, ErrorCode::NONE);
+        }
+        assert_eq!(
+            gs.commit(MemberRef::of_group("gone"), vec![entry("t", 0, 3, 1)])
+                .await,
+            ErrorCode::NONE
+        );
+        assert_eq!(
+            gs.with(|c, _| c.delete_group("gone")).await,
+            ErrorCode::NONE
+        );
+        let before: u64 = logs.iter().map(|l| l.size_bytes()).sum();
+        let mut passes = 0;
+        for l in &logs {
+            l.roll().await.unwrap();
+            // Far past delete.retention.ms: the deleted group's tombstones go too.
+            if l.compact(i64::MAX / 2).await.unwrap().is_some() {
+                passes += 1;
+            }
+        }
+        assert!(passes >= 1);
+        let after: u64 = logs.iter().map(|l| l.size_bytes()).sum();
+        assert!(after * 20 < before, "{after} of {before} bytes left");
+        close(logs).await;
+
+        let (gs2, logs2, applied) = open_all(path.clone()).await;
+        assert!(applied <= 4, "{applied} records replayed");
+        {
+            let c = gs2.coordinator.borrow();
+            let got = c.fetch_offsets("app", None);
+            assert_eq!(got.len(), 2);
+            assert_eq!(got[0].2.as_ref().unwrap().offset, 299);
+            assert_eq!(got[1].2.as_ref().unwrap().offset, 598);
+            assert!(c.group("gone").is_none());
+            assert!(c.fetch_offsets("gone", None).iter().all(|o| o.2.is_none()));
+        }
+        close(logs2).await;
+    });
+}

@@ -517,7 +517,7 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
     let broker = shard.broker.clone();
     if shard.id.0 == 0 && broker.image().topic(OFFSETS_TOPIC).is_none() {
         // Commits must outlive any time-based retention: expiry is the coordinator's job
-        // (tombstones). Kafka compacts this topic; the policy is recorded for when we do.
+        // (tombstones). Compacted, as in Kafka: its size and replay stay bounded by the live keys.
         let overrides: BTreeMap<String, String> = [
             ("cleanup.policy", "compact"),
             ("retention.ms", "-1"),

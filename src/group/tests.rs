@@ -1129,3 +1129,105 @@ fn committed_offsets_survive_compaction_and_restart() {
         close(logs2).await;
     });
 }
+
+/// Figures for perf/RESULTS.md (ignored; run with `--ignored --nocapture`, ideally `--release`):
+/// 1,000,000 offset commits (one batch each, 1,000 groups x 10 partitions) in one
+/// `__consumer_offsets` partition with Kafka's segment size for it (100 MiB), the replay time at
+/// start before and after compaction, and the cleaner's throughput.
+#[test]
+#[ignore]
+fn measure_offsets_replay_and_cleaner_throughput() {
+    const COMMITS: i64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{OFFSETS_TOPIC}-0"));
+    run(async move {
+        let cfg = crate::storage::LogConfig {
+            segment_bytes: 100 << 20,
+            compaction: Some(crate::storage::CompactionConfig::default()),
+            ..crate::storage::LogConfig::default()
+        };
+        let open = |cfg: crate::storage::LogConfig, path: std::path::PathBuf| async move {
+            crate::storage::PartitionLog::open(
+                &path,
+                cfg,
+                crate::storage::BatchCache::new(64 << 20),
+            )
+            .await
+            .expect("open log")
+        };
+        let log = open(cfg.clone(), path.clone()).await;
+        let mut pending = vec![];
+        for i in 0..COMMITS {
+            let key = offsets::offset_key(
+                &format!("group-{}", i % 1000),
+                "orders",
+                ((i / 1000) % 10) as i32,
+            );
+            let value = offsets::offset_value(&offsets::OffsetValue {
+                offset: i,
+                leader_epoch: -1,
+                metadata: String::new(),
+                commit_timestamp_ms: 1_000,
+                expire_timestamp_ms: -1,
+            });
+            let b = crate::protocol::builder::batch(&[crate::protocol::builder::Record {
+                key: Some(&key),
+                value: Some(&value),
+                headers: &[],
+                timestamp_ms: 1_000,
+            }]);
+            pending.push(log.append(
+                bytes::BytesMut::from(&b[..]),
+                crate::storage::Durability::Accepted,
+            ));
+            if pending.len() == 1000 {
+                for p in pending.drain(..) {
+                    p.await.expect("append");
+                }
+            }
+        }
+        for p in pending.drain(..) {
+            p.await.expect("append");
+        }
+        drop(pending);
+        log.roll().await.unwrap();
+        let bytes_before = log.size_bytes();
+        log.close().await.unwrap();
+        drop(log);
+
+        let replay = |path: std::path::PathBuf, cfg: crate::storage::LogConfig| async move {
+            let t = std::time::Instant::now();
+            let log = open(cfg, path).await;
+            let gs = GroupShard::new(no_delay(), Clock::system());
+            let applied = gs.load_partition(0, log.clone()).await.expect("replay");
+            (t.elapsed(), applied, log)
+        };
+        let (t_before, applied_before, log) = replay(path.clone(), cfg.clone()).await;
+        let t = std::time::Instant::now();
+        let mut read = 0u64;
+        let mut written = 0u64;
+        while let Some(r) = log.compact(10_000_000).await.unwrap() {
+            read += r.bytes_in + r.bytes_mapped;
+            written += r.bytes_out;
+            if !r.more {
+                break;
+            }
+        }
+        let t_clean = t.elapsed();
+        let bytes_after = log.size_bytes();
+        log.close().await.unwrap();
+        drop(log);
+        let (t_after, applied_after, log) = replay(path.clone(), cfg.clone()).await;
+        log.close().await.unwrap();
+        println!(
+            "commits {COMMITS}: log {bytes_before} B; replay {:.3} s ({applied_before} records); \
+             cleaner read {read} B wrote {written} B in {:.3} s = {:.1} MB/s (of log bytes \
+             cleaned: {:.1} MB/s); after: log {bytes_after} B, replay {:.3} s ({applied_after} records)",
+            t_before.as_secs_f64(),
+            t_clean.as_secs_f64(),
+            read as f64 / 1e6 / t_clean.as_secs_f64(),
+            bytes_before as f64 / 1e6 / t_clean.as_secs_f64(),
+            t_after.as_secs_f64(),
+        );
+    });
+}

@@ -52,10 +52,15 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<Offset>> {
 
 /// Writes `body` + CRC to `path` atomically and durably.
 pub fn write_file(path: &Path, body: &[u8]) -> io::Result<()> {
+    write_atomic(path, &with_crc(body))
+}
+
+/// `body` followed by its CRC-32: the bytes [`write_file`] writes and [`read_file`] checks.
+pub fn with_crc(body: &[u8]) -> Vec<u8> {
     let mut all = Vec::with_capacity(body.len() + 4);
     all.extend_from_slice(body);
     all.extend_from_slice(&crc32fast::hash(body).to_be_bytes());
-    write_atomic(path, &all)
+    all
 }
 
 /// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, directory

@@ -42,6 +42,7 @@ mod recovery;
 mod retention;
 mod roll;
 mod segment;
+mod shutdown;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -71,6 +72,7 @@ use producer_state::ProducerState;
 use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
+pub use shutdown::{close_all, ClosingFiles, SegmentSync, CLOSE_CONCURRENCY_MAX};
 
 /// When appends are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,8 +432,24 @@ impl PartitionLog {
 
     /// Flushes, syncs and writes the clean-shutdown marker. Appends after this fail.
     pub async fn close(&self) -> Result<(), StorageError> {
+        match self.close_deferred(SegmentSync::Now).await? {
+            Some(files) => Ok(files.write_durably()?),
+            None => Ok(()),
+        }
+    }
+
+    /// [`PartitionLog::close`] up to the small files: drains the log (and syncs its active
+    /// segment with [`SegmentSync::Now`]), then hands back what is left to write — the active
+    /// segment's index files, the producer snapshot and the clean-shutdown marker — so that a
+    /// shard closing many logs writes them all with a few file-system syncs ([`close_all`])
+    /// instead of nine fsyncs per log. `None`: already closed. With [`SegmentSync::Later`] the
+    /// caller must make the segment durable (a `syncfs`) before it writes the marker.
+    pub async fn close_deferred(
+        &self,
+        sync: SegmentSync,
+    ) -> Result<Option<ClosingFiles>, StorageError> {
         if self.state.borrow().closed {
-            return Ok(());
+            return Ok(None);
         }
         loop {
             let rolling = self.state.borrow().rolling;
@@ -458,7 +476,10 @@ impl PartitionLog {
             if let Some((pos, len)) = punch {
                 file.punch(pos, len).await?;
             }
-            file.sync().await
+            match sync {
+                SegmentSync::Now => file.sync().await,
+                SegmentSync::Later => Ok(()),
+            }
         }
         .await;
         let mut guard = self.state.borrow_mut();
@@ -479,17 +500,21 @@ impl PartitionLog {
         s.check_invariants();
         let a = s.active_mut();
         a.push_time_entry();
-        a.write_index_files(&self.dir)?;
-        meta::write_file(
-            &self.dir.join(meta::PRODUCER_FILE),
-            &meta::encode_producers(log_end, &s.producers),
-        )?;
-        meta::write_file(
-            &self.dir.join(meta::CLEAN_FILE),
-            &meta::encode_clean(log_end, written),
-        )?;
+        let mut data = a.index_file_bodies(&self.dir);
+        data.push((
+            self.dir.join(meta::PRODUCER_FILE),
+            meta::with_crc(&meta::encode_producers(log_end, &s.producers)),
+        ));
+        let clean = (
+            self.dir.join(meta::CLEAN_FILE),
+            meta::with_crc(&meta::encode_clean(log_end, written)),
+        );
         self.cache.drop_log(self.cache_id);
-        Ok(())
+        Ok(Some(ClosingFiles {
+            dir: self.dir.clone(),
+            data,
+            clean,
+        }))
     }
 
     /// Closes the log and removes its directory.

@@ -6,7 +6,7 @@
 //! index rebuild, timestamp lookups). Owned by the partition log.
 
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::protocol::batch::{self, BatchError, BatchHeader, HEADER_BYTES};
@@ -141,6 +141,24 @@ impl Segment {
         self.index = idx;
         self.time_index = tidx;
         true
+    }
+
+    /// The paths and whole contents of both index files, to be written by the caller (a clean
+    /// shutdown, see [`crate::storage::ClosingFiles`]); the segment takes no more index appends.
+    pub fn index_file_bodies(&mut self, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        self.index_files = None;
+        self.index_durable = self.index.len();
+        self.time_durable = self.time_index.len();
+        vec![
+            (
+                meta::segment_path(dir, self.base, "index"),
+                meta::encode_index(&self.index),
+            ),
+            (
+                meta::segment_path(dir, self.base, "timeindex"),
+                meta::encode_time_index(&self.time_index),
+            ),
+        ]
     }
 
     /// Rewrites both index files whole (sealed segments, clean shutdown).

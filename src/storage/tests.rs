@@ -2305,3 +2305,82 @@ mod replicated {
         }
     }
 }
+
+// A shard's shutdown closes all its logs together: each ends clean (marker, index files,
+// producer snapshot), exactly as one log's own close leaves it, and leaves no temp file.
+#[test]
+fn closing_many_logs_together_leaves_each_clean_with_its_producer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        let dirs: Vec<_> = (0..3).map(|i| root.join(format!("p-{i}"))).collect();
+        let mut logs = vec![];
+        let mut stored: Vec<Vec<Vec<u8>>> = vec![];
+        let mut retries = vec![];
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            let mut s = vec![];
+            // Enough for several segments in the last log, one in the others.
+            for k in 0..(5 + 30 * i as u8) {
+                let b = batch(2, 700, 100 + k as i64, k);
+                let r = append(&log, &b, Durability::Written).await;
+                s.push(at_offset(&b, r.base_offset));
+            }
+            let b = idempotent_batch(40 + i as i64, 0, 0, 2);
+            let r = append(&log, &b, Durability::Written).await;
+            s.push(at_offset(&b, r.base_offset));
+            retries.push((b, r.base_offset));
+            stored.push(s);
+            logs.push((i, log));
+        }
+        // One already closed: skipped, not failed.
+        logs[0].1.close().await.unwrap();
+        let failed = close_all(logs.clone()).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        for (i, log) in logs {
+            assert!(matches!(
+                log.append(BytesMut::from(&stored[i][0][..]), Durability::Written)
+                    .await,
+                Err(StorageError::Io(_))
+            ));
+        }
+        for (i, d) in dirs.iter().enumerate() {
+            assert!(d.join(meta::CLEAN_FILE).exists());
+            let left: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".tmp"))
+                .collect();
+            assert!(
+                left.is_empty(),
+                "temp files left in {}: {left:?}",
+                d.display()
+            );
+            let log = open(d, small_config()).await;
+            assert!(
+                log.recovery_report().is_none(),
+                "log {i} not opened as clean"
+            );
+            let all = read_all(&log, Offset(0), 100_000).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                stored[i]
+            );
+            // The producer state came back from the snapshot: the retry is a duplicate.
+            let (b, base) = &retries[i];
+            let dup = append(&log, b, Durability::Written).await;
+            assert!(dup.duplicate);
+            assert_eq!(dup.base_offset, *base);
+            // And a second shutdown over the files of the first works the same.
+            let more = batch(1, 10, 1, 1);
+            append(&log, &more, Durability::Written).await;
+            assert!(close_all(vec![(i, log)]).await.is_empty());
+            let log = open(d, small_config()).await;
+            assert!(log.recovery_report().is_none());
+            assert_eq!(
+                read_all(&log, Offset(0), 100_000).await.len(),
+                stored[i].len() + 1
+            );
+        }
+    });
+}

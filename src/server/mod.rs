@@ -34,6 +34,10 @@ const REQUEST_HEADER_BYTES_MIN: usize = 10;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Most bytes one read call asks for.
 const READ_CALL_BYTES_MAX: usize = 1024 * 1024;
+/// A read goes into the room left in the buffer when at least this much is left (frames split
+/// off the buffer share its allocation, so one chunk serves several small requests); with less
+/// room, a new chunk is reserved first.
+const READ_ROOM_MIN: usize = 16 * 1024;
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
@@ -456,7 +460,10 @@ async fn read_requests(
             _ => READ_CHUNK_BYTES,
         }
         .min(READ_CALL_BYTES_MAX);
-        buf.reserve(want);
+        if buf.capacity() - old < want.min(READ_ROOM_MIN) {
+            buf.reserve(want);
+        }
+        let want = want.min(buf.capacity() - old);
         let read = within(
             &clock,
             deadline,

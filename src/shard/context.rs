@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -20,6 +20,9 @@ pub struct BrokerContext {
     pub config: BrokerConfig,
     /// The current metadata image; swapped whole by [`BrokerContext::publish`].
     metadata: ArcSwap<MetadataImage>,
+    /// How many images were published: written only by [`BrokerContext::publish`], read by every
+    /// shard to see whether its own copy ([`super::LocalImage`]) is current.
+    generation: AtomicU64,
     /// Notified after every [`BrokerContext::publish`].
     published: Event,
     /// One inbox per shard, indexed by shard id (see [`super::invoke_on`]).
@@ -44,6 +47,7 @@ impl BrokerContext {
         let (shutdown_tx, shutdown_rx) = async_channel::bounded(1);
         BrokerContext {
             metadata: ArcSwap::from_pointee(image),
+            generation: AtomicU64::new(0),
             published: Event::new(),
             inboxes,
             shutdown_tx,
@@ -142,6 +146,11 @@ impl BrokerContext {
         self.controller_id.store(id, Ordering::SeqCst);
     }
 
+    /// The number of images published so far (see [`super::Shard::metadata`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn image(&self) -> Arc<MetadataImage> {
         self.metadata.load_full()
     }
@@ -150,6 +159,8 @@ impl BrokerContext {
     /// [`BrokerContext::image_where`] waiter.
     pub fn publish(&self, image: Arc<MetadataImage>) {
         self.metadata.store(image);
+        // After the store: a shard that sees the new generation loads this image or a newer one.
+        self.generation.fetch_add(1, Ordering::Release);
         self.published.notify(usize::MAX);
     }
 

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use glommio::task::JoinHandle;
 
 pub use crate::contain::{contain, Panic};
+use crate::metadata::configs::{self, BrokerDefaults, ProduceConfig};
+use crate::metadata::{MetadataImage, TopicMeta};
 use crate::replica::ReplicatedPartition;
 use crate::storage::{io::DmaIo, BatchCache, LogConfig, PartitionLog, StorageError};
 use crate::types::{Clock, ShardId, TopicPartition};
@@ -49,6 +51,52 @@ pub struct Shard {
     pub cache: Rc<BatchCache>,
     /// What this shard's logs, coordinator and timer loops read the time from.
     pub clock: Clock,
+    /// This shard's copy of the current metadata (see [`Shard::metadata`]).
+    local_image: RefCell<Option<Rc<LocalImage>>>,
+}
+
+/// One shard's read-only copy of a published metadata image, with what the request path reads
+/// of each topic resolved into typed values. Built on the shard, once per published image, the
+/// first time the shard needs it; handed out as an `Rc`, so the request path takes no shared
+/// reference count and parses no config.
+pub struct LocalImage {
+    pub image: Arc<MetadataImage>,
+    generation: u64,
+    topics: HashMap<String, Rc<LocalTopic>>,
+}
+
+/// A topic as the request path of one shard sees it.
+pub struct LocalTopic {
+    pub meta: Arc<TopicMeta>,
+    /// Its produce configs, resolved against the broker defaults of the same image.
+    pub produce: ProduceConfig,
+}
+
+impl LocalImage {
+    fn build(broker: &BrokerContext, generation: u64) -> LocalImage {
+        let image = broker.image();
+        let defaults = BrokerDefaults::of(&broker.config, &image);
+        let topics = image
+            .topics
+            .iter()
+            .map(|(name, t)| {
+                let topic = LocalTopic {
+                    meta: t.clone(),
+                    produce: configs::produce_config(&defaults, &t.configs),
+                };
+                (name.clone(), Rc::new(topic))
+            })
+            .collect();
+        LocalImage {
+            image,
+            generation,
+            topics,
+        }
+    }
+
+    pub fn topic(&self, name: &str) -> Option<&Rc<LocalTopic>> {
+        self.topics.get(name)
+    }
 }
 
 thread_local! {
@@ -81,7 +129,23 @@ impl Shard {
             transport: RefCell::new(None),
             cache,
             clock: Clock::system(),
+            local_image: RefCell::new(None),
         }
+    }
+
+    /// The current metadata as this shard's read-only copy: rebuilt here when an image was
+    /// published since the last call (one read of the publish counter otherwise), so it is never
+    /// older than what [`BrokerContext::image`] returned before the call.
+    pub fn metadata(&self) -> Rc<LocalImage> {
+        let generation = self.broker.generation();
+        if let Some(v) = self.local_image.borrow().as_ref() {
+            if v.generation == generation {
+                return v.clone();
+            }
+        }
+        let v = Rc::new(LocalImage::build(&self.broker, generation));
+        *self.local_image.borrow_mut() = Some(v.clone());
+        v
     }
 
     pub fn partition(&self, tp: &TopicPartition) -> Option<Rc<PartitionLog>> {
@@ -226,7 +290,10 @@ pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageErro
     match log {
         Some(log) => log.remove().await,
         None => {
-            let _ = std::fs::remove_dir_all(shard.broker.partition_dir(&tp));
+            let dir = shard.broker.partition_dir(&tp);
+            let _ = glommio::executor()
+                .spawn_blocking(move || std::fs::remove_dir_all(dir))
+                .await;
             Ok(())
         }
     }
@@ -349,5 +416,83 @@ pub async fn serve_inbox(rx: async_channel::Receiver<Job>) {
     while let Ok(job) = rx.recv().await {
         crate::stats::hop_received();
         crate::contain::spawn_background("cross-shard job", async move { job().await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{BrokerConfig, StartArgs};
+
+    fn topic(name: &str, configs: &[(&str, &str)]) -> Arc<TopicMeta> {
+        Arc::new(TopicMeta {
+            name: name.to_string(),
+            id: [1; 16],
+            shards: vec![0],
+            configs: configs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            internal: false,
+            nodes: vec![],
+            replicas: vec![],
+            groups: vec![],
+        })
+    }
+
+    #[test]
+    fn a_shard_sees_each_published_image_with_its_topic_configs_resolved() {
+        let config = BrokerConfig::from_args(&StartArgs {
+            cores: Some(1),
+            message_bytes_max: Some(5000),
+            ..Default::default()
+        })
+        .expect("config");
+        let broker = Arc::new(BrokerContext::new(config, MetadataImage::default(), vec![]));
+        let shard = Shard::new(ShardId(0), broker.clone());
+        let first = shard.metadata();
+        assert!(first.topic("a").is_none());
+        // Unchanged until something is published: the same copy, not a rebuilt one.
+        assert!(Rc::ptr_eq(&first, &shard.metadata()));
+
+        let mut image = MetadataImage::default();
+        image.topics.insert("a".into(), topic("a", &[]));
+        image.topics.insert(
+            "b".into(),
+            topic(
+                "b",
+                &[
+                    ("max.message.bytes", "100"),
+                    ("message.timestamp.type", "LogAppendTime"),
+                    ("min.insync.replicas", "2"),
+                ],
+            ),
+        );
+        broker.publish(Arc::new(image));
+        let now = shard.metadata();
+        assert!(!Rc::ptr_eq(&first, &now));
+        let a = now.topic("a").expect("published topic a");
+        assert_eq!(
+            a.produce,
+            ProduceConfig {
+                max_message_bytes: 5000,
+                log_append_time: false,
+                min_insync_replicas: 1,
+            },
+            "the broker's defaults"
+        );
+        let b = now.topic("b").expect("published topic b");
+        assert_eq!(
+            b.produce,
+            ProduceConfig {
+                max_message_bytes: 100,
+                log_append_time: true,
+                min_insync_replicas: 2,
+            },
+            "the topic's overrides"
+        );
+        assert!(Rc::ptr_eq(&now, &shard.metadata()));
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! Index files of sealed segments, checkpoints, the clean marker and the snapshots written at
 //! roll and close are written whole, atomically (temp file, fsync, rename, directory fsync) —
-//! never per append; blocking `std::fs` is acceptable there. Two writes happen while the log is
+//! never per append. Those of a roll and of a log-start move run on the executor's blocking
+//! thread pool, so the shard keeps serving meanwhile. Two writes happen while the log is
 //! busy: the active segment's index entries are appended (no fsync) after each fdatasync that
 //! made their batches durable, and a producer snapshot is written every
 //! `PRODUCER_SNAPSHOT_BYTES` on the blocking thread pool. Owned by the partition log.

@@ -338,6 +338,8 @@ pub struct PartitionLog {
     cache_id: u64,
     recovery: Option<RecoveryReport>,
     state: RefCell<State>,
+    /// One move of the log start at a time (its checkpoint is written off the executor).
+    log_start_turn: glommio::sync::Semaphore,
 }
 
 impl PartitionLog {
@@ -525,7 +527,12 @@ impl PartitionLog {
             s.wake_all();
         }
         self.cache.drop_log(self.cache_id);
-        match std::fs::remove_dir_all(&self.dir) {
+        let dir = self.dir.clone();
+        // Off the executor: a directory of many segments takes many unlinks.
+        let removed = glommio::executor()
+            .spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await;
+        match removed {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }

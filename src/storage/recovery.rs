@@ -296,6 +296,7 @@ impl PartitionLog {
             clock,
             cache,
             cache_id,
+            log_start_turn: glommio::sync::Semaphore::new(1),
             recovery: scan_report.map(|(segment, valid_bytes, file_bytes, stop, batches)| {
                 RecoveryReport {
                     segment,

@@ -10,6 +10,7 @@ use kafka_protocol::ResponseError;
 
 use crate::admin::{self, AdminError};
 use crate::metadata::TopicMeta;
+use crate::replica::ReplicatedPartition;
 use crate::shard::{self, invoke_on};
 use crate::storage::{PartitionLog, StorageError};
 use crate::types::{ErrorCode, TopicPartition};
@@ -103,7 +104,23 @@ where
     Fut: std::future::Future<Output = R> + 'static,
     R: Send + 'static,
 {
-    let broker = shard::local().broker.clone();
+    with_partition_replica(topic, partition, move |log, _| f(log)).await
+}
+
+/// [`with_partition`] that also hands `f` the partition's raft group when it has replicas
+/// (then this node is its leader).
+pub async fn with_partition_replica<F, Fut, R>(
+    topic: &TopicMeta,
+    partition: i32,
+    f: F,
+) -> Result<R, ErrorCode>
+where
+    F: FnOnce(Rc<PartitionLog>, Option<Rc<ReplicatedPartition>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    let here = shard::local();
+    let broker = &here.broker;
     if broker.node_of(topic, partition).is_none() {
         return Err(code(ResponseError::UnknownTopicOrPartition));
     }
@@ -114,23 +131,21 @@ where
         .owner(topic, partition)
         .ok_or(code(ResponseError::UnknownTopicOrPartition))?;
     let tp = TopicPartition::new(topic.name.clone(), partition);
-    let caller = shard::local().id;
+    let caller = here.id;
     invoke_on(owner, move || async move {
         let here = shard::local();
         if here.id != caller {
             crate::fault::panic_point("cross_shard", &tp.topic);
         }
         match here.partition(&tp) {
-            // A replicated partition is served by its raft leader only, as Kafka serves
-            // clients from the partition leader.
-            Some(_)
-                if here
-                    .replica(&tp)
-                    .is_some_and(|r| r.role() != sluice_raft::Role::Leader) =>
-            {
-                Err(code(ResponseError::NotLeaderOrFollower))
-            }
-            Some(log) => Ok(f(log).await),
+            Some(log) => match here.replica(&tp) {
+                // A replicated partition is served by its raft leader only, as Kafka serves
+                // clients from the partition leader.
+                Some(r) if r.role() != sluice_raft::Role::Leader => {
+                    Err(code(ResponseError::NotLeaderOrFollower))
+                }
+                replica => Ok(f(log, replica).await),
+            },
             None => Err(code(ResponseError::UnknownTopicOrPartition)),
         }
     })

@@ -5,18 +5,20 @@
 //! A topic the broker does not know is UNKNOWN_TOPIC_OR_PARTITION: as in Kafka, Produce never
 //! creates topics (a producer's Metadata request may, see `metadata`).
 
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use glommio::task::JoinHandle;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
 
-use super::common::{code, storage_code, topic_or_create, with_partition, NONE};
+use super::common::{code, storage_code, topic_or_create, with_partition_replica, NONE};
 use crate::kafka::{Request, Response};
-use crate::metadata::configs;
 use crate::protocol::batch::{self, BatchError};
-use crate::shard;
+use crate::protocol::validated::Validated;
+use crate::shard::{self, LocalTopic};
 use crate::storage::Durability;
 use crate::types::ErrorCode;
 
@@ -40,18 +42,33 @@ impl Outcome {
     }
 }
 
-/// Checks each batch in `records`; the first failure decides the partition's error.
-fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, String)> {
-    if records.is_empty() {
-        return Err((
-            code(ResponseError::CorruptMessage),
-            "empty record set".into(),
-        ));
-    }
+/// Checks the batches of one partition's records on the receiving shard, once: framing, magic,
+/// CRC-32C (in [`Validated::check`]; with LogAppendTime stamped at `append_time` in the same
+/// pass), then Kafka's produce rules on the headers it parsed. The first failure decides the
+/// partition's error.
+fn validate(
+    records: BytesMut,
+    max_message_bytes: i64,
+    append_time: Option<i64>,
+) -> Result<Validated, (ErrorCode, String)> {
+    let checked = match append_time {
+        None => Validated::check(records),
+        Some(now) => Validated::check_stamping(records, now),
+    };
+    let v = match checked {
+        Ok(v) => v,
+        Err(BatchError::BadMagic(m)) => {
+            return Err((
+                code(ResponseError::UnsupportedForMessageFormat),
+                format!("record batch magic {m} is not supported; produce v3+ requires magic 2"),
+            ))
+        }
+        Err(e) => return Err((code(ResponseError::CorruptMessage), e.to_string())),
+    };
     let mut too_large = None;
     let mut transactional = false;
     let mut inconsistent = None;
-    let walked = batch::for_each_batch(records, true, |h| {
+    for h in v.headers() {
         if h.size() as i64 > max_message_bytes {
             too_large = Some(h.size());
         }
@@ -63,16 +80,6 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, St
         {
             inconsistent.get_or_insert((h.record_count(), h.last_offset_delta()));
         }
-    });
-    match walked {
-        Ok(_) => {}
-        Err(BatchError::BadMagic(m)) => {
-            return Err((
-                code(ResponseError::UnsupportedForMessageFormat),
-                format!("record batch magic {m} is not supported; produce v3+ requires magic 2"),
-            ))
-        }
-        Err(e) => return Err((code(ResponseError::CorruptMessage), e.to_string())),
     }
     if let Some((count, delta)) = inconsistent {
         return Err((
@@ -92,7 +99,29 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, St
             "transactional and control batches are not supported yet".into(),
         ));
     }
-    Ok(())
+    Ok(v)
+}
+
+/// A topic as this shard's metadata copy has it; for a name it does not know, the error Kafka
+/// gives (Produce never creates topics).
+async fn local_topic(name: &str) -> Result<Rc<LocalTopic>, ErrorCode> {
+    if let Some(t) = shard::local().metadata().topic(name) {
+        return Ok(t.clone());
+    }
+    topic_or_create(name, false).await?;
+    // Published since the first look.
+    shard::local()
+        .metadata()
+        .topic(name)
+        .cloned()
+        .ok_or(code(ResponseError::UnknownTopicOrPartition))
+}
+
+/// One partition's answer: known at once (an error found before any work), or the task
+/// appending it.
+enum Pending {
+    Ready(Outcome),
+    Task(JoinHandle<Result<Outcome, shard::Panic>>),
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -106,46 +135,47 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     };
     let timeout = Duration::from_millis(request.timeout_ms.max(0) as u64);
     let transactional = request.transactional_id.is_some();
+    let partitions: usize = request
+        .topic_data
+        .iter()
+        .map(|td| td.partition_data.len())
+        .sum();
 
-    // One task per partition, all started before any is awaited. The tasks are contained: a
-    // panic in one is re-raised here when it is awaited, and fails this request only.
+    // One task per partition, all started before any is awaited (a lone partition runs in
+    // this task). The tasks are contained: a panic in one is re-raised here when it is awaited,
+    // and fails this request only.
     let mut topics = Vec::with_capacity(request.topic_data.len());
     for td in request.topic_data {
-        let name = td.name.to_string();
-        crate::fault::panic_point("produce_request", &name);
+        crate::fault::panic_point("produce_request", &td.name);
         let topic = if durability.is_none() || transactional {
             None
         } else {
-            // Kafka never creates a topic from Produce: an unknown topic is
-            // UNKNOWN_TOPIC_OR_PARTITION (only Metadata may auto-create).
-            Some(topic_or_create(&name, false).await)
+            Some(local_topic(&td.name).await)
         };
         let mut parts = Vec::with_capacity(td.partition_data.len());
         for pd in td.partition_data {
             let index = pd.index;
-            let task = match (&topic, durability) {
-                (_, None) => {
-                    let e = Outcome::error(code(ResponseError::InvalidRequiredAcks), None);
-                    shard::spawn_contained(async move { e })
-                }
-                (None, _) => {
-                    let e = Outcome::error(
-                        code(ResponseError::TransactionalIdAuthorizationFailed),
-                        Some("transactions are not supported yet".into()),
-                    );
-                    shard::spawn_contained(async move { e })
-                }
-                (Some(Err(e)), _) => {
-                    let e = Outcome::error(*e, None);
-                    shard::spawn_contained(async move { e })
-                }
+            let pending = match (&topic, durability) {
+                (_, None) => Pending::Ready(Outcome::error(
+                    code(ResponseError::InvalidRequiredAcks),
+                    None,
+                )),
+                (None, _) => Pending::Ready(Outcome::error(
+                    code(ResponseError::TransactionalIdAuthorizationFailed),
+                    Some("transactions are not supported yet".into()),
+                )),
+                (Some(Err(e)), _) => Pending::Ready(Outcome::error(*e, None)),
                 (Some(Ok(t)), Some(d)) => {
-                    let t = t.clone();
                     let records = pd.records.unwrap_or_default();
-                    shard::spawn_contained(append_partition(t, index, records, d, timeout))
+                    let append = append_partition(t.clone(), index, records, d, timeout);
+                    if partitions == 1 {
+                        Pending::Ready(append.await)
+                    } else {
+                        Pending::Task(shard::spawn_contained(append))
+                    }
                 }
             };
-            parts.push((index, task));
+            parts.push((index, pending));
         }
         topics.push((td.name, parts));
     }
@@ -154,10 +184,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let mut any_error = false;
     for (name, parts) in topics {
         let mut prs = Vec::with_capacity(parts.len());
-        for (index, task) in parts {
-            let o = shard::join(task)
-                .await
-                .unwrap_or_else(|| Outcome::error(code(ResponseError::UnknownServerError), None));
+        for (index, pending) in parts {
+            let o = match pending {
+                Pending::Ready(o) => o,
+                Pending::Task(task) => shard::join(task).await.unwrap_or_else(|| {
+                    Outcome::error(code(ResponseError::UnknownServerError), None)
+                }),
+            };
             any_error |= o.error_code.is_error();
             crate::stats::request_error(
                 kafka_protocol::messages::ApiKey::Produce as i16,
@@ -199,45 +232,47 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
 }
 
 async fn append_partition(
-    topic: std::sync::Arc<crate::metadata::TopicMeta>,
+    topic: Rc<LocalTopic>,
     index: i32,
     records: Bytes,
     durability: Durability,
     timeout: Duration,
 ) -> Outcome {
-    crate::fault::panic_point("produce_partition", &topic.name);
-    let broker = shard::local().broker.clone();
-    if topic.internal {
+    let meta = &topic.meta;
+    crate::fault::panic_point("produce_partition", &meta.name);
+    if meta.internal {
         return Outcome::error(
             code(ResponseError::InvalidTopicException),
-            Some(format!("cannot produce to internal topic {}", topic.name)),
+            Some(format!("cannot produce to internal topic {}", meta.name)),
         );
     }
-    if index < 0 || index >= topic.partition_count() {
+    if index < 0 || index >= meta.partition_count() {
         return Outcome::error(code(ResponseError::UnknownTopicOrPartition), None);
     }
-    let image = broker.image();
-    let defaults = configs::BrokerDefaults::of(&broker.config, &image);
-    let max_bytes = configs::max_message_bytes(&defaults, &topic.configs);
-    if let Err((c, m)) = validate(&records, max_bytes) {
-        return Outcome::error(c, Some(m));
+    if records.is_empty() {
+        return Outcome::error(
+            code(ResponseError::CorruptMessage),
+            Some("empty record set".into()),
+        );
     }
-    let replicated = topic.replication_factor() > 1;
-    // The log patches offsets in place, so it gets its own copy of the batch bytes.
-    let mut owned = BytesMut::from(&records[..]);
-    let append_time =
-        configs::log_append_time(&defaults, &topic.configs).then(crate::types::now_ms);
-    if let Some(now) = append_time {
-        let mut at = 0;
-        while at < owned.len() {
-            let size = batch::batch_size(&owned[at..]).expect("validated above");
-            batch::set_log_append_time(&mut owned[at..at + size], now);
-            at += size;
-        }
-    }
-    if durability == Durability::Synced && topic.replication_factor() > 1 {
-        let min = configs::min_insync_replicas(&defaults, &topic.configs);
-        let isr = in_sync_replicas(&broker, &topic, index).len() as i64;
+    let config = topic.produce;
+    let append_time = config.log_append_time.then(crate::types::now_ms);
+    // The log patches offsets in place, so it gets its own copy of the batch bytes, which are
+    // validated (and checksummed) once, here.
+    let owned = match validate(
+        BytesMut::from(&records[..]),
+        config.max_message_bytes,
+        append_time,
+    ) {
+        Ok(v) => v,
+        Err((c, m)) => return Outcome::error(c, Some(m)),
+    };
+    drop(records);
+    let replicated = meta.replication_factor() > 1;
+    if durability == Durability::Synced && replicated {
+        let here = shard::local();
+        let min = config.min_insync_replicas;
+        let isr = in_sync_replicas(&here.broker, meta, index).len() as i64;
         if isr < min {
             return Outcome::error(
                 code(ResponseError::NotEnoughReplicas),
@@ -247,32 +282,19 @@ async fn append_partition(
             );
         }
     }
-    let tp = crate::types::TopicPartition::new(topic.name.clone(), index);
-    // A detached task, so that a timed-out wait never cancels the append itself. Contained: its
-    // panic is re-raised here, or logged by itself if the wait timed out first.
-    let append = shard::spawn_contained(async move {
-        with_partition(&topic, index, move |log| async move {
-            match shard::local().replica(&tp) {
-                Some(replica) => replicate(&replica, owned).await,
-                None => log
-                    .append(owned, durability)
-                    .await
-                    .map(|r| (r.base_offset.0, r.log_start_offset.0))
-                    .map_err(|e| (storage_code(&e), Some(e.to_string()))),
-            }
-        })
-        .await
-    });
-    let append = shard::join(append);
     let waits = durability == Durability::Synced || replicated;
+    let append = append_on_owner(topic.clone(), index, owned, durability);
     let result = if waits && !timeout.is_zero() {
+        // A detached task, so that a timed-out wait never cancels the append itself. Contained:
+        // its panic is re-raised here, or logged by itself if the wait timed out first.
+        let append = shard::join(shard::spawn_contained(append));
         futures_lite::future::or(append, async {
             shard::local().clock.sleep(timeout).await;
             None
         })
         .await
     } else {
-        append.await
+        Some(append.await)
     };
     match result {
         None => Outcome::error(code(ResponseError::RequestTimedOut), None),
@@ -286,6 +308,29 @@ async fn append_partition(
             message: None,
         },
     }
+}
+
+type Appended = Result<Result<(i64, i64), (ErrorCode, Option<String>)>, ErrorCode>;
+
+/// Appends validated batches to the partition on its owner shard (or proposes them to its raft
+/// group): base offset and log start offset.
+async fn append_on_owner(
+    topic: Rc<LocalTopic>,
+    index: i32,
+    records: Validated,
+    durability: Durability,
+) -> Appended {
+    with_partition_replica(&topic.meta, index, move |log, replica| async move {
+        match replica {
+            Some(replica) => replicate(&replica, records.into_bytes()).await,
+            None => log
+                .append_validated(records, durability)
+                .await
+                .map(|r| (r.base_offset.0, r.log_start_offset.0))
+                .map_err(|e| (storage_code(&e), Some(e.to_string()))),
+        }
+    })
+    .await
 }
 
 /// The replicas of a partition Metadata reports in sync and `min.insync.replicas` counts: those

@@ -324,6 +324,7 @@ impl PartitionLog {
                 rolling: false,
                 closed: false,
                 waiters: vec![],
+                signals: vec![],
                 admission: Default::default(),
             }),
         });

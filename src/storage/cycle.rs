@@ -16,10 +16,12 @@
 use std::cell::RefCell;
 use std::task::Waker;
 
-/// Whether acks=all flushes are gathered into shard cycles (see the module doc).
-/// `SLUICE_COMMIT_CYCLE=partition` (each partition flushes on its own, as soon as it has data)
-/// or `shard` overrides it, for measuring one against the other.
-pub const SHARD_CYCLE: bool = true;
+/// Whether acks=all flushes are gathered into shard cycles (see the module doc). Off by
+/// default: measured against per-partition flushes (perf/RESULTS.md) the cycle gave lower S3
+/// tails at 50 and 100 MB/s but held 200 MB/s less often (a cycle waits for its slowest
+/// partition), within noise too wide to call it a win. `SLUICE_COMMIT_CYCLE=shard` turns it
+/// on, `partition` (each partition flushes on its own, as soon as it has data) off.
+pub const SHARD_CYCLE: bool = false;
 
 pub(crate) fn shard_cycle_default() -> bool {
     static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

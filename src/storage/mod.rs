@@ -5,10 +5,11 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | `mod.rs` (here) | `PartitionLog` and its `State`: segments, config, producer state, waiters; close |
+//! | `mod.rs` (here) | `PartitionLog` and its `State`: segments, config, producer state, waiters; close; `AppendSignal` (a fetch's wake-up) |
 //! | `offsets` | `Offsets`: log start, synced, high watermark, log end, and every move of them |
 //! | `append` | the append path: validation, admission, offset assignment, the durability wait |
 //! | `appender` | `Appender`: pending aligned chunks, written/synced positions, the flusher task |
+//! | `cycle` | the shard's commit cycle: acks=all flushes of all its partitions start together |
 //! | `read` | the read path: cache, cold reads, `ReadAheads`, timestamp lookups |
 //! | `truncate` | cutting the tail of the log (a follower's conflict truncation), crash-safe |
 //! | [`epochs`] | the leader-epoch cache: epoch -> start offset, `end_offset_for` |
@@ -32,6 +33,7 @@
 mod append;
 mod appender;
 pub mod cache;
+mod cycle;
 pub mod epochs;
 pub mod io;
 mod meta;
@@ -73,6 +75,46 @@ use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
 pub use shutdown::{close_all, ClosingFiles, SegmentSync, CLOSE_CONCURRENCY_MAX};
+
+/// A one-shot wake-up shared by the logs of one shard: a long-polling fetch registers it with
+/// each of its partitions on the shard ([`PartitionLog::signal_append`]) and waits on it once;
+/// the first partition whose high watermark passes the registered offset fires it, and the
+/// others drop their registration at their next change. Nothing is woken per append while the
+/// fetch waits, and no task or waker is kept per partition. Shard-local (`Rc`).
+#[derive(Default)]
+pub struct AppendSignal {
+    fired: std::cell::Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl AppendSignal {
+    pub fn new() -> Rc<Self> {
+        Rc::default()
+    }
+    /// Some registered partition moved past its offset (or closed).
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+    fn fire(&self) {
+        if !self.fired.replace(true) {
+            if let Some(w) = self.waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+    /// Resolves once the signal has fired.
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
 
 /// When appends are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +282,9 @@ pub(crate) struct State {
     rolling: bool,
     closed: bool,
     waiters: Vec<Waker>,
+    /// Long-polling fetches waiting for the high watermark to pass an offset (see
+    /// [`AppendSignal`]): fired once, when it does or the log closes.
+    signals: Vec<(std::rc::Weak<AppendSignal>, Offset)>,
     /// Appends waiting for admission, oldest first. Appends are admitted in the order they
     /// arrived: a small batch never overtakes a larger one waiting for room, so the pipelined
     /// produce requests of one connection land in the log in request order, as in Kafka.
@@ -269,6 +314,18 @@ impl State {
             w.wake();
         }
         self.appender.wake_flusher();
+        if !self.signals.is_empty() {
+            let (hw, closed) = (self.offsets.hw(), self.closed);
+            self.signals
+                .retain(|(signal, after)| match signal.upgrade() {
+                    Some(signal) if hw > *after || closed => {
+                        signal.fire();
+                        false
+                    }
+                    Some(signal) => !signal.fired.get(),
+                    None => false,
+                });
+        }
     }
     fn out_of_range(&self, requested: Offset) -> StorageError {
         StorageError::OffsetOutOfRange {
@@ -411,6 +468,22 @@ impl PartitionLog {
     pub async fn wait_for_append(&self, after: Offset) {
         self.wait_until(|s| s.offsets.hw() > after || s.closed)
             .await
+    }
+
+    /// Fires `signal` once the high watermark moves past `after` (at once if it already has, or
+    /// the log is closed). The registration holds the signal weakly: dropping the signal (the
+    /// fetch stopped waiting) cancels it.
+    pub fn signal_append(&self, after: Offset, signal: &Rc<AppendSignal>) {
+        let mut s = self.state.borrow_mut();
+        if s.offsets.hw() > after || s.closed {
+            signal.fire();
+            return;
+        }
+        // Registrations of signals that fired elsewhere or were dropped go first, so a
+        // partition that never advances does not collect them.
+        s.signals
+            .retain(|(sig, _)| sig.upgrade().is_some_and(|sig| !sig.fired.get()));
+        s.signals.push((Rc::downgrade(signal), after));
     }
 
     /// Resolves once `cond` holds (re-checked on every state change).

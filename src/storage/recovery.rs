@@ -325,6 +325,7 @@ impl PartitionLog {
                 rolling: false,
                 closed: false,
                 waiters: vec![],
+                signals: vec![],
                 admission: Default::default(),
             }),
         });

@@ -23,7 +23,7 @@ use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
 use crate::protocol::wire::{put_array_len, put_uvarint};
 use crate::shard;
-use crate::storage::{ReadOptions, ReadResult};
+use crate::storage::{AppendSignal, ReadOptions, ReadResult};
 use crate::types::{ErrorCode, Offset};
 
 /// Upper bound on how long one fetch may wait, whatever the client asks.
@@ -538,53 +538,53 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
 /// Waiting only for the fetch offset would return at once when data below `min_bytes` is already
 /// there, and the fetch would spin re-reading it until `max_wait_ms`.
 ///
-/// One waiter task per distinct partition, each contained: the first to finish reports on the
-/// channel, and a panic it reports is re-raised here (failing this request only). When this
-/// returns, `done` closes and every other waiter ends at once on its shard, so waiters never
-/// outlive the fetch that started them. Waiters that finish later find the channel gone; a
-/// panic of theirs logs itself.
+/// One waiter per owner shard, not per partition: it makes one hop to that shard (none for
+/// partitions of this shard) and registers one [`AppendSignal`] with each of its partitions
+/// there, which the first partition to move past its offset fires — the waiter is woken once,
+/// not on every append to every partition. A replicated partition's reads stop at its commit
+/// index, so the waiter waits for that to move instead (appends may stay uncommitted).
+///
+/// Each waiter is contained: the first to finish reports on the channel, and a panic it reports
+/// is re-raised here (failing this request only). When this returns, `done` closes and every
+/// other waiter ends at once on its shard, so waiters never outlive the fetch that started
+/// them. Waiters that finish later find the channel gone; a panic of theirs logs itself.
 async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], remaining: Duration) {
-    let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
-    let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+    let broker = shard::local().broker.clone();
+    // Owner shard -> (topic, partition, offset past which an append wakes the fetch).
+    let mut by_shard: std::collections::BTreeMap<usize, Vec<(Arc<TopicMeta>, i32, i64)>> =
+        std::collections::BTreeMap::new();
     let mut waiting = std::collections::HashSet::new();
     for (t, seen) in topics.iter().zip(seen) {
         let Some(meta) = &t.meta else { continue };
         for (p, seen) in t.parts.iter().zip(seen) {
             if !waiting.insert((meta.id, p.index)) {
-                continue; // the same partition listed again: one waiter is enough
+                continue; // the same partition listed again: one registration is enough
             }
-            let meta = meta.clone();
-            let (index, offset) = (p.index, p.fetch_offset.max(seen.high_watermark));
-            let (tx, done_rx) = (tx.clone(), done_rx.clone());
-            glommio::spawn_local(async move {
-                let waited = shard::contain(async move {
-                    crate::fault::panic_point("fetch_wait", &meta.name);
-                    let tp = crate::types::TopicPartition::new(meta.name.clone(), index);
-                    let _ = with_partition(&meta, index, move |log| async move {
-                        // A replicated partition's reads stop at its commit index: wait for it
-                        // to move, not for appends (which may stay uncommitted).
-                        let replica = shard::local().replica(&tp);
-                        let data = async {
-                            match &replica {
-                                Some(r) => r.wait_committed_past(Offset(offset)).await,
-                                None => log.wait_for_append(Offset(offset)).await,
-                            }
-                        };
-                        futures_lite::future::or(
-                            futures_lite::future::or(data, shard::local().clock.sleep(remaining)),
-                            async {
-                                let _ = done_rx.recv().await;
-                            },
-                        )
-                        .await
-                    })
-                    .await;
-                })
-                .await;
-                let _ = tx.try_send(waited);
-            })
-            .detach();
+            // A partition not held here was answered with an error, which ends the wait
+            // before it starts; skip it.
+            let Some(owner) = broker.owner(meta, p.index) else {
+                continue;
+            };
+            by_shard.entry(owner.0).or_default().push((
+                meta.clone(),
+                p.index,
+                p.fetch_offset.max(seen.high_watermark),
+            ));
         }
+    }
+    let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
+    let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+    for (owner, parts) in by_shard {
+        let (tx, done_rx) = (tx.clone(), done_rx.clone());
+        glommio::spawn_local(async move {
+            let waited =
+                shard::contain(shard::invoke_on(crate::types::ShardId(owner), move || {
+                    wait_on_owner(parts, remaining, done_rx)
+                }))
+                .await;
+            let _ = tx.try_send(waited);
+        })
+        .detach();
     }
     drop((tx, done_rx));
     let first = futures_lite::future::or(async { rx.recv().await.ok() }, async {
@@ -596,6 +596,48 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
     if let Some(Err(p)) = first {
         p.resume();
     }
+}
+
+/// On the partitions' owner shard: waits until one of `parts` moves past its offset, `remaining`
+/// passes, or `done` closes (the fetch stopped waiting).
+async fn wait_on_owner(
+    parts: Vec<(Arc<TopicMeta>, i32, i64)>,
+    remaining: Duration,
+    done: async_channel::Receiver<()>,
+) {
+    let here = shard::local();
+    let signal = AppendSignal::new();
+    let mut commits: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = vec![];
+    for (meta, index, offset) in parts {
+        crate::fault::panic_point("fetch_wait", &meta.name);
+        let tp = crate::types::TopicPartition::new(meta.name.clone(), index);
+        match (here.replica(&tp), here.partition(&tp)) {
+            (Some(r), _) => commits.push(Box::pin(async move {
+                r.wait_committed_past(Offset(offset)).await
+            })),
+            (None, Some(log)) => log.signal_append(Offset(offset), &signal),
+            // Gone since the read (deleted, moved): the next read reports it.
+            (None, None) => return,
+        }
+    }
+    let committed = std::future::poll_fn(|cx| {
+        if commits.is_empty() {
+            return std::task::Poll::Pending;
+        }
+        for c in commits.iter_mut() {
+            if c.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    });
+    futures_lite::future::or(
+        futures_lite::future::or(signal.wait(), committed),
+        futures_lite::future::or(here.clock.sleep(remaining), async {
+            let _ = done.recv().await;
+        }),
+    )
+    .await
 }
 
 /// Encodes the whole response frame as glue buffers interleaved with the stored batches.

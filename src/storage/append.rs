@@ -128,7 +128,11 @@ impl PartitionLog {
             let h = BatchHeader::parse(&records[at..at + size]).expect("validated above");
             let pos = s.active().size();
             s.active_mut().on_batch(&h, pos, interval);
-            if h.producer_id() >= 0 {
+            s.txns.on_batch(&h);
+            if h.is_control() {
+                s.producers
+                    .apply_marker(h.producer_id(), h.producer_epoch());
+            } else if h.producer_id() >= 0 {
                 s.producers.apply(
                     h.producer_id(),
                     h.producer_epoch(),

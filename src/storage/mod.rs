@@ -47,6 +47,7 @@ mod sim;
 #[cfg(test)]
 pub(crate) mod tests;
 mod truncate;
+pub mod txn_index;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,8 @@ use producer_state::ProducerState;
 use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
+use txn_index::TxnIndex;
+pub use txn_index::{marker_batch, AbortedTxn};
 
 /// When appends are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +234,8 @@ pub(crate) struct State {
     offsets: Offsets,
     appender: Appender,
     producers: ProducerState,
+    /// Open transactions and the aborted-transaction index (see [`txn_index`]).
+    txns: TxnIndex,
     /// Leader epoch -> first offset (see [`epochs`]).
     epochs: LeaderEpochs,
     reads: ReadAheads,
@@ -377,6 +382,21 @@ impl PartitionLog {
     pub fn high_watermark(&self) -> Offset {
         self.state.borrow().offsets.hw()
     }
+    /// The last stable offset: the first offset of the oldest transaction still open here, or
+    /// the high watermark. read_committed consumers read below it.
+    pub fn last_stable_offset(&self) -> Offset {
+        let s = self.state.borrow();
+        let hw = s.offsets.hw();
+        s.txns.first_unstable().map_or(hw, |f| f.min(hw))
+    }
+    /// Aborted transactions overlapping `[from, to)`, for a read_committed fetch.
+    pub fn aborted_between(&self, from: Offset, to: Offset) -> Vec<AbortedTxn> {
+        self.state.borrow().txns.aborted_between(from, to)
+    }
+    /// `(producer id, first offset)` of every transaction open in this partition.
+    pub fn open_transactions(&self) -> Vec<(i64, Offset)> {
+        self.state.borrow().txns.ongoing().collect()
+    }
     /// OffsetsForLeaderEpoch: the largest epoch at or below `epoch` and its end offset (see
     /// [`LeaderEpochs::end_offset_for`]).
     pub fn end_offset_for_epoch(&self, epoch: i32) -> (i32, Offset) {
@@ -480,10 +500,7 @@ impl PartitionLog {
         let a = s.active_mut();
         a.push_time_entry();
         a.write_index_files(&self.dir)?;
-        meta::write_file(
-            &self.dir.join(meta::PRODUCER_FILE),
-            &meta::encode_producers(log_end, &s.producers),
-        )?;
+        write_producer_snapshots(&self.dir, log_end, s)?;
         meta::write_file(
             &self.dir.join(meta::CLEAN_FILE),
             &meta::encode_clean(log_end, written),
@@ -505,4 +522,14 @@ impl PartitionLog {
             _ => Ok(()),
         }
     }
+}
+
+/// Writes the producer snapshot and the transaction snapshot, both covering the batches below
+/// `upto` (recovery replays the ones after it into both).
+pub(crate) fn write_producer_snapshots(dir: &Path, upto: Offset, s: &State) -> std::io::Result<()> {
+    meta::write_file(
+        &dir.join(meta::PRODUCER_FILE),
+        &meta::encode_producers(upto, &s.producers),
+    )?;
+    meta::write_file(&dir.join(txn_index::TXN_FILE), &s.txns.encode(upto))
 }

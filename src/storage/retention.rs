@@ -71,6 +71,12 @@ impl PartitionLog {
     /// that open() drops again), then unlinks the segments wholly below it in a background task
     /// so appends never wait for the file system. `offset` must be synced (see `offsets`).
     fn advance_log_start(&self, offset: Offset) -> Result<(), StorageError> {
+        // An open transaction's batches stay until it ends: its marker and the aborted index
+        // need them, and a read_committed consumer has not seen them yet.
+        let offset = match self.state.borrow().txns.first_unstable() {
+            Some(first) => offset.min(first),
+            None => offset,
+        };
         {
             let s = self.state.borrow();
             if offset <= s.offsets.log_start() {
@@ -90,6 +96,7 @@ impl PartitionLog {
         )?;
         let mut s = self.state.borrow_mut();
         s.offsets.advance_start(offset);
+        s.txns.start_moved(offset);
         let sealed = s.segments.len() - 1;
         let k = s.segments[..sealed]
             .iter()

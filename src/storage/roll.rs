@@ -84,10 +84,7 @@ impl PartitionLog {
             // Before the new segment exists: recovery replays producer state from the batches
             // of the last segment only, so the snapshot must cover everything before it.
             let s = self.state.borrow();
-            meta::write_file(
-                &self.dir.join(meta::PRODUCER_FILE),
-                &meta::encode_producers(base, &s.producers),
-            )?;
+            super::write_producer_snapshots(&self.dir, base, &s)?;
         }
         let path = meta::segment_path(&self.dir, base, "log");
         let new_file = self.io.open(&path, true).await?;

@@ -2,6 +2,8 @@
 //! (framing, magic v2, CRC-32C, max.message.bytes), then appends it on the partition's owner
 //! shard and waits for the durability the acks ask for: acks=0 none, acks=1 the write,
 //! acks=all the fdatasync. Partitions of one request are appended concurrently.
+//! Transactional requests (KIP-98) carry transactional batches of one producer; each partition
+//! is checked with the transaction coordinator to be in the producer's open transaction first.
 //! A topic the broker does not know is UNKNOWN_TOPIC_OR_PARTITION: as in Kafka, Produce never
 //! creates topics (a producer's Metadata request may, see `metadata`).
 
@@ -40,8 +42,15 @@ impl Outcome {
     }
 }
 
-/// Checks each batch in `records`; the first failure decides the partition's error.
-fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, String)> {
+/// Checks each batch in `records`; the first failure decides the partition's error. Batches
+/// of a transactional request must be transactional batches of one producer, returned as
+/// `(producer id, epoch)`; other requests may not carry transactional batches. Control batches
+/// come only from the broker's own transaction coordinator, never from a producer.
+fn validate(
+    records: &[u8],
+    max_message_bytes: i64,
+    transactional_request: bool,
+) -> Result<Option<(i64, i16)>, (ErrorCode, String)> {
     if records.is_empty() {
         return Err((
             code(ResponseError::CorruptMessage),
@@ -49,13 +58,24 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, St
         ));
     }
     let mut too_large = None;
-    let mut transactional = false;
+    let mut control = false;
+    let mut txn_batches = 0usize;
+    let mut batches = 0usize;
+    let mut producers: Option<(i64, i16)> = None;
+    let mut mixed = false;
     let mut inconsistent = None;
     let walked = batch::for_each_batch(records, true, |h| {
         if h.size() as i64 > max_message_bytes {
             too_large = Some(h.size());
         }
-        transactional |= h.is_transactional() || h.is_control();
+        control |= h.is_control();
+        batches += 1;
+        if h.is_transactional() {
+            txn_batches += 1;
+            let p = (h.producer_id(), h.producer_epoch());
+            mixed |= producers.is_some_and(|q| q != p) || p.0 < 0;
+            producers = Some(p);
+        }
         // Kafka's LogValidator: a produced batch spans exactly its record count of offsets.
         // Unchecked, one small batch claiming 2^31 records would move the log end by 2^31.
         if h.record_count() <= 0
@@ -86,13 +106,25 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, St
             format!("batch of {size} bytes exceeds max.message.bytes {max_message_bytes}"),
         ));
     }
-    if transactional {
+    if control {
         return Err((
             code(ResponseError::InvalidRecord),
-            "transactional and control batches are not supported yet".into(),
+            "control batches are written by the broker only".into(),
         ));
     }
-    Ok(())
+    if transactional_request && (txn_batches != batches || mixed) {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            "a transactional produce carries transactional batches of one producer only".into(),
+        ));
+    }
+    if !transactional_request && txn_batches > 0 {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            "transactional batches need the request's transactional id".into(),
+        ));
+    }
+    Ok(producers)
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -113,7 +145,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     for td in request.topic_data {
         let name = td.name.to_string();
         crate::fault::panic_point("produce_request", &name);
-        let topic = if durability.is_none() || transactional {
+        let topic = if durability.is_none() || (transactional && !crate::txn::enabled()) {
             None
         } else {
             // Kafka never creates a topic from Produce: an unknown topic is
@@ -131,7 +163,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (None, _) => {
                     let e = Outcome::error(
                         code(ResponseError::TransactionalIdAuthorizationFailed),
-                        Some("transactions are not supported yet".into()),
+                        Some("transactions run on a single node only".into()),
                     );
                     shard::spawn_contained(async move { e })
                 }
@@ -142,7 +174,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (Some(Ok(t)), Some(d)) => {
                     let t = t.clone();
                     let records = pd.records.unwrap_or_default();
-                    shard::spawn_contained(append_partition(t, index, records, d, timeout))
+                    let tid = request.transactional_id.as_ref().map(|t| t.to_string());
+                    shard::spawn_contained(append_partition(t, index, records, d, timeout, tid))
                 }
             };
             parts.push((index, task));
@@ -204,6 +237,7 @@ async fn append_partition(
     records: Bytes,
     durability: Durability,
     timeout: Duration,
+    transactional_id: Option<String>,
 ) -> Outcome {
     crate::fault::panic_point("produce_partition", &topic.name);
     let broker = shard::local().broker.clone();
@@ -219,8 +253,28 @@ async fn append_partition(
     let image = broker.image();
     let defaults = configs::BrokerDefaults::of(&broker.config, &image);
     let max_bytes = configs::max_message_bytes(&defaults, &topic.configs);
-    if let Err((c, m)) = validate(&records, max_bytes) {
-        return Outcome::error(c, Some(m));
+    let producer = match validate(&records, max_bytes, transactional_id.is_some()) {
+        Ok(p) => p,
+        Err((c, m)) => return Outcome::error(c, Some(m)),
+    };
+    if let (Some(tid), Some((pid, epoch))) = (transactional_id, producer) {
+        // The partition must be in the producer's open transaction (KIP-890 part 1: the
+        // leader verifies with the coordinator), or its batches would never see a marker.
+        let tp = (topic.name.clone(), index);
+        let verified = crate::txn::on_coordinator(&tid.clone(), move |ts| async move {
+            ts.verify_partition(&tid, pid, epoch, &tp)
+        })
+        .await
+        .unwrap_or_else(|e| e);
+        if verified.is_error() {
+            // Produce predates PRODUCER_FENCED: a fenced producer is told INVALID_PRODUCER_EPOCH.
+            let e = if verified == code(ResponseError::ProducerFenced) {
+                code(ResponseError::InvalidProducerEpoch)
+            } else {
+                verified
+            };
+            return Outcome::error(e, None);
+        }
     }
     let replicated = topic.replication_factor() > 1;
     // The log patches offsets in place, so it gets its own copy of the batch bytes.

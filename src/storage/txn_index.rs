@@ -255,6 +255,79 @@ mod tests {
         m
     }
 
+    /// A transactional batch of `pid` at sequence `seq`, with `value_bytes` per record.
+    fn txn_batch(pid: i64, seq: i32, value_bytes: usize) -> Vec<u8> {
+        use crate::protocol::builder::{BatchBuilder, BatchOptions, Record};
+        let value = vec![7u8; value_bytes];
+        let mut b = BatchBuilder::new(BatchOptions {
+            producer_id: pid,
+            producer_epoch: 0,
+            base_sequence: seq,
+            transactional: true,
+            ..Default::default()
+        });
+        b.push(&Record {
+            key: None,
+            value: Some(&value),
+            headers: &[],
+            timestamp_ms: 1,
+        });
+        b.finish().unwrap()
+    }
+
+    #[test]
+    fn open_transactions_and_aborts_survive_a_crash_and_a_clean_restart_and_hold_the_log_start() {
+        use crate::storage::tests::{append, open, run, small_config};
+        use crate::storage::{Durability, PartitionLog};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, small_config()).await;
+            let a = append(&log, &txn_batch(7, 0, 10), Durability::Synced).await;
+            let b = append(&log, &txn_batch(8, 0, 10), Durability::Synced).await;
+            assert_eq!(log.last_stable_offset(), a.base_offset);
+            let m = append(&log, &marker_batch(7, 0, false, 1), Durability::Synced).await;
+            assert_eq!(log.last_stable_offset(), b.base_offset);
+            // Enough plain batches to roll segments: the snapshot is written at each roll and
+            // the crash below replays the active segment after it.
+            for i in 0..40u8 {
+                append(
+                    &log,
+                    &crate::storage::tests::batch(1, 4000, 1, i),
+                    Durability::Synced,
+                )
+                .await;
+            }
+            assert!(log.segment_count() > 2);
+            let aborted = vec![AbortedTxn {
+                producer_id: 7,
+                first: a.base_offset,
+                last: m.base_offset,
+            }];
+            drop(log); // a crash: no close
+            let log = open(&d, small_config()).await;
+            assert_eq!(log.last_stable_offset(), b.base_offset);
+            assert_eq!(
+                log.aborted_between(Offset(0), log.high_watermark()),
+                aborted
+            );
+            // Neither DeleteRecords nor retention cuts into the open transaction.
+            let hw = log.high_watermark();
+            assert_eq!(log.delete_records_before(hw).await.unwrap(), b.base_offset);
+            append(&log, &marker_batch(8, 0, true, 1), Durability::Synced).await;
+            assert_eq!(log.last_stable_offset(), log.high_watermark());
+            log.close().await.unwrap();
+            drop(log);
+            let log: std::rc::Rc<PartitionLog> = open(&d, small_config()).await;
+            assert_eq!(log.last_stable_offset(), log.high_watermark());
+            assert!(log.open_transactions().is_empty());
+            // The abort lies below the log start now: forgotten once the start moves again.
+            let hw = log.high_watermark();
+            log.delete_records_before(hw).await.unwrap();
+            assert!(log.aborted_between(Offset(0), hw).is_empty());
+        });
+    }
+
     #[test]
     fn lso_and_aborted_index_follow_markers() {
         let mut ix = TxnIndex::default();

@@ -87,7 +87,8 @@ def wait_for(cond, what):
 
 def test_commit_and_abort_as_both_isolation_levels_see_them(broker):
     topic = create_topic(broker.bootstrap)
-    p = txn_producer(broker.bootstrap, f"tid-{uuid.uuid4().hex[:8]}")
+    tid = f"tid-{uuid.uuid4().hex[:8]}"
+    p = txn_producer(broker.bootstrap, tid)
     p.begin_transaction()
     for i in range(5):
         p.produce(topic, f"c1-{i}".encode(), partition=0)
@@ -120,6 +121,14 @@ def test_commit_and_abort_as_both_isolation_levels_see_them(broker):
     wait_for(lambda: stable_end(broker.bootstrap, topic) > end_before, "the LSO to move")
     assert consume_all(broker.bootstrap, topic, "read_committed", None) == committed + ["open-0"]
     p.flush(5)
+
+    # The command line lists and describes the id (ListTransactions, DescribeTransactions).
+    def cli(*args):
+        return subprocess.run([sluice_bin(), "txn", *args, "--brokers", broker.bootstrap],
+                              capture_output=True, text=True, check=True).stdout
+    wait_for(lambda: "CompleteCommit" in cli("describe", tid), "the commit to complete")
+    assert any(tid in line and "CompleteCommit" in line for line in cli("list").splitlines())
+    assert "PRODUCER EPOCH    0" in cli("describe", tid)
 
 
 def test_consume_transform_produce_resumes_exactly_once(broker):
@@ -273,3 +282,48 @@ def test_kill_9_between_end_txn_and_the_markers_recovers_the_commit():
         assert sorted(got) == [f"v{i}" for i in range(4)]
     finally:
         b.stop()
+
+
+def test_kafka_python_transactional_producer(broker):
+    """kafka-python's own transaction code (not librdkafka): commit, abort, and offsets sent to
+    the transaction, seen by a read_committed kafka-python consumer."""
+    from kafka import KafkaProducer
+    from kafka.structs import OffsetAndMetadata
+
+    topic = create_topic(broker.bootstrap)
+    group = f"kp-{uuid.uuid4().hex[:8]}"
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap,
+                      transactional_id=f"kp-{uuid.uuid4().hex[:8]}")
+    p.init_transactions()
+    p.begin_transaction()
+    for i in range(3):
+        p.send(topic, f"k{i}".encode(), partition=0)
+    p.send_offsets_to_transaction({KTopicPartition(topic, 0): OffsetAndMetadata(3, "", -1)},
+                                  group)
+    p.commit_transaction()
+    p.begin_transaction()
+    p.send(topic, b"dropped", partition=0)
+    p.flush()
+    p.abort_transaction()
+    p.close()
+
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, isolation_level="read_committed",
+                      auto_offset_reset="earliest", enable_auto_commit=False,
+                      consumer_timeout_ms=3000)
+    tp = KTopicPartition(topic, 0)
+    c.assign([tp])
+    # Three records, the COMMIT marker, the aborted record (flushed before the abort, so it
+    # reached the partition) and its ABORT marker.
+    end = stable_end(broker.bootstrap, topic)
+    assert end == 6
+    got = []
+    deadline = time.monotonic() + WAIT
+    while c.position(tp) < end:
+        assert time.monotonic() < deadline, f"read {got}, position {c.position(tp)}"
+        for recs in c.poll(timeout_ms=200).values():
+            got.extend(r.value.decode() for r in recs)
+    c.close()
+    assert got == ["k0", "k1", "k2"]
+    g = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group)
+    assert g.committed(tp) == 3
+    g.close()

@@ -531,5 +531,11 @@ pub(crate) fn write_producer_snapshots(dir: &Path, upto: Offset, s: &State) -> s
         &dir.join(meta::PRODUCER_FILE),
         &meta::encode_producers(upto, &s.producers),
     )?;
-    meta::write_file(&dir.join(txn_index::TXN_FILE), &s.txns.encode(upto))
+    // Without transactions (most partitions) no file: a missing one reads as empty, and a
+    // roll or close costs no extra fsync.
+    if s.txns.is_empty() {
+        meta::remove_if_exists(&dir.join(txn_index::TXN_FILE))
+    } else {
+        meta::write_file(&dir.join(txn_index::TXN_FILE), &s.txns.encode(upto))
+    }
 }

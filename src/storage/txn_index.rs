@@ -4,8 +4,8 @@
 //! offset (LSO: the first offset of the oldest open transaction, or the high watermark) and the
 //! aborted transactions a read_committed fetch reports.
 //!
-//! Persisted beside the producer snapshot (`transactions.snapshot`, same offset it covers) and
-//! completed on recovery by the same replay of the batches that follow it.
+//! Persisted beside the producer snapshot (`transactions.snapshot`, same offset it covers; no
+//! file when empty) and completed on recovery by the same replay of the batches that follow it.
 
 use std::collections::BTreeMap;
 
@@ -82,6 +82,11 @@ impl TxnIndex {
         } else {
             self.ongoing.entry(pid).or_insert(h.base_offset());
         }
+    }
+
+    /// Nothing open and nothing aborted.
+    pub fn is_empty(&self) -> bool {
+        self.ongoing.is_empty() && self.aborted.is_empty()
     }
 
     /// The first offset of the oldest open transaction.

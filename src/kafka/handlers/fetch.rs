@@ -805,6 +805,11 @@ mod tests {
                     log_start_offset: 0,
                     batches: vec![batch.clone()],
                     last_stable: 1,
+                    aborted: vec![AbortedTxn {
+                        producer_id: 5,
+                        first: Offset(0),
+                        last: Offset(3),
+                    }],
                     ..Default::default()
                 },
                 PartResult {
@@ -834,6 +839,17 @@ mod tests {
             assert_eq!(r.responses.len(), 1);
             let p = &r.responses[0].partitions;
             assert_eq!(p[0].records.as_ref().unwrap(), &batch, "v{version}");
+            assert_eq!(p[0].last_stable_offset, 1, "v{version}");
+            let aborted = p[0].aborted_transactions.as_ref().unwrap();
+            assert_eq!(
+                (
+                    aborted.len(),
+                    aborted[0].producer_id.0,
+                    aborted[0].first_offset
+                ),
+                (1, 5, 0),
+                "v{version}"
+            );
             assert_eq!(p[1].error_code, ResponseError::OffsetOutOfRange.code());
             if version >= 13 {
                 assert_eq!(r.responses[0].topic_id.as_bytes(), &[9; 16]);

@@ -30,6 +30,7 @@ use crate::types::{Clock, ErrorCode};
 pub mod coordinator;
 pub mod offsets;
 pub mod state;
+pub mod txn_offsets;
 
 pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, MemberRef, Write};
 pub use state::{GroupState, JoinResult, Reply, SyncResult};
@@ -61,6 +62,8 @@ pub struct GroupShard {
     last_expiry_ms: Cell<i64>,
     pub retention_check_ms: Cell<i64>,
     clock: Clock,
+    /// Offsets committed in transactions still open (see [`txn_offsets`]).
+    pub pending_txn: RefCell<txn_offsets::PendingTxnOffsets>,
 }
 
 thread_local! {
@@ -112,6 +115,7 @@ impl GroupShard {
             last_expiry_ms: Cell::new(clock.now_ms()),
             retention_check_ms: Cell::new(OFFSETS_RETENTION_CHECK_MS),
             clock,
+            pending_txn: RefCell::new(Default::default()),
         })
     }
 
@@ -194,10 +198,28 @@ impl GroupShard {
                     continue;
                 }
                 if h.is_control() {
+                    if h.is_transactional() {
+                        let commit = crate::storage::txn_index::marker_type(&h)
+                            == Some(crate::storage::txn_index::CONTROL_COMMIT);
+                        self.complete_txn(p, h.producer_id(), commit).await;
+                    }
                     next = last.next();
                     continue;
                 }
                 match records::decode_batch(b) {
+                    Ok(recs) if h.is_transactional() => {
+                        // Offsets of a transaction: held until its marker.
+                        for rec in recs.into_iter().filter(|r| r.offset >= next.0) {
+                            if let Some((group, e)) = txn_offset_of(&rec) {
+                                self.pending_txn.borrow_mut().add(
+                                    h.producer_id(),
+                                    p,
+                                    &group,
+                                    vec![e],
+                                );
+                            }
+                        }
+                    }
                     Ok(recs) => {
                         let mut c = self.coordinator.borrow_mut();
                         for rec in recs.into_iter().filter(|r| r.offset >= next.0) {
@@ -235,6 +257,15 @@ impl GroupShard {
 
     /// Appends `writes` (one batch per partition, in order) and waits until they are synced.
     pub async fn persist(&self, writes: Vec<Write>) -> Result<(), StorageError> {
+        self.persist_with(writes, BatchOptions::default()).await
+    }
+
+    /// [`GroupShard::persist`] with the batches' producer fields (a transactional commit).
+    pub async fn persist_with(
+        &self,
+        writes: Vec<Write>,
+        options: BatchOptions,
+    ) -> Result<(), StorageError> {
         let mut by_partition: BTreeMap<i32, Vec<Write>> = BTreeMap::new();
         for w in writes {
             by_partition.entry(w.partition).or_default().push(w);
@@ -247,7 +278,7 @@ impl GroupShard {
                     "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
                 ))));
             };
-            let mut b = BatchBuilder::new(BatchOptions::default());
+            let mut b = BatchBuilder::new(options);
             for w in &ws {
                 b.push(&builder::Record {
                     key: Some(&w.key),
@@ -377,6 +408,28 @@ impl GroupShard {
             self.flush().await;
         }
     }
+}
+
+/// The group and offset of a transactional offset-commit record (`None` for anything else).
+fn txn_offset_of(rec: &records::Record) -> Option<(String, coordinator::CommitEntry)> {
+    let key = offsets::decode_key(rec.key.as_ref()?).ok()?;
+    let offsets::RecordKey::Offset {
+        group,
+        topic,
+        partition,
+    } = key
+    else {
+        return None;
+    };
+    let value = offsets::decode_offset_value(rec.value.as_ref()?).ok()?;
+    Some((
+        group,
+        coordinator::CommitEntry {
+            topic,
+            partition,
+            value,
+        },
+    ))
 }
 
 /// Applies one `__consumer_offsets` record; false if it did not decode.

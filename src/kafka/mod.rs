@@ -152,6 +152,13 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(&req, body).await,
         ApiKey::AlterConfigs => alter_configs::handle(&req, body).await,
         ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(&req, body).await,
+        ApiKey::AddPartitionsToTxn => add_partitions_to_txn::handle(&req, body).await,
+        ApiKey::AddOffsetsToTxn => add_offsets_to_txn::handle(&req, body).await,
+        ApiKey::EndTxn => end_txn::handle(&req, body).await,
+        ApiKey::TxnOffsetCommit => txn_offset_commit::handle(&req, body).await,
+        ApiKey::WriteTxnMarkers => write_txn_markers::handle(&req, body).await,
+        ApiKey::DescribeTransactions => describe_transactions::handle(&req, body).await,
+        ApiKey::ListTransactions => list_transactions::handle(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

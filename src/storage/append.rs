@@ -136,7 +136,11 @@ impl PartitionLog {
         for h in records.headers() {
             let pos = s.active().size();
             s.active_mut().on_batch(&h, pos, interval);
-            if h.producer_id() >= 0 {
+            s.txns.on_batch(&h);
+            if h.is_control() {
+                s.producers
+                    .apply_marker(h.producer_id(), h.producer_epoch());
+            } else if h.producer_id() >= 0 {
                 s.producers.apply(
                     h.producer_id(),
                     h.producer_epoch(),

@@ -50,6 +50,7 @@ mod sim;
 #[cfg(test)]
 pub(crate) mod tests;
 mod truncate;
+pub mod txn_index;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -115,6 +116,8 @@ impl AppendSignal {
         .await
     }
 }
+use txn_index::TxnIndex;
+pub use txn_index::{marker_batch, AbortedTxn};
 
 /// When appends are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +278,8 @@ pub(crate) struct State {
     offsets: Offsets,
     appender: Appender,
     producers: ProducerState,
+    /// Open transactions and the aborted-transaction index (see [`txn_index`]).
+    txns: TxnIndex,
     /// Leader epoch -> first offset (see [`epochs`]).
     epochs: LeaderEpochs,
     reads: ReadAheads,
@@ -438,6 +443,21 @@ impl PartitionLog {
     pub fn high_watermark(&self) -> Offset {
         self.state.borrow().offsets.hw()
     }
+    /// The last stable offset: the first offset of the oldest transaction still open here, or
+    /// the high watermark. read_committed consumers read below it.
+    pub fn last_stable_offset(&self) -> Offset {
+        let s = self.state.borrow();
+        let hw = s.offsets.hw();
+        s.txns.first_unstable().map_or(hw, |f| f.min(hw))
+    }
+    /// Aborted transactions overlapping `[from, to)`, for a read_committed fetch.
+    pub fn aborted_between(&self, from: Offset, to: Offset) -> Vec<AbortedTxn> {
+        self.state.borrow().txns.aborted_between(from, to)
+    }
+    /// `(producer id, first offset)` of every transaction open in this partition.
+    pub fn open_transactions(&self) -> Vec<(i64, Offset)> {
+        self.state.borrow().txns.ongoing().collect()
+    }
     /// OffsetsForLeaderEpoch: the largest epoch at or below `epoch` and its end offset (see
     /// [`LeaderEpochs::end_offset_for`]).
     pub fn end_offset_for_epoch(&self, epoch: i32) -> (i32, Offset) {
@@ -576,10 +596,9 @@ impl PartitionLog {
         let a = s.active_mut();
         a.push_time_entry();
         let mut data = a.index_file_bodies(&self.dir);
-        data.push((
-            self.dir.join(meta::PRODUCER_FILE),
-            meta::with_crc(&meta::encode_producers(log_end, &s.producers)),
-        ));
+        let (snapshots, remove) = snapshot_files(&self.dir, log_end, s);
+        data.extend(snapshots);
+        let remove: Vec<PathBuf> = remove.into_iter().collect();
         let clean = (
             self.dir.join(meta::CLEAN_FILE),
             meta::with_crc(&meta::encode_clean(log_end, written)),
@@ -588,6 +607,7 @@ impl PartitionLog {
         Ok(Some(ClosingFiles {
             dir: self.dir.clone(),
             data,
+            remove,
             clean,
         }))
     }
@@ -609,5 +629,48 @@ impl PartitionLog {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+}
+
+/// Writes the producer snapshot and the transaction snapshot, both covering the batches below
+/// `upto` (recovery replays the ones after it into both).
+pub(crate) fn write_producer_snapshots(dir: &Path, upto: Offset, s: &State) -> std::io::Result<()> {
+    let (writes, remove) = snapshot_files(dir, upto, s);
+    write_snapshot_files(&writes, &remove)
+}
+
+/// The producer snapshot and the transactions snapshot covering the batches below `upto`: the
+/// files to write (path, contents with their CRC) and one to remove. Without transactions (most
+/// partitions) there is no transactions file: a missing one reads as empty, and a roll or close
+/// costs no extra fsync.
+pub(crate) fn snapshot_files(
+    dir: &Path,
+    upto: Offset,
+    s: &State,
+) -> (Vec<(PathBuf, Vec<u8>)>, Option<PathBuf>) {
+    let mut writes = vec![(
+        dir.join(meta::PRODUCER_FILE),
+        meta::with_crc(&meta::encode_producers(upto, &s.producers)),
+    )];
+    let txn_path = dir.join(txn_index::TXN_FILE);
+    if s.txns.is_empty() {
+        (writes, Some(txn_path))
+    } else {
+        writes.push((txn_path, meta::with_crc(&s.txns.encode(upto))));
+        (writes, None)
+    }
+}
+
+/// Writes what [`snapshot_files`] gave, each file atomically and durably.
+pub(crate) fn write_snapshot_files(
+    writes: &[(PathBuf, Vec<u8>)],
+    remove: &Option<PathBuf>,
+) -> std::io::Result<()> {
+    for (path, bytes) in writes {
+        meta::write_atomic(path, bytes)?;
+    }
+    match remove {
+        Some(path) => meta::remove_if_exists(path),
+        None => Ok(()),
     }
 }

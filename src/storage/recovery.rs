@@ -19,6 +19,7 @@ use crate::storage::producer_state::ProducerState;
 use crate::storage::read::ReadAheads;
 use crate::storage::segment::{self, ScanStop, Segment};
 use crate::storage::truncate;
+use crate::storage::txn_index::{TxnIndex, TXN_FILE};
 use crate::storage::{BatchCache, LogConfig, PartitionLog, RecoveryReport, State, StorageError};
 use crate::types::{Clock, Offset};
 
@@ -54,6 +55,14 @@ impl PartitionLog {
             Some((upto, s)) => (Some(upto), s),
             None => (None, ProducerState::default()),
         };
+        // The transaction snapshot is written with the producer snapshot and covers the same
+        // batches; one that does not match it (missing, damaged, or from another point) is
+        // not trusted, and the transactions of the batches it would have covered are lost.
+        let mut txns = meta::read_file(&dir.join(TXN_FILE))
+            .and_then(|b| TxnIndex::decode(&b))
+            .filter(|(upto, _)| Some(*upto) == snap_upto)
+            .map(|(_, t)| t)
+            .unwrap_or_default();
 
         let mut bases = meta::list_segments(dir)?;
         // Segments wholly below the persisted log start: left by a crash between the
@@ -164,6 +173,7 @@ impl PartitionLog {
                 fresh.on_batch(h, pos, interval);
                 if snap_upto.is_none_or(|u| h.base_offset() >= u) {
                     producers.replay(h);
+                    txns.on_batch(h);
                 }
             })
             .await?;
@@ -224,6 +234,7 @@ impl PartitionLog {
         }
         if snap_upto.is_some_and(|u| u > log_end) {
             producers.truncate_from(log_end);
+            txns.truncate_from(log_end);
         }
         let first_base = segments[0].base();
         if let Some(ls) = checkpoint.filter(|ls| *ls > log_end) {
@@ -320,6 +331,7 @@ impl PartitionLog {
                     now,
                 ),
                 producers,
+                txns,
                 epochs,
                 reads: ReadAheads::new(),
                 rolling: false,
@@ -337,10 +349,7 @@ impl PartitionLog {
         if trunc.is_some() {
             if snap_upto.is_some_and(|u| u > log_end) {
                 let s = log.state.borrow();
-                meta::write_file(
-                    &dir.join(meta::PRODUCER_FILE),
-                    &meta::encode_producers(log_end, &s.producers),
-                )?;
+                super::write_producer_snapshots(dir, log_end, &s)?;
             }
             meta::remove_if_exists(&dir.join(truncate::TRUNCATE_FILE))?;
             meta::sync_dir(dir)?;

@@ -78,6 +78,12 @@ impl PartitionLog {
             .acquire_permit(1)
             .await
             .map_err(|_| StorageError::Io(std::io::Error::other("log is closed")))?;
+        // An open transaction's batches stay until it ends: its marker and the aborted index
+        // need them, and a read_committed consumer has not seen them yet.
+        let offset = match self.state.borrow().txns.first_unstable() {
+            Some(first) => offset.min(first),
+            None => offset,
+        };
         {
             let s = self.state.borrow();
             if offset <= s.offsets.log_start() {
@@ -97,6 +103,7 @@ impl PartitionLog {
             .await?;
         let mut s = self.state.borrow_mut();
         s.offsets.advance_start(offset);
+        s.txns.start_moved(offset);
         let sealed = s.segments.len() - 1;
         let k = s.segments[..sealed]
             .iter()

@@ -93,15 +93,12 @@ impl PartitionLog {
         let base = self.state.borrow().offsets.log_end();
         // Before the new segment exists: recovery replays producer state from the batches of
         // the last segment only, so the snapshot must cover everything before it.
-        let (path, body) = {
+        let (writes, remove) = {
             let s = self.state.borrow();
-            (
-                self.dir.join(meta::PRODUCER_FILE),
-                meta::encode_producers(base, &s.producers),
-            )
+            super::snapshot_files(&self.dir, base, &s)
         };
         glommio::executor()
-            .spawn_blocking(move || meta::write_file(&path, &body))
+            .spawn_blocking(move || super::write_snapshot_files(&writes, &remove))
             .await?;
         let path = meta::segment_path(&self.dir, base, "log");
         let new_file = self.io.open(&path, true).await?;

@@ -10,7 +10,8 @@
 //!
 //! 1. every file's contents to `<name>.tmp`, then `syncfs`: these and the segments' own
 //!    writes and sizes are on disk (the segments are not fdatasynced one by one);
-//! 2. every index and snapshot renamed over its final name, then `syncfs`;
+//! 2. every index and snapshot renamed over its final name (a stale one removed), then
+//!    `syncfs`;
 //! 3. every clean-shutdown marker renamed into place, then `syncfs`.
 //!
 //! A crash before pass 3 completes leaves some logs without a marker: they are recovered by a
@@ -44,8 +45,10 @@ pub enum SegmentSync {
 #[derive(Debug)]
 pub struct ClosingFiles {
     pub(crate) dir: PathBuf,
-    /// Index files and the producer snapshot: (path, whole contents).
+    /// Index files and the producer (and transaction) snapshots: (path, whole contents).
     pub(crate) data: Vec<(PathBuf, Vec<u8>)>,
+    /// Files that must be gone (a stale snapshot), removed with the renames of `data`.
+    pub(crate) remove: Vec<PathBuf>,
     /// The clean-shutdown marker, written only once `data` is durable.
     pub(crate) clean: (PathBuf, Vec<u8>),
 }
@@ -56,6 +59,14 @@ impl ClosingFiles {
     pub fn write_durably(self) -> io::Result<()> {
         for (path, bytes) in &self.data {
             meta::write_atomic(path, bytes)?;
+        }
+        let mut removed = false;
+        for path in &self.remove {
+            removed |= path.exists();
+            meta::remove_if_exists(path)?;
+        }
+        if removed {
+            meta::sync_dir(&self.dir)?;
         }
         meta::write_atomic(&self.clean.0, &self.clean.1)
     }
@@ -135,7 +146,10 @@ fn write_all(logs: Vec<ClosingFiles>) -> Vec<io::Result<()>> {
     step(&mut results, &|l| {
         l.data
             .iter()
-            .try_for_each(|(path, _)| fs::rename(tmp_path(path), path))
+            .try_for_each(|(path, _)| fs::rename(tmp_path(path), path))?;
+        l.remove
+            .iter()
+            .try_for_each(|path| meta::remove_if_exists(path))
     });
     step(&mut results, &|l| {
         fs::rename(tmp_path(&l.clean.0), &l.clean.0)

@@ -606,3 +606,45 @@ pub async fn committed<S: AsyncRead + AsyncWrite + Unpin>(
     }
     Ok(out)
 }
+
+/// Every transactional id the broker coordinates, with its producer id and state
+/// (ListTransactions).
+pub async fn list_transactions<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+) -> Result<Vec<kafka_protocol::messages::list_transactions_response::TransactionState>> {
+    use kafka_protocol::messages::ListTransactionsRequest;
+    let v = c.versions().pick_in::<ListTransactionsRequest>(0, 1)?;
+    let resp = c
+        .call_at(
+            &ListTransactionsRequest::default().with_duration_filter(-1),
+            v,
+        )
+        .await
+        .context("ListTransactions")?;
+    check(resp.error_code, "list transactions", None)?;
+    Ok(resp.transaction_states)
+}
+
+/// One transactional id's state, producer, timeout, start and partitions
+/// (DescribeTransactions).
+pub async fn describe_transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    transactional_id: &str,
+) -> Result<kafka_protocol::messages::describe_transactions_response::TransactionState> {
+    use kafka_protocol::messages::{DescribeTransactionsRequest, TransactionalId};
+    let req = DescribeTransactionsRequest::default()
+        .with_transactional_ids(vec![TransactionalId(s(transactional_id))]);
+    let v = c.versions().pick_in::<DescribeTransactionsRequest>(0, 0)?;
+    let resp = c.call_at(&req, v).await.context("DescribeTransactions")?;
+    let t = resp
+        .transaction_states
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("broker described no transaction"))?;
+    check(
+        t.error_code,
+        &format!("describe transaction {transactional_id}"),
+        None,
+    )?;
+    Ok(t)
+}

@@ -23,7 +23,7 @@ use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
 use crate::protocol::wire::{put_array_len, put_uvarint};
 use crate::shard;
-use crate::storage::{AppendSignal, ReadOptions, ReadResult};
+use crate::storage::{AbortedTxn, AppendSignal, ReadOptions, ReadResult};
 use crate::types::{ErrorCode, Offset};
 
 /// Upper bound on how long one fetch may wait, whatever the client asks.
@@ -55,8 +55,19 @@ struct TopicReq {
 struct PartResult {
     error: ErrorCode,
     high_watermark: i64,
+    /// The last stable offset (-1 with an error).
+    last_stable: i64,
     log_start_offset: i64,
+    /// read_committed: the aborted transactions the returned batches overlap.
+    aborted: Vec<AbortedTxn>,
     batches: Vec<Bytes>,
+}
+
+/// What a partition read returns besides its batches: the last stable offset and, for
+/// read_committed, the aborted transactions the batches overlap.
+struct TxnView {
+    last_stable: Offset,
+    aborted: Vec<AbortedTxn>,
 }
 
 /// How a request uses fetch sessions (KIP-227).
@@ -338,7 +349,8 @@ async fn fetch_ready(
     } else {
         (request.max_bytes as usize).min(FETCH_RESPONSE_BYTES_MAX)
     };
-    let mut results = read_all(topics, max_bytes).await;
+    let committed_only = request.isolation_level == READ_COMMITTED;
+    let mut results = read_all(topics, max_bytes, committed_only).await;
     loop {
         let ready: usize = results
             .iter()
@@ -355,7 +367,7 @@ async fn fetch_ready(
             break;
         }
         wait_for_any_append(topics, &results, max_wait - elapsed).await;
-        results = read_all(topics, max_bytes).await;
+        results = read_all(topics, max_bytes, committed_only).await;
     }
     results
 }
@@ -368,7 +380,11 @@ async fn fetch_ready(
 /// `FETCH_READS_CONCURRENT_MAX`; its results are trimmed to the budget before the next window
 /// starts. Once the budget is spent, the remaining partitions are not read at all: they report
 /// their offsets (and OFFSET_OUT_OF_RANGE) only.
-async fn read_all(topics: &[TopicReq], max_bytes: usize) -> Vec<Vec<PartResult>> {
+async fn read_all(
+    topics: &[TopicReq],
+    max_bytes: usize,
+    committed_only: bool,
+) -> Vec<Vec<PartResult>> {
     let order: Vec<(usize, usize)> = topics
         .iter()
         .enumerate()
@@ -395,7 +411,10 @@ async fn read_all(topics: &[TopicReq], max_bytes: usize) -> Vec<Vec<PartResult>>
                 break;
             }
             window_bytes += want;
-            window.push((t, read_one(&topics[t], &topics[t].parts[p], want)));
+            window.push((
+                t,
+                read_one(&topics[t], &topics[t].parts[p], want, committed_only),
+            ));
             next += 1;
         }
         for (t, task) in window {
@@ -426,13 +445,13 @@ struct ReadFailed {
 
 type ReadTask = Option<
     glommio::task::JoinHandle<
-        Result<Result<Result<ReadResult, ReadFailed>, ErrorCode>, shard::Panic>,
+        Result<Result<Result<(ReadResult, TxnView), ReadFailed>, ErrorCode>, shard::Panic>,
     >,
 >;
 
 /// Starts the read of one partition on its owner shard: up to `bytes_max` of batches, or with
 /// `bytes_max == 0` its offsets only (no batch is read).
-fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
+fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize, committed_only: bool) -> ReadTask {
     let meta = topic.meta.clone()?;
     let (index, offset, bytes_max) = (p.index, p.fetch_offset, bytes_max as u32);
     let name = meta.name.clone();
@@ -451,11 +470,18 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
                         log_start_offset: ls,
                     });
                 }
-                return Ok(ReadResult {
-                    batches: vec![],
-                    high_watermark: Offset(hw),
-                    log_start_offset: start,
-                });
+                let view = TxnView {
+                    last_stable: log.last_stable_offset().min(Offset(hw)),
+                    aborted: vec![],
+                };
+                return Ok((
+                    ReadResult {
+                        batches: vec![],
+                        high_watermark: Offset(hw),
+                        log_start_offset: start,
+                    },
+                    view,
+                ));
             }
             log.read(ReadOptions {
                 start: Offset(offset),
@@ -473,7 +499,23 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
                     });
                     r.high_watermark = hw;
                 }
-                r
+                let last_stable = log.last_stable_offset().min(r.high_watermark);
+                let mut aborted = vec![];
+                if committed_only {
+                    // read_committed: nothing at or past the LSO, and the aborted transactions
+                    // the returned batches overlap, so the client can drop their records.
+                    r.batches.retain(|b| batch_base(b).is_some_and(|o| o < last_stable.0));
+                    if let Some(end) = r.batches.last().and_then(|b| batch_next(b)) {
+                        aborted = log.aborted_between(Offset(offset), Offset(end));
+                    }
+                }
+                (
+                    r,
+                    TxnView {
+                        last_stable,
+                        aborted,
+                    },
+                )
             })
             .map_err(|e| {
                 if let crate::storage::StorageError::Io(err) = &e {
@@ -497,6 +539,7 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
             high_watermark: -1,
             log_start_offset: -1,
             batches: vec![],
+            ..Default::default()
         },
         Some(task) => match shard::join(task).await {
             None => PartResult {
@@ -508,6 +551,7 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
                 high_watermark: -1,
                 log_start_offset: -1,
                 batches: vec![],
+                ..Default::default()
             },
             Some(Ok(Err(ReadFailed {
                 error,
@@ -518,15 +562,21 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
                 high_watermark,
                 log_start_offset,
                 batches: vec![],
+                ..Default::default()
             },
-            Some(Ok(Ok(ReadResult {
-                batches,
-                high_watermark,
-                log_start_offset,
-            }))) => PartResult {
+            Some(Ok(Ok((
+                ReadResult {
+                    batches,
+                    high_watermark,
+                    log_start_offset,
+                },
+                view,
+            )))) => PartResult {
                 error: NONE,
                 high_watermark: high_watermark.0,
+                last_stable: view.last_stable.0,
                 log_start_offset: log_start_offset.0,
+                aborted: view.aborted,
                 batches,
             },
         },
@@ -640,6 +690,23 @@ async fn wait_on_owner(
     .await
 }
 
+/// Kafka's `isolation_level` of read_committed consumers.
+const READ_COMMITTED: i8 = 1;
+
+/// The base offset of a stored batch.
+fn batch_base(b: &[u8]) -> Option<i64> {
+    b.get(..8)
+        .and_then(|s| s.try_into().ok())
+        .map(i64::from_be_bytes)
+}
+
+/// The offset after a stored batch's last record.
+fn batch_next(b: &[u8]) -> Option<i64> {
+    crate::protocol::batch::BatchHeader::parse(b)
+        .ok()
+        .map(|h| h.last_offset().next().0)
+}
+
 /// Encodes the whole response frame as glue buffers interleaved with the stored batches.
 ///
 /// `(error, session_id)` fill the response's top level; with `keep`, only the partitions it
@@ -696,11 +763,22 @@ fn encode(
             );
             glue.put_i16(r.error.get());
             glue.put_i64(r.high_watermark);
-            glue.put_i64(r.high_watermark); // last_stable_offset: no transactions yet
+            glue.put_i64(if r.error.is_error() {
+                r.high_watermark
+            } else {
+                r.last_stable
+            });
             if version >= 5 {
                 glue.put_i64(r.log_start_offset);
             }
-            put_array_len(&mut glue, flexible, 0); // aborted_transactions: empty
+            put_array_len(&mut glue, flexible, r.aborted.len());
+            for a in &r.aborted {
+                glue.put_i64(a.producer_id);
+                glue.put_i64(a.first.0);
+                if flexible {
+                    put_uvarint(&mut glue, 0); // aborted transaction tagged fields
+                }
+            }
             if version >= 11 {
                 glue.put_i32(-1); // preferred_read_replica
             }
@@ -768,12 +846,20 @@ mod tests {
                     high_watermark: 1,
                     log_start_offset: 0,
                     batches: vec![batch.clone()],
+                    last_stable: 1,
+                    aborted: vec![AbortedTxn {
+                        producer_id: 5,
+                        first: Offset(0),
+                        last: Offset(3),
+                    }],
+                    ..Default::default()
                 },
                 PartResult {
                     error: code(ResponseError::OffsetOutOfRange),
                     high_watermark: 0,
                     log_start_offset: 0,
                     batches: vec![],
+                    ..Default::default()
                 },
             ]];
             let parts = encode(version, 42, (NONE, 0), &topics, &results, None);
@@ -795,6 +881,17 @@ mod tests {
             assert_eq!(r.responses.len(), 1);
             let p = &r.responses[0].partitions;
             assert_eq!(p[0].records.as_ref().unwrap(), &batch, "v{version}");
+            assert_eq!(p[0].last_stable_offset, 1, "v{version}");
+            let aborted = p[0].aborted_transactions.as_ref().unwrap();
+            assert_eq!(
+                (
+                    aborted.len(),
+                    aborted[0].producer_id.0,
+                    aborted[0].first_offset
+                ),
+                (1, 5, 0),
+                "v{version}"
+            );
             assert_eq!(p[1].error_code, ResponseError::OffsetOutOfRange.code());
             if version >= 13 {
                 assert_eq!(r.responses[0].topic_id.as_bytes(), &[9; 16]);

@@ -1,5 +1,5 @@
 //! ListOffsets, versions 1-7 (flexible from 6). Timestamps: -2 earliest (log start), -1 latest
-//! (high watermark), -3 the record with the largest timestamp (v7, KIP-734), otherwise the first
+//! (high watermark; the last stable offset with `isolation_level` read_committed), -3 the record with the largest timestamp (v7, KIP-734), otherwise the first
 //! offset whose timestamp is at or after the given one (through the time index).
 
 use bytes::Bytes;
@@ -39,10 +39,18 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 continue;
             };
             let ts = p.timestamp;
+            let committed_only = request.isolation_level == 1;
             let (name, index) = (meta.name.clone(), p.partition_index);
             let r = with_partition(meta, p.partition_index, move |log| async move {
                 match ts {
                     EARLIEST => Ok((log.log_start_offset().0, -1)),
+                    // read_committed consumers start at the last stable offset.
+                    LATEST if committed_only => Ok((
+                        readable_end(&name, index, &log)
+                            .min(log.last_stable_offset())
+                            .0,
+                        -1,
+                    )),
                     LATEST => Ok((readable_end(&name, index, &log).0, -1)),
                     MAX_TIMESTAMP => match log.max_timestamp() {
                         // The batch's last offset is a bound; the record is the first with

@@ -2,6 +2,8 @@
 //! (framing, magic v2, CRC-32C, max.message.bytes), then appends it on the partition's owner
 //! shard and waits for the durability the acks ask for: acks=0 none, acks=1 the write,
 //! acks=all the fdatasync. Partitions of one request are appended concurrently.
+//! Transactional requests (KIP-98) carry transactional batches of one producer; each partition
+//! is checked with the transaction coordinator to be in the producer's open transaction first.
 //! A topic the broker does not know is UNKNOWN_TOPIC_OR_PARTITION: as in Kafka, Produce never
 //! creates topics (a producer's Metadata request may, see `metadata`).
 
@@ -45,12 +47,16 @@ impl Outcome {
 /// Checks the batches of one partition's records on the receiving shard, once: framing, magic,
 /// CRC-32C (in [`Validated::check`]; with LogAppendTime stamped at `append_time` in the same
 /// pass), then Kafka's produce rules on the headers it parsed. The first failure decides the
-/// partition's error.
+/// partition's error. Batches of a transactional request must be transactional batches of one
+/// producer, returned as `(producer id, epoch)`; other requests may not carry transactional
+/// batches. Control batches come only from the broker's own transaction coordinator, never
+/// from a producer.
 fn validate(
     records: BytesMut,
     max_message_bytes: i64,
     append_time: Option<i64>,
-) -> Result<Validated, (ErrorCode, String)> {
+    transactional_request: bool,
+) -> Result<(Validated, Option<(i64, i16)>), (ErrorCode, String)> {
     let checked = match append_time {
         None => Validated::check(records),
         Some(now) => Validated::check_stamping(records, now),
@@ -66,13 +72,24 @@ fn validate(
         Err(e) => return Err((code(ResponseError::CorruptMessage), e.to_string())),
     };
     let mut too_large = None;
-    let mut transactional = false;
+    let mut control = false;
+    let mut txn_batches = 0usize;
+    let mut batches = 0usize;
+    let mut producers: Option<(i64, i16)> = None;
+    let mut mixed = false;
     let mut inconsistent = None;
     for h in v.headers() {
         if h.size() as i64 > max_message_bytes {
             too_large = Some(h.size());
         }
-        transactional |= h.is_transactional() || h.is_control();
+        control |= h.is_control();
+        batches += 1;
+        if h.is_transactional() {
+            txn_batches += 1;
+            let p = (h.producer_id(), h.producer_epoch());
+            mixed |= producers.is_some_and(|q| q != p) || p.0 < 0;
+            producers = Some(p);
+        }
         // Kafka's LogValidator: a produced batch spans exactly its record count of offsets.
         // Unchecked, one small batch claiming 2^31 records would move the log end by 2^31.
         if h.record_count() <= 0
@@ -93,13 +110,25 @@ fn validate(
             format!("batch of {size} bytes exceeds max.message.bytes {max_message_bytes}"),
         ));
     }
-    if transactional {
+    if control {
         return Err((
             code(ResponseError::InvalidRecord),
-            "transactional and control batches are not supported yet".into(),
+            "control batches are written by the broker only".into(),
         ));
     }
-    Ok(v)
+    if transactional_request && (txn_batches != batches || mixed) {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            "a transactional produce carries transactional batches of one producer only".into(),
+        ));
+    }
+    if !transactional_request && txn_batches > 0 {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            "transactional batches need the request's transactional id".into(),
+        ));
+    }
+    Ok((v, producers))
 }
 
 /// A topic as this shard's metadata copy has it; for a name it does not know, the error Kafka
@@ -147,7 +176,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let mut topics = Vec::with_capacity(request.topic_data.len());
     for td in request.topic_data {
         crate::fault::panic_point("produce_request", &td.name);
-        let topic = if durability.is_none() || transactional {
+        let topic = if durability.is_none() || (transactional && !crate::txn::enabled()) {
             None
         } else {
             Some(local_topic(&td.name).await)
@@ -162,12 +191,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 )),
                 (None, _) => Pending::Ready(Outcome::error(
                     code(ResponseError::TransactionalIdAuthorizationFailed),
-                    Some("transactions are not supported yet".into()),
+                    Some("transactions run on a single node only".into()),
                 )),
                 (Some(Err(e)), _) => Pending::Ready(Outcome::error(*e, None)),
                 (Some(Ok(t)), Some(d)) => {
                     let records = pd.records.unwrap_or_default();
-                    let append = append_partition(t.clone(), index, records, d, timeout);
+                    let tid = request.transactional_id.as_ref().map(|t| t.to_string());
+                    let append = append_partition(t.clone(), index, records, d, timeout, tid);
                     if partitions == 1 {
                         Pending::Ready(append.await)
                     } else {
@@ -237,6 +267,7 @@ async fn append_partition(
     records: Bytes,
     durability: Durability,
     timeout: Duration,
+    transactional_id: Option<String>,
 ) -> Outcome {
     let meta = &topic.meta;
     crate::fault::panic_point("produce_partition", &meta.name);
@@ -259,14 +290,34 @@ async fn append_partition(
     let append_time = config.log_append_time.then(crate::types::now_ms);
     // The log patches offsets in place, so it gets its own copy of the batch bytes, which are
     // validated (and checksummed) once, here.
-    let owned = match validate(
+    let (owned, producer) = match validate(
         BytesMut::from(&records[..]),
         config.max_message_bytes,
         append_time,
+        transactional_id.is_some(),
     ) {
         Ok(v) => v,
         Err((c, m)) => return Outcome::error(c, Some(m)),
     };
+    if let (Some(tid), Some((pid, epoch))) = (transactional_id, producer) {
+        // The partition must be in the producer's open transaction (KIP-890 part 1: the
+        // leader verifies with the coordinator), or its batches would never see a marker.
+        let tp = (meta.name.clone(), index);
+        let verified = crate::txn::on_coordinator(&tid.clone(), move |ts| async move {
+            ts.verify_partition(&tid, pid, epoch, &tp)
+        })
+        .await
+        .unwrap_or_else(|e| e);
+        if verified.is_error() {
+            // Produce predates PRODUCER_FENCED: a fenced producer is told INVALID_PRODUCER_EPOCH.
+            let e = if verified == code(ResponseError::ProducerFenced) {
+                code(ResponseError::InvalidProducerEpoch)
+            } else {
+                verified
+            };
+            return Outcome::error(e, None);
+        }
+    }
     drop(records);
     let replicated = meta.replication_factor() > 1;
     if durability == Durability::Synced && replicated {

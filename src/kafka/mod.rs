@@ -151,6 +151,8 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(&req, body).await,
         ApiKey::AlterConfigs => alter_configs::handle(&req, body).await,
         ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(&req, body).await,
+        ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(&req, body).await,
+        ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

@@ -348,8 +348,9 @@ fn validate(req: &HeartbeatRequest, cfg: &ConsumerConfig) -> Result<(), Heartbea
         return Err(invalid("Too many subscribed topics."));
     }
     if let Some(re) = &req.subscribed_topic_regex {
+        // An empty regex clears the member's regex (librdkafka sends one with topic names).
         if re.is_empty() {
-            return Err(invalid("SubscribedTopicRegex must not be empty."));
+            return Ok(());
         }
         if let Err(e) = compile_regex(re) {
             return Err(HeartbeatResult::error(
@@ -1360,8 +1361,9 @@ fn heartbeat_in(
         }
     }
     if let Some(re) = req.subscribed_topic_regex {
-        if m.subscribed_regex.as_ref() != Some(&re) {
-            m.subscribed_regex = Some(re);
+        let re = Some(re).filter(|r| !r.is_empty());
+        if m.subscribed_regex != re {
+            m.subscribed_regex = re;
             sub_changed = true;
         }
     }

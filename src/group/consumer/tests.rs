@@ -315,6 +315,15 @@ fn epochs_are_checked_and_bad_requests_refused() {
         2,
     );
     assert_eq!(r.error, ErrorCode::new(E::InvalidRegularExpression));
+    // An empty regex next to topic names means no regex (librdkafka sends that).
+    let r = c.consumer_heartbeat(
+        bad(&|r| r.subscribed_topic_regex = Some(String::new())),
+        &topics,
+        2,
+    );
+    assert_eq!(r.error, ErrorCode::NONE);
+    let cg = c.group("g").unwrap().consumer.as_ref().unwrap();
+    assert_eq!(cg.members["n"].subscribed_regex, None);
     // v0: the coordinator picks the member id.
     let r = c.consumer_heartbeat(
         bad(&|r| {

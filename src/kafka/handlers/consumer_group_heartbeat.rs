@@ -50,12 +50,14 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         client_host: format!("/{}", req.conn.peer.ip()),
     };
     let group_id = hb.group_id.clone();
+    tracing::debug!(group = %group_id, member = %hb.member_id, epoch = hb.member_epoch, owned = ?hb.owned, names = ?hb.subscribed_topic_names, "ConsumerGroupHeartbeat");
     let r = on_coordinator(&group_id, move |gs| async move {
         let topics = ImageTopics(crate::shard::local().broker.image());
         gs.with(|c, now| c.consumer_heartbeat(hb, &topics, now))
             .await
     })
     .await;
+    tracing::debug!(group = %group_id, result = ?r, "ConsumerGroupHeartbeat answered");
     let resp = match r {
         Err(code) => ConsumerGroupHeartbeatResponse::default()
             .with_error_code(req.error_code(code))

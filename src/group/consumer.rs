@@ -305,10 +305,8 @@ fn validate(req: &HeartbeatRequest, cfg: &ConsumerConfig) -> Result<(), Heartbea
     if req.rack_id.as_deref() == Some("") {
         return Err(invalid("RackId can't be empty."));
     }
-    if req.version >= 1 || req.member_epoch != 0 {
-        if req.member_id.is_empty() {
-            return Err(invalid("MemberId can't be empty."));
-        }
+    if (req.version >= 1 || req.member_epoch != 0) && req.member_id.is_empty() {
+        return Err(invalid("MemberId can't be empty."));
     }
     match req.member_epoch {
         0 => {
@@ -326,10 +324,8 @@ fn validate(req: &HeartbeatRequest, cfg: &ConsumerConfig) -> Result<(), Heartbea
                 ));
             }
         }
-        -2 => {
-            if req.instance_id.is_none() {
-                return Err(invalid("InstanceId can't be null."));
-            }
+        -2 if req.instance_id.is_none() => {
+            return Err(invalid("InstanceId can't be null."));
         }
         -1 => {}
         e if e < -2 => return Err(invalid("MemberEpoch is invalid.")),
@@ -1257,7 +1253,7 @@ fn heartbeat_in(
     let member_id;
     if req.member_epoch == 0 {
         // Joining (or re-joining from scratch).
-        let mut id = if req.member_id.is_empty() {
+        let id = if req.member_id.is_empty() {
             fresh_member_id()
         } else {
             req.member_id.clone()
@@ -1298,9 +1294,6 @@ fn heartbeat_in(
                         cfg.max_size
                     ),
                 );
-            }
-            if req.member_id.is_empty() {
-                id = fresh_member_id();
             }
             let mut m = ConsumerMember::new(id.clone());
             m.instance_id = req.instance_id.clone();

@@ -69,6 +69,9 @@ pub struct ConsumerMemberValue {
     pub server_assignor: Option<String>,
 }
 
+/// Partitions by topic id, as KIP-848 records hold them.
+pub type TopicIdPartitions = Vec<([u8; 16], Vec<i32>)>;
+
 /// A KIP-848 member's current assignment as stored
 /// (`ConsumerGroupCurrentMemberAssignmentValue` v0): partitions by topic id.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -76,8 +79,8 @@ pub struct CurrentAssignmentValue {
     pub member_epoch: i32,
     pub previous_member_epoch: i32,
     pub state: i8,
-    pub assigned: Vec<([u8; 16], Vec<i32>)>,
-    pub revoking: Vec<([u8; 16], Vec<i32>)>,
+    pub assigned: TopicIdPartitions,
+    pub revoking: TopicIdPartitions,
 }
 
 /// A committed offset as stored.
@@ -412,7 +415,7 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
-    fn topic_partitions(&mut self) -> Result<Vec<([u8; 16], Vec<i32>)>, FormatError> {
+    fn topic_partitions(&mut self) -> Result<TopicIdPartitions, FormatError> {
         // A topic takes at least its id, an empty partition array and its tagged fields.
         let n = self.compact_len(18)?.unwrap_or(0);
         let mut out = Vec::with_capacity(n);

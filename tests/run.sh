@@ -48,6 +48,9 @@ if [ ! -d tests/js/node_modules/kafkajs ]; then
 fi
 "$PYTHON" -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("prometheus-client") == "0.26.0" else 1)' \
     2>/dev/null || py_missing+=("prometheus-client==0.26.0")
+# confluent-kafka (librdkafka) for KIP-848 consumer groups (group.protocol=consumer).
+"$PYTHON" -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("confluent-kafka") == "2.16.1" else 1)' \
+    2>/dev/null || py_missing+=("confluent-kafka==2.16.1")
 if [ "${#py_missing[@]}" -gt 0 ]; then
     echo "run.sh: pip install ${py_missing[*]}"
     "$PYTHON" -m pip install -q "${py_missing[@]}" \

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | [`coordinator`] | the sans-IO state machine: JoinGroup/SyncGroup/Heartbeat/LeaveGroup, offsets, timers |
 //! | [`state`] | one group's data (members, generation, protocol, offsets) and protocol selection |
+//! | [`consumer`] | KIP-848 consumer groups: ConsumerGroupHeartbeat, server-side assignors, reconciliation |
 //! | [`offsets`] | Kafka's `__consumer_offsets` key/value record formats |
 //!
 //! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
@@ -27,6 +28,7 @@ use crate::protocol::records;
 use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
 use crate::types::{Clock, ErrorCode};
 
+pub mod consumer;
 pub mod coordinator;
 pub mod offsets;
 pub mod state;
@@ -471,6 +473,44 @@ fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool
             };
             c.load_group(&group, value, now_ms);
         }
+        offsets::RecordKey::ConsumerGroup { group } => {
+            match rec.value.as_ref().map(offsets::decode_consumer_group_value) {
+                None => c.load_consumer_group(&group, None, now_ms),
+                Some(Ok(epoch)) => c.load_consumer_group(&group, Some(epoch), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerMember { group, member } => {
+            match rec
+                .value
+                .as_ref()
+                .map(offsets::decode_consumer_member_value)
+            {
+                None => c.load_consumer_member(&group, &member, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_member(&group, &member, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerAssignment { group, member } => {
+            match rec
+                .value
+                .as_ref()
+                .map(offsets::decode_current_assignment_value)
+            {
+                None => c.load_consumer_assignment(&group, &member, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_assignment(&group, &member, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
     }
     true
 }
@@ -528,6 +568,12 @@ pub fn start_shard_tasks() {
         CoordinatorConfig {
             initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
             offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
+            consumer: consumer::ConsumerConfig {
+                session_timeout_ms: cfg.group_consumer_session_timeout_ms as i32,
+                heartbeat_interval_ms: cfg.group_consumer_heartbeat_interval_ms as i32,
+                assignors: cfg.group_consumer_assignors.clone(),
+                max_size: cfg.group_consumer_max_size as usize,
+            },
             ..Default::default()
         },
         shard.clock.clone(),
@@ -650,4 +696,29 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
             .map_err(|e| format!("cannot replay {tp}: {e}"))?;
     }
     Ok(())
+}
+
+/// The metadata image as the KIP-848 coordinator sees topics.
+pub struct ImageTopics(pub std::sync::Arc<crate::metadata::MetadataImage>);
+
+impl consumer::Topics for ImageTopics {
+    fn by_name(&self, name: &str) -> Option<([u8; 16], i32)> {
+        self.0
+            .topic(name)
+            .filter(|t| !t.internal)
+            .map(|t| (t.id, t.partition_count()))
+    }
+    fn by_id(&self, id: &[u8; 16]) -> Option<(String, i32)> {
+        self.0
+            .topic_by_id(id)
+            .map(|t| (t.name.clone(), t.partition_count()))
+    }
+    fn names(&self) -> Vec<String> {
+        self.0
+            .topics
+            .values()
+            .filter(|t| !t.internal)
+            .map(|t| t.name.clone())
+            .collect()
+    }
 }

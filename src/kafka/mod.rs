@@ -159,6 +159,8 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::WriteTxnMarkers => write_txn_markers::handle(&req, body).await,
         ApiKey::DescribeTransactions => describe_transactions::handle(&req, body).await,
         ApiKey::ListTransactions => list_transactions::handle(&req, body).await,
+        ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(&req, body).await,
+        ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

@@ -36,6 +36,9 @@ pub struct BrokerContext {
     /// The raft leader (-1 while none is known) and term of each partition with replicas held
     /// on this node, as its shard last saw them; read by Metadata on any shard.
     replica_leaders: Mutex<HashMap<TopicPartition, (i32, i32)>>,
+    /// The in-sync replicas of each partition this node leads, from raft progress, as its
+    /// shard last computed them (see `shard::open_replica_here`).
+    replica_isr: Mutex<HashMap<TopicPartition, Vec<i32>>>,
 }
 
 impl BrokerContext {
@@ -59,6 +62,7 @@ impl BrokerContext {
                 config.node_id
             }),
             replica_leaders: Mutex::new(HashMap::new()),
+            replica_isr: Mutex::new(HashMap::new()),
             config,
         }
     }
@@ -76,6 +80,29 @@ impl BrokerContext {
             .lock()
             .expect("replica leaders")
             .remove(tp);
+    }
+
+    /// Records the in-sync replicas of a partition this node leads; `None`: it leads it no more.
+    pub fn set_replica_isr(&self, tp: &TopicPartition, isr: Option<Vec<i32>>) {
+        let mut m = self.replica_isr.lock().expect("replica ISR");
+        match isr {
+            Some(isr) => {
+                m.insert(tp.clone(), isr);
+            }
+            None => {
+                m.remove(tp);
+            }
+        }
+    }
+
+    /// The in-sync replicas of a partition this node leads, from raft progress; `None` when it
+    /// does not lead it.
+    pub fn replica_isr(&self, tp: &TopicPartition) -> Option<Vec<i32>> {
+        self.replica_isr
+            .lock()
+            .expect("replica ISR")
+            .get(tp)
+            .cloned()
     }
 
     /// The raft leader (-1 while none is known) and term of a partition replica held here.

@@ -215,8 +215,9 @@ pub async fn open_replica_here(
         ))
     })?;
     let me = shard.broker.config.node_id as u64;
-    let config = sluice_raft::GroupConfig::new(group_id, me, voters);
+    let config = sluice_raft::GroupConfig::new(group_id, me, voters.clone());
     let replica = Rc::new(ReplicatedPartition::start(log, config, &transport).await?);
+    spawn_isr_publisher(tp.clone(), replica.clone(), voters);
     let statuses = replica.watch();
     let broker = shard.broker.clone();
     let watched = tp.clone();
@@ -232,6 +233,35 @@ pub async fn open_replica_here(
     });
     shard.replicas.borrow_mut().insert(tp, replica);
     Ok(())
+}
+
+/// How long a follower may go without catching up with the leader's log and still count as in
+/// sync (Kafka's `replica.lag.time.max.ms`, 30 s there): 10 s, several election timeouts, so a
+/// follower that is down or stuck leaves the ISR well before a client's request times out,
+/// while one that keeps pace (it catches up every round trip) never does.
+pub const REPLICA_LAG_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often a partition leader republishes its ISR for Metadata and `min.insync.replicas`.
+const ISR_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// While `replica` runs: publishes, every `ISR_PUBLISH_INTERVAL`, its in-sync replicas among
+/// `voters` when it leads (see [`ReplicatedPartition::in_sync`]), and withdraws them when it
+/// does not.
+fn spawn_isr_publisher(tp: TopicPartition, replica: Rc<ReplicatedPartition>, voters: Vec<u64>) {
+    let broker = local().broker.clone();
+    crate::contain::spawn_background("partition ISR publisher", async move {
+        loop {
+            if replica.role() == sluice_raft::Role::Stopped {
+                broker.set_replica_isr(&tp, None);
+                break;
+            }
+            let isr = replica
+                .in_sync(&voters, REPLICA_LAG_TIME_MAX)
+                .map(|isr| isr.into_iter().map(|n| n as i32).collect());
+            broker.set_replica_isr(&tp, isr);
+            local().clock.sleep(ISR_PUBLISH_INTERVAL).await;
+        }
+    });
 }
 
 /// Opens one partition log on the calling shard (idempotent).
@@ -285,6 +315,7 @@ pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageErro
     if let Some(r) = replica {
         r.stop().await;
         shard.broker.forget_replica_leader(&tp);
+        shard.broker.set_replica_isr(&tp, None);
     }
     let log = shard.partitions.borrow_mut().remove(&tp);
     match log {

@@ -17,7 +17,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::ResponseError;
 
-use super::common::{code, committed_end, storage_code, with_partition, NONE};
+use super::common::{
+    code, committed_end, storage_code, with_partition_at_epoch, NONE, NO_EPOCH_CHECK,
+};
 use crate::kafka::fetch_sessions as sessions;
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
@@ -41,6 +43,8 @@ struct PartReq {
     index: i32,
     fetch_offset: i64,
     partition_max_bytes: i32,
+    /// The client's leader epoch (KIP-320, v9+), checked on replicated partitions; -1: none.
+    current_leader_epoch: i32,
 }
 
 struct TopicReq {
@@ -110,7 +114,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     id,
                     epoch,
                     uses_ids,
-                    session_adds(&request, uses_ids),
+                    session_adds(&request, req.version, uses_ids),
                     session_forgets(&request, uses_ids),
                     now_ms(),
                 )
@@ -182,6 +186,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         index: p.partition,
                         fetch_offset: p.fetch_offset,
                         partition_max_bytes: p.partition_max_bytes,
+                        current_leader_epoch: client_epoch(req.version, p.current_leader_epoch),
                     })
                     .collect(),
             }
@@ -206,6 +211,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                             partition: p.index,
                             fetch_offset: p.fetch_offset,
                             partition_max_bytes: p.partition_max_bytes,
+                            current_leader_epoch: p.current_leader_epoch,
                             high_watermark: if r.error.is_error() {
                                 -1
                             } else {
@@ -248,10 +254,20 @@ fn session_error(req: &Request<'_>, e: sessions::SessionError) -> Response {
     ))
 }
 
+/// The client's current leader epoch as the request carries it: only from v9 (KIP-320).
+fn client_epoch(version: i16, epoch: i32) -> i32 {
+    if version >= 9 {
+        epoch
+    } else {
+        NO_EPOCH_CHECK
+    }
+}
+
 /// The partitions an incremental request adds or changes, one at a time (nothing is copied
 /// for the whole list).
 fn session_adds(
     request: &FetchRequest,
+    version: i16,
     uses_ids: bool,
 ) -> impl Iterator<Item = sessions::PartUpdate> + '_ {
     request.topics.iter().flat_map(move |t| {
@@ -263,6 +279,7 @@ fn session_adds(
             partition: p.partition,
             fetch_offset: p.fetch_offset,
             partition_max_bytes: p.partition_max_bytes,
+            current_leader_epoch: client_epoch(version, p.current_leader_epoch),
         })
     })
 }
@@ -281,6 +298,7 @@ fn session_forgets(
             partition: p,
             fetch_offset: 0,
             partition_max_bytes: 0,
+            current_leader_epoch: NO_EPOCH_CHECK,
         })
     })
 }
@@ -326,6 +344,7 @@ fn session_topics(
                 index: p.partition,
                 fetch_offset: p.fetch_offset,
                 partition_max_bytes: p.partition_max_bytes,
+                current_leader_epoch: p.current_leader_epoch,
             });
         }
     }
@@ -454,10 +473,11 @@ type ReadTask = Option<
 fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize, committed_only: bool) -> ReadTask {
     let meta = topic.meta.clone()?;
     let (index, offset, bytes_max) = (p.index, p.fetch_offset, bytes_max as u32);
+    let epoch = p.current_leader_epoch;
     let name = meta.name.clone();
     // Contained: a panic is re-raised in `finish_read` and fails this request only.
     Some(shard::spawn_contained(async move {
-        with_partition(&meta, index, move |log| async move {
+        with_partition_at_epoch(&meta, index, epoch, move |log, _| async move {
             let committed = committed_end(&name, index, &log);
             if bytes_max == 0 {
                 let (start, end) = (log.log_start_offset(), log.log_end_offset());
@@ -832,11 +852,13 @@ mod tests {
                         index: 0,
                         fetch_offset: 0,
                         partition_max_bytes: 1 << 20,
+                        current_leader_epoch: -1,
                     },
                     PartReq {
                         index: 1,
                         fetch_offset: 0,
                         partition_max_bytes: 1 << 20,
+                        current_leader_epoch: -1,
                     },
                 ],
             }];

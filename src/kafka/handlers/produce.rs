@@ -373,7 +373,14 @@ async fn append_on_owner(
 ) -> Appended {
     with_partition_replica(&topic.meta, index, move |log, replica| async move {
         match replica {
-            Some(replica) => replicate(&replica, records.into_bytes()).await,
+            Some(replica) => {
+                replicate(
+                    &replica,
+                    records.into_bytes(),
+                    durability == Durability::Synced,
+                )
+                .await
+            }
             None => log
                 .append_validated(records, durability)
                 .await
@@ -384,29 +391,34 @@ async fn append_on_owner(
     .await
 }
 
-/// The replicas of a partition Metadata reports in sync and `min.insync.replicas` counts: those
-/// on nodes that are not fenced. Raft progress is not exposed by the group yet, so a live
-/// follower that lags is still counted.
+/// The replicas of a partition Metadata reports in sync and `min.insync.replicas` counts, among
+/// those on nodes that are not fenced: on the partition's leader, itself and the followers that
+/// caught up within `shard::REPLICA_LAG_TIME_MAX` (raft progress); elsewhere, where progress is
+/// not known, every replica on a live node.
 pub fn in_sync_replicas(
     broker: &shard::BrokerContext,
     topic: &crate::metadata::TopicMeta,
     index: i32,
 ) -> Vec<i32> {
     let image = broker.image();
+    let tp = crate::types::TopicPartition::new(topic.name.clone(), index);
+    let progress = broker.replica_isr(&tp);
     topic
         .replica_nodes(index)
         .iter()
         .copied()
         .filter(|n| !image.fenced.contains(n))
+        .filter(|n| progress.as_ref().is_none_or(|isr| isr.contains(n)))
         .collect()
 }
 
 /// Produces a validated request's records to a replicated partition on its leader: each batch
-/// is proposed in turn and answered once committed (whatever the acks: a local append is not
-/// observable apart from the commit yet). The base offset is the first batch's.
+/// is proposed in turn and answered once committed (acks=all, `committed`) or once appended to
+/// the leader's own log (acks=1 and 0). The base offset is the first batch's.
 async fn replicate(
     replica: &crate::replica::ReplicatedPartition,
     records: BytesMut,
+    committed: bool,
 ) -> Result<(i64, i64), (ErrorCode, Option<String>)> {
     use crate::replica::ReplicateError;
     use sluice_raft::ProposeError;
@@ -415,7 +427,12 @@ async fn replicate(
     while !rest.is_empty() {
         let size = batch::batch_size(&rest).expect("validated above");
         let one = rest.split_to(size);
-        let (base, _) = replica.propose(one).await.map_err(|e| match e {
+        let proposed = if committed {
+            replica.propose(one).await
+        } else {
+            replica.propose_appended(one).await
+        };
+        let (base, _) = proposed.map_err(|e| match e {
             ReplicateError::InvalidBatch => (code(ResponseError::CorruptMessage), None),
             ReplicateError::Raft(ProposeError::Busy) => (
                 code(ResponseError::RequestTimedOut),

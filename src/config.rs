@@ -100,6 +100,22 @@ pub struct StartArgs {
     /// Committed offsets of empty groups expire after this many minutes [default: 10080].
     #[arg(long, env = "SLUICE_OFFSETS_RETENTION_MINUTES")]
     pub offsets_retention_minutes: Option<u64>,
+    /// KIP-848 consumer groups: a member that does not heartbeat for this long is removed
+    /// (Kafka's `group.consumer.session.timeout.ms`) [default: 45000].
+    #[arg(long, env = "SLUICE_GROUP_CONSUMER_SESSION_TIMEOUT_MS")]
+    pub group_consumer_session_timeout_ms: Option<u32>,
+    /// KIP-848 consumer groups: the heartbeat interval given to members
+    /// (`group.consumer.heartbeat.interval.ms`) [default: 5000].
+    #[arg(long, env = "SLUICE_GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS")]
+    pub group_consumer_heartbeat_interval_ms: Option<u32>,
+    /// KIP-848 server-side assignors, comma-separated, the first the default
+    /// (`group.consumer.assignors`: `uniform`, `range`) [default: uniform,range].
+    #[arg(long, env = "SLUICE_GROUP_CONSUMER_ASSIGNORS")]
+    pub group_consumer_assignors: Option<String>,
+    /// KIP-848 consumer groups: most members per group (`group.consumer.max.size`)
+    /// [default: 2147483647].
+    #[arg(long, env = "SLUICE_GROUP_CONSUMER_MAX_SIZE")]
+    pub group_consumer_max_size: Option<u32>,
     /// Log level filter (also RUST_LOG) [default: info].
     #[arg(long, env = "SLUICE_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -137,6 +153,10 @@ pub struct Defaults {
     pub partitions_per_shard_max: usize,
     pub group_initial_rebalance_delay_ms: u64,
     pub offsets_retention_minutes: u64,
+    pub group_consumer_session_timeout_ms: u32,
+    pub group_consumer_heartbeat_interval_ms: u32,
+    pub group_consumer_assignors: &'static str,
+    pub group_consumer_max_size: u32,
     pub log_level: &'static str,
     pub log_format: &'static str,
 }
@@ -165,9 +185,17 @@ pub const DEFAULTS: Defaults = Defaults {
     // generation instead of a lone first member's generation followed by a second rebalance.
     group_initial_rebalance_delay_ms: 3_000,
     offsets_retention_minutes: 7 * 24 * 60,
+    // Kafka's KIP-848 defaults.
+    group_consumer_session_timeout_ms: 45_000,
+    group_consumer_heartbeat_interval_ms: 5_000,
+    group_consumer_assignors: "uniform,range",
+    group_consumer_max_size: i32::MAX as u32,
     log_level: "info",
     log_format: "text",
 };
+
+/// The server-side assignors of KIP-848 consumer groups.
+pub const CONSUMER_GROUP_ASSIGNORS: &[&str] = &["uniform", "range"];
 
 /// Highest node id in a cluster: producer ids carry the node id in their low bits
 /// (`admin::next_producer_id`), so ids must fit `NODE_ID_BITS`.
@@ -282,6 +310,12 @@ pub struct BrokerConfig {
     pub partitions_per_shard_max: usize,
     pub group_initial_rebalance_delay_ms: u64,
     pub offsets_retention_minutes: u64,
+    pub group_consumer_session_timeout_ms: u32,
+    pub group_consumer_heartbeat_interval_ms: u32,
+    /// Server-side assignors of KIP-848 groups, the first the default; each one of
+    /// [`CONSUMER_GROUP_ASSIGNORS`].
+    pub group_consumer_assignors: Vec<String>,
+    pub group_consumer_max_size: u32,
     pub log_level: String,
     pub log_format: LogFormat,
     /// Where the Prometheus endpoint listens; `None`: no metrics listener.
@@ -364,6 +398,33 @@ impl BrokerConfig {
             };
         }
         let data_dir = pick!(data_dir);
+        let group_consumer_session_timeout_ms = pick!(group_consumer_session_timeout_ms);
+        let group_consumer_heartbeat_interval_ms = pick!(group_consumer_heartbeat_interval_ms);
+        if group_consumer_session_timeout_ms == 0
+            || group_consumer_session_timeout_ms > i32::MAX as u32
+            || group_consumer_heartbeat_interval_ms == 0
+            || group_consumer_heartbeat_interval_ms >= group_consumer_session_timeout_ms
+        {
+            return Err(format!(
+                "--group-consumer-heartbeat-interval-ms ({group_consumer_heartbeat_interval_ms}) must be above 0 and below --group-consumer-session-timeout-ms ({group_consumer_session_timeout_ms})"
+            ));
+        }
+        let group_consumer_assignors: Vec<String> = pick!(group_consumer_assignors)
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if group_consumer_assignors.is_empty()
+            || group_consumer_assignors
+                .iter()
+                .any(|a| !CONSUMER_GROUP_ASSIGNORS.contains(&a.as_str()))
+        {
+            return Err(format!(
+                "--group-consumer-assignors: each of {} expected, got {:?}",
+                CONSUMER_GROUP_ASSIGNORS.join(", "),
+                group_consumer_assignors
+            ));
+        }
         let listen_s = pick!(listen);
         let (lhost, lport) = split_host_port(&listen_s, "--listen")?;
         let listen = (lhost.as_str(), lport)
@@ -544,6 +605,10 @@ impl BrokerConfig {
             partitions_per_shard_max: pick!(partitions_per_shard_max),
             group_initial_rebalance_delay_ms: pick!(group_initial_rebalance_delay_ms),
             offsets_retention_minutes: pick!(offsets_retention_minutes),
+            group_consumer_session_timeout_ms,
+            group_consumer_heartbeat_interval_ms,
+            group_consumer_assignors,
+            group_consumer_max_size: pick!(group_consumer_max_size).clamp(1, i32::MAX as u32),
             log_level: pick!(log_level),
             log_format,
             metrics_listen,

@@ -8,6 +8,7 @@
 //! | [`cli`] | the `sluice` admin and console commands (Kafka protocol clients) |
 //! | [`server`] | listener, connection loop, framing, limits |
 //! | [`kafka`] | dispatch and one handler per Kafka API; `Request`, `Response`, `Connection` |
+//! | [`txn`] | transaction coordinators (KIP-98) and the `__transaction_state` log |
 //! | [`group`] | consumer group coordinators and committed offsets |
 //! | [`admin`] | the metadata owner on shard 0: topic administration, producer-id blocks |
 //! | [`controller`] | a cluster's controller: the raft group over the metadata records, on shard 0 |
@@ -37,4 +38,5 @@ pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod storage;
+pub mod txn;
 pub mod types;

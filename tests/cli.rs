@@ -209,6 +209,36 @@ fn topic_alter_config_and_cluster_describe() {
         row,
         ["0", "127.0.0.1", port.as_str(), "live", "(controller)"]
     );
+
+    // Log directories: the topic's one partition, its size growing with what was produced.
+    let size_of_partition_0 = || {
+        let out = ok(&sluice(
+            &["cluster", "logdirs", "--topic", &t, "--brokers", &bs],
+            None,
+        ));
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with("0  /")),
+            "no directory line:\n{out}"
+        );
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|r| r.get(1) == Some(&t.as_str()))
+            .collect();
+        assert_eq!(rows.len(), 1, "one partition of {t}:\n{out}");
+        assert_eq!(
+            (rows[0][0], rows[0][2], rows[0][4]),
+            ("0", "0", "0"),
+            "{out}"
+        );
+        rows[0][3].parse::<u64>().expect("a size in bytes")
+    };
+    let before = size_of_partition_0();
+    ok(&sluice(
+        &["produce", &t, "--brokers", &bs],
+        Some("x".repeat(2000).as_bytes()),
+    ));
+    assert!(size_of_partition_0() > before + 2000);
 }
 
 #[test]

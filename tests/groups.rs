@@ -694,9 +694,10 @@ mod raw {
             ResponseError::GroupIdNotFound.code()
         );
 
+        // Share groups (key type 2) have no coordinator.
         let keys = FindCoordinatorRequest::default()
-            .with_key_type(1)
-            .with_coordinator_keys(vec![s("txn-id")]);
+            .with_key_type(2)
+            .with_coordinator_keys(vec![s("share-group")]);
         let r: FindCoordinatorResponse =
             c.call_at(ApiKey::FindCoordinator, 4, &keys).expect("find");
         assert_eq!(

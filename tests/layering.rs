@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 /// - `cli`: the admin and console commands (Kafka clients; no broker internals).
 /// - `server`: sockets, framing, per-connection and per-shard limits.
 /// - `kafka`: dispatch and one handler per API; owns `Request`, `Response`, `Connection`.
+/// - `txn`: transaction coordinators (create `__transaction_state` through `admin`; apply
+///   transactional offsets through `group`).
 /// - `group`: consumer group coordinators (creates `__consumer_offsets` through `admin`).
 /// - `admin`: topic administration and producer-id blocks, run by the metadata owner, shard 0.
 /// - `controller`: a cluster's controller raft group over the metadata records (shard 0).
@@ -31,6 +33,7 @@ const LAYERS: &[&[&str]] = &[
     &["broker", "cli"],
     &["server"],
     &["kafka"],
+    &["txn"],
     &["group"],
     &["admin"],
     &["controller"],

@@ -35,6 +35,9 @@ py_missing=()
 "$PYTHON" -c 'import kafka, sys; sys.exit(0 if kafka.__version__ == "3.0.12" else 1)' 2>/dev/null \
     || py_missing+=("kafka-python==3.0.12")
 "$PYTHON" -c 'import pytest' 2>/dev/null || py_missing+=("pytest==9.2.0")
+# librdkafka through its Python binding: the transaction tests (tests/python/test_transactions.py).
+"$PYTHON" -c 'import confluent_kafka, sys; sys.exit(0 if confluent_kafka.version()[0] == "2.16.1" else 1)' \
+    2>/dev/null || py_missing+=("confluent-kafka==2.16.1")
 "$PYTHON" -c 'import snappy' 2>/dev/null || py_missing+=("python-snappy==0.7.3" "cramjam==2.14.0")
 "$PYTHON" -c 'import lz4' 2>/dev/null || py_missing+=("lz4==4.4.5")
 "$PYTHON" -c 'import zstandard' 2>/dev/null || py_missing+=("zstandard==0.25.0")
@@ -45,6 +48,9 @@ if [ ! -d tests/js/node_modules/kafkajs ]; then
 fi
 "$PYTHON" -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("prometheus-client") == "0.26.0" else 1)' \
     2>/dev/null || py_missing+=("prometheus-client==0.26.0")
+# confluent-kafka (librdkafka) for KIP-848 consumer groups (group.protocol=consumer).
+"$PYTHON" -c 'import importlib.metadata as m, sys; sys.exit(0 if m.version("confluent-kafka") == "2.16.1" else 1)' \
+    2>/dev/null || py_missing+=("confluent-kafka==2.16.1")
 if [ "${#py_missing[@]}" -gt 0 ]; then
     echo "run.sh: pip install ${py_missing[*]}"
     "$PYTHON" -m pip install -q "${py_missing[@]}" \

@@ -92,6 +92,8 @@ pub struct MetadataOwner {
     /// partition logs) between its checks and its write, and no other may run in between.
     admin: Semaphore,
     producer_ids: RefCell<ProducerIds>,
+    /// One producer-id block is persisted at a time (on the blocking thread pool).
+    producer_block: Semaphore,
 }
 
 thread_local! {
@@ -111,6 +113,7 @@ pub fn install(store: Option<MetadataStore>, producer_ids: ProducerIds) {
         store: RefCell::new(store),
         admin: Semaphore::new(1),
         producer_ids: RefCell::new(producer_ids),
+        producer_block: Semaphore::new(1),
     };
     OWNER.with(|o| *o.borrow_mut() = Some(Rc::new(owner)));
 }
@@ -876,7 +879,28 @@ pub async fn alter_broker_configs(
 /// `NODE_ID_BITS` bits, so no two nodes hand out the same id.
 pub async fn next_producer_id() -> std::io::Result<u64> {
     invoke_on(METADATA_OWNER, || async {
-        let id = owner().producer_ids.borrow_mut().allocate()?;
+        let owner = owner();
+        let id = loop {
+            if let Some(id) = owner.producer_ids.borrow_mut().try_allocate() {
+                break id;
+            }
+            // The next block must be durable before any id of it is handed out. Its write and
+            // fsyncs run on the blocking thread pool; callers arriving meanwhile wait here and
+            // then take ids of the block it persisted.
+            let _turn = owner
+                .producer_block
+                .acquire_permit(1)
+                .await
+                .map_err(|_| std::io::Error::other("broker stopping"))?;
+            if let Some(id) = owner.producer_ids.borrow_mut().try_allocate() {
+                break id;
+            }
+            let (dir, limit) = owner.producer_ids.borrow().next_block()?;
+            glommio::executor()
+                .spawn_blocking(move || producer_ids::write_limit(&dir, limit))
+                .await?;
+            owner.producer_ids.borrow_mut().block_persisted(limit);
+        };
         let broker = shard::local().broker.clone();
         if broker.config.cluster.is_none() {
             return Ok(id);

@@ -52,8 +52,35 @@ impl ProducerIds {
         })
     }
 
-    /// Hands out the next id. Crossing into a new block persists that block first; if that
-    /// fails no id is handed out.
+    /// Hands out the next id if the block holding it is durable already; `None` when the next
+    /// block must be persisted first ([`ProducerIds::next_block`]).
+    pub fn try_allocate(&mut self) -> Option<u64> {
+        if self.next >= self.limit {
+            return None;
+        }
+        let id = self.next;
+        self.next += 1;
+        Some(id)
+    }
+
+    /// The block to persist before the next id can be handed out: the data dir and the limit
+    /// to write with [`write_limit`]; then [`ProducerIds::block_persisted`].
+    pub fn next_block(&self) -> std::io::Result<(PathBuf, u64)> {
+        let limit = self
+            .limit
+            .checked_add(PRODUCER_ID_BLOCK)
+            .filter(|l| *l <= i64::MAX as u64)
+            .ok_or_else(|| std::io::Error::other("producer id space exhausted"))?;
+        Ok((self.data_dir.clone(), limit))
+    }
+
+    /// `limit` (from [`ProducerIds::next_block`]) is durable: ids below it may be handed out.
+    pub fn block_persisted(&mut self, limit: u64) {
+        self.limit = self.limit.max(limit);
+    }
+
+    /// Hands out the next id. Crossing into a new block persists that block first (here, on
+    /// the calling thread); if that fails no id is handed out.
     pub fn allocate(&mut self) -> std::io::Result<u64> {
         assert!(
             self.next <= self.limit,
@@ -76,7 +103,7 @@ impl ProducerIds {
 }
 
 /// Writes `limit` durably: a temp file fsynced, renamed over the old one, the directory fsynced.
-fn write_limit(data_dir: &Path, limit: u64) -> std::io::Result<()> {
+pub fn write_limit(data_dir: &Path, limit: u64) -> std::io::Result<()> {
     let path = data_dir.join("__meta/producer_ids");
     let tmp = data_dir.join("__meta/producer_ids.tmp");
     {

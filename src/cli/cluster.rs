@@ -1,5 +1,7 @@
 //! `sluice cluster describe`: the cluster id, the controller and the brokers (DescribeCluster,
-//! like `rpk cluster info` and `kafka-cluster.sh`).
+//! like `rpk cluster info` and `kafka-cluster.sh`). `sluice cluster logdirs`: every broker's
+//! data directory and the partitions it holds there, with their size (DescribeLogDirs, like
+//! `rpk cluster logdirs describe` and `kafka-log-dirs.sh --describe`).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -12,6 +14,12 @@ use super::connect;
 pub enum ClusterCommand {
     /// Show the cluster id, the controller and every broker.
     Describe,
+    /// Show each live broker's data directory and the size of every partition held there.
+    Logdirs {
+        /// Only this topic's partitions.
+        #[arg(long)]
+        topic: Option<String>,
+    },
 }
 
 pub fn run(cmd: ClusterCommand, brokers: &str) -> Result<()> {
@@ -29,6 +37,34 @@ pub fn run(cmd: ClusterCommand, brokers: &str) -> Result<()> {
                     state.push_str(" (controller)");
                 }
                 println!("{:>6}  {:<30} {:>6}  {state}", b.id, b.host, b.port);
+            }
+        }
+        ClusterCommand::Logdirs { topic } => {
+            let d = block_on(admin::describe_cluster(&mut c))?;
+            println!(
+                "{:>6}  {:<40} {:>9}  {:>14} {:>8}",
+                "BROKER", "TOPIC", "PARTITION", "SIZE", "LAG"
+            );
+            for b in d.brokers.iter().filter(|b| !b.fenced) {
+                let addr = format!("{}:{}", b.host, b.port);
+                let mut bc = connect(&addr)?;
+                for dir in block_on(admin::describe_log_dirs(&mut bc))? {
+                    let space = match (dir.usable_bytes, dir.total_bytes) {
+                        (Some(free), Some(total)) => format!(" ({free} of {total} bytes free)"),
+                        _ => String::new(),
+                    };
+                    println!("{:>6}  {}{space}", b.id, dir.path);
+                    for p in dir
+                        .partitions
+                        .iter()
+                        .filter(|p| topic.as_ref().is_none_or(|t| *t == p.topic))
+                    {
+                        println!(
+                            "{:>6}  {:<40} {:>9}  {:>14} {:>8}",
+                            b.id, p.topic, p.partition, p.size, p.offset_lag
+                        );
+                    }
+                }
             }
         }
     }

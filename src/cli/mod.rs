@@ -16,6 +16,7 @@ pub mod group;
 pub mod produce;
 pub mod status;
 pub mod topic;
+pub mod txn;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +66,13 @@ pub enum Command {
     Cluster {
         #[command(subcommand)]
         command: cluster::ClusterCommand,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// List and describe transactions.
+    Txn {
+        #[command(subcommand)]
+        command: txn::TxnCommand,
         #[command(flatten)]
         brokers: Brokers,
     },

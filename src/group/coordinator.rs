@@ -34,6 +34,8 @@ pub struct CoordinatorConfig {
     pub offset_metadata_bytes_max: usize,
     /// `offsets.topic.num.partitions`.
     pub offsets_partitions: i32,
+    /// KIP-848 consumer groups (`group.consumer.*`).
+    pub consumer: super::consumer::ConsumerConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -45,6 +47,7 @@ impl Default for CoordinatorConfig {
             offsets_retention_ms: (DEFAULTS.offsets_retention_minutes * 60_000) as i64,
             offset_metadata_bytes_max: 4096,
             offsets_partitions: 50,
+            consumer: Default::default(),
         }
     }
 }
@@ -166,6 +169,8 @@ pub struct GroupListing {
     pub group_id: String,
     pub protocol_type: String,
     pub state: &'static str,
+    /// KIP-848 group type: `classic` or `consumer`.
+    pub group_type: &'static str,
 }
 
 /// One partition of an OffsetCommit after validation.
@@ -178,8 +183,8 @@ pub struct CommitEntry {
 
 pub struct Coordinator {
     pub config: CoordinatorConfig,
-    groups: HashMap<String, Group>,
-    writes: Vec<Write>,
+    pub(super) groups: HashMap<String, Group>,
+    pub(super) writes: Vec<Write>,
     next_member_seq: u64,
 }
 
@@ -215,7 +220,7 @@ impl Coordinator {
         std::mem::take(&mut self.writes)
     }
 
-    fn partition_of(&self, group_id: &str) -> i32 {
+    pub(super) fn partition_of(&self, group_id: &str) -> i32 {
         partition_for(group_id, self.config.offsets_partitions)
     }
 
@@ -242,6 +247,22 @@ impl Coordinator {
         if group.state == GroupState::Dead {
             return err(E::CoordinatorNotAvailable);
         }
+        if let Some(cg) = &group.consumer {
+            // A KIP-848 group: classic members may not join one with members; an empty one
+            // becomes a classic group again, keeping its offsets.
+            if !cg.members.is_empty() {
+                return err(E::InconsistentGroupProtocol);
+            }
+            group.consumer = None;
+            group.protocol_type = None;
+            group.state = GroupState::Empty;
+            self.writes.push(Write {
+                partition: partition_for(&req.group_id, self.config.offsets_partitions),
+                key: offsets::consumer_group_key(&req.group_id),
+                value: None,
+            });
+        }
+        let group = self.groups.get_mut(&req.group_id).expect("present");
         if !group.supports(&req.protocol_type, &req.protocols) {
             if !exists {
                 self.groups.remove(&req.group_id);
@@ -456,7 +477,13 @@ impl Coordinator {
     /// Fires every timeout due at `now_ms`: expired sessions and member-id handshakes, rebalance
     /// and initial-delay deadlines, members that never sent SyncGroup.
     pub fn tick(&mut self, now_ms: i64) {
-        let ids: Vec<String> = self.groups.keys().cloned().collect();
+        self.consumer_tick(now_ms);
+        let ids: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.consumer.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in ids {
             let cfg = self.config.clone();
             let Some(group) = self.groups.get_mut(&id) else {
@@ -531,6 +558,9 @@ impl Coordinator {
                 consider(d);
             }
         }
+        if let Some(d) = self.consumer_next_deadline_ms() {
+            consider(d);
+        }
         best
     }
 
@@ -539,7 +569,10 @@ impl Coordinator {
     fn after_change(&mut self, group_id: &str, _now_ms: i64) {
         let partition = self.partition_of(group_id);
         if let Some(g) = self.groups.get_mut(group_id) {
-            if g.state == GroupState::Empty && g.persisted_generation != g.generation {
+            if g.consumer.is_none()
+                && g.state == GroupState::Empty
+                && g.persisted_generation != g.generation
+            {
                 g.persisted_generation = g.generation;
                 self.writes.push(group_record(g, partition));
             }
@@ -560,6 +593,10 @@ impl Coordinator {
         } = who;
         if group_id.is_empty() {
             return Err(ErrorCode::new(E::InvalidGroupId));
+        }
+        // KIP-848 groups: the generation is the member epoch.
+        if self.check_consumer_commit(group_id, member_id, generation, now_ms)? {
+            return Ok(());
         }
         let Some(group) = self.groups.get_mut(group_id) else {
             return if generation < 0 {
@@ -713,6 +750,13 @@ impl Coordinator {
             key: offsets::group_key(&group.id),
             value: None,
         });
+        if group.consumer.is_some() {
+            self.writes.push(Write {
+                partition,
+                key: offsets::consumer_group_key(&group.id),
+                value: None,
+            });
+        }
     }
 
     /// Expires committed offsets of empty groups after `offsets.retention.minutes` (KIP-211:
@@ -776,6 +820,13 @@ impl Coordinator {
                     key: offsets::group_key(&id),
                     value: None,
                 });
+                if g.consumer.is_some() {
+                    self.writes.push(Write {
+                        partition,
+                        key: offsets::consumer_group_key(&id),
+                        value: None,
+                    });
+                }
             }
         }
         expired_total
@@ -783,18 +834,30 @@ impl Coordinator {
 
     // ---------------------------------------------------------------- admin
 
-    pub fn list_groups(&self, states: &[GroupState], types: &[String]) -> Vec<GroupListing> {
+    /// ListGroups: groups whose state is one of `states` and whose type (`classic` or
+    /// `consumer`) is one of `types` (case-insensitive; empty filters match everything).
+    pub fn list_groups(&self, states: &[String], types: &[String]) -> Vec<GroupListing> {
         let mut out: Vec<GroupListing> = self
             .groups
             .values()
             .filter(|g| g.state != GroupState::Dead)
-            .filter(|g| states.is_empty() || states.contains(&g.state))
-            // Every group here is a classic group (KIP-848 group types).
-            .filter(|_| types.is_empty() || types.iter().any(|t| t.eq_ignore_ascii_case("classic")))
-            .map(|g| GroupListing {
-                group_id: g.id.clone(),
-                protocol_type: g.protocol_type.clone().unwrap_or_default(),
-                state: g.state.name(),
+            .map(|g| match &g.consumer {
+                Some(cg) => GroupListing {
+                    group_id: g.id.clone(),
+                    protocol_type: "consumer".into(),
+                    state: cg.state_name(),
+                    group_type: "consumer",
+                },
+                None => GroupListing {
+                    group_id: g.id.clone(),
+                    protocol_type: g.protocol_type.clone().unwrap_or_default(),
+                    state: g.state.name(),
+                    group_type: "classic",
+                },
+            })
+            .filter(|l| states.is_empty() || states.iter().any(|s| s.eq_ignore_ascii_case(l.state)))
+            .filter(|l| {
+                types.is_empty() || types.iter().any(|t| t.eq_ignore_ascii_case(l.group_type))
             })
             .collect();
         out.sort_by(|a, b| a.group_id.cmp(&b.group_id));
@@ -805,10 +868,11 @@ impl Coordinator {
     /// when Stable). An unknown group is reported as Dead (`GROUP_ID_NOT_FOUND` when
     /// `not_found_error`, DescribeGroups v6+).
     pub fn describe(&self, group_id: &str, not_found_error: bool) -> GroupDescription {
+        // A KIP-848 group is not a classic group: described as an unknown one, as Kafka does.
         let Some(g) = self
             .groups
             .get(group_id)
-            .filter(|g| g.state != GroupState::Dead)
+            .filter(|g| g.state != GroupState::Dead && g.consumer.is_none())
         else {
             return GroupDescription {
                 error: if not_found_error {
@@ -904,6 +968,7 @@ impl Coordinator {
             .groups
             .entry(group_id.to_string())
             .or_insert_with(|| Group::new(group_id, now_ms));
+        g.consumer = None;
         g.protocol_type = Some(v.protocol_type).filter(|t| !t.is_empty());
         g.generation = v.generation;
         g.persisted_generation = v.generation;

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | [`coordinator`] | the sans-IO state machine: JoinGroup/SyncGroup/Heartbeat/LeaveGroup, offsets, timers |
 //! | [`state`] | one group's data (members, generation, protocol, offsets) and protocol selection |
+//! | [`consumer`] | KIP-848 consumer groups: ConsumerGroupHeartbeat, server-side assignors, reconciliation |
 //! | [`offsets`] | Kafka's `__consumer_offsets` key/value record formats |
 //!
 //! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
@@ -27,9 +28,11 @@ use crate::protocol::records;
 use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
 use crate::types::{Clock, ErrorCode};
 
+pub mod consumer;
 pub mod coordinator;
 pub mod offsets;
 pub mod state;
+pub mod txn_offsets;
 
 pub use coordinator::{partition_for, Coordinator, CoordinatorConfig, MemberRef, Write};
 pub use state::{GroupState, JoinResult, Reply, SyncResult};
@@ -61,6 +64,8 @@ pub struct GroupShard {
     last_expiry_ms: Cell<i64>,
     pub retention_check_ms: Cell<i64>,
     clock: Clock,
+    /// Offsets committed in transactions still open (see [`txn_offsets`]).
+    pub pending_txn: RefCell<txn_offsets::PendingTxnOffsets>,
 }
 
 thread_local! {
@@ -112,6 +117,7 @@ impl GroupShard {
             last_expiry_ms: Cell::new(clock.now_ms()),
             retention_check_ms: Cell::new(OFFSETS_RETENTION_CHECK_MS),
             clock,
+            pending_txn: RefCell::new(Default::default()),
         })
     }
 
@@ -194,10 +200,28 @@ impl GroupShard {
                     continue;
                 }
                 if h.is_control() {
+                    if h.is_transactional() {
+                        let commit = crate::storage::txn_index::marker_type(&h)
+                            == Some(crate::storage::txn_index::CONTROL_COMMIT);
+                        self.complete_txn(p, h.producer_id(), commit).await;
+                    }
                     next = last.next();
                     continue;
                 }
                 match records::decode_batch(b) {
+                    Ok(recs) if h.is_transactional() => {
+                        // Offsets of a transaction: held until its marker.
+                        for rec in recs.into_iter().filter(|r| r.offset >= next.0) {
+                            if let Some((group, e)) = txn_offset_of(&rec) {
+                                self.pending_txn.borrow_mut().add(
+                                    h.producer_id(),
+                                    p,
+                                    &group,
+                                    vec![e],
+                                );
+                            }
+                        }
+                    }
                     Ok(recs) => {
                         let mut c = self.coordinator.borrow_mut();
                         for rec in recs.into_iter().filter(|r| r.offset >= next.0) {
@@ -235,6 +259,15 @@ impl GroupShard {
 
     /// Appends `writes` (one batch per partition, in order) and waits until they are synced.
     pub async fn persist(&self, writes: Vec<Write>) -> Result<(), StorageError> {
+        self.persist_with(writes, BatchOptions::default()).await
+    }
+
+    /// [`GroupShard::persist`] with the batches' producer fields (a transactional commit).
+    pub async fn persist_with(
+        &self,
+        writes: Vec<Write>,
+        options: BatchOptions,
+    ) -> Result<(), StorageError> {
         let mut by_partition: BTreeMap<i32, Vec<Write>> = BTreeMap::new();
         for w in writes {
             by_partition.entry(w.partition).or_default().push(w);
@@ -247,7 +280,7 @@ impl GroupShard {
                     "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
                 ))));
             };
-            let mut b = BatchBuilder::new(BatchOptions::default());
+            let mut b = BatchBuilder::new(options);
             for w in &ws {
                 b.push(&builder::Record {
                     key: Some(&w.key),
@@ -379,6 +412,28 @@ impl GroupShard {
     }
 }
 
+/// The group and offset of a transactional offset-commit record (`None` for anything else).
+fn txn_offset_of(rec: &records::Record) -> Option<(String, coordinator::CommitEntry)> {
+    let key = offsets::decode_key(rec.key.as_ref()?).ok()?;
+    let offsets::RecordKey::Offset {
+        group,
+        topic,
+        partition,
+    } = key
+    else {
+        return None;
+    };
+    let value = offsets::decode_offset_value(rec.value.as_ref()?).ok()?;
+    Some((
+        group,
+        coordinator::CommitEntry {
+            topic,
+            partition,
+            value,
+        },
+    ))
+}
+
 /// Applies one `__consumer_offsets` record; false if it did not decode.
 fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool {
     let Some(key) = rec.key.as_ref() else {
@@ -417,6 +472,44 @@ fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool
                 }
             };
             c.load_group(&group, value, now_ms);
+        }
+        offsets::RecordKey::ConsumerGroup { group } => {
+            match rec.value.as_ref().map(offsets::decode_consumer_group_value) {
+                None => c.load_consumer_group(&group, None, now_ms),
+                Some(Ok(epoch)) => c.load_consumer_group(&group, Some(epoch), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerMember { group, member } => {
+            match rec
+                .value
+                .as_ref()
+                .map(offsets::decode_consumer_member_value)
+            {
+                None => c.load_consumer_member(&group, &member, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_member(&group, &member, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerAssignment { group, member } => {
+            match rec
+                .value
+                .as_ref()
+                .map(offsets::decode_current_assignment_value)
+            {
+                None => c.load_consumer_assignment(&group, &member, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_assignment(&group, &member, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
         }
     }
     true
@@ -475,6 +568,12 @@ pub fn start_shard_tasks() {
         CoordinatorConfig {
             initial_rebalance_delay_ms: cfg.group_initial_rebalance_delay_ms as i64,
             offsets_retention_ms: (cfg.offsets_retention_minutes as i64).saturating_mul(60_000),
+            consumer: consumer::ConsumerConfig {
+                session_timeout_ms: cfg.group_consumer_session_timeout_ms as i32,
+                heartbeat_interval_ms: cfg.group_consumer_heartbeat_interval_ms as i32,
+                assignors: cfg.group_consumer_assignors.clone(),
+                max_size: cfg.group_consumer_max_size as usize,
+            },
             ..Default::default()
         },
         shard.clock.clone(),
@@ -597,4 +696,29 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
             .map_err(|e| format!("cannot replay {tp}: {e}"))?;
     }
     Ok(())
+}
+
+/// The metadata image as the KIP-848 coordinator sees topics.
+pub struct ImageTopics(pub std::sync::Arc<crate::metadata::MetadataImage>);
+
+impl consumer::Topics for ImageTopics {
+    fn by_name(&self, name: &str) -> Option<([u8; 16], i32)> {
+        self.0
+            .topic(name)
+            .filter(|t| !t.internal)
+            .map(|t| (t.id, t.partition_count()))
+    }
+    fn by_id(&self, id: &[u8; 16]) -> Option<(String, i32)> {
+        self.0
+            .topic_by_id(id)
+            .map(|t| (t.name.clone(), t.partition_count()))
+    }
+    fn names(&self) -> Vec<String> {
+        self.0
+            .topics
+            .values()
+            .filter(|t| !t.internal)
+            .map(|t| t.name.clone())
+            .collect()
+    }
 }

@@ -40,6 +40,47 @@ pub enum RecordKey {
     Group {
         group: String,
     },
+    /// KIP-848 consumer group metadata (key version 3): the group epoch.
+    ConsumerGroup {
+        group: String,
+    },
+    /// KIP-848 member metadata (key version 5).
+    ConsumerMember {
+        group: String,
+        member: String,
+    },
+    /// KIP-848 member's current assignment (key version 8).
+    ConsumerAssignment {
+        group: String,
+        member: String,
+    },
+}
+
+/// A KIP-848 member as stored (`ConsumerGroupMemberMetadataValue` v0).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConsumerMemberValue {
+    pub instance_id: Option<String>,
+    pub rack_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub subscribed_topic_names: Vec<String>,
+    pub subscribed_topic_regex: Option<String>,
+    pub rebalance_timeout_ms: i32,
+    pub server_assignor: Option<String>,
+}
+
+/// Partitions by topic id, as KIP-848 records hold them.
+pub type TopicIdPartitions = Vec<([u8; 16], Vec<i32>)>;
+
+/// A KIP-848 member's current assignment as stored
+/// (`ConsumerGroupCurrentMemberAssignmentValue` v0): partitions by topic id.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CurrentAssignmentValue {
+    pub member_epoch: i32,
+    pub previous_member_epoch: i32,
+    pub state: i8,
+    pub assigned: TopicIdPartitions,
+    pub revoking: TopicIdPartitions,
 }
 
 /// A committed offset as stored.
@@ -137,6 +178,107 @@ pub fn offset_value(v: &OffsetValue) -> Vec<u8> {
     out
 }
 
+// KIP-848 records: keys as the classic ones (version, then i16-length strings); values in
+// Kafka's flexible encoding (compact strings and arrays, an empty tagged-field section).
+
+fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+fn put_compact_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            put_uvarint(out, s.len() as u64 + 1);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+}
+fn put_compact_str(out: &mut Vec<u8>, s: &str) {
+    put_compact_opt_str(out, Some(s));
+}
+fn put_topic_partitions(out: &mut Vec<u8>, tps: &[([u8; 16], Vec<i32>)]) {
+    put_uvarint(out, tps.len() as u64 + 1);
+    for (id, ps) in tps {
+        out.extend_from_slice(id);
+        put_uvarint(out, ps.len() as u64 + 1);
+        for p in ps {
+            out.extend_from_slice(&p.to_be_bytes());
+        }
+        out.push(0);
+    }
+}
+
+/// Key v3: a consumer group's metadata.
+pub fn consumer_group_key(group: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + group.len());
+    out.extend_from_slice(&3i16.to_be_bytes());
+    put_str(&mut out, group);
+    out
+}
+
+/// Key v5: a consumer group member's metadata.
+pub fn consumer_member_key(group: &str, member: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + group.len() + member.len());
+    out.extend_from_slice(&5i16.to_be_bytes());
+    put_str(&mut out, group);
+    put_str(&mut out, member);
+    out
+}
+
+/// Key v8: a consumer group member's current assignment.
+pub fn current_assignment_key(group: &str, member: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + group.len() + member.len());
+    out.extend_from_slice(&8i16.to_be_bytes());
+    put_str(&mut out, group);
+    put_str(&mut out, member);
+    out
+}
+
+/// `ConsumerGroupMetadataValue` v0: the group epoch.
+pub fn consumer_group_value(epoch: i32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(7);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.push(0);
+    out
+}
+
+/// `ConsumerGroupMemberMetadataValue` v0.
+pub fn consumer_member_value(v: &ConsumerMemberValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    put_compact_opt_str(&mut out, v.instance_id.as_deref());
+    put_compact_opt_str(&mut out, v.rack_id.as_deref());
+    put_compact_str(&mut out, &v.client_id);
+    put_compact_str(&mut out, &v.client_host);
+    put_uvarint(&mut out, v.subscribed_topic_names.len() as u64 + 1);
+    for t in &v.subscribed_topic_names {
+        put_compact_str(&mut out, t);
+    }
+    put_compact_opt_str(&mut out, v.subscribed_topic_regex.as_deref());
+    out.extend_from_slice(&v.rebalance_timeout_ms.to_be_bytes());
+    put_compact_opt_str(&mut out, v.server_assignor.as_deref());
+    out.push(0);
+    out
+}
+
+/// `ConsumerGroupCurrentMemberAssignmentValue` v0.
+pub fn current_assignment_value(v: &CurrentAssignmentValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    out.extend_from_slice(&v.member_epoch.to_be_bytes());
+    out.extend_from_slice(&v.previous_member_epoch.to_be_bytes());
+    out.push(v.state as u8);
+    put_topic_partitions(&mut out, &v.assigned);
+    put_topic_partitions(&mut out, &v.revoking);
+    out.push(0);
+    out
+}
+
 /// Group metadata value v3.
 pub fn group_value(v: &GroupValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
@@ -223,6 +365,122 @@ impl<'a> Reader<'a> {
         self.take(n as usize)?;
         Ok(self.buf.slice(start..self.at))
     }
+    fn i8(&mut self) -> Result<i8, FormatError> {
+        Ok(self.take(1)?[0] as i8)
+    }
+    fn uvarint(&mut self) -> Result<u64, FormatError> {
+        let mut v = 0u64;
+        for shift in (0..35).step_by(7) {
+            let b = self.take(1)?[0];
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(FormatError("varint too long".into()))
+    }
+    /// A compact array's element count, refused when the remaining bytes cannot hold it at
+    /// `min_bytes` each (`None`: a null array).
+    fn compact_len(&mut self, min_bytes: usize) -> Result<Option<usize>, FormatError> {
+        let n = self.uvarint()?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let n = usize::try_from(n - 1).map_err(|_| FormatError("length overflow".into()))?;
+        if n > self.remaining() / min_bytes.max(1) {
+            return Err(FormatError(format!("array count {n} exceeds the record")));
+        }
+        Ok(Some(n))
+    }
+    fn compact_opt_str(&mut self) -> Result<Option<String>, FormatError> {
+        let Some(n) = self.compact_len(1)? else {
+            return Ok(None);
+        };
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec())
+            .map(Some)
+            .map_err(|_| FormatError("string is not UTF-8".into()))
+    }
+    fn compact_str(&mut self) -> Result<String, FormatError> {
+        self.compact_opt_str()?
+            .ok_or_else(|| FormatError("null where a string is required".into()))
+    }
+    fn skip_tagged(&mut self) -> Result<(), FormatError> {
+        let n = self.uvarint()?;
+        for _ in 0..n {
+            let _tag = self.uvarint()?;
+            let len = usize::try_from(self.uvarint()?)
+                .map_err(|_| FormatError("length overflow".into()))?;
+            self.take(len)?;
+        }
+        Ok(())
+    }
+    fn topic_partitions(&mut self) -> Result<TopicIdPartitions, FormatError> {
+        // A topic takes at least its id, an empty partition array and its tagged fields.
+        let n = self.compact_len(18)?.unwrap_or(0);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id: [u8; 16] = self.take(16)?.try_into().expect("16 bytes");
+            let np = self.compact_len(4)?.unwrap_or(0);
+            let mut ps = Vec::with_capacity(np);
+            for _ in 0..np {
+                ps.push(self.i32()?);
+            }
+            self.skip_tagged()?;
+            out.push((id, ps));
+        }
+        Ok(out)
+    }
+}
+
+fn value_version_0(r: &mut Reader<'_>, what: &str) -> Result<(), FormatError> {
+    match r.i16()? {
+        0 => Ok(()),
+        v => Err(FormatError(format!("unknown {what} value version {v}"))),
+    }
+}
+
+/// `ConsumerGroupMetadataValue`: the group epoch.
+pub fn decode_consumer_group_value(buf: &Bytes) -> Result<i32, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "consumer group")?;
+    r.i32()
+}
+
+pub fn decode_consumer_member_value(buf: &Bytes) -> Result<ConsumerMemberValue, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "consumer member")?;
+    let instance_id = r.compact_opt_str()?;
+    let rack_id = r.compact_opt_str()?;
+    let client_id = r.compact_str()?;
+    let client_host = r.compact_str()?;
+    let n = r.compact_len(1)?.unwrap_or(0);
+    let mut subscribed_topic_names = Vec::with_capacity(n);
+    for _ in 0..n {
+        subscribed_topic_names.push(r.compact_str()?);
+    }
+    Ok(ConsumerMemberValue {
+        instance_id,
+        rack_id,
+        client_id,
+        client_host,
+        subscribed_topic_names,
+        subscribed_topic_regex: r.compact_opt_str()?,
+        rebalance_timeout_ms: r.i32()?,
+        server_assignor: r.compact_opt_str()?,
+    })
+}
+
+pub fn decode_current_assignment_value(buf: &Bytes) -> Result<CurrentAssignmentValue, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "current assignment")?;
+    Ok(CurrentAssignmentValue {
+        member_epoch: r.i32()?,
+        previous_member_epoch: r.i32()?,
+        state: r.i8()?,
+        assigned: r.topic_partitions()?,
+        revoking: r.topic_partitions()?,
+    })
 }
 
 pub fn decode_key(buf: &Bytes) -> Result<RecordKey, FormatError> {
@@ -234,6 +492,15 @@ pub fn decode_key(buf: &Bytes) -> Result<RecordKey, FormatError> {
             partition: r.i32()?,
         }),
         2 => Ok(RecordKey::Group { group: r.str()? }),
+        3 => Ok(RecordKey::ConsumerGroup { group: r.str()? }),
+        5 => Ok(RecordKey::ConsumerMember {
+            group: r.str()?,
+            member: r.str()?,
+        }),
+        8 => Ok(RecordKey::ConsumerAssignment {
+            group: r.str()?,
+            member: r.str()?,
+        }),
         v => Err(FormatError(format!("unknown key version {v}"))),
     }
 }
@@ -339,6 +606,62 @@ pub fn subscription_topics(subscription: &[u8]) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consumer_group_records_round_trip() {
+        let k = Bytes::from(consumer_member_key("g", "m"));
+        assert_eq!(
+            decode_key(&k).unwrap(),
+            RecordKey::ConsumerMember {
+                group: "g".into(),
+                member: "m".into()
+            }
+        );
+        let k = Bytes::from(current_assignment_key("g", "m"));
+        assert!(matches!(
+            decode_key(&k).unwrap(),
+            RecordKey::ConsumerAssignment { .. }
+        ));
+        let k = Bytes::from(consumer_group_key("g"));
+        assert_eq!(
+            decode_key(&k).unwrap(),
+            RecordKey::ConsumerGroup { group: "g".into() }
+        );
+        assert_eq!(
+            decode_consumer_group_value(&Bytes::from(consumer_group_value(7))).unwrap(),
+            7
+        );
+        let m = ConsumerMemberValue {
+            instance_id: Some("i".into()),
+            rack_id: None,
+            client_id: "c".into(),
+            client_host: "/1.2.3.4".into(),
+            subscribed_topic_names: vec!["a".into(), "b".into()],
+            subscribed_topic_regex: Some("t.*".into()),
+            rebalance_timeout_ms: 300_000,
+            server_assignor: Some("range".into()),
+        };
+        assert_eq!(
+            decode_consumer_member_value(&Bytes::from(consumer_member_value(&m))).unwrap(),
+            m
+        );
+        let a = CurrentAssignmentValue {
+            member_epoch: 5,
+            previous_member_epoch: 4,
+            state: 1,
+            assigned: vec![([1; 16], vec![0, 2]), ([2; 16], vec![])],
+            revoking: vec![([3; 16], vec![1])],
+        };
+        assert_eq!(
+            decode_current_assignment_value(&Bytes::from(current_assignment_value(&a))).unwrap(),
+            a
+        );
+        // A count larger than the record is refused before allocating.
+        let mut bad = current_assignment_value(&a);
+        bad.truncate(11);
+        bad.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f]);
+        assert!(decode_current_assignment_value(&Bytes::from(bad)).is_err());
+    }
 
     #[test]
     fn offset_key_and_values_round_trip() {

@@ -204,6 +204,9 @@ pub struct Group {
     /// The generation last written to `__consumer_offsets`.
     pub persisted_generation: i32,
     pub offsets: BTreeMap<(String, i32), OffsetValue>,
+    /// Set for a KIP-848 consumer group (ConsumerGroupHeartbeat); its classic fields are then
+    /// unused and `state` is Empty or Stable by whether it has members.
+    pub consumer: Option<Box<super::consumer::ConsumerGroup>>,
 }
 
 impl Group {
@@ -225,6 +228,7 @@ impl Group {
             state_timestamp_ms: now_ms,
             persisted_generation: 0,
             offsets: BTreeMap::new(),
+            consumer: None,
         }
     }
 
@@ -316,6 +320,9 @@ impl Group {
 
     /// Topics the members subscribe to (consumer protocol only; `None` when unknown).
     pub fn subscribed_topics(&self) -> Option<std::collections::HashSet<String>> {
+        if let Some(cg) = &self.consumer {
+            return Some(cg.subscribed_topic_names(None).into_iter().collect());
+        }
         if self.protocol_type.as_deref() != Some("consumer") {
             return None;
         }

@@ -577,7 +577,7 @@ fn list_and_describe_groups() {
     c.apply_commit("simple", vec![entry("t", 0, 1, 0)], 0);
     let all = c.list_groups(&[], &[]);
     assert_eq!(all.len(), 2);
-    let stable = c.list_groups(&[GroupState::Stable], &[]);
+    let stable = c.list_groups(&["stable".to_string()], &[]);
     assert_eq!(stable.len(), 1);
     assert_eq!(stable[0].group_id, "g");
     assert_eq!(stable[0].protocol_type, "consumer");

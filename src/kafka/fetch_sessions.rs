@@ -69,6 +69,8 @@ pub struct CachedPart {
     pub partition: i32,
     pub fetch_offset: i64,
     pub partition_max_bytes: i32,
+    /// The client's current leader epoch (KIP-320), -1 for none.
+    pub current_leader_epoch: i32,
     /// What the client was last told; -1 before the first response names the partition.
     pub high_watermark: i64,
     pub log_start_offset: i64,
@@ -102,6 +104,7 @@ pub struct PartUpdate {
     pub partition: i32,
     pub fetch_offset: i64,
     pub partition_max_bytes: i32,
+    pub current_leader_epoch: i32,
 }
 
 /// What a response said about one partition, to decide whether an incremental response must
@@ -258,6 +261,7 @@ impl SessionCache {
                 partition: u.partition,
                 fetch_offset: u.fetch_offset,
                 partition_max_bytes: u.partition_max_bytes,
+                current_leader_epoch: u.current_leader_epoch,
                 high_watermark: -1,
                 log_start_offset: -1,
             };
@@ -266,6 +270,7 @@ impl SessionCache {
                 Some(&i) => {
                     s.parts[i].fetch_offset = u.fetch_offset;
                     s.parts[i].partition_max_bytes = u.partition_max_bytes;
+                    s.parts[i].current_leader_epoch = u.current_leader_epoch;
                 }
                 None => {
                     if s.cost + part.cost() > SESSION_BYTES_MAX {
@@ -504,6 +509,7 @@ mod tests {
             partition: p,
             fetch_offset: off,
             partition_max_bytes: 1 << 20,
+            current_leader_epoch: -1,
         }
     }
 
@@ -514,6 +520,7 @@ mod tests {
             partition: p,
             fetch_offset: 0,
             partition_max_bytes: 1 << 20,
+            current_leader_epoch: -1,
             high_watermark: 0,
             log_start_offset: 0,
         }

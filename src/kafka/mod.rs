@@ -130,6 +130,7 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::Produce => produce::handle(&req, body).await,
         ApiKey::Fetch => fetch::handle(&req, body).await,
         ApiKey::ListOffsets => list_offsets::handle(&req, body).await,
+        ApiKey::OffsetForLeaderEpoch => offset_for_leader_epoch::handle(&req, body).await,
         ApiKey::CreateTopics => create_topics::handle(&req, body).await,
         ApiKey::DeleteTopics => delete_topics::handle(&req, body).await,
         ApiKey::CreatePartitions => create_partitions::handle(&req, body).await,
@@ -152,6 +153,15 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(&req, body).await,
         ApiKey::AlterConfigs => alter_configs::handle(&req, body).await,
         ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(&req, body).await,
+        ApiKey::AddPartitionsToTxn => add_partitions_to_txn::handle(&req, body).await,
+        ApiKey::AddOffsetsToTxn => add_offsets_to_txn::handle(&req, body).await,
+        ApiKey::EndTxn => end_txn::handle(&req, body).await,
+        ApiKey::TxnOffsetCommit => txn_offset_commit::handle(&req, body).await,
+        ApiKey::WriteTxnMarkers => write_txn_markers::handle(&req, body).await,
+        ApiKey::DescribeTransactions => describe_transactions::handle(&req, body).await,
+        ApiKey::ListTransactions => list_transactions::handle(&req, body).await,
+        ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(&req, body).await,
+        ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

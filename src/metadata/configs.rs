@@ -642,6 +642,30 @@ pub fn log_append_time(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> bool
     effective(d, o, "message.timestamp.type") == "LogAppendTime"
 }
 
+/// The configs of a topic the produce path reads, resolved once (per metadata image and shard)
+/// into typed values: no map lookups, strings or parsing per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceConfig {
+    /// `max.message.bytes`.
+    pub max_message_bytes: i64,
+    /// `message.timestamp.type` is LogAppendTime.
+    pub log_append_time: bool,
+    /// `min.insync.replicas`.
+    pub min_insync_replicas: i64,
+    /// `cleanup.policy` includes `compact`: every record needs a key.
+    pub compacted: bool,
+}
+
+/// The [`ProduceConfig`] of a topic with overrides `o`.
+pub fn produce_config(d: &BrokerDefaults, o: &BTreeMap<String, String>) -> ProduceConfig {
+    ProduceConfig {
+        max_message_bytes: max_message_bytes(d, o),
+        log_append_time: log_append_time(d, o),
+        min_insync_replicas: min_insync_replicas(d, o),
+        compacted: compacts(d, o),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

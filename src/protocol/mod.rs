@@ -6,4 +6,4 @@
 //! encodings hand-written encoders need. Every decoder refuses a declared count or length larger
 //! than the bytes that remain before allocating for it.
 
-pub use sluice_protocol::{batch, builder, compression, records, varint, wire};
+pub use sluice_protocol::{batch, builder, compression, records, validated, varint, wire};

@@ -117,6 +117,24 @@ impl ReplicatedPartition {
     /// the offsets and leader epoch the log assigns at its raft index, identically on every
     /// replica.
     pub async fn propose(&self, records: BytesMut) -> Result<(Offset, Offset), ReplicateError> {
+        self.propose_as(records, true).await
+    }
+
+    /// Proposes one produced batch; resolves with its offsets once this leader has appended it
+    /// durably (its own log, not yet a majority's) — acks=1. It may still be lost with this
+    /// leader; the high watermark stays the commit index.
+    pub async fn propose_appended(
+        &self,
+        records: BytesMut,
+    ) -> Result<(Offset, Offset), ReplicateError> {
+        self.propose_as(records, false).await
+    }
+
+    async fn propose_as(
+        &self,
+        records: BytesMut,
+        committed: bool,
+    ) -> Result<(Offset, Offset), ReplicateError> {
         let h = BatchHeader::parse_checked(&records).map_err(|_| ReplicateError::InvalidBatch)?;
         if h.size() != records.len() || h.is_control() {
             return Err(ReplicateError::InvalidBatch);
@@ -125,16 +143,17 @@ impl ReplicatedPartition {
         // The term is stamped at append; the proposal carries the leader's current one too, so
         // entries in flight already read as they will be stored.
         batch::set_partition_leader_epoch(&mut data, self.leader_epoch());
-        let index = self
-            .group
-            .propose(data)
-            .await
-            .map_err(ReplicateError::Raft)?;
-        let m = self
-            .index
-            .borrow()
-            .get(index)
-            .expect("a committed entry is in the log");
+        let index = if committed {
+            self.group.propose(data).await
+        } else {
+            self.group.propose_appended(data).await
+        }
+        .map_err(ReplicateError::Raft)?;
+        // The entry is in the log (appended here); a conflict truncation in between would
+        // have answered the proposal with an error, but do not trust that with a panic.
+        let m = self.index.borrow().get(index).ok_or(ReplicateError::Raft(
+            sluice_raft::ProposeError::LeadershipLost,
+        ))?;
         Ok((m.base, m.last))
     }
 
@@ -170,6 +189,31 @@ impl ReplicatedPartition {
     pub fn leader_epoch(&self) -> i32 {
         i32::try_from(self.group.status().term).unwrap_or(i32::MAX)
     }
+    /// On the leader: the in-sync replicas among `replicas` — this node, and each follower
+    /// that caught up with the leader's log within the last `max_lag` (see
+    /// `RaftGroup::caught_up_at`); `None` on a replica that is not the leader, which does not
+    /// see the followers' progress.
+    pub fn in_sync(&self, replicas: &[u64], max_lag: std::time::Duration) -> Option<Vec<u64>> {
+        let status = self.group.status();
+        if status.role != Role::Leader {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        Some(
+            replicas
+                .iter()
+                .copied()
+                .filter(|r| {
+                    *r == status.node_id
+                        || self
+                            .group
+                            .caught_up_at(*r)
+                            .is_some_and(|at| now.saturating_duration_since(at) <= max_lag)
+                })
+                .collect(),
+        )
+    }
+
     /// Role, leader and term changes (see `RaftGroup::watch`).
     pub fn watch(&self) -> async_channel::Receiver<GroupStatus> {
         self.group.watch()

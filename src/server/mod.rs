@@ -8,7 +8,6 @@
 //! order and writes each response.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -17,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Semaphore, StaticPermit};
 use glommio::task::JoinHandle;
@@ -33,8 +32,12 @@ const REQUEST_HEADER_BYTES_MIN: usize = 10;
 /// How many bytes the reader asks the socket for at a time when no large frame is pending:
 /// also what one idle connection's read buffer costs.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Most bytes one read call asks for: the buffer is zero-filled up to it before each read.
+/// Most bytes one read call asks for.
 const READ_CALL_BYTES_MAX: usize = 1024 * 1024;
+/// A read goes into the room left in the buffer when at least this much is left (frames split
+/// off the buffer share its allocation, so one chunk serves several small requests); with less
+/// room, a new chunk is reserved first.
+const READ_ROOM_MIN: usize = 16 * 1024;
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
@@ -78,6 +81,8 @@ pub async fn accept_loop(listener: TcpListener) {
     let (conn_alive, all_closed) = async_channel::bounded::<()>(1);
     // One budget for the request bytes every connection of this shard holds at once.
     let request_memory = Rc::new(Semaphore::new(broker.config.shard_request_bytes_max as u64));
+    // This shard's copy of the stop signal (see `Stop`).
+    let stop = Stop(Rc::new(Semaphore::new(0)));
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             let _ = broker.shutdown_rx.recv().await;
@@ -115,12 +120,14 @@ pub async fn accept_loop(listener: TcpListener) {
         crate::stats::connection_opened();
         let active2 = active.clone();
         let request_memory = request_memory.clone();
+        let stop = stop.clone();
         let alive = conn_alive.clone();
         glommio::spawn_local(async move {
             // Requests are contained one by one (below); this catches a panic of the connection's
             // own reader or writer, which costs that connection only.
             let (id, peer) = (conn.id, conn.peer);
-            if let Err(mut p) = shard::contain(serve_connection(stream, conn, request_memory)).await
+            if let Err(mut p) =
+                shard::contain(serve_connection(stream, conn, request_memory, stop)).await
             {
                 p.mark_reported();
                 tracing::error!(conn = id, peer = %peer, "connection task {p}; connection closed");
@@ -131,7 +138,8 @@ pub async fn accept_loop(listener: TcpListener) {
         })
         .detach();
     }
-    // Shutdown: connections notice `shutdown_rx` and finish what they have in flight.
+    // Shutdown: connections notice the stop signal and finish what they have in flight.
+    stop.0.close();
     drop(conn_alive);
     let closed = async {
         let _ = all_closed.recv().await;
@@ -237,7 +245,12 @@ impl Budgets {
     }
 }
 
-async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: Rc<Semaphore>) {
+async fn serve_connection(
+    stream: TcpStream,
+    conn: Rc<Connection>,
+    shard_bytes: Rc<Semaphore>,
+    stop: Stop,
+) {
     let broker = shard::local().broker.clone();
     // Reads and writes proceed independently: the writer gets its own descriptor of the socket.
     // SAFETY: dup of a descriptor we own; the new one is owned by `writer_stream` alone.
@@ -264,7 +277,14 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: 
     // the reader then stops, so requests already buffered behind it are not run for nobody.
     let closing = Rc::new(Cell::new(false));
     // Each task has its own descriptor of the socket, borrowed until both are done.
-    let reader = read_requests(&mut stream, conn.clone(), tx, budgets, closing.clone());
+    let reader = read_requests(
+        &mut stream,
+        conn.clone(),
+        tx,
+        budgets,
+        closing.clone(),
+        stop,
+    );
     let writer = write_responses(&mut wstream, rx, closing);
     let (why, _) = futures_lite::future::zip(reader, writer).await;
     if let Some(why) = why {
@@ -274,14 +294,24 @@ async fn serve_connection(stream: TcpStream, conn: Rc<Connection>, shard_bytes: 
     let _ = stream.close().await;
 }
 
-/// Runs `fut` unless the broker starts shutting down first.
-async fn until_shutdown<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
-    let broker = shard::local().broker.clone();
-    futures_lite::future::or(async { Some(fut.await) }, async {
-        let _ = broker.shutdown_rx.recv().await;
-        None
-    })
-    .await
+/// One shard's stop signal for its connections: closed by the accept loop once the broker
+/// starts shutting down. A wait on it is a waiter in a shard-local list, so the reads and
+/// admissions of a connection that race against it take no lock and share no cache line with
+/// other shards (the broker-wide shutdown channel is listened to once per shard, by the accept
+/// loop).
+#[derive(Clone)]
+struct Stop(Rc<Semaphore>);
+
+impl Stop {
+    /// Runs `fut` unless the broker starts shutting down first.
+    async fn until<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        futures_lite::future::or(async { Some(fut.await) }, async {
+            // Never granted: it fails once the signal is closed.
+            let _ = self.0.acquire(1).await;
+            None
+        })
+        .await
+    }
 }
 
 /// Runs `fut` until `deadline` (if any) on `clock`; `None` if the deadline passed first.
@@ -322,6 +352,7 @@ async fn read_requests(
     tx: async_channel::Sender<InFlight>,
     budgets: Budgets,
     closing: Rc<Cell<bool>>,
+    stop: Stop,
 ) -> Option<String> {
     let broker = shard::local().broker.clone();
     let max = broker.config.request_bytes_max;
@@ -355,7 +386,8 @@ async fn read_requests(
                 // Back-pressure: wait until earlier requests' bytes are answered. The body is
                 // not read meanwhile, so it waits in the socket, not in our memory.
                 let frame_bytes = LENGTH_PREFIX_BYTES + len;
-                let held = until_shutdown(budgets.reserve(frame_bytes, buf.len()))
+                let held = stop
+                    .until(budgets.reserve(frame_bytes, buf.len()))
                     .await
                     .flatten()?;
                 prefix_started = None;
@@ -376,7 +408,7 @@ async fn read_requests(
             let frame = buf.split_to(len).freeze();
             let fetch = if api_of(&frame).0 == kafka_protocol::messages::ApiKey::Fetch as i16 {
                 let slot = budgets.fetches.acquire_static_permit(1);
-                Some(until_shutdown(slot).await?.ok()?)
+                Some(stop.until(slot).await?.ok()?)
             } else {
                 None
             };
@@ -428,21 +460,22 @@ async fn read_requests(
             _ => READ_CHUNK_BYTES,
         }
         .min(READ_CALL_BYTES_MAX);
-        buf.resize(old + want, 0);
+        if buf.capacity() - old < want.min(READ_ROOM_MIN) {
+            buf.reserve(want);
+        }
+        let want = want.min(buf.capacity() - old);
         let read = within(
             &clock,
             deadline,
-            until_shutdown(stream.read(&mut buf[old..])),
+            stop.until(read_into_spare(stream, &mut buf, want)),
         )
         .await;
         // Outer `None`: the deadline passed; inner `None`: the broker is shutting down.
         match read {
             Some(None) => {
-                buf.truncate(old);
                 return None;
             }
             None => {
-                buf.truncate(old);
                 if old == 0 && pending.is_none() {
                     if budgets.unanswered() > 0 {
                         continue; // a long-poll answer is still coming: not idle
@@ -455,21 +488,19 @@ async fn read_requests(
                 ));
             }
             Some(Some(Ok(0))) => {
-                buf.truncate(old);
                 if old > 0 {
                     return Some(format!("peer closed mid-frame ({old} bytes pending)"));
                 }
                 return None;
             }
             Some(Some(Ok(n))) => {
-                buf.truncate(old + n);
                 crate::stats::bytes_in(n);
                 // The bytes of the pending frame just received are taken from the shard's
                 // budget; while it is spent this connection is not read further (its bytes
                 // wait in the socket). Unaccounted at any moment: one read per connection.
                 if let Some(p) = pending.as_mut() {
                     let frame_part = (LENGTH_PREFIX_BYTES + p.len - old).min(n) as u64;
-                    let grow = until_shutdown(p.held.shard_bytes.grow(frame_part));
+                    let grow = stop.until(p.held.shard_bytes.grow(frame_part));
                     match within(&clock, Some(p.deadline), grow).await {
                         Some(Some(Some(()))) => {}
                         Some(_) => return None, // shutting down
@@ -483,6 +514,49 @@ async fn read_requests(
                 }
             }
             Some(Some(Err(e))) => return Some(format!("read error: {e}")),
+        }
+    }
+}
+
+/// Reads at most `want` bytes (`buf` has room for them) into `buf`'s spare capacity and extends
+/// it by what was read: the bytes go from the socket into uninitialised memory, so the buffer is
+/// never zero-filled first. Tries a non-blocking `recv` first (the common case under load: data
+/// is waiting); when the socket is empty, waits until it is readable through the executor.
+/// `Ok(0)` at end of stream.
+async fn read_into_spare(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    want: usize,
+) -> std::io::Result<usize> {
+    let fd = stream.as_raw_fd();
+    loop {
+        let spare = buf.spare_capacity_mut();
+        let len = want.min(spare.len());
+        // SAFETY: `spare` is writable memory of at least `len` bytes owned by `buf`; the kernel
+        // writes at most `len` bytes into it and reports how many.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                spare.as_mut_ptr().cast::<libc::c_void>(),
+                len,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock => {
+                // Wait for data (or end of stream) without taking it: the next `recv` does.
+                let mut probe = [0u8; 1];
+                stream.peek(&mut probe).await?;
+            }
+            std::io::ErrorKind::Interrupted => {}
+            _ => return Err(e),
         }
     }
 }
@@ -562,14 +636,34 @@ async fn write_responses(
     }
 }
 
-/// Writes `parts` in order. First tries one non-blocking `writev` of everything (the common case:
-/// the whole response fits the socket buffer, one syscall, no copy); whatever is left goes
-/// through the executor's async writes.
-pub async fn write_vectored_all(stream: &mut TcpStream, parts: Vec<Bytes>) -> std::io::Result<()> {
+/// Pieces one `sendmsg` takes at most; longer responses take several.
+const IOV_PER_SEND_MAX: usize = 64;
+
+/// Writes `parts` in order. First tries one non-blocking `sendmsg` of everything (the common
+/// case: the whole response fits the socket buffer, one syscall, no copy); whatever is left goes
+/// through the executor's async writes. The I/O vector lives on the stack: no allocation per
+/// response.
+pub async fn write_vectored_all(
+    stream: &mut TcpStream,
+    mut parts: Vec<Bytes>,
+) -> std::io::Result<()> {
     let fd = stream.as_raw_fd();
-    let mut queue: VecDeque<Bytes> = parts.into_iter().filter(|p| !p.is_empty()).collect();
-    while !queue.is_empty() {
-        let slices: Vec<IoSlice<'_>> = queue.iter().take(64).map(|b| IoSlice::new(b)).collect();
+    // `parts[next..]` is left to send; `parts[next]` may have been sent in part (split off).
+    let mut next = 0usize;
+    while next < parts.len() {
+        if parts[next].is_empty() {
+            next += 1;
+            continue;
+        }
+        let mut slices = [IoSlice::new(&[]); IOV_PER_SEND_MAX];
+        let mut n_slices = 0usize;
+        for p in parts[next..].iter().filter(|p| !p.is_empty()) {
+            if n_slices == IOV_PER_SEND_MAX {
+                break;
+            }
+            slices[n_slices] = IoSlice::new(p);
+            n_slices += 1;
+        }
         // SAFETY: IoSlice is ABI-compatible with iovec; fd is the open socket we own.
         let n = unsafe {
             libc::sendmsg(
@@ -578,7 +672,7 @@ pub async fn write_vectored_all(stream: &mut TcpStream, parts: Vec<Bytes>) -> st
                     msg_name: std::ptr::null_mut(),
                     msg_namelen: 0,
                     msg_iov: slices.as_ptr() as *mut libc::iovec,
-                    msg_iovlen: slices.len(),
+                    msg_iovlen: n_slices,
                     msg_control: std::ptr::null_mut(),
                     msg_controllen: 0,
                     msg_flags: 0,
@@ -586,14 +680,14 @@ pub async fn write_vectored_all(stream: &mut TcpStream, parts: Vec<Bytes>) -> st
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        drop(slices);
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::WouldBlock {
                 return Err(e);
             }
             // The socket buffer is full: let the executor wait for room with the first piece.
-            let first = queue.pop_front().expect("non-empty");
+            let first = std::mem::take(&mut parts[next]);
+            next += 1;
             stream.write_all(&first).await?;
             crate::stats::bytes_out(first.len());
             continue;
@@ -601,10 +695,10 @@ pub async fn write_vectored_all(stream: &mut TcpStream, parts: Vec<Bytes>) -> st
         let mut n = n as usize;
         crate::stats::bytes_out(n);
         while n > 0 {
-            let front = queue.front_mut().expect("sent more than queued");
+            let front = &mut parts[next];
             if n >= front.len() {
                 n -= front.len();
-                queue.pop_front();
+                next += 1;
             } else {
                 let _ = front.split_to(n);
                 n = 0;

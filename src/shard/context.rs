@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -20,6 +20,9 @@ pub struct BrokerContext {
     pub config: BrokerConfig,
     /// The current metadata image; swapped whole by [`BrokerContext::publish`].
     metadata: ArcSwap<MetadataImage>,
+    /// How many images were published: written only by [`BrokerContext::publish`], read by every
+    /// shard to see whether its own copy ([`super::LocalImage`]) is current.
+    generation: AtomicU64,
     /// Notified after every [`BrokerContext::publish`].
     published: Event,
     /// One inbox per shard, indexed by shard id (see [`super::invoke_on`]).
@@ -33,6 +36,9 @@ pub struct BrokerContext {
     /// The raft leader (-1 while none is known) and term of each partition with replicas held
     /// on this node, as its shard last saw them; read by Metadata on any shard.
     replica_leaders: Mutex<HashMap<TopicPartition, (i32, i32)>>,
+    /// The in-sync replicas of each partition this node leads, from raft progress, as its
+    /// shard last computed them (see `shard::open_replica_here`).
+    replica_isr: Mutex<HashMap<TopicPartition, Vec<i32>>>,
 }
 
 impl BrokerContext {
@@ -44,6 +50,7 @@ impl BrokerContext {
         let (shutdown_tx, shutdown_rx) = async_channel::bounded(1);
         BrokerContext {
             metadata: ArcSwap::from_pointee(image),
+            generation: AtomicU64::new(0),
             published: Event::new(),
             inboxes,
             shutdown_tx,
@@ -55,6 +62,7 @@ impl BrokerContext {
                 config.node_id
             }),
             replica_leaders: Mutex::new(HashMap::new()),
+            replica_isr: Mutex::new(HashMap::new()),
             config,
         }
     }
@@ -72,6 +80,29 @@ impl BrokerContext {
             .lock()
             .expect("replica leaders")
             .remove(tp);
+    }
+
+    /// Records the in-sync replicas of a partition this node leads; `None`: it leads it no more.
+    pub fn set_replica_isr(&self, tp: &TopicPartition, isr: Option<Vec<i32>>) {
+        let mut m = self.replica_isr.lock().expect("replica ISR");
+        match isr {
+            Some(isr) => {
+                m.insert(tp.clone(), isr);
+            }
+            None => {
+                m.remove(tp);
+            }
+        }
+    }
+
+    /// The in-sync replicas of a partition this node leads, from raft progress; `None` when it
+    /// does not lead it.
+    pub fn replica_isr(&self, tp: &TopicPartition) -> Option<Vec<i32>> {
+        self.replica_isr
+            .lock()
+            .expect("replica ISR")
+            .get(tp)
+            .cloned()
     }
 
     /// The raft leader (-1 while none is known) and term of a partition replica held here.
@@ -142,6 +173,11 @@ impl BrokerContext {
         self.controller_id.store(id, Ordering::SeqCst);
     }
 
+    /// The number of images published so far (see [`super::Shard::metadata`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn image(&self) -> Arc<MetadataImage> {
         self.metadata.load_full()
     }
@@ -150,6 +186,8 @@ impl BrokerContext {
     /// [`BrokerContext::image_where`] waiter.
     pub fn publish(&self, image: Arc<MetadataImage>) {
         self.metadata.store(image);
+        // After the store: a shard that sees the new generation loads this image or a newer one.
+        self.generation.fetch_add(1, Ordering::Release);
         self.published.notify(usize::MAX);
     }
 

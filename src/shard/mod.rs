@@ -21,6 +21,8 @@ use std::sync::Arc;
 use glommio::task::JoinHandle;
 
 pub use crate::contain::{contain, Panic};
+use crate::metadata::configs::{self, BrokerDefaults, ProduceConfig};
+use crate::metadata::{MetadataImage, TopicMeta};
 use crate::replica::ReplicatedPartition;
 use crate::storage::{io::DmaIo, BatchCache, LogConfig, PartitionLog, StorageError};
 use crate::types::{Clock, ShardId, TopicPartition};
@@ -49,6 +51,52 @@ pub struct Shard {
     pub cache: Rc<BatchCache>,
     /// What this shard's logs, coordinator and timer loops read the time from.
     pub clock: Clock,
+    /// This shard's copy of the current metadata (see [`Shard::metadata`]).
+    local_image: RefCell<Option<Rc<LocalImage>>>,
+}
+
+/// One shard's read-only copy of a published metadata image, with what the request path reads
+/// of each topic resolved into typed values. Built on the shard, once per published image, the
+/// first time the shard needs it; handed out as an `Rc`, so the request path takes no shared
+/// reference count and parses no config.
+pub struct LocalImage {
+    pub image: Arc<MetadataImage>,
+    generation: u64,
+    topics: HashMap<String, Rc<LocalTopic>>,
+}
+
+/// A topic as the request path of one shard sees it.
+pub struct LocalTopic {
+    pub meta: Arc<TopicMeta>,
+    /// Its produce configs, resolved against the broker defaults of the same image.
+    pub produce: ProduceConfig,
+}
+
+impl LocalImage {
+    fn build(broker: &BrokerContext, generation: u64) -> LocalImage {
+        let image = broker.image();
+        let defaults = BrokerDefaults::of(&broker.config, &image);
+        let topics = image
+            .topics
+            .iter()
+            .map(|(name, t)| {
+                let topic = LocalTopic {
+                    meta: t.clone(),
+                    produce: configs::produce_config(&defaults, &t.configs),
+                };
+                (name.clone(), Rc::new(topic))
+            })
+            .collect();
+        LocalImage {
+            image,
+            generation,
+            topics,
+        }
+    }
+
+    pub fn topic(&self, name: &str) -> Option<&Rc<LocalTopic>> {
+        self.topics.get(name)
+    }
 }
 
 thread_local! {
@@ -81,7 +129,23 @@ impl Shard {
             transport: RefCell::new(None),
             cache,
             clock: Clock::system(),
+            local_image: RefCell::new(None),
         }
+    }
+
+    /// The current metadata as this shard's read-only copy: rebuilt here when an image was
+    /// published since the last call (one read of the publish counter otherwise), so it is never
+    /// older than what [`BrokerContext::image`] returned before the call.
+    pub fn metadata(&self) -> Rc<LocalImage> {
+        let generation = self.broker.generation();
+        if let Some(v) = self.local_image.borrow().as_ref() {
+            if v.generation == generation {
+                return v.clone();
+            }
+        }
+        let v = Rc::new(LocalImage::build(&self.broker, generation));
+        *self.local_image.borrow_mut() = Some(v.clone());
+        v
     }
 
     pub fn partition(&self, tp: &TopicPartition) -> Option<Rc<PartitionLog>> {
@@ -151,8 +215,9 @@ pub async fn open_replica_here(
         ))
     })?;
     let me = shard.broker.config.node_id as u64;
-    let config = sluice_raft::GroupConfig::new(group_id, me, voters);
+    let config = sluice_raft::GroupConfig::new(group_id, me, voters.clone());
     let replica = Rc::new(ReplicatedPartition::start(log, config, &transport).await?);
+    spawn_isr_publisher(tp.clone(), replica.clone(), voters);
     let statuses = replica.watch();
     let broker = shard.broker.clone();
     let watched = tp.clone();
@@ -168,6 +233,35 @@ pub async fn open_replica_here(
     });
     shard.replicas.borrow_mut().insert(tp, replica);
     Ok(())
+}
+
+/// How long a follower may go without catching up with the leader's log and still count as in
+/// sync (Kafka's `replica.lag.time.max.ms`, 30 s there): 10 s, several election timeouts, so a
+/// follower that is down or stuck leaves the ISR well before a client's request times out,
+/// while one that keeps pace (it catches up every round trip) never does.
+pub const REPLICA_LAG_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often a partition leader republishes its ISR for Metadata and `min.insync.replicas`.
+const ISR_PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// While `replica` runs: publishes, every `ISR_PUBLISH_INTERVAL`, its in-sync replicas among
+/// `voters` when it leads (see [`ReplicatedPartition::in_sync`]), and withdraws them when it
+/// does not.
+fn spawn_isr_publisher(tp: TopicPartition, replica: Rc<ReplicatedPartition>, voters: Vec<u64>) {
+    let broker = local().broker.clone();
+    crate::contain::spawn_background("partition ISR publisher", async move {
+        loop {
+            if replica.role() == sluice_raft::Role::Stopped {
+                broker.set_replica_isr(&tp, None);
+                break;
+            }
+            let isr = replica
+                .in_sync(&voters, REPLICA_LAG_TIME_MAX)
+                .map(|isr| isr.into_iter().map(|n| n as i32).collect());
+            broker.set_replica_isr(&tp, isr);
+            local().clock.sleep(ISR_PUBLISH_INTERVAL).await;
+        }
+    });
 }
 
 /// Opens one partition log on the calling shard (idempotent).
@@ -221,12 +315,16 @@ pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageErro
     if let Some(r) = replica {
         r.stop().await;
         shard.broker.forget_replica_leader(&tp);
+        shard.broker.set_replica_isr(&tp, None);
     }
     let log = shard.partitions.borrow_mut().remove(&tp);
     match log {
         Some(log) => log.remove().await,
         None => {
-            let _ = std::fs::remove_dir_all(shard.broker.partition_dir(&tp));
+            let dir = shard.broker.partition_dir(&tp);
+            let _ = glommio::executor()
+                .spawn_blocking(move || std::fs::remove_dir_all(dir))
+                .await;
             Ok(())
         }
     }
@@ -242,10 +340,9 @@ pub async fn close_partitions() {
         t.close();
     }
     let logs: Vec<_> = local().partitions.borrow_mut().drain().collect();
-    for (tp, log) in logs {
-        if let Err(e) = log.close().await {
-            tracing::error!(partition = %tp, error = %e, "close failed");
-        }
+    // Concurrently, with a few file-system syncs for all of them (see `storage::close_all`).
+    for (tp, e) in crate::storage::close_all(logs).await {
+        tracing::error!(partition = %tp, error = %e, "close failed");
     }
 }
 
@@ -350,5 +447,85 @@ pub async fn serve_inbox(rx: async_channel::Receiver<Job>) {
     while let Ok(job) = rx.recv().await {
         crate::stats::hop_received();
         crate::contain::spawn_background("cross-shard job", async move { job().await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{BrokerConfig, StartArgs};
+
+    fn topic(name: &str, configs: &[(&str, &str)]) -> Arc<TopicMeta> {
+        Arc::new(TopicMeta {
+            name: name.to_string(),
+            id: [1; 16],
+            shards: vec![0],
+            configs: configs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            internal: false,
+            nodes: vec![],
+            replicas: vec![],
+            groups: vec![],
+        })
+    }
+
+    #[test]
+    fn a_shard_sees_each_published_image_with_its_topic_configs_resolved() {
+        let config = BrokerConfig::from_args(&StartArgs {
+            cores: Some(1),
+            message_bytes_max: Some(5000),
+            ..Default::default()
+        })
+        .expect("config");
+        let broker = Arc::new(BrokerContext::new(config, MetadataImage::default(), vec![]));
+        let shard = Shard::new(ShardId(0), broker.clone());
+        let first = shard.metadata();
+        assert!(first.topic("a").is_none());
+        // Unchanged until something is published: the same copy, not a rebuilt one.
+        assert!(Rc::ptr_eq(&first, &shard.metadata()));
+
+        let mut image = MetadataImage::default();
+        image.topics.insert("a".into(), topic("a", &[]));
+        image.topics.insert(
+            "b".into(),
+            topic(
+                "b",
+                &[
+                    ("max.message.bytes", "100"),
+                    ("message.timestamp.type", "LogAppendTime"),
+                    ("min.insync.replicas", "2"),
+                ],
+            ),
+        );
+        broker.publish(Arc::new(image));
+        let now = shard.metadata();
+        assert!(!Rc::ptr_eq(&first, &now));
+        let a = now.topic("a").expect("published topic a");
+        assert_eq!(
+            a.produce,
+            ProduceConfig {
+                max_message_bytes: 5000,
+                log_append_time: false,
+                min_insync_replicas: 1,
+                compacted: false,
+            },
+            "the broker's defaults"
+        );
+        let b = now.topic("b").expect("published topic b");
+        assert_eq!(
+            b.produce,
+            ProduceConfig {
+                max_message_bytes: 100,
+                log_append_time: true,
+                min_insync_replicas: 2,
+                compacted: false,
+            },
+            "the topic's overrides"
+        );
+        assert!(Rc::ptr_eq(&now, &shard.metadata()));
     }
 }

@@ -9,6 +9,7 @@ use std::task::Poll;
 use bytes::BytesMut;
 
 use crate::protocol::batch::{self, BatchError, BatchHeader};
+use crate::protocol::validated::Validated;
 use crate::storage::appender::Ticket;
 use crate::storage::epochs::LeaderEpochs;
 use crate::storage::producer_state::{BatchMeta, Check};
@@ -24,6 +25,17 @@ impl PartitionLog {
         records: BytesMut,
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
+        let records = Validated::check(records).map_err(StorageError::Corrupt)?;
+        self.append_as(records, durability, Mode::Assign).await
+    }
+
+    /// [`PartitionLog::append`] of batches validated already (by the shard that received them):
+    /// their framing and checksums are not looked at again.
+    pub async fn append_validated(
+        &self,
+        records: Validated,
+        durability: Durability,
+    ) -> Result<AppendResult, StorageError> {
         self.append_as(records, durability, Mode::Assign).await
     }
 
@@ -32,11 +44,12 @@ impl PartitionLog {
     /// CRC-covered part of the header, so the checksum stays valid as sent.
     pub async fn append_leader(
         &self,
-        mut records: BytesMut,
+        records: BytesMut,
         epoch: i32,
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
-        stamp_epoch(&mut records, epoch).map_err(StorageError::Corrupt)?;
+        let mut records = Validated::check(records).map_err(StorageError::Corrupt)?;
+        records.set_partition_leader_epoch(epoch);
         self.append_as(records, durability, Mode::Assign).await
     }
 
@@ -50,19 +63,17 @@ impl PartitionLog {
         records: BytesMut,
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
+        // Bytes from a peer: their checksums are checked here, once.
+        let records = Validated::check(records).map_err(StorageError::Corrupt)?;
         self.append_as(records, durability, Mode::Verbatim).await
     }
 
     async fn append_as(
         &self,
-        records: BytesMut,
+        records: Validated,
         durability: Durability,
         mode: Mode,
     ) -> Result<AppendResult, StorageError> {
-        if records.is_empty() {
-            return Err(StorageError::Corrupt(BatchError::Truncated));
-        }
-        batch::for_each_batch(&records, true, |_| {}).map_err(StorageError::Corrupt)?;
         self.admit(records.len()).await?;
         let (result, ticket) = self.assign(records, durability, mode)?;
         if durability == Durability::Accepted {
@@ -95,7 +106,7 @@ impl PartitionLog {
     /// append answers and the ticket its wait for `durability` checks.
     fn assign(
         &self,
-        mut records: BytesMut,
+        mut records: Validated,
         durability: Durability,
         mode: Mode,
     ) -> Result<(AppendResult, Ticket), StorageError> {
@@ -118,17 +129,18 @@ impl PartitionLog {
         let base = s.offsets.log_end();
         self.note_epochs(s, &records, base)?;
         let interval = s.config.index_interval_bytes;
+        if mode == Mode::Assign {
+            records.assign_offsets(base);
+        }
         let mut next = base;
-        let mut at = 0usize;
-        while at < records.len() {
-            let size = batch::batch_size(&records[at..]).expect("validated above");
-            if mode == Mode::Assign {
-                batch::set_base_offset(&mut records[at..at + size], next);
-            }
-            let h = BatchHeader::parse(&records[at..at + size]).expect("validated above");
+        for h in records.headers() {
             let pos = s.active().size();
             s.active_mut().on_batch(&h, pos, interval);
-            if h.producer_id() >= 0 {
+            s.txns.on_batch(&h);
+            if h.is_control() {
+                s.producers
+                    .apply_marker(h.producer_id(), h.producer_epoch());
+            } else if h.producer_id() >= 0 {
                 s.producers.apply(
                     h.producer_id(),
                     h.producer_epoch(),
@@ -141,20 +153,16 @@ impl PartitionLog {
                 );
             }
             next = h.last_offset().next();
-            at += size;
         }
         let ticket = s
             .appender
-            .push(&records, next, durability == Durability::Synced);
-        let frozen = records.freeze();
-        let mut at = 0usize;
-        while at < frozen.len() {
-            let size = batch::batch_size(&frozen[at..]).expect("validated above");
-            let b = frozen.slice(at..at + size);
-            let h = BatchHeader::parse(&b).expect("validated above");
+            .push(records.as_slice(), next, durability == Durability::Synced);
+        let (frozen, spans) = records.freeze();
+        for (start, end) in spans {
+            let b = frozen.slice(start..end);
+            let h = BatchHeader::trusted(&b);
             self.cache
                 .insert(self.cache_id, h.base_offset(), h.last_offset(), b.clone());
-            at += size;
         }
         s.offsets.accept(next);
         s.debug_check_invariants();
@@ -169,12 +177,15 @@ impl PartitionLog {
 
     /// Adds the epochs the batches starting at `base` begin to the leader-epoch cache, persisting
     /// it before anything of the append is accepted (a failure leaves the log unchanged).
-    fn note_epochs(&self, s: &mut State, records: &[u8], base: Offset) -> Result<(), StorageError> {
+    fn note_epochs(
+        &self,
+        s: &mut State,
+        records: &Validated,
+        base: Offset,
+    ) -> Result<(), StorageError> {
         let mut next = base;
         let mut epochs: Option<LeaderEpochs> = None;
-        let mut at = 0usize;
-        while at < records.len() {
-            let h = BatchHeader::parse(&records[at..]).map_err(StorageError::Corrupt)?;
+        for h in records.headers() {
             let latest = epochs.as_ref().unwrap_or(&s.epochs).latest();
             if h.partition_leader_epoch() >= 0
                 && latest.is_none_or(|l| h.partition_leader_epoch() > l)
@@ -184,7 +195,6 @@ impl PartitionLog {
                     .observe(h.partition_leader_epoch(), next);
             }
             next = Offset(next.0 + h.last_offset_delta() as i64 + 1);
-            at += h.size();
         }
         if let Some(e) = epochs {
             e.persist(&self.dir)?;
@@ -276,16 +286,13 @@ impl PartitionLog {
     fn check_producers(
         &self,
         s: &State,
-        records: &[u8],
+        records: &Validated,
     ) -> Result<Option<AppendResult>, StorageError> {
         let mut staged: Vec<(i64, i16, BatchMeta)> = vec![];
         let mut dup: Option<(Offset, Offset)> = None;
         let mut fresh = false;
-        let mut at = 0usize;
         let mut next = s.offsets.log_end();
-        while at < records.len() {
-            let h = BatchHeader::parse(&records[at..]).map_err(StorageError::Corrupt)?;
-            at += h.size();
+        for h in records.headers() {
             let delta = h.last_offset_delta() as i64;
             match s.producers.check(&h, &staged)? {
                 Check::Duplicate(m) => {
@@ -369,11 +376,9 @@ pub fn stamp_epoch(records: &mut [u8], epoch: i32) -> Result<(), BatchError> {
 }
 
 /// The batches start at `log_end` and follow each other without a gap.
-fn check_contiguous(records: &[u8], log_end: Offset) -> Result<(), StorageError> {
+fn check_contiguous(records: &Validated, log_end: Offset) -> Result<(), StorageError> {
     let mut next = log_end;
-    let mut at = 0usize;
-    while at < records.len() {
-        let h = BatchHeader::parse(&records[at..]).map_err(StorageError::Corrupt)?;
+    for h in records.headers() {
         if h.base_offset() != next {
             return Err(StorageError::OffsetMismatch {
                 expected: next,
@@ -381,7 +386,6 @@ fn check_contiguous(records: &[u8], log_end: Offset) -> Result<(), StorageError>
             });
         }
         next = h.last_offset().next();
-        at += h.size();
     }
     Ok(())
 }

@@ -209,6 +209,9 @@ pub(crate) struct Appender {
     /// Flushes that carry a `Synced` append, with everything before them already durable, are
     /// written with durable (`O_DSYNC`) writes instead of a write and an fdatasync.
     durable_writes: bool,
+    /// Flushes that carry a `Synced` append join the shard's commit cycle
+    /// ([`crate::storage::cycle`]) instead of starting as soon as the partition has data.
+    shard_cycle: bool,
     /// The flusher task panicked: nothing pending will be written any more, so every append
     /// (and roll) fails from now on instead of waiting forever.
     dead: bool,
@@ -261,6 +264,7 @@ impl Appender {
             writing: false,
             syncing: false,
             durable_writes: durable_writes_default(),
+            shard_cycle: crate::storage::cycle::shard_cycle_default(),
             dead: false,
             gen: 0,
             gen_end: vec![],
@@ -295,6 +299,10 @@ impl Appender {
     #[cfg(test)]
     pub fn set_durable_writes(&mut self, on: bool) {
         self.durable_writes = on;
+    }
+    #[cfg(test)]
+    pub fn set_shard_cycle(&mut self, on: bool) {
+        self.shard_cycle = on;
     }
     #[cfg(test)]
     pub fn set_snapshot_every(&mut self, bytes: u64) {
@@ -457,6 +465,10 @@ impl Appender {
 #[derive(Default)]
 struct Start {
     write: bool,
+    /// The write carries a `Synced` append: it goes in the shard's commit cycle.
+    gated: bool,
+    /// Its place in the cycle, held until the write is done.
+    ticket: Option<crate::storage::cycle::CycleTicket>,
     sync: bool,
     /// Nothing to start before this instant (the periodic or `IntervalMs` sync).
     sleep_until: Option<Instant>,
@@ -494,7 +506,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
     let mut sync: Option<Work> = None;
     let mut timer: Option<(Instant, Sleep)> = None;
     loop {
-        let start = std::future::poll_fn(|cx| {
+        let mut start = std::future::poll_fn(|cx| {
             if write
                 .as_mut()
                 .is_some_and(|f| f.as_mut().poll(cx).is_ready())
@@ -519,7 +531,13 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                     ..Start::default()
                 });
             };
-            let start = next_work(&log, write.is_none(), sync.is_none());
+            let mut start = next_work(&log, write.is_none(), sync.is_none());
+            if start.write && start.gated && log.state.borrow().appender.shard_cycle {
+                // Wait for the shard's next commit cycle if the current one is closed; the
+                // cycle wakes this task when it ends.
+                start.ticket = crate::storage::cycle::join(cx.waker());
+                start.write = start.ticket.is_some();
+            }
             let sleep_new = start
                 .sleep_until
                 .is_some_and(|at| timer.as_ref().is_none_or(|(t, _)| at < *t));
@@ -545,8 +563,10 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                 let name = log.dir().file_name().and_then(|n| n.to_str());
                 crate::fault::panic_point("flusher", name.unwrap_or(""));
             }
+            let ticket = start.ticket.take();
             write = Some(Box::pin(async move {
                 log.flush_pending().await;
+                drop(ticket); // out of the cycle: the next may start when all of it is done
                 log.snapshot_if_due(); // durable writes advance the synced offset too
             }));
         }
@@ -576,6 +596,7 @@ fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
     // done, whatever the writes do, so a steady stream of appends cannot postpone it.
     start.sync = sync_idle && always && !s.rolling && a.sync_wanted > synced && hw > synced;
     start.write = write_idle && !a.pending.is_empty();
+    start.gated = always && a.sync_wanted > hw;
     if start.write || start.sync {
         return start;
     }

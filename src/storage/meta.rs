@@ -12,7 +12,8 @@
 //!
 //! Index files of sealed segments, checkpoints, the clean marker and the snapshots written at
 //! roll and close are written whole, atomically (temp file, fsync, rename, directory fsync) —
-//! never per append; blocking `std::fs` is acceptable there. Two writes happen while the log is
+//! never per append. Those of a roll and of a log-start move run on the executor's blocking
+//! thread pool, so the shard keeps serving meanwhile. Two writes happen while the log is
 //! busy: the active segment's index entries are appended (no fsync) after each fdatasync that
 //! made their batches durable, and a producer snapshot is written every
 //! `PRODUCER_SNAPSHOT_BYTES` on the blocking thread pool. Owned by the partition log.
@@ -52,10 +53,15 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<Offset>> {
 
 /// Writes `body` + CRC to `path` atomically and durably.
 pub fn write_file(path: &Path, body: &[u8]) -> io::Result<()> {
+    write_atomic(path, &with_crc(body))
+}
+
+/// `body` followed by its CRC-32: the bytes [`write_file`] writes and [`read_file`] checks.
+pub fn with_crc(body: &[u8]) -> Vec<u8> {
     let mut all = Vec::with_capacity(body.len() + 4);
     all.extend_from_slice(body);
     all.extend_from_slice(&crc32fast::hash(body).to_be_bytes());
-    write_atomic(path, &all)
+    all
 }
 
 /// Replaces `path` with `bytes` atomically and durably (temp file, fsync, rename, directory

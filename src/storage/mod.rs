@@ -5,10 +5,11 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | `mod.rs` (here) | `PartitionLog` and its `State`: segments, config, producer state, waiters; close |
+//! | `mod.rs` (here) | `PartitionLog` and its `State`: segments, config, producer state, waiters; close; `AppendSignal` (a fetch's wake-up) |
 //! | `offsets` | `Offsets`: log start, synced, high watermark, log end, and every move of them |
 //! | `append` | the append path: validation, admission, offset assignment, the durability wait |
 //! | `appender` | `Appender`: pending aligned chunks, written/synced positions, the flusher task |
+//! | `cycle` | the shard's commit cycle: acks=all flushes of all its partitions start together |
 //! | `read` | the read path: cache, cold reads, `ReadAheads`, timestamp lookups |
 //! | `truncate` | cutting the tail of the log (a follower's conflict truncation), crash-safe |
 //! | [`epochs`] | the leader-epoch cache: epoch -> start offset, `end_offset_for` |
@@ -34,6 +35,7 @@ mod append;
 mod appender;
 pub mod cache;
 mod compact;
+mod cycle;
 pub mod epochs;
 pub mod io;
 mod meta;
@@ -44,11 +46,13 @@ mod recovery;
 mod retention;
 mod roll;
 mod segment;
+mod shutdown;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
 pub(crate) mod tests;
 mod truncate;
+pub mod txn_index;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -74,6 +78,49 @@ use producer_state::ProducerState;
 use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
+pub use shutdown::{close_all, ClosingFiles, SegmentSync, CLOSE_CONCURRENCY_MAX};
+
+/// A one-shot wake-up shared by the logs of one shard: a long-polling fetch registers it with
+/// each of its partitions on the shard ([`PartitionLog::signal_append`]) and waits on it once;
+/// the first partition whose high watermark passes the registered offset fires it, and the
+/// others drop their registration at their next change. Nothing is woken per append while the
+/// fetch waits, and no task or waker is kept per partition. Shard-local (`Rc`).
+#[derive(Default)]
+pub struct AppendSignal {
+    fired: std::cell::Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl AppendSignal {
+    pub fn new() -> Rc<Self> {
+        Rc::default()
+    }
+    /// Some registered partition moved past its offset (or closed).
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+    fn fire(&self) {
+        if !self.fired.replace(true) {
+            if let Some(w) = self.waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+    /// Resolves once the signal has fired.
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+use txn_index::TxnIndex;
+pub use txn_index::{marker_batch, AbortedTxn};
 
 /// When appends are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +284,8 @@ pub(crate) struct State {
     offsets: Offsets,
     appender: Appender,
     producers: ProducerState,
+    /// Open transactions and the aborted-transaction index (see [`txn_index`]).
+    txns: TxnIndex,
     /// Leader epoch -> first offset (see [`epochs`]).
     epochs: LeaderEpochs,
     reads: ReadAheads,
@@ -246,6 +295,9 @@ pub(crate) struct State {
     rolling: bool,
     closed: bool,
     waiters: Vec<Waker>,
+    /// Long-polling fetches waiting for the high watermark to pass an offset (see
+    /// [`AppendSignal`]): fired once, when it does or the log closes.
+    signals: Vec<(std::rc::Weak<AppendSignal>, Offset)>,
     /// Appends waiting for admission, oldest first. Appends are admitted in the order they
     /// arrived: a small batch never overtakes a larger one waiting for room, so the pipelined
     /// produce requests of one connection land in the log in request order, as in Kafka.
@@ -275,6 +327,18 @@ impl State {
             w.wake();
         }
         self.appender.wake_flusher();
+        if !self.signals.is_empty() {
+            let (hw, closed) = (self.offsets.hw(), self.closed);
+            self.signals
+                .retain(|(signal, after)| match signal.upgrade() {
+                    Some(signal) if hw > *after || closed => {
+                        signal.fire();
+                        false
+                    }
+                    Some(signal) => !signal.fired.get(),
+                    None => false,
+                });
+        }
     }
     fn out_of_range(&self, requested: Offset) -> StorageError {
         StorageError::OffsetOutOfRange {
@@ -344,6 +408,8 @@ pub struct PartitionLog {
     cache_id: u64,
     recovery: Option<RecoveryReport>,
     state: RefCell<State>,
+    /// One move of the log start at a time (its checkpoint is written off the executor).
+    log_start_turn: glommio::sync::Semaphore,
 }
 
 impl PartitionLog {
@@ -385,6 +451,21 @@ impl PartitionLog {
     pub fn high_watermark(&self) -> Offset {
         self.state.borrow().offsets.hw()
     }
+    /// The last stable offset: the first offset of the oldest transaction still open here, or
+    /// the high watermark. read_committed consumers read below it.
+    pub fn last_stable_offset(&self) -> Offset {
+        let s = self.state.borrow();
+        let hw = s.offsets.hw();
+        s.txns.first_unstable().map_or(hw, |f| f.min(hw))
+    }
+    /// Aborted transactions overlapping `[from, to)`, for a read_committed fetch.
+    pub fn aborted_between(&self, from: Offset, to: Offset) -> Vec<AbortedTxn> {
+        self.state.borrow().txns.aborted_between(from, to)
+    }
+    /// `(producer id, first offset)` of every transaction open in this partition.
+    pub fn open_transactions(&self) -> Vec<(i64, Offset)> {
+        self.state.borrow().txns.ongoing().collect()
+    }
     /// OffsetsForLeaderEpoch: the largest epoch at or below `epoch` and its end offset (see
     /// [`LeaderEpochs::end_offset_for`]).
     pub fn end_offset_for_epoch(&self, epoch: i32) -> (i32, Offset) {
@@ -417,6 +498,22 @@ impl PartitionLog {
             .await
     }
 
+    /// Fires `signal` once the high watermark moves past `after` (at once if it already has, or
+    /// the log is closed). The registration holds the signal weakly: dropping the signal (the
+    /// fetch stopped waiting) cancels it.
+    pub fn signal_append(&self, after: Offset, signal: &Rc<AppendSignal>) {
+        let mut s = self.state.borrow_mut();
+        if s.offsets.hw() > after || s.closed {
+            signal.fire();
+            return;
+        }
+        // Registrations of signals that fired elsewhere or were dropped go first, so a
+        // partition that never advances does not collect them.
+        s.signals
+            .retain(|(sig, _)| sig.upgrade().is_some_and(|sig| !sig.fired.get()));
+        s.signals.push((Rc::downgrade(signal), after));
+    }
+
     /// Resolves once `cond` holds (re-checked on every state change).
     pub(crate) async fn wait_until(&self, cond: impl Fn(&State) -> bool) {
         std::future::poll_fn(|cx| {
@@ -438,8 +535,24 @@ impl PartitionLog {
 
     /// Flushes, syncs and writes the clean-shutdown marker. Appends after this fail.
     pub async fn close(&self) -> Result<(), StorageError> {
+        match self.close_deferred(SegmentSync::Now).await? {
+            Some(files) => Ok(files.write_durably()?),
+            None => Ok(()),
+        }
+    }
+
+    /// [`PartitionLog::close`] up to the small files: drains the log (and syncs its active
+    /// segment with [`SegmentSync::Now`]), then hands back what is left to write — the active
+    /// segment's index files, the producer snapshot and the clean-shutdown marker — so that a
+    /// shard closing many logs writes them all with a few file-system syncs ([`close_all`])
+    /// instead of nine fsyncs per log. `None`: already closed. With [`SegmentSync::Later`] the
+    /// caller must make the segment durable (a `syncfs`) before it writes the marker.
+    pub async fn close_deferred(
+        &self,
+        sync: SegmentSync,
+    ) -> Result<Option<ClosingFiles>, StorageError> {
         if self.state.borrow().closed {
-            return Ok(());
+            return Ok(None);
         }
         loop {
             let rolling = self.state.borrow().rolling;
@@ -466,7 +579,10 @@ impl PartitionLog {
             if let Some((pos, len)) = punch {
                 file.punch(pos, len).await?;
             }
-            file.sync().await
+            match sync {
+                SegmentSync::Now => file.sync().await,
+                SegmentSync::Later => Ok(()),
+            }
         }
         .await;
         let mut guard = self.state.borrow_mut();
@@ -487,17 +603,21 @@ impl PartitionLog {
         s.check_invariants();
         let a = s.active_mut();
         a.push_time_entry();
-        a.write_index_files(&self.dir)?;
-        meta::write_file(
-            &self.dir.join(meta::PRODUCER_FILE),
-            &meta::encode_producers(log_end, &s.producers),
-        )?;
-        meta::write_file(
-            &self.dir.join(meta::CLEAN_FILE),
-            &meta::encode_clean(log_end, written),
-        )?;
+        let mut data = a.index_file_bodies(&self.dir);
+        let (snapshots, remove) = snapshot_files(&self.dir, log_end, s);
+        data.extend(snapshots);
+        let remove: Vec<PathBuf> = remove.into_iter().collect();
+        let clean = (
+            self.dir.join(meta::CLEAN_FILE),
+            meta::with_crc(&meta::encode_clean(log_end, written)),
+        );
         self.cache.drop_log(self.cache_id);
-        Ok(())
+        Ok(Some(ClosingFiles {
+            dir: self.dir.clone(),
+            data,
+            remove,
+            clean,
+        }))
     }
 
     /// Closes the log and removes its directory.
@@ -508,9 +628,57 @@ impl PartitionLog {
             s.wake_all();
         }
         self.cache.drop_log(self.cache_id);
-        match std::fs::remove_dir_all(&self.dir) {
+        let dir = self.dir.clone();
+        // Off the executor: a directory of many segments takes many unlinks.
+        let removed = glommio::executor()
+            .spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await;
+        match removed {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+}
+
+/// Writes the producer snapshot and the transaction snapshot, both covering the batches below
+/// `upto` (recovery replays the ones after it into both).
+pub(crate) fn write_producer_snapshots(dir: &Path, upto: Offset, s: &State) -> std::io::Result<()> {
+    let (writes, remove) = snapshot_files(dir, upto, s);
+    write_snapshot_files(&writes, &remove)
+}
+
+/// The producer snapshot and the transactions snapshot covering the batches below `upto`: the
+/// files to write (path, contents with their CRC) and one to remove. Without transactions (most
+/// partitions) there is no transactions file: a missing one reads as empty, and a roll or close
+/// costs no extra fsync.
+pub(crate) fn snapshot_files(
+    dir: &Path,
+    upto: Offset,
+    s: &State,
+) -> (Vec<(PathBuf, Vec<u8>)>, Option<PathBuf>) {
+    let mut writes = vec![(
+        dir.join(meta::PRODUCER_FILE),
+        meta::with_crc(&meta::encode_producers(upto, &s.producers)),
+    )];
+    let txn_path = dir.join(txn_index::TXN_FILE);
+    if s.txns.is_empty() {
+        (writes, Some(txn_path))
+    } else {
+        writes.push((txn_path, meta::with_crc(&s.txns.encode(upto))));
+        (writes, None)
+    }
+}
+
+/// Writes what [`snapshot_files`] gave, each file atomically and durably.
+pub(crate) fn write_snapshot_files(
+    writes: &[(PathBuf, Vec<u8>)],
+    remove: &Option<PathBuf>,
+) -> std::io::Result<()> {
+    for (path, bytes) in writes {
+        meta::write_atomic(path, bytes)?;
+    }
+    match remove {
+        Some(path) => meta::remove_if_exists(path),
+        None => Ok(()),
     }
 }

@@ -62,6 +62,15 @@ impl ProducerState {
             return Ok(Check::Append);
         }
         let epoch = h.producer_epoch();
+        if h.is_control() || h.base_sequence() < 0 {
+            // A transaction marker, or a batch the broker wrote for a producer (a
+            // transactional offset commit), carries no sequence: only an older epoch is
+            // refused.
+            return match self.producers.get(&pid) {
+                Some(e) if epoch < e.epoch => Err(StorageError::InvalidProducerEpoch),
+                _ => Ok(Check::Append),
+            };
+        }
         let first = h.base_sequence();
         let last = h.last_sequence();
         // The state of this producer: the persisted entry, then what this append staged.
@@ -113,6 +122,11 @@ impl ProducerState {
         if pid < 0 {
             return;
         }
+        if m.first_seq < 0 {
+            // No sequence to remember (see `check`): only the epoch moves.
+            self.apply_marker(pid, epoch);
+            return;
+        }
         let e = self.producers.entry(pid).or_default();
         if e.epoch != epoch {
             e.epoch = epoch;
@@ -124,8 +138,27 @@ impl ProducerState {
         e.batches.push_back(m);
     }
 
+    /// Records a transaction marker: it moves the producer to its epoch, with no sequence.
+    pub fn apply_marker(&mut self, pid: i64, epoch: i16) {
+        if pid < 0 {
+            return;
+        }
+        let e = self.producers.entry(pid).or_insert_with(|| ProducerEntry {
+            epoch,
+            batches: Default::default(),
+        });
+        if epoch > e.epoch {
+            e.epoch = epoch;
+            e.batches.clear();
+        }
+    }
+
     /// Replays a batch header found in the log (recovery).
     pub fn replay(&mut self, h: &BatchHeader<'_>) {
+        if h.is_control() {
+            self.apply_marker(h.producer_id(), h.producer_epoch());
+            return;
+        }
         self.apply(
             h.producer_id(),
             h.producer_epoch(),

@@ -20,6 +20,7 @@ use crate::storage::producer_state::ProducerState;
 use crate::storage::read::ReadAheads;
 use crate::storage::segment::{self, ScanStop, Segment};
 use crate::storage::truncate;
+use crate::storage::txn_index::{TxnIndex, TXN_FILE};
 use crate::storage::{BatchCache, LogConfig, PartitionLog, RecoveryReport, State, StorageError};
 use crate::types::{Clock, Offset};
 
@@ -55,6 +56,14 @@ impl PartitionLog {
             Some((upto, s)) => (Some(upto), s),
             None => (None, ProducerState::default()),
         };
+        // The transaction snapshot is written with the producer snapshot and covers the same
+        // batches; one that does not match it (missing, damaged, or from another point) is
+        // not trusted, and the transactions of the batches it would have covered are lost.
+        let mut txns = meta::read_file(&dir.join(TXN_FILE))
+            .and_then(|b| TxnIndex::decode(&b))
+            .filter(|(upto, _)| Some(*upto) == snap_upto)
+            .map(|(_, t)| t)
+            .unwrap_or_default();
 
         // A log-cleaner swap that a crash interrupted: finish it (or drop a pass's outputs).
         compact::recover(dir)?;
@@ -168,6 +177,7 @@ impl PartitionLog {
                 fresh.on_batch(h, pos, interval);
                 if snap_upto.is_none_or(|u| h.base_offset() >= u) {
                     producers.replay(h);
+                    txns.on_batch(h);
                 }
             })
             .await?;
@@ -228,6 +238,7 @@ impl PartitionLog {
         }
         if snap_upto.is_some_and(|u| u > log_end) {
             producers.truncate_from(log_end);
+            txns.truncate_from(log_end);
         }
         let first_base = segments[0].base();
         if let Some(ls) = checkpoint.filter(|ls| *ls > log_end) {
@@ -300,6 +311,7 @@ impl PartitionLog {
             clock,
             cache,
             cache_id,
+            log_start_turn: glommio::sync::Semaphore::new(1),
             recovery: scan_report.map(|(segment, valid_bytes, file_bytes, stop, batches)| {
                 RecoveryReport {
                     segment,
@@ -323,12 +335,14 @@ impl PartitionLog {
                     now,
                 ),
                 producers,
+                txns,
                 epochs,
                 reads: ReadAheads::new(),
                 cleaner: CleanerState::recovered(dir),
                 rolling: false,
                 closed: false,
                 waiters: vec![],
+                signals: vec![],
                 admission: Default::default(),
             }),
         });
@@ -340,10 +354,7 @@ impl PartitionLog {
         if trunc.is_some() {
             if snap_upto.is_some_and(|u| u > log_end) {
                 let s = log.state.borrow();
-                meta::write_file(
-                    &dir.join(meta::PRODUCER_FILE),
-                    &meta::encode_producers(log_end, &s.producers),
-                )?;
+                super::write_producer_snapshots(dir, log_end, &s)?;
             }
             meta::remove_if_exists(&dir.join(truncate::TRUNCATE_FILE))?;
             meta::sync_dir(dir)?;

@@ -29,7 +29,7 @@ impl PartitionLog {
         // next (recovery clamps the log start to the log end, so they would get offsets below
         // the checkpoint and vanish at the following restart).
         self.sync_to(offset).await?;
-        self.advance_log_start(offset)?;
+        self.advance_log_start(offset).await?;
         Ok(self.state.borrow().offsets.log_start())
     }
 
@@ -61,7 +61,7 @@ impl PartitionLog {
         };
         if let Some(start) = new_start {
             if start > self.state.borrow().offsets.log_start() {
-                self.advance_log_start(start)?;
+                self.advance_log_start(start).await?;
             }
         }
         Ok(())
@@ -70,7 +70,20 @@ impl PartitionLog {
     /// Persists the new log start (before any file goes: a crash in between leaves segments
     /// that open() drops again), then unlinks the segments wholly below it in a background task
     /// so appends never wait for the file system. `offset` must be synced (see `offsets`).
-    fn advance_log_start(&self, offset: Offset) -> Result<(), StorageError> {
+    /// The checkpoint is written on the executor's blocking thread pool; moves of the log start
+    /// take turns, so checkpoints are written in the order their offsets grow.
+    async fn advance_log_start(&self, offset: Offset) -> Result<(), StorageError> {
+        let _turn = self
+            .log_start_turn
+            .acquire_permit(1)
+            .await
+            .map_err(|_| StorageError::Io(std::io::Error::other("log is closed")))?;
+        // An open transaction's batches stay until it ends: its marker and the aborted index
+        // need them, and a read_committed consumer has not seen them yet.
+        let offset = match self.state.borrow().txns.first_unstable() {
+            Some(first) => offset.min(first),
+            None => offset,
+        };
         {
             let s = self.state.borrow();
             if offset <= s.offsets.log_start() {
@@ -84,12 +97,13 @@ impl PartitionLog {
                 s.offsets.synced()
             );
         }
-        meta::write_file(
-            &self.dir.join(meta::LOG_START_FILE),
-            &offset.0.to_be_bytes(),
-        )?;
+        let path = self.dir.join(meta::LOG_START_FILE);
+        glommio::executor()
+            .spawn_blocking(move || meta::write_file(&path, &offset.0.to_be_bytes()))
+            .await?;
         let mut s = self.state.borrow_mut();
         s.offsets.advance_start(offset);
+        s.txns.start_moved(offset);
         let sealed = s.segments.len() - 1;
         let k = s.segments[..sealed]
             .iter()

@@ -68,27 +68,38 @@ impl PartitionLog {
         file.sync().await?;
         file.truncate(written).await?;
         file.sync().await?;
-        {
+        let index_files = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
             s.offsets.synced_to(hw);
             s.appender.sealed(written);
             let a = s.active_mut();
             a.push_time_entry();
-            a.write_index_files(&self.dir)?;
+            let files = a.index_files_to_write(&self.dir);
             s.check_invariants();
-        }
+            files
+        };
+        // Whole-file writes with fsyncs: on the blocking thread pool, not the shard's executor.
+        // Appends wait meanwhile (`rolling`), so the sealed segment's index does not change.
+        glommio::executor()
+            .spawn_blocking(move || {
+                index_files
+                    .iter()
+                    .try_for_each(|(path, body)| meta::write_atomic(path, body))
+            })
+            .await?;
+        self.state.borrow_mut().active_mut().index_files_written();
         self.no_snapshot_in_flight().await;
         let base = self.state.borrow().offsets.log_end();
-        {
-            // Before the new segment exists: recovery replays producer state from the batches
-            // of the last segment only, so the snapshot must cover everything before it.
+        // Before the new segment exists: recovery replays producer state from the batches of
+        // the last segment only, so the snapshot must cover everything before it.
+        let (writes, remove) = {
             let s = self.state.borrow();
-            meta::write_file(
-                &self.dir.join(meta::PRODUCER_FILE),
-                &meta::encode_producers(base, &s.producers),
-            )?;
-        }
+            super::snapshot_files(&self.dir, base, &s)
+        };
+        glommio::executor()
+            .spawn_blocking(move || super::write_snapshot_files(&writes, &remove))
+            .await?;
         let path = meta::segment_path(&self.dir, base, "log");
         let new_file = self.io.open(&path, true).await?;
         let extent = appender::next_extent(0, self.state.borrow().config.segment_bytes.max(4096));

@@ -6,7 +6,7 @@
 //! index rebuild, timestamp lookups). Owned by the partition log.
 
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::protocol::batch::{self, BatchError, BatchHeader, HEADER_BYTES};
@@ -143,7 +143,49 @@ impl Segment {
         true
     }
 
+    /// The paths and whole contents of both index files, to be written by the caller (a clean
+    /// shutdown, see [`crate::storage::ClosingFiles`]); the segment takes no more index appends.
+    pub fn index_file_bodies(&mut self, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        self.index_files = None;
+        self.index_durable = self.index.len();
+        self.time_durable = self.time_index.len();
+        vec![
+            (
+                meta::segment_path(dir, self.base, "index"),
+                meta::encode_index(&self.index),
+            ),
+            (
+                meta::segment_path(dir, self.base, "timeindex"),
+                meta::encode_time_index(&self.time_index),
+            ),
+        ]
+    }
+
     /// Rewrites both index files whole (sealed segments, clean shutdown).
+    /// The whole index files of this segment as [`write_index_files`](Self::write_index_files)
+    /// writes them, to be written elsewhere (off the executor): path and body of each. Call
+    /// [`index_files_written`](Self::index_files_written) once they are.
+    pub fn index_files_to_write(&mut self, dir: &Path) -> [(PathBuf, Vec<u8>); 2] {
+        self.index_files = None;
+        [
+            (
+                meta::segment_path(dir, self.base, "index"),
+                meta::encode_index(&self.index),
+            ),
+            (
+                meta::segment_path(dir, self.base, "timeindex"),
+                meta::encode_time_index(&self.time_index),
+            ),
+        ]
+    }
+
+    /// The files of [`index_files_to_write`](Self::index_files_to_write) were written whole
+    /// and durably, and the index has not changed since.
+    pub fn index_files_written(&mut self) {
+        self.index_durable = self.index.len();
+        self.time_durable = self.time_index.len();
+    }
+
     pub fn write_index_files(&mut self, dir: &Path) -> io::Result<()> {
         self.index_files = None;
         meta::write_atomic(

@@ -31,6 +31,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use crate::protocol::batch::{self, BatchHeader};
+use crate::storage::cycle;
 use crate::storage::io::{Faults, FaultyIo};
 use crate::storage::read::READAHEAD_BYTES;
 use crate::storage::*;
@@ -1889,6 +1890,236 @@ fn power_cut_drops_the_writes_no_sync_covered() {
     });
 }
 
+/// A power cut at a random point under concurrent acks=all appends to several partitions of one
+/// shard (their logs share the executor and the fault seam, so their flushes and syncs are in
+/// flight together): after the restart every partition holds each append acknowledged as
+/// `Synced`, byte for byte at its offset, and its batches follow each other from offset 0 with
+/// no gap. Seeded; each seed picks the commit path, the number of partitions and producers, the
+/// batch sizes and when the power fails.
+#[test]
+fn power_cut_under_concurrent_synced_appends_to_several_partitions_loses_nothing_acknowledged() {
+    use rand::{Rng, SeedableRng};
+    for seed in 0..8u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let durable_writes = rng.gen_bool(0.5);
+        let shard_cycle = rng.gen_bool(0.75);
+        let partitions = rng.gen_range(2..=6usize);
+        let producers = rng.gen_range(1..=4usize);
+        let cut_after = rng.gen_range(1..=80usize);
+        let sync_delay_ms = if rng.gen_bool(0.3) { 2 } else { 0 };
+        let sizes: Vec<(usize, usize)> = (0..64)
+            .map(|_| (rng.gen_range(1..=4), rng.gen_range(50..=3000)))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        run(async move {
+            let faults = Rc::new(power_model());
+            faults.sync_delay_ms.set(sync_delay_ms);
+            let mut logs = vec![];
+            for p in 0..partitions {
+                let d = root.join(format!("t-{p}"));
+                std::fs::create_dir_all(&d).unwrap();
+                let io = Rc::new(FaultyIo {
+                    faults: faults.clone(),
+                });
+                let log = PartitionLog::open_with_io(
+                    &d,
+                    small_config(),
+                    BatchCache::new(64 << 20),
+                    io,
+                    Clock::system(),
+                )
+                .await
+                .expect("open");
+                let mut s = log.state.borrow_mut();
+                s.appender.set_durable_writes(durable_writes);
+                s.appender.set_shard_cycle(shard_cycle);
+                drop(s);
+                logs.push(log);
+            }
+            // Per partition: (base offset, stored bytes) of every append acknowledged as Synced.
+            let acked: Rc<RefCell<Vec<Acked>>> = Rc::new(RefCell::new(vec![vec![]; partitions]));
+            let count = Rc::new(std::cell::Cell::new(0usize));
+            let mut tasks = vec![];
+            for (p, log) in logs.iter().enumerate() {
+                for producer in 0..producers {
+                    let (log, acked, count, sizes) =
+                        (log.clone(), acked.clone(), count.clone(), sizes.clone());
+                    tasks.push(glommio::spawn_local(async move {
+                        for i in 0usize.. {
+                            let (n, bytes) = sizes[(i + producer * 7 + p * 13) % sizes.len()];
+                            let tag = (p * 31 + producer * 7 + i) as u8;
+                            let b = batch(n, bytes, i as i64, tag);
+                            let Ok(r) =
+                                log.append(BytesMut::from(&b[..]), Durability::Synced).await
+                            else {
+                                return;
+                            };
+                            acked.borrow_mut()[p]
+                                .push((r.base_offset, at_offset(&b, r.base_offset)));
+                            count.set(count.get() + 1);
+                        }
+                    }));
+                }
+            }
+            {
+                let count = count.clone();
+                poll_until("enough Synced acknowledgements", move || {
+                    count.get() >= cut_after
+                })
+                .await;
+            }
+            // The power fails: nothing more reaches the files; the appends still waiting are
+            // cancelled; the I/O already issued completes before the files are cut back to what
+            // a completed fdatasync or durable write covered.
+            faults.crashed.set(true);
+            drop(tasks);
+            let weak: Vec<_> = logs.iter().map(Rc::downgrade).collect();
+            drop(logs);
+            poll_until("the logs to be gone", || {
+                weak.iter().all(|w| w.upgrade().is_none())
+            })
+            .await;
+            faults.power_cut().unwrap();
+
+            let acked = acked.take();
+            for (p, acked) in acked.iter().enumerate() {
+                let d = root.join(format!("t-{p}"));
+                let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+                    .await
+                    .unwrap();
+                // Consecutive from 0: nothing follows a gap.
+                let all = read_all(&log, Offset(0), 1 << 20).await;
+                let mut next = Offset(0);
+                let mut by_base = std::collections::HashMap::new();
+                for b in &all {
+                    let h = BatchHeader::parse_checked(b).expect("valid batch");
+                    assert_eq!(h.base_offset(), next, "seed {seed} partition {p}: a gap");
+                    next = h.last_offset().next();
+                    by_base.insert(h.base_offset(), b.to_vec());
+                }
+                assert_eq!(next, log.log_end_offset(), "seed {seed} partition {p}");
+                for (base, bytes) in acked {
+                    assert_eq!(
+                        by_base.get(base),
+                        Some(bytes),
+                        "seed {seed} partition {p}: acknowledged batch at {base} lost or changed \
+                         (durable writes {durable_writes}, shard cycle {shard_cycle})"
+                    );
+                }
+                log.close().await.unwrap();
+            }
+        });
+    }
+}
+
+/// A long-polling fetch's wake-up: one `AppendSignal` registered with several logs of a shard
+/// fires once, when the first of them moves past its offset; it does not fire for appends at or
+/// below an offset, it fires at once when a log is already past it, and the other logs drop
+/// their registration at their next change.
+#[test]
+fn an_append_signal_fires_once_when_any_registered_log_moves_past_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        let mut logs = vec![];
+        for p in 0..3 {
+            let d = root.join(format!("t-{p}"));
+            std::fs::create_dir_all(&d).unwrap();
+            logs.push(open(&d, small_config()).await);
+        }
+        append(&logs[0], &batch(2, 100, 1, 1), Durability::Written).await;
+        let signal = AppendSignal::new();
+        // Log 0 is at offset 2: waiting past offset 1 (its last record) is not yet satisfied.
+        logs[0].signal_append(Offset(2), &signal);
+        logs[1].signal_append(Offset(0), &signal);
+        logs[2].signal_append(Offset(0), &signal);
+        append(&logs[0], &batch(1, 100, 2, 2), Durability::Written).await;
+        // Log 0 moved to 3, past its registered offset 2.
+        assert!(signal.is_fired());
+        signal.wait().await;
+        // An append to another registered log drops its stale registration.
+        append(&logs[1], &batch(1, 100, 3, 3), Durability::Written).await;
+        assert!(logs[1].state.borrow().signals.is_empty());
+
+        let again = AppendSignal::new();
+        logs[2].signal_append(Offset(0), &again);
+        logs[1].signal_append(Offset(0), &again);
+        assert!(again.is_fired(), "log 1 is already past offset 0");
+
+        // A wait that is never satisfied is cancelled by dropping the signal.
+        let idle = AppendSignal::new();
+        logs[2].signal_append(Offset(5), &idle);
+        drop(idle);
+        append(&logs[2], &batch(1, 100, 4, 4), Durability::Written).await;
+        assert!(logs[2].state.borrow().signals.is_empty());
+        for log in logs {
+            log.close().await.unwrap();
+        }
+    });
+}
+
+/// The shard's commit cycle: acks=all flushes of the partitions on a shard start together and
+/// the next cycle starts once all of them are written. Here all writes are held: A opens a
+/// cycle, and B and C join it while it is open; once B's and C's writes are let through the
+/// cycle is closed, so B's next acks=all flush waits for A's write — and goes out as soon as
+/// that completes.
+#[test]
+fn acks_all_flushes_of_a_shard_go_in_cycles() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        let mut logs = vec![];
+        for p in 0..3 {
+            let d = root.join(format!("t-{p}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let (log, faults) = open_faulty(&d, small_config()).await;
+            log.state.borrow_mut().appender.set_shard_cycle(true);
+            faults.hold_writes_from.set(Some(0));
+            logs.push((log, faults));
+        }
+        let (cycles0, flushes0) = cycle::stats();
+        let mut tasks = vec![];
+        for (i, (log, faults)) in logs.iter().enumerate() {
+            let l = log.clone();
+            tasks.push(glommio::spawn_local(async move {
+                append(&l, &batch(1, 500, i as i64, i as u8), Durability::Synced).await
+            }));
+            poll_until("the write to be issued", || faults.writes.get() >= 1).await;
+        }
+        assert_eq!(cycle::stats(), (cycles0 + 1, flushes0 + 3), "one cycle");
+        let a_task = tasks.remove(0);
+        // B and C complete; A is still in flight, the cycle is closed.
+        for (_, faults) in &logs[1..] {
+            faults.hold_writes_from.set(None);
+        }
+        for t in tasks {
+            assert_eq!(t.await.base_offset, Offset(0));
+        }
+        let (b, fb) = logs[1].clone();
+        let writes_b = fb.writes.get();
+        let b_task = glommio::spawn_local(async move {
+            append(&b, &batch(1, 500, 4, 4), Durability::Synced).await
+        });
+        poll_until("B's flusher to wait for the next cycle", || {
+            cycle::waiting() == 1
+        })
+        .await;
+        assert_eq!(
+            fb.writes.get(),
+            writes_b,
+            "B's flush is held for the next cycle"
+        );
+        logs[0].1.hold_writes_from.set(None);
+        assert_eq!(a_task.await.base_offset, Offset(0));
+        assert_eq!(b_task.await.base_offset, Offset(1));
+        assert_eq!(cycle::stats(), (cycles0 + 2, flushes0 + 4));
+        for (log, _) in logs {
+            log.close().await.unwrap();
+        }
+    });
+}
+
 /// Kafka handles a connection's requests one at a time, so pipelined produce requests land in
 /// request order. Here appends run concurrently: a large append waiting for room in the pending
 /// buffer must not be overtaken by a small one that would fit.
@@ -2305,4 +2536,83 @@ mod replicated {
             });
         }
     }
+}
+
+// A shard's shutdown closes all its logs together: each ends clean (marker, index files,
+// producer snapshot), exactly as one log's own close leaves it, and leaves no temp file.
+#[test]
+fn closing_many_logs_together_leaves_each_clean_with_its_producer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        let dirs: Vec<_> = (0..3).map(|i| root.join(format!("p-{i}"))).collect();
+        let mut logs = vec![];
+        let mut stored: Vec<Vec<Vec<u8>>> = vec![];
+        let mut retries = vec![];
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            let mut s = vec![];
+            // Enough for several segments in the last log, one in the others.
+            for k in 0..(5 + 30 * i as u8) {
+                let b = batch(2, 700, 100 + k as i64, k);
+                let r = append(&log, &b, Durability::Written).await;
+                s.push(at_offset(&b, r.base_offset));
+            }
+            let b = idempotent_batch(40 + i as i64, 0, 0, 2);
+            let r = append(&log, &b, Durability::Written).await;
+            s.push(at_offset(&b, r.base_offset));
+            retries.push((b, r.base_offset));
+            stored.push(s);
+            logs.push((i, log));
+        }
+        // One already closed: skipped, not failed.
+        logs[0].1.close().await.unwrap();
+        let failed = close_all(logs.clone()).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        for (i, log) in logs {
+            assert!(matches!(
+                log.append(BytesMut::from(&stored[i][0][..]), Durability::Written)
+                    .await,
+                Err(StorageError::Io(_))
+            ));
+        }
+        for (i, d) in dirs.iter().enumerate() {
+            assert!(d.join(meta::CLEAN_FILE).exists());
+            let left: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".tmp"))
+                .collect();
+            assert!(
+                left.is_empty(),
+                "temp files left in {}: {left:?}",
+                d.display()
+            );
+            let log = open(d, small_config()).await;
+            assert!(
+                log.recovery_report().is_none(),
+                "log {i} not opened as clean"
+            );
+            let all = read_all(&log, Offset(0), 100_000).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                stored[i]
+            );
+            // The producer state came back from the snapshot: the retry is a duplicate.
+            let (b, base) = &retries[i];
+            let dup = append(&log, b, Durability::Written).await;
+            assert!(dup.duplicate);
+            assert_eq!(dup.base_offset, *base);
+            // And a second shutdown over the files of the first works the same.
+            let more = batch(1, 10, 1, 1);
+            append(&log, &more, Durability::Written).await;
+            assert!(close_all(vec![(i, log)]).await.is_empty());
+            let log = open(d, small_config()).await;
+            assert!(log.recovery_report().is_none());
+            assert_eq!(
+                read_all(&log, Offset(0), 100_000).await.len(),
+                stored[i].len() + 1
+            );
+        }
+    });
 }

@@ -133,6 +133,7 @@ impl PartitionLog {
             s.offsets.truncate_to(offset);
             s.appender.truncated(pos, tail, offset);
             s.producers.truncate_from(offset);
+            s.txns.truncate_from(offset);
             s.epochs.truncate_from(offset);
             self.cache.truncate_from(self.cache_id, offset);
             s.check_invariants();
@@ -159,10 +160,7 @@ impl PartitionLog {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
             s.active_mut().write_index_files(&self.dir)?;
-            meta::write_file(
-                &self.dir.join(meta::PRODUCER_FILE),
-                &meta::encode_producers(offset, &s.producers),
-            )?;
+            super::write_producer_snapshots(&self.dir, offset, s)?;
             s.epochs.persist(&self.dir)?;
             drop(guard);
             meta::remove_if_exists(&self.dir.join(TRUNCATE_FILE))?;

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod history;
 pub mod raw;
 
 use std::io::Read;

@@ -391,6 +391,72 @@ pub struct ClusterDescription {
     pub brokers: Vec<ClusterBroker>,
 }
 
+/// A partition held in a broker's log directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogDirPartition {
+    pub topic: String,
+    pub partition: i32,
+    /// Bytes on disk.
+    pub size: i64,
+    pub offset_lag: i64,
+}
+
+/// One log directory of the broker a connection talks to.
+#[derive(Debug, Clone)]
+pub struct LogDir {
+    pub path: String,
+    /// Bytes of the file system holding it, and how many are free (`None` when unknown: a
+    /// broker before DescribeLogDirs v4 does not say).
+    pub total_bytes: Option<i64>,
+    pub usable_bytes: Option<i64>,
+    pub partitions: Vec<LogDirPartition>,
+}
+
+/// The log directories of the broker this connection talks to, with every partition held
+/// there (DescribeLogDirs v1+, `topics` null: all of them).
+pub async fn describe_log_dirs<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+) -> Result<Vec<LogDir>> {
+    use kafka_protocol::messages::DescribeLogDirsRequest;
+    let v = c
+        .versions()
+        .pick_in::<DescribeLogDirsRequest>(1, 4)
+        .context("the broker does not serve DescribeLogDirs")?;
+    let req = DescribeLogDirsRequest::default().with_topics(None);
+    let resp = c.call_at(&req, v).await.context("DescribeLogDirs")?;
+    check(resp.error_code, "cannot describe the log directories", None)?;
+    let known = |b: i64| (b >= 0).then_some(b);
+    resp.results
+        .iter()
+        .map(|d| {
+            check(
+                d.error_code,
+                &format!("log directory {}", d.log_dir.as_str()),
+                None,
+            )?;
+            let mut partitions: Vec<LogDirPartition> = d
+                .topics
+                .iter()
+                .flat_map(|t| {
+                    t.partitions.iter().map(|p| LogDirPartition {
+                        topic: t.name.0.to_string(),
+                        partition: p.partition_index,
+                        size: p.partition_size,
+                        offset_lag: p.offset_lag,
+                    })
+                })
+                .collect();
+            partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+            Ok(LogDir {
+                path: d.log_dir.to_string(),
+                total_bytes: if v >= 4 { known(d.total_bytes) } else { None },
+                usable_bytes: if v >= 4 { known(d.usable_bytes) } else { None },
+                partitions,
+            })
+        })
+        .collect()
+}
+
 /// The cluster id, controller and brokers (fenced ones included, marked): DescribeCluster, or
 /// Metadata from a broker without it.
 pub async fn describe_cluster<S: AsyncRead + AsyncWrite + Unpin>(
@@ -539,4 +605,46 @@ pub async fn committed<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(out)
+}
+
+/// Every transactional id the broker coordinates, with its producer id and state
+/// (ListTransactions).
+pub async fn list_transactions<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+) -> Result<Vec<kafka_protocol::messages::list_transactions_response::TransactionState>> {
+    use kafka_protocol::messages::ListTransactionsRequest;
+    let v = c.versions().pick_in::<ListTransactionsRequest>(0, 1)?;
+    let resp = c
+        .call_at(
+            &ListTransactionsRequest::default().with_duration_filter(-1),
+            v,
+        )
+        .await
+        .context("ListTransactions")?;
+    check(resp.error_code, "list transactions", None)?;
+    Ok(resp.transaction_states)
+}
+
+/// One transactional id's state, producer, timeout, start and partitions
+/// (DescribeTransactions).
+pub async fn describe_transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    transactional_id: &str,
+) -> Result<kafka_protocol::messages::describe_transactions_response::TransactionState> {
+    use kafka_protocol::messages::{DescribeTransactionsRequest, TransactionalId};
+    let req = DescribeTransactionsRequest::default()
+        .with_transactional_ids(vec![TransactionalId(s(transactional_id))]);
+    let v = c.versions().pick_in::<DescribeTransactionsRequest>(0, 0)?;
+    let resp = c.call_at(&req, v).await.context("DescribeTransactions")?;
+    let t = resp
+        .transaction_states
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("broker described no transaction"))?;
+    check(
+        t.error_code,
+        &format!("describe transaction {transactional_id}"),
+        None,
+    )?;
+    Ok(t)
 }

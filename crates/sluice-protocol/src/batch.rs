@@ -142,6 +142,16 @@ impl<'a> BatchHeader<'a> {
         Ok(h)
     }
 
+    /// Views the exact bytes of a batch that [`parse`](Self::parse) accepted before (e.g. one
+    /// of a [`Validated`](crate::validated::Validated) set), without checking anything again.
+    /// Fields of bytes that were never parsed read as whatever they hold; a buffer shorter than
+    /// the header panics on access, so callers pass only validated batches.
+    #[inline]
+    pub fn trusted(buf: &'a [u8]) -> Self {
+        debug_assert!(Self::parse(buf).is_ok_and(|h| h.size() == buf.len()));
+        BatchHeader { buf }
+    }
+
     pub fn bytes(&self) -> &'a [u8] {
         self.buf
     }

@@ -8,6 +8,7 @@
 //! | [`records`] | decoding the records of an uncompressed records section |
 //! | [`compression`] | the Kafka codecs: compression, decompression within a bound, `decode_batch` |
 //! | [`builder`] | building a batch from records (header, producer fields, codec, CRC-32C) |
+//! | [`validated`] | batches checked once (framing, CRC-32C), carried with their boundaries |
 //! | [`wire`] | the small request/response encoding helpers hand-written encoders need |
 //!
 //! Every decoder here refuses a declared count or length larger than the bytes that remain
@@ -17,6 +18,7 @@ pub mod batch;
 pub mod builder;
 pub mod compression;
 pub mod records;
+pub mod validated;
 pub mod varint;
 pub mod wire;
 

@@ -179,6 +179,10 @@ impl std::fmt::Display for ProposeError {
 
 impl std::error::Error for ProposeError {}
 
+/// How often a follower whose log is shorter than its leader believes tells it so (see
+/// `Driver::report_lost_log`).
+const LOST_LOG_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a group's loop ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StopReason {
@@ -192,6 +196,7 @@ type Reply = async_channel::Sender<Result<u64, ProposeError>>;
 
 enum Command {
     Propose(Vec<u8>, Reply),
+    ProposeAppended(Vec<u8>, Reply),
     ProposeForwarded(Vec<u8>),
     ProposeConfChange(ConfChangeV2, Reply),
     TransferLeader(u64),
@@ -207,6 +212,17 @@ struct Shared {
     done: async_channel::Receiver<()>,
     /// When a message of this group last arrived from each peer.
     heard: RefCell<std::collections::HashMap<u64, Instant>>,
+    /// On the leader, per follower: when it last caught up (see `RaftGroup::caught_up_at`).
+    caught_up: RefCell<std::collections::HashMap<u64, CatchUp>>,
+}
+
+/// A follower's catch-up state on the leader, as Kafka's `lastCaughtUpTime`: `target` is the
+/// leader's last index when the follower last caught up (or when it became leader); the
+/// follower has caught up again, at `at`, once its matched index reaches it.
+#[derive(Clone, Copy, Debug)]
+struct CatchUp {
+    at: Option<Instant>,
+    target: u64,
 }
 
 /// A running raft group: a cheap handle (clone it freely) to the task that drives it.
@@ -272,6 +288,7 @@ impl RaftGroup {
             stopped: RefCell::new(None),
             done,
             heard: RefCell::new(std::collections::HashMap::new()),
+            caught_up: RefCell::new(std::collections::HashMap::new()),
         });
         let (fetched_tx, fetched) = async_channel::unbounded();
         let mut driver = Driver {
@@ -280,9 +297,11 @@ impl RaftGroup {
             config,
             transport: transport.clone(),
             pending: BTreeMap::new(),
+            appended: BTreeMap::new(),
             shared: shared.clone(),
             applied,
             was_leader: false,
+            lost_log_reported: None,
             fetched_tx,
             fetched,
         };
@@ -303,6 +322,18 @@ impl RaftGroup {
             return Err(ProposeError::Invalid);
         }
         self.call(|reply| Command::Propose(data, reply)).await
+    }
+
+    /// Proposes `data` on the leader and resolves with the entry's index once it is durably
+    /// appended to this leader's log (persisted, not yet committed: Kafka's acks=1). Whether it
+    /// then commits is not reported; a leader change before the append answers
+    /// `LeadershipLost`, an entry replaced at that index `Dropped`.
+    pub async fn propose_appended(&self, data: Vec<u8>) -> Result<u64, ProposeError> {
+        if data.is_empty() || data.len() > MAX_PROPOSAL_BYTES {
+            return Err(ProposeError::Invalid);
+        }
+        self.call(|reply| Command::ProposeAppended(data, reply))
+            .await
     }
 
     /// Proposes `data` from any member: a follower hands it to the leader it knows of (raft-rs's
@@ -366,6 +397,14 @@ impl RaftGroup {
         self.shared.heard.borrow().get(&peer).copied()
     }
 
+    /// On the leader: when follower `peer` last caught up — its matched index reached the
+    /// leader's last index as it was at the previous catch-up (Kafka's `lastCaughtUpTime`, which
+    /// a follower keeping pace refreshes every round trip, and a stuck one never does). `None`
+    /// if it has not since this node became leader, or on a node that is not the leader.
+    pub fn caught_up_at(&self, peer: u64) -> Option<Instant> {
+        self.shared.caught_up.borrow().get(&peer).and_then(|c| c.at)
+    }
+
     /// Why the loop ended, once it has.
     pub fn stopped(&self) -> Option<StopReason> {
         self.shared.stopped.borrow().clone()
@@ -395,9 +434,14 @@ struct Driver<L: LogStore, M> {
     transport: Transport,
     /// Proposals awaiting commit: index → (term proposed in, entry type proposed, reply).
     pending: BTreeMap<u64, (u64, EntryType, Reply)>,
+    /// Proposals answered once appended to this leader's log (`propose_appended`): index →
+    /// (term proposed in, reply).
+    appended: BTreeMap<u64, (u64, Reply)>,
     shared: Rc<Shared>,
     applied: u64,
     was_leader: bool,
+    /// When this node last told a leader that its log is shorter than the leader believes.
+    lost_log_reported: Option<Instant>,
     /// Completed entry fetches (see `LogStore::take_fetch`), with the reads waiting for them.
     fetched_tx: async_channel::Sender<Vec<GetEntriesContext>>,
     fetched: async_channel::Receiver<Vec<GetEntriesContext>>,
@@ -524,24 +568,78 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         .detach();
     }
 
-    fn step(&mut self, m: Message) -> Result<(), StopReason> {
+    fn step(&mut self, mut m: Message) -> Result<(), StopReason> {
         self.shared
             .heard
             .borrow_mut()
             .insert(m.from, Instant::now());
+        // A heartbeat carries the commit index as far as the leader believes this node's log
+        // reaches. A node whose log was lost (its data wiped, rejoining as the same member)
+        // has less than the leader remembers, and raft-rs panics on a commit index past its
+        // log; the commit index is only a hint there, so it is capped at the log's end (the
+        // appends that rebuild the log carry their own).
+        let mut lost_log = None;
+        if m.get_msg_type() == MessageType::MsgHeartbeat {
+            let last = self.raw.raft.raft_log.last_index();
+            if m.commit > last {
+                m.commit = last;
+                lost_log = Some((m.from, last));
+            }
+        }
         if let Err(e) = guarded(|| self.raw.step(m))? {
             tracing::debug!(
                 group = self.config.group_id,
                 "raft step refused a message: {e}"
             );
         }
+        if let Some((leader, last)) = lost_log {
+            self.report_lost_log(leader, last)?;
+        }
         Ok(())
+    }
+
+    /// The leader believes this node's log reaches further than it does (the log was lost):
+    /// a leader replicating to it in pipeline only sends heartbeats once it thinks the
+    /// follower has everything, so it must be told. A rejected append carrying this log's
+    /// end as the hint does that: the leader goes back to probing from there. At most once per
+    /// `LOST_LOG_REPORT_INTERVAL`, as every heartbeat repeats the news while the log is rebuilt.
+    fn report_lost_log(&mut self, leader: u64, last: u64) -> Result<(), StopReason> {
+        let now = Instant::now();
+        if self
+            .lost_log_reported
+            .is_some_and(|at| now.saturating_duration_since(at) < LOST_LOG_REPORT_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.lost_log_reported = Some(now);
+        tracing::info!(
+            group = self.config.group_id,
+            leader,
+            last_index = last,
+            "this replica's log is shorter than the leader believes: asking it to probe"
+        );
+        let mut r = Message::default();
+        r.set_msg_type(MessageType::MsgAppendResponse);
+        r.from = self.config.node_id;
+        r.to = leader;
+        r.term = self.raw.raft.term;
+        // Past any index the leader may have recorded as matched, so the rejection is not
+        // taken for a stale one.
+        r.index = u64::MAX;
+        r.reject = true;
+        r.reject_hint = last;
+        self.send(vec![r])
     }
 
     fn command(&mut self, c: Command) -> Result<(), StopReason> {
         match c {
             Command::Propose(data, reply) => {
-                self.propose(reply, EntryType::EntryNormal, |raw| {
+                self.propose(reply, EntryType::EntryNormal, false, |raw| {
+                    raw.propose(vec![], data)
+                })?
+            }
+            Command::ProposeAppended(data, reply) => {
+                self.propose(reply, EntryType::EntryNormal, true, |raw| {
                     raw.propose(vec![], data)
                 })?
             }
@@ -554,7 +652,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 }
             }
             Command::ProposeConfChange(cc, reply) => {
-                self.propose(reply, EntryType::EntryConfChangeV2, |raw| {
+                self.propose(reply, EntryType::EntryConfChangeV2, false, |raw| {
                     raw.propose_conf_change(vec![], cc)
                 })?
             }
@@ -571,6 +669,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         &mut self,
         reply: Reply,
         kind: EntryType,
+        on_append: bool,
         f: impl FnOnce(&mut RawNode<RaftStorage<L>>) -> raft::Result<()>,
     ) -> Result<(), StopReason> {
         if self.raw.raft.state != StateRole::Leader {
@@ -578,7 +677,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             let _ = reply.try_send(Err(ProposeError::NotLeader { leader }));
             return Ok(());
         }
-        if self.pending.len() >= self.config.max_pending_proposals {
+        if self.pending.len() + self.appended.len() >= self.config.max_pending_proposals {
             let _ = reply.try_send(Err(ProposeError::Busy));
             return Ok(());
         }
@@ -588,6 +687,8 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 let index = self.raw.raft.raft_log.last_index();
                 if index == before {
                     let _ = reply.try_send(Err(ProposeError::Dropped));
+                } else if on_append {
+                    self.appended.insert(index, (self.raw.raft.term, reply));
                 } else {
                     self.pending
                         .insert(index, (self.raw.raft.term, kind, reply));
@@ -632,6 +733,12 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             self.install_received_snapshot(snap)?;
         }
         self.apply_entries(ready.take_committed_entries())?;
+        // (index, term) of the entries this pass makes durable, for `propose_appended`.
+        let appending: Vec<(u64, u64)> = if self.appended.is_empty() {
+            Vec::new()
+        } else {
+            ready.entries().iter().map(|e| (e.index, e.term)).collect()
+        };
         let store = self.raw.mut_store().log_mut();
         if !ready.entries().is_empty() {
             store.append(ready.entries()).map_err(storage_failed)?;
@@ -644,6 +751,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         store.persist().await.map_err(storage_failed)?;
         // Durable now: votes and append responses may go out.
         self.send(ready.take_persisted_messages())?;
+        self.answer_appended(&appending);
         let mut light = guarded(|| self.raw.advance(ready))?;
         if let Some(commit) = light.commit_index() {
             let store = self.raw.mut_store().log_mut();
@@ -735,10 +843,32 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         }
     }
 
+    /// Answers the `propose_appended` proposals among the entries just made durable: `Ok` if
+    /// the entry at their index is the one proposed (same term), `Dropped` if another replaced
+    /// it.
+    fn answer_appended(&mut self, appended: &[(u64, u64)]) {
+        let Some(&(last, _)) = appended.last() else {
+            return;
+        };
+        let rest = self.appended.split_off(&(last + 1));
+        for (index, (term, reply)) in std::mem::replace(&mut self.appended, rest) {
+            let stored = appended.iter().find(|(i, _)| *i == index).map(|(_, t)| *t);
+            let outcome = if stored == Some(term) {
+                Ok(index)
+            } else {
+                Err(ProposeError::Dropped)
+            };
+            let _ = reply.try_send(outcome);
+        }
+    }
+
     fn check_leadership(&mut self) {
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             for (_, (_, _, reply)) in std::mem::take(&mut self.pending) {
+                let _ = reply.try_send(Err(ProposeError::LeadershipLost));
+            }
+            for (_, (_, reply)) in std::mem::take(&mut self.appended) {
                 let _ = reply.try_send(Err(ProposeError::LeadershipLost));
             }
         }
@@ -790,7 +920,32 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
 
     fn publish(&self) {
         let status = self.status();
+        self.track_catch_up(&status);
         self.publish_status(status);
+    }
+
+    /// Updates each follower's catch-up state from raft progress (leader only; cleared
+    /// otherwise, so a new leader starts with no follower caught up).
+    fn track_catch_up(&self, status: &GroupStatus) {
+        let mut caught_up = self.shared.caught_up.borrow_mut();
+        if status.role != Role::Leader {
+            caught_up.clear();
+            return;
+        }
+        let now = Instant::now();
+        for (id, pr) in self.raw.raft.prs().iter() {
+            if *id == self.config.node_id {
+                continue;
+            }
+            let c = caught_up.entry(*id).or_insert(CatchUp {
+                at: None,
+                target: status.last_index,
+            });
+            if pr.matched >= c.target {
+                c.at = Some(now);
+                c.target = status.last_index;
+            }
+        }
     }
 
     fn publish_status(&self, status: GroupStatus) {
@@ -817,6 +972,9 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         }
         self.transport.unregister(self.config.group_id);
         for (_, (_, _, reply)) in std::mem::take(&mut self.pending) {
+            let _ = reply.try_send(Err(ProposeError::Stopped));
+        }
+        for (_, (_, reply)) in std::mem::take(&mut self.appended) {
             let _ = reply.try_send(Err(ProposeError::Stopped));
         }
         *self.shared.stopped.borrow_mut() = Some(reason);

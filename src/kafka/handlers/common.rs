@@ -10,6 +10,7 @@ use kafka_protocol::ResponseError;
 
 use crate::admin::{self, AdminError};
 use crate::metadata::TopicMeta;
+use crate::replica::ReplicatedPartition;
 use crate::shard::{self, invoke_on};
 use crate::storage::{PartitionLog, StorageError};
 use crate::types::{ErrorCode, TopicPartition};
@@ -103,7 +104,68 @@ where
     Fut: std::future::Future<Output = R> + 'static,
     R: Send + 'static,
 {
-    let broker = shard::local().broker.clone();
+    with_partition_checked(topic, partition, NO_EPOCH_CHECK, move |log, _, _| f(log)).await
+}
+
+/// [`with_partition`] that also hands `f` the partition's raft group when it has replicas
+/// (then this node is its leader).
+pub async fn with_partition_replica<F, Fut, R>(
+    topic: &TopicMeta,
+    partition: i32,
+    f: F,
+) -> Result<R, ErrorCode>
+where
+    F: FnOnce(Rc<PartitionLog>, Option<Rc<ReplicatedPartition>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    with_partition_checked(topic, partition, NO_EPOCH_CHECK, move |log, _, r| f(log, r)).await
+}
+
+/// A client's `current_leader_epoch` that asks for no check (KIP-320).
+pub const NO_EPOCH_CHECK: i32 = -1;
+
+/// The leader epoch of a partition with no replicas elsewhere, as Metadata reports it.
+pub const UNREPLICATED_EPOCH: i32 = 0;
+
+/// [`with_partition`] for requests that carry the client's `current_leader_epoch` (KIP-320:
+/// Fetch v9+, ListOffsets v4+, OffsetForLeaderEpoch v2+): on a replicated partition the epoch is
+/// checked against the replica's (the raft term) before leadership, as Kafka does —
+/// FENCED_LEADER_EPOCH when the client's is older, UNKNOWN_LEADER_EPOCH when newer,
+/// [`NO_EPOCH_CHECK`] skips the check. `f` gets the log and the partition's leader epoch
+/// ([`UNREPLICATED_EPOCH`] for a partition without replicas, which is never checked).
+pub async fn with_partition_at_epoch<F, Fut, R>(
+    topic: &TopicMeta,
+    partition: i32,
+    current_leader_epoch: i32,
+    f: F,
+) -> Result<R, ErrorCode>
+where
+    F: FnOnce(Rc<PartitionLog>, i32) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    with_partition_checked(topic, partition, current_leader_epoch, move |log, e, _| {
+        f(log, e)
+    })
+    .await
+}
+
+/// The one implementation of the `with_partition` family: `f` gets the log, the partition's
+/// leader epoch and its raft group (if replicated).
+async fn with_partition_checked<F, Fut, R>(
+    topic: &TopicMeta,
+    partition: i32,
+    current_leader_epoch: i32,
+    f: F,
+) -> Result<R, ErrorCode>
+where
+    F: FnOnce(Rc<PartitionLog>, i32, Option<Rc<ReplicatedPartition>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R> + 'static,
+    R: Send + 'static,
+{
+    let here = shard::local();
+    let broker = &here.broker;
     if broker.node_of(topic, partition).is_none() {
         return Err(code(ResponseError::UnknownTopicOrPartition));
     }
@@ -114,27 +176,45 @@ where
         .owner(topic, partition)
         .ok_or(code(ResponseError::UnknownTopicOrPartition))?;
     let tp = TopicPartition::new(topic.name.clone(), partition);
-    let caller = shard::local().id;
+    let caller = here.id;
     invoke_on(owner, move || async move {
         let here = shard::local();
         if here.id != caller {
             crate::fault::panic_point("cross_shard", &tp.topic);
         }
-        match here.partition(&tp) {
-            // A replicated partition is served by its raft leader only, as Kafka serves
-            // clients from the partition leader.
-            Some(_)
-                if here
-                    .replica(&tp)
-                    .is_some_and(|r| r.role() != sluice_raft::Role::Leader) =>
-            {
-                Err(code(ResponseError::NotLeaderOrFollower))
+        let Some(log) = here.partition(&tp) else {
+            return Err(code(ResponseError::UnknownTopicOrPartition));
+        };
+        let replica = here.replica(&tp);
+        let epoch = match &replica {
+            Some(r) => {
+                let epoch = r.leader_epoch();
+                check_epoch(current_leader_epoch, epoch)?;
+                // A replicated partition is served by its raft leader only, as Kafka serves
+                // clients from the partition leader.
+                if r.role() != sluice_raft::Role::Leader {
+                    return Err(code(ResponseError::NotLeaderOrFollower));
+                }
+                epoch
             }
-            Some(log) => Ok(f(log).await),
-            None => Err(code(ResponseError::UnknownTopicOrPartition)),
-        }
+            None => UNREPLICATED_EPOCH,
+        };
+        Ok(f(log, epoch, replica).await)
     })
     .await
+}
+
+/// KIP-320's check of a client's current leader epoch against the partition's.
+pub fn check_epoch(client: i32, partition: i32) -> Result<(), ErrorCode> {
+    if client == NO_EPOCH_CHECK {
+        Ok(())
+    } else if client < partition {
+        Err(code(ResponseError::FencedLeaderEpoch))
+    } else if client > partition {
+        Err(code(ResponseError::UnknownLeaderEpoch))
+    } else {
+        Ok(())
+    }
 }
 
 /// Kafka's ACL operation codes (`AclOperation`), the bit positions of an authorized-operations

@@ -34,6 +34,7 @@ const BOOLEAN: i8 = 1;
 const STRING: i8 = 2;
 const INT: i8 = 3;
 const LONG: i8 = 5;
+const LIST: i8 = 7;
 
 /// The broker settings DescribeConfigs shows for this node, under Kafka's names: the
 /// broker-wide defaults of the topic configs Sluice applies, which AlterConfigs may change
@@ -97,6 +98,30 @@ fn broker_entries(d: &configs::BrokerDefaults) -> Vec<Entry> {
         entry(
             "offsets.retention.minutes",
             c.offsets_retention_minutes.to_string(),
+            INT,
+            s,
+        ),
+        entry(
+            "group.consumer.session.timeout.ms",
+            c.group_consumer_session_timeout_ms.to_string(),
+            INT,
+            s,
+        ),
+        entry(
+            "group.consumer.heartbeat.interval.ms",
+            c.group_consumer_heartbeat_interval_ms.to_string(),
+            INT,
+            s,
+        ),
+        entry(
+            "group.consumer.assignors",
+            c.group_consumer_assignors.join(","),
+            LIST,
+            s,
+        ),
+        entry(
+            "group.consumer.max.size",
+            c.group_consumer_max_size.to_string(),
             INT,
             s,
         ),

@@ -17,13 +17,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::ResponseError;
 
-use super::common::{code, committed_end, storage_code, with_partition, NONE};
+use super::common::{
+    code, committed_end, storage_code, with_partition_at_epoch, NONE, NO_EPOCH_CHECK,
+};
 use crate::kafka::fetch_sessions as sessions;
 use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
 use crate::protocol::wire::{put_array_len, put_uvarint};
 use crate::shard;
-use crate::storage::{ReadOptions, ReadResult};
+use crate::storage::{AbortedTxn, AppendSignal, ReadOptions, ReadResult};
 use crate::types::{ErrorCode, Offset};
 
 /// Upper bound on how long one fetch may wait, whatever the client asks.
@@ -41,6 +43,8 @@ struct PartReq {
     index: i32,
     fetch_offset: i64,
     partition_max_bytes: i32,
+    /// The client's leader epoch (KIP-320, v9+), checked on replicated partitions; -1: none.
+    current_leader_epoch: i32,
 }
 
 struct TopicReq {
@@ -55,8 +59,19 @@ struct TopicReq {
 struct PartResult {
     error: ErrorCode,
     high_watermark: i64,
+    /// The last stable offset (-1 with an error).
+    last_stable: i64,
     log_start_offset: i64,
+    /// read_committed: the aborted transactions the returned batches overlap.
+    aborted: Vec<AbortedTxn>,
     batches: Vec<Bytes>,
+}
+
+/// What a partition read returns besides its batches: the last stable offset and, for
+/// read_committed, the aborted transactions the batches overlap.
+struct TxnView {
+    last_stable: Offset,
+    aborted: Vec<AbortedTxn>,
 }
 
 /// How a request uses fetch sessions (KIP-227).
@@ -99,7 +114,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     id,
                     epoch,
                     uses_ids,
-                    session_adds(&request, uses_ids),
+                    session_adds(&request, req.version, uses_ids),
                     session_forgets(&request, uses_ids),
                     now_ms(),
                 )
@@ -171,6 +186,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         index: p.partition,
                         fetch_offset: p.fetch_offset,
                         partition_max_bytes: p.partition_max_bytes,
+                        current_leader_epoch: client_epoch(req.version, p.current_leader_epoch),
                     })
                     .collect(),
             }
@@ -195,6 +211,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                             partition: p.index,
                             fetch_offset: p.fetch_offset,
                             partition_max_bytes: p.partition_max_bytes,
+                            current_leader_epoch: p.current_leader_epoch,
                             high_watermark: if r.error.is_error() {
                                 -1
                             } else {
@@ -237,10 +254,20 @@ fn session_error(req: &Request<'_>, e: sessions::SessionError) -> Response {
     ))
 }
 
+/// The client's current leader epoch as the request carries it: only from v9 (KIP-320).
+fn client_epoch(version: i16, epoch: i32) -> i32 {
+    if version >= 9 {
+        epoch
+    } else {
+        NO_EPOCH_CHECK
+    }
+}
+
 /// The partitions an incremental request adds or changes, one at a time (nothing is copied
 /// for the whole list).
 fn session_adds(
     request: &FetchRequest,
+    version: i16,
     uses_ids: bool,
 ) -> impl Iterator<Item = sessions::PartUpdate> + '_ {
     request.topics.iter().flat_map(move |t| {
@@ -252,6 +279,7 @@ fn session_adds(
             partition: p.partition,
             fetch_offset: p.fetch_offset,
             partition_max_bytes: p.partition_max_bytes,
+            current_leader_epoch: client_epoch(version, p.current_leader_epoch),
         })
     })
 }
@@ -270,6 +298,7 @@ fn session_forgets(
             partition: p,
             fetch_offset: 0,
             partition_max_bytes: 0,
+            current_leader_epoch: NO_EPOCH_CHECK,
         })
     })
 }
@@ -315,6 +344,7 @@ fn session_topics(
                 index: p.partition,
                 fetch_offset: p.fetch_offset,
                 partition_max_bytes: p.partition_max_bytes,
+                current_leader_epoch: p.current_leader_epoch,
             });
         }
     }
@@ -338,7 +368,8 @@ async fn fetch_ready(
     } else {
         (request.max_bytes as usize).min(FETCH_RESPONSE_BYTES_MAX)
     };
-    let mut results = read_all(topics, max_bytes).await;
+    let committed_only = request.isolation_level == READ_COMMITTED;
+    let mut results = read_all(topics, max_bytes, committed_only).await;
     loop {
         let ready: usize = results
             .iter()
@@ -355,7 +386,7 @@ async fn fetch_ready(
             break;
         }
         wait_for_any_append(topics, &results, max_wait - elapsed).await;
-        results = read_all(topics, max_bytes).await;
+        results = read_all(topics, max_bytes, committed_only).await;
     }
     results
 }
@@ -368,7 +399,11 @@ async fn fetch_ready(
 /// `FETCH_READS_CONCURRENT_MAX`; its results are trimmed to the budget before the next window
 /// starts. Once the budget is spent, the remaining partitions are not read at all: they report
 /// their offsets (and OFFSET_OUT_OF_RANGE) only.
-async fn read_all(topics: &[TopicReq], max_bytes: usize) -> Vec<Vec<PartResult>> {
+async fn read_all(
+    topics: &[TopicReq],
+    max_bytes: usize,
+    committed_only: bool,
+) -> Vec<Vec<PartResult>> {
     let order: Vec<(usize, usize)> = topics
         .iter()
         .enumerate()
@@ -395,7 +430,10 @@ async fn read_all(topics: &[TopicReq], max_bytes: usize) -> Vec<Vec<PartResult>>
                 break;
             }
             window_bytes += want;
-            window.push((t, read_one(&topics[t], &topics[t].parts[p], want)));
+            window.push((
+                t,
+                read_one(&topics[t], &topics[t].parts[p], want, committed_only),
+            ));
             next += 1;
         }
         for (t, task) in window {
@@ -426,19 +464,20 @@ struct ReadFailed {
 
 type ReadTask = Option<
     glommio::task::JoinHandle<
-        Result<Result<Result<ReadResult, ReadFailed>, ErrorCode>, shard::Panic>,
+        Result<Result<Result<(ReadResult, TxnView), ReadFailed>, ErrorCode>, shard::Panic>,
     >,
 >;
 
 /// Starts the read of one partition on its owner shard: up to `bytes_max` of batches, or with
 /// `bytes_max == 0` its offsets only (no batch is read).
-fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
+fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize, committed_only: bool) -> ReadTask {
     let meta = topic.meta.clone()?;
     let (index, offset, bytes_max) = (p.index, p.fetch_offset, bytes_max as u32);
+    let epoch = p.current_leader_epoch;
     let name = meta.name.clone();
     // Contained: a panic is re-raised in `finish_read` and fails this request only.
     Some(shard::spawn_contained(async move {
-        with_partition(&meta, index, move |log| async move {
+        with_partition_at_epoch(&meta, index, epoch, move |log, _| async move {
             let committed = committed_end(&name, index, &log);
             if bytes_max == 0 {
                 let (start, end) = (log.log_start_offset(), log.log_end_offset());
@@ -451,11 +490,18 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
                         log_start_offset: ls,
                     });
                 }
-                return Ok(ReadResult {
-                    batches: vec![],
-                    high_watermark: Offset(hw),
-                    log_start_offset: start,
-                });
+                let view = TxnView {
+                    last_stable: log.last_stable_offset().min(Offset(hw)),
+                    aborted: vec![],
+                };
+                return Ok((
+                    ReadResult {
+                        batches: vec![],
+                        high_watermark: Offset(hw),
+                        log_start_offset: start,
+                    },
+                    view,
+                ));
             }
             log.read(ReadOptions {
                 start: Offset(offset),
@@ -473,7 +519,23 @@ fn read_one(topic: &TopicReq, p: &PartReq, bytes_max: usize) -> ReadTask {
                     });
                     r.high_watermark = hw;
                 }
-                r
+                let last_stable = log.last_stable_offset().min(r.high_watermark);
+                let mut aborted = vec![];
+                if committed_only {
+                    // read_committed: nothing at or past the LSO, and the aborted transactions
+                    // the returned batches overlap, so the client can drop their records.
+                    r.batches.retain(|b| batch_base(b).is_some_and(|o| o < last_stable.0));
+                    if let Some(end) = r.batches.last().and_then(|b| batch_next(b)) {
+                        aborted = log.aborted_between(Offset(offset), Offset(end));
+                    }
+                }
+                (
+                    r,
+                    TxnView {
+                        last_stable,
+                        aborted,
+                    },
+                )
             })
             .map_err(|e| {
                 if let crate::storage::StorageError::Io(err) = &e {
@@ -497,6 +559,7 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
             high_watermark: -1,
             log_start_offset: -1,
             batches: vec![],
+            ..Default::default()
         },
         Some(task) => match shard::join(task).await {
             None => PartResult {
@@ -508,6 +571,7 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
                 high_watermark: -1,
                 log_start_offset: -1,
                 batches: vec![],
+                ..Default::default()
             },
             Some(Ok(Err(ReadFailed {
                 error,
@@ -518,15 +582,21 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
                 high_watermark,
                 log_start_offset,
                 batches: vec![],
+                ..Default::default()
             },
-            Some(Ok(Ok(ReadResult {
-                batches,
-                high_watermark,
-                log_start_offset,
-            }))) => PartResult {
+            Some(Ok(Ok((
+                ReadResult {
+                    batches,
+                    high_watermark,
+                    log_start_offset,
+                },
+                view,
+            )))) => PartResult {
                 error: NONE,
                 high_watermark: high_watermark.0,
+                last_stable: view.last_stable.0,
                 log_start_offset: log_start_offset.0,
+                aborted: view.aborted,
                 batches,
             },
         },
@@ -538,53 +608,53 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
 /// Waiting only for the fetch offset would return at once when data below `min_bytes` is already
 /// there, and the fetch would spin re-reading it until `max_wait_ms`.
 ///
-/// One waiter task per distinct partition, each contained: the first to finish reports on the
-/// channel, and a panic it reports is re-raised here (failing this request only). When this
-/// returns, `done` closes and every other waiter ends at once on its shard, so waiters never
-/// outlive the fetch that started them. Waiters that finish later find the channel gone; a
-/// panic of theirs logs itself.
+/// One waiter per owner shard, not per partition: it makes one hop to that shard (none for
+/// partitions of this shard) and registers one [`AppendSignal`] with each of its partitions
+/// there, which the first partition to move past its offset fires — the waiter is woken once,
+/// not on every append to every partition. A replicated partition's reads stop at its commit
+/// index, so the waiter waits for that to move instead (appends may stay uncommitted).
+///
+/// Each waiter is contained: the first to finish reports on the channel, and a panic it reports
+/// is re-raised here (failing this request only). When this returns, `done` closes and every
+/// other waiter ends at once on its shard, so waiters never outlive the fetch that started
+/// them. Waiters that finish later find the channel gone; a panic of theirs logs itself.
 async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], remaining: Duration) {
-    let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
-    let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+    let broker = shard::local().broker.clone();
+    // Owner shard -> (topic, partition, offset past which an append wakes the fetch).
+    let mut by_shard: std::collections::BTreeMap<usize, Vec<(Arc<TopicMeta>, i32, i64)>> =
+        std::collections::BTreeMap::new();
     let mut waiting = std::collections::HashSet::new();
     for (t, seen) in topics.iter().zip(seen) {
         let Some(meta) = &t.meta else { continue };
         for (p, seen) in t.parts.iter().zip(seen) {
             if !waiting.insert((meta.id, p.index)) {
-                continue; // the same partition listed again: one waiter is enough
+                continue; // the same partition listed again: one registration is enough
             }
-            let meta = meta.clone();
-            let (index, offset) = (p.index, p.fetch_offset.max(seen.high_watermark));
-            let (tx, done_rx) = (tx.clone(), done_rx.clone());
-            glommio::spawn_local(async move {
-                let waited = shard::contain(async move {
-                    crate::fault::panic_point("fetch_wait", &meta.name);
-                    let tp = crate::types::TopicPartition::new(meta.name.clone(), index);
-                    let _ = with_partition(&meta, index, move |log| async move {
-                        // A replicated partition's reads stop at its commit index: wait for it
-                        // to move, not for appends (which may stay uncommitted).
-                        let replica = shard::local().replica(&tp);
-                        let data = async {
-                            match &replica {
-                                Some(r) => r.wait_committed_past(Offset(offset)).await,
-                                None => log.wait_for_append(Offset(offset)).await,
-                            }
-                        };
-                        futures_lite::future::or(
-                            futures_lite::future::or(data, shard::local().clock.sleep(remaining)),
-                            async {
-                                let _ = done_rx.recv().await;
-                            },
-                        )
-                        .await
-                    })
-                    .await;
-                })
-                .await;
-                let _ = tx.try_send(waited);
-            })
-            .detach();
+            // A partition not held here was answered with an error, which ends the wait
+            // before it starts; skip it.
+            let Some(owner) = broker.owner(meta, p.index) else {
+                continue;
+            };
+            by_shard.entry(owner.0).or_default().push((
+                meta.clone(),
+                p.index,
+                p.fetch_offset.max(seen.high_watermark),
+            ));
         }
+    }
+    let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
+    let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+    for (owner, parts) in by_shard {
+        let (tx, done_rx) = (tx.clone(), done_rx.clone());
+        glommio::spawn_local(async move {
+            let waited =
+                shard::contain(shard::invoke_on(crate::types::ShardId(owner), move || {
+                    wait_on_owner(parts, remaining, done_rx)
+                }))
+                .await;
+            let _ = tx.try_send(waited);
+        })
+        .detach();
     }
     drop((tx, done_rx));
     let first = futures_lite::future::or(async { rx.recv().await.ok() }, async {
@@ -596,6 +666,65 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
     if let Some(Err(p)) = first {
         p.resume();
     }
+}
+
+/// On the partitions' owner shard: waits until one of `parts` moves past its offset, `remaining`
+/// passes, or `done` closes (the fetch stopped waiting).
+async fn wait_on_owner(
+    parts: Vec<(Arc<TopicMeta>, i32, i64)>,
+    remaining: Duration,
+    done: async_channel::Receiver<()>,
+) {
+    let here = shard::local();
+    let signal = AppendSignal::new();
+    let mut commits: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = vec![];
+    for (meta, index, offset) in parts {
+        crate::fault::panic_point("fetch_wait", &meta.name);
+        let tp = crate::types::TopicPartition::new(meta.name.clone(), index);
+        match (here.replica(&tp), here.partition(&tp)) {
+            (Some(r), _) => commits.push(Box::pin(async move {
+                r.wait_committed_past(Offset(offset)).await
+            })),
+            (None, Some(log)) => log.signal_append(Offset(offset), &signal),
+            // Gone since the read (deleted, moved): the next read reports it.
+            (None, None) => return,
+        }
+    }
+    let committed = std::future::poll_fn(|cx| {
+        if commits.is_empty() {
+            return std::task::Poll::Pending;
+        }
+        for c in commits.iter_mut() {
+            if c.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    });
+    futures_lite::future::or(
+        futures_lite::future::or(signal.wait(), committed),
+        futures_lite::future::or(here.clock.sleep(remaining), async {
+            let _ = done.recv().await;
+        }),
+    )
+    .await
+}
+
+/// Kafka's `isolation_level` of read_committed consumers.
+const READ_COMMITTED: i8 = 1;
+
+/// The base offset of a stored batch.
+fn batch_base(b: &[u8]) -> Option<i64> {
+    b.get(..8)
+        .and_then(|s| s.try_into().ok())
+        .map(i64::from_be_bytes)
+}
+
+/// The offset after a stored batch's last record.
+fn batch_next(b: &[u8]) -> Option<i64> {
+    crate::protocol::batch::BatchHeader::parse(b)
+        .ok()
+        .map(|h| h.last_offset().next().0)
 }
 
 /// Encodes the whole response frame as glue buffers interleaved with the stored batches.
@@ -654,11 +783,22 @@ fn encode(
             );
             glue.put_i16(r.error.get());
             glue.put_i64(r.high_watermark);
-            glue.put_i64(r.high_watermark); // last_stable_offset: no transactions yet
+            glue.put_i64(if r.error.is_error() {
+                r.high_watermark
+            } else {
+                r.last_stable
+            });
             if version >= 5 {
                 glue.put_i64(r.log_start_offset);
             }
-            put_array_len(&mut glue, flexible, 0); // aborted_transactions: empty
+            put_array_len(&mut glue, flexible, r.aborted.len());
+            for a in &r.aborted {
+                glue.put_i64(a.producer_id);
+                glue.put_i64(a.first.0);
+                if flexible {
+                    put_uvarint(&mut glue, 0); // aborted transaction tagged fields
+                }
+            }
             if version >= 11 {
                 glue.put_i32(-1); // preferred_read_replica
             }
@@ -712,11 +852,13 @@ mod tests {
                         index: 0,
                         fetch_offset: 0,
                         partition_max_bytes: 1 << 20,
+                        current_leader_epoch: -1,
                     },
                     PartReq {
                         index: 1,
                         fetch_offset: 0,
                         partition_max_bytes: 1 << 20,
+                        current_leader_epoch: -1,
                     },
                 ],
             }];
@@ -726,12 +868,20 @@ mod tests {
                     high_watermark: 1,
                     log_start_offset: 0,
                     batches: vec![batch.clone()],
+                    last_stable: 1,
+                    aborted: vec![AbortedTxn {
+                        producer_id: 5,
+                        first: Offset(0),
+                        last: Offset(3),
+                    }],
+                    ..Default::default()
                 },
                 PartResult {
                     error: code(ResponseError::OffsetOutOfRange),
                     high_watermark: 0,
                     log_start_offset: 0,
                     batches: vec![],
+                    ..Default::default()
                 },
             ]];
             let parts = encode(version, 42, (NONE, 0), &topics, &results, None);
@@ -753,6 +903,17 @@ mod tests {
             assert_eq!(r.responses.len(), 1);
             let p = &r.responses[0].partitions;
             assert_eq!(p[0].records.as_ref().unwrap(), &batch, "v{version}");
+            assert_eq!(p[0].last_stable_offset, 1, "v{version}");
+            let aborted = p[0].aborted_transactions.as_ref().unwrap();
+            assert_eq!(
+                (
+                    aborted.len(),
+                    aborted[0].producer_id.0,
+                    aborted[0].first_offset
+                ),
+                (1, 5, 0),
+                "v{version}"
+            );
             assert_eq!(p[1].error_code, ResponseError::OffsetOutOfRange.code());
             if version >= 13 {
                 assert_eq!(r.responses[0].topic_id.as_bytes(), &[9; 16]);

@@ -1,8 +1,10 @@
 //! FindCoordinator, versions 0-6 (flexible from 3; batched `coordinator_keys` from 4). A group's
 //! coordinator is the node that holds its `__consumer_offsets` partition: on a single node
 //! always this one (the hop to the group's shard happens inside the broker), in a cluster the
-//! node the controller placed that partition on. Transaction (and share) coordinators do not exist
-//! yet: COORDINATOR_NOT_AVAILABLE.
+//! node the controller placed that partition on. A transactional id's coordinator is this node
+//! on a single node (the hop to the id's `__transaction_state` shard happens inside the
+//! broker); in a cluster there is none: COORDINATOR_NOT_AVAILABLE. Share coordinators do not
+//! exist: COORDINATOR_NOT_AVAILABLE.
 
 use bytes::Bytes;
 use kafka_protocol::messages::find_coordinator_response::Coordinator;
@@ -52,7 +54,22 @@ fn lookup(key: &str, key_type: i8) -> (ErrorCode, i32, String, i32) {
                 ),
             }
         }
-        KEY_TYPE_TRANSACTION | KEY_TYPE_SHARE => err(ResponseError::CoordinatorNotAvailable),
+        KEY_TYPE_TRANSACTION => {
+            if key.is_empty() {
+                return err(ResponseError::InvalidRequest);
+            }
+            // Transactions run on a single node only: in a cluster there is no coordinator.
+            if cfg.cluster.is_some() || broker.image().topic(crate::txn::TXN_TOPIC).is_none() {
+                return err(ResponseError::CoordinatorNotAvailable);
+            }
+            (
+                NONE,
+                cfg.node_id,
+                cfg.advertise_host.clone(),
+                cfg.advertise_port as i32,
+            )
+        }
+        KEY_TYPE_SHARE => err(ResponseError::CoordinatorNotAvailable),
         _ => err(ResponseError::InvalidRequest),
     }
 }

@@ -1,4 +1,5 @@
-//! ListGroups, versions 0-5 (flexible from 3; v4 state filter; v5 type filter and group type).
+//! ListGroups, versions 0-5 (flexible from 3; v4 state filter; v5 type filter and group type:
+//! `classic` or `consumer` for KIP-848 groups, whose states are Empty/Assigning/Reconciling/Stable).
 //! Asks every shard's coordinator.
 
 use bytes::Bytes;
@@ -6,7 +7,7 @@ use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::{GroupId, ListGroupsRequest, ListGroupsResponse};
 
 use super::common::str_bytes;
-use crate::group::{self, GroupState};
+use crate::group;
 use crate::kafka::{Request, Response};
 use crate::shard;
 
@@ -23,8 +24,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         vec![]
     };
     // An unknown state name matches nothing (Kafka ignores it rather than failing).
-    let states: Vec<GroupState> = names.iter().filter_map(|s| GroupState::parse(s)).collect();
-    let unknown_only = !names.is_empty() && states.is_empty();
+    let states = names;
     let types: Vec<String> = if version >= 5 {
         request.types_filter.iter().map(|s| s.to_string()).collect()
     } else {
@@ -41,9 +41,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         }
     })
     .await;
-    let groups = if unknown_only {
-        vec![]
-    } else {
+    let groups = {
         per_shard
             .into_iter()
             .flatten()
@@ -55,7 +53,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     l.group_state = str_bytes(g.state);
                 }
                 if version >= 5 {
-                    l.group_type = str_bytes("classic");
+                    l.group_type = str_bytes(g.group_type);
                 }
                 l
             })

@@ -1,5 +1,5 @@
 //! ListOffsets, versions 1-7 (flexible from 6). Timestamps: -2 earliest (log start), -1 latest
-//! (high watermark), -3 the record with the largest timestamp (v7, KIP-734), otherwise the first
+//! (high watermark; the last stable offset with `isolation_level` read_committed), -3 the record with the largest timestamp (v7, KIP-734), otherwise the first
 //! offset whose timestamp is at or after the given one (through the time index).
 
 use bytes::Bytes;
@@ -9,7 +9,10 @@ use kafka_protocol::messages::list_offsets_response::{
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 use kafka_protocol::ResponseError;
 
-use super::common::{code, readable_end, storage_code, with_partition, NONE};
+use super::common::{
+    code, readable_end, storage_code, with_partition_at_epoch, NONE, NO_EPOCH_CHECK,
+    UNREPLICATED_EPOCH,
+};
 use crate::kafka::{Request, Response};
 use crate::protocol::compression;
 use crate::shard;
@@ -39,10 +42,25 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 continue;
             };
             let ts = p.timestamp;
+            let committed_only = request.isolation_level == 1;
             let (name, index) = (meta.name.clone(), p.partition_index);
-            let r = with_partition(meta, p.partition_index, move |log| async move {
-                match ts {
+            // KIP-320: v4+ carries the client's current leader epoch.
+            let current = if req.version >= 4 {
+                p.current_leader_epoch
+            } else {
+                NO_EPOCH_CHECK
+            };
+            let replicated = meta.replication_factor() > 1;
+            let r = with_partition_at_epoch(meta, index, current, move |log, epoch| async move {
+                let found = match ts {
                     EARLIEST => Ok((log.log_start_offset().0, -1)),
+                    // read_committed consumers start at the last stable offset.
+                    LATEST if committed_only => Ok((
+                        readable_end(&name, index, &log)
+                            .min(log.last_stable_offset())
+                            .0,
+                        -1,
+                    )),
                     LATEST => Ok((readable_end(&name, index, &log).0, -1)),
                     MAX_TIMESTAMP => match log.max_timestamp() {
                         // The batch's last offset is a bound; the record is the first with
@@ -62,15 +80,28 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         Ok(None) => Ok((-1, -1)),
                         Err(e) => Err(storage_code(&e)),
                     },
-                }
+                };
+                // The leader epoch of the answer (v4+): on a replicated partition the current
+                // one for the latest offset, else the epoch of the batch holding the offset, as
+                // Kafka reports them; a partition without replicas reports 0, as Metadata does.
+                found.map(|(offset, timestamp)| {
+                    let answer_epoch = if !replicated {
+                        UNREPLICATED_EPOCH
+                    } else if ts == LATEST {
+                        epoch
+                    } else {
+                        epoch_at(&log.leader_epochs(), offset)
+                    };
+                    (offset, timestamp, answer_epoch)
+                })
             })
             .await;
             parts.push(match r {
-                Ok(Ok((offset, timestamp))) => resp
+                Ok(Ok((offset, timestamp, epoch))) => resp
                     .with_error_code(req.error_code(NONE))
                     .with_offset(offset)
                     .with_timestamp(timestamp)
-                    .with_leader_epoch(if req.version >= 4 { 0 } else { -1 }),
+                    .with_leader_epoch(if req.version >= 4 { epoch } else { -1 }),
                 Ok(Err(c)) | Err(c) => resp
                     .with_error_code(req.error_code(c))
                     .with_offset(-1)
@@ -84,6 +115,19 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         );
     }
     req.respond(&ListOffsetsResponse::default().with_topics(topics))
+}
+
+/// The leader epoch that wrote `offset`: the last of `epochs` (epoch, start offset; oldest
+/// first) starting at or before it; -1 when none does (or `offset` is -1).
+pub fn epoch_at(epochs: &[(i32, crate::types::Offset)], offset: i64) -> i32 {
+    if offset < 0 {
+        return -1;
+    }
+    epochs
+        .iter()
+        .take_while(|(_, start)| start.0 <= offset)
+        .last()
+        .map_or(-1, |(e, _)| *e)
 }
 
 /// The first record (offset, timestamp) satisfying `wanted` in the batch holding `offset`. Rare

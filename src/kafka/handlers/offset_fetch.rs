@@ -1,6 +1,8 @@
 //! OffsetFetch, versions 1-9 (flexible from 6; v2+ all partitions when topics is null and a
 //! top-level error; v5+ leader epochs; v8+ several groups per request). Unknown partitions
-//! answer offset -1 with no error, as Kafka does.
+//! answer offset -1 with no error, as Kafka does. With `require_stable` (v7+, KIP-447) a partition
+//! whose offset an open transaction has committed answers UNSTABLE_OFFSET_COMMIT (clients
+//! retry), so a consumer taking over never starts from an offset that is about to change.
 
 use bytes::Bytes;
 use kafka_protocol::messages::offset_fetch_response::{
@@ -9,7 +11,9 @@ use kafka_protocol::messages::offset_fetch_response::{
 };
 use kafka_protocol::messages::{GroupId, OffsetFetchRequest, OffsetFetchResponse};
 
-use super::common::{str_bytes, topic_name, NONE};
+use kafka_protocol::ResponseError;
+
+use super::common::{code, str_bytes, topic_name, NONE};
 use crate::group::offsets::OffsetValue;
 use crate::group::on_coordinator;
 use crate::kafka::{Request, Response};
@@ -22,14 +26,54 @@ type TopicOffsets = (String, Vec<(i32, Option<OffsetValue>)>);
 async fn fetch(
     group_id: String,
     wanted: Option<Vec<(String, Vec<i32>)>>,
+    require_stable: bool,
 ) -> Result<Fetched, crate::types::ErrorCode> {
     let gid = group_id.clone();
     on_coordinator(&group_id, move |gs| async move {
-        gs.coordinator
+        let mut rows = gs
+            .coordinator
             .borrow()
-            .fetch_offsets(&gid, wanted.as_deref())
+            .fetch_offsets(&gid, wanted.as_deref());
+        if require_stable {
+            let pending = gs.pending_txn.borrow();
+            for (t, p, v) in rows.iter_mut() {
+                if pending.has_pending(&gid, t, *p) {
+                    *v = Some(OffsetValue {
+                        offset: UNSTABLE,
+                        leader_epoch: -1,
+                        metadata: String::new(),
+                        commit_timestamp_ms: -1,
+                        expire_timestamp_ms: -1,
+                    });
+                }
+            }
+        }
+        rows
     })
     .await
+}
+
+/// Marks a row whose offset an open transaction holds (never a real offset).
+const UNSTABLE: i64 = i64::MIN;
+
+/// The error of one row: UNSTABLE_OFFSET_COMMIT for a marked one.
+fn row_error(
+    v: &Option<OffsetValue>,
+    otherwise: crate::types::ErrorCode,
+) -> crate::types::ErrorCode {
+    if v.as_ref().is_some_and(|v| v.offset == UNSTABLE) {
+        code(ResponseError::UnstableOffsetCommit)
+    } else {
+        otherwise
+    }
+}
+
+/// The offset a row reports (-1 for none and for a marked one).
+fn row_offset(v: &Option<OffsetValue>) -> i64 {
+    match v {
+        Some(v) if v.offset != UNSTABLE => v.offset,
+        _ => -1,
+    }
 }
 
 /// Groups results by topic, keeping the first-seen topic order.
@@ -62,7 +106,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .map(|t| (t.name.to_string(), t.partition_indexes))
                     .collect::<Vec<_>>()
             });
-            let (error, rows) = match fetch(g.group_id.to_string(), wanted).await {
+            let stable = request.require_stable;
+            let (error, rows) = match fetch(g.group_id.to_string(), wanted, stable).await {
                 Ok(rows) => (NONE, rows),
                 Err(e) => (e, vec![]),
             };
@@ -76,9 +121,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                                 .map(|(p, v)| {
                                     OffsetFetchResponsePartitions::default()
                                         .with_partition_index(p)
-                                        .with_committed_offset(
-                                            v.as_ref().map(|v| v.offset).unwrap_or(-1),
-                                        )
+                                        .with_error_code(req.error_code(row_error(&v, NONE)))
+                                        .with_committed_offset(row_offset(&v))
                                         .with_committed_leader_epoch(epoch(&v))
                                         .with_metadata(Some(str_bytes(
                                             v.as_ref().map(|v| v.metadata.as_str()).unwrap_or(""),
@@ -103,7 +147,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .collect::<Vec<_>>()
     });
     let requested = wanted.clone();
-    let (error, rows) = match fetch(request.group_id.to_string(), wanted).await {
+    let stable = version >= 7 && request.require_stable;
+    let (error, rows) = match fetch(request.group_id.to_string(), wanted, stable).await {
         Ok(rows) => (NONE, rows),
         Err(e) => {
             // v1 has no top-level error: report it on every requested partition.
@@ -126,12 +171,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         .map(|(p, v)| {
                             OffsetFetchResponsePartition::default()
                                 .with_partition_index(p)
-                                .with_committed_offset(v.as_ref().map(|v| v.offset).unwrap_or(-1))
+                                .with_committed_offset(row_offset(&v))
                                 .with_committed_leader_epoch(epoch(&v))
                                 .with_metadata(Some(str_bytes(
                                     v.as_ref().map(|v| v.metadata.as_str()).unwrap_or(""),
                                 )))
-                                .with_error_code(req.error_code(per_partition_error))
+                                .with_error_code(req.error_code(row_error(&v, per_partition_error)))
                         })
                         .collect(),
                 )

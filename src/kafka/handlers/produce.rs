@@ -2,21 +2,25 @@
 //! (framing, magic v2, CRC-32C, max.message.bytes), then appends it on the partition's owner
 //! shard and waits for the durability the acks ask for: acks=0 none, acks=1 the write,
 //! acks=all the fdatasync. Partitions of one request are appended concurrently.
+//! Transactional requests (KIP-98) carry transactional batches of one producer; each partition
+//! is checked with the transaction coordinator to be in the producer's open transaction first.
 //! A topic the broker does not know is UNKNOWN_TOPIC_OR_PARTITION: as in Kafka, Produce never
 //! creates topics (a producer's Metadata request may, see `metadata`).
 
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use glommio::task::JoinHandle;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
 
-use super::common::{code, storage_code, topic_or_create, with_partition, NONE};
+use super::common::{code, storage_code, topic_or_create, with_partition_replica, NONE};
 use crate::kafka::{Request, Response};
-use crate::metadata::configs;
 use crate::protocol::batch::{self, BatchError};
-use crate::shard;
+use crate::protocol::validated::Validated;
+use crate::shard::{self, LocalTopic};
 use crate::storage::Durability;
 use crate::types::ErrorCode;
 
@@ -40,32 +44,25 @@ impl Outcome {
     }
 }
 
-/// Checks each batch in `records`; the first failure decides the partition's error.
-fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, String)> {
-    if records.is_empty() {
-        return Err((
-            code(ResponseError::CorruptMessage),
-            "empty record set".into(),
-        ));
-    }
-    let mut too_large = None;
-    let mut transactional = false;
-    let mut inconsistent = None;
-    let walked = batch::for_each_batch(records, true, |h| {
-        if h.size() as i64 > max_message_bytes {
-            too_large = Some(h.size());
-        }
-        transactional |= h.is_transactional() || h.is_control();
-        // Kafka's LogValidator: a produced batch spans exactly its record count of offsets.
-        // Unchecked, one small batch claiming 2^31 records would move the log end by 2^31.
-        if h.record_count() <= 0
-            || i64::from(h.last_offset_delta()) != i64::from(h.record_count()) - 1
-        {
-            inconsistent.get_or_insert((h.record_count(), h.last_offset_delta()));
-        }
-    });
-    match walked {
-        Ok(_) => {}
+/// Checks the batches of one partition's records on the receiving shard, once: framing, magic,
+/// CRC-32C (in [`Validated::check`]; with LogAppendTime stamped at `append_time` in the same
+/// pass), then Kafka's produce rules on the headers it parsed. The first failure decides the
+/// partition's error. Batches of a transactional request must be transactional batches of one
+/// producer, returned as `(producer id, epoch)`; other requests may not carry transactional
+/// batches. Control batches come only from the broker's own transaction coordinator, never
+/// from a producer.
+fn validate(
+    records: BytesMut,
+    max_message_bytes: i64,
+    append_time: Option<i64>,
+    transactional_request: bool,
+) -> Result<(Validated, Option<(i64, i16)>), (ErrorCode, String)> {
+    let checked = match append_time {
+        None => Validated::check(records),
+        Some(now) => Validated::check_stamping(records, now),
+    };
+    let v = match checked {
+        Ok(v) => v,
         Err(BatchError::BadMagic(m)) => {
             return Err((
                 code(ResponseError::UnsupportedForMessageFormat),
@@ -73,6 +70,33 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, St
             ))
         }
         Err(e) => return Err((code(ResponseError::CorruptMessage), e.to_string())),
+    };
+    let mut too_large = None;
+    let mut control = false;
+    let mut txn_batches = 0usize;
+    let mut batches = 0usize;
+    let mut producers: Option<(i64, i16)> = None;
+    let mut mixed = false;
+    let mut inconsistent = None;
+    for h in v.headers() {
+        if h.size() as i64 > max_message_bytes {
+            too_large = Some(h.size());
+        }
+        control |= h.is_control();
+        batches += 1;
+        if h.is_transactional() {
+            txn_batches += 1;
+            let p = (h.producer_id(), h.producer_epoch());
+            mixed |= producers.is_some_and(|q| q != p) || p.0 < 0;
+            producers = Some(p);
+        }
+        // Kafka's LogValidator: a produced batch spans exactly its record count of offsets.
+        // Unchecked, one small batch claiming 2^31 records would move the log end by 2^31.
+        if h.record_count() <= 0
+            || i64::from(h.last_offset_delta()) != i64::from(h.record_count()) - 1
+        {
+            inconsistent.get_or_insert((h.record_count(), h.last_offset_delta()));
+        }
     }
     if let Some((count, delta)) = inconsistent {
         return Err((
@@ -86,13 +110,47 @@ fn validate(records: &[u8], max_message_bytes: i64) -> Result<(), (ErrorCode, St
             format!("batch of {size} bytes exceeds max.message.bytes {max_message_bytes}"),
         ));
     }
-    if transactional {
+    if control {
         return Err((
             code(ResponseError::InvalidRecord),
-            "transactional and control batches are not supported yet".into(),
+            "control batches are written by the broker only".into(),
         ));
     }
-    Ok(())
+    if transactional_request && (txn_batches != batches || mixed) {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            "a transactional produce carries transactional batches of one producer only".into(),
+        ));
+    }
+    if !transactional_request && txn_batches > 0 {
+        return Err((
+            code(ResponseError::InvalidRecord),
+            "transactional batches need the request's transactional id".into(),
+        ));
+    }
+    Ok((v, producers))
+}
+
+/// A topic as this shard's metadata copy has it; for a name it does not know, the error Kafka
+/// gives (Produce never creates topics).
+async fn local_topic(name: &str) -> Result<Rc<LocalTopic>, ErrorCode> {
+    if let Some(t) = shard::local().metadata().topic(name) {
+        return Ok(t.clone());
+    }
+    topic_or_create(name, false).await?;
+    // Published since the first look.
+    shard::local()
+        .metadata()
+        .topic(name)
+        .cloned()
+        .ok_or(code(ResponseError::UnknownTopicOrPartition))
+}
+
+/// One partition's answer: known at once (an error found before any work), or the task
+/// appending it.
+enum Pending {
+    Ready(Outcome),
+    Task(JoinHandle<Result<Outcome, shard::Panic>>),
 }
 
 /// A compacted topic keeps the latest record per key, so every record needs one (Kafka's
@@ -127,46 +185,48 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     };
     let timeout = Duration::from_millis(request.timeout_ms.max(0) as u64);
     let transactional = request.transactional_id.is_some();
+    let partitions: usize = request
+        .topic_data
+        .iter()
+        .map(|td| td.partition_data.len())
+        .sum();
 
-    // One task per partition, all started before any is awaited. The tasks are contained: a
-    // panic in one is re-raised here when it is awaited, and fails this request only.
+    // One task per partition, all started before any is awaited (a lone partition runs in
+    // this task). The tasks are contained: a panic in one is re-raised here when it is awaited,
+    // and fails this request only.
     let mut topics = Vec::with_capacity(request.topic_data.len());
     for td in request.topic_data {
-        let name = td.name.to_string();
-        crate::fault::panic_point("produce_request", &name);
-        let topic = if durability.is_none() || transactional {
+        crate::fault::panic_point("produce_request", &td.name);
+        let topic = if durability.is_none() || (transactional && !crate::txn::enabled()) {
             None
         } else {
-            // Kafka never creates a topic from Produce: an unknown topic is
-            // UNKNOWN_TOPIC_OR_PARTITION (only Metadata may auto-create).
-            Some(topic_or_create(&name, false).await)
+            Some(local_topic(&td.name).await)
         };
         let mut parts = Vec::with_capacity(td.partition_data.len());
         for pd in td.partition_data {
             let index = pd.index;
-            let task = match (&topic, durability) {
-                (_, None) => {
-                    let e = Outcome::error(code(ResponseError::InvalidRequiredAcks), None);
-                    shard::spawn_contained(async move { e })
-                }
-                (None, _) => {
-                    let e = Outcome::error(
-                        code(ResponseError::TransactionalIdAuthorizationFailed),
-                        Some("transactions are not supported yet".into()),
-                    );
-                    shard::spawn_contained(async move { e })
-                }
-                (Some(Err(e)), _) => {
-                    let e = Outcome::error(*e, None);
-                    shard::spawn_contained(async move { e })
-                }
+            let pending = match (&topic, durability) {
+                (_, None) => Pending::Ready(Outcome::error(
+                    code(ResponseError::InvalidRequiredAcks),
+                    None,
+                )),
+                (None, _) => Pending::Ready(Outcome::error(
+                    code(ResponseError::TransactionalIdAuthorizationFailed),
+                    Some("transactions run on a single node only".into()),
+                )),
+                (Some(Err(e)), _) => Pending::Ready(Outcome::error(*e, None)),
                 (Some(Ok(t)), Some(d)) => {
-                    let t = t.clone();
                     let records = pd.records.unwrap_or_default();
-                    shard::spawn_contained(append_partition(t, index, records, d, timeout))
+                    let tid = request.transactional_id.as_ref().map(|t| t.to_string());
+                    let append = append_partition(t.clone(), index, records, d, timeout, tid);
+                    if partitions == 1 {
+                        Pending::Ready(append.await)
+                    } else {
+                        Pending::Task(shard::spawn_contained(append))
+                    }
                 }
             };
-            parts.push((index, task));
+            parts.push((index, pending));
         }
         topics.push((td.name, parts));
     }
@@ -175,10 +235,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let mut any_error = false;
     for (name, parts) in topics {
         let mut prs = Vec::with_capacity(parts.len());
-        for (index, task) in parts {
-            let o = shard::join(task)
-                .await
-                .unwrap_or_else(|| Outcome::error(code(ResponseError::UnknownServerError), None));
+        for (index, pending) in parts {
+            let o = match pending {
+                Pending::Ready(o) => o,
+                Pending::Task(task) => shard::join(task).await.unwrap_or_else(|| {
+                    Outcome::error(code(ResponseError::UnknownServerError), None)
+                }),
+            };
             any_error |= o.error_code.is_error();
             crate::stats::request_error(
                 kafka_protocol::messages::ApiKey::Produce as i16,
@@ -220,50 +283,73 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
 }
 
 async fn append_partition(
-    topic: std::sync::Arc<crate::metadata::TopicMeta>,
+    topic: Rc<LocalTopic>,
     index: i32,
     records: Bytes,
     durability: Durability,
     timeout: Duration,
+    transactional_id: Option<String>,
 ) -> Outcome {
-    crate::fault::panic_point("produce_partition", &topic.name);
-    let broker = shard::local().broker.clone();
-    if topic.internal {
+    let meta = &topic.meta;
+    crate::fault::panic_point("produce_partition", &meta.name);
+    if meta.internal {
         return Outcome::error(
             code(ResponseError::InvalidTopicException),
-            Some(format!("cannot produce to internal topic {}", topic.name)),
+            Some(format!("cannot produce to internal topic {}", meta.name)),
         );
     }
-    if index < 0 || index >= topic.partition_count() {
+    if index < 0 || index >= meta.partition_count() {
         return Outcome::error(code(ResponseError::UnknownTopicOrPartition), None);
     }
-    let image = broker.image();
-    let defaults = configs::BrokerDefaults::of(&broker.config, &image);
-    let max_bytes = configs::max_message_bytes(&defaults, &topic.configs);
-    if let Err((c, m)) = validate(&records, max_bytes) {
-        return Outcome::error(c, Some(m));
+    if records.is_empty() {
+        return Outcome::error(
+            code(ResponseError::CorruptMessage),
+            Some("empty record set".into()),
+        );
     }
-    if configs::compacts(&defaults, &topic.configs) {
+    let config = topic.produce;
+    let append_time = config.log_append_time.then(crate::types::now_ms);
+    // The log patches offsets in place, so it gets its own copy of the batch bytes, which are
+    // validated (and checksummed) once, here.
+    let (owned, producer) = match validate(
+        BytesMut::from(&records[..]),
+        config.max_message_bytes,
+        append_time,
+        transactional_id.is_some(),
+    ) {
+        Ok(v) => v,
+        Err((c, m)) => return Outcome::error(c, Some(m)),
+    };
+    if config.compacted {
         if let Err(m) = keyed(&records) {
             return Outcome::error(code(ResponseError::InvalidRecord), Some(m));
         }
     }
-    let replicated = topic.replication_factor() > 1;
-    // The log patches offsets in place, so it gets its own copy of the batch bytes.
-    let mut owned = BytesMut::from(&records[..]);
-    let append_time =
-        configs::log_append_time(&defaults, &topic.configs).then(crate::types::now_ms);
-    if let Some(now) = append_time {
-        let mut at = 0;
-        while at < owned.len() {
-            let size = batch::batch_size(&owned[at..]).expect("validated above");
-            batch::set_log_append_time(&mut owned[at..at + size], now);
-            at += size;
+    if let (Some(tid), Some((pid, epoch))) = (transactional_id, producer) {
+        // The partition must be in the producer's open transaction (KIP-890 part 1: the
+        // leader verifies with the coordinator), or its batches would never see a marker.
+        let tp = (meta.name.clone(), index);
+        let verified = crate::txn::on_coordinator(&tid.clone(), move |ts| async move {
+            ts.verify_partition(&tid, pid, epoch, &tp)
+        })
+        .await
+        .unwrap_or_else(|e| e);
+        if verified.is_error() {
+            // Produce predates PRODUCER_FENCED: a fenced producer is told INVALID_PRODUCER_EPOCH.
+            let e = if verified == code(ResponseError::ProducerFenced) {
+                code(ResponseError::InvalidProducerEpoch)
+            } else {
+                verified
+            };
+            return Outcome::error(e, None);
         }
     }
-    if durability == Durability::Synced && topic.replication_factor() > 1 {
-        let min = configs::min_insync_replicas(&defaults, &topic.configs);
-        let isr = in_sync_replicas(&broker, &topic, index).len() as i64;
+    drop(records);
+    let replicated = meta.replication_factor() > 1;
+    if durability == Durability::Synced && replicated {
+        let here = shard::local();
+        let min = config.min_insync_replicas;
+        let isr = in_sync_replicas(&here.broker, meta, index).len() as i64;
         if isr < min {
             return Outcome::error(
                 code(ResponseError::NotEnoughReplicas),
@@ -273,32 +359,19 @@ async fn append_partition(
             );
         }
     }
-    let tp = crate::types::TopicPartition::new(topic.name.clone(), index);
-    // A detached task, so that a timed-out wait never cancels the append itself. Contained: its
-    // panic is re-raised here, or logged by itself if the wait timed out first.
-    let append = shard::spawn_contained(async move {
-        with_partition(&topic, index, move |log| async move {
-            match shard::local().replica(&tp) {
-                Some(replica) => replicate(&replica, owned).await,
-                None => log
-                    .append(owned, durability)
-                    .await
-                    .map(|r| (r.base_offset.0, r.log_start_offset.0))
-                    .map_err(|e| (storage_code(&e), Some(e.to_string()))),
-            }
-        })
-        .await
-    });
-    let append = shard::join(append);
     let waits = durability == Durability::Synced || replicated;
+    let append = append_on_owner(topic.clone(), index, owned, durability);
     let result = if waits && !timeout.is_zero() {
+        // A detached task, so that a timed-out wait never cancels the append itself. Contained:
+        // its panic is re-raised here, or logged by itself if the wait timed out first.
+        let append = shard::join(shard::spawn_contained(append));
         futures_lite::future::or(append, async {
             shard::local().clock.sleep(timeout).await;
             None
         })
         .await
     } else {
-        append.await
+        Some(append.await)
     };
     match result {
         None => Outcome::error(code(ResponseError::RequestTimedOut), None),
@@ -314,29 +387,64 @@ async fn append_partition(
     }
 }
 
-/// The replicas of a partition Metadata reports in sync and `min.insync.replicas` counts: those
-/// on nodes that are not fenced. Raft progress is not exposed by the group yet, so a live
-/// follower that lags is still counted.
+type Appended = Result<Result<(i64, i64), (ErrorCode, Option<String>)>, ErrorCode>;
+
+/// Appends validated batches to the partition on its owner shard (or proposes them to its raft
+/// group): base offset and log start offset.
+async fn append_on_owner(
+    topic: Rc<LocalTopic>,
+    index: i32,
+    records: Validated,
+    durability: Durability,
+) -> Appended {
+    with_partition_replica(&topic.meta, index, move |log, replica| async move {
+        match replica {
+            Some(replica) => {
+                replicate(
+                    &replica,
+                    records.into_bytes(),
+                    durability == Durability::Synced,
+                )
+                .await
+            }
+            None => log
+                .append_validated(records, durability)
+                .await
+                .map(|r| (r.base_offset.0, r.log_start_offset.0))
+                .map_err(|e| (storage_code(&e), Some(e.to_string()))),
+        }
+    })
+    .await
+}
+
+/// The replicas of a partition Metadata reports in sync and `min.insync.replicas` counts, among
+/// those on nodes that are not fenced: on the partition's leader, itself and the followers that
+/// caught up within `shard::REPLICA_LAG_TIME_MAX` (raft progress); elsewhere, where progress is
+/// not known, every replica on a live node.
 pub fn in_sync_replicas(
     broker: &shard::BrokerContext,
     topic: &crate::metadata::TopicMeta,
     index: i32,
 ) -> Vec<i32> {
     let image = broker.image();
+    let tp = crate::types::TopicPartition::new(topic.name.clone(), index);
+    let progress = broker.replica_isr(&tp);
     topic
         .replica_nodes(index)
         .iter()
         .copied()
         .filter(|n| !image.fenced.contains(n))
+        .filter(|n| progress.as_ref().is_none_or(|isr| isr.contains(n)))
         .collect()
 }
 
 /// Produces a validated request's records to a replicated partition on its leader: each batch
-/// is proposed in turn and answered once committed (whatever the acks: a local append is not
-/// observable apart from the commit yet). The base offset is the first batch's.
+/// is proposed in turn and answered once committed (acks=all, `committed`) or once appended to
+/// the leader's own log (acks=1 and 0). The base offset is the first batch's.
 async fn replicate(
     replica: &crate::replica::ReplicatedPartition,
     records: BytesMut,
+    committed: bool,
 ) -> Result<(i64, i64), (ErrorCode, Option<String>)> {
     use crate::replica::ReplicateError;
     use sluice_raft::ProposeError;
@@ -345,7 +453,12 @@ async fn replicate(
     while !rest.is_empty() {
         let size = batch::batch_size(&rest).expect("validated above");
         let one = rest.split_to(size);
-        let (base, _) = replica.propose(one).await.map_err(|e| match e {
+        let proposed = if committed {
+            replica.propose(one).await
+        } else {
+            replica.propose_appended(one).await
+        };
+        let (base, _) = proposed.map_err(|e| match e {
             ReplicateError::InvalidBatch => (code(ResponseError::CorruptMessage), None),
             ReplicateError::Raft(ProposeError::Busy) => (
                 code(ResponseError::RequestTimedOut),

@@ -173,7 +173,7 @@ pub struct ScenarioCmd {
     /// Scenario name (file stem without the sN- prefix, e.g. produce-max) or a path to a file.
     pub name: String,
     /// Read scenario files from this directory instead of the built-in copies of perf/scenarios.
-    #[arg(long, env = "SLUICE_BENCH_SCENARIOS")]
+    #[arg(long, visible_alias = "scenario-dir", env = "SLUICE_BENCH_SCENARIOS")]
     pub dir: Option<PathBuf>,
     /// Run only this step (1-based) of a multi-step scenario.
     #[arg(long)]

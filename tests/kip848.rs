@@ -1,0 +1,430 @@
+//! KIP-848 consumer groups against the real broker: librdkafka with `group.protocol=consumer`
+//! (the server-side assignor, incremental reconciliation, commits with member epochs) and raw
+//! ConsumerGroupHeartbeat / ConsumerGroupDescribe frames for the error paths.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{sluice, topic_name, Broker};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// A broker whose consumer groups heartbeat every 500 ms and expire members after 6 s.
+fn broker() -> Broker {
+    Broker::options()
+        .cores(2)
+        .args([
+            "--group-consumer-heartbeat-interval-ms",
+            "500",
+            "--group-consumer-session-timeout-ms",
+            "6000",
+        ])
+        .start()
+}
+
+fn create_topic(b: &Broker, topic: &str, partitions: i32) {
+    let out = sluice(
+        &[
+            "topic",
+            "create",
+            topic,
+            "-p",
+            &partitions.to_string(),
+            "--brokers",
+            &b.bootstrap(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn produce(b: &Broker, topic: &str, partitions: i32, round: usize, per_partition: usize) {
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    for part in 0..partitions {
+        for i in 0..per_partition {
+            let v = format!("r{round}-p{part}-{i}");
+            p.send(
+                BaseRecord::<(), String>::to(topic)
+                    .partition(part)
+                    .payload(&v),
+            )
+            .expect("enqueue");
+        }
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+fn consumer(b: &Broker, group: &str, extra: &[(&str, &str)]) -> BaseConsumer {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", b.bootstrap())
+        .set("group.id", group)
+        .set("group.protocol", "consumer")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false");
+    if let Ok(d) = std::env::var("KIP848_DEBUG") {
+        cfg.set("debug", d);
+    }
+    for (k, v) in extra {
+        cfg.set(*k, *v);
+    }
+    cfg.create().expect("consumer")
+}
+
+fn owned(c: &BaseConsumer) -> BTreeSet<i32> {
+    c.assignment()
+        .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+        .unwrap_or_default()
+}
+
+/// Polls every consumer, committing each record it is given, until `done` holds (bounded).
+/// Checks on every round that no partition is owned by two consumers at once.
+fn poll_until(
+    cs: &[&BaseConsumer],
+    seen: &mut Vec<String>,
+    mut done: impl FnMut(&[&BaseConsumer], &[String]) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        for c in cs {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+                seen.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+                c.commit_message(&m, CommitMode::Sync).expect("commit");
+            }
+        }
+        let sets: Vec<BTreeSet<i32>> = cs.iter().map(|c| owned(c)).collect();
+        for (i, a) in sets.iter().enumerate() {
+            for b in &sets[i + 1..] {
+                assert!(a.is_disjoint(b), "two members own a partition: {sets:?}");
+            }
+        }
+        if done(cs, seen) {
+            eprintln!("condition reached after {:?}: {sets:?}", start.elapsed());
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT_MAX,
+            "condition not reached within {WAIT_MAX:?}; assignments {sets:?}, {} records",
+            seen.len()
+        );
+    }
+}
+
+fn no_duplicates(seen: &[String]) {
+    let unique: BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "a record was delivered twice");
+}
+
+fn committed_of(c: &BaseConsumer, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    c.committed_offsets(tpl, Duration::from_secs(20))
+        .expect("committed offsets")
+        .elements()
+        .iter()
+        .map(|e| {
+            (
+                e.partition(),
+                match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => -1,
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn consumers_share_partitions_rebalance_incrementally_and_commits_survive_a_restart() {
+    let mut b = broker();
+    let topic = topic_name("kip848");
+    create_topic(&b, &topic, 6);
+    let group = "kip848-group";
+    let c1 = consumer(&b, group, &[]);
+    let c2 = consumer(&b, group, &[]);
+    c1.subscribe(&[&topic]).unwrap();
+    c2.subscribe(&[&topic]).unwrap();
+    let mut seen = Vec::new();
+    poll_until(&[&c1, &c2], &mut seen, |cs, _| {
+        owned(cs[0]).len() == 3 && owned(cs[1]).len() == 3
+    });
+    produce(&b, &topic, 6, 1, 10);
+    poll_until(&[&c1, &c2], &mut seen, |_, s| s.len() >= 60);
+    // A third member joins: partitions move one by one, revoked before they are reassigned.
+    let c3 = consumer(&b, group, &[]);
+    c3.subscribe(&[&topic]).unwrap();
+    poll_until(&[&c1, &c2, &c3], &mut seen, |cs, _| {
+        cs.iter().all(|c| owned(c).len() == 2)
+    });
+    produce(&b, &topic, 6, 2, 10);
+    poll_until(&[&c1, &c2, &c3], &mut seen, |_, s| s.len() >= 120);
+    // One leaves (close sends the leave heartbeat): the other two take its partitions.
+    drop(c3);
+    poll_until(&[&c1, &c2], &mut seen, |cs, _| {
+        owned(cs[0]).len() + owned(cs[1]).len() == 6
+    });
+    produce(&b, &topic, 6, 3, 10);
+    poll_until(&[&c1, &c2], &mut seen, |_, s| s.len() >= 180);
+    assert_eq!(seen.len(), 180);
+    no_duplicates(&seen);
+    let want: BTreeMap<i32, i64> = (0..6).map(|p| (p, 30)).collect();
+    assert_eq!(committed_of(&c1, &topic, 6), want);
+    drop(c1);
+    drop(c2);
+    // The group's offsets and records survive a restart; a new member resumes after them.
+    assert!(b.sigterm().success());
+    b.restart();
+    produce(&b, &topic, 6, 4, 1);
+    let c = consumer(&b, group, &[]);
+    c.subscribe(&[&topic]).unwrap();
+    let mut after = Vec::new();
+    poll_until(&[&c], &mut after, |_, s| s.len() >= 6);
+    assert!(
+        after.iter().all(|v| v.starts_with("r4-")),
+        "only records after the commits: {after:?}"
+    );
+}
+
+#[test]
+fn range_assignor_and_regex_subscription() {
+    let b = broker();
+    let t1 = topic_name("rx-a");
+    create_topic(&b, &t1, 2);
+    let group = "kip848-regex";
+    let c1 = consumer(&b, group, &[("group.remote.assignor", "range")]);
+    // librdkafka sends a `^`-prefixed subscription as the KIP-848 regex.
+    let re = format!("^{}.*", t1.trim_end_matches(|c: char| c != '-'));
+    c1.subscribe(&[&re]).unwrap();
+    let mut seen = Vec::new();
+    poll_until(&[&c1], &mut seen, |cs, _| owned(cs[0]).len() == 2);
+    // A topic created later that matches joins the subscription.
+    let t2 = format!("{}more", t1.trim_end_matches(|c: char| c != '-'));
+    create_topic(&b, &t2, 3);
+    poll_until(&[&c1], &mut seen, |cs, _| {
+        cs[0].assignment().map(|a| a.count()).unwrap_or(0) == 5
+    });
+}
+
+mod raw {
+    use super::*;
+    use common::Client;
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::StrBytes;
+    use kafka_protocol::ResponseError;
+
+    fn s(x: &str) -> StrBytes {
+        StrBytes::from_string(x.to_string())
+    }
+
+    fn wait_coordinator(c: &mut Client, group: &str) {
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            let r: FindCoordinatorResponse = c
+                .call_at(
+                    ApiKey::FindCoordinator,
+                    2,
+                    &FindCoordinatorRequest::default().with_key(s(group)),
+                )
+                .expect("find coordinator");
+            if r.error_code == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no coordinator: {}",
+                r.error_code
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn hb(c: &mut Client, req: ConsumerGroupHeartbeatRequest) -> ConsumerGroupHeartbeatResponse {
+        c.call_at(ApiKey::ConsumerGroupHeartbeat, 1, &req)
+            .expect("heartbeat")
+    }
+
+    fn join(group: &str, member: &str, topic: &str) -> ConsumerGroupHeartbeatRequest {
+        ConsumerGroupHeartbeatRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_member_id(s(member))
+            .with_member_epoch(0)
+            .with_rebalance_timeout_ms(30_000)
+            .with_subscribed_topic_names(Some(vec![TopicName(s(topic))]))
+            .with_topic_partitions(Some(vec![]))
+    }
+
+    #[test]
+    fn heartbeat_errors_describe_and_list_match_kafka() {
+        let b = broker();
+        let topic = topic_name("raw848");
+        create_topic(&b, &topic, 3);
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        // Advertised.
+        let v: ApiVersionsResponse = c
+            .call_at(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())
+            .expect("api versions");
+        for key in [
+            ApiKey::ConsumerGroupHeartbeat,
+            ApiKey::ConsumerGroupDescribe,
+        ] {
+            let k = v
+                .api_keys
+                .iter()
+                .find(|k| k.api_key == key as i16)
+                .expect("advertised");
+            assert_eq!((k.min_version, k.max_version), (0, 1));
+        }
+        wait_coordinator(&mut c, "rg");
+        let r = hb(&mut c, join("rg", "m1", &topic));
+        assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+        assert_eq!(r.member_epoch, 1);
+        assert_eq!(r.heartbeat_interval_ms, 500);
+        let a = r.assignment.expect("assignment on join");
+        assert_eq!(a.topic_partitions[0].partitions.len(), 3);
+        // Bad fields: INVALID_REQUEST.
+        let r = hb(
+            &mut c,
+            join("rg", "m2", &topic).with_rebalance_timeout_ms(-1),
+        );
+        assert_eq!(r.error_code, ResponseError::InvalidRequest.code());
+        let r = hb(&mut c, join("rg", "", &topic));
+        assert_eq!(r.error_code, ResponseError::InvalidRequest.code());
+        let r = hb(&mut c, join("rg", "m2", &topic).with_member_epoch(-3));
+        assert_eq!(r.error_code, ResponseError::InvalidRequest.code());
+        // Epoch ahead of the coordinator: fenced. Unknown member: UNKNOWN_MEMBER_ID.
+        let r = hb(
+            &mut c,
+            join("rg", "m1", &topic)
+                .with_member_epoch(5)
+                .with_topic_partitions(None),
+        );
+        assert_eq!(r.error_code, ResponseError::FencedMemberEpoch.code());
+        let r = hb(&mut c, join("rg", "nobody", &topic).with_member_epoch(1));
+        assert_eq!(r.error_code, ResponseError::UnknownMemberId.code());
+        let r = hb(
+            &mut c,
+            join("rg", "m2", &topic).with_server_assignor(Some(s("sticky"))),
+        );
+        assert_eq!(r.error_code, ResponseError::UnsupportedAssignor.code());
+        // Static members: a second member id for a live instance is refused.
+        let r = hb(
+            &mut c,
+            join("rg", "s1", &topic).with_instance_id(Some(s("inst"))),
+        );
+        assert_eq!(r.error_code, 0);
+        let r = hb(
+            &mut c,
+            join("rg", "s2", &topic).with_instance_id(Some(s("inst"))),
+        );
+        assert_eq!(r.error_code, ResponseError::UnreleasedInstanceId.code());
+        // A commit with a stale member epoch.
+        let commit = OffsetCommitRequest::default()
+            .with_group_id(GroupId(s("rg")))
+            .with_generation_id_or_member_epoch(0)
+            .with_member_id(s("m1"))
+            .with_topics(vec![
+                offset_commit_request::OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(s(&topic)))
+                    .with_partitions(vec![
+                        offset_commit_request::OffsetCommitRequestPartition::default()
+                            .with_partition_index(0)
+                            .with_committed_offset(1),
+                    ]),
+            ]);
+        let r: OffsetCommitResponse = c.call_at(ApiKey::OffsetCommit, 9, &commit).expect("commit");
+        assert_eq!(
+            r.topics[0].partitions[0].error_code,
+            ResponseError::StaleMemberEpoch.code()
+        );
+        // A classic member may not join it.
+        let j: JoinGroupResponse = c
+            .call_at(
+                ApiKey::JoinGroup,
+                5,
+                &JoinGroupRequest::default()
+                    .with_group_id(GroupId(s("rg")))
+                    .with_session_timeout_ms(10_000)
+                    .with_rebalance_timeout_ms(10_000)
+                    .with_protocol_type(s("consumer"))
+                    .with_protocols(vec![join_group_request::JoinGroupRequestProtocol::default(
+                    )
+                    .with_name(s("range"))]),
+            )
+            .expect("join group");
+        assert_eq!(
+            j.error_code,
+            ResponseError::InconsistentGroupProtocol.code()
+        );
+        // ConsumerGroupDescribe, DescribeGroups and ListGroups.
+        let d: ConsumerGroupDescribeResponse = c
+            .call_at(
+                ApiKey::ConsumerGroupDescribe,
+                1,
+                &ConsumerGroupDescribeRequest::default()
+                    .with_group_ids(vec![GroupId(s("rg")), GroupId(s("no-such-group"))]),
+            )
+            .expect("describe");
+        assert_eq!(d.groups[0].error_code, 0);
+        assert_eq!(d.groups[0].members.len(), 2);
+        assert_eq!(d.groups[0].assignor_name.as_str(), "uniform");
+        assert_eq!(
+            d.groups[1].error_code,
+            ResponseError::GroupIdNotFound.code()
+        );
+        let g: DescribeGroupsResponse = c
+            .call_at(
+                ApiKey::DescribeGroups,
+                6,
+                &DescribeGroupsRequest::default().with_groups(vec![GroupId(s("rg"))]),
+            )
+            .expect("describe groups");
+        assert_eq!(
+            g.groups[0].error_code,
+            ResponseError::GroupIdNotFound.code()
+        );
+        let l: ListGroupsResponse = c
+            .call_at(
+                ApiKey::ListGroups,
+                5,
+                &ListGroupsRequest::default().with_types_filter(vec![s("consumer")]),
+            )
+            .expect("list groups");
+        let listed: Vec<_> = l
+            .groups
+            .iter()
+            .map(|g| (g.group_id.as_str(), g.group_type.as_str()))
+            .collect();
+        assert_eq!(listed, vec![("rg", "consumer")]);
+        // Leaving: epoch -1 answers -1 and the member is gone.
+        let r = hb(
+            &mut c,
+            join("rg", "m1", &topic)
+                .with_member_epoch(-1)
+                .with_topic_partitions(None),
+        );
+        assert_eq!((r.error_code, r.member_epoch), (0, -1));
+        let r = hb(
+            &mut c,
+            join("rg", "m1", &topic)
+                .with_member_epoch(1)
+                .with_topic_partitions(None),
+        );
+        assert_eq!(r.error_code, ResponseError::UnknownMemberId.code());
+    }
+}

@@ -456,9 +456,9 @@ fn clean_batch(
 ) -> Result<Verdict, StorageError> {
     let h = BatchHeader::parse(b).map_err(StorageError::Corrupt)?;
     // Control and transactional batches stay as they are: their markers and the records they
-    // commit or abort must keep each other company (Produce refuses transactional batches
-    // today, so only the raft control batches of replicated logs could appear, and those are
-    // never compacted).
+    // commit or abort must keep each other company. They are left out of the key map too, so a
+    // transactional record (perhaps aborted) never displaces another; removing aborted
+    // transactional data, as Kafka's cleaner does, is not done yet.
     if h.is_control() || h.is_transactional() || h.base_offset() >= map_end {
         return Ok(Verdict::Keep);
     }

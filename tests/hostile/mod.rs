@@ -76,6 +76,16 @@ pub fn default_request(key: ApiKey) -> Box<dyn EncodeAt> {
         ApiKey::DescribeCluster => Box::new(DescribeClusterRequest::default()),
         ApiKey::DescribeTopicPartitions => Box::new(DescribeTopicPartitionsRequest::default()),
         ApiKey::DescribeLogDirs => Box::new(DescribeLogDirsRequest::default()),
+        ApiKey::OffsetForLeaderEpoch => Box::new(OffsetForLeaderEpochRequest::default()),
+        ApiKey::AddPartitionsToTxn => Box::new(AddPartitionsToTxnRequest::default()),
+        ApiKey::AddOffsetsToTxn => Box::new(AddOffsetsToTxnRequest::default()),
+        ApiKey::EndTxn => Box::new(EndTxnRequest::default()),
+        ApiKey::TxnOffsetCommit => Box::new(TxnOffsetCommitRequest::default()),
+        ApiKey::WriteTxnMarkers => Box::new(WriteTxnMarkersRequest::default()),
+        ApiKey::DescribeTransactions => Box::new(DescribeTransactionsRequest::default()),
+        ApiKey::ListTransactions => Box::new(ListTransactionsRequest::default()),
+        ApiKey::ConsumerGroupHeartbeat => Box::new(ConsumerGroupHeartbeatRequest::default()),
+        ApiKey::ConsumerGroupDescribe => Box::new(ConsumerGroupDescribeRequest::default()),
         other => panic!("no request built for {other:?}: add it when the broker advertises it"),
     }
 }
@@ -366,6 +376,49 @@ pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
                     )),
             )
         }
+        ApiKey::OffsetForLeaderEpoch => {
+            use kafka_protocol::messages::offset_for_leader_epoch_request::{
+                OffsetForLeaderPartition, OffsetForLeaderTopic,
+            };
+            Box::new(
+                OffsetForLeaderEpochRequest::default()
+                    .with_replica_id(BrokerId(-1))
+                    .with_topics(vec![OffsetForLeaderTopic::default()
+                        .with_topic(topic())
+                        .with_partitions(vec![
+                            OffsetForLeaderPartition::default()
+                                .with_partition(0)
+                                .with_current_leader_epoch(-1)
+                                .with_leader_epoch(0),
+                            OffsetForLeaderPartition::default()
+                                .with_partition(i32::MAX)
+                                .with_current_leader_epoch(i32::MAX)
+                                .with_leader_epoch(i32::MIN),
+                        ])]),
+            )
+        }
+        ApiKey::ConsumerGroupHeartbeat => Box::new(
+            ConsumerGroupHeartbeatRequest::default()
+                .with_group_id(group())
+                .with_member_id(s("hostile-member-id-0123456789"))
+                .with_member_epoch(0)
+                .with_rebalance_timeout_ms(1000)
+                .with_subscribed_topic_names(Some(vec![topic()]))
+                .with_server_assignor(Some(s("uniform")))
+                .with_topic_partitions(Some(vec![])),
+        ),
+        ApiKey::ConsumerGroupDescribe => Box::new(
+            ConsumerGroupDescribeRequest::default()
+                .with_group_ids(vec![group()])
+                .with_include_authorized_operations(true),
+        ),
+        ApiKey::EndTxn => Box::new(
+            EndTxnRequest::default()
+                .with_transactional_id(TransactionalId(s("hostile-txn")))
+                .with_producer_id(ProducerId(1))
+                .with_producer_epoch(0)
+                .with_committed(true),
+        ),
         ApiKey::DescribeLogDirs => {
             use kafka_protocol::messages::describe_log_dirs_request::DescribableLogDirTopic;
             Box::new(DescribeLogDirsRequest::default().with_topics(Some(vec![

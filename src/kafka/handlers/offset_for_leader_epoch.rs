@@ -1,5 +1,5 @@
-//! OffsetForLeaderEpoch, versions 0-4 (flexible from 4; the client's current leader epoch from
-//! v2, the answer's epoch from v1): for each partition and a leader epoch the client last saw,
+//! OffsetForLeaderEpoch, versions 2-4 (v0-1 are gone from Kafka 4, KIP-896; flexible from 4;
+//! the client's current leader epoch from v2): for each partition and a leader epoch the client last saw,
 //! the largest epoch at or below it that this log holds and the offset where that epoch ended —
 //! how a consumer (KIP-320) finds out, after a leader change, whether the log it was reading was
 //! truncated below its position. Served by the partition leader from the log's leader-epoch

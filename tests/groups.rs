@@ -12,51 +12,9 @@ use std::time::{Duration, Instant};
 use common::{sluice, topic_name, Broker};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
-
-fn create_topic(b: &Broker, topic: &str, partitions: i32) {
-    let out = sluice(
-        &[
-            "topic",
-            "create",
-            topic,
-            "-p",
-            &partitions.to_string(),
-            "--brokers",
-            &b.bootstrap(),
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn produce(b: &Broker, topic: &str, partitions: i32, per_partition: usize) {
-    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", b.bootstrap())
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    for part in 0..partitions {
-        for i in 0..per_partition {
-            let v = format!("p{part}-{i}");
-            p.send(
-                BaseRecord::<(), String>::to(topic)
-                    .partition(part)
-                    .payload(&v),
-            )
-            .expect("enqueue");
-        }
-    }
-    p.flush(Duration::from_secs(30)).expect("flush");
-}
 
 fn consumer(b: &Broker, group: &str, extra: &[(&str, &str)]) -> BaseConsumer {
     let mut cfg = ClientConfig::new();
@@ -111,7 +69,7 @@ fn poll_until(
 fn two_consumers_split_partitions_and_the_survivor_takes_all_when_one_leaves() {
     let b = Broker::options().cores(2).start();
     let topic = topic_name("split");
-    create_topic(&b, &topic, 4);
+    b.create_topic(&topic, 4);
     let group = "split-group";
     let c1 = consumer(&b, group, &[]);
     let c2 = consumer(&b, group, &[]);
@@ -128,7 +86,7 @@ fn two_consumers_split_partitions_and_the_survivor_takes_all_when_one_leaves() {
 fn a_killed_member_is_expired_after_its_session_and_its_partitions_move() {
     let b = Broker::options().cores(2).start();
     let topic = topic_name("kill");
-    create_topic(&b, &topic, 4);
+    b.create_topic(&topic, 4);
     let group = "kill-group";
     // The CLI is a full group member (session timeout 10 s); kill it with SIGKILL.
     let mut cli = Command::new(common::sluice_bin())
@@ -156,7 +114,7 @@ fn a_killed_member_is_expired_after_its_session_and_its_partitions_move() {
 fn cooperative_sticky_rebalances_incrementally() {
     let b = Broker::options().cores(2).start();
     let topic = topic_name("coop");
-    create_topic(&b, &topic, 4);
+    b.create_topic(&topic, 4);
     let extra = [("partition.assignment.strategy", "cooperative-sticky")];
     let c1 = consumer(&b, "coop-group", &extra);
     c1.subscribe(&[&topic]).unwrap();
@@ -194,15 +152,15 @@ fn cooperative_sticky_rebalances_incrementally() {
 fn a_restarted_consumer_resumes_at_the_committed_offset_and_two_groups_each_get_everything() {
     let b = Broker::options().cores(2).start();
     let topic = topic_name("resume");
-    create_topic(&b, &topic, 2);
-    produce(&b, &topic, 2, 10);
+    b.create_topic(&topic, 2);
+    b.produce_to_partitions(&topic, 2, 10, "");
     let c = consumer(&b, "resume-a", &[]);
     c.subscribe(&[&topic]).unwrap();
     let seen = poll_until(&[&c], |_, s| s[0].len() >= 20);
     assert_eq!(seen[0].len(), 20);
     c.commit_consumer_state(CommitMode::Sync).expect("commit");
     drop(c);
-    produce(&b, &topic, 2, 5);
+    b.produce_to_partitions(&topic, 2, 5, "");
     let c = consumer(&b, "resume-a", &[]);
     c.subscribe(&[&topic]).unwrap();
     let seen = poll_until(&[&c], |_, s| s[0].len() >= 10);
@@ -251,7 +209,7 @@ fn committed_of(b: &Broker, group: &str, topic: &str, partitions: i32) -> BTreeM
 fn committed_offsets_survive_sigterm_and_kill_9() {
     let mut b = Broker::options().cores(2).start();
     let topic = topic_name("durable");
-    create_topic(&b, &topic, 3);
+    b.create_topic(&topic, 3);
     let c = consumer(&b, "durable-group", &[]);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, 0, Offset::Offset(7))
@@ -276,7 +234,7 @@ fn committed_offsets_survive_sigterm_and_kill_9() {
 fn groups_are_listed_and_described_through_the_client_api() {
     let b = Broker::options().cores(2).start();
     let topic = topic_name("desc");
-    create_topic(&b, &topic, 2);
+    b.create_topic(&topic, 2);
     let c = consumer(&b, "described", &[]);
     c.subscribe(&[&topic]).unwrap();
     poll_until(&[&c], |cs, _| assigned(cs[0]) == 2);
@@ -314,8 +272,8 @@ fn groups_are_listed_and_described_through_the_client_api() {
 fn reset_offsets_then_consume_reads_from_the_new_position() {
     let b = Broker::options().cores(2).start();
     let topic = topic_name("reset");
-    create_topic(&b, &topic, 1);
-    produce(&b, &topic, 1, 10);
+    b.create_topic(&topic, 1);
+    b.produce_to_partitions(&topic, 1, 10, "");
     let bs = b.bootstrap();
     let out = sluice(
         &[
@@ -450,7 +408,7 @@ mod raw {
     fn classic_protocol_errors_match_kafka() {
         let b = Broker::options().cores(2).start();
         let topic = topic_name("errs");
-        create_topic(&b, &topic, 1);
+        b.create_topic(&topic, 1);
         let mut c = Client::connect(&b.bootstrap()).expect("connect");
         wait_coordinator(&mut c, "eg");
         // KIP-394: a first join without member id is told to come back with the one it is given.
@@ -644,7 +602,7 @@ mod raw {
     fn commit_checks_describe_versions_and_coordinator_key_types() {
         let b = Broker::options().cores(2).start();
         let topic = topic_name("known");
-        create_topic(&b, &topic, 1);
+        b.create_topic(&topic, 1);
         let mut c = Client::connect(&b.bootstrap()).expect("connect");
         wait_coordinator(&mut c, "cg");
         let first = join(&mut c, "cg", "");

@@ -7,10 +7,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{sluice, topic_name, Broker};
+use common::{topic_name, Broker};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
@@ -26,47 +25,6 @@ fn broker() -> Broker {
             "6000",
         ])
         .start()
-}
-
-fn create_topic(b: &Broker, topic: &str, partitions: i32) {
-    let out = sluice(
-        &[
-            "topic",
-            "create",
-            topic,
-            "-p",
-            &partitions.to_string(),
-            "--brokers",
-            &b.bootstrap(),
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn produce(b: &Broker, topic: &str, partitions: i32, round: usize, per_partition: usize) {
-    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", b.bootstrap())
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    for part in 0..partitions {
-        for i in 0..per_partition {
-            let v = format!("r{round}-p{part}-{i}");
-            p.send(
-                BaseRecord::<(), String>::to(topic)
-                    .partition(part)
-                    .payload(&v),
-            )
-            .expect("enqueue");
-        }
-    }
-    p.flush(Duration::from_secs(30)).expect("flush");
 }
 
 fn consumer(b: &Broker, group: &str, extra: &[(&str, &str)]) -> BaseConsumer {
@@ -154,7 +112,7 @@ fn committed_of(c: &BaseConsumer, topic: &str, partitions: i32) -> BTreeMap<i32,
 fn consumers_share_partitions_rebalance_incrementally_and_commits_survive_a_restart() {
     let mut b = broker();
     let topic = topic_name("kip848");
-    create_topic(&b, &topic, 6);
+    b.create_topic(&topic, 6);
     let group = "kip848-group";
     let c1 = consumer(&b, group, &[]);
     let c2 = consumer(&b, group, &[]);
@@ -164,7 +122,7 @@ fn consumers_share_partitions_rebalance_incrementally_and_commits_survive_a_rest
     poll_until(&[&c1, &c2], &mut seen, |cs, _| {
         owned(cs[0]).len() == 3 && owned(cs[1]).len() == 3
     });
-    produce(&b, &topic, 6, 1, 10);
+    b.produce_to_partitions(&topic, 6, 10, "r1-");
     poll_until(&[&c1, &c2], &mut seen, |_, s| s.len() >= 60);
     // A third member joins: partitions move one by one, revoked before they are reassigned.
     let c3 = consumer(&b, group, &[]);
@@ -172,14 +130,14 @@ fn consumers_share_partitions_rebalance_incrementally_and_commits_survive_a_rest
     poll_until(&[&c1, &c2, &c3], &mut seen, |cs, _| {
         cs.iter().all(|c| owned(c).len() == 2)
     });
-    produce(&b, &topic, 6, 2, 10);
+    b.produce_to_partitions(&topic, 6, 10, "r2-");
     poll_until(&[&c1, &c2, &c3], &mut seen, |_, s| s.len() >= 120);
     // One leaves (close sends the leave heartbeat): the other two take its partitions.
     drop(c3);
     poll_until(&[&c1, &c2], &mut seen, |cs, _| {
         owned(cs[0]).len() + owned(cs[1]).len() == 6
     });
-    produce(&b, &topic, 6, 3, 10);
+    b.produce_to_partitions(&topic, 6, 10, "r3-");
     poll_until(&[&c1, &c2], &mut seen, |_, s| s.len() >= 180);
     assert_eq!(seen.len(), 180);
     no_duplicates(&seen);
@@ -190,7 +148,7 @@ fn consumers_share_partitions_rebalance_incrementally_and_commits_survive_a_rest
     // The group's offsets and records survive a restart; a new member resumes after them.
     assert!(b.sigterm().success());
     b.restart();
-    produce(&b, &topic, 6, 4, 1);
+    b.produce_to_partitions(&topic, 6, 1, "r4-");
     let c = consumer(&b, group, &[]);
     c.subscribe(&[&topic]).unwrap();
     let mut after = Vec::new();
@@ -205,7 +163,7 @@ fn consumers_share_partitions_rebalance_incrementally_and_commits_survive_a_rest
 fn range_assignor_and_regex_subscription() {
     let b = broker();
     let t1 = topic_name("rx-a");
-    create_topic(&b, &t1, 2);
+    b.create_topic(&t1, 2);
     let group = "kip848-regex";
     let c1 = consumer(&b, group, &[("group.remote.assignor", "range")]);
     // librdkafka sends a `^`-prefixed subscription as the KIP-848 regex.
@@ -215,7 +173,7 @@ fn range_assignor_and_regex_subscription() {
     poll_until(&[&c1], &mut seen, |cs, _| owned(cs[0]).len() == 2);
     // A topic created later that matches joins the subscription.
     let t2 = format!("{}more", t1.trim_end_matches(|c: char| c != '-'));
-    create_topic(&b, &t2, 3);
+    b.create_topic(&t2, 3);
     poll_until(&[&c1], &mut seen, |cs, _| {
         cs[0].assignment().map(|a| a.count()).unwrap_or(0) == 5
     });
@@ -273,7 +231,7 @@ mod raw {
     fn heartbeat_errors_describe_and_list_match_kafka() {
         let b = broker();
         let topic = topic_name("raw848");
-        create_topic(&b, &topic, 3);
+        b.create_topic(&topic, 3);
         let mut c = Client::connect(&b.bootstrap()).expect("connect");
         // Advertised.
         let v: ApiVersionsResponse = c

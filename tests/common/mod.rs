@@ -364,6 +364,58 @@ impl Broker {
         }
     }
 
+    /// Creates `topic` with `partitions` partitions through the CLI.
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        let out = sluice(
+            &[
+                "topic",
+                "create",
+                topic,
+                "-p",
+                &partitions.to_string(),
+                "--brokers",
+                &self.bootstrap(),
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Produces `per_partition` records to each of `topic`'s first `partitions` partitions
+    /// with librdkafka (acks=all), valued `{prefix}p{partition}-{i}`, and waits for all acks.
+    pub fn produce_to_partitions(
+        &self,
+        topic: &str,
+        partitions: i32,
+        per_partition: usize,
+        prefix: &str,
+    ) {
+        use rdkafka::config::ClientConfig;
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        for part in 0..partitions {
+            for i in 0..per_partition {
+                let v = format!("{prefix}p{part}-{i}");
+                p.send(
+                    BaseRecord::<(), String>::to(topic)
+                        .partition(part)
+                        .payload(&v),
+                )
+                .expect("enqueue");
+            }
+        }
+        p.flush(Duration::from_secs(30)).expect("flush");
+    }
+
     /// Starts the broker again on the same data dir and port.
     pub fn restart(&mut self) {
         self.spawn_and_wait();

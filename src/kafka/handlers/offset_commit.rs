@@ -21,6 +21,43 @@ use crate::types::ErrorCode;
 /// Kafka's `offset.metadata.max.bytes`.
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 
+/// One partition's offset to commit (OffsetCommit, TxnOffsetCommit), checked against the topic
+/// as the metadata has it: the entry, or UNKNOWN_TOPIC_OR_PARTITION / OFFSET_METADATA_TOO_LARGE.
+pub struct Commit<'a> {
+    pub meta: Option<&'a crate::metadata::TopicMeta>,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: Option<&'a kafka_protocol::protocol::StrBytes>,
+    pub now: i64,
+    pub expire: i64,
+}
+
+impl Commit<'_> {
+    pub fn entry(self) -> Result<CommitEntry, ErrorCode> {
+        let metadata = self.metadata.map(|m| m.to_string()).unwrap_or_default();
+        match self.meta {
+            Some(m) if self.partition >= 0 && self.partition < m.partition_count() => {}
+            _ => return Err(code(ResponseError::UnknownTopicOrPartition)),
+        }
+        if metadata.len() > OFFSET_METADATA_BYTES_MAX {
+            return Err(code(ResponseError::OffsetMetadataTooLarge));
+        }
+        Ok(CommitEntry {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            value: OffsetValue {
+                offset: self.offset,
+                leader_epoch: self.leader_epoch,
+                metadata,
+                commit_timestamp_ms: self.now,
+                expire_timestamp_ms: self.expire,
+            },
+        })
+    }
+}
+
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: OffsetCommitRequest = crate::decode_or_close!(req, b);
     let image = shard::local().broker.image();
@@ -37,37 +74,27 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let meta = image.topic(t.name.as_str());
         let mut errs = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
-            let metadata = p
-                .committed_metadata
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_default();
-            let e = match meta {
-                None => code(ResponseError::UnknownTopicOrPartition),
-                Some(m) if p.partition_index < 0 || p.partition_index >= m.partition_count() => {
-                    code(ResponseError::UnknownTopicOrPartition)
-                }
-                _ if metadata.len() > OFFSET_METADATA_BYTES_MAX => {
-                    code(ResponseError::OffsetMetadataTooLarge)
-                }
-                _ => {
-                    entries.push(CommitEntry {
-                        topic: t.name.to_string(),
-                        partition: p.partition_index,
-                        value: OffsetValue {
-                            offset: p.committed_offset,
-                            leader_epoch: if req.version >= 6 {
-                                p.committed_leader_epoch
-                            } else {
-                                -1
-                            },
-                            metadata,
-                            commit_timestamp_ms: now,
-                            expire_timestamp_ms: expire,
-                        },
-                    });
+            let e = match (Commit {
+                meta: meta.map(|m| &**m),
+                topic: t.name.as_str(),
+                partition: p.partition_index,
+                offset: p.committed_offset,
+                leader_epoch: if req.version >= 6 {
+                    p.committed_leader_epoch
+                } else {
+                    -1
+                },
+                metadata: p.committed_metadata.as_ref(),
+                now,
+                expire: expire,
+            })
+            .entry()
+            {
+                Ok(entry) => {
+                    entries.push(entry);
                     NONE
                 }
+                Err(e) => e,
             };
             errs.push(e);
         }

@@ -15,10 +15,8 @@ use kafka_protocol::messages::{TxnOffsetCommitRequest, TxnOffsetCommitResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{code, NONE};
-use super::offset_commit::OFFSET_METADATA_BYTES_MAX;
+use super::offset_commit::Commit;
 use super::txn_common::fenced_for;
-use crate::group::coordinator::CommitEntry;
-use crate::group::offsets::OffsetValue;
 use crate::group::{on_coordinator, partition_for, MemberRef, OFFSETS_TOPIC};
 use crate::kafka::{Request, Response};
 use crate::shard;
@@ -35,37 +33,27 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let meta = image.topic(t.name.as_str());
         let mut errs = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
-            let metadata = p
-                .committed_metadata
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_default();
-            let e = match meta {
-                None => code(ResponseError::UnknownTopicOrPartition),
-                Some(m) if p.partition_index < 0 || p.partition_index >= m.partition_count() => {
-                    code(ResponseError::UnknownTopicOrPartition)
-                }
-                _ if metadata.len() > OFFSET_METADATA_BYTES_MAX => {
-                    code(ResponseError::OffsetMetadataTooLarge)
-                }
-                _ => {
-                    entries.push(CommitEntry {
-                        topic: t.name.to_string(),
-                        partition: p.partition_index,
-                        value: OffsetValue {
-                            offset: p.committed_offset,
-                            leader_epoch: if req.version >= 2 {
-                                p.committed_leader_epoch
-                            } else {
-                                -1
-                            },
-                            metadata,
-                            commit_timestamp_ms: now,
-                            expire_timestamp_ms: -1,
-                        },
-                    });
+            let e = match (Commit {
+                meta: meta.map(|m| &**m),
+                topic: t.name.as_str(),
+                partition: p.partition_index,
+                offset: p.committed_offset,
+                leader_epoch: if req.version >= 2 {
+                    p.committed_leader_epoch
+                } else {
+                    -1
+                },
+                metadata: p.committed_metadata.as_ref(),
+                now,
+                expire: -1,
+            })
+            .entry()
+            {
+                Ok(entry) => {
+                    entries.push(entry);
                     NONE
                 }
+                Err(e) => e,
             };
             errs.push(e);
         }

@@ -871,6 +871,89 @@ pub async fn alter_broker_configs(
     .await
 }
 
+/// In a cluster, how long a node that could not create an internal topic (not the controller,
+/// or not every node registered yet) waits for another to before trying again.
+const INTERNAL_CREATE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An internal topic of a coordinator (`__consumer_offsets`, `__transaction_state`) as this
+/// shard sees it once it exists: shard 0 creates it when missing — compacted, as in Kafka, so
+/// its size and replay stay bounded by the live keys; no time retention, since expiry is the
+/// coordinator's job (tombstones) — and every shard waits for it to be published. In a cluster
+/// only the controller leader creates it, once every node has registered (so its partitions
+/// spread over all): every node tries until one did. Returns the topic and the partitions this
+/// shard owns, with their logs (opened at start, or by the topic's creation before it was
+/// published: a topic is published only once every partition is open on its shard).
+pub async fn internal_topic_here(
+    name: &str,
+    partitions: i32,
+) -> Result<(Arc<TopicMeta>, Vec<(i32, Rc<crate::storage::PartitionLog>)>), String> {
+    let here = shard::local();
+    let broker = here.broker.clone();
+    if here.id.0 == 0 && broker.image().topic(name).is_none() {
+        let overrides: BTreeMap<String, String> = [
+            ("cleanup.policy", "compact"),
+            ("retention.ms", "-1"),
+            ("segment.bytes", "104857600"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let topic = NewTopic {
+            name: name.to_string(),
+            partitions,
+            replication_factor: 1,
+            overrides,
+        };
+        let voters = broker
+            .config
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.controllers.len());
+        loop {
+            let image = broker.image();
+            if image.topic(name).is_some() {
+                break;
+            }
+            if image.brokers.len() >= voters {
+                match create_topic(topic.clone(), CreateMode::Create, TopicKind::Internal).await {
+                    Ok(_) | Err(AdminError::TopicExists) => break,
+                    Err(e) if voters > 0 => {
+                        tracing::debug!(error = %e.message(), "{name} not created yet");
+                    }
+                    Err(e) => return Err(format!("cannot create {name}: {}", e.message())),
+                }
+            }
+            futures_lite::future::or(
+                async {
+                    broker.image_where(|i| i.topic(name).is_some()).await;
+                },
+                here.clock.sleep(INTERNAL_CREATE_RETRY),
+            )
+            .await;
+            if broker.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("broker stopping".into());
+            }
+        }
+    }
+    let image = broker
+        .image_where(|i| i.topic(name).is_some())
+        .await
+        .ok_or("broker stopping")?;
+    let meta = image.topic(name).expect("waited for it").clone();
+    let mut owned = Vec::new();
+    for p in 0..meta.partition_count() {
+        if broker.owner(&meta, p) != Some(here.id) {
+            continue;
+        }
+        let tp = TopicPartition::new(name, p);
+        let log = here
+            .partition(&tp)
+            .ok_or_else(|| format!("{tp} is published but not open on this shard"))?;
+        owned.push((p, log));
+    }
+    Ok((meta, owned))
+}
+
 /// Hands out a new producer id (InitProducerId). Every id comes from shard 0's allocator, which
 /// persists the block holding an id before handing it out; no await separates the check of the
 /// block from the increment, so concurrent callers are served one after another.

@@ -607,93 +607,14 @@ pub fn start_shard_tasks() {
 /// Pause before the group timer loop restarts after a panic.
 const TIMER_RESTART_MS: u64 = 1_000;
 
-/// In a cluster, how long a node that could not create `__consumer_offsets` (not the
-/// controller, or no brokers registered yet) waits for another to before trying again.
-const OFFSETS_CREATE_RETRY: Duration = Duration::from_secs(1);
-
 async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
-    let shard = crate::shard::local();
-    let broker = shard.broker.clone();
-    if shard.id.0 == 0 && broker.image().topic(OFFSETS_TOPIC).is_none() {
-        // Commits must outlive any time-based retention: expiry is the coordinator's job
-        // (tombstones). Compacted, as in Kafka: its size and replay stay bounded by the live keys.
-        let overrides: BTreeMap<String, String> = [
-            ("cleanup.policy", "compact"),
-            ("retention.ms", "-1"),
-            ("segment.bytes", "104857600"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let topic = crate::admin::NewTopic {
-            name: OFFSETS_TOPIC.to_string(),
-            partitions: OFFSETS_PARTITIONS,
-            replication_factor: 1,
-            overrides,
-        };
-        // In a cluster only the controller leader creates it, once every node has registered
-        // (so its partitions spread over all): every node tries until one did.
-        let voters = broker
-            .config
-            .cluster
-            .as_ref()
-            .map_or(0, |c| c.controllers.len());
-        loop {
-            let image = broker.image();
-            if image.topic(OFFSETS_TOPIC).is_some() {
-                break;
-            }
-            if image.brokers.len() >= voters {
-                match crate::admin::create_topic(
-                    topic.clone(),
-                    crate::admin::CreateMode::Create,
-                    crate::admin::TopicKind::Internal,
-                )
-                .await
-                {
-                    Ok(_) | Err(crate::admin::AdminError::TopicExists) => break,
-                    Err(e) if voters > 0 => {
-                        tracing::debug!(error = %e.message(), "{OFFSETS_TOPIC} not created yet");
-                    }
-                    Err(e) => {
-                        return Err(format!("cannot create {OFFSETS_TOPIC}: {}", e.message()))
-                    }
-                }
-            }
-            futures_lite::future::or(
-                async {
-                    broker
-                        .image_where(|i| i.topic(OFFSETS_TOPIC).is_some())
-                        .await;
-                },
-                shard.clock.sleep(OFFSETS_CREATE_RETRY),
-            )
-            .await;
-            if broker.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err("broker stopping".into());
-            }
-        }
-    }
-    // Other shards wait for shard 0 to publish the topic.
-    let image = broker
-        .image_where(|i| i.topic(OFFSETS_TOPIC).is_some())
-        .await
-        .ok_or("broker stopping")?;
-    let meta = image.topic(OFFSETS_TOPIC).expect("waited for it").clone();
+    let (meta, owned) =
+        crate::admin::internal_topic_here(OFFSETS_TOPIC, OFFSETS_PARTITIONS).await?;
     gs.coordinator.borrow_mut().config.offsets_partitions = meta.partition_count();
-    for p in 0..meta.partition_count() {
-        if broker.owner(&meta, p) != Some(shard.id) {
-            continue;
-        }
-        let tp = crate::types::TopicPartition::new(OFFSETS_TOPIC, p);
-        // Opened at start, or by the topic's creation before it was published (a topic is
-        // published only once every partition is open on its shard).
-        let log = shard
-            .partition(&tp)
-            .ok_or_else(|| format!("{tp} is published but not open on this shard"))?;
+    for (p, log) in owned {
         gs.load_partition(p, log)
             .await
-            .map_err(|e| format!("cannot replay {tp}: {e}"))?;
+            .map_err(|e| format!("cannot replay {OFFSETS_TOPIC}-{p}: {e}"))?;
     }
     Ok(())
 }

@@ -723,51 +723,12 @@ pub fn start_shard_tasks() {
 }
 
 async fn load_here(ts: &Rc<TxnShard>) -> Result<(), String> {
-    let shard = crate::shard::local();
-    let broker = shard.broker.clone();
-    if shard.id.0 == 0 && broker.image().topic(TXN_TOPIC).is_none() {
-        let overrides: BTreeMap<String, String> = [
-            ("cleanup.policy", "compact"),
-            ("retention.ms", "-1"),
-            ("segment.bytes", "104857600"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let topic = crate::admin::NewTopic {
-            name: TXN_TOPIC.to_string(),
-            partitions: TXN_PARTITIONS,
-            replication_factor: 1,
-            overrides,
-        };
-        match crate::admin::create_topic(
-            topic,
-            crate::admin::CreateMode::Create,
-            crate::admin::TopicKind::Internal,
-        )
-        .await
-        {
-            Ok(_) | Err(crate::admin::AdminError::TopicExists) => {}
-            Err(e) => return Err(format!("cannot create {TXN_TOPIC}: {}", e.message())),
-        }
-    }
-    let image = broker
-        .image_where(|i| i.topic(TXN_TOPIC).is_some())
-        .await
-        .ok_or("broker stopping")?;
-    let meta = image.topic(TXN_TOPIC).expect("waited for it").clone();
+    let (meta, owned) = crate::admin::internal_topic_here(TXN_TOPIC, TXN_PARTITIONS).await?;
     ts.partitions.set(meta.partition_count());
-    for p in 0..meta.partition_count() {
-        if broker.owner(&meta, p) != Some(shard.id) {
-            continue;
-        }
-        let tp = TopicPartition::new(TXN_TOPIC, p);
-        let log = shard
-            .partition(&tp)
-            .ok_or_else(|| format!("{tp} is published but not open on this shard"))?;
+    for (p, log) in owned {
         ts.load_partition(p, log)
             .await
-            .map_err(|e| format!("cannot replay {tp}: {e}"))?;
+            .map_err(|e| format!("cannot replay {TXN_TOPIC}-{p}: {e}"))?;
     }
     Ok(())
 }

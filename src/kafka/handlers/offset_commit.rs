@@ -86,7 +86,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 },
                 metadata: p.committed_metadata.as_ref(),
                 now,
-                expire: expire,
+                expire,
             })
             .entry()
             {

@@ -44,6 +44,9 @@ impl Outcome {
     }
 }
 
+/// A transactional producer's (id, epoch).
+type ProducerIdEpoch = (i64, i16);
+
 /// Checks the batches of one partition's records on the receiving shard, once: framing, magic,
 /// CRC-32C (in [`Validated::check`]; with LogAppendTime stamped at `append_time` in the same
 /// pass), then Kafka's produce rules on the headers it parsed. The first failure decides the
@@ -56,7 +59,7 @@ fn validate(
     max_message_bytes: i64,
     append_time: Option<i64>,
     transactional_request: bool,
-) -> Result<(Validated, Option<(i64, i16)>), (ErrorCode, String)> {
+) -> Result<(Validated, Option<ProducerIdEpoch>), (ErrorCode, String)> {
     let checked = match append_time {
         None => Validated::check(records),
         Some(now) => Validated::check_stamping(records, now),

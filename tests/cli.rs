@@ -234,9 +234,10 @@ fn topic_alter_config_and_cluster_describe() {
         rows[0][3].parse::<u64>().expect("a size in bytes")
     };
     let before = size_of_partition_0();
+    // Keyed: the test made the topic compacted above, which refuses keyless records.
     ok(&sluice(
-        &["produce", &t, "--brokers", &bs],
-        Some("x".repeat(2000).as_bytes()),
+        &["produce", &t, "--key-separator", ":", "--brokers", &bs],
+        Some(format!("k:{}", "x".repeat(2000)).as_bytes()),
     ));
     assert!(size_of_partition_0() > before + 2000);
 }

@@ -661,6 +661,20 @@ mod tests {
         bad.truncate(11);
         bad.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f]);
         assert!(decode_current_assignment_value(&Bytes::from(bad)).is_err());
+        // Every truncation of a member record is an error, never a panic (the last byte is the
+        // empty tagged-field section, which the reader does not need).
+        let mv = consumer_member_value(&m);
+        for cut in 0..mv.len() - 1 {
+            assert!(
+                decode_consumer_member_value(&Bytes::copy_from_slice(&mv[..cut])).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // A subscription count of 2^32 - 2 names in a record of a few bytes: refused before it
+        // sizes anything. Version, two null strings, two empty strings, then the count.
+        let mut huge = vec![0, 0, 0, 0, 1, 1];
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_consumer_member_value(&Bytes::from(huge)).is_err());
     }
 
     #[test]

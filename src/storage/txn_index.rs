@@ -234,6 +234,37 @@ pub fn marker_batch(producer_id: i64, epoch: i16, commit: bool, timestamp_ms: i6
 mod tests {
     use super::*;
 
+    #[test]
+    fn hostile_snapshot_counts_and_truncations_are_refused_before_allocating() {
+        // A well-formed, checksummed snapshot claiming u32::MAX open transactions or aborts.
+        let sealed = |body: Vec<u8>| {
+            let mut b = body;
+            let crc = crc32c::crc32c(&b);
+            b.extend_from_slice(&crc.to_be_bytes());
+            b
+        };
+        let mut ongoing = vec![FORMAT_VERSION];
+        ongoing.extend_from_slice(&7i64.to_be_bytes());
+        ongoing.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(TxnIndex::decode(&sealed(ongoing)).is_none());
+        let mut aborted = vec![FORMAT_VERSION];
+        aborted.extend_from_slice(&7i64.to_be_bytes());
+        aborted.extend_from_slice(&0u32.to_be_bytes());
+        aborted.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(TxnIndex::decode(&sealed(aborted)).is_none());
+        // Every truncation of a real snapshot, and a flipped byte, are refused.
+        let mut ix = TxnIndex::default();
+        ix.ongoing.insert(3, Offset(10));
+        let good = ix.encode(Offset(20));
+        assert!(TxnIndex::decode(&good).is_some());
+        for cut in 0..good.len() {
+            assert!(TxnIndex::decode(&good[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut flipped = good.clone();
+        flipped[3] ^= 1;
+        assert!(TxnIndex::decode(&flipped).is_none());
+    }
+
     fn data(pid: i64, base: i64) -> Vec<u8> {
         use crate::protocol::builder::{BatchBuilder, BatchOptions, Record};
         let mut b = BatchBuilder::new(BatchOptions {

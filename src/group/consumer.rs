@@ -1339,9 +1339,18 @@ fn heartbeat_in(
         }
         member_id = req.member_id.clone();
     }
+    // A full request (what a client sends when it joins, or after an error or a timeout made
+    // it unsure of its state) gets the assignment back whether or not it changed, as Kafka's
+    // coordinator does: a client whose previous answer was lost learns its revocations.
+    let full_request = req.rebalance_timeout_ms != -1
+        && (req.subscribed_topic_names.is_some() || req.subscribed_topic_regex.is_some())
+        && req.owned.is_some();
     // Update what the member told us.
     let m = cg.members.get_mut(&member_id).expect("present");
     m.left_static = false;
+    if full_request {
+        m.send_assignment = true;
+    }
     let mut sub_changed = false;
     let mut meta_changed = false;
     if let Some(names) = req.subscribed_topic_names {
@@ -1390,6 +1399,15 @@ fn heartbeat_in(
     }
     reconcile(cg, &member_id, req.owned.as_ref(), now_ms, ch);
     let m = cg.members.get_mut(&member_id).expect("present");
+    tracing::debug!(
+        member = %member_id,
+        epoch = m.epoch,
+        state = ?m.state,
+        assigned = ?m.assigned,
+        revoking = ?m.revoking,
+        full_request,
+        "consumer group heartbeat"
+    );
     let assignment = if std::mem::take(&mut m.send_assignment) {
         Some(m.assigned.clone())
     } else {

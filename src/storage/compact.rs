@@ -34,7 +34,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -141,19 +141,42 @@ thread_local! {
     pub(crate) static SWAP_STOP_AFTER: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
-/// Counts swap steps; in tests, stops the swap after `SWAP_STOP_AFTER` of them.
-fn step(n: &Cell<u32>) -> Result<(), StorageError> {
-    n.set(n.get() + 1);
-    #[cfg(test)]
-    if SWAP_STOP_AFTER
-        .with(|s| s.get())
-        .is_some_and(|k| n.get() > k)
-    {
-        return Err(StorageError::Io(std::io::Error::other(
-            "test: swap stopped here",
-        )));
+/// Counts swap steps; in tests, stops the swap after `SWAP_STOP_AFTER` of them (read once on
+/// the shard's thread, since the swap's file work runs on the blocking pool).
+struct Steps {
+    done: u32,
+    stop_after: Option<u32>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        #[cfg(test)]
+        let stop_after = SWAP_STOP_AFTER.with(|s| s.get());
+        #[cfg(not(test))]
+        let stop_after = None;
+        Steps {
+            done: 0,
+            stop_after,
+        }
     }
-    Ok(())
+
+    /// Never stops: recovery finishing a swap.
+    fn unlimited() -> Steps {
+        Steps {
+            done: 0,
+            stop_after: None,
+        }
+    }
+
+    fn step(&mut self) -> Result<(), StorageError> {
+        self.done += 1;
+        if self.stop_after.is_some_and(|k| self.done > k) {
+            return Err(StorageError::Io(std::io::Error::other(
+                "test: swap stopped here",
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn map_bytes_max() -> usize {
@@ -210,23 +233,23 @@ fn finish_swap(
     dir: &Path,
     old: &[Offset],
     new: &[Offset],
-    steps: &Cell<u32>,
+    steps: &mut Steps,
 ) -> Result<(), StorageError> {
     for &b in old {
         meta::remove_if_exists(&meta::segment_path(dir, b, "index"))?;
         meta::remove_if_exists(&meta::segment_path(dir, b, "timeindex"))?;
     }
-    step(steps)?;
+    steps.step()?;
     for &b in old.iter().filter(|b| !new.contains(b)) {
         meta::remove_if_exists(&meta::segment_path(dir, b, "log"))?;
-        step(steps)?;
+        steps.step()?;
     }
     for &b in new {
         let from = cleaned_path(dir, b);
         if from.exists() {
             std::fs::rename(&from, meta::segment_path(dir, b, "log"))?;
         }
-        step(steps)?;
+        steps.step()?;
     }
     meta::sync_dir(dir)?;
     Ok(())
@@ -243,7 +266,7 @@ pub(crate) fn recover(dir: &Path) -> Result<(), StorageError> {
                     dir = %dir.display(), old = old.len(), new = new.len(),
                     "finishing a log-cleaner swap interrupted by a crash"
                 );
-                finish_swap(dir, &old, &new, &Cell::new(0))?;
+                finish_swap(dir, &old, &new, &mut Steps::unlimited())?;
             }
             None => {
                 // The marker is written atomically (temp file, rename): a damaged one was never
@@ -773,7 +796,7 @@ impl PartitionLog {
         report.records_removed = counts.records_removed;
         report.tombstones_removed = counts.tombstones_removed;
         report.cleaned_to = map_end;
-        if !self.swap(planned, outputs, map_end)? {
+        if !self.swap(planned, outputs, map_end).await? {
             return Ok(None);
         }
         Ok(Some(report))
@@ -781,39 +804,49 @@ impl PartitionLog {
 
     /// Puts `outputs` in place of `old` (see the module docs, step 4). `false`: the segments
     /// changed meanwhile (retention, close) and nothing was swapped.
-    fn swap(
+    ///
+    /// The file work (the marker, unlinks, renames, index files, the checkpoint, each with its
+    /// fsyncs) runs on the executor's blocking thread pool, so the shard's other partitions keep
+    /// appending. The swap holds the log-start turn throughout: retention and removal, which
+    /// take it too, never move segments under it.
+    async fn swap(
         &self,
         old: &[Planned],
         outputs: Vec<Segment>,
         map_end: Offset,
     ) -> Result<bool, StorageError> {
-        let steps = Cell::new(0u32);
+        let _turn = self
+            .log_start_turn
+            .acquire_permit(1)
+            .await
+            .map_err(|_| StorageError::Io(std::io::Error::other("log is closed")))?;
+        let mut steps = Steps::new();
         let old_bases: Vec<Offset> = old.iter().map(|p| p.base).collect();
         let new_bases: Vec<Offset> = outputs.iter().map(|g| g.base()).collect();
-        let i0 = {
-            let s = self.state.borrow();
-            let n = s.segments.len();
-            let i0 = s.segments.iter().position(|g| g.base() == old_bases[0]);
-            let same = i0.is_some_and(|i0| {
-                i0 + old.len() < n
-                    && old.iter().zip(&s.segments[i0..]).all(|(p, g)| {
-                        p.base == g.base() && p.size == g.size() && Rc::ptr_eq(&p.file, g.file())
-                    })
-            });
-            if s.closed || !same {
-                drop(s);
-                self.remove_cleaned_files()?;
-                return Ok(false);
-            }
-            i0.expect("checked above")
+        if self.unchanged(old).is_none() {
+            self.remove_cleaned_files()?;
+            return Ok(false);
+        }
+        steps.step()?;
+        let marker = self.dir.join(SWAP_FILE);
+        let body = encode_swap(&old_bases, &new_bases);
+        glommio::executor()
+            .spawn_blocking(move || meta::write_file(&marker, &body))
+            .await?;
+        steps.step()?;
+        // The marker's write yielded: look again (a close may have come meanwhile).
+        let Some(i0) = self.unchanged(old) else {
+            let (dir, marker) = (self.dir.clone(), self.dir.join(SWAP_FILE));
+            glommio::executor()
+                .spawn_blocking(move || {
+                    meta::remove_if_exists(&marker)?;
+                    meta::sync_dir(&dir)
+                })
+                .await?;
+            self.remove_cleaned_files()?;
+            return Ok(false);
         };
-        step(&steps)?;
-        meta::write_file(
-            &self.dir.join(SWAP_FILE),
-            &encode_swap(&old_bases, &new_bases),
-        )?;
-        step(&steps)?;
-        {
+        let index_files: Vec<[(PathBuf, Vec<u8>); 2]> = {
             let mut s = self.state.borrow_mut();
             let m = outputs.len();
             s.segments.splice(i0..i0 + old.len(), outputs);
@@ -825,22 +858,52 @@ impl PartitionLog {
                 .iter()
                 .zip(&new_bases)
                 .all(|(g, b)| g.base() == *b));
-        }
+            s.segments[i0..i0 + m]
+                .iter_mut()
+                .map(|g| g.index_files_to_write(&self.dir))
+                .collect()
+        };
         // Cached copies of the old batches would show superseded records.
         self.cache.drop_below(self.cache_id, map_end);
-        finish_swap(&self.dir, &old_bases, &new_bases, &steps)?;
-        {
-            let mut s = self.state.borrow_mut();
-            for g in s.segments[i0..i0 + new_bases.len()].iter_mut() {
-                g.write_index_files(&self.dir)?;
+        let dir = self.dir.clone();
+        let bases = new_bases.clone();
+        glommio::executor()
+            .spawn_blocking(move || -> Result<(), StorageError> {
+                finish_swap(&dir, &old_bases, &bases, &mut steps)?;
+                for (path, body) in index_files.iter().flatten() {
+                    meta::write_atomic(path, body)?;
+                }
+                steps.step()?;
+                meta::write_file(&dir.join(CHECKPOINT_FILE), &map_end.0.to_be_bytes())?;
+                steps.step()?;
+                meta::remove_if_exists(&dir.join(SWAP_FILE))?;
+                meta::sync_dir(&dir)?;
+                Ok(())
+            })
+            .await?;
+        let mut s = self.state.borrow_mut();
+        for g in s.segments.iter_mut() {
+            if new_bases.contains(&g.base()) {
+                g.index_files_written();
             }
         }
-        step(&steps)?;
-        meta::write_file(&self.dir.join(CHECKPOINT_FILE), &map_end.0.to_be_bytes())?;
-        step(&steps)?;
-        meta::remove_if_exists(&self.dir.join(SWAP_FILE))?;
-        meta::sync_dir(&self.dir)?;
         Ok(true)
+    }
+
+    /// Where the planned segments still are in the log, untouched (same bases, sizes and
+    /// files, and not the active segment); `None` if the log is closed or they changed.
+    fn unchanged(&self, old: &[Planned]) -> Option<usize> {
+        let s = self.state.borrow();
+        if s.closed {
+            return None;
+        }
+        let n = s.segments.len();
+        let i0 = s.segments.iter().position(|g| g.base() == old[0].base)?;
+        let same = i0 + old.len() < n
+            && old.iter().zip(&s.segments[i0..]).all(|(p, g)| {
+                p.base == g.base() && p.size == g.size() && Rc::ptr_eq(&p.file, g.file())
+            });
+        same.then_some(i0)
     }
 }
 

@@ -627,6 +627,9 @@ impl PartitionLog {
             s.closed = true;
             s.wake_all();
         }
+        // A cleaner swap or a log-start move finishes its file work first (it holds the turn),
+        // so no file appears in the directory while it is being removed.
+        let _turn = self.log_start_turn.acquire_permit(1).await;
         self.cache.drop_log(self.cache_id);
         let dir = self.dir.clone();
         // Off the executor: a directory of many segments takes many unlinks.

@@ -551,3 +551,34 @@ fn queued_records_replay_into_the_same_members_and_assignments() {
     }
     assert_eq!(count(&a.owned), 4);
 }
+
+#[test]
+fn a_full_request_gets_the_assignment_again_after_a_lost_answer() {
+    let mut c = coordinator();
+    let topics = Map::default().with("t", 1, 4);
+    let a = Client::join(&mut c, &topics, "a", &["t"], 0);
+    let mut b = Client::join(&mut c, &topics, "b", &["t"], 10);
+    // The answer telling a to revoke two partitions is lost on the way.
+    let lost = c.consumer_heartbeat(beat("a", a.epoch, None), &topics, 20);
+    assert_eq!(count(lost.assignment.as_ref().expect("revocation")), 2);
+    // A light heartbeat (nothing changed on the client) is not told again...
+    let light = c.consumer_heartbeat(beat("a", a.epoch, None), &topics, 30);
+    assert!(light.assignment.is_none());
+    // ...but a full one, which a client sends after a timeout, is: it learns its revocation.
+    let mut full = beat("a", a.epoch, Some(&a.owned));
+    full.rebalance_timeout_ms = 60_000;
+    full.subscribed_topic_names = Some(vec!["t".into()]);
+    let r = c.consumer_heartbeat(full, &topics, 40);
+    assert_eq!(r.error, ErrorCode::NONE, "{:?}", r.message);
+    let mut a = Client {
+        id: "a".into(),
+        epoch: r.member_epoch,
+        owned: r.assignment.expect("a full request gets the assignment"),
+    };
+    assert_eq!(count(&a.owned), 2);
+    // It acknowledges; b then gets the other two.
+    a.beat(&mut c, &topics, 50);
+    b.beat(&mut c, &topics, 60);
+    assert_eq!(count(&b.owned), 2);
+    no_overlap(&[&a, &b]);
+}

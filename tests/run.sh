@@ -38,6 +38,9 @@ py_missing=()
 # librdkafka through its Python binding: the transaction tests (tests/python/test_transactions.py).
 "$PYTHON" -c 'import confluent_kafka, sys; sys.exit(0 if confluent_kafka.version()[0] == "2.16.1" else 1)' \
     2>/dev/null || py_missing+=("confluent-kafka==2.16.1")
+# aiokafka (asyncio, its own protocol code) for tests/python/test_aiokafka_transactions.py.
+"$PYTHON" -c 'import aiokafka, sys; sys.exit(0 if aiokafka.__version__ == "0.14.0" else 1)' \
+    2>/dev/null || py_missing+=("aiokafka==0.14.0")
 "$PYTHON" -c 'import snappy' 2>/dev/null || py_missing+=("python-snappy==0.7.3" "cramjam==2.14.0")
 "$PYTHON" -c 'import lz4' 2>/dev/null || py_missing+=("lz4==4.4.5")
 "$PYTHON" -c 'import zstandard' 2>/dev/null || py_missing+=("zstandard==0.25.0")

@@ -10,8 +10,16 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>/sluice-bench`, found next to this test's own `deps/` directory.
+/// `target/<profile>/sluice-bench`: next to the `sluice` binary Cargo built for these tests
+/// (where `cargo build -p sluice-bench` puts it, also when intermediate artifacts live in a
+/// separate build directory), else next to this test's own `deps/` directory.
 fn bench_bin() -> PathBuf {
+    let beside_broker = std::path::Path::new(env!("CARGO_BIN_EXE_sluice"))
+        .parent()
+        .map(|d| d.join("sluice-bench"));
+    if let Some(bin) = beside_broker.filter(|b| b.is_file()) {
+        return bin;
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
@@ -310,4 +318,178 @@ fn report_dir_collects_charts_of_each_run_and_an_index_of_all() {
     let index = std::fs::read_to_string(dir.path().join("index.html")).expect("index");
     assert!(index.contains("first/throughput.svg"), "{index}");
     assert!(index.contains("second/latency.svg"), "{index}");
+}
+
+#[test]
+fn transactional_flags_are_checked_before_connecting() {
+    for args in [
+        &["produce", "--transactional", "--acks", "1"][..],
+        &["produce", "--transactional", "--txn-records", "0"],
+        &["produce", "--transactional", "--rate", "1000"],
+        &["exactly-once", "--topic", "in"],
+        &["exactly-once", "--output-topic", "out", "--workers", "0"],
+        &["consume", "--until-end", "--group", "g"],
+        &["e2e", "--until-end"],
+    ] {
+        let o = run_bench(args, Duration::from_secs(10));
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let lines = stderr_lines(&o);
+        assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
+    }
+}
+
+/// Runs the bench and returns its JSON summary; fails the test with its output if it fails.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let json = tempfile::NamedTempFile::new().expect("temp file");
+    let path = json.path().to_str().expect("utf-8 path");
+    let mut all = args.to_vec();
+    all.extend(["--quiet", "--json", path]);
+    let o = run_bench(&all, Duration::from_secs(120));
+    assert!(
+        o.status.success(),
+        "{args:?}: {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json.path()).expect("json")).expect("parse")
+}
+
+/// Records a consumer at `isolation` reads from `topic` up to the end the broker reports.
+fn records_to_end(addr: &str, topic: &str, isolation: &str) -> u64 {
+    let j = bench_json(&[
+        "consume",
+        "--brokers",
+        addr,
+        "--topic",
+        topic,
+        "--from",
+        "earliest",
+        "--isolation-level",
+        isolation,
+        "--until-end",
+        "--fetch-max-wait-ms",
+        "100",
+        "--check-crc",
+        "--duration",
+        "60s",
+    ]);
+    j["consumeRecords"].as_u64().unwrap_or(0)
+}
+
+/// What a read_committed consumer sees of `topic` once the markers of the transactions that
+/// were committed have landed (EndTxn is answered before them): waits until it sees
+/// `expected` records, failing at once if it ever sees more.
+fn committed_records(addr: &str, topic: &str, expected: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = records_to_end(addr, topic, "read-committed");
+        assert!(
+            n <= expected,
+            "read_committed saw {n} records of {topic}, more than the {expected} committed"
+        );
+        if n == expected || Instant::now() > deadline {
+            return n;
+        }
+    }
+}
+
+#[test]
+fn transactional_produce_shows_commits_to_read_committed_and_hides_aborts() {
+    let b = start_broker();
+    // 16 transactions of 25 records (batches of 10, 10 and 5) over 2 producers; each producer
+    // aborts its every 4th transaction.
+    let j = bench_json(&[
+        "produce",
+        "--brokers",
+        &b.addr,
+        "--topic",
+        "txn-t",
+        "--partitions",
+        "2",
+        "--producers",
+        "2",
+        "--size",
+        "100",
+        "--batch-bytes",
+        "1000",
+        "--transactional",
+        "--transactional-id",
+        "bench-cli",
+        "--txn-records",
+        "25",
+        "--abort-every",
+        "4",
+        "--count",
+        "400",
+    ]);
+    let committed = j["transactionsCommitted"].as_u64().expect("committed");
+    let aborted = j["transactionsAborted"].as_u64().expect("aborted");
+    assert_eq!(committed + aborted, 16, "{j}");
+    // One of the two producers ran at least 8 transactions: at least 2 aborts.
+    assert!(aborted >= 2, "{j}");
+    assert_eq!(j["committedRecords"], serde_json::json!(committed * 25));
+    // Every batch was acknowledged, aborted ones too.
+    assert_eq!(j["publishRecords"], serde_json::json!(400));
+    assert!(j["commitLatency99pct"].as_f64().expect("commit p99") > 0.0);
+
+    assert_eq!(
+        committed_records(&b.addr, "txn-t", committed * 25),
+        committed * 25
+    );
+    // read_uncommitted sees aborted records too, never the markers.
+    assert_eq!(records_to_end(&b.addr, "txn-t", "read-uncommitted"), 400);
+}
+
+#[test]
+fn exactly_once_loop_copies_each_input_record_once_across_aborts() {
+    let b = start_broker();
+    let j = bench_json(&[
+        "produce",
+        "--brokers",
+        &b.addr,
+        "--topic",
+        "eos-in",
+        "--partitions",
+        "2",
+        "--size",
+        "100",
+        "--batch-bytes",
+        "1000",
+        "--count",
+        "300",
+    ]);
+    assert_eq!(j["publishRecords"], serde_json::json!(300));
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "exactly-once",
+            "--brokers",
+            &b.addr,
+            "--topic",
+            "eos-in",
+            "--output-topic",
+            "eos-out",
+            "--group",
+            "eos-g",
+            "--transactional-id",
+            "eos",
+            "--txn-records",
+            "20",
+            "--abort-every",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        bench_json(&args)
+    };
+    let j = run(&["--count", "300"]);
+    assert_eq!(j["committedRecords"], serde_json::json!(300), "{j}");
+    assert!(
+        j["transactionsAborted"].as_u64().expect("aborted") >= 1,
+        "{j}"
+    );
+    // The output holds every input record once; aborted copies are there but hidden.
+    assert_eq!(committed_records(&b.addr, "eos-out", 300), 300);
+    assert!(records_to_end(&b.addr, "eos-out", "read-uncommitted") > 300);
+    // The group's offsets were committed with the output: a second run has nothing to do.
+    let j = run(&["--duration", "2s"]);
+    assert_eq!(j["committedRecords"].as_u64().unwrap_or(0), 0, "{j}");
 }

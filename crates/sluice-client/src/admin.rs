@@ -578,7 +578,19 @@ pub async fn committed<S: AsyncRead + AsyncWrite + Unpin>(
     group: &str,
     topics: Option<Vec<(String, Vec<i32>)>>,
 ) -> Result<BTreeMap<(String, i32), i64>> {
+    committed_as(c, group, topics, false).await
+}
+
+/// As [`committed`]; with `require_stable` (OffsetFetch v7+, KIP-447) a partition whose offset
+/// an open transaction holds fails with UNSTABLE_OFFSET_COMMIT, which the caller retries.
+pub async fn committed_as<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    group: &str,
+    topics: Option<Vec<(String, Vec<i32>)>>,
+    require_stable: bool,
+) -> Result<BTreeMap<(String, i32), i64>> {
     let req = OffsetFetchRequest::default()
+        .with_require_stable(require_stable)
         .with_group_id(GroupId(s(group)))
         .with_topics(topics.map(|ts| {
             ts.into_iter()
@@ -590,7 +602,8 @@ pub async fn committed<S: AsyncRead + AsyncWrite + Unpin>(
                 .collect()
         }));
     // v8 moves the group into a list of groups.
-    let v = c.versions().pick_in::<OffsetFetchRequest>(2, 7)?;
+    let min = if require_stable { 7 } else { 2 };
+    let v = c.versions().pick_in::<OffsetFetchRequest>(min, 7)?;
     let resp = c.call_at(&req, v).await.context("OffsetFetch")?;
     check(resp.error_code, &format!("offsets of group {group}"), None)?;
     let mut out = BTreeMap::new();

@@ -19,7 +19,12 @@ pub mod code {
     pub const REBALANCE_IN_PROGRESS: i16 = 27;
     pub const UNSUPPORTED_VERSION: i16 = 35;
     pub const TOPIC_ALREADY_EXISTS: i16 = 36;
+    pub const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub const INVALID_TXN_STATE: i16 = 48;
+    pub const CONCURRENT_TRANSACTIONS: i16 = 51;
     pub const MEMBER_ID_REQUIRED: i16 = 79;
+    pub const UNSTABLE_OFFSET_COMMIT: i16 = 88;
+    pub const PRODUCER_FENCED: i16 = 90;
 }
 
 /// The protocol guide's name of a Kafka error code (`TOPIC_ALREADY_EXISTS`), or `error code N`

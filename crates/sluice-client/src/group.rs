@@ -43,18 +43,35 @@ pub fn range_assign(members: &[String], partitions: &[i32]) -> BTreeMap<String, 
     out
 }
 
+/// FindCoordinator key types.
+pub const KEY_TYPE_GROUP: i8 = 0;
+pub const KEY_TYPE_TRANSACTION: i8 = 1;
+
 /// The group coordinator: (error code, `host:port`).
 pub async fn find_coordinator<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Connection<S>,
     group: &str,
 ) -> Result<(i16, String)> {
-    let v = c.versions().pick::<FindCoordinatorRequest>(None)?;
-    let mut req = FindCoordinatorRequest::default().with_key_type(0);
+    find_coordinator_of(c, KEY_TYPE_GROUP, group).await
+}
+
+/// The coordinator of `key` of `key_type` ([`KEY_TYPE_GROUP`], [`KEY_TYPE_TRANSACTION`]):
+/// (error code, `host:port`). Transaction keys need v1.
+pub async fn find_coordinator_of<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    key_type: i8,
+    key: &str,
+) -> Result<(i16, String)> {
+    let min = if key_type == KEY_TYPE_GROUP { 0 } else { 1 };
+    let v = c
+        .versions()
+        .pick_in::<FindCoordinatorRequest>(min, i16::MAX)?;
+    let mut req = FindCoordinatorRequest::default().with_key_type(key_type);
     // v4 batches keys.
     req = if v >= 4 {
-        req.with_coordinator_keys(vec![s(group)])
+        req.with_coordinator_keys(vec![s(key)])
     } else {
-        req.with_key(s(group))
+        req.with_key(s(key))
     };
     let r = c.call_at(&req, v).await.context("FindCoordinator")?;
     Ok(match r.coordinators.first() {

@@ -10,6 +10,7 @@
 //! | [`error`] | Kafka error codes as one-line errors naming the error (`TOPIC_ALREADY_EXISTS`) |
 //! | [`admin`] | metadata, topics, partitions, offsets, configs, producer ids, group administration |
 //! | [`group`] | classic consumer-group membership calls: coordinator, join, sync, heartbeat, commit, leave |
+//! | [`txn`] | transactional-producer calls (KIP-98, transaction version 1): InitProducerId with a transactional id, AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit, EndTxn |
 //!
 //! A [`Connection`] is generic over `futures_lite::{AsyncRead, AsyncWrite}`: the load generator
 //! drives it on glommio's `TcpStream`, the command line with `futures_lite::future::block_on`
@@ -20,6 +21,7 @@ pub mod conn;
 pub mod error;
 pub mod frame;
 pub mod group;
+pub mod txn;
 pub mod versions;
 
 pub use conn::{connect_first, Connection, Pending, Receiver, Sender};

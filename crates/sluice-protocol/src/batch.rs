@@ -280,6 +280,18 @@ pub fn set_control(batch: &mut [u8]) {
     write_crc(batch);
 }
 
+/// Marks the batch that is exactly `batch` as a transactional producer's (or not) and
+/// recomputes the CRC (the attributes are covered by it).
+pub fn set_transactional(batch: &mut [u8], transactional: bool) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
+    let mut attrs = be_i16(batch, OFF_ATTRIBUTES) & !ATTR_TRANSACTIONAL;
+    if transactional {
+        attrs |= ATTR_TRANSACTIONAL;
+    }
+    batch[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attrs.to_be_bytes());
+    write_crc(batch);
+}
+
 /// Recomputes and stores the CRC-32C of the batch that is exactly `batch`.
 #[inline]
 pub fn write_crc(batch: &mut [u8]) {
@@ -354,6 +366,16 @@ mod tests {
         assert_eq!(h.base_offset(), Offset(0));
         assert_eq!(h.max_timestamp(), 1000);
         assert_eq!(h.producer_id(), -1);
+    }
+
+    #[test]
+    fn transactional_flag_toggles_and_keeps_crc_valid() {
+        let mut b = builder::single(None, Some(b"v"), 5);
+        set_transactional(&mut b, true);
+        let h = BatchHeader::parse_checked(&b).unwrap();
+        assert!(h.is_transactional() && !h.is_control());
+        set_transactional(&mut b, false);
+        assert!(!BatchHeader::parse_checked(&b).unwrap().is_transactional());
     }
 
     #[test]

@@ -127,6 +127,12 @@ fn fill_payload(rng: &mut impl Rng, payload: Payload, out: &mut [u8]) {
 impl BatchPool {
     /// Builds `count` batches (at most [`POOL_BATCHES_MAX`]) following `spec`.
     pub fn build(spec: &BatchSpec, count: usize) -> Result<BatchPool> {
+        Self::build_as(spec, count, false)
+    }
+
+    /// As [`BatchPool::build`]; `transactional` marks every batch as a transactional
+    /// producer's (KIP-98).
+    pub fn build_as(spec: &BatchSpec, count: usize, transactional: bool) -> Result<BatchPool> {
         if spec.records_per_batch == 0 {
             bail!("a batch needs at least one record");
         }
@@ -135,6 +141,7 @@ impl BatchPool {
         let mut builder = BatchBuilder::with_capacity(
             BatchOptions {
                 compression: spec.compression,
+                transactional,
                 ..BatchOptions::default()
             },
             spec.records_per_batch * (spec.value_bytes + 24),
@@ -375,6 +382,15 @@ mod tests {
         let mut rec = vec![0x20, 0, 0, 0];
         rec.extend_from_slice(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
         assert_eq!(first_value_stamp(&rec), None);
+    }
+
+    #[test]
+    fn transactional_pools_mark_their_batches() {
+        let s = spec(Compression::None, Payload::Random, Keys::None);
+        let pool = BatchPool::build_as(&s, 1, true).unwrap();
+        let h = header(&pool.batches[0].bytes);
+        assert!(h.is_transactional() && !h.is_control());
+        assert!(!header(&BatchPool::build(&s, 1).unwrap().batches[0].bytes).is_transactional());
     }
 
     #[test]

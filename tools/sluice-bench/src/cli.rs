@@ -30,6 +30,24 @@ pub enum Command {
     Consume(ConsumeCmd),
     /// Produce and consume at once; report end-to-end latency.
     E2e(E2eCmd),
+    /// Consume-transform-produce with transactions: read --topic in a consumer group, write
+    /// each input batch to --output-topic and commit the consumed offsets in the same
+    /// transaction; report committed input records/s and commit latency.
+    #[command(
+        name = "exactly-once",
+        long_about = "Consume-transform-produce with transactions (Kafka's exactly-once loop).\n\
+            Each worker is a member of --group and has its own transactional producer \
+            (transactional id ID-N). Per transaction it fetches up to --txn-records records of \
+            its partitions of --topic (read_committed by default), adds the output partitions \
+            (AddPartitionsToTxn), writes every input batch unchanged to partition \
+            `input partition mod output partitions` of --output-topic, adds the group \
+            (AddOffsetsToTxn), commits the next offsets with TxnOffsetCommit and ends with \
+            EndTxn. An aborted transaction (--abort-every) is re-read from the last committed \
+            offsets. --count stops after that many input records were committed.\n\
+            The summary's consume and transactions lines count committed input records; the \
+            produce line counts output batches acked (MB = bytes of record batches)."
+    )]
+    ExactlyOnce(ExactlyOnceCmd),
     /// Run a named scenario from perf/scenarios (e.g. produce-max, e2e-latency).
     Scenario(ScenarioCmd),
 }
@@ -117,6 +135,78 @@ pub struct ProduceOpts {
     /// Produce request timeout (the broker's wait for acks).
     #[arg(long, default_value_t = 30_000)]
     pub request_timeout_ms: i32,
+    /// Use a transactional producer (implies --idempotent): each producer connection runs
+    /// transactions of --txn-records records (AddPartitionsToTxn, produce, EndTxn commit).
+    #[arg(long)]
+    pub transactional: bool,
+    #[command(flatten)]
+    pub txn: TxnOpts,
+}
+
+/// Transactions: ids, size, aborts.
+#[derive(Args, Debug, Clone)]
+pub struct TxnOpts {
+    /// Transactional id prefix: producer (or worker) N uses ID-N [default: sluice-bench-TOPIC].
+    #[arg(long, value_name = "ID")]
+    pub transactional_id: Option<String>,
+    /// Records per transaction (sent in batches of --batch-bytes, the last one holding the
+    /// remainder).
+    #[arg(long, default_value_t = 100)]
+    pub txn_records: u64,
+    /// Abort every K-th transaction instead of committing it (0: never).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub abort_every: u64,
+    /// transaction.timeout.ms sent with InitProducerId.
+    #[arg(long, default_value_t = 60_000)]
+    pub transaction_timeout_ms: i32,
+}
+
+/// Largest --txn-records: a transaction's batches are planned up front.
+pub const TXN_RECORDS_MAX: u64 = 10_000_000;
+
+impl TxnOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.txn_records == 0 || self.txn_records > TXN_RECORDS_MAX {
+            bail!("--txn-records must be between 1 and {TXN_RECORDS_MAX}");
+        }
+        if self.transaction_timeout_ms <= 0 {
+            bail!("--transaction-timeout-ms must be positive");
+        }
+        if let Some(id) = &self.transactional_id {
+            if id.is_empty() {
+                bail!("--transactional-id must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    /// Transactional id of producer or worker `n`.
+    pub fn id_of(&self, topic: &str, n: usize) -> String {
+        match &self.transactional_id {
+            Some(id) => format!("{id}-{n}"),
+            None => format!("sluice-bench-{topic}-{n}"),
+        }
+    }
+
+    /// Whether transaction `k` (0-based) is aborted.
+    pub fn aborts(&self, k: u64) -> bool {
+        self.abort_every > 0 && (k + 1).is_multiple_of(self.abort_every)
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationLevel {
+    ReadUncommitted,
+    ReadCommitted,
+}
+
+impl IsolationLevel {
+    pub fn wire(self) -> i8 {
+        match self {
+            IsolationLevel::ReadUncommitted => 0,
+            IsolationLevel::ReadCommitted => 1,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -140,6 +230,79 @@ pub struct ConsumeOpts {
     /// Verify the CRC-32C of every fetched batch.
     #[arg(long)]
     pub check_crc: bool,
+    /// read_committed: only committed transactional records, up to the last stable offset.
+    #[arg(long, value_enum, default_value = "read-uncommitted")]
+    pub isolation_level: IsolationLevel,
+    /// Stop once every partition was read to the end the broker reports (the last stable
+    /// offset under read_committed); `consume` without --group only.
+    #[arg(long)]
+    pub until_end: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExactlyOnceOpts {
+    /// Topic the records are written to (created with --output-partitions if missing).
+    #[arg(long)]
+    pub output_topic: String,
+    /// Partitions of the output topic when it has to be created [default: the input's].
+    #[arg(long)]
+    pub output_partitions: Option<i32>,
+    /// Replication factor of the output topic when it has to be created.
+    #[arg(long, default_value_t = 1)]
+    pub replication_factor: i16,
+    /// Consumer group of the workers: its committed offsets are the loop's progress.
+    #[arg(long, default_value = "sluice-bench-exactly-once")]
+    pub group: String,
+    /// Workers (group members, each with its own transactional producer), spread over cores.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Where to start when the group has no committed offset.
+    #[arg(long, value_enum, default_value = "earliest")]
+    pub from: StartFrom,
+    /// Isolation level of the input fetches.
+    #[arg(long, value_enum, default_value = "read-committed")]
+    pub isolation_level: IsolationLevel,
+    #[arg(long, value_parser = parse_bytes, default_value = "1MiB")]
+    pub partition_max_bytes: u64,
+    #[arg(long, default_value_t = 100)]
+    pub fetch_max_wait_ms: i32,
+    /// Produce request timeout (the broker's wait for acks).
+    #[arg(long, default_value_t = 30_000)]
+    pub request_timeout_ms: i32,
+}
+
+impl ExactlyOnceOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.output_topic.is_empty() || self.output_topic.len() > 249 {
+            bail!("--output-topic must be 1 to 249 characters");
+        }
+        if matches!(self.output_partitions, Some(p) if p < 1) {
+            bail!("--output-partitions must be at least 1");
+        }
+        if self.group.is_empty() {
+            bail!("--group must not be empty");
+        }
+        if self.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        if self.partition_max_bytes == 0 || self.partition_max_bytes > i32::MAX as u64 {
+            bail!("--partition-max-bytes out of range");
+        }
+        if self.fetch_max_wait_ms < 0 {
+            bail!("--fetch-max-wait-ms must not be negative");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExactlyOnceCmd {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub txn: TxnOpts,
+    #[command(flatten)]
+    pub eos: ExactlyOnceOpts,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -363,8 +526,17 @@ impl ProduceOpts {
         if self.idempotent && self.acks != Acks::All {
             bail!("--idempotent requires --acks all");
         }
-        if self.idempotent && self.max_in_flight > 5 {
+        if (self.idempotent || self.transactional) && self.max_in_flight > 5 {
             bail!("--idempotent allows at most 5 in-flight requests per connection");
+        }
+        if self.transactional {
+            if self.acks != Acks::All {
+                bail!("--transactional requires --acks all");
+            }
+            if self.rate.is_some() {
+                bail!("--transactional runs as fast as it can: no --rate");
+            }
+            self.txn.validate()?;
         }
         Ok(())
     }
@@ -392,6 +564,9 @@ impl ConsumeOpts {
         if let Some(g) = &self.group {
             if g.is_empty() {
                 bail!("--group must not be empty");
+            }
+            if self.until_end {
+                bail!("--until-end reads assigned partitions: not with --group");
             }
         }
         Ok(())

@@ -25,7 +25,7 @@ const TIMEOUTS: JoinTimeouts = JoinTimeouts {
     session_ms: 30_000,
     rebalance_ms: 30_000,
 };
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3);
 /// The embedded consumer protocol version we write (v0: topics + user data).
 const CONSUMER_PROTOCOL_VERSION: i16 = 0;
 
@@ -66,13 +66,16 @@ pub async fn find_coordinator(conn: &mut Conn, group: &str) -> Result<String> {
     bail!("no coordinator for group {group} after 10 s")
 }
 
-struct Membership {
-    generation: i32,
-    member_id: String,
-    partitions: Vec<i32>,
+/// One member's place in a generation of its group.
+pub struct Membership {
+    pub generation: i32,
+    pub member_id: String,
+    pub partitions: Vec<i32>,
 }
 
-async fn join(
+/// Joins `group` (subscribed to `topic`) and syncs: the generation and this member's
+/// partitions.
+pub async fn join(
     coord: &mut Conn,
     group: &str,
     topic: &TopicInfo,
@@ -136,7 +139,7 @@ async fn join(
 }
 
 /// Committed offsets of `parts` (those with one).
-async fn committed(
+pub async fn committed(
     coord: &mut Conn,
     group: &str,
     topic: &str,
@@ -182,7 +185,7 @@ async fn commit(
         .unwrap_or(code::NONE))
 }
 
-async fn heartbeat(coord: &mut Conn, group: &str, m: &Membership) -> Result<i16> {
+pub async fn heartbeat(coord: &mut Conn, group: &str, m: &Membership) -> Result<i16> {
     kgroup::heartbeat(coord, group, m.generation, &m.member_id).await
 }
 

@@ -12,6 +12,8 @@
 //! | [`rate`] | open-loop pacing (latency from scheduled send time) |
 //! | [`setup`] | `sluice-client` connections on glommio TCP; the run's topic, created and led |
 //! | [`produce`] | pipelined producer lanes |
+//! | [`txn`] | transactional producer lanes, the transaction coordinator client and its retries |
+//! | [`eos`] | `exactly-once`: consume-transform-produce workers |
 //! | [`consume`] | fetch loops, end-to-end latency |
 //! | [`group`] | classic consumer-group membership, range assignor, commits |
 //! | [`runner`] | executors per core, live line, warm-up and stop |
@@ -23,6 +25,7 @@ pub mod batch;
 pub mod chart;
 pub mod cli;
 pub mod consume;
+pub mod eos;
 pub mod group;
 pub mod produce;
 pub mod rate;
@@ -30,4 +33,5 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod setup;
+pub mod txn;
 pub mod units;

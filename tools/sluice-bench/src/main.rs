@@ -74,6 +74,7 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
         Command::Produce(_) => "produce",
         Command::Consume(_) => "consume",
         Command::E2e(_) => "e2e",
+        Command::ExactlyOnce(_) => "exactly-once",
         Command::Scenario(_) => "scenario",
     };
     let (workload, json) = match cli.command {
@@ -84,6 +85,7 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
                     common: p.common,
                     produce: Some(p.produce),
                     consume: None,
+                    exactly_once: None,
                 },
                 json,
             )
@@ -95,17 +97,36 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
                     common: c.common,
                     produce: None,
                     consume: Some(c.consume),
+                    exactly_once: None,
                 },
                 json,
             )
         }
         Command::E2e(e) => {
             let json = e.common.json.clone();
+            if e.consume.until_end {
+                return Err(Failure::Usage(
+                    "error: --until-end is for `consume` only".into(),
+                ));
+            }
             (
                 Workload {
                     common: e.common,
                     produce: Some(e.produce),
                     consume: Some(e.consume),
+                    exactly_once: None,
+                },
+                json,
+            )
+        }
+        Command::ExactlyOnce(x) => {
+            let json = x.common.json.clone();
+            (
+                Workload {
+                    common: x.common,
+                    produce: None,
+                    consume: None,
+                    exactly_once: Some((x.txn, x.eos)),
                 },
                 json,
             )
@@ -118,6 +139,11 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
     }
     if let Some(c) = &workload.consume {
         c.validate()
+            .map_err(|e| Failure::Usage(format!("error: {e}")))?;
+    }
+    if let Some((t, x)) = &workload.exactly_once {
+        t.validate()
+            .and_then(|()| x.validate())
             .map_err(|e| Failure::Usage(format!("error: {e}")))?;
     }
     workload

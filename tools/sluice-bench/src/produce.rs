@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use glommio::sync::Semaphore;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{ProduceRequest, TopicName};
+use kafka_protocol::messages::{ProduceRequest, TopicName, TransactionalId};
 use kafka_protocol::protocol::StrBytes;
 use sluice_client::error::{code, error_name};
 use sluice_client::{admin, Pending};
@@ -39,6 +39,8 @@ pub struct LaneSpec {
     pub connect_timeout: Duration,
     /// Stop once this many records were sent by all lanes together.
     pub count: Option<u64>,
+    /// Transactions, for a transactional lane ([`crate::txn::run_txn_lane`]).
+    pub txn: Option<crate::txn::TxnLane>,
 }
 
 /// Records sent by all lanes together (for --count).
@@ -79,11 +81,11 @@ pub fn schedule(pool: &BatchPool, spec: &LaneSpec) -> Vec<(usize, i32)> {
         .collect()
 }
 
-struct InFlight {
-    request: Pending<ProduceRequest>,
-    scheduled: Instant,
-    records: u64,
-    payload_bytes: u64,
+pub(crate) struct InFlight {
+    pub(crate) request: Pending<ProduceRequest>,
+    pub(crate) scheduled: Instant,
+    pub(crate) records: u64,
+    pub(crate) payload_bytes: u64,
 }
 
 /// Runs one lane until `stats` says stop (or the shared count is reached).
@@ -117,7 +119,9 @@ pub async fn run_lane(
     let reader_task = if spec.acks != 0 {
         let window = window.clone();
         let stats = stats.clone();
-        Some(glommio::spawn_local(read_acks(reader, rx, window, stats)))
+        Some(glommio::spawn_local(read_acks(
+            reader, rx, window, stats, None,
+        )))
     } else {
         None
     };
@@ -247,7 +251,13 @@ pub fn encode_produce(
     } else {
         topic = topic.with_name(TopicName(StrBytes::from_string(spec.topic.clone())));
     }
-    let req = ProduceRequest::default()
+    let mut req = ProduceRequest::default();
+    if let Some(t) = &spec.txn {
+        req = req.with_transactional_id(Some(TransactionalId(StrBytes::from_string(
+            t.transactional_id.clone(),
+        ))));
+    }
+    let req = req
         .with_acks(spec.acks)
         .with_timeout_ms(spec.timeout_ms)
         .with_topic_data(vec![topic]);
@@ -271,11 +281,14 @@ pub fn encode_produce(
     Ok(())
 }
 
-async fn read_acks<R: futures_lite::AsyncRead + Unpin>(
+/// Reads the acks of the requests queued on `rx` in order, records them, and returns each
+/// request's permit to `window`; a failed partition's code goes to `first_error` if given.
+pub(crate) async fn read_acks<R: futures_lite::AsyncRead + Unpin>(
     mut reader: sluice_client::Receiver<R>,
     rx: async_channel::Receiver<InFlight>,
     window: Rc<Semaphore>,
     stats: Arc<Stats>,
+    first_error: Option<Rc<std::cell::Cell<i16>>>,
 ) -> Result<()> {
     let mut logged = 0;
     while let Ok(f) = rx.recv().await {
@@ -297,6 +310,9 @@ async fn read_acks<R: futures_lite::AsyncRead + Unpin>(
             } else {
                 stats.publish.error();
             }
+        }
+        if let Some(first) = first_error.as_ref().filter(|f| f.get() == code::NONE) {
+            first.set(err);
         }
         if err != code::NONE && logged < 3 {
             logged += 1;
@@ -327,6 +343,7 @@ mod tests {
             sends_per_sec: None,
             connect_timeout: Duration::from_secs(1),
             count: None,
+            txn: None,
         }
     }
 

@@ -80,6 +80,16 @@ pub struct Stats {
     pub publish: Meter,
     pub consume: Meter,
     pub end_to_end: Meter,
+    /// Committed transactions: records and payload bytes they held, and EndTxn latency
+    /// (request → response) of the commits.
+    pub txn: Meter,
+    /// From a commit's EndTxn request to the moment the coordinator accepts the next
+    /// transaction's AddPartitionsToTxn: it answers CONCURRENT_TRANSACTIONS until the markers
+    /// are durable and the transaction is complete, so this bounds EndTxn → markers durable
+    /// from above (by the retry back-off and one coordinator log write).
+    pub txn_complete: Meter,
+    pub txns_committed: AtomicU64,
+    pub txns_aborted: AtomicU64,
     /// False during warm-up: workers keep running but their figures are discarded.
     measuring: AtomicBool,
     /// Set when the run should end (duration elapsed, count reached, or fatal error).
@@ -94,6 +104,10 @@ impl Stats {
             publish: Meter::default(),
             consume: Meter::default(),
             end_to_end: Meter::default(),
+            txn: Meter::default(),
+            txn_complete: Meter::default(),
+            txns_committed: AtomicU64::new(0),
+            txns_aborted: AtomicU64::new(0),
             measuring: AtomicBool::new(!warm),
             stop: AtomicBool::new(false),
             fatal: Mutex::new(None),
@@ -107,6 +121,10 @@ impl Stats {
         self.publish.reset();
         self.consume.reset();
         self.end_to_end.reset();
+        self.txn.reset();
+        self.txn_complete.reset();
+        self.txns_committed.store(0, Relaxed);
+        self.txns_aborted.store(0, Relaxed);
         self.measuring.store(true, Relaxed);
     }
     pub fn stopped(&self) -> bool {
@@ -354,6 +372,42 @@ pub fn summarize(stats: &Stats, elapsed: Duration, config: Value, timeline: &[Sa
                 text.push_str(&latency_line(&format!("{label} {what}"), &h));
                 latency_json(&mut j, "publishLatency", &h);
             }
+        }
+    }
+    if stats.txn.used() || stats.txns_aborted.load(Relaxed) > 0 {
+        let committed = stats.txns_committed.load(Relaxed);
+        let aborted = stats.txns_aborted.load(Relaxed);
+        let r = stats.txn.records.load(Relaxed);
+        let b = stats.txn.bytes.load(Relaxed);
+        let (tps, rate, mbps) = (
+            committed as f64 / secs,
+            r as f64 / secs,
+            b as f64 / secs / 1e6,
+        );
+        text.push_str(&format!(
+            "transactions: {tps:.1} committed/s, {rate:.0} committed records/s, {mbps:.2} MB/s; {committed} committed, {aborted} aborted, {r} records committed\n"
+        ));
+        j.insert("transactionRate".into(), json!(tps));
+        j.insert("transactionsCommitted".into(), json!(committed));
+        j.insert("transactionsAborted".into(), json!(aborted));
+        j.insert("committedRecords".into(), json!(r));
+        j.insert("committedRate".into(), json!(rate));
+        j.insert("committedThroughputMBps".into(), json!(mbps));
+        let h = stats.txn.snapshot();
+        if !h.is_empty() {
+            text.push_str(&latency_line(
+                "commit latency (EndTxn request → response)",
+                &h,
+            ));
+            latency_json(&mut j, "commitLatency", &h);
+        }
+        let h = stats.txn_complete.snapshot();
+        if !h.is_empty() {
+            text.push_str(&latency_line(
+                "commit completion (EndTxn request → next transaction accepted)",
+                &h,
+            ));
+            latency_json(&mut j, "commitCompleteLatency", &h);
         }
     }
     let e = stats.end_to_end.snapshot();

@@ -3,12 +3,14 @@
 //! thread prints a live line every second and decides warm-up end and stop.
 
 use crate::batch::{BatchPool, BatchSpec};
-use crate::cli::{Common, ConsumeOpts, ProduceOpts, StartFrom};
+use crate::cli::{Common, ConsumeOpts, ExactlyOnceOpts, ProduceOpts, StartFrom, TxnOpts};
 use crate::consume::{self, FetchSpec};
+use crate::eos;
 use crate::group;
 use crate::produce::{self, LaneSpec, SentCounter};
 use crate::report::{self, LiveLine, Stats, Summary};
 use crate::setup::{self, TopicInfo};
+use crate::txn::{self, TxnLane, TxnPools};
 use anyhow::{anyhow, Context, Result};
 use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::json;
@@ -35,6 +37,7 @@ enum ConsumerJob {
 struct CoreWork {
     lanes: Vec<LaneSpec>,
     consumers: Vec<ConsumerJob>,
+    workers: Vec<eos::WorkerSpec>,
 }
 
 fn executor(cpu: Option<usize>, name: &str) -> LocalExecutorBuilder {
@@ -84,6 +87,8 @@ pub struct Workload {
     pub common: Common,
     pub produce: Option<ProduceOpts>,
     pub consume: Option<ConsumeOpts>,
+    /// `exactly-once`: consume-transform-produce workers.
+    pub exactly_once: Option<(TxnOpts, ExactlyOnceOpts)>,
 }
 
 pub fn run(w: Workload) -> Result<Summary> {
@@ -93,6 +98,10 @@ pub fn run(w: Workload) -> Result<Summary> {
     }
     if let Some(c) = &w.consume {
         c.validate()?;
+    }
+    if let Some((t, e)) = &w.exactly_once {
+        t.validate()?;
+        e.validate()?;
     }
     let cores = w.common.cores;
     let cpu_of = |i: usize| cpus.as_ref().map(|c| c[i % c.len()]);
@@ -107,9 +116,24 @@ pub fn run(w: Workload) -> Result<Summary> {
         .produce
         .as_ref()
         .map(|p| (p.partitions, p.replication_factor));
-    let info: TopicInfo = run_on(cpu_of(0), move || async move {
+    let output = w.exactly_once.as_ref().map(|(_, e)| {
+        (
+            e.output_topic.clone(),
+            e.output_partitions,
+            e.replication_factor,
+        )
+    });
+    let (info, output): (TopicInfo, Option<TopicInfo>) = run_on(cpu_of(0), move || async move {
         let mut c = setup::bootstrap(&brokers, timeout).await?;
-        setup::topic_info(&mut c, &topic, create).await
+        let info = setup::topic_info(&mut c, &topic, create).await?;
+        let output = match output {
+            Some((name, partitions, rf)) => {
+                let n = partitions.unwrap_or(info.partitions.len() as i32);
+                Some(setup::topic_info(&mut c, &name, Some((n, rf))).await?)
+            }
+            None => None,
+        };
+        Ok((info, output))
     })?;
     let all: Vec<i32> = info.partitions.iter().map(|p| p.index).collect();
     let leader_of = |p: i32| {
@@ -124,6 +148,10 @@ pub fn run(w: Workload) -> Result<Summary> {
     let mut records_per_batch = 1;
     if let Some(p) = &w.produce {
         records_per_batch = p.records_per_batch();
+        if p.transactional {
+            // A transaction of fewer records than a batch is one smaller batch.
+            records_per_batch = records_per_batch.min(p.txn.txn_records as usize);
+        }
         let mut lanes = vec![];
         for parts in split_partitions(&all, p.producers) {
             let mut by_leader: BTreeMap<String, Vec<i32>> = BTreeMap::new();
@@ -153,10 +181,17 @@ pub fn run(w: Workload) -> Result<Summary> {
                 acks: p.acks.wire(),
                 timeout_ms: p.request_timeout_ms,
                 max_in_flight: p.max_in_flight,
-                idempotent: p.idempotent,
+                idempotent: p.idempotent || p.transactional,
                 sends_per_sec,
                 connect_timeout: w.common.connect_timeout,
                 count: w.common.count,
+                txn: p.transactional.then(|| TxnLane {
+                    transactional_id: p.txn.id_of(&info.name, i),
+                    brokers: w.common.brokers.clone(),
+                    records: p.txn.txn_records,
+                    abort_every: p.txn.abort_every,
+                    timeout_ms: p.txn.transaction_timeout_ms,
+                }),
             });
         }
     }
@@ -182,6 +217,39 @@ pub fn run(w: Workload) -> Result<Summary> {
         }
     }
 
+    if let (Some((t, e)), Some(output)) = (&w.exactly_once, &output) {
+        for i in 0..e.workers {
+            work[i % cores].workers.push(eos::WorkerSpec {
+                brokers: w.common.brokers.clone(),
+                group: e.group.clone(),
+                transactional_id: t.id_of(&info.name, i),
+                input: info.clone(),
+                output: output.clone(),
+                txn_records: t.txn_records,
+                abort_every: t.abort_every,
+                transaction_timeout_ms: t.transaction_timeout_ms,
+                from: e.from,
+                fetch: FetchSpec {
+                    topic: info.name.clone(),
+                    topic_id: info.id,
+                    max_wait_ms: e.fetch_max_wait_ms,
+                    max_bytes: e
+                        .partition_max_bytes
+                        .saturating_mul(info.partitions.len() as u64)
+                        .min(i32::MAX as u64) as i32,
+                    partition_max_bytes: e.partition_max_bytes as i32,
+                    check_crc: false,
+                    end_to_end: false,
+                    count: None,
+                    isolation_level: e.isolation_level.wire(),
+                    until_end: false,
+                },
+                request_timeout_ms: e.request_timeout_ms,
+                connect_timeout: w.common.connect_timeout,
+                count: w.common.count,
+            });
+        }
+    }
     let stats = Arc::new(Stats::new(!w.common.warmup.is_zero()));
     let sent: SentCounter = Default::default();
     let consumers_ready = Arc::new(AtomicUsize::new(0));
@@ -291,6 +359,15 @@ pub fn run(w: Workload) -> Result<Summary> {
             "consumers": c.consumers, "group": c.group, "from": format!("{:?}", c.from),
             "fetchMaxBytes": c.fetch_max_bytes, "partitionMaxBytes": c.partition_max_bytes,
             "fetchMaxWaitMs": c.fetch_max_wait_ms,
+            "isolationLevel": format!("{:?}", c.isolation_level),
+        })),
+        "transactions": w.produce.as_ref().filter(|p| p.transactional).map(|p| json!({
+            "txnRecords": p.txn.txn_records, "abortEvery": p.txn.abort_every,
+        })),
+        "exactlyOnce": w.exactly_once.as_ref().map(|(t, e)| json!({
+            "outputTopic": e.output_topic, "group": e.group, "workers": e.workers,
+            "txnRecords": t.txn_records, "abortEvery": t.abort_every,
+            "isolationLevel": format!("{:?}", e.isolation_level),
         })),
         "startedSecondsAgo": started.elapsed().as_secs_f64(),
     });
@@ -323,6 +400,8 @@ async fn core_main(
             check_crc: c.check_crc,
             end_to_end: is_e2e,
             count: if is_e2e { None } else { common.count },
+            isolation_level: c.isolation_level.wire(),
+            until_end: c.until_end,
         };
         for job in cw.consumers {
             let (spec, stats, ready, from, timeout) = (
@@ -367,14 +446,38 @@ async fn core_main(
                 keys: p.keys.0,
                 seed: 0x5eed + core as u64,
             };
-            let pool = Rc::new(BatchPool::build(&spec, 16).context("building record batches")?);
-            for lane in cw.lanes {
-                let (pool, stats, sent) = (pool.clone(), stats.clone(), sent.clone());
-                tasks.push(glommio::spawn_local(produce::run_lane(
-                    lane, pool, stats, sent,
-                )));
+            if p.transactional {
+                for lane in cw.lanes {
+                    let pools = TxnPools::build(p.txn.txn_records, records_per_batch, |n| {
+                        BatchPool::build_as(
+                            &BatchSpec {
+                                records_per_batch: n,
+                                ..spec.clone()
+                            },
+                            16,
+                            true,
+                        )
+                    })
+                    .context("building record batches")?;
+                    let (stats, sent) = (stats.clone(), sent.clone());
+                    tasks.push(glommio::spawn_local(txn::run_txn_lane(
+                        lane, pools, stats, sent,
+                    )));
+                }
+            } else {
+                let pool = Rc::new(BatchPool::build(&spec, 16).context("building record batches")?);
+                for lane in cw.lanes {
+                    let (pool, stats, sent) = (pool.clone(), stats.clone(), sent.clone());
+                    tasks.push(glommio::spawn_local(produce::run_lane(
+                        lane, pool, stats, sent,
+                    )));
+                }
             }
         }
+    }
+    for wspec in cw.workers {
+        let (stats, sent) = (stats.clone(), sent.clone());
+        tasks.push(glommio::spawn_local(eos::run_worker(wspec, stats, sent)));
     }
     let mut first_err = None;
     for t in tasks {

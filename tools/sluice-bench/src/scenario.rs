@@ -59,6 +59,10 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "s5-many-partitions",
         include_str!("../../../perf/scenarios/s5-many-partitions.toml"),
     ),
+    (
+        "s6-exactly-once",
+        include_str!("../../../perf/scenarios/s6-exactly-once.toml"),
+    ),
 ];
 
 /// Where a scenario was found: a file, or one of the [`EMBEDDED`] texts.

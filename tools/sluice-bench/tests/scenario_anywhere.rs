@@ -22,7 +22,16 @@ fn stdout(o: &Output) -> String {
 fn built_in_scenarios_run_from_a_directory_without_perf_scenarios() {
     let elsewhere = tempfile::tempdir().expect("temp dir");
     assert!(!elsewhere.path().join("perf/scenarios").exists());
-    for name in ["s1", "produce-max", "s2", "s3", "s4", "s5"] {
+    for name in [
+        "s1",
+        "produce-max",
+        "s2",
+        "s3",
+        "s4",
+        "s5",
+        "s6",
+        "exactly-once",
+    ] {
         let o = bench(elsewhere.path(), &["scenario", name, "--dry-run"]);
         assert!(
             o.status.success(),

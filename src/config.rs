@@ -100,6 +100,10 @@ pub struct StartArgs {
     /// Committed offsets of empty groups expire after this many minutes [default: 10080].
     #[arg(long, env = "SLUICE_OFFSETS_RETENTION_MINUTES")]
     pub offsets_retention_minutes: Option<u64>,
+    /// A transactional id with no transaction open and idle this long is removed, in ms
+    /// (Kafka's `transactional.id.expiration.ms`) [default: 604800000].
+    #[arg(long, env = "SLUICE_TRANSACTIONAL_ID_EXPIRATION_MS")]
+    pub transactional_id_expiration_ms: Option<u64>,
     /// KIP-848 consumer groups: a member that does not heartbeat for this long is removed
     /// (Kafka's `group.consumer.session.timeout.ms`) [default: 45000].
     #[arg(long, env = "SLUICE_GROUP_CONSUMER_SESSION_TIMEOUT_MS")]
@@ -153,6 +157,7 @@ pub struct Defaults {
     pub partitions_per_shard_max: usize,
     pub group_initial_rebalance_delay_ms: u64,
     pub offsets_retention_minutes: u64,
+    pub transactional_id_expiration_ms: u64,
     pub group_consumer_session_timeout_ms: u32,
     pub group_consumer_heartbeat_interval_ms: u32,
     pub group_consumer_assignors: &'static str,
@@ -185,6 +190,8 @@ pub const DEFAULTS: Defaults = Defaults {
     // generation instead of a lone first member's generation followed by a second rebalance.
     group_initial_rebalance_delay_ms: 3_000,
     offsets_retention_minutes: 7 * 24 * 60,
+    // Kafka's transactional.id.expiration.ms.
+    transactional_id_expiration_ms: 7 * 24 * 3_600_000,
     // Kafka's KIP-848 defaults.
     group_consumer_session_timeout_ms: 45_000,
     group_consumer_heartbeat_interval_ms: 5_000,
@@ -310,6 +317,8 @@ pub struct BrokerConfig {
     pub partitions_per_shard_max: usize,
     pub group_initial_rebalance_delay_ms: u64,
     pub offsets_retention_minutes: u64,
+    /// Protects the transaction coordinator's memory and log from ids never used again.
+    pub transactional_id_expiration_ms: u64,
     pub group_consumer_session_timeout_ms: u32,
     pub group_consumer_heartbeat_interval_ms: u32,
     /// Server-side assignors of KIP-848 groups, the first the default; each one of
@@ -605,6 +614,8 @@ impl BrokerConfig {
             partitions_per_shard_max: pick!(partitions_per_shard_max),
             group_initial_rebalance_delay_ms: pick!(group_initial_rebalance_delay_ms),
             offsets_retention_minutes: pick!(offsets_retention_minutes),
+            transactional_id_expiration_ms: pick!(transactional_id_expiration_ms)
+                .clamp(1, i64::MAX as u64),
             group_consumer_session_timeout_ms,
             group_consumer_heartbeat_interval_ms,
             group_consumer_assignors,

@@ -41,6 +41,7 @@ use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
 use crate::types::{Clock, ErrorCode, TopicPartition};
 
 pub mod state;
+pub mod verified;
 
 pub use state::{TxnMeta, TxnState};
 
@@ -63,6 +64,21 @@ const LOAD_WAIT_MAX: Duration = Duration::from_secs(5);
 const REPLAY_READ_BYTES_MAX: u32 = 1 << 20;
 /// Partitions one transaction may hold: bounds its record and the markers one EndTxn writes.
 pub const TXN_PARTITIONS_MAX: usize = 100_000;
+/// The highest `transaction.version` this broker supports and the level it runs at: 2, Kafka's
+/// KIP-890 part 2 (Produce v12 adds partitions implicitly, EndTxn v5 bumps the epoch).
+pub const TRANSACTION_VERSION: i16 = 2;
+/// The feature ApiVersions reports [`TRANSACTION_VERSION`] under.
+pub const TRANSACTION_VERSION_FEATURE: &str = "transaction.version";
+/// Kafka's default `transactional.id.expiration.ms` (7 days).
+pub const TXN_ID_EXPIRATION_MS_DEFAULT: u64 = 7 * 24 * 3_600_000;
+/// Bounds how often the idle-id walk runs: a tenth of the expiration, but at least this …
+const ID_EXPIRY_CHECK_MIN_MS: i64 = 1_000;
+/// … and at most Kafka's `transaction.remove.expired.transaction.cleanup.interval.ms` (1 hour).
+const ID_EXPIRY_CHECK_MAX_MS: i64 = 3_600_000;
+/// How long a Produce v12 waits for the previous transaction of its producer to finish its
+/// markers before adding the partition to the next one (the producer may start it as soon as
+/// EndTxn is answered); past it the produce gets CONCURRENT_TRANSACTIONS and retries.
+const IMPLICIT_ADD_WAIT: Duration = Duration::from_secs(5);
 
 fn code(e: ResponseError) -> ErrorCode {
     ErrorCode::new(e)
@@ -73,10 +89,16 @@ pub struct TxnShard {
     txns: RefCell<HashMap<String, TxnMeta>>,
     logs: RefCell<HashMap<i32, Rc<PartitionLog>>>,
     loaded: Event,
+    /// Notified whenever a transaction completes (its Complete record is written).
+    completed: Event,
     /// One transition at a time (check, write, apply).
     permit: Semaphore,
     partitions: Cell<i32>,
     clock: Clock,
+    /// `transactional.id.expiration.ms`: an id idle this long outside a transaction is removed.
+    id_expiration_ms: i64,
+    /// When the idle-id walk runs next.
+    next_id_expiry_ms: Cell<i64>,
 }
 
 thread_local! {
@@ -99,14 +121,17 @@ pub struct Described {
 }
 
 impl TxnShard {
-    pub fn new(clock: Clock) -> Rc<TxnShard> {
+    pub fn new(clock: Clock, id_expiration_ms: u64) -> Rc<TxnShard> {
         Rc::new(TxnShard {
             txns: RefCell::new(HashMap::new()),
             logs: RefCell::new(HashMap::new()),
             loaded: Event::new(),
+            completed: Event::new(),
             permit: Semaphore::new(1),
             partitions: Cell::new(TXN_PARTITIONS),
             clock,
+            id_expiration_ms: id_expiration_ms.min(i64::MAX as u64) as i64,
+            next_id_expiry_ms: Cell::new(0),
         })
     }
 
@@ -202,6 +227,8 @@ impl TxnShard {
                 partitions: BTreeSet::new(),
                 last_update_ms: now,
                 start_ms: -1,
+                previous: None,
+                next_producer_id: None,
             };
             self.transition(tid, m).await?;
             return Ok((pid, 0));
@@ -243,6 +270,7 @@ impl TxnShard {
         m.partitions.clear();
         m.last_update_ms = now;
         m.start_ms = -1;
+        m.previous = None;
         self.transition(tid, m.clone()).await?;
         Ok((m.producer_id, m.epoch))
     }
@@ -313,31 +341,80 @@ impl TxnShard {
         }
     }
 
+    /// Transaction version 2 (Produce v12): adds `tp` to the producer's transaction, opening
+    /// one, as an AddPartitionsToTxn would. A previous transaction of the producer still
+    /// writing its markers (the producer starts the next one as soon as EndTxn is answered) is
+    /// waited for, up to [`IMPLICIT_ADD_WAIT`].
+    pub async fn add_partition_implicitly(
+        &self,
+        tid: &str,
+        pid: i64,
+        epoch: i16,
+        tp: (String, i32),
+    ) -> ErrorCode {
+        let deadline = self.clock.now_ms() + IMPLICIT_ADD_WAIT.as_millis() as i64;
+        loop {
+            let done = self.completed.listen();
+            let e = self
+                .add_partitions(tid, pid, epoch, vec![tp.clone()], false)
+                .await;
+            let left = deadline - self.clock.now_ms();
+            if e != code(ResponseError::ConcurrentTransactions) || left <= 0 {
+                return e;
+            }
+            futures_lite::future::or(done, self.clock.sleep(Duration::from_millis(left as u64)))
+                .await;
+        }
+    }
+
     /// EndTxn: PrepareCommit/PrepareAbort written, answered, and the markers written after.
+    /// With transaction version 2 (`bump`, EndTxn v5) the epoch is bumped on every commit and
+    /// abort: the Prepare record carries the new epoch, the markers are written with it (so
+    /// the producer's batches at the old epoch are refused from then on), and the answer is
+    /// the producer id and epoch the producer continues with. An exhausted epoch hands the
+    /// producer a new producer id at epoch 0 once the markers are written. Answers the
+    /// producer id and epoch (unchanged without `bump`).
     pub async fn end_txn(
         self: &Rc<Self>,
         tid: &str,
         pid: i64,
         epoch: i16,
         commit: bool,
-    ) -> ErrorCode {
+        bump_epoch: bool,
+    ) -> Result<(i64, i16), ErrorCode> {
         let Ok(_permit) = self.permit.acquire_permit(1).await else {
-            return code(ResponseError::CoordinatorNotAvailable);
+            return Err(code(ResponseError::CoordinatorNotAvailable));
         };
-        let m = match self.current(tid, pid, epoch) {
-            Ok(m) => m,
-            Err(e) => return e,
-        };
+        if bump_epoch {
+            let m = self.describe(tid);
+            if let Some(m) = m.filter(|m| m.previous == Some((pid, epoch))) {
+                // A retry of an EndTxn v5 already taken: its epoch was bumped since.
+                return match (m.state, commit) {
+                    (TxnState::CompleteCommit, true) | (TxnState::CompleteAbort, false) => {
+                        Ok((m.producer_id, m.epoch))
+                    }
+                    (TxnState::PrepareCommit, true) | (TxnState::PrepareAbort, false) => {
+                        Err(code(ResponseError::ConcurrentTransactions))
+                    }
+                    _ => Err(code(ResponseError::ProducerFenced)),
+                };
+            }
+        }
+        let m = self.current(tid, pid, epoch)?;
         match (m.state, commit) {
             (TxnState::Ongoing, _) => {}
+            // Transaction version 2: an abort with nothing added still bumps the epoch (the
+            // producer aborts after an abortable error whatever it sent).
+            (TxnState::Empty | TxnState::CompleteCommit | TxnState::CompleteAbort, false)
+                if bump_epoch => {}
             // A retry of an EndTxn that already went through.
             (TxnState::CompleteCommit, true) | (TxnState::CompleteAbort, false) => {
-                return ErrorCode::NONE
+                return Ok((m.producer_id, m.epoch))
             }
             (TxnState::PrepareCommit, true) | (TxnState::PrepareAbort, false) => {
-                return code(ResponseError::ConcurrentTransactions)
+                return Err(code(ResponseError::ConcurrentTransactions))
             }
-            _ => return code(ResponseError::InvalidTxnState),
+            _ => return Err(code(ResponseError::InvalidTxnState)),
         }
         let mut next = m;
         next.state = if commit {
@@ -346,11 +423,23 @@ impl TxnShard {
             TxnState::PrepareAbort
         };
         next.last_update_ms = self.clock.now_ms();
-        if let Err(e) = self.transition(tid, next).await {
-            return e;
+        let mut answer = (pid, epoch);
+        if bump_epoch {
+            next.previous = Some((pid, epoch));
+            if epoch < i16::MAX - 1 {
+                next.epoch = epoch + 1;
+                answer = (pid, epoch + 1);
+            } else {
+                // The markers take the last epoch; the producer continues with a new id.
+                next.epoch = i16::MAX;
+                let np = new_producer_id().await?;
+                next.next_producer_id = Some(np);
+                answer = (np, 0);
+            }
         }
+        self.transition(tid, next).await?;
         self.spawn_complete(tid.to_string());
-        ErrorCode::NONE
+        Ok(answer)
     }
 
     /// Whether `pid`/`epoch` may write transactional batches to `tp` now (the partition was
@@ -435,9 +524,57 @@ impl TxnShard {
         next.partitions.clear();
         next.last_update_ms = self.clock.now_ms();
         next.start_ms = -1;
+        if let Some(np) = next.next_producer_id.take() {
+            next.producer_id = np;
+            next.epoch = 0;
+        }
         // On failure the transaction stays prepared in memory and in the log; the next start
         // writes its markers again and completes it.
         let _ = self.transition(tid, next).await;
+        self.completed.notify(usize::MAX);
+    }
+
+    /// Removes the ids idle for `transactional.id.expiration.ms` with no transaction open
+    /// (Empty, CompleteCommit, CompleteAbort): a tombstone in `__transaction_state` (which the
+    /// cleaner compacts away), then the id is forgotten. Answers how many were removed.
+    pub async fn expire_ids(&self) -> usize {
+        let now = self.clock.now_ms();
+        let idle = |m: &TxnMeta| {
+            matches!(
+                m.state,
+                TxnState::Empty | TxnState::CompleteCommit | TxnState::CompleteAbort
+            ) && now.saturating_sub(m.last_update_ms) >= self.id_expiration_ms
+        };
+        let expired: Vec<String> = self
+            .txns
+            .borrow()
+            .iter()
+            .filter(|(_, m)| idle(m))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut removed = 0;
+        for tid in expired {
+            let Ok(_permit) = self.permit.acquire_permit(1).await else {
+                break;
+            };
+            // Checked again under the permit: a request may have used the id meanwhile.
+            if !self.describe(&tid).is_some_and(|m| idle(&m)) {
+                continue;
+            }
+            if let Err(e) = self.persist(&tid, None).await {
+                tracing::warn!(transactional_id = %tid, error = %e, "expired transactional id not removed");
+                continue;
+            }
+            self.txns.borrow_mut().remove(&tid);
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed transactional ids past transactional.id.expiration.ms"
+            );
+        }
+        removed
     }
 
     /// Aborts every open transaction past its timeout, with a bumped epoch so the producer
@@ -578,6 +715,13 @@ impl TxnShard {
                 .sleep(Duration::from_millis(EXPIRY_CHECK_MS))
                 .await;
             self.abort_expired().await;
+            let now = self.clock.now_ms();
+            if now >= self.next_id_expiry_ms.get() {
+                let every = (self.id_expiration_ms / 10)
+                    .clamp(ID_EXPIRY_CHECK_MIN_MS, ID_EXPIRY_CHECK_MAX_MS);
+                self.next_id_expiry_ms.set(now.saturating_add(every));
+                self.expire_ids().await;
+            }
         }
     }
 }
@@ -629,6 +773,8 @@ pub async fn write_marker(
             return Err(format!("{tp} is not open"));
         };
         let now = shard.clock.now_ms();
+        // The transaction ends here: its producer must be verified again for the next one.
+        verified::forget(&tp, pid);
         let marker = crate::storage::marker_batch(pid, epoch, commit, now);
         match log
             .append(BytesMut::from(&marker[..]), Durability::Synced)
@@ -702,7 +848,10 @@ pub fn start_shard_tasks() {
     if shard.broker.config.cluster.is_some() {
         return;
     }
-    let ts = TxnShard::new(shard.clock.clone());
+    let ts = TxnShard::new(
+        shard.clock.clone(),
+        shard.broker.config.transactional_id_expiration_ms,
+    );
     LOCAL.with(|l| *l.borrow_mut() = Some(ts.clone()));
     crate::contain::spawn_background("transaction coordinator", async move {
         if let Err(e) = load_here(&ts).await {

@@ -76,6 +76,12 @@ pub struct TxnMeta {
     pub last_update_ms: i64,
     /// When the transaction began (-1 when none is open).
     pub start_ms: i64,
+    /// Not persisted. Transaction version 2: the producer id and epoch the last EndTxn v5 was
+    /// sent with, whose retry is answered with the current ones instead of being fenced.
+    pub previous: Option<(i64, i16)>,
+    /// Not persisted. Transaction version 2: the producer id a transaction ending with an
+    /// exhausted epoch hands its producer once its markers are written (epoch 0).
+    pub next_producer_id: Option<i64>,
 }
 
 /// The record key: `[version i16 = 0][transactional id string]`.
@@ -159,6 +165,8 @@ pub fn decode_value(b: &[u8]) -> Result<TxnMeta, String> {
         partitions,
         last_update_ms: r.i64()?,
         start_ms: r.i64()?,
+        previous: None,
+        next_producer_id: None,
     })
 }
 
@@ -219,6 +227,8 @@ mod tests {
             .collect(),
             last_update_ms: 7,
             start_ms: 5,
+            previous: None,
+            next_producer_id: None,
         };
         assert_eq!(decode_value(&encode_value(&m)), Ok(m.clone()));
         assert_eq!(decode_key(&encode_key("tx-1")), Ok("tx-1".to_string()));

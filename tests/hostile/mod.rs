@@ -119,6 +119,9 @@ pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
     match key {
         ApiKey::Produce => Box::new(
             ProduceRequest::default()
+                // v12 (transaction version 2) adds partitions to the named transaction itself:
+                // its frames carry a transactional id so that path is the one mutated.
+                .with_transactional_id((version >= 12).then(|| TransactionalId(s("hostile-txn"))))
                 .with_acks(1)
                 .with_timeout_ms(1000)
                 .with_topic_data(vec![TopicProduceData::default()

@@ -102,6 +102,12 @@ fn broker_entries(d: &configs::BrokerDefaults) -> Vec<Entry> {
             s,
         ),
         entry(
+            "transactional.id.expiration.ms",
+            c.transactional_id_expiration_ms.to_string(),
+            INT,
+            s,
+        ),
+        entry(
             "group.consumer.session.timeout.ms",
             c.group_consumer_session_timeout_ms.to_string(),
             INT,

@@ -1,9 +1,11 @@
-//! Produce, versions 3-11 (flexible from 9). Validates every batch on the connection's shard
+//! Produce, versions 3-12 (flexible from 9). Validates every batch on the connection's shard
 //! (framing, magic v2, CRC-32C, max.message.bytes), then appends it on the partition's owner
 //! shard and waits for the durability the acks ask for: acks=0 none, acks=1 the write,
 //! acks=all the fdatasync. Partitions of one request are appended concurrently.
 //! Transactional requests (KIP-98) carry transactional batches of one producer; each partition
-//! is checked with the transaction coordinator to be in the producer's open transaction first.
+//! is checked with the transaction coordinator to be in the producer's open transaction first
+//! (from v12, transaction version 2, the coordinator adds it), on the partition's owner shard,
+//! which remembers the answer until the transaction's marker (the verification cache).
 //! A topic the broker does not know is UNKNOWN_TOPIC_OR_PARTITION: as in Kafka, Produce never
 //! creates topics (a producer's Metadata request may, see `metadata`).
 
@@ -22,7 +24,7 @@ use crate::protocol::batch::{self, BatchError};
 use crate::protocol::validated::Validated;
 use crate::shard::{self, LocalTopic};
 use crate::storage::Durability;
-use crate::types::ErrorCode;
+use crate::types::{ErrorCode, TopicPartition};
 
 struct Outcome {
     error_code: ErrorCode,
@@ -221,7 +223,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (Some(Ok(t)), Some(d)) => {
                     let records = pd.records.unwrap_or_default();
                     let tid = request.transactional_id.as_ref().map(|t| t.to_string());
-                    let append = append_partition(t.clone(), index, records, d, timeout, tid);
+                    let append =
+                        append_partition(t.clone(), index, records, d, timeout, tid, req.version);
                     if partitions == 1 {
                         Pending::Ready(append.await)
                     } else {
@@ -292,6 +295,7 @@ async fn append_partition(
     durability: Durability,
     timeout: Duration,
     transactional_id: Option<String>,
+    version: i16,
 ) -> Outcome {
     let meta = &topic.meta;
     crate::fault::panic_point("produce_partition", &meta.name);
@@ -328,25 +332,15 @@ async fn append_partition(
             return Outcome::error(code(ResponseError::InvalidRecord), Some(m));
         }
     }
-    if let (Some(tid), Some((pid, epoch))) = (transactional_id, producer) {
-        // The partition must be in the producer's open transaction (KIP-890 part 1: the
-        // leader verifies with the coordinator), or its batches would never see a marker.
-        let tp = (meta.name.clone(), index);
-        let verified = crate::txn::on_coordinator(&tid.clone(), move |ts| async move {
-            ts.verify_partition(&tid, pid, epoch, &tp)
-        })
-        .await
-        .unwrap_or_else(|e| e);
-        if verified.is_error() {
-            // Produce predates PRODUCER_FENCED: a fenced producer is told INVALID_PRODUCER_EPOCH.
-            let e = if verified == code(ResponseError::ProducerFenced) {
-                code(ResponseError::InvalidProducerEpoch)
-            } else {
-                verified
-            };
-            return Outcome::error(e, None);
-        }
-    }
+    let txn = match (transactional_id, producer) {
+        (Some(tid), Some((pid, epoch))) => Some(TxnCheck {
+            tid,
+            pid,
+            epoch,
+            add: version >= IMPLICIT_ADD_VERSION,
+        }),
+        _ => None,
+    };
     drop(records);
     let replicated = meta.replication_factor() > 1;
     if durability == Durability::Synced && replicated {
@@ -363,7 +357,7 @@ async fn append_partition(
         }
     }
     let waits = durability == Durability::Synced || replicated;
-    let append = append_on_owner(topic.clone(), index, owned, durability);
+    let append = append_on_owner(topic.clone(), index, owned, durability, txn);
     let result = if waits && !timeout.is_zero() {
         // A detached task, so that a timed-out wait never cancels the append itself. Contained:
         // its panic is re-raised here, or logged by itself if the wait timed out first.
@@ -392,6 +386,55 @@ async fn append_partition(
 
 type Appended = Result<Result<(i64, i64), (ErrorCode, Option<String>)>, ErrorCode>;
 
+/// The first Produce version of transaction version 2 (KIP-890 part 2): a transactional
+/// produce adds its partition to the transaction itself.
+pub const IMPLICIT_ADD_VERSION: i16 = 12;
+
+/// What a transactional produce must pass before its batches are appended.
+struct TxnCheck {
+    tid: String,
+    pid: i64,
+    epoch: i16,
+    /// Transaction version 2: add the partition to the transaction (opening one) instead of
+    /// only checking that it is in it.
+    add: bool,
+}
+
+/// On the partition's owner shard: the partition must be in the producer's open transaction
+/// (KIP-890 part 1: the leader verifies with the coordinator), or its batches would never see
+/// a marker; with transaction version 2 the coordinator is asked to add it. A producer the
+/// shard's verification cache ([`crate::txn::verified`]) already holds for this partition and
+/// epoch skips the hop.
+async fn check_txn(tp: &TopicPartition, c: TxnCheck) -> Result<(), ErrorCode> {
+    use crate::txn::verified;
+    if verified::contains(tp, c.pid, c.epoch) {
+        return Ok(());
+    }
+    let generation = verified::generation();
+    let (pid, epoch, add) = (c.pid, c.epoch, c.add);
+    let tpk = (tp.topic.to_string(), tp.partition);
+    let tid = c.tid;
+    let answer = crate::txn::on_coordinator(&tid.clone(), move |ts| async move {
+        if add {
+            ts.add_partition_implicitly(&tid, pid, epoch, tpk).await
+        } else {
+            ts.verify_partition(&tid, pid, epoch, &tpk)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| e);
+    if answer.is_error() {
+        // Produce predates PRODUCER_FENCED: a fenced producer is told INVALID_PRODUCER_EPOCH.
+        return Err(if answer == code(ResponseError::ProducerFenced) {
+            code(ResponseError::InvalidProducerEpoch)
+        } else {
+            answer
+        });
+    }
+    verified::remember(tp, pid, epoch, generation);
+    Ok(())
+}
+
 /// Appends validated batches to the partition on its owner shard (or proposes them to its raft
 /// group): base offset and log start offset.
 async fn append_on_owner(
@@ -399,8 +442,13 @@ async fn append_on_owner(
     index: i32,
     records: Validated,
     durability: Durability,
+    txn: Option<TxnCheck>,
 ) -> Appended {
+    let tp = TopicPartition::new(topic.meta.name.clone(), index);
     with_partition_replica(&topic.meta, index, move |log, replica| async move {
+        if let Some(c) = txn {
+            check_txn(&tp, c).await.map_err(|e| (e, None))?;
+        }
         match replica {
             Some(replica) => {
                 replicate(

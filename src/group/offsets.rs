@@ -1097,4 +1097,58 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn share_group_records_round_trip_and_hostile_ones_are_refused() {
+        let m = ShareMemberValue {
+            rack_id: Some("r1".into()),
+            client_id: "client".into(),
+            client_host: "/127.0.0.1".into(),
+            subscribed_topic_names: vec!["a".into(), "b".into()],
+        };
+        let mv = share_member_value(&m);
+        assert_eq!(
+            decode_share_member_value(&Bytes::from(mv.clone())).unwrap(),
+            m
+        );
+        // Every truncation is an error (the last byte is the empty tagged-field section).
+        for cut in 0..mv.len() - 1 {
+            assert!(
+                decode_share_member_value(&Bytes::copy_from_slice(&mv[..cut])).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // A subscription count of 2^32 - 2 in a record of a few bytes: refused before it sizes
+        // anything. Version, a null rack, two empty strings, then the count.
+        let mut huge = vec![0, 0, 0, 1, 1];
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_share_member_value(&Bytes::from(huge)).is_err());
+        let g = ShareGroupValue {
+            epoch: 7,
+            configs: crate::group::share::GroupConfigs {
+                auto_offset_reset: Some(crate::group::share::AutoOffsetReset::Earliest),
+                record_lock_duration_ms: Some(15_000),
+                read_committed: None,
+            },
+        };
+        let gv = share_group_value(&g);
+        assert_eq!(
+            decode_share_group_value(&Bytes::from(gv.clone())).unwrap(),
+            g
+        );
+        for cut in 0..gv.len() - 1 {
+            assert!(decode_share_group_value(&Bytes::copy_from_slice(&gv[..cut])).is_err());
+        }
+        assert_eq!(
+            decode_key(&Bytes::from(share_member_key("g", "m"))).unwrap(),
+            RecordKey::ShareMember {
+                group: "g".into(),
+                member: "m".into()
+            }
+        );
+        assert_eq!(
+            decode_key(&Bytes::from(share_group_key("g"))).unwrap(),
+            RecordKey::ShareGroup { group: "g".into() }
+        );
+    }
 }

@@ -626,6 +626,31 @@ impl Coordinator {
         Ok(())
     }
 
+    /// For the offset admin APIs: the share group `group_id` must have no members (it is
+    /// created empty when unknown). NON_EMPTY_GROUP with members, GROUP_ID_NOT_FOUND when the
+    /// id is another type of group.
+    pub fn share_group_empty(&mut self, group_id: &str, create: bool) -> Result<(), ErrorCode> {
+        if self
+            .groups
+            .get(group_id)
+            .is_some_and(|g| g.state != super::state::GroupState::Dead)
+        {
+            return Err(ErrorCode::new(E::GroupIdNotFound));
+        }
+        match self.share.get(group_id) {
+            Some(g) if !g.members.is_empty() => Err(ErrorCode::new(E::NonEmptyGroup)),
+            Some(_) => Ok(()),
+            None if create => {
+                let p = self.partition_of(group_id);
+                let g = self.share.entry(group_id.to_string()).or_default();
+                let w = share_epoch_record(group_id, g, p);
+                self.writes.push(w);
+                Ok(())
+            }
+            None => Err(ErrorCode::new(E::GroupIdNotFound)),
+        }
+    }
+
     pub fn share_configs(&self, group_id: &str) -> GroupConfigs {
         self.share
             .get(group_id)

@@ -450,7 +450,10 @@ impl SharePartition {
             if a.first > a.last || a.types.is_empty() {
                 return Err(ErrorCode::new(E::InvalidRequest));
             }
-            let len = a.last - a.first + 1;
+            // Ranges from the wire may span all of i64: no arithmetic that can overflow.
+            let Some(len) = a.last.checked_sub(a.first).and_then(|d| d.checked_add(1)) else {
+                return Err(ErrorCode::new(E::InvalidRecordState));
+            };
             if a.types.len() != 1 && a.types.len() as i64 != len {
                 return Err(ErrorCode::new(E::InvalidRequest));
             }
@@ -617,7 +620,18 @@ mod tests {
         let got = sp.acquire(&one(0, 999), 1000, &a, 10_000, 0);
         assert_eq!(got.records, 100);
         assert_eq!(sp.records.len(), 100);
-        // A huge ack range is refused without walking it.
+        // A huge ack range is refused without walking it, the widest without overflowing.
+        assert_eq!(
+            sp.acknowledge(
+                "a",
+                &[AckRange {
+                    first: i64::MIN,
+                    last: i64::MAX,
+                    types: vec![ACK_ACCEPT]
+                }]
+            ),
+            Err(ErrorCode::new(E::InvalidRecordState))
+        );
         assert_eq!(
             sp.acknowledge(
                 "a",

@@ -41,6 +41,7 @@ pub mod share_common;
 pub mod share_fetch;
 pub mod share_group_describe;
 pub mod share_group_heartbeat;
+pub mod share_group_offsets;
 pub mod share_sessions;
 pub mod sync_group;
 pub mod txn_common;

@@ -120,6 +120,29 @@ pub struct StartArgs {
     /// [default: 2147483647].
     #[arg(long, env = "SLUICE_GROUP_CONSUMER_MAX_SIZE")]
     pub group_consumer_max_size: Option<u32>,
+    /// Share groups (KIP-932): a member that does not heartbeat for this long is removed
+    /// (Kafka's `group.share.session.timeout.ms`) [default: 45000].
+    #[arg(long, env = "SLUICE_GROUP_SHARE_SESSION_TIMEOUT_MS")]
+    pub group_share_session_timeout_ms: Option<u32>,
+    /// Share groups: the heartbeat interval given to members
+    /// (`group.share.heartbeat.interval.ms`) [default: 5000].
+    #[arg(long, env = "SLUICE_GROUP_SHARE_HEARTBEAT_INTERVAL_MS")]
+    pub group_share_heartbeat_interval_ms: Option<u32>,
+    /// Share groups: most members per group (`group.share.max.size`) [default: 200].
+    #[arg(long, env = "SLUICE_GROUP_SHARE_MAX_SIZE")]
+    pub group_share_max_size: Option<u32>,
+    /// Share groups: how long a delivered record stays acquired by its consumer before it is
+    /// available again (`group.share.record.lock.duration.ms`) [default: 30000].
+    #[arg(long, env = "SLUICE_GROUP_SHARE_RECORD_LOCK_DURATION_MS")]
+    pub group_share_record_lock_duration_ms: Option<u32>,
+    /// Share groups: deliveries of one record before it is archived
+    /// (`group.share.delivery.count.limit`, 2-10) [default: 5].
+    #[arg(long, env = "SLUICE_GROUP_SHARE_DELIVERY_COUNT_LIMIT")]
+    pub group_share_delivery_count_limit: Option<u16>,
+    /// Share groups: most in-flight records of one share partition
+    /// (`group.share.partition.max.record.locks`, 100-10000) [default: 2000].
+    #[arg(long, env = "SLUICE_GROUP_SHARE_PARTITION_MAX_RECORD_LOCKS")]
+    pub group_share_partition_max_record_locks: Option<u32>,
     /// Log level filter (also RUST_LOG) [default: info].
     #[arg(long, env = "SLUICE_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -162,6 +185,12 @@ pub struct Defaults {
     pub group_consumer_heartbeat_interval_ms: u32,
     pub group_consumer_assignors: &'static str,
     pub group_consumer_max_size: u32,
+    pub group_share_session_timeout_ms: u32,
+    pub group_share_heartbeat_interval_ms: u32,
+    pub group_share_max_size: u32,
+    pub group_share_record_lock_duration_ms: u32,
+    pub group_share_delivery_count_limit: u16,
+    pub group_share_partition_max_record_locks: u32,
     pub log_level: &'static str,
     pub log_format: &'static str,
 }
@@ -197,6 +226,13 @@ pub const DEFAULTS: Defaults = Defaults {
     group_consumer_heartbeat_interval_ms: 5_000,
     group_consumer_assignors: "uniform,range",
     group_consumer_max_size: i32::MAX as u32,
+    // Kafka's KIP-932 defaults.
+    group_share_session_timeout_ms: 45_000,
+    group_share_heartbeat_interval_ms: 5_000,
+    group_share_max_size: 200,
+    group_share_record_lock_duration_ms: 30_000,
+    group_share_delivery_count_limit: 5,
+    group_share_partition_max_record_locks: 2_000,
     log_level: "info",
     log_format: "text",
 };
@@ -325,6 +361,14 @@ pub struct BrokerConfig {
     /// [`CONSUMER_GROUP_ASSIGNORS`].
     pub group_consumer_assignors: Vec<String>,
     pub group_consumer_max_size: u32,
+    pub group_share_session_timeout_ms: u32,
+    pub group_share_heartbeat_interval_ms: u32,
+    pub group_share_max_size: u32,
+    pub group_share_record_lock_duration_ms: u32,
+    /// Deliveries of one record before it is archived (2-10, Kafka's range).
+    pub group_share_delivery_count_limit: u16,
+    /// In-flight records of one share partition (100-10000, Kafka's range): bounds its memory.
+    pub group_share_partition_max_record_locks: u32,
     pub log_level: String,
     pub log_format: LogFormat,
     /// Where the Prometheus endpoint listens; `None`: no metrics listener.
@@ -416,6 +460,35 @@ impl BrokerConfig {
         {
             return Err(format!(
                 "--group-consumer-heartbeat-interval-ms ({group_consumer_heartbeat_interval_ms}) must be above 0 and below --group-consumer-session-timeout-ms ({group_consumer_session_timeout_ms})"
+            ));
+        }
+        let group_share_session_timeout_ms = pick!(group_share_session_timeout_ms);
+        let group_share_heartbeat_interval_ms = pick!(group_share_heartbeat_interval_ms);
+        if group_share_session_timeout_ms == 0
+            || group_share_session_timeout_ms > i32::MAX as u32
+            || group_share_heartbeat_interval_ms == 0
+            || group_share_heartbeat_interval_ms >= group_share_session_timeout_ms
+        {
+            return Err(format!(
+                "--group-share-heartbeat-interval-ms ({group_share_heartbeat_interval_ms}) must be above 0 and below --group-share-session-timeout-ms ({group_share_session_timeout_ms})"
+            ));
+        }
+        let group_share_record_lock_duration_ms = pick!(group_share_record_lock_duration_ms);
+        if !(1_000..=3_600_000).contains(&group_share_record_lock_duration_ms) {
+            return Err(format!(
+                "--group-share-record-lock-duration-ms: 1000-3600000 expected, got {group_share_record_lock_duration_ms}"
+            ));
+        }
+        let group_share_delivery_count_limit = pick!(group_share_delivery_count_limit);
+        if !(2..=10).contains(&group_share_delivery_count_limit) {
+            return Err(format!(
+                "--group-share-delivery-count-limit: 2-10 expected, got {group_share_delivery_count_limit}"
+            ));
+        }
+        let group_share_partition_max_record_locks = pick!(group_share_partition_max_record_locks);
+        if !(100..=10_000).contains(&group_share_partition_max_record_locks) {
+            return Err(format!(
+                "--group-share-partition-max-record-locks: 100-10000 expected, got {group_share_partition_max_record_locks}"
             ));
         }
         let group_consumer_assignors: Vec<String> = pick!(group_consumer_assignors)
@@ -620,6 +693,12 @@ impl BrokerConfig {
             group_consumer_heartbeat_interval_ms,
             group_consumer_assignors,
             group_consumer_max_size: pick!(group_consumer_max_size).clamp(1, i32::MAX as u32),
+            group_share_session_timeout_ms,
+            group_share_heartbeat_interval_ms,
+            group_share_max_size: pick!(group_share_max_size).clamp(1, i32::MAX as u32),
+            group_share_record_lock_duration_ms,
+            group_share_delivery_count_limit,
+            group_share_partition_max_record_locks,
             log_level: pick!(log_level),
             log_format,
             metrics_listen,

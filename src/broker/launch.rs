@@ -114,6 +114,7 @@ async fn run_shard(
     crate::contain::spawn_background("retention", retention_loop());
     crate::contain::spawn_background("log cleaner", cleaner_loop());
     crate::group::start_shard_tasks();
+    crate::group::share_state::start_shard_tasks();
     crate::txn::start_shard_tasks();
     crate::server::accept_loop(listener).await;
     if id == crate::controller::CONTROLLER_SHARD {

@@ -843,6 +843,12 @@ impl Coordinator {
         if let Err(r) = validate(&req, &cfg) {
             return r;
         }
+        if self.share.contains_key(&req.group_id) {
+            return HeartbeatResult::error(
+                E::GroupIdNotFound,
+                format!("Group {} is not a consumer group.", req.group_id),
+            );
+        }
         let partition = self.partition_of(&req.group_id);
         let exists = self.groups.contains_key(&req.group_id);
         if !exists {

@@ -5,7 +5,7 @@
 //! persist are queued for the caller ([`Coordinator::take_writes`]). One instance per shard owns
 //! the groups whose `__consumer_offsets` partition lives on that shard.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use kafka_protocol::ResponseError as E;
@@ -36,6 +36,8 @@ pub struct CoordinatorConfig {
     pub offsets_partitions: i32,
     /// KIP-848 consumer groups (`group.consumer.*`).
     pub consumer: super::consumer::ConsumerConfig,
+    /// KIP-932 share groups (`group.share.*`).
+    pub share: super::share::ShareConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -48,6 +50,7 @@ impl Default for CoordinatorConfig {
             offset_metadata_bytes_max: 4096,
             offsets_partitions: 50,
             consumer: Default::default(),
+            share: Default::default(),
         }
     }
 }
@@ -186,6 +189,8 @@ pub struct Coordinator {
     pub(super) groups: HashMap<String, Group>,
     pub(super) writes: Vec<Write>,
     next_member_seq: u64,
+    /// KIP-932 share groups, by id (a group id is either a share group or one of `groups`).
+    pub(super) share: BTreeMap<String, super::share::ShareGroup>,
 }
 
 fn new_member_id(client_id: &str, seq: u64) -> String {
@@ -199,6 +204,7 @@ impl Coordinator {
             groups: HashMap::new(),
             writes: Vec::new(),
             next_member_seq: 0,
+            share: BTreeMap::new(),
         }
     }
 
@@ -230,6 +236,10 @@ impl Coordinator {
         let err = |code: E| Reply::Now(JoinResult::error(ErrorCode::new(code), &req.member_id));
         if req.group_id.is_empty() {
             return err(E::InvalidGroupId);
+        }
+        if self.share.contains_key(&req.group_id) {
+            // A share group's id: not for the classic protocol.
+            return err(E::InconsistentGroupProtocol);
         }
         if req.session_timeout_ms < self.config.session_timeout_ms_min
             || req.session_timeout_ms > self.config.session_timeout_ms_max
@@ -478,6 +488,7 @@ impl Coordinator {
     /// and initial-delay deadlines, members that never sent SyncGroup.
     pub fn tick(&mut self, now_ms: i64) {
         self.consumer_tick(now_ms);
+        self.share_tick(None, now_ms);
         let ids: Vec<String> = self
             .groups
             .iter()
@@ -559,6 +570,9 @@ impl Coordinator {
             }
         }
         if let Some(d) = self.consumer_next_deadline_ms() {
+            consider(d);
+        }
+        if let Some(d) = self.share_next_deadline_ms() {
             consider(d);
         }
         best
@@ -855,6 +869,12 @@ impl Coordinator {
                     group_type: "classic",
                 },
             })
+            .chain(self.share.iter().map(|(id, g)| GroupListing {
+                group_id: id.clone(),
+                protocol_type: "share".into(),
+                state: g.state_name(),
+                group_type: "share",
+            }))
             .filter(|l| states.is_empty() || states.iter().any(|s| s.eq_ignore_ascii_case(l.state)))
             .filter(|l| {
                 types.is_empty() || types.iter().any(|t| t.eq_ignore_ascii_case(l.group_type))
@@ -868,6 +888,28 @@ impl Coordinator {
     /// when Stable). An unknown group is reported as Dead (`GROUP_ID_NOT_FOUND` when
     /// `not_found_error`, DescribeGroups v6+).
     pub fn describe(&self, group_id: &str, not_found_error: bool) -> GroupDescription {
+        if let Some(g) = self.share.get(group_id) {
+            // A share group is shown with its members (no protocol metadata or assignment).
+            return GroupDescription {
+                error: NONE,
+                group_id: group_id.to_string(),
+                state: g.state_name(),
+                protocol_type: "share".into(),
+                protocol: String::new(),
+                members: g
+                    .members
+                    .values()
+                    .map(|m| MemberDescription {
+                        member_id: m.id.clone(),
+                        group_instance_id: None,
+                        client_id: m.client_id.clone(),
+                        client_host: m.client_host.clone(),
+                        metadata: Bytes::new(),
+                        assignment: Bytes::new(),
+                    })
+                    .collect(),
+            };
+        }
         // A KIP-848 group is not a classic group: described as an unknown one, as Kafka does.
         let Some(g) = self
             .groups

@@ -31,6 +31,9 @@ use crate::types::{Clock, ErrorCode};
 pub mod consumer;
 pub mod coordinator;
 pub mod offsets;
+pub mod share;
+pub mod share_partition;
+pub mod share_state;
 pub mod state;
 pub mod txn_offsets;
 
@@ -497,6 +500,26 @@ fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool
                 }
             }
         }
+        offsets::RecordKey::ShareGroup { group } => {
+            match rec.value.as_ref().map(offsets::decode_share_group_value) {
+                None => c.load_share_group(&group, None),
+                Some(Ok(v)) => c.load_share_group(&group, Some(v)),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ShareMember { group, member } => {
+            match rec.value.as_ref().map(offsets::decode_share_member_value) {
+                None => c.load_share_member(&group, &member, None, now_ms),
+                Some(Ok(v)) => c.load_share_member(&group, &member, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
         offsets::RecordKey::ConsumerAssignment { group, member } => {
             match rec
                 .value
@@ -573,6 +596,14 @@ pub fn start_shard_tasks() {
                 heartbeat_interval_ms: cfg.group_consumer_heartbeat_interval_ms as i32,
                 assignors: cfg.group_consumer_assignors.clone(),
                 max_size: cfg.group_consumer_max_size as usize,
+            },
+            share: share::ShareConfig {
+                session_timeout_ms: cfg.group_share_session_timeout_ms as i32,
+                heartbeat_interval_ms: cfg.group_share_heartbeat_interval_ms as i32,
+                max_size: cfg.group_share_max_size as usize,
+                record_lock_duration_ms: cfg.group_share_record_lock_duration_ms as i64,
+                delivery_count_limit: cfg.group_share_delivery_count_limit,
+                partition_max_record_locks: cfg.group_share_partition_max_record_locks,
             },
             ..Default::default()
         },

@@ -54,6 +54,35 @@ pub enum RecordKey {
         group: String,
         member: String,
     },
+    /// KIP-932 share group member (key version 10, Kafka's `ShareGroupMemberMetadataKey`).
+    ShareMember {
+        group: String,
+        member: String,
+    },
+    /// KIP-932 share group (key version 11, Kafka's `ShareGroupMetadataKey`).
+    ShareGroup {
+        group: String,
+    },
+}
+
+/// A share group as Sluice stores it (value version 0 under key 11; Sluice's own layout, as
+/// Kafka keeps group configs in its metadata log):
+/// `version:i16 epoch:i32 autoOffsetReset:i8 lockDurationMs:i32 readCommitted:i8 tagged`,
+/// with -1 for a config not set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShareGroupValue {
+    pub epoch: i32,
+    pub configs: super::share::GroupConfigs,
+}
+
+/// A share group member as stored (Kafka's `ShareGroupMemberMetadataValue` v0 layout:
+/// rack, client id, client host, subscribed topic names, tagged fields).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShareMemberValue {
+    pub rack_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub subscribed_topic_names: Vec<String>,
 }
 
 /// A KIP-848 member as stored (`ConsumerGroupMemberMetadataValue` v0).
@@ -235,6 +264,64 @@ pub fn current_assignment_key(group: &str, member: &str) -> Vec<u8> {
     out.extend_from_slice(&8i16.to_be_bytes());
     put_str(&mut out, group);
     put_str(&mut out, member);
+    out
+}
+
+/// Key v10: a share group member.
+pub fn share_member_key(group: &str, member: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + group.len() + member.len());
+    out.extend_from_slice(&10i16.to_be_bytes());
+    put_str(&mut out, group);
+    put_str(&mut out, member);
+    out
+}
+
+/// Key v11: a share group.
+pub fn share_group_key(group: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + group.len());
+    out.extend_from_slice(&11i16.to_be_bytes());
+    put_str(&mut out, group);
+    out
+}
+
+/// [`ShareGroupValue`] v0.
+pub fn share_group_value(v: &ShareGroupValue) -> Vec<u8> {
+    use super::share::AutoOffsetReset;
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    out.extend_from_slice(&v.epoch.to_be_bytes());
+    out.push(match v.configs.auto_offset_reset {
+        None => -1i8,
+        Some(AutoOffsetReset::Latest) => 0,
+        Some(AutoOffsetReset::Earliest) => 1,
+    } as u8);
+    out.extend_from_slice(
+        &v.configs
+            .record_lock_duration_ms
+            .unwrap_or(-1)
+            .to_be_bytes(),
+    );
+    out.push(match v.configs.read_committed {
+        None => -1i8,
+        Some(false) => 0,
+        Some(true) => 1,
+    } as u8);
+    out.push(0);
+    out
+}
+
+/// [`ShareMemberValue`] v0.
+pub fn share_member_value(v: &ShareMemberValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    put_compact_opt_str(&mut out, v.rack_id.as_deref());
+    put_compact_str(&mut out, &v.client_id);
+    put_compact_str(&mut out, &v.client_host);
+    put_uvarint(&mut out, v.subscribed_topic_names.len() as u64 + 1);
+    for t in &v.subscribed_topic_names {
+        put_compact_str(&mut out, t);
+    }
+    out.push(0);
     out
 }
 
@@ -483,6 +570,51 @@ pub fn decode_current_assignment_value(buf: &Bytes) -> Result<CurrentAssignmentV
     })
 }
 
+pub fn decode_share_group_value(buf: &Bytes) -> Result<ShareGroupValue, FormatError> {
+    use super::share::AutoOffsetReset;
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "share group")?;
+    let epoch = r.i32()?;
+    let auto_offset_reset = match r.i8()? {
+        0 => Some(AutoOffsetReset::Latest),
+        1 => Some(AutoOffsetReset::Earliest),
+        _ => None,
+    };
+    let lock = r.i32()?;
+    let read_committed = match r.i8()? {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    };
+    Ok(ShareGroupValue {
+        epoch,
+        configs: super::share::GroupConfigs {
+            auto_offset_reset,
+            record_lock_duration_ms: (lock > 0).then_some(lock),
+            read_committed,
+        },
+    })
+}
+
+pub fn decode_share_member_value(buf: &Bytes) -> Result<ShareMemberValue, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "share member")?;
+    let rack_id = r.compact_opt_str()?;
+    let client_id = r.compact_str()?;
+    let client_host = r.compact_str()?;
+    let n = r.compact_len(1)?.unwrap_or(0);
+    let mut subscribed_topic_names = Vec::with_capacity(n);
+    for _ in 0..n {
+        subscribed_topic_names.push(r.compact_str()?);
+    }
+    Ok(ShareMemberValue {
+        rack_id,
+        client_id,
+        client_host,
+        subscribed_topic_names,
+    })
+}
+
 pub fn decode_key(buf: &Bytes) -> Result<RecordKey, FormatError> {
     let mut r = Reader { buf, at: 0 };
     match r.i16()? {
@@ -501,6 +633,11 @@ pub fn decode_key(buf: &Bytes) -> Result<RecordKey, FormatError> {
             group: r.str()?,
             member: r.str()?,
         }),
+        10 => Ok(RecordKey::ShareMember {
+            group: r.str()?,
+            member: r.str()?,
+        }),
+        11 => Ok(RecordKey::ShareGroup { group: r.str()? }),
         v => Err(FormatError(format!("unknown key version {v}"))),
     }
 }
@@ -959,5 +1096,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn share_group_records_round_trip_and_hostile_ones_are_refused() {
+        let m = ShareMemberValue {
+            rack_id: Some("r1".into()),
+            client_id: "client".into(),
+            client_host: "/127.0.0.1".into(),
+            subscribed_topic_names: vec!["a".into(), "b".into()],
+        };
+        let mv = share_member_value(&m);
+        assert_eq!(
+            decode_share_member_value(&Bytes::from(mv.clone())).unwrap(),
+            m
+        );
+        // Every truncation is an error (the last byte is the empty tagged-field section).
+        for cut in 0..mv.len() - 1 {
+            assert!(
+                decode_share_member_value(&Bytes::copy_from_slice(&mv[..cut])).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // A subscription count of 2^32 - 2 in a record of a few bytes: refused before it sizes
+        // anything. Version, a null rack, two empty strings, then the count.
+        let mut huge = vec![0, 0, 0, 1, 1];
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_share_member_value(&Bytes::from(huge)).is_err());
+        let g = ShareGroupValue {
+            epoch: 7,
+            configs: crate::group::share::GroupConfigs {
+                auto_offset_reset: Some(crate::group::share::AutoOffsetReset::Earliest),
+                record_lock_duration_ms: Some(15_000),
+                read_committed: None,
+            },
+        };
+        let gv = share_group_value(&g);
+        assert_eq!(
+            decode_share_group_value(&Bytes::from(gv.clone())).unwrap(),
+            g
+        );
+        for cut in 0..gv.len() - 1 {
+            assert!(decode_share_group_value(&Bytes::copy_from_slice(&gv[..cut])).is_err());
+        }
+        assert_eq!(
+            decode_key(&Bytes::from(share_member_key("g", "m"))).unwrap(),
+            RecordKey::ShareMember {
+                group: "g".into(),
+                member: "m".into()
+            }
+        );
+        assert_eq!(
+            decode_key(&Bytes::from(share_group_key("g"))).unwrap(),
+            RecordKey::ShareGroup { group: "g".into() }
+        );
     }
 }

@@ -162,6 +162,13 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::ListTransactions => list_transactions::handle(&req, body).await,
         ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(&req, body).await,
         ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(&req, body).await,
+        ApiKey::ShareGroupHeartbeat => share_group_heartbeat::handle(&req, body).await,
+        ApiKey::ShareGroupDescribe => share_group_describe::handle(&req, body).await,
+        ApiKey::ShareFetch => share_fetch::handle(&req, body).await,
+        ApiKey::ShareAcknowledge => share_acknowledge::handle(&req, body).await,
+        ApiKey::DescribeShareGroupOffsets => share_group_offsets::describe(&req, body).await,
+        ApiKey::AlterShareGroupOffsets => share_group_offsets::alter(&req, body).await,
+        ApiKey::DeleteShareGroupOffsets => share_group_offsets::delete(&req, body).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }

@@ -29,6 +29,8 @@ pub enum Source {
     StaticBroker = 4,
     /// DEFAULT_CONFIG: Kafka's default.
     Default = 5,
+    /// DYNAMIC_GROUP_CONFIG: set on a group resource.
+    DynamicGroup = 8,
 }
 
 /// A config's type, with its valid values (DescribeConfigs `config_type`, KIP-569).

@@ -86,6 +86,13 @@ pub fn default_request(key: ApiKey) -> Box<dyn EncodeAt> {
         ApiKey::ListTransactions => Box::new(ListTransactionsRequest::default()),
         ApiKey::ConsumerGroupHeartbeat => Box::new(ConsumerGroupHeartbeatRequest::default()),
         ApiKey::ConsumerGroupDescribe => Box::new(ConsumerGroupDescribeRequest::default()),
+        ApiKey::ShareGroupHeartbeat => Box::new(ShareGroupHeartbeatRequest::default()),
+        ApiKey::ShareGroupDescribe => Box::new(ShareGroupDescribeRequest::default()),
+        ApiKey::ShareFetch => Box::new(ShareFetchRequest::default()),
+        ApiKey::ShareAcknowledge => Box::new(ShareAcknowledgeRequest::default()),
+        ApiKey::DescribeShareGroupOffsets => Box::new(DescribeShareGroupOffsetsRequest::default()),
+        ApiKey::AlterShareGroupOffsets => Box::new(AlterShareGroupOffsetsRequest::default()),
+        ApiKey::DeleteShareGroupOffsets => Box::new(DeleteShareGroupOffsetsRequest::default()),
         other => panic!("no request built for {other:?}: add it when the broker advertises it"),
     }
 }
@@ -415,6 +422,116 @@ pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
                 .with_group_ids(vec![group()])
                 .with_include_authorized_operations(true),
         ),
+        ApiKey::ShareGroupHeartbeat => Box::new(
+            ShareGroupHeartbeatRequest::default()
+                .with_group_id(group())
+                .with_member_id(s("hostile-share-member-0123456789"))
+                .with_member_epoch(0)
+                .with_rack_id(Some(s("rack")))
+                .with_subscribed_topic_names(Some(vec![topic()])),
+        ),
+        ApiKey::ShareGroupDescribe => Box::new(
+            ShareGroupDescribeRequest::default()
+                .with_group_ids(vec![group()])
+                .with_include_authorized_operations(true),
+        ),
+        ApiKey::ShareFetch => {
+            use kafka_protocol::messages::share_fetch_request::{
+                AcknowledgementBatch, FetchPartition, FetchTopic, ForgottenTopic,
+            };
+            let id = uuid::Uuid::from_bytes([7; 16]);
+            Box::new(
+                ShareFetchRequest::default()
+                    .with_group_id(Some(group()))
+                    .with_member_id(Some(s("hostile-share-member-0123456789")))
+                    .with_share_session_epoch(1)
+                    .with_max_wait_ms(10)
+                    .with_min_bytes(1)
+                    .with_max_bytes(1 << 20)
+                    .with_max_records(500)
+                    .with_batch_size(500)
+                    .with_topics(vec![FetchTopic::default()
+                        .with_topic_id(id)
+                        .with_partitions(vec![
+                            FetchPartition::default()
+                                .with_partition_index(0)
+                                .with_acknowledgement_batches(vec![AcknowledgementBatch::default(
+                                )
+                                .with_first_offset(0)
+                                .with_last_offset(i64::MAX)
+                                .with_acknowledge_types(vec![1, 2, 3])]),
+                            FetchPartition::default().with_partition_index(1),
+                        ])])
+                    .with_forgotten_topics_data(vec![ForgottenTopic::default()
+                        .with_topic_id(id)
+                        .with_partitions(vec![2, -1])]),
+            )
+        }
+        ApiKey::ShareAcknowledge => {
+            use kafka_protocol::messages::share_acknowledge_request::{
+                AcknowledgePartition, AcknowledgeTopic, AcknowledgementBatch,
+            };
+            Box::new(
+                ShareAcknowledgeRequest::default()
+                    .with_group_id(Some(group()))
+                    .with_member_id(Some(s("hostile-share-member-0123456789")))
+                    .with_share_session_epoch(1)
+                    .with_topics(vec![AcknowledgeTopic::default()
+                        .with_topic_id(uuid::Uuid::from_bytes([7; 16]))
+                        .with_partitions(vec![AcknowledgePartition::default()
+                            .with_partition_index(0)
+                            .with_acknowledgement_batches(vec![
+                                AcknowledgementBatch::default()
+                                    .with_first_offset(i64::MIN)
+                                    .with_last_offset(i64::MAX)
+                                    .with_acknowledge_types(vec![1]),
+                            ])])]),
+            )
+        }
+        ApiKey::DescribeShareGroupOffsets => {
+            use kafka_protocol::messages::describe_share_group_offsets_request::{
+                DescribeShareGroupOffsetsRequestGroup, DescribeShareGroupOffsetsRequestTopic,
+            };
+            Box::new(
+                DescribeShareGroupOffsetsRequest::default().with_groups(vec![
+                    DescribeShareGroupOffsetsRequestGroup::default()
+                        .with_group_id(group())
+                        .with_topics(Some(vec![DescribeShareGroupOffsetsRequestTopic::default()
+                            .with_topic_name(topic())
+                            .with_partitions(vec![0, 1, -1, i32::MAX])])),
+                    DescribeShareGroupOffsetsRequestGroup::default().with_group_id(group()),
+                ]),
+            )
+        }
+        ApiKey::AlterShareGroupOffsets => {
+            use kafka_protocol::messages::alter_share_group_offsets_request::{
+                AlterShareGroupOffsetsRequestPartition, AlterShareGroupOffsetsRequestTopic,
+            };
+            Box::new(
+                AlterShareGroupOffsetsRequest::default()
+                    .with_group_id(group())
+                    .with_topics(vec![AlterShareGroupOffsetsRequestTopic::default()
+                        .with_topic_name(topic())
+                        .with_partitions(vec![
+                            AlterShareGroupOffsetsRequestPartition::default()
+                                .with_partition_index(0)
+                                .with_start_offset(i64::MAX),
+                            AlterShareGroupOffsetsRequestPartition::default()
+                                .with_partition_index(-1)
+                                .with_start_offset(-7),
+                        ])]),
+            )
+        }
+        ApiKey::DeleteShareGroupOffsets => {
+            use kafka_protocol::messages::delete_share_group_offsets_request::DeleteShareGroupOffsetsRequestTopic;
+            Box::new(
+                DeleteShareGroupOffsetsRequest::default()
+                    .with_group_id(group())
+                    .with_topics(vec![
+                        DeleteShareGroupOffsetsRequestTopic::default().with_topic_name(topic())
+                    ]),
+            )
+        }
         ApiKey::EndTxn => Box::new(
             EndTxnRequest::default()
                 .with_transactional_id(TransactionalId(s("hostile-txn")))

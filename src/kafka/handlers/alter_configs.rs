@@ -26,6 +26,10 @@ use crate::types::ErrorCode;
 
 pub const RESOURCE_TOPIC: i8 = 2;
 pub const RESOURCE_BROKER: i8 = 4;
+/// Kafka's `ConfigResource.Type.GROUP` (KIP-848/KIP-932 group configs).
+pub const RESOURCE_GROUP: i8 = 32;
+/// The ACL resource type of a group, which some clients send for a group config resource.
+pub const RESOURCE_GROUP_ACL: i8 = 3;
 
 /// One resource of an (incremental) AlterConfigs request, decoded.
 pub struct Resource {
@@ -98,6 +102,10 @@ pub async fn alter(resources: Vec<Resource>, validate_only: bool) -> Vec<(ErrorC
                     }
                 }
             }
+            RESOURCE_GROUP | RESOURCE_GROUP_ACL => match r.change {
+                Err(e) => Err(e),
+                Ok(change) => alter_group_configs(r.name.to_string(), change, validate_only).await,
+            },
             other => Err(invalid_request(format!(
                 "resource type {other} is not supported"
             ))),
@@ -108,6 +116,55 @@ pub async fn alter(resources: Vec<Resource>, validate_only: bool) -> Vec<(ErrorC
         });
     }
     out
+}
+
+/// Changes a group's configs (the share-group configs, `share.*`): validated, then stored with
+/// the group in `__consumer_offsets` unless `validate_only`.
+async fn alter_group_configs(
+    group: String,
+    change: ConfigChange,
+    validate_only: bool,
+) -> Result<(), (ErrorCode, String)> {
+    if group.is_empty() {
+        return Err((code(ResponseError::InvalidGroupId), "empty group id".into()));
+    }
+    let gid = group.clone();
+    let r = crate::group::on_coordinator(&group, move |gs| async move {
+        let mut cfg = gs.coordinator.borrow().share_configs(&gid);
+        let invalid = |m: String| (code(ResponseError::InvalidConfig), m);
+        match change {
+            ConfigChange::Replace(all) => {
+                cfg = Default::default();
+                for (k, v) in &all {
+                    cfg.set(k, Some(v)).map_err(invalid)?;
+                }
+            }
+            ConfigChange::Incremental(ops) => {
+                for op in ops {
+                    match op {
+                        admin::ConfigOp::Set(k, v) => cfg.set(&k, Some(&v)).map_err(invalid)?,
+                        admin::ConfigOp::Delete(k) => cfg.set(&k, None).map_err(invalid)?,
+                        admin::ConfigOp::Append(k, _) | admin::ConfigOp::Subtract(k, _) => {
+                            return Err(invalid_request(format!(
+                                "'{k}' is not a list config: APPEND and SUBTRACT do not apply"
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        if validate_only {
+            return Ok(());
+        }
+        gs.with(|c, _| c.set_share_configs(&gid, cfg))
+            .await
+            .map_err(|e| (e, format!("group {gid} is not a share group")))
+    })
+    .await;
+    match r {
+        Ok(r) => r,
+        Err(e) => Err((e, "the group coordinator is not available".into())),
+    }
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {

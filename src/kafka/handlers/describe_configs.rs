@@ -18,6 +18,7 @@ use crate::shard;
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
+use super::alter_configs::{RESOURCE_GROUP, RESOURCE_GROUP_ACL};
 
 /// One config as DescribeConfigs reports it.
 struct Entry {
@@ -188,6 +189,40 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     continue;
                 }
                 broker_entries(&configs::BrokerDefaults::of(&broker.config, &image))
+            }
+            RESOURCE_GROUP | RESOURCE_GROUP_ACL => {
+                let gid = r.resource_name.to_string();
+                let g = gid.clone();
+                let got = crate::group::on_coordinator(&gid, move |gs| async move {
+                    let c = gs.coordinator.borrow();
+                    let cfg = c.share_configs(&g);
+                    crate::group::share::GROUP_CONFIG_KEYS
+                        .iter()
+                        .filter_map(|k| cfg.get(k, &c.config.share).map(|(v, set)| (*k, v, set)))
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                match got {
+                    Err(e) => {
+                        results.push(result.with_error_code(req.error_code(e)));
+                        continue;
+                    }
+                    Ok(list) => list
+                        .into_iter()
+                        .map(|(k, v, set)| Entry {
+                            name: k.to_string(),
+                            value: v,
+                            source: if set {
+                                Source::DynamicGroup
+                            } else {
+                                Source::Default
+                            },
+                            read_only: false,
+                            kind: if k.ends_with(".ms") { INT } else { STRING },
+                            synonyms: vec![],
+                        })
+                        .collect(),
+                }
             }
             other => {
                 results.push(

@@ -1,0 +1,816 @@
+//! KIP-932 share groups: membership through ShareGroupHeartbeat and the server-side `simple`
+//! assignment. Sans-IO like the other state machines: every call takes `now_ms` and a view of
+//! the topics; records to persist are queued on the coordinator.
+//!
+//! A share group has an epoch, bumped whenever its membership, a member's subscription or the
+//! subscribed topics' partition counts change; then the assignment is computed again for every
+//! member. Unlike a consumer group there is no revocation phase: several members may fetch from
+//! one partition (the share partition on the partition's leader hands each record to one member
+//! at a time), so a member simply gets its new assignment and the group epoch on its next
+//! heartbeat.
+//!
+//! The `simple` assignment of one topic with `P` partitions and `M` subscribed members (sorted
+//! by member id): with `M >= P`, member `i` gets partition `i % P` (every partition is shared
+//! by about `M / P` members); with `M < P`, partition `j` goes to member `j % M`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kafka_protocol::ResponseError as E;
+
+use crate::types::ErrorCode;
+
+use super::consumer::{Assignment, Topics, SUBSCRIBED_TOPICS_MAX};
+use super::coordinator::{Coordinator, Write};
+use super::offsets;
+
+/// Longest member id accepted (KIP-932 ids are client-generated UUIDs, 22-36 characters).
+const MEMBER_ID_LEN_MAX: usize = 256;
+
+/// Share-group settings (Kafka's `group.share.*` broker configs).
+#[derive(Debug, Clone)]
+pub struct ShareConfig {
+    pub session_timeout_ms: i32,
+    pub heartbeat_interval_ms: i32,
+    pub max_size: usize,
+    pub record_lock_duration_ms: i64,
+    pub delivery_count_limit: u16,
+    pub partition_max_record_locks: u32,
+}
+
+impl Default for ShareConfig {
+    fn default() -> Self {
+        let d = &crate::config::DEFAULTS;
+        ShareConfig {
+            session_timeout_ms: d.group_share_session_timeout_ms as i32,
+            heartbeat_interval_ms: d.group_share_heartbeat_interval_ms as i32,
+            max_size: d.group_share_max_size as usize,
+            record_lock_duration_ms: d.group_share_record_lock_duration_ms as i64,
+            delivery_count_limit: d.group_share_delivery_count_limit,
+            partition_max_record_locks: d.group_share_partition_max_record_locks,
+        }
+    }
+}
+
+/// Where a share partition starts when the group first reads it (`share.auto.offset.reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AutoOffsetReset {
+    #[default]
+    Latest,
+    Earliest,
+}
+
+impl AutoOffsetReset {
+    pub fn parse(s: &str) -> Option<AutoOffsetReset> {
+        match s {
+            "latest" => Some(AutoOffsetReset::Latest),
+            "earliest" => Some(AutoOffsetReset::Earliest),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoOffsetReset::Latest => "latest",
+            AutoOffsetReset::Earliest => "earliest",
+        }
+    }
+}
+
+/// Per-group configs (IncrementalAlterConfigs on a GROUP resource); `None`: the broker default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupConfigs {
+    /// `share.auto.offset.reset`.
+    pub auto_offset_reset: Option<AutoOffsetReset>,
+    /// `share.record.lock.duration.ms`.
+    pub record_lock_duration_ms: Option<i32>,
+    /// `share.isolation.level`: true for read_committed.
+    pub read_committed: Option<bool>,
+}
+
+/// The group configs Sluice knows, with their types (for DescribeConfigs and validation).
+pub const GROUP_CONFIG_KEYS: &[&str] = &[
+    "share.auto.offset.reset",
+    "share.record.lock.duration.ms",
+    "share.isolation.level",
+];
+
+impl GroupConfigs {
+    /// Sets (`Some`) or removes (`None`) one config; an error names what is wrong.
+    pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
+        match key {
+            "share.auto.offset.reset" => {
+                self.auto_offset_reset = match value {
+                    None => None,
+                    Some(v) => Some(AutoOffsetReset::parse(v).ok_or_else(|| {
+                        format!("Invalid value {v} for configuration {key}: latest or earliest expected")
+                    })?),
+                }
+            }
+            "share.record.lock.duration.ms" => {
+                self.record_lock_duration_ms = match value {
+                    None => None,
+                    Some(v) => Some(
+                        v.parse::<i32>()
+                            .ok()
+                            .filter(|n| (1_000..=3_600_000).contains(n))
+                            .ok_or_else(|| {
+                                format!("Invalid value {v} for configuration {key}: 1000-3600000 expected")
+                            })?,
+                    ),
+                }
+            }
+            "share.isolation.level" => {
+                self.read_committed = match value {
+                    None => None,
+                    Some("read_committed") => Some(true),
+                    Some("read_uncommitted") => Some(false),
+                    Some(v) => {
+                        return Err(format!(
+                            "Invalid value {v} for configuration {key}: read_committed or read_uncommitted expected"
+                        ))
+                    }
+                }
+            }
+            _ => return Err(format!("Unknown group config name: {key}")),
+        }
+        Ok(())
+    }
+
+    /// The value of `key` as a string, and whether it is set on the group (else the default).
+    pub fn get(&self, key: &str, cfg: &ShareConfig) -> Option<(String, bool)> {
+        Some(match key {
+            "share.auto.offset.reset" => (
+                self.auto_offset_reset
+                    .unwrap_or_default()
+                    .name()
+                    .to_string(),
+                self.auto_offset_reset.is_some(),
+            ),
+            "share.record.lock.duration.ms" => (
+                self.record_lock_duration_ms
+                    .map(|v| v as i64)
+                    .unwrap_or(cfg.record_lock_duration_ms)
+                    .to_string(),
+                self.record_lock_duration_ms.is_some(),
+            ),
+            "share.isolation.level" => (
+                if self.read_committed == Some(true) {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                }
+                .to_string(),
+                self.read_committed.is_some(),
+            ),
+            _ => return None,
+        })
+    }
+
+    /// The settings a share partition of this group runs with.
+    pub fn effective(&self, cfg: &ShareConfig) -> PartitionSettings {
+        PartitionSettings {
+            auto_offset_reset: self.auto_offset_reset.unwrap_or_default(),
+            lock_duration_ms: self
+                .record_lock_duration_ms
+                .map(|v| v as i64)
+                .unwrap_or(cfg.record_lock_duration_ms),
+            delivery_count_limit: cfg.delivery_count_limit,
+            max_record_locks: cfg.partition_max_record_locks,
+            read_committed: self.read_committed.unwrap_or(false),
+        }
+    }
+}
+
+/// What a share partition needs from its group's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionSettings {
+    pub auto_offset_reset: AutoOffsetReset,
+    pub lock_duration_ms: i64,
+    pub delivery_count_limit: u16,
+    pub max_record_locks: u32,
+    pub read_committed: bool,
+}
+
+impl Default for PartitionSettings {
+    fn default() -> Self {
+        GroupConfigs::default().effective(&ShareConfig::default())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ShareMember {
+    pub id: String,
+    pub rack_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    pub subscribed: Vec<String>,
+    pub epoch: i32,
+    pub assigned: Assignment,
+    /// The assignment was not sent since it last changed.
+    pub send_assignment: bool,
+    pub session_deadline_ms: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ShareGroup {
+    pub epoch: i32,
+    pub assignment_epoch: i32,
+    pub members: BTreeMap<String, ShareMember>,
+    /// Partition counts of the subscribed topics when the assignment was computed.
+    pub subscribed_meta: BTreeMap<String, ([u8; 16], i32)>,
+    pub configs: GroupConfigs,
+}
+
+impl ShareGroup {
+    pub fn state_name(&self) -> &'static str {
+        if self.members.is_empty() {
+            "Empty"
+        } else {
+            "Stable"
+        }
+    }
+}
+
+pub struct ShareHeartbeat {
+    pub group_id: String,
+    pub member_id: String,
+    pub member_epoch: i32,
+    pub rack_id: Option<String>,
+    pub subscribed_topic_names: Option<Vec<String>>,
+    pub client_id: String,
+    pub client_host: String,
+}
+
+#[derive(Debug)]
+pub struct ShareHeartbeatResult {
+    pub error: ErrorCode,
+    pub message: Option<String>,
+    pub member_id: Option<String>,
+    pub member_epoch: i32,
+    pub heartbeat_interval_ms: i32,
+    pub assignment: Option<Assignment>,
+}
+
+impl ShareHeartbeatResult {
+    fn error(e: E, message: impl Into<String>) -> Self {
+        ShareHeartbeatResult {
+            error: ErrorCode::new(e),
+            message: Some(message.into()),
+            member_id: None,
+            member_epoch: -1,
+            heartbeat_interval_ms: 0,
+            assignment: None,
+        }
+    }
+}
+
+pub struct ShareMemberDescription {
+    pub member_id: String,
+    pub rack_id: Option<String>,
+    pub member_epoch: i32,
+    pub client_id: String,
+    pub client_host: String,
+    pub subscribed_topic_names: Vec<String>,
+    pub assignment: Vec<([u8; 16], String, Vec<i32>)>,
+}
+
+pub struct ShareGroupDescription {
+    pub error: ErrorCode,
+    pub message: Option<String>,
+    pub group_id: String,
+    pub state: &'static str,
+    pub group_epoch: i32,
+    pub assignment_epoch: i32,
+    pub members: Vec<ShareMemberDescription>,
+}
+
+/// The `simple` assignment (module docs).
+pub fn assign_simple(
+    members: &BTreeMap<String, ShareMember>,
+    topics: &BTreeMap<String, ([u8; 16], i32)>,
+) -> BTreeMap<String, Assignment> {
+    let mut out: BTreeMap<String, Assignment> = members
+        .keys()
+        .map(|m| (m.clone(), Assignment::new()))
+        .collect();
+    for (name, (id, count)) in topics {
+        let subs: Vec<&String> = members
+            .values()
+            .filter(|m| m.subscribed.iter().any(|s| s == name))
+            .map(|m| &m.id)
+            .collect();
+        let (m, p) = (subs.len(), (*count).max(0) as usize);
+        if m == 0 || p == 0 {
+            continue;
+        }
+        if m >= p {
+            for (i, mid) in subs.iter().enumerate() {
+                let a = out.get_mut(*mid).expect("every member has an entry");
+                a.entry(*id).or_default().insert((i % p) as i32);
+            }
+        } else {
+            for j in 0..p {
+                let a = out.get_mut(subs[j % m]).expect("every member has an entry");
+                a.entry(*id).or_default().insert(j as i32);
+            }
+        }
+    }
+    out
+}
+
+fn subscribed_meta(g: &ShareGroup, topics: &dyn Topics) -> BTreeMap<String, ([u8; 16], i32)> {
+    let names: BTreeSet<&String> = g.members.values().flat_map(|m| &m.subscribed).collect();
+    names
+        .into_iter()
+        .filter_map(|n| topics.by_name(n).map(|m| (n.clone(), m)))
+        .collect()
+}
+
+/// Recomputes the assignment when the epoch moved past it or the topics changed; returns
+/// whether the group epoch was bumped.
+fn refresh(g: &mut ShareGroup, topics: &dyn Topics, mut bump: bool) -> bool {
+    let meta = subscribed_meta(g, topics);
+    if meta != g.subscribed_meta {
+        bump = true;
+    }
+    if !bump && g.assignment_epoch == g.epoch {
+        return false;
+    }
+    if bump {
+        g.epoch = g.epoch.wrapping_add(1).max(1);
+    }
+    g.subscribed_meta = meta;
+    let target = assign_simple(&g.members, &g.subscribed_meta);
+    for (id, a) in target {
+        if let Some(m) = g.members.get_mut(&id) {
+            if m.assigned != a {
+                m.assigned = a;
+                m.send_assignment = true;
+            }
+        }
+    }
+    g.assignment_epoch = g.epoch;
+    bump
+}
+
+impl Coordinator {
+    /// ShareGroupHeartbeat (KIP-932): join, heartbeat or leave.
+    pub fn share_heartbeat(
+        &mut self,
+        req: ShareHeartbeat,
+        topics: &dyn Topics,
+        now_ms: i64,
+    ) -> ShareHeartbeatResult {
+        let cfg = self.config.share.clone();
+        if req.group_id.is_empty() {
+            return ShareHeartbeatResult::error(E::InvalidRequest, "GroupId can't be empty.");
+        }
+        if req.member_id.is_empty() || req.member_id.len() > MEMBER_ID_LEN_MAX {
+            return ShareHeartbeatResult::error(
+                E::InvalidRequest,
+                "MemberId must be a non-empty string of at most 256 bytes.",
+            );
+        }
+        if req.member_epoch < -1 {
+            return ShareHeartbeatResult::error(E::InvalidRequest, "MemberEpoch is invalid.");
+        }
+        if req.member_epoch == 0
+            && req
+                .subscribed_topic_names
+                .as_ref()
+                .is_none_or(|n| n.is_empty())
+        {
+            return ShareHeartbeatResult::error(
+                E::InvalidRequest,
+                "SubscribedTopicNames must be set in first request.",
+            );
+        }
+        if req
+            .subscribed_topic_names
+            .as_ref()
+            .is_some_and(|n| n.len() > SUBSCRIBED_TOPICS_MAX)
+        {
+            return ShareHeartbeatResult::error(
+                E::InvalidRequest,
+                format!("SubscribedTopicNames: at most {SUBSCRIBED_TOPICS_MAX} topics."),
+            );
+        }
+        if self
+            .groups
+            .get(&req.group_id)
+            .is_some_and(|g| g.state != super::state::GroupState::Dead)
+        {
+            return ShareHeartbeatResult::error(
+                E::GroupIdNotFound,
+                format!("Group {} is not a share group.", req.group_id),
+            );
+        }
+        let partition = self.partition_of(&req.group_id);
+        if !self.share.contains_key(&req.group_id) {
+            if req.member_epoch != 0 {
+                return ShareHeartbeatResult::error(
+                    E::GroupIdNotFound,
+                    format!("Group {} not found.", req.group_id),
+                );
+            }
+            self.share
+                .insert(req.group_id.clone(), ShareGroup::default());
+        }
+        let g = self.share.get_mut(&req.group_id).expect("present");
+        let gid = req.group_id.clone();
+        if req.member_epoch == -1 {
+            let left = g.members.remove(&req.member_id).is_some();
+            if left {
+                refresh(g, topics, true);
+                self.writes.push(share_epoch_record(&gid, g, partition));
+                self.writes
+                    .push(share_member_tombstone(&gid, &req.member_id, partition));
+            }
+            return ShareHeartbeatResult {
+                error: ErrorCode::NONE,
+                message: None,
+                member_id: Some(req.member_id),
+                member_epoch: -1,
+                heartbeat_interval_ms: 0,
+                assignment: None,
+            };
+        }
+        let mut bump = false;
+        let mut member_changed = false;
+        match g.members.get_mut(&req.member_id) {
+            None => {
+                if req.member_epoch != 0 {
+                    return ShareHeartbeatResult::error(
+                        E::UnknownMemberId,
+                        format!(
+                            "Member {} is not a member of group {}.",
+                            req.member_id, req.group_id
+                        ),
+                    );
+                }
+                if g.members.len() >= cfg.max_size {
+                    return ShareHeartbeatResult::error(
+                        E::GroupMaxSizeReached,
+                        format!(
+                            "The share group has reached its maximum capacity of {} members.",
+                            cfg.max_size
+                        ),
+                    );
+                }
+                g.members.insert(
+                    req.member_id.clone(),
+                    ShareMember {
+                        id: req.member_id.clone(),
+                        rack_id: req.rack_id.clone(),
+                        client_id: req.client_id.clone(),
+                        client_host: req.client_host.clone(),
+                        subscribed: req.subscribed_topic_names.clone().unwrap_or_default(),
+                        epoch: 0,
+                        assigned: Assignment::new(),
+                        send_assignment: true,
+                        session_deadline_ms: 0,
+                    },
+                );
+                bump = true;
+                member_changed = true;
+            }
+            Some(m) => {
+                if req.member_epoch != 0 && req.member_epoch != m.epoch {
+                    return ShareHeartbeatResult::error(
+                        E::FencedMemberEpoch,
+                        format!(
+                            "The share group member has a smaller or larger member epoch ({}) than the one known by the group coordinator ({}).",
+                            req.member_epoch, m.epoch
+                        ),
+                    );
+                }
+                if req.member_epoch == 0 {
+                    // Rejoining with the same id: send the assignment again.
+                    m.send_assignment = true;
+                }
+                if let Some(names) = &req.subscribed_topic_names {
+                    if *names != m.subscribed {
+                        m.subscribed = names.clone();
+                        bump = true;
+                        member_changed = true;
+                    }
+                }
+                if req.rack_id.is_some() && req.rack_id != m.rack_id {
+                    m.rack_id = req.rack_id.clone();
+                    member_changed = true;
+                }
+            }
+        }
+        let bumped = refresh(g, topics, bump);
+        let m = g.members.get_mut(&req.member_id).expect("present");
+        m.session_deadline_ms = now_ms.saturating_add(cfg.session_timeout_ms as i64);
+        if m.epoch != g.epoch {
+            m.epoch = g.epoch;
+            m.send_assignment = true;
+        }
+        let assignment = if std::mem::take(&mut m.send_assignment) {
+            Some(m.assigned.clone())
+        } else {
+            None
+        };
+        let result = ShareHeartbeatResult {
+            error: ErrorCode::NONE,
+            message: None,
+            member_id: Some(m.id.clone()),
+            member_epoch: m.epoch,
+            heartbeat_interval_ms: cfg.heartbeat_interval_ms,
+            assignment,
+        };
+        let record = member_changed.then(|| share_member_record(&gid, m, partition));
+        if bumped {
+            self.writes.push(share_epoch_record(&gid, g, partition));
+        }
+        self.writes.extend(record);
+        result
+    }
+
+    /// Removes share members whose session expired.
+    pub(super) fn share_tick(&mut self, topics: Option<&dyn Topics>, now_ms: i64) {
+        let mut writes = vec![];
+        for (gid, g) in self.share.iter_mut() {
+            let expired: Vec<String> = g
+                .members
+                .values()
+                .filter(|m| m.session_deadline_ms <= now_ms)
+                .map(|m| m.id.clone())
+                .collect();
+            if expired.is_empty() {
+                continue;
+            }
+            let partition = super::coordinator::partition_for(gid, self.config.offsets_partitions);
+            for id in &expired {
+                tracing::info!(group = %gid, member = %id, "share group member removed: session timeout");
+                g.members.remove(id);
+                writes.push(share_member_tombstone(gid, id, partition));
+            }
+            match topics {
+                Some(t) => {
+                    refresh(g, t, true);
+                }
+                None => {
+                    // No view of the topics: keep the partition counts of the last assignment.
+                    g.epoch = g.epoch.wrapping_add(1).max(1);
+                    let target = assign_simple(&g.members, &g.subscribed_meta);
+                    for (id, a) in target {
+                        if let Some(m) = g.members.get_mut(&id) {
+                            if m.assigned != a {
+                                m.assigned = a;
+                                m.send_assignment = true;
+                            }
+                        }
+                    }
+                    g.assignment_epoch = g.epoch;
+                }
+            }
+            writes.push(share_epoch_record(gid, g, partition));
+        }
+        self.writes.extend(writes);
+    }
+
+    pub(super) fn share_next_deadline_ms(&self) -> Option<i64> {
+        self.share
+            .values()
+            .flat_map(|g| g.members.values())
+            .map(|m| m.session_deadline_ms)
+            .min()
+    }
+
+    pub fn share_group(&self, group_id: &str) -> Option<&ShareGroup> {
+        self.share.get(group_id)
+    }
+
+    pub fn share_groups(&self) -> impl Iterator<Item = (&String, &ShareGroup)> {
+        self.share.iter()
+    }
+
+    /// The settings a share partition of `group_id` runs with (broker defaults for an
+    /// unknown group).
+    pub fn share_settings(&self, group_id: &str) -> PartitionSettings {
+        let cfg = &self.config.share;
+        self.share
+            .get(group_id)
+            .map(|g| g.configs.effective(cfg))
+            .unwrap_or_else(|| GroupConfigs::default().effective(cfg))
+    }
+
+    /// Whether `member_id` is a current member of share group `group_id`.
+    pub fn is_share_member(&self, group_id: &str, member_id: &str) -> bool {
+        self.share
+            .get(group_id)
+            .is_some_and(|g| g.members.contains_key(member_id))
+    }
+
+    /// Sets the group configs of a share group (created empty if unknown); a classic or
+    /// consumer group of that id is INVALID_GROUP_ID.
+    pub fn set_share_configs(
+        &mut self,
+        group_id: &str,
+        configs: GroupConfigs,
+    ) -> Result<(), ErrorCode> {
+        if self
+            .groups
+            .get(group_id)
+            .is_some_and(|g| g.state != super::state::GroupState::Dead)
+        {
+            return Err(ErrorCode::new(E::InvalidGroupId));
+        }
+        let p = self.partition_of(group_id);
+        let g = self.share.entry(group_id.to_string()).or_default();
+        g.configs = configs;
+        let w = share_epoch_record(group_id, g, p);
+        self.writes.push(w);
+        Ok(())
+    }
+
+    /// For the offset admin APIs: the share group `group_id` must have no members (it is
+    /// created empty when unknown). NON_EMPTY_GROUP with members, GROUP_ID_NOT_FOUND when the
+    /// id is another type of group.
+    pub fn share_group_empty(&mut self, group_id: &str, create: bool) -> Result<(), ErrorCode> {
+        if self
+            .groups
+            .get(group_id)
+            .is_some_and(|g| g.state != super::state::GroupState::Dead)
+        {
+            return Err(ErrorCode::new(E::GroupIdNotFound));
+        }
+        match self.share.get(group_id) {
+            Some(g) if !g.members.is_empty() => Err(ErrorCode::new(E::NonEmptyGroup)),
+            Some(_) => Ok(()),
+            None if create => {
+                let p = self.partition_of(group_id);
+                let g = self.share.entry(group_id.to_string()).or_default();
+                let w = share_epoch_record(group_id, g, p);
+                self.writes.push(w);
+                Ok(())
+            }
+            None => Err(ErrorCode::new(E::GroupIdNotFound)),
+        }
+    }
+
+    pub fn share_configs(&self, group_id: &str) -> GroupConfigs {
+        self.share
+            .get(group_id)
+            .map(|g| g.configs.clone())
+            .unwrap_or_default()
+    }
+
+    /// Deletes an empty share group (DeleteGroups).
+    pub fn delete_share_group(&mut self, group_id: &str) -> Option<ErrorCode> {
+        let g = self.share.get(group_id)?;
+        if !g.members.is_empty() {
+            return Some(ErrorCode::new(E::NonEmptyGroup));
+        }
+        self.share.remove(group_id);
+        let p = self.partition_of(group_id);
+        self.writes.push(Write {
+            partition: p,
+            key: offsets::share_group_key(group_id),
+            value: None,
+        });
+        Some(ErrorCode::NONE)
+    }
+
+    /// ShareGroupDescribe for one group.
+    pub fn describe_share(&self, group_id: &str, topics: &dyn Topics) -> ShareGroupDescription {
+        let Some(g) = self.share.get(group_id) else {
+            let (error, message) = if self
+                .groups
+                .get(group_id)
+                .is_some_and(|g| g.state != super::state::GroupState::Dead)
+            {
+                (
+                    E::GroupIdNotFound,
+                    format!("Group {group_id} is not a share group."),
+                )
+            } else {
+                (E::GroupIdNotFound, format!("Group {group_id} not found."))
+            };
+            return ShareGroupDescription {
+                error: ErrorCode::new(error),
+                message: Some(message),
+                group_id: group_id.to_string(),
+                state: "Dead",
+                group_epoch: -1,
+                assignment_epoch: -1,
+                members: vec![],
+            };
+        };
+        ShareGroupDescription {
+            error: ErrorCode::NONE,
+            message: None,
+            group_id: group_id.to_string(),
+            state: g.state_name(),
+            group_epoch: g.epoch,
+            assignment_epoch: g.assignment_epoch,
+            members: g
+                .members
+                .values()
+                .map(|m| ShareMemberDescription {
+                    member_id: m.id.clone(),
+                    rack_id: m.rack_id.clone(),
+                    member_epoch: m.epoch,
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    subscribed_topic_names: m.subscribed.clone(),
+                    assignment: m
+                        .assigned
+                        .iter()
+                        .map(|(t, ps)| {
+                            let name = topics.by_id(t).map(|(n, _)| n).unwrap_or_default();
+                            (*t, name, ps.iter().copied().collect())
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    // ------------------------------------------------------------------------ replay
+
+    pub fn load_share_group(&mut self, group_id: &str, v: Option<offsets::ShareGroupValue>) {
+        match v {
+            None => {
+                self.share.remove(group_id);
+            }
+            Some(v) => {
+                let g = self.share.entry(group_id.to_string()).or_default();
+                g.epoch = v.epoch;
+                g.configs = v.configs;
+            }
+        }
+    }
+
+    pub fn load_share_member(
+        &mut self,
+        group_id: &str,
+        member_id: &str,
+        v: Option<offsets::ShareMemberValue>,
+        now_ms: i64,
+    ) {
+        let session = self.config.share.session_timeout_ms as i64;
+        match v {
+            None => {
+                if let Some(g) = self.share.get_mut(group_id) {
+                    g.members.remove(member_id);
+                }
+            }
+            Some(v) => {
+                let g = self.share.entry(group_id.to_string()).or_default();
+                // A member read back gets a fresh session: it is removed if it does not
+                // heartbeat, as in Kafka after a coordinator fail-over.
+                g.members.insert(
+                    member_id.to_string(),
+                    ShareMember {
+                        id: member_id.to_string(),
+                        rack_id: v.rack_id,
+                        client_id: v.client_id,
+                        client_host: v.client_host,
+                        subscribed: v.subscribed_topic_names,
+                        epoch: 0,
+                        assigned: Assignment::new(),
+                        send_assignment: true,
+                        session_deadline_ms: now_ms.saturating_add(session),
+                    },
+                );
+                // The assignment is computed again at the first heartbeat.
+                g.assignment_epoch = -1;
+            }
+        }
+    }
+}
+
+fn share_epoch_record(group_id: &str, g: &ShareGroup, partition: i32) -> Write {
+    Write {
+        partition,
+        key: offsets::share_group_key(group_id),
+        value: Some(offsets::share_group_value(&offsets::ShareGroupValue {
+            epoch: g.epoch,
+            configs: g.configs.clone(),
+        })),
+    }
+}
+
+fn share_member_record(group_id: &str, m: &ShareMember, partition: i32) -> Write {
+    Write {
+        partition,
+        key: offsets::share_member_key(group_id, &m.id),
+        value: Some(offsets::share_member_value(&offsets::ShareMemberValue {
+            rack_id: m.rack_id.clone(),
+            client_id: m.client_id.clone(),
+            client_host: m.client_host.clone(),
+            subscribed_topic_names: m.subscribed.clone(),
+        })),
+    }
+}
+
+fn share_member_tombstone(group_id: &str, member_id: &str, partition: i32) -> Write {
+    Write {
+        partition,
+        key: offsets::share_member_key(group_id, member_id),
+        value: None,
+    }
+}

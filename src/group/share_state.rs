@@ -1,0 +1,802 @@
+//! Share partitions at run time and their durable state in `__share_group_state`.
+//!
+//! Two roles on every shard:
+//! - **Share partitions** of the data partitions this shard owns: a registry keyed by (group,
+//!   topic id, partition) of [`SharePartition`]s, created at a group's first ShareFetch of the
+//!   partition (from the persisted state if there is one, else at the log start or end by
+//!   `share.auto.offset.reset`). ShareFetch and ShareAcknowledge run here ([`fetch_here`]).
+//! - **State store** of the `__share_group_state` partitions this shard owns (50, compacted):
+//!   the newest snapshot of every share partition whose key hashes there (Kafka's placement:
+//!   `abs(hashCode("group:topicId:partition")) % 50`), replayed at start, read when a share
+//!   partition is created and written before an acknowledgement is answered.
+//!
+//! Each write is a whole snapshot (Kafka's `ShareSnapshot`; Sluice writes no `ShareUpdate`
+//! deltas): the start offset and the Acknowledged/Archived ranges and delivery counts in flight,
+//! at most `group.share.partition.max.record.locks` records' worth, so compaction keeping the
+//! latest record per key keeps exactly the state.
+//!
+//! ```text
+//! key   := version:i16=0 group:str topicId:16 partition:i32     (ShareSnapshotKey)
+//! value := version:i16=0 snapshotEpoch:i32 stateEpoch:i32 leaderEpoch:i32 startOffset:i64
+//!          stateBatches:[firstOffset:i64 lastOffset:i64 deliveryState:i8 deliveryCount:i16
+//!          tagged] tagged                                         (compact array)
+//! ```
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use event_listener::Event;
+use kafka_protocol::ResponseError as E;
+
+use crate::metadata::TopicMeta;
+use crate::protocol::batch;
+use crate::protocol::builder::{self, BatchBuilder, BatchOptions};
+use crate::protocol::records;
+use crate::storage::{Durability, PartitionLog, ReadOptions};
+use crate::types::{ErrorCode, Offset, TopicPartition};
+
+use super::coordinator::java_string_hash;
+use super::offsets::FormatError;
+use super::share::{AutoOffsetReset, PartitionSettings};
+use super::share_partition::{
+    AckRange, BatchSpan, RecordState, SharePartition, Snapshot, StateBatch,
+};
+
+/// The internal topic holding share-partition state.
+pub const STATE_TOPIC: &str = "__share_group_state";
+/// Kafka's default `share.coordinator.state.topic.num.partitions`.
+pub const STATE_PARTITIONS: i32 = 50;
+/// How long a request waits for its state partition to finish replaying.
+const LOAD_WAIT_MAX: Duration = Duration::from_secs(5);
+/// Bytes read per step while replaying a state partition.
+const REPLAY_READ_BYTES_MAX: u32 = 1 << 20;
+
+/// One share partition: its group, topic id and partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StateKey {
+    pub group: String,
+    pub topic: [u8; 16],
+    pub partition: i32,
+}
+
+impl StateKey {
+    /// The `__share_group_state` partition holding this key's state.
+    pub fn state_partition(&self, partitions: i32) -> i32 {
+        let s = format!(
+            "{}:{}:{}",
+            self.group,
+            uuid::Uuid::from_bytes(self.topic),
+            self.partition
+        );
+        (java_string_hash(&s).unsigned_abs() % partitions.max(1) as u32) as i32
+    }
+}
+
+#[derive(Default)]
+pub struct ShareShard {
+    partitions: RefCell<HashMap<StateKey, Rc<RefCell<SharePartition>>>>,
+    logs: RefCell<HashMap<i32, Rc<PartitionLog>>>,
+    states: RefCell<HashMap<StateKey, Snapshot>>,
+    loaded: Event,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Rc<ShareShard>>> = const { RefCell::new(None) };
+}
+
+fn local() -> Rc<ShareShard> {
+    LOCAL.with(|l| l.borrow_mut().get_or_insert_with(Default::default).clone())
+}
+
+fn not_available() -> ErrorCode {
+    ErrorCode::new(E::CoordinatorNotAvailable)
+}
+
+// ------------------------------------------------------------------------------ records
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(i16::MAX as usize)];
+    out.extend_from_slice(&(b.len() as i16).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+pub fn encode_key(k: &StateKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + k.group.len());
+    out.extend_from_slice(&0i16.to_be_bytes());
+    put_str(&mut out, &k.group);
+    out.extend_from_slice(&k.topic);
+    out.extend_from_slice(&k.partition.to_be_bytes());
+    out
+}
+
+pub fn encode_value(s: &Snapshot) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + 20 * s.batches.len());
+    out.extend_from_slice(&0i16.to_be_bytes());
+    out.extend_from_slice(&s.snapshot_epoch.to_be_bytes());
+    out.extend_from_slice(&s.state_epoch.to_be_bytes());
+    out.extend_from_slice(&0i32.to_be_bytes());
+    out.extend_from_slice(&s.start_offset.to_be_bytes());
+    put_uvarint(&mut out, s.batches.len() as u64 + 1);
+    for b in &s.batches {
+        out.extend_from_slice(&b.first.to_be_bytes());
+        out.extend_from_slice(&b.last.to_be_bytes());
+        out.push(b.state as i8 as u8);
+        out.extend_from_slice(&b.delivery_count.to_be_bytes());
+        out.push(0);
+    }
+    out.push(0);
+    out
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], FormatError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| FormatError("share state record truncated".into()))?;
+        let s = &self.buf[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn i8(&mut self) -> Result<i8, FormatError> {
+        Ok(self.take(1)?[0] as i8)
+    }
+    fn i16(&mut self) -> Result<i16, FormatError> {
+        Ok(i16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn i32(&mut self) -> Result<i32, FormatError> {
+        Ok(i32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn i64(&mut self) -> Result<i64, FormatError> {
+        Ok(i64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn uvarint(&mut self) -> Result<u64, FormatError> {
+        let mut v = 0u64;
+        for shift in (0..35).step_by(7) {
+            let b = self.take(1)?[0];
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(FormatError("varint too long".into()))
+    }
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.at
+    }
+}
+
+pub fn decode_key(buf: &[u8]) -> Result<StateKey, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    match r.i16()? {
+        0 => {}
+        v => return Err(FormatError(format!("unknown share state key version {v}"))),
+    }
+    let n = r.i16()?;
+    if n < 0 {
+        return Err(FormatError("null group id".into()));
+    }
+    let group = String::from_utf8(r.take(n as usize)?.to_vec())
+        .map_err(|_| FormatError("group id is not UTF-8".into()))?;
+    let topic: [u8; 16] = r.take(16)?.try_into().expect("16 bytes");
+    let partition = r.i32()?;
+    Ok(StateKey {
+        group,
+        topic,
+        partition,
+    })
+}
+
+/// Size of one state batch on the wire: offsets, state, count, tagged fields.
+const STATE_BATCH_BYTES: usize = 8 + 8 + 1 + 2 + 1;
+
+pub fn decode_value(buf: &[u8]) -> Result<Snapshot, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    match r.i16()? {
+        0 => {}
+        v => {
+            return Err(FormatError(format!(
+                "unknown share state value version {v}"
+            )))
+        }
+    }
+    let snapshot_epoch = r.i32()?;
+    let state_epoch = r.i32()?;
+    let _leader_epoch = r.i32()?;
+    let start_offset = r.i64()?;
+    let n = r.uvarint()?;
+    let n =
+        usize::try_from(n.saturating_sub(1)).map_err(|_| FormatError("length overflow".into()))?;
+    // Bounded by the bytes present, never by the number itself.
+    if n > r.remaining() / STATE_BATCH_BYTES {
+        return Err(FormatError(format!(
+            "state batch count {n} exceeds the record"
+        )));
+    }
+    let mut batches = Vec::with_capacity(n);
+    for _ in 0..n {
+        let first = r.i64()?;
+        let last = r.i64()?;
+        let state = RecordState::from_id(r.i8()?)
+            .ok_or_else(|| FormatError("unknown delivery state".into()))?;
+        let delivery_count = r.i16()?;
+        let _tagged = r.uvarint()?;
+        if first > last {
+            return Err(FormatError(
+                "state batch with first offset past its last".into(),
+            ));
+        }
+        batches.push(StateBatch {
+            first,
+            last,
+            state,
+            delivery_count,
+        });
+    }
+    let _tagged = r.uvarint()?;
+    Ok(Snapshot {
+        snapshot_epoch,
+        state_epoch,
+        start_offset,
+        batches,
+    })
+}
+
+// ------------------------------------------------------------------------------ state store
+
+/// Replays state partition `p` (owned here) and serves it.
+async fn load_state_partition(p: i32, log: Rc<PartitionLog>) -> Result<usize, String> {
+    let me = local();
+    let mut next = log.log_start_offset();
+    let end = log.high_watermark();
+    let mut applied = 0;
+    while next < end {
+        let r = log
+            .read(ReadOptions {
+                start: next,
+                bytes_max: REPLAY_READ_BYTES_MAX,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.batches.is_empty() {
+            break;
+        }
+        let before = next;
+        for b in &r.batches {
+            let Ok(h) = batch::BatchHeader::parse(b) else {
+                continue;
+            };
+            let last = h.last_offset();
+            if last < next {
+                continue;
+            }
+            if !h.is_control() {
+                match records::decode_batch(b) {
+                    Ok(recs) => {
+                        for rec in recs.into_iter().filter(|r| r.offset >= next.0) {
+                            if apply(&me, &rec) {
+                                applied += 1;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = p, error = %e, "skipping undecodable batch in {STATE_TOPIC}")
+                    }
+                }
+            }
+            next = last.next();
+        }
+        if next == before {
+            tracing::warn!(
+                partition = p,
+                "{STATE_TOPIC} replay stopped at undecodable data"
+            );
+            break;
+        }
+    }
+    me.logs.borrow_mut().insert(p, log);
+    me.loaded.notify(usize::MAX);
+    Ok(applied)
+}
+
+fn apply(me: &ShareShard, rec: &records::Record) -> bool {
+    let Some(k) = rec.key.as_ref() else {
+        return false;
+    };
+    let key = match decode_key(k) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(offset = rec.offset, error = %e, "skipping {STATE_TOPIC} record");
+            return false;
+        }
+    };
+    match rec.value.as_ref().map(|v| decode_value(v)) {
+        None => {
+            me.states.borrow_mut().remove(&key);
+        }
+        Some(Ok(s)) => {
+            me.states.borrow_mut().insert(key, s);
+        }
+        Some(Err(e)) => {
+            tracing::warn!(offset = rec.offset, error = %e, "skipping {STATE_TOPIC} record");
+            return false;
+        }
+    }
+    true
+}
+
+/// Starts the state store of the calling shard (single node only): creates
+/// `__share_group_state` if missing (shard 0) and replays the partitions this shard owns.
+pub fn start_shard_tasks() {
+    if crate::shard::local().broker.config.cluster.is_some() {
+        return;
+    }
+    crate::contain::spawn_background("share group state", async move {
+        let (_, owned) =
+            match crate::admin::internal_topic_here(STATE_TOPIC, STATE_PARTITIONS).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(error = %e, "share group state failed to load");
+                    return;
+                }
+            };
+        for (p, log) in owned {
+            if let Err(e) = load_state_partition(p, log).await {
+                tracing::error!(partition = p, error = %e, "cannot replay {STATE_TOPIC}");
+                return;
+            }
+        }
+    });
+}
+
+/// Runs `f` on the shard owning `key`'s state partition, once that partition is loaded.
+async fn on_state_owner<F, R>(key: &StateKey, f: F) -> Result<R, ErrorCode>
+where
+    F: FnOnce(
+            Rc<ShareShard>,
+            i32,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<R, ErrorCode>>>>
+        + Send
+        + 'static,
+    R: Send + 'static,
+{
+    let broker = crate::shard::local().broker.clone();
+    let image = broker.image();
+    let meta = image.topic(STATE_TOPIC).ok_or_else(not_available)?;
+    let p = key.state_partition(meta.partition_count());
+    let owner = broker.owner(meta, p).ok_or_else(not_available)?;
+    crate::shard::invoke_on(owner, move || async move {
+        let me = local();
+        let wait = async {
+            loop {
+                let done = me.loaded.listen();
+                if me.logs.borrow().contains_key(&p) {
+                    return;
+                }
+                done.await;
+            }
+        };
+        futures_lite::future::or(wait, crate::shard::local().clock.sleep(LOAD_WAIT_MAX)).await;
+        if !me.logs.borrow().contains_key(&p) {
+            return Err(ErrorCode::new(E::CoordinatorLoadInProgress));
+        }
+        f(me, p).await
+    })
+    .await
+}
+
+/// The persisted state of `key`, if any.
+pub async fn read_state(key: &StateKey) -> Result<Option<Snapshot>, ErrorCode> {
+    let k = key.clone();
+    on_state_owner(key, move |me, _| {
+        Box::pin(async move { Ok(me.states.borrow().get(&k).cloned()) })
+    })
+    .await
+}
+
+/// Writes `s` (or a tombstone) for `key` and waits until it is on disk. A snapshot older than
+/// the stored one (a reordered write) is not applied in memory; compaction keeps the last
+/// written, which replay then compares the same way only within one partition's order, so
+/// writes of one share partition go out one at a time (see [`persist`]).
+pub async fn write_state(key: &StateKey, s: Option<Snapshot>) -> Result<(), ErrorCode> {
+    let k = key.clone();
+    on_state_owner(key, move |me, p| {
+        Box::pin(async move {
+            let log = me
+                .logs
+                .borrow()
+                .get(&p)
+                .cloned()
+                .ok_or_else(not_available)?;
+            let now = crate::shard::local().clock.now_ms();
+            let key_bytes = encode_key(&k);
+            let value = s.as_ref().map(encode_value);
+            let mut b = BatchBuilder::new(BatchOptions::default());
+            b.push(&builder::Record {
+                key: Some(&key_bytes),
+                value: value.as_deref(),
+                headers: &[],
+                timestamp_ms: now,
+            });
+            let bytes = b.finish().map_err(|_| not_available())?;
+            log.append(BytesMut::from(&bytes[..]), Durability::Synced)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "cannot persist share-partition state");
+                    not_available()
+                })?;
+            let mut states = me.states.borrow_mut();
+            match s {
+                None => {
+                    states.remove(&k);
+                }
+                Some(s) => {
+                    let newer = states.get(&k).is_none_or(|old| {
+                        s.snapshot_epoch.wrapping_sub(old.snapshot_epoch) > 0
+                            || s.state_epoch != old.state_epoch
+                    });
+                    if newer {
+                        states.insert(k, s);
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Every stored share-partition state of `group` on every shard: (topic id, partition, start).
+pub async fn group_states(group: &str) -> Vec<([u8; 16], i32, i64)> {
+    let g = group.to_string();
+    let all = crate::shard::invoke_on_all(move || {
+        let g = g.clone();
+        async move {
+            local()
+                .states
+                .borrow()
+                .iter()
+                .filter(|(k, _)| k.group == g)
+                .map(|(k, s)| (k.topic, k.partition, s.start_offset))
+                .collect::<Vec<_>>()
+        }
+    })
+    .await;
+    let mut out: Vec<_> = all.into_iter().flatten().collect();
+    out.sort();
+    out
+}
+
+// ------------------------------------------------------------------------------ share partitions
+
+/// Persists `sp`'s state if it changed. Snapshots of one share partition are taken and written
+/// one at a time: a write that finds another in progress leaves the newer state to it.
+async fn persist(key: &StateKey, sp: &Rc<RefCell<SharePartition>>) -> Result<(), ErrorCode> {
+    loop {
+        let snap = {
+            let mut s = sp.borrow_mut();
+            if !s.dirty {
+                return Ok(());
+            }
+            s.take_snapshot()
+        };
+        write_state(key, Some(snap)).await?;
+    }
+}
+
+async fn partition_here(
+    key: &StateKey,
+    settings: PartitionSettings,
+    log: &PartitionLog,
+) -> Result<Rc<RefCell<SharePartition>>, ErrorCode> {
+    let me = local();
+    if let Some(sp) = me.partitions.borrow().get(key) {
+        sp.borrow_mut().settings = settings;
+        return Ok(sp.clone());
+    }
+    let stored = read_state(key).await?;
+    if let Some(sp) = me.partitions.borrow().get(key) {
+        return Ok(sp.clone());
+    }
+    let sp = match stored {
+        Some(s) => {
+            let mut sp = SharePartition::from_snapshot(settings, &s);
+            sp.truncate_below(log.log_start_offset().0);
+            sp
+        }
+        None => SharePartition::new(
+            settings,
+            match settings.auto_offset_reset {
+                AutoOffsetReset::Earliest => log.log_start_offset().0,
+                AutoOffsetReset::Latest => log.high_watermark().0,
+            },
+        ),
+    };
+    let sp = Rc::new(RefCell::new(sp));
+    me.partitions.borrow_mut().insert(key.clone(), sp.clone());
+    Ok(sp)
+}
+
+/// One partition of a ShareFetch or ShareAcknowledge, run on the partition's owner shard.
+pub struct FetchPart {
+    pub key: StateKey,
+    pub member: String,
+    pub settings: PartitionSettings,
+    pub acks: Vec<AckRange>,
+    /// 0: acknowledge only.
+    pub max_records: usize,
+    pub bytes_max: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct FetchPartResult {
+    pub error: ErrorCode,
+    /// `None`: nothing was acknowledged.
+    pub ack_error: Option<ErrorCode>,
+    pub ranges: Vec<(i64, i64, i16)>,
+    pub batches: Vec<Bytes>,
+    pub acquired: usize,
+    /// What a waiting fetch waits for: an append past `end` (when the window has room) or the
+    /// first lock deadline.
+    pub end: i64,
+    pub window_open: bool,
+    pub deadline_ms: Option<i64>,
+}
+
+/// Applies the acknowledgements, then acquires records for the member.
+pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResult {
+    let mut out = FetchPartResult::default();
+    let sp = match partition_here(&part.key, part.settings, &log).await {
+        Ok(sp) => sp,
+        Err(e) => {
+            out.error = e;
+            if !part.acks.is_empty() {
+                out.ack_error = Some(e);
+            }
+            return out;
+        }
+    };
+    let clock = crate::shard::local().clock.clone();
+    let member: Rc<str> = part.member.as_str().into();
+    {
+        let mut s = sp.borrow_mut();
+        s.truncate_below(log.log_start_offset().0);
+        s.expire(clock.now_ms());
+        if !part.acks.is_empty() {
+            out.ack_error = Some(match s.acknowledge(&part.member, &part.acks) {
+                Ok(()) => ErrorCode::NONE,
+                Err(e) => e,
+            });
+        }
+    }
+    let readable_end = if part.settings.read_committed {
+        log.last_stable_offset().0
+    } else {
+        log.high_watermark().0
+    };
+    if part.max_records > 0 {
+        let from = {
+            let s = sp.borrow();
+            (s.has_available() || s.window_open()).then(|| s.read_from())
+        };
+        if let Some(from) = from.filter(|f| *f < readable_end) {
+            match log
+                .read(ReadOptions {
+                    start: Offset(from),
+                    bytes_max: part.bytes_max.max(1),
+                })
+                .await
+            {
+                Ok(r) => {
+                    let mut spans = Vec::with_capacity(r.batches.len());
+                    let mut aborted: Vec<(i64, i64, i64)> = vec![];
+                    if part.settings.read_committed {
+                        if let Some(last) = r
+                            .batches
+                            .last()
+                            .and_then(|b| batch::BatchHeader::parse(b).ok())
+                        {
+                            aborted = log
+                                .aborted_between(Offset(from), last.last_offset().next())
+                                .into_iter()
+                                .map(|a| (a.producer_id, a.first.0, a.last.0))
+                                .collect();
+                        }
+                    }
+                    for b in &r.batches {
+                        if let Ok(h) = batch::BatchHeader::parse(b) {
+                            // An aborted transaction's records are never delivered to a
+                            // read_committed group: archived like control records.
+                            let dropped = h.is_transactional()
+                                && aborted.iter().any(|(pid, first, last)| {
+                                    *pid == h.producer_id()
+                                        && (*first..=*last).contains(&h.base_offset().0)
+                                });
+                            spans.push(BatchSpan {
+                                base: h.base_offset().0,
+                                last: h.last_offset().0,
+                                control: h.is_control() || dropped,
+                            });
+                        }
+                    }
+                    let got = sp.borrow_mut().acquire(
+                        &spans,
+                        readable_end,
+                        &member,
+                        part.max_records,
+                        clock.now_ms(),
+                    );
+                    out.batches = got
+                        .batches
+                        .iter()
+                        .filter_map(|i| r.batches.get(*i).cloned())
+                        .collect();
+                    out.ranges = got.ranges;
+                    out.acquired = got.records;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "share fetch read failed");
+                    out.error = ErrorCode::new(E::UnknownServerError);
+                }
+            }
+        }
+    }
+    if let Err(e) = persist(&part.key, &sp).await {
+        if out.ack_error.is_some() {
+            out.ack_error = Some(e);
+        }
+    }
+    let s = sp.borrow();
+    out.end = s.end;
+    out.window_open = s.window_open();
+    out.deadline_ms = s.next_deadline_ms();
+    out
+}
+
+/// Releases what `member` holds in the share partition `key` (its share session closed).
+pub async fn release_here(key: StateKey, member: String) {
+    let sp = local().partitions.borrow().get(&key).cloned();
+    if let Some(sp) = sp {
+        sp.borrow_mut().release_member(&member);
+        let _ = persist(&key, &sp).await;
+    }
+}
+
+/// Waits on the owner shard until `tp` has an append past `end` (when `append` is set), the
+/// clock reaches `deadline_ms`, `remaining` passes or `done` closes.
+pub async fn wait_here(
+    tp: TopicPartition,
+    end: Option<i64>,
+    deadline_ms: Option<i64>,
+    remaining: Duration,
+    done: async_channel::Receiver<()>,
+) {
+    let here = crate::shard::local();
+    let clock = here.clock.clone();
+    let until = deadline_ms
+        .map(|d| Duration::from_millis((d - clock.now_ms()).max(0) as u64))
+        .map_or(remaining, |d| d.min(remaining));
+    let log = here.partition(&tp);
+    let append = async {
+        match (log, end) {
+            (Some(log), Some(end)) => log.wait_for_append(Offset(end)).await,
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    futures_lite::future::or(
+        futures_lite::future::or(append, clock.sleep(until)),
+        async {
+            let _ = done.recv().await;
+        },
+    )
+    .await
+}
+
+/// Resets share partitions of `group` (AlterShareGroupOffsets) on this shard, or writes the
+/// state directly for partitions not loaded here. `offset` -1 is the log end, -2 the log start.
+pub async fn reset_here(
+    log: Rc<PartitionLog>,
+    key: StateKey,
+    offset: i64,
+) -> Result<(), ErrorCode> {
+    let offset = match offset {
+        -1 => log.high_watermark().0,
+        -2 => log.log_start_offset().0,
+        o if o < 0 => return Err(ErrorCode::new(E::InvalidRequest)),
+        o => o.clamp(log.log_start_offset().0, log.high_watermark().0),
+    };
+    let sp = local().partitions.borrow().get(&key).cloned();
+    match sp {
+        Some(sp) => {
+            sp.borrow_mut().reset_to(offset);
+            persist(&key, &sp).await
+        }
+        None => {
+            let old = read_state(&key).await?;
+            let snap = Snapshot {
+                snapshot_epoch: old.as_ref().map_or(0, |o| o.snapshot_epoch.wrapping_add(1)),
+                state_epoch: old.as_ref().map_or(0, |o| o.state_epoch.wrapping_add(1)),
+                start_offset: offset,
+                batches: vec![],
+            };
+            write_state(&key, Some(snap)).await
+        }
+    }
+}
+
+/// Forgets a share partition of `group` (DeleteShareGroupOffsets): dropped here and tombstoned.
+pub async fn delete_here(key: StateKey) -> Result<(), ErrorCode> {
+    local().partitions.borrow_mut().remove(&key);
+    write_state(&key, None).await
+}
+
+/// The metadata of `topic_id` in the current image.
+pub fn topic_by_id(topic_id: &[u8; 16]) -> Option<Arc<TopicMeta>> {
+    crate::shard::local()
+        .broker
+        .image()
+        .topic_by_id(topic_id)
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_records_round_trip_and_counts_are_bounded() {
+        let k = StateKey {
+            group: "g".into(),
+            topic: [7; 16],
+            partition: 3,
+        };
+        assert_eq!(decode_key(&encode_key(&k)).unwrap(), k);
+        let s = Snapshot {
+            snapshot_epoch: 4,
+            state_epoch: 1,
+            start_offset: 10,
+            batches: vec![StateBatch {
+                first: 10,
+                last: 12,
+                state: RecordState::Acknowledged,
+                delivery_count: 2,
+            }],
+        };
+        let v = encode_value(&s);
+        assert_eq!(decode_value(&v).unwrap(), s);
+        // Every truncation fails cleanly.
+        for n in 0..v.len() {
+            assert!(decode_value(&v[..n]).is_err(), "truncated at {n}");
+        }
+        // A huge batch count is refused before anything is allocated.
+        let mut huge = v[..22].to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        let e = decode_value(&huge).unwrap_err();
+        assert!(e.0.contains("exceeds"), "{e}");
+    }
+}

@@ -1,0 +1,161 @@
+//! Share sessions (KIP-932) of the members whose connections land on this shard, and what the
+//! ShareFetch and ShareAcknowledge handlers share: wire acknowledgements to ranges, releasing a
+//! member's records.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use kafka_protocol::ResponseError;
+
+use super::common::{code, with_partition};
+use crate::group::on_coordinator;
+use crate::group::share::PartitionSettings;
+use crate::group::share_partition::AckRange;
+use crate::group::share_state::{self, StateKey};
+use crate::types::ErrorCode;
+
+/// Most share sessions one shard keeps (Kafka's `group.share.max.share.sessions` is per
+/// broker): a new one past it is SHARE_SESSION_LIMIT_REACHED.
+const SHARE_SESSIONS_MAX: usize = 2_000;
+/// Most partitions one share session holds: bounds a session's memory.
+const SESSION_PARTITIONS_MAX: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub group: String,
+    pub member: String,
+}
+
+struct Session {
+    next_epoch: i32,
+    partitions: Vec<([u8; 16], i32)>,
+    settings: PartitionSettings,
+}
+
+thread_local! {
+    static SESSIONS: RefCell<HashMap<SessionKey, Session>> = RefCell::new(HashMap::new());
+}
+
+/// The session after a request's epoch was applied.
+pub struct Opened {
+    pub partitions: Vec<([u8; 16], i32)>,
+    pub settings: PartitionSettings,
+    /// Epoch -1: the session is closed once the acknowledgements are applied.
+    pub closing: bool,
+    /// Partitions that left the session (a replaced session's, forgotten ones).
+    pub released: Vec<([u8; 16], i32)>,
+}
+
+fn add(parts: &mut Vec<([u8; 16], i32)>, named: &[([u8; 16], i32)]) -> Result<(), ErrorCode> {
+    for tp in named {
+        if !parts.contains(tp) {
+            if parts.len() >= SESSION_PARTITIONS_MAX {
+                return Err(code(ResponseError::InvalidRequest));
+            }
+            parts.push(*tp);
+        }
+    }
+    Ok(())
+}
+
+/// Applies a request's session epoch: 0 opens (replacing), -1 closes, else the next epoch.
+pub async fn open_or_advance(
+    key: &SessionKey,
+    epoch: i32,
+    named: &[([u8; 16], i32)],
+    forgotten: &[([u8; 16], i32)],
+) -> Result<Opened, ErrorCode> {
+    if epoch == 0 {
+        let (g, m) = (key.group.clone(), key.member.clone());
+        let (member, settings) = on_coordinator(&key.group, move |gs| async move {
+            let c = gs.coordinator.borrow();
+            (c.is_share_member(&g, &m), c.share_settings(&g))
+        })
+        .await?;
+        if !member {
+            return Err(code(ResponseError::UnknownMemberId));
+        }
+        let mut partitions = vec![];
+        add(&mut partitions, named)?;
+        return SESSIONS.with(|s| {
+            let mut s = s.borrow_mut();
+            let old = s.remove(key);
+            if old.is_none() && s.len() >= SHARE_SESSIONS_MAX {
+                return Err(code(ResponseError::ShareSessionLimitReached));
+            }
+            s.insert(
+                key.clone(),
+                Session {
+                    next_epoch: 1,
+                    partitions: partitions.clone(),
+                    settings,
+                },
+            );
+            Ok(Opened {
+                partitions,
+                settings,
+                closing: false,
+                released: old.map(|o| o.partitions).unwrap_or_default(),
+            })
+        });
+    }
+    SESSIONS.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(session) = s.get_mut(key) else {
+            return Err(code(ResponseError::ShareSessionNotFound));
+        };
+        if epoch == -1 {
+            let session = s.remove(key).expect("present");
+            return Ok(Opened {
+                partitions: session.partitions,
+                settings: session.settings,
+                closing: true,
+                released: vec![],
+            });
+        }
+        if epoch != session.next_epoch {
+            return Err(code(ResponseError::InvalidShareSessionEpoch));
+        }
+        session.next_epoch = if epoch == i32::MAX { 1 } else { epoch + 1 };
+        add(&mut session.partitions, named)?;
+        let released: Vec<_> = forgotten
+            .iter()
+            .filter(|tp| session.partitions.contains(tp))
+            .copied()
+            .collect();
+        session.partitions.retain(|tp| !forgotten.contains(tp));
+        Ok(Opened {
+            partitions: session.partitions.clone(),
+            settings: session.settings,
+            closing: false,
+            released,
+        })
+    })
+}
+
+/// Acknowledgement batches from the wire as ranges (checked by the share partition).
+pub fn ack_ranges<'a>(batches: impl Iterator<Item = (i64, i64, &'a Vec<i8>)>) -> Vec<AckRange> {
+    batches
+        .map(|(first, last, types)| AckRange {
+            first,
+            last,
+            types: types.clone(),
+        })
+        .collect()
+}
+
+/// Releases what `member` holds in `parts` (each on its owner shard).
+pub async fn release_all(group: &str, member: &str, parts: &[([u8; 16], i32)]) {
+    for (t, p) in parts {
+        let Some(meta) = share_state::topic_by_id(t) else {
+            continue;
+        };
+        let key = StateKey {
+            group: group.to_string(),
+            topic: *t,
+            partition: *p,
+        };
+        let member = member.to_string();
+        let _ = with_partition(&meta, *p, move |_| share_state::release_here(key, member)).await;
+    }
+}

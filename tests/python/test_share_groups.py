@@ -1,0 +1,238 @@
+"""KIP-932 share groups with confluent-kafka's ShareConsumer (librdkafka): several consumers share
+one partition without holding a record at the same time, released records come back with a
+higher delivery count, rejected ones and those at the delivery limit are archived, a killed
+consumer's locks expire and its records are redelivered, and acknowledged state survives a
+broker kill -9."""
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from confluent_kafka import AcknowledgeType, Producer, ShareConsumer
+from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
+                                   NewTopic, ResourceType)
+
+from conftest import Broker
+
+WAIT = 60.0
+LOCK_MS = 3000
+
+
+def start_broker(extra=()):
+    args = [
+        "--group-share-heartbeat-interval-ms", "500",
+        "--group-share-session-timeout-ms", "6000",
+        "--group-share-record-lock-duration-ms", str(LOCK_MS),
+        "--group-share-delivery-count-limit", "3",
+        *extra,
+    ]
+    return Broker(cores=2, extra_args=tuple(args))
+
+
+def create_topic(broker, partitions=1):
+    name = f"pyshare-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for f in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+        f.result(timeout=30)
+    return name
+
+
+def earliest(broker, group):
+    """share.auto.offset.reset=earliest on the group, as librdkafka's own share tests do."""
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    res = ConfigResource(ResourceType.GROUP, group, incremental_configs=[
+        ConfigEntry("share.auto.offset.reset", "earliest",
+                    incremental_operation=AlterConfigOpType.SET)])
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(timeout=30)
+
+
+def produce(broker, topic, n, partition=0, prefix="m"):
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    for i in range(n):
+        p.produce(topic, value=f"{prefix}{i}".encode(), partition=partition)
+    assert p.flush(30) == 0
+
+
+def share_consumer(broker, group, topic, explicit=False):
+    cfg = {"bootstrap.servers": broker.bootstrap, "group.id": group}
+    if explicit:
+        cfg["share.acknowledgement.mode"] = "explicit"
+    c = ShareConsumer(cfg)
+    c.subscribe([topic])
+    return c
+
+
+def records(msgs):
+    out = []
+    for m in msgs:
+        assert m.error() is None, m.error()
+        out.append(m)
+    return out
+
+
+def test_consumers_share_a_partition_and_every_record_is_delivered_once():
+    broker = start_broker()
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        earliest(broker, group)
+        # More than one fetch takes (500 records), so that every consumer gets a share.
+        n = 3000
+        produce(broker, topic, n)
+        consumers = [share_consumer(broker, group, topic, explicit=True) for _ in range(3)]
+        seen = {}
+        by_consumer = [0, 0, 0]
+        deadline = time.monotonic() + WAIT
+        while len(seen) < n and time.monotonic() < deadline:
+            for i, c in enumerate(consumers):
+                batch = records(c.poll(0.2))
+                for m in batch:
+                    # Held by this consumer only: never delivered to another while locked.
+                    assert m.offset() not in seen, f"offset {m.offset()} delivered twice"
+                    seen[m.offset()] = i
+                    assert m.delivery_count() == 1
+                    c.acknowledge(m, AcknowledgeType.ACCEPT)
+                    by_consumer[i] += 1
+                if batch:
+                    c.commit_sync(30)
+        assert sorted(seen) == list(range(n)), f"missing {set(range(n)) - set(seen)}"
+        assert sum(1 for x in by_consumer if x > 0) >= 2, by_consumer
+        # Everything accepted: nothing comes back to anyone.
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            for c in consumers:
+                assert records(c.poll(0.1)) == []
+        for c in consumers:
+            c.close()
+    finally:
+        broker.stop()
+
+
+def test_release_redelivers_with_a_higher_count_and_reject_archives():
+    broker = start_broker()
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        earliest(broker, group)
+        produce(broker, topic, 2)
+        c = share_consumer(broker, group, topic, explicit=True)
+        counts = {0: [], 1: []}
+        deadline = time.monotonic() + WAIT
+        # Offset 0 is released every time: delivered again with counts 1, 2, 3 and then archived
+        # at the limit (3). Offset 1 is rejected at once: never delivered again.
+        while time.monotonic() < deadline and len(counts[0]) < 3:
+            for m in records(c.poll(0.5)):
+                counts[m.offset()].append(m.delivery_count())
+                c.acknowledge(m, AcknowledgeType.RELEASE if m.offset() == 0 else AcknowledgeType.REJECT)
+            c.commit_sync(30)
+        assert counts[0] == [1, 2, 3], counts
+        assert counts[1] == [1], counts
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            assert records(c.poll(0.2)) == []
+        c.close()
+    finally:
+        broker.stop()
+
+
+KILLED_CONSUMER = r"""
+import sys, time
+from confluent_kafka import ShareConsumer
+c = ShareConsumer({"bootstrap.servers": sys.argv[1], "group.id": sys.argv[2],
+                   "share.acknowledgement.mode": "explicit"})
+c.subscribe([sys.argv[3]])
+got = 0
+while got == 0:
+    got = len([m for m in c.poll(0.5) if m.error() is None])
+print(got, flush=True)
+time.sleep(600)
+"""
+
+
+def test_locks_of_a_killed_consumer_expire_and_its_records_are_redelivered():
+    broker = start_broker()
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        earliest(broker, group)
+        produce(broker, topic, 10)
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER, broker.bootstrap, group, topic],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            held = int(proc.stdout.readline())
+            assert held > 0
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        killed_at = time.monotonic()
+        c = share_consumer(broker, group, topic, explicit=True)
+        got = {}
+        deadline = time.monotonic() + WAIT
+        while len(got) < 10 and time.monotonic() < deadline:
+            for m in records(c.poll(0.5)):
+                got[m.offset()] = m.delivery_count()
+                c.acknowledge(m)
+            c.commit_sync(30)
+        assert sorted(got) == list(range(10))
+        # What the killed consumer held came back only after its lock expired, counted twice.
+        assert sum(1 for v in got.values() if v == 2) == held, got
+        assert time.monotonic() - killed_at >= (LOCK_MS / 1000.0) * 0.5
+        c.close()
+    finally:
+        broker.stop()
+
+
+def test_acknowledged_state_survives_a_broker_kill():
+    broker = start_broker()
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        earliest(broker, group)
+        produce(broker, topic, 20)
+        c = share_consumer(broker, group, topic, explicit=True)
+        accepted = set()
+        deadline = time.monotonic() + WAIT
+        while len(accepted) < 10 and time.monotonic() < deadline:
+            for m in records(c.poll(0.5)):
+                if m.offset() < 10:
+                    c.acknowledge(m, AcknowledgeType.ACCEPT)
+                    accepted.add(m.offset())
+                else:
+                    c.acknowledge(m, AcknowledgeType.RELEASE)
+            c.commit_sync(30)
+        assert accepted == set(range(10))
+        # kill -9 and restart on the same data directory and port.
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait()
+        restarted = restart(broker)
+        c2 = share_consumer(restarted, group, topic, explicit=True)
+        got = set()
+        deadline = time.monotonic() + WAIT
+        while len(got) < 10 and time.monotonic() < deadline:
+            for m in records(c2.poll(0.5)):
+                got.add(m.offset())
+                c2.acknowledge(m)
+            c2.commit_sync(30)
+        # Only the unacknowledged records come back.
+        assert got == set(range(10, 20)), got
+        c2.close()
+    finally:
+        broker.stop()
+
+
+def restart(broker):
+    """Starts the broker process again on the same directory and port (after a kill)."""
+    import conftest
+    args = broker.proc.args
+    broker._log.close()
+    broker._log = open(broker.log_path, "ab")
+    broker.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=broker._log, stderr=broker._log)
+    deadline = time.monotonic() + conftest.START_WAIT_S
+    while not conftest.answers_api_versions(broker.port):
+        assert broker.proc.poll() is None, broker.stderr()
+        assert time.monotonic() < deadline, broker.stderr()
+        time.sleep(0.05)
+    return broker

@@ -35,6 +35,9 @@ const WAIT: Duration = Duration::from_secs(30);
 const FAILOVER_MAX: Duration = Duration::from_secs(5);
 const NOT_LEADER_OR_FOLLOWER: i16 = 6;
 const NOT_ENOUGH_REPLICAS: i16 = 19;
+const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+const REQUEST_TIMED_OUT: i16 = 7;
+const INVALID_PRODUCER_EPOCH: i16 = 47;
 
 fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -576,21 +579,34 @@ fn the_whole_cluster_stops_with_sigterm_and_comes_back_with_its_topics_and_recor
 /// Produces one record to partition 0 of `topic` on node `id` with `acks`: the partition's error
 /// code.
 fn produce_error(c: &Cluster, id: i32, topic: &str, acks: i16) -> i16 {
+    produce_raw(c, id, topic, acks, None).0
+}
+
+/// Produces one record to partition 0 of `topic` on node `id` with `acks`, from the idempotent
+/// producer `(id, epoch, sequence)` when given: the partition's (error code, base offset).
+fn produce_raw(
+    c: &Cluster,
+    id: i32,
+    topic: &str,
+    acks: i16,
+    idempotent: Option<(i64, i16, i32)>,
+) -> (i16, i64) {
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
     use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
     use kafka_protocol::records::{
         Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
     };
+    let (producer_id, producer_epoch, sequence) = idempotent.unwrap_or((-1, -1, -1));
     let record = Record {
         transactional: false,
         control: false,
         delete_horizon: false,
         partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
+        producer_id,
+        producer_epoch,
         timestamp_type: TimestampType::Creation,
         offset: 0,
-        sequence: -1,
+        sequence,
         timestamp: 1_700_000_000_000,
         key: None,
         value: Some(bytes::Bytes::from_static(b"raw")),
@@ -619,7 +635,8 @@ fn produce_error(c: &Cluster, id: i32, topic: &str, acks: i16) -> i16 {
                     .with_index(0)
                     .with_records(Some(buf.freeze()))])]),
     );
-    resp.responses[0].partition_responses[0].error_code
+    let p = &resp.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
 }
 
 /// Node `id`'s Metadata for partition 0 of `topic`: (leader, leader epoch, replicas, ISR).
@@ -1122,13 +1139,14 @@ fn leader_epochs_fence_stale_clients_and_a_consumer_crosses_a_failover_without_r
     }
 }
 
-/// A producer for fault tests: acks=all, no retries inside librdkafka (a retried batch whose
-/// first attempt committed after all would be stored twice — there are no idempotence checks
-/// on replicated partitions yet), so the test retries with a new value instead and every value
-/// is sent at most once. Short request timeouts, so a request to a paused leader fails over.
+/// A producer for fault tests, as users run one: acks=all with idempotence (librdkafka retries
+/// a batch whose outcome it does not know, and the leader answers a retry of a batch it holds
+/// with its offsets instead of storing it twice). Short request timeouts, so a request to a
+/// paused leader fails over; a record not delivered within the message timeout counts as not
+/// acknowledged (its outcome is unknown), and the next window goes on with new values.
 fn fault_producer(bootstrap: &str) -> FutureProducer {
     client_config(bootstrap)
-        .set("retries", "0")
+        .set("enable.idempotence", "true")
         .set("request.timeout.ms", "2000")
         .set("message.timeout.ms", "4000")
         .set("linger.ms", "1")
@@ -1359,4 +1377,151 @@ fn a_full_cluster_crash_keeps_every_acknowledged_record_and_a_wiped_follower_is_
     if let Err(e) = history::check(&acked, &reads) {
         panic!("after the follower was rebuilt:\n{e}");
     }
+}
+
+/// InitProducerId v4 without a transactional id, asked of node `id`: the producer id.
+fn init_producer_id(c: &Cluster, id: i32) -> i64 {
+    use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: InitProducerIdResponse = raw.call(
+        ApiKey::InitProducerId,
+        4,
+        &InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1),
+    );
+    assert_eq!(r.error_code, 0, "InitProducerId on node {id}");
+    r.producer_id.0
+}
+
+#[test]
+fn an_idempotent_producer_keeps_producing_through_a_leader_kill_without_duplicates() {
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+
+    // Producer ids are unique across the cluster: each node hands out ids from its own
+    // allocator with its node id in the low bits.
+    let mut pids = BTreeSet::new();
+    for id in &ids {
+        for _ in 0..3 {
+            let pid = init_producer_id(&c, *id);
+            assert_eq!(
+                pid & 0x3ff,
+                i64::from(*id),
+                "node id in the low bits of {pid}"
+            );
+            assert!(pids.insert(pid), "producer id {pid} handed out twice");
+        }
+    }
+
+    create(&c.bootstrap(), "idem", 1, 3).expect("create a topic of three replicas");
+    let (leader, epoch) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, "idem", -1)
+    });
+
+    // The leader checks sequences before it proposes: a retry is answered with the first
+    // attempt's offset, a gap is refused, an older epoch is fenced.
+    let pid = init_producer_id(&c, leader);
+    let first = produce_raw(&c, leader, "idem", -1, Some((pid, 0, 0)));
+    assert_eq!(first.0, 0);
+    assert_eq!(
+        produce_raw(&c, leader, "idem", -1, Some((pid, 0, 0))),
+        first,
+        "a retry is answered with the original offset"
+    );
+    assert_eq!(
+        produce_raw(&c, leader, "idem", -1, Some((pid, 0, 5))).0,
+        OUT_OF_ORDER_SEQUENCE_NUMBER
+    );
+    let second = produce_raw(&c, leader, "idem", 1, Some((pid, 1, 0)));
+    assert_eq!(second.0, 0);
+    assert_eq!(
+        produce_raw(&c, leader, "idem", -1, Some((pid, 0, 1))).0,
+        INVALID_PRODUCER_EPOCH
+    );
+
+    // One idempotent producer, with client retries, through the kill: every record must be
+    // delivered (no fatal OUT_OF_ORDER_SEQUENCE_NUMBER, nothing dropped) and stored once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked_count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load = {
+        let (bootstrap, stop, count) = (c.bootstrap(), stop.clone(), acked_count.clone());
+        std::thread::spawn(move || {
+            let producer: FutureProducer = client_config(&bootstrap)
+                .set("enable.idempotence", "true")
+                .set("request.timeout.ms", "2000")
+                .set("message.timeout.ms", "60000")
+                .set("linger.ms", "1")
+                .set("topic.metadata.refresh.interval.ms", "500")
+                .create()
+                .expect("producer");
+            let (mut next, mut acked, mut sent) = (0u64, Vec::new(), 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let before = next;
+                acked.extend(send_window(&producer, "idem", "v", &mut next, 20));
+                sent += (next - before) as usize;
+                count.store(acked.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            (acked, sent)
+        })
+    };
+    let acked_now = || acked_count.load(std::sync::atomic::Ordering::Relaxed);
+    c.wait_for("records acknowledged before the kill", |_| {
+        (acked_now() >= 200).then_some(())
+    });
+    c.node_mut(leader).sigkill();
+    let killed_at = Instant::now();
+    let before = acked_now();
+    let survivors: Vec<i32> = ids.iter().copied().filter(|id| *id != leader).collect();
+    let (new_leader, new_epoch) = c.wait_for("the survivors elect a new leader", |c| {
+        agreed_leader(c, &survivors, "idem", leader)
+    });
+    assert!(new_epoch > epoch);
+    // The new leader rebuilt the producer state from the replicated log: a retry of the raw
+    // producer's batch is a duplicate there too, and its next sequence is appended.
+    let retried = c.wait_for("the new leader answers the retry", |c| {
+        let r = produce_raw(c, new_leader, "idem", -1, Some((pid, 1, 0)));
+        // Not the leader yet, or its first entry not committed within the request's time.
+        (![NOT_LEADER_OR_FOLLOWER, REQUEST_TIMED_OUT].contains(&r.0)).then_some(r)
+    });
+    assert_eq!(
+        retried, second,
+        "the retry is a duplicate on the new leader"
+    );
+    let next = produce_raw(&c, new_leader, "idem", -1, Some((pid, 1, 1)));
+    assert_eq!(next.0, 0);
+    assert!(next.1 > second.1);
+    c.wait_for("records acknowledged by the new leader", |_| {
+        (acked_now() >= before + 200).then_some(())
+    });
+    println!(
+        "idempotent producer: leader {leader} killed, node {new_leader} leads, 200 more records \
+         acknowledged {:?} after the kill",
+        killed_at.elapsed()
+    );
+    c.node_mut(leader).restart();
+    c.wait_for("the restarted node follows the new leader", |c| {
+        let (l, e, _, _) = partition_state(c, leader, "idem")?;
+        (l == new_leader && e == new_epoch).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, sent) = load.join().expect("load thread");
+    assert_eq!(
+        acked.len(),
+        sent,
+        "every record of an idempotent producer is delivered"
+    );
+    wait_logs_identical(&c, &ids, "idem");
+    let mut reads = read_back(&c.bootstrap(), "idem", &acked);
+    // The raw producer's three records all read "raw": checked above.
+    for records in reads.values_mut() {
+        records.retain(|(_, v)| v != "raw");
+    }
+    if let Err(e) = history::check(&acked, &reads) {
+        panic!("history of {} acknowledged records:\n{e}", acked.len());
+    }
+    assert_eq!(reads[&0].len(), acked.len(), "no record stored twice");
 }

@@ -21,7 +21,7 @@ use sluice_raft::{
 };
 
 use crate::protocol::batch::{self, BatchHeader};
-use crate::storage::PartitionLog;
+use crate::storage::{BatchMeta, PartitionLog, ProducerCheck, StorageError};
 use crate::types::Offset;
 
 pub use log::{EntryIndex, EntryMeta, RaftLog, TruncateHooks};
@@ -34,6 +34,11 @@ pub enum ReplicateError {
     /// The raft group's answer: not the leader (and who is), leadership lost with the outcome
     /// unknown, replaced by another leader's entry, too many pending, or stopped.
     Raft(ProposeError),
+    /// An idempotent producer's batch does not follow its last sequence (KIP-98):
+    /// OUT_OF_ORDER_SEQUENCE_NUMBER.
+    OutOfOrderSequence,
+    /// An idempotent producer's batch carries an epoch older than the log's: INVALID_PRODUCER_EPOCH.
+    InvalidProducerEpoch,
 }
 
 impl std::fmt::Display for ReplicateError {
@@ -41,6 +46,8 @@ impl std::fmt::Display for ReplicateError {
         match self {
             ReplicateError::InvalidBatch => write!(f, "not exactly one valid record batch"),
             ReplicateError::Raft(e) => write!(f, "{e:?}"),
+            ReplicateError::OutOfOrderSequence => write!(f, "out of order sequence number"),
+            ReplicateError::InvalidProducerEpoch => write!(f, "invalid producer epoch"),
         }
     }
 }
@@ -68,8 +75,47 @@ impl StateMachine for LogIsTheState {
 /// the driver's count-based snapshots are pushed out of reach.
 const NO_SNAPSHOTS: u64 = 1 << 62;
 
+/// How often a retry of a batch already in the log re-checks, while it waits for that batch to
+/// commit, that this replica still leads in the same term (role changes do not wake it).
+const DUPLICATE_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// An idempotent producer's batch proposed by this leader and not answered yet: the part of
+/// the producer state the log does not show until the entry is appended.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    id: u64,
+    pid: i64,
+    epoch: i16,
+    first_seq: i32,
+    last_seq: i32,
+}
+
+/// The proposals of idempotent batches in flight, in proposal order, and the event that a
+/// retry waiting for one of them listens on.
+#[derive(Default)]
+struct InFlights {
+    list: RefCell<Vec<InFlight>>,
+    next_id: Cell<u64>,
+    done: Event,
+}
+
+/// Removes its proposal from the list when it is answered (or its future dropped).
+struct InFlightGuard<'a> {
+    inflights: &'a InFlights,
+    id: u64,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.inflights.list.borrow_mut().retain(|f| f.id != self.id);
+        self.inflights.done.notify(usize::MAX);
+    }
+}
+
 /// One replica of a replicated partition, on the partition's shard.
 pub struct ReplicatedPartition {
+    /// Idempotent batches proposed and not yet answered (leader-side KIP-98 checks).
+    inflight: InFlights,
     group: RaftGroup,
     log: Rc<PartitionLog>,
     index: Rc<RefCell<EntryIndex>>,
@@ -102,6 +148,7 @@ impl ReplicatedPartition {
         };
         let group = RaftGroup::start(config, store, sm, transport)?;
         Ok(ReplicatedPartition {
+            inflight: InFlights::default(),
             group,
             log,
             index,
@@ -130,6 +177,12 @@ impl ReplicatedPartition {
         self.propose_as(records, false).await
     }
 
+    /// Idempotent producers (KIP-98) are checked here, on the leader, before the batch is
+    /// proposed: against the log's producer state (rebuilt from the log on every replica, so a
+    /// new leader knows what its predecessor appended) plus the batches proposed and not yet
+    /// appended. A retry of a batch already in the log is answered with its offsets once that
+    /// entry is committed; a retry of a batch still in flight waits for its first attempt and
+    /// is checked again.
     async fn propose_as(
         &self,
         records: BytesMut,
@@ -139,6 +192,107 @@ impl ReplicatedPartition {
         if h.size() != records.len() || h.is_control() {
             return Err(ReplicateError::InvalidBatch);
         }
+        let (pid, epoch, first_seq, last_seq) = (
+            h.producer_id(),
+            h.producer_epoch(),
+            h.base_sequence(),
+            h.last_sequence(),
+        );
+        if pid < 0 || first_seq < 0 {
+            return self.propose_raw(records, committed).await;
+        }
+        loop {
+            let done = self.inflight.done.listen();
+            let (retry_of_inflight, staged) = {
+                let list = self.inflight.list.borrow();
+                let retry = list.iter().any(|f| {
+                    f.pid == pid
+                        && f.epoch == epoch
+                        && f.first_seq == first_seq
+                        && f.last_seq == last_seq
+                });
+                let staged: Vec<(i64, i16, BatchMeta)> = list
+                    .iter()
+                    .filter(|f| f.pid == pid)
+                    .map(|f| {
+                        (
+                            f.pid,
+                            f.epoch,
+                            BatchMeta {
+                                first_seq: f.first_seq,
+                                last_seq: f.last_seq,
+                                base: Offset(-1),
+                                last: Offset(-1),
+                            },
+                        )
+                    })
+                    .collect();
+                (retry, staged)
+            };
+            if retry_of_inflight {
+                done.await;
+                continue;
+            }
+            let h = BatchHeader::parse(&records).map_err(|_| ReplicateError::InvalidBatch)?;
+            match self.log.check_producer(&h, &staged) {
+                Ok(ProducerCheck::Append) => break,
+                Ok(ProducerCheck::Duplicate(m)) => return self.committed_duplicate(m).await,
+                Err(StorageError::InvalidProducerEpoch) => {
+                    return Err(ReplicateError::InvalidProducerEpoch)
+                }
+                Err(_) => return Err(ReplicateError::OutOfOrderSequence),
+            }
+        }
+        // Checked and registered with no await in between: the next batch of this producer
+        // is checked against this one.
+        let id = self.inflight.next_id.get();
+        self.inflight.next_id.set(id + 1);
+        self.inflight.list.borrow_mut().push(InFlight {
+            id,
+            pid,
+            epoch,
+            first_seq,
+            last_seq,
+        });
+        let _guard = InFlightGuard {
+            inflights: &self.inflight,
+            id,
+        };
+        self.propose_raw(records, committed).await
+    }
+
+    /// A retry of a batch this leader's log holds at `m`: answered with its offsets once the
+    /// entry is committed, as long as this replica leads in the term it had when it looked
+    /// (an entry in a leader's log stays there while it leads). Otherwise the outcome is
+    /// unknown here: LeadershipLost, and the client retries at the new leader.
+    async fn committed_duplicate(&self, m: BatchMeta) -> Result<(Offset, Offset), ReplicateError> {
+        let start = self.group.status();
+        if start.role != Role::Leader {
+            return Err(ReplicateError::Raft(ProposeError::NotLeader {
+                leader: start.leader_id,
+            }));
+        }
+        loop {
+            let applied = self.applied_event.listen();
+            let now = self.group.status();
+            if now.role != Role::Leader || now.term != start.term {
+                return Err(ReplicateError::Raft(ProposeError::LeadershipLost));
+            }
+            if self.high_watermark() > m.last {
+                return Ok((m.base, m.last));
+            }
+            futures_lite::future::or(applied, async {
+                glommio::timer::sleep(DUPLICATE_RECHECK).await;
+            })
+            .await;
+        }
+    }
+
+    async fn propose_raw(
+        &self,
+        records: BytesMut,
+        committed: bool,
+    ) -> Result<(Offset, Offset), ReplicateError> {
         let mut data = records.to_vec();
         // The term is stamped at append; the proposal carries the leader's current one too, so
         // entries in flight already read as they will be stored.

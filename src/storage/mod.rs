@@ -75,6 +75,7 @@ use epochs::LeaderEpochs;
 use io::StorageIo;
 use offsets::Offsets;
 use producer_state::ProducerState;
+pub use producer_state::{BatchMeta, Check as ProducerCheck};
 use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
@@ -440,6 +441,18 @@ impl PartitionLog {
         let mut s = self.state.borrow_mut();
         s.config = config;
         s.wake_all();
+    }
+
+    /// KIP-98 check of one produced batch against this log's producer state, as it would be
+    /// after `staged` (batches a replicated partition's leader proposed and has not appended
+    /// yet, in proposal order). The leader of a replicated partition checks here before it
+    /// proposes; a single node checks inside its append.
+    pub fn check_producer(
+        &self,
+        h: &crate::protocol::batch::BatchHeader<'_>,
+        staged: &[(i64, i16, BatchMeta)],
+    ) -> Result<ProducerCheck, StorageError> {
+        self.state.borrow().producers.check(h, staged)
     }
 
     pub fn log_start_offset(&self) -> Offset {

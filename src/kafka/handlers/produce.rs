@@ -511,6 +511,14 @@ async fn replicate(
         };
         let (base, _) = proposed.map_err(|e| match e {
             ReplicateError::InvalidBatch => (code(ResponseError::CorruptMessage), None),
+            ReplicateError::OutOfOrderSequence => (
+                code(ResponseError::OutOfOrderSequenceNumber),
+                Some("out of order sequence number".into()),
+            ),
+            ReplicateError::InvalidProducerEpoch => (
+                code(ResponseError::InvalidProducerEpoch),
+                Some("invalid producer epoch".into()),
+            ),
             ReplicateError::Raft(ProposeError::Busy) => (
                 code(ResponseError::RequestTimedOut),
                 Some("too many produces awaiting replication".into()),

@@ -116,6 +116,11 @@ pub struct StartArgs {
     /// [default: 2147483647].
     #[arg(long, env = "SLUICE_GROUP_CONSUMER_MAX_SIZE")]
     pub group_consumer_max_size: Option<u32>,
+    /// Online migration between classic and KIP-848 consumer groups
+    /// (`group.consumer.migration.policy`: `bidirectional`, `upgrade`, `downgrade`, `disabled`)
+    /// [default: bidirectional].
+    #[arg(long, env = "SLUICE_GROUP_CONSUMER_MIGRATION_POLICY")]
+    pub group_consumer_migration_policy: Option<String>,
     /// Log level filter (also RUST_LOG) [default: info].
     #[arg(long, env = "SLUICE_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -157,6 +162,7 @@ pub struct Defaults {
     pub group_consumer_heartbeat_interval_ms: u32,
     pub group_consumer_assignors: &'static str,
     pub group_consumer_max_size: u32,
+    pub group_consumer_migration_policy: &'static str,
     pub log_level: &'static str,
     pub log_format: &'static str,
 }
@@ -190,9 +196,14 @@ pub const DEFAULTS: Defaults = Defaults {
     group_consumer_heartbeat_interval_ms: 5_000,
     group_consumer_assignors: "uniform,range",
     group_consumer_max_size: i32::MAX as u32,
+    group_consumer_migration_policy: "bidirectional",
     log_level: "info",
     log_format: "text",
 };
+
+/// The values of `--group-consumer-migration-policy` (Kafka's `group.consumer.migration.policy`).
+pub const CONSUMER_GROUP_MIGRATION_POLICIES: &[&str] =
+    &["bidirectional", "upgrade", "downgrade", "disabled"];
 
 /// The server-side assignors of KIP-848 consumer groups.
 pub const CONSUMER_GROUP_ASSIGNORS: &[&str] = &["uniform", "range"];
@@ -316,6 +327,8 @@ pub struct BrokerConfig {
     /// [`CONSUMER_GROUP_ASSIGNORS`].
     pub group_consumer_assignors: Vec<String>,
     pub group_consumer_max_size: u32,
+    /// One of [`CONSUMER_GROUP_MIGRATION_POLICIES`], lower case.
+    pub group_consumer_migration_policy: String,
     pub log_level: String,
     pub log_format: LogFormat,
     /// Where the Prometheus endpoint listens; `None`: no metrics listener.
@@ -423,6 +436,14 @@ impl BrokerConfig {
                 "--group-consumer-assignors: each of {} expected, got {:?}",
                 CONSUMER_GROUP_ASSIGNORS.join(", "),
                 group_consumer_assignors
+            ));
+        }
+        let group_consumer_migration_policy =
+            pick!(group_consumer_migration_policy).to_ascii_lowercase();
+        if !CONSUMER_GROUP_MIGRATION_POLICIES.contains(&group_consumer_migration_policy.as_str()) {
+            return Err(format!(
+                "--group-consumer-migration-policy: one of {} expected, got {group_consumer_migration_policy:?}",
+                CONSUMER_GROUP_MIGRATION_POLICIES.join(", ")
             ));
         }
         let listen_s = pick!(listen);
@@ -609,6 +630,7 @@ impl BrokerConfig {
             group_consumer_heartbeat_interval_ms,
             group_consumer_assignors,
             group_consumer_max_size: pick!(group_consumer_max_size).clamp(1, i32::MAX as u32),
+            group_consumer_migration_policy,
             log_level: pick!(log_level),
             log_format,
             metrics_listen,

@@ -143,6 +143,11 @@ pub struct StartArgs {
     /// (`group.share.partition.max.record.locks`, 100-10000) [default: 2000].
     #[arg(long, env = "SLUICE_GROUP_SHARE_PARTITION_MAX_RECORD_LOCKS")]
     pub group_share_partition_max_record_locks: Option<u32>,
+    /// Online migration between classic and KIP-848 consumer groups
+    /// (`group.consumer.migration.policy`: `bidirectional`, `upgrade`, `downgrade`, `disabled`)
+    /// [default: bidirectional].
+    #[arg(long, env = "SLUICE_GROUP_CONSUMER_MIGRATION_POLICY")]
+    pub group_consumer_migration_policy: Option<String>,
     /// Log level filter (also RUST_LOG) [default: info].
     #[arg(long, env = "SLUICE_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -191,6 +196,7 @@ pub struct Defaults {
     pub group_share_record_lock_duration_ms: u32,
     pub group_share_delivery_count_limit: u16,
     pub group_share_partition_max_record_locks: u32,
+    pub group_consumer_migration_policy: &'static str,
     pub log_level: &'static str,
     pub log_format: &'static str,
 }
@@ -233,9 +239,14 @@ pub const DEFAULTS: Defaults = Defaults {
     group_share_record_lock_duration_ms: 30_000,
     group_share_delivery_count_limit: 5,
     group_share_partition_max_record_locks: 2_000,
+    group_consumer_migration_policy: "bidirectional",
     log_level: "info",
     log_format: "text",
 };
+
+/// The values of `--group-consumer-migration-policy` (Kafka's `group.consumer.migration.policy`).
+pub const CONSUMER_GROUP_MIGRATION_POLICIES: &[&str] =
+    &["bidirectional", "upgrade", "downgrade", "disabled"];
 
 /// The server-side assignors of KIP-848 consumer groups.
 pub const CONSUMER_GROUP_ASSIGNORS: &[&str] = &["uniform", "range"];
@@ -369,6 +380,8 @@ pub struct BrokerConfig {
     pub group_share_delivery_count_limit: u16,
     /// In-flight records of one share partition (100-10000, Kafka's range): bounds its memory.
     pub group_share_partition_max_record_locks: u32,
+    /// One of [`CONSUMER_GROUP_MIGRATION_POLICIES`], lower case.
+    pub group_consumer_migration_policy: String,
     pub log_level: String,
     pub log_format: LogFormat,
     /// Where the Prometheus endpoint listens; `None`: no metrics listener.
@@ -505,6 +518,14 @@ impl BrokerConfig {
                 "--group-consumer-assignors: each of {} expected, got {:?}",
                 CONSUMER_GROUP_ASSIGNORS.join(", "),
                 group_consumer_assignors
+            ));
+        }
+        let group_consumer_migration_policy =
+            pick!(group_consumer_migration_policy).to_ascii_lowercase();
+        if !CONSUMER_GROUP_MIGRATION_POLICIES.contains(&group_consumer_migration_policy.as_str()) {
+            return Err(format!(
+                "--group-consumer-migration-policy: one of {} expected, got {group_consumer_migration_policy:?}",
+                CONSUMER_GROUP_MIGRATION_POLICIES.join(", ")
             ));
         }
         let listen_s = pick!(listen);
@@ -699,6 +720,7 @@ impl BrokerConfig {
             group_share_record_lock_duration_ms,
             group_share_delivery_count_limit,
             group_share_partition_max_record_locks,
+            group_consumer_migration_policy,
             log_level: pick!(log_level),
             log_format,
             metrics_listen,

@@ -53,6 +53,21 @@ pub trait Topics {
     fn names(&self) -> Vec<String>;
 }
 
+/// No topics at all: for callers that serve classic groups only.
+pub struct NoTopics;
+
+impl Topics for NoTopics {
+    fn by_name(&self, _: &str) -> Option<([u8; 16], i32)> {
+        None
+    }
+    fn by_id(&self, _: &[u8; 16]) -> Option<(String, i32)> {
+        None
+    }
+    fn names(&self) -> Vec<String> {
+        vec![]
+    }
+}
+
 /// KIP-848 settings (Kafka's `group.consumer.*` broker configs).
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -64,6 +79,44 @@ pub struct ConsumerConfig {
     pub assignors: Vec<String>,
     /// `group.consumer.max.size`.
     pub max_size: usize,
+    /// `group.consumer.migration.policy`.
+    pub migration: MigrationPolicy,
+}
+
+/// Kafka's `group.consumer.migration.policy`: whether a classic group with members becomes a
+/// consumer group when a consumer-protocol member joins (upgrade), and back when the last
+/// consumer-protocol member leaves (downgrade). Empty groups change type under every policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MigrationPolicy {
+    #[default]
+    Bidirectional,
+    Upgrade,
+    Downgrade,
+    Disabled,
+}
+
+impl MigrationPolicy {
+    pub fn parse(s: &str) -> Option<MigrationPolicy> {
+        match s.to_ascii_lowercase().as_str() {
+            "bidirectional" => Some(MigrationPolicy::Bidirectional),
+            "upgrade" => Some(MigrationPolicy::Upgrade),
+            "downgrade" => Some(MigrationPolicy::Downgrade),
+            "disabled" => Some(MigrationPolicy::Disabled),
+            _ => None,
+        }
+    }
+    pub fn upgrade(self) -> bool {
+        matches!(
+            self,
+            MigrationPolicy::Bidirectional | MigrationPolicy::Upgrade
+        )
+    }
+    pub fn downgrade(self) -> bool {
+        matches!(
+            self,
+            MigrationPolicy::Bidirectional | MigrationPolicy::Downgrade
+        )
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -73,6 +126,7 @@ impl Default for ConsumerConfig {
             heartbeat_interval_ms: 5_000,
             assignors: ASSIGNORS.iter().map(|s| s.to_string()).collect(),
             max_size: i32::MAX as usize,
+            migration: MigrationPolicy::default(),
         }
     }
 }
@@ -130,6 +184,8 @@ pub struct ConsumerMember {
     /// A static member that left with epoch -2: keeps its partitions until its session expires
     /// or the same instance rejoins.
     pub left_static: bool,
+    /// Set for a member that speaks the classic protocol (JoinGroup/SyncGroup/Heartbeat).
+    pub classic: Option<ClassicInfo>,
 }
 
 impl ConsumerMember {
@@ -153,6 +209,7 @@ impl ConsumerMember {
             revocation_deadline_ms: None,
             send_assignment: true,
             left_static: false,
+            classic: None,
         }
     }
 }
@@ -561,6 +618,14 @@ fn member_record(group_id: &str, m: &ConsumerMember, partition: i32) -> Write {
             subscribed_topic_regex: m.subscribed_regex.clone(),
             rebalance_timeout_ms: m.rebalance_timeout_ms,
             server_assignor: m.server_assignor.clone(),
+            classic: m.classic.as_ref().map(|c| offsets::ClassicMemberValue {
+                session_timeout_ms: c.session_timeout_ms,
+                protocols: c
+                    .protocols
+                    .iter()
+                    .map(|p| (p.name.clone(), p.metadata.clone()))
+                    .collect(),
+            }),
         })),
     }
 }
@@ -792,7 +857,9 @@ fn reconcile(
             }
         }
     }
-    if !revoke.is_empty() {
+    // Partitions the member reports it no longer owns need no revocation round trip (Kafka's
+    // `ownsRevokedPartitions`); without a report it is assumed to own them.
+    if !revoke.is_empty() && owned.is_none_or(|o| overlaps(o, &revoke)) {
         m.assigned = keep;
         m.revoking = revoke;
         m.state = MemberState::UnrevokedPartitions;
@@ -803,6 +870,7 @@ fn reconcile(
     }
     let mut unreleased = false;
     let before = m.assigned.clone();
+    m.assigned = keep;
     for (t, ps) in &target {
         for p in ps {
             if m.assigned.get(t).is_some_and(|q| q.contains(p)) {
@@ -865,9 +933,17 @@ impl Coordinator {
         if group.state == GroupState::Dead {
             return HeartbeatResult::error(E::CoordinatorNotAvailable, "group is being deleted");
         }
+        if group.consumer.is_none()
+            && (group.state != GroupState::Empty || !group.members.is_empty())
+        {
+            // A classic group with members: converted when the migration policy allows it.
+            if let Err(r) = self.upgrade_to_consumer(&req, topics, now_ms) {
+                return r;
+            }
+        }
+        let group = self.groups.get_mut(&req.group_id).expect("present");
         if group.consumer.is_none() {
-            // A classic group: an empty one becomes a consumer group (keeping its offsets),
-            // one with members is not for this protocol.
+            // An empty classic group becomes a consumer group (keeping its offsets).
             if group.state != GroupState::Empty || !group.members.is_empty() {
                 return HeartbeatResult::error(
                     E::GroupIdNotFound,
@@ -897,24 +973,8 @@ impl Coordinator {
             let cg = group.consumer.as_mut().expect("set above");
             heartbeat_in(cg, &cfg, req, topics, now_ms, &mut ch)
         };
-        // Queue the records: group epoch first, then members, then tombstones.
         let cg = group.consumer.as_ref().expect("set above");
-        if ch.epoch_bumped {
-            self.writes.push(epoch_record(&gid, cg.epoch, partition));
-        }
-        for id in &ch.member_meta {
-            if let Some(m) = cg.members.get(id) {
-                self.writes.push(member_record(&gid, m, partition));
-            }
-        }
-        for id in &ch.member_assignment {
-            if let Some(m) = cg.members.get(id) {
-                self.writes.push(assignment_record(&gid, m, partition));
-            }
-        }
-        for id in &ch.removed {
-            self.writes.extend(member_tombstones(&gid, id, partition));
-        }
+        queue_changes(&mut self.writes, &gid, cg, &ch, partition);
         let empty = cg.members.is_empty();
         let new_state = if empty {
             GroupState::Empty
@@ -923,6 +983,9 @@ impl Coordinator {
         };
         if group.state != new_state {
             group.transition(new_state, now_ms);
+        }
+        if !ch.removed.is_empty() {
+            self.maybe_downgrade(&gid, now_ms);
         }
         result
     }
@@ -967,6 +1030,7 @@ impl Coordinator {
             if cg.members.is_empty() && group.state != GroupState::Empty {
                 group.transition(GroupState::Empty, now_ms);
             }
+            self.maybe_downgrade(&gid, now_ms);
         }
     }
 
@@ -1009,6 +1073,14 @@ impl Coordinator {
         let Some(m) = cg.members.get_mut(member_id) else {
             return Err(ErrorCode::new(E::UnknownMemberId));
         };
+        if m.classic.is_some() {
+            // A classic member commits with its generation, which is its member epoch.
+            return if epoch == m.epoch {
+                Ok(true)
+            } else {
+                Err(ErrorCode::new(E::IllegalGeneration))
+            };
+        }
         if epoch > m.epoch {
             return Err(ErrorCode::new(E::FencedMemberEpoch));
         }
@@ -1146,6 +1218,18 @@ impl Coordinator {
                 m.subscribed_regex = v.subscribed_topic_regex;
                 m.rebalance_timeout_ms = v.rebalance_timeout_ms;
                 m.server_assignor = v.server_assignor;
+                m.classic = v.classic.map(|c| ClassicInfo {
+                    session_timeout_ms: c.session_timeout_ms,
+                    protocols: c
+                        .protocols
+                        .into_iter()
+                        .map(|(name, metadata)| super::state::Protocol { name, metadata })
+                        .collect(),
+                });
+                let session = m
+                    .classic
+                    .as_ref()
+                    .map_or(session, |c| c.session_timeout_ms as i64);
                 m.session_deadline_ms = now_ms + session;
                 if let Some(i) = &m.instance_id {
                     cg.static_members.insert(i.clone(), member_id.to_string());
@@ -1186,6 +1270,10 @@ impl Coordinator {
         m.state = MemberState::from_id(v.state);
         m.assigned = to_assignment(&v.assigned);
         m.revoking = to_assignment(&v.revoking);
+        let session = m
+            .classic
+            .as_ref()
+            .map_or(session, |c| c.session_timeout_ms as i64);
         m.session_deadline_ms = now_ms + session;
         if m.state == MemberState::UnrevokedPartitions {
             m.revocation_deadline_ms = Some(now_ms + m.rebalance_timeout_ms.max(0) as i64);
@@ -1428,6 +1516,10 @@ fn heartbeat_in(
         assignment,
     }
 }
+
+mod classic;
+use classic::queue_changes;
+pub use classic::ClassicInfo;
 
 #[cfg(test)]
 mod tests;

@@ -232,7 +232,19 @@ impl Coordinator {
 
     // ---------------------------------------------------------------- JoinGroup
 
+    /// JoinGroup where no group can be a consumer group with members (tests of the classic
+    /// protocol): [`Coordinator::join_with`] without topics.
     pub fn join(&mut self, req: JoinRequest, now_ms: i64) -> Reply<JoinResult> {
+        self.join_with(req, &super::consumer::NoTopics, now_ms)
+    }
+
+    /// JoinGroup; `topics` serves a classic member joining a consumer group.
+    pub fn join_with(
+        &mut self,
+        req: JoinRequest,
+        topics: &dyn super::consumer::Topics,
+        now_ms: i64,
+    ) -> Reply<JoinResult> {
         let err = |code: E| Reply::Now(JoinResult::error(ErrorCode::new(code), &req.member_id));
         if req.group_id.is_empty() {
             return err(E::InvalidGroupId);
@@ -258,10 +270,10 @@ impl Coordinator {
             return err(E::CoordinatorNotAvailable);
         }
         if let Some(cg) = &group.consumer {
-            // A KIP-848 group: classic members may not join one with members; an empty one
-            // becomes a classic group again, keeping its offsets.
+            // A KIP-848 group: a classic member joins one with members as a member of the
+            // consumer group; an empty one becomes a classic group again, keeping its offsets.
             if !cg.members.is_empty() {
-                return err(E::InconsistentGroupProtocol);
+                return self.classic_join(req, topics, now_ms);
             }
             group.consumer = None;
             group.protocol_type = None;
@@ -328,7 +340,25 @@ impl Coordinator {
 
     // ---------------------------------------------------------------- SyncGroup
 
+    /// SyncGroup: [`Coordinator::sync_with`] without topics.
     pub fn sync(&mut self, req: SyncRequest, now_ms: i64) -> Reply<SyncResult> {
+        self.sync_with(req, &super::consumer::NoTopics, now_ms)
+    }
+
+    /// SyncGroup; `topics` names the partitions of a classic member of a consumer group.
+    pub fn sync_with(
+        &mut self,
+        req: SyncRequest,
+        topics: &dyn super::consumer::Topics,
+        now_ms: i64,
+    ) -> Reply<SyncResult> {
+        if self
+            .groups
+            .get(&req.group_id)
+            .is_some_and(|g| g.consumer.is_some() && g.state != GroupState::Dead)
+        {
+            return Reply::Now(self.classic_sync(&req, topics, now_ms));
+        }
         let err = |code: E| Reply::Now(SyncResult::error(ErrorCode::new(code)));
         let partition = self.partition_of(&req.group_id);
         let Some(group) = self.groups.get_mut(&req.group_id) else {
@@ -417,6 +447,9 @@ impl Coordinator {
         let Some(group) = self.groups.get_mut(group_id) else {
             return ErrorCode::new(E::UnknownMemberId);
         };
+        if group.consumer.is_some() && group.state != GroupState::Dead {
+            return self.classic_heartbeat(group_id, member_id, instance_id, generation, now_ms);
+        }
         match group.state {
             GroupState::Dead => return ErrorCode::new(E::CoordinatorNotAvailable),
             GroupState::Empty => return ErrorCode::new(E::UnknownMemberId),
@@ -455,6 +488,9 @@ impl Coordinator {
         };
         if group.state == GroupState::Dead {
             return (ErrorCode::new(E::CoordinatorNotAvailable), vec![]);
+        }
+        if group.consumer.is_some() {
+            return (NONE, self.classic_leave(group_id, leaving, now_ms));
         }
         let mut errors = Vec::with_capacity(leaving.len());
         for (member_id, instance) in leaving {
@@ -1068,7 +1104,7 @@ impl Coordinator {
 // -------------------------------------------------------------------- state machine helpers
 
 /// The group metadata record of the current generation.
-fn group_record(group: &Group, partition: i32) -> Write {
+pub(super) fn group_record(group: &Group, partition: i32) -> Write {
     let protocol = group.protocol.clone().unwrap_or_default();
     let value = GroupValue {
         protocol_type: group.protocol_type.clone().unwrap_or_default(),
@@ -1304,7 +1340,7 @@ fn maybe_prepare_rebalance(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i
     }
 }
 
-fn prepare_rebalance(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i64) {
+pub(super) fn prepare_rebalance(group: &mut Group, cfg: &CoordinatorConfig, now_ms: i64) {
     if group.state == GroupState::CompletingRebalance {
         for m in group.members.values_mut() {
             m.assignment = Bytes::new();

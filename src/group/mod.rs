@@ -327,9 +327,13 @@ impl GroupShard {
     }
 
     /// JoinGroup: waits for the rebalance when the state machine says so.
-    pub async fn join(&self, req: coordinator::JoinRequest) -> JoinResult {
+    pub async fn join(
+        &self,
+        req: coordinator::JoinRequest,
+        topics: &dyn consumer::Topics,
+    ) -> JoinResult {
         let member_id = req.member_id.clone();
-        match self.with(|c, now| c.join(req, now)).await {
+        match self.with(|c, now| c.join_with(req, topics, now)).await {
             Reply::Now(r) => r,
             Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
                 JoinResult::error(
@@ -341,8 +345,12 @@ impl GroupShard {
     }
 
     /// SyncGroup: followers wait for the leader's assignment.
-    pub async fn sync(&self, req: coordinator::SyncRequest) -> SyncResult {
-        let reply = self.with(|c, now| c.sync(req, now)).await;
+    pub async fn sync(
+        &self,
+        req: coordinator::SyncRequest,
+        topics: &dyn consumer::Topics,
+    ) -> SyncResult {
+        let reply = self.with(|c, now| c.sync_with(req, topics, now)).await;
         match reply {
             Reply::Now(r) => r,
             Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
@@ -596,6 +604,8 @@ pub fn start_shard_tasks() {
                 heartbeat_interval_ms: cfg.group_consumer_heartbeat_interval_ms as i32,
                 assignors: cfg.group_consumer_assignors.clone(),
                 max_size: cfg.group_consumer_max_size as usize,
+                migration: consumer::MigrationPolicy::parse(&cfg.group_consumer_migration_policy)
+                    .unwrap_or_default(),
             },
             share: share::ShareConfig {
                 session_timeout_ms: cfg.group_share_session_timeout_ms as i32,

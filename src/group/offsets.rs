@@ -96,6 +96,17 @@ pub struct ConsumerMemberValue {
     pub subscribed_topic_regex: Option<String>,
     pub rebalance_timeout_ms: i32,
     pub server_assignor: Option<String>,
+    /// Set for a member that speaks the classic protocol (JoinGroup/SyncGroup) in a consumer
+    /// group: Kafka's `ClassicMemberMetadata`, tagged field 0.
+    pub classic: Option<ClassicMemberValue>,
+}
+
+/// A classic member of a consumer group as stored: its session timeout and the protocols (name,
+/// ConsumerProtocol subscription) it sent in JoinGroup.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClassicMemberValue {
+    pub session_timeout_ms: i32,
+    pub protocols: Vec<(String, Bytes)>,
 }
 
 /// Partitions by topic id, as KIP-848 records hold them.
@@ -349,7 +360,25 @@ pub fn consumer_member_value(v: &ConsumerMemberValue) -> Vec<u8> {
     put_compact_opt_str(&mut out, v.subscribed_topic_regex.as_deref());
     out.extend_from_slice(&v.rebalance_timeout_ms.to_be_bytes());
     put_compact_opt_str(&mut out, v.server_assignor.as_deref());
-    out.push(0);
+    match &v.classic {
+        None => out.push(0),
+        Some(c) => {
+            let mut f = Vec::with_capacity(64);
+            f.extend_from_slice(&c.session_timeout_ms.to_be_bytes());
+            put_uvarint(&mut f, c.protocols.len() as u64 + 1);
+            for (name, meta) in &c.protocols {
+                put_compact_str(&mut f, name);
+                put_uvarint(&mut f, meta.len() as u64 + 1);
+                f.extend_from_slice(meta);
+                f.push(0);
+            }
+            f.push(0);
+            put_uvarint(&mut out, 1);
+            put_uvarint(&mut out, 0);
+            put_uvarint(&mut out, f.len() as u64);
+            out.extend_from_slice(&f);
+        }
+    }
     out
 }
 
@@ -546,15 +575,57 @@ pub fn decode_consumer_member_value(buf: &Bytes) -> Result<ConsumerMemberValue, 
     for _ in 0..n {
         subscribed_topic_names.push(r.compact_str()?);
     }
+    let subscribed_topic_regex = r.compact_opt_str()?;
+    let rebalance_timeout_ms = r.i32()?;
+    let server_assignor = r.compact_opt_str()?;
+    // Tagged fields: 0 is the classic member metadata; others are skipped. A value written
+    // before tagged fields were read ends here.
+    let mut classic = None;
+    if r.remaining() > 0 {
+        let n = r.uvarint()?;
+        for _ in 0..n {
+            let tag = r.uvarint()?;
+            let len =
+                usize::try_from(r.uvarint()?).map_err(|_| FormatError("length overflow".into()))?;
+            let start = r.at;
+            r.take(len)?;
+            if tag == 0 {
+                let field = buf.slice(start..r.at);
+                classic = Some(decode_classic_member(&field)?);
+            }
+        }
+    }
     Ok(ConsumerMemberValue {
         instance_id,
         rack_id,
         client_id,
         client_host,
         subscribed_topic_names,
-        subscribed_topic_regex: r.compact_opt_str()?,
-        rebalance_timeout_ms: r.i32()?,
-        server_assignor: r.compact_opt_str()?,
+        subscribed_topic_regex,
+        rebalance_timeout_ms,
+        server_assignor,
+        classic,
+    })
+}
+
+fn decode_classic_member(buf: &Bytes) -> Result<ClassicMemberValue, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    let session_timeout_ms = r.i32()?;
+    // A protocol takes at least its name, its metadata and its tagged fields.
+    let n = r.compact_len(3)?.unwrap_or(0);
+    let mut protocols = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = r.compact_str()?;
+        let len = r.compact_len(1)?.unwrap_or(0);
+        let start = r.at;
+        r.take(len)?;
+        let meta = buf.slice(start..r.at);
+        r.skip_tagged()?;
+        protocols.push((name, meta));
+    }
+    Ok(ClassicMemberValue {
+        session_timeout_ms,
+        protocols,
     })
 }
 
@@ -740,9 +811,161 @@ pub fn subscription_topics(subscription: &[u8]) -> Option<Vec<String>> {
     (0..n).map(|_| r.str().ok()).collect()
 }
 
+/// A `consumer`-protocol subscription (ConsumerProtocolSubscription v0–v3) as a classic member
+/// sends it in JoinGroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscription {
+    pub version: i16,
+    pub topics: Vec<String>,
+    /// v1+: the partitions the member owns (by topic name); `None` before v1.
+    pub owned: Option<Vec<(String, Vec<i32>)>>,
+    /// v3+.
+    pub rack_id: Option<String>,
+}
+
+/// Parses a ConsumerProtocolSubscription; `None` if it does not parse. Counts are checked
+/// against the bytes left before anything is allocated.
+pub fn decode_subscription(subscription: &[u8]) -> Option<Subscription> {
+    let buf = Bytes::copy_from_slice(subscription);
+    let mut r = Reader { buf: &buf, at: 0 };
+    let version = r.i16().ok()?;
+    if version < 0 {
+        return None;
+    }
+    let n = usize::try_from(r.i32().ok()?).ok()?;
+    if n > r.remaining() / 2 {
+        return None;
+    }
+    let topics = (0..n).map(|_| r.str().ok()).collect::<Option<Vec<_>>>()?;
+    let mut out = Subscription {
+        version,
+        topics,
+        ..Default::default()
+    };
+    // User data.
+    r.bytes().ok()?;
+    if version >= 1 {
+        out.owned = Some(topic_partitions_by_name(&mut r)?);
+    }
+    if version >= 2 {
+        let _generation = r.i32().ok()?;
+    }
+    if version >= 3 {
+        out.rack_id = r.opt_str().ok()?;
+    }
+    Some(out)
+}
+
+/// `[topic:str partitions:[i32]]` with i32 counts, checked against the bytes left.
+fn topic_partitions_by_name(r: &mut Reader<'_>) -> Option<Vec<(String, Vec<i32>)>> {
+    let n = r.i32().ok()?;
+    if n < 0 {
+        return Some(vec![]);
+    }
+    let n = n as usize;
+    // A topic takes at least its name length and its partition count.
+    if n > r.remaining() / 6 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = r.str().ok()?;
+        let np = usize::try_from(r.i32().ok()?).ok()?;
+        if np > r.remaining() / 4 {
+            return None;
+        }
+        let ps = (0..np).map(|_| r.i32().ok()).collect::<Option<Vec<_>>>()?;
+        out.push((t, ps));
+    }
+    Some(out)
+}
+
+/// The partitions of a ConsumerProtocolAssignment (any version); `None` if it does not parse.
+pub fn decode_assignment(assignment: &[u8]) -> Option<Vec<(String, Vec<i32>)>> {
+    if assignment.is_empty() {
+        return Some(vec![]);
+    }
+    let buf = Bytes::copy_from_slice(assignment);
+    let mut r = Reader { buf: &buf, at: 0 };
+    if r.i16().ok()? < 0 {
+        return None;
+    }
+    topic_partitions_by_name(&mut r)
+}
+
+/// A ConsumerProtocolAssignment of `version` (0–3 share the layout) with no user data.
+pub fn encode_assignment(version: i16, partitions: &[(String, Vec<i32>)]) -> Bytes {
+    let mut out = Vec::with_capacity(16 + partitions.len() * 16);
+    out.extend_from_slice(&version.clamp(0, 3).to_be_bytes());
+    out.extend_from_slice(&(partitions.len() as i32).to_be_bytes());
+    for (t, ps) in partitions {
+        put_str(&mut out, t);
+        out.extend_from_slice(&(ps.len() as i32).to_be_bytes());
+        for p in ps {
+            out.extend_from_slice(&p.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&(-1i32).to_be_bytes());
+    Bytes::from(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consumer_protocol_subscription_and_assignment_round_trip() {
+        // Subscription v3: topics, user data, owned partitions, generation, rack.
+        let mut s = vec![0, 3];
+        s.extend(1i32.to_be_bytes());
+        put_str(&mut s, "t");
+        s.extend((-1i32).to_be_bytes());
+        s.extend(1i32.to_be_bytes());
+        put_str(&mut s, "t");
+        s.extend(2i32.to_be_bytes());
+        s.extend(0i32.to_be_bytes());
+        s.extend(3i32.to_be_bytes());
+        s.extend(7i32.to_be_bytes());
+        put_opt_str(&mut s, Some("r1"));
+        let d = decode_subscription(&s).unwrap();
+        assert_eq!(d.topics, vec!["t".to_string()]);
+        assert_eq!(d.owned, Some(vec![("t".to_string(), vec![0, 3])]));
+        assert_eq!(d.rack_id.as_deref(), Some("r1"));
+        // v0 has no owned partitions.
+        let mut v0 = vec![0, 0];
+        v0.extend(1i32.to_be_bytes());
+        put_str(&mut v0, "t");
+        v0.extend((-1i32).to_be_bytes());
+        assert_eq!(decode_subscription(&v0).unwrap().owned, None);
+        // A huge owned count is refused, not allocated.
+        let mut bad = s[..s.len() - 30].to_vec();
+        bad.extend(i32::MAX.to_be_bytes());
+        assert!(decode_subscription(&bad).is_none());
+        let a = vec![("a".to_string(), vec![1, 2]), ("b".to_string(), vec![])];
+        assert_eq!(decode_assignment(&encode_assignment(1, &a)), Some(a));
+        assert_eq!(decode_assignment(&[]), Some(vec![]));
+        assert_eq!(decode_assignment(&[0, 0, 0x7f, 0xff, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn classic_member_metadata_round_trips_as_tagged_field() {
+        let v = ConsumerMemberValue {
+            client_id: "c".into(),
+            client_host: "h".into(),
+            subscribed_topic_names: vec!["t".into()],
+            rebalance_timeout_ms: 1000,
+            classic: Some(ClassicMemberValue {
+                session_timeout_ms: 10_000,
+                protocols: vec![("range".into(), Bytes::from_static(b"sub"))],
+            }),
+            ..Default::default()
+        };
+        let b = Bytes::from(consumer_member_value(&v));
+        assert_eq!(decode_consumer_member_value(&b).unwrap(), v);
+        for n in 0..b.len() {
+            let _ = decode_consumer_member_value(&b.slice(..n));
+        }
+    }
 
     #[test]
     fn consumer_group_records_round_trip() {
@@ -777,6 +1000,7 @@ mod tests {
             subscribed_topic_regex: Some("t.*".into()),
             rebalance_timeout_ms: 300_000,
             server_assignor: Some("range".into()),
+            classic: None,
         };
         assert_eq!(
             decode_consumer_member_value(&Bytes::from(consumer_member_value(&m))).unwrap(),

@@ -644,7 +644,12 @@ fn committed_offsets_and_group_metadata_survive_replay() {
     run(async move {
         let (gs, logs) = open_shard(&path).await;
         // A consumer group with one member, committing through the generation checks.
-        let j = gs.join(join_req("orders-app", "", Some("inst-1"))).await;
+        let j = gs
+            .join(
+                join_req("orders-app", "", Some("inst-1")),
+                &crate::group::consumer::NoTopics,
+            )
+            .await;
         assert_eq!(j.error, ErrorCode::NONE);
         let mut s = sync_req(
             "orders-app",
@@ -653,7 +658,10 @@ fn committed_offsets_and_group_metadata_survive_replay() {
             vec![(j.member_id.clone(), Bytes::from_static(b"asg"))],
         );
         s.group_instance_id = Some("inst-1".into());
-        assert_eq!(gs.sync(s).await.error, ErrorCode::NONE);
+        assert_eq!(
+            gs.sync(s, &crate::group::consumer::NoTopics).await.error,
+            ErrorCode::NONE
+        );
         let code = gs
             .commit(
                 MemberRef::of_group("orders-app")
@@ -752,13 +760,23 @@ fn join_waits_in_the_executor_until_the_rebalance_completes() {
     run(async move {
         let gs = GroupShard::new(no_delay(), Clock::system());
         let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
-        let first = gs.join(join_req("g", "", None)).await;
+        let first = gs
+            .join(join_req("g", "", None), &crate::group::consumer::NoTopics)
+            .await;
         assert_eq!(first.generation, 1);
         let gs2 = gs.clone();
-        let second = glommio::spawn_local(async move { gs2.join(join_req("g", "", None)).await });
+        let second = glommio::spawn_local(async move {
+            gs2.join(join_req("g", "", None), &crate::group::consumer::NoTopics)
+                .await
+        });
         // The first member rejoins (as it would after REBALANCE_IN_PROGRESS on heartbeat).
         glommio::yield_if_needed().await;
-        let again = gs.join(join_req("g", &first.member_id, None)).await;
+        let again = gs
+            .join(
+                join_req("g", &first.member_id, None),
+                &crate::group::consumer::NoTopics,
+            )
+            .await;
         let second = second.await;
         assert_eq!((again.generation, second.generation), (2, 2));
         drop(timers);
@@ -894,9 +912,14 @@ fn timer_task_expires_a_silent_member_without_outside_ticks() {
         let timers = glommio::spawn_local(gs.clone().run_timers()).detach();
         let mut req = join_req("g", "", None);
         req.session_timeout_ms = 100;
-        let j = gs.join(req).await;
+        let j = gs.join(req, &crate::group::consumer::NoTopics).await;
         assert_eq!(j.error, ErrorCode::NONE);
-        let s = gs.sync(sync_req("g", &j.member_id, 1, vec![])).await;
+        let s = gs
+            .sync(
+                sync_req("g", &j.member_id, 1, vec![]),
+                &crate::group::consumer::NoTopics,
+            )
+            .await;
         assert_eq!(s.error, ErrorCode::NONE);
         let state = || gs.coordinator.borrow().group("g").map(|g| g.state);
         // No heartbeats: the timer loop alone must notice the expired session, once it is.

@@ -350,7 +350,7 @@ fn group_max_size_and_classic_groups_refused() {
     Client::join(&mut c, &topics, "a", &["t"], 0);
     let r = c.consumer_heartbeat(join("b", &["t"]), &topics, 0);
     assert_eq!(r.error, ErrorCode::new(E::GroupMaxSizeReached));
-    // A classic join to a consumer group with members is refused.
+    // A classic join without protocols to a consumer group with members is refused.
     let j = crate::group::coordinator::JoinRequest {
         group_id: "g".into(),
         member_id: String::new(),
@@ -581,4 +581,455 @@ fn a_full_request_gets_the_assignment_again_after_a_lost_answer() {
     b.beat(&mut c, &topics, 60);
     assert_eq!(count(&b.owned), 2);
     no_overlap(&[&a, &b]);
+// ------------------------------------------------------------------ mixed groups, migration
+
+/// A ConsumerProtocolSubscription v1 naming `topics` and the partitions `owned` of topic `t`.
+fn subscription(topics: &[&str], owned: &[i32]) -> Bytes {
+    let mut s = vec![0, 1];
+    s.extend((topics.len() as i32).to_be_bytes());
+    for t in topics {
+        s.extend((t.len() as i16).to_be_bytes());
+        s.extend(t.as_bytes());
+    }
+    s.extend((-1i32).to_be_bytes());
+    if owned.is_empty() {
+        s.extend(0i32.to_be_bytes());
+    } else {
+        s.extend(1i32.to_be_bytes());
+        s.extend(1i16.to_be_bytes());
+        s.extend(b"t");
+        s.extend((owned.len() as i32).to_be_bytes());
+        for p in owned {
+            s.extend(p.to_be_bytes());
+        }
+    }
+    Bytes::from(s)
+}
+
+fn classic_join_req(member: &str, owned: &[i32]) -> crate::group::coordinator::JoinRequest {
+    crate::group::coordinator::JoinRequest {
+        group_id: "g".into(),
+        member_id: member.into(),
+        group_instance_id: None,
+        client_id: "classic".into(),
+        client_host: "/127.0.0.1".into(),
+        session_timeout_ms: 10_000,
+        rebalance_timeout_ms: 30_000,
+        protocol_type: "consumer".into(),
+        protocols: vec![crate::group::state::Protocol {
+            name: "range".into(),
+            metadata: subscription(&["t"], owned),
+        }],
+        require_known_member_id: true,
+    }
+}
+
+fn now<T>(r: crate::group::Reply<T>) -> T {
+    match r {
+        crate::group::Reply::Now(v) => v,
+        crate::group::Reply::Wait(rx) => rx.try_recv().expect("an answer"),
+    }
+}
+
+/// A classic client: JoinGroup + SyncGroup, then heartbeats with its generation.
+struct Classic {
+    id: String,
+    generation: i32,
+    owned: Vec<i32>,
+}
+
+impl Classic {
+    /// Joins (or rejoins, owning `self.owned`) and syncs; returns the partitions of `t` it got.
+    fn rejoin(&mut self, c: &mut Coordinator, topics: &Map, at: i64) {
+        let mut j = now(c.join_with(classic_join_req(&self.id, &self.owned), topics, at));
+        if j.error == ErrorCode::new(E::MemberIdRequired) {
+            self.id = j.member_id.clone();
+            j = now(c.join_with(classic_join_req(&self.id, &self.owned), topics, at));
+        }
+        assert_eq!(j.error, ErrorCode::NONE);
+        assert_eq!(j.protocol_name.as_deref(), Some("range"));
+        assert!(j.leader.is_empty() && j.members.is_empty());
+        self.generation = j.generation;
+        let s = now(c.sync_with(
+            crate::group::coordinator::SyncRequest {
+                group_id: "g".into(),
+                generation: j.generation,
+                member_id: self.id.clone(),
+                group_instance_id: None,
+                protocol_type: Some("consumer".into()),
+                protocol_name: Some("range".into()),
+                assignments: vec![],
+            },
+            topics,
+            at,
+        ));
+        assert_eq!(s.error, ErrorCode::NONE);
+        let a = crate::group::offsets::decode_assignment(&s.assignment).expect("assignment");
+        self.owned = a
+            .into_iter()
+            .filter(|(t, _)| t == "t")
+            .flat_map(|(_, ps)| ps)
+            .collect();
+    }
+    fn beat(&self, c: &mut Coordinator, at: i64) -> ErrorCode {
+        c.heartbeat(
+            crate::group::MemberRef::of_group("g")
+                .member(&self.id)
+                .generation(self.generation),
+            at,
+        )
+    }
+    fn as_assignment(&self) -> Assignment {
+        let mut a = Assignment::new();
+        for p in &self.owned {
+            insert(&mut a, T, *p);
+        }
+        a
+    }
+}
+
+/// Drives a consumer member and a classic member until neither has anything left to do.
+fn settle(c: &mut Coordinator, topics: &Map, a: &mut Client, b: &mut Classic, from: i64) {
+    for at in from..from + 10 {
+        a.beat(c, topics, at);
+        if b.beat(c, at) == ErrorCode::new(E::RebalanceInProgress) {
+            b.rejoin(c, topics, at);
+        }
+        let owned_b = b.as_assignment();
+        assert!(
+            !overlaps(&a.owned, &owned_b),
+            "a partition owned twice: {:?} / {:?}",
+            a.owned,
+            owned_b
+        );
+    }
+}
+
+#[test]
+fn classic_member_joins_a_consumer_group_and_shares_its_partitions() {
+    let mut c = coordinator();
+    let topics = Map::default().with("t", 1, 4);
+    let mut a = Client::join(&mut c, &topics, "a", &["t"], 0);
+    assert_eq!(count(&a.owned), 4);
+    let mut b = Classic {
+        id: String::new(),
+        generation: -1,
+        owned: vec![],
+    };
+    b.rejoin(&mut c, &topics, 1);
+    // Everything is still a's: b waits for a to revoke.
+    assert!(b.owned.is_empty());
+    settle(&mut c, &topics, &mut a, &mut b, 2);
+    assert_eq!((count(&a.owned), b.owned.len()), (2, 2));
+    assert_eq!(b.beat(&mut c, 20), ErrorCode::NONE);
+    // The group stays a consumer group and shows both members.
+    let l = c.list_groups(&[], &[]);
+    assert_eq!((l[0].group_type, l[0].state), ("consumer", "Stable"));
+    let d = c.describe_consumer_group("g", &topics);
+    assert_eq!(d.members.len(), 2);
+    // A wrong generation is refused as a classic member expects.
+    let stale = Classic {
+        generation: b.generation - 1,
+        ..Classic {
+            id: b.id.clone(),
+            generation: 0,
+            owned: vec![],
+        }
+    };
+    assert_eq!(stale.beat(&mut c, 21), ErrorCode::new(E::IllegalGeneration));
+    // Commits with its generation only.
+    let who = crate::group::MemberRef::of_group("g").member(&b.id);
+    assert!(c.check_commit(who.generation(b.generation), 22).is_ok());
+    assert_eq!(
+        c.check_commit(who.generation(b.generation + 1), 22),
+        Err(ErrorCode::new(E::IllegalGeneration))
+    );
+    // b leaves: a gets everything back, the group stays a consumer group.
+    let (top, per) = c.leave("g", &[(b.id.clone(), None)], 23);
+    assert_eq!((top, per), (ErrorCode::NONE, vec![ErrorCode::NONE]));
+    a.beat(&mut c, &topics, 24);
+    a.beat(&mut c, &topics, 25);
+    assert_eq!(count(&a.owned), 4);
+    assert_eq!(c.list_groups(&[], &[])[0].group_type, "consumer");
+}
+
+#[test]
+fn cooperative_classic_member_keeps_partitions_until_it_revokes() {
+    let mut c = coordinator();
+    let topics = Map::default().with("t", 1, 4);
+    let mut a = Client::join(&mut c, &topics, "a", &["t"], 0);
+    let mut b = Classic {
+        id: String::new(),
+        generation: -1,
+        owned: vec![],
+    };
+    b.rejoin(&mut c, &topics, 1);
+    settle(&mut c, &topics, &mut a, &mut b, 2);
+    // A third member: b must give up a partition, and keeps reporting what it owns.
+    let mut d = Client::join(&mut c, &topics, "d", &["t"], 20);
+    assert_eq!(b.beat(&mut c, 21), ErrorCode::new(E::RebalanceInProgress));
+    let before = b.owned.clone();
+    b.rejoin(&mut c, &topics, 22);
+    // The sync hands b what it keeps; it has not acknowledged yet, so d cannot have it.
+    assert!(b.owned.len() < before.len());
+    let revoked: Vec<i32> = before
+        .iter()
+        .filter(|p| !b.owned.contains(p))
+        .copied()
+        .collect();
+    d.beat(&mut c, &topics, 23);
+    assert!(revoked.iter().all(|p| !parts(&d.owned, T).contains(p)));
+    // b rejoins owning only what it kept: the revocation is acknowledged.
+    for at in 24..40 {
+        a.beat(&mut c, &topics, at);
+        d.beat(&mut c, &topics, at);
+        if b.beat(&mut c, at) == ErrorCode::new(E::RebalanceInProgress) {
+            b.rejoin(&mut c, &topics, at);
+        }
+        let bo = b.as_assignment();
+        no_overlap(&[&a, &d]);
+        assert!(!overlaps(&a.owned, &bo) && !overlaps(&d.owned, &bo));
+    }
+    assert_eq!(count(&a.owned) + count(&d.owned) + b.owned.len(), 4);
+    assert_eq!(b.beat(&mut c, 41), ErrorCode::NONE);
+}
+
+/// A classic group "g" with two members that own partitions 0-1 and 2-3 of "t" at generation 1,
+/// and an offset committed.
+fn classic_group(c: &mut Coordinator, topics: &Map) -> (Classic, Classic) {
+    let mut x = classic_join_req("", &[]);
+    x.require_known_member_id = false;
+    let rx = c.join_with(x, topics, 0);
+    let mut y = classic_join_req("", &[]);
+    y.require_known_member_id = false;
+    let ry = c.join_with(y, topics, 0);
+    // The initial rebalance delay, extended once for the second member.
+    c.tick(3_000);
+    c.tick(6_000);
+    let jx = now(rx);
+    let jy = now(ry);
+    assert_eq!(jx.generation, 1);
+    let (leader, other) = if jx.leader == jx.member_id {
+        (jx, jy)
+    } else {
+        (jy, jx)
+    };
+    let asg =
+        |ps: &[i32]| crate::group::offsets::encode_assignment(1, &[("t".to_string(), ps.to_vec())]);
+    let sync = |id: &str, a: Vec<(String, Bytes)>| crate::group::coordinator::SyncRequest {
+        group_id: "g".into(),
+        generation: 1,
+        member_id: id.into(),
+        group_instance_id: None,
+        protocol_type: Some("consumer".into()),
+        protocol_name: Some("range".into()),
+        assignments: a,
+    };
+    let so = c.sync_with(sync(&other.member_id, vec![]), topics, 10_001);
+    let sl = c.sync_with(
+        sync(
+            &leader.member_id,
+            vec![
+                (leader.member_id.clone(), asg(&[0, 1])),
+                (other.member_id.clone(), asg(&[2, 3])),
+            ],
+        ),
+        topics,
+        10_001,
+    );
+    assert_eq!(now(so).error, ErrorCode::NONE);
+    assert_eq!(now(sl).error, ErrorCode::NONE);
+    c.apply_commit(
+        "g",
+        vec![crate::group::coordinator::CommitEntry {
+            topic: "t".into(),
+            partition: 0,
+            value: crate::group::offsets::OffsetValue {
+                offset: 42,
+                leader_epoch: -1,
+                metadata: String::new(),
+                commit_timestamp_ms: 10_001,
+                expire_timestamp_ms: -1,
+            },
+        }],
+        10_001,
+    );
+    (
+        Classic {
+            id: leader.member_id,
+            generation: 1,
+            owned: vec![0, 1],
+        },
+        Classic {
+            id: other.member_id,
+            generation: 1,
+            owned: vec![2, 3],
+        },
+    )
+}
+
+#[test]
+fn classic_group_upgrades_member_by_member_and_downgrades_back() {
+    let mut c = coordinator();
+    let topics = Map::default().with("t", 1, 4);
+    let (mut x, mut y) = classic_group(&mut c, &topics);
+    assert_eq!(c.list_groups(&[], &[])[0].group_type, "classic");
+    // A consumer-protocol member joins: the group converts, the classic members keep what they
+    // own until they rejoin, so the newcomer gets nothing yet.
+    let mut a = Client::join(&mut c, &topics, "a", &["t"], 11_000);
+    assert!(a.owned.is_empty());
+    let l = c.list_groups(&[], &[]);
+    assert_eq!(
+        (l[0].group_type, l[0].protocol_type.as_str()),
+        ("consumer", "consumer")
+    );
+    assert_eq!(
+        c.describe("g", true).error,
+        ErrorCode::new(E::GroupIdNotFound)
+    );
+    assert_eq!(c.describe_consumer_group("g", &topics).members.len(), 3);
+    assert_eq!(c.fetch_offsets("g", None).len(), 1, "offsets kept");
+    // The classic members are told to rejoin; eager ones revoke everything first.
+    for at in 11_001..11_010 {
+        a.beat(&mut c, &topics, at);
+        for m in [&mut x, &mut y] {
+            if m.beat(&mut c, at) == ErrorCode::new(E::RebalanceInProgress) {
+                m.owned.clear();
+                m.rejoin(&mut c, &topics, at);
+            }
+        }
+        let (xo, yo) = (x.as_assignment(), y.as_assignment());
+        assert!(!overlaps(&a.owned, &xo) && !overlaps(&a.owned, &yo) && !overlaps(&xo, &yo));
+    }
+    assert_eq!(count(&a.owned) + x.owned.len() + y.owned.len(), 4);
+    assert!(!a.owned.is_empty());
+    // Rolling on: x is replaced by a second consumer-protocol member.
+    let (_, per) = c.leave("g", &[(x.id.clone(), None)], 12_000);
+    assert_eq!(per, vec![ErrorCode::NONE]);
+    let mut b = Client::join(&mut c, &topics, "b", &["t"], 12_001);
+    for at in 12_002..12_012 {
+        a.beat(&mut c, &topics, at);
+        b.beat(&mut c, &topics, at);
+        if y.beat(&mut c, at) == ErrorCode::new(E::RebalanceInProgress) {
+            y.owned.clear();
+            y.rejoin(&mut c, &topics, at);
+        }
+        no_overlap(&[&a, &b]);
+        let yo = y.as_assignment();
+        assert!(!overlaps(&a.owned, &yo) && !overlaps(&b.owned, &yo));
+    }
+    assert_eq!(count(&a.owned) + count(&b.owned) + y.owned.len(), 4);
+    // Both consumer-protocol members leave: only the classic y remains, the group goes back to
+    // classic and rebalances.
+    for id in ["a", "b"] {
+        let epoch = if id == "a" { a.epoch } else { b.epoch };
+        let mut leave = beat(id, epoch, None);
+        leave.member_epoch = -1;
+        assert_eq!(
+            c.consumer_heartbeat(leave, &topics, 13_000).error,
+            ErrorCode::NONE
+        );
+    }
+    let l = c.list_groups(&[], &[]);
+    assert_eq!(
+        (l[0].group_type, l[0].state),
+        ("classic", "PreparingRebalance")
+    );
+    assert_eq!(c.fetch_offsets("g", None).len(), 1, "offsets kept");
+    let j = now(c.join_with(classic_join_req(&y.id, &[]), &topics, 13_001));
+    assert_eq!(j.error, ErrorCode::NONE);
+    assert_eq!(j.leader, y.id, "a classic leader again");
+    assert_eq!(c.list_groups(&[], &[])[0].state, "CompletingRebalance");
+}
+
+#[test]
+fn migration_policy_decides_upgrade_and_downgrade() {
+    let topics = Map::default().with("t", 1, 4);
+    for (policy, up) in [
+        (MigrationPolicy::Disabled, false),
+        (MigrationPolicy::Downgrade, false),
+        (MigrationPolicy::Upgrade, true),
+    ] {
+        let mut c = Coordinator::new(CoordinatorConfig {
+            consumer: ConsumerConfig {
+                migration: policy,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let (_x, y) = classic_group(&mut c, &topics);
+        let r = c.consumer_heartbeat(join("a", &["t"]), &topics, 11_000);
+        if !up {
+            assert_eq!(r.error, ErrorCode::new(E::GroupIdNotFound), "{policy:?}");
+            continue;
+        }
+        assert_eq!(r.error, ErrorCode::NONE);
+        let mut leave = beat("a", r.member_epoch, None);
+        leave.member_epoch = -1;
+        c.consumer_heartbeat(leave, &topics, 11_001);
+        // Upgrade only: classic members stay in a consumer group.
+        assert_eq!(
+            c.list_groups(&[], &[])[0].group_type,
+            "consumer",
+            "{policy:?}"
+        );
+        assert!(c
+            .group("g")
+            .unwrap()
+            .consumer
+            .as_ref()
+            .unwrap()
+            .members
+            .contains_key(&y.id));
+    }
+    assert_eq!(
+        MigrationPolicy::parse("BIDIRECTIONAL"),
+        Some(MigrationPolicy::Bidirectional)
+    );
+    assert_eq!(MigrationPolicy::parse("x"), None);
+}
+
+#[test]
+fn classic_members_of_a_consumer_group_survive_a_replay() {
+    let mut c = coordinator();
+    let topics = Map::default().with("t", 1, 4);
+    let (_x, _y) = classic_group(&mut c, &topics);
+    c.take_writes();
+    let mut a = Client::join(&mut c, &topics, "a", &["t"], 11_000);
+    let mut b = Classic {
+        id: String::new(),
+        generation: -1,
+        owned: vec![],
+    };
+    b.rejoin(&mut c, &topics, 11_001);
+    a.beat(&mut c, &topics, 11_002);
+    let writes = c.take_writes();
+    // Everything since the upgrade (its classic-group tombstone first) rebuilds the group.
+    let mut fresh = coordinator();
+    for (i, w) in writes.into_iter().enumerate() {
+        let rec = crate::protocol::records::Record {
+            offset: i as i64,
+            timestamp_ms: 0,
+            key: Some(Bytes::from(w.key)),
+            value: w.value.map(Bytes::from),
+            headers: vec![],
+        };
+        assert!(crate::group::apply_record(&mut fresh, &rec, 20_000));
+    }
+    let cg = fresh.group("g").unwrap().consumer.as_ref().unwrap();
+    let orig = c.group("g").unwrap().consumer.as_ref().unwrap();
+    assert_eq!(cg.epoch, orig.epoch);
+    assert_eq!(cg.members.len(), orig.members.len());
+    for (id, m) in &orig.members {
+        let r = &cg.members[id];
+        assert_eq!(
+            (&r.classic, &r.assigned, r.epoch),
+            (&m.classic, &m.assigned, m.epoch)
+        );
+    }
+    // The classic member carries on with its generation.
+    assert_ne!(
+        b.beat(&mut fresh, 20_001),
+        ErrorCode::new(E::UnknownMemberId)
+    );
 }

@@ -133,6 +133,12 @@ fn broker_entries(d: &configs::BrokerDefaults) -> Vec<Entry> {
             s,
         ),
         entry(
+            "group.consumer.migration.policy",
+            c.group_consumer_migration_policy.clone(),
+            STRING,
+            s,
+        ),
+        entry(
             "default.replication.factor",
             "1".into(),
             INT,

@@ -10,7 +10,7 @@ use kafka_protocol::messages::{JoinGroupRequest, JoinGroupResponse};
 use super::common::str_bytes;
 use crate::group::coordinator::JoinRequest;
 use crate::group::state::Protocol;
-use crate::group::{on_coordinator, JoinResult};
+use crate::group::{on_coordinator, ImageTopics, JoinResult};
 use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -47,7 +47,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     };
     let member_id = join.member_id.clone();
     let r = match on_coordinator(&join.group_id.clone(), move |gs| async move {
-        gs.join(join).await
+        let topics = ImageTopics(crate::shard::local().broker.image());
+        gs.join(join, &topics).await
     })
     .await
     {

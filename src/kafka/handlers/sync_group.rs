@@ -7,7 +7,7 @@ use kafka_protocol::messages::{SyncGroupRequest, SyncGroupResponse};
 
 use super::common::str_bytes;
 use crate::group::coordinator::SyncRequest;
-use crate::group::{on_coordinator, SyncResult};
+use crate::group::{on_coordinator, ImageTopics, SyncResult};
 use crate::kafka::{Request, Response};
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
@@ -26,7 +26,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .collect(),
     };
     let group_id = sync.group_id.clone();
-    let r = match on_coordinator(&group_id, move |gs| async move { gs.sync(sync).await }).await {
+    let r = match on_coordinator(&group_id, move |gs| async move {
+        let topics = ImageTopics(crate::shard::local().broker.image());
+        gs.sync(sync, &topics).await
+    })
+    .await
+    {
         Ok(r) => r,
         Err(code) => SyncResult::error(code),
     };

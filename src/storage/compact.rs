@@ -32,6 +32,7 @@
 //!    finishes a swap whose marker it finds and removes every `.cleaned` file otherwise, so a
 //!    crash at any point leaves either the old segments or the new ones, never both.
 
+#[cfg(test)]
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

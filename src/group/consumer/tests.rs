@@ -581,6 +581,8 @@ fn a_full_request_gets_the_assignment_again_after_a_lost_answer() {
     b.beat(&mut c, &topics, 60);
     assert_eq!(count(&b.owned), 2);
     no_overlap(&[&a, &b]);
+}
+
 // ------------------------------------------------------------------ mixed groups, migration
 
 /// A ConsumerProtocolSubscription v1 naming `topics` and the partitions `owned` of topic `t`.

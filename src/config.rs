@@ -708,8 +708,9 @@ impl BrokerConfig {
             partitions_per_shard_max: pick!(partitions_per_shard_max),
             group_initial_rebalance_delay_ms: pick!(group_initial_rebalance_delay_ms),
             offsets_retention_minutes: pick!(offsets_retention_minutes),
+            // Kafka's setting is an int of at least 1.
             transactional_id_expiration_ms: pick!(transactional_id_expiration_ms)
-                .clamp(1, i64::MAX as u64),
+                .clamp(1, i32::MAX as u64),
             group_consumer_session_timeout_ms,
             group_consumer_heartbeat_interval_ms,
             group_consumer_assignors,

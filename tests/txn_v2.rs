@@ -336,7 +336,9 @@ fn tv2_produce_adds_its_partition_and_end_txn_v5_bumps_the_epoch() {
         end_txn(&mut r, 4, tid, (pid, e0), false).error_code,
         code(ResponseError::ProducerFenced)
     );
-    // A retry of the EndTxn v5 that went through is answered with the epoch it bumped to.
+    // A retry of the EndTxn v5 that went through is answered with the epoch it bumped to
+    // (CONCURRENT_TRANSACTIONS until the transaction is complete).
+    completed(&mut r, tid);
     let retry = end_txn(&mut r, 5, tid, (pid, e0), true);
     assert_eq!(retry.error_code, 0);
     assert_eq!((retry.producer_id.0, retry.producer_epoch), (pid, e0 + 1));
@@ -415,7 +417,9 @@ fn tv1_keeps_explicit_add_partitions_and_its_epoch() {
     let end = end_txn(&mut r, 4, tid, ids, true);
     assert_eq!(end.error_code, 0);
     assert_eq!(committed(&mut r, &topic, 0), vec!["one"]);
-    // The epoch stays: the next transaction goes on with it.
+    // The epoch stays: the next transaction goes on with it (once this one is complete; a
+    // client retries the CONCURRENT_TRANSACTIONS it gets before).
+    completed(&mut r, tid);
     assert_eq!(describe(&mut r, tid).producer_epoch, epoch);
     assert_eq!(add_partitions(&mut r, tid, ids, &topic, 0), 0);
     assert_eq!(

@@ -252,6 +252,8 @@ impl TxnShard {
             let mut m = cur.clone();
             m.epoch = bump(cur.epoch);
             m.state = TxnState::PrepareAbort;
+            // The epoch moved past any EndTxn v5 retry.
+            m.previous = None;
             m.last_update_ms = now;
             self.transition(tid, m).await?;
             self.spawn_complete(tid.to_string());
@@ -607,6 +609,8 @@ impl TxnShard {
             next.epoch = bump(m.epoch);
             next.state = TxnState::PrepareAbort;
             next.last_update_ms = now;
+            // The producer that let it expire is fenced, a retry of its last EndTxn v5 too.
+            next.previous = None;
             if self.transition(&tid, next).await.is_ok() {
                 self.spawn_complete(tid.clone());
             }
@@ -767,6 +771,7 @@ pub async fn write_marker(
         .owner(meta, p)
         .ok_or_else(|| format!("{topic}-{p} has no owner shard here"))?;
     let tp = TopicPartition::new(topic, p);
+    let key = (meta.id, p);
     crate::shard::invoke_on(owner, move || async move {
         let shard = crate::shard::local();
         let Some(log) = shard.partition(&tp) else {
@@ -774,7 +779,7 @@ pub async fn write_marker(
         };
         let now = shard.clock.now_ms();
         // The transaction ends here: its producer must be verified again for the next one.
-        verified::forget(&tp, pid);
+        verified::forget(&key, pid);
         let marker = crate::storage::marker_batch(pid, epoch, commit, now);
         match log
             .append(BytesMut::from(&marker[..]), Durability::Synced)

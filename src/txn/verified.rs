@@ -7,12 +7,16 @@
 //! [`forget`] — the next transaction is verified again) and is only ever for one epoch: a bumped
 //! epoch (a fence, a timeout, transaction version 2's EndTxn) is a different key and misses. A
 //! verification that was under way while a marker landed is not remembered (the generation
-//! moved), so an entry never outlives the transaction it was verified for.
+//! moved), so an entry never outlives the transaction it was verified for. Partitions are
+//! named by topic id, so a topic deleted (its markers skipped) and created again under the same
+//! name starts with no entries.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use crate::types::TopicPartition;
+/// A partition by its topic's id (KIP-516) and index: a topic deleted and created again under
+/// the same name is another topic, and never inherits the entries of the first.
+pub type PartitionKey = ([u8; 16], i32);
 
 /// Producers remembered per partition: the transactions open in it at once. Past it the oldest
 /// entry is dropped (its next produce asks the coordinator again), so a partition's entry stays
@@ -20,13 +24,13 @@ use crate::types::TopicPartition;
 pub const VERIFIED_PER_PARTITION_MAX: usize = 64;
 
 thread_local! {
-    static VERIFIED: RefCell<HashMap<TopicPartition, Vec<(i64, i16)>>> =
+    static VERIFIED: RefCell<HashMap<PartitionKey, Vec<(i64, i16)>>> =
         RefCell::new(HashMap::new());
     static GENERATION: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Whether `pid` at `epoch` was verified in an open transaction holding `tp`.
-pub fn contains(tp: &TopicPartition, pid: i64, epoch: i16) -> bool {
+pub fn contains(tp: &PartitionKey, pid: i64, epoch: i16) -> bool {
     VERIFIED.with(|v| {
         v.borrow()
             .get(tp)
@@ -42,13 +46,13 @@ pub fn generation() -> u64 {
 /// Remembers that the coordinator confirmed `pid`/`epoch` for `tp`, unless a marker was
 /// appended on this shard since `generation` was taken (the answer may be about a transaction
 /// that has ended).
-pub fn remember(tp: &TopicPartition, pid: i64, epoch: i16, generation: u64) {
+pub fn remember(tp: &PartitionKey, pid: i64, epoch: i16, generation: u64) {
     if GENERATION.with(|g| g.get()) != generation {
         return;
     }
     VERIFIED.with(|v| {
         let mut v = v.borrow_mut();
-        let ps = v.entry(tp.clone()).or_default();
+        let ps = v.entry(*tp).or_default();
         ps.retain(|(p, _)| *p != pid);
         if ps.len() >= VERIFIED_PER_PARTITION_MAX {
             ps.remove(0);
@@ -58,7 +62,7 @@ pub fn remember(tp: &TopicPartition, pid: i64, epoch: i16, generation: u64) {
 }
 
 /// A marker of `pid` is being appended to `tp`: its transaction there is over.
-pub fn forget(tp: &TopicPartition, pid: i64) {
+pub fn forget(tp: &PartitionKey, pid: i64) {
     GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
     VERIFIED.with(|v| {
         let mut v = v.borrow_mut();
@@ -77,12 +81,12 @@ mod tests {
 
     #[test]
     fn entries_end_with_the_marker_and_are_per_epoch() {
-        let tp = TopicPartition::new("t", 0);
+        let tp = ([1; 16], 0);
         let g = generation();
         remember(&tp, 7, 1, g);
         assert!(contains(&tp, 7, 1));
         assert!(!contains(&tp, 7, 2), "another epoch is not verified");
-        assert!(!contains(&TopicPartition::new("t", 1), 7, 1));
+        assert!(!contains(&([1; 16], 1), 7, 1));
         forget(&tp, 7);
         assert!(!contains(&tp, 7, 1));
         // A verification that started before the marker is not remembered.

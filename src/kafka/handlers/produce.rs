@@ -405,9 +405,10 @@ struct TxnCheck {
 /// a marker; with transaction version 2 the coordinator is asked to add it. A producer the
 /// shard's verification cache ([`crate::txn::verified`]) already holds for this partition and
 /// epoch skips the hop.
-async fn check_txn(tp: &TopicPartition, c: TxnCheck) -> Result<(), ErrorCode> {
+async fn check_txn(tp: &TopicPartition, topic_id: [u8; 16], c: TxnCheck) -> Result<(), ErrorCode> {
     use crate::txn::verified;
-    if verified::contains(tp, c.pid, c.epoch) {
+    let key = (topic_id, tp.partition);
+    if verified::contains(&key, c.pid, c.epoch) {
         return Ok(());
     }
     let generation = verified::generation();
@@ -431,7 +432,7 @@ async fn check_txn(tp: &TopicPartition, c: TxnCheck) -> Result<(), ErrorCode> {
             answer
         });
     }
-    verified::remember(tp, pid, epoch, generation);
+    verified::remember(&key, pid, epoch, generation);
     Ok(())
 }
 
@@ -445,9 +446,10 @@ async fn append_on_owner(
     txn: Option<TxnCheck>,
 ) -> Appended {
     let tp = TopicPartition::new(topic.meta.name.clone(), index);
+    let topic_id = topic.meta.id;
     with_partition_replica(&topic.meta, index, move |log, replica| async move {
         if let Some(c) = txn {
-            check_txn(&tp, c).await.map_err(|e| (e, None))?;
+            check_txn(&tp, topic_id, c).await.map_err(|e| (e, None))?;
         }
         match replica {
             Some(replica) => {

@@ -384,4 +384,21 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     assert_eq!((del.error_code, del.responses[0].error_code), (0, 0));
     let o = describe_offsets(&mut c, &group, &topic);
     assert_eq!(o.groups[0].topics[0].partitions[0].start_offset, -1);
+    // An empty share group can be deleted; then it is unknown.
+    let d: DeleteGroupsResponse = c
+        .call_at(
+            ApiKey::DeleteGroups,
+            2,
+            &DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(&group))]),
+        )
+        .expect("delete groups");
+    assert_eq!(d.results[0].error_code, 0);
+    let d: ShareGroupDescribeResponse = c
+        .call_at(
+            ApiKey::ShareGroupDescribe,
+            1,
+            &ShareGroupDescribeRequest::default().with_group_ids(vec![GroupId(s(&group))]),
+        )
+        .expect("describe");
+    assert_eq!(d.groups[0].error_code, err(ResponseError::GroupIdNotFound));
 }

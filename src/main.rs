@@ -45,6 +45,9 @@ fn main() {
         }
         Command::Topic { command, brokers } => sluice::cli::topic::run(command, &brokers.list),
         Command::Group { command, brokers } => sluice::cli::group::run(command, &brokers.list),
+        Command::ShareGroup { command, brokers } => {
+            sluice::cli::share_group::run(command, &brokers.list)
+        }
         Command::Cluster { command, brokers } => sluice::cli::cluster::run(command, &brokers.list),
         Command::Txn { command, brokers } => sluice::cli::txn::run(command, &brokers.list),
         Command::Produce(a) => sluice::cli::produce::run(a),

@@ -119,9 +119,7 @@ fn acknowledge(
     member: &str,
     epoch: i32,
     topic: uuid::Uuid,
-    first: i64,
-    last: i64,
-    kind: i8,
+    (first, last, kind): (i64, i64, i8),
 ) -> ShareAcknowledgeResponse {
     use share_acknowledge_request::{AcknowledgePartition, AcknowledgeTopic, AcknowledgementBatch};
     c.call_at(
@@ -305,13 +303,13 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     // A wrong epoch; then b acknowledging a's records is INVALID_RECORD_STATE.
     let r = fetch(&mut c, &group, "member-a", 7, id, vec![]);
     assert_eq!(r.error_code, err(ResponseError::InvalidShareSessionEpoch));
-    let r = acknowledge(&mut c, &group, "member-b", 1, id, 0, 4, 1);
+    let r = acknowledge(&mut c, &group, "member-b", 1, id, (0, 4, 1));
     assert_eq!(
         r.responses[0].partitions[0].error_code,
         err(ResponseError::InvalidRecordState)
     );
     // ShareAcknowledge cannot open a session.
-    let r = acknowledge(&mut c, &group, "member-a", 0, id, 0, 4, 1);
+    let r = acknowledge(&mut c, &group, "member-a", 0, id, (0, 4, 1));
     assert_eq!(r.error_code, err(ResponseError::InvalidShareSessionEpoch));
     // a accepts its records (piggy-backed on a fetch), b rejects its own.
     let r = fetch(
@@ -327,7 +325,7 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     );
     assert_eq!(r.error_code, 0);
     assert_eq!(r.responses[0].partitions[0].acknowledge_error_code, 0);
-    let r = acknowledge(&mut c, &group, "member-b", 2, id, 5, 9, 3);
+    let r = acknowledge(&mut c, &group, "member-b", 2, id, (5, 9, 3));
     assert_eq!(r.responses[0].partitions[0].error_code, 0);
     let o = describe_offsets(&mut c, &group, &topic);
     assert_eq!(o.groups[0].topics[0].partitions[0].start_offset, 10);
@@ -384,4 +382,21 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     assert_eq!((del.error_code, del.responses[0].error_code), (0, 0));
     let o = describe_offsets(&mut c, &group, &topic);
     assert_eq!(o.groups[0].topics[0].partitions[0].start_offset, -1);
+    // An empty share group can be deleted; then it is unknown.
+    let d: DeleteGroupsResponse = c
+        .call_at(
+            ApiKey::DeleteGroups,
+            2,
+            &DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(&group))]),
+        )
+        .expect("delete groups");
+    assert_eq!(d.results[0].error_code, 0);
+    let d: ShareGroupDescribeResponse = c
+        .call_at(
+            ApiKey::ShareGroupDescribe,
+            1,
+            &ShareGroupDescribeRequest::default().with_group_ids(vec![GroupId(s(&group))]),
+        )
+        .expect("describe");
+    assert_eq!(d.groups[0].error_code, err(ResponseError::GroupIdNotFound));
 }

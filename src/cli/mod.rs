@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod consume;
 pub mod group;
 pub mod produce;
+pub mod share_group;
 pub mod status;
 pub mod topic;
 pub mod txn;
@@ -59,6 +60,13 @@ pub enum Command {
     Group {
         #[command(subcommand)]
         command: group::GroupCommand,
+        #[command(flatten)]
+        brokers: Brokers,
+    },
+    /// List and describe share groups (KIP-932) and reset their start offsets.
+    ShareGroup {
+        #[command(subcommand)]
+        command: share_group::ShareGroupCommand,
         #[command(flatten)]
         brokers: Brokers,
     },

@@ -772,6 +772,9 @@ impl Coordinator {
 
     /// DeleteGroups: only empty groups; their offsets and metadata get tombstones.
     pub fn delete_group(&mut self, group_id: &str) -> ErrorCode {
+        if let Some(code) = self.delete_share_group(group_id) {
+            return code;
+        }
         let Some(group) = self.groups.get(group_id) else {
             return ErrorCode::new(E::GroupIdNotFound);
         };

@@ -7,6 +7,9 @@
 //! | [`state`] | one group's data (members, generation, protocol, offsets) and protocol selection |
 //! | [`consumer`] | KIP-848 consumer groups: ConsumerGroupHeartbeat, server-side assignors, reconciliation |
 //! | [`offsets`] | Kafka's `__consumer_offsets` key/value record formats |
+//! | [`share`] | KIP-932 share groups: ShareGroupHeartbeat membership, the `simple` assignment, group configs |
+//! | [`share_partition`] | one share partition: acquisition locks, acknowledgements, delivery counts |
+//! | [`share_state`] | share partitions at run time and their snapshots in `__share_group_state` |
 //!
 //! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
 //! runs the coordinator's timers, appends the records it queues to the `__consumer_offsets`

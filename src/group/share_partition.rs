@@ -475,7 +475,7 @@ impl SharePartition {
                 };
                 let held = r.state == RecordState::Acquired && r.member.as_deref() == Some(member);
                 // A gap may be acknowledged wherever it is (it was never a record).
-                if !held && !(t == ACK_GAP && r.state == RecordState::Archived) {
+                if !(held || t == ACK_GAP && r.state == RecordState::Archived) {
                     return Err(ErrorCode::new(E::InvalidRecordState));
                 }
             }

@@ -236,3 +236,50 @@ def restart(broker):
         assert time.monotonic() < deadline, broker.stderr()
         time.sleep(0.05)
     return broker
+
+
+def test_share_group_cli_lists_describes_and_resets():
+    import conftest
+    broker = start_broker()
+    try:
+        topic = create_topic(broker, partitions=2)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        earliest(broker, group)
+        produce(broker, topic, 5, partition=0)
+        produce(broker, topic, 5, partition=1)
+        c = share_consumer(broker, group, topic)
+        n = 0
+        deadline = time.monotonic() + WAIT
+        while n < 10 and time.monotonic() < deadline:
+            n += len(records(c.poll(0.5)))
+        c.commit_sync(30)
+        assert n == 10
+
+        def cli(*args):
+            out = subprocess.run([conftest.sluice_bin(), "share-group", *args, "--brokers", broker.bootstrap],
+                                 capture_output=True, text=True, timeout=60)
+            return out
+
+        listed = cli("list")
+        assert listed.returncode == 0, listed.stderr
+        assert group in listed.stdout and "Stable" in listed.stdout
+        described = cli("describe", group)
+        assert described.returncode == 0, described.stderr
+        assert f"{topic}:[0, 1]" in described.stdout
+        # Implicit acknowledgement accepted all five records of each partition.
+        rows = [l.split() for l in described.stdout.splitlines() if l.startswith(topic)]
+        assert sorted((int(p), int(o)) for _, p, o in rows) == [(0, 5), (1, 5)], described.stdout
+        # Offsets of a group with members cannot move.
+        busy = cli("reset-offsets", group, "--topic", topic, "--to-earliest")
+        assert busy.returncode != 0 and "NON_EMPTY_GROUP" in busy.stderr, busy.stderr
+        c.close()
+        deadline = time.monotonic() + WAIT
+        while "Empty" not in cli("list").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        reset = cli("reset-offsets", group, "--topic", topic, "--to-offset", "2")
+        assert reset.returncode == 0, reset.stderr
+        rows = [l.split() for l in cli("describe", group).stdout.splitlines() if l.startswith(topic)]
+        assert sorted((int(p), int(o)) for _, p, o in rows) == [(0, 2), (1, 2)]
+    finally:
+        broker.stop()

@@ -101,7 +101,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_error_code(req.error_code(error))
                     .with_current_leader(
                         LeaderIdAndEpoch::default()
-                            .with_leader_id(node.into())
+                            .with_leader_id(node)
                             .with_leader_epoch(0),
                     ),
             );

@@ -225,7 +225,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .with_acknowledge_error_code(req.error_code(r.ack_error.unwrap_or(ErrorCode::NONE)))
                 .with_current_leader(
                     LeaderIdAndEpoch::default()
-                        .with_leader_id(node.into())
+                        .with_leader_id(node)
                         .with_leader_epoch(0),
                 )
                 .with_records(records)

@@ -15,8 +15,13 @@ use crate::group::share_state::{self, StateKey};
 use crate::types::ErrorCode;
 
 /// Most share sessions one shard keeps (Kafka's `group.share.max.share.sessions` is per
-/// broker): a new one past it is SHARE_SESSION_LIMIT_REACHED.
+/// broker): a new one past it evicts the session unused for longest when that one has been idle
+/// for [`SESSION_IDLE_EVICT_MS`] (a member that died without closing it), else it is
+/// SHARE_SESSION_LIMIT_REACHED.
 const SHARE_SESSIONS_MAX: usize = 2_000;
+/// A session idle this long may be evicted for a new one when the shard is full (Kafka's
+/// default share session timeout is the member's session timeout, 45 s).
+const SESSION_IDLE_EVICT_MS: i64 = 45_000;
 /// Most partitions one share session holds: bounds a session's memory.
 const SESSION_PARTITIONS_MAX: usize = 10_000;
 
@@ -28,6 +33,7 @@ pub struct SessionKey {
 
 struct Session {
     next_epoch: i32,
+    last_used_ms: i64,
     partitions: Vec<([u8; 16], i32)>,
     settings: PartitionSettings,
 }
@@ -77,16 +83,29 @@ pub async fn open_or_advance(
         }
         let mut partitions = vec![];
         add(&mut partitions, named)?;
+        let now = crate::shard::local().clock.now_ms();
         return SESSIONS.with(|s| {
             let mut s = s.borrow_mut();
             let old = s.remove(key);
             if old.is_none() && s.len() >= SHARE_SESSIONS_MAX {
-                return Err(code(ResponseError::ShareSessionLimitReached));
+                let idle = s
+                    .iter()
+                    .min_by_key(|(_, v)| v.last_used_ms)
+                    .filter(|(_, v)| now - v.last_used_ms >= SESSION_IDLE_EVICT_MS)
+                    .map(|(k, _)| k.clone());
+                match idle {
+                    // Its records' locks expire on their own.
+                    Some(k) => {
+                        s.remove(&k);
+                    }
+                    None => return Err(code(ResponseError::ShareSessionLimitReached)),
+                }
             }
             s.insert(
                 key.clone(),
                 Session {
                     next_epoch: 1,
+                    last_used_ms: now,
                     partitions: partitions.clone(),
                     settings,
                 },
@@ -116,6 +135,7 @@ pub async fn open_or_advance(
         if epoch != session.next_epoch {
             return Err(code(ResponseError::InvalidShareSessionEpoch));
         }
+        session.last_used_ms = crate::shard::local().clock.now_ms();
         session.next_epoch = if epoch == i32::MAX { 1 } else { epoch + 1 };
         add(&mut session.partitions, named)?;
         let released: Vec<_> = forgotten

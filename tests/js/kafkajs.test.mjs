@@ -1,6 +1,7 @@
 // Sluice through kafkajs, a pure JavaScript implementation of the Kafka protocol (independent of
 // librdkafka, kafka-python and our own codec): admin, produce with keys, headers and
-// compression, consumer groups with rebalancing and commits, idempotent producers, errors.
+// compression, consumer groups with rebalancing and commits, idempotent and transactional
+// producers, errors.
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';

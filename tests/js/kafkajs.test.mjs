@@ -1,6 +1,7 @@
 // Sluice through kafkajs, a pure JavaScript implementation of the Kafka protocol (independent of
 // librdkafka, kafka-python and our own codec): admin, produce with keys, headers and
-// compression, consumer groups with rebalancing and commits, idempotent producers, errors.
+// compression, consumer groups with rebalancing and commits, idempotent and transactional
+// producers, errors.
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -201,4 +202,89 @@ test('a produce to a topic that does not exist fails with UNKNOWN_TOPIC_OR_PARTI
   await producer.disconnect();
   await withAdmin(async (admin) => assert.ok(!(await admin.listTopics()).includes(t), 'the topic was created'));
   assert.equal(broker.exited(), null, 'the broker exited');
+});
+
+// Consumes `topic` from the start in a fresh group until `last` arrives (partition 0 only, so in
+// order), returning every value seen: whatever a consumer of that isolation level was given
+// before `last` is all it will ever be given up to there.
+async function consumeUntil(topic, last, { readUncommitted }) {
+  const consumer = kafka.consumer({ groupId: topicName('js-txn-g'), readUncommitted, maxWaitTimeInMs: 200 });
+  await consumer.connect();
+  try {
+    const got = [];
+    await consumer.subscribe({ topics: [topic], fromBeginning: true });
+    await consumer.run({ eachMessage: async ({ message }) => { got.push(message.value.toString()); } });
+    await waitFor(`${last} from ${topic} (have ${got})`, () => got.includes(last), 60_000);
+    return got;
+  } finally {
+    await consumer.disconnect();
+  }
+}
+
+test('a transactional producer commits and aborts as read_committed and read_uncommitted consumers see it', async () => {
+  const t = topicName('js-txn');
+  const group = topicName('js-txn-offsets');
+  await withAdmin((a) => a.createTopics({ topics: [{ topic: t, numPartitions: 1 }], waitForLeaders: true }));
+  const producer = kafka.producer({
+    transactionalId: topicName('js-tid'), idempotent: true, maxInFlightRequests: 1,
+  });
+  await producer.connect();
+  try {
+    let txn = await producer.transaction();
+    await txn.send({ topic: t, messages: ['c1-0', 'c1-1', 'c1-2'].map((value) => ({ value, partition: 0 })) });
+    // Offsets sent to the transaction become the group's with its commit.
+    await txn.sendOffsets({ consumerGroupId: group, topics: [{ topic: t, partitions: [{ partition: 0, offset: '3' }] }] });
+    await txn.commit();
+    txn = await producer.transaction();
+    await txn.send({ topic: t, messages: ['ab-0', 'ab-1'].map((value) => ({ value, partition: 0 })) });
+    await txn.sendOffsets({ consumerGroupId: group, topics: [{ topic: t, partitions: [{ partition: 0, offset: '5' }] }] });
+    await txn.abort();
+    txn = await producer.transaction();
+    await txn.send({ topic: t, messages: ['c2-0', 'c2-1'].map((value) => ({ value, partition: 0 })) });
+    await txn.commit();
+  } finally {
+    await producer.disconnect();
+  }
+
+  assert.deepEqual(await consumeUntil(t, 'c2-1', { readUncommitted: false }),
+    ['c1-0', 'c1-1', 'c1-2', 'c2-0', 'c2-1']);
+  assert.deepEqual(await consumeUntil(t, 'c2-1', { readUncommitted: true }),
+    ['c1-0', 'c1-1', 'c1-2', 'ab-0', 'ab-1', 'c2-0', 'c2-1']);
+  await withAdmin(async (admin) => {
+    // 3 records + COMMIT, 2 + ABORT, 2 + COMMIT.
+    const [o] = await admin.fetchTopicOffsets(t);
+    assert.equal(o.high, '10');
+    // The committed offset is the first transaction's; the aborted one's 5 was dropped.
+    const [committed] = await admin.fetchOffsets({ groupId: group, topics: [t] });
+    assert.deepEqual(committed.partitions.map((p) => [p.partition, p.offset]), [[0, '3']]);
+  });
+});
+
+test('a second producer with the same transactional id fences the first', async () => {
+  const t = topicName('js-fence');
+  const tid = topicName('js-fence-tid');
+  await withAdmin((a) => a.createTopics({ topics: [{ topic: t, numPartitions: 1 }], waitForLeaders: true }));
+  const opts = { transactionalId: tid, idempotent: true, maxInFlightRequests: 1, retry: { retries: 2, initialRetryTime: 50 } };
+  const zombie = kafka.producer(opts);
+  const fresh = kafka.producer(opts);
+  await zombie.connect();
+  try {
+    const old = await zombie.transaction();
+    await old.send({ topic: t, messages: [{ value: 'zombie', partition: 0 }] });
+    // InitProducerId for the same id aborts the zombie's open transaction and bumps the epoch.
+    await fresh.connect();
+    const txn = await fresh.transaction();
+    await txn.send({ topic: t, messages: [{ value: 'fresh', partition: 0 }] });
+    await txn.commit();
+    await assert.rejects(old.commit(), (e) => {
+      const types = [e.type, e.originalError?.type, e.cause?.type].filter(Boolean);
+      assert.ok(types.some((ty) => /INVALID_PRODUCER_EPOCH|PRODUCER_FENCED/.test(ty)), `${e.name}: ${e.message} ${types}`);
+      return true;
+    });
+  } finally {
+    await zombie.disconnect();
+    await fresh.disconnect();
+  }
+  assert.deepEqual(await consumeUntil(t, 'fresh', { readUncommitted: false }), ['fresh']);
+  assert.deepEqual(await consumeUntil(t, 'fresh', { readUncommitted: true }), ['zombie', 'fresh']);
 });

@@ -25,8 +25,9 @@ POLL_S = 0.5
 TXN_CALL_S = 20
 # When every broker is down (the test kills its only broker), librdkafka 2.16 "rebootstraps": it
 # drops the brokers it knew and starts again from bootstrap.servers. A transactional producer
-# caught in send_offsets_to_transaction then waits on a broker handle being torn down, well past
-# the call's timeout. The broker is back at the same address, so the worker keeps its brokers.
+# caught in send_offsets_to_transaction then waits on the decommissioned group coordinator, well
+# past the call's timeout (a client bug: librdkafka issue 5511). The broker is back at the same
+# address, so the worker keeps its brokers.
 NO_REBOOTSTRAP = {"metadata.recovery.strategy": "none"}
 
 

@@ -145,7 +145,10 @@ def test_consume_transform_produce_killed_at_random_is_exactly_once():
             while True:
                 line = worker.next_step(deadline)
                 if line is None:
-                    note(f"ended after {steps} steps {worker.last}")
+                    # An exit (the worker's own error) or a stall: either way a fresh worker
+                    # takes over, as after a kill.
+                    how = "stalled" if worker.proc.poll() is None else "exited"
+                    note(f"{how} after {steps} steps {worker.last}")
                     break
                 if line == "ready":
                     continue

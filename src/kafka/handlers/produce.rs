@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use glommio::task::JoinHandle;
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::ResponseError;
 
@@ -32,7 +34,13 @@ struct Outcome {
     log_append_time_ms: i64,
     log_start_offset: i64,
     message: Option<String>,
+    /// KIP-467: the records (index in their batch) that caused `error_code`, each with its
+    /// reason; the batch's other records failed only because they were in it.
+    record_errors: RecordErrors,
 }
+
+/// KIP-467 record errors: (index of the record in its batch, why it was refused).
+type RecordErrors = Vec<(i32, String)>;
 
 impl Outcome {
     fn error(error_code: ErrorCode, message: Option<String>) -> Outcome {
@@ -42,6 +50,7 @@ impl Outcome {
             log_append_time_ms: -1,
             log_start_offset: -1,
             message,
+            record_errors: Vec::new(),
         }
     }
 }
@@ -158,22 +167,42 @@ enum Pending {
     Task(JoinHandle<Result<Outcome, shard::Panic>>),
 }
 
+/// At most this many record errors (KIP-467) are reported for one refused batch: the client
+/// fails the records named with INVALID_RECORD and the batch's others as failed because of
+/// them, so a longer list adds nothing but response bytes (Kafka's own error message shows
+/// three).
+const RECORD_ERRORS_MAX: usize = 1000;
+
 /// A compacted topic keeps the latest record per key, so every record needs one (Kafka's
-/// LogValidator): the first keyless record refuses the whole batch with INVALID_RECORD. The
-/// only place Produce looks inside batches, and only for compacted topics.
-fn keyed(records: &[u8]) -> Result<(), String> {
+/// LogValidator): the first batch with keyless records is refused whole with INVALID_RECORD,
+/// and each keyless record in it is named (KIP-467 record errors: its index in the batch) so
+/// that clients fail only those records with INVALID_RECORD. The only place Produce looks
+/// inside batches, and only for compacted topics.
+fn keyed(records: &[u8], topic: &str, partition: i32) -> Result<(), (String, RecordErrors)> {
     let mut buf = Bytes::copy_from_slice(records);
     while !buf.is_empty() {
         let recs = crate::protocol::compression::decode_batch(
             &mut buf,
             crate::protocol::compression::DECOMPRESSED_BATCH_BYTES_MAX,
         )
-        .map_err(|e| format!("undecodable batch for a compacted topic: {e}"))?;
-        if let Some(r) = recs.iter().find(|r| r.key.is_none()) {
-            return Err(format!(
-                "compacted topic cannot accept a record without a key (offset delta {})",
-                r.offset
-            ));
+        .map_err(|e| {
+            (
+                format!("undecodable batch for a compacted topic: {e}"),
+                Vec::new(),
+            )
+        })?;
+        let reason =
+            format!("compacted topic cannot accept a record without a key in {topic}-{partition}");
+        let keyless: RecordErrors = recs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.key.is_none())
+            .take(RECORD_ERRORS_MAX)
+            .map(|(i, _)| (i32::try_from(i).unwrap_or(i32::MAX), reason.clone()))
+            .collect();
+        if let Some((first, _)) = keyless.first() {
+            let message = format!("{reason} (record {first} of its batch)");
+            return Err((message, keyless));
         }
     }
     Ok(())
@@ -268,7 +297,21 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         o.message
                             .filter(|_| req.version >= 8)
                             .map(|m| super::common::str_bytes(&m)),
-                    ),
+                    )
+                    .with_record_errors(if req.version >= 8 {
+                        o.record_errors
+                            .iter()
+                            .map(|(i, m)| {
+                                BatchIndexAndErrorMessage::default()
+                                    .with_batch_index(*i)
+                                    .with_batch_index_error_message(Some(super::common::str_bytes(
+                                        m,
+                                    )))
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    }),
             );
         }
         responses.push(
@@ -328,8 +371,11 @@ async fn append_partition(
         Err((c, m)) => return Outcome::error(c, Some(m)),
     };
     if config.compacted {
-        if let Err(m) = keyed(&records) {
-            return Outcome::error(code(ResponseError::InvalidRecord), Some(m));
+        if let Err((m, record_errors)) = keyed(&records, &meta.name, index) {
+            return Outcome {
+                record_errors,
+                ..Outcome::error(code(ResponseError::InvalidRecord), Some(m))
+            };
         }
     }
     let txn = match (transactional_id, producer) {
@@ -380,6 +426,7 @@ async fn append_partition(
             log_append_time_ms: append_time.unwrap_or(-1),
             log_start_offset,
             message: None,
+            record_errors: Vec::new(),
         },
     }
 }
@@ -533,4 +580,48 @@ async fn replicate(
         first.get_or_insert(base.0);
     }
     Ok((first.unwrap_or(-1), replica.log().log_start_offset().0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::builder::{self as build, Record};
+
+    fn record(key: Option<&'static [u8]>) -> Record<'static> {
+        Record {
+            key,
+            value: Some(b"v"),
+            headers: &[],
+            timestamp_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn keyed_names_each_keyless_record_of_the_first_bad_batch() {
+        // A good batch, then one with keyless records at indexes 0 and 3, then another bad one.
+        let mut records = build::batch(&[record(Some(b"a")), record(Some(b"b"))]);
+        records.extend(build::batch(&[
+            record(None),
+            record(Some(b"c")),
+            record(Some(b"d")),
+            record(None),
+        ]));
+        records.extend(build::batch(&[record(None)]));
+        let (message, errors) = keyed(&records, "t", 2).unwrap_err();
+        assert!(message.contains("t-2"), "{message}");
+        assert_eq!(errors.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 3]);
+        assert!(errors.iter().all(|(_, m)| m.contains("without a key")));
+        assert!(keyed(&build::batch(&[record(Some(b"k"))]), "t", 0).is_ok());
+    }
+
+    #[test]
+    fn keyed_reports_at_most_record_errors_max() {
+        let many = vec![record(None); RECORD_ERRORS_MAX + 5];
+        let (_, errors) = keyed(&build::batch(&many), "t", 0).unwrap_err();
+        assert_eq!(errors.len(), RECORD_ERRORS_MAX);
+        assert_eq!(
+            errors.last().map(|(i, _)| *i),
+            Some(RECORD_ERRORS_MAX as i32 - 1)
+        );
+    }
 }

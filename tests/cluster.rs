@@ -1525,3 +1525,79 @@ fn an_idempotent_producer_keeps_producing_through_a_leader_kill_without_duplicat
     }
     assert_eq!(reads[&0].len(), acked.len(), "no record stored twice");
 }
+
+/// Node `id`'s Metadata for partition 0 of `topic` through DescribeTopicPartitions v0 (leader,
+/// leader epoch, ISR sorted).
+fn described_partition(c: &Cluster, id: i32, topic: &str) -> Option<(i32, i32, Vec<i32>)> {
+    use kafka_protocol::messages::describe_topic_partitions_request::TopicRequest;
+    use kafka_protocol::messages::{
+        DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse,
+    };
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: DescribeTopicPartitionsResponse = raw.try_call(
+        ApiKey::DescribeTopicPartitions,
+        0,
+        &DescribeTopicPartitionsRequest::default()
+            .with_topics(vec![TopicRequest::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))])
+            .with_response_partition_limit(10),
+    )?;
+    let p = r.topics.first()?.partitions.first()?;
+    let mut isr: Vec<i32> = p.isr_nodes.iter().map(|n| n.0).collect();
+    isr.sort();
+    Some((p.leader_id.0, p.leader_epoch, isr))
+}
+
+#[test]
+fn every_node_names_the_current_leader_also_one_holding_no_replica() {
+    let mut c = Cluster::start(4);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "named", 1, 3).expect("create a topic of three replicas");
+    let (leader, epoch) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, "named", -1)
+    });
+    let (_, _, replicas, _) = partition_state(&c, leader, "named").unwrap();
+    let outsider = ids
+        .iter()
+        .copied()
+        .find(|id| !replicas.contains(id))
+        .unwrap();
+
+    c.node_mut(leader).sigkill();
+    let killed_at = Instant::now();
+    let survivors: Vec<i32> = ids.iter().copied().filter(|id| *id != leader).collect();
+    // Every survivor — the node without a replica included — names the new leader, with its
+    // epoch, long before the killed node is fenced.
+    let (new_leader, new_epoch) = c.wait_for("every survivor names the new leader", |c| {
+        agreed_leader(c, &survivors, "named", leader)
+    });
+    let named = killed_at.elapsed();
+    assert!(new_epoch > epoch);
+    assert!(replicas.contains(&new_leader));
+    println!(
+        "leader {leader} killed: all {} survivors (node {outsider} holds no replica) name node \
+         {new_leader} after {named:?}",
+        survivors.len()
+    );
+    assert!(named < FAILOVER_MAX, "named after {named:?}");
+    // DescribeTopicPartitions answers the same, and the node without a replica reports the
+    // ISR the leader last reported (without the killed node, once the leader drops it).
+    let (l, e, _) = described_partition(&c, outsider, "named").expect("described");
+    assert_eq!((l, e), (new_leader, new_epoch));
+    c.wait_for(
+        "the outsider reports the ISR without the killed node",
+        |c| {
+            let (_, _, isr) = described_partition(c, outsider, "named")?;
+            (!isr.contains(&leader) && isr.contains(&new_leader)).then_some(())
+        },
+    );
+    // A client bootstrapped at the node without a replica produces to the leader.
+    produce_everything(&c.node(outsider).bootstrap(), "named", 1);
+
+    // Restarted, the old leader follows, and every node names the same leader again.
+    c.node_mut(leader).restart();
+    c.wait_for("every node names the same leader again", |c| {
+        agreed_leader(c, &ids, "named", -1).filter(|(l, e)| *l == new_leader && *e == new_epoch)
+    });
+}

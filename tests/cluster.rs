@@ -1601,3 +1601,96 @@ fn every_node_names_the_current_leader_also_one_holding_no_replica() {
         agreed_leader(c, &ids, "named", -1).filter(|(l, e)| *l == new_leader && *e == new_epoch)
     });
 }
+
+/// `sluice cluster status --brokers <bootstrap> [--topic t]`: (success, stdout, stderr).
+fn cluster_status(bootstrap: &str, topic: Option<&str>) -> (bool, String, String) {
+    let mut args = vec!["cluster", "status", "--brokers", bootstrap];
+    if let Some(t) = topic {
+        args.extend(["--topic", t]);
+    }
+    let out = common::sluice(&args, None);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The row of partition 0 of `topic` in `sluice cluster status` output, split on whitespace.
+fn status_row<'a>(out: &'a str, topic: &str) -> Option<Vec<&'a str>> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|r| r.first() == Some(&topic) && r.get(1) == Some(&"0"))
+}
+
+#[test]
+fn cluster_status_shows_nodes_leaders_isr_and_lag() {
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    let controller = c.wait_controller(&ids);
+    create(&c.bootstrap(), "watched", 1, 3).expect("create a topic of three replicas");
+    create(&c.bootstrap(), "single", 1, 1).expect("create a topic of one replica");
+    let (leader, epoch) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, "watched", -1)
+    });
+    produce_everything(&c.bootstrap(), "watched", 1);
+
+    // Healthy: every node live, the controller named, the partition fully in sync and no
+    // replica behind once the followers have the records.
+    let out = c.wait_for("a healthy status with no lag", |c| {
+        let (ok, out, _) = cluster_status(&c.bootstrap(), None);
+        let row = status_row(&out, "watched")?;
+        (ok && out.contains("HEALTHY     yes") && row[6].split(',').all(|r| r.ends_with(":0")))
+            .then_some(out.clone())
+    });
+    assert!(out.contains(&format!("CONTROLLER  {controller}")), "{out}");
+    let row = status_row(&out, "watched").unwrap();
+    assert_eq!(row[2..4], [leader.to_string(), epoch.to_string()], "{out}");
+    // Replicas preferred first, the ISR sorted.
+    let mut replicas: Vec<&str> = row[4].split(',').collect();
+    replicas.sort();
+    assert_eq!((replicas, row[5]), (vec!["1", "2", "3"], "1,2,3"), "{out}");
+    for id in &ids {
+        let node = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|r| r.first() == Some(&id.to_string().as_str()) && r.len() >= 3)
+            .unwrap_or_else(|| panic!("no row of node {id}:\n{out}"));
+        assert_eq!(node[2], "live", "{out}");
+    }
+    assert!(status_row(&out, "single").is_some(), "{out}");
+    // --topic shows that topic only.
+    let (ok, only, _) = cluster_status(&c.bootstrap(), Some("watched"));
+    assert!(ok && status_row(&only, "single").is_none(), "{only}");
+    assert!(status_row(&only, "watched").is_some(), "{only}");
+
+    // A follower killed: the status says so, from any survivor.
+    let follower = ids.iter().copied().find(|id| *id != leader).unwrap();
+    c.node_mut(follower).sigkill();
+    let survivors: String = ids
+        .iter()
+        .filter(|id| **id != follower)
+        .map(|id| c.node(*id).bootstrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = c.wait_for(
+        "the status shows the follower down and out of the ISR",
+        |_| {
+            let (ok, out, _) = cluster_status(&survivors, Some("watched"));
+            let row = status_row(&out, "watched")?;
+            (ok && out.contains("HEALTHY     no")
+                && !row[5].split(',').any(|n| n == follower.to_string())
+                && row[6].contains(&format!("{follower}:?")))
+            .then_some(out.clone())
+        },
+    );
+    println!("{out}");
+
+    // No broker answers: one line on stderr, a failing exit.
+    let (ok, _, err) = cluster_status(&format!("127.0.0.1:{}", common::free_port()), None);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
+    let (ok, _, err) = cluster_status(&survivors, Some("no-such-topic"));
+    assert!(!ok && err.contains("no-such-topic"), "{err}");
+}

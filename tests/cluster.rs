@@ -1694,3 +1694,132 @@ fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     let (ok, _, err) = cluster_status(&survivors, Some("no-such-topic"));
     assert!(!ok && err.contains("no-such-topic"), "{err}");
 }
+
+const ELECTION_NOT_NEEDED: i16 = 84;
+const INVALID_REQUEST: i16 = 42;
+
+/// The replicas of partition 0 of `topic` in the order node `id` lists them (preferred first).
+fn replicas_in_order(c: &Cluster, id: i32, topic: &str) -> Option<Vec<i32>> {
+    let m = c.metadata(id)?;
+    let t = m
+        .topics
+        .iter()
+        .find(|t| t.name.as_ref().map(|n| n.as_str()) == Some(topic))?;
+    let p = t.partitions.iter().find(|p| p.partition_index == 0)?;
+    Some(p.replica_nodes.iter().map(|n| n.0).collect())
+}
+
+/// ElectLeaders v2 of partition 0 of `topic` asked of node `id`: (error, message).
+fn elect_leaders(c: &Cluster, id: i32, topic: &str, election_type: i8) -> (i16, Option<String>) {
+    use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+    use kafka_protocol::messages::{ElectLeadersRequest, ElectLeadersResponse};
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: ElectLeadersResponse = raw.call(
+        ApiKey::ElectLeaders,
+        2,
+        &ElectLeadersRequest::default()
+            .with_election_type(election_type)
+            .with_timeout_ms(10_000)
+            .with_topic_partitions(Some(vec![TopicPartitions::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![0])])),
+    );
+    assert_eq!(r.error_code, 0);
+    let p = &r.replica_election_results[0].partition_result[0];
+    (
+        p.error_code,
+        p.error_message.as_ref().map(|m| m.to_string()),
+    )
+}
+
+/// Kills the preferred replica of partition 0 of `topic` if it leads, waits for another leader,
+/// restarts it and waits until the leader lists it in sync again: (the preferred replica, the
+/// leader that is not it).
+fn move_leadership_off_preferred(c: &mut Cluster, topic: &str) -> (i32, i32) {
+    let ids = c.ids();
+    let (leader, _) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, topic, -1)
+    });
+    let preferred = replicas_in_order(c, leader, topic).unwrap()[0];
+    let mut other = leader;
+    if leader == preferred {
+        c.node_mut(preferred).sigkill();
+        let survivors: Vec<i32> = ids.iter().copied().filter(|i| *i != preferred).collect();
+        other = c
+            .wait_for("the survivors elect another leader", |c| {
+                agreed_leader(c, &survivors, topic, preferred)
+            })
+            .0;
+        produce_everything(&c.node(other).bootstrap(), topic, 1);
+        c.node_mut(preferred).restart();
+    }
+    c.wait_for("the preferred replica is back in sync", |c| {
+        let (_, _, _, isr) = partition_state(c, other, topic)?;
+        isr.contains(&preferred).then_some(())
+    });
+    (preferred, other)
+}
+
+#[test]
+fn elect_leaders_hands_leadership_to_the_preferred_replica() {
+    let mut c = Cluster::start_with(
+        3,
+        common::BrokerOptions::default().env("SLUICE_AUTO_LEADER_REBALANCE_ENABLE", "false"),
+    );
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "elect", 1, 3).expect("create a topic of three replicas");
+    let (preferred, leader) = move_leadership_off_preferred(&mut c, "elect");
+    let follower = ids
+        .iter()
+        .copied()
+        .find(|i| *i != leader && *i != preferred)
+        .unwrap();
+    // Unclean elections are refused with a reason; a follower does not serve the election.
+    let (e, m) = elect_leaders(&c, leader, "elect", 1);
+    assert_eq!(e, INVALID_REQUEST);
+    assert!(m.unwrap_or_default().contains("unclean"));
+    assert_eq!(
+        elect_leaders(&c, follower, "elect", 0).0,
+        NOT_LEADER_OR_FOLLOWER
+    );
+    // The preferred election moves leadership, answered once the preferred replica leads.
+    let asked = Instant::now();
+    assert_eq!(elect_leaders(&c, leader, "elect", 0), (0, None));
+    println!("preferred election answered after {:?}", asked.elapsed());
+    c.wait_for("every node names the preferred replica", |c| {
+        agreed_leader(c, &ids, "elect", -1).filter(|(l, _)| *l == preferred)
+    });
+    assert_eq!(
+        elect_leaders(&c, preferred, "elect", 0).0,
+        ELECTION_NOT_NEEDED
+    );
+    // Records produced through all of it are there once.
+    produce_everything(&c.bootstrap(), "elect", 1);
+}
+
+#[test]
+fn leadership_returns_to_the_preferred_replica_after_it_restarts() {
+    let mut c = Cluster::start_with(
+        3,
+        common::BrokerOptions::default().env("SLUICE_LEADER_IMBALANCE_CHECK_INTERVAL_MS", "500"),
+    );
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "rebalance", 1, 3).expect("create a topic of three replicas");
+    // Whoever won the first election, leadership settles on the preferred replica.
+    let preferred = c.wait_for("the preferred replica leads", |c| {
+        let (l, _) = agreed_leader(c, &ids, "rebalance", -1)?;
+        (replicas_in_order(c, l, "rebalance")?[0] == l).then_some(l)
+    });
+    let (_, other) = move_leadership_off_preferred(&mut c, "rebalance");
+    assert_ne!(other, preferred);
+    let back = Instant::now();
+    c.wait_for("leadership returns to the preferred replica", |c| {
+        agreed_leader(c, &ids, "rebalance", -1).filter(|(l, _)| *l == preferred)
+    });
+    println!(
+        "leadership back on preferred replica {preferred} {:?} after it was in sync",
+        back.elapsed()
+    );
+}

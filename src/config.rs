@@ -112,6 +112,15 @@ pub struct StartArgs {
     /// (`group.consumer.heartbeat.interval.ms`) [default: 5000].
     #[arg(long, env = "SLUICE_GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS")]
     pub group_consumer_heartbeat_interval_ms: Option<u32>,
+    /// In a cluster: move leadership of a replicated partition back to its preferred replica
+    /// (the first of its replicas) once that one is live and in sync
+    /// (`auto.leader.rebalance.enable`) [default: true].
+    #[arg(long, env = "SLUICE_AUTO_LEADER_REBALANCE_ENABLE")]
+    pub auto_leader_rebalance_enable: Option<bool>,
+    /// How often a partition leader checks whether its preferred replica should lead instead
+    /// (`leader.imbalance.check.interval.seconds`, in ms here) [default: 30000].
+    #[arg(long, env = "SLUICE_LEADER_IMBALANCE_CHECK_INTERVAL_MS")]
+    pub leader_imbalance_check_interval_ms: Option<u64>,
     /// KIP-848 server-side assignors, comma-separated, the first the default
     /// (`group.consumer.assignors`: `uniform`, `range`) [default: uniform,range].
     #[arg(long, env = "SLUICE_GROUP_CONSUMER_ASSIGNORS")]
@@ -188,6 +197,8 @@ pub struct Defaults {
     pub transactional_id_expiration_ms: u64,
     pub group_consumer_session_timeout_ms: u32,
     pub group_consumer_heartbeat_interval_ms: u32,
+    pub auto_leader_rebalance_enable: bool,
+    pub leader_imbalance_check_interval_ms: u64,
     pub group_consumer_assignors: &'static str,
     pub group_consumer_max_size: u32,
     pub group_share_session_timeout_ms: u32,
@@ -230,6 +241,10 @@ pub const DEFAULTS: Defaults = Defaults {
     // Kafka's KIP-848 defaults.
     group_consumer_session_timeout_ms: 45_000,
     group_consumer_heartbeat_interval_ms: 5_000,
+    auto_leader_rebalance_enable: true,
+    // Kafka checks every 300 s; a preferred replica back from a restart leads again within
+    // half a minute here.
+    leader_imbalance_check_interval_ms: 30_000,
     group_consumer_assignors: "uniform,range",
     group_consumer_max_size: i32::MAX as u32,
     // Kafka's KIP-932 defaults.
@@ -368,6 +383,9 @@ pub struct BrokerConfig {
     pub transactional_id_expiration_ms: u64,
     pub group_consumer_session_timeout_ms: u32,
     pub group_consumer_heartbeat_interval_ms: u32,
+    /// Leadership goes back to preferred replicas (see `StartArgs`).
+    pub auto_leader_rebalance_enable: bool,
+    pub leader_imbalance_check_interval_ms: u64,
     /// Server-side assignors of KIP-848 groups, the first the default; each one of
     /// [`CONSUMER_GROUP_ASSIGNORS`].
     pub group_consumer_assignors: Vec<String>,
@@ -713,6 +731,8 @@ impl BrokerConfig {
                 .clamp(1, i32::MAX as u64),
             group_consumer_session_timeout_ms,
             group_consumer_heartbeat_interval_ms,
+            auto_leader_rebalance_enable: pick!(auto_leader_rebalance_enable),
+            leader_imbalance_check_interval_ms: pick!(leader_imbalance_check_interval_ms).max(1),
             group_consumer_assignors,
             group_consumer_max_size: pick!(group_consumer_max_size).clamp(1, i32::MAX as u32),
             group_share_session_timeout_ms,

@@ -1525,3 +1525,301 @@ fn an_idempotent_producer_keeps_producing_through_a_leader_kill_without_duplicat
     }
     assert_eq!(reads[&0].len(), acked.len(), "no record stored twice");
 }
+
+/// Node `id`'s Metadata for partition 0 of `topic` through DescribeTopicPartitions v0 (leader,
+/// leader epoch, ISR sorted).
+fn described_partition(c: &Cluster, id: i32, topic: &str) -> Option<(i32, i32, Vec<i32>)> {
+    use kafka_protocol::messages::describe_topic_partitions_request::TopicRequest;
+    use kafka_protocol::messages::{
+        DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse,
+    };
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: DescribeTopicPartitionsResponse = raw.try_call(
+        ApiKey::DescribeTopicPartitions,
+        0,
+        &DescribeTopicPartitionsRequest::default()
+            .with_topics(vec![TopicRequest::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))])
+            .with_response_partition_limit(10),
+    )?;
+    let p = r.topics.first()?.partitions.first()?;
+    let mut isr: Vec<i32> = p.isr_nodes.iter().map(|n| n.0).collect();
+    isr.sort();
+    Some((p.leader_id.0, p.leader_epoch, isr))
+}
+
+#[test]
+fn every_node_names_the_current_leader_also_one_holding_no_replica() {
+    let mut c = Cluster::start(4);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "named", 1, 3).expect("create a topic of three replicas");
+    let (leader, epoch) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, "named", -1)
+    });
+    let (_, _, replicas, _) = partition_state(&c, leader, "named").unwrap();
+    let outsider = ids
+        .iter()
+        .copied()
+        .find(|id| !replicas.contains(id))
+        .unwrap();
+
+    c.node_mut(leader).sigkill();
+    let killed_at = Instant::now();
+    let survivors: Vec<i32> = ids.iter().copied().filter(|id| *id != leader).collect();
+    // Every survivor — the node without a replica included — names the new leader, with its
+    // epoch, long before the killed node is fenced.
+    let (new_leader, new_epoch) = c.wait_for("every survivor names the new leader", |c| {
+        agreed_leader(c, &survivors, "named", leader)
+    });
+    let named = killed_at.elapsed();
+    assert!(new_epoch > epoch);
+    assert!(replicas.contains(&new_leader));
+    println!(
+        "leader {leader} killed: all {} survivors (node {outsider} holds no replica) name node \
+         {new_leader} after {named:?}",
+        survivors.len()
+    );
+    assert!(named < FAILOVER_MAX, "named after {named:?}");
+    // DescribeTopicPartitions answers the same, and the node without a replica reports the
+    // ISR the leader last reported (without the killed node, once the leader drops it).
+    let (l, e, _) = described_partition(&c, outsider, "named").expect("described");
+    assert_eq!((l, e), (new_leader, new_epoch));
+    c.wait_for(
+        "the outsider reports the ISR without the killed node",
+        |c| {
+            let (_, _, isr) = described_partition(c, outsider, "named")?;
+            (!isr.contains(&leader) && isr.contains(&new_leader)).then_some(())
+        },
+    );
+    // A client bootstrapped at the node without a replica produces to the leader.
+    produce_everything(&c.node(outsider).bootstrap(), "named", 1);
+
+    // Restarted, the old leader follows, and every node names the same leader again.
+    c.node_mut(leader).restart();
+    c.wait_for("every node names the same leader again", |c| {
+        agreed_leader(c, &ids, "named", -1).filter(|(l, e)| *l == new_leader && *e == new_epoch)
+    });
+}
+
+/// `sluice cluster status --brokers <bootstrap> [--topic t]`: (success, stdout, stderr).
+fn cluster_status(bootstrap: &str, topic: Option<&str>) -> (bool, String, String) {
+    let mut args = vec!["cluster", "status", "--brokers", bootstrap];
+    if let Some(t) = topic {
+        args.extend(["--topic", t]);
+    }
+    let out = common::sluice(&args, None);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The row of partition 0 of `topic` in `sluice cluster status` output, split on whitespace.
+fn status_row<'a>(out: &'a str, topic: &str) -> Option<Vec<&'a str>> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|r| r.first() == Some(&topic) && r.get(1) == Some(&"0"))
+}
+
+#[test]
+fn cluster_status_shows_nodes_leaders_isr_and_lag() {
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    let controller = c.wait_controller(&ids);
+    create(&c.bootstrap(), "watched", 1, 3).expect("create a topic of three replicas");
+    create(&c.bootstrap(), "single", 1, 1).expect("create a topic of one replica");
+    let (leader, epoch) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, "watched", -1)
+    });
+    produce_everything(&c.bootstrap(), "watched", 1);
+
+    // Healthy: every node live, the controller named, the partition fully in sync and no
+    // replica behind once the followers have the records.
+    let out = c.wait_for("a healthy status with no lag", |c| {
+        let (ok, out, _) = cluster_status(&c.bootstrap(), None);
+        let row = status_row(&out, "watched")?;
+        (ok && out.contains("HEALTHY     yes") && row[6].split(',').all(|r| r.ends_with(":0")))
+            .then_some(out.clone())
+    });
+    assert!(out.contains(&format!("CONTROLLER  {controller}")), "{out}");
+    let row = status_row(&out, "watched").unwrap();
+    assert_eq!(row[2..4], [leader.to_string(), epoch.to_string()], "{out}");
+    // Replicas preferred first, the ISR sorted.
+    let mut replicas: Vec<&str> = row[4].split(',').collect();
+    replicas.sort();
+    assert_eq!((replicas, row[5]), (vec!["1", "2", "3"], "1,2,3"), "{out}");
+    for id in &ids {
+        let node = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|r| r.first() == Some(&id.to_string().as_str()) && r.len() >= 3)
+            .unwrap_or_else(|| panic!("no row of node {id}:\n{out}"));
+        assert_eq!(node[2], "live", "{out}");
+    }
+    assert!(status_row(&out, "single").is_some(), "{out}");
+    // --topic shows that topic only.
+    let (ok, only, _) = cluster_status(&c.bootstrap(), Some("watched"));
+    assert!(ok && status_row(&only, "single").is_none(), "{only}");
+    assert!(status_row(&only, "watched").is_some(), "{only}");
+
+    // A follower killed: the status says so, from any survivor.
+    let follower = ids.iter().copied().find(|id| *id != leader).unwrap();
+    c.node_mut(follower).sigkill();
+    let survivors: String = ids
+        .iter()
+        .filter(|id| **id != follower)
+        .map(|id| c.node(*id).bootstrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = c.wait_for(
+        "the status shows the follower down and out of the ISR",
+        |_| {
+            let (ok, out, _) = cluster_status(&survivors, Some("watched"));
+            let row = status_row(&out, "watched")?;
+            (ok && out.contains("HEALTHY     no")
+                && !row[5].split(',').any(|n| n == follower.to_string())
+                && row[6].contains(&format!("{follower}:?")))
+            .then_some(out.clone())
+        },
+    );
+    println!("{out}");
+
+    // No broker answers: one line on stderr, a failing exit.
+    let (ok, _, err) = cluster_status(&format!("127.0.0.1:{}", common::free_port()), None);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
+    let (ok, _, err) = cluster_status(&survivors, Some("no-such-topic"));
+    assert!(!ok && err.contains("no-such-topic"), "{err}");
+}
+
+const ELECTION_NOT_NEEDED: i16 = 84;
+const INVALID_REQUEST: i16 = 42;
+
+/// The replicas of partition 0 of `topic` in the order node `id` lists them (preferred first).
+fn replicas_in_order(c: &Cluster, id: i32, topic: &str) -> Option<Vec<i32>> {
+    let m = c.metadata(id)?;
+    let t = m
+        .topics
+        .iter()
+        .find(|t| t.name.as_ref().map(|n| n.as_str()) == Some(topic))?;
+    let p = t.partitions.iter().find(|p| p.partition_index == 0)?;
+    Some(p.replica_nodes.iter().map(|n| n.0).collect())
+}
+
+/// ElectLeaders v2 of partition 0 of `topic` asked of node `id`: (error, message).
+fn elect_leaders(c: &Cluster, id: i32, topic: &str, election_type: i8) -> (i16, Option<String>) {
+    use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+    use kafka_protocol::messages::{ElectLeadersRequest, ElectLeadersResponse};
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: ElectLeadersResponse = raw.call(
+        ApiKey::ElectLeaders,
+        2,
+        &ElectLeadersRequest::default()
+            .with_election_type(election_type)
+            .with_timeout_ms(10_000)
+            .with_topic_partitions(Some(vec![TopicPartitions::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![0])])),
+    );
+    assert_eq!(r.error_code, 0);
+    let p = &r.replica_election_results[0].partition_result[0];
+    (
+        p.error_code,
+        p.error_message.as_ref().map(|m| m.to_string()),
+    )
+}
+
+/// Kills the preferred replica of partition 0 of `topic` if it leads, waits for another leader,
+/// restarts it and waits until the leader lists it in sync again: (the preferred replica, the
+/// leader that is not it).
+fn move_leadership_off_preferred(c: &mut Cluster, topic: &str) -> (i32, i32) {
+    let ids = c.ids();
+    let (leader, _) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, topic, -1)
+    });
+    let preferred = replicas_in_order(c, leader, topic).unwrap()[0];
+    let mut other = leader;
+    if leader == preferred {
+        c.node_mut(preferred).sigkill();
+        let survivors: Vec<i32> = ids.iter().copied().filter(|i| *i != preferred).collect();
+        other = c
+            .wait_for("the survivors elect another leader", |c| {
+                agreed_leader(c, &survivors, topic, preferred)
+            })
+            .0;
+        produce_everything(&c.node(other).bootstrap(), topic, 1);
+        c.node_mut(preferred).restart();
+    }
+    c.wait_for("the preferred replica is back in sync", |c| {
+        let (_, _, _, isr) = partition_state(c, other, topic)?;
+        isr.contains(&preferred).then_some(())
+    });
+    (preferred, other)
+}
+
+#[test]
+fn elect_leaders_hands_leadership_to_the_preferred_replica() {
+    let mut c = Cluster::start_with(
+        3,
+        common::BrokerOptions::default().env("SLUICE_AUTO_LEADER_REBALANCE_ENABLE", "false"),
+    );
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "elect", 1, 3).expect("create a topic of three replicas");
+    let (preferred, leader) = move_leadership_off_preferred(&mut c, "elect");
+    let follower = ids
+        .iter()
+        .copied()
+        .find(|i| *i != leader && *i != preferred)
+        .unwrap();
+    // Unclean elections are refused with a reason; a follower does not serve the election.
+    let (e, m) = elect_leaders(&c, leader, "elect", 1);
+    assert_eq!(e, INVALID_REQUEST);
+    assert!(m.unwrap_or_default().contains("unclean"));
+    assert_eq!(
+        elect_leaders(&c, follower, "elect", 0).0,
+        NOT_LEADER_OR_FOLLOWER
+    );
+    // The preferred election moves leadership, answered once the preferred replica leads.
+    let asked = Instant::now();
+    assert_eq!(elect_leaders(&c, leader, "elect", 0), (0, None));
+    println!("preferred election answered after {:?}", asked.elapsed());
+    c.wait_for("every node names the preferred replica", |c| {
+        agreed_leader(c, &ids, "elect", -1).filter(|(l, _)| *l == preferred)
+    });
+    assert_eq!(
+        elect_leaders(&c, preferred, "elect", 0).0,
+        ELECTION_NOT_NEEDED
+    );
+    // Records produced through all of it are there once.
+    produce_everything(&c.bootstrap(), "elect", 1);
+}
+
+#[test]
+fn leadership_returns_to_the_preferred_replica_after_it_restarts() {
+    let mut c = Cluster::start_with(
+        3,
+        common::BrokerOptions::default().env("SLUICE_LEADER_IMBALANCE_CHECK_INTERVAL_MS", "500"),
+    );
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "rebalance", 1, 3).expect("create a topic of three replicas");
+    // Whoever won the first election, leadership settles on the preferred replica.
+    let preferred = c.wait_for("the preferred replica leads", |c| {
+        let (l, _) = agreed_leader(c, &ids, "rebalance", -1)?;
+        (replicas_in_order(c, l, "rebalance")?[0] == l).then_some(l)
+    });
+    let (_, other) = move_leadership_off_preferred(&mut c, "rebalance");
+    assert_ne!(other, preferred);
+    let back = Instant::now();
+    c.wait_for("leadership returns to the preferred replica", |c| {
+        agreed_leader(c, &ids, "rebalance", -1).filter(|(l, _)| *l == preferred)
+    });
+    println!(
+        "leadership back on preferred replica {preferred} {:?} after it was in sync",
+        back.elapsed()
+    );
+}

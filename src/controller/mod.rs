@@ -25,7 +25,7 @@ use sluice_raft::{
     FileLog, GroupConfig, ProposeError, RaftGroup, Role, StateMachine, Transport, TransportConfig,
 };
 
-use crate::metadata::{configs, BrokerInfo, MetadataImage, Record, TopicMeta};
+use crate::metadata::{configs, BrokerInfo, MetadataImage, PartitionLeader, Record, TopicMeta};
 use crate::shard::{self, invoke_on, BrokerContext};
 use crate::types::{ShardId, TopicPartition};
 
@@ -46,6 +46,10 @@ const FENCE_AFTER: Duration = Duration::from_secs(6);
 
 /// How often the leader checks whom it has heard from.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+
+/// How often a partition leader proposes again a leadership report the image does not show yet
+/// (a forwarded proposal may be lost, e.g. to a controller leader change).
+const REPORT_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a proposal was not applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,7 +185,8 @@ pub fn start() -> Result<(), String> {
     crate::contain::spawn_background("controller publisher", publish_loop(c.clone(), rx));
     crate::contain::spawn_background("controller watcher", watch_leader(c.clone()));
     crate::contain::spawn_background("broker registration", register(c.clone()));
-    crate::contain::spawn_background("broker liveness", liveness(c));
+    crate::contain::spawn_background("broker liveness", liveness(c.clone()));
+    crate::contain::spawn_background("partition leadership reports", report_leaders(c));
     tracing::info!(
         node = me,
         internal = %cluster.internal_listen,
@@ -295,6 +300,53 @@ async fn liveness(c: Rc<Controller>) {
                 tracing::debug!(node = b.id, error = ?e, "liveness change not applied");
             }
         }
+    }
+}
+
+/// Reports to the controller the leadership (epoch and ISR) of every partition this node leads
+/// whenever the image records something else, so that every node — one holding no replica of
+/// the partition too — names the current leader in Metadata (Kafka's leader and ISR changes in
+/// the controller's log). A report is idempotent and an older epoch never replaces a newer one,
+/// so it is forwarded without waiting and proposed again until the image shows it.
+async fn report_leaders(c: Rc<Controller>) {
+    let shard = shard::local();
+    let broker = shard.broker.clone();
+    let me = broker.config.node_id;
+    loop {
+        let changed = broker.replicas_changed();
+        if broker.stopping.load(std::sync::atomic::Ordering::SeqCst)
+            || c.group.status().role == Role::Stopped
+        {
+            return;
+        }
+        let image = broker.image();
+        if broker.controller_id() >= 0 {
+            for (tp, epoch, isr) in broker.led_here() {
+                let Some(t) = image.topic(&tp.topic) else {
+                    continue;
+                };
+                let mut isr = isr.unwrap_or_else(|| t.replica_nodes(tp.partition).to_vec());
+                isr.sort_unstable();
+                let recorded = image.leader_of(&tp.topic, tp.partition);
+                if recorded.is_some_and(|r| {
+                    r.epoch > epoch || (r.epoch == epoch && r.leader == me && r.isr == isr)
+                }) {
+                    continue;
+                }
+                let report = Record::PartitionLeader(PartitionLeader {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    leader: me,
+                    epoch,
+                    isr,
+                });
+                let _ = c.group.propose_forwarded(report.encode());
+            }
+        }
+        futures_lite::future::or(changed, async {
+            shard.clock.sleep(REPORT_RETRY).await;
+        })
+        .await;
     }
 }
 

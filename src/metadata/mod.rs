@@ -100,6 +100,8 @@ pub enum Record {
         broker_configs: BTreeMap<String, BTreeMap<String, String>>,
         #[serde(default, skip_serializing_if = "is_zero")]
         next_group: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        leaders: Vec<PartitionLeader>,
     },
     /// Ignored when a topic of that name exists (the first creation wins).
     CreateTopic(TopicMeta),
@@ -142,6 +144,22 @@ pub enum Record {
         scope: String,
         configs: BTreeMap<String, String>,
     },
+    /// A replicated partition's leader reported its leadership (on election, or when its ISR
+    /// changed): what nodes holding no replica of the partition answer in Metadata. Ignored
+    /// for an unknown topic or partition, and when older (lower epoch) than the one recorded.
+    PartitionLeader(PartitionLeader),
+}
+
+/// The leader of one replicated partition as it reported itself to the controller.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartitionLeader {
+    pub topic: String,
+    pub partition: i32,
+    pub leader: i32,
+    /// The raft term it leads in (the Kafka leader epoch).
+    pub epoch: i32,
+    /// The in-sync replicas it computed from raft progress.
+    pub isr: Vec<i32>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -172,6 +190,9 @@ pub struct MetadataImage {
     /// Above every partition raft group id ever assigned (deleted topics included), so ids are
     /// never reused; 0 until the first. Group 0 is the controller's.
     pub next_group: u64,
+    /// The last leadership each replicated partition's leader reported, by topic and
+    /// partition.
+    pub leaders: BTreeMap<String, BTreeMap<i32, PartitionLeader>>,
 }
 
 impl MetadataImage {
@@ -189,7 +210,32 @@ impl MetadataImage {
             fenced: self.fenced.iter().copied().collect(),
             broker_configs: self.broker_configs.clone(),
             next_group: self.next_group,
+            leaders: self
+                .leaders
+                .values()
+                .flat_map(|ps| ps.values().cloned())
+                .collect(),
         }
+    }
+
+    /// Records a reported leadership unless the partition is unknown or a later one is known.
+    fn apply_leader(&mut self, l: PartitionLeader) {
+        let known = self
+            .topics
+            .get(&l.topic)
+            .is_some_and(|t| l.partition >= 0 && l.partition < t.partition_count());
+        if !known {
+            return;
+        }
+        let ps = self.leaders.entry(l.topic.clone()).or_default();
+        if ps.get(&l.partition).is_none_or(|o| o.epoch <= l.epoch) {
+            ps.insert(l.partition, l);
+        }
+    }
+
+    /// The leadership last reported for partition `p` of `topic`.
+    pub fn leader_of(&self, topic: &str, p: i32) -> Option<&PartitionLeader> {
+        self.leaders.get(topic)?.get(&p)
     }
 
     /// The raft group id for the next replicated partition.
@@ -218,6 +264,7 @@ impl MetadataImage {
                 fenced,
                 broker_configs,
                 next_group,
+                leaders,
             } => {
                 self.topics = topics
                     .into_iter()
@@ -227,6 +274,10 @@ impl MetadataImage {
                 self.fenced = fenced.into_iter().collect();
                 self.broker_configs = broker_configs;
                 self.next_group = next_group;
+                self.leaders = BTreeMap::new();
+                for l in leaders {
+                    self.apply_leader(l);
+                }
                 let groups: Vec<u64> = self
                     .topics
                     .values()
@@ -244,7 +295,9 @@ impl MetadataImage {
             }
             Record::DeleteTopic { name } => {
                 self.topics.remove(&name);
+                self.leaders.remove(&name);
             }
+            Record::PartitionLeader(l) => self.apply_leader(l),
             Record::AddPartitions {
                 name,
                 shards,

@@ -39,6 +39,9 @@ pub struct BrokerContext {
     /// The in-sync replicas of each partition this node leads, from raft progress, as its
     /// shard last computed them (see `shard::open_replica_here`).
     replica_isr: Mutex<HashMap<TopicPartition, Vec<i32>>>,
+    /// Notified when a partition replica held here sees another leader or term, or the ISR of
+    /// a partition this node leads changes (the controller's leadership reports wait on it).
+    replicas_changed: Event,
 }
 
 impl BrokerContext {
@@ -63,16 +66,47 @@ impl BrokerContext {
             }),
             replica_leaders: Mutex::new(HashMap::new()),
             replica_isr: Mutex::new(HashMap::new()),
+            replicas_changed: Event::new(),
             config,
         }
     }
 
     /// Records the raft leader and term of a partition replica held here.
     pub fn set_replica_leader(&self, tp: &TopicPartition, leader: i32, epoch: i32) {
-        self.replica_leaders
+        let old = self
+            .replica_leaders
             .lock()
             .expect("replica leaders")
             .insert(tp.clone(), (leader, epoch));
+        if old != Some((leader, epoch)) {
+            self.replicas_changed.notify(usize::MAX);
+        }
+    }
+
+    /// Listens for the next change of a replica's leader or term, or of a led partition's ISR.
+    pub fn replicas_changed(&self) -> event_listener::EventListener {
+        self.replicas_changed.listen()
+    }
+
+    /// The partitions whose replica here names this node leader: (partition, epoch, ISR as
+    /// published; the replica set until the first publication).
+    pub fn led_here(&self) -> Vec<(TopicPartition, i32, Option<Vec<i32>>)> {
+        let me = self.config.node_id;
+        let led: Vec<(TopicPartition, i32)> = self
+            .replica_leaders
+            .lock()
+            .expect("replica leaders")
+            .iter()
+            .filter(|(_, (l, _))| *l == me)
+            .map(|(tp, (_, e))| (tp.clone(), *e))
+            .collect();
+        let isr = self.replica_isr.lock().expect("replica ISR");
+        led.into_iter()
+            .map(|(tp, e)| {
+                let i = isr.get(&tp).cloned();
+                (tp, e, i)
+            })
+            .collect()
     }
 
     pub fn forget_replica_leader(&self, tp: &TopicPartition) {
@@ -85,13 +119,13 @@ impl BrokerContext {
     /// Records the in-sync replicas of a partition this node leads; `None`: it leads it no more.
     pub fn set_replica_isr(&self, tp: &TopicPartition, isr: Option<Vec<i32>>) {
         let mut m = self.replica_isr.lock().expect("replica ISR");
-        match isr {
-            Some(isr) => {
-                m.insert(tp.clone(), isr);
-            }
-            None => {
-                m.remove(tp);
-            }
+        let changed = match isr {
+            Some(isr) => m.insert(tp.clone(), isr.clone()).is_none_or(|o| o != isr),
+            None => m.remove(tp).is_some(),
+        };
+        drop(m);
+        if changed {
+            self.replicas_changed.notify(usize::MAX);
         }
     }
 

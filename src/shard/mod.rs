@@ -217,7 +217,8 @@ pub async fn open_replica_here(
     let me = shard.broker.config.node_id as u64;
     let config = sluice_raft::GroupConfig::new(group_id, me, voters.clone());
     let replica = Rc::new(ReplicatedPartition::start(log, config, &transport).await?);
-    spawn_isr_publisher(tp.clone(), replica.clone(), voters);
+    spawn_isr_publisher(tp.clone(), replica.clone(), voters.clone());
+    spawn_preferred_leader_check(replica.clone(), voters);
     let statuses = replica.watch();
     let broker = shard.broker.clone();
     let watched = tp.clone();
@@ -260,6 +261,50 @@ fn spawn_isr_publisher(tp: TopicPartition, replica: Rc<ReplicatedPartition>, vot
                 .map(|isr| isr.into_iter().map(|n| n as i32).collect());
             broker.set_replica_isr(&tp, isr);
             local().clock.sleep(ISR_PUBLISH_INTERVAL).await;
+        }
+    });
+}
+
+/// With `auto.leader.rebalance.enable`: while `replica` runs, every
+/// `leader.imbalance.check.interval`, a leader that is not the partition's preferred replica
+/// (the first of `voters`) hands leadership to it once that replica is in sync and its node is
+/// not fenced — Kafka's automatic preferred leader election, so leaders spread again after a
+/// node comes back. Raft's leader transfer brings the preferred replica up to date before it
+/// campaigns, so nothing committed is lost.
+fn spawn_preferred_leader_check(replica: Rc<ReplicatedPartition>, voters: Vec<u64>) {
+    let broker = local().broker.clone();
+    let Some(&preferred) = voters.first() else {
+        return;
+    };
+    if !broker.config.auto_leader_rebalance_enable {
+        return;
+    }
+    let interval =
+        std::time::Duration::from_millis(broker.config.leader_imbalance_check_interval_ms);
+    let me = broker.config.node_id as u64;
+    if me == preferred {
+        return;
+    }
+    crate::contain::spawn_background("preferred leader check", async move {
+        loop {
+            local().clock.sleep(interval).await;
+            if replica.role() == sluice_raft::Role::Stopped {
+                break;
+            }
+            let Some(isr) = replica.in_sync(&voters, REPLICA_LAG_TIME_MAX) else {
+                continue;
+            };
+            let fenced = i32::try_from(preferred)
+                .map(|p| broker.image().fenced.contains(&p))
+                .unwrap_or(true);
+            if isr.contains(&preferred) && !fenced {
+                tracing::info!(
+                    group = replica.group().status().group_id,
+                    to = preferred,
+                    "handing leadership back to the preferred replica"
+                );
+                replica.group().transfer_leader(preferred);
+            }
         }
     });
 }

@@ -77,6 +77,7 @@ pub fn default_request(key: ApiKey) -> Box<dyn EncodeAt> {
         ApiKey::DescribeTopicPartitions => Box::new(DescribeTopicPartitionsRequest::default()),
         ApiKey::DescribeLogDirs => Box::new(DescribeLogDirsRequest::default()),
         ApiKey::OffsetForLeaderEpoch => Box::new(OffsetForLeaderEpochRequest::default()),
+        ApiKey::ElectLeaders => Box::new(ElectLeadersRequest::default()),
         ApiKey::AddPartitionsToTxn => Box::new(AddPartitionsToTxnRequest::default()),
         ApiKey::AddOffsetsToTxn => Box::new(AddOffsetsToTxnRequest::default()),
         ApiKey::EndTxn => Box::new(EndTxnRequest::default()),
@@ -549,6 +550,22 @@ pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
                         .with_topic(TopicName(s("hostile-other")))
                         .with_partitions(vec![0]),
                 ])))
+        }
+        ApiKey::ElectLeaders => {
+            use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+            Box::new(
+                ElectLeadersRequest::default()
+                    .with_election_type(if version >= 1 { 1 } else { 0 })
+                    .with_timeout_ms(100)
+                    .with_topic_partitions(Some(vec![
+                        TopicPartitions::default()
+                            .with_topic(topic())
+                            .with_partitions(vec![0, -1, i32::MAX]),
+                        TopicPartitions::default()
+                            .with_topic(TopicName(s("hostile-other")))
+                            .with_partitions(vec![0]),
+                    ])),
+            )
         }
         other => default_request(other),
     }

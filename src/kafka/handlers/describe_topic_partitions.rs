@@ -31,6 +31,32 @@ fn partition_entry(
     t: &TopicMeta,
     p: i32,
 ) -> DescribeTopicPartitionsResponsePartition {
+    if t.replication_factor() > 1 {
+        let image = broker.image();
+        let s = super::metadata::replicated_state(broker, &image, t, p);
+        let replicas: Vec<i32> = t.replica_nodes(p).to_vec();
+        let offline = replicas
+            .iter()
+            .copied()
+            .filter(|n| image.fenced.contains(n))
+            .map(BrokerId)
+            .collect();
+        let entry = DescribeTopicPartitionsResponsePartition::default()
+            .with_partition_index(p)
+            .with_leader_epoch(s.epoch)
+            .with_replica_nodes(replicas.into_iter().map(BrokerId).collect())
+            .with_isr_nodes(s.isr.into_iter().map(BrokerId).collect())
+            .with_offline_replicas(offline)
+            .with_eligible_leader_replicas(Some(Vec::new()))
+            .with_last_known_elr(Some(Vec::new()));
+        return if s.leader < 0 || image.fenced.contains(&s.leader) {
+            entry
+                .with_error_code(code(ResponseError::LeaderNotAvailable).get())
+                .with_leader_id(BrokerId(-1))
+        } else {
+            entry.with_leader_id(BrokerId(s.leader))
+        };
+    }
     let node = broker.node_of(t, p).unwrap_or(-1);
     let entry = DescribeTopicPartitionsResponsePartition::default()
         .with_partition_index(p)

@@ -75,9 +75,49 @@ pub struct ListedBroker {
     pub fenced: bool,
 }
 
-/// A partition with replicas: its leader is the raft leader (as this node's replica knows it;
-/// the preferred leader when this node holds no replica), its leader epoch the raft term, its
-/// ISR the replicas on nodes that are not fenced.
+/// What this node reports of a partition with replicas: its leader (-1 for none known) and
+/// leader epoch, and its in-sync replicas.
+pub struct ReplicatedState {
+    pub leader: i32,
+    pub epoch: i32,
+    pub isr: Vec<i32>,
+}
+
+/// The leader of a replicated partition is the later (by epoch) of what this node's replica
+/// knows of its raft group and what the partition's leader last reported to the controller, so
+/// a node holding no replica names the current leader too (the preferred one only until the
+/// first report). The ISR: on the leader, from raft progress; elsewhere, the one last reported;
+/// replicas on fenced nodes left out either way.
+pub fn replicated_state(
+    broker: &BrokerContext,
+    image: &crate::metadata::MetadataImage,
+    t: &TopicMeta,
+    p: i32,
+) -> ReplicatedState {
+    let tp = crate::types::TopicPartition::new(t.name.clone(), p);
+    // A replica here knows its group's term, with no leader (-1) while an election runs.
+    let own = broker.replica_leader(&tp);
+    let reported = image.leader_of(&t.name, p);
+    let use_reported =
+        reported.filter(|r| own.is_none_or(|(l, e)| r.epoch > e || (l < 0 && r.epoch == e)));
+    let (leader, epoch) = match (own, use_reported) {
+        (_, Some(r)) => (r.leader, r.epoch),
+        (Some(o), None) => o,
+        (None, None) => (broker.node_of(t, p).unwrap_or(-1), 0),
+    };
+    let isr = match (broker.replica_isr(&tp), reported) {
+        (None, Some(r)) if r.leader == leader && r.epoch == epoch => r
+            .isr
+            .iter()
+            .copied()
+            .filter(|n| !image.fenced.contains(n))
+            .collect(),
+        _ => super::produce::in_sync_replicas(broker, t, p),
+    };
+    ReplicatedState { leader, epoch, isr }
+}
+
+/// A partition with replicas, as [`replicated_state`] has it.
 fn replicated_partition(
     broker: &BrokerContext,
     image: &crate::metadata::MetadataImage,
@@ -85,20 +125,13 @@ fn replicated_partition(
     p: i32,
     version: i16,
 ) -> MetadataResponsePartition {
-    let tp = crate::types::TopicPartition::new(t.name.clone(), p);
-    let (leader, epoch) = broker
-        .replica_leader(&tp)
-        .unwrap_or((broker.node_of(t, p).unwrap_or(-1), 0));
+    let ReplicatedState { leader, epoch, isr } = replicated_state(broker, image, t, p);
     let replicas = t.replica_nodes(p).iter().map(|n| BrokerId(*n)).collect();
-    let isr = super::produce::in_sync_replicas(broker, t, p)
-        .into_iter()
-        .map(BrokerId)
-        .collect();
     let entry = MetadataResponsePartition::default()
         .with_partition_index(p)
         .with_leader_epoch(if version >= 7 { epoch } else { -1 })
         .with_replica_nodes(replicas)
-        .with_isr_nodes(isr);
+        .with_isr_nodes(isr.into_iter().map(BrokerId).collect());
     if leader < 0 || image.fenced.contains(&leader) {
         entry
             .with_error_code(code(ResponseError::LeaderNotAvailable).get())

@@ -12,8 +12,10 @@
 //! memory changes and before anything acts on it; a start replays those partitions and
 //! finishes every transaction found in PrepareCommit/PrepareAbort (its markers are written
 //! again: a marker for a transaction a partition no longer has open changes nothing there).
-//! Transitions of one shard run one at a time under a one-permit semaphore, so a check and
-//! the write that follows it see the same state.
+//! Transitions of one id run one at a time (an id lock, [`TxnShard::lock`]), so a check and
+//! the write that follows it see the same state; transitions of different ids run
+//! concurrently, and their synced appends to a `__transaction_state` partition share its
+//! group commit (one fdatasync for all of them) instead of waiting for each other's.
 //!
 //! Commit or abort: EndTxn writes PrepareCommit/PrepareAbort and is answered; a background
 //! task then appends a COMMIT/ABORT control batch to every partition of the transaction (on
@@ -31,7 +33,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use event_listener::Event;
-use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 
 use crate::protocol::batch;
@@ -91,8 +92,10 @@ pub struct TxnShard {
     loaded: Event,
     /// Notified whenever a transaction completes (its Complete record is written).
     completed: Event,
-    /// One transition at a time (check, write, apply).
-    permit: Semaphore,
+    /// The ids with a transition under way (check, write, apply): one at a time per id.
+    busy: RefCell<std::collections::HashSet<String>>,
+    /// Notified when an id's transition ends.
+    freed: Event,
     partitions: Cell<i32>,
     clock: Clock,
     /// `transactional.id.expiration.ms`: an id idle this long outside a transaction is removed.
@@ -127,7 +130,8 @@ impl TxnShard {
             logs: RefCell::new(HashMap::new()),
             loaded: Event::new(),
             completed: Event::new(),
-            permit: Semaphore::new(1),
+            busy: RefCell::new(std::collections::HashSet::new()),
+            freed: Event::new(),
             partitions: Cell::new(TXN_PARTITIONS),
             clock,
             id_expiration_ms: id_expiration_ms.min(i64::MAX as u64) as i64,
@@ -159,6 +163,21 @@ impl TxnShard {
             Ok(())
         } else {
             Err(code(ResponseError::CoordinatorLoadInProgress))
+        }
+    }
+
+    /// Waits until no other transition of `tid` is under way and holds its lock until the
+    /// guard drops. Transitions of other ids go on meanwhile.
+    async fn lock(&self, tid: &str) -> IdLock<'_> {
+        loop {
+            let listener = self.freed.listen();
+            if self.busy.borrow_mut().insert(tid.to_string()) {
+                return IdLock {
+                    shard: self,
+                    tid: tid.to_string(),
+                };
+            }
+            listener.await;
         }
     }
 
@@ -207,11 +226,7 @@ impl TxnShard {
         timeout_ms: i32,
         expected: Option<(i64, i16)>,
     ) -> InitResult {
-        let _permit = self
-            .permit
-            .acquire_permit(1)
-            .await
-            .map_err(|_| code(ResponseError::CoordinatorNotAvailable))?;
+        let _lock = self.lock(tid).await;
         let now = self.clock.now_ms();
         let cur = self.txns.borrow().get(tid).cloned();
         let Some(cur) = cur else {
@@ -305,9 +320,7 @@ impl TxnShard {
         parts: Vec<(String, i32)>,
         verify_only: bool,
     ) -> ErrorCode {
-        let Ok(_permit) = self.permit.acquire_permit(1).await else {
-            return code(ResponseError::CoordinatorNotAvailable);
-        };
+        let _lock = self.lock(tid).await;
         let m = match self.current(tid, pid, epoch) {
             Ok(m) => m,
             Err(e) => return e,
@@ -384,9 +397,7 @@ impl TxnShard {
         commit: bool,
         bump_epoch: bool,
     ) -> Result<(i64, i16), ErrorCode> {
-        let Ok(_permit) = self.permit.acquire_permit(1).await else {
-            return Err(code(ResponseError::CoordinatorNotAvailable));
-        };
+        let _lock = self.lock(tid).await;
         if bump_epoch {
             let m = self.describe(tid);
             if let Some(m) = m.filter(|m| m.previous == Some((pid, epoch))) {
@@ -498,25 +509,35 @@ impl TxnShard {
             TxnState::PrepareAbort => false,
             _ => return,
         };
-        for (topic, p) in &m.partitions {
-            loop {
-                match write_marker(topic, *p, m.producer_id, m.epoch, commit).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(
-                            transactional_id = tid, topic = %topic, partition = *p, error = %e,
-                            "transaction marker not written; trying again"
-                        );
-                        self.clock
-                            .sleep(Duration::from_millis(MARKER_RETRY_MS))
-                            .await;
+        // The partitions' markers are written concurrently (each on its owner shard, where
+        // markers of other transactions share the log's group commit); the Complete record
+        // waits for all of them.
+        let writes: Vec<_> = m
+            .partitions
+            .iter()
+            .map(|(topic, p)| {
+                let (topic, p, tid) = (topic.clone(), *p, tid.to_string());
+                let (pid, epoch, clock) = (m.producer_id, m.epoch, self.clock.clone());
+                crate::shard::spawn_contained(async move {
+                    loop {
+                        match write_marker(&topic, p, pid, epoch, commit).await {
+                            Ok(()) => break,
+                            Err(e) => {
+                                tracing::warn!(
+                                    transactional_id = %tid, topic = %topic, partition = p,
+                                    error = %e, "transaction marker not written; trying again"
+                                );
+                                clock.sleep(Duration::from_millis(MARKER_RETRY_MS)).await;
+                            }
+                        }
                     }
-                }
-            }
+                })
+            })
+            .collect();
+        for w in writes {
+            crate::shard::join(w).await;
         }
-        let Ok(_permit) = self.permit.acquire_permit(1).await else {
-            return;
-        };
+        let _lock = self.lock(tid).await;
         let mut next = m;
         next.state = if commit {
             TxnState::CompleteCommit
@@ -556,10 +577,8 @@ impl TxnShard {
             .collect();
         let mut removed = 0;
         for tid in expired {
-            let Ok(_permit) = self.permit.acquire_permit(1).await else {
-                break;
-            };
-            // Checked again under the permit: a request may have used the id meanwhile.
+            let _lock = self.lock(&tid).await;
+            // Checked again under the lock: a request may have used the id meanwhile.
             if !self.describe(&tid).is_some_and(|m| idle(&m)) {
                 continue;
             }
@@ -595,9 +614,7 @@ impl TxnShard {
             .map(|(k, _)| k.clone())
             .collect();
         for tid in expired {
-            let Ok(_permit) = self.permit.acquire_permit(1).await else {
-                return;
-            };
+            let _lock = self.lock(&tid).await;
             let Some(m) = self.describe(&tid) else {
                 continue;
             };
@@ -727,6 +744,20 @@ impl TxnShard {
                 self.expire_ids().await;
             }
         }
+    }
+}
+
+/// One id's transition lock (see [`TxnShard::lock`]).
+struct IdLock<'a> {
+    shard: &'a TxnShard,
+    tid: String,
+}
+
+impl Drop for IdLock<'_> {
+    fn drop(&mut self) {
+        let was_held = self.shard.busy.borrow_mut().remove(&self.tid);
+        debug_assert!(was_held, "an id lock is held by its guard");
+        self.shard.freed.notify(usize::MAX);
     }
 }
 

@@ -115,6 +115,8 @@ SLUICE_BIN="$PY_SLUICE_BIN" "$PYTHON" -m pytest tests/python -q -p no:cacheprovi
 echo "run.sh: tests/librdkafka/run.sh (quick list)"
 rdk_rc=0
 SLUICE_BIN="$PY_SLUICE_BIN" bash tests/librdkafka/run.sh || rdk_rc=$?
+echo "run.sh: tests/librdkafka/run.sh --consumer (quick list, group.protocol=consumer)"
+SLUICE_BIN="$PY_SLUICE_BIN" bash tests/librdkafka/run.sh --consumer || rdk_rc=$?
 
 # --- JavaScript tests ----------------------------------------------------------------------
 echo "run.sh: node --test tests/js"

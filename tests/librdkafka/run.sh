@@ -4,6 +4,9 @@
 #   tests/librdkafka/run.sh            the quick list (tests/librdkafka/quick.txt), as .ci/run does
 #   tests/librdkafka/run.sh --all      every test in tests/librdkafka/allowlist.txt
 #   tests/librdkafka/run.sh 0012 0107:noautocreate   these tests (to try one outside the lists)
+#   tests/librdkafka/run.sh --consumer [--all | NNNN...]   the group tests under the KIP-848
+#       consumer protocol (TEST_CONSUMER_GROUP_PROTOCOL=consumer): consumer-quick.txt, or with
+#       --all consumer.txt, or the tests named
 #
 # The suite is librdkafka's `tests/` directory from the source the rdkafka-sys crate ships (the
 # same librdkafka version the Rust tests link). It is copied into $CARGO_TARGET_DIR and built
@@ -14,7 +17,9 @@
 # exits 0. Broker stderr and every test's output are kept in $OUT.
 #
 # Environment: SLUICE_BIN (default: the debug build), TEST_KAFKA_VERSION (default 3.9.0: the
-# version whose features the suite expects; tests needing newer ones skip themselves).
+# version whose features the suite expects; tests needing newer ones skip themselves; 4.0.0
+# under --consumer, which librdkafka needs for the consumer protocol),
+# TEST_CONSUMER_GROUP_PROTOCOL (classic or consumer; --consumer sets it), LIBRDKAFKA_TEST_TIMEOUT_S.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -26,16 +31,23 @@ OUT="$CARGO_TARGET_DIR/librdkafka-suite-out"
 SLUICE_BIN="${SLUICE_BIN:-$CARGO_TARGET_DIR/debug/sluice}"
 # One test may take this long before it counts as failed (test-runner has its own timeouts;
 # this bounds a hang).
-TEST_TIMEOUT_S=300
+TEST_TIMEOUT_S="${LIBRDKAFKA_TEST_TIMEOUT_S:-300}"
 
 die() { echo "librdkafka suite: $*" >&2; exit 1; }
 
 # Entries are "NNNN SCENARIO": a list line is "NNNN name [scenario]", scenario "default" if
 # none; on the command line "NNNN" or "NNNN:scenario".
 list() { grep -v '^#' "$1" | awk '$1 ~ /^[0-9][0-9][0-9][0-9]$/ {print $1, ($3 == "" ? "default" : $3)}'; }
+QUICK="$HERE/quick.txt" ALL="$HERE/allowlist.txt"
+if [ "${1:-}" = --consumer ]; then
+    shift
+    export TEST_CONSUMER_GROUP_PROTOCOL=consumer
+    export TEST_KAFKA_VERSION="${TEST_KAFKA_VERSION:-4.0.0}"
+    QUICK="$HERE/consumer-quick.txt" ALL="$HERE/consumer.txt"
+fi
 case "${1:-}" in
-    --all) mapfile -t TESTS < <(list "$HERE/allowlist.txt") ;;
-    "") mapfile -t TESTS < <(list "$HERE/quick.txt") ;;
+    --all) mapfile -t TESTS < <(list "$ALL") ;;
+    "") mapfile -t TESTS < <(list "$QUICK") ;;
     *) TESTS=(); for a in "$@"; do t=${a%%:*}; s=${a#*:}; [ "$s" = "$a" ] && s=default; TESTS+=("$t $s"); done ;;
 esac
 [ "${#TESTS[@]}" -gt 0 ] || die "no tests selected"
@@ -133,5 +145,5 @@ for scenario in default noautocreate; do
         fi
     done
 done
-echo "librdkafka suite: ${#passed[@]} passed, ${#failed[@]} failed${failed[*]:+: ${failed[*]}}"
+echo "librdkafka suite${TEST_CONSUMER_GROUP_PROTOCOL:+ (group.protocol=$TEST_CONSUMER_GROUP_PROTOCOL)}: ${#passed[@]} passed, ${#failed[@]} failed${failed[*]:+: ${failed[*]}}"
 [ "${#failed[@]}" -eq 0 ]

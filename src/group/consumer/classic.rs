@@ -143,6 +143,8 @@ impl Coordinator {
         }
         // The subscription of the first protocol (they all carry the same topics).
         let Some(sub) = offsets::decode_subscription(&req.protocols[0].metadata) else {
+            tracing::debug!(group = %req.group_id, metadata = ?req.protocols[0].metadata,
+                "classic member's subscription does not parse");
             return join_error(E::InconsistentGroupProtocol, &req.member_id);
         };
         if sub.topics.len() > SUBSCRIBED_TOPICS_MAX {
@@ -264,6 +266,9 @@ impl Coordinator {
             skip_assignment: false,
             members: vec![],
         };
+        tracing::debug!(group = %req.group_id, member = %member_id, generation = result.generation,
+            state = ?cg.members[&member_id].state, assigned = ?cg.members[&member_id].assigned,
+            owned = ?owned, "classic member joined a consumer group");
         queue_changes(&mut self.writes, &req.group_id, cg, &ch, partition);
         if group.state != GroupState::Stable {
             group.transition(GroupState::Stable, now_ms);
@@ -342,6 +347,8 @@ impl Coordinator {
         let rejoin = m.epoch < group_epoch
             || m.state == MemberState::UnrevokedPartitions
             || (m.state == MemberState::UnreleasedPartitions && waiting);
+        tracing::debug!(group = %group_id, member = %member_id, epoch = m.epoch, group_epoch,
+            state = ?m.state, waiting, rejoin, "classic member heartbeat in a consumer group");
         if rejoin {
             if m.revocation_deadline_ms.is_none() {
                 m.revocation_deadline_ms = Some(now_ms + m.rebalance_timeout_ms.max(0) as i64);

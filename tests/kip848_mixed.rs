@@ -1,0 +1,301 @@
+//! Mixed KIP-848 groups against the real broker with librdkafka: a `group.protocol=classic`
+//! member and a `group.protocol=consumer` member in one group, and a rolling upgrade of a
+//! classic group to the consumer protocol (and the downgrade when the last consumer-protocol
+//! member leaves). ListGroups and ConsumerGroupDescribe are read with raw frames at each step.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{topic_name, Broker, Client};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Fast heartbeats for both protocols, no initial rebalance delay.
+fn broker() -> Broker {
+    Broker::options()
+        .cores(2)
+        .args([
+            "--group-consumer-heartbeat-interval-ms",
+            "500",
+            "--group-consumer-session-timeout-ms",
+            "6000",
+            "--group-initial-rebalance-delay-ms",
+            "0",
+            "--log-level",
+            "info,sluice::group=debug",
+        ])
+        .start()
+}
+
+/// Prints librdkafka's log lines (with `KIP848_DEBUG=cgrp,...`).
+struct Logs;
+impl ClientContext for Logs {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        eprintln!("rdkafka {level:?} {fac}: {log_message}");
+    }
+}
+impl ConsumerContext for Logs {}
+
+type Consumer_ = BaseConsumer<Logs>;
+
+fn consumer(b: &Broker, group: &str, protocol: &str) -> Consumer_ {
+    with_client_id(b, group, protocol, "rdkafka")
+}
+
+fn owned(c: &Consumer_) -> BTreeSet<i32> {
+    c.assignment()
+        .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+        .unwrap_or_default()
+}
+
+/// What the consumers received: every delivery, and the records whose commit failed (those
+/// may be delivered again: at-least-once).
+#[derive(Default)]
+struct Seen {
+    deliveries: Vec<String>,
+    uncommitted: BTreeSet<String>,
+}
+
+impl Seen {
+    /// Records delivered more than once must all be records whose commit failed.
+    fn check_redeliveries(&self) {
+        let mut count: BTreeMap<&String, usize> = BTreeMap::new();
+        for d in &self.deliveries {
+            *count.entry(d).or_default() += 1;
+        }
+        for (r, n) in count {
+            assert!(
+                n == 1 || self.uncommitted.contains(r),
+                "{r} delivered {n} times although its commit succeeded"
+            );
+        }
+    }
+    fn distinct(&self) -> usize {
+        self.deliveries.iter().collect::<BTreeSet<_>>().len()
+    }
+}
+
+/// Polls every consumer, committing each record it gets, until `done` holds (bounded). Checks
+/// on every round that no partition is owned by two consumers at once.
+fn poll_until(
+    cs: &[&Consumer_],
+    seen: &mut Seen,
+    mut done: impl FnMut(&[&Consumer_], &Seen) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        for c in cs {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+                let v = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+                if c.commit_message(&m, CommitMode::Sync).is_err() {
+                    seen.uncommitted.insert(v.clone());
+                }
+                seen.deliveries.push(v);
+            }
+        }
+        let sets: Vec<BTreeSet<i32>> = cs.iter().map(|c| owned(c)).collect();
+        for (i, a) in sets.iter().enumerate() {
+            for b in &sets[i + 1..] {
+                assert!(a.is_disjoint(b), "two members own a partition: {sets:?}");
+            }
+        }
+        if done(cs, seen) {
+            eprintln!("condition reached after {:?}: {sets:?}", start.elapsed());
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT_MAX,
+            "condition not reached within {WAIT_MAX:?}; assignments {sets:?}, {} records",
+            seen.deliveries.len()
+        );
+    }
+}
+
+fn committed_of(c: &Consumer_, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    c.committed_offsets(tpl, Duration::from_secs(20))
+        .expect("committed offsets")
+        .elements()
+        .iter()
+        .map(|e| {
+            (
+                e.partition(),
+                match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => -1,
+                },
+            )
+        })
+        .collect()
+}
+
+fn s(x: &str) -> StrBytes {
+    StrBytes::from_string(x.to_string())
+}
+
+/// ListGroups v5: (type, state) of `group`.
+fn listed(b: &Broker, group: &str) -> Option<(String, String)> {
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    let l: ListGroupsResponse = c
+        .call_at(ApiKey::ListGroups, 5, &ListGroupsRequest::default())
+        .expect("list groups");
+    l.groups
+        .iter()
+        .find(|g| g.group_id.as_str() == group)
+        .map(|g| (g.group_type.to_string(), g.group_state.to_string()))
+}
+
+/// ConsumerGroupDescribe v0: the error and the members' (client id, assigned partitions).
+fn described(b: &Broker, group: &str) -> (i16, Vec<(String, usize)>) {
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    let d: ConsumerGroupDescribeResponse = c
+        .call_at(
+            ApiKey::ConsumerGroupDescribe,
+            0,
+            &ConsumerGroupDescribeRequest::default().with_group_ids(vec![GroupId(s(group))]),
+        )
+        .expect("describe");
+    let g = &d.groups[0];
+    let members = g
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.client_id.to_string(),
+                m.assignment
+                    .topic_partitions
+                    .iter()
+                    .map(|t| t.partitions.len())
+                    .sum(),
+            )
+        })
+        .collect();
+    (g.error_code, members)
+}
+
+fn with_client_id(b: &Broker, group: &str, protocol: &str, id: &str) -> Consumer_ {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", b.bootstrap())
+        .set("group.id", group)
+        .set("group.protocol", protocol)
+        .set("client.id", id)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false");
+    if protocol == "classic" {
+        cfg.set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
+    }
+    if let Ok(d) = std::env::var("KIP848_DEBUG") {
+        cfg.set("debug", d);
+    }
+    cfg.create_with_context(Logs).expect("consumer")
+}
+
+#[test]
+fn classic_and_consumer_members_share_a_topic_then_the_group_downgrades() {
+    let b = broker();
+    let topic = topic_name("mixed");
+    b.create_topic(&topic, 6);
+    let group = "mixed-group";
+    // The consumer-protocol member makes a consumer group; the classic one joins it.
+    let cons = with_client_id(&b, group, "consumer", "new-protocol");
+    cons.subscribe(&[&topic]).unwrap();
+    let mut seen = Seen::default();
+    poll_until(&[&cons], &mut seen, |cs, _| owned(cs[0]).len() == 6);
+    let classic = with_client_id(&b, group, "classic", "old-protocol");
+    classic.subscribe(&[&topic]).unwrap();
+    poll_until(&[&cons, &classic], &mut seen, |cs, _| {
+        owned(cs[0]).len() == 3 && owned(cs[1]).len() == 3
+    });
+    assert_eq!(
+        listed(&b, group).map(|l| l.0),
+        Some("consumer".to_string()),
+        "a classic member does not change the group's type"
+    );
+    let (err, mut members) = described(&b, group);
+    members.sort();
+    assert_eq!(
+        (err, members),
+        (
+            0,
+            vec![
+                ("new-protocol".to_string(), 3),
+                ("old-protocol".to_string(), 3)
+            ]
+        )
+    );
+    b.produce_to_partitions(&topic, 6, 10, "r1-");
+    poll_until(&[&cons, &classic], &mut seen, |_, s| s.distinct() >= 60);
+    assert_eq!(seen.deliveries.len(), 60, "every record consumed once");
+    // The consumer-protocol member leaves: only the classic member is left, the group goes
+    // back to classic and the classic member takes every partition.
+    drop(cons);
+    poll_until(&[&classic], &mut seen, |cs, _| owned(cs[0]).len() == 6);
+    assert_eq!(listed(&b, group).map(|l| l.0), Some("classic".to_string()));
+    assert_ne!(described(&b, group).0, 0, "no longer a consumer group");
+    b.produce_to_partitions(&topic, 6, 10, "r2-");
+    poll_until(&[&classic], &mut seen, |_, s| s.distinct() >= 120);
+    seen.check_redeliveries();
+    let want: BTreeMap<i32, i64> = (0..6).map(|p| (p, 20)).collect();
+    assert_eq!(committed_of(&classic, &topic, 6), want);
+}
+
+#[test]
+fn rolling_upgrade_from_classic_to_consumer_protocol_keeps_offsets() {
+    let b = broker();
+    let topic = topic_name("upgrade");
+    b.create_topic(&topic, 4);
+    let group = "upgrade-group";
+    let c1 = consumer(&b, group, "classic");
+    let c2 = consumer(&b, group, "classic");
+    c1.subscribe(&[&topic]).unwrap();
+    c2.subscribe(&[&topic]).unwrap();
+    let mut seen = Seen::default();
+    poll_until(&[&c1, &c2], &mut seen, |cs, _| {
+        owned(cs[0]).len() == 2 && owned(cs[1]).len() == 2
+    });
+    b.produce_to_partitions(&topic, 4, 10, "a-");
+    poll_until(&[&c1, &c2], &mut seen, |_, s| s.distinct() >= 40);
+    assert_eq!(listed(&b, group).map(|l| l.0), Some("classic".to_string()));
+    // Step 1: c1 is replaced by a consumer-protocol member; records keep flowing.
+    drop(c1);
+    let n1 = consumer(&b, group, "consumer");
+    n1.subscribe(&[&topic]).unwrap();
+    b.produce_to_partitions(&topic, 4, 10, "b-");
+    poll_until(&[&c2, &n1], &mut seen, |cs, s| {
+        s.distinct() >= 80 && !owned(cs[0]).is_empty() && !owned(cs[1]).is_empty()
+    });
+    assert_eq!(
+        listed(&b, group).map(|l| l.0),
+        Some("consumer".to_string()),
+        "upgraded when the first consumer-protocol member joined"
+    );
+    // Step 2: c2 is replaced too.
+    drop(c2);
+    let n2 = consumer(&b, group, "consumer");
+    n2.subscribe(&[&topic]).unwrap();
+    b.produce_to_partitions(&topic, 4, 10, "c-");
+    poll_until(&[&n1, &n2], &mut seen, |cs, s| {
+        s.distinct() >= 120 && owned(cs[0]).len() == 2 && owned(cs[1]).len() == 2
+    });
+    assert_eq!(listed(&b, group).map(|l| l.0), Some("consumer".to_string()));
+    let (err, members) = described(&b, group);
+    assert_eq!((err, members.len()), (0, 2));
+    // Nothing lost, and a record came twice only where its commit failed.
+    assert_eq!(seen.distinct(), 120);
+    seen.check_redeliveries();
+    let want: BTreeMap<i32, i64> = (0..4).map(|p| (p, 30)).collect();
+    assert_eq!(committed_of(&n1, &topic, 4), want);
+}

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
+use common::cluster::{client_config, read_back, Cluster};
 use common::history;
 use common::raw::Raw;
 use futures_lite::future::block_on;
@@ -22,7 +22,6 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
@@ -38,14 +37,6 @@ const NOT_ENOUGH_REPLICAS: i16 = 19;
 const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
 const REQUEST_TIMED_OUT: i16 = 7;
 const INVALID_PRODUCER_EPOCH: i16 = 47;
-
-fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set("broker.address.family", "v4")
-        .set("socket.timeout.ms", "20000");
-    c
-}
 
 fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
     client_config(bootstrap).create().expect("admin client")
@@ -1202,51 +1193,6 @@ fn produce_acked(bootstrap: &str, topic: &str, prefix: &str, n: usize) -> Vec<hi
     acked
 }
 
-/// Reads partition 0 of `topic` from the beginning through `bootstrap` until every value of
-/// `acked` has been read (bounded by `WAIT`; the history check reports what is missing), then
-/// half a second more: (offset, value) in the order read.
-fn read_back(bootstrap: &str, topic: &str, acked: &[history::Acked]) -> history::Reads {
-    let consumer: BaseConsumer = client_config(bootstrap)
-        .set("group.id", "cluster-tests-history")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "error")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("tpl");
-    consumer.assign(&tpl).expect("assign");
-    let mut want: BTreeSet<&str> = acked.iter().map(|a| a.value.as_str()).collect();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    let mut quiet_until: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        if now > deadline || quiet_until.is_some_and(|q| now > q) {
-            break;
-        }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(m)) => {
-                let v = String::from_utf8(m.payload().expect("payload").to_vec()).unwrap();
-                want.remove(v.as_str());
-                got.push((m.offset(), v));
-            }
-            Some(Err(rdkafka::error::KafkaError::MessageConsumption(
-                RDKafkaErrorCode::BrokerTransportFailure,
-            ))) => {}
-            Some(Err(e)) => panic!("consumer error: {e}"),
-        }
-        if want.is_empty() && quiet_until.is_none() {
-            quiet_until = Some(Instant::now() + Duration::from_millis(500));
-        }
-    }
-    let mut reads = history::Reads::new();
-    reads.insert(0, got);
-    reads
-}
-
 /// Waits until every node of `ids` holds the same bytes in partition 0 of `topic`. Trailing
 /// zeros are left out of the comparison: a replica whose tail was cut (conflict truncation)
 /// shortened its file and preallocates it again from there, so its zero-filled space past the
@@ -1331,7 +1277,7 @@ fn a_paused_leader_steps_down_and_rejoins_without_losing_or_diverging() {
         NOT_LEADER_OR_FOLLOWER
     );
 
-    let reads = read_back(&c.bootstrap(), "paused", &acked);
+    let reads = history::Reads::from([(0, read_back(&c.bootstrap(), "paused", &acked, WAIT))]);
     if let Err(e) = history::check(&acked, &reads) {
         panic!("history of {} acknowledged records:\n{e}", acked.len());
     }
@@ -1361,7 +1307,7 @@ fn a_full_cluster_crash_keeps_every_acknowledged_record_and_a_wiped_follower_is_
         agreed_leader(c, &ids, "crash", -1)
     });
     acked.extend(produce_acked(&c.bootstrap(), "crash", "after", 50));
-    let reads = read_back(&c.bootstrap(), "crash", &acked);
+    let reads = history::Reads::from([(0, read_back(&c.bootstrap(), "crash", &acked, WAIT))]);
     if let Err(e) = history::check(&acked, &reads) {
         panic!("after the full restart:\n{e}");
     }
@@ -1373,7 +1319,7 @@ fn a_full_cluster_crash_keeps_every_acknowledged_record_and_a_wiped_follower_is_
     std::fs::remove_dir_all(&dir).expect("wipe the follower's partition");
     c.node_mut(follower).restart();
     wait_logs_identical(&c, &ids, "crash");
-    let reads = read_back(&c.bootstrap(), "crash", &acked);
+    let reads = history::Reads::from([(0, read_back(&c.bootstrap(), "crash", &acked, WAIT))]);
     if let Err(e) = history::check(&acked, &reads) {
         panic!("after the follower was rebuilt:\n{e}");
     }
@@ -1515,7 +1461,7 @@ fn an_idempotent_producer_keeps_producing_through_a_leader_kill_without_duplicat
         "every record of an idempotent producer is delivered"
     );
     wait_logs_identical(&c, &ids, "idem");
-    let mut reads = read_back(&c.bootstrap(), "idem", &acked);
+    let mut reads = history::Reads::from([(0, read_back(&c.bootstrap(), "idem", &acked, WAIT))]);
     // The raw producer's three records all read "raw": checked above.
     for records in reads.values_mut() {
         records.retain(|(_, v)| v != "raw");

@@ -13,19 +13,17 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
+use common::cluster::{client_config, read_back, Cluster};
 use common::history;
 use futures_lite::future::block_on;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -40,14 +38,6 @@ const LONG_ROUNDS: usize = 50;
 const ACKS_PER_ROUND: usize = 100;
 const TOPIC: &str = "faults";
 const WAIT: Duration = Duration::from_secs(30);
-
-fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set("broker.address.family", "v4")
-        .set("socket.timeout.ms", "20000");
-    c
-}
 
 /// The leader of partition 0 every node of `among` names with one epoch (not `not`).
 fn agreed_leader(c: &Cluster, among: &[i32], not: i32) -> Option<(i32, i32)> {
@@ -288,7 +278,7 @@ fn run(rounds: usize) {
     let mut reads = history::Reads::new();
     reads.insert(0, through);
     let through_result = history::check(&acked, &reads);
-    let fresh = read_all(&c.bootstrap(), &acked);
+    let fresh = read_back(&c.bootstrap(), TOPIC, &acked, WAIT);
     let mut reads = history::Reads::new();
     reads.insert(0, fresh);
     let fresh_result = history::check(&acked, &reads);
@@ -314,41 +304,6 @@ fn run(rounds: usize) {
     if let Err(e) = fresh_result {
         panic!("seed {seed}: a fresh consumer:\n{e}");
     }
-}
-
-/// Reads partition 0 from the beginning until every acknowledged value is read (bounded by
-/// `WAIT`), then half a second more: (offset, value) in the order read.
-fn read_all(bootstrap: &str, acked: &[history::Acked]) -> Vec<(i64, String)> {
-    let consumer: BaseConsumer = client_config(bootstrap)
-        .set("group.id", "cluster-faults-check")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "error")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(TOPIC, 0, Offset::Beginning)
-        .expect("tpl");
-    consumer.assign(&tpl).expect("assign");
-    let mut want: BTreeSet<&str> = acked.iter().map(|a| a.value.as_str()).collect();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    let mut quiet_until: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        if now > deadline || quiet_until.is_some_and(|q| now > q) {
-            break;
-        }
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let v = String::from_utf8(m.payload().unwrap_or_default().to_vec()).unwrap_or_default();
-            want.remove(v.as_str());
-            got.push((m.offset(), v));
-        }
-        if want.is_empty() && quiet_until.is_none() {
-            quiet_until = Some(Instant::now() + Duration::from_millis(500));
-        }
-    }
-    got
 }
 
 fn rounds_from_env(default: usize) -> usize {

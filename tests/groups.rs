@@ -368,29 +368,6 @@ mod raw {
         StrBytes::from_string(x.to_string())
     }
 
-    /// Like a client: ask for the coordinator until the broker has loaded the group state.
-    fn wait_coordinator(c: &mut Client, group: &str) {
-        let deadline = Instant::now() + WAIT_MAX;
-        loop {
-            let r: FindCoordinatorResponse = c
-                .call_at(
-                    ApiKey::FindCoordinator,
-                    2,
-                    &FindCoordinatorRequest::default().with_key(s(group)),
-                )
-                .expect("find coordinator");
-            if r.error_code == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no coordinator: error {}",
-                r.error_code
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     fn join(c: &mut Client, group: &str, member: &str) -> JoinGroupResponse {
         let req = JoinGroupRequest::default()
             .with_group_id(GroupId(s(group)))
@@ -410,7 +387,7 @@ mod raw {
         let topic = topic_name("errs");
         b.create_topic(&topic, 1);
         let mut c = Client::connect(&b.bootstrap()).expect("connect");
-        wait_coordinator(&mut c, "eg");
+        c.wait_coordinator("eg", WAIT_MAX);
         // KIP-394: a first join without member id is told to come back with the one it is given.
         let first = join(&mut c, "eg", "");
         assert_eq!(first.error_code, ResponseError::MemberIdRequired.code());
@@ -532,7 +509,7 @@ mod raw {
     fn static_member_rejoins_without_rebalance_and_old_id_is_fenced() {
         let b = Broker::options().cores(2).start();
         let mut c = Client::connect(&b.bootstrap()).expect("connect");
-        wait_coordinator(&mut c, "sg");
+        c.wait_coordinator("sg", WAIT_MAX);
         let join_static = |c: &mut Client, member: &str| -> JoinGroupResponse {
             let req = JoinGroupRequest::default()
                 .with_group_id(GroupId(s("sg")))
@@ -604,7 +581,7 @@ mod raw {
         let topic = topic_name("known");
         b.create_topic(&topic, 1);
         let mut c = Client::connect(&b.bootstrap()).expect("connect");
-        wait_coordinator(&mut c, "cg");
+        c.wait_coordinator("cg", WAIT_MAX);
         let first = join(&mut c, "cg", "");
         let member = first.member_id.to_string();
         let joined = join(&mut c, "cg", &member);

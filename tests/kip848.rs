@@ -7,10 +7,11 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use common::consumers::{committed_of, owned};
 use common::{topic_name, Broker};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
 
@@ -41,12 +42,6 @@ fn consumer(b: &Broker, group: &str, extra: &[(&str, &str)]) -> BaseConsumer {
         cfg.set(*k, *v);
     }
     cfg.create().expect("consumer")
-}
-
-fn owned(c: &BaseConsumer) -> BTreeSet<i32> {
-    c.assignment()
-        .map(|a| a.elements().iter().map(|e| e.partition()).collect())
-        .unwrap_or_default()
 }
 
 /// Polls every consumer, committing each record it is given, until `done` holds (bounded).
@@ -85,27 +80,6 @@ fn poll_until(
 fn no_duplicates(seen: &[String]) {
     let unique: BTreeSet<&String> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "a record was delivered twice");
-}
-
-fn committed_of(c: &BaseConsumer, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    c.committed_offsets(tpl, Duration::from_secs(20))
-        .expect("committed offsets")
-        .elements()
-        .iter()
-        .map(|e| {
-            (
-                e.partition(),
-                match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => -1,
-                },
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -190,28 +164,6 @@ mod raw {
         StrBytes::from_string(x.to_string())
     }
 
-    fn wait_coordinator(c: &mut Client, group: &str) {
-        let deadline = Instant::now() + WAIT_MAX;
-        loop {
-            let r: FindCoordinatorResponse = c
-                .call_at(
-                    ApiKey::FindCoordinator,
-                    2,
-                    &FindCoordinatorRequest::default().with_key(s(group)),
-                )
-                .expect("find coordinator");
-            if r.error_code == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no coordinator: {}",
-                r.error_code
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     fn hb(c: &mut Client, req: ConsumerGroupHeartbeatRequest) -> ConsumerGroupHeartbeatResponse {
         c.call_at(ApiKey::ConsumerGroupHeartbeat, 1, &req)
             .expect("heartbeat")
@@ -248,7 +200,7 @@ mod raw {
                 .expect("advertised");
             assert_eq!((k.min_version, k.max_version), (0, 1));
         }
-        wait_coordinator(&mut c, "rg");
+        c.wait_coordinator("rg", WAIT_MAX);
         let r = hb(&mut c, join("rg", "m1", &topic));
         assert_eq!(r.error_code, 0, "{:?}", r.error_message);
         assert_eq!(r.member_epoch, 1);

@@ -8,6 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use common::consumers::{committed_of, owned};
 use common::{topic_name, Broker, Client};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
@@ -15,7 +16,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
 
@@ -49,12 +50,6 @@ type Consumer_ = BaseConsumer<Logs>;
 
 fn consumer(b: &Broker, group: &str, protocol: &str) -> Consumer_ {
     with_client_id(b, group, protocol, "rdkafka")
-}
-
-fn owned(c: &Consumer_) -> BTreeSet<i32> {
-    c.assignment()
-        .map(|a| a.elements().iter().map(|e| e.partition()).collect())
-        .unwrap_or_default()
 }
 
 /// What the consumers received: every delivery, and the records whose commit failed (those
@@ -118,27 +113,6 @@ fn poll_until(
             seen.deliveries.len()
         );
     }
-}
-
-fn committed_of(c: &Consumer_, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    c.committed_offsets(tpl, Duration::from_secs(20))
-        .expect("committed offsets")
-        .elements()
-        .iter()
-        .map(|e| {
-            (
-                e.partition(),
-                match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => -1,
-                },
-            )
-        })
-        .collect()
 }
 
 fn s(x: &str) -> StrBytes {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{topic_name, Broker, Client};
 use kafka_protocol::messages::*;
@@ -32,28 +32,6 @@ fn broker() -> Broker {
             "6000",
         ])
         .start()
-}
-
-fn wait_coordinator(c: &mut Client, group: &str) {
-    let deadline = Instant::now() + WAIT_MAX;
-    loop {
-        let r: FindCoordinatorResponse = c
-            .call_at(
-                ApiKey::FindCoordinator,
-                2,
-                &FindCoordinatorRequest::default().with_key(s(group)),
-            )
-            .expect("find coordinator");
-        if r.error_code == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no coordinator: {}",
-            r.error_code
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn heartbeat(c: &mut Client, req: ShareGroupHeartbeatRequest) -> ShareGroupHeartbeatResponse {
@@ -212,7 +190,7 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     b.produce_to_partitions(&topic, 1, 10, "r");
     let group = format!("g-{topic}");
     let mut c = Client::connect(&b.bootstrap()).expect("connect");
-    wait_coordinator(&mut c, &group);
+    c.wait_coordinator(&group, WAIT_MAX);
     assert_eq!(
         set_group_config(&mut c, &group, "share.auto.offset.reset", "earliest"),
         0

@@ -4,11 +4,18 @@
 //! data dir, every node is a controller voter, and every wait is bounded and polls a condition
 //! the nodes report over the Kafka protocol (Metadata).
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
 
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::history;
 use super::raw::Raw;
 use super::{Broker, BrokerOptions};
 
@@ -201,4 +208,60 @@ impl Cluster {
         ps.sort_by_key(|p| p.partition_index);
         Some(ps.iter().map(|p| p.leader_id.0).collect())
     }
+}
+
+/// librdkafka settings of the cluster tests' clients: IPv4 (the nodes listen on 127.0.0.i) and
+/// a socket timeout that outlasts an election.
+pub fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("broker.address.family", "v4")
+        .set("socket.timeout.ms", "20000");
+    c
+}
+
+/// Reads partition 0 of `topic` from the beginning through `bootstrap` until every value of
+/// `acked` has been read (bounded by `within`; the history check reports what is missing),
+/// then half a second more: (offset, value) in the order read. Consumer errors (a node still
+/// coming back) are reported and read past.
+pub fn read_back(
+    bootstrap: &str,
+    topic: &str,
+    acked: &[history::Acked],
+    within: Duration,
+) -> Vec<(i64, String)> {
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", "cluster-tests-history")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "error")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let mut want: BTreeSet<&str> = acked.iter().map(|a| a.value.as_str()).collect();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut quiet_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if now > deadline || quiet_until.is_some_and(|q| now > q) {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) => {
+                let v = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+                want.remove(v.as_str());
+                got.push((m.offset(), v));
+            }
+            Some(Err(e)) => eprintln!("read back: consumer error (read past): {e}"),
+        }
+        if want.is_empty() && quiet_until.is_none() {
+            quiet_until = Some(Instant::now() + Duration::from_millis(500));
+        }
+    }
+    got
 }

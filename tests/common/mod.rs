@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod consumers;
 pub mod history;
 pub mod raw;
 
@@ -579,5 +580,31 @@ impl Client {
     ) -> anyhow::Result<R::Response> {
         assert_eq!(api as i16, R::KEY, "request type and API key disagree");
         futures_lite::future::block_on(self.0.call_at(req, version))
+    }
+
+    /// Asks FindCoordinator (v2) for `group` until a coordinator answers, at most `within`.
+    pub fn wait_coordinator(&mut self, group: &str, within: Duration) {
+        use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, FindCoordinatorResponse};
+        let deadline = Instant::now() + within;
+        loop {
+            let r: FindCoordinatorResponse = self
+                .call_at(
+                    ApiKey::FindCoordinator,
+                    2,
+                    &FindCoordinatorRequest::default().with_key(
+                        kafka_protocol::protocol::StrBytes::from_string(group.into()),
+                    ),
+                )
+                .expect("find coordinator");
+            if r.error_code == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no coordinator: {}",
+                r.error_code
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

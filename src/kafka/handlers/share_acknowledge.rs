@@ -15,7 +15,7 @@ use kafka_protocol::messages::{ShareAcknowledgeRequest, ShareAcknowledgeResponse
 use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, with_partition};
-use super::share_common::{refuse_in_cluster, CLUSTER_MESSAGE};
+use super::share_common;
 use super::share_sessions::{self, ack_ranges, release_all, SessionKey};
 use crate::group::share_state::{self, FetchPart, StateKey};
 use crate::kafka::{Request, Response};
@@ -30,24 +30,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .with_error_message(msg.map(str_bytes)),
         )
     };
-    if let Some(c) = refuse_in_cluster() {
-        return fail(c, Some(CLUSTER_MESSAGE));
-    }
-    let (Some(group), Some(member)) = (
-        request.group_id.as_ref().map(|g| g.to_string()),
-        request.member_id.as_ref().map(|m| m.to_string()),
-    ) else {
-        return fail(
-            code(ResponseError::InvalidRequest),
-            Some("group and member id are required"),
-        );
-    };
-    if group.is_empty() || member.is_empty() {
-        return fail(
-            code(ResponseError::InvalidRequest),
-            Some("group and member id are required"),
-        );
-    }
+    let (group, member) =
+        match share_common::admit(request.group_id.as_deref(), request.member_id.as_ref()) {
+            Ok(ids) => ids,
+            Err((c, msg)) => return fail(c, msg),
+        };
     let epoch = request.share_session_epoch;
     if epoch == 0 {
         return fail(code(ResponseError::InvalidShareSessionEpoch), None);

@@ -18,3 +18,30 @@ pub fn refuse_in_cluster() -> Option<ErrorCode> {
         .is_some()
         .then(|| code(ResponseError::UnsupportedVersion))
 }
+
+/// The checks ShareFetch and ShareAcknowledge begin with: served on this node, and a group id
+/// and a member id given. The (group, member) ids, or the error and message to answer with.
+pub fn admit(
+    group_id: Option<&impl ToString>,
+    member_id: Option<&impl ToString>,
+) -> Result<(String, String), (ErrorCode, Option<&'static str>)> {
+    if let Some(c) = refuse_in_cluster() {
+        return Err((c, Some(CLUSTER_MESSAGE)));
+    }
+    let missing = || {
+        (
+            code(ResponseError::InvalidRequest),
+            Some("group and member id are required"),
+        )
+    };
+    let (Some(group), Some(member)) = (
+        group_id.map(|g| g.to_string()),
+        member_id.map(|m| m.to_string()),
+    ) else {
+        return Err(missing());
+    };
+    if group.is_empty() || member.is_empty() {
+        return Err(missing());
+    }
+    Ok((group, member))
+}

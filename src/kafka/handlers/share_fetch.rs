@@ -22,7 +22,7 @@ use kafka_protocol::messages::{ShareFetchRequest, ShareFetchResponse};
 use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, with_partition};
-use super::share_common::{refuse_in_cluster, CLUSTER_MESSAGE};
+use super::share_common;
 use super::share_sessions::{self, ack_ranges, release_all, Opened, SessionKey};
 use crate::group::share_partition::AckRange;
 use crate::group::share_state::{self, FetchPart, FetchPartResult, StateKey};
@@ -47,24 +47,11 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .with_error_message(msg.map(str_bytes)),
         )
     };
-    if let Some(c) = refuse_in_cluster() {
-        return fail(c, Some(CLUSTER_MESSAGE));
-    }
-    let (Some(group), Some(member)) = (
-        request.group_id.as_ref().map(|g| g.to_string()),
-        request.member_id.as_ref().map(|m| m.to_string()),
-    ) else {
-        return fail(
-            code(ResponseError::InvalidRequest),
-            Some("group and member id are required"),
-        );
-    };
-    if group.is_empty() || member.is_empty() {
-        return fail(
-            code(ResponseError::InvalidRequest),
-            Some("group and member id are required"),
-        );
-    }
+    let (group, member) =
+        match share_common::admit(request.group_id.as_deref(), request.member_id.as_ref()) {
+            Ok(ids) => ids,
+            Err((c, msg)) => return fail(c, msg),
+        };
     let epoch = request.share_session_epoch;
     // Acknowledgements by partition, and the partitions the request names.
     let mut acks: BTreeMap<([u8; 16], i32), Vec<AckRange>> = BTreeMap::new();

@@ -125,7 +125,7 @@ fn describe_offsets(c: &mut Client, group: &str, topic: &str) -> DescribeShareGr
     use describe_share_group_offsets_request::*;
     c.call_at(
         ApiKey::DescribeShareGroupOffsets,
-        0,
+        1,
         &DescribeShareGroupOffsetsRequest::default().with_groups(vec![
             DescribeShareGroupOffsetsRequestGroup::default()
                 .with_group_id(GroupId(s(group)))
@@ -167,9 +167,9 @@ fn share_apis_are_advertised_at_the_versions_served() {
     for (key, lo, hi) in [
         (ApiKey::ShareGroupHeartbeat, 1, 1),
         (ApiKey::ShareGroupDescribe, 1, 1),
-        (ApiKey::ShareFetch, 1, 1),
-        (ApiKey::ShareAcknowledge, 1, 1),
-        (ApiKey::DescribeShareGroupOffsets, 0, 0),
+        (ApiKey::ShareFetch, 1, 2),
+        (ApiKey::ShareAcknowledge, 1, 2),
+        (ApiKey::DescribeShareGroupOffsets, 0, 1),
         (ApiKey::AlterShareGroupOffsets, 0, 0),
         (ApiKey::DeleteShareGroupOffsets, 0, 0),
     ] {
@@ -306,7 +306,8 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     let r = acknowledge(&mut c, &group, "member-b", 2, id, (5, 9, 3));
     assert_eq!(r.responses[0].partitions[0].error_code, 0);
     let o = describe_offsets(&mut c, &group, &topic);
-    assert_eq!(o.groups[0].topics[0].partitions[0].start_offset, 10);
+    let p = &o.groups[0].topics[0].partitions[0];
+    assert_eq!((p.start_offset, p.lag), (10, 0));
 
     // Offsets of a group with members cannot be altered; once both left, they can.
     let alter = |c: &mut Client, offset: i64| -> AlterShareGroupOffsetsResponse {
@@ -344,7 +345,8 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     assert_eq!(r.error_code, 0);
     assert_eq!(r.responses[0].partitions[0].error_code, 0);
     let o = describe_offsets(&mut c, &group, &topic);
-    assert_eq!(o.groups[0].topics[0].partitions[0].start_offset, 3);
+    let p = &o.groups[0].topics[0].partitions[0];
+    assert_eq!((p.start_offset, p.lag), (3, 7));
     let del: DeleteShareGroupOffsetsResponse = c
         .call_at(
             ApiKey::DeleteShareGroupOffsets,
@@ -359,7 +361,8 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
         .expect("delete offsets");
     assert_eq!((del.error_code, del.responses[0].error_code), (0, 0));
     let o = describe_offsets(&mut c, &group, &topic);
-    assert_eq!(o.groups[0].topics[0].partitions[0].start_offset, -1);
+    let p = &o.groups[0].topics[0].partitions[0];
+    assert_eq!((p.start_offset, p.lag), (-1, -1));
     // An empty share group can be deleted; then it is unknown.
     let d: DeleteGroupsResponse = c
         .call_at(
@@ -377,4 +380,387 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
         )
         .expect("describe");
     assert_eq!(d.groups[0].error_code, err(ResponseError::GroupIdNotFound));
+}
+
+/// A ShareAcknowledge of partition 0 carrying `partitions` entries, each with `ranges`.
+fn acknowledge_ranges(
+    c: &mut Client,
+    group: &str,
+    member: &str,
+    epoch: i32,
+    topic: uuid::Uuid,
+    partitions: usize,
+    ranges: &[(i64, i64, i8)],
+) -> ShareAcknowledgeResponse {
+    use share_acknowledge_request::{AcknowledgePartition, AcknowledgeTopic, AcknowledgementBatch};
+    let batches: Vec<AcknowledgementBatch> = ranges
+        .iter()
+        .map(|(f, l, t)| {
+            AcknowledgementBatch::default()
+                .with_first_offset(*f)
+                .with_last_offset(*l)
+                .with_acknowledge_types(vec![*t])
+        })
+        .collect();
+    c.call_at(
+        ApiKey::ShareAcknowledge,
+        1,
+        &ShareAcknowledgeRequest::default()
+            .with_group_id(Some(GroupId(s(group))))
+            .with_member_id(Some(s(member)))
+            .with_share_session_epoch(epoch)
+            .with_topics(vec![AcknowledgeTopic::default()
+                .with_topic_id(topic)
+                .with_partitions(
+                    (0..partitions)
+                        .map(|_| {
+                            AcknowledgePartition::default()
+                                .with_partition_index(0)
+                                .with_acknowledgement_batches(batches.clone())
+                        })
+                        .collect(),
+                )]),
+    )
+    .expect("share acknowledge")
+}
+
+#[test]
+fn acknowledgement_work_is_bounded_overlaps_and_excess_are_invalid_requests() {
+    let b = broker();
+    let topic = topic_name("share-ackwork");
+    b.create_topic(&topic, 1);
+    b.produce_to_partitions(&topic, 1, 10, "r");
+    let group = format!("g-{topic}");
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    c.wait_coordinator(&group, WAIT_MAX);
+    assert_eq!(
+        set_group_config(&mut c, &group, "share.auto.offset.reset", "earliest"),
+        0
+    );
+    let id = topic_id(&mut c, &topic);
+    assert_eq!(
+        heartbeat(&mut c, join(&group, "member-a", &topic)).error_code,
+        0
+    );
+    let r = fetch(&mut c, &group, "member-a", 0, id, vec![]);
+    let got = &r.responses[0].partitions[0].acquired_records[0];
+    assert_eq!((got.first_offset, got.last_offset), (0, 4));
+    let codes = |r: &ShareAcknowledgeResponse| -> Vec<i16> {
+        assert_eq!(r.error_code, 0);
+        r.responses[0]
+            .partitions
+            .iter()
+            .map(|p| p.error_code)
+            .collect()
+    };
+    let invalid = err(ResponseError::InvalidRequest);
+    let state = err(ResponseError::InvalidRecordState);
+
+    // Overlapping ranges (tens of thousands over the same held records), a shared offset, and
+    // ranges out of order are refused whole: INVALID_REQUEST, nothing applied.
+    let many: Vec<(i64, i64, i8)> = (0..20_000).map(|_| (0, 4, 1)).collect();
+    let r = acknowledge_ranges(&mut c, &group, "member-a", 1, id, 1, &many);
+    assert_eq!(codes(&r), vec![invalid]);
+    let r = acknowledge_ranges(
+        &mut c,
+        &group,
+        "member-a",
+        2,
+        id,
+        1,
+        &[(0, 2, 1), (2, 4, 1)],
+    );
+    assert_eq!(codes(&r), vec![invalid]);
+    let r = acknowledge_ranges(
+        &mut c,
+        &group,
+        "member-a",
+        3,
+        id,
+        1,
+        &[(3, 4, 1), (0, 1, 1)],
+    );
+    assert_eq!(codes(&r), vec![invalid]);
+    // The same on a piggy-backed acknowledgement.
+    let overlapping = |f: i64, l: i64| {
+        share_fetch_request::AcknowledgementBatch::default()
+            .with_first_offset(f)
+            .with_last_offset(l)
+            .with_acknowledge_types(vec![1])
+    };
+    let r = fetch(
+        &mut c,
+        &group,
+        "member-a",
+        4,
+        id,
+        vec![overlapping(0, 4), overlapping(1, 3)],
+    );
+    assert_eq!(r.responses[0].partitions[0].acknowledge_error_code, invalid);
+
+    // The offsets one request's acknowledgements cover are bounded: ten partition entries of
+    // 10,000 offsets each are checked (and refused: not held), the eleventh is past the budget.
+    let r = acknowledge_ranges(&mut c, &group, "member-a", 5, id, 11, &[(0, 9_999, 1)]);
+    let mut want = vec![state; 10];
+    want.push(invalid);
+    assert_eq!(codes(&r), want);
+    // One range wider than the budget is refused without being walked.
+    let r = acknowledge_ranges(&mut c, &group, "member-a", 6, id, 1, &[(0, i64::MAX, 1)]);
+    assert_eq!(codes(&r), vec![invalid]);
+
+    // Nothing of those was applied: the member still holds 0..4 and accepts them, disjoint.
+    let r = acknowledge_ranges(
+        &mut c,
+        &group,
+        "member-a",
+        7,
+        id,
+        1,
+        &[(0, 1, 1), (2, 4, 1)],
+    );
+    assert_eq!(codes(&r), vec![0]);
+    let o = describe_offsets(&mut c, &group, &topic);
+    let p = &o.groups[0].topics[0].partitions[0];
+    assert_eq!((p.start_offset, p.lag), (5, 5));
+    // The lag (KIP-1226) leaves out records past the start already done with: 7 and 8 accepted
+    // while 5, 6 and 9 are still held.
+    let r = acknowledge_ranges(&mut c, &group, "member-a", 8, id, 1, &[(7, 8, 1)]);
+    assert_eq!(codes(&r), vec![0]);
+    let o = describe_offsets(&mut c, &group, &topic);
+    let p = &o.groups[0].topics[0].partitions[0];
+    assert_eq!((p.start_offset, p.lag), (5, 3));
+}
+
+/// A ShareFetch of partition 0 at `version` (the fetch parameters as given).
+#[allow(clippy::too_many_arguments)]
+fn fetch_at(
+    c: &mut Client,
+    version: i16,
+    (group, member, epoch): (&str, &str, i32),
+    topic: uuid::Uuid,
+    acks: &[(i64, i64, i8)],
+    renew: bool,
+    max_records: i32,
+    max_wait_ms: i32,
+) -> ShareFetchResponse {
+    use share_fetch_request::{AcknowledgementBatch, FetchPartition, FetchTopic};
+    let max_bytes = if max_records == 0 { 0 } else { 1 << 20 };
+    c.call_at(
+        ApiKey::ShareFetch,
+        version,
+        &ShareFetchRequest::default()
+            .with_group_id(Some(GroupId(s(group))))
+            .with_member_id(Some(s(member)))
+            .with_share_session_epoch(epoch)
+            .with_max_wait_ms(max_wait_ms)
+            .with_min_bytes(if max_records == 0 { 0 } else { 1 })
+            .with_max_bytes(max_bytes)
+            .with_max_records(max_records)
+            .with_batch_size(max_records)
+            .with_share_acquire_mode(if version >= 2 { 1 } else { 0 })
+            .with_is_renew_ack(renew)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic_id(topic)
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition_index(0)
+                    .with_acknowledgement_batches(
+                        acks.iter()
+                            .map(|(f, l, t)| {
+                                AcknowledgementBatch::default()
+                                    .with_first_offset(*f)
+                                    .with_last_offset(*l)
+                                    .with_acknowledge_types(vec![*t])
+                            })
+                            .collect(),
+                    )])]),
+    )
+    .expect("share fetch")
+}
+
+#[test]
+fn renew_at_v2_extends_locks_without_counting_a_delivery() {
+    use std::time::Instant;
+    const LOCK_MS: u64 = 3_000;
+    let b = broker();
+    let topic = topic_name("share-renew");
+    b.create_topic(&topic, 1);
+    b.produce_to_partitions(&topic, 1, 5, "r");
+    let group = format!("g-{topic}");
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    c.wait_coordinator(&group, WAIT_MAX);
+    for (k, v) in [
+        ("share.auto.offset.reset", "earliest"),
+        ("share.record.lock.duration.ms", "3000"),
+    ] {
+        assert_eq!(set_group_config(&mut c, &group, k, v), 0);
+    }
+    let id = topic_id(&mut c, &topic);
+    for m in ["member-a", "member-b"] {
+        assert_eq!(heartbeat(&mut c, join(&group, m, &topic)).error_code, 0);
+    }
+    let invalid = err(ResponseError::InvalidRequest);
+
+    // a acquires all five with a v2 fetch (record-limit mode).
+    let r = fetch_at(&mut c, 2, (&group, "member-a", 0), id, &[], false, 5, 1000);
+    let acquired_at = Instant::now();
+    assert_eq!(r.error_code, 0);
+    assert_eq!(r.acquisition_lock_timeout_ms, LOCK_MS as i32);
+    let got = &r.responses[0].partitions[0].acquired_records;
+    assert_eq!(
+        got.iter()
+            .map(|a| (a.first_offset, a.last_offset, a.delivery_count))
+            .collect::<Vec<_>>(),
+        vec![(0, 4, 1)]
+    );
+    // b opens its session: nothing to acquire.
+    let r = fetch_at(&mut c, 2, (&group, "member-b", 0), id, &[], false, 5, 0);
+    assert!(r
+        .responses
+        .iter()
+        .all(|t| t.partitions.iter().all(|p| p.acquired_records.is_empty())));
+
+    // What Kafka refuses: Renew before v2, a renew-only fetch asking for records, an unknown
+    // acquire mode.
+    let r = acknowledge_ranges(&mut c, &group, "member-a", 1, id, 1, &[(0, 4, 4)]);
+    assert_eq!(r.responses[0].partitions[0].error_code, invalid);
+    let r = fetch_at(
+        &mut c,
+        1,
+        (&group, "member-a", 2),
+        id,
+        &[(0, 4, 4)],
+        false,
+        5,
+        0,
+    );
+    assert_eq!(r.responses[0].partitions[0].acknowledge_error_code, invalid);
+    let r = fetch_at(
+        &mut c,
+        2,
+        (&group, "member-a", 3),
+        id,
+        &[(0, 4, 4)],
+        true,
+        5,
+        0,
+    );
+    assert_eq!(r.error_code, invalid);
+    let bad_mode: ShareFetchResponse = c
+        .call_at(
+            ApiKey::ShareFetch,
+            2,
+            &ShareFetchRequest::default()
+                .with_group_id(Some(GroupId(s(&group))))
+                .with_member_id(Some(s("member-a")))
+                .with_share_session_epoch(3)
+                .with_share_acquire_mode(7),
+        )
+        .expect("share fetch");
+    assert_eq!(bad_mode.error_code, invalid);
+
+    // Halfway through the lock a renews it with a renew-only ShareFetch (nothing fetched).
+    std::thread::sleep(Duration::from_millis(LOCK_MS / 2).saturating_sub(acquired_at.elapsed()));
+    let renewed_at = Instant::now();
+    let r = fetch_at(
+        &mut c,
+        2,
+        (&group, "member-a", 3),
+        id,
+        &[(0, 4, 4)],
+        true,
+        0,
+        0,
+    );
+    assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+    let p = &r.responses[0].partitions[0];
+    assert_eq!(p.acknowledge_error_code, 0);
+    assert!(p.acquired_records.is_empty());
+    // Past the original lock (and before the renewed one ends) b still finds nothing.
+    std::thread::sleep(Duration::from_millis(LOCK_MS + 500).saturating_sub(acquired_at.elapsed()));
+    let r = fetch_at(&mut c, 2, (&group, "member-b", 1), id, &[], false, 5, 0);
+    assert!(
+        renewed_at.elapsed() < Duration::from_millis(LOCK_MS),
+        "too slow to observe the renewed lock"
+    );
+    assert!(r
+        .responses
+        .iter()
+        .all(|t| t.partitions.iter().all(|p| p.acquired_records.is_empty())));
+    // ShareAcknowledge v2 renews too, and answers the lock duration.
+    let r: ShareAcknowledgeResponse = {
+        use share_acknowledge_request::{
+            AcknowledgePartition, AcknowledgeTopic, AcknowledgementBatch,
+        };
+        c.call_at(
+            ApiKey::ShareAcknowledge,
+            2,
+            &ShareAcknowledgeRequest::default()
+                .with_group_id(Some(GroupId(s(&group))))
+                .with_member_id(Some(s("member-a")))
+                .with_share_session_epoch(4)
+                .with_is_renew_ack(true)
+                .with_topics(vec![AcknowledgeTopic::default()
+                    .with_topic_id(id)
+                    .with_partitions(vec![AcknowledgePartition::default()
+                        .with_partition_index(0)
+                        .with_acknowledgement_batches(vec![
+                            AcknowledgementBatch::default()
+                                .with_first_offset(0)
+                                .with_last_offset(1)
+                                .with_acknowledge_types(vec![4]),
+                        ])])]),
+        )
+        .expect("share acknowledge")
+    };
+    assert_eq!(r.error_code, 0);
+    assert_eq!(r.acquisition_lock_timeout_ms, LOCK_MS as i32);
+    assert_eq!(r.responses[0].partitions[0].error_code, 0);
+    // b cannot renew what a holds.
+    let r = fetch_at(
+        &mut c,
+        2,
+        (&group, "member-b", 2),
+        id,
+        &[(0, 4, 4)],
+        true,
+        0,
+        0,
+    );
+    assert_eq!(
+        r.responses[0].partitions[0].acknowledge_error_code,
+        err(ResponseError::InvalidRecordState)
+    );
+    // a stops renewing: the locks lapse (2-4 first, 0-1 renewed once more later) and b gets
+    // every record with its second delivery (renewals counted none).
+    let deadline = Instant::now() + WAIT_MAX;
+    let mut epoch = 3;
+    let mut got: std::collections::BTreeMap<i64, i16> = Default::default();
+    while got.len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "records never came back: {got:?}"
+        );
+        let r = fetch_at(
+            &mut c,
+            2,
+            (&group, "member-b", epoch),
+            id,
+            &[],
+            false,
+            5,
+            2000,
+        );
+        epoch += 1;
+        assert_eq!(r.error_code, 0);
+        for a in r
+            .responses
+            .iter()
+            .flat_map(|t| t.partitions.iter().flat_map(|p| p.acquired_records.iter()))
+        {
+            for o in a.first_offset..=a.last_offset {
+                assert!(got.insert(o, a.delivery_count).is_none(), "{o} twice");
+            }
+        }
+    }
+    assert_eq!(got, (0..5).map(|o| (o, 2)).collect());
 }

@@ -95,8 +95,11 @@ pub fn run(cmd: ShareGroupCommand, brokers: &str) -> Result<()> {
                     .with_group_id(GroupId(s(&group)))
                     .with_topics(None),
             ]);
-            let resp = block_on(c.call_at(&req, 0)).context("DescribeShareGroupOffsets")?;
-            println!("{:<40} {:>9} {:>14}", "TOPIC", "PARTITION", "START-OFFSET");
+            let resp = block_on(c.call_at(&req, 1)).context("DescribeShareGroupOffsets")?;
+            println!(
+                "{:<40} {:>9} {:>14} {:>10}",
+                "TOPIC", "PARTITION", "START-OFFSET", "LAG"
+            );
             for g in resp.groups {
                 check(
                     g.error_code,
@@ -106,10 +109,11 @@ pub fn run(cmd: ShareGroupCommand, brokers: &str) -> Result<()> {
                 for t in g.topics {
                     for p in t.partitions {
                         println!(
-                            "{:<40} {:>9} {:>14}",
+                            "{:<40} {:>9} {:>14} {:>10}",
                             t.topic_name.as_str(),
                             p.partition_index,
-                            p.start_offset
+                            p.start_offset,
+                            p.lag
                         );
                     }
                 }

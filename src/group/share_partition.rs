@@ -53,6 +53,9 @@ pub const ACK_GAP: i8 = 0;
 pub const ACK_ACCEPT: i8 = 1;
 pub const ACK_RELEASE: i8 = 2;
 pub const ACK_REJECT: i8 = 3;
+/// ShareFetch/ShareAcknowledge v2 (KIP-1222): the member keeps the record and its lock is
+/// extended by the lock duration from now, without counting a delivery.
+pub const ACK_RENEW: i8 = 4;
 
 #[derive(Debug, Clone)]
 pub struct InFlight {
@@ -81,6 +84,23 @@ pub struct Snapshot {
     pub state_epoch: i32,
     pub start_offset: i64,
     pub batches: Vec<StateBatch>,
+}
+
+impl Snapshot {
+    /// Records at or past the start offset whose delivery is complete (Acknowledged or
+    /// Archived): KIP-1226's `DeliveryCompleteCount`, which the lag leaves out.
+    pub fn delivery_complete_count(&self) -> i64 {
+        self.batches
+            .iter()
+            .filter(|b| b.state.terminal())
+            .map(|b| {
+                b.last
+                    .saturating_sub(b.first.max(self.start_offset))
+                    .saturating_add(1)
+                    .max(0)
+            })
+            .fold(0i64, i64::saturating_add)
+    }
 }
 
 /// One batch read from the log, as the acquisition needs it.
@@ -444,12 +464,38 @@ impl SharePartition {
     /// Applies `member`'s acknowledgements. All ranges are checked first: a range that is not
     /// wholly Acquired by `member` is INVALID_RECORD_STATE and nothing is applied; a malformed
     /// one is INVALID_REQUEST.
+    ///
+    /// The ranges must be in ascending offset order without overlapping (Kafka's
+    /// `validateAcknowledgementBatches` refuses a range starting before the previous one's
+    /// end; Sluice refuses a shared offset too): overlapping ranges would make the walk below
+    /// cost ranges × `max_record_locks` for one partition. With them disjoint and each inside
+    /// `[start, end)`, a partition's acknowledgement walks at most `max_record_locks` offsets.
     pub fn acknowledge(&mut self, member: &str, acks: &[AckRange]) -> Result<(), ErrorCode> {
+        // Renewing a lock needs the clock: only [`Self::acknowledge_at`] takes Renew.
+        if acks.iter().any(|a| a.types.contains(&ACK_RENEW)) {
+            return Err(ErrorCode::new(E::InvalidRequest));
+        }
+        self.acknowledge_at(member, acks, 0)
+    }
+
+    /// [`Self::acknowledge`], with Renew (KIP-1222) too: a renewed record stays Acquired by
+    /// `member` with its lock deadline moved to `now_ms` plus the lock duration, its delivery
+    /// count unchanged.
+    pub fn acknowledge_at(
+        &mut self,
+        member: &str,
+        acks: &[AckRange],
+        now_ms: i64,
+    ) -> Result<(), ErrorCode> {
         let cap = self.settings.max_record_locks as i64;
+        let mut prev_last: Option<i64> = None;
         for a in acks {
-            if a.first > a.last || a.types.is_empty() {
+            if a.first > a.last || a.types.is_empty() || prev_last.is_some_and(|p| a.first <= p) {
                 return Err(ErrorCode::new(E::InvalidRequest));
             }
+            prev_last = Some(a.last);
+        }
+        for a in acks {
             // Ranges from the wire may span all of i64: no arithmetic that can overflow.
             let Some(len) = a.last.checked_sub(a.first).and_then(|d| d.checked_add(1)) else {
                 return Err(ErrorCode::new(E::InvalidRecordState));
@@ -457,7 +503,7 @@ impl SharePartition {
             if a.types.len() != 1 && a.types.len() as i64 != len {
                 return Err(ErrorCode::new(E::InvalidRequest));
             }
-            if a.types.iter().any(|t| !(ACK_GAP..=ACK_REJECT).contains(t)) {
+            if a.types.iter().any(|t| !(ACK_GAP..=ACK_RENEW).contains(t)) {
                 return Err(ErrorCode::new(E::InvalidRequest));
             }
             // More than the window can hold cannot all be acquired.
@@ -474,7 +520,8 @@ impl SharePartition {
                     return Err(ErrorCode::new(E::InvalidRecordState));
                 };
                 let held = r.state == RecordState::Acquired && r.member.as_deref() == Some(member);
-                // A gap may be acknowledged wherever it is (it was never a record).
+                // A gap may be acknowledged wherever it is (it was never a record); only a
+                // held lock can be renewed.
                 if !(held || t == ACK_GAP && r.state == RecordState::Archived) {
                     return Err(ErrorCode::new(E::InvalidRecordState));
                 }
@@ -490,6 +537,12 @@ impl SharePartition {
                 match t {
                     ACK_ACCEPT => self.set(o, RecordState::Acknowledged),
                     ACK_RELEASE => self.give_back(o),
+                    ACK_RENEW => {
+                        // Nothing persisted changes: acquired records are stored Available.
+                        if let Some(r) = self.records.get_mut(&o) {
+                            r.deadline_ms = now_ms.saturating_add(self.settings.lock_duration_ms);
+                        }
+                    }
                     _ => self.set(o, RecordState::Archived),
                 }
             }
@@ -641,6 +694,93 @@ mod tests {
                     types: vec![ACK_ACCEPT]
                 }]
             ),
+            Err(ErrorCode::new(E::InvalidRecordState))
+        );
+    }
+
+    #[test]
+    fn overlapping_or_unordered_ranges_are_invalid_requests_and_apply_nothing() {
+        let mut sp = SharePartition::new(settings(), 0);
+        let a: Rc<str> = "a".into();
+        sp.acquire(&one(0, 9), 10, &a, 10, 0);
+        let r = |first, last| AckRange {
+            first,
+            last,
+            types: vec![ACK_ACCEPT],
+        };
+        for bad in [
+            vec![r(0, 4), r(0, 4)],
+            vec![r(0, 4), r(4, 6)],
+            vec![r(5, 6), r(0, 1)],
+        ] {
+            assert_eq!(
+                sp.acknowledge("a", &bad),
+                Err(ErrorCode::new(E::InvalidRequest))
+            );
+        }
+        assert_eq!(sp.start, 0);
+        sp.acknowledge("a", &[r(0, 4), r(5, 9)]).unwrap();
+        assert_eq!(sp.start, 10);
+    }
+
+    #[test]
+    fn the_lag_leaves_out_records_done_with_past_the_start() {
+        let mut sp = SharePartition::new(settings(), 0);
+        let a: Rc<str> = "a".into();
+        sp.acquire(&one(0, 9), 10, &a, 10, 0);
+        let r = |first, last, t| AckRange {
+            first,
+            last,
+            types: vec![t],
+        };
+        sp.acknowledge(
+            "a",
+            &[
+                r(0, 1, ACK_ACCEPT),
+                r(4, 5, ACK_REJECT),
+                r(7, 7, ACK_ACCEPT),
+            ],
+        )
+        .unwrap();
+        let snap = sp.snapshot();
+        assert_eq!(snap.start_offset, 2);
+        // 4, 5 and 7 are done with; 0 and 1 are below the start.
+        assert_eq!(snap.delivery_complete_count(), 3);
+    }
+
+    #[test]
+    fn renew_extends_the_lock_without_counting_a_delivery() {
+        let mut sp = SharePartition::new(settings(), 0);
+        let (a, b): (Rc<str>, Rc<str>) = ("a".into(), "b".into());
+        sp.acquire(&one(0, 3), 4, &a, 10, 0);
+        let renew = |first, last| AckRange {
+            first,
+            last,
+            types: vec![ACK_RENEW],
+        };
+        // Without the clock a Renew is refused; another member cannot renew a's records.
+        assert_eq!(
+            sp.acknowledge("a", &[renew(0, 1)]),
+            Err(ErrorCode::new(E::InvalidRequest))
+        );
+        assert_eq!(
+            sp.acknowledge_at("b", &[renew(0, 1)], 900),
+            Err(ErrorCode::new(E::InvalidRecordState))
+        );
+        sp.acknowledge_at("a", &[renew(0, 1)], 900).unwrap();
+        // 2 and 3 expire at 1000; 0 and 1 now at 1900, still held by a with one delivery.
+        assert_eq!(sp.expire(1000), 2);
+        assert_eq!(sp.records[&0].state, RecordState::Acquired);
+        assert_eq!(sp.records[&0].delivery_count, 1);
+        assert_eq!(
+            sp.acquire(&one(0, 3), 4, &b, 10, 1000).ranges,
+            vec![(2, 3, 2)]
+        );
+        assert_eq!(sp.expire(1899), 0);
+        assert_eq!(sp.expire(1900), 2);
+        // An expired lock cannot be renewed.
+        assert_eq!(
+            sp.acknowledge_at("a", &[renew(0, 0)], 1950),
             Err(ErrorCode::new(E::InvalidRecordState))
         );
     }

@@ -471,8 +471,9 @@ pub async fn write_state(key: &StateKey, s: Option<Snapshot>) -> Result<(), Erro
     .await
 }
 
-/// Every stored share-partition state of `group` on every shard: (topic id, partition, start).
-pub async fn group_states(group: &str) -> Vec<([u8; 16], i32, i64)> {
+/// Every stored share-partition state of `group` on every shard: (topic id, partition, start
+/// offset, records past the start whose delivery is complete).
+pub async fn group_states(group: &str) -> Vec<([u8; 16], i32, i64, i64)> {
     let g = group.to_string();
     let all = crate::shard::invoke_on_all(move || {
         let g = g.clone();
@@ -482,7 +483,14 @@ pub async fn group_states(group: &str) -> Vec<([u8; 16], i32, i64)> {
                 .borrow()
                 .iter()
                 .filter(|(k, _)| k.group == g)
-                .map(|(k, s)| (k.topic, k.partition, s.start_offset))
+                .map(|(k, s)| {
+                    (
+                        k.topic,
+                        k.partition,
+                        s.start_offset,
+                        s.delivery_complete_count(),
+                    )
+                })
                 .collect::<Vec<_>>()
         }
     })
@@ -588,10 +596,12 @@ pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResu
         s.truncate_below(log.log_start_offset().0);
         s.expire(clock.now_ms());
         if !part.acks.is_empty() {
-            out.ack_error = Some(match s.acknowledge(&part.member, &part.acks) {
-                Ok(()) => ErrorCode::NONE,
-                Err(e) => e,
-            });
+            out.ack_error = Some(
+                match s.acknowledge_at(&part.member, &part.acks, clock.now_ms()) {
+                    Ok(()) => ErrorCode::NONE,
+                    Err(e) => e,
+                },
+            );
         }
     }
     let readable_end = if part.settings.read_committed {

@@ -266,9 +266,10 @@ def test_share_group_cli_lists_describes_and_resets():
         described = cli("describe", group)
         assert described.returncode == 0, described.stderr
         assert f"{topic}:[0, 1]" in described.stdout
-        # Implicit acknowledgement accepted all five records of each partition.
+        # Implicit acknowledgement accepted all five records of each partition: no lag.
         rows = [l.split() for l in described.stdout.splitlines() if l.startswith(topic)]
-        assert sorted((int(p), int(o)) for _, p, o in rows) == [(0, 5), (1, 5)], described.stdout
+        assert sorted((int(p), int(o), int(lag)) for _, p, o, lag in rows) == [(0, 5, 0), (1, 5, 0)], \
+            described.stdout
         # Offsets of a group with members cannot move.
         busy = cli("reset-offsets", group, "--topic", topic, "--to-earliest")
         assert busy.returncode != 0 and "NON_EMPTY_GROUP" in busy.stderr, busy.stderr
@@ -280,6 +281,7 @@ def test_share_group_cli_lists_describes_and_resets():
         reset = cli("reset-offsets", group, "--topic", topic, "--to-offset", "2")
         assert reset.returncode == 0, reset.stderr
         rows = [l.split() for l in cli("describe", group).stdout.splitlines() if l.startswith(topic)]
-        assert sorted((int(p), int(o)) for _, p, o in rows) == [(0, 2), (1, 2)]
+        # Three records of each partition are to be delivered again.
+        assert sorted((int(p), int(o), int(lag)) for _, p, o, lag in rows) == [(0, 2, 3), (1, 2, 3)]
     finally:
         broker.stop()

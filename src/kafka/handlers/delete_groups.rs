@@ -22,7 +22,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         .await
         .unwrap_or_else(|e| e);
         if code == crate::types::ErrorCode::NONE {
-            for (t, p, _) in share_state::group_states(&id).await {
+            for (t, p, _, _) in share_state::group_states(&id).await {
                 let Some(meta) = share_state::topic_by_id(&t) else {
                     continue;
                 };

@@ -1,6 +1,8 @@
-//! ShareAcknowledge, version 1 (KIP-932; always flexible): Accept (1), Release (2), Reject (3)
-//! and Gap (0) per offset range, applied on each partition's share partition and persisted
-//! before the answer. Needs an open share session (epoch 0 is INVALID_SHARE_SESSION_EPOCH);
+//! ShareAcknowledge, versions 1-2 (KIP-932; always flexible): Accept (1), Release (2), Reject
+//! (3) and Gap (0) per offset range, and from version 2 Renew (4, KIP-1222: the lock is
+//! extended, no delivery counted; `IsRenewAck` is a hint the broker does not need), applied on
+//! each partition's share partition and persisted before the answer; version 2 answers the
+//! acquisition lock duration too. Needs an open share session (epoch 0 is INVALID_SHARE_SESSION_EPOCH);
 //! epoch -1 closes it after the acknowledgements and releases what the member still holds.
 //! Errors per partition: INVALID_RECORD_STATE for records not acquired by the member,
 //! INVALID_REQUEST for malformed ranges.
@@ -16,7 +18,7 @@ use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, with_partition};
 use super::share_common;
-use super::share_sessions::{self, ack_ranges, release_all, SessionKey};
+use super::share_sessions::{self, ack_ranges, release_all, renew_refused, AckBudget, SessionKey};
 use crate::group::share_state::{self, FetchPart, StateKey};
 use crate::kafka::{Request, Response};
 use crate::types::ErrorCode;
@@ -49,12 +51,21 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     };
     let node = crate::shard::local().broker.config.node_id;
     let mut by_topic: BTreeMap<[u8; 16], Vec<PartitionData>> = BTreeMap::new();
+    let mut budget = AckBudget::new();
     for t in &request.topics {
         let id = *t.topic_id.as_bytes();
         let meta = share_state::topic_by_id(&id);
         for p in &t.partitions {
+            let acks = ack_ranges(
+                p.acknowledgement_batches
+                    .iter()
+                    .map(|a| (a.first_offset, a.last_offset, &a.acknowledge_types)),
+            );
             let error = match &meta {
                 None => code(ResponseError::UnknownTopicId),
+                Some(_) if renew_refused(req.version, &acks) || !budget.take(&acks) => {
+                    code(ResponseError::InvalidRequest)
+                }
                 Some(meta) => {
                     let part = FetchPart {
                         key: StateKey {
@@ -64,11 +75,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                         },
                         member: member.clone(),
                         settings: opened.settings,
-                        acks: ack_ranges(
-                            p.acknowledgement_batches
-                                .iter()
-                                .map(|a| (a.first_offset, a.last_offset, &a.acknowledge_types)),
-                        ),
+                        acks,
                         max_records: 0,
                         bytes_max: 0,
                     };
@@ -98,15 +105,19 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         release_all(&group, &member, &opened.partitions).await;
     }
     req.respond(
-        &ShareAcknowledgeResponse::default().with_responses(
-            by_topic
-                .into_iter()
-                .map(|(t, ps)| {
-                    ShareAcknowledgeTopicResponse::default()
-                        .with_topic_id(uuid::Uuid::from_bytes(t))
-                        .with_partitions(ps)
-                })
-                .collect(),
-        ),
+        &ShareAcknowledgeResponse::default()
+            .with_acquisition_lock_timeout_ms(
+                opened.settings.lock_duration_ms.min(i32::MAX as i64) as i32
+            )
+            .with_responses(
+                by_topic
+                    .into_iter()
+                    .map(|(t, ps)| {
+                        ShareAcknowledgeTopicResponse::default()
+                            .with_topic_id(uuid::Uuid::from_bytes(t))
+                            .with_partitions(ps)
+                    })
+                    .collect(),
+            ),
     )
 }

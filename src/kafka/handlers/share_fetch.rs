@@ -1,4 +1,5 @@
-//! ShareFetch, version 1 (KIP-932; always flexible): acknowledges what the request carries, then
+//! ShareFetch, versions 1-2 (KIP-932; always flexible; version 2 adds `ShareAcquireMode` and
+//! Renew acknowledgements, KIP-1206 and KIP-1222): acknowledges what the request carries, then
 //! acquires records for the member on each partition's share partition (on the partition's
 //! owner shard, [`crate::group::share_state`]), and long-polls like Fetch when nothing could be
 //! acquired. Each partition answers its batches (whole, as stored) and the `acquired_records`
@@ -10,6 +11,9 @@
 //! after applying its acknowledgements (nothing is fetched) and releases what the member still
 //! holds. An unknown session is SHARE_SESSION_NOT_FOUND, a wrong epoch
 //! INVALID_SHARE_SESSION_EPOCH. Sessions live on the shard of the member's connection.
+//!
+//! A v2 request with `IsRenewAck` only acknowledges (Renew extends the locks of records the
+//! member holds): it fetches and waits for nothing, and its fetch parameters must be zero.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,7 +27,9 @@ use kafka_protocol::ResponseError;
 
 use super::common::{code, str_bytes, with_partition};
 use super::share_common;
-use super::share_sessions::{self, ack_ranges, release_all, Opened, SessionKey};
+use super::share_sessions::{
+    self, ack_ranges, release_all, renew_refused, AckBudget, Opened, SessionKey,
+};
 use crate::group::share_partition::AckRange;
 use crate::group::share_state::{self, FetchPart, FetchPartResult, StateKey};
 use crate::kafka::{Request, Response};
@@ -37,6 +43,10 @@ const SHARE_FETCH_RECORDS_MAX: usize = 10_000;
 /// Records acquired when the request asks for none (`max_records` 0 or less), as Kafka's
 /// default `max.poll.records`.
 const SHARE_FETCH_RECORDS_DEFAULT: usize = 500;
+/// `ShareAcquireMode` (v2, KIP-1206): batch-optimized (0) may acquire past `max_records` to
+/// end on a batch boundary, record-limit (1) never does. Sluice acquires at most
+/// `max_records` in both: what a batch-optimized consumer accepts as well.
+const ACQUIRE_MODES: [i8; 2] = [0, 1];
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: ShareFetchRequest = crate::decode_or_close!(req, b);
@@ -52,6 +62,25 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             Ok(ids) => ids,
             Err((c, msg)) => return fail(c, msg),
         };
+    if !ACQUIRE_MODES.contains(&request.share_acquire_mode) {
+        return fail(
+            code(ResponseError::InvalidRequest),
+            Some("unknown share acquire mode"),
+        );
+    }
+    // A renew-only ShareFetch (v2, KIP-1222) acknowledges and fetches nothing: its fetch
+    // parameters must all be zero.
+    if request.is_renew_ack
+        && (request.max_bytes != 0
+            || request.min_bytes != 0
+            || request.max_records != 0
+            || request.max_wait_ms != 0)
+    {
+        return fail(
+            code(ResponseError::InvalidRequest),
+            Some("a renew acknowledgement fetches nothing: max wait, min and max bytes and max records must be 0"),
+        );
+    }
     let epoch = request.share_session_epoch;
     // Acknowledgements by partition, and the partitions the request names.
     let mut acks: BTreeMap<([u8; 16], i32), Vec<AckRange>> = BTreeMap::new();
@@ -102,7 +131,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     } = opened;
     // Records a replaced session or forgotten partitions held go back to the group.
     release_all(&group, &member, &released).await;
-    let max_records = if closing {
+    let max_records = if closing || request.is_renew_ack {
         0
     } else if request.max_records <= 0 {
         SHARE_FETCH_RECORDS_DEFAULT
@@ -126,6 +155,16 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let started = clock.now_ms();
     let max_wait = request.max_wait_ms.max(0) as i64;
     let mut results: BTreeMap<([u8; 16], i32), FetchPartResult> = BTreeMap::new();
+    // Partitions whose acknowledgements go past the request's budget, or carry Renew before
+    // v2: refused, not applied.
+    let mut ack_budget = AckBudget::new();
+    acks.retain(|tp, ranges| {
+        let fits = !renew_refused(req.version, ranges) && ack_budget.take(ranges);
+        if !fits {
+            results.entry(*tp).or_default().ack_error = Some(code(ResponseError::InvalidRequest));
+        }
+        fits
+    });
     let mut left = max_records;
     loop {
         let mut waits: Vec<(

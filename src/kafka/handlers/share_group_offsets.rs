@@ -1,8 +1,9 @@
-//! The share-group offset admin APIs (KIP-932), version 0 each (always flexible):
-//! DescribeShareGroupOffsets (the start offset of each share partition, -1 where the group has
-//! no state yet), AlterShareGroupOffsets (moves share partitions to a start offset, dropping
-//! what is in flight; the group must be empty) and DeleteShareGroupOffsets (forgets the
-//! group's state for whole topics; the group must be empty). Offsets live in
+//! The share-group offset admin APIs (KIP-932; always flexible): DescribeShareGroupOffsets
+//! versions 0-1 (the start offset of each share partition, -1 where the group has no state yet,
+//! and from version 1 its lag, KIP-1226), AlterShareGroupOffsets version 0 (moves share
+//! partitions to a start offset, dropping what is in flight; the group must be empty) and
+//! DeleteShareGroupOffsets version 0 (forgets the group's state for whole topics; the group
+//! must be empty). Offsets live in
 //! `__share_group_state` ([`crate::group::share_state`]).
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ use super::share_common::{refuse_in_cluster, CLUSTER_MESSAGE};
 use crate::group::on_coordinator;
 use crate::group::share_state::{self, StateKey};
 use crate::kafka::{Request, Response};
+use crate::metadata::TopicMeta;
 use crate::types::ErrorCode;
 
 /// Checks (and for Alter creates) the empty share group on its coordinator.
@@ -50,6 +52,19 @@ async fn is_share_group(group: &str) -> Result<(), ErrorCode> {
     }
 }
 
+/// KIP-1226's lag of a share partition: the records from its start offset to the log end (the
+/// high watermark) whose delivery is not complete; -1 where the group has no state there or the
+/// log cannot be read.
+async fn lag(meta: &TopicMeta, partition: i32, start: i64, done: i64) -> i64 {
+    if start < 0 {
+        return -1;
+    }
+    match with_partition(meta, partition, |log| async move { log.high_watermark().0 }).await {
+        Ok(end) => end.saturating_sub(start).saturating_sub(done).max(0),
+        Err(_) => -1,
+    }
+}
+
 pub async fn describe(req: &Request<'_>, mut b: Bytes) -> Response {
     let request: DescribeShareGroupOffsetsRequest = crate::decode_or_close!(req, b);
     let image = crate::shard::local().broker.image();
@@ -71,55 +86,55 @@ pub async fn describe(req: &Request<'_>, mut b: Bytes) -> Response {
         match g.topics {
             None => {
                 // Every share partition the group has state for, grouped by topic.
-                let mut by_topic: std::collections::BTreeMap<[u8; 16], Vec<(i32, i64)>> =
+                let mut by_topic: std::collections::BTreeMap<[u8; 16], Vec<(i32, i64, i64)>> =
                     Default::default();
-                for (t, p, start) in states {
-                    by_topic.entry(t).or_default().push((p, start));
+                for (t, p, start, done) in states {
+                    by_topic.entry(t).or_default().push((p, start, done));
                 }
                 for (t, ps) in by_topic {
                     let Some(meta) = image.topic_by_id(&t) else {
                         continue;
                     };
+                    let mut parts = Vec::with_capacity(ps.len());
+                    for (p, start, done) in ps {
+                        parts.push(
+                            DescribeShareGroupOffsetsResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_start_offset(start)
+                                .with_leader_epoch(0)
+                                .with_lag(lag(meta, p, start, done).await),
+                        );
+                    }
                     topics.push(
                         DescribeShareGroupOffsetsResponseTopic::default()
                             .with_topic_name(topic_name(&meta.name))
                             .with_topic_id(uuid::Uuid::from_bytes(t))
-                            .with_partitions(
-                                ps.into_iter()
-                                    .map(|(p, start)| {
-                                        DescribeShareGroupOffsetsResponsePartition::default()
-                                            .with_partition_index(p)
-                                            .with_start_offset(start)
-                                            .with_leader_epoch(0)
-                                    })
-                                    .collect(),
-                            ),
+                            .with_partitions(parts),
                     );
                 }
             }
             Some(wanted) => {
                 for t in wanted {
                     let meta = image.topic(t.topic_name.as_str());
-                    let parts = t
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            let out = DescribeShareGroupOffsetsResponsePartition::default()
-                                .with_partition_index(*p);
-                            match meta {
-                                Some(m) if *p >= 0 && *p < m.partition_count() => {
-                                    let start = states
-                                        .iter()
-                                        .find(|(tid, tp, _)| *tid == m.id && tp == p)
-                                        .map_or(-1, |s| s.2);
-                                    out.with_start_offset(start).with_leader_epoch(0)
-                                }
-                                _ => out.with_start_offset(-1).with_error_code(
-                                    req.error_code(code(ResponseError::UnknownTopicOrPartition)),
-                                ),
+                    let mut parts = Vec::with_capacity(t.partitions.len());
+                    for p in &t.partitions {
+                        let out = DescribeShareGroupOffsetsResponsePartition::default()
+                            .with_partition_index(*p);
+                        parts.push(match meta {
+                            Some(m) if *p >= 0 && *p < m.partition_count() => {
+                                let (start, done) = states
+                                    .iter()
+                                    .find(|(tid, tp, ..)| *tid == m.id && tp == p)
+                                    .map_or((-1, 0), |s| (s.2, s.3));
+                                out.with_start_offset(start)
+                                    .with_leader_epoch(0)
+                                    .with_lag(lag(m, *p, start, done).await)
                             }
-                        })
-                        .collect();
+                            _ => out.with_start_offset(-1).with_error_code(
+                                req.error_code(code(ResponseError::UnknownTopicOrPartition)),
+                            ),
+                        });
+                    }
                     topics.push(
                         DescribeShareGroupOffsetsResponseTopic::default()
                             .with_topic_name(t.topic_name.clone())
@@ -215,7 +230,7 @@ pub async fn delete(req: &Request<'_>, mut b: Bytes) -> Response {
             Some(m) => {
                 let mut err = ErrorCode::NONE;
                 // Only partitions with state: the others have nothing to forget.
-                for (_, p, _) in states.iter().filter(|(tid, _, _)| *tid == m.id) {
+                for (_, p, _, _) in states.iter().filter(|(tid, ..)| *tid == m.id) {
                     let key = StateKey {
                         group: group.clone(),
                         topic: m.id,

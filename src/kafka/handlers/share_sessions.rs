@@ -10,7 +10,7 @@ use kafka_protocol::ResponseError;
 use super::common::{code, with_partition};
 use crate::group::on_coordinator;
 use crate::group::share::PartitionSettings;
-use crate::group::share_partition::AckRange;
+use crate::group::share_partition::{AckRange, ACK_RENEW};
 use crate::group::share_state::{self, StateKey};
 use crate::types::ErrorCode;
 
@@ -151,6 +151,49 @@ pub async fn open_or_advance(
             released,
         })
     })
+}
+
+/// Most offsets the acknowledgements of one ShareFetch or ShareAcknowledge may cover, summed
+/// over its partitions. One partition's ranges must be disjoint and inside its in-flight window
+/// (the share partition refuses them otherwise), so each partition costs at most
+/// `group.share.partition.max.record.locks` (at most 10,000) offsets to check and apply; this
+/// bounds a request naming many partitions. Ten times the most records one ShareFetch acquires:
+/// a consumer acknowledges what its fetches returned, far below it. The partitions whose ranges
+/// go past it answer INVALID_REQUEST and nothing of theirs is applied.
+pub const ACK_OFFSETS_PER_REQUEST_MAX: u64 = 100_000;
+
+/// The first version of ShareFetch and ShareAcknowledge that carries Renew (KIP-1222).
+pub const RENEW_VERSION: i16 = 2;
+
+/// Whether a request of `version` carries an acknowledgement type it cannot: Renew before
+/// [`RENEW_VERSION`] (INVALID_REQUEST for the partition, as any unknown type).
+pub fn renew_refused(version: i16, ranges: &[AckRange]) -> bool {
+    version < RENEW_VERSION && ranges.iter().any(|a| a.types.contains(&ACK_RENEW))
+}
+
+/// What is left of a request's [`ACK_OFFSETS_PER_REQUEST_MAX`].
+pub struct AckBudget(u64);
+
+impl AckBudget {
+    pub fn new() -> AckBudget {
+        AckBudget(ACK_OFFSETS_PER_REQUEST_MAX)
+    }
+
+    /// Takes one partition's ranges (each counted as at least one offset, even malformed) out
+    /// of the budget; false, taking nothing, when they do not fit.
+    pub fn take(&mut self, ranges: &[AckRange]) -> bool {
+        let mut n: u64 = 0;
+        for a in ranges {
+            // i128: a range from the wire may span all of i64.
+            let len = (a.last as i128 - a.first as i128 + 1).clamp(1, u64::MAX as i128) as u64;
+            n = n.saturating_add(len);
+        }
+        if n > self.0 {
+            return false;
+        }
+        self.0 -= n;
+        true
+    }
 }
 
 /// Acknowledgement batches from the wire as ranges (checked by the share partition).

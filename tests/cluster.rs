@@ -1783,3 +1783,96 @@ fn leadership_returns_to_the_preferred_replica_after_it_restarts() {
         back.elapsed()
     );
 }
+
+/// Share groups (KIP-932) run on a single node only: in a cluster every share API answers
+/// UNSUPPORTED_VERSION with the reason, at the top level or per group as its response allows,
+/// on whichever node is asked.
+#[test]
+fn share_group_apis_are_refused_in_a_cluster() {
+    use kafka_protocol::messages::*;
+    const UNSUPPORTED_VERSION: i16 = 35;
+    const REASON: &str = "share groups run on a single node only";
+    let c = Cluster::start(3);
+    c.wait_controller(&c.ids());
+    let s = |x: &str| StrBytes::from_string(x.to_string());
+    let group = || GroupId(s("share-in-a-cluster"));
+    let topic = uuid::Uuid::from_bytes([9; 16]);
+    for id in c.ids() {
+        let mut raw = Raw::connect(c.node(id).addr);
+        let hb: ShareGroupHeartbeatResponse = raw.call(
+            ApiKey::ShareGroupHeartbeat,
+            1,
+            &ShareGroupHeartbeatRequest::default()
+                .with_group_id(group())
+                .with_member_id(s("member-a"))
+                .with_member_epoch(0)
+                .with_subscribed_topic_names(Some(vec![TopicName(s("t"))])),
+        );
+        assert_eq!(hb.error_code, UNSUPPORTED_VERSION, "node {id}");
+        assert_eq!(hb.error_message.as_deref(), Some(REASON));
+        assert_eq!(hb.member_epoch, -1);
+    }
+    let mut raw = Raw::connect(c.node(1).addr);
+    let d: ShareGroupDescribeResponse = raw.call(
+        ApiKey::ShareGroupDescribe,
+        1,
+        &ShareGroupDescribeRequest::default().with_group_ids(vec![group()]),
+    );
+    assert_eq!(d.groups[0].error_code, UNSUPPORTED_VERSION);
+    for version in [1, 2] {
+        let f: ShareFetchResponse = raw.call(
+            ApiKey::ShareFetch,
+            version,
+            &ShareFetchRequest::default()
+                .with_group_id(Some(group()))
+                .with_member_id(Some(s("member-a")))
+                .with_max_records(5)
+                .with_topics(vec![share_fetch_request::FetchTopic::default()
+                    .with_topic_id(topic)
+                    .with_partitions(vec![
+                        share_fetch_request::FetchPartition::default().with_partition_index(0),
+                    ])]),
+        );
+        assert_eq!(f.error_code, UNSUPPORTED_VERSION, "ShareFetch v{version}");
+        assert_eq!(f.error_message.as_deref(), Some(REASON));
+        assert!(f.responses.is_empty());
+        let a: ShareAcknowledgeResponse = raw.call(
+            ApiKey::ShareAcknowledge,
+            version,
+            &ShareAcknowledgeRequest::default()
+                .with_group_id(Some(group()))
+                .with_member_id(Some(s("member-a")))
+                .with_share_session_epoch(1),
+        );
+        assert_eq!(
+            a.error_code, UNSUPPORTED_VERSION,
+            "ShareAcknowledge v{version}"
+        );
+        assert_eq!(a.error_message.as_deref(), Some(REASON));
+    }
+    for version in [0, 1] {
+        let o: DescribeShareGroupOffsetsResponse = raw.call(
+            ApiKey::DescribeShareGroupOffsets,
+            version,
+            &DescribeShareGroupOffsetsRequest::default().with_groups(vec![
+                describe_share_group_offsets_request::DescribeShareGroupOffsetsRequestGroup::default()
+                    .with_group_id(group()),
+            ]),
+        );
+        assert_eq!(o.groups[0].error_code, UNSUPPORTED_VERSION);
+    }
+    let alter: AlterShareGroupOffsetsResponse = raw.call(
+        ApiKey::AlterShareGroupOffsets,
+        0,
+        &AlterShareGroupOffsetsRequest::default().with_group_id(group()),
+    );
+    assert_eq!(alter.error_code, UNSUPPORTED_VERSION);
+    assert_eq!(alter.error_message.as_deref(), Some(REASON));
+    let delete: DeleteShareGroupOffsetsResponse = raw.call(
+        ApiKey::DeleteShareGroupOffsets,
+        0,
+        &DeleteShareGroupOffsetsRequest::default().with_group_id(group()),
+    );
+    assert_eq!(delete.error_code, UNSUPPORTED_VERSION);
+    assert_eq!(delete.error_message.as_deref(), Some(REASON));
+}

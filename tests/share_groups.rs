@@ -61,64 +61,46 @@ fn topic_id(c: &mut Client, topic: &str) -> uuid::Uuid {
     r.topics[0].topic_id
 }
 
+/// A v1 ShareFetch of partition 0 (five records, 200 ms wait) with `acks`.
 fn fetch(
     c: &mut Client,
     group: &str,
     member: &str,
     epoch: i32,
     topic: uuid::Uuid,
-    acks: Vec<share_fetch_request::AcknowledgementBatch>,
+    acks: &[(i64, i64, i8)],
 ) -> ShareFetchResponse {
-    use share_fetch_request::{FetchPartition, FetchTopic};
-    c.call_at(
-        ApiKey::ShareFetch,
-        1,
-        &ShareFetchRequest::default()
-            .with_group_id(Some(GroupId(s(group))))
-            .with_member_id(Some(s(member)))
-            .with_share_session_epoch(epoch)
-            .with_max_wait_ms(200)
-            .with_min_bytes(1)
-            .with_max_bytes(1 << 20)
-            .with_max_records(5)
-            .with_batch_size(5)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic_id(topic)
-                .with_partitions(vec![FetchPartition::default()
-                    .with_partition_index(0)
-                    .with_acknowledgement_batches(acks)])]),
-    )
-    .expect("share fetch")
+    fetch_at(c, 1, (group, member, epoch), topic, acks, false, 5, 200)
 }
 
+/// A v1 ShareAcknowledge of one range of partition 0.
 fn acknowledge(
     c: &mut Client,
     group: &str,
     member: &str,
     epoch: i32,
     topic: uuid::Uuid,
-    (first, last, kind): (i64, i64, i8),
+    range: (i64, i64, i8),
 ) -> ShareAcknowledgeResponse {
-    use share_acknowledge_request::{AcknowledgePartition, AcknowledgeTopic, AcknowledgementBatch};
-    c.call_at(
-        ApiKey::ShareAcknowledge,
-        1,
-        &ShareAcknowledgeRequest::default()
-            .with_group_id(Some(GroupId(s(group))))
-            .with_member_id(Some(s(member)))
-            .with_share_session_epoch(epoch)
-            .with_topics(vec![AcknowledgeTopic::default()
-                .with_topic_id(topic)
-                .with_partitions(vec![AcknowledgePartition::default()
-                    .with_partition_index(0)
-                    .with_acknowledgement_batches(vec![
-                        AcknowledgementBatch::default()
-                            .with_first_offset(first)
-                            .with_last_offset(last)
-                            .with_acknowledge_types(vec![kind]),
-                    ])])]),
-    )
-    .expect("share acknowledge")
+    acknowledge_ranges(c, group, member, epoch, topic, 1, &[range])
+}
+
+/// A broker with a topic of one partition holding `records` records, and a share group on it
+/// starting at the earliest offset: (broker, client, topic, group, topic id).
+fn share_setup(prefix: &str, records: usize) -> (Broker, Client, String, String, uuid::Uuid) {
+    let b = broker();
+    let topic = topic_name(prefix);
+    b.create_topic(&topic, 1);
+    b.produce_to_partitions(&topic, 1, records, "r");
+    let group = format!("g-{topic}");
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    c.wait_coordinator(&group, WAIT_MAX);
+    assert_eq!(
+        set_group_config(&mut c, &group, "share.auto.offset.reset", "earliest"),
+        0
+    );
+    let id = topic_id(&mut c, &topic);
+    (b, c, topic, group, id)
 }
 
 fn describe_offsets(c: &mut Client, group: &str, topic: &str) -> DescribeShareGroupOffsetsResponse {
@@ -184,22 +166,11 @@ fn share_apis_are_advertised_at_the_versions_served() {
 
 #[test]
 fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
-    let b = broker();
-    let topic = topic_name("share-raw");
-    b.create_topic(&topic, 1);
-    b.produce_to_partitions(&topic, 1, 10, "r");
-    let group = format!("g-{topic}");
-    let mut c = Client::connect(&b.bootstrap()).expect("connect");
-    c.wait_coordinator(&group, WAIT_MAX);
-    assert_eq!(
-        set_group_config(&mut c, &group, "share.auto.offset.reset", "earliest"),
-        0
-    );
+    let (_b, mut c, topic, group, id) = share_setup("share-raw", 10);
     assert_eq!(
         set_group_config(&mut c, &group, "share.auto.offset.reset", "sometimes"),
         err(ResponseError::InvalidConfig)
     );
-    let id = topic_id(&mut c, &topic);
 
     // Two members of one partition both get it (the simple assignment shares it).
     let a = heartbeat(&mut c, join(&group, "member-a", &topic));
@@ -262,9 +233,9 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
         .any(|g| g.group_id.as_str() == group && g.group_type.as_str() == "share"));
 
     // Share sessions: an unknown session, then epoch 0 opens one.
-    let r = fetch(&mut c, &group, "member-a", 1, id, vec![]);
+    let r = fetch(&mut c, &group, "member-a", 1, id, &[]);
     assert_eq!(r.error_code, err(ResponseError::ShareSessionNotFound));
-    let r = fetch(&mut c, &group, "member-a", 0, id, vec![]);
+    let r = fetch(&mut c, &group, "member-a", 0, id, &[]);
     assert_eq!(r.error_code, 0);
     let p = &r.responses[0].partitions[0];
     assert_eq!(p.acquired_records.len(), 1);
@@ -275,11 +246,11 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     );
     assert!(p.records.as_ref().is_some_and(|r| !r.is_empty()));
     // b gets the next five, never a's.
-    let rb = fetch(&mut c, &group, "member-b", 0, id, vec![]);
+    let rb = fetch(&mut c, &group, "member-b", 0, id, &[]);
     let gb = &rb.responses[0].partitions[0].acquired_records[0];
     assert_eq!((gb.first_offset, gb.last_offset), (5, 9));
     // A wrong epoch; then b acknowledging a's records is INVALID_RECORD_STATE.
-    let r = fetch(&mut c, &group, "member-a", 7, id, vec![]);
+    let r = fetch(&mut c, &group, "member-a", 7, id, &[]);
     assert_eq!(r.error_code, err(ResponseError::InvalidShareSessionEpoch));
     let r = acknowledge(&mut c, &group, "member-b", 1, id, (0, 4, 1));
     assert_eq!(
@@ -290,17 +261,7 @@ fn members_share_partitions_sessions_check_epochs_and_acks_check_ownership() {
     let r = acknowledge(&mut c, &group, "member-a", 0, id, (0, 4, 1));
     assert_eq!(r.error_code, err(ResponseError::InvalidShareSessionEpoch));
     // a accepts its records (piggy-backed on a fetch), b rejects its own.
-    let r = fetch(
-        &mut c,
-        &group,
-        "member-a",
-        1,
-        id,
-        vec![share_fetch_request::AcknowledgementBatch::default()
-            .with_first_offset(0)
-            .with_last_offset(4)
-            .with_acknowledge_types(vec![1])],
-    );
+    let r = fetch(&mut c, &group, "member-a", 1, id, &[(0, 4, 1)]);
     assert_eq!(r.error_code, 0);
     assert_eq!(r.responses[0].partitions[0].acknowledge_error_code, 0);
     let r = acknowledge(&mut c, &group, "member-b", 2, id, (5, 9, 3));
@@ -426,23 +387,12 @@ fn acknowledge_ranges(
 
 #[test]
 fn acknowledgement_work_is_bounded_overlaps_and_excess_are_invalid_requests() {
-    let b = broker();
-    let topic = topic_name("share-ackwork");
-    b.create_topic(&topic, 1);
-    b.produce_to_partitions(&topic, 1, 10, "r");
-    let group = format!("g-{topic}");
-    let mut c = Client::connect(&b.bootstrap()).expect("connect");
-    c.wait_coordinator(&group, WAIT_MAX);
-    assert_eq!(
-        set_group_config(&mut c, &group, "share.auto.offset.reset", "earliest"),
-        0
-    );
-    let id = topic_id(&mut c, &topic);
+    let (_b, mut c, topic, group, id) = share_setup("share-ackwork", 10);
     assert_eq!(
         heartbeat(&mut c, join(&group, "member-a", &topic)).error_code,
         0
     );
-    let r = fetch(&mut c, &group, "member-a", 0, id, vec![]);
+    let r = fetch(&mut c, &group, "member-a", 0, id, &[]);
     let got = &r.responses[0].partitions[0].acquired_records[0];
     assert_eq!((got.first_offset, got.last_offset), (0, 4));
     let codes = |r: &ShareAcknowledgeResponse| -> Vec<i16> {
@@ -482,20 +432,7 @@ fn acknowledgement_work_is_bounded_overlaps_and_excess_are_invalid_requests() {
     );
     assert_eq!(codes(&r), vec![invalid]);
     // The same on a piggy-backed acknowledgement.
-    let overlapping = |f: i64, l: i64| {
-        share_fetch_request::AcknowledgementBatch::default()
-            .with_first_offset(f)
-            .with_last_offset(l)
-            .with_acknowledge_types(vec![1])
-    };
-    let r = fetch(
-        &mut c,
-        &group,
-        "member-a",
-        4,
-        id,
-        vec![overlapping(0, 4), overlapping(1, 3)],
-    );
+    let r = fetch(&mut c, &group, "member-a", 4, id, &[(0, 4, 1), (1, 3, 1)]);
     assert_eq!(r.responses[0].partitions[0].acknowledge_error_code, invalid);
 
     // The offsets one request's acknowledgements cover are bounded: ten partition entries of
@@ -581,20 +518,11 @@ fn fetch_at(
 fn renew_at_v2_extends_locks_without_counting_a_delivery() {
     use std::time::Instant;
     const LOCK_MS: u64 = 3_000;
-    let b = broker();
-    let topic = topic_name("share-renew");
-    b.create_topic(&topic, 1);
-    b.produce_to_partitions(&topic, 1, 5, "r");
-    let group = format!("g-{topic}");
-    let mut c = Client::connect(&b.bootstrap()).expect("connect");
-    c.wait_coordinator(&group, WAIT_MAX);
-    for (k, v) in [
-        ("share.auto.offset.reset", "earliest"),
-        ("share.record.lock.duration.ms", "3000"),
-    ] {
-        assert_eq!(set_group_config(&mut c, &group, k, v), 0);
-    }
-    let id = topic_id(&mut c, &topic);
+    let (_b, mut c, topic, group, id) = share_setup("share-renew", 5);
+    assert_eq!(
+        set_group_config(&mut c, &group, "share.record.lock.duration.ms", "3000"),
+        0
+    );
     for m in ["member-a", "member-b"] {
         assert_eq!(heartbeat(&mut c, join(&group, m, &topic)).error_code, 0);
     }

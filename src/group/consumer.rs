@@ -293,7 +293,8 @@ pub struct HeartbeatResult {
 }
 
 impl HeartbeatResult {
-    fn error(code: E, message: impl Into<String>) -> HeartbeatResult {
+    /// An error answer: no member, epoch -1 (KIP-848 and share groups alike).
+    pub(super) fn error(code: E, message: impl Into<String>) -> HeartbeatResult {
         HeartbeatResult {
             error: ErrorCode::new(code),
             message: Some(message.into()),

@@ -19,7 +19,7 @@ use kafka_protocol::ResponseError as E;
 
 use crate::types::ErrorCode;
 
-use super::consumer::{Assignment, Topics, SUBSCRIBED_TOPICS_MAX};
+use super::consumer::{Assignment, HeartbeatResult, Topics, SUBSCRIBED_TOPICS_MAX};
 use super::coordinator::{Coordinator, Write};
 use super::offsets;
 
@@ -240,29 +240,6 @@ pub struct ShareHeartbeat {
     pub client_host: String,
 }
 
-#[derive(Debug)]
-pub struct ShareHeartbeatResult {
-    pub error: ErrorCode,
-    pub message: Option<String>,
-    pub member_id: Option<String>,
-    pub member_epoch: i32,
-    pub heartbeat_interval_ms: i32,
-    pub assignment: Option<Assignment>,
-}
-
-impl ShareHeartbeatResult {
-    fn error(e: E, message: impl Into<String>) -> Self {
-        ShareHeartbeatResult {
-            error: ErrorCode::new(e),
-            message: Some(message.into()),
-            member_id: None,
-            member_epoch: -1,
-            heartbeat_interval_ms: 0,
-            assignment: None,
-        }
-    }
-}
-
 pub struct ShareMemberDescription {
     pub member_id: String,
     pub rack_id: Option<String>,
@@ -359,19 +336,19 @@ impl Coordinator {
         req: ShareHeartbeat,
         topics: &dyn Topics,
         now_ms: i64,
-    ) -> ShareHeartbeatResult {
+    ) -> HeartbeatResult {
         let cfg = self.config.share.clone();
         if req.group_id.is_empty() {
-            return ShareHeartbeatResult::error(E::InvalidRequest, "GroupId can't be empty.");
+            return HeartbeatResult::error(E::InvalidRequest, "GroupId can't be empty.");
         }
         if req.member_id.is_empty() || req.member_id.len() > MEMBER_ID_LEN_MAX {
-            return ShareHeartbeatResult::error(
+            return HeartbeatResult::error(
                 E::InvalidRequest,
                 "MemberId must be a non-empty string of at most 256 bytes.",
             );
         }
         if req.member_epoch < -1 {
-            return ShareHeartbeatResult::error(E::InvalidRequest, "MemberEpoch is invalid.");
+            return HeartbeatResult::error(E::InvalidRequest, "MemberEpoch is invalid.");
         }
         if req.member_epoch == 0
             && req
@@ -379,7 +356,7 @@ impl Coordinator {
                 .as_ref()
                 .is_none_or(|n| n.is_empty())
         {
-            return ShareHeartbeatResult::error(
+            return HeartbeatResult::error(
                 E::InvalidRequest,
                 "SubscribedTopicNames must be set in first request.",
             );
@@ -389,7 +366,7 @@ impl Coordinator {
             .as_ref()
             .is_some_and(|n| n.len() > SUBSCRIBED_TOPICS_MAX)
         {
-            return ShareHeartbeatResult::error(
+            return HeartbeatResult::error(
                 E::InvalidRequest,
                 format!("SubscribedTopicNames: at most {SUBSCRIBED_TOPICS_MAX} topics."),
             );
@@ -399,7 +376,7 @@ impl Coordinator {
             .get(&req.group_id)
             .is_some_and(|g| g.state != super::state::GroupState::Dead)
         {
-            return ShareHeartbeatResult::error(
+            return HeartbeatResult::error(
                 E::GroupIdNotFound,
                 format!("Group {} is not a share group.", req.group_id),
             );
@@ -407,7 +384,7 @@ impl Coordinator {
         let partition = self.partition_of(&req.group_id);
         if !self.share.contains_key(&req.group_id) {
             if req.member_epoch != 0 {
-                return ShareHeartbeatResult::error(
+                return HeartbeatResult::error(
                     E::GroupIdNotFound,
                     format!("Group {} not found.", req.group_id),
                 );
@@ -425,7 +402,7 @@ impl Coordinator {
                 self.writes
                     .push(share_member_tombstone(&gid, &req.member_id, partition));
             }
-            return ShareHeartbeatResult {
+            return HeartbeatResult {
                 error: ErrorCode::NONE,
                 message: None,
                 member_id: Some(req.member_id),
@@ -439,7 +416,7 @@ impl Coordinator {
         match g.members.get_mut(&req.member_id) {
             None => {
                 if req.member_epoch != 0 {
-                    return ShareHeartbeatResult::error(
+                    return HeartbeatResult::error(
                         E::UnknownMemberId,
                         format!(
                             "Member {} is not a member of group {}.",
@@ -448,7 +425,7 @@ impl Coordinator {
                     );
                 }
                 if g.members.len() >= cfg.max_size {
-                    return ShareHeartbeatResult::error(
+                    return HeartbeatResult::error(
                         E::GroupMaxSizeReached,
                         format!(
                             "The share group has reached its maximum capacity of {} members.",
@@ -475,7 +452,7 @@ impl Coordinator {
             }
             Some(m) => {
                 if req.member_epoch != 0 && req.member_epoch != m.epoch {
-                    return ShareHeartbeatResult::error(
+                    return HeartbeatResult::error(
                         E::FencedMemberEpoch,
                         format!(
                             "The share group member has a smaller or larger member epoch ({}) than the one known by the group coordinator ({}).",
@@ -512,7 +489,7 @@ impl Coordinator {
         } else {
             None
         };
-        let result = ShareHeartbeatResult {
+        let result = HeartbeatResult {
             error: ErrorCode::NONE,
             message: None,
             member_id: Some(m.id.clone()),

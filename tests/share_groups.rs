@@ -409,28 +409,12 @@ fn acknowledgement_work_is_bounded_overlaps_and_excess_are_invalid_requests() {
     // Overlapping ranges (tens of thousands over the same held records), a shared offset, and
     // ranges out of order are refused whole: INVALID_REQUEST, nothing applied.
     let many: Vec<(i64, i64, i8)> = (0..20_000).map(|_| (0, 4, 1)).collect();
-    let r = acknowledge_ranges(&mut c, &group, "member-a", 1, id, 1, &many);
-    assert_eq!(codes(&r), vec![invalid]);
-    let r = acknowledge_ranges(
-        &mut c,
-        &group,
-        "member-a",
-        2,
-        id,
-        1,
-        &[(0, 2, 1), (2, 4, 1)],
-    );
-    assert_eq!(codes(&r), vec![invalid]);
-    let r = acknowledge_ranges(
-        &mut c,
-        &group,
-        "member-a",
-        3,
-        id,
-        1,
-        &[(3, 4, 1), (0, 1, 1)],
-    );
-    assert_eq!(codes(&r), vec![invalid]);
+    let shared: &[(i64, i64, i8)] = &[(0, 2, 1), (2, 4, 1)];
+    let unordered: &[(i64, i64, i8)] = &[(3, 4, 1), (0, 1, 1)];
+    for (epoch, bad) in [(1, many.as_slice()), (2, shared), (3, unordered)] {
+        let r = acknowledge_ranges(&mut c, &group, "member-a", epoch, id, 1, bad);
+        assert_eq!(codes(&r), vec![invalid], "epoch {epoch}");
+    }
     // The same on a piggy-backed acknowledgement.
     let r = fetch(&mut c, &group, "member-a", 4, id, &[(0, 4, 1), (1, 3, 1)]);
     assert_eq!(r.responses[0].partitions[0].acknowledge_error_code, invalid);

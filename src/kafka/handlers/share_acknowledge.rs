@@ -51,7 +51,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     };
     let node = crate::shard::local().broker.config.node_id;
     let mut by_topic: BTreeMap<[u8; 16], Vec<PartitionData>> = BTreeMap::new();
-    let mut budget = AckBudget::new();
+    let mut budget = AckBudget::default();
     for t in &request.topics {
         let id = *t.topic_id.as_bytes();
         let meta = share_state::topic_by_id(&id);

@@ -157,7 +157,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let mut results: BTreeMap<([u8; 16], i32), FetchPartResult> = BTreeMap::new();
     // Partitions whose acknowledgements go past the request's budget, or carry Renew before
     // v2: refused, not applied.
-    let mut ack_budget = AckBudget::new();
+    let mut ack_budget = AckBudget::default();
     acks.retain(|tp, ranges| {
         let fits = !renew_refused(req.version, ranges) && ack_budget.take(ranges);
         if !fits {

@@ -174,11 +174,13 @@ pub fn renew_refused(version: i16, ranges: &[AckRange]) -> bool {
 /// What is left of a request's [`ACK_OFFSETS_PER_REQUEST_MAX`].
 pub struct AckBudget(u64);
 
-impl AckBudget {
-    pub fn new() -> AckBudget {
+impl Default for AckBudget {
+    fn default() -> AckBudget {
         AckBudget(ACK_OFFSETS_PER_REQUEST_MAX)
     }
+}
 
+impl AckBudget {
     /// Takes one partition's ranges (each counted as at least one offset, even malformed) out
     /// of the budget; false, taking nothing, when they do not fit.
     pub fn take(&mut self, ranges: &[AckRange]) -> bool {

@@ -1569,6 +1569,31 @@ fn status_row<'a>(out: &'a str, topic: &str) -> Option<Vec<&'a str>> {
         .find(|r| r.first() == Some(&topic) && r.get(1) == Some(&"0"))
 }
 
+/// DescribeQuorum v1 of partition 0 of `topic` asked of node `id`: (error, high watermark,
+/// each replica's (id, log end offset)).
+fn describe_quorum(c: &Cluster, id: i32, topic: &str) -> (i16, i64, Vec<(i32, i64)>) {
+    use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
+    use kafka_protocol::messages::{DescribeQuorumRequest, DescribeQuorumResponse};
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: DescribeQuorumResponse = raw.call(
+        ApiKey::DescribeQuorum,
+        1,
+        &DescribeQuorumRequest::default().with_topics(vec![TopicData::default()
+            .with_topic_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![PartitionData::default().with_partition_index(0)])]),
+    );
+    assert_eq!(r.error_code, 0);
+    let p = &r.topics[0].partitions[0];
+    (
+        p.error_code,
+        p.high_watermark,
+        p.current_voters
+            .iter()
+            .map(|v| (v.replica_id.0, v.log_end_offset))
+            .collect(),
+    )
+}
+
 #[test]
 fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     let mut c = Cluster::start(3);
@@ -1586,7 +1611,8 @@ fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     let out = c.wait_for("a healthy status with no lag", |c| {
         let (ok, out, _) = cluster_status(&c.bootstrap(), None);
         let row = status_row(&out, "watched")?;
-        (ok && out.contains("HEALTHY     yes") && row[6].split(',').all(|r| r.ends_with(":0")))
+        let caught_up = |col: &str| col.split(',').all(|r| r.ends_with(":0"));
+        (ok && out.contains("HEALTHY     yes") && caught_up(row[6]) && caught_up(row[7]))
             .then_some(out.clone())
     });
     assert!(out.contains(&format!("CONTROLLER  {controller}")), "{out}");
@@ -1610,9 +1636,25 @@ fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     assert!(ok && status_row(&only, "single").is_none(), "{only}");
     assert!(status_row(&only, "watched").is_some(), "{only}");
 
-    // A follower killed: the status says so, from any survivor.
+    // DescribeQuorum: the leader reports every replica's log end (all equal now), a follower
+    // refuses.
     let follower = ids.iter().copied().find(|id| *id != leader).unwrap();
+    let (error, hw, ends) = describe_quorum(&c, leader, "watched");
+    assert_eq!(error, 0);
+    assert_eq!(ends.len(), 3, "{ends:?}");
+    assert!(ends.iter().all(|(_, e)| *e == hw), "hw {hw}, {ends:?}");
+    assert_eq!(
+        describe_quorum(&c, follower, "watched").0,
+        NOT_LEADER_OR_FOLLOWER
+    );
+
+    // A follower killed: the status says so, from any survivor; records produced meanwhile
+    // are its lag in offsets (the leader still knows where its log ended).
     c.node_mut(follower).sigkill();
+    let more: usize = produce_everything(&c.node(leader).bootstrap(), "watched", 1)
+        .values()
+        .map(|v| v.len())
+        .sum();
     let survivors: String = ids
         .iter()
         .filter(|id| **id != follower)
@@ -1626,7 +1668,9 @@ fn cluster_status_shows_nodes_leaders_isr_and_lag() {
             let row = status_row(&out, "watched")?;
             (ok && out.contains("HEALTHY     no")
                 && !row[5].split(',').any(|n| n == follower.to_string())
-                && row[6].contains(&format!("{follower}:?")))
+                && row[6].split(',').any(|r| r == format!("{follower}:{more}"))
+                && row[6].split(',').any(|r| r == format!("{leader}:0"))
+                && row[7].contains(&format!("{follower}:?")))
             .then_some(out.clone())
         },
     );
@@ -1707,53 +1751,139 @@ fn move_leadership_off_preferred(c: &mut Cluster, topic: &str) -> (i32, i32) {
     (preferred, other)
 }
 
+/// Asks node `id` for the preferred election of partition 0 of `topic` until it succeeds.
+/// On a loaded machine the preferred replica may still be catching up (not in sync yet:
+/// PREFERRED_LEADER_NOT_AVAILABLE) or the transfer may outlast the request (REQUEST_TIMED_OUT);
+/// the operator (or a client) asks again, and a transfer that completed meanwhile answers
+/// ELECTION_NOT_NEEDED.
+fn elect_preferred_through(c: &Cluster, id: i32, topic: &str, preferred: i32) {
+    let ids = c.ids();
+    let asked = Instant::now();
+    c.wait_for("the preferred election succeeds", |c| {
+        match elect_leaders(c, id, topic, 0) {
+            (0, None) => Some(()),
+            (PREFERRED_LEADER_NOT_AVAILABLE | REQUEST_TIMED_OUT, _) => None,
+            (ELECTION_NOT_NEEDED | NOT_LEADER_OR_FOLLOWER, _) => agreed_leader(c, &ids, topic, -1)
+                .filter(|(l, _)| *l == preferred)
+                .map(|_| ()),
+            other => panic!("preferred election asked of node {id}: {other:?}"),
+        }
+    });
+    println!(
+        "preferred election asked of node {id} answered after {:?}",
+        asked.elapsed()
+    );
+    c.wait_for("every node names the preferred replica", |c| {
+        agreed_leader(c, &ids, topic, -1).filter(|(l, _)| *l == preferred)
+    });
+}
+
+/// Runs a kafka-python admin script (`bootstrap` is in `BOOTSTRAP`); its stdout, or `None`
+/// with a message when kafka-python is not installed (tests/run.sh installs it).
+fn kafka_python(bootstrap: &str, script: &str) -> Option<String> {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import kafka"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED the kafka-python part: python3 with kafka-python is not available");
+        return None;
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .env("BOOTSTRAP", bootstrap)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "kafka-python script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
-fn elect_leaders_hands_leadership_to_the_preferred_replica() {
+fn elect_leaders_hands_leadership_to_the_preferred_replica_asked_of_any_node() {
     let mut c = Cluster::start_with(
-        3,
+        4,
         common::BrokerOptions::default().env("SLUICE_AUTO_LEADER_REBALANCE_ENABLE", "false"),
     );
     let ids = c.ids();
     c.wait_controller(&ids);
     create(&c.bootstrap(), "elect", 1, 3).expect("create a topic of three replicas");
     let (preferred, leader) = move_leadership_off_preferred(&mut c, "elect");
-    let follower = ids
+    let replicas = replicas_in_order(&c, leader, "elect").unwrap();
+    // Unclean elections are refused with a reason.
+    let (e, m) = elect_leaders(&c, leader, "elect", 1);
+    assert_eq!(e, INVALID_REQUEST);
+    assert!(m.unwrap_or_default().contains("unclean"));
+
+    // Asked of a follower that is not the preferred replica: it forwards the transfer to the
+    // leader and answers once the preferred replica leads.
+    let follower = replicas
         .iter()
         .copied()
         .find(|i| *i != leader && *i != preferred)
         .unwrap();
-    // Unclean elections are refused with a reason; a follower does not serve the election.
-    let (e, m) = elect_leaders(&c, leader, "elect", 1);
-    assert_eq!(e, INVALID_REQUEST);
-    assert!(m.unwrap_or_default().contains("unclean"));
+    elect_preferred_through(&c, follower, "elect", preferred);
     assert_eq!(
         elect_leaders(&c, follower, "elect", 0).0,
-        NOT_LEADER_OR_FOLLOWER
+        ELECTION_NOT_NEEDED
     );
-    // The preferred election moves leadership, answered once the preferred replica leads.
-    // On a loaded machine the preferred replica may still be catching up (not in sync yet:
-    // PREFERRED_LEADER_NOT_AVAILABLE) or the transfer may outlast the request (REQUEST_TIMED_OUT);
-    // the operator (or a client) asks again.
-    let asked = Instant::now();
-    c.wait_for("the preferred election succeeds", |c| {
-        match elect_leaders(c, leader, "elect", 0) {
-            (0, None) => Some(()),
-            (PREFERRED_LEADER_NOT_AVAILABLE | REQUEST_TIMED_OUT, _) => None,
-            // A timed-out transfer that completed meanwhile: the old leader no longer leads.
-            (NOT_LEADER_OR_FOLLOWER, _) => agreed_leader(c, &ids, "elect", -1)
-                .filter(|(l, _)| *l == preferred)
-                .map(|_| ()),
-            other => panic!("preferred election: {other:?}"),
-        }
-    });
-    println!("preferred election answered after {:?}", asked.elapsed());
-    c.wait_for("every node names the preferred replica", |c| {
-        agreed_leader(c, &ids, "elect", -1).filter(|(l, _)| *l == preferred)
-    });
+
+    // Asked of the node that holds no replica of the partition.
+    let outsider = ids.iter().copied().find(|i| !replicas.contains(i)).unwrap();
+    assert_eq!(
+        elect_leaders(&c, outsider, "elect", 0).0,
+        ELECTION_NOT_NEEDED
+    );
+    let (_, leader) = move_leadership_off_preferred(&mut c, "elect");
+    elect_preferred_through(&c, outsider, "elect", preferred);
+
+    // Asked of the leader, which transfers at once.
+    let (_, leader2) = move_leadership_off_preferred(&mut c, "elect");
+    println!("leaders off the preferred replica {preferred}: {leader}, then {leader2}");
+    elect_preferred_through(&c, leader2, "elect", preferred);
     assert_eq!(
         elect_leaders(&c, preferred, "elect", 0).0,
         ELECTION_NOT_NEEDED
     );
+
+    // kafka-python's admin client sends ElectLeaders to the controller, whichever node that
+    // is; the election happens all the same.
+    move_leadership_off_preferred(&mut c, "elect");
+    let script = r#"
+import os
+from kafka.admin import KafkaAdminClient
+a = KafkaAdminClient(bootstrap_servers=os.environ["BOOTSTRAP"], request_timeout_ms=15000)
+r = a.elect_leaders(0, {"elect": [0]}, timeout_ms=10000, raise_errors=False)
+print(" ".join(str(p.error_code) for t in r.replica_election_results for p in t.partition_result))
+a.close()
+"#;
+    let asked = Instant::now();
+    let mut answered = false;
+    c.wait_for("kafka-python's preferred election succeeds", |c| {
+        let Some(out) = kafka_python(&c.bootstrap(), script) else {
+            return Some(());
+        };
+        answered = true;
+        match out.trim() {
+            "0" => Some(()),
+            "80" | "7" => None,
+            "84" => agreed_leader(c, &ids, "elect", -1)
+                .filter(|(l, _)| *l == preferred)
+                .map(|_| ()),
+            other => panic!("kafka-python elect_leaders: {other}"),
+        }
+    });
+    if answered {
+        println!(
+            "kafka-python's preferred election answered after {:?}",
+            asked.elapsed()
+        );
+        c.wait_for("every node names the preferred replica", |c| {
+            agreed_leader(c, &ids, "elect", -1).filter(|(l, _)| *l == preferred)
+        });
+    }
     // Records produced through all of it are there once.
     produce_everything(&c.bootstrap(), "elect", 1);
 }

@@ -112,6 +112,16 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// What the leader knows of one replica's log (see `ReplicatedPartition::replica_log_ends`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaProgress {
+    pub node: u64,
+    /// The offset after the last entry known to match the leader's log; `None` while unknown.
+    pub log_end: Option<Offset>,
+    pub caught_up_at: Option<std::time::Instant>,
+    pub heard_at: Option<std::time::Instant>,
+}
+
 /// One replica of a replicated partition, on the partition's shard.
 pub struct ReplicatedPartition {
     /// Idempotent batches proposed and not yet answered (leader-side KIP-98 checks).
@@ -363,6 +373,41 @@ impl ReplicatedPartition {
                             .group
                             .caught_up_at(*r)
                             .is_some_and(|at| now.saturating_duration_since(at) <= max_lag)
+                })
+                .collect(),
+        )
+    }
+
+    /// On the leader: the log end offset each of `replicas` is known to have, from raft
+    /// progress — this node's own log end, and for a follower the offset after its matched
+    /// index (what it holds that matches the leader's log) — with when it last caught up and
+    /// when it was last heard from. A follower's lag in offsets is the leader's log end minus
+    /// its own. `None` on a replica that is not the leader.
+    pub fn replica_log_ends(&self, replicas: &[u64]) -> Option<Vec<ReplicaProgress>> {
+        let status = self.group.status();
+        if status.role != Role::Leader {
+            return None;
+        }
+        let index = self.index.borrow();
+        Some(
+            replicas
+                .iter()
+                .map(|r| {
+                    if *r == status.node_id {
+                        ReplicaProgress {
+                            node: *r,
+                            log_end: Some(index.log_end()),
+                            caught_up_at: Some(std::time::Instant::now()),
+                            heard_at: Some(std::time::Instant::now()),
+                        }
+                    } else {
+                        ReplicaProgress {
+                            node: *r,
+                            log_end: self.group.matched(*r).map(|m| index.offset_after(m)),
+                            caught_up_at: self.group.caught_up_at(*r),
+                            heard_at: self.group.last_heard(*r),
+                        }
+                    }
                 })
                 .collect(),
         )

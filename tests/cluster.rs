@@ -1569,6 +1569,31 @@ fn status_row<'a>(out: &'a str, topic: &str) -> Option<Vec<&'a str>> {
         .find(|r| r.first() == Some(&topic) && r.get(1) == Some(&"0"))
 }
 
+/// DescribeQuorum v1 of partition 0 of `topic` asked of node `id`: (error, high watermark,
+/// each replica's (id, log end offset)).
+fn describe_quorum(c: &Cluster, id: i32, topic: &str) -> (i16, i64, Vec<(i32, i64)>) {
+    use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
+    use kafka_protocol::messages::{DescribeQuorumRequest, DescribeQuorumResponse};
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: DescribeQuorumResponse = raw.call(
+        ApiKey::DescribeQuorum,
+        1,
+        &DescribeQuorumRequest::default().with_topics(vec![TopicData::default()
+            .with_topic_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![PartitionData::default().with_partition_index(0)])]),
+    );
+    assert_eq!(r.error_code, 0);
+    let p = &r.topics[0].partitions[0];
+    (
+        p.error_code,
+        p.high_watermark,
+        p.current_voters
+            .iter()
+            .map(|v| (v.replica_id.0, v.log_end_offset))
+            .collect(),
+    )
+}
+
 #[test]
 fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     let mut c = Cluster::start(3);
@@ -1586,7 +1611,8 @@ fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     let out = c.wait_for("a healthy status with no lag", |c| {
         let (ok, out, _) = cluster_status(&c.bootstrap(), None);
         let row = status_row(&out, "watched")?;
-        (ok && out.contains("HEALTHY     yes") && row[6].split(',').all(|r| r.ends_with(":0")))
+        let caught_up = |col: &str| col.split(',').all(|r| r.ends_with(":0"));
+        (ok && out.contains("HEALTHY     yes") && caught_up(row[6]) && caught_up(row[7]))
             .then_some(out.clone())
     });
     assert!(out.contains(&format!("CONTROLLER  {controller}")), "{out}");
@@ -1610,9 +1636,25 @@ fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     assert!(ok && status_row(&only, "single").is_none(), "{only}");
     assert!(status_row(&only, "watched").is_some(), "{only}");
 
-    // A follower killed: the status says so, from any survivor.
+    // DescribeQuorum: the leader reports every replica's log end (all equal now), a follower
+    // refuses.
     let follower = ids.iter().copied().find(|id| *id != leader).unwrap();
+    let (error, hw, ends) = describe_quorum(&c, leader, "watched");
+    assert_eq!(error, 0);
+    assert_eq!(ends.len(), 3, "{ends:?}");
+    assert!(ends.iter().all(|(_, e)| *e == hw), "hw {hw}, {ends:?}");
+    assert_eq!(
+        describe_quorum(&c, follower, "watched").0,
+        NOT_LEADER_OR_FOLLOWER
+    );
+
+    // A follower killed: the status says so, from any survivor; records produced meanwhile
+    // are its lag in offsets (the leader still knows where its log ended).
     c.node_mut(follower).sigkill();
+    let more: usize = produce_everything(&c.node(leader).bootstrap(), "watched", 1)
+        .values()
+        .map(|v| v.len())
+        .sum();
     let survivors: String = ids
         .iter()
         .filter(|id| **id != follower)
@@ -1626,7 +1668,9 @@ fn cluster_status_shows_nodes_leaders_isr_and_lag() {
             let row = status_row(&out, "watched")?;
             (ok && out.contains("HEALTHY     no")
                 && !row[5].split(',').any(|n| n == follower.to_string())
-                && row[6].contains(&format!("{follower}:?")))
+                && row[6].split(',').any(|r| r == format!("{follower}:{more}"))
+                && row[6].split(',').any(|r| r == format!("{leader}:0"))
+                && row[7].contains(&format!("{follower}:?")))
             .then_some(out.clone())
         },
     );
@@ -1707,53 +1751,139 @@ fn move_leadership_off_preferred(c: &mut Cluster, topic: &str) -> (i32, i32) {
     (preferred, other)
 }
 
+/// Asks node `id` for the preferred election of partition 0 of `topic` until it succeeds.
+/// On a loaded machine the preferred replica may still be catching up (not in sync yet:
+/// PREFERRED_LEADER_NOT_AVAILABLE) or the transfer may outlast the request (REQUEST_TIMED_OUT);
+/// the operator (or a client) asks again, and a transfer that completed meanwhile answers
+/// ELECTION_NOT_NEEDED.
+fn elect_preferred_through(c: &Cluster, id: i32, topic: &str, preferred: i32) {
+    let ids = c.ids();
+    let asked = Instant::now();
+    c.wait_for("the preferred election succeeds", |c| {
+        match elect_leaders(c, id, topic, 0) {
+            (0, None) => Some(()),
+            (PREFERRED_LEADER_NOT_AVAILABLE | REQUEST_TIMED_OUT, _) => None,
+            (ELECTION_NOT_NEEDED | NOT_LEADER_OR_FOLLOWER, _) => agreed_leader(c, &ids, topic, -1)
+                .filter(|(l, _)| *l == preferred)
+                .map(|_| ()),
+            other => panic!("preferred election asked of node {id}: {other:?}"),
+        }
+    });
+    println!(
+        "preferred election asked of node {id} answered after {:?}",
+        asked.elapsed()
+    );
+    c.wait_for("every node names the preferred replica", |c| {
+        agreed_leader(c, &ids, topic, -1).filter(|(l, _)| *l == preferred)
+    });
+}
+
+/// Runs a kafka-python admin script (`bootstrap` is in `BOOTSTRAP`); its stdout, or `None`
+/// with a message when kafka-python is not installed (tests/run.sh installs it).
+fn kafka_python(bootstrap: &str, script: &str) -> Option<String> {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import kafka"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED the kafka-python part: python3 with kafka-python is not available");
+        return None;
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .env("BOOTSTRAP", bootstrap)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "kafka-python script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
-fn elect_leaders_hands_leadership_to_the_preferred_replica() {
+fn elect_leaders_hands_leadership_to_the_preferred_replica_asked_of_any_node() {
     let mut c = Cluster::start_with(
-        3,
+        4,
         common::BrokerOptions::default().env("SLUICE_AUTO_LEADER_REBALANCE_ENABLE", "false"),
     );
     let ids = c.ids();
     c.wait_controller(&ids);
     create(&c.bootstrap(), "elect", 1, 3).expect("create a topic of three replicas");
     let (preferred, leader) = move_leadership_off_preferred(&mut c, "elect");
-    let follower = ids
+    let replicas = replicas_in_order(&c, leader, "elect").unwrap();
+    // Unclean elections are refused with a reason.
+    let (e, m) = elect_leaders(&c, leader, "elect", 1);
+    assert_eq!(e, INVALID_REQUEST);
+    assert!(m.unwrap_or_default().contains("unclean"));
+
+    // Asked of a follower that is not the preferred replica: it forwards the transfer to the
+    // leader and answers once the preferred replica leads.
+    let follower = replicas
         .iter()
         .copied()
         .find(|i| *i != leader && *i != preferred)
         .unwrap();
-    // Unclean elections are refused with a reason; a follower does not serve the election.
-    let (e, m) = elect_leaders(&c, leader, "elect", 1);
-    assert_eq!(e, INVALID_REQUEST);
-    assert!(m.unwrap_or_default().contains("unclean"));
+    elect_preferred_through(&c, follower, "elect", preferred);
     assert_eq!(
         elect_leaders(&c, follower, "elect", 0).0,
-        NOT_LEADER_OR_FOLLOWER
+        ELECTION_NOT_NEEDED
     );
-    // The preferred election moves leadership, answered once the preferred replica leads.
-    // On a loaded machine the preferred replica may still be catching up (not in sync yet:
-    // PREFERRED_LEADER_NOT_AVAILABLE) or the transfer may outlast the request (REQUEST_TIMED_OUT);
-    // the operator (or a client) asks again.
-    let asked = Instant::now();
-    c.wait_for("the preferred election succeeds", |c| {
-        match elect_leaders(c, leader, "elect", 0) {
-            (0, None) => Some(()),
-            (PREFERRED_LEADER_NOT_AVAILABLE | REQUEST_TIMED_OUT, _) => None,
-            // A timed-out transfer that completed meanwhile: the old leader no longer leads.
-            (NOT_LEADER_OR_FOLLOWER, _) => agreed_leader(c, &ids, "elect", -1)
-                .filter(|(l, _)| *l == preferred)
-                .map(|_| ()),
-            other => panic!("preferred election: {other:?}"),
-        }
-    });
-    println!("preferred election answered after {:?}", asked.elapsed());
-    c.wait_for("every node names the preferred replica", |c| {
-        agreed_leader(c, &ids, "elect", -1).filter(|(l, _)| *l == preferred)
-    });
+
+    // Asked of the node that holds no replica of the partition.
+    let outsider = ids.iter().copied().find(|i| !replicas.contains(i)).unwrap();
+    assert_eq!(
+        elect_leaders(&c, outsider, "elect", 0).0,
+        ELECTION_NOT_NEEDED
+    );
+    let (_, leader) = move_leadership_off_preferred(&mut c, "elect");
+    elect_preferred_through(&c, outsider, "elect", preferred);
+
+    // Asked of the leader, which transfers at once.
+    let (_, leader2) = move_leadership_off_preferred(&mut c, "elect");
+    println!("leaders off the preferred replica {preferred}: {leader}, then {leader2}");
+    elect_preferred_through(&c, leader2, "elect", preferred);
     assert_eq!(
         elect_leaders(&c, preferred, "elect", 0).0,
         ELECTION_NOT_NEEDED
     );
+
+    // kafka-python's admin client sends ElectLeaders to the controller, whichever node that
+    // is; the election happens all the same.
+    move_leadership_off_preferred(&mut c, "elect");
+    let script = r#"
+import os
+from kafka.admin import KafkaAdminClient
+a = KafkaAdminClient(bootstrap_servers=os.environ["BOOTSTRAP"], request_timeout_ms=15000)
+r = a.elect_leaders(0, {"elect": [0]}, timeout_ms=10000, raise_errors=False)
+print(" ".join(str(p.error_code) for t in r.replica_election_results for p in t.partition_result))
+a.close()
+"#;
+    let asked = Instant::now();
+    let mut answered = false;
+    c.wait_for("kafka-python's preferred election succeeds", |c| {
+        let Some(out) = kafka_python(&c.bootstrap(), script) else {
+            return Some(());
+        };
+        answered = true;
+        match out.trim() {
+            "0" => Some(()),
+            "80" | "7" => None,
+            "84" => agreed_leader(c, &ids, "elect", -1)
+                .filter(|(l, _)| *l == preferred)
+                .map(|_| ()),
+            other => panic!("kafka-python elect_leaders: {other}"),
+        }
+    });
+    if answered {
+        println!(
+            "kafka-python's preferred election answered after {:?}",
+            asked.elapsed()
+        );
+        c.wait_for("every node names the preferred replica", |c| {
+            agreed_leader(c, &ids, "elect", -1).filter(|(l, _)| *l == preferred)
+        });
+    }
     // Records produced through all of it are there once.
     produce_everything(&c.bootstrap(), "elect", 1);
 }
@@ -1875,4 +2005,242 @@ fn share_group_apis_are_refused_in_a_cluster() {
     );
     assert_eq!(delete.error_code, UNSUPPORTED_VERSION);
     assert_eq!(delete.error_message.as_deref(), Some(REASON));
+}
+
+/// Creates a topic of one partition and three replicas with `configs`.
+fn create_with(bootstrap: &str, name: &str, configs: &[(&str, &str)]) {
+    let mut t = NewTopic::new(name, 1, TopicReplication::Fixed(3));
+    for (k, v) in configs {
+        t = t.set(k, v);
+    }
+    let r = block_on(
+        admin(bootstrap).create_topics([&t], &AdminOptions::new().request_timeout(Some(WAIT))),
+    )
+    .expect("CreateTopics request");
+    assert!(r[0].is_ok(), "create {name}: {:?}", r[0]);
+}
+
+/// The batches of partition 0 of `topic` on node `id` whose base offset is at least `from`,
+/// read from its segment files in order (up to the zero-filled preallocated space).
+fn batches_from(c: &Cluster, id: i32, topic: &str, from: i64) -> Vec<u8> {
+    let dir = c.node(id).data_dir().join(format!("{topic}-0"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|f| f.extension().is_some_and(|e| e == "log"));
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let b = std::fs::read(&f).unwrap_or_default();
+        let mut at = 0usize;
+        while at + 12 <= b.len() {
+            let base = i64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+            let len = i32::from_be_bytes(b[at + 8..at + 12].try_into().unwrap());
+            if len <= 0 || at + 12 + len as usize > b.len() {
+                break;
+            }
+            let end = at + 12 + len as usize;
+            if base >= from {
+                out.extend_from_slice(&b[at..end]);
+            }
+            at = end;
+        }
+    }
+    out
+}
+
+/// The first segment file's base offset of partition 0 of `topic` on node `id`.
+fn first_segment_base(c: &Cluster, id: i32, topic: &str) -> Option<i64> {
+    let dir = c.node(id).data_dir().join(format!("{topic}-0"));
+    std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".log")?.parse::<i64>().ok()
+        })
+        .min()
+}
+
+/// ListOffsets v7 (earliest, -2) of partition 0 of `topic` asked of node `id`: (error, offset).
+fn earliest_offset(c: &Cluster, id: i32, topic: &str) -> (i16, i64) {
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: ListOffsetsResponse = raw.call(
+        ApiKey::ListOffsets,
+        7,
+        &ListOffsetsRequest::default()
+            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+            .with_topics(vec![ListOffsetsTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![ListOffsetsPartition::default()
+                    .with_partition_index(0)
+                    .with_timestamp(-2)])]),
+    );
+    let p = &r.topics[0].partitions[0];
+    (p.error_code, p.offset)
+}
+
+#[test]
+fn retention_and_delete_records_move_every_replicas_log_start_and_a_follower_behind_it_restarts_from_a_snapshot(
+) {
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    // Small segments; "trimmed" keeps about 4 KiB besides its active segment, "deleted" everything
+    // until DeleteRecords.
+    create_with(
+        &c.bootstrap(),
+        "trimmed",
+        &[("segment.bytes", "16384"), ("retention.bytes", "4096")],
+    );
+    create_with(&c.bootstrap(), "deleted", &[("segment.bytes", "16384")]);
+    let (leader, _) = c.wait_for("every node names the leader of deleted", |c| {
+        agreed_leader(c, &ids, "deleted", -1)
+    });
+    let mut acked = produce_acked(&c.bootstrap(), "deleted", "before", 400);
+    produce_acked(&c.bootstrap(), "trimmed", "kept", 1500);
+
+    // A follower of "deleted" is stopped; the leader takes more and deletes past the end of
+    // the stopped follower's log.
+    let follower = ids.iter().copied().find(|id| *id != leader).unwrap();
+    c.node_mut(follower).sigkill();
+    let survivors: Vec<i32> = ids.iter().copied().filter(|i| *i != follower).collect();
+    let bootstrap: String = survivors
+        .iter()
+        .map(|i| c.node(*i).bootstrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    acked.extend(produce_acked(&bootstrap, "deleted", "after", 400));
+    let end = acked.iter().map(|a| a.offset).max().unwrap() + 1;
+    // Once fenced the stopped node is out of Metadata, so the client does not try it.
+    c.wait_for("the stopped follower is fenced", |c| {
+        let m = c.metadata(leader)?;
+        (!m.brokers.iter().any(|b| b.node_id.0 == follower)).then_some(())
+    });
+    let asked = end - 50;
+    let script = format!(
+        r#"
+import os
+from kafka.admin import KafkaAdminClient
+from kafka.structs import TopicPartition
+a = KafkaAdminClient(bootstrap_servers=os.environ["BOOTSTRAP"], request_timeout_ms=15000)
+r = a.delete_records({{TopicPartition("deleted", 0): {asked}}}, timeout_ms=10000)
+print(r[TopicPartition("deleted", 0)]["low_watermark"])
+a.close()
+"#
+    );
+    let low = match kafka_python(&bootstrap, &script) {
+        Some(out) => out.trim().parse::<i64>().expect("a low watermark"),
+        None => {
+            // Without kafka-python: the same request as a raw frame to the leader.
+            use kafka_protocol::messages::delete_records_request::{
+                DeleteRecordsPartition, DeleteRecordsTopic,
+            };
+            use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
+            let mut raw = Raw::connect(c.node(leader).addr);
+            let r: DeleteRecordsResponse = raw.call(
+                ApiKey::DeleteRecords,
+                2,
+                &DeleteRecordsRequest::default()
+                    .with_timeout_ms(10_000)
+                    .with_topics(vec![DeleteRecordsTopic::default()
+                        .with_name(TopicName(StrBytes::from_string("deleted".into())))
+                        .with_partitions(vec![DeleteRecordsPartition::default()
+                            .with_partition_index(0)
+                            .with_offset(asked)])]),
+            );
+            let p = &r.topics[0].partitions[0];
+            assert_eq!(p.error_code, 0);
+            p.low_watermark
+        }
+    };
+    println!("DeleteRecords before {asked}: low watermark {low} (log end {end})");
+    // The low watermark is the first offset of the batch holding the asked offset.
+    assert!(
+        low <= asked && low > asked - 20,
+        "low watermark {low}, asked {asked}"
+    );
+    assert!(
+        acked.iter().any(|a| a.offset == low),
+        "{low} starts a batch"
+    );
+    assert_eq!(earliest_offset(&c, leader, "deleted"), (0, low));
+    // The other survivor moved its log start too (the move is committed through the log):
+    // its segments wholly below the low watermark are gone, as the leader's are.
+    let other = survivors.iter().copied().find(|i| *i != leader).unwrap();
+    c.wait_for(
+        "the other follower drops the segments below the low watermark",
+        |c| {
+            let (l, o) = (
+                first_segment_base(c, leader, "deleted")?,
+                first_segment_base(c, other, "deleted")?,
+            );
+            (l > 0 && o > 0 && o <= low).then_some(())
+        },
+    );
+
+    // The stopped follower restarts behind the leader's log start: it receives a snapshot,
+    // restarts its log at the low watermark and catches up by entries, byte-identical.
+    c.node_mut(follower).restart();
+    let leader_now = c.wait_for("every node names one leader", |c| {
+        agreed_leader(c, &ids, "deleted", -1)
+    });
+    let more = produce_acked(&c.bootstrap(), "deleted", "rejoined", 50);
+    acked.extend(more);
+    c.wait_for(
+        "every replica holds the same batches from the low watermark",
+        |c| {
+            let lead = batches_from(c, leader_now.0, "deleted", low);
+            (!lead.is_empty()
+                && ids
+                    .iter()
+                    .all(|i| batches_from(c, *i, "deleted", low) == lead))
+            .then_some(())
+        },
+    );
+    assert!(
+        c.node(follower)
+            .data_dir()
+            .join("deleted-0")
+            .join("raft-snapshot")
+            .exists(),
+        "the follower installed a snapshot"
+    );
+    // Consumers read from the low watermark: every acknowledged record at or past it, once.
+    let kept: Vec<&history::Acked> = acked.iter().filter(|a| a.offset >= low).collect();
+    let read = read_with_offsets(&c.bootstrap(), "deleted", kept.len());
+    assert_eq!(read.first().map(|r| r.0), Some(low));
+    for a in &kept {
+        assert!(
+            read.iter().any(|(o, v)| *o == a.offset && *v == a.value),
+            "{} at {} not read back",
+            a.value,
+            a.offset
+        );
+    }
+
+    // Retention removed the oldest segments of "trimmed" on every replica (checked every
+    // 30 s by each node).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let starts: Vec<Option<i64>> = ids
+            .iter()
+            .map(|i| first_segment_base(&c, *i, "trimmed"))
+            .collect();
+        if starts.iter().all(|s| s.is_some_and(|b| b > 0)) {
+            println!("retention: first segments of trimmed now at {starts:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention did not remove old segments on every replica: {starts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (trimmed_leader, _) = c.wait_for("every node names the leader of trimmed", |c| {
+        agreed_leader(c, &ids, "trimmed", -1)
+    });
+    let (e, start) = earliest_offset(&c, trimmed_leader, "trimmed");
+    assert!(e == 0 && start > 0, "earliest of trimmed: {e} {start}");
+    produce_acked(&c.bootstrap(), "trimmed", "later", 50);
 }

@@ -195,19 +195,25 @@ async fn retention_loop() {
     loop {
         clock.sleep(RETENTION_CHECK_INTERVAL).await;
         let here = shard::local();
-        // Not the logs of replicated partitions: their raft log must start at offset 0 until
-        // partition snapshots exist (retention there is a later step).
         let logs: Vec<_> = here
             .partitions
             .borrow()
             .iter()
-            .filter(|(tp, _)| here.replica(tp).is_none())
-            .map(|(_, log)| log.clone())
+            .map(|(tp, log)| (log.clone(), here.replica(tp)))
             .collect();
         let now = clock.now_ms();
-        for log in logs {
+        for (log, replica) in logs {
+            // A replicated partition's log start moves with its raft log (over committed
+            // entries only), on every replica.
+            let enforced = async {
+                match (&replica, log.retention_target(now)) {
+                    (Some(r), Some(target)) => r.advance_log_start(target).await.map(|_| ()),
+                    (Some(_), None) => Ok(()),
+                    (None, _) => log.enforce_retention(now).await,
+                }
+            };
             // Contained per log: a panic skips that log this round (logged) and the loop goes on.
-            match crate::contain::contain(log.enforce_retention(now)).await {
+            match crate::contain::contain(enforced).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(dir = %log.dir().display(), error = %e, "retention failed")

@@ -26,7 +26,8 @@ pub enum ClusterCommand {
         topic: Option<String>,
     },
     /// Show the nodes and whether they are live, the controller, and per partition its
-    /// leader, leader epoch, replicas, in-sync replicas and each replica's lag.
+    /// leader, leader epoch, replicas, in-sync replicas and each replica's lag (in offsets and
+    /// in bytes).
     Status {
         /// Only this topic's partitions.
         #[arg(long)]
@@ -43,9 +44,11 @@ fn ids(v: &[i32]) -> String {
 }
 
 /// `sluice cluster status`. The partitions come from Metadata of the node the command reached
-/// (every node names the current leaders); the lag of each replica is the bytes its log holds
-/// fewer than the leader's (DescribeLogDirs of each live node), `?` for a node that did not
-/// answer.
+/// (every node names the current leaders). Each replica's lag is shown twice: in offsets, the
+/// leader's log end minus the log end the leader knows the replica to have from raft progress
+/// (DescribeQuorum asked of each partition's leader; `?` when the leader did not answer or
+/// does not know yet), and in bytes, what its log holds fewer than the leader's
+/// (DescribeLogDirs of each live node; `?` for a node that did not answer).
 fn status(c: &mut super::Client, topic: Option<&str>) -> Result<()> {
     let d = block_on(admin::describe_cluster(c))?;
     let m = block_on(admin::metadata(c, None, false))?;
@@ -65,6 +68,44 @@ fn status(c: &mut super::Client, topic: Option<&str>) -> Result<()> {
             for p in dir.partitions {
                 sizes.insert((b.id, p.topic, p.partition), p.size);
             }
+        }
+    }
+    // Each replicated partition's replica log ends, from its leader.
+    let mut log_ends: BTreeMap<(String, i32), BTreeMap<i32, i64>> = BTreeMap::new();
+    let mut led: BTreeMap<i32, Vec<(String, i32)>> = BTreeMap::new();
+    for t in &m.topics {
+        let Some(name) = t.name.as_ref() else {
+            continue;
+        };
+        if topic.is_some_and(|w| w != name.as_str()) {
+            continue;
+        }
+        for p in t.partitions.iter().filter(|p| p.replica_nodes.len() > 1) {
+            led.entry(p.leader_id.0)
+                .or_default()
+                .push((name.to_string(), p.partition_index));
+        }
+    }
+    for (leader, partitions) in led {
+        let Some(b) = d
+            .brokers
+            .iter()
+            .find(|b| b.id == leader && answered.get(&b.id).copied().unwrap_or(false))
+        else {
+            continue;
+        };
+        let quorums = connect(&format!("{}:{}", b.host, b.port))
+            .ok()
+            .and_then(|mut bc| block_on(admin::describe_quorum(&mut bc, &partitions)).ok());
+        for q in quorums.into_iter().flatten().filter(|q| q.error_code == 0) {
+            log_ends.insert(
+                (q.topic, q.partition),
+                q.replicas
+                    .iter()
+                    .filter(|r| r.log_end_offset >= 0)
+                    .map(|r| (r.id, r.log_end_offset))
+                    .collect(),
+            );
         }
     }
     let down = d
@@ -112,6 +153,20 @@ fn status(c: &mut super::Client, topic: Option<&str>) -> Result<()> {
                 })
                 .collect::<Vec<_>>()
                 .join(",");
+            let ends = log_ends.get(&(name.clone(), p.partition_index));
+            let leader_end = ends.and_then(|e| e.get(&leader));
+            let offset_lag = replicas
+                .iter()
+                .map(
+                    |r| match (replicas.len(), leader_end, ends.and_then(|e| e.get(r))) {
+                        // One replica: it is the log, nothing to lag behind.
+                        (1, _, _) => format!("{r}:0"),
+                        (_, Some(l), Some(e)) => format!("{r}:{}", (l - e).max(0)),
+                        _ => format!("{r}:?"),
+                    },
+                )
+                .collect::<Vec<_>>()
+                .join(",");
             rows.push((
                 name.clone(),
                 p.partition_index,
@@ -123,6 +178,7 @@ fn status(c: &mut super::Client, topic: Option<&str>) -> Result<()> {
                 p.leader_epoch,
                 ids(&replicas),
                 ids(&isr),
+                offset_lag,
                 lag,
             ));
         }
@@ -167,11 +223,14 @@ fn status(c: &mut super::Client, topic: Option<&str>) -> Result<()> {
     }
     println!();
     println!(
-        "{:<30} {:>9}  {:>6} {:>6}  {:<12} {:<12} LAG(bytes)",
-        "TOPIC", "PARTITION", "LEADER", "EPOCH", "REPLICAS", "ISR"
+        "{:<30} {:>9}  {:>6} {:>6}  {:<12} {:<12} {:<20} LAG(bytes)",
+        "TOPIC", "PARTITION", "LEADER", "EPOCH", "REPLICAS", "ISR", "LAG(offsets)"
     );
-    for (name, p, leader, epoch, replicas, isr, lag) in rows {
-        println!("{name:<30} {p:>9}  {leader:>6} {epoch:>6}  {replicas:<12} {isr:<12} {lag}");
+    for (name, p, leader, epoch, replicas, isr, offset_lag, lag) in rows {
+        println!(
+            "{name:<30} {p:>9}  {leader:>6} {epoch:>6}  {replicas:<12} {isr:<12} {offset_lag:<20} \
+             {lag}"
+        );
     }
     Ok(())
 }

@@ -132,6 +132,7 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         ApiKey::ListOffsets => list_offsets::handle(&req, body).await,
         ApiKey::OffsetForLeaderEpoch => offset_for_leader_epoch::handle(&req, body).await,
         ApiKey::ElectLeaders => elect_leaders::handle(&req, body).await,
+        ApiKey::DescribeQuorum => describe_quorum::handle(&req, body).await,
         ApiKey::CreateTopics => create_topics::handle(&req, body).await,
         ApiKey::DeleteTopics => delete_topics::handle(&req, body).await,
         ApiKey::CreatePartitions => create_partitions::handle(&req, body).await,

@@ -20,8 +20,16 @@
 //! back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
 //!
 //! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
-//! log's batch headers. No raft snapshots: compaction of a partition's raft log follows its
-//! retention, which is not wired yet (the log start must stay 0).
+//! log's batch headers from the raft log's start.
+//!
+//! Compaction follows the log start (retention, DeleteRecords): the raft log starts after the
+//! last entry wholly below the log start offset, recorded in `SNAPSHOT_FILE` (index, term,
+//! offset) before the log start moves. A partition's snapshot is that metadata alone (the log
+//! is the state): a follower that needs an entry below the leader's start receives it and
+//! restarts its log empty at its offset (`install_snapshot`, performed in `persist`: the log is
+//! truncated to its start, one control batch spanning the offsets it skips records the
+//! snapshot durably, then the snapshot file and the log start follow), then catches up by
+//! entries.
 
 // Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
 #![allow(clippy::field_reassign_with_default)]
@@ -61,37 +69,173 @@ pub struct EntryMeta {
     pub last: Offset,
 }
 
-/// Raft index → batch of every entry of the log, shared by the store and the partition handle.
+/// Where a partition's raft log starts: the last entry compacted away (its index and term,
+/// both 0 when nothing was) and the offset after it, where the first entry held starts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub index: u64,
+    pub term: u64,
+    pub offset: Offset,
+}
+
+/// Raft index → batch of every entry of the log from its start, shared by the store and the
+/// partition handle.
 #[derive(Debug, Default)]
 pub struct EntryIndex {
-    /// Entry `i` (1-based) is `entries[i - 1]`.
+    /// The entries before the first one held (see [`SnapshotMeta`]).
+    snap: SnapshotMeta,
+    /// Entry `i` is `entries[i - snap.index - 1]`.
     entries: VecDeque<EntryMeta>,
 }
 
 impl EntryIndex {
     pub fn last_index(&self) -> u64 {
-        self.entries.len() as u64
+        self.snap.index + self.entries.len() as u64
+    }
+    /// The index of the first entry held.
+    pub fn first_index(&self) -> u64 {
+        self.snap.index + 1
+    }
+    pub fn snapshot(&self) -> SnapshotMeta {
+        self.snap
     }
     pub fn get(&self, index: u64) -> Option<EntryMeta> {
         index
-            .checked_sub(1)
-            .and_then(|i| self.entries.get(i as usize).copied())
+            .checked_sub(self.first_index())
+            .and_then(|i| self.entries.get(usize::try_from(i).ok()?).copied())
     }
-    /// The offset after entry `index` (0 for index 0): the high watermark when it is the
-    /// commit index.
+    /// The offset after entry `index` (the log's start for the snapshot's index or below):
+    /// the high watermark when it is the commit index.
     pub fn offset_after(&self, index: u64) -> Offset {
         let index = index.min(self.last_index());
-        self.get(index).map_or(Offset(0), |m| m.last.next())
+        self.get(index).map_or(self.snap.offset, |m| m.last.next())
     }
     /// The log end offset the entries describe.
     pub fn log_end(&self) -> Offset {
         self.offset_after(self.last_index())
     }
+    /// The index of the entry whose batch starts at `base`.
+    pub fn index_at(&self, base: Offset) -> Option<u64> {
+        let k = self.entries.partition_point(|m| m.base < base);
+        (self.entries.get(k)?.base == base).then(|| self.snap.index + 1 + k as u64)
+    }
+    /// The last entry wholly below `offset` that is at or below `upto`: where the log may be
+    /// compacted to when its start moves to `offset` (`None` when that is nothing new).
+    pub fn compaction_point(&self, offset: Offset, upto: u64) -> Option<SnapshotMeta> {
+        let held = self.entries.partition_point(|m| m.last < offset) as u64;
+        let index = (self.snap.index + held).min(upto);
+        if index <= self.snap.index {
+            return None;
+        }
+        let m = self.get(index)?;
+        Some(SnapshotMeta {
+            index,
+            term: m.term,
+            offset: m.last.next(),
+        })
+    }
+    /// Drops the entries up to `snap.index` (a compaction), or all of them when the log does
+    /// not reach it (a snapshot from the leader).
+    pub fn compact(&mut self, snap: SnapshotMeta) {
+        if snap.index <= self.snap.index {
+            return;
+        }
+        let drop = (snap.index - self.snap.index) as usize;
+        if drop >= self.entries.len()
+            || self.get(snap.index).map(|m| (m.term, m.last.next()))
+                != Some((snap.term, snap.offset))
+        {
+            self.entries.clear();
+        } else {
+            self.entries.drain(..drop);
+        }
+        self.snap = snap;
+    }
+}
+
+/// The raft log's start, replaced atomically (temp file, fsync, rename) before the log start
+/// offset moves past it: `[index u64][term u64][offset i64][crc32]`.
+pub const SNAPSHOT_FILE: &str = "raft-snapshot";
+
+/// Control batch kind: a snapshot installed from the leader, spanning the offsets the
+/// replica's log skips (its value is the [`SnapshotMeta`]: index, term, offset).
+pub const CONTROL_RAFT_SNAPSHOT: i16 = 103;
+/// Control batch kind: the leader's request (DeleteRecords) that every replica move its log
+/// start up to the offset in the value.
+pub const CONTROL_RAFT_LOG_START: i16 = 104;
+
+fn encode_snapshot(m: SnapshotMeta) -> Vec<u8> {
+    let mut v = Vec::with_capacity(28);
+    v.extend_from_slice(&m.index.to_be_bytes());
+    v.extend_from_slice(&m.term.to_be_bytes());
+    v.extend_from_slice(&m.offset.0.to_be_bytes());
+    let crc = crc32fast::hash(&v);
+    v.extend_from_slice(&crc.to_be_bytes());
+    v
+}
+
+fn decode_snapshot(b: &[u8]) -> Option<SnapshotMeta> {
+    if b.len() != 28 || crc32fast::hash(&b[..24]).to_be_bytes() != b[24..] {
+        return None;
+    }
+    let at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    Some(SnapshotMeta {
+        index: at(0),
+        term: at(8),
+        offset: Offset(at(16) as i64),
+    })
+}
+
+fn read_snapshot_meta(dir: &Path) -> io::Result<SnapshotMeta> {
+    match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+        Ok(b) => decode_snapshot(&b).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "raft snapshot file damaged")
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(SnapshotMeta::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the raft log's start durably (temp file, fsync, rename, directory fsync), on the
+/// executor's blocking pool.
+pub async fn write_snapshot_meta(dir: &Path, m: SnapshotMeta) -> io::Result<()> {
+    let dir = dir.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || {
+            let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+            {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&encode_snapshot(m))?;
+                f.sync_data()?;
+            }
+            std::fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+}
+
+/// The control batch that stands for a snapshot installed from the leader: it spans the
+/// offsets `[base, m.offset)` this replica's log skips (one record, `lastOffsetDelta` the span)
+/// and carries the snapshot's index, term and offset, so the log itself records the snapshot
+/// durably with one append.
+fn snapshot_batch(base: Offset, m: SnapshotMeta) -> io::Result<BytesMut> {
+    let epoch = i32::try_from(m.term)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "term beyond i32"))?;
+    let delta = i32::try_from(m.offset.0 - 1 - base.0)
+        .map_err(|_| io::Error::other("snapshot span beyond one batch"))?;
+    let mut b =
+        BytesMut::from(&control_batch(CONTROL_RAFT_SNAPSHOT, &encode_snapshot(m), epoch, -1)[..]);
+    batch::set_last_offset_delta(&mut b, delta);
+    batch::set_base_offset(&mut b, base);
+    Ok(b)
 }
 
 enum Op {
     Truncate(Offset),
     Append(BytesMut),
+    /// A snapshot from the leader: the log restarts empty at its offset (see
+    /// `RaftLog::install_snapshot`).
+    Restart(SnapshotMeta),
 }
 
 pub type TruncateHooks = Rc<RefCell<Vec<Box<dyn Fn(Offset)>>>>;
@@ -117,20 +261,41 @@ pub struct RaftLog {
 
 impl RaftLog {
     /// Opens the raft state of the partition whose segment log is `log` (in its directory).
+    /// The log's entries start at the raft snapshot (`SNAPSHOT_FILE`, or a snapshot batch in
+    /// the log written after it by an install the file did not record yet); a start left
+    /// half-moved by a crash is finished here.
     pub async fn open(log: Rc<PartitionLog>) -> io::Result<RaftLog> {
         let dir = log.dir().to_path_buf();
-        if log.log_start_offset() != Offset(0) {
-            return Err(io::Error::other(
-                "a replicated partition's log must start at offset 0 (retention is not wired to raft yet)",
+        let (hard, conf) = read_hard_state(&dir)?;
+        let mut snap = read_snapshot_meta(&dir)?;
+        let failed = |e: crate::storage::StorageError| io::Error::other(e.to_string());
+        if log.log_start_offset() > snap.offset {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "log start {} past the raft log's start {}",
+                    log.log_start_offset(),
+                    snap.offset
+                ),
             ));
         }
-        let (hard, conf) = read_hard_state(&dir)?;
-        let mut index = EntryIndex::default();
-        let mut at = Offset(0);
-        while at < log.log_end_offset() {
+        if log.log_end_offset() < snap.offset {
+            // An install cut the log and did not write its snapshot batch: restart the log at
+            // the recorded snapshot again (the leader sends a newer one if it has to).
+            restart_log(&log, snap).await?;
+        }
+        let mut index = EntryIndex {
+            snap,
+            entries: VecDeque::new(),
+        };
+        let mut at = log.log_start_offset().max(snap.offset);
+        // Batches below the raft log's start (its log start offset not moved yet) are
+        // skipped: a snapshot batch among them is an install newer than the file.
+        let mut reading_from = log.log_start_offset();
+        while reading_from < log.log_end_offset() {
             let r = log
                 .read(crate::storage::ReadOptions {
-                    start: at,
+                    start: reading_from,
                     bytes_max: 1 << 20,
                 })
                 .await
@@ -140,6 +305,21 @@ impl RaftLog {
             }
             for b in &r.batches {
                 let h = BatchHeader::parse(b).map_err(|e| io::Error::other(e.to_string()))?;
+                reading_from = h.last_offset().next();
+                if let Some((CONTROL_RAFT_SNAPSHOT, v)) = control_of(b) {
+                    let m = decode_snapshot(&v).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "snapshot batch damaged")
+                    })?;
+                    if m.index > index.snap.index {
+                        index.snap = m;
+                        index.entries.clear();
+                        at = m.offset;
+                    }
+                    continue;
+                }
+                if h.base_offset() < at {
+                    continue;
+                }
                 if h.base_offset() != at {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -159,6 +339,15 @@ impl RaftLog {
                 });
                 at = h.last_offset().next();
             }
+        }
+        if index.snap != snap {
+            write_snapshot_meta(&dir, index.snap).await?;
+            snap = index.snap;
+        }
+        if log.log_start_offset() < snap.offset {
+            log.delete_records_before(snap.offset)
+                .await
+                .map_err(failed)?;
         }
         Ok(RaftLog {
             log,
@@ -269,14 +458,23 @@ impl RaftLog {
 
 impl LogStore for RaftLog {
     fn raft_state(&self) -> RaftState {
+        // The commit index as stored may be past a log restarted by a snapshot whose entries
+        // have not arrived yet; it is never below the snapshot. Both bounds are safe (a lower
+        // commit index is re-sent by the leader).
+        let idx = self.index.borrow();
+        let mut hard_state = self.hard.clone();
+        hard_state.commit = hard_state
+            .commit
+            .min(idx.last_index())
+            .max(idx.snapshot().index);
         RaftState {
-            hard_state: self.hard.clone(),
+            hard_state,
             conf_state: self.conf.clone(),
         }
     }
 
     fn first_index(&self) -> u64 {
-        1
+        self.index.borrow().first_index()
     }
 
     fn last_index(&self) -> u64 {
@@ -284,18 +482,21 @@ impl LogStore for RaftLog {
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
-        if index == 0 {
-            return Ok(0);
+        let idx = self.index.borrow();
+        let snap = idx.snapshot();
+        if index == snap.index {
+            return Ok(snap.term);
         }
-        self.index
-            .borrow()
-            .get(index)
+        if index < snap.index {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        idx.get(index)
             .map(|m| m.term)
             .ok_or(raft::Error::Store(RaftStorageError::Unavailable))
     }
 
     fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> raft::Result<Vec<Entry>> {
-        if low == 0 {
+        if low < self.index.borrow().first_index() {
             return Err(raft::Error::Store(RaftStorageError::Compacted));
         }
         let mut out = Vec::new();
@@ -324,7 +525,7 @@ impl LogStore for RaftLog {
         high: u64,
         max_size: Option<u64>,
     ) -> raft::Result<Vec<Entry>> {
-        if low == 0 {
+        if low < self.index.borrow().first_index() {
             return Err(raft::Error::Store(RaftStorageError::Compacted));
         }
         // The follower has everything below `low`: what was fetched for it there is done.
@@ -379,8 +580,20 @@ impl LogStore for RaftLog {
         }))
     }
 
+    /// A partition's snapshot is metadata only (the log is the state): the index, term and
+    /// offset where the log starts. A follower behind it restarts its log there.
     fn snapshot(&self) -> Snapshot {
-        Snapshot::default()
+        let m = self.index.borrow().snapshot();
+        let mut snap = Snapshot::default();
+        if m.index == 0 {
+            return snap;
+        }
+        snap.data = Bytes::from(encode_snapshot(m));
+        let meta = snap.mut_metadata();
+        meta.index = m.index;
+        meta.term = m.term;
+        meta.set_conf_state(self.conf.clone());
+        snap
     }
 
     fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
@@ -389,7 +602,7 @@ impl LogStore for RaftLog {
         };
         let mut idx = self.index.borrow_mut();
         let last = idx.last_index();
-        if first.index == 0 || first.index > last + 1 {
+        if first.index < idx.first_index() || first.index > last + 1 {
             return Err(io::Error::other(format!(
                 "append at {} after last index {last}",
                 first.index
@@ -399,7 +612,8 @@ impl LogStore for RaftLog {
             // Raft's conflict truncation is Kafka's: the log is cut at the first batch of the
             // conflicting index.
             let cut = idx.get(first.index).expect("checked above").base;
-            idx.entries.truncate(first.index as usize - 1);
+            let keep = (first.index - idx.first_index()) as usize;
+            idx.entries.truncate(keep);
             let _ = self.prefetched.borrow_mut().split_off(&first.index);
             self.ops.push(Op::Truncate(cut));
         }
@@ -456,6 +670,12 @@ impl LogStore for RaftLog {
                             .map_err(failed)?;
                         appended = true;
                     }
+                    Op::Restart(m) => {
+                        restart_log(&log, m).await?;
+                        for h in hooks.borrow().iter() {
+                            h(m.offset);
+                        }
+                    }
                 }
             }
             if appended {
@@ -468,12 +688,56 @@ impl LogStore for RaftLog {
         })
     }
 
-    fn install_snapshot(&mut self, _snapshot: Snapshot) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "partition snapshots (a follower behind the log start) are not built yet",
-        ))
+    /// A snapshot from the leader (this replica is behind the leader's log start, or its log
+    /// diverges there): the log restarts empty at the snapshot's offset. The index changes at
+    /// once; the files change in the `persist` of the same loop pass, before any entry after
+    /// the snapshot is appended and before the answer to the leader leaves.
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
+        let md = snapshot.get_metadata();
+        let m = decode_snapshot(&snapshot.data)
+            .filter(|m| m.index == md.index && m.term == md.term)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "partition snapshot malformed")
+            })?;
+        let mut idx = self.index.borrow_mut();
+        if m.index <= idx.snapshot().index {
+            return Ok(());
+        }
+        idx.entries.clear();
+        idx.snap = m;
+        self.prefetched.borrow_mut().clear();
+        self.hard.commit = self.hard.commit.max(m.index);
+        let cs = md.get_conf_state();
+        if !cs.voters.is_empty() && *cs != self.conf {
+            self.conf = cs.clone();
+            self.hard_dirty = true;
+        }
+        self.ops.push(Op::Restart(m));
+        Ok(())
     }
+}
+
+/// Restarts `log` empty at `m.offset`, the snapshot's: every batch goes (a conflict truncation
+/// to the log start), then one snapshot batch spanning up to the offset records the snapshot
+/// (synced), then the raft snapshot file and the log start follow it. A crash before the
+/// snapshot batch is durable reopens to the previous snapshot (and the leader sends its
+/// snapshot again); after it, `RaftLog::open` finds the batch and finishes the rest.
+async fn restart_log(log: &PartitionLog, m: SnapshotMeta) -> io::Result<()> {
+    let failed = |e: crate::storage::StorageError| io::Error::other(e.to_string());
+    log.truncate_to(log.log_start_offset())
+        .await
+        .map_err(failed)?;
+    let end = log.log_end_offset();
+    if end < m.offset {
+        log.append_replicated(snapshot_batch(end, m)?, Durability::Synced)
+            .await
+            .map_err(failed)?;
+    }
+    write_snapshot_meta(log.dir(), m).await?;
+    if log.log_start_offset() < m.offset {
+        log.delete_records_before(m.offset).await.map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// Reads entries `[low, high)`, at most `max` bytes of them, into `prefetched` (see
@@ -701,6 +965,133 @@ mod tests {
             let idx = store.index();
             assert_eq!(idx.borrow().offset_after(2), Offset(4));
             assert_eq!(idx.borrow().log_end(), Offset(6));
+            log.close().await.unwrap();
+        });
+    }
+
+    /// Reads every batch of `log` from `from` on, concatenated.
+    async fn bytes_from(log: &PartitionLog, from: Offset) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < log.log_end_offset() {
+            let r = log
+                .read(crate::storage::ReadOptions {
+                    start: at,
+                    bytes_max: 1 << 20,
+                })
+                .await
+                .unwrap();
+            for b in &r.batches {
+                at = BatchHeader::parse(b).unwrap().last_offset().next();
+                out.extend_from_slice(b);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_compacted_log_serves_a_snapshot_that_restarts_a_follower_behind_it() {
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (dirs.0.path().to_path_buf(), dirs.1.path().to_path_buf());
+        run(async move {
+            let (leader_log, mut leader) = open_store(&a).await;
+            let produced: Vec<Vec<u8>> = (0u8..6).map(|i| data_batch(3, 50, 1000, i)).collect();
+            let entries: Vec<Entry> = produced
+                .iter()
+                .enumerate()
+                .map(|(i, d)| entry(i as u64 + 1, 1, EntryType::EntryNormal, d))
+                .collect();
+            leader.append(&entries).unwrap();
+            leader.persist().await.unwrap();
+            // A follower that holds a divergent entry 1 only.
+            let (follower_log, mut follower) = open_store(&b).await;
+            follower
+                .append(&[entry(
+                    1,
+                    0,
+                    EntryType::EntryNormal,
+                    &data_batch(2, 50, 5, 9),
+                )])
+                .unwrap();
+            follower.persist().await.unwrap();
+
+            // The leader's log start moves to offset 8 (inside entry 3, offsets 6..=8):
+            // compaction to entry 2, the log start at 6.
+            let idx = leader.index();
+            let snap = idx.borrow().compaction_point(Offset(8), 6).unwrap();
+            assert_eq!(
+                snap,
+                SnapshotMeta {
+                    index: 2,
+                    term: 1,
+                    offset: Offset(6)
+                }
+            );
+            write_snapshot_meta(&a, snap).await.unwrap();
+            leader_log.delete_records_before(snap.offset).await.unwrap();
+            idx.borrow_mut().compact(snap);
+            assert_eq!((leader.first_index(), leader.last_index()), (3, 6));
+            assert_eq!(idx.borrow().index_at(Offset(6)), Some(3));
+            assert_eq!(idx.borrow().index_at(Offset(7)), None);
+            assert_eq!(leader.term(2).unwrap(), 1);
+            assert!(leader.term(1).is_err());
+            assert!(leader.entries(2, 4, None).is_err());
+            let s = leader.snapshot();
+            assert_eq!((s.get_metadata().index, s.get_metadata().term), (2, 1));
+
+            // The follower installs it: its log restarts empty at offset 6, then takes the
+            // entries after the snapshot, byte-identical to the leader's from there.
+            follower.install_snapshot(s).unwrap();
+            follower.persist().await.unwrap();
+            assert_eq!(
+                (
+                    follower_log.log_start_offset(),
+                    follower_log.log_end_offset()
+                ),
+                (Offset(6), Offset(6))
+            );
+            assert_eq!((follower.first_index(), follower.last_index()), (3, 2));
+            follower.append(&entries[2..]).unwrap();
+            follower.persist().await.unwrap();
+            assert_eq!(
+                bytes_from(&follower_log, Offset(6)).await,
+                bytes_from(&leader_log, Offset(6)).await
+            );
+
+            // Reopened, both know where their raft logs start.
+            drop((leader, follower));
+            leader_log.close().await.unwrap();
+            follower_log.close().await.unwrap();
+            drop((leader_log, follower_log));
+            for d in [&a, &b] {
+                let (log, store) = open_store(d).await;
+                assert_eq!((store.first_index(), store.last_index()), (3, 6));
+                assert_eq!(store.term(2).unwrap(), 1);
+                assert_eq!(store.index().borrow().log_end(), Offset(18));
+                assert_eq!(log.log_start_offset(), Offset(6));
+                log.close().await.unwrap();
+            }
+
+            // A crash after the snapshot batch of an install and before the snapshot file and
+            // the log start: the reopened log finds the batch and finishes the install.
+            let c = tempfile::tempdir().unwrap();
+            let (log, store) = open_store(c.path()).await;
+            let snap = SnapshotMeta {
+                index: 2,
+                term: 1,
+                offset: Offset(6),
+            };
+            log.append_replicated(snapshot_batch(Offset(0), snap).unwrap(), Durability::Synced)
+                .await
+                .unwrap();
+            drop(store);
+            log.close().await.unwrap();
+            drop(log);
+            let (log, store) = open_store(c.path()).await;
+            assert_eq!((store.first_index(), store.last_index()), (3, 2));
+            assert_eq!(store.term(2).unwrap(), 1);
+            assert_eq!(log.log_start_offset(), Offset(6));
+            assert_eq!(read_snapshot_meta(c.path()).unwrap(), snap);
             log.close().await.unwrap();
         });
     }

@@ -24,7 +24,7 @@ use crate::protocol::batch::{self, BatchHeader};
 use crate::storage::{BatchMeta, PartitionLog, ProducerCheck, StorageError};
 use crate::types::Offset;
 
-pub use log::{EntryIndex, EntryMeta, RaftLog, TruncateHooks};
+pub use log::{EntryIndex, EntryMeta, RaftLog, SnapshotMeta, TruncateHooks};
 
 /// Why a proposal was not committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,10 @@ pub enum ReplicateError {
     OutOfOrderSequence,
     /// An idempotent producer's batch carries an epoch older than the log's: INVALID_PRODUCER_EPOCH.
     InvalidProducerEpoch,
+    /// DeleteRecords past the high watermark: OFFSET_OUT_OF_RANGE.
+    OutOfRange,
+    /// The log failed a write (its message).
+    Storage(String),
 }
 
 impl std::fmt::Display for ReplicateError {
@@ -48,6 +52,8 @@ impl std::fmt::Display for ReplicateError {
             ReplicateError::Raft(e) => write!(f, "{e:?}"),
             ReplicateError::OutOfOrderSequence => write!(f, "out of order sequence number"),
             ReplicateError::InvalidProducerEpoch => write!(f, "invalid producer epoch"),
+            ReplicateError::OutOfRange => write!(f, "offset out of range"),
+            ReplicateError::Storage(e) => write!(f, "{e}"),
         }
     }
 }
@@ -58,10 +64,26 @@ impl std::fmt::Display for ReplicateError {
 struct LogIsTheState {
     applied: Rc<Cell<u64>>,
     event: Rc<Event>,
+    /// Log start moves committed through the log (DeleteRecords), for the replica's task
+    /// that performs them.
+    log_starts: async_channel::Sender<(Offset, u64)>,
 }
 
 impl StateMachine for LogIsTheState {
-    fn apply(&mut self, index: u64, _term: u64, _data: &[u8]) {
+    fn apply(&mut self, index: u64, _term: u64, data: &[u8]) {
+        // Data entries are produced batches; only a control batch can move the log start.
+        let control = BatchHeader::parse(data).is_ok_and(|h| h.is_control());
+        if let Some((log::CONTROL_RAFT_LOG_START, v)) = control
+            .then(|| crate::storage::control_of(&bytes::Bytes::copy_from_slice(data)))
+            .flatten()
+        {
+            if let Ok(b) = <[u8; 8]>::try_from(&v[..]) {
+                // Every entry before this one is committed and applied.
+                let _ = self
+                    .log_starts
+                    .try_send((Offset(i64::from_be_bytes(b)), index.saturating_sub(1)));
+            }
+        }
         self.applied.set(index);
         self.event.notify(usize::MAX);
     }
@@ -112,6 +134,42 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// See [`ReplicatedPartition::advance_log_start`].
+async fn advance_log_start(
+    log: &PartitionLog,
+    index: &std::cell::RefCell<EntryIndex>,
+    group: &RaftGroup,
+    turn: &glommio::sync::Semaphore,
+    target: Offset,
+    applied: Option<u64>,
+) -> Result<Offset, StorageError> {
+    let _turn = turn
+        .acquire_permit(1)
+        .await
+        .map_err(|_| StorageError::Io(io::Error::other("replica stopped")))?;
+    let status = group.status();
+    // Compaction stays within what is committed and applied (raft-rs reads the entries it
+    // has yet to apply from the log).
+    let upto = applied.unwrap_or(0).max(status.commit.min(status.applied));
+    let Some(snap) = index.borrow().compaction_point(target, upto) else {
+        return Ok(log.log_start_offset());
+    };
+    log::write_snapshot_meta(log.dir(), snap).await?;
+    log.delete_records_before(snap.offset).await?;
+    index.borrow_mut().compact(snap);
+    Ok(log.log_start_offset())
+}
+
+/// What the leader knows of one replica's log (see `ReplicatedPartition::replica_log_ends`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaProgress {
+    pub node: u64,
+    /// The offset after the last entry known to match the leader's log; `None` while unknown.
+    pub log_end: Option<Offset>,
+    pub caught_up_at: Option<std::time::Instant>,
+    pub heard_at: Option<std::time::Instant>,
+}
+
 /// One replica of a replicated partition, on the partition's shard.
 pub struct ReplicatedPartition {
     /// Idempotent batches proposed and not yet answered (leader-side KIP-98 checks).
@@ -124,6 +182,9 @@ pub struct ReplicatedPartition {
     /// The last data entry applied (so committed), and its notification.
     applied: Rc<Cell<u64>>,
     applied_event: Rc<Event>,
+    /// Moves of the log start take turns (each writes the raft snapshot file, then moves the
+    /// segment log's start).
+    log_start_turn: Rc<glommio::sync::Semaphore>,
 }
 
 impl ReplicatedPartition {
@@ -142,11 +203,31 @@ impl ReplicatedPartition {
         config.snapshot_interval_entries = NO_SNAPSHOTS;
         let applied = Rc::new(Cell::new(0));
         let applied_event = Rc::new(Event::new());
+        let (log_starts, log_start_rx) = async_channel::unbounded();
         let sm = LogIsTheState {
             applied: applied.clone(),
             event: applied_event.clone(),
+            log_starts,
         };
         let group = RaftGroup::start(config, store, sm, transport)?;
+        let log_start_turn = Rc::new(glommio::sync::Semaphore::new(1));
+        // DeleteRecords committed through the log: every replica moves its log start there.
+        {
+            let (log, index, group, turn) = (
+                log.clone(),
+                index.clone(),
+                group.clone(),
+                log_start_turn.clone(),
+            );
+            crate::contain::spawn_background("replica log start", async move {
+                while let Ok((target, upto)) = log_start_rx.recv().await {
+                    let moved = advance_log_start(&log, &index, &group, &turn, target, Some(upto));
+                    if let Err(e) = moved.await {
+                        tracing::warn!(dir = %log.dir().display(), error = %e, "log start move failed");
+                    }
+                }
+            });
+        }
         Ok(ReplicatedPartition {
             inflight: InFlights::default(),
             group,
@@ -156,7 +237,59 @@ impl ReplicatedPartition {
             fetches,
             applied,
             applied_event,
+            log_start_turn,
         })
+    }
+
+    /// Moves this replica's log start towards `target` (retention): only over committed and
+    /// applied entries, and in whole entries (batches) — the log start becomes the first offset
+    /// of the entry holding `target`, or stays. The raft log is compacted with it: its snapshot
+    /// (the entry before the new start, its term and the offset after it) is written first,
+    /// then the segment log's start moves. A follower that needs an entry below it gets the
+    /// snapshot and restarts its log there. Returns the log start.
+    pub async fn advance_log_start(&self, target: Offset) -> Result<Offset, StorageError> {
+        advance_log_start(
+            &self.log,
+            &self.index,
+            &self.group,
+            &self.log_start_turn,
+            target,
+            None,
+        )
+        .await
+    }
+
+    /// DeleteRecords on the leader: `target` (at most the high watermark, else
+    /// OffsetOutOfRange) is committed through the log as a control entry, which every replica
+    /// applies by moving its log start there ([`advance_log_start`](Self::advance_log_start),
+    /// so rounded down to the first offset of the batch holding `target`); answered with the
+    /// leader's log start once it has moved: Kafka's low watermark.
+    pub async fn delete_records(&self, target: Offset) -> Result<Offset, ReplicateError> {
+        if target > self.high_watermark() || target < Offset(0) {
+            return Err(ReplicateError::OutOfRange);
+        }
+        if target <= self.log.log_start_offset() {
+            return Ok(self.log.log_start_offset());
+        }
+        let b = crate::storage::control_batch(
+            log::CONTROL_RAFT_LOG_START,
+            &target.0.to_be_bytes(),
+            self.leader_epoch(),
+            -1,
+        );
+        let (base, _) = self.propose_raw(BytesMut::from(&b[..]), true).await?;
+        // Every entry before the committed control entry is committed and applied.
+        let upto = self.index.borrow().index_at(base).map(|i| i - 1);
+        advance_log_start(
+            &self.log,
+            &self.index,
+            &self.group,
+            &self.log_start_turn,
+            target,
+            upto,
+        )
+        .await
+        .map_err(|e| ReplicateError::Storage(e.to_string()))
     }
 
     /// Proposes one produced batch; resolves with its offsets (base, last) once it is committed
@@ -363,6 +496,41 @@ impl ReplicatedPartition {
                             .group
                             .caught_up_at(*r)
                             .is_some_and(|at| now.saturating_duration_since(at) <= max_lag)
+                })
+                .collect(),
+        )
+    }
+
+    /// On the leader: the log end offset each of `replicas` is known to have, from raft
+    /// progress — this node's own log end, and for a follower the offset after its matched
+    /// index (what it holds that matches the leader's log) — with when it last caught up and
+    /// when it was last heard from. A follower's lag in offsets is the leader's log end minus
+    /// its own. `None` on a replica that is not the leader.
+    pub fn replica_log_ends(&self, replicas: &[u64]) -> Option<Vec<ReplicaProgress>> {
+        let status = self.group.status();
+        if status.role != Role::Leader {
+            return None;
+        }
+        let index = self.index.borrow();
+        Some(
+            replicas
+                .iter()
+                .map(|r| {
+                    if *r == status.node_id {
+                        ReplicaProgress {
+                            node: *r,
+                            log_end: Some(index.log_end()),
+                            caught_up_at: Some(std::time::Instant::now()),
+                            heard_at: Some(std::time::Instant::now()),
+                        }
+                    } else {
+                        ReplicaProgress {
+                            node: *r,
+                            log_end: self.group.matched(*r).map(|m| index.offset_after(m)),
+                            caught_up_at: self.group.caught_up_at(*r),
+                            heard_at: self.group.last_heard(*r),
+                        }
+                    }
                 })
                 .collect(),
         )

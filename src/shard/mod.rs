@@ -194,6 +194,27 @@ pub fn start_partition_transport() -> Result<(), String> {
     Ok(())
 }
 
+/// Asks node `leader`, the current leader of raft group `group_id`, to hand leadership to
+/// replica `to`, over the calling shard's partition transport (the group's traffic flows
+/// between the same shard of every node, so call this on the partition's shard). The message
+/// is raft's own leader-transfer request, as raft-rs forwards it from a follower to its
+/// leader: a local message (term 0) from the transferee, which the leader acts on as if it had
+/// been asked itself. False when this shard has no transport (not in a cluster). The request
+/// may be lost like any raft message: the caller watches the leadership and asks again.
+pub fn ask_leader_transfer(group_id: u64, leader: u64, to: u64) -> bool {
+    use sluice_raft::eraftpb::{Message, MessageType};
+    let Some(transport) = local().transport.borrow().clone() else {
+        return false;
+    };
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgTransferLeader);
+    m.to = leader;
+    m.from = to;
+    m.term = 0;
+    transport.send(group_id, vec![m]);
+    true
+}
+
 /// Opens one partition replica on the calling shard (idempotent): its log, then its raft group
 /// `group_id` over the `voters`' same shard. Leadership changes are published to every shard
 /// through [`BrokerContext::set_replica_leader`].

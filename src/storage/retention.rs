@@ -36,35 +36,39 @@ impl PartitionLog {
     /// Applies retention.ms / retention.bytes to whole sealed segments; called periodically by
     /// the shard. Never touches the active segment.
     pub async fn enforce_retention(&self, now_ms: i64) -> Result<(), StorageError> {
-        let new_start = {
-            let s = self.state.borrow();
-            let sealed = s.segments.len() - 1;
-            let mut total = s.total_bytes();
-            let mut k = 0;
-            while k < sealed {
-                let g = &s.segments[k];
-                let old = s
-                    .config
-                    .retention_ms
-                    .is_some_and(|ms| g.max_ts().0 < now_ms.saturating_sub(ms as i64));
-                let big = s
-                    .config
-                    .retention_bytes
-                    .is_some_and(|b| total.saturating_sub(g.size()) >= b);
-                if !(old || big) {
-                    break;
-                }
-                total -= g.size();
-                k += 1;
-            }
-            (k > 0).then(|| s.segments[k].base())
-        };
-        if let Some(start) = new_start {
+        if let Some(start) = self.retention_target(now_ms) {
             if start > self.state.borrow().offsets.log_start() {
                 self.advance_log_start(start).await?;
             }
         }
         Ok(())
+    }
+
+    /// Where retention.ms / retention.bytes would move the log start (the base of the first
+    /// sealed segment to keep), without moving it: a replicated partition moves it through its
+    /// raft log, which compacts with it.
+    pub fn retention_target(&self, now_ms: i64) -> Option<Offset> {
+        let s = self.state.borrow();
+        let sealed = s.segments.len() - 1;
+        let mut total = s.total_bytes();
+        let mut k = 0;
+        while k < sealed {
+            let g = &s.segments[k];
+            let old = s
+                .config
+                .retention_ms
+                .is_some_and(|ms| g.max_ts().0 < now_ms.saturating_sub(ms as i64));
+            let big = s
+                .config
+                .retention_bytes
+                .is_some_and(|b| total.saturating_sub(g.size()) >= b);
+            if !(old || big) {
+                break;
+            }
+            total -= g.size();
+            k += 1;
+        }
+        (k > 0).then(|| s.segments[k].base())
     }
 
     /// Persists the new log start (before any file goes: a crash in between leaves segments

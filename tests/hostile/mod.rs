@@ -78,6 +78,9 @@ pub fn default_request(key: ApiKey) -> Box<dyn EncodeAt> {
         ApiKey::DescribeLogDirs => Box::new(DescribeLogDirsRequest::default()),
         ApiKey::OffsetForLeaderEpoch => Box::new(OffsetForLeaderEpochRequest::default()),
         ApiKey::ElectLeaders => Box::new(ElectLeadersRequest::default()),
+        ApiKey::DescribeQuorum => {
+            Box::new(kafka_protocol::messages::DescribeQuorumRequest::default())
+        }
         ApiKey::AddPartitionsToTxn => Box::new(AddPartitionsToTxnRequest::default()),
         ApiKey::AddOffsetsToTxn => Box::new(AddOffsetsToTxnRequest::default()),
         ApiKey::EndTxn => Box::new(EndTxnRequest::default()),
@@ -565,6 +568,24 @@ pub fn populated_request(key: ApiKey, version: i16) -> Box<dyn EncodeAt> {
                             .with_topic(TopicName(s("hostile-other")))
                             .with_partitions(vec![0]),
                     ])),
+            )
+        }
+        ApiKey::DescribeQuorum => {
+            use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
+            Box::new(
+                kafka_protocol::messages::DescribeQuorumRequest::default().with_topics(vec![
+                    TopicData::default()
+                        .with_topic_name(topic())
+                        .with_partitions(
+                            [0, -1, i32::MAX]
+                                .into_iter()
+                                .map(|p| PartitionData::default().with_partition_index(p))
+                                .collect(),
+                        ),
+                    TopicData::default()
+                        .with_topic_name(TopicName(s("hostile-other")))
+                        .with_partitions(vec![PartitionData::default()]),
+                ]),
             )
         }
         other => default_request(other),

@@ -412,6 +412,84 @@ pub struct LogDir {
     pub partitions: Vec<LogDirPartition>,
 }
 
+/// One replica of a replicated partition as its leader sees it (DescribeQuorum).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumReplica {
+    pub id: i32,
+    /// The log end offset the leader knows the replica to have; -1 when unknown.
+    pub log_end_offset: i64,
+}
+
+/// A replicated partition as its leader sees it (DescribeQuorum).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumPartition {
+    pub topic: String,
+    pub partition: i32,
+    /// Kafka's error code for this partition (0: the fields below are set).
+    pub error_code: i16,
+    pub leader: i32,
+    pub leader_epoch: i32,
+    pub high_watermark: i64,
+    pub replicas: Vec<QuorumReplica>,
+}
+
+/// The raft quorum of each of `partitions` (topic, partition), asked of the broker this
+/// connection talks to — their leader, the only one that answers with replica progress.
+pub async fn describe_quorum<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    partitions: &[(String, i32)],
+) -> Result<Vec<QuorumPartition>> {
+    use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
+    use kafka_protocol::messages::{DescribeQuorumRequest, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    let v = c
+        .versions()
+        .pick_in::<DescribeQuorumRequest>(0, 1)
+        .context("the broker does not serve DescribeQuorum")?;
+    let mut by_topic: std::collections::BTreeMap<&str, Vec<i32>> = Default::default();
+    for (t, p) in partitions {
+        by_topic.entry(t.as_str()).or_default().push(*p);
+    }
+    let req = DescribeQuorumRequest::default().with_topics(
+        by_topic
+            .into_iter()
+            .map(|(t, ps)| {
+                TopicData::default()
+                    .with_topic_name(TopicName(StrBytes::from_string(t.to_string())))
+                    .with_partitions(
+                        ps.into_iter()
+                            .map(|p| PartitionData::default().with_partition_index(p))
+                            .collect(),
+                    )
+            })
+            .collect(),
+    );
+    let resp = c.call_at(&req, v).await.context("DescribeQuorum")?;
+    check(resp.error_code, "cannot describe the quorums", None)?;
+    Ok(resp
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(|p| QuorumPartition {
+                topic: t.topic_name.0.to_string(),
+                partition: p.partition_index,
+                error_code: p.error_code,
+                leader: p.leader_id.0,
+                leader_epoch: p.leader_epoch,
+                high_watermark: p.high_watermark,
+                replicas: p
+                    .current_voters
+                    .iter()
+                    .map(|r| QuorumReplica {
+                        id: r.replica_id.0,
+                        log_end_offset: r.log_end_offset,
+                    })
+                    .collect(),
+            })
+        })
+        .collect())
+}
+
 /// The log directories of the broker this connection talks to, with every partition held
 /// there (DescribeLogDirs v1+, `topics` null: all of them).
 pub async fn describe_log_dirs<S: AsyncRead + AsyncWrite + Unpin>(

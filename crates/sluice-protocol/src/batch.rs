@@ -241,6 +241,14 @@ pub fn set_partition_leader_epoch(batch: &mut [u8], epoch: i32) {
     batch[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&epoch.to_be_bytes());
 }
 
+/// Rewrites `lastOffsetDelta` in place and recomputes the CRC (it covers the field): a batch
+/// whose offsets span more than its records, as compaction leaves them.
+pub fn set_last_offset_delta(batch: &mut [u8], delta: i32) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
+    batch[OFF_LAST_OFFSET_DELTA..OFF_LAST_OFFSET_DELTA + 4].copy_from_slice(&delta.to_be_bytes());
+    write_crc(batch);
+}
+
 /// Marks the batch as LogAppendTime with `now_ms` as its max timestamp and recomputes the CRC
 /// (both fields are covered by it). Kafka leaves the per-record deltas alone.
 pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {

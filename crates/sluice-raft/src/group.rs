@@ -223,6 +223,8 @@ struct Shared {
 struct CatchUp {
     at: Option<Instant>,
     target: u64,
+    /// The follower's matched index (raft progress) at the last publish.
+    matched: u64,
 }
 
 /// A running raft group: a cheap handle (clone it freely) to the task that drives it.
@@ -403,6 +405,13 @@ impl RaftGroup {
     /// if it has not since this node became leader, or on a node that is not the leader.
     pub fn caught_up_at(&self, peer: u64) -> Option<Instant> {
         self.shared.caught_up.borrow().get(&peer).and_then(|c| c.at)
+    }
+
+    /// On the leader: the index up to which follower `peer`'s log is known to match the
+    /// leader's (raft progress `matched`, as of the last loop pass). `None` on a node that is
+    /// not the leader, or for a node that is not a follower of this group.
+    pub fn matched(&self, peer: u64) -> Option<u64> {
+        self.shared.caught_up.borrow().get(&peer).map(|c| c.matched)
     }
 
     /// Why the loop ended, once it has.
@@ -940,7 +949,9 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             let c = caught_up.entry(*id).or_insert(CatchUp {
                 at: None,
                 target: status.last_index,
+                matched: 0,
             });
+            c.matched = pr.matched;
             if pr.matched >= c.target {
                 c.at = Some(now);
                 c.target = status.last_index;

@@ -1,5 +1,9 @@
 //! DeleteRecords, versions 0-2 (flexible from 2). Advances a partition's log start offset;
-//! offset -1 means the high watermark.
+//! offset -1 means the high watermark. On a replicated partition the partition's leader
+//! commits the move through its raft log and every replica makes it; it is answered once the
+//! leader's log start has moved, with that log start (the low watermark), which is the first
+//! offset of the batch holding the requested offset: the log of a replicated partition starts
+//! at a batch (a raft entry).
 
 use bytes::Bytes;
 use kafka_protocol::messages::delete_records_response::{
@@ -8,8 +12,9 @@ use kafka_protocol::messages::delete_records_response::{
 use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
 use kafka_protocol::ResponseError;
 
-use super::common::{code, storage_code, with_partition, NONE};
+use super::common::{code, storage_code, with_partition_replica, NONE};
 use crate::kafka::{Request, Response};
+use crate::replica::ReplicateError;
 use crate::shard;
 use crate::types::Offset;
 
@@ -30,28 +35,40 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 );
                 continue;
             };
-            if meta.replication_factor() > 1 {
-                // The raft log of a replicated partition must start at offset 0 until partition
-                // snapshots exist.
-                parts.push(r.with_error_code(code(ResponseError::PolicyViolation).get()));
-                continue;
-            }
             let offset = p.offset;
-            let res = with_partition(meta, p.partition_index, move |log| async move {
-                let target = if offset == -1 {
-                    log.high_watermark()
-                } else {
-                    Offset(offset)
-                };
-                log.delete_records_before(target).await
-            })
-            .await;
+            let res =
+                with_partition_replica(meta, p.partition_index, move |log, replica| async move {
+                    match replica {
+                        Some(replica) => {
+                            let target = if offset == -1 {
+                                replica.high_watermark()
+                            } else {
+                                Offset(offset)
+                            };
+                            replica.delete_records(target).await.map_err(|e| match e {
+                                ReplicateError::OutOfRange => code(ResponseError::OffsetOutOfRange),
+                                ReplicateError::Raft(_) => code(ResponseError::NotLeaderOrFollower),
+                                _ => code(ResponseError::KafkaStorageError),
+                            })
+                        }
+                        None => {
+                            let target = if offset == -1 {
+                                log.high_watermark()
+                            } else {
+                                Offset(offset)
+                            };
+                            log.delete_records_before(target)
+                                .await
+                                .map_err(|e| storage_code(&e))
+                        }
+                    }
+                })
+                .await;
             parts.push(match res {
                 Ok(Ok(low)) => r
                     .with_error_code(req.error_code(NONE))
                     .with_low_watermark(low.0),
-                Ok(Err(e)) => r.with_error_code(req.error_code(storage_code(&e))),
-                Err(c) => r.with_error_code(req.error_code(c)),
+                Ok(Err(c)) | Err(c) => r.with_error_code(req.error_code(c)),
             });
         }
         topics.push(

@@ -576,6 +576,10 @@ async fn replicate(
                 code(ResponseError::NotLeaderOrFollower),
                 Some(format!("not replicated from this node: {e}")),
             ),
+            // Not answers to a produce.
+            ReplicateError::OutOfRange | ReplicateError::Storage(_) => {
+                (code(ResponseError::KafkaStorageError), Some(e.to_string()))
+            }
         })?;
         first.get_or_insert(base.0);
     }

@@ -334,14 +334,15 @@ impl SharePartition {
     /// Locks that expired by `now_ms` make their records Available again (Archived at the
     /// delivery limit). Returns how many expired.
     pub fn expire(&mut self, now_ms: i64) -> usize {
-        let expired: Vec<i64> = self
+        let expired: Vec<(i64, i64)> = self
             .records
             .iter()
             .filter(|(_, r)| r.state == RecordState::Acquired && r.deadline_ms <= now_ms)
-            .map(|(o, _)| *o)
+            .map(|(o, r)| (*o, r.deadline_ms))
             .collect();
-        for o in &expired {
-            self.give_back(*o, Some(now_ms));
+        // The back-off runs from the lock's deadline, however late expiry is applied.
+        for (o, deadline) in &expired {
+            self.give_back(*o, Some(*deadline));
         }
         if !expired.is_empty() {
             self.advance();
@@ -843,8 +844,9 @@ mod tests {
         let got = sp.acquire(&one(0, 1), 2, &a, 10, 1100, &mut none);
         assert_eq!(got.ranges, vec![(0, 0, 2)]);
         assert_eq!(sp.snapshot().retry_at, vec![]);
-        // A lock expiring after the second delivery backs off twice as long.
-        sp.expire(1100 + 1000);
+        // A lock expiring after the second delivery backs off twice as long, from its
+        // deadline (expiry applied late).
+        sp.expire(1100 + 1000 + 500);
         assert_eq!(sp.records[&0].retry_at_ms, 2100 + 2000);
         // Records a closing session gives back are available at once.
         let mut sp = SharePartition::new(s, 0);

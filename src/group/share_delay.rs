@@ -35,19 +35,23 @@ fn decimal(v: &[u8]) -> Option<i64> {
     std::str::from_utf8(v).ok()?.parse::<i64>().ok()
 }
 
+/// A delivery-time header whose value is not a valid time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
+
 /// The delivery time the headers of a record with timestamp `timestamp_ms` ask for: `Ok(0)`
-/// without one, `Err(())` for a malformed value.
+/// without one.
 pub fn due_ms<'a>(
     timestamp_ms: i64,
     headers: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-) -> Result<i64, ()> {
+) -> Result<i64, Malformed> {
     let mut due = 0i64;
     for (k, v) in headers {
         let at = if k == DELIVER_AT {
-            v.and_then(decimal).ok_or(())?
+            v.and_then(decimal).ok_or(Malformed)?
         } else if k == DELIVER_AFTER_MS {
-            let d = v.and_then(decimal).ok_or(())?;
-            timestamp_ms.max(0).checked_add(d).ok_or(())?
+            let d = v.and_then(decimal).ok_or(Malformed)?;
+            timestamp_ms.max(0).checked_add(d).ok_or(Malformed)?
         } else {
             continue;
         };
@@ -72,7 +76,7 @@ pub fn due_times(batch: &Bytes) -> DueTimes {
         match due_ms(r.timestamp_ms, hs) {
             Ok(0) => {}
             Ok(d) => out.push((r.offset, d)),
-            Err(()) => {
+            Err(Malformed) => {
                 crate::stats::share_delivery_time_invalid();
                 tracing::debug!(
                     offset = r.offset,
@@ -127,12 +131,16 @@ mod tests {
             b"1e3",
             b"99999999999999999999",
         ] {
-            assert_eq!(due_ms(0, h(&[(DELIVER_AT, Some(bad))])), Err(()), "{bad:?}");
+            assert_eq!(
+                due_ms(0, h(&[(DELIVER_AT, Some(bad))])),
+                Err(Malformed),
+                "{bad:?}"
+            );
         }
-        assert_eq!(due_ms(0, h(&[(DELIVER_AT, None)])), Err(()));
+        assert_eq!(due_ms(0, h(&[(DELIVER_AT, None)])), Err(Malformed));
         assert_eq!(
             due_ms(10, h(&[(DELIVER_AFTER_MS, Some(b"9223372036854775807"))])),
-            Err(())
+            Err(Malformed)
         );
     }
 

@@ -206,7 +206,12 @@ impl SharePartition {
         }
         // Release back-offs come back exactly; delivery times are read from the log again.
         for &(first, last, at) in &s.retry_at {
-            for (_, r) in sp.records.range_mut(first.max(sp.start)..=last) {
+            // A range below the start (or reversed) is nothing: `range_mut` must not see it.
+            let first = first.max(sp.start);
+            if first > last {
+                continue;
+            }
+            for (_, r) in sp.records.range_mut(first..=last) {
                 if r.state == RecordState::Available {
                     r.retry_at_ms = at;
                 }
@@ -841,6 +846,12 @@ mod tests {
         let back = SharePartition::from_snapshot(s, &sp.snapshot());
         assert_eq!(back.records[&0].retry_at_ms, 1100);
         assert_eq!(back.records[&1].retry_at_ms, 0);
+        // Ranges below the start or reversed (a stale or damaged record) are ignored.
+        let mut odd = sp.snapshot();
+        odd.start_offset = 1;
+        odd.retry_at = vec![(0, 0, 7), (5, 2, 7), (i64::MIN, i64::MIN, 7)];
+        let back = SharePartition::from_snapshot(s, &odd);
+        assert!(back.records.values().all(|r| r.retry_at_ms == 0));
         let got = sp.acquire(&one(0, 1), 2, &a, 10, 1100, &mut none);
         assert_eq!(got.ranges, vec![(0, 0, 2)]);
         assert_eq!(sp.snapshot().retry_at, vec![]);

@@ -103,6 +103,7 @@ struct Counters {
     cleaner_passes: Cell<u64>,
     cleaner_bytes_read: Cell<u64>,
     cleaner_bytes_written: Cell<u64>,
+    share_delivery_time_invalid: Cell<u64>,
 }
 
 thread_local! {
@@ -232,6 +233,11 @@ pub fn log_cleaned(read: u64, written: u64) {
     });
 }
 
+/// A share acquisition read a malformed delivery-time header (the record is delivered at once).
+pub fn share_delivery_time_invalid() {
+    COUNTERS.with(|c| add(&c.share_delivery_time_invalid, 1));
+}
+
 /// The calling thread's counters, copied; histograms as Prometheus buckets at `bounds_s`.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -254,6 +260,7 @@ pub struct Snapshot {
     pub cleaner_passes: u64,
     pub cleaner_bytes_read: u64,
     pub cleaner_bytes_written: u64,
+    pub share_delivery_time_invalid: u64,
 }
 
 /// Copies the calling thread's counters.
@@ -292,6 +299,7 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
             cleaner_passes: c.cleaner_passes.get(),
             cleaner_bytes_read: c.cleaner_bytes_read.get(),
             cleaner_bytes_written: c.cleaner_bytes_written.get(),
+            share_delivery_time_invalid: c.share_delivery_time_invalid.get(),
         }
     })
 }

@@ -676,3 +676,350 @@ fn renew_at_v2_extends_locks_without_counting_a_delivery() {
     }
     assert_eq!(got, (0..5).map(|o| (o, 2)).collect());
 }
+
+// ------------------------------------------------------------------------ delayed delivery
+
+/// The test's own clock (the broker's is the same wall clock, but nothing here reads it).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// Produces `records` (value, delivery-time headers) in one zstd batch with librdkafka.
+fn produce_with_headers(b: &Broker, topic: &str, records: &[(&str, &[(&str, &str)])]) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .set("acks", "all")
+        .set("linger.ms", "50")
+        .set("compression.type", "zstd")
+        .create()
+        .expect("producer");
+    for (value, headers) in records {
+        let mut hs = OwnedHeaders::new();
+        for (k, v) in *headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        p.send(
+            BaseRecord::<(), str>::to(topic)
+                .partition(0)
+                .payload(*value)
+                .headers(hs),
+        )
+        .expect("enqueue");
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// One ShareFetch of partition 0 waiting up to `max_wait_ms`: the acquired (offset, count)
+/// pairs.
+fn share_fetch_wait(
+    c: &mut Client,
+    group: &str,
+    member: &str,
+    epoch: i32,
+    topic: uuid::Uuid,
+    max_wait_ms: i32,
+    acks: Vec<share_fetch_request::AcknowledgementBatch>,
+) -> Vec<(i64, i16)> {
+    use share_fetch_request::{FetchPartition, FetchTopic};
+    let r: ShareFetchResponse = c
+        .call_at(
+            ApiKey::ShareFetch,
+            1,
+            &ShareFetchRequest::default()
+                .with_group_id(Some(GroupId(s(group))))
+                .with_member_id(Some(s(member)))
+                .with_share_session_epoch(epoch)
+                .with_max_wait_ms(max_wait_ms)
+                .with_min_bytes(1)
+                .with_max_bytes(1 << 20)
+                .with_max_records(100)
+                .with_batch_size(100)
+                .with_topics(vec![FetchTopic::default()
+                    .with_topic_id(topic)
+                    .with_partitions(vec![FetchPartition::default()
+                        .with_partition_index(0)
+                        .with_acknowledgement_batches(acks)])]),
+        )
+        .expect("share fetch");
+    assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+    let Some(p) = r.responses.first().and_then(|t| t.partitions.first()) else {
+        return vec![];
+    };
+    assert_eq!(p.error_code, 0);
+    assert_eq!(p.acknowledge_error_code, 0);
+    p.acquired_records
+        .iter()
+        .flat_map(|a| (a.first_offset..=a.last_offset).map(move |o| (o, a.delivery_count)))
+        .collect()
+}
+
+fn ack(first: i64, last: i64, kind: i8) -> share_fetch_request::AcknowledgementBatch {
+    share_fetch_request::AcknowledgementBatch::default()
+        .with_first_offset(first)
+        .with_last_offset(last)
+        .with_acknowledge_types(vec![kind])
+}
+
+/// Fetches (accepting what arrives, unless `keep` says otherwise) until `want` was acquired or
+/// `WAIT_MAX` passes; returns when each offset arrived by the test's clock, and its count.
+struct Poller<'a> {
+    c: &'a mut Client,
+    group: String,
+    member: String,
+    topic: uuid::Uuid,
+    epoch: i32,
+    pending: Vec<share_fetch_request::AcknowledgementBatch>,
+}
+
+impl Poller<'_> {
+    fn fetch(&mut self, max_wait_ms: i32) -> Vec<(i64, i16)> {
+        let acks = std::mem::take(&mut self.pending);
+        let got = share_fetch_wait(
+            self.c,
+            &self.group,
+            &self.member,
+            self.epoch,
+            self.topic,
+            max_wait_ms,
+            acks,
+        );
+        self.epoch += 1;
+        got
+    }
+
+    fn until(&mut self, want: &[i64]) -> std::collections::BTreeMap<i64, (i64, i16)> {
+        let mut seen = std::collections::BTreeMap::new();
+        let deadline = std::time::Instant::now() + WAIT_MAX;
+        while !want.iter().all(|o| seen.contains_key(o)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waiting for {want:?}, got {seen:?}"
+            );
+            for (o, n) in self.fetch(500) {
+                seen.insert(o, (wall_ms(), n));
+                self.pending.push(ack(o, o, 1));
+            }
+        }
+        seen
+    }
+}
+
+fn join_share(c: &mut Client, group: &str, member: &str, topic: &str) {
+    let r = heartbeat(c, join(group, member, topic));
+    assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+}
+
+#[test]
+fn delayed_records_wait_for_their_time_and_do_not_hold_back_the_others() {
+    let b = Broker::options().cores(2).start();
+    let topic = topic_name("share-delay");
+    b.create_topic(&topic, 1);
+    let group = format!("g-{topic}");
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    c.wait_coordinator(&group, WAIT_MAX);
+    assert_eq!(
+        set_group_config(&mut c, &group, "share.auto.offset.reset", "earliest"),
+        0
+    );
+    let id = topic_id(&mut c, &topic);
+    join_share(&mut c, &group, "m", &topic);
+
+    // Offsets: 0 plain, 1 five seconds after its timestamp, 2 plain, 3 at an absolute time
+    // four seconds from now, 4 malformed (delivered at once).
+    let t0 = wall_ms();
+    let at = (t0 + 4_000).to_string();
+    produce_with_headers(
+        &b,
+        &topic,
+        &[
+            ("r0", &[]),
+            ("r1", &[("sluice.deliver.after.ms", "5000")]),
+            ("r2", &[]),
+            ("r3", &[("sluice.deliver.at", &at)]),
+            ("r4", &[("sluice.deliver.at", "tomorrow")]),
+        ],
+    );
+    let mut p = Poller {
+        c: &mut c,
+        group: group.clone(),
+        member: "m".into(),
+        topic: id,
+        epoch: 0,
+        pending: vec![],
+    };
+    // The records behind the delayed ones are not held back.
+    let first = p.until(&[0, 2, 4]);
+    assert!(
+        !first.contains_key(&1) && !first.contains_key(&3),
+        "{first:?}"
+    );
+    // A classic consumer (Fetch) sees all five, headers as written, before any is due.
+    {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
+        let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", b.bootstrap())
+            .set("group.id", format!("classic-{topic}"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .expect("tpl");
+        consumer.assign(&tpl).expect("assign");
+        let mut got = vec![];
+        let deadline = std::time::Instant::now() + WAIT_MAX;
+        while got.len() < 5 && std::time::Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m.expect("message");
+                let h = m.headers().map(|h| h.count()).unwrap_or(0);
+                got.push((m.offset(), h));
+            }
+        }
+        assert_eq!(got, vec![(0, 0), (1, 1), (2, 0), (3, 1), (4, 1)]);
+        assert!(
+            wall_ms() < t0 + 4_000,
+            "the classic consumer read everything before the first delivery time"
+        );
+    }
+    // One long poll: it wakes when offset 3 is due, not at its 30 s limit, and not before.
+    let waited_from = std::time::Instant::now();
+    let got = p.fetch(30_000);
+    let now = wall_ms();
+    assert_eq!(got, vec![(3, 1)]);
+    assert!(
+        now >= t0 + 4_000,
+        "offset 3 delivered {} ms early",
+        t0 + 4_000 - now
+    );
+    assert!(waited_from.elapsed() < Duration::from_secs(20));
+    p.pending.push(ack(3, 3, 1));
+    let last = p.until(&[1]);
+    assert!(
+        last[&1].0 >= t0 + 5_000,
+        "offset 1 delivered {} ms early",
+        t0 + 5_000 - last[&1].0
+    );
+    assert_eq!(last[&1].1, 1);
+}
+
+#[test]
+fn released_records_back_off_and_both_delays_survive_a_kill_9() {
+    let mut b = Broker::options().cores(2).start();
+    let topic = topic_name("share-backoff");
+    b.create_topic(&topic, 1);
+    let group = format!("g-{topic}");
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    c.wait_coordinator(&group, WAIT_MAX);
+    for (k, v) in [
+        ("share.auto.offset.reset", "earliest"),
+        ("share.release.backoff.ms", "2000"),
+        ("share.release.backoff.max.ms", "8000"),
+    ] {
+        assert_eq!(set_group_config(&mut c, &group, k, v), 0, "{k}");
+    }
+    assert_eq!(
+        set_group_config(&mut c, &group, "share.release.backoff.ms", "-1"),
+        err(ResponseError::InvalidConfig)
+    );
+    let described: DescribeConfigsResponse = c
+        .call_at(
+            ApiKey::DescribeConfigs,
+            4,
+            &DescribeConfigsRequest::default().with_resources(vec![
+                describe_configs_request::DescribeConfigsResource::default()
+                    .with_resource_type(32)
+                    .with_resource_name(s(&group)),
+            ]),
+        )
+        .expect("describe configs");
+    let value = |k: &str| {
+        described.results[0]
+            .configs
+            .iter()
+            .find(|e| e.name.as_str() == k)
+            .and_then(|e| e.value.as_ref().map(|v| v.to_string()))
+    };
+    assert_eq!(value("share.release.backoff.ms").as_deref(), Some("2000"));
+    assert_eq!(
+        value("share.release.backoff.max.ms").as_deref(),
+        Some("8000")
+    );
+    let id = topic_id(&mut c, &topic);
+    join_share(&mut c, &group, "m", &topic);
+    let t0 = wall_ms();
+    let at = (t0 + 12_000).to_string();
+    produce_with_headers(
+        &b,
+        &topic,
+        &[("r0", &[]), ("r1", &[("sluice.deliver.at", &at)])],
+    );
+    let mut p = Poller {
+        c: &mut c,
+        group: group.clone(),
+        member: "m".into(),
+        topic: id,
+        epoch: 0,
+        pending: vec![],
+    };
+    // Offset 0: delivered, released, and back no earlier than 2 s later with count 2.
+    let deadline = std::time::Instant::now() + WAIT_MAX;
+    while p.fetch(500) != vec![(0, 1)] {
+        assert!(std::time::Instant::now() < deadline);
+    }
+    let released = wall_ms();
+    p.pending.push(ack(0, 0, 2));
+    let mut got = vec![];
+    while got.is_empty() {
+        assert!(std::time::Instant::now() < deadline);
+        got = p.fetch(500);
+    }
+    let back = wall_ms();
+    assert_eq!(got, vec![(0, 2)]);
+    assert!(
+        back >= released + 2_000,
+        "redelivered {} ms early",
+        released + 2_000 - back
+    );
+    // Released again: the back-off doubles to 4 s. Then kill -9 right after the release is
+    // answered, and restart: neither offset comes back early.
+    let released = wall_ms();
+    p.pending.push(ack(0, 0, 2));
+    assert_eq!(p.fetch(0), vec![]);
+    b.sigkill();
+    b.restart();
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    c.wait_coordinator(&group, WAIT_MAX);
+    join_share(&mut c, &group, "m", &topic);
+    let mut p = Poller {
+        c: &mut c,
+        group: group.clone(),
+        member: "m".into(),
+        topic: id,
+        epoch: 0,
+        pending: vec![],
+    };
+    let seen = p.until(&[0, 1]);
+    assert!(
+        seen[&0].0 >= released + 4_000,
+        "offset 0 redelivered {} ms early after the restart",
+        released + 4_000 - seen[&0].0
+    );
+    assert_eq!(seen[&0].1, 3);
+    assert!(
+        seen[&1].0 >= t0 + 12_000,
+        "offset 1 delivered {} ms early after the restart",
+        t0 + 12_000 - seen[&1].0
+    );
+    assert_eq!(seen[&1].1, 1);
+}

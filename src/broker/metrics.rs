@@ -692,6 +692,14 @@ fn render(broker: &BrokerContext, started: f64) -> String {
     per_shard(
         &mut t,
         &shards,
+        "sluice_share_delivery_time_invalid_total",
+        "counter",
+        "Records whose delivery-time header (sluice.deliver.at, sluice.deliver.after.ms) was malformed: delivered to share consumers at once.",
+        |s| s.counters.share_delivery_time_invalid as f64,
+    );
+    per_shard(
+        &mut t,
+        &shards,
         "sluice_log_cleaner_passes_total",
         "counter",
         "Log-cleaner passes that rewrote segments of a compacted log.",

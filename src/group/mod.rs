@@ -8,6 +8,7 @@
 //! | [`consumer`] | KIP-848 consumer groups: ConsumerGroupHeartbeat, server-side assignors, reconciliation |
 //! | [`offsets`] | Kafka's `__consumer_offsets` key/value record formats |
 //! | [`share`] | KIP-932 share groups: ShareGroupHeartbeat membership, the `simple` assignment, group configs |
+//! | [`share_delay`] | delayed delivery: the delivery-time headers of records |
 //! | [`share_partition`] | one share partition: acquisition locks, acknowledgements, delivery counts |
 //! | [`share_state`] | share partitions at run time and their snapshots in `__share_group_state` |
 //!
@@ -35,6 +36,7 @@ pub mod consumer;
 pub mod coordinator;
 pub mod offsets;
 pub mod share;
+pub mod share_delay;
 pub mod share_partition;
 pub mod share_state;
 pub mod state;

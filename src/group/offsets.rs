@@ -317,9 +317,26 @@ pub fn share_group_value(v: &ShareGroupValue) -> Vec<u8> {
         Some(false) => 0,
         Some(true) => 1,
     } as u8);
-    out.push(0);
+    // Tagged fields. Tag 1 (delayed delivery): releaseBackoffMs:i32 releaseBackoffMaxMs:i32,
+    // -1 for a config not set; written only when one is set.
+    let (b, m) = (
+        v.configs.release_backoff_ms,
+        v.configs.release_backoff_max_ms,
+    );
+    if b.is_some() || m.is_some() {
+        out.push(1);
+        out.push(SHARE_GROUP_TAG_RELEASE_BACKOFF as u8);
+        out.push(8);
+        out.extend_from_slice(&b.unwrap_or(-1).to_be_bytes());
+        out.extend_from_slice(&m.unwrap_or(-1).to_be_bytes());
+    } else {
+        out.push(0);
+    }
     out
 }
+
+/// The tagged field of a share group value holding the release back-off configs.
+const SHARE_GROUP_TAG_RELEASE_BACKOFF: u64 = 1;
 
 /// [`ShareMemberValue`] v0.
 pub fn share_member_value(v: &ShareMemberValue) -> Vec<u8> {
@@ -657,12 +674,32 @@ pub fn decode_share_group_value(buf: &Bytes) -> Result<ShareGroupValue, FormatEr
         1 => Some(true),
         _ => None,
     };
+    // Tagged fields (a value written before they were read ends here); unknown tags skipped.
+    let (mut release_backoff_ms, mut release_backoff_max_ms) = (None, None);
+    if r.remaining() > 0 {
+        let n = r.uvarint()?;
+        for _ in 0..n {
+            let tag = r.uvarint()?;
+            let len =
+                usize::try_from(r.uvarint()?).map_err(|_| FormatError("length overflow".into()))?;
+            let start = r.at;
+            r.take(len)?;
+            if tag == SHARE_GROUP_TAG_RELEASE_BACKOFF {
+                let field = buf.slice(start..r.at);
+                let mut f = Reader { buf: &field, at: 0 };
+                release_backoff_ms = Some(f.i32()?).filter(|v| *v >= 0);
+                release_backoff_max_ms = Some(f.i32()?).filter(|v| *v >= 0);
+            }
+        }
+    }
     Ok(ShareGroupValue {
         epoch,
         configs: super::share::GroupConfigs {
             auto_offset_reset,
             record_lock_duration_ms: (lock > 0).then_some(lock),
             read_committed,
+            release_backoff_ms,
+            release_backoff_max_ms,
         },
     })
 }
@@ -1353,6 +1390,7 @@ mod tests {
                 auto_offset_reset: Some(crate::group::share::AutoOffsetReset::Earliest),
                 record_lock_duration_ms: Some(15_000),
                 read_committed: None,
+                ..Default::default()
             },
         };
         let gv = share_group_value(&g);
@@ -1363,6 +1401,31 @@ mod tests {
         for cut in 0..gv.len() - 1 {
             assert!(decode_share_group_value(&Bytes::copy_from_slice(&gv[..cut])).is_err());
         }
+        // The release back-offs ride in tagged field 1: round trip, and every cut inside the
+        // tagged section is an error (a value cut before it reads as one written without it).
+        let mut g2 = g.clone();
+        g2.configs.release_backoff_ms = Some(2_000);
+        let gv2 = share_group_value(&g2);
+        assert_eq!(
+            decode_share_group_value(&Bytes::from(gv2.clone())).unwrap(),
+            g2
+        );
+        g2.configs.release_backoff_max_ms = Some(60_000);
+        let gv2 = share_group_value(&g2);
+        assert_eq!(
+            decode_share_group_value(&Bytes::from(gv2.clone())).unwrap(),
+            g2
+        );
+        for cut in gv.len()..gv2.len() {
+            assert!(
+                decode_share_group_value(&Bytes::copy_from_slice(&gv2[..cut])).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // An unknown tag is skipped.
+        let mut other = gv[..gv.len() - 1].to_vec();
+        other.extend_from_slice(&[1, 9, 2, 0xab, 0xcd]);
+        assert_eq!(decode_share_group_value(&Bytes::from(other)).unwrap(), g);
         assert_eq!(
             decode_key(&Bytes::from(share_member_key("g", "m"))).unwrap(),
             RecordKey::ShareMember {

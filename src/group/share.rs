@@ -84,13 +84,25 @@ pub struct GroupConfigs {
     pub record_lock_duration_ms: Option<i32>,
     /// `share.isolation.level`: true for read_committed.
     pub read_committed: Option<bool>,
+    /// `share.release.backoff.ms`: a released or expired record waits this long before it is
+    /// acquirable again.
+    pub release_backoff_ms: Option<i32>,
+    /// `share.release.backoff.max.ms`: the back-off doubles with each further delivery up to
+    /// this (at least `share.release.backoff.ms`).
+    pub release_backoff_max_ms: Option<i32>,
 }
+
+/// Longest release back-off a group may set (`share.release.backoff.ms` and its max): a day,
+/// beyond which a record is better parked elsewhere than held in the in-flight window.
+pub const RELEASE_BACKOFF_MS_MAX: i32 = 86_400_000;
 
 /// The group configs Sluice knows, with their types (for DescribeConfigs and validation).
 pub const GROUP_CONFIG_KEYS: &[&str] = &[
     "share.auto.offset.reset",
     "share.record.lock.duration.ms",
     "share.isolation.level",
+    "share.release.backoff.ms",
+    "share.release.backoff.max.ms",
 ];
 
 impl GroupConfigs {
@@ -130,6 +142,24 @@ impl GroupConfigs {
                     }
                 }
             }
+            "share.release.backoff.ms" | "share.release.backoff.max.ms" => {
+                let v = match value {
+                    None => None,
+                    Some(v) => Some(
+                        v.parse::<i32>()
+                            .ok()
+                            .filter(|n| (0..=RELEASE_BACKOFF_MS_MAX).contains(n))
+                            .ok_or_else(|| {
+                                format!("Invalid value {v} for configuration {key}: 0-{RELEASE_BACKOFF_MS_MAX} expected")
+                            })?,
+                    ),
+                };
+                if key == "share.release.backoff.ms" {
+                    self.release_backoff_ms = v;
+                } else {
+                    self.release_backoff_max_ms = v;
+                }
+            }
             _ => return Err(format!("Unknown group config name: {key}")),
         }
         Ok(())
@@ -161,6 +191,17 @@ impl GroupConfigs {
                 .to_string(),
                 self.read_committed.is_some(),
             ),
+            "share.release.backoff.ms" => (
+                self.release_backoff_ms.unwrap_or(0).to_string(),
+                self.release_backoff_ms.is_some(),
+            ),
+            "share.release.backoff.max.ms" => (
+                self.release_backoff_max_ms
+                    .unwrap_or(0)
+                    .max(self.release_backoff_ms.unwrap_or(0))
+                    .to_string(),
+                self.release_backoff_max_ms.is_some(),
+            ),
             _ => return None,
         })
     }
@@ -176,6 +217,8 @@ impl GroupConfigs {
             delivery_count_limit: cfg.delivery_count_limit,
             max_record_locks: cfg.partition_max_record_locks,
             read_committed: self.read_committed.unwrap_or(false),
+            release_backoff_ms: self.release_backoff_ms.unwrap_or(0) as i64,
+            release_backoff_max_ms: self.release_backoff_max_ms.unwrap_or(0) as i64,
         }
     }
 }
@@ -188,6 +231,20 @@ pub struct PartitionSettings {
     pub delivery_count_limit: u16,
     pub max_record_locks: u32,
     pub read_committed: bool,
+    pub release_backoff_ms: i64,
+    pub release_backoff_max_ms: i64,
+}
+
+impl PartitionSettings {
+    /// The back-off after the `delivery_count`-th delivery was released or expired:
+    /// `share.release.backoff.ms`, doubled for each delivery after the first, capped at
+    /// `share.release.backoff.max.ms` (never below the base). 0: none.
+    pub fn release_backoff(&self, delivery_count: i16) -> i64 {
+        let base = self.release_backoff_ms.max(0);
+        let cap = self.release_backoff_max_ms.max(base);
+        let doublings = (delivery_count.max(1) - 1).min(32) as u32;
+        base.saturating_mul(1i64 << doublings).min(cap)
+    }
 }
 
 impl Default for PartitionSettings {

@@ -14,6 +14,11 @@
 //! after `delivery_count_limit` deliveries is Archived instead. The start offset moves over the
 //! prefix of Acknowledged/Archived records, and `end - start` never exceeds
 //! `max_record_locks`, which bounds the entries kept per share partition.
+//!
+//! Delayed delivery: an Available record is acquirable only once it is *due*: at its delivery
+//! time (read from the record's headers by the caller, see [`DueTimes`]) and after the
+//! back-off of its last release or lock expiry (`share.release.backoff.ms`). A record that is
+//! not due stays Available in the window and is skipped; records behind it are acquired.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -64,7 +69,23 @@ pub struct InFlight {
     /// The member holding it while Acquired.
     pub member: Option<Rc<str>>,
     pub deadline_ms: i64,
+    /// Delivery time from the record's headers (0: none); `None` until the record's batch was
+    /// read (records brought back from persisted state).
+    pub due_ms: Option<i64>,
+    /// Not acquirable before this: the back-off of its last release or lock expiry (0: none).
+    pub retry_at_ms: i64,
 }
+
+impl InFlight {
+    /// Whether an Available record may be acquired at `now_ms`.
+    fn due(&self, now_ms: i64) -> bool {
+        self.due_ms.is_some_and(|d| d <= now_ms) && self.retry_at_ms <= now_ms
+    }
+}
+
+/// Delivery times of one batch's records: `(offset, due_ms)` for every record that carries
+/// one, in offset order (records without one are due at once).
+pub type DueTimes = Vec<(i64, i64)>;
 
 /// One persisted range of records with one state and delivery count (Kafka's `StateBatch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +105,8 @@ pub struct Snapshot {
     pub state_epoch: i32,
     pub start_offset: i64,
     pub batches: Vec<StateBatch>,
+    /// Release back-offs of Available records: `(first, last, retry_at_ms)`.
+    pub retry_at: Vec<(i64, i64, i64)>,
 }
 
 impl Snapshot {
@@ -182,6 +205,8 @@ impl SharePartition {
                         delivery_count: b.delivery_count,
                         member: None,
                         deadline_ms: 0,
+                        due_ms: None,
+                        retry_at_ms: 0,
                     },
                 );
             }
@@ -195,7 +220,22 @@ impl SharePartition {
                 delivery_count: 0,
                 member: None,
                 deadline_ms: 0,
+                due_ms: None,
+                retry_at_ms: 0,
             });
+        }
+        // Release back-offs come back exactly; delivery times are read from the log again.
+        for &(first, last, at) in &s.retry_at {
+            // A range below the start (or reversed) is nothing: `range_mut` must not see it.
+            let first = first.max(sp.start);
+            if first > last {
+                continue;
+            }
+            for (_, r) in sp.records.range_mut(first..=last) {
+                if r.state == RecordState::Available {
+                    r.retry_at_ms = at;
+                }
+            }
         }
         sp.advance();
         sp
@@ -230,11 +270,22 @@ impl SharePartition {
                 }),
             }
         }
+        let mut retry_at: Vec<(i64, i64, i64)> = vec![];
+        for (o, r) in &self.records {
+            if r.state != RecordState::Available || r.retry_at_ms == 0 {
+                continue;
+            }
+            match retry_at.last_mut() {
+                Some((_, last, at)) if *last + 1 == *o && *at == r.retry_at_ms => *last = *o,
+                _ => retry_at.push((*o, *o, r.retry_at_ms)),
+            }
+        }
         Snapshot {
             snapshot_epoch: self.snapshot_epoch,
             state_epoch: self.state_epoch,
             start_offset: self.start,
             batches,
+            retry_at,
         }
     }
 
@@ -285,8 +336,11 @@ impl SharePartition {
         self.dirty = true;
     }
 
-    fn give_back(&mut self, o: i64) {
+    /// Makes `o` Available again (Archived at the delivery limit); with `now_ms` (a release or
+    /// a lock expiry, not a closed session) not before the release back-off.
+    fn give_back(&mut self, o: i64, now_ms: Option<i64>) {
         let limit = self.settings.delivery_count_limit as i16;
+        let settings = self.settings;
         if let Some(r) = self.records.get_mut(&o) {
             r.member = None;
             r.state = if r.delivery_count >= limit {
@@ -294,6 +348,10 @@ impl SharePartition {
             } else {
                 RecordState::Available
             };
+            if let Some(now) = now_ms {
+                let b = settings.release_backoff(r.delivery_count);
+                r.retry_at_ms = if b > 0 { now.saturating_add(b) } else { 0 };
+            }
             self.dirty = true;
         }
     }
@@ -301,14 +359,15 @@ impl SharePartition {
     /// Locks that expired by `now_ms` make their records Available again (Archived at the
     /// delivery limit). Returns how many expired.
     pub fn expire(&mut self, now_ms: i64) -> usize {
-        let expired: Vec<i64> = self
+        let expired: Vec<(i64, i64)> = self
             .records
             .iter()
             .filter(|(_, r)| r.state == RecordState::Acquired && r.deadline_ms <= now_ms)
-            .map(|(o, _)| *o)
+            .map(|(o, r)| (*o, r.deadline_ms))
             .collect();
-        for o in &expired {
-            self.give_back(*o);
+        // The back-off runs from the lock's deadline, however late expiry is applied.
+        for (o, deadline) in &expired {
+            self.give_back(*o, Some(*deadline));
         }
         if !expired.is_empty() {
             self.advance();
@@ -327,7 +386,7 @@ impl SharePartition {
             .map(|(o, _)| *o)
             .collect();
         for o in &held {
-            self.give_back(*o);
+            self.give_back(*o, None);
         }
         if !held.is_empty() {
             self.advance();
@@ -344,20 +403,34 @@ impl SharePartition {
             .min()
     }
 
-    /// Where the next read must start: the first Available record in flight, else the end.
-    pub fn read_from(&self) -> i64 {
+    /// Where the next read must start: the first Available record in flight that is due at
+    /// `now_ms` (or whose delivery time is not known yet), else the end.
+    pub fn read_from(&self, now_ms: i64) -> i64 {
         self.records
             .iter()
-            .find(|(_, r)| r.state == RecordState::Available)
+            .find(|(_, r)| {
+                r.state == RecordState::Available && (r.due_ms.is_none() || r.due(now_ms))
+            })
             .map(|(o, _)| *o)
             .unwrap_or(self.end)
     }
 
-    /// Whether anything could be acquired without new data.
-    pub fn has_available(&self) -> bool {
+    /// Whether anything could be acquired at `now_ms` without new data.
+    pub fn has_available(&self, now_ms: i64) -> bool {
         self.records
             .values()
-            .any(|r| r.state == RecordState::Available)
+            .any(|r| r.state == RecordState::Available && (r.due_ms.is_none() || r.due(now_ms)))
+    }
+
+    /// The earliest time after `now_ms` at which an Available record not due yet becomes due,
+    /// for a fetch waiting for records.
+    pub fn next_due_ms(&self, now_ms: i64) -> Option<i64> {
+        self.records
+            .values()
+            .filter(|r| r.state == RecordState::Available)
+            .filter_map(|r| Some(r.due_ms?.max(r.retry_at_ms)))
+            .filter(|t| *t > now_ms)
+            .min()
     }
 
     /// Whether new records may enter the in-flight window.
@@ -367,7 +440,10 @@ impl SharePartition {
 
     /// Acquires up to `max_records` records of `batches` (read from [`Self::read_from`], up to
     /// `readable_end`) for `member`: Available records in flight first (redeliveries), then new
-    /// ones while the in-flight window has room.
+    /// ones while the in-flight window has room. Records are taken only once due: `due_of(i)`
+    /// reads the delivery times of batch `i`, called only for a batch holding records whose
+    /// delivery time is not known yet (new ones, or ones brought back from persisted state) and
+    /// at most once per batch. A record not due enters the window Available and is skipped.
     pub fn acquire(
         &mut self,
         batches: &[BatchSpan],
@@ -375,6 +451,7 @@ impl SharePartition {
         member: &Rc<str>,
         max_records: usize,
         now_ms: i64,
+        due_of: &mut dyn FnMut(usize) -> DueTimes,
     ) -> Acquired {
         let mut out = Acquired::default();
         let deadline = now_ms.saturating_add(self.settings.lock_duration_ms);
@@ -401,17 +478,30 @@ impl SharePartition {
                             delivery_count: 0,
                             member: None,
                             deadline_ms: 0,
+                            due_ms: Some(0),
+                            retry_at_ms: 0,
                         },
                     );
                     self.end = o + 1;
                 }
                 continue;
             }
+            // This batch's delivery times, read at most once and only if needed.
+            let mut due: Option<DueTimes> = None;
+            let mut due_at = |o: i64| -> i64 {
+                let d = due.get_or_insert_with(|| due_of(i));
+                d.binary_search_by_key(&o, |(x, _)| *x)
+                    .map_or(0, |k| d[k].1)
+            };
             let mut o = first;
             while o <= last && out.records < max_records {
                 if o < self.end {
                     if let Some(r) = self.records.get_mut(&o) {
-                        if r.state == RecordState::Available {
+                        if r.state == RecordState::Available && r.due_ms.is_none() {
+                            r.due_ms = Some(due_at(o));
+                        }
+                        if r.state == RecordState::Available && r.due(now_ms) {
+                            r.retry_at_ms = 0;
                             r.state = RecordState::Acquired;
                             r.delivery_count = r.delivery_count.saturating_add(1);
                             r.member = Some(member.clone());
@@ -432,8 +522,28 @@ impl SharePartition {
                                 delivery_count: 0,
                                 member: None,
                                 deadline_ms: 0,
+                                due_ms: Some(0),
+                                retry_at_ms: 0,
                             },
                         );
+                    }
+                    let d = due_at(o);
+                    if d > now_ms {
+                        // Not due: it takes its place in the window, Available, and waits.
+                        self.records.insert(
+                            o,
+                            InFlight {
+                                state: RecordState::Available,
+                                delivery_count: 0,
+                                member: None,
+                                deadline_ms: 0,
+                                due_ms: Some(d),
+                                retry_at_ms: 0,
+                            },
+                        );
+                        self.end = o + 1;
+                        o += 1;
+                        continue;
                     }
                     self.records.insert(
                         o,
@@ -442,6 +552,8 @@ impl SharePartition {
                             delivery_count: 1,
                             member: Some(member.clone()),
                             deadline_ms: deadline,
+                            due_ms: Some(d),
+                            retry_at_ms: 0,
                         },
                     );
                     self.end = o + 1;
@@ -461,27 +573,20 @@ impl SharePartition {
         out
     }
 
-    /// Applies `member`'s acknowledgements. All ranges are checked first: a range that is not
-    /// wholly Acquired by `member` is INVALID_RECORD_STATE and nothing is applied; a malformed
-    /// one is INVALID_REQUEST.
+    /// Applies `member`'s acknowledgements at `now_ms`. All ranges are checked first: a range
+    /// that is not wholly Acquired by `member` is INVALID_RECORD_STATE and nothing is applied;
+    /// a malformed one is INVALID_REQUEST.
     ///
     /// The ranges must be in ascending offset order without overlapping (Kafka's
     /// `validateAcknowledgementBatches` refuses a range starting before the previous one's
     /// end; Sluice refuses a shared offset too): overlapping ranges would make the walk below
     /// cost ranges × `max_record_locks` for one partition. With them disjoint and each inside
     /// `[start, end)`, a partition's acknowledgement walks at most `max_record_locks` offsets.
-    pub fn acknowledge(&mut self, member: &str, acks: &[AckRange]) -> Result<(), ErrorCode> {
-        // Renewing a lock needs the clock: only [`Self::acknowledge_at`] takes Renew.
-        if acks.iter().any(|a| a.types.contains(&ACK_RENEW)) {
-            return Err(ErrorCode::new(E::InvalidRequest));
-        }
-        self.acknowledge_at(member, acks, 0)
-    }
-
-    /// [`Self::acknowledge`], with Renew (KIP-1222) too: a renewed record stays Acquired by
-    /// `member` with its lock deadline moved to `now_ms` plus the lock duration, its delivery
-    /// count unchanged.
-    pub fn acknowledge_at(
+    ///
+    /// Renew (KIP-1222) keeps a record Acquired by `member` with its lock deadline moved to
+    /// `now_ms` plus the lock duration, its delivery count unchanged; the handler refuses it
+    /// below version 2.
+    pub fn acknowledge(
         &mut self,
         member: &str,
         acks: &[AckRange],
@@ -536,7 +641,7 @@ impl SharePartition {
                 };
                 match t {
                     ACK_ACCEPT => self.set(o, RecordState::Acknowledged),
-                    ACK_RELEASE => self.give_back(o),
+                    ACK_RELEASE => self.give_back(o, Some(now_ms)),
                     ACK_RENEW => {
                         // Nothing persisted changes: acquired records are stored Available.
                         if let Some(r) = self.records.get_mut(&o) {
@@ -585,6 +690,10 @@ mod tests {
         }
     }
 
+    fn none(_: usize) -> DueTimes {
+        vec![]
+    }
+
     fn one(base: i64, last: i64) -> Vec<BatchSpan> {
         vec![BatchSpan {
             base,
@@ -597,11 +706,11 @@ mod tests {
     fn two_members_never_hold_one_record() {
         let mut sp = SharePartition::new(settings(), 0);
         let (a, b): (Rc<str>, Rc<str>) = ("a".into(), "b".into());
-        let got = sp.acquire(&one(0, 9), 10, &a, 5, 0);
+        let got = sp.acquire(&one(0, 9), 10, &a, 5, 0, &mut none);
         assert_eq!(got.ranges, vec![(0, 4, 1)]);
-        let got = sp.acquire(&one(0, 9), 10, &b, 100, 0);
+        let got = sp.acquire(&one(0, 9), 10, &b, 100, 0, &mut none);
         assert_eq!(got.ranges, vec![(5, 9, 1)]);
-        let got = sp.acquire(&one(0, 9), 10, &b, 100, 0);
+        let got = sp.acquire(&one(0, 9), 10, &b, 100, 0, &mut none);
         assert!(got.ranges.is_empty());
         // b cannot acknowledge a's records.
         let ack = |f, l, t| AckRange {
@@ -610,12 +719,12 @@ mod tests {
             types: vec![t],
         };
         assert_eq!(
-            sp.acknowledge("b", &[ack(0, 4, ACK_ACCEPT)]),
+            sp.acknowledge("b", &[ack(0, 4, ACK_ACCEPT)], 0),
             Err(ErrorCode::new(E::InvalidRecordState))
         );
-        sp.acknowledge("a", &[ack(0, 4, ACK_ACCEPT)]).unwrap();
+        sp.acknowledge("a", &[ack(0, 4, ACK_ACCEPT)], 0).unwrap();
         assert_eq!(sp.start, 5);
-        sp.acknowledge("b", &[ack(5, 9, ACK_ACCEPT)]).unwrap();
+        sp.acknowledge("b", &[ack(5, 9, ACK_ACCEPT)], 0).unwrap();
         assert_eq!(sp.start, 10);
         assert!(sp.records.is_empty());
     }
@@ -630,12 +739,15 @@ mod tests {
             types: vec![ACK_RELEASE],
         };
         for n in 1..=3 {
-            let got = sp.acquire(&one(0, 0), 1, &a, 10, 0);
+            let got = sp.acquire(&one(0, 0), 1, &a, 10, 0, &mut none);
             assert_eq!(got.ranges, vec![(0, 0, n)]);
-            sp.acknowledge("a", std::slice::from_ref(&rel)).unwrap();
+            sp.acknowledge("a", std::slice::from_ref(&rel), 0).unwrap();
         }
         // Third release reached the limit: archived, never delivered again.
-        assert!(sp.acquire(&one(0, 0), 1, &a, 10, 0).ranges.is_empty());
+        assert!(sp
+            .acquire(&one(0, 0), 1, &a, 10, 0, &mut none)
+            .ranges
+            .is_empty());
         assert_eq!(sp.start, 1);
     }
 
@@ -643,7 +755,7 @@ mod tests {
     fn expired_locks_come_back_and_persisted_state_round_trips() {
         let mut sp = SharePartition::new(settings(), 0);
         let a: Rc<str> = "a".into();
-        sp.acquire(&one(0, 3), 4, &a, 10, 0);
+        sp.acquire(&one(0, 3), 4, &a, 10, 0, &mut none);
         sp.acknowledge(
             "a",
             &[AckRange {
@@ -651,11 +763,12 @@ mod tests {
                 last: 1,
                 types: vec![ACK_ACCEPT],
             }],
+            0,
         )
         .unwrap();
         assert_eq!(sp.expire(999), 0);
         assert_eq!(sp.expire(1000), 3);
-        let got = sp.acquire(&one(0, 3), 4, &a, 10, 2000);
+        let got = sp.acquire(&one(0, 3), 4, &a, 10, 2000, &mut none);
         assert_eq!(got.ranges, vec![(0, 0, 2), (2, 3, 2)]);
         let snap = sp.snapshot();
         let back = SharePartition::from_snapshot(settings(), &snap);
@@ -670,7 +783,7 @@ mod tests {
     fn the_window_bounds_in_flight_records() {
         let mut sp = SharePartition::new(settings(), 0);
         let a: Rc<str> = "a".into();
-        let got = sp.acquire(&one(0, 999), 1000, &a, 10_000, 0);
+        let got = sp.acquire(&one(0, 999), 1000, &a, 10_000, 0, &mut none);
         assert_eq!(got.records, 100);
         assert_eq!(sp.records.len(), 100);
         // A huge ack range is refused without walking it, the widest without overflowing.
@@ -681,7 +794,8 @@ mod tests {
                     first: i64::MIN,
                     last: i64::MAX,
                     types: vec![ACK_ACCEPT]
-                }]
+                }],
+                0
             ),
             Err(ErrorCode::new(E::InvalidRecordState))
         );
@@ -692,7 +806,8 @@ mod tests {
                     first: 0,
                     last: i64::MAX - 1,
                     types: vec![ACK_ACCEPT]
-                }]
+                }],
+                0
             ),
             Err(ErrorCode::new(E::InvalidRecordState))
         );
@@ -702,7 +817,7 @@ mod tests {
     fn overlapping_or_unordered_ranges_are_invalid_requests_and_apply_nothing() {
         let mut sp = SharePartition::new(settings(), 0);
         let a: Rc<str> = "a".into();
-        sp.acquire(&one(0, 9), 10, &a, 10, 0);
+        sp.acquire(&one(0, 9), 10, &a, 10, 0, &mut none);
         let r = |first, last| AckRange {
             first,
             last,
@@ -714,12 +829,12 @@ mod tests {
             vec![r(5, 6), r(0, 1)],
         ] {
             assert_eq!(
-                sp.acknowledge("a", &bad),
+                sp.acknowledge("a", &bad, 0),
                 Err(ErrorCode::new(E::InvalidRequest))
             );
         }
         assert_eq!(sp.start, 0);
-        sp.acknowledge("a", &[r(0, 4), r(5, 9)]).unwrap();
+        sp.acknowledge("a", &[r(0, 4), r(5, 9)], 0).unwrap();
         assert_eq!(sp.start, 10);
     }
 
@@ -727,7 +842,7 @@ mod tests {
     fn the_lag_leaves_out_records_done_with_past_the_start() {
         let mut sp = SharePartition::new(settings(), 0);
         let a: Rc<str> = "a".into();
-        sp.acquire(&one(0, 9), 10, &a, 10, 0);
+        sp.acquire(&one(0, 9), 10, &a, 10, 0, &mut none);
         let r = |first, last, t| AckRange {
             first,
             last,
@@ -740,6 +855,7 @@ mod tests {
                 r(4, 5, ACK_REJECT),
                 r(7, 7, ACK_ACCEPT),
             ],
+            0,
         )
         .unwrap();
         let snap = sp.snapshot();
@@ -752,36 +868,144 @@ mod tests {
     fn renew_extends_the_lock_without_counting_a_delivery() {
         let mut sp = SharePartition::new(settings(), 0);
         let (a, b): (Rc<str>, Rc<str>) = ("a".into(), "b".into());
-        sp.acquire(&one(0, 3), 4, &a, 10, 0);
+        sp.acquire(&one(0, 3), 4, &a, 10, 0, &mut none);
         let renew = |first, last| AckRange {
             first,
             last,
             types: vec![ACK_RENEW],
         };
-        // Without the clock a Renew is refused; another member cannot renew a's records.
+        // Another member cannot renew a's records.
         assert_eq!(
-            sp.acknowledge("a", &[renew(0, 1)]),
-            Err(ErrorCode::new(E::InvalidRequest))
-        );
-        assert_eq!(
-            sp.acknowledge_at("b", &[renew(0, 1)], 900),
+            sp.acknowledge("b", &[renew(0, 1)], 900),
             Err(ErrorCode::new(E::InvalidRecordState))
         );
-        sp.acknowledge_at("a", &[renew(0, 1)], 900).unwrap();
+        sp.acknowledge("a", &[renew(0, 1)], 900).unwrap();
         // 2 and 3 expire at 1000; 0 and 1 now at 1900, still held by a with one delivery.
         assert_eq!(sp.expire(1000), 2);
         assert_eq!(sp.records[&0].state, RecordState::Acquired);
         assert_eq!(sp.records[&0].delivery_count, 1);
         assert_eq!(
-            sp.acquire(&one(0, 3), 4, &b, 10, 1000).ranges,
+            sp.acquire(&one(0, 3), 4, &b, 10, 1000, &mut none).ranges,
             vec![(2, 3, 2)]
         );
         assert_eq!(sp.expire(1899), 0);
         assert_eq!(sp.expire(1900), 2);
         // An expired lock cannot be renewed.
         assert_eq!(
-            sp.acknowledge_at("a", &[renew(0, 0)], 1950),
+            sp.acknowledge("a", &[renew(0, 0)], 1950),
             Err(ErrorCode::new(E::InvalidRecordState))
         );
+    }
+
+    #[test]
+    fn a_record_not_due_waits_in_the_window_and_those_behind_it_are_delivered() {
+        let mut sp = SharePartition::new(settings(), 0);
+        let a: Rc<str> = "a".into();
+        // Offset 2 is due at 5000; the batch's times are read once.
+        let mut reads = 0;
+        let mut due = |_: usize| {
+            reads += 1;
+            vec![(2, 5000)]
+        };
+        let got = sp.acquire(&one(0, 4), 5, &a, 10, 1000, &mut due);
+        assert_eq!(got.ranges, vec![(0, 1, 1), (3, 4, 1)]);
+        assert_eq!(reads, 1);
+        assert_eq!(sp.records[&2].state, RecordState::Available);
+        assert_eq!(sp.end, 5);
+        assert_eq!(sp.next_due_ms(1000), Some(5000));
+        assert!(!sp.has_available(4999));
+        assert_eq!(sp.read_from(4999), 5);
+        // Not before it is due, and without reading the batch again.
+        let got = sp.acquire(&one(0, 4), 5, &a, 10, 4999, &mut none);
+        assert!(got.ranges.is_empty());
+        assert!(sp.has_available(5000));
+        assert_eq!(sp.read_from(5000), 2);
+        let got = sp.acquire(&one(0, 4), 5, &a, 10, 5000, &mut none);
+        assert_eq!(got.ranges, vec![(2, 2, 1)]);
+        assert_eq!(sp.next_due_ms(5000), None);
+    }
+
+    #[test]
+    fn a_window_full_of_records_not_due_stalls_until_the_first_is_due() {
+        let mut sp = SharePartition::new(settings(), 0);
+        let a: Rc<str> = "a".into();
+        let mut due = |_: usize| (0..1000).map(|o| (o, 10_000 + o)).collect::<DueTimes>();
+        let got = sp.acquire(&one(0, 999), 1000, &a, 500, 0, &mut due);
+        assert_eq!(got.records, 0);
+        // The window (100) holds the first 100, none due; nothing past it enters.
+        assert_eq!((sp.end, sp.records.len()), (100, 100));
+        assert!(!sp.window_open());
+        assert_eq!(sp.next_due_ms(0), Some(10_000));
+        let got = sp.acquire(&one(0, 999), 1000, &a, 500, 10_000, &mut none);
+        assert_eq!(got.ranges, vec![(0, 0, 1)]);
+    }
+
+    #[test]
+    fn released_and_expired_records_back_off_and_the_back_off_is_persisted() {
+        let s = PartitionSettings {
+            release_backoff_ms: 1000,
+            release_backoff_max_ms: 3000,
+            ..settings()
+        };
+        assert_eq!(
+            (1..=4).map(|n| s.release_backoff(n)).collect::<Vec<_>>(),
+            vec![1000, 2000, 3000, 3000]
+        );
+        let mut sp = SharePartition::new(s, 0);
+        let a: Rc<str> = "a".into();
+        let rel = AckRange {
+            first: 0,
+            last: 0,
+            types: vec![ACK_RELEASE],
+        };
+        sp.acquire(&one(0, 1), 2, &a, 10, 0, &mut none);
+        sp.acknowledge("a", std::slice::from_ref(&rel), 100)
+            .unwrap();
+        assert_eq!(sp.records[&0].retry_at_ms, 1100);
+        assert!(sp
+            .acquire(&one(0, 1), 2, &a, 10, 1099, &mut none)
+            .ranges
+            .is_empty());
+        assert_eq!(sp.next_due_ms(1099), Some(1100));
+        // Persisted and brought back exactly (offset 1 is still held: Available at once).
+        let back = SharePartition::from_snapshot(s, &sp.snapshot());
+        assert_eq!(back.records[&0].retry_at_ms, 1100);
+        assert_eq!(back.records[&1].retry_at_ms, 0);
+        // Ranges below the start or reversed (a stale or damaged record) are ignored.
+        let mut odd = sp.snapshot();
+        odd.start_offset = 1;
+        odd.retry_at = vec![(0, 0, 7), (5, 2, 7), (i64::MIN, i64::MIN, 7)];
+        let back = SharePartition::from_snapshot(s, &odd);
+        assert!(back.records.values().all(|r| r.retry_at_ms == 0));
+        let got = sp.acquire(&one(0, 1), 2, &a, 10, 1100, &mut none);
+        assert_eq!(got.ranges, vec![(0, 0, 2)]);
+        assert_eq!(sp.snapshot().retry_at, vec![]);
+        // A lock expiring after the second delivery backs off twice as long, from its
+        // deadline (expiry applied late).
+        sp.expire(1100 + 1000 + 500);
+        assert_eq!(sp.records[&0].retry_at_ms, 2100 + 2000);
+        // Records a closing session gives back are available at once.
+        let mut sp = SharePartition::new(s, 0);
+        sp.acquire(&one(0, 0), 1, &a, 10, 0, &mut none);
+        sp.release_member("a");
+        assert_eq!(sp.acquire(&one(0, 0), 1, &a, 10, 0, &mut none).records, 1);
+    }
+
+    #[test]
+    fn delivery_times_are_read_again_after_a_restart() {
+        let mut sp = SharePartition::new(settings(), 0);
+        let a: Rc<str> = "a".into();
+        let mut due = |_: usize| vec![(1, 9000)];
+        sp.acquire(&one(0, 2), 3, &a, 10, 0, &mut due);
+        let back = SharePartition::from_snapshot(settings(), &sp.snapshot());
+        let mut sp = back;
+        assert_eq!(sp.records[&1].due_ms, None);
+        // Unknown times count as readable; the batch is read and the record waits again.
+        assert_eq!(sp.read_from(0), 0);
+        let mut again = |_: usize| vec![(1, 9000)];
+        let got = sp.acquire(&one(0, 2), 3, &a, 10, 10, &mut again);
+        assert_eq!(got.ranges, vec![(0, 0, 2), (2, 2, 2)]);
+        assert_eq!(sp.records[&1].due_ms, Some(9000));
+        assert_eq!(sp.next_due_ms(10), Some(9000));
     }
 }

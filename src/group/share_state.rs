@@ -21,6 +21,11 @@
 //!          stateBatches:[firstOffset:i64 lastOffset:i64 deliveryState:i8 deliveryCount:i16
 //!          tagged] tagged                                         (compact array)
 //! ```
+//!
+//! Tagged field 1 of the value (delayed delivery; written only when non-empty) holds the
+//! release back-offs of Available records, which a restart must keep exactly:
+//! `retryAt:[firstOffset:i64 lastOffset:i64 retryAtMs:i64]` (compact array). Delivery times
+//! from record headers are not stored: they are read from the log again.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -42,6 +47,7 @@ use crate::types::{ErrorCode, Offset, TopicPartition};
 use super::coordinator::java_string_hash;
 use super::offsets::FormatError;
 use super::share::{AutoOffsetReset, PartitionSettings};
+use super::share_delay;
 use super::share_partition::{
     AckRange, BatchSpan, RecordState, SharePartition, Snapshot, StateBatch,
 };
@@ -136,8 +142,50 @@ pub fn encode_value(s: &Snapshot) -> Vec<u8> {
         out.extend_from_slice(&b.delivery_count.to_be_bytes());
         out.push(0);
     }
-    out.push(0);
+    if s.retry_at.is_empty() {
+        out.push(0);
+    } else {
+        let mut f = Vec::with_capacity(1 + RETRY_AT_BYTES * s.retry_at.len());
+        put_uvarint(&mut f, s.retry_at.len() as u64 + 1);
+        for (first, last, at) in &s.retry_at {
+            f.extend_from_slice(&first.to_be_bytes());
+            f.extend_from_slice(&last.to_be_bytes());
+            f.extend_from_slice(&at.to_be_bytes());
+        }
+        put_uvarint(&mut out, 1);
+        put_uvarint(&mut out, TAG_RETRY_AT);
+        put_uvarint(&mut out, f.len() as u64);
+        out.extend_from_slice(&f);
+    }
     out
+}
+
+/// The value's tagged field holding release back-offs.
+const TAG_RETRY_AT: u64 = 1;
+/// Size of one release back-off range: two offsets and a time.
+const RETRY_AT_BYTES: usize = 8 + 8 + 8;
+
+fn decode_retry_at(buf: &[u8]) -> Result<Vec<(i64, i64, i64)>, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    let n = usize::try_from(r.uvarint()?.saturating_sub(1))
+        .map_err(|_| FormatError("length overflow".into()))?;
+    // Bounded by the bytes present, never by the number itself.
+    if n > r.remaining() / RETRY_AT_BYTES {
+        return Err(FormatError(format!(
+            "release back-off count {n} exceeds the record"
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (first, last, at) = (r.i64()?, r.i64()?, r.i64()?);
+        if first > last {
+            return Err(FormatError(
+                "release back-off with first offset past its last".into(),
+            ));
+        }
+        out.push((first, last, at));
+    }
+    Ok(out)
 }
 
 struct Reader<'a> {
@@ -257,12 +305,23 @@ pub fn decode_value(buf: &[u8]) -> Result<Snapshot, FormatError> {
             delivery_count,
         });
     }
-    let _tagged = r.uvarint()?;
+    let mut retry_at = vec![];
+    // Tagged fields; unknown tags are skipped.
+    for _ in 0..r.uvarint()? {
+        let tag = r.uvarint()?;
+        let len =
+            usize::try_from(r.uvarint()?).map_err(|_| FormatError("length overflow".into()))?;
+        let field = r.take(len)?;
+        if tag == TAG_RETRY_AT {
+            retry_at = decode_retry_at(field)?;
+        }
+    }
     Ok(Snapshot {
         snapshot_epoch,
         state_epoch,
         start_offset,
         batches,
+        retry_at,
     })
 }
 
@@ -597,7 +656,7 @@ pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResu
         s.expire(clock.now_ms());
         if !part.acks.is_empty() {
             out.ack_error = Some(
-                match s.acknowledge_at(&part.member, &part.acks, clock.now_ms()) {
+                match s.acknowledge(&part.member, &part.acks, clock.now_ms()) {
                     Ok(()) => ErrorCode::NONE,
                     Err(e) => e,
                 },
@@ -610,9 +669,10 @@ pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResu
         log.high_watermark().0
     };
     if part.max_records > 0 {
+        let now = clock.now_ms();
         let from = {
             let s = sp.borrow();
-            (s.has_available() || s.window_open()).then(|| s.read_from())
+            (s.has_available(now) || s.window_open()).then(|| s.read_from(now))
         };
         if let Some(from) = from.filter(|f| *f < readable_end) {
             match log
@@ -654,12 +714,26 @@ pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResu
                             });
                         }
                     }
+                    // Delivery times are read only from batches whose records need them (and
+                    // `spans` indexes `r.batches` only while every header parsed).
+                    let batches = &r.batches;
+                    let mut due_of = |i: usize| {
+                        if spans.len() == batches.len() {
+                            batches
+                                .get(i)
+                                .map(share_delay::due_times)
+                                .unwrap_or_default()
+                        } else {
+                            vec![]
+                        }
+                    };
                     let got = sp.borrow_mut().acquire(
                         &spans,
                         readable_end,
                         &member,
                         part.max_records,
                         clock.now_ms(),
+                        &mut due_of,
                     );
                     out.batches = got
                         .batches
@@ -684,7 +758,11 @@ pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResu
     let s = sp.borrow();
     out.end = s.end;
     out.window_open = s.window_open();
-    out.deadline_ms = s.next_deadline_ms();
+    let due = s.next_due_ms(clock.now_ms());
+    out.deadline_ms = match (s.next_deadline_ms(), due) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     out
 }
 
@@ -753,6 +831,7 @@ pub async fn reset_here(
                 state_epoch: old.as_ref().map_or(0, |o| o.state_epoch.wrapping_add(1)),
                 start_offset: offset,
                 batches: vec![],
+                retry_at: vec![],
             };
             write_state(&key, Some(snap)).await
         }
@@ -796,6 +875,7 @@ mod tests {
                 state: RecordState::Acknowledged,
                 delivery_count: 2,
             }],
+            retry_at: vec![],
         };
         let v = encode_value(&s);
         assert_eq!(decode_value(&v).unwrap(), s);
@@ -803,6 +883,23 @@ mod tests {
         for n in 0..v.len() {
             assert!(decode_value(&v[..n]).is_err(), "truncated at {n}");
         }
+        // Release back-offs ride in tagged field 1; unknown tags are skipped.
+        let with_retry = Snapshot {
+            retry_at: vec![(11, 12, 5_000), (14, 14, 6_000)],
+            ..s.clone()
+        };
+        let rv = encode_value(&with_retry);
+        assert_eq!(decode_value(&rv).unwrap(), with_retry);
+        for n in 0..rv.len() {
+            assert!(decode_value(&rv[..n]).is_err(), "truncated at {n}");
+        }
+        let mut unknown = v[..v.len() - 1].to_vec();
+        unknown.extend_from_slice(&[1, 7, 1, 0xee]);
+        assert_eq!(decode_value(&unknown).unwrap(), s);
+        let mut huge_retry = v[..v.len() - 1].to_vec();
+        huge_retry.extend_from_slice(&[1, 1, 5, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        let e = decode_value(&huge_retry).unwrap_err();
+        assert!(e.0.contains("exceeds"), "{e}");
         // A huge batch count is refused before anything is allocated.
         let mut huge = v[..22].to_vec();
         huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);

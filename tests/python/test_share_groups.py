@@ -2,6 +2,8 @@
 one partition without holding a record at the same time, released records come back with a
 higher delivery count, rejected ones and those at the delivery limit are archived, a killed
 consumer's locks expire and its records are redelivered, and acknowledged state survives a
+broker kill -9. Delayed delivery: records with a delivery-time header reach share consumers no
+earlier than due (classic consumers at once), released records back off, and both survive a
 broker kill -9."""
 
 import signal
@@ -10,7 +12,7 @@ import sys
 import time
 import uuid
 
-from confluent_kafka import AcknowledgeType, Producer, ShareConsumer
+from confluent_kafka import AcknowledgeType, Consumer, Producer, ShareConsumer
 from confluent_kafka.admin import (AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource,
                                    NewTopic, ResourceType)
 
@@ -283,5 +285,145 @@ def test_share_group_cli_lists_describes_and_resets():
         rows = [l.split() for l in cli("describe", group).stdout.splitlines() if l.startswith(topic)]
         # Three records of each partition are to be delivered again.
         assert sorted((int(p), int(o), int(lag)) for _, p, o, lag in rows) == [(0, 2, 3), (1, 2, 3)]
+    finally:
+        broker.stop()
+
+
+# ---------------------------------------------------------------------------- delayed delivery
+
+def wall_ms():
+    """The test's own clock, epoch ms (the broker is never asked for the time)."""
+    return int(time.time() * 1000)
+
+
+def set_group_configs(broker, group, **configs):
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    res = ConfigResource(ResourceType.GROUP, group, incremental_configs=[
+        ConfigEntry(k.replace("_", "."), str(v), incremental_operation=AlterConfigOpType.SET)
+        for k, v in configs.items()])
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(timeout=30)
+
+
+def produce_with_headers(broker, topic, records):
+    """records: (value, [(header, value)]) in one batch."""
+    p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 50,
+                  "compression.type": "lz4"})
+    for value, headers in records:
+        p.produce(topic, value=value.encode(), partition=0,
+                  headers=[(k, v.encode()) for k, v in headers])
+    assert p.flush(30) == 0
+
+
+def poll_until(c, want, seen=None, on_message=None):
+    """Polls until every value in `want` arrived; returns {value: (arrival ms, message)}."""
+    seen = {} if seen is None else seen
+    deadline = time.monotonic() + WAIT
+    while not want <= set(seen) and time.monotonic() < deadline:
+        got = records(c.poll(0.2))
+        for m in got:
+            v = m.value().decode()
+            assert v not in seen or on_message is not None, f"{v} delivered twice"
+            seen[v] = (wall_ms(), m)
+            if on_message:
+                on_message(m)
+            else:
+                c.acknowledge(m, AcknowledgeType.ACCEPT)
+        if got:
+            c.commit_sync(30)
+    assert want <= set(seen), f"waited for {want}, got {sorted(seen)}"
+    return seen
+
+
+def test_delayed_records_arrive_no_earlier_than_due_and_classic_consumers_see_them_at_once():
+    broker = start_broker()
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        earliest(broker, group)
+        t0 = wall_ms()
+        produce_with_headers(broker, topic, [
+            ("late", [("sluice.deliver.after.ms", "4000")]),
+            ("now", []),
+            ("at", [("sluice.deliver.at", str(t0 + 3000))]),
+            ("bad", [("sluice.deliver.at", "later")]),
+        ])
+        # A classic consumer reads all four as written, headers included, before any is due.
+        classic = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"c-{group}",
+                            "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        classic.subscribe([topic])
+        read = {}
+        deadline = time.monotonic() + WAIT
+        while len(read) < 4 and time.monotonic() < deadline:
+            m = classic.poll(0.2)
+            if m is not None and m.error() is None:
+                read[m.value().decode()] = m.headers() or []
+        classic.close()
+        assert set(read) == {"late", "now", "at", "bad"}
+        assert read["at"] == [("sluice.deliver.at", str(t0 + 3000).encode())]
+        assert wall_ms() < t0 + 3000, "the classic consumer took longer than the first delay"
+
+        c = share_consumer(broker, group, topic, explicit=True)
+        seen = poll_until(c, {"now", "bad"})
+        # Neither delayed record came with them: they do not hold the others back.
+        assert "late" not in seen and "at" not in seen
+        seen = poll_until(c, {"late", "at"}, seen)
+        at_ms, _ = seen["at"]
+        assert at_ms >= t0 + 3000, f"delivered {t0 + 3000 - at_ms} ms early"
+        late_ms, late = seen["late"]
+        due = late.timestamp()[1] + 4000
+        assert late_ms >= due, f"delivered {due - late_ms} ms early"
+        assert late.delivery_count() == 1
+        c.close()
+    finally:
+        broker.stop()
+
+
+def test_released_records_back_off_and_delays_survive_a_broker_kill():
+    broker = start_broker()
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        earliest(broker, group)
+        set_group_configs(broker, group, share_release_backoff_ms=2000,
+                          share_release_backoff_max_ms=8000)
+        t0 = wall_ms()
+        produce_with_headers(broker, topic, [
+            ("retry", []),
+            ("at", [("sluice.deliver.at", str(t0 + 12000))]),
+        ])
+        c = share_consumer(broker, group, topic, explicit=True)
+        released = []
+
+        def release(m):
+            released.append((wall_ms(), m.delivery_count()))
+            c.acknowledge(m, AcknowledgeType.RELEASE)
+
+        # Released at count 1: back after 2 s. Released at count 2: the back-off doubles (4 s).
+        seen = {}
+        while len(released) < 2:
+            seen.pop("retry", None)
+            seen = poll_until(c, {"retry"}, seen, on_message=release)
+            if len(released) == 2:
+                back_ms, m = seen["retry"]
+                assert m.delivery_count() == 2
+                assert back_ms >= released[0][0] + 2000, \
+                    f"redelivered {released[0][0] + 2000 - back_ms} ms early"
+        assert "at" not in seen
+        # This consumer holds nothing now; closed so that it cannot take records after the
+        # restart. Then kill -9 (the second release is acknowledged) and restart.
+        c.close()
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait()
+        restarted = restart(broker)
+        c2 = share_consumer(restarted, group, topic, explicit=True)
+        after = poll_until(c2, {"retry", "at"})
+        retry_ms, m = after["retry"]
+        assert m.delivery_count() == 3
+        assert retry_ms >= released[1][0] + 4000, \
+            f"redelivered {released[1][0] + 4000 - retry_ms} ms early after the restart"
+        at_ms, _ = after["at"]
+        assert at_ms >= t0 + 12000, f"delivered {t0 + 12000 - at_ms} ms early after the restart"
+        c2.close()
     finally:
         broker.stop()

@@ -10,6 +10,7 @@
 //! | [`share`] | KIP-932 share groups: ShareGroupHeartbeat membership, the `simple` assignment, group configs |
 //! | [`share_partition`] | one share partition: acquisition locks, acknowledgements, delivery counts |
 //! | [`share_state`] | share partitions at run time and their snapshots in `__share_group_state` |
+//! | [`share_dlq`] | dead-letter topics (KIP-1191): copying archived records there exactly once |
 //!
 //! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
 //! runs the coordinator's timers, appends the records it queues to the `__consumer_offsets`
@@ -35,6 +36,7 @@ pub mod consumer;
 pub mod coordinator;
 pub mod offsets;
 pub mod share;
+pub mod share_dlq;
 pub mod share_partition;
 pub mod share_state;
 pub mod state;

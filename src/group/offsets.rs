@@ -68,7 +68,9 @@ pub enum RecordKey {
 /// A share group as Sluice stores it (value version 0 under key 11; Sluice's own layout, as
 /// Kafka keeps group configs in its metadata log):
 /// `version:i16 epoch:i32 autoOffsetReset:i8 lockDurationMs:i32 readCommitted:i8 tagged`,
-/// with -1 for a config not set.
+/// with -1 for a config not set. The dead-letter configs (KIP-1191) are tagged field
+/// [`DLQ_CONFIG_TAG`]: `dlqTopic:compact_nullable_str copyRecord:i8` (-1: not set); a record
+/// without it has neither.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShareGroupValue {
     pub epoch: i32,
@@ -295,6 +297,9 @@ pub fn share_group_key(group: &str) -> Vec<u8> {
     out
 }
 
+/// The tagged field of [`ShareGroupValue`] holding the dead-letter configs (the KIP's number).
+pub const DLQ_CONFIG_TAG: u64 = 1191;
+
 /// [`ShareGroupValue`] v0.
 pub fn share_group_value(v: &ShareGroupValue) -> Vec<u8> {
     use super::share::AutoOffsetReset;
@@ -317,7 +322,22 @@ pub fn share_group_value(v: &ShareGroupValue) -> Vec<u8> {
         Some(false) => 0,
         Some(true) => 1,
     } as u8);
-    out.push(0);
+    let c = &v.configs;
+    if c.dlq_topic.is_none() && c.dlq_copy_record.is_none() {
+        out.push(0);
+    } else {
+        let mut dlq = vec![];
+        put_compact_opt_str(&mut dlq, c.dlq_topic.as_deref());
+        dlq.push(match c.dlq_copy_record {
+            None => -1i8,
+            Some(false) => 0,
+            Some(true) => 1,
+        } as u8);
+        put_uvarint(&mut out, 1);
+        put_uvarint(&mut out, DLQ_CONFIG_TAG);
+        put_uvarint(&mut out, dlq.len() as u64);
+        out.extend_from_slice(&dlq);
+    }
     out
 }
 
@@ -657,12 +677,35 @@ pub fn decode_share_group_value(buf: &Bytes) -> Result<ShareGroupValue, FormatEr
         1 => Some(true),
         _ => None,
     };
+    let (mut dlq_topic, mut dlq_copy_record) = (None, None);
+    // Records written before the tagged section was read may end here.
+    if r.remaining() > 0 {
+        let n = r.uvarint()?;
+        for _ in 0..n {
+            let tag = r.uvarint()?;
+            let len =
+                usize::try_from(r.uvarint()?).map_err(|_| FormatError("length overflow".into()))?;
+            let field = r.take(len)?;
+            if tag == DLQ_CONFIG_TAG {
+                let field = Bytes::copy_from_slice(field);
+                let mut f = Reader { buf: &field, at: 0 };
+                dlq_topic = f.compact_opt_str()?;
+                dlq_copy_record = match f.i8()? {
+                    0 => Some(false),
+                    1 => Some(true),
+                    _ => None,
+                };
+            }
+        }
+    }
     Ok(ShareGroupValue {
         epoch,
         configs: super::share::GroupConfigs {
             auto_offset_reset,
             record_lock_duration_ms: (lock > 0).then_some(lock),
             read_committed,
+            dlq_topic,
+            dlq_copy_record,
         },
     })
 }
@@ -1353,6 +1396,7 @@ mod tests {
                 auto_offset_reset: Some(crate::group::share::AutoOffsetReset::Earliest),
                 record_lock_duration_ms: Some(15_000),
                 read_committed: None,
+                ..Default::default()
             },
         };
         let gv = share_group_value(&g);
@@ -1362,6 +1406,19 @@ mod tests {
         );
         for cut in 0..gv.len() - 1 {
             assert!(decode_share_group_value(&Bytes::copy_from_slice(&gv[..cut])).is_err());
+        }
+        // The dead-letter configs ride in a tagged field: round trip, and every cut inside
+        // the tagged section is an error.
+        let mut d = g.clone();
+        d.configs.dlq_topic = Some("dlq.orders".into());
+        d.configs.dlq_copy_record = Some(true);
+        let dv = share_group_value(&d);
+        assert_eq!(
+            decode_share_group_value(&Bytes::from(dv.clone())).unwrap(),
+            d
+        );
+        for cut in gv.len()..dv.len() {
+            assert!(decode_share_group_value(&Bytes::copy_from_slice(&dv[..cut])).is_err());
         }
         assert_eq!(
             decode_key(&Bytes::from(share_member_key("g", "m"))).unwrap(),

@@ -456,20 +456,22 @@ async fn build(
         }
         let headers: Vec<(&str, Option<&[u8]>)> =
             headers.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        bytes += b.push(&builder::Record {
+        let value = if dl.copy_record {
+            rec.value.as_deref()
+        } else {
+            None
+        };
+        // Where the value starts in the records section, plus the value: the bytes so far.
+        bytes = b.push(&builder::Record {
             key: if dl.copy_record {
                 rec.key.as_deref()
             } else {
                 None
             },
-            value: if dl.copy_record {
-                rec.value.as_deref()
-            } else {
-                None
-            },
+            value,
             headers: &headers,
             timestamp_ms: now,
-        });
+        }) + value.map_or(0, |v| v.len());
         built.push(*o);
     }
     if built.is_empty() {

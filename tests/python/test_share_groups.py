@@ -507,3 +507,36 @@ def test_kill_9_before_the_dead_letter_append_loses_nothing():
 
 def test_kill_9_after_the_dead_letter_append_duplicates_nothing():
     run_crash_between_steps("dlq_appended")
+
+
+def test_a_missing_dead_letter_topic_never_blocks_the_share_partition():
+    """Auto-creation off and no such topic: the rejected record stays archived only, counted
+    as a dead-letter failure, and the share partition moves on."""
+    import conftest
+    metrics_port = conftest.free_port()
+    broker = start_broker(("--auto-create-topics", "false",
+                           "--metrics-listen", f"127.0.0.1:{metrics_port}"))
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        set_group_configs(broker, group, {"share.auto.offset.reset": "earliest",
+                                          "errors.deadletterqueue.topic.name": "dlq.nowhere"})
+        produce(broker, topic, 2)
+        c = share_consumer(broker, group, topic, explicit=True)
+        acked = set()
+        deadline = time.monotonic() + WAIT
+        while len(acked) < 2 and time.monotonic() < deadline:
+            for m in records(c.poll(0.5)):
+                c.acknowledge(m, AcknowledgeType.REJECT if m.offset() == 0 else AcknowledgeType.ACCEPT)
+                acked.add(m.offset())
+            c.commit_sync(30)
+        assert acked == {0, 1}
+        deadline = time.monotonic() + WAIT
+        while share_start(broker, group, topic) != 2:
+            assert time.monotonic() < deadline, share_start(broker, group, topic)
+            time.sleep(0.1)
+        assert metric_total(metrics_port, "sluice_share_dead_letter_failures_total") == 1
+        assert metric_total(metrics_port, "sluice_share_dead_lettered_records_total") == 0
+        c.close()
+    finally:
+        broker.stop()

@@ -21,9 +21,8 @@
 //! Not found: the append never happened, and the record goes through 1-4 again. A record
 //! pending without an attempt was never appended (2 is durable before 3 starts).
 //!
-//! The drain runs after each ShareFetch/ShareAcknowledge of the partition and after a session
-//! closes, so records left pending by a restart are copied at the group's next fetch of the
-//! partition. A dead-letter topic that does not exist is created with the broker defaults when
+//! The drain runs after each ShareFetch/ShareAcknowledge of the partition, after a session
+//! closes, and at start for every share partition whose stored state has pending records. A dead-letter topic that does not exist is created with the broker defaults when
 //! topic auto-creation is on; otherwise, and after [`DLQ_FAILED_ROUNDS_MAX`] failed rounds in a
 //! row, the records stay Archived only and are counted as dead-letter failures: a dead-letter
 //! topic never blocks its share partition for good.

@@ -463,7 +463,52 @@ pub fn start_shard_tasks() {
                 return;
             }
         }
+        // Records left dead-letter pending by the last run are copied now, without waiting
+        // for the group's next fetch of their partition.
+        let pending: Vec<StateKey> = local()
+            .states
+            .borrow()
+            .iter()
+            .filter(|(_, s)| !s.dead_letter.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in pending {
+            crate::contain::spawn_background("share dead-letter recovery", async move {
+                resume_dead_letter(key).await;
+            });
+        }
     });
+}
+
+/// Loads the share partition `key` on its data partition's shard and starts its dead-letter
+/// drain (see `share_dlq`). Gives up quietly when the group or topic is gone or not loaded:
+/// the group's next fetch of the partition starts the drain too.
+async fn resume_dead_letter(key: StateKey) {
+    let Some(meta) = topic_by_id(&key.topic) else {
+        return;
+    };
+    let g = key.group.clone();
+    let Ok(settings) = super::on_coordinator(&key.group, move |gs| async move {
+        gs.coordinator.borrow().share_settings(&g)
+    })
+    .await
+    else {
+        return;
+    };
+    let broker = crate::shard::local().broker.clone();
+    let Some(owner) = broker.owner(&meta, key.partition) else {
+        return;
+    };
+    let tp = TopicPartition::new(meta.name.clone(), key.partition);
+    crate::shard::invoke_on(owner, move || async move {
+        let Some(log) = crate::shard::local().partition(&tp) else {
+            return;
+        };
+        if let Ok(sp) = partition_here(&key, settings, &log).await {
+            super::share_dlq::kick(&key, &sp, &log);
+        }
+    })
+    .await;
 }
 
 /// Runs `f` on the shard owning `key`'s state partition, once that partition is loaded.

@@ -9,7 +9,10 @@
 //! per-partition work), `produce_partition` (a per-partition produce task), `fetch_wait` (a fetch
 //! long-poll waiter task), `cross_shard` (a closure run on a partition's owner shard when that is
 //! not the caller's shard), `group` (a group-coordinator call on the group's shard), `flusher` (a
-//! partition's flusher task, keyed by the partition's directory name, `<topic>-<partition>`).
+//! partition's flusher task, keyed by the partition's directory name, `<topic>-<partition>`),
+//! `dlq_append` and `dlq_appended` (a share group's dead-letter drain, keyed by the group: after
+//! the attempt is persisted and before the dead-letter append, and after the append before it
+//! is recorded as done).
 //!
 //! Delay points, armed by `SLUICE_FAULT_DELAY_MS=<point>:<ms>`, block the calling thread for
 //! that long to widen a window a test wants to hit: `producer_id_block` (a producer-id block is

@@ -104,6 +104,8 @@ struct Counters {
     cleaner_bytes_read: Cell<u64>,
     cleaner_bytes_written: Cell<u64>,
     share_delivery_time_invalid: Cell<u64>,
+    dead_lettered: Cell<u64>,
+    dead_letter_failures: Cell<u64>,
 }
 
 thread_local! {
@@ -238,6 +240,16 @@ pub fn share_delivery_time_invalid() {
     COUNTERS.with(|c| add(&c.share_delivery_time_invalid, 1));
 }
 
+/// `n` records of share groups reached their dead-letter topic.
+pub fn dead_lettered(n: u64) {
+    COUNTERS.with(|c| add(&c.dead_lettered, n));
+}
+
+/// `n` records of share groups could not be dead-lettered (they stay archived).
+pub fn dead_letter_failed(n: u64) {
+    COUNTERS.with(|c| add(&c.dead_letter_failures, n));
+}
+
 /// The calling thread's counters, copied; histograms as Prometheus buckets at `bounds_s`.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -261,6 +273,8 @@ pub struct Snapshot {
     pub cleaner_bytes_read: u64,
     pub cleaner_bytes_written: u64,
     pub share_delivery_time_invalid: u64,
+    pub dead_lettered: u64,
+    pub dead_letter_failures: u64,
 }
 
 /// Copies the calling thread's counters.
@@ -300,6 +314,8 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
             cleaner_bytes_read: c.cleaner_bytes_read.get(),
             cleaner_bytes_written: c.cleaner_bytes_written.get(),
             share_delivery_time_invalid: c.share_delivery_time_invalid.get(),
+            dead_lettered: c.dead_lettered.get(),
+            dead_letter_failures: c.dead_letter_failures.get(),
         }
     })
 }

@@ -1023,3 +1023,68 @@ fn released_records_back_off_and_both_delays_survive_a_kill_9() {
     );
     assert_eq!(seen[&1].1, 1);
 }
+
+#[test]
+fn dead_letter_group_configs_are_validated_and_described() {
+    let b = broker();
+    let group = format!("g-{}", topic_name("dlq-cfg"));
+    let mut c = Client::connect(&b.bootstrap()).expect("connect");
+    c.wait_coordinator(&group, WAIT_MAX);
+    for (key, bad) in [
+        ("errors.deadletterqueue.topic.name", "__consumer_offsets"),
+        ("errors.deadletterqueue.topic.name", "no spaces"),
+        ("errors.deadletterqueue.copy.record.enable", "sometimes"),
+    ] {
+        assert_eq!(
+            set_group_config(&mut c, &group, key, bad),
+            err(ResponseError::InvalidConfig),
+            "{key}={bad}"
+        );
+    }
+    assert_eq!(
+        set_group_config(
+            &mut c,
+            &group,
+            "errors.deadletterqueue.topic.name",
+            "dlq.orders"
+        ),
+        0
+    );
+    assert_eq!(
+        set_group_config(
+            &mut c,
+            &group,
+            "errors.deadletterqueue.copy.record.enable",
+            "true"
+        ),
+        0
+    );
+    use describe_configs_request::*;
+    let r: DescribeConfigsResponse = c
+        .call_at(
+            ApiKey::DescribeConfigs,
+            4,
+            &DescribeConfigsRequest::default().with_resources(vec![
+                DescribeConfigsResource::default()
+                    .with_resource_type(32)
+                    .with_resource_name(s(&group)),
+            ]),
+        )
+        .expect("describe configs");
+    let res = &r.results[0];
+    assert_eq!(res.error_code, 0);
+    let get = |k: &str| {
+        res.configs
+            .iter()
+            .find(|e| e.name.as_str() == k)
+            .and_then(|e| e.value.as_ref().map(|v| v.to_string()))
+    };
+    assert_eq!(
+        get("errors.deadletterqueue.topic.name").as_deref(),
+        Some("dlq.orders")
+    );
+    assert_eq!(
+        get("errors.deadletterqueue.copy.record.enable").as_deref(),
+        Some("true")
+    );
+}

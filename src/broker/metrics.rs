@@ -724,6 +724,22 @@ fn render(broker: &BrokerContext, started: f64) -> String {
     per_shard(
         &mut t,
         &shards,
+        "sluice_share_dead_lettered_records_total",
+        "counter",
+        "Records of share groups copied to their group's dead-letter topic.",
+        |s| s.counters.dead_lettered as f64,
+    );
+    per_shard(
+        &mut t,
+        &shards,
+        "sluice_share_dead_letter_failures_total",
+        "counter",
+        "Records of share groups that could not be copied to the dead-letter topic (they stay archived).",
+        |s| s.counters.dead_letter_failures as f64,
+    );
+    per_shard(
+        &mut t,
+        &shards,
         "sluice_storage_segments",
         "gauge",
         "Segments of the shard's partitions.",

@@ -11,6 +11,7 @@
 //! | [`share_delay`] | delayed delivery: the delivery-time headers of records |
 //! | [`share_partition`] | one share partition: acquisition locks, acknowledgements, delivery counts |
 //! | [`share_state`] | share partitions at run time and their snapshots in `__share_group_state` |
+//! | [`share_dlq`] | dead-letter topics (KIP-1191): copying archived records there exactly once |
 //!
 //! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
 //! runs the coordinator's timers, appends the records it queues to the `__consumer_offsets`
@@ -37,6 +38,7 @@ pub mod coordinator;
 pub mod offsets;
 pub mod share;
 pub mod share_delay;
+pub mod share_dlq;
 pub mod share_partition;
 pub mod share_state;
 pub mod state;

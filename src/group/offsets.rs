@@ -68,7 +68,10 @@ pub enum RecordKey {
 /// A share group as Sluice stores it (value version 0 under key 11; Sluice's own layout, as
 /// Kafka keeps group configs in its metadata log):
 /// `version:i16 epoch:i32 autoOffsetReset:i8 lockDurationMs:i32 readCommitted:i8 tagged`,
-/// with -1 for a config not set.
+/// with -1 for a config not set. The release back-offs (delayed delivery) are tagged field 1:
+/// `releaseBackoffMs:i32 releaseBackoffMaxMs:i32`; the dead-letter configs (KIP-1191) are tagged
+/// field [`DLQ_CONFIG_TAG`]: `dlqTopic:compact_nullable_str copyRecord:i8` (-1: not set); a
+/// record without a field has none of its configs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShareGroupValue {
     pub epoch: i32,
@@ -295,6 +298,9 @@ pub fn share_group_key(group: &str) -> Vec<u8> {
     out
 }
 
+/// The tagged field of [`ShareGroupValue`] holding the dead-letter configs (the KIP's number).
+pub const DLQ_CONFIG_TAG: u64 = 1191;
+
 /// [`ShareGroupValue`] v0.
 pub fn share_group_value(v: &ShareGroupValue) -> Vec<u8> {
     use super::share::AutoOffsetReset;
@@ -317,20 +323,32 @@ pub fn share_group_value(v: &ShareGroupValue) -> Vec<u8> {
         Some(false) => 0,
         Some(true) => 1,
     } as u8);
-    // Tagged fields. Tag 1 (delayed delivery): releaseBackoffMs:i32 releaseBackoffMaxMs:i32,
-    // -1 for a config not set; written only when one is set.
-    let (b, m) = (
-        v.configs.release_backoff_ms,
-        v.configs.release_backoff_max_ms,
-    );
-    if b.is_some() || m.is_some() {
-        out.push(1);
-        out.push(SHARE_GROUP_TAG_RELEASE_BACKOFF as u8);
-        out.push(8);
-        out.extend_from_slice(&b.unwrap_or(-1).to_be_bytes());
-        out.extend_from_slice(&m.unwrap_or(-1).to_be_bytes());
-    } else {
-        out.push(0);
+    // Tagged fields, in tag order, each written only when set: tag 1 (delayed delivery)
+    // `releaseBackoffMs:i32 releaseBackoffMaxMs:i32`, -1 for a config not set; tag
+    // [`DLQ_CONFIG_TAG`] (dead-letter topics) `dlqTopic:compact_nullable_str copyRecord:i8`.
+    let c = &v.configs;
+    let mut tags: Vec<(u64, Vec<u8>)> = Vec::new();
+    if c.release_backoff_ms.is_some() || c.release_backoff_max_ms.is_some() {
+        let mut f = Vec::with_capacity(8);
+        f.extend_from_slice(&c.release_backoff_ms.unwrap_or(-1).to_be_bytes());
+        f.extend_from_slice(&c.release_backoff_max_ms.unwrap_or(-1).to_be_bytes());
+        tags.push((SHARE_GROUP_TAG_RELEASE_BACKOFF, f));
+    }
+    if c.dlq_topic.is_some() || c.dlq_copy_record.is_some() {
+        let mut dlq = vec![];
+        put_compact_opt_str(&mut dlq, c.dlq_topic.as_deref());
+        dlq.push(match c.dlq_copy_record {
+            None => -1i8,
+            Some(false) => 0,
+            Some(true) => 1,
+        } as u8);
+        tags.push((DLQ_CONFIG_TAG, dlq));
+    }
+    put_uvarint(&mut out, tags.len() as u64);
+    for (tag, field) in tags {
+        put_uvarint(&mut out, tag);
+        put_uvarint(&mut out, field.len() as u64);
+        out.extend_from_slice(&field);
     }
     out
 }
@@ -676,6 +694,7 @@ pub fn decode_share_group_value(buf: &Bytes) -> Result<ShareGroupValue, FormatEr
     };
     // Tagged fields (a value written before they were read ends here); unknown tags skipped.
     let (mut release_backoff_ms, mut release_backoff_max_ms) = (None, None);
+    let (mut dlq_topic, mut dlq_copy_record) = (None, None);
     if r.remaining() > 0 {
         let n = r.uvarint()?;
         for _ in 0..n {
@@ -684,11 +703,18 @@ pub fn decode_share_group_value(buf: &Bytes) -> Result<ShareGroupValue, FormatEr
                 usize::try_from(r.uvarint()?).map_err(|_| FormatError("length overflow".into()))?;
             let start = r.at;
             r.take(len)?;
+            let field = buf.slice(start..r.at);
+            let mut f = Reader { buf: &field, at: 0 };
             if tag == SHARE_GROUP_TAG_RELEASE_BACKOFF {
-                let field = buf.slice(start..r.at);
-                let mut f = Reader { buf: &field, at: 0 };
                 release_backoff_ms = Some(f.i32()?).filter(|v| *v >= 0);
                 release_backoff_max_ms = Some(f.i32()?).filter(|v| *v >= 0);
+            } else if tag == DLQ_CONFIG_TAG {
+                dlq_topic = f.compact_opt_str()?;
+                dlq_copy_record = match f.i8()? {
+                    0 => Some(false),
+                    1 => Some(true),
+                    _ => None,
+                };
             }
         }
     }
@@ -700,6 +726,8 @@ pub fn decode_share_group_value(buf: &Bytes) -> Result<ShareGroupValue, FormatEr
             read_committed,
             release_backoff_ms,
             release_backoff_max_ms,
+            dlq_topic,
+            dlq_copy_record,
         },
     })
 }
@@ -1426,6 +1454,19 @@ mod tests {
         let mut other = gv[..gv.len() - 1].to_vec();
         other.extend_from_slice(&[1, 9, 2, 0xab, 0xcd]);
         assert_eq!(decode_share_group_value(&Bytes::from(other)).unwrap(), g);
+        // The dead-letter configs ride in a tagged field: round trip, and every cut inside
+        // the tagged section is an error.
+        let mut d = g.clone();
+        d.configs.dlq_topic = Some("dlq.orders".into());
+        d.configs.dlq_copy_record = Some(true);
+        let dv = share_group_value(&d);
+        assert_eq!(
+            decode_share_group_value(&Bytes::from(dv.clone())).unwrap(),
+            d
+        );
+        for cut in gv.len()..dv.len() {
+            assert!(decode_share_group_value(&Bytes::copy_from_slice(&dv[..cut])).is_err());
+        }
         assert_eq!(
             decode_key(&Bytes::from(share_member_key("g", "m"))).unwrap(),
             RecordKey::ShareMember {

@@ -90,6 +90,24 @@ pub struct GroupConfigs {
     /// `share.release.backoff.max.ms`: the back-off doubles with each further delivery up to
     /// this (at least `share.release.backoff.ms`).
     pub release_backoff_max_ms: Option<i32>,
+    /// `errors.deadletterqueue.topic.name` (KIP-1191): where records the group rejects or
+    /// that reach the delivery-count limit are copied.
+    pub dlq_topic: Option<String>,
+    /// `errors.deadletterqueue.copy.record.enable` (KIP-1191): copy the record's key and
+    /// value into the dead-letter record (default false: headers only).
+    pub dlq_copy_record: Option<bool>,
+}
+
+/// KIP-1191's group config naming the dead-letter topic.
+pub const DLQ_TOPIC_CONFIG: &str = "errors.deadletterqueue.topic.name";
+/// KIP-1191's group config for copying the record's key and value.
+pub const DLQ_COPY_RECORD_CONFIG: &str = "errors.deadletterqueue.copy.record.enable";
+
+/// A share group's dead-letter settings, as the share partitions of the group use them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub copy_record: bool,
 }
 
 /// Longest release back-off a group may set (`share.release.backoff.ms` and its max): a day,
@@ -103,6 +121,8 @@ pub const GROUP_CONFIG_KEYS: &[&str] = &[
     "share.isolation.level",
     "share.release.backoff.ms",
     "share.release.backoff.max.ms",
+    DLQ_TOPIC_CONFIG,
+    DLQ_COPY_RECORD_CONFIG,
 ];
 
 impl GroupConfigs {
@@ -160,6 +180,29 @@ impl GroupConfigs {
                     self.release_backoff_max_ms = v;
                 }
             }
+            DLQ_TOPIC_CONFIG => {
+                self.dlq_topic = match value {
+                    None | Some("") => None,
+                    Some(v) if !crate::metadata::valid_topic_name(v) || v.starts_with("__") => {
+                        return Err(format!(
+                            "Invalid value {v} for configuration {key}: not a valid name for a user topic"
+                        ))
+                    }
+                    Some(v) => Some(v.to_string()),
+                }
+            }
+            DLQ_COPY_RECORD_CONFIG => {
+                self.dlq_copy_record = match value {
+                    None => None,
+                    Some(v) if v.eq_ignore_ascii_case("true") => Some(true),
+                    Some(v) if v.eq_ignore_ascii_case("false") => Some(false),
+                    Some(v) => {
+                        return Err(format!(
+                            "Invalid value {v} for configuration {key}: true or false expected"
+                        ))
+                    }
+                }
+            }
             _ => return Err(format!("Unknown group config name: {key}")),
         }
         Ok(())
@@ -202,7 +245,23 @@ impl GroupConfigs {
                     .to_string(),
                 self.release_backoff_max_ms.is_some(),
             ),
+            DLQ_TOPIC_CONFIG => (
+                self.dlq_topic.clone().unwrap_or_default(),
+                self.dlq_topic.is_some(),
+            ),
+            DLQ_COPY_RECORD_CONFIG => (
+                self.dlq_copy_record.unwrap_or(false).to_string(),
+                self.dlq_copy_record.is_some(),
+            ),
             _ => return None,
+        })
+    }
+
+    /// The group's dead-letter topic and copy flag, if it has a dead-letter topic.
+    pub fn dead_letter(&self) -> Option<DeadLetter> {
+        self.dlq_topic.as_ref().map(|t| DeadLetter {
+            topic: t.clone(),
+            copy_record: self.dlq_copy_record.unwrap_or(false),
         })
     }
 
@@ -219,6 +278,7 @@ impl GroupConfigs {
             read_committed: self.read_committed.unwrap_or(false),
             release_backoff_ms: self.release_backoff_ms.unwrap_or(0) as i64,
             release_backoff_max_ms: self.release_backoff_max_ms.unwrap_or(0) as i64,
+            dead_letter: self.dlq_topic.is_some(),
         }
     }
 }
@@ -233,6 +293,9 @@ pub struct PartitionSettings {
     pub read_committed: bool,
     pub release_backoff_ms: i64,
     pub release_backoff_max_ms: i64,
+    /// The group has a dead-letter topic: rejected records and those at the delivery-count
+    /// limit wait in the share partition until they are copied there.
+    pub dead_letter: bool,
 }
 
 impl PartitionSettings {

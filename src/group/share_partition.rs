@@ -19,6 +19,10 @@
 //! time (read from the record's headers by the caller, see [`DueTimes`]) and after the
 //! back-off of its last release or lock expiry (`share.release.backoff.ms`). A record that is
 //! not due stays Available in the window and is skipped; records behind it are acquired.
+//! Dead-letter topics (KIP-1191): when the group has one, a record Archived by a Reject or at
+//! the delivery-count limit is also *dead-letter pending* ([`SharePartition::dead_letter`])
+//! until it has been copied to the dead-letter topic; the start offset does not move past a
+//! pending record, so pending records stay inside the in-flight window and are bounded by it.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -87,6 +91,50 @@ impl InFlight {
 /// one, in offset order (records without one are due at once).
 pub type DueTimes = Vec<(i64, i64)>;
 
+/// Why a record was dead-lettered (the `__dlq.errors.reason` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DlqReason {
+    /// Acknowledged with Reject.
+    Rejected = 1,
+    /// Released or its lock expired at `group.share.delivery.count.limit`.
+    DeliveryCountExceeded = 2,
+}
+
+impl DlqReason {
+    pub fn from_id(id: i8) -> Option<DlqReason> {
+        match id {
+            1 => Some(DlqReason::Rejected),
+            2 => Some(DlqReason::DeliveryCountExceeded),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DlqReason::Rejected => "rejected",
+            DlqReason::DeliveryCountExceeded => "delivery.count.exceeded",
+        }
+    }
+}
+
+/// Where an append of a dead-letter record was about to go: persisted before the append, so
+/// that recovery knows where to look for it (the append may or may not have happened).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DlqAttempt {
+    /// The dead-letter topic's id and partition.
+    pub topic: [u8; 16],
+    pub partition: i32,
+    /// That partition's high watermark before the append: the record is at or past it.
+    pub from: i64,
+}
+
+/// An Archived record still to be copied to the dead-letter topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DlqPending {
+    pub reason: DlqReason,
+    pub delivery_count: i16,
+    pub attempt: Option<DlqAttempt>,
+}
+
 /// One persisted range of records with one state and delivery count (Kafka's `StateBatch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateBatch {
@@ -107,6 +155,8 @@ pub struct Snapshot {
     pub batches: Vec<StateBatch>,
     /// Release back-offs of Available records: `(first, last, retry_at_ms)`.
     pub retry_at: Vec<(i64, i64, i64)>,
+    /// Archived records not yet copied to the dead-letter topic, by offset.
+    pub dead_letter: Vec<(i64, DlqPending)>,
 }
 
 impl Snapshot {
@@ -153,6 +203,8 @@ pub struct SharePartition {
     pub snapshot_epoch: i32,
     /// A state change not persisted yet.
     pub dirty: bool,
+    /// Archived records waiting to be copied to the group's dead-letter topic (module docs).
+    pub dead_letter: BTreeMap<i64, DlqPending>,
 }
 
 /// What one acquisition took: ranges `(first, last, delivery_count)` in offset order and the
@@ -176,6 +228,7 @@ impl SharePartition {
             state_epoch: 0,
             snapshot_epoch: 0,
             dirty: true,
+            dead_letter: BTreeMap::new(),
         }
     }
 
@@ -185,6 +238,13 @@ impl SharePartition {
         sp.state_epoch = s.state_epoch;
         sp.snapshot_epoch = s.snapshot_epoch;
         sp.dirty = false;
+        sp.dead_letter = s
+            .dead_letter
+            .iter()
+            .filter(|(o, _)| *o >= sp.start)
+            .take(settings.max_record_locks as usize)
+            .copied()
+            .collect();
         let cap = settings.max_record_locks as i64;
         for b in &s.batches {
             let first = b.first.max(sp.start);
@@ -286,6 +346,7 @@ impl SharePartition {
             start_offset: self.start,
             batches,
             retry_at,
+            dead_letter: self.dead_letter.iter().map(|(o, p)| (*o, *p)).collect(),
         }
     }
 
@@ -303,7 +364,7 @@ impl SharePartition {
                 self.records.remove(&o);
                 continue;
             }
-            if o != self.start || !r.state.terminal() {
+            if o != self.start || !r.state.terminal() || self.dead_letter.contains_key(&o) {
                 break;
             }
             self.records.remove(&o);
@@ -322,6 +383,14 @@ impl SharePartition {
             self.start = log_start;
             self.end = self.end.max(log_start);
             self.records = self.records.split_off(&log_start);
+            let gone = self.dead_letter.split_off(&log_start);
+            let lost = std::mem::replace(&mut self.dead_letter, gone).len();
+            if lost > 0 {
+                tracing::warn!(
+                    records = lost,
+                    "records deleted from the log before they reached the dead-letter topic"
+                );
+            }
             self.dirty = true;
         }
     }
@@ -330,6 +399,7 @@ impl SharePartition {
     /// dropped.
     pub fn reset_to(&mut self, offset: i64) {
         self.records.clear();
+        self.dead_letter.clear();
         self.start = offset;
         self.end = offset;
         self.state_epoch = self.state_epoch.wrapping_add(1);
@@ -351,6 +421,17 @@ impl SharePartition {
             if let Some(now) = now_ms {
                 let b = settings.release_backoff(r.delivery_count);
                 r.retry_at_ms = if b > 0 { now.saturating_add(b) } else { 0 };
+            }
+            if r.state == RecordState::Archived && self.settings.dead_letter {
+                let count = r.delivery_count;
+                self.dead_letter.insert(
+                    o,
+                    DlqPending {
+                        reason: DlqReason::DeliveryCountExceeded,
+                        delivery_count: count,
+                        attempt: None,
+                    },
+                );
             }
             self.dirty = true;
         }
@@ -648,6 +729,20 @@ impl SharePartition {
                             r.deadline_ms = now_ms.saturating_add(self.settings.lock_duration_ms);
                         }
                     }
+                    ACK_REJECT => {
+                        self.set(o, RecordState::Archived);
+                        if self.settings.dead_letter {
+                            let count = self.records.get(&o).map_or(0, |r| r.delivery_count);
+                            self.dead_letter.insert(
+                                o,
+                                DlqPending {
+                                    reason: DlqReason::Rejected,
+                                    delivery_count: count,
+                                    attempt: None,
+                                },
+                            );
+                        }
+                    }
                     _ => self.set(o, RecordState::Archived),
                 }
             }
@@ -662,6 +757,36 @@ impl SharePartition {
             r.member = None;
             self.dirty = true;
         }
+    }
+
+    /// Up to `max` dead-letter pending records, lowest offsets first.
+    pub fn dead_letter_batch(&self, max: usize) -> Vec<(i64, DlqPending)> {
+        self.dead_letter
+            .iter()
+            .take(max)
+            .map(|(o, p)| (*o, *p))
+            .collect()
+    }
+
+    /// Records where an append of the pending records at `offsets` is about to go.
+    pub fn dead_letter_attempt(&mut self, offsets: &[i64], attempt: DlqAttempt) {
+        for o in offsets {
+            if let Some(p) = self.dead_letter.get_mut(o) {
+                p.attempt = Some(attempt);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// The records at `offsets` reached the dead-letter topic, or never will (then they stay
+    /// Archived only): no longer pending, and the start may move past them.
+    pub fn dead_letter_done(&mut self, offsets: &[i64]) {
+        for o in offsets {
+            if self.dead_letter.remove(o).is_some() {
+                self.dirty = true;
+            }
+        }
+        self.advance();
     }
 
     /// Counts by state, for describing the partition.
@@ -1007,5 +1132,53 @@ mod tests {
         assert_eq!(got.ranges, vec![(0, 0, 2), (2, 2, 2)]);
         assert_eq!(sp.records[&1].due_ms, Some(9000));
         assert_eq!(sp.next_due_ms(10), Some(9000));
+    }
+
+    #[test]
+    fn rejected_and_exhausted_records_wait_for_the_dead_letter_topic() {
+        let mut st = settings();
+        st.dead_letter = true;
+        let mut sp = SharePartition::new(st, 0);
+        let a: Rc<str> = "a".into();
+        let ack = |f, l, t| AckRange {
+            first: f,
+            last: l,
+            types: vec![t],
+        };
+        sp.acquire(&one(0, 2), 3, &a, 10, 0, &mut none);
+        // 0 rejected, 1 a gap (never dead-lettered), 2 released up to the limit.
+        sp.acknowledge("a", &[ack(0, 0, ACK_REJECT), ack(1, 1, ACK_GAP)], 0)
+            .unwrap();
+        for _ in 0..3 {
+            sp.acknowledge("a", &[ack(2, 2, ACK_RELEASE)], 0).unwrap();
+            sp.acquire(&one(0, 2), 3, &a, 10, 0, &mut none);
+        }
+        let pending = sp.dead_letter_batch(10);
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        assert_eq!(pending[0].0, 0);
+        assert_eq!(pending[0].1.reason, DlqReason::Rejected);
+        assert_eq!(pending[1].0, 2);
+        assert_eq!(pending[1].1.reason, DlqReason::DeliveryCountExceeded);
+        assert_eq!(pending[1].1.delivery_count, 3);
+        // The start waits at the first pending record; pending state survives a restart.
+        assert_eq!(sp.start, 0);
+        let attempt = DlqAttempt {
+            topic: [1; 16],
+            partition: 0,
+            from: 7,
+        };
+        sp.dead_letter_attempt(&[0], attempt);
+        let back = SharePartition::from_snapshot(st, &sp.snapshot());
+        assert_eq!(back.dead_letter, sp.dead_letter);
+        assert_eq!(back.dead_letter[&0].attempt, Some(attempt));
+        sp.dead_letter_done(&[0, 2]);
+        assert_eq!(sp.start, 3);
+        assert!(sp.records.is_empty());
+        // Without a dead-letter topic nothing waits.
+        let mut plain = SharePartition::new(settings(), 0);
+        plain.acquire(&one(0, 0), 1, &a, 10, 0, &mut none);
+        plain.acknowledge("a", &[ack(0, 0, ACK_REJECT)], 0).unwrap();
+        assert!(plain.dead_letter.is_empty());
+        assert_eq!(plain.start, 1);
     }
 }

@@ -26,6 +26,14 @@
 //! release back-offs of Available records, which a restart must keep exactly:
 //! `retryAt:[firstOffset:i64 lastOffset:i64 retryAtMs:i64]` (compact array). Delivery times
 //! from record headers are not stored: they are read from the log again.
+//!
+//! Dead-letter pending records (KIP-1191, see `share_dlq`) ride in the value's tagged field
+//! [`DLQ_PENDING_TAG`], which readers that do not know it skip:
+//!
+//! ```text
+//! pending := [offset:i64 deliveryCount:i16 reason:i8 attempt:i8
+//!             (attempt=1: dlqTopicId:16 dlqPartition:i32 dlqFrom:i64)]   (compact array)
+//! ```
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -49,7 +57,8 @@ use super::offsets::FormatError;
 use super::share::{AutoOffsetReset, PartitionSettings};
 use super::share_delay;
 use super::share_partition::{
-    AckRange, BatchSpan, RecordState, SharePartition, Snapshot, StateBatch,
+    AckRange, BatchSpan, DlqAttempt, DlqPending, DlqReason, RecordState, SharePartition, Snapshot,
+    StateBatch,
 };
 
 /// The internal topic holding share-partition state.
@@ -60,6 +69,10 @@ pub const STATE_PARTITIONS: i32 = 50;
 const LOAD_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Bytes read per step while replaying a state partition.
 const REPLAY_READ_BYTES_MAX: u32 = 1 << 20;
+/// The value's tagged field listing dead-letter pending records (KIP-1191's number).
+pub const DLQ_PENDING_TAG: u64 = 1191;
+/// Smallest pending entry: offset, count, reason, attempt flag.
+const DLQ_PENDING_BYTES_MIN: usize = 8 + 2 + 1 + 1;
 
 /// One share partition: its group, topic id and partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -142,9 +155,9 @@ pub fn encode_value(s: &Snapshot) -> Vec<u8> {
         out.extend_from_slice(&b.delivery_count.to_be_bytes());
         out.push(0);
     }
-    if s.retry_at.is_empty() {
-        out.push(0);
-    } else {
+    // Tagged fields, in tag order, each written only when non-empty.
+    let mut tags: Vec<(u64, Vec<u8>)> = Vec::new();
+    if !s.retry_at.is_empty() {
         let mut f = Vec::with_capacity(1 + RETRY_AT_BYTES * s.retry_at.len());
         put_uvarint(&mut f, s.retry_at.len() as u64 + 1);
         for (first, last, at) in &s.retry_at {
@@ -152,8 +165,30 @@ pub fn encode_value(s: &Snapshot) -> Vec<u8> {
             f.extend_from_slice(&last.to_be_bytes());
             f.extend_from_slice(&at.to_be_bytes());
         }
-        put_uvarint(&mut out, 1);
-        put_uvarint(&mut out, TAG_RETRY_AT);
+        tags.push((TAG_RETRY_AT, f));
+    }
+    if !s.dead_letter.is_empty() {
+        let mut f = Vec::with_capacity(1 + 40 * s.dead_letter.len());
+        put_uvarint(&mut f, s.dead_letter.len() as u64 + 1);
+        for (o, p) in &s.dead_letter {
+            f.extend_from_slice(&o.to_be_bytes());
+            f.extend_from_slice(&p.delivery_count.to_be_bytes());
+            f.push(p.reason as i8 as u8);
+            match &p.attempt {
+                None => f.push(0),
+                Some(a) => {
+                    f.push(1);
+                    f.extend_from_slice(&a.topic);
+                    f.extend_from_slice(&a.partition.to_be_bytes());
+                    f.extend_from_slice(&a.from.to_be_bytes());
+                }
+            }
+        }
+        tags.push((DLQ_PENDING_TAG, f));
+    }
+    put_uvarint(&mut out, tags.len() as u64);
+    for (tag, f) in tags {
+        put_uvarint(&mut out, tag);
         put_uvarint(&mut out, f.len() as u64);
         out.extend_from_slice(&f);
     }
@@ -184,6 +219,43 @@ fn decode_retry_at(buf: &[u8]) -> Result<Vec<(i64, i64, i64)>, FormatError> {
             ));
         }
         out.push((first, last, at));
+    }
+    Ok(out)
+}
+
+fn decode_dead_letter(buf: &[u8]) -> Result<Vec<(i64, DlqPending)>, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    let n = r.uvarint()?;
+    let n =
+        usize::try_from(n.saturating_sub(1)).map_err(|_| FormatError("length overflow".into()))?;
+    if n > r.remaining() / DLQ_PENDING_BYTES_MIN {
+        return Err(FormatError(format!(
+            "dead-letter pending count {n} exceeds the record"
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let offset = r.i64()?;
+        let delivery_count = r.i16()?;
+        let reason = DlqReason::from_id(r.i8()?)
+            .ok_or_else(|| FormatError("unknown dead-letter reason".into()))?;
+        let attempt = match r.i8()? {
+            0 => None,
+            1 => Some(DlqAttempt {
+                topic: r.take(16)?.try_into().expect("16 bytes"),
+                partition: r.i32()?,
+                from: r.i64()?,
+            }),
+            _ => return Err(FormatError("bad dead-letter attempt flag".into())),
+        };
+        out.push((
+            offset,
+            DlqPending {
+                reason,
+                delivery_count,
+                attempt,
+            },
+        ));
     }
     Ok(out)
 }
@@ -305,7 +377,7 @@ pub fn decode_value(buf: &[u8]) -> Result<Snapshot, FormatError> {
             delivery_count,
         });
     }
-    let mut retry_at = vec![];
+    let (mut retry_at, mut dead_letter) = (vec![], vec![]);
     // Tagged fields; unknown tags are skipped.
     for _ in 0..r.uvarint()? {
         let tag = r.uvarint()?;
@@ -314,6 +386,8 @@ pub fn decode_value(buf: &[u8]) -> Result<Snapshot, FormatError> {
         let field = r.take(len)?;
         if tag == TAG_RETRY_AT {
             retry_at = decode_retry_at(field)?;
+        } else if tag == DLQ_PENDING_TAG {
+            dead_letter = decode_dead_letter(field)?;
         }
     }
     Ok(Snapshot {
@@ -322,6 +396,7 @@ pub fn decode_value(buf: &[u8]) -> Result<Snapshot, FormatError> {
         start_offset,
         batches,
         retry_at,
+        dead_letter,
     })
 }
 
@@ -398,7 +473,16 @@ fn apply(me: &ShareShard, rec: &records::Record) -> bool {
             me.states.borrow_mut().remove(&key);
         }
         Some(Ok(s)) => {
-            me.states.borrow_mut().insert(key, s);
+            // As in `write_state`: a snapshot older than the one kept (two writes of one share
+            // partition that reached the log out of order) does not replace it.
+            let mut states = me.states.borrow_mut();
+            let newer = states.get(&key).is_none_or(|old| {
+                s.snapshot_epoch.wrapping_sub(old.snapshot_epoch) > 0
+                    || s.state_epoch != old.state_epoch
+            });
+            if newer {
+                states.insert(key, s);
+            }
         }
         Some(Err(e)) => {
             tracing::warn!(offset = rec.offset, error = %e, "skipping {STATE_TOPIC} record");
@@ -429,7 +513,52 @@ pub fn start_shard_tasks() {
                 return;
             }
         }
+        // Records left dead-letter pending by the last run are copied now, without waiting
+        // for the group's next fetch of their partition.
+        let pending: Vec<StateKey> = local()
+            .states
+            .borrow()
+            .iter()
+            .filter(|(_, s)| !s.dead_letter.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in pending {
+            crate::contain::spawn_background("share dead-letter recovery", async move {
+                resume_dead_letter(key).await;
+            });
+        }
     });
+}
+
+/// Loads the share partition `key` on its data partition's shard and starts its dead-letter
+/// drain (see `share_dlq`). Gives up quietly when the group or topic is gone or not loaded:
+/// the group's next fetch of the partition starts the drain too.
+async fn resume_dead_letter(key: StateKey) {
+    let Some(meta) = topic_by_id(&key.topic) else {
+        return;
+    };
+    let g = key.group.clone();
+    let Ok(settings) = super::on_coordinator(&key.group, move |gs| async move {
+        gs.coordinator.borrow().share_settings(&g)
+    })
+    .await
+    else {
+        return;
+    };
+    let broker = crate::shard::local().broker.clone();
+    let Some(owner) = broker.owner(&meta, key.partition) else {
+        return;
+    };
+    let tp = TopicPartition::new(meta.name.clone(), key.partition);
+    crate::shard::invoke_on(owner, move || async move {
+        let Some(log) = crate::shard::local().partition(&tp) else {
+            return;
+        };
+        if let Ok(sp) = partition_here(&key, settings, &log).await {
+            super::share_dlq::kick(&key, &sp, &log);
+        }
+    })
+    .await;
 }
 
 /// Runs `f` on the shard owning `key`'s state partition, once that partition is loaded.
@@ -755,6 +884,7 @@ pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResu
             out.ack_error = Some(e);
         }
     }
+    super::share_dlq::kick(&part.key, &sp, &log);
     let s = sp.borrow();
     out.end = s.end;
     out.window_open = s.window_open();
@@ -772,6 +902,12 @@ pub async fn release_here(key: StateKey, member: String) {
     if let Some(sp) = sp {
         sp.borrow_mut().release_member(&member);
         let _ = persist(&key, &sp).await;
+        let log = topic_by_id(&key.topic).and_then(|t| {
+            crate::shard::local().partition(&TopicPartition::new(t.name.clone(), key.partition))
+        });
+        if let Some(log) = log {
+            super::share_dlq::kick(&key, &sp, &log);
+        }
     }
 }
 
@@ -832,6 +968,7 @@ pub async fn reset_here(
                 start_offset: offset,
                 batches: vec![],
                 retry_at: vec![],
+                dead_letter: vec![],
             };
             write_state(&key, Some(snap)).await
         }
@@ -876,6 +1013,7 @@ mod tests {
                 delivery_count: 2,
             }],
             retry_at: vec![],
+            dead_letter: vec![],
         };
         let v = encode_value(&s);
         assert_eq!(decode_value(&v).unwrap(), s);
@@ -905,5 +1043,36 @@ mod tests {
         huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
         let e = decode_value(&huge).unwrap_err();
         assert!(e.0.contains("exceeds"), "{e}");
+
+        // Dead-letter pending records ride in a tagged field: they round trip, a cut anywhere
+        // in it fails, and a reader of the plain layout is what `v` decodes to.
+        let mut d = s.clone();
+        d.dead_letter = vec![
+            (
+                11,
+                DlqPending {
+                    reason: DlqReason::Rejected,
+                    delivery_count: 1,
+                    attempt: None,
+                },
+            ),
+            (
+                12,
+                DlqPending {
+                    reason: DlqReason::DeliveryCountExceeded,
+                    delivery_count: 5,
+                    attempt: Some(DlqAttempt {
+                        topic: [9; 16],
+                        partition: 2,
+                        from: 40,
+                    }),
+                },
+            ),
+        ];
+        let dv = encode_value(&d);
+        assert_eq!(decode_value(&dv).unwrap(), d);
+        for n in v.len()..dv.len() {
+            assert!(decode_value(&dv[..n]).is_err(), "truncated at {n}");
+        }
     }
 }

@@ -427,3 +427,265 @@ def test_released_records_back_off_and_delays_survive_a_broker_kill():
         c2.close()
     finally:
         broker.stop()
+
+
+# ---------------------------------------------------------------- dead-letter topics (KIP-1191)
+
+DLQ_HEADERS = ("__dlq.errors.topic", "__dlq.errors.partition", "__dlq.errors.offset",
+               "__dlq.errors.group.id", "__dlq.errors.delivery.count", "__dlq.errors.reason")
+
+
+def set_group_configs(broker, group, configs):
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    res = ConfigResource(ResourceType.GROUP, group, incremental_configs=[
+        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in configs.items()])
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(timeout=30)
+
+
+def group_configs(broker, group):
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    res = ConfigResource(ResourceType.GROUP, group)
+    for f in admin.describe_configs([res]).values():
+        return {k: v.value for k, v in f.result(timeout=30).items()}
+
+
+def dead_letters(broker, dlq, want, settle_s=1.0):
+    """Every record of topic `dlq` (one partition), read by a classic consumer: waits until
+    `want` are there, then keeps reading `settle_s` more to see any extra one."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"dlq-reader-{uuid.uuid4().hex[:6]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "topic.metadata.refresh.interval.ms": 500})
+    c.assign([TopicPartition(dlq, 0, 0)])
+    got = []
+    deadline = time.monotonic() + WAIT
+    settle = None
+    while True:
+        m = c.poll(0.2)
+        if m is not None and m.error() is None:
+            got.append(m)
+        if len(got) >= want and settle is None:
+            settle = time.monotonic() + settle_s
+        if settle is not None and time.monotonic() > settle:
+            break
+        assert time.monotonic() < deadline, f"{len(got)} of {want} dead-letter records"
+    c.close()
+    return got
+
+
+def headers_of(m):
+    return {k: (v.decode() if v is not None else None) for k, v in (m.headers() or [])}
+
+
+def share_start(broker, group, topic):
+    """The share partition's start offset (partition 0), from `sluice share-group describe`."""
+    import conftest
+    out = subprocess.run([conftest.sluice_bin(), "share-group", "describe", group, "--brokers", broker.bootstrap],
+                         capture_output=True, text=True, timeout=60)
+    for l in out.stdout.splitlines():
+        f = l.split()
+        if l.startswith(topic) and len(f) == 3 and f[1] == "0":
+            return int(f[2])
+    return None
+
+
+def metric_total(port, name):
+    """The sum over shards of counter `name` on the metrics endpoint."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith(name + "{") or l.startswith(name + " "))
+
+
+def test_rejected_and_exhausted_records_are_dead_lettered_once_with_their_context():
+    import conftest
+    metrics_port = conftest.free_port()
+    broker = start_broker(("--metrics-listen", f"127.0.0.1:{metrics_port}"))
+    try:
+        topic = create_topic(broker)
+        dlq = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        set_group_configs(broker, group, {"share.auto.offset.reset": "earliest",
+                                          "errors.deadletterqueue.topic.name": dlq,
+                                          "errors.deadletterqueue.copy.record.enable": "true"})
+        cfg = group_configs(broker, group)
+        assert cfg["errors.deadletterqueue.topic.name"] == dlq
+        assert cfg["errors.deadletterqueue.copy.record.enable"] == "true"
+        p = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+        for i in range(3):
+            p.produce(topic, key=f"k{i}".encode(), value=f"m{i}".encode(), partition=0,
+                      headers=[("app", f"h{i}".encode())])
+        assert p.flush(30) == 0
+        c = share_consumer(broker, group, topic, explicit=True)
+        # 0 is rejected, 1 released until the delivery limit (3), 2 accepted.
+        deadline = time.monotonic() + WAIT
+        done = set()
+        while len(done) < 3 and time.monotonic() < deadline:
+            for m in records(c.poll(0.5)):
+                if m.offset() == 0:
+                    c.acknowledge(m, AcknowledgeType.REJECT)
+                    done.add(0)
+                elif m.offset() == 1:
+                    c.acknowledge(m, AcknowledgeType.RELEASE)
+                    if m.delivery_count() == 3:
+                        done.add(1)
+                else:
+                    c.acknowledge(m, AcknowledgeType.ACCEPT)
+                    done.add(2)
+            c.commit_sync(30)
+        assert done == {0, 1, 2}
+        got = dead_letters(broker, dlq, 2)
+        assert len(got) == 2, [headers_of(m) for m in got]
+        by_offset = {int(headers_of(m)["__dlq.errors.offset"]): m for m in got}
+        assert sorted(by_offset) == [0, 1]
+        for o, reason, count in [(0, "rejected", "1"), (1, "delivery.count.exceeded", "3")]:
+            m = by_offset[o]
+            h = headers_of(m)
+            assert all(k in h for k in DLQ_HEADERS), h
+            assert h["__dlq.errors.topic"] == topic
+            assert h["__dlq.errors.partition"] == "0"
+            assert h["__dlq.errors.group.id"] == group
+            assert h["__dlq.errors.reason"] == reason
+            assert h["__dlq.errors.delivery.count"] == count
+            assert h["app"] == f"h{o}"
+            assert m.key() == f"k{o}".encode() and m.value() == f"m{o}".encode()
+        # Everything is settled: the share partition's start moved past all three.
+        deadline = time.monotonic() + WAIT
+        while share_start(broker, group, topic) != 3:
+            assert time.monotonic() < deadline, share_start(broker, group, topic)
+            time.sleep(0.1)
+        assert metric_total(metrics_port, "sluice_share_dead_lettered_records_total") == 2
+        assert metric_total(metrics_port, "sluice_share_dead_letter_failures_total") == 0
+        c.close()
+    finally:
+        broker.stop()
+
+
+def test_dead_letter_topic_is_auto_created_and_records_are_not_copied_by_default():
+    broker = start_broker()
+    try:
+        topic = create_topic(broker)
+        dlq = f"dlq.{uuid.uuid4().hex[:8]}"
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        set_group_configs(broker, group, {"share.auto.offset.reset": "earliest",
+                                          "errors.deadletterqueue.topic.name": dlq})
+        produce(broker, topic, 1)
+        c = share_consumer(broker, group, topic, explicit=True)
+        deadline = time.monotonic() + WAIT
+        rejected = False
+        while not rejected and time.monotonic() < deadline:
+            for m in records(c.poll(0.5)):
+                c.acknowledge(m, AcknowledgeType.REJECT)
+                rejected = True
+            c.commit_sync(30)
+        assert rejected
+        got = dead_letters(broker, dlq, 1)
+        assert len(got) == 1
+        assert got[0].key() is None and got[0].value() is None
+        assert headers_of(got[0])["__dlq.errors.reason"] == "rejected"
+        c.close()
+    finally:
+        broker.stop()
+
+
+def run_crash_between_steps(point, fetch_after_restart):
+    """Five records are rejected; the broker's dead-letter drain stops at `point` (a panic
+    point), the broker is killed with SIGKILL and started again: each record is in the
+    dead-letter topic exactly once and the share partition settles."""
+    import os
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    os.environ["SLUICE_FAULT_PANIC"] = f"{point}:{group}"
+    try:
+        broker = start_broker()
+    finally:
+        del os.environ["SLUICE_FAULT_PANIC"]
+    try:
+        topic = create_topic(broker)
+        dlq = create_topic(broker)
+        set_group_configs(broker, group, {"share.auto.offset.reset": "earliest",
+                                          "errors.deadletterqueue.topic.name": dlq,
+                                          "errors.deadletterqueue.copy.record.enable": "true"})
+        produce(broker, topic, 5)
+        c = share_consumer(broker, group, topic, explicit=True)
+        rejected = set()
+        deadline = time.monotonic() + WAIT
+        while len(rejected) < 5 and time.monotonic() < deadline:
+            for m in records(c.poll(0.5)):
+                c.acknowledge(m, AcknowledgeType.REJECT)
+                rejected.add(m.offset())
+            c.commit_sync(30)
+        assert rejected == set(range(5))
+        deadline = time.monotonic() + WAIT
+        while f"panic point {point} for {group}" not in broker.stderr():
+            assert time.monotonic() < deadline, broker.stderr()
+            time.sleep(0.05)
+        # The drain stopped before recording its work: the records are still pending, and in
+        # the dead-letter topic (after the append) or not (before it).
+        assert share_start(broker, group, topic) == 0
+        before = dead_letters(broker, dlq, 5 if point == "dlq_appended" else 0)
+        assert len(before) == (5 if point == "dlq_appended" else 0)
+        c.close()
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait()
+        restarted = restart(broker)
+        # The drain resumes at start, and at the group's next fetch of the partition.
+        c2 = share_consumer(restarted, group, topic, explicit=True) if fetch_after_restart else None
+        deadline = time.monotonic() + WAIT
+        while share_start(restarted, group, topic) != 5:
+            assert time.monotonic() < deadline, share_start(restarted, group, topic)
+            if c2 is not None:
+                assert records(c2.poll(0.2)) == []
+            else:
+                time.sleep(0.1)
+        got = dead_letters(restarted, dlq, 5)
+        offsets = sorted(int(headers_of(m)["__dlq.errors.offset"]) for m in got)
+        assert offsets == list(range(5)), offsets
+        assert sorted(m.value() for m in got) == [f"m{i}".encode() for i in range(5)]
+        if c2 is not None:
+            c2.close()
+    finally:
+        broker.stop()
+
+
+def test_kill_9_before_the_dead_letter_append_loses_nothing():
+    # No consumer comes back: the broker resumes the drain at start by itself.
+    run_crash_between_steps("dlq_append", fetch_after_restart=False)
+
+
+def test_kill_9_after_the_dead_letter_append_duplicates_nothing():
+    run_crash_between_steps("dlq_appended", fetch_after_restart=True)
+
+
+def test_a_missing_dead_letter_topic_never_blocks_the_share_partition():
+    """Auto-creation off and no such topic: the rejected record stays archived only, counted
+    as a dead-letter failure, and the share partition moves on."""
+    import conftest
+    metrics_port = conftest.free_port()
+    broker = start_broker(("--auto-create-topics", "false",
+                           "--metrics-listen", f"127.0.0.1:{metrics_port}"))
+    try:
+        topic = create_topic(broker)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        set_group_configs(broker, group, {"share.auto.offset.reset": "earliest",
+                                          "errors.deadletterqueue.topic.name": "dlq.nowhere"})
+        produce(broker, topic, 2)
+        c = share_consumer(broker, group, topic, explicit=True)
+        acked = set()
+        deadline = time.monotonic() + WAIT
+        while len(acked) < 2 and time.monotonic() < deadline:
+            for m in records(c.poll(0.5)):
+                c.acknowledge(m, AcknowledgeType.REJECT if m.offset() == 0 else AcknowledgeType.ACCEPT)
+                acked.add(m.offset())
+            c.commit_sync(30)
+        assert acked == {0, 1}
+        deadline = time.monotonic() + WAIT
+        while share_start(broker, group, topic) != 2:
+            assert time.monotonic() < deadline, share_start(broker, group, topic)
+            time.sleep(0.1)
+        assert metric_total(metrics_port, "sluice_share_dead_letter_failures_total") == 1
+        assert metric_total(metrics_port, "sluice_share_dead_lettered_records_total") == 0
+        c.close()
+    finally:
+        broker.stop()

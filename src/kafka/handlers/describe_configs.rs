@@ -224,7 +224,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                                 Source::Default
                             },
                             read_only: false,
-                            kind: if k.ends_with(".ms") { INT } else { STRING },
+                            kind: if k.ends_with(".ms") {
+                                INT
+                            } else if k.ends_with(".enable") {
+                                BOOLEAN
+                            } else {
+                                STRING
+                            },
                             synonyms: vec![],
                         })
                         .collect(),

@@ -337,4 +337,100 @@ mod raw {
         );
         assert_eq!(r.error_code, ResponseError::UnknownMemberId.code());
     }
+
+    fn offset_fetch(
+        c: &mut Client,
+        version: i16,
+        group: &str,
+        member: Option<&str>,
+        epoch: i32,
+    ) -> i16 {
+        let r: OffsetFetchResponse = c
+            .call_at(
+                ApiKey::OffsetFetch,
+                version,
+                &OffsetFetchRequest::default().with_groups(vec![
+                    offset_fetch_request::OffsetFetchRequestGroup::default()
+                        .with_group_id(GroupId(s(group)))
+                        .with_member_id(member.map(s))
+                        .with_member_epoch(epoch)
+                        .with_topics(None),
+                ]),
+            )
+            .expect("offset fetch");
+        r.groups[0].error_code
+    }
+
+    /// OffsetFetch v9 carries the member id and epoch: a consumer group checks them as Kafka's
+    /// coordinator does; no member id with epoch -1 (an admin client) is never checked, and
+    /// neither are v8 requests or classic groups.
+    #[test]
+    fn offset_fetch_checks_the_member_epoch_of_a_consumer_group() {
+        let b = broker();
+        let topic = topic_name("of848");
+        b.create_topic(&topic, 2);
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        c.wait_coordinator("ofg", WAIT_MAX);
+        let r = hb(&mut c, join("ofg", "m1", &topic));
+        assert_eq!(
+            (r.error_code, r.member_epoch),
+            (0, 1),
+            "{:?}",
+            r.error_message
+        );
+        assert_eq!(offset_fetch(&mut c, 9, "ofg", Some("m1"), 1), 0);
+        for stale in [0, 2, -1] {
+            assert_eq!(
+                offset_fetch(&mut c, 9, "ofg", Some("m1"), stale),
+                ResponseError::StaleMemberEpoch.code(),
+                "epoch {stale}"
+            );
+        }
+        assert_eq!(
+            offset_fetch(&mut c, 9, "ofg", Some("nobody"), 1),
+            ResponseError::UnknownMemberId.code()
+        );
+        assert_eq!(
+            offset_fetch(&mut c, 9, "ofg", None, 1),
+            ResponseError::UnknownMemberId.code(),
+            "an epoch without a member id"
+        );
+        // An admin client: no member id, epoch -1.
+        assert_eq!(offset_fetch(&mut c, 9, "ofg", None, -1), 0);
+        // v8 has no member fields: never checked.
+        assert_eq!(offset_fetch(&mut c, 8, "ofg", None, -1), 0);
+        // A second member moves the group epoch on: m1's epoch follows on its heartbeat, and
+        // only the new epoch is accepted from then on.
+        let r = hb(&mut c, join("ofg", "m2", &topic));
+        assert_eq!(r.error_code, 0);
+        let r = hb(
+            &mut c,
+            join("ofg", "m1", &topic)
+                .with_member_epoch(1)
+                .with_topic_partitions(None),
+        );
+        assert_eq!(r.error_code, 0);
+        let now = r.member_epoch;
+        assert_eq!(offset_fetch(&mut c, 9, "ofg", Some("m1"), now), 0);
+        if now != 1 {
+            assert_eq!(
+                offset_fetch(&mut c, 9, "ofg", Some("m1"), 1),
+                ResponseError::StaleMemberEpoch.code()
+            );
+        }
+        // A member that left is unknown.
+        let r = hb(
+            &mut c,
+            join("ofg", "m2", &topic)
+                .with_member_epoch(-1)
+                .with_topic_partitions(None),
+        );
+        assert_eq!(r.error_code, 0);
+        assert_eq!(
+            offset_fetch(&mut c, 9, "ofg", Some("m2"), 2),
+            ResponseError::UnknownMemberId.code()
+        );
+        // A classic (or unknown) group is not checked.
+        assert_eq!(offset_fetch(&mut c, 9, "no-such-group", Some("x"), 7), 0);
+    }
 }

@@ -317,6 +317,8 @@ pub struct ConsumerMemberDescription {
     /// (topic id, name, partitions).
     pub assignment: Vec<([u8; 16], String, Vec<i32>)>,
     pub target_assignment: Vec<([u8; 16], String, Vec<i32>)>,
+    /// The member speaks the classic protocol (KIP-1099's member type 0; else 1).
+    pub classic: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1091,6 +1093,40 @@ impl Coordinator {
         Ok(true)
     }
 
+    /// Checks an OffsetFetch v9+ member id and epoch against a consumer group, as Kafka's
+    /// `ConsumerGroup.validateOffsetFetch`: no member id with a negative epoch (an admin client,
+    /// or a client outside group management) always passes; otherwise the member must exist
+    /// (UNKNOWN_MEMBER_ID) at exactly that epoch (STALE_MEMBER_EPOCH; ILLEGAL_GENERATION for a
+    /// classic member, whose generation is its epoch). Classic groups are not checked.
+    pub fn check_consumer_fetch(
+        &self,
+        group_id: &str,
+        member_id: Option<&str>,
+        epoch: i32,
+    ) -> Result<(), ErrorCode> {
+        if member_id.is_none() && epoch < 0 {
+            return Ok(());
+        }
+        let Some(cg) = self
+            .groups
+            .get(group_id)
+            .filter(|g| g.state != GroupState::Dead)
+            .and_then(|g| g.consumer.as_ref())
+        else {
+            return Ok(());
+        };
+        let Some(m) = member_id.and_then(|id| cg.members.get(id)) else {
+            return Err(ErrorCode::new(E::UnknownMemberId));
+        };
+        if epoch == m.epoch {
+            Ok(())
+        } else if m.classic.is_some() {
+            Err(ErrorCode::new(E::IllegalGeneration))
+        } else {
+            Err(ErrorCode::new(E::StaleMemberEpoch))
+        }
+    }
+
     /// ConsumerGroupDescribe of one group.
     pub fn describe_consumer_group(
         &self,
@@ -1148,6 +1184,7 @@ impl Coordinator {
                     subscribed_topic_regex: m.subscribed_regex.clone(),
                     assignment: named(&m.assigned),
                     target_assignment: named(&cg.target.get(&m.id).cloned().unwrap_or_default()),
+                    classic: m.classic.is_some(),
                 })
                 .collect(),
         }

@@ -159,6 +159,8 @@ pub struct MemberDescription {
 #[derive(Debug, Clone)]
 pub struct GroupDescription {
     pub error: ErrorCode,
+    /// Kafka's message for `error` (DescribeGroups v6+).
+    pub message: Option<String>,
     pub group_id: String,
     pub state: &'static str,
     pub protocol_type: String,
@@ -931,6 +933,7 @@ impl Coordinator {
             // A share group is shown with its members (no protocol metadata or assignment).
             return GroupDescription {
                 error: NONE,
+                message: None,
                 group_id: group_id.to_string(),
                 state: g.state_name(),
                 protocol_type: "share".into(),
@@ -949,18 +952,26 @@ impl Coordinator {
                     .collect(),
             };
         }
-        // A KIP-848 group is not a classic group: described as an unknown one, as Kafka does.
-        let Some(g) = self
+        // A KIP-848 group is not a classic group: described as an unknown one, as Kafka 4 does
+        // (Dead before v6, GROUP_ID_NOT_FOUND naming the reason from v6), mixed groups with
+        // classic members included; ConsumerGroupDescribe describes it.
+        let live = self
             .groups
             .get(group_id)
-            .filter(|g| g.state != GroupState::Dead && g.consumer.is_none())
-        else {
+            .filter(|g| g.state != GroupState::Dead);
+        let Some(g) = live.filter(|g| g.consumer.is_none()) else {
+            let message = if live.is_some() {
+                format!("Group {group_id} is not a classic group.")
+            } else {
+                format!("Group {group_id} not found.")
+            };
             return GroupDescription {
                 error: if not_found_error {
                     ErrorCode::new(E::GroupIdNotFound)
                 } else {
                     NONE
                 },
+                message: not_found_error.then_some(message),
                 group_id: group_id.to_string(),
                 state: GroupState::Dead.name(),
                 protocol_type: String::new(),
@@ -972,6 +983,7 @@ impl Coordinator {
         let protocol = g.protocol.clone().unwrap_or_default();
         GroupDescription {
             error: NONE,
+            message: None,
             group_id: g.id.clone(),
             state: g.state.name(),
             protocol_type: g.protocol_type.clone().unwrap_or_default(),

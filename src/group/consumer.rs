@@ -75,6 +75,13 @@ pub struct ConsumerConfig {
     pub session_timeout_ms: i32,
     /// `group.consumer.heartbeat.interval.ms`.
     pub heartbeat_interval_ms: i32,
+    /// `group.consumer.min.session.timeout.ms` / `group.consumer.max.session.timeout.ms`: the
+    /// bounds of a group's `consumer.session.timeout.ms`.
+    pub session_timeout_ms_min: i32,
+    pub session_timeout_ms_max: i32,
+    /// `group.consumer.min.heartbeat.interval.ms` / `group.consumer.max.heartbeat.interval.ms`.
+    pub heartbeat_interval_ms_min: i32,
+    pub heartbeat_interval_ms_max: i32,
     /// `group.consumer.assignors`: the first is the default.
     pub assignors: Vec<String>,
     /// `group.consumer.max.size`.
@@ -119,11 +126,31 @@ impl MigrationPolicy {
     }
 }
 
+impl ConsumerConfig {
+    /// Kafka's default bounds for group-level overrides, widened to include the broker's own
+    /// session timeout and heartbeat interval (so a broker run with shorter ones, as tests do,
+    /// accepts group overrides around them).
+    pub fn with_bounds_around_defaults(mut self) -> ConsumerConfig {
+        let d = ConsumerConfig::default();
+        self.session_timeout_ms_min = d.session_timeout_ms_min.min(self.session_timeout_ms);
+        self.session_timeout_ms_max = d.session_timeout_ms_max.max(self.session_timeout_ms);
+        self.heartbeat_interval_ms_min =
+            d.heartbeat_interval_ms_min.min(self.heartbeat_interval_ms);
+        self.heartbeat_interval_ms_max =
+            d.heartbeat_interval_ms_max.max(self.heartbeat_interval_ms);
+        self
+    }
+}
+
 impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             session_timeout_ms: 45_000,
             heartbeat_interval_ms: 5_000,
+            session_timeout_ms_min: 45_000,
+            session_timeout_ms_max: 60_000,
+            heartbeat_interval_ms_min: 5_000,
+            heartbeat_interval_ms_max: 15_000,
             assignors: ASSIGNORS.iter().map(|s| s.to_string()).collect(),
             max_size: i32::MAX as usize,
             migration: MigrationPolicy::default(),
@@ -651,7 +678,7 @@ fn assignment_record(group_id: &str, m: &ConsumerMember, partition: i32) -> Writ
     }
 }
 
-fn member_tombstones(group_id: &str, member_id: &str, partition: i32) -> [Write; 2] {
+fn member_tombstones(group_id: &str, member_id: &str, partition: i32) -> [Write; 3] {
     [
         Write {
             partition,
@@ -660,7 +687,57 @@ fn member_tombstones(group_id: &str, member_id: &str, partition: i32) -> [Write;
         },
         Write {
             partition,
+            key: offsets::target_member_key(group_id, member_id),
+            value: None,
+        },
+        Write {
+            partition,
             key: offsets::consumer_member_key(group_id, member_id),
+            value: None,
+        },
+    ]
+}
+
+/// The records of the group's target assignment (Kafka's key versions 7 then 6): every
+/// member's target, then the assignment epoch, so a replay that has the epoch has the targets.
+fn target_records(group_id: &str, cg: &ConsumerGroup, partition: i32) -> Vec<Write> {
+    let mut out: Vec<Write> = cg
+        .target
+        .iter()
+        .filter(|(id, _)| cg.members.contains_key(*id))
+        .map(|(id, a)| {
+            let flat: Vec<([u8; 16], Vec<i32>)> = a
+                .iter()
+                .map(|(t, ps)| (*t, ps.iter().copied().collect()))
+                .collect();
+            Write {
+                partition,
+                key: offsets::target_member_key(group_id, id),
+                value: Some(offsets::target_member_value(&flat)),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out.push(Write {
+        partition,
+        key: offsets::target_epoch_key(group_id),
+        value: Some(offsets::target_epoch_value(cg.assignment_epoch)),
+    });
+    out
+}
+
+/// The tombstones of a consumer group that is deleted or converted: its epoch and its target
+/// assignment's epoch (members' records go with the members).
+pub(super) fn group_tombstones(group_id: &str, partition: i32) -> [Write; 2] {
+    [
+        Write {
+            partition,
+            key: offsets::consumer_group_key(group_id),
+            value: None,
+        },
+        Write {
+            partition,
+            key: offsets::target_epoch_key(group_id),
             value: None,
         },
     ]
@@ -694,6 +771,9 @@ struct Changes {
     /// Members removed (tombstones).
     removed: Vec<String>,
     epoch_bumped: bool,
+    /// A new target assignment was computed (or moved to another member id): its records
+    /// must be written.
+    target: bool,
 }
 
 impl Changes {
@@ -703,6 +783,7 @@ impl Changes {
             member_assignment: BTreeSet::new(),
             removed: vec![],
             epoch_bumped: false,
+            target: false,
         }
     }
 }
@@ -772,7 +853,12 @@ fn pick_assignor(cg: &ConsumerGroup, cfg: &ConsumerConfig) -> String {
         .unwrap_or_else(|| ASSIGNORS[0].to_string())
 }
 
-fn compute_target(cg: &mut ConsumerGroup, cfg: &ConsumerConfig, topics: &dyn Topics) {
+fn compute_target(
+    cg: &mut ConsumerGroup,
+    cfg: &ConsumerConfig,
+    topics: &dyn Topics,
+    ch: &mut Changes,
+) {
     let mut all = None;
     let subs: Vec<(String, BTreeSet<[u8; 16]>)> = cg
         .members
@@ -809,6 +895,7 @@ fn compute_target(cg: &mut ConsumerGroup, cfg: &ConsumerConfig, topics: &dyn Top
     cg.target = target;
     cg.assignor = assignor;
     cg.assignment_epoch = cg.epoch;
+    ch.target = true;
 }
 
 /// Moves one member towards its target (Kafka's `CurrentAssignmentBuilder`).
@@ -909,7 +996,7 @@ impl Coordinator {
         topics: &dyn Topics,
         now_ms: i64,
     ) -> HeartbeatResult {
-        let cfg = self.config.consumer.clone();
+        let cfg = self.consumer_config_of(&req.group_id);
         if let Err(r) = validate(&req, &cfg) {
             return r;
         }
@@ -990,6 +1077,16 @@ impl Coordinator {
             self.maybe_downgrade(&gid, now_ms);
         }
         result
+    }
+
+    /// The KIP-848 settings of one group: the broker's, with the group's `consumer.*` configs
+    /// (IncrementalAlterConfigs on its GROUP resource) applied.
+    pub fn consumer_config_of(&self, group_id: &str) -> ConsumerConfig {
+        let mut cfg = self.config.consumer.clone();
+        if let Some(c) = self.consumer_configs.get(group_id) {
+            (cfg.session_timeout_ms, cfg.heartbeat_interval_ms) = c.consumer_timeouts(&cfg);
+        }
+        cfg
     }
 
     /// Fires the consumer groups' deadlines: expired sessions and unacknowledged revocations.
@@ -1202,8 +1299,10 @@ impl Coordinator {
                     .or_insert_with(|| Group::new(group_id, now_ms));
                 let cg = consumer_of(g);
                 cg.epoch = epoch;
-                // The target is not stored: it is computed again at the next heartbeat, from
-                // the members' current assignments (the assignors are sticky).
+                // The target assignment's own records (key versions 6 and 7) follow the epoch
+                // record when a heartbeat computed one; without them (a group epoch bumped by
+                // an expiry, or records of an older version) the assignment epoch stays behind
+                // and the next heartbeat computes the target again.
                 cg.assignment_epoch = epoch.saturating_sub(1).min(cg.assignment_epoch.max(0));
             }
             None => {
@@ -1228,7 +1327,7 @@ impl Coordinator {
         v: Option<ConsumerMemberValue>,
         now_ms: i64,
     ) {
-        let session = self.config.consumer.session_timeout_ms as i64;
+        let session = self.consumer_config_of(group_id).session_timeout_ms as i64;
         let g = self
             .groups
             .entry(group_id.to_string())
@@ -1281,6 +1380,50 @@ impl Coordinator {
         };
     }
 
+    /// A target assignment's epoch record read back (`None`: the group is gone).
+    pub fn load_consumer_target_epoch(&mut self, group_id: &str, epoch: Option<i32>, now_ms: i64) {
+        let Some(epoch) = epoch else {
+            return;
+        };
+        let g = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id, now_ms));
+        let cg = consumer_of(g);
+        cg.assignment_epoch = epoch;
+        cg.assignor = pick_assignor(cg, &self.config.consumer);
+    }
+
+    /// A member's target-assignment record read back (`None`: the member left the target).
+    pub fn load_consumer_target_member(
+        &mut self,
+        group_id: &str,
+        member_id: &str,
+        v: Option<offsets::TopicIdPartitions>,
+        now_ms: i64,
+    ) {
+        match v {
+            Some(v) => {
+                let g = self
+                    .groups
+                    .entry(group_id.to_string())
+                    .or_insert_with(|| Group::new(group_id, now_ms));
+                consumer_of(g)
+                    .target
+                    .insert(member_id.to_string(), to_assignment(&v));
+            }
+            None => {
+                if let Some(cg) = self
+                    .groups
+                    .get_mut(group_id)
+                    .and_then(|g| g.consumer.as_mut())
+                {
+                    cg.target.remove(member_id);
+                }
+            }
+        }
+    }
+
     /// A member's current-assignment record read back.
     pub fn load_consumer_assignment(
         &mut self,
@@ -1292,7 +1435,7 @@ impl Coordinator {
         let Some(v) = v else {
             return;
         };
-        let session = self.config.consumer.session_timeout_ms as i64;
+        let session = self.consumer_config_of(group_id).session_timeout_ms as i64;
         let g = self
             .groups
             .entry(group_id.to_string())
@@ -1405,6 +1548,7 @@ fn heartbeat_in(
                     cg.target
                         .remove(&old)
                         .map(|t| cg.target.insert(id.clone(), t));
+                    ch.target = true;
                     ch.removed.push(old.clone());
                     m.id = id.clone();
                     m.left_static = false;
@@ -1526,7 +1670,7 @@ fn heartbeat_in(
     }
     refresh_metadata(cg, topics, ch);
     if cg.assignment_epoch < cg.epoch {
-        compute_target(cg, cfg, topics);
+        compute_target(cg, cfg, topics, ch);
     }
     reconcile(cg, &member_id, req.owned.as_ref(), now_ms, ch);
     let m = cg.members.get_mut(&member_id).expect("present");

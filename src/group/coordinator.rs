@@ -193,6 +193,8 @@ pub struct Coordinator {
     next_member_seq: u64,
     /// KIP-932 share groups, by id (a group id is either a share group or one of `groups`).
     pub(super) share: BTreeMap<String, super::share::ShareGroup>,
+    /// The `consumer.*` group configs set on group ids (any type; absent: broker defaults).
+    pub(super) consumer_configs: HashMap<String, super::share::GroupConfigs>,
 }
 
 fn new_member_id(client_id: &str, seq: u64) -> String {
@@ -207,6 +209,7 @@ impl Coordinator {
             writes: Vec::new(),
             next_member_seq: 0,
             share: BTreeMap::new(),
+            consumer_configs: HashMap::new(),
         }
     }
 
@@ -280,11 +283,10 @@ impl Coordinator {
             group.consumer = None;
             group.protocol_type = None;
             group.state = GroupState::Empty;
-            self.writes.push(Write {
-                partition: partition_for(&req.group_id, self.config.offsets_partitions),
-                key: offsets::consumer_group_key(&req.group_id),
-                value: None,
-            });
+            self.writes.extend(super::consumer::group_tombstones(
+                &req.group_id,
+                partition_for(&req.group_id, self.config.offsets_partitions),
+            ));
         }
         let group = self.groups.get_mut(&req.group_id).expect("present");
         if !group.supports(&req.protocol_type, &req.protocols) {
@@ -806,11 +808,8 @@ impl Coordinator {
             value: None,
         });
         if group.consumer.is_some() {
-            self.writes.push(Write {
-                partition,
-                key: offsets::consumer_group_key(&group.id),
-                value: None,
-            });
+            self.writes
+                .extend(super::consumer::group_tombstones(&group.id, partition));
         }
     }
 
@@ -876,11 +875,8 @@ impl Coordinator {
                     value: None,
                 });
                 if g.consumer.is_some() {
-                    self.writes.push(Write {
-                        partition,
-                        key: offsets::consumer_group_key(&id),
-                        value: None,
-                    });
+                    self.writes
+                        .extend(super::consumer::group_tombstones(&id, partition));
                 }
             }
         }

@@ -521,10 +521,40 @@ fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool
                 }
             }
         }
+        offsets::RecordKey::GroupConfigs { group } => {
+            match rec.value.as_ref().map(offsets::decode_group_configs_value) {
+                None => c.load_group_configs(&group, None),
+                Some(Ok(v)) => c.load_group_configs(&group, Some(v)),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
         offsets::RecordKey::ShareMember { group, member } => {
             match rec.value.as_ref().map(offsets::decode_share_member_value) {
                 None => c.load_share_member(&group, &member, None, now_ms),
                 Some(Ok(v)) => c.load_share_member(&group, &member, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerTargetEpoch { group } => {
+            match rec.value.as_ref().map(offsets::decode_target_epoch_value) {
+                None => c.load_consumer_target_epoch(&group, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_target_epoch(&group, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerTargetMember { group, member } => {
+            match rec.value.as_ref().map(offsets::decode_target_member_value) {
+                None => c.load_consumer_target_member(&group, &member, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_target_member(&group, &member, Some(v), now_ms),
                 Some(Err(e)) => {
                     tracing::warn!(offset = rec.offset, error = %e, "skipping record");
                     return false;
@@ -609,7 +639,9 @@ pub fn start_shard_tasks() {
                 max_size: cfg.group_consumer_max_size as usize,
                 migration: consumer::MigrationPolicy::parse(&cfg.group_consumer_migration_policy)
                     .unwrap_or_default(),
-            },
+                ..Default::default()
+            }
+            .with_bounds_around_defaults(),
             share: share::ShareConfig {
                 session_timeout_ms: cfg.group_share_session_timeout_ms as i32,
                 heartbeat_interval_ms: cfg.group_share_heartbeat_interval_ms as i32,

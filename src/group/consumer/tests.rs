@@ -552,6 +552,61 @@ fn queued_records_replay_into_the_same_members_and_assignments() {
     assert_eq!(count(&a.owned), 4);
 }
 
+/// Replays records into a fresh coordinator, as a restart does.
+fn replayed(log: &[crate::group::coordinator::Write]) -> Coordinator {
+    let mut fresh = coordinator();
+    for (i, w) in log.iter().enumerate() {
+        let rec = crate::protocol::records::Record {
+            offset: i as i64,
+            timestamp_ms: 0,
+            key: Some(Bytes::from(w.key.clone())),
+            value: w.value.clone().map(Bytes::from),
+            headers: vec![],
+        };
+        assert!(crate::group::apply_record(&mut fresh, &rec, 100));
+    }
+    fresh
+}
+
+#[test]
+fn the_target_assignment_is_replayed_mid_reconciliation() {
+    let mut c = coordinator();
+    let topics = Map::default().with("t", 1, 6);
+    // `a` holds everything; `b` joins: a new target, `a` has not revoked yet.
+    let a = Client::join(&mut c, &topics, "a", &["t"], 0);
+    let _b = Client::join(&mut c, &topics, "b", &["t"], 1);
+    let orig = c.group("g").unwrap().consumer.as_ref().unwrap().clone();
+    assert_eq!(orig.assignment_epoch, orig.epoch);
+    assert_eq!(
+        count(&orig.members["a"].assigned),
+        6,
+        "a has not reconciled"
+    );
+    let mut log = c.take_writes();
+    let mut fresh = replayed(&log);
+    let cg = fresh.group("g").unwrap().consumer.as_ref().unwrap();
+    assert_eq!(cg.epoch, orig.epoch);
+    assert_eq!(
+        cg.assignment_epoch, orig.assignment_epoch,
+        "no recomputation pending"
+    );
+    assert_eq!(cg.target, orig.target);
+    assert_eq!(cg.assignor, orig.assignor);
+    // `a` carries on against the restarted coordinator: it keeps exactly its pre-restart
+    // target and revokes the rest.
+    let r = fresh.consumer_heartbeat(beat("a", a.epoch, Some(&a.owned)), &topics, 200);
+    assert_eq!(r.error, ErrorCode::NONE);
+    assert_eq!(r.assignment.expect("a revocation"), orig.target["a"]);
+    // A member that leaves takes its target with it.
+    let mut leave = beat("b", -1, None);
+    leave.member_epoch = -1;
+    fresh.consumer_heartbeat(leave, &topics, 300);
+    log.extend(fresh.take_writes());
+    let again = replayed(&log);
+    let cg = again.group("g").unwrap().consumer.as_ref().unwrap();
+    assert_eq!(cg.target.keys().collect::<Vec<_>>(), vec!["a"]);
+}
+
 #[test]
 fn a_full_request_gets_the_assignment_again_after_a_lost_answer() {
     let mut c = coordinator();

@@ -51,6 +51,11 @@ pub trait Topics {
     fn by_id(&self, id: &[u8; 16]) -> Option<(String, i32)>;
     /// Every topic a regex may match (internal topics excluded, as Kafka does).
     fn names(&self) -> Vec<String>;
+    /// The racks of a partition's replicas (empty when brokers have no rack): the assignors
+    /// prefer members on one of them.
+    fn racks(&self, _id: &[u8; 16], _partition: i32) -> BTreeSet<String> {
+        BTreeSet::new()
+    }
 }
 
 /// No topics at all: for callers that serve classic groups only.
@@ -507,10 +512,42 @@ struct AssignInput<'a> {
     members: Vec<(&'a str, BTreeSet<[u8; 16]>)>,
     partitions: BTreeMap<[u8; 16], i32>,
     previous: &'a HashMap<String, Assignment>,
+    /// Members' racks (`rack_id` of their heartbeat), for the members that have one.
+    member_racks: HashMap<&'a str, &'a str>,
+    /// The racks of each partition's replicas, for partitions whose replicas have racks.
+    partition_racks: HashMap<([u8; 16], i32), BTreeSet<String>>,
+}
+
+impl AssignInput<'_> {
+    /// Whether `member` sits on a rack holding a replica of `(t, p)`.
+    fn same_rack(&self, member: &str, t: [u8; 16], p: i32) -> bool {
+        match (
+            self.member_racks.get(member),
+            self.partition_racks.get(&(t, p)),
+        ) {
+            (Some(r), Some(racks)) => racks.contains(*r),
+            _ => false,
+        }
+    }
+
+    /// Whether `member` and `(t, p)` both have racks and none matches: the member does not
+    /// keep such a partition from its previous target.
+    fn other_rack(&self, member: &str, t: [u8; 16], p: i32) -> bool {
+        match (
+            self.member_racks.get(member),
+            self.partition_racks.get(&(t, p)),
+        ) {
+            (Some(r), Some(racks)) => !racks.contains(*r),
+            _ => false,
+        }
+    }
 }
 
 /// `uniform`: spreads every subscribed partition evenly over the members subscribed to its
-/// topic, keeping each member's previous partitions while that stays balanced (sticky).
+/// topic, keeping each member's previous partitions while that stays balanced (sticky). With
+/// racks (members' `rack_id`, the racks of the partitions' replicas), a member keeps only
+/// previous partitions with a replica on its rack, and a partition to place goes, balance
+/// permitting, to a member on one of its replicas' racks.
 fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
     let mut out: HashMap<String, Assignment> = input
         .members
@@ -543,7 +580,10 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
             if !subs.contains(t) {
                 continue;
             }
-            for p in ps.iter().filter(|p| **p < *count_t) {
+            for p in ps
+                .iter()
+                .filter(|p| **p < *count_t && !input.other_rack(id, *t, **p))
+            {
                 if count(a) >= floor {
                     break;
                 }
@@ -567,6 +607,7 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
             .iter()
             .find(|(id, subs)| {
                 subs.contains(&t)
+                    && !input.other_rack(id, t, p)
                     && input
                         .previous
                         .get(*id)
@@ -577,7 +618,22 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
                 let c = count(&out[*id]);
                 c < floor || (c < ceil && at_ceil < extra)
             });
-        let choice = prev_owner.or_else(|| {
+        // Rack awareness: among the members that may take one more without unbalancing the
+        // group, the least loaded on a rack of the partition's replicas.
+        let same_rack = || {
+            input
+                .members
+                .iter()
+                .filter(|(id, subs)| {
+                    let c = count(&out[*id]);
+                    subs.contains(&t)
+                        && input.same_rack(id, t, p)
+                        && (c < floor || (c < ceil && at_ceil < extra))
+                })
+                .min_by_key(|(id, _)| count(&out[*id]))
+                .map(|(id, _)| *id)
+        };
+        let choice = prev_owner.or_else(same_rack).or_else(|| {
             input
                 .members
                 .iter()
@@ -598,7 +654,9 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
 }
 
 /// `range`: per topic, the members subscribed to it (in member id order) get contiguous ranges
-/// of its partitions, the first ones one more when they do not divide evenly.
+/// of its partitions, the first ones one more when they do not divide evenly. With racks, each
+/// partition first goes to the first member with quota left on one of its replicas' racks; the
+/// rest fill the quotas in order.
 fn assign_range(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
     let mut out: HashMap<String, Assignment> = input
         .members
@@ -619,14 +677,38 @@ fn assign_range(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
         let n = *n as usize;
         let per = n / subs.len();
         let extra = n % subs.len();
-        let mut next = 0usize;
-        for (i, id) in subs.iter().enumerate() {
-            let take = per + usize::from(i < extra);
-            let a = out.get_mut(*id).expect("listed");
-            for p in next..next + take {
-                insert(a, *t, p as i32);
+        // Each member's quota: the first `extra` take one more.
+        let mut quota: Vec<usize> = (0..subs.len())
+            .map(|i| per + usize::from(i < extra))
+            .collect();
+        let mut given = vec![false; n];
+        // Rack awareness first: a partition goes to the first member (in member id order)
+        // with quota left on a rack of its replicas.
+        if !input.partition_racks.is_empty() {
+            for (p, done) in given.iter_mut().enumerate() {
+                if let Some(i) = (0..subs.len())
+                    .find(|i| quota[*i] > 0 && input.same_rack(subs[*i], *t, p as i32))
+                {
+                    quota[i] -= 1;
+                    insert(out.get_mut(subs[i]).expect("listed"), *t, p as i32);
+                    *done = true;
+                }
             }
-            next += take;
+        }
+        // The rest in order: contiguous ranges when no rack applies.
+        let mut i = 0usize;
+        for (p, done) in given.iter().enumerate() {
+            if *done {
+                continue;
+            }
+            while i < subs.len() && quota[i] == 0 {
+                i += 1;
+            }
+            let Some(id) = subs.get(i) else {
+                break;
+            };
+            quota[i] -= 1;
+            insert(out.get_mut(*id).expect("listed"), *t, p as i32);
         }
     }
     out
@@ -877,6 +959,23 @@ fn compute_target(
         .map(|(id, n)| (*id, *n))
         .collect();
     let assignor = pick_assignor(cg, cfg);
+    let member_racks: HashMap<&str, &str> = cg
+        .members
+        .values()
+        .filter_map(|m| m.rack_id.as_deref().map(|r| (m.id.as_str(), r)))
+        .collect();
+    // Partitions' racks only matter when some member has a rack.
+    let mut partition_racks = HashMap::new();
+    if !member_racks.is_empty() {
+        for (id, n) in &partitions {
+            for p in 0..*n {
+                let racks = topics.racks(id, p);
+                if !racks.is_empty() {
+                    partition_racks.insert((*id, p), racks);
+                }
+            }
+        }
+    }
     let input = AssignInput {
         members: subs
             .iter()
@@ -884,6 +983,8 @@ fn compute_target(
             .collect(),
         partitions,
         previous: &cg.target,
+        member_racks,
+        partition_racks,
     };
     let mut target = match assignor.as_str() {
         "range" => assign_range(&input),

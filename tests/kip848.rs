@@ -734,4 +734,39 @@ mod raw {
             before["m2"].0
         );
     }
+
+    /// `--rack` (Kafka's `broker.rack`): reported in Metadata and DescribeCluster (the racks the
+    /// KIP-848 assignors match members' `rack_id` against).
+    #[test]
+    fn the_broker_rack_is_reported() {
+        let b = Broker::options().args(["--rack", "rack-a"]).start();
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        let m: MetadataResponse = c
+            .call_at(
+                ApiKey::Metadata,
+                12,
+                &MetadataRequest::default().with_topics(Some(vec![])),
+            )
+            .expect("metadata");
+        assert_eq!(m.brokers.len(), 1);
+        assert_eq!(m.brokers[0].rack.as_deref(), Some("rack-a"));
+        let d: DescribeClusterResponse = c
+            .call_at(
+                ApiKey::DescribeCluster,
+                1,
+                &DescribeClusterRequest::default(),
+            )
+            .expect("describe cluster");
+        assert_eq!(d.brokers[0].rack.as_deref(), Some("rack-a"));
+        let plain = broker();
+        let mut c = Client::connect(&plain.bootstrap()).expect("connect");
+        let m: MetadataResponse = c
+            .call_at(
+                ApiKey::Metadata,
+                12,
+                &MetadataRequest::default().with_topics(Some(vec![])),
+            )
+            .expect("metadata");
+        assert_eq!(m.brokers[0].rack, None, "no rack unless set");
+    }
 }

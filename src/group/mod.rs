@@ -718,4 +718,25 @@ impl consumer::Topics for ImageTopics {
             .map(|t| t.name.clone())
             .collect()
     }
+    /// The racks of the nodes holding the partition's replicas (`--rack` of each, as
+    /// registered); on a single node, this node's.
+    fn racks(&self, id: &[u8; 16], partition: i32) -> std::collections::BTreeSet<String> {
+        let Some(t) = self.0.topic_by_id(id) else {
+            return Default::default();
+        };
+        let nodes = t.replica_nodes(partition);
+        if nodes.is_empty() {
+            return crate::shard::local()
+                .broker
+                .config
+                .rack
+                .iter()
+                .cloned()
+                .collect();
+        }
+        nodes
+            .iter()
+            .filter_map(|n| self.0.brokers.get(n).and_then(|b| b.rack.clone()))
+            .collect()
+    }
 }

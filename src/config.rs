@@ -38,6 +38,11 @@ pub struct StartArgs {
     /// Node id reported in Metadata; in a cluster, this node's id in --controllers [default: 0].
     #[arg(long, env = "SLUICE_NODE_ID")]
     pub node_id: Option<i32>,
+    /// This node's rack (Kafka's `broker.rack`): reported in Metadata and DescribeCluster, and
+    /// KIP-848 assignors prefer giving a partition to a member on a rack of its replicas
+    /// [default: none].
+    #[arg(long, env = "SLUICE_RACK")]
+    pub rack: Option<String>,
     /// The controller voters of a cluster, `id@host:port` of each one's internal listener,
     /// comma-separated (this node listens on its own entry) [default: none: a single node].
     #[arg(long, env = "SLUICE_CONTROLLERS")]
@@ -347,6 +352,8 @@ pub struct BrokerConfig {
     /// CPUs the shards are pinned to; shard i runs on `cpus[i]`.
     pub cpus: Vec<usize>,
     pub node_id: i32,
+    /// `broker.rack` (`None`: no rack).
+    pub rack: Option<String>,
     /// `None`: a single node (no internal listener, no raft, the metadata log).
     pub cluster: Option<ClusterConfig>,
     pub auto_create_topics: bool,
@@ -681,6 +688,11 @@ impl BrokerConfig {
             }
         };
         let node_id = pick!(node_id);
+        let rack = args
+            .rack
+            .clone()
+            .or(file.rack.clone())
+            .filter(|r| !r.is_empty());
         let cluster = match args.controllers.clone().or(file.controllers.clone()) {
             Some(c) if !c.trim().is_empty() => {
                 let cluster = parse_controllers(&c, node_id)?;
@@ -704,6 +716,7 @@ impl BrokerConfig {
             advertise_port,
             cpus,
             node_id,
+            rack,
             cluster,
             auto_create_topics: pick!(auto_create_topics),
             default_partitions,
@@ -842,6 +855,7 @@ mod tests {
             ("cores", "all usable CPUs"),
             ("controllers", "none: a single node"),
             ("metrics_listen", "none: no metrics listener"),
+            ("rack", "none"),
         ];
         let settings = serde_json::to_value(StartArgs::default()).unwrap();
         let settings: Vec<&String> = settings.as_object().unwrap().keys().collect();

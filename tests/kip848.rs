@@ -337,4 +337,436 @@ mod raw {
         );
         assert_eq!(r.error_code, ResponseError::UnknownMemberId.code());
     }
+
+    fn offset_fetch(
+        c: &mut Client,
+        version: i16,
+        group: &str,
+        member: Option<&str>,
+        epoch: i32,
+    ) -> i16 {
+        let r: OffsetFetchResponse = c
+            .call_at(
+                ApiKey::OffsetFetch,
+                version,
+                &OffsetFetchRequest::default().with_groups(vec![
+                    offset_fetch_request::OffsetFetchRequestGroup::default()
+                        .with_group_id(GroupId(s(group)))
+                        .with_member_id(member.map(s))
+                        .with_member_epoch(epoch)
+                        .with_topics(None),
+                ]),
+            )
+            .expect("offset fetch");
+        r.groups[0].error_code
+    }
+
+    /// OffsetFetch v9 carries the member id and epoch: a consumer group checks them as Kafka's
+    /// coordinator does; no member id with epoch -1 (an admin client) is never checked, and
+    /// neither are v8 requests or classic groups.
+    #[test]
+    fn offset_fetch_checks_the_member_epoch_of_a_consumer_group() {
+        let b = broker();
+        let topic = topic_name("of848");
+        b.create_topic(&topic, 2);
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        c.wait_coordinator("ofg", WAIT_MAX);
+        let r = hb(&mut c, join("ofg", "m1", &topic));
+        assert_eq!(
+            (r.error_code, r.member_epoch),
+            (0, 1),
+            "{:?}",
+            r.error_message
+        );
+        assert_eq!(offset_fetch(&mut c, 9, "ofg", Some("m1"), 1), 0);
+        for stale in [0, 2, -1] {
+            assert_eq!(
+                offset_fetch(&mut c, 9, "ofg", Some("m1"), stale),
+                ResponseError::StaleMemberEpoch.code(),
+                "epoch {stale}"
+            );
+        }
+        assert_eq!(
+            offset_fetch(&mut c, 9, "ofg", Some("nobody"), 1),
+            ResponseError::UnknownMemberId.code()
+        );
+        assert_eq!(
+            offset_fetch(&mut c, 9, "ofg", None, 1),
+            ResponseError::UnknownMemberId.code(),
+            "an epoch without a member id"
+        );
+        // An admin client: no member id, epoch -1.
+        assert_eq!(offset_fetch(&mut c, 9, "ofg", None, -1), 0);
+        // v8 has no member fields: never checked.
+        assert_eq!(offset_fetch(&mut c, 8, "ofg", None, -1), 0);
+        // A second member moves the group epoch on: m1's epoch follows on its heartbeat, and
+        // only the new epoch is accepted from then on.
+        let r = hb(&mut c, join("ofg", "m2", &topic));
+        assert_eq!(r.error_code, 0);
+        let r = hb(
+            &mut c,
+            join("ofg", "m1", &topic)
+                .with_member_epoch(1)
+                .with_topic_partitions(None),
+        );
+        assert_eq!(r.error_code, 0);
+        let now = r.member_epoch;
+        assert_eq!(offset_fetch(&mut c, 9, "ofg", Some("m1"), now), 0);
+        if now != 1 {
+            assert_eq!(
+                offset_fetch(&mut c, 9, "ofg", Some("m1"), 1),
+                ResponseError::StaleMemberEpoch.code()
+            );
+        }
+        // A member that left is unknown.
+        let r = hb(
+            &mut c,
+            join("ofg", "m2", &topic)
+                .with_member_epoch(-1)
+                .with_topic_partitions(None),
+        );
+        assert_eq!(r.error_code, 0);
+        assert_eq!(
+            offset_fetch(&mut c, 9, "ofg", Some("m2"), 2),
+            ResponseError::UnknownMemberId.code()
+        );
+        // A classic (or unknown) group is not checked.
+        assert_eq!(offset_fetch(&mut c, 9, "no-such-group", Some("x"), 7), 0);
+    }
+
+    /// IncrementalAlterConfigs on a GROUP resource, one key: the resource's error code.
+    fn alter_group(c: &mut Client, group: &str, key: &str, value: Option<&str>) -> i16 {
+        use incremental_alter_configs_request::*;
+        let r: IncrementalAlterConfigsResponse = c
+            .call_at(
+                ApiKey::IncrementalAlterConfigs,
+                1,
+                &IncrementalAlterConfigsRequest::default().with_resources(vec![
+                    AlterConfigsResource::default()
+                        .with_resource_type(32)
+                        .with_resource_name(s(group))
+                        .with_configs(vec![AlterableConfig::default()
+                            .with_name(s(key))
+                            // 0 SET, 1 DELETE.
+                            .with_config_operation(if value.is_some() { 0 } else { 1 })
+                            .with_value(value.map(s))]),
+                ]),
+            )
+            .expect("incremental alter configs");
+        r.responses[0].error_code
+    }
+
+    /// DescribeConfigs of a GROUP resource: key -> (value, source).
+    fn group_configs(c: &mut Client, group: &str) -> BTreeMap<String, (String, i8)> {
+        use describe_configs_request::*;
+        let r: DescribeConfigsResponse = c
+            .call_at(
+                ApiKey::DescribeConfigs,
+                4,
+                &DescribeConfigsRequest::default().with_resources(vec![
+                    DescribeConfigsResource::default()
+                        .with_resource_type(32)
+                        .with_resource_name(s(group))
+                        .with_configuration_keys(None),
+                ]),
+            )
+            .expect("describe configs");
+        assert_eq!(r.results[0].error_code, 0);
+        r.results[0]
+            .configs
+            .iter()
+            .map(|e| {
+                (
+                    e.name.to_string(),
+                    (
+                        e.value.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                        e.config_source,
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn members(c: &mut Client, group: &str) -> usize {
+        let d: ConsumerGroupDescribeResponse = c
+            .call_at(
+                ApiKey::ConsumerGroupDescribe,
+                1,
+                &ConsumerGroupDescribeRequest::default().with_group_ids(vec![GroupId(s(group))]),
+            )
+            .expect("describe");
+        d.groups[0].members.len()
+    }
+
+    /// KIP-848's group-level `consumer.session.timeout.ms` and `consumer.heartbeat.interval.ms`:
+    /// checked against the broker's bounds, described with their source, persisted across a
+    /// restart and applied live (the heartbeat interval given to members, the session timeout
+    /// that expires them).
+    #[test]
+    fn consumer_group_configs_are_validated_persisted_and_applied() {
+        const DYNAMIC_GROUP: i8 = 8;
+        const DEFAULT: i8 = 5;
+        let mut b = broker();
+        let topic = topic_name("cfg848");
+        b.create_topic(&topic, 2);
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        let (long, short) = ("cfg-long", "cfg-short");
+        c.wait_coordinator(long, WAIT_MAX);
+        c.wait_coordinator(short, WAIT_MAX);
+        // The broker runs with 6 s / 500 ms: the bounds are Kafka's (45-60 s, 5-15 s) widened
+        // to include them.
+        let bad = ResponseError::InvalidConfig.code();
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("5999")),
+            bad
+        );
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("60001")),
+            bad
+        );
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("soon")),
+            bad
+        );
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", Some("499")),
+            bad
+        );
+        assert_eq!(
+            alter_group(
+                &mut c,
+                long,
+                "consumer.heartbeat.interval.ms",
+                Some("15001")
+            ),
+            bad
+        );
+        // Not below the session timeout (6 s here).
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", Some("6000")),
+            bad
+        );
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("20000")),
+            0
+        );
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", Some("1500")),
+            0
+        );
+        let d = group_configs(&mut c, long);
+        assert_eq!(
+            d["consumer.session.timeout.ms"],
+            ("20000".into(), DYNAMIC_GROUP)
+        );
+        assert_eq!(
+            d["consumer.heartbeat.interval.ms"],
+            ("1500".into(), DYNAMIC_GROUP)
+        );
+        let d = group_configs(&mut c, short);
+        assert_eq!(d["consumer.session.timeout.ms"], ("6000".into(), DEFAULT));
+        assert_eq!(d["consumer.heartbeat.interval.ms"], ("500".into(), DEFAULT));
+        // Applied live: the interval given to members.
+        let r = hb(&mut c, join(long, "m-long", &topic));
+        assert_eq!((r.error_code, r.heartbeat_interval_ms), (0, 1500));
+        let r = hb(&mut c, join(short, "m-short", &topic));
+        assert_eq!((r.error_code, r.heartbeat_interval_ms), (0, 500));
+        // ...and the session timeout: neither member heartbeats again; the default group's
+        // member expires after 6 s while the other's 20 s session still holds it.
+        let start = Instant::now();
+        while members(&mut c, short) != 0 {
+            assert!(
+                start.elapsed() < WAIT_MAX,
+                "the default session never expired"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(start.elapsed() < Duration::from_secs(15));
+        assert_eq!(
+            members(&mut c, long),
+            1,
+            "the group's 20 s session still holds"
+        );
+        // Persisted: the configs survive a restart.
+        drop(c);
+        assert!(b.sigterm().success());
+        b.restart();
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        c.wait_coordinator(long, WAIT_MAX);
+        let d = group_configs(&mut c, long);
+        assert_eq!(
+            d["consumer.session.timeout.ms"],
+            ("20000".into(), DYNAMIC_GROUP)
+        );
+        assert_eq!(
+            d["consumer.heartbeat.interval.ms"],
+            ("1500".into(), DYNAMIC_GROUP)
+        );
+        let r = hb(&mut c, join(long, "m-again", &topic));
+        assert_eq!((r.error_code, r.heartbeat_interval_ms), (0, 1500));
+        // Deleted: back to the broker's.
+        assert_eq!(
+            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", None),
+            0
+        );
+        let d = group_configs(&mut c, long);
+        assert_eq!(d["consumer.heartbeat.interval.ms"], ("500".into(), DEFAULT));
+        let r = hb(
+            &mut c,
+            join(long, "m-again", &topic)
+                .with_member_epoch(r.member_epoch)
+                .with_topic_partitions(None),
+        );
+        assert_eq!((r.error_code, r.heartbeat_interval_ms), (0, 500));
+    }
+
+    type Targets = BTreeMap<String, (BTreeSet<i32>, BTreeSet<i32>)>;
+
+    /// ConsumerGroupDescribe: (group epoch, assignment epoch, member -> (target, assigned)).
+    fn targets(c: &mut Client, group: &str) -> (i32, i32, Targets) {
+        let d: ConsumerGroupDescribeResponse = c
+            .call_at(
+                ApiKey::ConsumerGroupDescribe,
+                1,
+                &ConsumerGroupDescribeRequest::default().with_group_ids(vec![GroupId(s(group))]),
+            )
+            .expect("describe");
+        let g = &d.groups[0];
+        assert_eq!(g.error_code, 0);
+        let set = |a: &consumer_group_describe_response::Assignment| -> BTreeSet<i32> {
+            a.topic_partitions
+                .iter()
+                .flat_map(|t| t.partitions.iter().copied())
+                .collect()
+        };
+        let members = g
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.member_id.to_string(),
+                    (set(&m.target_assignment), set(&m.assignment)),
+                )
+            })
+            .collect();
+        (g.group_epoch, g.assignment_epoch, members)
+    }
+
+    fn owned_of(
+        a: &consumer_group_heartbeat_response::Assignment,
+    ) -> Vec<consumer_group_heartbeat_request::TopicPartitions> {
+        a.topic_partitions
+            .iter()
+            .map(|t| {
+                consumer_group_heartbeat_request::TopicPartitions::default()
+                    .with_topic_id(t.topic_id)
+                    .with_partitions(t.partitions.clone())
+            })
+            .collect()
+    }
+
+    fn parts(a: &consumer_group_heartbeat_response::Assignment) -> BTreeSet<i32> {
+        a.topic_partitions
+            .iter()
+            .flat_map(|t| t.partitions.iter().copied())
+            .collect()
+    }
+
+    /// Kafka's target-assignment records (key versions 6 and 7): a broker killed after it
+    /// computed a new target and before the members reconciled comes back with that target,
+    /// and the members converge to it, not to a target computed again.
+    #[test]
+    fn the_target_assignment_survives_a_kill_between_computation_and_reconciliation() {
+        let mut b = broker();
+        let topic = topic_name("tgt848");
+        b.create_topic(&topic, 6);
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        c.wait_coordinator("tg", WAIT_MAX);
+        let r1 = hb(&mut c, join("tg", "m1", &topic));
+        assert_eq!(r1.error_code, 0, "{:?}", r1.error_message);
+        let a1 = r1.assignment.expect("m1's assignment");
+        assert_eq!(parts(&a1).len(), 6);
+        // m2 joins: a new target splits the partitions; m1 has not revoked any yet.
+        let r2 = hb(&mut c, join("tg", "m2", &topic));
+        assert_eq!(r2.error_code, 0);
+        let (epoch, assignment_epoch, before) = targets(&mut c, "tg");
+        assert_eq!(assignment_epoch, epoch, "the target is computed");
+        assert_eq!(before["m1"].1.len(), 6, "m1 still holds everything");
+        assert_eq!(before["m1"].0.len() + before["m2"].0.len(), 6);
+        assert!(!before["m2"].0.is_empty());
+        // Crash: nothing is flushed beyond what the heartbeats' answers waited for.
+        drop(c);
+        b.sigkill();
+        b.restart();
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        c.wait_coordinator("tg", WAIT_MAX);
+        assert_eq!(
+            targets(&mut c, "tg"),
+            (epoch, assignment_epoch, before.clone()),
+            "the same target and epochs after the restart, before any heartbeat"
+        );
+        // m1 revokes exactly what its target leaves out; m2 then gets its target.
+        let r = hb(
+            &mut c,
+            join("tg", "m1", &topic)
+                .with_member_epoch(r1.member_epoch)
+                .with_topic_partitions(Some(owned_of(&a1))),
+        );
+        assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+        let kept = r.assignment.expect("a revocation");
+        assert_eq!(parts(&kept), before["m1"].0);
+        let r = hb(
+            &mut c,
+            join("tg", "m1", &topic)
+                .with_member_epoch(r.member_epoch)
+                .with_topic_partitions(Some(owned_of(&kept))),
+        );
+        assert_eq!(r.error_code, 0);
+        let r = hb(
+            &mut c,
+            join("tg", "m2", &topic)
+                .with_member_epoch(r2.member_epoch)
+                .with_topic_partitions(Some(vec![])),
+        );
+        assert_eq!(r.error_code, 0, "{:?}", r.error_message);
+        assert_eq!(
+            parts(&r.assignment.expect("m2's partitions")),
+            before["m2"].0
+        );
+    }
+
+    /// `--rack` (Kafka's `broker.rack`): reported in Metadata and DescribeCluster (the racks the
+    /// KIP-848 assignors match members' `rack_id` against).
+    #[test]
+    fn the_broker_rack_is_reported() {
+        let b = Broker::options().args(["--rack", "rack-a"]).start();
+        let mut c = Client::connect(&b.bootstrap()).expect("connect");
+        let m: MetadataResponse = c
+            .call_at(
+                ApiKey::Metadata,
+                12,
+                &MetadataRequest::default().with_topics(Some(vec![])),
+            )
+            .expect("metadata");
+        assert_eq!(m.brokers.len(), 1);
+        assert_eq!(m.brokers[0].rack.as_deref(), Some("rack-a"));
+        let d: DescribeClusterResponse = c
+            .call_at(
+                ApiKey::DescribeCluster,
+                1,
+                &DescribeClusterRequest::default(),
+            )
+            .expect("describe cluster");
+        assert_eq!(d.brokers[0].rack.as_deref(), Some("rack-a"));
+        let plain = broker();
+        let mut c = Client::connect(&plain.bootstrap()).expect("connect");
+        let m: MetadataResponse = c
+            .call_at(
+                ApiKey::Metadata,
+                12,
+                &MetadataRequest::default().with_topics(Some(vec![])),
+            )
+            .expect("metadata");
+        assert_eq!(m.brokers[0].rack, None, "no rack unless set");
+    }
 }

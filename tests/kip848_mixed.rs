@@ -131,13 +131,14 @@ fn listed(b: &Broker, group: &str) -> Option<(String, String)> {
         .map(|g| (g.group_type.to_string(), g.group_state.to_string()))
 }
 
-/// ConsumerGroupDescribe v0: the error and the members' (client id, assigned partitions).
-fn described(b: &Broker, group: &str) -> (i16, Vec<(String, usize)>) {
+/// ConsumerGroupDescribe v1: the error and the members' (client id, assigned partitions,
+/// member type: 0 classic, 1 consumer protocol, KIP-1099).
+fn described(b: &Broker, group: &str) -> (i16, Vec<(String, usize, i8)>) {
     let mut c = Client::connect(&b.bootstrap()).expect("connect");
     let d: ConsumerGroupDescribeResponse = c
         .call_at(
             ApiKey::ConsumerGroupDescribe,
-            0,
+            1,
             &ConsumerGroupDescribeRequest::default().with_group_ids(vec![GroupId(s(group))]),
         )
         .expect("describe");
@@ -153,6 +154,7 @@ fn described(b: &Broker, group: &str) -> (i16, Vec<(String, usize)>) {
                     .iter()
                     .map(|t| t.partitions.len())
                     .sum(),
+                m.member_type,
             )
         })
         .collect();
@@ -205,8 +207,8 @@ fn classic_and_consumer_members_share_a_topic_then_the_group_downgrades() {
         (
             0,
             vec![
-                ("new-protocol".to_string(), 3),
-                ("old-protocol".to_string(), 3)
+                ("new-protocol".to_string(), 3, 1),
+                ("old-protocol".to_string(), 3, 0)
             ]
         )
     );
@@ -267,6 +269,10 @@ fn rolling_upgrade_from_classic_to_consumer_protocol_keeps_offsets() {
     assert_eq!(listed(&b, group).map(|l| l.0), Some("consumer".to_string()));
     let (err, members) = described(&b, group);
     assert_eq!((err, members.len()), (0, 2));
+    assert!(
+        members.iter().all(|m| m.2 == 1),
+        "every member speaks the consumer protocol now: {members:?}"
+    );
     // Nothing lost, and a record came twice only where its commit failed.
     assert_eq!(seen.distinct(), 120);
     seen.check_redeliveries();

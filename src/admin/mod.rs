@@ -1010,6 +1010,7 @@ mod tests {
                 host: format!("h{id}"),
                 port: 9092,
                 shards: *shards,
+                rack: None,
             }));
         }
         image

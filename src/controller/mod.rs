@@ -230,6 +230,7 @@ async fn register(c: Rc<Controller>) {
         host: broker.config.advertise_host.clone(),
         port: broker.config.advertise_port,
         shards: broker.shard_count() as u32,
+        rack: broker.config.rack.clone(),
     };
     let registered = |i: &MetadataImage| i.brokers.get(&me.id) == Some(&me);
     loop {

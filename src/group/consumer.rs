@@ -51,6 +51,11 @@ pub trait Topics {
     fn by_id(&self, id: &[u8; 16]) -> Option<(String, i32)>;
     /// Every topic a regex may match (internal topics excluded, as Kafka does).
     fn names(&self) -> Vec<String>;
+    /// The racks of a partition's replicas (empty when brokers have no rack): the assignors
+    /// prefer members on one of them.
+    fn racks(&self, _id: &[u8; 16], _partition: i32) -> BTreeSet<String> {
+        BTreeSet::new()
+    }
 }
 
 /// No topics at all: for callers that serve classic groups only.
@@ -75,6 +80,13 @@ pub struct ConsumerConfig {
     pub session_timeout_ms: i32,
     /// `group.consumer.heartbeat.interval.ms`.
     pub heartbeat_interval_ms: i32,
+    /// `group.consumer.min.session.timeout.ms` / `group.consumer.max.session.timeout.ms`: the
+    /// bounds of a group's `consumer.session.timeout.ms`.
+    pub session_timeout_ms_min: i32,
+    pub session_timeout_ms_max: i32,
+    /// `group.consumer.min.heartbeat.interval.ms` / `group.consumer.max.heartbeat.interval.ms`.
+    pub heartbeat_interval_ms_min: i32,
+    pub heartbeat_interval_ms_max: i32,
     /// `group.consumer.assignors`: the first is the default.
     pub assignors: Vec<String>,
     /// `group.consumer.max.size`.
@@ -119,11 +131,31 @@ impl MigrationPolicy {
     }
 }
 
+impl ConsumerConfig {
+    /// Kafka's default bounds for group-level overrides, widened to include the broker's own
+    /// session timeout and heartbeat interval (so a broker run with shorter ones, as tests do,
+    /// accepts group overrides around them).
+    pub fn with_bounds_around_defaults(mut self) -> ConsumerConfig {
+        let d = ConsumerConfig::default();
+        self.session_timeout_ms_min = d.session_timeout_ms_min.min(self.session_timeout_ms);
+        self.session_timeout_ms_max = d.session_timeout_ms_max.max(self.session_timeout_ms);
+        self.heartbeat_interval_ms_min =
+            d.heartbeat_interval_ms_min.min(self.heartbeat_interval_ms);
+        self.heartbeat_interval_ms_max =
+            d.heartbeat_interval_ms_max.max(self.heartbeat_interval_ms);
+        self
+    }
+}
+
 impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             session_timeout_ms: 45_000,
             heartbeat_interval_ms: 5_000,
+            session_timeout_ms_min: 45_000,
+            session_timeout_ms_max: 60_000,
+            heartbeat_interval_ms_min: 5_000,
+            heartbeat_interval_ms_max: 15_000,
             assignors: ASSIGNORS.iter().map(|s| s.to_string()).collect(),
             max_size: i32::MAX as usize,
             migration: MigrationPolicy::default(),
@@ -318,6 +350,8 @@ pub struct ConsumerMemberDescription {
     /// (topic id, name, partitions).
     pub assignment: Vec<([u8; 16], String, Vec<i32>)>,
     pub target_assignment: Vec<([u8; 16], String, Vec<i32>)>,
+    /// The member speaks the classic protocol (KIP-1099's member type 0; else 1).
+    pub classic: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -479,10 +513,42 @@ struct AssignInput<'a> {
     members: Vec<(&'a str, BTreeSet<[u8; 16]>)>,
     partitions: BTreeMap<[u8; 16], i32>,
     previous: &'a HashMap<String, Assignment>,
+    /// Members' racks (`rack_id` of their heartbeat), for the members that have one.
+    member_racks: HashMap<&'a str, &'a str>,
+    /// The racks of each partition's replicas, for partitions whose replicas have racks.
+    partition_racks: HashMap<([u8; 16], i32), BTreeSet<String>>,
+}
+
+impl AssignInput<'_> {
+    /// Whether `member` sits on a rack holding a replica of `(t, p)`.
+    fn same_rack(&self, member: &str, t: [u8; 16], p: i32) -> bool {
+        match (
+            self.member_racks.get(member),
+            self.partition_racks.get(&(t, p)),
+        ) {
+            (Some(r), Some(racks)) => racks.contains(*r),
+            _ => false,
+        }
+    }
+
+    /// Whether `member` and `(t, p)` both have racks and none matches: the member does not
+    /// keep such a partition from its previous target.
+    fn other_rack(&self, member: &str, t: [u8; 16], p: i32) -> bool {
+        match (
+            self.member_racks.get(member),
+            self.partition_racks.get(&(t, p)),
+        ) {
+            (Some(r), Some(racks)) => !racks.contains(*r),
+            _ => false,
+        }
+    }
 }
 
 /// `uniform`: spreads every subscribed partition evenly over the members subscribed to its
-/// topic, keeping each member's previous partitions while that stays balanced (sticky).
+/// topic, keeping each member's previous partitions while that stays balanced (sticky). With
+/// racks (members' `rack_id`, the racks of the partitions' replicas), a member keeps only
+/// previous partitions with a replica on its rack, and a partition to place goes, balance
+/// permitting, to a member on one of its replicas' racks.
 fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
     let mut out: HashMap<String, Assignment> = input
         .members
@@ -515,7 +581,10 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
             if !subs.contains(t) {
                 continue;
             }
-            for p in ps.iter().filter(|p| **p < *count_t) {
+            for p in ps
+                .iter()
+                .filter(|p| **p < *count_t && !input.other_rack(id, *t, **p))
+            {
                 if count(a) >= floor {
                     break;
                 }
@@ -539,6 +608,7 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
             .iter()
             .find(|(id, subs)| {
                 subs.contains(&t)
+                    && !input.other_rack(id, t, p)
                     && input
                         .previous
                         .get(*id)
@@ -549,7 +619,22 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
                 let c = count(&out[*id]);
                 c < floor || (c < ceil && at_ceil < extra)
             });
-        let choice = prev_owner.or_else(|| {
+        // Rack awareness: among the members that may take one more without unbalancing the
+        // group, the least loaded on a rack of the partition's replicas.
+        let same_rack = || {
+            input
+                .members
+                .iter()
+                .filter(|(id, subs)| {
+                    let c = count(&out[*id]);
+                    subs.contains(&t)
+                        && input.same_rack(id, t, p)
+                        && (c < floor || (c < ceil && at_ceil < extra))
+                })
+                .min_by_key(|(id, _)| count(&out[*id]))
+                .map(|(id, _)| *id)
+        };
+        let choice = prev_owner.or_else(same_rack).or_else(|| {
             input
                 .members
                 .iter()
@@ -570,7 +655,9 @@ fn assign_uniform(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
 }
 
 /// `range`: per topic, the members subscribed to it (in member id order) get contiguous ranges
-/// of its partitions, the first ones one more when they do not divide evenly.
+/// of its partitions, the first ones one more when they do not divide evenly. With racks, each
+/// partition first goes to the first member with quota left on one of its replicas' racks; the
+/// rest fill the quotas in order.
 fn assign_range(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
     let mut out: HashMap<String, Assignment> = input
         .members
@@ -591,14 +678,38 @@ fn assign_range(input: &AssignInput<'_>) -> HashMap<String, Assignment> {
         let n = *n as usize;
         let per = n / subs.len();
         let extra = n % subs.len();
-        let mut next = 0usize;
-        for (i, id) in subs.iter().enumerate() {
-            let take = per + usize::from(i < extra);
-            let a = out.get_mut(*id).expect("listed");
-            for p in next..next + take {
-                insert(a, *t, p as i32);
+        // Each member's quota: the first `extra` take one more.
+        let mut quota: Vec<usize> = (0..subs.len())
+            .map(|i| per + usize::from(i < extra))
+            .collect();
+        let mut given = vec![false; n];
+        // Rack awareness first: a partition goes to the first member (in member id order)
+        // with quota left on a rack of its replicas.
+        if !input.partition_racks.is_empty() {
+            for (p, done) in given.iter_mut().enumerate() {
+                if let Some(i) = (0..subs.len())
+                    .find(|i| quota[*i] > 0 && input.same_rack(subs[*i], *t, p as i32))
+                {
+                    quota[i] -= 1;
+                    insert(out.get_mut(subs[i]).expect("listed"), *t, p as i32);
+                    *done = true;
+                }
             }
-            next += take;
+        }
+        // The rest in order: contiguous ranges when no rack applies.
+        let mut i = 0usize;
+        for (p, done) in given.iter().enumerate() {
+            if *done {
+                continue;
+            }
+            while i < subs.len() && quota[i] == 0 {
+                i += 1;
+            }
+            let Some(id) = subs.get(i) else {
+                break;
+            };
+            quota[i] -= 1;
+            insert(out.get_mut(*id).expect("listed"), *t, p as i32);
         }
     }
     out
@@ -650,7 +761,7 @@ fn assignment_record(group_id: &str, m: &ConsumerMember, partition: i32) -> Writ
     }
 }
 
-fn member_tombstones(group_id: &str, member_id: &str, partition: i32) -> [Write; 2] {
+fn member_tombstones(group_id: &str, member_id: &str, partition: i32) -> [Write; 3] {
     [
         Write {
             partition,
@@ -659,7 +770,57 @@ fn member_tombstones(group_id: &str, member_id: &str, partition: i32) -> [Write;
         },
         Write {
             partition,
+            key: offsets::target_member_key(group_id, member_id),
+            value: None,
+        },
+        Write {
+            partition,
             key: offsets::consumer_member_key(group_id, member_id),
+            value: None,
+        },
+    ]
+}
+
+/// The records of the group's target assignment (Kafka's key versions 7 then 6): every
+/// member's target, then the assignment epoch, so a replay that has the epoch has the targets.
+fn target_records(group_id: &str, cg: &ConsumerGroup, partition: i32) -> Vec<Write> {
+    let mut out: Vec<Write> = cg
+        .target
+        .iter()
+        .filter(|(id, _)| cg.members.contains_key(*id))
+        .map(|(id, a)| {
+            let flat: Vec<([u8; 16], Vec<i32>)> = a
+                .iter()
+                .map(|(t, ps)| (*t, ps.iter().copied().collect()))
+                .collect();
+            Write {
+                partition,
+                key: offsets::target_member_key(group_id, id),
+                value: Some(offsets::target_member_value(&flat)),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out.push(Write {
+        partition,
+        key: offsets::target_epoch_key(group_id),
+        value: Some(offsets::target_epoch_value(cg.assignment_epoch)),
+    });
+    out
+}
+
+/// The tombstones of a consumer group that is deleted or converted: its epoch and its target
+/// assignment's epoch (members' records go with the members).
+pub(super) fn group_tombstones(group_id: &str, partition: i32) -> [Write; 2] {
+    [
+        Write {
+            partition,
+            key: offsets::consumer_group_key(group_id),
+            value: None,
+        },
+        Write {
+            partition,
+            key: offsets::target_epoch_key(group_id),
             value: None,
         },
     ]
@@ -693,6 +854,9 @@ struct Changes {
     /// Members removed (tombstones).
     removed: Vec<String>,
     epoch_bumped: bool,
+    /// A new target assignment was computed (or moved to another member id): its records
+    /// must be written.
+    target: bool,
 }
 
 impl Changes {
@@ -702,6 +866,7 @@ impl Changes {
             member_assignment: BTreeSet::new(),
             removed: vec![],
             epoch_bumped: false,
+            target: false,
         }
     }
 }
@@ -771,7 +936,12 @@ fn pick_assignor(cg: &ConsumerGroup, cfg: &ConsumerConfig) -> String {
         .unwrap_or_else(|| ASSIGNORS[0].to_string())
 }
 
-fn compute_target(cg: &mut ConsumerGroup, cfg: &ConsumerConfig, topics: &dyn Topics) {
+fn compute_target(
+    cg: &mut ConsumerGroup,
+    cfg: &ConsumerConfig,
+    topics: &dyn Topics,
+    ch: &mut Changes,
+) {
     let mut all = None;
     let subs: Vec<(String, BTreeSet<[u8; 16]>)> = cg
         .members
@@ -790,6 +960,23 @@ fn compute_target(cg: &mut ConsumerGroup, cfg: &ConsumerConfig, topics: &dyn Top
         .map(|(id, n)| (*id, *n))
         .collect();
     let assignor = pick_assignor(cg, cfg);
+    let member_racks: HashMap<&str, &str> = cg
+        .members
+        .values()
+        .filter_map(|m| m.rack_id.as_deref().map(|r| (m.id.as_str(), r)))
+        .collect();
+    // Partitions' racks only matter when some member has a rack.
+    let mut partition_racks = HashMap::new();
+    if !member_racks.is_empty() {
+        for (id, n) in &partitions {
+            for p in 0..*n {
+                let racks = topics.racks(id, p);
+                if !racks.is_empty() {
+                    partition_racks.insert((*id, p), racks);
+                }
+            }
+        }
+    }
     let input = AssignInput {
         members: subs
             .iter()
@@ -797,6 +984,8 @@ fn compute_target(cg: &mut ConsumerGroup, cfg: &ConsumerConfig, topics: &dyn Top
             .collect(),
         partitions,
         previous: &cg.target,
+        member_racks,
+        partition_racks,
     };
     let mut target = match assignor.as_str() {
         "range" => assign_range(&input),
@@ -808,6 +997,7 @@ fn compute_target(cg: &mut ConsumerGroup, cfg: &ConsumerConfig, topics: &dyn Top
     cg.target = target;
     cg.assignor = assignor;
     cg.assignment_epoch = cg.epoch;
+    ch.target = true;
 }
 
 /// Moves one member towards its target (Kafka's `CurrentAssignmentBuilder`).
@@ -908,7 +1098,7 @@ impl Coordinator {
         topics: &dyn Topics,
         now_ms: i64,
     ) -> HeartbeatResult {
-        let cfg = self.config.consumer.clone();
+        let cfg = self.consumer_config_of(&req.group_id);
         if let Err(r) = validate(&req, &cfg) {
             return r;
         }
@@ -989,6 +1179,16 @@ impl Coordinator {
             self.maybe_downgrade(&gid, now_ms);
         }
         result
+    }
+
+    /// The KIP-848 settings of one group: the broker's, with the group's `consumer.*` configs
+    /// (IncrementalAlterConfigs on its GROUP resource) applied.
+    pub fn consumer_config_of(&self, group_id: &str) -> ConsumerConfig {
+        let mut cfg = self.config.consumer.clone();
+        if let Some(c) = self.consumer_configs.get(group_id) {
+            (cfg.session_timeout_ms, cfg.heartbeat_interval_ms) = c.consumer_timeouts(&cfg);
+        }
+        cfg
     }
 
     /// Fires the consumer groups' deadlines: expired sessions and unacknowledged revocations.
@@ -1092,6 +1292,40 @@ impl Coordinator {
         Ok(true)
     }
 
+    /// Checks an OffsetFetch v9+ member id and epoch against a consumer group, as Kafka's
+    /// `ConsumerGroup.validateOffsetFetch`: no member id with a negative epoch (an admin client,
+    /// or a client outside group management) always passes; otherwise the member must exist
+    /// (UNKNOWN_MEMBER_ID) at exactly that epoch (STALE_MEMBER_EPOCH; ILLEGAL_GENERATION for a
+    /// classic member, whose generation is its epoch). Classic groups are not checked.
+    pub fn check_consumer_fetch(
+        &self,
+        group_id: &str,
+        member_id: Option<&str>,
+        epoch: i32,
+    ) -> Result<(), ErrorCode> {
+        if member_id.is_none() && epoch < 0 {
+            return Ok(());
+        }
+        let Some(cg) = self
+            .groups
+            .get(group_id)
+            .filter(|g| g.state != GroupState::Dead)
+            .and_then(|g| g.consumer.as_ref())
+        else {
+            return Ok(());
+        };
+        let Some(m) = member_id.and_then(|id| cg.members.get(id)) else {
+            return Err(ErrorCode::new(E::UnknownMemberId));
+        };
+        if epoch == m.epoch {
+            Ok(())
+        } else if m.classic.is_some() {
+            Err(ErrorCode::new(E::IllegalGeneration))
+        } else {
+            Err(ErrorCode::new(E::StaleMemberEpoch))
+        }
+    }
+
     /// ConsumerGroupDescribe of one group.
     pub fn describe_consumer_group(
         &self,
@@ -1149,6 +1383,7 @@ impl Coordinator {
                     subscribed_topic_regex: m.subscribed_regex.clone(),
                     assignment: named(&m.assigned),
                     target_assignment: named(&cg.target.get(&m.id).cloned().unwrap_or_default()),
+                    classic: m.classic.is_some(),
                 })
                 .collect(),
         }
@@ -1166,8 +1401,10 @@ impl Coordinator {
                     .or_insert_with(|| Group::new(group_id, now_ms));
                 let cg = consumer_of(g);
                 cg.epoch = epoch;
-                // The target is not stored: it is computed again at the next heartbeat, from
-                // the members' current assignments (the assignors are sticky).
+                // The target assignment's own records (key versions 6 and 7) follow the epoch
+                // record when a heartbeat computed one; without them (a group epoch bumped by
+                // an expiry, or records of an older version) the assignment epoch stays behind
+                // and the next heartbeat computes the target again.
                 cg.assignment_epoch = epoch.saturating_sub(1).min(cg.assignment_epoch.max(0));
             }
             None => {
@@ -1192,7 +1429,7 @@ impl Coordinator {
         v: Option<ConsumerMemberValue>,
         now_ms: i64,
     ) {
-        let session = self.config.consumer.session_timeout_ms as i64;
+        let session = self.consumer_config_of(group_id).session_timeout_ms as i64;
         let g = self
             .groups
             .entry(group_id.to_string())
@@ -1245,6 +1482,50 @@ impl Coordinator {
         };
     }
 
+    /// A target assignment's epoch record read back (`None`: the group is gone).
+    pub fn load_consumer_target_epoch(&mut self, group_id: &str, epoch: Option<i32>, now_ms: i64) {
+        let Some(epoch) = epoch else {
+            return;
+        };
+        let g = self
+            .groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(group_id, now_ms));
+        let cg = consumer_of(g);
+        cg.assignment_epoch = epoch;
+        cg.assignor = pick_assignor(cg, &self.config.consumer);
+    }
+
+    /// A member's target-assignment record read back (`None`: the member left the target).
+    pub fn load_consumer_target_member(
+        &mut self,
+        group_id: &str,
+        member_id: &str,
+        v: Option<offsets::TopicIdPartitions>,
+        now_ms: i64,
+    ) {
+        match v {
+            Some(v) => {
+                let g = self
+                    .groups
+                    .entry(group_id.to_string())
+                    .or_insert_with(|| Group::new(group_id, now_ms));
+                consumer_of(g)
+                    .target
+                    .insert(member_id.to_string(), to_assignment(&v));
+            }
+            None => {
+                if let Some(cg) = self
+                    .groups
+                    .get_mut(group_id)
+                    .and_then(|g| g.consumer.as_mut())
+                {
+                    cg.target.remove(member_id);
+                }
+            }
+        }
+    }
+
     /// A member's current-assignment record read back.
     pub fn load_consumer_assignment(
         &mut self,
@@ -1256,7 +1537,7 @@ impl Coordinator {
         let Some(v) = v else {
             return;
         };
-        let session = self.config.consumer.session_timeout_ms as i64;
+        let session = self.consumer_config_of(group_id).session_timeout_ms as i64;
         let g = self
             .groups
             .entry(group_id.to_string())
@@ -1369,6 +1650,7 @@ fn heartbeat_in(
                     cg.target
                         .remove(&old)
                         .map(|t| cg.target.insert(id.clone(), t));
+                    ch.target = true;
                     ch.removed.push(old.clone());
                     m.id = id.clone();
                     m.left_static = false;
@@ -1490,7 +1772,7 @@ fn heartbeat_in(
     }
     refresh_metadata(cg, topics, ch);
     if cg.assignment_epoch < cg.epoch {
-        compute_target(cg, cfg, topics);
+        compute_target(cg, cfg, topics, ch);
     }
     reconcile(cg, &member_id, req.owned.as_ref(), now_ms, ch);
     let m = cg.members.get_mut(&member_id).expect("present");

@@ -159,6 +159,8 @@ pub struct MemberDescription {
 #[derive(Debug, Clone)]
 pub struct GroupDescription {
     pub error: ErrorCode,
+    /// Kafka's message for `error` (DescribeGroups v6+).
+    pub message: Option<String>,
     pub group_id: String,
     pub state: &'static str,
     pub protocol_type: String,
@@ -191,6 +193,8 @@ pub struct Coordinator {
     next_member_seq: u64,
     /// KIP-932 share groups, by id (a group id is either a share group or one of `groups`).
     pub(super) share: BTreeMap<String, super::share::ShareGroup>,
+    /// The `consumer.*` group configs set on group ids (any type; absent: broker defaults).
+    pub(super) consumer_configs: HashMap<String, super::share::GroupConfigs>,
 }
 
 fn new_member_id(client_id: &str, seq: u64) -> String {
@@ -205,6 +209,7 @@ impl Coordinator {
             writes: Vec::new(),
             next_member_seq: 0,
             share: BTreeMap::new(),
+            consumer_configs: HashMap::new(),
         }
     }
 
@@ -278,11 +283,10 @@ impl Coordinator {
             group.consumer = None;
             group.protocol_type = None;
             group.state = GroupState::Empty;
-            self.writes.push(Write {
-                partition: partition_for(&req.group_id, self.config.offsets_partitions),
-                key: offsets::consumer_group_key(&req.group_id),
-                value: None,
-            });
+            self.writes.extend(super::consumer::group_tombstones(
+                &req.group_id,
+                partition_for(&req.group_id, self.config.offsets_partitions),
+            ));
         }
         let group = self.groups.get_mut(&req.group_id).expect("present");
         if !group.supports(&req.protocol_type, &req.protocols) {
@@ -804,11 +808,8 @@ impl Coordinator {
             value: None,
         });
         if group.consumer.is_some() {
-            self.writes.push(Write {
-                partition,
-                key: offsets::consumer_group_key(&group.id),
-                value: None,
-            });
+            self.writes
+                .extend(super::consumer::group_tombstones(&group.id, partition));
         }
     }
 
@@ -874,11 +875,8 @@ impl Coordinator {
                     value: None,
                 });
                 if g.consumer.is_some() {
-                    self.writes.push(Write {
-                        partition,
-                        key: offsets::consumer_group_key(&id),
-                        value: None,
-                    });
+                    self.writes
+                        .extend(super::consumer::group_tombstones(&id, partition));
                 }
             }
         }
@@ -931,6 +929,7 @@ impl Coordinator {
             // A share group is shown with its members (no protocol metadata or assignment).
             return GroupDescription {
                 error: NONE,
+                message: None,
                 group_id: group_id.to_string(),
                 state: g.state_name(),
                 protocol_type: "share".into(),
@@ -949,18 +948,26 @@ impl Coordinator {
                     .collect(),
             };
         }
-        // A KIP-848 group is not a classic group: described as an unknown one, as Kafka does.
-        let Some(g) = self
+        // A KIP-848 group is not a classic group: described as an unknown one, as Kafka 4 does
+        // (Dead before v6, GROUP_ID_NOT_FOUND naming the reason from v6), mixed groups with
+        // classic members included; ConsumerGroupDescribe describes it.
+        let live = self
             .groups
             .get(group_id)
-            .filter(|g| g.state != GroupState::Dead && g.consumer.is_none())
-        else {
+            .filter(|g| g.state != GroupState::Dead);
+        let Some(g) = live.filter(|g| g.consumer.is_none()) else {
+            let message = if live.is_some() {
+                format!("Group {group_id} is not a classic group.")
+            } else {
+                format!("Group {group_id} not found.")
+            };
             return GroupDescription {
                 error: if not_found_error {
                     ErrorCode::new(E::GroupIdNotFound)
                 } else {
                     NONE
                 },
+                message: not_found_error.then_some(message),
                 group_id: group_id.to_string(),
                 state: GroupState::Dead.name(),
                 protocol_type: String::new(),
@@ -972,6 +979,7 @@ impl Coordinator {
         let protocol = g.protocol.clone().unwrap_or_default();
         GroupDescription {
             error: NONE,
+            message: None,
             group_id: g.id.clone(),
             state: g.state.name(),
             protocol_type: g.protocol_type.clone().unwrap_or_default(),

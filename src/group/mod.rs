@@ -525,10 +525,40 @@ fn apply_record(c: &mut Coordinator, rec: &records::Record, now_ms: i64) -> bool
                 }
             }
         }
+        offsets::RecordKey::GroupConfigs { group } => {
+            match rec.value.as_ref().map(offsets::decode_group_configs_value) {
+                None => c.load_group_configs(&group, None),
+                Some(Ok(v)) => c.load_group_configs(&group, Some(v)),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
         offsets::RecordKey::ShareMember { group, member } => {
             match rec.value.as_ref().map(offsets::decode_share_member_value) {
                 None => c.load_share_member(&group, &member, None, now_ms),
                 Some(Ok(v)) => c.load_share_member(&group, &member, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerTargetEpoch { group } => {
+            match rec.value.as_ref().map(offsets::decode_target_epoch_value) {
+                None => c.load_consumer_target_epoch(&group, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_target_epoch(&group, Some(v), now_ms),
+                Some(Err(e)) => {
+                    tracing::warn!(offset = rec.offset, error = %e, "skipping record");
+                    return false;
+                }
+            }
+        }
+        offsets::RecordKey::ConsumerTargetMember { group, member } => {
+            match rec.value.as_ref().map(offsets::decode_target_member_value) {
+                None => c.load_consumer_target_member(&group, &member, None, now_ms),
+                Some(Ok(v)) => c.load_consumer_target_member(&group, &member, Some(v), now_ms),
                 Some(Err(e)) => {
                     tracing::warn!(offset = rec.offset, error = %e, "skipping record");
                     return false;
@@ -613,7 +643,9 @@ pub fn start_shard_tasks() {
                 max_size: cfg.group_consumer_max_size as usize,
                 migration: consumer::MigrationPolicy::parse(&cfg.group_consumer_migration_policy)
                     .unwrap_or_default(),
-            },
+                ..Default::default()
+            }
+            .with_bounds_around_defaults(),
             share: share::ShareConfig {
                 session_timeout_ms: cfg.group_share_session_timeout_ms as i32,
                 heartbeat_interval_ms: cfg.group_share_heartbeat_interval_ms as i32,
@@ -688,6 +720,27 @@ impl consumer::Topics for ImageTopics {
             .values()
             .filter(|t| !t.internal)
             .map(|t| t.name.clone())
+            .collect()
+    }
+    /// The racks of the nodes holding the partition's replicas (`--rack` of each, as
+    /// registered); on a single node, this node's.
+    fn racks(&self, id: &[u8; 16], partition: i32) -> std::collections::BTreeSet<String> {
+        let Some(t) = self.0.topic_by_id(id) else {
+            return Default::default();
+        };
+        let nodes = t.replica_nodes(partition);
+        if nodes.is_empty() {
+            return crate::shard::local()
+                .broker
+                .config
+                .rack
+                .iter()
+                .cloned()
+                .collect();
+        }
+        nodes
+            .iter()
+            .filter_map(|n| self.0.brokers.get(n).and_then(|b| b.rack.clone()))
             .collect()
     }
 }

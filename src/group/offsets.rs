@@ -54,6 +54,17 @@ pub enum RecordKey {
         group: String,
         member: String,
     },
+    /// KIP-848 target assignment's epoch (key version 6,
+    /// `ConsumerGroupTargetAssignmentMetadataKey`).
+    ConsumerTargetEpoch {
+        group: String,
+    },
+    /// KIP-848 member's target assignment (key version 7,
+    /// `ConsumerGroupTargetAssignmentMemberKey`).
+    ConsumerTargetMember {
+        group: String,
+        member: String,
+    },
     /// KIP-932 share group member (key version 10, Kafka's `ShareGroupMemberMetadataKey`).
     ShareMember {
         group: String,
@@ -63,6 +74,45 @@ pub enum RecordKey {
     ShareGroup {
         group: String,
     },
+    /// The configs of a classic or consumer group set through (Incremental)AlterConfigs
+    /// (Sluice's key version 1000: Kafka keeps group configs in its metadata log).
+    GroupConfigs {
+        group: String,
+    },
+}
+
+/// Key version of [`RecordKey::GroupConfigs`], far from Kafka's own key versions.
+const GROUP_CONFIGS_KEY_VERSION: i16 = 1000;
+
+/// Key v1000: a group's configs.
+pub fn group_configs_key(group: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + group.len());
+    out.extend_from_slice(&GROUP_CONFIGS_KEY_VERSION.to_be_bytes());
+    put_str(&mut out, group);
+    out
+}
+
+/// A group's configs, value v0: `version:i16 consumerSessionTimeoutMs:i32
+/// consumerHeartbeatIntervalMs:i32 tagged`, -1 for a config not set.
+pub fn group_configs_value(c: &super::share::GroupConfigs) -> Vec<u8> {
+    let mut out = Vec::with_capacity(11);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    out.extend_from_slice(&c.consumer_session_timeout_ms.unwrap_or(-1).to_be_bytes());
+    out.extend_from_slice(&c.consumer_heartbeat_interval_ms.unwrap_or(-1).to_be_bytes());
+    out.push(0);
+    out
+}
+
+pub fn decode_group_configs_value(buf: &Bytes) -> Result<super::share::GroupConfigs, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "group configs")?;
+    let session = r.i32()?;
+    let heartbeat = r.i32()?;
+    Ok(super::share::GroupConfigs {
+        consumer_session_timeout_ms: (session > 0).then_some(session),
+        consumer_heartbeat_interval_ms: (heartbeat > 0).then_some(heartbeat),
+        ..Default::default()
+    })
 }
 
 /// A share group as Sluice stores it (value version 0 under key 11; Sluice's own layout, as
@@ -270,6 +320,53 @@ pub fn consumer_member_key(group: &str, member: &str) -> Vec<u8> {
     put_str(&mut out, group);
     put_str(&mut out, member);
     out
+}
+
+/// Key v6: a consumer group's target assignment epoch.
+pub fn target_epoch_key(group: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + group.len());
+    out.extend_from_slice(&6i16.to_be_bytes());
+    put_str(&mut out, group);
+    out
+}
+
+/// Key v7: a consumer group member's target assignment.
+pub fn target_member_key(group: &str, member: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + group.len() + member.len());
+    out.extend_from_slice(&7i16.to_be_bytes());
+    put_str(&mut out, group);
+    put_str(&mut out, member);
+    out
+}
+
+/// `ConsumerGroupTargetAssignmentMetadataValue` v0: the assignment epoch.
+pub fn target_epoch_value(epoch: i32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(7);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.push(0);
+    out
+}
+
+pub fn decode_target_epoch_value(buf: &Bytes) -> Result<i32, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "target assignment epoch")?;
+    r.i32()
+}
+
+/// `ConsumerGroupTargetAssignmentMemberValue` v0: the member's target partitions by topic id.
+pub fn target_member_value(tps: &[([u8; 16], Vec<i32>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(&0i16.to_be_bytes());
+    put_topic_partitions(&mut out, tps);
+    out.push(0);
+    out
+}
+
+pub fn decode_target_member_value(buf: &Bytes) -> Result<TopicIdPartitions, FormatError> {
+    let mut r = Reader { buf, at: 0 };
+    value_version_0(&mut r, "target assignment member")?;
+    r.topic_partitions()
 }
 
 /// Key v8: a consumer group member's current assignment.
@@ -728,6 +825,7 @@ pub fn decode_share_group_value(buf: &Bytes) -> Result<ShareGroupValue, FormatEr
             release_backoff_max_ms,
             dlq_topic,
             dlq_copy_record,
+            ..Default::default()
         },
     })
 }
@@ -765,6 +863,11 @@ pub fn decode_key(buf: &Bytes) -> Result<RecordKey, FormatError> {
             group: r.str()?,
             member: r.str()?,
         }),
+        6 => Ok(RecordKey::ConsumerTargetEpoch { group: r.str()? }),
+        7 => Ok(RecordKey::ConsumerTargetMember {
+            group: r.str()?,
+            member: r.str()?,
+        }),
         8 => Ok(RecordKey::ConsumerAssignment {
             group: r.str()?,
             member: r.str()?,
@@ -774,6 +877,7 @@ pub fn decode_key(buf: &Bytes) -> Result<RecordKey, FormatError> {
             member: r.str()?,
         }),
         11 => Ok(RecordKey::ShareGroup { group: r.str()? }),
+        GROUP_CONFIGS_KEY_VERSION => Ok(RecordKey::GroupConfigs { group: r.str()? }),
         v => Err(FormatError(format!("unknown key version {v}"))),
     }
 }
@@ -1421,6 +1525,26 @@ mod tests {
                 ..Default::default()
             },
         };
+        // Group configs (key v1000): round trip, and unset values stay unset.
+        let k = group_configs_key("g1");
+        assert_eq!(
+            decode_key(&Bytes::from(k)).unwrap(),
+            RecordKey::GroupConfigs { group: "g1".into() }
+        );
+        for c in [
+            crate::group::share::GroupConfigs {
+                consumer_session_timeout_ms: Some(50_000),
+                consumer_heartbeat_interval_ms: Some(7_000),
+                ..Default::default()
+            },
+            crate::group::share::GroupConfigs {
+                consumer_heartbeat_interval_ms: Some(7_000),
+                ..Default::default()
+            },
+        ] {
+            let v = group_configs_value(&c);
+            assert_eq!(decode_group_configs_value(&Bytes::from(v)).unwrap(), c);
+        }
         let gv = share_group_value(&g);
         assert_eq!(
             decode_share_group_value(&Bytes::from(gv.clone())).unwrap(),

@@ -19,8 +19,10 @@ use kafka_protocol::ResponseError as E;
 
 use crate::types::ErrorCode;
 
-use super::consumer::{Assignment, HeartbeatResult, Topics, SUBSCRIBED_TOPICS_MAX};
-use super::coordinator::{Coordinator, Write};
+use super::consumer::{
+    Assignment, ConsumerConfig, HeartbeatResult, Topics, SUBSCRIBED_TOPICS_MAX,
+};
+use super::coordinator::{Coordinator, CoordinatorConfig, Write};
 use super::offsets;
 
 /// Longest member id accepted (KIP-932 ids are client-generated UUIDs, 22-36 characters).
@@ -96,6 +98,10 @@ pub struct GroupConfigs {
     /// `errors.deadletterqueue.copy.record.enable` (KIP-1191): copy the record's key and
     /// value into the dead-letter record (default false: headers only).
     pub dlq_copy_record: Option<bool>,
+    /// `consumer.session.timeout.ms` (KIP-848 groups; stored apart from a share group's).
+    pub consumer_session_timeout_ms: Option<i32>,
+    /// `consumer.heartbeat.interval.ms` (KIP-848 groups).
+    pub consumer_heartbeat_interval_ms: Option<i32>,
 }
 
 /// KIP-1191's group config naming the dead-letter topic.
@@ -116,6 +122,8 @@ pub const RELEASE_BACKOFF_MS_MAX: i32 = 86_400_000;
 
 /// The group configs Sluice knows, with their types (for DescribeConfigs and validation).
 pub const GROUP_CONFIG_KEYS: &[&str] = &[
+    "consumer.heartbeat.interval.ms",
+    "consumer.session.timeout.ms",
     "share.auto.offset.reset",
     "share.record.lock.duration.ms",
     "share.isolation.level",
@@ -203,14 +211,91 @@ impl GroupConfigs {
                     }
                 }
             }
+            "consumer.session.timeout.ms" | "consumer.heartbeat.interval.ms" => {
+                let v = match value {
+                    None => None,
+                    Some(v) => Some(v.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(
+                        || format!("Invalid value {v} for configuration {key}: a positive int expected"),
+                    )?),
+                };
+                if key == "consumer.session.timeout.ms" {
+                    self.consumer_session_timeout_ms = v;
+                } else {
+                    self.consumer_heartbeat_interval_ms = v;
+                }
+            }
             _ => return Err(format!("Unknown group config name: {key}")),
         }
         Ok(())
     }
 
+    /// Kafka's `GroupConfig` checks of the KIP-848 configs against the broker's bounds
+    /// (`group.consumer.{min,max}.{session.timeout,heartbeat.interval}.ms`); the heartbeat
+    /// interval must stay below the session timeout.
+    pub fn check_consumer(&self, cfg: &ConsumerConfig) -> Result<(), String> {
+        if let Some(v) = self.consumer_session_timeout_ms {
+            if !(cfg.session_timeout_ms_min..=cfg.session_timeout_ms_max).contains(&v) {
+                return Err(format!(
+                    "consumer.session.timeout.ms must be between {} and {} (group.consumer.min.session.timeout.ms, group.consumer.max.session.timeout.ms), got {v}",
+                    cfg.session_timeout_ms_min, cfg.session_timeout_ms_max
+                ));
+            }
+        }
+        if let Some(v) = self.consumer_heartbeat_interval_ms {
+            if !(cfg.heartbeat_interval_ms_min..=cfg.heartbeat_interval_ms_max).contains(&v) {
+                return Err(format!(
+                    "consumer.heartbeat.interval.ms must be between {} and {} (group.consumer.min.heartbeat.interval.ms, group.consumer.max.heartbeat.interval.ms), got {v}",
+                    cfg.heartbeat_interval_ms_min, cfg.heartbeat_interval_ms_max
+                ));
+            }
+        }
+        let (session, heartbeat) = self.consumer_timeouts(cfg);
+        if heartbeat >= session {
+            return Err(format!(
+                "consumer.heartbeat.interval.ms ({heartbeat}) must be below consumer.session.timeout.ms ({session})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The session timeout and heartbeat interval a KIP-848 group runs with.
+    pub fn consumer_timeouts(&self, cfg: &ConsumerConfig) -> (i32, i32) {
+        (
+            self.consumer_session_timeout_ms
+                .unwrap_or(cfg.session_timeout_ms),
+            self.consumer_heartbeat_interval_ms
+                .unwrap_or(cfg.heartbeat_interval_ms),
+        )
+    }
+
+    /// Only the KIP-848 configs (what the group-configs record holds).
+    pub fn consumer_part(&self) -> GroupConfigs {
+        GroupConfigs {
+            consumer_session_timeout_ms: self.consumer_session_timeout_ms,
+            consumer_heartbeat_interval_ms: self.consumer_heartbeat_interval_ms,
+            ..Default::default()
+        }
+    }
+
+    /// Whether a `share.*` config is set.
+    pub fn has_share(&self) -> bool {
+        self.auto_offset_reset.is_some()
+            || self.record_lock_duration_ms.is_some()
+            || self.read_committed.is_some()
+    }
+
     /// The value of `key` as a string, and whether it is set on the group (else the default).
-    pub fn get(&self, key: &str, cfg: &ShareConfig) -> Option<(String, bool)> {
+    pub fn get(&self, key: &str, all: &CoordinatorConfig) -> Option<(String, bool)> {
+        let cfg = &all.share;
         Some(match key {
+            "consumer.session.timeout.ms" => (
+                self.consumer_timeouts(&all.consumer).0.to_string(),
+                self.consumer_session_timeout_ms.is_some(),
+            ),
+            "consumer.heartbeat.interval.ms" => (
+                self.consumer_timeouts(&all.consumer).1.to_string(),
+                self.consumer_heartbeat_interval_ms.is_some(),
+            ),
             "share.auto.offset.reset" => (
                 self.auto_offset_reset
                     .unwrap_or_default()
@@ -753,6 +838,65 @@ impl Coordinator {
             .get(group_id)
             .map(|g| g.configs.clone())
             .unwrap_or_default()
+    }
+
+    /// Every config of `group_id` (IncrementalAlterConfigs and DescribeConfigs on a GROUP
+    /// resource): the share group's `share.*` configs and the KIP-848 `consumer.*` ones.
+    pub fn group_configs(&self, group_id: &str) -> GroupConfigs {
+        let mut c = self.share_configs(group_id);
+        let k = self.consumer_configs.get(group_id);
+        c.consumer_session_timeout_ms = k.and_then(|k| k.consumer_session_timeout_ms);
+        c.consumer_heartbeat_interval_ms = k.and_then(|k| k.consumer_heartbeat_interval_ms);
+        c
+    }
+
+    /// Sets every config of `group_id`. The `consumer.*` configs (checked against the broker's
+    /// bounds) apply to any group id and are stored in their own record, applied from the
+    /// group's next heartbeat; `share.*` configs go to the share group as before (created
+    /// empty when unknown; INVALID_GROUP_ID for a classic or consumer group).
+    pub fn set_group_configs(
+        &mut self,
+        group_id: &str,
+        configs: GroupConfigs,
+    ) -> Result<(), (ErrorCode, String)> {
+        configs
+            .check_consumer(&self.config.consumer)
+            .map_err(|m| (ErrorCode::new(E::InvalidConfig), m))?;
+        let is_share = self.share.contains_key(group_id);
+        if configs.has_share() || is_share {
+            self.set_share_configs(group_id, configs.clone())
+                .map_err(|e| (e, format!("group {group_id} is not a share group")))?;
+        }
+        let consumer = configs.consumer_part();
+        let before = self
+            .consumer_configs
+            .get(group_id)
+            .cloned()
+            .unwrap_or_default();
+        if consumer != before {
+            let p = self.partition_of(group_id);
+            let value = (consumer != GroupConfigs::default())
+                .then(|| offsets::group_configs_value(&consumer));
+            self.writes.push(Write {
+                partition: p,
+                key: offsets::group_configs_key(group_id),
+                value,
+            });
+            self.load_group_configs(group_id, Some(consumer));
+        }
+        Ok(())
+    }
+
+    /// A group-configs record read back (`None`: deleted).
+    pub fn load_group_configs(&mut self, group_id: &str, configs: Option<GroupConfigs>) {
+        match configs.filter(|c| *c != GroupConfigs::default()) {
+            Some(c) => {
+                self.consumer_configs.insert(group_id.to_string(), c);
+            }
+            None => {
+                self.consumer_configs.remove(group_id);
+            }
+        }
     }
 
     /// Deletes an empty share group (DeleteGroups).

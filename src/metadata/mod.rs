@@ -60,6 +60,9 @@ pub struct BrokerInfo {
     pub port: u16,
     /// Its shard count (partitions are given a shard below it).
     pub shards: u32,
+    /// Its rack (`--rack`, Kafka's `broker.rack`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
 }
 
 impl TopicMeta {
@@ -545,6 +548,7 @@ mod tests {
                 host: "h1".into(),
                 port: 9092,
                 shards: 2,
+                rack: None,
             }),
             Record::CreateTopic(t),
             Record::AddPartitions {

@@ -101,3 +101,59 @@ def test_members_share_partitions_through_joins_and_leaves_without_duplicates():
         c2.close()
     finally:
         broker.stop()
+
+
+def test_admin_clients_describe_a_consumer_protocol_group_as_kafka_4_does():
+    """kafka-python's describe_groups speaks DescribeGroups only: a KIP-848 group is not a
+    classic group, so Kafka 4 (and Sluice) answers GROUP_ID_NOT_FOUND "Group … is not a classic
+    group." with state Dead and no members, while a classic group next to it is described with
+    its members. confluent-kafka's describe_consumer_groups uses ConsumerGroupDescribe and shows
+    the KIP-848 group with its type, assignor and members' assignments."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.consumer import KafkaConsumer
+
+    broker = start_broker()
+    try:
+        topic = create_topic(broker, 4)
+        group = f"d848-{uuid.uuid4().hex[:6]}"
+        c1, c2 = consumer(broker, group), consumer(broker, group)
+        c1.subscribe([topic])
+        c2.subscribe([topic])
+        seen = []
+        poll_until([c1, c2], seen, lambda: len(owned(c1)) == 2 and len(owned(c2)) == 2)
+        # A classic group on the same topic, for comparison.
+        classic = f"dclassic-{uuid.uuid4().hex[:6]}"
+        kc = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, group_id=classic,
+                           auto_offset_reset="earliest", consumer_timeout_ms=200)
+        deadline = time.monotonic() + WAIT
+        while not kc.assignment():
+            kc.poll(timeout_ms=100)
+            assert time.monotonic() < deadline, "the classic consumer got no assignment"
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=30_000)
+        try:
+            d = admin.describe_groups([group, classic])
+        finally:
+            admin.close()
+        kip848 = d[group]
+        assert kip848["error"] is not None and "GroupIdNotFound" in kip848["error"], kip848
+        assert f"Group {group} is not a classic group." in kip848["error"], kip848
+        assert kip848["group_state"] == "Dead" and kip848["members"] == [], kip848
+        assert d[classic]["error"] is None, d[classic]
+        assert d[classic]["group_state"] == "Stable", d[classic]
+        assert d[classic]["protocol_type"] == "consumer", d[classic]
+        assert len(d[classic]["members"]) == 1, d[classic]
+        kc.close()
+
+        cadmin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        desc = cadmin.describe_consumer_groups([group])[group].result(timeout=30)
+        assert desc.type.name == "CONSUMER", desc.type
+        assert desc.partition_assignor == "uniform", desc.partition_assignor
+        assert desc.state.name == "STABLE", desc.state
+        parts = sorted(tp.partition for m in desc.members for tp in m.assignment.topic_partitions)
+        assert parts == [0, 1, 2, 3], parts
+        ids = {m.member_id for m in desc.members}
+        assert len(ids) == 2, ids
+        c1.close()
+        c2.close()
+    finally:
+        broker.stop()

@@ -49,7 +49,8 @@ impl ClassicInfo {
     }
 }
 
-/// Queues the records of one call into a consumer group: group epoch first, then members,
+/// Queues the records of one call into a consumer group: group epoch first, then members'
+/// metadata, the target assignment (members' targets, then its epoch), current assignments,
 /// then tombstones (replay applies them in that order).
 pub(super) fn queue_changes(
     writes: &mut Vec<Write>,
@@ -65,6 +66,9 @@ pub(super) fn queue_changes(
         if let Some(m) = cg.members.get(id) {
             writes.push(member_record(gid, m, partition));
         }
+    }
+    if ch.target {
+        writes.extend(target_records(gid, cg, partition));
     }
     for id in &ch.member_assignment {
         if let Some(m) = cg.members.get(id) {
@@ -179,6 +183,7 @@ impl Coordinator {
                         if let Some(t) = cg.target.remove(&old) {
                             cg.target.insert(member_id.clone(), t);
                         }
+                        ch.target = true;
                         ch.removed.push(old.clone());
                         m.id = member_id.clone();
                         m.left_static = false;
@@ -246,7 +251,7 @@ impl Coordinator {
         let owned = by_id(&sub.owned.unwrap_or_default(), topics);
         refresh_metadata(cg, topics, &mut ch);
         if cg.assignment_epoch < cg.epoch {
-            compute_target(cg, &cfg, topics);
+            compute_target(cg, &cfg, topics, &mut ch);
         }
         reconcile(cg, &member_id, Some(&owned), now_ms, &mut ch);
         let m = cg.members.get_mut(&member_id).expect("present");
@@ -479,6 +484,7 @@ impl Coordinator {
         cg.assignment_epoch = generation;
         cg.assignor = pick_assignor(&cg, &cfg);
         ch.epoch_bumped = true;
+        ch.target = true;
         tracing::info!(group = %req.group_id, generation, members = cg.members.len(),
             "classic group upgraded to a consumer group");
         // The classic record goes first: replaying its tombstone keeps the offsets and the
@@ -531,11 +537,7 @@ impl Coordinator {
             ch.removed.push(id.clone());
         }
         queue_changes(&mut self.writes, group_id, &cg, &ch, partition);
-        self.writes.push(Write {
-            partition,
-            key: offsets::consumer_group_key(group_id),
-            value: None,
-        });
+        self.writes.extend(group_tombstones(group_id, partition));
         group.members.clear();
         group.static_members.clear();
         group.pending_members.clear();

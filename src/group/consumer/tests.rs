@@ -228,6 +228,8 @@ fn uniform_assignor_is_balanced_and_sticky() {
         ],
         partitions: topics.0.values().map(|(id, n)| (*id, *n)).collect(),
         previous: &previous,
+        member_racks: HashMap::new(),
+        partition_racks: HashMap::new(),
     };
     let first = assign_uniform(&input);
     let mut counts: Vec<usize> = first.values().map(count).collect();
@@ -243,6 +245,8 @@ fn uniform_assignor_is_balanced_and_sticky() {
         ],
         partitions: topics.0.values().map(|(id, n)| (*id, *n)).collect(),
         previous: &first,
+        member_racks: HashMap::new(),
+        partition_racks: HashMap::new(),
     };
     let second = assign_uniform(&input);
     let mut counts: Vec<usize> = second.values().map(count).collect();
@@ -254,6 +258,91 @@ fn uniform_assignor_is_balanced_and_sticky() {
             "{m} lost partitions it could keep"
         );
     }
+}
+
+/// Partitions 0..n of topic `T`, replica racks alternating over `racks`.
+fn racked(n: i32, racks: &[&str]) -> HashMap<([u8; 16], i32), BTreeSet<String>> {
+    (0..n)
+        .map(|p| ((T, p), [racks[p as usize % racks.len()].to_string()].into()))
+        .collect()
+}
+
+#[test]
+fn assignors_prefer_partitions_with_replicas_on_the_members_rack() {
+    let subs: BTreeSet<[u8; 16]> = [T].into();
+    let previous = HashMap::new();
+    // Partitions 0, 2, 4 have their replica on rack r1; 1, 3, 5 on r2.
+    let input = AssignInput {
+        members: vec![("a", subs.clone()), ("b", subs.clone())],
+        partitions: [(T, 6)].into(),
+        previous: &previous,
+        member_racks: [("a", "r2"), ("b", "r1")].into(),
+        partition_racks: racked(6, &["r1", "r2"]),
+    };
+    for (name, got) in [
+        ("uniform", assign_uniform(&input)),
+        ("range", assign_range(&input)),
+    ] {
+        assert_eq!(parts(&got["a"], T), vec![1, 3, 5], "{name}");
+        assert_eq!(parts(&got["b"], T), vec![0, 2, 4], "{name}");
+    }
+    // More partitions on one rack than its members may take: balance wins, the surplus goes
+    // elsewhere. Rack r1 holds 0, 1, 2, 3 (of 4), and only `b` is on it.
+    let input = AssignInput {
+        partition_racks: racked(4, &["r1"]),
+        partitions: [(T, 4)].into(),
+        ..input
+    };
+    for (name, got) in [
+        ("uniform", assign_uniform(&input)),
+        ("range", assign_range(&input)),
+    ] {
+        assert_eq!(count(&got["a"]), 2, "{name}: balanced");
+        assert_eq!(count(&got["b"]), 2, "{name}: balanced");
+    }
+    // Without racks (no member rack, or no replica rack) the assignments are as before:
+    // contiguous ranges for `range`.
+    let input = AssignInput {
+        member_racks: HashMap::new(),
+        partition_racks: HashMap::new(),
+        partitions: [(T, 6)].into(),
+        ..input
+    };
+    let got = assign_range(&input);
+    assert_eq!(parts(&got["a"], T), vec![0, 1, 2]);
+    assert_eq!(parts(&got["b"], T), vec![3, 4, 5]);
+}
+
+/// Topics whose partitions' replicas sit on racks: the member's heartbeat `rack_id` steers the
+/// target through the coordinator.
+#[test]
+fn the_rack_of_a_members_heartbeat_steers_its_target() {
+    struct Racked(Map);
+    impl Topics for Racked {
+        fn by_name(&self, name: &str) -> Option<([u8; 16], i32)> {
+            self.0.by_name(name)
+        }
+        fn by_id(&self, id: &[u8; 16]) -> Option<(String, i32)> {
+            self.0.by_id(id)
+        }
+        fn names(&self) -> Vec<String> {
+            self.0.names()
+        }
+        fn racks(&self, _id: &[u8; 16], p: i32) -> BTreeSet<String> {
+            [if p < 2 { "east" } else { "west" }.to_string()].into()
+        }
+    }
+    let topics = Racked(Map::default().with("t", 1, 4));
+    let mut c = coordinator();
+    let mut a = join("a", &["t"]);
+    a.rack_id = Some("west".into());
+    let mut b = join("b", &["t"]);
+    b.rack_id = Some("east".into());
+    assert_eq!(c.consumer_heartbeat(a, &topics, 0).error, ErrorCode::NONE);
+    assert_eq!(c.consumer_heartbeat(b, &topics, 1).error, ErrorCode::NONE);
+    let cg = c.group("g").unwrap().consumer.as_ref().unwrap();
+    assert_eq!(parts(&cg.target["a"], T), vec![2, 3]);
+    assert_eq!(parts(&cg.target["b"], T), vec![0, 1]);
 }
 
 #[test]
@@ -550,6 +639,61 @@ fn queued_records_replay_into_the_same_members_and_assignments() {
         a.owned = x;
     }
     assert_eq!(count(&a.owned), 4);
+}
+
+/// Replays records into a fresh coordinator, as a restart does.
+fn replayed(log: &[crate::group::coordinator::Write]) -> Coordinator {
+    let mut fresh = coordinator();
+    for (i, w) in log.iter().enumerate() {
+        let rec = crate::protocol::records::Record {
+            offset: i as i64,
+            timestamp_ms: 0,
+            key: Some(Bytes::from(w.key.clone())),
+            value: w.value.clone().map(Bytes::from),
+            headers: vec![],
+        };
+        assert!(crate::group::apply_record(&mut fresh, &rec, 100));
+    }
+    fresh
+}
+
+#[test]
+fn the_target_assignment_is_replayed_mid_reconciliation() {
+    let mut c = coordinator();
+    let topics = Map::default().with("t", 1, 6);
+    // `a` holds everything; `b` joins: a new target, `a` has not revoked yet.
+    let a = Client::join(&mut c, &topics, "a", &["t"], 0);
+    let _b = Client::join(&mut c, &topics, "b", &["t"], 1);
+    let orig = c.group("g").unwrap().consumer.as_ref().unwrap().clone();
+    assert_eq!(orig.assignment_epoch, orig.epoch);
+    assert_eq!(
+        count(&orig.members["a"].assigned),
+        6,
+        "a has not reconciled"
+    );
+    let mut log = c.take_writes();
+    let mut fresh = replayed(&log);
+    let cg = fresh.group("g").unwrap().consumer.as_ref().unwrap();
+    assert_eq!(cg.epoch, orig.epoch);
+    assert_eq!(
+        cg.assignment_epoch, orig.assignment_epoch,
+        "no recomputation pending"
+    );
+    assert_eq!(cg.target, orig.target);
+    assert_eq!(cg.assignor, orig.assignor);
+    // `a` carries on against the restarted coordinator: it keeps exactly its pre-restart
+    // target and revokes the rest.
+    let r = fresh.consumer_heartbeat(beat("a", a.epoch, Some(&a.owned)), &topics, 200);
+    assert_eq!(r.error, ErrorCode::NONE);
+    assert_eq!(r.assignment.expect("a revocation"), orig.target["a"]);
+    // A member that leaves takes its target with it.
+    let mut leave = beat("b", -1, None);
+    leave.member_epoch = -1;
+    fresh.consumer_heartbeat(leave, &topics, 300);
+    log.extend(fresh.take_writes());
+    let again = replayed(&log);
+    let cg = again.group("g").unwrap().consumer.as_ref().unwrap();
+    assert_eq!(cg.target.keys().collect::<Vec<_>>(), vec!["a"]);
 }
 
 #[test]

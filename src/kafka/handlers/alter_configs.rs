@@ -118,8 +118,9 @@ pub async fn alter(resources: Vec<Resource>, validate_only: bool) -> Vec<(ErrorC
     out
 }
 
-/// Changes a group's configs (the share-group configs, `share.*`): validated, then stored with
-/// the group in `__consumer_offsets` unless `validate_only`.
+/// Changes a group's configs (the share-group configs, `share.*`, and the KIP-848 ones,
+/// `consumer.session.timeout.ms` and `consumer.heartbeat.interval.ms`): validated, then stored
+/// in `__consumer_offsets` unless `validate_only`.
 async fn alter_group_configs(
     group: String,
     change: ConfigChange,
@@ -130,7 +131,7 @@ async fn alter_group_configs(
     }
     let gid = group.clone();
     let r = crate::group::on_coordinator(&group, move |gs| async move {
-        let mut cfg = gs.coordinator.borrow().share_configs(&gid);
+        let mut cfg = gs.coordinator.borrow().group_configs(&gid);
         let invalid = |m: String| (code(ResponseError::InvalidConfig), m);
         match change {
             ConfigChange::Replace(all) => {
@@ -154,11 +155,11 @@ async fn alter_group_configs(
             }
         }
         if validate_only {
-            return Ok(());
+            return cfg
+                .check_consumer(&gs.coordinator.borrow().config.consumer)
+                .map_err(invalid);
         }
-        gs.with(|c, _| c.set_share_configs(&gid, cfg))
-            .await
-            .map_err(|e| (e, format!("group {gid} is not a share group")))
+        gs.with(|c, _| c.set_group_configs(&gid, cfg)).await
     })
     .await;
     match r {

@@ -77,8 +77,13 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                                 )
                                 .with_assignment(assignment(m.assignment))
                                 .with_target_assignment(assignment(m.target_assignment))
-                                // v1: 1 = a member of the consumer protocol (0: classic).
-                                .with_member_type(if version >= 1 { 1 } else { -1 })
+                                // v1 (KIP-1099): 0 a classic member of a mixed group,
+                                // 1 a consumer-protocol member; v0 has no member type.
+                                .with_member_type(match (version >= 1, m.classic) {
+                                    (false, _) => -1,
+                                    (true, true) => 0,
+                                    (true, false) => 1,
+                                })
                         })
                         .collect(),
                 ),

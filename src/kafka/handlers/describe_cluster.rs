@@ -40,6 +40,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 .with_broker_id(BrokerId(b.id))
                 .with_host(str_bytes(&b.host))
                 .with_port(b.port as i32)
+                .with_rack(b.rack.as_deref().map(str_bytes))
                 .with_is_fenced(b.fenced && req.version >= 2)
         })
         .collect();

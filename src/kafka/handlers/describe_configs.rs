@@ -201,10 +201,10 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 let g = gid.clone();
                 let got = crate::group::on_coordinator(&gid, move |gs| async move {
                     let c = gs.coordinator.borrow();
-                    let cfg = c.share_configs(&g);
+                    let cfg = c.group_configs(&g);
                     crate::group::share::GROUP_CONFIG_KEYS
                         .iter()
-                        .filter_map(|k| cfg.get(k, &c.config.share).map(|(v, set)| (*k, v, set)))
+                        .filter_map(|k| cfg.get(k, &c.config).map(|(v, set)| (*k, v, set)))
                         .collect::<Vec<_>>()
                 })
                 .await;

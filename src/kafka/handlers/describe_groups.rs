@@ -1,6 +1,9 @@
 //! DescribeGroups, versions 0-6 (flexible from 5; v3+ authorized operations: every group operation when asked, as Kafka without an authorizer; v4+ instance ids;
 //! v6 error messages and GROUP_ID_NOT_FOUND for unknown groups, KIP-1043). Member metadata and
-//! assignments are filled in only for Stable groups, as Kafka does.
+//! assignments are filled in only for Stable groups, as Kafka does. A KIP-848 consumer group
+//! (with classic members or not) is not a classic group: Kafka 4 answers it like an unknown
+//! group (Dead, no members; v6: GROUP_ID_NOT_FOUND "Group … is not a classic group."), and so
+//! does Sluice; ConsumerGroupDescribe describes it.
 
 use bytes::Bytes;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
@@ -56,7 +59,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .with_protocol_data(str_bytes(&d.protocol))
                     .with_members(members);
                 if version >= 6 && d.error.is_error() {
-                    out.error_message = Some(str_bytes("group not found"));
+                    out.error_message = d.message.as_deref().map(str_bytes);
                 }
                 out
             }

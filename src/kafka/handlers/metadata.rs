@@ -73,6 +73,7 @@ pub struct ListedBroker {
     pub host: String,
     pub port: u16,
     pub fenced: bool,
+    pub rack: Option<String>,
 }
 
 /// What this node reports of a partition with replicas: its leader (-1 for none known) and
@@ -157,6 +158,7 @@ pub fn listed_brokers(broker: &BrokerContext, include_fenced: bool) -> Vec<Liste
                     host: b.host.clone(),
                     port: b.port,
                     fenced,
+                    rack: b.rack.clone(),
                 });
             }
         }
@@ -167,6 +169,7 @@ pub fn listed_brokers(broker: &BrokerContext, include_fenced: bool) -> Vec<Liste
             host: broker.config.advertise_host.clone(),
             port: broker.config.advertise_port,
             fenced: false,
+            rack: broker.config.rack.clone(),
         });
     }
     out
@@ -180,6 +183,7 @@ fn brokers(broker: &BrokerContext) -> Vec<MetadataResponseBroker> {
                 .with_node_id(BrokerId(b.id))
                 .with_host(str_bytes(&b.host))
                 .with_port(b.port as i32)
+                .with_rack(b.rack.as_deref().map(str_bytes))
         })
         .collect()
 }

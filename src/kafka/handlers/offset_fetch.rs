@@ -3,6 +3,9 @@
 //! answer offset -1 with no error, as Kafka does. With `require_stable` (v7+, KIP-447) a partition
 //! whose offset an open transaction has committed answers UNSTABLE_OFFSET_COMMIT (clients
 //! retry), so a consumer taking over never starts from an offset that is about to change.
+//! From v9 a KIP-848 member sends its member id and epoch: checked against a consumer group
+//! as Kafka does (UNKNOWN_MEMBER_ID, STALE_MEMBER_EPOCH; no id and epoch -1 skip the check, as
+//! admin clients send), the error answered for the whole group.
 
 use bytes::Bytes;
 use kafka_protocol::messages::offset_fetch_response::{
@@ -22,18 +25,20 @@ type Fetched = Vec<(String, i32, Option<OffsetValue>)>;
 /// Committed offsets of one topic: `(partition, offset)`.
 type TopicOffsets = (String, Vec<(i32, Option<OffsetValue>)>);
 
-/// The committed offsets of one group, or a coordinator error.
+/// The committed offsets of one group, or a coordinator error (the group's, or the member's
+/// from v9: see `check_consumer_fetch`).
 async fn fetch(
     group_id: String,
+    member: (Option<String>, i32),
     wanted: Option<Vec<(String, Vec<i32>)>>,
     require_stable: bool,
 ) -> Result<Fetched, crate::types::ErrorCode> {
     let gid = group_id.clone();
     on_coordinator(&group_id, move |gs| async move {
-        let mut rows = gs
-            .coordinator
-            .borrow()
-            .fetch_offsets(&gid, wanted.as_deref());
+        let c = gs.coordinator.borrow();
+        c.check_consumer_fetch(&gid, member.0.as_deref(), member.1)?;
+        let mut rows = c.fetch_offsets(&gid, wanted.as_deref());
+        drop(c);
         if require_stable {
             let pending = gs.pending_txn.borrow();
             for (t, p, v) in rows.iter_mut() {
@@ -48,9 +53,9 @@ async fn fetch(
                 }
             }
         }
-        rows
+        Ok(rows)
     })
-    .await
+    .await?
 }
 
 /// Marks a row whose offset an open transaction holds (never a real offset).
@@ -107,7 +112,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     .collect::<Vec<_>>()
             });
             let stable = request.require_stable;
-            let (error, rows) = match fetch(g.group_id.to_string(), wanted, stable).await {
+            let member = (g.member_id.map(|m| m.to_string()), g.member_epoch);
+            let (error, rows) = match fetch(g.group_id.to_string(), member, wanted, stable).await {
                 Ok(rows) => (NONE, rows),
                 Err(e) => (e, vec![]),
             };
@@ -148,7 +154,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     });
     let requested = wanted.clone();
     let stable = version >= 7 && request.require_stable;
-    let (error, rows) = match fetch(request.group_id.to_string(), wanted, stable).await {
+    let (error, rows) = match fetch(request.group_id.to_string(), (None, -1), wanted, stable).await
+    {
         Ok(rows) => (NONE, rows),
         Err(e) => {
             // v1 has no top-level error: report it on every requested partition.

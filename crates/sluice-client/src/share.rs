@@ -139,6 +139,9 @@ pub struct Fetched {
     pub error_message: Option<String>,
     pub acquisition_lock_timeout_ms: i32,
     pub partitions: Vec<FetchedPartition>,
+    /// Outcomes of acknowledgements sent in a ShareAcknowledge before the fetch (those of
+    /// partitions the fetch forgot).
+    pub acknowledged: Vec<(SharePartition, i16)>,
 }
 
 /// Per partition: the outcome of a ShareAcknowledge.
@@ -222,7 +225,35 @@ impl ShareSession {
                 "acknowledgements cannot open a share session (epoch 0)"
             ));
         }
-        self.fetch_at(c, self.epoch, limits, acks).await
+        // Acknowledgements of partitions this request forgets go first, on their own: a
+        // partition is not both named and forgotten in one request, and forgetting releases
+        // what the member still holds there.
+        let (early, rest): (Acks, Acks) = acks
+            .iter()
+            .map(|(p, a)| (*p, a.clone()))
+            .partition(|(p, _)| self.open.contains(p) && !self.wanted.contains(p));
+        let mut acknowledged = vec![];
+        if !early.is_empty() {
+            let r = self.acknowledge(c, &early).await?;
+            acknowledged = early
+                .keys()
+                .map(|p| {
+                    let code = if r.error_code != 0 {
+                        r.error_code
+                    } else {
+                        r.partitions
+                            .iter()
+                            .find(|(q, _)| q == p)
+                            .map(|(_, e)| *e)
+                            .unwrap_or(r.error_code)
+                    };
+                    (*p, code)
+                })
+                .collect();
+        }
+        let mut f = self.fetch_at(c, self.epoch, limits, &rest).await?;
+        f.acknowledged = acknowledged;
+        Ok(f)
     }
 
     /// Closes the session (epoch -1) after applying `acks`; the broker releases what the member
@@ -328,6 +359,7 @@ impl ShareSession {
             error_code: r.error_code,
             error_message: r.error_message.map(|m| m.to_string()),
             acquisition_lock_timeout_ms: r.acquisition_lock_timeout_ms,
+            acknowledged: vec![],
             partitions: r
                 .responses
                 .into_iter()

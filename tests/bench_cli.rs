@@ -632,9 +632,10 @@ fn share_consume_measures_redelivery_after_lock_expiry() {
     assert!(held >= 50, "{j}");
     assert!(n(&j, "shareRedeliveries") >= 50, "{j}");
     assert_eq!(n(&j, "shareDistinct"), 500, "{j}");
-    // Not before the lock expired.
+    // Not before the lock expired (timed from the arrival of the holder's answer, a little
+    // after the broker acquired).
     let p50 = j["lockRedeliveryLatency50pct"].as_f64().unwrap_or(0.0);
-    assert!(p50 >= 1000.0, "{j}");
+    assert!(p50 >= 900.0, "{j}");
 }
 
 #[test]

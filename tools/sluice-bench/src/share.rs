@@ -88,7 +88,7 @@ impl Seen {
 }
 
 /// What the run's members share: the offsets seen, and the records holding members acquired
-/// with when (the start of the ShareFetch that acquired them).
+/// with when (the arrival of the ShareFetch answer that acquired them).
 #[derive(Debug, Default)]
 pub struct Shared {
     pub seen: Mutex<Seen>,
@@ -354,7 +354,6 @@ async fn fetch_loop(
             pending.settle(stats, |_| None);
         }
         let sending = std::mem::take(&mut pending.acks);
-        let asked = Instant::now();
         let r = session.fetch(&mut conn, spec.limits, &sending).await?;
         pending.acks = sending;
         match r.error_code {
@@ -405,8 +404,10 @@ async fn fetch_loop(
             }
             {
                 let mut h = shared.held.lock().map_err(|_| anyhow!("poisoned"))?;
+                // The lock starts when the broker acquires, just before it answers: the
+                // answer's arrival (a fetch that long-polled began well before).
                 for k in &held_now {
-                    h.insert(*k, asked);
+                    h.insert(*k, now);
                 }
             }
             stats.share.held.fetch_add(held_now.len() as u64, Relaxed);

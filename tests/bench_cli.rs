@@ -493,3 +493,172 @@ fn exactly_once_loop_copies_each_input_record_once_across_aborts() {
     let j = run(&["--duration", "2s"]);
     assert_eq!(j["committedRecords"].as_u64().unwrap_or(0), 0, "{j}");
 }
+
+/// Produces `count` records of 100 bytes to a new `topic` of `partitions` partitions.
+fn produce_records(addr: &str, topic: &str, partitions: &str, count: u64) {
+    let j = bench_json(&[
+        "produce",
+        "--brokers",
+        addr,
+        "--topic",
+        topic,
+        "--partitions",
+        partitions,
+        "--size",
+        "100",
+        "--batch-bytes",
+        "1000",
+        "--count",
+        &count.to_string(),
+    ]);
+    assert_eq!(j["publishRecords"], serde_json::json!(count));
+}
+
+fn n(j: &serde_json::Value, key: &str) -> u64 {
+    j[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing: {j}"))
+}
+
+#[test]
+fn share_consume_accepts_every_record_exactly_once() {
+    let b = start_broker();
+    produce_records(&b.addr, "share-all", "3", 3000);
+    for (group, mode) in [("share-all-p", "piggyback"), ("share-all-e", "explicit")] {
+        let j = bench_json(&[
+            "share-consume",
+            "--brokers",
+            &b.addr,
+            "--topic",
+            "share-all",
+            "--group",
+            group,
+            "--consumers",
+            "3",
+            "--ack-mode",
+            mode,
+            "--max-records",
+            "200",
+            "--count",
+            "3000",
+            "--duration",
+            "60s",
+        ]);
+        // Every record delivered once, to one member, and accepted.
+        assert_eq!(n(&j, "shareDistinct"), 3000, "{mode}: {j}");
+        assert_eq!(n(&j, "shareDuplicates"), 0, "{mode}: {j}");
+        assert_eq!(n(&j, "shareDeliveries"), 3000, "{mode}: {j}");
+        assert_eq!(n(&j, "shareRedeliveries"), 0, "{mode}: {j}");
+        assert_eq!(n(&j, "shareAccepted"), 3000, "{mode}: {j}");
+        assert_eq!(
+            n(&j, "shareReleased") + n(&j, "shareRejected"),
+            0,
+            "{mode}: {j}"
+        );
+        assert_eq!(n(&j, "shareAckErrors"), 0, "{mode}: {j}");
+        assert_eq!(n(&j, "consumeRecords"), 3000, "{mode}: {j}");
+        assert!(
+            j["endToEndLatency50pct"].as_f64().unwrap_or(0.0) > 0.0,
+            "{j}"
+        );
+    }
+}
+
+#[test]
+fn share_consume_releases_come_back_with_higher_delivery_counts() {
+    let b = start_broker();
+    produce_records(&b.addr, "share-rel", "1", 1000);
+    // Two members share the one partition; a fifth of the first deliveries are released, a
+    // tenth rejected.
+    let j = bench_json(&[
+        "share-consume",
+        "--brokers",
+        &b.addr,
+        "--topic",
+        "share-rel",
+        "--group",
+        "share-rel-g",
+        "--consumers",
+        "2",
+        "--release-ratio",
+        "0.2",
+        "--reject-ratio",
+        "0.1",
+        "--max-records",
+        "100",
+        "--count",
+        "1000",
+        "--duration",
+        "60s",
+    ]);
+    let released = n(&j, "shareReleased");
+    let rejected = n(&j, "shareRejected");
+    assert!((100..=300).contains(&released), "{j}");
+    assert!((40..=160).contains(&rejected), "{j}");
+    // Each released record came back once (delivery count 2) and was accepted then.
+    assert_eq!(n(&j, "shareRedeliveries"), released, "{j}");
+    assert_eq!(n(&j, "shareDuplicates"), released, "{j}");
+    assert_eq!(n(&j, "shareDistinct"), 1000, "{j}");
+    assert_eq!(n(&j, "shareAccepted") + rejected, 1000, "{j}");
+    assert_eq!(n(&j, "shareAckErrors"), 0, "{j}");
+}
+
+#[test]
+fn share_consume_measures_redelivery_after_lock_expiry() {
+    let b = start_broker();
+    produce_records(&b.addr, "share-lock", "1", 500);
+    // One member acquires 50 records and never acknowledges; the other gets them once the
+    // group's 1 s lock expires.
+    let j = bench_json(&[
+        "share-consume",
+        "--brokers",
+        &b.addr,
+        "--topic",
+        "share-lock",
+        "--group",
+        "share-lock-g",
+        "--consumers",
+        "2",
+        "--hold",
+        "1",
+        "--lock-duration-ms",
+        "1000",
+        "--max-records",
+        "50",
+        "--duration",
+        "4s",
+    ]);
+    let held = n(&j, "shareHeld");
+    assert!(held >= 50, "{j}");
+    assert!(n(&j, "shareRedeliveries") >= 50, "{j}");
+    assert_eq!(n(&j, "shareDistinct"), 500, "{j}");
+    // Not before the lock expired (timed from the arrival of the holder's answer, a little
+    // after the broker acquired).
+    let p50 = j["lockRedeliveryLatency50pct"].as_f64().unwrap_or(0.0);
+    assert!(p50 >= 900.0, "{j}");
+}
+
+#[test]
+fn share_consume_flags_are_checked_before_connecting() {
+    for args in [
+        &["share-consume"][..],
+        &["share-consume", "--group", "g", "--release-ratio", "1.5"],
+        &[
+            "share-consume",
+            "--group",
+            "g",
+            "--release-ratio",
+            "0.6",
+            "--reject-ratio",
+            "0.6",
+        ],
+        &["share-consume", "--group", "g", "--hold", "1"],
+        &["share-consume", "--group", "g", "--lock-duration-ms", "10"],
+        &["share-consume", "--group", "g", "--max-records", "0"],
+    ] {
+        let o = run_bench(args, Duration::from_secs(10));
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let lines = stderr_lines(&o);
+        assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
+    }
+}

@@ -287,8 +287,6 @@ pub async fn topic_configs<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Connection<S>,
     name: &str,
 ) -> Result<Vec<DescribeConfigsResourceResult>> {
-    /// DescribeConfigs resource type of a topic.
-    const RESOURCE_TOPIC: i8 = 2;
     let req =
         DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
             .with_resource_type(RESOURCE_TOPIC)
@@ -321,9 +319,35 @@ pub enum ConfigOp {
     Subtract(String, String),
 }
 
+/// IncrementalAlterConfigs resource types.
+pub const RESOURCE_TOPIC: i8 = 2;
+/// A group (share-group configs such as `share.record.lock.duration.ms`, KIP-932).
+pub const RESOURCE_GROUP: i8 = 32;
+
 /// Changes a topic's configs with IncrementalAlterConfigs (`validate_only`: checks only).
 pub async fn alter_topic_configs<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Connection<S>,
+    name: &str,
+    ops: &[ConfigOp],
+    validate_only: bool,
+) -> Result<()> {
+    alter_configs(c, RESOURCE_TOPIC, name, ops, validate_only).await
+}
+
+/// Changes a group's configs with IncrementalAlterConfigs (share groups: KIP-932's
+/// `share.auto.offset.reset`, `share.record.lock.duration.ms`, `share.isolation.level`).
+pub async fn alter_group_configs<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    group: &str,
+    ops: &[ConfigOp],
+) -> Result<()> {
+    alter_configs(c, RESOURCE_GROUP, group, ops, false).await
+}
+
+/// IncrementalAlterConfigs of one resource of `resource_type`.
+pub async fn alter_configs<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Connection<S>,
+    resource_type: i8,
     name: &str,
     ops: &[ConfigOp],
     validate_only: bool,
@@ -332,8 +356,6 @@ pub async fn alter_topic_configs<S: AsyncRead + AsyncWrite + Unpin>(
         AlterConfigsResource, AlterableConfig,
     };
     use kafka_protocol::messages::IncrementalAlterConfigsRequest;
-    /// IncrementalAlterConfigs resource type of a topic.
-    const RESOURCE_TOPIC: i8 = 2;
     let configs = ops
         .iter()
         .map(|op| {
@@ -351,7 +373,7 @@ pub async fn alter_topic_configs<S: AsyncRead + AsyncWrite + Unpin>(
         .collect();
     let req = IncrementalAlterConfigsRequest::default()
         .with_resources(vec![AlterConfigsResource::default()
-            .with_resource_type(RESOURCE_TOPIC)
+            .with_resource_type(resource_type)
             .with_resource_name(s(name))
             .with_configs(configs)])
         .with_validate_only(validate_only);

@@ -25,6 +25,10 @@ pub mod code {
     pub const MEMBER_ID_REQUIRED: i16 = 79;
     pub const UNSTABLE_OFFSET_COMMIT: i16 = 88;
     pub const PRODUCER_FENCED: i16 = 90;
+    pub const FENCED_MEMBER_EPOCH: i16 = 110;
+    pub const INVALID_RECORD_STATE: i16 = 121;
+    pub const SHARE_SESSION_NOT_FOUND: i16 = 122;
+    pub const INVALID_SHARE_SESSION_EPOCH: i16 = 123;
 }
 
 /// The protocol guide's name of a Kafka error code (`TOPIC_ALREADY_EXISTS`), or `error code N`

@@ -10,6 +10,7 @@
 //! | [`error`] | Kafka error codes as one-line errors naming the error (`TOPIC_ALREADY_EXISTS`) |
 //! | [`admin`] | metadata, topics, partitions, offsets, configs, producer ids, group administration |
 //! | [`group`] | classic consumer-group membership calls: coordinator, join, sync, heartbeat, commit, leave |
+//! | [`share`] | share-group (KIP-932) calls: ShareGroupHeartbeat, ShareFetch and ShareAcknowledge in a share session, acquired records picked out of fetched batches |
 //! | [`txn`] | transactional-producer calls (KIP-98, transaction version 1): InitProducerId with a transactional id, AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit, EndTxn |
 //!
 //! A [`Connection`] is generic over `futures_lite::{AsyncRead, AsyncWrite}`: the load generator
@@ -21,6 +22,7 @@ pub mod conn;
 pub mod error;
 pub mod frame;
 pub mod group;
+pub mod share;
 pub mod txn;
 pub mod versions;
 

@@ -48,6 +48,28 @@ pub enum Command {
             produce line counts output batches acked (MB = bytes of record batches)."
     )]
     ExactlyOnce(ExactlyOnceCmd),
+    /// Consume as members of a share group (KIP-932): each record is acquired by one member
+    /// under a lock and acknowledged (accept, release or reject) one by one.
+    #[command(
+        name = "share-consume",
+        long_about = "Consume as members of a share group (KIP-932 queues).\n\
+            Each consumer is a member of --group (ShareGroupHeartbeat, client-chosen member id) \
+            with one share session on the partitions' leader. It fetches up to --max-records \
+            acquired records per ShareFetch and acknowledges each one: a first delivery is \
+            rejected with probability --reject-ratio, released with probability --release-ratio, \
+            accepted otherwise (the choice is a hash of partition and offset, so it is the same \
+            in every run); a redelivered record is accepted. Acknowledgements ride on the next \
+            ShareFetch (--ack-mode piggyback) or go in their own ShareAcknowledge (explicit).\n\
+            --from sets the group's share.auto.offset.reset and --lock-duration-ms its \
+            share.record.lock.duration.ms (IncrementalAlterConfigs) before the members join.\n\
+            --hold K makes the first K consumers acquire --max-records records and never \
+            acknowledge them; the time from that acquisition to the records' redelivery to \
+            another member is the lock-expiry redelivery latency.\n\
+            --count stops once that many records were settled (accepted or rejected). \
+            End-to-end latency runs from each record's timestamp (sluice-bench's send stamp) \
+            to its delivery."
+    )]
+    ShareConsume(ShareConsumeCmd),
     /// Run a named scenario from perf/scenarios (e.g. produce-max, e2e-latency).
     Scenario(ScenarioCmd),
 }
@@ -69,7 +91,8 @@ pub struct Common {
     /// Measured run time, e.g. 30s, 2m. Default 30s unless --count is given.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Stop after this many records (produced, or consumed for `consume`).
+    /// Stop after this many records (produced, consumed for `consume`, settled for
+    /// `share-consume`).
     #[arg(long)]
     pub count: Option<u64>,
     /// Warm-up time whose figures are discarded.
@@ -237,6 +260,105 @@ pub struct ConsumeOpts {
     /// offset under read_committed); `consume` without --group only.
     #[arg(long)]
     pub until_end: bool,
+}
+
+/// How a share consumer sends its acknowledgements.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// On the next ShareFetch.
+    Piggyback,
+    /// In a ShareAcknowledge after each fetch.
+    Explicit,
+}
+
+/// Largest --max-records: the broker acquires at most 10,000 records per ShareFetch.
+pub const SHARE_MAX_RECORDS_MAX: i32 = 10_000;
+
+#[derive(Args, Debug, Clone)]
+pub struct ShareOpts {
+    /// Share group the consumers join.
+    #[arg(long)]
+    pub group: String,
+    /// Share consumers in total (spread over the cores).
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// The group's share.auto.offset.reset: where a share partition with no state starts.
+    #[arg(long, value_enum, default_value = "earliest")]
+    pub from: StartFrom,
+    /// Set the group's share.record.lock.duration.ms (1000 to 3600000).
+    #[arg(long)]
+    pub lock_duration_ms: Option<u32>,
+    /// Fraction of first deliveries rejected (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub reject_ratio: f64,
+    /// Fraction of first deliveries released for redelivery (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub release_ratio: f64,
+    #[arg(long, value_enum, default_value = "piggyback")]
+    pub ack_mode: AckMode,
+    /// Records acquired per ShareFetch at most.
+    #[arg(long, default_value_t = 500)]
+    pub max_records: i32,
+    /// The first K consumers acquire and never acknowledge (lock-expiry redelivery probe).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub hold: usize,
+    #[arg(long, value_parser = parse_bytes, default_value = "50MB")]
+    pub fetch_max_bytes: u64,
+    #[arg(long, value_parser = parse_bytes, default_value = "1MiB")]
+    pub partition_max_bytes: u64,
+    #[arg(long, default_value_t = 500)]
+    pub fetch_max_wait_ms: i32,
+}
+
+impl ShareOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.group.is_empty() {
+            bail!("--group must not be empty");
+        }
+        if self.consumers == 0 {
+            bail!("--consumers must be at least 1");
+        }
+        if self.hold >= self.consumers {
+            bail!("--hold must leave at least one consumer that acknowledges");
+        }
+        for (name, r) in [
+            ("--reject-ratio", self.reject_ratio),
+            ("--release-ratio", self.release_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("{name} must be between 0 and 1");
+            }
+        }
+        if self.reject_ratio + self.release_ratio > 1.0 {
+            bail!("--reject-ratio and --release-ratio add up to more than 1");
+        }
+        if let Some(ms) = self.lock_duration_ms {
+            if !(1000..=3_600_000).contains(&ms) {
+                bail!("--lock-duration-ms must be between 1000 and 3600000");
+            }
+        }
+        if self.max_records < 1 || self.max_records > SHARE_MAX_RECORDS_MAX {
+            bail!("--max-records must be between 1 and {SHARE_MAX_RECORDS_MAX}");
+        }
+        if self.fetch_max_bytes == 0 || self.fetch_max_bytes > i32::MAX as u64 {
+            bail!("--fetch-max-bytes out of range");
+        }
+        if self.partition_max_bytes == 0 || self.partition_max_bytes > i32::MAX as u64 {
+            bail!("--partition-max-bytes out of range");
+        }
+        if self.fetch_max_wait_ms < 0 {
+            bail!("--fetch-max-wait-ms must not be negative");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShareConsumeCmd {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub share: ShareOpts,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -16,6 +16,7 @@
 //! | [`eos`] | `exactly-once`: consume-transform-produce workers |
 //! | [`consume`] | fetch loops, end-to-end latency |
 //! | [`group`] | classic consumer-group membership, range assignor, commits |
+//! | [`share`] | `share-consume`: share-group members, acknowledgement choices, redelivery counts |
 //! | [`runner`] | executors per core, live line, warm-up and stop |
 //! | [`report`] | counters, HdrHistograms, the per-second timeline, text and JSON summaries |
 //! | [`chart`] | `--report DIR`: SVG charts of a run and an HTML page of all runs side by side |
@@ -33,5 +34,6 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod setup;
+pub mod share;
 pub mod txn;
 pub mod units;

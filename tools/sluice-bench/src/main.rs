@@ -75,6 +75,7 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
         Command::Consume(_) => "consume",
         Command::E2e(_) => "e2e",
         Command::ExactlyOnce(_) => "exactly-once",
+        Command::ShareConsume(_) => "share-consume",
         Command::Scenario(_) => "scenario",
     };
     let (workload, json) = match cli.command {
@@ -86,6 +87,7 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
                     produce: Some(p.produce),
                     consume: None,
                     exactly_once: None,
+                    share: None,
                 },
                 json,
             )
@@ -98,6 +100,7 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
                     produce: None,
                     consume: Some(c.consume),
                     exactly_once: None,
+                    share: None,
                 },
                 json,
             )
@@ -115,6 +118,7 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
                     produce: Some(e.produce),
                     consume: Some(e.consume),
                     exactly_once: None,
+                    share: None,
                 },
                 json,
             )
@@ -127,6 +131,20 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
                     produce: None,
                     consume: None,
                     exactly_once: Some((x.txn, x.eos)),
+                    share: None,
+                },
+                json,
+            )
+        }
+        Command::ShareConsume(s) => {
+            let json = s.common.json.clone();
+            (
+                Workload {
+                    common: s.common,
+                    produce: None,
+                    consume: None,
+                    exactly_once: None,
+                    share: Some(s.share),
                 },
                 json,
             )
@@ -139,6 +157,10 @@ fn run_argv(args: &[String]) -> Result<(), Failure> {
     }
     if let Some(c) = &workload.consume {
         c.validate()
+            .map_err(|e| Failure::Usage(format!("error: {e}")))?;
+    }
+    if let Some(s) = &workload.share {
+        s.validate()
             .map_err(|e| Failure::Usage(format!("error: {e}")))?;
     }
     if let Some((t, x)) = &workload.exactly_once {

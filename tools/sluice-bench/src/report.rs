@@ -75,6 +75,56 @@ impl Meter {
     }
 }
 
+/// Share-group (`share-consume`) counts: what was delivered, and how each delivery was
+/// acknowledged (counted when the broker confirmed the acknowledgement).
+#[derive(Default)]
+pub struct ShareCounts {
+    /// Records delivered (acquired by a member), redeliveries included.
+    pub deliveries: AtomicU64,
+    /// Deliveries with a delivery count above 1.
+    pub redeliveries: AtomicU64,
+    /// Offsets delivered for the first time in this run, and deliveries of an offset seen before.
+    pub distinct: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub accepted: AtomicU64,
+    pub released: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Acknowledged records the broker refused (or whose session was lost).
+    pub ack_errors: AtomicU64,
+    /// Records acquired by holding members, never acknowledged, to measure lock expiry.
+    pub held: AtomicU64,
+    /// From a holding member's acquisition to the record's redelivery to another member.
+    pub lock_redelivery: Meter,
+}
+
+impl ShareCounts {
+    pub fn used(&self) -> bool {
+        self.deliveries.load(Relaxed) > 0 || self.held.load(Relaxed) > 0
+    }
+
+    /// Accepted plus rejected: records done with (released ones come back).
+    pub fn settled(&self) -> u64 {
+        self.accepted.load(Relaxed) + self.rejected.load(Relaxed)
+    }
+
+    fn reset(&self) {
+        for c in [
+            &self.deliveries,
+            &self.redeliveries,
+            &self.distinct,
+            &self.duplicates,
+            &self.accepted,
+            &self.released,
+            &self.rejected,
+            &self.ack_errors,
+            &self.held,
+        ] {
+            c.store(0, Relaxed);
+        }
+        self.lock_redelivery.reset();
+    }
+}
+
 /// Everything measured in one run.
 pub struct Stats {
     pub publish: Meter,
@@ -90,6 +140,8 @@ pub struct Stats {
     pub txn_complete: Meter,
     pub txns_committed: AtomicU64,
     pub txns_aborted: AtomicU64,
+    /// `share-consume`: deliveries and acknowledgements.
+    pub share: ShareCounts,
     /// False during warm-up: workers keep running but their figures are discarded.
     measuring: AtomicBool,
     /// Set when the run should end (duration elapsed, count reached, or fatal error).
@@ -108,6 +160,7 @@ impl Stats {
             txn_complete: Meter::default(),
             txns_committed: AtomicU64::new(0),
             txns_aborted: AtomicU64::new(0),
+            share: ShareCounts::default(),
             measuring: AtomicBool::new(!warm),
             stop: AtomicBool::new(false),
             fatal: Mutex::new(None),
@@ -125,6 +178,7 @@ impl Stats {
         self.txn_complete.reset();
         self.txns_committed.store(0, Relaxed);
         self.txns_aborted.store(0, Relaxed);
+        self.share.reset();
         self.measuring.store(true, Relaxed);
     }
     pub fn stopped(&self) -> bool {
@@ -290,6 +344,16 @@ impl LiveLine {
                 sample.consume = Some(rates);
             }
         }
+        if stats.share.used() {
+            let sh = &stats.share;
+            parts.push(format!(
+                "accepted {} released {} rejected {} redelivered {}",
+                sh.accepted.load(Relaxed),
+                sh.released.load(Relaxed),
+                sh.rejected.load(Relaxed),
+                sh.redeliveries.load(Relaxed),
+            ));
+        }
         let e = stats.end_to_end.snapshot();
         if e.len() > 0 {
             parts.push(format!("e2e p99 {:.3} ms", ms(e.value_at_quantile(0.99))));
@@ -410,6 +474,9 @@ pub fn summarize(stats: &Stats, elapsed: Duration, config: Value, timeline: &[Sa
             latency_json(&mut j, "commitCompleteLatency", &h);
         }
     }
+    if stats.share.used() {
+        share_summary(&stats.share, &mut text, &mut j);
+    }
     let e = stats.end_to_end.snapshot();
     if e.len() > 0 {
         text.push_str(&latency_line("end-to-end latency", &e));
@@ -423,6 +490,37 @@ pub fn summarize(stats: &Stats, elapsed: Duration, config: Value, timeline: &[Sa
     Summary {
         text,
         json: Value::Object(j),
+    }
+}
+
+fn share_summary(sh: &ShareCounts, text: &mut String, j: &mut Map<String, Value>) {
+    let get = |c: &AtomicU64| c.load(Relaxed);
+    let fields = [
+        ("shareDeliveries", get(&sh.deliveries)),
+        ("shareRedeliveries", get(&sh.redeliveries)),
+        ("shareDistinct", get(&sh.distinct)),
+        ("shareDuplicates", get(&sh.duplicates)),
+        ("shareAccepted", get(&sh.accepted)),
+        ("shareReleased", get(&sh.released)),
+        ("shareRejected", get(&sh.rejected)),
+        ("shareAckErrors", get(&sh.ack_errors)),
+        ("shareHeld", get(&sh.held)),
+    ];
+    let v: Vec<u64> = fields.iter().map(|(_, v)| *v).collect();
+    text.push_str(&format!(
+        "share: {} deliveries ({} distinct offsets, {} duplicates), {} redeliveries (delivery count > 1); acknowledged {} accepted, {} released, {} rejected, {} refused; {} held unacknowledged\n",
+        v[0], v[2], v[3], v[1], v[4], v[5], v[6], v[7], v[8]
+    ));
+    for (k, v) in fields {
+        j.insert(k.into(), json!(v));
+    }
+    let h = sh.lock_redelivery.snapshot();
+    if !h.is_empty() {
+        text.push_str(&latency_line(
+            "lock-expiry redelivery (acquisition → delivery to another member)",
+            &h,
+        ));
+        latency_json(j, "lockRedeliveryLatency", &h);
     }
 }
 

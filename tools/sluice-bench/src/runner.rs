@@ -3,13 +3,16 @@
 //! thread prints a live line every second and decides warm-up end and stop.
 
 use crate::batch::{BatchPool, BatchSpec};
-use crate::cli::{Common, ConsumeOpts, ExactlyOnceOpts, ProduceOpts, StartFrom, TxnOpts};
+use crate::cli::{
+    AckMode, Common, ConsumeOpts, ExactlyOnceOpts, ProduceOpts, ShareOpts, StartFrom, TxnOpts,
+};
 use crate::consume::{self, FetchSpec};
 use crate::eos;
 use crate::group;
 use crate::produce::{self, LaneSpec, SentCounter};
 use crate::report::{self, LiveLine, Stats, Summary};
 use crate::setup::{self, TopicInfo};
+use crate::share;
 use crate::txn::{self, TxnLane, TxnPools};
 use anyhow::{anyhow, Context, Result};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -38,6 +41,7 @@ struct CoreWork {
     lanes: Vec<LaneSpec>,
     consumers: Vec<ConsumerJob>,
     workers: Vec<eos::WorkerSpec>,
+    share_members: Vec<share::MemberSpec>,
 }
 
 fn executor(cpu: Option<usize>, name: &str) -> LocalExecutorBuilder {
@@ -89,6 +93,8 @@ pub struct Workload {
     pub consume: Option<ConsumeOpts>,
     /// `exactly-once`: consume-transform-produce workers.
     pub exactly_once: Option<(TxnOpts, ExactlyOnceOpts)>,
+    /// `share-consume`: share-group members.
+    pub share: Option<ShareOpts>,
 }
 
 pub fn run(w: Workload) -> Result<Summary> {
@@ -102,6 +108,9 @@ pub fn run(w: Workload) -> Result<Summary> {
     if let Some((t, e)) = &w.exactly_once {
         t.validate()?;
         e.validate()?;
+    }
+    if let Some(s) = &w.share {
+        s.validate()?;
     }
     let cores = w.common.cores;
     let cpu_of = |i: usize| cpus.as_ref().map(|c| c[i % c.len()]);
@@ -123,9 +132,20 @@ pub fn run(w: Workload) -> Result<Summary> {
             e.replication_factor,
         )
     });
+    let group_configs = w
+        .share
+        .as_ref()
+        .map(|s| (s.group.clone(), share_configs(s)));
     let (info, output): (TopicInfo, Option<TopicInfo>) = run_on(cpu_of(0), move || async move {
         let mut c = setup::bootstrap(&brokers, timeout).await?;
         let info = setup::topic_info(&mut c, &topic, create).await?;
+        if let Some((group, ops)) = group_configs {
+            let addr = group::find_coordinator(&mut c, &group).await?;
+            let mut coord = setup::connect(&addr, timeout).await?;
+            sluice_client::admin::alter_group_configs(&mut coord, &group, &ops)
+                .await
+                .with_context(|| format!("configs of share group {group}"))?;
+        }
         let output = match output {
             Some((name, partitions, rf)) => {
                 let n = partitions.unwrap_or(info.partitions.len() as i32);
@@ -250,6 +270,35 @@ pub fn run(w: Workload) -> Result<Summary> {
             });
         }
     }
+    if let Some(s) = &w.share {
+        let limits = sluice_client::share::FetchLimits {
+            max_wait_ms: s.fetch_max_wait_ms,
+            min_bytes: 1,
+            max_bytes: s.fetch_max_bytes as i32,
+            partition_max_bytes: s.partition_max_bytes as i32,
+            max_records: s.max_records,
+            batch_size: s.max_records,
+        };
+        for i in 0..s.consumers {
+            work[(i + cores - 1) % cores]
+                .share_members
+                .push(share::MemberSpec {
+                    brokers: w.common.brokers.clone(),
+                    group: s.group.clone(),
+                    topic: info.clone(),
+                    limits,
+                    explicit_acks: s.ack_mode == AckMode::Explicit,
+                    reject_ratio: s.reject_ratio,
+                    release_ratio: s.release_ratio,
+                    hold: i < s.hold,
+                    connect_timeout: w.common.connect_timeout,
+                    count: w.common.count,
+                });
+        }
+    }
+    let shared = Arc::new(share::Shared::new(
+        w.share.as_ref().map(|s| s.hold).unwrap_or(0),
+    ));
     let stats = Arc::new(Stats::new(!w.common.warmup.is_zero()));
     let sent: SentCounter = Default::default();
     let consumers_ready = Arc::new(AtomicUsize::new(0));
@@ -260,12 +309,13 @@ pub fn run(w: Workload) -> Result<Summary> {
         let p = w.produce.clone();
         let c = w.consume.clone();
         let common = w.common.clone();
-        let (stats, sent, ready, done, info) = (
+        let (stats, sent, ready, done, info, shared) = (
             stats.clone(),
             sent.clone(),
             consumers_ready.clone(),
             cores_done.clone(),
             info.clone(),
+            shared.clone(),
         );
         let h = executor(cpu_of(core), &format!("bench-{core}"))
             .spawn(move || async move {
@@ -282,6 +332,7 @@ pub fn run(w: Workload) -> Result<Summary> {
                     ready.clone(),
                     consumers,
                     is_e2e,
+                    shared,
                 )
                 .await;
                 if let Err(e) = &r {
@@ -369,9 +420,34 @@ pub fn run(w: Workload) -> Result<Summary> {
             "txnRecords": t.txn_records, "abortEvery": t.abort_every,
             "isolationLevel": format!("{:?}", e.isolation_level),
         })),
+        "share": w.share.as_ref().map(|s| json!({
+            "group": s.group, "consumers": s.consumers, "from": format!("{:?}", s.from),
+            "lockDurationMs": s.lock_duration_ms, "rejectRatio": s.reject_ratio,
+            "releaseRatio": s.release_ratio, "ackMode": format!("{:?}", s.ack_mode),
+            "maxRecords": s.max_records, "hold": s.hold,
+            "fetchMaxBytes": s.fetch_max_bytes, "partitionMaxBytes": s.partition_max_bytes,
+            "fetchMaxWaitMs": s.fetch_max_wait_ms,
+        })),
         "startedSecondsAgo": started.elapsed().as_secs_f64(),
     });
     Ok(report::summarize(&stats, elapsed, config, live.timeline()))
+}
+
+/// The group configs `share-consume` sets before its members join.
+fn share_configs(s: &ShareOpts) -> Vec<sluice_client::admin::ConfigOp> {
+    use sluice_client::admin::ConfigOp;
+    let from = match s.from {
+        StartFrom::Earliest => "earliest",
+        StartFrom::Latest => "latest",
+    };
+    let mut ops = vec![ConfigOp::Set("share.auto.offset.reset".into(), from.into())];
+    if let Some(ms) = s.lock_duration_ms {
+        ops.push(ConfigOp::Set(
+            "share.record.lock.duration.ms".into(),
+            ms.to_string(),
+        ));
+    }
+    ops
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -388,8 +464,13 @@ async fn core_main(
     ready: Arc<AtomicUsize>,
     consumers: usize,
     is_e2e: bool,
+    shared: Arc<share::Shared>,
 ) -> Result<()> {
     let mut tasks = vec![];
+    for m in cw.share_members {
+        let (stats, shared) = (stats.clone(), shared.clone());
+        tasks.push(glommio::spawn_local(share::run_member(m, stats, shared)));
+    }
     if let Some(c) = &c {
         let spec = FetchSpec {
             topic: info.name.clone(),

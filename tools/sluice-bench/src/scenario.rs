@@ -63,6 +63,10 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "s6-exactly-once",
         include_str!("../../../perf/scenarios/s6-exactly-once.toml"),
     ),
+    (
+        "s7-queue",
+        include_str!("../../../perf/scenarios/s7-queue.toml"),
+    ),
 ];
 
 /// Where a scenario was found: a file, or one of the [`EMBEDDED`] texts.

@@ -167,6 +167,8 @@ async fn cleaner_loop() {
                             segments_out = r.segments_out, bytes_in = r.bytes_in,
                             bytes_out = r.bytes_out, records_removed = r.records_removed,
                             tombstones_removed = r.tombstones_removed,
+                            aborted_batches_removed = r.aborted_batches_removed,
+                            markers_removed = r.markers_removed,
                             cleaned_to = r.cleaned_to.0, ms = took.as_millis() as u64,
                             "log cleaned"
                         );

@@ -259,6 +259,12 @@ pub struct ConsumerGroup {
     pub target: HashMap<String, Assignment>,
     /// The subscribed topics as last seen (name → id, partitions): a change bumps the epoch.
     pub subscribed_meta: BTreeMap<String, ([u8; 16], i32)>,
+    /// The subscription regexes the coordinator has resolved. As in Kafka, a regex is resolved
+    /// after the heartbeat that brings it, not in it: that heartbeat's assignment holds the
+    /// member's topics by name only, and the regex's topics come with the next heartbeat of the
+    /// group (Kafka resolves it in the background and bumps the group epoch). Not persisted:
+    /// the regexes of members replayed at start-up resolve at the group's first heartbeat.
+    pub resolved_regexes: BTreeSet<String>,
 }
 
 impl ConsumerGroup {
@@ -461,9 +467,11 @@ fn validate(req: &HeartbeatRequest, cfg: &ConsumerConfig) -> Result<(), Heartbea
     Ok(())
 }
 
-/// The topics one member subscribes to that exist: by name, and by regex over all topics.
+/// The topics one member subscribes to that exist: by name, and by regex (once resolved, see
+/// [`ConsumerGroup::resolved_regexes`]) over all topics.
 fn member_topics(
     m: &ConsumerMember,
+    resolved: &BTreeSet<String>,
     topics: &dyn Topics,
     all: &mut Option<Vec<String>>,
 ) -> BTreeSet<String> {
@@ -476,6 +484,7 @@ fn member_topics(
     if let Some(re) = m
         .subscribed_regex
         .as_deref()
+        .filter(|r| resolved.contains(*r))
         .and_then(|r| compile_regex(r).ok())
     {
         let names = all.get_or_insert_with(|| topics.names());
@@ -899,7 +908,7 @@ fn refresh_metadata(cg: &mut ConsumerGroup, topics: &dyn Topics, ch: &mut Change
     let mut all = None;
     let mut meta = BTreeMap::new();
     for m in cg.members.values() {
-        for name in member_topics(m, topics, &mut all) {
+        for name in member_topics(m, &cg.resolved_regexes, topics, &mut all) {
             if let Some(v) = topics.by_name(&name) {
                 meta.insert(name, v);
             }
@@ -947,7 +956,7 @@ fn compute_target(
         .members
         .values()
         .map(|m| {
-            let ids = member_topics(m, topics, &mut all)
+            let ids = member_topics(m, &cg.resolved_regexes, topics, &mut all)
                 .iter()
                 .filter_map(|n| topics.by_name(n).map(|(id, _)| id))
                 .collect();
@@ -1722,6 +1731,14 @@ fn heartbeat_in(
     let full_request = req.rebalance_timeout_ms != -1
         && (req.subscribed_topic_names.is_some() || req.subscribed_topic_regex.is_some())
         && req.owned.is_some();
+    // The regexes brought by earlier heartbeats are resolved now (see `resolved_regexes`); a
+    // regex no member subscribes to any more is forgotten, so subscribing to it again waits
+    // for a heartbeat again.
+    cg.resolved_regexes = cg
+        .members
+        .values()
+        .filter_map(|m| m.subscribed_regex.clone())
+        .collect();
     // Update what the member told us.
     let m = cg.members.get_mut(&member_id).expect("present");
     m.left_static = false;

@@ -1,34 +1,44 @@
 //! Log compaction (`cleanup.policy=compact`): the cleaner keeps the latest record of every key in
-//! the sealed segments of a log, drops tombstones older than `delete.retention.ms`, and swaps the
+//! the sealed segments of a log, drops tombstones `delete.retention.ms` after a pass first kept
+//! them (KIP-534), drops aborted transactions' data and spent transaction markers, and swaps the
 //! rewritten segments in crash-safely. Runs on the partition's shard, in the shard's cleaner task
 //! (one log at a time per shard); it never touches the active segment, so appends never wait for
-//! it. Owns [`CleanerState`] (the first dirty offset and whether a pass runs).
+//! it. Owns [`CleanerState`] (the first dirty offset, the aborted transactions cleared, the next
+//! delete horizon, and whether a pass runs).
 //!
 //! A pass:
 //! 1. **Plan.** The sealed segments older than `min.compaction.lag.ms` (by their largest
-//!    timestamp) are cleanable. The part of them at or past the first dirty offset (the end of
-//!    the previous pass) is dirty; the pass runs when dirty bytes / cleanable bytes reach
+//!    timestamp) and below the last stable offset are cleanable. The part of them at or past the
+//!    first dirty offset (the end of the previous pass) is dirty; the pass runs when dirty
+//!    bytes / cleanable bytes reach
 //!    `min.cleanable.dirty.ratio`, or when the first dirty segment's records are all older than
-//!    `max.compaction.lag.ms`.
+//!    `max.compaction.lag.ms`, or once the earliest delete horizon a pass stamped has passed.
 //! 2. **Map.** The dirty batches are read in offset order into a key -> latest offset map bounded
 //!    by [`CLEANER_MAP_BYTES_MAX`]; when it is full the map ends at a batch boundary (`map_end`)
 //!    and the rest stays dirty for the next pass.
 //! 3. **Rewrite.** Every cleanable segment from the log start up to the one holding `map_end` is
-//!    rewritten into `<base>.log.cleaned` files: a record is dropped if the map holds a later
-//!    offset for its key, if it has no key (Kafka's cleaner does the same), or if it is a
-//!    tombstone (null value) in a batch whose largest timestamp is older than
-//!    `delete.retention.ms`. Records at or past `map_end`, control batches and transactional
-//!    batches are kept as they are. A batch that keeps every record is copied verbatim; one that
+//!    rewritten into `<base>.log.cleaned` files, batch by batch in offset order: a record is
+//!    dropped if the map holds a later offset for its key, if it has no key (Kafka's cleaner
+//!    does the same), or if it is a tombstone (null value) in a batch whose delete horizon
+//!    (KIP-534) has passed. A pass that keeps a tombstone in a batch without a horizon stamps
+//!    one, now + `delete.retention.ms` (attribute bit 6, the base timestamp replaced and the
+//!    records' timestamp deltas re-encoded against it, the CRC recomputed). Records at or past
+//!    `map_end` are kept. Batches of aborted transactions (by the aborted-transaction index) are
+//!    dropped; a COMMIT or ABORT marker is dropped once its transaction has no data left and its
+//!    own delete horizon, stamped the same way when it first could go, has passed (ABORT markers
+//!    only in offset order, so that the aborted index can forget them by one offset). Other
+//!    control batches are kept. A batch that keeps every record is copied verbatim; one that
 //!    keeps none is left out (its offsets become a gap no later batch reuses); otherwise it is
-//!    rebuilt from the kept records' bytes with its base offset, `lastOffsetDelta`, timestamps
-//!    and producer fields unchanged, so every surviving record keeps its offset (recompressed
-//!    only then, with its own codec). Consecutive segments whose original sizes fit in
-//!    `segment.bytes` are merged into one output named after the first.
+//!    rebuilt from the kept records' bytes with its base offset, `lastOffsetDelta`, max
+//!    timestamp and producer fields unchanged, so every surviving record keeps its offset
+//!    (recompressed only then, with its own codec). Consecutive segments whose original sizes
+//!    fit in `segment.bytes` are merged into one output named after the first.
 //! 4. **Swap** (synchronous, so no append, roll or retention interleaves): check that the
-//!    segments are still the ones read, write the swap marker [`SWAP_FILE`] (old and new bases),
-//!    replace the segments in memory, remove the old index files and the old segments that are
-//!    not outputs, rename each `.cleaned` file over its base, fsync the directory, write the new
-//!    index files and the first-dirty checkpoint, remove the marker. [`recover`] (at open)
+//!    segments are still the ones read, write the swap marker [`SWAP_FILE`] (old and new bases,
+//!    the checkpoint to be), replace the segments in memory (and forget the cleared aborted
+//!    transactions), remove the old index files and the old segments that are not outputs,
+//!    rename each `.cleaned` file over its base, fsync the directory, write the new index files
+//!    and the checkpoint, remove the marker. [`recover`] (at open)
 //!    finishes a swap whose marker it finds and removes every `.cleaned` file otherwise, so a
 //!    crash at any point leaves either the old segments or the new ones, never both.
 
@@ -46,6 +56,7 @@ use crate::protocol::records::RECORD_BYTES_MIN;
 use crate::protocol::varint;
 use crate::storage::io::{align_down, align_up, SegmentFile};
 use crate::storage::segment::Segment;
+use crate::storage::txn_index::{self, AbortedTxn, CONTROL_ABORT, CONTROL_COMMIT};
 use crate::storage::{meta, PartitionLog, StorageError};
 use crate::types::Offset;
 
@@ -97,21 +108,62 @@ pub(crate) struct CleanerState {
     /// Offsets below this were covered by a pass's map: only records from here on can
     /// supersede others.
     first_dirty: Offset,
+    /// Every ABORT marker below this offset has been removed by a pass, with the data of its
+    /// transaction: the aborted-transaction index no longer lists those transactions (a
+    /// transaction snapshot written before the pass may, so recovery drops them again).
+    aborts_cleared_below: Offset,
+    /// The earliest delete horizon (KIP-534) on a batch that still holds a tombstone or a
+    /// removable transaction marker: from then on a pass is due even with nothing dirty.
+    next_horizon: Option<i64>,
     /// A pass is running (passes of one log never overlap).
     running: bool,
 }
 
+/// The bytes of [`CHECKPOINT_FILE`] (before its CRC): `[first dirty i64][aborts cleared below
+/// i64][next horizon i64 (i64::MAX: none)]`. A file of the first field only (written before the
+/// other two existed) reads as nothing cleared and no horizon.
+const CHECKPOINT_BYTES: usize = 24;
+
 impl CleanerState {
-    /// At open: the checkpointed first dirty offset, if any.
+    /// At open: the checkpointed state, if any.
     pub fn recovered(dir: &Path) -> Self {
-        let first_dirty = meta::read_file(&dir.join(CHECKPOINT_FILE))
-            .and_then(|b| b.try_into().ok())
-            .map(|a: [u8; 8]| Offset(i64::from_be_bytes(a)))
-            .unwrap_or(Offset(0));
+        let (first_dirty, aborts_cleared_below, next_horizon) =
+            meta::read_file(&dir.join(CHECKPOINT_FILE))
+                .and_then(|b| decode_checkpoint(&b))
+                .unwrap_or((Offset(0), Offset(0), None));
         CleanerState {
             first_dirty,
+            aborts_cleared_below,
+            next_horizon,
             running: false,
         }
+    }
+
+    /// See the field.
+    pub fn aborts_cleared_below(&self) -> Offset {
+        self.aborts_cleared_below
+    }
+
+    fn checkpoint(&self) -> [u8; CHECKPOINT_BYTES] {
+        let mut b = [0u8; CHECKPOINT_BYTES];
+        b[..8].copy_from_slice(&self.first_dirty.0.to_be_bytes());
+        b[8..16].copy_from_slice(&self.aborts_cleared_below.0.to_be_bytes());
+        b[16..].copy_from_slice(&self.next_horizon.unwrap_or(i64::MAX).to_be_bytes());
+        b
+    }
+}
+
+fn decode_checkpoint(b: &[u8]) -> Option<(Offset, Offset, Option<i64>)> {
+    let at =
+        |i: usize| -> Option<i64> { Some(i64::from_be_bytes(b.get(i..i + 8)?.try_into().ok()?)) };
+    match b.len() {
+        8 => Some((Offset(at(0)?), Offset(0), None)),
+        CHECKPOINT_BYTES => Some((
+            Offset(at(0)?),
+            Offset(at(8)?),
+            Some(at(16)?).filter(|h| *h != i64::MAX),
+        )),
+        _ => None,
     }
 }
 
@@ -126,6 +178,10 @@ pub struct CleanReport {
     pub bytes_mapped: u64,
     pub records_removed: u64,
     pub tombstones_removed: u64,
+    /// Batches of aborted transactions removed (their records count in `records_removed`).
+    pub aborted_batches_removed: u64,
+    /// Transaction markers (COMMIT or ABORT) removed past their delete horizon.
+    pub markers_removed: u64,
     pub batches_removed: u64,
     pub batches_rewritten: u64,
     /// The new first dirty offset.
@@ -192,18 +248,26 @@ fn cleaned_path(dir: &Path, base: Offset) -> std::path::PathBuf {
     meta::segment_path(dir, base, CLEANED_EXT)
 }
 
-fn encode_swap(old: &[Offset], new: &[Offset]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + 8 * (old.len() + new.len()));
+/// The swap marker: `[n u32][old bases i64]*n [m u32][new bases i64]*m [checkpoint]`, the
+/// checkpoint being the bytes of [`CHECKPOINT_FILE`] after the swap (recovery writes it when it
+/// finishes the swap: the aborted transactions it clears must not come back).
+fn encode_swap(old: &[Offset], new: &[Offset], checkpoint: &[u8; CHECKPOINT_BYTES]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 8 * (old.len() + new.len()) + CHECKPOINT_BYTES);
     for list in [old, new] {
         v.extend_from_slice(&(list.len() as u32).to_be_bytes());
         for b in list {
             v.extend_from_slice(&b.0.to_be_bytes());
         }
     }
+    v.extend_from_slice(checkpoint);
     v
 }
 
-fn decode_swap(b: &[u8]) -> Option<(Vec<Offset>, Vec<Offset>)> {
+/// The inverse of [`encode_swap`]; a marker without the checkpoint (written before it was
+/// added) reads with `None`.
+type Swap = (Vec<Offset>, Vec<Offset>, Option<[u8; CHECKPOINT_BYTES]>);
+
+fn decode_swap(b: &[u8]) -> Option<Swap> {
     let mut at = 0usize;
     let mut lists = vec![];
     for _ in 0..2 {
@@ -224,7 +288,12 @@ fn decode_swap(b: &[u8]) -> Option<(Vec<Offset>, Vec<Offset>)> {
     }
     let new = lists.pop()?;
     let old = lists.pop()?;
-    (at == b.len()).then_some((old, new))
+    let checkpoint = match b.len() - at {
+        0 => None,
+        CHECKPOINT_BYTES => Some(b[at..].try_into().ok()?),
+        _ => return None,
+    };
+    Some((old, new, checkpoint))
 }
 
 /// The file operations of a swap after its marker: old index files go (rebuilt from the data
@@ -262,12 +331,15 @@ pub(crate) fn recover(dir: &Path) -> Result<(), StorageError> {
     let marker = dir.join(SWAP_FILE);
     if marker.exists() {
         match meta::read_file(&marker).and_then(|b| decode_swap(&b)) {
-            Some((old, new)) => {
+            Some((old, new, checkpoint)) => {
                 tracing::info!(
                     dir = %dir.display(), old = old.len(), new = new.len(),
                     "finishing a log-cleaner swap interrupted by a crash"
                 );
                 finish_swap(dir, &old, &new, &mut Steps::unlimited())?;
+                if let Some(c) = checkpoint {
+                    meta::write_file(&dir.join(CHECKPOINT_FILE), &c)?;
+                }
             }
             None => {
                 // The marker is written atomically (temp file, rename): a damaged one was never
@@ -469,54 +541,221 @@ enum Verdict {
 struct Counts {
     records_removed: u64,
     tombstones_removed: u64,
+    aborted_batches_removed: u64,
+    markers_removed: u64,
 }
 
-fn clean_batch(
-    b: &Bytes,
-    map: &OffsetMap,
-    map_end: Offset,
-    tombstone_horizon_ms: i64,
-    counts: &mut Counts,
-) -> Result<Verdict, StorageError> {
-    let h = BatchHeader::parse(b).map_err(StorageError::Corrupt)?;
-    // Control and transactional batches stay as they are: their markers and the records they
-    // commit or abort must keep each other company. They are left out of the key map too, so a
-    // transactional record (perhaps aborted) never displaces another; removing aborted
-    // transactional data, as Kafka's cleaner does, is not done yet.
-    if h.is_control() || h.is_transactional() || h.base_offset() >= map_end {
-        return Ok(Verdict::Keep);
+/// The aborted transactions of the range a pass reads, by producer: (first offset, offset of
+/// the ABORT marker), in offset order (one producer's transactions follow each other).
+struct AbortedRanges(HashMap<i64, Vec<(Offset, Offset)>>);
+
+impl AbortedRanges {
+    fn new(list: &[AbortedTxn]) -> Self {
+        let mut m: HashMap<i64, Vec<(Offset, Offset)>> = HashMap::new();
+        for a in list {
+            m.entry(a.producer_id).or_default().push((a.first, a.last));
+        }
+        for v in m.values_mut() {
+            v.sort_unstable();
+        }
+        AbortedRanges(m)
     }
-    let (body, recs) = records_of(&h, b)?;
-    let expired = h.max_timestamp() < tombstone_horizon_ms;
-    let keep: Vec<&RawRecord> = recs
-        .iter()
-        .filter(|r| {
-            if r.offset >= map_end.0 {
-                return true;
-            }
-            let Some((a, z)) = r.key else {
-                return false;
-            };
-            if map.get(&body[a..z]).is_some_and(|o| o > r.offset) {
-                return false;
-            }
-            if r.null_value && expired {
-                counts.tombstones_removed += 1;
-                return false;
-            }
-            true
+
+    /// A transactional batch of `producer_id` at `offset` belongs to an aborted transaction.
+    fn contains(&self, producer_id: i64, offset: Offset) -> bool {
+        self.0.get(&producer_id).is_some_and(|v| {
+            let i = v.partition_point(|(first, _)| *first <= offset);
+            i > 0 && offset <= v[i - 1].1
         })
-        .collect();
-    counts.records_removed += (recs.len() - keep.len()) as u64;
-    if keep.len() == recs.len() {
-        return Ok(Verdict::Keep);
     }
-    if keep.is_empty() {
-        return Ok(Verdict::Drop);
+}
+
+/// Whether a batch is a transactional producer's data that the aborted-transaction index says
+/// was aborted: such a batch is never mapped and never kept.
+fn is_aborted(h: &BatchHeader<'_>, aborted: &AbortedRanges) -> bool {
+    !h.is_control()
+        && h.is_transactional()
+        && h.producer_id() >= 0
+        && aborted.contains(h.producer_id(), h.base_offset())
+}
+
+/// The rewrite of one pass, batch by batch in offset order from the start of the log: what to
+/// keep of each, and the transaction and delete-horizon bookkeeping that runs across batches.
+struct Rewrite<'a> {
+    map: &'a OffsetMap,
+    map_end: Offset,
+    now_ms: i64,
+    /// The delete horizon (KIP-534) this pass stamps on a batch that keeps a tombstone, or on a
+    /// transaction marker that may go, for the first time: now + `delete.retention.ms`.
+    stamp_ms: i64,
+    aborted: &'a AbortedRanges,
+    /// Producers with data of a (committed) transaction kept since their last marker: that
+    /// marker stays while its transaction has data.
+    open_data: std::collections::HashSet<i64>,
+    /// The first ABORT marker this pass keeps. ABORT markers after it are kept too, so the
+    /// removed ones are always a prefix and [`CleanerState::aborts_cleared_below`] can say which.
+    abort_kept: Option<Offset>,
+    /// The earliest future delete horizon on a batch kept with a tombstone or a removable
+    /// marker.
+    next_horizon: Option<i64>,
+    counts: Counts,
+}
+
+impl Rewrite<'_> {
+    fn note_horizon(&mut self, horizon_ms: i64) {
+        if horizon_ms > self.now_ms {
+            self.next_horizon = Some(self.next_horizon.map_or(horizon_ms, |h| h.min(horizon_ms)));
+        }
     }
-    let mut section = Vec::with_capacity(keep.iter().map(|r| r.end - r.start).sum());
-    for r in &keep {
-        section.extend_from_slice(&body[r.start..r.end]);
+
+    fn batch(&mut self, b: &Bytes) -> Result<Verdict, StorageError> {
+        let h = BatchHeader::parse(b).map_err(StorageError::Corrupt)?;
+        if h.is_control() {
+            return self.control(&h, b);
+        }
+        if is_aborted(&h, self.aborted) {
+            self.counts.aborted_batches_removed += 1;
+            self.counts.records_removed += h.record_count() as u64;
+            return Ok(Verdict::Drop);
+        }
+        let (body, recs) = records_of(&h, b)?;
+        let horizon = h.delete_horizon_ms();
+        let expired = horizon.is_some_and(|hz| self.now_ms >= hz);
+        let mut keep: Vec<&RawRecord> = Vec::with_capacity(recs.len());
+        let mut kept_tombstone = false;
+        for r in &recs {
+            let kept = if r.offset >= self.map_end.0 {
+                true
+            } else if let Some((a, z)) = r.key {
+                if self.map.get(&body[a..z]).is_some_and(|o| o > r.offset) {
+                    false
+                } else if r.null_value && expired {
+                    self.counts.tombstones_removed += 1;
+                    false
+                } else {
+                    true
+                }
+            } else {
+                false
+            };
+            if kept {
+                kept_tombstone |= r.null_value;
+                keep.push(r);
+            }
+        }
+        self.counts.records_removed += (recs.len() - keep.len()) as u64;
+        if keep.is_empty() {
+            return Ok(Verdict::Drop);
+        }
+        if h.is_transactional() && h.producer_id() >= 0 {
+            self.open_data.insert(h.producer_id());
+        }
+        // A tombstone kept for the first time gets the batch's delete horizon (KIP-534): it
+        // goes at the first pass from then on, however old its timestamp.
+        let stamp = (kept_tombstone && horizon.is_none()).then_some(self.stamp_ms);
+        if kept_tombstone {
+            self.note_horizon(horizon.unwrap_or(self.stamp_ms));
+        }
+        if keep.len() == recs.len() && stamp.is_none() {
+            return Ok(Verdict::Keep);
+        }
+        Ok(Verdict::Rewrite(rebuild(&h, b, &body, &keep, stamp)?))
+    }
+
+    /// A transaction marker goes once its transaction has no data left (aborted data is always
+    /// removed; committed data as its keys are superseded) and its delete horizon has passed;
+    /// the pass that first finds it removable stamps that horizon. Other control batches stay.
+    fn control(&mut self, h: &BatchHeader<'_>, b: &Bytes) -> Result<Verdict, StorageError> {
+        let kind = h
+            .is_transactional()
+            .then(|| txn_index::marker_type(h))
+            .flatten()
+            .filter(|k| *k == CONTROL_ABORT || *k == CONTROL_COMMIT);
+        let Some(kind) = kind else {
+            return Ok(Verdict::Keep);
+        };
+        let abort = kind == CONTROL_ABORT;
+        let removable = !self.open_data.remove(&h.producer_id());
+        let horizon = h.delete_horizon_ms();
+        if removable
+            && horizon.is_some_and(|hz| self.now_ms >= hz)
+            && !(abort && self.abort_kept.is_some())
+        {
+            self.counts.markers_removed += 1;
+            return Ok(Verdict::Drop);
+        }
+        if abort {
+            self.abort_kept.get_or_insert(h.base_offset());
+        }
+        if !removable {
+            return Ok(Verdict::Keep);
+        }
+        match horizon {
+            Some(hz) => {
+                self.note_horizon(hz);
+                Ok(Verdict::Keep)
+            }
+            None => {
+                self.note_horizon(self.stamp_ms);
+                let (body, recs) = records_of(h, b)?;
+                let all: Vec<&RawRecord> = recs.iter().collect();
+                Ok(Verdict::Rewrite(rebuild(
+                    h,
+                    b,
+                    &body,
+                    &all,
+                    Some(self.stamp_ms),
+                )?))
+            }
+        }
+    }
+}
+
+/// Re-encodes one record (length prefix included) of a batch whose base timestamp moves from
+/// `old_base` to `new_base`: the timestamp delta changes so the record's timestamp does not.
+fn rebase_record(
+    rec: &[u8],
+    old_base: i64,
+    new_base: i64,
+    out: &mut Vec<u8>,
+) -> Result<(), StorageError> {
+    let bad = || StorageError::Corrupt(batch::BatchError::BadLength);
+    let mut at = 0usize;
+    varint::read_varint(rec, &mut at).map_err(|_| bad())?; // length
+    let attributes = *rec.get(at).ok_or_else(bad)?;
+    let mut r = at + 1;
+    let delta = varint::read_varint(rec, &mut r).map_err(|_| bad())?;
+    let new_delta = old_base.saturating_add(delta).saturating_sub(new_base);
+    let rest = &rec[r..];
+    let len = 1 + varint::varint_len(new_delta) + rest.len();
+    varint::put_varint(out, len as i64);
+    out.push(attributes);
+    varint::put_varint(out, new_delta);
+    out.extend_from_slice(rest);
+    Ok(())
+}
+
+/// `b` rebuilt from the records `keep` (record bytes of `body`, its decompressed records
+/// section), recompressed with its own codec, with the same base offset, `lastOffsetDelta`,
+/// max timestamp and producer fields, so every kept record keeps its offset. With `horizon`,
+/// the batch is stamped with that delete horizon (KIP-534): the attribute set, the base
+/// timestamp replaced and each record's timestamp delta re-encoded against it.
+fn rebuild(
+    h: &BatchHeader<'_>,
+    b: &[u8],
+    body: &[u8],
+    keep: &[&RawRecord],
+    horizon: Option<i64>,
+) -> Result<Vec<u8>, StorageError> {
+    let raw: usize = keep.iter().map(|r| r.end - r.start).sum();
+    // A re-encoded delta takes at most 10 bytes more than before, its length prefix 5.
+    let mut section = Vec::with_capacity(raw + horizon.map_or(0, |_| 15 * keep.len()));
+    for r in keep {
+        let rec = &body[r.start..r.end];
+        match horizon {
+            None => section.extend_from_slice(rec),
+            Some(hz) => rebase_record(rec, h.base_timestamp(), hz, &mut section)?,
+        }
     }
     let codec = Compression::from_attributes(h.attributes())
         .map_err(|_| StorageError::Corrupt(batch::BatchError::BadLength))?;
@@ -527,11 +766,13 @@ fn clean_batch(
     let len = i32::try_from(out.len() - batch::LOG_OVERHEAD_BYTES)
         .map_err(|_| StorageError::Corrupt(batch::BatchError::BadLength))?;
     out[8..12].copy_from_slice(&len.to_be_bytes());
-    // Record count (the last header field); base offset, lastOffsetDelta, timestamps and
-    // producer fields are unchanged, so surviving records keep their offsets.
+    // Record count (the last header field).
     out[57..61].copy_from_slice(&(keep.len() as i32).to_be_bytes());
+    if let Some(hz) = horizon {
+        batch::set_delete_horizon(&mut out, hz);
+    }
     batch::write_crc(&mut out);
-    Ok(Verdict::Rewrite(out))
+    Ok(out)
 }
 
 /// One `.cleaned` output being written: the bytes not yet written and the segment's index.
@@ -581,6 +822,13 @@ impl Output {
         self.seg.set_extent(self.written, end);
         Ok(self.seg)
     }
+}
+
+/// What a pass leaves for the cleaner's state (see [`CleanerState`]).
+struct After {
+    map_end: Offset,
+    aborts_cleared_below: Offset,
+    next_horizon: Option<i64>,
 }
 
 /// A sealed segment as the pass found it.
@@ -639,15 +887,18 @@ impl PartitionLog {
     }
 
     async fn compact_pass(&self, now_ms: i64) -> Result<Option<CleanReport>, StorageError> {
-        let (cfg, segment_bytes, interval, planned, first_dirty) = {
+        let (cfg, segment_bytes, interval, planned, first_dirty, horizon_due, aborted) = {
             let s = self.state.borrow();
             let cfg = s.config.compaction.clone().expect("checked by compact");
             let sealed = &s.segments[..s.segments.len() - 1];
             let lag_limit = now_ms.saturating_sub(cfg.min_compaction_lag_ms as i64);
-            // Cleanable: the sealed segments, in order, whose records are all past the lag.
+            let hw = s.offsets.hw();
+            let lso = s.txns.first_unstable().map_or(hw, |f| f.min(hw));
+            // Cleanable: the sealed segments, in order, whose records are all past the lag and
+            // below the last stable offset (every transaction there has its outcome).
             let planned: Vec<Planned> = sealed
                 .iter()
-                .take_while(|g| g.max_ts().0 <= lag_limit)
+                .take_while(|g| g.max_ts().0 <= lag_limit && g.next() <= lso)
                 .map(|g| Planned {
                     base: g.base(),
                     next: g.next(),
@@ -658,18 +909,25 @@ impl PartitionLog {
                 })
                 .collect();
             let first_dirty = s.cleaner.first_dirty.max(s.offsets.log_start());
+            let horizon_due = s.cleaner.next_horizon.is_some_and(|h| now_ms >= h);
+            let aborted = match (planned.first(), planned.last()) {
+                (Some(a), Some(z)) => s.txns.aborted_between(a.base, z.next),
+                _ => vec![],
+            };
             (
                 cfg,
                 s.config.segment_bytes,
                 s.config.index_interval_bytes,
                 planned,
                 first_dirty,
+                horizon_due,
+                AbortedRanges::new(&aborted),
             )
         };
         let Some(cleanable_end) = planned.last().map(|p| p.next) else {
             return Ok(None);
         };
-        if cleanable_end <= first_dirty {
+        if cleanable_end <= first_dirty && !horizon_due {
             return Ok(None);
         }
         let total: u64 = planned.iter().map(|p| p.size).sum();
@@ -691,7 +949,7 @@ impl PartitionLog {
                 .find(|p| p.next > first_dirty)
                 .is_some_and(|p| p.max_ts <= limit)
         });
-        if ratio < cfg.min_cleanable_dirty_ratio && !overdue {
+        if ratio < cfg.min_cleanable_dirty_ratio && !overdue && !horizon_due {
             return Ok(None);
         }
 
@@ -712,7 +970,9 @@ impl PartitionLog {
                         continue;
                     }
                     report.bytes_mapped += b.len() as u64;
-                    if !(h.is_control() || h.is_transactional()) {
+                    // Committed transactional records count as any others; aborted ones and
+                    // control batches never supersede anything.
+                    if !(h.is_control() || is_aborted(&h, &aborted)) {
                         let (body, recs) = records_of(&h, &b)?;
                         if map_end > first_dirty
                             && map.bytes + OffsetMap::cost(&recs) > map_bytes_max()
@@ -734,7 +994,6 @@ impl PartitionLog {
         }
 
         // Rewrite the segments up to the one holding the map's end, merging small neighbours.
-        let horizon = now_ms.saturating_sub(cfg.delete_retention_ms as i64);
         let upto = planned.iter().take_while(|p| p.base < map_end).count();
         let planned = &planned[..upto];
         let mut groups: Vec<&[Planned]> = vec![];
@@ -752,7 +1011,18 @@ impl PartitionLog {
                 start = k;
             }
         }
-        let mut counts = Counts::default();
+        let mut rw = Rewrite {
+            map: &map,
+            map_end,
+            now_ms,
+            stamp_ms: now_ms
+                .saturating_add(i64::try_from(cfg.delete_retention_ms).unwrap_or(i64::MAX)),
+            aborted: &aborted,
+            open_data: Default::default(),
+            abort_kept: None,
+            next_horizon: None,
+            counts: Counts::default(),
+        };
         let mut outputs: Vec<Segment> = vec![];
         for g in &groups {
             let base = g[0].base;
@@ -774,7 +1044,7 @@ impl PartitionLog {
                 };
                 while let Some(chunk) = rd.next_chunk().await? {
                     for b in chunk {
-                        match clean_batch(&b, &map, map_end, horizon, &mut counts)? {
+                        match rw.batch(&b)? {
                             Verdict::Keep => out.push(&b).await?,
                             Verdict::Drop => report.batches_removed += 1,
                             Verdict::Rewrite(nb) => {
@@ -794,10 +1064,20 @@ impl PartitionLog {
         }
         report.segments_in = planned.len();
         report.segments_out = outputs.len();
-        report.records_removed = counts.records_removed;
-        report.tombstones_removed = counts.tombstones_removed;
+        report.records_removed = rw.counts.records_removed;
+        report.tombstones_removed = rw.counts.tombstones_removed;
+        report.aborted_batches_removed = rw.counts.aborted_batches_removed;
+        report.markers_removed = rw.counts.markers_removed;
         report.cleaned_to = map_end;
-        if !self.swap(planned, outputs, map_end).await? {
+        // Every ABORT marker of the rewritten range before the first one kept is gone (the
+        // range starts at the log start, so that is every one below it).
+        let rewritten_end = planned.last().map_or(map_end, |p| p.next);
+        let after = After {
+            map_end,
+            aborts_cleared_below: rw.abort_kept.unwrap_or(rewritten_end),
+            next_horizon: rw.next_horizon,
+        };
+        if !self.swap(planned, outputs, after).await? {
             return Ok(None);
         }
         Ok(Some(report))
@@ -814,8 +1094,9 @@ impl PartitionLog {
         &self,
         old: &[Planned],
         outputs: Vec<Segment>,
-        map_end: Offset,
+        after: After,
     ) -> Result<bool, StorageError> {
+        let map_end = after.map_end;
         let _turn = self
             .log_start_turn
             .acquire_permit(1)
@@ -829,8 +1110,21 @@ impl PartitionLog {
             return Ok(false);
         }
         steps.step()?;
+        // The cleaner's state once swapped: checkpointed with the swap's marker, so that
+        // recovery finishing the swap restores it too.
+        let checkpoint = {
+            let s = self.state.borrow();
+            let c = &s.cleaner;
+            CleanerState {
+                first_dirty: c.first_dirty.max(map_end),
+                aborts_cleared_below: c.aborts_cleared_below.max(after.aborts_cleared_below),
+                next_horizon: after.next_horizon,
+                running: true,
+            }
+        };
+        let checkpoint_bytes = checkpoint.checkpoint();
         let marker = self.dir.join(SWAP_FILE);
-        let body = encode_swap(&old_bases, &new_bases);
+        let body = encode_swap(&old_bases, &new_bases, &checkpoint_bytes);
         glommio::executor()
             .spawn_blocking(move || meta::write_file(&marker, &body))
             .await?;
@@ -852,7 +1146,12 @@ impl PartitionLog {
             let m = outputs.len();
             s.segments.splice(i0..i0 + old.len(), outputs);
             s.reads.clear();
-            s.cleaner.first_dirty = s.cleaner.first_dirty.max(map_end);
+            s.cleaner = checkpoint;
+            // The transactions whose ABORT markers are gone leave the aborted index (their
+            // data went at an earlier pass): a read_committed consumer told of one would skip
+            // its producer's later transactions, waiting for a marker that is no longer there.
+            let cleared = s.cleaner.aborts_cleared_below;
+            s.txns.forget_aborted_below(cleared);
             s.check_invariants();
             s.check_segments();
             debug_assert!(s.segments[i0..i0 + m]
@@ -875,7 +1174,7 @@ impl PartitionLog {
                     meta::write_atomic(path, body)?;
                 }
                 steps.step()?;
-                meta::write_file(&dir.join(CHECKPOINT_FILE), &map_end.0.to_be_bytes())?;
+                meta::write_file(&dir.join(CHECKPOINT_FILE), &checkpoint_bytes)?;
                 steps.step()?;
                 meta::remove_if_exists(&dir.join(SWAP_FILE))?;
                 meta::sync_dir(&dir)?;
@@ -915,7 +1214,7 @@ mod tests {
     use crate::protocol::compression::decode_batch;
     use crate::storage::io::Faults;
     use crate::storage::tests::{append, open, open_with_faults, read_all, run, small_config};
-    use crate::storage::{Durability, LogConfig};
+    use crate::storage::{marker_batch, Durability, LogConfig};
     use crate::types::Clock;
 
     /// (offset, key, value) of every record in `batches`.
@@ -1171,6 +1470,14 @@ mod tests {
             // Records stamped 2,000,000: younger than the lag at 2,005,000.
             assert_eq!(log.compact(2_005_000).await.unwrap(), None);
             assert!(log.compact(2_010_000).await.unwrap().is_some());
+            // The pass stamped the tombstones it kept: the next is due at their horizon.
+            assert_eq!(log.compact(2_010_999).await.unwrap(), None);
+            let rep = log
+                .compact(2_011_000)
+                .await
+                .unwrap()
+                .expect("due at the horizon");
+            assert!(rep.tombstones_removed > 0, "{rep:?}");
             // Now all clean: a ratio of 0.9 waits for more dirty data, unless overdue.
             let mut c = cfg.compaction.clone().unwrap();
             c.min_cleanable_dirty_ratio = 0.9;
@@ -1295,12 +1602,355 @@ mod tests {
     fn swap_marker_round_trips_and_refuses_bad_counts() {
         let old = vec![Offset(0), Offset(10), Offset(20)];
         let new = vec![Offset(0)];
-        let b = encode_swap(&old, &new);
-        assert_eq!(decode_swap(&b), Some((old, new)));
+        let ckpt = CleanerState {
+            first_dirty: Offset(30),
+            aborts_cleared_below: Offset(12),
+            next_horizon: Some(99),
+            running: false,
+        }
+        .checkpoint();
+        let b = encode_swap(&old, &new, &ckpt);
+        assert_eq!(
+            decode_swap(&b),
+            Some((old.clone(), new.clone(), Some(ckpt)))
+        );
+        assert_eq!(
+            decode_checkpoint(&ckpt),
+            Some((Offset(30), Offset(12), Some(99)))
+        );
+        // Markers and checkpoints written before the checkpoint's new fields still read.
+        let short = &b[..b.len() - CHECKPOINT_BYTES];
+        assert_eq!(decode_swap(short), Some((old, new, None)));
+        assert_eq!(
+            decode_checkpoint(&7i64.to_be_bytes()),
+            Some((Offset(7), Offset(0), None))
+        );
         let mut huge = b.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(decode_swap(&huge), None);
         assert_eq!(decode_swap(&b[..b.len() - 1]), None);
         assert_eq!(decode_swap(&[]), None);
+        assert_eq!(decode_checkpoint(&ckpt[..20]), None);
+    }
+
+    /// The batches of `log` with their headers: (base offset, control, delete horizon) and
+    /// the records of each.
+    async fn batches_of(log: &PartitionLog) -> Vec<((i64, bool, Option<i64>), Vec<Rec>)> {
+        read_all(log, Offset(0), 1 << 20)
+            .await
+            .iter()
+            .map(|b| {
+                let h = BatchHeader::parse_checked(b).expect("a valid batch, CRC included");
+                (
+                    (h.base_offset().0, h.is_control(), h.delete_horizon_ms()),
+                    records(std::slice::from_ref(b)),
+                )
+            })
+            .collect()
+    }
+
+    /// KIP-534: a tombstone is kept by the first pass that sees it, whatever its timestamp, and
+    /// its batch is stamped with the delete horizon (now + delete.retention.ms: the attribute
+    /// set, the base timestamp replaced, the record timestamps unchanged, the CRC valid). The
+    /// first pass at or after the horizon removes it; that pass is due even with nothing
+    /// dirty, and the horizon survives a crash.
+    #[test]
+    fn a_tombstone_goes_delete_retention_ms_after_the_pass_that_first_kept_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, compacted_config()).await;
+            let v = |s: &str| Some(s.to_string());
+            // Produced with an old CreateTime: its age does not count, only the horizon.
+            append(
+                &log,
+                &keyed(&[("a", v("1")), ("b", v("2"))], 1_000, Compression::None),
+                Durability::Synced,
+            )
+            .await;
+            append(
+                &log,
+                &keyed(&[("c", v("3")), ("a", None)], 1_500, Compression::Zstd),
+                Durability::Synced,
+            )
+            .await;
+            log.roll().await.unwrap();
+            append(
+                &log,
+                &keyed(&[("b", v("tail"))], 1_000, Compression::None),
+                Durability::Synced,
+            )
+            .await;
+            let now = 5_000_000;
+            let rep = log.compact(now).await.unwrap().expect("a pass");
+            assert_eq!(
+                (rep.tombstones_removed, rep.records_removed),
+                (0, 1),
+                "{rep:?}"
+            );
+            let got = batches_of(&log).await;
+            let stamped = &got[1];
+            assert_eq!(stamped.0, (2, false, Some(now + 1_000)));
+            let mut b = read_all(&log, Offset(2), 1).await[0].clone();
+            let recs = decode_batch(&mut b, 1 << 20).unwrap();
+            assert_eq!(
+                recs.iter()
+                    .map(|r| (r.offset, r.timestamp_ms))
+                    .collect::<Vec<_>>(),
+                vec![(2, 1_500), (3, 1_500)],
+                "record timestamps survive the new base timestamp"
+            );
+            assert_eq!(stamped.1[1], (3, Some(b"a".to_vec()), None));
+            // Nothing dirty and the horizon not reached: no pass.
+            assert_eq!(log.compact(now + 999).await.unwrap(), None);
+            drop(log); // a crash: the horizon is in the checkpoint
+            let log = open(&d, compacted_config()).await;
+            assert_eq!(log.compact(now + 999).await.unwrap(), None);
+            let rep = log
+                .compact(now + 1_000)
+                .await
+                .unwrap()
+                .expect("due at the horizon");
+            assert_eq!(rep.tombstones_removed, 1, "{rep:?}");
+            let got: Vec<Rec> = batches_of(&log)
+                .await
+                .into_iter()
+                .flat_map(|b| b.1)
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    (0, Some(b"a".to_vec()), None).clone(),
+                    (1, Some(b"b".to_vec()), Some(b"2".to_vec())),
+                    (2, Some(b"c".to_vec()), Some(b"3".to_vec())),
+                    (4, Some(b"b".to_vec()), Some(b"tail".to_vec())),
+                ]
+                .into_iter()
+                .filter(|r| r.2.is_some())
+                .collect::<Vec<_>>()
+            );
+            // Nothing left to wait for.
+            assert_eq!(log.compact(i64::MAX / 2).await.unwrap(), None);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// A transactional producer's keyed batch.
+    fn txn_keyed(pid: i64, seq: i32, recs: &[(&str, Option<&str>)], ts: i64) -> Vec<u8> {
+        let mut b = build::BatchBuilder::new(build::BatchOptions {
+            producer_id: pid,
+            producer_epoch: 0,
+            base_sequence: seq,
+            transactional: true,
+            ..Default::default()
+        });
+        for (k, v) in recs {
+            b.push(&build::Record {
+                key: Some(k.as_bytes()),
+                value: v.map(str::as_bytes),
+                headers: &[],
+                timestamp_ms: ts,
+            });
+        }
+        b.finish().expect("batch")
+    }
+
+    /// What a read_committed consumer sees of `batches` (as the Java client and librdkafka
+    /// filter): the records below `lso`, minus those of the aborted transactions listed.
+    fn read_committed(log: &PartitionLog, batches: &[Bytes]) -> Vec<Rec> {
+        let lso = log.last_stable_offset();
+        let mut aborted = log.aborted_between(Offset(0), lso);
+        aborted.sort_by_key(|a| a.first);
+        let mut aborted = std::collections::VecDeque::from(aborted);
+        let mut skipping = std::collections::HashSet::new();
+        let mut out = vec![];
+        for b in batches {
+            let h = BatchHeader::parse(b).unwrap();
+            if h.base_offset() >= lso {
+                break;
+            }
+            while aborted.front().is_some_and(|a| a.first <= h.last_offset()) {
+                skipping.insert(aborted.pop_front().unwrap().producer_id);
+            }
+            if h.is_control() {
+                if txn_index::marker_type(&h) == Some(CONTROL_ABORT) {
+                    skipping.remove(&h.producer_id());
+                }
+                continue;
+            }
+            if h.is_transactional() && skipping.contains(&h.producer_id()) {
+                continue;
+            }
+            out.extend(records(std::slice::from_ref(b)));
+        }
+        out
+    }
+
+    /// Transactional compaction: the data of aborted transactions goes at the first pass;
+    /// committed transactional records supersede and are superseded like any others; a marker
+    /// goes once its transaction has no data left and its delete horizon has passed, and an
+    /// aborted transaction leaves the aborted index with its marker (also after a crash, from
+    /// a transaction snapshot that still lists it). Offsets never change, nothing at or past
+    /// the last stable offset is cleaned, and read_committed and read_uncommitted views are
+    /// the same before and after every pass.
+    #[test]
+    fn aborted_data_and_spent_markers_are_removed_and_both_isolation_levels_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let mut cfg = compacted_config();
+            cfg.segment_bytes = 1 << 20;
+            let log = open(&d, cfg.clone()).await;
+            let ts = 1_000;
+            let plain =
+                |k: &str, v: &str| keyed(&[(k, Some(v.to_string()))], ts, Compression::None);
+            let marker = |pid, commit| marker_batch(pid, 0, commit, ts);
+            let mut off = vec![];
+            for b in [
+                plain("k3", "p0"), // 0
+                txn_keyed(
+                    7,
+                    0,
+                    &[("k1", Some("aborted")), ("k2", Some("aborted"))],
+                    ts,
+                ), // 1-2
+                txn_keyed(8, 0, &[("k3", Some("c1"))], ts), // 3
+                marker(7, false),  // 4
+                marker(8, true),   // 5
+                txn_keyed(8, 1, &[("k3", Some("c2")), ("k4", None)], ts), // 6-7
+                marker(8, true),   // 8
+                plain("k1", "v1"), // 9
+            ] {
+                off.push(append(&log, &b, Durability::Synced).await.base_offset.0);
+            }
+            assert_eq!(off, vec![0, 1, 3, 4, 5, 6, 8, 9]);
+            log.roll().await.unwrap();
+            // A transaction still open in a sealed segment: that segment is not cleaned.
+            let open_at = append(
+                &log,
+                &txn_keyed(10, 0, &[("k1", Some("open"))], ts),
+                Durability::Synced,
+            )
+            .await
+            .base_offset;
+            log.roll().await.unwrap();
+            append(&log, &plain("k9", "tail"), Durability::Synced).await;
+            assert_eq!(log.last_stable_offset(), open_at);
+            let committed_view =
+                |log: &PartitionLog, batches: &[Bytes]| read_committed(log, batches);
+            let before = read_all(&log, Offset(0), 1 << 20).await;
+            let view = committed_view(&log, &before);
+            assert_eq!(
+                view.iter().map(|r| r.0).collect::<Vec<_>>(),
+                vec![0, 3, 6, 7, 9],
+                "read_committed before cleaning"
+            );
+
+            let now = 5_000_000;
+            let rep = log.compact(now).await.unwrap().expect("a pass");
+            assert_eq!(rep.aborted_batches_removed, 1, "{rep:?}");
+            assert_eq!(rep.markers_removed, 0, "{rep:?}");
+            let got = batches_of(&log).await;
+            let heads: Vec<_> = got.iter().map(|g| g.0).collect();
+            let hz = Some(now + 1_000);
+            assert_eq!(
+                heads,
+                vec![
+                    (4, true, hz),   // ABORT: its data is gone, stamped
+                    (5, true, hz),   // COMMIT: its record superseded by offset 6
+                    (6, false, hz),  // keeps the tombstone of k4
+                    (8, true, None), // COMMIT: its transaction still has data
+                    (9, false, None),
+                    (open_at.0, false, None),
+                    (open_at.0 + 1, false, None),
+                ],
+            );
+            assert_eq!(log.last_stable_offset(), open_at);
+            let after = read_all(&log, Offset(0), 1 << 20).await;
+            // Everything a read_committed consumer sees is what it saw, less superseded keys.
+            let now_view = committed_view(&log, &after);
+            assert_eq!(
+                now_view.iter().map(|r| r.0).collect::<Vec<_>>(),
+                vec![6, 7, 9]
+            );
+            assert!(now_view.iter().all(|r| view.contains(r)));
+            // read_uncommitted no longer sees the aborted records.
+            let uncommitted = records(&after);
+            assert!(!uncommitted
+                .iter()
+                .any(|r| r.2.as_deref() == Some(b"aborted".as_slice())));
+            assert_eq!(
+                log.aborted_between(Offset(0), open_at).len(),
+                1,
+                "until its marker goes"
+            );
+
+            // The horizon passes: both spent markers and the tombstone go, the aborted
+            // transaction leaves the index.
+            assert_eq!(log.compact(now + 999).await.unwrap(), None);
+            let rep = log
+                .compact(now + 1_000)
+                .await
+                .unwrap()
+                .expect("due at the horizon");
+            assert_eq!(
+                (rep.markers_removed, rep.tombstones_removed),
+                (2, 1),
+                "{rep:?}"
+            );
+            assert!(log
+                .aborted_between(Offset(0), log.high_watermark())
+                .is_empty());
+            let heads: Vec<_> = batches_of(&log).await.iter().map(|g| g.0).collect();
+            assert_eq!(
+                heads,
+                vec![
+                    (6, false, hz),
+                    (8, true, None),
+                    (9, false, None),
+                    (open_at.0, false, None),
+                    (open_at.0 + 1, false, None),
+                ],
+            );
+            let after = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(
+                committed_view(&log, &after)
+                    .iter()
+                    .map(|r| r.0)
+                    .collect::<Vec<_>>(),
+                vec![6, 9]
+            );
+
+            // A crash: the transaction snapshot of the last roll still lists the aborted
+            // transaction; the checkpoint keeps it out.
+            drop(log);
+            let log = open(&d, cfg.clone()).await;
+            assert!(log
+                .aborted_between(Offset(0), log.high_watermark())
+                .is_empty());
+            assert_eq!(log.last_stable_offset(), open_at);
+            // The open transaction aborts: once the log rolls past it, its segment is
+            // cleanable and its data goes.
+            append(&log, &marker(10, false), Durability::Synced).await;
+            assert_eq!(log.last_stable_offset(), log.high_watermark());
+            log.roll().await.unwrap();
+            append(&log, &plain("k9", "tail2"), Durability::Synced).await;
+            let rep = log.compact(now + 2_000).await.unwrap().expect("a pass");
+            assert_eq!(rep.aborted_batches_removed, 1, "{rep:?}");
+            let after = read_all(&log, Offset(0), 1 << 20).await;
+            let all = records(&after);
+            assert!(
+                !all.iter().any(|r| r.0 == open_at.0),
+                "aborted data of pid 10 gone"
+            );
+            assert_eq!(
+                committed_view(&log, &after)
+                    .iter()
+                    .map(|r| r.0)
+                    .collect::<Vec<_>>(),
+                vec![6, 9, open_at.0 + 1, open_at.0 + 3],
+            );
+            log.close().await.unwrap();
+        });
     }
 }

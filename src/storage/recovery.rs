@@ -305,6 +305,10 @@ impl PartitionLog {
 
         let cache_id = cache.register();
         let now = clock.now();
+        let cleaner = CleanerState::recovered(dir);
+        // Aborted transactions whose markers the log cleaner removed: a transaction snapshot
+        // written before that pass may still list them.
+        txns.forget_aborted_below(cleaner.aborts_cleared_below());
         let log = Rc::new(PartitionLog {
             dir: dir.to_path_buf(),
             io,
@@ -338,7 +342,7 @@ impl PartitionLog {
                 txns,
                 epochs,
                 reads: ReadAheads::new(),
-                cleaner: CleanerState::recovered(dir),
+                cleaner,
                 rolling: false,
                 closed: false,
                 waiters: vec![],

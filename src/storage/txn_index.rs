@@ -116,6 +116,12 @@ impl TxnIndex {
         self.aborted.drain(..k);
     }
 
+    /// Forgets the aborted transactions whose ABORT markers lie below `offset`: the log cleaner
+    /// removed those markers (and, before them, the transactions' data).
+    pub fn forget_aborted_below(&mut self, offset: Offset) {
+        self.start_moved(offset);
+    }
+
     /// Forgets what starts at or past `end` (a cut tail).
     pub fn truncate_from(&mut self, end: Offset) {
         self.ongoing.retain(|_, first| *first < end);

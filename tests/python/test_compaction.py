@@ -2,13 +2,19 @@
 topic with small segments; once the cleaner has run (its pass counter on the metrics endpoint),
 a consumer from offset 0 sees only the latest value of each key, at the offset it was produced
 at, and no tombstone older than delete.retention.ms. A keyless record is refused with
-INVALID_RECORD, as Kafka does. Waits on conditions, never on a fixed sleep."""
+INVALID_RECORD, as Kafka does. With confluent-kafka (librdkafka), a transactional producer
+commits and aborts on a compacted topic: after cleaning, read_committed and read_uncommitted
+consumers both see the committed latest values at their offsets and nothing aborted. Waits on
+conditions, never on a fixed sleep."""
 
 import os
 import time
 import urllib.request
+import uuid
 
 import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as CTopicPartition
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import InvalidRecordError
@@ -127,3 +133,99 @@ def test_a_keyless_record_on_a_compacted_topic_is_invalid(cbroker, topic):
         assert p.send(topic, key=b"k", value=b"keyed").get(WAIT_S).offset == 0
     finally:
         p.close()
+
+
+def read_confluent(b, topic, isolation):
+    """Every record from offset 0 until partition EOF, as (offset, key, value), read by a
+    librdkafka consumer at `isolation`."""
+    c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": f"g-{uuid.uuid4().hex[:8]}",
+                  "isolation.level": isolation, "enable.auto.commit": False,
+                  "enable.partition.eof": True})
+    try:
+        c.assign([CTopicPartition(topic, 0, 0)])
+        out = []
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    return out
+                raise KafkaException(m.error())
+            out.append((m.offset(), m.key(), m.value()))
+        raise AssertionError(f"no partition EOF after {len(out)} records")
+    finally:
+        c.close()
+
+
+def test_transactional_data_on_a_compacted_topic(cbroker, topic):
+    create(cbroker, topic, {
+        "cleanup.policy": "compact",
+        "segment.bytes": "4096",
+        "min.cleanable.dirty.ratio": "0.01",
+        "delete.retention.ms": "0",
+    })
+    p = Producer({"bootstrap.servers": cbroker.bootstrap, "linger.ms": 5,
+                  "transactional.id": f"tid-{uuid.uuid4().hex[:8]}"})
+    p.init_transactions(WAIT_S)
+    delivered = {}
+
+    def on_delivery(err, m):
+        assert err is None, err
+        delivered[(m.key(), m.value())] = m.offset()
+
+    def txn(prefix, keys, commit):
+        p.begin_transaction()
+        for k in keys:
+            p.produce(topic, key=f"k{k}".encode(), value=f"{prefix}-{k}-".encode() + b"x" * 200,
+                      partition=0, on_delivery=on_delivery)
+        p.flush(WAIT_S)
+        if commit:
+            p.commit_transaction(WAIT_S)
+        else:
+            p.abort_transaction(WAIT_S)
+
+    txn("c1", range(10), True)
+    txn("ab", range(10), False)
+    txn("c2", range(5), True)
+    txn("ab2", range(3, 8), False)
+    # Filler (its own key, not transactional) so the transactions and their markers leave the
+    # active segment, which the cleaner never touches.
+    f = Producer({"bootstrap.servers": cbroker.bootstrap, "linger.ms": 0})
+    for i in range(40):
+        f.produce(topic, key=b"filler", value=b"f" * 200, partition=0, on_delivery=on_delivery)
+        f.flush(WAIT_S)
+
+    latest = {}
+    for (key, value), offset in delivered.items():
+        if key != b"filler" and not value.startswith(b"ab"):
+            if key not in latest or latest[key][0] < offset:
+                latest[key] = (offset, value)
+    expected = sorted((o, k, v) for k, (o, v) in latest.items())
+    assert {k: v[:3] for _, k, v in expected} == \
+        {f"k{k}".encode(): b"c2-" if k < 5 else b"c1-" for k in range(10)}
+
+    def keyed(recs):
+        return sorted(r for r in recs if r[1] != b"filler")
+
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        uncommitted = read_confluent(cbroker, topic, "read_uncommitted")
+        if cleaner_passes(cbroker) > 0 and keyed(uncommitted) == expected:
+            break
+        assert time.monotonic() < deadline, \
+            f"not compacted: {len(uncommitted)} records, {cleaner_passes(cbroker)} passes"
+        time.sleep(0.2)
+    # Aborted records are gone for read_uncommitted consumers too, and read_committed
+    # consumers see exactly the latest committed value of each key, at its original offset.
+    committed = read_confluent(cbroker, topic, "read_committed")
+    assert keyed(committed) == expected
+    assert [r[0] for r in committed] == [r[0] for r in uncommitted]
+    offsets = [r[0] for r in committed]
+    assert offsets == sorted(set(offsets)), "offsets increase, none twice"
+    # The producer carries on: a later transaction lands after everything, and is seen.
+    txn("c3", [0], True)
+    committed = read_confluent(cbroker, topic, "read_committed")
+    assert committed[-1][1:] == (b"k0", b"c3-0-" + b"x" * 200)
+    p.flush(WAIT_S)

@@ -42,6 +42,9 @@ pub const ATTR_COMPRESSION_MASK: i16 = 0x07;
 pub const ATTR_TIMESTAMP_LOG_APPEND: i16 = 0x08;
 pub const ATTR_TRANSACTIONAL: i16 = 0x10;
 pub const ATTR_CONTROL: i16 = 0x20;
+/// KIP-534: `baseTimestamp` holds the batch's delete horizon (set by a log cleaner that kept a
+/// tombstone or a transaction marker in it); record timestamp deltas are relative to it.
+pub const ATTR_DELETE_HORIZON: i16 = 0x40;
 
 /// Why a batch was refused. Maps to CORRUPT_MESSAGE (or UNSUPPORTED_FOR_MESSAGE_FORMAT for magic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +199,11 @@ impl<'a> BatchHeader<'a> {
     pub fn is_control(&self) -> bool {
         self.attributes() & ATTR_CONTROL != 0
     }
+    /// KIP-534: the time from which the tombstones and the transaction marker of this batch may
+    /// be removed by a log cleaner (`baseTimestamp` when [`ATTR_DELETE_HORIZON`] is set).
+    pub fn delete_horizon_ms(&self) -> Option<i64> {
+        (self.attributes() & ATTR_DELETE_HORIZON != 0).then(|| self.base_timestamp())
+    }
     pub fn last_offset_delta(&self) -> i32 {
         be_i32(self.buf, OFF_LAST_OFFSET_DELTA)
     }
@@ -266,6 +274,17 @@ pub fn set_timestamps(batch: &mut [u8], base_ms: i64, max_ms: i64) {
     assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
     batch[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&base_ms.to_be_bytes());
     batch[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8].copy_from_slice(&max_ms.to_be_bytes());
+}
+
+/// KIP-534: marks the batch with a delete horizon, stored in `baseTimestamp`. The records'
+/// timestamp deltas must be relative to `horizon_ms` (the caller re-encodes them), and the CRC
+/// covers both fields: call [`write_crc`] after the last edit.
+#[inline]
+pub fn set_delete_horizon(batch: &mut [u8], horizon_ms: i64) {
+    assert!(batch.len() >= HEADER_BYTES, "not a validated batch");
+    let attrs = be_i16(batch, OFF_ATTRIBUTES) | ATTR_DELETE_HORIZON;
+    batch[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attrs.to_be_bytes());
+    batch[OFF_BASE_TIMESTAMP..OFF_BASE_TIMESTAMP + 8].copy_from_slice(&horizon_ms.to_be_bytes());
 }
 
 /// Rewrites the idempotent-producer fields (KIP-98) in place. Covered by the CRC: call

@@ -518,6 +518,10 @@ fn regex_subscriptions_follow_new_topics() {
         epoch: r.member_epoch,
         owned: r.assignment.unwrap(),
     };
+    // As in Kafka, the regex is resolved after the heartbeat that brought it: its topics come
+    // with the next one.
+    assert_eq!(count(&a.owned), 0);
+    a.beat(&mut c, &topics, 0);
     assert_eq!(a.owned.keys().collect::<Vec<_>>(), vec![&[1u8; 16]]);
     topics = topics.with("orders-2", 2, 2);
     let before = a.epoch;

@@ -19,9 +19,7 @@ use kafka_protocol::ResponseError as E;
 
 use crate::types::ErrorCode;
 
-use super::consumer::{
-    Assignment, ConsumerConfig, HeartbeatResult, Topics, SUBSCRIBED_TOPICS_MAX,
-};
+use super::consumer::{Assignment, ConsumerConfig, HeartbeatResult, Topics, SUBSCRIBED_TOPICS_MAX};
 use super::coordinator::{Coordinator, CoordinatorConfig, Write};
 use super::offsets;
 

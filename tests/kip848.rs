@@ -434,28 +434,6 @@ mod raw {
         assert_eq!(offset_fetch(&mut c, 9, "no-such-group", Some("x"), 7), 0);
     }
 
-    /// IncrementalAlterConfigs on a GROUP resource, one key: the resource's error code.
-    fn alter_group(c: &mut Client, group: &str, key: &str, value: Option<&str>) -> i16 {
-        use incremental_alter_configs_request::*;
-        let r: IncrementalAlterConfigsResponse = c
-            .call_at(
-                ApiKey::IncrementalAlterConfigs,
-                1,
-                &IncrementalAlterConfigsRequest::default().with_resources(vec![
-                    AlterConfigsResource::default()
-                        .with_resource_type(32)
-                        .with_resource_name(s(group))
-                        .with_configs(vec![AlterableConfig::default()
-                            .with_name(s(key))
-                            // 0 SET, 1 DELETE.
-                            .with_config_operation(if value.is_some() { 0 } else { 1 })
-                            .with_value(value.map(s))]),
-                ]),
-            )
-            .expect("incremental alter configs");
-        r.responses[0].error_code
-    }
-
     /// DescribeConfigs of a GROUP resource: key -> (value, source).
     fn group_configs(c: &mut Client, group: &str) -> BTreeMap<String, (String, i8)> {
         use describe_configs_request::*;
@@ -517,41 +495,36 @@ mod raw {
         // to include them.
         let bad = ResponseError::InvalidConfig.code();
         assert_eq!(
-            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("5999")),
+            c.alter_group_config(long, "consumer.session.timeout.ms", Some("5999")),
             bad
         );
         assert_eq!(
-            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("60001")),
+            c.alter_group_config(long, "consumer.session.timeout.ms", Some("60001")),
             bad
         );
         assert_eq!(
-            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("soon")),
+            c.alter_group_config(long, "consumer.session.timeout.ms", Some("soon")),
             bad
         );
         assert_eq!(
-            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", Some("499")),
+            c.alter_group_config(long, "consumer.heartbeat.interval.ms", Some("499")),
             bad
         );
         assert_eq!(
-            alter_group(
-                &mut c,
-                long,
-                "consumer.heartbeat.interval.ms",
-                Some("15001")
-            ),
+            c.alter_group_config(long, "consumer.heartbeat.interval.ms", Some("15001")),
             bad
         );
         // Not below the session timeout (6 s here).
         assert_eq!(
-            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", Some("6000")),
+            c.alter_group_config(long, "consumer.heartbeat.interval.ms", Some("6000")),
             bad
         );
         assert_eq!(
-            alter_group(&mut c, long, "consumer.session.timeout.ms", Some("20000")),
+            c.alter_group_config(long, "consumer.session.timeout.ms", Some("20000")),
             0
         );
         assert_eq!(
-            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", Some("1500")),
+            c.alter_group_config(long, "consumer.heartbeat.interval.ms", Some("1500")),
             0
         );
         let d = group_configs(&mut c, long);
@@ -606,7 +579,7 @@ mod raw {
         assert_eq!((r.error_code, r.heartbeat_interval_ms), (0, 1500));
         // Deleted: back to the broker's.
         assert_eq!(
-            alter_group(&mut c, long, "consumer.heartbeat.interval.ms", None),
+            c.alter_group_config(long, "consumer.heartbeat.interval.ms", None),
             0
         );
         let d = group_configs(&mut c, long);

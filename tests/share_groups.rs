@@ -120,23 +120,7 @@ fn describe_offsets(c: &mut Client, group: &str, topic: &str) -> DescribeShareGr
 }
 
 fn set_group_config(c: &mut Client, group: &str, key: &str, value: &str) -> i16 {
-    use incremental_alter_configs_request::*;
-    let r: IncrementalAlterConfigsResponse = c
-        .call_at(
-            ApiKey::IncrementalAlterConfigs,
-            1,
-            &IncrementalAlterConfigsRequest::default().with_resources(vec![
-                AlterConfigsResource::default()
-                    .with_resource_type(32)
-                    .with_resource_name(s(group))
-                    .with_configs(vec![AlterableConfig::default()
-                        .with_name(s(key))
-                        .with_config_operation(0)
-                        .with_value(Some(s(value)))]),
-            ]),
-        )
-        .expect("incremental alter configs");
-    r.responses[0].error_code
+    c.alter_group_config(group, key, Some(value))
 }
 
 #[test]

@@ -86,10 +86,7 @@ const GROUP_CONFIGS_KEY_VERSION: i16 = 1000;
 
 /// Key v1000: a group's configs.
 pub fn group_configs_key(group: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + group.len());
-    out.extend_from_slice(&GROUP_CONFIGS_KEY_VERSION.to_be_bytes());
-    put_str(&mut out, group);
-    out
+    key_of_group(GROUP_CONFIGS_KEY_VERSION, group)
 }
 
 /// A group's configs, value v0: `version:i16 consumerSessionTimeoutMs:i32
@@ -234,6 +231,23 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// A key of `version` naming a group: `version:i16 group:string`.
+fn key_of_group(version: i16, group: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + group.len());
+    out.extend_from_slice(&version.to_be_bytes());
+    put_str(&mut out, group);
+    out
+}
+
+/// A key of `version` naming a group member: `version:i16 group:string member:string`.
+fn key_of_member(version: i16, group: &str, member: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + group.len() + member.len());
+    out.extend_from_slice(&version.to_be_bytes());
+    put_str(&mut out, group);
+    put_str(&mut out, member);
+    out
+}
+
 /// Key v1 of an offset commit (v0 and v1 share the layout; Kafka writes v1).
 pub fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + group.len() + topic.len());
@@ -246,10 +260,7 @@ pub fn offset_key(group: &str, topic: &str, partition: i32) -> Vec<u8> {
 
 /// Key v2 of a group metadata record.
 pub fn group_key(group: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + group.len());
-    out.extend_from_slice(&2i16.to_be_bytes());
-    put_str(&mut out, group);
-    out
+    key_of_group(2, group)
 }
 
 /// Offset value: v1 when an explicit expiry is set, v3 otherwise (Kafka's choice).
@@ -307,36 +318,22 @@ fn put_topic_partitions(out: &mut Vec<u8>, tps: &[([u8; 16], Vec<i32>)]) {
 
 /// Key v3: a consumer group's metadata.
 pub fn consumer_group_key(group: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + group.len());
-    out.extend_from_slice(&3i16.to_be_bytes());
-    put_str(&mut out, group);
-    out
+    key_of_group(3, group)
 }
 
 /// Key v5: a consumer group member's metadata.
 pub fn consumer_member_key(group: &str, member: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(6 + group.len() + member.len());
-    out.extend_from_slice(&5i16.to_be_bytes());
-    put_str(&mut out, group);
-    put_str(&mut out, member);
-    out
+    key_of_member(5, group, member)
 }
 
 /// Key v6: a consumer group's target assignment epoch.
 pub fn target_epoch_key(group: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + group.len());
-    out.extend_from_slice(&6i16.to_be_bytes());
-    put_str(&mut out, group);
-    out
+    key_of_group(6, group)
 }
 
 /// Key v7: a consumer group member's target assignment.
 pub fn target_member_key(group: &str, member: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(6 + group.len() + member.len());
-    out.extend_from_slice(&7i16.to_be_bytes());
-    put_str(&mut out, group);
-    put_str(&mut out, member);
-    out
+    key_of_member(7, group, member)
 }
 
 /// `ConsumerGroupTargetAssignmentMetadataValue` v0: the assignment epoch.
@@ -371,28 +368,17 @@ pub fn decode_target_member_value(buf: &Bytes) -> Result<TopicIdPartitions, Form
 
 /// Key v8: a consumer group member's current assignment.
 pub fn current_assignment_key(group: &str, member: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(6 + group.len() + member.len());
-    out.extend_from_slice(&8i16.to_be_bytes());
-    put_str(&mut out, group);
-    put_str(&mut out, member);
-    out
+    key_of_member(8, group, member)
 }
 
 /// Key v10: a share group member.
 pub fn share_member_key(group: &str, member: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(6 + group.len() + member.len());
-    out.extend_from_slice(&10i16.to_be_bytes());
-    put_str(&mut out, group);
-    put_str(&mut out, member);
-    out
+    key_of_member(10, group, member)
 }
 
 /// Key v11: a share group.
 pub fn share_group_key(group: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + group.len());
-    out.extend_from_slice(&11i16.to_be_bytes());
-    put_str(&mut out, group);
-    out
+    key_of_group(11, group)
 }
 
 /// The tagged field of [`ShareGroupValue`] holding the dead-letter configs (the KIP's number).

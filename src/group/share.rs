@@ -275,11 +275,14 @@ impl GroupConfigs {
         }
     }
 
-    /// Whether a `share.*` config is set.
+    /// Whether a share-group config (any but the `consumer.*` ones) is set.
     pub fn has_share(&self) -> bool {
-        self.auto_offset_reset.is_some()
-            || self.record_lock_duration_ms.is_some()
-            || self.read_committed.is_some()
+        let share_only = GroupConfigs {
+            consumer_session_timeout_ms: None,
+            consumer_heartbeat_interval_ms: None,
+            ..self.clone()
+        };
+        share_only != GroupConfigs::default()
     }
 
     /// The value of `key` as a string, and whether it is set on the group (else the default).

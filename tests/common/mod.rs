@@ -582,6 +582,32 @@ impl Client {
         futures_lite::future::block_on(self.0.call_at(req, version))
     }
 
+    /// IncrementalAlterConfigs (v1) of one key on GROUP resource `group`: SET `value`, or
+    /// DELETE with `None`. The resource's error code.
+    pub fn alter_group_config(&mut self, group: &str, key: &str, value: Option<&str>) -> i16 {
+        use kafka_protocol::messages::incremental_alter_configs_request::*;
+        use kafka_protocol::messages::{ApiKey, IncrementalAlterConfigsResponse};
+        use kafka_protocol::protocol::StrBytes;
+        let s = |x: &str| StrBytes::from_string(x.to_string());
+        let r: IncrementalAlterConfigsResponse = self
+            .call_at(
+                ApiKey::IncrementalAlterConfigs,
+                1,
+                &IncrementalAlterConfigsRequest::default().with_resources(vec![
+                    AlterConfigsResource::default()
+                        .with_resource_type(32)
+                        .with_resource_name(s(group))
+                        .with_configs(vec![AlterableConfig::default()
+                            .with_name(s(key))
+                            // 0 SET, 1 DELETE.
+                            .with_config_operation(if value.is_some() { 0 } else { 1 })
+                            .with_value(value.map(s))]),
+                ]),
+            )
+            .expect("incremental alter configs");
+        r.responses[0].error_code
+    }
+
     /// Asks FindCoordinator (v2) for `group` until a coordinator answers, at most `within`.
     pub fn wait_coordinator(&mut self, group: &str, within: Duration) {
         use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, FindCoordinatorResponse};

@@ -205,7 +205,14 @@ pub struct SharePartition {
     pub dirty: bool,
     /// Archived records waiting to be copied to the group's dead-letter topic (module docs).
     pub dead_letter: BTreeMap<i64, DlqPending>,
+    /// Average stored bytes per record of the batches read so far (0: nothing read yet), to
+    /// size the next read ([`Self::read_bytes`]). Not persisted.
+    pub bytes_per_record: u64,
 }
+
+/// Smallest read of the log for an acquisition (also the first one, before any record size is
+/// known): a few batches of typical size, one direct read.
+pub const READ_BYTES_MIN: u32 = 1 << 20;
 
 /// What one acquisition took: ranges `(first, last, delivery_count)` in offset order and the
 /// indexes of the batches that hold them.
@@ -229,6 +236,34 @@ impl SharePartition {
             snapshot_epoch: 0,
             dirty: true,
             dead_letter: BTreeMap::new(),
+            bytes_per_record: 0,
+        }
+    }
+
+    /// How many bytes of the log to read for an acquisition of up to `max_records`, within
+    /// `bytes_max` (the request's limit). Clients ask for far more bytes than `max_records`
+    /// records take (50 MB by default); reading all of it from a cold log for a ShareFetch that
+    /// keeps 1,000 records would cost the whole read each time. So the read is sized by the
+    /// average record size seen so far, with a quarter to spare, never below
+    /// [`READ_BYTES_MIN`].
+    pub fn read_bytes(&self, max_records: usize, bytes_max: u32) -> u32 {
+        let want = (max_records as u64)
+            .saturating_mul(self.bytes_per_record)
+            .saturating_mul(5)
+            / 4;
+        want.clamp(READ_BYTES_MIN as u64, u32::MAX as u64)
+            .min(bytes_max.max(1) as u64) as u32
+    }
+
+    /// Notes that `bytes` of batches held `records` records (for [`Self::read_bytes`]).
+    pub fn note_read(&mut self, bytes: u64, records: u64) {
+        if records > 0 {
+            let seen = bytes / records;
+            self.bytes_per_record = if self.bytes_per_record == 0 {
+                seen
+            } else {
+                (self.bytes_per_record * 3 + seen) / 4
+            };
         }
     }
 
@@ -1180,5 +1215,22 @@ mod tests {
         plain.acknowledge("a", &[ack(0, 0, ACK_REJECT)], 0).unwrap();
         assert!(plain.dead_letter.is_empty());
         assert_eq!(plain.start, 1);
+    }
+
+    #[test]
+    fn reads_are_sized_by_the_records_wanted_not_the_request_bytes() {
+        let mut sp = SharePartition::new(settings(), 0);
+        // Nothing read yet: the minimum, or less when the request allows less.
+        assert_eq!(sp.read_bytes(1000, 50 << 20), READ_BYTES_MIN);
+        assert_eq!(sp.read_bytes(1000, 4096), 4096);
+        // 1,000 records of ~1 KiB: about 1.25 MB, not the 50 MB the client allows.
+        sp.note_read(1 << 20, 1024);
+        assert_eq!(sp.read_bytes(1000, 50 << 20), 1_280_000);
+        // Large records: as many bytes as the records wanted take, up to the request's limit.
+        sp.note_read(100 << 20, 100);
+        let b = sp.read_bytes(500, 50 << 20);
+        assert!(b > 8 << 20 && b <= 50 << 20, "{b}");
+        assert_eq!(sp.read_bytes(usize::MAX, 50 << 20), 50 << 20);
+        sp.note_read(0, 0);
     }
 }

@@ -804,14 +804,25 @@ pub async fn fetch_here(log: Rc<PartitionLog>, part: FetchPart) -> FetchPartResu
             (s.has_available(now) || s.window_open()).then(|| s.read_from(now))
         };
         if let Some(from) = from.filter(|f| *f < readable_end) {
+            let bytes_max = sp.borrow().read_bytes(part.max_records, part.bytes_max);
             match log
                 .read(ReadOptions {
                     start: Offset(from),
-                    bytes_max: part.bytes_max.max(1),
+                    bytes_max,
                 })
                 .await
             {
                 Ok(r) => {
+                    let (bytes, records) = r
+                        .batches
+                        .iter()
+                        .filter_map(|b| {
+                            batch::BatchHeader::parse(b)
+                                .ok()
+                                .map(|h| (b.len() as u64, h.record_count().max(0) as u64))
+                        })
+                        .fold((0, 0), |(b, n), (x, y)| (b + x, n + y));
+                    sp.borrow_mut().note_read(bytes, records);
                     let mut spans = Vec::with_capacity(r.batches.len());
                     let mut aborted: Vec<(i64, i64, i64)> = vec![];
                     if part.settings.read_committed {

@@ -595,15 +595,17 @@ struct Rewrite<'a> {
     /// The first ABORT marker this pass keeps. ABORT markers after it are kept too, so the
     /// removed ones are always a prefix and [`CleanerState::aborts_cleared_below`] can say which.
     abort_kept: Option<Offset>,
-    /// The earliest future delete horizon on a batch kept with a tombstone or a removable
-    /// marker.
+    /// The earliest delete horizon (now or later) on a batch kept with a tombstone or a
+    /// removable marker.
     next_horizon: Option<i64>,
     counts: Counts,
 }
 
 impl Rewrite<'_> {
     fn note_horizon(&mut self, horizon_ms: i64) {
-        if horizon_ms > self.now_ms {
+        // A horizon of now (`delete.retention.ms` = 0) still needs a later pass to remove what
+        // this pass stamped and kept.
+        if horizon_ms >= self.now_ms {
             self.next_horizon = Some(self.next_horizon.map_or(horizon_ms, |h| h.min(horizon_ms)));
         }
     }

@@ -1085,5 +1085,10 @@ mod tests {
         for n in v.len()..dv.len() {
             assert!(decode_value(&dv[..n]).is_err(), "truncated at {n}");
         }
+        // A huge pending count is refused before anything is allocated.
+        let mut huge_pending = v[..v.len() - 1].to_vec();
+        huge_pending.extend_from_slice(&[1, 0xa7, 0x09, 5, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        let e = decode_value(&huge_pending).unwrap_err();
+        assert!(e.0.contains("exceeds"), "{e}");
     }
 }

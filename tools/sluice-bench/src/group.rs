@@ -189,8 +189,8 @@ pub async fn heartbeat(coord: &mut Conn, group: &str, m: &Membership) -> Result<
     kgroup::heartbeat(coord, group, m.generation, &m.member_id).await
 }
 
-/// Runs one group member until the run stops: join, fetch its assigned partitions (all must be
-/// led by one broker: the first partition's leader), heartbeat and commit, rejoin on rebalance.
+/// Runs one group member until the run stops: join, fetch its assigned partitions (one fetch
+/// loop per leader among them), heartbeat and commit, rejoin on rebalance.
 pub async fn run_member(
     brokers: String,
     group: String,
@@ -219,39 +219,59 @@ pub async fn run_member(
             }
             continue;
         }
-        let leader = topic
-            .partitions
-            .iter()
-            .find(|p| p.index == m.partitions[0])
-            .map(|p| p.leader.clone())
-            .context("assigned partition not in topic metadata")?;
-        let mut start =
+        // The assigned partitions grouped by their leader: one fetch connection and loop each.
+        let mut by_leader: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for &p in &m.partitions {
+            let leader = topic
+                .partitions
+                .iter()
+                .find(|i| i.index == p)
+                .map(|i| i.leader.clone())
+                .context("assigned partition not in topic metadata")?;
+            by_leader.entry(leader).or_default().push(p);
+        }
+        let committed_at =
             committed(&mut coord.borrow_mut(), &group, &topic.name, &m.partitions).await?;
-        if !fetchers.contains_key(&leader) {
-            fetchers.insert(
-                leader.clone(),
-                setup::connect(&leader, connect_timeout).await?,
-            );
+        let mut lanes = vec![];
+        for (leader, parts) in by_leader {
+            if !fetchers.contains_key(&leader) {
+                fetchers.insert(
+                    leader.clone(),
+                    setup::connect(&leader, connect_timeout).await?,
+                );
+            }
+            let conn = fetchers.get_mut(&leader).expect("inserted above");
+            let mut start: BTreeMap<i32, i64> = parts
+                .iter()
+                .filter_map(|p| committed_at.get(p).map(|&o| (*p, o)))
+                .collect();
+            let missing: Vec<i32> = parts
+                .iter()
+                .copied()
+                .filter(|p| !start.contains_key(p))
+                .collect();
+            if !missing.is_empty() {
+                let ts = if from == StartFrom::Earliest { -2 } else { -1 };
+                start.extend(admin::offsets(conn, &topic.name, &missing, ts).await?);
+            }
+            lanes.push((leader, Rc::new(RefCell::new(start))));
         }
-        let conn = fetchers.get_mut(&leader).expect("inserted above");
-        let missing: Vec<i32> = m
-            .partitions
-            .iter()
-            .copied()
-            .filter(|p| !start.contains_key(p))
-            .collect();
-        if !missing.is_empty() {
-            let ts = if from == StartFrom::Earliest { -2 } else { -1 };
-            start.extend(admin::offsets(conn, &topic.name, &missing, ts).await?);
-        }
-        let offsets = Rc::new(RefCell::new(start));
+        let all_offsets: Vec<Rc<RefCell<BTreeMap<i32, i64>>>> =
+            lanes.iter().map(|(_, o)| o.clone()).collect();
+        let merged = move || {
+            let mut all = BTreeMap::new();
+            for o in &all_offsets {
+                all.extend(o.borrow().iter().map(|(&p, &o)| (p, o)));
+            }
+            all
+        };
         let rejoin = Rc::new(Cell::new(false));
         let done = Rc::new(Cell::new(false));
         let m = Rc::new(m);
         let hb = {
-            let (coord, offsets, rejoin, done, m, group, topic_name, stats) = (
+            let (coord, merged, rejoin, done, m, group, topic_name, stats) = (
                 coord.clone(),
-                offsets.clone(),
+                merged.clone(),
                 rejoin.clone(),
                 done.clone(),
                 m.clone(),
@@ -269,7 +289,7 @@ pub async fn run_member(
                     }
                     waited = Duration::ZERO;
                     let mut c = coord.borrow_mut();
-                    let snapshot = offsets.borrow().clone();
+                    let snapshot = merged();
                     let e1 = commit(&mut c, &group, &m, &topic_name, &snapshot).await?;
                     let e2 = heartbeat(&mut c, &group, &m).await?;
                     if e1 != code::NONE || e2 != code::NONE {
@@ -280,12 +300,36 @@ pub async fn run_member(
                 Ok(())
             })
         };
-        let r = consume::fetch_loop(conn, &spec, &offsets, &stats, Some(&rejoin)).await;
+        // Each lane owns its connection while it runs and hands it back when it ends.
+        let mut loops = vec![];
+        for (leader, offsets) in lanes {
+            let mut conn = fetchers.remove(&leader).expect("connected above");
+            let (spec, stats, rejoin) = (spec.clone(), stats.clone(), rejoin.clone());
+            loops.push(glommio::spawn_local(async move {
+                let r =
+                    consume::fetch_loop(&mut conn, &spec, &offsets, &stats, Some(&rejoin)).await;
+                if r.is_err() {
+                    // A failed lane ends the others too, through a rejoin.
+                    rejoin.set(true);
+                }
+                (leader, conn, r)
+            }));
+        }
+        let mut first_err = None;
+        for l in loops {
+            let (leader, conn, r) = l.await;
+            fetchers.insert(leader, conn);
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
         done.set(true);
         hb.await?;
-        r?;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
         if !rejoin.get() {
-            let snapshot = offsets.borrow().clone();
+            let snapshot = merged();
             commit(&mut coord.borrow_mut(), &group, &m, &topic.name, &snapshot).await?;
         }
     }

@@ -223,13 +223,22 @@ pub fn run(w: Workload) -> Result<Summary> {
             let job = match &c.group {
                 Some(g) => ConsumerJob::Member { group: g.clone() },
                 None => {
-                    let Some(parts) = direct.get(i).cloned() else {
+                    let Some(parts) = direct.get(i) else {
                         continue;
                     };
-                    ConsumerJob::Assigned {
-                        leader: leader_of(parts[0]),
-                        partitions: parts,
+                    // One fetch connection per leader of this consumer's partitions.
+                    let mut by_leader: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+                    for &p in parts {
+                        by_leader.entry(leader_of(p)).or_default().push(p);
                     }
+                    for (leader, partitions) in by_leader {
+                        work[(i + cores - 1) % cores]
+                            .consumers
+                            .push(ConsumerJob::Assigned { leader, partitions });
+                        // Counted per job: each reports itself ready once positioned.
+                        consumers += 1;
+                    }
+                    continue;
                 }
             };
             work[(i + cores - 1) % cores].consumers.push(job);

@@ -104,10 +104,31 @@ print(f"{sys.argv[1]} s3 MB/s {g('publishThroughputMBps'):.1f} e2e_p50_ms {g('en
 EOF
 }
 
-for r in $(seq "$ROUNDS"); do
+for _ in $(seq "$ROUNDS"); do
     start_single; s1 single; stop_all
     start_cluster; s1 rf3; stop_all
     start_single; s3 single; stop_all
     start_cluster; s3 rf3; stop_all
-    echo "round $r done"
-done
+done | tee "$D/runs.txt"
+
+# Medians per setup and scenario, and the replicated / single-node throughput ratio.
+python3 - "$D/runs.txt" <<'EOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) < 4 or f[1] not in ("s1", "s3") or f[2] != "MB/s":
+        continue
+    vals = dict(zip(f[2::2], (float(x) for x in f[3::2])))
+    rows.setdefault((f[0], f[1]), []).append(vals)
+print("medians:")
+for (label, sc), runs in sorted(rows.items()):
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(f"  {label} {sc} ({len(runs)} runs): " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
+for sc in ("s1", "s3"):
+    a, b = rows.get(("rf3", sc)), rows.get(("single", sc))
+    if a and b:
+        ra = statistics.median(r["MB/s"] for r in a)
+        rb = statistics.median(r["MB/s"] for r in b)
+        print(f"  {sc}: rf3 / single throughput = {ra / rb:.2f}")
+EOF

@@ -2428,3 +2428,111 @@ fn a_network_partition_isolating_the_leader_never_acknowledges_on_the_minority_s
         started.elapsed()
     );
 }
+
+/// DeleteRecords v2 of partition 0 of `topic` before `offset`, asked of node `id`: (error, low
+/// watermark).
+fn delete_records_raw(c: &Cluster, id: i32, topic: &str, offset: i64) -> (i16, i64) {
+    use kafka_protocol::messages::delete_records_request::{
+        DeleteRecordsPartition, DeleteRecordsTopic,
+    };
+    use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: DeleteRecordsResponse = raw.call(
+        ApiKey::DeleteRecords,
+        2,
+        &DeleteRecordsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![DeleteRecordsTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![DeleteRecordsPartition::default()
+                    .with_partition_index(0)
+                    .with_offset(offset)])]),
+    );
+    let p = &r.topics[0].partitions[0];
+    (p.error_code, p.low_watermark)
+}
+
+#[test]
+fn a_follower_restarted_from_a_snapshot_knows_the_idempotent_producers_before_it() {
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    const TOPIC: &str = "idem-snapshot";
+    create(&c.bootstrap(), TOPIC, 1, 3).expect("create a topic of three replicas");
+    // The follower that will be restarted from a snapshot is the preferred replica, so a
+    // preferred election makes it leader afterwards.
+    let (follower, leader) = move_leadership_off_preferred(&mut c, TOPIC);
+    c.node_mut(follower).sigkill();
+
+    // An idempotent producer writes three batches while the follower is down, then other
+    // records follow.
+    let pid = init_producer_id(&c, leader);
+    let sent: Vec<(i16, i64)> = (0..3)
+        .map(|seq| produce_raw(&c, leader, TOPIC, -1, Some((pid, 0, seq))))
+        .collect();
+    assert!(sent.iter().all(|(e, _)| *e == 0), "{sent:?}");
+    let last = sent[2];
+    let survivors: Vec<i32> = ids.iter().copied().filter(|i| *i != follower).collect();
+    let after = produce_acked(&bootstrap_of(&c, &survivors), TOPIC, "after", 20);
+    let end = after.iter().map(|a| a.offset).max().unwrap() + 1;
+
+    // The log start moves past every batch of that producer: its state lies before the raft
+    // log's start, so the restarted follower can only learn it from the snapshot.
+    let leader_now = c.wait_for("the survivors name a leader", |c| {
+        agreed_leader(c, &survivors, TOPIC, follower)
+    });
+    let (e, low) = delete_records_raw(&c, leader_now.0, TOPIC, end - 1);
+    assert_eq!(e, 0, "DeleteRecords");
+    assert!(
+        low > last.1,
+        "low watermark {low} past the producer's last batch {last:?}"
+    );
+
+    // Restarted, the follower installs the snapshot and catches up; then it is made leader.
+    c.node_mut(follower).restart();
+    c.wait_for(
+        "the restarted follower installs a snapshot and holds the leader's batches",
+        |c| {
+            let snapshot = c
+                .node(follower)
+                .data_dir()
+                .join(format!("{TOPIC}-0"))
+                .join("raft-snapshot");
+            let lead = batches_from(c, leader_now.0, TOPIC, low);
+            (snapshot.exists() && !lead.is_empty() && batches_from(c, follower, TOPIC, low) == lead)
+                .then_some(())
+        },
+    );
+    c.wait_for("the restarted follower is back in sync", |c| {
+        let (_, _, _, isr) = partition_state(c, leader_now.0, TOPIC)?;
+        isr.contains(&follower).then_some(())
+    });
+    elect_preferred_through(&c, leader_now.0, TOPIC, follower);
+
+    // A retry of the producer's last batch is answered with its original offset, not stored
+    // again; its next sequence is appended after everything.
+    let retried = c.wait_for("the new leader answers the retry", |c| {
+        let r = produce_raw(c, follower, TOPIC, -1, Some((pid, 0, 2)));
+        (![NOT_LEADER_OR_FOLLOWER, REQUEST_TIMED_OUT].contains(&r.0)).then_some(r)
+    });
+    assert_eq!(
+        retried, last,
+        "the retry is a duplicate on the restarted follower"
+    );
+    let next = produce_raw(&c, follower, TOPIC, -1, Some((pid, 0, 3)));
+    assert_eq!(next.0, 0, "the next sequence is accepted");
+    assert!(next.1 >= end, "{next:?} after the log end {end}");
+    // From the low watermark on, the log holds the producer's next record once and the
+    // retry not at all.
+    let read = read_with_offsets(&c.bootstrap(), TOPIC, (end - low) as usize + 1);
+    let raw: Vec<i64> = read
+        .iter()
+        .filter(|(_, v)| v == "raw")
+        .map(|(o, _)| *o)
+        .collect();
+    assert_eq!(
+        raw,
+        vec![next.1],
+        "the producer's records after the low watermark"
+    );
+}

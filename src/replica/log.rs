@@ -24,12 +24,12 @@
 //!
 //! Compaction follows the log start (retention, DeleteRecords): the raft log starts after the
 //! last entry wholly below the log start offset, recorded in `SNAPSHOT_FILE` (index, term,
-//! offset) before the log start moves. A partition's snapshot is that metadata alone (the log
-//! is the state): a follower that needs an entry below the leader's start receives it and
-//! restarts its log empty at its offset (`install_snapshot`, performed in `persist`: the log is
-//! truncated to its start, one control batch spanning the offsets it skips records the
-//! snapshot durably, then the snapshot file and the log start follow), then catches up by
-//! entries.
+//! offset) before the log start moves. A partition's snapshot is that metadata (the log is the
+//! state) plus the idempotent producers as of its offset: a follower that needs an entry below
+//! the leader's start receives it and restarts its log empty at its offset (`install_snapshot`,
+//! performed in `persist`: the log is truncated to its start, one control batch spanning the
+//! offsets it skips records the snapshot durably — producers included — then the producer
+//! state, the snapshot file and the log start follow), then catches up by entries.
 
 // Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
 #![allow(clippy::field_reassign_with_default)]
@@ -643,8 +643,9 @@ impl LogStore for RaftLog {
         }))
     }
 
-    /// A partition's snapshot is metadata only (the log is the state): the index, term and
-    /// offset where the log starts. A follower behind it restarts its log there.
+    /// A partition's snapshot is the index, term and offset where the log starts (the log is
+    /// the state), with the idempotent producers as of that offset (`encode_snapshot_data`). A
+    /// follower behind it restarts its log there, knowing those producers.
     fn snapshot(&self) -> Snapshot {
         let m = self.index.borrow().snapshot();
         let mut snap = Snapshot::default();

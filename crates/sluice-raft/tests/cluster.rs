@@ -812,9 +812,11 @@ fn outgoing_connections_leave_from_the_listeners_address() {
     let node = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .spawn(move || async move {
             let transport = Transport::start(tc).expect("transport");
-            let mut m = sluice_raft::eraftpb::Message::default();
-            m.to = 2;
-            m.from = 1;
+            let m = sluice_raft::eraftpb::Message {
+                to: 2,
+                from: 1,
+                ..Default::default()
+            };
             transport.send(GROUP, vec![m]);
             let _ = wait_done.recv().await;
             transport.close();

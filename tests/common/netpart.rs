@@ -5,7 +5,8 @@
 //! comment unique to this process, so nothing but the test's own traffic is touched.
 //!
 //! The rules live as long as the `Partition` guard: dropping it removes every rule it inserted,
-//! also when the test panics, so a failed test never leaves the machine partitioned.
+//! also when the test panics, so a failed test never leaves the machine partitioned. Rules of a
+//! test process that was killed outright (no unwinding) are removed by the next partition made.
 //!
 //! Needs root and a working `iptables` (tests/run.sh installs it); `Partition::unavailable`
 //! says why a test cannot partition the network here.
@@ -74,6 +75,41 @@ impl NodeAddrs {
     }
 }
 
+/// Prefix of every rule's comment; the rest is the inserting process id and a counter.
+const COMMENT_PREFIX: &str = "sluice-test-netpart-";
+
+/// Removes rules a test process left behind when it was killed before its guard could run
+/// (the comment names the process; it is gone): their ports may be handed to a later test.
+fn remove_stale_rules() {
+    let Ok(out) = Command::new("iptables").args(["-w", "-S", CHAIN]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(at) = line.find(COMMENT_PREFIX) else {
+            continue;
+        };
+        let pid = line[at + COMMENT_PREFIX.len()..]
+            .split(['-', ' ', '"'])
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let Some(spec) = line.strip_prefix(&format!("-A {CHAIN} ")) else {
+            continue;
+        };
+        let args: Vec<String> = spec
+            .split_whitespace()
+            .map(|a| a.trim_matches('"').to_string())
+            .collect();
+        let _ = Command::new("iptables")
+            .args(["-w", "-D", CHAIN])
+            .args(&args)
+            .status();
+    }
+}
+
 /// The rules of one partition; removed on drop.
 pub struct Partition {
     comment: String,
@@ -85,8 +121,9 @@ impl Partition {
     /// inserted (after removing those that were).
     pub fn isolate(isolated: &NodeAddrs, others: &[NodeAddrs]) -> Partition {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
+        remove_stale_rules();
         let comment = format!(
-            "sluice-test-netpart-{}-{}",
+            "{COMMENT_PREFIX}{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );

@@ -2244,3 +2244,295 @@ a.close()
     assert!(e == 0 && start > 0, "earliest of trimmed: {e} {start}");
     produce_acked(&c.bootstrap(), "trimmed", "later", 50);
 }
+
+/// Produces one record of value `value` to partition 0 of `topic` on node `id` with acks=all
+/// and a `timeout_ms` request timeout: the partition's (error code, base offset).
+fn produce_value(c: &Cluster, id: i32, topic: &str, value: &str, timeout_ms: i32) -> (i16, i64) {
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    let record = Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: -1,
+        timestamp: 1_700_000_000_000,
+        key: None,
+        value: Some(bytes::Bytes::from(value.to_string())),
+        headers: Default::default(),
+    };
+    let mut buf = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &[record],
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode batch");
+    let mut raw = Raw::connect(c.node(id).addr);
+    let resp: ProduceResponse = raw.call(
+        ApiKey::Produce,
+        9,
+        &ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(timeout_ms)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(buf.freeze()))])]),
+    );
+    let p = &resp.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+/// The Kafka addresses of `ids`, comma-separated.
+fn bootstrap_of(c: &Cluster, ids: &[i32]) -> String {
+    ids.iter()
+        .map(|i| c.node(*i).bootstrap())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn a_network_partition_isolating_the_leader_never_acknowledges_on_the_minority_side() {
+    use common::netpart::{self, Partition};
+    let c = Cluster::start(3);
+    let ids = c.ids();
+    let addrs: Vec<netpart::NodeAddrs> = ids.iter().map(|i| c.node_addrs(*i)).collect();
+    if let Some(why) = netpart::unavailable(&addrs) {
+        println!("SKIPPED the network-partition test: {why}");
+        return;
+    }
+    let started = Instant::now();
+    let controller = c.wait_controller(&ids);
+    create(&c.bootstrap(), "split", 1, 3).expect("create a topic of three replicas");
+    let (leader, epoch) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, "split", -1)
+    });
+    let mut acked = produce_acked(&c.bootstrap(), "split", "before", 100);
+
+    // The leader's node is cut off from the other two (raft traffic both ways; clients still
+    // reach every node).
+    let others: Vec<i32> = ids.iter().copied().filter(|i| *i != leader).collect();
+    let others_addrs: Vec<netpart::NodeAddrs> = others.iter().map(|i| c.node_addrs(*i)).collect();
+    let mut split = Partition::isolate(&c.node_addrs(leader), &others_addrs);
+    let split_at = Instant::now();
+
+    // acks=all writes sent to the isolated leader from now on: none may be acknowledged. They
+    // go on until it answers that it no longer leads (check-quorum makes it step down), and
+    // once more after that.
+    let mut refused: BTreeMap<i16, usize> = BTreeMap::new();
+    let mut isolated_values = Vec::new();
+    let mut stepped_down = None;
+    let deadline = Instant::now() + WAIT;
+    for n in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "the isolated leader {leader} did not step down within {WAIT:?}: {refused:?}"
+        );
+        let v = format!("isolated-{n}");
+        let (code, offset) = produce_value(&c, leader, "split", &v, 1000);
+        assert_ne!(
+            code, 0,
+            "the isolated leader acknowledged {v} at offset {offset}"
+        );
+        *refused.entry(code).or_default() += 1;
+        isolated_values.push(v);
+        if stepped_down.is_some() {
+            break;
+        }
+        if code == NOT_LEADER_OR_FOLLOWER {
+            stepped_down = Some(split_at.elapsed());
+        }
+    }
+    assert!(
+        refused
+            .keys()
+            .all(|e| [NOT_LEADER_OR_FOLLOWER, REQUEST_TIMED_OUT].contains(e)),
+        "refusals of the isolated leader: {refused:?}"
+    );
+
+    // The majority elects a new leader and acknowledges acks=all writes.
+    let (new_leader, new_epoch) = c.wait_for("the majority elects a new leader", |c| {
+        agreed_leader(c, &others, "split", leader)
+    });
+    assert!(new_epoch > epoch);
+    let elected = split_at.elapsed();
+    acked.extend(produce_acked(
+        &bootstrap_of(&c, &others),
+        "split",
+        "majority",
+        100,
+    ));
+    println!(
+        "partition isolating leader {leader}: node {new_leader} elected after {elected:?}, the \
+         old leader stepped down after {stepped_down:?}; its refusals {refused:?}"
+    );
+
+    // Healed, the old leader follows the new one, its uncommitted tail is cut, the logs
+    // converge and every acknowledged write is read back once at its offset.
+    split.heal();
+    c.wait_for("the old leader follows the new one", |c| {
+        let (l, e, _, _) = partition_state(c, leader, "split")?;
+        (l == new_leader && e == new_epoch).then_some(())
+    });
+    acked.extend(produce_acked(&c.bootstrap(), "split", "healed", 50));
+    wait_logs_identical(&c, &ids, "split");
+    let read = read_back(&c.bootstrap(), "split", &acked, WAIT);
+    for (o, v) in &read {
+        assert!(
+            !isolated_values.contains(v),
+            "{v}, refused by the isolated leader, is in the log at {o}"
+        );
+    }
+    let reads = history::Reads::from([(0, read)]);
+    if let Err(e) = history::check(&acked, &reads) {
+        panic!("history of {} acknowledged records:\n{e}", acked.len());
+    }
+
+    // The controller leader cut off: the other two elect a new controller, which creates a
+    // topic; healed, the old one learns it.
+    let controller_now = c.wait_controller(&ids);
+    let rest: Vec<i32> = ids
+        .iter()
+        .copied()
+        .filter(|i| *i != controller_now)
+        .collect();
+    let rest_addrs: Vec<netpart::NodeAddrs> = rest.iter().map(|i| c.node_addrs(*i)).collect();
+    let mut split = Partition::isolate(&c.node_addrs(controller_now), &rest_addrs);
+    let split_at = Instant::now();
+    let new_controller = c.wait_for("the majority elects another controller", |c| {
+        c.agreed_controller(&rest).filter(|n| *n != controller_now)
+    });
+    let controller_elected = split_at.elapsed();
+    create(&bootstrap_of(&c, &rest), "split-after", 1, 2)
+        .expect("the majority's controller creates a topic");
+    split.heal();
+    c.wait_for("the old controller learns the new topic", |c| {
+        c.leaders(controller_now, "split-after", 1).map(|_| ())
+    });
+    c.wait_controller(&ids);
+    println!(
+        "partition isolating controller {controller_now} (first controller {controller}): node \
+         {new_controller} elected after {controller_elected:?}; test took {:?}",
+        started.elapsed()
+    );
+}
+
+/// DeleteRecords v2 of partition 0 of `topic` before `offset`, asked of node `id`: (error, low
+/// watermark).
+fn delete_records_raw(c: &Cluster, id: i32, topic: &str, offset: i64) -> (i16, i64) {
+    use kafka_protocol::messages::delete_records_request::{
+        DeleteRecordsPartition, DeleteRecordsTopic,
+    };
+    use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
+    let mut raw = Raw::connect(c.node(id).addr);
+    let r: DeleteRecordsResponse = raw.call(
+        ApiKey::DeleteRecords,
+        2,
+        &DeleteRecordsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![DeleteRecordsTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![DeleteRecordsPartition::default()
+                    .with_partition_index(0)
+                    .with_offset(offset)])]),
+    );
+    let p = &r.topics[0].partitions[0];
+    (p.error_code, p.low_watermark)
+}
+
+#[test]
+fn a_follower_restarted_from_a_snapshot_knows_the_idempotent_producers_before_it() {
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    const TOPIC: &str = "idem-snapshot";
+    create(&c.bootstrap(), TOPIC, 1, 3).expect("create a topic of three replicas");
+    // The follower that will be restarted from a snapshot is the preferred replica, so a
+    // preferred election makes it leader afterwards.
+    let (follower, leader) = move_leadership_off_preferred(&mut c, TOPIC);
+    c.node_mut(follower).sigkill();
+
+    // An idempotent producer writes three batches while the follower is down, then other
+    // records follow.
+    let pid = init_producer_id(&c, leader);
+    let sent: Vec<(i16, i64)> = (0..3)
+        .map(|seq| produce_raw(&c, leader, TOPIC, -1, Some((pid, 0, seq))))
+        .collect();
+    assert!(sent.iter().all(|(e, _)| *e == 0), "{sent:?}");
+    let last = sent[2];
+    let survivors: Vec<i32> = ids.iter().copied().filter(|i| *i != follower).collect();
+    let after = produce_acked(&bootstrap_of(&c, &survivors), TOPIC, "after", 20);
+    let end = after.iter().map(|a| a.offset).max().unwrap() + 1;
+
+    // The log start moves past every batch of that producer: its state lies before the raft
+    // log's start, so the restarted follower can only learn it from the snapshot.
+    let leader_now = c.wait_for("the survivors name a leader", |c| {
+        agreed_leader(c, &survivors, TOPIC, follower)
+    });
+    let (e, low) = delete_records_raw(&c, leader_now.0, TOPIC, end - 1);
+    assert_eq!(e, 0, "DeleteRecords");
+    assert!(
+        low > last.1,
+        "low watermark {low} past the producer's last batch {last:?}"
+    );
+
+    // Restarted, the follower installs the snapshot and catches up; then it is made leader.
+    c.node_mut(follower).restart();
+    c.wait_for(
+        "the restarted follower installs a snapshot and holds the leader's batches",
+        |c| {
+            let snapshot = c
+                .node(follower)
+                .data_dir()
+                .join(format!("{TOPIC}-0"))
+                .join("raft-snapshot");
+            let lead = batches_from(c, leader_now.0, TOPIC, low);
+            (snapshot.exists() && !lead.is_empty() && batches_from(c, follower, TOPIC, low) == lead)
+                .then_some(())
+        },
+    );
+    c.wait_for("the restarted follower is back in sync", |c| {
+        let (_, _, _, isr) = partition_state(c, leader_now.0, TOPIC)?;
+        isr.contains(&follower).then_some(())
+    });
+    elect_preferred_through(&c, leader_now.0, TOPIC, follower);
+
+    // A retry of the producer's last batch is answered with its original offset, not stored
+    // again; its next sequence is appended after everything.
+    let retried = c.wait_for("the new leader answers the retry", |c| {
+        let r = produce_raw(c, follower, TOPIC, -1, Some((pid, 0, 2)));
+        (![NOT_LEADER_OR_FOLLOWER, REQUEST_TIMED_OUT].contains(&r.0)).then_some(r)
+    });
+    assert_eq!(
+        retried, last,
+        "the retry is a duplicate on the restarted follower"
+    );
+    let next = produce_raw(&c, follower, TOPIC, -1, Some((pid, 0, 3)));
+    assert_eq!(next.0, 0, "the next sequence is accepted");
+    assert!(next.1 >= end, "{next:?} after the log end {end}");
+    // From the low watermark on, the log holds the producer's next record once and the
+    // retry not at all.
+    let read = read_with_offsets(&c.bootstrap(), TOPIC, (end - low) as usize + 1);
+    let raw: Vec<i64> = read
+        .iter()
+        .filter(|(_, v)| v == "raw")
+        .map(|(o, _)| *o)
+        .collect();
+    assert_eq!(
+        raw,
+        vec![next.1],
+        "the producer's records after the low watermark"
+    );
+}

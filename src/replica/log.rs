@@ -24,12 +24,12 @@
 //!
 //! Compaction follows the log start (retention, DeleteRecords): the raft log starts after the
 //! last entry wholly below the log start offset, recorded in `SNAPSHOT_FILE` (index, term,
-//! offset) before the log start moves. A partition's snapshot is that metadata alone (the log
-//! is the state): a follower that needs an entry below the leader's start receives it and
-//! restarts its log empty at its offset (`install_snapshot`, performed in `persist`: the log is
-//! truncated to its start, one control batch spanning the offsets it skips records the
-//! snapshot durably, then the snapshot file and the log start follow), then catches up by
-//! entries.
+//! offset) before the log start moves. A partition's snapshot is that metadata (the log is the
+//! state) plus the idempotent producers as of its offset: a follower that needs an entry below
+//! the leader's start receives it and restarts its log empty at its offset (`install_snapshot`,
+//! performed in `persist`: the log is truncated to its start, one control batch spanning the
+//! offsets it skips records the snapshot durably — producers included — then the producer
+//! state, the snapshot file and the log start follow), then catches up by entries.
 
 // Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
 #![allow(clippy::field_reassign_with_default)]
@@ -47,7 +47,7 @@ use sluice_raft::{LogStore, Persist};
 
 use crate::protocol::batch::{self, BatchHeader};
 use crate::storage::{
-    control_batch, control_of, Durability, PartitionLog, CONTROL_RAFT_CONF_CHANGE,
+    control_batch, control_of, Durability, PartitionLog, ProducerState, CONTROL_RAFT_CONF_CHANGE,
     CONTROL_RAFT_CONF_CHANGE_V2, CONTROL_RAFT_NOOP,
 };
 use crate::types::Offset;
@@ -186,6 +186,55 @@ fn decode_snapshot(b: &[u8]) -> Option<SnapshotMeta> {
     })
 }
 
+/// Bytes of the producer state a partition snapshot may carry. The state rides in the
+/// snapshot message (bounded by the transport's frame limit) and in the one control batch that
+/// records an install (read back whole at open, in reads of about 1 MiB); a few thousand
+/// producers with five batches each fit. A leader whose state is larger sends the snapshot
+/// without it (logged): the follower then knows the producers from the entries after it only.
+pub const SNAPSHOT_PRODUCERS_BYTES_MAX: usize = 512 << 10;
+
+/// A partition snapshot as it travels (raft snapshot data) and as the install's control batch
+/// records it: the [`SnapshotMeta`] (28 bytes with its CRC), then optionally the idempotent
+/// producers as of the snapshot's offset — `storage`'s producer snapshot body (covering the
+/// offsets below the snapshot's) followed by its CRC-32.
+fn encode_snapshot_data(m: SnapshotMeta, producers: Option<&ProducerState>) -> Vec<u8> {
+    let mut v = encode_snapshot(m);
+    if let Some(p) = producers {
+        let body = crate::storage::encode_producers(m.offset, p);
+        v.extend_from_slice(&body);
+        v.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    }
+    v
+}
+
+/// Decodes what [`encode_snapshot_data`] wrote, from a leader or from the log: hostile until
+/// checked. `None` unless the metadata's CRC holds and, when producer state follows, it is at
+/// most `SNAPSHOT_PRODUCERS_BYTES_MAX`, its CRC holds, it decodes exactly (counts checked
+/// against the bytes present before anything is built), covers exactly the offsets below the
+/// snapshot's, and every batch it remembers lies below that offset.
+fn decode_snapshot_data(b: &[u8]) -> Option<(SnapshotMeta, Option<ProducerState>)> {
+    let (head, rest) = b.split_at_checked(28)?;
+    let m = decode_snapshot(head)?;
+    if rest.is_empty() {
+        return Some((m, None));
+    }
+    if rest.len() > SNAPSHOT_PRODUCERS_BYTES_MAX + 4 || rest.len() < 4 {
+        return None;
+    }
+    let (body, crc) = rest.split_at(rest.len() - 4);
+    if crc32fast::hash(body).to_be_bytes() != crc {
+        return None;
+    }
+    let (upto, producers) = crate::storage::decode_producers(body)?;
+    let sane = upto == m.offset
+        && producers.producers.values().all(|e| {
+            e.batches
+                .iter()
+                .all(|b| b.base <= b.last && b.last < m.offset && b.first_seq <= b.last_seq)
+        });
+    sane.then_some((m, Some(producers)))
+}
+
 fn read_snapshot_meta(dir: &Path) -> io::Result<SnapshotMeta> {
     match std::fs::read(dir.join(SNAPSHOT_FILE)) {
         Ok(b) => decode_snapshot(&b).ok_or_else(|| {
@@ -218,13 +267,17 @@ pub async fn write_snapshot_meta(dir: &Path, m: SnapshotMeta) -> io::Result<()> 
 /// offsets `[base, m.offset)` this replica's log skips (one record, `lastOffsetDelta` the span)
 /// and carries the snapshot's index, term and offset, so the log itself records the snapshot
 /// durably with one append.
-fn snapshot_batch(base: Offset, m: SnapshotMeta) -> io::Result<BytesMut> {
+fn snapshot_batch(
+    base: Offset,
+    m: SnapshotMeta,
+    producers: Option<&ProducerState>,
+) -> io::Result<BytesMut> {
     let epoch = i32::try_from(m.term)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "term beyond i32"))?;
     let delta = i32::try_from(m.offset.0 - 1 - base.0)
         .map_err(|_| io::Error::other("snapshot span beyond one batch"))?;
-    let mut b =
-        BytesMut::from(&control_batch(CONTROL_RAFT_SNAPSHOT, &encode_snapshot(m), epoch, -1)[..]);
+    let value = encode_snapshot_data(m, producers);
+    let mut b = BytesMut::from(&control_batch(CONTROL_RAFT_SNAPSHOT, &value, epoch, -1)[..]);
     batch::set_last_offset_delta(&mut b, delta);
     batch::set_base_offset(&mut b, base);
     Ok(b)
@@ -233,9 +286,9 @@ fn snapshot_batch(base: Offset, m: SnapshotMeta) -> io::Result<BytesMut> {
 enum Op {
     Truncate(Offset),
     Append(BytesMut),
-    /// A snapshot from the leader: the log restarts empty at its offset (see
-    /// `RaftLog::install_snapshot`).
-    Restart(SnapshotMeta),
+    /// A snapshot from the leader: the log restarts empty at its offset, with the producer
+    /// state it carries (see `RaftLog::install_snapshot`).
+    Restart(SnapshotMeta, Option<ProducerState>),
 }
 
 pub type TruncateHooks = Rc<RefCell<Vec<Box<dyn Fn(Offset)>>>>;
@@ -282,7 +335,7 @@ impl RaftLog {
         if log.log_end_offset() < snap.offset {
             // An install cut the log and did not write its snapshot batch: restart the log at
             // the recorded snapshot again (the leader sends a newer one if it has to).
-            restart_log(&log, snap).await?;
+            restart_log(&log, snap, None).await?;
         }
         let mut index = EntryIndex {
             snap,
@@ -292,6 +345,9 @@ impl RaftLog {
         // Batches below the raft log's start (its log start offset not moved yet) are
         // skipped: a snapshot batch among them is an install newer than the file.
         let mut reading_from = log.log_start_offset();
+        // The producer state of a snapshot batch newer than the file (an install a crash
+        // interrupted), with the entries after it replayed on top.
+        let mut reinstall: Option<ProducerState> = None;
         while reading_from < log.log_end_offset() {
             let r = log
                 .read(crate::storage::ReadOptions {
@@ -307,15 +363,19 @@ impl RaftLog {
                 let h = BatchHeader::parse(b).map_err(|e| io::Error::other(e.to_string()))?;
                 reading_from = h.last_offset().next();
                 if let Some((CONTROL_RAFT_SNAPSHOT, v)) = control_of(b) {
-                    let m = decode_snapshot(&v).ok_or_else(|| {
+                    let (m, producers) = decode_snapshot_data(&v).ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidData, "snapshot batch damaged")
                     })?;
                     if m.index > index.snap.index {
                         index.snap = m;
                         index.entries.clear();
                         at = m.offset;
+                        reinstall = producers;
                     }
                     continue;
+                }
+                if let Some(p) = reinstall.as_mut() {
+                    p.replay(&h);
                 }
                 if h.base_offset() < at {
                     continue;
@@ -341,6 +401,9 @@ impl RaftLog {
             }
         }
         if index.snap != snap {
+            if let Some(p) = reinstall {
+                log.install_producers(p).await.map_err(failed)?;
+            }
             write_snapshot_meta(&dir, index.snap).await?;
             snap = index.snap;
         }
@@ -580,15 +643,26 @@ impl LogStore for RaftLog {
         }))
     }
 
-    /// A partition's snapshot is metadata only (the log is the state): the index, term and
-    /// offset where the log starts. A follower behind it restarts its log there.
+    /// A partition's snapshot is the index, term and offset where the log starts (the log is
+    /// the state), with the idempotent producers as of that offset (`encode_snapshot_data`). A
+    /// follower behind it restarts its log there, knowing those producers.
     fn snapshot(&self) -> Snapshot {
         let m = self.index.borrow().snapshot();
         let mut snap = Snapshot::default();
         if m.index == 0 {
             return snap;
         }
-        snap.data = Bytes::from(encode_snapshot(m));
+        let producers = self.log.producers_as_of(m.offset);
+        let mut data = encode_snapshot_data(m, Some(&producers));
+        if data.len() > 28 + SNAPSHOT_PRODUCERS_BYTES_MAX + 4 {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                producers = producers.producers.len(),
+                "producer state too large for a partition snapshot: sent without it"
+            );
+            data = encode_snapshot(m);
+        }
+        snap.data = Bytes::from(data);
         let meta = snap.mut_metadata();
         meta.index = m.index;
         meta.term = m.term;
@@ -670,8 +744,8 @@ impl LogStore for RaftLog {
                             .map_err(failed)?;
                         appended = true;
                     }
-                    Op::Restart(m) => {
-                        restart_log(&log, m).await?;
+                    Op::Restart(m, producers) => {
+                        restart_log(&log, m, producers).await?;
                         for h in hooks.borrow().iter() {
                             h(m.offset);
                         }
@@ -694,8 +768,8 @@ impl LogStore for RaftLog {
     /// the snapshot is appended and before the answer to the leader leaves.
     fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
         let md = snapshot.get_metadata();
-        let m = decode_snapshot(&snapshot.data)
-            .filter(|m| m.index == md.index && m.term == md.term)
+        let (m, producers) = decode_snapshot_data(&snapshot.data)
+            .filter(|(m, _)| m.index == md.index && m.term == md.term)
             .ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, "partition snapshot malformed")
             })?;
@@ -712,7 +786,7 @@ impl LogStore for RaftLog {
             self.conf = cs.clone();
             self.hard_dirty = true;
         }
-        self.ops.push(Op::Restart(m));
+        self.ops.push(Op::Restart(m, producers));
         Ok(())
     }
 }
@@ -722,16 +796,28 @@ impl LogStore for RaftLog {
 /// (synced), then the raft snapshot file and the log start follow it. A crash before the
 /// snapshot batch is durable reopens to the previous snapshot (and the leader sends its
 /// snapshot again); after it, `RaftLog::open` finds the batch and finishes the rest.
-async fn restart_log(log: &PartitionLog, m: SnapshotMeta) -> io::Result<()> {
+async fn restart_log(
+    log: &PartitionLog,
+    m: SnapshotMeta,
+    producers: Option<ProducerState>,
+) -> io::Result<()> {
     let failed = |e: crate::storage::StorageError| io::Error::other(e.to_string());
     log.truncate_to(log.log_start_offset())
         .await
         .map_err(failed)?;
     let end = log.log_end_offset();
     if end < m.offset {
-        log.append_replicated(snapshot_batch(end, m)?, Durability::Synced)
-            .await
-            .map_err(failed)?;
+        log.append_replicated(
+            snapshot_batch(end, m, producers.as_ref())?,
+            Durability::Synced,
+        )
+        .await
+        .map_err(failed)?;
+        // The producers as of the snapshot, recorded in that batch (durable with it): now in
+        // the log's memory and its producer snapshot file, before any entry after it.
+        if let Some(p) = producers {
+            log.install_producers(p).await.map_err(failed)?;
+        }
     }
     write_snapshot_meta(log.dir(), m).await?;
     if log.log_start_offset() < m.offset {
@@ -995,7 +1081,21 @@ mod tests {
         let (a, b) = (dirs.0.path().to_path_buf(), dirs.1.path().to_path_buf());
         run(async move {
             let (leader_log, mut leader) = open_store(&a).await;
-            let produced: Vec<Vec<u8>> = (0u8..6).map(|i| data_batch(3, 50, 1000, i)).collect();
+            // Entries 1 and 2 (offsets 0..=5, below the snapshot) are batches of idempotent
+            // producer 7; the others plain batches of three records too.
+            let produced: Vec<Vec<u8>> = (0u8..6)
+                .map(|i| match i {
+                    0 | 1 => crate::storage::tests::idempotent_batch(7, 0, 3 * i as i32, 3),
+                    _ => data_batch(3, 50, 1000, i),
+                })
+                .collect();
+            let retry = BatchHeader::parse(&produced[1]).unwrap();
+            let original = crate::storage::ProducerCheck::Duplicate(crate::storage::BatchMeta {
+                first_seq: 3,
+                last_seq: 5,
+                base: Offset(3),
+                last: Offset(5),
+            });
             let entries: Vec<Entry> = produced
                 .iter()
                 .enumerate()
@@ -1051,6 +1151,9 @@ mod tests {
                 (Offset(6), Offset(6))
             );
             assert_eq!((follower.first_index(), follower.last_index()), (3, 2));
+            // It knows producer 7 from the snapshot: a retry of its last batch is a duplicate
+            // at the original offsets, the next sequence follows.
+            assert_eq!(follower_log.check_producer(&retry, &[]).unwrap(), original);
             follower.append(&entries[2..]).unwrap();
             follower.persist().await.unwrap();
             assert_eq!(
@@ -1069,6 +1172,7 @@ mod tests {
                 assert_eq!(store.term(2).unwrap(), 1);
                 assert_eq!(store.index().borrow().log_end(), Offset(18));
                 assert_eq!(log.log_start_offset(), Offset(6));
+                assert_eq!(log.check_producer(&retry, &[]).unwrap(), original);
                 log.close().await.unwrap();
             }
 
@@ -1081,9 +1185,17 @@ mod tests {
                 term: 1,
                 offset: Offset(6),
             };
-            log.append_replicated(snapshot_batch(Offset(0), snap).unwrap(), Durability::Synced)
-                .await
-                .unwrap();
+            let mut producers = crate::storage::ProducerState::default();
+            if let crate::storage::ProducerCheck::Duplicate(m) = original {
+                producers.apply(7, 0, m);
+            }
+            let producers = producers.as_of(snap.offset);
+            log.append_replicated(
+                snapshot_batch(Offset(0), snap, Some(&producers)).unwrap(),
+                Durability::Synced,
+            )
+            .await
+            .unwrap();
             drop(store);
             log.close().await.unwrap();
             drop(log);
@@ -1092,8 +1204,67 @@ mod tests {
             assert_eq!(store.term(2).unwrap(), 1);
             assert_eq!(log.log_start_offset(), Offset(6));
             assert_eq!(read_snapshot_meta(c.path()).unwrap(), snap);
+            assert_eq!(log.check_producer(&retry, &[]).unwrap(), original);
             log.close().await.unwrap();
         });
+    }
+
+    #[test]
+    fn snapshot_data_is_checked_before_it_is_trusted() {
+        let m = SnapshotMeta {
+            index: 4,
+            term: 2,
+            offset: Offset(100),
+        };
+        let mut p = crate::storage::ProducerState::default();
+        let b = crate::storage::tests::idempotent_batch(7, 1, 0, 3);
+        p.replay(&BatchHeader::parse(&b).unwrap());
+        let good = encode_snapshot_data(m, Some(&p));
+        assert_eq!(decode_snapshot_data(&good), Some((m, Some(p.clone()))));
+        assert_eq!(
+            decode_snapshot_data(&encode_snapshot(m)),
+            Some((m, None)),
+            "metadata alone"
+        );
+        // Every truncation and every flipped bit is refused, never a panic.
+        for n in 0..good.len() {
+            if n != 28 {
+                assert_eq!(decode_snapshot_data(&good[..n]), None, "cut at {n}");
+            }
+        }
+        for i in 0..good.len() * 8 {
+            let mut bad = good.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            assert_eq!(decode_snapshot_data(&bad), None, "bit {i}");
+        }
+        // Well-formed but inconsistent: covering other offsets than the snapshot's, or a batch
+        // at or past its offset.
+        let mut other = encode_snapshot(m);
+        let body = crate::storage::encode_producers(Offset(99), &p);
+        other.extend_from_slice(&body);
+        other.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        assert_eq!(decode_snapshot_data(&other), None);
+        let small = SnapshotMeta {
+            offset: Offset(2),
+            ..m
+        };
+        assert_eq!(
+            decode_snapshot_data(&encode_snapshot_data(small, Some(&p))),
+            None
+        );
+        // A huge declared producer count with few bytes behind it, CRC fixed up.
+        let mut huge = encode_snapshot(m);
+        let mut body = Offset(100).0.to_be_bytes().to_vec();
+        body.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend_from_slice(&body);
+        huge.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        assert_eq!(decode_snapshot_data(&huge), None);
+        // Past the size bound, even if well-formed.
+        let mut big = encode_snapshot(m);
+        let body = vec![0u8; SNAPSHOT_PRODUCERS_BYTES_MAX + 1];
+        big.extend_from_slice(&body);
+        big.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        assert_eq!(decode_snapshot_data(&big), None);
     }
 
     #[test]

@@ -73,9 +73,9 @@ pub use cache::{BatchCache, CacheStats};
 pub use compact::{CleanReport, CompactionConfig, CLEANER_MAP_BYTES_MAX};
 use epochs::LeaderEpochs;
 use io::StorageIo;
+pub use meta::{decode_producers, encode_producers};
 use offsets::Offsets;
-use producer_state::ProducerState;
-pub use producer_state::{BatchMeta, Check as ProducerCheck};
+pub use producer_state::{BatchMeta, Check as ProducerCheck, ProducerState};
 use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
@@ -453,6 +453,35 @@ impl PartitionLog {
         staged: &[(i64, i16, BatchMeta)],
     ) -> Result<ProducerCheck, StorageError> {
         self.state.borrow().producers.check(h, staged)
+    }
+
+    /// The producer state a replica holding only the batches below `offset` starts from
+    /// ([`ProducerState::as_of`]): what a replicated partition's snapshot carries.
+    pub fn producers_as_of(&self, offset: Offset) -> ProducerState {
+        self.state.borrow().producers.as_of(offset)
+    }
+
+    /// Replaces the producer state with `producers`, which describes the batches below the
+    /// log end (a replicated partition restarted empty from the leader's snapshot), in memory
+    /// and in the producer snapshot file (durably, covering the offsets below the log end).
+    pub async fn install_producers(&self, producers: ProducerState) -> Result<(), StorageError> {
+        while self.state.borrow().rolling {
+            self.wait_until(|s| !s.rolling).await;
+        }
+        self.state.borrow_mut().rolling = true;
+        self.drain().await;
+        self.no_snapshot_in_flight().await;
+        let r = {
+            let mut guard = self.state.borrow_mut();
+            let s = &mut *guard;
+            s.producers = producers;
+            let end = s.offsets.log_end();
+            write_producer_snapshots(&self.dir, end, s)
+        };
+        let mut s = self.state.borrow_mut();
+        s.rolling = false;
+        s.wake_all();
+        Ok(r?)
     }
 
     pub fn log_start_offset(&self) -> Offset {

@@ -171,6 +171,37 @@ impl ProducerState {
         );
     }
 
+    /// The state as a replica that holds only the batches below `offset` needs it, so that
+    /// replaying the batches from `offset` on (as entries arrive) ends in this state: each
+    /// producer's remembered batches below `offset`; producers whose remembered batches all lie
+    /// at or past it are left out (the replay brings them back), those with none remembered (a
+    /// transaction marker's epoch) kept. What a replica restarted from a snapshot at `offset`
+    /// receives (`replica::log`).
+    pub fn as_of(&self, offset: Offset) -> ProducerState {
+        let producers = self
+            .producers
+            .iter()
+            .filter_map(|(pid, e)| {
+                let batches: VecDeque<BatchMeta> = e
+                    .batches
+                    .iter()
+                    .filter(|m| m.last < offset)
+                    .copied()
+                    .collect();
+                (e.batches.is_empty() || !batches.is_empty()).then(|| {
+                    (
+                        *pid,
+                        ProducerEntry {
+                            epoch: e.epoch,
+                            batches,
+                        },
+                    )
+                })
+            })
+            .collect();
+        ProducerState { producers }
+    }
+
     /// Forgets batches at or past `end` (their write failed, or recovery truncated them).
     pub fn truncate_from(&mut self, end: Offset) {
         self.producers.retain(|_, e| {
@@ -262,6 +293,37 @@ mod tests {
             s.check(&BatchHeader::parse(&plain).unwrap(), &[]).unwrap(),
             Check::Append
         );
+    }
+
+    #[test]
+    fn the_state_as_of_an_offset_replayed_from_there_is_the_state() {
+        // Producer 1: batches at 0..=6 (remembers 2..=6); producer 2: only past 4; producer 3:
+        // a marker's epoch, no batches.
+        let mut full = ProducerState::default();
+        let mut log = Vec::new();
+        for (i, pid) in [1, 1, 1, 1, 1, 2, 1, 2, 1].iter().enumerate() {
+            let seq = log.iter().filter(|(p, _, _)| p == pid).count() as i32;
+            let m = BatchMeta {
+                first_seq: seq,
+                last_seq: seq,
+                base: Offset(i as i64),
+                last: Offset(i as i64),
+            };
+            log.push((*pid, 0i16, m));
+        }
+        for (pid, epoch, m) in &log {
+            full.apply(*pid, *epoch, *m);
+        }
+        full.apply_marker(3, 4);
+        let at = Offset(5);
+        let mut s = full.as_of(at);
+        assert!(s.producers[&1].batches.iter().all(|m| m.last < at));
+        assert!(!s.producers.contains_key(&2));
+        assert_eq!(s.producers[&3].epoch, 4);
+        for (pid, epoch, m) in log.iter().filter(|(_, _, m)| m.base >= at) {
+            s.apply(*pid, *epoch, *m);
+        }
+        assert_eq!(s, full);
     }
 
     #[test]

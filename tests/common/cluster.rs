@@ -70,6 +70,10 @@ pub struct Cluster {
     pub nodes: Vec<Broker>,
     /// The `--controllers` value every node runs with.
     pub controllers: String,
+    /// Node i's internal (controller) listener is `internal[i - 1]`.
+    pub internal: Vec<SocketAddr>,
+    /// Shards (cores) of each node.
+    pub shards: usize,
 }
 
 impl Cluster {
@@ -93,6 +97,7 @@ impl Cluster {
             .map(|id| format!("{id}@{}", internal[id as usize - 1]))
             .collect::<Vec<_>>()
             .join(",");
+        let shards = options.cores;
         let nodes = (1..=n)
             .map(|id| {
                 options
@@ -107,7 +112,18 @@ impl Cluster {
                     .start()
             })
             .collect();
-        Cluster { nodes, controllers }
+        Cluster {
+            nodes,
+            controllers,
+            internal,
+            shards,
+        }
+    }
+
+    /// Node `id`'s address and internal ports, for network partitions.
+    pub fn node_addrs(&self, id: i32) -> super::netpart::NodeAddrs {
+        let shards = u16::try_from(self.shards).expect("shard count");
+        super::netpart::NodeAddrs::new(id, self.internal[id as usize - 1], shards)
     }
 
     pub fn node(&self, id: i32) -> &Broker {

@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod consumers;
 pub mod history;
+pub mod netpart;
 pub mod raw;
 
 use std::io::Read;

@@ -32,8 +32,8 @@ use raft::eraftpb::Message;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -371,12 +371,65 @@ async fn writer(inner: Rc<Inner>, peer_id: u64, kicked: async_channel::Receiver<
 }
 
 async fn connect(inner: &Inner, addr: SocketAddr) -> io::Result<TcpStream> {
-    let mut c = TcpStream::connect_timeout(addr, inner.config.connect_timeout).await?;
+    let timeout = inner.config.connect_timeout;
+    let mut c = open(inner.local_addr.ip(), addr, timeout).await?;
     c.set_nodelay(true)?;
     let mut preamble = PREAMBLE_MAGIC.to_vec();
     preamble.extend_from_slice(&inner.config.node_id.to_be_bytes());
-    c.write_all(&preamble).await?;
+    // The preamble leaves once the connection is established: bounded like the connect.
+    future::or(c.write_all(&preamble), async {
+        glommio::timer::sleep(timeout).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connection timed out",
+        ))
+    })
+    .await?;
     Ok(c)
+}
+
+/// Opens a connection to `peer` that leaves from `source` (the listener's address, the port
+/// chosen by the kernel), so that a peer — and a firewall between nodes — sees this node's
+/// internal address as the source: without it the kernel picks the source by route, which on a
+/// host with several addresses (nodes on 127.0.0.1–3 all leave from 127.0.0.1) is not this
+/// node's. A listener on the unspecified address (or of another family) leaves that choice to
+/// the kernel.
+async fn open(source: IpAddr, peer: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    if source.is_unspecified() || source.is_ipv4() != peer.is_ipv4() {
+        return Ok(TcpStream::connect_timeout(peer, timeout).await?);
+    }
+    let domain = if peer.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    // The port is chosen at connect, by the whole 4-tuple: binding the address does not
+    // reserve a port of its own for each connection. Best effort (an older kernel lacks it).
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a c_int option value of the size passed.
+    let _ = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    sock.bind(&SocketAddr::new(source, 0).into())?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&peer.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // Blocking mode, as the sockets glommio connects itself (its writes pass MSG_DONTWAIT).
+    sock.set_nonblocking(false)?;
+    // SAFETY: the descriptor is a TCP socket this function owns and hands over. The
+    // connection completes in the background: the stream's first write waits for it (the
+    // socket is not writable before) and fails with the connect's error.
+    Ok(unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) })
 }
 
 async fn accept_loop(inner: Rc<Inner>, listener: TcpListener) {

@@ -112,9 +112,9 @@ struct Cluster {
     second_group: bool,
 }
 
-/// A free address for a node's listener. Each cluster listens on its own 127.0.0.x (x ≥ 2):
-/// outgoing connections take their ephemeral ports on 127.0.0.1, so none can take a stopped
-/// node's port before it restarts.
+/// A free address for a node's listener. Each cluster listens on its own 127.0.0.x (x ≥ 2), so
+/// clusters running at once do not meet. (Outgoing connections leave from the listener's
+/// address, their ports chosen per destination at connect.)
 fn free_addr(host: u8) -> SocketAddr {
     TcpListener::bind(("127.0.0.".to_string() + &host.to_string(), 0))
         .unwrap()
@@ -796,4 +796,44 @@ fn two_groups_share_each_connection_and_keep_separate_histories() {
     assert!(payloads(&two).iter().all(|p| p.starts_with("two-")));
     assert_eq!(one.len(), 10);
     assert_eq!(two.len(), 10);
+}
+
+#[test]
+fn outgoing_connections_leave_from_the_listeners_address() {
+    // The node listens on one 127.0.0.x, its peer on another: the peer sees the node's own
+    // address as the source (firewall rules between nodes can name it).
+    let host = cluster_host();
+    let peer_host = if host == 2 { 3 } else { host - 1 };
+    let peer = TcpListener::bind(format!("127.0.0.{peer_host}:0")).unwrap();
+    let own = free_addr(host);
+    let peers = HashMap::from([(1, own), (2, peer.local_addr().unwrap())]);
+    let tc = TransportConfig::new(1, own, peers);
+    let (done, wait_done) = async_channel::bounded::<()>(1);
+    let node = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let transport = Transport::start(tc).expect("transport");
+            let m = sluice_raft::eraftpb::Message {
+                to: 2,
+                from: 1,
+                ..Default::default()
+            };
+            transport.send(GROUP, vec![m]);
+            let _ = wait_done.recv().await;
+            transport.close();
+        })
+        .unwrap();
+    peer.set_nonblocking(false).unwrap();
+    let (mut conn, from) = peer.accept().unwrap();
+    assert_eq!(from.ip(), own.ip(), "source of the node's connection");
+    let mut preamble_read = [0u8; 16];
+    conn.read_exact(&mut preamble_read).unwrap();
+    assert_eq!(preamble_read.to_vec(), preamble_of(1));
+    done.send_blocking(()).unwrap();
+    node.join().unwrap();
+}
+
+fn preamble_of(id: u64) -> Vec<u8> {
+    let mut p = sluice_raft::transport::PREAMBLE_MAGIC.to_vec();
+    p.extend_from_slice(&id.to_be_bytes());
+    p
 }

@@ -609,6 +609,15 @@ impl LogStore for RaftLog {
             )));
         }
         if first.index <= last {
+            // Committed entries are never cut (raft's log matching); the log cleaner rewrites
+            // the batches of committed entries in place (`compact_replicated`), so a cut there
+            // would put back bytes this replica has cleaned: refuse it.
+            if first.index <= self.hard.commit {
+                return Err(io::Error::other(format!(
+                    "conflict at {} at or below the commit index {}",
+                    first.index, self.hard.commit
+                )));
+            }
             // Raft's conflict truncation is Kafka's: the log is cut at the first batch of the
             // conflicting index.
             let cut = idx.get(first.index).expect("checked above").base;

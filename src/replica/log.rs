@@ -20,7 +20,10 @@
 //! back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
 //!
 //! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
-//! log's batch headers from the raft log's start.
+//! log's batch headers from the raft log's start. The log cleaner of compacted topics rewrites
+//! the batches of committed and applied entries in place and never removes one (a batch left
+//! with no record stays as an empty shell, `PartitionLog::compact_replicated`), so it changes
+//! no index, term or offset; a conflict at or below the commit index is refused.
 //!
 //! Compaction follows the log start (retention, DeleteRecords): the raft log starts after the
 //! last entry wholly below the log start offset, recorded in `SNAPSHOT_FILE` (index, term,

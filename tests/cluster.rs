@@ -2536,3 +2536,296 @@ fn a_follower_restarted_from_a_snapshot_knows_the_idempotent_producers_before_it
         "the producer's records after the low watermark"
     );
 }
+
+/// Produces `rounds` rounds of one value per key `k0..k{keys}` to partition 0 of `topic`
+/// (acks=all, every send acknowledged), values `{prefix}-{round}-{key}` padded; returns each
+/// key's last value.
+fn produce_rounds(
+    bootstrap: &str,
+    topic: &str,
+    prefix: &str,
+    keys: usize,
+    rounds: usize,
+) -> BTreeMap<String, String> {
+    let producer: FutureProducer = client_config(bootstrap)
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .expect("producer");
+    let pad = "p".repeat(100);
+    let mut last = BTreeMap::new();
+    for round in 0..rounds {
+        let mut pending = Vec::new();
+        for k in 0..keys {
+            let (key, value) = (format!("k{k}"), format!("{prefix}-{round}-k{k}-{pad}"));
+            let f = producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .partition(0)
+                        .key(&key)
+                        .payload(&value),
+                )
+                .unwrap_or_else(|(e, _)| panic!("enqueue: {e}"));
+            pending.push(f);
+            last.insert(key, value);
+        }
+        for f in pending {
+            block_on(f)
+                .expect("delivery future")
+                .unwrap_or_else(|(e, _)| panic!("not acknowledged: {e}"));
+        }
+    }
+    last
+}
+
+/// Reads partition 0 of `topic` from the beginning through `bootstrap` (librdkafka) up to its
+/// high watermark: every record read, as (offset, key, value).
+fn read_keyed(bootstrap: &str, topic: &str) -> Vec<(i64, String, String)> {
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", "cluster-tests-compacted")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let (_, high) = consumer
+        .fetch_watermarks(topic, 0, WAIT)
+        .expect("watermarks");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let mut got: Vec<(i64, String, String)> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    // The log may end in a control batch (a new leader's entry), which the consumer skips:
+    // read until the end of the partition is reported.
+    let mut at_end = false;
+    while !at_end {
+        assert!(
+            Instant::now() < deadline,
+            "read {} records, up to {:?}, of a log ending at {high}",
+            got.len(),
+            got.last().map(|r| r.0)
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let text = |b: Option<&[u8]>| String::from_utf8(b.unwrap_or_default().to_vec());
+                got.push((
+                    m.offset(),
+                    text(m.key()).unwrap(),
+                    text(m.payload()).unwrap(),
+                ));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => at_end = true,
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::MessageConsumption(
+                RDKafkaErrorCode::BrokerTransportFailure,
+            ))) => {}
+            Some(Err(e)) => panic!("consumer error: {e}"),
+        }
+    }
+    assert!(
+        got.last().is_some_and(|r| r.0 < high && r.0 + 3 >= high),
+        "read up to the high watermark {high}: {:?}",
+        got.last().map(|r| r.0)
+    );
+    got
+}
+
+/// The latest (offset, value) of each key among `records`.
+fn latest_per_key(records: &[(i64, String, String)]) -> BTreeMap<String, (i64, String)> {
+    let mut m = BTreeMap::new();
+    for (o, k, v) in records {
+        m.insert(k.clone(), (*o, v.clone()));
+    }
+    m
+}
+
+/// Each batch of `bytes` (as [`batches_from`] returns them): (base offset, last offset,
+/// leader epoch, record count).
+fn batch_heads(bytes: &[u8]) -> Vec<(i64, i64, i32, i32)> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + 61 <= bytes.len() {
+        let b = &bytes[at..];
+        let base = i64::from_be_bytes(b[0..8].try_into().unwrap());
+        let len = i32::from_be_bytes(b[8..12].try_into().unwrap()) as usize;
+        let epoch = i32::from_be_bytes(b[12..16].try_into().unwrap());
+        let delta = i32::from_be_bytes(b[23..27].try_into().unwrap());
+        let count = i32::from_be_bytes(b[57..61].try_into().unwrap());
+        out.push((base, base + delta as i64, epoch, count));
+        at += 12 + len;
+    }
+    out
+}
+
+/// Whether the current run of node `id` logged a pass of the cleaner over partition 0 of
+/// `topic` as a replicated log.
+fn cleaned_replicated(c: &Cluster, id: i32, topic: &str) -> bool {
+    // Without the terminal colour sequences around field names.
+    let mut plain = String::new();
+    let mut escape = false;
+    for ch in c.node(id).stderr().chars() {
+        match (escape, ch) {
+            (false, '\x1b') => escape = true,
+            (false, _) => plain.push(ch),
+            (true, 'm') => escape = false,
+            (true, _) => {}
+        }
+    }
+    plain.lines().any(|l| {
+        l.contains("log cleaned")
+            && l.contains(&format!("{topic}-0"))
+            && l.contains("replicated=true")
+    })
+}
+
+/// A compacted topic of three replicas: every replica cleans its own copy below what it has
+/// committed (batches that keep nothing stay as empty shells, so offsets, raft indexes and
+/// terms do not move), a consumer sees the latest value of every key, a follower stopped
+/// during the updates catches up from the leader's cleaned log to the same offsets, and after
+/// kill -9 of the leader the new leader serves the same latest values at the same offsets.
+#[test]
+fn a_compacted_replicated_topic_is_cleaned_on_every_replica_and_fails_over_with_the_same_offsets() {
+    let topic = "compacted";
+    let mut c = Cluster::start_with(
+        3,
+        common::Broker::options().env("SLUICE_CLEANER_BACKOFF_MS", "200"),
+    );
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create_with(
+        &c.bootstrap(),
+        topic,
+        &[
+            ("cleanup.policy", "compact"),
+            ("segment.bytes", "4096"),
+            ("min.cleanable.dirty.ratio", "0.01"),
+            ("delete.retention.ms", "0"),
+        ],
+    );
+    let (leader, _) = c.wait_for("every node names the leader", |c| {
+        agreed_leader(c, &ids, topic, -1)
+    });
+    let keys = 12;
+    produce_rounds(&c.bootstrap(), topic, "before", keys, 10);
+
+    // One follower stops; the others take many more updates of every key.
+    let stopped = ids.iter().copied().find(|id| *id != leader).unwrap();
+    let other = ids
+        .iter()
+        .copied()
+        .find(|id| *id != leader && *id != stopped)
+        .unwrap();
+    c.node_mut(stopped).sigkill();
+    let survivors = [leader, other];
+    let bootstrap: String = survivors
+        .iter()
+        .map(|i| c.node(*i).bootstrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    let last = produce_rounds(&bootstrap, topic, "after", keys, 30);
+    let produced = (10 + 30) * keys;
+    c.wait_for("both running replicas clean their own copy", |c| {
+        survivors
+            .iter()
+            .all(|id| cleaned_replicated(c, *id, topic))
+            .then_some(())
+    });
+    // Each replica rewrote its own sealed segments: fewer bytes than it was sent, and shells
+    // for the batches whose records were all superseded, at the offsets the leader gave them.
+    let heads_of = |c: &Cluster, id: i32| batch_heads(&batches_from(c, id, topic, 0));
+    c.wait_for(
+        "the survivors hold the same batches, shells included",
+        |c| {
+            let lead = heads_of(c, leader);
+            let offsets = |h: &[(i64, i64, i32, i32)]| -> Vec<(i64, i64, i32)> {
+                h.iter().map(|b| (b.0, b.1, b.2)).collect()
+            };
+            (lead.iter().any(|b| b.3 == 0) && offsets(&heads_of(c, other)) == offsets(&lead))
+                .then_some(())
+        },
+    );
+    c.wait_for("the stopped follower is fenced", |c| {
+        let m = c.metadata(leader)?;
+        (!m.brokers.iter().any(|b| b.node_id.0 == stopped)).then_some(())
+    });
+    let read = read_keyed(&bootstrap, topic);
+    assert!(
+        read.len() < produced,
+        "{} records read of {produced} produced: compaction is visible",
+        read.len()
+    );
+    let latest = latest_per_key(&read);
+    assert_eq!(
+        latest
+            .iter()
+            .map(|(k, v)| (k.clone(), v.1.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        last,
+        "the latest value of every key"
+    );
+
+    // The stopped follower restarts with its own cleaner held back: what it holds of the
+    // updates it missed comes from the leader's cleaned log, shells included.
+    {
+        let envs = &mut c.node_mut(stopped).options.envs;
+        envs.retain(|(k, _)| k != "SLUICE_CLEANER_BACKOFF_MS");
+        envs.push(("SLUICE_CLEANER_BACKOFF_MS".into(), "3600000".into()));
+    }
+    c.node_mut(stopped).restart();
+    c.wait_for("the restarted follower holds the leader's offsets", |c| {
+        let lead = heads_of(c, leader);
+        let mine = heads_of(c, stopped);
+        let offsets = |h: &[(i64, i64, i32, i32)]| -> Vec<(i64, i64, i32)> {
+            h.iter().map(|b| (b.0, b.1, b.2)).collect()
+        };
+        (!lead.is_empty() && offsets(&mine) == offsets(&lead)).then_some(mine)
+    });
+    assert!(
+        heads_of(&c, stopped).iter().any(|b| b.3 == 0),
+        "the follower received shells from the leader"
+    );
+    assert!(!cleaned_replicated(&c, stopped, topic));
+    // Its own cleaner back, it cleans its copy too.
+    c.node_mut(stopped)
+        .options
+        .envs
+        .retain(|(k, _)| k != "SLUICE_CLEANER_BACKOFF_MS");
+    c.node_mut(stopped)
+        .options
+        .envs
+        .push(("SLUICE_CLEANER_BACKOFF_MS".into(), "200".into()));
+    c.node_mut(stopped).sigterm();
+    c.node_mut(stopped).restart();
+    c.wait_for("the restarted follower cleans its own copy", |c| {
+        cleaned_replicated(c, stopped, topic).then_some(())
+    });
+
+    // kill -9 of the leader: a replica that cleaned its own copy takes over and serves the
+    // latest value of every key at the same offsets.
+    c.node_mut(leader).sigkill();
+    let rest = [stopped, other];
+    let (new_leader, _) = c.wait_for("a new leader", |c| agreed_leader(c, &rest, topic, leader));
+    assert!(cleaned_replicated(&c, new_leader, topic));
+    let bootstrap: String = rest
+        .iter()
+        .map(|i| c.node(*i).bootstrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    c.wait_for("the killed leader is fenced", |c| {
+        let m = c.metadata(new_leader)?;
+        (!m.brokers.iter().any(|b| b.node_id.0 == leader)).then_some(())
+    });
+    let again = latest_per_key(&read_keyed(&bootstrap, topic));
+    assert_eq!(again, latest, "same latest values at the same offsets");
+    // And it keeps taking updates.
+    let more = produce_rounds(&bootstrap, topic, "later", keys, 2);
+    let now = latest_per_key(&read_keyed(&bootstrap, topic));
+    assert_eq!(
+        now.iter()
+            .map(|(k, v)| (k.clone(), v.1.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        more
+    );
+}

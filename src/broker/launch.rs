@@ -136,8 +136,10 @@ const CLEANER_BACKOFF: std::time::Duration = std::time::Duration::from_secs(15);
 /// the rest waits for the next round so the other logs get their turn.
 const CLEANER_PASSES_PER_LOG: usize = 8;
 
-/// The shard's log cleaner: one log and one pass at a time (so one key map per shard), never
-/// the logs of replicated partitions (their raft log is not compacted yet).
+/// The shard's log cleaner: one log and one pass at a time (so one key map per shard). A
+/// replicated partition's log is cleaned by every replica on its own, below what that replica
+/// has committed and applied, keeping every batch (its raft entry) as at least an empty shell
+/// (`PartitionLog::compact_replicated`).
 async fn cleaner_loop() {
     let clock = shard::local().clock.clone();
     let backoff = std::env::var("SLUICE_CLEANER_BACKOFF_MS")
@@ -152,13 +154,22 @@ async fn cleaner_loop() {
             .partitions
             .borrow()
             .iter()
-            .filter(|(tp, _)| here.replica(tp).is_none())
-            .map(|(_, log)| log.clone())
+            .map(|(tp, log)| (log.clone(), here.replica(tp)))
             .collect();
-        for log in logs {
+        for (log, replica) in logs {
             for _ in 0..CLEANER_PASSES_PER_LOG {
                 let started = std::time::Instant::now();
-                match crate::contain::contain(log.compact(clock.now_ms())).await {
+                let pass = async {
+                    match &replica {
+                        // Read at each pass: the bound only grows while the replica runs.
+                        Some(r) => {
+                            log.compact_replicated(clock.now_ms(), r.cleanable_below())
+                                .await
+                        }
+                        None => log.compact(clock.now_ms()).await,
+                    }
+                };
+                match crate::contain::contain(pass).await {
                     Ok(Ok(Some(r))) => {
                         let took = started.elapsed();
                         crate::stats::log_cleaned(r.bytes_in + r.bytes_mapped, r.bytes_out);
@@ -169,6 +180,7 @@ async fn cleaner_loop() {
                             tombstones_removed = r.tombstones_removed,
                             aborted_batches_removed = r.aborted_batches_removed,
                             markers_removed = r.markers_removed,
+                            batches_emptied = r.batches_emptied, replicated = replica.is_some(),
                             cleaned_to = r.cleaned_to.0, ms = took.as_millis() as u64,
                             "log cleaned"
                         );

@@ -20,7 +20,10 @@
 //! back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
 //!
 //! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
-//! log's batch headers from the raft log's start.
+//! log's batch headers from the raft log's start. The log cleaner of compacted topics rewrites
+//! the batches of committed and applied entries in place and never removes one (a batch left
+//! with no record stays as an empty shell, `PartitionLog::compact_replicated`), so it changes
+//! no index, term or offset; a conflict at or below the commit index is refused.
 //!
 //! Compaction follows the log start (retention, DeleteRecords): the raft log starts after the
 //! last entry wholly below the log start offset, recorded in `SNAPSHOT_FILE` (index, term,
@@ -683,6 +686,15 @@ impl LogStore for RaftLog {
             )));
         }
         if first.index <= last {
+            // Committed entries are never cut (raft's log matching); the log cleaner rewrites
+            // the batches of committed entries in place (`compact_replicated`), so a cut there
+            // would put back bytes this replica has cleaned: refuse it.
+            if first.index <= self.hard.commit {
+                return Err(io::Error::other(format!(
+                    "conflict at {} at or below the commit index {}",
+                    first.index, self.hard.commit
+                )));
+            }
             // Raft's conflict truncation is Kafka's: the log is cut at the first batch of the
             // conflicting index.
             let cut = idx.get(first.index).expect("checked above").base;
@@ -1281,5 +1293,151 @@ mod tests {
         bad[3] ^= 1;
         assert_eq!(decode_hard_state(&bad), None);
         assert_eq!(decode_hard_state(&b[..5]), None);
+    }
+
+    /// A keyed batch of one record per key (`None`: a tombstone).
+    fn keyed(recs: &[(&str, Option<&str>)]) -> Vec<u8> {
+        let mut b = crate::protocol::builder::BatchBuilder::new(Default::default());
+        for (k, v) in recs {
+            b.push(&crate::protocol::builder::Record {
+                key: Some(k.as_bytes()),
+                value: v.map(str::as_bytes),
+                headers: &[],
+                timestamp_ms: 1_000,
+            });
+        }
+        b.finish().expect("batch")
+    }
+
+    async fn open_compacted(dir: &Path) -> (Rc<PartitionLog>, RaftLog) {
+        let cfg = crate::storage::LogConfig {
+            segment_bytes: 2 << 10,
+            compaction: Some(crate::storage::CompactionConfig {
+                min_cleanable_dirty_ratio: 0.0,
+                delete_retention_ms: 0,
+                ..Default::default()
+            }),
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir, cfg, BatchCache::new(0))
+            .await
+            .unwrap();
+        let store = RaftLog::open(log.clone()).await.unwrap();
+        (log, store)
+    }
+
+    /// Every entry's (index, term, base, last) as the store sees it.
+    fn index_of(store: &RaftLog) -> Vec<(u64, EntryMeta)> {
+        let idx = store.index();
+        let idx = idx.borrow();
+        (idx.first_index()..=idx.last_index())
+            .map(|i| (i, idx.get(i).expect("held")))
+            .collect()
+    }
+
+    /// The cleaner over a replicated log keeps every entry: after a pass (shells for the
+    /// batches that kept nothing, raft's control batches verbatim) the store serves the same
+    /// entries (index, term, offsets, kinds), rebuilds the same index at open, and a follower
+    /// that receives the cleaned entries appends them (shells included) at the same offsets.
+    #[test]
+    fn a_cleaned_log_keeps_its_entries_and_a_follower_appends_them() {
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (dirs.0.path().to_path_buf(), dirs.1.path().to_path_buf());
+        run(async move {
+            let (log, mut store) = open_compacted(&a).await;
+            let value = "v".repeat(300);
+            let mut entries = vec![entry(1, 1, EntryType::EntryNormal, b"")];
+            for i in 0..40u64 {
+                let term = 1 + i / 20;
+                let e = match i {
+                    20 => entry(2 + i, term, EntryType::EntryConfChangeV2, b"cc"),
+                    39 => entry(2 + i, term, EntryType::EntryNormal, &keyed(&[("k1", None)])),
+                    _ => {
+                        let k = format!("k{}", i % 4);
+                        let v = format!("{i}-{value}");
+                        entry(
+                            2 + i,
+                            term,
+                            EntryType::EntryNormal,
+                            &keyed(&[(&k, Some(&v)), ("k-last", Some(&v))]),
+                        )
+                    }
+                };
+                entries.push(e);
+            }
+            // One entry per persist, so the log rolls between them.
+            for e in &entries {
+                store.append(std::slice::from_ref(e)).unwrap();
+                store.persist().await.unwrap();
+            }
+            let mut hs = HardState::default();
+            hs.term = 2;
+            hs.commit = store.last_index();
+            store.set_hard_state(&hs).unwrap();
+            store.persist().await.unwrap();
+            assert!(log.segment_count() > 4, "{} segments", log.segment_count());
+            let before = index_of(&store);
+            let size = log.size_bytes();
+            let rep = log
+                .compact_replicated(10_000, log.log_end_offset())
+                .await
+                .unwrap()
+                .expect("a pass");
+            assert!(rep.batches_emptied > 20, "{rep:?}");
+            assert!(
+                log.size_bytes() < size / 2,
+                "{} of {size}",
+                log.size_bytes()
+            );
+            assert_eq!(index_of(&store), before);
+            let last = store.last_index();
+            let served = store.entries(1, last + 1, None).unwrap();
+            assert_eq!(served.len() as u64, last);
+            assert!(served[0].data.is_empty(), "the new-term entry");
+            assert_eq!(served[21].get_entry_type(), EntryType::EntryConfChangeV2);
+            assert_eq!(&served[21].data[..], b"cc");
+            let mut shells = 0;
+            for (e, (i, m)) in served.iter().zip(&before).skip(1) {
+                assert_eq!((e.index, e.term), (*i, m.term));
+                if e.get_entry_type() != EntryType::EntryNormal {
+                    continue;
+                }
+                let h = BatchHeader::parse_checked(&e.data).unwrap();
+                assert_eq!((h.base_offset(), h.last_offset()), (m.base, m.last));
+                assert_eq!(h.partition_leader_epoch() as u64, m.term);
+                shells += usize::from(h.record_count() == 0);
+            }
+            assert_eq!(shells as u64, rep.batches_emptied);
+            let cleaned = bytes_from(&log, Offset(0)).await;
+
+            // A follower receives the cleaned entries, as raft sends them.
+            let (flog, mut follower) = open_compacted(&b).await;
+            for chunk in served.chunks(7) {
+                follower.append(chunk).unwrap();
+                follower.persist().await.unwrap();
+            }
+            assert_eq!(index_of(&follower), before);
+            assert_eq!(bytes_from(&flog, Offset(0)).await, cleaned);
+            drop(follower);
+            flog.close().await.unwrap();
+
+            // Reopened, the leader's store rebuilds the same index from the cleaned log.
+            drop(store);
+            log.close().await.unwrap();
+            drop(log);
+            let (log, store) = open_compacted(&a).await;
+            assert_eq!(index_of(&store), before);
+            assert_eq!(bytes_from(&log, Offset(0)).await, cleaned);
+            // A conflict at a committed index is refused.
+            let mut store = store;
+            let mut hs = HardState::default();
+            hs.term = 3;
+            hs.commit = 30;
+            store.set_hard_state(&hs).unwrap();
+            assert!(store
+                .append(&[entry(30, 3, EntryType::EntryNormal, b"")])
+                .is_err());
+            log.close().await.unwrap();
+        });
     }
 }

@@ -450,6 +450,15 @@ impl ReplicatedPartition {
         self.index.borrow().offset_after(committed)
     }
 
+    /// The offset below which this replica's entries are committed and applied: raft never
+    /// truncates, re-sends over or re-applies them, so the log cleaner may rewrite their
+    /// batches (as shells at worst, see `PartitionLog::compact_replicated`).
+    pub fn cleanable_below(&self) -> Offset {
+        let status = self.group.status();
+        let settled = status.commit.min(status.applied);
+        self.index.borrow().offset_after(settled)
+    }
+
     /// Waits until the high watermark passes `offset` (a data entry past it is committed and
     /// applied here). A long poll waits on this, not on the log's appends, which include
     /// entries not committed yet.

@@ -41,6 +41,13 @@
 //!    and the checkpoint, remove the marker. [`recover`] (at open)
 //!    finishes a swap whose marker it finds and removes every `.cleaned` file otherwise, so a
 //!    crash at any point leaves either the old segments or the new ones, never both.
+//!
+//! **Replicated partitions** ([`PartitionLog::compact_replicated`]): every batch is a raft
+//! entry whose index is its ordinal in the log, so a pass never leaves a batch out. A batch
+//! that keeps no record becomes an empty shell ([`shell`]: same base offset,
+//! `lastOffsetDelta`, producer fields, leader epoch, zero records), transaction markers and
+//! the raft's own control batches stay verbatim, and the pass stays below the offset the
+//! caller says is committed and applied. Offsets, ordinals and terms are unchanged by a pass.
 
 #[cfg(test)]
 use std::cell::Cell;
@@ -184,6 +191,8 @@ pub struct CleanReport {
     pub markers_removed: u64,
     pub batches_removed: u64,
     pub batches_rewritten: u64,
+    /// Batches that kept no record and were rewritten as empty shells (replicated logs).
+    pub batches_emptied: u64,
     /// The new first dirty offset.
     pub cleaned_to: Offset,
     /// Dirty data remains past `cleaned_to` that the map had no room for.
@@ -535,6 +544,8 @@ enum Verdict {
     Keep,
     Drop,
     Rewrite(Vec<u8>),
+    /// Nothing kept, the batch stays as an empty shell (replicated logs).
+    Shell(Vec<u8>),
 }
 
 #[derive(Default)]
@@ -589,6 +600,9 @@ struct Rewrite<'a> {
     /// transaction marker that may go, for the first time: now + `delete.retention.ms`.
     stamp_ms: i64,
     aborted: &'a AbortedRanges,
+    /// A replicated log: a batch that keeps nothing becomes a shell instead of going, and
+    /// transaction markers stay (see [`shell`]).
+    shells: bool,
     /// Producers with data of a (committed) transaction kept since their last marker: that
     /// marker stays while its transaction has data.
     open_data: std::collections::HashSet<i64>,
@@ -610,15 +624,27 @@ impl Rewrite<'_> {
         }
     }
 
+    /// A batch none of whose records stays: left out, or on a replicated log kept as a shell
+    /// (an existing shell verbatim).
+    fn gone(&self, h: &BatchHeader<'_>) -> Verdict {
+        match (self.shells, h.record_count()) {
+            (false, _) => Verdict::Drop,
+            (true, 0) => Verdict::Keep,
+            (true, _) => Verdict::Shell(shell(h)),
+        }
+    }
+
     fn batch(&mut self, b: &Bytes) -> Result<Verdict, StorageError> {
         let h = BatchHeader::parse(b).map_err(StorageError::Corrupt)?;
         if h.is_control() {
             return self.control(&h, b);
         }
         if is_aborted(&h, self.aborted) {
-            self.counts.aborted_batches_removed += 1;
-            self.counts.records_removed += h.record_count() as u64;
-            return Ok(Verdict::Drop);
+            if h.record_count() > 0 {
+                self.counts.aborted_batches_removed += 1;
+                self.counts.records_removed += h.record_count() as u64;
+            }
+            return Ok(self.gone(&h));
         }
         let (body, recs) = records_of(&h, b)?;
         let horizon = h.delete_horizon_ms();
@@ -647,7 +673,7 @@ impl Rewrite<'_> {
         }
         self.counts.records_removed += (recs.len() - keep.len()) as u64;
         if keep.is_empty() {
-            return Ok(Verdict::Drop);
+            return Ok(self.gone(&h));
         }
         if h.is_transactional() && h.producer_id() >= 0 {
             self.open_data.insert(h.producer_id());
@@ -678,6 +704,14 @@ impl Rewrite<'_> {
         };
         let abort = kind == CONTROL_ABORT;
         let removable = !self.open_data.remove(&h.producer_id());
+        if self.shells {
+            // A replicated log keeps its markers: a follower that receives the entry rebuilds
+            // its transaction state from it, which an empty shell would leave open there.
+            if abort {
+                self.abort_kept.get_or_insert(h.base_offset());
+            }
+            return Ok(Verdict::Keep);
+        }
         let horizon = h.delete_horizon_ms();
         if removable
             && horizon.is_some_and(|hz| self.now_ms >= hz)
@@ -735,6 +769,26 @@ fn rebase_record(
     varint::put_varint(out, new_delta);
     out.extend_from_slice(rest);
     Ok(())
+}
+
+/// The empty shell a replicated log keeps for a batch none of whose records stays (Kafka keeps
+/// such batches too, and clients skip them): the header alone, with the same base offset,
+/// `lastOffsetDelta`, leader epoch, producer id, epoch and base sequence, transactional and
+/// control bits and timestamp type; zero records, no compression, no delete horizon (the base
+/// timestamp becomes the max timestamp if it held one), a fresh CRC-32C. The raft index of the
+/// entry (its ordinal), its term and its offsets are thus unchanged.
+pub fn shell(h: &BatchHeader<'_>) -> Vec<u8> {
+    let mut out = h.bytes()[..HEADER_BYTES].to_vec();
+    let len = (HEADER_BYTES - batch::LOG_OVERHEAD_BYTES) as i32;
+    out[8..12].copy_from_slice(&len.to_be_bytes());
+    let attrs = h.attributes() & !(batch::ATTR_COMPRESSION_MASK | batch::ATTR_DELETE_HORIZON);
+    out[21..23].copy_from_slice(&attrs.to_be_bytes());
+    if h.delete_horizon_ms().is_some() {
+        batch::set_timestamps(&mut out, h.max_timestamp(), h.max_timestamp());
+    }
+    out[57..61].copy_from_slice(&0i32.to_be_bytes());
+    batch::write_crc(&mut out);
+    out
 }
 
 /// `b` rebuilt from the records `keep` (record bytes of `body`, its decompressed records
@@ -852,6 +906,27 @@ impl PartitionLog {
     /// Runs one cleaning pass if the log is compacted and due (see the module docs); `None`
     /// when there was nothing to do. Never touches the active segment.
     pub async fn compact(&self, now_ms: i64) -> Result<Option<CleanReport>, StorageError> {
+        self.compact_within(now_ms, None).await
+    }
+
+    /// [`compact`](Self::compact) for the log of a replicated partition: batches that keep no
+    /// record stay as empty shells and transaction markers stay (so every batch keeps its raft
+    /// index, term and offsets), and the pass cleans nothing at or past `committed`, the
+    /// offset below which this replica's entries are committed and applied (raft never
+    /// truncates or rewrites them).
+    pub async fn compact_replicated(
+        &self,
+        now_ms: i64,
+        committed: Offset,
+    ) -> Result<Option<CleanReport>, StorageError> {
+        self.compact_within(now_ms, Some(committed)).await
+    }
+
+    async fn compact_within(
+        &self,
+        now_ms: i64,
+        committed: Option<Offset>,
+    ) -> Result<Option<CleanReport>, StorageError> {
         {
             let mut s = self.state.borrow_mut();
             if s.cleaner.running || s.closed || s.config.compaction.is_none() {
@@ -859,7 +934,7 @@ impl PartitionLog {
             }
             s.cleaner.running = true;
         }
-        let r = self.compact_pass(now_ms).await;
+        let r = self.compact_pass(now_ms, committed).await;
         self.state.borrow_mut().cleaner.running = false;
         #[cfg(test)]
         let stopped = SWAP_STOP_AFTER.with(|s| s.get()).is_some();
@@ -888,13 +963,18 @@ impl PartitionLog {
         Ok(())
     }
 
-    async fn compact_pass(&self, now_ms: i64) -> Result<Option<CleanReport>, StorageError> {
+    async fn compact_pass(
+        &self,
+        now_ms: i64,
+        committed: Option<Offset>,
+    ) -> Result<Option<CleanReport>, StorageError> {
         let (cfg, segment_bytes, interval, planned, first_dirty, horizon_due, aborted) = {
             let s = self.state.borrow();
             let cfg = s.config.compaction.clone().expect("checked by compact");
             let sealed = &s.segments[..s.segments.len() - 1];
             let lag_limit = now_ms.saturating_sub(cfg.min_compaction_lag_ms as i64);
-            let hw = s.offsets.hw();
+            // On a replicated log the written offset may be past what is committed.
+            let hw = committed.map_or(s.offsets.hw(), |c| c.min(s.offsets.hw()));
             let lso = s.txns.first_unstable().map_or(hw, |f| f.min(hw));
             // Cleanable: the sealed segments, in order, whose records are all past the lag and
             // below the last stable offset (every transaction there has its outcome).
@@ -1020,6 +1100,7 @@ impl PartitionLog {
             stamp_ms: now_ms
                 .saturating_add(i64::try_from(cfg.delete_retention_ms).unwrap_or(i64::MAX)),
             aborted: &aborted,
+            shells: committed.is_some(),
             open_data: Default::default(),
             abort_kept: None,
             next_horizon: None,
@@ -1051,6 +1132,10 @@ impl PartitionLog {
                             Verdict::Drop => report.batches_removed += 1,
                             Verdict::Rewrite(nb) => {
                                 report.batches_rewritten += 1;
+                                out.push(&nb).await?
+                            }
+                            Verdict::Shell(nb) => {
+                                report.batches_emptied += 1;
                                 out.push(&nb).await?
                             }
                         }
@@ -1952,6 +2037,155 @@ mod tests {
                     .collect::<Vec<_>>(),
                 vec![6, 9, open_at.0 + 1, open_at.0 + 3],
             );
+            log.close().await.unwrap();
+        });
+    }
+
+    /// What a replicated log's entries are made of, batch by batch: offsets, leader epoch,
+    /// producer fields, control and transactional bits.
+    type Entry = (i64, i64, i32, i64, i16, i32, bool, bool);
+
+    fn entries_of(batches: &[Bytes]) -> Vec<Entry> {
+        batches
+            .iter()
+            .map(|b| {
+                let h = BatchHeader::parse_checked(b).expect("a valid batch, CRC included");
+                (
+                    h.base_offset().0,
+                    h.last_offset().0,
+                    h.partition_leader_epoch(),
+                    h.producer_id(),
+                    h.producer_epoch(),
+                    h.base_sequence(),
+                    h.is_control(),
+                    h.is_transactional(),
+                )
+            })
+            .collect()
+    }
+
+    /// On a replicated log a pass never drops a batch: one that keeps no record is an empty
+    /// shell at the same offsets, with the same leader epoch and producer fields and a valid
+    /// CRC; nothing at or past the committed bound is cleaned; the log reopens the same.
+    #[test]
+    fn a_replicated_pass_keeps_every_batch_and_empties_the_spent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, compacted_config()).await;
+            let all = fill(&log, 2_000_000).await;
+            let sealed_end = log.log_end_offset().0 - 1;
+            let before = read_all(&log, Offset(0), 1 << 20).await;
+            let entries = entries_of(&before);
+            // Nothing committed: nothing to clean.
+            assert_eq!(
+                log.compact_replicated(2_000_500, Offset(0)).await.unwrap(),
+                None
+            );
+            let rep = log
+                .compact_replicated(2_000_500, Offset(sealed_end))
+                .await
+                .unwrap()
+                .expect("a pass ran");
+            assert_eq!(rep.batches_removed, 0, "{rep:?}");
+            assert!(rep.batches_emptied > 0, "{rep:?}");
+            let after = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(entries_of(&after), entries, "every batch at its offsets");
+            assert_eq!(
+                records(&after),
+                expected(&all, sealed_end, false),
+                "the latest record of each key"
+            );
+            let shells: Vec<&Bytes> = after
+                .iter()
+                .filter(|b| BatchHeader::parse(b).unwrap().record_count() == 0)
+                .collect();
+            assert_eq!(shells.len() as u64, rep.batches_emptied);
+            for b in &shells {
+                let h = BatchHeader::parse_checked(b).unwrap();
+                assert_eq!(
+                    (b.len(), h.compression(), h.delete_horizon_ms()),
+                    (HEADER_BYTES, 0, None)
+                );
+            }
+            // Past the horizon the tombstones go: their batches become shells too.
+            log.state.borrow_mut().cleaner.first_dirty = Offset(0);
+            let rep = log
+                .compact_replicated(1_000_000_000, Offset(sealed_end))
+                .await
+                .unwrap()
+                .expect("a pass ran");
+            assert!(rep.tombstones_removed > 0, "{rep:?}");
+            let after = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(entries_of(&after), entries);
+            assert_eq!(records(&after), expected(&all, sealed_end, true));
+            // A crash (no close): the log reopens with the same batches.
+            drop(log);
+            let log = open(&d, compacted_config()).await;
+            let reopened = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(entries_of(&reopened), entries);
+            assert_eq!(records(&reopened), expected(&all, sealed_end, true));
+            log.close().await.unwrap();
+        });
+    }
+
+    /// On a replicated log aborted data becomes shells at the first pass and transaction
+    /// markers stay verbatim (a follower rebuilds its transaction state from them), so the
+    /// read_committed view holds and the last stable offset does not move.
+    #[test]
+    fn a_replicated_pass_keeps_markers_and_empties_aborted_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let mut cfg = compacted_config();
+            cfg.segment_bytes = 1 << 20;
+            let log = open(&d, cfg.clone()).await;
+            let ts = 1_000;
+            for b in [
+                keyed(&[("k3", Some("p0".into()))], ts, Compression::None), // 0
+                txn_keyed(7, 0, &[("k1", Some("aborted")), ("k2", None)], ts), // 1-2
+                txn_keyed(8, 0, &[("k3", Some("c1"))], ts),                 // 3
+                marker_batch(7, 0, false, ts),                              // 4
+                marker_batch(8, 0, true, ts),                               // 5
+                keyed(&[("k3", Some("v1".into()))], ts, Compression::Lz4),  // 6
+            ] {
+                append(&log, &b, Durability::Synced).await;
+            }
+            log.roll().await.unwrap();
+            append(
+                &log,
+                &keyed(&[("k9", Some("tail".into()))], ts, Compression::None),
+                Durability::Synced,
+            )
+            .await;
+            let before = read_all(&log, Offset(0), 1 << 20).await;
+            let view = read_committed(&log, &before);
+            for now in [5_000_000, 1_000_000_000] {
+                log.state.borrow_mut().cleaner.first_dirty = Offset(0);
+                let rep = log
+                    .compact_replicated(now, log.log_end_offset())
+                    .await
+                    .unwrap()
+                    .expect("a pass");
+                assert_eq!(
+                    (rep.batches_removed, rep.markers_removed),
+                    (0, 0),
+                    "{rep:?}"
+                );
+                let after = read_all(&log, Offset(0), 1 << 20).await;
+                assert_eq!(entries_of(&after), entries_of(&before));
+                let counts: Vec<i32> = after
+                    .iter()
+                    .map(|b| BatchHeader::parse(b).unwrap().record_count())
+                    .collect();
+                assert_eq!(counts, vec![0, 0, 0, 1, 1, 1, 1]);
+                assert_eq!(&after[3], &before[3], "ABORT marker verbatim");
+                assert_eq!(&after[4], &before[4], "COMMIT marker verbatim");
+                let now_view = read_committed(&log, &after);
+                assert_eq!(now_view.iter().map(|r| r.0).collect::<Vec<_>>(), vec![6, 7]);
+                assert!(now_view.iter().all(|r| view.contains(r)));
+                assert_eq!(log.last_stable_offset(), log.high_watermark());
+            }
             log.close().await.unwrap();
         });
     }

@@ -39,6 +39,14 @@ impl PartitionLog {
                 return Err(s.out_of_range(offset));
             }
         }
+        // A cleaner swap (or a log-start move) finishes its file work first: the cut never
+        // removes a segment file that a swap is about to rename over. Taken before `rolling`,
+        // as nothing holding the turn waits for a truncation.
+        let _turn = self
+            .log_start_turn
+            .acquire_permit(1)
+            .await
+            .map_err(|_| StorageError::Io(std::io::Error::other("log is closed")))?;
         while self.state.borrow().rolling {
             self.wait_until(|s| !s.rolling).await;
         }

@@ -38,31 +38,24 @@ fn host_of(id: i32) -> String {
 
 /// A port on `host` that was free a moment ago.
 fn free_addr(host: &str) -> SocketAddr {
-    TcpListener::bind((host, 0))
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("bind an ephemeral port on {host}: {e}"))
+    let port = super::pick_port(host, |_| true);
+    format!("{host}:{port}").parse().expect("a socket address")
 }
 
 /// An internal listener address on `host` whose port and the next one (shard 0's partition
 /// transport, internal port + 1) were both free a moment ago, neither of them in `taken`.
 fn free_internal_addr(host: &str, taken: &[SocketAddr]) -> SocketAddr {
-    for _ in 0..100 {
-        let l = TcpListener::bind((host, 0))
-            .unwrap_or_else(|e| panic!("bind an ephemeral port on {host}: {e}"));
-        let addr = l.local_addr().expect("local addr");
-        let Some(next) = addr.port().checked_add(1) else {
-            continue;
-        };
-        let used = |port: u16| {
-            taken
-                .iter()
-                .any(|t| t.ip() == addr.ip() && t.port() == port)
-        };
-        if !used(addr.port()) && !used(next) && TcpListener::bind((host, next)).is_ok() {
-            return addr;
-        }
-    }
-    panic!("no two consecutive free ports on {host}");
+    let used = |port: u16| {
+        taken
+            .iter()
+            .any(|t| t.ip().to_string() == host && t.port() == port)
+    };
+    let port = super::pick_port(host, |port| {
+        port.checked_add(1).is_some_and(|next| {
+            !used(port) && !used(next) && TcpListener::bind((host, next)).is_ok()
+        })
+    });
+    format!("{host}:{port}").parse().expect("a socket address")
 }
 
 pub struct Cluster {

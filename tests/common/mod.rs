@@ -35,10 +35,43 @@ pub fn sluice_bin() -> PathBuf {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (the kernel picked it).
+/// Ports test brokers listen on are drawn from this many ports right below the kernel's
+/// ephemeral range (`ip_local_port_range`): a port inside that range can be taken, while its
+/// broker is down for a restart, by any outgoing connection on the machine, and the restart
+/// then fails to bind. Ports below the range are only ever taken by explicit binds.
+const TEST_PORT_SPAN: u16 = 12_000;
+
+/// The first port of the kernel's ephemeral range (Linux's default when unreadable).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
+}
+
+/// A port on `host` below the ephemeral range for which `free(port)` held a moment ago (the
+/// caller checks by binding); drawn at random so concurrent test processes rarely meet.
+pub fn pick_port(host: &str, free: impl Fn(u16) -> bool) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let high = ephemeral_low();
+    let low = high.saturating_sub(TEST_PORT_SPAN).max(1_024);
+    assert!(low < high, "no room below the ephemeral ports ({high})");
+    let seed = std::collections::hash_map::RandomState::new();
+    for i in 0..1_000u32 {
+        let mut h = seed.build_hasher();
+        h.write_u32(i);
+        h.write_u32(std::process::id());
+        let port = low + (h.finish() % u64::from(high - low)) as u16;
+        if TcpListener::bind((host, port)).is_ok() && free(port) {
+            return port;
+        }
+    }
+    panic!("no free port on {host} in {low}..{high}");
+}
+
+/// A port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1");
-    l.local_addr().expect("local addr").port()
+    pick_port("127.0.0.1", |_| true)
 }
 
 /// Segment size of test brokers. Segment files are preallocated in extents of

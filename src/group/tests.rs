@@ -694,7 +694,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         );
         assert_eq!(
             gs.with(|c, _| c.delete_group("gone")).await,
-            ErrorCode::NONE
+            Ok(ErrorCode::NONE)
         );
         gs.with(|c, _| c.delete_offsets("simple", &[("t".into(), 1)]))
             .await
@@ -730,7 +730,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
                 )
             })
             .await;
-        assert_eq!(hb, ErrorCode::NONE);
+        assert_eq!(hb, Ok(ErrorCode::NONE));
         close(logs2).await;
     });
 }
@@ -746,7 +746,7 @@ fn expired_offsets_are_tombstoned_and_stay_gone_after_replay() {
                 .await,
             ErrorCode::NONE
         );
-        let n = gs.with(|c, now| c.expire_offsets(now)).await;
+        let n = gs.with(|c, now| c.expire_offsets(now)).await.unwrap();
         assert_eq!(n, 1, "commit timestamp 0 is older than the 7-day retention");
         close(logs).await;
         let (gs2, logs2) = open_shard(&path).await;
@@ -1122,7 +1122,7 @@ fn committed_offsets_survive_compaction_and_restart() {
         );
         assert_eq!(
             gs.with(|c, _| c.delete_group("gone")).await,
-            ErrorCode::NONE
+            Ok(ErrorCode::NONE)
         );
         let before: u64 = logs.iter().map(|l| l.size_bytes()).sum();
         let mut passes = 0;

@@ -587,6 +587,9 @@ impl GroupShard {
                     self.unload_partition(p);
                     continue;
                 }
+                if let Some(d) = crate::fault::delay_of("coordinator_load") {
+                    self.clock.sleep(d).await;
+                }
                 let end = replica.high_watermark();
                 let log = replica.log().clone();
                 match self.replay(p, &log, end).await {

@@ -849,6 +849,8 @@ mod tests {
             |a| a.listen = Some("127.0.0.1:99999".into()),
             |a| a.flush = Some("sometimes".into()),
             |a| a.default_partitions = Some(0),
+            |a| a.default_replication_factor = Some(0),
+            |a| a.offsets_topic_replication_factor = Some(-1),
             |a| a.cores = Some(100_000),
             |a| a.inflight_requests_max = Some(0),
             |a| a.shard_request_bytes_max = Some(1 << 20),

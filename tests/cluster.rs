@@ -367,13 +367,15 @@ fn three_nodes_elect_a_controller_spread_partitions_and_serve_clients() {
     });
 }
 
-/// FindCoordinator as node `id` answers it for `group`: the coordinator's node id.
+/// FindCoordinator as node `id` answers it for `group`: the coordinator's node id, once it
+/// names one (`__consumer_offsets` is replicated: none while its partition elects a leader).
 fn coordinator_of(c: &Cluster, id: i32, group: &str) -> i32 {
-    let mut raw = Raw::connect(c.node(id).addr);
-    let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.into()));
-    let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 1, &req);
-    assert_eq!(resp.error_code, 0, "FindCoordinator of node {id}");
-    resp.node_id.0
+    c.wait_for("FindCoordinator names a coordinator", |c| {
+        let mut raw = Raw::connect(c.node(id).addr);
+        let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.into()));
+        let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 1, &req);
+        (resp.error_code == 0).then_some(resp.node_id.0)
+    })
 }
 
 #[test]
@@ -386,8 +388,8 @@ fn consumer_groups_are_coordinated_by_the_node_holding_their_offsets_partition()
             .all(|id| c.leaders(*id, "__consumer_offsets", 50).is_some())
             .then_some(())
     });
-    // Every node names the same coordinator for a group, and the groups' coordinators are
-    // spread over the nodes.
+    // Every node names the same coordinator for a group (the leader of its partition), and
+    // the groups' coordinators are spread over the nodes.
     let mut coordinators = BTreeSet::new();
     for g in 0..12 {
         let group = format!("group-{g}");

@@ -698,6 +698,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         );
         gs.with(|c, _| c.delete_offsets("simple", &[("t".into(), 1)]))
             .await
+            .unwrap()
             .unwrap();
         close(logs).await;
 

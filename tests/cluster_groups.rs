@@ -282,8 +282,6 @@ fn offsets_are_replicated_and_a_group_continues_after_its_coordinator_is_killed(
     let survivors: Vec<i32> = ids.iter().copied().filter(|id| *id != leader).collect();
     let coordinator = agreed_coordinator(&c, &survivors, group);
     let named = killed_at.elapsed();
-    let led = agreed_offsets_state(&c, &survivors)[p].0;
-    assert_eq!(coordinator, led, "the new coordinator leads partition {p}");
     // The first OffsetCommit the new coordinator accepts (the same position again).
     let first_commit = c.wait_for("an OffsetCommit accepted by the new coordinator", |c| {
         let e = offset_commit(c, coordinator, group, topic, mid);
@@ -302,6 +300,8 @@ fn offsets_are_replicated_and_a_group_continues_after_its_coordinator_is_killed(
     println!(
         "coordinator failover: node {leader} killed; node {coordinator} named by FindCoordinator after {named:?}; first OffsetCommit accepted after {first_commit:?}"
     );
+    let led = agreed_offsets_state(&c, &survivors)[p].0;
+    assert_eq!(coordinator, led, "the new coordinator leads partition {p}");
     assert_eq!(offset_fetch(&c, coordinator, group, topic), (0, 0, mid));
     let other = survivors.iter().find(|id| **id != coordinator).unwrap();
     assert_eq!(

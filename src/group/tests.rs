@@ -197,6 +197,41 @@ fn second_member_triggers_rebalance_and_both_get_the_new_generation() {
 }
 
 #[test]
+fn unloading_a_partition_drops_its_groups_and_answers_waiting_members_not_coordinator() {
+    let mut c = coordinator();
+    let a = single_member_stable(&mut c, 0);
+    // Another group on another partition stays.
+    let other = (0..100)
+        .map(|i| format!("other-{i}"))
+        .find(|g| c.partition_of(g) != c.partition_of("g"))
+        .unwrap();
+    let o = ready(c.join(join_req(&other, "", None), 0)).unwrap();
+    assert_eq!(o.error, ErrorCode::NONE);
+    c.take_writes();
+    // B waits in JoinGroup for A to rejoin; a record of "g" is queued.
+    let b_rx = waiting(c.join(join_req("g", "", None), 10));
+    c.apply_commit("g", vec![entry("t", 0, 5, 10)], 10);
+    c.writes.push(Write {
+        partition: c.partition_of("g"),
+        key: b"k".to_vec(),
+        value: None,
+    });
+    let p = c.partition_of("g");
+    assert_eq!(c.unload_partition(p), 1);
+    assert_eq!(
+        b_rx.try_recv().unwrap().error,
+        ErrorCode::new(E::NotCoordinator)
+    );
+    assert!(c.group("g").is_none(), "the group and its offsets are gone");
+    assert!(c.take_writes().iter().all(|w| w.partition != p));
+    assert!(c.group(&other).is_some(), "other partitions' groups stay");
+    assert_eq!(
+        c.heartbeat(MemberRef::of_group("g").member(&a).generation(1), 20),
+        ErrorCode::new(E::UnknownMemberId)
+    );
+}
+
+#[test]
 fn rebalance_timeout_removes_members_that_did_not_rejoin() {
     let mut c = coordinator();
     let a = single_member_stable(&mut c, 0);

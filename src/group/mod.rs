@@ -362,82 +362,111 @@ impl GroupShard {
         writes: Vec<Write>,
         options: BatchOptions,
     ) -> Result<(), PersistError> {
+        match self.persist_each(writes, options).await.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes each partition's batch (see [`GroupShard::persist_with`]), every one even when
+    /// another fails; returns the partitions that failed, with why.
+    async fn persist_each(
+        &self,
+        writes: Vec<Write>,
+        options: BatchOptions,
+    ) -> Vec<(i32, PersistError)> {
         let mut by_partition: BTreeMap<i32, Vec<Write>> = BTreeMap::new();
         for w in writes {
             by_partition.entry(w.partition).or_default().push(w);
         }
-        let now = self.clock.now_ms();
+        let mut failed = Vec::new();
         for (p, ws) in by_partition {
-            let served = self.logs.borrow().get(&p).cloned();
-            let Some(served) = served else {
-                if self.replicated.borrow().contains_key(&p) {
-                    return Err(PersistError::NotCoordinator);
-                }
-                return Err(PersistError::Storage(StorageError::Io(
-                    std::io::Error::other(format!(
-                        "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
-                    )),
-                )));
-            };
-            let mut b = BatchBuilder::new(options);
-            for w in &ws {
-                b.push(&builder::Record {
-                    key: Some(&w.key),
-                    value: w.value.as_deref(),
-                    headers: &[],
-                    timestamp_ms: now,
-                });
-            }
-            let bytes = b.finish().map_err(|e| {
-                PersistError::Storage(StorageError::Io(std::io::Error::other(format!(
-                    "{OFFSETS_TOPIC} partition {p}: {e}"
-                ))))
-            })?;
-            let bytes = BytesMut::from(&bytes[..]);
-            match &served.leader {
-                None => served
-                    .log
-                    .append(bytes, Durability::Synced)
-                    .await
-                    .map(|_| ())
-                    .map_err(PersistError::Storage)?,
-                Some((replica, term)) => match replica.propose_in_term(bytes, *term).await {
-                    Ok(_) => {}
-                    Err(ReplicateError::Raft(_)) => return Err(PersistError::NotCoordinator),
-                    Err(ReplicateError::InvalidProducerEpoch) => {
-                        return Err(PersistError::Storage(StorageError::InvalidProducerEpoch))
-                    }
-                    Err(e) => {
-                        return Err(PersistError::Storage(StorageError::Io(
-                            std::io::Error::other(format!("{OFFSETS_TOPIC} partition {p}: {e}")),
-                        )))
-                    }
-                },
+            if let Err(e) = self.persist_partition(p, &ws, options).await {
+                failed.push((p, e));
             }
         }
-        Ok(())
+        failed
+    }
+
+    /// Writes one batch of `ws` to partition `p`.
+    async fn persist_partition(
+        &self,
+        p: i32,
+        ws: &[Write],
+        options: BatchOptions,
+    ) -> Result<(), PersistError> {
+        let served = self.logs.borrow().get(&p).cloned();
+        let Some(served) = served else {
+            if self.replicated.borrow().contains_key(&p) {
+                return Err(PersistError::NotCoordinator);
+            }
+            return Err(PersistError::Storage(StorageError::Io(
+                std::io::Error::other(format!(
+                    "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
+                )),
+            )));
+        };
+        let now = self.clock.now_ms();
+        let mut b = BatchBuilder::new(options);
+        for w in ws {
+            b.push(&builder::Record {
+                key: Some(&w.key),
+                value: w.value.as_deref(),
+                headers: &[],
+                timestamp_ms: now,
+            });
+        }
+        let bytes = b.finish().map_err(|e| {
+            PersistError::Storage(StorageError::Io(std::io::Error::other(format!(
+                "{OFFSETS_TOPIC} partition {p}: {e}"
+            ))))
+        })?;
+        let bytes = BytesMut::from(&bytes[..]);
+        let Some((replica, term)) = &served.leader else {
+            return served
+                .log
+                .append(bytes, Durability::Synced)
+                .await
+                .map(|_| ())
+                .map_err(PersistError::Storage);
+        };
+        match replica.propose_in_term(bytes, *term).await {
+            Ok(_) => Ok(()),
+            Err(ReplicateError::Raft(_)) => Err(PersistError::NotCoordinator),
+            Err(ReplicateError::InvalidProducerEpoch) => {
+                Err(PersistError::Storage(StorageError::InvalidProducerEpoch))
+            }
+            Err(e) => Err(PersistError::Storage(StorageError::Io(
+                std::io::Error::other(format!("{OFFSETS_TOPIC} partition {p}: {e}")),
+            ))),
+        }
     }
 
     /// Persists whatever the state machine queued (group metadata, tombstones). Storage
     /// failures are logged: the in-memory state stays authoritative until restart. Returns
-    /// false when the write was refused because this replica no longer coordinates the
-    /// partition (its state is dropped with the partition).
-    pub async fn flush(&self) -> bool {
+    /// the partitions whose writes were refused because this replica no longer coordinates
+    /// them (their state is dropped with the partition).
+    pub async fn flush(&self) -> Vec<i32> {
         let writes = self.coordinator.borrow_mut().take_writes();
         if writes.is_empty() {
-            return true;
+            return Vec::new();
         }
-        match self.persist(writes).await {
-            Ok(()) => true,
-            Err(PersistError::NotCoordinator) => {
-                tracing::info!("group metadata not written: no longer the coordinator");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot persist group metadata to {OFFSETS_TOPIC}");
-                true
+        let mut moved = Vec::new();
+        for (p, e) in self.persist_each(writes, BatchOptions::default()).await {
+            match e {
+                PersistError::NotCoordinator => {
+                    tracing::info!(
+                        partition = p,
+                        "group metadata not written: no longer the coordinator"
+                    );
+                    moved.push(p);
+                }
+                PersistError::Storage(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot persist group metadata to {OFFSETS_TOPIC}");
+                }
             }
         }
+        moved
     }
 
     /// Runs a state-machine call, then persists what it queued and re-arms the timers. Its
@@ -447,15 +476,20 @@ impl GroupShard {
         &self,
         f: impl FnOnce(&mut Coordinator, i64) -> R,
     ) -> Result<R, ErrorCode> {
-        let r = {
+        let (r, mine) = {
             let mut c = self.coordinator.borrow_mut();
-            f(&mut c, self.clock.now_ms())
+            let before = c.writes.len();
+            let r = f(&mut c, self.clock.now_ms());
+            // The partitions this call wrote to (records queued before it are others').
+            let mine: Vec<i32> = c.writes.iter().skip(before).map(|w| w.partition).collect();
+            (r, mine)
         };
         self.wake();
-        if self.flush().await {
-            Ok(r)
-        } else {
+        let moved = self.flush().await;
+        if mine.iter().any(|p| moved.contains(p)) {
             Err(Unavailable::NotCoordinator.code())
+        } else {
+            Ok(r)
         }
     }
 

@@ -368,7 +368,8 @@ fn three_nodes_elect_a_controller_spread_partitions_and_serve_clients() {
 }
 
 /// FindCoordinator as node `id` answers it for `group`: the coordinator's node id, once it
-/// names one (`__consumer_offsets` is replicated: none while its partition elects a leader).
+/// names one (with a replicated `__consumer_offsets`, none while its partition elects a
+/// leader).
 fn coordinator_of(c: &Cluster, id: i32, group: &str) -> i32 {
     c.wait_for("FindCoordinator names a coordinator", |c| {
         let mut raw = Raw::connect(c.node(id).addr);
@@ -388,8 +389,8 @@ fn consumer_groups_are_coordinated_by_the_node_holding_their_offsets_partition()
             .all(|id| c.leaders(*id, "__consumer_offsets", 50).is_some())
             .then_some(())
     });
-    // Every node names the same coordinator for a group (the leader of its partition), and
-    // the groups' coordinators are spread over the nodes.
+    // Every node names the same coordinator for a group, and the groups' coordinators are
+    // spread over the nodes.
     let mut coordinators = BTreeSet::new();
     for g in 0..12 {
         let group = format!("group-{g}");

@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::cluster::{client_config, Cluster};
+use common::cluster::{client_config, Cluster, OFFSETS_RF_FLAG};
 use common::history;
 use common::raw::{tn, Raw};
 use common::BrokerOptions;
@@ -39,6 +39,12 @@ const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
 const COORDINATOR_NOT_AVAILABLE: i16 = 15;
 const NOT_COORDINATOR: i16 = 16;
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Nodes with the default `__consumer_offsets` replication factor (3), which the harness
+/// otherwise lowers to 1.
+fn replicated_offsets() -> BrokerOptions {
+    BrokerOptions::default().args([OFFSETS_RF_FLAG, "3"])
+}
 
 /// Kafka's `abs(groupId.hashCode) % partitions` (Java's `String.hashCode`).
 fn offsets_partition(group: &str) -> usize {
@@ -235,7 +241,7 @@ fn commit_at(consumer: &BaseConsumer, topic: &str, offset: i64) {
 
 #[test]
 fn offsets_are_replicated_and_a_group_continues_after_its_coordinator_is_killed() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::start_with(3, replicated_offsets());
     let ids = c.ids();
     c.wait_controller(&ids);
     let state = agreed_offsets_state(&c, &ids);
@@ -341,7 +347,7 @@ const LOAD_DELAY_MS: u64 = 7_000;
 fn a_new_coordinator_holds_requests_while_it_loads_then_answers_load_in_progress() {
     let mut c = Cluster::start_with(
         3,
-        BrokerOptions::default().env(
+        replicated_offsets().env(
             "SLUICE_FAULT_DELAY_MS",
             format!("coordinator_load:{LOAD_DELAY_MS}"),
         ),

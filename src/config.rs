@@ -54,6 +54,14 @@ pub struct StartArgs {
     /// Partitions of auto-created topics and of CreateTopics with -1 [default: 1].
     #[arg(long, env = "SLUICE_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<i32>,
+    /// In a cluster: replicas of CreateTopics with -1 and of auto-created topics (Kafka's
+    /// `default.replication.factor`) [default: 1].
+    #[arg(long, env = "SLUICE_DEFAULT_REPLICATION_FACTOR")]
+    pub default_replication_factor: Option<i16>,
+    /// In a cluster: replicas of `__consumer_offsets` when it is created, at most the live
+    /// registered nodes (Kafka's `offsets.topic.replication.factor`) [default: 3].
+    #[arg(long, env = "SLUICE_OFFSETS_TOPIC_REPLICATION_FACTOR")]
+    pub offsets_topic_replication_factor: Option<i16>,
     /// `always` (fdatasync before acks=all is answered) or a flush interval in ms [default: always].
     #[arg(long, env = "SLUICE_FLUSH")]
     pub flush: Option<String>,
@@ -183,6 +191,8 @@ pub struct Defaults {
     pub node_id: i32,
     pub auto_create_topics: bool,
     pub default_partitions: i32,
+    pub default_replication_factor: i16,
+    pub offsets_topic_replication_factor: i16,
     pub flush: &'static str,
     pub segment_bytes: u64,
     /// -1: keep data forever.
@@ -223,6 +233,12 @@ pub const DEFAULTS: Defaults = Defaults {
     node_id: 0,
     auto_create_topics: true,
     default_partitions: 1,
+    // Kafka's default.replication.factor: a cluster that lost a node still creates topics
+    // with defaults.
+    default_replication_factor: 1,
+    // Kafka's offsets.topic.replication.factor: committed offsets and groups survive the loss
+    // of a node.
+    offsets_topic_replication_factor: 3,
     flush: "always",
     segment_bytes: SEGMENT_BYTES_DEFAULT,
     retention_ms: RETENTION_MS_DEFAULT as i64,
@@ -358,6 +374,10 @@ pub struct BrokerConfig {
     pub cluster: Option<ClusterConfig>,
     pub auto_create_topics: bool,
     pub default_partitions: i32,
+    /// In a cluster: replicas of a topic created without a replication factor.
+    pub default_replication_factor: i16,
+    /// In a cluster: replicas of `__consumer_offsets` (capped by the live nodes at creation).
+    pub offsets_topic_replication_factor: i16,
     pub flush: FlushPolicy,
     pub segment_bytes: u64,
     pub retention_ms: Option<u64>,
@@ -611,6 +631,18 @@ impl BrokerConfig {
                 "invalid --default-partitions {default_partitions}: must be >= 1"
             ));
         }
+        let default_replication_factor = pick!(default_replication_factor);
+        if default_replication_factor < 1 {
+            return Err(format!(
+                "invalid --default-replication-factor {default_replication_factor}: must be >= 1"
+            ));
+        }
+        let offsets_topic_replication_factor = pick!(offsets_topic_replication_factor);
+        if offsets_topic_replication_factor < 1 {
+            return Err(format!(
+                "invalid --offsets-topic-replication-factor {offsets_topic_replication_factor}: must be >= 1"
+            ));
+        }
         let segment_bytes = pick!(segment_bytes);
         if segment_bytes < 64 * 1024 {
             return Err(format!(
@@ -720,6 +752,8 @@ impl BrokerConfig {
             cluster,
             auto_create_topics: pick!(auto_create_topics),
             default_partitions,
+            default_replication_factor,
+            offsets_topic_replication_factor,
             flush,
             segment_bytes,
             retention_ms: if retention_ms < 0 {
@@ -815,6 +849,8 @@ mod tests {
             |a| a.listen = Some("127.0.0.1:99999".into()),
             |a| a.flush = Some("sometimes".into()),
             |a| a.default_partitions = Some(0),
+            |a| a.default_replication_factor = Some(0),
+            |a| a.offsets_topic_replication_factor = Some(-1),
             |a| a.cores = Some(100_000),
             |a| a.inflight_requests_max = Some(0),
             |a| a.shard_request_bytes_max = Some(1 << 20),

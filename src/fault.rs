@@ -16,7 +16,9 @@
 //!
 //! Delay points, armed by `SLUICE_FAULT_DELAY_MS=<point>:<ms>`, block the calling thread for
 //! that long to widen a window a test wants to hit: `producer_id_block` (a producer-id block is
-//! written but not yet renamed into place).
+//! written but not yet renamed into place). Async delay points ([`delay_of`]) make the calling
+//! task wait instead, the shard serving everything else meanwhile: `coordinator_load` (a group
+//! coordinator that won a `__consumer_offsets` partition's election, before it replays it).
 
 /// The environment variable that arms a panic point.
 pub const PANIC_ENV: &str = "SLUICE_FAULT_PANIC";
@@ -73,10 +75,18 @@ mod armed {
             }
         }
     }
+
+    /// How long a task should wait at this async delay point, when it is armed.
+    pub fn delay_of(point: &str) -> Option<std::time::Duration> {
+        match DELAY_AT.get() {
+            Some(Some((p, ms))) if p == point => Some(std::time::Duration::from_millis(*ms)),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(any(debug_assertions, feature = "fault-injection"))]
-pub use armed::{delay_point, init, panic_point};
+pub use armed::{delay_of, delay_point, init, panic_point};
 
 /// Reads [`PANIC_ENV`] (release build without `fault-injection`: nothing to read).
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
@@ -94,3 +104,11 @@ pub fn panic_point(_point: &str, _key: &str) {}
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
 #[inline(always)]
 pub fn delay_point(_point: &str) {}
+
+/// How long a task should wait at this async delay point (release build without
+/// `fault-injection`: never).
+#[cfg(not(any(debug_assertions, feature = "fault-injection")))]
+#[inline(always)]
+pub fn delay_of(_point: &str) -> Option<std::time::Duration> {
+    None
+}

@@ -367,13 +367,16 @@ fn three_nodes_elect_a_controller_spread_partitions_and_serve_clients() {
     });
 }
 
-/// FindCoordinator as node `id` answers it for `group`: the coordinator's node id.
+/// FindCoordinator as node `id` answers it for `group`: the coordinator's node id, once it
+/// names one (with a replicated `__consumer_offsets`, none while its partition elects a
+/// leader).
 fn coordinator_of(c: &Cluster, id: i32, group: &str) -> i32 {
-    let mut raw = Raw::connect(c.node(id).addr);
-    let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.into()));
-    let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 1, &req);
-    assert_eq!(resp.error_code, 0, "FindCoordinator of node {id}");
-    resp.node_id.0
+    c.wait_for("FindCoordinator names a coordinator", |c| {
+        let mut raw = Raw::connect(c.node(id).addr);
+        let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.into()));
+        let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 1, &req);
+        (resp.error_code == 0).then_some(resp.node_id.0)
+    })
 }
 
 #[test]

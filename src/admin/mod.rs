@@ -237,21 +237,22 @@ fn check_shard_capacity(
     Ok(())
 }
 
-/// The replication factor of a topic created without one (CreateTopics' -1, auto-created
-/// topics, `__consumer_offsets`): Kafka's `default.replication.factor`, 1 as in Kafka, so a
-/// cluster that loses a node keeps accepting topic creation with defaults.
-pub const DEFAULT_REPLICATION_FACTOR: i16 = 1;
+/// The default replication factor of a topic created without one (CreateTopics' -1,
+/// auto-created topics): Kafka's `default.replication.factor`, 1 as in Kafka, so a cluster that
+/// loses a node keeps accepting topic creation with defaults. The default of
+/// `--default-replication-factor`.
+pub const DEFAULT_REPLICATION_FACTOR: i16 = crate::config::DEFAULTS.default_replication_factor;
 
-/// In a cluster: the replication factor asked for (-1 takes [`DEFAULT_REPLICATION_FACTOR`]),
-/// refused with Kafka's INVALID_REPLICATION_FACTOR when below 1 or, with Kafka's message, when
-/// there are fewer live registered brokers than asked for.
-fn check_cluster_replication_factor(image: &MetadataImage, rf: i16) -> Result<usize, AdminError> {
+/// In a cluster: the replication factor asked for (-1 takes `default_rf`, the broker's
+/// `--default-replication-factor`), refused with Kafka's INVALID_REPLICATION_FACTOR when below 1
+/// or, with Kafka's message, when there are fewer live registered brokers than asked for.
+fn check_cluster_replication_factor(
+    image: &MetadataImage,
+    rf: i16,
+    default_rf: i16,
+) -> Result<usize, AdminError> {
     let brokers = image.live_brokers().count();
-    let wanted = if rf == -1 {
-        DEFAULT_REPLICATION_FACTOR
-    } else {
-        rf
-    };
+    let wanted = if rf == -1 { default_rf } else { rf };
     if wanted < 1 {
         return Err(AdminError::InvalidReplicationFactor(format!(
             "replication factor {rf} must be >= 1"
@@ -369,7 +370,7 @@ pub struct NewTopic {
     pub name: String,
     /// Partition count; -1 takes the broker's `default_partitions`.
     pub partitions: i32,
-    /// -1 for [`DEFAULT_REPLICATION_FACTOR`]; on a single node it must be 1 (or -1).
+    /// -1 for the broker's `--default-replication-factor`; on a single node it must be 1 (or -1).
     pub replication_factor: i16,
     /// Topic-level config overrides.
     pub overrides: BTreeMap<String, String>,
@@ -460,7 +461,11 @@ pub async fn create_topic(
         }
         let rf = if clustered {
             controller::lead().await?;
-            check_cluster_replication_factor(&broker.image(), replication_factor)?
+            check_cluster_replication_factor(
+                &broker.image(),
+                replication_factor,
+                broker.config.default_replication_factor,
+            )?
         } else {
             1
         };
@@ -880,12 +885,15 @@ const INTERNAL_CREATE_RETRY: std::time::Duration = std::time::Duration::from_sec
 /// its size and replay stay bounded by the live keys; no time retention, since expiry is the
 /// coordinator's job (tombstones) — and every shard waits for it to be published. In a cluster
 /// only the controller leader creates it, once every node has registered (so its partitions
-/// spread over all): every node tries until one did. Returns the topic and the partitions this
-/// shard owns, with their logs (opened at start, or by the topic's creation before it was
-/// published: a topic is published only once every partition is open on its shard).
+/// spread over all): every node tries until one did, with `replication_factor` replicas per
+/// partition, at most the live registered nodes (1 on a single node). Returns the topic and the
+/// partitions this shard owns, with their logs (opened at start, or by the topic's creation
+/// before it was published: a topic is published only once every partition is open on its
+/// shard).
 pub async fn internal_topic_here(
     name: &str,
     partitions: i32,
+    replication_factor: i16,
 ) -> Result<(Arc<TopicMeta>, Vec<(i32, Rc<crate::storage::PartitionLog>)>), String> {
     let here = shard::local();
     let broker = here.broker.clone();
@@ -898,7 +906,7 @@ pub async fn internal_topic_here(
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let topic = NewTopic {
+        let mut topic = NewTopic {
             name: name.to_string(),
             partitions,
             replication_factor: 1,
@@ -915,6 +923,10 @@ pub async fn internal_topic_here(
                 break;
             }
             if image.brokers.len() >= voters {
+                if voters > 0 {
+                    let live = i16::try_from(image.live_brokers().count()).unwrap_or(i16::MAX);
+                    topic.replication_factor = replication_factor.min(live).max(1);
+                }
                 match create_topic(topic.clone(), CreateMode::Create, TopicKind::Internal).await {
                     Ok(_) | Err(AdminError::TopicExists) => break,
                     Err(e) if voters > 0 => {
@@ -1152,16 +1164,18 @@ mod tests {
     #[test]
     fn replication_factor_in_a_cluster() {
         let mut image = cluster(&[(1, 1), (2, 1), (3, 1)]);
-        assert_eq!(check_cluster_replication_factor(&image, 1).unwrap(), 1);
+        assert_eq!(check_cluster_replication_factor(&image, 1, 1).unwrap(), 1);
         assert_eq!(
-            check_cluster_replication_factor(&image, -1).unwrap(),
+            check_cluster_replication_factor(&image, -1, DEFAULT_REPLICATION_FACTOR).unwrap(),
             DEFAULT_REPLICATION_FACTOR as usize
         );
-        let msg = |image: &MetadataImage, rf| match check_cluster_replication_factor(image, rf) {
+        assert_eq!(check_cluster_replication_factor(&image, -1, 3).unwrap(), 3);
+        assert!(check_cluster_replication_factor(&image, -1, 4).is_err());
+        let msg = |image: &MetadataImage, rf| match check_cluster_replication_factor(image, rf, 1) {
             Err(AdminError::InvalidReplicationFactor(m)) => m,
             other => panic!("rf {rf}: {other:?}"),
         };
-        assert_eq!(check_cluster_replication_factor(&image, 3).unwrap(), 3);
+        assert_eq!(check_cluster_replication_factor(&image, 3, 1).unwrap(), 3);
         assert_eq!(
             msg(&image, 4),
             "Replication factor: 4 larger than available brokers: 3."

@@ -235,6 +235,36 @@ impl Coordinator {
         partition_for(group_id, self.config.offsets_partitions)
     }
 
+    /// Forgets every group of `__consumer_offsets` partition `partition` (this coordinator no
+    /// longer leads it): members waiting in JoinGroup or SyncGroup are answered
+    /// NOT_COORDINATOR (their clients find the new coordinator), and records queued for it and
+    /// not yet written are dropped. Returns how many groups went.
+    pub fn unload_partition(&mut self, partition: i32) -> usize {
+        let n = self.config.offsets_partitions;
+        let not_coordinator = ErrorCode::new(E::NotCoordinator);
+        let ids: Vec<String> = self
+            .groups
+            .keys()
+            .filter(|id| partition_for(id, n) == partition)
+            .cloned()
+            .collect();
+        for id in &ids {
+            if let Some(mut g) = self.groups.remove(id) {
+                for m in g.members.values_mut() {
+                    let member_id = m.id.clone();
+                    m.complete_join(JoinResult::error(not_coordinator, &member_id));
+                    m.complete_sync(SyncResult::error(not_coordinator));
+                }
+            }
+        }
+        let before = self.share.len();
+        self.share.retain(|id, _| partition_for(id, n) != partition);
+        self.consumer_configs
+            .retain(|id, _| partition_for(id, n) != partition);
+        self.writes.retain(|w| w.partition != partition);
+        ids.len() + before - self.share.len()
+    }
+
     // ---------------------------------------------------------------- JoinGroup
 
     /// JoinGroup where no group can be a consumer group with members (tests of the classic

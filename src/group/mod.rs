@@ -14,10 +14,14 @@
 //! | [`share_dlq`] | dead-letter topics (KIP-1191): copying archived records there exactly once |
 //!
 //! This file is the async shell around the state machine on one shard ([`GroupShard`]): it
-//! runs the coordinator's timers, appends the records it queues to the `__consumer_offsets`
-//! partitions this shard owns (`Durability::Synced`), and rebuilds state by replaying those
-//! partitions at start. A group lives on the shard that owns partition
-//! `abs(java hashCode(group id)) % 50` of `__consumer_offsets`; handlers hop there first.
+//! runs the coordinator's timers, writes the records it queues to the `__consumer_offsets`
+//! partitions this shard owns ([`GroupShard::persist_with`], the one write path: a synced
+//! append on a single node, a raft proposal committed by a majority on a replicated
+//! partition), and rebuilds state by replaying those partitions: at start, or, for a
+//! replicated partition, each time this node's replica becomes its raft leader (and drops it
+//! again when the replica stops leading). A group lives on the shard that owns partition
+//! `abs(java hashCode(group id)) % 50` of `__consumer_offsets` (in a cluster: on the node whose
+//! replica leads it); handlers hop there first.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -30,8 +34,9 @@ use event_listener::Event;
 use crate::protocol::batch;
 use crate::protocol::builder::{self, BatchBuilder, BatchOptions};
 use crate::protocol::records;
+use crate::replica::{ReplicateError, ReplicatedPartition};
 use crate::storage::{Durability, PartitionLog, ReadOptions, StorageError};
-use crate::types::{Clock, ErrorCode};
+use crate::types::{Clock, ErrorCode, Offset, TopicPartition};
 
 pub mod consumer;
 pub mod coordinator;
@@ -62,11 +67,42 @@ const LOAD_WAIT_MAX: Duration = Duration::from_secs(5);
 /// Bytes read per step while replaying a `__consumer_offsets` partition.
 const REPLAY_READ_BYTES_MAX: u32 = 1 << 20;
 
+/// A `__consumer_offsets` partition whose groups this shard serves (replayed).
+#[derive(Clone)]
+struct Served {
+    log: Rc<PartitionLog>,
+    /// A replicated partition: its replica and the raft term this coordinator leads in, the
+    /// term its state was loaded in; its writes are proposed in that term only.
+    leader: Option<(Rc<ReplicatedPartition>, u64)>,
+}
+
+/// Why a coordinator write failed.
+#[derive(Debug)]
+pub enum PersistError {
+    /// The partition is not served here (any more): this replica stopped leading it, or the
+    /// write ended up in another term than the one the coordinator loaded in. The outcome is
+    /// unknown to the client, which must retry at the current coordinator: NOT_COORDINATOR.
+    NotCoordinator,
+    Storage(StorageError),
+}
+
+impl std::fmt::Display for PersistError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PersistError::NotCoordinator => write!(f, "not the coordinator (any more)"),
+            PersistError::Storage(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// The group coordinator of one shard with the `__consumer_offsets` partitions it owns.
 pub struct GroupShard {
     pub coordinator: RefCell<Coordinator>,
     /// Loaded (replayed) partitions of `__consumer_offsets` owned by this shard.
-    logs: RefCell<HashMap<i32, Rc<PartitionLog>>>,
+    logs: RefCell<HashMap<i32, Served>>,
+    /// The replicated partitions of this shard, each with the term its replica leads in
+    /// (`None` while it follows): their groups are served only while it leads, once loaded.
+    replicated: RefCell<HashMap<i32, Option<u64>>>,
     /// Notified whenever a partition finishes loading.
     loaded: Event,
     wake_tx: async_channel::Sender<()>,
@@ -97,6 +133,8 @@ pub fn install(g: Rc<GroupShard>) {
 pub enum Unavailable {
     /// The coordinator's partition is still replaying: COORDINATOR_LOAD_IN_PROGRESS.
     Loading,
+    /// In a cluster: this node's replica of the partition does not lead it: NOT_COORDINATOR.
+    NotCoordinator,
     /// No coordinator here: COORDINATOR_NOT_AVAILABLE.
     NotAvailable,
 }
@@ -110,6 +148,9 @@ impl Unavailable {
             Unavailable::NotAvailable => {
                 ErrorCode::new(kafka_protocol::ResponseError::CoordinatorNotAvailable)
             }
+            Unavailable::NotCoordinator => {
+                ErrorCode::new(kafka_protocol::ResponseError::NotCoordinator)
+            }
         }
     }
 }
@@ -121,6 +162,7 @@ impl GroupShard {
         Rc::new(GroupShard {
             coordinator: RefCell::new(Coordinator::new(config)),
             logs: RefCell::new(HashMap::new()),
+            replicated: RefCell::new(HashMap::new()),
             loaded: Event::new(),
             wake_tx,
             wake_rx,
@@ -135,13 +177,14 @@ impl GroupShard {
         &self.clock
     }
 
-    /// Waits until `group_id`'s partition is loaded here, at most `wait_max` on the clock.
+    /// Waits until `group_id`'s partition is loaded here, at most `wait_max` on the clock
+    /// (not at all when this replica does not lead it).
     pub async fn loaded(&self, group_id: &str, wait_max: Duration) -> Result<(), Unavailable> {
         let loaded = async {
             loop {
                 // Listen before checking, so a load finishing in between is not missed.
                 let done = self.loaded.listen();
-                if self.check(group_id).is_ok() {
+                if self.check(group_id) != Err(Unavailable::Loading) {
                     return;
                 }
                 done.await;
@@ -152,11 +195,13 @@ impl GroupShard {
         self.check(group_id)
     }
 
-    /// Whether `group_id`'s partition is loaded here.
+    /// Whether `group_id`'s partition is loaded here: loading, or (replicated) not led here.
     pub fn check(&self, group_id: &str) -> Result<(), Unavailable> {
         let p = self.partition_of(group_id);
         if self.logs.borrow().contains_key(&p) {
             Ok(())
+        } else if self.replicated.borrow().get(&p) == Some(&None) {
+            Err(Unavailable::NotCoordinator)
         } else {
             Err(Unavailable::Loading)
         }
@@ -182,8 +227,51 @@ impl GroupShard {
         p: i32,
         log: Rc<PartitionLog>,
     ) -> Result<usize, StorageError> {
+        let applied = self.replay(p, &log, log.high_watermark()).await?;
+        self.serve(p, log, None, applied);
+        Ok(applied)
+    }
+
+    /// Starts serving the groups of partition `p` (replayed).
+    fn serve(
+        &self,
+        p: i32,
+        log: Rc<PartitionLog>,
+        leader: Option<(Rc<ReplicatedPartition>, u64)>,
+        applied: usize,
+    ) {
+        let term = leader.as_ref().map(|(_, t)| *t);
+        self.logs.borrow_mut().insert(p, Served { log, leader });
+        self.loaded.notify(usize::MAX);
+        self.wake();
+        tracing::debug!(
+            partition = p,
+            records = applied,
+            term,
+            "group coordinator partition loaded"
+        );
+    }
+
+    /// Stops serving the groups of partition `p` (this replica stopped leading it): their
+    /// state, timers and queued writes go, waiting members are answered NOT_COORDINATOR.
+    pub fn unload_partition(&self, p: i32) {
+        let served = self.logs.borrow_mut().remove(&p).is_some();
+        let groups = self.coordinator.borrow_mut().unload_partition(p);
+        self.pending_txn.borrow_mut().forget_partition(p);
+        self.loaded.notify(usize::MAX);
+        self.wake();
+        if served {
+            tracing::info!(
+                partition = p,
+                groups,
+                "group coordinator partition unloaded"
+            );
+        }
+    }
+
+    /// Replays partition `p` below `end` into the coordinator; returns the records applied.
+    async fn replay(&self, p: i32, log: &PartitionLog, end: Offset) -> Result<usize, StorageError> {
         let mut next = log.log_start_offset();
-        let end = log.high_watermark();
         let mut applied = 0usize;
         let now = self.clock.now_ms();
         while next < end {
@@ -257,80 +345,152 @@ impl GroupShard {
                 break;
             }
         }
-        self.logs.borrow_mut().insert(p, log);
-        self.loaded.notify(usize::MAX);
-        tracing::debug!(
-            partition = p,
-            records = applied,
-            "group coordinator partition loaded"
-        );
         Ok(applied)
     }
 
-    /// Appends `writes` (one batch per partition, in order) and waits until they are synced.
-    pub async fn persist(&self, writes: Vec<Write>) -> Result<(), StorageError> {
+    /// Writes `writes` (one batch per partition, in order) and waits until they are durable.
+    pub async fn persist(&self, writes: Vec<Write>) -> Result<(), PersistError> {
         self.persist_with(writes, BatchOptions::default()).await
     }
 
-    /// [`GroupShard::persist`] with the batches' producer fields (a transactional commit).
+    /// [`GroupShard::persist`] with the batches' producer fields (a transactional commit). The
+    /// one place coordinator records are written: on a single node a synced append; on a
+    /// replicated partition a proposal in the term this coordinator leads in, answered once a
+    /// majority has it (followers only append it to their logs).
     pub async fn persist_with(
         &self,
         writes: Vec<Write>,
         options: BatchOptions,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), PersistError> {
+        match self.persist_each(writes, options).await.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes each partition's batch (see [`GroupShard::persist_with`]), every one even when
+    /// another fails; returns the partitions that failed, with why.
+    async fn persist_each(
+        &self,
+        writes: Vec<Write>,
+        options: BatchOptions,
+    ) -> Vec<(i32, PersistError)> {
         let mut by_partition: BTreeMap<i32, Vec<Write>> = BTreeMap::new();
         for w in writes {
             by_partition.entry(w.partition).or_default().push(w);
         }
-        let now = self.clock.now_ms();
+        let mut failed = Vec::new();
         for (p, ws) in by_partition {
-            let log = self.logs.borrow().get(&p).cloned();
-            let Some(log) = log else {
-                return Err(StorageError::Io(std::io::Error::other(format!(
-                    "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
-                ))));
-            };
-            let mut b = BatchBuilder::new(options);
-            for w in &ws {
-                b.push(&builder::Record {
-                    key: Some(&w.key),
-                    value: w.value.as_deref(),
-                    headers: &[],
-                    timestamp_ms: now,
-                });
+            if let Err(e) = self.persist_partition(p, &ws, options).await {
+                failed.push((p, e));
             }
-            let bytes = b.finish().map_err(|e| {
-                StorageError::Io(std::io::Error::other(format!(
-                    "{OFFSETS_TOPIC} partition {p}: {e}"
-                )))
-            })?;
-            log.append(BytesMut::from(&bytes[..]), Durability::Synced)
-                .await?;
         }
-        Ok(())
+        failed
     }
 
-    /// Persists whatever the state machine queued (group metadata, tombstones). Failures are
-    /// logged: the in-memory state stays authoritative until restart.
-    pub async fn flush(&self) {
+    /// Writes one batch of `ws` to partition `p`.
+    async fn persist_partition(
+        &self,
+        p: i32,
+        ws: &[Write],
+        options: BatchOptions,
+    ) -> Result<(), PersistError> {
+        let served = self.logs.borrow().get(&p).cloned();
+        let Some(served) = served else {
+            if self.replicated.borrow().contains_key(&p) {
+                return Err(PersistError::NotCoordinator);
+            }
+            return Err(PersistError::Storage(StorageError::Io(
+                std::io::Error::other(format!(
+                    "{OFFSETS_TOPIC} partition {p} is not loaded on this shard"
+                )),
+            )));
+        };
+        let now = self.clock.now_ms();
+        let mut b = BatchBuilder::new(options);
+        for w in ws {
+            b.push(&builder::Record {
+                key: Some(&w.key),
+                value: w.value.as_deref(),
+                headers: &[],
+                timestamp_ms: now,
+            });
+        }
+        let bytes = b.finish().map_err(|e| {
+            PersistError::Storage(StorageError::Io(std::io::Error::other(format!(
+                "{OFFSETS_TOPIC} partition {p}: {e}"
+            ))))
+        })?;
+        let bytes = BytesMut::from(&bytes[..]);
+        let Some((replica, term)) = &served.leader else {
+            return served
+                .log
+                .append(bytes, Durability::Synced)
+                .await
+                .map(|_| ())
+                .map_err(PersistError::Storage);
+        };
+        match replica.propose_in_term(bytes, *term).await {
+            Ok(_) => Ok(()),
+            Err(ReplicateError::Raft(_)) => Err(PersistError::NotCoordinator),
+            Err(ReplicateError::InvalidProducerEpoch) => {
+                Err(PersistError::Storage(StorageError::InvalidProducerEpoch))
+            }
+            Err(e) => Err(PersistError::Storage(StorageError::Io(
+                std::io::Error::other(format!("{OFFSETS_TOPIC} partition {p}: {e}")),
+            ))),
+        }
+    }
+
+    /// Persists whatever the state machine queued (group metadata, tombstones). Storage
+    /// failures are logged: the in-memory state stays authoritative until restart. Returns
+    /// the partitions whose writes were refused because this replica no longer coordinates
+    /// them (their state is dropped with the partition).
+    pub async fn flush(&self) -> Vec<i32> {
         let writes = self.coordinator.borrow_mut().take_writes();
         if writes.is_empty() {
-            return;
+            return Vec::new();
         }
-        if let Err(e) = self.persist(writes).await {
-            tracing::warn!(error = %e, "cannot persist group metadata to {OFFSETS_TOPIC}");
+        let mut moved = Vec::new();
+        for (p, e) in self.persist_each(writes, BatchOptions::default()).await {
+            match e {
+                PersistError::NotCoordinator => {
+                    tracing::info!(
+                        partition = p,
+                        "group metadata not written: no longer the coordinator"
+                    );
+                    moved.push(p);
+                }
+                PersistError::Storage(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot persist group metadata to {OFFSETS_TOPIC}");
+                }
+            }
         }
+        moved
     }
 
-    /// Runs a state-machine call, then persists what it queued and re-arms the timers.
-    pub async fn with<R>(&self, f: impl FnOnce(&mut Coordinator, i64) -> R) -> R {
-        let r = {
+    /// Runs a state-machine call, then persists what it queued and re-arms the timers. Its
+    /// answer is NOT_COORDINATOR, never the call's, when what it wrote was refused because
+    /// this replica stopped leading the partition meanwhile.
+    pub async fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Coordinator, i64) -> R,
+    ) -> Result<R, ErrorCode> {
+        let (r, mine) = {
             let mut c = self.coordinator.borrow_mut();
-            f(&mut c, self.clock.now_ms())
+            let before = c.writes.len();
+            let r = f(&mut c, self.clock.now_ms());
+            // The partitions this call wrote to (records queued before it are others').
+            let mine: Vec<i32> = c.writes.iter().skip(before).map(|w| w.partition).collect();
+            (r, mine)
         };
         self.wake();
-        self.flush().await;
-        r
+        let moved = self.flush().await;
+        if mine.iter().any(|p| moved.contains(p)) {
+            Err(Unavailable::NotCoordinator.code())
+        } else {
+            Ok(r)
+        }
     }
 
     /// JoinGroup: waits for the rebalance when the state machine says so.
@@ -341,8 +501,9 @@ impl GroupShard {
     ) -> JoinResult {
         let member_id = req.member_id.clone();
         match self.with(|c, now| c.join_with(req, topics, now)).await {
-            Reply::Now(r) => r,
-            Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
+            Err(code) => JoinResult::error(code, &member_id),
+            Ok(Reply::Now(r)) => r,
+            Ok(Reply::Wait(rx)) => rx.recv().await.unwrap_or_else(|_| {
                 JoinResult::error(
                     ErrorCode::new(kafka_protocol::ResponseError::UnknownMemberId),
                     &member_id,
@@ -359,8 +520,9 @@ impl GroupShard {
     ) -> SyncResult {
         let reply = self.with(|c, now| c.sync_with(req, topics, now)).await;
         match reply {
-            Reply::Now(r) => r,
-            Reply::Wait(rx) => rx.recv().await.unwrap_or_else(|_| {
+            Err(code) => SyncResult::error(code),
+            Ok(Reply::Now(r)) => r,
+            Ok(Reply::Wait(rx)) => rx.recv().await.unwrap_or_else(|_| {
                 SyncResult::error(ErrorCode::new(
                     kafka_protocol::ResponseError::UnknownMemberId,
                 ))
@@ -394,6 +556,7 @@ impl GroupShard {
                     .apply_commit(group_id, entries, now);
                 ErrorCode::NONE
             }
+            Err(PersistError::NotCoordinator) => Unavailable::NotCoordinator.code(),
             Err(e) => {
                 tracing::warn!(group = group_id, error = %e, "offset commit not persisted");
                 ErrorCode::new(kafka_protocol::ResponseError::CoordinatorNotAvailable)
@@ -427,6 +590,75 @@ impl GroupShard {
             }
             self.flush().await;
         }
+    }
+
+    /// Serves the groups of replicated partition `p` while this node's replica leads it: on
+    /// each election won it waits until an entry of the new term is committed (so the log up
+    /// to the high watermark holds everything a previous coordinator answered for), replays
+    /// that (COORDINATOR_LOAD_IN_PROGRESS meanwhile), then serves; when the replica stops
+    /// leading (or stops), the groups are unloaded. Runs until the replica stops.
+    pub async fn follow_leadership(self: Rc<Self>, p: i32, replica: Rc<ReplicatedPartition>) {
+        let statuses = replica.watch();
+        self.replicated.borrow_mut().insert(p, None);
+        self.loaded.notify(usize::MAX);
+        while let Ok(mut status) = statuses.recv().await {
+            // Only the latest status matters.
+            while let Ok(s) = statuses.try_recv() {
+                status = s;
+            }
+            let leading = self.replicated.borrow().get(&p).copied().flatten();
+            if status.role == sluice_raft::Role::Leader {
+                if leading == Some(status.term) {
+                    continue;
+                }
+                self.unload_partition(p);
+                let term = status.term;
+                self.replicated.borrow_mut().insert(p, Some(term));
+                self.loaded.notify(usize::MAX);
+                let started = std::time::Instant::now();
+                if !replica.wait_leader_caught_up(term).await {
+                    self.replicated.borrow_mut().insert(p, None);
+                    self.unload_partition(p);
+                    continue;
+                }
+                if let Some(d) = crate::fault::delay_of("coordinator_load") {
+                    self.clock.sleep(d).await;
+                }
+                let end = replica.high_watermark();
+                let log = replica.log().clone();
+                match self.replay(p, &log, end).await {
+                    Ok(applied) => {
+                        let now = replica.status();
+                        if now.role == sluice_raft::Role::Leader && now.term == term {
+                            self.serve(p, log, Some((replica.clone(), term)), applied);
+                            tracing::info!(
+                                partition = p,
+                                term,
+                                records = applied,
+                                ms = started.elapsed().as_millis() as u64,
+                                "group coordinator took over {OFFSETS_TOPIC} partition"
+                            );
+                        } else {
+                            self.replicated.borrow_mut().insert(p, None);
+                            self.unload_partition(p);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "cannot replay {OFFSETS_TOPIC}");
+                        self.replicated.borrow_mut().insert(p, None);
+                        self.unload_partition(p);
+                    }
+                }
+            } else {
+                self.replicated.borrow_mut().insert(p, None);
+                self.unload_partition(p);
+                if status.role == sluice_raft::Role::Stopped {
+                    break;
+                }
+            }
+        }
+        self.replicated.borrow_mut().remove(&p);
+        self.unload_partition(p);
     }
 }
 
@@ -591,7 +823,8 @@ mod tests;
 /// Runs `f` with the coordinator of `group_id` on the shard that owns the group's
 /// `__consumer_offsets` partition. This is the cross-core hop: a group's state lives on exactly
 /// one shard. Errors are COORDINATOR_NOT_AVAILABLE / COORDINATOR_LOAD_IN_PROGRESS, and in a
-/// cluster NOT_COORDINATOR when that partition is on another node.
+/// cluster NOT_COORDINATOR when that partition is on another node or, replicated, this node's
+/// replica of it does not lead.
 pub async fn on_coordinator<F, Fut, R>(group_id: &str, f: F) -> Result<R, ErrorCode>
 where
     F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
@@ -603,17 +836,15 @@ where
     let not_available = Unavailable::NotAvailable.code();
     let meta = image.topic(OFFSETS_TOPIC).ok_or(not_available)?;
     let p = partition_for(group_id, meta.partition_count());
-    if broker
-        .node_of(meta, p)
-        .is_some_and(|n| n != broker.config.node_id)
-    {
-        // In a cluster, the group's partition (and so its coordinator) is on another node:
+    let Some(owner) = broker.owner(meta, p) else {
+        // In a cluster, the group's partition (and so its coordinator) is on other nodes:
         // clients find it again with FindCoordinator.
-        return Err(ErrorCode::new(
-            kafka_protocol::ResponseError::NotCoordinator,
-        ));
-    }
-    let owner = broker.owner(meta, p).ok_or(not_available)?;
+        return Err(if broker.config.cluster.is_some() {
+            Unavailable::NotCoordinator.code()
+        } else {
+            not_available
+        });
+    };
     let gid = group_id.to_string();
     crate::shard::invoke_on(owner, move || async move {
         crate::fault::panic_point("group", &gid);
@@ -688,13 +919,33 @@ pub fn start_shard_tasks() {
 const TIMER_RESTART_MS: u64 = 1_000;
 
 async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
+    let shard = crate::shard::local();
+    // In a cluster `__consumer_offsets` is replicated (`--offsets-topic-replication-factor`,
+    // at most the live nodes when it is created); on a single node it has one replica.
+    let rf = if shard.broker.config.cluster.is_some() {
+        shard.broker.config.offsets_topic_replication_factor
+    } else {
+        1
+    };
     let (meta, owned) =
-        crate::admin::internal_topic_here(OFFSETS_TOPIC, OFFSETS_PARTITIONS).await?;
+        crate::admin::internal_topic_here(OFFSETS_TOPIC, OFFSETS_PARTITIONS, rf).await?;
     gs.coordinator.borrow_mut().config.offsets_partitions = meta.partition_count();
     for (p, log) in owned {
-        gs.load_partition(p, log)
-            .await
-            .map_err(|e| format!("cannot replay {OFFSETS_TOPIC}-{p}: {e}"))?;
+        let replica = shard.replica(&TopicPartition::new(OFFSETS_TOPIC, p));
+        match replica {
+            // Served while this node's replica leads it.
+            Some(replica) => {
+                crate::contain::spawn_background(
+                    "group coordinator leadership",
+                    gs.clone().follow_leadership(p, replica),
+                );
+            }
+            None => {
+                gs.load_partition(p, log)
+                    .await
+                    .map_err(|e| format!("cannot replay {OFFSETS_TOPIC}-{p}: {e}"))?;
+            }
+        }
     }
     Ok(())
 }

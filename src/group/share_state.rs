@@ -500,7 +500,7 @@ pub fn start_shard_tasks() {
     }
     crate::contain::spawn_background("share group state", async move {
         let (_, owned) =
-            match crate::admin::internal_topic_here(STATE_TOPIC, STATE_PARTITIONS).await {
+            match crate::admin::internal_topic_here(STATE_TOPIC, STATE_PARTITIONS, 1).await {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(error = %e, "share group state failed to load");

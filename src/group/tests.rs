@@ -197,6 +197,41 @@ fn second_member_triggers_rebalance_and_both_get_the_new_generation() {
 }
 
 #[test]
+fn unloading_a_partition_drops_its_groups_and_answers_waiting_members_not_coordinator() {
+    let mut c = coordinator();
+    let a = single_member_stable(&mut c, 0);
+    // Another group on another partition stays.
+    let other = (0..100)
+        .map(|i| format!("other-{i}"))
+        .find(|g| c.partition_of(g) != c.partition_of("g"))
+        .unwrap();
+    let o = ready(c.join(join_req(&other, "", None), 0)).unwrap();
+    assert_eq!(o.error, ErrorCode::NONE);
+    c.take_writes();
+    // B waits in JoinGroup for A to rejoin; a record of "g" is queued.
+    let b_rx = waiting(c.join(join_req("g", "", None), 10));
+    c.apply_commit("g", vec![entry("t", 0, 5, 10)], 10);
+    c.writes.push(Write {
+        partition: c.partition_of("g"),
+        key: b"k".to_vec(),
+        value: None,
+    });
+    let p = c.partition_of("g");
+    assert_eq!(c.unload_partition(p), 1);
+    assert_eq!(
+        b_rx.try_recv().unwrap().error,
+        ErrorCode::new(E::NotCoordinator)
+    );
+    assert!(c.group("g").is_none(), "the group and its offsets are gone");
+    assert!(c.take_writes().iter().all(|w| w.partition != p));
+    assert!(c.group(&other).is_some(), "other partitions' groups stay");
+    assert_eq!(
+        c.heartbeat(MemberRef::of_group("g").member(&a).generation(1), 20),
+        ErrorCode::new(E::UnknownMemberId)
+    );
+}
+
+#[test]
 fn rebalance_timeout_removes_members_that_did_not_rejoin() {
     let mut c = coordinator();
     let a = single_member_stable(&mut c, 0);
@@ -694,10 +729,11 @@ fn committed_offsets_and_group_metadata_survive_replay() {
         );
         assert_eq!(
             gs.with(|c, _| c.delete_group("gone")).await,
-            ErrorCode::NONE
+            Ok(ErrorCode::NONE)
         );
         gs.with(|c, _| c.delete_offsets("simple", &[("t".into(), 1)]))
             .await
+            .unwrap()
             .unwrap();
         close(logs).await;
 
@@ -730,7 +766,7 @@ fn committed_offsets_and_group_metadata_survive_replay() {
                 )
             })
             .await;
-        assert_eq!(hb, ErrorCode::NONE);
+        assert_eq!(hb, Ok(ErrorCode::NONE));
         close(logs2).await;
     });
 }
@@ -746,7 +782,7 @@ fn expired_offsets_are_tombstoned_and_stay_gone_after_replay() {
                 .await,
             ErrorCode::NONE
         );
-        let n = gs.with(|c, now| c.expire_offsets(now)).await;
+        let n = gs.with(|c, now| c.expire_offsets(now)).await.unwrap();
         assert_eq!(n, 1, "commit timestamp 0 is older than the 7-day retention");
         close(logs).await;
         let (gs2, logs2) = open_shard(&path).await;
@@ -1122,7 +1158,7 @@ fn committed_offsets_survive_compaction_and_restart() {
         );
         assert_eq!(
             gs.with(|c, _| c.delete_group("gone")).await,
-            ErrorCode::NONE
+            Ok(ErrorCode::NONE)
         );
         let before: u64 = logs.iter().map(|l| l.size_bytes()).sum();
         let mut passes = 0;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use crate::group::coordinator::CommitEntry;
-use crate::group::{GroupShard, MemberRef};
+use crate::group::{GroupShard, MemberRef, PersistError};
 use crate::protocol::builder::BatchOptions;
 use crate::storage::StorageError;
 use crate::types::ErrorCode;
@@ -31,6 +31,15 @@ impl PendingTxnOffsets {
             });
             v.push((partition, group.to_string(), e));
         }
+    }
+
+    /// Drops every pending offset held for `__consumer_offsets` partition `partition` (its
+    /// groups moved to another coordinator, which rebuilds them from the log).
+    pub fn forget_partition(&mut self, partition: i32) {
+        for v in self.by_producer.values_mut() {
+            v.retain(|(p, _, _)| *p != partition);
+        }
+        self.by_producer.retain(|_, v| !v.is_empty());
     }
 
     /// Takes the producer's pending offsets held in `partition`.
@@ -95,8 +104,11 @@ impl GroupShard {
                     .add(pid, partition, group_id, entries);
                 ErrorCode::NONE
             }
-            Err(StorageError::InvalidProducerEpoch) => {
+            Err(PersistError::Storage(StorageError::InvalidProducerEpoch)) => {
                 ErrorCode::new(kafka_protocol::ResponseError::ProducerFenced)
+            }
+            Err(PersistError::NotCoordinator) => {
+                ErrorCode::new(kafka_protocol::ResponseError::NotCoordinator)
             }
             Err(e) => {
                 tracing::warn!(group = group_id, error = %e, "transactional offset commit not persisted");

@@ -444,6 +444,65 @@ impl ReplicatedPartition {
         Ok((m.base, m.last))
     }
 
+    /// Proposes one batch for a coordinator that took over in `term` (its state was loaded
+    /// then): committed by a majority like [`propose`](Self::propose), and only as an entry of
+    /// that term. Refused before proposing when this replica no longer leads in `term`; an
+    /// entry that nevertheless ends up in another term (leadership lost and won again while
+    /// it was queued) answers `LeadershipLost`: the state it was computed from is gone, so the
+    /// client must not be told it succeeded here.
+    pub async fn propose_in_term(
+        &self,
+        records: BytesMut,
+        term: u64,
+    ) -> Result<(Offset, Offset), ReplicateError> {
+        let status = self.group.status();
+        if status.role != Role::Leader || status.term != term {
+            return Err(ReplicateError::Raft(ProposeError::NotLeader {
+                leader: status.leader_id,
+            }));
+        }
+        let (base, last) = self.propose(records).await?;
+        let stored_term = self
+            .index
+            .borrow()
+            .index_at(base)
+            .and_then(|i| self.index.borrow().get(i))
+            .map(|m| m.term);
+        if stored_term != Some(term) {
+            return Err(ReplicateError::Raft(ProposeError::LeadershipLost));
+        }
+        Ok((base, last))
+    }
+
+    /// On a leader in `term`: waits until an entry of `term` is committed and applied here,
+    /// which commits every entry before it (raft commits a new leader's predecessors' entries
+    /// only with one of its own). Then the log up to the high watermark is everything any
+    /// earlier leader may have answered a client for. False as soon as this replica no longer
+    /// leads in `term`.
+    pub async fn wait_leader_caught_up(&self, term: u64) -> bool {
+        loop {
+            let applied = self.applied_event.listen();
+            let status = self.group.status();
+            if status.role != Role::Leader || status.term != term {
+                return false;
+            }
+            let done = status.commit.min(status.applied);
+            if self
+                .index
+                .borrow()
+                .get(done)
+                .is_some_and(|m| m.term == term)
+            {
+                return true;
+            }
+            // Role changes do not wake the applied event: look again now and then.
+            futures_lite::future::or(applied, async {
+                glommio::timer::sleep(DUPLICATE_RECHECK).await;
+            })
+            .await;
+        }
+    }
+
     /// The high watermark: the offset after the last committed entry this replica holds.
     pub fn high_watermark(&self) -> Offset {
         let committed = self.group.status().commit.max(self.applied.get());

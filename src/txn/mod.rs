@@ -908,7 +908,7 @@ pub fn start_shard_tasks() {
 }
 
 async fn load_here(ts: &Rc<TxnShard>) -> Result<(), String> {
-    let (meta, owned) = crate::admin::internal_topic_here(TXN_TOPIC, TXN_PARTITIONS).await?;
+    let (meta, owned) = crate::admin::internal_topic_here(TXN_TOPIC, TXN_PARTITIONS, 1).await?;
     ts.partitions.set(meta.partition_count());
     for (p, log) in owned {
         ts.load_partition(p, log)

@@ -23,6 +23,9 @@ use super::{Broker, BrokerOptions};
 /// of three processes on a loaded machine a few).
 pub const CLUSTER_WAIT_MAX: Duration = Duration::from_secs(30);
 
+/// The broker flag of `__consumer_offsets`' replication factor.
+pub const OFFSETS_RF_FLAG: &str = "--offsets-topic-replication-factor";
+
 /// Metadata version the harness speaks (controller id, topic ids).
 const METADATA_VERSION: i16 = 12;
 
@@ -75,7 +78,15 @@ impl Cluster {
         Cluster::start_with(n, BrokerOptions::default())
     }
 
-    pub fn start_with(n: i32, options: BrokerOptions) -> Cluster {
+    /// Starts `n` nodes with `options`. Unless the options set
+    /// `--offsets-topic-replication-factor`, `__consumer_offsets` gets one replica per
+    /// partition here: its 50 raft groups per node (the default, three replicas) would load a
+    /// shared test machine for tests that are not about groups (`tests/cluster_groups.rs`
+    /// covers the replicated one).
+    pub fn start_with(n: i32, mut options: BrokerOptions) -> Cluster {
+        if !options.extra_args.iter().any(|a| a == OFFSETS_RF_FLAG) {
+            options = options.args([OFFSETS_RF_FLAG, "1"]);
+        }
         let hosts: Vec<String> = (1..=n).map(host_of).collect();
         let kafka: Vec<SocketAddr> = hosts.iter().map(|h| free_addr(h)).collect();
         let mut taken = kafka.clone();

@@ -159,7 +159,10 @@ async fn alter_group_configs(
                 .check_consumer(&gs.coordinator.borrow().config.consumer)
                 .map_err(invalid);
         }
-        gs.with(|c, _| c.set_group_configs(&gid, cfg)).await
+        match gs.with(|c, _| c.set_group_configs(&gid, cfg)).await {
+            Ok(r) => r,
+            Err(e) => Err((e, "the group coordinator moved".into())),
+        }
     })
     .await;
     match r {

@@ -56,7 +56,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         gs.with(|c, now| c.consumer_heartbeat(hb, &topics, now))
             .await
     })
-    .await;
+    .await
+    .and_then(|r| r);
     tracing::debug!(group = %group_id, result = ?r, "ConsumerGroupHeartbeat answered");
     let resp = match r {
         Err(code) => ConsumerGroupHeartbeatResponse::default()

@@ -17,7 +17,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let id = g.to_string();
         let gid = id.clone();
         let code = on_coordinator(&id, move |gs| async move {
-            gs.with(|c, _| c.delete_group(&gid)).await
+            gs.with(|c, _| c.delete_group(&gid))
+                .await
+                .unwrap_or_else(|e| e)
         })
         .await
         .unwrap_or_else(|e| e);

@@ -1,7 +1,8 @@
 //! FindCoordinator, versions 0-6 (flexible from 3; batched `coordinator_keys` from 4). A group's
 //! coordinator is the node that holds its `__consumer_offsets` partition: on a single node
 //! always this one (the hop to the group's shard happens inside the broker), in a cluster the
-//! node the controller placed that partition on. A transactional id's coordinator is this node
+//! raft leader of that partition as Metadata names it (COORDINATOR_NOT_AVAILABLE while it has
+//! none), or with one replica the node the controller placed it on. A transactional id's coordinator is this node
 //! on a single node (the hop to the id's `__transaction_state` shard happens inside the
 //! broker); in a cluster there is none: COORDINATOR_NOT_AVAILABLE. Share coordinators do not
 //! exist: COORDINATOR_NOT_AVAILABLE.
@@ -38,6 +39,27 @@ fn lookup(key: &str, key_type: i8) -> (ErrorCode, i32, String, i32) {
                 return err(ResponseError::CoordinatorNotAvailable);
             };
             let p = partition_for(key, meta.partition_count());
+            if !meta.groups.is_empty() {
+                // Replicated: the coordinator is the raft leader of the partition, as Metadata
+                // names it; none while an election runs or the leader is fenced.
+                let state = super::metadata::replicated_state(&broker, &image, meta, p);
+                let leader = state.leader;
+                if leader < 0 || image.fenced.contains(&leader) {
+                    return err(ResponseError::CoordinatorNotAvailable);
+                }
+                if leader == cfg.node_id {
+                    return (
+                        NONE,
+                        cfg.node_id,
+                        cfg.advertise_host.clone(),
+                        cfg.advertise_port as i32,
+                    );
+                }
+                return match image.brokers.get(&leader) {
+                    Some(b) => (NONE, leader, b.host.clone(), b.port as i32),
+                    None => err(ResponseError::CoordinatorNotAvailable),
+                };
+            }
             match broker.node_of(meta, p) {
                 Some(n) if n != cfg.node_id => match image.brokers.get(&n) {
                     Some(_) if image.fenced.contains(&n) => {

@@ -18,7 +18,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             .member(&member)
             .instance(instance.as_deref())
             .generation(generation);
-        gs.with(|c, now| c.heartbeat(who, now)).await
+        gs.with(|c, now| c.heartbeat(who, now))
+            .await
+            .unwrap_or_else(|e| e)
     })
     .await
     .unwrap_or_else(|e| e);

@@ -29,7 +29,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let group_id = request.group_id.to_string();
     let list = leaving.clone();
     let (top, per) = on_coordinator(&group_id.clone(), move |gs| async move {
-        gs.with(|c, now| c.leave(&group_id, &list, now)).await
+        gs.with(|c, now| c.leave(&group_id, &list, now))
+            .await
+            .unwrap_or_else(|e| (e, vec![]))
     })
     .await
     .unwrap_or_else(|e| (e, vec![]));

@@ -29,7 +29,9 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let gid = request.group_id.to_string();
     let list = wanted.clone();
     let result = on_coordinator(&gid.clone(), move |gs| async move {
-        gs.with(|c, _| c.delete_offsets(&gid, &list)).await
+        gs.with(|c, _| c.delete_offsets(&gid, &list))
+            .await
+            .and_then(|r| r)
     })
     .await
     .unwrap_or_else(Err);

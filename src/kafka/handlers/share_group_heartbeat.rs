@@ -46,7 +46,8 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         let topics = ImageTopics(crate::shard::local().broker.image());
         gs.with(|c, now| c.share_heartbeat(hb, &topics, now)).await
     })
-    .await;
+    .await
+    .and_then(|r| r);
     let resp = match r {
         Err(code) => ShareGroupHeartbeatResponse::default()
             .with_error_code(req.error_code(code))

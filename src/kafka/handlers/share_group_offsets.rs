@@ -34,7 +34,9 @@ use crate::types::ErrorCode;
 async fn empty_group(group: &str, create: bool) -> Result<(), ErrorCode> {
     let g = group.to_string();
     on_coordinator(group, move |gs| async move {
-        gs.with(|c, _| c.share_group_empty(&g, create)).await
+        gs.with(|c, _| c.share_group_empty(&g, create))
+            .await
+            .and_then(|r| r)
     })
     .await?
 }

@@ -2364,6 +2364,14 @@ fn a_network_partition_isolating_the_leader_never_acknowledges_on_the_minority_s
             .all(|e| [NOT_LEADER_OR_FOLLOWER, REQUEST_TIMED_OUT].contains(e)),
         "refusals of the isolated leader: {refused:?}"
     );
+    // Once it no longer leads, the isolated node does not name itself leader in Metadata either
+    // (the controller's last report it holds still does): clients are not sent back to it.
+    let (named, _, _, _) =
+        partition_state(&c, leader, "split").expect("Metadata from the isolated node");
+    assert_ne!(
+        named, leader,
+        "the isolated node names itself leader after it stepped down"
+    );
 
     // The majority elects a new leader and acknowledges acks=all writes.
     let (new_leader, new_epoch) = c.wait_for("the majority elects a new leader", |c| {

@@ -87,8 +87,9 @@ pub struct ReplicatedState {
 /// The leader of a replicated partition is the later (by epoch) of what this node's replica
 /// knows of its raft group and what the partition's leader last reported to the controller, so
 /// a node holding no replica names the current leader too (the preferred one only until the
-/// first report). The ISR: on the leader, from raft progress; elsewhere, the one last reported;
-/// replicas on fenced nodes left out either way.
+/// first report) — except that a node never names itself when its own replica does not lead.
+/// The ISR: on the leader, from raft progress; elsewhere, the one last reported; replicas on
+/// fenced nodes left out either way.
 pub fn replicated_state(
     broker: &BrokerContext,
     image: &crate::metadata::MetadataImage,
@@ -105,6 +106,15 @@ pub fn replicated_state(
         (_, Some(r)) => (r.leader, r.epoch),
         (Some(o), None) => o,
         (None, None) => (broker.node_of(t, p).unwrap_or(-1), 0),
+    };
+    // This node knows better than any report whether it leads: a report naming it while its
+    // own replica does not lead (an old leader cut off from the others, whose view of the
+    // controller's reports is stale) would send clients back to a node that refuses their
+    // writes. None known then: LEADER_NOT_AVAILABLE, and clients look elsewhere.
+    let me = broker.config.node_id;
+    let leader = match own {
+        Some((l, _)) if leader == me && l != me => -1,
+        _ => leader,
     };
     let isr = match (broker.replica_isr(&tp), reported) {
         (None, Some(r)) if r.leader == leader && r.epoch == epoch => r

@@ -28,7 +28,8 @@ use futures_lite::future::block_on;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -105,6 +106,16 @@ fn spread(ds: &[Duration]) -> String {
     }
 }
 
+/// Prints the producer's librdkafka log lines (`SLUICE_FAULT_CLIENT_DEBUG` names librdkafka
+/// debug contexts, e.g. `eos,msg,broker,metadata`, to replay a failing seed with them).
+struct StderrLog;
+
+impl ClientContext for StderrLog {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        eprintln!("librdkafka {level:?} {fac}: {log_message}");
+    }
+}
+
 struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicUsize>,
@@ -119,13 +130,19 @@ fn start_load(bootstrap: &str) -> Load {
     let producer = {
         let (bootstrap, stop, count) = (bootstrap.to_string(), stop.clone(), acked.clone());
         std::thread::spawn(move || {
-            let producer: FutureProducer = client_config(&bootstrap)
+            let mut config = client_config(&bootstrap);
+            if let Ok(contexts) = std::env::var("SLUICE_FAULT_CLIENT_DEBUG") {
+                config
+                    .set("debug", contexts)
+                    .set_log_level(RDKafkaLogLevel::Debug);
+            }
+            let producer: FutureProducer<StderrLog> = config
                 .set("enable.idempotence", "true")
                 .set("request.timeout.ms", "2000")
                 .set("message.timeout.ms", "60000")
                 .set("linger.ms", "1")
                 .set("topic.metadata.refresh.interval.ms", "500")
-                .create()
+                .create_with_context(StderrLog)
                 .expect("producer");
             let (mut next, mut acked, mut sent) = (0u64, Vec::new(), 0usize);
             while !stop.load(Ordering::Relaxed) {
@@ -202,17 +219,50 @@ fn start_load(bootstrap: &str) -> Load {
     }
 }
 
+/// Produces `n` acks=all records through `bootstrap` (an idempotent producer), values `prefix-k`,
+/// until all are acknowledged (bounded by `WAIT`).
+fn majority_acks(bootstrap: &str, prefix: &str, n: usize) -> Vec<history::Acked> {
+    let producer: FutureProducer = client_config(bootstrap)
+        .set("enable.idempotence", "true")
+        .set("request.timeout.ms", "2000")
+        .set("message.timeout.ms", "20000")
+        .set("linger.ms", "1")
+        .create()
+        .expect("producer");
+    let deadline = Instant::now() + WAIT;
+    let mut acked = Vec::new();
+    for k in 0..n {
+        assert!(
+            Instant::now() < deadline,
+            "the majority acknowledged {} of {n} records within {WAIT:?}",
+            acked.len()
+        );
+        let v = format!("{prefix}-{k}");
+        let f = producer
+            .send_result(FutureRecord::<(), _>::to(TOPIC).partition(0).payload(&v))
+            .unwrap_or_else(|(e, _)| panic!("enqueue: {e}"));
+        match block_on(f) {
+            Ok(Ok(d)) => acked.push(history::Acked {
+                partition: d.partition,
+                offset: d.offset,
+                value: v,
+            }),
+            other => panic!("{v} through the majority: {other:?}"),
+        }
+    }
+    acked
+}
+
 /// Waits until every node names the same leader, and the producer has had `more` records
 /// acknowledged since `from`.
-fn heal(c: &Cluster, load: &Load, from: usize, more: usize) -> (i32, i32) {
+fn heal(c: &Cluster, load: &Load, from: usize, more: usize) {
     let ids = c.ids();
-    let leader = c.wait_for("all three nodes name one leader", |c| {
+    c.wait_for("all three nodes name one leader", |c| {
         agreed_leader(c, &ids, -1)
     });
     c.wait_for("the producer goes on", |_| {
         (load.acked.load(Ordering::Relaxed) >= from + more).then_some(())
     });
-    leader
 }
 
 fn run(rounds: usize) {
@@ -241,7 +291,7 @@ fn run(rounds: usize) {
     // start position it cannot resolve would stop it for good.
     c.wait_for("a leader", |c| agreed_leader(c, &ids, -1));
     let load = start_load(&c.bootstrap());
-    let (mut leader, _) = heal(&c, &load, 0, ACKS_PER_ROUND);
+    heal(&c, &load, 0, ACKS_PER_ROUND);
     let addrs: Vec<netpart::NodeAddrs> = ids.iter().map(|i| c.node_addrs(*i)).collect();
     let kinds = match netpart::unavailable(&addrs) {
         None => KINDS.len(),
@@ -251,6 +301,8 @@ fn run(rounds: usize) {
         }
     };
     let mut counts = [0usize; KINDS.len()];
+    // Records the majority acknowledged while a node was cut off.
+    let mut probes = Vec::new();
     // Per kind: from the fault until the producer has `ACKS_PER_ROUND / 2` more records
     // acknowledged without the node it hit (for a restart: until the round has healed).
     let mut recovered: [Vec<Duration>; KINDS.len()] = Default::default();
@@ -258,6 +310,10 @@ fn run(rounds: usize) {
         let fault = KINDS[rng.gen_range(0..kinds)];
         counts[fault as usize] += 1;
         let before = load.acked.load(Ordering::Relaxed);
+        // The leader now: the automatic rebalance may have moved it since the last heal.
+        let (leader, epoch) = c.wait_for("every node names one leader", |c| {
+            agreed_leader(c, &ids, -1)
+        });
         let followers: Vec<i32> = ids.iter().copied().filter(|i| *i != leader).collect();
         let victim = match fault {
             Fault::KillLeader | Fault::IsolateLeader => leader,
@@ -269,27 +325,26 @@ fn run(rounds: usize) {
         let others: Vec<i32> = ids.iter().copied().filter(|i| *i != victim).collect();
         // The majority goes on without the victim: the other two name a leader that is not
         // it (a new one if it led) and take writes.
-        let goes_on = |c: &Cluster, at: Instant, min: Duration| {
+        let goes_on = |c: &Cluster| {
             c.wait_for("the others name a leader that is not the node hit", |c| {
                 agreed_leader(c, &others, victim)
             });
             c.wait_for("the producer goes on without the node hit", |_| {
-                (load.acked.load(Ordering::Relaxed) >= before + ACKS_PER_ROUND / 2
-                    && at.elapsed() >= min)
-                    .then_some(())
+                (load.acked.load(Ordering::Relaxed) >= before + ACKS_PER_ROUND / 2).then_some(())
             });
         };
+        println!("round {round}: {fault:?} node {victim} (leader {leader}, epoch {epoch})");
         let at = Instant::now();
         match fault {
             Fault::KillLeader | Fault::KillFollower => {
                 c.node_mut(victim).sigkill();
-                goes_on(&c, at, Duration::ZERO);
+                goes_on(&c);
                 recovered[fault as usize].push(at.elapsed());
                 c.node_mut(victim).restart();
             }
             Fault::Pause => {
                 c.node(victim).signal(libc::SIGSTOP);
-                goes_on(&c, at, Duration::ZERO);
+                goes_on(&c);
                 recovered[fault as usize].push(at.elapsed());
                 c.node(victim).signal(libc::SIGCONT);
             }
@@ -302,24 +357,43 @@ fn run(rounds: usize) {
                 let others_addrs: Vec<netpart::NodeAddrs> =
                     others.iter().map(|i| c.node_addrs(*i)).collect();
                 let mut split = Partition::isolate(&c.node_addrs(victim), &others_addrs);
-                goes_on(&c, at, PARTITION_MIN);
+                // The majority elects (if it must) and acknowledges acks=all writes. They are
+                // sent by a producer that knows only the majority's nodes: the long-lived
+                // producer may know no other node than the isolated one, which still answers
+                // clients and cannot learn the new leader, so it waits for the heal.
+                c.wait_for(
+                    "the others name a leader that is not the isolated node",
+                    |c| agreed_leader(c, &others, victim),
+                );
+                let bootstrap = others
+                    .iter()
+                    .map(|i| c.node(*i).bootstrap())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                probes.extend(majority_acks(
+                    &bootstrap,
+                    &format!("probe-{round}"),
+                    ACKS_PER_ROUND / 2,
+                ));
                 recovered[fault as usize].push(at.elapsed());
+                c.wait_for("the partition has lasted its least time", |_| {
+                    (at.elapsed() >= PARTITION_MIN).then_some(())
+                });
                 split.heal();
             }
         }
-        println!(
-            "round {round}: {fault:?} node {victim} ({:?})",
-            at.elapsed()
-        );
-        leader = heal(&c, &load, before, ACKS_PER_ROUND).0;
+        heal(&c, &load, before, ACKS_PER_ROUND);
+        println!("round {round}: healed after {:?}", at.elapsed());
         if let Fault::Restart = fault {
             recovered[fault as usize].push(at.elapsed());
         }
     }
     load.stop.store(true, Ordering::Relaxed);
-    let (acked, sent) = load.producer.join().expect("producer thread");
+    let (mut acked, sent) = load.producer.join().expect("producer thread");
+    let probed = probes.len();
+    acked.extend(probes);
     let through = load.consumer.join().expect("consumer thread");
-    let lost_to_timeouts = sent - acked.len();
+    let lost_to_timeouts = sent + probed - acked.len();
     // Every replica ends with the same log: a partitioned or killed old leader's uncommitted
     // tail was cut and the committed one copied.
     wait_logs_identical(&c, &ids, TOPIC);
@@ -343,10 +417,12 @@ fn run(rounds: usize) {
         })
         .collect();
     println!(
-        "fault run: seed {seed}, {rounds} rounds ({}), {} records acknowledged of {sent} sent \
-         ({lost_to_timeouts} not acknowledged), replicas' logs identical, history: {}, in {:?}",
+        "fault run: seed {seed}, {rounds} rounds ({}), {} records acknowledged ({probed} of them \
+         by the majority during partitions) of {} sent ({lost_to_timeouts} not acknowledged), \
+         replicas' logs identical, history: {}, in {:?}",
         kinds_summary.join(", "),
         acked.len(),
+        sent + probed,
         if through_result.is_ok() && fresh_result.is_ok() {
             "every acknowledged write read back exactly once at its offset"
         } else {

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::cluster::{client_config, read_back, Cluster};
+use common::cluster::{client_config, read_back, segment_bytes, wait_logs_identical, Cluster};
 use common::history;
 use common::raw::Raw;
 use futures_lite::future::block_on;
@@ -648,20 +648,6 @@ fn partition_state(c: &Cluster, id: i32, topic: &str) -> Option<(i32, i32, Vec<i
     Some((p.leader_id.0, p.leader_epoch, replicas, isr))
 }
 
-/// The bytes of every segment file of partition 0 of `topic` on node `id`, in name order.
-fn segment_bytes(c: &Cluster, id: i32, topic: &str) -> Vec<u8> {
-    let dir = c.node(id).data_dir().join(format!("{topic}-0"));
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.retain(|f| f.extension().is_some_and(|e| e == "log"));
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| std::fs::read(f).unwrap_or_default())
-        .collect()
-}
-
 /// Reads partition 0 of `topic` from the beginning through `bootstrap` until `total` records:
 /// (offset, value) in the order read.
 fn read_with_offsets(bootstrap: &str, topic: &str, total: usize) -> Vec<(i64, String)> {
@@ -1194,25 +1180,6 @@ fn produce_acked(bootstrap: &str, topic: &str, prefix: &str, n: usize) -> Vec<hi
         acked.extend(send_window(&producer, topic, prefix, &mut next, 10));
     }
     acked
-}
-
-/// Waits until every node of `ids` holds the same bytes in partition 0 of `topic`. Trailing
-/// zeros are left out of the comparison: a replica whose tail was cut (conflict truncation)
-/// shortened its file and preallocates it again from there, so its zero-filled space past the
-/// log end need not match the others'.
-fn wait_logs_identical(c: &Cluster, ids: &[i32], topic: &str) {
-    c.wait_for("every replica's log holds the same bytes", |c| {
-        let logs: Vec<Vec<u8>> = ids
-            .iter()
-            .map(|id| {
-                let mut b = segment_bytes(c, *id, topic);
-                let end = b.iter().rposition(|x| *x != 0).map_or(0, |i| i + 1);
-                b.truncate(end);
-                b
-            })
-            .collect();
-        (!logs[0].is_empty() && logs.windows(2).all(|w| w[0] == w[1])).then_some(())
-    });
 }
 
 #[test]

@@ -1,10 +1,14 @@
 //! A randomised fault run against three real `sluice` processes: each round picks a fault —
 //! kill -9 of the partition leader, kill -9 of a follower, SIGSTOP of a node past the election
-//! timeout then SIGCONT, or a clean restart (SIGTERM) — while an idempotent acks=all producer
-//! and a consumer run throughout; after every round the cluster must heal (all three nodes
-//! naming one leader), and at the end the history checker (`common::history`) must find every
-//! acknowledged write read back exactly once at its offset, by the consumer that ran through
-//! the faults and by a fresh one.
+//! timeout then SIGCONT, a clean restart (SIGTERM), or a network partition (iptables,
+//! `common::netpart`) cutting the partition leader or a follower off from the other two nodes
+//! until the majority names a leader without it and takes writes — while an idempotent
+//! acks=all producer and a consumer run throughout; after every round the cluster must heal
+//! (all three nodes naming one leader), and at the end every replica's log must hold the same
+//! bytes and the history checker (`common::history`) must find every acknowledged write read
+//! back exactly once at its offset, by the consumer that ran through the faults and by a fresh
+//! one. Where iptables cannot be used (not root, no iptables) the partition kinds are not
+//! drawn, and the run says so once.
 //!
 //! The RNG is seeded (`SLUICE_FAULT_SEED`, else from the clock) and the seed printed, so a
 //! failing run can be replayed. The default test runs `DEFAULT_ROUNDS` rounds; the long run
@@ -17,13 +21,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{client_config, read_back, Cluster};
+use common::cluster::{client_config, read_back, wait_logs_identical, Cluster};
 use common::history;
+use common::netpart::{self, Partition};
 use futures_lite::future::block_on;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -38,6 +44,11 @@ const LONG_ROUNDS: usize = 50;
 const ACKS_PER_ROUND: usize = 100;
 const TOPIC: &str = "faults";
 const WAIT: Duration = Duration::from_secs(30);
+/// The least time a partition lasts: past the longest election timeout (1.4 s, docs/
+/// replication.md, Failover timing) twice over, so the node cut off campaigns (pre-votes) at
+/// least once while no one can answer it, and its return tests that a stale candidate does not
+/// unseat the leader. Isolating the leader lasts longer anyway (until another is elected).
+const PARTITION_MIN: Duration = Duration::from_secs(3);
 
 /// The leader of partition 0 every node of `among` names with one epoch (not `not`).
 fn agreed_leader(c: &Cluster, among: &[i32], not: i32) -> Option<(i32, i32)> {
@@ -64,6 +75,45 @@ enum Fault {
     KillFollower,
     Pause,
     Restart,
+    IsolateLeader,
+    IsolateFollower,
+}
+
+/// Every kind, in the order of `Fault`'s discriminants; the partition kinds last, so a run
+/// without iptables draws from the first `KINDS_WITHOUT_PARTITIONS`.
+const KINDS: [Fault; 6] = [
+    Fault::KillLeader,
+    Fault::KillFollower,
+    Fault::Pause,
+    Fault::Restart,
+    Fault::IsolateLeader,
+    Fault::IsolateFollower,
+];
+const KINDS_WITHOUT_PARTITIONS: usize = 4;
+
+/// "min–median–max" of some durations, in seconds, or "-" for none.
+fn spread(ds: &[Duration]) -> String {
+    let mut ds = ds.to_vec();
+    ds.sort();
+    match (ds.first(), ds.get(ds.len() / 2), ds.last()) {
+        (Some(a), Some(m), Some(b)) => format!(
+            "{:.1}–{:.1}–{:.1} s",
+            a.as_secs_f64(),
+            m.as_secs_f64(),
+            b.as_secs_f64()
+        ),
+        _ => "-".to_string(),
+    }
+}
+
+/// Prints the producer's librdkafka log lines (`SLUICE_FAULT_CLIENT_DEBUG` names librdkafka
+/// debug contexts, e.g. `eos,msg,broker,metadata`, to replay a failing seed with them).
+struct StderrLog;
+
+impl ClientContext for StderrLog {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        eprintln!("librdkafka {level:?} {fac}: {log_message}");
+    }
 }
 
 struct Load {
@@ -80,13 +130,19 @@ fn start_load(bootstrap: &str) -> Load {
     let producer = {
         let (bootstrap, stop, count) = (bootstrap.to_string(), stop.clone(), acked.clone());
         std::thread::spawn(move || {
-            let producer: FutureProducer = client_config(&bootstrap)
+            let mut config = client_config(&bootstrap);
+            if let Ok(contexts) = std::env::var("SLUICE_FAULT_CLIENT_DEBUG") {
+                config
+                    .set("debug", contexts)
+                    .set_log_level(RDKafkaLogLevel::Debug);
+            }
+            let producer: FutureProducer<StderrLog> = config
                 .set("enable.idempotence", "true")
                 .set("request.timeout.ms", "2000")
                 .set("message.timeout.ms", "60000")
                 .set("linger.ms", "1")
                 .set("topic.metadata.refresh.interval.ms", "500")
-                .create()
+                .create_with_context(StderrLog)
                 .expect("producer");
             let (mut next, mut acked, mut sent) = (0u64, Vec::new(), 0usize);
             while !stop.load(Ordering::Relaxed) {
@@ -163,17 +219,50 @@ fn start_load(bootstrap: &str) -> Load {
     }
 }
 
+/// Produces `n` acks=all records through `bootstrap` (an idempotent producer), values `prefix-k`,
+/// until all are acknowledged (bounded by `WAIT`).
+fn majority_acks(bootstrap: &str, prefix: &str, n: usize) -> Vec<history::Acked> {
+    let producer: FutureProducer = client_config(bootstrap)
+        .set("enable.idempotence", "true")
+        .set("request.timeout.ms", "2000")
+        .set("message.timeout.ms", "20000")
+        .set("linger.ms", "1")
+        .create()
+        .expect("producer");
+    let deadline = Instant::now() + WAIT;
+    let mut acked = Vec::new();
+    for k in 0..n {
+        assert!(
+            Instant::now() < deadline,
+            "the majority acknowledged {} of {n} records within {WAIT:?}",
+            acked.len()
+        );
+        let v = format!("{prefix}-{k}");
+        let f = producer
+            .send_result(FutureRecord::<(), _>::to(TOPIC).partition(0).payload(&v))
+            .unwrap_or_else(|(e, _)| panic!("enqueue: {e}"));
+        match block_on(f) {
+            Ok(Ok(d)) => acked.push(history::Acked {
+                partition: d.partition,
+                offset: d.offset,
+                value: v,
+            }),
+            other => panic!("{v} through the majority: {other:?}"),
+        }
+    }
+    acked
+}
+
 /// Waits until every node names the same leader, and the producer has had `more` records
 /// acknowledged since `from`.
-fn heal(c: &Cluster, load: &Load, from: usize, more: usize) -> (i32, i32) {
+fn heal(c: &Cluster, load: &Load, from: usize, more: usize) {
     let ids = c.ids();
-    let leader = c.wait_for("all three nodes name one leader", |c| {
+    c.wait_for("all three nodes name one leader", |c| {
         agreed_leader(c, &ids, -1)
     });
     c.wait_for("the producer goes on", |_| {
         (load.acked.load(Ordering::Relaxed) >= from + more).then_some(())
     });
-    leader
 }
 
 fn run(rounds: usize) {
@@ -202,77 +291,112 @@ fn run(rounds: usize) {
     // start position it cannot resolve would stop it for good.
     c.wait_for("a leader", |c| agreed_leader(c, &ids, -1));
     let load = start_load(&c.bootstrap());
-    let (mut leader, _) = heal(&c, &load, 0, ACKS_PER_ROUND);
-    let mut counts = [0usize; 4];
+    heal(&c, &load, 0, ACKS_PER_ROUND);
+    let addrs: Vec<netpart::NodeAddrs> = ids.iter().map(|i| c.node_addrs(*i)).collect();
+    let kinds = match netpart::unavailable(&addrs) {
+        None => KINDS.len(),
+        Some(why) => {
+            println!("fault run: no network partitions drawn: {why}");
+            KINDS_WITHOUT_PARTITIONS
+        }
+    };
+    let mut counts = [0usize; KINDS.len()];
+    // Records the majority acknowledged while a node was cut off.
+    let mut probes = Vec::new();
+    // Per kind: from the fault until the producer has `ACKS_PER_ROUND / 2` more records
+    // acknowledged without the node it hit (for a restart: until the round has healed).
+    let mut recovered: [Vec<Duration>; KINDS.len()] = Default::default();
     for round in 0..rounds {
-        let fault = match rng.gen_range(0..4) {
-            0 => Fault::KillLeader,
-            1 => Fault::KillFollower,
-            2 => Fault::Pause,
-            _ => Fault::Restart,
-        };
+        let fault = KINDS[rng.gen_range(0..kinds)];
         counts[fault as usize] += 1;
         let before = load.acked.load(Ordering::Relaxed);
+        // The leader now: the automatic rebalance may have moved it since the last heal.
+        let (leader, epoch) = c.wait_for("every node names one leader", |c| {
+            agreed_leader(c, &ids, -1)
+        });
         let followers: Vec<i32> = ids.iter().copied().filter(|i| *i != leader).collect();
+        let victim = match fault {
+            Fault::KillLeader | Fault::IsolateLeader => leader,
+            Fault::KillFollower | Fault::IsolateFollower => {
+                followers[rng.gen_range(0..followers.len())]
+            }
+            Fault::Pause | Fault::Restart => ids[rng.gen_range(0..ids.len())],
+        };
+        let others: Vec<i32> = ids.iter().copied().filter(|i| *i != victim).collect();
+        // The majority goes on without the victim: the other two name a leader that is not
+        // it (a new one if it led) and take writes.
+        let goes_on = |c: &Cluster| {
+            c.wait_for("the others name a leader that is not the node hit", |c| {
+                agreed_leader(c, &others, victim)
+            });
+            c.wait_for("the producer goes on without the node hit", |_| {
+                (load.acked.load(Ordering::Relaxed) >= before + ACKS_PER_ROUND / 2).then_some(())
+            });
+        };
+        println!("round {round}: {fault:?} node {victim} (leader {leader}, epoch {epoch})");
         let at = Instant::now();
         match fault {
             Fault::KillLeader | Fault::KillFollower => {
-                let victim = match fault {
-                    Fault::KillLeader => leader,
-                    _ => followers[rng.gen_range(0..followers.len())],
-                };
                 c.node_mut(victim).sigkill();
-                let survivors: Vec<i32> = ids.iter().copied().filter(|i| *i != victim).collect();
-                c.wait_for("the survivors name a leader", |c| {
-                    agreed_leader(c, &survivors, victim)
-                });
-                c.wait_for("the producer goes on without the killed node", |_| {
-                    (load.acked.load(Ordering::Relaxed) >= before + ACKS_PER_ROUND / 2)
-                        .then_some(())
-                });
+                goes_on(&c);
+                recovered[fault as usize].push(at.elapsed());
                 c.node_mut(victim).restart();
-                println!(
-                    "round {round}: {fault:?} node {victim} ({:?})",
-                    at.elapsed()
-                );
             }
             Fault::Pause => {
-                let victim = ids[rng.gen_range(0..ids.len())];
                 c.node(victim).signal(libc::SIGSTOP);
-                let survivors: Vec<i32> = ids.iter().copied().filter(|i| *i != victim).collect();
-                // Past the election timeout: the others name a leader that is not the paused
-                // node (a new one if it led) and take writes.
-                c.wait_for(
-                    "the others name a leader that is not the paused node",
-                    |c| agreed_leader(c, &survivors, victim),
-                );
-                c.wait_for("the producer goes on without the paused node", |_| {
-                    (load.acked.load(Ordering::Relaxed) >= before + ACKS_PER_ROUND / 2)
-                        .then_some(())
-                });
+                goes_on(&c);
+                recovered[fault as usize].push(at.elapsed());
                 c.node(victim).signal(libc::SIGCONT);
-                println!(
-                    "round {round}: {fault:?} node {victim} ({:?})",
-                    at.elapsed()
-                );
             }
             Fault::Restart => {
-                let victim = ids[rng.gen_range(0..ids.len())];
                 let status = c.node_mut(victim).sigterm();
                 assert!(status.success(), "node {victim} stopped with {status}");
                 c.node_mut(victim).restart();
-                println!(
-                    "round {round}: {fault:?} node {victim} ({:?})",
-                    at.elapsed()
+            }
+            Fault::IsolateLeader | Fault::IsolateFollower => {
+                let others_addrs: Vec<netpart::NodeAddrs> =
+                    others.iter().map(|i| c.node_addrs(*i)).collect();
+                let mut split = Partition::isolate(&c.node_addrs(victim), &others_addrs);
+                // The majority elects (if it must) and acknowledges acks=all writes. They are
+                // sent by a producer that knows only the majority's nodes: the long-lived
+                // producer may know no other node than the isolated one, which still answers
+                // clients and cannot learn the new leader, so it waits for the heal.
+                c.wait_for(
+                    "the others name a leader that is not the isolated node",
+                    |c| agreed_leader(c, &others, victim),
                 );
+                let bootstrap = others
+                    .iter()
+                    .map(|i| c.node(*i).bootstrap())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                probes.extend(majority_acks(
+                    &bootstrap,
+                    &format!("probe-{round}"),
+                    ACKS_PER_ROUND / 2,
+                ));
+                recovered[fault as usize].push(at.elapsed());
+                c.wait_for("the partition has lasted its least time", |_| {
+                    (at.elapsed() >= PARTITION_MIN).then_some(())
+                });
+                split.heal();
             }
         }
-        leader = heal(&c, &load, before, ACKS_PER_ROUND).0;
+        heal(&c, &load, before, ACKS_PER_ROUND);
+        println!("round {round}: healed after {:?}", at.elapsed());
+        if let Fault::Restart = fault {
+            recovered[fault as usize].push(at.elapsed());
+        }
     }
     load.stop.store(true, Ordering::Relaxed);
-    let (acked, sent) = load.producer.join().expect("producer thread");
+    let (mut acked, sent) = load.producer.join().expect("producer thread");
+    let probed = probes.len();
+    acked.extend(probes);
     let through = load.consumer.join().expect("consumer thread");
-    let lost_to_timeouts = sent - acked.len();
+    let lost_to_timeouts = sent + probed - acked.len();
+    // Every replica ends with the same log: a partitioned or killed old leader's uncommitted
+    // tail was cut and the committed one copied.
+    wait_logs_identical(&c, &ids, TOPIC);
 
     // The consumer that ran through the faults, and a fresh one reading everything.
     let mut reads = history::Reads::new();
@@ -282,15 +406,23 @@ fn run(rounds: usize) {
     let mut reads = history::Reads::new();
     reads.insert(0, fresh);
     let fresh_result = history::check(&acked, &reads);
+    let kinds_summary: Vec<String> = KINDS
+        .iter()
+        .map(|k| {
+            format!(
+                "{k:?} {} (recovered in {})",
+                counts[*k as usize],
+                spread(&recovered[*k as usize])
+            )
+        })
+        .collect();
     println!(
-        "fault run: seed {seed}, {rounds} rounds (kill leader {}, kill follower {}, pause {}, \
-         restart {}), {} records acknowledged of {sent} sent ({lost_to_timeouts} not \
-         acknowledged), history: {}, in {:?}",
-        counts[0],
-        counts[1],
-        counts[2],
-        counts[3],
+        "fault run: seed {seed}, {rounds} rounds ({}), {} records acknowledged ({probed} of them \
+         by the majority during partitions) of {} sent ({lost_to_timeouts} not acknowledged), \
+         replicas' logs identical, history: {}, in {:?}",
+        kinds_summary.join(", "),
         acked.len(),
+        sent + probed,
         if through_result.is_ok() && fresh_result.is_ok() {
             "every acknowledged write read back exactly once at its offset"
         } else {

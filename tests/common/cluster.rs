@@ -285,3 +285,36 @@ pub fn read_back(
     }
     got
 }
+
+/// The bytes of every segment file of partition 0 of `topic` on node `id`, in name order.
+pub fn segment_bytes(c: &Cluster, id: i32, topic: &str) -> Vec<u8> {
+    let dir = c.node(id).data_dir().join(format!("{topic}-0"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|f| f.extension().is_some_and(|e| e == "log"));
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| std::fs::read(f).unwrap_or_default())
+        .collect()
+}
+
+/// Waits until every node of `ids` holds the same bytes in partition 0 of `topic`. Trailing
+/// zeros are left out of the comparison: a replica whose tail was cut (conflict truncation)
+/// shortened its file and preallocates it again from there, so its zero-filled space past the
+/// log end need not match the others'.
+pub fn wait_logs_identical(c: &Cluster, ids: &[i32], topic: &str) {
+    c.wait_for("every replica's log holds the same bytes", |c| {
+        let logs: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|id| {
+                let mut b = segment_bytes(c, *id, topic);
+                let end = b.iter().rposition(|x| *x != 0).map_or(0, |i| i + 1);
+                b.truncate(end);
+                b
+            })
+            .collect();
+        (!logs[0].is_empty() && logs.windows(2).all(|w| w[0] == w[1])).then_some(())
+    });
+}

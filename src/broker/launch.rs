@@ -59,6 +59,9 @@ async fn run_shard(
     ready: Arc<Barrier>,
     failed: Arc<Mutex<Option<String>>>,
 ) {
+    crate::storage::io::set_open_files_max(super::environment::segment_files_per_shard(
+        broker.config.shard_count(),
+    ));
     shard::install(Rc::new(Shard::new(id, broker.clone())));
     let mut err = None;
     if let Some((store, producer_ids)) = metadata_owner {

@@ -164,7 +164,7 @@ impl PartitionLog {
             };
             fresh.resume_at(idx[..keep].to_vec(), tidx);
             // Cut the files to the kept entries: the scan re-creates the ones after them.
-            if let Err(e) = fresh.open_index_files(dir) {
+            if let Err(e) = fresh.cut_index_files(dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot open index files");
             }
             let (start_pos, start_next) = (fresh.size(), fresh.next());
@@ -197,7 +197,7 @@ impl PartitionLog {
             // What survived may have been written but never synced before the crash: make it
             // durable before it counts as the log, then record its index entries.
             file.sync().await?;
-            fresh.persist_index(dir, out.end_pos);
+            fresh.persist_index(dir, out.end_pos, true);
             scan_from = start_pos;
             scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches));
             segments.push(fresh);

@@ -214,7 +214,12 @@ impl PartitionLog {
             // The marker vouches for the files as they are now; the first write makes it a lie,
             // so it must be gone (durably) before any append.
             meta::remove_if_exists(&clean_path)?;
-            meta::sync_dir(dir)?;
+            // A log opened clean has changed no file: its removal may be made durable together
+            // with the shard's others (start-up), before anything is appended.
+            let clean_open = scan_report.is_none() && trunc.is_none();
+            if !(clean_open && super::shutdown::marker_sync_deferred(dir)) {
+                meta::sync_dir(dir)?;
+            }
         }
 
         let active = segments.last().expect("at least one segment");

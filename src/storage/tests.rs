@@ -2705,3 +2705,68 @@ fn more_logs_than_open_descriptors_keep_working_and_restart() {
         }
     });
 }
+
+// Start-up: logs opened clean while marker syncs are deferred have their markers removed, made
+// durable by one sync for all; a crash before it leaves markers that still hold (nothing was
+// written), and a log that needed a scan syncs its own removal at once.
+#[test]
+fn deferred_marker_removals_are_synced_together_and_a_crash_before_keeps_logs_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        let dirs: Vec<_> = (0..4).map(|i| root.join(format!("p-{i}"))).collect();
+        let mut stored = vec![];
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            let b = batch(2, 700, 10, i as u8);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(vec![at_offset(&b, r.base_offset)]);
+            if i == 3 {
+                drop(log); // a crash: this one will need a scan
+            } else {
+                log.close().await.unwrap();
+            }
+        }
+        defer_marker_syncs();
+        let mut logs = vec![];
+        for d in &dirs {
+            let log = open(d, small_config()).await;
+            assert!(!d.join(meta::CLEAN_FILE).exists());
+            logs.push(log);
+        }
+        assert!(logs[3].recovery_report().is_some());
+        assert!(logs[..3].iter().all(|l| l.recovery_report().is_none()));
+        // A crash before the sync: nothing was appended, every log reopens as it was.
+        drop(logs);
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                stored[i]
+            );
+            log.close().await.unwrap();
+        }
+        defer_marker_syncs();
+        let mut logs = vec![];
+        for d in &dirs {
+            logs.push(open(d, small_config()).await);
+        }
+        sync_deferred_markers().await.unwrap();
+        for (i, log) in logs.iter().enumerate() {
+            let b = batch(1, 100, 20, i as u8);
+            let r = append(log, &b, Durability::Synced).await;
+            stored[i].push(at_offset(&b, r.base_offset));
+        }
+        drop(logs); // crash after appends: each log is recovered by a scan, nothing lost
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            assert!(log.recovery_report().is_some());
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                stored[i]
+            );
+        }
+    });
+}

@@ -1187,6 +1187,10 @@ impl PartitionLog {
         for g in s.segments.iter_mut() {
             if new_bases.contains(&g.base()) {
                 g.index_files_written();
+                // Its `.cleaned` file now has the segment's own name. (A reopen between the
+                // rename and here finds no `.cleaned` file and fails that one read.)
+                g.file()
+                    .renamed(&meta::segment_path(&self.dir, g.base(), "log"));
             }
         }
         Ok(true)

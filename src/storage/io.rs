@@ -74,6 +74,9 @@ pub trait SegmentFile {
     fn punch(&self, pos: u64, len: u64) -> IoFuture<'_, ()>;
     fn truncate(&self, len: u64) -> IoFuture<'_, ()>;
     fn size(&self) -> IoFuture<'_, u64>;
+    /// The file was renamed to `path` (the log cleaner's swap): descriptors opened from now on
+    /// open it there.
+    fn renamed(&self, _path: &Path) {}
 }
 
 /// Opens, syncs and removes files of one storage directory tree.

@@ -241,12 +241,16 @@ impl Handle {
 
 /// One way of opening one file (plain, or `O_DSYNC`), and its descriptor while open.
 struct Slot {
-    path: PathBuf,
+    path: RefCell<PathBuf>,
     flags: i32,
     pool: Rc<FilePool>,
     handle: RefCell<Option<Rc<Handle>>>,
     /// Its key in the pool's `lru` while it holds a descriptor (0: none).
     stamp: Cell<u64>,
+    /// (device, inode) of the file its first open found. A later open that finds another
+    /// file at the path (the log cleaner renamed a rewritten segment over it, or retention
+    /// unlinked it) fails instead of reading the new file at the old file's positions.
+    identity: Cell<Option<(u64, u64)>>,
 }
 
 impl Drop for Slot {
@@ -258,11 +262,12 @@ impl Drop for Slot {
 impl Slot {
     fn new(path: PathBuf, flags: i32, pool: Rc<FilePool>) -> Rc<Self> {
         Rc::new(Slot {
-            path,
+            path: RefCell::new(path),
             flags,
             pool,
             handle: RefCell::new(None),
             stamp: Cell::new(0),
+            identity: Cell::new(None),
         })
     }
 
@@ -282,14 +287,27 @@ impl Slot {
             self.pool.touch(self);
             return Ok(in_use(h));
         }
-        probe_device_once(self.path.parent().unwrap_or(Path::new("."))).await;
+        let path = self.path.borrow().clone();
+        probe_device_once(path.parent().unwrap_or(Path::new("."))).await;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(create)
             .custom_flags(self.flags)
-            .dma_open(&self.path)
+            .dma_open(&path)
             .await?;
+        let id = identity(&file)?;
+        match self.identity.get() {
+            None => self.identity.set(Some(id)),
+            Some(first) if first != id => {
+                let _ = file.close().await;
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} was replaced since it was opened", path.display()),
+                ));
+            }
+            Some(_) => {}
+        }
         let h = Rc::new(Handle {
             file: Some(file),
             _permit: permit,
@@ -316,9 +334,20 @@ impl Slot {
     }
 }
 
+/// (device, inode) of an open file.
+fn identity(file: &DmaFile) -> io::Result<(u64, u64)> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fstat on a descriptor the file owns and keeps open, into a zeroed stat we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
 /// A segment file whose descriptors come from the shard's [`FilePool`].
 pub struct PooledSegment {
-    path: PathBuf,
+    path: RefCell<PathBuf>,
     main: Rc<Slot>,
     /// A second descriptor of the same file opened with `O_DSYNC`, for durable writes; opened
     /// at the first one and given back when the file is truncated (the segment is sealed, or
@@ -335,13 +364,13 @@ impl PooledSegment {
         let seg = PooledSegment {
             main: Slot::new(path.clone(), 0, pool.clone()),
             dsync: Slot::new(path.clone(), libc::O_DSYNC, pool),
-            path,
+            path: RefCell::new(path),
         };
         if create {
             seg.main.get(true).await?;
         } else {
             // Fail now, as an open would, rather than at the first read.
-            std::fs::metadata(&seg.path)?;
+            std::fs::metadata(&*seg.path.borrow())?;
         }
         Ok(seg)
     }
@@ -397,13 +426,21 @@ impl SegmentFile for PooledSegment {
             Ok(h.truncate(len).await?)
         })
     }
+    fn renamed(&self, path: &Path) {
+        *self.path.borrow_mut() = path.to_path_buf();
+        *self.main.path.borrow_mut() = path.to_path_buf();
+        *self.dsync.path.borrow_mut() = path.to_path_buf();
+    }
     fn size(&self) -> IoFuture<'_, u64> {
         Box::pin(async move {
             let open = self.main.handle.borrow().clone();
             match open {
                 Some(h) => Ok(h.file().file_size().await?),
                 // No descriptor needed (nor taken from the pool) to learn the size.
-                None => Ok(std::fs::metadata(&self.path)?.len()),
+                None => {
+                    let path = self.path.borrow().clone();
+                    Ok(std::fs::metadata(path)?.len())
+                }
             }
         })
     }

@@ -1871,9 +1871,8 @@ fn full_disk_fails_produce_with_storage_error_keeps_reads_and_resumes() {
 
 #[test]
 fn many_partitions_work_when_started_with_a_low_soft_open_file_limit() {
-    // 300 partitions, each with its segment file and, once an acks=all produce is synced, its two
-    // index files open: about 900 descriptors, far past a soft limit of 256. The broker raises
-    // its soft limit to the hard one at start-up.
+    // 300 partitions past a soft limit of 256: the broker raises its soft limit to the hard one
+    // at start-up (its shard's segment-descriptor pool is sized from the raised limit).
     let b = Broker::options().fd_soft_limit(256).start();
     assert!(
         b.stderr().contains("raised the open-file limit"),
@@ -1896,6 +1895,63 @@ fn many_partitions_work_when_started_with_a_low_soft_open_file_limit() {
         assert_eq!((hw, recs), (1, vec![(0, format!("fd-{p}").into_bytes())]));
     }
     assert_serves(&b);
+}
+
+#[test]
+fn more_partitions_than_the_hard_open_file_limit_produce_restart_and_read_back() {
+    // 2,000 partitions under a hard limit of 512 descriptors: a shard keeps at most half of
+    // it open (its segment pool) and reopens the rest on use, so no operation meets EMFILE.
+    const PARTITIONS: i32 = 2000;
+    let mut b = Broker::options().fd_hard_limit(512).start();
+    let t = topic_name("fdpool");
+    // Through the CLI: its request waits longer than a raw client's read deadline.
+    b.create_topic(&t, PARTITIONS);
+    let mut r = Raw::connect(b.addr);
+    for p in 0..PARTITIONS {
+        let v = format!("fd-{p}");
+        assert_eq!(
+            produce(&mut r, &t, p, -1, batch(&[v.as_bytes()])),
+            (NONE, 0),
+            "partition {p}"
+        );
+    }
+    // Reads of every partition, cold ones included, while all are open in turn.
+    for p in (0..PARTITIONS).step_by(7) {
+        let (hw, recs) = fetch_all(&mut r, &t, p);
+        assert_eq!((hw, recs), (1, vec![(0, format!("fd-{p}").into_bytes())]));
+    }
+    drop(r);
+    let first = b.stderr();
+    assert!(b.sigterm().success(), "{first}");
+    assert!(!first.contains("Too many open files"), "{first}");
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    for p in 0..PARTITIONS {
+        let v = format!("again-{p}");
+        assert_eq!(
+            produce(&mut r, &t, p, -1, batch(&[v.as_bytes()])),
+            (NONE, 1),
+            "partition {p}"
+        );
+    }
+    for p in 0..PARTITIONS {
+        let (hw, recs) = fetch_all(&mut r, &t, p);
+        assert_eq!(
+            (hw, recs),
+            (
+                2,
+                vec![
+                    (0, format!("fd-{p}").into_bytes()),
+                    (1, format!("again-{p}").into_bytes())
+                ]
+            ),
+            "partition {p}"
+        );
+    }
+    drop(r);
+    let second = b.stderr();
+    assert!(b.sigterm().success(), "{second}");
+    assert!(!second.contains("Too many open files"), "{second}");
 }
 
 /// A RecordBatch v2 of one record (offset delta 0) whose records section is `records` as given,

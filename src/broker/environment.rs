@@ -53,6 +53,7 @@ pub fn report(config: &BrokerConfig) {
     let memlock = rlimit(libc::RLIMIT_MEMLOCK);
     tracing::info!(
         kernel = %kernel,
+        segment_files_open_max_per_shard = segment_files_per_shard(config.shard_count()),
         cpus_online,
         shards = config.shard_count(),
         pinned_cpus = ?config.cpus,
@@ -129,6 +130,22 @@ pub fn fs_name(magic: i64) -> String {
         0xF2F5_2010 => "f2fs".into(),
         m => format!("0x{m:x}"),
     }
+}
+
+/// Share of the open-file limit that segment descriptors may take: half. The rest is for the
+/// sockets (`--connections-max` per shard), the small metadata files opened and closed
+/// around each write (index appends, checkpoints, snapshots), directories being synced,
+/// io_uring and eventfd descriptors, and the lag of glommio's asynchronous closes.
+const SEGMENT_FILES_SHARE_DIVISOR: u64 = 2;
+
+/// Segment descriptors one shard keeps open at most (its `storage::io` pool): its even share
+/// of [`SEGMENT_FILES_SHARE_DIVISOR`] of the process's open-file limit. So the partitions a
+/// shard holds never exhaust the limit: beyond it, the least recently used are closed and
+/// reopened on their next use.
+pub fn segment_files_per_shard(shards: usize) -> usize {
+    let nofile = rlimit(libc::RLIMIT_NOFILE);
+    let share = nofile / SEGMENT_FILES_SHARE_DIVISOR / shards.max(1) as u64;
+    usize::try_from(share).unwrap_or(usize::MAX)
 }
 
 fn rlimit(resource: libc::__rlimit_resource_t) -> u64 {

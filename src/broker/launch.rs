@@ -51,6 +51,10 @@ pub fn start_shards(
     Ok(handles)
 }
 
+/// Partition logs a shard opens at once at start-up: their reads of small files and segment
+/// tails overlap, and the memory of the logs being opened stays bounded.
+const START_OPEN_CONCURRENCY: usize = 64;
+
 async fn run_shard(
     id: ShardId,
     broker: Arc<BrokerContext>,
@@ -59,6 +63,9 @@ async fn run_shard(
     ready: Arc<Barrier>,
     failed: Arc<Mutex<Option<String>>>,
 ) {
+    crate::storage::io::set_open_files_max(super::environment::segment_files_per_shard(
+        broker.config.shard_count(),
+    ));
     shard::install(Rc::new(Shard::new(id, broker.clone())));
     let mut err = None;
     if let Some((store, producer_ids)) = metadata_owner {
@@ -75,8 +82,10 @@ async fn run_shard(
         }
     }
 
-    // Open the partitions this shard owns.
+    // Open the partitions this shard owns, several at once; their clean-shutdown markers'
+    // removals are made durable together, before the shard serves.
     let image = broker.image();
+    let mut owned = Vec::new();
     for t in image.topics.values() {
         let lc = configs::log_config(
             &configs::BrokerDefaults::of(&broker.config, &image),
@@ -84,12 +93,36 @@ async fn run_shard(
         );
         for p in 0..t.partition_count() {
             if broker.owner(t, p) == Some(id) {
-                let tp = TopicPartition::new(t.name.clone(), p);
-                if let Err(e) = shard::open_partition_here(tp.clone(), lc.clone()).await {
-                    err = Some(format!("cannot open partition {tp}: {e}"));
-                }
+                owned.push((TopicPartition::new(t.name.clone(), p), lc.clone()));
             }
         }
+    }
+    crate::storage::defer_marker_syncs();
+    let mut owned = owned.into_iter();
+    loop {
+        let wave: Vec<_> = owned
+            .by_ref()
+            .take(START_OPEN_CONCURRENCY)
+            .map(|(tp, lc)| {
+                glommio::spawn_local(async move {
+                    let r = shard::open_partition_here(tp.clone(), lc).await;
+                    (tp, r)
+                })
+            })
+            .collect();
+        if wave.is_empty() {
+            break;
+        }
+        for task in wave {
+            if let (tp, Err(e)) = task.await {
+                err = Some(format!("cannot open partition {tp}: {e}"));
+            }
+        }
+    }
+    if let Err(e) = crate::storage::sync_deferred_markers().await {
+        err = Some(format!(
+            "cannot sync the data dir after opening the partitions: {e}"
+        ));
     }
     let listener = match err {
         Some(e) => Err(e),

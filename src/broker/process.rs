@@ -64,10 +64,10 @@ pub fn check_port_free(addr: std::net::SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Every partition holds its segment file open, and its active segment's two index files once
-/// they are written; with sockets on top, a thousand partitions pass the usual soft limit of
-/// 1,024 descriptors. Raise the soft limit to the hard one, as Kafka's and Redpanda's
-/// deployment guides ask operators to.
+/// Each shard keeps segment files open up to a share of the open-file limit (closing the least
+/// recently used beyond it, `storage::io`), and every connection holds a socket: the usual soft
+/// limit of 1,024 descriptors would make the share small and the reopens many. Raise the soft
+/// limit to the hard one, as Kafka's and Redpanda's deployment guides ask operators to.
 pub fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -740,7 +740,7 @@ impl PartitionLog {
         let a = &mut s.appender;
         a.synced_pos = a.synced_pos.max(pos);
         a.last_sync = self.clock.now();
-        s.active_mut().persist_index(&self.dir, pos);
+        s.active_mut().persist_index(&self.dir, pos, false);
     }
 
     /// The leading writes `written` of a flush have completed: the appends that end inside them
@@ -810,7 +810,7 @@ impl PartitionLog {
                 let a = &mut s.appender;
                 a.synced_pos = a.synced_pos.max(pos);
                 a.last_sync = self.clock.now();
-                s.active_mut().persist_index(&self.dir, pos);
+                s.active_mut().persist_index(&self.dir, pos, false);
             }
             Err(e) => {
                 crate::stats::storage_write_failed();

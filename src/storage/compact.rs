@@ -1272,6 +1272,10 @@ impl PartitionLog {
         for g in s.segments.iter_mut() {
             if new_bases.contains(&g.base()) {
                 g.index_files_written();
+                // Its `.cleaned` file now has the segment's own name. (A reopen between the
+                // rename and here finds no `.cleaned` file and fails that one read.)
+                g.file()
+                    .renamed(&meta::segment_path(&self.dir, g.base(), "log"));
             }
         }
         Ok(true)
@@ -1517,6 +1521,35 @@ mod tests {
                 );
             }
             log.close().await.unwrap();
+        });
+    }
+
+    // The shard's descriptor pool closes the cleaned segments' descriptors; reopened, they
+    // are found under their own names (renamed from `.cleaned` by the swap).
+    #[test]
+    fn cleaned_segments_reopen_under_their_names_after_their_descriptors_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            crate::storage::io::set_open_files_max(crate::storage::io::OPEN_FILES_MIN);
+            let log = open(&d.join("log"), compacted_config()).await;
+            let all = fill(&log, 2_000_000).await;
+            let sealed_end = log.log_end_offset().0 - 1;
+            log.compact(2_000_500).await.unwrap().expect("a pass ran");
+            // Other logs take every descriptor of the pool.
+            let mut others = vec![];
+            for i in 0..2 * crate::storage::io::OPEN_FILES_MIN {
+                let o = open(&d.join(format!("other-{i}")), compacted_config()).await;
+                append(
+                    &o,
+                    &keyed(&[("k", Some("v".into()))], 1, Compression::None),
+                    Durability::Synced,
+                )
+                .await;
+                others.push(o);
+            }
+            let got = records(&read_all(&log, Offset(0), 1 << 20).await);
+            assert_eq!(got, expected(&all, sealed_end, false));
         });
     }
 

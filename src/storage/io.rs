@@ -15,12 +15,14 @@ use std::path::Path;
 use std::pin::Pin;
 use std::rc::Rc;
 
-use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
+use glommio::io::{DmaBuffer, DmaFile, ReadResult};
 
 #[cfg(any(test, feature = "fault-injection"))]
 mod faulty;
+mod pool;
 #[cfg(any(test, feature = "fault-injection"))]
 pub use faulty::{Faults, FaultyIo};
+pub use pool::{open_files, set_open_files_max, PooledSegment, OPEN_FILES_DEFAULT, OPEN_FILES_MIN};
 
 /// Direct-I/O alignment we use for positions and lengths. 4 KiB satisfies every device we run on
 /// (512-byte and 4 KiB logical sectors) and equals the page size.
@@ -72,6 +74,9 @@ pub trait SegmentFile {
     fn punch(&self, pos: u64, len: u64) -> IoFuture<'_, ()>;
     fn truncate(&self, len: u64) -> IoFuture<'_, ()>;
     fn size(&self) -> IoFuture<'_, u64>;
+    /// The file was renamed to `path` (the log cleaner's swap): descriptors opened from now on
+    /// open it there.
+    fn renamed(&self, _path: &Path) {}
 }
 
 /// Opens, syncs and removes files of one storage directory tree.
@@ -82,17 +87,9 @@ pub trait StorageIo {
     fn remove(&self, path: &Path) -> IoFuture<'_, ()>;
 }
 
-/// The production implementation: glommio `DmaFile`s (O_DIRECT through io_uring).
+/// The production implementation: glommio `DmaFile`s (O_DIRECT through io_uring), their
+/// descriptors taken from the shard's bounded pool ([`PooledSegment`]).
 pub struct DmaIo;
-
-struct DmaSegment {
-    file: DmaFile,
-    path: std::path::PathBuf,
-    /// A second descriptor of the same file opened with `O_DSYNC`, for durable writes; opened
-    /// at the first one (only partitions with acks=all traffic hold it) and closed when the
-    /// file is truncated (the segment is sealed, or recovered).
-    dsync: RefCell<Option<Rc<DmaFile>>>,
-}
 
 async fn write_whole(file: &DmaFile, buf: Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
     debug_assert_eq!(pos % ALIGN_BYTES, 0);
@@ -108,60 +105,6 @@ async fn write_whole(file: &DmaFile, buf: Rc<DmaBuffer>, pos: u64) -> io::Result
         ));
     }
     Ok(())
-}
-
-impl SegmentFile for DmaSegment {
-    fn write_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()> {
-        Box::pin(write_whole(&self.file, buf, pos))
-    }
-    fn write_durable_at(&self, buf: Rc<DmaBuffer>, pos: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let open = self.dsync.borrow().clone();
-            let file = match open {
-                Some(f) => f,
-                None => {
-                    let f = Rc::new(
-                        OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .custom_flags(libc::O_DSYNC)
-                            .dma_open(&self.path)
-                            .await?,
-                    );
-                    // Two first writes may race to open it; either descriptor will do.
-                    self.dsync.borrow_mut().get_or_insert(f).clone()
-                }
-            };
-            write_whole(&file, buf, pos).await
-        })
-    }
-    fn read_at(&self, pos: u64, len: usize) -> IoFuture<'_, ReadBuf> {
-        Box::pin(async move {
-            let r = if pos.is_multiple_of(ALIGN_BYTES) && (len as u64).is_multiple_of(ALIGN_BYTES) {
-                self.file.read_at_aligned(pos, len).await?
-            } else {
-                self.file.read_at(pos, len).await?
-            };
-            Ok(ReadBuf::Dma(r))
-        })
-    }
-    fn sync(&self) -> IoFuture<'_, ()> {
-        Box::pin(async move { Ok(self.file.fdatasync().await?) })
-    }
-    fn allocate(&self, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move { Ok(self.file.pre_allocate(len, false).await?) })
-    }
-    fn punch(&self, pos: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move { Ok(self.file.deallocate(pos, len).await?) })
-    }
-    fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
-        // A truncation seals the segment (or ends its recovery): no more durable writes soon.
-        self.dsync.borrow_mut().take();
-        Box::pin(async move { Ok(self.file.truncate(len).await?) })
-    }
-    fn size(&self) -> IoFuture<'_, u64> {
-        Box::pin(async move { Ok(self.file.file_size().await?) })
-    }
 }
 
 thread_local! {
@@ -197,18 +140,7 @@ impl StorageIo for DmaIo {
     fn open(&self, path: &Path, create: bool) -> IoFuture<'_, Rc<dyn SegmentFile>> {
         let path = path.to_path_buf();
         Box::pin(async move {
-            probe_device_once(path.parent().unwrap_or(Path::new("."))).await;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(create)
-                .dma_open(&path)
-                .await?;
-            Ok(Rc::new(DmaSegment {
-                file,
-                path,
-                dsync: RefCell::new(None),
-            }) as Rc<dyn SegmentFile>)
+            Ok(Rc::new(PooledSegment::open(path, create).await?) as Rc<dyn SegmentFile>)
         })
     }
     fn sync_dir(&self, dir: &Path) -> IoFuture<'_, ()> {

@@ -79,7 +79,10 @@ pub use producer_state::{BatchMeta, Check as ProducerCheck, ProducerState};
 use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
-pub use shutdown::{close_all, ClosingFiles, SegmentSync, CLOSE_CONCURRENCY_MAX};
+pub use shutdown::{
+    close_all, defer_marker_syncs, sync_deferred_markers, ClosingFiles, SegmentSync,
+    CLOSE_CONCURRENCY_MAX,
+};
 
 /// A one-shot wake-up shared by the logs of one shard: a long-polling fetch registers it with
 /// each of its partitions on the shard ([`PartitionLog::signal_append`]) and waits on it once;

@@ -164,7 +164,7 @@ impl PartitionLog {
             };
             fresh.resume_at(idx[..keep].to_vec(), tidx);
             // Cut the files to the kept entries: the scan re-creates the ones after them.
-            if let Err(e) = fresh.open_index_files(dir) {
+            if let Err(e) = fresh.cut_index_files(dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot open index files");
             }
             let (start_pos, start_next) = (fresh.size(), fresh.next());
@@ -197,7 +197,7 @@ impl PartitionLog {
             // What survived may have been written but never synced before the crash: make it
             // durable before it counts as the log, then record its index entries.
             file.sync().await?;
-            fresh.persist_index(dir, out.end_pos);
+            fresh.persist_index(dir, out.end_pos, true);
             scan_from = start_pos;
             scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches));
             segments.push(fresh);
@@ -214,7 +214,12 @@ impl PartitionLog {
             // The marker vouches for the files as they are now; the first write makes it a lie,
             // so it must be gone (durably) before any append.
             meta::remove_if_exists(&clean_path)?;
-            meta::sync_dir(dir)?;
+            // A log opened clean has changed no file: its removal may be made durable together
+            // with the shard's others (start-up), before anything is appended.
+            let clean_open = scan_report.is_none() && trunc.is_none();
+            if !(clean_open && super::shutdown::marker_sync_deferred(dir)) {
+                meta::sync_dir(dir)?;
+            }
         }
 
         let active = segments.last().expect("at least one segment");

@@ -14,6 +14,13 @@ use crate::storage::io::{align_down, SegmentFile};
 use crate::storage::meta;
 use crate::types::Offset;
 
+/// Index entries the active segment appends to its index files at once. Each append opens
+/// and closes the two files (a partition holds no index descriptor between appends), so
+/// appending after every fdatasync would cost two opens per sync and partition; batching them
+/// lengthens a recovery scan by at most this many index intervals (64 KiB at the default
+/// 4 KiB).
+pub const INDEX_APPEND_BATCH: usize = 16;
+
 /// Bytes read per request while scanning a segment; two requests are kept in flight.
 pub const SCAN_CHUNK_BYTES: usize = 4 << 20;
 
@@ -40,10 +47,12 @@ pub(crate) struct Segment {
     /// Entries of `index` / `time_index` already appended to the segment's index files.
     index_durable: usize,
     time_durable: usize,
-    /// Append handles of the index files (active segment only, opened on first use). After a
-    /// failed append no more entries are appended for this segment: recovery then scans from
-    /// the last entry that made it (entries are checksummed one by one).
-    index_files: Option<(std::fs::File, std::fs::File)>,
+    /// Whether the index files were cut to the entries counted as durable since the segment
+    /// became active (or its files were last rewritten): appends go after them. The files are
+    /// opened for each append and closed after it, so a partition holds no index descriptor.
+    /// After a failed append no more entries are appended for this segment: recovery then
+    /// scans from the last entry that made it (entries are checksummed one by one).
+    index_files_cut: bool,
     index_files_failed: bool,
 }
 
@@ -146,7 +155,7 @@ impl Segment {
     /// The paths and whole contents of both index files, to be written by the caller (a clean
     /// shutdown, see [`crate::storage::ClosingFiles`]); the segment takes no more index appends.
     pub fn index_file_bodies(&mut self, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-        self.index_files = None;
+        self.index_files_cut = false;
         self.index_durable = self.index.len();
         self.time_durable = self.time_index.len();
         vec![
@@ -166,7 +175,7 @@ impl Segment {
     /// writes them, to be written elsewhere (off the executor): path and body of each. Call
     /// [`index_files_written`](Self::index_files_written) once they are.
     pub fn index_files_to_write(&mut self, dir: &Path) -> [(PathBuf, Vec<u8>); 2] {
-        self.index_files = None;
+        self.index_files_cut = false;
         [
             (
                 meta::segment_path(dir, self.base, "index"),
@@ -187,7 +196,7 @@ impl Segment {
     }
 
     pub fn write_index_files(&mut self, dir: &Path) -> io::Result<()> {
-        self.index_files = None;
+        self.index_files_cut = false;
         meta::write_atomic(
             &meta::segment_path(dir, self.base, "index"),
             &meta::encode_index(&self.index),
@@ -215,34 +224,30 @@ impl Segment {
             created_ms,
             index_durable: 0,
             time_durable: 0,
-            index_files: None,
+            index_files_cut: false,
             index_files_failed: false,
         }
     }
 
-    /// Opens the index files of this (active) segment for appending, cut to the entries already
-    /// counted as durable (stale entries past them would hide the ones appended next).
-    pub fn open_index_files(&mut self, dir: &Path) -> io::Result<()> {
-        let open = |ext: &str, keep: usize| -> io::Result<std::fs::File> {
+    /// Cuts the index files of this (active) segment to the entries already counted as
+    /// durable (stale entries past them would hide the ones appended next).
+    pub fn cut_index_files(&mut self, dir: &Path) -> io::Result<()> {
+        let cut = |ext: &str, keep: usize| -> io::Result<()> {
             let f = std::fs::OpenOptions::new()
                 .append(true)
                 .create(true)
                 .open(meta::segment_path(dir, self.base, ext))?;
-            f.set_len(keep as u64)?;
-            Ok(f)
+            f.set_len(keep as u64)
         };
-        let r = (|| {
-            let fi = open("index", self.index_durable * meta::INDEX_ENTRY_BYTES)?;
-            let ft = open("timeindex", self.time_durable * meta::TIME_ENTRY_BYTES)?;
-            Ok((fi, ft))
-        })();
+        let r = cut("index", self.index_durable * meta::INDEX_ENTRY_BYTES)
+            .and_then(|()| cut("timeindex", self.time_durable * meta::TIME_ENTRY_BYTES));
         match r {
-            Ok(files) => {
-                self.index_files = Some(files);
+            Ok(()) => {
+                self.index_files_cut = true;
                 Ok(())
             }
             Err(e) => {
-                // No more entries are appended for this segment (see `index_files`).
+                // No more entries are appended for this segment (see `index_files_cut`).
                 self.index_files_failed = true;
                 Err(e)
             }
@@ -251,9 +256,10 @@ impl Segment {
 
     /// Appends the index entries of batches that start before `durable_pos` (their bytes are on
     /// stable storage) to the index files, and the time entries recorded before the last of
-    /// them. No fsync: recovery validates every entry and the data it points at is durable.
-    /// Failures are logged and only make a later recovery scan more.
-    pub fn persist_index(&mut self, dir: &Path, durable_pos: u64) {
+    /// them, once there are [`INDEX_APPEND_BATCH`] of them (every one with `all`). No fsync:
+    /// recovery validates every entry and the data it points at is durable. Failures are
+    /// logged and only make a later recovery scan more.
+    pub fn persist_index(&mut self, dir: &Path, durable_pos: u64, all: bool) {
         if self.index_files_failed {
             return;
         }
@@ -261,7 +267,7 @@ impl Segment {
             .iter()
             .take_while(|e| (e.1 as u64) < durable_pos)
             .count();
-        if n == 0 {
+        if n == 0 || (n < INDEX_APPEND_BATCH && !all) {
             return;
         }
         let upto = self.index_durable + n;
@@ -271,15 +277,25 @@ impl Segment {
             .take_while(|e| e.1 < last_rel)
             .count();
         let r = (|| -> io::Result<()> {
-            if self.index_files.is_none() {
-                self.open_index_files(dir)?;
+            if !self.index_files_cut {
+                self.cut_index_files(dir)?;
             }
-            let (fi, ft) = self.index_files.as_mut().expect("opened above");
-            fi.write_all(&meta::encode_index(&self.index[self.index_durable..upto]))?;
-            ft.write_all(&meta::encode_time_index(
-                &self.time_index[self.time_durable..self.time_durable + tn],
-            ))?;
-            Ok(())
+            let append = |ext: &str, bytes: &[u8]| -> io::Result<()> {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(meta::segment_path(dir, self.base, ext))?
+                    .write_all(bytes)
+            };
+            append(
+                "index",
+                &meta::encode_index(&self.index[self.index_durable..upto]),
+            )?;
+            append(
+                "timeindex",
+                &meta::encode_time_index(
+                    &self.time_index[self.time_durable..self.time_durable + tn],
+                ),
+            )
         })();
         match r {
             Ok(()) => {
@@ -291,7 +307,6 @@ impl Segment {
                     dir = %dir.display(), segment = self.base.0, error = %e,
                     "index append failed; recovery will scan from the last entry written"
                 );
-                self.index_files = None;
                 self.index_files_failed = true;
             }
         }
@@ -361,7 +376,7 @@ impl Segment {
         let rel_next = (next.0 - self.base.0) as u32;
         self.index_durable = self.index.iter().filter(|e| (e.1 as u64) < pos).count();
         self.time_durable = self.time_index.iter().filter(|e| e.1 < rel_next).count();
-        self.index_files = None;
+        self.index_files_cut = false;
         self.truncate(pos, next);
     }
 

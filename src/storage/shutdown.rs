@@ -170,6 +170,49 @@ fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)
 }
 
+thread_local! {
+    /// While a shard opens its logs at start-up: the directories whose clean-shutdown marker
+    /// was removed and not yet made durable (see [`defer_marker_syncs`]).
+    static DEFERRED_MARKER_SYNCS: std::cell::RefCell<Option<Vec<PathBuf>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// From now on (on this shard) until [`sync_deferred_markers`], a log opened after a clean
+/// shutdown removes its clean-shutdown marker without a directory fsync of its own: one
+/// `syncfs` per file system then makes every removal durable. The caller must not let any of
+/// these logs change its files before that returns (the marker vouches for the files as they
+/// are): a shard opening its partitions at start-up, before it serves. A crash in between
+/// leaves markers that still tell the truth.
+pub fn defer_marker_syncs() {
+    DEFERRED_MARKER_SYNCS.with(|d| *d.borrow_mut() = Some(Vec::new()));
+}
+
+/// Where a log removed its marker: `true` if the removal's fsync is deferred.
+pub(crate) fn marker_sync_deferred(dir: &Path) -> bool {
+    DEFERRED_MARKER_SYNCS.with(|d| match d.borrow_mut().as_mut() {
+        Some(v) => {
+            v.push(dir.to_path_buf());
+            true
+        }
+        None => false,
+    })
+}
+
+/// Makes the marker removals since [`defer_marker_syncs`] durable (one `syncfs` per file
+/// system, on the blocking pool) and ends the deferral.
+pub async fn sync_deferred_markers() -> io::Result<()> {
+    let dirs = DEFERRED_MARKER_SYNCS.with(|d| d.borrow_mut().take().unwrap_or_default());
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    glommio::executor()
+        .spawn_blocking(move || {
+            let fs = file_systems(dirs.iter().map(|d| d.as_path()))?;
+            sync_file_systems(&fs)
+        })
+        .await
+}
+
 /// One directory on each file system holding one of `dirs`.
 fn file_systems<'a>(dirs: impl Iterator<Item = &'a Path>) -> io::Result<Vec<PathBuf>> {
     let mut seen: Vec<(u64, PathBuf)> = Vec::new();

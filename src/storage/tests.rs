@@ -2616,3 +2616,157 @@ fn closing_many_logs_together_leaves_each_clean_with_its_producer_state() {
         }
     });
 }
+
+// More partitions than the shard's descriptor pool holds, under produce (acks=all and acks=1)
+// and fetch load, over several segments each: every append and read works, the pool never
+// holds more than its size, and a clean restart and a crash restart read everything back.
+#[test]
+fn more_logs_than_open_descriptors_keep_working_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        const POOL: usize = io::OPEN_FILES_MIN;
+        const LOGS: usize = 5 * POOL;
+        io::set_open_files_max(POOL);
+        let dirs: Vec<_> = (0..LOGS).map(|i| root.join(format!("p-{i}"))).collect();
+        let mut logs = vec![];
+        for d in &dirs {
+            logs.push(open(d, small_config()).await);
+            assert!(io::open_files().0 <= POOL);
+        }
+        let mut stored: Vec<Vec<Vec<u8>>> = vec![vec![]; LOGS];
+        // Appends to all logs at once: more flushes in flight than descriptors.
+        for round in 0..12u8 {
+            let tasks: Vec<_> = logs
+                .iter()
+                .enumerate()
+                .map(|(i, log)| {
+                    let log = log.clone();
+                    let b = batch(2, 3000, round as i64, round ^ i as u8);
+                    let d = if i % 2 == 0 {
+                        Durability::Synced
+                    } else {
+                        Durability::Written
+                    };
+                    glommio::spawn_local(async move {
+                        let r = append(&log, &b, d).await;
+                        at_offset(&b, r.base_offset)
+                    })
+                })
+                .collect();
+            for (i, t) in tasks.into_iter().enumerate() {
+                stored[i].push(t.await);
+                assert!(io::open_files().0 <= POOL);
+            }
+            // And reads of every log, concurrently, from the start (cold: several segments).
+            let reads: Vec<_> = logs
+                .iter()
+                .map(|log| {
+                    let log = log.clone();
+                    glommio::spawn_local(async move { read_all(&log, Offset(0), 4096).await })
+                })
+                .collect();
+            for (i, r) in reads.into_iter().enumerate() {
+                let all = r.await;
+                assert_eq!(
+                    all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                    stored[i]
+                );
+            }
+        }
+        assert!(
+            logs[0].segment_count() > 1,
+            "the test means several segments"
+        );
+        assert_eq!(io::open_files(), (io::open_files().0, POOL));
+
+        // A clean restart, then a crash (the logs dropped unclosed after more appends).
+        let failed = close_all(logs.drain(..).enumerate().collect()).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            assert!(log.recovery_report().is_none());
+            let b = batch(1, 100, 99, i as u8);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored[i].push(at_offset(&b, r.base_offset));
+            logs.push(log);
+            assert!(io::open_files().0 <= POOL);
+        }
+        drop(logs); // crash
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            assert!(log.recovery_report().is_some());
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                stored[i]
+            );
+            assert!(io::open_files().0 <= POOL);
+        }
+    });
+}
+
+// Start-up: logs opened clean while marker syncs are deferred have their markers removed, made
+// durable by one sync for all; a crash before it leaves markers that still hold (nothing was
+// written), and a log that needed a scan syncs its own removal at once.
+#[test]
+fn deferred_marker_removals_are_synced_together_and_a_crash_before_keeps_logs_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        let dirs: Vec<_> = (0..4).map(|i| root.join(format!("p-{i}"))).collect();
+        let mut stored = vec![];
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            let b = batch(2, 700, 10, i as u8);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(vec![at_offset(&b, r.base_offset)]);
+            if i == 3 {
+                drop(log); // a crash: this one will need a scan
+            } else {
+                log.close().await.unwrap();
+            }
+        }
+        defer_marker_syncs();
+        let mut logs = vec![];
+        for d in &dirs {
+            let log = open(d, small_config()).await;
+            assert!(!d.join(meta::CLEAN_FILE).exists());
+            logs.push(log);
+        }
+        assert!(logs[3].recovery_report().is_some());
+        assert!(logs[..3].iter().all(|l| l.recovery_report().is_none()));
+        // A crash before the sync: nothing was appended, every log reopens as it was.
+        drop(logs);
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                stored[i]
+            );
+            log.close().await.unwrap();
+        }
+        defer_marker_syncs();
+        let mut logs = vec![];
+        for d in &dirs {
+            logs.push(open(d, small_config()).await);
+        }
+        sync_deferred_markers().await.unwrap();
+        for (i, log) in logs.iter().enumerate() {
+            let b = batch(1, 100, 20, i as u8);
+            let r = append(log, &b, Durability::Synced).await;
+            stored[i].push(at_offset(&b, r.base_offset));
+        }
+        drop(logs); // crash after appends: each log is recovered by a scan, nothing lost
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            assert!(log.recovery_report().is_some());
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                stored[i]
+            );
+        }
+    });
+}

@@ -93,6 +93,8 @@ pub struct BrokerOptions {
     pub data_dir: Option<PathBuf>,
     /// Soft open-file limit the broker process starts with (the hard limit is left alone).
     pub fd_soft_limit: Option<u64>,
+    /// Hard (and soft) open-file limit the broker process starts with: it cannot raise it.
+    pub fd_hard_limit: Option<u64>,
     /// Address-space limit (RLIMIT_AS) the broker process starts with: an allocation past it
     /// fails, which aborts the process.
     pub address_space_bytes_max: Option<u64>,
@@ -110,6 +112,7 @@ impl Default for BrokerOptions {
             extra_args: Vec::new(),
             data_dir: None,
             fd_soft_limit: None,
+            fd_hard_limit: None,
             address_space_bytes_max: None,
             envs: Vec::new(),
             listen: None,
@@ -135,6 +138,11 @@ impl BrokerOptions {
 
     pub fn fd_soft_limit(mut self, n: u64) -> Self {
         self.fd_soft_limit = Some(n);
+        self
+    }
+
+    pub fn fd_hard_limit(mut self, n: u64) -> Self {
+        self.fd_hard_limit = Some(n);
         self
     }
 
@@ -267,11 +275,12 @@ impl Broker {
             .env_remove("RUST_LOG")
             .envs(self.options.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
-        let (nofile, address_space) = (
+        let (nofile, nofile_hard, address_space) = (
             self.options.fd_soft_limit,
+            self.options.fd_hard_limit,
             self.options.address_space_bytes_max,
         );
-        if nofile.is_some() || address_space.is_some() {
+        if nofile.is_some() || nofile_hard.is_some() || address_space.is_some() {
             use std::os::unix::process::CommandExt;
             // Lowers one soft limit (the hard limit is left alone).
             fn lower(resource: libc::__rlimit_resource_t, soft: u64) -> std::io::Result<()> {
@@ -294,6 +303,15 @@ impl Broker {
             // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
+                    if let Some(hard) = nofile_hard {
+                        let lim = libc::rlimit {
+                            rlim_cur: hard,
+                            rlim_max: hard,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                     if let Some(soft) = nofile {
                         lower(libc::RLIMIT_NOFILE, soft)?;
                     }

@@ -270,6 +270,9 @@ impl SegmentFile for FaultySegment {
             Ok(())
         })
     }
+    fn renamed(&self, path: &Path) {
+        self.inner.renamed(path);
+    }
     fn size(&self) -> IoFuture<'_, u64> {
         Box::pin(async move { self.inner.size().await })
     }

@@ -576,14 +576,34 @@ fn produce_error(c: &Cluster, id: i32, topic: &str, acks: i16) -> i16 {
     produce_raw(c, id, topic, acks, None).0
 }
 
-/// Produces one record to partition 0 of `topic` on node `id` with `acks`, from the idempotent
-/// producer `(id, epoch, sequence)` when given: the partition's (error code, base offset).
+/// Produces one record of value "raw" to partition 0 of `topic` on node `id` with `acks`, from
+/// the idempotent producer `(id, epoch, sequence)` when given: the partition's (error code, base
+/// offset).
 fn produce_raw(
     c: &Cluster,
     id: i32,
     topic: &str,
     acks: i16,
     idempotent: Option<(i64, i16, i32)>,
+) -> (i16, i64) {
+    produce_record(c, id, topic, acks, idempotent, b"raw", 10_000)
+}
+
+/// Produces one record of value `value` to partition 0 of `topic` on node `id` with acks=all
+/// and a `timeout_ms` request timeout: the partition's (error code, base offset).
+fn produce_value(c: &Cluster, id: i32, topic: &str, value: &str, timeout_ms: i32) -> (i16, i64) {
+    produce_record(c, id, topic, -1, None, value.as_bytes(), timeout_ms)
+}
+
+/// [`produce_raw`] with any value and request timeout.
+fn produce_record(
+    c: &Cluster,
+    id: i32,
+    topic: &str,
+    acks: i16,
+    idempotent: Option<(i64, i16, i32)>,
+    value: &[u8],
+    timeout_ms: i32,
 ) -> (i16, i64) {
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
     use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
@@ -603,7 +623,7 @@ fn produce_raw(
         sequence,
         timestamp: 1_700_000_000_000,
         key: None,
-        value: Some(bytes::Bytes::from_static(b"raw")),
+        value: Some(bytes::Bytes::copy_from_slice(value)),
         headers: Default::default(),
     };
     let mut buf = bytes::BytesMut::new();
@@ -622,7 +642,7 @@ fn produce_raw(
         9,
         &ProduceRequest::default()
             .with_acks(acks)
-            .with_timeout_ms(10_000)
+            .with_timeout_ms(timeout_ms)
             .with_topic_data(vec![TopicProduceData::default()
                 .with_name(TopicName(StrBytes::from_string(topic.to_string())))
                 .with_partition_data(vec![PartitionProduceData::default()
@@ -2213,56 +2233,6 @@ a.close()
     let (e, start) = earliest_offset(&c, trimmed_leader, "trimmed");
     assert!(e == 0 && start > 0, "earliest of trimmed: {e} {start}");
     produce_acked(&c.bootstrap(), "trimmed", "later", 50);
-}
-
-/// Produces one record of value `value` to partition 0 of `topic` on node `id` with acks=all
-/// and a `timeout_ms` request timeout: the partition's (error code, base offset).
-fn produce_value(c: &Cluster, id: i32, topic: &str, value: &str, timeout_ms: i32) -> (i16, i64) {
-    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-    use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
-    use kafka_protocol::records::{
-        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    };
-    let record = Record {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
-        timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: -1,
-        timestamp: 1_700_000_000_000,
-        key: None,
-        value: Some(bytes::Bytes::from(value.to_string())),
-        headers: Default::default(),
-    };
-    let mut buf = bytes::BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &[record],
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode batch");
-    let mut raw = Raw::connect(c.node(id).addr);
-    let resp: ProduceResponse = raw.call(
-        ApiKey::Produce,
-        9,
-        &ProduceRequest::default()
-            .with_acks(-1)
-            .with_timeout_ms(timeout_ms)
-            .with_topic_data(vec![TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
-                .with_partition_data(vec![PartitionProduceData::default()
-                    .with_index(0)
-                    .with_records(Some(buf.freeze()))])]),
-    );
-    let p = &resp.responses[0].partition_responses[0];
-    (p.error_code, p.base_offset)
 }
 
 /// The Kafka addresses of `ids`, comma-separated.

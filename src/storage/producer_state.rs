@@ -188,15 +188,14 @@ impl ProducerState {
                     .filter(|m| m.last < offset)
                     .copied()
                     .collect();
-                (e.batches.is_empty() || !batches.is_empty()).then(|| {
-                    (
-                        *pid,
-                        ProducerEntry {
-                            epoch: e.epoch,
-                            batches,
-                        },
-                    )
-                })
+                let keep = e.batches.is_empty() || !batches.is_empty();
+                keep.then_some((
+                    *pid,
+                    ProducerEntry {
+                        epoch: e.epoch,
+                        batches,
+                    },
+                ))
             })
             .collect();
         ProducerState { producers }

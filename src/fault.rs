@@ -18,7 +18,10 @@
 //! that long to widen a window a test wants to hit: `producer_id_block` (a producer-id block is
 //! written but not yet renamed into place). Async delay points ([`delay_of`]) make the calling
 //! task wait instead, the shard serving everything else meanwhile: `coordinator_load` (a group
-//! coordinator that won a `__consumer_offsets` partition's election, before it replays it).
+//! coordinator that won a `__consumer_offsets` partition's election, before it replays it),
+//! `replica_start` (a partition's log is open but its raft group not started yet; keyed by the
+//! partition's directory name, `<topic>-<partition>`, with `SLUICE_FAULT_DELAY_MS=<point>:<ms>:<key>`;
+//! without a key every partition waits).
 
 /// The environment variable that arms a panic point.
 pub const PANIC_ENV: &str = "SLUICE_FAULT_PANIC";
@@ -31,20 +34,24 @@ mod armed {
 
     /// `(point, key)` when armed.
     static PANIC_AT: OnceLock<Option<(String, String)>> = OnceLock::new();
-    /// `(point, ms)` when armed.
-    static DELAY_AT: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    /// `(point, ms, key)` when armed.
+    static DELAY_AT: OnceLock<Option<(String, u64, Option<String>)>> = OnceLock::new();
 
     pub fn init() {
         DELAY_AT.get_or_init(|| {
             let v = std::env::var(super::DELAY_ENV).ok()?;
-            let (point, ms) = v.split_once(':')?;
+            let (point, rest) = v.split_once(':')?;
+            let (ms, key) = match rest.split_once(':') {
+                Some((ms, key)) => (ms, Some(key.to_string())),
+                None => (rest, None),
+            };
             let ms = ms.parse().ok()?;
             tracing::warn!(
                 point,
                 ms,
                 "fault injection armed: this broker will stall on purpose"
             );
-            Some((point.to_string(), ms))
+            Some((point.to_string(), ms, key))
         });
         PANIC_AT.get_or_init(|| {
             let v = std::env::var(super::PANIC_ENV).ok()?;
@@ -69,7 +76,7 @@ mod armed {
 
     /// Blocks the calling thread when this delay point is armed.
     pub fn delay_point(point: &str) {
-        if let Some(Some((p, ms))) = DELAY_AT.get() {
+        if let Some(Some((p, ms, _))) = DELAY_AT.get() {
             if p == point {
                 std::thread::sleep(std::time::Duration::from_millis(*ms));
             }
@@ -79,14 +86,24 @@ mod armed {
     /// How long a task should wait at this async delay point, when it is armed.
     pub fn delay_of(point: &str) -> Option<std::time::Duration> {
         match DELAY_AT.get() {
-            Some(Some((p, ms))) if p == point => Some(std::time::Duration::from_millis(*ms)),
+            Some(Some((p, ms, _))) if p == point => Some(std::time::Duration::from_millis(*ms)),
+            _ => None,
+        }
+    }
+
+    /// [`delay_of`] for `key`: armed without a key, or for this one.
+    pub fn delay_for(point: &str, key: &str) -> Option<std::time::Duration> {
+        match DELAY_AT.get() {
+            Some(Some((p, ms, k))) if p == point && k.as_deref().is_none_or(|k| k == key) => {
+                Some(std::time::Duration::from_millis(*ms))
+            }
             _ => None,
         }
     }
 }
 
 #[cfg(any(debug_assertions, feature = "fault-injection"))]
-pub use armed::{delay_of, delay_point, init, panic_point};
+pub use armed::{delay_for, delay_of, delay_point, init, panic_point};
 
 /// Reads [`PANIC_ENV`] (release build without `fault-injection`: nothing to read).
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
@@ -110,5 +127,13 @@ pub fn delay_point(_point: &str) {}
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
 #[inline(always)]
 pub fn delay_of(_point: &str) -> Option<std::time::Duration> {
+    None
+}
+
+/// How long a task should wait at this async delay point for `key` (release build without
+/// `fault-injection`: never).
+#[cfg(not(any(debug_assertions, feature = "fault-injection")))]
+#[inline(always)]
+pub fn delay_for(_point: &str, _key: &str) -> Option<std::time::Duration> {
     None
 }

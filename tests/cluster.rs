@@ -33,6 +33,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// the survivors take to report it in Metadata on a loaded test machine.
 const FAILOVER_MAX: Duration = Duration::from_secs(5);
 const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const NOT_ENOUGH_REPLICAS: i16 = 19;
 const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
 const REQUEST_TIMED_OUT: i16 = 7;
@@ -586,22 +587,24 @@ fn produce_raw(
     acks: i16,
     idempotent: Option<(i64, i16, i32)>,
 ) -> (i16, i64) {
-    produce_record(c, id, topic, acks, idempotent, b"raw", 10_000)
+    produce_record(c, id, topic, acks, idempotent, None, b"raw", 10_000)
 }
 
 /// Produces one record of value `value` to partition 0 of `topic` on node `id` with acks=all
 /// and a `timeout_ms` request timeout: the partition's (error code, base offset).
 fn produce_value(c: &Cluster, id: i32, topic: &str, value: &str, timeout_ms: i32) -> (i16, i64) {
-    produce_record(c, id, topic, -1, None, value.as_bytes(), timeout_ms)
+    produce_record(c, id, topic, -1, None, None, value.as_bytes(), timeout_ms)
 }
 
-/// [`produce_raw`] with any value and request timeout.
+/// [`produce_raw`] with any key, value and request timeout.
+#[allow(clippy::too_many_arguments)]
 fn produce_record(
     c: &Cluster,
     id: i32,
     topic: &str,
     acks: i16,
     idempotent: Option<(i64, i16, i32)>,
+    key: Option<&[u8]>,
     value: &[u8],
     timeout_ms: i32,
 ) -> (i16, i64) {
@@ -622,7 +625,7 @@ fn produce_record(
         offset: 0,
         sequence,
         timestamp: 1_700_000_000_000,
-        key: None,
+        key: key.map(bytes::Bytes::copy_from_slice),
         value: Some(bytes::Bytes::copy_from_slice(value)),
         headers: Default::default(),
     };
@@ -2607,9 +2610,24 @@ fn batch_heads(bytes: &[u8]) -> Vec<(i64, i64, i32, i32)> {
     out
 }
 
+/// How long the restarted follower of the compacted-topic test keeps its partition's log open
+/// before starting its raft group: longer than the cleaner's back-off and the produce that
+/// checks the window.
+const REPLICA_START_DELAY_MS: u64 = 3_000;
+
 /// Whether the current run of node `id` logged a pass of the cleaner over partition 0 of
 /// `topic` as a replicated log.
 fn cleaned_replicated(c: &Cluster, id: i32, topic: &str) -> bool {
+    cleaned_as(c, id, topic, "replicated=true")
+}
+
+/// Whether the current run of node `id` logged a pass of the cleaner over partition 0 of
+/// `topic` as a plain (unreplicated) log.
+fn cleaned_unreplicated(c: &Cluster, id: i32, topic: &str) -> bool {
+    cleaned_as(c, id, topic, "replicated=false")
+}
+
+fn cleaned_as(c: &Cluster, id: i32, topic: &str, kind: &str) -> bool {
     // Without the terminal colour sequences around field names.
     let mut plain = String::new();
     let mut escape = false;
@@ -2621,11 +2639,9 @@ fn cleaned_replicated(c: &Cluster, id: i32, topic: &str) -> bool {
             (true, _) => {}
         }
     }
-    plain.lines().any(|l| {
-        l.contains("log cleaned")
-            && l.contains(&format!("{topic}-0"))
-            && l.contains("replicated=true")
-    })
+    plain
+        .lines()
+        .any(|l| l.contains("log cleaned") && l.contains(&format!("{topic}-0")) && l.contains(kind))
 }
 
 /// A compacted topic of three replicas: every replica cleans its own copy below what it has
@@ -2735,20 +2751,47 @@ fn a_compacted_replicated_topic_is_cleaned_on_every_replica_and_fails_over_with_
         "the follower received shells from the leader"
     );
     assert!(!cleaned_replicated(&c, stopped, topic));
-    // Its own cleaner back, it cleans its copy too.
+    // Its own cleaner back, it cleans its copy too. Its raft group starts a few seconds after
+    // its log opens (a delay point): meanwhile the log is raft's alone: the cleaner leaves it
+    // and a produce sent to the node is refused, not appended outside raft.
     c.node_mut(stopped)
         .options
         .envs
-        .retain(|(k, _)| k != "SLUICE_CLEANER_BACKOFF_MS");
-    c.node_mut(stopped)
-        .options
-        .envs
-        .push(("SLUICE_CLEANER_BACKOFF_MS".into(), "200".into()));
+        .retain(|(k, _)| k != "SLUICE_CLEANER_BACKOFF_MS" && k != "SLUICE_FAULT_DELAY_MS");
+    c.node_mut(stopped).options.envs.extend([
+        ("SLUICE_CLEANER_BACKOFF_MS".into(), "200".into()),
+        (
+            "SLUICE_FAULT_DELAY_MS".into(),
+            format!("replica_start:{REPLICA_START_DELAY_MS}:{topic}-0"),
+        ),
+    ]);
     c.node_mut(stopped).sigterm();
     c.node_mut(stopped).restart();
+    let opened = |c: &Cluster| {
+        c.node(stopped)
+            .stderr()
+            .contains("sluice started")
+            .then_some(())
+    };
+    c.wait_for("the restarted follower serves clients", opened);
+    // Refused whether the node has published the topic yet (UNKNOWN_TOPIC_OR_PARTITION) or
+    // not (NOT_LEADER_OR_FOLLOWER); the reads below would show an "early" value appended.
+    let early = produce_record(&c, stopped, topic, 1, None, Some(b"k0"), b"early", 10_000).0;
+    assert!(
+        [UNKNOWN_TOPIC_OR_PARTITION, NOT_LEADER_OR_FOLLOWER].contains(&early),
+        "a produce to a log whose raft group has not started is refused: {early}"
+    );
     c.wait_for("the restarted follower cleans its own copy", |c| {
         cleaned_replicated(c, stopped, topic).then_some(())
     });
+    assert!(
+        !cleaned_unreplicated(&c, stopped, topic),
+        "the cleaner never took the replicated log for a plain one"
+    );
+    c.node_mut(stopped)
+        .options
+        .envs
+        .retain(|(k, _)| k != "SLUICE_FAULT_DELAY_MS");
 
     // kill -9 of the leader: a replica that cleaned its own copy takes over and serves the
     // latest value of every key at the same offsets.

@@ -546,7 +546,7 @@ async fn open_partitions(
         let owner = broker.owner(meta, p).expect("partition in range");
         let tp = TopicPartition::new(meta.name.clone(), p);
         let lc = log_config.clone();
-        invoke_on(owner, move || shard::open_partition_here(tp, lc))
+        invoke_on(owner, move || shard::open_partition_here(tp, lc, false))
             .await
             .map_err(|e| AdminError::Storage(e.to_string()))?;
     }

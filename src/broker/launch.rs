@@ -93,7 +93,13 @@ async fn run_shard(
         );
         for p in 0..t.partition_count() {
             if broker.owner(t, p) == Some(id) {
-                owned.push((TopicPartition::new(t.name.clone(), p), lc.clone()));
+                // A partition with a raft group waits for the controller to start it.
+                let replicated = t.groups.get(p as usize).is_some();
+                owned.push((
+                    TopicPartition::new(t.name.clone(), p),
+                    lc.clone(),
+                    replicated,
+                ));
             }
         }
     }
@@ -103,9 +109,9 @@ async fn run_shard(
         let wave: Vec<_> = owned
             .by_ref()
             .take(START_OPEN_CONCURRENCY)
-            .map(|(tp, lc)| {
+            .map(|(tp, lc, replicated)| {
                 glommio::spawn_local(async move {
-                    let r = shard::open_partition_here(tp.clone(), lc).await;
+                    let r = shard::open_partition_here(tp.clone(), lc, replicated).await;
                     (tp, r)
                 })
             })
@@ -187,6 +193,8 @@ async fn cleaner_loop() {
             .partitions
             .borrow()
             .iter()
+            // A log whose raft group is not attached yet is raft's: left for a later round.
+            .filter(|(tp, _)| !here.awaits_replica(tp))
             .map(|(tp, log)| (log.clone(), here.replica(tp)))
             .collect();
         for (log, replica) in logs {
@@ -246,6 +254,8 @@ async fn retention_loop() {
             .partitions
             .borrow()
             .iter()
+            // A log whose raft group is not attached yet is raft's: left for a later round.
+            .filter(|(tp, _)| !here.awaits_replica(tp))
             .map(|(tp, log)| (log.clone(), here.replica(tp)))
             .collect();
         let now = clock.now_ms();

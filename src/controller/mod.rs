@@ -412,7 +412,7 @@ async fn open_local(broker: &BrokerContext, image: &MetadataImage, t: &TopicMeta
         let opened = invoke_on(owner, move || async move {
             match group {
                 Some(g) => shard::open_replica_here(tp, lc, g, voters).await,
-                None => shard::open_partition_here(tp, lc).await,
+                None => shard::open_partition_here(tp, lc, false).await,
             }
         })
         .await;

@@ -931,7 +931,17 @@ async fn load_here(gs: &Rc<GroupShard>) -> Result<(), String> {
         crate::admin::internal_topic_here(OFFSETS_TOPIC, OFFSETS_PARTITIONS, rf).await?;
     gs.coordinator.borrow_mut().config.offsets_partitions = meta.partition_count();
     for (p, log) in owned {
-        let replica = shard.replica(&TopicPartition::new(OFFSETS_TOPIC, p));
+        let tp = TopicPartition::new(OFFSETS_TOPIC, p);
+        // In a cluster the log may be open before the controller starts its raft group.
+        let replica = match shard.replica(&tp) {
+            None if shard.awaits_replica(&tp) => Some(
+                shard
+                    .attached_replica(&tp)
+                    .await
+                    .ok_or_else(|| format!("{tp} was removed or the broker stops"))?,
+            ),
+            r => r,
+        };
         match replica {
             // Served while this node's replica leads it.
             Some(replica) => {

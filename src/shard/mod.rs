@@ -12,7 +12,7 @@
 //! into the request that caused it; the shard and its other connections keep running.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -45,6 +45,11 @@ pub struct Shard {
     pub partitions: RefCell<HashMap<TopicPartition, Rc<PartitionLog>>>,
     /// The raft group of each partition of `partitions` that has replicas (in a cluster).
     pub replicas: RefCell<HashMap<TopicPartition, Rc<ReplicatedPartition>>>,
+    /// The partitions of `partitions` whose log belongs to a raft group, whether or not the
+    /// group runs yet (see [`Shard::awaits_replica`]).
+    replicated: RefCell<HashSet<TopicPartition>>,
+    /// Notified each time a replica is attached to its log here.
+    replica_attached: event_listener::Event,
     /// In a cluster: this shard's raft transport, which carries the groups of its partitions
     /// to and from the same shard of every other node (see [`partition_transport_port`]).
     pub transport: RefCell<Option<sluice_raft::Transport>>,
@@ -126,6 +131,8 @@ impl Shard {
             broker,
             partitions: RefCell::new(HashMap::new()),
             replicas: RefCell::new(HashMap::new()),
+            replicated: RefCell::new(HashSet::new()),
+            replica_attached: event_listener::Event::new(),
             transport: RefCell::new(None),
             cache,
             clock: Clock::system(),
@@ -156,7 +163,41 @@ impl Shard {
     pub fn replica(&self, tp: &TopicPartition) -> Option<Rc<ReplicatedPartition>> {
         self.replicas.borrow().get(tp).cloned()
     }
+
+    /// Whether `tp`'s log is open here and belongs to a raft group that is not attached yet: at
+    /// start-up, from the opening of the logs until the controller starts their groups, and
+    /// while [`open_replica_here`] starts one. Such a log is raft's: nothing may append to it,
+    /// serve reads from it, clean it or move its start outside raft until its replica runs
+    /// (a plain append would put a batch in the log that is no raft entry).
+    pub fn awaits_replica(&self, tp: &TopicPartition) -> bool {
+        self.replicated.borrow().contains(tp) && !self.replicas.borrow().contains_key(tp)
+    }
+
+    /// Waits until `tp`'s replica is attached here; `None` once `tp` no longer belongs to a
+    /// raft group on this shard (removed) or the broker stops.
+    pub async fn attached_replica(&self, tp: &TopicPartition) -> Option<Rc<ReplicatedPartition>> {
+        loop {
+            let attached = self.replica_attached.listen();
+            if let Some(r) = self.replica(tp) {
+                return Some(r);
+            }
+            if !self.replicated.borrow().contains(tp)
+                || self
+                    .broker
+                    .stopping
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return None;
+            }
+            // Stopping does not notify: look again now and then.
+            futures_lite::future::or(attached, self.clock.sleep(ATTACH_RECHECK)).await;
+        }
+    }
 }
+
+/// How often [`Shard::attached_replica`] looks again without a notification (to see the broker
+/// stopping).
+const ATTACH_RECHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The port of shard `shard`'s partition transport on a node whose controller listens on
 /// `internal_port`: the ports right above it, one per shard, so that every node derives every
@@ -228,8 +269,11 @@ pub async fn open_replica_here(
     if shard.replica(&tp).is_some() {
         return Ok(());
     }
-    open_partition_here(tp.clone(), lc).await?;
+    open_partition_here(tp.clone(), lc, true).await?;
     let log = shard.partition(&tp).expect("just opened");
+    if let Some(d) = crate::fault::delay_for("replica_start", &tp.to_string()) {
+        shard.clock.sleep(d).await;
+    }
     let transport = shard.transport.borrow().clone().ok_or_else(|| {
         StorageError::Io(std::io::Error::other(
             "no partition transport on this shard (not in a cluster)",
@@ -254,6 +298,7 @@ pub async fn open_replica_here(
         }
     });
     shard.replicas.borrow_mut().insert(tp, replica);
+    shard.replica_attached.notify(usize::MAX);
     Ok(())
 }
 
@@ -330,9 +375,18 @@ fn spawn_preferred_leader_check(replica: Rc<ReplicatedPartition>, voters: Vec<u6
     });
 }
 
-/// Opens one partition log on the calling shard (idempotent).
-pub async fn open_partition_here(tp: TopicPartition, lc: LogConfig) -> Result<(), StorageError> {
+/// Opens one partition log on the calling shard (idempotent). `replicated`: the partition has
+/// a raft group (in the metadata), so the log waits for its replica (see
+/// [`Shard::awaits_replica`]) before anything but raft touches it.
+pub async fn open_partition_here(
+    tp: TopicPartition,
+    lc: LogConfig,
+    replicated: bool,
+) -> Result<(), StorageError> {
     let shard = local();
+    if replicated {
+        shard.replicated.borrow_mut().insert(tp.clone());
+    }
     if shard.partition(&tp).is_some() {
         return Ok(());
     }
@@ -377,6 +431,7 @@ pub async fn reconfigure_partitions(broker: &BrokerContext, t: &crate::metadata:
 /// not open), so the name can be reused at once.
 pub async fn remove_partition_here(tp: TopicPartition) -> Result<(), StorageError> {
     let shard = local();
+    shard.replicated.borrow_mut().remove(&tp);
     let replica = shard.replicas.borrow_mut().remove(&tp);
     if let Some(r) = replica {
         r.stop().await;

@@ -197,6 +197,11 @@ where
                 }
                 epoch
             }
+            // Its raft group is not running yet (the node is starting): not served until it
+            // is, as Kafka answers for a replica that is not the leader.
+            None if here.awaits_replica(&tp) => {
+                return Err(code(ResponseError::NotLeaderOrFollower));
+            }
             None => UNREPLICATED_EPOCH,
         };
         Ok(f(log, epoch, replica).await)

@@ -685,6 +685,8 @@ async fn wait_on_owner(
             (Some(r), _) => commits.push(Box::pin(async move {
                 r.wait_committed_past(Offset(offset)).await
             })),
+            // Not served until its raft group runs: the next read reports it.
+            (None, Some(_)) if here.awaits_replica(&tp) => return,
             (None, Some(log)) => log.signal_append(Offset(offset), &signal),
             // Gone since the read (deleted, moved): the next read reports it.
             (None, None) => return,

@@ -71,11 +71,14 @@ fn warmup_end(timeline: &[Sample]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// One line of a chart: its label, colour and (x, y) points.
+type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+
 fn throughput_chart(path: &Path, timeline: &[Sample]) -> Result<()> {
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(chart_err)?;
     let t_max = timeline.last().map(|s| s.t).unwrap_or(1.0).max(1.0);
-    let series: [(&str, RGBColor, Vec<(f64, f64)>); 2] = [
+    let series: [Series; 2] = [
         (
             "produce MB/s",
             BLUE,

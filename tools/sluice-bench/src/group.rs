@@ -203,17 +203,17 @@ pub async fn run_member(
     let mut boot = setup::bootstrap(&brokers, connect_timeout).await?;
     let coord_addr = find_coordinator(&mut boot, &group).await?;
     drop(boot);
-    let coord = Rc::new(RefCell::new(
-        setup::connect(&coord_addr, connect_timeout).await?,
-    ));
+    // Used by this loop between rounds and by the round's heartbeat task while it runs: moved
+    // into that task and handed back when it ends.
+    let mut coord = setup::connect(&coord_addr, connect_timeout).await?;
     let mut member_id = String::new();
     let mut fetchers: BTreeMap<String, Conn> = BTreeMap::new();
     while !stats.stopped() {
-        let m = join(&mut coord.borrow_mut(), &group, &topic, &member_id).await?;
+        let m = join(&mut coord, &group, &topic, &member_id).await?;
         member_id = m.member_id.clone();
         if m.partitions.is_empty() {
             // More members than partitions: idle until the next rebalance.
-            let code = heartbeat(&mut coord.borrow_mut(), &group, &m).await?;
+            let code = heartbeat(&mut coord, &group, &m).await?;
             if code == code::NONE {
                 glommio::timer::sleep(HEARTBEAT_INTERVAL).await;
             }
@@ -230,8 +230,7 @@ pub async fn run_member(
                 .context("assigned partition not in topic metadata")?;
             by_leader.entry(leader).or_default().push(p);
         }
-        let committed_at =
-            committed(&mut coord.borrow_mut(), &group, &topic.name, &m.partitions).await?;
+        let committed_at = committed(&mut coord, &group, &topic.name, &m.partitions).await?;
         let mut lanes = vec![];
         for (leader, parts) in by_leader {
             if !fetchers.contains_key(&leader) {
@@ -269,8 +268,8 @@ pub async fn run_member(
         let done = Rc::new(Cell::new(false));
         let m = Rc::new(m);
         let hb = {
-            let (coord, merged, rejoin, done, m, group, topic_name, stats) = (
-                coord.clone(),
+            let (mut coord, merged, rejoin, done, m, group, topic_name, stats) = (
+                coord,
                 merged.clone(),
                 rejoin.clone(),
                 done.clone(),
@@ -280,24 +279,27 @@ pub async fn run_member(
                 stats.clone(),
             );
             glommio::spawn_local(async move {
-                let mut waited = Duration::ZERO;
-                while !done.get() && !stats.stopped() {
-                    glommio::timer::sleep(Duration::from_millis(100)).await;
-                    waited += Duration::from_millis(100);
-                    if waited < HEARTBEAT_INTERVAL {
-                        continue;
+                let beats = async {
+                    let mut waited = Duration::ZERO;
+                    while !done.get() && !stats.stopped() {
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                        waited += Duration::from_millis(100);
+                        if waited < HEARTBEAT_INTERVAL {
+                            continue;
+                        }
+                        waited = Duration::ZERO;
+                        let snapshot = merged();
+                        let e1 = commit(&mut coord, &group, &m, &topic_name, &snapshot).await?;
+                        let e2 = heartbeat(&mut coord, &group, &m).await?;
+                        if e1 != code::NONE || e2 != code::NONE {
+                            rejoin.set(true);
+                            return Ok::<(), anyhow::Error>(());
+                        }
                     }
-                    waited = Duration::ZERO;
-                    let mut c = coord.borrow_mut();
-                    let snapshot = merged();
-                    let e1 = commit(&mut c, &group, &m, &topic_name, &snapshot).await?;
-                    let e2 = heartbeat(&mut c, &group, &m).await?;
-                    if e1 != code::NONE || e2 != code::NONE {
-                        rejoin.set(true);
-                        return Ok::<(), anyhow::Error>(());
-                    }
-                }
-                Ok(())
+                    Ok(())
+                };
+                let r = beats.await;
+                (coord, r)
             })
         };
         // Each lane owns its connection while it runs and hands it back when it ends.
@@ -324,17 +326,19 @@ pub async fn run_member(
             }
         }
         done.set(true);
-        hb.await?;
+        let (back, beats) = hb.await;
+        coord = back;
+        beats?;
         if let Some(e) = first_err {
             return Err(e);
         }
         if !rejoin.get() {
             let snapshot = merged();
-            commit(&mut coord.borrow_mut(), &group, &m, &topic.name, &snapshot).await?;
+            commit(&mut coord, &group, &m, &topic.name, &snapshot).await?;
         }
     }
     if !member_id.is_empty() {
-        kgroup::leave_group(&mut coord.borrow_mut(), &group, &member_id).await?;
+        kgroup::leave_group(&mut coord, &group, &member_id).await?;
     }
     Ok(())
 }

@@ -221,7 +221,7 @@ pub struct Percentiles {
 
 impl Percentiles {
     fn of(h: &Histogram<u64>) -> Option<Percentiles> {
-        (h.len() > 0).then(|| Percentiles {
+        (!h.is_empty()).then(|| Percentiles {
             p50: ms(h.value_at_quantile(0.5)),
             p99: ms(h.value_at_quantile(0.99)),
             p999: ms(h.value_at_quantile(0.999)),
@@ -327,7 +327,7 @@ impl LiveLine {
                 errors: de,
             };
             let h = m.snapshot();
-            let p99 = if h.len() > 0 {
+            let p99 = if !h.is_empty() {
                 format!(" p99 {:>8.3} ms", ms(h.value_at_quantile(0.99)))
             } else {
                 String::new()
@@ -355,7 +355,7 @@ impl LiveLine {
             ));
         }
         let e = stats.end_to_end.snapshot();
-        if e.len() > 0 {
+        if !e.is_empty() {
             parts.push(format!("e2e p99 {:.3} ms", ms(e.value_at_quantile(0.99))));
             let prev = self.last_hists[1].replace(e.clone());
             sample.end_to_end_latency = Percentiles::of(&Self::interval(e, &prev));
@@ -432,7 +432,7 @@ pub fn summarize(stats: &Stats, elapsed: Duration, config: Value, timeline: &[Sa
         j.insert(format!("{key}Errors"), json!(err));
         if key == "publish" {
             let h = m.snapshot();
-            if h.len() > 0 {
+            if !h.is_empty() {
                 text.push_str(&latency_line(&format!("{label} {what}"), &h));
                 latency_json(&mut j, "publishLatency", &h);
             }
@@ -478,7 +478,7 @@ pub fn summarize(stats: &Stats, elapsed: Duration, config: Value, timeline: &[Sa
         share_summary(&stats.share, &mut text, &mut j);
     }
     let e = stats.end_to_end.snapshot();
-    if e.len() > 0 {
+    if !e.is_empty() {
         text.push_str(&latency_line("end-to-end latency", &e));
         latency_json(&mut j, "endToEndLatency", &e);
     }

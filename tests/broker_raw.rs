@@ -1099,7 +1099,7 @@ fn pipelined_requests_are_answered_in_order() {
             wire.extend(r.frame(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default()));
             kinds.push((ApiKey::ApiVersions, 3i16, -1i32));
         } else {
-            let p = (i % 4) as i32;
+            let p = i % 4;
             let req = ProduceRequest::default()
                 .with_acks(if i % 2 == 0 { -1 } else { 1 })
                 .with_timeout_ms(10_000)
@@ -1287,10 +1287,10 @@ fn assert_acked_present(b: &Broker, topic: &str, partitions: i32, acked: &[(i32,
 
 /// A two-shard broker with a 4-partition topic, two acks=all writers for half a second, then
 /// `stop` (SIGTERM or SIGKILL) while they write; returns what was acknowledged.
-fn stop_under_load(
-    prefix: &str,
-    stop: impl FnOnce(&mut Broker),
-) -> (Broker, String, Vec<(i32, i64, Vec<u8>)>) {
+/// What a writer had acknowledged: (partition, offset, value).
+type Acked = Vec<(i32, i64, Vec<u8>)>;
+
+fn stop_under_load(prefix: &str, stop: impl FnOnce(&mut Broker)) -> (Broker, String, Acked) {
     let mut b = Broker::options().cores(2).start();
     let t = topic_name(prefix);
     create_topic(&mut Raw::connect(b.addr), &t, 4);

@@ -1587,6 +1587,88 @@ fn describe_quorum(c: &Cluster, id: i32, topic: &str) -> (i16, i64, Vec<(i32, i6
     )
 }
 
+/// `sluice produce` and `sluice consume` (direct and `--group`) route each partition to its
+/// leader as a Kafka client does: given one node as bootstrap, they write to and read from
+/// partitions led by the others.
+#[test]
+fn the_cli_produces_to_and_consumes_from_each_partitions_leader() {
+    let c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    let topic = "routed";
+    let partitions = 6;
+    create(&c.bootstrap(), topic, partitions, 1).expect("create a topic of one replica");
+    let leaders = c.wait_for("every partition has a leader", |c| {
+        c.leaders(ids[0], topic, partitions as usize)
+            .filter(|l| l.iter().all(|n| ids.contains(n)))
+    });
+    let mut led: Vec<i32> = leaders.clone();
+    led.sort();
+    led.dedup();
+    assert!(led.len() > 1, "leaders spread over nodes: {leaders:?}");
+    let lines: Vec<String> = (0..120).map(|i| format!("k{i}:v{i}")).collect();
+    let input = lines.join("\n") + "\n";
+    let first = c.node(ids[0]).bootstrap();
+    let out = common::sluice(
+        &[
+            "produce",
+            topic,
+            "--brokers",
+            &first,
+            "--key-separator",
+            ":",
+        ],
+        Some(input.as_bytes()),
+    );
+    assert!(
+        out.status.success(),
+        "produce through one node: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: std::collections::BTreeSet<String> = (0..120).map(|i| format!("v{i}")).collect();
+    let last = c.node(*ids.last().unwrap()).bootstrap();
+    let read = |args: &[&str]| -> std::collections::BTreeSet<String> {
+        let out = common::sluice(args, None);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let direct = read(&[
+        "consume",
+        topic,
+        "--brokers",
+        &last,
+        "--from-beginning",
+        "-n",
+        "120",
+    ]);
+    assert_eq!(
+        direct, expected,
+        "every record read back through another node"
+    );
+    let grouped = read(&[
+        "consume",
+        topic,
+        "--brokers",
+        &last,
+        "--from-beginning",
+        "-n",
+        "120",
+        "-g",
+        "routed-cli",
+    ]);
+    assert_eq!(
+        grouped, expected,
+        "every record read back by a group member"
+    );
+}
+
 #[test]
 fn cluster_status_shows_nodes_leaders_isr_and_lag() {
     let mut c = Cluster::start(3);

@@ -13,7 +13,9 @@ use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 use sluice_client::check;
 
-use super::{connect, topic, Client};
+use super::{
+    connect, leader_moved, topic, Client, Leaders, LEADER_RETRY_BACKOFF, LEADER_RETRY_MAX,
+};
 use crate::protocol::batch;
 use crate::protocol::compression::{self, DECOMPRESSED_BATCH_BYTES_MAX};
 
@@ -93,8 +95,7 @@ pub fn format_record(template: &str, r: &Formatted<'_>, out: &mut Vec<u8>) {
     }
 }
 
-/// Fetches from `positions` (partition → next offset) once, printing records; returns the count
-/// printed and, per partition, the high watermark seen.
+/// Fetches from `positions` (partition → next offset) once from one broker, printing records.
 pub fn fetch_once(
     c: &mut Client,
     topic: &str,
@@ -102,7 +103,7 @@ pub fn fetch_once(
     format: &str,
     remaining: Option<u64>,
     max_wait_ms: i32,
-) -> Result<(u64, BTreeMap<i32, i64>)> {
+) -> Result<Fetched> {
     let req = FetchRequest::default()
         .with_replica_id(BrokerId(-1))
         .with_max_wait_ms(max_wait_ms)
@@ -128,10 +129,15 @@ pub fn fetch_once(
     check(resp.error_code, "fetch", None)?;
     let mut printed = 0u64;
     let mut hws = BTreeMap::new();
+    let mut moved = Vec::new();
     let stdout = std::io::stdout();
     let mut out = Vec::new();
     for t in &resp.responses {
         for p in &t.partitions {
+            if leader_moved(p.error_code) {
+                moved.push(p.partition_index);
+                continue;
+            }
             check(
                 p.error_code,
                 &format!("fetch {topic}-{}", p.partition_index),
@@ -198,6 +204,76 @@ pub fn fetch_once(
     }
     stdout.lock().write_all(&out)?;
     stdout.lock().flush()?;
+    Ok(Fetched {
+        printed,
+        hws,
+        moved,
+    })
+}
+
+/// What one fetch did.
+pub struct Fetched {
+    /// Records printed.
+    pub printed: u64,
+    /// The high watermark of each partition answered.
+    pub hws: BTreeMap<i32, i64>,
+    /// Partitions whose leader moved (ask Metadata again).
+    pub moved: Vec<i32>,
+}
+
+/// Fetches `positions` once from each partition's leader, printing records: the records
+/// printed and the high watermarks seen. A partition whose leader moved or whose leader's
+/// connection failed is skipped this time, and Metadata asked again.
+pub fn fetch_routed(
+    leaders: &mut Leaders,
+    topic: &str,
+    positions: &mut BTreeMap<i32, i64>,
+    format: &str,
+    remaining: Option<u64>,
+    max_wait_ms: i32,
+) -> Result<(u64, BTreeMap<i32, i64>)> {
+    let parts: Vec<i32> = positions.keys().copied().collect();
+    let routes = leaders.by_leader(&parts);
+    // With several leaders each waits less, so one idle leader does not hold up the others.
+    let wait = if routes.len() > 1 {
+        max_wait_ms.min(100)
+    } else {
+        max_wait_ms
+    };
+    let (mut printed, mut hws, mut refresh) = (0u64, BTreeMap::new(), false);
+    for (node, ps) in routes {
+        let Some(node) = node else {
+            refresh = true;
+            continue;
+        };
+        let mut mine: BTreeMap<i32, i64> = ps.iter().map(|p| (*p, positions[p])).collect();
+        let left = remaining.map(|n| n.saturating_sub(printed));
+        let Ok(c) = leaders.conn(node) else {
+            // The leader cannot be reached (it may have just failed): ask who leads now.
+            refresh = true;
+            continue;
+        };
+        match fetch_once(c, topic, &mut mine, format, left, wait) {
+            Ok(f) => {
+                printed += f.printed;
+                hws.extend(f.hws);
+                refresh |= !f.moved.is_empty();
+                positions.extend(mine);
+            }
+            Err(e) if e.downcast_ref::<std::io::Error>().is_some() => {
+                leaders.drop_conn(node);
+                refresh = true;
+            }
+            Err(e) => return Err(e),
+        }
+        if remaining.is_some_and(|n| printed >= n) {
+            break;
+        }
+    }
+    if refresh {
+        std::thread::sleep(LEADER_RETRY_BACKOFF);
+        leaders.refresh(false)?;
+    }
     Ok((printed, hws))
 }
 
@@ -225,11 +301,19 @@ pub fn run(a: ConsumeArgs) -> Result<()> {
         check(err, &format!("offsets of {}-{p}", a.topic), None)?;
         positions.insert(p, a.offset.unwrap_or(off));
     }
-    consume_loop(&mut c, &a.topic, &mut positions, &a.format, a.num, a.exit)
+    let mut leaders = Leaders::new(c, &a.topic, false)?;
+    consume_loop(
+        &mut leaders,
+        &a.topic,
+        &mut positions,
+        &a.format,
+        a.num,
+        a.exit,
+    )
 }
 
 pub fn consume_loop(
-    c: &mut Client,
+    leaders: &mut Leaders,
     topic: &str,
     positions: &mut BTreeMap<i32, i64>,
     format: &str,
@@ -239,8 +323,8 @@ pub fn consume_loop(
     let mut total = 0u64;
     loop {
         let remaining = num.map(|n| n - total);
-        let (n, hws) = fetch_once(
-            c,
+        let (n, hws) = fetch_routed(
+            leaders,
             topic,
             positions,
             format,
@@ -261,11 +345,36 @@ pub fn consume_loop(
     }
 }
 
+/// Coordinator errors after which a client asks FindCoordinator again (the group's
+/// `__consumer_offsets` partition is being created, elected or loaded).
+const RETRIABLE_COORDINATOR_ERRORS: [i16; 3] = [
+    14, // COORDINATOR_LOAD_IN_PROGRESS
+    15, // COORDINATOR_NOT_AVAILABLE
+    16, // NOT_COORDINATOR
+];
+
+/// The `host:port` of `group`'s coordinator, asked again while it is being created, elected
+/// or loaded, for up to [`LEADER_RETRY_MAX`].
+fn find_coordinator(boot: &mut Client, group: &str) -> Result<String> {
+    let deadline = std::time::Instant::now() + LEADER_RETRY_MAX;
+    loop {
+        let (code, coordinator) = block_on(sluice_client::group::find_coordinator(boot, group))?;
+        if !RETRIABLE_COORDINATOR_ERRORS.contains(&code) || std::time::Instant::now() >= deadline {
+            check(code, &format!("coordinator of group {group}"), None)?;
+            return Ok(coordinator);
+        }
+        std::thread::sleep(LEADER_RETRY_BACKOFF);
+    }
+}
+
 /// `--group`: consume the partitions the group assigns to us, resuming from committed offsets
 /// (or the beginning/end when none), committing after every fetch that printed records.
-fn consume_group(c: &mut Client, a: &ConsumeArgs, group: &str) -> Result<()> {
+fn consume_group(boot: &mut Client, a: &ConsumeArgs, group: &str) -> Result<()> {
     use super::group::{committed, Member};
-    topic::partitions(c, &a.topic)?;
+    topic::partitions(boot, &a.topic)?;
+    // The group's requests go to its coordinator, fetches to each partition's leader.
+    let c = &mut connect(&find_coordinator(boot, group)?)?;
+    let mut leaders = Leaders::new(connect(&a.brokers)?, &a.topic, false)?;
     let mut member = Member::join(c, group, &a.topic)?;
     let mut total = 0u64;
     let result = (|| -> Result<()> {
@@ -306,8 +415,8 @@ fn consume_group(c: &mut Client, a: &ConsumeArgs, group: &str) -> Result<()> {
                     continue;
                 }
                 let remaining = a.num.map(|n| n - total);
-                let (n, hws) = fetch_once(
-                    c,
+                let (n, hws) = fetch_routed(
+                    &mut leaders,
                     &a.topic,
                     &mut positions,
                     &a.format,

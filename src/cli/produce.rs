@@ -12,9 +12,11 @@ use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProdu
 use kafka_protocol::messages::{ProduceRequest, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
-use sluice_client::{admin, check};
+use std::time::Instant;
 
-use super::{connect, Client};
+use sluice_client::check;
+
+use super::{connect, leader_moved, Leaders, LEADER_RETRY_BACKOFF, LEADER_RETRY_MAX};
 use crate::protocol::builder::{BatchBuilder, BatchOptions, Record};
 use crate::protocol::compression::Compression;
 
@@ -84,13 +86,9 @@ pub fn run(a: ProduceArgs) -> Result<()> {
         Ok(c) => c,
         Err(e) => bail!("invalid --compression: {e}"),
     };
-    let mut c = connect(&a.brokers)?;
     // Metadata with auto-creation allowed, as a producer does.
-    let parts = {
-        let t = block_on(admin::topic_metadata(&mut c, &a.topic, true))?;
-        check(t.error_code, &format!("topic {}", a.topic), None)?;
-        t.partitions.len() as i32
-    };
+    let mut leaders = Leaders::new(connect(&a.brokers)?, &a.topic, true)?;
+    let parts = leaders.partition_count();
     if let Some(p) = a.partition {
         if p < 0 || p >= parts {
             bail!(
@@ -125,12 +123,12 @@ pub fn run(a: ProduceArgs) -> Result<()> {
         });
         count += 1;
         if count >= a.batch_records {
-            total += send(&mut c, &a.topic, acks, compression, &mut pending)?;
+            total += send(&mut leaders, &a.topic, acks, compression, &mut pending)?;
             count = 0;
             rr = (rr + 1) % parts;
         }
     }
-    total += send(&mut c, &a.topic, acks, compression, &mut pending)?;
+    total += send(&mut leaders, &a.topic, acks, compression, &mut pending)?;
     eprintln!("produced {total} records to {}", a.topic);
     Ok(())
 }
@@ -142,14 +140,17 @@ struct Line {
     value: Bytes,
 }
 
+/// Sends the pending lines, one batch per partition, each to its partition's leader; a
+/// partition whose leader moved or is being elected is retried on the leader Metadata names
+/// next, for up to [`LEADER_RETRY_MAX`].
 fn send(
-    c: &mut Client,
+    leaders: &mut Leaders,
     topic: &str,
     acks: i16,
     compression: Compression,
     pending: &mut [Vec<Line>],
 ) -> Result<u64> {
-    let mut data = Vec::new();
+    let mut todo: Vec<(i32, Bytes)> = Vec::new();
     let mut n = 0u64;
     let mut b = BatchBuilder::new(BatchOptions {
         compression,
@@ -167,40 +168,111 @@ fn send(
                 timestamp_ms: r.timestamp_ms,
             });
         }
-        let batch = b.finish()?;
+        todo.push((p as i32, Bytes::from(b.finish()?)));
         n += recs.len() as u64;
         recs.clear();
-        data.push(
+    }
+    let deadline = Instant::now() + LEADER_RETRY_MAX;
+    let mut last_error = String::new();
+    while !todo.is_empty() {
+        let parts: Vec<i32> = todo.iter().map(|t| t.0).collect();
+        let mut retry = Vec::new();
+        for (node, ps) in leaders.by_leader(&parts) {
+            let (mine, rest): (Vec<_>, Vec<_>) = todo.into_iter().partition(|t| ps.contains(&t.0));
+            todo = rest;
+            let Some(node) = node else {
+                last_error = format!("no leader for {topic}-{}", ps[0]);
+                retry.extend(mine);
+                continue;
+            };
+            match send_to(leaders, node, topic, acks, &mine) {
+                Ok(moved) => {
+                    for (p, code) in moved {
+                        last_error = format!(
+                            "produce to {topic}-{p}: {}",
+                            sluice_client::error_name(code)
+                        );
+                        retry.extend(mine.iter().filter(|t| t.0 == p).cloned());
+                    }
+                }
+                Err(SendError::Io(e)) => {
+                    // The leader went away: ask again who leads.
+                    leaders.drop_conn(node);
+                    last_error = format!("{e:#}");
+                    retry.extend(mine);
+                }
+                Err(SendError::Failed(e)) => return Err(e),
+            }
+        }
+        if retry.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("{last_error} (still failing after {LEADER_RETRY_MAX:?})");
+        }
+        std::thread::sleep(LEADER_RETRY_BACKOFF);
+        leaders.refresh(false)?;
+        todo = retry;
+    }
+    Ok(n)
+}
+
+enum SendError {
+    /// The connection failed: worth retrying on the leader Metadata names next.
+    Io(anyhow::Error),
+    /// The broker refused the records for good.
+    Failed(anyhow::Error),
+}
+
+/// One Produce request of `batches` to leader `node`: the partitions it answered with a
+/// leader-moved error (to retry), or the error that fails the command.
+fn send_to(
+    leaders: &mut Leaders,
+    node: i32,
+    topic: &str,
+    acks: i16,
+    batches: &[(i32, Bytes)],
+) -> std::result::Result<Vec<(i32, i16)>, SendError> {
+    let data = batches
+        .iter()
+        .map(|(p, b)| {
             PartitionProduceData::default()
-                .with_index(p as i32)
-                .with_records(Some(Bytes::from(batch))),
-        );
-    }
-    if data.is_empty() {
-        return Ok(0);
-    }
+                .with_index(*p)
+                .with_records(Some(b.clone()))
+        })
+        .collect();
     let req = ProduceRequest::default()
         .with_acks(acks)
         .with_timeout_ms(30_000)
         .with_topic_data(vec![TopicProduceData::default()
             .with_name(TopicName(StrBytes::from_string(topic.to_string())))
             .with_partition_data(data)]);
-    let v = c.versions().pick_in::<ProduceRequest>(3, 11)?;
+    let c = leaders.conn(node).map_err(SendError::Io)?;
+    let v = c
+        .versions()
+        .pick_in::<ProduceRequest>(3, 11)
+        .map_err(SendError::Failed)?;
     if acks == 0 {
-        block_on(c.send_only(&req, v))?;
-        return Ok(n);
+        block_on(c.send_only(&req, v)).map_err(SendError::Io)?;
+        return Ok(vec![]);
     }
-    let resp = block_on(c.call_at(&req, v))?;
+    let resp = block_on(c.call_at(&req, v)).map_err(SendError::Io)?;
+    let mut moved = Vec::new();
     for t in &resp.responses {
         for p in &t.partition_responses {
+            if leader_moved(p.error_code) {
+                moved.push((p.index, p.error_code));
+                continue;
+            }
             check(
                 p.error_code,
                 &format!("produce to {topic}-{}", p.index),
                 p.error_message.as_ref(),
-            )?;
+            )
+            .map_err(SendError::Failed)?;
         }
     }
-    Ok(n)
+    Ok(moved)
 }
 
 #[cfg(test)]

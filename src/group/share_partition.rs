@@ -257,8 +257,7 @@ impl SharePartition {
 
     /// Notes that `bytes` of batches held `records` records (for [`Self::read_bytes`]).
     pub fn note_read(&mut self, bytes: u64, records: u64) {
-        if records > 0 {
-            let seen = bytes / records;
+        if let Some(seen) = bytes.checked_div(records) {
             self.bytes_per_record = if self.bytes_per_record == 0 {
                 seen
             } else {

@@ -876,7 +876,6 @@ mod tests {
                         first: Offset(0),
                         last: Offset(3),
                     }],
-                    ..Default::default()
                 },
                 PartResult {
                     error: code(ResponseError::OffsetOutOfRange),

@@ -105,8 +105,19 @@ impl TransportConfig {
 /// Counters, for tests and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TransportStats {
+    /// Frames queued for peers (a frame is one raft message, or one coalesced heartbeat frame).
     pub frames_sent: u64,
+    /// Frames read off incoming connections.
     pub frames_received: u64,
+    /// Raft messages queued for peers, counting each heartbeat of a coalesced frame.
+    pub messages_sent: u64,
+    /// Raft messages read off incoming connections, counting each heartbeat of a coalesced
+    /// frame.
+    pub messages_received: u64,
+    /// Bytes written to peers (frames, not preambles).
+    pub bytes_sent: u64,
+    /// Bytes read from peers.
+    pub bytes_received: u64,
     /// Connections closed for a bad preamble or frame.
     pub connections_rejected: u64,
     /// Messages dropped: full queue or inbox, unknown group, wrong addressee, isolation.
@@ -296,6 +307,7 @@ impl Transport {
             buf.extend_from_slice(&group);
             buf.extend_from_slice(&body);
             stats.frames_sent += 1;
+            stats.messages_sent += 1;
             kicked.push(peer.clone());
         }
         for peer in kicked {
@@ -362,9 +374,12 @@ async fn writer(inner: Rc<Inner>, peer_id: u64, kicked: async_channel::Receiver<
                 Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"))
             })
             .await;
-            if let Err(e) = written {
-                tracing::debug!("raft: connection to node {peer_id} lost: {e}");
-                conn = None;
+            match written {
+                Ok(()) => inner.stats.borrow_mut().bytes_sent += batch.len() as u64,
+                Err(e) => {
+                    tracing::debug!("raft: connection to node {peer_id} lost: {e}");
+                    conn = None;
+                }
             }
         }
     }
@@ -514,6 +529,7 @@ async fn read_connection(inner: &Inner, mut conn: TcpStream) -> io::Result<()> {
             codec::check_message(pb).map_err(|e| bad(e.0))?;
             let msg = Message::parse_from_carllerche_bytes(&Bytes::copy_from_slice(pb))
                 .map_err(|e| bad(&format!("raft message did not decode: {e}")))?;
+            inner.stats.borrow_mut().frames_received += 1;
             deliver(inner, group, msg);
             consumed += FRAME_HEADER_BYTES + len;
         }
@@ -533,6 +549,7 @@ async fn read_connection(inner: &Inner, mut conn: TcpStream) -> io::Result<()> {
             return Err(bad("inbound buffer budget exhausted"));
         }
         inner.inbound_buffered.set(inner.inbound_buffered.get() + n);
+        inner.stats.borrow_mut().bytes_received += n as u64;
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -555,7 +572,7 @@ impl Drop for Budgeted<'_> {
 
 fn deliver(inner: &Inner, group: u64, msg: Message) {
     let mut stats = inner.stats.borrow_mut();
-    stats.frames_received += 1;
+    stats.messages_received += 1;
     let known_peer = inner.peers.contains_key(&msg.from);
     if inner.isolated.get() || msg.to != inner.config.node_id || !known_peer {
         stats.messages_dropped += 1;

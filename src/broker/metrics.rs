@@ -557,7 +557,7 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         .cloned()
         .collect();
     if !raft.is_empty() {
-        let families: [(&str, &str, fn(&sluice_raft::transport::TransportStats) -> u64); 7] = [
+        let families: [(&str, &str, fn(&sluice_raft::transport::TransportStats) -> u64); 9] = [
             (
                 "sluice_raft_frames_sent_total",
                 "Frames the shard's partition transport queued for peers (one raft message, or one coalesced heartbeat frame).",
@@ -587,6 +587,16 @@ fn render(broker: &BrokerContext, started: f64) -> String {
                 "sluice_raft_bytes_received_total",
                 "Bytes the shard's partition transport read from peers.",
                 |t| t.bytes_received,
+            ),
+            (
+                "sluice_raft_heartbeat_frames_sent_total",
+                "Coalesced heartbeat frames the shard's partition transport queued (each carries the heartbeats and responses of every group for one peer).",
+                |t| t.heartbeat_frames_sent,
+            ),
+            (
+                "sluice_raft_heartbeats_coalesced_total",
+                "Heartbeats and heartbeat responses sent inside coalesced frames instead of a frame each.",
+                |t| t.heartbeats_coalesced,
             ),
             (
                 "sluice_raft_messages_dropped_total",

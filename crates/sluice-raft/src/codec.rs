@@ -58,6 +58,14 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(a))
     }
 
+    /// A protobuf-style varint (7 bits a byte, at most 10 bytes).
+    pub fn varint(&mut self, what: &'static str) -> Result<u64, Malformed> {
+        let mut pos = 0;
+        let v = read_varint(self.buf, &mut pos).map_err(|_| Malformed(what))?;
+        self.buf = &self.buf[pos..];
+        Ok(v)
+    }
+
     /// A u32 length followed by that many bytes; the length is checked against what remains.
     pub fn len_bytes(&mut self, what: &'static str) -> Result<&'a [u8], Malformed> {
         let len = self.u32(what)? as usize;
@@ -81,6 +89,14 @@ fn put_u32(buf: &mut Vec<u8>, v: u32) {
 
 fn put_u64(buf: &mut Vec<u8>, v: u64) {
     buf.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
 }
 
 fn put_len_bytes(buf: &mut Vec<u8>, b: &[u8]) {
@@ -270,9 +286,9 @@ pub const HEARTBEAT_CONTEXT_BYTES_MAX: usize = 256;
 /// `HEARTBEAT_CONTEXT_BYTES_MAX` this bounds a frame to about 1.1 MiB.
 pub const HEARTBEATS_PER_FRAME_MAX: usize = 4096;
 
-/// Bytes of a coalesced heartbeat entry with an empty context: group u64, kind u8, term u64,
-/// commit u64, context length u16.
-pub const HEARTBEAT_ENTRY_MIN_BYTES: usize = 8 + 1 + 8 + 8 + 2;
+/// Fewest bytes of a coalesced heartbeat entry: group, term, commit and context length are
+/// varints of at least one byte each, the kind one byte.
+pub const HEARTBEAT_ENTRY_MIN_BYTES: usize = 5;
 
 /// Bytes before the entries of a coalesced heartbeat frame: from u64, to u64, count u32.
 const HEARTBEATS_HEADER_BYTES: usize = 8 + 8 + 4;
@@ -336,9 +352,10 @@ impl HeartbeatEntry {
     }
 }
 
-/// Encodes a coalesced heartbeat frame's body (little-endian):
-/// `[from u64][to u64][count u32]` then per entry
-/// `[group u64][kind u8: 0 heartbeat, 1 response][term u64][commit u64][context len u16][context]`.
+/// Encodes a coalesced heartbeat frame's body: `[from u64][to u64][count u32]` (little-endian)
+/// then per entry `[group][kind u8: 0 heartbeat, 1 response][term][commit][context len][context]`,
+/// group, term, commit and the context length as protobuf-style varints (an idle group's entry
+/// is 5–10 bytes).
 /// The caller keeps `entries` within `HEARTBEATS_PER_FRAME_MAX` and each context within
 /// `HEARTBEAT_CONTEXT_BYTES_MAX` (as `HeartbeatEntry::from_message` does).
 pub fn put_heartbeats(buf: &mut Vec<u8>, from: u64, to: u64, entries: &[HeartbeatEntry]) {
@@ -347,11 +364,11 @@ pub fn put_heartbeats(buf: &mut Vec<u8>, from: u64, to: u64, entries: &[Heartbea
     put_u64(buf, to);
     put_u32(buf, entries.len() as u32);
     for e in entries {
-        put_u64(buf, e.group);
+        put_varint(buf, e.group);
         buf.push(u8::from(e.response));
-        put_u64(buf, e.term);
-        put_u64(buf, e.commit);
-        buf.extend_from_slice(&(e.context.len() as u16).to_le_bytes());
+        put_varint(buf, e.term);
+        put_varint(buf, e.commit);
+        put_varint(buf, e.context.len() as u64);
         buf.extend_from_slice(&e.context);
     }
 }
@@ -373,20 +390,19 @@ pub fn get_heartbeats(buf: &[u8]) -> Result<(u64, u64, Vec<HeartbeatEntry>), Mal
     }
     let mut entries = Vec::new();
     for _ in 0..count {
-        let group = r.u64("heartbeats: truncated entry")?;
+        let group = r.varint("heartbeats: truncated entry")?;
         let response = match r.u8("heartbeats: truncated entry")? {
             0 => false,
             1 => true,
             _ => return Err(Malformed("heartbeats: unknown entry kind")),
         };
-        let term = r.u64("heartbeats: truncated entry")?;
-        let commit = r.u64("heartbeats: truncated entry")?;
-        let len = r.bytes(2, "heartbeats: truncated entry")?;
-        let len = u16::from_le_bytes([len[0], len[1]]) as usize;
-        if len > HEARTBEAT_CONTEXT_BYTES_MAX {
+        let term = r.varint("heartbeats: truncated entry")?;
+        let commit = r.varint("heartbeats: truncated entry")?;
+        let len = r.varint("heartbeats: truncated entry")?;
+        if len > HEARTBEAT_CONTEXT_BYTES_MAX as u64 {
             return Err(Malformed("heartbeats: context too long"));
         }
-        let context = r.bytes(len, "heartbeats: truncated context")?;
+        let context = r.bytes(len as usize, "heartbeats: truncated context")?;
         entries.push(HeartbeatEntry {
             group,
             response,
@@ -440,7 +456,11 @@ mod tests {
         let b = HeartbeatEntry::from_message(u64::MAX - 1, &resp).unwrap();
         let mut buf = Vec::new();
         put_heartbeats(&mut buf, 1, 2, &[a.clone(), b.clone()]);
-        assert_eq!(buf.len(), 20 + 2 * HEARTBEAT_ENTRY_MIN_BYTES + 3);
+        // Group 9 takes one varint byte, u64::MAX - 1 ten; terms and commits one each.
+        assert_eq!(
+            buf.len(),
+            20 + HEARTBEAT_ENTRY_MIN_BYTES + 3 + HEARTBEAT_ENTRY_MIN_BYTES + 9
+        );
         let (from, to, entries) = get_heartbeats(&buf).unwrap();
         assert_eq!((from, to), (1, 2));
         assert_eq!(entries, vec![a, b]);
@@ -503,19 +523,28 @@ mod tests {
             get_heartbeats(&past),
             Err(Malformed("heartbeats: count past the frame's end"))
         );
-        // An unknown kind, and a context length over the bound.
+        // An unknown kind (group 1 is one varint byte), a context length over the bound, and
+        // a varint of eleven bytes.
         let mut kind = buf.clone();
-        kind[20 + 8] = 2;
-        assert!(get_heartbeats(&kind).is_err());
-        let mut ctx = Vec::new();
-        put_heartbeats(&mut ctx, 1, 2, &[heartbeat(1, false, b"")]);
-        let at = 20 + 8 + 1 + 8 + 8;
-        ctx[at..at + 2].copy_from_slice(&u16::MAX.to_le_bytes());
-        ctx.extend(std::iter::repeat_n(0u8, u16::MAX as usize));
+        kind[20 + 1] = 2;
+        assert_eq!(
+            get_heartbeats(&kind),
+            Err(Malformed("heartbeats: unknown entry kind"))
+        );
+        let mut ctx = buf[..20].to_vec();
+        ctx[16..20].copy_from_slice(&1u32.to_le_bytes());
+        ctx.extend_from_slice(&[1, 0, 1, 1]);
+        put_varint(&mut ctx, u64::MAX);
+        ctx.extend(std::iter::repeat_n(0u8, 1000));
         assert_eq!(
             get_heartbeats(&ctx),
             Err(Malformed("heartbeats: context too long"))
         );
+        let mut long_varint = buf[..20].to_vec();
+        long_varint[16..20].copy_from_slice(&1u32.to_le_bytes());
+        long_varint.extend_from_slice(&[0xff; 11]);
+        long_varint.extend_from_slice(&[0; 8]);
+        assert!(get_heartbeats(&long_varint).is_err());
     }
 
     #[test]

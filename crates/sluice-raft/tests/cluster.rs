@@ -711,7 +711,8 @@ fn hostile_frames_close_only_their_connection() {
                         99,
                         2,
                         1,
-                        &[&7u64.to_le_bytes()[..], &[9u8], &[0; 18]].concat(),
+                        // group 7, kind 9, term, commit, no context
+                        &[7, 9, 1, 1, 0],
                     ),
                 ),
             ]

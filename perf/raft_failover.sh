@@ -3,7 +3,8 @@
 # (RF 3, the default): a three-node cluster (127.0.0.1-3, `--cores 1` each), a topic of one
 # partition at RF 3; kill -9 of that partition's leader, then `sluice produce --acks all` to the
 # survivors, retried until one is acknowledged. Prints the time from the kill to that
-# acknowledgement, one line per round (a fresh cluster each round).
+# acknowledgement, one line per round. Between rounds the killed node restarts on its data and
+# every partition is back in sync.
 #
 #   perf/raft_failover.sh [ROUNDS]          # default: 3
 #
@@ -23,8 +24,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-KAFKA_PORT=19791
-INTERNAL_PORT=19801
+KAFKA_PORT="${KAFKA_PORT:-19791}"
+INTERNAL_PORT="${INTERNAL_PORT:-19801}"
 BOOT="127.0.0.1:$KAFKA_PORT,127.0.0.2:$KAFKA_PORT,127.0.0.3:$KAFKA_PORT"
 
 wait_for() { # seconds command...
@@ -60,19 +61,21 @@ produced() { # bootstrap
     echo "after" | timeout 5 "$SLUICE" produce fo -p 0 --acks all --brokers "$1" >/dev/null 2>&1
 }
 
+start_node() { # n
+    # shellcheck disable=SC2086
+    "$SLUICE" start --cores 1 --data-dir "$D/data$1" --node-id "$1" --controllers "$CTL" \
+        --listen "127.0.0.$1:$KAFKA_PORT" $EXTRA_ARGS >>"$D/broker$1.log" 2>&1 &
+    PIDS[$1 - 1]=$!
+}
+
+CTL="1@127.0.0.1:$INTERNAL_PORT,2@127.0.0.2:$INTERNAL_PORT,3@127.0.0.3:$INTERNAL_PORT"
+for n in 1 2 3; do start_node "$n"; done
+wait_for 60 live_nodes
+wait_for 60 create_topic fo 1
 for round in $(seq "$ROUNDS"); do
-    ctl="1@127.0.0.1:$INTERNAL_PORT,2@127.0.0.2:$INTERNAL_PORT,3@127.0.0.3:$INTERNAL_PORT"
-    for n in 1 2 3; do
-        # shellcheck disable=SC2086
-        "$SLUICE" start --cores 1 --data-dir "$D/data$n" --node-id "$n" --controllers "$ctl" \
-            --listen "127.0.0.$n:$KAFKA_PORT" $EXTRA_ARGS >"$D/broker$n.log" 2>&1 &
-        PIDS+=($!)
-    done
-    wait_for 60 live_nodes
-    wait_for 60 create_topic fo 1
     wait_for 120 in_sync fo 1
     wait_for 120 in_sync __consumer_offsets 50
-    wait_for 30 produced "$BOOT"
+    wait_for 60 produced "$BOOT"
     leader="$("$SLUICE" cluster status --brokers "$BOOT" --topic fo | awk '$1 == "fo" {print $3}')"
     survivors=""
     for n in 1 2 3; do
@@ -84,8 +87,8 @@ for round in $(seq "$ROUNDS"); do
     end=$(date +%s.%N)
     awk -v r="$round" -v l="$leader" -v s="$start" -v e="$end" \
         'BEGIN { printf "round %d leader %d killed: first acks=all produce acknowledged after %.2f s\n", r, l, e - s }'
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    PIDS=()
-    rm -rf "$D/data"*
+    # The killed node comes back (same data) before the next round.
+    wait "${PIDS[$((leader - 1))]}" 2>/dev/null || true
+    start_node "$leader"
+    wait_for 60 live_nodes
 done

@@ -57,8 +57,14 @@ create_topic() { # name partitions
     return 1
 }
 
-produced() { # bootstrap
-    echo "after" | timeout 5 "$SLUICE" produce fo -p 0 --acks all --brokers "$1" >/dev/null 2>&1
+produced() { # brokers (comma-separated): true once one of them acknowledges a record
+    # `sluice produce` sends to the broker it connects to (no leader routing): ask each.
+    local b
+    for b in ${1//,/ }; do
+        echo "after" | timeout 5 "$SLUICE" produce fo -p 0 --acks all --brokers "$b" \
+            >/dev/null 2>&1 && return 0
+    done
+    return 1
 }
 
 start_node() { # n

@@ -557,7 +557,8 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         .cloned()
         .collect();
     if !raft.is_empty() {
-        let families: [(&str, &str, fn(&sluice_raft::transport::TransportStats) -> u64); 9] = [
+        type Counter = fn(&sluice_raft::transport::TransportStats) -> u64;
+        let families: [(&str, &str, Counter); 9] = [
             (
                 "sluice_raft_frames_sent_total",
                 "Frames the shard's partition transport queued for peers (one raft message, or one coalesced heartbeat frame).",

@@ -2902,3 +2902,76 @@ fn a_compacted_replicated_topic_is_cleaned_on_every_replica_and_fails_over_with_
         more
     );
 }
+
+/// Raft traffic of idle partitions: each node's heartbeats and heartbeat responses for a peer
+/// travel as one coalesced frame per tick (counted in `/metrics`), not a frame per partition;
+/// and the leader of such a partition, killed, is replaced and the new leader acknowledges an
+/// acks=all produce.
+#[test]
+fn idle_partitions_heartbeat_in_coalesced_frames_and_still_fail_over() {
+    const PARTITIONS: i32 = 24;
+    /// Heartbeats per coalesced frame required on average. Each node leads about a third of the
+    /// partitions and follows the rest, so a frame for one peer carries about PARTITIONS / 3
+    /// heartbeats and as many responses when the groups tick together; this leaves room for
+    /// ticks that a loaded machine splits over passes.
+    const PER_FRAME_MIN: f64 = 4.0;
+    let mut c = Cluster::start(3);
+    let ids = c.ids();
+    c.wait_controller(&ids);
+    create(&c.bootstrap(), "idle", PARTITIONS, 3).expect("create a topic of three replicas");
+    c.wait_for("every partition has a leader", |c| {
+        let leaders = c.leaders(1, "idle", PARTITIONS as usize)?;
+        leaders.iter().all(|l| *l > 0).then_some(())
+    });
+    let counters = |c: &Cluster, id: i32| {
+        Some((
+            c.metric(id, "sluice_raft_heartbeats_coalesced_total")?,
+            c.metric(id, "sluice_raft_heartbeat_frames_sent_total")?,
+        ))
+    };
+    let before: Vec<(f64, f64)> = c.wait_for("transport counters on every node", |c| {
+        ids.iter().map(|id| counters(c, *id)).collect()
+    });
+    // A window in which every node has sent ten heartbeats or responses per partition.
+    let after: Vec<(f64, f64)> = c.wait_for("ten heartbeats per partition from every node", |c| {
+        let now: Vec<(f64, f64)> = ids
+            .iter()
+            .map(|id| counters(c, *id))
+            .collect::<Option<_>>()?;
+        now.iter()
+            .zip(&before)
+            .all(|(n, b)| n.0 - b.0 >= 10.0 * f64::from(PARTITIONS))
+            .then_some(now)
+    });
+    for ((id, a), b) in ids.iter().zip(&after).zip(&before) {
+        let (heartbeats, frames) = (a.0 - b.0, a.1 - b.1);
+        let per_frame = heartbeats / frames.max(1.0);
+        println!(
+            "node {id}: {heartbeats} heartbeats in {frames} frames ({per_frame:.1} per frame)"
+        );
+        assert!(
+            per_frame >= PER_FRAME_MIN,
+            "node {id}: {heartbeats} heartbeats in {frames} frames"
+        );
+    }
+
+    let (leader, epoch) = c.wait_for("every node names the same leader", |c| {
+        agreed_leader(c, &ids, "idle", -1)
+    });
+    c.node_mut(leader).sigkill();
+    let killed_at = Instant::now();
+    let survivors: Vec<i32> = ids.iter().copied().filter(|id| *id != leader).collect();
+    let (new_leader, new_epoch) = c.wait_for("the survivors name a new leader", |c| {
+        agreed_leader(c, &survivors, "idle", leader)
+    });
+    assert!(new_epoch > epoch);
+    let offset = c.wait_for("the new leader acknowledges an acks=all produce", |c| {
+        let (error, offset) = produce_value(c, new_leader, "idle", "after the kill", 5_000);
+        (error == 0).then_some(offset)
+    });
+    let acked = killed_at.elapsed();
+    println!(
+        "leader {leader} killed: node {new_leader} acknowledged offset {offset} after {acked:?}"
+    );
+    assert!(acked < FAILOVER_MAX, "acknowledged after {acked:?}");
+}

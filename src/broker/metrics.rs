@@ -230,6 +230,8 @@ struct ShardScrape {
     readahead_used: u64,
     partitions: Vec<PartitionRow>,
     groups: Vec<GroupRow>,
+    /// The shard's partition transport counters (in a cluster).
+    transport: Option<sluice_raft::transport::TransportStats>,
 }
 
 std::thread_local! {
@@ -301,6 +303,7 @@ async fn collect_here(asked: Instant) -> ShardScrape {
             })
             .collect(),
     };
+    let transport = here.transport.borrow().as_ref().map(|t| t.stats());
     ShardScrape {
         counters: stats::snapshot(LATENCY_BOUNDS_S),
         busy: busy_now,
@@ -314,6 +317,7 @@ async fn collect_here(asked: Instant) -> ShardScrape {
         readahead_used,
         partitions,
         groups,
+        transport,
     }
 }
 
@@ -545,6 +549,68 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         "Jobs other shards (and the metrics scrape) queued on this shard.",
         |s| s.counters.hops_received as f64,
     );
+
+    // Partition raft transport (in a cluster).
+    let raft: Vec<(String, &ShardScrape)> = shards
+        .iter()
+        .filter(|(_, s)| s.transport.is_some())
+        .cloned()
+        .collect();
+    if !raft.is_empty() {
+        type Counter = fn(&sluice_raft::transport::TransportStats) -> u64;
+        let families: [(&str, &str, Counter); 9] = [
+            (
+                "sluice_raft_frames_sent_total",
+                "Frames the shard's partition transport queued for peers (one raft message, or one coalesced heartbeat frame).",
+                |t| t.frames_sent,
+            ),
+            (
+                "sluice_raft_frames_received_total",
+                "Frames the shard's partition transport read from peers.",
+                |t| t.frames_received,
+            ),
+            (
+                "sluice_raft_messages_sent_total",
+                "Raft messages the shard's partition transport queued for peers (each heartbeat of a coalesced frame counted).",
+                |t| t.messages_sent,
+            ),
+            (
+                "sluice_raft_messages_received_total",
+                "Raft messages the shard's partition transport read from peers (each heartbeat of a coalesced frame counted).",
+                |t| t.messages_received,
+            ),
+            (
+                "sluice_raft_bytes_sent_total",
+                "Bytes the shard's partition transport wrote to peers.",
+                |t| t.bytes_sent,
+            ),
+            (
+                "sluice_raft_bytes_received_total",
+                "Bytes the shard's partition transport read from peers.",
+                |t| t.bytes_received,
+            ),
+            (
+                "sluice_raft_heartbeat_frames_sent_total",
+                "Coalesced heartbeat frames the shard's partition transport queued (each carries the heartbeats and responses of every group for one peer).",
+                |t| t.heartbeat_frames_sent,
+            ),
+            (
+                "sluice_raft_heartbeats_coalesced_total",
+                "Heartbeats and heartbeat responses sent inside coalesced frames instead of a frame each.",
+                |t| t.heartbeats_coalesced,
+            ),
+            (
+                "sluice_raft_messages_dropped_total",
+                "Raft messages the shard's partition transport dropped (full queue or inbox, unknown group or peer, unreachable peer).",
+                |t| t.messages_dropped,
+            ),
+        ];
+        for (name, help, value) in families {
+            per_shard(&mut t, &raft, name, "counter", help, |s| {
+                s.transport.as_ref().map_or(0.0, |t| value(t) as f64)
+            });
+        }
+    }
 
     // Network.
     per_shard(

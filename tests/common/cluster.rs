@@ -70,6 +70,8 @@ pub struct Cluster {
     pub internal: Vec<SocketAddr>,
     /// Shards (cores) of each node.
     pub shards: usize,
+    /// Node i's Prometheus endpoint (`--metrics-listen`) is `metrics[i - 1]`.
+    pub metrics: Vec<SocketAddr>,
 }
 
 impl Cluster {
@@ -97,6 +99,19 @@ impl Cluster {
             taken.push(SocketAddr::new(a.ip(), a.port() + 1));
             internal.push(a);
         }
+        let metrics: Vec<SocketAddr> = hosts
+            .iter()
+            .map(|h| {
+                let port = super::pick_port(h, |port| {
+                    !taken
+                        .iter()
+                        .any(|t| t.ip().to_string() == *h && t.port() == port)
+                });
+                let a: SocketAddr = format!("{h}:{port}").parse().expect("a socket address");
+                taken.push(a);
+                a
+            })
+            .collect();
         let controllers = (1..=n)
             .map(|id| format!("{id}@{}", internal[id as usize - 1]))
             .collect::<Vec<_>>()
@@ -112,6 +127,8 @@ impl Cluster {
                         id.to_string(),
                         "--controllers".to_string(),
                         controllers.clone(),
+                        "--metrics-listen".to_string(),
+                        metrics[id as usize - 1].to_string(),
                     ])
                     .start()
             })
@@ -121,7 +138,29 @@ impl Cluster {
             controllers,
             internal,
             shards,
+            metrics,
         }
+    }
+
+    /// The sum over node `id`'s shards of the metric `name` (a family without other labels),
+    /// read from its `/metrics`; `None` if the node cannot be reached or does not report it.
+    pub fn metric(&self, id: i32, name: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let addr = self.metrics[id as usize - 1];
+        let mut conn =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
+            .ok()?;
+        let mut page = String::new();
+        conn.read_to_string(&mut page).ok()?;
+        let prefix = format!("{name}{{");
+        let values: Vec<f64> = page
+            .lines()
+            .filter(|l| l.starts_with(&prefix) || l.split(' ').next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
     }
 
     /// Node `id`'s address and internal ports, for network partitions.

@@ -1,10 +1,11 @@
-//! Byte formats: the records of the log file, the hard-state file, and the check every raft
-//! message from the network passes before the protobuf decoder sees it.
+//! Byte formats: the records of the log file, the hard-state file, the coalesced heartbeat
+//! frame of the transport, and the check every raft message from the network passes before the
+//! protobuf decoder sees it.
 //!
 //! Every decoder here checks a declared length against the bytes present before it slices or
 //! allocates, uses checked arithmetic, and returns an error instead of panicking.
 
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 
 /// Decoding failed: the bytes are not what the format says. The text names what was wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,14 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(a))
     }
 
+    /// A protobuf-style varint (7 bits a byte, at most 10 bytes).
+    pub fn varint(&mut self, what: &'static str) -> Result<u64, Malformed> {
+        let mut pos = 0;
+        let v = read_varint(self.buf, &mut pos).map_err(|_| Malformed(what))?;
+        self.buf = &self.buf[pos..];
+        Ok(v)
+    }
+
     /// A u32 length followed by that many bytes; the length is checked against what remains.
     pub fn len_bytes(&mut self, what: &'static str) -> Result<&'a [u8], Malformed> {
         let len = self.u32(what)? as usize;
@@ -80,6 +89,14 @@ fn put_u32(buf: &mut Vec<u8>, v: u32) {
 
 fn put_u64(buf: &mut Vec<u8>, v: u64) {
     buf.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
 }
 
 fn put_len_bytes(buf: &mut Vec<u8>, b: &[u8]) {
@@ -260,6 +277,146 @@ fn check_fields(buf: &[u8], schema: Schema) -> Result<(), Malformed> {
     Ok(())
 }
 
+/// Largest heartbeat context carried in a coalesced heartbeat entry. raft-rs puts a read-index
+/// request's context (its id) there; a heartbeat with a longer one travels as its own frame, so
+/// a coalesced entry, and a frame of `HEARTBEATS_PER_FRAME_MAX` of them, stays small.
+pub const HEARTBEAT_CONTEXT_BYTES_MAX: usize = 256;
+
+/// Heartbeat entries in one coalesced frame; a sender with more starts another frame. With
+/// `HEARTBEAT_CONTEXT_BYTES_MAX` this bounds a frame to about 1.1 MiB.
+pub const HEARTBEATS_PER_FRAME_MAX: usize = 4096;
+
+/// Fewest bytes of a coalesced heartbeat entry: group, term, commit and context length are
+/// varints of at least one byte each, the kind one byte.
+pub const HEARTBEAT_ENTRY_MIN_BYTES: usize = 5;
+
+/// Bytes before the entries of a coalesced heartbeat frame: from u64, to u64, count u32.
+const HEARTBEATS_HEADER_BYTES: usize = 8 + 8 + 4;
+
+/// One group's heartbeat (leader to follower) or heartbeat response, as it travels in a
+/// coalesced frame: everything raft-rs puts in either message except `from` and `to`, which the
+/// frame carries once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatEntry {
+    pub group: u64,
+    pub response: bool,
+    pub term: u64,
+    pub commit: u64,
+    pub context: bytes::Bytes,
+}
+
+impl HeartbeatEntry {
+    /// `m` as an entry of group `group` when it is a heartbeat or heartbeat response that an
+    /// entry carries whole (only the fields raft-rs sets on them, a short context); `None` for
+    /// every other message, which travels as its own frame.
+    pub fn from_message(group: u64, m: &Message) -> Option<HeartbeatEntry> {
+        let response = match m.get_msg_type() {
+            MessageType::MsgHeartbeat => false,
+            MessageType::MsgHeartbeatResponse => true,
+            _ => return None,
+        };
+        let plain = m.log_term == 0
+            && m.index == 0
+            && m.entries.is_empty()
+            && m.commit_term == 0
+            && !m.has_snapshot()
+            && m.request_snapshot == 0
+            && !m.reject
+            && m.reject_hint == 0
+            && m.deprecated_priority == 0
+            && m.priority == 0
+            && m.context.len() <= HEARTBEAT_CONTEXT_BYTES_MAX;
+        plain.then(|| HeartbeatEntry {
+            group,
+            response,
+            term: m.term,
+            commit: m.commit,
+            context: m.context.clone(),
+        })
+    }
+
+    /// The raft message this entry stands for.
+    pub fn into_message(self, from: u64, to: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(if self.response {
+            MessageType::MsgHeartbeatResponse
+        } else {
+            MessageType::MsgHeartbeat
+        });
+        m.from = from;
+        m.to = to;
+        m.term = self.term;
+        m.commit = self.commit;
+        m.context = self.context;
+        m
+    }
+}
+
+/// Encodes a coalesced heartbeat frame's body: `[from u64][to u64][count u32]` (little-endian)
+/// then per entry `[group][kind u8: 0 heartbeat, 1 response][term][commit][context len][context]`,
+/// group, term, commit and the context length as protobuf-style varints (an idle group's entry
+/// is 5–10 bytes).
+/// The caller keeps `entries` within `HEARTBEATS_PER_FRAME_MAX` and each context within
+/// `HEARTBEAT_CONTEXT_BYTES_MAX` (as `HeartbeatEntry::from_message` does).
+pub fn put_heartbeats(buf: &mut Vec<u8>, from: u64, to: u64, entries: &[HeartbeatEntry]) {
+    buf.reserve(HEARTBEATS_HEADER_BYTES + entries.len() * HEARTBEAT_ENTRY_MIN_BYTES);
+    put_u64(buf, from);
+    put_u64(buf, to);
+    put_u32(buf, entries.len() as u32);
+    for e in entries {
+        put_varint(buf, e.group);
+        buf.push(u8::from(e.response));
+        put_varint(buf, e.term);
+        put_varint(buf, e.commit);
+        put_varint(buf, e.context.len() as u64);
+        buf.extend_from_slice(&e.context);
+    }
+}
+
+/// Decodes a coalesced heartbeat frame's body: (from, to, entries). The count is checked against
+/// the bytes that remain before any entry is read (the entries vector grows with entries
+/// decoded, never by the count), contexts are bounded by `HEARTBEAT_CONTEXT_BYTES_MAX`, and
+/// bytes after the last entry are an error.
+pub fn get_heartbeats(buf: &[u8]) -> Result<(u64, u64, Vec<HeartbeatEntry>), Malformed> {
+    let mut r = Reader::new(buf);
+    let from = r.u64("heartbeats: truncated header")?;
+    let to = r.u64("heartbeats: truncated header")?;
+    let count = r.u32("heartbeats: truncated header")? as usize;
+    if count > HEARTBEATS_PER_FRAME_MAX {
+        return Err(Malformed("heartbeats: too many entries"));
+    }
+    if count > r.remaining() / HEARTBEAT_ENTRY_MIN_BYTES {
+        return Err(Malformed("heartbeats: count past the frame's end"));
+    }
+    let mut entries = Vec::new();
+    for _ in 0..count {
+        let group = r.varint("heartbeats: truncated entry")?;
+        let response = match r.u8("heartbeats: truncated entry")? {
+            0 => false,
+            1 => true,
+            _ => return Err(Malformed("heartbeats: unknown entry kind")),
+        };
+        let term = r.varint("heartbeats: truncated entry")?;
+        let commit = r.varint("heartbeats: truncated entry")?;
+        let len = r.varint("heartbeats: truncated entry")?;
+        if len > HEARTBEAT_CONTEXT_BYTES_MAX as u64 {
+            return Err(Malformed("heartbeats: context too long"));
+        }
+        let context = r.bytes(len as usize, "heartbeats: truncated context")?;
+        entries.push(HeartbeatEntry {
+            group,
+            response,
+            term,
+            commit,
+            context: bytes::Bytes::copy_from_slice(context),
+        });
+    }
+    if r.remaining() != 0 {
+        return Err(Malformed("heartbeats: bytes after the last entry"));
+    }
+    Ok((from, to, entries))
+}
+
 /// Checks that `buf` is well-formed protobuf for an `eraftpb::Message` as far as the decoder will
 /// read it: see the comment above.
 pub fn check_message(buf: &[u8]) -> Result<(), Malformed> {
@@ -270,7 +427,125 @@ pub fn check_message(buf: &[u8]) -> Result<(), Malformed> {
 mod tests {
     use super::*;
     use protobuf::Message as _;
-    use raft::eraftpb::{Message, MessageType};
+
+    fn heartbeat(group: u64, response: bool, context: &'static [u8]) -> HeartbeatEntry {
+        HeartbeatEntry {
+            group,
+            response,
+            term: 7 + group,
+            commit: 100 * group,
+            context: bytes::Bytes::from_static(context),
+        }
+    }
+
+    #[test]
+    fn heartbeats_round_trip_through_messages_and_frames() {
+        // What raft-rs sends: a heartbeat (term, commit, maybe a read-index context) and the
+        // response (term, commit, the context echoed).
+        let mut hb = Message::default();
+        hb.set_msg_type(MessageType::MsgHeartbeat);
+        hb.from = 1;
+        hb.to = 2;
+        hb.term = 5;
+        hb.commit = 42;
+        hb.context = bytes::Bytes::from_static(b"ctx");
+        let mut resp = hb.clone();
+        resp.set_msg_type(MessageType::MsgHeartbeatResponse);
+        resp.context = bytes::Bytes::new();
+        let a = HeartbeatEntry::from_message(9, &hb).unwrap();
+        let b = HeartbeatEntry::from_message(u64::MAX - 1, &resp).unwrap();
+        let mut buf = Vec::new();
+        put_heartbeats(&mut buf, 1, 2, &[a.clone(), b.clone()]);
+        // Group 9 takes one varint byte, u64::MAX - 1 ten; terms and commits one each.
+        assert_eq!(
+            buf.len(),
+            20 + HEARTBEAT_ENTRY_MIN_BYTES + 3 + HEARTBEAT_ENTRY_MIN_BYTES + 9
+        );
+        let (from, to, entries) = get_heartbeats(&buf).unwrap();
+        assert_eq!((from, to), (1, 2));
+        assert_eq!(entries, vec![a, b]);
+        let mut back = entries.into_iter().map(|e| e.into_message(from, to));
+        assert_eq!(back.next().unwrap(), hb);
+        assert_eq!(back.next().unwrap(), resp);
+        // An empty frame is valid (and harmless).
+        let mut empty = Vec::new();
+        put_heartbeats(&mut empty, 3, 1, &[]);
+        assert_eq!(get_heartbeats(&empty).unwrap(), (3, 1, vec![]));
+    }
+
+    #[test]
+    fn only_plain_heartbeats_are_coalesced() {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        assert!(HeartbeatEntry::from_message(1, &m).is_none());
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        assert!(HeartbeatEntry::from_message(1, &m).is_some());
+        // Any field an entry does not carry keeps the message whole.
+        let mut odd = m.clone();
+        odd.reject = true;
+        assert!(HeartbeatEntry::from_message(1, &odd).is_none());
+        let mut odd = m.clone();
+        odd.index = 3;
+        assert!(HeartbeatEntry::from_message(1, &odd).is_none());
+        let mut odd = m.clone();
+        odd.context = bytes::Bytes::from(vec![0u8; HEARTBEAT_CONTEXT_BYTES_MAX + 1]);
+        assert!(HeartbeatEntry::from_message(1, &odd).is_none());
+    }
+
+    #[test]
+    fn truncated_and_oversized_heartbeat_frames_are_refused() {
+        let mut buf = Vec::new();
+        put_heartbeats(
+            &mut buf,
+            1,
+            2,
+            &[heartbeat(1, false, b""), heartbeat(2, true, b"xy")],
+        );
+        for cut in 0..buf.len() {
+            assert!(get_heartbeats(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        // Trailing bytes.
+        let mut long = buf.clone();
+        long.push(0);
+        assert!(get_heartbeats(&long).is_err());
+        // A count of 2^32-1 in a short frame: refused before anything is allocated for it.
+        let mut huge = buf[..16].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            get_heartbeats(&huge),
+            Err(Malformed("heartbeats: too many entries"))
+        );
+        // A count within the cap but past what the bytes can hold.
+        let mut past = buf[..16].to_vec();
+        past.extend_from_slice(&3u32.to_le_bytes());
+        past.extend_from_slice(&buf[20..]);
+        assert_eq!(
+            get_heartbeats(&past),
+            Err(Malformed("heartbeats: count past the frame's end"))
+        );
+        // An unknown kind (group 1 is one varint byte), a context length over the bound, and
+        // a varint of eleven bytes.
+        let mut kind = buf.clone();
+        kind[20 + 1] = 2;
+        assert_eq!(
+            get_heartbeats(&kind),
+            Err(Malformed("heartbeats: unknown entry kind"))
+        );
+        let mut ctx = buf[..20].to_vec();
+        ctx[16..20].copy_from_slice(&1u32.to_le_bytes());
+        ctx.extend_from_slice(&[1, 0, 1, 1]);
+        put_varint(&mut ctx, u64::MAX);
+        ctx.extend(std::iter::repeat_n(0u8, 1000));
+        assert_eq!(
+            get_heartbeats(&ctx),
+            Err(Malformed("heartbeats: context too long"))
+        );
+        let mut long_varint = buf[..20].to_vec();
+        long_varint[16..20].copy_from_slice(&1u32.to_le_bytes());
+        long_varint.extend_from_slice(&[0xff; 11]);
+        long_varint.extend_from_slice(&[0; 8]);
+        assert!(get_heartbeats(&long_varint).is_err());
+    }
 
     #[test]
     fn real_messages_pass_the_check() {

@@ -456,6 +456,20 @@ struct Driver<L: LogStore, M> {
     fetched: async_channel::Receiver<Vec<GetEntriesContext>>,
 }
 
+/// The first tick instant after `now` on a grid of `interval` shared by every group of the
+/// process: groups tick together, so the heartbeats of all of them for one peer are produced in
+/// one executor pass and leave in one coalesced frame (see `transport`), and the responses
+/// likewise. (Election timeouts stay randomized: they are counted in ticks.)
+fn aligned_tick(now: Instant, interval: Duration) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let step = interval.as_nanos().max(1);
+    let since = now.saturating_duration_since(epoch).as_nanos();
+    let ticks = since / step + 1;
+    // Saturating: a grid index past u64 nanoseconds is centuries away.
+    epoch + Duration::from_nanos(u64::try_from(ticks * step).unwrap_or(u64::MAX))
+}
+
 /// Runs `f` on the raft node, turning a raft-rs panic (a broken invariant, possibly from a peer's
 /// bogus message) into a failure of this group instead of the whole executor thread.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, StopReason> {
@@ -481,7 +495,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
     ) -> StopReason {
         let interval = self.config.tick_interval;
         let fetched = self.fetched.clone();
-        let mut next_tick = Instant::now() + interval;
+        let mut next_tick = aligned_tick(Instant::now(), interval);
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             let wake = future::or(
@@ -542,7 +556,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                     if next_tick <= now {
                         // The executor stalled for more than a tick: count one tick, not a burst
                         // that would start elections everywhere at once.
-                        next_tick = now + interval;
+                        next_tick = aligned_tick(now, interval);
                     }
                 }
                 Ok(())

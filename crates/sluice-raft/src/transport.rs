@@ -10,6 +10,12 @@
 //!  len = 8 + protobuf bytes; the CRC covers the group id and the protobuf bytes
 //! ```
 //!
+//! Heartbeats and heartbeat responses (raft-rs sends one per group per follower per heartbeat
+//! tick) do not get a frame each: `send` collects those of every group for one peer, and the
+//! writer puts them in one frame of group id `HEARTBEATS_GROUP` whose body is a list of
+//! (group, term, commit, context) entries (`codec::put_heartbeats`); the receiver expands it back
+//! into one raft message per entry. Nothing else about the messages changes.
+//!
 //! Sending never waits: `send` encodes frames into the peer's queue and wakes its writer, which
 //! writes everything queued in one write when it runs — so all the messages a loop pass produces
 //! for a peer (for every group on the executor) leave together. A peer that cannot be reached has
@@ -23,7 +29,7 @@
 //! peers' well-formed messages: the listener belongs on a private network until it is
 //! authenticated.)
 
-use crate::codec;
+use crate::codec::{self, HeartbeatEntry};
 use bytes::Bytes;
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -43,6 +49,10 @@ pub const PREAMBLE_MAGIC: &[u8; 8] = b"SLRAFT01";
 const PREAMBLE_BYTES: usize = 16;
 const FRAME_HEADER_BYTES: usize = 8;
 const GROUP_ID_BYTES: usize = 8;
+
+/// The group id of a coalesced heartbeat frame (reserved: no raft group may use it). Its body is
+/// `codec::put_heartbeats`'s list of heartbeat entries instead of one protobuf message.
+pub const HEARTBEATS_GROUP: u64 = u64::MAX;
 
 /// Largest frame body. A frame is one raft message: append messages are bounded by
 /// `max_size_per_msg` (1 MiB) plus one entry (`MAX_PROPOSAL_BYTES`, 8 MiB); a snapshot message
@@ -85,6 +95,8 @@ pub struct TransportConfig {
     pub write_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Send heartbeats of all groups for a peer as one coalesced frame (received either way).
+    pub coalesce_heartbeats: bool,
 }
 
 impl TransportConfig {
@@ -98,6 +110,7 @@ impl TransportConfig {
             write_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_secs(1),
+            coalesce_heartbeats: true,
         }
     }
 }
@@ -105,8 +118,23 @@ impl TransportConfig {
 /// Counters, for tests and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TransportStats {
+    /// Frames queued for peers (a frame is one raft message, or one coalesced heartbeat frame).
     pub frames_sent: u64,
+    /// Frames read off incoming connections.
     pub frames_received: u64,
+    /// Raft messages queued for peers, counting each heartbeat of a coalesced frame.
+    pub messages_sent: u64,
+    /// Raft messages read off incoming connections, counting each heartbeat of a coalesced
+    /// frame.
+    pub messages_received: u64,
+    /// Bytes written to peers (frames, not preambles).
+    pub bytes_sent: u64,
+    /// Bytes read from peers.
+    pub bytes_received: u64,
+    /// Coalesced heartbeat frames queued for peers (also counted in `frames_sent`), and the
+    /// heartbeats and responses they carried (also counted in `messages_sent`).
+    pub heartbeat_frames_sent: u64,
+    pub heartbeats_coalesced: u64,
     /// Connections closed for a bad preamble or frame.
     pub connections_rejected: u64,
     /// Messages dropped: full queue or inbox, unknown group, wrong addressee, isolation.
@@ -117,6 +145,9 @@ pub struct TransportStats {
 struct PeerQueue {
     addr: SocketAddr,
     buf: RefCell<Vec<u8>>,
+    /// Heartbeats waiting to be coalesced into one frame, appended to `buf` by the writer (or
+    /// by `send` once `HEARTBEATS_PER_FRAME_MAX` wait).
+    heartbeats: RefCell<Vec<HeartbeatEntry>>,
     kick: async_channel::Sender<()>,
 }
 
@@ -185,6 +216,7 @@ impl Transport {
                 Rc::new(PeerQueue {
                     addr: *addr,
                     buf: RefCell::new(Vec::new()),
+                    heartbeats: RefCell::new(Vec::new()),
                     kick,
                 }),
             );
@@ -237,6 +269,12 @@ impl Transport {
     /// Registers a group: messages for it arrive on the returned receiver.
     pub fn register(&self, group_id: u64) -> io::Result<async_channel::Receiver<Message>> {
         let mut groups = self.inner.groups.borrow_mut();
+        if group_id == HEARTBEATS_GROUP {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("raft group id {group_id} is reserved for coalesced heartbeats"),
+            ));
+        }
         if groups.contains_key(&group_id) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -266,6 +304,21 @@ impl Transport {
                 stats.messages_dropped += 1;
                 continue;
             };
+            if inner.config.coalesce_heartbeats {
+                if let Some(entry) = HeartbeatEntry::from_message(group_id, &m) {
+                    let full = {
+                        let mut hbs = peer.heartbeats.borrow_mut();
+                        hbs.push(entry);
+                        hbs.len() >= codec::HEARTBEATS_PER_FRAME_MAX
+                    };
+                    if full {
+                        queue_heartbeats(inner, &mut stats, peer, m.to);
+                    }
+                    stats.messages_sent += 1;
+                    kicked.push(peer.clone());
+                    continue;
+                }
+            }
             let body = match m.write_to_bytes() {
                 Ok(b) => b,
                 Err(e) => {
@@ -296,6 +349,7 @@ impl Transport {
             buf.extend_from_slice(&group);
             buf.extend_from_slice(&body);
             stats.frames_sent += 1;
+            stats.messages_sent += 1;
             kicked.push(peer.clone());
         }
         for peer in kicked {
@@ -323,12 +377,36 @@ impl Transport {
     }
 }
 
+/// Appends the heartbeats waiting for peer `to` to its queue as one coalesced frame.
+fn queue_heartbeats(inner: &Inner, stats: &mut TransportStats, peer: &PeerQueue, to: u64) {
+    let entries = std::mem::take(&mut *peer.heartbeats.borrow_mut());
+    if entries.is_empty() {
+        return;
+    }
+    let mut body = HEARTBEATS_GROUP.to_be_bytes().to_vec();
+    codec::put_heartbeats(&mut body, inner.config.node_id, to, &entries);
+    let mut buf = peer.buf.borrow_mut();
+    if buf.len() + FRAME_HEADER_BYTES + body.len() > inner.config.max_queued_bytes {
+        stats.messages_dropped += entries.len() as u64;
+        return;
+    }
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+    buf.extend_from_slice(&body);
+    stats.frames_sent += 1;
+    stats.heartbeat_frames_sent += 1;
+    stats.heartbeats_coalesced += entries.len() as u64;
+}
+
 async fn writer(inner: Rc<Inner>, peer_id: u64, kicked: async_channel::Receiver<()>) {
     let peer = inner.peers[&peer_id].clone();
     let mut conn: Option<TcpStream> = None;
     let mut backoff = inner.config.backoff_min;
     loop {
-        if peer.buf.borrow().is_empty() && kicked.recv().await.is_err() {
+        if peer.buf.borrow().is_empty()
+            && peer.heartbeats.borrow().is_empty()
+            && kicked.recv().await.is_err()
+        {
             return;
         }
         if conn.is_none() {
@@ -342,7 +420,8 @@ async fn writer(inner: Rc<Inner>, peer_id: u64, kicked: async_channel::Receiver<
                     tracing::debug!("raft: node {peer_id} at {} unreachable: {e}", peer.addr);
                     // What was queued is stale by the time a connection exists: raft resends.
                     let dropped = std::mem::take(&mut *peer.buf.borrow_mut());
-                    if !dropped.is_empty() {
+                    let heartbeats = std::mem::take(&mut *peer.heartbeats.borrow_mut());
+                    if !dropped.is_empty() || !heartbeats.is_empty() {
                         inner.stats.borrow_mut().messages_dropped += 1;
                     }
                     glommio::timer::sleep(backoff).await;
@@ -351,6 +430,8 @@ async fn writer(inner: Rc<Inner>, peer_id: u64, kicked: async_channel::Receiver<
                 }
             }
         }
+        // Every group's heartbeats queued since the last write: one frame.
+        queue_heartbeats(&inner, &mut inner.stats.borrow_mut(), &peer, peer_id);
         let batch = std::mem::take(&mut *peer.buf.borrow_mut());
         if batch.is_empty() {
             continue;
@@ -362,9 +443,12 @@ async fn writer(inner: Rc<Inner>, peer_id: u64, kicked: async_channel::Receiver<
                 Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"))
             })
             .await;
-            if let Err(e) = written {
-                tracing::debug!("raft: connection to node {peer_id} lost: {e}");
-                conn = None;
+            match written {
+                Ok(()) => inner.stats.borrow_mut().bytes_sent += batch.len() as u64,
+                Err(e) => {
+                    tracing::debug!("raft: connection to node {peer_id} lost: {e}");
+                    conn = None;
+                }
             }
         }
     }
@@ -511,10 +595,21 @@ async fn read_connection(inner: &Inner, mut conn: TcpStream) -> io::Result<()> {
             group.copy_from_slice(&body[..GROUP_ID_BYTES]);
             let group = u64::from_be_bytes(group);
             let pb = &body[GROUP_ID_BYTES..];
-            codec::check_message(pb).map_err(|e| bad(e.0))?;
-            let msg = Message::parse_from_carllerche_bytes(&Bytes::copy_from_slice(pb))
-                .map_err(|e| bad(&format!("raft message did not decode: {e}")))?;
-            deliver(inner, group, msg);
+            if group == HEARTBEATS_GROUP {
+                // Decoded whole before anything is delivered: a bad frame delivers nothing.
+                let (from, to, entries) = codec::get_heartbeats(pb).map_err(|e| bad(e.0))?;
+                inner.stats.borrow_mut().frames_received += 1;
+                for e in entries {
+                    let group = e.group;
+                    deliver(inner, group, e.into_message(from, to));
+                }
+            } else {
+                codec::check_message(pb).map_err(|e| bad(e.0))?;
+                let msg = Message::parse_from_carllerche_bytes(&Bytes::copy_from_slice(pb))
+                    .map_err(|e| bad(&format!("raft message did not decode: {e}")))?;
+                inner.stats.borrow_mut().frames_received += 1;
+                deliver(inner, group, msg);
+            }
             consumed += FRAME_HEADER_BYTES + len;
         }
         buf.drain(..consumed);
@@ -533,6 +628,7 @@ async fn read_connection(inner: &Inner, mut conn: TcpStream) -> io::Result<()> {
             return Err(bad("inbound buffer budget exhausted"));
         }
         inner.inbound_buffered.set(inner.inbound_buffered.get() + n);
+        inner.stats.borrow_mut().bytes_received += n as u64;
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -555,7 +651,7 @@ impl Drop for Budgeted<'_> {
 
 fn deliver(inner: &Inner, group: u64, msg: Message) {
     let mut stats = inner.stats.borrow_mut();
-    stats.frames_received += 1;
+    stats.messages_received += 1;
     let known_peer = inner.peers.contains_key(&msg.from);
     if inner.isolated.get() || msg.to != inner.config.node_id || !known_peer {
         stats.messages_dropped += 1;

@@ -2,7 +2,9 @@
 //! thread with its own data directory. Every wait is bounded by a deadline and waits on a
 //! condition the nodes signal (role/leader/term changes, applied entries).
 
-use sluice_raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+use sluice_raft::codec::{self, HeartbeatEntry};
+use sluice_raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message, MessageType};
+use sluice_raft::transport::HEARTBEATS_GROUP;
 use sluice_raft::{
     FileLog, GroupConfig, GroupStatus, LogStore, ProposeError, RaftGroup, Role, StateMachine,
     Transport, TransportConfig,
@@ -614,6 +616,15 @@ fn frame(group: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A coalesced heartbeat frame's body with a declared `count` and raw `entries` bytes.
+fn heartbeats_body(from: u64, to: u64, count: u32, entries: &[u8]) -> Vec<u8> {
+    let mut b = from.to_le_bytes().to_vec();
+    b.extend_from_slice(&to.to_le_bytes());
+    b.extend_from_slice(&count.to_le_bytes());
+    b.extend_from_slice(entries);
+    b
+}
+
 fn preamble() -> Vec<u8> {
     let mut p = sluice_raft::transport::PREAMBLE_MAGIC.to_vec();
     p.extend_from_slice(&99u64.to_be_bytes());
@@ -673,6 +684,39 @@ fn hostile_frames_close_only_their_connection() {
         (
             "closed mid-frame",
             [preamble(), frame(GROUP, &[0x08, 0x03])[..9].to_vec()].concat(),
+        ),
+        (
+            "heartbeat count past the end",
+            [
+                preamble(),
+                frame(HEARTBEATS_GROUP, &heartbeats_body(99, 2, 1000, &[])),
+            ]
+            .concat(),
+        ),
+        (
+            "heartbeat count of 2^32-1",
+            [
+                preamble(),
+                frame(HEARTBEATS_GROUP, &heartbeats_body(99, 2, u32::MAX, &[])),
+            ]
+            .concat(),
+        ),
+        (
+            "heartbeat of an unknown kind",
+            [
+                preamble(),
+                frame(
+                    HEARTBEATS_GROUP,
+                    &heartbeats_body(
+                        99,
+                        2,
+                        1,
+                        // group 7, kind 9, term, commit, no context
+                        &[7, 9, 1, 1, 0],
+                    ),
+                ),
+            ]
+            .concat(),
         ),
     ];
     for (name, bytes) in cases {
@@ -836,4 +880,123 @@ fn preamble_of(id: u64) -> Vec<u8> {
     let mut p = sluice_raft::transport::PREAMBLE_MAGIC.to_vec();
     p.extend_from_slice(&id.to_be_bytes());
     p
+}
+
+/// Reads one transport frame: (group id, body after it).
+fn read_frame(conn: &mut TcpStream) -> (u64, Vec<u8>) {
+    let mut head = [0u8; 8];
+    conn.read_exact(&mut head).unwrap();
+    let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).unwrap();
+    assert_eq!(
+        crc32c::crc32c(&body),
+        u32::from_be_bytes(head[4..].try_into().unwrap())
+    );
+    let group = u64::from_be_bytes(body[..8].try_into().unwrap());
+    (group, body[8..].to_vec())
+}
+
+#[test]
+fn heartbeats_of_many_groups_leave_as_one_frame_and_are_expanded_on_receipt() {
+    const GROUPS: u64 = 50;
+    let host = cluster_host();
+    let peer_host = if host == 2 { 3 } else { host - 1 };
+    let peer = TcpListener::bind(format!("127.0.0.{peer_host}:0")).unwrap();
+    let own = free_addr(host);
+    let peers = HashMap::from([(1, own), (2, peer.local_addr().unwrap())]);
+    let tc = TransportConfig::new(1, own, peers);
+    let (done, wait_done) = async_channel::bounded::<()>(1);
+    let (got_tx, got_rx) = mpsc::channel::<(u64, Message)>();
+    let (stats_tx, stats_rx) = mpsc::channel();
+    let node = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let transport = Transport::start(tc).expect("transport");
+            assert!(transport.register(HEARTBEATS_GROUP).is_err(), "reserved id");
+            for g in 1..=GROUPS {
+                let inbox = transport.register(g).unwrap();
+                let got = got_tx.clone();
+                glommio::spawn_local(async move {
+                    while let Ok(m) = inbox.recv().await {
+                        let _ = got.send((g, m));
+                    }
+                })
+                .detach();
+            }
+            // One pass: every group's heartbeat for node 2, and one append, which keeps its
+            // own frame.
+            for g in 1..=GROUPS {
+                let mut m = Message::default();
+                m.set_msg_type(MessageType::MsgHeartbeat);
+                m.from = 1;
+                m.to = 2;
+                m.term = g;
+                m.commit = 10 * g;
+                transport.send(g, vec![m]);
+            }
+            let mut append = Message::default();
+            append.set_msg_type(MessageType::MsgAppend);
+            append.from = 1;
+            append.to = 2;
+            append.term = 3;
+            append.index = 4;
+            transport.send(3, vec![append]);
+            let _ = wait_done.recv().await;
+            stats_tx.send(transport.stats()).unwrap();
+            transport.close();
+        })
+        .unwrap();
+
+    // What node 1 sends: the append's frame, then one frame with every heartbeat.
+    let (mut conn, _) = peer.accept().unwrap();
+    let mut preamble_read = [0u8; 16];
+    conn.read_exact(&mut preamble_read).unwrap();
+    assert_eq!(preamble_read.to_vec(), preamble_of(1));
+    let (group, _) = read_frame(&mut conn);
+    assert_eq!(group, 3, "the append travels in its own frame");
+    let (group, body) = read_frame(&mut conn);
+    assert_eq!(group, HEARTBEATS_GROUP);
+    let (from, to, entries) = codec::get_heartbeats(&body).unwrap();
+    assert_eq!((from, to), (1, 2));
+    let expected: Vec<HeartbeatEntry> = (1..=GROUPS)
+        .map(|g| HeartbeatEntry {
+            group: g,
+            response: false,
+            term: g,
+            commit: 10 * g,
+            context: Default::default(),
+        })
+        .collect();
+    assert_eq!(entries, expected);
+
+    // What node 2 sends back: every group's response in one frame, delivered to each group as
+    // its own raft message.
+    let responses: Vec<HeartbeatEntry> = expected
+        .iter()
+        .map(|e| HeartbeatEntry {
+            response: true,
+            ..e.clone()
+        })
+        .collect();
+    let mut body = Vec::new();
+    codec::put_heartbeats(&mut body, 2, 1, &responses);
+    let mut back = TcpStream::connect(own).unwrap();
+    back.write_all(&[preamble_of(2), frame(HEARTBEATS_GROUP, &body)].concat())
+        .unwrap();
+    let mut got: Vec<(u64, Message)> = (0..GROUPS)
+        .map(|_| got_rx.recv_timeout(WAIT).expect("every group's response"))
+        .collect();
+    got.sort_by_key(|(g, _)| *g);
+    for (e, (g, m)) in responses.into_iter().zip(got) {
+        assert_eq!(g, e.group);
+        assert_eq!(m, e.into_message(2, 1));
+    }
+    done.send_blocking(()).unwrap();
+    let stats = stats_rx.recv_timeout(WAIT).unwrap();
+    assert_eq!(stats.heartbeat_frames_sent, 1);
+    assert_eq!(stats.heartbeats_coalesced, GROUPS);
+    assert_eq!(stats.frames_sent, 2);
+    assert_eq!(stats.messages_sent, GROUPS + 1);
+    assert_eq!(stats.messages_received, GROUPS);
+    node.join().unwrap();
 }

@@ -77,6 +77,34 @@ pub struct HistogramSnapshot {
     pub sum_s: f64,
 }
 
+/// The stages of a produce request's time in the broker, each with its own histogram, so that
+/// an end-to-end tail measured by a client can be attributed: queueing before the handler runs,
+/// the handler's own work up to the append (decode, validation, partition lookup), waiting for
+/// admission to the log, waiting for the write (acks=1) or the sync (acks=all), and waiting for
+/// the response to be written (behind the connection's earlier responses, then the send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProduceStage {
+    /// From the request's whole frame to its handler starting.
+    Queued = 0,
+    /// From the handler starting to the append being submitted to the partition's log.
+    Handler = 1,
+    /// Waiting for the log to admit the append (its turn, a roll, the pending-bytes limit).
+    Admit = 2,
+    /// From the append being accepted to the durability acks asked for (write or sync).
+    Durable = 3,
+    /// From the response being ready to it being written to the socket.
+    Respond = 4,
+}
+
+/// Every produce stage with its label on the metrics endpoint, in stage order.
+pub const PRODUCE_STAGES: [(ProduceStage, &str); 5] = [
+    (ProduceStage::Queued, "queued"),
+    (ProduceStage::Handler, "handler"),
+    (ProduceStage::Admit, "admit"),
+    (ProduceStage::Durable, "durable"),
+    (ProduceStage::Respond, "respond"),
+];
+
 /// Requests of one API on this shard.
 #[derive(Default)]
 struct ApiStats {
@@ -97,6 +125,7 @@ struct Counters {
     apis: RefCell<Vec<ApiStats>>,
     errors: RefCell<BTreeMap<(i16, i16), u64>>,
     fsyncs: RefCell<Option<Box<Latency>>>,
+    produce_stages: RefCell<[Option<Box<Latency>>; PRODUCE_STAGES.len()]>,
     durable_writes: RefCell<Option<Box<Latency>>>,
     storage_bytes_written: Cell<u64>,
     storage_write_errors: Cell<u64>,
@@ -206,6 +235,15 @@ pub fn fsync_done(took: Duration) {
     });
 }
 
+/// A produce request spent `took` in `stage`.
+pub fn produce_stage(stage: ProduceStage, took: Duration) {
+    COUNTERS.with(|c| {
+        c.produce_stages.borrow_mut()[stage as usize]
+            .get_or_insert_with(|| Box::new(Latency::new()))
+            .record(took)
+    });
+}
+
 /// One group commit written with durable (`O_DSYNC`) writes completed in `took`.
 pub fn durable_write_done(took: Duration) {
     COUNTERS.with(|c| {
@@ -266,6 +304,8 @@ pub struct Snapshot {
     /// ((API key, error code), count).
     pub errors: Vec<((i16, i16), u64)>,
     pub fsync: HistogramSnapshot,
+    /// One histogram per [`PRODUCE_STAGES`] entry, in its order.
+    pub produce_stages: Vec<HistogramSnapshot>,
     pub durable_write: HistogramSnapshot,
     pub storage_bytes_written: u64,
     pub storage_write_errors: u64,
@@ -280,15 +320,14 @@ pub struct Snapshot {
 /// Copies the calling thread's counters.
 pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
     COUNTERS.with(|c| {
-        let hist = |l: &RefCell<Option<Box<Latency>>>| {
-            l.borrow()
-                .as_ref()
-                .map(|l| l.buckets(bounds_s))
+        let buckets = |l: Option<&Latency>| {
+            l.map(|l| l.buckets(bounds_s))
                 .unwrap_or_else(|| HistogramSnapshot {
                     cumulative: vec![0; bounds_s.len()],
                     ..Default::default()
                 })
         };
+        let hist = |l: &RefCell<Option<Box<Latency>>>| buckets(l.borrow().as_deref());
         Snapshot {
             connections_accepted: c.connections_accepted.get(),
             connections_rejected: c.connections_rejected.get(),
@@ -307,6 +346,12 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
                 .collect(),
             errors: c.errors.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
             fsync: hist(&c.fsyncs),
+            produce_stages: c
+                .produce_stages
+                .borrow()
+                .iter()
+                .map(|l| buckets(l.as_deref()))
+                .collect(),
             durable_write: hist(&c.durable_writes),
             storage_bytes_written: c.storage_bytes_written.get(),
             storage_write_errors: c.storage_write_errors.get(),
@@ -352,5 +397,25 @@ mod tests {
             .map(|(_, n)| n)
             .sum();
         assert_eq!(overflow, 10);
+    }
+
+    #[test]
+    fn produce_stages_are_kept_apart() {
+        produce_stage(ProduceStage::Durable, Duration::from_millis(2));
+        produce_stage(ProduceStage::Durable, Duration::from_millis(4));
+        produce_stage(ProduceStage::Respond, Duration::from_micros(20));
+        let s = snapshot(&[0.001]);
+        assert_eq!(s.produce_stages.len(), PRODUCE_STAGES.len());
+        for (i, (stage, _)) in PRODUCE_STAGES.iter().enumerate() {
+            assert_eq!(*stage as usize, i, "PRODUCE_STAGES is in stage order");
+        }
+        let count = |st: ProduceStage| s.produce_stages[st as usize].count;
+        assert_eq!(count(ProduceStage::Durable), 2);
+        assert_eq!(count(ProduceStage::Respond), 1);
+        assert_eq!(count(ProduceStage::Queued), 0);
+        assert_eq!(
+            s.produce_stages[ProduceStage::Respond as usize].cumulative,
+            vec![1]
+        );
     }
 }

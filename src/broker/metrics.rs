@@ -714,6 +714,21 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         }
     }
 
+    t.family(
+        "sluice_produce_stage_duration_seconds",
+        "histogram",
+        "Where a produce request's time in the broker goes, by stage: queued (whole frame to handler start), handler (to the append's submission), admit (waiting for the log to take it), durable (to the write for acks=1, the sync for acks=all), respond (response ready to written).",
+    );
+    for (id, s) in &shards {
+        for ((_, stage), h) in stats::PRODUCE_STAGES.iter().zip(&s.counters.produce_stages) {
+            t.histogram(
+                "sluice_produce_stage_duration_seconds",
+                &[("shard", id), ("stage", stage)],
+                h,
+            );
+        }
+    }
+
     // Storage.
     t.family(
         "sluice_storage_fsync_duration_seconds",

@@ -89,6 +89,8 @@ pub fn raise_fd_limit() {
 /// Request frames and batch copies are often 64 KiB-1 MiB. glibc serves blocks that large with
 /// fresh mmaps and returns them on free, so every produce request paid for page faults and the
 /// kernel zeroing new pages (a third of the broker's CPU under load). Keep them in the heap.
+/// The `sluice` binary allocates through mimalloc (src/main.rs); this still governs what goes
+/// through glibc malloc (C libraries, and programs that link the crate without that allocator).
 pub fn tune_allocator() {
     // SAFETY: mallopt only adjusts glibc allocator thresholds; called before any thread starts.
     unsafe {

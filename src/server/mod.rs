@@ -23,6 +23,7 @@ use glommio::task::JoinHandle;
 
 use crate::kafka::{Connection, Response};
 use crate::shard;
+use crate::stats::ProduceStage;
 use crate::types::Clock;
 
 /// Frame length prefix.
@@ -209,9 +210,16 @@ struct Held {
     shard_bytes: ShardBytes,
 }
 
+/// A request's response and, for a produce request, when it was ready (the writer records how
+/// long it waited to be written).
+struct Answer {
+    response: Response,
+    ready: Option<Instant>,
+}
+
 /// A request handed from the reader to the writer, in request order.
 struct InFlight {
-    task: JoinHandle<Response>,
+    task: JoinHandle<Answer>,
     _held: Held,
     _fetch: Option<StaticPermit>,
 }
@@ -413,19 +421,28 @@ async fn read_requests(
                 None
             };
             let conn2 = conn.clone();
+            let received = Instant::now();
             let task = glommio::spawn_local(async move {
                 // A handler bug must cost this connection, not the shard and every client on it.
                 let (api_key, api_version) = api_of(&frame);
                 let started = Instant::now();
+                let produce = api_key == kafka_protocol::messages::ApiKey::Produce as i16;
+                if produce {
+                    crate::stats::produce_stage(ProduceStage::Queued, started - received);
+                }
                 let r = match shard::contain(crate::kafka::dispatch(&conn2, frame)).await {
                     Ok(r) => r,
                     Err(p) => handler_panicked(&conn2, api_key, api_version, p),
                 };
-                crate::stats::request_done(api_key, started.elapsed());
+                let ready = Instant::now();
+                crate::stats::request_done(api_key, ready - started);
                 if matches!(r, Response::Close(_)) {
                     crate::stats::request_closed();
                 }
-                r
+                Answer {
+                    response: r,
+                    ready: produce.then_some(ready),
+                }
             })
             .detach();
             let in_flight = InFlight {
@@ -606,17 +623,20 @@ async fn write_responses(
         _fetch,
     }) = rx.recv().await
     {
-        let resp = task.await;
+        let answer = task.await;
         if failed {
             continue;
         }
-        match resp {
+        let ready = answer.as_ref().and_then(|a| a.ready);
+        match answer.map(|a| a.response) {
             Some(Response::Frames(parts)) => {
                 if let Err(e) = write_vectored_all(stream, parts).await {
                     tracing::info!(error = %e, "closing connection: response write failed");
                     failed = true;
                     closing.set(true);
                     let _ = stream.shutdown(std::net::Shutdown::Both).await;
+                } else if let Some(ready) = ready {
+                    crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed());
                 }
             }
             Some(Response::None) => {}

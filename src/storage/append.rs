@@ -5,11 +5,13 @@
 //! shard, in the appending task.
 
 use std::task::Poll;
+use std::time::Instant;
 
 use bytes::BytesMut;
 
 use crate::protocol::batch::{self, BatchError, BatchHeader};
 use crate::protocol::validated::Validated;
+use crate::stats::ProduceStage;
 use crate::storage::appender::Ticket;
 use crate::storage::epochs::LeaderEpochs;
 use crate::storage::producer_state::{BatchMeta, Check};
@@ -26,7 +28,8 @@ impl PartitionLog {
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
         let records = Validated::check(records).map_err(StorageError::Corrupt)?;
-        self.append_as(records, durability, Mode::Assign).await
+        self.append_as(records, durability, Mode::Assign, false)
+            .await
     }
 
     /// [`PartitionLog::append`] of batches validated already (by the shard that received them):
@@ -36,7 +39,8 @@ impl PartitionLog {
         records: Validated,
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
-        self.append_as(records, durability, Mode::Assign).await
+        self.append_as(records, durability, Mode::Assign, true)
+            .await
     }
 
     /// The leader's append of a replicated partition: [`PartitionLog::append`] with every batch
@@ -50,7 +54,8 @@ impl PartitionLog {
     ) -> Result<AppendResult, StorageError> {
         let mut records = Validated::check(records).map_err(StorageError::Corrupt)?;
         records.set_partition_leader_epoch(epoch);
-        self.append_as(records, durability, Mode::Assign).await
+        self.append_as(records, durability, Mode::Assign, false)
+            .await
     }
 
     /// A follower's append: stores the batches verbatim, with the offsets the leader assigned.
@@ -65,7 +70,8 @@ impl PartitionLog {
     ) -> Result<AppendResult, StorageError> {
         // Bytes from a peer: their checksums are checked here, once.
         let records = Validated::check(records).map_err(StorageError::Corrupt)?;
-        self.append_as(records, durability, Mode::Verbatim).await
+        self.append_as(records, durability, Mode::Verbatim, false)
+            .await
     }
 
     async fn append_as(
@@ -73,14 +79,24 @@ impl PartitionLog {
         records: Validated,
         durability: Durability,
         mode: Mode,
+        produce: bool,
     ) -> Result<AppendResult, StorageError> {
+        // A client's produce records where its time goes (admission, then durability).
+        let stage = |stage, since: Instant| {
+            if produce {
+                crate::stats::produce_stage(stage, since.elapsed());
+            }
+        };
+        let arrived = Instant::now();
         self.admit(records.len()).await?;
         let (result, ticket) = self.assign(records, durability, mode)?;
+        stage(ProduceStage::Admit, arrived);
         if durability == Durability::Accepted {
             return Ok(result);
         }
+        let accepted = Instant::now();
         let last = result.last_offset;
-        std::future::poll_fn(|cx| {
+        let answer = std::future::poll_fn(|cx| {
             let mut s = self.state.borrow_mut();
             if s.appender.failed(ticket, last) {
                 return Poll::Ready(Err(s.appender.error()));
@@ -98,7 +114,9 @@ impl PartitionLog {
             s.waiters.push(cx.waker().clone());
             Poll::Pending
         })
-        .await
+        .await;
+        stage(ProduceStage::Durable, accepted);
+        answer
     }
 
     /// The synchronous part of an append: offsets, file positions, index, producer state,

@@ -34,6 +34,7 @@ FAMILIES = {
     "sluice_request_errors": "counter",
     "sluice_request_duration_seconds": "histogram",
     "sluice_storage_fsync_duration_seconds": "histogram",
+    "sluice_produce_stage_duration_seconds": "histogram",
     "sluice_storage_durable_write_duration_seconds": "histogram",
     "sluice_storage_written_bytes": "counter",
     "sluice_storage_segments": "gauge",
@@ -165,6 +166,17 @@ def test_scrape_parses_and_values_move_under_load(mbroker, topic):
         assert total(after, "sluice_request_duration_seconds",
                      sample="sluice_request_duration_seconds_count", api="Produce") \
             == total(after, "sluice_requests", api="Produce")
+        # Produce stages: queued and respond once per request, the append's stages once per
+        # partition of a request (acks=all: every append waited for durability).
+        produced = total(after, "sluice_requests", api="Produce")
+
+        def stage_count(stage):
+            return total(after, "sluice_produce_stage_duration_seconds",
+                         sample="sluice_produce_stage_duration_seconds_count", stage=stage)
+        assert stage_count("queued") == produced
+        assert stage_count("respond") == produced
+        for stage in ("handler", "admit", "durable"):
+            assert stage_count(stage) >= produced, stage
         # acks=all flushes are synced: by durable writes or fdatasync.
         synced = (total(after, "sluice_storage_durable_write_duration_seconds",
                         sample="sluice_storage_durable_write_duration_seconds_count")

@@ -10,7 +10,7 @@
 //! creates topics (a producer's Metadata request may, see `metadata`).
 
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use glommio::task::JoinHandle;
@@ -25,6 +25,7 @@ use crate::kafka::{Request, Response};
 use crate::protocol::batch::{self, BatchError};
 use crate::protocol::validated::Validated;
 use crate::shard::{self, LocalTopic};
+use crate::stats::ProduceStage;
 use crate::storage::Durability;
 use crate::types::{ErrorCode, TopicPartition};
 
@@ -209,6 +210,7 @@ fn keyed(records: &[u8], topic: &str, partition: i32) -> Result<(), (String, Rec
 }
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
+    let started = Instant::now();
     let request: ProduceRequest = crate::decode_or_close!(req, b);
     let acks = request.acks;
     let durability = match acks {
@@ -252,8 +254,16 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (Some(Ok(t)), Some(d)) => {
                     let records = pd.records.unwrap_or_default();
                     let tid = request.transactional_id.as_ref().map(|t| t.to_string());
-                    let append =
-                        append_partition(t.clone(), index, records, d, timeout, tid, req.version);
+                    let append = append_partition(
+                        t.clone(),
+                        index,
+                        records,
+                        d,
+                        timeout,
+                        tid,
+                        req.version,
+                        started,
+                    );
                     if partitions == 1 {
                         Pending::Ready(append.await)
                     } else {
@@ -331,6 +341,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     req.respond(&ProduceResponse::default().with_responses(responses))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn append_partition(
     topic: Rc<LocalTopic>,
     index: i32,
@@ -339,6 +350,7 @@ async fn append_partition(
     timeout: Duration,
     transactional_id: Option<String>,
     version: i16,
+    started: Instant,
 ) -> Outcome {
     let meta = &topic.meta;
     crate::fault::panic_point("produce_partition", &meta.name);
@@ -403,7 +415,7 @@ async fn append_partition(
         }
     }
     let waits = durability == Durability::Synced || replicated;
-    let append = append_on_owner(topic.clone(), index, owned, durability, txn);
+    let append = append_on_owner(topic.clone(), index, owned, durability, txn, started);
     let result = if waits && !timeout.is_zero() {
         // A detached task, so that a timed-out wait never cancels the append itself. Contained:
         // its panic is re-raised here, or logged by itself if the wait timed out first.
@@ -491,6 +503,7 @@ async fn append_on_owner(
     records: Validated,
     durability: Durability,
     txn: Option<TxnCheck>,
+    started: Instant,
 ) -> Appended {
     let tp = TopicPartition::new(topic.meta.name.clone(), index);
     let topic_id = topic.meta.id;
@@ -498,6 +511,7 @@ async fn append_on_owner(
         if let Some(c) = txn {
             check_txn(&tp, topic_id, c).await.map_err(|e| (e, None))?;
         }
+        crate::stats::produce_stage(ProduceStage::Handler, started.elapsed());
         match replica {
             Some(replica) => {
                 replicate(

@@ -605,9 +605,13 @@ fn an_isolated_leader_cannot_commit_and_the_majority_carries_on() {
     assert!(!payloads(&history).contains(&"minority".to_string()));
 }
 
+/// A frame whose CRC covers everything (`MODE_COVERED`) around `payload` as its protobuf.
 fn frame(group: u64, payload: &[u8]) -> Vec<u8> {
     let mut body = group.to_be_bytes().to_vec();
+    body.push(sluice_raft::transport::MODE_COVERED);
+    body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     body.extend_from_slice(payload);
+    body.extend_from_slice(&0u32.to_be_bytes());
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
     out.extend_from_slice(&body);
@@ -673,6 +677,28 @@ fn hostile_frames_close_only_their_connection() {
         (
             "closed mid-frame",
             [preamble(), frame(GROUP, &[0x08, 0x03])[..9].to_vec()].concat(),
+        ),
+        (
+            "unknown frame mode",
+            [preamble(), {
+                let mut f = frame(GROUP, &[0x08, 0x03]);
+                f[16] = 9;
+                let crc = crc32c::crc32c(&f[8..]);
+                f[4..8].copy_from_slice(&crc.to_be_bytes());
+                f
+            }]
+            .concat(),
+        ),
+        (
+            "protobuf length past the frame",
+            [preamble(), {
+                let mut f = frame(GROUP, &[0x08, 0x03]);
+                f[17..21].copy_from_slice(&u32::MAX.to_be_bytes());
+                let crc = crc32c::crc32c(&f[8..]);
+                f[4..8].copy_from_slice(&crc.to_be_bytes());
+                f
+            }]
+            .concat(),
         ),
     ];
     for (name, bytes) in cases {
@@ -836,4 +862,64 @@ fn preamble_of(id: u64) -> Vec<u8> {
     let mut p = sluice_raft::transport::PREAMBLE_MAGIC.to_vec();
     p.extend_from_slice(&id.to_be_bytes());
     p
+}
+
+/// Payloads of the payload-checked group below carry their own checksum, as a partition's
+/// RecordBatches do: `[crc32c of the rest, u32 BE][rest]`.
+fn sealed(text: &[u8]) -> Vec<u8> {
+    [&crc32c::crc32c(text).to_be_bytes()[..], text].concat()
+}
+
+fn check_sealed(d: &[u8]) -> Result<(), &'static str> {
+    match d.split_first_chunk::<4>() {
+        Some((crc, rest)) if u32::from_be_bytes(*crc) == crc32c::crc32c(rest) => Ok(()),
+        _ => Err("sealed payload damaged"),
+    }
+}
+
+#[test]
+fn payload_checked_entries_arrive_intact_and_a_damaged_one_is_refused_before_the_log() {
+    let c = Cluster::new(3, |cfg| cfg.payload_check = Some(check_sealed));
+    let leader = c.leader(&[1, 2, 3], WAIT);
+    // One small entry (copied into the queue) and one large (written from its own buffer).
+    let small = sealed(b"small");
+    let large = sealed(&vec![b'x'; 200_000]);
+    c.propose(leader, &small).unwrap();
+    c.propose(leader, &large).unwrap();
+    let history = c.converged(&[1, 2, 3], 2);
+    assert_eq!(history[0].2, small);
+    assert_eq!(history[1].2, large);
+
+    // A peer speaking as the leader sends a follower the next entry with one bit flipped in its
+    // data (outside the frame CRC, inside the entry's own checksum).
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let status = c.obs.0.lock().unwrap()[&follower].status.clone().unwrap();
+    let last = status.last_index;
+    let mut e = sluice_raft::eraftpb::Entry::default();
+    e.index = last + 1;
+    e.term = status.term;
+    e.data = sealed(b"damaged on the way").into();
+    let mut m = sluice_raft::eraftpb::Message::default();
+    m.set_msg_type(sluice_raft::eraftpb::MessageType::MsgAppend);
+    m.from = leader;
+    m.to = follower;
+    m.term = status.term;
+    m.index = last;
+    m.log_term = status.term;
+    m.commit = status.commit;
+    m.set_entries(vec![e].into());
+    let mut bytes = sluice_raft::transport::frame_bytes(GROUP, m, true).unwrap();
+    let end = bytes.len() - 1;
+    bytes[end] ^= 0x01;
+    let mut s = TcpStream::connect(c.addrs[&follower]).unwrap();
+    s.write_all(&[preamble_of(leader), bytes].concat()).unwrap();
+    assert!(
+        closed_by_peer(&mut s),
+        "a damaged entry closes its connection"
+    );
+    // Nothing of it reached the follower's log, and the group carries on.
+    c.propose(leader, &sealed(b"after")).unwrap();
+    let history = c.converged(&[1, 2, 3], 3);
+    let datas: Vec<Vec<u8>> = history.into_iter().map(|e| e.2).collect();
+    assert_eq!(datas, vec![small, large, sealed(b"after")]);
 }

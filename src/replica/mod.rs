@@ -642,6 +642,8 @@ impl ReplicatedPartition {
 }
 
 #[cfg(test)]
+// Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
     use crate::storage::tests::{batch as data_batch, run, small_config};

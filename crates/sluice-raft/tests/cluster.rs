@@ -2,6 +2,9 @@
 //! thread with its own data directory. Every wait is bounded by a deadline and waits on a
 //! condition the nodes signal (role/leader/term changes, applied entries).
 
+// Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
+#![allow(clippy::field_reassign_with_default)]
+
 use sluice_raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use sluice_raft::{
     FileLog, GroupConfig, GroupStatus, LogStore, ProposeError, RaftGroup, Role, StateMachine,

@@ -6,13 +6,15 @@
 #
 #   perf/replicated.sh [ROUNDS] [S3_RATE]        # defaults: 3 rounds, 50MB/s
 #
-# SLUICE / SLUICE_BENCH pick the binaries (default target/release/...). Every broker runs with
+# SLUICE / SLUICE_BENCH pick the binaries (default target/release/...); SCENARIOS (default
+# "s1 s3") which scenarios run. Every broker runs with
 # --cores 1 on CPU 0 (so a cluster's three brokers share that core), the load generator on CPU 1.
 # Each run starts fresh brokers in a temporary directory, removed at the end.
 set -euo pipefail
 ROUNDS="${1:-3}"
 RATE="${2:-50MB/s}"
 DURATION="${DURATION:-10s}"
+SCENARIOS="${SCENARIOS:-s1 s3}" # e.g. SCENARIOS=s1 for the throughput comparison alone
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 SLUICE="${SLUICE:-$REPO/target/release/sluice}"
 BENCH="${SLUICE_BENCH:-$REPO/target/release/sluice-bench}"
@@ -105,10 +107,10 @@ EOF
 }
 
 for _ in $(seq "$ROUNDS"); do
-    start_single; s1 single; stop_all
-    start_cluster; s1 rf3; stop_all
-    start_single; s3 single; stop_all
-    start_cluster; s3 rf3; stop_all
+    for sc in $SCENARIOS; do
+        start_single; "$sc" single; stop_all
+        start_cluster; "$sc" rf3; stop_all
+    done
 done | tee "$D/runs.txt"
 
 # Medians per setup and scenario, and the replicated / single-node throughput ratio.

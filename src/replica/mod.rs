@@ -29,7 +29,8 @@ pub use log::{EntryIndex, EntryMeta, RaftLog, SnapshotMeta, TruncateHooks};
 /// Why a proposal was not committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicateError {
-    /// Not exactly one valid RecordBatch (CRC checked), or a control batch.
+    /// Not exactly one RecordBatch (framing checked: the CRC is the caller's, see
+    /// `ReplicatedPartition::propose`), or a control batch.
     InvalidBatch,
     /// The raft group's answer: not the leader (and who is), leadership lost with the outcome
     /// unknown, replaced by another leader's entry, too many pending, or stopped.
@@ -201,6 +202,8 @@ impl ReplicatedPartition {
         let truncate_hooks = store.truncate_hooks();
         let fetches = store.fetches();
         config.snapshot_interval_entries = NO_SNAPSHOTS;
+        // Entries are RecordBatches: a follower checks each one's CRC once, as it arrives.
+        config.payload_check = Some(log::entry_payload_check);
         let applied = Rc::new(Cell::new(0));
         let applied_event = Rc::new(Event::new());
         let (log_starts, log_start_rx) = async_channel::unbounded();
@@ -295,7 +298,10 @@ impl ReplicatedPartition {
     /// Proposes one produced batch; resolves with its offsets (base, last) once it is committed
     /// (a majority has it durably, this leader included) — acks=all. The batch is stored with
     /// the offsets and leader epoch the log assigns at its raft index, identically on every
-    /// replica.
+    /// replica. Its CRC-32C must have been checked by the caller (the produce path validates
+    /// every batch it receives; coordinators build theirs): it is not checked again on this
+    /// node, and each follower checks it once as it arrives. The bytes travel to the log and to
+    /// the followers without further copies.
     pub async fn propose(&self, records: BytesMut) -> Result<(Offset, Offset), ReplicateError> {
         self.propose_as(records, true).await
     }
@@ -321,10 +327,11 @@ impl ReplicatedPartition {
         records: BytesMut,
         committed: bool,
     ) -> Result<(Offset, Offset), ReplicateError> {
-        let h = BatchHeader::parse_checked(&records).map_err(|_| ReplicateError::InvalidBatch)?;
+        let h = BatchHeader::parse(&records).map_err(|_| ReplicateError::InvalidBatch)?;
         if h.size() != records.len() || h.is_control() {
             return Err(ReplicateError::InvalidBatch);
         }
+        debug_assert!(h.crc_ok(), "a batch proposed unchecked");
         let (pid, epoch, first_seq, last_seq) = (
             h.producer_id(),
             h.producer_epoch(),
@@ -423,13 +430,15 @@ impl ReplicatedPartition {
 
     async fn propose_raw(
         &self,
-        records: BytesMut,
+        mut records: BytesMut,
         committed: bool,
     ) -> Result<(Offset, Offset), ReplicateError> {
-        let mut data = records.to_vec();
         // The term is stamped at append; the proposal carries the leader's current one too, so
         // entries in flight already read as they will be stored.
-        batch::set_partition_leader_epoch(&mut data, self.leader_epoch());
+        batch::set_partition_leader_epoch(&mut records, self.leader_epoch());
+        // Shared from here on, not copied: by the raft entry, the messages to every follower and
+        // the log's append (which copies it once, into the buffer it writes and caches).
+        let data = records.freeze();
         let index = if committed {
             self.group.propose(data).await
         } else {
@@ -629,5 +638,99 @@ impl ReplicatedPartition {
     /// Stops the group (the log stays open: the caller closes it).
     pub async fn stop(&self) {
         self.group.stop().await;
+    }
+}
+
+#[cfg(test)]
+// Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
+#[allow(clippy::field_reassign_with_default)]
+mod tests {
+    use super::*;
+    use crate::storage::tests::{batch as data_batch, run, small_config};
+    use crate::storage::BatchCache;
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    use sluice_raft::eraftpb::{Entry, Message, MessageType};
+    use std::time::{Duration, Instant};
+
+    /// An append from node 1 (the leader of term 1) to node 2 carrying `batch` as entry 1.
+    fn append_from_leader(group: u64, batch: &[u8]) -> Vec<u8> {
+        let mut e = Entry::default();
+        e.index = 1;
+        e.term = 1;
+        e.data = bytes::Bytes::copy_from_slice(batch);
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 2;
+        m.term = 1;
+        m.set_entries(vec![e].into());
+        let mut out = sluice_raft::transport::PREAMBLE_MAGIC.to_vec();
+        out.extend_from_slice(&1u64.to_be_bytes());
+        out.extend(sluice_raft::transport::frame_bytes(group, m, true).unwrap());
+        out
+    }
+
+    #[test]
+    fn a_follower_refuses_a_damaged_batch_from_its_leader_and_appends_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+                .await
+                .unwrap();
+            // Node 1 is not running: this test speaks for it.
+            let peers = [
+                (1, "127.0.0.1:1".parse().unwrap()),
+                (2, "127.0.0.1:0".parse().unwrap()),
+            ]
+            .into_iter()
+            .collect();
+            let transport = Transport::start(sluice_raft::TransportConfig::new(
+                2,
+                "127.0.0.1:0".parse().unwrap(),
+                peers,
+            ))
+            .unwrap();
+            let group = 42;
+            let config = GroupConfig::new(group, 2, vec![1, 2]);
+            let replica = ReplicatedPartition::start(log.clone(), config, &transport)
+                .await
+                .unwrap();
+            let good = data_batch(3, 50, 1000, 1);
+
+            // One bit flipped in a record: the connection is closed, nothing reaches the log.
+            let mut damaged = append_from_leader(group, &good);
+            let last = damaged.len() - 1;
+            damaged[last] ^= 0x04;
+            let mut c = glommio::net::TcpStream::connect(transport.local_addr())
+                .await
+                .unwrap();
+            c.write_all(&damaged).await.unwrap();
+            let mut buf = [0u8; 16];
+            let closed = c.read(&mut buf).await;
+            assert!(
+                matches!(closed, Ok(0) | Err(_)),
+                "the connection is closed: {closed:?}"
+            );
+            assert_eq!(transport.stats().payloads_refused, 1);
+            assert_eq!(log.log_end_offset(), Offset(0), "nothing appended");
+            assert_eq!(replica.status().last_index, 0);
+
+            // The same entry undamaged is appended, verbatim but for offsets and epoch.
+            let mut c = glommio::net::TcpStream::connect(transport.local_addr())
+                .await
+                .unwrap();
+            c.write_all(&append_from_leader(group, &good))
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while log.log_end_offset() != Offset(3) {
+                assert!(Instant::now() < deadline, "the good entry was not appended");
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(transport.stats().payloads_refused, 1);
+            replica.stop().await;
+            transport.close();
+        });
     }
 }

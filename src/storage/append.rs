@@ -74,6 +74,18 @@ impl PartitionLog {
             .await
     }
 
+    /// [`PartitionLog::append_replicated`] of batches whose checksums were checked once already
+    /// where they entered this node (a replica's raft entries): framing is checked, the CRC-32C
+    /// only in debug builds.
+    pub async fn append_replicated_checked(
+        &self,
+        records: BytesMut,
+        durability: Durability,
+    ) -> Result<AppendResult, StorageError> {
+        let records = Validated::check_framing(records).map_err(StorageError::Corrupt)?;
+        self.append_as(records, durability, Mode::Verbatim).await
+    }
+
     async fn append_as(
         &self,
         records: Validated,

@@ -18,7 +18,8 @@
 
 use crate::logger;
 use crate::storage::{LogStore, RaftStorage};
-use crate::transport::Transport;
+use crate::transport::{PayloadCheck, Transport};
+use bytes::Bytes;
 use futures_lite::future;
 use protobuf::Message as _;
 use raft::eraftpb::{
@@ -80,6 +81,9 @@ pub struct GroupConfig {
     pub snapshot_interval_entries: u64,
     /// Proposals awaiting commit; more are refused with `ProposeError::Busy`.
     pub max_pending_proposals: usize,
+    /// The check of the group's entry data received from peers, when the data carries its own
+    /// checksum (see `Transport::register_with`); `None` for the transport's frame CRC.
+    pub payload_check: Option<PayloadCheck>,
 }
 
 impl GroupConfig {
@@ -97,6 +101,7 @@ impl GroupConfig {
             max_inflight_msgs: 256,
             snapshot_interval_entries: 10_000,
             max_pending_proposals: 10_000,
+            payload_check: None,
         }
     }
 
@@ -195,9 +200,9 @@ pub enum StopReason {
 type Reply = async_channel::Sender<Result<u64, ProposeError>>;
 
 enum Command {
-    Propose(Vec<u8>, Reply),
-    ProposeAppended(Vec<u8>, Reply),
-    ProposeForwarded(Vec<u8>),
+    Propose(Bytes, Reply),
+    ProposeAppended(Bytes, Reply),
+    ProposeForwarded(Bytes),
     ProposeConfChange(ConfChangeV2, Reply),
     TransferLeader(u64),
     Campaign,
@@ -270,7 +275,7 @@ impl RaftGroup {
         let raw = RawNode::new(&raft_config, RaftStorage::new(log), &logger)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
 
-        let inbox = transport.register(config.group_id)?;
+        let inbox = transport.register_with(config.group_id, config.payload_check)?;
         let (commands, command_rx) = async_channel::unbounded();
         let (done_tx, done) = async_channel::bounded(1);
         let shared = Rc::new(Shared {
@@ -306,6 +311,7 @@ impl RaftGroup {
             lost_log_reported: None,
             fetched_tx,
             fetched,
+            proposals: Vec::new(),
         };
         driver.publish();
         glommio::spawn_local(async move {
@@ -319,7 +325,8 @@ impl RaftGroup {
 
     /// Proposes `data`. Resolves with the entry's index once it is committed and applied on this
     /// node, or with why it was not (see `ProposeError`).
-    pub async fn propose(&self, data: Vec<u8>) -> Result<u64, ProposeError> {
+    pub async fn propose(&self, data: impl Into<Bytes>) -> Result<u64, ProposeError> {
+        let data = data.into();
         if data.is_empty() || data.len() > MAX_PROPOSAL_BYTES {
             return Err(ProposeError::Invalid);
         }
@@ -330,7 +337,8 @@ impl RaftGroup {
     /// appended to this leader's log (persisted, not yet committed: Kafka's acks=1). Whether it
     /// then commits is not reported; a leader change before the append answers
     /// `LeadershipLost`, an entry replaced at that index `Dropped`.
-    pub async fn propose_appended(&self, data: Vec<u8>) -> Result<u64, ProposeError> {
+    pub async fn propose_appended(&self, data: impl Into<Bytes>) -> Result<u64, ProposeError> {
+        let data = data.into();
         if data.is_empty() || data.len() > MAX_PROPOSAL_BYTES {
             return Err(ProposeError::Invalid);
         }
@@ -343,7 +351,8 @@ impl RaftGroup {
     /// proposal with no known leader, or one lost on the way, is dropped): the caller watches
     /// its state machine for the effect and proposes again if it does not come. For idempotent
     /// entries only.
-    pub fn propose_forwarded(&self, data: Vec<u8>) -> Result<(), ProposeError> {
+    pub fn propose_forwarded(&self, data: impl Into<Bytes>) -> Result<(), ProposeError> {
+        let data = data.into();
         if data.is_empty() || data.len() > MAX_PROPOSAL_BYTES {
             return Err(ProposeError::Invalid);
         }
@@ -454,6 +463,9 @@ struct Driver<L: LogStore, M> {
     /// Completed entry fetches (see `LogStore::take_fetch`), with the reads waiting for them.
     fetched_tx: async_channel::Sender<Vec<GetEntriesContext>>,
     fetched: async_channel::Receiver<Vec<GetEntriesContext>>,
+    /// Data proposals of this pass, proposed together (`flush_proposals`): (data, answered on
+    /// append rather than commit, reply).
+    proposals: Vec<(Bytes, bool, Reply)>,
 }
 
 /// The first tick instant after `now` on a grid of `interval` shared by every group of the
@@ -549,6 +561,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 while let Ok(c) = commands.try_recv() {
                     self.command(c)?;
                 }
+                self.flush_proposals()?;
                 let now = Instant::now();
                 if now >= next_tick {
                     guarded(|| self.raw.tick())?;
@@ -657,17 +670,27 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
     fn command(&mut self, c: Command) -> Result<(), StopReason> {
         match c {
             Command::Propose(data, reply) => {
-                self.propose(reply, EntryType::EntryNormal, false, |raw| {
-                    raw.propose(vec![], data)
-                })?
+                self.proposals.push((data, false, reply));
+                return Ok(());
             }
             Command::ProposeAppended(data, reply) => {
-                self.propose(reply, EntryType::EntryNormal, true, |raw| {
-                    raw.propose(vec![], data)
-                })?
+                self.proposals.push((data, true, reply));
+                return Ok(());
             }
+            _ => {}
+        }
+        // Anything else comes after the data proposals queued before it.
+        self.flush_proposals()?;
+        match c {
+            Command::Propose(..) | Command::ProposeAppended(..) => {}
             Command::ProposeForwarded(data) => {
-                if let Err(e) = guarded(|| self.raw.propose(vec![], data))? {
+                let mut m = Message::default();
+                m.set_msg_type(MessageType::MsgPropose);
+                m.from = self.raw.raft.id;
+                let mut e = Entry::default();
+                e.data = data;
+                m.set_entries(vec![e].into());
+                if let Err(e) = guarded(|| self.raw.raft.step(m))? {
                     tracing::debug!(
                         group = self.config.group_id,
                         "forwarded proposal dropped: {e}"
@@ -684,6 +707,79 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
                 let _ = guarded(|| self.raw.campaign())?;
             }
             Command::Stop => return Err(StopReason::Requested),
+        }
+        Ok(())
+    }
+
+    /// Proposes the data proposals of this pass: as few `MsgPropose` as fit `max_size_per_msg`
+    /// each, so that raft appends them together and sends each follower one append for them
+    /// rather than one per proposal.
+    fn flush_proposals(&mut self) -> Result<(), StopReason> {
+        if self.proposals.is_empty() {
+            return Ok(());
+        }
+        let proposals = std::mem::take(&mut self.proposals);
+        if self.raw.raft.state != StateRole::Leader {
+            let leader = Some(self.raw.raft.leader_id).filter(|id| *id != raft::INVALID_ID);
+            for (_, _, reply) in proposals {
+                let _ = reply.try_send(Err(ProposeError::NotLeader { leader }));
+            }
+            return Ok(());
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        for (data, on_append, reply) in proposals {
+            if self.pending.len() + self.appended.len() + batch.len()
+                >= self.config.max_pending_proposals
+            {
+                let _ = reply.try_send(Err(ProposeError::Busy));
+                continue;
+            }
+            let len = data.len() as u64;
+            if !batch.is_empty() && bytes + len > self.config.max_size_per_msg {
+                self.propose_batch(std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+            bytes += len;
+            batch.push((data, on_append, reply));
+        }
+        if !batch.is_empty() {
+            self.propose_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    /// One `MsgPropose` of several entries: raft appends all of them or none.
+    fn propose_batch(&mut self, batch: Vec<(Bytes, bool, Reply)>) -> Result<(), StopReason> {
+        let before = self.raw.raft.raft_log.last_index();
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.raw.raft.id;
+        let entries: Vec<Entry> = batch
+            .iter()
+            .map(|(data, _, _)| {
+                let mut e = Entry::default();
+                e.data = data.clone();
+                e
+            })
+            .collect();
+        m.set_entries(entries.into());
+        let stepped = guarded(|| self.raw.raft.step(m))?;
+        let after = self.raw.raft.raft_log.last_index();
+        let appended_all = stepped.is_ok() && after.saturating_sub(before) == batch.len() as u64;
+        let term = self.raw.raft.term;
+        for (k, (_, on_append, reply)) in batch.into_iter().enumerate() {
+            if !appended_all {
+                let _ = reply.try_send(Err(ProposeError::Dropped));
+                continue;
+            }
+            let index = before + 1 + k as u64;
+            if on_append {
+                self.appended.insert(index, (term, reply));
+            } else {
+                self.pending
+                    .insert(index, (term, EntryType::EntryNormal, reply));
+            }
         }
         Ok(())
     }

@@ -2,6 +2,9 @@
 //! thread with its own data directory. Every wait is bounded by a deadline and waits on a
 //! condition the nodes signal (role/leader/term changes, applied entries).
 
+// Protobuf messages are built by setting fields on a default value, as raft-proto itself does.
+#![allow(clippy::field_reassign_with_default)]
+
 use sluice_raft::codec::{self, HeartbeatEntry};
 use sluice_raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message, MessageType};
 use sluice_raft::transport::HEARTBEATS_GROUP;
@@ -607,12 +610,27 @@ fn an_isolated_leader_cannot_commit_and_the_majority_carries_on() {
     assert!(!payloads(&history).contains(&"minority".to_string()));
 }
 
+/// A frame whose CRC covers everything (`MODE_COVERED`) around `payload` as its protobuf.
 fn frame(group: u64, payload: &[u8]) -> Vec<u8> {
     let mut body = group.to_be_bytes().to_vec();
+    body.push(sluice_raft::transport::MODE_COVERED);
+    body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     body.extend_from_slice(payload);
+    body.extend_from_slice(&0u32.to_be_bytes());
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
     out.extend_from_slice(&body);
+    out
+}
+
+/// A coalesced heartbeat frame (`HEARTBEATS_GROUP`, then the heartbeat list; no mode or
+/// protobuf length) around `body`.
+fn heartbeats_frame(body: &[u8]) -> Vec<u8> {
+    let mut b = HEARTBEATS_GROUP.to_be_bytes().to_vec();
+    b.extend_from_slice(body);
+    let mut out = (b.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&crc32c::crc32c(&b).to_be_bytes());
+    out.extend_from_slice(&b);
     out
 }
 
@@ -689,7 +707,7 @@ fn hostile_frames_close_only_their_connection() {
             "heartbeat count past the end",
             [
                 preamble(),
-                frame(HEARTBEATS_GROUP, &heartbeats_body(99, 2, 1000, &[])),
+                heartbeats_frame(&heartbeats_body(99, 2, 1000, &[])),
             ]
             .concat(),
         ),
@@ -697,7 +715,7 @@ fn hostile_frames_close_only_their_connection() {
             "heartbeat count of 2^32-1",
             [
                 preamble(),
-                frame(HEARTBEATS_GROUP, &heartbeats_body(99, 2, u32::MAX, &[])),
+                heartbeats_frame(&heartbeats_body(99, 2, u32::MAX, &[])),
             ]
             .concat(),
         ),
@@ -705,17 +723,36 @@ fn hostile_frames_close_only_their_connection() {
             "heartbeat of an unknown kind",
             [
                 preamble(),
-                frame(
-                    HEARTBEATS_GROUP,
-                    &heartbeats_body(
-                        99,
-                        2,
-                        1,
-                        // group 7, kind 9, term, commit, no context
-                        &[7, 9, 1, 1, 0],
-                    ),
-                ),
+                heartbeats_frame(&heartbeats_body(
+                    99,
+                    2,
+                    1,
+                    // group 7, kind 9, term, commit, no context
+                    &[7, 9, 1, 1, 0],
+                )),
             ]
+            .concat(),
+        ),
+        (
+            "unknown frame mode",
+            [preamble(), {
+                let mut f = frame(GROUP, &[0x08, 0x03]);
+                f[16] = 9;
+                let crc = crc32c::crc32c(&f[8..]);
+                f[4..8].copy_from_slice(&crc.to_be_bytes());
+                f
+            }]
+            .concat(),
+        ),
+        (
+            "protobuf length past the frame",
+            [preamble(), {
+                let mut f = frame(GROUP, &[0x08, 0x03]);
+                f[17..21].copy_from_slice(&u32::MAX.to_be_bytes());
+                let crc = crc32c::crc32c(&f[8..]);
+                f[4..8].copy_from_slice(&crc.to_be_bytes());
+                f
+            }]
             .concat(),
         ),
     ];
@@ -981,7 +1018,7 @@ fn heartbeats_of_many_groups_leave_as_one_frame_and_are_expanded_on_receipt() {
     let mut body = Vec::new();
     codec::put_heartbeats(&mut body, 2, 1, &responses);
     let mut back = TcpStream::connect(own).unwrap();
-    back.write_all(&[preamble_of(2), frame(HEARTBEATS_GROUP, &body)].concat())
+    back.write_all(&[preamble_of(2), heartbeats_frame(&body)].concat())
         .unwrap();
     let mut got: Vec<(u64, Message)> = (0..GROUPS)
         .map(|_| got_rx.recv_timeout(WAIT).expect("every group's response"))
@@ -999,4 +1036,64 @@ fn heartbeats_of_many_groups_leave_as_one_frame_and_are_expanded_on_receipt() {
     assert_eq!(stats.messages_sent, GROUPS + 1);
     assert_eq!(stats.messages_received, GROUPS);
     node.join().unwrap();
+}
+
+/// Payloads of the payload-checked group below carry their own checksum, as a partition's
+/// RecordBatches do: `[crc32c of the rest, u32 BE][rest]`.
+fn sealed(text: &[u8]) -> Vec<u8> {
+    [&crc32c::crc32c(text).to_be_bytes()[..], text].concat()
+}
+
+fn check_sealed(d: &[u8]) -> Result<(), &'static str> {
+    match d.split_first_chunk::<4>() {
+        Some((crc, rest)) if u32::from_be_bytes(*crc) == crc32c::crc32c(rest) => Ok(()),
+        _ => Err("sealed payload damaged"),
+    }
+}
+
+#[test]
+fn payload_checked_entries_arrive_intact_and_a_damaged_one_is_refused_before_the_log() {
+    let c = Cluster::new(3, |cfg| cfg.payload_check = Some(check_sealed));
+    let leader = c.leader(&[1, 2, 3], WAIT);
+    // One small entry (copied into the queue) and one large (written from its own buffer).
+    let small = sealed(b"small");
+    let large = sealed(&vec![b'x'; 200_000]);
+    c.propose(leader, &small).unwrap();
+    c.propose(leader, &large).unwrap();
+    let history = c.converged(&[1, 2, 3], 2);
+    assert_eq!(history[0].2, small);
+    assert_eq!(history[1].2, large);
+
+    // A peer speaking as the leader sends a follower the next entry with one bit flipped in its
+    // data (outside the frame CRC, inside the entry's own checksum).
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let status = c.obs.0.lock().unwrap()[&follower].status.clone().unwrap();
+    let last = status.last_index;
+    let mut e = sluice_raft::eraftpb::Entry::default();
+    e.index = last + 1;
+    e.term = status.term;
+    e.data = sealed(b"damaged on the way").into();
+    let mut m = sluice_raft::eraftpb::Message::default();
+    m.set_msg_type(sluice_raft::eraftpb::MessageType::MsgAppend);
+    m.from = leader;
+    m.to = follower;
+    m.term = status.term;
+    m.index = last;
+    m.log_term = status.term;
+    m.commit = status.commit;
+    m.set_entries(vec![e].into());
+    let mut bytes = sluice_raft::transport::frame_bytes(GROUP, m, true).unwrap();
+    let end = bytes.len() - 1;
+    bytes[end] ^= 0x01;
+    let mut s = TcpStream::connect(c.addrs[&follower]).unwrap();
+    s.write_all(&[preamble_of(leader), bytes].concat()).unwrap();
+    assert!(
+        closed_by_peer(&mut s),
+        "a damaged entry closes its connection"
+    );
+    // Nothing of it reached the follower's log, and the group carries on.
+    c.propose(leader, &sealed(b"after")).unwrap();
+    let history = c.converged(&[1, 2, 3], 3);
+    let datas: Vec<Vec<u8>> = history.into_iter().map(|e| e.2).collect();
+    assert_eq!(datas, vec![small, large, sealed(b"after")]);
 }

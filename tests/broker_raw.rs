@@ -2164,6 +2164,12 @@ fn hostile_lengths_in_data_files_at_start_up_are_cut_or_ignored_and_the_broker_s
         .unwrap();
     meta.write_all(&[0xff; 40]).unwrap();
     drop(meta);
+    // Clean-shutdown records: garbage, and the right magic followed by an entry declaring
+    // 4 GiB. Neither covers any log.
+    std::fs::write(data.join("clean-shutdown.0.0"), [0xff; 64]).unwrap();
+    let mut rec = b"SLCSR\0\0\x01".to_vec();
+    rec.extend_from_slice(&[0xff; 64]);
+    std::fs::write(data.join("clean-shutdown.0.1"), rec).unwrap();
 
     b.restart();
     let mut r = Raw::connect(b.addr);
@@ -2172,6 +2178,10 @@ fn hostile_lengths_in_data_files_at_start_up_are_cut_or_ignored_and_the_broker_s
     assert_eq!(recs, acked);
     assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"after"])), (NONE, 5));
     assert_serves(&b);
+    assert!(b
+        .stderr()
+        .contains("clean-shutdown records read: 0 logs covered"));
+    assert!(!data.join("clean-shutdown.0.0").exists());
 }
 
 // Kafka's LogValidator: "Inconsistent batch offset range ... and count of records".

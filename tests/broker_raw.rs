@@ -1954,6 +1954,89 @@ fn more_partitions_than_the_hard_open_file_limit_produce_restart_and_read_back()
     assert!(!second.contains("Too many open files"), "{second}");
 }
 
+// A clean shutdown of many partitions writes one clean-shutdown record and no per-partition
+// file; the restart opens every partition from it without a recovery scan. A SIGKILL while the
+// broker shuts down loses nothing acknowledged: the next start recovers what no record covers.
+#[test]
+fn many_partitions_restart_from_the_shutdown_record_and_survive_a_kill_during_shutdown() {
+    const PARTITIONS: i32 = 300;
+    let mut b = Broker::start();
+    let t = topic_name("shutrec");
+    b.create_topic(&t, PARTITIONS);
+    let produce_all = |b: &Broker, prefix: &str, offset: i64| {
+        let mut r = Raw::connect(b.addr);
+        for p in 0..PARTITIONS {
+            let v = format!("{prefix}-{p}");
+            assert_eq!(
+                produce(&mut r, &t, p, -1, batch(&[v.as_bytes()])),
+                (NONE, offset),
+                "partition {p}"
+            );
+        }
+    };
+    let check_all = |b: &Broker, prefixes: &[&str]| {
+        let mut r = Raw::connect(b.addr);
+        for p in 0..PARTITIONS {
+            let want: Vec<(i64, Vec<u8>)> = prefixes
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (i as i64, format!("{x}-{p}").into_bytes()))
+                .collect();
+            assert_eq!(
+                fetch_all(&mut r, &t, p),
+                (prefixes.len() as i64, want),
+                "partition {p}"
+            );
+        }
+    };
+    produce_all(&b, "a", 0);
+    assert!(b.sigterm().success(), "{}", b.stderr());
+    // The number in `{before}N{after}` on a line of the broker's log.
+    let logged = |log: &str, before: &str, after: &str| -> Option<i32> {
+        let rest = &log[log.find(before)? + before.len()..];
+        rest[..rest.find(after)?].parse().ok()
+    };
+    let log = b.stderr();
+    // The topic's partitions and the internal topics'.
+    let written = logged(&log, "clean-shutdown record written: ", " logs");
+    assert!(written.is_some_and(|n| n >= PARTITIONS), "{log}");
+    let data = b.data_dir();
+    for p in 0..PARTITIONS {
+        let d = data.join(format!("{t}-{p}"));
+        assert!(!d.join(".clean-shutdown").exists(), "{}", d.display());
+        assert!(
+            !d.join("producer-state.snapshot").exists(),
+            "{}",
+            d.display()
+        );
+    }
+
+    b.restart();
+    let log = b.stderr();
+    assert_eq!(
+        logged(&log, "clean-shutdown records read: ", " logs covered"),
+        written,
+        "{log}"
+    );
+    assert!(!log.contains("recovered without clean shutdown"), "{log}");
+    check_all(&b, &["a"]);
+    produce_all(&b, "b", 1);
+
+    // SIGKILL as soon as the shutdown begins: wherever it lands, nothing acknowledged is lost.
+    b.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.stderr().contains("shutting down") {
+        assert!(Instant::now() < deadline, "{}", b.stderr());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    b.sigkill();
+    b.restart();
+    check_all(&b, &["a", "b"]);
+    produce_all(&b, "c", 2);
+    check_all(&b, &["a", "b", "c"]);
+    assert!(b.sigterm().success(), "{}", b.stderr());
+}
+
 /// A RecordBatch v2 of one record (offset delta 0) whose records section is `records` as given,
 /// with codec `attributes` and timestamp `ts`; the CRC-32C is valid.
 fn raw_batch(attributes: i16, ts: i64, records: &[u8]) -> Bytes {
@@ -2081,6 +2164,12 @@ fn hostile_lengths_in_data_files_at_start_up_are_cut_or_ignored_and_the_broker_s
         .unwrap();
     meta.write_all(&[0xff; 40]).unwrap();
     drop(meta);
+    // Clean-shutdown records: garbage, and the right magic followed by an entry declaring
+    // 4 GiB. Neither covers any log.
+    std::fs::write(data.join("clean-shutdown.0.0"), [0xff; 64]).unwrap();
+    let mut rec = b"SLCSR\0\0\x01".to_vec();
+    rec.extend_from_slice(&[0xff; 64]);
+    std::fs::write(data.join("clean-shutdown.0.1"), rec).unwrap();
 
     b.restart();
     let mut r = Raw::connect(b.addr);
@@ -2089,6 +2178,10 @@ fn hostile_lengths_in_data_files_at_start_up_are_cut_or_ignored_and_the_broker_s
     assert_eq!(recs, acked);
     assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"after"])), (NONE, 5));
     assert_serves(&b);
+    assert!(b
+        .stderr()
+        .contains("clean-shutdown records read: 0 logs covered"));
+    assert!(!data.join("clean-shutdown.0.0").exists());
 }
 
 // Kafka's LogValidator: "Inconsistent batch offset range ... and count of records".

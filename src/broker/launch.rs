@@ -20,6 +20,11 @@ pub fn start_shards(
     receivers: Vec<async_channel::Receiver<Job>>,
     metadata_owner: (Option<MetadataStore>, ProducerIds),
 ) -> Result<Vec<glommio::ExecutorJoinHandle<()>>, String> {
+    // Before any shard opens a log: the clean-shutdown records of the last run, read into
+    // memory and removed durably (each log's open takes its entry).
+    let covered = crate::storage::load_shutdown_records(&broker.config.data_dir)
+        .map_err(|e| format!("cannot read the clean-shutdown records: {e}"))?;
+    tracing::info!("clean-shutdown records read: {covered} logs covered");
     let n = receivers.len();
     let ready = Arc::new(Barrier::new(n + 1));
     let failed: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));

@@ -110,6 +110,9 @@ async fn write_whole(file: &DmaFile, buf: Rc<DmaBuffer>, pos: u64) -> io::Result
 thread_local! {
     /// Devices (st_dev) whose io_uring poll-ring support glommio has already probed here.
     static PROBED_DEVICES: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// Held while a probe runs: the opens of other logs (a shard opens many at once at start)
+    /// wait for it, so none can be the first file glommio opens on the device.
+    static PROBE_TURN: Rc<glommio::sync::Semaphore> = Rc::new(glommio::sync::Semaphore::new(1));
 }
 
 /// glommio decides once per device and thread whether reads may use the io_uring poll ring, by
@@ -123,10 +126,15 @@ async fn probe_device_once(dir: &Path) {
     let Ok(dev) = std::fs::metadata(dir).map(|m| m.dev()) else {
         return;
     };
-    if PROBED_DEVICES.with(|p| p.borrow().contains(&dev)) {
+    let probed = || PROBED_DEVICES.with(|p| p.borrow().contains(&dev));
+    if probed() {
         return;
     }
-    PROBED_DEVICES.with(|p| p.borrow_mut().push(dev));
+    let turn = PROBE_TURN.with(|t| t.clone());
+    let _turn = turn.acquire_permit(1).await;
+    if probed() {
+        return;
+    }
     let probe = dir.join(".dma-probe");
     if std::fs::write(&probe, vec![0x5a; ALIGN_BYTES as usize]).is_ok() {
         if let Ok(f) = DmaFile::open(&probe).await {
@@ -134,6 +142,8 @@ async fn probe_device_once(dir: &Path) {
         }
     }
     let _ = std::fs::remove_file(&probe);
+    // Only now: until the probe is done, every other open on this thread waits above.
+    PROBED_DEVICES.with(|p| p.borrow_mut().push(dev));
 }
 
 impl StorageIo for DmaIo {

@@ -80,8 +80,8 @@ use read::ReadAheads;
 pub use read::{READAHEAD_MIN_BYTES, READAHEAD_SHARD_BYTES, READAHEAD_SLOTS, READ_BYTES_MIN};
 use segment::Segment;
 pub use shutdown::{
-    close_all, defer_marker_syncs, sync_deferred_markers, ClosingFiles, SegmentSync,
-    CLOSE_CONCURRENCY_MAX,
+    close_all, defer_marker_syncs, load_shutdown_records, sync_deferred_markers, ClosingFiles,
+    SegmentSync, CLOSE_CONCURRENCY_MAX,
 };
 
 /// A one-shot wake-up shared by the logs of one shard: a long-polling fetch registers it with
@@ -586,56 +586,19 @@ impl PartitionLog {
         }
     }
 
-    /// [`PartitionLog::close`] up to the small files: drains the log (and syncs its active
-    /// segment with [`SegmentSync::Now`]), then hands back what is left to write — the active
-    /// segment's index files, the producer snapshot and the clean-shutdown marker — so that a
-    /// shard closing many logs writes them all with a few file-system syncs ([`close_all`])
-    /// instead of nine fsyncs per log. `None`: already closed. With [`SegmentSync::Later`] the
-    /// caller must make the segment durable (a `syncfs`) before it writes the marker.
+    /// [`PartitionLog::close`] up to the small files: drains the log (syncing its active
+    /// segment as `sync` says), then hands back what is left to write — the active segment's
+    /// index files, the producer snapshot and the clean-shutdown marker. `None`: already closed.
+    /// A shard closing all its logs uses [`close_all`] instead, which writes no per-log file.
     pub async fn close_deferred(
         &self,
         sync: SegmentSync,
     ) -> Result<Option<ClosingFiles>, StorageError> {
-        if self.state.borrow().closed {
+        if !self.shut(sync).await? {
             return Ok(None);
         }
-        loop {
-            let rolling = self.state.borrow().rolling;
-            if !rolling {
-                break;
-            }
-            self.wait_until(|s| !s.rolling).await;
-        }
-        self.state.borrow_mut().rolling = true; // holds new appends back
-        self.drain().await;
-        self.no_snapshot_in_flight().await;
-        if self.state.borrow().appender.is_dead() {
-            // Offsets, index entries and producer state cover batches that were never written:
-            // write no clean-shutdown marker, so the next start recovers from the files.
-            let mut s = self.state.borrow_mut();
-            s.rolling = false;
-            s.closed = true;
-            s.wake_all();
-            return Err(s.appender.error());
-        }
-        let file = self.state.borrow().active().file().clone();
-        let punch = self.state.borrow_mut().appender.take_punch();
-        let r = async {
-            if let Some((pos, len)) = punch {
-                file.punch(pos, len).await?;
-            }
-            match sync {
-                SegmentSync::Now => file.sync().await,
-                SegmentSync::Later => Ok(()),
-            }
-        }
-        .await;
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        s.rolling = false;
-        s.closed = true;
-        s.wake_all();
-        r?;
         let (hw, log_end, written) = (
             s.offsets.hw(),
             s.offsets.log_end(),
@@ -665,6 +628,99 @@ impl PartitionLog {
         }))
     }
 
+    /// [`PartitionLog::close`] for a shard's clean-shutdown record ([`close_all`]): drains the
+    /// log, fdatasyncs its active segment if it holds unsynced bytes, and returns its entry for
+    /// the record instead of writing any file. `None`: already closed, or its index files
+    /// cannot be vouched for (the next start recovers it by a scan).
+    pub(crate) async fn close_for_record(
+        &self,
+    ) -> Result<Option<shutdown::RecordEntry>, StorageError> {
+        if !self.shut(SegmentSync::IfUnsynced).await? {
+            return Ok(None);
+        }
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        let (hw, log_end, written) = (
+            s.offsets.hw(),
+            s.offsets.log_end(),
+            s.appender.written_pos(),
+        );
+        // Check before the entry: it vouches that the file holds exactly the batches below the
+        // log end, in `written` bytes (a clean open trusts it and reads nothing back).
+        assert_eq!(hw, log_end, "a drained log is written");
+        s.offsets.synced_to(hw);
+        s.check_invariants();
+        let a = s.active_mut();
+        a.push_time_entry();
+        let active_base = a.base();
+        let index = a.index_tail();
+        self.cache.drop_log(self.cache_id);
+        let Some(index) = index else {
+            return Ok(None);
+        };
+        Ok(Some(shutdown::RecordEntry {
+            dir: self.dir.clone(),
+            state: shutdown::CleanState {
+                active_base,
+                log_end,
+                written,
+                index,
+                producers: std::mem::take(&mut s.producers),
+                txns: std::mem::take(&mut s.txns),
+            },
+        }))
+    }
+
+    /// Drains the log and closes it to appends, syncing its active segment as `sync` says.
+    /// `false`: it was already closed.
+    async fn shut(&self, sync: SegmentSync) -> Result<bool, StorageError> {
+        if self.state.borrow().closed {
+            return Ok(false);
+        }
+        loop {
+            let rolling = self.state.borrow().rolling;
+            if !rolling {
+                break;
+            }
+            self.wait_until(|s| !s.rolling).await;
+        }
+        self.state.borrow_mut().rolling = true; // holds new appends back
+        self.drain().await;
+        self.no_snapshot_in_flight().await;
+        if self.state.borrow().appender.is_dead() {
+            // Offsets, index entries and producer state cover batches that were never written:
+            // write no clean-shutdown marker, so the next start recovers from the files.
+            let mut s = self.state.borrow_mut();
+            s.rolling = false;
+            s.closed = true;
+            s.wake_all();
+            return Err(s.appender.error());
+        }
+        let file = self.state.borrow().active().file().clone();
+        let punch = self.state.borrow_mut().appender.take_punch();
+        let unsynced = {
+            let s = self.state.borrow();
+            s.offsets.synced() < s.offsets.log_end()
+        };
+        let punched = punch.is_some();
+        let r = async {
+            if let Some((pos, len)) = punch {
+                file.punch(pos, len).await?;
+            }
+            match sync {
+                SegmentSync::IfUnsynced if !unsynced && !punched => Ok(()),
+                _ => file.sync().await,
+            }
+        }
+        .await;
+        let mut s = self.state.borrow_mut();
+        s.rolling = false;
+        s.closed = true;
+        s.wake_all();
+        r?;
+        Ok(true)
+    }
+
     /// Closes the log and removes its directory.
     pub async fn remove(&self) -> Result<(), StorageError> {
         {
@@ -676,6 +732,8 @@ impl PartitionLog {
         // so no file appears in the directory while it is being removed.
         let _turn = self.log_start_turn.acquire_permit(1).await;
         self.cache.drop_log(self.cache_id);
+        // A record's entry read at start no longer describes anything.
+        let _ = shutdown::take_record(&self.dir);
         let dir = self.dir.clone();
         // Off the executor: a directory of many segments takes many unlinks.
         let removed = glommio::executor()

@@ -45,25 +45,39 @@ impl PartitionLog {
             .and_then(|b| meta::decode_clean(&b))
             .filter(|_| trunc.is_none());
         let had_marker = clean_path.exists();
+        // The shard's clean-shutdown record (see `shutdown`): trusted below only if the active
+        // segment and its index files match it.
+        let record = super::shutdown::take_record(dir).filter(|_| trunc.is_none());
         let checkpoint = meta::read_file(&dir.join(meta::LOG_START_FILE)).and_then(|b| {
             b.try_into()
                 .ok()
                 .map(|a: [u8; 8]| Offset(i64::from_be_bytes(a)))
         });
-        let snapshot = meta::read_file(&dir.join(meta::PRODUCER_FILE))
-            .and_then(|b| meta::decode_producers(&b));
-        let (snap_upto, mut producers) = match snapshot {
-            Some((upto, s)) => (Some(upto), s),
-            None => (None, ProducerState::default()),
+        // The producer and transaction snapshots: not read for a log the record covers.
+        let read_snapshots = || {
+            let snapshot = meta::read_file(&dir.join(meta::PRODUCER_FILE))
+                .and_then(|b| meta::decode_producers(&b));
+            let (snap_upto, producers) = match snapshot {
+                Some((upto, s)) => (Some(upto), s),
+                None => (None, ProducerState::default()),
+            };
+            // The transaction snapshot is written with the producer snapshot and covers the
+            // same batches; one that does not match it (missing, damaged, or from another
+            // point) is not trusted, and the transactions of the batches it would have covered
+            // are lost.
+            let txns = meta::read_file(&dir.join(TXN_FILE))
+                .and_then(|b| TxnIndex::decode(&b))
+                .filter(|(upto, _)| Some(*upto) == snap_upto)
+                .map(|(_, t)| t)
+                .unwrap_or_default();
+            (snap_upto, producers, txns)
         };
-        // The transaction snapshot is written with the producer snapshot and covers the same
-        // batches; one that does not match it (missing, damaged, or from another point) is
-        // not trusted, and the transactions of the batches it would have covered are lost.
-        let mut txns = meta::read_file(&dir.join(TXN_FILE))
-            .and_then(|b| TxnIndex::decode(&b))
-            .filter(|(upto, _)| Some(*upto) == snap_upto)
-            .map(|(_, t)| t)
-            .unwrap_or_default();
+        let mut snapshots_read = record.is_none();
+        let (mut snap_upto, mut producers, mut txns) = if snapshots_read {
+            read_snapshots()
+        } else {
+            (None, ProducerState::default(), TxnIndex::default())
+        };
 
         // A log-cleaner swap that a crash interrupted: finish it (or drop a pass's outputs).
         compact::recover(dir)?;
@@ -92,6 +106,7 @@ impl PartitionLog {
         let mut scan_report: Option<(Offset, u64, u64, ScanStop, u64)> = None;
         let mut scan_from = 0u64;
         let mut file_size_active = 0u64;
+        let mut from_record = false;
         let n = bases.len();
         for (k, &base) in bases.iter().enumerate() {
             let file = io
@@ -125,6 +140,18 @@ impl PartitionLog {
                 continue;
             }
             file_size_active = file_size;
+            if let Some(r) = record
+                .as_ref()
+                .filter(|r| r.active_base == base && r.written <= file_size && r.log_end >= base)
+            {
+                seg.set_extent(r.written, r.log_end);
+                if seg.restore_index(dir, r.index.clone()) {
+                    from_record = true;
+                    segments.push(seg);
+                    continue;
+                }
+                seg = Segment::new(base, file.clone(), seg.created_ms());
+            }
             if let Some((end, size)) =
                 clean.filter(|(end, size)| *size <= file_size && *end >= base)
             {
@@ -133,6 +160,10 @@ impl PartitionLog {
                     segments.push(seg);
                     continue;
                 }
+            }
+            if !snapshots_read {
+                (snap_upto, producers, txns) = read_snapshots();
+                snapshots_read = true;
             }
             // No clean shutdown: validate the active segment from its last durable index entry
             // that the producer snapshot covers (the snapshot holds the producer state of every
@@ -222,6 +253,14 @@ impl PartitionLog {
             }
         }
 
+        if !from_record && !snapshots_read {
+            (snap_upto, producers, txns) = read_snapshots();
+        }
+        if from_record {
+            let r = record.expect("the record matched");
+            producers = r.producers;
+            txns = r.txns;
+        }
         let active = segments.last().expect("at least one segment");
         let log_end = active.next();
         let written = active.size();
@@ -304,7 +343,7 @@ impl PartitionLog {
             }
             None => tracing::debug!(
                 dir = %dir.display(), segments = segments.len(), log_end = log_end.0,
-                "partition log opened after clean shutdown"
+                from_record, "partition log opened after clean shutdown"
             ),
         }
 

@@ -21,6 +21,21 @@ use crate::types::Offset;
 /// 4 KiB).
 pub const INDEX_APPEND_BATCH: usize = 16;
 
+/// Index plus time-index entries of one log's active segment that a clean-shutdown record
+/// carries inline (those not yet appended to the index files): 12 or 16 bytes each in the
+/// record. The flusher appends entries 16 at a time, so a log rarely has more than a few dozen;
+/// one with more is left out of the record and recovered by a scan.
+pub const RECORD_TAIL_ENTRIES_MAX: usize = 4096;
+
+/// See [`Segment::index_tail`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IndexTail {
+    pub index_durable: u32,
+    pub time_durable: u32,
+    pub index: Vec<(u32, u32)>,
+    pub time_index: Vec<(i64, u32)>,
+}
+
 /// Bytes read per request while scanning a segment; two requests are kept in flight.
 pub const SCAN_CHUNK_BYTES: usize = 4 << 20;
 
@@ -147,6 +162,71 @@ impl Segment {
         }
         self.index_durable = idx.len();
         self.time_durable = tidx.len();
+        self.index = idx;
+        self.time_index = tidx;
+        true
+    }
+
+    /// For a clean-shutdown record: the entries already appended to the index files (how
+    /// many of each) and the ones after them, which the record carries instead. `None` if the
+    /// files cannot be vouched for (an append failed) or the tail is longer than [`RECORD_TAIL_ENTRIES_MAX`].
+    pub fn index_tail(&self) -> Option<IndexTail> {
+        let (it, tt) = (
+            &self.index[self.index_durable..],
+            &self.time_index[self.time_durable..],
+        );
+        // Entries reach the files in order, so files holding exactly the durable count hold
+        // exactly those entries; a file with stale entries past them fails the count at open.
+        (!self.index_files_failed
+            && it.len() <= RECORD_TAIL_ENTRIES_MAX
+            && tt.len() <= RECORD_TAIL_ENTRIES_MAX)
+            .then(|| IndexTail {
+                index_durable: self.index_durable as u32,
+                time_durable: self.time_durable as u32,
+                index: it.to_vec(),
+                time_index: tt.to_vec(),
+            })
+    }
+
+    /// Loads the index of the active segment after a clean shutdown recorded in the shard's
+    /// record: the index files must hold exactly the entries the record counts as appended
+    /// (a missing file counts as empty), and the record's tail follows them. `false` if they
+    /// do not match (the caller then recovers the log by a scan).
+    pub fn restore_index(&mut self, dir: &Path, tail: IndexTail) -> bool {
+        let read = |ext: &str| match std::fs::read(meta::segment_path(dir, self.base, ext)) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Some(vec![]),
+            Err(_) => None,
+        };
+        let (Some(ib), Some(tb)) = (read("index"), read("timeindex")) else {
+            return false;
+        };
+        let (idx, tidx) = (meta::decode_index(&ib), meta::decode_time_index(&tb));
+        if !(idx.complete && tidx.complete)
+            || idx.entries.len() != tail.index_durable as usize
+            || tidx.entries.len() != tail.time_durable as usize
+        {
+            return false;
+        }
+        let (mut idx, mut tidx) = (idx.entries, tidx.entries);
+        idx.extend_from_slice(&tail.index);
+        tidx.extend_from_slice(&tail.time_index);
+        let span = self.next.0 - self.base.0;
+        let ok = idx
+            .iter()
+            .all(|e| (e.1 as u64) < self.size && (e.0 as i64) < span)
+            && idx.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
+            && tidx.iter().all(|e| (e.1 as i64) < span);
+        if !ok {
+            return false;
+        }
+        self.bytes_since_index = self.size - idx.last().map_or(0, |e| e.1 as u64);
+        if let Some(&(ts, rel)) = tidx.last() {
+            self.max_ts = ts;
+            self.max_ts_offset = Offset(self.base.0 + rel as i64);
+        }
+        self.index_durable = tail.index_durable as usize;
+        self.time_durable = tail.time_durable as usize;
         self.index = idx;
         self.time_index = tidx;
         true

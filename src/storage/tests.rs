@@ -2538,8 +2538,8 @@ mod replicated {
     }
 }
 
-// A shard's shutdown closes all its logs together: each ends clean (marker, index files,
-// producer snapshot), exactly as one log's own close leaves it, and leaves no temp file.
+// A shard's shutdown closes all its logs together: no per-log file is written, one record in
+// the data directory covers them, and each opens again without a scan, with its producer state.
 #[test]
 fn closing_many_logs_together_leaves_each_clean_with_its_producer_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -2576,8 +2576,12 @@ fn closing_many_logs_together_leaves_each_clean_with_its_producer_state() {
                 Err(StorageError::Io(_))
             ));
         }
+        assert_eq!(record_files(&root).len(), 1);
+        // Log 0 closed on its own (its marker); the record covers the two others.
+        assert_eq!(load_shutdown_records(&root).unwrap(), 2);
+        assert!(record_files(&root).is_empty());
         for (i, d) in dirs.iter().enumerate() {
-            assert!(d.join(meta::CLEAN_FILE).exists());
+            assert_eq!(d.join(meta::CLEAN_FILE).exists(), i == 0);
             let left: Vec<_> = std::fs::read_dir(d)
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -2607,6 +2611,7 @@ fn closing_many_logs_together_leaves_each_clean_with_its_producer_state() {
             let more = batch(1, 10, 1, 1);
             append(&log, &more, Durability::Written).await;
             assert!(close_all(vec![(i, log)]).await.is_empty());
+            assert_eq!(load_shutdown_records(&root).unwrap(), 1);
             let log = open(d, small_config()).await;
             assert!(log.recovery_report().is_none());
             assert_eq!(
@@ -2683,6 +2688,7 @@ fn more_logs_than_open_descriptors_keep_working_and_restart() {
         // A clean restart, then a crash (the logs dropped unclosed after more appends).
         let failed = close_all(logs.drain(..).enumerate().collect()).await;
         assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(load_shutdown_records(&root).unwrap(), LOGS);
         for (i, d) in dirs.iter().enumerate() {
             let log = open(d, small_config()).await;
             assert!(log.recovery_report().is_none());
@@ -2768,5 +2774,238 @@ fn deferred_marker_removals_are_synced_together_and_a_crash_before_keeps_logs_cl
                 stored[i]
             );
         }
+    });
+}
+
+/// The clean-shutdown records in `root` (a data directory).
+fn record_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(shutdown::RECORD_PREFIX))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Logs with batches, an idempotent producer's batch last in each, closed together: their
+/// directories, what each holds, and each producer batch with its offset (to retry).
+async fn closed_together(
+    root: &Path,
+    n: usize,
+) -> (
+    Vec<std::path::PathBuf>,
+    Vec<Vec<Vec<u8>>>,
+    Vec<(Vec<u8>, Offset)>,
+) {
+    let dirs: Vec<_> = (0..n).map(|i| root.join(format!("t-{i}"))).collect();
+    let mut logs = vec![];
+    let mut stored = vec![];
+    let mut retries = vec![];
+    for (i, d) in dirs.iter().enumerate() {
+        let log = open(d, small_config()).await;
+        let mut s = vec![];
+        // Several segments in some, index entries in all (past the 4 KiB interval).
+        for k in 0..(8 + 5 * i as u8) {
+            let b = batch(2, 3000, 100 + k as i64, k);
+            let d = if k % 3 == 0 {
+                Durability::Synced
+            } else {
+                Durability::Written
+            };
+            let r = append(&log, &b, d).await;
+            s.push(at_offset(&b, r.base_offset));
+        }
+        let b = idempotent_batch(70 + i as i64, 0, 0, 2);
+        let r = append(&log, &b, Durability::Written).await;
+        s.push(at_offset(&b, r.base_offset));
+        retries.push((b, r.base_offset));
+        stored.push(s);
+        logs.push((i, log));
+    }
+    let failed = close_all(logs).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    (dirs, stored, retries)
+}
+
+/// Opens every log and checks it holds `stored` and remembers its producer (the retry is a
+/// duplicate); `clean[i]`: log i must open without a scan, else with one.
+async fn reopen_and_check(
+    dirs: &[std::path::PathBuf],
+    stored: &[Vec<Vec<u8>>],
+    retries: &[(Vec<u8>, Offset)],
+    clean: &[bool],
+) {
+    for (i, d) in dirs.iter().enumerate() {
+        let log = open(d, small_config()).await;
+        assert_eq!(
+            log.recovery_report().is_none(),
+            clean[i],
+            "log {i}: {:?}",
+            log.recovery_report()
+        );
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(
+            all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+            stored[i],
+            "log {i}"
+        );
+        let (b, base) = &retries[i];
+        let dup = append(&log, b, Durability::Written).await;
+        assert!(dup.duplicate, "log {i}");
+        assert_eq!(dup.base_offset, *base);
+        log.close().await.unwrap();
+    }
+}
+
+// A record cut short anywhere (a crash while it was written) or damaged covers only the logs
+// of the entries before the damage; the others are recovered by a scan, and nothing is lost
+// either way.
+#[test]
+fn a_cut_or_damaged_shutdown_record_is_trusted_only_up_to_the_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        const LOGS: usize = 4;
+        let (dirs, stored, retries) = closed_together(&root, LOGS).await;
+        let files = record_files(&root);
+        assert_eq!(files.len(), 1);
+        let whole = std::fs::read(&files[0]).unwrap();
+        // The entries' ends in the file: magic, then (length, body, CRC) each.
+        let mut ends = vec![];
+        let mut at = 8;
+        while at < whole.len() {
+            let len = u32::from_be_bytes(whole[at..at + 4].try_into().unwrap()) as usize;
+            at += 8 + len;
+            ends.push(at);
+        }
+        assert_eq!(ends.len(), LOGS);
+        assert_eq!(*ends.last().unwrap(), whole.len());
+        // Which log each entry is, in file order.
+        let order: Vec<usize> = (0..LOGS)
+            .map(|k| {
+                let start = if k == 0 { 8 } else { ends[k - 1] };
+                let name_len =
+                    u16::from_be_bytes(whole[start + 4..start + 6].try_into().unwrap()) as usize;
+                let name = std::str::from_utf8(&whole[start + 6..start + 6 + name_len]).unwrap();
+                dirs.iter()
+                    .position(|d| d.file_name().unwrap().to_str().unwrap() == name)
+                    .unwrap()
+            })
+            .collect();
+        // Cut in the middle of the third entry: the first two are trusted.
+        let cut = (ends[1] + ends[2]) / 2;
+        std::fs::write(&files[0], &whole[..cut]).unwrap();
+        assert_eq!(load_shutdown_records(&root).unwrap(), 2);
+        assert!(record_files(&root).is_empty());
+        let mut clean = vec![false; LOGS];
+        clean[order[0]] = true;
+        clean[order[1]] = true;
+        reopen_and_check(&dirs, &stored, &retries, &clean).await;
+
+        // Closed one by one above (markers): closed together again, then a byte of the second
+        // entry's body flipped: only the first is trusted.
+        let mut logs = vec![];
+        for (i, d) in dirs.iter().enumerate() {
+            logs.push((i, open(d, small_config()).await));
+        }
+        assert!(close_all(logs).await.is_empty());
+        let files = record_files(&root);
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        let second = u32::from_be_bytes(bytes[8..12].try_into().unwrap()) as usize + 16;
+        let order: Vec<usize> = {
+            let name_len = u16::from_be_bytes(bytes[12..14].try_into().unwrap()) as usize;
+            let name = std::str::from_utf8(&bytes[14..14 + name_len])
+                .unwrap()
+                .to_string();
+            vec![dirs
+                .iter()
+                .position(|d| d.file_name().unwrap().to_str().unwrap() == name)
+                .unwrap()]
+        };
+        bytes[second + 20] ^= 0x40;
+        std::fs::write(&files[0], &bytes).unwrap();
+        assert_eq!(load_shutdown_records(&root).unwrap(), 1);
+        let mut clean = vec![false; LOGS];
+        clean[order[0]] = true;
+        reopen_and_check(&dirs, &stored, &retries, &clean).await;
+
+        // A record with a damaged header, and one that is empty: nothing trusted.
+        for damage in [0usize, usize::MAX] {
+            let mut logs = vec![];
+            for (i, d) in dirs.iter().enumerate() {
+                logs.push((i, open(d, small_config()).await));
+            }
+            assert!(close_all(logs).await.is_empty());
+            let files = record_files(&root);
+            let mut bytes = std::fs::read(&files[0]).unwrap();
+            if damage == 0 {
+                bytes[0] ^= 1;
+            } else {
+                bytes.clear();
+            }
+            std::fs::write(&files[0], &bytes).unwrap();
+            assert_eq!(load_shutdown_records(&root).unwrap(), 0);
+            reopen_and_check(&dirs, &stored, &retries, &[false; LOGS]).await;
+        }
+    });
+}
+
+// A record's entry is trusted only if the log's files still match it: index files that lost
+// their appended entries, or an active segment shorter than recorded, make the log recover by
+// a scan; and a crash after a clean open and more appends recovers everything too.
+#[test]
+fn a_shutdown_record_that_does_not_match_the_files_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    run(async move {
+        const LOGS: usize = 3;
+        let (dirs, mut stored, retries) = closed_together(&root, LOGS).await;
+        // Log 0: its active segment's offset index removed (never written back, say).
+        let last_index = meta::list_segments(&dirs[0])
+            .unwrap()
+            .last()
+            .copied()
+            .unwrap();
+        let ipath = meta::segment_path(&dirs[0], last_index, "index");
+        let had_entries = std::fs::metadata(&ipath)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false);
+        std::fs::write(&ipath, b"").unwrap();
+        // Log 1: a stray entry appended to its time index.
+        let bases = meta::list_segments(&dirs[1]).unwrap();
+        let tpath = meta::segment_path(&dirs[1], *bases.last().unwrap(), "timeindex");
+        let mut t = std::fs::read(&tpath).unwrap_or_default();
+        t.extend_from_slice(&meta::encode_time_index(&[(i64::MAX - 1, 0)]));
+        std::fs::write(&tpath, &t).unwrap();
+        assert_eq!(load_shutdown_records(&root).unwrap(), LOGS);
+        reopen_and_check(&dirs, &stored, &retries, &[!had_entries, false, true]).await;
+
+        // Clean opens from a record, more appends (acknowledged as synced), then a crash: the
+        // files written while serving recover everything.
+        let mut logs = vec![];
+        for (i, d) in dirs.iter().enumerate() {
+            logs.push((i, open(d, small_config()).await));
+        }
+        assert!(close_all(logs).await.is_empty());
+        assert_eq!(load_shutdown_records(&root).unwrap(), LOGS);
+        let mut logs = vec![];
+        for (i, d) in dirs.iter().enumerate() {
+            let log = open(d, small_config()).await;
+            assert!(log.recovery_report().is_none());
+            for k in 0..6u8 {
+                let b = batch(1, 1500, 500 + k as i64, k);
+                let r = append(&log, &b, Durability::Synced).await;
+                stored[i].push(at_offset(&b, r.base_offset));
+            }
+            logs.push(log);
+        }
+        drop(logs); // crash
+        assert_eq!(load_shutdown_records(&root).unwrap(), 0);
+        reopen_and_check(&dirs, &stored, &retries, &[false; LOGS]).await;
     });
 }

@@ -83,7 +83,8 @@ impl PartitionLog {
         durability: Durability,
     ) -> Result<AppendResult, StorageError> {
         let records = Validated::check_framing(records).map_err(StorageError::Corrupt)?;
-        self.append_as(records, durability, Mode::Verbatim).await
+        self.append_as(records, durability, Mode::Verbatim, false)
+            .await
     }
 
     async fn append_as(

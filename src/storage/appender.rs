@@ -126,11 +126,19 @@ impl Pending {
     /// as two extents, so it is not an overwrite): io_uring hands such a write to a kernel
     /// worker thread, a context switch and most of the write's CPU cost on the shard's core,
     /// paid by every flush of a partition that receives small appends.
-    pub fn push(&mut self, mut data: &[u8]) {
+    pub fn push(&mut self, data: &[u8]) {
+        self.push_with(data, true);
+    }
+
+    /// [`Pending::push`]; `own_page` says whether a kept partial page gets a chunk of its own
+    /// when this append starts the flush. Not for appends that wait for a durable (`O_DSYNC`)
+    /// write: each durable write pays its own device cache flush, so there one write across
+    /// both kinds of extent costs less than two.
+    pub fn push_with(&mut self, mut data: &[u8], own_page: bool) {
         self.bytes += data.len();
         if self.chunks.is_empty() {
             let need = self.head.len() + data.len();
-            let mut buf = if self.head.is_empty() {
+            let mut buf = if self.head.is_empty() || !own_page {
                 new_chunk(need)
             } else {
                 glommio::allocate_dma_buffer(ALIGN_BYTES as usize)
@@ -324,7 +332,8 @@ impl Appender {
     /// Takes the bytes of an accepted append (offsets up to `next`) for the next flush and
     /// wakes the flusher.
     pub fn push(&mut self, records: &[u8], next: Offset, sync: bool) -> Ticket {
-        self.pending.push(records);
+        self.pending
+            .push_with(records, !(sync && self.durable_writes));
         let end_pos = self.pending.end_pos();
         self.pending.marks.push((end_pos, next));
         if sync {
@@ -1018,6 +1027,11 @@ mod tests {
             let h = p.take();
             assert_eq!(h.writes.len(), 1);
             assert_eq!(h.writes[0].1, 12_288);
+            // For a durable write the page and the new bytes stay one write.
+            p.push_with(&[3u8; 10_000], false);
+            let d = p.take();
+            let at: Vec<(u64, usize)> = d.writes.iter().map(|(b, pos)| (*pos, b.len())).collect();
+            assert_eq!(at, vec![(12_288, 16_384)]);
         });
     }
 

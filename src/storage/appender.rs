@@ -117,23 +117,24 @@ impl Pending {
         self.bytes == 0
     }
 
-    /// Copies `data` in (one memcpy per chunk it lands in).
-    ///
-    /// A flush that starts with a kept partial page (`head`) holds that page in a chunk of its
-    /// own, so the page — already written, in an initialised extent — and the new bytes after
-    /// it — in blocks allocated ahead but never written — go to the file as separate writes.
-    /// One write across both kinds of extent cannot be issued without blocking (ext4 maps it
-    /// as two extents, so it is not an overwrite): io_uring hands such a write to a kernel
-    /// worker thread, a context switch and most of the write's CPU cost on the shard's core,
-    /// paid by every flush of a partition that receives small appends.
+    /// [`Pending::push_with`] with the kept page in a chunk of its own (tests).
+    #[cfg(test)]
     pub fn push(&mut self, data: &[u8]) {
         self.push_with(data, true);
     }
 
-    /// [`Pending::push`]; `own_page` says whether a kept partial page gets a chunk of its own
-    /// when this append starts the flush. Not for appends that wait for a durable (`O_DSYNC`)
-    /// write: each durable write pays its own device cache flush, so there one write across
-    /// both kinds of extent costs less than two.
+    /// Copies `data` in (one memcpy per chunk it lands in).
+    ///
+    /// With `own_page`, a flush that starts with a kept partial page (`head`) holds that page
+    /// in a chunk of its own, so the page — already written, in an initialised extent — and the
+    /// new bytes after it — in blocks allocated ahead but never written — go to the file as
+    /// separate writes. One write across both kinds of extent cannot be issued without
+    /// blocking (ext4 maps it as two extents, so it is not an overwrite): io_uring hands such a
+    /// write to a kernel worker thread, a context switch and most of the write's CPU cost on
+    /// the shard's core, paid by every flush of a partition that receives small appends. Not
+    /// for appends that wait for a durable (`O_DSYNC`) write: each durable write pays its own
+    /// device cache flush, so there one write across both kinds of extent costs less than two.
+    /// Only the append that starts a flush decides its layout.
     pub fn push_with(&mut self, mut data: &[u8], own_page: bool) {
         self.bytes += data.len();
         if self.chunks.is_empty() {

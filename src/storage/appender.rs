@@ -54,8 +54,11 @@ const _: () = assert!(ZERO_STEP_BYTES.is_multiple_of(CHUNK_BYTES_MAX as u64));
 const _: () = assert!(ZERO_GAP_BYTES.is_multiple_of(ALIGN_BYTES));
 
 /// Whether acks=all partitions zero the space ahead of their data (see [`ZERO_AHEAD_BYTES`]).
-/// `SLUICE_ZERO_AHEAD=off` or `on` overrides it, for measuring one against the other.
-pub const ZERO_AHEAD: bool = true;
+/// Off by default: measured in S3 (perf/RESULTS.md) the zeroing passes, 8 MiB per partition
+/// written at once, queued the acks=all writes behind them and raised the tail more than the
+/// cheaper overwrites lowered it. `SLUICE_ZERO_AHEAD=on` turns it on, `off` off, for measuring
+/// one against the other (and a paced zeroing against both).
+pub const ZERO_AHEAD: bool = false;
 
 fn zero_ahead_default() -> bool {
     static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -875,7 +878,8 @@ impl PartitionLog {
                 }
                 let a = &mut s.appender;
                 if let Some(len) = alloc {
-                    a.allocated = len;
+                    // A zeroing pass may have grown the file further meanwhile.
+                    a.allocated = a.allocated.max(len);
                 }
                 if punch.is_some() {
                     a.punch = None;

@@ -56,8 +56,9 @@ const _: () = assert!(ZERO_GAP_BYTES.is_multiple_of(ALIGN_BYTES));
 /// Whether acks=all partitions zero the space ahead of their data (see [`ZERO_AHEAD_BYTES`]).
 /// Off by default: measured in S3 (perf/RESULTS.md) the zeroing passes, 8 MiB per partition
 /// written at once, queued the acks=all writes behind them and raised the tail more than the
-/// cheaper overwrites lowered it. `SLUICE_ZERO_AHEAD=on` turns it on, `off` off, for measuring
-/// one against the other (and a paced zeroing against both).
+/// cheaper overwrites lowered it; and each acks=all partition reserves up to
+/// `ZERO_AHEAD_BYTES + ZERO_STEP_BYTES` of disk with it. `SLUICE_ZERO_AHEAD=on` turns it on,
+/// `off` off, for measuring one against the other (and a paced zeroing against both).
 pub const ZERO_AHEAD: bool = false;
 
 fn zero_ahead_default() -> bool {

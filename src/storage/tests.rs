@@ -3061,3 +3061,59 @@ fn a_shutdown_record_that_does_not_match_the_files_is_not_trusted() {
         reopen_and_check(&dirs, &stored, &retries, &[false; LOGS]).await;
     });
 }
+
+/// Zeroing ahead (`appender::ZERO_AHEAD_BYTES`): a partition with acks=all appends gets the space
+/// past its data zero-filled in the background, and neither that nor the rolls it meets touch
+/// data: after a power cut every append acknowledged as `Synced` is read back byte for byte at
+/// its offset, the batches follow each other from offset 0 over every segment, and nothing
+/// past the last acknowledged one is taken for data.
+#[test]
+fn zeroing_ahead_of_acks_all_data_keeps_it_intact_across_rolls_and_a_power_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        // Segments of 4 MiB: zeroing passes of whole 1 MiB chunks fit before each roll.
+        let cfg = LogConfig {
+            segment_bytes: 4 << 20,
+            ..small_config()
+        };
+        let (log, faults) = open_with_faults(&d, cfg.clone(), Clock::system(), power_model()).await;
+        log.state.borrow_mut().appender.set_zero_ahead(true);
+        let mut acked: Acked = vec![];
+        let first = batch(4, 8000, 0, 0);
+        let r = append(&log, &first, Durability::Synced).await;
+        acked.push((r.base_offset, at_offset(&first, r.base_offset)));
+        wait_state(&log, "a zeroing pass ahead of the data", |s| {
+            s.appender.zeroed()
+                > s.appender.written_pos() + crate::storage::appender::ZERO_GAP_BYTES
+        })
+        .await;
+        let writes_before = faults.writes.get();
+        // ~12 MiB more: through the zeroed space, past it, and over two rolls.
+        for i in 1..400usize {
+            let b = batch(4, 8000, i as i64, i as u8);
+            let r = append(&log, &b, Durability::Synced).await;
+            acked.push((r.base_offset, at_offset(&b, r.base_offset)));
+        }
+        assert!(log.segment_count() >= 3, "the appends rolled the log");
+        assert!(faults.writes.get() > writes_before);
+        faults.crashed.set(true);
+        let weak = Rc::downgrade(&log);
+        drop(log);
+        poll_until("the log to be gone", || weak.upgrade().is_none()).await;
+        faults.power_cut().unwrap();
+
+        let log = PartitionLog::open(&d, cfg, BatchCache::new(0))
+            .await
+            .unwrap();
+        let end = acked.last().map(|(b, _)| b.0 + 4).unwrap();
+        assert_eq!(log.log_end_offset(), Offset(end), "nothing past the data");
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.len(), acked.len());
+        for (b, (base, bytes)) in all.iter().zip(&acked) {
+            assert_eq!(BatchHeader::parse_checked(b).unwrap().base_offset(), *base);
+            assert_eq!(&b.to_vec(), bytes, "batch at {base}");
+        }
+        log.close().await.unwrap();
+    });
+}

@@ -33,51 +33,6 @@ pub const PENDING_BYTES_MAX: usize = 64 << 20;
 pub const EXTENT_BYTES: u64 = 64 << 20;
 pub const EXTENT_BYTES_MIN: u64 = 1 << 20;
 const _: () = assert!(EXTENT_BYTES_MIN <= EXTENT_BYTES);
-
-/// Extents are reserved unwritten: the first write into each block of one converts it to
-/// written, a metadata change that an `O_DSYNC` write (or an fdatasync) must commit to the
-/// filesystem journal before it completes — a journal commit, with its cache flushes, on every
-/// acks=all write (measured with fio on ext4/virtio, 16 KiB `O_DSYNC` writes at queue depth 1:
-/// p50 3.9 ms into fallocated space, 0.5 ms over written blocks). So for a partition that
-/// carries acks=all appends the flusher fills the space ahead of the data with zeros, in the
-/// background, and fdatasyncs it once: acks=all writes then overwrite written blocks and wait
-/// only for their own bytes. Zeros read like unwritten space (recovery stops at them), so
-/// nothing changes on disk that recovery sees. It costs one extra write of every byte, ahead
-/// of time. Kept this far ahead of the data:
-pub const ZERO_AHEAD_BYTES: u64 = 16 << 20;
-/// Zeroed per background pass (then one fdatasync).
-pub const ZERO_STEP_BYTES: u64 = 8 << 20;
-/// Left between the furthest data a write may reach (pending included) and the zeroing, so a
-/// data write rarely has to wait for a zeroing pass to finish before it may start.
-pub const ZERO_GAP_BYTES: u64 = 1 << 20;
-const _: () = assert!(ZERO_STEP_BYTES.is_multiple_of(CHUNK_BYTES_MAX as u64));
-const _: () = assert!(ZERO_GAP_BYTES.is_multiple_of(ALIGN_BYTES));
-
-/// Whether acks=all partitions zero the space ahead of their data (see [`ZERO_AHEAD_BYTES`]).
-/// Off by default: measured in S3 (perf/RESULTS.md) the zeroing passes, 8 MiB per partition
-/// written at once, queued the acks=all writes behind them and raised the tail more than the
-/// cheaper overwrites lowered it; and each acks=all partition reserves up to
-/// `ZERO_AHEAD_BYTES + ZERO_STEP_BYTES` of disk with it. `SLUICE_ZERO_AHEAD=on` turns it on,
-/// `off` off, for measuring one against the other (and a paced zeroing against both).
-pub const ZERO_AHEAD: bool = false;
-
-fn zero_ahead_default() -> bool {
-    static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("SLUICE_ZERO_AHEAD").as_deref() {
-        Ok("off") => false,
-        Ok("on") => true,
-        _ => ZERO_AHEAD,
-    })
-}
-
-thread_local! {
-    /// One chunk of zeros per shard, shared by every zeroing write (writes only read it).
-    static ZEROS: Rc<DmaBuffer> = {
-        let mut b = glommio::allocate_dma_buffer(CHUNK_BYTES_MAX);
-        b.as_bytes_mut().fill(0);
-        Rc::new(b)
-    };
-}
 /// A producer snapshot is written (in the background) once this many bytes were synced after
 /// the last one; with the index entries appended after every fdatasync it bounds how much of the
 /// active segment a crash recovery scans.
@@ -281,20 +236,6 @@ pub(crate) struct Appender {
     /// The flusher task panicked: nothing pending will be written any more, so every append
     /// (and roll) fails from now on instead of waiting forever.
     dead: bool,
-    /// Zero the space ahead of the data once `Synced` appends arrive ([`ZERO_AHEAD_BYTES`]).
-    zero_ahead: bool,
-    /// A `Synced` append was taken since the log was opened: its partition zeroes ahead.
-    durable_traffic: bool,
-    /// The active segment's file holds written blocks (data or zeros, their metadata synced)
-    /// from `align_up(written_pos)` up to here.
-    zeroed: u64,
-    /// A zeroing pass in flight over `[from, to)`: no data write may reach into it meanwhile.
-    zeroing: Option<(u64, u64)>,
-    /// Zeroing failed in this segment (e.g. ENOSPC): not tried again until the next one.
-    zero_failed: bool,
-    /// Changed whenever the active segment's file is replaced or cut: a zeroing pass that
-    /// started before counts for nothing.
-    zero_epoch: u64,
     /// Incremented by every failed write; `gen_end[g]` is `hw` when generation `g` failed:
     /// appends of generation `g` at or past it failed (their offsets were given out again).
     gen: usize,
@@ -346,12 +287,6 @@ impl Appender {
             durable_writes: durable_writes_default(),
             shard_cycle: crate::storage::cycle::shard_cycle_default(),
             dead: false,
-            zero_ahead: zero_ahead_default(),
-            durable_traffic: false,
-            zeroed: align_up(written),
-            zeroing: None,
-            zero_failed: false,
-            zero_epoch: 0,
             gen: 0,
             gen_end: vec![],
             last_error: None,
@@ -373,8 +308,7 @@ impl Appender {
     }
     /// Nothing pending and no write or sync in flight (or never again: the flusher is dead).
     pub fn is_drained(&self) -> bool {
-        (self.pending.is_empty() && !self.writing && !self.syncing && self.zeroing.is_none())
-            || self.dead
+        (self.pending.is_empty() && !self.writing && !self.syncing) || self.dead
     }
     /// An append of `bytes` must wait: the pending bytes would pass their limit.
     pub fn is_full(&self, bytes: usize) -> bool {
@@ -386,15 +320,6 @@ impl Appender {
     #[cfg(test)]
     pub fn set_durable_writes(&mut self, on: bool) {
         self.durable_writes = on;
-    }
-    #[cfg(test)]
-    pub fn set_zero_ahead(&mut self, on: bool) {
-        self.zero_ahead = on;
-    }
-    /// How far the active segment is known zero-filled ahead of the data (for tests).
-    #[cfg(test)]
-    pub fn zeroed(&self) -> u64 {
-        self.zeroed
     }
     #[cfg(test)]
     pub fn set_shard_cycle(&mut self, on: bool) {
@@ -414,7 +339,6 @@ impl Appender {
         self.pending.marks.push((end_pos, next));
         if sync {
             self.sync_wanted = self.sync_wanted.max(next);
-            self.durable_traffic = true;
         }
         self.wake_flusher();
         Ticket {
@@ -485,14 +409,6 @@ impl Appender {
         self.allocated = written;
         self.attempted_pos = align_up(written);
         self.punch = None; // the truncation removed everything past the data
-        self.new_zero_epoch(align_up(written));
-    }
-
-    /// The active segment's file was replaced or cut: nothing past `zeroed` is known zeroed.
-    fn new_zero_epoch(&mut self, zeroed: u64) {
-        self.zero_epoch += 1;
-        self.zeroed = zeroed;
-        self.zero_failed = false;
     }
 
     /// The log was cut back to `written` bytes of the active segment (a file of exactly that
@@ -512,7 +428,6 @@ impl Appender {
         self.gen += 1;
         self.sync_wanted = self.sync_wanted.min(end);
         self.snapshot_pos = written; // the truncation writes a producer snapshot at `end`
-        self.new_zero_epoch(align_up(written));
     }
 
     /// A new, empty active segment of `allocated` pre-allocated bytes (roll).
@@ -525,27 +440,6 @@ impl Appender {
         self.written_tail.clear();
         self.allocated = allocated;
         self.attempted_pos = 0;
-        self.new_zero_epoch(0);
-    }
-
-    /// The next zeroing pass to start, if any: only for a partition carrying `Synced` appends,
-    /// with no pass in flight, while the zeroed space reaches less than [`ZERO_AHEAD_BYTES`] past
-    /// the written data. The pass starts [`ZERO_GAP_BYTES`] past anything a data write has
-    /// reached or may reach next (the pending bytes), so it never covers data, and ends at the
-    /// segment's size `seg_end` at most.
-    fn next_zeroing(&self, seg_end: u64) -> Option<(u64, u64)> {
-        if !self.zero_ahead || !self.durable_traffic || self.zero_failed || self.zeroing.is_some() {
-            return None;
-        }
-        if self.zeroed >= self.written_pos + ZERO_AHEAD_BYTES {
-            return None;
-        }
-        let data_end = self.attempted_pos.max(align_up(self.pending.end_pos()));
-        let from = self.zeroed.max(data_end + ZERO_GAP_BYTES);
-        // Whole chunks of zeros only: the last part of a segment short of one stays unwritten.
-        let step = ZERO_STEP_BYTES.min(seg_end.saturating_sub(from));
-        let to = from + step - step % CHUNK_BYTES_MAX as u64;
-        (to > from).then_some((from, to))
     }
 
     /// The positions in the active segment (of `size` bytes) are in order:
@@ -598,8 +492,6 @@ struct Start {
     /// Its place in the cycle, held until the write is done.
     ticket: Option<crate::storage::cycle::CycleTicket>,
     sync: bool,
-    /// A zeroing pass over `[from, to)` ([`ZERO_AHEAD_BYTES`]).
-    zero: Option<(u64, u64)>,
     /// Nothing to start before this instant (the periodic or `IntervalMs` sync).
     sleep_until: Option<Instant>,
     exit: bool,
@@ -634,7 +526,6 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
     // handle is dropped); while neither is in flight the flusher holds only `weak`.
     let mut write: Option<Work> = None;
     let mut sync: Option<Work> = None;
-    let mut zero: Option<Work> = None;
     let mut timer: Option<(Instant, Sleep)> = None;
     loop {
         let mut start = std::future::poll_fn(|cx| {
@@ -650,12 +541,6 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
             {
                 sync = None;
             }
-            if zero
-                .as_mut()
-                .is_some_and(|f| f.as_mut().poll(cx).is_ready())
-            {
-                zero = None;
-            }
             if timer
                 .as_mut()
                 .is_some_and(|(_, t)| std::pin::Pin::new(t).poll(cx).is_ready())
@@ -668,7 +553,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                     ..Start::default()
                 });
             };
-            let mut start = next_work(&log, write.is_none(), sync.is_none(), zero.is_none());
+            let mut start = next_work(&log, write.is_none(), sync.is_none());
             if start.write && start.gated && log.state.borrow().appender.shard_cycle {
                 // Wait for the shard's next commit cycle if the current one is closed; the
                 // cycle wakes this task when it ends.
@@ -678,7 +563,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
             let sleep_new = start
                 .sleep_until
                 .is_some_and(|at| timer.as_ref().is_none_or(|(t, _)| at < *t));
-            if start.write || start.sync || start.zero.is_some() || start.exit || sleep_new {
+            if start.write || start.sync || start.exit || sleep_new {
                 return Poll::Ready(start);
             }
             log.state.borrow_mut().appender.flusher = Some(cx.waker().clone());
@@ -714,44 +599,30 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                 log.snapshot_if_due();
             }));
         }
-        if let Some((from, to)) = start.zero {
-            let Some(log) = weak.upgrade() else { return };
-            zero = Some(Box::pin(async move {
-                log.zero_ahead(from, to).await;
-            }));
-        }
         glommio::yield_if_needed().await;
     }
 }
 
 /// What to start now, given which of the write and the sync are idle.
-fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool, zero_idle: bool) -> Start {
-    let s = &mut *log.state.borrow_mut();
+fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
+    let s = &*log.state.borrow();
+    let a = &s.appender;
+    let (synced, hw) = (s.offsets.synced(), s.offsets.hw());
     let mut start = Start::default();
-    if s.appender.dead {
-        start.exit = write_idle && sync_idle && zero_idle;
+    if a.dead {
+        start.exit = write_idle && sync_idle;
         return start;
     }
     let always = matches!(s.config.flush, FlushPolicy::Always);
-    let (synced, hw) = (s.offsets.synced(), s.offsets.hw());
-    if zero_idle && always && !s.rolling && !s.closed {
-        let seg_end = align_up(s.config.segment_bytes.max(ALIGN_BYTES));
-        start.zero = s.appender.next_zeroing(seg_end);
-        s.appender.zeroing = start.zero;
-    }
-    let a = &s.appender;
     // Written data that a Synced append waits for is synced as soon as the previous sync is
     // done, whatever the writes do, so a steady stream of appends cannot postpone it.
     start.sync = sync_idle && always && !s.rolling && a.sync_wanted > synced && hw > synced;
-    // A write never reaches into a zeroing pass in flight: it waits for the pass to end.
-    let write_end = align_up(a.pending.end_pos());
-    let blocked = a.zeroing.is_some_and(|(from, _)| write_end > from);
-    start.write = write_idle && !a.pending.is_empty() && !blocked;
+    start.write = write_idle && !a.pending.is_empty();
     start.gated = always && a.sync_wanted > hw;
-    if start.write || start.sync || start.zero.is_some() {
+    if start.write || start.sync {
         return start;
     }
-    if s.closed && write_idle && sync_idle && zero_idle && a.pending.is_empty() {
+    if s.closed && write_idle && sync_idle && a.pending.is_empty() {
         start.exit = true;
         return start;
     }
@@ -772,48 +643,6 @@ fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool, zero_idle: b
 }
 
 impl PartitionLog {
-    /// One zeroing pass ([`ZERO_AHEAD_BYTES`]): zeros written over `[from, to)` of the active
-    /// segment, then one fdatasync so the blocks' conversion to written is committed. No data
-    /// write reaches into the range meanwhile ([`next_work`]); the file grows to `to` if it was
-    /// shorter. A failure only stops zeroing in this segment: the data writes do not depend on it.
-    async fn zero_ahead(&self, from: u64, to: u64) {
-        let (file, epoch) = {
-            let s = self.state.borrow();
-            (s.active().file().clone(), s.appender.zero_epoch)
-        };
-        let zeros = ZEROS.with(Rc::clone);
-        let chunk = zeros.len() as u64;
-        let result = async {
-            let writes: Vec<IoFuture<'_, ()>> = (from..to)
-                .step_by(chunk as usize)
-                .map(|pos| {
-                    debug_assert!(pos + chunk <= to);
-                    file.write_at(zeros.clone(), pos)
-                })
-                .collect();
-            join_in_order(writes, |_| {}).await?;
-            file.sync().await
-        }
-        .await;
-        let mut guard = self.state.borrow_mut();
-        let s = &mut *guard;
-        let a = &mut s.appender;
-        a.zeroing = None;
-        if a.zero_epoch == epoch {
-            match result {
-                Ok(()) => {
-                    a.zeroed = to;
-                    a.allocated = a.allocated.max(to);
-                }
-                Err(e) => {
-                    tracing::debug!(dir = %self.dir.display(), error = %e, "zeroing ahead failed; not retried in this segment");
-                    a.zero_failed = true;
-                }
-            }
-        }
-        s.wake_all();
-    }
-
     /// One group commit's write: everything pending, as concurrent aligned writes.
     pub(crate) async fn flush_pending(&self) {
         let (file, flush, end_offset, alloc, punch, durable) = {
@@ -901,8 +730,7 @@ impl PartitionLog {
                 }
                 let a = &mut s.appender;
                 if let Some(len) = alloc {
-                    // A zeroing pass may have grown the file further meanwhile.
-                    a.allocated = a.allocated.max(len);
+                    a.allocated = len;
                 }
                 if punch.is_some() {
                     a.punch = None;

@@ -89,6 +89,9 @@ fi
 # librdkafka's scenarios are cluster set-ups: "default" is Kafka's test cluster (topics
 # auto-created, 4 partitions); "noautocreate" has topic auto-creation off. A test runs with
 # `-s <scenario>` against a broker started that way.
+# Each group protocol keeps its own logs, so a failure of the first run can still be read
+# after the second.
+OUT="$OUT${TEST_CONSUMER_GROUP_PROTOCOL:+-$TEST_CONSUMER_GROUP_PROTOCOL}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 broker=""
 trap '[ -n "$broker" ] && kill "$broker" 2>/dev/null; wait 2>/dev/null' EXIT
@@ -142,6 +145,11 @@ for scenario in default noautocreate; do
             passed+=("$t"); echo "librdkafka $t: passed (${secs}s)"
         else
             failed+=("$t"); echo "librdkafka $t: FAILED (exit $rc, ${secs}s; $OUT/$t.log): $(grep -a -m1 -E 'Test assert|failed at' "$OUT/$t.log" | cut -c1-200)"
+            # Enough of both logs to diagnose from the CI output alone.
+            echo "--- $t: last lines of its log ---"
+            tail -n 40 "$OUT/$t.log" | cut -c1-300 | sed 's/^/    /'
+            echo "--- the broker's last lines ---"
+            tail -n 15 "$BROKER_LOG" | cut -c1-300 | sed 's/^/    /'
         fi
     done
 done

@@ -61,27 +61,40 @@ fn produce(r: &mut Raw, topic: &str, partition: i32, acks: i16, records: Bytes) 
     (p.error_code, p.base_offset)
 }
 
+/// A Fetch v12 request for `(partition, offset, partition_max_bytes)` of `topic`, no waiting,
+/// no session, limited to `max_bytes`.
+fn fetch_request(topic: &str, parts: &[(i32, i64, i32)], max_bytes: i32) -> FetchRequest {
+    FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(0)
+        .with_max_bytes(max_bytes)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(tn(topic))
+            .with_partitions(
+                parts
+                    .iter()
+                    .map(|&(p, o, max)| {
+                        FetchPartition::default()
+                            .with_partition(p)
+                            .with_current_leader_epoch(-1)
+                            .with_fetch_offset(o)
+                            .with_log_start_offset(-1)
+                            .with_last_fetched_epoch(-1)
+                            .with_partition_max_bytes(max)
+                    })
+                    .collect(),
+            )])
+}
+
 /// Fetches from `offset` (no waiting); returns (error, high watermark, records as (offset, value)).
 fn fetch(r: &mut Raw, topic: &str, partition: i32, offset: i64) -> (i16, i64, Vec<(i64, Vec<u8>)>) {
     let resp: FetchResponse = r.call(
         ApiKey::Fetch,
         12,
-        &FetchRequest::default()
-            .with_replica_id(BrokerId(-1))
-            .with_max_wait_ms(0)
-            .with_min_bytes(0)
-            .with_max_bytes(16 << 20)
-            .with_session_id(0)
-            .with_session_epoch(-1)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(tn(topic))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_partition(partition)
-                    .with_current_leader_epoch(-1)
-                    .with_fetch_offset(offset)
-                    .with_log_start_offset(-1)
-                    .with_last_fetched_epoch(-1)
-                    .with_partition_max_bytes(8 << 20)])]),
+        &fetch_request(topic, &[(partition, offset, 8 << 20)], 16 << 20),
     );
     assert_eq!(resp.error_code, NONE);
     let p = &resp.responses[0].partitions[0];
@@ -2280,33 +2293,8 @@ fn fetch_many(
     parts: &[(i32, i64)],
     max_bytes: i32,
 ) -> Vec<(i16, i64, Vec<i64>)> {
-    let resp: FetchResponse = r.call(
-        ApiKey::Fetch,
-        12,
-        &FetchRequest::default()
-            .with_replica_id(BrokerId(-1))
-            .with_max_wait_ms(0)
-            .with_min_bytes(0)
-            .with_max_bytes(max_bytes)
-            .with_session_id(0)
-            .with_session_epoch(-1)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(tn(topic))
-                .with_partitions(
-                    parts
-                        .iter()
-                        .map(|&(p, o)| {
-                            FetchPartition::default()
-                                .with_partition(p)
-                                .with_current_leader_epoch(-1)
-                                .with_fetch_offset(o)
-                                .with_log_start_offset(-1)
-                                .with_last_fetched_epoch(-1)
-                                .with_partition_max_bytes(1 << 20)
-                        })
-                        .collect(),
-                )]),
-    );
+    let parts: Vec<_> = parts.iter().map(|&(p, o)| (p, o, 1 << 20)).collect();
+    let resp: FetchResponse = r.call(ApiKey::Fetch, 12, &fetch_request(topic, &parts, max_bytes));
     assert_eq!(resp.error_code, NONE);
     resp.responses[0]
         .partitions

@@ -15,31 +15,13 @@ ROUNDS="${1:-3}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 SLUICE="${SLUICE:-$REPO/target/release/sluice}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
-D="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$D"
-}
-trap cleanup EXIT
+# D, PIDS (stopped and removed at exit), wait_for, live_nodes.
+source "$REPO/perf/cluster-lib.sh"
 
 KAFKA_PORT="${KAFKA_PORT:-19791}"
 INTERNAL_PORT="${INTERNAL_PORT:-19801}"
 BOOT="127.0.0.1:$KAFKA_PORT,127.0.0.2:$KAFKA_PORT,127.0.0.3:$KAFKA_PORT"
 
-wait_for() { # seconds command...
-    local limit=$(($1 * 10))
-    shift
-    for _ in $(seq "$limit"); do
-        "$@" && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for: $*" >&2
-    return 1
-}
-
-live_nodes() { [ "$("$SLUICE" cluster status --brokers "$BOOT" 2>/dev/null | grep -c ' live')" -ge 3 ]; }
 
 # Partitions of a topic with a leader and three in-sync replicas, as node 1 reports them.
 in_sync() { # topic count

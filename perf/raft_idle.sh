@@ -18,14 +18,8 @@ SLUICE="${SLUICE:-$REPO/target/release/sluice}"
 SETTLE="${SETTLE:-5}"
 WINDOW="${WINDOW:-20}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
-D="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$D"
-}
-trap cleanup EXIT
+# D, PIDS (stopped and removed at exit), wait_for, live_nodes.
+source "$REPO/perf/cluster-lib.sh"
 
 KAFKA_PORT=19761
 INTERNAL_PORT=19771
@@ -33,18 +27,6 @@ METRICS_PORT=19781
 BOOT="127.0.0.1:$KAFKA_PORT,127.0.0.2:$KAFKA_PORT,127.0.0.3:$KAFKA_PORT"
 HZ="$(getconf CLK_TCK)"
 
-wait_for() { # seconds command...
-    local limit=$(($1 * 10))
-    shift
-    for _ in $(seq "$limit"); do
-        "$@" && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for: $*" >&2
-    return 1
-}
-
-live_nodes() { [ "$("$SLUICE" cluster status --brokers "$BOOT" 2>/dev/null | grep -c ' live')" -ge 3 ]; }
 
 all_in_sync() { # partitions: every partition of the idle-* topics has a leader and 3 in-sync replicas
     local n

@@ -18,14 +18,8 @@ SCENARIOS="${SCENARIOS:-s1 s3}" # e.g. SCENARIOS=s1 for the throughput compariso
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 SLUICE="${SLUICE:-$REPO/target/release/sluice}"
 BENCH="${SLUICE_BENCH:-$REPO/target/release/sluice-bench}"
-D="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$D"
-}
-trap cleanup EXIT
+# D, PIDS (stopped and removed at exit), wait_for, live_nodes.
+source "$REPO/perf/cluster-lib.sh"
 
 KAFKA_PORT=19731
 INTERNAL_PORT=19741 # and +1: shard 0's partition transport

@@ -146,11 +146,24 @@ impl Segment {
         if !(idx.complete && tidx.complete) {
             return false;
         }
-        let (idx, tidx) = (idx.entries, tidx.entries);
+        let durable = (idx.entries.len(), tidx.entries.len());
+        self.adopt_index(idx.entries, tidx.entries, durable)
+    }
+
+    /// Takes `idx`/`tidx` as the segment's index if every entry lies inside it and the offset
+    /// entries strictly increase, with the first `durable` (index, time index) counted as
+    /// already in the files; `false` leaves the segment unchanged.
+    fn adopt_index(
+        &mut self,
+        idx: Vec<(u32, u32)>,
+        tidx: Vec<(i64, u32)>,
+        durable: (usize, usize),
+    ) -> bool {
         let span = self.next.0 - self.base.0;
         let ok = idx
             .iter()
             .all(|e| (e.1 as u64) < self.size && (e.0 as i64) < span)
+            && idx.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
             && tidx.iter().all(|e| (e.1 as i64) < span);
         if !ok {
             return false;
@@ -160,8 +173,7 @@ impl Segment {
             self.max_ts = ts;
             self.max_ts_offset = Offset(self.base.0 + rel as i64);
         }
-        self.index_durable = idx.len();
-        self.time_durable = tidx.len();
+        (self.index_durable, self.time_durable) = durable;
         self.index = idx;
         self.time_index = tidx;
         true
@@ -211,25 +223,8 @@ impl Segment {
         let (mut idx, mut tidx) = (idx.entries, tidx.entries);
         idx.extend_from_slice(&tail.index);
         tidx.extend_from_slice(&tail.time_index);
-        let span = self.next.0 - self.base.0;
-        let ok = idx
-            .iter()
-            .all(|e| (e.1 as u64) < self.size && (e.0 as i64) < span)
-            && idx.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1)
-            && tidx.iter().all(|e| (e.1 as i64) < span);
-        if !ok {
-            return false;
-        }
-        self.bytes_since_index = self.size - idx.last().map_or(0, |e| e.1 as u64);
-        if let Some(&(ts, rel)) = tidx.last() {
-            self.max_ts = ts;
-            self.max_ts_offset = Offset(self.base.0 + rel as i64);
-        }
-        self.index_durable = tail.index_durable as usize;
-        self.time_durable = tail.time_durable as usize;
-        self.index = idx;
-        self.time_index = tidx;
-        true
+        let durable = (tail.index_durable as usize, tail.time_durable as usize);
+        self.adopt_index(idx, tidx, durable)
     }
 
     /// The paths and whole contents of both index files, to be written by the caller (a clean

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from conftest import sluice_bin
@@ -69,6 +69,23 @@ def poll_until(consumers, cond):
     raise AssertionError(f"condition not met; assignments {[sorted(tp.partition for tp in c.assignment()) for c in consumers]}")
 
 
+def commit(c, topic, offsets):
+    """Commits `offsets` ({partition: next offset}) of `topic` for the consumer's group. A
+    commit while the client itself is rejoining is refused by kafka-python with the retriable
+    RebalanceInProgressError ("call poll() and retry"): poll, so the rejoin completes, and
+    commit again, within WAIT. The offsets are explicit, so records the polls return again
+    after a rejoin do not change what is committed."""
+    want = {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            c.commit(want)
+            return
+        except RebalanceInProgressError:
+            assert time.monotonic() < deadline, "the consumer never left its rebalance"
+            c.poll(timeout_ms=50)
+
+
 def test_two_members_split_four_partitions_then_one_takes_all(broker):
     topic = new_topic(broker, 4)
     group = f"split-{uuid.uuid4().hex[:6]}"
@@ -91,7 +108,7 @@ def test_restarted_consumer_resumes_from_commit_and_groups_are_independent(broke
     subscribe(c, topic)
     seen = poll_until([c], lambda _, s: len(s[0]) >= 20)
     assert len(seen[0]) == 20
-    c.commit()
+    commit(c, topic, {0: 10, 1: 10})
     committed = {tp.partition: c.committed(tp) for tp in c.assignment()}
     assert committed == {0: 10, 1: 10}
     c.close()
@@ -115,7 +132,7 @@ def test_admin_lists_describes_and_deletes_groups(broker):
     c = consumer(broker, group, client_id="py-member")
     subscribe(c, topic)
     poll_until([c], lambda _, s: len(s[0]) >= 3)
-    c.commit()
+    commit(c, topic, {0: 3})
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
     listed = {g["group_id"]: g for g in admin.list_groups()}
     assert listed[group]["group_state"] == "Stable"
@@ -155,7 +172,7 @@ def test_reset_offsets_then_consume_from_the_new_position(broker):
     c = consumer(broker, group)
     subscribe(c, topic)
     poll_until([c], lambda _, s: len(s[0]) >= 5)
-    c.commit()
+    commit(c, topic, {0: 5})
     c.close()  # the only member leaves: the group is Empty and its offsets can move
     sluice_group(broker, "reset-offsets", group, "--topic", topic, "--to-offset", "3")
     c = consumer(broker, group)

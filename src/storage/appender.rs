@@ -483,6 +483,76 @@ impl Appender {
     }
 }
 
+thread_local! {
+    /// Directories of this shard's logs with an index append on the blocking pool, and the
+    /// tasks waiting for one to finish. An append outlives a log dropped without a close (a
+    /// partition dropped, a crash in tests); opening the same directory again waits for it
+    /// ([`index_appends_finished`]), so recovery never reads or cuts index files that an older
+    /// append is still writing.
+    static INDEX_APPENDS: std::cell::RefCell<(std::collections::HashSet<std::path::PathBuf>, Vec<Waker>)> =
+        Default::default();
+}
+
+fn index_append_started(dir: &std::path::Path) {
+    INDEX_APPENDS.with(|a| a.borrow_mut().0.insert(dir.to_path_buf()));
+}
+
+fn index_append_finished(dir: &std::path::Path) {
+    INDEX_APPENDS.with(|a| {
+        let mut a = a.borrow_mut();
+        a.0.remove(dir);
+        for w in a.1.drain(..) {
+            w.wake();
+        }
+    });
+}
+
+/// Resolves once no index append of a log in `dir` runs on this shard's blocking pool.
+pub(crate) async fn index_appends_finished(dir: &std::path::Path) {
+    std::future::poll_fn(|cx| {
+        INDEX_APPENDS.with(|a| {
+            let mut a = a.borrow_mut();
+            if a.0.contains(dir) {
+                a.1.push(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+    })
+    .await
+}
+
+/// A test's stall of the blocking index append: it waits in the pool until the test opens
+/// the gate, so a test can act while an append is in flight.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct IndexGate {
+    open: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+    entered: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl IndexGate {
+    fn pass(&self) {
+        self.entered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.changed.wait(open).unwrap();
+        }
+    }
+    /// Appends that reached the gate so far.
+    pub fn entered(&self) -> usize {
+        self.entered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    pub fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.changed.notify_all();
+    }
+}
+
 /// What the flusher starts next.
 #[derive(Default)]
 struct Start {
@@ -644,7 +714,7 @@ fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
 
 impl PartitionLog {
     /// One group commit's write: everything pending, as concurrent aligned writes.
-    pub(crate) async fn flush_pending(&self) {
+    pub(crate) async fn flush_pending(self: &Rc<Self>) {
         let (file, flush, end_offset, alloc, punch, durable) = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
@@ -756,20 +826,74 @@ impl PartitionLog {
 
     /// Everything below `offset` (file position `pos`) is on stable storage, by durable writes
     /// that followed durable data: the synced offset moves there and the index entries of the
-    /// batches below it are appended to the index files.
-    fn durable_to(&self, s: &mut State, offset: Offset, pos: u64) {
+    /// batches below it go to the index files (off the executor, see
+    /// [`start_index_append`](Self::start_index_append)).
+    fn durable_to(self: &Rc<Self>, s: &mut State, offset: Offset, pos: u64) {
         s.offsets.synced_to(offset);
         let a = &mut s.appender;
         a.synced_pos = a.synced_pos.max(pos);
         a.last_sync = self.clock.now();
-        s.active_mut().persist_index(&self.dir, pos, false);
+        self.start_index_append(s);
+    }
+
+    /// Starts appending the index entries of the active segment's durable batches to its index
+    /// files, if enough are due and no append is in flight: the blocking file calls run on the
+    /// blocking thread pool, never on the shard's executor, in a task of their own (not the
+    /// flusher's, so a flusher panic cannot drop an append whose files are still being
+    /// written). Its outcome moves the durable counts; then the entries that became durable
+    /// meanwhile go in the next one. None starts while a roll, truncation or close runs
+    /// (`rolling`), or once the log is closed: each of those rewrites the index files or
+    /// vouches for their counts after waiting for the append in flight
+    /// ([`State::is_drained`]), so an append never writes to files that changed under it.
+    pub(crate) fn start_index_append(self: &Rc<Self>, s: &mut State) {
+        if s.rolling || s.closed || s.appender.dead {
+            return;
+        }
+        let durable_pos = s.appender.synced_pos;
+        let Some(job) = s.active_mut().index_append(&self.dir, durable_pos, false) else {
+            return;
+        };
+        index_append_started(&self.dir);
+        let weak = Rc::downgrade(self);
+        let dir = self.dir.clone();
+        #[cfg(test)]
+        let gate = self.index_gate.borrow().clone();
+        glommio::spawn_local(async move {
+            let r = crate::contain::contain(async move {
+                glommio::executor()
+                    .spawn_blocking(move || {
+                        #[cfg(test)]
+                        if let Some(g) = gate {
+                            g.pass();
+                        }
+                        job.run()
+                    })
+                    .await
+            })
+            .await;
+            index_append_finished(&dir);
+            let Some(log) = weak.upgrade() else { return };
+            let mut guard = log.state.borrow_mut();
+            let s = &mut *guard;
+            match r {
+                Ok(done) => s.active_mut().index_appended(&log.dir, done),
+                Err(mut p) => {
+                    p.mark_reported();
+                    tracing::error!(dir = %log.dir.display(), "index append {p}; no more index appends for this segment");
+                    s.active_mut().index_append_lost();
+                }
+            }
+            log.start_index_append(s);
+            s.wake_all();
+        })
+        .detach();
     }
 
     /// The leading writes `written` of a flush have completed: the appends that end inside them
     /// (`marks[*mark..]` onwards) are written (and durable, when the writes were). Advances the
     /// high watermark over them.
     fn written_prefix(
-        &self,
+        self: &Rc<Self>,
         written: &[(Rc<DmaBuffer>, u64)],
         marks: &[(u64, Offset)],
         mark: &mut usize,
@@ -807,9 +931,9 @@ impl PartitionLog {
         s.wake_all();
     }
 
-    /// fdatasync of what is written; then the index entries of the now durable batches are
-    /// appended to the index files.
-    pub(crate) async fn sync_written(&self) {
+    /// fdatasync of what is written; then the index entries of the now durable batches go to
+    /// the index files (off the executor).
+    pub(crate) async fn sync_written(self: &Rc<Self>) {
         let (file, target, pos) = {
             let mut s = self.state.borrow_mut();
             debug_assert!(!s.appender.syncing);
@@ -832,7 +956,7 @@ impl PartitionLog {
                 let a = &mut s.appender;
                 a.synced_pos = a.synced_pos.max(pos);
                 a.last_sync = self.clock.now();
-                s.active_mut().persist_index(&self.dir, pos, false);
+                self.start_index_append(s);
             }
             Err(e) => {
                 crate::stats::storage_write_failed();

@@ -382,9 +382,22 @@ impl State {
         }
     }
 
-    /// O(segments), for cold paths: each sealed segment ends where the next one starts.
+    /// Nothing pending or in flight in the appender, and no index append in flight (a dead
+    /// flusher writes nothing more, but an index append already on the blocking pool still
+    /// comes back).
+    pub fn is_drained(&self) -> bool {
+        self.appender.is_drained() && !self.active().index_append_in_flight()
+    }
+
+    /// O(segments), for cold paths: each sealed segment ends where the next one starts, and
+    /// none has an index append in flight (only the active segment appends to its files).
     pub fn check_segments(&self) {
         for w in self.segments.windows(2) {
+            assert!(
+                !w[0].index_append_in_flight(),
+                "sealed segment {} has an index append in flight",
+                w[0].base()
+            );
             assert!(
                 w[0].base() <= w[0].next() && w[0].next() == w[1].base(),
                 "segments not contiguous: [{}, {}) then {}",
@@ -414,6 +427,9 @@ pub struct PartitionLog {
     state: RefCell<State>,
     /// One move of the log start at a time (its checkpoint is written off the executor).
     log_start_turn: glommio::sync::Semaphore,
+    /// Tests: index appends wait in the blocking pool until this gate opens.
+    #[cfg(test)]
+    index_gate: RefCell<Option<std::sync::Arc<appender::IndexGate>>>,
 }
 
 impl PartitionLog {
@@ -573,9 +589,17 @@ impl PartitionLog {
         .await
     }
 
-    /// Waits until nothing is pending or in flight in the appender.
+    /// Waits until nothing is pending or in flight in the appender, index appends included.
     async fn drain(&self) {
-        self.wait_until(|s| s.appender.is_drained()).await
+        self.wait_until(|s| s.is_drained()).await
+    }
+
+    /// Resolves once no index append of the active segment is in flight: the durable counts
+    /// then tell what the index files hold. Durable entries fewer than
+    /// [`segment::INDEX_APPEND_BATCH`] may still wait for the next one.
+    pub async fn index_persisted(&self) {
+        self.wait_until(|s| !s.active().index_append_in_flight())
+            .await
     }
 
     /// Flushes, syncs and writes the clean-shutdown marker. Appends after this fail.
@@ -710,6 +734,9 @@ impl PartitionLog {
         // A cleaner swap or a log-start move finishes its file work first (it holds the turn),
         // so no file appears in the directory while it is being removed.
         let _turn = self.log_start_turn.acquire_permit(1).await;
+        // An index append in flight would create or write files in the directory being
+        // removed; none starts once the log is closed.
+        self.index_persisted().await;
         self.cache.drop_log(self.cache_id);
         // A record's entry read at start no longer describes anything.
         let _ = shutdown::take_record(&self.dir);

@@ -38,6 +38,9 @@ impl PartitionLog {
         std::fs::create_dir_all(dir)?;
         // glommio opens files and directories relative to no directory fd: paths must be absolute.
         let dir = &std::path::absolute(dir)?;
+        // An index append of an earlier log of this directory (dropped without a close) may
+        // still be writing its index files.
+        super::appender::index_appends_finished(dir).await;
         let clean_path = dir.join(meta::CLEAN_FILE);
         // A truncation that a crash interrupted: finish it (see `truncate`).
         let trunc = truncate::pending(dir);
@@ -194,10 +197,6 @@ impl PartitionLog {
                 vec![]
             };
             fresh.resume_at(idx[..keep].to_vec(), tidx);
-            // Cut the files to the kept entries: the scan re-creates the ones after them.
-            if let Err(e) = fresh.cut_index_files(dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot open index files");
-            }
             let (start_pos, start_next) = (fresh.size(), fresh.next());
             let mut cut: Option<u64> = None;
             let mut out = segment::scan(&*file, start_pos, start_next, file_size, |h, pos| {
@@ -228,7 +227,13 @@ impl PartitionLog {
             // What survived may have been written but never synced before the crash: make it
             // durable before it counts as the log, then record its index entries.
             file.sync().await?;
-            fresh.persist_index(dir, out.end_pos, true);
+            // Cut the files to the kept entries (the scan re-created the ones after them, and
+            // stale ones past the kept would hide them) and append the rest, on the blocking
+            // pool. Nothing is appended to the log before this is done.
+            if let Some(job) = fresh.index_append(dir, out.end_pos, true) {
+                let done = glommio::executor().spawn_blocking(move || job.run()).await;
+                fresh.index_appended(dir, done);
+            }
             scan_from = start_pos;
             scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches));
             segments.push(fresh);
@@ -360,6 +365,8 @@ impl PartitionLog {
             cache,
             cache_id,
             log_start_turn: glommio::sync::Semaphore::new(1),
+            #[cfg(test)]
+            index_gate: std::cell::RefCell::new(None),
             recovery: scan_report.map(|(segment, valid_bytes, file_bytes, stop, batches)| {
                 RecoveryReport {
                     segment,

@@ -4,7 +4,7 @@
 //! roll (an append that found the segment full or old, or the shard).
 
 use crate::storage::io::align_up;
-use crate::storage::segment::Segment;
+use crate::storage::segment::{self, Segment};
 use crate::storage::{appender, meta, PartitionLog, StorageError};
 
 impl PartitionLog {
@@ -40,6 +40,9 @@ impl PartitionLog {
         self.drain().await;
         let (file, written, hw) = {
             let s = self.state.borrow();
+            // No index append in flight (and none starts while `rolling`): the sealed
+            // segment's index files are rewritten whole below.
+            assert!(s.is_drained() || s.appender.is_dead());
             // Why: a dead flusher leaves appended batches unwritten; a segment started at the
             // log end would begin past the data.
             if s.appender.is_dead() {
@@ -115,14 +118,29 @@ impl PartitionLog {
             self.abandon_segment_file(&path, &e).await;
             return Err(e.into());
         }
+        // The new segment's two index files, created here, on the blocking pool, where the
+        // roll already waits: created by its first index append instead, a thousand partitions
+        // rolling together would allocate two inodes each inside their appends. Created after
+        // the segment file is durable, so a failed roll leaves none behind; a failure here only
+        // leaves the creation to that first append (also off the executor).
+        let dir = self.dir.clone();
+        let created = glommio::executor()
+            .spawn_blocking(move || segment::create_index_files(&dir, base))
+            .await;
+        if let Err(e) = &created {
+            tracing::warn!(dir = %self.dir.display(), segment = base.0, error = %e, "cannot create index files");
+        }
         let mut s = self.state.borrow_mut();
         assert_eq!(base, s.offsets.log_end(), "appends wait while a roll runs");
         assert!(
             base > s.active().base(),
             "a new segment shares no file with the sealed one"
         );
-        s.segments
-            .push(Segment::new(base, new_file, self.clock.now_ms()));
+        let mut seg = Segment::new(base, new_file, self.clock.now_ms());
+        if created.is_ok() {
+            seg.set_index_files_cut();
+        }
+        s.segments.push(seg);
         s.appender.started_segment(align_up(extent));
         s.check_invariants();
         s.check_segments();

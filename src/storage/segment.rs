@@ -1,8 +1,10 @@
 //! One segment of a partition log: the `.log` file (batches verbatim, base offsets patched) and
 //! its sparse offset and time indexes, kept in memory. The active segment appends its index
 //! entries to `.index`/`.timeindex` once the batches they point at are fdatasynced, so crash
-//! recovery can start scanning at the last of them; a sealed segment's index files are rewritten
-//! whole at roll and close. Also the batch scanner that validates a segment's bytes (recovery,
+//! recovery can start scanning at the last of them: the segment hands out an [`IndexAppend`]
+//! (the bytes and where they go), which runs on the blocking thread pool, never on the shard's
+//! executor, and takes its outcome back ([`Segment::index_appended`]); at most one is in flight.
+//! A sealed segment's index files are rewritten whole at roll and close. Also the batch scanner that validates a segment's bytes (recovery,
 //! index rebuild, timestamp lookups). Owned by the partition log.
 
 use std::io::{self, Write};
@@ -69,6 +71,90 @@ pub(crate) struct Segment {
     /// scans from the last entry that made it (entries are checksummed one by one).
     index_files_cut: bool,
     index_files_failed: bool,
+    /// An [`IndexAppend`] taken from this segment has not come back yet: no other is taken,
+    /// and nothing that rewrites, cuts or vouches for the index files (or moves the durable
+    /// counts) may run until it has (asserted below).
+    index_appending: bool,
+}
+
+/// One append of index entries to the active segment's index files, taken by
+/// [`Segment::index_append`]: plain data, run by [`IndexAppend::run`] on the blocking thread
+/// pool (its `open`s, `set_len`s and writes block on the file system: creating the two files
+/// of a fresh segment allocates inodes), handed back with its outcome to
+/// [`Segment::index_appended`].
+pub(crate) struct IndexAppend {
+    base: Offset,
+    index_path: PathBuf,
+    time_path: PathBuf,
+    /// The files were not cut since the segment became active: first create them if missing
+    /// and cut them to these lengths (the entries counted as durable).
+    cut: Option<(u64, u64)>,
+    index_bytes: Vec<u8>,
+    time_bytes: Vec<u8>,
+    /// The durable counts once it succeeded.
+    index_upto: usize,
+    time_upto: usize,
+}
+
+/// What an [`IndexAppend`] did.
+pub(crate) struct IndexAppended {
+    base: Offset,
+    cut: bool,
+    index_upto: usize,
+    time_upto: usize,
+    result: io::Result<()>,
+}
+
+impl IndexAppend {
+    /// Blocking: cuts the files if asked, then appends the entries. No fsync: recovery
+    /// validates every entry, and the data it points at is already durable.
+    pub fn run(self) -> IndexAppended {
+        crate::fault::delay_point("index_append");
+        let result = (|| -> io::Result<()> {
+            if let Some((index_len, time_len)) = self.cut {
+                let cut = |path: &Path, len: u64| -> io::Result<()> {
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(path)?
+                        .set_len(len)
+                };
+                cut(&self.index_path, index_len)?;
+                cut(&self.time_path, time_len)?;
+            }
+            let append = |path: &Path, bytes: &[u8]| -> io::Result<()> {
+                if bytes.is_empty() {
+                    return Ok(());
+                }
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)?
+                    .write_all(bytes)
+            };
+            append(&self.index_path, &self.index_bytes)?;
+            append(&self.time_path, &self.time_bytes)
+        })();
+        IndexAppended {
+            base: self.base,
+            cut: self.cut.is_some(),
+            index_upto: self.index_upto,
+            time_upto: self.time_upto,
+            result,
+        }
+    }
+}
+
+/// Creates (or empties) the two index files of a new segment starting at `base`: blocking, for
+/// the thread pool (a roll creates them there, so its first index append needs no cut).
+pub(crate) fn create_index_files(dir: &Path, base: Offset) -> io::Result<()> {
+    for ext in ["index", "timeindex"] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(meta::segment_path(dir, base, ext))?;
+    }
+    Ok(())
 }
 
 impl Segment {
@@ -105,6 +191,20 @@ impl Segment {
     pub fn index_files_failed(&self) -> bool {
         self.index_files_failed
     }
+    #[cfg(test)]
+    pub fn durable_counts(&self) -> (usize, usize) {
+        (self.index_durable, self.time_durable)
+    }
+    /// An [`IndexAppend`] of this segment is on its way (see `index_appending`).
+    pub fn index_append_in_flight(&self) -> bool {
+        self.index_appending
+    }
+    /// Its index files exist and hold exactly the entries counted as durable (none: a new
+    /// segment whose files a roll created): appends go after them with no cut first.
+    pub fn set_index_files_cut(&mut self) {
+        debug_assert_eq!((self.index_durable, self.time_durable), (0, 0));
+        self.index_files_cut = true;
+    }
 
     /// On open: the segment holds `size` bytes of batches up to `next` (a sealed segment, or
     /// the active one after a clean shutdown), its indexes not loaded yet.
@@ -118,6 +218,7 @@ impl Segment {
     /// (the entries before it are kept, with the time entries before it, and count as
     /// durable); the scan from there re-creates the rest. Empty `index`: from the start.
     pub fn resume_at(&mut self, index: Vec<(u32, u32)>, time_index: Vec<(i64, u32)>) {
+        assert!(!self.index_appending);
         if let Some(&(rel, pos)) = index.last() {
             self.time_index = time_index.into_iter().take_while(|e| e.1 < rel).collect();
             if let Some(&(ts, trel)) = self.time_index.last() {
@@ -168,6 +269,7 @@ impl Segment {
         if !ok {
             return false;
         }
+        assert!(!self.index_appending);
         self.bytes_since_index = self.size - idx.last().map_or(0, |e| e.1 as u64);
         if let Some(&(ts, rel)) = tidx.last() {
             self.max_ts = ts;
@@ -183,6 +285,11 @@ impl Segment {
     /// many of each) and the ones after them, which the record carries instead. `None` if the
     /// files cannot be vouched for (an append failed) or the tail is longer than [`RECORD_TAIL_ENTRIES_MAX`].
     pub fn index_tail(&self) -> Option<IndexTail> {
+        // The counts must be final: an append in flight may or may not reach the files.
+        assert!(
+            !self.index_appending,
+            "index tail taken with an append in flight"
+        );
         let (it, tt) = (
             &self.index[self.index_durable..],
             &self.time_index[self.time_durable..],
@@ -230,6 +337,10 @@ impl Segment {
     /// The paths and whole contents of both index files, to be written by the caller (a clean
     /// shutdown, see [`crate::storage::ClosingFiles`]); the segment takes no more index appends.
     pub fn index_file_bodies(&mut self, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        assert!(
+            !self.index_appending,
+            "index files rewritten with an append in flight"
+        );
         self.index_files_cut = false;
         self.index_durable = self.index.len();
         self.time_durable = self.time_index.len();
@@ -250,6 +361,10 @@ impl Segment {
     /// writes them, to be written elsewhere (off the executor): path and body of each. Call
     /// [`index_files_written`](Self::index_files_written) once they are.
     pub fn index_files_to_write(&mut self, dir: &Path) -> [(PathBuf, Vec<u8>); 2] {
+        assert!(
+            !self.index_appending,
+            "index files rewritten with an append in flight"
+        );
         self.index_files_cut = false;
         [
             (
@@ -266,11 +381,16 @@ impl Segment {
     /// The files of [`index_files_to_write`](Self::index_files_to_write) were written whole
     /// and durably, and the index has not changed since.
     pub fn index_files_written(&mut self) {
+        assert!(!self.index_appending);
         self.index_durable = self.index.len();
         self.time_durable = self.time_index.len();
     }
 
     pub fn write_index_files(&mut self, dir: &Path) -> io::Result<()> {
+        assert!(
+            !self.index_appending,
+            "index files rewritten with an append in flight"
+        );
         self.index_files_cut = false;
         meta::write_atomic(
             &meta::segment_path(dir, self.base, "index"),
@@ -301,81 +421,82 @@ impl Segment {
             time_durable: 0,
             index_files_cut: false,
             index_files_failed: false,
+            index_appending: false,
         }
     }
 
-    /// Cuts the index files of this (active) segment to the entries already counted as
-    /// durable (stale entries past them would hide the ones appended next).
-    pub fn cut_index_files(&mut self, dir: &Path) -> io::Result<()> {
-        let cut = |ext: &str, keep: usize| -> io::Result<()> {
-            let f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(meta::segment_path(dir, self.base, ext))?;
-            f.set_len(keep as u64)
-        };
-        let r = cut("index", self.index_durable * meta::INDEX_ENTRY_BYTES)
-            .and_then(|()| cut("timeindex", self.time_durable * meta::TIME_ENTRY_BYTES));
-        match r {
-            Ok(()) => {
-                self.index_files_cut = true;
-                Ok(())
-            }
-            Err(e) => {
-                // No more entries are appended for this segment (see `index_files_cut`).
-                self.index_files_failed = true;
-                Err(e)
-            }
-        }
-    }
-
-    /// Appends the index entries of batches that start before `durable_pos` (their bytes are on
-    /// stable storage) to the index files, and the time entries recorded before the last of
-    /// them, once there are [`INDEX_APPEND_BATCH`] of them (every one with `all`). No fsync:
-    /// recovery validates every entry and the data it points at is durable. Failures are
-    /// logged and only make a later recovery scan more.
-    pub fn persist_index(&mut self, dir: &Path, durable_pos: u64, all: bool) {
-        if self.index_files_failed {
-            return;
+    /// Takes the next append of index entries for the blocking pool: the entries of batches
+    /// that start before `durable_pos` (their bytes are on stable storage) not yet in the files,
+    /// and the time entries recorded before the last of them, once there are
+    /// [`INDEX_APPEND_BATCH`] of them (every one with `all`, which also cuts files that were
+    /// not cut yet when there is nothing to append). `None` while one is in flight, after a
+    /// failed one, or with nothing due. Entries that become durable while one is in flight are
+    /// taken by the next, so appends batch under load.
+    pub fn index_append(&mut self, dir: &Path, durable_pos: u64, all: bool) -> Option<IndexAppend> {
+        if self.index_files_failed || self.index_appending {
+            return None;
         }
         let n = self.index[self.index_durable..]
             .iter()
             .take_while(|e| (e.1 as u64) < durable_pos)
             .count();
-        if n == 0 || (n < INDEX_APPEND_BATCH && !all) {
-            return;
+        let cut_due = all && !self.index_files_cut;
+        if (n == 0 || (n < INDEX_APPEND_BATCH && !all)) && !cut_due {
+            return None;
         }
         let upto = self.index_durable + n;
-        let last_rel = self.index[upto - 1].0;
-        let tn = self.time_index[self.time_durable..]
-            .iter()
-            .take_while(|e| e.1 < last_rel)
-            .count();
-        let r = (|| -> io::Result<()> {
-            if !self.index_files_cut {
-                self.cut_index_files(dir)?;
+        let tn = match upto.checked_sub(1) {
+            Some(last) if n > 0 => {
+                let last_rel = self.index[last].0;
+                self.time_index[self.time_durable..]
+                    .iter()
+                    .take_while(|e| e.1 < last_rel)
+                    .count()
             }
-            let append = |ext: &str, bytes: &[u8]| -> io::Result<()> {
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(meta::segment_path(dir, self.base, ext))?
-                    .write_all(bytes)
-            };
-            append(
-                "index",
-                &meta::encode_index(&self.index[self.index_durable..upto]),
-            )?;
-            append(
-                "timeindex",
-                &meta::encode_time_index(
-                    &self.time_index[self.time_durable..self.time_durable + tn],
-                ),
-            )
-        })();
-        match r {
+            _ => 0,
+        };
+        self.index_appending = true;
+        Some(IndexAppend {
+            base: self.base,
+            index_path: meta::segment_path(dir, self.base, "index"),
+            time_path: meta::segment_path(dir, self.base, "timeindex"),
+            cut: (!self.index_files_cut).then(|| {
+                (
+                    (self.index_durable * meta::INDEX_ENTRY_BYTES) as u64,
+                    (self.time_durable * meta::TIME_ENTRY_BYTES) as u64,
+                )
+            }),
+            index_bytes: meta::encode_index(&self.index[self.index_durable..upto]),
+            time_bytes: meta::encode_time_index(
+                &self.time_index[self.time_durable..self.time_durable + tn],
+            ),
+            index_upto: upto,
+            time_upto: self.time_durable + tn,
+        })
+    }
+
+    /// Takes back the outcome of the [`IndexAppend`] in flight: the durable counts advance only
+    /// now, when its entries are in the files. A failure is logged and stops further appends
+    /// for this segment: recovery then scans from the last entry that made it (entries are
+    /// checksummed one by one).
+    pub fn index_appended(&mut self, dir: &Path, done: IndexAppended) {
+        assert!(self.index_appending, "an index append came back unasked");
+        // Nothing replaces the active segment or rewrites its index while an append is in
+        // flight (roll, truncation, close and removal wait for it), so it comes back to the
+        // segment it was taken from, whose counts have not moved.
+        assert_eq!(
+            done.base, self.base,
+            "an index append came back to another segment"
+        );
+        self.index_appending = false;
+        match done.result {
             Ok(()) => {
-                self.index_durable = upto;
-                self.time_durable += tn;
+                assert!(
+                    done.index_upto <= self.index.len() && done.time_upto <= self.time_index.len()
+                );
+                self.index_files_cut |= done.cut;
+                self.index_durable = done.index_upto;
+                self.time_durable = done.time_upto;
             }
             Err(e) => {
                 tracing::warn!(
@@ -385,6 +506,14 @@ impl Segment {
                 self.index_files_failed = true;
             }
         }
+    }
+
+    /// The [`IndexAppend`] in flight will not come back (its task panicked): no more appends
+    /// for this segment, as after a failed one.
+    pub fn index_append_lost(&mut self) {
+        assert!(self.index_appending);
+        self.index_appending = false;
+        self.index_files_failed = true;
     }
 
     /// Accounts for one batch appended at `pos` (index entries every `interval` bytes).
@@ -448,6 +577,10 @@ impl Segment {
     /// Cuts the segment at `pos` (the batch starting at `next`): a truncation of the log, which
     /// may drop entries already appended to the index files; the caller rewrites them.
     pub fn cut(&mut self, pos: u64, next: Offset) {
+        assert!(
+            !self.index_appending,
+            "log cut with an index append in flight"
+        );
         let rel_next = (next.0 - self.base.0) as u32;
         self.index_durable = self.index.iter().filter(|e| (e.1 as u64) < pos).count();
         self.time_durable = self.time_index.iter().filter(|e| e.1 < rel_next).count();

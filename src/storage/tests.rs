@@ -1497,6 +1497,8 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
         let r = append(&log, &b, Durability::Synced).await;
         assert!(!r.duplicate);
         stored.push(at_offset(&b, r.base_offset));
+        // The damage below must not race an index append still on its way.
+        log.index_persisted().await;
         drop(log);
 
         // A damaged entry in the middle of the active index: recovery starts before it.
@@ -1542,6 +1544,8 @@ fn written_data_is_synced_in_the_background_and_indexed() {
             s.offsets.synced() >= end
         })
         .await;
+        // The sync started an index append: wait for it before reading the file.
+        log.index_persisted().await;
         let on_disk = meta::read_index_file(
             &meta::segment_path(&d, log.state.borrow().active().base(), "index"),
             meta::decode_index,
@@ -1695,6 +1699,7 @@ fn failed_index_and_snapshot_writes_only_lengthen_the_recovery_scan() {
             stored.push(at_offset(&b, r.base_offset));
         }
         log.no_snapshot_in_flight().await;
+        log.index_persisted().await;
         assert!(log.state.borrow().active().index_files_failed());
         assert!(!d.join(meta::PRODUCER_FILE).exists());
         drop(log); // crash
@@ -1729,6 +1734,8 @@ fn hostile_lengths_and_counts_in_files_at_start_up_are_ignored_or_truncated() {
             let r = append(&log, &b, Durability::Written).await;
             stored.push(at_offset(&b, r.base_offset));
         }
+        // The files written below must not race an index append still on its way.
+        log.index_persisted().await;
         drop(log); // a crash: no clean-shutdown marker
                    // The last batch declares 2^31-1 bytes.
         let path = meta::segment_path(&d, Offset(0), "log");
@@ -3059,5 +3066,271 @@ fn a_shutdown_record_that_does_not_match_the_files_is_not_trusted() {
         drop(logs); // crash
         assert_eq!(load_shutdown_records(&root).unwrap(), 0);
         reopen_and_check(&dirs, &stored, &retries, &[false; LOGS]).await;
+    });
+}
+
+/// Stalls this log's index appends in the blocking pool until the returned gate opens.
+fn stall_index_appends(log: &PartitionLog) -> std::sync::Arc<appender::IndexGate> {
+    let gate = std::sync::Arc::new(appender::IndexGate::default());
+    *log.index_gate.borrow_mut() = Some(gate.clone());
+    gate
+}
+
+/// Appends `Synced` batches of one index entry each (see `small_config`) until an index append
+/// is in flight and has reached `gate` (its `reached`-th arrival); returns the batches stored.
+async fn append_until_index_append_stalls(
+    log: &PartitionLog,
+    gate: &appender::IndexGate,
+    reached: usize,
+    tag: u8,
+) -> Vec<Vec<u8>> {
+    let mut stored = vec![];
+    while !log.state.borrow().active().index_append_in_flight() {
+        assert!(
+            stored.len() <= 2 * segment::INDEX_APPEND_BATCH,
+            "no index append started"
+        );
+        let b = batch(1, 1500, 1000, tag);
+        let r = append(log, &b, Durability::Synced).await;
+        stored.push(at_offset(&b, r.base_offset));
+    }
+    poll_until("the index append to reach the gate", || {
+        gate.entered() >= reached
+    })
+    .await;
+    stored
+}
+
+/// The entries of a segment's two index files.
+fn index_files(d: &Path, base: Offset) -> (Vec<(u32, u32)>, Vec<(i64, u32)>) {
+    let i = meta::read_index_file(&meta::segment_path(d, base, "index"), meta::decode_index);
+    let t = meta::read_index_file(
+        &meta::segment_path(d, base, "timeindex"),
+        meta::decode_time_index,
+    );
+    assert!(i.complete && t.complete, "index files of {base} damaged");
+    (i.entries, t.entries)
+}
+
+/// A spawned operation on the log, and whether it finished.
+fn spawn_tracked<F: std::future::Future<Output = Result<(), StorageError>> + 'static>(
+    fut: F,
+) -> (
+    glommio::Task<Result<(), StorageError>>,
+    Rc<std::cell::Cell<bool>>,
+) {
+    let done = Rc::new(std::cell::Cell::new(false));
+    let d = done.clone();
+    let task = glommio::spawn_local(async move {
+        let r = fut.await;
+        d.set(true);
+        r
+    });
+    (task, done)
+}
+
+// The index files are written on the blocking pool: while an append is stalled there, appends
+// and fdatasyncs of the same log keep completing (the executor is not blocked), the durable
+// counts stay put, and a roll, a truncation and a close each wait for the append and leave
+// index files holding exactly the segment's entries.
+#[test]
+fn an_index_append_in_flight_blocks_no_append_and_roll_truncate_close_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let log = open(&d, small_config()).await;
+        let gate = stall_index_appends(&log);
+        let mut stored = append_until_index_append_stalls(&log, &gate, 1, 1).await;
+        let durable = log.state.borrow().active().durable_counts();
+        // Stalled: appends and syncs still complete, and nothing counts as in the files.
+        let synced = log.synced_offset();
+        for i in 0..10u8 {
+            let b = batch(1, 1500, 2000, i);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        assert!(log.synced_offset() > synced);
+        {
+            let s = log.state.borrow();
+            assert!(s.active().index_append_in_flight());
+            assert_eq!(s.active().durable_counts(), durable);
+            assert_eq!(gate.entered(), 1, "one append in flight at a time");
+        }
+        // A roll waits for the append in flight.
+        let (roll, rolled) = spawn_tracked({
+            let log = log.clone();
+            async move { log.roll().await }
+        });
+        wait_state(&log, "the roll to start", |s| s.rolling).await;
+        glommio::yield_if_needed().await;
+        assert!(!rolled.get() && log.segment_count() == 1);
+        gate.open();
+        roll.await.unwrap();
+        assert_eq!(log.segment_count(), 2);
+        let sealed = {
+            let s = log.state.borrow();
+            (
+                s.segments[0].index().to_vec(),
+                s.segments[0].time_index().to_vec(),
+            )
+        };
+        assert_eq!(index_files(&d, Offset(0)), sealed);
+        // The roll created the new segment's index files, empty.
+        let base2 = log.log_end_offset();
+        assert_eq!(index_files(&d, base2), (vec![], vec![]));
+
+        // A truncation below entries an append in flight carries waits for it, then cuts.
+        let gate = stall_index_appends(&log);
+        let more = append_until_index_append_stalls(&log, &gate, 1, 2).await;
+        stored.extend(more);
+        let cut_at = Offset(base2.0 + 5);
+        let (truncate, truncated) = spawn_tracked({
+            let log = log.clone();
+            async move { log.truncate_to(cut_at).await }
+        });
+        wait_state(&log, "the truncation to start", |s| s.rolling).await;
+        glommio::yield_if_needed().await;
+        assert!(!truncated.get());
+        gate.open();
+        truncate.await.unwrap();
+        stored.truncate(cut_at.0 as usize);
+        assert_eq!(log.log_end_offset(), cut_at);
+        let active = {
+            let s = log.state.borrow();
+            let a = s.active();
+            assert_eq!(a.durable_counts(), (a.index().len(), a.time_index().len()));
+            (a.index().to_vec(), a.time_index().to_vec())
+        };
+        assert!(active.0.iter().all(|e| (e.0 as i64) < 5));
+        assert_eq!(index_files(&d, base2), active);
+
+        // A close waits for the append in flight and writes the files whole.
+        let gate = stall_index_appends(&log);
+        stored.extend(append_until_index_append_stalls(&log, &gate, 1, 3).await);
+        let (close, closed) = spawn_tracked({
+            let log = log.clone();
+            async move { log.close().await }
+        });
+        wait_state(&log, "the close to start", |s| s.rolling).await;
+        glommio::yield_if_needed().await;
+        assert!(!closed.get());
+        gate.open();
+        close.await.unwrap();
+        let active = {
+            let s = log.state.borrow();
+            (
+                s.active().index().to_vec(),
+                s.active().time_index().to_vec(),
+            )
+        };
+        assert_eq!(index_files(&d, base2), active);
+        drop(log);
+
+        // A clean reopen trusts the files and finds every batch.
+        let log = open(&d, small_config()).await;
+        assert!(log.recovery_report().is_none());
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+        assert_eq!(log.state.borrow().active().index(), &active.0[..]);
+    });
+}
+
+// A crash (the log dropped, no close) while an index append is stalled on the blocking pool:
+// the reopen waits for that append, then recovers every acknowledged batch, and its index
+// files end with exactly the recovered entries (none lost, none twice).
+#[test]
+fn a_crash_with_an_index_append_in_flight_reopens_with_every_batch_and_exact_index_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 8 << 20;
+        let log = open(&d, cfg.clone()).await;
+        // A first append completes; the second stalls.
+        let mut stored = vec![];
+        while log.state.borrow().active().durable_counts().0 == 0 {
+            let b = batch(1, 1500, 1000, 1);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(at_offset(&b, r.base_offset));
+            log.index_persisted().await;
+        }
+        let gate = stall_index_appends(&log);
+        stored.extend(append_until_index_append_stalls(&log, &gate, 1, 2).await);
+        let index = log.state.borrow().active().index().to_vec();
+        drop(log); // a crash: the append is still in the pool
+        let reopen = glommio::spawn_local({
+            let (d, cfg) = (d.clone(), cfg.clone());
+            async move { open(&d, cfg).await }
+        });
+        glommio::yield_if_needed().await;
+        gate.open();
+        let log = reopen.await;
+        assert!(log.recovery_report().is_some());
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+        let s = log.state.borrow();
+        assert_eq!(s.active().index(), &index[..]);
+        let (files, tfiles) = index_files(&d, Offset(0));
+        assert_eq!(files, index);
+        assert_eq!(tfiles, s.active().time_index());
+    });
+}
+
+// An index append that fails (its file removed under it) stops index appends for the segment
+// only: the log keeps appending and acknowledging, and recovery scans from the last entry that
+// made it and finds every acknowledged batch.
+#[test]
+fn a_failed_index_append_keeps_the_log_acknowledging_and_recovery_finds_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let mut cfg = small_config();
+        cfg.segment_bytes = 8 << 20;
+        let log = open(&d, cfg.clone()).await;
+        let mut stored = vec![];
+        while log.state.borrow().active().durable_counts().0 == 0 {
+            let b = batch(1, 1500, 1000, 1);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(at_offset(&b, r.base_offset));
+            log.index_persisted().await;
+        }
+        let in_files = log.state.borrow().active().durable_counts().0;
+        std::fs::remove_file(meta::segment_path(&d, Offset(0), "index")).unwrap();
+        let mut i = 0u8;
+        while !log.state.borrow().active().index_files_failed() {
+            assert!(
+                (i as usize) <= 2 * segment::INDEX_APPEND_BATCH,
+                "no append failed"
+            );
+            let b = batch(1, 1500, 2000, i);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(at_offset(&b, r.base_offset));
+            log.index_persisted().await;
+            i += 1;
+        }
+        assert_eq!(log.state.borrow().active().durable_counts().0, in_files);
+        for i in 0..40u8 {
+            let b = batch(1, 1500, 3000, i);
+            let d = if i % 2 == 0 {
+                Durability::Synced
+            } else {
+                Durability::Written
+            };
+            let r = append(&log, &b, d).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        log.sync_to(log.high_watermark()).await.unwrap();
+        assert!(!log.state.borrow().active().index_append_in_flight());
+        drop(log); // crash
+        let log = open(&d, cfg).await;
+        let rep = log.recovery_report().expect("a crash recovery");
+        assert_eq!(rep.scan_from, 0, "the removed file held no entry");
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+        // Recovery wrote every entry again.
+        assert_eq!(
+            index_files(&d, Offset(0)).0,
+            log.state.borrow().active().index()
+        );
     });
 }

@@ -3101,8 +3101,11 @@ async fn append_until_index_append_stalls(
     stored
 }
 
+/// The entries of an index file and of a time-index file.
+type IndexEntries = (Vec<(u32, u32)>, Vec<(i64, u32)>);
+
 /// The entries of a segment's two index files.
-fn index_files(d: &Path, base: Offset) -> (Vec<(u32, u32)>, Vec<(i64, u32)>) {
+fn index_files(d: &Path, base: Offset) -> IndexEntries {
     let i = meta::read_index_file(&meta::segment_path(d, base, "index"), meta::decode_index);
     let t = meta::read_index_file(
         &meta::segment_path(d, base, "timeindex"),

@@ -16,7 +16,8 @@
 //!
 //! Delay points, armed by `SLUICE_FAULT_DELAY_MS=<point>:<ms>`, block the calling thread for
 //! that long to widen a window a test wants to hit: `producer_id_block` (a producer-id block is
-//! written but not yet renamed into place). Async delay points ([`delay_of`]) make the calling
+//! written but not yet renamed into place), `index_append` (an append to a segment's index files,
+//! on the blocking thread pool: the shard keeps serving meanwhile). Async delay points ([`delay_of`]) make the calling
 //! task wait instead, the shard serving everything else meanwhile: `coordinator_load` (a group
 //! coordinator that won a `__consumer_offsets` partition's election, before it replays it),
 //! `replica_start` (a partition's log is open but its raft group not started yet; keyed by the

@@ -965,6 +965,48 @@ fn acks_all_records_survive_kill_9_with_unchanged_offsets() {
     assert_eq!((err, off), (NONE, 100));
 }
 
+// The active segment's index appends run on the blocking thread pool, not on the shard's
+// executor: with every one stalled there (the `index_append` delay point, far longer than the
+// test), acks=all produce requests keep being answered, no index entry reaches the file, and a
+// kill -9 meanwhile loses nothing acknowledged.
+#[test]
+fn acks_all_produce_is_answered_while_index_appends_are_stalled_and_survives_kill_9() {
+    let mut b = Broker::options()
+        .segment_bytes(None) // no roll: a roll waits for the stalled append
+        .env("SLUICE_FAULT_DELAY_MS", "index_append:600000")
+        .start();
+    let t = topic_name("idxstall");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    // 2 KiB records: an index entry every other batch (4 KiB interval), so the first append
+    // (16 entries) starts after ~34 batches and stalls; the rest must still be acknowledged.
+    let mut acked: Vec<(i64, Vec<u8>)> = Vec::new();
+    for i in 0..120 {
+        let v = format!("stall-{i}-").repeat(200).into_bytes();
+        let (err, base) = produce(&mut r, &t, 0, -1, batch(&[&v]));
+        assert_eq!(err, NONE);
+        acked.push((base, v));
+    }
+    let index = b
+        .data_dir()
+        .join(format!("{t}-0"))
+        .join(format!("{:020}.index", 0));
+    assert!(
+        std::fs::metadata(&index).map_or(true, |m| m.len() == 0),
+        "an index entry reached the file while every append is stalled"
+    );
+    drop(r);
+    b.sigkill();
+    b.options.envs.clear();
+    b.restart();
+    let mut r = Raw::connect(b.addr);
+    let (hw, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(hw, acked.len() as i64);
+    assert_eq!(recs, acked);
+    // Recovery appended the index entries.
+    assert!(std::fs::metadata(&index).is_ok_and(|m| m.len() > 0));
+}
+
 fn list_offset(r: &mut Raw, topic: &str, partition: i32, timestamp: i64) -> (i16, i64, i64) {
     use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
     let resp: ListOffsetsResponse = r.call(

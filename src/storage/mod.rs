@@ -8,7 +8,7 @@
 //! | `mod.rs` (here) | `PartitionLog` and its `State`: segments, config, producer state, waiters; close; `AppendSignal` (a fetch's wake-up) |
 //! | `offsets` | `Offsets`: log start, synced, high watermark, log end, and every move of them |
 //! | `append` | the append path: validation, admission, offset assignment, the durability wait |
-//! | `appender` | `Appender`: pending aligned chunks, written/synced positions, the flusher task |
+//! | `appender` | `Appender`: pending aligned chunks, written/synced positions, the flusher task, index appends on the blocking pool |
 //! | `cycle` | the shard's commit cycle: acks=all flushes of all its partitions start together |
 //! | `read` | the read path: cache, cold reads, `ReadAheads`, timestamp lookups |
 //! | `truncate` | cutting the tail of the log (a follower's conflict truncation), crash-safe |

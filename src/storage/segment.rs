@@ -25,7 +25,7 @@ pub const INDEX_APPEND_BATCH: usize = 16;
 
 /// Index plus time-index entries of one log's active segment that a clean-shutdown record
 /// carries inline (those not yet appended to the index files): 12 or 16 bytes each in the
-/// record. The flusher appends entries 16 at a time, so a log rarely has more than a few dozen;
+/// record. Index appends take entries 16 at a time, so a log rarely has more than a few dozen;
 /// one with more is left out of the record and recovered by a scan.
 pub const RECORD_TAIL_ENTRIES_MAX: usize = 4096;
 

@@ -105,6 +105,29 @@ pub const PRODUCE_STAGES: [(ProduceStage, &str); 5] = [
     (ProduceStage::Respond, "respond"),
 ];
 
+/// The stages of a long-polling fetch's time in the broker after the data it waited for
+/// arrived, so that the consumer side of an end-to-end tail can be attributed too: from the
+/// append making the data readable (the high watermark moving past the fetch's position) to the
+/// fetch re-reading, the re-read itself, and waiting for the response to be written. Fetches
+/// answered without waiting (data already there) record only `Respond`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchStage {
+    /// From the data becoming readable to the waiting fetch starting its re-read (the wake-up
+    /// of the waiter on the partition's shard and, across shards, the hop back).
+    Woken = 0,
+    /// The re-read of every partition of the fetch after the wake-up.
+    Read = 1,
+    /// From the response being ready to it being written to the socket.
+    Respond = 2,
+}
+
+/// Every fetch stage with its label on the metrics endpoint, in stage order.
+pub const FETCH_STAGES: [(FetchStage, &str); 3] = [
+    (FetchStage::Woken, "woken"),
+    (FetchStage::Read, "read"),
+    (FetchStage::Respond, "respond"),
+];
+
 /// Requests of one API on this shard.
 #[derive(Default)]
 struct ApiStats {
@@ -126,6 +149,7 @@ struct Counters {
     errors: RefCell<BTreeMap<(i16, i16), u64>>,
     fsyncs: RefCell<Option<Box<Latency>>>,
     produce_stages: RefCell<[Option<Box<Latency>>; PRODUCE_STAGES.len()]>,
+    fetch_stages: RefCell<[Option<Box<Latency>>; FETCH_STAGES.len()]>,
     durable_writes: RefCell<Option<Box<Latency>>>,
     storage_bytes_written: Cell<u64>,
     storage_write_errors: Cell<u64>,
@@ -244,6 +268,15 @@ pub fn produce_stage(stage: ProduceStage, took: Duration) {
     });
 }
 
+/// A fetch spent `took` in `stage`.
+pub fn fetch_stage(stage: FetchStage, took: Duration) {
+    COUNTERS.with(|c| {
+        c.fetch_stages.borrow_mut()[stage as usize]
+            .get_or_insert_with(|| Box::new(Latency::new()))
+            .record(took)
+    });
+}
+
 /// One group commit written with durable (`O_DSYNC`) writes completed in `took`.
 pub fn durable_write_done(took: Duration) {
     COUNTERS.with(|c| {
@@ -306,6 +339,8 @@ pub struct Snapshot {
     pub fsync: HistogramSnapshot,
     /// One histogram per [`PRODUCE_STAGES`] entry, in its order.
     pub produce_stages: Vec<HistogramSnapshot>,
+    /// One histogram per [`FETCH_STAGES`] entry, in its order.
+    pub fetch_stages: Vec<HistogramSnapshot>,
     pub durable_write: HistogramSnapshot,
     pub storage_bytes_written: u64,
     pub storage_write_errors: u64,
@@ -348,6 +383,12 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
             fsync: hist(&c.fsyncs),
             produce_stages: c
                 .produce_stages
+                .borrow()
+                .iter()
+                .map(|l| buckets(l.as_deref()))
+                .collect(),
+            fetch_stages: c
+                .fetch_stages
                 .borrow()
                 .iter()
                 .map(|l| buckets(l.as_deref()))
@@ -417,5 +458,27 @@ mod tests {
             s.produce_stages[ProduceStage::Respond as usize].cumulative,
             vec![1]
         );
+    }
+
+    #[test]
+    fn fetch_stages_are_kept_apart_from_each_other_and_from_produce_stages() {
+        fetch_stage(FetchStage::Woken, Duration::from_micros(300));
+        fetch_stage(FetchStage::Read, Duration::from_millis(3));
+        fetch_stage(FetchStage::Read, Duration::from_micros(10));
+        let s = snapshot(&[0.001]);
+        assert_eq!(s.fetch_stages.len(), FETCH_STAGES.len());
+        for (i, (stage, _)) in FETCH_STAGES.iter().enumerate() {
+            assert_eq!(*stage as usize, i, "FETCH_STAGES is in stage order");
+        }
+        let count = |st: FetchStage| s.fetch_stages[st as usize].count;
+        assert_eq!(count(FetchStage::Woken), 1);
+        assert_eq!(count(FetchStage::Read), 2);
+        assert_eq!(count(FetchStage::Respond), 0);
+        // One of the two reads took under 1 ms.
+        assert_eq!(
+            s.fetch_stages[FetchStage::Read as usize].cumulative,
+            vec![1]
+        );
+        assert!(s.produce_stages.iter().all(|h| h.count == 0));
     }
 }

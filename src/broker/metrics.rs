@@ -729,6 +729,21 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         }
     }
 
+    t.family(
+        "sluice_fetch_stage_duration_seconds",
+        "histogram",
+        "Where a long-polling fetch's time goes once the data it waited for arrived, by stage: woken (data readable to the fetch re-reading), read (the re-read), respond (response ready to written; every fetch).",
+    );
+    for (id, s) in &shards {
+        for ((_, stage), h) in stats::FETCH_STAGES.iter().zip(&s.counters.fetch_stages) {
+            t.histogram(
+                "sluice_fetch_stage_duration_seconds",
+                &[("shard", id), ("stage", stage)],
+                h,
+            );
+        }
+    }
+
     // Storage.
     t.family(
         "sluice_storage_fsync_duration_seconds",

@@ -23,7 +23,7 @@ use glommio::task::JoinHandle;
 
 use crate::kafka::{Connection, Response};
 use crate::shard;
-use crate::stats::ProduceStage;
+use crate::stats::{FetchStage, ProduceStage};
 use crate::types::Clock;
 
 /// Frame length prefix.
@@ -210,11 +210,18 @@ struct Held {
     shard_bytes: ShardBytes,
 }
 
-/// A request's response and, for a produce request, when it was ready (the writer records how
-/// long it waited to be written).
+/// A request's response and, for a produce or fetch request, when it was ready (the writer
+/// records how long it waited to be written, in that API's `Respond` stage).
 struct Answer {
     response: Response,
-    ready: Option<Instant>,
+    ready: Option<(Instant, Staged)>,
+}
+
+/// The requests whose respond time is recorded as a stage.
+#[derive(Clone, Copy)]
+enum Staged {
+    Produce,
+    Fetch,
 }
 
 /// A request handed from the reader to the writer, in request order.
@@ -426,8 +433,14 @@ async fn read_requests(
                 // A handler bug must cost this connection, not the shard and every client on it.
                 let (api_key, api_version) = api_of(&frame);
                 let started = Instant::now();
-                let produce = api_key == kafka_protocol::messages::ApiKey::Produce as i16;
-                if produce {
+                let staged = if api_key == kafka_protocol::messages::ApiKey::Produce as i16 {
+                    Some(Staged::Produce)
+                } else if api_key == kafka_protocol::messages::ApiKey::Fetch as i16 {
+                    Some(Staged::Fetch)
+                } else {
+                    None
+                };
+                if matches!(staged, Some(Staged::Produce)) {
                     crate::stats::produce_stage(ProduceStage::Queued, started - received);
                 }
                 let r = match shard::contain(crate::kafka::dispatch(&conn2, frame)).await {
@@ -441,7 +454,7 @@ async fn read_requests(
                 }
                 Answer {
                     response: r,
-                    ready: produce.then_some(ready),
+                    ready: staged.map(|st| (ready, st)),
                 }
             })
             .detach();
@@ -635,8 +648,16 @@ async fn write_responses(
                     failed = true;
                     closing.set(true);
                     let _ = stream.shutdown(std::net::Shutdown::Both).await;
-                } else if let Some(ready) = ready {
-                    crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed());
+                } else {
+                    match ready {
+                        Some((ready, Staged::Produce)) => {
+                            crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed())
+                        }
+                        Some((ready, Staged::Fetch)) => {
+                            crate::stats::fetch_stage(FetchStage::Respond, ready.elapsed())
+                        }
+                        None => {}
+                    }
                 }
             }
             Some(Response::None) => {}

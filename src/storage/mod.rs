@@ -92,6 +92,8 @@ pub use shutdown::{
 #[derive(Default)]
 pub struct AppendSignal {
     fired: std::cell::Cell<bool>,
+    /// When it fired (the fetch's wake-up latency is measured from here).
+    fired_at: std::cell::Cell<Option<std::time::Instant>>,
     waker: RefCell<Option<Waker>>,
 }
 
@@ -103,8 +105,13 @@ impl AppendSignal {
     pub fn is_fired(&self) -> bool {
         self.fired.get()
     }
+    /// When some registered partition moved past its offset (or closed); `None` before.
+    pub fn fired_at(&self) -> Option<std::time::Instant> {
+        self.fired_at.get()
+    }
     fn fire(&self) {
         if !self.fired.replace(true) {
+            self.fired_at.set(Some(std::time::Instant::now()));
             if let Some(w) = self.waker.borrow_mut().take() {
                 w.wake();
             }

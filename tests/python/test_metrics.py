@@ -35,6 +35,7 @@ FAMILIES = {
     "sluice_request_duration_seconds": "histogram",
     "sluice_storage_fsync_duration_seconds": "histogram",
     "sluice_produce_stage_duration_seconds": "histogram",
+    "sluice_fetch_stage_duration_seconds": "histogram",
     "sluice_storage_durable_write_duration_seconds": "histogram",
     "sluice_storage_written_bytes": "counter",
     "sluice_storage_segments": "gauge",
@@ -201,6 +202,58 @@ def test_scrape_parses_and_values_move_under_load(mbroker, topic):
         assert total(lagged, "sluice_partition_log_end_offset", topic=topic) == n + 10
     finally:
         c.close()
+
+
+def test_fetch_stages_attribute_a_long_poll_woken_by_new_records(mbroker, topic):
+    """A consumer parked in a long poll (10 s max wait) is woken by records produced one at a
+    time: the fetch stages count the wake-ups and their re-reads, and every fetch's respond."""
+    produce(mbroker, topic, 1, partitions=1)
+    from kafka import TopicPartition
+    c = KafkaConsumer(bootstrap_servers=mbroker.bootstrap, fetch_max_wait_ms=10_000,
+                      fetch_min_bytes=1, enable_auto_commit=False,
+                      request_timeout_ms=WAIT_S * 1000 + 11_000)
+    stop = threading.Event()
+
+    def trickle():
+        p = KafkaProducer(bootstrap_servers=mbroker.bootstrap, acks="all",
+                          request_timeout_ms=WAIT_S * 1000)
+        try:
+            while not stop.wait(0.2):
+                p.send(topic, value=b"late", partition=0).get(WAIT_S)
+        finally:
+            p.close()
+
+    t = threading.Thread(target=trickle, daemon=True)
+    try:
+        tp = TopicPartition(topic, 0)
+        c.assign([tp])
+        c.seek(tp, 1)
+        t.start()
+        got = 0
+        deadline = time.monotonic() + WAIT_S
+        while got < 5:
+            assert time.monotonic() < deadline, f"consumed {got} of 5 trickled records"
+            for recs in c.poll(timeout_ms=500).values():
+                got += len(recs)
+    finally:
+        stop.set()
+        t.join(WAIT_S)
+        c.close()
+
+    def stage_count(f, stage):
+        return total(f, "sluice_fetch_stage_duration_seconds",
+                     sample="sluice_fetch_stage_duration_seconds_count", stage=stage)
+    fams = wait_for(
+        mbroker,
+        lambda f: stage_count(f, "respond") == total(f, "sluice_requests", api="Fetch"),
+        "a respond stage for every fetch",
+    )
+    woken = stage_count(fams, "woken")
+    assert woken >= 1, "no long poll was woken by the trickled records"
+    assert stage_count(fams, "read") == woken
+    # A wake-up is measured from the append to the re-read: never longer than the poll.
+    assert total(fams, "sluice_fetch_stage_duration_seconds",
+                 sample="sluice_fetch_stage_duration_seconds_sum", stage="woken") < 10 * woken
 
 
 def produce_more_lag(b, topic):

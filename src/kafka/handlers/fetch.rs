@@ -11,7 +11,7 @@
 //! shards until an append lands or `max_wait_ms` passes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::FetchRequest;
@@ -25,6 +25,7 @@ use crate::kafka::{Request, Response};
 use crate::metadata::TopicMeta;
 use crate::protocol::wire::{put_array_len, put_uvarint};
 use crate::shard;
+use crate::stats::{self, FetchStage};
 use crate::storage::{AbortedTxn, AppendSignal, ReadOptions, ReadResult};
 use crate::types::{ErrorCode, Offset};
 
@@ -393,8 +394,13 @@ async fn fetch_ready(
         {
             break;
         }
-        wait_for_any_append(topics, &results, max_wait - elapsed).await;
+        let arrived = wait_for_any_append(topics, &results, max_wait - elapsed).await;
+        let reread = Instant::now();
         results = read_all(topics, max_bytes, committed_only).await;
+        if let Some(arrived) = arrived {
+            stats::fetch_stage(FetchStage::Woken, reread.saturating_duration_since(arrived));
+            stats::fetch_stage(FetchStage::Read, reread.elapsed());
+        }
     }
     results
 }
@@ -637,7 +643,13 @@ async fn finish_read(topic_error: ErrorCode, task: ReadTask) -> PartResult {
 /// is re-raised here (failing this request only). When this returns, `done` closes and every
 /// other waiter ends at once on its shard, so waiters never outlive the fetch that started
 /// them. Waiters that finish later find the channel gone; a panic of theirs logs itself.
-async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], remaining: Duration) {
+/// Returns when the data that ended the wait arrived (`None`: the wait ran out or the partition
+/// set changed under it).
+async fn wait_for_any_append(
+    topics: &[TopicReq],
+    seen: &[Vec<PartResult>],
+    remaining: Duration,
+) -> Option<Instant> {
     let broker = shard::local().broker.clone();
     // Owner shard -> (topic, partition, offset past which an append wakes the fetch).
     let mut by_shard: std::collections::BTreeMap<usize, Vec<(Arc<TopicMeta>, i32, i64)>> =
@@ -661,7 +673,7 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
             ));
         }
     }
-    let (tx, rx) = async_channel::unbounded::<Result<(), shard::Panic>>();
+    let (tx, rx) = async_channel::unbounded::<Result<Option<Instant>, shard::Panic>>();
     let (done_tx, done_rx) = async_channel::bounded::<()>(1);
     for (owner, parts) in by_shard {
         let (tx, done_rx) = (tx.clone(), done_rx.clone());
@@ -682,18 +694,22 @@ async fn wait_for_any_append(topics: &[TopicReq], seen: &[Vec<PartResult>], rema
     })
     .await;
     drop(done_tx);
-    if let Some(Err(p)) = first {
-        p.resume();
+    match first {
+        Some(Err(p)) => p.resume(),
+        Some(Ok(arrived)) => arrived,
+        None => None,
     }
 }
 
 /// On the partitions' owner shard: waits until one of `parts` moves past its offset, `remaining`
-/// passes, or `done` closes (the fetch stopped waiting).
+/// passes, or `done` closes (the fetch stopped waiting). Returns when the data arrived: when the
+/// append signal fired, or (a replicated partition) when its commit wait resolved; `None` when
+/// no data ended the wait.
 async fn wait_on_owner(
     parts: Vec<(Arc<TopicMeta>, i32, i64)>,
     remaining: Duration,
     done: async_channel::Receiver<()>,
-) {
+) -> Option<Instant> {
     let here = shard::local();
     let signal = AppendSignal::new();
     let mut commits: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = vec![];
@@ -705,10 +721,10 @@ async fn wait_on_owner(
                 r.wait_committed_past(Offset(offset)).await
             })),
             // Not served until its raft group runs: the next read reports it.
-            (None, Some(_)) if here.awaits_replica(&tp) => return,
+            (None, Some(_)) if here.awaits_replica(&tp) => return None,
             (None, Some(log)) => log.signal_append(Offset(offset), &signal),
             // Gone since the read (deleted, moved): the next read reports it.
-            (None, None) => return,
+            (None, None) => return None,
         }
     }
     let committed = std::future::poll_fn(|cx| {
@@ -723,10 +739,26 @@ async fn wait_on_owner(
         std::task::Poll::Pending
     });
     futures_lite::future::or(
-        futures_lite::future::or(signal.wait(), committed),
-        futures_lite::future::or(here.clock.sleep(remaining), async {
-            let _ = done.recv().await;
-        }),
+        futures_lite::future::or(
+            async {
+                signal.wait().await;
+                signal.fired_at()
+            },
+            async {
+                committed.await;
+                Some(Instant::now())
+            },
+        ),
+        futures_lite::future::or(
+            async {
+                here.clock.sleep(remaining).await;
+                None
+            },
+            async {
+                let _ = done.recv().await;
+                None
+            },
+        ),
     )
     .await
 }

@@ -629,15 +629,11 @@ async fn write_responses(
         }
         let ready = answer.as_ref().and_then(|a| a.ready);
         match answer.map(|a| a.response) {
-            Some(Response::Frames(parts)) => {
-                if let Err(e) = write_vectored_all(stream, parts).await {
-                    tracing::info!(error = %e, "closing connection: response write failed");
-                    failed = true;
-                    closing.set(true);
-                    let _ = stream.shutdown(std::net::Shutdown::Both).await;
-                } else if let Some(ready) = ready {
-                    crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed());
-                }
+            Some(Response::Frames(mut parts)) => {
+                send_answer(stream, &mut parts, ready, &closing, &mut failed).await;
+            }
+            Some(Response::Frame(frame)) => {
+                send_answer(stream, &mut [frame], ready, &closing, &mut failed).await;
             }
             Some(Response::None) => {}
             Some(Response::Close(why)) => {
@@ -656,6 +652,24 @@ async fn write_responses(
     }
 }
 
+/// Writes one response; a failed write gives the connection up (`failed`, `closing`).
+async fn send_answer(
+    stream: &mut TcpStream,
+    parts: &mut [Bytes],
+    ready: Option<Instant>,
+    closing: &Cell<bool>,
+    failed: &mut bool,
+) {
+    if let Err(e) = write_vectored_all(stream, parts).await {
+        tracing::info!(error = %e, "closing connection: response write failed");
+        *failed = true;
+        closing.set(true);
+        let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    } else if let Some(ready) = ready {
+        crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed());
+    }
+}
+
 /// Pieces one `sendmsg` takes at most; longer responses take several.
 const IOV_PER_SEND_MAX: usize = 64;
 
@@ -665,7 +679,7 @@ const IOV_PER_SEND_MAX: usize = 64;
 /// response.
 pub async fn write_vectored_all(
     stream: &mut TcpStream,
-    mut parts: Vec<Bytes>,
+    parts: &mut [Bytes],
 ) -> std::io::Result<()> {
     let fd = stream.as_raw_fd();
     // `parts[next..]` is left to send; `parts[next]` may have been sent in part (split off).

@@ -152,7 +152,8 @@ async fn local_topic(name: &str) -> Result<Rc<LocalTopic>, ErrorCode> {
     if let Some(t) = shard::local().metadata().topic(name) {
         return Ok(t.clone());
     }
-    topic_or_create(name, false).await?;
+    // Boxed: a rare path, kept out of every produce request's future.
+    Box::pin(topic_or_create(name, false)).await?;
     // Published since the first look.
     shard::local()
         .metadata()
@@ -505,20 +506,25 @@ async fn append_on_owner(
     txn: Option<TxnCheck>,
     started: Instant,
 ) -> Appended {
-    let tp = TopicPartition::new(topic.meta.name.clone(), index);
+    // The partition's key is built only for a transactional produce, the only one that needs it.
+    let txn = txn.map(|c| (TopicPartition::new(topic.meta.name.clone(), index), c));
     let topic_id = topic.meta.id;
     with_partition_replica(&topic.meta, index, move |log, replica| async move {
-        if let Some(c) = txn {
-            check_txn(&tp, topic_id, c).await.map_err(|e| (e, None))?;
+        if let Some((tp, c)) = txn {
+            // Boxed, as the replicated path below: rare paths are kept out of every produce
+            // request's future.
+            Box::pin(check_txn(&tp, topic_id, c))
+                .await
+                .map_err(|e| (e, None))?;
         }
         crate::stats::produce_stage(ProduceStage::Handler, started.elapsed());
         match replica {
             Some(replica) => {
-                replicate(
+                Box::pin(replicate(
                     &replica,
                     records.into_bytes(),
                     durability == Durability::Synced,
-                )
+                ))
                 .await
             }
             None => log

@@ -75,8 +75,12 @@ const RECORDS_PER_BATCH: usize = 12;
 /// segment roll (a once-per-segment cost) falls into the counted window.
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Heap allocations the broker makes per steady-state acks=1 produce request (one partition,
-/// owned by the shard that reads the request), response included.
-const ALLOCATIONS_PER_REQUEST_MAX: u64 = 99;
+/// owned by the shard that reads the request), response included. Measured 44.6-47.1 (before
+/// the produce path dropped its per-request key Strings, response list and shared header:
+/// 47.7-49.8). The count moves by a few per cent between runs: some of the executor's own
+/// allocations (timers, the source of a wait for readable data) depend on whether the next
+/// request has already arrived when the connection reads.
+const ALLOCATIONS_PER_REQUEST_MAX: u64 = 48;
 /// How long the broker may take to start or to stop.
 const BROKER_WAIT_MAX: Duration = Duration::from_secs(30);
 

@@ -4,8 +4,8 @@
 //! The broker runs in this process (`sluice::broker::run`, one shard, a real listener on
 //! 127.0.0.1) under a counting global allocator; this test's own thread speaks the protocol over
 //! a real socket and is left out of the count. After a warm-up, the same ~12 KB acks=1 produce
-//! request to one partition is sent `MEASURED_REQUESTS` times, one at a time, and every
-//! allocation the broker's threads make meanwhile is counted. Allocation counts are behaviour,
+//! request to one partition is sent `WINDOWS` × `MEASURED_REQUESTS` times, one at a time, and
+//! every allocation the broker's threads make meanwhile is counted per window. Allocation counts are behaviour,
 //! not timing: the bound is what the produce path achieves, so a new allocation fails the test.
 
 mod common;
@@ -67,20 +67,24 @@ static GLOBAL: Counting = Counting;
 /// Requests before counting starts: the connection's buffers, the partition's segment, cache
 /// and producer state and the allocator's own caches reach their steady state.
 const WARMUP_REQUESTS: usize = 300;
-/// Requests counted.
-const MEASURED_REQUESTS: u64 = 500;
+/// Requests counted in each window.
+const MEASURED_REQUESTS: u64 = 100;
+/// Windows counted: the fewest allocations of one window are compared with the bound, since
+/// the executor's allocations that depend on timing (below) only ever add to a window.
+const WINDOWS: usize = 5;
 /// Records of 1 KiB in each request's batch: ~12 KB requests, as `perf/cpu-per-request` sends.
 const RECORDS_PER_BATCH: usize = 12;
 /// Segment size of this broker: every request of the test fits the first segment, so no
 /// segment roll (a once-per-segment cost) falls into the counted window.
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Heap allocations the broker makes per steady-state acks=1 produce request (one partition,
-/// owned by the shard that reads the request), response included. Measured 44.6-47.1 (before
-/// the produce path dropped its per-request key Strings, response list and shared header:
-/// 47.7-49.8). The count moves by a few per cent between runs: some of the executor's own
+/// owned by the shard that reads the request), response included, in the window with the
+/// fewest: measured 40.9-43.1 (means over all requests 44.6-47.5; before the produce path
+/// dropped its per-request key Strings, response list, shared header and pending lists, means
+/// 47.7-49.8). Counts move by a few per cent between runs: some of the executor's own
 /// allocations (timers, the source of a wait for readable data) depend on whether the next
 /// request has already arrived when the connection reads.
-const ALLOCATIONS_PER_REQUEST_MAX: u64 = 48;
+const ALLOCATIONS_PER_REQUEST_MAX: u64 = 45;
 /// How long the broker may take to start or to stop.
 const BROKER_WAIT_MAX: Duration = Duration::from_secs(30);
 
@@ -164,17 +168,22 @@ fn steady_state_acks1_produce_allocates_at_most_the_bound() {
         round_trip(&mut client, &frame, &mut resp);
     }
 
-    COUNTING.store(true, Ordering::SeqCst);
     let mut last = 0;
-    for _ in 0..MEASURED_REQUESTS {
-        last = round_trip(&mut client, &frame, &mut resp);
+    let mut windows = [0u64; WINDOWS];
+    for w in windows.iter_mut() {
+        ALLOCATIONS.store(0, Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        for _ in 0..MEASURED_REQUESTS {
+            last = round_trip(&mut client, &frame, &mut resp);
+        }
+        COUNTING.store(false, Ordering::SeqCst);
+        *w = ALLOCATIONS.load(Ordering::SeqCst);
     }
-    COUNTING.store(false, Ordering::SeqCst);
-    let allocations = ALLOCATIONS.load(Ordering::SeqCst);
+    let allocations = windows.iter().copied().min().unwrap_or(0);
 
     let (error_code, base_offset) = outcome(Bytes::copy_from_slice(&resp[..last]), version);
     assert_eq!(error_code, 0, "produce failed");
-    let produced = WARMUP_REQUESTS as i64 + MEASURED_REQUESTS as i64;
+    let produced = WARMUP_REQUESTS as i64 + (WINDOWS as u64 * MEASURED_REQUESTS) as i64;
     assert_eq!(
         base_offset,
         (produced - 1) * RECORDS_PER_BATCH as i64,
@@ -182,8 +191,8 @@ fn steady_state_acks1_produce_allocates_at_most_the_bound() {
     );
     let per_request = allocations as f64 / MEASURED_REQUESTS as f64;
     println!(
-        "{allocations} allocations over {MEASURED_REQUESTS} acks=1 produce requests: \
-         {per_request:.2} per request"
+        "allocations per window of {MEASURED_REQUESTS} acks=1 produce requests: {windows:?}; \
+         fewest {allocations}: {per_request:.2} per request"
     );
 
     // Stop the broker as its signal handler would, and wait (bounded) for it.

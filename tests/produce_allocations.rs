@@ -77,14 +77,16 @@ const RECORDS_PER_BATCH: usize = 12;
 /// Segment size of this broker: every request of the test fits the first segment, so no
 /// segment roll (a once-per-segment cost) falls into the counted window.
 const SEGMENT_BYTES: u64 = 64 << 20;
-/// Heap allocations the broker makes per steady-state acks=1 produce request (one partition,
+/// Heap allocations the broker may make per steady-state acks=1 produce request (one partition,
 /// owned by the shard that reads the request), response included, in the window with the
-/// fewest: measured 40.9-43.1 (means over all requests 44.6-47.5; before the produce path
+/// fewest. Measured 40.9-43.1 (means over all requests 44.6-47.5; before the produce path
 /// dropped its per-request key Strings, response list, shared header and pending lists, means
 /// 47.7-49.8). Counts move by a few per cent between runs: some of the executor's own
 /// allocations (timers, the source of a wait for readable data) depend on whether the next
-/// request has already arrived when the connection reads.
-const ALLOCATIONS_PER_REQUEST_MAX: u64 = 45;
+/// request has already arrived when the connection reads, which a loaded machine changes. The
+/// bound is therefore a regression guard with room for that, not the measured figure: one
+/// allocation per record (`RECORDS_PER_BATCH` more per request) or per batch byte crosses it.
+const ALLOCATIONS_PER_REQUEST_MAX: u64 = 43 + RECORDS_PER_BATCH as u64 - 1;
 /// How long the broker may take to start or to stop.
 const BROKER_WAIT_MAX: Duration = Duration::from_secs(30);
 

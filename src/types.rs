@@ -39,6 +39,47 @@ impl TopicPartition {
         format!("{}-{}", self.topic, self.partition)
     }
 }
+/// A (topic, partition) key as borrowed parts: looks a [`TopicPartition`] up in a map without
+/// building one (no `String` per lookup). Hashes and compares as `TopicPartition`'s derived
+/// `Hash`/`Eq` do: the topic's `str`, then the partition.
+pub trait PartitionKey {
+    fn parts(&self) -> (&str, i32);
+}
+
+impl PartitionKey for TopicPartition {
+    fn parts(&self) -> (&str, i32) {
+        (&self.topic, self.partition)
+    }
+}
+
+impl PartitionKey for (&str, i32) {
+    fn parts(&self) -> (&str, i32) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn PartitionKey + 'a> for TopicPartition {
+    fn borrow(&self) -> &(dyn PartitionKey + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn PartitionKey + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let (topic, partition) = self.parts();
+        topic.hash(h);
+        partition.hash(h);
+    }
+}
+
+impl PartialEq for dyn PartitionKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn PartitionKey + '_ {}
+
 impl fmt::Display for TopicPartition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.topic, self.partition)

@@ -199,7 +199,7 @@ async fn cleaner_loop() {
             .borrow()
             .iter()
             // A log whose raft group is not attached yet is raft's: left for a later round.
-            .filter(|(tp, _)| !here.awaits_replica(tp))
+            .filter(|(tp, _)| !here.awaits_replica(*tp))
             .map(|(tp, log)| (log.clone(), here.replica(tp)))
             .collect();
         for (log, replica) in logs {
@@ -260,7 +260,7 @@ async fn retention_loop() {
             .borrow()
             .iter()
             // A log whose raft group is not attached yet is raft's: left for a later round.
-            .filter(|(tp, _)| !here.awaits_replica(tp))
+            .filter(|(tp, _)| !here.awaits_replica(*tp))
             .map(|(tp, log)| (log.clone(), here.replica(tp)))
             .collect();
         let now = clock.now_ms();

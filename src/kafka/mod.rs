@@ -16,6 +16,8 @@ pub mod versions;
 pub enum Response {
     /// Encoded frame pieces (length prefix included), written with one vectored write.
     Frames(Vec<Bytes>),
+    /// One encoded frame (length prefix included): most responses, without a list to hold it.
+    Frame(Bytes),
     /// Nothing is sent (acks=0 produce).
     None,
     /// The request was bad enough that Kafka closes the connection.
@@ -57,7 +59,7 @@ impl Request<'_> {
     /// Encodes `body` as this request's response frame: length prefix, response header, body.
     pub fn respond<T: Encodable>(&self, body: &T) -> Response {
         match encode_frame(self.api_key, self.version, self.header.correlation_id, body) {
-            Ok(frame) => Response::Frames(vec![frame]),
+            Ok(frame) => Response::Frame(frame),
             Err(e) => {
                 // A field set that this version cannot carry: our bug, not the client's.
                 tracing::error!(api = ?self.api_key, version = self.version, error = %e, "cannot encode response");
@@ -79,12 +81,14 @@ pub fn encode_frame<T: Encodable>(
 ) -> anyhow::Result<Bytes> {
     let header_version = api_key.response_header_version(version);
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
-    let mut buf = BytesMut::with_capacity(256);
-    buf.put_i32(0);
+    // Sized exactly: a buffer filled to its capacity becomes `Bytes` without a second
+    // allocation (a partly filled one needs a shared header).
+    let len = header.compute_size(header_version)? + body.compute_size(version)?;
+    let mut buf = BytesMut::with_capacity(4 + len);
+    buf.put_i32(i32::try_from(len)?);
     header.encode(&mut buf, header_version)?;
     body.encode(&mut buf, version)?;
-    let len = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
+    debug_assert_eq!(buf.len(), 4 + len, "compute_size agrees with encode");
     Ok(buf.freeze())
 }
 
@@ -124,53 +128,67 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
     };
     let body = frame;
     use handlers::*;
+    // Every request runs in a task whose future is the size of this one, i.e. of the largest
+    // handler's future awaited inline: the hot handlers (Produce, Fetch) are awaited inline, the
+    // others are boxed (one allocation for the rare request) so that they do not make every
+    // produce request's task larger.
     match api_key {
-        ApiKey::ApiVersions => api_versions::handle(&req, body).await,
-        ApiKey::Metadata => metadata::handle(&req, body).await,
+        ApiKey::ApiVersions => Box::pin(api_versions::handle(&req, body)).await,
+        ApiKey::Metadata => Box::pin(metadata::handle(&req, body)).await,
         ApiKey::Produce => produce::handle(&req, body).await,
         ApiKey::Fetch => fetch::handle(&req, body).await,
-        ApiKey::ListOffsets => list_offsets::handle(&req, body).await,
-        ApiKey::OffsetForLeaderEpoch => offset_for_leader_epoch::handle(&req, body).await,
-        ApiKey::ElectLeaders => elect_leaders::handle(&req, body).await,
-        ApiKey::DescribeQuorum => describe_quorum::handle(&req, body).await,
-        ApiKey::CreateTopics => create_topics::handle(&req, body).await,
-        ApiKey::DeleteTopics => delete_topics::handle(&req, body).await,
-        ApiKey::CreatePartitions => create_partitions::handle(&req, body).await,
-        ApiKey::DescribeConfigs => describe_configs::handle(&req, body).await,
-        ApiKey::InitProducerId => init_producer_id::handle(&req, body).await,
-        ApiKey::DeleteRecords => delete_records::handle(&req, body).await,
-        ApiKey::FindCoordinator => find_coordinator::handle(&req, body).await,
-        ApiKey::JoinGroup => join_group::handle(&req, body).await,
-        ApiKey::SyncGroup => sync_group::handle(&req, body).await,
-        ApiKey::Heartbeat => heartbeat::handle(&req, body).await,
-        ApiKey::LeaveGroup => leave_group::handle(&req, body).await,
-        ApiKey::OffsetCommit => offset_commit::handle(&req, body).await,
+        ApiKey::ListOffsets => Box::pin(list_offsets::handle(&req, body)).await,
+        ApiKey::OffsetForLeaderEpoch => Box::pin(offset_for_leader_epoch::handle(&req, body)).await,
+        ApiKey::ElectLeaders => Box::pin(elect_leaders::handle(&req, body)).await,
+        ApiKey::DescribeQuorum => Box::pin(describe_quorum::handle(&req, body)).await,
+        ApiKey::CreateTopics => Box::pin(create_topics::handle(&req, body)).await,
+        ApiKey::DeleteTopics => Box::pin(delete_topics::handle(&req, body)).await,
+        ApiKey::CreatePartitions => Box::pin(create_partitions::handle(&req, body)).await,
+        ApiKey::DescribeConfigs => Box::pin(describe_configs::handle(&req, body)).await,
+        ApiKey::InitProducerId => Box::pin(init_producer_id::handle(&req, body)).await,
+        ApiKey::DeleteRecords => Box::pin(delete_records::handle(&req, body)).await,
+        ApiKey::FindCoordinator => Box::pin(find_coordinator::handle(&req, body)).await,
+        ApiKey::JoinGroup => Box::pin(join_group::handle(&req, body)).await,
+        ApiKey::SyncGroup => Box::pin(sync_group::handle(&req, body)).await,
+        ApiKey::Heartbeat => Box::pin(heartbeat::handle(&req, body)).await,
+        ApiKey::LeaveGroup => Box::pin(leave_group::handle(&req, body)).await,
+        ApiKey::OffsetCommit => Box::pin(offset_commit::handle(&req, body)).await,
         ApiKey::OffsetFetch => offset_fetch::handle(&req, body).await,
-        ApiKey::DescribeGroups => describe_groups::handle(&req, body).await,
-        ApiKey::ListGroups => list_groups::handle(&req, body).await,
-        ApiKey::DeleteGroups => delete_groups::handle(&req, body).await,
-        ApiKey::OffsetDelete => offset_delete::handle(&req, body).await,
-        ApiKey::DescribeCluster => describe_cluster::handle(&req, body).await,
-        ApiKey::DescribeLogDirs => describe_log_dirs::handle(&req, body).await,
-        ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(&req, body).await,
-        ApiKey::AlterConfigs => alter_configs::handle(&req, body).await,
-        ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(&req, body).await,
-        ApiKey::AddPartitionsToTxn => add_partitions_to_txn::handle(&req, body).await,
-        ApiKey::AddOffsetsToTxn => add_offsets_to_txn::handle(&req, body).await,
-        ApiKey::EndTxn => end_txn::handle(&req, body).await,
-        ApiKey::TxnOffsetCommit => txn_offset_commit::handle(&req, body).await,
-        ApiKey::WriteTxnMarkers => write_txn_markers::handle(&req, body).await,
-        ApiKey::DescribeTransactions => describe_transactions::handle(&req, body).await,
-        ApiKey::ListTransactions => list_transactions::handle(&req, body).await,
-        ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(&req, body).await,
-        ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(&req, body).await,
-        ApiKey::ShareGroupHeartbeat => share_group_heartbeat::handle(&req, body).await,
-        ApiKey::ShareGroupDescribe => share_group_describe::handle(&req, body).await,
-        ApiKey::ShareFetch => share_fetch::handle(&req, body).await,
-        ApiKey::ShareAcknowledge => share_acknowledge::handle(&req, body).await,
-        ApiKey::DescribeShareGroupOffsets => share_group_offsets::describe(&req, body).await,
-        ApiKey::AlterShareGroupOffsets => share_group_offsets::alter(&req, body).await,
-        ApiKey::DeleteShareGroupOffsets => share_group_offsets::delete(&req, body).await,
+        ApiKey::DescribeGroups => Box::pin(describe_groups::handle(&req, body)).await,
+        ApiKey::ListGroups => Box::pin(list_groups::handle(&req, body)).await,
+        ApiKey::DeleteGroups => Box::pin(delete_groups::handle(&req, body)).await,
+        ApiKey::OffsetDelete => Box::pin(offset_delete::handle(&req, body)).await,
+        ApiKey::DescribeCluster => Box::pin(describe_cluster::handle(&req, body)).await,
+        ApiKey::DescribeLogDirs => Box::pin(describe_log_dirs::handle(&req, body)).await,
+        ApiKey::DescribeTopicPartitions => {
+            Box::pin(describe_topic_partitions::handle(&req, body)).await
+        }
+        ApiKey::AlterConfigs => Box::pin(alter_configs::handle(&req, body)).await,
+        ApiKey::IncrementalAlterConfigs => {
+            Box::pin(incremental_alter_configs::handle(&req, body)).await
+        }
+        ApiKey::AddPartitionsToTxn => Box::pin(add_partitions_to_txn::handle(&req, body)).await,
+        ApiKey::AddOffsetsToTxn => Box::pin(add_offsets_to_txn::handle(&req, body)).await,
+        ApiKey::EndTxn => Box::pin(end_txn::handle(&req, body)).await,
+        ApiKey::TxnOffsetCommit => Box::pin(txn_offset_commit::handle(&req, body)).await,
+        ApiKey::WriteTxnMarkers => Box::pin(write_txn_markers::handle(&req, body)).await,
+        ApiKey::DescribeTransactions => Box::pin(describe_transactions::handle(&req, body)).await,
+        ApiKey::ListTransactions => Box::pin(list_transactions::handle(&req, body)).await,
+        ApiKey::ConsumerGroupHeartbeat => {
+            Box::pin(consumer_group_heartbeat::handle(&req, body)).await
+        }
+        ApiKey::ConsumerGroupDescribe => {
+            Box::pin(consumer_group_describe::handle(&req, body)).await
+        }
+        ApiKey::ShareGroupHeartbeat => Box::pin(share_group_heartbeat::handle(&req, body)).await,
+        ApiKey::ShareGroupDescribe => Box::pin(share_group_describe::handle(&req, body)).await,
+        ApiKey::ShareFetch => Box::pin(share_fetch::handle(&req, body)).await,
+        ApiKey::ShareAcknowledge => Box::pin(share_acknowledge::handle(&req, body)).await,
+        ApiKey::DescribeShareGroupOffsets => {
+            Box::pin(share_group_offsets::describe(&req, body)).await
+        }
+        ApiKey::AlterShareGroupOffsets => Box::pin(share_group_offsets::alter(&req, body)).await,
+        ApiKey::DeleteShareGroupOffsets => Box::pin(share_group_offsets::delete(&req, body)).await,
         other => Response::Close(format!("API {other:?} is not implemented")),
     }
 }
@@ -184,4 +202,38 @@ macro_rules! decode_or_close {
             Err(r) => return r,
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `dispatch`'s own state (the decoded header, the request) adds to the largest
+    /// handler future it awaits inline.
+    const DISPATCH_FUTURE_OVERHEAD_BYTES_MAX: usize = 512;
+
+    /// Every request's task holds a `dispatch` future: only the hot handlers may size it, the
+    /// others are boxed.
+    #[test]
+    fn dispatch_future_is_sized_by_the_hot_handlers_only() {
+        let conn = Connection {
+            id: 1,
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        };
+        let req = Request {
+            conn: &conn,
+            api_key: ApiKey::Produce,
+            version: 9,
+            header: RequestHeader::default(),
+        };
+        let produce = std::mem::size_of_val(&handlers::produce::handle(&req, Bytes::new()));
+        let fetch = std::mem::size_of_val(&handlers::fetch::handle(&req, Bytes::new()));
+        let join_group = std::mem::size_of_val(&handlers::join_group::handle(&req, Bytes::new()));
+        let dispatch = std::mem::size_of_val(&dispatch(&conn, Bytes::new()));
+        println!("future bytes: dispatch {dispatch}, produce {produce}, fetch {fetch}, join_group {join_group}");
+        assert!(
+            dispatch <= produce.max(fetch) + DISPATCH_FUTURE_OVERHEAD_BYTES_MAX,
+            "dispatch future {dispatch} bytes, produce {produce}, fetch {fetch}"
+        );
+    }
 }

@@ -642,23 +642,11 @@ async fn write_responses(
         }
         let ready = answer.as_ref().and_then(|a| a.ready);
         match answer.map(|a| a.response) {
-            Some(Response::Frames(parts)) => {
-                if let Err(e) = write_vectored_all(stream, parts).await {
-                    tracing::info!(error = %e, "closing connection: response write failed");
-                    failed = true;
-                    closing.set(true);
-                    let _ = stream.shutdown(std::net::Shutdown::Both).await;
-                } else {
-                    match ready {
-                        Some((ready, Staged::Produce)) => {
-                            crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed())
-                        }
-                        Some((ready, Staged::Fetch)) => {
-                            crate::stats::fetch_stage(FetchStage::Respond, ready.elapsed())
-                        }
-                        None => {}
-                    }
-                }
+            Some(Response::Frames(mut parts)) => {
+                send_answer(stream, &mut parts, ready, &closing, &mut failed).await;
+            }
+            Some(Response::Frame(frame)) => {
+                send_answer(stream, &mut [frame], ready, &closing, &mut failed).await;
             }
             Some(Response::None) => {}
             Some(Response::Close(why)) => {
@@ -677,6 +665,32 @@ async fn write_responses(
     }
 }
 
+/// Writes one response; a failed write gives the connection up (`failed`, `closing`).
+async fn send_answer(
+    stream: &mut TcpStream,
+    parts: &mut [Bytes],
+    ready: Option<(Instant, Staged)>,
+    closing: &Cell<bool>,
+    failed: &mut bool,
+) {
+    if let Err(e) = write_vectored_all(stream, parts).await {
+        tracing::info!(error = %e, "closing connection: response write failed");
+        *failed = true;
+        closing.set(true);
+        let _ = stream.shutdown(std::net::Shutdown::Both).await;
+        return;
+    }
+    match ready {
+        Some((ready, Staged::Produce)) => {
+            crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed())
+        }
+        Some((ready, Staged::Fetch)) => {
+            crate::stats::fetch_stage(FetchStage::Respond, ready.elapsed())
+        }
+        None => {}
+    }
+}
+
 /// Pieces one `sendmsg` takes at most; longer responses take several.
 const IOV_PER_SEND_MAX: usize = 64;
 
@@ -686,7 +700,7 @@ const IOV_PER_SEND_MAX: usize = 64;
 /// response.
 pub async fn write_vectored_all(
     stream: &mut TcpStream,
-    mut parts: Vec<Bytes>,
+    parts: &mut [Bytes],
 ) -> std::io::Result<()> {
     let fd = stream.as_raw_fd();
     // `parts[next..]` is left to send; `parts[next]` may have been sent in part (split off).

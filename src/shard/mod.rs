@@ -25,7 +25,7 @@ use crate::metadata::configs::{self, BrokerDefaults, ProduceConfig};
 use crate::metadata::{MetadataImage, TopicMeta};
 use crate::replica::ReplicatedPartition;
 use crate::storage::{io::DmaIo, BatchCache, LogConfig, PartitionLog, StorageError};
-use crate::types::{Clock, ShardId, TopicPartition};
+use crate::types::{Clock, PartitionKey, ShardId, TopicPartition};
 
 mod context;
 
@@ -155,12 +155,12 @@ impl Shard {
         v
     }
 
-    pub fn partition(&self, tp: &TopicPartition) -> Option<Rc<PartitionLog>> {
+    pub fn partition(&self, tp: &dyn PartitionKey) -> Option<Rc<PartitionLog>> {
         self.partitions.borrow().get(tp).cloned()
     }
 
     /// The raft group of a partition with replicas held here.
-    pub fn replica(&self, tp: &TopicPartition) -> Option<Rc<ReplicatedPartition>> {
+    pub fn replica(&self, tp: &dyn PartitionKey) -> Option<Rc<ReplicatedPartition>> {
         self.replicas.borrow().get(tp).cloned()
     }
 
@@ -169,7 +169,7 @@ impl Shard {
     /// while [`open_replica_here`] starts one. Such a log is raft's: nothing may append to it,
     /// serve reads from it, clean it or move its start outside raft until its replica runs
     /// (a plain append would put a batch in the log that is no raft entry).
-    pub fn awaits_replica(&self, tp: &TopicPartition) -> bool {
+    pub fn awaits_replica(&self, tp: &dyn PartitionKey) -> bool {
         self.replicated.borrow().contains(tp) && !self.replicas.borrow().contains_key(tp)
     }
 

@@ -58,7 +58,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
 pub fn unsupported(correlation_id: i32) -> Response {
     let body = body(ErrorCode::new(ResponseError::UnsupportedVersion), 0);
     match encode_frame(ApiKey::ApiVersions, 0, correlation_id, &body) {
-        Ok(f) => Response::Frames(vec![f]),
+        Ok(f) => Response::Frame(f),
         Err(e) => Response::Close(format!("cannot encode ApiVersions v0: {e}")),
     }
 }

@@ -13,7 +13,7 @@ use crate::metadata::TopicMeta;
 use crate::replica::ReplicatedPartition;
 use crate::shard::{self, invoke_on};
 use crate::storage::{PartitionLog, StorageError};
-use crate::types::{ErrorCode, TopicPartition};
+use crate::types::{ErrorCode, PartitionKey, TopicPartition};
 
 pub const NONE: ErrorCode = ErrorCode::NONE;
 
@@ -175,38 +175,54 @@ where
     let owner = broker
         .owner(topic, partition)
         .ok_or(code(ResponseError::UnknownTopicOrPartition))?;
+    if owner == here.id {
+        // The partition is here: no hop, and it is looked up by the borrowed name (no key built
+        // per request).
+        return Ok(on_owner((topic.name.as_str(), partition), current_leader_epoch, f)?.await);
+    }
     let tp = TopicPartition::new(topic.name.clone(), partition);
-    let caller = here.id;
+    // The partition lives on another shard, which alone may touch its log: hop there.
     invoke_on(owner, move || async move {
-        let here = shard::local();
-        if here.id != caller {
-            crate::fault::panic_point("cross_shard", &tp.topic);
-        }
-        let Some(log) = here.partition(&tp) else {
-            return Err(code(ResponseError::UnknownTopicOrPartition));
-        };
-        let replica = here.replica(&tp);
-        let epoch = match &replica {
-            Some(r) => {
-                let epoch = r.leader_epoch();
-                check_epoch(current_leader_epoch, epoch)?;
-                // A replicated partition is served by its raft leader only, as Kafka serves
-                // clients from the partition leader.
-                if r.role() != sluice_raft::Role::Leader {
-                    return Err(code(ResponseError::NotLeaderOrFollower));
-                }
-                epoch
-            }
-            // Its raft group is not running yet (the node is starting): not served until it
-            // is, as Kafka answers for a replica that is not the leader.
-            None if here.awaits_replica(&tp) => {
-                return Err(code(ResponseError::NotLeaderOrFollower));
-            }
-            None => UNREPLICATED_EPOCH,
-        };
-        Ok(f(log, epoch, replica).await)
+        crate::fault::panic_point("cross_shard", &tp.topic);
+        Ok(on_owner(tp, current_leader_epoch, f)?.await)
     })
     .await
+}
+
+/// On the partition's owner shard: its log, leader epoch and raft group, checked, handed to
+/// `f`; the future `f` returns is awaited by the caller.
+fn on_owner<F, Fut>(
+    tp: impl PartitionKey,
+    current_leader_epoch: i32,
+    f: F,
+) -> Result<Fut, ErrorCode>
+where
+    F: FnOnce(Rc<PartitionLog>, i32, Option<Rc<ReplicatedPartition>>) -> Fut,
+{
+    let here = shard::local();
+    let Some(log) = here.partition(&tp) else {
+        return Err(code(ResponseError::UnknownTopicOrPartition));
+    };
+    let replica = here.replica(&tp);
+    let epoch = match &replica {
+        Some(r) => {
+            let epoch = r.leader_epoch();
+            check_epoch(current_leader_epoch, epoch)?;
+            // A replicated partition is served by its raft leader only, as Kafka serves
+            // clients from the partition leader.
+            if r.role() != sluice_raft::Role::Leader {
+                return Err(code(ResponseError::NotLeaderOrFollower));
+            }
+            epoch
+        }
+        // Its raft group is not running yet (the node is starting): not served until it
+        // is, as Kafka answers for a replica that is not the leader.
+        None if here.awaits_replica(&tp) => {
+            return Err(code(ResponseError::NotLeaderOrFollower));
+        }
+        None => UNREPLICATED_EPOCH,
+    };
+    Ok(f(log, epoch, replica))
 }
 
 /// KIP-320's check of a client's current leader epoch against the partition's.

@@ -43,7 +43,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             let here = shard::local();
             let logs = here.partitions.borrow();
             logs.iter()
-                .filter(|(tp, _)| wanted.as_ref().as_ref().is_none_or(|w| w.contains(tp)))
+                .filter(|(tp, _)| wanted.as_ref().as_ref().is_none_or(|w| w.contains(*tp)))
                 .map(|(tp, log)| {
                     let lag = (log.high_watermark().0 - log.log_end_offset().0).max(0);
                     (tp.topic.clone(), tp.partition, log.size_bytes(), lag)

@@ -152,7 +152,8 @@ async fn local_topic(name: &str) -> Result<Rc<LocalTopic>, ErrorCode> {
     if let Some(t) = shard::local().metadata().topic(name) {
         return Ok(t.clone());
     }
-    topic_or_create(name, false).await?;
+    // Boxed: a rare path, kept out of every produce request's future.
+    Box::pin(topic_or_create(name, false)).await?;
     // Published since the first look.
     shard::local()
         .metadata()
@@ -230,7 +231,12 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     // One task per partition, all started before any is awaited (a lone partition runs in
     // this task). The tasks are contained: a panic in one is re-raised here when it is awaited,
     // and fails this request only.
-    let mut topics = Vec::with_capacity(request.topic_data.len());
+    // The response is built as the partitions are: a partition answered at once fills its
+    // entry here, one appended by a task gets a placeholder that its task's outcome replaces.
+    // No list beyond the response's own (the tasks' list stays empty for a lone partition).
+    let mut responses = Vec::with_capacity(request.topic_data.len());
+    let mut tasks = Vec::new();
+    let mut any_error = false;
     for td in request.topic_data {
         crate::fault::panic_point("produce_request", &td.name);
         let topic = if durability.is_none() || (transactional && !crate::txn::enabled()) {
@@ -238,7 +244,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         } else {
             Some(local_topic(&td.name).await)
         };
-        let mut parts = Vec::with_capacity(td.partition_data.len());
+        let mut prs = Vec::with_capacity(td.partition_data.len());
         for pd in td.partition_data {
             let index = pd.index;
             let pending = match (&topic, durability) {
@@ -271,64 +277,30 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                     }
                 }
             };
-            parts.push((index, pending));
-        }
-        topics.push((td.name, parts));
-    }
-
-    let mut responses = Vec::with_capacity(topics.len());
-    let mut any_error = false;
-    for (name, parts) in topics {
-        let mut prs = Vec::with_capacity(parts.len());
-        for (index, pending) in parts {
-            let o = match pending {
-                Pending::Ready(o) => o,
-                Pending::Task(task) => shard::join(task).await.unwrap_or_else(|| {
-                    Outcome::error(code(ResponseError::UnknownServerError), None)
-                }),
-            };
-            any_error |= o.error_code.is_error();
-            crate::stats::request_error(
-                kafka_protocol::messages::ApiKey::Produce as i16,
-                o.error_code.get(),
-            );
-            prs.push(
-                PartitionProduceResponse::default()
-                    .with_index(index)
-                    .with_error_code(req.error_code(o.error_code))
-                    .with_base_offset(o.base_offset)
-                    .with_log_append_time_ms(o.log_append_time_ms)
-                    .with_log_start_offset(if req.version >= 5 {
-                        o.log_start_offset
-                    } else {
-                        -1
-                    })
-                    .with_error_message(
-                        o.message
-                            .filter(|_| req.version >= 8)
-                            .map(|m| super::common::str_bytes(&m)),
-                    )
-                    .with_record_errors(if req.version >= 8 {
-                        o.record_errors
-                            .iter()
-                            .map(|(i, m)| {
-                                BatchIndexAndErrorMessage::default()
-                                    .with_batch_index(*i)
-                                    .with_batch_index_error_message(Some(super::common::str_bytes(
-                                        m,
-                                    )))
-                            })
-                            .collect()
-                    } else {
-                        Vec::new()
-                    }),
-            );
+            match pending {
+                Pending::Ready(o) => {
+                    any_error |= o.error_code.is_error();
+                    prs.push(partition_response(req, index, o));
+                }
+                Pending::Task(task) => {
+                    tasks.push((responses.len(), prs.len(), task));
+                    prs.push(PartitionProduceResponse::default().with_index(index));
+                }
+            }
         }
         responses.push(
             TopicProduceResponse::default()
-                .with_name(name)
+                .with_name(td.name)
                 .with_partition_responses(prs),
         );
+    }
+    for (t, p, task) in tasks {
+        let o = shard::join(task)
+            .await
+            .unwrap_or_else(|| Outcome::error(code(ResponseError::UnknownServerError), None));
+        any_error |= o.error_code.is_error();
+        let index = responses[t].partition_responses[p].index;
+        responses[t].partition_responses[p] = partition_response(req, index, o);
     }
     if acks == 0 {
         // acks=0 gets no response; on error Kafka closes the connection so the client notices.
@@ -339,6 +311,41 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         };
     }
     req.respond(&ProduceResponse::default().with_responses(responses))
+}
+
+/// One partition's entry of the response, from its outcome (counted for the metrics endpoint).
+fn partition_response(req: &Request<'_>, index: i32, o: Outcome) -> PartitionProduceResponse {
+    crate::stats::request_error(
+        kafka_protocol::messages::ApiKey::Produce as i16,
+        o.error_code.get(),
+    );
+    PartitionProduceResponse::default()
+        .with_index(index)
+        .with_error_code(req.error_code(o.error_code))
+        .with_base_offset(o.base_offset)
+        .with_log_append_time_ms(o.log_append_time_ms)
+        .with_log_start_offset(if req.version >= 5 {
+            o.log_start_offset
+        } else {
+            -1
+        })
+        .with_error_message(
+            o.message
+                .filter(|_| req.version >= 8)
+                .map(|m| super::common::str_bytes(&m)),
+        )
+        .with_record_errors(if req.version >= 8 {
+            o.record_errors
+                .iter()
+                .map(|(i, m)| {
+                    BatchIndexAndErrorMessage::default()
+                        .with_batch_index(*i)
+                        .with_batch_index_error_message(Some(super::common::str_bytes(m)))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -505,20 +512,25 @@ async fn append_on_owner(
     txn: Option<TxnCheck>,
     started: Instant,
 ) -> Appended {
-    let tp = TopicPartition::new(topic.meta.name.clone(), index);
+    // The partition's key is built only for a transactional produce, the only one that needs it.
+    let txn = txn.map(|c| (TopicPartition::new(topic.meta.name.clone(), index), c));
     let topic_id = topic.meta.id;
     with_partition_replica(&topic.meta, index, move |log, replica| async move {
-        if let Some(c) = txn {
-            check_txn(&tp, topic_id, c).await.map_err(|e| (e, None))?;
+        if let Some((tp, c)) = txn {
+            // Boxed, as the replicated path below: rare paths are kept out of every produce
+            // request's future.
+            Box::pin(check_txn(&tp, topic_id, c))
+                .await
+                .map_err(|e| (e, None))?;
         }
         crate::stats::produce_stage(ProduceStage::Handler, started.elapsed());
         match replica {
             Some(replica) => {
-                replicate(
+                Box::pin(replicate(
                     &replica,
                     records.into_bytes(),
                     durability == Durability::Synced,
-                )
+                ))
                 .await
             }
             None => log

@@ -57,6 +57,22 @@ async def read_to_end(bootstrap, topic, isolation, partition=0):
         await c.stop()
 
 
+async def read_settled(bootstrap, topic, isolation, end):
+    """`read_to_end` once the end `isolation` sees has reached `end`. EndTxn is answered once the
+    transaction's outcome is durable at its coordinator; the markers follow it into the
+    partitions (as in Kafka), so right after a commit the last stable offset can still stand
+    before the marker."""
+    seen = None
+
+    async def reached():
+        nonlocal seen
+        seen = await read_to_end(bootstrap, topic, isolation)
+        return seen[1] >= end
+
+    await eventually(f"{isolation} end offset {end}", reached)
+    return seen
+
+
 def test_aiokafka_commit_and_abort_as_both_isolation_levels_see_them(broker):
     topic = create_topic(broker.bootstrap)
 
@@ -76,9 +92,9 @@ def test_aiokafka_commit_and_abort_as_both_isolation_levels_see_them(broker):
                     await p.send(topic, f"c2-{i}".encode(), partition=0)
 
             committed = ["c1-0", "c1-1", "c1-2", "c2-0", "c2-1"]
-            got, end = await read_to_end(broker.bootstrap, topic, "read_committed")
-            assert got == committed
             # 3 records + COMMIT, 2 + ABORT, 2 + COMMIT.
+            got, end = await read_settled(broker.bootstrap, topic, "read_committed", 10)
+            assert got == committed
             assert end == 10
             got, _ = await read_to_end(broker.bootstrap, topic, "read_uncommitted")
             assert got == ["c1-0", "c1-1", "c1-2", "ab-0", "ab-1", "c2-0", "c2-1"]
@@ -91,7 +107,7 @@ def test_aiokafka_commit_and_abort_as_both_isolation_levels_see_them(broker):
             _, hw = await read_to_end(broker.bootstrap, topic, "read_uncommitted")
             assert hw == 11
             await p.commit_transaction()
-            got, end = await read_to_end(broker.bootstrap, topic, "read_committed")
+            got, end = await read_settled(broker.bootstrap, topic, "read_committed", 12)
             assert (got, end) == (committed + ["open"], 12)
         finally:
             await p.stop()
@@ -168,8 +184,13 @@ def test_aiokafka_offsets_sent_to_the_transaction_resume_a_new_consumer(broker):
             await c.stop()
         finally:
             await p.stop()
-        got, _ = await read_to_end(broker.bootstrap, dst, "read_committed")
-        assert got == [f"out-{i}" for i in range(8)]
+        # The commit's markers follow its answer into the partition (see `read_settled`).
+        want = [f"out-{i}" for i in range(8)]
+
+        async def all_out():
+            return (await read_to_end(broker.bootstrap, dst, "read_committed"))[0] == want
+
+        await eventually("the committed outputs under read_committed", all_out)
 
     run(body())
 
@@ -199,8 +220,13 @@ def test_aiokafka_a_zombie_producer_is_fenced(broker):
                 await zombie.stop()
             except ProducerFenced:
                 pass
-        got, _ = await read_to_end(broker.bootstrap, topic, "read_committed")
-        assert got == ["fresh"]
+        # The commit's markers follow its answer into the partition (see `read_settled`).
+        async def only_fresh():
+            got, _ = await read_to_end(broker.bootstrap, topic, "read_committed")
+            assert got in ([], ["fresh"]), got
+            return got == ["fresh"]
+
+        await eventually("the fresh producer's commit under read_committed", only_fresh)
         got, _ = await read_to_end(broker.bootstrap, topic, "read_uncommitted")
         assert got == ["zombie", "fresh"]
 

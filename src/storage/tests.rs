@@ -3238,6 +3238,24 @@ fn an_index_append_in_flight_blocks_no_append_and_roll_truncate_close_wait_for_i
     });
 }
 
+// Opens a log (8 MiB segments) at `d` and appends synced batches until one index append has
+// reached the files: the log, its config and the batches stored (as read back).
+async fn open_past_a_first_index_append(
+    d: &std::path::Path,
+) -> (Rc<PartitionLog>, LogConfig, Vec<Vec<u8>>) {
+    let mut cfg = small_config();
+    cfg.segment_bytes = 8 << 20;
+    let log = open(d, cfg.clone()).await;
+    let mut stored = vec![];
+    while log.state.borrow().active().durable_counts().0 == 0 {
+        let b = batch(1, 1500, 1000, 1);
+        let r = append(&log, &b, Durability::Synced).await;
+        stored.push(at_offset(&b, r.base_offset));
+        log.index_persisted().await;
+    }
+    (log, cfg, stored)
+}
+
 // A crash (the log dropped, no close) while an index append is stalled on the blocking pool:
 // the reopen waits for that append, then recovers every acknowledged batch, and its index
 // files end with exactly the recovered entries (none lost, none twice).
@@ -3246,17 +3264,8 @@ fn a_crash_with_an_index_append_in_flight_reopens_with_every_batch_and_exact_ind
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     run(async move {
-        let mut cfg = small_config();
-        cfg.segment_bytes = 8 << 20;
-        let log = open(&d, cfg.clone()).await;
         // A first append completes; the second stalls.
-        let mut stored = vec![];
-        while log.state.borrow().active().durable_counts().0 == 0 {
-            let b = batch(1, 1500, 1000, 1);
-            let r = append(&log, &b, Durability::Synced).await;
-            stored.push(at_offset(&b, r.base_offset));
-            log.index_persisted().await;
-        }
+        let (log, cfg, mut stored) = open_past_a_first_index_append(&d).await;
         let gate = stall_index_appends(&log);
         stored.extend(append_until_index_append_stalls(&log, &gate, 1, 2).await);
         let index = log.state.borrow().active().index().to_vec();
@@ -3287,16 +3296,7 @@ fn a_failed_index_append_keeps_the_log_acknowledging_and_recovery_finds_every_ba
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     run(async move {
-        let mut cfg = small_config();
-        cfg.segment_bytes = 8 << 20;
-        let log = open(&d, cfg.clone()).await;
-        let mut stored = vec![];
-        while log.state.borrow().active().durable_counts().0 == 0 {
-            let b = batch(1, 1500, 1000, 1);
-            let r = append(&log, &b, Durability::Synced).await;
-            stored.push(at_offset(&b, r.base_offset));
-            log.index_persisted().await;
-        }
+        let (log, cfg, mut stored) = open_past_a_first_index_append(&d).await;
         let in_files = log.state.borrow().active().durable_counts().0;
         std::fs::remove_file(meta::segment_path(&d, Offset(0), "index")).unwrap();
         let mut i = 0u8;

@@ -1232,6 +1232,83 @@ fn produce_with_invalid_acks_or_partition_is_refused() {
     assert_serves(&b);
 }
 
+/// One produce request mixing partitions answered at once (an unknown partition, an unknown
+/// topic) with partitions appended by their own tasks: every answer sits at its own place in
+/// the response, in request order, with its own error and base offset.
+#[test]
+fn a_produce_mixing_refused_and_appended_partitions_answers_each_in_request_order() {
+    let b = Broker::start();
+    let (a, other, missing) = (
+        topic_name("mixa"),
+        topic_name("mixb"),
+        topic_name("mixmissing"),
+    );
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &a, 2);
+    create_topic(&mut r, &other, 1);
+    // Partition 1 of `a` already holds two records: its base offset differs from partition 0's.
+    assert_eq!(produce(&mut r, &a, 1, -1, batch(&[b"p", b"q"])), (NONE, 0));
+    let part = |index: i32| {
+        PartitionProduceData::default()
+            .with_index(index)
+            .with_records(Some(batch(&[b"x"])))
+    };
+    let resp: ProduceResponse = r.call(
+        ApiKey::Produce,
+        9,
+        &ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(tn(&a))
+                    .with_partition_data(vec![part(0), part(7), part(1)]),
+                TopicProduceData::default()
+                    .with_name(tn(&missing))
+                    .with_partition_data(vec![part(0)]),
+                TopicProduceData::default()
+                    .with_name(tn(&other))
+                    .with_partition_data(vec![part(0)]),
+            ]),
+    );
+    // (topic, [(partition, error, base offset)]) per topic, in response order.
+    type Answers = Vec<(String, Vec<(i32, i16, i64)>)>;
+    let got: Answers = resp
+        .responses
+        .iter()
+        .map(|t| {
+            (
+                t.name.to_string(),
+                t.partition_responses
+                    .iter()
+                    .map(|p| (p.index, p.error_code, p.base_offset))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                a.clone(),
+                vec![
+                    (0, NONE, 0),
+                    (7, UNKNOWN_TOPIC_OR_PARTITION, -1),
+                    (1, NONE, 2)
+                ]
+            ),
+            (missing, vec![(0, UNKNOWN_TOPIC_OR_PARTITION, -1)]),
+            (other.clone(), vec![(0, NONE, 0)]),
+        ]
+    );
+    // What was acknowledged is there, and only that.
+    for (t, p, hw) in [(&a, 0, 1), (&a, 1, 3), (&other, 0, 1)] {
+        let (err, got_hw, _) = fetch(&mut r, t, p, 0);
+        assert_eq!((err, got_hw), (NONE, hw), "{t}-{p}");
+    }
+    assert_serves(&b);
+}
+
 #[test]
 fn connections_past_connections_max_are_closed() {
     let b = Broker::options().args(["--connections-max", "2"]).start();

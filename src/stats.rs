@@ -165,6 +165,12 @@ thread_local! {
     static COUNTERS: Counters = Counters::default();
 }
 
+/// Records `took` in a histogram made on first use.
+fn record(slot: &mut Option<Box<Latency>>, took: Duration) {
+    slot.get_or_insert_with(|| Box::new(Latency::new()))
+        .record(took)
+}
+
 fn add(c: &Cell<u64>, n: u64) {
     c.set(c.get().wrapping_add(n));
 }
@@ -221,10 +227,7 @@ pub fn request_done(api_key: i16, took: Duration) {
         if apis.len() <= slot {
             apis.resize_with(slot + 1, ApiStats::default);
         }
-        apis[slot]
-            .latency
-            .get_or_insert_with(|| Box::new(Latency::new()))
-            .record(took);
+        record(&mut apis[slot].latency, took);
     });
 }
 
@@ -251,40 +254,22 @@ pub fn request_closed() {
 
 /// One fdatasync of a segment completed in `took`.
 pub fn fsync_done(took: Duration) {
-    COUNTERS.with(|c| {
-        c.fsyncs
-            .borrow_mut()
-            .get_or_insert_with(|| Box::new(Latency::new()))
-            .record(took)
-    });
+    COUNTERS.with(|c| record(&mut c.fsyncs.borrow_mut(), took));
 }
 
 /// A produce request spent `took` in `stage`.
 pub fn produce_stage(stage: ProduceStage, took: Duration) {
-    COUNTERS.with(|c| {
-        c.produce_stages.borrow_mut()[stage as usize]
-            .get_or_insert_with(|| Box::new(Latency::new()))
-            .record(took)
-    });
+    COUNTERS.with(|c| record(&mut c.produce_stages.borrow_mut()[stage as usize], took));
 }
 
 /// A fetch spent `took` in `stage`.
 pub fn fetch_stage(stage: FetchStage, took: Duration) {
-    COUNTERS.with(|c| {
-        c.fetch_stages.borrow_mut()[stage as usize]
-            .get_or_insert_with(|| Box::new(Latency::new()))
-            .record(took)
-    });
+    COUNTERS.with(|c| record(&mut c.fetch_stages.borrow_mut()[stage as usize], took));
 }
 
 /// One group commit written with durable (`O_DSYNC`) writes completed in `took`.
 pub fn durable_write_done(took: Duration) {
-    COUNTERS.with(|c| {
-        c.durable_writes
-            .borrow_mut()
-            .get_or_insert_with(|| Box::new(Latency::new()))
-            .record(took)
-    });
+    COUNTERS.with(|c| record(&mut c.durable_writes.borrow_mut(), took));
 }
 
 /// `n` bytes of segment data were written.
@@ -363,6 +348,7 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
                 })
         };
         let hist = |l: &RefCell<Option<Box<Latency>>>| buckets(l.borrow().as_deref());
+        let each = |ls: &[Option<Box<Latency>>]| ls.iter().map(|l| buckets(l.as_deref())).collect();
         Snapshot {
             connections_accepted: c.connections_accepted.get(),
             connections_rejected: c.connections_rejected.get(),
@@ -381,18 +367,8 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
                 .collect(),
             errors: c.errors.borrow().iter().map(|(k, v)| (*k, *v)).collect(),
             fsync: hist(&c.fsyncs),
-            produce_stages: c
-                .produce_stages
-                .borrow()
-                .iter()
-                .map(|l| buckets(l.as_deref()))
-                .collect(),
-            fetch_stages: c
-                .fetch_stages
-                .borrow()
-                .iter()
-                .map(|l| buckets(l.as_deref()))
-                .collect(),
+            produce_stages: each(&*c.produce_stages.borrow()),
+            fetch_stages: each(&*c.fetch_stages.borrow()),
             durable_write: hist(&c.durable_writes),
             storage_bytes_written: c.storage_bytes_written.get(),
             storage_write_errors: c.storage_write_errors.get(),

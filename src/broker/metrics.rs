@@ -433,6 +433,24 @@ fn per_shard(
     }
 }
 
+/// One histogram family with a histogram per shard and stage (`stages` names them in the order
+/// `histograms` holds them).
+fn per_shard_stages(
+    t: &mut Text,
+    shards: &[(String, &ShardScrape)],
+    name: &str,
+    help: &str,
+    stages: &[&str],
+    histograms: impl Fn(&ShardScrape) -> &[stats::HistogramSnapshot],
+) {
+    t.family(name, "histogram", help);
+    for (id, s) in shards {
+        for (stage, h) in stages.iter().zip(histograms(s)) {
+            t.histogram(name, &[("shard", id), ("stage", stage)], h);
+        }
+    }
+}
+
 /// The whole page.
 fn render(broker: &BrokerContext, started: f64) -> String {
     let scraped = collect(broker);
@@ -714,35 +732,22 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         }
     }
 
-    t.family(
+    per_shard_stages(
+        &mut t,
+        &shards,
         "sluice_produce_stage_duration_seconds",
-        "histogram",
         "Where a produce request's time in the broker goes, by stage: queued (whole frame to handler start), handler (to the append's submission), admit (waiting for the log to take it), durable (to the write for acks=1, the sync for acks=all), respond (response ready to written).",
+        &stats::PRODUCE_STAGES.map(|(_, stage)| stage),
+        |s| &s.counters.produce_stages,
     );
-    for (id, s) in &shards {
-        for ((_, stage), h) in stats::PRODUCE_STAGES.iter().zip(&s.counters.produce_stages) {
-            t.histogram(
-                "sluice_produce_stage_duration_seconds",
-                &[("shard", id), ("stage", stage)],
-                h,
-            );
-        }
-    }
-
-    t.family(
+    per_shard_stages(
+        &mut t,
+        &shards,
         "sluice_fetch_stage_duration_seconds",
-        "histogram",
         "Where a long-polling fetch's time goes once the data it waited for arrived, by stage: woken (data readable to the fetch re-reading), read (the re-read), respond (response ready to written; every fetch).",
+        &stats::FETCH_STAGES.map(|(_, stage)| stage),
+        |s| &s.counters.fetch_stages,
     );
-    for (id, s) in &shards {
-        for ((_, stage), h) in stats::FETCH_STAGES.iter().zip(&s.counters.fetch_stages) {
-            t.histogram(
-                "sluice_fetch_stage_duration_seconds",
-                &[("shard", id), ("stage", stage)],
-                h,
-            );
-        }
-    }
 
     // Storage.
     t.family(

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # perf/summary.sh — the durable-path figures of one build in interleaved rounds, with the
-# machine's limits measured in the same rounds: fio write and read, S1 (acks=1 and acks=all),
-# S3 at 50/100/200 MB/s, S5 (1,000 partitions), hot consume (8 consumers right after the
-# writes) and S4 (the same backlog read cold, after a restart). Prints every run and the
-# medians, and the ratios the targets are stated in.
+# machine's limits measured in the same rounds: fio write and read, iperf3 over loopback, S1
+# (acks=1 and acks=all), S1's shape with S5's batches (8 partitions, 16 producers, 16 KiB
+# batches: what S5 would reach without its 1,000 partitions), S2 (100 B lz4 records), S3 at
+# 50/100/200 MB/s, S5 (1,000 partitions), hot consume (8 consumers right after the writes) and
+# S4 (the same backlog read cold, after a restart). Prints every run and the medians, and the
+# ratios the targets are stated in.
 #
 #   perf/summary.sh [--rounds N] [--duration D] [--backlog-records N] [--out DIR]
 #
@@ -12,7 +14,7 @@
 # CPU 0 (`--cores 1`), the load generator to CPU 1 (BROKER_CPU / BENCH_CPU override).
 # SLUICE_BIN / BENCH_BIN pick the binaries (default: <target dir>/release/{sluice,sluice-bench});
 # DATA_DIR the disk measured (default: a directory under --out). Needs fio (installed with
-# apt-get when missing).
+# apt-get when missing) and iperf3 (likewise).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,7 +45,9 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -x $SLUICE_BIN ]] || die "$SLUICE_BIN missing: cargo build --release -p sluice -p sluice-bench"
 [[ -x $BENCH_BIN ]] || die "$BENCH_BIN missing: cargo build --release -p sluice -p sluice-bench"
-command -v fio >/dev/null || { (apt-get update -qq && apt-get install -y -qq fio) >/dev/null || die "cannot install fio"; }
+for tool in fio iperf3; do
+    command -v $tool >/dev/null || { (apt-get update -qq && apt-get install -y -qq $tool) >/dev/null || die "cannot install $tool"; }
+done
 DATA_DIR=${DATA_DIR:-$OUT/data}
 mkdir -p "$OUT" "$DATA_DIR"
 RESULTS=$OUT/results.tsv
@@ -101,11 +105,29 @@ fio_run() {
     python3 -c "import json,sys; j=json.load(open(sys.argv[1]))['jobs'][0]; k='write' if sys.argv[2]=='write' else 'read'; print(round(j[k]['bw_bytes']/1e6,1))" "$OUT/fio-$rw.json" "$rw"
 }
 
+# One TCP stream over loopback, server and client pinned like the broker and the load
+# generator: the most one connection can move on this machine (MB/s).
+iperf_run() {
+    local port
+    port=$(free_port)
+    taskset -c "$BROKER_CPU" iperf3 -s -1 -p "$port" >/dev/null 2>&1 &
+    local server=$!
+    # Wait for the listening socket without connecting: `iperf3 -s -1` serves one connection.
+    for _ in $(seq 1 100); do
+        [[ -n $(ss -Hltn "sport = :$port") ]] && break
+        sleep 0.05
+    done
+    taskset -c "$BENCH_CPU" iperf3 -c 127.0.0.1 -p "$port" -t 5 -J >"$OUT/iperf3.json" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['end']['sum_received']['bits_per_second']/8e6,1))" "$OUT/iperf3.json" 2>/dev/null || echo nan
+}
+
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r of $ROUNDS"
     record fio-write "$r" "$(fio_run write)"
     record fio-read "$r" "$(fio_run read)"
     rm -f "$DATA_DIR"/limit.*
+    record iperf3 "$r" "$(iperf_run)"
 
     for acks in 1 all; do
         start_broker
@@ -115,6 +137,21 @@ for r in $(seq 1 "$ROUNDS"); do
         record "s1-acks-$acks" "$r" "$(json "$OUT/s1-$acks-$r.json" publishThroughputMBps publishLatency99pct)"
         stop_broker; drop_data
     done
+
+    # S5's request shape on S1's 8 partitions: the control that separates the cost of 1,000
+    # partitions from the cost of 4x as many (16 KiB) requests per byte.
+    start_broker
+    bench produce --topic s1 --partitions 8 --producers 16 --size 1KiB --payload random \
+        --batch-bytes 16KiB --acks 1 --warmup 2s --duration "$DURATION" --json "$OUT/s1-16k-$r.json"
+    record s1-16k "$r" "$(json "$OUT/s1-16k-$r.json" publishThroughputMBps)"
+    stop_broker; drop_data
+
+    start_broker
+    bench produce --topic s2 --partitions 8 --producers 8 --size 100 --payload text \
+        --batch-bytes 64KiB --acks 1 --compression lz4 --warmup 2s --duration "$DURATION" \
+        --json "$OUT/s2-$r.json"
+    record s2 "$r" "$(json "$OUT/s2-$r.json" publishRate)"
+    stop_broker; drop_data
 
     for rate in 50 100 200; do
         start_broker
@@ -160,8 +197,11 @@ def runs(name, i=0):
 print("\n| measurement | runs | median |")
 print("| --- | --- | --- |")
 for name, label, i in [("fio-write", "fio write MB/s", 0), ("fio-read", "fio read MB/s", 0),
+                       ("iperf3", "iperf3 loopback, one stream MB/s", 0),
                        ("s1-acks-1", "S1 acks=1 MB/s", 0), ("s1-acks-all", "S1 acks=all MB/s", 0),
                        ("s1-acks-all", "S1 acks=all ack p99 ms", 1),
+                       ("s1-16k", "S1 shape, 16 producers x 16 KiB batches MB/s", 0),
+                       ("s2", "S2 100 B lz4 records/s", 0),
                        ("s3-50", "S3 50 MB/s: produced MB/s", 0), ("s3-50", "S3 50: e2e p99 ms", 2),
                        ("s3-100", "S3 100 MB/s: produced MB/s", 0), ("s3-100", "S3 100: e2e p99 ms", 2),
                        ("s3-200", "S3 200 MB/s: produced MB/s", 0), ("s3-200", "S3 200: e2e p50 ms", 1),
@@ -175,7 +215,8 @@ print("\n| target | reached |")
 print("| --- | --- |")
 print(f"| S1 acks=all >= 70 % of fio write | {100*med('s1-acks-all')/fw:.1f} % |")
 print(f"| S1 acks=1 >= 85 % of fio write | {100*med('s1-acks-1')/fw:.1f} % |")
-print(f"| S5 >= 60 % of S1 acks=1 | {100*med('s5')/med('s1-acks-1'):.1f} % |")
+print(f"| S5 >= 60 % of S1 acks=1 | {100*med('s5')/med('s1-acks-1'):.1f} % (of the same batches on 8 partitions: {100*med('s5')/med('s1-16k'):.1f} %) |")
+print(f"| S2 >= 7 M records/s | {med('s2')/1e6:.2f} M records/s |")
 print(f"| S4 cold >= 80 % of fio read | {100*med('s4-cold')/fr:.1f} % |")
 print(f"| hot consume >= 1,200 MB/s | {med('hot-consume'):g} MB/s |")
 print(f"| S3 200 MB/s: e2e p99 <= 3 ms, p99.99 <= 10 ms | {med('s3-200', 2):g} / {med('s3-200', 3):g} ms at {med('s3-200'):g} MB/s |")

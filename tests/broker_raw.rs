@@ -1193,6 +1193,66 @@ fn pipelined_requests_are_answered_in_order() {
     }
 }
 
+/// Answers that are ready together go out in one write (see `server::write_responses`): the
+/// answers to the requests before one that closes the connection are all written, in order,
+/// an acks=0 produce among them answers nothing but is appended, and nothing after the closing
+/// request is answered.
+#[test]
+fn pipelined_answers_before_a_closing_request_are_all_written_and_none_after_it() {
+    let b = Broker::start();
+    let t = topic_name("pipeclose");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    let mut wire = Vec::new();
+    let mut answered = Vec::new();
+    for i in 0..12 {
+        if i == 4 {
+            let req = ProduceRequest::default()
+                .with_acks(0)
+                .with_timeout_ms(10_000)
+                .with_topic_data(vec![TopicProduceData::default()
+                    .with_name(tn(&t))
+                    .with_partition_data(vec![PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(batch(&[b"unanswered"])))])]);
+            wire.extend(r.frame(ApiKey::Produce, 9, &req));
+        } else if i == 8 {
+            // [api key 9999][version 0][correlation][client id null]: closes the connection.
+            r.correlation += 1;
+            let mut body = Vec::new();
+            body.extend(9999i16.to_be_bytes());
+            body.extend(0i16.to_be_bytes());
+            body.extend(r.correlation.to_be_bytes());
+            body.extend((-1i16).to_be_bytes());
+            wire.extend((body.len() as i32).to_be_bytes());
+            wire.extend(body);
+        } else {
+            wire.extend(r.frame(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default()));
+            if i < 8 {
+                answered.push(r.correlation);
+            }
+        }
+    }
+    // All requests leave in one write, so their answers are ready together in the broker.
+    r.send_bytes(&wire);
+    for correlation in answered {
+        let mut resp = r.read_frame().expect("an answer before the closing request");
+        let h = ResponseHeader::decode(&mut resp, 0).expect("header");
+        assert_eq!(h.correlation_id, correlation, "answers out of request order");
+        let v = ApiVersionsResponse::decode(&mut resp, 3).expect("api versions");
+        assert_eq!(v.error_code, NONE);
+    }
+    r.assert_closed("requests after the closing one");
+    // The acks=0 record was appended before the connection closed: it holds offset 0.
+    let mut r = Raw::connect(b.addr);
+    assert_eq!(produce(&mut r, &t, 0, 1, batch(&[b"answered"])), (NONE, 1));
+    assert_eq!(
+        fetch(&mut r, &t, 0, 0).2,
+        vec![(0, b"unanswered".to_vec()), (1, b"answered".to_vec())]
+    );
+    assert_serves(&b);
+}
+
 #[test]
 fn fetch_past_the_log_end_is_offset_out_of_range() {
     let b = Broker::start();

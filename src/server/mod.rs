@@ -624,52 +624,122 @@ fn handler_panicked(
     Response::Close("internal error while handling a request".into())
 }
 
+/// Answers one write gathers at most. Pipelined requests whose answers are ready together (a
+/// read that brought several produce requests, acks=1 answers completing in one pass) go out in
+/// one `sendmsg` — one system call, one loopback delivery and wake-up of the client — instead of
+/// one each; an answer not ready yet is never waited for, so gathering adds no latency.
+const ANSWERS_PER_SEND_MAX: usize = 16;
+
+/// What a gathered answer keeps until its bytes are written: when it was ready (its `Respond`
+/// stage) and its request's budgets.
+struct Gathered {
+    ready: Option<(Instant, Staged)>,
+    _held: Held,
+    _fetch: Option<StaticPermit>,
+}
+
+/// What the writer does after an answer is gathered.
+enum Then {
+    Continue,
+    /// Close the connection once what was gathered before it is written (`None`: the handler
+    /// ended without an answer).
+    Close(Option<String>),
+}
+
+/// Adds one request's answer to the write being gathered: its frames to `parts`, its bookkeeping
+/// to `gathered`.
+fn gather(
+    flight: InFlight,
+    answer: Option<Answer>,
+    parts: &mut Vec<Bytes>,
+    gathered: &mut Vec<Gathered>,
+) -> Then {
+    let InFlight {
+        task: _,
+        _held,
+        _fetch,
+    } = flight;
+    let Some(Answer { response, ready }) = answer else {
+        return Then::Close(None);
+    };
+    match response {
+        Response::Frames(frames) => parts.extend(frames),
+        Response::Frame(frame) => parts.push(frame),
+        // Nothing to write; the budgets return now.
+        Response::None => return Then::Continue,
+        Response::Close(why) => return Then::Close(Some(why)),
+    }
+    gathered.push(Gathered {
+        ready,
+        _held,
+        _fetch,
+    });
+    Then::Continue
+}
+
 async fn write_responses(
     stream: &mut TcpStream,
     rx: async_channel::Receiver<InFlight>,
     closing: Rc<Cell<bool>>,
 ) {
     let mut failed = false;
-    while let Ok(InFlight {
-        task,
-        _held,
-        _fetch,
-    }) = rx.recv().await
-    {
-        let answer = task.await;
-        if failed {
-            continue;
+    // Reused by every write of the connection: the pieces of the gathered answers and what each
+    // answer keeps until written.
+    let mut parts: Vec<Bytes> = Vec::with_capacity(IOV_PER_SEND_MAX);
+    let mut gathered: Vec<Gathered> = Vec::with_capacity(ANSWERS_PER_SEND_MAX);
+    // A request taken from the channel while gathering whose answer was not ready yet: the next
+    // write starts with it (answers go out in request order).
+    let mut unready: Option<InFlight> = None;
+    loop {
+        let mut flight = match unready.take() {
+            Some(flight) => flight,
+            None => match rx.recv().await {
+                Ok(flight) => flight,
+                Err(_) => break,
+            },
+        };
+        let answer = (&mut flight.task).await;
+        let mut then = gather(flight, answer, &mut parts, &mut gathered);
+        while matches!(then, Then::Continue)
+            && !failed
+            && gathered.len() < ANSWERS_PER_SEND_MAX
+            && parts.len() < IOV_PER_SEND_MAX
+        {
+            let Ok(mut next) = rx.try_recv() else { break };
+            match futures_lite::future::poll_once(&mut next.task).await {
+                Some(answer) => then = gather(next, answer, &mut parts, &mut gathered),
+                None => {
+                    unready = Some(next);
+                    break;
+                }
+            }
         }
-        let ready = answer.as_ref().and_then(|a| a.ready);
-        match answer.map(|a| a.response) {
-            Some(Response::Frames(mut parts)) => {
-                send_answer(stream, &mut parts, ready, &closing, &mut failed).await;
+        if !failed && !gathered.is_empty() {
+            send_answers(stream, &mut parts, &gathered, &closing, &mut failed).await;
+        }
+        parts.clear();
+        // The gathered requests' budgets return once their responses are written.
+        gathered.clear();
+        if let Then::Close(why) = then {
+            if failed {
+                continue;
             }
-            Some(Response::Frame(frame)) => {
-                send_answer(stream, &mut [frame], ready, &closing, &mut failed).await;
-            }
-            Some(Response::None) => {}
-            Some(Response::Close(why)) => {
+            if let Some(why) = why {
                 tracing::info!("closing connection: {why}");
-                failed = true;
-                closing.set(true);
-                let _ = stream.shutdown(std::net::Shutdown::Both).await;
             }
-            None => {
-                failed = true;
-                closing.set(true);
-                let _ = stream.shutdown(std::net::Shutdown::Both).await;
-            }
+            failed = true;
+            closing.set(true);
+            let _ = stream.shutdown(std::net::Shutdown::Both).await;
         }
-        // `_held` drops here: the request's budgets return once its response is written.
     }
 }
 
-/// Writes one response; a failed write gives the connection up (`failed`, `closing`).
-async fn send_answer(
+/// Writes the gathered answers with as few `sendmsg` calls as they fit in; a failed write gives
+/// the connection up (`failed`, `closing`).
+async fn send_answers(
     stream: &mut TcpStream,
     parts: &mut [Bytes],
-    ready: Option<(Instant, Staged)>,
+    gathered: &[Gathered],
     closing: &Cell<bool>,
     failed: &mut bool,
 ) {
@@ -680,14 +750,16 @@ async fn send_answer(
         let _ = stream.shutdown(std::net::Shutdown::Both).await;
         return;
     }
-    match ready {
-        Some((ready, Staged::Produce)) => {
-            crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed())
+    for g in gathered {
+        match g.ready {
+            Some((ready, Staged::Produce)) => {
+                crate::stats::produce_stage(ProduceStage::Respond, ready.elapsed())
+            }
+            Some((ready, Staged::Fetch)) => {
+                crate::stats::fetch_stage(FetchStage::Respond, ready.elapsed())
+            }
+            None => {}
         }
-        Some((ready, Staged::Fetch)) => {
-            crate::stats::fetch_stage(FetchStage::Respond, ready.elapsed())
-        }
-        None => {}
     }
 }
 

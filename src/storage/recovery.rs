@@ -101,7 +101,7 @@ impl PartitionLog {
                     fresh.set_extent(file_size, seg.next());
                     fresh.push_time_entry();
                     seg = fresh;
-                    let bodies = seg.index_file_bodies(dir);
+                    let bodies = seg.index_files_to_write(dir);
                     glommio::executor()
                         .spawn_blocking(move || {
                             bodies
@@ -109,6 +109,7 @@ impl PartitionLog {
                                 .try_for_each(|(path, body)| meta::write_atomic(path, body))
                         })
                         .await?;
+                    seg.index_files_written();
                 }
                 segments.push(seg);
                 continue;

@@ -352,9 +352,8 @@ impl Segment {
         ]
     }
 
-    /// Rewrites both index files whole (sealed segments, clean shutdown).
-    /// The whole index files of this segment as [`write_index_files`](Self::write_index_files)
-    /// writes them, to be written elsewhere (off the executor): path and body of each. Call
+    /// The whole index files of this segment (a rebuilt sealed segment, a truncation's cut),
+    /// to be written elsewhere (off the executor): path and body of each. Call
     /// [`index_files_written`](Self::index_files_written) once they are.
     pub fn index_files_to_write(&mut self, dir: &Path) -> [(PathBuf, Vec<u8>); 2] {
         assert!(
@@ -380,25 +379,6 @@ impl Segment {
         assert!(!self.index_appending);
         self.index_durable = self.index.len();
         self.time_durable = self.time_index.len();
-    }
-
-    pub fn write_index_files(&mut self, dir: &Path) -> io::Result<()> {
-        assert!(
-            !self.index_appending,
-            "index files rewritten with an append in flight"
-        );
-        self.index_files_cut = false;
-        meta::write_atomic(
-            &meta::segment_path(dir, self.base, "index"),
-            &meta::encode_index(&self.index),
-        )?;
-        meta::write_atomic(
-            &meta::segment_path(dir, self.base, "timeindex"),
-            &meta::encode_time_index(&self.time_index),
-        )?;
-        self.index_durable = self.index.len();
-        self.time_durable = self.time_index.len();
-        Ok(())
     }
 
     pub fn new(base: Offset, file: Rc<dyn SegmentFile>, created_ms: i64) -> Self {

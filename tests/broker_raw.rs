@@ -1007,6 +1007,71 @@ fn acks_all_produce_is_answered_while_index_appends_are_stalled_and_survives_kil
     assert!(std::fs::metadata(&index).is_ok_and(|m| m.len() > 0));
 }
 
+// Opening a partition log does its file work (directory, checkpoints, snapshots, index files,
+// the new log's epoch checkpoint) on the blocking thread pool, not on the shard's executor:
+// with the creation of one partition of a new topic stalled there (the `log_open` delay point,
+// far longer than the test), the single shard keeps answering ApiVersions, Metadata and
+// produce to an existing partition, while that CreateTopics is still unanswered.
+#[test]
+fn requests_are_answered_while_a_topics_log_creation_is_stalled() {
+    let slow = topic_name("openstall");
+    let b = Broker::options()
+        .env("SLUICE_FAULT_DELAY_MS", format!("log_open:600000:{slow}-0"))
+        .start();
+    let t = topic_name("openlive");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"before"])), (NONE, 0));
+
+    let mut creating = Raw::connect(b.addr);
+    let f = creating.frame(
+        ApiKey::CreateTopics,
+        5,
+        &CreateTopicsRequest::default()
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(tn(&slow))
+                .with_num_partitions(16)
+                .with_replication_factor(1)])
+            .with_timeout_ms(600_000),
+    );
+    creating.send_bytes(&f);
+    // The stalled job has started: it created the partition's directory, then blocked.
+    let stalled_dir = b.data_dir().join(format!("{slow}-0"));
+    let deadline = Instant::now() + IO_WAIT;
+    while !stalled_dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "log creation of {slow}-0 never started"
+        );
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(m.brokers.len(), 1);
+    for (i, acks) in [(1, 1), (2, -1)] {
+        let v = format!("during-{i}");
+        assert_eq!(
+            produce(&mut r, &t, 0, acks, batch(&[v.as_bytes()])),
+            (NONE, i)
+        );
+    }
+    let (_, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(recs.len(), 3);
+    // The CreateTopics is still waiting for its stalled partition.
+    creating.s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(creating.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "CreateTopics answered while one of its partitions is stalled"
+    );
+}
+
 fn list_offset(r: &mut Raw, topic: &str, partition: i32, timestamp: i64) -> (i16, i64, i64) {
     use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
     let resp: ListOffsetsResponse = r.call(

@@ -431,8 +431,10 @@ impl OpenPrelude {
     /// truncation (durably), and reads every small file the open needs. A new log's empty
     /// leader-epoch checkpoint is written here too, so creating a log costs one job.
     fn read(dir: &std::path::Path, with_record: bool) -> Result<Self, StorageError> {
-        crate::fault::delay_point("log_open");
         std::fs::create_dir_all(dir)?;
+        if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+            crate::fault::delay_point_for("log_open", name);
+        }
         let trunc = truncate::pending(dir);
         let clean_path = dir.join(meta::CLEAN_FILE);
         let clean = meta::read_file(&clean_path)

@@ -21,8 +21,9 @@
 //! opening or creating a partition log, on the blocking thread pool; keyed by the partition's
 //! directory name, `<topic>-<partition>`, with `SLUICE_FAULT_DELAY_MS=<point>:<ms>:<key>`),
 //! `truncate_files` (a truncation's rewrite of the cut log's small files, on the blocking thread
-//! pool), `epoch_checkpoint` (the leader-epoch checkpoint written when an append begins a new
-//! leader epoch, on the blocking thread pool; keyed like `log_open`). Async delay points ([`delay_of`]) make the calling
+//! pool), `epoch_checkpoint` (after the leader-epoch checkpoint an append that begins a new
+//! leader epoch writes, on the blocking thread pool, before the append is accepted; keyed like
+//! `log_open`). Async delay points ([`delay_of`]) make the calling
 //! task wait instead, the shard serving everything else meanwhile: `coordinator_load` (a group
 //! coordinator that won a `__consumer_offsets` partition's election, before it replays it),
 //! `replica_start` (a partition's log is open but its raft group not started yet; keyed by the

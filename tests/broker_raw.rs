@@ -1072,6 +1072,106 @@ fn requests_are_answered_while_a_topics_log_creation_is_stalled() {
     );
 }
 
+// The leader-epoch checkpoint an append writes when it begins a new epoch goes to disk on the
+// blocking thread pool, not on the shard's executor: with that job stalled after the write (the
+// `epoch_checkpoint` delay point, keyed by partition), the single shard keeps answering
+// ApiVersions, Metadata and produce to another partition, and the stalled append is accepted
+// (visible to fetches, answered) only once its checkpoint is durable and the job has returned.
+#[test]
+fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append_completes_after() {
+    // Long enough for the requests below on a loaded machine, short of the read timeout.
+    const STALL_MS: u64 = 8_000;
+    const _: () = assert!(STALL_MS < IO_WAIT.as_millis() as u64);
+    let slow = topic_name("epochstall");
+    let b = Broker::options()
+        .env(
+            "SLUICE_FAULT_DELAY_MS",
+            format!("epoch_checkpoint:{STALL_MS}:{slow}-0"),
+        )
+        .start();
+    let t = topic_name("epochlive");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    create_topic(&mut r, &slow, 1);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"before"])), (NONE, 0));
+
+    // A batch in leader epoch 5 (partitionLeaderEpoch, bytes 12..16, lies outside the CRC):
+    // the partition's first epoch, so the append writes the checkpoint first.
+    let mut stamped = BytesMut::from(&batch(&[b"epoch five"])[..]);
+    stamped[12..16].copy_from_slice(&5i32.to_be_bytes());
+    let mut stalled = Raw::connect(b.addr);
+    let f = stalled.frame(
+        ApiKey::Produce,
+        9,
+        &ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(tn(&slow))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(stamped.freeze()))])]),
+    );
+    stalled.send_bytes(&f);
+    // The job has written the checkpoint (count, then epoch 5 from offset 0) and stalled.
+    let checkpoint = b
+        .data_dir()
+        .join(format!("{slow}-0/leader-epoch.checkpoint"));
+    let want: Vec<u8> = [
+        &1u32.to_be_bytes()[..],
+        &5i32.to_be_bytes(),
+        &0i64.to_be_bytes(),
+    ]
+    .concat();
+    let deadline = Instant::now() + IO_WAIT;
+    while !std::fs::read(&checkpoint).is_ok_and(|c| c.starts_with(&want)) {
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint of epoch 5 was never written"
+        );
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(m.brokers.len(), 1);
+    for (i, acks) in [(1, 1), (2, -1)] {
+        let v = format!("during-{i}");
+        assert_eq!(
+            produce(&mut r, &t, 0, acks, batch(&[v.as_bytes()])),
+            (NONE, i)
+        );
+    }
+    // Nothing of the stalled append is accepted yet, and it is not answered.
+    let (hw, recs) = fetch_all(&mut r, &slow, 0);
+    assert_eq!((hw, recs.len()), (0, 0));
+    stalled.s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(stalled.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the append was answered while its epoch checkpoint is stalled"
+    );
+    stalled.s.set_nonblocking(false).expect("blocking");
+
+    // Released: the append is answered at offset 0 and the partition continues after it.
+    let mut resp = stalled.read_frame().expect("the stalled produce's answer");
+    let h = ResponseHeader::decode(&mut resp, ApiKey::Produce.response_header_version(9))
+        .expect("response header");
+    assert_eq!(h.correlation_id, stalled.correlation);
+    let p: ProduceResponse = ProduceResponse::decode(&mut resp, 9).expect("produce response");
+    let part = &p.responses[0].partition_responses[0];
+    assert_eq!((part.error_code, part.base_offset), (NONE, 0));
+    assert_eq!(produce(&mut r, &slow, 0, -1, batch(&[b"after"])), (NONE, 1));
+    let (hw, recs) = fetch_all(&mut r, &slow, 0);
+    assert_eq!(hw, 2);
+    assert_eq!(recs.len(), 2);
+}
+
 fn list_offset(r: &mut Raw, topic: &str, partition: i32, timestamp: i64) -> (i16, i64, i64) {
     use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
     let resp: ListOffsetsResponse = r.call(

@@ -258,8 +258,9 @@ impl PartitionLog {
             .unwrap_or_default();
         let written = glommio::executor()
             .spawn_blocking(move || {
+                epochs.persist(&dir)?;
                 crate::fault::delay_point_for("epoch_checkpoint", &key);
-                epochs.persist(&dir).map(|()| epochs)
+                std::io::Result::Ok(epochs)
             })
             .await;
         let mut s = self.state.borrow_mut();

@@ -24,7 +24,8 @@
 //! pool), `epoch_checkpoint` (after the leader-epoch checkpoint an append that begins a new
 //! leader epoch writes, on the blocking thread pool, before the append is accepted; keyed like
 //! `log_open`), `hard_state` (a replica's raft hard state written after a change of term or
-//! vote, on the blocking thread pool, before the messages that depend on it are sent). Async delay points ([`delay_of`]) make the calling
+//! vote, on the blocking thread pool, before the messages that depend on it are sent), `metadata_log` (a single node's metadata log
+//! append, on the blocking thread pool; keyed by the topic the record names). Async delay points ([`delay_of`]) make the calling
 //! task wait instead, the shard serving everything else meanwhile: `coordinator_load` (a group
 //! coordinator that won a `__consumer_offsets` partition's election, before it replays it),
 //! `replica_start` (a partition's log is open but its raft group not started yet; keyed by the

@@ -1172,6 +1172,79 @@ fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append
     assert_eq!(recs.len(), 2);
 }
 
+// A single node's metadata log is appended and fdatasynced on the blocking thread pool, not on
+// shard 0's executor: with a new topic's record stalled there (the `metadata_log` delay point,
+// keyed by topic), the shard keeps answering ApiVersions, Metadata and produce, the topic is not
+// published before its record is durable, and once released the CreateTopics is answered and
+// the topic takes writes.
+#[test]
+fn requests_are_answered_while_a_topics_metadata_record_is_stalled_and_it_is_published_after() {
+    // Long enough for the requests below on a loaded machine, short of the read timeout.
+    const STALL_MS: u64 = 8_000;
+    const _: () = assert!(STALL_MS < IO_WAIT.as_millis() as u64);
+    let slow = topic_name("metastall");
+    let b = Broker::options()
+        .env(
+            "SLUICE_FAULT_DELAY_MS",
+            format!("metadata_log:{STALL_MS}:{slow}"),
+        )
+        .start();
+    let t = topic_name("metalive");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+
+    let mut creating = Raw::connect(b.addr);
+    let f = creating.frame(
+        ApiKey::CreateTopics,
+        5,
+        &CreateTopicsRequest::default()
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(tn(&slow))
+                .with_num_partitions(1)
+                .with_replication_factor(1)])
+            .with_timeout_ms(30_000),
+    );
+    creating.send_bytes(&f);
+    // The record is written once the partition's log exists: wait for its directory.
+    let dir = b.data_dir().join(format!("{slow}-0"));
+    let deadline = Instant::now() + IO_WAIT;
+    while !dir.exists() {
+        assert!(Instant::now() < deadline, "{slow}-0 was never created");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"during"])), (NONE, 0));
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert!(
+        m.topics
+            .iter()
+            .all(|x| x.name.as_ref().map(|n| n.as_str()) != Some(slow.as_str())),
+        "{slow} published before its metadata record is durable"
+    );
+    creating.s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(creating.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "CreateTopics answered while its metadata record is stalled"
+    );
+    creating.s.set_nonblocking(false).expect("blocking");
+
+    // Released: created, published, and it takes writes.
+    let mut resp = creating.read_frame().expect("the CreateTopics answer");
+    let h = ResponseHeader::decode(&mut resp, ApiKey::CreateTopics.response_header_version(5))
+        .expect("response header");
+    assert_eq!(h.correlation_id, creating.correlation);
+    let c = CreateTopicsResponse::decode(&mut resp, 5).expect("create topics response");
+    assert_eq!(c.topics[0].error_code, NONE);
+    assert_eq!(produce(&mut r, &slow, 0, -1, batch(&[b"after"])), (NONE, 0));
+}
+
 fn list_offset(r: &mut Raw, topic: &str, partition: i32, timestamp: i64) -> (i16, i64, i64) {
     use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
     let resp: ListOffsetsResponse = r.call(

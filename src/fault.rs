@@ -17,7 +17,15 @@
 //! Delay points, armed by `SLUICE_FAULT_DELAY_MS=<point>:<ms>`, block the calling thread for
 //! that long to widen a window a test wants to hit: `producer_id_block` (a producer-id block is
 //! written but not yet renamed into place), `index_append` (an append to a segment's index files,
-//! on the blocking thread pool: the shard keeps serving meanwhile). Async delay points ([`delay_of`]) make the calling
+//! on the blocking thread pool: the shard keeps serving meanwhile), `log_open` (the file work of
+//! opening or creating a partition log, on the blocking thread pool; keyed by the partition's
+//! directory name, `<topic>-<partition>`, with `SLUICE_FAULT_DELAY_MS=<point>:<ms>:<key>`),
+//! `truncate_files` (a truncation's rewrite of the cut log's small files, on the blocking thread
+//! pool), `epoch_checkpoint` (after the leader-epoch checkpoint an append that begins a new
+//! leader epoch writes, on the blocking thread pool, before the append is accepted; keyed like
+//! `log_open`), `hard_state` (a replica's raft hard state written after a change of term or
+//! vote, on the blocking thread pool, before the messages that depend on it are sent), `metadata_log` (a single node's metadata log
+//! append, on the blocking thread pool; keyed by the topic the record names). Async delay points ([`delay_of`]) make the calling
 //! task wait instead, the shard serving everything else meanwhile: `coordinator_load` (a group
 //! coordinator that won a `__consumer_offsets` partition's election, before it replays it),
 //! `replica_start` (a partition's log is open but its raft group not started yet; keyed by the
@@ -84,6 +92,13 @@ mod armed {
         }
     }
 
+    /// Blocks the calling thread when this delay point is armed without a key, or for `key`.
+    pub fn delay_point_for(point: &str, key: &str) {
+        if let Some(d) = delay_for(point, key) {
+            std::thread::sleep(d);
+        }
+    }
+
     /// How long a task should wait at this async delay point, when it is armed.
     pub fn delay_of(point: &str) -> Option<std::time::Duration> {
         match DELAY_AT.get() {
@@ -104,7 +119,7 @@ mod armed {
 }
 
 #[cfg(any(debug_assertions, feature = "fault-injection"))]
-pub use armed::{delay_for, delay_of, delay_point, init, panic_point};
+pub use armed::{delay_for, delay_of, delay_point, delay_point_for, init, panic_point};
 
 /// Reads [`PANIC_ENV`] (release build without `fault-injection`: nothing to read).
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
@@ -122,6 +137,12 @@ pub fn panic_point(_point: &str, _key: &str) {}
 #[cfg(not(any(debug_assertions, feature = "fault-injection")))]
 #[inline(always)]
 pub fn delay_point(_point: &str) {}
+
+/// Blocks the calling thread when the broker was started with this delay point armed for `key`
+/// (release build without `fault-injection`: never).
+#[cfg(not(any(debug_assertions, feature = "fault-injection")))]
+#[inline(always)]
+pub fn delay_point_for(_point: &str, _key: &str) {}
 
 /// How long a task should wait at this async delay point (release build without
 /// `fault-injection`: never).

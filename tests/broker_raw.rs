@@ -1007,6 +1007,244 @@ fn acks_all_produce_is_answered_while_index_appends_are_stalled_and_survives_kil
     assert!(std::fs::metadata(&index).is_ok_and(|m| m.len() > 0));
 }
 
+// Opening a partition log does its file work (directory, checkpoints, snapshots, index files,
+// the new log's epoch checkpoint) on the blocking thread pool, not on the shard's executor:
+// with the creation of one partition of a new topic stalled there (the `log_open` delay point,
+// far longer than the test), the single shard keeps answering ApiVersions, Metadata and
+// produce to an existing partition, while that CreateTopics is still unanswered.
+#[test]
+fn requests_are_answered_while_a_topics_log_creation_is_stalled() {
+    let slow = topic_name("openstall");
+    let b = Broker::options()
+        .env("SLUICE_FAULT_DELAY_MS", format!("log_open:600000:{slow}-0"))
+        .start();
+    let t = topic_name("openlive");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"before"])), (NONE, 0));
+
+    let mut creating = Raw::connect(b.addr);
+    let f = creating.frame(
+        ApiKey::CreateTopics,
+        5,
+        &CreateTopicsRequest::default()
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(tn(&slow))
+                .with_num_partitions(16)
+                .with_replication_factor(1)])
+            .with_timeout_ms(600_000),
+    );
+    creating.send_bytes(&f);
+    // The stalled job has started: it created the partition's directory, then blocked.
+    let stalled_dir = b.data_dir().join(format!("{slow}-0"));
+    let deadline = Instant::now() + IO_WAIT;
+    while !stalled_dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "log creation of {slow}-0 never started"
+        );
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(m.brokers.len(), 1);
+    for (i, acks) in [(1, 1), (2, -1)] {
+        let v = format!("during-{i}");
+        assert_eq!(
+            produce(&mut r, &t, 0, acks, batch(&[v.as_bytes()])),
+            (NONE, i)
+        );
+    }
+    let (_, recs) = fetch_all(&mut r, &t, 0);
+    assert_eq!(recs.len(), 3);
+    // The CreateTopics is still waiting for its stalled partition.
+    creating.s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(creating.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "CreateTopics answered while one of its partitions is stalled"
+    );
+}
+
+// The leader-epoch checkpoint an append writes when it begins a new epoch goes to disk on the
+// blocking thread pool, not on the shard's executor: with that job stalled after the write (the
+// `epoch_checkpoint` delay point, keyed by partition), the single shard keeps answering
+// ApiVersions, Metadata and produce to another partition, and the stalled append is accepted
+// (visible to fetches, answered) only once its checkpoint is durable and the job has returned.
+#[test]
+fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append_completes_after() {
+    // Long enough for the requests below on a loaded machine, short of the read timeout.
+    const STALL_MS: u64 = 8_000;
+    const _: () = assert!(STALL_MS < IO_WAIT.as_millis() as u64);
+    let slow = topic_name("epochstall");
+    let b = Broker::options()
+        .env(
+            "SLUICE_FAULT_DELAY_MS",
+            format!("epoch_checkpoint:{STALL_MS}:{slow}-0"),
+        )
+        .start();
+    let t = topic_name("epochlive");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+    create_topic(&mut r, &slow, 1);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"before"])), (NONE, 0));
+
+    // A batch in leader epoch 5 (partitionLeaderEpoch, bytes 12..16, lies outside the CRC):
+    // the partition's first epoch, so the append writes the checkpoint first.
+    let mut stamped = BytesMut::from(&batch(&[b"epoch five"])[..]);
+    stamped[12..16].copy_from_slice(&5i32.to_be_bytes());
+    let mut stalled = Raw::connect(b.addr);
+    let f = stalled.frame(
+        ApiKey::Produce,
+        9,
+        &ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(tn(&slow))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(stamped.freeze()))])]),
+    );
+    stalled.send_bytes(&f);
+    // The job has written the checkpoint (count, then epoch 5 from offset 0) and stalled.
+    let checkpoint = b
+        .data_dir()
+        .join(format!("{slow}-0/leader-epoch.checkpoint"));
+    let want: Vec<u8> = [
+        &1u32.to_be_bytes()[..],
+        &5i32.to_be_bytes(),
+        &0i64.to_be_bytes(),
+    ]
+    .concat();
+    let deadline = Instant::now() + IO_WAIT;
+    while !std::fs::read(&checkpoint).is_ok_and(|c| c.starts_with(&want)) {
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint of epoch 5 was never written"
+        );
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(m.brokers.len(), 1);
+    for (i, acks) in [(1, 1), (2, -1)] {
+        let v = format!("during-{i}");
+        assert_eq!(
+            produce(&mut r, &t, 0, acks, batch(&[v.as_bytes()])),
+            (NONE, i)
+        );
+    }
+    // Nothing of the stalled append is accepted yet, and it is not answered.
+    let (hw, recs) = fetch_all(&mut r, &slow, 0);
+    assert_eq!((hw, recs.len()), (0, 0));
+    stalled.s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(stalled.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the append was answered while its epoch checkpoint is stalled"
+    );
+    stalled.s.set_nonblocking(false).expect("blocking");
+
+    // Released: the append is answered at offset 0 and the partition continues after it.
+    let mut resp = stalled.read_frame().expect("the stalled produce's answer");
+    let h = ResponseHeader::decode(&mut resp, ApiKey::Produce.response_header_version(9))
+        .expect("response header");
+    assert_eq!(h.correlation_id, stalled.correlation);
+    let p: ProduceResponse = ProduceResponse::decode(&mut resp, 9).expect("produce response");
+    let part = &p.responses[0].partition_responses[0];
+    assert_eq!((part.error_code, part.base_offset), (NONE, 0));
+    assert_eq!(produce(&mut r, &slow, 0, -1, batch(&[b"after"])), (NONE, 1));
+    let (hw, recs) = fetch_all(&mut r, &slow, 0);
+    assert_eq!(hw, 2);
+    assert_eq!(recs.len(), 2);
+}
+
+// A single node's metadata log is appended and fdatasynced on the blocking thread pool, not on
+// shard 0's executor: with a new topic's record stalled there (the `metadata_log` delay point,
+// keyed by topic), the shard keeps answering ApiVersions, Metadata and produce, the topic is not
+// published before its record is durable, and once released the CreateTopics is answered and
+// the topic takes writes.
+#[test]
+fn requests_are_answered_while_a_topics_metadata_record_is_stalled_and_it_is_published_after() {
+    // Long enough for the requests below on a loaded machine, short of the read timeout.
+    const STALL_MS: u64 = 8_000;
+    const _: () = assert!(STALL_MS < IO_WAIT.as_millis() as u64);
+    let slow = topic_name("metastall");
+    let b = Broker::options()
+        .env(
+            "SLUICE_FAULT_DELAY_MS",
+            format!("metadata_log:{STALL_MS}:{slow}"),
+        )
+        .start();
+    let t = topic_name("metalive");
+    let mut r = Raw::connect(b.addr);
+    create_topic(&mut r, &t, 1);
+
+    let mut creating = Raw::connect(b.addr);
+    let f = creating.frame(
+        ApiKey::CreateTopics,
+        5,
+        &CreateTopicsRequest::default()
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(tn(&slow))
+                .with_num_partitions(1)
+                .with_replication_factor(1)])
+            .with_timeout_ms(30_000),
+    );
+    creating.send_bytes(&f);
+    // The record is written once the partition's log exists: wait for its directory.
+    let dir = b.data_dir().join(format!("{slow}-0"));
+    let deadline = Instant::now() + IO_WAIT;
+    while !dir.exists() {
+        assert!(Instant::now() < deadline, "{slow}-0 was never created");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    assert_eq!(produce(&mut r, &t, 0, -1, batch(&[b"during"])), (NONE, 0));
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert!(
+        m.topics
+            .iter()
+            .all(|x| x.name.as_ref().map(|n| n.as_str()) != Some(slow.as_str())),
+        "{slow} published before its metadata record is durable"
+    );
+    creating.s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(creating.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "CreateTopics answered while its metadata record is stalled"
+    );
+    creating.s.set_nonblocking(false).expect("blocking");
+
+    // Released: created, published, and it takes writes.
+    let mut resp = creating.read_frame().expect("the CreateTopics answer");
+    let h = ResponseHeader::decode(&mut resp, ApiKey::CreateTopics.response_header_version(5))
+        .expect("response header");
+    assert_eq!(h.correlation_id, creating.correlation);
+    let c = CreateTopicsResponse::decode(&mut resp, 5).expect("create topics response");
+    assert_eq!(c.topics[0].error_code, NONE);
+    assert_eq!(produce(&mut r, &slow, 0, -1, batch(&[b"after"])), (NONE, 0));
+}
+
 fn list_offset(r: &mut Raw, topic: &str, partition: i32, timestamp: i64) -> (i16, i64, i64) {
     use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
     let resp: ListOffsetsResponse = r.call(

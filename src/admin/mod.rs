@@ -94,6 +94,8 @@ pub struct MetadataOwner {
     producer_ids: RefCell<ProducerIds>,
     /// One producer-id block is persisted at a time (on the blocking thread pool).
     producer_block: Semaphore,
+    /// One change of the metadata log is written at a time (on the blocking thread pool).
+    metadata_log: Semaphore,
 }
 
 thread_local! {
@@ -114,6 +116,7 @@ pub fn install(store: Option<MetadataStore>, producer_ids: ProducerIds) {
         admin: Semaphore::new(1),
         producer_ids: RefCell::new(producer_ids),
         producer_block: Semaphore::new(1),
+        metadata_log: Semaphore::new(1),
     };
     OWNER.with(|o| *o.borrow_mut() = Some(Rc::new(owner)));
 }
@@ -146,20 +149,62 @@ where
     .await
 }
 
-/// Applies one change to the metadata log (fsynced) and publishes the new image to every shard.
-fn write_metadata(
-    broker: &BrokerContext,
-    owner: &MetadataOwner,
-    change: impl FnOnce(&mut MetadataStore) -> std::io::Result<()>,
+/// Applies one change to the metadata log (fdatasynced) and publishes the new image to every
+/// shard.
+///
+/// The log's file work runs on the blocking thread pool; the store and the published image
+/// change only once the record is durable. It runs in a task of its own that holds the
+/// metadata log's turn until the store is updated, so even when the request that asked for the
+/// change is dropped meanwhile, one job writing the log is in flight at a time and each is
+/// staged from the store as the previous one left it.
+async fn write_metadata(
+    owner: &Rc<MetadataOwner>,
+    record: Record,
 ) -> Result<Arc<MetadataImage>, AdminError> {
-    let mut store = owner.store.borrow_mut();
-    let store = store
-        .as_mut()
-        .expect("a single node's metadata owner has the metadata log");
-    change(store).map_err(|e| AdminError::Storage(e.to_string()))?;
-    let image = Arc::new(store.image().clone());
-    broker.publish(image.clone());
-    Ok(image)
+    let owner = owner.clone();
+    let storage = |e: std::io::Error| AdminError::Storage(e.to_string());
+    let task = glommio::spawn_local(async move {
+        let _turn = owner
+            .metadata_log
+            .acquire_permit(1)
+            .await
+            .map_err(|_| AdminError::Storage("broker stopping".into()))?;
+        let job = {
+            let store = owner.store.borrow();
+            let store = store
+                .as_ref()
+                .expect("a single node's metadata owner has the metadata log");
+            store.stage(&record).map_err(storage)?
+        };
+        // The delay point's key: the topic a record names.
+        let key = match &record {
+            Record::CreateTopic(t) => t.name.clone(),
+            Record::DeleteTopic { name }
+            | Record::AddPartitions { name, .. }
+            | Record::SetConfigs { name, .. } => name.clone(),
+            _ => String::new(),
+        };
+        let written = glommio::executor()
+            .spawn_blocking(move || {
+                crate::fault::delay_point_for("metadata_log", &key);
+                job.run()
+            })
+            .await
+            .map_err(storage)?;
+        let image = {
+            let mut store = owner.store.borrow_mut();
+            let store = store
+                .as_mut()
+                .expect("a single node's metadata owner has the metadata log");
+            store.staged_written(record, written).map_err(storage)?;
+            Arc::new(store.image().clone())
+        };
+        shard::local().broker.publish(image.clone());
+        Ok(image)
+    })
+    .detach();
+    task.await
+        .unwrap_or_else(|| Err(AdminError::Storage("metadata write cancelled".into())))
 }
 
 /// Partitions each running shard owns in `image`.
@@ -523,7 +568,7 @@ pub async fn create_topic(
         }
         // Open the logs first: a topic is published only once every partition can take writes.
         open_partitions(&broker, &meta, 0).await?;
-        let image = write_metadata(&broker, &owner, |store| store.create_topic(meta))?;
+        let image = write_metadata(&owner, Record::CreateTopic(meta)).await?;
         let published = image.topic(&name).cloned().expect("just created");
         tracing::info!(topic = %name, partitions, "topic created");
         Ok(published)
@@ -577,7 +622,7 @@ pub async fn delete_topic(name: String) -> Result<(), AdminError> {
             tracing::info!(topic = %name, "topic deleted");
             return Ok(());
         }
-        write_metadata(&broker, &owner, |store| store.delete_topic(&name))?;
+        write_metadata(&owner, Record::DeleteTopic { name: name.clone() }).await?;
         for p in 0..meta.partition_count() {
             let owner = broker.owner(&meta, p).expect("in range");
             let tp = TopicPartition::new(name.clone(), p);
@@ -648,7 +693,17 @@ pub async fn add_partitions(name: String, total: i32, mode: CreateMode) -> Resul
         let mut grown = (*meta).clone();
         grown.shards.extend(new.iter().copied());
         open_partitions(&broker, &grown, current).await?;
-        write_metadata(&broker, &owner, |store| store.add_partitions(&name, new))?;
+        write_metadata(
+            &owner,
+            Record::AddPartitions {
+                name: name.clone(),
+                shards: new,
+                replicas: Vec::new(),
+                groups: Vec::new(),
+                nodes: Vec::new(),
+            },
+        )
+        .await?;
         Ok(())
     })
     .await
@@ -794,7 +849,14 @@ pub async fn alter_topic_configs(
             })
             .await?;
         } else {
-            let image = write_metadata(&broker, &owner, |store| store.set_configs(&name, next))?;
+            let image = write_metadata(
+                &owner,
+                Record::SetConfigs {
+                    name: name.clone(),
+                    configs: next,
+                },
+            )
+            .await?;
             if let Some(t) = image.topic(&name) {
                 shard::reconfigure_partitions(&broker, t).await;
             }
@@ -863,9 +925,14 @@ pub async fn alter_broker_configs(
             })
             .await?;
         } else {
-            let image = write_metadata(&broker, &owner, |store| {
-                store.set_broker_configs(&scope, next)
-            })?;
+            let image = write_metadata(
+                &owner,
+                Record::SetBrokerConfigs {
+                    scope: scope.clone(),
+                    configs: next,
+                },
+            )
+            .await?;
             for t in image.topics.values() {
                 shard::reconfigure_partitions(&broker, t).await;
             }

@@ -397,6 +397,51 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The file work of one change of the metadata log ([`MetadataStore::stage`]).
+pub struct MetadataWrite {
+    /// The log, open for appending (a second descriptor of the store's).
+    file: File,
+    frame: Vec<u8>,
+    /// The log's directory and the snapshot record that replaces it, when it is due.
+    rewrite: Option<(PathBuf, Vec<u8>)>,
+}
+
+/// What [`MetadataWrite::run`] did, for [`MetadataStore::staged_written`].
+pub struct MetadataWritten {
+    /// The rewritten log, open for appending, if it was rewritten; the rewrite's error if that
+    /// failed.
+    rewritten: std::io::Result<Option<File>>,
+}
+
+impl MetadataWrite {
+    /// Appends the record and fdatasyncs it, then rewrites the log if due. Blocks: the broker
+    /// runs it on the blocking thread pool. An error means the record may not be durable.
+    pub fn run(self) -> std::io::Result<MetadataWritten> {
+        (&self.file).write_all(&self.frame)?;
+        self.file.sync_data()?;
+        let rewritten = match self.rewrite {
+            Some((dir, snap)) => rewrite_log(&dir, &snap).map(Some),
+            None => Ok(None),
+        };
+        Ok(MetadataWritten { rewritten })
+    }
+}
+
+/// Rewrites the log as one snapshot record: write a temp file, fsync, rename over the log,
+/// fsync the directory so the rename itself is durable. Returns the new log, open for appending.
+fn rewrite_log(dir: &Path, snap_frame: &[u8]) -> std::io::Result<File> {
+    let tmp = dir.join("metadata.log.tmp");
+    let path = dir.join("metadata.log");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(snap_frame)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    sync_dir(dir)?;
+    OpenOptions::new().append(true).open(&path)
+}
+
 impl MetadataStore {
     /// Opens (or creates) the metadata log under `data_dir/__meta` and replays it.
     pub fn open(data_dir: &Path) -> std::io::Result<MetadataStore> {
@@ -433,33 +478,51 @@ impl MetadataStore {
         &self.image
     }
 
+    /// Appends `r` durably and applies it, on the calling thread (tests, tools; the broker
+    /// stages the file work off its executor: [`MetadataStore::stage`]).
     fn append(&mut self, r: Record) -> std::io::Result<()> {
-        self.file.write_all(&frame(&r))?;
-        self.file.sync_data()?;
-        self.image.apply(r);
-        self.records += 1;
-        if self.records > LOG_RECORDS_MAX {
-            self.compact()?;
-        }
-        Ok(())
+        let written = self.stage(&r)?.run()?;
+        self.staged_written(r, written)
     }
 
-    /// Rewrites the log as one snapshot record: write a temp file, fsync, rename over the log,
-    /// fsync the directory so the rename itself is durable.
-    fn compact(&mut self) -> std::io::Result<()> {
-        let snap = self.image.snapshot_record();
-        let tmp = self.dir.join("metadata.log.tmp");
-        let path = self.dir.join("metadata.log");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&frame(&snap))?;
-            f.sync_all()?;
+    /// The file work of appending `r` — its frame appended and fdatasynced, then, when the log
+    /// is due for it, its rewrite as one snapshot record of the image with `r` applied — to be
+    /// run elsewhere ([`MetadataWrite::run`], blocking) and handed back to
+    /// [`MetadataStore::staged_written`]. The store does not change meanwhile: the caller
+    /// runs one staged write at a time.
+    pub fn stage(&self, r: &Record) -> std::io::Result<MetadataWrite> {
+        let rewrite = (self.records + 1 > LOG_RECORDS_MAX).then(|| {
+            let mut next = self.image.clone();
+            next.apply(r.clone());
+            (self.dir.clone(), frame(&next.snapshot_record()))
+        });
+        Ok(MetadataWrite {
+            file: self.file.try_clone()?,
+            frame: frame(r),
+            rewrite,
+        })
+    }
+
+    /// `r`, staged by [`MetadataStore::stage`], is durable in the log: applies it. Returns the
+    /// error of the log's rewrite, if that failed (the record itself is in the log; the next
+    /// change tries the rewrite again).
+    pub fn staged_written(&mut self, r: Record, w: MetadataWritten) -> std::io::Result<()> {
+        self.image.apply(r);
+        match w.rewritten {
+            Ok(Some(file)) => {
+                self.file = file;
+                self.records = 1;
+                Ok(())
+            }
+            Ok(None) => {
+                self.records += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.records += 1;
+                Err(e)
+            }
         }
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new().append(true).open(&path)?;
-        self.records = 1;
-        Ok(())
     }
 
     pub fn create_topic(&mut self, t: TopicMeta) -> std::io::Result<()> {
@@ -636,9 +699,17 @@ mod tests {
         let mut s = MetadataStore::open(d.path()).unwrap();
         assert_eq!(s.image().topics.len(), 1);
         assert_eq!(s.image().topic("a").unwrap().shards, vec![0, 1, 5]);
-        s.compact().unwrap();
+        // The next record is past the log's limit: staged with the log's rewrite, one snapshot
+        // record holding it too.
+        s.records = LOG_RECORDS_MAX;
+        s.create_topic(topic("c", 1)).unwrap();
+        assert_eq!(s.records, 1);
+        s.create_topic(topic("d", 1)).unwrap();
         let s = MetadataStore::open(d.path()).unwrap();
+        assert_eq!(s.records, 2);
         assert_eq!(s.image().topic("a").unwrap().shards, vec![0, 1, 5]);
+        assert!(s.image().topic("b").is_none());
+        assert!(s.image().topic("c").is_some() && s.image().topic("d").is_some());
     }
 
     #[test]

@@ -13,11 +13,11 @@
 //!
 //! Writes are staged by `append` (raft-rs calls it synchronously) and performed by the future
 //! `persist` returns: truncations (`truncate_to`), one verbatim append of the new batches, one
-//! group commit (`sync_all`) and, when term or vote changed, the hard-state file. Reads come
-//! from the batch cache; entries for a follower behind it are fetched asynchronously
-//! (`entries_for_send` answers `LogTemporarilyUnavailable`, `take_fetch` reads them with the
-//! log's DMA reads, the driver then has raft-rs send them); other reads of older entries fall
-//! back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
+//! group commit (`sync_all`) and, when term or vote changed, the hard-state file (written on
+//! the blocking pool). Reads come from the batch cache; entries for a follower behind it are
+//! fetched asynchronously (`entries_for_send` answers `LogTemporarilyUnavailable`, `take_fetch`
+//! reads them with the log's DMA reads, the driver then has raft-rs send them); other reads of
+//! older entries fall back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
 //!
 //! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
 //! log's batch headers from the raft log's start. The log cleaner of compacted topics rewrites
@@ -756,6 +756,9 @@ impl LogStore for RaftLog {
 
     fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
         self.conf = cs.clone();
+        // Synchronous, on the executor: the store's contract makes the configuration durable
+        // before this returns, and it is called from the group's synchronous start — once per
+        // replica, when its group starts on an empty log (a new partition), never again.
         write_hard_state(&self.dir, &self.hard, &self.conf)
     }
 
@@ -794,7 +797,15 @@ impl LogStore for RaftLog {
                 log.sync_all().await.map_err(failed)?;
             }
             if let Some((dir, hs, cs)) = hard {
-                write_hard_state(&dir, &hs, &cs)?;
+                // Off the executor. Durable before this future resolves, so before the votes
+                // and append answers that depend on it leave. The driver awaits each persist
+                // before the next one starts: one write of this file in flight at a time.
+                glommio::executor()
+                    .spawn_blocking(move || {
+                        crate::fault::delay_point("hard_state");
+                        write_hard_state(&dir, &hs, &cs)
+                    })
+                    .await?;
             }
             Ok(())
         })
@@ -983,8 +994,9 @@ fn read_hard_state(dir: &Path) -> io::Result<(HardState, ConfState)> {
     }
 }
 
-/// Temp file, fsync, rename, directory fsync. Blocks the executor thread: it runs when term or
-/// vote change (elections), not per append.
+/// Temp file, fsync, rename, directory fsync. Blocks the calling thread: `persist` runs it on
+/// the blocking pool (term or vote changed: elections, not per append); `bootstrap` runs it
+/// once, synchronously.
 fn write_hard_state(dir: &Path, hs: &HardState, cs: &ConfState) -> io::Result<()> {
     let tmp = dir.join(format!("{HARD_STATE_FILE}.tmp"));
     {

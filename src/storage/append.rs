@@ -102,6 +102,9 @@ impl PartitionLog {
         };
         let arrived = Instant::now();
         self.admit(records.len()).await?;
+        self.persist_new_epochs(&records, mode).await?;
+        // No await since admission (or since the epoch checkpoint, during which other appends
+        // waited on `rolling`): admission order is log order.
         let (result, ticket) = self.assign(records, durability, mode)?;
         stage(ProduceStage::Admit, arrived);
         if durability == Durability::Accepted {
@@ -158,7 +161,7 @@ impl PartitionLog {
             return Ok((dup, ticket));
         }
         let base = s.offsets.log_end();
-        self.note_epochs(s, &records, base)?;
+        self.note_epochs(s, &records, base);
         let interval = s.config.index_interval_bytes;
         if mode == Mode::Assign {
             records.assign_offsets(base);
@@ -206,31 +209,64 @@ impl PartitionLog {
         Ok((result, ticket))
     }
 
-    /// Adds the epochs the batches starting at `base` begin to the leader-epoch cache, persisting
-    /// it before anything of the append is accepted (a failure leaves the log unchanged).
-    fn note_epochs(
+    /// Checks that the batches starting at `base` begin no epoch the leader-epoch cache does
+    /// not hold: [`PartitionLog::persist_new_epochs`] made it durable before this synchronous
+    /// part of the append, with no await in between.
+    fn note_epochs(&self, s: &State, records: &Validated, base: Offset) {
+        debug_assert!(
+            new_epochs(&s.epochs, records, base).is_none(),
+            "an append begins a leader epoch its checkpoint does not hold"
+        );
+    }
+
+    /// When the admitted batches begin a new leader epoch (a leader's first append in its term,
+    /// a follower's first entry of a new term), persists the leader-epoch cache with it before
+    /// any of the append is accepted, and installs it; a failure leaves the log unchanged. An
+    /// append that [`PartitionLog::assign`] would refuse or answer as a retry notes nothing.
+    ///
+    /// The checkpoint's write (temp file, fsync, rename, directory fsync) runs on the blocking
+    /// thread pool. Other appends, rolls and truncations wait meanwhile on `rolling`, as during
+    /// a roll: the log end does not move under the epochs computed here, and no other job
+    /// writing the checkpoint (a truncation's) is in flight at the same time.
+    async fn persist_new_epochs(
         &self,
-        s: &mut State,
         records: &Validated,
-        base: Offset,
+        mode: Mode,
     ) -> Result<(), StorageError> {
-        let mut next = base;
-        let mut epochs: Option<LeaderEpochs> = None;
-        for h in records.headers() {
-            let latest = epochs.as_ref().unwrap_or(&s.epochs).latest();
-            if h.partition_leader_epoch() >= 0
-                && latest.is_none_or(|l| h.partition_leader_epoch() > l)
-            {
-                epochs
-                    .get_or_insert_with(|| s.epochs.clone())
-                    .observe(h.partition_leader_epoch(), next);
+        let epochs = {
+            let s = self.state.borrow();
+            let Some(epochs) = new_epochs(&s.epochs, records, s.offsets.log_end()) else {
+                return Ok(());
+            };
+            let assignable = !s.closed
+                && match mode {
+                    Mode::Verbatim => check_contiguous(records, s.offsets.log_end()).is_ok(),
+                    Mode::Assign => matches!(self.check_producers(&s, records), Ok(None)),
+                };
+            if !assignable {
+                return Ok(());
             }
-            next = Offset(next.0 + h.last_offset_delta() as i64 + 1);
-        }
-        if let Some(e) = epochs {
-            e.persist(&self.dir)?;
-            s.epochs = e;
-        }
+            epochs
+        };
+        // Admission returned with no roll running and no await since: the turn is ours.
+        debug_assert!(!self.state.borrow().rolling);
+        self.state.borrow_mut().rolling = true;
+        let dir = self.dir.clone();
+        let key = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let written = glommio::executor()
+            .spawn_blocking(move || {
+                epochs.persist(&dir)?;
+                crate::fault::delay_point_for("epoch_checkpoint", &key);
+                std::io::Result::Ok(epochs)
+            })
+            .await;
+        let mut s = self.state.borrow_mut();
+        s.rolling = false;
+        s.wake_all();
+        s.epochs = written?;
         Ok(())
     }
 
@@ -404,6 +440,27 @@ pub fn stamp_epoch(records: &mut [u8], epoch: i32) -> Result<(), BatchError> {
         at += size;
     }
     Ok(())
+}
+
+/// The leader-epoch cache `epochs` with the epochs that batches starting at `base` begin, or
+/// `None` when they begin none (most appends: same epoch, or no epoch at all).
+fn new_epochs(epochs: &LeaderEpochs, records: &Validated, base: Offset) -> Option<LeaderEpochs> {
+    let mut next = base;
+    let mut out: Option<LeaderEpochs> = None;
+    for h in records.headers() {
+        let epoch = h.partition_leader_epoch();
+        let latest = out.as_ref().unwrap_or(epochs).latest();
+        if epoch >= 0 && latest.is_none_or(|l| epoch > l) {
+            let mut with = out.take().unwrap_or_else(|| epochs.clone());
+            // `observe` refuses an epoch starting where the latest one starts: nothing to note.
+            let noted = with.observe(epoch, next);
+            if noted || with.entries().len() != epochs.entries().len() {
+                out = Some(with);
+            }
+        }
+        next = Offset(next.0 + h.last_offset_delta() as i64 + 1);
+    }
+    out
 }
 
 /// The batches start at `log_end` and follow each other without a gap.

@@ -305,6 +305,21 @@ fn decode_swap(b: &[u8]) -> Option<Swap> {
     Some((old, new, checkpoint))
 }
 
+/// Removes the outputs (`.cleaned` files) of a failed cleaner pass from `dir`, unless a swap
+/// stopped after its marker (the next open finishes it). Blocking: run on the blocking pool.
+fn remove_cleaned_files(dir: &Path) -> std::io::Result<()> {
+    if dir.join(SWAP_FILE).exists() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        if name.to_str().is_some_and(|n| n.ends_with(".cleaned")) {
+            meta::remove_if_exists(&dir.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
 /// The file operations of a swap after its marker: old index files go (rebuilt from the data
 /// when missing), old segments that are not outputs go, each output's `.cleaned` file is renamed
 /// over its base. Idempotent, so recovery can run it again after a crash.
@@ -935,32 +950,29 @@ impl PartitionLog {
             s.cleaner.running = true;
         }
         let r = self.compact_pass(now_ms, committed).await;
-        self.state.borrow_mut().cleaner.running = false;
         #[cfg(test)]
         let stopped = SWAP_STOP_AFTER.with(|s| s.get()).is_some();
         #[cfg(not(test))]
         let stopped = false;
         if r.is_err() && !stopped {
-            // Outputs of a failed pass; the old segments are untouched.
-            if let Err(e) = self.remove_cleaned_files() {
+            // Outputs of a failed pass; the old segments are untouched. On the blocking pool,
+            // with the pass still counted as running, so the next pass's outputs never meet
+            // this removal.
+            if let Err(e) = self.remove_cleaned_files().await {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove .cleaned files");
             }
         }
+        self.state.borrow_mut().cleaner.running = false;
         r
     }
 
-    fn remove_cleaned_files(&self) -> std::io::Result<()> {
-        if self.dir.join(SWAP_FILE).exists() {
-            // A swap stopped after its marker: the next open finishes it.
-            return Ok(());
-        }
-        for e in std::fs::read_dir(&self.dir)? {
-            let name = e?.file_name();
-            if name.to_str().is_some_and(|n| n.ends_with(".cleaned")) {
-                meta::remove_if_exists(&self.dir.join(&name))?;
-            }
-        }
-        Ok(())
+    /// [`remove_cleaned_files`] of this log, on the blocking pool. Called while a pass runs
+    /// (`cleaner.running`), so no pass writes outputs meanwhile.
+    async fn remove_cleaned_files(&self) -> std::io::Result<()> {
+        let dir = self.dir.clone();
+        glommio::executor()
+            .spawn_blocking(move || remove_cleaned_files(&dir))
+            .await
     }
 
     async fn compact_pass(
@@ -1193,7 +1205,7 @@ impl PartitionLog {
         let old_bases: Vec<Offset> = old.iter().map(|p| p.base).collect();
         let new_bases: Vec<Offset> = outputs.iter().map(|g| g.base()).collect();
         if self.unchanged(old).is_none() {
-            self.remove_cleaned_files()?;
+            self.remove_cleaned_files().await?;
             return Ok(false);
         }
         steps.step()?;
@@ -1225,7 +1237,7 @@ impl PartitionLog {
                     meta::sync_dir(&dir)
                 })
                 .await?;
-            self.remove_cleaned_files()?;
+            self.remove_cleaned_files().await?;
             return Ok(false);
         };
         let index_files: Vec<[(PathBuf, Vec<u8>); 2]> = {

@@ -188,9 +188,45 @@ pub fn decode_time_index(b: &[u8]) -> Decoded<(i64, u32)> {
 }
 
 /// Reads an index file; a missing file decodes as empty and incomplete.
+#[cfg(test)]
 pub fn read_index_file<T: Copy>(path: &Path, decode: fn(&[u8]) -> Decoded<T>) -> Decoded<T> {
     match fs::read(path) {
         Ok(b) => decode(&b),
+        Err(_) => Decoded {
+            entries: vec![],
+            complete: false,
+        },
+    }
+}
+
+/// The raw contents of one segment's two index files, read on the blocking pool when a log is
+/// opened and decoded on the shard. `Err`: missing or unreadable.
+pub struct IndexFileBytes {
+    pub index: io::Result<Vec<u8>>,
+    pub time: io::Result<Vec<u8>>,
+}
+
+impl IndexFileBytes {
+    /// Blocking: reads both files of the segment starting at `base`.
+    pub fn read(dir: &Path, base: Offset) -> Self {
+        IndexFileBytes {
+            index: fs::read(segment_path(dir, base, "index")),
+            time: fs::read(segment_path(dir, base, "timeindex")),
+        }
+    }
+    /// The offset index as [`read_index_file`] would decode it.
+    pub fn decode_index(&self) -> Decoded<(u32, u32)> {
+        decode_read(&self.index, decode_index)
+    }
+    /// The time index as [`read_index_file`] would decode it.
+    pub fn decode_time_index(&self) -> Decoded<(i64, u32)> {
+        decode_read(&self.time, decode_time_index)
+    }
+}
+
+fn decode_read<T: Copy>(read: &io::Result<Vec<u8>>, decode: fn(&[u8]) -> Decoded<T>) -> Decoded<T> {
+    match read {
+        Ok(b) => decode(b),
         Err(_) => Decoded {
             entries: vec![],
             complete: false,

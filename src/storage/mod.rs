@@ -497,13 +497,17 @@ impl PartitionLog {
         self.state.borrow_mut().rolling = true;
         self.drain().await;
         self.no_snapshot_in_flight().await;
-        let r = {
+        let (writes, remove) = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
             s.producers = producers;
             let end = s.offsets.log_end();
-            write_producer_snapshots(&self.dir, end, s)
+            snapshot_files(&self.dir, end, s)
         };
+        // Off the executor; appends wait (`rolling`) until the snapshot is durable.
+        let r = glommio::executor()
+            .spawn_blocking(move || write_snapshot_files(&writes, &remove))
+            .await;
         let mut s = self.state.borrow_mut();
         s.rolling = false;
         s.wake_all();
@@ -759,8 +763,6 @@ impl PartitionLog {
     }
 }
 
-/// Writes the producer snapshot and the transaction snapshot, both covering the batches below
-/// `upto` (recovery replays the ones after it into both).
 /// The common end of closing a drained log: checks that every batch below the log end is
 /// written, marks it synced, and closes the active segment's time index with its last entry.
 /// Returns the log end and the bytes written to the active segment — what a clean-shutdown
@@ -779,15 +781,10 @@ fn seal_drained(s: &mut State) -> (Offset, u64) {
     (log_end, written)
 }
 
-pub(crate) fn write_producer_snapshots(dir: &Path, upto: Offset, s: &State) -> std::io::Result<()> {
-    let (writes, remove) = snapshot_files(dir, upto, s);
-    write_snapshot_files(&writes, &remove)
-}
-
-/// The producer snapshot and the transactions snapshot covering the batches below `upto`: the
-/// files to write (path, contents with their CRC) and one to remove. Without transactions (most
-/// partitions) there is no transactions file: a missing one reads as empty, and a roll or close
-/// costs no extra fsync.
+/// The producer snapshot and the transactions snapshot covering the batches below `upto`
+/// (recovery replays the ones after it into both): the files to write (path, contents with
+/// their CRC) and one to remove. Without transactions (most partitions) there is no
+/// transactions file: a missing one reads as empty, and a roll or close costs no extra fsync.
 pub(crate) fn snapshot_files(
     dir: &Path,
     upto: Offset,

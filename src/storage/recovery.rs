@@ -35,75 +35,39 @@ impl PartitionLog {
         clock: Clock,
     ) -> Result<Rc<Self>, StorageError> {
         let started = Instant::now();
-        std::fs::create_dir_all(dir)?;
         // glommio opens files and directories relative to no directory fd: paths must be absolute.
         let dir = &std::path::absolute(dir)?;
         // An index append of an earlier log of this directory (dropped without a close) may
         // still be writing its index files.
         super::appender::index_appends_finished(dir).await;
         let clean_path = dir.join(meta::CLEAN_FILE);
-        // A truncation that a crash interrupted: finish it (see `truncate`).
-        let trunc = truncate::pending(dir);
-        let clean = meta::read_file(&clean_path)
-            .and_then(|b| meta::decode_clean(&b))
-            .filter(|_| trunc.is_none());
-        let had_marker = clean_path.exists();
-        // The shard's clean-shutdown record (see `shutdown`): trusted below only if the active
-        // segment and its index files match it.
-        let record = super::shutdown::take_record(dir).filter(|_| trunc.is_none());
-        let checkpoint = meta::read_file(&dir.join(meta::LOG_START_FILE)).and_then(|b| {
-            b.try_into()
-                .ok()
-                .map(|a: [u8; 8]| Offset(i64::from_be_bytes(a)))
-        });
-        // The producer and transaction snapshots: not read for a log the record covers.
-        let read_snapshots = || {
-            let snapshot = meta::read_file(&dir.join(meta::PRODUCER_FILE))
-                .and_then(|b| meta::decode_producers(&b));
-            let (snap_upto, producers) = match snapshot {
-                Some((upto, s)) => (Some(upto), s),
-                None => (None, ProducerState::default()),
-            };
-            // The transaction snapshot is written with the producer snapshot and covers the
-            // same batches; one that does not match it (missing, damaged, or from another
-            // point) is not trusted, and the transactions of the batches it would have covered
-            // are lost.
-            let txns = meta::read_file(&dir.join(TXN_FILE))
-                .and_then(|b| TxnIndex::decode(&b))
-                .filter(|(upto, _)| Some(*upto) == snap_upto)
-                .map(|(_, t)| t)
-                .unwrap_or_default();
-            (snap_upto, producers, txns)
+        // The shard's clean-shutdown record (see `shutdown`): trusted below only if no
+        // truncation is pending and the active segment and its index files match it.
+        let record = super::shutdown::take_record(dir);
+        // Every file read (and crash leftover finished) before a segment is opened: one job on
+        // the blocking pool, so opening many logs never stalls the shard's other requests.
+        let prelude = {
+            let (dir, with_record) = (dir.clone(), record.is_some());
+            glommio::executor()
+                .spawn_blocking(move || OpenPrelude::read(&dir, with_record))
+                .await?
         };
-        let mut snapshots_read = record.is_none();
-        let (mut snap_upto, mut producers, mut txns) = if snapshots_read {
-            read_snapshots()
-        } else {
-            (None, ProducerState::default(), TxnIndex::default())
-        };
-
-        // A log-cleaner swap that a crash interrupted: finish it (or drop a pass's outputs).
-        compact::recover(dir)?;
-        let mut bases = meta::list_segments(dir)?;
-        // Segments wholly below the persisted log start: left by a crash between the
-        // checkpoint and the unlink.
-        if let Some(ls) = checkpoint {
-            while bases.len() > 1 && bases[1] <= ls {
-                for ext in ["log", "index", "timeindex"] {
-                    meta::remove_if_exists(&meta::segment_path(dir, bases[0], ext))?;
-                }
-                bases.remove(0);
-            }
-        }
-        if let Some(t) = trunc {
-            while bases.len() > 1 && bases.last().is_some_and(|b| *b >= t) {
-                let base = bases.pop().expect("checked above");
-                for ext in ["log", "index", "timeindex"] {
-                    meta::remove_if_exists(&meta::segment_path(dir, base, ext))?;
-                }
-            }
-            meta::sync_dir(dir)?;
-        }
+        let OpenPrelude {
+            trunc,
+            clean,
+            had_marker,
+            checkpoint,
+            snapshots,
+            bases,
+            index_files,
+            epochs: loaded_epochs,
+            cleaner,
+        } = prelude;
+        let record = record.filter(|_| trunc.is_none());
+        let mut snapshots_read = snapshots.is_some();
+        debug_assert_eq!(snapshots_read, record.is_none());
+        let (mut snap_upto, mut producers, mut txns) = snapshots.unwrap_or_default();
+        debug_assert_eq!(index_files.len(), bases.len());
         let interval = config.index_interval_bytes;
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len() + 1);
         let mut scan_report: Option<(Offset, u64, u64, ScanStop, u64)> = None;
@@ -111,7 +75,7 @@ impl PartitionLog {
         let mut file_size_active = 0u64;
         let mut from_record = false;
         let n = bases.len();
-        for (k, &base) in bases.iter().enumerate() {
+        for (k, (&base, files)) in bases.iter().zip(&index_files).enumerate() {
             let file = io
                 .open(&meta::segment_path(dir, base, "log"), false)
                 .await?;
@@ -120,7 +84,7 @@ impl PartitionLog {
             let last = k + 1 == n;
             if !last {
                 seg.set_extent(file_size, bases[k + 1]);
-                if !seg.load_index_files(dir) {
+                if !seg.load_index_files(files) {
                     let mut fresh = Segment::new(base, file.clone(), seg.created_ms());
                     // Compacted segments have offset gaps between their batches.
                     let out = segment::scan_with_gaps(&*file, 0, base, file_size, |h, pos| {
@@ -137,7 +101,15 @@ impl PartitionLog {
                     fresh.set_extent(file_size, seg.next());
                     fresh.push_time_entry();
                     seg = fresh;
-                    seg.write_index_files(dir)?;
+                    let bodies = seg.index_files_to_write(dir);
+                    glommio::executor()
+                        .spawn_blocking(move || {
+                            bodies
+                                .iter()
+                                .try_for_each(|(path, body)| meta::write_atomic(path, body))
+                        })
+                        .await?;
+                    seg.index_files_written();
                 }
                 segments.push(seg);
                 continue;
@@ -148,7 +120,7 @@ impl PartitionLog {
                 .filter(|r| r.active_base == base && r.written <= file_size && r.log_end >= base)
             {
                 seg.set_extent(r.written, r.log_end);
-                if seg.restore_index(dir, r.index.clone()) {
+                if seg.restore_index(files, r.index.clone()) {
                     from_record = true;
                     segments.push(seg);
                     continue;
@@ -159,13 +131,13 @@ impl PartitionLog {
                 clean.filter(|(end, size)| *size <= file_size && *end >= base)
             {
                 seg.set_extent(size, end);
-                if seg.load_index_files(dir) {
+                if seg.load_index_files(files) {
                     segments.push(seg);
                     continue;
                 }
             }
             if !snapshots_read {
-                (snap_upto, producers, txns) = read_snapshots();
+                (snap_upto, producers, txns) = read_snapshots_off_executor(dir).await;
                 snapshots_read = true;
             }
             // No clean shutdown: validate the active segment from its last durable index entry
@@ -173,9 +145,7 @@ impl PartitionLog {
             // batch before its offset; the batches after it are replayed from their headers).
             let mut fresh = Segment::new(base, file.clone(), seg.created_ms());
             let covered = snap_upto.filter(|u| *u >= base);
-            let idx =
-                meta::read_index_file(&meta::segment_path(dir, base, "index"), meta::decode_index)
-                    .entries;
+            let idx = files.decode_index().entries;
             let keep = match covered {
                 Some(u) => idx
                     .iter()
@@ -188,11 +158,7 @@ impl PartitionLog {
                 None => 0,
             };
             let tidx = if keep > 0 {
-                meta::read_index_file(
-                    &meta::segment_path(dir, base, "timeindex"),
-                    meta::decode_time_index,
-                )
-                .entries
+                files.decode_time_index().entries
             } else {
                 vec![]
             };
@@ -249,17 +215,23 @@ impl PartitionLog {
         if had_marker {
             // The marker vouches for the files as they are now; the first write makes it a lie,
             // so it must be gone (durably) before any append.
-            meta::remove_if_exists(&clean_path)?;
             // A log opened clean has changed no file: its removal may be made durable together
             // with the shard's others (start-up), before anything is appended.
             let clean_open = scan_report.is_none() && trunc.is_none();
-            if !(clean_open && super::shutdown::marker_sync_deferred(dir)) {
-                meta::sync_dir(dir)?;
-            }
+            let sync = !(clean_open && super::shutdown::marker_sync_deferred(dir));
+            glommio::executor()
+                .spawn_blocking(move || {
+                    meta::remove_if_exists(&clean_path)?;
+                    if sync {
+                        meta::sync_dir(clean_path.parent().expect("a file in the log's dir"))?;
+                    }
+                    Ok::<(), std::io::Error>(())
+                })
+                .await?;
         }
 
         if !from_record && !snapshots_read {
-            (snap_upto, producers, txns) = read_snapshots();
+            (snap_upto, producers, txns) = read_snapshots_off_executor(dir).await;
         }
         if from_record {
             let r = record.expect("the record matched");
@@ -303,11 +275,11 @@ impl PartitionLog {
             .unwrap_or(first_base)
             .max(first_base)
             .min(log_end);
-        let epochs = match LeaderEpochs::load(dir) {
+        let epochs = match loaded_epochs {
             Some(mut e) => {
                 // Entries of batches a crash lost (the file is written before the batch).
                 if e.truncate_from(log_end) {
-                    e.persist(dir)?;
+                    persist_epochs(dir, &e).await?;
                 }
                 e
             }
@@ -321,7 +293,7 @@ impl PartitionLog {
                     })
                     .await?;
                 }
-                if let Err(err) = e.persist(dir) {
+                if let Err(err) = persist_epochs(dir, &e).await {
                     tracing::warn!(dir = %dir.display(), error = %err, "cannot write the leader-epoch checkpoint");
                 }
                 e
@@ -354,7 +326,6 @@ impl PartitionLog {
 
         let cache_id = cache.register();
         let now = clock.now();
-        let cleaner = CleanerState::recovered(dir);
         // Aborted transactions whose markers the log cleaner removed: a transaction snapshot
         // written before that pass may still list them.
         txns.forget_aborted_below(cleaner.aborts_cleared_below());
@@ -407,14 +378,159 @@ impl PartitionLog {
             s.check_segments();
         }
         if trunc.is_some() {
-            if snap_upto.is_some_and(|u| u > log_end) {
-                let s = log.state.borrow();
-                super::write_producer_snapshots(dir, log_end, &s)?;
-            }
-            meta::remove_if_exists(&dir.join(truncate::TRUNCATE_FILE))?;
-            meta::sync_dir(dir)?;
+            // Finishing the interrupted truncation: the snapshots cut to the log end are durable
+            // before its marker goes, and the marker's removal before the log is used.
+            let snapshots = snap_upto
+                .is_some_and(|u| u > log_end)
+                .then(|| super::snapshot_files(dir, log_end, &log.state.borrow()));
+            let dir = dir.clone();
+            glommio::executor()
+                .spawn_blocking(move || {
+                    if let Some((writes, remove)) = snapshots {
+                        super::write_snapshot_files(&writes, &remove)?;
+                    }
+                    meta::remove_if_exists(&dir.join(truncate::TRUNCATE_FILE))?;
+                    meta::sync_dir(&dir)
+                })
+                .await?;
         }
         glommio::spawn_local(appender::flusher(Rc::downgrade(&log))).detach();
         Ok(log)
     }
+}
+
+/// The producer snapshot (what it covers, its state) and the transaction snapshot of a log.
+type Snapshots = (Option<Offset>, ProducerState, TxnIndex);
+
+/// What opening a log reads before it opens any segment file, with the crash leftovers it
+/// finishes on the way: gathered by one job on the blocking pool ([`OpenPrelude::read`]).
+struct OpenPrelude {
+    /// The offset of a truncation a crash interrupted (see `truncate`).
+    trunc: Option<Offset>,
+    /// The clean-shutdown marker's (log end, active segment size), unless a truncation is
+    /// pending.
+    clean: Option<(Offset, u64)>,
+    had_marker: bool,
+    /// The persisted log start.
+    checkpoint: Option<Offset>,
+    /// Read unless the shard's clean-shutdown record covers the log.
+    snapshots: Option<Snapshots>,
+    /// The segments' base offsets, ascending, without those the checkpoint or a pending
+    /// truncation removed.
+    bases: Vec<Offset>,
+    /// The index files of each segment of `bases`, in the same order.
+    index_files: Vec<meta::IndexFileBytes>,
+    /// The leader-epoch checkpoint; `None` if missing or damaged.
+    epochs: Option<LeaderEpochs>,
+    cleaner: CleanerState,
+}
+
+impl OpenPrelude {
+    /// Blocking, for the thread pool. Creates the log's directory if needed, finishes an
+    /// interrupted cleaner swap, removes segments left below the log start or past a pending
+    /// truncation (durably), and reads every small file the open needs. A new log's empty
+    /// leader-epoch checkpoint is written here too, so creating a log costs one job.
+    fn read(dir: &std::path::Path, with_record: bool) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(dir)?;
+        if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+            crate::fault::delay_point_for("log_open", name);
+        }
+        let trunc = truncate::pending(dir);
+        let clean_path = dir.join(meta::CLEAN_FILE);
+        let clean = meta::read_file(&clean_path)
+            .and_then(|b| meta::decode_clean(&b))
+            .filter(|_| trunc.is_none());
+        let had_marker = clean_path.exists();
+        let checkpoint = meta::read_file(&dir.join(meta::LOG_START_FILE)).and_then(|b| {
+            b.try_into()
+                .ok()
+                .map(|a: [u8; 8]| Offset(i64::from_be_bytes(a)))
+        });
+        // The record is not trusted with a truncation pending: the snapshots are read then.
+        let snapshots = (!with_record || trunc.is_some()).then(|| read_snapshots(dir));
+        // A log-cleaner swap that a crash interrupted: finish it (or drop a pass's outputs).
+        compact::recover(dir)?;
+        let mut bases = meta::list_segments(dir)?;
+        // Segments wholly below the persisted log start: left by a crash between the
+        // checkpoint and the unlink.
+        if let Some(ls) = checkpoint {
+            while bases.len() > 1 && bases[1] <= ls {
+                for ext in ["log", "index", "timeindex"] {
+                    meta::remove_if_exists(&meta::segment_path(dir, bases[0], ext))?;
+                }
+                bases.remove(0);
+            }
+        }
+        if let Some(t) = trunc {
+            while bases.len() > 1 && bases.last().is_some_and(|b| *b >= t) {
+                let base = bases.pop().expect("checked above");
+                for ext in ["log", "index", "timeindex"] {
+                    meta::remove_if_exists(&meta::segment_path(dir, base, ext))?;
+                }
+            }
+            meta::sync_dir(dir)?;
+        }
+        let index_files = bases
+            .iter()
+            .map(|&base| meta::IndexFileBytes::read(dir, base))
+            .collect();
+        let mut epochs = LeaderEpochs::load(dir);
+        if epochs.is_none() && bases.is_empty() {
+            // A new log (or one without segments): the cache rebuilt from no batches is empty.
+            let e = LeaderEpochs::default();
+            if let Err(err) = e.persist(dir) {
+                tracing::warn!(dir = %dir.display(), error = %err, "cannot write the leader-epoch checkpoint");
+            }
+            epochs = Some(e);
+        }
+        Ok(OpenPrelude {
+            trunc,
+            clean,
+            had_marker,
+            checkpoint,
+            snapshots,
+            bases,
+            index_files,
+            epochs,
+            cleaner: CleanerState::recovered(dir),
+        })
+    }
+}
+
+/// Blocking: the producer and transaction snapshots of the log in `dir`.
+fn read_snapshots(dir: &std::path::Path) -> Snapshots {
+    let snapshot =
+        meta::read_file(&dir.join(meta::PRODUCER_FILE)).and_then(|b| meta::decode_producers(&b));
+    let (snap_upto, producers) = match snapshot {
+        Some((upto, s)) => (Some(upto), s),
+        None => (None, ProducerState::default()),
+    };
+    // The transaction snapshot is written with the producer snapshot and covers the same
+    // batches; one that does not match it (missing, damaged, or from another point) is not
+    // trusted, and the transactions of the batches it would have covered are lost.
+    let txns = meta::read_file(&dir.join(TXN_FILE))
+        .and_then(|b| TxnIndex::decode(&b))
+        .filter(|(upto, _)| Some(*upto) == snap_upto)
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    (snap_upto, producers, txns)
+}
+
+/// [`read_snapshots`] on the blocking pool (a log whose record entry did not match).
+async fn read_snapshots_off_executor(dir: &std::path::Path) -> Snapshots {
+    let dir = dir.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || read_snapshots(&dir))
+        .await
+}
+
+/// Replaces the leader-epoch checkpoint durably, on the blocking pool.
+pub(crate) async fn persist_epochs(
+    dir: &std::path::Path,
+    epochs: &LeaderEpochs,
+) -> std::io::Result<()> {
+    let (dir, epochs) = (dir.to_path_buf(), epochs.clone());
+    glommio::executor()
+        .spawn_blocking(move || epochs.persist(&dir))
+        .await
 }

@@ -235,15 +235,8 @@ impl Segment {
 
     /// Loads `.index`/`.timeindex` (after [`Segment::set_extent`]) if both are complete,
     /// intact and consistent with the segment; `false` leaves it unchanged.
-    pub fn load_index_files(&mut self, dir: &Path) -> bool {
-        let idx = meta::read_index_file(
-            &meta::segment_path(dir, self.base, "index"),
-            meta::decode_index,
-        );
-        let tidx = meta::read_index_file(
-            &meta::segment_path(dir, self.base, "timeindex"),
-            meta::decode_time_index,
-        );
+    pub fn load_index_files(&mut self, files: &meta::IndexFileBytes) -> bool {
+        let (idx, tidx) = (files.decode_index(), files.decode_time_index());
         if !(idx.complete && tidx.complete) {
             return false;
         }
@@ -311,16 +304,19 @@ impl Segment {
     /// record: the index files must hold exactly the entries the record counts as appended
     /// (a missing file counts as empty), and the record's tail follows them. `false` if they
     /// do not match (the caller then recovers the log by a scan).
-    pub fn restore_index(&mut self, dir: &Path, tail: IndexTail) -> bool {
-        let read = |ext: &str| match std::fs::read(meta::segment_path(dir, self.base, ext)) {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Some(vec![]),
-            Err(_) => None,
-        };
-        let (Some(ib), Some(tb)) = (read("index"), read("timeindex")) else {
+    pub fn restore_index(&mut self, files: &meta::IndexFileBytes, tail: IndexTail) -> bool {
+        // A missing file holds no entries; an unreadable one cannot be vouched for.
+        fn read(r: &io::Result<Vec<u8>>) -> Option<&[u8]> {
+            match r {
+                Ok(b) => Some(b.as_slice()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Some(&[]),
+                Err(_) => None,
+            }
+        }
+        let (Some(ib), Some(tb)) = (read(&files.index), read(&files.time)) else {
             return false;
         };
-        let (idx, tidx) = (meta::decode_index(&ib), meta::decode_time_index(&tb));
+        let (idx, tidx) = (meta::decode_index(ib), meta::decode_time_index(tb));
         if !(idx.complete && tidx.complete)
             || idx.entries.len() != tail.index_durable as usize
             || tidx.entries.len() != tail.time_durable as usize
@@ -356,9 +352,8 @@ impl Segment {
         ]
     }
 
-    /// Rewrites both index files whole (sealed segments, clean shutdown).
-    /// The whole index files of this segment as [`write_index_files`](Self::write_index_files)
-    /// writes them, to be written elsewhere (off the executor): path and body of each. Call
+    /// The whole index files of this segment (a rebuilt sealed segment, a truncation's cut),
+    /// to be written elsewhere (off the executor): path and body of each. Call
     /// [`index_files_written`](Self::index_files_written) once they are.
     pub fn index_files_to_write(&mut self, dir: &Path) -> [(PathBuf, Vec<u8>); 2] {
         assert!(
@@ -384,25 +379,6 @@ impl Segment {
         assert!(!self.index_appending);
         self.index_durable = self.index.len();
         self.time_durable = self.time_index.len();
-    }
-
-    pub fn write_index_files(&mut self, dir: &Path) -> io::Result<()> {
-        assert!(
-            !self.index_appending,
-            "index files rewritten with an append in flight"
-        );
-        self.index_files_cut = false;
-        meta::write_atomic(
-            &meta::segment_path(dir, self.base, "index"),
-            &meta::encode_index(&self.index),
-        )?;
-        meta::write_atomic(
-            &meta::segment_path(dir, self.base, "timeindex"),
-            &meta::encode_time_index(&self.time_index),
-        )?;
-        self.index_durable = self.index.len();
-        self.time_durable = self.time_index.len();
-        Ok(())
     }
 
     pub fn new(base: Offset, file: Rc<dyn SegmentFile>, created_ms: i64) -> Self {

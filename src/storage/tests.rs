@@ -2358,6 +2358,78 @@ mod replicated {
         });
     }
 
+    /// A new leader epoch's checkpoint is written off the executor while the appends behind it
+    /// wait: appends issued together keep their order, every one answered finds its epoch
+    /// already in the checkpoint file, and an append refused by the producer checks notes no
+    /// epoch.
+    #[test]
+    fn new_epochs_are_checkpointed_before_their_append_is_accepted_and_appends_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = open(&d, small_config()).await;
+            let epochs = [1, 1, 2, 2, 2, 5, 5, 6];
+            let tasks: Vec<_> = epochs
+                .iter()
+                .enumerate()
+                .map(|(i, &epoch)| {
+                    let l = log.clone();
+                    let d = d.clone();
+                    glommio::spawn_local(async move {
+                        let b = batch(2, 50, i as i64, i as u8);
+                        let r = l
+                            .append_leader(BytesMut::from(&b[..]), epoch, Durability::Accepted)
+                            .await
+                            .unwrap();
+                        let on_disk = crate::storage::epochs::LeaderEpochs::load(&d)
+                            .expect("a checkpoint")
+                            .latest();
+                        assert!(
+                            on_disk >= Some(epoch),
+                            "epoch {epoch} answered before its checkpoint: {on_disk:?}"
+                        );
+                        r.base_offset
+                    })
+                })
+                .collect();
+            let mut bases = vec![];
+            for t in tasks {
+                bases.push(t.await);
+            }
+            let want: Vec<Offset> = (0..epochs.len() as i64).map(|i| Offset(2 * i)).collect();
+            assert_eq!(bases, want, "appends keep the order they were issued in");
+            let noted = vec![
+                (1, Offset(0)),
+                (2, Offset(4)),
+                (5, Offset(10)),
+                (6, Offset(14)),
+            ];
+            assert_eq!(log.leader_epochs(), noted);
+            // An idempotent producer's batch with a sequence gap, under a new epoch: refused, and
+            // the epoch is neither noted nor written.
+            log.append_leader(
+                BytesMut::from(&idempotent_batch(7, 0, 0, 1)[..]),
+                6,
+                Durability::Written,
+            )
+            .await
+            .unwrap();
+            let gap = idempotent_batch(7, 0, 5, 1);
+            assert!(log
+                .append_leader(BytesMut::from(&gap[..]), 9, Durability::Written)
+                .await
+                .is_err());
+            assert_eq!(log.leader_epochs(), noted);
+            assert_eq!(
+                crate::storage::epochs::LeaderEpochs::load(&d)
+                    .expect("a checkpoint")
+                    .entries(),
+                &noted[..]
+            );
+            log.close().await.unwrap();
+        });
+    }
+
     #[test]
     fn control_batches_carry_raft_entries_without_data() {
         let dir = tempfile::tempdir().unwrap();

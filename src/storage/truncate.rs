@@ -131,7 +131,12 @@ impl PartitionLog {
         }
         // Everything below the cut becomes durable first: the cut log counts as synced.
         file.sync().await?;
-        meta::write_file(&self.dir.join(TRUNCATE_FILE), &offset.0.to_be_bytes())?;
+        // The marker is durable before any file or memory changes (off the executor; appends
+        // and other truncations wait on `rolling`, log-start moves on the turn we hold).
+        let marker = self.dir.join(TRUNCATE_FILE);
+        glommio::executor()
+            .spawn_blocking(move || meta::write_file(&marker, &offset.0.to_be_bytes()))
+            .await?;
         // Memory first, so that readers never see a batch past the cut once its file changes.
         let later: Vec<Segment> = {
             let mut guard = self.state.borrow_mut();
@@ -152,27 +157,63 @@ impl PartitionLog {
         // appends (and further truncations) until a restart, whose recovery finishes the cut
         // from the marker.
         let cut_files = async {
+            let mut removed = Vec::with_capacity(later.len());
             for g in later.into_iter().rev() {
                 let base = g.base();
                 drop(g);
                 self.io
                     .remove(&meta::segment_path(&self.dir, base, "log"))
                     .await?;
-                for ext in ["index", "timeindex"] {
-                    meta::remove_if_exists(&meta::segment_path(&self.dir, base, ext))?;
-                }
+                removed.push(base);
+            }
+            if !removed.is_empty() {
+                // The removed segments' index files (orphans without their `.log` are never
+                // read: a segment is listed by its log file, and a new one recreates them).
+                let dir = self.dir.clone();
+                glommio::executor()
+                    .spawn_blocking(move || {
+                        removed.iter().try_for_each(|&base| {
+                            ["index", "timeindex"].iter().try_for_each(|ext| {
+                                meta::remove_if_exists(&meta::segment_path(&dir, base, ext))
+                            })
+                        })
+                    })
+                    .await?;
             }
             self.io.sync_dir(&self.dir).await?;
             file.truncate(pos).await?;
             file.sync().await?;
-            let mut guard = self.state.borrow_mut();
-            let s = &mut *guard;
-            s.active_mut().write_index_files(&self.dir)?;
-            super::write_producer_snapshots(&self.dir, offset, s)?;
-            s.epochs.persist(&self.dir)?;
-            drop(guard);
-            meta::remove_if_exists(&self.dir.join(TRUNCATE_FILE))?;
-            meta::sync_dir(&self.dir)
+            // The files that describe the cut log, taken from its memory (which already holds
+            // the cut), then written on the blocking pool in the order recovery relies on: the
+            // index files, snapshots and epoch checkpoint are durable before the marker goes,
+            // and the marker's removal is durable before the truncation returns.
+            let (index_files, (snapshots, remove), epochs) = {
+                let mut guard = self.state.borrow_mut();
+                let s = &mut *guard;
+                debug_assert!(s.is_drained(), "appends wait while a truncation runs");
+                (
+                    s.active_mut().index_files_to_write(&self.dir),
+                    super::snapshot_files(&self.dir, offset, s),
+                    s.epochs.clone(),
+                )
+            };
+            debug_assert!(epochs.entries().iter().all(|e| e.1 < offset));
+            let dir = self.dir.clone();
+            glommio::executor()
+                .spawn_blocking(move || {
+                    crate::fault::delay_point("truncate_files");
+                    for (path, body) in &index_files {
+                        meta::write_atomic(path, body)?;
+                    }
+                    super::write_snapshot_files(&snapshots, &remove)?;
+                    epochs.persist(&dir)?;
+                    meta::remove_if_exists(&dir.join(TRUNCATE_FILE))?;
+                    meta::sync_dir(&dir)
+                })
+                .await?;
+            // Nothing appended meanwhile (`rolling`): the files hold the index as it is.
+            self.state.borrow_mut().active_mut().index_files_written();
+            std::io::Result::Ok(())
         }
         .await;
         if let Err(e) = cut_files {

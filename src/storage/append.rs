@@ -249,8 +249,7 @@ impl PartitionLog {
             epochs
         };
         // Admission returned with no roll running and no await since: the turn is ours.
-        debug_assert!(!self.state.borrow().rolling);
-        self.state.borrow_mut().rolling = true;
+        let turn = self.take_turn();
         let dir = self.dir.clone();
         let key = dir
             .file_name()
@@ -263,10 +262,10 @@ impl PartitionLog {
                 std::io::Result::Ok(epochs)
             })
             .await;
-        let mut s = self.state.borrow_mut();
-        s.rolling = false;
-        s.wake_all();
-        s.epochs = written?;
+        let epochs = written?;
+        self.state.borrow_mut().epochs = epochs;
+        // The epochs are installed before the turn is given back: the next append sees them.
+        drop(turn);
         Ok(())
     }
 

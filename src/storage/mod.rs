@@ -439,7 +439,30 @@ pub struct PartitionLog {
     index_gate: RefCell<Option<std::sync::Arc<appender::IndexGate>>>,
 }
 
+/// A log's turn at work that holds appends, rolls and truncations back (`State::rolling`),
+/// from [`PartitionLog::take_turn`] until dropped. Dropping gives it back and wakes the waiters,
+/// also when the future holding it is dropped at an await, so a cancelled roll, truncation or
+/// epoch checkpoint never leaves the log held forever.
+pub(crate) struct Turn<'a>(&'a PartitionLog);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state.borrow_mut();
+        s.rolling = false;
+        s.wake_all();
+    }
+}
+
 impl PartitionLog {
+    /// Takes the log's turn (see [`Turn`]); the caller waited until no one held it, with no
+    /// await since.
+    pub(crate) fn take_turn(&self) -> Turn<'_> {
+        let mut s = self.state.borrow_mut();
+        debug_assert!(!s.rolling, "the log's turn is taken twice");
+        s.rolling = true;
+        Turn(self)
+    }
+
     /// Opens (recovering if needed) or creates the log in `dir` with direct I/O.
     pub async fn open(
         dir: &Path,

@@ -28,12 +28,8 @@ impl PartitionLog {
     }
 
     pub(crate) async fn roll_active(&self) -> Result<(), StorageError> {
-        self.state.borrow_mut().rolling = true;
-        let r = self.roll_inner().await;
-        let mut s = self.state.borrow_mut();
-        s.rolling = false;
-        s.wake_all();
-        r
+        let _turn = self.take_turn();
+        self.roll_inner().await
     }
 
     async fn roll_inner(&self) -> Result<(), StorageError> {

@@ -50,12 +50,8 @@ impl PartitionLog {
         while self.state.borrow().rolling {
             self.wait_until(|s| !s.rolling).await;
         }
-        self.state.borrow_mut().rolling = true;
-        let r = self.truncate_inner(offset).await;
-        let mut s = self.state.borrow_mut();
-        s.rolling = false;
-        s.wake_all();
-        r
+        let _turn = self.take_turn();
+        self.truncate_inner(offset).await
     }
 
     async fn truncate_inner(&self, offset: Offset) -> Result<(), StorageError> {

@@ -378,6 +378,11 @@ impl Appender {
     pub fn set_shard_cycle(&mut self, on: bool) {
         self.shard_cycle = on;
     }
+    /// The flush kept for the next one holds nothing of an earlier flush (tests).
+    #[cfg(test)]
+    pub fn spare_is_clear(&self) -> bool {
+        self.spare.is_clear() && self.spare.marks.capacity() <= FLUSH_MARKS_KEPT_MAX
+    }
     #[cfg(test)]
     pub fn set_snapshot_every(&mut self, bytes: u64) {
         self.snapshot_every = bytes;

@@ -74,11 +74,11 @@ const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
 /// must not leave every partition that saw one holding a list that size. 1024 marks are
 /// 16 KiB per partition.
 pub const FLUSH_MARKS_KEPT_MAX: usize = 1024;
-/// Writes of the largest flush: every pending byte (at most `PENDING_BYTES_MAX`, plus an
-/// append admitted with the pending bytes under it) in full chunks, the first chunk and the
-/// kept page. The write list is kept at whatever capacity a flush needed: it never grows past
-/// this.
-pub const FLUSH_WRITES_MAX: usize = 2 * PENDING_BYTES_MAX / CHUNK_BYTES_MAX + 2;
+/// Writes (chunks) whose list a flush keeps for the next: a flush of every pending byte
+/// (`PENDING_BYTES_MAX`) in full chunks, plus the first chunk and the kept page. One append
+/// admitted alone may be larger (up to a request's size) and make a longer list; it is shrunk
+/// back to this when that flush is done. 66 entries, about 1.6 KiB per list.
+pub const FLUSH_WRITES_KEPT_MAX: usize = PENDING_BYTES_MAX / CHUNK_BYTES_MAX + 2;
 /// Writes of a flush handled without a heap allocation (the futures in flight and their
 /// results): a steady flush is a kept page and one chunk.
 const FLUSH_WRITES_INLINE: usize = 4;
@@ -100,7 +100,8 @@ pub(crate) struct Pending {
 }
 
 /// A flush taken out of [`Pending`]: what to write where. The appender keeps one, cleared,
-/// between flushes ([`Flush::clear`]), so its lists are allocated once, not per flush.
+/// between flushes ([`Flush::clear`]), so its lists are allocated once, not per flush, and
+/// kept up to [`FLUSH_WRITES_KEPT_MAX`] writes and [`FLUSH_MARKS_KEPT_MAX`] marks.
 #[derive(Default)]
 pub(crate) struct Flush {
     writes: Vec<(Rc<DmaBuffer>, u64)>,
@@ -121,10 +122,10 @@ impl Flush {
         self.writes.clear();
         self.marks.clear();
         self.marks.shrink_to(FLUSH_MARKS_KEPT_MAX);
+        self.writes.shrink_to(FLUSH_WRITES_KEPT_MAX);
         self.tail.clear();
         self.end_pos = 0;
         self.write_end = 0;
-        debug_assert!(self.writes.capacity() <= FLUSH_WRITES_MAX);
     }
 
     fn is_clear(&self) -> bool {
@@ -155,6 +156,7 @@ impl Pending {
         self.head.clear();
         self.head.extend_from_slice(head);
         self.chunks.clear();
+        self.chunks.shrink_to(FLUSH_WRITES_KEPT_MAX);
         self.marks.clear();
         self.marks.shrink_to(FLUSH_MARKS_KEPT_MAX);
         self.bytes = 0;
@@ -236,6 +238,7 @@ impl Pending {
             flush.writes.push((Rc::new(buf), pos));
             pos += len as u64;
         }
+        self.chunks.shrink_to(FLUSH_WRITES_KEPT_MAX);
         flush.end_pos = end_pos;
         flush.write_end = pos;
         std::mem::swap(&mut self.marks, &mut flush.marks);
@@ -381,7 +384,9 @@ impl Appender {
     /// The flush kept for the next one holds nothing of an earlier flush (tests).
     #[cfg(test)]
     pub fn spare_is_clear(&self) -> bool {
-        self.spare.is_clear() && self.spare.marks.capacity() <= FLUSH_MARKS_KEPT_MAX
+        self.spare.is_clear()
+            && self.spare.marks.capacity() <= FLUSH_MARKS_KEPT_MAX
+            && self.spare.writes.capacity() <= FLUSH_WRITES_KEPT_MAX
     }
     #[cfg(test)]
     pub fn set_snapshot_every(&mut self, bytes: u64) {
@@ -1339,7 +1344,7 @@ mod tests {
     }
 
     #[test]
-    fn a_huge_flush_does_not_leave_a_huge_marks_list_behind() {
+    fn a_huge_flush_does_not_leave_huge_lists_behind() {
         crate::storage::tests::run(async {
             let mut p = Pending::new(0, vec![]);
             let appends = 20 * FLUSH_MARKS_KEPT_MAX;
@@ -1351,6 +1356,14 @@ mod tests {
             assert_eq!(f.marks.len(), appends);
             f.clear();
             assert!(f.marks.capacity() <= FLUSH_MARKS_KEPT_MAX);
+            // One append larger than the pending limit (admitted alone) makes a longer write
+            // list than a flush keeps.
+            p.push(&vec![5u8; PENDING_BYTES_MAX + 4 * CHUNK_BYTES_MAX]);
+            p.take(&mut f);
+            assert!(f.writes.len() > FLUSH_WRITES_KEPT_MAX);
+            f.clear();
+            assert!(f.writes.capacity() <= FLUSH_WRITES_KEPT_MAX);
+            assert!(p.chunks.capacity() <= FLUSH_WRITES_KEPT_MAX);
             // The same when the appends were dropped by a failed write instead.
             for i in 0..appends {
                 p.push(b"abc");

@@ -79,8 +79,8 @@ const RECORDS_PER_BATCH: usize = 12;
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Heap allocations the broker may make per steady-state acks=1 produce request (one partition,
 /// owned by the shard that reads the request), response included, in the window with the
-/// fewest. Measured 32.8 on a quiet machine and 36.4-36.6 while a release build ran on both
-/// cores (before a flush reused its lists and the flusher its futures, 40.9-43.1; before the
+/// fewest. Measured 32.8-34.4 on a quiet machine and 36.4-38.5 while a release build or the
+/// `broker_raw` tests ran alongside (before a flush reused its lists and the flusher its futures, 40.9-43.1; before the
 /// produce path dropped its per-request key Strings, response list, shared header and pending
 /// lists, means over all requests 47.7-49.8). Counts move by a few per request between runs:
 /// some of the executor's own allocations (timers, the source of a wait for readable data)

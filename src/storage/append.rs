@@ -191,12 +191,21 @@ impl PartitionLog {
         let ticket = s
             .appender
             .push(records.as_slice(), next, durability == Durability::Synced);
+        let single = records.batch_count() == 1;
         let (frozen, spans) = records.freeze();
-        for (start, end) in spans {
-            let b = frozen.slice(start..end);
-            let h = BatchHeader::trusted(&b);
-            self.cache
-                .insert(self.cache_id, h.base_offset(), h.last_offset(), b.clone());
+        if single {
+            // The whole buffer is the batch: cached as it is, since a slice of it would first
+            // move it to a shared (allocated) representation.
+            let h = BatchHeader::trusted(&frozen);
+            let (base, last) = (h.base_offset(), h.last_offset());
+            self.cache.insert(self.cache_id, base, last, frozen);
+        } else {
+            for (start, end) in spans {
+                let b = frozen.slice(start..end);
+                let h = BatchHeader::trusted(&b);
+                let (base, last) = (h.base_offset(), h.last_offset());
+                self.cache.insert(self.cache_id, base, last, b);
+            }
         }
         s.offsets.accept(next);
         s.debug_check_invariants();

@@ -12,6 +12,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use glommio::io::DmaBuffer;
+use smallvec::SmallVec;
 
 use crate::storage::io::{align_down, align_up, join_in_order, IoFuture, ALIGN_BYTES};
 use crate::storage::{FlushPolicy, PartitionLog, State, StorageError};
@@ -67,8 +68,24 @@ const _: () = assert!((CHUNK_BYTES_MIN as u64).is_multiple_of(ALIGN_BYTES));
 const _: () = assert!((CHUNK_BYTES_MAX as u64).is_multiple_of(ALIGN_BYTES));
 const _: () = assert!(PENDING_BYTES_MAX >= 2 * CHUNK_BYTES_MAX);
 
+/// Appends one flush may carry before the list of their marks is shrunk back when the flush
+/// is done: the lists of a flush are kept for the next (cleared, not dropped, so a steady
+/// stream of flushes allocates none), but a burst of many small appends behind a slow write
+/// must not leave every partition that saw one holding a list that size. 1024 marks are
+/// 16 KiB per partition.
+pub const FLUSH_MARKS_KEPT_MAX: usize = 1024;
+/// Writes (chunks) whose list a flush keeps for the next: a flush of every pending byte
+/// (`PENDING_BYTES_MAX`) in full chunks, plus the first chunk and the kept page. One append
+/// admitted alone may be larger (up to a request's size) and make a longer list; it is shrunk
+/// back to this when that flush is done. 66 entries, about 1.6 KiB per list.
+pub const FLUSH_WRITES_KEPT_MAX: usize = PENDING_BYTES_MAX / CHUNK_BYTES_MAX + 2;
+/// Writes of a flush handled without a heap allocation (the futures in flight and their
+/// results): a steady flush is a kept page and one chunk.
+const FLUSH_WRITES_INLINE: usize = 4;
+
 /// Bytes of the active segment not yet covered by a completed flush, starting at an aligned
-/// file position.
+/// file position. Its lists keep their capacity across flushes ([`Pending::take`],
+/// [`Pending::reset`]).
 pub(crate) struct Pending {
     /// File position of the first byte of `chunks[0]` (aligned).
     start: u64,
@@ -82,7 +99,10 @@ pub(crate) struct Pending {
     bytes: usize,
 }
 
-/// A flush taken out of [`Pending`]: what to write where.
+/// A flush taken out of [`Pending`]: what to write where. The appender keeps one, cleared,
+/// between flushes ([`Flush::clear`]), so its lists are allocated once, not per flush, and
+/// kept up to [`FLUSH_WRITES_KEPT_MAX`] writes and [`FLUSH_MARKS_KEPT_MAX`] marks.
+#[derive(Default)]
 pub(crate) struct Flush {
     writes: Vec<(Rc<DmaBuffer>, u64)>,
     /// The appends it carries (see [`Pending::marks`]).
@@ -93,6 +113,24 @@ pub(crate) struct Flush {
     write_end: u64,
     /// Bytes of the partial last page, for the next flush.
     tail: Vec<u8>,
+}
+
+impl Flush {
+    /// Empties the flush for the next one: its buffers are released (no DMA memory is held
+    /// between flushes), its lists keep their capacity up to [`FLUSH_MARKS_KEPT_MAX`].
+    pub fn clear(&mut self) {
+        self.writes.clear();
+        self.marks.clear();
+        self.marks.shrink_to(FLUSH_MARKS_KEPT_MAX);
+        self.writes.shrink_to(FLUSH_WRITES_KEPT_MAX);
+        self.tail.clear();
+        self.end_pos = 0;
+        self.write_end = 0;
+    }
+
+    fn is_clear(&self) -> bool {
+        self.writes.is_empty() && self.marks.is_empty() && self.tail.is_empty()
+    }
 }
 
 impl Pending {
@@ -106,6 +144,22 @@ impl Pending {
             marks: vec![],
             bytes: 0,
         }
+    }
+
+    /// Starts over at `start` (aligned) with the written partial page `head` and nothing
+    /// pending: its chunks are released, its lists cleared (their capacity kept, the marks'
+    /// up to [`FLUSH_MARKS_KEPT_MAX`]).
+    pub fn reset(&mut self, start: u64, head: &[u8]) {
+        debug_assert_eq!(start % ALIGN_BYTES, 0);
+        debug_assert!((head.len() as u64) < ALIGN_BYTES);
+        self.start = start;
+        self.head.clear();
+        self.head.extend_from_slice(head);
+        self.chunks.clear();
+        self.chunks.shrink_to(FLUSH_WRITES_KEPT_MAX);
+        self.marks.clear();
+        self.marks.shrink_to(FLUSH_MARKS_KEPT_MAX);
+        self.bytes = 0;
     }
 
     /// File position after the last pending byte.
@@ -161,38 +215,37 @@ impl Pending {
         }
     }
 
-    /// Takes everything for one flush and leaves `self` ready for the appends that arrive while
-    /// it is in flight (starting with the partial last page).
-    pub fn take(&mut self) -> Flush {
+    /// Moves everything pending into `flush` (cleared) and leaves `self` ready for the appends
+    /// that arrive while it is in flight (starting with the partial last page). The lists trade
+    /// places: `self` goes on with the flush's empty marks list, so neither is allocated anew.
+    pub fn take(&mut self, flush: &mut Flush) {
+        debug_assert!(flush.is_clear());
+        debug_assert!(!self.is_empty());
         let end_pos = self.end_pos();
         let mut pos = self.start;
-        let mut writes = Vec::with_capacity(self.chunks.len());
-        let mut tail = Vec::new();
         let n = self.chunks.len();
-        for (i, (mut buf, fill)) in std::mem::take(&mut self.chunks).into_iter().enumerate() {
+        for (i, (mut buf, fill)) in self.chunks.drain(..).enumerate() {
             let len = align_up(fill as u64) as usize;
             if i + 1 == n {
                 let page = align_down(fill as u64) as usize;
-                tail.extend_from_slice(&buf.as_bytes()[page..fill]);
+                flush.tail.extend_from_slice(&buf.as_bytes()[page..fill]);
                 // Zero the padding: nothing stale may follow the last batch on disk.
                 buf.as_bytes_mut()[fill..len].fill(0);
             }
             if len < buf.len() {
                 buf.trim_to_size(len);
             }
-            writes.push((Rc::new(buf), pos));
+            flush.writes.push((Rc::new(buf), pos));
             pos += len as u64;
         }
-        let write_end = pos;
-        let marks = std::mem::take(&mut self.marks);
-        *self = Pending::new(align_down(end_pos), tail.clone());
-        Flush {
-            writes,
-            marks,
-            end_pos,
-            write_end,
-            tail,
-        }
+        self.chunks.shrink_to(FLUSH_WRITES_KEPT_MAX);
+        flush.end_pos = end_pos;
+        flush.write_end = pos;
+        std::mem::swap(&mut self.marks, &mut flush.marks);
+        self.start = align_down(end_pos);
+        self.head.clear();
+        self.head.extend_from_slice(&flush.tail);
+        self.bytes = 0;
     }
 }
 
@@ -244,6 +297,8 @@ pub(crate) struct Appender {
     sync_failures: u64,
     last_sync: Instant,
     flusher: Option<Waker>,
+    /// The lists of the last completed flush, cleared, for the next one.
+    spare: Flush,
     /// A producer snapshot is being written in the background.
     snapshotting: bool,
     /// Active-segment position covered by the last producer snapshot, and how many synced bytes
@@ -293,6 +348,7 @@ impl Appender {
             sync_failures: 0,
             last_sync: now,
             flusher: None,
+            spare: Flush::default(),
             snapshotting: false,
             snapshot_pos,
             snapshot_every: PRODUCER_SNAPSHOT_BYTES,
@@ -324,6 +380,13 @@ impl Appender {
     #[cfg(test)]
     pub fn set_shard_cycle(&mut self, on: bool) {
         self.shard_cycle = on;
+    }
+    /// The flush kept for the next one holds nothing of an earlier flush (tests).
+    #[cfg(test)]
+    pub fn spare_is_clear(&self) -> bool {
+        self.spare.is_clear()
+            && self.spare.marks.capacity() <= FLUSH_MARKS_KEPT_MAX
+            && self.spare.writes.capacity() <= FLUSH_WRITES_KEPT_MAX
     }
     #[cfg(test)]
     pub fn set_snapshot_every(&mut self, bytes: u64) {
@@ -417,7 +480,7 @@ impl Appender {
     pub fn truncated(&mut self, written: u64, written_tail: Vec<u8>, end: Offset) {
         assert!(self.is_drained());
         assert_eq!(written_tail.len() as u64, written - align_down(written));
-        self.pending = Pending::new(align_down(written), written_tail.clone());
+        self.pending.reset(align_down(written), &written_tail);
         self.written_pos = written;
         self.synced_pos = written;
         self.written_tail = written_tail;
@@ -433,7 +496,7 @@ impl Appender {
     /// A new, empty active segment of `allocated` pre-allocated bytes (roll).
     pub fn started_segment(&mut self, allocated: u64) {
         assert!(self.is_drained());
-        self.pending = Pending::new(0, vec![]);
+        self.pending.reset(0, &[]);
         self.snapshot_pos = 0;
         self.synced_pos = 0;
         self.written_pos = 0;
@@ -567,8 +630,6 @@ struct Start {
     exit: bool,
 }
 
-type Work = std::pin::Pin<Box<dyn Future<Output = ()>>>;
-
 /// The per-partition flusher task: runs until the log is closed or dropped. It keeps at most one
 /// write (a flush of everything pending) and one fdatasync in flight, independently: the next
 /// write starts while the previous write's fdatasync is still running, so a steady stream of
@@ -593,23 +654,26 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
 
 async fn flush_loop(weak: Weak<PartitionLog>) {
     // The write and the sync in flight hold the log (their I/O completes even if every other
-    // handle is dropped); while neither is in flight the flusher holds only `weak`.
-    let mut write: Option<Work> = None;
-    let mut sync: Option<Work> = None;
+    // handle is dropped); while neither is in flight the flusher holds only `weak`. Each lives
+    // in this task's own state, replaced in place: starting one allocates nothing.
+    let mut write = std::pin::pin!(write_work(None));
+    let mut sync = std::pin::pin!(sync_work(None));
     let mut timer: Option<(Instant, Sleep)> = None;
     loop {
         let mut start = std::future::poll_fn(|cx| {
             if write
                 .as_mut()
-                .is_some_and(|f| f.as_mut().poll(cx).is_ready())
+                .as_pin_mut()
+                .is_some_and(|f| f.poll(cx).is_ready())
             {
-                write = None;
+                write.set(None);
             }
             if sync
                 .as_mut()
-                .is_some_and(|f| f.as_mut().poll(cx).is_ready())
+                .as_pin_mut()
+                .is_some_and(|f| f.poll(cx).is_ready())
             {
-                sync = None;
+                sync.set(None);
             }
             if timer
                 .as_mut()
@@ -655,22 +719,35 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                 let name = log.dir().file_name().and_then(|n| n.to_str());
                 crate::fault::panic_point("flusher", name.unwrap_or(""));
             }
-            let ticket = start.ticket.take();
-            write = Some(Box::pin(async move {
-                log.flush_pending().await;
-                drop(ticket); // out of the cycle: the next may start when all of it is done
-                log.snapshot_if_due(); // durable writes advance the synced offset too
-            }));
+            write.set(write_work(Some((log, start.ticket.take()))));
         }
         if start.sync {
             let Some(log) = weak.upgrade() else { return };
-            sync = Some(Box::pin(async move {
-                log.sync_written().await;
-                log.snapshot_if_due();
-            }));
+            sync.set(sync_work(Some(log)));
         }
         glommio::yield_if_needed().await;
     }
+}
+
+/// The flusher's write, when given a log: one flush of everything pending, then its place in
+/// the shard's commit cycle is given up and a producer snapshot started if one is due. `None`
+/// names the same future type for an idle slot.
+fn write_work(
+    job: Option<(Rc<PartitionLog>, Option<crate::storage::cycle::CycleTicket>)>,
+) -> Option<impl Future<Output = ()>> {
+    job.map(|(log, ticket)| async move {
+        log.flush_pending().await;
+        drop(ticket); // out of the cycle: the next may start when all of it is done
+        log.snapshot_if_due(); // durable writes advance the synced offset too
+    })
+}
+
+/// The flusher's fdatasync, when given a log, then a producer snapshot if one is due.
+fn sync_work(log: Option<Rc<PartitionLog>>) -> Option<impl Future<Output = ()>> {
+    log.map(|log| async move {
+        log.sync_written().await;
+        log.snapshot_if_due();
+    })
 }
 
 /// What to start now, given which of the write and the sync are idle.
@@ -715,7 +792,7 @@ fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
 impl PartitionLog {
     /// One group commit's write: everything pending, as concurrent aligned writes.
     pub(crate) async fn flush_pending(self: &Rc<Self>) {
-        let (file, flush, end_offset, alloc, punch, durable) = {
+        let (file, mut flush, end_offset, alloc, punch, durable) = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
             let hw = s.offsets.hw();
@@ -734,7 +811,8 @@ impl PartitionLog {
             // Check before the write: the flush starts at the page holding the end of the
             // written data and its writes follow each other in file order.
             debug_assert_eq!(a.pending.start, align_down(a.written_pos));
-            let flush = a.pending.take();
+            let mut flush = std::mem::take(&mut a.spare);
+            a.pending.take(&mut flush);
             debug_assert!(flush
                 .writes
                 .windows(2)
@@ -765,7 +843,7 @@ impl PartitionLog {
             // The flush's writes are in file order. As a prefix of them completes, the appends
             // wholly inside it are acknowledged, so producers refill while the rest of the flush
             // is still on its way to the disk.
-            let writes: Vec<IoFuture<'_, ()>> = flush
+            let writes: SmallVec<[IoFuture<'_, ()>; FLUSH_WRITES_INLINE]> = flush
                 .writes
                 .iter()
                 .map(|(buf, pos)| {
@@ -807,7 +885,8 @@ impl PartitionLog {
                     a.attempted_pos = flush.write_end;
                 }
                 a.written_pos = flush.end_pos;
-                a.written_tail = flush.tail;
+                // The old tail goes back with the flush's lists.
+                std::mem::swap(&mut a.written_tail, &mut flush.tail);
                 s.offsets.written(end_offset);
                 if durable {
                     self.durable_to(s, end_offset, flush.end_pos);
@@ -820,6 +899,9 @@ impl PartitionLog {
                 self.fail_unwritten(s, e)
             }
         }
+        // Its buffers are released now; its lists serve the next flush.
+        flush.clear();
+        s.appender.spare = flush;
         s.debug_check_invariants();
         s.wake_all();
     }
@@ -921,7 +1003,9 @@ impl PartitionLog {
         let from = (page - pos) as usize;
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        s.appender.written_tail = buf.as_bytes()[from..from + (end_pos - page) as usize].to_vec();
+        let tail = &mut s.appender.written_tail;
+        tail.clear();
+        tail.extend_from_slice(&buf.as_bytes()[from..from + (end_pos - page) as usize]);
         s.appender.written_pos = end_pos;
         s.offsets.written(end_offset);
         if durable {
@@ -1082,7 +1166,7 @@ impl PartitionLog {
                 .map_or(a.attempted_pos, |(p, l)| (p + l).max(a.attempted_pos));
             a.punch = Some((clean_from, to - clean_from));
         }
-        a.pending = Pending::new(align_down(pos), a.written_tail.clone());
+        a.pending.reset(align_down(pos), &a.written_tail);
         s.active_mut().truncate(pos, hw);
         s.producers.truncate_from(hw);
         self.cache.truncate_from(self.cache_id, hw);
@@ -1106,6 +1190,13 @@ impl PartitionLog {
 mod tests {
     use super::*;
 
+    /// A flush of everything pending, in fresh lists.
+    fn take(p: &mut Pending) -> Flush {
+        let mut f = Flush::default();
+        p.take(&mut f);
+        f
+    }
+
     #[test]
     fn take_pads_the_last_page_and_keeps_it_for_the_next_flush() {
         crate::storage::tests::run(async {
@@ -1113,7 +1204,7 @@ mod tests {
             let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8 + 1).collect();
             p.push(&data);
             assert_eq!(p.end_pos(), 5000);
-            let f = p.take();
+            let f = take(&mut p);
             assert_eq!((f.end_pos, f.write_end), (5000, 8192));
             let w = &f.writes[0].0;
             assert_eq!(&w.as_bytes()[..5000], &data[..]);
@@ -1122,7 +1213,7 @@ mod tests {
             assert_eq!(f.tail, data[4096..].to_vec());
             assert_eq!((p.start, p.head.len()), (4096, 904));
             p.push(b"more");
-            let g = p.take();
+            let g = take(&mut p);
             assert_eq!(g.writes[0].1, 4096);
             assert_eq!(&g.writes[0].0.as_bytes()[..904], &data[4096..]);
             assert_eq!(&g.writes[0].0.as_bytes()[904..908], b"more");
@@ -1135,12 +1226,12 @@ mod tests {
         crate::storage::tests::run(async {
             let mut p = Pending::new(0, vec![]);
             p.push(&[1u8; 5000]);
-            let f = p.take();
+            let f = take(&mut p);
             assert_eq!(f.writes.len(), 1, "no kept page: one write");
             // The next flush starts at the written partial page: that page is one write and the
             // new bytes past it, in blocks never written, another.
             p.push(&[2u8; 10_000]);
-            let g = p.take();
+            let g = take(&mut p);
             let at: Vec<(u64, usize)> = g.writes.iter().map(|(b, pos)| (*pos, b.len())).collect();
             assert_eq!(at, vec![(4096, 4096), (8192, 8192)]);
             assert_eq!(&g.writes[0].0.as_bytes()[..904], &[1u8; 904][..]);
@@ -1149,12 +1240,12 @@ mod tests {
             assert_eq!(g.write_end, 16_384);
             // An append that ends inside the kept page needs one write only.
             p.push(b"x");
-            let h = p.take();
+            let h = take(&mut p);
             assert_eq!(h.writes.len(), 1);
             assert_eq!(h.writes[0].1, 12_288);
             // For a durable write the page and the new bytes stay one write.
             p.push_with(&[3u8; 10_000], false);
-            let d = p.take();
+            let d = take(&mut p);
             let at: Vec<(u64, usize)> = d.writes.iter().map(|(b, pos)| (*pos, b.len())).collect();
             assert_eq!(at, vec![(12_288, 16_384)]);
         });
@@ -1166,7 +1257,7 @@ mod tests {
             let mut p = Pending::new(0, vec![]);
             let data = vec![7u8; 3 * CHUNK_BYTES_MAX + 10];
             p.push(&data);
-            let f = p.take();
+            let f = take(&mut p);
             let mut pos = 0;
             for (buf, at) in &f.writes {
                 assert_eq!(*at, pos);
@@ -1175,6 +1266,111 @@ mod tests {
             }
             assert_eq!(f.write_end, pos);
             assert_eq!(f.end_pos, data.len() as u64);
+        });
+    }
+
+    #[test]
+    fn a_flush_reuses_the_lists_of_the_previous_one() {
+        crate::storage::tests::run(async {
+            let mut p = Pending::new(0, vec![]);
+            let mut spare = Flush::default();
+            let mut lists = None;
+            for round in 0..4u64 {
+                p.push(&[round as u8 + 1; 6000]);
+                p.marks.push((p.end_pos(), Offset(round as i64 + 1)));
+                let mut f = std::mem::take(&mut spare);
+                p.take(&mut f);
+                // Only this flush's append and bytes, whatever the lists held before.
+                assert_eq!(f.marks, vec![(p.end_pos(), Offset(round as i64 + 1))]);
+                assert_eq!(f.end_pos, 6000 * (round + 1));
+                assert_eq!(
+                    f.writes.last().map(|w| w.1 + w.0.len() as u64),
+                    Some(f.write_end)
+                );
+                assert_eq!(f.tail.len() as u64, f.end_pos % ALIGN_BYTES);
+                assert!(p.marks.is_empty() && p.chunks.is_empty() && p.bytes == 0);
+                f.clear();
+                assert!(f.writes.is_empty() && f.marks.is_empty() && f.tail.is_empty());
+                let now = (
+                    f.writes.as_ptr() as usize,
+                    f.marks.as_ptr() as usize,
+                    p.marks.as_ptr() as usize,
+                );
+                // The marks lists trade places between the pending bytes and the flush: two
+                // lists serve every round once both exist.
+                if round >= 2 {
+                    let (writes, a, b) = lists.expect("lists of the previous round");
+                    assert_eq!(now.0, writes, "the write list is the previous flush's");
+                    assert!([a, b].contains(&now.1) && [a, b].contains(&now.2));
+                }
+                lists = Some(now);
+                spare = f;
+            }
+        });
+    }
+
+    #[test]
+    fn a_flush_after_a_failed_write_starts_from_a_clean_list_at_the_written_page() {
+        crate::storage::tests::run(async {
+            let mut p = Pending::new(0, vec![]);
+            p.push(&[1u8; 5000]);
+            let mut f = take(&mut p);
+            // The write of `f` fails: the appends pending meanwhile fail too, and the appender
+            // starts again at the written data (here: nothing of `f`), keeping its lists.
+            p.push(&[2u8; 3000]);
+            p.marks.push((p.end_pos(), Offset(2)));
+            f.clear();
+            p.reset(0, &[]);
+            assert!(p.is_empty() && p.marks.is_empty() && p.chunks.is_empty());
+            assert_eq!(p.end_pos(), 0);
+            p.push(&[3u8; 100]);
+            p.take(&mut f);
+            assert_eq!(f.writes.len(), 1);
+            assert_eq!((f.writes[0].1, f.end_pos, f.write_end), (0, 100, 4096));
+            assert!(f.writes[0].0.as_bytes()[..100].iter().all(|b| *b == 3));
+            assert!(f.writes[0].0.as_bytes()[100..].iter().all(|b| *b == 0));
+            assert!(f.marks.is_empty(), "no mark of a failed append survives");
+            // Reset at a written partial page: the next flush rewrites it first.
+            p.reset(4096, &[9u8; 10]);
+            p.push(b"x");
+            f.clear();
+            p.take(&mut f);
+            assert_eq!(f.writes[0].1, 4096);
+            assert_eq!(
+                &f.writes[0].0.as_bytes()[..11],
+                b"\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09x"
+            );
+        });
+    }
+
+    #[test]
+    fn a_huge_flush_does_not_leave_huge_lists_behind() {
+        crate::storage::tests::run(async {
+            let mut p = Pending::new(0, vec![]);
+            let appends = 20 * FLUSH_MARKS_KEPT_MAX;
+            for i in 0..appends {
+                p.push(b"abc");
+                p.marks.push((p.end_pos(), Offset(i as i64 + 1)));
+            }
+            let mut f = take(&mut p);
+            assert_eq!(f.marks.len(), appends);
+            f.clear();
+            assert!(f.marks.capacity() <= FLUSH_MARKS_KEPT_MAX);
+            // One append larger than the pending limit (admitted alone) makes a longer write
+            // list than a flush keeps.
+            p.push(&vec![5u8; PENDING_BYTES_MAX + 4 * CHUNK_BYTES_MAX]);
+            p.take(&mut f);
+            assert!(f.writes.len() > FLUSH_WRITES_KEPT_MAX);
+            f.clear();
+            assert!(f.writes.capacity() <= FLUSH_WRITES_KEPT_MAX);
+            assert!(p.chunks.capacity() <= FLUSH_WRITES_KEPT_MAX);
+            // The same when the appends were dropped by a failed write instead.
+            for i in 0..appends {
+                p.push(b"abc");
+                p.marks.push((p.end_pos(), Offset(i as i64 + 1)));
+            }
+            p.reset(0, &[]);
+            assert!(p.marks.capacity() <= FLUSH_MARKS_KEPT_MAX);
         });
     }
 }

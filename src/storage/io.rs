@@ -168,18 +168,23 @@ impl StorageIo for DmaIo {
     }
 }
 
+/// Futures [`join_in_order`] tracks without a heap allocation.
+const JOIN_INLINE: usize = 4;
+
 /// Runs `futs` concurrently until all are done and returns the first error in order (only after
 /// all finished, so no write is still in flight when the caller reacts to a failure). Whenever
 /// the run of leading futures that completed successfully grows, `on_prefix` gets its new length
-/// (writes issued in file order: the bytes up to the end of that run are on the file).
-pub async fn join_in_order(
-    mut futs: Vec<IoFuture<'_, ()>>,
+/// (writes issued in file order: the bytes up to the end of that run are on the file). Allocates
+/// nothing for up to `JOIN_INLINE` futures beyond what `futs` holds.
+pub async fn join_in_order<'a>(
+    mut futs: impl AsMut<[IoFuture<'a, ()>]>,
     mut on_prefix: impl FnMut(usize),
 ) -> io::Result<()> {
-    let mut done: Vec<Option<io::Result<()>>> = futs.iter().map(|_| None).collect();
+    let mut done: smallvec::SmallVec<[Option<io::Result<()>>; JOIN_INLINE]> =
+        futs.as_mut().iter().map(|_| None).collect();
     let mut prefix = 0usize;
     std::future::poll_fn(|cx| {
-        for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
+        for (f, d) in futs.as_mut().iter_mut().zip(done.iter_mut()) {
             if d.is_none() {
                 if let std::task::Poll::Ready(r) = f.as_mut().poll(cx) {
                     *d = Some(r);

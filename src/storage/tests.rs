@@ -745,6 +745,46 @@ fn disk_full_fails_unwritten_appends_keeps_reads_and_resumes_without_a_hole() {
     });
 }
 
+/// A flush's lists are kept for the next one and cleared whatever the write's outcome: after a
+/// failed (torn) write the next flushes carry only the appends made after it, from the written
+/// end, and the file (read back without the cache) holds exactly the acknowledged batches.
+#[test]
+fn flushes_after_a_failed_write_reuse_clean_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        let mut stored = vec![];
+        for i in 0..3u8 {
+            let b = batch(2, 700, i as i64, i);
+            let r = append(&log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        assert!(log.state.borrow().appender.spare_is_clear());
+        faults.torn_writes.set(1);
+        let mut big = batch(4, 3000, 10, 10);
+        big.extend(batch(4, 3000, 11, 11));
+        assert!(log
+            .append(BytesMut::from(&big[..]), Durability::Written)
+            .await
+            .is_err());
+        assert!(log.state.borrow().appender.spare_is_clear());
+        for i in 20..26u8 {
+            let b = batch(1, 50 + 400 * (i as usize % 3), i as i64, i);
+            let r = append(&log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+            assert!(log.state.borrow().appender.spare_is_clear());
+        }
+        log.close().await.unwrap();
+        drop(log);
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), stored);
+    });
+}
+
 #[test]
 fn torn_write_leaves_no_stale_batch_behind_a_shorter_retry() {
     let dir = tempfile::tempdir().unwrap();

@@ -1007,6 +1007,43 @@ fn acks_all_produce_is_answered_while_index_appends_are_stalled_and_survives_kil
     assert!(std::fs::metadata(&index).is_ok_and(|m| m.len() > 0));
 }
 
+/// Polls `cond` until it holds, failing after `IO_WAIT`.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + IO_WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+/// The (single) shard answers ApiVersions, Metadata, and an acks=1 and an acks=all produce to
+/// partition 0 of `topic`, which holds one record before (offsets 1 and 2 are answered).
+fn assert_shard_answers(r: &mut Raw, topic: &str) {
+    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, NONE);
+    let m: MetadataResponse = r.call(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(m.brokers.len(), 1);
+    for (i, acks) in [(1, 1), (2, -1)] {
+        let v = format!("during-{i}");
+        assert_eq!(produce(r, topic, 0, acks, batch(&[v.as_bytes()])), (NONE, i));
+    }
+}
+
+/// Nothing has been answered on `conn` yet (a peek would block); `conn` stays usable.
+fn assert_unanswered(conn: &mut Raw, what: &str) {
+    conn.s.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(conn.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{what}"
+    );
+    conn.s.set_nonblocking(false).expect("blocking");
+}
+
 // Opening a partition log does its file work (directory, checkpoints, snapshots, index files,
 // the new log's epoch checkpoint) on the blocking thread pool, not on the shard's executor:
 // with the creation of one partition of a new topic stalled there (the `log_open` delay point,
@@ -1037,39 +1074,15 @@ fn requests_are_answered_while_a_topics_log_creation_is_stalled() {
     creating.send_bytes(&f);
     // The stalled job has started: it created the partition's directory, then blocked.
     let stalled_dir = b.data_dir().join(format!("{slow}-0"));
-    let deadline = Instant::now() + IO_WAIT;
-    while !stalled_dir.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "log creation of {slow}-0 never started"
-        );
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
+    wait_until(&format!("log creation of {slow}-0 to start"), || {
+        stalled_dir.exists()
+    });
 
-    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
-    assert_eq!(v.error_code, NONE);
-    let m: MetadataResponse = r.call(
-        ApiKey::Metadata,
-        9,
-        &MetadataRequest::default().with_topics(None),
-    );
-    assert_eq!(m.brokers.len(), 1);
-    for (i, acks) in [(1, 1), (2, -1)] {
-        let v = format!("during-{i}");
-        assert_eq!(
-            produce(&mut r, &t, 0, acks, batch(&[v.as_bytes()])),
-            (NONE, i)
-        );
-    }
+    assert_shard_answers(&mut r, &t);
     let (_, recs) = fetch_all(&mut r, &t, 0);
     assert_eq!(recs.len(), 3);
     // The CreateTopics is still waiting for its stalled partition.
-    creating.s.set_nonblocking(true).expect("nonblocking");
-    let mut byte = [0u8; 1];
-    assert!(
-        matches!(creating.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "CreateTopics answered while one of its partitions is stalled"
-    );
+    assert_unanswered(&mut creating, "CreateTopics answered while one of its partitions is stalled");
 }
 
 // The leader-epoch checkpoint an append writes when it begins a new epoch goes to disk on the
@@ -1123,40 +1136,15 @@ fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append
         &0i64.to_be_bytes(),
     ]
     .concat();
-    let deadline = Instant::now() + IO_WAIT;
-    while !std::fs::read(&checkpoint).is_ok_and(|c| c.starts_with(&want)) {
-        assert!(
-            Instant::now() < deadline,
-            "the checkpoint of epoch 5 was never written"
-        );
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
+    wait_until("the checkpoint of epoch 5 to be written", || {
+        std::fs::read(&checkpoint).is_ok_and(|c| c.starts_with(&want))
+    });
 
-    let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
-    assert_eq!(v.error_code, NONE);
-    let m: MetadataResponse = r.call(
-        ApiKey::Metadata,
-        9,
-        &MetadataRequest::default().with_topics(None),
-    );
-    assert_eq!(m.brokers.len(), 1);
-    for (i, acks) in [(1, 1), (2, -1)] {
-        let v = format!("during-{i}");
-        assert_eq!(
-            produce(&mut r, &t, 0, acks, batch(&[v.as_bytes()])),
-            (NONE, i)
-        );
-    }
+    assert_shard_answers(&mut r, &t);
     // Nothing of the stalled append is accepted yet, and it is not answered.
     let (hw, recs) = fetch_all(&mut r, &slow, 0);
     assert_eq!((hw, recs.len()), (0, 0));
-    stalled.s.set_nonblocking(true).expect("nonblocking");
-    let mut byte = [0u8; 1];
-    assert!(
-        matches!(stalled.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "the append was answered while its epoch checkpoint is stalled"
-    );
-    stalled.s.set_nonblocking(false).expect("blocking");
+    assert_unanswered(&mut stalled, "the append was answered while its epoch checkpoint is stalled");
 
     // Released: the append is answered at offset 0 and the partition continues after it.
     let mut resp = stalled.read_frame().expect("the stalled produce's answer");
@@ -1207,11 +1195,7 @@ fn requests_are_answered_while_a_topics_metadata_record_is_stalled_and_it_is_pub
     creating.send_bytes(&f);
     // The record is written once the partition's log exists: wait for its directory.
     let dir = b.data_dir().join(format!("{slow}-0"));
-    let deadline = Instant::now() + IO_WAIT;
-    while !dir.exists() {
-        assert!(Instant::now() < deadline, "{slow}-0 was never created");
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
+    wait_until(&format!("{slow}-0 to be created"), || dir.exists());
 
     let v: ApiVersionsResponse = r.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
     assert_eq!(v.error_code, NONE);
@@ -1227,13 +1211,7 @@ fn requests_are_answered_while_a_topics_metadata_record_is_stalled_and_it_is_pub
             .all(|x| x.name.as_ref().map(|n| n.as_str()) != Some(slow.as_str())),
         "{slow} published before its metadata record is durable"
     );
-    creating.s.set_nonblocking(true).expect("nonblocking");
-    let mut byte = [0u8; 1];
-    assert!(
-        matches!(creating.s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-        "CreateTopics answered while its metadata record is stalled"
-    );
-    creating.s.set_nonblocking(false).expect("blocking");
+    assert_unanswered(&mut creating, "CreateTopics answered while its metadata record is stalled");
 
     // Released: created, published, and it takes writes.
     let mut resp = creating.read_frame().expect("the CreateTopics answer");

@@ -1029,7 +1029,10 @@ fn assert_shard_answers(r: &mut Raw, topic: &str) {
     assert_eq!(m.brokers.len(), 1);
     for (i, acks) in [(1, 1), (2, -1)] {
         let v = format!("during-{i}");
-        assert_eq!(produce(r, topic, 0, acks, batch(&[v.as_bytes()])), (NONE, i));
+        assert_eq!(
+            produce(r, topic, 0, acks, batch(&[v.as_bytes()])),
+            (NONE, i)
+        );
     }
 }
 
@@ -1082,7 +1085,10 @@ fn requests_are_answered_while_a_topics_log_creation_is_stalled() {
     let (_, recs) = fetch_all(&mut r, &t, 0);
     assert_eq!(recs.len(), 3);
     // The CreateTopics is still waiting for its stalled partition.
-    assert_unanswered(&mut creating, "CreateTopics answered while one of its partitions is stalled");
+    assert_unanswered(
+        &mut creating,
+        "CreateTopics answered while one of its partitions is stalled",
+    );
 }
 
 // The leader-epoch checkpoint an append writes when it begins a new epoch goes to disk on the
@@ -1144,7 +1150,10 @@ fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append
     // Nothing of the stalled append is accepted yet, and it is not answered.
     let (hw, recs) = fetch_all(&mut r, &slow, 0);
     assert_eq!((hw, recs.len()), (0, 0));
-    assert_unanswered(&mut stalled, "the append was answered while its epoch checkpoint is stalled");
+    assert_unanswered(
+        &mut stalled,
+        "the append was answered while its epoch checkpoint is stalled",
+    );
 
     // Released: the append is answered at offset 0 and the partition continues after it.
     let mut resp = stalled.read_frame().expect("the stalled produce's answer");
@@ -1211,7 +1220,10 @@ fn requests_are_answered_while_a_topics_metadata_record_is_stalled_and_it_is_pub
             .all(|x| x.name.as_ref().map(|n| n.as_str()) != Some(slow.as_str())),
         "{slow} published before its metadata record is durable"
     );
-    assert_unanswered(&mut creating, "CreateTopics answered while its metadata record is stalled");
+    assert_unanswered(
+        &mut creating,
+        "CreateTopics answered while its metadata record is stalled",
+    );
 
     // Released: created, published, and it takes writes.
     let mut resp = creating.read_frame().expect("the CreateTopics answer");
@@ -1452,9 +1464,14 @@ fn pipelined_answers_before_a_closing_request_are_all_written_and_none_after_it(
     // All requests leave in one write, so their answers are ready together in the broker.
     r.send_bytes(&wire);
     for correlation in answered {
-        let mut resp = r.read_frame().expect("an answer before the closing request");
+        let mut resp = r
+            .read_frame()
+            .expect("an answer before the closing request");
         let h = ResponseHeader::decode(&mut resp, 0).expect("header");
-        assert_eq!(h.correlation_id, correlation, "answers out of request order");
+        assert_eq!(
+            h.correlation_id, correlation,
+            "answers out of request order"
+        );
         let v = ApiVersionsResponse::decode(&mut resp, 3).expect("api versions");
         assert_eq!(v.error_code, NONE);
     }

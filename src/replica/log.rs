@@ -1054,6 +1054,41 @@ mod tests {
         // `sluice_raft::transport`, and its test of a damaged entry refused before the log).
     }
 
+    /// A change of term or vote is written on the blocking pool: queued behind a job that
+    /// holds the pool's thread, `persist` is still pending after a poll and the file still
+    /// holds the old state; released, it resolves with the new term and vote on disk.
+    #[test]
+    fn a_new_term_is_written_on_the_blocking_pool_and_durable_when_persist_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let (log, mut store) = open_store(&d).await;
+            let mut hs = HardState::default();
+            hs.term = 7;
+            hs.vote = 3;
+            store.set_hard_state(&hs).unwrap();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let ahead = glommio::executor().spawn_blocking(move || {
+                released.recv().unwrap();
+            });
+            let mut persisted = store.persist();
+            assert!(
+                futures_lite::future::poll_once(&mut persisted)
+                    .await
+                    .is_none(),
+                "the hard state was written on the executor"
+            );
+            assert_eq!(read_hard_state(log.dir()).unwrap().0.term, 0);
+            release.send(()).unwrap();
+            persisted.await.unwrap();
+            ahead.await;
+            let (on_disk, _) = read_hard_state(log.dir()).unwrap();
+            assert_eq!((on_disk.term, on_disk.vote), (7, 3));
+            drop(store);
+            log.close().await.unwrap();
+        });
+    }
+
     #[test]
     fn entries_are_stamped_batches_truncated_on_conflict_and_rebuilt_at_open() {
         let dir = tempfile::tempdir().unwrap();

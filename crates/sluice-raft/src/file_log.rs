@@ -19,6 +19,11 @@
 //! corruption of synced data: opening fails and names the offset, rather than silently dropping
 //! entries this node may have acknowledged.
 //!
+//! [`LogStore::persist`] does the appends, fdatasyncs and hard-state replacement on the glommio
+//! executor's blocking thread pool (the controller's log lives on shard 0, which also serves
+//! partitions); `install_snapshot` and `bootstrap`, rare and durable-on-return by contract, write
+//! synchronously.
+//!
 //! All entries after the snapshot are held in memory (raft-rs reads them synchronously); the log
 //! stays small because the driver compacts it every `snapshot_interval_entries`.
 
@@ -269,6 +274,13 @@ impl FileLog {
     }
 
     fn write_hard_state(&mut self) -> io::Result<()> {
+        write_atomic(&self.dir, HARD_STATE_FILE, &self.hard_state_file())?;
+        self.hard_state_dirty = false;
+        Ok(())
+    }
+
+    /// The hard-state file's bytes for the current hard state and bootstrap conf state.
+    fn hard_state_file(&self) -> Vec<u8> {
         let mut body = Vec::new();
         codec::put_hard_state(&mut body, &self.hard_state);
         codec::put_conf_state(&mut body, &self.bootstrap_conf);
@@ -276,9 +288,22 @@ impl FileLog {
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         out.extend_from_slice(&body);
-        write_atomic(&self.dir, HARD_STATE_FILE, &out)?;
+        out
+    }
+
+    /// Takes what [`FileLog::sync`] would write: the pending records and, when term or vote
+    /// changed, the hard-state file. `None` when there is nothing to write.
+    fn take_unsynced(&mut self) -> Option<Unsynced> {
+        if self.pending.is_empty() && !self.hard_state_dirty {
+            return None;
+        }
+        let hard_state = self.hard_state_dirty.then(|| self.hard_state_file());
+        // Taken now: a failed write fails the group (the driver stops on a storage error).
         self.hard_state_dirty = false;
-        Ok(())
+        Some(Unsynced {
+            records: std::mem::take(&mut self.pending),
+            hard_state,
+        })
     }
 
     fn replay(&mut self, body: &[u8]) -> Result<(), Malformed> {
@@ -359,19 +384,35 @@ impl FileLog {
     /// Writes the buffered records and the hard state, with their fsyncs, before returning
     /// (the executor thread waits: fine for the controller's small writes).
     pub fn sync(&mut self) -> io::Result<()> {
-        let n = self.pending.len();
-        for (i, rec) in std::mem::take(&mut self.pending).into_iter().enumerate() {
-            self.file.write_all(&rec)?;
+        match self.take_unsynced() {
+            Some(w) => w.write(&mut self.file, &self.dir),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Writes a [`FileLog`] owes the disk: appended records, and the hard-state file when term or
+/// vote changed. Owned, so that [`LogStore::persist`] can do them on the blocking thread pool.
+struct Unsynced {
+    records: Vec<Vec<u8>>,
+    hard_state: Option<Vec<u8>>,
+}
+
+impl Unsynced {
+    fn write(self, file: &mut File, dir: &Path) -> io::Result<()> {
+        let n = self.records.len();
+        for (i, rec) in self.records.into_iter().enumerate() {
+            file.write_all(&rec)?;
             if i + 1 < n {
                 // Only the last record of the file may be torn: see the module comment.
-                self.file.sync_data()?;
+                file.sync_data()?;
             }
         }
         if n > 0 {
-            self.file.sync_data()?;
+            file.sync_data()?;
         }
-        if self.hard_state_dirty {
-            self.write_hard_state()?;
+        if let Some(bytes) = self.hard_state {
+            write_atomic(dir, HARD_STATE_FILE, &bytes)?;
         }
         Ok(())
     }
@@ -453,9 +494,22 @@ impl LogStore for FileLog {
         self.write_hard_state()
     }
 
+    /// The writes and syncs run on the executor's blocking thread pool, so a metadata change
+    /// does not stall the shard it is driven on for an fdatasync and an atomic file
+    /// replacement. No two run at once: the driver awaits this future before it touches the
+    /// store again. A pass that wrote nothing (a commit-only change) costs no pool hop.
     fn persist(&mut self) -> crate::storage::Persist {
-        let r = self.sync();
-        Box::pin(std::future::ready(r))
+        let Some(unsynced) = self.take_unsynced() else {
+            return Box::pin(std::future::ready(Ok(())));
+        };
+        let (file, dir) = (self.file.try_clone(), self.dir.clone());
+        Box::pin(async move {
+            // A second descriptor of the same open file (append mode, shared offset).
+            let mut file = file?;
+            glommio::executor()
+                .spawn_blocking(move || unsynced.write(&mut file, &dir))
+                .await
+        })
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
@@ -548,6 +602,51 @@ mod tests {
             Err(raft::Error::Store(StorageError::Unavailable))
         ));
         assert_eq!(log.torn_bytes(), 0);
+    }
+
+    /// `persist` writes on the executor's blocking pool: queued behind a job that holds the
+    /// pool's thread, it is still pending after a poll and has written nothing; released, it
+    /// resolves with the entries and the new term and vote on disk. A pass with nothing to
+    /// write resolves at once.
+    #[test]
+    fn persist_writes_on_the_blocking_pool_and_is_durable_when_it_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let mut log = FileLog::open(&path).unwrap();
+                log.append(&[entry(1, 1, "a"), entry(2, 1, "b")]).unwrap();
+                log.set_hard_state(&hs(1, 2, 0)).unwrap();
+                // A job ahead in the (one-thread) pool, held until released below.
+                let (release, released) = std::sync::mpsc::channel::<()>();
+                let ahead = glommio::executor().spawn_blocking(move || {
+                    released.recv().unwrap();
+                });
+                let mut persisted = log.persist();
+                assert!(
+                    futures_lite::future::poll_once(&mut persisted)
+                        .await
+                        .is_none(),
+                    "persist wrote on the executor, not on the blocking pool"
+                );
+                assert_eq!(FileLog::read_hard_state(&path).unwrap().0, hs(0, 0, 0));
+                release.send(()).unwrap();
+                persisted.await.unwrap();
+                ahead.await;
+                let reopened = FileLog::open(&path).unwrap();
+                assert_eq!(
+                    datas(&reopened),
+                    vec![(1, 1, "a".into()), (2, 1, "b".into())]
+                );
+                assert_eq!(reopened.raft_state().hard_state, hs(1, 2, 0));
+                // Commit-only: nothing to write, no pool job.
+                log.set_hard_state(&hs(1, 2, 2)).unwrap();
+                assert!(log.take_unsynced().is_none());
+                log.persist().await.unwrap();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]

@@ -587,16 +587,45 @@ async fn open_partitions(
         &configs::BrokerDefaults::of(&broker.config, &image),
         &meta.configs,
     );
-    for p in first..meta.partition_count() {
-        let owner = broker.owner(meta, p).expect("partition in range");
-        let tp = TopicPartition::new(meta.name.clone(), p);
-        let lc = log_config.clone();
-        invoke_on(owner, move || shard::open_partition_here(tp, lc, false))
-            .await
-            .map_err(|e| AdminError::Storage(e.to_string()))?;
+    let count = meta.partition_count();
+    let mut next = first;
+    while next < count {
+        // A window of opens at once, each its own task: the owner shards' blocking pools take
+        // the file work of one log right after another's, without a round trip through this
+        // task in between.
+        let end = count.min(next.saturating_add(OPENS_IN_FLIGHT_MAX));
+        let opens: Vec<_> = (next..end)
+            .map(|p| {
+                let owner = broker.owner(meta, p).expect("partition in range");
+                let tp = TopicPartition::new(meta.name.clone(), p);
+                let lc = log_config.clone();
+                shard::spawn_contained(invoke_on(owner, move || {
+                    shard::open_partition_here(tp, lc, false)
+                }))
+            })
+            .collect();
+        let mut failed = None;
+        // Every open of the window is awaited, failed or not: none is left running unawaited.
+        for open in opens {
+            let opened = shard::join(open)
+                .await
+                .unwrap_or_else(|| Err(std::io::Error::other("partition open cancelled").into()));
+            if let Err(e) = opened {
+                failed.get_or_insert(AdminError::Storage(e.to_string()));
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        next = end;
     }
     Ok(())
 }
+
+/// Partition logs opened at once while a topic is created or grows: enough to keep the owner
+/// shards' blocking pools busy back to back (an open is a few small file writes and fsyncs
+/// there), few enough that a topic of thousands of partitions does not queue them all at once.
+const OPENS_IN_FLIGHT_MAX: i32 = 32;
 
 /// Deletes a topic: unpublished and logged first, then the partition logs closed and their
 /// directories removed on the owner shards, so the name can be reused at once.

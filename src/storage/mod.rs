@@ -517,7 +517,7 @@ impl PartitionLog {
         while self.state.borrow().rolling {
             self.wait_until(|s| !s.rolling).await;
         }
-        self.state.borrow_mut().rolling = true;
+        let turn = self.take_turn();
         self.drain().await;
         self.no_snapshot_in_flight().await;
         let (writes, remove) = {
@@ -531,9 +531,7 @@ impl PartitionLog {
         let r = glommio::executor()
             .spawn_blocking(move || write_snapshot_files(&writes, &remove))
             .await;
-        let mut s = self.state.borrow_mut();
-        s.rolling = false;
-        s.wake_all();
+        drop(turn);
         Ok(r?)
     }
 

@@ -75,7 +75,9 @@ impl PartitionLog {
         let mut file_size_active = 0u64;
         let mut from_record = false;
         let n = bases.len();
-        for (k, (&base, files)) in bases.iter().zip(&index_files).enumerate() {
+        // Each segment's index bytes are dropped once it is loaded: the raw files of a long log
+        // are not held beside its decoded index.
+        for (k, (&base, files)) in bases.iter().zip(index_files).enumerate() {
             let file = io
                 .open(&meta::segment_path(dir, base, "log"), false)
                 .await?;
@@ -84,7 +86,7 @@ impl PartitionLog {
             let last = k + 1 == n;
             if !last {
                 seg.set_extent(file_size, bases[k + 1]);
-                if !seg.load_index_files(files) {
+                if !seg.load_index_files(&files) {
                     let mut fresh = Segment::new(base, file.clone(), seg.created_ms());
                     // Compacted segments have offset gaps between their batches.
                     let out = segment::scan_with_gaps(&*file, 0, base, file_size, |h, pos| {
@@ -101,14 +103,7 @@ impl PartitionLog {
                     fresh.set_extent(file_size, seg.next());
                     fresh.push_time_entry();
                     seg = fresh;
-                    let bodies = seg.index_files_to_write(dir);
-                    glommio::executor()
-                        .spawn_blocking(move || {
-                            bodies
-                                .iter()
-                                .try_for_each(|(path, body)| meta::write_atomic(path, body))
-                        })
-                        .await?;
+                    segment::write_index_files(seg.index_files_to_write(dir)).await?;
                     seg.index_files_written();
                 }
                 segments.push(seg);
@@ -120,7 +115,7 @@ impl PartitionLog {
                 .filter(|r| r.active_base == base && r.written <= file_size && r.log_end >= base)
             {
                 seg.set_extent(r.written, r.log_end);
-                if seg.restore_index(files, r.index.clone()) {
+                if seg.restore_index(&files, r.index.clone()) {
                     from_record = true;
                     segments.push(seg);
                     continue;
@@ -131,7 +126,7 @@ impl PartitionLog {
                 clean.filter(|(end, size)| *size <= file_size && *end >= base)
             {
                 seg.set_extent(size, end);
-                if seg.load_index_files(files) {
+                if seg.load_index_files(&files) {
                     segments.push(seg);
                     continue;
                 }

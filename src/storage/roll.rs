@@ -80,13 +80,7 @@ impl PartitionLog {
         };
         // Whole-file writes with fsyncs: on the blocking thread pool, not the shard's executor.
         // Appends wait meanwhile (`rolling`), so the sealed segment's index does not change.
-        glommio::executor()
-            .spawn_blocking(move || {
-                index_files
-                    .iter()
-                    .try_for_each(|(path, body)| meta::write_atomic(path, body))
-            })
-            .await?;
+        segment::write_index_files(index_files).await?;
         self.state.borrow_mut().active_mut().index_files_written();
         self.no_snapshot_in_flight().await;
         let base = self.state.borrow().offsets.log_end();

@@ -333,23 +333,9 @@ impl Segment {
     /// The paths and whole contents of both index files, to be written by the caller (a clean
     /// shutdown, see [`crate::storage::ClosingFiles`]); the segment takes no more index appends.
     pub fn index_file_bodies(&mut self, dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-        assert!(
-            !self.index_appending,
-            "index files rewritten with an append in flight"
-        );
-        self.index_files_cut = false;
-        self.index_durable = self.index.len();
-        self.time_durable = self.time_index.len();
-        vec![
-            (
-                meta::segment_path(dir, self.base, "index"),
-                meta::encode_index(&self.index),
-            ),
-            (
-                meta::segment_path(dir, self.base, "timeindex"),
-                meta::encode_time_index(&self.time_index),
-            ),
-        ]
+        let files = self.index_files_to_write(dir);
+        self.index_files_written();
+        files.into()
     }
 
     /// The whole index files of this segment (a rebuilt sealed segment, a truncation's cut),
@@ -773,6 +759,18 @@ fn classify_bad_start(b: &[u8]) -> ScanStop {
     } else {
         ScanStop::Invalid(BatchError::BadLength)
     }
+}
+
+/// Writes whole index files ([`Segment::index_files_to_write`]) atomically and durably, on the
+/// blocking thread pool; the caller then marks them with [`Segment::index_files_written`].
+pub(crate) async fn write_index_files(files: [(PathBuf, Vec<u8>); 2]) -> io::Result<()> {
+    glommio::executor()
+        .spawn_blocking(move || {
+            files
+                .iter()
+                .try_for_each(|(path, body)| meta::write_atomic(path, body))
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! (so pipelined produce requests join the same group commit); the writer awaits those tasks in
 //! order and writes each response.
 
+mod queue;
+
 use std::cell::Cell;
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -281,7 +283,8 @@ async fn serve_connection(
     let stall = Duration::from_millis(broker.config.stall_timeout_ms);
     let _ = writer_stream.set_write_timeout(Some(stall));
     let (mut stream, mut wstream) = (stream, writer_stream);
-    let (tx, rx) = async_channel::unbounded::<InFlight>();
+    let queue = queue::Queue::<InFlight>::new();
+    let (tx, rx) = queue.split();
     let budgets = Budgets {
         bytes: Rc::new(Semaphore::new(broker.config.inflight_bytes_max as u64)),
         requests: Rc::new(Semaphore::new(broker.config.inflight_requests_max as u64)),
@@ -364,7 +367,7 @@ struct Pending {
 async fn read_requests(
     stream: &mut TcpStream,
     conn: Rc<Connection>,
-    tx: async_channel::Sender<InFlight>,
+    tx: queue::Sender<'_, InFlight>,
     budgets: Budgets,
     closing: Rc<Cell<bool>>,
     stop: Stop,
@@ -463,7 +466,7 @@ async fn read_requests(
                 _held: held,
                 _fetch: fetch,
             };
-            if tx.send(in_flight).await.is_err() {
+            if tx.push(in_flight).is_err() {
                 return None;
             }
         }
@@ -679,7 +682,7 @@ fn gather(
 
 async fn write_responses(
     stream: &mut TcpStream,
-    rx: async_channel::Receiver<InFlight>,
+    rx: queue::Receiver<'_, InFlight>,
     closing: Rc<Cell<bool>>,
 ) {
     let mut failed = false;
@@ -694,8 +697,8 @@ async fn write_responses(
         let mut flight = match unready.take() {
             Some(flight) => flight,
             None => match rx.recv().await {
-                Ok(flight) => flight,
-                Err(_) => break,
+                Some(flight) => flight,
+                None => break,
             },
         };
         let answer = (&mut flight.task).await;
@@ -705,7 +708,7 @@ async fn write_responses(
             && gathered.len() < ANSWERS_PER_SEND_MAX
             && parts.len() < IOV_PER_SEND_MAX
         {
-            let Ok(mut next) = rx.try_recv() else { break };
+            let Some(mut next) = rx.try_recv() else { break };
             match futures_lite::future::poll_once(&mut next.task).await {
                 Some(answer) => then = gather(next, answer, &mut parts, &mut gathered),
                 None => {

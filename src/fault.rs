@@ -15,7 +15,10 @@
 //! is recorded as done).
 //!
 //! Delay points, armed by `SLUICE_FAULT_DELAY_MS=<point>:<ms>`, block the calling thread for
-//! that long to widen a window a test wants to hit: `producer_id_block` (a producer-id block is
+//! that long (or, with `SLUICE_FAULT_RELEASE=<path>` also set, until that file exists, at most
+//! that long: the test releases the stall when it has seen what it waits for, so no test
+//! depends on how fast the machine answers within a fixed stall) to widen a window a test
+//! wants to hit: `producer_id_block` (a producer-id block is
 //! written but not yet renamed into place), `index_append` (an append to a segment's index files,
 //! on the blocking thread pool: the shard keeps serving meanwhile), `log_open` (the file work of
 //! opening or creating a partition log, on the blocking thread pool; keyed by the partition's
@@ -36,6 +39,8 @@
 pub const PANIC_ENV: &str = "SLUICE_FAULT_PANIC";
 /// The environment variable that arms a delay point.
 pub const DELAY_ENV: &str = "SLUICE_FAULT_DELAY_MS";
+/// The environment variable naming a file whose creation ends a blocking delay point's stall.
+pub const RELEASE_ENV: &str = "SLUICE_FAULT_RELEASE";
 
 #[cfg(any(debug_assertions, feature = "fault-injection"))]
 mod armed {
@@ -45,8 +50,29 @@ mod armed {
     static PANIC_AT: OnceLock<Option<(String, String)>> = OnceLock::new();
     /// `(point, ms, key)` when armed.
     static DELAY_AT: OnceLock<Option<(String, u64, Option<String>)>> = OnceLock::new();
+    /// The file whose existence ends a blocking stall early.
+    static RELEASE_AT: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    /// How often a blocking stall with a release file looks for it.
+    const RELEASE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+    /// Blocks the calling thread for `d`, or until the release file exists when one is named.
+    fn stall(d: std::time::Duration) {
+        let Some(Some(release)) = RELEASE_AT.get() else {
+            std::thread::sleep(d);
+            return;
+        };
+        let until = std::time::Instant::now() + d;
+        while !release.exists() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(RELEASE_POLL));
+        }
+    }
 
     pub fn init() {
+        RELEASE_AT.get_or_init(|| std::env::var_os(super::RELEASE_ENV).map(Into::into));
         DELAY_AT.get_or_init(|| {
             let v = std::env::var(super::DELAY_ENV).ok()?;
             let (point, rest) = v.split_once(':')?;
@@ -87,7 +113,7 @@ mod armed {
     pub fn delay_point(point: &str) {
         if let Some(Some((p, ms, _))) = DELAY_AT.get() {
             if p == point {
-                std::thread::sleep(std::time::Duration::from_millis(*ms));
+                stall(std::time::Duration::from_millis(*ms));
             }
         }
     }
@@ -95,7 +121,7 @@ mod armed {
     /// Blocks the calling thread when this delay point is armed without a key, or for `key`.
     pub fn delay_point_for(point: &str, key: &str) {
         if let Some(d) = delay_for(point, key) {
-            std::thread::sleep(d);
+            stall(d);
         }
     }
 

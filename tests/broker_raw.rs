@@ -1007,6 +1007,31 @@ fn acks_all_produce_is_answered_while_index_appends_are_stalled_and_survives_kil
     assert!(std::fs::metadata(&index).is_ok_and(|m| m.len() > 0));
 }
 
+/// A blocking delay point's stall, armed far longer than any test (`STALL_MS`) and ended by the
+/// test once it has seen what it waits for (`SLUICE_FAULT_RELEASE` names the file to create).
+struct Release {
+    dir: tempfile::TempDir,
+}
+
+impl Release {
+    /// Longer than the whole test: the stall ends when the test releases it.
+    const STALL_MS: u64 = 600_000;
+
+    fn new() -> Self {
+        Release {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self) -> String {
+        self.dir.path().join("release").display().to_string()
+    }
+
+    fn now(&self) {
+        std::fs::write(self.path(), b"").expect("release file");
+    }
+}
+
 /// Polls `cond` until it holds, failing after `IO_WAIT`.
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + IO_WAIT;
@@ -1098,15 +1123,14 @@ fn requests_are_answered_while_a_topics_log_creation_is_stalled() {
 // (visible to fetches, answered) only once its checkpoint is durable and the job has returned.
 #[test]
 fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append_completes_after() {
-    // Long enough for the requests below on a loaded machine, short of the read timeout.
-    const STALL_MS: u64 = 8_000;
-    const _: () = assert!(STALL_MS < IO_WAIT.as_millis() as u64);
     let slow = topic_name("epochstall");
+    let release = Release::new();
     let b = Broker::options()
         .env(
             "SLUICE_FAULT_DELAY_MS",
-            format!("epoch_checkpoint:{STALL_MS}:{slow}-0"),
+            format!("epoch_checkpoint:{}:{slow}-0", Release::STALL_MS),
         )
+        .env("SLUICE_FAULT_RELEASE", release.path())
         .start();
     let t = topic_name("epochlive");
     let mut r = Raw::connect(b.addr);
@@ -1155,6 +1179,7 @@ fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append
         "the append was answered while its epoch checkpoint is stalled",
     );
 
+    release.now();
     // Released: the append is answered at offset 0 and the partition continues after it.
     let mut resp = stalled.read_frame().expect("the stalled produce's answer");
     let h = ResponseHeader::decode(&mut resp, ApiKey::Produce.response_header_version(9))
@@ -1176,15 +1201,14 @@ fn requests_are_answered_while_a_new_epochs_checkpoint_is_stalled_and_the_append
 // the topic takes writes.
 #[test]
 fn requests_are_answered_while_a_topics_metadata_record_is_stalled_and_it_is_published_after() {
-    // Long enough for the requests below on a loaded machine, short of the read timeout.
-    const STALL_MS: u64 = 8_000;
-    const _: () = assert!(STALL_MS < IO_WAIT.as_millis() as u64);
     let slow = topic_name("metastall");
+    let release = Release::new();
     let b = Broker::options()
         .env(
             "SLUICE_FAULT_DELAY_MS",
-            format!("metadata_log:{STALL_MS}:{slow}"),
+            format!("metadata_log:{}:{slow}", Release::STALL_MS),
         )
+        .env("SLUICE_FAULT_RELEASE", release.path())
         .start();
     let t = topic_name("metalive");
     let mut r = Raw::connect(b.addr);
@@ -1225,6 +1249,7 @@ fn requests_are_answered_while_a_topics_metadata_record_is_stalled_and_it_is_pub
         "CreateTopics answered while its metadata record is stalled",
     );
 
+    release.now();
     // Released: created, published, and it takes writes.
     let mut resp = creating.read_frame().expect("the CreateTopics answer");
     let h = ResponseHeader::decode(&mut resp, ApiKey::CreateTopics.response_header_version(5))

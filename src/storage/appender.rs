@@ -40,8 +40,68 @@ const _: () = assert!(EXTENT_BYTES_MIN <= EXTENT_BYTES);
 pub const PRODUCER_SNAPSHOT_BYTES: u64 = 64 << 20;
 /// With the `Always` policy and no `Synced` append waiting, written data is still fdatasynced
 /// this often, so a power loss loses at most this much of acks=1 traffic and the recovery scan
-/// after a crash stays short.
+/// after a crash stays short — on a shard of at most [`BACKGROUND_SYNCS_PER_SEC_MAX`]
+/// partitions; with more, see [`background_sync_interval`].
 pub const BACKGROUND_SYNC_MS: u64 = 1000;
+/// Background fdatasyncs a shard's partitions start per second, together, at most. Each costs
+/// the device a cache flush (on ext4 without a journal also a synchronous inode write) and the
+/// shard's core an io_uring worker's run, whatever the bytes it covers, so their rate must not
+/// grow with the partition count: 1,000 partitions syncing once a second each took 7-17 % of
+/// S5's throughput and a third of its p99 (perf/RESULTS.md).
+pub const BACKGROUND_SYNCS_PER_SEC_MAX: u64 = 100;
+/// The longest a partition's background fdatasync interval stretches to on a shard with many
+/// partitions: bounds what a power loss can take and the recovery scan after a crash even with
+/// 10,000 partitions on a shard (which then sync 1,000 times a second in all).
+pub const BACKGROUND_SYNC_MS_MAX: u64 = 10_000;
+
+thread_local! {
+    /// Partition flushers running on this shard (one per open log).
+    static FLUSHERS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts a flusher in [`FLUSHERS`] while it runs.
+struct FlusherCounted;
+
+impl FlusherCounted {
+    /// Counts one more flusher, and returns how far its first background sync moves ahead of
+    /// the interval: the shard's `k`th flusher by `k` times the spacing of
+    /// [`BACKGROUND_SYNCS_PER_SEC_MAX`], so the logs a shard opens together (a topic's
+    /// partitions, a restart) do not all sync at the same moment, interval after interval.
+    fn new() -> (Self, Duration) {
+        let k = FLUSHERS.with(|n| {
+            n.set(n.get() + 1);
+            n.get() - 1
+        });
+        let spacing_ms = 1000 / BACKGROUND_SYNCS_PER_SEC_MAX;
+        let phase = Duration::from_millis(k.saturating_mul(spacing_ms) % BACKGROUND_SYNC_MS_MAX);
+        (FlusherCounted, phase)
+    }
+}
+
+impl Drop for FlusherCounted {
+    fn drop(&mut self) {
+        FLUSHERS.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
+/// How often a partition of this shard fdatasyncs written data no append waits for (`Always`
+/// policy): every [`BACKGROUND_SYNC_MS`], stretched so that the shard's partitions together
+/// start at most [`BACKGROUND_SYNCS_PER_SEC_MAX`] syncs a second, up to
+/// [`BACKGROUND_SYNC_MS_MAX`].
+pub(crate) fn background_sync_interval() -> Duration {
+    background_sync_interval_for(flushers_running())
+}
+
+/// [`background_sync_interval`] on a shard running `flushers` partition flushers.
+fn background_sync_interval_for(flushers: u64) -> Duration {
+    let spread_ms = flushers.saturating_mul(1000) / BACKGROUND_SYNCS_PER_SEC_MAX;
+    Duration::from_millis(spread_ms.clamp(BACKGROUND_SYNC_MS, BACKGROUND_SYNC_MS_MAX))
+}
+
+/// Partition flushers running on this shard.
+pub(crate) fn flushers_running() -> u64 {
+    FLUSHERS.with(std::cell::Cell::get)
+}
 
 /// Whether flushes that carry acks=all appends use durable (`O_DSYNC`) writes rather than a
 /// write and an fdatasync (see docs/storage.md, Append). `SLUICE_COMMIT=fdatasync` or `dsync`
@@ -653,6 +713,11 @@ pub(crate) async fn flusher(log: Weak<PartitionLog>) {
 }
 
 async fn flush_loop(weak: Weak<PartitionLog>) {
+    let (_counted, phase) = FlusherCounted::new();
+    if let Some(log) = weak.upgrade() {
+        let a = &mut log.state.borrow_mut().appender;
+        a.last_sync = a.last_sync.checked_sub(phase).unwrap_or(a.last_sync);
+    }
     // The write and the sync in flight hold the log (their I/O completes even if every other
     // handle is dropped); while neither is in flight the flusher holds only `weak`. Each lives
     // in this task's own state, replaced in place: starting one allocates nothing.
@@ -776,10 +841,10 @@ fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
     if sync_idle && !s.rolling && hw > synced {
         // Unsynced data no append waits for (or `IntervalMs`): sync when the interval is up.
         let every = match s.config.flush {
-            FlushPolicy::Always => BACKGROUND_SYNC_MS,
-            FlushPolicy::IntervalMs(ms) => ms,
+            FlushPolicy::Always => background_sync_interval(),
+            FlushPolicy::IntervalMs(ms) => Duration::from_millis(ms),
         };
-        let due = a.last_sync + Duration::from_millis(every);
+        let due = a.last_sync + every;
         if log.clock.now() >= due {
             start.sync = true;
         } else {
@@ -1188,6 +1253,34 @@ impl PartitionLog {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_background_sync_interval_stretches_with_the_shards_partitions_up_to_its_bound() {
+        let ms = |n| super::background_sync_interval_for(n).as_millis();
+        // Up to BACKGROUND_SYNCS_PER_SEC_MAX partitions: each syncs once a second.
+        assert_eq!(ms(0), 1000);
+        assert_eq!(ms(8), 1000);
+        assert_eq!(ms(100), 1000);
+        // More: together still at most 100 syncs a second.
+        assert_eq!(ms(250), 2500);
+        assert_eq!(ms(1000), 10_000);
+        // Bounded, whatever the count.
+        assert_eq!(ms(10_000), 10_000);
+        assert_eq!(ms(u64::MAX), 10_000);
+    }
+
+    #[test]
+    fn flushers_started_together_move_their_first_syncs_apart() {
+        let before = super::flushers_running();
+        let (a, pa) = super::FlusherCounted::new();
+        let (b, pb) = super::FlusherCounted::new();
+        let (c, pc) = super::FlusherCounted::new();
+        assert_eq!(super::flushers_running(), before + 3);
+        let spacing = std::time::Duration::from_millis(1000 / super::BACKGROUND_SYNCS_PER_SEC_MAX);
+        assert_eq!((pb - pa, pc - pb), (spacing, spacing));
+        drop((a, b, c));
+        assert_eq!(super::flushers_running(), before);
+    }
+
     use super::*;
 
     /// A flush of everything pending, in fresh lists.

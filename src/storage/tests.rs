@@ -1569,6 +1569,30 @@ fn crash_recovery_scans_from_the_last_durable_index_entry() {
 }
 
 #[test]
+fn a_shards_flushers_are_counted_while_their_logs_are_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let before = appender::flushers_running();
+        let mut logs = Vec::new();
+        for i in 0..3 {
+            logs.push(open(&d.join(format!("t-{i}")), small_config()).await);
+        }
+        poll_until("three flushers to start", || {
+            appender::flushers_running() == before + 3
+        })
+        .await;
+        for l in logs.drain(..) {
+            l.close().await.unwrap();
+        }
+        poll_until("the flushers to end", || {
+            appender::flushers_running() == before
+        })
+        .await;
+    });
+}
+
+#[test]
 fn written_data_is_synced_in_the_background_and_indexed() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();

@@ -263,6 +263,11 @@ impl FakeClock {
     pub fn sleepers(&self) -> usize {
         self.sleepers.borrow().len()
     }
+
+    /// Sleeps made on this clock so far (a test can count the timers a loop arms).
+    pub fn sleeps_made(&self) -> u64 {
+        self.next_id.get()
+    }
 }
 
 /// A Kafka error code as it travels between functions. It becomes the wire's `i16` (with

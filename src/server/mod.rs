@@ -26,7 +26,7 @@ use glommio::task::JoinHandle;
 use crate::kafka::{Connection, Response};
 use crate::shard;
 use crate::stats::{FetchStage, ProduceStage};
-use crate::types::Clock;
+use crate::types::{Clock, Sleep};
 
 /// Frame length prefix.
 const LENGTH_PREFIX_BYTES: usize = 4;
@@ -350,6 +350,61 @@ async fn within<T>(
     .await
 }
 
+/// A connection's read deadline, armed lazily: the timer stays armed while later reads move the
+/// deadline further out, and only when it fires is the current deadline checked and the timer
+/// armed again. It is armed at most `reach` ahead (the stall timeout, the shortest deadline a
+/// read can have), so a frame that starts arriving after an idle wait, whose stall deadline is
+/// nearer than the idle one, still finds the timer armed early enough. So a busy connection
+/// arms about one timer per `reach`, not one per read that waits (each an allocation and a
+/// timer-tree insertion and removal in the executor); a deadline earlier than the armed time
+/// arms a new timer at once.
+struct ReadDeadline {
+    armed: Option<(Instant, Sleep)>,
+    reach: Duration,
+}
+
+impl ReadDeadline {
+    fn new(reach: Duration) -> Self {
+        ReadDeadline { armed: None, reach }
+    }
+
+    /// Runs `fut` until it completes (`Some`) or `deadline` passes first (`None`).
+    async fn within<T>(
+        &mut self,
+        clock: &Clock,
+        deadline: Option<Instant>,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let Some(deadline) = deadline else {
+            return Some(fut.await);
+        };
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            if self.armed.as_ref().is_none_or(|(at, _)| *at > deadline) {
+                let now = clock.now();
+                let at = deadline.min(now + self.reach);
+                self.armed = Some((at, clock.sleep(at.saturating_duration_since(now))));
+            }
+            let (_, sleep) = self.armed.as_mut().expect("armed just above");
+            let done = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(v) = std::future::Future::poll(fut.as_mut(), cx) {
+                    return std::task::Poll::Ready(Some(v));
+                }
+                std::future::Future::poll(std::pin::Pin::new(&mut *sleep), cx).map(|()| None)
+            })
+            .await;
+            if let Some(v) = done {
+                return Some(v);
+            }
+            // The armed time has come: the deadline, or a time before it.
+            self.armed = None;
+            if clock.now() >= deadline {
+                return None;
+            }
+        }
+    }
+}
+
 /// The frame being received: its length (without the prefix), the budgets reserved for it, and
 /// when it must be complete.
 struct Pending {
@@ -381,6 +436,7 @@ async fn read_requests(
     let mut pending: Option<Pending> = None;
     // When the first bytes of a frame whose length prefix is still incomplete arrived.
     let mut prefix_started: Option<Instant> = None;
+    let mut read_deadline = ReadDeadline::new(stall);
     loop {
         // Is a whole frame here? Check before any parsing or allocation.
         loop {
@@ -497,12 +553,13 @@ async fn read_requests(
             buf.reserve(want);
         }
         let want = want.min(buf.capacity() - old);
-        let read = within(
-            &clock,
-            deadline,
-            stop.until(read_into_spare(stream, &mut buf, want)),
-        )
-        .await;
+        let read = read_deadline
+            .within(
+                &clock,
+                deadline,
+                stop.until(read_into_spare(stream, &mut buf, want)),
+            )
+            .await;
         // Outer `None`: the deadline passed; inner `None`: the broker is shutting down.
         match read {
             Some(None) => {
@@ -836,4 +893,88 @@ pub async fn write_vectored_all(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadDeadline;
+    use crate::types::{Clock, FakeClock};
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    fn poll<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_read_deadline_arms_one_timer_for_later_deadlines_and_still_expires_at_the_current_one() {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor")
+            .run(async {
+                let fake = FakeClock::new(0);
+                let clock = Clock::fake(&fake);
+                let mut d = ReadDeadline::new(Duration::from_secs(30));
+                let s = Duration::from_secs(1);
+                let made = fake.sleeps_made();
+                // A wait arms the timer at its deadline (10 s); it stays armed after the wait.
+                let first = clock.now() + 10 * s;
+                assert_eq!(d.within(&clock, Some(first), async { 1 }).await, Some(1));
+                assert_eq!(fake.sleeps_made(), made + 1);
+                // Later waits with later deadlines reuse that timer.
+                fake.advance(4 * s);
+                let later = clock.now() + 10 * s; // 14 s
+                for _ in 0..3 {
+                    assert_eq!(d.within(&clock, Some(later), async { 2 }).await, Some(2));
+                }
+                {
+                    let mut w = pin!(d.within(&clock, Some(later), std::future::pending::<()>()));
+                    assert!(poll(w.as_mut()).is_pending());
+                    assert_eq!(fake.sleeps_made(), made + 1);
+                    // The armed time (10 s) passes: not expired, armed again at 14 s.
+                    fake.advance(7 * s);
+                    assert!(poll(w.as_mut()).is_pending());
+                    assert_eq!(fake.sleeps_made(), made + 2);
+                    // 14 s passes: expired.
+                    fake.advance(3 * s);
+                    assert_eq!(poll(w.as_mut()), Poll::Ready(None));
+                }
+                // An earlier deadline than the armed one arms a new timer at once, and expires
+                // at its own time.
+                let far = clock.now() + 60 * s;
+                assert_eq!(d.within(&clock, Some(far), async { 3 }).await, Some(3));
+                assert_eq!(fake.sleeps_made(), made + 3);
+                let near = clock.now() + s;
+                {
+                    let mut w = pin!(d.within(&clock, Some(near), std::future::pending::<()>()));
+                    assert!(poll(w.as_mut()).is_pending());
+                    assert_eq!(fake.sleeps_made(), made + 4);
+                    fake.advance(s);
+                    assert_eq!(poll(w.as_mut()), Poll::Ready(None));
+                }
+                // An idle wait's far deadline arms the timer only `reach` (30 s) ahead, so the
+                // nearer stall deadline of a frame that starts arriving later needs no new one.
+                let t0 = clock.now();
+                let idle = t0 + 600 * s;
+                assert_eq!(d.within(&clock, Some(idle), async { 5 }).await, Some(5));
+                assert_eq!(fake.sleeps_made(), made + 5);
+                fake.advance(10 * s);
+                let stall = clock.now() + 30 * s; // t0 + 40 s
+                {
+                    let mut w = pin!(d.within(&clock, Some(stall), std::future::pending::<()>()));
+                    assert!(poll(w.as_mut()).is_pending());
+                    assert_eq!(fake.sleeps_made(), made + 5);
+                    fake.advance(20 * s); // t0 + 30 s: the armed time, not the deadline
+                    assert!(poll(w.as_mut()).is_pending());
+                    assert_eq!(fake.sleeps_made(), made + 6);
+                    fake.advance(10 * s);
+                    assert_eq!(poll(w.as_mut()), Poll::Ready(None));
+                }
+                // No deadline: no timer.
+                assert_eq!(d.within(&clock, None, async { 4 }).await, Some(4));
+                assert_eq!(fake.sleeps_made(), made + 6);
+            });
+    }
 }

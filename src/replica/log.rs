@@ -754,12 +754,19 @@ impl LogStore for RaftLog {
         Ok(())
     }
 
-    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
+    /// The hard-state file (with the voters) is written on the blocking pool, durable when the
+    /// future resolves; the group's loop awaits it before it handles anything. Once per
+    /// replica, when its group starts on an empty log (a new partition).
+    fn bootstrap(&mut self, cs: &ConfState) -> Persist {
         self.conf = cs.clone();
-        // Synchronous, on the executor: the store's contract makes the configuration durable
-        // before this returns, and it is called from the group's synchronous start — once per
-        // replica, when its group starts on an empty log (a new partition), never again.
-        write_hard_state(&self.dir, &self.hard, &self.conf)
+        // Written by this future, with any term or vote set before.
+        self.hard_dirty = false;
+        let (dir, hs, cs) = (self.dir.clone(), self.hard.clone(), self.conf.clone());
+        Box::pin(async move {
+            glommio::executor()
+                .spawn_blocking(move || write_hard_state(&dir, &hs, &cs))
+                .await
+        })
     }
 
     fn persist(&mut self) -> Persist {
@@ -815,7 +822,15 @@ impl LogStore for RaftLog {
     /// diverges there): the log restarts empty at the snapshot's offset. The index changes at
     /// once; the files change in the `persist` of the same loop pass, before any entry after
     /// the snapshot is appended and before the answer to the leader leaves.
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Persist {
+        let staged = self.stage_snapshot(snapshot);
+        Box::pin(std::future::ready(staged))
+    }
+}
+
+impl RaftLog {
+    /// The in-memory part of `install_snapshot`, and the restart staged for `persist`.
+    fn stage_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
         let md = snapshot.get_metadata();
         let (m, producers) = decode_snapshot_data(&snapshot.data)
             .filter(|(m, _)| m.index == md.index && m.term == md.term)
@@ -994,9 +1009,9 @@ fn read_hard_state(dir: &Path) -> io::Result<(HardState, ConfState)> {
     }
 }
 
-/// Temp file, fsync, rename, directory fsync. Blocks the calling thread: `persist` runs it on
-/// the blocking pool (term or vote changed: elections, not per append); `bootstrap` runs it
-/// once, synchronously.
+/// Temp file, fsync, rename, directory fsync. Blocks the calling thread: `persist` (term or
+/// vote changed: elections, not per append) and `bootstrap` (once per replica) run it on the
+/// blocking pool.
 fn write_hard_state(dir: &Path, hs: &HardState, cs: &ConfState) -> io::Result<()> {
     let tmp = dir.join(format!("{HARD_STATE_FILE}.tmp"));
     {
@@ -1084,6 +1099,39 @@ mod tests {
             ahead.await;
             let (on_disk, _) = read_hard_state(log.dir()).unwrap();
             assert_eq!((on_disk.term, on_disk.vote), (7, 3));
+            drop(store);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// A new replica's bootstrap writes its voters on the blocking pool: in memory at once,
+    /// but behind a job that holds the pool's thread the future is still pending after a poll
+    /// and no hard-state file exists; released, it resolves with the voters on disk.
+    #[test]
+    fn a_bootstrap_is_written_on_the_blocking_pool_and_durable_when_it_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let (log, mut store) = open_store(&d).await;
+            let mut cs = ConfState::default();
+            cs.voters = vec![1, 2, 3];
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let ahead = glommio::executor().spawn_blocking(move || {
+                released.recv().unwrap();
+            });
+            let mut durable = store.bootstrap(&cs);
+            assert!(
+                futures_lite::future::poll_once(&mut durable)
+                    .await
+                    .is_none(),
+                "the bootstrap was written on the executor"
+            );
+            assert!(!log.dir().join(HARD_STATE_FILE).exists());
+            assert_eq!(store.raft_state().conf_state.voters, vec![1, 2, 3]);
+            release.send(()).unwrap();
+            durable.await.unwrap();
+            ahead.await;
+            assert_eq!(read_hard_state(log.dir()).unwrap().1.voters, vec![1, 2, 3]);
             drop(store);
             log.close().await.unwrap();
         });
@@ -1248,7 +1296,7 @@ mod tests {
 
             // The follower installs it: its log restarts empty at offset 6, then takes the
             // entries after the snapshot, byte-identical to the leader's from there.
-            follower.install_snapshot(s).unwrap();
+            follower.install_snapshot(s).await.unwrap();
             follower.persist().await.unwrap();
             assert_eq!(
                 (

@@ -241,7 +241,9 @@ pub struct RaftGroup {
 impl RaftGroup {
     /// Opens the group over `log` (bootstrapping it with `config.voters` if it is empty),
     /// restores `state_machine` from the stored snapshot, registers with `transport` and spawns
-    /// the loop on the current glommio executor.
+    /// the loop on the current glommio executor. A bootstrap's configuration is written by the
+    /// store's future, which the loop awaits before it handles any message or command (a
+    /// failed write stops the group).
     pub fn start<L, M>(
         config: GroupConfig,
         mut log: L,
@@ -258,11 +260,13 @@ impl RaftGroup {
             && state.conf_state.voters.is_empty()
             && snapshot.get_metadata().index == 0
             && log.last_index() == 0;
-        if fresh && !config.voters.is_empty() {
+        // In memory now; its file write runs on the blocking pool, awaited by the loop's task
+        // before it handles anything.
+        let bootstrapped = (fresh && !config.voters.is_empty()).then(|| {
             let mut cs = ConfState::default();
             cs.voters = config.voters.clone();
-            log.bootstrap(&cs)?;
-        }
+            log.bootstrap(&cs)
+        });
         let applied = snapshot.get_metadata().index;
         if applied > 0 {
             state_machine.restore(applied, snapshot.get_metadata().term, &snapshot.data);
@@ -315,7 +319,17 @@ impl RaftGroup {
         };
         driver.publish();
         glommio::spawn_local(async move {
-            let reason = driver.run(inbox, command_rx).await;
+            let reason = match bootstrapped {
+                Some(durable) => match durable.await {
+                    Ok(()) => None,
+                    Err(e) => Some(storage_failed(e)),
+                },
+                None => None,
+            };
+            let reason = match reason {
+                Some(failed) => failed,
+                None => driver.run(inbox, command_rx).await,
+            };
             driver.finish(reason);
             drop(done_tx);
         })
@@ -849,7 +863,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         self.send(ready.take_messages())?;
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            self.install_received_snapshot(snap)?;
+            self.install_received_snapshot(snap).await?;
         }
         self.apply_entries(ready.take_committed_entries())?;
         // (index, term) of the entries this pass makes durable, for `propose_appended`.
@@ -882,10 +896,10 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         self.apply_entries(light.take_committed_entries())?;
         guarded(|| self.raw.advance_apply())?;
         self.check_leadership();
-        self.maybe_compact()
+        self.maybe_compact().await
     }
 
-    fn install_received_snapshot(&mut self, snap: Snapshot) -> Result<(), StopReason> {
+    async fn install_received_snapshot(&mut self, snap: Snapshot) -> Result<(), StopReason> {
         let (index, term) = (snap.get_metadata().index, snap.get_metadata().term);
         tracing::info!(
             group = self.config.group_id,
@@ -898,6 +912,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             .mut_store()
             .log_mut()
             .install_snapshot(snap)
+            .await
             .map_err(storage_failed)?;
         self.applied = index;
         self.complete_up_to(index, None);
@@ -994,7 +1009,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         self.was_leader = leader;
     }
 
-    fn maybe_compact(&mut self) -> Result<(), StopReason> {
+    async fn maybe_compact(&mut self) -> Result<(), StopReason> {
         let store = self.raw.store().log();
         let snap_index = store.snapshot().get_metadata().index;
         if self.applied < snap_index + self.config.snapshot_interval_entries.max(1) {
@@ -1013,6 +1028,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             .mut_store()
             .log_mut()
             .install_snapshot(snap)
+            .await
             .map_err(storage_failed)?;
         tracing::debug!(
             group = self.config.group_id,

@@ -12,8 +12,9 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
-/// The durability wait [`LogStore::persist`] returns: it owns what it needs (no borrow of the
-/// store), so the driver can await it while the store stays inside raft-rs.
+/// The durability wait [`LogStore::persist`], [`LogStore::bootstrap`] and
+/// [`LogStore::install_snapshot`] return: it owns what it needs (no borrow of the store), so
+/// the driver can await it while the store stays inside raft-rs.
 pub type Persist = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
 /// The durable state of one raft group: log entries after the latest snapshot, the snapshot, the
@@ -21,7 +22,9 @@ pub type Persist = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 ///
 /// Reads reflect every write made so far, synced or not. Writes may be buffered: nothing is
 /// promised durable until the future [`LogStore::persist`] returns has resolved, except
-/// [`LogStore::install_snapshot`], which is durable when it returns.
+/// [`LogStore::bootstrap`] and [`LogStore::install_snapshot`], durable when the future they
+/// return has resolved. The driver awaits each such future before it touches the store again,
+/// so no two of them overlap and each sees the writes before it done.
 pub trait LogStore {
     /// The state a restarted node resumes from: the hard state, and the conf state of the
     /// snapshot (or the bootstrap conf state when there is no snapshot). The commit index is at
@@ -54,11 +57,12 @@ pub trait LogStore {
     /// next `sync`; a change of commit alone may be written later (see `raft_state`).
     fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()>;
 
-    /// Sets the configuration the group starts from before any entry or snapshot (bootstrap),
-    /// durably before returning. Later configurations are not stored through this call: they
-    /// come back on restart from the snapshot's conf state and the conf-change entries after it,
-    /// which the driver re-applies as it replays the log.
-    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()>;
+    /// Sets the configuration the group starts from before any entry or snapshot (bootstrap):
+    /// in memory at once (`raft_state` reports it), durably when the returned future resolves.
+    /// The driver awaits it before it handles any message or command. Later configurations are
+    /// not stored through this call: they come back on restart from the snapshot's conf state
+    /// and the conf-change entries after it, which the driver re-applies as it replays the log.
+    fn bootstrap(&mut self, cs: &ConfState) -> Persist;
 
     /// Makes every earlier write durable (fsync/fdatasync), before the driver sends the messages
     /// that depend on them. The driver awaits the returned future before it touches the store
@@ -86,11 +90,14 @@ pub trait LogStore {
         None
     }
 
-    /// Installs a snapshot, durably before returning: a snapshot received from the leader, or one
-    /// taken locally to compact the log. Entries up to its index are dropped; entries after it are
-    /// kept if the log holds the snapshot's (index, term), else the whole log is dropped. The
-    /// conf state becomes the snapshot's and the commit index at least its index.
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()>;
+    /// Installs a snapshot: a snapshot received from the leader, or one taken locally to compact
+    /// the log. Entries up to its index are dropped; entries after it are kept if the log holds
+    /// the snapshot's (index, term), else the whole log is dropped. The conf state becomes the
+    /// snapshot's and the commit index at least its index. Reads reflect it at once; it is
+    /// durable when the returned future resolves, or, for a store that stages it with its other
+    /// writes, when the `persist` of the same loop pass resolves (the driver installs a received
+    /// snapshot before that pass's `persist`, and sends nothing that depends on it before).
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Persist;
 }
 
 /// An asynchronous fetch of entries (see [`LogStore::take_fetch`]).

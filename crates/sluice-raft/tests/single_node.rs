@@ -52,7 +52,7 @@ impl LogStore for FailingLog {
     fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()> {
         self.inner.set_hard_state(hs)
     }
-    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
+    fn bootstrap(&mut self, cs: &ConfState) -> sluice_raft::Persist {
         self.inner.bootstrap(cs)
     }
     fn persist(&mut self) -> sluice_raft::Persist {
@@ -63,7 +63,7 @@ impl LogStore for FailingLog {
         }
         self.inner.persist()
     }
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> sluice_raft::Persist {
         self.inner.install_snapshot(snapshot)
     }
 }

@@ -395,7 +395,8 @@ impl PooledSegment {
             seg.main.get(true).await?;
         } else {
             // Fail now, as an open would, rather than at the first read.
-            size_at(seg.path.borrow().clone()).await?;
+            let path = seg.path.borrow().clone();
+            size_at(path).await?;
         }
         Ok(seg)
     }
@@ -462,7 +463,11 @@ impl SegmentFile for PooledSegment {
             match open {
                 Some(h) => Ok(h.file().file_size().await?),
                 // No descriptor needed (nor taken from the pool) to learn the size.
-                None => size_at(self.path.borrow().clone()).await,
+                None => {
+                    // Cloned first: a rename during the stat must not find the path borrowed.
+                    let path = self.path.borrow().clone();
+                    size_at(path).await
+                }
             }
         })
     }

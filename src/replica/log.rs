@@ -16,8 +16,12 @@
 //! group commit (`sync_all`) and, when term or vote changed, the hard-state file (written on
 //! the blocking pool). Reads come from the batch cache; entries for a follower behind it are
 //! fetched asynchronously (`entries_for_send` answers `LogTemporarilyUnavailable`, `take_fetch`
-//! reads them with the log's DMA reads, the driver then has raft-rs send them); other reads of
-//! older entries fall back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
+//! reads them with the log's DMA reads, the driver then has raft-rs send them), and so are
+//! committed entries raft-rs is about to hand over for applying (`fetch_committed`, awaited by
+//! the driver before `ready` and `advance`). raft-rs's remaining reads that cannot wait
+//! (`TransferLeader`, `CommitByVote`: the committed entries not yet applied), and an entry
+//! fetched but pushed out of the buffer before it was read, fall back to blocking reads of the
+//! segment file (`PartitionLog::read_batch_now`).
 //!
 //! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
 //! log's batch headers from the raft log's start. The log cleaner of compacted topics rewrites
@@ -669,6 +673,48 @@ impl LogStore for RaftLog {
         }))
     }
 
+    /// The committed entries a `ready` is about to apply, fetched with the log's DMA reads when
+    /// some of them (within `max_size` bytes from `low`) are neither fetched nor cached: a
+    /// follower far behind, or a replica re-applying its log after a restart. Without it
+    /// raft-rs would read them through `entries`, from the file on the executor.
+    fn fetch_committed(
+        &mut self,
+        low: u64,
+        high: u64,
+        max_size: u64,
+    ) -> Option<sluice_raft::Fetch> {
+        if low < self.index.borrow().first_index() {
+            return None;
+        }
+        let mut bytes = 0u64;
+        let mut missing = None;
+        for i in low..high {
+            if bytes >= max_size {
+                break;
+            }
+            let Some(m) = self.index.borrow().get(i) else {
+                break;
+            };
+            match self.batch_in_memory(i, m) {
+                Some(b) => bytes += b.len() as u64,
+                None => {
+                    missing = Some(i);
+                    break;
+                }
+            }
+        }
+        let from = missing?;
+        let (log, index, prefetched) = (
+            self.log.clone(),
+            self.index.clone(),
+            self.prefetched.clone(),
+        );
+        let max = max_size - bytes;
+        Some(Box::pin(async move {
+            fetch_range(&log, &index, &prefetched, from, high, max).await;
+        }))
+    }
+
     /// A partition's snapshot is the index, term and offset where the log starts (the log is
     /// the state), with the idempotent producers as of that offset (`encode_snapshot_data`). A
     /// follower behind it restarts its log there, knowing those producers.
@@ -1132,6 +1178,47 @@ mod tests {
             durable.await.unwrap();
             ahead.await;
             assert_eq!(read_hard_state(log.dir()).unwrap().1.voters, vec![1, 2, 3]);
+            drop(store);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// Committed entries neither fetched nor cached are fetched with the log's asynchronous
+    /// reads before raft-rs reads them (`fetch_committed`): none is in memory until the fetch
+    /// resolves, all within the byte bound are after, and a second call has nothing to fetch.
+    #[test]
+    fn committed_entries_on_disk_are_fetched_asynchronously_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let (log, mut store) = open_store(&d).await;
+            let es: Vec<Entry> = (1..=5)
+                .map(|i| entry(i, 1, EntryType::EntryNormal, &data_batch(2, 100, 1000, 1)))
+                .collect();
+            store.append(&es).unwrap();
+            store.persist().await.unwrap();
+            drop(store);
+            let mut store = RaftLog::open(log.clone()).await.unwrap();
+            let in_memory = |store: &RaftLog| -> Vec<u64> {
+                (1..=5)
+                    .filter(|&i| {
+                        let m = store.index.borrow().get(i).unwrap();
+                        store.batch_in_memory(i, m).is_some()
+                    })
+                    .collect()
+            };
+            // At least one entry, however small the bound.
+            let fetch = store.fetch_committed(1, 6, 1).expect("entry 1 is on disk");
+            assert!(in_memory(&store).is_empty());
+            fetch.await;
+            assert_eq!(in_memory(&store), vec![1]);
+            let fetch = store
+                .fetch_committed(1, 6, u64::MAX)
+                .expect("2..=5 are on disk");
+            fetch.await;
+            assert_eq!(in_memory(&store), vec![1, 2, 3, 4, 5]);
+            assert!(store.fetch_committed(1, 6, u64::MAX).is_none());
+            assert_eq!(store.entries(1, 6, None).unwrap().len(), 5);
             drop(store);
             log.close().await.unwrap();
         });

@@ -1,8 +1,10 @@
 //! The durable log of one raft group, behind a trait, and raft-rs's `Storage` over it.
 //!
 //! [`LogStore`] is what the driver needs from a log: reads (served from memory or a cache, as
-//! raft-rs asks for them synchronously) and buffered writes made durable by one [`LogStore::sync`]
-//! per loop pass. [`crate::FileLog`] implements it for small groups such as the controller; the
+//! raft-rs asks for them synchronously, with fetches the driver awaits where raft-rs can wait
+//! or where the driver knows the reads ahead: [`LogStore::entries_for_send`],
+//! [`LogStore::fetch_committed`]) and buffered writes made durable by one
+//! [`LogStore::persist`] per loop pass. [`crate::FileLog`] implements it for small groups such as the controller; the
 //! partition groups will implement it over the segment log, where raft entries are the stored
 //! RecordBatches.
 
@@ -87,6 +89,17 @@ pub trait LogStore {
     /// `LogTemporarilyUnavailable`: once the future resolves, the entries are readable without
     /// disk reads. The driver awaits it in a separate task.
     fn take_fetch(&mut self) -> Option<Fetch> {
+        None
+    }
+
+    /// Committed entries from `low` (up to `high`, at least `max_size` bytes of them when
+    /// there are that many) that the driver is about to have raft-rs read synchronously: the
+    /// committed entries a `ready` and the `advance` after it hand over to be applied, which
+    /// raft-rs reads with a context that cannot wait. A store that would read some of them from
+    /// disk returns a fetch that brings them into memory; the driver awaits it before `ready`.
+    /// Entries it no longer holds by then are read synchronously, as without it. The default
+    /// holds everything in memory: `None`.
+    fn fetch_committed(&mut self, _low: u64, _high: u64, _max_size: u64) -> Option<Fetch> {
         None
     }
 

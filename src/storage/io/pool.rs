@@ -539,6 +539,36 @@ mod tests {
         });
     }
 
+    /// The first open of a segment file looks at its directory's device (whether glommio has
+    /// probed it) with a `stat` on the blocking pool: behind a job that holds the pool's
+    /// thread, a new segment is not created even once a later open on the executor has
+    /// completed; released, it is.
+    #[test]
+    fn a_first_open_looks_at_the_device_on_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("00000000000000000000.log");
+        let second = dir.path().join("00000000000000000100.log");
+        run(async move {
+            // The device is probed by the first segment (the pool free).
+            PooledSegment::open(first.clone(), true).await.unwrap();
+            let (release, held) = hold_pool();
+            let mut opened = Box::pin(PooledSegment::open(second.clone(), true));
+            assert!(poll_once(&mut opened).await.is_none());
+            // An open submitted after: once it completes, an open the first poll had
+            // submitted would have completed too.
+            DmaFile::open(&first).await.unwrap().close().await.unwrap();
+            assert!(poll_once(&mut opened).await.is_none());
+            assert!(
+                !second.exists(),
+                "the directory was looked at on the executor"
+            );
+            release.send(()).unwrap();
+            opened.await.unwrap();
+            held.await;
+            assert!(second.exists());
+        });
+    }
+
     /// Reopening a segment's descriptor checks the file's identity with an `fstat` on the
     /// blocking pool: behind a job that holds the pool's thread, a read has not got its
     /// descriptor once the file is open (and the reactor has seen its open complete);

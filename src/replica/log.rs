@@ -326,8 +326,16 @@ impl RaftLog {
     /// half-moved by a crash is finished here.
     pub async fn open(log: Rc<PartitionLog>) -> io::Result<RaftLog> {
         let dir = log.dir().to_path_buf();
-        let (hard, conf) = read_hard_state(&dir)?;
-        let mut snap = read_snapshot_meta(&dir)?;
+        // Both small files in one job on the blocking pool: a replica starts while its shard
+        // serves (a partition created or moved here).
+        let ((hard, conf), mut snap) = {
+            let dir = dir.clone();
+            glommio::executor()
+                .spawn_blocking(move || {
+                    Ok::<_, io::Error>((read_hard_state(&dir)?, read_snapshot_meta(&dir)?))
+                })
+                .await?
+        };
         let failed = |e: crate::storage::StorageError| io::Error::other(e.to_string());
         if log.log_start_offset() > snap.offset {
             return Err(io::Error::new(
@@ -1220,6 +1228,35 @@ mod tests {
             assert!(store.fetch_committed(1, 6, u64::MAX).is_none());
             assert_eq!(store.entries(1, 6, None).unwrap().len(), 5);
             drop(store);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// Opening a replica's raft state reads its hard-state and snapshot files on the blocking
+    /// pool: behind a job that holds the pool's thread, an open over a damaged hard-state file
+    /// is still pending after a poll; released, it fails.
+    #[test]
+    fn a_replica_reads_its_raft_files_on_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+                .await
+                .unwrap();
+            std::fs::write(log.dir().join(HARD_STATE_FILE), b"damaged").unwrap();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let ahead = glommio::executor().spawn_blocking(move || {
+                released.recv().unwrap();
+            });
+            let mut opened = Box::pin(RaftLog::open(log.clone()));
+            assert!(
+                futures_lite::future::poll_once(&mut opened).await.is_none(),
+                "the raft files were read on the executor"
+            );
+            release.send(()).unwrap();
+            let err = opened.await.err().expect("a damaged hard-state file");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            ahead.await;
             log.close().await.unwrap();
         });
     }

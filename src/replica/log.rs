@@ -16,8 +16,12 @@
 //! group commit (`sync_all`) and, when term or vote changed, the hard-state file (written on
 //! the blocking pool). Reads come from the batch cache; entries for a follower behind it are
 //! fetched asynchronously (`entries_for_send` answers `LogTemporarilyUnavailable`, `take_fetch`
-//! reads them with the log's DMA reads, the driver then has raft-rs send them); other reads of
-//! older entries fall back to blocking reads of the segment file (`PartitionLog::read_batch_now`).
+//! reads them with the log's DMA reads, the driver then has raft-rs send them), and so are
+//! committed entries raft-rs is about to hand over for applying (`fetch_committed`, awaited by
+//! the driver before `ready` and `advance`). raft-rs's remaining reads that cannot wait
+//! (`TransferLeader`, `CommitByVote`: the committed entries not yet applied), and an entry
+//! fetched but pushed out of the buffer before it was read, fall back to blocking reads of the
+//! segment file (`PartitionLog::read_batch_now`).
 //!
 //! In memory per entry: its term and offsets (`EntryIndex`), rebuilt at open by reading the
 //! log's batch headers from the raft log's start. The log cleaner of compacted topics rewrites
@@ -322,8 +326,16 @@ impl RaftLog {
     /// half-moved by a crash is finished here.
     pub async fn open(log: Rc<PartitionLog>) -> io::Result<RaftLog> {
         let dir = log.dir().to_path_buf();
-        let (hard, conf) = read_hard_state(&dir)?;
-        let mut snap = read_snapshot_meta(&dir)?;
+        // Both small files in one job on the blocking pool: a replica starts while its shard
+        // serves (a partition created or moved here).
+        let ((hard, conf), mut snap) = {
+            let dir = dir.clone();
+            glommio::executor()
+                .spawn_blocking(move || {
+                    Ok::<_, io::Error>((read_hard_state(&dir)?, read_snapshot_meta(&dir)?))
+                })
+                .await?
+        };
         let failed = |e: crate::storage::StorageError| io::Error::other(e.to_string());
         if log.log_start_offset() > snap.offset {
             return Err(io::Error::new(
@@ -669,6 +681,48 @@ impl LogStore for RaftLog {
         }))
     }
 
+    /// The committed entries a `ready` is about to apply, fetched with the log's DMA reads when
+    /// some of them (within `max_size` bytes from `low`) are neither fetched nor cached: a
+    /// follower far behind, or a replica re-applying its log after a restart. Without it
+    /// raft-rs would read them through `entries`, from the file on the executor.
+    fn fetch_committed(
+        &mut self,
+        low: u64,
+        high: u64,
+        max_size: u64,
+    ) -> Option<sluice_raft::Fetch> {
+        if low < self.index.borrow().first_index() {
+            return None;
+        }
+        let mut bytes = 0u64;
+        let mut missing = None;
+        for i in low..high {
+            if bytes >= max_size {
+                break;
+            }
+            let Some(m) = self.index.borrow().get(i) else {
+                break;
+            };
+            match self.batch_in_memory(i, m) {
+                Some(b) => bytes += b.len() as u64,
+                None => {
+                    missing = Some(i);
+                    break;
+                }
+            }
+        }
+        let from = missing?;
+        let (log, index, prefetched) = (
+            self.log.clone(),
+            self.index.clone(),
+            self.prefetched.clone(),
+        );
+        let max = max_size - bytes;
+        Some(Box::pin(async move {
+            fetch_range(&log, &index, &prefetched, from, high, max).await;
+        }))
+    }
+
     /// A partition's snapshot is the index, term and offset where the log starts (the log is
     /// the state), with the idempotent producers as of that offset (`encode_snapshot_data`). A
     /// follower behind it restarts its log there, knowing those producers.
@@ -754,12 +808,19 @@ impl LogStore for RaftLog {
         Ok(())
     }
 
-    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
+    /// The hard-state file (with the voters) is written on the blocking pool, durable when the
+    /// future resolves; the group's loop awaits it before it handles anything. Once per
+    /// replica, when its group starts on an empty log (a new partition).
+    fn bootstrap(&mut self, cs: &ConfState) -> Persist {
         self.conf = cs.clone();
-        // Synchronous, on the executor: the store's contract makes the configuration durable
-        // before this returns, and it is called from the group's synchronous start — once per
-        // replica, when its group starts on an empty log (a new partition), never again.
-        write_hard_state(&self.dir, &self.hard, &self.conf)
+        // Written by this future, with any term or vote set before.
+        self.hard_dirty = false;
+        let (dir, hs, cs) = (self.dir.clone(), self.hard.clone(), self.conf.clone());
+        Box::pin(async move {
+            glommio::executor()
+                .spawn_blocking(move || write_hard_state(&dir, &hs, &cs))
+                .await
+        })
     }
 
     fn persist(&mut self) -> Persist {
@@ -815,7 +876,15 @@ impl LogStore for RaftLog {
     /// diverges there): the log restarts empty at the snapshot's offset. The index changes at
     /// once; the files change in the `persist` of the same loop pass, before any entry after
     /// the snapshot is appended and before the answer to the leader leaves.
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Persist {
+        let staged = self.stage_snapshot(snapshot);
+        Box::pin(std::future::ready(staged))
+    }
+}
+
+impl RaftLog {
+    /// The in-memory part of `install_snapshot`, and the restart staged for `persist`.
+    fn stage_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
         let md = snapshot.get_metadata();
         let (m, producers) = decode_snapshot_data(&snapshot.data)
             .filter(|(m, _)| m.index == md.index && m.term == md.term)
@@ -994,9 +1063,9 @@ fn read_hard_state(dir: &Path) -> io::Result<(HardState, ConfState)> {
     }
 }
 
-/// Temp file, fsync, rename, directory fsync. Blocks the calling thread: `persist` runs it on
-/// the blocking pool (term or vote changed: elections, not per append); `bootstrap` runs it
-/// once, synchronously.
+/// Temp file, fsync, rename, directory fsync. Blocks the calling thread: `persist` (term or
+/// vote changed: elections, not per append) and `bootstrap` (once per replica) run it on the
+/// blocking pool.
 fn write_hard_state(dir: &Path, hs: &HardState, cs: &ConfState) -> io::Result<()> {
     let tmp = dir.join(format!("{HARD_STATE_FILE}.tmp"));
     {
@@ -1085,6 +1154,109 @@ mod tests {
             let (on_disk, _) = read_hard_state(log.dir()).unwrap();
             assert_eq!((on_disk.term, on_disk.vote), (7, 3));
             drop(store);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// A new replica's bootstrap writes its voters on the blocking pool: in memory at once,
+    /// but behind a job that holds the pool's thread the future is still pending after a poll
+    /// and no hard-state file exists; released, it resolves with the voters on disk.
+    #[test]
+    fn a_bootstrap_is_written_on_the_blocking_pool_and_durable_when_it_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let (log, mut store) = open_store(&d).await;
+            let mut cs = ConfState::default();
+            cs.voters = vec![1, 2, 3];
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let ahead = glommio::executor().spawn_blocking(move || {
+                released.recv().unwrap();
+            });
+            let mut durable = store.bootstrap(&cs);
+            assert!(
+                futures_lite::future::poll_once(&mut durable)
+                    .await
+                    .is_none(),
+                "the bootstrap was written on the executor"
+            );
+            assert!(!log.dir().join(HARD_STATE_FILE).exists());
+            assert_eq!(store.raft_state().conf_state.voters, vec![1, 2, 3]);
+            release.send(()).unwrap();
+            durable.await.unwrap();
+            ahead.await;
+            assert_eq!(read_hard_state(log.dir()).unwrap().1.voters, vec![1, 2, 3]);
+            drop(store);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// Committed entries neither fetched nor cached are fetched with the log's asynchronous
+    /// reads before raft-rs reads them (`fetch_committed`): none is in memory until the fetch
+    /// resolves, all within the byte bound are after, and a second call has nothing to fetch.
+    #[test]
+    fn committed_entries_on_disk_are_fetched_asynchronously_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let (log, mut store) = open_store(&d).await;
+            let es: Vec<Entry> = (1..=5)
+                .map(|i| entry(i, 1, EntryType::EntryNormal, &data_batch(2, 100, 1000, 1)))
+                .collect();
+            store.append(&es).unwrap();
+            store.persist().await.unwrap();
+            drop(store);
+            let mut store = RaftLog::open(log.clone()).await.unwrap();
+            let in_memory = |store: &RaftLog| -> Vec<u64> {
+                (1..=5)
+                    .filter(|&i| {
+                        let m = store.index.borrow().get(i).unwrap();
+                        store.batch_in_memory(i, m).is_some()
+                    })
+                    .collect()
+            };
+            // At least one entry, however small the bound.
+            let fetch = store.fetch_committed(1, 6, 1).expect("entry 1 is on disk");
+            assert!(in_memory(&store).is_empty());
+            fetch.await;
+            assert_eq!(in_memory(&store), vec![1]);
+            let fetch = store
+                .fetch_committed(1, 6, u64::MAX)
+                .expect("2..=5 are on disk");
+            fetch.await;
+            assert_eq!(in_memory(&store), vec![1, 2, 3, 4, 5]);
+            assert!(store.fetch_committed(1, 6, u64::MAX).is_none());
+            assert_eq!(store.entries(1, 6, None).unwrap().len(), 5);
+            drop(store);
+            log.close().await.unwrap();
+        });
+    }
+
+    /// Opening a replica's raft state reads its hard-state and snapshot files on the blocking
+    /// pool: behind a job that holds the pool's thread, an open over a damaged hard-state file
+    /// is still pending after a poll; released, it fails.
+    #[test]
+    fn a_replica_reads_its_raft_files_on_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(async move {
+            let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+                .await
+                .unwrap();
+            std::fs::write(log.dir().join(HARD_STATE_FILE), b"damaged").unwrap();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let ahead = glommio::executor().spawn_blocking(move || {
+                released.recv().unwrap();
+            });
+            let mut opened = Box::pin(RaftLog::open(log.clone()));
+            assert!(
+                futures_lite::future::poll_once(&mut opened).await.is_none(),
+                "the raft files were read on the executor"
+            );
+            release.send(()).unwrap();
+            let err = opened.await.err().expect("a damaged hard-state file");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            ahead.await;
             log.close().await.unwrap();
         });
     }
@@ -1248,7 +1420,7 @@ mod tests {
 
             // The follower installs it: its log restarts empty at offset 6, then takes the
             // entries after the snapshot, byte-identical to the leader's from there.
-            follower.install_snapshot(s).unwrap();
+            follower.install_snapshot(s).await.unwrap();
             follower.persist().await.unwrap();
             assert_eq!(
                 (

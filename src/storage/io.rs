@@ -121,27 +121,46 @@ thread_local! {
 /// fails with EOPNOTSUPP on devices without poll queues (virtio disks, for one). So before the
 /// first segment of a device is opened on this thread, let the probe run on a small file that
 /// holds real data.
-async fn probe_device_once(dir: &Path) {
+///
+/// `known_dev` is the device of the file about to be opened when a previous open of it found
+/// it (a reopen): the directory is then not looked at. Otherwise the directory's `stat`, and
+/// the probe file's write and removal, run on the blocking pool.
+async fn probe_device_once(dir: &Path, known_dev: Option<u64>) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(dev) = std::fs::metadata(dir).map(|m| m.dev()) else {
+    let probed = |dev: u64| PROBED_DEVICES.with(|p| p.borrow().contains(&dev));
+    if known_dev.is_some_and(probed) {
+        return;
+    }
+    let stat_dir = dir.to_path_buf();
+    let Ok(dev) = glommio::executor()
+        .spawn_blocking(move || std::fs::metadata(stat_dir).map(|m| m.dev()))
+        .await
+    else {
         return;
     };
-    let probed = || PROBED_DEVICES.with(|p| p.borrow().contains(&dev));
-    if probed() {
+    if probed(dev) {
         return;
     }
     let turn = PROBE_TURN.with(|t| t.clone());
     let _turn = turn.acquire_permit(1).await;
-    if probed() {
+    if probed(dev) {
         return;
     }
     let probe = dir.join(".dma-probe");
-    if std::fs::write(&probe, vec![0x5a; ALIGN_BYTES as usize]).is_ok() {
+    let written = {
+        let probe = probe.clone();
+        glommio::executor()
+            .spawn_blocking(move || std::fs::write(probe, vec![0x5a; ALIGN_BYTES as usize]))
+            .await
+    };
+    if written.is_ok() {
         if let Ok(f) = DmaFile::open(&probe).await {
             let _ = f.close().await;
         }
     }
-    let _ = std::fs::remove_file(&probe);
+    let _ = glommio::executor()
+        .spawn_blocking(move || std::fs::remove_file(probe))
+        .await;
     // Only now: until the probe is done, every other open on this thread waits above.
     PROBED_DEVICES.with(|p| p.borrow_mut().push(dev));
 }

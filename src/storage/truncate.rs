@@ -282,8 +282,9 @@ impl PartitionLog {
     /// The written batch starting at `offset`, read without awaiting: from the batch cache, or
     /// else with blocking reads of the segment file through the page cache, from the index
     /// entry before it (at most `index_interval_bytes` of headers and the batch itself). For
-    /// callers that cannot await — raft-rs reads entries synchronously — and only for data
-    /// already written. `None` outside the written log.
+    /// callers that cannot await — raft-rs's reads that cannot wait, of an entry not fetched
+    /// first (docs/replication.md) — and only for data already written. `None` outside the
+    /// written log.
     pub fn read_batch_now(&self, offset: Offset) -> Result<Option<bytes::Bytes>, StorageError> {
         use std::os::unix::fs::FileExt;
         let s = self.state.borrow();

@@ -21,8 +21,9 @@
 //!
 //! [`LogStore::persist`] does the appends, fdatasyncs and hard-state replacement on the glommio
 //! executor's blocking thread pool (the controller's log lives on shard 0, which also serves
-//! partitions); `install_snapshot` and `bootstrap`, rare and durable-on-return by contract, write
-//! synchronously.
+//! partitions), and so do the futures of `install_snapshot` (the log's rewrite) and `bootstrap`
+//! (the hard-state file). Only [`FileLog::open`] (before the group starts) and the test helper
+//! [`FileLog::sync`] touch the files on the calling thread.
 //!
 //! All entries after the snapshot are held in memory (raft-rs reads them synchronously); the log
 //! stays small because the driver compacts it every `snapshot_interval_entries`.
@@ -31,9 +32,11 @@ use crate::codec::{self, Malformed, Reader};
 use crate::storage::LogStore;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{RaftState, StorageError};
+use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 pub const LOG_FILE: &str = "raft.log";
 pub const HARD_STATE_FILE: &str = "hardstate";
@@ -113,7 +116,9 @@ fn snapshot_record(snap: &Snapshot) -> Vec<u8> {
 /// The log and hard state of one group in a directory. See the module comment for the format.
 pub struct FileLog {
     dir: PathBuf,
-    file: File,
+    /// The log file, opened for appending. Replaced by the future of `install_snapshot` once
+    /// the rewritten file is in place (the driver awaits it before the next `persist`).
+    file: Rc<RefCell<File>>,
     snapshot: Snapshot,
     /// Entries after the snapshot, contiguous.
     entries: Vec<Entry>,
@@ -191,7 +196,9 @@ impl FileLog {
             return Err(corrupt(&log_path, 0, "not a raft log"));
         }
         let mut log = FileLog {
-            file: OpenOptions::new().append(true).open(&log_path)?,
+            file: Rc::new(RefCell::new(
+                OpenOptions::new().append(true).open(&log_path)?,
+            )),
             dir: dir.clone(),
             snapshot: Snapshot::default(),
             entries: Vec::new(),
@@ -216,8 +223,9 @@ impl FileLog {
                         data.len() - pos
                     );
                     log.torn_bytes = (data.len() - pos) as u64;
-                    log.file.set_len(pos as u64)?;
-                    log.file.sync_all()?;
+                    let file = log.file.borrow();
+                    file.set_len(pos as u64)?;
+                    file.sync_all()?;
                     break;
                 }
                 Scan::Corrupt(what) => return Err(corrupt(&log_path, pos, what)),
@@ -271,12 +279,6 @@ impl FileLog {
             Ok((hs, cs))
         };
         parse().map_err(|e| corrupt(&path, 0, e))
-    }
-
-    fn write_hard_state(&mut self) -> io::Result<()> {
-        write_atomic(&self.dir, HARD_STATE_FILE, &self.hard_state_file())?;
-        self.hard_state_dirty = false;
-        Ok(())
     }
 
     /// The hard-state file's bytes for the current hard state and bootstrap conf state.
@@ -385,7 +387,7 @@ impl FileLog {
     /// (the executor thread waits: fine for the controller's small writes).
     pub fn sync(&mut self) -> io::Result<()> {
         match self.take_unsynced() {
-            Some(w) => w.write(&mut self.file, &self.dir),
+            Some(w) => w.write(&mut self.file.borrow_mut(), &self.dir),
             None => Ok(()),
         }
     }
@@ -489,9 +491,20 @@ impl LogStore for FileLog {
         Ok(())
     }
 
-    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
+    /// The hard-state file (with the configuration) is replaced on the blocking pool; durable
+    /// when the future resolves.
+    fn bootstrap(&mut self, cs: &ConfState) -> crate::storage::Persist {
         self.bootstrap_conf = cs.clone();
-        self.write_hard_state()
+        let bytes = self.hard_state_file();
+        // Written by this future: a later `persist` need not write it again for a term or
+        // vote changed before.
+        self.hard_state_dirty = false;
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            glommio::executor()
+                .spawn_blocking(move || write_atomic(&dir, HARD_STATE_FILE, &bytes))
+                .await
+        })
     }
 
     /// The writes and syncs run on the executor's blocking thread pool, so a metadata change
@@ -502,7 +515,7 @@ impl LogStore for FileLog {
         let Some(unsynced) = self.take_unsynced() else {
             return Box::pin(std::future::ready(Ok(())));
         };
-        let (file, dir) = (self.file.try_clone(), self.dir.clone());
+        let (file, dir) = (self.file.borrow().try_clone(), self.dir.clone());
         Box::pin(async move {
             // A second descriptor of the same open file (append mode, shared offset).
             let mut file = file?;
@@ -512,27 +525,41 @@ impl LogStore for FileLog {
         })
     }
 
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
+    /// The log is rewritten (snapshot, then the entries after it, pending ones included) into a
+    /// temporary file renamed over it, and the hard-state file replaced, on the blocking pool;
+    /// durable when the future resolves, which then makes the new file the one `persist`
+    /// appends to. The in-memory log changes at once.
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> crate::storage::Persist {
         let index = snapshot.get_metadata().index;
         if index <= self.snapshot.get_metadata().index {
-            return Ok(());
+            return Box::pin(std::future::ready(Ok(())));
         }
         self.apply_snapshot_in_memory(snapshot);
         if self.hard_state.commit < index {
             self.hard_state.commit = index;
         }
-        // Rewrite the log as: snapshot, then the entries after it (pending ones included).
         let mut out = LOG_MAGIC.to_vec();
         out.extend(snapshot_record(&self.snapshot));
         for rec in entry_records(&self.entries) {
             out.extend(rec);
         }
+        // In the rewrite: nothing left for `persist` to append or replace.
         self.pending.clear();
-        write_atomic(&self.dir, LOG_FILE, &out)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join(LOG_FILE))?;
-        self.write_hard_state()
+        let hard_state = self.hard_state_file();
+        self.hard_state_dirty = false;
+        let (dir, file) = (self.dir.clone(), self.file.clone());
+        Box::pin(async move {
+            let rewritten = glommio::executor()
+                .spawn_blocking(move || {
+                    write_atomic(&dir, LOG_FILE, &out)?;
+                    let file = OpenOptions::new().append(true).open(dir.join(LOG_FILE))?;
+                    write_atomic(&dir, HARD_STATE_FILE, &hard_state)?;
+                    Ok::<File, io::Error>(file)
+                })
+                .await?;
+            *file.borrow_mut() = rewritten;
+            Ok(())
+        })
     }
 }
 
@@ -565,6 +592,26 @@ mod tests {
         h
     }
 
+    /// Runs `f` on a glommio executor of its own (the store's futures use its blocking pool).
+    fn on_executor<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> T {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor")
+            .run(f)
+    }
+
+    /// A job that holds the executor's (one-thread) blocking pool until the sender is used.
+    fn hold_pool() -> (
+        std::sync::mpsc::Sender<()>,
+        impl std::future::Future<Output = ()>,
+    ) {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let held = glommio::executor().spawn_blocking(move || {
+            let _ = released.recv();
+        });
+        (release, held)
+    }
+
     fn snap(index: u64, term: u64, data: &str) -> Snapshot {
         let mut s = Snapshot::default();
         s.mut_metadata().index = index;
@@ -577,17 +624,18 @@ mod tests {
     #[test]
     fn append_sync_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut log = FileLog::open(dir.path()).unwrap();
+        let path = dir.path().to_path_buf();
+        on_executor(async move {
+            let mut log = FileLog::open(&path).unwrap();
             assert_eq!((log.first_index(), log.last_index()), (1, 0));
             let mut cs = ConfState::default();
             cs.voters = vec![1, 2, 3];
-            log.bootstrap(&cs).unwrap();
+            log.bootstrap(&cs).await.unwrap();
             log.append(&[entry(1, 1, "a"), entry(2, 1, "b")]).unwrap();
             log.append(&[entry(3, 1, "c")]).unwrap();
             log.set_hard_state(&hs(1, 2, 3)).unwrap();
             log.sync().unwrap();
-        }
+        });
         let log = FileLog::open(dir.path()).unwrap();
         assert_eq!(
             datas(&log),
@@ -649,6 +697,90 @@ mod tests {
             .unwrap();
     }
 
+    /// `bootstrap` writes the configuration on the blocking pool: in memory at once, but
+    /// behind a job that holds the pool's thread the future is still pending after a poll and
+    /// no hard-state file exists; released, it resolves with the voters on disk.
+    #[test]
+    fn bootstrap_writes_on_the_blocking_pool_and_is_durable_when_it_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        on_executor(async move {
+            let mut log = FileLog::open(&path).unwrap();
+            let mut cs = ConfState::default();
+            cs.voters = vec![1, 2, 3];
+            let (release, held) = hold_pool();
+            let mut durable = log.bootstrap(&cs);
+            assert!(
+                futures_lite::future::poll_once(&mut durable)
+                    .await
+                    .is_none(),
+                "bootstrap wrote on the executor, not on the blocking pool"
+            );
+            assert!(!path.join(HARD_STATE_FILE).exists());
+            assert_eq!(log.raft_state().conf_state.voters, vec![1, 2, 3]);
+            release.send(()).unwrap();
+            durable.await.unwrap();
+            held.await;
+            assert_eq!(
+                FileLog::read_hard_state(&path).unwrap().1.voters,
+                vec![1, 2, 3]
+            );
+            assert_eq!(
+                FileLog::open(&path).unwrap().raft_state().conf_state.voters,
+                vec![1, 2, 3]
+            );
+        });
+    }
+
+    /// `install_snapshot` rewrites the log and the hard state on the blocking pool: the log in
+    /// memory is compacted at once, but behind a job that holds the pool's thread the future
+    /// is still pending after a poll and both files are as they were; released, it resolves
+    /// with the compacted log on disk, and the next `persist` appends to the rewritten file.
+    #[test]
+    fn install_snapshot_rewrites_on_the_blocking_pool_and_is_durable_when_it_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        on_executor(async move {
+            let mut log = FileLog::open(&path).unwrap();
+            let ents: Vec<_> = (1..=10).map(|i| entry(i, 1, &format!("e{i}"))).collect();
+            log.append(&ents).unwrap();
+            log.set_hard_state(&hs(1, 1, 8)).unwrap();
+            log.persist().await.unwrap();
+            let (log_before, hs_before) = (
+                fs::read(path.join(LOG_FILE)).unwrap(),
+                fs::read(path.join(HARD_STATE_FILE)).unwrap(),
+            );
+            // Pending entries go into the rewrite, and a term changed before it is written
+            // with it.
+            log.append(&[entry(11, 2, "e11")]).unwrap();
+            log.set_hard_state(&hs(2, 1, 8)).unwrap();
+            let (release, held) = hold_pool();
+            let mut durable = log.install_snapshot(snap(6, 1, "state@6"));
+            assert!(
+                futures_lite::future::poll_once(&mut durable)
+                    .await
+                    .is_none(),
+                "install_snapshot wrote on the executor, not on the blocking pool"
+            );
+            assert_eq!(fs::read(path.join(LOG_FILE)).unwrap(), log_before);
+            assert_eq!(fs::read(path.join(HARD_STATE_FILE)).unwrap(), hs_before);
+            assert_eq!((log.first_index(), log.last_index()), (7, 11));
+            release.send(()).unwrap();
+            durable.await.unwrap();
+            held.await;
+            let reopened = FileLog::open(&path).unwrap();
+            assert_eq!((reopened.first_index(), reopened.last_index()), (7, 11));
+            assert_eq!(&reopened.snapshot().data[..], b"state@6");
+            assert_eq!(reopened.raft_state().hard_state, hs(2, 1, 8));
+            assert!(fs::read(path.join(LOG_FILE)).unwrap().len() < log_before.len());
+            // Appended to the rewritten file, not to the replaced one.
+            log.append(&[entry(12, 2, "e12")]).unwrap();
+            log.persist().await.unwrap();
+            let reopened = FileLog::open(&path).unwrap();
+            assert_eq!((reopened.first_index(), reopened.last_index()), (7, 12));
+        });
+    }
+
     #[test]
     fn conflicting_append_replaces_the_suffix_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -671,13 +803,14 @@ mod tests {
     #[test]
     fn compaction_keeps_later_entries_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut log = FileLog::open(dir.path()).unwrap();
+        let path = dir.path().to_path_buf();
+        on_executor(async move {
+            let mut log = FileLog::open(&path).unwrap();
             let ents: Vec<_> = (1..=10).map(|i| entry(i, 1, &format!("e{i}"))).collect();
             log.append(&ents).unwrap();
             log.set_hard_state(&hs(1, 1, 8)).unwrap();
             log.sync().unwrap();
-            log.install_snapshot(snap(6, 1, "state@6")).unwrap();
+            log.install_snapshot(snap(6, 1, "state@6")).await.unwrap();
             assert_eq!((log.first_index(), log.last_index()), (7, 10));
             assert_eq!(log.term(6).unwrap(), 1);
             assert!(matches!(
@@ -690,7 +823,7 @@ mod tests {
             ));
             log.append(&[entry(11, 2, "e11")]).unwrap();
             log.sync().unwrap();
-        }
+        });
         let log = FileLog::open(dir.path()).unwrap();
         assert_eq!((log.first_index(), log.last_index()), (7, 11));
         assert_eq!(&log.snapshot().data[..], b"state@6");
@@ -704,15 +837,17 @@ mod tests {
     #[test]
     fn snapshot_from_a_leader_with_another_history_drops_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = FileLog::open(dir.path()).unwrap();
-        log.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")])
-            .unwrap();
-        log.sync().unwrap();
-        log.install_snapshot(snap(5, 3, "state@5")).unwrap();
-        assert_eq!((log.first_index(), log.last_index()), (6, 5));
-        assert!(datas(&log).is_empty());
-        assert_eq!(log.raft_state().hard_state.commit, 5);
-        drop(log);
+        let path = dir.path().to_path_buf();
+        on_executor(async move {
+            let mut log = FileLog::open(&path).unwrap();
+            log.append(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")])
+                .unwrap();
+            log.sync().unwrap();
+            log.install_snapshot(snap(5, 3, "state@5")).await.unwrap();
+            assert_eq!((log.first_index(), log.last_index()), (6, 5));
+            assert!(datas(&log).is_empty());
+            assert_eq!(log.raft_state().hard_state.commit, 5);
+        });
         let log = FileLog::open(dir.path()).unwrap();
         assert_eq!((log.first_index(), log.last_index()), (6, 5));
         assert_eq!(log.term(5).unwrap(), 3);

@@ -113,6 +113,7 @@ impl GroupConfig {
             min_election_tick: self.min_election_ticks,
             max_election_tick: self.max_election_ticks,
             applied,
+            max_committed_size_per_ready: COMMITTED_BYTES_PER_READY,
             max_size_per_msg: self.max_size_per_msg,
             max_inflight_msgs: self.max_inflight_msgs,
             check_quorum: true,
@@ -186,6 +187,13 @@ impl std::error::Error for ProposeError {}
 
 /// How often a follower whose log is shorter than its leader believes tells it so (see
 /// `Driver::report_lost_log`).
+/// Bytes of committed entries raft-rs hands over in one `ready` (and again in the `advance`
+/// after it): it reads them from the store synchronously, so the loop has the store fetch
+/// them first (`LogStore::fetch_committed`, this many each time), and a replica re-applying a
+/// long log after a restart holds this much of it at a time rather than all of it. The loop
+/// goes round again at once while more committed entries wait.
+pub const COMMITTED_BYTES_PER_READY: u64 = 1 << 20;
+
 const LOST_LOG_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a group's loop ended.
@@ -241,7 +249,9 @@ pub struct RaftGroup {
 impl RaftGroup {
     /// Opens the group over `log` (bootstrapping it with `config.voters` if it is empty),
     /// restores `state_machine` from the stored snapshot, registers with `transport` and spawns
-    /// the loop on the current glommio executor.
+    /// the loop on the current glommio executor. A bootstrap's configuration is written by the
+    /// store's future, which the loop awaits before it handles any message or command (a
+    /// failed write stops the group).
     pub fn start<L, M>(
         config: GroupConfig,
         mut log: L,
@@ -258,11 +268,13 @@ impl RaftGroup {
             && state.conf_state.voters.is_empty()
             && snapshot.get_metadata().index == 0
             && log.last_index() == 0;
-        if fresh && !config.voters.is_empty() {
+        // In memory now; its file write runs on the blocking pool, awaited by the loop's task
+        // before it handles anything.
+        let bootstrapped = (fresh && !config.voters.is_empty()).then(|| {
             let mut cs = ConfState::default();
             cs.voters = config.voters.clone();
-            log.bootstrap(&cs)?;
-        }
+            log.bootstrap(&cs)
+        });
         let applied = snapshot.get_metadata().index;
         if applied > 0 {
             state_machine.restore(applied, snapshot.get_metadata().term, &snapshot.data);
@@ -315,7 +327,17 @@ impl RaftGroup {
         };
         driver.publish();
         glommio::spawn_local(async move {
-            let reason = driver.run(inbox, command_rx).await;
+            let reason = match bootstrapped {
+                Some(durable) => match durable.await {
+                    Ok(()) => None,
+                    Err(e) => Some(storage_failed(e)),
+                },
+                None => None,
+            };
+            let reason = match reason {
+                Some(failed) => failed,
+                None => driver.run(inbox, command_rx).await,
+            };
             driver.finish(reason);
             drop(done_tx);
         })
@@ -509,7 +531,13 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         let fetched = self.fetched.clone();
         let mut next_tick = aligned_tick(Instant::now(), interval);
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            // Committed entries left over by the bound on one pass (`COMMITTED_BYTES_PER_READY`)
+            // are applied in the next pass, without waiting for a message or a tick.
+            let wait = if self.raw.has_ready() {
+                std::time::Duration::ZERO
+            } else {
+                next_tick.saturating_duration_since(Instant::now())
+            };
             let wake = future::or(
                 future::or(
                     async {
@@ -845,11 +873,14 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             self.check_leadership();
             return Ok(());
         }
+        let log = &self.raw.raft.raft_log;
+        let (low, high) = (log.applied + 1, log.committed.min(log.persisted) + 1);
+        self.fetch_committed(low, high).await;
         let mut ready = guarded(|| self.raw.ready())?;
         self.send(ready.take_messages())?;
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            self.install_received_snapshot(snap)?;
+            self.install_received_snapshot(snap).await?;
         }
         self.apply_entries(ready.take_committed_entries())?;
         // (index, term) of the entries this pass makes durable, for `propose_appended`.
@@ -871,6 +902,8 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         // Durable now: votes and append responses may go out.
         self.send(ready.take_persisted_messages())?;
         self.answer_appended(&appending);
+        let high = self.raw.raft.raft_log.last_index() + 1;
+        self.fetch_committed(self.applied + 1, high).await;
         let mut light = guarded(|| self.raw.advance(ready))?;
         if let Some(commit) = light.commit_index() {
             let store = self.raw.mut_store().log_mut();
@@ -882,10 +915,26 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         self.apply_entries(light.take_committed_entries())?;
         guarded(|| self.raw.advance_apply())?;
         self.check_leadership();
-        self.maybe_compact()
+        self.maybe_compact().await
     }
 
-    fn install_received_snapshot(&mut self, snap: Snapshot) -> Result<(), StopReason> {
+    /// Has the store bring into memory the committed entries raft-rs is about to hand over
+    /// from `low` on (it reads them synchronously, `GetEntriesFor::GenReady`): before `ready`,
+    /// from the applied index on (the loop applies everything it is handed in each pass); and
+    /// before `advance`, which commits what this pass made durable, from there to the log's
+    /// end. Nothing else touches the raft state while it is awaited.
+    async fn fetch_committed(&mut self, low: u64, high: u64) {
+        let low = low.max(self.raw.raft.raft_log.first_index());
+        if high <= low {
+            return;
+        }
+        let store = self.raw.mut_store().log_mut();
+        if let Some(fetch) = store.fetch_committed(low, high, COMMITTED_BYTES_PER_READY) {
+            fetch.await;
+        }
+    }
+
+    async fn install_received_snapshot(&mut self, snap: Snapshot) -> Result<(), StopReason> {
         let (index, term) = (snap.get_metadata().index, snap.get_metadata().term);
         tracing::info!(
             group = self.config.group_id,
@@ -898,6 +947,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             .mut_store()
             .log_mut()
             .install_snapshot(snap)
+            .await
             .map_err(storage_failed)?;
         self.applied = index;
         self.complete_up_to(index, None);
@@ -994,7 +1044,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
         self.was_leader = leader;
     }
 
-    fn maybe_compact(&mut self) -> Result<(), StopReason> {
+    async fn maybe_compact(&mut self) -> Result<(), StopReason> {
         let store = self.raw.store().log();
         let snap_index = store.snapshot().get_metadata().index;
         if self.applied < snap_index + self.config.snapshot_interval_entries.max(1) {
@@ -1013,6 +1063,7 @@ impl<L: LogStore, M: StateMachine> Driver<L, M> {
             .mut_store()
             .log_mut()
             .install_snapshot(snap)
+            .await
             .map_err(storage_failed)?;
         tracing::debug!(
             group = self.config.group_id,

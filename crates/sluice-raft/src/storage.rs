@@ -1,8 +1,10 @@
 //! The durable log of one raft group, behind a trait, and raft-rs's `Storage` over it.
 //!
 //! [`LogStore`] is what the driver needs from a log: reads (served from memory or a cache, as
-//! raft-rs asks for them synchronously) and buffered writes made durable by one [`LogStore::sync`]
-//! per loop pass. [`crate::FileLog`] implements it for small groups such as the controller; the
+//! raft-rs asks for them synchronously, with fetches the driver awaits where raft-rs can wait
+//! or where the driver knows the reads ahead: [`LogStore::entries_for_send`],
+//! [`LogStore::fetch_committed`]) and buffered writes made durable by one
+//! [`LogStore::persist`] per loop pass. [`crate::FileLog`] implements it for small groups such as the controller; the
 //! partition groups will implement it over the segment log, where raft entries are the stored
 //! RecordBatches.
 
@@ -12,8 +14,9 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
-/// The durability wait [`LogStore::persist`] returns: it owns what it needs (no borrow of the
-/// store), so the driver can await it while the store stays inside raft-rs.
+/// The durability wait [`LogStore::persist`], [`LogStore::bootstrap`] and
+/// [`LogStore::install_snapshot`] return: it owns what it needs (no borrow of the store), so
+/// the driver can await it while the store stays inside raft-rs.
 pub type Persist = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 
 /// The durable state of one raft group: log entries after the latest snapshot, the snapshot, the
@@ -21,7 +24,9 @@ pub type Persist = Pin<Box<dyn Future<Output = io::Result<()>>>>;
 ///
 /// Reads reflect every write made so far, synced or not. Writes may be buffered: nothing is
 /// promised durable until the future [`LogStore::persist`] returns has resolved, except
-/// [`LogStore::install_snapshot`], which is durable when it returns.
+/// [`LogStore::bootstrap`] and [`LogStore::install_snapshot`], durable when the future they
+/// return has resolved. The driver awaits each such future before it touches the store again,
+/// so no two of them overlap and each sees the writes before it done.
 pub trait LogStore {
     /// The state a restarted node resumes from: the hard state, and the conf state of the
     /// snapshot (or the bootstrap conf state when there is no snapshot). The commit index is at
@@ -54,11 +59,12 @@ pub trait LogStore {
     /// next `sync`; a change of commit alone may be written later (see `raft_state`).
     fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()>;
 
-    /// Sets the configuration the group starts from before any entry or snapshot (bootstrap),
-    /// durably before returning. Later configurations are not stored through this call: they
-    /// come back on restart from the snapshot's conf state and the conf-change entries after it,
-    /// which the driver re-applies as it replays the log.
-    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()>;
+    /// Sets the configuration the group starts from before any entry or snapshot (bootstrap):
+    /// in memory at once (`raft_state` reports it), durably when the returned future resolves.
+    /// The driver awaits it before it handles any message or command. Later configurations are
+    /// not stored through this call: they come back on restart from the snapshot's conf state
+    /// and the conf-change entries after it, which the driver re-applies as it replays the log.
+    fn bootstrap(&mut self, cs: &ConfState) -> Persist;
 
     /// Makes every earlier write durable (fsync/fdatasync), before the driver sends the messages
     /// that depend on them. The driver awaits the returned future before it touches the store
@@ -86,11 +92,25 @@ pub trait LogStore {
         None
     }
 
-    /// Installs a snapshot, durably before returning: a snapshot received from the leader, or one
-    /// taken locally to compact the log. Entries up to its index are dropped; entries after it are
-    /// kept if the log holds the snapshot's (index, term), else the whole log is dropped. The
-    /// conf state becomes the snapshot's and the commit index at least its index.
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()>;
+    /// Committed entries from `low` (up to `high`, at least `max_size` bytes of them when
+    /// there are that many) that the driver is about to have raft-rs read synchronously: the
+    /// committed entries a `ready` and the `advance` after it hand over to be applied, which
+    /// raft-rs reads with a context that cannot wait. A store that would read some of them from
+    /// disk returns a fetch that brings them into memory; the driver awaits it before `ready`.
+    /// Entries it no longer holds by then are read synchronously, as without it. The default
+    /// holds everything in memory: `None`.
+    fn fetch_committed(&mut self, _low: u64, _high: u64, _max_size: u64) -> Option<Fetch> {
+        None
+    }
+
+    /// Installs a snapshot: a snapshot received from the leader, or one taken locally to compact
+    /// the log. Entries up to its index are dropped; entries after it are kept if the log holds
+    /// the snapshot's (index, term), else the whole log is dropped. The conf state becomes the
+    /// snapshot's and the commit index at least its index. Reads reflect it at once; it is
+    /// durable when the returned future resolves, or, for a store that stages it with its other
+    /// writes, when the `persist` of the same loop pass resolves (the driver installs a received
+    /// snapshot before that pass's `persist`, and sends nothing that depends on it before).
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Persist;
 }
 
 /// An asynchronous fetch of entries (see [`LogStore::take_fetch`]).

@@ -6,8 +6,8 @@ use sluice_raft::{
     FileLog, GroupConfig, LogStore, ProposeError, RaftGroup, Role, StateMachine, StopReason,
     Transport, TransportConfig,
 };
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,7 +52,7 @@ impl LogStore for FailingLog {
     fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()> {
         self.inner.set_hard_state(hs)
     }
-    fn bootstrap(&mut self, cs: &ConfState) -> io::Result<()> {
+    fn bootstrap(&mut self, cs: &ConfState) -> sluice_raft::Persist {
         self.inner.bootstrap(cs)
     }
     fn persist(&mut self) -> sluice_raft::Persist {
@@ -63,7 +63,7 @@ impl LogStore for FailingLog {
         }
         self.inner.persist()
     }
-    fn install_snapshot(&mut self, snapshot: Snapshot) -> io::Result<()> {
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> sluice_raft::Persist {
         self.inner.install_snapshot(snapshot)
     }
 }
@@ -183,4 +183,174 @@ fn a_group_of_one_commits_and_a_failed_sync_stops_it_safely() {
         .map(|e| e.data.to_vec())
         .collect();
     assert_eq!(&datas[..2], [b"a".to_vec(), b"b".to_vec()]);
+}
+
+/// A file log whose entries found at open count as on disk (a restarted replica's log, its
+/// cache empty): a synchronous read of one of them is counted, and `fetch_committed` brings
+/// them into memory asynchronously. Entries appended since are in memory.
+struct ColdLog {
+    inner: FileLog,
+    cold: Rc<RefCell<BTreeSet<u64>>>,
+    cold_reads: Rc<Cell<u64>>,
+    fetches: Rc<Cell<u64>>,
+}
+
+impl LogStore for ColdLog {
+    fn raft_state(&self) -> RaftState {
+        self.inner.raft_state()
+    }
+    fn first_index(&self) -> u64 {
+        self.inner.first_index()
+    }
+    fn last_index(&self) -> u64 {
+        self.inner.last_index()
+    }
+    fn term(&self, index: u64) -> sluice_raft::raft::Result<u64> {
+        self.inner.term(index)
+    }
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> sluice_raft::raft::Result<Vec<Entry>> {
+        let out = self.inner.entries(low, high, max_size)?;
+        let cold = self.cold.borrow();
+        let n = out.iter().filter(|e| cold.contains(&e.index)).count();
+        self.cold_reads.set(self.cold_reads.get() + n as u64);
+        Ok(out)
+    }
+    fn snapshot(&self) -> Snapshot {
+        self.inner.snapshot()
+    }
+    fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
+        if let Some(first) = entries.first() {
+            let _ = self.cold.borrow_mut().split_off(&first.index);
+        }
+        self.inner.append(entries)
+    }
+    fn set_hard_state(&mut self, hs: &HardState) -> io::Result<()> {
+        self.inner.set_hard_state(hs)
+    }
+    fn bootstrap(&mut self, cs: &ConfState) -> sluice_raft::Persist {
+        self.inner.bootstrap(cs)
+    }
+    fn persist(&mut self) -> sluice_raft::Persist {
+        self.inner.persist()
+    }
+    fn fetch_committed(
+        &mut self,
+        low: u64,
+        high: u64,
+        max_size: u64,
+    ) -> Option<sluice_raft::Fetch> {
+        let wanted = self.inner.entries(low, high, Some(max_size)).ok()?;
+        let missing: Vec<u64> = {
+            let cold = self.cold.borrow();
+            wanted
+                .iter()
+                .map(|e| e.index)
+                .filter(|i| cold.contains(i))
+                .collect()
+        };
+        if missing.is_empty() {
+            return None;
+        }
+        self.fetches.set(self.fetches.get() + 1);
+        let cold = self.cold.clone();
+        Some(Box::pin(async move {
+            // Read asynchronously: the loop's task waits here while others run.
+            futures_lite::future::yield_now().await;
+            let mut cold = cold.borrow_mut();
+            for i in missing {
+                cold.remove(&i);
+            }
+        }))
+    }
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> sluice_raft::Persist {
+        self.inner.install_snapshot(snapshot)
+    }
+}
+
+/// A restarted group re-applies its committed entries from the log; raft-rs reads them
+/// synchronously (`ready`), so the loop has the store fetch them first: none of the 300
+/// entries (several passes' worth at `COMMITTED_BYTES_PER_READY`) is read from disk
+/// synchronously, and all of them are applied again.
+#[test]
+fn a_restarted_group_fetches_its_committed_entries_before_raft_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let transport = Transport::start(TransportConfig::new(
+                1,
+                "127.0.0.1:0".parse().unwrap(),
+                HashMap::new(),
+            ))
+            .unwrap();
+            let payload = vec![7u8; 10 << 10];
+            {
+                let log = FileLog::open(&path).unwrap();
+                let group = RaftGroup::start(
+                    GroupConfig::new(1, 1, vec![1]),
+                    log,
+                    Applied::default(),
+                    &transport,
+                )
+                .unwrap();
+                until_role(&group, Role::Leader).await;
+                for _ in 0..300 {
+                    within("commit", group.propose(payload.clone()))
+                        .await
+                        .unwrap();
+                }
+                group.stop().await;
+            }
+            let inner = FileLog::open(&path).unwrap();
+            let cold: BTreeSet<u64> = (inner.first_index()..=inner.last_index()).collect();
+            assert!(cold.len() > 300);
+            let (cold_reads, fetches) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+            let log = ColdLog {
+                inner,
+                cold: Rc::new(RefCell::new(cold)),
+                cold_reads: cold_reads.clone(),
+                fetches: fetches.clone(),
+            };
+            let applied = Applied::default();
+            let group = RaftGroup::start(
+                GroupConfig::new(1, 1, vec![1]),
+                log,
+                applied.clone(),
+                &transport,
+            )
+            .unwrap();
+            until_role(&group, Role::Leader).await;
+            // One more, committed after all the earlier ones: once it is applied, so are they.
+            within("commit", group.propose(b"after".to_vec()))
+                .await
+                .unwrap();
+            let datas = applied
+                .0
+                .borrow()
+                .iter()
+                .filter(|(_, d)| *d == payload)
+                .count();
+            assert_eq!(datas, 300, "the earlier entries were applied again");
+            assert!(
+                fetches.get() > 1,
+                "fetched in several passes: {} fetches, {} cold reads",
+                fetches.get(),
+                cold_reads.get()
+            );
+            assert_eq!(
+                cold_reads.get(),
+                0,
+                "raft-rs read committed entries from disk synchronously"
+            );
+            group.stop().await;
+            transport.close();
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }

@@ -247,10 +247,11 @@ struct Slot {
     handle: RefCell<Option<Rc<Handle>>>,
     /// Its key in the pool's `lru` while it holds a descriptor (0: none).
     stamp: Cell<u64>,
-    /// (device, inode) of the file its first open found. A later open that finds another
-    /// file at the path (the log cleaner renamed a rewritten segment over it, or retention
-    /// unlinked it) fails instead of reading the new file at the old file's positions.
-    identity: Cell<Option<(u64, u64)>>,
+    /// (device, inode) of the file the first open of either of its segment's slots found. A
+    /// later open that finds another file at the path (the log cleaner renamed a rewritten
+    /// segment over it, or retention unlinked it) fails instead of reading the new file at the
+    /// old file's positions.
+    identity: Rc<Cell<Option<(u64, u64)>>>,
 }
 
 impl Drop for Slot {
@@ -260,14 +261,19 @@ impl Drop for Slot {
 }
 
 impl Slot {
-    fn new(path: PathBuf, flags: i32, pool: Rc<FilePool>) -> Rc<Self> {
+    fn new(
+        path: PathBuf,
+        flags: i32,
+        pool: Rc<FilePool>,
+        identity: Rc<Cell<Option<(u64, u64)>>>,
+    ) -> Rc<Self> {
         Rc::new(Slot {
             path: RefCell::new(path),
             flags,
             pool,
             handle: RefCell::new(None),
             stamp: Cell::new(0),
-            identity: Cell::new(None),
+            identity,
         })
     }
 
@@ -288,7 +294,8 @@ impl Slot {
             return Ok(in_use(h));
         }
         let path = self.path.borrow().clone();
-        probe_device_once(path.parent().unwrap_or(Path::new("."))).await;
+        let known_dev = self.identity.get().map(|(dev, _)| dev);
+        probe_device_once(path.parent().unwrap_or(Path::new(".")), known_dev).await;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -296,7 +303,7 @@ impl Slot {
             .custom_flags(self.flags)
             .dma_open(&path)
             .await?;
-        let id = identity(&file)?;
+        let id = identity(&file).await?;
         match self.identity.get() {
             None => self.identity.set(Some(id)),
             Some(first) if first != id => {
@@ -334,15 +341,32 @@ impl Slot {
     }
 }
 
-/// (device, inode) of an open file.
-fn identity(file: &DmaFile) -> io::Result<(u64, u64)> {
+/// (device, inode) of an open file, read with an `fstat` on the blocking pool (glommio's
+/// io_uring `statx` reports neither).
+async fn identity(file: &DmaFile) -> io::Result<(u64, u64)> {
     use std::os::unix::io::AsRawFd;
-    // SAFETY: fstat on a descriptor the file owns and keeps open, into a zeroed stat we own.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((st.st_dev, st.st_ino))
+    let fd = file.as_raw_fd();
+    glommio::executor()
+        .spawn_blocking(move || {
+            // SAFETY: fstat into a zeroed stat the job owns. `file` is borrowed across the
+            // await, so the descriptor stays open while the job runs; if the caller is dropped
+            // meanwhile the descriptor may be closed and reused, and the job then only reads
+            // another file's metadata, which nobody receives.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            if unsafe { libc::fstat(fd, &mut st) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok((st.st_dev, st.st_ino))
+        })
+        .await
+}
+
+/// The size of the file at `path`, read with a `stat` on the blocking pool: no descriptor is
+/// taken from the pool, and the executor does not wait on a path walk that may read the disk.
+async fn size_at(path: PathBuf) -> io::Result<u64> {
+    glommio::executor()
+        .spawn_blocking(move || Ok(std::fs::metadata(path)?.len()))
+        .await
 }
 
 /// A segment file whose descriptors come from the shard's [`FilePool`].
@@ -361,16 +385,18 @@ impl PooledSegment {
     /// use.
     pub async fn open(path: PathBuf, create: bool) -> io::Result<Self> {
         let pool = pool();
+        let identity = Rc::new(Cell::new(None));
         let seg = PooledSegment {
-            main: Slot::new(path.clone(), 0, pool.clone()),
-            dsync: Slot::new(path.clone(), libc::O_DSYNC, pool),
+            main: Slot::new(path.clone(), 0, pool.clone(), identity.clone()),
+            dsync: Slot::new(path.clone(), libc::O_DSYNC, pool, identity),
             path: RefCell::new(path),
         };
         if create {
             seg.main.get(true).await?;
         } else {
             // Fail now, as an open would, rather than at the first read.
-            std::fs::metadata(&*seg.path.borrow())?;
+            let path = seg.path.borrow().clone();
+            size_at(path).await?;
         }
         Ok(seg)
     }
@@ -438,10 +464,159 @@ impl SegmentFile for PooledSegment {
                 Some(h) => Ok(h.file().file_size().await?),
                 // No descriptor needed (nor taken from the pool) to learn the size.
                 None => {
+                    // Cloned first: a rename during the stat must not find the path borrowed.
                     let path = self.path.borrow().clone();
-                    Ok(std::fs::metadata(path)?.len())
+                    size_at(path).await
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::tests::run;
+    use futures_lite::future::{poll_once, yield_now};
+    use std::sync::mpsc;
+
+    /// A job that holds the executor's blocking pool (one thread) until the sender is used
+    /// or dropped.
+    fn hold_pool() -> (mpsc::Sender<()>, impl std::future::Future<Output = ()>) {
+        let (release, released) = mpsc::channel::<()>();
+        let held = glommio::executor().spawn_blocking(move || {
+            let _ = released.recv();
+        });
+        (release, held)
+    }
+
+    /// Descriptors of this process open on `path`.
+    fn open_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target == path)
+            .count()
+    }
+
+    /// Opening a sealed segment without creating it, and asking its size with no descriptor
+    /// held, `stat` the file on the blocking pool: behind a job that holds the pool's thread
+    /// both are still pending after a poll; released, they resolve (a missing file fails as
+    /// an open would).
+    #[test]
+    fn a_segment_opened_without_creating_it_and_sized_without_a_descriptor_is_stat_on_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000000000000000000.log");
+        std::fs::write(&path, vec![7u8; 3 * ALIGN_BYTES as usize]).unwrap();
+        run(async move {
+            let (release, held) = hold_pool();
+            let mut opened = Box::pin(PooledSegment::open(path.clone(), false));
+            assert!(
+                poll_once(&mut opened).await.is_none(),
+                "the segment was stat on the executor"
+            );
+            release.send(()).unwrap();
+            let seg = opened.await.unwrap();
+            held.await;
+            assert!(
+                seg.main.handle.borrow().is_none(),
+                "opened at its first use"
+            );
+
+            let (release, held) = hold_pool();
+            let mut size = seg.size();
+            assert!(
+                poll_once(&mut size).await.is_none(),
+                "the size was read on the executor"
+            );
+            release.send(()).unwrap();
+            assert_eq!(size.await.unwrap(), 3 * ALIGN_BYTES);
+            held.await;
+            assert_eq!(open_files().0, 0, "no descriptor taken to learn the size");
+
+            let missing = PooledSegment::open(path.with_extension("gone"), false).await;
+            assert_eq!(missing.err().unwrap().kind(), io::ErrorKind::NotFound);
+        });
+    }
+
+    /// The first open of a segment file looks at its directory's device (whether glommio has
+    /// probed it) with a `stat` on the blocking pool: behind a job that holds the pool's
+    /// thread, a new segment is not created even once a later open on the executor has
+    /// completed; released, it is.
+    #[test]
+    fn a_first_open_looks_at_the_device_on_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("00000000000000000000.log");
+        let second = dir.path().join("00000000000000000100.log");
+        run(async move {
+            // The device is probed by the first segment (the pool free).
+            PooledSegment::open(first.clone(), true).await.unwrap();
+            let (release, held) = hold_pool();
+            let mut opened = Box::pin(PooledSegment::open(second.clone(), true));
+            assert!(poll_once(&mut opened).await.is_none());
+            // An open submitted after: once it completes, an open the first poll had
+            // submitted would have completed too.
+            DmaFile::open(&first).await.unwrap().close().await.unwrap();
+            assert!(poll_once(&mut opened).await.is_none());
+            assert!(
+                !second.exists(),
+                "the directory was looked at on the executor"
+            );
+            release.send(()).unwrap();
+            opened.await.unwrap();
+            held.await;
+            assert!(second.exists());
+        });
+    }
+
+    /// Reopening a segment's descriptor checks the file's identity with an `fstat` on the
+    /// blocking pool: behind a job that holds the pool's thread, a read has not got its
+    /// descriptor once the file is open (and the reactor has seen its open complete);
+    /// released, it resolves with the file's bytes.
+    #[test]
+    fn a_reopened_descriptor_is_identified_on_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .canonicalize()
+            .unwrap()
+            .join("00000000000000000000.log");
+        std::fs::write(&path, vec![7u8; ALIGN_BYTES as usize]).unwrap();
+        run(async move {
+            let seg = PooledSegment::open(path.clone(), false).await.unwrap();
+            // The first open probes the device and records the file's identity.
+            assert_eq!(&*seg.read_at(0, 1).await.unwrap(), &[7u8][..]);
+            seg.main.release();
+            while open_on(&path) > 0 {
+                yield_now().await;
+            }
+
+            let (release, held) = hold_pool();
+            let mut read = seg.read_at(0, 1);
+            loop {
+                assert!(poll_once(&mut read).await.is_none());
+                assert!(
+                    seg.main.handle.borrow().is_none(),
+                    "the reopened descriptor was identified on the executor"
+                );
+                if open_on(&path) > 0 {
+                    break;
+                }
+                yield_now().await;
+            }
+            // An open submitted after the read's open was done: once it completes, the reactor
+            // has reaped the read's open too.
+            DmaFile::open(&path).await.unwrap().close().await.unwrap();
+            // The read itself is asynchronous: what shows the identity check is still queued
+            // is that the descriptor is not yet the slot's.
+            assert!(poll_once(&mut read).await.is_none());
+            assert!(
+                seg.main.handle.borrow().is_none(),
+                "the reopened descriptor was identified on the executor"
+            );
+            release.send(()).unwrap();
+            assert_eq!(&*read.await.unwrap(), &[7u8][..]);
+            held.await;
+        });
     }
 }

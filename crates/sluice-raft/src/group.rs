@@ -185,8 +185,6 @@ impl std::fmt::Display for ProposeError {
 
 impl std::error::Error for ProposeError {}
 
-/// How often a follower whose log is shorter than its leader believes tells it so (see
-/// `Driver::report_lost_log`).
 /// Bytes of committed entries raft-rs hands over in one `ready` (and again in the `advance`
 /// after it): it reads them from the store synchronously, so the loop has the store fetch
 /// them first (`LogStore::fetch_committed`, this many each time), and a replica re-applying a
@@ -194,6 +192,8 @@ impl std::error::Error for ProposeError {}
 /// goes round again at once while more committed entries wait.
 pub const COMMITTED_BYTES_PER_READY: u64 = 1 << 20;
 
+/// How often a follower whose log is shorter than its leader believes tells it so (see
+/// `Driver::report_lost_log`).
 const LOST_LOG_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a group's loop ended.

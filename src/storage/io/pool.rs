@@ -303,7 +303,7 @@ impl Slot {
             .custom_flags(self.flags)
             .dma_open(&path)
             .await?;
-        let id = identity(&file).await?;
+        let id = identity(&file)?;
         match self.identity.get() {
             None => self.identity.set(Some(id)),
             Some(first) if first != id => {
@@ -341,28 +341,21 @@ impl Slot {
     }
 }
 
-/// (device, inode) of an open file, read with an `fstat` on the blocking pool (glommio's
-/// io_uring `statx` reports neither).
-async fn identity(file: &DmaFile) -> io::Result<(u64, u64)> {
+/// (device, inode) of an open file. The `fstat` runs here, on the executor: on an open
+/// descriptor it reads the in-memory inode and does no device I/O, and the blocking pool is one
+/// thread per shard that runs jobs in order, so putting it there made every descriptor open —
+/// the first durable write of a segment among them — wait behind whatever the pool was doing
+/// (an index append, a metadata log fdatasync).
+fn identity(file: &DmaFile) -> io::Result<(u64, u64)> {
     use std::os::unix::io::AsRawFd;
-    let fd = file.as_raw_fd();
-    glommio::executor()
-        .spawn_blocking(move || {
-            // SAFETY: fstat into a zeroed stat the job owns. `file` is borrowed across the
-            // await, so the descriptor stays open while the job runs; if the caller is dropped
-            // meanwhile the descriptor may be closed and reused, and the job then only reads
-            // another file's metadata, which nobody receives.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            if unsafe { libc::fstat(fd, &mut st) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok((st.st_dev, st.st_ino))
-        })
-        .await
+    // SAFETY: fstat on a descriptor `file` owns and keeps open, into a zeroed stat we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.st_dev, st.st_ino))
 }
 
-/// The size of the file at `path`, read with a `stat` on the blocking pool: no descriptor is
-/// taken from the pool, and the executor does not wait on a path walk that may read the disk.
 async fn size_at(path: PathBuf) -> io::Result<u64> {
     glommio::executor()
         .spawn_blocking(move || Ok(std::fs::metadata(path)?.len()))
@@ -477,7 +470,7 @@ impl SegmentFile for PooledSegment {
 mod tests {
     use super::*;
     use crate::storage::tests::run;
-    use futures_lite::future::{poll_once, yield_now};
+    use futures_lite::future::poll_once;
     use std::sync::mpsc;
 
     /// A job that holds the executor's blocking pool (one thread) until the sender is used
@@ -488,15 +481,6 @@ mod tests {
             let _ = released.recv();
         });
         (release, held)
-    }
-
-    /// Descriptors of this process open on `path`.
-    fn open_on(path: &Path) -> usize {
-        std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| target == path)
-            .count()
     }
 
     /// Opening a sealed segment without creating it, and asking its size with no descriptor
@@ -569,53 +553,23 @@ mod tests {
         });
     }
 
-    /// Reopening a segment's descriptor checks the file's identity with an `fstat` on the
-    /// blocking pool: behind a job that holds the pool's thread, a read has not got its
-    /// descriptor once the file is open (and the reactor has seen its open complete);
-    /// released, it resolves with the file's bytes.
+    /// A reopened descriptor (and so the write or read that needed it) does not wait for the
+    /// blocking pool: its identity check is an `fstat` on the executor.
     #[test]
-    fn a_reopened_descriptor_is_identified_on_the_blocking_pool() {
+    fn a_reopened_descriptor_does_not_wait_for_the_blocking_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir
-            .path()
-            .canonicalize()
-            .unwrap()
-            .join("00000000000000000000.log");
+        let path = dir.path().join("00000000000000000000.log");
         std::fs::write(&path, vec![7u8; ALIGN_BYTES as usize]).unwrap();
         run(async move {
             let seg = PooledSegment::open(path.clone(), false).await.unwrap();
             // The first open probes the device and records the file's identity.
             assert_eq!(&*seg.read_at(0, 1).await.unwrap(), &[7u8][..]);
             seg.main.release();
-            while open_on(&path) > 0 {
-                yield_now().await;
-            }
-
+            assert!(seg.main.handle.borrow().is_none());
             let (release, held) = hold_pool();
-            let mut read = seg.read_at(0, 1);
-            loop {
-                assert!(poll_once(&mut read).await.is_none());
-                assert!(
-                    seg.main.handle.borrow().is_none(),
-                    "the reopened descriptor was identified on the executor"
-                );
-                if open_on(&path) > 0 {
-                    break;
-                }
-                yield_now().await;
-            }
-            // An open submitted after the read's open was done: once it completes, the reactor
-            // has reaped the read's open too.
-            DmaFile::open(&path).await.unwrap().close().await.unwrap();
-            // The read itself is asynchronous: what shows the identity check is still queued
-            // is that the descriptor is not yet the slot's.
-            assert!(poll_once(&mut read).await.is_none());
-            assert!(
-                seg.main.handle.borrow().is_none(),
-                "the reopened descriptor was identified on the executor"
-            );
+            assert_eq!(&*seg.read_at(0, 1).await.unwrap(), &[7u8][..]);
+            assert!(seg.main.handle.borrow().is_some(), "reopened");
             release.send(()).unwrap();
-            assert_eq!(&*read.await.unwrap(), &[7u8][..]);
             held.await;
         });
     }

@@ -332,24 +332,6 @@ impl Stop {
     }
 }
 
-/// Runs `fut` until `deadline` (if any) on `clock`; `None` if the deadline passed first.
-async fn within<T>(
-    clock: &Clock,
-    deadline: Option<Instant>,
-    fut: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let Some(deadline) = deadline else {
-        return Some(fut.await);
-    };
-    futures_lite::future::or(async { Some(fut.await) }, async {
-        clock
-            .sleep(deadline.saturating_duration_since(clock.now()))
-            .await;
-        None
-    })
-    .await
-}
-
 /// A connection's read deadline, armed lazily: the timer stays armed while later reads move the
 /// deadline further out, and only when it fires is the current deadline checked and the timer
 /// armed again. It is armed at most `reach` ahead (the stall timeout, the shortest deadline a
@@ -591,7 +573,7 @@ async fn read_requests(
                 if let Some(p) = pending.as_mut() {
                     let frame_part = (LENGTH_PREFIX_BYTES + p.len - old).min(n) as u64;
                     let grow = stop.until(p.held.shard_bytes.grow(frame_part));
-                    match within(&clock, Some(p.deadline), grow).await {
+                    match read_deadline.within(&clock, Some(p.deadline), grow).await {
                         Some(Some(Some(()))) => {}
                         Some(_) => return None, // shutting down
                         None => {

@@ -293,6 +293,12 @@ pub const NODE_ID_MAX: i32 = (1 << NODE_ID_BITS) - 1;
 /// Bits of a producer id that name the node that handed it out, in a cluster.
 pub const NODE_ID_BITS: u32 = 10;
 
+/// Longest `--stall-timeout-ms` and `--connection-idle-ms`: a week. A connection's deadlines are
+/// instants that far ahead, which must stay representable (a value near `u64::MAX` ms would
+/// overflow the clock's arithmetic); Kafka's own `connections.max.idle.ms` is an `int` (under 25
+/// days).
+pub const CONNECTION_TIMEOUT_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+
 /// A cluster's membership, from `--node-id` and `--controllers`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -683,15 +689,15 @@ impl BrokerConfig {
             ));
         }
         let stall_timeout_ms = pick!(stall_timeout_ms);
-        if stall_timeout_ms < 100 {
+        if !(100..=CONNECTION_TIMEOUT_MS_MAX).contains(&stall_timeout_ms) {
             return Err(format!(
-                "invalid --stall-timeout-ms {stall_timeout_ms}: must be >= 100"
+                "invalid --stall-timeout-ms {stall_timeout_ms}: must be 100..={CONNECTION_TIMEOUT_MS_MAX} (a week)"
             ));
         }
         let connection_idle_ms = pick!(connection_idle_ms);
-        if connection_idle_ms < 100 {
+        if !(100..=CONNECTION_TIMEOUT_MS_MAX).contains(&connection_idle_ms) {
             return Err(format!(
-                "invalid --connection-idle-ms {connection_idle_ms}: must be >= 100"
+                "invalid --connection-idle-ms {connection_idle_ms}: must be 100..={CONNECTION_TIMEOUT_MS_MAX} (a week)"
             ));
         }
         let log_format = LogFormat::parse(&pick!(log_format))?;
@@ -856,6 +862,8 @@ mod tests {
             |a| a.shard_request_bytes_max = Some(1 << 20),
             |a| a.stall_timeout_ms = Some(0),
             |a| a.connection_idle_ms = Some(5),
+            |a| a.stall_timeout_ms = Some(u64::MAX),
+            |a| a.connection_idle_ms = Some(CONNECTION_TIMEOUT_MS_MAX + 1),
             |a| a.log_format = Some("xml".into()),
             |a| a.metrics_listen = Some("nonsense".into()),
             |a| a.metrics_listen = Some("127.0.0.1:9092".into()),

@@ -142,7 +142,16 @@ impl Clock {
     /// Resolves once `d` has passed on this clock. The deadline is fixed when this is called.
     pub fn sleep(&self, d: Duration) -> Sleep {
         match &self.fake {
-            None => Sleep::System(glommio::timer::Timer::new(d)),
+            None => {
+                // Taken before the timer's own deadline (`Timer::new` reads the clock after
+                // this), so this one is never later: see `SystemSleep`.
+                let deadline = Instant::now().checked_add(d);
+                Sleep::System(SystemSleep {
+                    timer: glommio::timer::Timer::new(d),
+                    deadline,
+                    registered: None,
+                })
+            }
             Some(f) => {
                 let id = f.next_id.get();
                 f.next_id.set(id + 1);
@@ -167,8 +176,52 @@ impl fmt::Debug for Clock {
 
 /// The future of [`Clock::sleep`].
 pub enum Sleep {
-    System(glommio::timer::Timer),
+    System(SystemSleep),
     Fake(FakeSleep),
+}
+
+/// A sleep on the system clock: glommio's timer, polled again only when that can change
+/// something.
+///
+/// Each poll of a glommio `Timer` that is not due takes it out of the reactor's timer map and
+/// puts it back with a clone of the waker. A task that polls its sleep on every wake-up (the
+/// partition flusher waits on its writes, its sync and its sync timer at once) paid that on
+/// every write. Here a sleep already registered with a waker that wakes the same task, and not
+/// yet due, answers `Pending` without touching the timer: the reactor still holds it and will
+/// wake that task.
+///
+/// Why that is safe: `deadline` is read before glommio reads its own, so it is never later
+/// than the instant glommio fires at. Once glommio fired (and dropped its registration), the
+/// clock has passed `deadline` too, and the poll goes to the timer, which answers `Ready`.
+pub struct SystemSleep {
+    timer: glommio::timer::Timer,
+    /// `None` when the deadline is past what `Instant` holds: always asks the timer.
+    deadline: Option<Instant>,
+    /// The waker the timer holds, once it was polled and not due.
+    registered: Option<Waker>,
+}
+
+impl SystemSleep {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let (Some(deadline), Some(w)) = (self.deadline, &self.registered) {
+            if w.will_wake(cx.waker()) && Instant::now() < deadline {
+                return Poll::Pending;
+            }
+        }
+        match Pin::new(&mut self.timer).poll(cx) {
+            Poll::Ready(_) => {
+                self.registered = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => {
+                match &mut self.registered {
+                    Some(w) => w.clone_from(cx.waker()),
+                    None => self.registered = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 /// A sleep on a [`FakeClock`]; registered with the clock while pending, removed when dropped.
@@ -183,7 +236,7 @@ impl Future for Sleep {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         match self.get_mut() {
-            Sleep::System(t) => Pin::new(t).poll(cx).map(|_| ()),
+            Sleep::System(t) => t.poll(cx),
             Sleep::Fake(s) => {
                 if s.clock.elapsed.get() >= s.deadline {
                     return Poll::Ready(());
@@ -348,6 +401,53 @@ mod tests {
                 clock.sleep(Duration::ZERO).await;
             });
     }
+
+    /// A system sleep polled again and again before its deadline (a task woken by other
+    /// futures polls it each time) resolves at its deadline, not before and not never; one
+    /// polled by a task and then moved to another wakes the other.
+    #[test]
+    fn a_system_sleep_polled_often_or_moved_to_another_task_wakes_at_its_deadline() {
+        use std::time::Instant;
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .expect("executor")
+            .run(async {
+                let clock = Clock::system();
+                let start = Instant::now();
+                let mut sleep = std::pin::pin!(clock.sleep(Duration::from_millis(30)));
+                let mut polls = 0u32;
+                std::future::poll_fn(|cx| {
+                    polls += 1;
+                    let r = std::future::Future::poll(sleep.as_mut(), cx);
+                    if r.is_pending() {
+                        cx.waker().wake_by_ref(); // woken at once, as by another future
+                    }
+                    r
+                })
+                .await;
+                assert!(start.elapsed() >= Duration::from_millis(30));
+                assert!(polls > 1, "{polls}");
+
+                let mut sleep = Box::pin(clock.sleep(Duration::from_millis(20)));
+                assert!(futures_lite::future::poll_once(sleep.as_mut())
+                    .await
+                    .is_none());
+                let moved = glommio::spawn_local(async move { sleep.await });
+                // Bounds the failure only: the sleep wakes its new task after ~20 ms.
+                let bound = glommio::timer::Timer::new(Duration::from_secs(30));
+                let woke = futures_lite::future::or(async { Some(moved.await) }, async {
+                    bound.await;
+                    None
+                })
+                .await;
+                assert!(
+                    woke.is_some(),
+                    "the task the sleep moved to was never woken"
+                );
+                assert!(start.elapsed() >= Duration::from_millis(50));
+            });
+    }
+
     use kafka_protocol::ResponseError;
 
     #[test]

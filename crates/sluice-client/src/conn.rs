@@ -15,7 +15,7 @@ use kafka_protocol::messages::ApiVersionsRequest;
 use kafka_protocol::protocol::{Request, StrBytes};
 
 use crate::error::code;
-use crate::frame::{decode_response, encode_request, read_frame};
+use crate::frame::{decode_response, encode_request, read_frame_into};
 use crate::versions::Versions;
 
 /// A request sent and not yet answered: its correlation id and version, typed by the request so
@@ -64,6 +64,8 @@ pub struct Connection<S> {
     ids: Ids,
     /// Reused for every request this connection encodes.
     buf: BytesMut,
+    /// Reused for every response this connection reads ([`read_frame_into`]).
+    rbuf: BytesMut,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -77,6 +79,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             versions: Versions::default(),
             ids: Ids(1),
             buf: BytesMut::new(),
+            rbuf: BytesMut::new(),
         };
         c.negotiate().await?;
         Ok(c)
@@ -165,7 +168,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Reads the next response, which must answer `p` (responses arrive in request order).
     pub async fn recv<R: Request>(&mut self, p: Pending<R>) -> Result<R::Response> {
-        recv_on(&mut self.stream, &self.addr, p).await
+        recv_on(&mut self.stream, &mut self.rbuf, &self.addr, p).await
     }
 
     /// Splits into a sending and a receiving half for pipelining from two tasks: the sender
@@ -179,17 +182,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 client_id: self.client_id,
                 ids: self.ids,
             },
-            Receiver { r, addr: self.addr },
+            Receiver {
+                r,
+                rbuf: self.rbuf,
+                addr: self.addr,
+            },
         )
     }
 }
 
 async fn recv_on<S: AsyncRead + Unpin, R: Request>(
     s: &mut S,
+    rbuf: &mut BytesMut,
     addr: &str,
     p: Pending<R>,
 ) -> Result<R::Response> {
-    let frame = read_frame(s)
+    let frame = read_frame_into(s, rbuf)
         .await
         .map_err(|e| anyhow!("broker {addr}: {e:#}"))?;
     decode_response::<R>(frame, p.id, p.version).map_err(|e| anyhow!("broker {addr}: {e:#}"))
@@ -241,13 +249,14 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
 /// The receiving half of a split [`Connection`].
 pub struct Receiver<Rd> {
     r: Rd,
+    rbuf: BytesMut,
     addr: String,
 }
 
 impl<Rd: AsyncRead + Unpin> Receiver<Rd> {
     /// Reads the next response, which must answer `p`.
     pub async fn recv<R: Request>(&mut self, p: Pending<R>) -> Result<R::Response> {
-        recv_on(&mut self.r, &self.addr, p).await
+        recv_on(&mut self.r, &mut self.rbuf, &self.addr, p).await
     }
 }
 

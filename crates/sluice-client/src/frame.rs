@@ -67,6 +67,16 @@ pub fn decode_response<R: Request>(
 /// `4..=RESPONSE_BYTES_MAX`; the buffer grows with the bytes that arrive
 /// ([`FRAME_READ_STEP_BYTES`]), never by the declared length.
 pub async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<Bytes> {
+    read_frame_into(s, &mut BytesMut::new()).await
+}
+
+/// [`read_frame`] into `buf`, a connection's receive buffer kept from one response to the next:
+/// once the caller has dropped every part of the previous frame, its memory is used again.
+/// A large response (a 50 MB fetch) then costs no fresh pages: without the reuse every such
+/// response was a new mapping of the allocator, faulted in page by page by the kernel and
+/// unmapped again once decoded, which cost the consumer more than the socket's own copy.
+/// What a frame still held elsewhere keeps is left alone (`BytesMut::reserve` then allocates).
+pub async fn read_frame_into<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> Result<Bytes> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)
         .await
@@ -76,11 +86,14 @@ pub async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<Bytes> {
         .ok()
         .filter(|n| (4..=RESPONSE_BYTES_MAX).contains(n))
         .ok_or_else(|| anyhow!("sent a frame of invalid length {declared}"))?;
-    let mut buf: Vec<u8> = Vec::new();
+    buf.clear();
     let mut have = 0;
     while have < len {
         if have == buf.len() {
-            let step = (len - have).min(have.max(FRAME_READ_STEP_BYTES));
+            // Capacity already there (a reused buffer) is taken whole; beyond it the buffer
+            // grows only with what arrived.
+            let spare = buf.capacity() - buf.len();
+            let step = (len - have).min(spare.max(have).max(FRAME_READ_STEP_BYTES));
             buf.resize(have + step, 0);
         }
         let n = s
@@ -92,7 +105,8 @@ pub async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<Bytes> {
         }
         have += n;
     }
-    Ok(Bytes::from(buf))
+    debug_assert_eq!(buf.len(), len);
+    Ok(buf.split_to(len).freeze())
 }
 
 #[cfg(test)]
@@ -171,6 +185,39 @@ mod tests {
             "{}",
             s.worst_excess
         );
+    }
+
+    #[test]
+    fn a_reused_buffer_serves_the_next_frame_from_the_same_memory_once_the_last_is_dropped() {
+        let frame = |n: usize, fill: u8| {
+            let mut f = (n as i32).to_be_bytes().to_vec();
+            f.resize(4 + n, fill);
+            f
+        };
+        let mut wire = frame(3 << 20, 1);
+        wire.extend(frame(2 << 20, 2));
+        wire.extend(frame(1 << 20, 3));
+        let mut r = &wire[..];
+        let mut buf = BytesMut::new();
+        let read = |r: &mut &[u8], buf: &mut BytesMut| {
+            futures_lite::future::block_on(read_frame_into(r, buf)).unwrap()
+        };
+        let first = read(&mut r, &mut buf);
+        assert!(first.len() == 3 << 20 && first.iter().all(|b| *b == 1));
+        let at = first.as_ptr();
+        drop(first);
+        let second = read(&mut r, &mut buf);
+        assert!(second.len() == 2 << 20 && second.iter().all(|b| *b == 2));
+        assert_eq!(
+            second.as_ptr(),
+            at,
+            "the dropped frame's memory is used again"
+        );
+        // A frame still held is left alone: the next one goes elsewhere, intact.
+        let third = read(&mut r, &mut buf);
+        assert!(third.len() == 1 << 20 && third.iter().all(|b| *b == 3));
+        assert!(second.iter().all(|b| *b == 2));
+        assert_ne!(third.as_ptr(), second.as_ptr());
     }
 
     #[test]

@@ -28,5 +28,5 @@ pub mod versions;
 
 pub use conn::{connect_first, Connection, Pending, Receiver, Sender};
 pub use error::{check, error_name, KafkaError};
-pub use frame::{decode_response, encode_request, read_frame, RESPONSE_BYTES_MAX};
+pub use frame::{decode_response, encode_request, read_frame, read_frame_into, RESPONSE_BYTES_MAX};
 pub use versions::Versions;

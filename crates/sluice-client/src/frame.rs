@@ -76,6 +76,7 @@ pub async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> Result<Bytes> {
 /// response was a new mapping of the allocator, faulted in page by page by the kernel and
 /// unmapped again once decoded, which cost the consumer more than the socket's own copy.
 /// What a frame still held elsewhere keeps is left alone (`BytesMut::reserve` then allocates).
+/// The price: a connection holds the memory of its largest response until it closes.
 pub async fn read_frame_into<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> Result<Bytes> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)

@@ -145,6 +145,8 @@ struct Counters {
     hops_sent: Cell<u64>,
     hops_received: Cell<u64>,
     requests_closed: Cell<u64>,
+    request_buffer_regrowths: Cell<u64>,
+    request_bytes_regrown: Cell<u64>,
     apis: RefCell<Vec<ApiStats>>,
     errors: RefCell<BTreeMap<(i16, i16), u64>>,
     fsyncs: RefCell<Option<Box<Latency>>>,
@@ -252,6 +254,15 @@ pub fn request_closed() {
     COUNTERS.with(|c| add(&c.requests_closed, 1));
 }
 
+/// A request frame outgrew the connection's read buffer: the `n` bytes of it already read were
+/// copied into a larger one.
+pub fn request_buffer_regrown(n: usize) {
+    COUNTERS.with(|c| {
+        add(&c.request_buffer_regrowths, 1);
+        add(&c.request_bytes_regrown, n as u64);
+    });
+}
+
 /// One fdatasync of a segment completed in `took`.
 pub fn fsync_done(took: Duration) {
     COUNTERS.with(|c| record(&mut c.fsyncs.borrow_mut(), took));
@@ -317,6 +328,8 @@ pub struct Snapshot {
     pub hops_sent: u64,
     pub hops_received: u64,
     pub requests_closed: u64,
+    pub request_buffer_regrowths: u64,
+    pub request_bytes_regrown: u64,
     /// (API key, latency) for every API that saw a request.
     pub requests: Vec<(i16, HistogramSnapshot)>,
     /// ((API key, error code), count).
@@ -358,6 +371,8 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
             hops_sent: c.hops_sent.get(),
             hops_received: c.hops_received.get(),
             requests_closed: c.requests_closed.get(),
+            request_buffer_regrowths: c.request_buffer_regrowths.get(),
+            request_bytes_regrown: c.request_bytes_regrown.get(),
             requests: c
                 .apis
                 .borrow()

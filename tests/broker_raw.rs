@@ -61,6 +61,46 @@ fn produce(r: &mut Raw, topic: &str, partition: i32, acks: i16, records: Bytes) 
     (p.error_code, p.base_offset)
 }
 
+/// A connection whose frames are larger than the read chunk (64 KiB batches, as producers with
+/// `batch.size` 64 KiB send) gets room for a whole frame before each one arrives: only its first
+/// frame outgrows the buffer and is copied into a larger one, not every frame.
+#[test]
+fn frames_larger_than_a_read_chunk_land_whole_after_the_first() {
+    const FRAMES: usize = 20;
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("metrics address");
+    let b = Broker::options()
+        .args(["--metrics-listen".to_string(), metrics.to_string()])
+        .start();
+    let mut r = Raw::connect(b.addr);
+    let topic = topic_name("big-frames");
+    create_topic(&mut r, &topic, 1);
+    let regrown = || common::scrape_metric(metrics, "sluice_request_buffer_regrowths_total");
+    let before = regrown().expect("the regrowth counter is exported");
+    let value = [5u8; 1024];
+    let values: Vec<&[u8]> = vec![&value[..]; 64];
+    let records = batch(&values);
+    assert!(records.len() > 64 << 10, "{} bytes", records.len());
+    let mut p = Raw::connect(b.addr);
+    for i in 0..FRAMES {
+        let (err, base) = produce(&mut p, &topic, 0, 1, records.clone());
+        assert_eq!((err, base), (0, 64 * i as i64), "frame {i}");
+    }
+    let regrowths = regrown().expect("the regrowth counter is exported") - before;
+    assert!(
+        regrowths <= 2.0,
+        "{regrowths} of {FRAMES} frames of {} bytes outgrew their read buffer",
+        records.len()
+    );
+    let bytes = common::scrape_metric(metrics, "sluice_request_bytes_regrown_total")
+        .expect("the regrown-bytes counter is exported");
+    assert!(
+        regrowths == 0.0 || bytes > 0.0,
+        "{regrowths} regrowths, {bytes} bytes"
+    );
+}
+
 /// A Fetch v12 request for `(partition, offset, partition_max_bytes)` of `topic`, no waiting,
 /// no session, limited to `max_bytes`.
 fn fetch_request(topic: &str, parts: &[(i32, i64, i32)], max_bytes: i32) -> FetchRequest {

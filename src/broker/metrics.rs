@@ -716,6 +716,22 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         "Requests answered by closing the connection (malformed, unsupported, failed acks=0, handler panic).",
         |s| s.counters.requests_closed as f64,
     );
+    per_shard(
+        &mut t,
+        &shards,
+        "sluice_request_buffer_regrowths_total",
+        "counter",
+        "Request frames that outgrew their connection's read buffer and were copied into a larger one.",
+        |s| s.counters.request_buffer_regrowths as f64,
+    );
+    per_shard(
+        &mut t,
+        &shards,
+        "sluice_request_bytes_regrown_total",
+        "counter",
+        "Bytes of request frames copied into a larger read buffer (see sluice_request_buffer_regrowths_total).",
+        |s| s.counters.request_bytes_regrown as f64,
+    );
     t.family(
         "sluice_request_duration_seconds",
         "histogram",

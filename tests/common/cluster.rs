@@ -145,22 +145,7 @@ impl Cluster {
     /// The sum over node `id`'s shards of the metric `name` (a family without other labels),
     /// read from its `/metrics`; `None` if the node cannot be reached or does not report it.
     pub fn metric(&self, id: i32, name: &str) -> Option<f64> {
-        use std::io::{Read, Write};
-        let addr = self.metrics[id as usize - 1];
-        let mut conn =
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
-            .ok()?;
-        let mut page = String::new();
-        conn.read_to_string(&mut page).ok()?;
-        let prefix = format!("{name}{{");
-        let values: Vec<f64> = page
-            .lines()
-            .filter(|l| l.starts_with(&prefix) || l.split(' ').next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
+        super::scrape_metric(self.metrics[id as usize - 1], name)
     }
 
     /// Node `id`'s address and internal ports, for network partitions.

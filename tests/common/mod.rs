@@ -70,6 +70,26 @@ pub fn pick_port(host: &str, free: impl Fn(u16) -> bool) -> u16 {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
+/// The sum over a broker's shards of the metric `name` (a family without other labels), read
+/// from its `/metrics` endpoint at `addr` (`--metrics-listen`); `None` if the endpoint cannot be
+/// reached or does not report it.
+pub fn scrape_metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    use std::io::Write;
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n")
+        .ok()?;
+    let mut page = String::new();
+    conn.read_to_string(&mut page).ok()?;
+    let prefix = format!("{name}{{");
+    let values: Vec<f64> = page
+        .lines()
+        .filter(|l| l.starts_with(&prefix) || l.split(' ').next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 pub fn free_port() -> u16 {
     pick_port("127.0.0.1", |_| true)
 }

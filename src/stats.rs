@@ -147,6 +147,7 @@ struct Counters {
     requests_closed: Cell<u64>,
     request_buffer_regrowths: Cell<u64>,
     request_bytes_regrown: Cell<u64>,
+    produce_bytes_copied: Cell<u64>,
     apis: RefCell<Vec<ApiStats>>,
     errors: RefCell<BTreeMap<(i16, i16), u64>>,
     fsyncs: RefCell<Option<Box<Latency>>>,
@@ -263,6 +264,12 @@ pub fn request_buffer_regrown(n: usize) {
     });
 }
 
+/// A produce handler copied `n` bytes of batches out of a request frame that other parts of the
+/// request still shared.
+pub fn produce_bytes_copied(n: usize) {
+    COUNTERS.with(|c| add(&c.produce_bytes_copied, n as u64));
+}
+
 /// One fdatasync of a segment completed in `took`.
 pub fn fsync_done(took: Duration) {
     COUNTERS.with(|c| record(&mut c.fsyncs.borrow_mut(), took));
@@ -330,6 +337,7 @@ pub struct Snapshot {
     pub requests_closed: u64,
     pub request_buffer_regrowths: u64,
     pub request_bytes_regrown: u64,
+    pub produce_bytes_copied: u64,
     /// (API key, latency) for every API that saw a request.
     pub requests: Vec<(i16, HistogramSnapshot)>,
     /// ((API key, error code), count).
@@ -373,6 +381,7 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
             requests_closed: c.requests_closed.get(),
             request_buffer_regrowths: c.request_buffer_regrowths.get(),
             request_bytes_regrown: c.request_bytes_regrown.get(),
+            produce_bytes_copied: c.produce_bytes_copied.get(),
             requests: c
                 .apis
                 .borrow()

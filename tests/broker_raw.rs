@@ -101,6 +101,84 @@ fn frames_larger_than_a_read_chunk_land_whole_after_the_first() {
     );
 }
 
+/// A produce request of one partition gives its batch to the log without a copy once its frame
+/// has a buffer of its own (the connection's frames are all that size); a request of two
+/// partitions shares its frame between them, and a batch appended while another still holds
+/// the frame is copied. Either way every record reads back as produced.
+#[test]
+fn one_partition_produce_requests_give_their_batch_to_the_log_without_a_copy() {
+    const FRAMES: usize = 20;
+    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("metrics address");
+    let b = Broker::options()
+        .args(["--metrics-listen".to_string(), metrics.to_string()])
+        .start();
+    let mut r = Raw::connect(b.addr);
+    let topic = topic_name("no-copy");
+    create_topic(&mut r, &topic, 2);
+    let copied = || {
+        common::scrape_metric(metrics, "sluice_produce_copied_bytes_total")
+            .expect("the copied-bytes counter is exported")
+    };
+    let values: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 1024]).collect();
+    let refs: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
+    let records = batch(&refs);
+
+    let mut p = Raw::connect(b.addr);
+    let before = copied();
+    for i in 0..FRAMES {
+        let (err, base) = produce(&mut p, &topic, 0, 1, records.clone());
+        assert_eq!((err, base), (0, 64 * i as i64), "frame {i}");
+    }
+    // The connection's first frames may share a buffer with what arrived before them.
+    let one = copied() - before;
+    assert!(
+        one <= 2.0 * records.len() as f64,
+        "{one} bytes copied for {FRAMES} one-partition requests of {} bytes",
+        records.len()
+    );
+
+    let before = copied();
+    let two = ProduceRequest::default()
+        .with_acks(1)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(tn(&topic))
+            .with_partition_data(
+                (0..2)
+                    .map(|i| {
+                        PartitionProduceData::default()
+                            .with_index(i)
+                            .with_records(Some(records.clone()))
+                    })
+                    .collect(),
+            )]);
+    let resp: ProduceResponse = p.call(ApiKey::Produce, 9, &two);
+    let parts = &resp.responses[0].partition_responses;
+    assert!(parts.iter().all(|p| p.error_code == 0), "{parts:?}");
+    // The first partition's batch is copied (the second one's shares its frame); the last
+    // one appended may find itself alone by then and be taken as it is.
+    let shared = copied() - before;
+    assert!(
+        shared >= records.len() as f64 && shared <= 2.0 * records.len() as f64,
+        "{shared} bytes copied for a two-partition request of {} bytes each",
+        records.len()
+    );
+
+    // Partition 0 holds the twenty batches and the one after them, intact, and partition 1
+    // the second batch of the two-partition request.
+    let (hw, all) = fetch_all(&mut r, &topic, 0);
+    assert_eq!(hw, 64 * (FRAMES as i64 + 1));
+    for (o, v) in &all {
+        assert_eq!(v, &values[(o % 64) as usize], "partition 0 offset {o}");
+    }
+    assert_eq!(all.len() as i64, hw);
+    let (hw, all) = fetch_all(&mut r, &topic, 1);
+    assert_eq!(hw, 64);
+    assert!(all.iter().all(|(o, v)| v == &values[*o as usize]));
+}
+
 /// A Fetch v12 request for `(partition, offset, partition_max_bytes)` of `topic`, no waiting,
 /// no session, limited to `max_bytes`.
 fn fetch_request(topic: &str, parts: &[(i32, i64, i32)], max_bytes: i32) -> FetchRequest {

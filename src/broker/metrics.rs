@@ -732,6 +732,14 @@ fn render(broker: &BrokerContext, started: f64) -> String {
         "Bytes of request frames copied into a larger read buffer (see sluice_request_buffer_regrowths_total).",
         |s| s.counters.request_bytes_regrown as f64,
     );
+    per_shard(
+        &mut t,
+        &shards,
+        "sluice_produce_copied_bytes_total",
+        "counter",
+        "Batch bytes a produce request's handler copied because other parts of the request shared its frame (several partitions in one request); a request of one partition gives its batch to the log without a copy.",
+        |s| s.counters.produce_bytes_copied as f64,
+    );
     t.family(
         "sluice_request_duration_seconds",
         "histogram",

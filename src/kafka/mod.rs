@@ -6,7 +6,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
-use kafka_protocol::protocol::{Decodable, Encodable};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 pub mod fetch_sessions;
 pub mod handlers;
@@ -116,10 +116,18 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
     if !in_range {
         return Response::Close(format!("unsupported version {version} of {api_key:?}"));
     }
-    let header = match RequestHeader::decode(&mut frame, api_key.request_header_version(version)) {
-        Ok(h) => h,
-        Err(e) => return Response::Close(format!("malformed request header: {e}")),
-    };
+    let mut header =
+        match RequestHeader::decode(&mut frame, api_key.request_header_version(version)) {
+            Ok(h) => h,
+            Err(e) => return Response::Close(format!("malformed request header: {e}")),
+        };
+    if api_key == ApiKey::Produce {
+        // A produce request's batch becomes the log's without a copy when nothing else holds
+        // the frame (`handlers::produce`): the client id is detached from it.
+        header.client_id = header
+            .client_id
+            .map(|c| StrBytes::from_string(c.as_str().to_owned()));
+    }
     let req = Request {
         conn,
         api_key,

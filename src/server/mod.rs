@@ -467,6 +467,13 @@ async fn read_requests(
             let _ = buf.split_to(LENGTH_PREFIX_BYTES);
             let frame = buf.split_to(len).freeze();
             next_room = (LENGTH_PREFIX_BYTES + len).clamp(READ_CHUNK_BYTES, READ_CALL_BYTES_MAX);
+            // A buffer that cannot take the next such frame whole is let go of now, before the
+            // frame's handler starts (spawning may run it up to its first wait at once): the
+            // frame then holds its memory alone, and a produce request's batch becomes the
+            // log's without a copy (`kafka::handlers::produce`).
+            if buf.is_empty() && next_room > READ_CHUNK_BYTES && buf.capacity() < next_room {
+                buf = BytesMut::new();
+            }
             let fetch = if api_of(&frame).0 == kafka_protocol::messages::ApiKey::Fetch as i16 {
                 let slot = budgets.fetches.acquire_static_permit(1);
                 Some(stop.until(slot).await?.ok()?)

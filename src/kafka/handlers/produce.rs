@@ -17,7 +17,8 @@ use glommio::task::JoinHandle;
 use kafka_protocol::messages::produce_response::{
     BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
 };
-use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 
 use super::common::{code, storage_code, topic_or_create, with_partition_replica, NONE};
@@ -212,7 +213,11 @@ fn keyed(records: &[u8], topic: &str, partition: i32) -> Result<(), (String, Rec
 
 pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
     let started = Instant::now();
-    let request: ProduceRequest = crate::decode_or_close!(req, b);
+    let mut request: ProduceRequest = crate::decode_or_close!(req, b);
+    // What is left of the frame holds its memory too (see `owned_records`), and so does the
+    // transactional id until it is copied out.
+    drop(b);
+    let transactional_id = request.transactional_id.take().map(|t| t.to_string());
     let acks = request.acks;
     let durability = match acks {
         0 => Some(Durability::Accepted),
@@ -221,7 +226,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         _ => None,
     };
     let timeout = Duration::from_millis(request.timeout_ms.max(0) as u64);
-    let transactional = request.transactional_id.is_some();
+    let transactional = transactional_id.is_some();
     let partitions: usize = request
         .topic_data
         .iter()
@@ -245,6 +250,10 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             Some(local_topic(&td.name).await)
         };
         let mut prs = Vec::with_capacity(td.partition_data.len());
+        // The response's name is the request's, detached from the request's memory so the
+        // batch bytes can become the log's without a copy (`owned_records`).
+        let name = TopicName(StrBytes::from_string(td.name.as_str().to_owned()));
+        drop(td.name);
         for pd in td.partition_data {
             let index = pd.index;
             let pending = match (&topic, durability) {
@@ -259,7 +268,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
                 (Some(Err(e)), _) => Pending::Ready(Outcome::error(*e, None)),
                 (Some(Ok(t)), Some(d)) => {
                     let records = pd.records.unwrap_or_default();
-                    let tid = request.transactional_id.as_ref().map(|t| t.to_string());
+                    let tid = transactional_id.clone();
                     let append = append_partition(
                         t.clone(),
                         index,
@@ -290,7 +299,7 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
         }
         responses.push(
             TopicProduceResponse::default()
-                .with_name(td.name)
+                .with_name(name)
                 .with_partition_responses(prs),
         );
     }
@@ -348,6 +357,22 @@ fn partition_response(req: &Request<'_>, index: i32, o: Outcome) -> PartitionPro
         })
 }
 
+/// A partition's batch bytes, to the log alone: the request's own memory when nothing else
+/// holds it, else a copy. The request frame is nothing but this batch and the request's small
+/// fields when a producer sends one partition per request (the reader gives a frame of such a
+/// connection a buffer of its own, and `handle` detaches the names it keeps), so the common
+/// case takes no copy; a request listing several partitions shares its frame among them and
+/// copies each.
+fn owned_records(records: Bytes) -> BytesMut {
+    match records.try_into_mut() {
+        Ok(mine) => mine,
+        Err(shared) => {
+            crate::stats::produce_bytes_copied(shared.len());
+            BytesMut::from(&shared[..])
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn append_partition(
     topic: Rc<LocalTopic>,
@@ -378,10 +403,10 @@ async fn append_partition(
     }
     let config = topic.produce;
     let append_time = config.log_append_time.then(crate::types::now_ms);
-    // The log patches offsets in place, so it gets its own copy of the batch bytes, which are
+    // The log patches offsets in place, so it needs the batch bytes to itself; they are
     // validated (and checksummed) once, here.
     let (owned, producer) = match validate(
-        BytesMut::from(&records[..]),
+        owned_records(records),
         config.max_message_bytes,
         append_time,
         transactional_id.is_some(),
@@ -390,7 +415,7 @@ async fn append_partition(
         Err((c, m)) => return Outcome::error(c, Some(m)),
     };
     if config.compacted {
-        if let Err((m, record_errors)) = keyed(&records, &meta.name, index) {
+        if let Err((m, record_errors)) = keyed(owned.as_slice(), &meta.name, index) {
             return Outcome {
                 record_errors,
                 ..Outcome::error(code(ResponseError::InvalidRecord), Some(m))
@@ -406,7 +431,6 @@ async fn append_partition(
         }),
         _ => None,
     };
-    drop(records);
     let replicated = meta.replication_factor() > 1;
     if durability == Durability::Synced && replicated {
         let here = shard::local();

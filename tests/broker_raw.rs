@@ -61,18 +61,24 @@ fn produce(r: &mut Raw, topic: &str, partition: i32, acks: i16, records: Bytes) 
     (p.error_code, p.base_offset)
 }
 
-/// A connection whose frames are larger than the read chunk (64 KiB batches, as producers with
-/// `batch.size` 64 KiB send) gets room for a whole frame before each one arrives: only its first
-/// frame outgrows the buffer and is copied into a larger one, not every frame.
-#[test]
-fn frames_larger_than_a_read_chunk_land_whole_after_the_first() {
-    const FRAMES: usize = 20;
+/// A one-shard broker with its Prometheus endpoint on a free port, and that endpoint.
+fn broker_with_metrics() -> (Broker, SocketAddr) {
     let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
         .expect("metrics address");
     let b = Broker::options()
         .args(["--metrics-listen".to_string(), metrics.to_string()])
         .start();
+    (b, metrics)
+}
+
+/// A connection whose frames are larger than the read chunk (64 KiB batches, as producers with
+/// `batch.size` 64 KiB send) gets room for a whole frame before each one arrives: only its first
+/// frame outgrows the buffer and is copied into a larger one, not every frame.
+#[test]
+fn frames_larger_than_a_read_chunk_land_whole_after_the_first() {
+    const FRAMES: usize = 20;
+    let (b, metrics) = broker_with_metrics();
     let mut r = Raw::connect(b.addr);
     let topic = topic_name("big-frames");
     create_topic(&mut r, &topic, 1);
@@ -108,12 +114,7 @@ fn frames_larger_than_a_read_chunk_land_whole_after_the_first() {
 #[test]
 fn one_partition_produce_requests_give_their_batch_to_the_log_without_a_copy() {
     const FRAMES: usize = 20;
-    let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .expect("metrics address");
-    let b = Broker::options()
-        .args(["--metrics-listen".to_string(), metrics.to_string()])
-        .start();
+    let (b, metrics) = broker_with_metrics();
     let mut r = Raw::connect(b.addr);
     let topic = topic_name("no-copy");
     create_topic(&mut r, &topic, 2);

@@ -110,7 +110,8 @@ fn frames_larger_than_a_read_chunk_land_whole_after_the_first() {
 /// A produce request of one partition gives its batch to the log without a copy once its frame
 /// has a buffer of its own (the connection's frames are all that size); a request of two
 /// partitions shares its frame between them, and a batch appended while another still holds
-/// the frame is copied. Either way every record reads back as produced.
+/// the frame is copied. Either way every record reads back as produced, and a damaged batch is
+/// refused.
 #[test]
 fn one_partition_produce_requests_give_their_batch_to_the_log_without_a_copy() {
     const FRAMES: usize = 20;
@@ -167,6 +168,16 @@ fn one_partition_produce_requests_give_their_batch_to_the_log_without_a_copy() {
         records.len()
     );
 
+    // A damaged batch taken without a copy is refused as one that was copied, and the
+    // connection goes on.
+    let mut damaged = BytesMut::from(&records[..]);
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    let (err, _) = produce(&mut p, &topic, 0, 1, damaged.freeze());
+    assert_eq!(err, 2, "CORRUPT_MESSAGE for a batch failing its CRC");
+    let (err, base) = produce(&mut p, &topic, 1, 1, records.clone());
+    assert_eq!((err, base), (0, 64));
+
     // Partition 0 holds the twenty batches and the one after them, intact, and partition 1
     // the second batch of the two-partition request.
     let (hw, all) = fetch_all(&mut r, &topic, 0);
@@ -176,8 +187,8 @@ fn one_partition_produce_requests_give_their_batch_to_the_log_without_a_copy() {
     }
     assert_eq!(all.len() as i64, hw);
     let (hw, all) = fetch_all(&mut r, &topic, 1);
-    assert_eq!(hw, 64);
-    assert!(all.iter().all(|(o, v)| v == &values[*o as usize]));
+    assert_eq!(hw, 128);
+    assert!(all.iter().all(|(o, v)| v == &values[(*o % 64) as usize]));
 }
 
 /// A Fetch v12 request for `(partition, offset, partition_max_bytes)` of `topic`, no waiting,

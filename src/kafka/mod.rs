@@ -36,6 +36,10 @@ pub struct Request<'a> {
     pub api_key: ApiKey,
     pub version: i16,
     pub header: RequestHeader,
+    /// The frame had its memory to itself when it arrived (the reader gives a connection of
+    /// large frames a buffer per frame): a produce handler may then take its batch without a
+    /// copy, once it has detached what else it keeps of the frame.
+    pub frame_alone: bool,
 }
 
 impl Request<'_> {
@@ -116,14 +120,15 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
     if !in_range {
         return Response::Close(format!("unsupported version {version} of {api_key:?}"));
     }
+    let frame_alone = frame.is_unique();
     let mut header =
         match RequestHeader::decode(&mut frame, api_key.request_header_version(version)) {
             Ok(h) => h,
             Err(e) => return Response::Close(format!("malformed request header: {e}")),
         };
-    if api_key == ApiKey::Produce {
-        // A produce request's batch becomes the log's without a copy when nothing else holds
-        // the frame (`handlers::produce`): the client id is detached from it.
+    if frame_alone && api_key == ApiKey::Produce {
+        // The batch can become the log's without a copy (`handlers::produce`) once nothing
+        // else holds the frame: the client id is detached from it.
         header.client_id = header
             .client_id
             .map(|c| StrBytes::from_string(c.as_str().to_owned()));
@@ -133,6 +138,7 @@ pub async fn dispatch(conn: &Connection, mut frame: Bytes) -> Response {
         api_key,
         version,
         header,
+        frame_alone,
     };
     let body = frame;
     use handlers::*;
@@ -233,6 +239,7 @@ mod tests {
             api_key: ApiKey::Produce,
             version: 9,
             header: RequestHeader::default(),
+            frame_alone: false,
         };
         let produce = std::mem::size_of_val(&handlers::produce::handle(&req, Bytes::new()));
         let fetch = std::mem::size_of_val(&handlers::fetch::handle(&req, Bytes::new()));

@@ -250,10 +250,15 @@ pub async fn handle(req: &Request<'_>, mut b: Bytes) -> Response {
             Some(local_topic(&td.name).await)
         };
         let mut prs = Vec::with_capacity(td.partition_data.len());
-        // The response's name is the request's, detached from the request's memory so the
-        // batch bytes can become the log's without a copy (`owned_records`).
-        let name = TopicName(StrBytes::from_string(td.name.as_str().to_owned()));
-        drop(td.name);
+        // The response's name is the request's; when the frame's memory may become the log's
+        // (`owned_records`), detached from it first.
+        let name = if req.frame_alone {
+            let detached = TopicName(StrBytes::from_string(td.name.as_str().to_owned()));
+            drop(td.name);
+            detached
+        } else {
+            td.name
+        };
         for pd in td.partition_data {
             let index = pd.index;
             let pending = match (&topic, durability) {
@@ -359,10 +364,10 @@ fn partition_response(req: &Request<'_>, index: i32, o: Outcome) -> PartitionPro
 
 /// A partition's batch bytes, to the log alone: the request's own memory when nothing else
 /// holds it, else a copy. The request frame is nothing but this batch and the request's small
-/// fields when a producer sends one partition per request (the reader gives a frame of such a
-/// connection a buffer of its own, and `handle` detaches the names it keeps), so the common
-/// case takes no copy; a request listing several partitions shares its frame among them and
-/// copies each.
+/// fields when a producer sends one partition per request and the frame arrived in a buffer
+/// of its own (`Request::frame_alone`; dispatch and `handle` then detach the names they keep),
+/// so that case takes no copy; a request listing several partitions shares its frame among
+/// them, and small frames share the reader's chunk.
 fn owned_records(records: Bytes) -> BytesMut {
     match records.try_into_mut() {
         Ok(mine) => mine,

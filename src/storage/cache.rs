@@ -30,13 +30,35 @@ pub(crate) struct Cached {
     pub bytes: Bytes,
 }
 
+/// What one cached batch costs beyond its bytes, charged to the budget with them: its entry
+/// (base, last and the `Bytes` handle, 48 bytes), its place in the eviction order (16), the
+/// shared `Bytes` header and the allocator's rounding. Without it a budget of gigabytes filled
+/// with batches of one small record would hold several times its size.
+pub const ENTRY_OVERHEAD_BYTES: usize = 128;
+
 #[derive(Default)]
 struct Inner {
     logs: HashMap<u64, VecDeque<Cached>>,
     /// Insertion order across logs: (log id, base offset). Entries whose batch was already
     /// dropped (truncation, log removal) are skipped when they reach the front.
     order: VecDeque<(u64, Offset)>,
+    /// Bytes of the cached batches.
     bytes: usize,
+    /// Cached batches.
+    entries: usize,
+}
+
+impl Inner {
+    /// What the cache holds against its budget: its batches' bytes and
+    /// [`ENTRY_OVERHEAD_BYTES`] per batch.
+    fn charged(&self) -> usize {
+        self.bytes + self.entries * ENTRY_OVERHEAD_BYTES
+    }
+    /// `n` batches of `bytes` in all left the cache.
+    fn released(&mut self, n: usize, bytes: usize) {
+        self.entries -= n;
+        self.bytes -= bytes;
+    }
 }
 
 /// Per-shard cache of recently appended batches, shared by the shard's partitions.
@@ -68,7 +90,7 @@ impl BatchCache {
             misses: self.misses.get(),
             evictions: self.evictions.get(),
             bytes: inner.bytes,
-            batches: inner.logs.values().map(|d| d.len()).sum(),
+            batches: inner.entries,
         }
     }
 
@@ -81,25 +103,28 @@ impl BatchCache {
     /// Adds the newest batch of `log`. Batches bigger than the whole budget are not cached.
     pub(crate) fn insert(&self, log: u64, base: Offset, last: Offset, bytes: Bytes) {
         let size = bytes.len();
-        if size > self.bytes_max {
+        if size + ENTRY_OVERHEAD_BYTES > self.bytes_max {
             // Keep the run contiguous: an uncached batch ends it.
             self.drop_log(log);
             return;
         }
         let mut inner = self.inner.borrow_mut();
-        let mut freed = 0;
+        let (mut freed, mut dropped) = (0, 0);
         {
             let run = inner.logs.entry(log).or_default();
             if let Some(prev) = run.back() {
                 if prev.last.next() != base {
+                    dropped = run.len();
                     freed = run.drain(..).map(|c| c.bytes.len()).sum();
                 }
             }
             run.push_back(Cached { base, last, bytes });
         }
         inner.order.push_back((log, base));
-        inner.bytes = inner.bytes - freed + size;
-        while inner.bytes > self.bytes_max {
+        inner.released(dropped, freed);
+        inner.bytes += size;
+        inner.entries += 1;
+        while inner.charged() > self.bytes_max {
             let Some((id, base)) = inner.order.pop_front() else {
                 break;
             };
@@ -109,8 +134,9 @@ impl BatchCache {
             // The order entry may be stale: a failed write gives its offsets out again, so the
             // batch now cached at `base` can differ in size. Account for what is dropped.
             if run.front().map(|c| c.base) == Some(base) {
-                let dropped = run.pop_front().map_or(0, |c| c.bytes.len());
-                inner.bytes -= dropped;
+                if let Some(c) = run.pop_front() {
+                    inner.released(1, c.bytes.len());
+                }
                 self.evictions.set(self.evictions.get() + 1);
             }
         }
@@ -157,36 +183,38 @@ impl BatchCache {
     /// Drops cached batches of `log` with offsets at or past `from` (failed writes, truncation).
     pub(crate) fn truncate_from(&self, log: u64, from: Offset) {
         let mut inner = self.inner.borrow_mut();
-        let mut freed = 0;
+        let (mut freed, mut n) = (0, 0);
         if let Some(run) = inner.logs.get_mut(&log) {
             while run.back().is_some_and(|c| c.last >= from) {
                 if let Some(c) = run.pop_back() {
                     freed += c.bytes.len();
+                    n += 1;
                 }
             }
         }
-        inner.bytes -= freed;
+        inner.released(n, freed);
     }
 
     /// Drops cached batches of `log` that end before `before` (compaction rewrote them).
     pub(crate) fn drop_below(&self, log: u64, before: Offset) {
         let mut inner = self.inner.borrow_mut();
-        let mut freed = 0;
+        let (mut freed, mut n) = (0, 0);
         if let Some(run) = inner.logs.get_mut(&log) {
             while run.front().is_some_and(|c| c.last < before) {
                 if let Some(c) = run.pop_front() {
                     freed += c.bytes.len();
+                    n += 1;
                 }
             }
         }
-        inner.bytes -= freed;
+        inner.released(n, freed);
     }
 
     pub(crate) fn drop_log(&self, log: u64) {
         let mut inner = self.inner.borrow_mut();
         if let Some(run) = inner.logs.remove(&log) {
             let freed: usize = run.iter().map(|c| c.bytes.len()).sum();
-            inner.bytes -= freed;
+            inner.released(run.len(), freed);
         }
     }
 }
@@ -201,7 +229,7 @@ mod tests {
 
     #[test]
     fn evicts_oldest_first_across_logs_within_budget() {
-        let c = BatchCache::new(300);
+        let c = BatchCache::new(3 * (100 + ENTRY_OVERHEAD_BYTES));
         let (a, z) = (c.register(), c.register());
         c.insert(a, Offset(0), Offset(0), b(100));
         c.insert(z, Offset(0), Offset(4), b(100));
@@ -239,7 +267,7 @@ mod tests {
     #[test]
     fn accounting_stays_exact_when_offsets_are_given_out_again() {
         // A failed write truncates the cache and the same offsets come back with other sizes.
-        let c = BatchCache::new(150);
+        let c = BatchCache::new(130 + 2 * ENTRY_OVERHEAD_BYTES);
         let id = c.register();
         c.insert(id, Offset(0), Offset(0), b(100));
         c.truncate_from(id, Offset(0));
@@ -253,6 +281,26 @@ mod tests {
         c.insert(id, Offset(9), Offset(9), b(10));
         assert_eq!((c.stats().bytes, c.stats().batches), (10, 1));
         c.drop_log(id);
-        assert_eq!(c.stats().bytes, 0);
+        assert_eq!((c.stats().bytes, c.stats().batches), (0, 0));
+    }
+
+    /// Small batches are charged their entry's overhead too: a budget holds far fewer of them
+    /// than their bytes alone would allow.
+    #[test]
+    fn each_batch_is_charged_its_entrys_overhead() {
+        let c = BatchCache::new(10_000);
+        let id = c.register();
+        for i in 0..1_000 {
+            c.insert(id, Offset(i), Offset(i), b(10));
+        }
+        let s = c.stats();
+        assert_eq!(s.batches, 10_000 / (10 + ENTRY_OVERHEAD_BYTES));
+        assert_eq!(s.bytes, 10 * s.batches);
+        assert_eq!(s.evictions, 1_000 - s.batches as u64);
+        // A batch that fits the budget only without its overhead is not cached.
+        let c = BatchCache::new(100);
+        let id = c.register();
+        c.insert(id, Offset(0), Offset(0), b(100));
+        assert_eq!(c.stats().batches, 0);
     }
 }

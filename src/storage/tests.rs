@@ -836,6 +836,230 @@ fn failed_fdatasync_fails_synced_appends_but_keeps_written_data() {
     });
 }
 
+/// A log over [`FaultyIo`] with durable writes and pipelined durable flushes on, whatever the
+/// environment chose.
+async fn open_pipelined(dir: &Path, faults: Faults) -> (Rc<PartitionLog>, Rc<Faults>) {
+    let (log, faults) = open_with_faults(dir, small_config(), Clock::system(), faults).await;
+    {
+        let a = &mut log.state.borrow_mut().appender;
+        a.set_durable_writes(true);
+        a.set_pipeline(true);
+    }
+    (log, faults)
+}
+
+/// Spawns an append of `b` and returns its outcome through the task.
+fn spawn_append(
+    log: &Rc<PartitionLog>,
+    b: &[u8],
+    order: &Rc<RefCell<Vec<u8>>>,
+    tag: u8,
+) -> glommio::task::JoinHandle<Result<AppendResult, StorageError>> {
+    let (log, b, order) = (log.clone(), b.to_vec(), order.clone());
+    glommio::spawn_local(async move {
+        let r = log.append(BytesMut::from(&b[..]), Durability::Synced).await;
+        order.borrow_mut().push(tag);
+        r
+    })
+    .detach()
+}
+
+/// acks=all appends that arrive while a durable flush is in flight start a second durable
+/// flush at once, alongside the first. The page the two share is written only once the first
+/// flush is done, as a write of its own, and nothing of the second counts as written (or
+/// durable) before the first does.
+#[test]
+fn a_durable_flush_starts_behind_the_one_in_flight_and_counts_only_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_pipelined(&d, Faults::default()).await;
+        let a = batch(2, 5000, 1, 1);
+        let b = batch(3, 9000, 2, 2);
+        assert_ne!(
+            a.len() as u64 % io::ALIGN_BYTES,
+            0,
+            "A must end inside a page"
+        );
+        let order: Rc<RefCell<Vec<u8>>> = Rc::default();
+        // Every write waits until released: A's flush stays in flight.
+        faults.hold_writes_before.set(Some(u64::MAX));
+        let ta = spawn_append(&log, &a, &order, 1);
+        poll_until("A's durable write", || faults.durable_writes.get() == 1).await;
+        let tb = spawn_append(&log, &b, &order, 2);
+        // B's flush starts behind A's: its bytes after the shared page go out now, the shared
+        // page waits for A.
+        poll_until("B's first write", || faults.durable_writes.get() == 2).await;
+        assert_eq!(log.state.borrow().appender.pipelined(), 1);
+        assert_eq!(log.high_watermark(), Offset(0));
+        faults.hold_writes_before.set(None);
+        let ra = ta.await.unwrap().unwrap();
+        let rb = tb.await.unwrap().unwrap();
+        assert_eq!((ra.base_offset, rb.base_offset), (Offset(0), Offset(2)));
+        assert_eq!(*order.borrow(), vec![1, 2], "B is acknowledged after A");
+        assert_eq!(
+            faults.durable_writes.get(),
+            3,
+            "A, B's new bytes, then the shared page"
+        );
+        assert_eq!(faults.syncs.get(), 0, "durable writes need no fdatasync");
+        assert_eq!(
+            (log.high_watermark(), log.synced_offset()),
+            (Offset(5), Offset(5))
+        );
+        let want = vec![at_offset(&a, Offset(0)), at_offset(&b, Offset(2))];
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), want);
+        log.close().await.unwrap();
+        drop(log);
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), want);
+        log.close().await.unwrap();
+    });
+}
+
+/// With the pipeline off, the same appends wait for the flush in flight: one durable flush per
+/// partition at a time, the kept page and the new bytes in one write.
+#[test]
+fn without_the_pipeline_a_durable_flush_waits_for_the_one_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_pipelined(&d, Faults::default()).await;
+        log.state.borrow_mut().appender.set_pipeline(false);
+        let order: Rc<RefCell<Vec<u8>>> = Rc::default();
+        faults.hold_writes_before.set(Some(u64::MAX));
+        let ta = spawn_append(&log, &batch(2, 5000, 1, 1), &order, 1);
+        poll_until("A's durable write", || faults.durable_writes.get() == 1).await;
+        let tb = spawn_append(&log, &batch(3, 9000, 2, 2), &order, 2);
+        poll_until("B appended", || log.log_end_offset() == Offset(5)).await;
+        faults.hold_writes_before.set(None);
+        ta.await.unwrap().unwrap();
+        tb.await.unwrap().unwrap();
+        assert_eq!(log.state.borrow().appender.pipelined(), 0);
+        assert_eq!(faults.durable_writes.get(), 2, "one write per flush");
+        log.close().await.unwrap();
+    });
+}
+
+/// A durable flush behind one that fails fails with it: both flushes' appends fail, nothing of
+/// either counts as written, and the next append takes their offsets — before and after a
+/// restart, with no stale byte of the failed flushes behind it.
+#[test]
+fn a_flush_behind_a_failed_one_fails_with_it_and_its_offsets_are_given_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_pipelined(&d, Faults::default()).await;
+        let order: Rc<RefCell<Vec<u8>>> = Rc::default();
+        faults.hold_writes_before.set(Some(u64::MAX));
+        let ta = spawn_append(&log, &batch(2, 5000, 1, 1), &order, 1);
+        poll_until("A's durable write", || faults.durable_writes.get() == 1).await;
+        let tb = spawn_append(&log, &batch(3, 9000, 2, 2), &order, 2);
+        poll_until("B's first write", || faults.durable_writes.get() == 2).await;
+        assert_eq!(log.state.borrow().appender.pipelined(), 1);
+        // The disk fills up under both flushes.
+        faults.disk_full.set(true);
+        faults.hold_writes_before.set(None);
+        assert!(matches!(ta.await.unwrap(), Err(StorageError::Io(_))));
+        assert!(matches!(tb.await.unwrap(), Err(StorageError::Io(_))));
+        assert_eq!(
+            (log.high_watermark(), log.log_end_offset()),
+            (Offset(0), Offset(0))
+        );
+        faults.disk_full.set(false);
+        let c = batch(1, 700, 3, 3);
+        let r = append(&log, &c, Durability::Synced).await;
+        assert_eq!(r.base_offset, Offset(0));
+        let want = vec![at_offset(&c, Offset(0))];
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), want);
+        log.close().await.unwrap();
+        drop(log);
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), want);
+        assert_eq!(log.log_end_offset(), Offset(1));
+        log.close().await.unwrap();
+    });
+}
+
+/// A power cut after a pipelined flush's new bytes reached the disk but before the page it
+/// shares with the flush ahead of it did: the flush ahead was acknowledged and survives, the
+/// pipelined one was not and is gone, and the recovered log takes appends after the survivor.
+#[test]
+fn a_power_cut_between_a_pipelined_flush_and_its_shared_page_keeps_what_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_pipelined(&d, power_model()).await;
+        let a = batch(2, 5000, 1, 1);
+        let b = batch(3, 9000, 2, 2);
+        let shared = io::align_down(a.len() as u64);
+        assert_ne!(
+            a.len() as u64 % io::ALIGN_BYTES,
+            0,
+            "A must end inside a page"
+        );
+        assert!(
+            (a.len() + b.len()) as u64 > shared + io::ALIGN_BYTES,
+            "B must reach past the shared page"
+        );
+        let order: Rc<RefCell<Vec<u8>>> = Rc::default();
+        // A's write (from 0) waits; B's bytes after the shared page do not.
+        faults
+            .hold_writes_before
+            .set(Some(shared + io::ALIGN_BYTES));
+        let ta = spawn_append(&log, &a, &order, 1);
+        poll_until("A's durable write", || faults.durable_writes.get() == 1).await;
+        let tb = spawn_append(&log, &b, &order, 2);
+        poll_until("B's new bytes on disk", || faults.writes_done.get() == 1).await;
+        assert_eq!(log.high_watermark(), Offset(0), "nothing before A is done");
+        // A completes; the shared page, written next, is held at the disk.
+        faults.hold_writes_from.set(Some(shared));
+        faults.hold_writes_before.set(None);
+        let ra = ta.await.unwrap().unwrap();
+        assert_eq!(ra.base_offset, Offset(0));
+        poll_until("the shared page's write", || {
+            faults.durable_writes.get() == 3
+        })
+        .await;
+        assert_eq!(log.high_watermark(), Offset(2), "B is not written yet");
+        // The power fails before the shared page reaches the disk.
+        faults.crashed.set(true);
+        faults.hold_writes_from.set(None);
+        assert!(tb.await.unwrap().is_err());
+        assert_eq!(*order.borrow(), vec![1, 2]);
+        let weak = Rc::downgrade(&log);
+        drop(log);
+        poll_until("the log to be gone", || weak.upgrade().is_none()).await;
+        faults.power_cut().unwrap();
+
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        assert_eq!(log.log_end_offset(), Offset(2));
+        let c = batch(1, 700, 3, 3);
+        let r = append(&log, &c, Durability::Synced).await;
+        assert_eq!(r.base_offset, Offset(2));
+        let want = vec![at_offset(&a, Offset(0)), at_offset(&c, Offset(2))];
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), want);
+        log.close().await.unwrap();
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), want);
+        log.close().await.unwrap();
+    });
+}
+
 /// With durable writes, a write whose durability fails is a failed write: its appends fail,
 /// nothing of it counts as written, and the next append takes its offsets.
 #[test]

@@ -32,6 +32,8 @@ pub struct Faults {
     pub read_fails: Cell<bool>,
     /// Writes at or past this file position wait while it is set (a slow disk region).
     pub hold_writes_from: Cell<Option<u64>>,
+    /// Writes that start before this file position wait while it is set.
+    pub hold_writes_before: Cell<Option<u64>>,
     /// The process crashed: every later write, sync, allocation, punch, truncation, open for
     /// create and removal fails with EIO and changes nothing (I/O already issued completes).
     pub crashed: Cell<bool>,
@@ -39,6 +41,8 @@ pub struct Faults {
     pub writes: Cell<u64>,
     pub syncs: Cell<u64>,
     pub durable_writes: Cell<u64>,
+    /// Writes (plain or durable) that completed without an error.
+    pub writes_done: Cell<u64>,
     pub removed: RefCell<Vec<PathBuf>>,
     /// The process crashes (`crashed` is set) at the N+1-th file sync, truncation, removal or
     /// directory sync from now on, which fails: a kill at every step of a multi-step change.
@@ -121,7 +125,9 @@ impl FaultySegment {
     async fn write_faults(&self, buf: &Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
         let f = &self.faults;
         f.writes.set(f.writes.get() + 1);
-        while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
+        while f.hold_writes_from.get().is_some_and(|from| pos >= from)
+            || f.hold_writes_before.get().is_some_and(|to| pos < to)
+        {
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
         if f.crashed.get() {
@@ -153,6 +159,9 @@ impl SegmentFile for FaultySegment {
             if let (Some(d), Some(data)) = (&self.durable, data) {
                 d.borrow_mut().unsynced.push((pos, data));
             }
+            self.faults
+                .writes_done
+                .set(self.faults.writes_done.get() + 1);
             Ok(())
         })
     }
@@ -176,6 +185,7 @@ impl SegmentFile for FaultySegment {
             if let (Some(d), Some(data)) = (&self.durable, data) {
                 d.borrow_mut().apply(pos, &data);
             }
+            f.writes_done.set(f.writes_done.get() + 1);
             Ok(())
         })
     }

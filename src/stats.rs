@@ -156,7 +156,6 @@ struct Counters {
     durable_writes: RefCell<Option<Box<Latency>>>,
     storage_bytes_written: Cell<u64>,
     storage_write_errors: Cell<u64>,
-    pipelined_flushes: Cell<u64>,
     cleaner_passes: Cell<u64>,
     cleaner_bytes_read: Cell<u64>,
     cleaner_bytes_written: Cell<u64>,
@@ -296,11 +295,6 @@ pub fn storage_written(n: u64) {
     COUNTERS.with(|c| add(&c.storage_bytes_written, n));
 }
 
-/// A durable flush started while another flush of its partition was in flight.
-pub fn pipelined_flush() {
-    COUNTERS.with(|c| add(&c.pipelined_flushes, 1));
-}
-
 /// A segment write or fdatasync failed.
 pub fn storage_write_failed() {
     COUNTERS.with(|c| add(&c.storage_write_errors, 1));
@@ -356,7 +350,6 @@ pub struct Snapshot {
     pub durable_write: HistogramSnapshot,
     pub storage_bytes_written: u64,
     pub storage_write_errors: u64,
-    pub pipelined_flushes: u64,
     pub cleaner_passes: u64,
     pub cleaner_bytes_read: u64,
     pub cleaner_bytes_written: u64,
@@ -403,7 +396,6 @@ pub fn snapshot(bounds_s: &[f64]) -> Snapshot {
             durable_write: hist(&c.durable_writes),
             storage_bytes_written: c.storage_bytes_written.get(),
             storage_write_errors: c.storage_write_errors.get(),
-            pipelined_flushes: c.pipelined_flushes.get(),
             cleaner_passes: c.cleaner_passes.get(),
             cleaner_bytes_read: c.cleaner_bytes_read.get(),
             cleaner_bytes_written: c.cleaner_bytes_written.get(),

@@ -809,14 +809,6 @@ fn render(broker: &BrokerContext, started: f64) -> String {
     per_shard(
         &mut t,
         &shards,
-        "sluice_storage_pipelined_flushes_total",
-        "counter",
-        "Durable (acks=all) flushes started while another flush of the same partition was in flight.",
-        |s| s.counters.pipelined_flushes as f64,
-    );
-    per_shard(
-        &mut t,
-        &shards,
         "sluice_storage_write_errors_total",
         "counter",
         "Failed segment writes and fdatasyncs.",

@@ -117,30 +117,6 @@ fn durable_writes_default() -> bool {
     })
 }
 
-/// Whether a second durable flush of a partition may start while its first is still in flight
-/// (see docs/storage.md, "The commit path"): the acks=all appends that arrive during a durable
-/// write are written at once instead of waiting for it, except the one page the two flushes
-/// share, which the second writes only once the first is done. `SLUICE_COMMIT_PIPELINE=off`
-/// (or `on`) overrides it, for measuring one against the other.
-pub const PIPELINED_DURABLE_FLUSHES: bool = true;
-
-fn pipeline_default() -> bool {
-    static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *MODE.get_or_init(
-        || match std::env::var("SLUICE_COMMIT_PIPELINE").as_deref() {
-            Ok("off") => false,
-            Ok("on") => true,
-            _ => PIPELINED_DURABLE_FLUSHES,
-        },
-    )
-}
-
-/// Flushes of one partition in flight at most: one, and a second (durable) one behind a
-/// durable one ([`PIPELINED_DURABLE_FLUSHES`]). More would not overlap more: the second already
-/// starts as soon as the acks=all appends that arrived during the first are there, and each
-/// further one would also wait for its predecessor's last page.
-pub const FLUSHES_IN_FLIGHT_MAX: u8 = 2;
-
 /// How far a file of `allocated` bytes grows next.
 pub fn next_extent(allocated: u64, segment_bytes: u64) -> u64 {
     allocated
@@ -360,19 +336,13 @@ pub(crate) struct Appender {
     /// A range past the written data that a failed write may have touched: punched out before
     /// the next write.
     punch: Option<(u64, u64)>,
-    /// Flushes in flight (at most [`FLUSHES_IN_FLIGHT_MAX`]).
-    writing: u8,
-    /// The last flush taken while it is in flight: a flush started behind it is ordered after it.
-    last_flush: Option<InFlight>,
+    /// A write (one flush) is in flight.
+    writing: bool,
     /// An fdatasync is in flight.
     syncing: bool,
     /// Flushes that carry a `Synced` append, with everything before them already durable, are
     /// written with durable (`O_DSYNC`) writes instead of a write and an fdatasync.
     durable_writes: bool,
-    /// A durable flush may start while a durable flush is in flight ([`PIPELINED_DURABLE_FLUSHES`]).
-    pipeline: bool,
-    /// Flushes started behind one in flight.
-    pipelined: u64,
     /// Flushes that carry a `Synced` append join the shard's commit cycle
     /// ([`crate::storage::cycle`]) instead of starting as soon as the partition has data.
     shard_cycle: bool,
@@ -395,16 +365,6 @@ pub(crate) struct Appender {
     /// may follow it before the next one (bounds the crash-recovery scan).
     snapshot_pos: u64,
     snapshot_every: u64,
-}
-
-/// The last flush taken, while in flight: where it ends and in which write generation it was
-/// taken.
-#[derive(Debug, Clone, Copy)]
-struct InFlight {
-    end_pos: u64,
-    end_offset: Offset,
-    gen: usize,
-    durable: bool,
 }
 
 /// What an accepted append needs to tell later whether it failed: the write generation and
@@ -437,12 +397,9 @@ impl Appender {
             allocated: allocated.max(written),
             attempted_pos: align_up(written),
             punch: None,
-            writing: 0,
-            last_flush: None,
+            writing: false,
             syncing: false,
             durable_writes: durable_writes_default(),
-            pipeline: pipeline_default(),
-            pipelined: 0,
             shard_cycle: crate::storage::cycle::shard_cycle_default(),
             dead: false,
             gen: 0,
@@ -467,7 +424,7 @@ impl Appender {
     }
     /// Nothing pending and no write or sync in flight (or never again: the flusher is dead).
     pub fn is_drained(&self) -> bool {
-        (self.pending.is_empty() && self.writing == 0 && !self.syncing) || self.dead
+        (self.pending.is_empty() && !self.writing && !self.syncing) || self.dead
     }
     /// An append of `bytes` must wait: the pending bytes would pass their limit.
     pub fn is_full(&self, bytes: usize) -> bool {
@@ -479,15 +436,6 @@ impl Appender {
     #[cfg(test)]
     pub fn set_durable_writes(&mut self, on: bool) {
         self.durable_writes = on;
-    }
-    #[cfg(test)]
-    pub fn set_pipeline(&mut self, on: bool) {
-        self.pipeline = on;
-    }
-    /// Flushes started behind one in flight so far (tests).
-    #[cfg(test)]
-    pub fn pipelined(&self) -> u64 {
-        self.pipelined
     }
     #[cfg(test)]
     pub fn set_shard_cycle(&mut self, on: bool) {
@@ -508,11 +456,8 @@ impl Appender {
     /// Takes the bytes of an accepted append (offsets up to `next`) for the next flush and
     /// wakes the flusher.
     pub fn push(&mut self, records: &[u8], next: Offset, sync: bool) -> Ticket {
-        // A durable flush keeps the kept page and the new bytes in one write, unless it may
-        // start behind a flush in flight: that page is the one the two share, written only
-        // once the first is done, so it must be a write of its own.
-        let one_write = sync && self.durable_writes && !(self.pipeline && self.writing > 0);
-        self.pending.push_with(records, !one_write);
+        self.pending
+            .push_with(records, !(sync && self.durable_writes));
         let end_pos = self.pending.end_pos();
         self.pending.marks.push((end_pos, next));
         if sync {
@@ -777,8 +722,6 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
     // handle is dropped); while neither is in flight the flusher holds only `weak`. Each lives
     // in this task's own state, replaced in place: starting one allocates nothing.
     let mut write = std::pin::pin!(write_work(None));
-    // A second durable flush, started behind the first (see [`may_pipeline`]).
-    let mut write2 = std::pin::pin!(write_work(None));
     let mut sync = std::pin::pin!(sync_work(None));
     let mut timer: Option<(Instant, Sleep)> = None;
     loop {
@@ -789,13 +732,6 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                 .is_some_and(|f| f.poll(cx).is_ready())
             {
                 write.set(None);
-            }
-            if write2
-                .as_mut()
-                .as_pin_mut()
-                .is_some_and(|f| f.poll(cx).is_ready())
-            {
-                write2.set(None);
             }
             if sync
                 .as_mut()
@@ -816,8 +752,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                     ..Start::default()
                 });
             };
-            let writes = u8::from(write.is_some()) + u8::from(write2.is_some());
-            let mut start = next_work(&log, writes, sync.is_none());
+            let mut start = next_work(&log, write.is_none(), sync.is_none());
             if start.write && start.gated && log.state.borrow().appender.shard_cycle {
                 // Wait for the shard's next commit cycle if the current one is closed; the
                 // cycle wakes this task when it ends.
@@ -849,13 +784,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                 let name = log.dir().file_name().and_then(|n| n.to_str());
                 crate::fault::panic_point("flusher", name.unwrap_or(""));
             }
-            let job = Some((log, start.ticket.take()));
-            if write.is_none() {
-                write.set(write_work(job));
-            } else {
-                debug_assert!(write2.is_none());
-                write2.set(write_work(job));
-            }
+            write.set(write_work(Some((log, start.ticket.take()))));
         }
         if start.sync {
             let Some(log) = weak.upgrade() else { return };
@@ -886,35 +815,8 @@ fn sync_work(log: Option<Rc<PartitionLog>>) -> Option<impl Future<Output = ()>> 
     })
 }
 
-/// Whether a flush may start now behind the one flush in flight and run alongside it: a
-/// durable flush behind a durable flush, taken in the same write generation, of acks=all
-/// appends, with everything before the one in flight already durable and no failed write's
-/// range to punch out first. Such a flush is durable too, and it is ordered after the one in
-/// flight: the page the two share (the first one's partial last page, in a write of its own)
-/// is written only once the first flush is done, and nothing of the second counts as written
-/// before that (see [`PartitionLog::flush_pending`]).
-fn may_pipeline(s: &State) -> bool {
-    let a = &s.appender;
-    let Some(last) = a.last_flush else {
-        return false;
-    };
-    a.pipeline
-        && !a.shard_cycle
-        && a.writing == 1
-        && last.durable
-        && last.gen == a.gen
-        && matches!(s.config.flush, FlushPolicy::Always)
-        && a.sync_wanted > last.end_offset
-        && a.punch.is_none()
-        && !a.syncing
-        && a.synced_pos == a.written_pos
-        && !s.rolling
-        && !a.dead
-}
-
-/// What to start now, given how many flushes are in flight and whether the sync is idle.
-fn next_work(log: &PartitionLog, writes: u8, sync_idle: bool) -> Start {
-    let write_idle = writes == 0;
+/// What to start now, given which of the write and the sync are idle.
+fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
     let s = &*log.state.borrow();
     let a = &s.appender;
     let (synced, hw) = (s.offsets.synced(), s.offsets.hw());
@@ -927,13 +829,8 @@ fn next_work(log: &PartitionLog, writes: u8, sync_idle: bool) -> Start {
     // Written data that a Synced append waits for is synced as soon as the previous sync is
     // done, whatever the writes do, so a steady stream of appends cannot postpone it.
     start.sync = sync_idle && always && !s.rolling && a.sync_wanted > synced && hw > synced;
-    start.write = !a.pending.is_empty()
-        && match writes {
-            0 => true,
-            1 => may_pipeline(s),
-            _ => false,
-        };
-    start.gated = write_idle && always && a.sync_wanted > hw;
+    start.write = write_idle && !a.pending.is_empty();
+    start.gated = always && a.sync_wanted > hw;
     if start.write || start.sync {
         return start;
     }
@@ -959,57 +856,26 @@ fn next_work(log: &PartitionLog, writes: u8, sync_idle: bool) -> Start {
 
 impl PartitionLog {
     /// One group commit's write: everything pending, as concurrent aligned writes.
-    ///
-    /// A flush started while another is in flight ([`may_pipeline`]) runs behind it: its first
-    /// write (the page the two share, or its first new bytes when the first flush ended on a
-    /// page boundary) is issued only once the first flush is done, so nothing of it counts as
-    /// written before everything of the first does. Two writes of one page in flight at once
-    /// could land in either order. If the first flush failed, the second writes nothing more
-    /// and its appends have failed with the first's.
     pub(crate) async fn flush_pending(self: &Rc<Self>) {
-        let behind = {
-            let s = self.state.borrow();
-            s.appender.writing > 0 && !may_pipeline(&s)
-        };
-        if behind {
-            // The flush in flight changed (it failed, or a sync started) since this one was
-            // started: wait for it rather than overlap it.
-            self.flushes_done().await;
-        }
-        let (file, mut flush, end_offset, alloc, punch, durable, after, gen) = {
+        let (file, mut flush, end_offset, alloc, punch, durable) = {
             let mut guard = self.state.borrow_mut();
             let s = &mut *guard;
             let hw = s.offsets.hw();
-            let after = (s.appender.writing > 0)
-                .then_some(s.appender.last_flush)
-                .flatten();
-            debug_assert!(s.appender.writing == 0 || (after.is_some() && may_pipeline(s)));
             let a = &mut s.appender;
             if a.pending.is_empty() {
                 return;
             }
-            a.writing += 1;
-            assert!(a.writing <= FLUSHES_IN_FLIGHT_MAX);
-            if after.is_some() {
-                a.pipelined += 1;
-                crate::stats::pipelined_flush();
-            }
+            a.writing = true;
             // A durable write vouches only for its own bytes: use one when a Synced append
-            // waits for this flush and everything before it is already durable (behind a
-            // flush in flight: that flush is durable and this one counts only after it).
-            let durable = after.is_some()
-                || (a.durable_writes
-                    && matches!(s.config.flush, FlushPolicy::Always)
-                    && a.sync_wanted > hw
-                    && a.synced_pos == a.written_pos
-                    && !a.syncing);
+            // waits for this flush and everything before it is already durable.
+            let durable = a.durable_writes
+                && matches!(s.config.flush, FlushPolicy::Always)
+                && a.sync_wanted > hw
+                && a.synced_pos == a.written_pos
+                && !a.syncing;
             // Check before the write: the flush starts at the page holding the end of the
-            // written data (or of the flush in flight) and its writes follow each other in
-            // file order.
-            debug_assert_eq!(
-                a.pending.start,
-                align_down(after.map_or(a.written_pos, |l| l.end_pos))
-            );
+            // written data and its writes follow each other in file order.
+            debug_assert_eq!(a.pending.start, align_down(a.written_pos));
             let mut flush = std::mem::take(&mut a.spare);
             a.pending.take(&mut flush);
             debug_assert!(flush
@@ -1028,24 +894,8 @@ impl PartitionLog {
             // release them before writing so no stale batch can follow the log end on disk.
             let punch = a.punch;
             a.attempted_pos = a.attempted_pos.max(flush.write_end);
-            a.last_flush = Some(InFlight {
-                end_pos: flush.end_pos,
-                end_offset: s.offsets.log_end(),
-                gen: a.gen,
-                durable,
-            });
-            let gen = a.gen;
             let file = s.active().file().clone();
-            (
-                file,
-                flush,
-                s.offsets.log_end(),
-                alloc,
-                punch,
-                durable,
-                after,
-                gen,
-            )
+            (file, flush, s.offsets.log_end(), alloc, punch, durable)
         };
         let started = std::time::Instant::now();
         let result = async {
@@ -1061,17 +911,12 @@ impl PartitionLog {
             let writes: SmallVec<[IoFuture<'_, ()>; FLUSH_WRITES_INLINE]> = flush
                 .writes
                 .iter()
-                .enumerate()
-                .map(|(i, (buf, pos))| match after {
-                    Some(before) if i == 0 => {
-                        let (buf, pos, file) = (buf.clone(), *pos, &file);
-                        Box::pin(async move {
-                            self.flush_done(before).await?;
-                            file.write_durable_at(buf, pos).await
-                        }) as IoFuture<'_, ()>
+                .map(|(buf, pos)| {
+                    if durable {
+                        file.write_durable_at(buf.clone(), *pos)
+                    } else {
+                        file.write_at(buf.clone(), *pos)
                     }
-                    _ if durable => file.write_durable_at(buf.clone(), *pos),
-                    _ => file.write_at(buf.clone(), *pos),
                 })
                 .collect();
             let mut mark = 0usize;
@@ -1085,19 +930,8 @@ impl PartitionLog {
         .await;
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
-        s.appender.writing -= 1;
-        if s.appender
-            .last_flush
-            .is_some_and(|l| l.end_pos == flush.end_pos && l.gen == gen)
-        {
-            s.appender.last_flush = None;
-        }
+        s.appender.writing = false;
         match result {
-            // Behind a flush that failed: this one's appends failed with it (the write
-            // generation moved on), and the range to punch out covers its writes.
-            _ if gen != s.appender.gen => {
-                debug_assert!(after.is_some() || s.appender.dead);
-            }
             Ok(()) => {
                 crate::stats::storage_written(
                     flush
@@ -1109,8 +943,7 @@ impl PartitionLog {
                 }
                 let a = &mut s.appender;
                 if let Some(len) = alloc {
-                    // Two flushes in flight may both have grown the file.
-                    a.allocated = a.allocated.max(len);
+                    a.allocated = len;
                 }
                 if punch.is_some() {
                     a.punch = None;
@@ -1136,41 +969,6 @@ impl PartitionLog {
         s.appender.spare = flush;
         s.debug_check_invariants();
         s.wake_all();
-    }
-
-    /// Resolves once the flush `before` is done: `Ok` when it was written (everything up to its
-    /// end is written, and durable, since `before` was a durable flush), an error when it
-    /// failed (the write generation moved on) or the flusher died.
-    async fn flush_done(&self, before: InFlight) -> std::io::Result<()> {
-        std::future::poll_fn(|cx| {
-            let mut s = self.state.borrow_mut();
-            let a = &s.appender;
-            if a.gen != before.gen || a.dead {
-                return Poll::Ready(Err(std::io::Error::other(
-                    "the flush before this one failed",
-                )));
-            }
-            if a.written_pos >= before.end_pos {
-                debug_assert!(a.synced_pos >= before.end_pos);
-                return Poll::Ready(Ok(()));
-            }
-            s.waiters.push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
-
-    /// Resolves once no flush is in flight.
-    async fn flushes_done(&self) {
-        std::future::poll_fn(|cx| {
-            let mut s = self.state.borrow_mut();
-            if s.appender.writing == 0 || s.appender.dead {
-                return Poll::Ready(());
-            }
-            s.waiters.push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
     }
 
     /// Everything below `offset` (file position `pos`) is on stable storage, by durable writes

@@ -32,8 +32,6 @@ pub struct Faults {
     pub read_fails: Cell<bool>,
     /// Writes at or past this file position wait while it is set (a slow disk region).
     pub hold_writes_from: Cell<Option<u64>>,
-    /// Writes that start before this file position wait while it is set.
-    pub hold_writes_before: Cell<Option<u64>>,
     /// The process crashed: every later write, sync, allocation, punch, truncation, open for
     /// create and removal fails with EIO and changes nothing (I/O already issued completes).
     pub crashed: Cell<bool>,
@@ -41,8 +39,6 @@ pub struct Faults {
     pub writes: Cell<u64>,
     pub syncs: Cell<u64>,
     pub durable_writes: Cell<u64>,
-    /// Writes (plain or durable) that completed without an error.
-    pub writes_done: Cell<u64>,
     pub removed: RefCell<Vec<PathBuf>>,
     /// The process crashes (`crashed` is set) at the N+1-th file sync, truncation, removal or
     /// directory sync from now on, which fails: a kill at every step of a multi-step change.
@@ -125,9 +121,7 @@ impl FaultySegment {
     async fn write_faults(&self, buf: &Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
         let f = &self.faults;
         f.writes.set(f.writes.get() + 1);
-        while f.hold_writes_from.get().is_some_and(|from| pos >= from)
-            || f.hold_writes_before.get().is_some_and(|to| pos < to)
-        {
+        while f.hold_writes_from.get().is_some_and(|from| pos >= from) {
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
         if f.crashed.get() {
@@ -159,9 +153,6 @@ impl SegmentFile for FaultySegment {
             if let (Some(d), Some(data)) = (&self.durable, data) {
                 d.borrow_mut().unsynced.push((pos, data));
             }
-            self.faults
-                .writes_done
-                .set(self.faults.writes_done.get() + 1);
             Ok(())
         })
     }
@@ -185,7 +176,6 @@ impl SegmentFile for FaultySegment {
             if let (Some(d), Some(data)) = (&self.durable, data) {
                 d.borrow_mut().apply(pos, &data);
             }
-            f.writes_done.set(f.writes_done.get() + 1);
             Ok(())
         })
     }

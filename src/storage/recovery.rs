@@ -179,9 +179,12 @@ impl PartitionLog {
                 out.next = fresh.next();
                 file.truncate(pos).await?;
                 file_size_active = pos;
-            } else if !matches!(out.stop, ScanStop::End | ScanStop::Zeros) {
-                // Garbage follows the valid data: cut it off so a later short append can never
-                // be followed by a stale batch on disk.
+            } else if !matches!(out.stop, ScanStop::End) {
+                // Garbage follows the valid data, or zeros: pre-allocated space never written,
+                // or a hole a power cut left where a write was lost while a later write of the
+                // same flush (or a later flush) reached the disk. Cut it off, so that a later
+                // append ending where such a stale batch starts can never make a second
+                // recovery take that batch as the log's. The next flush allocates again.
                 file.truncate(out.end_pos).await?;
                 file_size_active = out.end_pos;
             }

@@ -394,6 +394,60 @@ fn restart_after_clean_close_and_after_crash_keeps_every_written_batch() {
     });
 }
 
+/// A power cut can leave a later write on disk after a lost earlier one: valid batches behind a
+/// hole of zeros. Recovery stops at the hole and cuts the file there, so an append that later
+/// ends exactly where such a stale batch starts, with the offset before the stale one's, cannot
+/// make a second recovery take the stale batch as the log's.
+#[test]
+fn recovery_cuts_the_file_at_a_hole_so_no_stale_batch_behind_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let log = open(&d, small_config()).await;
+        let a = batch(1, 300, 1, 1);
+        append(&log, &a, Durability::Synced).await;
+        // A crash (no clean shutdown record), and a batch of offset 2 one page into the file,
+        // behind zeros.
+        drop(log);
+        let stale_pos = io::ALIGN_BYTES;
+        let stale = at_offset(&batch(1, 200, 3, 9), Offset(2));
+        let path = meta::segment_path(&d, Offset(0), "log");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            assert!(f.metadata().unwrap().len() > stale_pos + stale.len() as u64);
+            f.write_all_at(&stale, stale_pos).unwrap();
+        }
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        assert_eq!(log.log_end_offset(), Offset(1));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            a.len() as u64,
+            "cut at the recovered end"
+        );
+        // Offset 1, ending exactly where the stale batch of offset 2 began.
+        let c = (1..4096)
+            .map(|v| batch(1, v, 2, 2))
+            .find(|c| (a.len() + c.len()) as u64 == stale_pos)
+            .expect("a batch of the right length");
+        append(&log, &c, Durability::Synced).await;
+        // A second crash.
+        drop(log);
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        assert_eq!(log.log_end_offset(), Offset(2));
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(
+            all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(),
+            vec![at_offset(&a, Offset(0)), at_offset(&c, Offset(1))]
+        );
+        log.close().await.unwrap();
+    });
+}
+
 /// Ways to damage the tail of the active segment after a crash.
 #[derive(Debug, Clone, Copy)]
 enum Damage {

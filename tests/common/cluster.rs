@@ -325,9 +325,10 @@ pub fn segment_bytes(c: &Cluster, id: i32, topic: &str) -> Vec<u8> {
 }
 
 /// Waits until every node of `ids` holds the same bytes in partition 0 of `topic`. Trailing
-/// zeros are left out of the comparison: a replica whose tail was cut (conflict truncation)
-/// shortened its file and preallocates it again from there, so its zero-filled space past the
-/// log end need not match the others'.
+/// zeros are left out of the comparison: a replica whose tail was cut (conflict truncation, or
+/// a crash recovery, which cuts the active segment at its log end) shortened its file and
+/// preallocates it again from there, so its zero-filled space past the log end need not match
+/// the others'.
 pub fn wait_logs_identical(c: &Cluster, ids: &[i32], topic: &str) {
     c.wait_for("every replica's log holds the same bytes", |c| {
         let logs: Vec<Vec<u8>> = ids

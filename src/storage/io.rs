@@ -74,6 +74,10 @@ pub trait SegmentFile {
     fn punch(&self, pos: u64, len: u64) -> IoFuture<'_, ()>;
     fn truncate(&self, len: u64) -> IoFuture<'_, ()>;
     fn size(&self) -> IoFuture<'_, u64>;
+    /// Whether written data lies at or past `pos` (`lseek(SEEK_DATA)`): pre-allocated space
+    /// never written counts as none where the file system tells them apart (ext4, XFS). True
+    /// where it cannot be told, which costs the caller a truncation, never data.
+    fn has_data_from(&self, pos: u64) -> IoFuture<'_, bool>;
     /// The file was renamed to `path` (the log cleaner's swap): descriptors opened from now on
     /// open it there.
     fn renamed(&self, _path: &Path) {}

@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::storage::appender::{self, Appender};
 use crate::storage::compact::{self, CleanerState};
 use crate::storage::epochs::LeaderEpochs;
-use crate::storage::io::{align_down, StorageIo};
+use crate::storage::io::{align_down, align_up, StorageIo};
 use crate::storage::meta;
 use crate::storage::offsets::Offsets;
 use crate::storage::producer_state::ProducerState;
@@ -179,12 +179,17 @@ impl PartitionLog {
                 out.next = fresh.next();
                 file.truncate(pos).await?;
                 file_size_active = pos;
-            } else if !matches!(out.stop, ScanStop::End) {
-                // Garbage follows the valid data, or zeros: pre-allocated space never written,
-                // or a hole a power cut left where a write was lost while a later write of the
-                // same flush (or a later flush) reached the disk. Cut it off, so that a later
-                // append ending where such a stale batch starts can never make a second
-                // recovery take that batch as the log's. The next flush allocates again.
+            } else if match out.stop {
+                ScanStop::End => false,
+                // Zeros are usually pre-allocated space never written, kept for the next
+                // flushes. Written data past them is a hole's: a power cut kept a later write
+                // of a flush (or a later flush) and lost an earlier one.
+                ScanStop::Zeros => file.has_data_from(align_up(out.end_pos)).await?,
+                _ => true,
+            } {
+                // Garbage or stale batches follow the valid data: cut them off, so that a later
+                // append ending where such a batch starts can never make a second recovery take
+                // it as the log's. The next flush allocates again.
                 file.truncate(out.end_pos).await?;
                 file_size_active = out.end_pos;
             }

@@ -397,7 +397,8 @@ fn restart_after_clean_close_and_after_crash_keeps_every_written_batch() {
 /// A power cut can leave a later write on disk after a lost earlier one: valid batches behind a
 /// hole of zeros. Recovery stops at the hole and cuts the file there, so an append that later
 /// ends exactly where such a stale batch starts, with the offset before the stale one's, cannot
-/// make a second recovery take the stale batch as the log's.
+/// make a second recovery take the stale batch as the log's. A crash with only pre-allocated
+/// space past the log end keeps that space (no truncation, no journal commit at restart).
 #[test]
 fn recovery_cuts_the_file_at_a_hole_so_no_stale_batch_behind_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -406,12 +407,21 @@ fn recovery_cuts_the_file_at_a_hole_so_no_stale_batch_behind_it_comes_back() {
         let log = open(&d, small_config()).await;
         let a = batch(1, 300, 1, 1);
         append(&log, &a, Durability::Synced).await;
-        // A crash (no clean shutdown record), and a batch of offset 2 one page into the file,
-        // behind zeros.
+        let path = meta::segment_path(&d, Offset(0), "log");
+        let allocated = std::fs::metadata(&path).unwrap().len();
+        assert!(allocated > io::ALIGN_BYTES);
+        // A crash (no clean shutdown record) with nothing written past the log end: the
+        // pre-allocated space is kept.
+        drop(log);
+        let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
+            .await
+            .unwrap();
+        assert_eq!(log.log_end_offset(), Offset(1));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), allocated);
+        // Another crash, and a batch of offset 2 one page into the file, behind zeros.
         drop(log);
         let stale_pos = io::ALIGN_BYTES;
         let stale = at_offset(&batch(1, 200, 3, 9), Offset(2));
-        let path = meta::segment_path(&d, Offset(0), "log");
         {
             use std::os::unix::fs::FileExt;
             let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

@@ -253,6 +253,9 @@ impl SegmentFile for FaultySegment {
             Ok(())
         })
     }
+    fn has_data_from(&self, pos: u64) -> IoFuture<'_, bool> {
+        self.inner.has_data_from(pos)
+    }
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.faults.crash_point() {

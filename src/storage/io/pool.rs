@@ -356,6 +356,21 @@ fn identity(file: &DmaFile) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// Whether written data lies at or past `pos`, by `lseek(SEEK_DATA)` (ENXIO: none). Runs here,
+/// on the executor, like [`identity`]: it is asked once per crash recovery of an active
+/// segment, and reads the extent map the recovery's scan has just walked. Any other error
+/// answers true (the caller then truncates, which is always safe).
+fn data_from(file: &DmaFile, pos: u64) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(pos) else {
+        return true;
+    };
+    // SAFETY: lseek on a descriptor `file` owns and keeps open; O_DIRECT I/O here passes its
+    // own offsets, so the file position it moves is not used.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
+}
+
 async fn size_at(path: PathBuf) -> io::Result<u64> {
     glommio::executor()
         .spawn_blocking(move || Ok(std::fs::metadata(path)?.len()))
@@ -449,6 +464,12 @@ impl SegmentFile for PooledSegment {
         *self.path.borrow_mut() = path.to_path_buf();
         *self.main.path.borrow_mut() = path.to_path_buf();
         *self.dsync.path.borrow_mut() = path.to_path_buf();
+    }
+    fn has_data_from(&self, pos: u64) -> IoFuture<'_, bool> {
+        Box::pin(async move {
+            let h = self.main.get(false).await?;
+            Ok(data_from(&h, pos))
+        })
     }
     fn size(&self) -> IoFuture<'_, u64> {
         Box::pin(async move {

@@ -258,7 +258,8 @@ pub struct RecoveryReport {
     /// Position after the last valid batch, and the file size found.
     pub valid_bytes: u64,
     pub file_bytes: u64,
-    /// Bytes after the last valid batch were cut off (torn or invalid data, not zeros).
+    /// Bytes after the last valid batch were cut off: torn or invalid data, or written data
+    /// behind a hole of zeros (not pre-allocated zeros alone).
     pub truncated: bool,
 }
 

@@ -70,7 +70,8 @@ impl PartitionLog {
         debug_assert_eq!(index_files.len(), bases.len());
         let interval = config.index_interval_bytes;
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len() + 1);
-        let mut scan_report: Option<(Offset, u64, u64, ScanStop, u64)> = None;
+        // (segment, valid bytes, file bytes, why the scan stopped, batches, bytes discarded)
+        let mut scan_report: Option<(Offset, u64, u64, ScanStop, u64, bool)> = None;
         let mut scan_from = 0u64;
         let mut file_size_active = 0u64;
         let mut from_record = false;
@@ -160,6 +161,7 @@ impl PartitionLog {
             fresh.resume_at(idx[..keep].to_vec(), tidx);
             let (start_pos, start_next) = (fresh.size(), fresh.next());
             let mut cut: Option<u64> = None;
+            let mut hole = false;
             let mut out = segment::scan(&*file, start_pos, start_next, file_size, |h, pos| {
                 if cut.is_some() || trunc.is_some_and(|t| h.last_offset() >= t) {
                     cut.get_or_insert(pos);
@@ -184,7 +186,10 @@ impl PartitionLog {
                 // Zeros are usually pre-allocated space never written, kept for the next
                 // flushes. Written data past them is a hole's: a power cut kept a later write
                 // of a flush (or a later flush) and lost an earlier one.
-                ScanStop::Zeros => file.has_data_from(align_up(out.end_pos)).await?,
+                ScanStop::Zeros => {
+                    hole = file.has_data_from(align_up(out.end_pos)).await?;
+                    hole
+                }
                 _ => true,
             } {
                 // Garbage or stale batches follow the valid data: cut them off, so that a later
@@ -204,7 +209,9 @@ impl PartitionLog {
                 fresh.index_appended(dir, done);
             }
             scan_from = start_pos;
-            scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches));
+            // Bytes past the valid data were cut: garbage, or written data behind a hole.
+            let discarded = hole || !matches!(out.stop, ScanStop::End | ScanStop::Zeros);
+            scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches, discarded));
             segments.push(fresh);
         }
         if segments.is_empty() {
@@ -304,8 +311,7 @@ impl PartitionLog {
         };
 
         match scan_report {
-            Some((seg, valid, file_bytes, stop, batches)) => {
-                let discarded = !matches!(stop, ScanStop::End | ScanStop::Zeros);
+            Some((seg, valid, file_bytes, stop, batches, discarded)) => {
                 let msg = "partition log recovered without clean shutdown";
                 if discarded {
                     tracing::warn!(
@@ -341,16 +347,16 @@ impl PartitionLog {
             log_start_turn: glommio::sync::Semaphore::new(1),
             #[cfg(test)]
             index_gate: std::cell::RefCell::new(None),
-            recovery: scan_report.map(|(segment, valid_bytes, file_bytes, stop, batches)| {
-                RecoveryReport {
+            recovery: scan_report.map(
+                |(segment, valid_bytes, file_bytes, _, batches, truncated)| RecoveryReport {
                     segment,
                     scan_from,
                     batches,
                     valid_bytes,
                     file_bytes,
-                    truncated: !matches!(stop, ScanStop::End | ScanStop::Zeros),
-                }
-            }),
+                    truncated,
+                },
+            ),
             state: std::cell::RefCell::new(State {
                 config,
                 segments,

@@ -418,6 +418,7 @@ fn recovery_cuts_the_file_at_a_hole_so_no_stale_batch_behind_it_comes_back() {
             .unwrap();
         assert_eq!(log.log_end_offset(), Offset(1));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), allocated);
+        assert!(log.recovery_report().is_some_and(|r| !r.truncated));
         // Another crash, and a batch of offset 2 one page into the file, behind zeros.
         drop(log);
         let stale_pos = io::ALIGN_BYTES;
@@ -436,6 +437,10 @@ fn recovery_cuts_the_file_at_a_hole_so_no_stale_batch_behind_it_comes_back() {
             std::fs::metadata(&path).unwrap().len(),
             a.len() as u64,
             "cut at the recovered end"
+        );
+        assert!(
+            log.recovery_report().is_some_and(|r| r.truncated),
+            "the report tells the cut"
         );
         // Offset 1, ending exactly where the stale batch of offset 2 began.
         let c = (1..4096)

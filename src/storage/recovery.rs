@@ -211,7 +211,14 @@ impl PartitionLog {
             scan_from = start_pos;
             // Bytes past the valid data were cut: garbage, or written data behind a hole.
             let discarded = hole || !matches!(out.stop, ScanStop::End | ScanStop::Zeros);
-            scan_report = Some((base, out.end_pos, file_size, out.stop, out.batches, discarded));
+            scan_report = Some((
+                base,
+                out.end_pos,
+                file_size,
+                out.stop,
+                out.batches,
+                discarded,
+            ));
             segments.push(fresh);
         }
         if segments.is_empty() {

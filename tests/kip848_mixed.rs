@@ -8,14 +8,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::consumers::{committed_of, owned};
+use common::consumers::{committed_of, debug_from_env, owned, Logs};
 use common::{topic_name, Broker, Client};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
-use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::Message;
 
 const WAIT_MAX: Duration = Duration::from_secs(60);
@@ -36,15 +34,6 @@ fn broker() -> Broker {
         ])
         .start()
 }
-
-/// Prints librdkafka's log lines (with `KIP848_DEBUG=cgrp,...`).
-struct Logs;
-impl ClientContext for Logs {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        eprintln!("rdkafka {level:?} {fac}: {log_message}");
-    }
-}
-impl ConsumerContext for Logs {}
 
 type Consumer_ = BaseConsumer<Logs>;
 
@@ -173,9 +162,7 @@ fn with_client_id(b: &Broker, group: &str, protocol: &str, id: &str) -> Consumer
         cfg.set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500");
     }
-    if let Ok(d) = std::env::var("KIP848_DEBUG") {
-        cfg.set("debug", d);
-    }
+    debug_from_env(&mut cfg);
     cfg.create_with_context(Logs).expect("consumer")
 }
 
@@ -190,6 +177,11 @@ fn classic_and_consumer_members_share_a_topic_then_the_group_downgrades() {
     cons.subscribe(&[&topic]).unwrap();
     let mut seen = Seen::default();
     poll_until(&[&cons], &mut seen, |cs, _| owned(cs[0]).len() == 6);
+    // One record per partition, consumed and committed before partitions move: a partition
+    // handed over while librdkafka's `auto.offset.reset` query is still in flight may later be
+    // rewound by that client (see `kip848.rs`), which is not what this test is about.
+    b.produce_to_partitions(&topic, 6, 1, "r0-");
+    poll_until(&[&cons], &mut seen, |_, s| s.distinct() >= 6);
     let classic = with_client_id(&b, group, "classic", "old-protocol");
     classic.subscribe(&[&topic]).unwrap();
     poll_until(&[&cons, &classic], &mut seen, |cs, _| {
@@ -213,8 +205,8 @@ fn classic_and_consumer_members_share_a_topic_then_the_group_downgrades() {
         )
     );
     b.produce_to_partitions(&topic, 6, 10, "r1-");
-    poll_until(&[&cons, &classic], &mut seen, |_, s| s.distinct() >= 60);
-    assert_eq!(seen.deliveries.len(), 60, "every record consumed once");
+    poll_until(&[&cons, &classic], &mut seen, |_, s| s.distinct() >= 66);
+    assert_eq!(seen.deliveries.len(), 66, "every record consumed once");
     // The consumer-protocol member leaves: only the classic member is left, the group goes
     // back to classic and the classic member takes every partition.
     drop(cons);
@@ -222,9 +214,9 @@ fn classic_and_consumer_members_share_a_topic_then_the_group_downgrades() {
     assert_eq!(listed(&b, group).map(|l| l.0), Some("classic".to_string()));
     assert_ne!(described(&b, group).0, 0, "no longer a consumer group");
     b.produce_to_partitions(&topic, 6, 10, "r2-");
-    poll_until(&[&classic], &mut seen, |_, s| s.distinct() >= 120);
+    poll_until(&[&classic], &mut seen, |_, s| s.distinct() >= 126);
     seen.check_redeliveries();
-    let want: BTreeMap<i32, i64> = (0..6).map(|p| (p, 20)).collect();
+    let want: BTreeMap<i32, i64> = (0..6).map(|p| (p, 21)).collect();
     assert_eq!(committed_of(&classic, &topic, 6), want);
 }
 

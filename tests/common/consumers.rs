@@ -4,8 +4,29 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+/// A consumer context that writes librdkafka's log lines to stderr, which the test harness
+/// shows when a test fails.
+pub struct Logs;
+
+impl ClientContext for Logs {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        eprintln!("rdkafka {level:?} {fac}: {log_message}");
+    }
+}
+
+impl ConsumerContext for Logs {}
+
+/// Turns on librdkafka's `debug` contexts listed in `KIP848_DEBUG` (e.g. `cgrp,fetch`), at
+/// debug log level: with [`Logs`] they explain a failed rebalance.
+pub fn debug_from_env(cfg: &mut ClientConfig) {
+    if let Ok(d) = std::env::var("KIP848_DEBUG") {
+        cfg.set("debug", d).set_log_level(RDKafkaLogLevel::Debug);
+    }
+}
 
 /// The partitions `c` is assigned now (as the client sees it).
 pub fn owned<X: ConsumerContext>(c: &BaseConsumer<X>) -> BTreeSet<i32> {

@@ -574,6 +574,40 @@ mod tests {
         });
     }
 
+    /// `has_data_from` tells written data from holes and from pre-allocated space never
+    /// written (ENXIO: none), and answers true for a position `lseek` cannot take, so that the
+    /// caller truncates rather than keep what it cannot see.
+    #[test]
+    fn data_past_a_position_is_told_from_holes_and_pre_allocated_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("00000000000000000000.log");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::create(&path).unwrap();
+            // A hole of eight blocks, then one written block.
+            f.write_all_at(&[7u8; ALIGN_BYTES as usize], 8 * ALIGN_BYTES)
+                .unwrap();
+        }
+        run(async move {
+            let seg = PooledSegment::open(path.clone(), false).await.unwrap();
+            assert!(seg.has_data_from(0).await.unwrap(), "data behind the hole");
+            assert!(seg.has_data_from(8 * ALIGN_BYTES).await.unwrap());
+            assert!(
+                !seg.has_data_from(9 * ALIGN_BYTES).await.unwrap(),
+                "at the end"
+            );
+            seg.allocate(64 * ALIGN_BYTES).await.unwrap();
+            assert_eq!(seg.size().await.unwrap(), 64 * ALIGN_BYTES);
+            assert!(
+                !seg.has_data_from(9 * ALIGN_BYTES).await.unwrap(),
+                "pre-allocated, never written"
+            );
+            let file = DmaFile::open(&path).await.unwrap();
+            assert!(data_from(&file, u64::MAX), "an offset lseek cannot take");
+            file.close().await.unwrap();
+        });
+    }
+
     /// A reopened descriptor (and so the write or read that needed it) does not wait for the
     /// blocking pool: its identity check is an `fstat` on the executor.
     #[test]

@@ -192,19 +192,25 @@ impl PartitionLog {
             .appender
             .push(records.as_slice(), next, durability == Durability::Synced);
         let single = records.batch_count() == 1;
+        // The buffer's room past the batches stays allocated while any of them is cached: it
+        // is charged to the last one.
+        let slack = records.held() - records.len();
         let (frozen, spans) = records.freeze();
         if single {
             // The whole buffer is the batch: cached as it is, since a slice of it would first
             // move it to a shared (allocated) representation.
             let h = BatchHeader::trusted(&frozen);
             let (base, last) = (h.base_offset(), h.last_offset());
-            self.cache.insert(self.cache_id, base, last, frozen);
+            let held = frozen.len() + slack;
+            self.cache.insert(self.cache_id, base, last, frozen, held);
         } else {
+            let total = frozen.len();
             for (start, end) in spans {
                 let b = frozen.slice(start..end);
                 let h = BatchHeader::trusted(&b);
                 let (base, last) = (h.base_offset(), h.last_offset());
-                self.cache.insert(self.cache_id, base, last, b);
+                let held = b.len() + if end == total { slack } else { 0 };
+                self.cache.insert(self.cache_id, base, last, b, held);
             }
         }
         s.offsets.accept(next);

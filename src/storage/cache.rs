@@ -28,6 +28,9 @@ pub(crate) struct Cached {
     pub base: Offset,
     pub last: Offset,
     pub bytes: Bytes,
+    /// The memory this entry keeps alive, charged to the budget: at least the batch's bytes;
+    /// more when the batch is the buffer a request arrived in and that buffer has room past it.
+    pub held: usize,
 }
 
 /// What one cached batch costs beyond its bytes, charged to the budget with them: its entry
@@ -42,14 +45,14 @@ struct Inner {
     /// Insertion order across logs: (log id, base offset). Entries whose batch was already
     /// dropped (truncation, log removal) are skipped when they reach the front.
     order: VecDeque<(u64, Offset)>,
-    /// Bytes of the cached batches.
+    /// Memory the cached batches keep alive (`Cached::held`).
     bytes: usize,
     /// Cached batches.
     entries: usize,
 }
 
 impl Inner {
-    /// What the cache holds against its budget: its batches' bytes and
+    /// What the cache holds against its budget: the memory its batches keep alive and
     /// [`ENTRY_OVERHEAD_BYTES`] per batch.
     fn charged(&self) -> usize {
         self.bytes + self.entries * ENTRY_OVERHEAD_BYTES
@@ -100,9 +103,11 @@ impl BatchCache {
         id
     }
 
-    /// Adds the newest batch of `log`. Batches bigger than the whole budget are not cached.
-    pub(crate) fn insert(&self, log: u64, base: Offset, last: Offset, bytes: Bytes) {
-        let size = bytes.len();
+    /// Adds the newest batch of `log`, which keeps `held` bytes of memory alive (at least its
+    /// own length; see `Cached::held`). Batches bigger than the whole budget are not cached.
+    pub(crate) fn insert(&self, log: u64, base: Offset, last: Offset, bytes: Bytes, held: usize) {
+        debug_assert!(held >= bytes.len(), "a batch holds at least its own bytes");
+        let size = held.max(bytes.len());
         if size + ENTRY_OVERHEAD_BYTES > self.bytes_max {
             // Keep the run contiguous: an uncached batch ends it.
             self.drop_log(log);
@@ -115,10 +120,15 @@ impl BatchCache {
             if let Some(prev) = run.back() {
                 if prev.last.next() != base {
                     dropped = run.len();
-                    freed = run.drain(..).map(|c| c.bytes.len()).sum();
+                    freed = run.drain(..).map(|c| c.held).sum();
                 }
             }
-            run.push_back(Cached { base, last, bytes });
+            run.push_back(Cached {
+                base,
+                last,
+                bytes,
+                held: size,
+            });
         }
         inner.order.push_back((log, base));
         inner.released(dropped, freed);
@@ -135,7 +145,7 @@ impl BatchCache {
             // batch now cached at `base` can differ in size. Account for what is dropped.
             if run.front().map(|c| c.base) == Some(base) {
                 if let Some(c) = run.pop_front() {
-                    inner.released(1, c.bytes.len());
+                    inner.released(1, c.held);
                 }
                 self.evictions.set(self.evictions.get() + 1);
             }
@@ -187,7 +197,7 @@ impl BatchCache {
         if let Some(run) = inner.logs.get_mut(&log) {
             while run.back().is_some_and(|c| c.last >= from) {
                 if let Some(c) = run.pop_back() {
-                    freed += c.bytes.len();
+                    freed += c.held;
                     n += 1;
                 }
             }
@@ -202,7 +212,7 @@ impl BatchCache {
         if let Some(run) = inner.logs.get_mut(&log) {
             while run.front().is_some_and(|c| c.last < before) {
                 if let Some(c) = run.pop_front() {
-                    freed += c.bytes.len();
+                    freed += c.held;
                     n += 1;
                 }
             }
@@ -213,7 +223,7 @@ impl BatchCache {
     pub(crate) fn drop_log(&self, log: u64) {
         let mut inner = self.inner.borrow_mut();
         if let Some(run) = inner.logs.remove(&log) {
-            let freed: usize = run.iter().map(|c| c.bytes.len()).sum();
+            let freed: usize = run.iter().map(|c| c.held).sum();
             inner.released(run.len(), freed);
         }
     }
@@ -231,10 +241,10 @@ mod tests {
     fn evicts_oldest_first_across_logs_within_budget() {
         let c = BatchCache::new(3 * (100 + ENTRY_OVERHEAD_BYTES));
         let (a, z) = (c.register(), c.register());
-        c.insert(a, Offset(0), Offset(0), b(100));
-        c.insert(z, Offset(0), Offset(4), b(100));
-        c.insert(a, Offset(1), Offset(1), b(100));
-        c.insert(z, Offset(5), Offset(5), b(100));
+        c.insert(a, Offset(0), Offset(0), b(100), 100);
+        c.insert(z, Offset(0), Offset(4), b(100), 100);
+        c.insert(a, Offset(1), Offset(1), b(100), 100);
+        c.insert(z, Offset(5), Offset(5), b(100), 100);
         let s = c.stats();
         assert_eq!((s.bytes, s.batches, s.evictions), (300, 3, 1));
         let mut out = vec![];
@@ -251,7 +261,7 @@ mod tests {
         let c = BatchCache::new(10_000);
         let l = c.register();
         for i in 0..5 {
-            c.insert(l, Offset(i * 2), Offset(i * 2 + 1), b(100));
+            c.insert(l, Offset(i * 2), Offset(i * 2 + 1), b(100), 100);
         }
         let mut out = vec![];
         assert!(c.read(l, Offset(3), Offset(100), 1, &mut out));
@@ -269,16 +279,16 @@ mod tests {
         // A failed write truncates the cache and the same offsets come back with other sizes.
         let c = BatchCache::new(130 + 2 * ENTRY_OVERHEAD_BYTES);
         let id = c.register();
-        c.insert(id, Offset(0), Offset(0), b(100));
+        c.insert(id, Offset(0), Offset(0), b(100), 100);
         c.truncate_from(id, Offset(0));
         assert_eq!(c.stats().bytes, 0);
-        c.insert(id, Offset(0), Offset(0), b(60));
-        c.insert(id, Offset(1), Offset(1), b(80));
-        c.insert(id, Offset(2), Offset(2), b(50));
+        c.insert(id, Offset(0), Offset(0), b(60), 60);
+        c.insert(id, Offset(1), Offset(1), b(80), 80);
+        c.insert(id, Offset(2), Offset(2), b(50), 50);
         let s = c.stats();
         assert_eq!((s.bytes, s.batches), (130, 2));
         // A non-contiguous insert drops the run and its bytes.
-        c.insert(id, Offset(9), Offset(9), b(10));
+        c.insert(id, Offset(9), Offset(9), b(10), 10);
         assert_eq!((c.stats().bytes, c.stats().batches), (10, 1));
         c.drop_log(id);
         assert_eq!((c.stats().bytes, c.stats().batches), (0, 0));
@@ -291,7 +301,7 @@ mod tests {
         let c = BatchCache::new(10_000);
         let id = c.register();
         for i in 0..1_000 {
-            c.insert(id, Offset(i), Offset(i), b(10));
+            c.insert(id, Offset(i), Offset(i), b(10), 10);
         }
         let s = c.stats();
         assert_eq!(s.batches, 10_000 / (10 + ENTRY_OVERHEAD_BYTES));
@@ -300,7 +310,7 @@ mod tests {
         // A batch that fits the budget only without its overhead is not cached.
         let c = BatchCache::new(100);
         let id = c.register();
-        c.insert(id, Offset(0), Offset(0), b(100));
+        c.insert(id, Offset(0), Offset(0), b(100), 100);
         assert_eq!(c.stats().batches, 0);
     }
 }

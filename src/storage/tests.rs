@@ -463,6 +463,43 @@ fn recovery_cuts_the_file_at_a_hole_so_no_stale_batch_behind_it_comes_back() {
     });
 }
 
+/// A batch appended in a buffer with room past it (a request's own buffer) is charged that room
+/// in the batch cache, since the room stays allocated while the batch is cached. Several
+/// batches of one buffer share it: the last is charged the room.
+#[test]
+fn a_cached_batch_is_charged_the_room_its_buffer_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let log = open(&d, small_config()).await;
+        let a = batch(1, 300, 1, 1);
+        let mut one = BytesMut::with_capacity(a.len() + 10_000);
+        one.extend_from_slice(&a);
+        let room = one.capacity() - a.len();
+        assert!(room >= 10_000);
+        log.append(one, Durability::Written).await.unwrap();
+        let s = log.cache().stats();
+        assert_eq!((s.batches, s.bytes), (1, a.len() + room));
+        let (b, c) = (batch(1, 200, 2, 2), batch(2, 100, 3, 3));
+        let mut two = BytesMut::with_capacity(b.len() + c.len() + 5_000);
+        two.extend_from_slice(&b);
+        two.extend_from_slice(&c);
+        let room2 = two.capacity() - b.len() - c.len();
+        log.append(two, Durability::Written).await.unwrap();
+        let s = log.cache().stats();
+        assert_eq!(
+            (s.batches, s.bytes),
+            (3, a.len() + room + b.len() + c.len() + room2)
+        );
+        // A buffer with no room is charged its bytes.
+        let e = batch(1, 100, 4, 4);
+        append(&log, &e, Durability::Written).await;
+        let s2 = log.cache().stats();
+        assert_eq!(s2.bytes, s.bytes + e.len());
+        log.close().await.unwrap();
+    });
+}
+
 /// Ways to damage the tail of the active segment after a crash.
 #[derive(Debug, Clone, Copy)]
 enum Damage {

@@ -108,6 +108,12 @@ impl Validated {
         &self.bytes
     }
 
+    /// The memory the bytes keep alive from their start: their buffer's capacity, at least
+    /// [`len`](Self::len). A request's own buffer may have room past its batches.
+    pub fn held(&self) -> usize {
+        self.bytes.capacity().max(self.bytes.len())
+    }
+
     /// [`check`](Self::check) that also marks every batch as LogAppendTime with `now_ms` as
     /// its max timestamp and writes its new CRC-32C, reading each batch's bytes once.
     pub fn check_stamping(mut bytes: BytesMut, now_ms: i64) -> Result<Validated, BatchError> {

@@ -395,7 +395,7 @@ pub async fn open_partition_here(
         &dir,
         lc,
         shard.cache.clone(),
-        Rc::new(DmaIo),
+        DmaIo::shared(),
         shard.clock.clone(),
     )
     .await?;

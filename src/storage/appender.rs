@@ -346,6 +346,12 @@ pub(crate) struct Appender {
     /// Flushes that carry a `Synced` append join the shard's commit cycle
     /// ([`crate::storage::cycle`]) instead of starting as soon as the partition has data.
     shard_cycle: bool,
+    /// Background syncs of acks=1 data go through the shard's sync rounds
+    /// ([`crate::storage::shard_sync`]) instead of an fdatasync of this partition's file.
+    shard_rounds: bool,
+    /// Changes whenever the positions start over or move back (roll, seal, truncation): a
+    /// shard sync round that this partition joined before then vouches for none of them.
+    epoch: u64,
     /// The flusher task panicked: nothing pending will be written any more, so every append
     /// (and roll) fails from now on instead of waiting forever.
     dead: bool,
@@ -401,6 +407,8 @@ impl Appender {
             syncing: false,
             durable_writes: durable_writes_default(),
             shard_cycle: crate::storage::cycle::shard_cycle_default(),
+            shard_rounds: crate::storage::shard_sync::shard_rounds_default(),
+            epoch: 0,
             dead: false,
             gen: 0,
             gen_end: vec![],
@@ -528,6 +536,7 @@ impl Appender {
     pub fn sealed(&mut self, written: u64) {
         assert_eq!(written, self.written_pos);
         assert!(self.is_drained());
+        self.epoch += 1;
         self.synced_pos = written;
         self.allocated = written;
         self.attempted_pos = align_up(written);
@@ -540,6 +549,7 @@ impl Appender {
     pub fn truncated(&mut self, written: u64, written_tail: Vec<u8>, end: Offset) {
         assert!(self.is_drained());
         assert_eq!(written_tail.len() as u64, written - align_down(written));
+        self.epoch += 1;
         self.pending.reset(align_down(written), &written_tail);
         self.written_pos = written;
         self.synced_pos = written;
@@ -556,6 +566,7 @@ impl Appender {
     /// A new, empty active segment of `allocated` pre-allocated bytes (roll).
     pub fn started_segment(&mut self, allocated: u64) {
         assert!(self.is_drained());
+        self.epoch += 1;
         self.pending.reset(0, &[]);
         self.snapshot_pos = 0;
         self.synced_pos = 0;
@@ -685,6 +696,8 @@ struct Start {
     /// Its place in the cycle, held until the write is done.
     ticket: Option<crate::storage::cycle::CycleTicket>,
     sync: bool,
+    /// Join the shard's next sync round (acks=1 data due for its background sync).
+    round: bool,
     /// Nothing to start before this instant (the periodic or `IntervalMs` sync).
     sleep_until: Option<Instant>,
     exit: bool,
@@ -716,13 +729,18 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
     let (_counted, phase) = FlusherCounted::new();
     if let Some(log) = weak.upgrade() {
         let a = &mut log.state.borrow_mut().appender;
-        a.last_sync = a.last_sync.checked_sub(phase).unwrap_or(a.last_sync);
+        // Spread only per-partition fdatasyncs; partitions that share sync rounds are best
+        // due together.
+        if !a.shard_rounds {
+            a.last_sync = a.last_sync.checked_sub(phase).unwrap_or(a.last_sync);
+        }
     }
     // The write and the sync in flight hold the log (their I/O completes even if every other
     // handle is dropped); while neither is in flight the flusher holds only `weak`. Each lives
     // in this task's own state, replaced in place: starting one allocates nothing.
     let mut write = std::pin::pin!(write_work(None));
     let mut sync = std::pin::pin!(sync_work(None));
+    let mut round = std::pin::pin!(round_work(None));
     let mut timer: Option<(Instant, Sleep)> = None;
     loop {
         let mut start = std::future::poll_fn(|cx| {
@@ -740,6 +758,13 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
             {
                 sync.set(None);
             }
+            if round
+                .as_mut()
+                .as_pin_mut()
+                .is_some_and(|f| f.poll(cx).is_ready())
+            {
+                round.set(None);
+            }
             if timer
                 .as_mut()
                 .is_some_and(|(_, t)| std::pin::Pin::new(t).poll(cx).is_ready())
@@ -752,7 +777,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
                     ..Start::default()
                 });
             };
-            let mut start = next_work(&log, write.is_none(), sync.is_none());
+            let mut start = next_work(&log, write.is_none(), sync.is_none(), round.is_none());
             if start.write && start.gated && log.state.borrow().appender.shard_cycle {
                 // Wait for the shard's next commit cycle if the current one is closed; the
                 // cycle wakes this task when it ends.
@@ -762,7 +787,7 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
             let sleep_new = start
                 .sleep_until
                 .is_some_and(|at| timer.as_ref().is_none_or(|(t, _)| at < *t));
-            if start.write || start.sync || start.exit || sleep_new {
+            if start.write || start.sync || start.round || start.exit || sleep_new {
                 return Poll::Ready(start);
             }
             log.state.borrow_mut().appender.flusher = Some(cx.waker().clone());
@@ -790,6 +815,10 @@ async fn flush_loop(weak: Weak<PartitionLog>) {
             let Some(log) = weak.upgrade() else { return };
             sync.set(sync_work(Some(log)));
         }
+        if start.round {
+            let Some(log) = weak.upgrade() else { return };
+            round.set(round_work(Some(log)));
+        }
         glommio::yield_if_needed().await;
     }
 }
@@ -815,8 +844,17 @@ fn sync_work(log: Option<Rc<PartitionLog>>) -> Option<impl Future<Output = ()>> 
     })
 }
 
-/// What to start now, given which of the write and the sync are idle.
-fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
+/// The flusher's place in a shard sync round, when given a log, then a producer snapshot if
+/// one is due. It holds the log until the round is done (a few milliseconds past its start).
+fn round_work(log: Option<Rc<PartitionLog>>) -> Option<impl Future<Output = ()>> {
+    log.map(|log| async move {
+        log.sync_in_round().await;
+        log.snapshot_if_due();
+    })
+}
+
+/// What to start now, given which of the write, the sync and the round are idle.
+fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool, round_idle: bool) -> Start {
     let s = &*log.state.borrow();
     let a = &s.appender;
     let (synced, hw) = (s.offsets.synced(), s.offsets.hw());
@@ -838,17 +876,22 @@ fn next_work(log: &PartitionLog, write_idle: bool, sync_idle: bool) -> Start {
         start.exit = true;
         return start;
     }
-    if sync_idle && !s.rolling && hw > synced {
-        // Unsynced data no append waits for (or `IntervalMs`): sync when the interval is up.
+    let in_rounds = always && a.shard_rounds;
+    let idle = if in_rounds { round_idle } else { sync_idle };
+    if idle && !s.rolling && hw > synced {
+        // Unsynced data no append waits for (or `IntervalMs`): sync when the interval is up,
+        // in the shard's next round or with an fdatasync of this partition.
         let every = match s.config.flush {
             FlushPolicy::Always => background_sync_interval(),
             FlushPolicy::IntervalMs(ms) => Duration::from_millis(ms),
         };
         let due = a.last_sync + every;
-        if log.clock.now() >= due {
-            start.sync = true;
-        } else {
+        if log.clock.now() < due {
             start.sleep_until = Some(due);
+        } else if in_rounds {
+            start.round = true;
+        } else {
+            start.sync = true;
         }
     }
     start
@@ -1118,6 +1161,33 @@ impl PartitionLog {
                 a.sync_wanted = s.offsets.synced();
                 a.last_sync = self.clock.now();
             }
+        }
+        s.debug_check_invariants();
+        s.wake_all();
+    }
+
+    /// A background sync in the shard's next round ([`crate::storage::shard_sync`]): what is
+    /// written when the partition joins counts as synced once the round succeeds, unless the
+    /// positions started over meanwhile (roll, truncation). Either way the next background
+    /// sync is an interval later; a failed round is logged once, by the round.
+    pub(crate) async fn sync_in_round(self: &Rc<Self>) {
+        let (target, pos, epoch) = {
+            let s = self.state.borrow();
+            (s.offsets.hw(), s.appender.written_pos, s.appender.epoch)
+        };
+        let dir = self.dir.parent().unwrap_or(&self.dir);
+        let r = crate::storage::shard_sync::sync_round(dir, &self.io, &self.clock).await;
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        s.appender.last_sync = self.clock.now();
+        if r.is_ok() && s.appender.epoch == epoch && !s.closed {
+            // Check after the round, paired with the positions taken before it: the high
+            // watermark moves back only with a truncation, which changes the epoch.
+            debug_assert!(target <= s.offsets.hw() && pos <= s.appender.written_pos);
+            s.offsets.synced_to(target);
+            let a = &mut s.appender;
+            a.synced_pos = a.synced_pos.max(pos);
+            self.start_index_append(s);
         }
         s.debug_check_invariants();
         s.wake_all();

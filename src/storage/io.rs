@@ -89,11 +89,26 @@ pub trait StorageIo {
     fn open(&self, path: &Path, create: bool) -> IoFuture<'_, Rc<dyn SegmentFile>>;
     fn sync_dir(&self, dir: &Path) -> IoFuture<'_, ()>;
     fn remove(&self, path: &Path) -> IoFuture<'_, ()>;
+    /// Makes every write to the file system holding `dir` that completed before the call
+    /// durable, for every file at once (`syncfs`, then a directory fsync for a device cache
+    /// flush after all it wrote). A `dir` that no longer exists holds nothing to sync.
+    fn sync_fs(&self, dir: &Path) -> IoFuture<'_, ()>;
 }
 
 /// The production implementation: glommio `DmaFile`s (O_DIRECT through io_uring), their
 /// descriptors taken from the shard's bounded pool ([`PooledSegment`]).
 pub struct DmaIo;
+
+impl DmaIo {
+    /// This thread's one `DmaIo`: logs that share it share the shard's sync rounds
+    /// ([`crate::storage::shard_sync`] tells storages apart by their `Rc`).
+    pub fn shared() -> Rc<dyn StorageIo> {
+        thread_local! {
+            static SHARED: Rc<DmaIo> = Rc::new(DmaIo);
+        }
+        SHARED.with(|io| io.clone() as Rc<dyn StorageIo>)
+    }
+}
 
 async fn write_whole(file: &DmaFile, buf: Rc<DmaBuffer>, pos: u64) -> io::Result<()> {
     debug_assert_eq!(pos % ALIGN_BYTES, 0);
@@ -189,6 +204,32 @@ impl StorageIo for DmaIo {
         let path = path.to_path_buf();
         Box::pin(async move { Ok(glommio::io::remove(&path).await?) })
     }
+    fn sync_fs(&self, dir: &Path) -> IoFuture<'_, ()> {
+        let dir = dir.to_path_buf();
+        // Blocking calls: on the shard's blocking thread pool, never on its executor.
+        Box::pin(async move {
+            glommio::executor()
+                .spawn_blocking(move || sync_file_system(&dir))
+                .await
+        })
+    }
+}
+
+/// [`StorageIo::sync_fs`]'s blocking calls.
+fn sync_file_system(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: `f` is an open descriptor for the whole call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // ext4 without a journal flushes the device cache inside `syncfs` and may write its last
+    // metadata blocks after that flush; an fsync asks for one more flush after all of it.
+    f.sync_all()
 }
 
 /// Futures [`join_in_order`] tracks without a heap allocation.

@@ -46,6 +46,7 @@ mod recovery;
 mod retention;
 mod roll;
 mod segment;
+pub(crate) mod shard_sync;
 mod shutdown;
 #[cfg(test)]
 mod sim;
@@ -470,7 +471,7 @@ impl PartitionLog {
         config: LogConfig,
         cache: Rc<BatchCache>,
     ) -> Result<Rc<Self>, StorageError> {
-        Self::open_with_io(dir, config, cache, Rc::new(io::DmaIo), Clock::system()).await
+        Self::open_with_io(dir, config, cache, io::DmaIo::shared(), Clock::system()).await
     }
 
     pub fn dir(&self) -> &Path {

@@ -1728,6 +1728,164 @@ fn written_data_is_synced_in_the_background_and_indexed() {
     });
 }
 
+/// Logs of one shard over one storage, reading `clock`, in `d/t-0`, `d/t-1`, ...
+async fn open_shard_logs(
+    d: &Path,
+    n: usize,
+    cfg: LogConfig,
+    io: &Rc<FaultyIo>,
+    clock: &Clock,
+) -> Vec<Rc<PartitionLog>> {
+    let mut logs = vec![];
+    for i in 0..n {
+        let io: Rc<dyn crate::storage::io::StorageIo> = io.clone();
+        let log = PartitionLog::open_with_io(
+            &d.join(format!("t-{i}")),
+            cfg.clone(),
+            BatchCache::new(64 << 20),
+            io,
+            clock.clone(),
+        )
+        .await
+        .expect("open");
+        logs.push(log);
+    }
+    logs
+}
+
+/// Acks=1 data of a shard's partitions is made durable by the shard's sync rounds: partitions
+/// due together share one file-system sync, no partition fdatasyncs its own file, and what the
+/// round covered survives a power cut while what was written after it does not.
+#[test]
+fn acks1_data_of_a_shards_partitions_is_synced_by_one_shared_round_and_survives_a_power_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let fake = FakeClock::new(1_000);
+        let clock = Clock::fake(&fake);
+        let faults = Rc::new(power_model());
+        let io = Rc::new(FaultyIo {
+            faults: faults.clone(),
+        });
+        let logs = open_shard_logs(&d, 12, small_config(), &io, &clock).await;
+        let mut stored = vec![];
+        for (i, log) in logs.iter().enumerate() {
+            let b = batch(2, 500, 1, i as u8 + 1);
+            let r = append(log, &b, Durability::Written).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        let rounds = shard_sync::rounds_done();
+        // Due together, a background-sync interval after the logs opened.
+        fake.advance(std::time::Duration::from_millis(
+            appender::BACKGROUND_SYNC_MS,
+        ));
+        for log in &logs {
+            wait_state(log, "a background sync round", |s| {
+                s.offsets.synced() == s.offsets.hw()
+            })
+            .await;
+        }
+        assert_eq!(
+            shard_sync::rounds_done() - rounds,
+            1,
+            "one round for all twelve"
+        );
+        assert_eq!(faults.fs_syncs.get(), 1);
+        assert_eq!(faults.syncs.get(), 0, "no fdatasync of a partition's file");
+        // Written after the round and never synced: lost with the power.
+        for (i, log) in logs.iter().enumerate() {
+            append(log, &batch(2, 500, 2, 100 + i as u8), Durability::Written).await;
+        }
+        faults.crashed.set(true);
+        let weak: Vec<_> = logs.iter().map(Rc::downgrade).collect();
+        drop(logs);
+        poll_until("the logs to be gone", || {
+            weak.iter().all(|w| w.upgrade().is_none())
+        })
+        .await;
+        faults.power_cut().unwrap();
+        for (i, b) in stored.iter().enumerate() {
+            let log = PartitionLog::open(
+                &d.join(format!("t-{i}")),
+                small_config(),
+                BatchCache::new(0),
+            )
+            .await
+            .unwrap();
+            let all = read_all(&log, Offset(0), 1 << 20).await;
+            assert_eq!(
+                all.iter().map(|b| b.to_vec()).collect::<Vec<_>>(),
+                vec![b.clone()],
+                "partition {i}"
+            );
+            log.close().await.unwrap();
+        }
+    });
+}
+
+/// A round vouches for the positions a partition had written when it joined: if the
+/// partition rolls to a new segment while the round runs, the round's completion leaves the
+/// new segment's positions alone (they start over at zero), and a failed round syncs nothing
+/// and is retried an interval later.
+#[test]
+fn a_round_vouches_for_nothing_past_a_roll_and_a_failed_round_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let fake = FakeClock::new(1_000);
+        let clock = Clock::fake(&fake);
+        let faults = Rc::new(Faults::default());
+        let io = Rc::new(FaultyIo {
+            faults: faults.clone(),
+        });
+        let cfg = small_config(); // 64 KiB segments
+        let log = open_shard_logs(&d, 1, cfg, &io, &clock).await.remove(0);
+        for i in 0..3u8 {
+            append(&log, &batch(1, 15_000, 1, i), Durability::Written).await;
+        }
+        // A slow round: it is in flight while the log rolls.
+        faults.sync_delay_ms.set(300);
+        fake.advance(std::time::Duration::from_millis(
+            appender::BACKGROUND_SYNC_MS,
+        ));
+        poll_until("the round to start", || faults.fs_syncs.get() == 1).await;
+        faults.sync_delay_ms.set(0); // the roll's own sync is not held
+        let rounds = shard_sync::rounds_done();
+        for i in 0..3u8 {
+            append(&log, &batch(1, 15_000, 2, 10 + i), Durability::Written).await;
+        }
+        assert_eq!(log.state.borrow().segments.len(), 2, "rolled");
+        poll_until("the round to end", || shard_sync::rounds_done() > rounds).await;
+        {
+            let s = log.state.borrow();
+            s.check_invariants();
+            assert!(
+                s.offsets.synced() < s.offsets.hw(),
+                "the new segment's data is not synced"
+            );
+        }
+        // The flusher lives on: an append after the round is written.
+        append(&log, &batch(1, 100, 3, 20), Durability::Written).await;
+        // A failed round syncs nothing; the next one, an interval later, does.
+        faults.sync_fails.set(true);
+        fake.advance(std::time::Duration::from_millis(
+            appender::BACKGROUND_SYNC_MS,
+        ));
+        poll_until("the failing round", || faults.fs_syncs.get() == 2).await;
+        poll_until("its end", || shard_sync::rounds_done() > rounds + 1).await;
+        assert!(log.synced_offset() < log.high_watermark());
+        faults.sync_fails.set(false);
+        fake.advance(std::time::Duration::from_millis(
+            appender::BACKGROUND_SYNC_MS,
+        ));
+        wait_state(&log, "the retried round", |s| {
+            s.offsets.synced() == s.offsets.hw()
+        })
+        .await;
+        log.close().await.unwrap();
+    });
+}
+
 #[test]
 fn appends_in_a_completed_prefix_of_a_flush_are_acknowledged_before_the_rest() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,8 @@ pub struct Faults {
     /// Counts of operations seen, for assertions on group commit.
     pub writes: Cell<u64>,
     pub syncs: Cell<u64>,
+    /// File-system syncs (`StorageIo::sync_fs`: a shard's background sync round).
+    pub fs_syncs: Cell<u64>,
     pub durable_writes: Cell<u64>,
     pub removed: RefCell<Vec<PathBuf>>,
     /// The process crashes (`crashed` is set) at the N+1-th file sync, truncation, removal or
@@ -323,5 +325,40 @@ impl StorageIo for FaultyIo {
         }
         self.faults.removed.borrow_mut().push(path.to_path_buf());
         DmaIo.remove(path)
+    }
+    /// Like an fdatasync of every file opened here: the writes completed before the call
+    /// become durable once it succeeds.
+    fn sync_fs(&self, dir: &Path) -> IoFuture<'_, ()> {
+        let dir = dir.to_path_buf();
+        Box::pin(async move {
+            let f = &self.faults;
+            f.fs_syncs.set(f.fs_syncs.get() + 1);
+            let delay_ms = f.sync_delay_ms.get();
+            if delay_ms > 0 {
+                glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            }
+            if f.crash_point() || f.sync_fails.get() {
+                return Err(eio());
+            }
+            let covered: Vec<_> = f
+                .durable
+                .borrow()
+                .iter()
+                .map(|d| (d.clone(), std::mem::take(&mut d.borrow_mut().unsynced)))
+                .collect();
+            let r = DmaIo.sync_fs(&dir).await;
+            for (d, covered) in covered {
+                let mut d = d.borrow_mut();
+                if r.is_ok() {
+                    for (pos, data) in &covered {
+                        d.apply(*pos, data);
+                    }
+                } else {
+                    let later = std::mem::replace(&mut d.unsynced, covered);
+                    d.unsynced.extend(later);
+                }
+            }
+            r
+        })
     }
 }

@@ -89,6 +89,19 @@ pub(crate) async fn open_faulty_at(
     open_with_faults(dir, cfg, clock, Faults::default()).await
 }
 
+/// The power fails under `logs`: their storage crashes (the I/O already issued completes), the
+/// logs are dropped and waited for, then each file is cut back to what a completed sync covered.
+async fn cut_power(logs: Vec<Rc<PartitionLog>>, faults: &Faults) {
+    faults.crashed.set(true);
+    let weak: Vec<_> = logs.iter().map(Rc::downgrade).collect();
+    drop(logs);
+    poll_until("the logs to be gone", || {
+        weak.iter().all(|w| w.upgrade().is_none())
+    })
+    .await;
+    faults.power_cut().unwrap();
+}
+
 /// Faults that model a power cut: only what a completed sync covered survives `power_cut()`.
 fn power_model() -> Faults {
     let f = Faults::default();
@@ -1796,14 +1809,7 @@ fn acks1_data_of_a_shards_partitions_is_synced_by_one_shared_round_and_survives_
         for (i, log) in logs.iter().enumerate() {
             append(log, &batch(2, 500, 2, 100 + i as u8), Durability::Written).await;
         }
-        faults.crashed.set(true);
-        let weak: Vec<_> = logs.iter().map(Rc::downgrade).collect();
-        drop(logs);
-        poll_until("the logs to be gone", || {
-            weak.iter().all(|w| w.upgrade().is_none())
-        })
-        .await;
-        faults.power_cut().unwrap();
+        cut_power(logs, &faults).await;
         for (i, b) in stored.iter().enumerate() {
             let log = PartitionLog::open(
                 &d.join(format!("t-{i}")),
@@ -2154,12 +2160,8 @@ fn power_cut_keeps_every_append_acknowledged_as_synced() {
                 }
                 // The power fails: nothing more reaches the files; the appends still waiting are
                 // cancelled; the I/O already issued completes before the files are cut back.
-                faults.crashed.set(true);
                 drop(tasks);
-                let weak = Rc::downgrade(&log);
-                drop(log);
-                poll_until("the log to be gone", || weak.upgrade().is_none()).await;
-                faults.power_cut().unwrap();
+                cut_power(vec![log], &faults).await;
 
                 let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
                     .await
@@ -2220,11 +2222,7 @@ fn a_flush_written_as_page_then_rest_reads_back_whole_and_survives_a_power_cut()
         // An fdatasync covers the first twelve; one more written append is lost with the power.
         log.sync_to(log.high_watermark()).await.unwrap();
         append(&log, &batch(2, 700, 99, 99), Durability::Written).await;
-        faults.crashed.set(true);
-        let weak = Rc::downgrade(&log);
-        drop(log);
-        poll_until("the log to be gone", || weak.upgrade().is_none()).await;
-        faults.power_cut().unwrap();
+        cut_power(vec![log], &faults).await;
         let log = PartitionLog::open(&d, cfg.clone(), BatchCache::new(0))
             .await
             .unwrap();
@@ -2255,11 +2253,7 @@ fn power_cut_drops_the_writes_no_sync_covered() {
         // Written, never synced: the periodic sync does not come (the clock stands still).
         append(&log, &batch(2, 500, 2, 2), Durability::Written).await;
         assert_eq!(log.synced_offset(), Offset(2));
-        faults.crashed.set(true);
-        let weak = Rc::downgrade(&log);
-        drop(log);
-        poll_until("the log to be gone", || weak.upgrade().is_none()).await;
-        faults.power_cut().unwrap();
+        cut_power(vec![log], &faults).await;
         let log = PartitionLog::open(&d, small_config(), BatchCache::new(0))
             .await
             .unwrap();
@@ -2359,15 +2353,8 @@ fn power_cut_under_concurrent_synced_appends_to_several_partitions_loses_nothing
             // The power fails: nothing more reaches the files; the appends still waiting are
             // cancelled; the I/O already issued completes before the files are cut back to what
             // a completed fdatasync or durable write covered.
-            faults.crashed.set(true);
             drop(tasks);
-            let weak: Vec<_> = logs.iter().map(Rc::downgrade).collect();
-            drop(logs);
-            poll_until("the logs to be gone", || {
-                weak.iter().all(|w| w.upgrade().is_none())
-            })
-            .await;
-            faults.power_cut().unwrap();
+            cut_power(logs, &faults).await;
 
             let acked = acked.take();
             for (p, acked) in acked.iter().enumerate() {
@@ -2963,11 +2950,7 @@ mod replicated {
                 let r = log.truncate_to(to).await;
                 let crashed = faults.crashed.get();
                 assert!(r.is_ok() || crashed, "{r:?}");
-                faults.crashed.set(true);
-                let weak = Rc::downgrade(&log);
-                drop(log);
-                poll_until("the log to be gone", || weak.upgrade().is_none()).await;
-                faults.power_cut().unwrap();
+                cut_power(vec![log], &faults).await;
                 let log = open(&d, cfg.clone()).await;
                 let kept: Vec<Vec<u8>> = read_all(&log, Offset(0), 1 << 20)
                     .await

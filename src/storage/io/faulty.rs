@@ -59,6 +59,19 @@ struct Durable {
 }
 
 impl Durable {
+    /// A sync that covered `covered` (the unsynced writes when it was issued) ended: they are
+    /// durable if it succeeded, else unsynced again, ahead of the writes completed meanwhile.
+    fn settle(&mut self, covered: Vec<(u64, Vec<u8>)>, ok: bool) {
+        if ok {
+            for (pos, data) in &covered {
+                self.apply(*pos, data);
+            }
+        } else {
+            let later = std::mem::replace(&mut self.unsynced, covered);
+            self.unsynced.extend(later);
+        }
+    }
+
     fn apply(&mut self, pos: u64, data: &[u8]) {
         let (from, to) = (pos as usize, pos as usize + data.len());
         if self.bytes.len() < to {
@@ -69,6 +82,19 @@ impl Durable {
 }
 
 impl Faults {
+    /// What every sync meets, of a file or of the file system: the slow-disk delay, then a
+    /// crash point or an injected failure.
+    async fn sync_faults(&self) -> io::Result<()> {
+        let delay_ms = self.sync_delay_ms.get();
+        if delay_ms > 0 {
+            glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        }
+        if self.crash_point() || self.sync_fails.get() {
+            return Err(eio());
+        }
+        Ok(())
+    }
+
     /// Counts one metadata-changing operation for `crash_after_ops`; true once crashed.
     fn crash_point(&self) -> bool {
         match self.crash_after_ops.get() {
@@ -193,30 +219,15 @@ impl SegmentFile for FaultySegment {
         Box::pin(async move {
             let f = &self.faults;
             f.syncs.set(f.syncs.get() + 1);
-            let delay_ms = f.sync_delay_ms.get();
-            if delay_ms > 0 {
-                glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
-            }
-            if f.crash_point() || f.sync_fails.get() {
-                return Err(eio());
-            }
+            f.sync_faults().await?;
             // The sync covers the writes completed before it was issued.
             let covered = self
                 .durable
                 .as_ref()
                 .map(|d| std::mem::take(&mut d.borrow_mut().unsynced));
             let r = self.inner.sync().await;
-            let ok = r.is_ok();
             if let (Some(d), Some(covered)) = (&self.durable, covered) {
-                let mut d = d.borrow_mut();
-                if ok {
-                    for (pos, data) in &covered {
-                        d.apply(*pos, data);
-                    }
-                } else {
-                    let later = std::mem::replace(&mut d.unsynced, covered);
-                    d.unsynced.extend(later);
-                }
+                d.borrow_mut().settle(covered, r.is_ok());
             }
             r
         })
@@ -333,13 +344,7 @@ impl StorageIo for FaultyIo {
         Box::pin(async move {
             let f = &self.faults;
             f.fs_syncs.set(f.fs_syncs.get() + 1);
-            let delay_ms = f.sync_delay_ms.get();
-            if delay_ms > 0 {
-                glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
-            }
-            if f.crash_point() || f.sync_fails.get() {
-                return Err(eio());
-            }
+            f.sync_faults().await?;
             let covered: Vec<_> = f
                 .durable
                 .borrow()
@@ -348,15 +353,7 @@ impl StorageIo for FaultyIo {
                 .collect();
             let r = DmaIo.sync_fs(&dir).await;
             for (d, covered) in covered {
-                let mut d = d.borrow_mut();
-                if r.is_ok() {
-                    for (pos, data) in &covered {
-                        d.apply(*pos, data);
-                    }
-                } else {
-                    let later = std::mem::replace(&mut d.unsynced, covered);
-                    d.unsynced.extend(later);
-                }
+                d.borrow_mut().settle(covered, r.is_ok());
             }
             r
         })

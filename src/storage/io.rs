@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::ops::Deref;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 
@@ -89,10 +89,17 @@ pub trait StorageIo {
     fn open(&self, path: &Path, create: bool) -> IoFuture<'_, Rc<dyn SegmentFile>>;
     fn sync_dir(&self, dir: &Path) -> IoFuture<'_, ()>;
     fn remove(&self, path: &Path) -> IoFuture<'_, ()>;
-    /// Makes every write to the file system holding `dir` that completed before the call
-    /// durable, for every file at once (`syncfs`, then a directory fsync for a device cache
-    /// flush after all it wrote). A `dir` that no longer exists holds nothing to sync.
-    fn sync_fs(&self, dir: &Path) -> IoFuture<'_, ()>;
+    /// Makes every write that completed before the call durable on each file system holding
+    /// one of `dirs`, for every file at once ([`sync_file_systems`]: one `syncfs` per file
+    /// system, then a directory fsync for a device cache flush after all it wrote). A
+    /// directory that no longer exists holds nothing to sync.
+    fn sync_fs(&self, dirs: Vec<PathBuf>) -> IoFuture<'_, ()>;
+    /// Storages of one domain reach the same files the same way, so one [`StorageIo::sync_fs`]
+    /// through any of them serves the logs of all (a shard's sync rounds group logs by it).
+    /// Every [`DmaIo`] is of the one production domain, 0.
+    fn sync_domain(&self) -> usize {
+        0
+    }
 }
 
 /// The production implementation: glommio `DmaFile`s (O_DIRECT through io_uring), their
@@ -100,8 +107,8 @@ pub trait StorageIo {
 pub struct DmaIo;
 
 impl DmaIo {
-    /// This thread's one `DmaIo`: logs that share it share the shard's sync rounds
-    /// ([`crate::storage::shard_sync`] tells storages apart by their `Rc`).
+    /// This thread's one `DmaIo`, shared by the logs of the shard instead of one allocation
+    /// each.
     pub fn shared() -> Rc<dyn StorageIo> {
         thread_local! {
             static SHARED: Rc<DmaIo> = Rc::new(DmaIo);
@@ -204,32 +211,45 @@ impl StorageIo for DmaIo {
         let path = path.to_path_buf();
         Box::pin(async move { Ok(glommio::io::remove(&path).await?) })
     }
-    fn sync_fs(&self, dir: &Path) -> IoFuture<'_, ()> {
-        let dir = dir.to_path_buf();
+    fn sync_fs(&self, dirs: Vec<PathBuf>) -> IoFuture<'_, ()> {
         // Blocking calls: on the shard's blocking thread pool, never on its executor.
         Box::pin(async move {
             glommio::executor()
-                .spawn_blocking(move || sync_file_system(&dir))
+                .spawn_blocking(move || sync_file_systems(&dirs))
                 .await
         })
     }
 }
 
-/// [`StorageIo::sync_fs`]'s blocking calls.
-fn sync_file_system(dir: &Path) -> io::Result<()> {
+/// Blocking: makes every write that completed before the call durable on each file system
+/// holding one of `dirs`, with one `syncfs` per file system (told apart by device number),
+/// whatever the number of directories on it. Directories that no longer exist are skipped.
+pub(crate) fn sync_file_systems(dirs: &[PathBuf]) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let f = match std::fs::File::open(dir) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: `f` is an open descriptor for the whole call.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(io::Error::last_os_error());
+    use std::os::unix::fs::MetadataExt;
+    let mut synced: smallvec::SmallVec<[(u64, std::fs::File); 1]> = smallvec::SmallVec::new();
+    for dir in dirs {
+        let f = match std::fs::File::open(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let dev = f.metadata()?.dev();
+        if synced.iter().any(|(d, _)| *d == dev) {
+            continue;
+        }
+        // SAFETY: `f` is an open descriptor for the whole call.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        synced.push((dev, f));
     }
     // ext4 without a journal flushes the device cache inside `syncfs` and may write its last
     // metadata blocks after that flush; an fsync asks for one more flush after all of it.
-    f.sync_all()
+    for (_, f) in &synced {
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Futures [`join_in_order`] tracks without a heap allocation.

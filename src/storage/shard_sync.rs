@@ -17,9 +17,10 @@
 //! [`ROUND_SPACING_MS`]; it first lets the partitions woken in the same executor turn join,
 //! and partitions that join while it runs wait for the next. Every partition of a round takes
 //! its completion as its last sync, so partitions that share a round stay in step. The
-//! file-system calls run on the shard's blocking thread pool, never on its executor. Logs
-//! share a round when they share their storage (`Rc`) and parent directory: in the broker,
-//! every log of a shard (`DmaIo::shared`).
+//! file-system calls run on the shard's blocking thread pool, never on its executor. Every
+//! partition of the shard joins the same round; the round syncs once per storage domain
+//! ([`StorageIo::sync_domain`]: in the broker, one) and, within it, once per file system
+//! (told apart by device number), however many directories and storage handles its logs use.
 //!
 //! `SLUICE_BACKGROUND_SYNC=file` goes back to an fdatasync per partition, for measuring one
 //! against the other, or for a data directory on a file system shared with other heavy
@@ -69,9 +70,10 @@ struct Rounds {
     /// The outcome of the last completed round.
     last: Option<Result<(), Rc<std::io::Error>>>,
     last_start: Option<Instant>,
-    /// Directories whose file systems the next round syncs, with the storage they are reached
-    /// through (in practice one: the data directory every log lives in).
-    dirs: Vec<(PathBuf, Rc<dyn StorageIo>)>,
+    /// What the next round syncs: per storage domain, a storage of it and the directories
+    /// whose file systems it syncs (in practice one domain and one directory: the data
+    /// directory every log lives in).
+    dirs: Vec<(Rc<dyn StorageIo>, Vec<PathBuf>)>,
     wakers: Vec<Waker>,
 }
 
@@ -113,8 +115,11 @@ pub(crate) async fn sync_round(
     clock: &Clock,
 ) -> std::io::Result<()> {
     let need = with_rounds(|r| {
-        if !r.dirs.iter().any(|(d, i)| d == dir && Rc::ptr_eq(i, io)) {
-            r.dirs.push((dir.to_path_buf(), io.clone()));
+        let domain = io.sync_domain();
+        match r.dirs.iter_mut().find(|(i, _)| i.sync_domain() == domain) {
+            Some((_, dirs)) if dirs.iter().any(|d| d == dir) => {}
+            Some((_, dirs)) => dirs.push(dir.to_path_buf()),
+            None => r.dirs.push((io.clone(), vec![dir.to_path_buf()])),
         }
         if r.gathering {
             r.started
@@ -188,8 +193,8 @@ fn start_round(r: &mut Rounds, now: Instant) {
             std::mem::take(&mut r.dirs)
         });
         let out = crate::contain::contain(async move {
-            for (dir, io) in &dirs {
-                io.sync_fs(dir).await?;
+            for (io, dirs) in dirs {
+                io.sync_fs(dirs).await?;
             }
             Ok::<(), std::io::Error>(())
         })

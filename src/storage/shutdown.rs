@@ -28,8 +28,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -414,33 +412,6 @@ pub async fn sync_deferred_markers() -> io::Result<()> {
         return Ok(());
     }
     glommio::executor()
-        .spawn_blocking(move || {
-            let fs = file_systems(dirs.iter().map(|d| d.as_path()))?;
-            sync_file_systems(&fs)
-        })
+        .spawn_blocking(move || crate::storage::io::sync_file_systems(&dirs))
         .await
-}
-
-/// One directory on each file system holding one of `dirs`.
-fn file_systems<'a>(dirs: impl Iterator<Item = &'a Path>) -> io::Result<Vec<PathBuf>> {
-    let mut seen: Vec<(u64, PathBuf)> = Vec::new();
-    for dir in dirs {
-        let dev = fs::metadata(dir)?.dev();
-        if !seen.iter().any(|(d, _)| *d == dev) {
-            seen.push((dev, dir.to_path_buf()));
-        }
-    }
-    Ok(seen.into_iter().map(|(_, p)| p).collect())
-}
-
-/// `syncfs` of each file system (named by a directory on it).
-fn sync_file_systems(file_systems: &[PathBuf]) -> io::Result<()> {
-    for dir in file_systems {
-        let d = fs::File::open(dir)?;
-        // SAFETY: syncfs takes any open descriptor of the file system; `d` is open here.
-        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }

@@ -1741,17 +1741,20 @@ fn written_data_is_synced_in_the_background_and_indexed() {
     });
 }
 
-/// Logs of one shard over one storage, reading `clock`, in `d/t-0`, `d/t-1`, ...
+/// Logs of one shard reading `clock`, in `d/t-0`, `d/t-1`, ..., each through a storage of
+/// its own over the shared `faults` (so rounds must not tell logs apart by their storage).
 async fn open_shard_logs(
     d: &Path,
     n: usize,
     cfg: LogConfig,
-    io: &Rc<FaultyIo>,
+    faults: &Rc<Faults>,
     clock: &Clock,
 ) -> Vec<Rc<PartitionLog>> {
     let mut logs = vec![];
     for i in 0..n {
-        let io: Rc<dyn crate::storage::io::StorageIo> = io.clone();
+        let io: Rc<dyn crate::storage::io::StorageIo> = Rc::new(FaultyIo {
+            faults: faults.clone(),
+        });
         let log = PartitionLog::open_with_io(
             &d.join(format!("t-{i}")),
             cfg.clone(),
@@ -1777,10 +1780,7 @@ fn acks1_data_of_a_shards_partitions_is_synced_by_one_shared_round_and_survives_
         let fake = FakeClock::new(1_000);
         let clock = Clock::fake(&fake);
         let faults = Rc::new(power_model());
-        let io = Rc::new(FaultyIo {
-            faults: faults.clone(),
-        });
-        let logs = open_shard_logs(&d, 12, small_config(), &io, &clock).await;
+        let logs = open_shard_logs(&d, 12, small_config(), &faults, &clock).await;
         let mut stored = vec![];
         for (i, log) in logs.iter().enumerate() {
             let b = batch(2, 500, 1, i as u8 + 1);
@@ -1841,11 +1841,8 @@ fn a_round_vouches_for_nothing_past_a_roll_and_a_failed_round_is_retried() {
         let fake = FakeClock::new(1_000);
         let clock = Clock::fake(&fake);
         let faults = Rc::new(Faults::default());
-        let io = Rc::new(FaultyIo {
-            faults: faults.clone(),
-        });
         let cfg = small_config(); // 64 KiB segments
-        let log = open_shard_logs(&d, 1, cfg, &io, &clock).await.remove(0);
+        let log = open_shard_logs(&d, 1, cfg, &faults, &clock).await.remove(0);
         for i in 0..3u8 {
             append(&log, &batch(1, 15_000, 1, i), Durability::Written).await;
         }
@@ -3719,4 +3716,21 @@ fn a_failed_index_append_keeps_the_log_acknowledging_and_recovery_finds_every_ba
             log.state.borrow().active().index()
         );
     });
+}
+
+/// A file-system sync skips directories that are gone (nothing to sync there) and reports
+/// any other failure to open one.
+#[test]
+fn a_file_system_sync_skips_directories_that_are_gone_and_reports_other_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    std::fs::create_dir(&a).unwrap();
+    let gone = dir.path().join("gone");
+    crate::storage::io::sync_file_systems(&[a.clone(), gone, a.clone(), dir.path().into()])
+        .expect("directories that exist are synced, the missing one skipped");
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let e = crate::storage::io::sync_file_systems(&[a, file.join("x")])
+        .expect_err("a path through a regular file");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
 }

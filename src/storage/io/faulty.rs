@@ -339,8 +339,7 @@ impl StorageIo for FaultyIo {
     }
     /// Like an fdatasync of every file opened here: the writes completed before the call
     /// become durable once it succeeds.
-    fn sync_fs(&self, dir: &Path) -> IoFuture<'_, ()> {
-        let dir = dir.to_path_buf();
+    fn sync_fs(&self, dirs: Vec<PathBuf>) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let f = &self.faults;
             f.fs_syncs.set(f.fs_syncs.get() + 1);
@@ -351,11 +350,15 @@ impl StorageIo for FaultyIo {
                 .iter()
                 .map(|d| (d.clone(), std::mem::take(&mut d.borrow_mut().unsynced)))
                 .collect();
-            let r = DmaIo.sync_fs(&dir).await;
+            let r = DmaIo.sync_fs(dirs).await;
             for (d, covered) in covered {
                 d.borrow_mut().settle(covered, r.is_ok());
             }
             r
         })
+    }
+    /// Storages sharing their [`Faults`] share the files a `sync_fs` settles.
+    fn sync_domain(&self) -> usize {
+        Rc::as_ptr(&self.faults) as usize
     }
 }

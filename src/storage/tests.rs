@@ -3734,3 +3734,67 @@ fn a_file_system_sync_skips_directories_that_are_gone_and_reports_other_failures
         .expect_err("a path through a regular file");
     assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
 }
+
+/// Where the file system cannot tell written data from pre-allocated space past the log end
+/// (no `SEEK_DATA`, or a failed `lseek`), crash recovery cuts the active segment at the end of
+/// its valid batches: the space is given back and allocated again by the next flush, and no
+/// batch is lost, then or after another crash.
+#[test]
+fn recovery_that_cannot_tell_data_from_allocated_space_cuts_the_file_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        let mut stored = vec![];
+        for i in 0..3u8 {
+            let b = batch(2, 700, 10 + i as i64, i);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        let path = meta::segment_path(&d, Offset(0), "log");
+        let end: u64 = stored.iter().map(|b| b.len() as u64).sum();
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > end,
+            "space allocated ahead"
+        );
+        // A crash (no clean shutdown), then a recovery that cannot tell what follows the zeros.
+        drop(log);
+        faults.data_unknown.set(true);
+        let io = Rc::new(FaultyIo {
+            faults: faults.clone(),
+        });
+        let log = PartitionLog::open_with_io(
+            &d,
+            small_config(),
+            BatchCache::new(0),
+            io.clone(),
+            Clock::system(),
+        )
+        .await
+        .expect("recovered");
+        assert_eq!(log.log_end_offset(), Offset(6));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            end,
+            "cut at the end of the valid batches"
+        );
+        assert!(log.recovery_report().is_some_and(|r| r.truncated));
+        let b = batch(2, 700, 20, 9);
+        let r = append(&log, &b, Durability::Synced).await;
+        stored.push(at_offset(&b, r.base_offset));
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > end + b.len() as u64,
+            "the next flush allocated again"
+        );
+        // Another crash, recovered the same way.
+        drop(log);
+        let log =
+            PartitionLog::open_with_io(&d, small_config(), BatchCache::new(0), io, Clock::system())
+                .await
+                .expect("recovered again");
+        assert_eq!(log.log_end_offset(), Offset(8));
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), stored);
+        log.close().await.unwrap();
+    });
+}

@@ -30,6 +30,9 @@ pub struct Faults {
     pub torn_writes: Cell<u32>,
     /// Reads fail with EIO while set.
     pub read_fails: Cell<bool>,
+    /// `has_data_from` cannot tell written data from pre-allocated space while set, and
+    /// answers true (a file system without `SEEK_DATA`, or an `lseek` that failed).
+    pub data_unknown: Cell<bool>,
     /// Writes at or past this file position wait while it is set (a slow disk region).
     pub hold_writes_from: Cell<Option<u64>>,
     /// The process crashed: every later write, sync, allocation, punch, truncation, open for
@@ -267,6 +270,9 @@ impl SegmentFile for FaultySegment {
         })
     }
     fn has_data_from(&self, pos: u64) -> IoFuture<'_, bool> {
+        if self.faults.data_unknown.get() {
+            return Box::pin(async { Ok(true) });
+        }
         self.inner.has_data_from(pos)
     }
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {

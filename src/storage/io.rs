@@ -78,6 +78,12 @@ pub trait SegmentFile {
     /// never written counts as none where the file system tells them apart (ext4, XFS). True
     /// where it cannot be told, which costs the caller a truncation, never data.
     fn has_data_from(&self, pos: u64) -> IoFuture<'_, bool>;
+    /// Where the written data that `pos` lies in (or the first written data at or past it)
+    /// ends (`lseek(SEEK_HOLE)`, block-aligned, at most the file size): pre-allocated space
+    /// never written counts as a hole where the file system tells them apart (ext4, XFS).
+    /// `u64::MAX` where it cannot be told, so a caller that bounds a read by it reads as far
+    /// as it would have without.
+    fn data_end_from(&self, pos: u64) -> IoFuture<'_, u64>;
     /// The file was renamed to `path` (the log cleaner's swap): descriptors opened from now on
     /// open it there.
     fn renamed(&self, _path: &Path) {}

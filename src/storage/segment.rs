@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::protocol::batch::{self, BatchError, BatchHeader, HEADER_BYTES};
-use crate::storage::io::{align_down, SegmentFile};
+use crate::storage::io::{align_down, align_up, SegmentFile};
 use crate::storage::meta;
 use crate::types::Offset;
 
@@ -646,7 +646,12 @@ async fn scan_inner(
     let mut carry: Vec<u8> = vec![];
     let mut read_pos = align_down(pos);
     let mut skip = (pos - read_pos) as usize;
-    let mut inflight = (read_pos < limit).then(|| file.read_at(read_pos, SCAN_CHUNK_BYTES));
+    // Reads never reach past `limit` (rounded up to the page): what lies beyond is not the
+    // scan's, and reading pre-allocated space costs the kernel a zero-fill of the buffer.
+    let read_len = |at: u64| -> usize {
+        (align_up(limit).saturating_sub(at)).min(SCAN_CHUNK_BYTES as u64) as usize
+    };
+    let mut inflight = (read_pos < limit).then(|| file.read_at(read_pos, read_len(read_pos)));
     let mut stop = ScanStop::End;
 
     // Checks one complete batch; returns false to stop.
@@ -671,13 +676,14 @@ async fn scan_inner(
     };
 
     'outer: while let Some(fut) = inflight.take() {
+        let asked = read_len(read_pos);
         let buf = fut.await?;
         let got = buf.len();
         let buf_end = read_pos + got as u64;
         read_pos = buf_end;
-        if got == SCAN_CHUNK_BYTES && read_pos < limit {
+        if got == asked && read_pos < limit {
             // Read ahead while this chunk is being checked.
-            inflight = Some(file.read_at(read_pos, SCAN_CHUNK_BYTES));
+            inflight = Some(file.read_at(read_pos, read_len(read_pos)));
         }
         let usable = (got as u64).min(limit.saturating_sub(buf_end - got as u64)) as usize;
         let data = &buf[skip.min(usable)..usable];
@@ -783,7 +789,7 @@ mod tests {
     /// Writes `bytes` to a fresh segment file through the DMA seam (padded with zeros).
     async fn segment_with(dir: &std::path::Path, bytes: &[u8]) -> Rc<dyn SegmentFile> {
         let f = DmaIo.open(&dir.join("s.log"), true).await.unwrap();
-        let len = crate::storage::io::align_up(bytes.len() as u64) as usize;
+        let len = align_up(bytes.len() as u64) as usize;
         let mut buf = glommio::allocate_dma_buffer_global(len.max(4096));
         buf.as_bytes_mut().fill(0);
         buf.as_bytes_mut()[..bytes.len()].copy_from_slice(bytes);

@@ -3798,3 +3798,53 @@ fn recovery_that_cannot_tell_data_from_allocated_space_cuts_the_file_and_loses_n
         log.close().await.unwrap();
     });
 }
+
+/// Crash recovery reads the written data of the active segment, not the space pre-allocated
+/// past it (which the file system tells apart, and which only reads as zeros), and keeps that
+/// space for the next flushes.
+#[test]
+fn crash_recovery_reads_the_written_data_and_not_the_space_allocated_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        let mut stored = vec![];
+        for i in 0..3u8 {
+            let b = batch(2, 700, 10 + i as i64, i);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        let path = meta::segment_path(&d, Offset(0), "log");
+        let end: u64 = stored.iter().map(|b| b.len() as u64).sum();
+        let allocated = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            allocated >= 8 * io::align_up(end),
+            "space allocated well ahead"
+        );
+        drop(log); // a crash: no clean shutdown
+        faults.read_bytes.set(0);
+        let io = Rc::new(FaultyIo {
+            faults: faults.clone(),
+        });
+        let log =
+            PartitionLog::open_with_io(&d, small_config(), BatchCache::new(0), io, Clock::system())
+                .await
+                .expect("recovered");
+        assert!(log.recovery_report().is_some_and(|r| !r.truncated));
+        assert_eq!(log.log_end_offset(), Offset(6));
+        // The scan's pages, and the last partial page read again as the appender's tail.
+        assert!(
+            faults.read_bytes.get() <= io::align_up(end) + io::ALIGN_BYTES,
+            "read {} bytes of {allocated} for {end} bytes of batches",
+            faults.read_bytes.get()
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            allocated,
+            "space kept"
+        );
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), stored);
+        log.close().await.unwrap();
+    });
+}

@@ -30,8 +30,9 @@ pub struct Faults {
     pub torn_writes: Cell<u32>,
     /// Reads fail with EIO while set.
     pub read_fails: Cell<bool>,
-    /// `has_data_from` cannot tell written data from pre-allocated space while set, and
-    /// answers true (a file system without `SEEK_DATA`, or an `lseek` that failed).
+    /// `has_data_from` and `data_end_from` cannot tell written data from pre-allocated space
+    /// while set: the first answers true, the second `u64::MAX` (a file system without
+    /// `SEEK_DATA`/`SEEK_HOLE`, or an `lseek` that failed).
     pub data_unknown: Cell<bool>,
     /// Writes at or past this file position wait while it is set (a slow disk region).
     pub hold_writes_from: Cell<Option<u64>>,
@@ -43,6 +44,8 @@ pub struct Faults {
     pub syncs: Cell<u64>,
     /// File-system syncs (`StorageIo::sync_fs`: a shard's background sync round).
     pub fs_syncs: Cell<u64>,
+    /// Bytes returned by segment reads.
+    pub read_bytes: Cell<u64>,
     pub durable_writes: Cell<u64>,
     pub removed: RefCell<Vec<PathBuf>>,
     /// The process crashes (`crashed` is set) at the N+1-th file sync, truncation, removal or
@@ -215,7 +218,10 @@ impl SegmentFile for FaultySegment {
             if self.faults.read_fails.get() {
                 return Err(eio());
             }
-            self.inner.read_at(pos, len).await
+            let r = self.inner.read_at(pos, len).await?;
+            let f = &self.faults;
+            f.read_bytes.set(f.read_bytes.get() + r.len() as u64);
+            Ok(r)
         })
     }
     fn sync(&self) -> IoFuture<'_, ()> {
@@ -274,6 +280,12 @@ impl SegmentFile for FaultySegment {
             return Box::pin(async { Ok(true) });
         }
         self.inner.has_data_from(pos)
+    }
+    fn data_end_from(&self, pos: u64) -> IoFuture<'_, u64> {
+        if self.faults.data_unknown.get() {
+            return Box::pin(async { Ok(u64::MAX) });
+        }
+        self.inner.data_end_from(pos)
     }
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {

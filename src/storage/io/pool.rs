@@ -371,6 +371,19 @@ fn data_from(file: &DmaFile, pos: u64) -> bool {
     r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
 }
 
+/// Where the written data at or past `pos` ends, by `lseek(SEEK_HOLE)`; `u64::MAX` on any
+/// error (ENXIO included: `pos` past the file's end), which bounds nothing. On the executor,
+/// like [`data_from`]: asked once per crash recovery of an active segment.
+fn hole_from(file: &DmaFile, pos: u64) -> u64 {
+    use std::os::unix::io::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(pos) else {
+        return u64::MAX;
+    };
+    // SAFETY: as in `data_from`: the descriptor is open, and its file position is unused.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_HOLE) };
+    u64::try_from(r).unwrap_or(u64::MAX)
+}
+
 async fn size_at(path: PathBuf) -> io::Result<u64> {
     glommio::executor()
         .spawn_blocking(move || Ok(std::fs::metadata(path)?.len()))
@@ -469,6 +482,12 @@ impl SegmentFile for PooledSegment {
         Box::pin(async move {
             let h = self.main.get(false).await?;
             Ok(data_from(&h, pos))
+        })
+    }
+    fn data_end_from(&self, pos: u64) -> IoFuture<'_, u64> {
+        Box::pin(async move {
+            let h = self.main.get(false).await?;
+            Ok(hole_from(&h, pos))
         })
     }
     fn size(&self) -> IoFuture<'_, u64> {

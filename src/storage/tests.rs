@@ -3735,6 +3735,27 @@ fn a_file_system_sync_skips_directories_that_are_gone_and_reports_other_failures
     assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
 }
 
+/// `n` acks=all appends of small batches to `log`, as stored (at their offsets).
+async fn synced_batches(log: &PartitionLog, n: u8) -> Vec<Vec<u8>> {
+    let mut stored = vec![];
+    for i in 0..n {
+        let b = batch(2, 700, 10 + i as i64, i);
+        let r = append(log, &b, Durability::Synced).await;
+        stored.push(at_offset(&b, r.base_offset));
+    }
+    stored
+}
+
+/// The log in `d` opened again (after a crash, recovered) through a storage over `faults`.
+async fn reopen_faulty(d: &Path, faults: &Rc<Faults>) -> Rc<PartitionLog> {
+    let io = Rc::new(FaultyIo {
+        faults: faults.clone(),
+    });
+    PartitionLog::open_with_io(d, small_config(), BatchCache::new(0), io, Clock::system())
+        .await
+        .expect("recovered")
+}
+
 /// Where the file system cannot tell written data from pre-allocated space past the log end
 /// (no `SEEK_DATA`, or a failed `lseek`), crash recovery cuts the active segment at the end of
 /// its valid batches: the space is given back and allocated again by the next flush, and no
@@ -3745,12 +3766,7 @@ fn recovery_that_cannot_tell_data_from_allocated_space_cuts_the_file_and_loses_n
     let d = dir.path().to_path_buf();
     run(async move {
         let (log, faults) = open_faulty(&d, small_config()).await;
-        let mut stored = vec![];
-        for i in 0..3u8 {
-            let b = batch(2, 700, 10 + i as i64, i);
-            let r = append(&log, &b, Durability::Synced).await;
-            stored.push(at_offset(&b, r.base_offset));
-        }
+        let mut stored = synced_batches(&log, 3).await;
         let path = meta::segment_path(&d, Offset(0), "log");
         let end: u64 = stored.iter().map(|b| b.len() as u64).sum();
         assert!(
@@ -3760,18 +3776,7 @@ fn recovery_that_cannot_tell_data_from_allocated_space_cuts_the_file_and_loses_n
         // A crash (no clean shutdown), then a recovery that cannot tell what follows the zeros.
         drop(log);
         faults.data_unknown.set(true);
-        let io = Rc::new(FaultyIo {
-            faults: faults.clone(),
-        });
-        let log = PartitionLog::open_with_io(
-            &d,
-            small_config(),
-            BatchCache::new(0),
-            io.clone(),
-            Clock::system(),
-        )
-        .await
-        .expect("recovered");
+        let log = reopen_faulty(&d, &faults).await;
         assert_eq!(log.log_end_offset(), Offset(6));
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
@@ -3788,10 +3793,7 @@ fn recovery_that_cannot_tell_data_from_allocated_space_cuts_the_file_and_loses_n
         );
         // Another crash, recovered the same way.
         drop(log);
-        let log =
-            PartitionLog::open_with_io(&d, small_config(), BatchCache::new(0), io, Clock::system())
-                .await
-                .expect("recovered again");
+        let log = reopen_faulty(&d, &faults).await;
         assert_eq!(log.log_end_offset(), Offset(8));
         let all = read_all(&log, Offset(0), 1 << 20).await;
         assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), stored);
@@ -3808,12 +3810,7 @@ fn crash_recovery_reads_the_written_data_and_not_the_space_allocated_past_it() {
     let d = dir.path().to_path_buf();
     run(async move {
         let (log, faults) = open_faulty(&d, small_config()).await;
-        let mut stored = vec![];
-        for i in 0..3u8 {
-            let b = batch(2, 700, 10 + i as i64, i);
-            let r = append(&log, &b, Durability::Synced).await;
-            stored.push(at_offset(&b, r.base_offset));
-        }
+        let stored = synced_batches(&log, 3).await;
         let path = meta::segment_path(&d, Offset(0), "log");
         let end: u64 = stored.iter().map(|b| b.len() as u64).sum();
         let allocated = std::fs::metadata(&path).unwrap().len();
@@ -3823,13 +3820,7 @@ fn crash_recovery_reads_the_written_data_and_not_the_space_allocated_past_it() {
         );
         drop(log); // a crash: no clean shutdown
         faults.read_bytes.set(0);
-        let io = Rc::new(FaultyIo {
-            faults: faults.clone(),
-        });
-        let log =
-            PartitionLog::open_with_io(&d, small_config(), BatchCache::new(0), io, Clock::system())
-                .await
-                .expect("recovered");
+        let log = reopen_faulty(&d, &faults).await;
         assert!(log.recovery_report().is_some_and(|r| !r.truncated));
         assert_eq!(log.log_end_offset(), Offset(6));
         // The scan's pages, and the last partial page read again as the appender's tail.

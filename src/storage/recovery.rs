@@ -214,8 +214,13 @@ impl PartitionLog {
             file.sync().await?;
             // Cut the files to the kept entries (the scan re-created the ones after them, and
             // stale ones past the kept would hide them) and append the rest, on the blocking
-            // pool. Nothing is appended to the log before this is done.
-            if let Some(job) = fresh.index_append(dir, out.end_pos, true) {
+            // pool. Nothing is appended to the log before this is done. A segment without
+            // index files has no stale entries: its entries wait for a full index append, as
+            // a new segment's do, instead of creating two files per log at every crash
+            // restart (a sixth of the restart of 10,000 young partitions).
+            let absent = |f: &std::io::Result<Vec<u8>>| matches!(f, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            let no_files = absent(&files.index) && absent(&files.time);
+            if let Some(job) = fresh.index_append(dir, out.end_pos, !no_files) {
                 let done = glommio::executor().spawn_blocking(move || job.run()).await;
                 fresh.index_appended(dir, done);
             }

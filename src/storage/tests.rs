@@ -3839,3 +3839,42 @@ fn crash_recovery_reads_the_written_data_and_not_the_space_allocated_past_it() {
         log.close().await.unwrap();
     });
 }
+
+/// A crash recovery of a segment that has no index files yet (fewer entries than one index
+/// append carries) creates none: its entries wait for a full index append as a new segment's
+/// do, which creates the files and writes every entry; nothing is lost across the crashes.
+#[test]
+fn a_crash_recovery_creates_no_index_files_for_a_segment_that_had_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(async move {
+        let (log, faults) = open_faulty(&d, small_config()).await;
+        let mut stored = synced_batches(&log, 3).await;
+        let index = meta::segment_path(&d, Offset(0), "index");
+        let time_index = meta::segment_path(&d, Offset(0), "timeindex");
+        assert!(
+            !index.exists() && !time_index.exists(),
+            "no index append yet"
+        );
+        drop(log); // a crash
+        let log = reopen_faulty(&d, &faults).await;
+        assert_eq!(log.log_end_offset(), Offset(6));
+        assert!(!index.exists() && !time_index.exists(), "none created");
+        // Enough entries for an index append (one entry per batch at this interval).
+        for i in 0..segment::INDEX_APPEND_BATCH as u8 + 4 {
+            let b = batch(2, 700, 40 + i as i64, 50 + i);
+            let r = append(&log, &b, Durability::Synced).await;
+            stored.push(at_offset(&b, r.base_offset));
+        }
+        let full = (segment::INDEX_APPEND_BATCH * meta::INDEX_ENTRY_BYTES) as u64;
+        poll_until("the index append", || {
+            time_index.exists() && std::fs::metadata(&index).is_ok_and(|m| m.len() >= full)
+        })
+        .await;
+        drop(log); // another crash
+        let log = reopen_faulty(&d, &faults).await;
+        let all = read_all(&log, Offset(0), 1 << 20).await;
+        assert_eq!(all.iter().map(|x| x.to_vec()).collect::<Vec<_>>(), stored);
+        log.close().await.unwrap();
+    });
+}

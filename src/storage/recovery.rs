@@ -168,7 +168,8 @@ impl PartitionLog {
             let limit = file
                 .data_end_from(start_pos)
                 .await?
-                .clamp(start_pos, file_size);
+                .max(start_pos)
+                .min(file_size);
             let mut out = segment::scan(&*file, start_pos, start_next, limit, |h, pos| {
                 if cut.is_some() || trunc.is_some_and(|t| h.last_offset() >= t) {
                     cut.get_or_insert(pos);
@@ -218,7 +219,10 @@ impl PartitionLog {
             // index files has no stale entries: its entries wait for a full index append, as
             // a new segment's do, instead of creating two files per log at every crash
             // restart (a sixth of the restart of 10,000 young partitions).
-            let absent = |f: &std::io::Result<Vec<u8>>| matches!(f, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            let absent = |f: &std::io::Result<Vec<u8>>| {
+                f.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            };
             let no_files = absent(&files.index) && absent(&files.time);
             if let Some(job) = fresh.index_append(dir, out.end_pos, !no_files) {
                 let done = glommio::executor().spawn_blocking(move || job.run()).await;

@@ -233,22 +233,29 @@ impl StorageIo for DmaIo {
 pub(crate) fn sync_file_systems(dirs: &[PathBuf]) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
+    fn skip_gone<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            r => r.map(Some),
+        }
+    }
     let mut synced: smallvec::SmallVec<[(u64, std::fs::File); 1]> = smallvec::SmallVec::new();
     for dir in dirs {
-        let f = match std::fs::File::open(dir) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+        // A `stat` per directory (start-up passes one per log); a descriptor per file system.
+        let Some(meta) = skip_gone(std::fs::metadata(dir))? else {
+            continue;
         };
-        let dev = f.metadata()?.dev();
-        if synced.iter().any(|(d, _)| *d == dev) {
+        if synced.iter().any(|(d, _)| *d == meta.dev()) {
             continue;
         }
+        let Some(f) = skip_gone(std::fs::File::open(dir))? else {
+            continue;
+        };
         // SAFETY: `f` is an open descriptor for the whole call.
         if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        synced.push((dev, f));
+        synced.push((meta.dev(), f));
     }
     // ext4 without a journal flushes the device cache inside `syncfs` and may write its last
     // metadata blocks after that flush; an fsync asks for one more flush after all of it.

@@ -361,27 +361,26 @@ fn identity(file: &DmaFile) -> io::Result<(u64, u64)> {
 /// segment, and reads the extent map the recovery's scan has just walked. Any other error
 /// answers true (the caller then truncates, which is always safe).
 fn data_from(file: &DmaFile, pos: u64) -> bool {
-    use std::os::unix::io::AsRawFd;
-    let Ok(off) = libc::off_t::try_from(pos) else {
-        return true;
-    };
-    // SAFETY: lseek on a descriptor `file` owns and keeps open; O_DIRECT I/O here passes its
-    // own offsets, so the file position it moves is not used.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
-    r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
+    seek(file, pos, libc::SEEK_DATA)
+        .map_or_else(|e| e.raw_os_error() != Some(libc::ENXIO), |_| true)
 }
 
 /// Where the written data at or past `pos` ends, by `lseek(SEEK_HOLE)`; `u64::MAX` on any
 /// error (ENXIO included: `pos` past the file's end), which bounds nothing. On the executor,
 /// like [`data_from`]: asked once per crash recovery of an active segment.
 fn hole_from(file: &DmaFile, pos: u64) -> u64 {
+    seek(file, pos, libc::SEEK_HOLE).unwrap_or(u64::MAX)
+}
+
+/// `lseek(pos, whence)` on `file`'s descriptor: the position it answers.
+fn seek(file: &DmaFile, pos: u64, whence: libc::c_int) -> io::Result<u64> {
     use std::os::unix::io::AsRawFd;
-    let Ok(off) = libc::off_t::try_from(pos) else {
-        return u64::MAX;
-    };
-    // SAFETY: as in `data_from`: the descriptor is open, and its file position is unused.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_HOLE) };
-    u64::try_from(r).unwrap_or(u64::MAX)
+    let off =
+        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a descriptor `file` owns and keeps open; O_DIRECT I/O here passes its
+    // own offsets, so the file position it moves is not used.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    u64::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
 async fn size_at(path: PathBuf) -> io::Result<u64> {
